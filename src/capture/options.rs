@@ -1,0 +1,154 @@
+//! What `certyo.track()` decided for a table, stored as the capture trigger's arguments.
+//!
+//! The trigger is the registry: its arguments are the one place the options live, so they
+//! travel with `pg_dump`, cannot drift from what the trigger does, and are read by the writer
+//! without any privilege on schema `certyo`. Each argument is `key=value`; list-valued options
+//! repeat the key, in order. `certyo.tracked_tables` decodes them for people.
+
+use crate::error::{CertyoError, Result};
+use pgrx::PgSqlErrorCode;
+
+/// The bookkeeping columns: written back by the worker, never part of a payload.
+pub const BOOKKEEPING_COLUMNS: [&str; 3] = [
+    "certyo_record_hash",
+    "certyo_anchor_status",
+    "certyo_verified_at",
+];
+
+pub fn is_bookkeeping(column: &str) -> bool {
+    BOOKKEEPING_COLUMNS.contains(&column)
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RecordIdSource {
+    /// Follow the primary key, re-read whenever the table's DDL changes.
+    PrimaryKey,
+    /// Columns the user named.
+    Columns,
+}
+
+impl RecordIdSource {
+    fn as_str(self) -> &'static str {
+        match self {
+            RecordIdSource::PrimaryKey => "primary_key",
+            RecordIdSource::Columns => "columns",
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CaptureOptions {
+    pub record_id_source: RecordIdSource,
+    pub record_id_columns: Vec<String>,
+    pub exclude_columns: Vec<String>,
+    pub timestamp_column: Option<String>,
+}
+
+impl CaptureOptions {
+    pub fn to_trigger_args(&self) -> Vec<String> {
+        let mut args = vec![format!(
+            "record_id_source={}",
+            self.record_id_source.as_str()
+        )];
+        args.extend(
+            self.record_id_columns
+                .iter()
+                .map(|c| format!("record_id={c}")),
+        );
+        args.extend(self.exclude_columns.iter().map(|c| format!("exclude={c}")));
+        args.extend(
+            self.timestamp_column
+                .iter()
+                .map(|c| format!("timestamp={c}")),
+        );
+        args
+    }
+
+    pub fn from_trigger_args<'a>(args: impl IntoIterator<Item = &'a str>) -> Result<Self> {
+        let mut options = CaptureOptions {
+            record_id_source: RecordIdSource::PrimaryKey,
+            record_id_columns: Vec::new(),
+            exclude_columns: Vec::new(),
+            timestamp_column: None,
+        };
+        for arg in args {
+            let (key, value) = arg.split_once('=').ok_or_else(|| malformed(arg))?;
+            match key {
+                "record_id_source" if value == "primary_key" => {
+                    options.record_id_source = RecordIdSource::PrimaryKey
+                }
+                "record_id_source" if value == "columns" => {
+                    options.record_id_source = RecordIdSource::Columns
+                }
+                "record_id" => options.record_id_columns.push(value.to_owned()),
+                "exclude" => options.exclude_columns.push(value.to_owned()),
+                "timestamp" => options.timestamp_column = Some(value.to_owned()),
+                _ => return Err(malformed(arg)),
+            }
+        }
+        if options.record_id_columns.is_empty() {
+            return Err(malformed("(no record_id)"));
+        }
+        Ok(options)
+    }
+}
+
+/// Raw trigger arguments (`pg_trigger.tgargs`: NUL-terminated strings) as strings.
+pub fn split_trigger_args(tgargs: &[u8]) -> Vec<String> {
+    tgargs
+        .split(|b| *b == 0)
+        .filter(|arg| !arg.is_empty())
+        .map(|arg| String::from_utf8_lossy(arg).into_owned())
+        .collect()
+}
+
+/// The values of one key in raw trigger arguments, for `certyo.tracked_tables`.
+pub fn option_values(tgargs: &[u8], key: &str) -> Vec<String> {
+    split_trigger_args(tgargs)
+        .into_iter()
+        .filter_map(|arg| {
+            arg.split_once('=')
+                .filter(|(k, _)| *k == key)
+                .map(|(_, v)| v.to_owned())
+        })
+        .collect()
+}
+
+fn malformed(arg: &str) -> CertyoError {
+    CertyoError::new(
+        PgSqlErrorCode::ERRCODE_INVALID_OBJECT_DEFINITION,
+        format!("certyo_cdc: capture trigger has an unreadable argument {arg:?}"),
+    )
+    .hint("Call certyo.track() on the table again to rewrite its capture trigger.")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn trigger_args_round_trip_including_awkward_names() {
+        let options = CaptureOptions {
+            record_id_source: RecordIdSource::Columns,
+            record_id_columns: vec!["Tenant Id".into(), "a=b".into()],
+            exclude_columns: vec!["sécret".into()],
+            timestamp_column: Some("updated_at".into()),
+        };
+        let args = options.to_trigger_args();
+        let parsed = CaptureOptions::from_trigger_args(args.iter().map(String::as_str)).unwrap();
+        assert_eq!(parsed, options);
+    }
+
+    #[test]
+    fn raw_tgargs_decode_per_key() {
+        let raw = b"record_id_source=primary_key\0record_id=id\0record_id=k2\0exclude=x\0";
+        assert_eq!(option_values(raw, "record_id"), vec!["id", "k2"]);
+        assert_eq!(option_values(raw, "timestamp"), Vec::<String>::new());
+    }
+
+    #[test]
+    fn unknown_or_incomplete_args_are_refused() {
+        assert!(CaptureOptions::from_trigger_args(["record_id=id", "colour=red"]).is_err());
+        assert!(CaptureOptions::from_trigger_args(["exclude=x"]).is_err());
+    }
+}

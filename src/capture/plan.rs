@@ -1,0 +1,216 @@
+//! The capture plan of one table: which attributes form the payload, the record id and the
+//! source timestamp, and how each renders. Building it reads catalogs; using it does not.
+//!
+//! Plans are cached per backend, keyed by table OID, and dropped by a relcache invalidation
+//! callback: any `ALTER TABLE` or trigger change on the table invalidates its relcache entry,
+//! so the next row rebuilds the plan from the current descriptor and trigger arguments.
+
+use super::options::{is_bookkeeping, CaptureOptions};
+use super::value::{write_json_string, ValuePlan};
+use crate::error::{CertyoError, Result};
+use pgrx::pg_sys::{self, BuiltinOid, Oid};
+use pgrx::PgSqlErrorCode;
+use std::cell::{Cell, RefCell};
+use std::collections::HashMap;
+use std::ffi::CStr;
+use std::rc::Rc;
+
+pub struct Column {
+    /// 0-based attribute index in the table's tuple descriptor.
+    pub index: usize,
+    pub name: String,
+    /// `"name":` as JSON, preceded by a comma for all but the first column.
+    pub key: Vec<u8>,
+    pub value: ValuePlan,
+    pub len: i16,
+    pub byval: bool,
+    /// Stored generated columns cannot be listed in `UPDATE OF`.
+    pub generated: bool,
+}
+
+pub enum TimestampColumn {
+    WithTimeZone(usize),
+    WithoutTimeZone(usize),
+}
+
+pub struct TablePlan {
+    /// `schema.table`, as Certyo's `collection`.
+    pub collection: String,
+    pub natts: usize,
+    /// Business columns in table order: everything but bookkeeping and excluded columns.
+    pub payload: Vec<Column>,
+    /// Positions in `payload` of the record id columns, in record id order.
+    pub record_id: Vec<usize>,
+    pub timestamp: Option<TimestampColumn>,
+}
+
+impl TablePlan {
+    /// # Safety
+    /// `rel` must be an open relation.
+    pub unsafe fn build(rel: pg_sys::Relation, options: &CaptureOptions) -> Result<TablePlan> {
+        let tupdesc = (*rel).rd_att;
+        let natts = (*tupdesc).natts as usize;
+        let attributes: Vec<&pg_sys::FormData_pg_attribute> = (0..natts)
+            .map(|i| &*(*tupdesc).attrs.as_ptr().add(i))
+            .collect();
+        let name_of = |a: &pg_sys::FormData_pg_attribute| {
+            CStr::from_ptr(a.attname.data.as_ptr())
+                .to_string_lossy()
+                .into_owned()
+        };
+        let table = qualified_name(rel);
+
+        let mut payload: Vec<Column> = Vec::new();
+        for (index, attribute) in attributes.iter().enumerate() {
+            let name = name_of(attribute);
+            if attribute.attisdropped
+                || is_bookkeeping(&name)
+                || options.exclude_columns.contains(&name)
+            {
+                continue;
+            }
+            let mut key = if payload.is_empty() {
+                Vec::new()
+            } else {
+                vec![b',']
+            };
+            write_json_string(name.as_bytes(), &mut key);
+            key.push(b':');
+            payload.push(Column {
+                index,
+                key,
+                value: ValuePlan::for_type(attribute.atttypid),
+                len: attribute.attlen,
+                byval: attribute.attbyval,
+                generated: attribute.attgenerated != 0,
+                name,
+            });
+        }
+        for excluded in &options.exclude_columns {
+            if !attributes
+                .iter()
+                .any(|a| !a.attisdropped && name_of(a) == *excluded)
+            {
+                return Err(missing_column(&table, excluded, "excluded"));
+            }
+        }
+        let record_id = options
+            .record_id_columns
+            .iter()
+            .map(|c| {
+                payload
+                    .iter()
+                    .position(|p| p.name == *c)
+                    .ok_or_else(|| missing_column(&table, c, "record id"))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let timestamp = match &options.timestamp_column {
+            None => None,
+            Some(c) => {
+                let index = attributes
+                    .iter()
+                    .position(|a| !a.attisdropped && name_of(a) == *c)
+                    .ok_or_else(|| missing_column(&table, c, "timestamp"))?;
+                Some(timestamp_column(index, attributes[index].atttypid).ok_or_else(|| {
+                    CertyoError::new(
+                        PgSqlErrorCode::ERRCODE_DATATYPE_MISMATCH,
+                        format!("certyo_cdc: timestamp column \"{c}\" of table {table} is not a timestamp"),
+                    )
+                    .hint(format!("Call certyo.track('{table}', timestamp_column => ...) with a timestamp or timestamptz column."))
+                })?)
+            }
+        };
+        Ok(TablePlan {
+            collection: table,
+            natts,
+            payload,
+            record_id,
+            timestamp,
+        })
+    }
+}
+
+/// The timestamp source for a column of type `typid`, if it is a timestamp type.
+pub unsafe fn timestamp_column(index: usize, typid: Oid) -> Option<TimestampColumn> {
+    match BuiltinOid::try_from(pg_sys::getBaseType(typid)) {
+        Ok(BuiltinOid::TIMESTAMPTZOID) => Some(TimestampColumn::WithTimeZone(index)),
+        Ok(BuiltinOid::TIMESTAMPOID) => Some(TimestampColumn::WithoutTimeZone(index)),
+        _ => None,
+    }
+}
+
+/// `schema.table` of an open relation, unquoted (Certyo's `collection`).
+pub unsafe fn qualified_name(rel: pg_sys::Relation) -> String {
+    let namespace = pg_sys::get_namespace_name((*(*rel).rd_rel).relnamespace);
+    let schema = if namespace.is_null() {
+        "?".into()
+    } else {
+        CStr::from_ptr(namespace).to_string_lossy()
+    };
+    let name = CStr::from_ptr((*(*rel).rd_rel).relname.data.as_ptr()).to_string_lossy();
+    format!("{schema}.{name}")
+}
+
+fn missing_column(table: &str, column: &str, role: &str) -> CertyoError {
+    CertyoError::new(
+        PgSqlErrorCode::ERRCODE_UNDEFINED_COLUMN,
+        format!("certyo_cdc: {role} column \"{column}\" of tracked table {table} does not exist"),
+    )
+    .detail("The column was renamed or dropped after certyo.track() was called.")
+    .hint(format!("Call certyo.track('{table}', ...) again with the current column names, or certyo.untrack('{table}')."))
+}
+
+thread_local! {
+    static PLANS: RefCell<HashMap<Oid, Rc<TablePlan>>> = RefCell::new(HashMap::new());
+    /// Set when an invalidation arrived while the cache was borrowed: drop everything next time.
+    static STALE: Cell<bool> = const { Cell::new(false) };
+    static CALLBACK_REGISTERED: Cell<bool> = const { Cell::new(false) };
+}
+
+/// The cached plan for the table a trigger fired on, building it on first use.
+///
+/// # Safety
+/// `rel` must be the open relation the trigger fired on; `args` its capture trigger arguments.
+pub unsafe fn for_relation<'a>(
+    rel: pg_sys::Relation,
+    args: impl FnOnce() -> Vec<&'a str>,
+) -> Result<Rc<TablePlan>> {
+    register_invalidation_callback();
+    let relid = (*rel).rd_id;
+    if STALE.replace(false) {
+        PLANS.with(|plans| plans.borrow_mut().clear());
+    }
+    if let Some(plan) = PLANS.with(|plans| plans.borrow().get(&relid).cloned()) {
+        return Ok(plan);
+    }
+    // Build without holding the borrow: catalog reads may process invalidations, which call back.
+    let options = CaptureOptions::from_trigger_args(args())?;
+    let plan = Rc::new(TablePlan::build(rel, &options)?);
+    PLANS.with(|plans| plans.borrow_mut().insert(relid, plan.clone()));
+    Ok(plan)
+}
+
+fn register_invalidation_callback() {
+    if !CALLBACK_REGISTERED.replace(true) {
+        unsafe { pg_sys::CacheRegisterRelcacheCallback(Some(invalidate), pg_sys::Datum::from(0)) };
+    }
+}
+
+/// Relcache invalidation: `relid` is invalid when every entry is to be dropped.
+#[pgrx::pg_guard]
+unsafe extern "C-unwind" fn invalidate(_arg: pg_sys::Datum, relid: Oid) {
+    let done = PLANS.with(|plans| match plans.try_borrow_mut() {
+        Ok(mut plans) if relid == pg_sys::InvalidOid => {
+            plans.clear();
+            true
+        }
+        Ok(mut plans) => {
+            plans.remove(&relid);
+            true
+        }
+        Err(_) => false,
+    });
+    if !done {
+        STALE.set(true);
+    }
+}

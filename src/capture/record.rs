@@ -1,0 +1,199 @@
+//! One row image turned into what the queue stores: payload, record id, source timestamp.
+
+use super::plan::{TablePlan, TimestampColumn};
+use crate::error::{CertyoError, Result};
+use pgrx::pg_sys::{self, Datum};
+use pgrx::PgSqlErrorCode;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Operation {
+    Insert,
+    Update,
+    Delete,
+    /// A row queued by a backfill: Certyo is told the current state, not how it came about.
+    Upsert,
+}
+
+impl Operation {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Operation::Insert => "insert",
+            Operation::Update => "update",
+            Operation::Delete => "delete",
+            Operation::Upsert => "upsert",
+        }
+    }
+}
+
+/// A heap tuple deformed into per-attribute values.
+pub struct Row {
+    values: Vec<Datum>,
+    nulls: Vec<bool>,
+}
+
+impl Row {
+    /// # Safety
+    /// `tuple` must be a valid tuple of a relation whose descriptor is `tupdesc`.
+    pub unsafe fn deform(
+        tuple: pg_sys::HeapTuple,
+        tupdesc: pg_sys::TupleDesc,
+        natts: usize,
+    ) -> Row {
+        let mut row = Row {
+            values: vec![Datum::from(0); natts],
+            nulls: vec![true; natts],
+        };
+        pg_sys::heap_deform_tuple(
+            tuple,
+            tupdesc,
+            row.values.as_mut_ptr(),
+            row.nulls.as_mut_ptr(),
+        );
+        row
+    }
+
+    fn get(&self, index: usize) -> Option<Datum> {
+        (!self.nulls[index]).then(|| self.values[index])
+    }
+}
+
+pub struct Change {
+    pub operation: Operation,
+    pub record_id: Vec<u8>,
+    pub payload: Vec<u8>,
+    pub source_timestamp: pg_sys::TimestampTz,
+}
+
+impl TablePlan {
+    /// # Safety
+    /// `row` must be a row of the table this plan was built for.
+    pub unsafe fn change(&self, operation: Operation, row: &Row) -> Result<Change> {
+        Ok(Change {
+            operation,
+            record_id: self.record_id(row)?,
+            payload: self.payload(row),
+            source_timestamp: self.source_timestamp(row),
+        })
+    }
+
+    /// The business columns as a JSON object, in table order, names exactly as in the table.
+    unsafe fn payload(&self, row: &Row) -> Vec<u8> {
+        let mut out = Vec::with_capacity(64 + 24 * self.payload.len());
+        let mut scratch = Vec::new();
+        out.push(b'{');
+        for column in &self.payload {
+            out.extend_from_slice(&column.key);
+            match row.get(column.index) {
+                None => out.extend_from_slice(b"null"),
+                Some(datum) => column.value.write_json(datum, &mut out, &mut scratch),
+            }
+        }
+        out.push(b'}');
+        out
+    }
+
+    /// The record id: one column's text form, or for several columns each text form with `\`
+    /// and `/` backslash-escaped, joined by `/` (`42/EU`).
+    unsafe fn record_id(&self, row: &Row) -> Result<Vec<u8>> {
+        let composite = self.record_id.len() > 1;
+        let mut out = Vec::new();
+        let mut part = Vec::new();
+        for (n, &position) in self.record_id.iter().enumerate() {
+            let column = &self.payload[position];
+            let datum = row
+                .get(column.index)
+                .ok_or_else(|| null_record_id(&self.collection, &column.name))?;
+            if !composite {
+                column.value.write_text(datum, &mut out);
+                continue;
+            }
+            if n > 0 {
+                out.push(b'/');
+            }
+            part.clear();
+            column.value.write_text(datum, &mut part);
+            escape_record_id_part(&part, &mut out);
+        }
+        Ok(out)
+    }
+
+    /// The timestamp column's value, or the transaction's start when there is none (or NULL).
+    unsafe fn source_timestamp(&self, row: &Row) -> pg_sys::TimestampTz {
+        let from_column = match self.timestamp {
+            Some(TimestampColumn::WithTimeZone(i)) => row.get(i).map(|d| d.value() as i64),
+            Some(TimestampColumn::WithoutTimeZone(i)) => row.get(i).map(|d| {
+                // Read as local time in the session's TimeZone, as a cast to timestamptz would.
+                let converted: Option<i64> =
+                    pgrx::direct_function_call(pg_sys::timestamp_timestamptz, &[Some(d)]);
+                converted.unwrap_or(d.value() as i64)
+            }),
+            None => None,
+        };
+        from_column.unwrap_or_else(|| pg_sys::GetCurrentTransactionStartTimestamp())
+    }
+
+    /// Did any business column change between the two images? Compares stored bytes, not JSON.
+    pub unsafe fn business_changed(&self, old: &Row, new: &Row) -> bool {
+        self.payload
+            .iter()
+            .any(|c| !same_value(c.len, c.byval, old.get(c.index), new.get(c.index)))
+    }
+
+    pub unsafe fn record_id_changed(&self, old: &Row, new: &Row) -> bool {
+        self.record_id
+            .iter()
+            .map(|&p| &self.payload[p])
+            .any(|c| !same_value(c.len, c.byval, old.get(c.index), new.get(c.index)))
+    }
+}
+
+unsafe extern "C-unwind" {
+    /// `utils/datum.h`: byte-image equality, detoasting as needed (not bound by pgrx). Called
+    /// through `pg_guard_ffi_boundary`: detoasting may ereport.
+    fn datum_image_eq(
+        value1: Datum,
+        value2: Datum,
+        typ_by_val: bool,
+        typ_len: std::ffi::c_int,
+    ) -> bool;
+}
+
+unsafe fn same_value(len: i16, byval: bool, old: Option<Datum>, new: Option<Datum>) -> bool {
+    match (old, new) {
+        (None, None) => true,
+        (Some(a), Some(b)) => pg_sys::ffi::pg_guard_ffi_boundary(|| {
+            datum_image_eq(a, b, byval, len as std::ffi::c_int)
+        }),
+        _ => false,
+    }
+}
+
+fn escape_record_id_part(part: &[u8], out: &mut Vec<u8>) {
+    for &byte in part {
+        if byte == b'\\' || byte == b'/' {
+            out.push(b'\\');
+        }
+        out.push(byte);
+    }
+}
+
+fn null_record_id(table: &str, column: &str) -> CertyoError {
+    CertyoError::new(
+        PgSqlErrorCode::ERRCODE_NOT_NULL_VIOLATION,
+        format!("certyo_cdc: record id column \"{column}\" of tracked table {table} is NULL"),
+    )
+    .detail("Every captured row needs a record id; the change was not written.")
+    .hint(format!("Give \"{column}\" a value, or make it NOT NULL, or track {table} with other record_id_columns."))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::escape_record_id_part;
+
+    #[test]
+    fn composite_record_id_parts_escape_separator_and_backslash() {
+        let mut out = Vec::new();
+        escape_record_id_part(b"a/b\\c", &mut out);
+        assert_eq!(out, b"a\\/b\\\\c");
+    }
+}

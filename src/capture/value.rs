@@ -1,0 +1,548 @@
+//! How one column value becomes JSON in `recordPayload`, and text in `recordId`.
+//!
+//! The payload is hashed by Certyo, so the same row must always render to the same bytes: no
+//! output here depends on session settings (`DateStyle`, `TimeZone`, `bytea_output`,
+//! `extra_float_digits`, `IntervalStyle`). The mapping, documented in the README:
+//! - integers, `numeric` (full precision), finite floats (shortest round-trip) → JSON numbers;
+//!   `NaN`/`Infinity` → strings;
+//! - `boolean` → `true`/`false`; `json`/`jsonb` → nested JSON; arrays → JSON arrays;
+//! - `date` → `YYYY-MM-DD`, `timestamp` → `YYYY-MM-DDTHH:MM:SS[.ffffff]`, `timestamptz` → the
+//!   same in UTC with a trailing `Z`, `interval` → ISO 8601 duration (`P1DT2H`);
+//! - `bytea` → the string `\x` followed by lowercase hex;
+//! - everything else (enums, uuid, inet, ranges, composites, …) → its text output, as a string.
+//!
+//! Values arrive as raw datums straight from the heap tuple; this module never calls SPI.
+
+use pgrx::pg_sys::{self, BuiltinOid, Datum, Oid};
+use std::ffi::CStr;
+use std::io::Write;
+
+/// Whether rendered text is already a JSON literal or must be quoted as a JSON string.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Shape {
+    Literal,
+    Text,
+}
+
+/// How to render values of one column type; built once per table and cached (see `plan`).
+pub enum ValuePlan {
+    Bool,
+    Int2,
+    Int4,
+    Int8,
+    Float4,
+    Float8,
+    /// `text`, `varchar`, `bpchar`: the varlena bytes are the text.
+    Varlena,
+    /// `json`: stored as its own (valid JSON) text.
+    Json,
+    Bytea,
+    Date,
+    Timestamp,
+    Timestamptz,
+    Interval,
+    Array(Box<ArrayPlan>),
+    /// The type's output function; `literal` for types whose output is valid JSON
+    /// (`numeric` except NaN/Infinity, `jsonb`).
+    Output {
+        func: Box<pg_sys::FmgrInfo>,
+        literal: bool,
+    },
+}
+
+pub struct ArrayPlan {
+    element_type: Oid,
+    len: i16,
+    byval: bool,
+    align: std::ffi::c_char,
+    element: ValuePlan,
+}
+
+impl ValuePlan {
+    /// Choose the rendering for a column type (domains render as their base type).
+    ///
+    /// # Safety
+    /// Must run in a backend with a valid transaction (it reads the type cache).
+    pub unsafe fn for_type(typid: Oid) -> ValuePlan {
+        let base = pg_sys::getBaseType(typid);
+        match BuiltinOid::try_from(base) {
+            Ok(BuiltinOid::BOOLOID) => ValuePlan::Bool,
+            Ok(BuiltinOid::INT2OID) => ValuePlan::Int2,
+            Ok(BuiltinOid::INT4OID) => ValuePlan::Int4,
+            Ok(BuiltinOid::INT8OID) => ValuePlan::Int8,
+            Ok(BuiltinOid::FLOAT4OID) => ValuePlan::Float4,
+            Ok(BuiltinOid::FLOAT8OID) => ValuePlan::Float8,
+            Ok(BuiltinOid::TEXTOID | BuiltinOid::VARCHAROID | BuiltinOid::BPCHAROID) => {
+                ValuePlan::Varlena
+            }
+            Ok(BuiltinOid::JSONOID) => ValuePlan::Json,
+            Ok(BuiltinOid::BYTEAOID) => ValuePlan::Bytea,
+            Ok(BuiltinOid::DATEOID) => ValuePlan::Date,
+            Ok(BuiltinOid::TIMESTAMPOID) => ValuePlan::Timestamp,
+            Ok(BuiltinOid::TIMESTAMPTZOID) => ValuePlan::Timestamptz,
+            Ok(BuiltinOid::INTERVALOID) => ValuePlan::Interval,
+            Ok(BuiltinOid::NUMERICOID | BuiltinOid::JSONBOID) => output_plan(base, true),
+            _ => match array_plan(base) {
+                Some(array) => ValuePlan::Array(Box::new(array)),
+                None => output_plan(base, false),
+            },
+        }
+    }
+
+    /// Append the value as JSON.
+    ///
+    /// # Safety
+    /// `datum` must be a non-null value of the type this plan was built for.
+    pub unsafe fn write_json(&self, datum: Datum, out: &mut Vec<u8>, scratch: &mut Vec<u8>) {
+        if let ValuePlan::Array(array) = self {
+            return array.write_json(datum, out, scratch);
+        }
+        scratch.clear();
+        match self.render(datum, scratch) {
+            Shape::Literal => out.extend_from_slice(scratch),
+            Shape::Text => write_json_string(scratch, out),
+        }
+    }
+
+    /// Append the value's text form (the JSON value without string quoting): the record id.
+    ///
+    /// # Safety
+    /// As for [`ValuePlan::write_json`].
+    pub unsafe fn write_text(&self, datum: Datum, out: &mut Vec<u8>) {
+        if let ValuePlan::Array(array) = self {
+            let mut scratch = Vec::new();
+            return array.write_json(datum, out, &mut scratch);
+        }
+        self.render(datum, out);
+    }
+
+    /// Append the raw text of a scalar value and say whether it is a JSON literal.
+    unsafe fn render(&self, datum: Datum, out: &mut Vec<u8>) -> Shape {
+        match self {
+            ValuePlan::Bool => {
+                out.extend_from_slice(if datum.value() != 0 {
+                    b"true"
+                } else {
+                    b"false"
+                });
+                Shape::Literal
+            }
+            ValuePlan::Int2 => write_display(out, datum.value() as i16),
+            ValuePlan::Int4 => write_display(out, datum.value() as i32),
+            ValuePlan::Int8 => write_display(out, datum.value() as i64),
+            ValuePlan::Float4 => {
+                write_float(out, f32::from_bits(datum.value() as u32) as f64, true)
+            }
+            ValuePlan::Float8 => write_float(out, f64::from_bits(datum.value() as u64), false),
+            ValuePlan::Varlena => {
+                out.extend_from_slice(varlena_bytes(datum));
+                Shape::Text
+            }
+            ValuePlan::Json => {
+                out.extend_from_slice(varlena_bytes(datum));
+                Shape::Literal
+            }
+            ValuePlan::Bytea => {
+                write_bytea_hex(varlena_bytes(datum), out);
+                Shape::Text
+            }
+            ValuePlan::Date => write_date(out, datum.value() as i32),
+            ValuePlan::Timestamp => write_timestamp(out, datum.value() as i64, false),
+            ValuePlan::Timestamptz => write_timestamp(out, datum.value() as i64, true),
+            ValuePlan::Interval => {
+                let interval = &*datum.cast_mut_ptr::<pg_sys::Interval>();
+                write_interval(out, interval.month, interval.day, interval.time);
+                Shape::Text
+            }
+            ValuePlan::Output { func, literal } => {
+                let text = pg_sys::OutputFunctionCall(&**func as *const _ as *mut _, datum);
+                let bytes = CStr::from_ptr(text).to_bytes();
+                out.extend_from_slice(bytes);
+                // numeric's NaN/Infinity are not JSON numbers; jsonb output always is JSON.
+                if *literal && is_json_number_or_structure(bytes) {
+                    Shape::Literal
+                } else {
+                    Shape::Text
+                }
+            }
+            ValuePlan::Array(_) => unreachable!("arrays are rendered by ArrayPlan::write_json"),
+        }
+    }
+}
+
+impl ArrayPlan {
+    unsafe fn write_json(&self, datum: Datum, out: &mut Vec<u8>, scratch: &mut Vec<u8>) {
+        let array = pg_sys::pg_detoast_datum(datum.cast_mut_ptr()) as *mut pg_sys::ArrayType;
+        let ndim = (*array).ndim as usize;
+        // ARR_DIMS: the dimensions follow the fixed header.
+        let dims_ptr =
+            (array as *const u8).add(std::mem::size_of::<pg_sys::ArrayType>()) as *const i32;
+        let dims: Vec<usize> = (0..ndim).map(|i| *dims_ptr.add(i) as usize).collect();
+        let mut elements: *mut Datum = std::ptr::null_mut();
+        let mut nulls: *mut bool = std::ptr::null_mut();
+        let mut count: i32 = 0;
+        pg_sys::deconstruct_array(
+            array,
+            self.element_type,
+            self.len as i32,
+            self.byval,
+            self.align,
+            &mut elements,
+            &mut nulls,
+            &mut count,
+        );
+        let (elements, nulls) = if count == 0 {
+            (&[][..], &[][..])
+        } else {
+            (
+                std::slice::from_raw_parts(elements, count as usize),
+                std::slice::from_raw_parts(nulls, count as usize),
+            )
+        };
+        let mut next = 0usize;
+        self.write_dimension(&dims, elements, nulls, &mut next, out, scratch);
+    }
+
+    /// Write one dimension as a JSON array, recursing into inner dimensions in row-major order.
+    unsafe fn write_dimension(
+        &self,
+        dims: &[usize],
+        elements: &[Datum],
+        nulls: &[bool],
+        next: &mut usize,
+        out: &mut Vec<u8>,
+        scratch: &mut Vec<u8>,
+    ) {
+        out.push(b'[');
+        let Some((&len, inner)) = dims.split_first() else {
+            out.push(b']');
+            return;
+        };
+        for i in 0..len {
+            if i > 0 {
+                out.push(b',');
+            }
+            if !inner.is_empty() {
+                self.write_dimension(inner, elements, nulls, next, out, scratch);
+                continue;
+            }
+            if nulls[*next] {
+                out.extend_from_slice(b"null");
+            } else {
+                self.element.write_json(elements[*next], out, scratch);
+            }
+            *next += 1;
+        }
+        out.push(b']');
+    }
+}
+
+unsafe fn output_plan(typid: Oid, literal: bool) -> ValuePlan {
+    let mut func_oid = pg_sys::InvalidOid;
+    let mut is_varlena = false;
+    pg_sys::getTypeOutputInfo(typid, &mut func_oid, &mut is_varlena);
+    // The FmgrInfo outlives this call (it is cached with the table's plan), so it lives in
+    // CacheMemoryContext rather than the per-row context.
+    let mut func: Box<pg_sys::FmgrInfo> = Box::new(std::mem::zeroed());
+    pg_sys::fmgr_info_cxt(func_oid, &mut *func, pg_sys::CacheMemoryContext);
+    ValuePlan::Output { func, literal }
+}
+
+unsafe fn array_plan(typid: Oid) -> Option<ArrayPlan> {
+    let element_type = pg_sys::get_element_type(typid);
+    if element_type == pg_sys::InvalidOid || pg_sys::get_typlen(typid) != -1 {
+        return None;
+    }
+    let mut len: i16 = 0;
+    let mut byval = false;
+    let mut align: std::ffi::c_char = 0;
+    pg_sys::get_typlenbyvalalign(element_type, &mut len, &mut byval, &mut align);
+    Some(ArrayPlan {
+        element_type,
+        len,
+        byval,
+        align,
+        element: ValuePlan::for_type(element_type),
+    })
+}
+
+/// The bytes of a (possibly toasted or short-header) varlena datum.
+unsafe fn varlena_bytes<'a>(datum: Datum) -> &'a [u8] {
+    let varlena = pg_sys::pg_detoast_datum_packed(datum.cast_mut_ptr());
+    let len = pgrx::varlena::varsize_any_exhdr(varlena);
+    let data = pgrx::varlena::vardata_any(varlena) as *const u8;
+    std::slice::from_raw_parts(data, len)
+}
+
+fn write_display(out: &mut Vec<u8>, value: impl std::fmt::Display) -> Shape {
+    let _ = write!(out, "{value}"); // writing to a Vec cannot fail
+    Shape::Literal
+}
+
+/// Shortest round-trip decimal, exponent form outside [1e-5, 1e16) to keep numbers short.
+pub fn write_float(out: &mut Vec<u8>, value: f64, single: bool) -> Shape {
+    if value.is_nan() {
+        out.extend_from_slice(b"NaN");
+        return Shape::Text;
+    }
+    if value.is_infinite() {
+        out.extend_from_slice(if value > 0.0 {
+            b"Infinity"
+        } else {
+            b"-Infinity"
+        });
+        return Shape::Text;
+    }
+    let magnitude = value.abs();
+    let exponent = magnitude != 0.0 && !(1e-5..1e16).contains(&magnitude);
+    // A float4 must print its own shortest digits, not those of the widened f64.
+    let _ = match (single, exponent) {
+        (true, true) => write!(out, "{:e}", value as f32),
+        (true, false) => write!(out, "{}", value as f32),
+        (false, true) => write!(out, "{value:e}"),
+        (false, false) => write!(out, "{value}"),
+    };
+    Shape::Literal
+}
+
+/// Is this output text usable verbatim as JSON (a number, object or array)?
+fn is_json_number_or_structure(text: &[u8]) -> bool {
+    match text.first() {
+        Some(b'{' | b'[' | b'"') => true,
+        Some(b't' | b'f' | b'n') => true, // jsonb scalars true/false/null
+        Some(c) => {
+            c.is_ascii_digit() || (*c == b'-' && text.get(1).is_some_and(u8::is_ascii_digit))
+        }
+        None => false,
+    }
+}
+
+/// Append `text` as a JSON string. The server encoding is ASCII-compatible, so escaping the
+/// ASCII specials byte by byte is safe and everything else passes through unchanged.
+pub fn write_json_string(text: &[u8], out: &mut Vec<u8>) {
+    out.push(b'"');
+    let mut start = 0;
+    for (i, &byte) in text.iter().enumerate() {
+        let escape: &[u8] = match byte {
+            b'"' => b"\\\"",
+            b'\\' => b"\\\\",
+            b'\n' => b"\\n",
+            b'\r' => b"\\r",
+            b'\t' => b"\\t",
+            0x08 => b"\\b",
+            0x0c => b"\\f",
+            0x00..=0x1f => {
+                out.extend_from_slice(&text[start..i]);
+                let _ = write!(out, "\\u{byte:04x}");
+                start = i + 1;
+                continue;
+            }
+            _ => continue,
+        };
+        out.extend_from_slice(&text[start..i]);
+        out.extend_from_slice(escape);
+        start = i + 1;
+    }
+    out.extend_from_slice(&text[start..]);
+    out.push(b'"');
+}
+
+pub fn write_bytea_hex(bytes: &[u8], out: &mut Vec<u8>) {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    out.reserve(2 + bytes.len() * 2);
+    out.extend_from_slice(b"\\x");
+    for byte in bytes {
+        out.push(HEX[(byte >> 4) as usize]);
+        out.push(HEX[(byte & 0xf) as usize]);
+    }
+}
+
+const USECS_PER_DAY: i64 = 86_400_000_000;
+/// Days from 1970-01-01 to 2000-01-01, the Postgres epoch.
+const POSTGRES_EPOCH_DAYS: i64 = 10_957;
+
+/// `date` (days since 2000-01-01) as `YYYY-MM-DD`.
+pub fn write_date(out: &mut Vec<u8>, days: i32) -> Shape {
+    match days {
+        i32::MIN => out.extend_from_slice(b"-infinity"),
+        i32::MAX => out.extend_from_slice(b"infinity"),
+        _ => write_civil_date(out, days as i64 + POSTGRES_EPOCH_DAYS),
+    }
+    Shape::Text
+}
+
+/// `timestamp[tz]` (microseconds since 2000-01-01 00:00 UTC) in ISO 8601; `Z` for timestamptz.
+pub fn write_timestamp(out: &mut Vec<u8>, micros: i64, utc: bool) -> Shape {
+    match micros {
+        i64::MIN => out.extend_from_slice(b"-infinity"),
+        i64::MAX => out.extend_from_slice(b"infinity"),
+        _ => {
+            let days = micros.div_euclid(USECS_PER_DAY);
+            let time = micros.rem_euclid(USECS_PER_DAY);
+            write_civil_date(out, days + POSTGRES_EPOCH_DAYS);
+            let seconds = time / 1_000_000;
+            let _ = write!(
+                out,
+                "T{:02}:{:02}:{:02}",
+                seconds / 3600,
+                seconds / 60 % 60,
+                seconds % 60
+            );
+            write_fraction(out, time % 1_000_000);
+            if utc {
+                out.push(b'Z');
+            }
+        }
+    }
+    Shape::Text
+}
+
+/// `.ffffff` without trailing zeros; nothing for whole seconds.
+fn write_fraction(out: &mut Vec<u8>, micros: i64) {
+    if micros != 0 {
+        let digits = format!("{micros:06}");
+        out.push(b'.');
+        out.extend_from_slice(digits.trim_end_matches('0').as_bytes());
+    }
+}
+
+/// Proleptic Gregorian date from days since 1970-01-01 (H. Hinnant's `civil_from_days`).
+fn write_civil_date(out: &mut Vec<u8>, days_since_unix_epoch: i64) {
+    let z = days_since_unix_epoch + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    let _ = write!(out, "{year:04}-{month:02}-{day:02}");
+}
+
+/// `interval` as an ISO 8601 duration, each field carrying its own sign (as Postgres prints it
+/// with `IntervalStyle = iso_8601`).
+pub fn write_interval(out: &mut Vec<u8>, months: i32, days: i32, micros: i64) {
+    out.push(b'P');
+    let (years, months) = (months / 12, months % 12);
+    for (value, unit) in [
+        (years as i64, 'Y'),
+        (months as i64, 'M'),
+        (days as i64, 'D'),
+    ] {
+        if value != 0 {
+            let _ = write!(out, "{value}{unit}");
+        }
+    }
+    if micros != 0 || (years == 0 && months == 0 && days == 0) {
+        out.push(b'T');
+        let hours = micros / 3_600_000_000;
+        let minutes = micros / 60_000_000 % 60;
+        let seconds = micros % 60_000_000;
+        if hours != 0 {
+            let _ = write!(out, "{hours}H");
+        }
+        if minutes != 0 {
+            let _ = write!(out, "{minutes}M");
+        }
+        if seconds != 0 || micros == 0 {
+            if seconds < 0 {
+                out.push(b'-');
+            }
+            let abs = seconds.unsigned_abs();
+            let _ = write!(out, "{}", abs / 1_000_000);
+            write_fraction(out, (abs % 1_000_000) as i64);
+            out.push(b'S');
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn text(f: impl FnOnce(&mut Vec<u8>)) -> String {
+        let mut out = Vec::new();
+        f(&mut out);
+        String::from_utf8(out).unwrap()
+    }
+
+    #[test]
+    fn json_strings_escape_quotes_backslashes_and_controls() {
+        assert_eq!(
+            text(|o| write_json_string(b"a\"b\\c\nd\x01", o)),
+            r#""a\"b\\c\nd\u0001""#
+        );
+        assert_eq!(
+            text(|o| write_json_string("zoë ☃".as_bytes(), o)),
+            "\"zoë ☃\""
+        );
+    }
+
+    #[test]
+    fn floats_round_trip_and_non_finite_become_strings() {
+        assert_eq!(
+            text(|o| assert_eq!(write_float(o, 0.1, false), Shape::Literal)),
+            "0.1"
+        );
+        assert_eq!(text(|o| _ = write_float(o, 1e300, false)), "1e300");
+        assert_eq!(text(|o| _ = write_float(o, 0.1f32 as f64, true)), "0.1");
+        assert_eq!(text(|o| _ = write_float(o, -2.5e-7, false)), "-2.5e-7");
+        assert_eq!(
+            text(|o| assert_eq!(write_float(o, f64::NAN, false), Shape::Text)),
+            "NaN"
+        );
+        assert_eq!(
+            text(|o| _ = write_float(o, f64::NEG_INFINITY, false)),
+            "-Infinity"
+        );
+    }
+
+    #[test]
+    fn dates_and_timestamps_are_iso_8601() {
+        assert_eq!(text(|o| _ = write_date(o, 0)), "2000-01-01");
+        assert_eq!(text(|o| _ = write_date(o, -1)), "1999-12-31");
+        assert_eq!(text(|o| _ = write_date(o, 60)), "2000-03-01"); // 2000 is a leap year
+        assert_eq!(text(|o| _ = write_date(o, i32::MAX)), "infinity");
+        let ts = (9600 * 86_400 + 37_800) * 1_000_000 + 500_000;
+        assert_eq!(
+            text(|o| _ = write_timestamp(o, ts, true)),
+            "2026-04-14T10:30:00.5Z"
+        );
+        assert_eq!(
+            text(|o| _ = write_timestamp(o, -1, false)),
+            "1999-12-31T23:59:59.999999"
+        );
+    }
+
+    #[test]
+    fn intervals_are_iso_8601_durations() {
+        assert_eq!(
+            text(|o| write_interval(o, 14, 3, 4 * 3_600_000_000 + 5_500_000)),
+            "P1Y2M3DT4H5.5S"
+        );
+        assert_eq!(text(|o| write_interval(o, 0, 0, 0)), "PT0S");
+        assert_eq!(
+            text(|o| write_interval(o, 0, -1, -90_000_000)),
+            "P-1DT-1M-30S"
+        );
+    }
+
+    #[test]
+    fn bytea_is_backslash_x_hex() {
+        assert_eq!(
+            text(|o| write_bytea_hex(&[0xde, 0xad, 0x00, 0x0f], o)),
+            "\\xdead000f"
+        );
+    }
+
+    #[test]
+    fn only_json_shaped_output_is_literal() {
+        assert!(is_json_number_or_structure(b"12.50"));
+        assert!(is_json_number_or_structure(b"-0.5"));
+        assert!(is_json_number_or_structure(b"{\"a\": 1}"));
+        assert!(!is_json_number_or_structure(b"NaN"));
+        assert!(!is_json_number_or_structure(b"-Infinity"));
+        assert!(!is_json_number_or_structure(b"Infinity"));
+    }
+}

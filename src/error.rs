@@ -1,0 +1,73 @@
+//! The one error type of the extension.
+//!
+//! Every failure a user can meet is raised as an `ereport(ERROR)` with an SQLSTATE, a message
+//! that names the problem, and, where there is one, a hint that names the fix. Functions return
+//! `Result<_, CertyoError>` and the SQL entry points raise at the boundary, so the reasoning stays
+//! in plain Rust and the error leaves through one door.
+
+use pgrx::pg_sys::panic::ErrorReport;
+use pgrx::{PgLogLevel, PgSqlErrorCode};
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CertyoError {
+    pub code: PgSqlErrorCode,
+    pub message: String,
+    pub detail: Option<String>,
+    pub hint: Option<String>,
+}
+
+pub type Result<T> = std::result::Result<T, CertyoError>;
+
+impl CertyoError {
+    pub fn new(code: PgSqlErrorCode, message: impl Into<String>) -> Self {
+        Self {
+            code,
+            message: message.into(),
+            detail: None,
+            hint: None,
+        }
+    }
+
+    pub fn detail(mut self, detail: impl Into<String>) -> Self {
+        self.detail = Some(detail.into());
+        self
+    }
+
+    pub fn hint(mut self, hint: impl Into<String>) -> Self {
+        self.hint = Some(hint.into());
+        self
+    }
+
+    /// Raise as `ERROR`: aborts the current (sub)transaction, so nothing the caller did stays.
+    pub fn raise(self) -> ! {
+        let mut report = ErrorReport::new(self.code, self.message, "certyo_cdc");
+        if let Some(detail) = self.detail {
+            report = report.set_detail(detail);
+        }
+        if let Some(hint) = self.hint {
+            report = report.set_hint(hint);
+        }
+        report.report(PgLogLevel::ERROR);
+        unreachable!("ereport(ERROR) does not return")
+    }
+}
+
+impl From<pgrx::spi::Error> for CertyoError {
+    fn from(e: pgrx::spi::Error) -> Self {
+        CertyoError::new(
+            PgSqlErrorCode::ERRCODE_INTERNAL_ERROR,
+            format!("certyo_cdc: SPI failed: {e}"),
+        )
+    }
+}
+
+/// Raise `Err` as an ERROR, return `Ok` as is: the single place where a `Result` meets SQL.
+pub trait OrRaise<T> {
+    fn or_raise(self) -> T;
+}
+
+impl<T> OrRaise<T> for Result<T> {
+    fn or_raise(self) -> T {
+        self.unwrap_or_else(|e| e.raise())
+    }
+}

@@ -1,0 +1,33 @@
+//! certyo_cdc: every committed change of a tracked table, captured in the writer's own
+//! transaction and queued for anchoring on Certyo.
+//!
+//! Map of the crate:
+//! - [`track`]: the SQL surface that starts and stops capture (`certyo.track`, `certyo.untrack`)
+//!   and keeps capture triggers current after `ALTER TABLE`;
+//! - [`capture`]: the write path, the trigger that turns a row into a queued change;
+//! - [`error`]: the one error type, raised with an SQLSTATE, detail and hint;
+//! - `sql/schema.sql`: the queue, the `tracked_tables` view and the DDL event trigger.
+//!
+//! Capture and delivery meet only at the `certyo.queue` table.
+
+pub mod capture;
+pub mod error;
+mod track;
+
+::pgrx::pg_module_magic!(name, version);
+
+pgrx::extension_sql_file!("../sql/schema.sql", name = "schema", bootstrap);
+
+#[cfg(any(test, feature = "pg_test"))]
+mod tests;
+
+/// Required by `cargo pgrx test`.
+#[cfg(test)]
+pub mod pg_test {
+    pub fn setup(_options: Vec<&str>) {}
+
+    #[must_use]
+    pub fn postgresql_conf_options() -> Vec<&'static str> {
+        vec![]
+    }
+}

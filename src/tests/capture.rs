@@ -1,0 +1,2 @@
+#[pgrx::pg_schema]
+mod t {}

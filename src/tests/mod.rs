@@ -1,0 +1,2 @@
+//! `#[pg_test]`s: each runs in a rolled-back transaction of a real Postgres.
+mod capture;

@@ -1,0 +1,174 @@
+//! The DDL that `track()` performs on a table: bookkeeping columns, the two triggers, and the
+//! dependency that lets `DROP EXTENSION` remove the triggers with it.
+
+use super::table::{quote_ident, quote_literal, Table};
+use crate::capture::options::{split_trigger_args, CaptureOptions, BOOKKEEPING_COLUMNS};
+use crate::capture::{CAPTURE_TRIGGER, TRUNCATE_TRIGGER};
+use crate::error::Result;
+use pgrx::pg_sys::{self, Oid};
+use pgrx::prelude::*;
+
+/// Add the missing bookkeeping columns. Skipped entirely when all exist: `ALTER TABLE` takes
+/// an exclusive lock, which a re-`track()` that only changes options should not need.
+pub fn add_bookkeeping_columns(table: &Table) -> Result<()> {
+    let definitions = [
+        ("certyo_record_hash", "text"),
+        ("certyo_anchor_status", "text DEFAULT 'pending'"),
+        ("certyo_verified_at", "timestamptz"),
+    ];
+    debug_assert!(definitions.iter().map(|d| d.0).eq(BOOKKEEPING_COLUMNS));
+    let missing: Vec<String> = definitions
+        .iter()
+        .filter(|(name, _)| table.column(name).is_none())
+        .map(|(name, definition)| format!("ADD COLUMN {} {definition}", quote_ident(name)))
+        .collect();
+    if !missing.is_empty() {
+        Spi::run(&format!(
+            "ALTER TABLE {} {}",
+            table.quoted,
+            missing.join(", ")
+        ))?;
+    }
+    Ok(())
+}
+
+pub fn drop_bookkeeping_columns(table: &Table) -> Result<()> {
+    let drops: Vec<String> = BOOKKEEPING_COLUMNS
+        .iter()
+        .map(|c| format!("DROP COLUMN IF EXISTS {}", quote_ident(c)))
+        .collect();
+    Spi::run(&format!(
+        "ALTER TABLE {} {}",
+        table.quoted,
+        drops.join(", ")
+    ))?;
+    Ok(())
+}
+
+/// The capture trigger as it should be for these options: its arguments and the attribute
+/// numbers of its `UPDATE OF` list.
+pub struct TriggerDefinition {
+    pub args: Vec<String>,
+    pub update_columns: Vec<(i16, String)>,
+}
+
+impl TriggerDefinition {
+    pub fn new(table: &Table, options: &CaptureOptions) -> TriggerDefinition {
+        TriggerDefinition {
+            args: options.to_trigger_args(),
+            update_columns: table
+                .update_columns(options)
+                .into_iter()
+                .map(|c| (c.attnum, c.name.clone()))
+                .collect(),
+        }
+    }
+
+    /// Does the installed capture trigger already match (same arguments, same column list)?
+    pub fn is_installed(&self, table: &Table) -> Result<bool> {
+        let (args, attnums) = Spi::get_two_with_args::<Vec<u8>, Vec<i16>>(
+            &format!(
+                "SELECT tgargs, tgattr::int2[] FROM pg_trigger
+                  WHERE tgrelid = $1 AND tgname = {}",
+                quote_literal(CAPTURE_TRIGGER)
+            ),
+            &[table.relid.into()],
+        )?;
+        let wanted: Vec<i16> = self.update_columns.iter().map(|c| c.0).collect();
+        let args = args.map(|raw| split_trigger_args(&raw));
+        Ok(args.as_ref() == Some(&self.args) && attnums.unwrap_or_default() == wanted)
+    }
+
+    /// Create or replace both triggers. Only bookkeeping or excluded columns changing does not
+    /// fire the capture trigger at all (`UPDATE OF` lists the business columns); a statement that
+    /// names business columns but leaves them equal is filtered in the trigger, by value.
+    pub fn install(&self, table: &Table) -> Result<()> {
+        let update = if self.update_columns.is_empty() {
+            "UPDATE".to_string()
+        } else {
+            let names: Vec<String> = self
+                .update_columns
+                .iter()
+                .map(|c| quote_ident(&c.1))
+                .collect();
+            format!("UPDATE OF {}", names.join(", "))
+        };
+        let args: Vec<String> = self.args.iter().map(|a| quote_literal(a)).collect();
+        Spi::run(&format!(
+            "CREATE OR REPLACE TRIGGER {} AFTER INSERT OR DELETE OR {update} ON {} \
+             FOR EACH ROW EXECUTE FUNCTION certyo.capture({})",
+            quote_ident(CAPTURE_TRIGGER),
+            table.quoted,
+            args.join(", ")
+        ))?;
+        Spi::run(&format!(
+            "CREATE OR REPLACE TRIGGER {} BEFORE TRUNCATE ON {} FOR EACH STATEMENT EXECUTE FUNCTION certyo.capture()",
+            quote_ident(TRUNCATE_TRIGGER),
+            table.quoted
+        ))?;
+        depend_on_extension(table.relid)
+    }
+}
+
+pub fn drop_triggers(table: &Table) -> Result<bool> {
+    let tracked = Spi::get_one_with_args::<bool>(
+        &format!(
+            "SELECT EXISTS (SELECT FROM pg_trigger WHERE tgrelid = $1 AND tgname = {})",
+            quote_literal(CAPTURE_TRIGGER)
+        ),
+        &[table.relid.into()],
+    )?
+    .unwrap_or(false);
+    for trigger in [CAPTURE_TRIGGER, TRUNCATE_TRIGGER] {
+        Spi::run(&format!(
+            "DROP TRIGGER IF EXISTS {} ON {}",
+            quote_ident(trigger),
+            table.quoted
+        ))?;
+    }
+    Ok(tracked)
+}
+
+/// Record that our triggers depend on the extension (automatically), so `DROP EXTENSION`
+/// removes them instead of failing on them. `CREATE OR REPLACE TRIGGER` may drop the record, so
+/// it is checked each time rather than assumed.
+fn depend_on_extension(relid: Oid) -> Result<()> {
+    let extension = unsafe { pg_sys::get_extension_oid(c"certyo_cdc".as_ptr(), false) };
+    let triggers: Vec<Oid> = Spi::connect(|client| {
+        let rows = client.select(
+            &format!(
+                "SELECT t.oid FROM pg_trigger t
+                  WHERE t.tgrelid = $1 AND t.tgname IN ({}, {})
+                    AND NOT EXISTS (SELECT FROM pg_depend d
+                                     WHERE d.classid = 'pg_trigger'::regclass AND d.objid = t.oid
+                                       AND d.refclassid = 'pg_extension'::regclass AND d.refobjid = $2)",
+                quote_literal(CAPTURE_TRIGGER),
+                quote_literal(TRUNCATE_TRIGGER)
+            ),
+            None,
+            &[relid.into(), extension.into()],
+        )?;
+        rows.map(|row| row.get::<Oid>(1).map(Option::unwrap_or_default))
+            .collect::<std::result::Result<Vec<_>, _>>()
+    })?;
+    for trigger in triggers {
+        let dependent = pg_sys::ObjectAddress {
+            classId: pg_sys::TriggerRelationId,
+            objectId: trigger,
+            objectSubId: 0,
+        };
+        let referenced = pg_sys::ObjectAddress {
+            classId: pg_sys::ExtensionRelationId,
+            objectId: extension,
+            objectSubId: 0,
+        };
+        unsafe {
+            pg_sys::recordDependencyOn(
+                &dependent,
+                &referenced,
+                pg_sys::DependencyType::DEPENDENCY_AUTO,
+            )
+        };
+    }
+    Ok(())
+}

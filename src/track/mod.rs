@@ -1,0 +1,137 @@
+//! The SQL surface that starts and stops capture: `certyo.track()`, `certyo.untrack()`, and
+//! `certyo.refresh_capture_trigger()`, which the DDL event trigger calls after `ALTER TABLE`.
+//! Declared in `sql/schema.sql`; each entry point validates everything before it changes
+//! anything, so a refused call leaves the table as it was.
+
+mod backfill;
+mod install;
+mod table;
+
+use crate::capture::options::{option_values, CaptureOptions, RecordIdSource};
+use crate::capture::CAPTURE_TRIGGER;
+use crate::error::{CertyoError, OrRaise, Result};
+use install::TriggerDefinition;
+use pgrx::pg_sys::Oid;
+use pgrx::prelude::*;
+use pgrx::PgSqlErrorCode;
+use std::ffi::CStr;
+use table::{quote_literal, Request, Table};
+
+#[pg_extern(sql = false)]
+fn track(
+    rel: Option<Oid>,
+    record_id_columns: Option<Vec<String>>,
+    exclude_columns: Option<Vec<String>>,
+    timestamp_column: Option<&CStr>,
+    backfill: Option<bool>,
+) {
+    let request = Request {
+        record_id_columns,
+        exclude_columns: exclude_columns.unwrap_or_default(),
+        timestamp_column: timestamp_column.map(|c| c.to_string_lossy().into_owned()),
+    };
+    track_table(
+        required(rel).or_raise(),
+        &request,
+        backfill.unwrap_or(false),
+    )
+    .or_raise()
+}
+
+#[pg_extern(sql = false)]
+fn untrack(rel: Option<Oid>, drop_columns: Option<bool>) -> bool {
+    untrack_table(required(rel).or_raise(), drop_columns.unwrap_or(false)).or_raise()
+}
+
+#[pg_extern(sql = false)]
+fn refresh_capture_trigger(rel: Oid) {
+    refresh(rel).or_raise()
+}
+
+/// `certyo.capture_option(tgargs, key)`: decodes trigger arguments for `certyo.tracked_tables`.
+#[pg_extern(sql = false)]
+fn capture_option(tgargs: &[u8], key: &str) -> Vec<String> {
+    option_values(tgargs, key)
+}
+
+fn required(rel: Option<Oid>) -> Result<Oid> {
+    rel.ok_or_else(|| {
+        CertyoError::new(
+            PgSqlErrorCode::ERRCODE_NULL_VALUE_NOT_ALLOWED,
+            "certyo_cdc: the table to track must not be NULL",
+        )
+        .hint("Pass the table by name, e.g. certyo.track('public.products').")
+    })
+}
+
+fn track_table(relid: Oid, request: &Request, backfill: bool) -> Result<()> {
+    let table = Table::inspect(relid)?;
+    let options = table.resolve(request)?;
+    install::add_bookkeeping_columns(&table)?;
+    TriggerDefinition::new(&table, &options).install(&table)?;
+    if backfill {
+        let queued = backfill::backfill(relid, &options)?;
+        pgrx::notice!(
+            "certyo_cdc: queued {queued} existing rows of {} as upserts",
+            table.display
+        );
+    }
+    Ok(())
+}
+
+fn untrack_table(relid: Oid, drop_columns: bool) -> Result<bool> {
+    let table = Table::inspect(relid)?;
+    let was_tracked = install::drop_triggers(&table)?;
+    if drop_columns {
+        install::drop_bookkeeping_columns(&table)?;
+    }
+    if !was_tracked {
+        pgrx::notice!("certyo_cdc: table {} was not tracked", table.display);
+    }
+    Ok(was_tracked)
+}
+
+/// After `ALTER TABLE` on a tracked table: re-validate the options against the new columns
+/// and rewrite the trigger if its `UPDATE OF` list or record id must change. A named column
+/// that is gone raises an error, which undoes the `ALTER TABLE` rather than capture breaking.
+fn refresh(relid: Oid) -> Result<()> {
+    let Some(options) = installed_options(relid)? else {
+        return Ok(()); // untracked meanwhile: nothing to keep current
+    };
+    let table = Table::inspect(relid)?;
+    let request = Request {
+        record_id_columns: match options.record_id_source {
+            RecordIdSource::PrimaryKey => None,
+            RecordIdSource::Columns => Some(options.record_id_columns.clone()),
+        },
+        exclude_columns: options.exclude_columns.clone(),
+        timestamp_column: options.timestamp_column.clone(),
+    };
+    let options = table.resolve(&request).map_err(|e| {
+        let hint = format!(
+            "Before renaming or dropping a column named in the tracking options, call certyo.track('{}', ...) \
+             with options that do not name it. {}",
+            table.display,
+            e.hint.clone().unwrap_or_default()
+        );
+        CertyoError { hint: Some(hint), ..e }
+    })?;
+    let definition = TriggerDefinition::new(&table, &options);
+    if !definition.is_installed(&table)? {
+        definition.install(&table)?;
+    }
+    Ok(())
+}
+
+fn installed_options(relid: Oid) -> Result<Option<CaptureOptions>> {
+    let raw = Spi::get_one_with_args::<Vec<u8>>(
+        &format!(
+            "SELECT tgargs FROM pg_trigger WHERE tgrelid = $1 AND tgname = {}",
+            quote_literal(CAPTURE_TRIGGER)
+        ),
+        &[relid.into()],
+    )?;
+    let Some(raw) = raw else { return Ok(None) };
+    let args = crate::capture::options::split_trigger_args(&raw);
+    CaptureOptions::from_trigger_args(args.iter().map(String::as_str)).map(Some)
+}

@@ -1,0 +1,333 @@
+//! What `track()` needs to know about a table, read from the catalogs, and the validation of
+//! the user's options against it. Everything here only reads: a refused request changes nothing.
+
+use crate::capture::options::{is_bookkeeping, CaptureOptions, RecordIdSource};
+use crate::capture::plan::timestamp_column;
+use crate::error::{CertyoError, Result};
+use pgrx::pg_sys::{self, Oid};
+use pgrx::prelude::*;
+use pgrx::PgSqlErrorCode;
+
+pub struct Attribute {
+    pub name: String,
+    pub attnum: i16,
+    pub typid: Oid,
+    pub not_null: bool,
+    pub generated: bool,
+}
+
+pub struct Table {
+    pub relid: Oid,
+    /// `schema.table`, for messages and for Certyo.
+    pub display: String,
+    /// `"schema"."table"`, for SQL text.
+    pub quoted: String,
+    pub columns: Vec<Attribute>,
+    pub primary_key: Vec<String>,
+}
+
+/// The options as the caller gave them; `None` means "decide for me".
+pub struct Request {
+    pub record_id_columns: Option<Vec<String>>,
+    pub exclude_columns: Vec<String>,
+    pub timestamp_column: Option<String>,
+}
+
+/// Timestamp columns picked up when `timestamp_column` is not given.
+const AUTO_TIMESTAMP_COLUMNS: [&str; 2] = ["updated_at", "modified_at"];
+
+impl Table {
+    /// Look the table up and check that the current user may track it.
+    pub fn inspect(relid: Oid) -> Result<Table> {
+        let found = Spi::connect(|client| {
+            let rows = client.select(
+                "SELECT c.relkind::text, n.nspname::text, c.relname::text, format('%I.%I', n.nspname, c.relname)
+                   FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace WHERE c.oid = $1",
+                None,
+                &[relid.into()],
+            )?;
+            match rows.into_iter().next() {
+                None => Ok(None),
+                Some(row) => Ok::<_, pgrx::spi::Error>(Some((
+                    row.get::<String>(1)?.unwrap_or_default(),
+                    row.get::<String>(2)?.unwrap_or_default(),
+                    row.get::<String>(3)?.unwrap_or_default(),
+                    row.get::<String>(4)?.unwrap_or_default(),
+                ))),
+            }
+        })?;
+        let Some((kind, schema, name, quoted)) = found else {
+            return Err(CertyoError::new(
+                PgSqlErrorCode::ERRCODE_UNDEFINED_TABLE,
+                format!("certyo_cdc: there is no table with OID {}", relid.to_u32()),
+            )
+            .hint("Pass the table by name, e.g. certyo.track('public.products')."));
+        };
+        let display = format!("{schema}.{name}");
+        check_kind(kind.bytes().next().unwrap_or(b'?'), &display)?;
+        if schema == "certyo" {
+            return Err(CertyoError::new(
+                PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE,
+                format!("certyo_cdc: {display} belongs to certyo_cdc itself and cannot be tracked"),
+            )
+            .hint("Track your own tables, in schemas other than certyo."));
+        }
+        if !unsafe { pg_sys::pg_class_ownercheck(relid, pg_sys::GetUserId()) } {
+            return Err(CertyoError::new(
+                PgSqlErrorCode::ERRCODE_INSUFFICIENT_PRIVILEGE,
+                format!("certyo_cdc: must be owner of table {display} to change its tracking"),
+            )
+            .hint("Ask the table's owner (or a superuser) to call certyo.track() or certyo.untrack()."));
+        }
+        Ok(Table {
+            relid,
+            display,
+            quoted,
+            columns: columns(relid)?,
+            primary_key: primary_key(relid)?,
+        })
+    }
+
+    pub fn column(&self, name: &str) -> Option<&Attribute> {
+        self.columns.iter().find(|c| c.name == name)
+    }
+
+    /// Validate a request and turn it into the options the trigger will carry.
+    pub fn resolve(&self, request: &Request) -> Result<CaptureOptions> {
+        let (record_id_source, record_id_columns) = self.resolve_record_id(request)?;
+        let mut exclude_columns = Vec::new();
+        for name in &request.exclude_columns {
+            self.require_column(name, "exclude")?;
+            if record_id_columns.contains(name) {
+                return Err(CertyoError::new(
+                    PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE,
+                    format!("certyo_cdc: column \"{name}\" is the record id of {} and cannot be excluded", self.display),
+                )
+                .hint("Remove it from exclude_columns, or choose other record_id_columns."));
+            }
+            // Bookkeeping columns are always left out; saying so again changes nothing.
+            if !is_bookkeeping(name) && !exclude_columns.contains(name) {
+                exclude_columns.push(name.clone());
+            }
+        }
+        let timestamp_column = self.resolve_timestamp(request.timestamp_column.as_deref())?;
+        Ok(CaptureOptions {
+            record_id_source,
+            record_id_columns,
+            exclude_columns,
+            timestamp_column,
+        })
+    }
+
+    fn resolve_record_id(&self, request: &Request) -> Result<(RecordIdSource, Vec<String>)> {
+        let Some(names) = &request.record_id_columns else {
+            if self.primary_key.is_empty() {
+                return Err(CertyoError::new(
+                    PgSqlErrorCode::ERRCODE_INVALID_TABLE_DEFINITION,
+                    format!(
+                        "certyo_cdc: table {} has no primary key to use as the record id",
+                        self.display
+                    ),
+                )
+                .hint(format!(
+                    "Add a primary key, or name NOT NULL columns that identify a row: \
+                     certyo.track('{}', record_id_columns => ARRAY['col']).",
+                    self.display
+                )));
+            }
+            return Ok((RecordIdSource::PrimaryKey, self.primary_key.clone()));
+        };
+        if names.is_empty() {
+            return Err(CertyoError::new(
+                PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE,
+                "certyo_cdc: record_id_columns is empty",
+            )
+            .hint("Pass NULL to use the primary key, or name at least one column."));
+        }
+        for (i, name) in names.iter().enumerate() {
+            let column = self.require_column(name, "record id")?;
+            if names[..i].contains(name) {
+                return Err(CertyoError::new(
+                    PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE,
+                    format!("certyo_cdc: record id column \"{name}\" is listed twice"),
+                ));
+            }
+            if is_bookkeeping(name) {
+                return Err(CertyoError::new(
+                    PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE,
+                    format!(
+                        "certyo_cdc: bookkeeping column \"{name}\" cannot be a record id column"
+                    ),
+                ));
+            }
+            if !column.not_null && !self.primary_key.contains(name) {
+                return Err(CertyoError::new(
+                    PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE,
+                    format!(
+                        "certyo_cdc: record id column \"{name}\" of {} may be NULL",
+                        self.display
+                    ),
+                )
+                .detail("A row without a record id could not be sent to Certyo.")
+                .hint(format!(
+                    "ALTER TABLE {} ALTER COLUMN {} SET NOT NULL, or choose another column.",
+                    self.quoted,
+                    quote_ident(name)
+                )));
+            }
+        }
+        Ok((RecordIdSource::Columns, names.clone()))
+    }
+
+    fn resolve_timestamp(&self, requested: Option<&str>) -> Result<Option<String>> {
+        let Some(name) = requested else {
+            let auto = AUTO_TIMESTAMP_COLUMNS
+                .iter()
+                .filter_map(|n| self.column(n))
+                .find(|c| unsafe { timestamp_column(0, c.typid) }.is_some());
+            return Ok(auto.map(|c| c.name.clone()));
+        };
+        let column = self.require_column(name, "timestamp")?;
+        if unsafe { timestamp_column(0, column.typid) }.is_none() {
+            let type_name =
+                unsafe { std::ffi::CStr::from_ptr(pg_sys::format_type_be(column.typid)) };
+            return Err(CertyoError::new(
+                PgSqlErrorCode::ERRCODE_DATATYPE_MISMATCH,
+                format!("certyo_cdc: timestamp column \"{name}\" of {} has type {}", self.display, type_name.to_string_lossy()),
+            )
+            .hint("timestamp_column must be of type timestamp or timestamptz; pass NULL to use the transaction's time."));
+        }
+        Ok(Some(name.to_owned()))
+    }
+
+    fn require_column(&self, name: &str, role: &str) -> Result<&Attribute> {
+        self.column(name).ok_or_else(|| {
+            CertyoError::new(
+                PgSqlErrorCode::ERRCODE_UNDEFINED_COLUMN,
+                format!(
+                    "certyo_cdc: {role} column \"{name}\" does not exist in table {}",
+                    self.display
+                ),
+            )
+            .hint(format!(
+                "Column names are case-sensitive; the columns of {} are: {}.",
+                self.display,
+                self.column_list()
+            ))
+        })
+    }
+
+    fn column_list(&self) -> String {
+        self.columns
+            .iter()
+            .map(|c| c.name.as_str())
+            .collect::<Vec<_>>()
+            .join(", ")
+    }
+
+    /// Columns whose update is a change: everything but bookkeeping and excluded columns
+    /// (generated columns follow the columns they are computed from).
+    pub fn update_columns(&self, options: &CaptureOptions) -> Vec<&Attribute> {
+        self.columns
+            .iter()
+            .filter(|c| {
+                !c.generated
+                    && !is_bookkeeping(&c.name)
+                    && !options.exclude_columns.contains(&c.name)
+            })
+            .collect()
+    }
+}
+
+fn check_kind(kind: u8, display: &str) -> Result<()> {
+    let what = match kind {
+        b'r' => return Ok(()),
+        b'v' => "a view",
+        b'm' => "a materialized view",
+        b'f' => "a foreign table",
+        b'p' => "a partitioned table",
+        b'S' => "a sequence",
+        b'i' | b'I' => "an index",
+        _ => "not a table",
+    };
+    let hint = match kind {
+        b'v' | b'm' => "Track the tables it reads from instead.".to_string(),
+        b'p' => {
+            format!("Track each partition of {display}; partitioned tables are not supported yet.")
+        }
+        _ => "Only ordinary tables can be tracked.".to_string(),
+    };
+    Err(CertyoError::new(
+        PgSqlErrorCode::ERRCODE_WRONG_OBJECT_TYPE,
+        format!("certyo_cdc: {display} is {what}, not an ordinary table"),
+    )
+    .hint(hint))
+}
+
+fn columns(relid: Oid) -> Result<Vec<Attribute>> {
+    Spi::connect(|client| {
+        let rows = client.select(
+            "SELECT attname::text, attnum, atttypid, attnotnull, attgenerated <> ''
+               FROM pg_attribute WHERE attrelid = $1 AND attnum > 0 AND NOT attisdropped ORDER BY attnum",
+            None,
+            &[relid.into()],
+        )?;
+        let mut columns = Vec::new();
+        for row in rows {
+            columns.push(Attribute {
+                name: row.get::<String>(1)?.unwrap_or_default(),
+                attnum: row.get::<i16>(2)?.unwrap_or_default(),
+                typid: row.get::<Oid>(3)?.unwrap_or(pg_sys::InvalidOid),
+                not_null: row.get::<bool>(4)?.unwrap_or(false),
+                generated: row.get::<bool>(5)?.unwrap_or(false),
+            });
+        }
+        Ok(columns)
+    })
+}
+
+fn primary_key(relid: Oid) -> Result<Vec<String>> {
+    Spi::connect(|client| {
+        let rows = client.select(
+            "SELECT a.attname::text
+               FROM pg_index i
+               CROSS JOIN LATERAL unnest(i.indkey::int2[]) WITH ORDINALITY AS k(attnum, n)
+               JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = k.attnum
+              WHERE i.indrelid = $1 AND i.indisprimary
+              ORDER BY k.n",
+            None,
+            &[relid.into()],
+        )?;
+        let mut names = Vec::new();
+        for row in rows {
+            names.extend(row.get::<String>(1)?);
+        }
+        Ok(names)
+    })
+}
+
+/// An identifier, always double-quoted: safe for any name, including mixed case and quotes.
+pub fn quote_ident(name: &str) -> String {
+    format!("\"{}\"", name.replace('"', "\"\""))
+}
+
+/// A string literal, as Postgres' `quote_literal` writes it.
+pub fn quote_literal(value: &str) -> String {
+    if value.contains('\\') {
+        format!("E'{}'", value.replace('\\', "\\\\").replace('\'', "''"))
+    } else {
+        format!("'{}'", value.replace('\'', "''"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{quote_ident, quote_literal};
+
+    #[test]
+    fn identifiers_and_literals_are_quoted_against_injection() {
+        assert_eq!(quote_ident("Weird \"Name\""), "\"Weird \"\"Name\"\"\"");
+        assert_eq!(quote_literal("exclude=it's"), "'exclude=it''s'");
+        assert_eq!(quote_literal("a\\b'"), "E'a\\\\b'''");
+    }
+}
