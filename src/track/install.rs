@@ -68,8 +68,8 @@ impl TriggerDefinition {
     pub fn is_installed(&self, table: &Table) -> Result<bool> {
         let (args, attnums) = Spi::get_two_with_args::<Vec<u8>, Vec<i16>>(
             &format!(
-                "SELECT tgargs, tgattr::int2[] FROM pg_trigger
-                  WHERE tgrelid = $1 AND tgname = {}",
+                "SELECT t.tgargs, t.tgattr::int2[] FROM (SELECT) AS one
+                   LEFT JOIN pg_trigger t ON t.tgrelid = $1 AND t.tgname = {}",
                 quote_literal(CAPTURE_TRIGGER)
             ),
             &[table.relid.into()],
@@ -94,6 +94,7 @@ impl TriggerDefinition {
             format!("UPDATE OF {}", names.join(", "))
         };
         let args: Vec<String> = self.args.iter().map(|a| quote_literal(a)).collect();
+        let firing = firing_mode(table)?;
         Spi::run(&format!(
             "CREATE OR REPLACE TRIGGER {} AFTER INSERT OR DELETE OR {update} ON {} \
              FOR EACH ROW EXECUTE FUNCTION certyo.capture({})",
@@ -106,8 +107,35 @@ impl TriggerDefinition {
             quote_ident(TRUNCATE_TRIGGER),
             table.quoted
         ))?;
+        // CREATE OR REPLACE enables the trigger; a user who disabled it (or set it to fire in
+        // replica mode) keeps that choice.
+        if let Some(mode) = firing {
+            Spi::run(&format!(
+                "ALTER TABLE {} {mode} TRIGGER {}",
+                table.quoted,
+                quote_ident(CAPTURE_TRIGGER)
+            ))?;
+        }
         depend_on_extension(table.relid)
     }
+}
+
+/// The `ALTER TABLE ... <mode> TRIGGER` that restores a non-default firing mode of the
+/// installed capture trigger, if it has one.
+fn firing_mode(table: &Table) -> Result<Option<&'static str>> {
+    let enabled = Spi::get_one_with_args::<String>(
+        &format!(
+            "SELECT (SELECT tgenabled::text FROM pg_trigger WHERE tgrelid = $1 AND tgname = {})",
+            quote_literal(CAPTURE_TRIGGER)
+        ),
+        &[table.relid.into()],
+    )?;
+    Ok(match enabled.as_deref() {
+        Some("D") => Some("DISABLE"),
+        Some("R") => Some("ENABLE REPLICA"),
+        Some("A") => Some("ENABLE ALWAYS"),
+        _ => None,
+    })
 }
 
 pub fn drop_triggers(table: &Table) -> Result<bool> {
