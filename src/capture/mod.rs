@@ -57,13 +57,13 @@ unsafe fn fire(fcinfo: pg_sys::FunctionCallInfo) -> Result<()> {
     let data = &*((*fcinfo).context as *const pg_sys::TriggerData);
     let event = data.tg_event;
     let operation = event & pg_sys::TRIGGER_EVENT_OPMASK;
-    let table = plan::qualified_name(data.tg_relation);
     if operation == pg_sys::TRIGGER_EVENT_TRUNCATE {
-        return Err(truncate_refused(&table));
+        return Err(truncate_refused(&plan::qualified_name(data.tg_relation)));
     }
     if event & pg_sys::TRIGGER_EVENT_ROW == 0
         || event & pg_sys::TRIGGER_EVENT_TIMINGMASK != pg_sys::TRIGGER_EVENT_AFTER
     {
+        let table = plan::qualified_name(data.tg_relation);
         return Err(CertyoError::new(
             PgSqlErrorCode::ERRCODE_E_R_I_E_TRIGGER_PROTOCOL_VIOLATED,
             format!("certyo_cdc: certyo.capture() on {table} must fire AFTER ... FOR EACH ROW"),
@@ -103,6 +103,29 @@ unsafe fn fire(fcinfo: pg_sys::FunctionCallInfo) -> Result<()> {
             }
         }
     }
+}
+
+thread_local! {
+    static WATCHING: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Register, once per backend, the relcache callback that drops the write path's caches
+/// (table plans, the queue's location) when a relation they describe changes.
+fn watch_invalidations() {
+    if !WATCHING.replace(true) {
+        unsafe {
+            pg_sys::CacheRegisterRelcacheCallback(
+                Some(on_relcache_invalidation),
+                pg_sys::Datum::from(0),
+            )
+        };
+    }
+}
+
+#[pgrx::pg_guard]
+unsafe extern "C-unwind" fn on_relcache_invalidation(_arg: pg_sys::Datum, relid: pg_sys::Oid) {
+    plan::forget(relid);
+    queue::forget(relid);
 }
 
 unsafe fn trigger_args<'a>(trigger: *const pg_sys::Trigger) -> Vec<&'a str> {

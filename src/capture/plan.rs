@@ -164,7 +164,6 @@ thread_local! {
     static PLANS: RefCell<HashMap<Oid, Rc<TablePlan>>> = RefCell::new(HashMap::new());
     /// Set when an invalidation arrived while the cache was borrowed: drop everything next time.
     static STALE: Cell<bool> = const { Cell::new(false) };
-    static CALLBACK_REGISTERED: Cell<bool> = const { Cell::new(false) };
 }
 
 /// The cached plan for the table a trigger fired on, building it on first use.
@@ -175,7 +174,7 @@ pub unsafe fn for_relation<'a>(
     rel: pg_sys::Relation,
     args: impl FnOnce() -> Vec<&'a str>,
 ) -> Result<Rc<TablePlan>> {
-    register_invalidation_callback();
+    super::watch_invalidations();
     let relid = (*rel).rd_id;
     if STALE.replace(false) {
         PLANS.with(|plans| plans.borrow_mut().clear());
@@ -190,15 +189,8 @@ pub unsafe fn for_relation<'a>(
     Ok(plan)
 }
 
-fn register_invalidation_callback() {
-    if !CALLBACK_REGISTERED.replace(true) {
-        unsafe { pg_sys::CacheRegisterRelcacheCallback(Some(invalidate), pg_sys::Datum::from(0)) };
-    }
-}
-
-/// Relcache invalidation: `relid` is invalid when every entry is to be dropped.
-#[pgrx::pg_guard]
-unsafe extern "C-unwind" fn invalidate(_arg: pg_sys::Datum, relid: Oid) {
+/// Relcache invalidation of `relid` (invalid: of everything).
+pub fn forget(relid: Oid) {
     let done = PLANS.with(|plans| match plans.try_borrow_mut() {
         Ok(mut plans) if relid == pg_sys::InvalidOid => {
             plans.clear();

@@ -13,6 +13,7 @@ use super::record::Change;
 use crate::error::{CertyoError, Result};
 use pgrx::pg_sys::{self, Datum, Oid};
 use pgrx::PgSqlErrorCode;
+use std::cell::RefCell;
 
 /// Columns of `certyo.queue`, in table order.
 const QUEUE_COLUMNS: usize = 9;
@@ -28,9 +29,11 @@ unsafe extern "C-unwind" {
 /// # Safety
 /// Must run inside a transaction that may write.
 pub unsafe fn append(relid: Oid, collection: &str, change: &Change) -> Result<i64> {
-    let (queue, sequence) = queue_relations()?;
+    let target = target()?;
+    let (queue, sequence) = (target.queue, target.sequence);
     let id = pg_sys::ffi::pg_guard_ffi_boundary(|| nextval_internal(sequence, false));
-    let key = idempotency_key(queue, id);
+    let mut key = target.key_prefix.clone();
+    key.extend_from_slice(itoa::Buffer::new().format(id).as_bytes());
     let rel = pg_sys::table_open(queue, pg_sys::RowExclusiveLock as pg_sys::LOCKMODE);
     let tupdesc = (*rel).rd_att;
     if (*tupdesc).natts as usize != QUEUE_COLUMNS {
@@ -52,7 +55,7 @@ pub unsafe fn append(relid: Oid, collection: &str, change: &Change) -> Result<i6
         text_datum(change.operation.as_str().as_bytes()),
         text_datum(&change.payload), // json is stored as its text
         Datum::from(change.source_timestamp),
-        text_datum(key.as_bytes()),
+        text_datum(&key),
         Datum::from(now),
     ];
     let mut nulls = [false; QUEUE_COLUMNS];
@@ -64,9 +67,28 @@ pub unsafe fn append(relid: Oid, collection: &str, change: &Change) -> Result<i6
     Ok(id)
 }
 
-/// `certyo.queue` and its id sequence, looked up through the syscache (cheap, and never stale
-/// across `DROP EXTENSION` / `CREATE EXTENSION` in the same session).
-unsafe fn queue_relations() -> Result<(Oid, Oid)> {
+/// Where changes go: looked up once per backend, forgotten when the queue's relcache entry is
+/// invalidated (so `DROP EXTENSION` / `CREATE EXTENSION` in one session finds the new queue).
+#[derive(Clone)]
+struct Target {
+    queue: Oid,
+    sequence: Oid,
+    /// Idempotency keys are `{installation}-{queue id}`: unique per change and stored with
+    /// it, so every redelivery sends the same key. The installation is 12 hex digits of
+    /// SHA-256 over (system identifier, database, queue table OID): a re-created extension has
+    /// a new queue OID, so ids restarting at 1 never reuse a key Certyo has already seen.
+    key_prefix: Vec<u8>,
+}
+
+thread_local! {
+    static TARGET: RefCell<Option<Target>> = const { RefCell::new(None) };
+}
+
+unsafe fn target() -> Result<Target> {
+    if let Some(target) = TARGET.with(|t| t.borrow().clone()) {
+        return Ok(target);
+    }
+    super::watch_invalidations();
     let namespace = pg_sys::get_namespace_oid(c"certyo".as_ptr(), true);
     let queue = pg_sys::get_relname_relid(c"queue".as_ptr(), namespace);
     let sequence = pg_sys::get_relname_relid(c"queue_id_seq".as_ptr(), namespace);
@@ -77,21 +99,48 @@ unsafe fn queue_relations() -> Result<(Oid, Oid)> {
         )
         .hint("CREATE EXTENSION certyo_cdc in this database, or remove the capture triggers with certyo.untrack()."));
     }
-    Ok((queue, sequence))
-}
-
-/// Unique per change for the life of the cluster and stored with it, so every redelivery of
-/// the change sends the same key: cluster (system identifier), database, queue table, queue id.
-/// The queue table's OID changes when the extension is re-created, so ids restarting at 1
-/// never reuse a key that Certyo has already seen.
-unsafe fn idempotency_key(queue: Oid, id: i64) -> String {
-    format!(
-        "pg-{}-{}-{}-{}",
+    let key_prefix = installation_prefix(
         pg_sys::GetSystemIdentifier(),
         pg_sys::MyDatabaseId.to_u32(),
         queue.to_u32(),
-        id
-    )
+    );
+    let target = Target {
+        queue,
+        sequence,
+        key_prefix,
+    };
+    TARGET.with(|t| t.replace(Some(target.clone())));
+    Ok(target)
+}
+
+fn installation_prefix(system_identifier: u64, database: u32, queue: u32) -> Vec<u8> {
+    use sha2::{Digest, Sha256};
+    let digest = Sha256::new()
+        .chain_update(system_identifier.to_be_bytes())
+        .chain_update(database.to_be_bytes())
+        .chain_update(queue.to_be_bytes())
+        .finalize();
+    let mut prefix: Vec<u8> = digest[..6]
+        .iter()
+        .flat_map(|b| format!("{b:02x}").into_bytes())
+        .collect();
+    prefix.push(b'-');
+    prefix
+}
+
+/// Relcache invalidation of `relid` (invalid: of everything).
+pub fn forget(relid: Oid) {
+    TARGET.with(|t| {
+        if let Ok(mut target) = t.try_borrow_mut() {
+            if relid == pg_sys::InvalidOid
+                || target
+                    .as_ref()
+                    .is_some_and(|x| x.queue == relid || x.sequence == relid)
+            {
+                *target = None;
+            }
+        }
+    });
 }
 
 unsafe fn text_datum(bytes: &[u8]) -> Datum {
@@ -99,4 +148,18 @@ unsafe fn text_datum(bytes: &[u8]) -> Datum {
         bytes.as_ptr().cast(),
         bytes.len() as i32,
     ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::installation_prefix;
+
+    #[test]
+    fn installation_prefix_is_twelve_hex_digits_and_differs_per_queue() {
+        let a = installation_prefix(7, 5, 16387);
+        assert_eq!(a.len(), 13);
+        assert!(a[..12].iter().all(u8::is_ascii_hexdigit) && a[12] == b'-');
+        assert_ne!(a, installation_prefix(7, 5, 16388));
+        assert_eq!(a, installation_prefix(7, 5, 16387));
+    }
 }

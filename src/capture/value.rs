@@ -274,9 +274,20 @@ unsafe fn varlena_bytes<'a>(datum: Datum) -> &'a [u8] {
     std::slice::from_raw_parts(data, len)
 }
 
-fn write_display(out: &mut Vec<u8>, value: impl std::fmt::Display) -> Shape {
-    let _ = write!(out, "{value}"); // writing to a Vec cannot fail
+fn write_display(out: &mut Vec<u8>, value: impl itoa::Integer) -> Shape {
+    out.extend_from_slice(itoa::Buffer::new().format(value).as_bytes());
     Shape::Literal
+}
+
+/// `value` as exactly `width` digits (zero-padded); the hot path of date and time output.
+fn write_padded(out: &mut Vec<u8>, value: u32, width: usize) {
+    let mut digits = [b'0'; 10];
+    let mut rest = value;
+    for slot in digits[..width].iter_mut().rev() {
+        *slot = b'0' + (rest % 10) as u8;
+        rest /= 10;
+    }
+    out.extend_from_slice(&digits[..width]);
 }
 
 /// Shortest round-trip decimal, exponent form outside [1e-5, 1e16) to keep numbers short.
@@ -400,9 +411,14 @@ pub fn write_timestamp(out: &mut Vec<u8>, micros: i64, utc: bool) -> Shape {
 /// `.ffffff` without trailing zeros; nothing for whole seconds.
 fn write_fraction(out: &mut Vec<u8>, micros: i64) {
     if micros != 0 {
-        let digits = format!("{micros:06}");
+        let mut digits = micros as u32;
+        let mut width = 6;
+        while digits % 10 == 0 {
+            digits /= 10;
+            width -= 1;
+        }
         out.push(b'.');
-        out.extend_from_slice(digits.trim_end_matches('0').as_bytes());
+        write_padded(out, digits, width);
     }
 }
 
@@ -417,7 +433,15 @@ fn write_civil_date(out: &mut Vec<u8>, days_since_unix_epoch: i64) {
     let day = doy - (153 * mp + 2) / 5 + 1;
     let month = if mp < 10 { mp + 3 } else { mp - 9 };
     let year = yoe + era * 400 + i64::from(month <= 2);
-    let _ = write!(out, "{year:04}-{month:02}-{day:02}");
+    if (0..=9999).contains(&year) {
+        write_padded(out, year as u32, 4);
+    } else {
+        let _ = write!(out, "{year:04}"); // before year 0 or after 9999: rare, keep it simple
+    }
+    out.push(b'-');
+    write_padded(out, month as u32, 2);
+    out.push(b'-');
+    write_padded(out, day as u32, 2);
 }
 
 /// `interval` as an ISO 8601 duration, each field carrying its own sign (as Postgres prints it

@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# The benchmark: for each configuration a fresh cluster, then the capture scenarios of
+# bench/capture.py (untracked vs certyo_cdc vs the PL/pgSQL baseline, interleaved).
+#   defaults: initdb's postgresql.conf, as a user starts out;
+#   strict:   synchronous_commit off and no checkpoints during a run, so that per-row CPU cost
+#             is not hidden behind disk flushes (the harder comparison for a trigger).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+scripts/setup.sh
+. pg_test/cluster.sh
+for config in ${BENCH_CONFIGS:-defaults strict}; do
+    case $config in
+        defaults) settings=("autovacuum = off") ;;
+        strict) settings=("autovacuum = off" "synchronous_commit = off" "shared_buffers = '1GB'"
+                          "max_wal_size = '8GB'" "checkpoint_timeout = '30min'") ;;
+        *) echo "unknown configuration $config" >&2; exit 2 ;;
+    esac
+    cluster_start /tmp/certyo-bench 54332 "${settings[@]}"
+    cluster_psql -c "CREATE EXTENSION certyo_cdc" -f bench/baseline.sql
+    python3 bench/capture.py "$CLUSTER_DIR" "$CLUSTER_PORT" "$config: ${settings[*]}"
+    cluster_stop "$CLUSTER_DIR"
+done
