@@ -28,17 +28,15 @@ mod tests {
             one::<String>("SELECT collection FROM certyo.queue"),
             Some("public.products".into())
         );
-        // pg-{system identifier}-{database oid}-{queue table oid}-{queue id}
+        // {installation: 12 hex digits}-{queue id}
         let (key, id) =
             Spi::get_two::<String, i64>("SELECT idempotency_key, id FROM certyo.queue").unwrap();
-        let parts: Vec<&str> = key.as_deref().unwrap().split('-').collect();
-        assert_eq!(parts.len(), 5, "{key:?}");
-        assert_eq!(parts[0], "pg");
+        let (installation, queue_id) = key.as_deref().unwrap().split_once('-').unwrap();
         assert!(
-            parts[1..4].iter().all(|p| p.parse::<u64>().is_ok()),
+            installation.len() == 12 && installation.chars().all(|c| c.is_ascii_hexdigit()),
             "{key:?}"
         );
-        assert_eq!(parts[4].parse::<i64>().ok(), id);
+        assert_eq!(queue_id.parse::<i64>().ok(), id);
     }
 
     #[pg_test]
