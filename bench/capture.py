@@ -13,8 +13,9 @@ import sys
 SOCKET, PORT, CONFIG = sys.argv[1], sys.argv[2], sys.argv[3]
 VARIANTS = ["untracked", "certyo_cdc", "plpgsql"]
 ROWS = 200_000
-REPEATS = 5
-PGBENCH_SECONDS = 10
+REPEATS = 7
+PGBENCH_SECONDS = 5
+PGBENCH_ROUNDS = 6
 
 
 def psql(sql):
@@ -65,11 +66,12 @@ def main():
             for scenario, ms in bulk_run(variant).items():
                 results[variant][scenario].append(ms)
         print(f"  bulk pass {rep + 1}/{REPEATS} done", file=sys.stderr)
-    for rep in range(2):
+    for variant in VARIANTS:
+        psql(f"SELECT bench.reset('{variant}')")
+    for rep in range(PGBENCH_ROUNDS):
         for variant in VARIANTS:
-            psql(f"SELECT bench.reset('{variant}')")
             results[variant]["tps"].append(pgbench_tps(variant))
-        print(f"  pgbench pass {rep + 1}/2 done", file=sys.stderr)
+        print(f"  pgbench pass {rep + 1}/{PGBENCH_ROUNDS} done", file=sys.stderr)
 
     median = {v: {k: statistics.median(xs) for k, xs in r.items()} for v, r in results.items()}
     rows = [
@@ -78,7 +80,7 @@ def main():
         ("business", f"{ROWS // 1000}k-row business UPDATE", "ms", "<= 3x", lambda r: r <= 3.0),
         ("tps", "single-row INSERT, pgbench -c 4", "tps", ">= 0.95x", lambda r: r >= 0.95),
     ]
-    print(f"\ncapture benchmark [{CONFIG}]: median of {REPEATS} interleaved runs (pgbench: 2 x {PGBENCH_SECONDS} s)")
+    print(f"\ncapture benchmark [{CONFIG}]: median of {REPEATS} interleaved runs (pgbench: {PGBENCH_ROUNDS} x {PGBENCH_SECONDS} s)")
     print(f"{'scenario':40} {'untracked':>11} {'certyo_cdc':>11} {'plpgsql':>11} {'cdc/untr':>9} {'plpg/untr':>9}  target")
     for key, label, unit, target, ok in rows:
         base = median["untracked"][key]

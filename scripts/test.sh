@@ -1,0 +1,12 @@
+#!/usr/bin/env bash
+# Every test: Rust unit tests and #[pg_test]s (cargo pgrx test), then the end-to-end checks
+# under pg_test/ against real clusters. Fails when any test fails.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+scripts/setup.sh
+echo "== unit tests and #[pg_test]s"
+cargo pgrx test pg15 --runas postgres --pgdata /tmp/certyo-pgrx-test
+# cargo pgrx test installed a debug build; the end-to-end checks run the release build.
+cargo pgrx install --release --pg-config /usr/bin/pg_config >/dev/null
+echo "== end to end: capture"
+pg_test/capture.sh
