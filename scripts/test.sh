@@ -10,3 +10,5 @@ cargo pgrx test pg15 --runas postgres --pgdata /tmp/certyo-pgrx-test
 cargo pgrx install --release --pg-config /usr/bin/pg_config >/dev/null
 echo "== end to end: capture"
 pg_test/capture.sh
+echo "== end to end: MySQL/MariaDB companion"
+pg_test/mariadb.sh

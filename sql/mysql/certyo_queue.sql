@@ -95,7 +95,7 @@ BEGIN
     --   datetime/timestamp → ISO 8601 'YYYY-MM-DDTHH:MM:SS[.ffffff]', timestamp read in UTC;
     --   date → 'YYYY-MM-DD'; binary types → '\x' + lowercase hex; json → nested JSON;
     --   numbers, strings, enums, NULL → as JSON_OBJECT renders them.
-    SELECT GROUP_CONCAT(CONCAT(QUOTE(name), ', ', REPLACE(certyo_value_sql(data_type, fsp), '@', 'OLD.', quoted)) ORDER BY pos SEPARATOR ', ')
+    SELECT GROUP_CONCAT(CONCAT(QUOTE(name), ', ', REPLACE(certyo_value_sql(data_type, fsp), '@', CONCAT('OLD.', quoted))) ORDER BY pos SEPARATOR ', ')
       INTO v_old_payload FROM certyo_columns;
     SET v_old_payload = CONCAT('JSON_OBJECT(', v_old_payload, ')');
     SET v_new_payload = REPLACE(v_old_payload, 'OLD.`', 'NEW.`');
