@@ -20,6 +20,12 @@ if ((${#missing[@]})); then
     DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
 fi
 
+SQLFLUFF_VERSION=4.5.0
+if ! sqlfluff --version 2>/dev/null | grep -q "$SQLFLUFF_VERSION"; then
+    say "installing sqlfluff $SQLFLUFF_VERSION (parses the SQL Server scripts)"
+    pip install --quiet --root-user-action=ignore "sqlfluff==$SQLFLUFF_VERSION"
+fi
+
 if ! cargo pgrx --version 2>/dev/null | grep -q "$PGRX_VERSION"; then
     say "installing cargo-pgrx $PGRX_VERSION (a few minutes)"
     cargo install cargo-pgrx --version "$PGRX_VERSION" --locked --quiet

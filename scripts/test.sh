@@ -12,3 +12,5 @@ echo "== end to end: capture"
 pg_test/capture.sh
 echo "== end to end: MySQL/MariaDB companion"
 pg_test/mariadb.sh
+echo "== SQL Server companion: T-SQL syntax"
+pg_test/sqlserver.sh
