@@ -7,14 +7,7 @@ cd "$(dirname "$0")/.."
 . pg_test/cluster.sh
 cluster_start /tmp/certyo-e2e-capture 54331
 
-passed=0 failed=0
-check() { # check NAME ACTUAL EXPECTED
-    if [ "$2" == "$3" ]; then
-        passed=$((passed + 1)); echo "ok   $1"
-    else
-        failed=$((failed + 1)); printf 'FAIL %s\n     expected: %s\n     actual:   %s\n' "$1" "$3" "$2"
-    fi
-}
+. pg_test/check.sh
 q() { cluster_psql -At -c "$1" 2>&1; }
 
 q "CREATE EXTENSION certyo_cdc;
@@ -53,5 +46,4 @@ q "DROP EXTENSION certyo_cdc" >/dev/null
 check "DROP EXTENSION removes the capture triggers" "$(q "SELECT count(*) FROM pg_trigger WHERE tgrelid = 'products'::regclass")" "0"
 check "the table stays writable after DROP EXTENSION" "$(q "INSERT INTO products VALUES (9, 'after', 1)")" ""
 
-echo "$passed passed, $failed failed"
-[ "$failed" -eq 0 ]
+check_summary

@@ -16,14 +16,7 @@ for _ in $(seq 50); do mariadb-admin -S "$SOCK" ping >/dev/null 2>&1 && break; s
 
 db() { mariadb -S "$SOCK" -N -r -B "$@" shop; }
 q() { db -e "$1" 2>&1; }
-passed=0 failed=0
-check() { # check NAME ACTUAL EXPECTED
-    if [ "$2" == "$3" ]; then
-        passed=$((passed + 1)); echo "ok   $1"
-    else
-        failed=$((failed + 1)); printf 'FAIL %s\n     expected: %s\n     actual:   %s\n' "$1" "$3" "$2"
-    fi
-}
+. pg_test/check.sh
 
 mariadb -S "$SOCK" -e "CREATE DATABASE shop CHARACTER SET utf8mb4 COLLATE utf8mb4_general_ci"
 db < sql/mysql/certyo_queue.sql
@@ -100,5 +93,4 @@ for _ in $(seq 30); do [ "$(q "SELECT COUNT(*) FROM certyo_queue WHERE id <= 2")
 check "the cleanup event removes delivered rows older than 24 h only" \
     "$(q "SELECT GROUP_CONCAT(id ORDER BY id) FROM certyo_queue")" "3,5,6,7,8"
 
-echo "$passed passed, $failed failed"
-[ "$failed" -eq 0 ]
+check_summary

@@ -131,6 +131,9 @@ impl TablePlan {
 }
 
 /// The timestamp source for a column of type `typid`, if it is a timestamp type.
+///
+/// # Safety
+/// Reads the type cache: call inside a transaction.
 pub unsafe fn timestamp_column(index: usize, typid: Oid) -> Option<TimestampColumn> {
     match BuiltinOid::try_from(pg_sys::getBaseType(typid)) {
         Ok(BuiltinOid::TIMESTAMPTZOID) => Some(TimestampColumn::WithTimeZone(index)),
@@ -140,6 +143,9 @@ pub unsafe fn timestamp_column(index: usize, typid: Oid) -> Option<TimestampColu
 }
 
 /// `schema.table` of an open relation, unquoted (Certyo's `collection`).
+///
+/// # Safety
+/// `rel` must be an open relation.
 pub unsafe fn qualified_name(rel: pg_sys::Relation) -> String {
     let namespace = pg_sys::get_namespace_name((*(*rel).rd_rel).relnamespace);
     let schema = if namespace.is_null() {

@@ -133,12 +133,17 @@ impl TablePlan {
     }
 
     /// Did any business column change between the two images? Compares stored bytes, not JSON.
+    ///
+    /// # Safety
+    /// Both rows must be rows of the table this plan was built for.
     pub unsafe fn business_changed(&self, old: &Row, new: &Row) -> bool {
         self.payload
             .iter()
             .any(|c| !same_value(c.len, c.byval, old.get(c.index), new.get(c.index)))
     }
 
+    /// # Safety
+    /// As for [`TablePlan::business_changed`].
     pub unsafe fn record_id_changed(&self, old: &Row, new: &Row) -> bool {
         self.record_id
             .iter()

@@ -413,7 +413,7 @@ fn write_fraction(out: &mut Vec<u8>, micros: i64) {
     if micros != 0 {
         let mut digits = micros as u32;
         let mut width = 6;
-        while digits % 10 == 0 {
+        while digits.is_multiple_of(10) {
             digits /= 10;
             width -= 1;
         }
