@@ -1,0 +1,486 @@
+//! A local Certyo API (`../shared/certyo-api.md`) for certyo_cdc's tests, demo and benchmark.
+//!
+//! It honours the contract: the `X-API-Key` check, single and bulk ingest (1..=1000 records,
+//! one result per record in request order), idempotency replay, `recordHash = "sha256:" +
+//! hex(sha256(canonical JSON))`, anchoring after a configurable delay, verification and the GET
+//! query. Faults are injected on demand, for the next N ingest requests: 429 with or without
+//! `Retry-After`, 500, a response slower than the client's timeout, a dropped connection, a
+//! bulk response missing its last entry. It counts what it saw, so tests can assert "every change
+//! exactly once".
+//!
+//! Control plane (no API key): `POST /_emulator/faults {"fault": "429", "times": 3,
+//! "retryAfter": 1}` (faults: `429`, `500`, `slow` with `"seconds"`, `drop` (no answer at all), `partial`,
+//! `mismatch`), `GET /_emulator/stats`, `GET /_emulator/records`, `POST /_emulator/reset`.
+
+use serde_json::{json, Map, Value};
+use sha2::{Digest, Sha256};
+use std::collections::{HashMap, VecDeque};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use tiny_http::{Header, Method, Request, Response, Server};
+
+pub struct Config {
+    /// `host:port`; port 0 picks a free one.
+    pub bind: String,
+    pub api_key: String,
+    /// How long after acceptance a record counts as anchored on chain.
+    pub anchor_delay: Duration,
+    pub threads: usize,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config { bind: "127.0.0.1:0".into(), api_key: "test-key".into(), anchor_delay: Duration::from_secs(2), threads: 4 }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Fault {
+    RateLimit { retry_after: Option<u64> },
+    ServerError,
+    Slow { seconds: u64 },
+    Drop,
+    /// A bulk response that leaves out its last record (which is stored nonetheless).
+    Partial,
+    /// Verification reports a different hash than the one accepted.
+    Mismatch,
+}
+
+/// One accepted record, as Certyo holds it.
+#[derive(Debug, Clone)]
+pub struct Accepted {
+    pub record: Value,
+    pub record_hash: String,
+    pub accepted_at: SystemTime,
+    accepted: Instant,
+}
+
+#[derive(Debug, Default, Clone)]
+pub struct Stats {
+    pub requests: u64,
+    pub ingest_requests: u64,
+    pub bulk_requests: u64,
+    pub accepted: u64,
+    pub replayed: u64,
+    pub rejected: u64,
+    pub unauthorized: u64,
+    pub faults_served: u64,
+    pub verify_requests: u64,
+}
+
+#[derive(Default)]
+struct State {
+    /// Keyed by (tenantId, idempotencyKey); records without a key get a fresh entry each time.
+    by_key: HashMap<(String, String), usize>,
+    accepted: Vec<Accepted>,
+    faults: VecDeque<Fault>,
+    mismatches: u32,
+    stats: Stats,
+}
+
+pub struct Emulator {
+    url: String,
+    state: Arc<Mutex<State>>,
+    server: Arc<Server>,
+    threads: Vec<JoinHandle<()>>,
+}
+
+impl Emulator {
+    pub fn start(config: Config) -> std::io::Result<Emulator> {
+        let server = Arc::new(Server::http(&config.bind).map_err(std::io::Error::other)?);
+        let port = server.server_addr().to_ip().map(|a| a.port()).unwrap_or(0);
+        let host = config.bind.rsplit_once(':').map(|(h, _)| h).unwrap_or("127.0.0.1");
+        let state = Arc::new(Mutex::new(State::default()));
+        let shared = Arc::new((config.api_key, config.anchor_delay));
+        let threads = (0..config.threads.max(1))
+            .map(|_| {
+                let (server, state, shared) = (server.clone(), state.clone(), shared.clone());
+                std::thread::spawn(move || {
+                    while let Ok(request) = server.recv() {
+                        handle(request, &state, &shared.0, shared.1);
+                    }
+                })
+            })
+            .collect();
+        Ok(Emulator { url: format!("http://{host}:{port}"), state, server, threads })
+    }
+
+    pub fn url(&self) -> &str {
+        &self.url
+    }
+
+    /// Serve `fault` for the next `times` ingest requests (after any already queued).
+    pub fn inject(&self, fault: Fault, times: u32) {
+        let mut state = lock(&self.state);
+        if fault == Fault::Mismatch {
+            state.mismatches += times;
+            return;
+        }
+        state.faults.extend(std::iter::repeat_n(fault, times as usize));
+    }
+
+    pub fn stats(&self) -> Stats {
+        lock(&self.state).stats.clone()
+    }
+
+    /// Every accepted record, in acceptance order.
+    pub fn accepted(&self) -> Vec<Accepted> {
+        lock(&self.state).accepted.clone()
+    }
+
+    /// Serve until the process ends (the binary's main loop).
+    pub fn wait(mut self) {
+        for thread in std::mem::take(&mut self.threads) {
+            let _ = thread.join();
+        }
+    }
+}
+
+impl Drop for Emulator {
+    fn drop(&mut self) {
+        self.server.unblock();
+    }
+}
+
+fn lock(state: &Mutex<State>) -> MutexGuard<'_, State> {
+    state.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+fn handle(mut request: Request, state: &Mutex<State>, api_key: &str, anchor_delay: Duration) {
+    let mut body = String::new();
+    let _ = std::io::Read::read_to_string(request.as_reader(), &mut body);
+    let method = request.method().clone();
+    let url = request.url().to_string();
+    let (path, query) = url.split_once('?').unwrap_or((url.as_str(), ""));
+    lock(state).stats.requests += 1;
+
+    if let Some(control) = path.strip_prefix("/_emulator/") {
+        let reply = control_plane(&method, control, &body, state);
+        return respond(request, reply.0, &reply.1, None);
+    }
+    let key_ok = request
+        .headers()
+        .iter()
+        .any(|h| h.field.equiv("X-API-Key") && h.value.as_str() == api_key);
+    if !key_ok {
+        lock(state).stats.unauthorized += 1;
+        return respond(request, 401, &json!({"error": "missing or wrong X-API-Key"}), None);
+    }
+    match (&method, path) {
+        (Method::Post, "/api/v1/records") => ingest(request, &body, false, state),
+        (Method::Post, "/api/v1/records/bulk") => ingest(request, &body, true, state),
+        (Method::Post, "/api/v1/verify/record") => {
+            let reply = verify(&body, state, anchor_delay);
+            respond(request, reply.0, &reply.1, None)
+        }
+        (Method::Get, "/api/v1/records") => {
+            let reply = query_records(query, state);
+            respond(request, 200, &reply, None)
+        }
+        _ => respond(request, 404, &json!({"error": format!("no route {method} {path}")}), None),
+    }
+}
+
+fn respond(request: Request, status: u16, body: &Value, retry_after: Option<u64>) {
+    let mut response = Response::from_string(body.to_string()).with_status_code(status);
+    if let Ok(h) = Header::from_bytes("Content-Type", "application/json") {
+        response.add_header(h);
+    }
+    if let Some(seconds) = retry_after {
+        if let Ok(h) = Header::from_bytes("Retry-After", seconds.to_string()) {
+            response.add_header(h);
+        }
+    }
+    let _ = request.respond(response);
+}
+
+fn ingest(request: Request, body: &str, bulk: bool, state: &Mutex<State>) {
+    let fault = {
+        let mut state = lock(state);
+        state.stats.ingest_requests += 1;
+        if bulk {
+            state.stats.bulk_requests += 1;
+        }
+        let fault = state.faults.pop_front();
+        if fault.is_some() {
+            state.stats.faults_served += 1;
+        }
+        fault
+    };
+    match fault {
+        Some(Fault::RateLimit { retry_after }) => {
+            return respond(request, 429, &json!({"error": "too many requests"}), retry_after)
+        }
+        Some(Fault::ServerError) => return respond(request, 500, &json!({"error": "injected failure"}), None),
+        Some(Fault::Drop) => {
+            // No answer at all: the request is neither processed nor answered, and the client
+            // gives up at its timeout. (tiny_http keeps its own half of the socket, so a TCP
+            // reset cannot be produced here.)
+            std::mem::forget(request);
+            return;
+        }
+        _ => {}
+    }
+    let parsed: Result<Value, _> = serde_json::from_str(body);
+    let (records, tenant) = match (&parsed, bulk) {
+        (Ok(v), true) => (v.get("records").and_then(Value::as_array).cloned(), v.get("tenantId").cloned()),
+        (Ok(v), false) => (Some(vec![v.clone()]), v.get("tenantId").cloned()),
+        (Err(_), _) => (None, None),
+    };
+    let Some(records) = records else {
+        lock(state).stats.rejected += 1;
+        return respond(request, 400, &json!({"error": "body is not a record (or {tenantId, records})"}), None);
+    };
+    if bulk && (records.is_empty() || records.len() > 1000) {
+        lock(state).stats.rejected += 1;
+        let status = if records.is_empty() { 400 } else { 413 };
+        return respond(request, status, &json!({"error": "bulk takes 1 to 1000 records"}), None);
+    }
+    let mut results = Vec::with_capacity(records.len());
+    for mut record in records {
+        if let (Some(tenant), Some(object)) = (&tenant, record.as_object_mut()) {
+            object.entry("tenantId").or_insert_with(|| tenant.clone());
+        }
+        match accept(record, state) {
+            Ok(result) => results.push(result),
+            Err(message) => {
+                lock(state).stats.rejected += 1;
+                return respond(request, 422, &json!({"error": message}), None);
+            }
+        }
+    }
+    if let Some(Fault::Slow { seconds }) = fault {
+        std::thread::sleep(Duration::from_secs(seconds));
+    }
+    if bulk {
+        if fault == Some(Fault::Partial) {
+            results.pop();
+        }
+        respond(request, 202, &Value::Array(results), None)
+    } else {
+        respond(request, 202, &results[0], None)
+    }
+}
+
+const REQUIRED: [&str; 5] = ["tenantId", "database", "collection", "recordId", "recordPayload"];
+
+fn accept(record: Value, state: &Mutex<State>) -> Result<Value, String> {
+    for field in REQUIRED {
+        if record.get(field).is_none_or(Value::is_null) {
+            return Err(format!("{field} is required"));
+        }
+    }
+    let tenant = record["tenantId"].as_str().unwrap_or_default().to_string();
+    let key = record.get("idempotencyKey").and_then(Value::as_str).map(str::to_string);
+    let mut state = lock(state);
+    if let Some(index) = key.as_ref().and_then(|k| state.by_key.get(&(tenant.clone(), k.clone()))).copied() {
+        state.stats.replayed += 1;
+        return Ok(receipt(&state.accepted[index], true));
+    }
+    let accepted = Accepted {
+        record_hash: record_hash(&record),
+        record,
+        accepted_at: SystemTime::now(),
+        accepted: Instant::now(),
+    };
+    let result = receipt(&accepted, false);
+    state.accepted.push(accepted);
+    let index = state.accepted.len() - 1;
+    if let Some(key) = key {
+        state.by_key.insert((tenant, key), index);
+    }
+    state.stats.accepted += 1;
+    Ok(result)
+}
+
+/// `"sha256:" + hex(sha256(canonical JSON))` of what identifies the record's content: tenant,
+/// database, collection, record id and payload, with object keys sorted.
+pub fn record_hash(record: &Value) -> String {
+    let identity: Map<String, Value> = REQUIRED.iter().map(|f| (f.to_string(), record[*f].clone())).collect();
+    let canonical = serde_json::to_string(&Value::Object(identity)).unwrap_or_default();
+    let digest = Sha256::digest(canonical.as_bytes());
+    format!("sha256:{}", digest.iter().map(|b| format!("{b:02x}")).collect::<String>())
+}
+
+fn receipt(accepted: &Accepted, replayed: bool) -> Value {
+    json!({
+        "recordId": accepted.record["recordId"],
+        "recordHash": accepted.record_hash,
+        "tenantId": accepted.record["tenantId"],
+        "acceptedAt": iso8601(accepted.accepted_at),
+        "idempotencyReplayed": replayed,
+    })
+}
+
+fn verify(body: &str, state: &Mutex<State>, anchor_delay: Duration) -> (u16, Value) {
+    let Ok(request) = serde_json::from_str::<Value>(body) else {
+        return (400, json!({"error": "body is not JSON"}));
+    };
+    let mut state = lock(state);
+    state.stats.verify_requests += 1;
+    let same = |a: &Accepted, f: &str| a.record.get(f) == request.get(f);
+    let found = state
+        .accepted
+        .iter()
+        .rev()
+        .find(|a| ["tenantId", "database", "collection", "recordId"].iter().all(|f| same(a, f)))
+        .cloned();
+    let Some(found) = found else {
+        return (200, json!({"verified": false, "anchoredOnChain": false, "anchorStatus": "unknown"}));
+    };
+    let anchored = found.accepted.elapsed() >= anchor_delay;
+    let mut hash = found.record_hash.clone();
+    if state.mismatches > 0 {
+        state.mismatches -= 1;
+        hash = format!("sha256:{}", "0".repeat(64));
+    }
+    (
+        200,
+        json!({
+            "verified": true,
+            "anchoredOnChain": anchored,
+            "recordHash": hash,
+            "polygonTxHash": if anchored { Value::String(format!("0x{}", &found.record_hash[7..])) } else { Value::Null },
+            "anchorStatus": if anchored { "anchored" } else { "pending" },
+        }),
+    )
+}
+
+fn query_records(query: &str, state: &Mutex<State>) -> Value {
+    let filters: Vec<(String, String)> = query
+        .split('&')
+        .filter_map(|pair| pair.split_once('='))
+        .map(|(k, v)| (k.to_string(), percent_decode(v)))
+        .collect();
+    let state = lock(state);
+    let records: Vec<Value> = state
+        .accepted
+        .iter()
+        .filter(|a| filters.iter().all(|(k, v)| a.record.get(k).and_then(Value::as_str) == Some(v.as_str())))
+        .map(|a| json!({"record": a.record, "recordHash": a.record_hash, "acceptedAt": iso8601(a.accepted_at)}))
+        .collect();
+    json!({"records": records})
+}
+
+fn control_plane(method: &Method, path: &str, body: &str, state: &Mutex<State>) -> (u16, Value) {
+    match (method, path) {
+        (Method::Get, "stats") => {
+            let s = lock(state).stats.clone();
+            (200, json!({
+                "requests": s.requests, "ingestRequests": s.ingest_requests, "bulkRequests": s.bulk_requests,
+                "accepted": s.accepted, "replayed": s.replayed, "rejected": s.rejected,
+                "unauthorized": s.unauthorized, "faultsServed": s.faults_served, "verifyRequests": s.verify_requests,
+            }))
+        }
+        (Method::Get, "records") => {
+            let state = lock(state);
+            let records: Vec<Value> = state
+                .accepted
+                .iter()
+                .map(|a| json!({"record": a.record, "recordHash": a.record_hash}))
+                .collect();
+            (200, Value::Array(records))
+        }
+        (Method::Post, "reset") => {
+            *lock(state) = State::default();
+            (200, json!({"reset": true}))
+        }
+        (Method::Post, "faults") => match parse_fault(body) {
+            Ok((fault, times)) => {
+                let mut state = lock(state);
+                if fault == Fault::Mismatch {
+                    state.mismatches += times;
+                } else {
+                    state.faults.extend(std::iter::repeat_n(fault, times as usize));
+                }
+                (200, json!({"queued": times}))
+            }
+            Err(message) => (400, json!({"error": message})),
+        },
+        _ => (404, json!({"error": "unknown control path"})),
+    }
+}
+
+fn parse_fault(body: &str) -> Result<(Fault, u32), String> {
+    let v: Value = serde_json::from_str(body).map_err(|e| e.to_string())?;
+    let times = v.get("times").and_then(Value::as_u64).unwrap_or(1) as u32;
+    let fault = match v.get("fault").and_then(Value::as_str) {
+        Some("429") => Fault::RateLimit { retry_after: v.get("retryAfter").and_then(Value::as_u64) },
+        Some("500") => Fault::ServerError,
+        Some("slow") => Fault::Slow { seconds: v.get("seconds").and_then(Value::as_u64).unwrap_or(5) },
+        Some("drop") => Fault::Drop,
+        Some("partial") => Fault::Partial,
+        Some("mismatch") => Fault::Mismatch,
+        other => return Err(format!("unknown fault {other:?}; use 429, 500, slow, drop, partial or mismatch")),
+    };
+    Ok((fault, times))
+}
+
+fn percent_decode(text: &str) -> String {
+    let bytes = text.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        match bytes[i] {
+            b'%' if i + 2 < bytes.len() => {
+                match u8::from_str_radix(std::str::from_utf8(&bytes[i + 1..i + 3]).unwrap_or("zz"), 16) {
+                    Ok(b) => {
+                        out.push(b);
+                        i += 3;
+                        continue;
+                    }
+                    Err(_) => out.push(b'%'),
+                }
+            }
+            b'+' => out.push(b' '),
+            b => out.push(b),
+        }
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// RFC 3339 UTC with milliseconds, without a date library.
+fn iso8601(time: SystemTime) -> String {
+    let since = time.duration_since(UNIX_EPOCH).unwrap_or_default();
+    let (secs, millis) = (since.as_secs() as i64, since.subsec_millis());
+    let days = secs.div_euclid(86_400);
+    let rem = secs.rem_euclid(86_400);
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!("{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}.{millis:03}Z", rem / 3600, rem / 60 % 60, rem % 60)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hash_is_canonical_whatever_the_key_order() {
+        let a = json!({"tenantId": "t", "database": "d", "collection": "c", "recordId": "1",
+                       "recordPayload": {"b": 1, "a": 2}, "idempotencyKey": "k"});
+        let b = json!({"recordPayload": {"a": 2, "b": 1}, "recordId": "1", "collection": "c",
+                       "database": "d", "tenantId": "t"});
+        assert_eq!(record_hash(&a), record_hash(&b));
+        assert!(record_hash(&a).starts_with("sha256:") && record_hash(&a).len() == 71);
+    }
+
+    #[test]
+    fn iso8601_formats_utc() {
+        assert_eq!(iso8601(UNIX_EPOCH + Duration::from_millis(1_776_162_600_250)), "2026-04-14T10:30:00.250Z");
+    }
+
+    #[test]
+    fn faults_parse_and_unknown_faults_are_refused() {
+        assert_eq!(parse_fault(r#"{"fault":"429","retryAfter":2,"times":3}"#), Ok((Fault::RateLimit { retry_after: Some(2) }, 3)));
+        assert!(parse_fault(r#"{"fault":"teapot"}"#).is_err());
+    }
+}
