@@ -5,12 +5,14 @@
 //! - [`track`]: the SQL surface that starts and stops capture (`certyo.track`, `certyo.untrack`)
 //!   and keeps capture triggers current after `ALTER TABLE`;
 //! - [`capture`]: the write path, the trigger that turns a row into a queued change;
+//! - [`certyo`]: the Certyo API client, which knows nothing of Postgres;
 //! - [`error`]: the one error type, raised with an SQLSTATE, detail and hint;
 //! - `sql/schema.sql`: the queue, the `tracked_tables` view and the DDL event trigger.
 //!
 //! Capture and delivery meet only at the `certyo.queue` table.
 
 pub mod capture;
+pub mod certyo;
 pub mod error;
 mod track;
 

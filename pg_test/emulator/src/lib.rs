@@ -31,15 +31,24 @@ pub struct Config {
 
 impl Default for Config {
     fn default() -> Self {
-        Config { bind: "127.0.0.1:0".into(), api_key: "test-key".into(), anchor_delay: Duration::from_secs(2), threads: 4 }
+        Config {
+            bind: "127.0.0.1:0".into(),
+            api_key: "test-key".into(),
+            anchor_delay: Duration::from_secs(2),
+            threads: 4,
+        }
     }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Fault {
-    RateLimit { retry_after: Option<u64> },
+    RateLimit {
+        retry_after: Option<u64>,
+    },
     ServerError,
-    Slow { seconds: u64 },
+    Slow {
+        seconds: u64,
+    },
     Drop,
     /// A bulk response that leaves out its last record (which is stored nonetheless).
     Partial,
@@ -90,7 +99,11 @@ impl Emulator {
     pub fn start(config: Config) -> std::io::Result<Emulator> {
         let server = Arc::new(Server::http(&config.bind).map_err(std::io::Error::other)?);
         let port = server.server_addr().to_ip().map(|a| a.port()).unwrap_or(0);
-        let host = config.bind.rsplit_once(':').map(|(h, _)| h).unwrap_or("127.0.0.1");
+        let host = config
+            .bind
+            .rsplit_once(':')
+            .map(|(h, _)| h)
+            .unwrap_or("127.0.0.1");
         let state = Arc::new(Mutex::new(State::default()));
         let shared = Arc::new((config.api_key, config.anchor_delay));
         let threads = (0..config.threads.max(1))
@@ -103,7 +116,12 @@ impl Emulator {
                 })
             })
             .collect();
-        Ok(Emulator { url: format!("http://{host}:{port}"), state, server, threads })
+        Ok(Emulator {
+            url: format!("http://{host}:{port}"),
+            state,
+            server,
+            threads,
+        })
     }
 
     pub fn url(&self) -> &str {
@@ -117,7 +135,9 @@ impl Emulator {
             state.mismatches += times;
             return;
         }
-        state.faults.extend(std::iter::repeat_n(fault, times as usize));
+        state
+            .faults
+            .extend(std::iter::repeat_n(fault, times as usize));
     }
 
     pub fn stats(&self) -> Stats {
@@ -144,7 +164,9 @@ impl Drop for Emulator {
 }
 
 fn lock(state: &Mutex<State>) -> MutexGuard<'_, State> {
-    state.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    state
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 fn handle(mut request: Request, state: &Mutex<State>, api_key: &str, anchor_delay: Duration) {
@@ -165,7 +187,12 @@ fn handle(mut request: Request, state: &Mutex<State>, api_key: &str, anchor_dela
         .any(|h| h.field.equiv("X-API-Key") && h.value.as_str() == api_key);
     if !key_ok {
         lock(state).stats.unauthorized += 1;
-        return respond(request, 401, &json!({"error": "missing or wrong X-API-Key"}), None);
+        return respond(
+            request,
+            401,
+            &json!({"error": "missing or wrong X-API-Key"}),
+            None,
+        );
     }
     match (&method, path) {
         (Method::Post, "/api/v1/records") => ingest(request, &body, false, state),
@@ -178,7 +205,12 @@ fn handle(mut request: Request, state: &Mutex<State>, api_key: &str, anchor_dela
             let reply = query_records(query, state);
             respond(request, 200, &reply, None)
         }
-        _ => respond(request, 404, &json!({"error": format!("no route {method} {path}")}), None),
+        _ => respond(
+            request,
+            404,
+            &json!({"error": format!("no route {method} {path}")}),
+            None,
+        ),
     }
 }
 
@@ -210,9 +242,16 @@ fn ingest(request: Request, body: &str, bulk: bool, state: &Mutex<State>) {
     };
     match fault {
         Some(Fault::RateLimit { retry_after }) => {
-            return respond(request, 429, &json!({"error": "too many requests"}), retry_after)
+            return respond(
+                request,
+                429,
+                &json!({"error": "too many requests"}),
+                retry_after,
+            )
         }
-        Some(Fault::ServerError) => return respond(request, 500, &json!({"error": "injected failure"}), None),
+        Some(Fault::ServerError) => {
+            return respond(request, 500, &json!({"error": "injected failure"}), None)
+        }
         Some(Fault::Drop) => {
             // No answer at all: the request is neither processed nor answered, and the client
             // gives up at its timeout. (tiny_http keeps its own half of the socket, so a TCP
@@ -224,18 +263,31 @@ fn ingest(request: Request, body: &str, bulk: bool, state: &Mutex<State>) {
     }
     let parsed: Result<Value, _> = serde_json::from_str(body);
     let (records, tenant) = match (&parsed, bulk) {
-        (Ok(v), true) => (v.get("records").and_then(Value::as_array).cloned(), v.get("tenantId").cloned()),
+        (Ok(v), true) => (
+            v.get("records").and_then(Value::as_array).cloned(),
+            v.get("tenantId").cloned(),
+        ),
         (Ok(v), false) => (Some(vec![v.clone()]), v.get("tenantId").cloned()),
         (Err(_), _) => (None, None),
     };
     let Some(records) = records else {
         lock(state).stats.rejected += 1;
-        return respond(request, 400, &json!({"error": "body is not a record (or {tenantId, records})"}), None);
+        return respond(
+            request,
+            400,
+            &json!({"error": "body is not a record (or {tenantId, records})"}),
+            None,
+        );
     };
     if bulk && (records.is_empty() || records.len() > 1000) {
         lock(state).stats.rejected += 1;
         let status = if records.is_empty() { 400 } else { 413 };
-        return respond(request, status, &json!({"error": "bulk takes 1 to 1000 records"}), None);
+        return respond(
+            request,
+            status,
+            &json!({"error": "bulk takes 1 to 1000 records"}),
+            None,
+        );
     }
     let mut results = Vec::with_capacity(records.len());
     for mut record in records {
@@ -263,18 +315,34 @@ fn ingest(request: Request, body: &str, bulk: bool, state: &Mutex<State>) {
     }
 }
 
-const REQUIRED: [&str; 5] = ["tenantId", "database", "collection", "recordId", "recordPayload"];
+const REQUIRED: [&str; 5] = [
+    "tenantId",
+    "database",
+    "collection",
+    "recordId",
+    "recordPayload",
+];
 
 fn accept(record: Value, state: &Mutex<State>) -> Result<Value, String> {
     for field in REQUIRED {
-        if record.get(field).is_none_or(Value::is_null) {
+        if record
+            .get(field)
+            .is_none_or(|v| v.is_null() || v.as_str() == Some(""))
+        {
             return Err(format!("{field} is required"));
         }
     }
     let tenant = record["tenantId"].as_str().unwrap_or_default().to_string();
-    let key = record.get("idempotencyKey").and_then(Value::as_str).map(str::to_string);
+    let key = record
+        .get("idempotencyKey")
+        .and_then(Value::as_str)
+        .map(str::to_string);
     let mut state = lock(state);
-    if let Some(index) = key.as_ref().and_then(|k| state.by_key.get(&(tenant.clone(), k.clone()))).copied() {
+    if let Some(index) = key
+        .as_ref()
+        .and_then(|k| state.by_key.get(&(tenant.clone(), k.clone())))
+        .copied()
+    {
         state.stats.replayed += 1;
         return Ok(receipt(&state.accepted[index], true));
     }
@@ -297,10 +365,19 @@ fn accept(record: Value, state: &Mutex<State>) -> Result<Value, String> {
 /// `"sha256:" + hex(sha256(canonical JSON))` of what identifies the record's content: tenant,
 /// database, collection, record id and payload, with object keys sorted.
 pub fn record_hash(record: &Value) -> String {
-    let identity: Map<String, Value> = REQUIRED.iter().map(|f| (f.to_string(), record[*f].clone())).collect();
+    let identity: Map<String, Value> = REQUIRED
+        .iter()
+        .map(|f| (f.to_string(), record[*f].clone()))
+        .collect();
     let canonical = serde_json::to_string(&Value::Object(identity)).unwrap_or_default();
     let digest = Sha256::digest(canonical.as_bytes());
-    format!("sha256:{}", digest.iter().map(|b| format!("{b:02x}")).collect::<String>())
+    format!(
+        "sha256:{}",
+        digest
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect::<String>()
+    )
 }
 
 fn receipt(accepted: &Accepted, replayed: bool) -> Value {
@@ -324,10 +401,17 @@ fn verify(body: &str, state: &Mutex<State>, anchor_delay: Duration) -> (u16, Val
         .accepted
         .iter()
         .rev()
-        .find(|a| ["tenantId", "database", "collection", "recordId"].iter().all(|f| same(a, f)))
+        .find(|a| {
+            ["tenantId", "database", "collection", "recordId"]
+                .iter()
+                .all(|f| same(a, f))
+        })
         .cloned();
     let Some(found) = found else {
-        return (200, json!({"verified": false, "anchoredOnChain": false, "anchorStatus": "unknown"}));
+        return (
+            200,
+            json!({"verified": false, "anchoredOnChain": false, "anchorStatus": "unknown"}),
+        );
     };
     let anchored = found.accepted.elapsed() >= anchor_delay;
     let mut hash = found.record_hash.clone();
@@ -367,11 +451,14 @@ fn control_plane(method: &Method, path: &str, body: &str, state: &Mutex<State>) 
     match (method, path) {
         (Method::Get, "stats") => {
             let s = lock(state).stats.clone();
-            (200, json!({
-                "requests": s.requests, "ingestRequests": s.ingest_requests, "bulkRequests": s.bulk_requests,
-                "accepted": s.accepted, "replayed": s.replayed, "rejected": s.rejected,
-                "unauthorized": s.unauthorized, "faultsServed": s.faults_served, "verifyRequests": s.verify_requests,
-            }))
+            (
+                200,
+                json!({
+                    "requests": s.requests, "ingestRequests": s.ingest_requests, "bulkRequests": s.bulk_requests,
+                    "accepted": s.accepted, "replayed": s.replayed, "rejected": s.rejected,
+                    "unauthorized": s.unauthorized, "faultsServed": s.faults_served, "verifyRequests": s.verify_requests,
+                }),
+            )
         }
         (Method::Get, "records") => {
             let state = lock(state);
@@ -392,7 +479,9 @@ fn control_plane(method: &Method, path: &str, body: &str, state: &Mutex<State>) 
                 if fault == Fault::Mismatch {
                     state.mismatches += times;
                 } else {
-                    state.faults.extend(std::iter::repeat_n(fault, times as usize));
+                    state
+                        .faults
+                        .extend(std::iter::repeat_n(fault, times as usize));
                 }
                 (200, json!({"queued": times}))
             }
@@ -406,13 +495,21 @@ fn parse_fault(body: &str) -> Result<(Fault, u32), String> {
     let v: Value = serde_json::from_str(body).map_err(|e| e.to_string())?;
     let times = v.get("times").and_then(Value::as_u64).unwrap_or(1) as u32;
     let fault = match v.get("fault").and_then(Value::as_str) {
-        Some("429") => Fault::RateLimit { retry_after: v.get("retryAfter").and_then(Value::as_u64) },
+        Some("429") => Fault::RateLimit {
+            retry_after: v.get("retryAfter").and_then(Value::as_u64),
+        },
         Some("500") => Fault::ServerError,
-        Some("slow") => Fault::Slow { seconds: v.get("seconds").and_then(Value::as_u64).unwrap_or(5) },
+        Some("slow") => Fault::Slow {
+            seconds: v.get("seconds").and_then(Value::as_u64).unwrap_or(5),
+        },
         Some("drop") => Fault::Drop,
         Some("partial") => Fault::Partial,
         Some("mismatch") => Fault::Mismatch,
-        other => return Err(format!("unknown fault {other:?}; use 429, 500, slow, drop, partial or mismatch")),
+        other => {
+            return Err(format!(
+                "unknown fault {other:?}; use 429, 500, slow, drop, partial or mismatch"
+            ))
+        }
     };
     Ok((fault, times))
 }
@@ -424,7 +521,10 @@ fn percent_decode(text: &str) -> String {
     while i < bytes.len() {
         match bytes[i] {
             b'%' if i + 2 < bytes.len() => {
-                match u8::from_str_radix(std::str::from_utf8(&bytes[i + 1..i + 3]).unwrap_or("zz"), 16) {
+                match u8::from_str_radix(
+                    std::str::from_utf8(&bytes[i + 1..i + 3]).unwrap_or("zz"),
+                    16,
+                ) {
                     Ok(b) => {
                         out.push(b);
                         i += 3;
@@ -456,7 +556,12 @@ fn iso8601(time: SystemTime) -> String {
     let day = doy - (153 * mp + 2) / 5 + 1;
     let month = if mp < 10 { mp + 3 } else { mp - 9 };
     let year = yoe + era * 400 + i64::from(month <= 2);
-    format!("{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}.{millis:03}Z", rem / 3600, rem / 60 % 60, rem % 60)
+    format!(
+        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}.{millis:03}Z",
+        rem / 3600,
+        rem / 60 % 60,
+        rem % 60
+    )
 }
 
 #[cfg(test)]
@@ -475,12 +580,23 @@ mod tests {
 
     #[test]
     fn iso8601_formats_utc() {
-        assert_eq!(iso8601(UNIX_EPOCH + Duration::from_millis(1_776_162_600_250)), "2026-04-14T10:30:00.250Z");
+        assert_eq!(
+            iso8601(UNIX_EPOCH + Duration::from_millis(1_776_162_600_250)),
+            "2026-04-14T10:30:00.250Z"
+        );
     }
 
     #[test]
     fn faults_parse_and_unknown_faults_are_refused() {
-        assert_eq!(parse_fault(r#"{"fault":"429","retryAfter":2,"times":3}"#), Ok((Fault::RateLimit { retry_after: Some(2) }, 3)));
+        assert_eq!(
+            parse_fault(r#"{"fault":"429","retryAfter":2,"times":3}"#),
+            Ok((
+                Fault::RateLimit {
+                    retry_after: Some(2)
+                },
+                3
+            ))
+        );
         assert!(parse_fault(r#"{"fault":"teapot"}"#).is_err());
     }
 }

@@ -4,21 +4,29 @@ use certyo_emulator::{Config, Emulator};
 use std::time::Duration;
 
 fn main() {
-    let mut config = Config { threads: 8, ..Config::default() };
+    let mut config = Config {
+        threads: 8,
+        ..Config::default()
+    };
     let mut args = std::env::args().skip(1);
     while let Some(flag) = args.next() {
-        let value = args.next().unwrap_or_else(|| usage(&format!("{flag} needs a value")));
+        let value = args
+            .next()
+            .unwrap_or_else(|| usage(&format!("{flag} needs a value")));
         match flag.as_str() {
             "--port" => config.bind = format!("127.0.0.1:{value}"),
             "--api-key" => config.api_key = value,
             "--anchor-delay" => {
-                let seconds: f64 = value.parse().unwrap_or_else(|_| usage("--anchor-delay takes seconds"));
+                let seconds: f64 = value
+                    .parse()
+                    .unwrap_or_else(|_| usage("--anchor-delay takes seconds"));
                 config.anchor_delay = Duration::from_secs_f64(seconds);
             }
             _ => usage(&format!("unknown option {flag}")),
         }
     }
-    let emulator = Emulator::start(config).unwrap_or_else(|e| usage(&format!("cannot listen: {e}")));
+    let emulator =
+        Emulator::start(config).unwrap_or_else(|e| usage(&format!("cannot listen: {e}")));
     println!("{}", emulator.url());
     emulator.wait();
 }

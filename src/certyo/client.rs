@@ -1,0 +1,327 @@
+//! HTTP to Certyo: `reqwest::blocking` with explicit timeouts, one client per worker.
+
+use super::retry::rate_limit_delay;
+use super::{Outcome, Receipt, Record};
+use serde::Serialize;
+use std::time::Duration;
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct ClientConfig {
+    pub base_url: String,
+    pub api_key: String,
+    pub timeout: Duration,
+    pub max_rate_limit_retries: u32,
+}
+
+pub struct Client {
+    http: reqwest::blocking::Client,
+    config: ClientConfig,
+}
+
+/// What one HTTP exchange came to, before it is spread over the records it carried.
+enum Exchange {
+    Ok(serde_json::Value),
+    Failed(Outcome),
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct Bulk<'a> {
+    tenant_id: &'a str,
+    records: &'a [Record],
+}
+
+impl Client {
+    /// Build the client. It starts threads: the worker calls this with all signals blocked.
+    pub fn new(config: ClientConfig) -> Result<Client, String> {
+        let http = reqwest::blocking::Client::builder()
+            .timeout(config.timeout)
+            .connect_timeout(config.timeout.min(Duration::from_secs(10)))
+            .user_agent(concat!("certyo_cdc/", env!("CARGO_PKG_VERSION")))
+            .build()
+            .map_err(|e| format!("cannot build the HTTP client: {e}"))?;
+        Ok(Client { http, config })
+    }
+
+    pub fn config(&self) -> &ClientConfig {
+        &self.config
+    }
+
+    /// Send records one request each. `pause` sleeps between 429 retries and returns false when
+    /// the caller must stop (shutdown): the remaining records are then transient failures.
+    pub fn send_each(
+        &self,
+        records: &[Record],
+        pause: &mut dyn FnMut(Duration) -> bool,
+    ) -> Vec<Outcome> {
+        let mut outcomes = Vec::with_capacity(records.len());
+        for record in records {
+            let outcome = match self.post("/api/v1/records", record, pause) {
+                Exchange::Ok(body) => match serde_json::from_value::<Receipt>(body) {
+                    Ok(receipt) => Outcome::Accepted(receipt),
+                    Err(e) => Outcome::Transient(format!("unreadable 202 answer: {e}")),
+                },
+                Exchange::Failed(outcome) => outcome,
+            };
+            let unauthorized = matches!(outcome, Outcome::Unauthorized { .. });
+            outcomes.push(outcome.clone());
+            if unauthorized {
+                // No point sending the rest with a key Certyo refuses.
+                outcomes.extend(std::iter::repeat_n(outcome, records.len() - outcomes.len()));
+                break;
+            }
+        }
+        outcomes
+    }
+
+    /// Send up to 1000 records of one tenant in one bulk request, and match the answer to them:
+    /// a record the answer does not account for is a transient failure, never assumed delivered.
+    pub fn send_bulk(
+        &self,
+        tenant_id: &str,
+        records: &[Record],
+        pause: &mut dyn FnMut(Duration) -> bool,
+    ) -> Vec<Outcome> {
+        match self.post("/api/v1/records/bulk", &Bulk { tenant_id, records }, pause) {
+            Exchange::Failed(outcome) => vec![outcome; records.len()],
+            Exchange::Ok(body) => match serde_json::from_value::<Vec<Receipt>>(body) {
+                Ok(receipts) => match_receipts(records, receipts),
+                Err(e) => {
+                    vec![Outcome::Transient(format!("unreadable bulk answer: {e}")); records.len()]
+                }
+            },
+        }
+    }
+
+    fn post(
+        &self,
+        path: &str,
+        body: &impl Serialize,
+        pause: &mut dyn FnMut(Duration) -> bool,
+    ) -> Exchange {
+        let url = format!("{}{path}", self.config.base_url.trim_end_matches('/'));
+        let mut retry = 0;
+        loop {
+            let response = self
+                .http
+                .post(&url)
+                .header("X-API-Key", &self.config.api_key)
+                .json(body)
+                .send();
+            let response = match response {
+                Ok(response) => response,
+                Err(e) => return Exchange::Failed(Outcome::Transient(describe(&e))),
+            };
+            let status = response.status().as_u16();
+            if status == 429 {
+                if retry >= self.config.max_rate_limit_retries {
+                    return Exchange::Failed(Outcome::Transient(format!(
+                        "429 Too Many Requests after {retry} retries"
+                    )));
+                }
+                let retry_after = response
+                    .headers()
+                    .get("Retry-After")
+                    .and_then(|v| v.to_str().ok())
+                    .and_then(|v| v.trim().parse::<u64>().ok())
+                    .map(Duration::from_secs);
+                if !pause(rate_limit_delay(retry, retry_after)) {
+                    return Exchange::Failed(Outcome::Transient(
+                        "stopped while backing off from 429".into(),
+                    ));
+                }
+                retry += 1;
+                continue;
+            }
+            let text = response.text().unwrap_or_default();
+            return match status {
+                200..=299 => match serde_json::from_str(&text) {
+                    Ok(value) => Exchange::Ok(value),
+                    Err(e) => Exchange::Failed(Outcome::Transient(format!(
+                        "unreadable answer ({status}): {e}"
+                    ))),
+                },
+                401 | 403 => Exchange::Failed(Outcome::Unauthorized { status, body: text }),
+                400..=499 => Exchange::Failed(Outcome::Rejected { status, body: text }),
+                _ => Exchange::Failed(Outcome::Transient(format!(
+                    "HTTP {status}: {}",
+                    truncate(&text, 200)
+                ))),
+            };
+        }
+    }
+}
+
+/// Pair receipts with records in request order, checking the record id of each; records left
+/// without a receipt are sent again.
+fn match_receipts(records: &[Record], receipts: Vec<Receipt>) -> Vec<Outcome> {
+    let mut receipts = receipts.into_iter().peekable();
+    records
+        .iter()
+        .map(|record| match receipts.peek() {
+            Some(receipt) if receipt.record_id == record.record_id => {
+                Outcome::Accepted(receipts.next().expect("peeked"))
+            }
+            _ => Outcome::Transient("the bulk answer did not account for this record".into()),
+        })
+        .collect()
+}
+
+fn describe(e: &reqwest::Error) -> String {
+    if e.is_timeout() {
+        format!("timed out: {e}")
+    } else if e.is_connect() {
+        format!("cannot connect: {e}")
+    } else {
+        format!("request failed: {e}")
+    }
+}
+
+fn truncate(text: &str, max: usize) -> &str {
+    match text.char_indices().nth(max) {
+        Some((i, _)) => &text[..i],
+        None => text,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use certyo_emulator::{Config, Emulator, Fault};
+    use serde_json::value::RawValue;
+
+    fn record(id: &str) -> Record {
+        Record {
+            tenant_id: "acme".into(),
+            database: "db".into(),
+            collection: "public.products".into(),
+            record_id: id.into(),
+            record_payload: RawValue::from_string(format!("{{\"id\":{id}}}")).unwrap(),
+            operation_type: "insert".into(),
+            source_timestamp: "2026-04-14T10:30:00Z".into(),
+            idempotency_key: format!("key-{id}"),
+        }
+    }
+
+    fn setup(timeout_ms: u64) -> (Emulator, Client) {
+        let emulator = Emulator::start(Config {
+            anchor_delay: Duration::from_secs(60),
+            ..Config::default()
+        })
+        .unwrap();
+        let client = Client::new(ClientConfig {
+            base_url: emulator.url().into(),
+            api_key: "test-key".into(),
+            timeout: Duration::from_millis(timeout_ms),
+            max_rate_limit_retries: 3,
+        })
+        .unwrap();
+        (emulator, client)
+    }
+
+    fn no_wait() -> impl FnMut(Duration) -> bool {
+        |_| true
+    }
+
+    #[test]
+    fn single_records_are_accepted_and_a_resend_is_replayed_not_stored_twice() {
+        let (emulator, client) = setup(5000);
+        let first = client.send_each(&[record("1")], &mut no_wait());
+        let again = client.send_each(&[record("1")], &mut no_wait());
+        let (Outcome::Accepted(a), Outcome::Accepted(b)) = (&first[0], &again[0]) else {
+            panic!("{first:?} {again:?}")
+        };
+        assert!(!a.idempotency_replayed && b.idempotency_replayed);
+        assert_eq!(a.record_hash, b.record_hash);
+        assert_eq!(emulator.stats().accepted, 1);
+    }
+
+    #[test]
+    fn a_bulk_answer_missing_a_record_leaves_it_for_a_retry() {
+        let (emulator, client) = setup(5000);
+        emulator.inject(Fault::Partial, 1);
+        let outcomes = client.send_bulk(
+            "acme",
+            &[record("1"), record("2"), record("3")],
+            &mut no_wait(),
+        );
+        assert!(
+            matches!(outcomes[0], Outcome::Accepted(_))
+                && matches!(outcomes[1], Outcome::Accepted(_))
+        );
+        assert!(matches!(&outcomes[2], Outcome::Transient(m) if m.contains("did not account")));
+        let retried = client.send_bulk("acme", &[record("3")], &mut no_wait());
+        assert!(matches!(&retried[0], Outcome::Accepted(r) if r.idempotency_replayed));
+    }
+
+    #[test]
+    fn rate_limits_are_retried_after_the_backoff_and_then_given_up_as_transient() {
+        let (emulator, client) = setup(5000);
+        emulator.inject(
+            Fault::RateLimit {
+                retry_after: Some(3),
+            },
+            2,
+        );
+        let mut pauses = Vec::new();
+        let outcomes = client.send_each(&[record("1")], &mut |d| {
+            pauses.push(d);
+            true
+        });
+        assert!(matches!(outcomes[0], Outcome::Accepted(_)));
+        assert_eq!(pauses, vec![Duration::from_secs(3), Duration::from_secs(3)]);
+        emulator.inject(Fault::RateLimit { retry_after: None }, 4);
+        pauses.clear();
+        let outcomes = client.send_each(&[record("2")], &mut |d| {
+            pauses.push(d);
+            true
+        });
+        assert!(matches!(&outcomes[0], Outcome::Transient(m) if m.contains("429")));
+        assert_eq!(
+            pauses,
+            vec![
+                Duration::from_secs(1),
+                Duration::from_secs(2),
+                Duration::from_secs(4)
+            ]
+        );
+    }
+
+    #[test]
+    fn server_errors_and_timeouts_are_transient() {
+        let (emulator, client) = setup(300);
+        emulator.inject(Fault::ServerError, 1);
+        assert!(
+            matches!(&client.send_each(&[record("1")], &mut no_wait())[0], Outcome::Transient(m) if m.contains("500"))
+        );
+        emulator.inject(Fault::Slow { seconds: 1 }, 1);
+        assert!(
+            matches!(&client.send_each(&[record("2")], &mut no_wait())[0], Outcome::Transient(m) if m.contains("timed out"))
+        );
+    }
+
+    #[test]
+    fn bad_records_are_rejected_and_a_wrong_key_is_unauthorized() {
+        let (_emulator, client) = setup(5000);
+        let mut bad = record("1");
+        bad.tenant_id = String::new();
+        bad.record_id = String::new();
+        let outcomes = client.send_bulk("", &[bad], &mut no_wait());
+        assert!(
+            matches!(outcomes[0], Outcome::Rejected { status: 422, .. }),
+            "{outcomes:?}"
+        );
+        let wrong = Client::new(ClientConfig {
+            api_key: "wrong".into(),
+            ..client.config().clone()
+        })
+        .unwrap();
+        let outcomes = wrong.send_each(&[record("1"), record("2")], &mut no_wait());
+        assert!(
+            outcomes
+                .iter()
+                .all(|o| matches!(o, Outcome::Unauthorized { status: 401, .. })),
+            "{outcomes:?}"
+        );
+    }
+}
