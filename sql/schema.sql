@@ -94,3 +94,77 @@ $$;
 CREATE EVENT TRIGGER certyo_alter_table ON ddl_command_end
     WHEN TAG IN ('ALTER TABLE')
     EXECUTE FUNCTION certyo.on_alter_table();
+
+-- Delivery: the worker's own bookkeeping. Each pass moves what is visible in certyo.queue here
+-- (so the write path never pays for these indexes), sends ready entries to Certyo, and keeps
+-- the receipt. Nothing is ever dropped: an entry ends 'accepted' (removed after
+-- certyo.retention) or 'dead' (kept for an operator).
+CREATE TABLE certyo.delivery (
+    id               bigint      PRIMARY KEY,           -- the queue id: change order per record
+    relid            oid         NOT NULL,
+    collection       text        NOT NULL,
+    record_id        text        NOT NULL,
+    operation        text        NOT NULL,
+    payload          json        NOT NULL,
+    source_timestamp timestamptz NOT NULL,
+    idempotency_key  text        NOT NULL,
+    queued_at        timestamptz NOT NULL,
+    state            text        NOT NULL DEFAULT 'pending' CHECK (state IN ('pending', 'accepted', 'dead')),
+    attempts         integer     NOT NULL DEFAULT 0,
+    next_attempt_at  timestamptz NOT NULL DEFAULT '-infinity',
+    leased_until     timestamptz,                       -- claimed by a pass; a crash lets it lapse
+    last_attempt_at  timestamptz,
+    last_status      integer,                           -- HTTP status of the last answer
+    last_error       text,                              -- why the last attempt failed (body of a 4xx)
+    record_hash      text,                              -- receipt: Certyo's recordHash
+    accepted_at      timestamptz,                       -- receipt: when the 202 was recorded
+    replayed         boolean                            -- receipt: idempotencyReplayed
+);
+CREATE INDEX delivery_pending ON certyo.delivery (id) WHERE state = 'pending';
+CREATE INDEX delivery_record ON certyo.delivery (relid, record_id, id);
+CREATE INDEX delivery_accepted ON certyo.delivery (accepted_at) WHERE state = 'accepted';
+SELECT pg_catalog.pg_extension_config_dump('certyo.delivery', '');
+
+-- What the worker last said about itself; read through certyo.worker_status().
+CREATE TABLE certyo.worker_state (
+    singleton        boolean PRIMARY KEY DEFAULT true CHECK (singleton),
+    pid              integer,
+    started_at       timestamptz,
+    state            text,
+    detail           text,
+    last_error       text,
+    last_error_at    timestamptz,
+    last_delivery_at timestamptz,
+    sent             bigint NOT NULL DEFAULT 0,
+    accepted         bigint NOT NULL DEFAULT 0,
+    replayed         bigint NOT NULL DEFAULT 0,
+    failed           bigint NOT NULL DEFAULT 0,
+    updated_at       timestamptz
+);
+
+CREATE FUNCTION certyo.worker_status(
+    OUT running boolean, OUT pid integer, OUT state text, OUT detail text,
+    OUT last_error text, OUT last_error_at timestamptz, OUT last_delivery_at timestamptz,
+    OUT sent bigint, OUT accepted bigint, OUT replayed bigint, OUT failed bigint,
+    OUT pending bigint, OUT dead bigint)
+LANGUAGE sql STABLE AS $$
+    SELECT a.pid IS NOT NULL,
+           a.pid,
+           CASE WHEN current_setting('shared_preload_libraries') !~ 'certyo_cdc' THEN 'not delivering'
+                WHEN a.pid IS NULL THEN 'not running'
+                ELSE w.state END,
+           CASE WHEN current_setting('shared_preload_libraries') !~ 'certyo_cdc'
+                    THEN 'certyo_cdc is not in shared_preload_libraries, so no worker delivers the queue: '
+                         'add it (ALTER SYSTEM SET shared_preload_libraries = ''certyo_cdc'') and restart PostgreSQL'
+                WHEN a.pid IS NULL
+                    THEN 'no delivery worker is connected to this database; it serves certyo.database_name = '
+                         || coalesce(current_setting('certyo.database_name', true), 'postgres')
+                ELSE w.detail END,
+           w.last_error, w.last_error_at, w.last_delivery_at,
+           coalesce(w.sent, 0), coalesce(w.accepted, 0), coalesce(w.replayed, 0), coalesce(w.failed, 0),
+           (SELECT count(*) FROM certyo.queue) + (SELECT count(*) FROM certyo.delivery d WHERE d.state = 'pending'),
+           (SELECT count(*) FROM certyo.delivery d WHERE d.state = 'dead')
+      FROM (SELECT) AS one
+      LEFT JOIN certyo.worker_state w ON true
+      LEFT JOIN pg_catalog.pg_stat_activity a ON a.pid = w.pid AND a.backend_type = 'certyo_cdc delivery'
+$$;

@@ -5,20 +5,34 @@
 //! - [`track`]: the SQL surface that starts and stops capture (`certyo.track`, `certyo.untrack`)
 //!   and keeps capture triggers current after `ALTER TABLE`;
 //! - [`capture`]: the write path, the trigger that turns a row into a queued change;
+//! - [`delivery`]: the background worker that sends queued changes to Certyo;
 //! - [`certyo`]: the Certyo API client, which knows nothing of Postgres;
+//! - [`wake`]: the doorbell a committing writer rings for the worker;
 //! - [`error`]: the one error type, raised with an SQLSTATE, detail and hint;
 //! - `sql/schema.sql`: the queue, the `tracked_tables` view and the DDL event trigger.
 //!
-//! Capture and delivery meet only at the `certyo.queue` table.
+//! Capture and delivery meet only at the `certyo.queue` table (and the doorbell).
 
 pub mod capture;
 pub mod certyo;
+mod delivery;
 pub mod error;
 mod track;
+mod wake;
 
 ::pgrx::pg_module_magic!(name, version);
 
 pgrx::extension_sql_file!("../sql/schema.sql", name = "schema", bootstrap);
+
+/// Settings everywhere; the worker and its shared memory only when preloaded.
+#[pgrx::pg_guard]
+pub extern "C-unwind" fn _PG_init() {
+    delivery::settings::define();
+    if unsafe { pgrx::pg_sys::process_shared_preload_libraries_in_progress } {
+        wake::init_shared_memory();
+        delivery::register();
+    }
+}
 
 #[cfg(any(test, feature = "pg_test"))]
 mod tests;

@@ -64,6 +64,7 @@ pub unsafe fn append(relid: Oid, collection: &str, change: &Change) -> Result<i6
     pg_sys::heap_freetuple(tuple);
     // Keep the lock to the end of the transaction, as the executor would.
     pg_sys::table_close(rel, pg_sys::NoLock as pg_sys::LOCKMODE);
+    crate::wake::ring_at_commit();
     Ok(id)
 }
 

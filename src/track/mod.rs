@@ -15,6 +15,7 @@ use pgrx::pg_sys::Oid;
 use pgrx::prelude::*;
 use pgrx::PgSqlErrorCode;
 use std::ffi::CStr;
+pub(crate) use table::quote_ident;
 use table::{quote_literal, Request, Table};
 
 #[pg_extern(sql = false)]

@@ -1,0 +1,24 @@
+//! Delivery: the background worker that drains `certyo.queue` to Certyo, retries what failed,
+//! keeps dead letters and receipts, and writes record hashes back to the source rows.
+//!
+//! - `settings`: the `certyo.*` GUCs;
+//! - `worker`: the main loop;
+//! - `store`: every statement the worker runs, each in its own short transaction.
+
+pub mod settings;
+mod store;
+mod worker;
+
+use pgrx::bgworkers::BackgroundWorkerBuilder;
+use std::time::Duration;
+
+/// Register the worker; only possible while the postmaster loads `shared_preload_libraries`.
+pub fn register() {
+    BackgroundWorkerBuilder::new("certyo_cdc delivery")
+        .set_type("certyo_cdc delivery")
+        .set_library("certyo_cdc")
+        .set_function("certyo_delivery_main")
+        .enable_spi_access()
+        .set_restart_time(Some(Duration::from_secs(5)))
+        .load();
+}

@@ -1,0 +1,186 @@
+//! The worker's settings (GUCs). All reload on SIGHUP except `certyo.database_name`. Time
+//! settings take Postgres units ('200ms', '30s', '24h'); out-of-range values are refused by
+//! Postgres with the range in the message.
+
+use pgrx::guc::{GucContext, GucFlags, GucRegistry, GucSetting};
+use std::ffi::CString;
+use std::time::Duration;
+
+static BASE_URL: GucSetting<Option<CString>> =
+    GucSetting::<Option<CString>>::new(Some(c"https://www.certyos.com"));
+static API_KEY: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(None);
+static TENANT_ID: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(None);
+static DATABASE_NAME: GucSetting<Option<CString>> =
+    GucSetting::<Option<CString>>::new(Some(c"postgres"));
+static BATCH_SIZE: GucSetting<i32> = GucSetting::<i32>::new(1000);
+static BULK_THRESHOLD: GucSetting<i32> = GucSetting::<i32>::new(10);
+static POLL_INTERVAL_MS: GucSetting<i32> = GucSetting::<i32>::new(1000);
+static REQUEST_TIMEOUT_MS: GucSetting<i32> = GucSetting::<i32>::new(30_000);
+static MAX_RATE_LIMIT_RETRIES: GucSetting<i32> = GucSetting::<i32>::new(3);
+static RETENTION_S: GucSetting<i32> = GucSetting::<i32>::new(86_400);
+static ENABLED: GucSetting<bool> = GucSetting::<bool>::new(true);
+
+/// Define the settings; called from `_PG_init` in every process that loads the library.
+pub fn define() {
+    GucRegistry::define_string_guc(
+        c"certyo.base_url",
+        c"Base URL of the Certyo API.",
+        c"Every API path hangs off it.",
+        &BASE_URL,
+        GucContext::Sighup,
+        GucFlags::default(),
+    );
+    GucRegistry::define_string_guc(
+        c"certyo.api_key",
+        c"Certyo API key (X-API-Key). Visible to superusers only.",
+        c"Set it in postgresql.conf or with ALTER SYSTEM; it is never logged or stored in a table.",
+        &API_KEY,
+        GucContext::Sighup,
+        GucFlags::SUPERUSER_ONLY | GucFlags::NO_SHOW_ALL,
+    );
+    GucRegistry::define_string_guc(
+        c"certyo.tenant_id",
+        c"Certyo tenant id sent with every record.",
+        c"",
+        &TENANT_ID,
+        GucContext::Sighup,
+        GucFlags::default(),
+    );
+    GucRegistry::define_string_guc(
+        c"certyo.database_name",
+        c"The database whose queue the worker delivers (and Certyo's `database` field).",
+        c"Read at server start.",
+        &DATABASE_NAME,
+        GucContext::Postmaster,
+        GucFlags::default(),
+    );
+    GucRegistry::define_int_guc(
+        c"certyo.batch_size",
+        c"Most records per bulk request.",
+        c"",
+        &BATCH_SIZE,
+        1,
+        1000,
+        GucContext::Sighup,
+        GucFlags::default(),
+    );
+    GucRegistry::define_int_guc(
+        c"certyo.bulk_threshold",
+        c"More ready records than this are sent in bulk requests; this many or fewer one request each.",
+        c"",
+        &BULK_THRESHOLD,
+        0,
+        1000,
+        GucContext::Sighup,
+        GucFlags::default(),
+    );
+    GucRegistry::define_int_guc(
+        c"certyo.poll_interval",
+        c"Fallback wake-up of the worker; commits that queue changes wake it at once.",
+        c"",
+        &POLL_INTERVAL_MS,
+        10,
+        3_600_000,
+        GucContext::Sighup,
+        GucFlags::UNIT_MS,
+    );
+    GucRegistry::define_int_guc(
+        c"certyo.request_timeout",
+        c"Timeout of one HTTP request to Certyo.",
+        c"",
+        &REQUEST_TIMEOUT_MS,
+        100,
+        600_000,
+        GucContext::Sighup,
+        GucFlags::UNIT_MS,
+    );
+    GucRegistry::define_int_guc(
+        c"certyo.max_rate_limit_retries",
+        c"Retries of one request answered 429 before its records wait for a later pass.",
+        c"",
+        &MAX_RATE_LIMIT_RETRIES,
+        0,
+        10,
+        GucContext::Sighup,
+        GucFlags::default(),
+    );
+    GucRegistry::define_int_guc(
+        c"certyo.retention",
+        c"How long delivered entries are kept.",
+        c"",
+        &RETENTION_S,
+        0,
+        i32::MAX,
+        GucContext::Sighup,
+        GucFlags::UNIT_S,
+    );
+    GucRegistry::define_bool_guc(
+        c"certyo.enabled",
+        c"Deliver queued changes (off: capture continues, nothing is sent).",
+        c"",
+        &ENABLED,
+        GucContext::Sighup,
+        GucFlags::default(),
+    );
+}
+
+/// The settings as one value, read at the start of each pass.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Settings {
+    pub base_url: String,
+    pub api_key: String,
+    pub tenant_id: String,
+    pub database_name: String,
+    pub batch_size: usize,
+    pub bulk_threshold: usize,
+    pub poll_interval: Duration,
+    pub request_timeout: Duration,
+    pub max_rate_limit_retries: u32,
+    pub retention: Duration,
+    pub enabled: bool,
+}
+
+fn text(setting: &GucSetting<Option<CString>>) -> String {
+    setting
+        .get()
+        .map(|c| c.to_string_lossy().trim().to_string())
+        .unwrap_or_default()
+}
+
+pub fn current() -> Settings {
+    Settings {
+        base_url: text(&BASE_URL),
+        api_key: text(&API_KEY),
+        tenant_id: text(&TENANT_ID),
+        database_name: text(&DATABASE_NAME),
+        batch_size: BATCH_SIZE.get().clamp(1, 1000) as usize,
+        bulk_threshold: BULK_THRESHOLD.get().max(0) as usize,
+        poll_interval: Duration::from_millis(POLL_INTERVAL_MS.get().max(10) as u64),
+        request_timeout: Duration::from_millis(REQUEST_TIMEOUT_MS.get().max(100) as u64),
+        max_rate_limit_retries: MAX_RATE_LIMIT_RETRIES.get().max(0) as u32,
+        retention: Duration::from_secs(RETENTION_S.get().max(0) as u64),
+        enabled: ENABLED.get(),
+    }
+}
+
+impl Settings {
+    /// Why nothing can be sent, if something is missing.
+    pub fn missing(&self) -> Option<String> {
+        let mut missing = Vec::new();
+        if self.api_key.is_empty() {
+            missing.push("certyo.api_key");
+        }
+        if self.tenant_id.is_empty() {
+            missing.push("certyo.tenant_id");
+        }
+        if self.base_url.is_empty() {
+            missing.push("certyo.base_url");
+        }
+        (!missing.is_empty()).then(|| {
+            format!(
+                "not configured: set {} (ALTER SYSTEM SET ...; SELECT pg_reload_conf())",
+                missing.join(" and ")
+            )
+        })
+    }
+}
