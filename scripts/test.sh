@@ -10,6 +10,9 @@ cargo pgrx test pg15 --runas postgres --pgdata /tmp/certyo-pgrx-test
 cargo pgrx install --release --pg-config /usr/bin/pg_config >/dev/null
 echo "== end to end: capture"
 pg_test/capture.sh
+echo "== end to end: delivery to the Certyo emulator"
+cargo build --release -p certyo-emulator --quiet
+python3 pg_test/delivery.py target/release/certyo-emulator
 echo "== end to end: MySQL/MariaDB companion"
 pg_test/mariadb.sh
 echo "== SQL Server companion: T-SQL syntax"

@@ -1,0 +1,274 @@
+#!/usr/bin/env python3
+"""End-to-end delivery: a real PostgreSQL 15 cluster with certyo_cdc preloaded, pointed at the
+Certyo emulator (pg_test/emulator), driven over real connections. Every scenario ends with the
+same question: does the emulator hold every committed change exactly once (by idempotency key),
+with nothing lost? Prints "N passed, M failed".
+
+Usage: pg_test/delivery.py EMULATOR_BINARY   (scripts/test.sh builds it and calls this)
+"""
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+
+PG_BIN = "/usr/lib/postgresql/15/bin"
+DIR = "/tmp/certyo-e2e-delivery"
+PORT = 54336
+KEY = "e2e-secret"
+results = {"passed": 0, "failed": 0}
+
+
+def check(name, actual, expected):
+    if actual == expected:
+        results["passed"] += 1
+        print(f"ok   {name}", flush=True)
+    else:
+        results["failed"] += 1
+        print(f"FAIL {name}\n     expected: {expected!r}\n     actual:   {actual!r}", flush=True)
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Emulator:
+    def __init__(self, binary):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.process = subprocess.Popen([binary, "--port", str(self.port), "--api-key", KEY, "--anchor-delay", "2"],
+                                        stdout=subprocess.PIPE, text=True)
+        self.process.stdout.readline()  # the URL: listening
+
+    def call(self, method, path, body=None):
+        data = None if body is None else json.dumps(body).encode()
+        request = urllib.request.Request(self.url + path, data=data, method=method)
+        with urllib.request.urlopen(request, timeout=10) as response:
+            return json.loads(response.read())
+
+    def fault(self, fault, times=1, **extra):
+        self.call("POST", "/_emulator/faults", {"fault": fault, "times": times, **extra})
+
+    def records(self):
+        return [r["record"] | {"recordHash": r["recordHash"]} for r in self.call("GET", "/_emulator/records")]
+
+    def stats(self):
+        return self.call("GET", "/_emulator/stats")
+
+    def reset(self):
+        self.call("POST", "/_emulator/reset", {})
+
+    def stop(self):
+        self.process.terminate()
+
+
+class Cluster:
+    def __init__(self, emulator_url):
+        subprocess.run(["sudo", "-u", "postgres", f"{PG_BIN}/pg_ctl", "-D", f"{DIR}/data", "-m", "immediate", "stop"],
+                       capture_output=True)
+        shutil.rmtree(DIR, ignore_errors=True)
+        os.makedirs(DIR)
+        shutil.chown(DIR, "postgres")
+        subprocess.run(["sudo", "-u", "postgres", f"{PG_BIN}/initdb", "-D", f"{DIR}/data", "-A", "trust", "-U", "postgres"],
+                       check=True, capture_output=True)
+        with open(f"{DIR}/data/postgresql.conf", "a") as conf:
+            conf.write(f"""
+listen_addresses = ''
+unix_socket_directories = '{DIR}'
+port = {PORT}
+shared_preload_libraries = 'certyo_cdc'
+certyo.base_url = '{emulator_url}'
+certyo.api_key = '{KEY}'
+certyo.tenant_id = 'acme'
+certyo.poll_interval = '300ms'
+certyo.request_timeout = '2s'
+certyo.bulk_threshold = 10
+certyo.batch_size = 100
+""")
+        self.start()
+
+    def pg_ctl(self, *args):
+        subprocess.run(["sudo", "-u", "postgres", f"{PG_BIN}/pg_ctl", "-D", f"{DIR}/data", "-l", f"{DIR}/server.log",
+                        "-w", *args], check=True, capture_output=True)
+
+    def start(self):
+        self.pg_ctl("start")
+
+    def stop(self):
+        self.pg_ctl("-m", "fast", "stop")
+
+    def sql(self, statement, check=True):
+        out = subprocess.run(["psql", "-h", DIR, "-p", str(PORT), "-U", "postgres", "-d", "postgres", "-X", "-q", "-At",
+                              "-v", "ON_ERROR_STOP=1", "-c", statement], capture_output=True, text=True)
+        if check and out.returncode != 0:
+            raise RuntimeError(f"{statement}: {out.stderr}")
+        return out.stdout.strip()
+
+    def wait_drained(self, timeout=60):
+        """Until nothing is pending: queue empty, no pending delivery entries."""
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            try:
+                if self.sql("SELECT pending FROM certyo.worker_status()", check=False) == "0":
+                    return True
+            except Exception:
+                pass
+            time.sleep(0.2)
+        return False
+
+
+def committed_changes(cluster):
+    return int(cluster.sql("SELECT count(*) FROM certyo.delivery") or 0) + int(cluster.sql("SELECT count(*) FROM certyo.queue") or 0)
+
+
+def exactly_once(name, cluster, emulator):
+    """Every committed change is at the emulator once, and nothing else is."""
+    drained = cluster.wait_drained()
+    check(f"{name}: the queue drains", drained, True)
+    keys = cluster.sql("SELECT string_agg(idempotency_key, ',' ORDER BY id) FROM certyo.delivery").split(",")
+    stored = [r["idempotencyKey"] for r in emulator.records()]
+    check(f"{name}: each committed change reached Certyo exactly once", sorted(stored), sorted(k for k in keys if k))
+    check(f"{name}: no dead letters", cluster.sql("SELECT count(*) FROM certyo.delivery WHERE state <> 'accepted'"), "0")
+
+
+def scenario_changes_across_two_tables(cluster, emulator):
+    cluster.sql("""
+        CREATE TABLE products (id int PRIMARY KEY, sku text, price numeric(10,2));
+        CREATE TABLE stock (region text, sku text, qty int, PRIMARY KEY (region, sku));
+        SELECT certyo.track('products'); SELECT certyo.track('stock');
+        INSERT INTO products SELECT g, 'SKU-' || g, g FROM generate_series(1, 40) g;
+        INSERT INTO stock VALUES ('EU/West', 'A', 1), ('US', 'B', 2);
+        UPDATE products SET price = price + 1 WHERE id <= 5;
+        UPDATE products SET certyo_anchor_status = 'pending' WHERE id <= 10;
+        DELETE FROM products WHERE id = 40;
+        UPDATE stock SET qty = 3 WHERE region = 'EU/West';
+    """)
+    exactly_once("changes across two tables", cluster, emulator)
+    records = emulator.records()
+    ops = sorted((r["collection"], r["recordId"], r["operationType"]) for r in records if r["recordId"] in ("5", "40", "EU\\/West/A"))
+    check("operations and record ids as captured", ops, [
+        ("public.products", "40", "delete"), ("public.products", "40", "insert"),
+        ("public.products", "5", "insert"), ("public.products", "5", "update"),
+        ("public.stock", "EU\\/West/A", "insert"), ("public.stock", "EU\\/West/A", "update")])
+    latest = {}
+    for r in records:
+        latest[(r["collection"], r["recordId"])] = r
+    check("payloads are the captured rows", latest[("public.products", "5")]["recordPayload"], {"id": 5, "sku": "SKU-5", "price": 6.0})
+    hashes = dict(line.split("|") for line in cluster.sql(
+        "SELECT id || '|' || certyo_record_hash FROM products WHERE id IN (1, 5)").splitlines())
+    check("source rows carry the hash Certyo returned for their newest version",
+          hashes, {"1": latest[("public.products", "1")]["recordHash"], "5": latest[("public.products", "5")]["recordHash"]})
+    check("composite-key rows get their hash too",
+          cluster.sql("SELECT certyo_record_hash FROM stock WHERE region = 'EU/West'"),
+          latest[("public.stock", "EU\\/West/A")]["recordHash"])
+    check("the write-back queued nothing", cluster.sql("SELECT count(*) FROM certyo.queue"), "0")
+    check("bulk requests were used for the backlog", emulator.stats()["bulkRequests"] > 0, True)
+
+
+def scenario_faults(cluster, emulator):
+    emulator.fault("429", 3, retryAfter=1)
+    emulator.fault("429", 2)
+    emulator.fault("500", 2)
+    emulator.fault("partial", 1)
+    emulator.fault("slow", 1, seconds=3)
+    emulator.fault("drop", 1)
+    cluster.sql("INSERT INTO products SELECT g, 'F-' || g, 1 FROM generate_series(100, 160) g")
+    for i in range(5):
+        cluster.sql(f"UPDATE products SET price = price + 1 WHERE id = {100 + i}")
+    exactly_once("429 storms, 5xx, a timeout, no answer, a partial bulk answer", cluster, emulator)
+    check("every fault was served", emulator.stats()["faultsServed"], 10)
+    check("changes of one record arrived in commit order",
+          [r["recordPayload"]["price"] for r in emulator.records() if r["recordId"] == "100"], [1, 2])
+
+
+def scenario_crash_and_restart(cluster, emulator):
+    stop = threading.Event()
+    committed = []
+
+    def writer():
+        n = 1000
+        while not stop.is_set():
+            try:
+                cluster.sql(f"INSERT INTO products VALUES ({n}, 'W', 1)")
+                committed.append(n)
+            except Exception:
+                time.sleep(0.2)  # the server is restarting: this insert did not commit
+            n += 1
+
+    thread = threading.Thread(target=writer)
+    thread.start()
+    time.sleep(1)
+    emulator.fault("slow", 2, seconds=3)
+    time.sleep(0.5)
+    pid = cluster.sql("SELECT pid FROM certyo.worker_status()", check=False)
+    if pid.isdigit():
+        os.kill(int(pid), signal.SIGKILL)
+    time.sleep(3)
+    cluster.pg_ctl("-m", "immediate", "restart")
+    time.sleep(1)
+    stop.set()
+    thread.join()
+    check("writes committed while the worker was killed and the server restarted", len(committed) > 10, True)
+    exactly_once("kill -9 of the worker mid-batch, then an immediate restart", cluster, emulator)
+    delivered = set(int(r["recordId"]) for r in emulator.records() if r["collection"] == "public.products" and int(r["recordId"]) >= 1000)
+    check("every committed write is delivered", sorted(set(committed) - delivered), [])
+
+
+def scenario_wrong_key(cluster, emulator):
+    cluster.sql("ALTER SYSTEM SET certyo.api_key = 'wrong'")
+    cluster.sql("SELECT pg_reload_conf()")
+    time.sleep(1)
+    accepted_before = emulator.stats()["accepted"]
+    cluster.sql("INSERT INTO products SELECT g, 'K', 1 FROM generate_series(5000, 5020) g")
+    time.sleep(3)
+    check("with a wrong key nothing is accepted", emulator.stats()["accepted"], accepted_before)
+    status = cluster.sql("SELECT state || ': ' || detail FROM certyo.worker_status()")
+    check("the status says the key was refused", status.startswith("unauthorized: Certyo refused the API key"), True)
+    check("nothing became a dead letter", cluster.sql("SELECT count(*) FROM certyo.delivery WHERE state = 'dead'"), "0")
+    cluster.sql("ALTER SYSTEM SET certyo.api_key = '" + KEY + "'")
+    cluster.sql("SELECT pg_reload_conf()")
+    exactly_once("after the key is fixed and reloaded", cluster, emulator)
+
+
+def scenario_not_configured(cluster):
+    cluster.sql("ALTER SYSTEM SET certyo.tenant_id = ''")
+    cluster.sql("SELECT pg_reload_conf()")
+    time.sleep(1.5)
+    check("a missing tenant id is reported in the status",
+          cluster.sql("SELECT detail FROM certyo.worker_status()"),
+          "not configured: set certyo.tenant_id (ALTER SYSTEM SET ...; SELECT pg_reload_conf())")
+    cluster.sql("ALTER SYSTEM RESET certyo.tenant_id")
+    cluster.sql("SELECT pg_reload_conf()")
+
+
+def main():
+    emulator = Emulator(sys.argv[1])
+    cluster = Cluster(emulator.url)
+    try:
+        check("the worker runs and shows in pg_stat_activity",
+              cluster.sql("SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'certyo_cdc delivery'"), "1")
+        cluster.sql("CREATE EXTENSION certyo_cdc")
+        scenario_changes_across_two_tables(cluster, emulator)
+        scenario_faults(cluster, emulator)
+        scenario_crash_and_restart(cluster, emulator)
+        scenario_wrong_key(cluster, emulator)
+        scenario_not_configured(cluster)
+    finally:
+        try:
+            cluster.stop()
+        except Exception:
+            pass
+        emulator.stop()
+    print(f"{results['passed']} passed, {results['failed']} failed")
+    sys.exit(0 if results["failed"] == 0 and results["passed"] > 0 else 1)
+
+
+if __name__ == "__main__":
+    main()
