@@ -1,11 +1,22 @@
 #!/usr/bin/env bash
-# The demo: a throwaway PostgreSQL 15 cluster with certyo_cdc, one tracked table, a few writes,
-# and the queue they produced. Runs set-up first; leaves nothing running.
+# The demo: a throwaway PostgreSQL 15 cluster with certyo_cdc preloaded, its worker pointed at
+# the bundled Certyo emulator (no credentials needed); one tracked table, a few writes, the
+# queue they produced, and their delivery. Runs set-up first; leaves nothing running.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup.sh
+cargo build --release -p certyo-emulator --quiet
 . pg_test/cluster.sh
-cluster_start "${DEMO_DIR:-/tmp/certyo-demo}" "${DEMO_PORT:-54330}"
+
+EMULATOR_PORT=${DEMO_EMULATOR_PORT:-54390}
+target/release/certyo-emulator --port "$EMULATOR_PORT" --api-key demo-key --anchor-delay 5 >/dev/null &
+EMULATOR_PID=$!
+cluster_start "${DEMO_DIR:-/tmp/certyo-demo}" "${DEMO_PORT:-54330}" \
+    "shared_preload_libraries = 'certyo_cdc'" \
+    "certyo.base_url = 'http://127.0.0.1:$EMULATOR_PORT'" \
+    "certyo.api_key = 'demo-key'" \
+    "certyo.tenant_id = 'demo-tenant'"
+trap 'cluster_stop "$CLUSTER_DIR"; kill $EMULATOR_PID 2>/dev/null' EXIT
 
 cluster_psql <<'SQL'
 \echo '== CREATE EXTENSION certyo_cdc; track public.products'
@@ -20,15 +31,27 @@ CREATE TABLE public.products (
 SELECT certyo.track('public.products');
 SELECT * FROM certyo.tracked_tables;
 
-\echo '== writes: insert two, update one, delete one, one rolled back, one bookkeeping write-back'
+\echo '== writes: insert two, update one, delete one, one rolled back'
+BEGIN;
 INSERT INTO products (id, sku, price, tags) VALUES (42, 'A-1', 9.50, '{new}'), (43, 'B-2', 120.00, NULL);
 UPDATE products SET price = 8.75 WHERE id = 42;
 DELETE FROM products WHERE id = 43;
+\echo '== certyo.queue inside the writing transaction: one row per change, nothing sent before COMMIT'
+SELECT id, record_id, operation, payload FROM certyo.queue ORDER BY id;
+COMMIT;
 BEGIN; INSERT INTO products (id, sku) VALUES (44, 'never'); ROLLBACK;
-UPDATE products SET certyo_record_hash = 'sha256:written-back-by-the-worker' WHERE id = 42;
+SELECT pg_sleep(1.5);
 
-\echo '== certyo.queue: one row per committed change, ready to become a Certyo record'
+\echo '== delivered: receipts kept by the worker (woken by the commit, not by a poll)'
+SELECT id, record_id, operation, state, record_hash, replayed, accepted_at - queued_at AS commit_to_accepted
+  FROM certyo.delivery ORDER BY id;
+\echo '== the source row carries the hash Certyo returned (written back without re-queuing it)'
+SELECT id, sku, price, certyo_record_hash, certyo_anchor_status FROM products;
+SELECT count(*) AS queued_again FROM certyo.queue;
+\echo '== the worker'
 \x on
-SELECT id, collection, record_id, operation, payload, source_timestamp, idempotency_key FROM certyo.queue ORDER BY id;
+SELECT * FROM certyo.worker_status();
 SQL
-echo "== demo done: 4 committed changes queued; the rolled-back insert and the write-back queued nothing"
+echo "== the emulator's counters"
+curl -s "http://127.0.0.1:$EMULATOR_PORT/_emulator/stats"; echo
+echo "== demo done: 4 committed changes delivered once each; the rolled-back insert was never queued"
