@@ -20,3 +20,13 @@ for config in ${BENCH_CONFIGS:-defaults strict}; do
     python3 bench/capture.py "$CLUSTER_DIR" "$CLUSTER_PORT" "$config: ${settings[*]}"
     cluster_stop "$CLUSTER_DIR"
 done
+
+# Delivery: the worker against the emulator on this machine.
+cargo build --release -p certyo-emulator --quiet
+target/release/certyo-emulator --port 54392 --api-key bench-key --anchor-delay 60 >/dev/null &
+EMULATOR_PID=$!
+cluster_start /tmp/certyo-bench 54332 "shared_preload_libraries = 'certyo_cdc'" \
+    "certyo.base_url = 'http://127.0.0.1:54392'" "certyo.api_key = 'bench-key'" "certyo.tenant_id = 'bench'"
+trap 'cluster_stop "$CLUSTER_DIR"; kill $EMULATOR_PID 2>/dev/null' EXIT
+cluster_psql -c "CREATE EXTENSION certyo_cdc"
+python3 bench/delivery.py "$CLUSTER_DIR" "$CLUSTER_PORT"

@@ -112,7 +112,6 @@ CREATE TABLE certyo.delivery (
     state            text        NOT NULL DEFAULT 'pending' CHECK (state IN ('pending', 'accepted', 'dead')),
     attempts         integer     NOT NULL DEFAULT 0,
     next_attempt_at  timestamptz NOT NULL DEFAULT '-infinity',
-    leased_until     timestamptz,                       -- claimed by a pass; a crash lets it lapse
     last_attempt_at  timestamptz,
     last_status      integer,                           -- HTTP status of the last answer
     last_error       text,                              -- why the last attempt failed (body of a 4xx)

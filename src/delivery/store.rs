@@ -38,28 +38,18 @@ pub fn extension_installed() -> SpiResult<bool> {
     })
 }
 
-/// At start: leases of a previous, crashed worker mean nothing now (there is one worker).
-pub fn release_leases() -> SpiResult<()> {
-    in_transaction(|| {
-        Spi::run("UPDATE certyo.delivery SET leased_until = NULL WHERE leased_until IS NOT NULL")
-    })
-}
-
-/// Move what capture queued into the worker's own table, and claim the next batch: the oldest
+/// Move what capture queued into the worker's own table, and take the next batch: the oldest
 /// pending change of each record whose next attempt is due, in queue order. A record with an
 /// older change still waiting is skipped, so changes of a record reach Certyo in commit order.
-pub fn take_batch(batch_size: usize, lease: Duration) -> SpiResult<Vec<Entry>> {
+///
+/// Taking writes nothing: there is one worker, and a crash between taking and recording only
+/// means the batch is sent again after the restart, which Certyo answers with
+/// `idempotencyReplayed` (a per-row lease would double the writes per change).
+pub fn take_batch(batch_size: usize) -> SpiResult<Vec<Entry>> {
     in_transaction(move || {
         Spi::connect_mut(|client| {
             client.update(MOVE_QUEUE, None, &[])?;
-            let rows = client.update(
-                CLAIM,
-                None,
-                &[
-                    (batch_size as i64).into(),
-                    (lease.as_millis() as i64).into(),
-                ],
-            )?;
+            let rows = client.select(TAKE, None, &[(batch_size as i64).into()])?;
             let mut entries = Vec::new();
             for row in rows {
                 entries.push(Entry {
@@ -88,22 +78,21 @@ const MOVE_QUEUE: &str = "
     SELECT * FROM moved
     ON CONFLICT (id) DO NOTHING";
 
-const CLAIM: &str = "
-    UPDATE certyo.delivery d
-       SET attempts = d.attempts + 1, last_attempt_at = now(), leased_until = now() + $2 * interval '1 ms'
-     WHERE d.id IN (
-        SELECT c.id FROM certyo.delivery c
-         WHERE c.state = 'pending' AND c.next_attempt_at <= now()
-           AND (c.leased_until IS NULL OR c.leased_until < now())
-           AND NOT EXISTS (SELECT FROM certyo.delivery o
-                            WHERE o.relid = c.relid AND o.record_id = c.record_id
-                              AND o.state = 'pending' AND o.id < c.id)
-         ORDER BY c.id
-         LIMIT $1
-           FOR UPDATE SKIP LOCKED)
-    RETURNING d.id, d.relid, d.collection, d.record_id, d.operation, d.payload::text,
-              to_char(d.source_timestamp AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"'),
-              d.idempotency_key";
+// The inner LIMIT walks the pending index in id order, so a pass costs what it takes, not
+// what is waiting; the per-record check then runs only on those candidates.
+const TAKE: &str = "
+    SELECT c.id, c.relid, c.collection, c.record_id, c.operation, c.payload::text,
+           to_char(c.source_timestamp AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"'),
+           c.idempotency_key
+      FROM (SELECT * FROM certyo.delivery
+             WHERE state = 'pending' AND next_attempt_at <= now()
+             ORDER BY id
+             LIMIT $1 * 2) AS c
+     WHERE NOT EXISTS (SELECT FROM certyo.delivery o
+                        WHERE o.relid = c.relid AND o.record_id = c.record_id
+                          AND o.state = 'pending' AND o.id < c.id)
+     ORDER BY c.id
+     LIMIT $1";
 
 /// How the results of one pass add up, for the worker's status.
 #[derive(Debug, Default, Clone, Copy)]
@@ -169,7 +158,7 @@ pub fn record(
             client.update(
                 "UPDATE certyo.delivery d
                     SET state = 'accepted', record_hash = v.hash, replayed = v.replayed, accepted_at = now(),
-                        leased_until = NULL, last_status = 202, last_error = NULL
+                        attempts = d.attempts + 1, last_attempt_at = now(), last_status = 202, last_error = NULL
                    FROM unnest($1::bigint[], $2::text[], $3::boolean[]) AS v(id, hash, replayed)
                   WHERE d.id = v.id",
                 None,
@@ -177,7 +166,8 @@ pub fn record(
             )?;
             client.update(
                 "UPDATE certyo.delivery d
-                    SET leased_until = NULL, next_attempt_at = now() + v.delay * interval '1 ms', last_error = v.error
+                    SET attempts = d.attempts + 1, last_attempt_at = now(),
+                        next_attempt_at = now() + v.delay * interval '1 ms', last_error = v.error
                    FROM unnest($1::bigint[], $2::bigint[], $3::text[]) AS v(id, delay, error)
                   WHERE d.id = v.id",
                 None,
@@ -188,8 +178,8 @@ pub fn record(
             client.update(
                 "UPDATE certyo.delivery d
                     SET state = CASE WHEN v.dead THEN 'dead' ELSE 'pending' END,
-                        attempts = CASE WHEN v.dead THEN d.attempts ELSE d.attempts - 1 END,
-                        leased_until = NULL, last_status = v.status, last_error = v.error
+                        attempts = CASE WHEN v.dead THEN d.attempts + 1 ELSE d.attempts END,
+                        last_attempt_at = now(), last_status = v.status, last_error = v.error
                    FROM unnest($1::bigint[], $2::integer[], $3::text[], $4::boolean[]) AS v(id, status, error, dead)
                   WHERE d.id = v.id",
                 None,
@@ -223,9 +213,15 @@ fn write_back_hashes(accepted: &[(Entry, String)]) -> SpiResult<()> {
 
 fn write_back_table(relid: Oid, rows: &[(String, String, i64)]) -> SpiResult<()> {
     Spi::connect_mut(|client| {
-        // The table as it is now: still there, still tracked, with its record id columns.
+        // The table as it is now: still there, still tracked, with its record id columns and
+        // their types (the record id parts are cast to them, so the key's index is used).
         let target = client.select(
-            "SELECT format('%I.%I', n.nspname, c.relname), certyo.capture_option(t.tgargs, 'record_id')
+            "SELECT format('%I.%I', n.nspname, c.relname),
+                    certyo.capture_option(t.tgargs, 'record_id'),
+                    ARRAY(SELECT format_type(a.atttypid, a.atttypmod)
+                            FROM unnest(certyo.capture_option(t.tgargs, 'record_id')) WITH ORDINALITY AS k(name, n)
+                            JOIN pg_attribute a ON a.attrelid = c.oid AND a.attname = k.name AND NOT a.attisdropped
+                           ORDER BY k.n)
                FROM pg_class c
                JOIN pg_namespace n ON n.oid = c.relnamespace
                JOIN pg_trigger t ON t.tgrelid = c.oid AND t.tgname = 'certyo_capture'
@@ -237,11 +233,16 @@ fn write_back_table(relid: Oid, rows: &[(String, String, i64)]) -> SpiResult<()>
         let Some(target) = target.into_iter().next() else {
             return Ok(());
         };
-        let (Some(table), Some(columns)) =
-            (target.get::<String>(1)?, target.get::<Vec<String>>(2)?)
-        else {
+        let (Some(table), Some(columns), Some(types)) = (
+            target.get::<String>(1)?,
+            target.get::<Vec<String>>(2)?,
+            target.get::<Vec<String>>(3)?,
+        ) else {
             return Ok(());
         };
+        if types.len() != columns.len() {
+            return Ok(()); // a record id column is gone: nothing can be matched
+        }
         let mut parts: Vec<Vec<String>> = vec![Vec::new(); columns.len()];
         let (mut hashes, mut ids, mut record_ids) = (Vec::new(), Vec::new(), Vec::new());
         for (record_id, hash, id) in rows {
@@ -261,7 +262,14 @@ fn write_back_table(relid: Oid, rows: &[(String, String, i64)]) -> SpiResult<()>
         let matches: Vec<String> = columns
             .iter()
             .enumerate()
-            .map(|(i, c)| format!("t.{}::text = v.k{}", crate::track::quote_ident(c), i + 1))
+            .map(|(i, c)| {
+                format!(
+                    "t.{} = v.k{}::{}",
+                    crate::track::quote_ident(c),
+                    i + 1,
+                    types[i]
+                )
+            })
             .collect();
         let sql = format!(
             "UPDATE {table} AS t SET certyo_record_hash = v.hash, certyo_anchor_status = 'pending'

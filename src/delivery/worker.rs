@@ -29,7 +29,6 @@ struct Worker {
     /// Set by a 401/403 and cleared by a configuration reload: nothing is sent meanwhile.
     unauthorized: Option<String>,
     last_state: Option<(String, String)>,
-    leases_released: bool,
 }
 
 enum Next {
@@ -69,10 +68,6 @@ impl Worker {
                 settings.poll_interval.max(Duration::from_secs(5)),
             ));
         }
-        if !self.leases_released {
-            store::release_leases()?;
-            self.leases_released = true;
-        }
         if !settings.enabled {
             self.announce(
                 "paused",
@@ -91,8 +86,7 @@ impl Worker {
             self.announce("unauthorized", &detail, None, Tally::default())?;
             return Ok(Next::Wait(settings.poll_interval));
         }
-        let lease = settings.request_timeout * (settings.max_rate_limit_retries + 2) * 2;
-        let batch = store::take_batch(settings.batch_size, lease)?;
+        let batch = store::take_batch(settings.batch_size)?;
         if batch.is_empty() {
             store::expire(settings.retention)?;
             self.announce("idle", "waiting for changes", None, Tally::default())?;

@@ -97,7 +97,10 @@ pub struct Emulator {
 
 impl Emulator {
     pub fn start(config: Config) -> std::io::Result<Emulator> {
-        let server = Arc::new(Server::http(&config.bind).map_err(std::io::Error::other)?);
+        let listener = std::net::TcpListener::bind(&config.bind)?;
+        set_nodelay(&listener);
+        let server =
+            Arc::new(Server::from_listener(listener, None).map_err(std::io::Error::other)?);
         let port = server.server_addr().to_ip().map(|a| a.port()).unwrap_or(0);
         let host = config
             .bind
@@ -160,6 +163,23 @@ impl Emulator {
 impl Drop for Emulator {
     fn drop(&mut self) {
         self.server.unblock();
+    }
+}
+
+/// TCP_NODELAY on the listener, which Linux hands down to accepted sockets: tiny_http writes a
+/// response in two segments, and without it every small answer waits ~40 ms for a delayed ACK.
+fn set_nodelay(listener: &std::net::TcpListener) {
+    use std::os::fd::AsRawFd;
+    let on: libc::c_int = 1;
+    // SAFETY: a valid socket descriptor and a correctly sized option value.
+    unsafe {
+        libc::setsockopt(
+            listener.as_raw_fd(),
+            libc::IPPROTO_TCP,
+            libc::TCP_NODELAY,
+            (&on as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        );
     }
 }
 
