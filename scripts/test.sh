@@ -17,3 +17,5 @@ echo "== end to end: MySQL/MariaDB companion"
 pg_test/mariadb.sh
 echo "== SQL Server companion: T-SQL syntax"
 pg_test/sqlserver.sh
+echo "== docker/: Dockerfile lint and compose targets"
+pg_test/docker.sh

@@ -1,5 +1,6 @@
-//! `certyo-emulator [--port N] [--api-key K] [--anchor-delay SECONDS]`: serve the Certyo API on
-//! 127.0.0.1 until killed. Prints the base URL on its first line.
+//! `certyo-emulator [--port N | --bind HOST:PORT] [--api-key K] [--anchor-delay SECONDS]`: serve
+//! the Certyo API (on 127.0.0.1 unless --bind says otherwise) until killed. Prints the base URL
+//! on its first line.
 use certyo_emulator::{Config, Emulator};
 use std::time::Duration;
 
@@ -15,6 +16,7 @@ fn main() {
             .unwrap_or_else(|| usage(&format!("{flag} needs a value")));
         match flag.as_str() {
             "--port" => config.bind = format!("127.0.0.1:{value}"),
+            "--bind" => config.bind = value,
             "--api-key" => config.api_key = value,
             "--anchor-delay" => {
                 let seconds: f64 = value
@@ -32,6 +34,6 @@ fn main() {
 }
 
 fn usage(problem: &str) -> ! {
-    eprintln!("certyo-emulator: {problem}\nusage: certyo-emulator [--port N] [--api-key K] [--anchor-delay SECONDS]");
+    eprintln!("certyo-emulator: {problem}\nusage: certyo-emulator [--port N | --bind HOST:PORT] [--api-key K] [--anchor-delay SECONDS]");
     std::process::exit(2)
 }

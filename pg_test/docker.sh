@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# docker/ cannot be built here (no Docker engine): hadolint lints the Dockerfile, and the compose
+# file must parse and name only build targets the Dockerfile has. Prints "N passed, M failed".
+set -uo pipefail
+cd "$(dirname "$0")/.."
+. pg_test/check.sh
+check "hadolint finds nothing in docker/Dockerfile" "$(hadolint docker/Dockerfile 2>&1; echo "exit $?")" "exit 0"
+check "docker/compose.yaml builds only targets of docker/Dockerfile" "$(python3 - <<'PY'
+import re, yaml
+compose = yaml.safe_load(open("docker/compose.yaml"))
+targets = set(re.findall(r"^FROM \S+ AS (\S+)", open("docker/Dockerfile").read(), re.M))
+wanted = {s["build"]["target"] for s in compose["services"].values()}
+print(sorted(wanted - targets) if wanted - targets else "ok")
+PY
+)" "ok"
+check "the postgres service preloads certyo_cdc and points the worker at the emulator" \
+    "$(grep -c -e 'shared_preload_libraries=certyo_cdc' -e 'certyo.base_url=http://emulator:8080' docker/compose.yaml)" "2"
+check_summary
