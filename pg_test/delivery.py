@@ -237,6 +237,15 @@ def scenario_wrong_key(cluster, emulator):
     exactly_once("after the key is fixed and reloaded", cluster, emulator)
 
 
+def scenario_api_key_is_hidden(cluster):
+    cluster.sql("CREATE ROLE clerk LOGIN")
+    out = subprocess.run(["psql", "-h", DIR, "-p", str(PORT), "-U", "clerk", "-d", "postgres", "-X", "-At", "-c",
+                          "SELECT current_setting('certyo.api_key')"], capture_output=True, text=True)
+    check("an ordinary role cannot read certyo.api_key", KEY in out.stdout, False)
+    check("...and is told why", "permission denied" in out.stderr or "must be superuser" in out.stderr, True)
+    check("SHOW ALL does not list it", "certyo.api_key" in cluster.sql("SHOW ALL"), False)
+
+
 def scenario_not_configured(cluster):
     cluster.sql("ALTER SYSTEM SET certyo.tenant_id = ''")
     cluster.sql("SELECT pg_reload_conf()")
@@ -259,6 +268,7 @@ def main():
         scenario_faults(cluster, emulator)
         scenario_crash_and_restart(cluster, emulator)
         scenario_wrong_key(cluster, emulator)
+        scenario_api_key_is_hidden(cluster)
         scenario_not_configured(cluster)
     finally:
         try:
