@@ -88,6 +88,17 @@ struct State {
     stats: Stats,
 }
 
+impl State {
+    fn queue_fault(&mut self, fault: Fault, times: u32) {
+        if fault == Fault::Mismatch {
+            self.mismatches += times; // verification answers, not ingest
+        } else {
+            self.faults
+                .extend(std::iter::repeat_n(fault, times as usize));
+        }
+    }
+}
+
 pub struct Emulator {
     url: String,
     state: Arc<Mutex<State>>,
