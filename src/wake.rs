@@ -48,14 +48,12 @@ unsafe extern "C-unwind" fn on_transaction_end(
 ) {
     use pg_sys::XactEvent::*;
     match event {
-        XACT_EVENT_COMMIT | XACT_EVENT_PARALLEL_COMMIT => {
-            if RING_AT_COMMIT.replace(false) {
-                let procno = WORKER_PROCNO.get().load(Ordering::Acquire);
-                if procno >= 0 && (procno as u32) < (*pg_sys::ProcGlobal).allProcCount {
-                    pg_sys::SetLatch(
-                        &mut (*(*pg_sys::ProcGlobal).allProcs.add(procno as usize)).procLatch,
-                    );
-                }
+        XACT_EVENT_COMMIT | XACT_EVENT_PARALLEL_COMMIT if RING_AT_COMMIT.replace(false) => {
+            let procno = WORKER_PROCNO.get().load(Ordering::Acquire);
+            if procno >= 0 && (procno as u32) < (*pg_sys::ProcGlobal).allProcCount {
+                pg_sys::SetLatch(
+                    &mut (*(*pg_sys::ProcGlobal).allProcs.add(procno as usize)).procLatch,
+                );
             }
         }
         XACT_EVENT_ABORT | XACT_EVENT_PARALLEL_ABORT | XACT_EVENT_PREPARE => {

@@ -144,14 +144,7 @@ impl Emulator {
 
     /// Serve `fault` for the next `times` ingest requests (after any already queued).
     pub fn inject(&self, fault: Fault, times: u32) {
-        let mut state = lock(&self.state);
-        if fault == Fault::Mismatch {
-            state.mismatches += times;
-            return;
-        }
-        state
-            .faults
-            .extend(std::iter::repeat_n(fault, times as usize));
+        lock(&self.state).queue_fault(fault, times);
     }
 
     pub fn stats(&self) -> Stats {
@@ -506,14 +499,7 @@ fn control_plane(method: &Method, path: &str, body: &str, state: &Mutex<State>) 
         }
         (Method::Post, "faults") => match parse_fault(body) {
             Ok((fault, times)) => {
-                let mut state = lock(state);
-                if fault == Fault::Mismatch {
-                    state.mismatches += times;
-                } else {
-                    state
-                        .faults
-                        .extend(std::iter::repeat_n(fault, times as usize));
-                }
+                lock(state).queue_fault(fault, times);
                 (200, json!({"queued": times}))
             }
             Err(message) => (400, json!({"error": message})),
