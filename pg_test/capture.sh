@@ -14,6 +14,10 @@ q "CREATE EXTENSION certyo_cdc;
    CREATE TABLE products (id int PRIMARY KEY, sku text, price numeric(10,2));
    SELECT certyo.track('products');" >/dev/null
 
+check "CREATE EXTENSION works without preloading, and the status says how to deliver" \
+    "$(q "SELECT state FROM certyo.worker_status()")" "not delivering"
+check "the settings exist without preloading" "$(q "SHOW certyo.batch_size")" "1000"
+
 q "BEGIN; INSERT INTO products VALUES (1, 'rolled back', 1); ROLLBACK;" >/dev/null
 check "a rolled-back transaction queues nothing" "$(q 'SELECT count(*) FROM certyo.queue')" "0"
 

@@ -27,8 +27,9 @@ pgrx::extension_sql_file!("../sql/schema.sql", name = "schema", bootstrap);
 /// Settings everywhere; the worker and its shared memory only when preloaded.
 #[pgrx::pg_guard]
 pub extern "C-unwind" fn _PG_init() {
-    delivery::settings::define();
-    if unsafe { pgrx::pg_sys::process_shared_preload_libraries_in_progress } {
+    let preloading = unsafe { pgrx::pg_sys::process_shared_preload_libraries_in_progress };
+    delivery::settings::define(preloading);
+    if preloading {
         wake::init_shared_memory();
         delivery::register();
     }

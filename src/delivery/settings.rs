@@ -21,7 +21,10 @@ static RETENTION_S: GucSetting<i32> = GucSetting::<i32>::new(86_400);
 static ENABLED: GucSetting<bool> = GucSetting::<bool>::new(true);
 
 /// Define the settings; called from `_PG_init` in every process that loads the library.
-pub fn define() {
+/// `certyo.database_name` can only be defined while the postmaster preloads the library
+/// (Postgres refuses server-start settings later); without preloading there is no worker to
+/// read it.
+pub fn define(preloading: bool) {
     GucRegistry::define_string_guc(
         c"certyo.base_url",
         c"Base URL of the Certyo API.",
@@ -46,14 +49,16 @@ pub fn define() {
         GucContext::Sighup,
         GucFlags::default(),
     );
-    GucRegistry::define_string_guc(
-        c"certyo.database_name",
-        c"The database whose queue the worker delivers (and Certyo's `database` field).",
-        c"Read at server start.",
-        &DATABASE_NAME,
-        GucContext::Postmaster,
-        GucFlags::default(),
-    );
+    if preloading {
+        GucRegistry::define_string_guc(
+            c"certyo.database_name",
+            c"The database whose queue the worker delivers (and Certyo's `database` field).",
+            c"Read at server start.",
+            &DATABASE_NAME,
+            GucContext::Postmaster,
+            GucFlags::default(),
+        );
+    }
     GucRegistry::define_int_guc(
         c"certyo.batch_size",
         c"Most records per bulk request.",
