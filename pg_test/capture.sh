@@ -16,7 +16,8 @@ q "CREATE EXTENSION certyo_cdc;
 
 check "CREATE EXTENSION works without preloading, and the status says how to deliver" \
     "$(q "SELECT state FROM certyo.worker_status()")" "not delivering"
-check "the settings exist without preloading" "$(q "SHOW certyo.batch_size")" "1000"
+check "loading the library outside preloading defines the settings (and does not fail)" \
+    "$(q "LOAD 'certyo_cdc'; SHOW certyo.batch_size")" "1000"
 
 q "BEGIN; INSERT INTO products VALUES (1, 'rolled back', 1); ROLLBACK;" >/dev/null
 check "a rolled-back transaction queues nothing" "$(q 'SELECT count(*) FROM certyo.queue')" "0"
