@@ -257,6 +257,14 @@ def scenario_not_configured(cluster):
     cluster.sql("SELECT pg_reload_conf()")
 
 
+def scenario_drop_extension(cluster):
+    before = cluster.sql("SELECT pid FROM pg_stat_activity WHERE backend_type = 'certyo_cdc delivery'")
+    cluster.sql("SET statement_timeout = '5s'; DROP EXTENSION certyo_cdc CASCADE")
+    time.sleep(1.5)
+    check("DROP EXTENSION is not blocked by the worker, which keeps running (no crash, no restart)",
+          cluster.sql("SELECT pid FROM pg_stat_activity WHERE backend_type = 'certyo_cdc delivery'"), before)
+
+
 def main():
     emulator = Emulator(sys.argv[1])
     cluster = Cluster(emulator.url)
@@ -270,6 +278,7 @@ def main():
         scenario_wrong_key(cluster, emulator)
         scenario_api_key_is_hidden(cluster)
         scenario_not_configured(cluster)
+        scenario_drop_extension(cluster)
     finally:
         try:
             cluster.stop()

@@ -9,6 +9,8 @@ use crate::certyo::retry::next_attempt_delay;
 use crate::certyo::{Client, ClientConfig, Outcome, Record};
 use pgrx::bgworkers::{BackgroundWorker, SignalWakeFlags};
 use pgrx::pg_sys;
+use pgrx::pg_sys::panic::CaughtError;
+use pgrx::PgTryBuilder;
 use std::time::{Duration, Instant};
 
 /// Entry point, named in the worker's registration.
@@ -44,10 +46,10 @@ impl Worker {
                 unsafe { pg_sys::ProcessConfigFile(pg_sys::GucContext::PGC_SIGHUP) };
                 self.unauthorized = None;
             }
-            let next = match self.pass() {
+            let next = match self.guarded_pass() {
                 Ok(next) => next,
                 Err(e) => {
-                    pgrx::warning!("certyo_cdc: delivery pass failed: {e}");
+                    pgrx::warning!("certyo_cdc: delivery pass failed, retrying: {e}");
                     Next::Wait(settings::current().poll_interval)
                 }
             };
@@ -59,6 +61,28 @@ impl Worker {
                 break;
             }
         }
+    }
+
+    /// One pass, with any Postgres error (a table dropped meanwhile, `DROP EXTENSION` between
+    /// two statements, a lock timeout) caught: its transaction is aborted and the worker goes
+    /// on, instead of exiting and being restarted. Nothing is lost: what was not recorded is
+    /// sent again and answered as a replay.
+    fn guarded_pass(&mut self) -> Result<Next, String> {
+        let this = std::panic::AssertUnwindSafe(&mut *self);
+        PgTryBuilder::new(move || {
+            let this = this;
+            this.0.pass().map_err(|e| e.to_string())
+        })
+        .catch_others(|caught| {
+            unsafe { pg_sys::AbortCurrentTransaction() };
+            Err(match &caught {
+                CaughtError::PostgresError(report) | CaughtError::ErrorReport(report) => {
+                    report.message().to_string()
+                }
+                CaughtError::RustPanic { ereport, .. } => ereport.message().to_string(),
+            })
+        })
+        .execute()
     }
 
     fn pass(&mut self) -> Result<Next, pgrx::spi::Error> {
