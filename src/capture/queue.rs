@@ -29,11 +29,9 @@ unsafe extern "C-unwind" {
 /// # Safety
 /// Must run inside a transaction that may write.
 pub unsafe fn append(relid: Oid, collection: &str, change: &Change) -> Result<i64> {
-    let target = target()?;
-    let (queue, sequence) = (target.queue, target.sequence);
+    let (queue, sequence) = target()?;
     let id = pg_sys::ffi::pg_guard_ffi_boundary(|| nextval_internal(sequence, false));
-    let mut key = target.key_prefix.clone();
-    key.extend_from_slice(itoa::Buffer::new().format(id).as_bytes());
+    let key = idempotency_key(queue, id);
     let rel = pg_sys::table_open(queue, pg_sys::RowExclusiveLock as pg_sys::LOCKMODE);
     let tupdesc = (*rel).rd_att;
     if (*tupdesc).natts as usize != QUEUE_COLUMNS {
@@ -70,7 +68,6 @@ pub unsafe fn append(relid: Oid, collection: &str, change: &Change) -> Result<i6
 
 /// Where changes go: looked up once per backend, forgotten when the queue's relcache entry is
 /// invalidated (so `DROP EXTENSION` / `CREATE EXTENSION` in one session finds the new queue).
-#[derive(Clone)]
 struct Target {
     queue: Oid,
     sequence: Oid,
@@ -85,9 +82,10 @@ thread_local! {
     static TARGET: RefCell<Option<Target>> = const { RefCell::new(None) };
 }
 
-unsafe fn target() -> Result<Target> {
-    if let Some(target) = TARGET.with(|t| t.borrow().clone()) {
-        return Ok(target);
+/// The queue and its sequence, from the backend's cache (looked up on first use).
+unsafe fn target() -> Result<(Oid, Oid)> {
+    if let Some(found) = TARGET.with(|t| t.borrow().as_ref().map(|x| (x.queue, x.sequence))) {
+        return Ok(found);
     }
     super::watch_invalidations();
     let namespace = pg_sys::get_namespace_oid(c"certyo".as_ptr(), true);
@@ -110,8 +108,33 @@ unsafe fn target() -> Result<Target> {
         sequence,
         key_prefix,
     };
-    TARGET.with(|t| t.replace(Some(target.clone())));
-    Ok(target)
+    TARGET.with(|t| t.replace(Some(target)));
+    Ok((queue, sequence))
+}
+
+/// `{installation}-{id}`, built in one allocation from the cached prefix. No borrow is held
+/// across `nextval` (which may process invalidations); if the cache was dropped meanwhile, the
+/// prefix is computed again (it depends only on the cluster, database and queue).
+unsafe fn idempotency_key(queue: Oid, id: i64) -> Vec<u8> {
+    let mut digits = itoa::Buffer::new();
+    let digits = digits.format(id).as_bytes();
+    let cached = TARGET.with(|t| {
+        t.borrow().as_ref().filter(|x| x.queue == queue).map(|x| {
+            let mut key = Vec::with_capacity(x.key_prefix.len() + digits.len());
+            key.extend_from_slice(&x.key_prefix);
+            key.extend_from_slice(digits);
+            key
+        })
+    });
+    cached.unwrap_or_else(|| {
+        let mut key = installation_prefix(
+            pg_sys::GetSystemIdentifier(),
+            pg_sys::MyDatabaseId.to_u32(),
+            queue.to_u32(),
+        );
+        key.extend_from_slice(digits);
+        key
+    })
 }
 
 fn installation_prefix(system_identifier: u64, database: u32, queue: u32) -> Vec<u8> {
