@@ -6,136 +6,27 @@ with nothing lost? Prints "N passed, M failed".
 
 Usage: pg_test/delivery.py EMULATOR_BINARY   (scripts/test.sh builds it and calls this)
 """
-import json
 import os
-import shutil
 import signal
-import socket
 import subprocess
 import sys
 import threading
 import time
-import urllib.request
 
-PG_BIN = "/usr/lib/postgresql/15/bin"
+from harness import KEY, Cluster, Emulator, check, summary
+
 DIR = "/tmp/certyo-e2e-delivery"
 PORT = 54336
-KEY = "e2e-secret"
-results = {"passed": 0, "failed": 0}
-
-
-def check(name, actual, expected):
-    if actual == expected:
-        results["passed"] += 1
-        print(f"ok   {name}", flush=True)
-    else:
-        results["failed"] += 1
-        print(f"FAIL {name}\n     expected: {expected!r}\n     actual:   {actual!r}", flush=True)
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class Emulator:
-    def __init__(self, binary):
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.process = subprocess.Popen([binary, "--port", str(self.port), "--api-key", KEY, "--anchor-delay", "2"],
-                                        stdout=subprocess.PIPE, text=True)
-        self.process.stdout.readline()  # the URL: listening
-
-    def call(self, method, path, body=None):
-        data = None if body is None else json.dumps(body).encode()
-        request = urllib.request.Request(self.url + path, data=data, method=method)
-        with urllib.request.urlopen(request, timeout=10) as response:
-            return json.loads(response.read())
-
-    def fault(self, fault, times=1, **extra):
-        self.call("POST", "/_emulator/faults", {"fault": fault, "times": times, **extra})
-
-    def records(self):
-        return [r["record"] | {"recordHash": r["recordHash"]} for r in self.call("GET", "/_emulator/records")]
-
-    def stats(self):
-        return self.call("GET", "/_emulator/stats")
-
-    def reset(self):
-        self.call("POST", "/_emulator/reset", {})
-
-    def stop(self):
-        self.process.terminate()
-
-
-class Cluster:
-    def __init__(self, emulator_url):
-        subprocess.run(["sudo", "-u", "postgres", f"{PG_BIN}/pg_ctl", "-D", f"{DIR}/data", "-m", "immediate", "stop"],
-                       capture_output=True)
-        shutil.rmtree(DIR, ignore_errors=True)
-        os.makedirs(DIR)
-        shutil.chown(DIR, "postgres")
-        subprocess.run(["sudo", "-u", "postgres", f"{PG_BIN}/initdb", "-D", f"{DIR}/data", "-A", "trust", "-U", "postgres"],
-                       check=True, capture_output=True)
-        with open(f"{DIR}/data/postgresql.conf", "a") as conf:
-            conf.write(f"""
-listen_addresses = ''
-unix_socket_directories = '{DIR}'
-port = {PORT}
-shared_preload_libraries = 'certyo_cdc'
-certyo.base_url = '{emulator_url}'
-certyo.api_key = '{KEY}'
-certyo.tenant_id = 'acme'
-certyo.poll_interval = '300ms'
-certyo.request_timeout = '2s'
-certyo.bulk_threshold = 10
-certyo.batch_size = 100
-""")
-        self.start()
-
-    def pg_ctl(self, *args):
-        subprocess.run(["sudo", "-u", "postgres", f"{PG_BIN}/pg_ctl", "-D", f"{DIR}/data", "-l", f"{DIR}/server.log",
-                        "-w", *args], check=True, capture_output=True)
-
-    def start(self):
-        self.pg_ctl("start")
-
-    def stop(self):
-        self.pg_ctl("-m", "fast", "stop")
-
-    def sql(self, statement, check=True):
-        out = subprocess.run(["psql", "-h", DIR, "-p", str(PORT), "-U", "postgres", "-d", "postgres", "-X", "-q", "-At",
-                              "-v", "ON_ERROR_STOP=1", "-c", statement], capture_output=True, text=True)
-        if check and out.returncode != 0:
-            raise RuntimeError(f"{statement}: {out.stderr}")
-        return out.stdout.strip()
-
-    def wait_drained(self, timeout=60):
-        """Until nothing is pending: queue empty, no pending delivery entries."""
-        deadline = time.time() + timeout
-        while time.time() < deadline:
-            try:
-                if self.sql("SELECT pending FROM certyo.worker_status()", check=False) == "0":
-                    return True
-            except Exception:
-                pass
-            time.sleep(0.2)
-        return False
-
-
-def committed_changes(cluster):
-    return int(cluster.sql("SELECT count(*) FROM certyo.delivery") or 0) + int(cluster.sql("SELECT count(*) FROM certyo.queue") or 0)
 
 
 def exactly_once(name, cluster, emulator):
     """Every committed change is at the emulator once, and nothing else is."""
     drained = cluster.wait_drained()
     check(f"{name}: the queue drains", drained, True)
-    keys = cluster.sql("SELECT string_agg(idempotency_key, ',' ORDER BY id) FROM certyo.delivery").split(",")
+    keys = cluster.sql("SELECT string_agg(idempotency_key, ',' ORDER BY id) FROM certyo.receipt").split(",")
     stored = [r["idempotencyKey"] for r in emulator.records()]
     check(f"{name}: each committed change reached Certyo exactly once", sorted(stored), sorted(k for k in keys if k))
-    check(f"{name}: no dead letters", cluster.sql("SELECT count(*) FROM certyo.delivery WHERE state <> 'accepted'"), "0")
+    check(f"{name}: every change has its receipt, none is left behind", cluster.sql("SELECT count(*) FROM certyo.delivery"), "0")
 
 
 def scenario_changes_across_two_tables(cluster, emulator):
@@ -239,10 +130,9 @@ def scenario_wrong_key(cluster, emulator):
 
 def scenario_api_key_is_hidden(cluster):
     cluster.sql("CREATE ROLE clerk LOGIN")
-    out = subprocess.run(["psql", "-h", DIR, "-p", str(PORT), "-U", "clerk", "-d", "postgres", "-X", "-At", "-c",
-                          "SELECT current_setting('certyo.api_key')"], capture_output=True, text=True)
-    check("an ordinary role cannot read certyo.api_key", KEY in out.stdout, False)
-    check("...and is told why", "permission denied" in out.stderr or "must be superuser" in out.stderr, True)
+    out, err = cluster.attempt("SELECT current_setting('certyo.api_key')", "clerk")
+    check("an ordinary role cannot read certyo.api_key", KEY in out, False)
+    check("...and is told why", "permission denied" in err or "must be superuser" in err, True)
     check("SHOW ALL does not list it", "certyo.api_key" in cluster.sql("SHOW ALL"), False)
 
 
@@ -267,7 +157,7 @@ def scenario_drop_extension(cluster):
 
 def main():
     emulator = Emulator(sys.argv[1])
-    cluster = Cluster(emulator.url)
+    cluster = Cluster(DIR, PORT, emulator.url)
     try:
         check("the worker runs and shows in pg_stat_activity",
               cluster.sql("SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'certyo_cdc delivery'"), "1")
@@ -285,8 +175,7 @@ def main():
         except Exception:
             pass
         emulator.stop()
-    print(f"{results['passed']} passed, {results['failed']} failed")
-    sys.exit(0 if results["failed"] == 0 and results["passed"] > 0 else 1)
+    summary()
 
 
 if __name__ == "__main__":

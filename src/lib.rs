@@ -5,14 +5,21 @@
 //! - [`track`]: the SQL surface that starts and stops capture (`certyo.track`, `certyo.untrack`)
 //!   and keeps capture triggers current after `ALTER TABLE`;
 //! - [`capture`]: the write path, the trigger that turns a row into a queued change;
-//! - [`delivery`]: the background worker that sends queued changes to Certyo;
+//! - [`backfill`]: queue a large table's current rows, in chunks the worker performs;
+//! - [`delivery`]: the background worker that sends queued changes to Certyo, writes hashes
+//!   back, and verifies anchoring;
+//! - [`audit`]: the tamper audit, rows that differ from what was captured and accepted;
 //! - [`certyo`]: the Certyo API client, which knows nothing of Postgres;
 //! - [`wake`]: the doorbell a committing writer rings for the worker;
 //! - [`error`]: the one error type, raised with an SQLSTATE, detail and hint;
-//! - `sql/schema.sql`: the queue, the `tracked_tables` view and the DDL event trigger.
+//! - `sql/schema.sql`: the queue, the `tracked_tables` view and the DDL event trigger;
+//!   `sql/delivery.sql`: the worker's tables (delivery, receipt, backfills, worker state);
+//!   `sql/operations.sql`: the operator surface (status, pause/resume, retry, history, ...).
 //!
 //! Capture and delivery meet only at the `certyo.queue` table (and the doorbell).
 
+mod audit;
+mod backfill;
 pub mod capture;
 pub mod certyo;
 mod delivery;
@@ -23,6 +30,8 @@ mod wake;
 ::pgrx::pg_module_magic!(name, version);
 
 pgrx::extension_sql_file!("../sql/schema.sql", name = "schema", bootstrap);
+pgrx::extension_sql_file!("../sql/delivery.sql", name = "delivery", requires = ["schema"]);
+pgrx::extension_sql_file!("../sql/operations.sql", name = "operations", requires = ["delivery"]);
 
 /// Settings everywhere; the worker and its shared memory only when preloaded.
 #[pgrx::pg_guard]

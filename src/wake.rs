@@ -41,6 +41,24 @@ pub fn ring_at_commit() {
     }
 }
 
+/// `certyo.wake()`: ring now, and again when this transaction commits (so a pass sees what the
+/// caller changed, e.g. `certyo.retry()`). False when no worker is there to hear it.
+#[pg_extern(sql = false)]
+fn wake() -> bool {
+    ring_at_commit();
+    PRELOADED.load(Ordering::Relaxed) && unsafe { ring() }
+}
+
+/// Set the worker's latch, if a worker has announced itself.
+unsafe fn ring() -> bool {
+    let procno = WORKER_PROCNO.get().load(Ordering::Acquire);
+    if procno >= 0 && (procno as u32) < (*pg_sys::ProcGlobal).allProcCount {
+        pg_sys::SetLatch(&mut (*(*pg_sys::ProcGlobal).allProcs.add(procno as usize)).procLatch);
+        return true;
+    }
+    false
+}
+
 #[pgrx::pg_guard]
 unsafe extern "C-unwind" fn on_transaction_end(
     event: pg_sys::XactEvent::Type,
@@ -49,12 +67,7 @@ unsafe extern "C-unwind" fn on_transaction_end(
     use pg_sys::XactEvent::*;
     match event {
         XACT_EVENT_COMMIT | XACT_EVENT_PARALLEL_COMMIT if RING_AT_COMMIT.replace(false) => {
-            let procno = WORKER_PROCNO.get().load(Ordering::Acquire);
-            if procno >= 0 && (procno as u32) < (*pg_sys::ProcGlobal).allProcCount {
-                pg_sys::SetLatch(
-                    &mut (*(*pg_sys::ProcGlobal).allProcs.add(procno as usize)).procLatch,
-                );
-            }
+            ring();
         }
         XACT_EVENT_ABORT | XACT_EVENT_PARALLEL_ABORT | XACT_EVENT_PREPARE => {
             RING_AT_COMMIT.set(false)

@@ -49,6 +49,14 @@ impl Row {
             row.values.as_mut_ptr(),
             row.nulls.as_mut_ptr(),
         );
+        // A row stored before `ADD COLUMN ... DEFAULT` lacks the new attributes on disk; their
+        // value is the "missing" default in the catalog, as a SELECT would show it.
+        let stored = usize::from((*(*tuple).t_data).t_infomask2 & pg_sys::HEAP_NATTS_MASK as u16);
+        for i in stored..natts {
+            let mut is_null = true;
+            row.values[i] = pg_sys::getmissingattr(tupdesc, (i + 1) as i32, &mut is_null);
+            row.nulls[i] = is_null;
+        }
         row
     }
 

@@ -1,8 +1,8 @@
 //! HTTP to Certyo: `reqwest::blocking` with explicit timeouts, one client per worker.
 
 use super::retry::rate_limit_delay;
-use super::{Outcome, Receipt, Record};
-use serde::Serialize;
+use super::{Outcome, Receipt, Record, Verification, VerifyRequest};
+use serde::{Deserialize, Serialize};
 use std::time::Duration;
 
 #[derive(Debug, Clone, PartialEq)]
@@ -13,6 +13,7 @@ pub struct ClientConfig {
     pub max_rate_limit_retries: u32,
 }
 
+#[derive(Clone)]
 pub struct Client {
     http: reqwest::blocking::Client,
     config: ClientConfig,
@@ -22,6 +23,19 @@ pub struct Client {
 enum Exchange {
     Ok(serde_json::Value),
     Failed(Outcome),
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct VerifyAnswer {
+    #[serde(default)]
+    verified: bool,
+    #[serde(default)]
+    anchored_on_chain: bool,
+    #[serde(default)]
+    record_hash: Option<String>,
+    #[serde(default)]
+    polygon_tx_hash: Option<String>,
 }
 
 #[derive(Serialize)]
@@ -89,6 +103,33 @@ impl Client {
                 Err(e) => {
                     vec![Outcome::Transient(format!("unreadable bulk answer: {e}")); records.len()]
                 }
+            },
+        }
+    }
+
+    /// Ask whether one accepted version is anchored. A hash Certyo reports differently from
+    /// ours is a mismatch whatever else the answer says.
+    pub fn verify(
+        &self,
+        request: &VerifyRequest,
+        pause: &mut dyn FnMut(Duration) -> bool,
+    ) -> Verification {
+        match self.post("/api/v1/verify/record", request, pause) {
+            Exchange::Failed(outcome) => Verification::Failed(outcome),
+            Exchange::Ok(body) => match serde_json::from_value::<VerifyAnswer>(body) {
+                Err(e) => Verification::Failed(Outcome::Transient(format!(
+                    "unreadable verification answer: {e}"
+                ))),
+                Ok(answer) => match answer.record_hash {
+                    Some(reported) if reported != request.record_hash => Verification::Mismatch {
+                        reported_hash: reported,
+                    },
+                    _ if answer.verified && answer.anchored_on_chain => Verification::Anchored {
+                        polygon_tx_hash: answer.polygon_tx_hash,
+                    },
+                    _ if answer.verified => Verification::NotYet,
+                    _ => Verification::Unknown,
+                },
             },
         }
     }
@@ -298,6 +339,62 @@ mod tests {
         assert!(
             matches!(&client.send_each(&[record("2")], &mut no_wait())[0], Outcome::Transient(m) if m.contains("timed out"))
         );
+    }
+
+    fn verify_request(receipt: &Receipt) -> VerifyRequest {
+        VerifyRequest {
+            tenant_id: "acme".into(),
+            database: "db".into(),
+            collection: "public.products".into(),
+            record_id: receipt.record_id.clone(),
+            record_hash: receipt.record_hash.clone(),
+        }
+    }
+
+    #[test]
+    fn verification_waits_for_the_anchor_and_reports_a_mismatch() {
+        let emulator = Emulator::start(Config {
+            anchor_delay: Duration::from_millis(300),
+            ..Config::default()
+        })
+        .unwrap();
+        let client = Client::new(ClientConfig {
+            base_url: emulator.url().into(),
+            api_key: "test-key".into(),
+            timeout: Duration::from_secs(5),
+            max_rate_limit_retries: 3,
+        })
+        .unwrap();
+        let Outcome::Accepted(first) = client.send_each(&[record("1")], &mut no_wait()).remove(0)
+        else {
+            panic!("not accepted")
+        };
+        let request = verify_request(&first);
+        assert_eq!(client.verify(&request, &mut no_wait()), Verification::NotYet);
+        std::thread::sleep(Duration::from_millis(400));
+        assert!(matches!(
+            client.verify(&request, &mut no_wait()),
+            Verification::Anchored { polygon_tx_hash: Some(tx) } if tx.starts_with("0x")
+        ));
+        // A newer version does not make the older one a mismatch.
+        let mut newer = record("1");
+        newer.idempotency_key = "key-1-v2".into();
+        newer.record_payload = RawValue::from_string("{\"id\":1,\"v\":2}".into()).unwrap();
+        client.send_each(&[newer], &mut no_wait());
+        assert!(matches!(
+            client.verify(&request, &mut no_wait()),
+            Verification::Anchored { .. }
+        ));
+        emulator.inject(Fault::Mismatch, 1);
+        assert!(matches!(
+            client.verify(&request, &mut no_wait()),
+            Verification::Mismatch { reported_hash } if reported_hash != first.record_hash
+        ));
+        let unknown = VerifyRequest {
+            record_id: "404".into(),
+            ..request
+        };
+        assert_eq!(client.verify(&unknown, &mut no_wait()), Verification::Unknown);
     }
 
     #[test]

@@ -52,3 +52,44 @@ pub enum Outcome {
         body: String,
     },
 }
+
+/// The question `/api/v1/verify/record` answers: is this version of the record anchored?
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct VerifyRequest {
+    pub tenant_id: String,
+    pub database: String,
+    pub collection: String,
+    pub record_id: String,
+    pub record_hash: String,
+}
+
+/// What verification found for one receipt.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Verification {
+    /// On chain, with the hash we hold.
+    Anchored { polygon_tx_hash: Option<String> },
+    /// Known to Certyo, not yet on chain.
+    NotYet,
+    /// Certyo does not know this version (yet).
+    Unknown,
+    /// Certyo holds another hash for this record: never papered over.
+    Mismatch { reported_hash: String },
+    /// The request itself failed, as for ingestion (transient, rejected, unauthorized).
+    Failed(Outcome),
+}
+
+/// SHA-256 of the payload text as sent, in hex: what the receipt keeps and
+/// `certyo.audit` compares a row against.
+pub fn payload_sha256(payload: &[u8]) -> String {
+    use sha2::{Digest, Sha256};
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    let digest = Sha256::digest(payload);
+    let mut hex = String::with_capacity(64);
+    for byte in digest {
+        hex.push(char::from(DIGITS[usize::from(byte >> 4)]));
+        hex.push(char::from(DIGITS[usize::from(byte & 15)]));
+    }
+    hex
+}
+

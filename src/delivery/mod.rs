@@ -3,11 +3,16 @@
 //!
 //! - `settings`: the `certyo.*` GUCs;
 //! - `worker`: the main loop;
-//! - `store`: every statement the worker runs, each in its own short transaction.
+//! - `store`: the statements of delivery (take, record, expire, status), each its own short
+//!   transaction;
+//! - `anchor`: verification of accepted receipts;
+//! - `write_back`: hashes and anchor status written back to the source rows.
 
+mod anchor;
 pub mod settings;
 mod store;
 mod worker;
+mod write_back;
 
 use pgrx::bgworkers::BackgroundWorkerBuilder;
 use std::time::Duration;

@@ -19,6 +19,10 @@ static REQUEST_TIMEOUT_MS: GucSetting<i32> = GucSetting::<i32>::new(30_000);
 static MAX_RATE_LIMIT_RETRIES: GucSetting<i32> = GucSetting::<i32>::new(3);
 static RETENTION_S: GucSetting<i32> = GucSetting::<i32>::new(86_400);
 static ENABLED: GucSetting<bool> = GucSetting::<bool>::new(true);
+static VERIFY_MIN_AGE_MS: GucSetting<i32> = GucSetting::<i32>::new(120_000);
+static VERIFY_INTERVAL_MS: GucSetting<i32> = GucSetting::<i32>::new(120_000);
+static ANCHOR_TIMEOUT_S: GucSetting<i32> = GucSetting::<i32>::new(900);
+static BACKFILL_CHUNK_SIZE: GucSetting<i32> = GucSetting::<i32>::new(5000);
 
 /// Define the settings; called from `_PG_init` in every process that loads the library.
 /// `certyo.database_name` can only be defined while the postmaster preloads the library
@@ -111,13 +115,53 @@ pub fn define(preloading: bool) {
     );
     GucRegistry::define_int_guc(
         c"certyo.retention",
-        c"How long delivered entries are kept.",
+        c"How long receipts of replaced versions and of deletes are kept once anchored.",
         c"",
         &RETENTION_S,
         0,
         i32::MAX,
         GucContext::Sighup,
         GucFlags::UNIT_S,
+    );
+    GucRegistry::define_int_guc(
+        c"certyo.verify_min_age",
+        c"How long after acceptance a receipt is first verified.",
+        c"Certyo anchors 60-90 s after its accumulation flush; asking earlier only costs requests.",
+        &VERIFY_MIN_AGE_MS,
+        0,
+        i32::MAX,
+        GucContext::Sighup,
+        GucFlags::UNIT_MS,
+    );
+    GucRegistry::define_int_guc(
+        c"certyo.verify_interval",
+        c"How long the worker waits before verifying a receipt that was not yet anchored again.",
+        c"",
+        &VERIFY_INTERVAL_MS,
+        100,
+        i32::MAX,
+        GucContext::Sighup,
+        GucFlags::UNIT_MS,
+    );
+    GucRegistry::define_int_guc(
+        c"certyo.anchor_timeout",
+        c"A receipt not anchored this long after acceptance is flagged overdue and checked less often.",
+        c"Overdue receipts are verified with a doubling interval, at most hourly.",
+        &ANCHOR_TIMEOUT_S,
+        1,
+        i32::MAX,
+        GucContext::Sighup,
+        GucFlags::UNIT_S,
+    );
+    GucRegistry::define_int_guc(
+        c"certyo.backfill_chunk_size",
+        c"Rows a backfill queues per transaction.",
+        c"Each chunk locks its rows briefly (FOR SHARE); smaller chunks make writers wait less.",
+        &BACKFILL_CHUNK_SIZE,
+        1,
+        1_000_000,
+        GucContext::Sighup,
+        GucFlags::default(),
     );
     GucRegistry::define_bool_guc(
         c"certyo.enabled",
@@ -143,6 +187,10 @@ pub struct Settings {
     pub max_rate_limit_retries: u32,
     pub retention: Duration,
     pub enabled: bool,
+    pub verify_min_age: Duration,
+    pub verify_interval: Duration,
+    pub anchor_timeout: Duration,
+    pub backfill_chunk_size: usize,
 }
 
 fn text(setting: &GucSetting<Option<CString>>) -> String {
@@ -165,6 +213,10 @@ pub fn current() -> Settings {
         max_rate_limit_retries: MAX_RATE_LIMIT_RETRIES.get().max(0) as u32,
         retention: Duration::from_secs(RETENTION_S.get().max(0) as u64),
         enabled: ENABLED.get(),
+        verify_min_age: Duration::from_millis(VERIFY_MIN_AGE_MS.get().max(0) as u64),
+        verify_interval: Duration::from_millis(VERIFY_INTERVAL_MS.get().max(100) as u64),
+        anchor_timeout: Duration::from_secs(ANCHOR_TIMEOUT_S.get().max(1) as u64),
+        backfill_chunk_size: BACKFILL_CHUNK_SIZE.get().max(1) as usize,
     }
 }
 

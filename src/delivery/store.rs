@@ -1,6 +1,7 @@
 //! Everything the worker reads and writes in Postgres. Each function is one short transaction;
 //! none is open while HTTP is in flight.
 
+use super::write_back::{self, Mark, Version};
 use crate::certyo::{Outcome, Receipt};
 use pgrx::bgworkers::BackgroundWorker;
 use pgrx::pg_sys::Oid;
@@ -28,13 +29,28 @@ fn in_transaction<T>(
     BackgroundWorker::transaction(f)
 }
 
-/// Is the extension installed in this database? (It may be dropped under the worker.)
-pub fn extension_installed() -> SpiResult<bool> {
+/// What the worker must know before a pass.
+#[derive(Debug, Clone, Copy)]
+pub struct Control {
+    /// `certyo.pause()` was called (and not yet `certyo.resume()`).
+    pub paused: bool,
+}
+
+/// None when the extension is not installed in this database (it may be dropped under the
+/// worker); otherwise the operator's switches.
+pub fn control() -> SpiResult<Option<Control>> {
     in_transaction(|| {
-        Ok(Spi::get_one::<bool>(
+        let installed = Spi::get_one::<bool>(
             "SELECT EXISTS (SELECT FROM pg_extension WHERE extname = 'certyo_cdc')",
         )?
-        .unwrap_or(false))
+        .unwrap_or(false);
+        if !installed {
+            return Ok(None);
+        }
+        let paused =
+            Spi::get_one::<bool>("SELECT (SELECT paused FROM certyo.worker_state LIMIT 1)")?
+                .unwrap_or(false);
+        Ok(Some(Control { paused }))
     })
 }
 
@@ -101,15 +117,36 @@ pub struct Tally {
     pub accepted: i64,
     pub replayed: i64,
     pub failed: i64,
+    /// Receipts verified (any answer), found anchored, found mismatched.
+    pub verified: i64,
+    pub anchored: i64,
+    pub mismatched: i64,
+}
+
+impl std::ops::Add for Tally {
+    type Output = Tally;
+    fn add(self, o: Tally) -> Tally {
+        Tally {
+            sent: self.sent + o.sent,
+            accepted: self.accepted + o.accepted,
+            replayed: self.replayed + o.replayed,
+            failed: self.failed + o.failed,
+            verified: self.verified + o.verified,
+            anchored: self.anchored + o.anchored,
+            mismatched: self.mismatched + o.mismatched,
+        }
+    }
 }
 
 /// Record what Certyo said about each entry, and write the accepted hashes back to the rows.
-/// `retry_in` gives the delay before the next attempt of a transient failure.
+/// `retry_in` gives the delay before the next attempt of a transient failure; receipts are
+/// first verified `verify_after` from now.
 pub fn record(
     results: &[(Entry, Outcome)],
     retry_in: &dyn Fn(&Entry) -> Duration,
+    verify_after: Duration,
 ) -> SpiResult<Tally> {
-    let mut accepted: (Vec<i64>, Vec<String>, Vec<bool>) = Default::default();
+    let mut accepted: (Vec<i64>, Vec<String>, Vec<bool>, Vec<String>) = Default::default();
     let mut transient: (Vec<i64>, Vec<i64>, Vec<String>) = Default::default();
     let mut failed: (Vec<i64>, Vec<i32>, Vec<String>, Vec<bool>) = Default::default();
     let mut tally = Tally {
@@ -126,6 +163,7 @@ pub fn record(
                 accepted.0.push(entry.id);
                 accepted.1.push(record_hash.clone());
                 accepted.2.push(*idempotency_replayed);
+                accepted.3.push(crate::certyo::payload_sha256(entry.payload.as_bytes()));
                 tally.accepted += 1;
                 tally.replayed += i64::from(*idempotency_replayed);
             }
@@ -155,14 +193,28 @@ pub fn record(
         .collect();
     in_transaction(move || {
         Spi::connect_mut(|client| {
+            // Accepted: the entry becomes its receipt, in one statement (so a receipt is
+            // recorded once even if the same entry is answered twice).
             client.update(
-                "UPDATE certyo.delivery d
-                    SET state = 'accepted', record_hash = v.hash, replayed = v.replayed, accepted_at = now(),
-                        attempts = d.attempts + 1, last_attempt_at = now(), last_status = 202, last_error = NULL
-                   FROM unnest($1::bigint[], $2::text[], $3::boolean[]) AS v(id, hash, replayed)
-                  WHERE d.id = v.id",
+                "WITH v AS (SELECT * FROM unnest($1::bigint[], $2::text[], $3::boolean[], $4::text[])
+                                   AS v(id, hash, replayed, sha)),
+                      done AS (DELETE FROM certyo.delivery d USING v WHERE d.id = v.id
+                               RETURNING d.*, v.hash, v.replayed, v.sha)
+                 INSERT INTO certyo.receipt (id, relid, collection, record_id, operation, source_timestamp,
+                                             idempotency_key, queued_at, attempts, accepted_at, record_hash,
+                                             replayed, payload_sha256, next_verify_at)
+                 SELECT id, relid, collection, record_id, operation, source_timestamp, idempotency_key,
+                        queued_at, attempts + 1, now(), hash, replayed, decode(sha, 'hex'),
+                        now() + $5 * interval '1 ms'
+                   FROM done",
                 None,
-                &[accepted.0.into(), accepted.1.into(), accepted.2.into()],
+                &[
+                    accepted.0.into(),
+                    accepted.1.into(),
+                    accepted.2.into(),
+                    accepted.3.into(),
+                    (verify_after.as_millis() as i64).into(),
+                ],
             )?;
             client.update(
                 "UPDATE certyo.delivery d
@@ -188,148 +240,46 @@ pub fn record(
             Ok(())
         })
     })?;
-    write_back_hashes(&write_back)?;
+    let rows: Vec<Version> = write_back
+        .into_iter()
+        .map(|(e, hash)| Version {
+            relid: e.relid,
+            record_id: e.record_id,
+            record_hash: hash,
+            id: e.id,
+        })
+        .collect();
+    write_back::mark(&rows, Mark::Accepted)?;
     Ok(tally)
 }
 
-/// `certyo_record_hash = <hash>, certyo_anchor_status = 'pending'` on the source rows, per table
-/// in one statement, unless a newer change of the record is already queued (its own hash will
-/// follow). The update names only bookkeeping columns, so it does not fire capture.
-fn write_back_hashes(accepted: &[(Entry, String)]) -> SpiResult<()> {
-    let mut tables: Vec<Oid> = accepted.iter().map(|(e, _)| e.relid).collect();
-    tables.sort_unstable_by_key(|oid| oid.to_u32());
-    tables.dedup();
-    for relid in tables {
-        let rows: Vec<&(Entry, String)> =
-            accepted.iter().filter(|(e, _)| e.relid == relid).collect();
-        let rows: Vec<(String, String, i64)> = rows
-            .iter()
-            .map(|(e, h)| (e.record_id.clone(), h.clone(), e.id))
-            .collect();
-        in_transaction(move || write_back_table(relid, &rows))?;
-    }
-    Ok(())
-}
-
-fn write_back_table(relid: Oid, rows: &[(String, String, i64)]) -> SpiResult<()> {
-    Spi::connect_mut(|client| {
-        // The table as it is now: still there, still tracked, with its record id columns and
-        // their types (the record id parts are cast to them, so the key's index is used).
-        let target = client.select(
-            "SELECT format('%I.%I', n.nspname, c.relname),
-                    certyo.capture_option(t.tgargs, 'record_id'),
-                    ARRAY(SELECT format_type(a.atttypid, a.atttypmod)
-                            FROM unnest(certyo.capture_option(t.tgargs, 'record_id')) WITH ORDINALITY AS k(name, n)
-                            JOIN pg_attribute a ON a.attrelid = c.oid AND a.attname = k.name AND NOT a.attisdropped
-                           ORDER BY k.n)
-               FROM pg_class c
-               JOIN pg_namespace n ON n.oid = c.relnamespace
-               JOIN pg_trigger t ON t.tgrelid = c.oid AND t.tgname = 'certyo_capture'
-              WHERE c.oid = $1
-                AND EXISTS (SELECT FROM pg_attribute a WHERE a.attrelid = c.oid AND a.attname = 'certyo_record_hash' AND NOT a.attisdropped)",
-            None,
-            &[relid.into()],
-        )?;
-        let Some(target) = target.into_iter().next() else {
-            return Ok(());
-        };
-        let (Some(table), Some(columns), Some(types)) = (
-            target.get::<String>(1)?,
-            target.get::<Vec<String>>(2)?,
-            target.get::<Vec<String>>(3)?,
-        ) else {
-            return Ok(());
-        };
-        if types.len() != columns.len() {
-            return Ok(()); // a record id column is gone: nothing can be matched
-        }
-        let mut parts: Vec<Vec<String>> = vec![Vec::new(); columns.len()];
-        let (mut hashes, mut ids, mut record_ids) = (Vec::new(), Vec::new(), Vec::new());
-        for (record_id, hash, id) in rows {
-            let Some(split) = split_record_id(record_id, columns.len()) else {
-                continue;
-            };
-            for (column, value) in parts.iter_mut().zip(split) {
-                column.push(value);
-            }
-            hashes.push(hash.clone());
-            ids.push(*id);
-            record_ids.push(record_id.clone());
-        }
-        let n = columns.len();
-        let unnest: Vec<String> = (1..=n).map(|i| format!("${i}::text[]")).collect();
-        let names: Vec<String> = (1..=n).map(|i| format!("k{i}")).collect();
-        let matches: Vec<String> = columns
-            .iter()
-            .enumerate()
-            .map(|(i, c)| {
-                format!(
-                    "t.{} = v.k{}::{}",
-                    crate::track::quote_ident(c),
-                    i + 1,
-                    types[i]
-                )
-            })
-            .collect();
-        let sql = format!(
-            "UPDATE {table} AS t SET certyo_record_hash = v.hash, certyo_anchor_status = 'pending'
-               FROM unnest({unnest}, ${h}::text[], ${q}::bigint[], ${r}::text[]) AS v({names}, hash, qid, rid)
-              WHERE {matches}
-                AND NOT EXISTS (SELECT FROM certyo.delivery n WHERE n.relid = ${rel} AND n.record_id = v.rid AND n.id > v.qid)",
-            unnest = unnest.join(", "),
-            names = names.join(", "),
-            matches = matches.join(" AND "),
-            h = n + 1,
-            q = n + 2,
-            r = n + 3,
-            rel = n + 4,
-        );
-        let mut args: Vec<pgrx::datum::DatumWithOid> = parts.into_iter().map(Into::into).collect();
-        args.push(hashes.into());
-        args.push(ids.into());
-        args.push(record_ids.into());
-        args.push(relid.into());
-        client.update(sql.as_str(), None, &args)?;
-        Ok(())
-    })
-}
-
-/// The parts of a record id: one column's text, or `\`-escaped parts joined by `/`.
-pub fn split_record_id(record_id: &str, parts: usize) -> Option<Vec<String>> {
-    if parts == 1 {
-        return Some(vec![record_id.to_string()]);
-    }
-    let mut out = vec![String::new()];
-    let mut chars = record_id.chars();
-    while let Some(c) = chars.next() {
-        match c {
-            '\\' => out.last_mut()?.push(chars.next()?),
-            '/' => out.push(String::new()),
-            c => out.last_mut()?.push(c),
-        }
-    }
-    (out.len() == parts).then_some(out)
-}
-
-/// Remove accepted entries older than the retention, a bounded number per call.
+/// Remove receipts that are no longer needed: anchored, older than the retention, and either
+/// replaced by a newer version of their record or of a delete. The newest receipt of a live
+/// record stays: it is what `certyo.audit` compares the row with. A bounded number per call.
 pub fn expire(retention: Duration) -> SpiResult<()> {
     in_transaction(move || {
         Spi::run_with_args(
-            "DELETE FROM certyo.delivery
-              WHERE ctid = ANY (ARRAY(SELECT ctid FROM certyo.delivery
-                                       WHERE state = 'accepted' AND accepted_at < now() - $1 * interval '1 s'
-                                       LIMIT 5000))",
+            "DELETE FROM certyo.receipt
+              WHERE id = ANY (ARRAY(
+                    SELECT r.id FROM certyo.receipt r
+                     WHERE r.anchor_status = 'anchored' AND r.accepted_at < now() - $1 * interval '1 s'
+                       AND (r.operation = 'delete'
+                            OR EXISTS (SELECT FROM certyo.receipt n
+                                        WHERE n.relid = r.relid AND n.record_id = r.record_id AND n.id > r.id))
+                     LIMIT 5000))",
             &[(retention.as_secs() as i64).into()],
         )
     })
 }
 
-/// How long until the earliest pending entry is due (None: nothing pending).
+/// How long until the earliest retry or verification is due (None: nothing scheduled).
 pub fn next_due() -> SpiResult<Option<Duration>> {
     in_transaction(|| {
         let ms = Spi::get_one::<i64>(
-            "SELECT greatest(0, (extract(epoch FROM min(next_attempt_at) - now()) * 1000))::bigint
-               FROM certyo.delivery WHERE state = 'pending' AND next_attempt_at > now()",
+            "SELECT greatest(0, (extract(epoch FROM least(
+                        (SELECT min(next_attempt_at) FROM certyo.delivery WHERE state = 'pending'),
+                        (SELECT min(next_verify_at) FROM certyo.receipt WHERE anchor_status IN ('pending', 'overdue'))
+                    ) - now()) * 1000))::bigint",
         )?;
         Ok(ms.map(|ms| Duration::from_millis(ms as u64)))
     })
@@ -345,36 +295,37 @@ pub fn set_state(state: &str, detail: &str, error: Option<&str>, tally: Tally) -
     in_transaction(move || {
         Spi::run_with_args(
             "INSERT INTO certyo.worker_state AS w (singleton, pid, started_at, state, detail, last_error, last_error_at,
-                                                   last_delivery_at, sent, accepted, replayed, failed, updated_at)
+                                                   last_delivery_at, last_verified_at, sent, accepted, replayed, failed,
+                                                   anchored, mismatched, updated_at)
              VALUES (true, pg_backend_pid(), now(), $1, $2, $3, CASE WHEN $3 IS NOT NULL THEN now() END,
-                     CASE WHEN $5 > 0 THEN now() END, $4, $5, $6, $7, now())
+                     CASE WHEN $5 > 0 THEN now() END, CASE WHEN $8 > 0 THEN now() END, $4, $5, $6, $7, $9, $10, now())
              ON CONFLICT (singleton) DO UPDATE SET
                  started_at = CASE WHEN w.pid IS DISTINCT FROM pg_backend_pid() THEN now() ELSE w.started_at END,
                  sent = CASE WHEN w.pid IS DISTINCT FROM pg_backend_pid() THEN 0 ELSE w.sent END + $4,
                  accepted = CASE WHEN w.pid IS DISTINCT FROM pg_backend_pid() THEN 0 ELSE w.accepted END + $5,
                  replayed = CASE WHEN w.pid IS DISTINCT FROM pg_backend_pid() THEN 0 ELSE w.replayed END + $6,
                  failed = CASE WHEN w.pid IS DISTINCT FROM pg_backend_pid() THEN 0 ELSE w.failed END + $7,
+                 anchored = CASE WHEN w.pid IS DISTINCT FROM pg_backend_pid() THEN 0 ELSE w.anchored END + $9,
+                 mismatched = CASE WHEN w.pid IS DISTINCT FROM pg_backend_pid() THEN 0 ELSE w.mismatched END + $10,
                  pid = pg_backend_pid(), state = $1, detail = $2,
                  last_error = coalesce($3, w.last_error),
                  last_error_at = CASE WHEN $3 IS NOT NULL THEN now() ELSE w.last_error_at END,
                  last_delivery_at = CASE WHEN $5 > 0 THEN now() ELSE w.last_delivery_at END,
+                 last_verified_at = CASE WHEN $8 > 0 THEN now() ELSE w.last_verified_at END,
                  updated_at = now()",
-            &[state.into(), detail.into(), error.into(), tally.sent.into(), tally.accepted.into(), tally.replayed.into(), tally.failed.into()],
+            &[
+                state.into(),
+                detail.into(),
+                error.into(),
+                tally.sent.into(),
+                tally.accepted.into(),
+                tally.replayed.into(),
+                tally.failed.into(),
+                tally.verified.into(),
+                tally.anchored.into(),
+                tally.mismatched.into(),
+            ],
         )
     })
 }
 
-#[cfg(test)]
-mod tests {
-    use super::split_record_id;
-
-    #[test]
-    fn record_ids_split_back_into_their_parts() {
-        assert_eq!(split_record_id("42", 1), Some(vec!["42".to_string()]));
-        assert_eq!(
-            split_record_id(r"EU\/West/A\\1", 2),
-            Some(vec!["EU/West".to_string(), r"A\1".to_string()])
-        );
-        assert_eq!(split_record_id("a/b/c", 2), None);
-    }
-}

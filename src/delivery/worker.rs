@@ -4,9 +4,10 @@
 //! sets it, `certyo.poll_interval` is the fallback, and SIGTERM or postmaster death ends it.
 
 use super::settings::{self, Settings};
+use super::anchor;
 use super::store::{self, Entry, Tally};
 use crate::certyo::retry::next_attempt_delay;
-use crate::certyo::{Client, ClientConfig, Outcome, Record};
+use crate::certyo::{Client, ClientConfig, Outcome, Record, Verification};
 use pgrx::bgworkers::{BackgroundWorker, SignalWakeFlags};
 use pgrx::pg_sys;
 use pgrx::pg_sys::panic::CaughtError;
@@ -31,7 +32,12 @@ struct Worker {
     /// Set by a 401/403 and cleared by a configuration reload: nothing is sent meanwhile.
     unauthorized: Option<String>,
     last_state: Option<(String, String)>,
+    expired_at: Option<Instant>,
 }
+
+/// Receipts verified per pass at most (each is one request).
+const VERIFY_PER_PASS: usize = 100;
+const EXPIRE_EVERY: Duration = Duration::from_secs(60);
 
 enum Next {
     /// More may be ready: run another pass at once.
@@ -87,66 +93,134 @@ impl Worker {
 
     fn pass(&mut self) -> Result<Next, pgrx::spi::Error> {
         let settings = settings::current();
-        if !store::extension_installed()? {
-            return Ok(Next::Wait(
-                settings.poll_interval.max(Duration::from_secs(5)),
-            ));
+        let Some(control) = store::control()? else {
+            return Ok(Next::Wait(settings.poll_interval.max(Duration::from_secs(5))));
+        };
+        // Backfills only queue rows, like capture: they go on while sending is paused.
+        let backfilling = crate::backfill::step(settings.backfill_chunk_size)?;
+        if let Some((state, detail)) = self.blocked(&settings, control) {
+            self.announce(state, &detail, None, Tally::default())?;
+            return Ok(if backfilling {
+                Next::Now
+            } else {
+                Next::Wait(settings.poll_interval)
+            });
+        }
+        let client = self.client(&settings)?.clone();
+        let (delivered, error, more_to_send) = self.deliver(&client, &settings)?;
+        let (verified, more_to_verify) = self.verify(&client, &settings)?;
+        self.expire(&settings)?;
+        let tally = delivered + verified;
+        if tally.sent + tally.verified == 0 && error.is_none() {
+            self.announce("idle", "waiting for changes", None, tally)?;
+        } else {
+            let detail = format!(
+                "delivered {} of {}, verified {} ({} anchored) in the last pass",
+                tally.accepted, tally.sent, tally.verified, tally.anchored
+            );
+            self.announce("delivering", &detail, error.as_deref(), tally)?;
+        }
+        if more_to_send || more_to_verify || backfilling {
+            return Ok(Next::Now);
+        }
+        let due = store::next_due()?.unwrap_or(settings.poll_interval);
+        Ok(Next::Wait(due.min(settings.poll_interval)))
+    }
+
+    /// Why nothing may be sent now, if anything stops it: (state, detail).
+    fn blocked(&self, settings: &Settings, control: store::Control) -> Option<(&'static str, String)> {
+        if control.paused {
+            return Some(("paused", "paused by certyo.pause(): changes are captured but not sent; certyo.resume() resumes".into()));
         }
         if !settings.enabled {
-            self.announce(
-                "paused",
-                "certyo.enabled is off: changes are captured but not sent",
-                None,
-                Tally::default(),
-            )?;
-            return Ok(Next::Wait(settings.poll_interval));
+            return Some(("paused", "certyo.enabled is off: changes are captured but not sent".into()));
         }
         if let Some(missing) = settings.missing() {
-            self.announce("not configured", &missing, None, Tally::default())?;
-            return Ok(Next::Wait(settings.poll_interval));
+            return Some(("not configured", missing));
         }
-        if let Some(refusal) = self.unauthorized.clone() {
-            let detail = format!("Certyo refused the API key ({refusal}): nothing is sent until certyo.api_key is fixed and reloaded");
-            self.announce("unauthorized", &detail, None, Tally::default())?;
-            return Ok(Next::Wait(settings.poll_interval));
-        }
+        self.unauthorized.as_ref().map(|refusal| {
+            ("unauthorized", format!("Certyo refused the API key ({refusal}): nothing is sent until certyo.api_key is fixed and reloaded"))
+        })
+    }
+
+    /// Take a batch, send it, record the answers. Returns the tally, the first error met, and
+    /// whether more may be ready at once.
+    fn deliver(
+        &mut self,
+        client: &Client,
+        settings: &Settings,
+    ) -> Result<(Tally, Option<String>, bool), pgrx::spi::Error> {
         let batch = store::take_batch(settings.batch_size)?;
         if batch.is_empty() {
-            store::expire(settings.retention)?;
-            self.announce("idle", "waiting for changes", None, Tally::default())?;
-            let due = store::next_due()?.unwrap_or(settings.poll_interval);
-            return Ok(Next::Wait(due.min(settings.poll_interval)));
+            return Ok((Tally::default(), None, false));
         }
-        let client = self.client(&settings)?;
-        let outcomes = send(client, &settings, &batch);
-        if let Some(Outcome::Unauthorized { status, body }) = outcomes
-            .iter()
-            .find(|o| matches!(o, Outcome::Unauthorized { .. }))
-        {
-            let refusal = format!(
-                "HTTP {status}: {}",
-                body.chars().take(200).collect::<String>()
-            );
-            pgrx::warning!("certyo_cdc: Certyo refused the API key ({refusal}); delivery stops until certyo.api_key is fixed and reloaded");
-            self.unauthorized = Some(refusal);
-        }
+        let outcomes = send(client, settings, &batch);
+        self.note_refusal(outcomes.iter());
         let error = outcomes.iter().find_map(|o| match o {
             Outcome::Transient(e) => Some(e.clone()),
             Outcome::Rejected { status, body } => Some(format!("HTTP {status}: {body}")),
             _ => None,
         });
         let results: Vec<(Entry, Outcome)> = batch.into_iter().zip(outcomes).collect();
-        let tally = store::record(&results, &|_| next_attempt_delay(1, jitter()))?;
-        let detail = format!(
-            "delivered {} of {} in the last pass",
-            tally.accepted, tally.sent
-        );
-        self.announce("delivering", &detail, error.as_deref(), tally)?;
-        Ok(if tally.accepted > 0 {
-            Next::Now
-        } else {
-            Next::Wait(settings.poll_interval)
-        })
+        let tally = store::record(
+            &results,
+            &|_| next_attempt_delay(1, jitter()),
+            settings.verify_min_age,
+        )?;
+        Ok((tally, error, tally.accepted > 0))
+    }
+
+    /// Verify the receipts that are due, a bounded number per pass so delivery never waits
+    /// long behind verification. Returns the tally and whether more may be due.
+    fn verify(&mut self, client: &Client, settings: &Settings) -> Result<(Tally, bool), pgrx::spi::Error> {
+        let limit = settings.batch_size.min(VERIFY_PER_PASS);
+        let due = anchor::take_due(limit)?;
+        if due.is_empty() {
+            return Ok((Tally::default(), false));
+        }
+        let mut results = Vec::with_capacity(due.len());
+        for receipt in due {
+            let request = receipt.request(&settings.tenant_id, &settings.database_name);
+            let found = client.verify(&request, &mut |delay| sleep(delay));
+            let refused = matches!(found, Verification::Failed(Outcome::Unauthorized { .. }));
+            if let Verification::Failed(outcome) = &found {
+                self.note_refusal(std::iter::once(outcome));
+            }
+            results.push((receipt, found));
+            if refused || BackgroundWorker::sigterm_received() {
+                break;
+            }
+        }
+        let full = results.len() == limit;
+        let schedule = anchor::Schedule {
+            interval: settings.verify_interval,
+            anchor_timeout: settings.anchor_timeout,
+        };
+        Ok((anchor::record(&results, schedule)?, full))
+    }
+
+    /// Remember a 401/403: nothing is sent until the configuration is reloaded.
+    fn note_refusal<'a>(&mut self, outcomes: impl Iterator<Item = &'a Outcome>) {
+        for outcome in outcomes {
+            if let Outcome::Unauthorized { status, body } = outcome {
+                let refusal = format!(
+                    "HTTP {status}: {}",
+                    body.chars().take(200).collect::<String>()
+                );
+                pgrx::warning!("certyo_cdc: Certyo refused the API key ({refusal}); delivery stops until certyo.api_key is fixed and reloaded");
+                self.unauthorized = Some(refusal);
+                return;
+            }
+        }
+    }
+
+    /// Receipts that are no longer needed go, at most once a minute (the scan is not free).
+    fn expire(&mut self, settings: &Settings) -> Result<(), pgrx::spi::Error> {
+        if self.expired_at.is_some_and(|at| at.elapsed() < EXPIRE_EVERY) {
+            return Ok(());
+        }
+        self.expired_at = Some(Instant::now());
+        store::expire(settings.retention)
     }
 
     /// The HTTP client, built on first use and again when its settings change.

@@ -3,6 +3,7 @@
 //! EXTENSION) is covered by `pg_test/capture.sh` against a real cluster.
 
 mod capture;
+mod operations;
 mod track;
 
 use pgrx::prelude::*;
@@ -44,6 +45,19 @@ pub fn queue_len() -> i64 {
 /// Run `statement` in a subtransaction and return `(sqlstate, message, hint)` of its error,
 /// or `None` when it succeeds. The subtransaction is rolled back, as a failed statement is.
 pub fn error_of(statement: &str) -> Option<(String, String, String)> {
+    // Created once per test (the test may have switched to a role that could not replace it).
+    if one::<bool>("SELECT to_regprocedure('pg_temp.error_of(text)') IS NULL") == Some(true) {
+        define_error_of();
+    }
+    let (state, message, hint) = Spi::get_three_with_args::<String, String, String>(
+        "SELECT * FROM pg_temp.error_of($1)",
+        &[statement.into()],
+    )
+    .unwrap();
+    state.map(|s| (s, message.unwrap_or_default(), hint.unwrap_or_default()))
+}
+
+fn define_error_of() {
     sql(r#"
         CREATE OR REPLACE FUNCTION pg_temp.error_of(statement text, OUT state text, OUT message text, OUT hint text)
         LANGUAGE plpgsql AS $f$
@@ -53,10 +67,4 @@ pub fn error_of(statement: &str) -> Option<(String, String, String)> {
             GET STACKED DIAGNOSTICS state = RETURNED_SQLSTATE, message = MESSAGE_TEXT, hint = PG_EXCEPTION_HINT;
         END
         $f$"#);
-    let (state, message, hint) = Spi::get_three_with_args::<String, String, String>(
-        "SELECT * FROM pg_temp.error_of($1)",
-        &[statement.into()],
-    )
-    .unwrap();
-    state.map(|s| (s, message.unwrap_or_default(), hint.unwrap_or_default()))
 }

@@ -5,6 +5,7 @@
 
 mod backfill;
 mod install;
+pub(crate) mod key;
 mod table;
 
 use crate::capture::options::{option_values, CaptureOptions, RecordIdSource};
@@ -15,7 +16,6 @@ use pgrx::pg_sys::Oid;
 use pgrx::prelude::*;
 use pgrx::PgSqlErrorCode;
 use std::ffi::CStr;
-pub(crate) use table::quote_ident;
 use table::{quote_literal, Request, Table};
 
 #[pg_extern(sql = false)]
@@ -124,10 +124,10 @@ fn refresh(relid: Oid) -> Result<()> {
     Ok(())
 }
 
-fn installed_options(relid: Oid) -> Result<Option<CaptureOptions>> {
+pub(crate) fn installed_options(relid: Oid) -> Result<Option<CaptureOptions>> {
     let raw = Spi::get_one_with_args::<Vec<u8>>(
         &format!(
-            "SELECT tgargs FROM pg_trigger WHERE tgrelid = $1 AND tgname = {}",
+            "SELECT (SELECT tgargs FROM pg_trigger WHERE tgrelid = $1 AND tgname = {})",
             quote_literal(CAPTURE_TRIGGER)
         ),
         &[relid.into()],

@@ -10,7 +10,7 @@
 //!
 //! Control plane (no API key): `POST /_emulator/faults {"fault": "429", "times": 3,
 //! "retryAfter": 1}` (faults: `429`, `500`, `slow` with `"seconds"`, `drop` (no answer at all), `partial`,
-//! `mismatch`), `GET /_emulator/stats`, `GET /_emulator/records`, `POST /_emulator/reset`.
+//! `reject` (422), `mismatch` (the next verification answers report another hash)), `GET /_emulator/stats`, `GET /_emulator/records`, `POST /_emulator/reset`.
 
 use serde_json::{json, Map, Value};
 use sha2::{Digest, Sha256};
@@ -54,6 +54,8 @@ pub enum Fault {
     Partial,
     /// Verification reports a different hash than the one accepted.
     Mismatch,
+    /// 422 for the whole request: the records become dead letters.
+    Reject,
 }
 
 /// One accepted record, as Certyo holds it.
@@ -276,6 +278,10 @@ fn ingest(request: Request, body: &str, bulk: bool, state: &Mutex<State>) {
         Some(Fault::ServerError) => {
             return respond(request, 500, &json!({"error": "injected failure"}), None)
         }
+        Some(Fault::Reject) => {
+            lock(state).stats.rejected += 1;
+            return respond(request, 422, &json!({"error": "injected rejection"}), None);
+        }
         Some(Fault::Drop) => {
             // No answer at all: the request is neither processed nor answered, and the client
             // gives up at its timeout. (tiny_http keeps its own half of the socket, so a TCP
@@ -421,16 +427,24 @@ fn verify(body: &str, state: &Mutex<State>, anchor_delay: Duration) -> (u16, Val
     let mut state = lock(state);
     state.stats.verify_requests += 1;
     let same = |a: &Accepted, f: &str| a.record.get(f) == request.get(f);
-    let found = state
+    // The version asked about (by its hash); failing that, the newest version of the record,
+    // whose different hash then tells the client that Certyo holds something else.
+    let versions: Vec<&Accepted> = state
         .accepted
         .iter()
         .rev()
-        .find(|a| {
+        .filter(|a| {
             ["tenantId", "database", "collection", "recordId"]
                 .iter()
                 .all(|f| same(a, f))
         })
-        .cloned();
+        .collect();
+    let asked = request.get("recordHash").and_then(Value::as_str);
+    let found = versions
+        .iter()
+        .find(|a| Some(a.record_hash.as_str()) == asked)
+        .or(versions.first())
+        .map(|a| (*a).clone());
     let Some(found) = found else {
         return (
             200,
@@ -522,9 +536,10 @@ fn parse_fault(body: &str) -> Result<(Fault, u32), String> {
         Some("drop") => Fault::Drop,
         Some("partial") => Fault::Partial,
         Some("mismatch") => Fault::Mismatch,
+        Some("reject") => Fault::Reject,
         other => {
             return Err(format!(
-                "unknown fault {other:?}; use 429, 500, slow, drop, partial or mismatch"
+                "unknown fault {other:?}; use 429, 500, slow, drop, partial, reject or mismatch"
             ))
         }
     };

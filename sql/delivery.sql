@@ -1,0 +1,107 @@
+-- Delivery and anchoring: the worker's own bookkeeping (src/delivery/store.rs and anchor.rs
+-- write it; nothing else does, except the operator functions in operations.sql).
+--
+-- A change's life: certyo.queue (appended by capture) → certyo.delivery (pending; 'dead' when
+-- Certyo refused it) → certyo.receipt once Certyo accepted it (pending → anchored, or mismatch).
+-- Nothing is ever dropped: a dead letter waits for an operator, and a receipt is kept while it
+-- is the newest of its record; receipts of versions a newer one replaced, and of deletes, are
+-- removed after certyo.retention once anchored.
+
+-- Changes the worker has taken from the queue and not yet delivered. Each pass moves what is
+-- visible in certyo.queue here (so the write path never pays for these indexes).
+CREATE TABLE certyo.delivery (
+    id               bigint      PRIMARY KEY,           -- the queue id: change order per record
+    relid            oid         NOT NULL,
+    collection       text        NOT NULL,
+    record_id        text        NOT NULL,
+    operation        text        NOT NULL,
+    payload          json        NOT NULL,
+    source_timestamp timestamptz NOT NULL,
+    idempotency_key  text        NOT NULL,
+    queued_at        timestamptz NOT NULL,
+    state            text        NOT NULL DEFAULT 'pending' CHECK (state IN ('pending', 'dead')),
+    attempts         integer     NOT NULL DEFAULT 0,
+    next_attempt_at  timestamptz NOT NULL DEFAULT '-infinity',
+    last_attempt_at  timestamptz,
+    last_status      integer,                           -- HTTP status of the last answer
+    last_error       text                               -- why the last attempt failed (body of a 4xx)
+);
+CREATE INDEX delivery_pending ON certyo.delivery (id) WHERE state = 'pending';
+CREATE INDEX delivery_record ON certyo.delivery (relid, record_id, id);
+SELECT pg_catalog.pg_extension_config_dump('certyo.delivery', '');
+
+-- What Certyo answered for each accepted change, and what verification found since: the audit
+-- trail (certyo.history) and the baseline of the tamper audit (certyo.audit). No payload: only
+-- its SHA-256, which is all the audit needs.
+CREATE TABLE certyo.receipt (
+    id               bigint      PRIMARY KEY,           -- the queue id of the change
+    relid            oid         NOT NULL,
+    collection       text        NOT NULL,
+    record_id        text        NOT NULL,
+    operation        text        NOT NULL,
+    source_timestamp timestamptz NOT NULL,
+    idempotency_key  text        NOT NULL,
+    queued_at        timestamptz NOT NULL,
+    attempts         integer     NOT NULL,              -- deliveries it took
+    accepted_at      timestamptz NOT NULL,
+    record_hash      text        NOT NULL,              -- Certyo's recordHash
+    replayed         boolean     NOT NULL,              -- idempotencyReplayed
+    payload_sha256   bytea       NOT NULL,              -- SHA-256 of the payload text sent
+    -- pending: accepted, not yet on chain; overdue: still not on chain long after
+    -- certyo.anchor_timeout (checked less often); anchored; mismatch: Certyo reports another hash.
+    anchor_status    text        NOT NULL DEFAULT 'pending'
+                     CHECK (anchor_status IN ('pending', 'overdue', 'anchored', 'mismatch')),
+    next_verify_at   timestamptz,                       -- NULL once anchored or mismatched
+    verify_attempts  integer     NOT NULL DEFAULT 0,
+    last_verified_at timestamptz,
+    verify_error     text,                              -- why the last verification failed
+    polygon_tx_hash  text,                              -- the anchoring transaction
+    anchored_at      timestamptz,                       -- when verification found it on chain
+    reported_hash    text                               -- mismatch: the hash Certyo reported
+);
+CREATE INDEX receipt_record ON certyo.receipt (relid, record_id, id);
+CREATE INDEX receipt_verify ON certyo.receipt (next_verify_at) WHERE anchor_status IN ('pending', 'overdue');
+SELECT pg_catalog.pg_extension_config_dump('certyo.receipt', '');
+
+-- Backfills (certyo.backfill): queued by a user, performed by the worker one chunk per
+-- transaction, resumable from last_key after a crash or restart.
+CREATE TABLE certyo.backfills (
+    id           bigint      GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    relid        oid         NOT NULL,
+    where_clause text,                                  -- NULL: every row
+    requested_by oid         NOT NULL,                  -- chunks read the table with this role's rights
+    requested_at timestamptz NOT NULL DEFAULT now(),
+    state        text        NOT NULL DEFAULT 'queued'
+                 CHECK (state IN ('queued', 'running', 'done', 'failed', 'cancelled')),
+    last_key     text[],                                -- record id columns of the last row queued
+    rows_queued  bigint      NOT NULL DEFAULT 0,
+    chunks       integer     NOT NULL DEFAULT 0,
+    updated_at   timestamptz,
+    finished_at  timestamptz,
+    error        text
+);
+CREATE INDEX backfills_open ON certyo.backfills (id) WHERE state IN ('queued', 'running');
+SELECT pg_catalog.pg_extension_config_dump('certyo.backfills', '');
+
+-- What the worker last said about itself (read through certyo.worker_status()), and the
+-- operator's pause switch, which survives restarts.
+CREATE TABLE certyo.worker_state (
+    singleton         boolean PRIMARY KEY DEFAULT true CHECK (singleton),
+    paused            boolean NOT NULL DEFAULT false,
+    pid               integer,
+    started_at        timestamptz,
+    state             text,
+    detail            text,
+    last_error        text,
+    last_error_at     timestamptz,
+    last_delivery_at  timestamptz,
+    last_verified_at  timestamptz,
+    sent              bigint NOT NULL DEFAULT 0,
+    accepted          bigint NOT NULL DEFAULT 0,
+    replayed          bigint NOT NULL DEFAULT 0,
+    failed            bigint NOT NULL DEFAULT 0,
+    anchored          bigint NOT NULL DEFAULT 0,
+    mismatched        bigint NOT NULL DEFAULT 0,
+    updated_at        timestamptz
+);
+INSERT INTO certyo.worker_state DEFAULT VALUES;

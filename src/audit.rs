@@ -1,0 +1,201 @@
+//! `certyo.audit(rel)`: the tamper audit. For each row of a tracked table, render its business
+//! payload exactly as capture does, hash it, and compare with the newest version captured for
+//! that record (the receipt keeps the SHA-256 of the payload Certyo accepted). Rows changed or
+//! deleted behind capture's back (triggers disabled, `session_replication_role = replica`, an
+//! old backup restored) show up; a clean table returns nothing.
+
+use crate::capture::plan::TablePlan;
+use crate::capture::record::{Operation, Row};
+use crate::certyo::payload_sha256;
+use crate::error::{CertyoError, OrRaise, Result};
+use pgrx::datum::TimestampWithTimeZone;
+use pgrx::pg_sys::{self, Oid};
+use pgrx::prelude::*;
+use pgrx::{PgMemoryContexts, PgSqlErrorCode};
+use std::collections::HashMap;
+
+/// The newest captured version of one record.
+struct Known {
+    sha256: String,
+    accepted: bool,
+    deleted: bool,
+}
+
+/// The last accepted version of one record, for the report.
+struct Accepted {
+    at: Option<TimestampWithTimeZone>,
+    record_hash: Option<String>,
+}
+
+type Finding = (
+    String,
+    String,
+    Option<TimestampWithTimeZone>,
+    Option<String>,
+);
+
+#[pg_extern(sql = false)]
+fn audit(
+    rel: Oid,
+) -> TableIterator<
+    'static,
+    (
+        name!(record_id, String),
+        name!(problem, String),
+        name!(last_accepted_at, Option<TimestampWithTimeZone>),
+        name!(last_record_hash, Option<String>),
+    ),
+> {
+    TableIterator::new(findings(rel).or_raise())
+}
+
+fn findings(relid: Oid) -> Result<Vec<Finding>> {
+    let Some(options) = crate::track::installed_options(relid)? else {
+        return Err(CertyoError::new(
+            PgSqlErrorCode::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
+            "certyo_cdc: the table is not tracked, so there is nothing to audit it against",
+        )
+        .hint("certyo.tracked_tables lists the tracked tables."));
+    };
+    let mut known = newest_versions(relid)?;
+    let accepted = last_accepted(relid)?;
+    let report = |record_id: String, problem: &str| -> Finding {
+        let last = accepted.get(&record_id);
+        (
+            record_id,
+            problem.to_string(),
+            last.and_then(|a| a.at),
+            last.and_then(|a| a.record_hash.clone()),
+        )
+    };
+    let mut found = Vec::new();
+    scan(relid, &options, |record_id, sha256| {
+        let problem = match known.remove(&record_id) {
+            None => Some("never captured"),
+            Some(k) if k.deleted || k.sha256 != sha256 => Some("changed without capture"),
+            Some(k) if !k.accepted => Some("not yet accepted"),
+            Some(_) => None,
+        };
+        if let Some(problem) = problem {
+            found.push(report(record_id, problem));
+        }
+    })?;
+    let mut gone: Vec<String> = known
+        .into_iter()
+        .filter(|(_, k)| !k.deleted)
+        .map(|(record_id, _)| record_id)
+        .collect();
+    gone.sort();
+    found.extend(gone.into_iter().map(|r| report(r, "deleted without capture")));
+    Ok(found)
+}
+
+/// Per record id, the newest version captured: queued, being delivered, or accepted.
+fn newest_versions(relid: Oid) -> Result<HashMap<String, Known>> {
+    Ok(Spi::connect(|client| {
+        let rows = client.select(
+            "SELECT DISTINCT ON (record_id) record_id, accepted, operation = 'delete', sha256, payload
+               FROM (SELECT record_id, id, true AS accepted, operation, encode(payload_sha256, 'hex') AS sha256,
+                            NULL::text AS payload
+                       FROM certyo.receipt WHERE relid = $1
+                     UNION ALL
+                     SELECT record_id, id, false, operation, NULL, payload::text FROM certyo.delivery WHERE relid = $1
+                     UNION ALL
+                     SELECT record_id, id, false, operation, NULL, payload::text FROM certyo.queue WHERE relid = $1
+                    ) AS versions
+              ORDER BY record_id, id DESC",
+            None,
+            &[relid.into()],
+        )?;
+        let mut known = HashMap::new();
+        for row in rows {
+            let record_id = row.get::<String>(1)?.unwrap_or_default();
+            let sha256 = match row.get::<String>(4)? {
+                Some(sha256) => sha256,
+                None => payload_sha256(row.get::<String>(5)?.unwrap_or_default().as_bytes()),
+            };
+            known.insert(
+                record_id,
+                Known {
+                    sha256,
+                    accepted: row.get::<bool>(2)?.unwrap_or(false),
+                    deleted: row.get::<bool>(3)?.unwrap_or(false),
+                },
+            );
+        }
+        Ok::<_, pgrx::spi::Error>(known)
+    })?)
+}
+
+fn last_accepted(relid: Oid) -> Result<HashMap<String, Accepted>> {
+    Ok(Spi::connect(|client| {
+        let rows = client.select(
+            "SELECT DISTINCT ON (record_id) record_id, accepted_at, record_hash
+               FROM certyo.receipt WHERE relid = $1 ORDER BY record_id, id DESC",
+            None,
+            &[relid.into()],
+        )?;
+        let mut last = HashMap::new();
+        for row in rows {
+            last.insert(
+                row.get::<String>(1)?.unwrap_or_default(),
+                Accepted {
+                    at: row.get::<TimestampWithTimeZone>(2)?,
+                    record_hash: row.get::<String>(3)?,
+                },
+            );
+        }
+        Ok::<_, pgrx::spi::Error>(last)
+    })?)
+}
+
+/// Every row of the table as (record id, SHA-256 of its payload), rendered as capture renders.
+fn scan(
+    relid: Oid,
+    options: &crate::capture::options::CaptureOptions,
+    mut each: impl FnMut(String, String),
+) -> Result<()> {
+    unsafe {
+        let rel = pg_sys::table_open(relid, pg_sys::AccessShareLock as pg_sys::LOCKMODE);
+        let plan = TablePlan::build(rel, options)?;
+        let snapshot = pg_sys::RegisterSnapshot(pg_sys::GetTransactionSnapshot());
+        let flags = pg_sys::ScanOptions::SO_TYPE_SEQSCAN | pg_sys::ScanOptions::SO_ALLOW_PAGEMODE;
+        let scan = pg_sys::heap_beginscan(
+            rel,
+            snapshot,
+            0,
+            std::ptr::null_mut(),
+            std::ptr::null_mut(),
+            flags,
+        );
+        let mut per_row = PgMemoryContexts::new("certyo_cdc audit row");
+        let mut outcome = Ok(());
+        loop {
+            let tuple = pg_sys::heap_getnext(scan, pg_sys::ScanDirection::ForwardScanDirection);
+            if tuple.is_null() {
+                break;
+            }
+            let rendered = per_row.switch_to(|_| {
+                let row = Row::deform(tuple, (*rel).rd_att, plan.natts);
+                plan.change(Operation::Upsert, &row).map(|change| {
+                    (
+                        String::from_utf8_lossy(&change.record_id).into_owned(),
+                        payload_sha256(&change.payload),
+                    )
+                })
+            });
+            per_row.reset();
+            match rendered {
+                Ok((record_id, sha256)) => each(record_id, sha256),
+                Err(e) => {
+                    outcome = Err(e);
+                    break;
+                }
+            }
+        }
+        pg_sys::heap_endscan(scan);
+        pg_sys::UnregisterSnapshot(snapshot);
+        pg_sys::table_close(rel, pg_sys::NoLock as pg_sys::LOCKMODE);
+        outcome
+    }
+}

@@ -1,0 +1,179 @@
+//! Verification: is what Certyo accepted on chain yet? Receipts are due `certyo.verify_min_age`
+//! after acceptance and then every `certyo.verify_interval`; one not anchored
+//! `certyo.anchor_timeout` after acceptance is flagged `overdue` and checked at a doubling
+//! interval (at most hourly) instead of at full rate. Like delivery: take the due receipts in
+//! one short transaction, ask Certyo with no transaction open, record in another.
+
+use super::store::Tally;
+use super::write_back::{self, Mark, Version};
+use crate::certyo::{Outcome, Verification, VerifyRequest};
+use pgrx::bgworkers::BackgroundWorker;
+use pgrx::pg_sys::Oid;
+use pgrx::prelude::*;
+use std::time::Duration;
+
+type SpiResult<T> = Result<T, pgrx::spi::Error>;
+
+/// One receipt due for verification.
+#[derive(Debug, Clone)]
+pub struct Due {
+    pub version: Version,
+    pub collection: String,
+    pub operation: String,
+}
+
+impl Due {
+    pub fn request(&self, tenant_id: &str, database: &str) -> VerifyRequest {
+        VerifyRequest {
+            tenant_id: tenant_id.to_string(),
+            database: database.to_string(),
+            collection: self.collection.clone(),
+            record_id: self.version.record_id.clone(),
+            record_hash: self.version.record_hash.clone(),
+        }
+    }
+}
+
+/// The receipts whose verification is due, oldest schedule first.
+pub fn take_due(limit: usize) -> SpiResult<Vec<Due>> {
+    BackgroundWorker::transaction(move || {
+        Spi::connect(|client| {
+            let rows = client.select(
+                "SELECT id, relid, collection, record_id, operation, record_hash
+                   FROM certyo.receipt
+                  WHERE anchor_status IN ('pending', 'overdue') AND next_verify_at <= now()
+                  ORDER BY next_verify_at
+                  LIMIT $1",
+                None,
+                &[(limit as i64).into()],
+            )?;
+            let mut due = Vec::new();
+            for row in rows {
+                due.push(Due {
+                    version: Version {
+                        id: row.get::<i64>(1)?.unwrap_or_default(),
+                        relid: row.get::<Oid>(2)?.unwrap_or(pg_sys::InvalidOid),
+                        record_id: row.get::<String>(4)?.unwrap_or_default(),
+                        record_hash: row.get::<String>(6)?.unwrap_or_default(),
+                    },
+                    collection: row.get::<String>(3)?.unwrap_or_default(),
+                    operation: row.get::<String>(5)?.unwrap_or_default(),
+                });
+            }
+            Ok(due)
+        })
+    })
+}
+
+/// How often receipts are checked, from the settings.
+#[derive(Debug, Clone, Copy)]
+pub struct Schedule {
+    pub interval: Duration,
+    pub anchor_timeout: Duration,
+}
+
+/// Record what verification found, then mark the source rows that still hold those versions.
+pub fn record(results: &[(Due, Verification)], schedule: Schedule) -> SpiResult<Tally> {
+    let mut tally = Tally::default();
+    let mut anchored: (Vec<i64>, Vec<Option<String>>) = Default::default();
+    let mut mismatched: (Vec<i64>, Vec<String>) = Default::default();
+    let mut later: (Vec<i64>, Vec<Option<String>>) = Default::default();
+    let (mut rows_anchored, mut rows_mismatched) = (Vec::new(), Vec::new());
+    for (due, found) in results {
+        let id = due.version.id;
+        let keeps_row = due.operation != "delete";
+        match found {
+            Verification::Anchored { polygon_tx_hash } => {
+                anchored.0.push(id);
+                anchored.1.push(polygon_tx_hash.clone());
+                tally.anchored += 1;
+                if keeps_row {
+                    rows_anchored.push(due.version.clone());
+                }
+            }
+            Verification::Mismatch { reported_hash } => {
+                pgrx::warning!(
+                    "certyo_cdc: Certyo reports hash {reported_hash} for {} record {}, but its receipt (change {id}) holds {}: the anchored record is not the one sent",
+                    due.collection,
+                    due.version.record_id,
+                    due.version.record_hash
+                );
+                mismatched.0.push(id);
+                mismatched.1.push(reported_hash.clone());
+                tally.mismatched += 1;
+                if keeps_row {
+                    rows_mismatched.push(due.version.clone());
+                }
+            }
+            // The configuration is wrong, not the receipt: left as it is for after the fix.
+            Verification::Failed(Outcome::Unauthorized { .. }) => continue,
+            Verification::NotYet => later_push(&mut later, id, None),
+            Verification::Unknown => later_push(
+                &mut later,
+                id,
+                Some("Certyo does not know this version (yet)".into()),
+            ),
+            Verification::Failed(Outcome::Transient(e)) => later_push(&mut later, id, Some(e.clone())),
+            Verification::Failed(Outcome::Rejected { status, body }) => {
+                later_push(&mut later, id, Some(format!("HTTP {status}: {body}")))
+            }
+            Verification::Failed(Outcome::Accepted(_)) => later_push(&mut later, id, None),
+        }
+        tally.verified += 1;
+    }
+    BackgroundWorker::transaction(move || {
+        Spi::connect_mut(|client| {
+            client.update(
+                "UPDATE certyo.receipt r
+                    SET anchor_status = 'anchored', polygon_tx_hash = v.tx, anchored_at = now(),
+                        last_verified_at = now(), verify_attempts = r.verify_attempts + 1,
+                        next_verify_at = NULL, verify_error = NULL
+                   FROM unnest($1::bigint[], $2::text[]) AS v(id, tx)
+                  WHERE r.id = v.id",
+                None,
+                &[anchored.0.into(), anchored.1.into()],
+            )?;
+            client.update(
+                "UPDATE certyo.receipt r
+                    SET anchor_status = 'mismatch', reported_hash = v.reported,
+                        last_verified_at = now(), verify_attempts = r.verify_attempts + 1,
+                        next_verify_at = NULL, verify_error = NULL
+                   FROM unnest($1::bigint[], $2::text[]) AS v(id, reported)
+                  WHERE r.id = v.id",
+                None,
+                &[mismatched.0.into(), mismatched.1.into()],
+            )?;
+            // Not on chain yet (or the question failed): ask again after the interval; long
+            // past the expected anchoring time, flag it and back off, doubling, to at most 1 h.
+            client.update(
+                "UPDATE certyo.receipt r
+                    SET anchor_status = CASE WHEN r.accepted_at < now() - $4 * interval '1 s'
+                                             THEN 'overdue' ELSE r.anchor_status END,
+                        next_verify_at = now() + CASE
+                            WHEN r.accepted_at < now() - $4 * interval '1 s'
+                            THEN least($3 * interval '1 ms' * power(2, least(r.verify_attempts, 16)), interval '1 hour')
+                            ELSE $3 * interval '1 ms' END,
+                        last_verified_at = now(), verify_attempts = r.verify_attempts + 1,
+                        verify_error = v.error
+                   FROM unnest($1::bigint[], $2::text[]) AS v(id, error)
+                  WHERE r.id = v.id",
+                None,
+                &[
+                    later.0.into(),
+                    later.1.into(),
+                    (schedule.interval.as_millis() as i64).into(),
+                    (schedule.anchor_timeout.as_secs() as i64).into(),
+                ],
+            )?;
+            Ok::<(), pgrx::spi::Error>(())
+        })
+    })?;
+    write_back::mark(&rows_anchored, Mark::Anchored)?;
+    write_back::mark(&rows_mismatched, Mark::Mismatch)?;
+    Ok(tally)
+}
+
+fn later_push(later: &mut (Vec<i64>, Vec<Option<String>>), id: i64, error: Option<String>) {
+    later.0.push(id);
+    later.1.push(error);
+}

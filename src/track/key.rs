@@ -1,0 +1,96 @@
+//! The record key of a tracked table as it is now: the columns that form its Certyo record id,
+//! with their types, so text parts of a record id can be matched against the table's index.
+//! Read by the worker (write-back, backfill) in its own transactions.
+
+use pgrx::pg_sys::Oid;
+use pgrx::spi::SpiClient;
+
+pub struct RecordKey {
+    /// `schema.table`, quoted for SQL.
+    pub table: String,
+    /// Record id columns, in record id order, quoted for SQL.
+    pub columns: Vec<String>,
+    /// Their types, as `format_type` spells them.
+    pub types: Vec<String>,
+}
+
+impl RecordKey {
+    /// None when the table is gone, no longer tracked, lacks the bookkeeping columns, or a
+    /// record id column was dropped: nothing can be matched then.
+    pub fn of(client: &SpiClient<'_>, relid: Oid) -> Result<Option<RecordKey>, pgrx::spi::Error> {
+        let found = client.select(
+            "SELECT format('%I.%I', n.nspname, c.relname),
+                    ARRAY(SELECT quote_ident(k.name) FROM unnest(certyo.capture_option(t.tgargs, 'record_id')) k(name)),
+                    ARRAY(SELECT format_type(a.atttypid, a.atttypmod)
+                            FROM unnest(certyo.capture_option(t.tgargs, 'record_id')) WITH ORDINALITY AS k(name, n)
+                            JOIN pg_attribute a ON a.attrelid = c.oid AND a.attname = k.name AND NOT a.attisdropped
+                           ORDER BY k.n)
+               FROM pg_class c
+               JOIN pg_namespace n ON n.oid = c.relnamespace
+               JOIN pg_trigger t ON t.tgrelid = c.oid AND t.tgname = 'certyo_capture'
+              WHERE c.oid = $1
+                AND EXISTS (SELECT FROM pg_attribute a
+                             WHERE a.attrelid = c.oid AND a.attname = 'certyo_record_hash' AND NOT a.attisdropped)",
+            None,
+            &[relid.into()],
+        )?;
+        let Some(row) = found.into_iter().next() else {
+            return Ok(None);
+        };
+        let (Some(table), Some(columns), Some(types)) = (
+            row.get::<String>(1)?,
+            row.get::<Vec<String>>(2)?,
+            row.get::<Vec<String>>(3)?,
+        ) else {
+            return Ok(None);
+        };
+        Ok((!columns.is_empty() && types.len() == columns.len()).then_some(RecordKey {
+            table,
+            columns,
+            types,
+        }))
+    }
+
+    /// `t.k1 = v.k1::type1 AND ...`: the table's key against text parts named k1..kn.
+    pub fn matches(&self, table: &str, values: &str) -> String {
+        self.columns
+            .iter()
+            .zip(&self.types)
+            .enumerate()
+            .map(|(i, (column, ty))| format!("{table}.{column} = {values}.k{}::{ty}", i + 1))
+            .collect::<Vec<_>>()
+            .join(" AND ")
+    }
+}
+
+/// The parts of a record id: one column's text, or `\`-escaped parts joined by `/`.
+pub fn split_record_id(record_id: &str, parts: usize) -> Option<Vec<String>> {
+    if parts == 1 {
+        return Some(vec![record_id.to_string()]);
+    }
+    let mut out = vec![String::new()];
+    let mut chars = record_id.chars();
+    while let Some(c) = chars.next() {
+        match c {
+            '\\' => out.last_mut()?.push(chars.next()?),
+            '/' => out.push(String::new()),
+            c => out.last_mut()?.push(c),
+        }
+    }
+    (out.len() == parts).then_some(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::split_record_id;
+
+    #[test]
+    fn record_ids_split_back_into_their_parts() {
+        assert_eq!(split_record_id("42", 1), Some(vec!["42".to_string()]));
+        assert_eq!(
+            split_record_id(r"EU\/West/A\\1", 2),
+            Some(vec!["EU/West".to_string(), r"A\1".to_string()])
+        );
+        assert_eq!(split_record_id("a/b/c", 2), None);
+    }
+}
