@@ -13,6 +13,8 @@ pg_test/capture.sh
 echo "== end to end: delivery to the Certyo emulator"
 cargo build --release -p certyo-emulator --quiet
 python3 pg_test/delivery.py target/release/certyo-emulator
+echo "== end to end: verification, operator surface, backfill, audit"
+python3 pg_test/operations.py target/release/certyo-emulator
 echo "== end to end: MySQL/MariaDB companion"
 pg_test/mariadb.sh
 echo "== SQL Server companion: T-SQL syntax"

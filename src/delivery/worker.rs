@@ -35,8 +35,9 @@ struct Worker {
     expired_at: Option<Instant>,
 }
 
-/// Receipts verified per pass at most (each is one request).
+/// Receipts verified per pass at most (each is one request), and while a backlog is sent.
 const VERIFY_PER_PASS: usize = 100;
+const VERIFY_WHILE_SENDING: usize = 10;
 const EXPIRE_EVERY: Duration = Duration::from_secs(60);
 
 enum Next {
@@ -108,7 +109,9 @@ impl Worker {
         }
         let client = self.client(&settings)?.clone();
         let (delivered, error, more_to_send) = self.deliver(&client, &settings)?;
-        let (verified, more_to_verify) = self.verify(&client, &settings)?;
+        // Verification never holds up a backlog: while one is being sent, only a few per pass.
+        let verify_limit = if more_to_send { VERIFY_WHILE_SENDING } else { VERIFY_PER_PASS };
+        let (verified, more_to_verify) = self.verify(&client, &settings, verify_limit)?;
         self.expire(&settings)?;
         let tally = delivered + verified;
         if tally.sent + tally.verified == 0 && error.is_none() {
@@ -172,8 +175,12 @@ impl Worker {
 
     /// Verify the receipts that are due, a bounded number per pass so delivery never waits
     /// long behind verification. Returns the tally and whether more may be due.
-    fn verify(&mut self, client: &Client, settings: &Settings) -> Result<(Tally, bool), pgrx::spi::Error> {
-        let limit = settings.batch_size.min(VERIFY_PER_PASS);
+    fn verify(
+        &mut self,
+        client: &Client,
+        settings: &Settings,
+        limit: usize,
+    ) -> Result<(Tally, bool), pgrx::spi::Error> {
         let due = anchor::take_due(limit)?;
         if due.is_empty() {
             return Ok((Tally::default(), false));
