@@ -86,7 +86,10 @@ fn findings(relid: Oid) -> Result<Vec<Finding>> {
         .map(|(record_id, _)| record_id)
         .collect();
     gone.sort();
-    found.extend(gone.into_iter().map(|r| report(r, "deleted without capture")));
+    found.extend(
+        gone.into_iter()
+            .map(|r| report(r, "deleted without capture")),
+    );
     Ok(found)
 }
 

@@ -45,7 +45,10 @@ fn request(rel: Option<Oid>, where_clause: Option<String>) -> Result<i64> {
     let Some(table) = table else {
         return Err(CertyoError::new(
             PgSqlErrorCode::ERRCODE_INSUFFICIENT_PRIVILEGE,
-            format!("certyo_cdc: must be owner of table {} to backfill it", display(relid)),
+            format!(
+                "certyo_cdc: must be owner of table {} to backfill it",
+                display(relid)
+            ),
         )
         .hint("Ask the table's owner, or a superuser, to call certyo.backfill()."));
     };
@@ -54,7 +57,9 @@ fn request(rel: Option<Oid>, where_clause: Option<String>) -> Result<i64> {
             PgSqlErrorCode::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
             format!("certyo_cdc: table {table} is not tracked"),
         )
-        .hint(format!("Call certyo.track('{table}') first: a backfill queues rows of a tracked table.")));
+        .hint(format!(
+            "Call certyo.track('{table}') first: a backfill queues rows of a tracked table."
+        )));
     }
     if let Some(condition) = &where_clause {
         check_condition(&table, condition)?;
@@ -63,7 +68,11 @@ fn request(rel: Option<Oid>, where_clause: Option<String>) -> Result<i64> {
         Spi::get_one_with_args::<i64>(
             "INSERT INTO certyo.backfills (relid, where_clause, requested_by)
              VALUES ($1, $2, $3) RETURNING id",
-            &[relid.into(), where_clause.clone().into(), unsafe { pg_sys::GetUserId() }.into()],
+            &[
+                relid.into(),
+                where_clause.clone().into(),
+                unsafe { pg_sys::GetUserId() }.into(),
+            ],
         )
     })?
     .unwrap_or_default();
@@ -80,7 +89,11 @@ fn check_condition(table: &str, condition: &str) -> Result<()> {
         let parsed = pg_sys::ffi::pg_guard_ffi_boundary(|| {
             pg_sys::raw_parser(text.as_ptr(), pg_sys::RawParseMode::RAW_PARSE_DEFAULT)
         });
-        if parsed.is_null() { 0 } else { (*parsed).length }
+        if parsed.is_null() {
+            0
+        } else {
+            (*parsed).length
+        }
     };
     if statements != 1 {
         return Err(bad_condition(condition));
@@ -195,7 +208,7 @@ pub fn queue_chunk(job: &Job, chunk_size: usize) -> Result<i64> {
             "the table was dropped or is no longer tracked",
         ));
     };
-    let key = Spi::connect(|client| RecordKey::of(&client, job.relid))?.ok_or_else(|| {
+    let key = Spi::connect(|client| RecordKey::of(client, job.relid))?.ok_or_else(|| {
         CertyoError::new(
             PgSqlErrorCode::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
             "the table's record id columns are gone",
@@ -225,7 +238,7 @@ pub fn queue_chunk(job: &Job, chunk_size: usize) -> Result<i64> {
     // security-definer context, never with the worker's.
     let flags = pg_sys::SECURITY_RESTRICTED_OPERATION;
     let (queued, last) = as_role(job.requested_by, flags, || {
-        Spi::connect(|client| queue_rows(&client, &sql, last_key, job.relid, &options))
+        Spi::connect(|client| queue_rows(client, &sql, last_key, job.relid, &options))
     })?;
     let done = (queued as usize) < chunk_size;
     Spi::run_with_args(
@@ -256,12 +269,15 @@ fn queue_rows(
         let mut per_row = PgMemoryContexts::new("certyo_cdc backfill row");
         let mut outcome: Result<()> = plan.as_ref().map(|_| ()).map_err(Clone::clone);
         while outcome.is_ok() && rows.next().is_some() {
-            let (Some(image), Some(key)) = (rows.get_datum_by_ordinal(1)?, rows.get::<Vec<String>>(2)?) else {
+            let (Some(image), Some(key)) =
+                (rows.get_datum_by_ordinal(1)?, rows.get::<Vec<String>>(2)?)
+            else {
                 continue;
             };
             let Ok(plan) = plan.as_ref() else { break };
             outcome = per_row.switch_to(|_| {
-                let header = pg_sys::pg_detoast_datum(image.cast_mut_ptr()) as pg_sys::HeapTupleHeader;
+                let header =
+                    pg_sys::pg_detoast_datum(image.cast_mut_ptr()) as pg_sys::HeapTupleHeader;
                 let mut tuple = pg_sys::HeapTupleData {
                     t_len: pgrx::varlena::varsize_any(header.cast()) as u32,
                     t_self: pg_sys::ItemPointerData::default(),

@@ -30,8 +30,16 @@ mod wake;
 ::pgrx::pg_module_magic!(name, version);
 
 pgrx::extension_sql_file!("../sql/schema.sql", name = "schema", bootstrap);
-pgrx::extension_sql_file!("../sql/delivery.sql", name = "delivery", requires = ["schema"]);
-pgrx::extension_sql_file!("../sql/operations.sql", name = "operations", requires = ["delivery"]);
+pgrx::extension_sql_file!(
+    "../sql/delivery.sql",
+    name = "delivery",
+    requires = ["schema"]
+);
+pgrx::extension_sql_file!(
+    "../sql/operations.sql",
+    name = "operations",
+    requires = ["delivery"]
+);
 
 /// Settings everywhere; the worker and its shared memory only when preloaded.
 #[pgrx::pg_guard]

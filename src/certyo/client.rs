@@ -370,7 +370,10 @@ mod tests {
             panic!("not accepted")
         };
         let request = verify_request(&first);
-        assert_eq!(client.verify(&request, &mut no_wait()), Verification::NotYet);
+        assert_eq!(
+            client.verify(&request, &mut no_wait()),
+            Verification::NotYet
+        );
         std::thread::sleep(Duration::from_millis(400));
         assert!(matches!(
             client.verify(&request, &mut no_wait()),
@@ -394,7 +397,10 @@ mod tests {
             record_id: "404".into(),
             ..request
         };
-        assert_eq!(client.verify(&unknown, &mut no_wait()), Verification::Unknown);
+        assert_eq!(
+            client.verify(&unknown, &mut no_wait()),
+            Verification::Unknown
+        );
     }
 
     #[test]

@@ -92,4 +92,3 @@ pub fn payload_sha256(payload: &[u8]) -> String {
     }
     hex
 }
-

@@ -113,7 +113,9 @@ pub fn record(results: &[(Due, Verification)], schedule: Schedule) -> SpiResult<
                 id,
                 Some("Certyo does not know this version (yet)".into()),
             ),
-            Verification::Failed(Outcome::Transient(e)) => later_push(&mut later, id, Some(e.clone())),
+            Verification::Failed(Outcome::Transient(e)) => {
+                later_push(&mut later, id, Some(e.clone()))
+            }
             Verification::Failed(Outcome::Rejected { status, body }) => {
                 later_push(&mut later, id, Some(format!("HTTP {status}: {body}")))
             }

@@ -163,7 +163,9 @@ pub fn record(
                 accepted.0.push(entry.id);
                 accepted.1.push(record_hash.clone());
                 accepted.2.push(*idempotency_replayed);
-                accepted.3.push(crate::certyo::payload_sha256(entry.payload.as_bytes()));
+                accepted
+                    .3
+                    .push(crate::certyo::payload_sha256(entry.payload.as_bytes()));
                 tally.accepted += 1;
                 tally.replayed += i64::from(*idempotency_replayed);
             }
@@ -328,4 +330,3 @@ pub fn set_state(state: &str, detail: &str, error: Option<&str>, tally: Tally) -
         )
     })
 }
-

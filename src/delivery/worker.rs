@@ -3,8 +3,8 @@
 //! the hashes back (short transactions). It sleeps on its latch: a commit that queued changes
 //! sets it, `certyo.poll_interval` is the fallback, and SIGTERM or postmaster death ends it.
 
-use super::settings::{self, Settings};
 use super::anchor;
+use super::settings::{self, Settings};
 use super::store::{self, Entry, Tally};
 use crate::certyo::retry::next_attempt_delay;
 use crate::certyo::{Client, ClientConfig, Outcome, Record, Verification};
@@ -95,7 +95,9 @@ impl Worker {
     fn pass(&mut self) -> Result<Next, pgrx::spi::Error> {
         let settings = settings::current();
         let Some(control) = store::control()? else {
-            return Ok(Next::Wait(settings.poll_interval.max(Duration::from_secs(5))));
+            return Ok(Next::Wait(
+                settings.poll_interval.max(Duration::from_secs(5)),
+            ));
         };
         // Backfills only queue rows, like capture: they go on while sending is paused.
         let backfilling = crate::backfill::step(settings.backfill_chunk_size)?;
@@ -110,7 +112,11 @@ impl Worker {
         let client = self.client(&settings)?.clone();
         let (delivered, error, more_to_send) = self.deliver(&client, &settings)?;
         // Verification never holds up a backlog: while one is being sent, only a few per pass.
-        let verify_limit = if more_to_send { VERIFY_WHILE_SENDING } else { VERIFY_PER_PASS };
+        let verify_limit = if more_to_send {
+            VERIFY_WHILE_SENDING
+        } else {
+            VERIFY_PER_PASS
+        };
         let (verified, more_to_verify) = self.verify(&client, &settings, verify_limit)?;
         self.expire(&settings)?;
         let tally = delivered + verified;
@@ -131,12 +137,19 @@ impl Worker {
     }
 
     /// Why nothing may be sent now, if anything stops it: (state, detail).
-    fn blocked(&self, settings: &Settings, control: store::Control) -> Option<(&'static str, String)> {
+    fn blocked(
+        &self,
+        settings: &Settings,
+        control: store::Control,
+    ) -> Option<(&'static str, String)> {
         if control.paused {
             return Some(("paused", "paused by certyo.pause(): changes are captured but not sent; certyo.resume() resumes".into()));
         }
         if !settings.enabled {
-            return Some(("paused", "certyo.enabled is off: changes are captured but not sent".into()));
+            return Some((
+                "paused",
+                "certyo.enabled is off: changes are captured but not sent".into(),
+            ));
         }
         if let Some(missing) = settings.missing() {
             return Some(("not configured", missing));
@@ -223,7 +236,10 @@ impl Worker {
 
     /// Receipts that are no longer needed go, at most once a minute (the scan is not free).
     fn expire(&mut self, settings: &Settings) -> Result<(), pgrx::spi::Error> {
-        if self.expired_at.is_some_and(|at| at.elapsed() < EXPIRE_EVERY) {
+        if self
+            .expired_at
+            .is_some_and(|at| at.elapsed() < EXPIRE_EVERY)
+        {
             return Ok(());
         }
         self.expired_at = Some(Instant::now());

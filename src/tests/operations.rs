@@ -26,13 +26,21 @@ fn audit(table: &str) -> Vec<(String, String)> {
                 &[],
             )
             .unwrap()
-            .map(|r| (r.get::<String>(1).unwrap().unwrap(), r.get::<String>(2).unwrap().unwrap()))
+            .map(|r| {
+                (
+                    r.get::<String>(1).unwrap().unwrap(),
+                    r.get::<String>(2).unwrap().unwrap(),
+                )
+            })
             .collect()
     })
 }
 
 fn pairs(items: &[(&str, &str)]) -> Vec<(String, String)> {
-    items.iter().map(|(a, b)| (a.to_string(), b.to_string())).collect()
+    items
+        .iter()
+        .map(|(a, b)| (a.to_string(), b.to_string()))
+        .collect()
 }
 
 #[pg_schema]
@@ -42,9 +50,15 @@ mod tests {
     #[pg_test]
     fn pause_and_resume_flip_the_switch_the_worker_reads() {
         sql("SELECT certyo.pause()");
-        assert_eq!(one::<bool>("SELECT paused FROM certyo.worker_status()"), Some(true));
+        assert_eq!(
+            one::<bool>("SELECT paused FROM certyo.worker_status()"),
+            Some(true)
+        );
         sql("SELECT certyo.resume()");
-        assert_eq!(one::<bool>("SELECT paused FROM certyo.worker_status()"), Some(false));
+        assert_eq!(
+            one::<bool>("SELECT paused FROM certyo.worker_status()"),
+            Some(false)
+        );
     }
 
     #[pg_test]
@@ -67,17 +81,29 @@ mod tests {
 
     #[pg_test]
     fn history_lists_every_version_and_status_counts_them() {
-        sql("CREATE TABLE t (id int PRIMARY KEY, v text); SELECT certyo.track('t');
-             INSERT INTO t (id, v) VALUES (1, 'a'), (2, 'b');");
+        sql(
+            "CREATE TABLE t (id int PRIMARY KEY, v text); SELECT certyo.track('t');
+             INSERT INTO t (id, v) VALUES (1, 'a'), (2, 'b');",
+        );
         accept_all();
         sql("UPDATE t SET v = 'a2' WHERE id = 1;
              UPDATE certyo.receipt SET anchor_status = 'anchored', polygon_tx_hash = '0xabc', next_verify_at = NULL
               WHERE record_id = '1';");
         let history: Vec<(String, String, Option<String>)> = Spi::connect(|client| {
             client
-                .select("SELECT operation, state, anchor_status FROM certyo.history('t', '1')", None, &[])
+                .select(
+                    "SELECT operation, state, anchor_status FROM certyo.history('t', '1')",
+                    None,
+                    &[],
+                )
                 .unwrap()
-                .map(|r| (r.get(1).unwrap().unwrap(), r.get(2).unwrap().unwrap(), r.get(3).unwrap()))
+                .map(|r| {
+                    (
+                        r.get(1).unwrap().unwrap(),
+                        r.get(2).unwrap().unwrap(),
+                        r.get(3).unwrap(),
+                    )
+                })
                 .collect()
         });
         assert_eq!(
@@ -103,8 +129,14 @@ mod tests {
                FROM generate_series(1, 6) g;");
         assert_eq!(
             audit("t"),
-            pairs(&[("1", "not yet accepted"), ("2", "not yet accepted"), ("3", "not yet accepted"),
-                    ("4", "not yet accepted"), ("5", "not yet accepted"), ("6", "not yet accepted")])
+            pairs(&[
+                ("1", "not yet accepted"),
+                ("2", "not yet accepted"),
+                ("3", "not yet accepted"),
+                ("4", "not yet accepted"),
+                ("5", "not yet accepted"),
+                ("6", "not yet accepted")
+            ])
         );
         accept_all();
         assert_eq!(audit("t"), vec![], "a clean table");
@@ -121,11 +153,19 @@ mod tests {
              UPDATE t SET v = 'legit' WHERE id = 5;");
         assert_eq!(
             audit("t"),
-            pairs(&[("2", "changed without capture"), ("3", "deleted without capture"),
-                    ("4", "changed without capture"), ("5", "not yet accepted"), ("7", "never captured")])
+            pairs(&[
+                ("2", "changed without capture"),
+                ("3", "deleted without capture"),
+                ("4", "changed without capture"),
+                ("5", "not yet accepted"),
+                ("7", "never captured")
+            ])
         );
         let (state, message, _) = error_of("SELECT * FROM certyo.audit('pg_class')").unwrap();
-        assert_eq!((state.as_str(), message.contains("not tracked")), ("55000", true));
+        assert_eq!(
+            (state.as_str(), message.contains("not tracked")),
+            ("55000", true)
+        );
     }
 
     #[pg_test]
@@ -138,26 +178,40 @@ mod tests {
 
     #[pg_test]
     fn backfill_requests_are_validated_as_the_caller() {
-        sql("CREATE TABLE t (id int PRIMARY KEY, v text); CREATE TABLE u (id int PRIMARY KEY);
-             SELECT certyo.track('t');");
+        sql(
+            "CREATE TABLE t (id int PRIMARY KEY, v text); CREATE TABLE u (id int PRIMARY KEY);
+             SELECT certyo.track('t');",
+        );
         let refused = |call: &str, code: &str, needle: &str| {
-            let (state, message, hint) = error_of(call).unwrap_or_else(|| panic!("{call} succeeded"));
+            let (state, message, hint) =
+                error_of(call).unwrap_or_else(|| panic!("{call} succeeded"));
             assert_eq!(state, code, "{call}: {message}");
             assert!(message.contains(needle), "{call}: {message}");
             hint
         };
         let hint = refused("SELECT certyo.backfill('u')", "55000", "not tracked");
         assert!(hint.contains("certyo.track('u')"), "{hint}");
-        refused("SELECT certyo.backfill('t', 'id > 1); DROP TABLE u; SELECT (1')", "42601", "not one SQL expression");
+        refused(
+            "SELECT certyo.backfill('t', 'id > 1); DROP TABLE u; SELECT (1')",
+            "42601",
+            "not one SQL expression",
+        );
         refused("SELECT certyo.backfill('t', 'nope > 1')", "42703", "nope");
         refused("SELECT certyo.backfill(NULL)", "22004", "must not be NULL");
         sql("CREATE ROLE certyo_test_stranger; GRANT USAGE ON SCHEMA public TO certyo_test_stranger;
              SET LOCAL ROLE certyo_test_stranger;");
         refused("SELECT certyo.backfill('t')", "42501", "must be owner");
         sql("RESET ROLE");
-        assert_eq!(one::<i64>("SELECT count(*) FROM certyo.backfills"), Some(0), "refusals record nothing");
+        assert_eq!(
+            one::<i64>("SELECT count(*) FROM certyo.backfills"),
+            Some(0),
+            "refusals record nothing"
+        );
         assert!(one::<i64>("SELECT certyo.backfill('t', 'id % 2 = 0')").unwrap() > 0);
-        assert_eq!(one::<String>("SELECT state FROM certyo.backfills"), Some("queued".into()));
+        assert_eq!(
+            one::<String>("SELECT state FROM certyo.backfills"),
+            Some("queued".into())
+        );
     }
 
     #[pg_test]
@@ -171,7 +225,9 @@ mod tests {
             relid: one::<pgrx::pg_sys::Oid>("SELECT 't'::regclass::oid").unwrap(),
             where_clause: Some("id <> 4".into()),
             requested_by: one::<pgrx::pg_sys::Oid>("SELECT current_user::regrole::oid").unwrap(),
-            last_key: one::<Vec<String>>(&format!("SELECT last_key FROM certyo.backfills WHERE id = {id}")),
+            last_key: one::<Vec<String>>(&format!(
+                "SELECT last_key FROM certyo.backfills WHERE id = {id}"
+            )),
         };
         let mut sizes = Vec::new();
         loop {
@@ -182,8 +238,15 @@ mod tests {
             }
         }
         assert_eq!(sizes, vec![3, 3, 2]);
-        let ids: Vec<String> = queued().iter().map(|q| format!("{}:{}", q.0, q.1)).collect();
-        assert_eq!(ids, ["EU/2", "EU/6", "EU/8", "US/1", "US/3", "US/5", "US/7", "US/9"].map(|r| format!("upsert:{r}")));
+        let ids: Vec<String> = queued()
+            .iter()
+            .map(|q| format!("{}:{}", q.0, q.1))
+            .collect();
+        assert_eq!(
+            ids,
+            ["EU/2", "EU/6", "EU/8", "US/1", "US/3", "US/5", "US/7", "US/9"]
+                .map(|r| format!("upsert:{r}"))
+        );
         assert_eq!(
             one::<String>(&format!("SELECT format('%s %s %s', state, rows_queued, last_key) FROM certyo.backfills WHERE id = {id}")),
             Some("done 8 {US,9}".into())
@@ -198,15 +261,26 @@ mod tests {
              GRANT SELECT ON certyo.status TO certyo_test_operator;
              GRANT EXECUTE ON FUNCTION certyo.pause(), certyo.worker_status() TO certyo_test_operator;
              SET LOCAL ROLE certyo_test_clerk;");
-        for call in ["SELECT certyo.pause()", "SELECT * FROM certyo.status", "SELECT * FROM certyo.worker_status()",
-                     "SELECT * FROM certyo.history('pg_class', '1')", "SELECT certyo.retry()"] {
+        for call in [
+            "SELECT certyo.pause()",
+            "SELECT * FROM certyo.status",
+            "SELECT * FROM certyo.worker_status()",
+            "SELECT * FROM certyo.history('pg_class', '1')",
+            "SELECT certyo.retry()",
+        ] {
             let (state, _, _) = error_of(call).unwrap_or_else(|| panic!("{call} succeeded"));
             assert_eq!(state, "42501", "{call}");
         }
         sql("RESET ROLE; SET LOCAL ROLE certyo_test_operator; SELECT certyo.pause();");
-        assert_eq!(one::<bool>("SELECT paused FROM certyo.worker_status()"), Some(true));
+        assert_eq!(
+            one::<bool>("SELECT paused FROM certyo.worker_status()"),
+            Some(true)
+        );
         assert_eq!(one::<i64>("SELECT count(*) FROM certyo.status"), Some(0));
-        assert!(error_of("SELECT count(*) FROM certyo.receipt").is_some(), "receipts stay private");
+        assert!(
+            error_of("SELECT count(*) FROM certyo.receipt").is_some(),
+            "receipts stay private"
+        );
         sql("RESET ROLE");
     }
 }

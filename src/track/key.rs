@@ -44,11 +44,13 @@ impl RecordKey {
         ) else {
             return Ok(None);
         };
-        Ok((!columns.is_empty() && types.len() == columns.len()).then_some(RecordKey {
-            table,
-            columns,
-            types,
-        }))
+        Ok(
+            (!columns.is_empty() && types.len() == columns.len()).then_some(RecordKey {
+                table,
+                columns,
+                types,
+            }),
+        )
     }
 
     /// `t.k1 = v.k1::type1 AND ...`: the table's key against text parts named k1..kn.
