@@ -40,7 +40,7 @@ def drain():
     psql("SELECT pg_reload_conf()")
     ok = wait_until("SELECT count(*) FROM bench_drain WHERE certyo_record_hash IS NULL", "0")
     elapsed = time.time() - started
-    accepted = psql("SELECT count(*) FROM certyo.delivery WHERE state = 'accepted' AND relid = 'bench_drain'::regclass")
+    accepted = psql("SELECT count(*) FROM certyo.receipt WHERE relid = 'bench_drain'::regclass")
     return ok, elapsed, int(accepted)
 
 
@@ -59,7 +59,7 @@ def latency(rate=1000, seconds=15):
         SELECT count(*) || ' ' ||
                round((percentile_cont(0.5) WITHIN GROUP (ORDER BY extract(epoch FROM accepted_at - queued_at)) * 1000)::numeric, 1) || ' ' ||
                round((percentile_cont(0.99) WITHIN GROUP (ORDER BY extract(epoch FROM accepted_at - queued_at)) * 1000)::numeric, 1)
-          FROM certyo.delivery WHERE relid = 'bench_latency'::regclass AND state = 'accepted'""").split()
+          FROM certyo.receipt WHERE relid = 'bench_latency'::regclass""").split()
 
 
 def main():
