@@ -43,11 +43,24 @@ BEGIN; INSERT INTO products (id, sku) VALUES (44, 'never'); ROLLBACK;
 SELECT pg_sleep(1.5);
 
 \echo '== delivered: receipts kept by the worker (woken by the commit, not by a poll)'
-SELECT id, record_id, operation, state, record_hash, replayed, accepted_at - queued_at AS commit_to_accepted
-  FROM certyo.delivery ORDER BY id;
+SELECT id, record_id, operation, record_hash, replayed, accepted_at - queued_at AS commit_to_accepted
+  FROM certyo.receipt ORDER BY id;
 \echo '== the source row carries the hash Certyo returned (written back without re-queuing it)'
 SELECT id, sku, price, certyo_record_hash, certyo_anchor_status FROM products;
 SELECT count(*) AS queued_again FROM certyo.queue;
+\echo '== verification: the emulator anchors after 5 s; the worker verifies (here after 2 s, then every second)'
+ALTER SYSTEM SET certyo.verify_min_age = '2s';
+ALTER SYSTEM SET certyo.verify_interval = '1s';
+SELECT pg_reload_conf();
+SELECT pg_sleep(8);
+SELECT id, sku, certyo_anchor_status, certyo_verified_at FROM products;
+SELECT id, record_id, operation, anchor_status, polygon_tx_hash FROM certyo.history('products', '42');
+\echo '== the status per table, and the tamper audit: a row changed behind the trigger is found'
+SELECT "table", queued, dead_letters, awaiting_anchor, anchored, mismatched, last_delivery_at FROM certyo.status;
+ALTER TABLE products DISABLE TRIGGER certyo_capture;
+UPDATE products SET price = 0.01 WHERE id = 42;
+ALTER TABLE products ENABLE TRIGGER certyo_capture;
+SELECT * FROM certyo.audit('products');
 \echo '== the worker'
 \x on
 SELECT * FROM certyo.worker_status();

@@ -167,11 +167,10 @@ pub fn record(results: &[(Due, Verification)], schedule: Schedule) -> SpiResult<
                     (schedule.anchor_timeout.as_secs() as i64).into(),
                 ],
             )?;
-            Ok::<(), pgrx::spi::Error>(())
+            write_back::mark(client, &rows_anchored, Mark::Anchored)?;
+            write_back::mark(client, &rows_mismatched, Mark::Mismatch)
         })
     })?;
-    write_back::mark(&rows_anchored, Mark::Anchored)?;
-    write_back::mark(&rows_mismatched, Mark::Mismatch)?;
     Ok(tally)
 }
 

@@ -1,13 +1,12 @@
 //! Writing Certyo's answers back to the source rows: the record hash after acceptance, the
-//! anchor status after verification. Per table, one statement per batch; the statements name
+//! anchor status after verification. Per table, one statement per batch, in the transaction
+//! that records the answers; the statements name
 //! only bookkeeping columns, so they never fire capture (the trigger is `UPDATE OF` business
 //! columns) and never re-queue a row.
 
 use crate::track::key::{split_record_id, RecordKey};
-use pgrx::bgworkers::BackgroundWorker;
 use pgrx::datum::DatumWithOid;
 use pgrx::pg_sys::Oid;
-use pgrx::prelude::*;
 
 /// One version of one record, as Certyo knows it.
 #[derive(Debug, Clone)]
@@ -43,22 +42,31 @@ impl Mark {
 
     /// Which rows may take the mark; `$rel` is the table's oid parameter.
     fn condition(self, rel: usize) -> String {
-        let newer_taken = format!(
-            "NOT EXISTS (SELECT FROM certyo.delivery n WHERE n.relid = ${rel} AND n.record_id = v.rid AND n.id > v.qid)"
-        );
+        let newer_taken = newer_than(rel, "certyo.delivery");
         match self {
-            Mark::Accepted => format!(
-                "{newer_taken} AND NOT EXISTS (SELECT FROM certyo.receipt n \
-                 WHERE n.relid = ${rel} AND n.record_id = v.rid AND n.id > v.qid)"
-            ),
+            Mark::Accepted => format!("{newer_taken} AND {}", newer_than(rel, "certyo.receipt")),
             Mark::Anchored => format!("t.certyo_record_hash = v.hash AND {newer_taken}"),
             Mark::Mismatch => "t.certyo_record_hash = v.hash".to_string(),
         }
     }
 }
 
-/// Mark the source rows of `versions`, one short transaction per table.
-pub fn mark(versions: &[Version], mark: Mark) -> Result<(), pgrx::spi::Error> {
+/// "No newer change of this record in `table`", as a scalar subquery rather than `NOT EXISTS`:
+/// the planner cannot turn it into a join, so it stays one index probe per row whatever the
+/// (often stale) statistics say about how many rows the table has for this relation.
+fn newer_than(rel: usize, table: &str) -> String {
+    format!(
+        "(SELECT n.id FROM {table} n WHERE n.relid = ${rel} AND n.record_id = v.rid AND n.id > v.qid LIMIT 1) IS NULL"
+    )
+}
+
+/// Mark the source rows of `versions`, one statement per table, in the caller's transaction
+/// (the one that records the receipts, so rows and receipts commit together).
+pub fn mark(
+    client: &mut pgrx::spi::SpiClient<'_>,
+    versions: &[Version],
+    mark: Mark,
+) -> Result<(), pgrx::spi::Error> {
     let mut tables: Vec<Oid> = versions.iter().map(|v| v.relid).collect();
     tables.sort_unstable_by_key(|oid| oid.to_u32());
     tables.dedup();
@@ -68,9 +76,7 @@ pub fn mark(versions: &[Version], mark: Mark) -> Result<(), pgrx::spi::Error> {
             .filter(|v| v.relid == relid)
             .cloned()
             .collect();
-        BackgroundWorker::transaction(move || {
-            Spi::connect_mut(|client| mark_table(client, relid, &rows, mark))
-        })?;
+        mark_table(client, relid, &rows, mark)?;
     }
     Ok(())
 }

@@ -59,6 +59,8 @@ mod tests {
             one::<bool>("SELECT paused FROM certyo.worker_status()"),
             Some(false)
         );
+        // Without preloading there is no worker to wake, and the answer says so.
+        assert_eq!(one::<bool>("SELECT certyo.wake()"), Some(false));
     }
 
     #[pg_test]
@@ -207,10 +209,17 @@ mod tests {
             Some(0),
             "refusals record nothing"
         );
-        assert!(one::<i64>("SELECT certyo.backfill('t', 'id % 2 = 0')").unwrap() > 0);
+        let id = one::<i64>("SELECT certyo.backfill('t', 'id % 2 = 0')").unwrap();
         assert_eq!(
             one::<String>("SELECT state FROM certyo.backfills"),
             Some("queued".into())
+        );
+        let cancel = format!("SELECT certyo.cancel_backfill({id})");
+        assert_eq!(one::<bool>(&cancel), Some(true));
+        assert_eq!(one::<bool>(&cancel), Some(false), "only once");
+        assert_eq!(
+            one::<String>("SELECT state FROM certyo.backfills"),
+            Some("cancelled".into())
         );
     }
 
