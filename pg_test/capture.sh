@@ -36,7 +36,9 @@ check "it cannot untrack the table" \
     "$(CLUSTER_USER=clerk cluster_psql -At -c "SELECT certyo.untrack('products')" 2>&1 | head -1)" \
     "ERROR:  certyo_cdc: must be owner of table public.products to change its tracking"
 
-# Dump and restore: the options travel with the trigger, the queue with the extension.
+# Dump and restore: the options travel with the trigger, the queue, receipts and backfills
+# with the extension.
+q "SELECT certyo.backfill('products')" >/dev/null
 sudo -u postgres "$PG_BIN/pg_dump" -h "$CLUSTER_DIR" -p "$CLUSTER_PORT" -Fc -f "$CLUSTER_DIR/dump" postgres
 q "CREATE DATABASE restored" >/dev/null
 sudo -u postgres "$PG_BIN/pg_restore" -h "$CLUSTER_DIR" -p "$CLUSTER_PORT" -d restored "$CLUSTER_DIR/dump" 2>&1 | grep -v "^$" || true
@@ -46,6 +48,8 @@ check "restore keeps the tracking" "$(rq 'SELECT "table"::text || record_id_colu
 rq "INSERT INTO products VALUES (2, 'B', 3)" >/dev/null
 check "the restored database captures with queue ids past the restored ones" \
     "$(rq "SELECT id > ALL (SELECT id FROM certyo.queue WHERE record_id = '1') FROM certyo.queue WHERE record_id = '2'")" "t"
+check "restore keeps backfill requests, and new ones get fresh ids" \
+    "$(rq "SELECT certyo.backfill('products'); SELECT string_agg(id::text, ',' ORDER BY id) FROM certyo.backfills" | tail -1)" "1,2"
 
 q "DROP EXTENSION certyo_cdc" >/dev/null
 check "DROP EXTENSION removes the capture triggers" "$(q "SELECT count(*) FROM pg_trigger WHERE tgrelid = 'products'::regclass")" "0"

@@ -8,12 +8,10 @@ Usage: pg_test/delivery.py EMULATOR_BINARY   (scripts/test.sh builds it and call
 """
 import os
 import signal
-import subprocess
-import sys
 import threading
 import time
 
-from harness import KEY, Cluster, Emulator, check, summary
+from harness import KEY, check, run
 
 DIR = "/tmp/certyo-e2e-delivery"
 PORT = 54336
@@ -155,27 +153,23 @@ def scenario_drop_extension(cluster):
           cluster.sql("SELECT pid FROM pg_stat_activity WHERE backend_type = 'certyo_cdc delivery'"), before)
 
 
+def scenario_worker_starts(cluster, emulator):
+    check("the worker runs and shows in pg_stat_activity",
+          cluster.sql("SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'certyo_cdc delivery'"), "1")
+    cluster.sql("CREATE EXTENSION certyo_cdc")
+
+
 def main():
-    emulator = Emulator(sys.argv[1])
-    cluster = Cluster(DIR, PORT, emulator.url)
-    try:
-        check("the worker runs and shows in pg_stat_activity",
-              cluster.sql("SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'certyo_cdc delivery'"), "1")
-        cluster.sql("CREATE EXTENSION certyo_cdc")
-        scenario_changes_across_two_tables(cluster, emulator)
-        scenario_faults(cluster, emulator)
-        scenario_crash_and_restart(cluster, emulator)
-        scenario_wrong_key(cluster, emulator)
-        scenario_api_key_is_hidden(cluster)
-        scenario_not_configured(cluster)
-        scenario_drop_extension(cluster)
-    finally:
-        try:
-            cluster.stop()
-        except Exception:
-            pass
-        emulator.stop()
-    summary()
+    run(DIR, PORT, [
+        scenario_worker_starts,
+        scenario_changes_across_two_tables,
+        scenario_faults,
+        scenario_crash_and_restart,
+        scenario_wrong_key,
+        lambda cluster, _: scenario_api_key_is_hidden(cluster),
+        lambda cluster, _: scenario_not_configured(cluster),
+        lambda cluster, _: scenario_drop_extension(cluster),
+    ])
 
 
 if __name__ == "__main__":

@@ -137,3 +137,20 @@ certyo.batch_size = 100
     def wait_drained(self, timeout=60):
         """Until nothing is pending: queue empty, no pending delivery entries."""
         return bool(wait_for(lambda: self.sql("SELECT pending FROM certyo.worker_status()", check=False) == "0", timeout))
+
+
+def run(directory, port, scenarios, settings="", anchor_delay=2):
+    """Start the emulator (sys.argv[1]) and a cluster, run each scenario(cluster, emulator) in
+    order, stop both, print the summary and exit with its verdict."""
+    emulator = Emulator(sys.argv[1], anchor_delay=anchor_delay)
+    cluster = Cluster(directory, port, emulator.url, settings)
+    try:
+        for scenario in scenarios:
+            scenario(cluster, emulator)
+    finally:
+        try:
+            cluster.stop()
+        except Exception:
+            pass
+        emulator.stop()
+    summary()

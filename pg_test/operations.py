@@ -8,11 +8,10 @@ overtake a newer change; an operator role can run certyo_cdc and an ordinary one
 
 Usage: pg_test/operations.py EMULATOR_BINARY   (scripts/test.sh builds it and calls this)
 """
-import sys
 import threading
 import time
 
-from harness import KEY, Cluster, Emulator, check, summary, wait_for
+from harness import KEY, check, run, wait_for
 
 DIR = "/tmp/certyo-e2e-operations"
 PORT = 54337
@@ -179,25 +178,21 @@ def scenario_operator_role(cluster, emulator):
         check(f"{user} cannot read the API key", KEY in out, False)
 
 
+def scenario_extension(cluster, emulator):
+    cluster.sql("CREATE EXTENSION certyo_cdc")
+
+
 def main():
-    emulator = Emulator(sys.argv[1], anchor_delay=2)
-    cluster = Cluster(DIR, PORT, emulator.url, SETTINGS)
-    try:
-        cluster.sql("CREATE EXTENSION certyo_cdc")
-        scenario_pending_then_anchored(cluster, emulator)
-        scenario_mismatch(cluster, emulator)
-        scenario_dead_letters_and_retry(cluster, emulator)
-        scenario_pause_and_resume(cluster, emulator)
-        scenario_audit(cluster, emulator)
-        scenario_backfill(cluster, emulator)
-        scenario_operator_role(cluster, emulator)
-    finally:
-        try:
-            cluster.stop()
-        except Exception:
-            pass
-        emulator.stop()
-    summary()
+    run(DIR, PORT, [
+        scenario_extension,
+        scenario_pending_then_anchored,
+        scenario_mismatch,
+        scenario_dead_letters_and_retry,
+        scenario_pause_and_resume,
+        scenario_audit,
+        scenario_backfill,
+        scenario_operator_role,
+    ], SETTINGS, anchor_delay=2)
 
 
 if __name__ == "__main__":

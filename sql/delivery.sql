@@ -82,6 +82,7 @@ CREATE TABLE certyo.backfills (
 );
 CREATE INDEX backfills_open ON certyo.backfills (id) WHERE state IN ('queued', 'running');
 SELECT pg_catalog.pg_extension_config_dump('certyo.backfills', '');
+SELECT pg_catalog.pg_extension_config_dump('certyo.backfills_id_seq', '');
 
 -- What the worker last said about itself (read through certyo.worker_status()), and the
 -- operator's pause switch, which survives restarts.

@@ -4,14 +4,13 @@
 //! deleted behind capture's back (triggers disabled, `session_replication_role = replica`, an
 //! old backup restored) show up; a clean table returns nothing.
 
-use crate::capture::plan::TablePlan;
-use crate::capture::record::{Operation, Row};
+use crate::capture::scan::{each_row, Snapshot};
 use crate::certyo::payload_sha256;
 use crate::error::{CertyoError, OrRaise, Result};
 use pgrx::datum::TimestampWithTimeZone;
-use pgrx::pg_sys::{self, Oid};
+use pgrx::pg_sys::Oid;
 use pgrx::prelude::*;
-use pgrx::{PgMemoryContexts, PgSqlErrorCode};
+use pgrx::PgSqlErrorCode;
 use std::collections::HashMap;
 
 /// The newest captured version of one record.
@@ -69,7 +68,9 @@ fn findings(relid: Oid) -> Result<Vec<Finding>> {
         )
     };
     let mut found = Vec::new();
-    scan(relid, &options, |record_id, sha256| {
+    each_row(relid, &options, Snapshot::Transaction, |_, change| {
+        let record_id = String::from_utf8_lossy(&change.record_id).into_owned();
+        let sha256 = payload_sha256(&change.payload);
         let problem = match known.remove(&record_id) {
             None => Some("never captured"),
             Some(k) if k.deleted || k.sha256 != sha256 => Some("changed without capture"),
@@ -79,6 +80,7 @@ fn findings(relid: Oid) -> Result<Vec<Finding>> {
         if let Some(problem) = problem {
             found.push(report(record_id, problem));
         }
+        Ok(())
     })?;
     let mut gone: Vec<String> = known
         .into_iter()
@@ -150,55 +152,4 @@ fn last_accepted(relid: Oid) -> Result<HashMap<String, Accepted>> {
         }
         Ok::<_, pgrx::spi::Error>(last)
     })?)
-}
-
-/// Every row of the table as (record id, SHA-256 of its payload), rendered as capture renders.
-fn scan(
-    relid: Oid,
-    options: &crate::capture::options::CaptureOptions,
-    mut each: impl FnMut(String, String),
-) -> Result<()> {
-    unsafe {
-        let rel = pg_sys::table_open(relid, pg_sys::AccessShareLock as pg_sys::LOCKMODE);
-        let plan = TablePlan::build(rel, options)?;
-        let snapshot = pg_sys::RegisterSnapshot(pg_sys::GetTransactionSnapshot());
-        let flags = pg_sys::ScanOptions::SO_TYPE_SEQSCAN | pg_sys::ScanOptions::SO_ALLOW_PAGEMODE;
-        let scan = pg_sys::heap_beginscan(
-            rel,
-            snapshot,
-            0,
-            std::ptr::null_mut(),
-            std::ptr::null_mut(),
-            flags,
-        );
-        let mut per_row = PgMemoryContexts::new("certyo_cdc audit row");
-        let mut outcome = Ok(());
-        loop {
-            let tuple = pg_sys::heap_getnext(scan, pg_sys::ScanDirection::ForwardScanDirection);
-            if tuple.is_null() {
-                break;
-            }
-            let rendered = per_row.switch_to(|_| {
-                let row = Row::deform(tuple, (*rel).rd_att, plan.natts);
-                plan.change(Operation::Upsert, &row).map(|change| {
-                    (
-                        String::from_utf8_lossy(&change.record_id).into_owned(),
-                        payload_sha256(&change.payload),
-                    )
-                })
-            });
-            per_row.reset();
-            match rendered {
-                Ok((record_id, sha256)) => each(record_id, sha256),
-                Err(e) => {
-                    outcome = Err(e);
-                    break;
-                }
-            }
-        }
-        pg_sys::heap_endscan(scan);
-        pg_sys::UnregisterSnapshot(snapshot);
-        pg_sys::table_close(rel, pg_sys::NoLock as pg_sys::LOCKMODE);
-        outcome
-    }
 }

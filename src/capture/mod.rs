@@ -14,6 +14,7 @@ pub mod options;
 pub mod plan;
 pub mod queue;
 pub mod record;
+pub mod scan;
 pub mod value;
 
 use crate::error::{CertyoError, OrRaise, Result};

@@ -1,0 +1,75 @@
+//! Every row of a table rendered as capture renders it, as an `upsert`: the current state, not
+//! how it came about. Used by `track(..., backfill => true)` (to queue the rows) and by the
+//! tamper audit (to hash them). A heap scan under one snapshot; rendering allocates per row, and
+//! a memory context reset per row keeps memory flat on any table size.
+
+use super::options::CaptureOptions;
+use super::plan::TablePlan;
+use super::record::{Change, Operation, Row};
+use crate::error::Result;
+use pgrx::pg_sys::{self, Oid};
+use pgrx::PgMemoryContexts;
+
+/// Which rows the scan sees.
+#[derive(Debug, Clone, Copy)]
+pub enum Snapshot {
+    /// The transaction's snapshot (what a query would see).
+    Transaction,
+    /// The latest: also rows this transaction wrote after its snapshot was taken.
+    Latest,
+}
+
+/// Call `each` with the change of every row; stops at the first error. Returns the row count.
+pub fn each_row(
+    relid: Oid,
+    options: &CaptureOptions,
+    snapshot: Snapshot,
+    mut each: impl FnMut(&TablePlan, &Change) -> Result<()>,
+) -> Result<i64> {
+    unsafe {
+        let rel = pg_sys::table_open(relid, pg_sys::AccessShareLock as pg_sys::LOCKMODE);
+        let plan = match TablePlan::build(rel, options) {
+            Ok(plan) => plan,
+            Err(e) => {
+                pg_sys::table_close(rel, pg_sys::AccessShareLock as pg_sys::LOCKMODE);
+                return Err(e);
+            }
+        };
+        let snapshot = pg_sys::RegisterSnapshot(match snapshot {
+            Snapshot::Transaction => pg_sys::GetTransactionSnapshot(),
+            Snapshot::Latest => pg_sys::GetLatestSnapshot(),
+        });
+        let flags = pg_sys::ScanOptions::SO_TYPE_SEQSCAN | pg_sys::ScanOptions::SO_ALLOW_PAGEMODE;
+        let scan = pg_sys::heap_beginscan(
+            rel,
+            snapshot,
+            0,
+            std::ptr::null_mut(),
+            std::ptr::null_mut(),
+            flags,
+        );
+        let mut per_row = PgMemoryContexts::new("certyo_cdc row");
+        let mut rows = 0i64;
+        let mut outcome = Ok(());
+        loop {
+            let tuple = pg_sys::heap_getnext(scan, pg_sys::ScanDirection::ForwardScanDirection);
+            if tuple.is_null() {
+                break;
+            }
+            outcome = per_row.switch_to(|_| {
+                let row = Row::deform(tuple, (*rel).rd_att, plan.natts);
+                plan.change(Operation::Upsert, &row)
+                    .and_then(|change| each(&plan, &change))
+            });
+            per_row.reset();
+            if outcome.is_err() {
+                break;
+            }
+            rows += 1;
+        }
+        pg_sys::heap_endscan(scan);
+        pg_sys::UnregisterSnapshot(snapshot);
+        pg_sys::table_close(rel, pg_sys::NoLock as pg_sys::LOCKMODE);
+        outcome.map(|_| rows)
+    }
+}
