@@ -5,10 +5,12 @@
 //! - `worker`: the main loop;
 //! - `store`: the statements of delivery (take, record, expire, status), each its own short
 //!   transaction;
+//! - `sending`: the batch on the wire, its HTTP on a helper thread;
 //! - `anchor`: verification of accepted receipts;
 //! - `write_back`: hashes and anchor status written back to the source rows.
 
 mod anchor;
+mod sending;
 pub mod settings;
 mod store;
 mod worker;

@@ -55,13 +55,19 @@ pub fn control() -> SpiResult<Option<Control>> {
 }
 
 /// Move what capture queued into the worker's own table, and take the next batch: the oldest
-/// pending change of each record whose next attempt is due, in queue order. A record with an
+/// pending change of each record whose next attempt is due, in queue order, leaving alone the
+/// batch still in flight (whose changes, still pending, also hold back their records' next). A record with an
 /// older change still waiting is skipped, so changes of a record reach Certyo in commit order.
 ///
 /// Taking writes nothing: there is one worker, and a crash between taking and recording only
 /// means the batch is sent again after the restart, which Certyo answers with
 /// `idempotencyReplayed` (a per-row lease would double the writes per change).
-pub fn take_batch(batch_size: usize, planner: &mut Planner) -> SpiResult<Vec<Entry>> {
+pub fn take_batch(
+    batch_size: usize,
+    in_flight: &[i64],
+    planner: &mut Planner,
+) -> SpiResult<Vec<Entry>> {
+    let in_flight = in_flight.to_vec();
     // On an error the transaction is aborted and the counts merely stay approximate.
     let planner = std::panic::AssertUnwindSafe(planner);
     in_transaction(move || {
@@ -84,7 +90,11 @@ pub fn take_batch(batch_size: usize, planner: &mut Planner) -> SpiResult<Vec<Ent
             } else {
                 None
             };
-            let rows = client.select(TAKE, None, &[(batch_size as i64).into(), bound.into()])?;
+            let rows = client.select(
+                TAKE,
+                None,
+                &[(batch_size as i64).into(), bound.into(), in_flight.into()],
+            )?;
             let mut entries = Vec::new();
             for row in rows {
                 entries.push(Entry {
@@ -179,6 +189,7 @@ const TAKE: &str = "
            c.idempotency_key
       FROM (SELECT * FROM certyo.delivery
              WHERE state = 'pending' AND next_attempt_at <= now() AND ($2::bigint IS NULL OR id < $2)
+               AND id <> ALL ($3::bigint[])
              ORDER BY id
              LIMIT $1 * 2) AS c
      WHERE (SELECT o.id FROM certyo.delivery o

@@ -4,10 +4,11 @@
 //! sets it, `certyo.poll_interval` is the fallback, and SIGTERM or postmaster death ends it.
 
 use super::anchor;
+use super::sending::{with_signals_blocked, Sending};
 use super::settings::{self, Settings};
 use super::store::{self, Entry, Tally};
 use crate::certyo::retry::next_attempt_delay;
-use crate::certyo::{Client, ClientConfig, Outcome, Record, Verification};
+use crate::certyo::{Client, ClientConfig, Outcome, Verification};
 use pgrx::bgworkers::{BackgroundWorker, SignalWakeFlags};
 use pgrx::pg_sys;
 use pgrx::pg_sys::panic::CaughtError;
@@ -53,6 +54,8 @@ struct Worker {
     last_state: Option<(String, String)>,
     expired_at: Option<Instant>,
     planner: store::Planner,
+    /// The batch whose HTTP requests are in flight, if any.
+    sending: Option<Sending>,
 }
 
 /// Receipts verified per pass at most (each is one request), and while a backlog is sent.
@@ -122,6 +125,10 @@ impl Worker {
         // Backfills only queue rows, like capture: they go on while sending is paused.
         let backfilling = crate::backfill::step(settings.backfill_chunk_size)?;
         if let Some((state, detail)) = self.blocked(&settings, control) {
+            if self.sending.is_some() {
+                let client = self.client(&settings)?.clone();
+                self.deliver(&client, &settings, false)?;
+            }
             self.announce(state, &detail, None, Tally::default())?;
             return Ok(if backfilling {
                 Next::Now
@@ -130,7 +137,7 @@ impl Worker {
             });
         }
         let client = self.client(&settings)?.clone();
-        let (delivered, error, more_to_send) = self.deliver(&client, &settings)?;
+        let (delivered, error, more_to_send) = self.deliver(&client, &settings, true)?;
         // Verification never holds up a backlog: while one is being sent, only a few per pass.
         let verify_limit = if more_to_send {
             VERIFY_WHILE_SENDING
@@ -179,28 +186,39 @@ impl Worker {
         })
     }
 
-    /// Take a batch, send it, record the answers. Returns the tally, the first error met, and
-    /// whether more may be ready at once.
+    /// Take the next batch (leaving the one in flight alone), collect the answers for the
+    /// batch in flight, start sending the new one, and record the answers meanwhile. With
+    /// `take_more` false (sending is paused or refused) only the batch in flight is settled.
+    /// Returns the tally, the first error met, and whether more may be ready at once.
     fn deliver(
         &mut self,
         client: &Client,
         settings: &Settings,
+        take_more: bool,
     ) -> Result<(Tally, Option<String>, bool), pgrx::spi::Error> {
         let started = Instant::now();
-        let batch = store::take_batch(settings.batch_size, &mut self.planner)?;
-        if batch.is_empty() {
-            return Ok((Tally::default(), None, false));
-        }
+        let in_flight = self.sending.as_ref().map(Sending::ids).unwrap_or_default();
+        let batch = if take_more {
+            store::take_batch(settings.batch_size, &in_flight, &mut self.planner)?
+        } else {
+            Vec::new()
+        };
         let taken = started.elapsed();
-        let outcomes = send(client, settings, &batch);
-        let sent = started.elapsed();
+        let answered = self.sending.take().and_then(Sending::finish);
+        let waited = started.elapsed();
+        if !batch.is_empty() && !BackgroundWorker::sigterm_received() {
+            self.sending = Some(Sending::start(client, settings, batch));
+        }
+        let Some((sent, outcomes)) = answered else {
+            return Ok((Tally::default(), None, self.sending.is_some()));
+        };
         self.note_refusal(outcomes.iter());
         let error = outcomes.iter().find_map(|o| match o {
             Outcome::Transient(e) => Some(e.clone()),
             Outcome::Rejected { status, body } => Some(format!("HTTP {status}: {body}")),
             _ => None,
         });
-        let results: Vec<(Entry, Outcome)> = batch.into_iter().zip(outcomes).collect();
+        let results: Vec<(Entry, Outcome)> = sent.into_iter().zip(outcomes).collect();
         let tally = store::record(
             &results,
             &|_| next_attempt_delay(1, jitter()),
@@ -209,14 +227,14 @@ impl Worker {
         )?;
         // Where a pass spends its time, for whoever tunes batch sizes (log_min_messages = debug1).
         pgrx::debug1!(
-            "certyo_cdc: delivered {} of {}: take {:?}, send {:?}, record {:?}",
+            "certyo_cdc: delivered {} of {}: take {:?}, wait for answers {:?}, record {:?}",
             tally.accepted,
             tally.sent,
             taken,
-            sent - taken,
-            started.elapsed() - sent
+            waited - taken,
+            started.elapsed() - waited
         );
-        Ok((tally, error, tally.accepted > 0))
+        Ok((tally, error, tally.accepted > 0 || self.sending.is_some()))
     }
 
     /// Verify the receipts that are due, a bounded number per pass so delivery never waits
@@ -319,38 +337,6 @@ impl Worker {
     }
 }
 
-/// Send a batch by the contract's rule: more than `bulk_threshold` → bulk requests of at most
-/// `batch_size`; otherwise one request per record.
-fn send(client: &Client, settings: &Settings, batch: &[Entry]) -> Vec<Outcome> {
-    let records: Vec<Record> = batch.iter().map(|e| record(settings, e)).collect();
-    let mut pause = |delay: Duration| sleep(delay);
-    if records.len() > settings.bulk_threshold {
-        records
-            .chunks(settings.batch_size)
-            .flat_map(|chunk| client.send_bulk(&settings.tenant_id, chunk, &mut pause))
-            .collect()
-    } else {
-        client.send_each(&records, &mut pause)
-    }
-}
-
-fn record(settings: &Settings, entry: &Entry) -> Record {
-    let payload =
-        serde_json::value::RawValue::from_string(entry.payload.clone()).unwrap_or_else(|_| {
-            serde_json::value::RawValue::from_string("{}".into()).unwrap_or_default()
-        });
-    Record {
-        tenant_id: settings.tenant_id.clone(),
-        database: settings.database_name.clone(),
-        collection: entry.collection.clone(),
-        record_id: entry.record_id.clone(),
-        record_payload: payload,
-        operation_type: entry.operation.clone(),
-        source_timestamp: entry.source_timestamp.clone(),
-        idempotency_key: entry.idempotency_key.clone(),
-    }
-}
-
 /// Sleep on the latch for `delay` (commits may set it meanwhile); false on SIGTERM.
 fn sleep(delay: Duration) -> bool {
     let deadline = Instant::now() + delay;
@@ -362,20 +348,6 @@ fn sleep(delay: Duration) -> bool {
         if !BackgroundWorker::wait_latch(Some(left)) {
             return false;
         }
-    }
-}
-
-/// Threads started inside `f` (the HTTP client's) inherit a mask with every signal blocked, so
-/// Postgres' signals always reach the worker's main thread.
-fn with_signals_blocked<T>(f: impl FnOnce() -> T) -> T {
-    unsafe {
-        let mut all: libc::sigset_t = std::mem::zeroed();
-        let mut previous: libc::sigset_t = std::mem::zeroed();
-        libc::sigfillset(&mut all);
-        libc::pthread_sigmask(libc::SIG_BLOCK, &all, &mut previous);
-        let result = f();
-        libc::pthread_sigmask(libc::SIG_SETMASK, &previous, std::ptr::null_mut());
-        result
     }
 }
 
