@@ -44,6 +44,7 @@ def scenario_pending_then_anchored(cluster, emulator):
     check("receipts hold the anchoring transaction, the delete's too",
           cluster.sql("SELECT count(*) FILTER (WHERE polygon_tx_hash LIKE '0x%'), count(*) FROM certyo.receipt "
                       "WHERE anchor_status = 'anchored'"), "31|31")
+    check("the worker counts every anchor it found", cluster.sql("SELECT anchored FROM certyo.worker_status()"), "31")
     check("writing the anchor status back queued nothing", cluster.sql("SELECT count(*) FROM certyo.queue"), "0")
     check("the status view counts them",
           cluster.sql("SELECT format('%s %s %s %s', queued, dead_letters, awaiting_anchor, anchored) FROM certyo.status "

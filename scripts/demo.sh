@@ -15,7 +15,9 @@ cluster_start "${DEMO_DIR:-/tmp/certyo-demo}" "${DEMO_PORT:-54330}" \
     "shared_preload_libraries = 'certyo_cdc'" \
     "certyo.base_url = 'http://127.0.0.1:$EMULATOR_PORT'" \
     "certyo.api_key = 'demo-key'" \
-    "certyo.tenant_id = 'demo-tenant'"
+    "certyo.tenant_id = 'demo-tenant'" \
+    "certyo.verify_min_age = '2s'" \
+    "certyo.verify_interval = '1s'"
 trap 'cluster_stop "$CLUSTER_DIR"; kill $EMULATOR_PID 2>/dev/null' EXIT
 
 cluster_psql <<'SQL'
@@ -48,13 +50,11 @@ SELECT id, record_id, operation, record_hash, replayed, accepted_at - queued_at 
 \echo '== the source row carries the hash Certyo returned (written back without re-queuing it)'
 SELECT id, sku, price, certyo_record_hash, certyo_anchor_status FROM products;
 SELECT count(*) AS queued_again FROM certyo.queue;
-\echo '== verification: the emulator anchors after 5 s; the worker verifies (here after 2 s, then every second)'
-ALTER SYSTEM SET certyo.verify_min_age = '2s';
-ALTER SYSTEM SET certyo.verify_interval = '1s';
-SELECT pg_reload_conf();
-SELECT pg_sleep(8);
+\echo '== verification: the emulator anchors 5 s after acceptance; the worker verifies after 2 s, then every second'
+SELECT pg_sleep(6);
 SELECT id, sku, certyo_anchor_status, certyo_verified_at FROM products;
-SELECT id, record_id, operation, anchor_status, polygon_tx_hash FROM certyo.history('products', '42');
+\echo '== the history of record 42: every version sent, with its anchor'
+SELECT id, operation, state, anchor_status, polygon_tx_hash FROM certyo.history('products', '42');
 \echo '== the status per table, and the tamper audit: a row changed behind the trigger is found'
 SELECT "table", queued, dead_letters, awaiting_anchor, anchored, mismatched, last_delivery_at FROM certyo.status;
 ALTER TABLE products DISABLE TRIGGER certyo_capture;

@@ -323,7 +323,10 @@ impl Worker {
         tally: Tally,
     ) -> Result<(), pgrx::spi::Error> {
         let key = (state.to_string(), detail.to_string());
-        if self.last_state.as_ref() == Some(&key) && tally.sent == 0 && error.is_none() {
+        if self.last_state.as_ref() == Some(&key)
+            && tally.sent + tally.verified == 0
+            && error.is_none()
+        {
             return Ok(());
         }
         if self.last_state.as_ref().map(|s| &s.0) != Some(&key.0)
