@@ -75,8 +75,14 @@ pub struct Schedule {
 /// Record what verification found, then mark the source rows that still hold those versions.
 pub fn record(results: &[(Due, Verification)], schedule: Schedule) -> SpiResult<Tally> {
     let mut tally = Tally::default();
-    let mut anchored: (Vec<i64>, Vec<Option<String>>) = Default::default();
-    let mut mismatched: (Vec<i64>, Vec<String>) = Default::default();
+    // id, status, polygon tx hash, reported hash
+    type Settled = (
+        Vec<i64>,
+        Vec<String>,
+        Vec<Option<String>>,
+        Vec<Option<String>>,
+    );
+    let mut settled: Settled = Default::default();
     let mut later: (Vec<i64>, Vec<Option<String>>) = Default::default();
     let (mut rows_anchored, mut rows_mismatched) = (Vec::new(), Vec::new());
     for (due, found) in results {
@@ -84,8 +90,10 @@ pub fn record(results: &[(Due, Verification)], schedule: Schedule) -> SpiResult<
         let keeps_row = due.operation != "delete";
         match found {
             Verification::Anchored { polygon_tx_hash } => {
-                anchored.0.push(id);
-                anchored.1.push(polygon_tx_hash.clone());
+                settled.0.push(id);
+                settled.1.push("anchored".into());
+                settled.2.push(polygon_tx_hash.clone());
+                settled.3.push(None);
                 tally.anchored += 1;
                 if keeps_row {
                     rows_anchored.push(due.version.clone());
@@ -98,8 +106,10 @@ pub fn record(results: &[(Due, Verification)], schedule: Schedule) -> SpiResult<
                     due.version.record_id,
                     due.version.record_hash
                 );
-                mismatched.0.push(id);
-                mismatched.1.push(reported_hash.clone());
+                settled.0.push(id);
+                settled.1.push("mismatch".into());
+                settled.2.push(None);
+                settled.3.push(Some(reported_hash.clone()));
                 tally.mismatched += 1;
                 if keeps_row {
                     rows_mismatched.push(due.version.clone());
@@ -125,25 +135,17 @@ pub fn record(results: &[(Due, Verification)], schedule: Schedule) -> SpiResult<
     }
     BackgroundWorker::transaction(move || {
         Spi::connect_mut(|client| {
+            // Settled: anchored (with its transaction) or mismatched (with Certyo's hash).
             client.update(
                 "UPDATE certyo.receipt r
-                    SET anchor_status = 'anchored', polygon_tx_hash = v.tx, anchored_at = now(),
+                    SET anchor_status = v.status, polygon_tx_hash = v.tx, reported_hash = v.reported,
+                        anchored_at = CASE WHEN v.status = 'anchored' THEN now() END,
                         last_verified_at = now(), verify_attempts = r.verify_attempts + 1,
                         next_verify_at = NULL, verify_error = NULL
-                   FROM unnest($1::bigint[], $2::text[]) AS v(id, tx)
+                   FROM unnest($1::bigint[], $2::text[], $3::text[], $4::text[]) AS v(id, status, tx, reported)
                   WHERE r.id = v.id",
                 None,
-                &[anchored.0.into(), anchored.1.into()],
-            )?;
-            client.update(
-                "UPDATE certyo.receipt r
-                    SET anchor_status = 'mismatch', reported_hash = v.reported,
-                        last_verified_at = now(), verify_attempts = r.verify_attempts + 1,
-                        next_verify_at = NULL, verify_error = NULL
-                   FROM unnest($1::bigint[], $2::text[]) AS v(id, reported)
-                  WHERE r.id = v.id",
-                None,
-                &[mismatched.0.into(), mismatched.1.into()],
+                &[settled.0.into(), settled.1.into(), settled.2.into(), settled.3.into()],
             )?;
             // Not on chain yet (or the question failed): ask again after the interval; long
             // past the expected anchoring time, flag it and back off, doubling, to at most 1 h.
