@@ -2,7 +2,9 @@
 """Delivery benchmark against the Certyo emulator on this machine (bench/run.sh starts both):
 - drain throughput: 100k changes queued while delivery is off, then records/s until every one
   is accepted and its hash written back;
-- commit-to-accepted latency (p50, p99) at a steady 1,000 single-row commits per second.
+- commit-to-accepted latency (p50, p99) at a steady 1,000 single-row commits per second;
+- verification: receipts verified per second once every receipt is due (one request each:
+  the contract has no bulk verification), and the latency above measured again meanwhile.
 
 Usage: bench/delivery.py SOCKET_DIR PORT
 """
@@ -62,14 +64,30 @@ def latency(rate=1000, seconds=15):
           FROM certyo.receipt WHERE relid = 'bench_latency'::regclass""").split()
 
 
+def verification(seconds=10):
+    """Make every receipt due at once; count verification answers recorded per second, and
+    measure the commit-to-accepted latency again while they run."""
+    psql("ALTER SYSTEM SET certyo.verify_interval = '1h'")
+    psql("SELECT pg_reload_conf()")
+    before = int(psql("SELECT count(*) FROM certyo.receipt WHERE last_verified_at IS NOT NULL"))
+    psql("SELECT certyo.verify_now()")
+    started = time.time()
+    count, p50, p99 = latency(seconds=seconds)
+    done = int(psql("SELECT count(*) FROM certyo.receipt WHERE last_verified_at IS NOT NULL")) - before
+    return done / (time.time() - started), count, p50, p99
+
+
 def main():
     ok, elapsed, accepted = drain()
     count, p50, p99 = latency()
+    rate, v_count, v_p50, v_p99 = verification()
     print("\ndelivery benchmark (emulator on this machine, bulk requests of 1000)")
     print(f"drain: {accepted} of {BACKLOG} changes accepted and written back in {elapsed:.1f} s "
           f"= {accepted / elapsed:,.0f} records/s (target >= 20,000){'' if ok else '  [DID NOT FINISH]'}")
     print(f"latency at 1,000 commits/s: {count} changes, commit-to-accepted p50 {p50} ms, p99 {p99} ms "
           f"(targets p50 <= 10 ms, p99 <= 50 ms)")
+    print(f"verification: {rate:,.0f} receipts/s verified (one request each), while the latency at 1,000 commits/s "
+          f"was p50 {v_p50} ms, p99 {v_p99} ms ({v_count} changes)")
 
 
 if __name__ == "__main__":

@@ -2,11 +2,13 @@
 //! after acceptance and then every `certyo.verify_interval`; one not anchored
 //! `certyo.anchor_timeout` after acceptance is flagged `overdue` and checked at a doubling
 //! interval (at most hourly) instead of at full rate. Like delivery: take the due receipts in
-//! one short transaction, ask Certyo with no transaction open, record in another.
+//! one short transaction, ask Certyo on a helper thread (delivery goes on meanwhile), record
+//! the answers in another.
 
+use super::sending::OffThread;
 use super::store::Tally;
 use super::write_back::{self, Mark, Version};
-use crate::certyo::{Outcome, Verification, VerifyRequest};
+use crate::certyo::{Client, Outcome, Verification, VerifyRequest};
 use pgrx::bgworkers::BackgroundWorker;
 use pgrx::pg_sys::Oid;
 use pgrx::prelude::*;
@@ -63,6 +65,71 @@ pub fn take_due(limit: usize) -> SpiResult<Vec<Due>> {
             Ok(due)
         })
     })
+}
+
+/// Receipts being verified on a helper thread, `CONCURRENT_REQUESTS` requests at a time.
+pub struct Verifying {
+    due: Vec<Due>,
+    work: OffThread<Vec<Verification>>,
+}
+
+/// Verification requests in flight at once: one request per receipt is all the contract
+/// offers, so a few at a time keep up with a higher delivery rate.
+const CONCURRENT_REQUESTS: usize = 4;
+
+impl Verifying {
+    pub fn start(client: &Client, tenant_id: &str, database: &str, due: Vec<Due>) -> Verifying {
+        let requests: Vec<VerifyRequest> =
+            due.iter().map(|d| d.request(tenant_id, database)).collect();
+        let client = client.clone();
+        let work = OffThread::start("certyo_cdc verify", move |_pause| {
+            let per_thread = requests.len().div_ceil(CONCURRENT_REQUESTS).max(1);
+            // Scoped threads inherit the helper's blocked signal mask. 429 back-off sleeps
+            // here are plain sleeps: a verification waiting is not worth a shared stop flag.
+            std::thread::scope(|scope| {
+                let parts: Vec<_> = requests
+                    .chunks(per_thread)
+                    .map(|part| {
+                        let client = &client;
+                        scope.spawn(move || {
+                            part.iter()
+                                .map(|r| {
+                                    client.verify(r, &mut |d| {
+                                        std::thread::sleep(d);
+                                        true
+                                    })
+                                })
+                                .collect::<Vec<_>>()
+                        })
+                    })
+                    .collect();
+                parts
+                    .into_iter()
+                    .flat_map(|part| {
+                        part.join().unwrap_or_else(|_| {
+                            vec![Verification::Failed(Outcome::Transient(
+                                "the verification thread failed".into(),
+                            ))]
+                        })
+                    })
+                    .collect()
+            })
+        });
+        Verifying { due, work }
+    }
+
+    /// The receipts and what was found, once the thread is done (None while it runs).
+    pub fn try_finish(&mut self) -> Option<Vec<(Due, Verification)>> {
+        let found = self.work.try_take()?.unwrap_or_default();
+        let due = std::mem::take(&mut self.due);
+        let missing = Verification::Failed(Outcome::Transient("no answer".into()));
+        let mut found = found.into_iter();
+        Some(
+            due.into_iter()
+                .map(|d| (d, found.next().unwrap_or_else(|| missing.clone())))
+                .collect(),
+        )
+    }
 }
 
 /// How often receipts are checked, from the settings.

@@ -1,9 +1,10 @@
-//! The batch on the wire. Its HTTP requests run on a helper thread, so that while Certyo reads
-//! one batch the worker records the previous one and takes the next: a pass costs the longer
-//! of HTTP and database work, not their sum. The thread is started with every signal blocked
-//! and never touches Postgres; it hands its answers back over a channel. Nothing is written
-//! for a batch in flight, so a batch abandoned at shutdown is sent again after the restart and
-//! answered as a replay.
+//! HTTP off the worker's main thread. A batch's requests run on a helper thread, so that while
+//! Certyo reads one batch the worker records the previous one and takes the next: a pass costs
+//! the longer of HTTP and database work, not their sum. Verification requests run the same way,
+//! so they never hold up delivery. Helper threads are started with every signal blocked and
+//! never touch Postgres; they hand their answers back over a channel. Nothing is written for
+//! work in flight, so work abandoned at shutdown is redone after the restart (a resent batch is
+//! answered as a replay).
 
 use super::settings::Settings;
 use super::store::Entry;
@@ -14,11 +15,71 @@ use std::sync::mpsc::{self, RecvTimeoutError};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+/// Work on a helper thread, started with every signal blocked, that never touches Postgres
+/// and hands its result back over a channel. Dropping it tells the thread to give up its
+/// back-off sleeps.
+pub struct OffThread<T> {
+    answers: mpsc::Receiver<T>,
+    stop: Arc<AtomicBool>,
+}
+
+impl<T: Send + 'static> OffThread<T> {
+    /// `work` gets a pause function for 429 back-off: it sleeps, and returns false (stop) when
+    /// the worker no longer waits.
+    pub fn start(
+        name: &str,
+        work: impl FnOnce(&mut dyn FnMut(Duration) -> bool) -> T + Send + 'static,
+    ) -> OffThread<T> {
+        let stop = Arc::new(AtomicBool::new(false));
+        let (tell, answers) = mpsc::channel();
+        let flag = stop.clone();
+        let body = move || {
+            let result = work(&mut |delay| pause_unless_stopped(&flag, delay));
+            // A closed channel means the worker stopped waiting; the work is redone later.
+            tell.send(result).is_ok()
+        };
+        let spawned =
+            with_signals_blocked(|| std::thread::Builder::new().name(name.into()).spawn(body));
+        if let Err(e) = spawned {
+            pgrx::warning!("certyo_cdc: cannot start the {name} thread ({e}); its work is redone at the next pass");
+        }
+        OffThread { answers, stop }
+    }
+
+    /// The result if the thread is done: `Some(None)` when it ended without one.
+    pub fn try_take(&self) -> Option<Option<T>> {
+        match self.answers.try_recv() {
+            Ok(result) => Some(Some(result)),
+            Err(mpsc::TryRecvError::Empty) => None,
+            Err(mpsc::TryRecvError::Disconnected) => Some(None),
+        }
+    }
+
+    /// Wait for the result: `Some(None)` when the thread ended without one, None on SIGTERM.
+    pub fn wait(&self) -> Option<Option<T>> {
+        loop {
+            match self.answers.recv_timeout(Duration::from_millis(5)) {
+                Ok(result) => return Some(Some(result)),
+                Err(RecvTimeoutError::Disconnected) => return Some(None),
+                Err(RecvTimeoutError::Timeout) if BackgroundWorker::sigterm_received() => {
+                    return None
+                }
+                Err(RecvTimeoutError::Timeout) => continue,
+            }
+        }
+    }
+}
+
+impl<T> Drop for OffThread<T> {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+    }
+}
+
+/// A batch being sent.
 pub struct Sending {
     batch: Vec<Entry>,
-    answers: mpsc::Receiver<Vec<Outcome>>,
-    /// Set when the worker stops waiting: the thread then gives up its 429 back-off.
-    stop: Arc<AtomicBool>,
+    work: OffThread<Vec<Outcome>>,
 }
 
 impl Sending {
@@ -27,38 +88,22 @@ impl Sending {
     pub fn start(client: &Client, settings: &Settings, batch: Vec<Entry>) -> Sending {
         let records: Vec<Record> = batch.iter().map(|e| record(settings, e)).collect();
         let bulk = records.len() > settings.bulk_threshold;
-        let (chunk, tenant) = (settings.batch_size, settings.tenant_id.clone());
-        let (client, stop) = (client.clone(), Arc::new(AtomicBool::new(false)));
-        let (tell, answers) = mpsc::channel();
-        let flag = stop.clone();
-        let work = move || {
-            let mut pause = |delay: Duration| pause_unless_stopped(&flag, delay);
-            let outcomes: Vec<Outcome> = if bulk {
+        let (chunk, tenant, client) = (
+            settings.batch_size,
+            settings.tenant_id.clone(),
+            client.clone(),
+        );
+        let work = OffThread::start("certyo_cdc send", move |pause| {
+            if bulk {
                 records
                     .chunks(chunk)
-                    .flat_map(|part| client.send_bulk(&tenant, part, &mut pause))
+                    .flat_map(|part| client.send_bulk(&tenant, part, pause))
                     .collect()
             } else {
-                client.send_each(&records, &mut pause)
-            };
-            // A closed channel means the worker stopped waiting; the batch is resent later.
-            tell.send(outcomes).is_ok()
-        };
-        let spawned = with_signals_blocked(|| {
-            std::thread::Builder::new()
-                .name("certyo_cdc http".into())
-                .spawn(work)
+                client.send_each(&records, pause)
+            }
         });
-        if let Err(e) = spawned {
-            pgrx::warning!(
-                "certyo_cdc: cannot start the HTTP thread ({e}); the batch waits for the next pass"
-            );
-        }
-        Sending {
-            batch,
-            answers,
-            stop,
-        }
+        Sending { batch, work }
     }
 
     /// The ids in flight: the next take must leave them alone.
@@ -68,21 +113,11 @@ impl Sending {
 
     /// Wait for the answers. None on SIGTERM: the batch is abandoned, nothing recorded.
     pub fn finish(self) -> Option<(Vec<Entry>, Vec<Outcome>)> {
-        loop {
-            match self.answers.recv_timeout(Duration::from_millis(5)) {
-                Ok(outcomes) => return Some((self.batch, outcomes)),
-                Err(RecvTimeoutError::Timeout) if BackgroundWorker::sigterm_received() => {
-                    self.stop.store(true, Ordering::Relaxed);
-                    return None;
-                }
-                Err(RecvTimeoutError::Timeout) => continue,
-                Err(RecvTimeoutError::Disconnected) => {
-                    let lost = Outcome::Transient("the HTTP thread ended without an answer".into());
-                    let outcomes = vec![lost; self.batch.len()];
-                    return Some((self.batch, outcomes));
-                }
-            }
-        }
+        let outcomes = self.work.wait()?.unwrap_or_else(|| {
+            let lost = Outcome::Transient("the HTTP thread ended without an answer".into());
+            vec![lost; self.batch.len()]
+        });
+        Some((self.batch, outcomes))
     }
 }
 

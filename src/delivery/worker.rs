@@ -56,11 +56,14 @@ struct Worker {
     planner: store::Planner,
     /// The batch whose HTTP requests are in flight, if any.
     sending: Option<Sending>,
+    /// The receipts being verified, if any.
+    verifying: Option<anchor::Verifying>,
 }
 
-/// Receipts verified per pass at most (each is one request), and while a backlog is sent.
-const VERIFY_PER_PASS: usize = 100;
-const VERIFY_WHILE_SENDING: usize = 10;
+/// Receipts verified per batch (each is one request), and how often a batch in flight is
+/// looked at (its thread cannot set the latch: it must not call into Postgres).
+const VERIFY_BATCH: usize = 100;
+const VERIFY_POLL: Duration = Duration::from_millis(20);
 const EXPIRE_EVERY: Duration = Duration::from_secs(60);
 
 enum Next {
@@ -138,13 +141,7 @@ impl Worker {
         }
         let client = self.client(&settings)?.clone();
         let (delivered, error, more_to_send) = self.deliver(&client, &settings, true)?;
-        // Verification never holds up a backlog: while one is being sent, only a few per pass.
-        let verify_limit = if more_to_send {
-            VERIFY_WHILE_SENDING
-        } else {
-            VERIFY_PER_PASS
-        };
-        let (verified, more_to_verify) = self.verify(&client, &settings, verify_limit)?;
+        let (verified, verify_again) = self.verify(&client, &settings)?;
         self.expire(&settings)?;
         let tally = delivered + verified;
         if tally.sent + tally.verified == 0 && error.is_none() {
@@ -156,10 +153,13 @@ impl Worker {
             );
             self.announce("delivering", &detail, error.as_deref(), tally)?;
         }
-        if more_to_send || more_to_verify || backfilling {
+        if more_to_send || backfilling || verify_again == Some(Duration::ZERO) {
             return Ok(Next::Now);
         }
-        let due = store::next_due()?.unwrap_or(settings.poll_interval);
+        let mut due = store::next_due()?.unwrap_or(settings.poll_interval);
+        if let Some(again) = verify_again {
+            due = due.min(again);
+        }
         Ok(Next::Wait(due.min(settings.poll_interval)))
     }
 
@@ -237,37 +237,41 @@ impl Worker {
         Ok((tally, error, tally.accepted > 0 || self.sending.is_some()))
     }
 
-    /// Verify the receipts that are due, a bounded number per pass so delivery never waits
-    /// long behind verification. Returns the tally and whether more may be due.
+    /// Verification on a helper thread: record what a finished batch found, or start the
+    /// next batch of due receipts. Returns the tally and when to look again (zero: at once).
     fn verify(
         &mut self,
         client: &Client,
         settings: &Settings,
-        limit: usize,
-    ) -> Result<(Tally, bool), pgrx::spi::Error> {
-        let due = anchor::take_due(limit)?;
+    ) -> Result<(Tally, Option<Duration>), pgrx::spi::Error> {
+        if let Some(verifying) = self.verifying.as_mut() {
+            let Some(results) = verifying.try_finish() else {
+                return Ok((Tally::default(), Some(VERIFY_POLL)));
+            };
+            self.verifying = None;
+            for (_, found) in &results {
+                if let Verification::Failed(outcome) = found {
+                    self.note_refusal(std::iter::once(outcome));
+                }
+            }
+            let schedule = anchor::Schedule {
+                interval: settings.verify_interval,
+                anchor_timeout: settings.anchor_timeout,
+            };
+            let tally = anchor::record(&results, schedule)?;
+            return Ok((tally, Some(Duration::ZERO)));
+        }
+        let due = anchor::take_due(VERIFY_BATCH)?;
         if due.is_empty() {
-            return Ok((Tally::default(), false));
+            return Ok((Tally::default(), None));
         }
-        let mut results = Vec::with_capacity(due.len());
-        for receipt in due {
-            let request = receipt.request(&settings.tenant_id, &settings.database_name);
-            let found = client.verify(&request, &mut |delay| sleep(delay));
-            let refused = matches!(found, Verification::Failed(Outcome::Unauthorized { .. }));
-            if let Verification::Failed(outcome) = &found {
-                self.note_refusal(std::iter::once(outcome));
-            }
-            results.push((receipt, found));
-            if refused || BackgroundWorker::sigterm_received() {
-                break;
-            }
-        }
-        let full = results.len() == limit;
-        let schedule = anchor::Schedule {
-            interval: settings.verify_interval,
-            anchor_timeout: settings.anchor_timeout,
-        };
-        Ok((anchor::record(&results, schedule)?, full))
+        self.verifying = Some(anchor::Verifying::start(
+            client,
+            &settings.tenant_id,
+            &settings.database_name,
+            due,
+        ));
+        Ok((Tally::default(), Some(VERIFY_POLL)))
     }
 
     /// Remember a 401/403: nothing is sent until the configuration is reloaded.
@@ -337,20 +341,6 @@ impl Worker {
         }
         self.last_state = Some(key);
         store::set_state(state, detail, error, tally)
-    }
-}
-
-/// Sleep on the latch for `delay` (commits may set it meanwhile); false on SIGTERM.
-fn sleep(delay: Duration) -> bool {
-    let deadline = Instant::now() + delay;
-    loop {
-        let left = deadline.saturating_duration_since(Instant::now());
-        if left.is_zero() {
-            return true;
-        }
-        if !BackgroundWorker::wait_latch(Some(left)) {
-            return false;
-        }
     }
 }
 

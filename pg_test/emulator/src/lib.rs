@@ -85,6 +85,9 @@ struct State {
     /// Keyed by (tenantId, idempotencyKey); records without a key get a fresh entry each time.
     by_key: HashMap<(String, String), usize>,
     accepted: Vec<Accepted>,
+    /// Versions of each record, oldest first, by a hash of (tenantId, database, collection,
+    /// recordId): verification looks one up without scanning everything accepted.
+    by_record: HashMap<u64, Vec<usize>>,
     faults: VecDeque<Fault>,
     mismatches: u32,
     stats: Stats,
@@ -383,13 +386,31 @@ fn accept(record: Value, state: &Mutex<State>) -> Result<Value, String> {
         accepted: Instant::now(),
     };
     let result = receipt(&accepted, false);
+    let identity = record_identity(&accepted.record);
     state.accepted.push(accepted);
     let index = state.accepted.len() - 1;
+    state.by_record.entry(identity).or_default().push(index);
     if let Some(key) = key {
         state.by_key.insert((tenant, key), index);
     }
     state.stats.accepted += 1;
     Ok(result)
+}
+
+const IDENTITY: [&str; 4] = ["tenantId", "database", "collection", "recordId"];
+
+/// A hash of what names one record: (tenantId, database, collection, recordId).
+fn record_identity(record: &Value) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut hasher = std::collections::hash_map::DefaultHasher::new();
+    for field in IDENTITY {
+        record.get(field).map(Value::to_string).hash(&mut hasher);
+    }
+    hasher.finish()
+}
+
+fn same_record(a: &Value, b: &Value) -> bool {
+    IDENTITY.iter().all(|f| a.get(f) == b.get(f))
 }
 
 /// `"sha256:" + hex(sha256(canonical JSON))` of what identifies the record's content: tenant,
@@ -426,19 +447,20 @@ fn verify(body: &str, state: &Mutex<State>, anchor_delay: Duration) -> (u16, Val
     };
     let mut state = lock(state);
     state.stats.verify_requests += 1;
-    let same = |a: &Accepted, f: &str| a.record.get(f) == request.get(f);
     // The version asked about (by its hash); failing that, the newest version of the record,
     // whose different hash then tells the client that Certyo holds something else.
     let versions: Vec<&Accepted> = state
-        .accepted
-        .iter()
-        .rev()
-        .filter(|a| {
-            ["tenantId", "database", "collection", "recordId"]
+        .by_record
+        .get(&record_identity(&request))
+        .map(|indexes| {
+            indexes
                 .iter()
-                .all(|f| same(a, f))
+                .rev()
+                .map(|&i| &state.accepted[i])
+                .filter(|a| same_record(&a.record, &request))
+                .collect()
         })
-        .collect();
+        .unwrap_or_default();
     let asked = request.get("recordHash").and_then(Value::as_str);
     let found = versions
         .iter()
