@@ -17,9 +17,9 @@ use crate::capture::record::{Operation, Row};
 use crate::error::{CertyoError, OrRaise, Result};
 use crate::track::key::RecordKey;
 use pgrx::bgworkers::BackgroundWorker;
-use pgrx::pg_sys::{self, panic::CaughtError, Oid};
+use pgrx::pg_sys::{self, Oid};
 use pgrx::prelude::*;
-use pgrx::{PgMemoryContexts, PgSqlErrorCode, PgTryBuilder};
+use pgrx::{PgMemoryContexts, PgSqlErrorCode};
 
 /// `certyo.backfill(rel, where_clause)`: validate as the caller, record the request, wake the
 /// worker at commit. Returns the backfill's id.
@@ -154,17 +154,9 @@ pub fn step(chunk_size: usize) -> std::result::Result<bool, pgrx::spi::Error> {
         return Ok(false);
     };
     let id = job.id;
-    let outcome = PgTryBuilder::new(|| {
+    let outcome = crate::error::guarded(|| {
         BackgroundWorker::transaction(|| queue_chunk(&job, chunk_size).map_err(|e| e.message))
-    })
-    .catch_others(|caught| {
-        unsafe { pg_sys::AbortCurrentTransaction() };
-        Err(match &caught {
-            CaughtError::PostgresError(r) | CaughtError::ErrorReport(r) => r.message().to_string(),
-            CaughtError::RustPanic { ereport, .. } => ereport.message().to_string(),
-        })
-    })
-    .execute();
+    });
     if let Err(error) = outcome {
         pgrx::warning!("certyo_cdc: backfill {id} failed: {error}");
         BackgroundWorker::transaction(|| {

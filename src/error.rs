@@ -61,6 +61,26 @@ impl From<pgrx::spi::Error> for CertyoError {
     }
 }
 
+/// Run `f`, turning a Postgres ERROR raised inside it (or a panic) into `Err` with its message,
+/// after aborting the transaction it left open. For the worker, which must outlive errors: a
+/// table dropped under it, `DROP EXTENSION` between two statements, a bad backfill condition.
+pub fn guarded<T>(
+    f: impl FnOnce() -> std::result::Result<T, String> + std::panic::UnwindSafe,
+) -> std::result::Result<T, String> {
+    use pgrx::pg_sys::panic::CaughtError;
+    pgrx::PgTryBuilder::new(f)
+        .catch_others(|caught| {
+            unsafe { pgrx::pg_sys::AbortCurrentTransaction() };
+            Err(match &caught {
+                CaughtError::PostgresError(report) | CaughtError::ErrorReport(report) => {
+                    report.message().to_string()
+                }
+                CaughtError::RustPanic { ereport, .. } => ereport.message().to_string(),
+            })
+        })
+        .execute()
+}
+
 /// Raise `Err` as an ERROR, return `Ok` as is: the single place where a `Result` meets SQL.
 pub trait OrRaise<T> {
     fn or_raise(self) -> T;

@@ -34,6 +34,8 @@ fn in_transaction<T>(
 pub struct Control {
     /// `certyo.pause()` was called (and not yet `certyo.resume()`).
     pub paused: bool,
+    /// A backfill is queued or running (so a pass looks for its next chunk).
+    pub backfill_open: bool,
 }
 
 /// None when the extension is not installed in this database (it may be dropped under the
@@ -47,17 +49,22 @@ pub fn control() -> SpiResult<Option<Control>> {
         if !installed {
             return Ok(None);
         }
-        let paused =
-            Spi::get_one::<bool>("SELECT (SELECT paused FROM certyo.worker_state LIMIT 1)")?
-                .unwrap_or(false);
-        Ok(Some(Control { paused }))
+        let (paused, backfill_open) = Spi::get_two::<bool, bool>(
+            "SELECT (SELECT paused FROM certyo.worker_state LIMIT 1),
+                    EXISTS (SELECT FROM certyo.backfills WHERE state IN ('queued', 'running'))",
+        )?;
+        Ok(Some(Control {
+            paused: paused.unwrap_or(false),
+            backfill_open: backfill_open.unwrap_or(false),
+        }))
     })
 }
 
 /// Move what capture queued into the worker's own table, and take the next batch: the oldest
 /// pending change of each record whose next attempt is due, in queue order, leaving alone the
-/// batch still in flight (whose changes, still pending, also hold back their records' next). A record with an
-/// older change still waiting is skipped, so changes of a record reach Certyo in commit order.
+/// batch still in flight (whose changes, still pending, also hold back their records' next).
+/// A record with an older change still waiting is skipped, so changes of a record reach
+/// Certyo in commit order.
 ///
 /// Taking writes nothing: there is one worker, and a crash between taking and recording only
 /// means the batch is sent again after the restart, which Certyo answers with

@@ -11,8 +11,6 @@ use crate::certyo::retry::next_attempt_delay;
 use crate::certyo::{Client, ClientConfig, Outcome, Verification};
 use pgrx::bgworkers::{BackgroundWorker, SignalWakeFlags};
 use pgrx::pg_sys;
-use pgrx::pg_sys::panic::CaughtError;
-use pgrx::PgTryBuilder;
 use std::time::{Duration, Instant};
 
 /// Entry point, named in the worker's registration.
@@ -102,20 +100,10 @@ impl Worker {
     /// sent again and answered as a replay.
     fn guarded_pass(&mut self) -> Result<Next, String> {
         let this = std::panic::AssertUnwindSafe(&mut *self);
-        PgTryBuilder::new(move || {
+        crate::error::guarded(move || {
             let this = this;
             this.0.pass().map_err(|e| e.to_string())
         })
-        .catch_others(|caught| {
-            unsafe { pg_sys::AbortCurrentTransaction() };
-            Err(match &caught {
-                CaughtError::PostgresError(report) | CaughtError::ErrorReport(report) => {
-                    report.message().to_string()
-                }
-                CaughtError::RustPanic { ereport, .. } => ereport.message().to_string(),
-            })
-        })
-        .execute()
     }
 
     fn pass(&mut self) -> Result<Next, pgrx::spi::Error> {
@@ -126,7 +114,8 @@ impl Worker {
             ));
         };
         // Backfills only queue rows, like capture: they go on while sending is paused.
-        let backfilling = crate::backfill::step(settings.backfill_chunk_size)?;
+        let backfilling =
+            control.backfill_open && crate::backfill::step(settings.backfill_chunk_size)?;
         if let Some((state, detail)) = self.blocked(&settings, control) {
             if self.sending.is_some() {
                 let client = self.client(&settings)?.clone();
@@ -249,11 +238,10 @@ impl Worker {
                 return Ok((Tally::default(), Some(VERIFY_POLL)));
             };
             self.verifying = None;
-            for (_, found) in &results {
-                if let Verification::Failed(outcome) = found {
-                    self.note_refusal(std::iter::once(outcome));
-                }
-            }
+            self.note_refusal(results.iter().filter_map(|(_, found)| match found {
+                Verification::Failed(outcome) => Some(outcome),
+                _ => None,
+            }));
             let schedule = anchor::Schedule {
                 interval: settings.verify_interval,
                 anchor_timeout: settings.anchor_timeout,
