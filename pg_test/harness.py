@@ -3,6 +3,7 @@
 the check/summary bookkeeping. Each script gets its own directory and port."""
 import json
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -10,7 +11,9 @@ import sys
 import time
 import urllib.request
 
-PG_BIN = "/usr/lib/postgresql/15/bin"
+# CERTYO_PG_BIN points the tests at another PostgreSQL 15 installation (e.g. a private copy
+# holding a different build of certyo_cdc); by default, the system one.
+PG_BIN = os.environ.get("CERTYO_PG_BIN", "/usr/lib/postgresql/15/bin")
 KEY = "e2e-secret"
 results = {"passed": 0, "failed": 0}
 
@@ -80,6 +83,22 @@ class Emulator:
         self.process.terminate()
 
 
+class Attempt:
+    """What psql made of a script: exit code, output, and the SQLSTATEs of the errors raised."""
+
+    def __init__(self, returncode, stdout, stderr):
+        self.returncode, self.stdout, self.stderr = returncode, stdout, stderr
+        self.sqlstates = re.findall(r"(?:ERROR|FATAL|PANIC):\s+([0-9A-Z]{5}):", stderr)
+
+    @property
+    def sqlstate(self):
+        """The SQLSTATE of the first error, or None when nothing failed."""
+        return self.sqlstates[0] if self.sqlstates else None
+
+    def __repr__(self):
+        return f"Attempt(rc={self.returncode}, sqlstates={self.sqlstates}, stdout={self.stdout[:300]!r}, stderr={self.stderr[:600]!r})"
+
+
 class Cluster:
     def __init__(self, directory, port, emulator_url, settings=""):
         self.dir, self.port = directory, port
@@ -133,6 +152,28 @@ certyo.batch_size = 100
         out = subprocess.run(["psql", "-h", self.dir, "-p", str(self.port), "-U", user, "-d", "postgres", "-X", "-q", "-At",
                               "-c", statement], capture_output=True, text=True)
         return out.stdout.strip(), out.stderr.strip()
+
+    def attempt_verbose(self, statement, user="postgres", stop_on_error=True):
+        """Run a script as `user` (read from standard input, so it may be megabytes long), failing
+        or not, with VERBOSITY=verbose so errors carry their SQLSTATE. Returns an Attempt."""
+        out = subprocess.run(["psql", "-h", self.dir, "-p", str(self.port), "-U", user, "-d", "postgres", "-X", "-q", "-At",
+                              "-v", "VERBOSITY=verbose", "-v", f"ON_ERROR_STOP={int(stop_on_error)}", "-f", "-"],
+                             input=statement, capture_output=True, text=True)
+        return Attempt(out.returncode, out.stdout.strip(), out.stderr.strip())
+
+    def postmaster_pid(self):
+        """The postmaster's PID: the first line of DATA/postmaster.pid."""
+        with open(f"{self.dir}/data/postmaster.pid") as pidfile:
+            return int(pidfile.readline())
+
+    def log_size(self):
+        return os.path.getsize(f"{self.dir}/server.log")
+
+    def log_since(self, offset):
+        """The server log from byte `offset` on."""
+        with open(f"{self.dir}/server.log", "rb") as log:
+            log.seek(offset)
+            return log.read().decode(errors="replace")
 
     def wait_drained(self, timeout=60):
         """Until nothing is pending: queue empty, no pending delivery entries."""

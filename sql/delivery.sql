@@ -68,8 +68,10 @@ SELECT pg_catalog.pg_extension_config_dump('certyo.receipt', '');
 CREATE TABLE certyo.backfills (
     id           bigint      GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
     relid        oid         NOT NULL,
-    where_clause text,                                  -- NULL: every row
-    requested_by oid         NOT NULL,                  -- chunks read the table with this role's rights
+    where_clause text,                                  -- NULL: every row; else the condition as Postgres
+                                                        -- deparsed it (one expression, names qualified)
+    requested_by oid         NOT NULL,                  -- who asked; chunks run as the table's owner while
+                                                        -- this role still has the owner's privileges
     requested_at timestamptz NOT NULL DEFAULT now(),
     state        text        NOT NULL DEFAULT 'queued'
                  CHECK (state IN ('queued', 'running', 'done', 'failed', 'cancelled')),

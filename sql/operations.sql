@@ -69,7 +69,9 @@ CREATE FUNCTION certyo.worker_status(
 LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
     SELECT a.pid IS NOT NULL,
            a.pid,
-           coalesce(current_setting('certyo.api_key', true), '') <> ''
+           w.state IS DISTINCT FROM 'not configured'
+               AND (coalesce(current_setting('certyo.api_key_file', true), '') <> ''
+                    OR coalesce(current_setting('certyo.api_key', true), '') <> '')
                AND coalesce(current_setting('certyo.tenant_id', true), '') <> '',
            coalesce(w.paused, false),
            CASE WHEN current_setting('shared_preload_libraries') !~ 'certyo_cdc' THEN 'not delivering'

@@ -12,6 +12,7 @@
 //! - [`certyo`]: the Certyo API client, which knows nothing of Postgres;
 //! - [`wake`]: the doorbell a committing writer rings for the worker;
 //! - [`error`]: the one error type, raised with an SQLSTATE, detail and hint;
+//! - [`rights`]: whose rights run user code (the table owner's, restricted, never the worker's);
 //! - `sql/schema.sql`: the queue, the `tracked_tables` view and the DDL event trigger;
 //!   `sql/delivery.sql`: the worker's tables (delivery, receipt, backfills, worker state);
 //!   `sql/operations.sql`: the operator surface (status, pause/resume, retry, history, ...).
@@ -24,6 +25,7 @@ pub mod capture;
 pub mod certyo;
 mod delivery;
 pub mod error;
+mod rights;
 mod track;
 mod wake;
 
@@ -44,8 +46,13 @@ pgrx::extension_sql_file!(
 /// Settings everywhere; the worker and its shared memory only when preloaded.
 #[pgrx::pg_guard]
 pub extern "C-unwind" fn _PG_init() {
+    // SAFETY: a plain read of a Postgres global, in the process's main thread.
     let preloading = unsafe { pgrx::pg_sys::process_shared_preload_libraries_in_progress };
+    // Errors are for people: a Rust backtrace never reaches an error's DETAIL or the log,
+    // whatever RUST_BACKTRACE the server was started with. Set before any thread exists.
+    std::env::set_var("RUST_LIB_BACKTRACE", "0");
     delivery::settings::define(preloading);
+    delivery::api_key::redact_from_log();
     if preloading {
         wake::init_shared_memory();
         delivery::register();

@@ -5,12 +5,24 @@ use super::{Outcome, Receipt, Record, Verification, VerifyRequest};
 use serde::{Deserialize, Serialize};
 use std::time::Duration;
 
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Clone, PartialEq)]
 pub struct ClientConfig {
     pub base_url: String,
     pub api_key: String,
     pub timeout: Duration,
     pub max_rate_limit_retries: u32,
+}
+
+/// Written by hand so that no `{:?}` ever prints the key.
+impl std::fmt::Debug for ClientConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ClientConfig")
+            .field("base_url", &self.base_url)
+            .field("api_key", &"[hidden]")
+            .field("timeout", &self.timeout)
+            .field("max_rate_limit_retries", &self.max_rate_limit_retries)
+            .finish()
+    }
 }
 
 #[derive(Clone)]

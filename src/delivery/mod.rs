@@ -2,6 +2,7 @@
 //! keeps dead letters and receipts, and writes record hashes back to the source rows.
 //!
 //! - `settings`: the `certyo.*` GUCs;
+//! - `api_key`: the API key from its file or setting, kept out of the server log;
 //! - `worker`: the main loop;
 //! - `store`: the statements of delivery (take, record, expire, status), each its own short
 //!   transaction;
@@ -10,6 +11,7 @@
 //! - `write_back`: hashes and anchor status written back to the source rows.
 
 mod anchor;
+pub mod api_key;
 mod sending;
 pub mod settings;
 mod store;

@@ -9,6 +9,7 @@ use std::time::Duration;
 static BASE_URL: GucSetting<Option<CString>> =
     GucSetting::<Option<CString>>::new(Some(c"https://www.certyos.com"));
 static API_KEY: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(None);
+static API_KEY_FILE: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(None);
 static TENANT_ID: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(None);
 static DATABASE_NAME: GucSetting<Option<CString>> =
     GucSetting::<Option<CString>>::new(Some(c"postgres"));
@@ -39,11 +40,19 @@ pub fn define(preloading: bool) {
     );
     GucRegistry::define_string_guc(
         c"certyo.api_key",
-        c"Certyo API key (X-API-Key). Visible to superusers only.",
-        c"Set it in postgresql.conf or with ALTER SYSTEM; it is never logged or stored in a table.",
+        c"Certyo API key (X-API-Key), when certyo.api_key_file is not set. Visible to superusers only.",
+        c"Prefer certyo.api_key_file. This one is hidden from pg_settings and SHOW ALL, and removed from log messages.",
         &API_KEY,
         GucContext::Sighup,
         GucFlags::SUPERUSER_ONLY | GucFlags::NO_SHOW_ALL,
+    );
+    GucRegistry::define_string_guc(
+        c"certyo.api_key_file",
+        c"File holding the Certyo API key (recommended over certyo.api_key, which it overrides).",
+        c"Owned by the server's OS user (or root) and not readable by others, like ssl_key_file; read again on reload.",
+        &API_KEY_FILE,
+        GucContext::Sighup,
+        GucFlags::SUPERUSER_ONLY,
     );
     GucRegistry::define_string_guc(
         c"certyo.tenant_id",
@@ -174,10 +183,12 @@ pub fn define(preloading: bool) {
 }
 
 /// The settings as one value, read at the start of each pass.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Clone, PartialEq)]
 pub struct Settings {
     pub base_url: String,
     pub api_key: String,
+    /// Why `certyo.api_key_file` could not be read, if it could not.
+    pub api_key_problem: Option<String>,
     pub tenant_id: String,
     pub database_name: String,
     pub batch_size: usize,
@@ -200,10 +211,21 @@ fn text(setting: &GucSetting<Option<CString>>) -> String {
         .unwrap_or_default()
 }
 
+/// The value of `certyo.api_key`, for the log hook that keeps it out of the log.
+pub fn api_key_setting() -> Option<String> {
+    Some(text(&API_KEY)).filter(|k| !k.is_empty())
+}
+
 pub fn current() -> Settings {
+    let (api_key, api_key_problem) =
+        match super::api_key::current(&text(&API_KEY_FILE), &text(&API_KEY)) {
+            Ok(key) => (key, None),
+            Err(problem) => (String::new(), Some(problem)),
+        };
     Settings {
         base_url: text(&BASE_URL),
-        api_key: text(&API_KEY),
+        api_key,
+        api_key_problem,
         tenant_id: text(&TENANT_ID),
         database_name: text(&DATABASE_NAME),
         batch_size: BATCH_SIZE.get().clamp(1, 1000) as usize,
@@ -223,9 +245,14 @@ pub fn current() -> Settings {
 impl Settings {
     /// Why nothing can be sent, if something is missing.
     pub fn missing(&self) -> Option<String> {
+        if let Some(problem) = &self.api_key_problem {
+            return Some(format!(
+                "not configured: {problem} (fix it, then SELECT pg_reload_conf())"
+            ));
+        }
         let mut missing = Vec::new();
         if self.api_key.is_empty() {
-            missing.push("certyo.api_key");
+            missing.push("certyo.api_key_file (or certyo.api_key)");
         }
         if self.tenant_id.is_empty() {
             missing.push("certyo.tenant_id");

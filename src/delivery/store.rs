@@ -370,11 +370,15 @@ pub fn expire(retention: Duration) -> SpiResult<()> {
 /// How long until the earliest retry or verification is due (None: nothing scheduled).
 pub fn next_due() -> SpiResult<Option<Duration>> {
     in_transaction(|| {
+        // NULL when nothing is scheduled (not 0: that would wake the worker at once, forever);
+        // greatest() first, because '-infinity' (due now) minus now() is an error.
         let ms = Spi::get_one::<i64>(
-            "SELECT greatest(0, (extract(epoch FROM least(
+            "SELECT CASE WHEN due IS NULL THEN NULL
+                         ELSE (extract(epoch FROM greatest(due, now()) - now()) * 1000)::bigint END
+               FROM (SELECT least(
                         (SELECT min(next_attempt_at) FROM certyo.delivery WHERE state = 'pending'),
                         (SELECT min(next_verify_at) FROM certyo.receipt WHERE anchor_status IN ('pending', 'overdue'))
-                    ) - now()) * 1000))::bigint",
+                    ) AS due) AS s",
         )?;
         Ok(ms.map(|ms| Duration::from_millis(ms as u64)))
     })

@@ -20,6 +20,10 @@ pub extern "C-unwind" fn certyo_delivery_main(_arg: pg_sys::Datum) {
     BackgroundWorker::attach_signal_handlers(SignalWakeFlags::SIGHUP | SignalWakeFlags::SIGTERM);
     let database = settings::current().database_name;
     BackgroundWorker::connect_worker_to_spi(Some(&database), None);
+    // Every name in the worker's SQL resolves in pg_catalog or is schema-qualified: no one
+    // who can create objects in a schema on the default search_path (public, "$user") can
+    // place a function or operator where the worker, a superuser, would call it.
+    set_for_session(c"search_path", crate::rights::PINNED_SEARCH_PATH);
     // The worker's own commits need not wait for the WAL flush: if a crash loses the last of
     // them, what they recorded is redone (a change sent again is answered as a replay, a
     // backfill chunk is queued again from the last key that survived), and WAL order means no
@@ -34,6 +38,8 @@ pub extern "C-unwind" fn certyo_delivery_main(_arg: pg_sys::Datum) {
 }
 
 fn set_for_session(name: &std::ffi::CStr, value: &std::ffi::CStr) {
+    // SAFETY: valid NUL-terminated strings, in the worker's main thread; an invalid value is
+    // raised as ERROR through pgrx's guard.
     unsafe {
         pg_sys::SetConfigOption(
             name.as_ptr(),
@@ -74,7 +80,10 @@ impl Worker {
     fn run(mut self) {
         loop {
             if BackgroundWorker::sighup_received() {
+                // SAFETY: the worker's main loop, outside any transaction, as Postgres' own
+                // workers reload.
                 unsafe { pg_sys::ProcessConfigFile(pg_sys::GucContext::PGC_SIGHUP) };
+                super::api_key::forget();
                 self.unauthorized = None;
             }
             let next = match self.guarded_pass() {
@@ -171,7 +180,7 @@ impl Worker {
             return Some(("not configured", missing));
         }
         self.unauthorized.as_ref().map(|refusal| {
-            ("unauthorized", format!("Certyo refused the API key ({refusal}): nothing is sent until certyo.api_key is fixed and reloaded"))
+            ("unauthorized", format!("Certyo refused the API key ({refusal}): nothing is sent until the API key (certyo.api_key_file or certyo.api_key) is fixed and reloaded"))
         })
     }
 
@@ -270,7 +279,7 @@ impl Worker {
                     "HTTP {status}: {}",
                     body.chars().take(200).collect::<String>()
                 );
-                pgrx::warning!("certyo_cdc: Certyo refused the API key ({refusal}); delivery stops until certyo.api_key is fixed and reloaded");
+                pgrx::warning!("certyo_cdc: Certyo refused the API key ({refusal}); delivery stops until the API key (certyo.api_key_file or certyo.api_key) is fixed and reloaded");
                 self.unauthorized = Some(refusal);
                 return;
             }

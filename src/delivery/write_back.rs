@@ -1,8 +1,10 @@
 //! Writing Certyo's answers back to the source rows: the record hash after acceptance, the
 //! anchor status after verification. Per table, one statement per batch, in the transaction
-//! that records the answers; the statements name
-//! only bookkeeping columns, so they never fire capture (the trigger is `UPDATE OF` business
-//! columns) and never re-queue a row.
+//! that records the answers. The statements name only bookkeeping columns, so they never fire
+//! capture (the trigger is `UPDATE OF` business columns) and never re-queue a row; they run as
+//! the table's owner with `session_replication_role = replica` (see [`crate::rights`]), so the
+//! owner's code never runs with the worker's rights and ordinary user triggers do not fire
+//! for what is bookkeeping, not a change.
 
 use crate::track::key::{split_record_id, RecordKey};
 use pgrx::datum::DatumWithOid;
@@ -40,13 +42,22 @@ impl Mark {
         }
     }
 
-    /// Which rows may take the mark; `$rel` is the table's oid parameter.
-    fn condition(self, rel: usize) -> String {
-        let newer_taken = newer_than(rel, "certyo.delivery");
+    /// Which versions may still mark their row, judged from the worker's own tables (`$4` is
+    /// the table's oid); None: all of them.
+    fn still_current(self) -> Option<String> {
+        let newer_taken = newer_than("certyo.delivery");
         match self {
-            Mark::Accepted => format!("{newer_taken} AND {}", newer_than(rel, "certyo.receipt")),
-            Mark::Anchored => format!("t.certyo_record_hash = v.hash AND {newer_taken}"),
-            Mark::Mismatch => "t.certyo_record_hash = v.hash".to_string(),
+            Mark::Accepted => Some(format!("{newer_taken} AND {}", newer_than("certyo.receipt"))),
+            Mark::Anchored => Some(newer_taken),
+            Mark::Mismatch => None,
+        }
+    }
+
+    /// Which rows may take the mark, judged from the row itself.
+    fn row_condition(self) -> &'static str {
+        match self {
+            Mark::Accepted => "true",
+            Mark::Anchored | Mark::Mismatch => "t.certyo_record_hash = v.hash",
         }
     }
 }
@@ -54,9 +65,9 @@ impl Mark {
 /// "No newer change of this record in `table`", as a scalar subquery rather than `NOT EXISTS`:
 /// the planner cannot turn it into a join, so it stays one index probe per row whatever the
 /// (often stale) statistics say about how many rows the table has for this relation.
-fn newer_than(rel: usize, table: &str) -> String {
+fn newer_than(table: &str) -> String {
     format!(
-        "(SELECT n.id FROM {table} n WHERE n.relid = ${rel} AND n.record_id = v.rid AND n.id > v.qid LIMIT 1) IS NULL"
+        "(SELECT n.id FROM {table} n WHERE n.relid = $4 AND n.record_id = v.rid AND n.id > v.qid LIMIT 1) IS NULL"
     )
 }
 
@@ -81,6 +92,9 @@ pub fn mark(
     Ok(())
 }
 
+/// Two statements: the worker decides from its own tables which versions are still current,
+/// then the row update runs as the table's owner (see [`crate::rights`]): it fires the
+/// table's index expressions, domain checks and policies, which are the owner's code.
 fn mark_table(
     client: &mut pgrx::spi::SpiClient<'_>,
     relid: Oid,
@@ -90,41 +104,71 @@ fn mark_table(
     let Some(key) = RecordKey::of(client, relid)? else {
         return Ok(()); // dropped or untracked meanwhile: nothing to write back to
     };
+    let rows = still_current(client, relid, rows, mark)?;
     let n = key.columns.len();
     let mut parts: Vec<Vec<String>> = vec![Vec::new(); n];
-    let (mut hashes, mut ids, mut record_ids) = (Vec::new(), Vec::new(), Vec::new());
-    for version in rows {
-        let Some(split) = split_record_id(&version.record_id, n) else {
+    let mut hashes = Vec::new();
+    for (record_id, hash) in rows {
+        let Some(split) = split_record_id(&record_id, n) else {
             continue;
         };
         for (column, value) in parts.iter_mut().zip(split) {
             column.push(value);
         }
-        hashes.push(version.record_hash.clone());
-        ids.push(version.id);
-        record_ids.push(version.record_id.clone());
+        hashes.push(hash);
+    }
+    if hashes.is_empty() {
+        return Ok(());
     }
     let unnest: Vec<String> = (1..=n).map(|i| format!("${i}::text[]")).collect();
     let names: Vec<String> = (1..=n).map(|i| format!("k{i}")).collect();
     let sql = format!(
         "UPDATE {table} AS t SET {set}
-           FROM unnest({unnest}, ${h}::text[], ${q}::bigint[], ${r}::text[]) AS v({names}, hash, qid, rid)
+           FROM unnest({unnest}, ${h}::text[]) AS v({names}, hash)
           WHERE {matches} AND {condition}",
         table = key.table,
         set = mark.set(),
         unnest = unnest.join(", "),
         names = names.join(", "),
         matches = key.matches("t", "v"),
-        condition = mark.condition(n + 4),
+        condition = mark.row_condition(),
         h = n + 1,
-        q = n + 2,
-        r = n + 3,
     );
     let mut args: Vec<DatumWithOid> = parts.into_iter().map(Into::into).collect();
     args.push(hashes.into());
-    args.push(ids.into());
-    args.push(record_ids.into());
-    args.push(relid.into());
-    client.update(sql.as_str(), None, &args)?;
+    crate::rights::writing_back_as(key.owner, || client.update(sql.as_str(), None, &args))?;
     Ok(())
+}
+
+/// The (record id, hash) of the versions that may still mark their row.
+fn still_current(
+    client: &mut pgrx::spi::SpiClient<'_>,
+    relid: Oid,
+    rows: &[Version],
+    mark: Mark,
+) -> Result<Vec<(String, String)>, pgrx::spi::Error> {
+    let Some(condition) = mark.still_current() else {
+        return Ok(rows
+            .iter()
+            .map(|v| (v.record_id.clone(), v.record_hash.clone()))
+            .collect());
+    };
+    let record_ids: Vec<String> = rows.iter().map(|v| v.record_id.clone()).collect();
+    let hashes: Vec<String> = rows.iter().map(|v| v.record_hash.clone()).collect();
+    let ids: Vec<i64> = rows.iter().map(|v| v.id).collect();
+    let found = client.select(
+        &format!(
+            "SELECT v.rid, v.hash FROM unnest($1::text[], $2::text[], $3::bigint[]) AS v(rid, hash, qid)
+              WHERE {condition}"
+        ),
+        None,
+        &[record_ids.into(), hashes.into(), ids.into(), relid.into()],
+    )?;
+    let mut current = Vec::new();
+    for row in found {
+        if let (Some(record_id), Some(hash)) = (row.get::<String>(1)?, row.get::<String>(2)?) {
+            current.push((record_id, hash));
+        }
+    }
+    Ok(current)
 }

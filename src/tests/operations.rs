@@ -192,12 +192,28 @@ mod tests {
             hint
         };
         let hint = refused("SELECT certyo.backfill('u')", "55000", "not tracked");
-        assert!(hint.contains("certyo.track('u')"), "{hint}");
-        refused(
-            "SELECT certyo.backfill('t', 'id > 1); DROP TABLE u; SELECT (1')",
-            "42601",
-            "not one SQL expression",
-        );
+        assert!(hint.contains("certyo.track('public.u')"), "{hint}");
+        // A condition is one expression: nothing it holds may close, comment out or extend
+        // the query it is placed in.
+        for injection in [
+            "id > 1); DROP TABLE u; SELECT (1",
+            "1=1) OR (true",
+            "true) --",
+            "true; DROP TABLE u",
+            "true) UNION SELECT (1",
+            "true ORDER BY 1",
+            "true LIMIT 1",
+            "true FOR UPDATE",
+            "true GROUP BY id",
+            "/* unterminated",
+            "id = = 1",
+        ] {
+            let call = format!("SELECT certyo.backfill('t', {})", quote(injection));
+            let (state, _, _) = error_of(&call).unwrap_or_else(|| panic!("{call} succeeded"));
+            assert_eq!(state, "42601", "{call}");
+        }
+        refused("SELECT certyo.backfill('t', 'id')", "42804", "boolean");
+        refused("SELECT certyo.backfill('t', 'count(*) > 0')", "42803", "aggregate");
         refused("SELECT certyo.backfill('t', 'nope > 1')", "42703", "nope");
         refused("SELECT certyo.backfill(NULL)", "22004", "must not be NULL");
         sql("CREATE ROLE certyo_test_stranger; GRANT USAGE ON SCHEMA public TO certyo_test_stranger;
@@ -209,10 +225,16 @@ mod tests {
             Some(0),
             "refusals record nothing"
         );
-        let id = one::<i64>("SELECT certyo.backfill('t', 'id % 2 = 0')").unwrap();
+        let id = one::<i64>("SELECT certyo.backfill('t', 'id % 2 = 0 OR t.v IS NULL -- note')").unwrap();
         assert_eq!(
-            one::<String>("SELECT state FROM certyo.backfills"),
-            Some("queued".into())
+            one::<String>("SELECT state || ': ' || where_clause FROM certyo.backfills"),
+            Some("queued: (((id % 2) = 0) OR (v IS NULL))".into()),
+            "stored as Postgres deparses it: one parenthesized expression"
+        );
+        assert_eq!(
+            one::<bool>("SELECT requested_by = current_user::regrole FROM certyo.backfills"),
+            Some(true),
+            "requested_by is the caller, not the superuser the request is recorded as"
         );
         let cancel = format!("SELECT certyo.cancel_backfill({id})");
         assert_eq!(one::<bool>(&cancel), Some(true));
@@ -291,5 +313,9 @@ mod tests {
             "receipts stay private"
         );
         sql("RESET ROLE");
+    }
+
+    fn quote(text: &str) -> String {
+        format!("'{}'", text.replace('\'', "''"))
     }
 }

@@ -175,6 +175,26 @@ mod tests {
             "22004",
             "must not be NULL",
         );
+        assert_refused(
+            "t",
+            "SELECT certyo.track('t', record_id_columns => ARRAY[NULL]::text[])",
+            "22004",
+            "record_id_columns must not contain NULL",
+        );
+        assert_refused(
+            "t",
+            "SELECT certyo.track('t', exclude_columns => ARRAY['v', NULL])",
+            "22004",
+            "exclude_columns must not contain NULL",
+        );
+        sql("CREATE TEMP TABLE scratch (id int PRIMARY KEY)");
+        let hint = assert_refused(
+            "pg_temp.scratch",
+            "SELECT certyo.track('scratch')",
+            "0A000",
+            "is a temporary table",
+        );
+        assert!(hint.contains("permanent"), "{hint}");
         let (state, message, _) = error_of("SELECT certyo.track('no_such_table')").unwrap();
         assert_eq!(
             (state.as_str(), message.as_str()),

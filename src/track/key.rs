@@ -12,11 +12,14 @@ pub struct RecordKey {
     pub columns: Vec<String>,
     /// Their types, as `format_type` spells them.
     pub types: Vec<String>,
+    /// The table's owner: the worker runs its statements on the table with the owner's rights.
+    pub owner: Oid,
 }
 
 impl RecordKey {
     /// None when the table is gone, no longer tracked, lacks the bookkeeping columns, or a
-    /// record id column was dropped: nothing can be matched then.
+    /// record id column was dropped: nothing can be matched then. Also None for a temporary
+    /// table (a hand-made capture trigger could queue its rows): no other session can read it.
     pub fn of(client: &SpiClient<'_>, relid: Oid) -> Result<Option<RecordKey>, pgrx::spi::Error> {
         let found = client.select(
             "SELECT format('%I.%I', n.nspname, c.relname),
@@ -24,11 +27,12 @@ impl RecordKey {
                     ARRAY(SELECT format_type(a.atttypid, a.atttypmod)
                             FROM unnest(certyo.capture_option(t.tgargs, 'record_id')) WITH ORDINALITY AS k(name, n)
                             JOIN pg_attribute a ON a.attrelid = c.oid AND a.attname = k.name AND NOT a.attisdropped
-                           ORDER BY k.n)
+                           ORDER BY k.n),
+                    c.relowner
                FROM pg_class c
                JOIN pg_namespace n ON n.oid = c.relnamespace
                JOIN pg_trigger t ON t.tgrelid = c.oid AND t.tgname = 'certyo_capture'
-              WHERE c.oid = $1
+              WHERE c.oid = $1 AND c.relpersistence <> 't'
                 AND EXISTS (SELECT FROM pg_attribute a
                              WHERE a.attrelid = c.oid AND a.attname = 'certyo_record_hash' AND NOT a.attisdropped)",
             None,
@@ -37,10 +41,11 @@ impl RecordKey {
         let Some(row) = found.into_iter().next() else {
             return Ok(None);
         };
-        let (Some(table), Some(columns), Some(types)) = (
+        let (Some(table), Some(columns), Some(types), Some(owner)) = (
             row.get::<String>(1)?,
             row.get::<Vec<String>>(2)?,
             row.get::<Vec<String>>(3)?,
+            row.get::<Oid>(4)?,
         ) else {
             return Ok(None);
         };
@@ -49,6 +54,7 @@ impl RecordKey {
                 table,
                 columns,
                 types,
+                owner,
             }),
         )
     }

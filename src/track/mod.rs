@@ -21,22 +21,38 @@ use table::{quote_literal, Request, Table};
 #[pg_extern(sql = false)]
 fn track(
     rel: Option<Oid>,
-    record_id_columns: Option<Vec<String>>,
-    exclude_columns: Option<Vec<String>>,
+    record_id_columns: Option<Vec<Option<String>>>,
+    exclude_columns: Option<Vec<Option<String>>>,
     timestamp_column: Option<&CStr>,
     backfill: Option<bool>,
 ) {
-    let request = Request {
-        record_id_columns,
-        exclude_columns: exclude_columns.unwrap_or_default(),
-        timestamp_column: timestamp_column.map(|c| c.to_string_lossy().into_owned()),
+    let request = || -> Result<Request> {
+        Ok(Request {
+            record_id_columns: record_id_columns
+                .map(|names| column_names(names, "record_id_columns"))
+                .transpose()?,
+            exclude_columns: column_names(exclude_columns.unwrap_or_default(), "exclude_columns")?,
+            timestamp_column: timestamp_column.map(|c| c.to_string_lossy().into_owned()),
+        })
     };
-    track_table(
-        required(rel).or_raise(),
-        &request,
-        backfill.unwrap_or(false),
-    )
-    .or_raise()
+    let relid = required(rel).or_raise();
+    track_table(relid, &request().or_raise(), backfill.unwrap_or(false)).or_raise()
+}
+
+/// The names of an array argument; a NULL element is refused (there is no such column).
+fn column_names(names: Vec<Option<String>>, argument: &str) -> Result<Vec<String>> {
+    names
+        .into_iter()
+        .map(|name| {
+            name.ok_or_else(|| {
+                CertyoError::new(
+                    PgSqlErrorCode::ERRCODE_NULL_VALUE_NOT_ALLOWED,
+                    format!("certyo_cdc: {argument} must not contain NULL"),
+                )
+                .hint(format!("Name each column of {argument} as text, e.g. ARRAY['id'].",))
+            })
+        })
+        .collect()
 }
 
 #[pg_extern(sql = false)]

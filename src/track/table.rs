@@ -41,8 +41,9 @@ impl Table {
     pub fn inspect(relid: Oid) -> Result<Table> {
         let found = Spi::connect(|client| {
             let rows = client.select(
-                "SELECT c.relkind::text, n.nspname::text, c.relname::text, format('%I.%I', n.nspname, c.relname)
-                   FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace WHERE c.oid = $1",
+                "SELECT c.relkind::text || c.relpersistence::text, n.nspname::text, c.relname::text,
+                        pg_catalog.format('%I.%I', n.nspname, c.relname)
+                   FROM pg_catalog.pg_class c JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace WHERE c.oid = $1",
                 None,
                 &[relid.into()],
             )?;
@@ -64,7 +65,16 @@ impl Table {
             .hint("Pass the table by name, e.g. certyo.track('public.products')."));
         };
         let display = format!("{schema}.{name}");
-        check_kind(kind.bytes().next().unwrap_or(b'?'), &display)?;
+        let mut kind = kind.bytes();
+        check_kind(kind.next().unwrap_or(b'?'), &display)?;
+        if kind.next() == Some(b't') {
+            return Err(CertyoError::new(
+                PgSqlErrorCode::ERRCODE_FEATURE_NOT_SUPPORTED,
+                format!("certyo_cdc: {display} is a temporary table and cannot be tracked"),
+            )
+            .detail("The delivery worker cannot read another session's temporary tables, and they vanish with the session.")
+            .hint("Track a permanent (or unlogged) table."));
+        }
         if schema == "certyo" {
             return Err(CertyoError::new(
                 PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE,

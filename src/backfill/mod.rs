@@ -16,6 +16,8 @@ use crate::capture::queue;
 use crate::capture::record::{Operation, Row};
 use crate::error::{CertyoError, OrRaise, Result};
 use crate::track::key::RecordKey;
+
+mod condition;
 use pgrx::bgworkers::BackgroundWorker;
 use pgrx::pg_sys::{self, Oid};
 use pgrx::prelude::*;
@@ -38,8 +40,10 @@ fn request(rel: Option<Oid>, where_clause: Option<String>) -> Result<i64> {
     })?;
     let where_clause = where_clause.filter(|w| !w.trim().is_empty());
     let table = Spi::get_one_with_args::<String>(
-        "SELECT CASE WHEN pg_has_role(current_user, c.relowner, 'USAGE') THEN c.oid::regclass::text END
-           FROM pg_class c WHERE c.oid = $1",
+        "SELECT CASE WHEN pg_catalog.pg_has_role(current_user, c.relowner, 'USAGE')
+                     THEN pg_catalog.format('%I.%I', n.nspname, c.relname) END
+           FROM pg_catalog.pg_class c JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
+          WHERE c.oid = $1",
         &[relid.into()],
     )?;
     let Some(table) = table else {
@@ -61,53 +65,23 @@ fn request(rel: Option<Oid>, where_clause: Option<String>) -> Result<i64> {
             "Call certyo.track('{table}') first: a backfill queues rows of a tracked table."
         )));
     }
-    if let Some(condition) = &where_clause {
-        check_condition(&table, condition)?;
-    }
+    let where_clause = match &where_clause {
+        Some(condition) => Some(condition::canonical(relid, &table, condition)?),
+        None => None,
+    };
+    // Who asked, read before the switch below: chunks run only while this role still has the
+    // table owner's privileges.
+    let requested_by = unsafe { pg_sys::GetUserId() };
     let id = as_superuser(|| {
         Spi::get_one_with_args::<i64>(
             "INSERT INTO certyo.backfills (relid, where_clause, requested_by)
              VALUES ($1, $2, $3) RETURNING id",
-            &[
-                relid.into(),
-                where_clause.clone().into(),
-                unsafe { pg_sys::GetUserId() }.into(),
-            ],
+            &[relid.into(), where_clause.clone().into(), requested_by.into()],
         )
     })?
     .unwrap_or_default();
     crate::wake::ring_at_commit();
     Ok(id)
-}
-
-/// The condition must be one boolean expression over the table, valid now and readable by
-/// the caller: it is parsed as such and run once with `LIMIT 0` with the caller's rights.
-fn check_condition(table: &str, condition: &str) -> Result<()> {
-    let probe = format!("SELECT FROM {table} AS t WHERE ({condition}) LIMIT 0");
-    let statements = unsafe {
-        let text = std::ffi::CString::new(probe.as_str()).map_err(|_| bad_condition(condition))?;
-        let parsed = pg_sys::ffi::pg_guard_ffi_boundary(|| {
-            pg_sys::raw_parser(text.as_ptr(), pg_sys::RawParseMode::RAW_PARSE_DEFAULT)
-        });
-        if parsed.is_null() {
-            0
-        } else {
-            (*parsed).length
-        }
-    };
-    if statements != 1 {
-        return Err(bad_condition(condition));
-    }
-    Spi::run(&probe)?;
-    Ok(())
-}
-
-fn bad_condition(condition: &str) -> CertyoError {
-    CertyoError::new(
-        PgSqlErrorCode::ERRCODE_SYNTAX_ERROR,
-        format!("certyo_cdc: the backfill condition is not one SQL expression: {condition}"),
-    )
-    .hint("Pass a WHERE condition without the WHERE keyword, e.g. 'updated_at >= ''2026-01-01''' (columns may be qualified with t.).")
 }
 
 fn display(relid: Oid) -> String {
@@ -117,23 +91,21 @@ fn display(relid: Oid) -> String {
         .unwrap_or_else(|| relid.to_u32().to_string())
 }
 
-/// Run `f` as the bootstrap superuser: writers of `certyo.backfills` have no rights on it.
+/// Run `f` as the bootstrap superuser: callers have no rights on `certyo.backfills`. Only our
+/// own INSERT runs inside, on a table with no user triggers.
 fn as_superuser<T>(f: impl FnOnce() -> T) -> T {
-    as_role(pg_sys::Oid::from(pg_sys::BOOTSTRAP_SUPERUSERID), 0, f)
-}
-
-/// Run `f` as `role` with the extra security context flags; an error unwinds through the
-/// transaction abort, which restores the previous user.
-fn as_role<T>(role: Oid, flags: u32, f: impl FnOnce() -> T) -> T {
     let (mut user, mut context) = (pg_sys::InvalidOid, 0);
+    // SAFETY: saves and switches the current user, as SECURITY DEFINER functions do; an error
+    // in `f` unwinds through the (sub)transaction abort, which restores the previous user.
     unsafe {
         pg_sys::GetUserIdAndSecContext(&mut user, &mut context);
         pg_sys::SetUserIdAndSecContext(
-            role,
-            context | (pg_sys::SECURITY_LOCAL_USERID_CHANGE | flags) as i32,
+            pg_sys::Oid::from(pg_sys::BOOTSTRAP_SUPERUSERID),
+            context | pg_sys::SECURITY_LOCAL_USERID_CHANGE as i32,
         );
     }
     let result = f();
+    // SAFETY: restores what was saved above.
     unsafe { pg_sys::SetUserIdAndSecContext(user, context) };
     result
 }
@@ -226,10 +198,11 @@ pub fn queue_chunk(job: &Job, chunk_size: usize) -> Result<i64> {
         condition = job.where_clause.as_deref().unwrap_or("true"),
     );
     let last_key = job.last_key.clone().unwrap_or_default();
-    // The condition is the requester's: it runs with their rights, restricted as in a
-    // security-definer context, never with the worker's.
-    let flags = pg_sys::SECURITY_RESTRICTED_OPERATION;
-    let (queued, last) = as_role(job.requested_by, flags, || {
+    // The query runs the owner's code (domain checks in the key casts, policies) and the
+    // requester's condition; the requester was and still is allowed to act as the owner. So it
+    // runs as the owner, restricted, never with the worker's rights (see crate::rights).
+    let owner = requester_may_still_act_as_owner(job)?;
+    let (queued, last) = crate::rights::as_role(owner, || {
         Spi::connect(|client| queue_rows(client, &sql, last_key, job.relid, &options))
     })?;
     let done = (queued as usize) < chunk_size;
@@ -242,6 +215,30 @@ pub fn queue_chunk(job: &Job, chunk_size: usize) -> Result<i64> {
         &[job.id.into(), done.into(), last.into(), queued.into()],
     )?;
     Ok(queued)
+}
+
+/// The table's owner, if the role that requested the backfill still has its privileges (it
+/// had them when it asked); otherwise the backfill fails.
+fn requester_may_still_act_as_owner(job: &Job) -> Result<Oid> {
+    let owner = crate::rights::owner_of(job.relid).ok_or_else(|| {
+        CertyoError::new(
+            PgSqlErrorCode::ERRCODE_UNDEFINED_TABLE,
+            "the table was dropped",
+        )
+    })?;
+    let allowed = Spi::get_one_with_args::<bool>(
+        "SELECT CASE WHEN EXISTS (SELECT FROM pg_catalog.pg_roles WHERE oid = $1)
+                     THEN pg_catalog.pg_has_role($1, $2, 'USAGE') ELSE false END",
+        &[job.requested_by.into(), owner.into()],
+    )?
+    .unwrap_or(false);
+    if !allowed {
+        return Err(CertyoError::new(
+            PgSqlErrorCode::ERRCODE_INSUFFICIENT_PRIVILEGE,
+            "the role that requested the backfill no longer has the table owner's privileges",
+        ));
+    }
+    Ok(owner)
 }
 
 /// Run the chunk's query and queue each row it returns; returns the count and the last key.
@@ -261,10 +258,17 @@ fn queue_rows(
         let mut per_row = PgMemoryContexts::new("certyo_cdc backfill row");
         let mut outcome: Result<()> = plan.as_ref().map(|_| ()).map_err(Clone::clone);
         while outcome.is_ok() && rows.next().is_some() {
-            let (Some(image), Some(key)) =
-                (rows.get_datum_by_ordinal(1)?, rows.get::<Vec<String>>(2)?)
-            else {
-                continue;
+            // No `?` between table_open and table_close: an error ends the loop instead.
+            let fetched = rows
+                .get_datum_by_ordinal(1)
+                .and_then(|image| Ok((image, rows.get::<Vec<String>>(2)?)));
+            let (image, key) = match fetched {
+                Ok((Some(image), Some(key))) => (image, key),
+                Ok(_) => continue,
+                Err(e) => {
+                    outcome = Err(e.into());
+                    break;
+                }
             };
             let Ok(plan) = plan.as_ref() else { break };
             outcome = per_row.switch_to(|_| {

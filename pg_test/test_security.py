@@ -1,0 +1,739 @@
+"""Security regression tests for certyo_cdc: real attacks by an unprivileged LOGIN role against a
+real PostgreSQL 15 cluster with certyo_cdc preloaded and the Certyo emulator (fixtures in
+conftest.py). After every test conftest.py also checks that the attacking roles are still
+unprivileged, that the server never crashed (same postmaster, no crash in the log) and that
+vault.canary, a postgres-owned table every attack payload overwrites when it runs as a
+superuser, is intact.
+
+Run:  CERTYO_EMULATOR=target/release/certyo-emulator python3 -m pytest -q pg_test/test_security.py
+
+Against the unfixed build (commit cea1fa2, built with `cargo pgrx package` into a private copy of
+PostgreSQL 15 and selected with CERTYO_PG_BIN), these attacks worked and their tests failed:
+RESULTS_UNFIXED
+"""
+import os
+import pwd
+import subprocess
+import uuid
+import warnings
+
+import pytest
+
+from conftest import DIR
+from harness import KEY, wait_for
+
+BACKTRACE_SIGNS = ("backtrace", ".rs:", "panicked")
+
+
+# ---------------------------------------------------------------------------------------------
+# Shared helpers
+
+
+def make_table(role, name="t", rows=0, columns="id int PRIMARY KEY, v text", track=True):
+    """A table in the role's schema, tracked, with rows 1..rows inserted by the role."""
+    table = f"{role.schema}.{name}"
+    role.sql(f"CREATE TABLE {table} ({columns})")
+    if track:
+        role.sql(f"SELECT certyo.track('{table}')")
+    if rows:
+        role.sql(f"INSERT INTO {table} (id) SELECT g FROM generate_series(1, {rows}) g")
+    return table
+
+
+def literal(text):
+    return "'" + text.replace("'", "''") + "'"
+
+
+def count_rows(cluster, table, where="true"):
+    return int(cluster.sql(f"SELECT count(*) FROM {table} WHERE {where}"))
+
+
+def wait_rows(cluster, table, where, n, what, timeout=30):
+    ok = wait_for(lambda: count_rows(cluster, table, where) == n, timeout)
+    assert ok, f"{what}: {count_rows(cluster, table, where)} of {n} rows of {table} after {timeout}s"
+
+
+def wait_written_back(cluster, table, n, timeout=30):
+    wait_rows(cluster, table, "certyo_record_hash IS NOT NULL", n, "hash written back", timeout)
+
+
+def wait_anchored(cluster, table, n, timeout=30):
+    wait_rows(cluster, table, "certyo_anchor_status = 'anchored'", n, "anchored", timeout)
+
+
+def wait_backfill(cluster, backfill, timeout=30):
+    """The backfill's final state (done, failed, cancelled), or its state at the timeout."""
+    query = f"SELECT state FROM certyo.backfills WHERE id = {backfill}"
+    wait_for(lambda: cluster.sql(query) in ("done", "failed", "cancelled"), timeout)
+    return cluster.sql(query)
+
+
+def backfill_rows(cluster, table):
+    return int(cluster.sql(f"SELECT count(*) FROM certyo.backfills WHERE relid = '{table}'::regclass"))
+
+
+def upserts_captured(cluster, table):
+    """Upserts of the table anywhere in their life: queued, being delivered, or receipted."""
+    counts = [f"(SELECT count(*) FROM certyo.{t} WHERE relid = '{table}'::regclass AND operation = 'upsert')"
+              for t in ("queue", "delivery", "receipt")]
+    return int(cluster.sql("SELECT " + " + ".join(counts)))
+
+
+def assert_unprivileged(role):
+    assert role.problems() == [], role.problems()
+
+
+def superuser_runs(role):
+    """Attack code that ran as a superuser, from the role's log."""
+    return [entry for entry in role.log() if entry[2] == "t"]
+
+
+def assert_ran_only_as(role, owner):
+    """Whatever attack code ran, ran as `owner` and never as a superuser."""
+    log = role.log()
+    assert superuser_runs(role) == [], f"attack code ran as a superuser: {log}"
+    assert {who for _, who, _ in log} <= {owner}, f"attack code ran as someone other than {owner}: {log}"
+
+
+def error_message(attempt):
+    lines = [line for line in attempt.stderr.splitlines() if "ERROR:" in line]
+    return lines[0] if lines else ""
+
+
+def assert_no_backtrace(attempt):
+    """The error's text (message, DETAIL, HINT, CONTEXT) shows no Rust internals. LOCATION lines
+    (VERBOSITY=verbose names the source file of every error, .rs for certyo_cdc's) are left out."""
+    text = "\n".join(line for line in attempt.stderr.splitlines() if not line.strip().startswith("LOCATION:"))
+    for sign in BACKTRACE_SIGNS:
+        assert sign not in text.lower(), f"{sign!r} in the error: {text[:2000]}"
+
+
+def assert_still_delivering(cluster, role, name="alive"):
+    """A fresh insert into a fresh tracked table gets its hash written back."""
+    table = make_table(role, name=name)
+    role.sql(f"INSERT INTO {table} (id) VALUES (1)")
+    wait_written_back(cluster, table, 1)
+
+
+def reload(cluster):
+    cluster.sql("SELECT pg_reload_conf()")
+
+
+def lookalikes(schema, kit):
+    """SQL for functions, an aggregate and operators in `schema` named like built-ins that SQL
+    run by the worker calls unqualified. Each runs kit.once() (the payload: ALTER ROLE ...
+    SUPERUSER when it runs as a superuser, and a log entry) and then does what the built-in
+    does, so that the statement it is part of succeeds and commits. coalesce, greatest and least
+    are syntax, not functions; greatest(bigint, bigint) is there anyway."""
+
+    def fn(signature, returns, result, tag, extra=""):
+        return (f"CREATE FUNCTION {schema}.{signature} RETURNS {returns} LANGUAGE plpgsql {extra} "
+                f"SET search_path = pg_catalog, pg_temp AS $f$ BEGIN PERFORM {kit}.once('{schema}.{tag}'); "
+                f"RETURN {result}; END $f$;")
+
+    return "\n".join([
+        fn("now()", "timestamptz", "pg_catalog.now()", "now()"),
+        fn("pg_backend_pid()", "integer", "pg_catalog.pg_backend_pid()", "pg_backend_pid()"),
+        fn("to_char(timestamptz, text)", "text", "pg_catalog.to_char($1, $2)", "to_char(timestamptz, text)"),
+        fn("to_char(timestamp, text)", "text", "pg_catalog.to_char($1, $2)", "to_char(timestamp, text)"),
+        fn("format(text, name, name)", "text", "pg_catalog.format($1, $2, $3)", "format(text, name, name)"),
+        fn("quote_ident(text)", "text", "pg_catalog.quote_ident($1)", "quote_ident(text)"),
+        fn("format_type(oid, integer)", "text", "pg_catalog.format_type($1, $2)", "format_type(oid, integer)"),
+        fn("greatest(bigint, bigint)", "bigint", "CASE WHEN $1 > $2 THEN $1 ELSE $2 END", "greatest(bigint, bigint)"),
+        f"CREATE FUNCTION {schema}.unnest(anyarray) RETURNS SETOF anyelement LANGUAGE plpgsql "
+        f"SET search_path = pg_catalog, pg_temp AS $f$ BEGIN PERFORM {kit}.once('{schema}.unnest(anyarray)'); "
+        f"RETURN QUERY SELECT pg_catalog.unnest($1); END $f$;",
+        f"CREATE FUNCTION {schema}.unnest(text[]) RETURNS SETOF text LANGUAGE plpgsql "
+        f"SET search_path = pg_catalog, pg_temp AS $f$ BEGIN PERFORM {kit}.once('{schema}.unnest(text[])'); "
+        f"RETURN QUERY SELECT pg_catalog.unnest($1); END $f$;",
+        fn("evil_count_star(bigint)", "bigint", "$1 + 1", "count(*)"),
+        f"CREATE AGGREGATE {schema}.count(*) (SFUNC = {schema}.evil_count_star, STYPE = bigint, INITCOND = '0');",
+        fn("evil_count(bigint, bigint)", "bigint", "$1 + 1", "count(bigint)", extra="STRICT"),
+        f"CREATE AGGREGATE {schema}.count(bigint) (SFUNC = {schema}.evil_count, STYPE = bigint, INITCOND = '0');",
+        fn("evil_int8eq(bigint, bigint)", "boolean", "$1 OPERATOR(pg_catalog.=) $2", "=(bigint, bigint)"),
+        f"CREATE OPERATOR {schema}.= (LEFTARG = bigint, RIGHTARG = bigint, FUNCTION = {schema}.evil_int8eq);",
+        fn("evil_texteq(text, text)", "boolean", "$1 OPERATOR(pg_catalog.=) $2", "=(text, text)"),
+        f"CREATE OPERATOR {schema}.= (LEFTARG = text, RIGHTARG = text, FUNCTION = {schema}.evil_texteq);",
+        fn("evil_oideq(oid, oid)", "boolean", "$1 OPERATOR(pg_catalog.=) $2", "=(oid, oid)"),
+        f"CREATE OPERATOR {schema}.= (LEFTARG = oid, RIGHTARG = oid, FUNCTION = {schema}.evil_oideq);",
+        fn("evil_times(bigint, interval)", "interval", "$1::float8 OPERATOR(pg_catalog.*) $2", "*(bigint, interval)"),
+        f"CREATE OPERATOR {schema}.* (LEFTARG = bigint, RIGHTARG = interval, FUNCTION = {schema}.evil_times);",
+    ])
+
+
+def exercise_worker(cluster, role, table, first_id, n=5):
+    """Make the worker run every kind of pass on `table`: deliveries of inserts and updates,
+    write-back of hashes, verification and write-back of the anchor status."""
+    last = first_id + n - 1
+    role.sql(f"INSERT INTO {table} (id) SELECT g FROM generate_series({first_id}, {last}) g")
+    role.sql(f"UPDATE {table} SET v = 'changed' WHERE id BETWEEN {first_id} AND {first_id + 1}")
+    total = count_rows(cluster, table)
+    wait_written_back(cluster, table, total)
+    wait_anchored(cluster, table, total)
+
+
+# ---------------------------------------------------------------------------------------------
+# 1. A LOGIN role crashed the server
+
+
+def test_temp_table_cannot_be_tracked(cluster, attacker):
+    """Attack: track a TEMP table and backfill it with a malformed condition (this crashed the
+    whole server: 'fatal runtime error: failed to initiate panic'). track() must refuse a
+    temporary table (0A000, the message says so) and no capture trigger may exist on it."""
+    attempt = attacker.attempt("""
+        CREATE TEMP TABLE t (id int PRIMARY KEY);
+        SELECT certyo.track('t');
+        SELECT certyo.backfill('t', 'id = = 1');
+        SELECT 'triggers:' || count(*) FROM pg_trigger WHERE tgrelid = 'pg_temp.t'::regclass AND tgname = 'certyo_capture';
+    """, stop_on_error=False)
+    assert attempt.sqlstate == "0A000", attempt
+    assert "temporary" in error_message(attempt).lower(), attempt
+    assert "triggers:0" in attempt.stdout.splitlines(), attempt
+    assert_no_backtrace(attempt)
+
+
+def test_malformed_backfill_condition_is_a_syntax_error(cluster, attacker):
+    """Attack: certyo.backfill() with a condition the parser rejects ('id = = 1') on an ordinary
+    tracked table: a syntax error (42601), never a crash."""
+    table = make_table(attacker, rows=3)
+    attempt = attacker.attempt(f"SELECT certyo.backfill('{table}', 'id = = 1')")
+    assert attempt.sqlstate == "42601", attempt
+    assert_no_backtrace(attempt)
+    assert backfill_rows(cluster, table) == 0
+
+
+# ---------------------------------------------------------------------------------------------
+# 2. Write-back runs user code of the table's owner
+
+
+TRIGGERS = [
+    pytest.param("BEFORE UPDATE", "ROW", None, id="before-row"),
+    pytest.param("BEFORE UPDATE", "ROW", "ALWAYS", id="before-row-always"),
+    pytest.param("BEFORE UPDATE", "ROW", "REPLICA", id="before-row-replica"),
+    pytest.param("AFTER UPDATE", "ROW", None, id="after-row"),
+    pytest.param("BEFORE UPDATE", "STATEMENT", None, id="before-statement"),
+    pytest.param("AFTER UPDATE", "STATEMENT", "ALWAYS", id="after-statement-always"),
+]
+
+
+@pytest.mark.parametrize("timing, level, firing", TRIGGERS)
+def test_write_back_does_not_run_owner_triggers_as_superuser(cluster, attacker, timing, level, firing):
+    """Attack: the owner of a tracked table adds an UPDATE trigger whose function makes the
+    owner a superuser when it runs as one; the worker's write-back of the hash (and of the
+    anchor status) updates the table. Ordinary (origin) triggers must not fire during write-back
+    at all; ALWAYS/REPLICA triggers may, but only as the table's owner."""
+    s = attacker.schema
+    table = make_table(attacker)
+    attacker.sql(f"""
+        CREATE FUNCTION {s}.evil() RETURNS trigger LANGUAGE plpgsql AS $$
+        BEGIN
+            IF (SELECT rolsuper FROM pg_catalog.pg_roles WHERE rolname = current_user) THEN
+                EXECUTE 'ALTER ROLE {attacker.name} SUPERUSER';
+            END IF;
+            PERFORM {s}.pwn('trigger');  -- logs current_user (and overwrites vault.canary as a superuser)
+            IF TG_LEVEL = 'ROW' THEN RETURN NEW; END IF;
+            RETURN NULL;
+        END $$;
+        CREATE TRIGGER evil {timing} ON {table} FOR EACH {level} EXECUTE FUNCTION {s}.evil();
+    """)
+    if firing:
+        attacker.sql(f"ALTER TABLE {table} ENABLE {firing} TRIGGER evil")
+    attacker.sql(f"INSERT INTO {table} (id) SELECT g FROM generate_series(1, 3) g")
+    wait_written_back(cluster, table, 3)
+    wait_anchored(cluster, table, 3)
+    assert_unprivileged(attacker)
+    assert_ran_only_as(attacker, attacker.name)
+    if firing is None:
+        assert attacker.log() == [], "an ordinary trigger fired during write-back"
+
+    # The trigger is live: the owner's own UPDATE fires it (except a REPLICA one), as the owner.
+    before = len(attacker.log())
+    old_hash = cluster.sql(f"SELECT certyo_record_hash FROM {table} WHERE id = 1")
+    attacker.sql(f"UPDATE {table} SET v = 'changed' WHERE id = 1")
+    if firing != "REPLICA":
+        assert ("trigger", attacker.name, "f") in attacker.log()[before:]
+    assert wait_for(lambda: cluster.sql(f"SELECT certyo_record_hash FROM {table} WHERE id = 1") not in (old_hash, ""), 30)
+    wait_anchored(cluster, table, 3)
+    assert_unprivileged(attacker)
+    assert_ran_only_as(attacker, attacker.name)
+    if firing is None:
+        assert attacker.log() == [("trigger", attacker.name, "f")], "an ordinary trigger fired during write-back"
+
+
+# Other user code that an UPDATE of the table runs: (SQL before the table, its columns, SQL
+# after track()). {s} is the attacker's schema; each vector calls {s}.pwn().
+ROW_CODE = {
+    "index-expression": (
+        "CREATE FUNCTION {s}.idx(x text) RETURNS text LANGUAGE plpgsql IMMUTABLE AS $$ "
+        "BEGIN PERFORM {s}.pwn('index expression'); RETURN x; END $$;",
+        "id int PRIMARY KEY, v text",
+        "CREATE INDEX t_evil ON {s}.t ({s}.idx(certyo_record_hash));",
+    ),
+    "column-default": (
+        "CREATE FUNCTION {s}.dflt(tag text) RETURNS text LANGUAGE plpgsql AS $$ "
+        "BEGIN PERFORM {s}.pwn(tag); RETURN NULL; END $$;",
+        "id int PRIMARY KEY, v text DEFAULT {s}.dflt('default of v'), "
+        "certyo_record_hash text DEFAULT {s}.dflt('default of certyo_record_hash'), "
+        "certyo_anchor_status text DEFAULT {s}.dflt('default of certyo_anchor_status')",
+        "",
+    ),
+    "domain-check": (
+        "CREATE FUNCTION {s}.chk(tag text, x text) RETURNS boolean LANGUAGE plpgsql AS $$ "
+        "BEGIN RETURN {s}.pwn(tag); END $$; "
+        "CREATE DOMAIN {s}.hash AS text CHECK ({s}.chk('domain check', VALUE));",
+        "id int PRIMARY KEY, v text, certyo_record_hash {s}.hash",
+        "",
+    ),
+    "table-check": (
+        "CREATE FUNCTION {s}.chk(tag text, x text) RETURNS boolean LANGUAGE plpgsql AS $$ "
+        "BEGIN RETURN {s}.pwn(tag); END $$;",
+        "id int PRIMARY KEY, v text, certyo_record_hash text, CHECK ({s}.chk('table check', certyo_record_hash))",
+        "",
+    ),
+    "generated-column": (
+        "CREATE FUNCTION {s}.gen(x text) RETURNS text LANGUAGE plpgsql IMMUTABLE AS $$ "
+        "BEGIN PERFORM {s}.pwn('generated column'); RETURN 'g'; END $$;",
+        "id int PRIMARY KEY, v text, certyo_record_hash text, g text GENERATED ALWAYS AS ({s}.gen(certyo_record_hash)) STORED",
+        "",
+    ),
+    "row-security-policy": (
+        "CREATE FUNCTION {s}.pol(id int) RETURNS boolean LANGUAGE plpgsql AS $$ "
+        "BEGIN RETURN {s}.pwn('row security policy'); END $$;",
+        "id int PRIMARY KEY, v text",
+        "ALTER TABLE {s}.t ENABLE ROW LEVEL SECURITY; ALTER TABLE {s}.t FORCE ROW LEVEL SECURITY; "
+        "CREATE POLICY evil ON {s}.t USING ({s}.pol(id));",
+    ),
+}
+
+
+@pytest.mark.parametrize("vector", list(ROW_CODE))
+def test_write_back_runs_table_code_as_owner(cluster, attacker, vector):
+    """Attack: code of the table's owner that any UPDATE of the table runs (an index expression
+    over certyo_record_hash calling an IMMUTABLE-declared function, a column DEFAULT, a domain
+    CHECK on certyo_record_hash, a table CHECK, a generated column, a FORCEd row-level security
+    policy) makes the owner a superuser when it runs as one. The write-back must run it, if at
+    all, as the owner."""
+    s = attacker.schema
+    before, columns, after = (part.format(s=s) for part in ROW_CODE[vector])
+    attacker.sql(before)
+    table = make_table(attacker, columns=columns)
+    if after:
+        attacker.sql(after)
+    attacker.sql(f"INSERT INTO {table} (id) SELECT g FROM generate_series(1, 3) g")
+    assert attacker.log(), f"the {vector} did not run on the owner's own INSERT: the attack is not set up"
+    wait_written_back(cluster, table, 3)
+    wait_anchored(cluster, table, 3)
+    assert_unprivileged(attacker)
+    assert_ran_only_as(attacker, attacker.name)
+
+
+# ---------------------------------------------------------------------------------------------
+# 3. Backfill conditions run in the worker
+
+
+def test_backfill_condition_runs_as_requester(cluster, attacker):
+    """Attack: a backfill condition calling a function that makes the requester a superuser
+    when it runs as one. The worker evaluates it as the requesting role."""
+    s = attacker.schema
+    table = make_table(attacker, rows=5)
+    attacker.sql(f"CREATE FUNCTION {s}.cond(id int) RETURNS boolean LANGUAGE plpgsql AS $$ "
+                 f"BEGIN RETURN {s}.pwn('backfill condition'); END $$")
+    backfill = attacker.sql(f"SELECT certyo.backfill('{table}', '{s}.cond(id)')")
+    assert wait_backfill(cluster, backfill) == "done"
+    assert_unprivileged(attacker)
+    assert cluster.sql(f"SELECT requested_by::regrole FROM certyo.backfills WHERE id = {backfill}") == attacker.name
+    assert cluster.sql(f"SELECT rows_queued FROM certyo.backfills WHERE id = {backfill}") == "5"
+    log = attacker.log()
+    assert len([e for e in log if e[0] == "backfill condition"]) >= 5, log
+    assert_ran_only_as(attacker, attacker.name)
+
+
+def test_backfill_condition_cannot_poison_worker_search_path(cluster, attacker):
+    """Attack: the condition calls set_config('search_path', '<attacker schema>, pg_catalog',
+    false); the attacker's schema holds look-alikes of now(), unnest(), count(*), =, to_char(),
+    format(), ... that make the attacker a superuser when they run as one. After the backfill,
+    more changes make the worker deliver, write back and verify: none of the look-alikes may run
+    as a superuser."""
+    s = attacker.schema
+    table = make_table(attacker, rows=5)
+    attacker.sql(lookalikes(s, s))
+    condition = f"pg_catalog.set_config('search_path', '{s}, pg_catalog', false) IS NOT NULL"
+    backfill = attacker.sql(f"SELECT certyo.backfill('{table}', {literal(condition)})")
+    assert wait_backfill(cluster, backfill) in ("done", "failed")
+    exercise_worker(cluster, attacker, table, first_id=6)
+    assert_unprivileged(attacker)
+    assert superuser_runs(attacker) == [], attacker.log()
+    assert_still_delivering(cluster, attacker)
+
+
+@pytest.mark.parametrize("setting, value", [
+    ("session_replication_role", "replica"),
+    ("role", "postgres"),
+    ("role", "{attacker}"),
+    ("session_authorization", "postgres"),
+])
+def test_backfill_condition_cannot_change_worker_session(cluster, attacker, setting, value):
+    """Attack: the condition calls set_config() on a setting that would change how the worker
+    runs from then on (replication role, role, session authorization). It must fail or leave no
+    lasting effect: the attacker stays unprivileged and the worker keeps delivering."""
+    value = value.format(attacker=attacker.name)
+    table = make_table(attacker, rows=3)
+    condition = f"pg_catalog.set_config('{setting}', '{value}', false) IS NOT NULL"
+    attempt = attacker.attempt(f"SELECT certyo.backfill('{table}', {literal(condition)})")
+    assert_no_backtrace(attempt)
+    if attempt.sqlstate is None:
+        backfill = attempt.stdout.splitlines()[-1]
+        assert wait_backfill(cluster, backfill) in ("done", "failed")
+    exercise_worker(cluster, attacker, table, first_id=4, n=2)
+    assert_unprivileged(attacker)
+    assert_still_delivering(cluster, attacker)
+
+
+# ---------------------------------------------------------------------------------------------
+# 4. Injection through backfill conditions
+
+
+INJECTIONS = [
+    ("1=1) OR (true", "42601"),
+    ("true) --", "42601"),
+    ("true; DROP TABLE {table}", "42601"),
+    ("true) UNION SELECT (1", "42601"),
+    ("true) LIMIT (1", "42601"),
+    ("true ORDER BY 1", "42601"),
+    ("true) FOR UPDATE --", "42601"),
+    ("/* unterminated", "42601"),
+    ("id", "42804"),
+    ("count(*) > 0", "42803"),
+]
+
+
+@pytest.mark.parametrize("condition, sqlstate", INJECTIONS, ids=[c for c, _ in INJECTIONS])
+def test_backfill_condition_injection_is_refused(cluster, attacker, condition, sqlstate):
+    """Attack: a condition that closes the WHERE clause's parenthesis, comments out the rest,
+    adds statements or clauses, or is not a boolean expression. Refused with its SQLSTATE; no
+    backfill is recorded; the table is untouched."""
+    table = make_table(attacker, rows=10)
+    condition = condition.format(table=table)
+    attempt = attacker.attempt(f"SELECT certyo.backfill('{table}', {literal(condition)})")
+    assert attempt.sqlstate == sqlstate, attempt
+    assert_no_backtrace(attempt)
+    assert backfill_rows(cluster, table) == 0
+    assert count_rows(cluster, table) == 10
+
+
+def test_backfill_condition_with_trailing_comment(cluster, attacker):
+    """Attack: a condition ending in a line comment ('true --'), which would swallow whatever
+    follows it in the chunk query. Either refused (42601) or harmless: the backfill then
+    finishes and queues each row exactly once."""
+    table = make_table(attacker, rows=10)
+    attempt = attacker.attempt(f"SELECT certyo.backfill('{table}', 'true --')")
+    assert_no_backtrace(attempt)
+    if attempt.sqlstate is not None:
+        assert attempt.sqlstate == "42601", attempt
+        assert backfill_rows(cluster, table) == 0
+        return
+    backfill = attempt.stdout.splitlines()[-1]
+    assert wait_backfill(cluster, backfill) == "done"
+    assert cluster.sql(f"SELECT rows_queued FROM certyo.backfills WHERE id = {backfill}") == "10"
+    wait_rows(cluster, "certyo.receipt", f"relid = '{table}'::regclass AND operation = 'upsert'", 10, "upserts delivered")
+    assert upserts_captured(cluster, table) == 10
+
+
+def test_backfill_condition_with_or_queues_matching_rows_once(cluster, attacker):
+    """A valid condition with OR on rows 1..10 ('id < 3 OR id > 8') queues exactly the 4
+    matching rows and finishes: the chunk query must keep the condition in its parentheses,
+    or OR would bind looser than the resume key and the backfill would loop."""
+    table = make_table(attacker, rows=10)
+    backfill = attacker.sql(f"SELECT certyo.backfill('{table}', 'id < 3 OR id > 8')")
+    assert wait_backfill(cluster, backfill) == "done"
+    assert cluster.sql(f"SELECT rows_queued FROM certyo.backfills WHERE id = {backfill}") == "4"
+    wait_rows(cluster, "certyo.receipt", f"relid = '{table}'::regclass AND operation = 'upsert'", 4, "upserts delivered")
+    assert upserts_captured(cluster, table) == 4
+    assert cluster.sql(f"SELECT state || ' ' || rows_queued FROM certyo.backfills WHERE id = {backfill}") == "done 4"
+
+
+# ---------------------------------------------------------------------------------------------
+# 5. Only the owner may track, untrack or backfill
+
+
+def test_non_owner_cannot_track_untrack_or_backfill(cluster, attacker, make_role):
+    """Attack: a role with every privilege on a table but not its owner (one owned by another
+    ordinary role, one by postgres) calls track(), untrack() and backfill() on it: 42501 each,
+    and nothing changes."""
+    victim = make_role("victim")
+    tables = [make_table(victim, rows=2)]
+    cluster.sql(f"CREATE TABLE {victim.schema}.su (id int PRIMARY KEY, v text); SELECT certyo.track('{victim.schema}.su')")
+    tables.append(f"{victim.schema}.su")
+    cluster.sql(f"GRANT USAGE ON SCHEMA {victim.schema} TO {attacker.name}; "
+                f"GRANT ALL ON ALL TABLES IN SCHEMA {victim.schema} TO {attacker.name}")
+    state = ("SELECT (SELECT string_agg(tgname || ':' || tgenabled || ':' || encode(tgargs, 'hex'), ' ' ORDER BY tgname) "
+             "FROM pg_trigger WHERE tgrelid = '{t}'::regclass), (SELECT count(*) FROM certyo.backfills WHERE relid = '{t}'::regclass), "
+             "(SELECT string_agg(attname, ',' ORDER BY attnum) FROM pg_attribute WHERE attrelid = '{t}'::regclass AND attnum > 0)")
+    for table in tables:
+        before = cluster.sql(state.format(t=table))
+        for call in (f"SELECT certyo.track('{table}')",
+                     f"SELECT certyo.track('{table}', exclude_columns => ARRAY['v'])",
+                     f"SELECT certyo.untrack('{table}')",
+                     f"SELECT certyo.untrack('{table}', drop_columns => true)",
+                     f"SELECT certyo.backfill('{table}')",
+                     f"SELECT certyo.backfill('{table}', 'true')"):
+            attempt = attacker.attempt(call)
+            assert attempt.sqlstate == "42501", (call, attempt)
+        assert cluster.sql(state.format(t=table)) == before
+
+
+# ---------------------------------------------------------------------------------------------
+# 6. The API key
+
+
+def test_api_key_is_hidden_from_settings(cluster, attacker):
+    """Attack: read the API key through SHOW, current_setting() and pg_settings. An ordinary
+    role gets 42501; pg_settings does not list it, even for a superuser."""
+    assert cluster.sql("SELECT count(*) FROM pg_settings WHERE name = 'certyo.api_key'") == "0"
+    for statement in ("SHOW certyo.api_key", "SELECT current_setting('certyo.api_key')"):
+        attempt = attacker.attempt(statement)
+        assert attempt.sqlstate == "42501", (statement, attempt)
+    attempt = attacker.attempt("SHOW ALL; SELECT setting FROM pg_settings;")
+    assert attempt.sqlstate is None, attempt
+    assert KEY not in attempt.stdout
+
+
+def wait_unauthorized(cluster, timeout=30):
+    return wait_for(lambda: cluster.sql("SELECT state FROM certyo.worker_status()") == "unauthorized", timeout)
+
+
+def test_api_key_never_logged(cluster, attacker):
+    """Attack (on the log's readers): the key set with ALTER SYSTEM and reloaded must not
+    appear in the server log, where Postgres reports changed parameters."""
+    key = f"leak-check-{uuid.uuid4().hex}"
+    table = make_table(attacker)
+    offset = cluster.log_size()
+    try:
+        cluster.sql(f"ALTER SYSTEM SET certyo.api_key = '{key}'")
+        reload(cluster)
+        changed = wait_for(lambda: any("certyo.api_key" in line and "changed" in line
+                                       for line in cluster.log_since(offset).splitlines()), 30)
+        assert changed, "the server log never said that certyo.api_key changed"
+        attacker.sql(f"INSERT INTO {table} (id) VALUES (1)")
+        assert wait_unauthorized(cluster), "the worker did not take the new key (Certyo does not know it)"
+        assert key not in cluster.log(), "the API key is in the server log"
+        assert key not in cluster.sql("SELECT row_to_json(w)::text FROM certyo.worker_status() w")
+    finally:
+        cluster.sql("ALTER SYSTEM RESET certyo.api_key")
+        reload(cluster)
+    wait_written_back(cluster, table, 1)
+    assert key not in cluster.log(), "the API key is in the server log"
+
+
+def write_key_file(path, key):
+    with open(path, "w") as f:
+        f.write(key + "\n")
+    postgres = pwd.getpwnam("postgres")
+    os.chown(path, postgres.pw_uid, postgres.pw_gid)
+    os.chmod(path, 0o600)
+
+
+def test_api_key_file(cluster, attacker):
+    """certyo.api_key_file names a file (postgres's, mode 0600) holding the key, used instead
+    of certyo.api_key: with it set and certyo.api_key empty, changes are delivered; with a wrong
+    key in the file the worker reports 'unauthorized' without showing the key, anywhere."""
+    path = f"{DIR}/api-key-{uuid.uuid4().hex}"
+    wrong = f"wrong-key-{uuid.uuid4().hex}"
+    write_key_file(path, KEY)
+    table = make_table(attacker)
+    try:
+        cluster.sql(f"ALTER SYSTEM SET certyo.api_key_file = '{path}'")
+        # Not RESET: that would fall back to the key in postgresql.conf and prove nothing.
+        cluster.sql("ALTER SYSTEM SET certyo.api_key = ''")
+        reload(cluster)
+        assert wait_for(lambda: cluster.sql("SELECT current_setting('certyo.api_key_file')") == path, 30)
+        attacker.sql(f"INSERT INTO {table} (id) VALUES (1)")
+        wait_written_back(cluster, table, 1)
+
+        write_key_file(path, wrong)
+        reload(cluster)
+        attacker.sql(f"INSERT INTO {table} (id) VALUES (2)")
+        assert wait_unauthorized(cluster), cluster.sql("SELECT row_to_json(w)::text FROM certyo.worker_status() w")
+        assert count_rows(cluster, table, "id = 2 AND certyo_record_hash IS NULL") == 1
+        assert wrong not in cluster.sql("SELECT row_to_json(w)::text FROM certyo.worker_status() w")
+        assert wrong not in cluster.log(), "the key from the file is in the server log"
+    finally:
+        cluster.sql("ALTER SYSTEM RESET certyo.api_key_file", check=False)
+        cluster.sql("ALTER SYSTEM RESET certyo.api_key")
+        reload(cluster)
+    wait_written_back(cluster, table, count_rows(cluster, table))
+
+
+# ---------------------------------------------------------------------------------------------
+# 7. Malformed input never crashes and never shows Rust internals
+
+# (statement run by the owner of {t}, a tracked table in schema {s}; expected SQLSTATE, or
+# "error" for any ordinary error, or "any" for a result or an ordinary error).
+MALFORMED = {
+    "null-record-id-element": ("SELECT certyo.track('{t}', record_id_columns => ARRAY[NULL]::text[])", "22004"),
+    "null-among-record-id": ("SELECT certyo.track('{t}', record_id_columns => ARRAY['id', NULL])", "22004"),
+    "null-exclude-element": ("SELECT certyo.track('{t}', exclude_columns => ARRAY[NULL]::text[])", "22004"),
+    "empty-record-id-column": ("SELECT certyo.track('{t}', record_id_columns => ARRAY[''])", "error"),
+    "empty-exclude-column": ("SELECT certyo.track('{t}', exclude_columns => ARRAY[''])", "error"),
+    "empty-timestamp-column": ("SELECT certyo.track('{t}', timestamp_column => '')", "error"),
+    "empty-table-name": ("SELECT certyo.track('')", "error"),
+    "empty-condition": ("SELECT certyo.backfill('{t}', '')", "any"),
+    "megabyte-record-id-column": ("SELECT certyo.track('{t}', record_id_columns => ARRAY[repeat('x', 1048576)])", "error"),
+    "megabyte-exclude-column": ("SELECT certyo.track('{t}', exclude_columns => ARRAY[repeat('x', 1048576)])", "error"),
+    "megabyte-timestamp-column": ("SELECT certyo.track('{t}', timestamp_column => repeat('x', 1048576))", "error"),
+    "megabyte-condition-identifier": ("SELECT certyo.backfill('{t}', repeat('x', 1048576))", "error"),
+    "megabyte-condition-parentheses": ("SELECT certyo.backfill('{t}', repeat('(', 524288) || 'true' || repeat(')', 524288))", "error"),
+    "megabyte-condition-literal": ("SELECT certyo.backfill('{t}', 'v IS DISTINCT FROM ' || quote_literal(repeat('x', 1048576)))", "any"),
+    "injected-record-id-column": ("SELECT certyo.track('{t}', record_id_columns => ARRAY['id\"; DROP TABLE vault.canary; --'])", "error"),
+    "quoted-exclude-column": ("SELECT certyo.track('{t}', exclude_columns => ARRAY['v'' OR ''1''=''1'])", "error"),
+    "quoted-timestamp-column": ("SELECT certyo.track('{t}', timestamp_column => 'a\"b')", "error"),
+    "capture-option-garbage": ("SELECT certyo.capture_option('\\xdeadbeef00ff00fe'::bytea, 'record_id')", "any"),
+    "capture-option-invalid-utf8": ("SELECT certyo.capture_option('\\x7265636f72645f69643dff3d'::bytea, 'record_id')", "any"),
+    "capture-option-huge": ("SELECT certyo.capture_option(decode(repeat('ff00', 262144), 'hex'), repeat('k', 1048576))", "any"),
+    "capture-called-directly": ("SELECT certyo.capture()", "error"),
+    "capture-as-before-trigger": ("CREATE TABLE {s}.u (id int PRIMARY KEY); CREATE TRIGGER x BEFORE INSERT ON {s}.u "
+                                  "FOR EACH ROW EXECUTE FUNCTION certyo.capture(); INSERT INTO {s}.u VALUES (1);", "error"),
+    "capture-as-statement-trigger": ("CREATE TABLE {s}.u (id int PRIMARY KEY); CREATE TRIGGER x AFTER INSERT ON {s}.u "
+                                     "FOR EACH STATEMENT EXECUTE FUNCTION certyo.capture(); INSERT INTO {s}.u VALUES (1);", "error"),
+    "capture-without-arguments": ("CREATE TABLE {s}.u (id int PRIMARY KEY); CREATE TRIGGER x AFTER INSERT ON {s}.u "
+                                  "FOR EACH ROW EXECUTE FUNCTION certyo.capture(); INSERT INTO {s}.u VALUES (1);", "error"),
+    "capture-with-garbage-arguments": ("CREATE TABLE {s}.u (id int PRIMARY KEY); CREATE TRIGGER x AFTER INSERT ON {s}.u "
+                                       "FOR EACH ROW EXECUTE FUNCTION certyo.capture('record_id=nope', 'exclude', '=', 'timestamp=id'); "
+                                       "INSERT INTO {s}.u VALUES (1);", "error"),
+    "untrack-null": ("SELECT certyo.untrack(NULL)", "error"),
+    "untrack-null-drop-columns": ("SELECT certyo.untrack('{t}', NULL)", "any"),
+}
+
+
+def check_malformed(attempt, expect, what):
+    assert_no_backtrace(attempt)
+    if expect == "error":
+        assert attempt.sqlstate is not None, (what, attempt)
+    elif expect != "any":
+        assert attempt.sqlstate == expect, (what, attempt)
+    if attempt.sqlstate == "XX000":
+        warnings.warn(f"{what}: internal error (XX000) rather than an ordinary one: {error_message(attempt)[:300]}")
+
+
+@pytest.mark.parametrize("case", list(MALFORMED))
+def test_malformed_input(cluster, attacker, case):
+    """Attack: malformed arguments (NULL array elements, empty strings, 1 MB names and
+    conditions, quotes, garbage trigger arguments, capture() outside a trigger): an ordinary
+    ERROR, never a crash or a Rust backtrace."""
+    table = make_table(attacker, rows=2)
+    statement, expect = MALFORMED[case]
+    attempt = attacker.attempt(statement.format(t=table, s=attacker.schema))
+    check_malformed(attempt, expect, case)
+
+
+VALUES = {"regclass": "'{t}'::regclass", "text": "'1'", "text[]": "ARRAY['id']", "name": "'v'::name",
+          "boolean": "false", "bigint": "-1", "bigint[]": "ARRAY[-1]::bigint[]", "bytea": "'\\x00'::bytea",
+          "integer": "-1", "oid": "0::oid"}
+
+
+def test_null_arguments_to_every_function(cluster, attacker):
+    """Attack: every function of schema certyo called with NULL for all its arguments, and for
+    each argument alone, by a superuser (to reach the code) and by an ordinary role: a result or
+    an ordinary error, never a crash or a backtrace."""
+    table = make_table(attacker, rows=2)
+    functions = cluster.sql("""
+        SELECT p.proname, array_to_string(ARRAY(SELECT format_type(t, NULL) FROM unnest(p.proargtypes::oid[]) t), ',')
+          FROM pg_proc p WHERE p.pronamespace = 'certyo'::regnamespace AND p.pronargs > 0 AND p.prokind = 'f'
+         ORDER BY 1, 2""").splitlines()
+    assert len(functions) >= 8, functions
+    calls = []
+    for line in functions:
+        name, types = line.split("|")
+        types = types.split(",")
+        calls.append(f"SELECT certyo.{name}({', '.join(f'NULL::{t}' for t in types)})")
+        for i in range(len(types)):
+            args = [f"NULL::{t}" if j == i else VALUES.get(t, f"NULL::{t}").format(t=table) for j, t in enumerate(types)]
+            calls.append(f"SELECT certyo.{name}({', '.join(args)})")
+    for user in ("postgres", attacker.name):
+        for call in calls:
+            check_malformed(cluster.attempt_verbose(call, user), "any", f"{call} as {user}")
+
+
+def test_refresh_capture_trigger_on_someone_elses_table(cluster, attacker, make_role):
+    """Attack: certyo.refresh_capture_trigger() (meant for the DDL event trigger) on a tracked
+    table of another role: 42501, and the trigger is unchanged."""
+    victim = make_role("victim")
+    table = make_table(victim, rows=1)
+    before = cluster.sql(f"SELECT tgargs, tgattr FROM pg_trigger WHERE tgrelid = '{table}'::regclass ORDER BY tgname")
+    attempt = attacker.attempt(f"SELECT certyo.refresh_capture_trigger('{table}')")
+    assert attempt.sqlstate == "42501", attempt
+    assert_no_backtrace(attempt)
+    assert cluster.sql(f"SELECT tgargs, tgattr FROM pg_trigger WHERE tgrelid = '{table}'::regclass ORDER BY tgname") == before
+
+
+# ---------------------------------------------------------------------------------------------
+# 8. The operator surface is not for ordinary roles
+
+
+OPERATOR_CALLS = [
+    "SELECT * FROM certyo.worker_status()",
+    "SELECT certyo.wake()",
+    "SELECT certyo.pause()",
+    "SELECT certyo.resume()",
+    "SELECT certyo.retry()",
+    "SELECT certyo.verify_now()",
+    "SELECT * FROM certyo.history('{t}', '1')",
+    "SELECT certyo.cancel_backfill(1)",
+    "SELECT * FROM certyo.audit('{t}')",
+    "SELECT * FROM certyo.status",
+    "SELECT * FROM certyo.queue",
+    "SELECT * FROM certyo.delivery",
+    "SELECT * FROM certyo.receipt",
+    "SELECT * FROM certyo.backfills",
+    "SELECT * FROM certyo.worker_state",
+    "UPDATE certyo.worker_state SET paused = true",
+    "DELETE FROM certyo.queue",
+]
+
+
+@pytest.mark.parametrize("call", OPERATOR_CALLS)
+def test_operator_surface_refused_to_ordinary_role(cluster, attacker, call):
+    """Attack: an ordinary role calls the operator functions and reads or writes the worker's
+    tables: 42501 each (even on its own table)."""
+    table = make_table(attacker, rows=1)
+    attempt = attacker.attempt(call.format(t=table))
+    assert attempt.sqlstate == "42501", attempt
+    assert cluster.sql("SELECT paused FROM certyo.worker_state") == "f"
+
+
+# ---------------------------------------------------------------------------------------------
+# 9. Search-path hijack of the worker through schema public
+
+
+def test_worker_ignores_lookalikes_in_public(cluster, attacker):
+    """Attack: a role with CREATE on schema public plants functions and operators named like
+    the built-ins the worker's SQL calls unqualified (unnest(text[]) and format(text, name,
+    name) are better matches than the built-ins for the worker's arguments, as is * on
+    (bigint, interval)); each makes the attacker a superuser when it runs as one. A tracked
+    table then gets changes that the worker delivers, writes back and verifies."""
+    cluster.sql(f"GRANT CREATE ON SCHEMA public TO {attacker.name}")
+    attacker.sql(lookalikes("public", attacker.schema))
+    table = make_table(attacker)
+    exercise_worker(cluster, attacker, table, first_id=1)
+    backfill = attacker.sql(f"SELECT certyo.backfill('{table}')")
+    assert wait_backfill(cluster, backfill) == "done"
+    exercise_worker(cluster, attacker, table, first_id=6)
+    assert_unprivileged(attacker)
+    assert superuser_runs(attacker) == [], attacker.log()
+
+
+def test_harness_sessions_do_not_set_off_lookalikes(cluster, attacker):
+    """Guard for the test above: the look-alikes in public must not go off in the harness's
+    own superuser sessions (which carry application_name = HARNESS_APP), but do go off in a
+    superuser session without it, so the attack is real."""
+    cluster.sql(f"GRANT CREATE ON SCHEMA public TO {attacker.name}")
+    attacker.sql(lookalikes("public", attacker.schema))
+    probe = "SELECT count(*) FROM unnest(ARRAY['a', 'b']::text[])"
+    assert cluster.sql(probe) == "2"
+    assert attacker.log() == []
+    env = dict(os.environ, PGAPPNAME="someone-else")
+    subprocess.run(["psql", "-h", cluster.dir, "-p", str(cluster.port), "-U", "postgres", "-d", "postgres", "-X", "-qAt",
+                    "-c", probe], env=env, check=True, capture_output=True)
+    assert ("public.unnest(text[])", "postgres", "t") in attacker.log()
+    # It worked: undo it, as the test would otherwise (rightly) fail on the escalation.
+    cluster.sql(f"ALTER ROLE {attacker.name} NOSUPERUSER; UPDATE vault.canary SET v = 'intact'")

@@ -1,0 +1,95 @@
+//! Whose rights run user code.
+//!
+//! The delivery worker is a superuser, and some of its statements run code that a table's
+//! owner wrote: triggers, index expressions, domain checks, defaults, row-level security
+//! policies, the functions of a backfill condition. PostgreSQL's own maintenance commands set
+//! the rule for that (VACUUM, ANALYZE, REINDEX, REFRESH MATERIALIZED VIEW since CVE-2022-1552):
+//! such code runs as the table's owner, in a security-restricted operation (no `SET ROLE`, no
+//! temporary objects, no cursors that outlive it), with `search_path` pinned, and every setting
+//! it changes is undone afterwards, so nothing it does survives into the worker's session.
+//! [`as_role`] and [`writing_back_as`] are that rule; every statement of the extension that
+//! runs user code outside the user's own session goes through one of them.
+
+use pgrx::pg_sys::{self, Oid};
+use std::ffi::CStr;
+
+/// The `search_path` user code sees: nothing but the catalog, so no name in a statement of
+/// ours resolves to an object someone else created.
+pub const PINNED_SEARCH_PATH: &CStr = c"pg_catalog, pg_temp";
+
+/// Run `f` as `role`, security-restricted, with `search_path` pinned; settings that `f`
+/// changes (even with `set_config(..., false)`) are rolled back when it returns.
+pub fn as_role<T>(role: Oid, f: impl FnOnce() -> T) -> T {
+    restricted(role, &[], f)
+}
+
+/// [`as_role`] for the table's owner, and with `session_replication_role = replica`: the worker's write-back is
+/// bookkeeping, not a change, so it fires no ordinary user trigger (triggers the owner set to
+/// `ENABLE ALWAYS` or `ENABLE REPLICA` still fire, as the owner). Only a superuser may change
+/// that setting, so the owner's code cannot turn it back.
+pub fn writing_back_as<T>(owner: Oid, f: impl FnOnce() -> T) -> T {
+    restricted(owner, &[(c"session_replication_role", c"replica")], f)
+}
+
+fn restricted<T>(role: Oid, settings: &[(&CStr, &CStr)], f: impl FnOnce() -> T) -> T {
+    let (mut user, mut context) = (pg_sys::InvalidOid, 0);
+    // SAFETY: reads the backend's current user and security context into locals; main thread,
+    // inside a transaction.
+    unsafe { pg_sys::GetUserIdAndSecContext(&mut user, &mut context) };
+    // SAFETY: opens a GUC nesting level that AtEOXact_GUC below closes; if `f` raises an
+    // error instead, the transaction (or subtransaction) abort closes it and restores the user.
+    let level = unsafe { pg_sys::NewGUCNestLevel() };
+    set_at_level(c"search_path", PINNED_SEARCH_PATH);
+    for (name, value) in settings {
+        set_at_level(name, value);
+    }
+    let flags = (pg_sys::SECURITY_LOCAL_USERID_CHANGE | pg_sys::SECURITY_RESTRICTED_OPERATION) as i32;
+    // SAFETY: as ExecRefreshMatView does; restored below or by the abort of the transaction.
+    unsafe { pg_sys::SetUserIdAndSecContext(role, context | flags) };
+    let result = f();
+    // SAFETY: closes the level opened above; `false` rolls back every change made inside it,
+    // including session-level ones, as after REFRESH MATERIALIZED VIEW.
+    unsafe {
+        pg_sys::AtEOXact_GUC(false, level);
+        pg_sys::SetUserIdAndSecContext(user, context);
+    }
+    result
+}
+
+/// Set `name` for the current GUC nesting level only. Called while still the worker (or the
+/// caller), before the switch to the owner: superuser-only settings are allowed to us, never to
+/// the code that runs afterwards.
+fn set_at_level(name: &CStr, value: &CStr) {
+    // SAFETY: valid NUL-terminated strings; errors (an unknown setting) are raised as ERROR
+    // through pgrx's guard and abort the transaction.
+    unsafe {
+        pg_sys::set_config_option(
+            name.as_ptr(),
+            value.as_ptr(),
+            pg_sys::GucContext::PGC_SUSET,
+            pg_sys::GucSource::PGC_S_SESSION,
+            pg_sys::GucAction::GUC_ACTION_SAVE,
+            true,
+            pgrx::PgLogLevel::ERROR as i32,
+            false,
+        );
+    }
+}
+
+/// The owner of relation `relid`, None if there is no such relation.
+pub fn owner_of(relid: Oid) -> Option<Oid> {
+    // SAFETY: a syscache lookup by OID; the tuple is released before returning.
+    unsafe {
+        let tuple = pg_sys::SearchSysCache1(
+            pg_sys::SysCacheIdentifier::RELOID as i32,
+            pg_sys::Datum::from(relid),
+        );
+        if tuple.is_null() {
+            return None;
+        }
+        let class = pg_sys::GETSTRUCT(tuple) as pg_sys::Form_pg_class;
+        let owner = (*class).relowner;
+        pg_sys::ReleaseSysCache(tuple);
+        Some(owner)
+    }
+}
