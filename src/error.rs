@@ -5,7 +5,7 @@
 //! `Result<_, CertyoError>` and the SQL entry points raise at the boundary, so the reasoning stays
 //! in plain Rust and the error leaves through one door.
 
-use pgrx::pg_sys::panic::ErrorReport;
+use pgrx::pg_sys::{self, panic::ErrorReport};
 use pgrx::{PgLogLevel, PgSqlErrorCode};
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -67,18 +67,57 @@ impl From<pgrx::spi::Error> for CertyoError {
 pub fn guarded<T>(
     f: impl FnOnce() -> std::result::Result<T, String> + std::panic::UnwindSafe,
 ) -> std::result::Result<T, String> {
-    use pgrx::pg_sys::panic::CaughtError;
     pgrx::PgTryBuilder::new(f)
         .catch_others(|caught| {
+            // SAFETY: pgrx flushed the error state when it caught the error; the worker's
+            // transaction is aborted as Postgres' own error recovery would.
             unsafe { pgrx::pg_sys::AbortCurrentTransaction() };
-            Err(match &caught {
-                CaughtError::PostgresError(report) | CaughtError::ErrorReport(report) => {
-                    report.message().to_string()
-                }
-                CaughtError::RustPanic { ereport, .. } => ereport.message().to_string(),
-            })
+            Err(message_of(&caught))
         })
         .execute()
+}
+
+/// Run `f` in a subtransaction: an ERROR (or panic) inside rolls back only what `f` did and
+/// comes back as `Err` with its message, and the enclosing transaction goes on, as around a
+/// PL/pgSQL `EXCEPTION` block. The user, security context and settings that `f` changed are
+/// restored by the subtransaction's abort.
+pub fn in_subtransaction<T>(
+    f: impl FnOnce() -> T + std::panic::UnwindSafe,
+) -> std::result::Result<T, String> {
+    // SAFETY: main thread, inside a transaction; the caller's memory context and resource
+    // owner are restored on both paths, as PL/pgSQL does around an exception block.
+    let (context, owner) = unsafe { (pg_sys::CurrentMemoryContext, pg_sys::CurrentResourceOwner) };
+    let restore = move || unsafe {
+        pg_sys::MemoryContextSwitchTo(context);
+        pg_sys::CurrentResourceOwner = owner;
+    };
+    // SAFETY: as above; ended by one of the two calls below.
+    unsafe { pg_sys::BeginInternalSubTransaction(std::ptr::null()) };
+    pgrx::PgTryBuilder::new(move || {
+        let value = f();
+        // SAFETY: commits the subtransaction begun above.
+        unsafe { pg_sys::ReleaseCurrentSubTransaction() };
+        restore();
+        Ok(value)
+    })
+    .catch_others(move |caught| {
+        // SAFETY: the error state was flushed when pgrx caught the error; this aborts the
+        // subtransaction begun above and everything it did.
+        unsafe { pg_sys::RollbackAndReleaseCurrentSubTransaction() };
+        restore();
+        Err(message_of(&caught))
+    })
+    .execute()
+}
+
+fn message_of(caught: &pgrx::pg_sys::panic::CaughtError) -> String {
+    use pgrx::pg_sys::panic::CaughtError;
+    match caught {
+        CaughtError::PostgresError(report) | CaughtError::ErrorReport(report) => {
+            report.message().to_string()
+        }
+        CaughtError::RustPanic { ereport, .. } => ereport.message().to_string(),
+    }
 }
 
 /// Raise `Err` as an ERROR, return `Ok` as is: the single place where a `Result` meets SQL.

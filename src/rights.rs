@@ -27,8 +27,14 @@ pub fn as_role<T>(role: Oid, f: impl FnOnce() -> T) -> T {
 /// bookkeeping, not a change, so it fires no ordinary user trigger (triggers the owner set to
 /// `ENABLE ALWAYS` or `ENABLE REPLICA` still fire, as the owner). Only a superuser may change
 /// that setting, so the owner's code cannot turn it back.
+/// A row lock held by someone else is waited for a second at most: the worker has other
+/// tables to serve.
 pub fn writing_back_as<T>(owner: Oid, f: impl FnOnce() -> T) -> T {
-    restricted(owner, &[(c"session_replication_role", c"replica")], f)
+    let settings = [
+        (c"session_replication_role", c"replica"),
+        (c"lock_timeout", c"1s"),
+    ];
+    restricted(owner, &settings, f)
 }
 
 fn restricted<T>(role: Oid, settings: &[(&CStr, &CStr)], f: impl FnOnce() -> T) -> T {
@@ -43,7 +49,8 @@ fn restricted<T>(role: Oid, settings: &[(&CStr, &CStr)], f: impl FnOnce() -> T) 
     for (name, value) in settings {
         set_at_level(name, value);
     }
-    let flags = (pg_sys::SECURITY_LOCAL_USERID_CHANGE | pg_sys::SECURITY_RESTRICTED_OPERATION) as i32;
+    let flags =
+        (pg_sys::SECURITY_LOCAL_USERID_CHANGE | pg_sys::SECURITY_RESTRICTED_OPERATION) as i32;
     // SAFETY: as ExecRefreshMatView does; restored below or by the abort of the transaction.
     unsafe { pg_sys::SetUserIdAndSecContext(role, context | flags) };
     let result = f();

@@ -76,7 +76,11 @@ fn request(rel: Option<Oid>, where_clause: Option<String>) -> Result<i64> {
         Spi::get_one_with_args::<i64>(
             "INSERT INTO certyo.backfills (relid, where_clause, requested_by)
              VALUES ($1, $2, $3) RETURNING id",
-            &[relid.into(), where_clause.clone().into(), requested_by.into()],
+            &[
+                relid.into(),
+                where_clause.clone().into(),
+                requested_by.into(),
+            ],
         )
     })?
     .unwrap_or_default();

@@ -91,8 +91,9 @@ unsafe extern "C-unwind" fn on_log(edata: *mut pg_sys::ErrorData) {
     if !edata.is_null() {
         // A panic here must not unwind into error reporting: a failed redaction hides the
         // whole message instead.
-        let redacted =
-            std::panic::catch_unwind(|| unsafe { redact(&mut *edata, super::settings::api_key_setting()) });
+        let redacted = std::panic::catch_unwind(|| unsafe {
+            redact(&mut *edata, super::settings::api_key_setting())
+        });
         if redacted.is_err() {
             (*edata).output_to_server = false;
         }
@@ -110,7 +111,13 @@ unsafe fn redact(edata: &mut pg_sys::ErrorData, key: Option<String>) {
     if !statement.is_null() && mentions_key(&CStr::from_ptr(statement).to_string_lossy()) {
         edata.hide_stmt = true;
     }
-    for field in [edata.message, edata.detail, edata.hint, edata.context, edata.internalquery] {
+    for field in [
+        edata.message,
+        edata.detail,
+        edata.hint,
+        edata.context,
+        edata.internalquery,
+    ] {
         if !field.is_null() {
             redact_in_place(field, key.as_deref());
         }
@@ -197,14 +204,20 @@ mod tests {
     #[test]
     fn the_reload_message_says_the_key_changed_not_to_what() {
         assert_eq!(
-            redacted(r#"parameter "certyo.api_key" changed to "s3cret-value-123""#, "s3cret-value-123"),
+            redacted(
+                r#"parameter "certyo.api_key" changed to "s3cret-value-123""#,
+                "s3cret-value-123"
+            ),
             r#"parameter "certyo.api_key" changed [redacted]"#
         );
     }
 
     #[test]
     fn statements_that_set_the_key_lose_the_value() {
-        let out = redacted("statement: ALTER SYSTEM SET CERTYO.API_KEY = 'new-key-987'", "old-key");
+        let out = redacted(
+            "statement: ALTER SYSTEM SET CERTYO.API_KEY = 'new-key-987'",
+            "old-key",
+        );
         assert!(!out.contains("new-key-987"), "{out}");
         assert_eq!(out, "statement: ALTER SYSTEM SET CERTYO.API_KEY [redacted]");
     }
@@ -214,10 +227,14 @@ mod tests {
         let message = r#"parameter "certyo.api_key_file" changed to "/etc/certyo/key""#;
         assert_eq!(after_mention(message.as_bytes()), None);
         assert_eq!(redacted(message, "unrelated-key"), message);
-        let ours = "Certyo refused the API key: fix certyo.api_key_file (or certyo.api_key) and reload";
+        let ours =
+            "Certyo refused the API key: fix certyo.api_key_file (or certyo.api_key) and reload";
         assert_eq!(redacted(ours, "unrelated-key"), ours);
         let function = "SELECT set_config('certyo.api_key', 'k-123456', false)";
-        assert_eq!(redacted(function, "other"), "SELECT set_config('certyo.api_key [redacted]");
+        assert_eq!(
+            redacted(function, "other"),
+            "SELECT set_config('certyo.api_key [redacted]"
+        );
     }
 
     #[test]

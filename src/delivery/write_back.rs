@@ -47,7 +47,10 @@ impl Mark {
     fn still_current(self) -> Option<String> {
         let newer_taken = newer_than("certyo.delivery");
         match self {
-            Mark::Accepted => Some(format!("{newer_taken} AND {}", newer_than("certyo.receipt"))),
+            Mark::Accepted => Some(format!(
+                "{newer_taken} AND {}",
+                newer_than("certyo.receipt")
+            )),
             Mark::Anchored => Some(newer_taken),
             Mark::Mismatch => None,
         }
@@ -87,9 +90,53 @@ pub fn mark(
             .filter(|v| v.relid == relid)
             .cloned()
             .collect();
-        mark_table(client, relid, &rows, mark)?;
+        // One table's failure (an owner's trigger that raises, a row lock held too long, a key
+        // that no longer casts) must not stop the others, nor the receipts of this batch.
+        let outcome = crate::error::in_subtransaction(std::panic::AssertUnwindSafe(|| {
+            mark_table(client, relid, &rows, mark)
+        }));
+        match outcome {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => report_failure(relid, &e.to_string()),
+            Err(e) => report_failure(relid, &e),
+        }
     }
     Ok(())
+}
+
+thread_local! {
+    /// When each table's last write-back failure was logged.
+    static REPORTED: std::cell::RefCell<std::collections::HashMap<u32, std::time::Instant>> =
+        std::cell::RefCell::new(std::collections::HashMap::new());
+}
+
+/// A WARNING per failing table at most once a minute: no storm while it keeps failing.
+fn report_failure(relid: Oid, error: &str) {
+    let now = std::time::Instant::now();
+    let due = REPORTED.with(|reported| {
+        let mut reported = reported.borrow_mut();
+        let due = reported
+            .get(&relid.to_u32())
+            .is_none_or(|at| now.duration_since(*at) >= std::time::Duration::from_secs(60));
+        if due {
+            reported.insert(relid.to_u32(), now);
+        }
+        due
+    });
+    if due {
+        // SAFETY: a syscache lookup that returns NULL for a table that is gone.
+        let name = unsafe { pgrx::pg_sys::get_rel_name(relid) };
+        let name = if name.is_null() {
+            relid.to_u32().to_string()
+        } else {
+            unsafe { std::ffi::CStr::from_ptr(name) }
+                .to_string_lossy()
+                .into_owned()
+        };
+        pgrx::warning!(
+            "certyo_cdc: could not write back to table {name}: {error}; its changes were delivered and their receipts recorded, but its rows keep their previous certyo_* values"
+        );
+    }
 }
 
 /// Two statements: the worker decides from its own tables which versions are still current,

@@ -213,7 +213,11 @@ mod tests {
             assert_eq!(state, "42601", "{call}");
         }
         refused("SELECT certyo.backfill('t', 'id')", "42804", "boolean");
-        refused("SELECT certyo.backfill('t', 'count(*) > 0')", "42803", "aggregate");
+        refused(
+            "SELECT certyo.backfill('t', 'count(*) > 0')",
+            "42803",
+            "aggregate",
+        );
         refused("SELECT certyo.backfill('t', 'nope > 1')", "42703", "nope");
         refused("SELECT certyo.backfill(NULL)", "22004", "must not be NULL");
         sql("CREATE ROLE certyo_test_stranger; GRANT USAGE ON SCHEMA public TO certyo_test_stranger;
@@ -225,7 +229,8 @@ mod tests {
             Some(0),
             "refusals record nothing"
         );
-        let id = one::<i64>("SELECT certyo.backfill('t', 'id % 2 = 0 OR t.v IS NULL -- note')").unwrap();
+        let id =
+            one::<i64>("SELECT certyo.backfill('t', 'id % 2 = 0 OR t.v IS NULL -- note')").unwrap();
         assert_eq!(
             one::<String>("SELECT state || ': ' || where_clause FROM certyo.backfills"),
             Some("queued: (((id % 2) = 0) OR (v IS NULL))".into()),

@@ -49,7 +49,9 @@ fn column_names(names: Vec<Option<String>>, argument: &str) -> Result<Vec<String
                     PgSqlErrorCode::ERRCODE_NULL_VALUE_NOT_ALLOWED,
                     format!("certyo_cdc: {argument} must not contain NULL"),
                 )
-                .hint(format!("Name each column of {argument} as text, e.g. ARRAY['id'].",))
+                .hint(format!(
+                    "Name each column of {argument} as text, e.g. ARRAY['id'].",
+                ))
             })
         })
         .collect()
