@@ -21,6 +21,7 @@ holding an older build of certyo_cdc.
 """
 import itertools
 import os
+import time
 from pathlib import Path
 
 import pytest
@@ -147,15 +148,30 @@ class Role:
         return []
 
     def drop(self):
+        """Cancel the role's backfills, drop everything it owns and the role. Retried: attack
+        code that still runs elsewhere (a worker an attack got into) may change the role at the
+        same time ("tuple concurrently updated")."""
         n = self.name
-        self.cluster.sql(f"""
-            ALTER ROLE {n} NOSUPERUSER NOCREATEROLE NOCREATEDB NOREPLICATION NOBYPASSRLS;
-            UPDATE certyo.backfills SET state = 'cancelled', finished_at = now(), updated_at = now()
-             WHERE state IN ('queued', 'running')
-               AND (requested_by = '{n}'::regrole OR relid IN (SELECT oid FROM pg_class WHERE relowner = '{n}'::regrole));
-        """)
-        self.cluster.sql(f"DROP OWNED BY {n} CASCADE")
-        self.cluster.sql(f"DROP ROLE {n}")
+        statements = [
+            f"ALTER ROLE {n} NOSUPERUSER NOCREATEROLE NOCREATEDB NOREPLICATION NOBYPASSRLS",
+            f"""UPDATE certyo.backfills SET state = 'cancelled', finished_at = now(), updated_at = now()
+                 WHERE state IN ('queued', 'running')
+                   AND (requested_by = '{n}'::regrole OR relid IN (SELECT oid FROM pg_class WHERE relowner = '{n}'::regrole))""",
+            f"DROP OWNED BY {n} CASCADE",
+            f"DROP ROLE {n}",
+        ]
+        error = None
+        for _ in range(40):
+            if self.cluster.sql(f"SELECT count(*) FROM pg_roles WHERE rolname = '{n}'") == "0":
+                return
+            try:
+                for statement in statements:
+                    self.cluster.sql(statement)
+                return
+            except RuntimeError as e:
+                error = e
+                time.sleep(0.25)
+        raise error
 
 
 class Watch:
