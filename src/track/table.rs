@@ -212,10 +212,14 @@ impl Table {
 
     fn require_column(&self, name: &str, role: &str) -> Result<&Attribute> {
         self.column(name).ok_or_else(|| {
+            // A name longer than any identifier is shown cut short: the message stays readable
+            // and a megabyte of input does not become a megabyte of log.
+            let shown: String = name.chars().take(pgrx::pg_sys::NAMEDATALEN as usize).collect();
+            let cut = if shown.len() < name.len() { "..." } else { "" };
             CertyoError::new(
                 PgSqlErrorCode::ERRCODE_UNDEFINED_COLUMN,
                 format!(
-                    "certyo_cdc: {role} column \"{name}\" does not exist in table {}",
+                    "certyo_cdc: {role} column \"{shown}{cut}\" does not exist in table {}",
                     self.display
                 ),
             )
