@@ -55,7 +55,11 @@ pub extern "C-unwind" fn _PG_init() {
     delivery::api_key::redact_from_log();
     if preloading {
         wake::init_shared_memory();
-        delivery::register();
+        // Not while pg_upgrade runs the server: nothing may write to the databases then.
+        // SAFETY: a plain read of a Postgres global, in the postmaster's main thread.
+        if !unsafe { pgrx::pg_sys::IsBinaryUpgrade } {
+            delivery::register();
+        }
     }
 }
 

@@ -154,13 +154,24 @@ fn record(settings: &Settings, entry: &Entry) -> Record {
 /// Threads started inside `f` inherit a mask with every signal blocked, so Postgres' signals
 /// always reach the worker's main thread.
 pub fn with_signals_blocked<T>(f: impl FnOnce() -> T) -> T {
+    // SAFETY: sigset_t is plain data that sigfillset initializes; pthread_sigmask changes only
+    // the calling thread's mask, and it is restored below. It fails only for an invalid `how`,
+    // which these constants are not; if it ever did, the mask is unchanged and `f` runs anyway,
+    // so it is logged rather than ignored.
     unsafe {
         let mut all: libc::sigset_t = std::mem::zeroed();
         let mut previous: libc::sigset_t = std::mem::zeroed();
         libc::sigfillset(&mut all);
-        libc::pthread_sigmask(libc::SIG_BLOCK, &all, &mut previous);
+        let blocked = libc::pthread_sigmask(libc::SIG_BLOCK, &all, &mut previous);
+        if blocked != 0 {
+            pgrx::warning!(
+                "certyo_cdc: could not block signals for an HTTP thread (error {blocked})"
+            );
+        }
         let result = f();
-        libc::pthread_sigmask(libc::SIG_SETMASK, &previous, std::ptr::null_mut());
+        if blocked == 0 {
+            libc::pthread_sigmask(libc::SIG_SETMASK, &previous, std::ptr::null_mut());
+        }
         result
     }
 }

@@ -214,7 +214,10 @@ impl Table {
         self.column(name).ok_or_else(|| {
             // A name longer than any identifier is shown cut short: the message stays readable
             // and a megabyte of input does not become a megabyte of log.
-            let shown: String = name.chars().take(pgrx::pg_sys::NAMEDATALEN as usize).collect();
+            let shown: String = name
+                .chars()
+                .take(pgrx::pg_sys::NAMEDATALEN as usize)
+                .collect();
             let cut = if shown.len() < name.len() { "..." } else { "" };
             CertyoError::new(
                 PgSqlErrorCode::ERRCODE_UNDEFINED_COLUMN,
