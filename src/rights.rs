@@ -37,29 +37,43 @@ pub fn writing_back_as<T>(owner: Oid, f: impl FnOnce() -> T) -> T {
     restricted(owner, &settings, f)
 }
 
+/// Run `f` as the bootstrap superuser, for the extension's own statements on its own tables
+/// (which have no user triggers): callers of `certyo.backfill()` have no rights on them.
+pub fn as_superuser<T>(f: impl FnOnce() -> T) -> T {
+    let superuser = Oid::from(pg_sys::BOOTSTRAP_SUPERUSERID);
+    switched_to(superuser, pg_sys::SECURITY_LOCAL_USERID_CHANGE, f)
+}
+
 fn restricted<T>(role: Oid, settings: &[(&CStr, &CStr)], f: impl FnOnce() -> T) -> T {
-    let (mut user, mut context) = (pg_sys::InvalidOid, 0);
-    // SAFETY: reads the backend's current user and security context into locals; main thread,
-    // inside a transaction.
-    unsafe { pg_sys::GetUserIdAndSecContext(&mut user, &mut context) };
     // SAFETY: opens a GUC nesting level that AtEOXact_GUC below closes; if `f` raises an
-    // error instead, the transaction (or subtransaction) abort closes it and restores the user.
+    // error instead, the transaction (or subtransaction) abort closes it.
     let level = unsafe { pg_sys::NewGUCNestLevel() };
     set_at_level(c"search_path", PINNED_SEARCH_PATH);
     for (name, value) in settings {
         set_at_level(name, value);
     }
-    let flags =
-        (pg_sys::SECURITY_LOCAL_USERID_CHANGE | pg_sys::SECURITY_RESTRICTED_OPERATION) as i32;
-    // SAFETY: as ExecRefreshMatView does; restored below or by the abort of the transaction.
-    unsafe { pg_sys::SetUserIdAndSecContext(role, context | flags) };
-    let result = f();
+    let flags = pg_sys::SECURITY_LOCAL_USERID_CHANGE | pg_sys::SECURITY_RESTRICTED_OPERATION;
+    let result = switched_to(role, flags, f);
     // SAFETY: closes the level opened above; `false` rolls back every change made inside it,
     // including session-level ones, as after REFRESH MATERIALIZED VIEW.
+    unsafe { pg_sys::AtEOXact_GUC(false, level) };
+    result
+}
+
+/// Run `f` as `role` with the extra security-context `flags`, as ExecRefreshMatView and
+/// SECURITY DEFINER functions do; the previous user is restored when `f` returns, or by the
+/// (sub)transaction abort when it raises an error.
+fn switched_to<T>(role: Oid, flags: u32, f: impl FnOnce() -> T) -> T {
+    let (mut user, mut context) = (pg_sys::InvalidOid, 0);
+    // SAFETY: reads and sets the backend's current user and security context; main thread,
+    // inside a transaction.
     unsafe {
-        pg_sys::AtEOXact_GUC(false, level);
-        pg_sys::SetUserIdAndSecContext(user, context);
+        pg_sys::GetUserIdAndSecContext(&mut user, &mut context);
+        pg_sys::SetUserIdAndSecContext(role, context | flags as i32);
     }
+    let result = f();
+    // SAFETY: restores what was saved above.
+    unsafe { pg_sys::SetUserIdAndSecContext(user, context) };
     result
 }
 

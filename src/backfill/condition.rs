@@ -30,13 +30,18 @@ pub fn canonical(relid: Oid, table: &str, condition: &str) -> Result<String> {
         unsafe { analyzed_where_clause(text.as_c_str()) }
     }
     .ok_or_else(|| not_one_expression(condition))?;
+    // Deparsed under the pinned search_path the worker will use; and the stored text must mean
+    // the same when the worker runs it: checked under that path, as the caller.
+    // SAFETY: GetUserId only reads the backend's current user.
     let caller = unsafe { pg_sys::GetUserId() };
-    let canonical = rights::as_role(caller, || unsafe { deparse(quals, relid) });
-    // The stored text must mean the same when the worker runs it: check that it does, as the
-    // caller, under the pinned search_path the worker will use.
-    let check = format!("SELECT FROM {table} AS t WHERE ({canonical}) LIMIT 0");
-    rights::as_role(caller, || Spi::run(&check))?;
-    Ok(canonical)
+    rights::as_role(caller, || {
+        // SAFETY: `quals` is the analyzed WHERE clause of a query over `relid`.
+        let canonical = unsafe { deparse(quals, relid) };
+        Spi::run(&format!(
+            "SELECT FROM {table} AS t WHERE ({canonical}) LIMIT 0"
+        ))?;
+        Ok(canonical)
+    })
 }
 
 /// The analyzed WHERE clause of `probe`, or None if `probe` is anything but one

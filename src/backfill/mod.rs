@@ -16,12 +16,12 @@ use crate::capture::queue;
 use crate::capture::record::{Operation, Row};
 use crate::error::{CertyoError, OrRaise, Result};
 use crate::track::key::RecordKey;
-
-mod condition;
 use pgrx::bgworkers::BackgroundWorker;
 use pgrx::pg_sys::{self, Oid};
 use pgrx::prelude::*;
 use pgrx::{PgMemoryContexts, PgSqlErrorCode};
+
+mod condition;
 
 /// `certyo.backfill(rel, where_clause)`: validate as the caller, record the request, wake the
 /// worker at commit. Returns the backfill's id.
@@ -72,7 +72,7 @@ fn request(rel: Option<Oid>, where_clause: Option<String>) -> Result<i64> {
     // Who asked, read before the switch below: chunks run only while this role still has the
     // table owner's privileges.
     let requested_by = unsafe { pg_sys::GetUserId() };
-    let id = as_superuser(|| {
+    let id = crate::rights::as_superuser(|| {
         Spi::get_one_with_args::<i64>(
             "INSERT INTO certyo.backfills (relid, where_clause, requested_by)
              VALUES ($1, $2, $3) RETURNING id",
@@ -93,25 +93,6 @@ fn display(relid: Oid) -> String {
         .ok()
         .flatten()
         .unwrap_or_else(|| relid.to_u32().to_string())
-}
-
-/// Run `f` as the bootstrap superuser: callers have no rights on `certyo.backfills`. Only our
-/// own INSERT runs inside, on a table with no user triggers.
-fn as_superuser<T>(f: impl FnOnce() -> T) -> T {
-    let (mut user, mut context) = (pg_sys::InvalidOid, 0);
-    // SAFETY: saves and switches the current user, as SECURITY DEFINER functions do; an error
-    // in `f` unwinds through the (sub)transaction abort, which restores the previous user.
-    unsafe {
-        pg_sys::GetUserIdAndSecContext(&mut user, &mut context);
-        pg_sys::SetUserIdAndSecContext(
-            pg_sys::Oid::from(pg_sys::BOOTSTRAP_SUPERUSERID),
-            context | pg_sys::SECURITY_LOCAL_USERID_CHANGE as i32,
-        );
-    }
-    let result = f();
-    // SAFETY: restores what was saved above.
-    unsafe { pg_sys::SetUserIdAndSecContext(user, context) };
-    result
 }
 
 /// One open backfill, as the worker reads it.
