@@ -60,12 +60,17 @@ SELECT t.relid::regclass                           AS "table",
 COMMENT ON VIEW certyo.status IS 'certyo_cdc: per tracked table, where its changes are';
 REVOKE ALL ON certyo.status FROM PUBLIC;
 
+-- Passes the worker has run since the server started (shared memory; NULL without preloading):
+-- an idle worker adds about one per certyo.poll_interval.
+CREATE FUNCTION certyo.worker_passes() RETURNS bigint
+    LANGUAGE c VOLATILE AS 'MODULE_PATHNAME', 'worker_passes_wrapper';
+
 CREATE FUNCTION certyo.worker_status(
     OUT running boolean, OUT pid integer, OUT configured boolean, OUT paused boolean,
     OUT state text, OUT detail text, OUT last_error text, OUT last_error_at timestamptz,
     OUT last_delivery_at timestamptz, OUT last_verified_at timestamptz,
     OUT sent bigint, OUT accepted bigint, OUT replayed bigint, OUT failed bigint,
-    OUT anchored bigint, OUT mismatched bigint, OUT pending bigint, OUT dead bigint)
+    OUT anchored bigint, OUT mismatched bigint, OUT pending bigint, OUT dead bigint, OUT passes bigint)
 LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
     SELECT a.pid IS NOT NULL,
            a.pid,
@@ -88,7 +93,8 @@ LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
            coalesce(w.sent, 0), coalesce(w.accepted, 0), coalesce(w.replayed, 0), coalesce(w.failed, 0),
            coalesce(w.anchored, 0), coalesce(w.mismatched, 0),
            (SELECT count(*) FROM certyo.queue) + (SELECT count(*) FROM certyo.delivery d WHERE d.state = 'pending'),
-           (SELECT count(*) FROM certyo.delivery d WHERE d.state = 'dead')
+           (SELECT count(*) FROM certyo.delivery d WHERE d.state = 'dead'),
+           certyo.worker_passes()
       FROM (SELECT) AS one
       LEFT JOIN certyo.worker_state w ON true
       LEFT JOIN pg_catalog.pg_stat_activity a ON a.pid = w.pid AND a.backend_type = 'certyo_cdc delivery'
@@ -204,6 +210,6 @@ RETURNS TABLE (record_id text, problem text, last_accepted_at timestamptz, last_
 COMMENT ON FUNCTION certyo.audit(regclass) IS
     'certyo_cdc: rows that differ from their last accepted version, or have none';
 
-REVOKE ALL ON FUNCTION certyo.worker_status(), certyo.wake(), certyo.pause(), certyo.resume(),
+REVOKE ALL ON FUNCTION certyo.worker_status(), certyo.worker_passes(), certyo.wake(), certyo.pause(), certyo.resume(),
     certyo.retry(regclass, bigint[]), certyo.verify_now(regclass, text), certyo.history(regclass, text),
     certyo.cancel_backfill(bigint), certyo.audit(regclass) FROM PUBLIC;

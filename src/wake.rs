@@ -6,9 +6,12 @@
 use pgrx::atomics::PgAtomic;
 use pgrx::prelude::*;
 use std::cell::Cell;
-use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU64, Ordering};
 
 static WORKER_PROCNO: PgAtomic<AtomicI32> = unsafe { PgAtomic::new(c"certyo_cdc_worker_procno") };
+/// Passes the worker has run since the server started: `certyo.worker_status().passes`, so
+/// that anyone can see whether an idle worker sleeps.
+static PASSES: PgAtomic<AtomicU64> = unsafe { PgAtomic::new(c"certyo_cdc_worker_passes") };
 static PRELOADED: AtomicBool = AtomicBool::new(false);
 
 thread_local! {
@@ -19,6 +22,7 @@ thread_local! {
 /// From `_PG_init` while the postmaster loads preloaded libraries.
 pub fn init_shared_memory() {
     pgrx::pg_shmem_init!(WORKER_PROCNO = AtomicI32::new(-1));
+    pgrx::pg_shmem_init!(PASSES = AtomicU64::new(0));
     PRELOADED.store(true, Ordering::Relaxed);
 }
 
@@ -29,6 +33,21 @@ pub fn set_worker(procno: Option<i32>) {
             .get()
             .store(procno.unwrap_or(-1), Ordering::Release);
     }
+}
+
+/// The worker starts a pass.
+pub fn count_pass() {
+    if PRELOADED.load(Ordering::Relaxed) {
+        PASSES.get().fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+/// `certyo.worker_passes()`: passes run since the server started (NULL without preloading).
+#[pg_extern(sql = false)]
+fn worker_passes() -> Option<i64> {
+    PRELOADED
+        .load(Ordering::Relaxed)
+        .then(|| PASSES.get().load(Ordering::Relaxed) as i64)
 }
 
 /// Capture: this transaction queued a change; wake the worker if it commits.

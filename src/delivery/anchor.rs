@@ -70,7 +70,9 @@ pub fn take_due(limit: usize) -> SpiResult<Vec<Due>> {
 /// Receipts being verified on a helper thread, `CONCURRENT_REQUESTS` requests at a time.
 pub struct Verifying {
     due: Vec<Due>,
-    work: OffThread<Vec<Verification>>,
+    /// Each answer with the id of the receipt it answers: a thread that fails loses only its
+    /// own answers, and no answer can land on another receipt.
+    work: OffThread<Vec<(i64, Verification)>>,
 }
 
 /// Verification requests in flight at once: one request per receipt is all the contract
@@ -79,8 +81,10 @@ const CONCURRENT_REQUESTS: usize = 4;
 
 impl Verifying {
     pub fn start(client: &Client, tenant_id: &str, database: &str, due: Vec<Due>) -> Verifying {
-        let requests: Vec<VerifyRequest> =
-            due.iter().map(|d| d.request(tenant_id, database)).collect();
+        let requests: Vec<(i64, VerifyRequest)> = due
+            .iter()
+            .map(|d| (d.version.id, d.request(tenant_id, database)))
+            .collect();
         let client = client.clone();
         let work = OffThread::start("certyo_cdc verify", move |_pause| {
             let per_thread = requests.len().div_ceil(CONCURRENT_REQUESTS).max(1);
@@ -93,25 +97,21 @@ impl Verifying {
                         let client = &client;
                         scope.spawn(move || {
                             part.iter()
-                                .map(|r| {
-                                    client.verify(r, &mut |d| {
+                                .map(|(id, r)| {
+                                    let found = client.verify(r, &mut |d| {
                                         std::thread::sleep(d);
                                         true
-                                    })
+                                    });
+                                    (*id, found)
                                 })
                                 .collect::<Vec<_>>()
                         })
                     })
                     .collect();
+                // A thread that panicked answers nothing; its receipts get "no answer" below.
                 parts
                     .into_iter()
-                    .flat_map(|part| {
-                        part.join().unwrap_or_else(|_| {
-                            vec![Verification::Failed(Outcome::Transient(
-                                "the verification thread failed".into(),
-                            ))]
-                        })
-                    })
+                    .flat_map(|part| part.join().unwrap_or_default())
                     .collect()
             })
         });
@@ -121,15 +121,22 @@ impl Verifying {
     /// The receipts and what was found, once the thread is done (None while it runs).
     pub fn try_finish(&mut self) -> Option<Vec<(Due, Verification)>> {
         let found = self.work.try_take()?.unwrap_or_default();
-        let due = std::mem::take(&mut self.due);
-        let missing = Verification::Failed(Outcome::Transient("no answer".into()));
-        let mut found = found.into_iter();
-        Some(
-            due.into_iter()
-                .map(|d| (d, found.next().unwrap_or_else(|| missing.clone())))
-                .collect(),
-        )
+        Some(match_answers(std::mem::take(&mut self.due), found))
     }
+}
+
+/// Each receipt with the answer carrying its id, or "no answer" (verified again later).
+fn match_answers(due: Vec<Due>, found: Vec<(i64, Verification)>) -> Vec<(Due, Verification)> {
+    let mut found: std::collections::HashMap<i64, Verification> = found.into_iter().collect();
+    let missing = Verification::Failed(Outcome::Transient("no answer".into()));
+    due.into_iter()
+        .map(|d| {
+            let answer = found
+                .remove(&d.version.id)
+                .unwrap_or_else(|| missing.clone());
+            (d, answer)
+        })
+        .collect()
 }
 
 /// How often receipts are checked, from the settings.
@@ -246,4 +253,57 @@ pub fn record(results: &[(Due, Verification)], schedule: Schedule) -> SpiResult<
 fn later_push(later: &mut (Vec<i64>, Vec<Option<String>>), id: i64, error: Option<String>) {
     later.0.push(id);
     later.1.push(error);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{match_answers, Due, Version};
+    use crate::certyo::{Outcome, Verification};
+
+    fn due(id: i64) -> Due {
+        Due {
+            version: Version {
+                relid: pgrx::pg_sys::Oid::from(16384u32),
+                record_id: id.to_string(),
+                record_hash: format!("sha256:{id}"),
+                id,
+            },
+            collection: "public.t".into(),
+            operation: "insert".into(),
+        }
+    }
+
+    #[test]
+    fn answers_land_on_their_own_receipts_even_when_a_thread_lost_some() {
+        // The thread that verified receipts 2 and 3 failed: only 1 and 4 were answered, out
+        // of order. By position, 4's answer would have landed on 2.
+        let found = vec![
+            (
+                4,
+                Verification::Mismatch {
+                    reported_hash: "x".into(),
+                },
+            ),
+            (1, Verification::NotYet),
+        ];
+        let matched: Vec<(i64, Verification)> = match_answers((1..=4).map(due).collect(), found)
+            .into_iter()
+            .map(|(d, v)| (d.version.id, v))
+            .collect();
+        let no_answer = Verification::Failed(Outcome::Transient("no answer".into()));
+        assert_eq!(
+            matched,
+            vec![
+                (1, Verification::NotYet),
+                (2, no_answer.clone()),
+                (3, no_answer),
+                (
+                    4,
+                    Verification::Mismatch {
+                        reported_hash: "x".into()
+                    }
+                ),
+            ]
+        );
+    }
 }

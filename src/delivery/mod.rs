@@ -18,8 +18,19 @@ mod store;
 mod worker;
 mod write_back;
 
-use pgrx::bgworkers::BackgroundWorkerBuilder;
+use pgrx::bgworkers::{BackgroundWorker, BackgroundWorkerBuilder};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
+
+/// Has SIGTERM arrived? pgrx clears its flag when it is read, and several places must see it
+/// (the main loop, the wait for a batch in flight), so it is remembered here once seen.
+pub fn stopping() -> bool {
+    static STOPPING: AtomicBool = AtomicBool::new(false);
+    if BackgroundWorker::sigterm_received() {
+        STOPPING.store(true, Ordering::Relaxed);
+    }
+    STOPPING.load(Ordering::Relaxed)
+}
 
 /// Register the worker; only possible while the postmaster loads `shared_preload_libraries`.
 pub fn register() {

@@ -9,8 +9,7 @@
 use super::settings::Settings;
 use super::store::Entry;
 use crate::certyo::{Client, Outcome, Record};
-use pgrx::bgworkers::BackgroundWorker;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
 use std::sync::mpsc::{self, RecvTimeoutError};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -36,7 +35,9 @@ impl<T: Send + 'static> OffThread<T> {
         let body = move || {
             let result = work(&mut |delay| pause_unless_stopped(&flag, delay));
             // A closed channel means the worker stopped waiting; the work is redone later.
-            tell.send(result).is_ok()
+            let told = tell.send(result).is_ok();
+            announce_finished();
+            told
         };
         let spawned =
             with_signals_blocked(|| std::thread::Builder::new().name(name.into()).spawn(body));
@@ -61,9 +62,7 @@ impl<T: Send + 'static> OffThread<T> {
             match self.answers.recv_timeout(Duration::from_millis(5)) {
                 Ok(result) => return Some(Some(result)),
                 Err(RecvTimeoutError::Disconnected) => return Some(None),
-                Err(RecvTimeoutError::Timeout) if BackgroundWorker::sigterm_received() => {
-                    return None
-                }
+                Err(RecvTimeoutError::Timeout) if super::stopping() => return None,
                 Err(RecvTimeoutError::Timeout) => continue,
             }
         }
@@ -79,7 +78,8 @@ impl<T> Drop for OffThread<T> {
 /// A batch being sent.
 pub struct Sending {
     batch: Vec<Entry>,
-    work: OffThread<Vec<Outcome>>,
+    /// Each outcome with the id of the entry it answers.
+    work: OffThread<Vec<(i64, Outcome)>>,
 }
 
 impl Sending {
@@ -87,6 +87,7 @@ impl Sending {
     /// of at most `batch_size`; otherwise one request per record.
     pub fn start(client: &Client, settings: &Settings, batch: Vec<Entry>) -> Sending {
         let records: Vec<Record> = batch.iter().map(|e| record(settings, e)).collect();
+        let ids: Vec<i64> = batch.iter().map(|e| e.id).collect();
         let bulk = records.len() > settings.bulk_threshold;
         let (chunk, tenant, client) = (
             settings.batch_size,
@@ -94,14 +95,16 @@ impl Sending {
             client.clone(),
         );
         let work = OffThread::start("certyo_cdc send", move |pause| {
-            if bulk {
+            let outcomes: Vec<Outcome> = if bulk {
                 records
                     .chunks(chunk)
                     .flat_map(|part| client.send_bulk(&tenant, part, pause))
                     .collect()
             } else {
                 client.send_each(&records, pause)
-            }
+            };
+            // The client answers each record of a request in order, one outcome per record.
+            ids.into_iter().zip(outcomes).collect()
         });
         Sending { batch, work }
     }
@@ -112,12 +115,56 @@ impl Sending {
     }
 
     /// Wait for the answers. None on SIGTERM: the batch is abandoned, nothing recorded.
+    /// An entry without an answer (the thread failed, or the answer fell short) is a
+    /// transient failure, retried.
     pub fn finish(self) -> Option<(Vec<Entry>, Vec<Outcome>)> {
-        let outcomes = self.work.wait()?.unwrap_or_else(|| {
-            let lost = Outcome::Transient("the HTTP thread ended without an answer".into());
-            vec![lost; self.batch.len()]
-        });
+        let answered = self.work.wait()?.unwrap_or_default();
+        let mut answered: std::collections::HashMap<i64, Outcome> = answered.into_iter().collect();
+        let lost = Outcome::Transient("the HTTP thread ended without an answer".into());
+        let outcomes = self
+            .batch
+            .iter()
+            .map(|e| answered.remove(&e.id).unwrap_or_else(|| lost.clone()))
+            .collect();
         Some((self.batch, outcomes))
+    }
+}
+
+/// The eventfd helper threads write to when they finish, watched by the worker's latch wait.
+static FINISHED: AtomicI32 = AtomicI32::new(-1);
+
+/// The eventfd, opened on first use (by the main thread); -1 if it cannot be opened, and then
+/// the worker finds finished work at its next pass instead.
+pub fn finished_fd() -> i32 {
+    let fd = FINISHED.load(Ordering::Acquire);
+    if fd >= 0 {
+        return fd;
+    }
+    // SAFETY: eventfd has no preconditions; the descriptor lives as long as the process.
+    let fd = unsafe { libc::eventfd(0, libc::EFD_NONBLOCK | libc::EFD_CLOEXEC) };
+    FINISHED.store(fd.max(-1), Ordering::Release);
+    fd
+}
+
+/// From a helper thread: wake the worker. Only a write(2) to the eventfd, no Postgres.
+fn announce_finished() {
+    let fd = FINISHED.load(Ordering::Acquire);
+    if fd >= 0 {
+        let one: u64 = 1;
+        // SAFETY: writes 8 bytes from a live u64 to an eventfd; a full counter (EAGAIN) is
+        // fine, the worker is awake already.
+        let _written = unsafe { libc::write(fd, (&one as *const u64).cast(), 8) };
+    }
+}
+
+/// After a wake: reset the eventfd's counter.
+pub fn drain_finished() {
+    let fd = FINISHED.load(Ordering::Acquire);
+    if fd >= 0 {
+        let mut count: u64 = 0;
+        // SAFETY: reads 8 bytes into a live u64 from a non-blocking eventfd; EAGAIN (nothing
+        // to read) is the usual answer and needs nothing.
+        let _read = unsafe { libc::read(fd, (&mut count as *mut u64).cast(), 8) };
     }
 }
 

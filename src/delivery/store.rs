@@ -367,18 +367,22 @@ pub fn expire(retention: Duration) -> SpiResult<()> {
     })
 }
 
-/// How long until the earliest retry or verification is due (None: nothing scheduled).
-pub fn next_due() -> SpiResult<Option<Duration>> {
-    in_transaction(|| {
+/// How long until the earliest retry or verification is due (None: nothing scheduled). With
+/// `verifying` (a batch of receipts is being verified, due but not yet recorded) receipts are
+/// left out: the helper thread wakes the worker when it is done.
+pub fn next_due(verifying: bool) -> SpiResult<Option<Duration>> {
+    in_transaction(move || {
         // NULL when nothing is scheduled (not 0: that would wake the worker at once, forever);
         // greatest() first, because '-infinity' (due now) minus now() is an error.
-        let ms = Spi::get_one::<i64>(
+        let ms = Spi::get_one_with_args::<i64>(
             "SELECT CASE WHEN due IS NULL THEN NULL
                          ELSE (extract(epoch FROM greatest(due, now()) - now()) * 1000)::bigint END
                FROM (SELECT least(
                         (SELECT min(next_attempt_at) FROM certyo.delivery WHERE state = 'pending'),
-                        (SELECT min(next_verify_at) FROM certyo.receipt WHERE anchor_status IN ('pending', 'overdue'))
+                        (SELECT min(next_verify_at) FROM certyo.receipt
+                          WHERE anchor_status IN ('pending', 'overdue') AND NOT $1)
                     ) AS due) AS s",
+            &[verifying.into()],
         )?;
         Ok(ms.map(|ms| Duration::from_millis(ms as u64)))
     })

@@ -64,10 +64,8 @@ struct Worker {
     verifying: Option<anchor::Verifying>,
 }
 
-/// Receipts verified per batch (each is one request), and how often a batch in flight is
-/// looked at (its thread cannot set the latch: it must not call into Postgres).
+/// Receipts verified per batch (each is one request).
 const VERIFY_BATCH: usize = 100;
-const VERIFY_POLL: Duration = Duration::from_millis(20);
 const EXPIRE_EVERY: Duration = Duration::from_secs(60);
 
 enum Next {
@@ -94,8 +92,8 @@ impl Worker {
                 }
             };
             let keep_going = match next {
-                Next::Now => !BackgroundWorker::sigterm_received(),
-                Next::Wait(wait) => BackgroundWorker::wait_latch(Some(wait)),
+                Next::Now => !super::stopping(),
+                Next::Wait(wait) => sleep(wait),
             };
             if !keep_going {
                 break;
@@ -116,6 +114,7 @@ impl Worker {
     }
 
     fn pass(&mut self) -> Result<Next, pgrx::spi::Error> {
+        crate::wake::count_pass();
         let settings = settings::current();
         let Some(control) = store::control()? else {
             return Ok(Next::Wait(
@@ -154,7 +153,7 @@ impl Worker {
         if more_to_send || backfilling || verify_again == Some(Duration::ZERO) {
             return Ok(Next::Now);
         }
-        let mut due = store::next_due()?.unwrap_or(settings.poll_interval);
+        let mut due = store::next_due(self.verifying.is_some())?.unwrap_or(settings.poll_interval);
         if let Some(again) = verify_again {
             due = due.min(again);
         }
@@ -204,7 +203,7 @@ impl Worker {
         let taken = started.elapsed();
         let answered = self.sending.take().and_then(Sending::finish);
         let waited = started.elapsed();
-        if !batch.is_empty() && !BackgroundWorker::sigterm_received() {
+        if !batch.is_empty() && !super::stopping() {
             self.sending = Some(Sending::start(client, settings, batch));
         }
         let Some((sent, outcomes)) = answered else {
@@ -243,8 +242,9 @@ impl Worker {
         settings: &Settings,
     ) -> Result<(Tally, Option<Duration>), pgrx::spi::Error> {
         if let Some(verifying) = self.verifying.as_mut() {
+            // Still running: its thread wakes the worker when it is done (see `sleep`).
             let Some(results) = verifying.try_finish() else {
-                return Ok((Tally::default(), Some(VERIFY_POLL)));
+                return Ok((Tally::default(), None));
             };
             self.verifying = None;
             self.note_refusal(results.iter().filter_map(|(_, found)| match found {
@@ -268,7 +268,7 @@ impl Worker {
             &settings.database_name,
             due,
         ));
-        Ok((Tally::default(), Some(VERIFY_POLL)))
+        Ok((Tally::default(), None))
     }
 
     /// Remember a 401/403: nothing is sent until the configuration is reloaded.
@@ -339,6 +339,33 @@ impl Worker {
         self.last_state = Some(key);
         store::set_state(state, detail, error, tally)
     }
+}
+
+/// Sleep on the latch until `timeout`, a commit's doorbell, a signal, or a helper thread
+/// finishing (it writes to an eventfd the wait also watches: threads never touch Postgres).
+/// False when the worker must stop. Postmaster death ends the process.
+fn sleep(timeout: Duration) -> bool {
+    let fd = super::sending::finished_fd();
+    let mut events = pg_sys::WL_LATCH_SET | pg_sys::WL_TIMEOUT | pg_sys::WL_EXIT_ON_PM_DEATH;
+    if fd >= 0 {
+        events |= pg_sys::WL_SOCKET_READABLE;
+    }
+    let millis = timeout.as_millis().min(i32::MAX as u128) as std::ffi::c_long;
+    // SAFETY: the worker's own latch, in its main thread, outside any transaction; `fd` is an
+    // eventfd this process owns for its lifetime (or -1, then not watched).
+    unsafe {
+        pg_sys::WaitLatchOrSocket(
+            pg_sys::MyLatch,
+            events as i32,
+            fd,
+            millis,
+            pg_sys::PG_WAIT_EXTENSION,
+        );
+        pg_sys::ResetLatch(pg_sys::MyLatch);
+    }
+    super::sending::drain_finished();
+    pgrx::check_for_interrupts!();
+    !super::stopping()
 }
 
 /// In [0, 1): enough randomness to spread retries, from the clock.

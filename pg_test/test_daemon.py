@@ -1,0 +1,154 @@
+"""The delivery worker as a daemon a DBA keeps (issue 10): asleep when idle, every answer on its
+own receipt, bookkeeping that users never see as a change, and a fast stop that stops.
+
+A real PostgreSQL 15 cluster with certyo_cdc preloaded and the Certyo emulator (fixtures in
+conftest.py; this module brings its own cluster). conftest.py's checks run after every test
+here too: no crash, no restart of the postmaster.
+
+Run:  CERTYO_EMULATOR=target/release/certyo-emulator python3 -m pytest -q pg_test/test_daemon.py
+"""
+import shutil
+import time
+
+import pytest
+
+from conftest import CANARY
+from harness import Cluster, free_port, wait_for
+
+DIR = "/tmp/certyo-e2e-daemon"
+POLL_INTERVAL_S = 0.3
+SETTINGS = f"""
+certyo.poll_interval = '{int(POLL_INTERVAL_S * 1000)}ms'
+certyo.verify_min_age = '500ms'
+certyo.verify_interval = '500ms'
+"""
+
+
+@pytest.fixture(scope="module")
+def cluster(emulator):
+    """Overrides conftest's: this module's own cluster, with the canary conftest checks."""
+    cluster = Cluster(DIR, free_port(), emulator.url, SETTINGS)
+    try:
+        cluster.sql(f"""
+            CREATE EXTENSION certyo_cdc;
+            CREATE SCHEMA vault;
+            CREATE TABLE vault.canary (id int PRIMARY KEY, v text NOT NULL);
+            INSERT INTO vault.canary VALUES (1, '{CANARY}');
+        """)
+        assert wait_for(lambda: cluster.sql("SELECT running FROM certyo.worker_status()") == "t", 30)
+        cluster.start_pid = cluster.postmaster_pid()
+        yield cluster
+    finally:
+        try:
+            cluster.stop()
+        except Exception:
+            pass
+
+
+def worker_cpu_ticks(cluster):
+    """utime + stime of the worker process, in clock ticks (100 per CPU-second)."""
+    pid = cluster.sql("SELECT pid FROM certyo.worker_status()")
+    with open(f"/proc/{pid}/stat") as stat:
+        fields = stat.read().rsplit(")", 1)[1].split()
+    return int(fields[11]) + int(fields[12])
+
+
+def idle_cost(cluster, seconds=3.0):
+    """(passes, CPU ticks) of the worker over a window in which nothing happens."""
+    passes = int(cluster.sql("SELECT passes FROM certyo.worker_status()"))
+    ticks = worker_cpu_ticks(cluster)
+    time.sleep(seconds)  # a measurement window, not a wait for a condition
+    return (int(cluster.sql("SELECT passes FROM certyo.worker_status()")) - passes,
+            worker_cpu_ticks(cluster) - ticks)
+
+
+def assert_asleep(cluster, state):
+    seconds = 3.0
+    passes, ticks = idle_cost(cluster, seconds)
+    # Asleep: about one pass per poll_interval (plus a few for the doorbell of our own
+    # queries); a worker that spins runs thousands. CPU: 1% of a core is 3 ticks in 3 s;
+    # tick accounting is coarse, so 5.
+    assert passes <= seconds / POLL_INTERVAL_S + 5, f"{state}: {passes} passes in {seconds} s"
+    assert ticks <= 5, f"{state}: {ticks} CPU ticks in {seconds} s"
+
+
+def test_idle_worker_sleeps_in_every_quiet_state(cluster):
+    """Nothing tracked; rows delivered and all anchored; sending paused: the worker sleeps."""
+    assert_asleep(cluster, "nothing tracked")
+    cluster.sql("""
+        CREATE TABLE quiet (id int PRIMARY KEY, v text);
+        SELECT certyo.track('quiet');
+        INSERT INTO quiet SELECT g, 'v' FROM generate_series(1, 100) g;
+    """)
+    assert wait_for(lambda: cluster.sql(
+        "SELECT count(*) FILTER (WHERE certyo_anchor_status = 'anchored') FROM quiet") == "100", 60)
+    assert wait_for(lambda: cluster.sql(
+        "SELECT count(*) FROM certyo.receipt WHERE anchor_status <> 'anchored'") == "0", 30)
+    assert_asleep(cluster, "all delivered and anchored")
+    cluster.sql("SELECT certyo.pause(); INSERT INTO quiet VALUES (101, 'waits')")
+    try:
+        assert wait_for(lambda: cluster.sql("SELECT state FROM certyo.worker_status()") == "paused", 10)
+        assert_asleep(cluster, "paused")
+    finally:
+        cluster.sql("SELECT certyo.resume()")
+    assert cluster.wait_drained()
+    cluster.sql("DROP TABLE quiet")
+
+
+def test_write_back_changes_nothing_users_see_as_a_change(cluster):
+    """The seed's set_updated_at BEFORE trigger and an AFTER trigger that logs changes: the
+    worker's write-back fires neither, so no business column drifts from what was anchored,
+    the audit is clean and the log stays empty."""
+    cluster.sql("""
+        CREATE TABLE shop (id int PRIMARY KEY, sku text, updated_at timestamptz NOT NULL DEFAULT now());
+        CREATE TABLE shop_log (id int, op text);
+        CREATE FUNCTION set_updated_at() RETURNS trigger LANGUAGE plpgsql AS $$
+            BEGIN NEW.updated_at := clock_timestamp(); RETURN NEW; END $$;
+        CREATE FUNCTION log_change() RETURNS trigger LANGUAGE plpgsql AS $$
+            BEGIN INSERT INTO shop_log VALUES (NEW.id, TG_OP); RETURN NULL; END $$;
+        CREATE TRIGGER set_updated_at BEFORE UPDATE ON shop FOR EACH ROW EXECUTE FUNCTION set_updated_at();
+        CREATE TRIGGER log_change AFTER UPDATE ON shop FOR EACH ROW EXECUTE FUNCTION log_change();
+        SELECT certyo.track('shop');
+        INSERT INTO shop (id, sku) SELECT g, 'SKU-' || g FROM generate_series(1, 50) g;
+    """)
+    assert wait_for(lambda: cluster.sql(
+        "SELECT count(*) FILTER (WHERE certyo_anchor_status = 'anchored') FROM shop") == "50", 60)
+    assert cluster.sql("SELECT count(*) FROM shop_log") == "0"
+    assert cluster.sql("SELECT count(*) FROM certyo.audit('shop')") == "0"
+    assert cluster.sql("SELECT count(*) FROM certyo.queue") == "0"
+    cluster.sql("DROP TABLE shop, shop_log; DROP FUNCTION set_updated_at(), log_change()")
+
+
+def test_fast_stop_with_a_batch_in_flight_finishes_quickly(emulator):
+    """pg_ctl -m fast stop while a batch waits on a slow Certyo and a backlog waits behind it:
+    the worker abandons the batch (idempotency makes resending safe) and the server stops
+    within 5 s; after a restart everything arrives exactly once."""
+    directory = DIR + "-stop"
+    stopping = Cluster(directory, free_port(), emulator.url,
+                       SETTINGS + "certyo.request_timeout = '60s'\ncertyo.bulk_threshold = 0\n")
+    try:
+        stopping.sql("""
+            CREATE EXTENSION certyo_cdc;
+            CREATE TABLE slow (id int PRIMARY KEY);
+            SELECT certyo.track('slow');
+        """)
+        emulator.fault("slow", times=1, seconds=40)
+        stopping.sql("INSERT INTO slow VALUES (1)")
+        requests = emulator.stats()["ingestRequests"]
+        # The first batch is on the wire (the emulator has it) and more wait behind it.
+        assert wait_for(lambda: emulator.stats()["ingestRequests"] > requests, 10)
+        stopping.sql("INSERT INTO slow SELECT g FROM generate_series(2, 500) g")
+        started = time.monotonic()
+        stopping.stop()
+        elapsed = time.monotonic() - started
+        assert elapsed < 5, f"fast stop took {elapsed:.1f} s"
+        stopping.start()
+        assert stopping.wait_drained(60)
+        ids = [r["recordId"] for r in emulator.records() if r["collection"] == "public.slow"]
+        assert sorted(ids, key=int) == [str(i) for i in range(1, 501)], "each row exactly once"
+    finally:
+        try:
+            stopping.stop()
+        except Exception:
+            pass
+        shutil.rmtree(directory, ignore_errors=True)
