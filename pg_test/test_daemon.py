@@ -152,3 +152,57 @@ def test_fast_stop_with_a_batch_in_flight_finishes_quickly(emulator):
         except Exception:
             pass
         shutil.rmtree(directory, ignore_errors=True)
+
+
+def test_an_outage_is_probed_not_flooded_and_nothing_is_lost(cluster, emulator):
+    """Certyo answers 503 to everything for 8 s while 2,000 changes wait: the worker sends a
+    bounded number of requests (the batches already under way, then one probe at a growing
+    interval), makes no dead letter, says so in worker_status(), and once Certyo is back
+    delivers every change exactly once."""
+    cluster.sql("""
+        CREATE TABLE flood (id int PRIMARY KEY, v text);
+        SELECT certyo.track('flood');
+    """)
+    served = emulator.stats()["faultsServed"]
+    emulator.fault("outage", seconds=8)
+    started = time.monotonic()
+    cluster.sql("INSERT INTO flood SELECT g, 'v' FROM generate_series(1, 2000) g")
+    assert wait_for(lambda: cluster.sql("SELECT state FROM certyo.worker_status()") == "unreachable", 10)
+    assert "probe" in cluster.sql("SELECT detail FROM certyo.worker_status()")
+    while time.monotonic() - started < 8:
+        assert cluster.sql("SELECT dead FROM certyo.worker_status()") == "0"
+        time.sleep(0.5)  # watching the outage run its course
+    during = emulator.stats()["faultsServed"] - served
+    print(f"requests during an 8 s outage with 2,000 changes pending: {during}")
+    # Batches under way when it started (at most two in flight with one being taken), then
+    # probes at 0.5-1, 1-2, 2-4, 4-8 s: at most 2 + 4 in 8 s. Before: ~20 requests a second.
+    assert during <= 8, f"{during} requests during an 8 s outage"
+    assert cluster.wait_drained(90)
+    print(f"everything delivered {time.monotonic() - started - 8:.1f} s after the outage ended")
+    assert cluster.sql("SELECT count(*) FROM flood WHERE certyo_record_hash IS NOT NULL") == "2000"
+    ids = [r["recordId"] for r in emulator.records() if r["collection"] == "public.flood"]
+    assert len(ids) == 2000 and len(set(ids)) == 2000, "each change exactly once"
+    assert cluster.sql("SELECT dead FROM certyo.worker_status()") == "0"
+    cluster.sql("DROP TABLE flood")
+
+
+def test_a_wrong_base_url_path_stops_sending_instead_of_dead_lettering(cluster, emulator):
+    """A 404 (certyo.base_url pointing at the wrong path) is the configuration's fault, not the
+    records': nothing becomes a dead letter, worker_status() says what to fix, and fixing it
+    delivers everything."""
+    cluster.sql("CREATE TABLE lost (id int PRIMARY KEY)")
+    cluster.sql("SELECT certyo.track('lost')")
+    cluster.sql(f"ALTER SYSTEM SET certyo.base_url = '{emulator.url}/wrong/path'")
+    cluster.sql("SELECT pg_reload_conf()")
+    try:
+        assert wait_for(lambda: cluster.sql("SHOW certyo.base_url").endswith("/wrong/path"), 10)
+        cluster.sql("INSERT INTO lost SELECT g FROM generate_series(1, 20) g")
+        assert wait_for(lambda: cluster.sql("SELECT state FROM certyo.worker_status()") == "misconfigured", 15)
+        assert "certyo.base_url" in cluster.sql("SELECT detail FROM certyo.worker_status()")
+        assert cluster.sql("SELECT dead FROM certyo.worker_status()") == "0"
+    finally:
+        cluster.sql("ALTER SYSTEM RESET certyo.base_url")
+        cluster.sql("SELECT pg_reload_conf()")
+    assert cluster.wait_drained(60)
+    assert cluster.sql("SELECT count(*) FROM lost WHERE certyo_record_hash IS NOT NULL") == "20"
+    cluster.sql("DROP TABLE lost")

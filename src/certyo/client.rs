@@ -89,7 +89,7 @@ impl Client {
                 },
                 Exchange::Failed(outcome) => outcome,
             };
-            let unauthorized = matches!(outcome, Outcome::Unauthorized { .. });
+            let unauthorized = matches!(outcome, Outcome::Refused { .. });
             outcomes.push(outcome.clone());
             if unauthorized {
                 // No point sending the rest with a key Certyo refuses.
@@ -194,7 +194,11 @@ impl Client {
                         "unreadable answer ({status}): {e}"
                     ))),
                 },
-                401 | 403 => Exchange::Failed(Outcome::Unauthorized { status, body: text }),
+                401 | 403 | 404 | 405 => Exchange::Failed(Outcome::Refused { status, body: text }),
+                408 => Exchange::Failed(Outcome::Transient(format!(
+                    "HTTP 408: {}",
+                    truncate(&text, 200)
+                ))),
                 400..=499 => Exchange::Failed(Outcome::Rejected { status, body: text }),
                 _ => Exchange::Failed(Outcome::Transient(format!(
                     "HTTP {status}: {}",
@@ -435,7 +439,7 @@ mod tests {
         assert!(
             outcomes
                 .iter()
-                .all(|o| matches!(o, Outcome::Unauthorized { status: 401, .. })),
+                .all(|o| matches!(o, Outcome::Refused { status: 401, .. })),
             "{outcomes:?}"
         );
     }

@@ -38,16 +38,17 @@ pub struct Receipt {
 #[derive(Debug, Clone, PartialEq)]
 pub enum Outcome {
     Accepted(Receipt),
-    /// 5xx, timeouts, connection errors, 429 after the retries, or a bulk answer that did not
-    /// account for this record: send again later.
+    /// 5xx, 408, timeouts, connection errors, 429 after the retries, or a bulk answer that did
+    /// not account for this record: send again later.
     Transient(String),
     /// Other 4xx: this record will never be accepted as it is; keep it for an operator.
     Rejected {
         status: u16,
         body: String,
     },
-    /// 401/403: the configuration is wrong; nothing more should be sent until it is fixed.
-    Unauthorized {
+    /// The configuration is wrong, not the record: 401/403 (the API key) or 404/405 (the base
+    /// URL's path). Nothing more should be sent until it is fixed.
+    Refused {
         status: u16,
         body: String,
     },

@@ -190,7 +190,7 @@ pub fn record(results: &[(Due, Verification)], schedule: Schedule) -> SpiResult<
                 }
             }
             // The configuration is wrong, not the receipt: left as it is for after the fix.
-            Verification::Failed(Outcome::Unauthorized { .. }) => continue,
+            Verification::Failed(Outcome::Refused { .. }) => continue,
             Verification::NotYet => later_push(&mut later, id, None),
             Verification::Unknown => later_push(
                 &mut later,

@@ -21,6 +21,8 @@ pub struct Entry {
     pub payload: String,
     pub source_timestamp: String,
     pub idempotency_key: String,
+    /// Failed attempts so far: the next transient failure waits longer.
+    pub attempts: i32,
 }
 
 fn in_transaction<T>(
@@ -69,9 +71,12 @@ pub fn control() -> SpiResult<Option<Control>> {
 /// Taking writes nothing: there is one worker, and a crash between taking and recording only
 /// means the batch is sent again after the restart, which Certyo answers with
 /// `idempotencyReplayed` (a per-row lease would double the writes per change).
+/// With `probing` (Certyo seems down) the entries' own retry times are ignored: the probe is
+/// the oldest pending change, whenever it was scheduled.
 pub fn take_batch(
     batch_size: usize,
     in_flight: &[i64],
+    probing: bool,
     planner: &mut Planner,
 ) -> SpiResult<Vec<Entry>> {
     let in_flight = in_flight.to_vec();
@@ -100,7 +105,12 @@ pub fn take_batch(
             let rows = client.select(
                 TAKE,
                 None,
-                &[(batch_size as i64).into(), bound.into(), in_flight.into()],
+                &[
+                    (batch_size as i64).into(),
+                    bound.into(),
+                    in_flight.into(),
+                    probing.into(),
+                ],
             )?;
             let mut entries = Vec::new();
             for row in rows {
@@ -113,6 +123,7 @@ pub fn take_batch(
                     payload: row.get::<String>(6)?.unwrap_or_else(|| "{}".into()),
                     source_timestamp: row.get::<String>(7)?.unwrap_or_default(),
                     idempotency_key: row.get::<String>(8)?.unwrap_or_default(),
+                    attempts: row.get::<i32>(9)?.unwrap_or_default(),
                 });
             }
             entries.sort_by_key(|e| e.id);
@@ -193,9 +204,9 @@ const MOVE_QUEUE: &str = "
 const TAKE: &str = "
     SELECT c.id, c.relid, c.collection, c.record_id, c.operation, c.payload::text,
            to_char(c.source_timestamp AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"'),
-           c.idempotency_key
+           c.idempotency_key, c.attempts
       FROM (SELECT * FROM certyo.delivery
-             WHERE state = 'pending' AND next_attempt_at <= now() AND ($2::bigint IS NULL OR id < $2)
+             WHERE state = 'pending' AND ($4 OR next_attempt_at <= now()) AND ($2::bigint IS NULL OR id < $2)
                AND id <> ALL ($3::bigint[])
              ORDER BY id
              LIMIT $1 * 2) AS c
@@ -272,7 +283,7 @@ pub fn record(
                 transient.2.push(error.clone());
                 tally.failed += 1;
             }
-            Outcome::Rejected { status, body } | Outcome::Unauthorized { status, body } => {
+            Outcome::Rejected { status, body } | Outcome::Refused { status, body } => {
                 failed.0.push(entry.id);
                 failed.1.push(i32::from(*status));
                 failed.2.push(body.clone());
@@ -346,6 +357,17 @@ pub fn record(
         })
     })?;
     Ok(tally)
+}
+
+/// Certyo answers again after an outage: every pending change is due now, not at the end of
+/// its own back-off.
+pub fn release_backlog() -> SpiResult<()> {
+    in_transaction(|| {
+        Spi::run(
+            "UPDATE certyo.delivery SET next_attempt_at = '-infinity'
+              WHERE state = 'pending' AND next_attempt_at > now()",
+        )
+    })
 }
 
 /// Remove receipts that are no longer needed: anchored, older than the retention, and either

@@ -53,8 +53,11 @@ fn set_for_session(name: &std::ffi::CStr, value: &std::ffi::CStr) {
 #[derive(Default)]
 struct Worker {
     client: Option<Client>,
-    /// Set by a 401/403 and cleared by a configuration reload: nothing is sent meanwhile.
-    unauthorized: Option<String>,
+    /// Set by a 401/403/404/405 and cleared by a configuration reload: nothing is sent
+    /// meanwhile.
+    refused: Option<Refusal>,
+    /// Certyo seems down: one probe at a time until it answers.
+    outage: Option<Outage>,
     last_state: Option<(String, String)>,
     expired_at: Option<Instant>,
     planner: store::Planner,
@@ -62,6 +65,33 @@ struct Worker {
     sending: Option<Sending>,
     /// The receipts being verified, if any.
     verifying: Option<anchor::Verifying>,
+}
+
+/// Certyo refused the configuration, not a record.
+struct Refusal {
+    status: u16,
+    body: String,
+}
+
+impl Refusal {
+    /// (state, detail) for `certyo.worker_status()`.
+    fn describe(&self) -> (&'static str, String) {
+        let answer = format!("HTTP {}: {}", self.status, self.body);
+        match self.status {
+            401 | 403 => ("unauthorized", format!("Certyo refused the API key ({answer}): nothing is sent until the API key (certyo.api_key_file or certyo.api_key) is fixed and reloaded")),
+            _ => ("misconfigured", format!("Certyo has no such endpoint ({answer}): nothing is sent until certyo.base_url is fixed and reloaded")),
+        }
+    }
+}
+
+/// A whole batch failed transiently: Certyo (or the way to it) is down. Instead of every
+/// pending change retrying on its own schedule, one change at a time probes the service, at a
+/// growing interval (jittered, up to `MAX_BACKOFF`), until one is answered; then the backlog
+/// is released at once. A request rate against a failing service that stays bounded.
+struct Outage {
+    failed_probes: u32,
+    next_probe: Instant,
+    error: String,
 }
 
 /// Receipts verified per batch (each is one request).
@@ -82,7 +112,7 @@ impl Worker {
                 // workers reload.
                 unsafe { pg_sys::ProcessConfigFile(pg_sys::GucContext::PGC_SIGHUP) };
                 super::api_key::forget();
-                self.unauthorized = None;
+                self.refused = None;
             }
             let next = match self.guarded_pass() {
                 Ok(next) => next,
@@ -137,7 +167,24 @@ impl Worker {
             });
         }
         let client = self.client(&settings)?.clone();
+        if let Some(wait) = self.waiting_for_probe() {
+            if self.sending.is_some() {
+                self.deliver(&client, &settings, false)?;
+            }
+            if let Some((state, detail)) = self.outage_state() {
+                self.announce(state, &detail, None, Tally::default())?;
+            }
+            return Ok(if backfilling {
+                Next::Now
+            } else {
+                Next::Wait(wait)
+            });
+        }
         let (delivered, error, more_to_send) = self.deliver(&client, &settings, true)?;
+        if let Some((state, detail)) = self.outage_state() {
+            self.announce(state, &detail, None, delivered)?;
+            return Ok(Next::Now); // the next pass waits for the probe's time
+        }
         let (verified, verify_again) = self.verify(&client, &settings)?;
         self.expire(&settings)?;
         let tally = delivered + verified;
@@ -178,9 +225,58 @@ impl Worker {
         if let Some(missing) = settings.missing() {
             return Some(("not configured", missing));
         }
-        self.unauthorized.as_ref().map(|refusal| {
-            ("unauthorized", format!("Certyo refused the API key ({refusal}): nothing is sent until the API key (certyo.api_key_file or certyo.api_key) is fixed and reloaded"))
-        })
+        self.refused.as_ref().map(Refusal::describe)
+    }
+
+    /// During an outage, how long until the next probe (None: no outage, or a probe is due).
+    fn waiting_for_probe(&self) -> Option<Duration> {
+        let outage = self.outage.as_ref()?;
+        let now = Instant::now();
+        (outage.next_probe > now).then(|| outage.next_probe - now)
+    }
+
+    fn outage_state(&self) -> Option<(&'static str, String)> {
+        let outage = self.outage.as_ref()?;
+        let wait = outage.next_probe.saturating_duration_since(Instant::now());
+        Some(("unreachable", format!(
+            "Certyo does not answer ({}): {} probe(s) failed, next in {} s; changes wait, nothing is lost",
+            outage.error, outage.failed_probes, wait.as_secs()
+        )))
+    }
+
+    /// After a batch's answers: a batch that failed transiently as a whole starts (or prolongs)
+    /// an outage; any real answer ends it and releases the backlog.
+    fn note_service(&mut self, outcomes: &[Outcome]) -> Result<(), pgrx::spi::Error> {
+        let failed = outcomes.iter().find_map(|o| match o {
+            Outcome::Transient(e) => Some(e.clone()),
+            _ => None,
+        });
+        let all_failed =
+            !outcomes.is_empty() && outcomes.iter().all(|o| matches!(o, Outcome::Transient(_)));
+        match (all_failed, self.outage.as_mut()) {
+            (true, Some(outage)) => {
+                outage.failed_probes += 1;
+                outage.next_probe =
+                    Instant::now() + next_attempt_delay(outage.failed_probes, jitter());
+                outage.error = failed.unwrap_or_default();
+            }
+            (true, None) => {
+                let error = failed.unwrap_or_default();
+                pgrx::log!("certyo_cdc: Certyo does not answer ({error}); probing it with one change at a time until it does");
+                self.outage = Some(Outage {
+                    failed_probes: 1,
+                    next_probe: Instant::now() + next_attempt_delay(1, jitter()),
+                    error,
+                });
+            }
+            (false, Some(_)) if !outcomes.is_empty() => {
+                pgrx::log!("certyo_cdc: Certyo answers again; delivering the backlog");
+                self.outage = None;
+                store::release_backlog()?;
+            }
+            _ => {}
+        }
+        Ok(())
     }
 
     /// Take the next batch (leaving the one in flight alone), collect the answers for the
@@ -196,7 +292,14 @@ impl Worker {
         let started = Instant::now();
         let in_flight = self.sending.as_ref().map(Sending::ids).unwrap_or_default();
         let batch = if take_more {
-            store::take_batch(settings.batch_size, &in_flight, &mut self.planner)?
+            // During an outage the batch is one probe (and only when no batch is in flight).
+            let probing = self.outage.is_some();
+            let size = if probing { 1 } else { settings.batch_size };
+            if probing && !in_flight.is_empty() {
+                Vec::new()
+            } else {
+                store::take_batch(size, &in_flight, probing, &mut self.planner)?
+            }
         } else {
             Vec::new()
         };
@@ -210,6 +313,7 @@ impl Worker {
             return Ok((Tally::default(), None, self.sending.is_some()));
         };
         self.note_refusal(outcomes.iter());
+        self.note_service(&outcomes)?;
         let error = outcomes.iter().find_map(|o| match o {
             Outcome::Transient(e) => Some(e.clone()),
             Outcome::Rejected { status, body } => Some(format!("HTTP {status}: {body}")),
@@ -218,7 +322,7 @@ impl Worker {
         let results: Vec<(Entry, Outcome)> = sent.into_iter().zip(outcomes).collect();
         let tally = store::record(
             &results,
-            &|_| next_attempt_delay(1, jitter()),
+            &|entry| next_attempt_delay(entry.attempts.max(0) as u32 + 1, jitter()),
             settings.verify_min_age,
             &mut self.planner,
         )?;
@@ -271,16 +375,16 @@ impl Worker {
         Ok((Tally::default(), None))
     }
 
-    /// Remember a 401/403: nothing is sent until the configuration is reloaded.
+    /// Remember a refusal of the configuration: nothing is sent until it is reloaded.
     fn note_refusal<'a>(&mut self, outcomes: impl Iterator<Item = &'a Outcome>) {
         for outcome in outcomes {
-            if let Outcome::Unauthorized { status, body } = outcome {
-                let refusal = format!(
-                    "HTTP {status}: {}",
-                    body.chars().take(200).collect::<String>()
-                );
-                pgrx::warning!("certyo_cdc: Certyo refused the API key ({refusal}); delivery stops until the API key (certyo.api_key_file or certyo.api_key) is fixed and reloaded");
-                self.unauthorized = Some(refusal);
+            if let Outcome::Refused { status, body } = outcome {
+                let refusal = Refusal {
+                    status: *status,
+                    body: body.chars().take(200).collect(),
+                };
+                pgrx::warning!("certyo_cdc: {}", refusal.describe().1);
+                self.refused = Some(refusal);
                 return;
             }
         }

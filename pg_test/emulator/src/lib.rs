@@ -9,7 +9,8 @@
 //! exactly once".
 //!
 //! Control plane (no API key): `POST /_emulator/faults {"fault": "429", "times": 3,
-//! "retryAfter": 1}` (faults: `429`, `500`, `slow` with `"seconds"`, `drop` (no answer at all), `partial`,
+//! "retryAfter": 1}` (faults: `429`, `500`, `outage` with `"seconds"` (every ingest request answered 503 for
+//! that long), `slow` with `"seconds"`, `drop` (no answer at all), `partial`,
 //! `reject` (422), `mismatch` (the next verification answers report another hash)), `GET /_emulator/stats`, `GET /_emulator/records`, `POST /_emulator/reset`.
 
 use serde_json::{json, Map, Value};
@@ -56,6 +57,12 @@ pub enum Fault {
     Mismatch,
     /// 422 for the whole request: the records become dead letters.
     Reject,
+    /// 503 to every ingest request for `seconds` (the service is down).
+    Outage {
+        seconds: u64,
+    },
+    /// One 503 answer of an outage.
+    Unavailable,
 }
 
 /// One accepted record, as Certyo holds it.
@@ -89,6 +96,8 @@ struct State {
     /// recordId): verification looks one up without scanning everything accepted.
     by_record: HashMap<u64, Vec<usize>>,
     faults: VecDeque<Fault>,
+    /// `outage`: every ingest request is answered 503 until then.
+    outage_until: Option<Instant>,
     mismatches: u32,
     stats: Stats,
 }
@@ -263,7 +272,14 @@ fn ingest(request: Request, body: &str, bulk: bool, state: &Mutex<State>) {
         if bulk {
             state.stats.bulk_requests += 1;
         }
-        let fault = state.faults.pop_front();
+        let down = state
+            .outage_until
+            .is_some_and(|until| Instant::now() < until);
+        let fault = if down {
+            Some(Fault::Unavailable)
+        } else {
+            state.faults.pop_front()
+        };
         if fault.is_some() {
             state.stats.faults_served += 1;
         }
@@ -280,6 +296,9 @@ fn ingest(request: Request, body: &str, bulk: bool, state: &Mutex<State>) {
         }
         Some(Fault::ServerError) => {
             return respond(request, 500, &json!({"error": "injected failure"}), None)
+        }
+        Some(Fault::Unavailable) => {
+            return respond(request, 503, &json!({"error": "injected outage"}), None)
         }
         Some(Fault::Reject) => {
             lock(state).stats.rejected += 1;
@@ -534,6 +553,10 @@ fn control_plane(method: &Method, path: &str, body: &str, state: &Mutex<State>) 
             (200, json!({"reset": true}))
         }
         (Method::Post, "faults") => match parse_fault(body) {
+            Ok((Fault::Outage { seconds }, _)) => {
+                lock(state).outage_until = Some(Instant::now() + Duration::from_secs(seconds));
+                (200, json!({"outage": seconds}))
+            }
             Ok((fault, times)) => {
                 lock(state).queue_fault(fault, times);
                 (200, json!({"queued": times}))
@@ -556,12 +579,15 @@ fn parse_fault(body: &str) -> Result<(Fault, u32), String> {
             seconds: v.get("seconds").and_then(Value::as_u64).unwrap_or(5),
         },
         Some("drop") => Fault::Drop,
+        Some("outage") => Fault::Outage {
+            seconds: v.get("seconds").and_then(Value::as_u64).unwrap_or(10),
+        },
         Some("partial") => Fault::Partial,
         Some("mismatch") => Fault::Mismatch,
         Some("reject") => Fault::Reject,
         other => {
             return Err(format!(
-                "unknown fault {other:?}; use 429, 500, slow, drop, partial, reject or mismatch"
+                "unknown fault {other:?}; use 429, 500, outage, slow, drop, partial, reject or mismatch"
             ))
         }
     };
