@@ -206,3 +206,25 @@ def test_a_wrong_base_url_path_stops_sending_instead_of_dead_lettering(cluster, 
     assert cluster.wait_drained(60)
     assert cluster.sql("SELECT count(*) FROM lost WHERE certyo_record_hash IS NOT NULL") == "20"
     cluster.sql("DROP TABLE lost")
+
+
+def test_one_bad_record_never_poisons_its_batch(cluster, emulator):
+    """50 changes in one bulk batch, one of them with an empty record id, which Certyo refuses
+    (422, "recordId is required"): the batch is split until only that record is a dead letter,
+    with its own status and body; the 49 others are delivered. certyo.retry() sends it alone
+    into the same refusal, never the others with it."""
+    cluster.sql("""
+        CREATE TABLE mixed (code text PRIMARY KEY, v int);
+        SELECT certyo.track('mixed');
+        INSERT INTO mixed SELECT CASE WHEN g = 25 THEN '' ELSE 'c' || g END, g FROM generate_series(1, 50) g;
+    """)
+    assert wait_for(lambda: cluster.sql("SELECT dead FROM certyo.worker_status()") == "1", 30)
+    assert cluster.wait_drained(30)
+    assert cluster.sql("SELECT count(*) FROM mixed WHERE certyo_record_hash IS NOT NULL") == "49"
+    dead = cluster.sql("SELECT record_id || '|' || last_status || '|' || last_error FROM certyo.delivery WHERE state = 'dead'")
+    assert dead.startswith("|422|") and "recordId is required" in dead, dead
+    assert cluster.sql("SELECT certyo.retry('mixed')") == "1"
+    assert wait_for(lambda: cluster.sql(
+        "SELECT attempts FROM certyo.delivery WHERE state = 'dead'") == "2", 30)
+    assert cluster.sql("SELECT count(*) FROM certyo.delivery") == "1"
+    cluster.sql("DELETE FROM certyo.delivery WHERE state = 'dead'; DROP TABLE mixed")

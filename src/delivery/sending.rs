@@ -85,9 +85,20 @@ pub struct Sending {
 impl Sending {
     /// Start sending `batch` by the contract's rule: more than `bulk_threshold` → bulk requests
     /// of at most `batch_size`; otherwise one request per record.
+    /// An entry whose payload does not parse is answered at once as rejected (a dead letter
+    /// with the reason), never sent.
     pub fn start(client: &Client, settings: &Settings, batch: Vec<Entry>) -> Sending {
-        let records: Vec<Record> = batch.iter().map(|e| record(settings, e)).collect();
-        let ids: Vec<i64> = batch.iter().map(|e| e.id).collect();
+        let mut unsendable = Vec::new();
+        let (mut ids, mut records) = (Vec::new(), Vec::new());
+        for entry in &batch {
+            match record(settings, entry) {
+                Ok(record) => {
+                    ids.push(entry.id);
+                    records.push(record);
+                }
+                Err(reason) => unsendable.push((entry.id, reason)),
+            }
+        }
         let bulk = records.len() > settings.bulk_threshold;
         let (chunk, tenant, client) = (
             settings.batch_size,
@@ -98,13 +109,15 @@ impl Sending {
             let outcomes: Vec<Outcome> = if bulk {
                 records
                     .chunks(chunk)
-                    .flat_map(|part| client.send_bulk(&tenant, part, pause))
+                    .flat_map(|part| send_isolating(&client, &tenant, part, pause))
                     .collect()
             } else {
                 client.send_each(&records, pause)
             };
             // The client answers each record of a request in order, one outcome per record.
-            ids.into_iter().zip(outcomes).collect()
+            let mut answered: Vec<(i64, Outcome)> = ids.into_iter().zip(outcomes).collect();
+            answered.extend(unsendable);
+            answered
         });
         Sending { batch, work }
     }
@@ -181,12 +194,37 @@ fn pause_unless_stopped(stop: &AtomicBool, delay: Duration) -> bool {
     !stop.load(Ordering::Relaxed)
 }
 
-fn record(settings: &Settings, entry: &Entry) -> Record {
-    let payload =
-        serde_json::value::RawValue::from_string(entry.payload.clone()).unwrap_or_else(|_| {
-            serde_json::value::RawValue::from_string("{}".into()).unwrap_or_default()
-        });
-    Record {
+/// A bulk request refused as a whole (a 4xx) is sent again in halves, down to single records,
+/// so that only the records Certyo refuses become dead letters, each with its own status and
+/// body (a batch of 1,000 with one bad record costs about 20 requests). A refusal of the
+/// configuration (401/403/404/405) is not split: it is no record's fault.
+fn send_isolating(
+    client: &Client,
+    tenant: &str,
+    part: &[Record],
+    pause: &mut dyn FnMut(Duration) -> bool,
+) -> Vec<Outcome> {
+    let outcomes = client.send_bulk(tenant, part, pause);
+    let refused_whole =
+        part.len() > 1 && outcomes.iter().all(|o| matches!(o, Outcome::Rejected { .. }));
+    if !refused_whole {
+        return outcomes;
+    }
+    let (first, second) = part.split_at(part.len() / 2);
+    let mut outcomes = send_isolating(client, tenant, first, pause);
+    outcomes.extend(send_isolating(client, tenant, second, pause));
+    outcomes
+}
+
+/// The Certyo record of an entry; Err (the reason) when its payload is not JSON.
+fn record(settings: &Settings, entry: &Entry) -> Result<Record, Outcome> {
+    let payload = serde_json::value::RawValue::from_string(entry.payload.clone()).map_err(|e| {
+        Outcome::Rejected {
+            status: 0,
+            body: format!("certyo_cdc: the queued payload is not valid JSON ({e}); it was not sent"),
+        }
+    })?;
+    Ok(Record {
         tenant_id: settings.tenant_id.clone(),
         database: settings.database_name.clone(),
         collection: entry.collection.clone(),
@@ -195,7 +233,7 @@ fn record(settings: &Settings, entry: &Entry) -> Record {
         operation_type: entry.operation.clone(),
         source_timestamp: entry.source_timestamp.clone(),
         idempotency_key: entry.idempotency_key.clone(),
-    }
+    })
 }
 
 /// Threads started inside `f` inherit a mask with every signal blocked, so Postgres' signals
