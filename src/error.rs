@@ -77,6 +77,32 @@ pub fn guarded<T>(
         .execute()
 }
 
+/// Run `f` in a transaction of its own (for the worker, which is outside one between steps):
+/// committed when `f` returns `Ok`, rolled back when it returns `Err`, so that a step that fails
+/// halfway leaves nothing behind. (pgrx's `BackgroundWorker::transaction` commits whatever `f`
+/// returns.) A Postgres error or panic inside unwinds to [`guarded`], which aborts.
+pub fn transaction<T, E>(
+    f: impl FnOnce() -> std::result::Result<T, E>,
+) -> std::result::Result<T, E> {
+    // SAFETY: the worker's main thread, between transactions; ended below on both paths (or
+    // by the abort in `guarded` when `f` raises an error).
+    unsafe {
+        pg_sys::SetCurrentStatementStartTimestamp();
+        pg_sys::StartTransactionCommand();
+        pg_sys::PushActiveSnapshot(pg_sys::GetTransactionSnapshot());
+    }
+    let result = f();
+    // SAFETY: ends the transaction started above.
+    unsafe {
+        pg_sys::PopActiveSnapshot();
+        match &result {
+            Ok(_) => pg_sys::CommitTransactionCommand(),
+            Err(_) => pg_sys::AbortCurrentTransaction(),
+        }
+    }
+    result
+}
+
 /// Run `f` in a subtransaction: an ERROR (or panic) inside rolls back only what `f` did and
 /// comes back as `Err` with its message, and the enclosing transaction goes on, as around a
 /// PL/pgSQL `EXCEPTION` block. The user, security context and settings that `f` changed are

@@ -12,6 +12,7 @@
 //! - [`certyo`]: the Certyo API client, which knows nothing of Postgres;
 //! - [`wake`]: the doorbell a committing writer rings for the worker;
 //! - [`error`]: the one error type, raised with an SQLSTATE, detail and hint;
+//! - [`relation`]: a `table_open`ed relation, closed on every path;
 //! - [`rights`]: whose rights run user code (the table owner's, restricted, never the worker's);
 //! - `sql/schema.sql`: the queue, the `tracked_tables` view and the DDL event trigger;
 //!   `sql/delivery.sql`: the worker's tables (delivery, receipt, backfills, worker state);
@@ -25,6 +26,7 @@ pub mod capture;
 pub mod certyo;
 mod delivery;
 pub mod error;
+mod relation;
 mod rights;
 mod track;
 mod wake;

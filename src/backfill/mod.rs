@@ -16,7 +16,6 @@ use crate::capture::queue;
 use crate::capture::record::{Operation, Row};
 use crate::error::{CertyoError, OrRaise, Result};
 use crate::track::key::RecordKey;
-use pgrx::bgworkers::BackgroundWorker;
 use pgrx::pg_sys::{self, Oid};
 use pgrx::prelude::*;
 use pgrx::{PgMemoryContexts, PgSqlErrorCode};
@@ -107,16 +106,16 @@ pub struct Job {
 
 /// Worker: queue the next chunk of the oldest open backfill. True when there is more to do.
 pub fn step(chunk_size: usize) -> std::result::Result<bool, pgrx::spi::Error> {
-    let Some(job) = BackgroundWorker::transaction(next_job)? else {
+    let Some(job) = crate::error::transaction(next_job)? else {
         return Ok(false);
     };
     let id = job.id;
     let outcome = crate::error::guarded(|| {
-        BackgroundWorker::transaction(|| queue_chunk(&job, chunk_size).map_err(|e| e.message))
+        crate::error::transaction(|| queue_chunk(&job, chunk_size).map_err(|e| e.message))
     });
     if let Err(error) = outcome {
         pgrx::warning!("certyo_cdc: backfill {id} failed: {error}");
-        BackgroundWorker::transaction(|| {
+        crate::error::transaction(|| {
             Spi::run_with_args(
                 "UPDATE certyo.backfills SET state = 'failed', error = $2, finished_at = now(), updated_at = now()
                   WHERE id = $1",
@@ -237,26 +236,21 @@ fn queue_rows(
     let mut rows = client.select(sql, None, &[last_key.into()])?;
     let mut queued = 0i64;
     let mut last = None;
+    // SAFETY: inside the chunk's transaction; the relation is closed by its guard on every
+    // path; each row image is a valid composite datum of this table, deformed under its own
+    // memory context, reset per row.
     unsafe {
-        let rel = pg_sys::table_open(relid, pg_sys::AccessShareLock as pg_sys::LOCKMODE);
-        let plan = TablePlan::build(rel, options);
+        let opened = crate::relation::OpenRelation::open(relid, pg_sys::AccessShareLock);
+        let rel = opened.get();
+        let plan = TablePlan::build(rel, options)?;
         let mut per_row = PgMemoryContexts::new("certyo_cdc backfill row");
-        let mut outcome: Result<()> = plan.as_ref().map(|_| ()).map_err(Clone::clone);
-        while outcome.is_ok() && rows.next().is_some() {
-            // No `?` between table_open and table_close: an error ends the loop instead.
-            let fetched = rows
-                .get_datum_by_ordinal(1)
-                .and_then(|image| Ok((image, rows.get::<Vec<String>>(2)?)));
-            let (image, key) = match fetched {
-                Ok((Some(image), Some(key))) => (image, key),
-                Ok(_) => continue,
-                Err(e) => {
-                    outcome = Err(e.into());
-                    break;
-                }
+        while rows.next().is_some() {
+            let (Some(image), Some(key)) =
+                (rows.get_datum_by_ordinal(1)?, rows.get::<Vec<String>>(2)?)
+            else {
+                continue;
             };
-            let Ok(plan) = plan.as_ref() else { break };
-            outcome = per_row.switch_to(|_| {
+            let outcome = per_row.switch_to(|_| {
                 let header =
                     pg_sys::pg_detoast_datum(image.cast_mut_ptr()) as pg_sys::HeapTupleHeader;
                 let mut tuple = pg_sys::HeapTupleData {
@@ -270,11 +264,10 @@ fn queue_rows(
                 queue::append(relid, &plan.collection, &change).map(|_| ())
             });
             per_row.reset();
+            outcome?;
             queued += 1;
             last = Some(key);
         }
-        pg_sys::table_close(rel, pg_sys::NoLock as pg_sys::LOCKMODE);
-        outcome?;
     }
     Ok((queued, last))
 }

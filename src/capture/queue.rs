@@ -32,10 +32,10 @@ pub unsafe fn append(relid: Oid, collection: &str, change: &Change) -> Result<i6
     let (queue, sequence) = target()?;
     let id = pg_sys::ffi::pg_guard_ffi_boundary(|| nextval_internal(sequence, false));
     let key = idempotency_key(queue, id);
-    let rel = pg_sys::table_open(queue, pg_sys::RowExclusiveLock as pg_sys::LOCKMODE);
+    let opened = crate::relation::OpenRelation::open(queue, pg_sys::RowExclusiveLock);
+    let rel = opened.get();
     let tupdesc = (*rel).rd_att;
     if (*tupdesc).natts as usize != QUEUE_COLUMNS {
-        pg_sys::table_close(rel, pg_sys::RowExclusiveLock as pg_sys::LOCKMODE);
         return Err(CertyoError::new(
             PgSqlErrorCode::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
             "certyo_cdc: certyo.queue does not have the layout this library writes",
@@ -60,8 +60,7 @@ pub unsafe fn append(relid: Oid, collection: &str, change: &Change) -> Result<i6
     let tuple = pg_sys::heap_form_tuple(tupdesc, values.as_mut_ptr(), nulls.as_mut_ptr());
     pg_sys::CatalogTupleInsert(rel, tuple);
     pg_sys::heap_freetuple(tuple);
-    // Keep the lock to the end of the transaction, as the executor would.
-    pg_sys::table_close(rel, pg_sys::NoLock as pg_sys::LOCKMODE);
+    drop(opened);
     crate::wake::ring_at_commit();
     Ok(id)
 }

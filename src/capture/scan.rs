@@ -26,15 +26,13 @@ pub fn each_row(
     snapshot: Snapshot,
     mut each: impl FnMut(&TablePlan, &Change) -> Result<()>,
 ) -> Result<i64> {
+    // SAFETY: inside a transaction; the relation is closed by its guard; the scan and the
+    // snapshot are ended below on every path once begun (an error from `each` ends the loop,
+    // not the function); each tuple is deformed in a per-row context reset after it.
     unsafe {
-        let rel = pg_sys::table_open(relid, pg_sys::AccessShareLock as pg_sys::LOCKMODE);
-        let plan = match TablePlan::build(rel, options) {
-            Ok(plan) => plan,
-            Err(e) => {
-                pg_sys::table_close(rel, pg_sys::AccessShareLock as pg_sys::LOCKMODE);
-                return Err(e);
-            }
-        };
+        let opened = crate::relation::OpenRelation::open(relid, pg_sys::AccessShareLock);
+        let rel = opened.get();
+        let plan = TablePlan::build(rel, options)?;
         let snapshot = pg_sys::RegisterSnapshot(match snapshot {
             Snapshot::Transaction => pg_sys::GetTransactionSnapshot(),
             Snapshot::Latest => pg_sys::GetLatestSnapshot(),
@@ -69,7 +67,6 @@ pub fn each_row(
         }
         pg_sys::heap_endscan(scan);
         pg_sys::UnregisterSnapshot(snapshot);
-        pg_sys::table_close(rel, pg_sys::NoLock as pg_sys::LOCKMODE);
         outcome.map(|_| rows)
     }
 }

@@ -9,7 +9,6 @@ use super::sending::OffThread;
 use super::store::Tally;
 use super::write_back::{self, Mark, Version};
 use crate::certyo::{Client, Outcome, Verification, VerifyRequest};
-use pgrx::bgworkers::BackgroundWorker;
 use pgrx::pg_sys::Oid;
 use pgrx::prelude::*;
 use std::time::Duration;
@@ -38,7 +37,7 @@ impl Due {
 
 /// The receipts whose verification is due, oldest schedule first.
 pub fn take_due(limit: usize) -> SpiResult<Vec<Due>> {
-    BackgroundWorker::transaction(move || {
+    crate::error::transaction(move || {
         Spi::connect(|client| {
             let rows = client.select(
                 "SELECT id, relid, collection, record_id, operation, record_hash
@@ -207,7 +206,7 @@ pub fn record(results: &[(Due, Verification)], schedule: Schedule) -> SpiResult<
         }
         tally.verified += 1;
     }
-    BackgroundWorker::transaction(move || {
+    crate::error::transaction(move || {
         Spi::connect_mut(|client| {
             // Settled: anchored (with its transaction) or mismatched (with Certyo's hash).
             client.update(

@@ -205,8 +205,10 @@ fn send_isolating(
     pause: &mut dyn FnMut(Duration) -> bool,
 ) -> Vec<Outcome> {
     let outcomes = client.send_bulk(tenant, part, pause);
-    let refused_whole =
-        part.len() > 1 && outcomes.iter().all(|o| matches!(o, Outcome::Rejected { .. }));
+    let refused_whole = part.len() > 1
+        && outcomes
+            .iter()
+            .all(|o| matches!(o, Outcome::Rejected { .. }));
     if !refused_whole {
         return outcomes;
     }
@@ -221,7 +223,9 @@ fn record(settings: &Settings, entry: &Entry) -> Result<Record, Outcome> {
     let payload = serde_json::value::RawValue::from_string(entry.payload.clone()).map_err(|e| {
         Outcome::Rejected {
             status: 0,
-            body: format!("certyo_cdc: the queued payload is not valid JSON ({e}); it was not sent"),
+            body: format!(
+                "certyo_cdc: the queued payload is not valid JSON ({e}); it was not sent"
+            ),
         }
     })?;
     Ok(Record {

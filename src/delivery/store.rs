@@ -3,7 +3,6 @@
 
 use super::write_back::{self, Mark, Version};
 use crate::certyo::{Outcome, Receipt};
-use pgrx::bgworkers::BackgroundWorker;
 use pgrx::pg_sys::Oid;
 use pgrx::prelude::*;
 use std::time::Duration;
@@ -25,10 +24,8 @@ pub struct Entry {
     pub attempts: i32,
 }
 
-fn in_transaction<T>(
-    f: impl FnOnce() -> SpiResult<T> + std::panic::UnwindSafe + std::panic::RefUnwindSafe,
-) -> SpiResult<T> {
-    BackgroundWorker::transaction(f)
+fn in_transaction<T>(f: impl FnOnce() -> SpiResult<T>) -> SpiResult<T> {
+    crate::error::transaction(f)
 }
 
 /// What the worker must know before a pass.
