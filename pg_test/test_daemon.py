@@ -228,3 +228,48 @@ def test_one_bad_record_never_poisons_its_batch(cluster, emulator):
         "SELECT attempts FROM certyo.delivery WHERE state = 'dead'") == "2", 30)
     assert cluster.sql("SELECT count(*) FROM certyo.delivery") == "1"
     cluster.sql("DELETE FROM certyo.delivery WHERE state = 'dead'; DROP TABLE mixed")
+
+
+def test_a_table_whose_write_back_fails_is_retried_and_reported_while_others_flow(cluster):
+    """An owner's ENABLE ALWAYS trigger refuses every update of one table while a gate is
+    closed: that table's changes are still delivered (receipts recorded), its rows wait, the
+    status names the table and the error, another table is written back meanwhile, and once
+    the gate opens the waiting rows are marked (with their anchor status too)."""
+    cluster.sql("""
+        CREATE TABLE gate (open boolean NOT NULL);
+        INSERT INTO gate VALUES (false);
+        CREATE TABLE stuck (id int PRIMARY KEY, v text);
+        CREATE TABLE flowing (id int PRIMARY KEY, v text);
+        CREATE FUNCTION refuse_unless_open() RETURNS trigger LANGUAGE plpgsql AS $$
+            BEGIN
+                IF NOT (SELECT open FROM public.gate) THEN RAISE EXCEPTION 'the gate is closed'; END IF;
+                RETURN NEW;
+            END $$;
+        CREATE TRIGGER refuse BEFORE UPDATE ON stuck FOR EACH ROW EXECUTE FUNCTION refuse_unless_open();
+        ALTER TABLE stuck ENABLE ALWAYS TRIGGER refuse;
+        SELECT certyo.track('stuck'); SELECT certyo.track('flowing');
+        INSERT INTO stuck SELECT g, 'v' FROM generate_series(1, 20) g;
+        INSERT INTO flowing SELECT g, 'v' FROM generate_series(1, 20) g;
+    """)
+    try:
+        assert wait_for(lambda: cluster.sql("SELECT state FROM certyo.worker_status()") == "write-back failing", 20)
+        detail = cluster.sql("SELECT detail FROM certyo.worker_status()")
+        assert "stuck" in detail and "the gate is closed" in detail, detail
+        assert "the gate is closed" in cluster.sql(
+            "SELECT write_back_error FROM certyo.status WHERE \"table\" = 'stuck'::regclass")
+        assert wait_for(lambda: cluster.sql(
+            "SELECT count(*) FROM flowing WHERE certyo_anchor_status = 'anchored'") == "20", 30)
+        assert cluster.sql("SELECT count(*) FROM certyo.receipt WHERE relid = 'stuck'::regclass") == "20"
+        assert cluster.sql("SELECT count(*) FROM stuck WHERE certyo_record_hash IS NOT NULL") == "0"
+        # Waiting receipts are verified meanwhile; their status is written back with them.
+        assert wait_for(lambda: cluster.sql(
+            "SELECT count(*) FROM certyo.receipt WHERE relid = 'stuck'::regclass AND anchor_status = 'anchored'") == "20", 30)
+    finally:
+        cluster.sql("UPDATE gate SET open = true")
+    # Retried with back-off: within a few seconds of the gate opening.
+    assert wait_for(lambda: cluster.sql(
+        "SELECT count(*) FROM stuck WHERE certyo_anchor_status = 'anchored' AND certyo_record_hash IS NOT NULL") == "20", 60)
+    assert wait_for(lambda: cluster.sql("SELECT state FROM certyo.worker_status()") == "idle", 20)
+    assert cluster.sql("SELECT count(*) FROM certyo.write_back_failure") == "0"
+    assert cluster.sql("SELECT count(*) FROM certyo.audit('stuck')") == "0"
+    cluster.sql("DROP TABLE stuck, flowing, gate; DROP FUNCTION refuse_unless_open()")

@@ -57,10 +57,25 @@ CREATE TABLE certyo.receipt (
     verify_error     text,                              -- why the last verification failed
     polygon_tx_hash  text,                              -- the anchoring transaction
     anchored_at      timestamptz,                       -- when verification found it on chain
-    reported_hash    text                               -- mismatch: the hash Certyo reported
+    reported_hash    text,                              -- mismatch: the hash Certyo reported
+    -- false while the source row could not be marked (its table's write-back failed: an
+    -- owner's trigger that raised, a lock held too long); the worker retries with back-off
+    written_back     boolean     NOT NULL DEFAULT true
 );
 CREATE INDEX receipt_record ON certyo.receipt (relid, record_id, id);
 CREATE INDEX receipt_verify ON certyo.receipt (next_verify_at) WHERE anchor_status IN ('pending', 'overdue');
+CREATE INDEX receipt_not_written_back ON certyo.receipt (relid, id) WHERE NOT written_back;
+
+-- Tables whose write-back fails: what the last attempt said, for certyo.status and
+-- certyo.worker_status(). The worker retries them with a growing back-off (at most 5 min) and
+-- removes the row once every waiting receipt is written back.
+CREATE TABLE certyo.write_back_failure (
+    relid           oid         PRIMARY KEY,
+    error           text        NOT NULL,
+    since           timestamptz NOT NULL,
+    attempts        integer     NOT NULL,
+    last_attempt_at timestamptz NOT NULL
+);
 SELECT pg_catalog.pg_extension_config_dump('certyo.receipt', '');
 
 -- Backfills (certyo.backfill): queued by a user, performed by the worker one chunk per

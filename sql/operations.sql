@@ -33,6 +33,7 @@ WITH queued AS (
 ), tables AS (
     SELECT "table"::oid AS relid FROM certyo.tracked_tables
     UNION SELECT relid FROM queued UNION SELECT relid FROM delivering UNION SELECT relid FROM receipts
+    UNION SELECT relid FROM certyo.write_back_failure
 )
 SELECT t.relid::regclass                           AS "table",
        coalesce(tt.capturing, false)               AS capturing,
@@ -50,13 +51,16 @@ SELECT t.relid::regclass                           AS "table",
        r.last_delivery_at,
        r.last_verified_at,
        b.state                                     AS backfill_state,
-       b.rows_queued                               AS backfill_rows_queued
+       b.rows_queued                               AS backfill_rows_queued,
+       wf.error                                    AS write_back_error,
+       wf.since                                    AS write_back_failing_since
   FROM tables t
   LEFT JOIN certyo.tracked_tables tt ON tt."table"::oid = t.relid
   LEFT JOIN queued q ON q.relid = t.relid
   LEFT JOIN delivering d ON d.relid = t.relid
   LEFT JOIN receipts r ON r.relid = t.relid
-  LEFT JOIN backfill b ON b.relid = t.relid;
+  LEFT JOIN backfill b ON b.relid = t.relid
+  LEFT JOIN certyo.write_back_failure wf ON wf.relid = t.relid;
 COMMENT ON VIEW certyo.status IS 'certyo_cdc: per tracked table, where its changes are';
 REVOKE ALL ON certyo.status FROM PUBLIC;
 

@@ -7,6 +7,7 @@ use super::anchor;
 use super::sending::{with_signals_blocked, Sending};
 use super::settings::{self, Settings};
 use super::store::{self, Entry, Tally};
+use super::write_back;
 use crate::certyo::retry::next_attempt_delay;
 use crate::certyo::{Client, ClientConfig, Outcome, Verification};
 use pgrx::bgworkers::{BackgroundWorker, SignalWakeFlags};
@@ -187,8 +188,12 @@ impl Worker {
         }
         let (verified, verify_again) = self.verify(&client, &settings)?;
         self.expire(&settings)?;
+        write_back::failing::retry_due()?;
         let tally = delivered + verified;
-        if tally.sent + tally.verified == 0 && error.is_none() {
+        if let Some(failing) = write_back::failing::summary()? {
+            // Never "idle" while something fails: name the table and the error.
+            self.announce("write-back failing", &failing, error.as_deref(), tally)?;
+        } else if tally.sent + tally.verified == 0 && error.is_none() {
             self.announce("idle", "waiting for changes", None, tally)?;
         } else {
             let detail = format!(
@@ -203,6 +208,9 @@ impl Worker {
         let mut due = store::next_due(self.verifying.is_some())?.unwrap_or(settings.poll_interval);
         if let Some(again) = verify_again {
             due = due.min(again);
+        }
+        if let Some(retry) = write_back::failing::next_retry_in() {
+            due = due.min(retry);
         }
         Ok(Next::Wait(due.min(settings.poll_interval)))
     }

@@ -90,52 +90,280 @@ pub fn mark(
             .filter(|v| v.relid == relid)
             .cloned()
             .collect();
-        // One table's failure (an owner's trigger that raises, a row lock held too long, a key
-        // that no longer casts) must not stop the others, nor the receipts of this batch.
-        let outcome = crate::error::in_subtransaction(std::panic::AssertUnwindSafe(|| {
-            mark_table(client, relid, &rows, mark)
-        }));
-        match outcome {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => report_failure(relid, &e.to_string()),
-            Err(e) => report_failure(relid, &e),
+        if let Err(error) = mark_isolated(client, relid, &rows, mark) {
+            let ids: Vec<i64> = rows.iter().map(|v| v.id).collect();
+            failing::record(client, relid, &ids, &error)?;
         }
     }
     Ok(())
 }
 
-thread_local! {
-    /// When each table's last write-back failure was logged.
-    static REPORTED: std::cell::RefCell<std::collections::HashMap<u32, std::time::Instant>> =
-        std::cell::RefCell::new(std::collections::HashMap::new());
+/// `mark` on one table's rows in a subtransaction: one table's failure (an owner's trigger
+/// that raises, a row lock held too long, a key that no longer casts) must not stop the
+/// others, nor the receipts of the batch. Err: what went wrong.
+fn mark_isolated(
+    client: &mut pgrx::spi::SpiClient<'_>,
+    relid: Oid,
+    rows: &[Version],
+    mark: Mark,
+) -> Result<(), String> {
+    if rows.is_empty() {
+        return Ok(());
+    }
+    let outcome = crate::error::in_subtransaction(std::panic::AssertUnwindSafe(|| {
+        mark_table(client, relid, rows, mark)
+    }));
+    match outcome {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(e)) => Err(e.to_string()),
+        Err(e) => Err(e),
+    }
 }
 
-/// A WARNING per failing table at most once a minute: no storm while it keeps failing.
-fn report_failure(relid: Oid, error: &str) {
-    let now = std::time::Instant::now();
-    let due = REPORTED.with(|reported| {
-        let mut reported = reported.borrow_mut();
-        let due = reported
-            .get(&relid.to_u32())
-            .is_none_or(|at| now.duration_since(*at) >= std::time::Duration::from_secs(60));
-        if due {
-            reported.insert(relid.to_u32(), now);
+/// Tables whose write-back failed: their receipts wait (`written_back = false`) and are
+/// written back again with a growing back-off; `certyo.write_back_failure` says why, for
+/// `certyo.status` and `certyo.worker_status()`.
+pub mod failing {
+    use super::{mark_isolated, Mark, Version};
+    use crate::certyo::retry::next_attempt_delay;
+    use pgrx::pg_sys::Oid;
+    use pgrx::prelude::*;
+    use std::cell::RefCell;
+    use std::collections::HashMap;
+    use std::time::{Duration, Instant};
+
+    type SpiResult<T> = Result<T, pgrx::spi::Error>;
+
+    /// Receipts written back again per table per attempt.
+    const RETRY_BATCH: i64 = 5_000;
+
+    thread_local! {
+        /// The worker's schedule: per failing table, when to try again. None until loaded
+        /// from `certyo.write_back_failure` (which survives restarts).
+        static SCHEDULE: RefCell<Option<HashMap<u32, Instant>>> = const { RefCell::new(None) };
+        /// When each table's failure was last logged: a WARNING at most once a minute.
+        static REPORTED: RefCell<HashMap<u32, Instant>> = RefCell::new(HashMap::new());
+    }
+
+    /// After a failed write-back, in the same transaction: the receipts wait, the failure is
+    /// recorded, the next attempt scheduled.
+    pub(super) fn record(
+        client: &mut pgrx::spi::SpiClient<'_>,
+        relid: Oid,
+        ids: &[i64],
+        error: &str,
+    ) -> SpiResult<()> {
+        client.update(
+            "UPDATE certyo.receipt SET written_back = false WHERE id = ANY ($1) AND written_back",
+            None,
+            &[ids.to_vec().into()],
+        )?;
+        let attempts = client
+            .update(
+                "INSERT INTO certyo.write_back_failure AS f (relid, error, since, attempts, last_attempt_at)
+                 VALUES ($1, $2, now(), 1, now())
+                 ON CONFLICT (relid) DO UPDATE SET error = $2, attempts = f.attempts + 1, last_attempt_at = now()
+                 RETURNING attempts",
+                None,
+                &[relid.into(), error.into()],
+            )?
+            .first()
+            .get_one::<i32>()?
+            .unwrap_or(1);
+        schedule(relid, Some(attempts.max(1) as u32));
+        warn(relid, error);
+        Ok(())
+    }
+
+    /// Schedule the next attempt after `attempts` failures, or forget the table (None).
+    fn schedule(relid: Oid, attempts: Option<u32>) {
+        let now = Instant::now();
+        let jitter = f64::from(
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.subsec_nanos() % 1000)
+                .unwrap_or(0),
+        ) / 1000.0;
+        // Before the schedule is loaded, the table's row in certyo.write_back_failure is
+        // enough: loading picks it up.
+        SCHEDULE.with(|s| {
+            let mut s = s.borrow_mut();
+            let Some(schedule) = s.as_mut() else { return };
+            match attempts {
+                Some(n) => {
+                    schedule.insert(relid.to_u32(), now + next_attempt_delay(n, jitter));
+                }
+                None => {
+                    schedule.remove(&relid.to_u32());
+                }
+            }
+        });
+    }
+
+    /// How long until the next retry is due (None: no table is failing).
+    pub fn next_retry_in() -> Option<Duration> {
+        let now = Instant::now();
+        SCHEDULE.with(|s| {
+            s.borrow().as_ref().and_then(|schedule| {
+                schedule
+                    .values()
+                    .min()
+                    .map(|at| at.saturating_duration_since(now))
+            })
+        })
+    }
+
+    /// Try again the tables whose retry is due, each in its own transaction. Cheap when
+    /// nothing fails: no statement at all once the schedule is loaded.
+    pub fn retry_due() -> SpiResult<()> {
+        if SCHEDULE.with(|s| s.borrow().is_none()) {
+            let failing = crate::error::transaction(|| {
+                Spi::connect(|client| {
+                    client
+                        .select("SELECT relid FROM certyo.write_back_failure", None, &[])?
+                        .map(|row| row.get::<Oid>(1).map(Option::unwrap_or_default))
+                        .collect::<SpiResult<Vec<Oid>>>()
+                })
+            })?;
+            let now = Instant::now();
+            let loaded = failing
+                .into_iter()
+                .map(|relid| (relid.to_u32(), now))
+                .collect();
+            SCHEDULE.with(|s| *s.borrow_mut() = Some(loaded));
         }
-        due
-    });
-    if due {
+        let now = Instant::now();
+        let due: Vec<Oid> = SCHEDULE.with(|s| {
+            s.borrow()
+                .as_ref()
+                .map(|schedule| {
+                    schedule
+                        .iter()
+                        .filter(|(_, at)| **at <= now)
+                        .map(|(relid, _)| Oid::from(*relid))
+                        .collect()
+                })
+                .unwrap_or_default()
+        });
+        for relid in due {
+            crate::error::transaction(|| Spi::connect_mut(|client| retry_table(client, relid)))?;
+        }
+        Ok(())
+    }
+
+    /// Write back the waiting receipts of one table: the hash, then the anchor status they
+    /// reached meanwhile. Done when none wait any more.
+    fn retry_table(client: &mut pgrx::spi::SpiClient<'_>, relid: Oid) -> SpiResult<()> {
+        let rows = client.select(
+            "SELECT id, record_id, record_hash, anchor_status FROM certyo.receipt
+              WHERE relid = $1 AND NOT written_back ORDER BY id LIMIT $2",
+            None,
+            &[relid.into(), RETRY_BATCH.into()],
+        )?;
+        let mut waiting: Vec<(Version, String)> = Vec::new();
+        for row in rows {
+            let version = Version {
+                relid,
+                id: row.get::<i64>(1)?.unwrap_or_default(),
+                record_id: row.get::<String>(2)?.unwrap_or_default(),
+                record_hash: row.get::<String>(3)?.unwrap_or_default(),
+            };
+            waiting.push((version, row.get::<String>(4)?.unwrap_or_default()));
+        }
+        let with_status = |status: Option<&str>| -> Vec<Version> {
+            waiting
+                .iter()
+                .filter(|(_, s)| status.is_none_or(|wanted| s == wanted))
+                .map(|(v, _)| v.clone())
+                .collect()
+        };
+        let outcome = mark_isolated(client, relid, &with_status(None), Mark::Accepted)
+            .and_then(|()| {
+                mark_isolated(
+                    client,
+                    relid,
+                    &with_status(Some("anchored")),
+                    Mark::Anchored,
+                )
+            })
+            .and_then(|()| {
+                mark_isolated(
+                    client,
+                    relid,
+                    &with_status(Some("mismatch")),
+                    Mark::Mismatch,
+                )
+            });
+        if let Err(error) = outcome {
+            return record(client, relid, &[], &error);
+        }
+        let ids: Vec<i64> = waiting.iter().map(|(v, _)| v.id).collect();
+        client.update(
+            "UPDATE certyo.receipt SET written_back = true WHERE id = ANY ($1)",
+            None,
+            &[ids.into()],
+        )?;
+        if (waiting.len() as i64) < RETRY_BATCH {
+            client.update(
+                "DELETE FROM certyo.write_back_failure WHERE relid = $1",
+                None,
+                &[relid.into()],
+            )?;
+            schedule(relid, None);
+            pgrx::log!(
+                "certyo_cdc: write-back to table {} works again",
+                name_of(relid)
+            );
+        }
+        Ok(())
+    }
+
+    /// What fails, for the worker's status (None: nothing).
+    pub fn summary() -> SpiResult<Option<String>> {
+        if next_retry_in().is_none() {
+            return Ok(None);
+        }
+        crate::error::transaction(|| {
+            Spi::get_one::<String>(
+                "SELECT string_agg(format('write-back to %s fails: %s (%s attempts since %s; retried with back-off, its changes are delivered)',
+                                          relid::regclass, error, attempts, to_char(since, 'YYYY-MM-DD HH24:MI:SS')),
+                                   '; ' ORDER BY relid)
+                   FROM certyo.write_back_failure",
+            )
+        })
+    }
+
+    fn warn(relid: Oid, error: &str) {
+        let now = Instant::now();
+        let due = REPORTED.with(|reported| {
+            let mut reported = reported.borrow_mut();
+            let due = reported
+                .get(&relid.to_u32())
+                .is_none_or(|at| now.duration_since(*at) >= Duration::from_secs(60));
+            if due {
+                reported.insert(relid.to_u32(), now);
+            }
+            due
+        });
+        if due {
+            pgrx::warning!(
+                "certyo_cdc: could not write back to table {}: {error}; its changes were delivered and their receipts recorded; the rows are marked when it works again (retried with back-off)",
+                name_of(relid)
+            );
+        }
+    }
+
+    fn name_of(relid: Oid) -> String {
         // SAFETY: a syscache lookup that returns NULL for a table that is gone.
         let name = unsafe { pgrx::pg_sys::get_rel_name(relid) };
-        let name = if name.is_null() {
+        if name.is_null() {
             relid.to_u32().to_string()
         } else {
+            // SAFETY: a palloc'd NUL-terminated string from get_rel_name.
             unsafe { std::ffi::CStr::from_ptr(name) }
                 .to_string_lossy()
                 .into_owned()
-        };
-        pgrx::warning!(
-            "certyo_cdc: could not write back to table {name}: {error}; its changes were delivered and their receipts recorded, but its rows keep their previous certyo_* values"
-        );
+        }
     }
 }
 
