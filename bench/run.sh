@@ -30,3 +30,7 @@ cluster_start /tmp/certyo-bench 54332 "shared_preload_libraries = 'certyo_cdc'" 
 trap 'cluster_stop "$CLUSTER_DIR"; kill $EMULATOR_PID 2>/dev/null' EXIT
 cluster_psql -c "CREATE EXTENSION certyo_cdc"
 python3 bench/delivery.py "$CLUSTER_DIR" "$CLUSTER_PORT"
+
+# The soak of make test, longer: memory, log and exactly-once over five minutes of faults.
+CERTYO_SOAK_SECONDS=${CERTYO_SOAK_SECONDS:-300} CERTYO_EMULATOR=target/release/certyo-emulator \
+    python3 -m pytest -q -s -p no:cacheprovider pg_test/test_daemon.py -k soak
