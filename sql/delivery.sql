@@ -108,7 +108,9 @@ CREATE TABLE certyo.worker_state (
     paused            boolean NOT NULL DEFAULT false,
     pid               integer,
     started_at        timestamptz,
-    state             text,
+    -- src/delivery/worker.rs State; certyo.worker_status() adds 'not running' and 'not delivering'
+    state             text CHECK (state IN ('idle', 'delivering', 'paused', 'not configured', 'unauthorized',
+                                            'misconfigured', 'unreachable', 'write-back failing')),
     detail            text,
     last_error        text,
     last_error_at     timestamptz,

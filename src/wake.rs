@@ -8,9 +8,11 @@ use pgrx::prelude::*;
 use std::cell::Cell;
 use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU64, Ordering};
 
+// SAFETY: a named shared-memory slot, initialized by pg_shmem_init! in _PG_init before any use.
 static WORKER_PROCNO: PgAtomic<AtomicI32> = unsafe { PgAtomic::new(c"certyo_cdc_worker_procno") };
 /// Passes the worker has run since the server started: `certyo.worker_status().passes`, so
 /// that anyone can see whether an idle worker sleeps.
+// SAFETY: as above.
 static PASSES: PgAtomic<AtomicU64> = unsafe { PgAtomic::new(c"certyo_cdc_worker_passes") };
 static PRELOADED: AtomicBool = AtomicBool::new(false);
 
@@ -56,6 +58,7 @@ pub fn ring_at_commit() {
         return;
     }
     if !CALLBACK_REGISTERED.replace(true) {
+        // SAFETY: registers a callback once per backend, in its main thread.
         unsafe { pg_sys::RegisterXactCallback(Some(on_transaction_end), std::ptr::null_mut()) };
     }
 }
@@ -65,6 +68,7 @@ pub fn ring_at_commit() {
 #[pg_extern(sql = false)]
 fn wake() -> bool {
     ring_at_commit();
+    // SAFETY: reads the worker's process number from shared memory and sets that latch; SetLatch is safe on any live PGPROC latch.
     PRELOADED.load(Ordering::Relaxed) && unsafe { ring() }
 }
 

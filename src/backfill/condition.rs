@@ -74,6 +74,7 @@ unsafe fn analyzed_where_clause(probe: &CStr) -> Option<*mut pg_sys::Node> {
 
 /// One table, one WHERE clause, and nothing else a condition could have smuggled in.
 fn only_where(select: &pg_sys::SelectStmt) -> bool {
+    // SAFETY: a non-null List pointer from the parser, read only.
     let one_table = !select.fromClause.is_null() && unsafe { (*select.fromClause).length } == 1;
     one_table
         && !select.whereClause.is_null()

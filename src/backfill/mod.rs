@@ -70,6 +70,7 @@ fn request(rel: Option<Oid>, where_clause: Option<String>) -> Result<i64> {
     };
     // Who asked, read before the switch below: chunks run only while this role still has the
     // table owner's privileges.
+    // SAFETY: GetUserId only reads the backend's current user.
     let requested_by = unsafe { pg_sys::GetUserId() };
     let id = crate::rights::as_superuser(|| {
         Spi::get_one_with_args::<i64>(

@@ -114,6 +114,7 @@ thread_local! {
 /// (table plans, the queue's location) when a relation they describe changes.
 fn watch_invalidations() {
     if !WATCHING.replace(true) {
+        // SAFETY: registers a callback once per backend, in its main thread.
         unsafe {
             pg_sys::CacheRegisterRelcacheCallback(
                 Some(on_relcache_invalidation),

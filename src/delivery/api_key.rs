@@ -91,6 +91,7 @@ unsafe extern "C-unwind" fn on_log(edata: *mut pg_sys::ErrorData) {
     if !edata.is_null() {
         // A panic here must not unwind into error reporting: a failed redaction hides the
         // whole message instead.
+        // SAFETY: `edata` is the non-null ErrorData Postgres passes the hook, alive for the call.
         let redacted = std::panic::catch_unwind(|| unsafe {
             redact(&mut *edata, super::settings::api_key_setting())
         });
@@ -196,6 +197,7 @@ mod tests {
     fn redacted(message: &str, key: &str) -> String {
         let mut bytes = message.as_bytes().to_vec();
         bytes.push(0);
+        // SAFETY: `bytes` is a live NUL-terminated buffer.
         unsafe { super::redact_in_place(bytes.as_mut_ptr().cast(), Some(key)) };
         let end = bytes.iter().position(|b| *b == 0).unwrap_or(bytes.len());
         String::from_utf8_lossy(&bytes[..end]).into_owned()

@@ -33,6 +33,7 @@ pub extern "C-unwind" fn certyo_delivery_main(_arg: pg_sys::Datum) {
     // Its tables and the rows it writes back to are hot in shared buffers: an index probe costs
     // about what a sequential page read does.
     set_for_session(c"random_page_cost", c"1.1");
+    // SAFETY: MyProc is this process's PGPROC, set once the worker is connected.
     crate::wake::set_worker(Some(unsafe { (*pg_sys::MyProc).pgprocno }));
     Worker::default().run();
     crate::wake::set_worker(None);
@@ -59,13 +60,67 @@ struct Worker {
     refused: Option<Refusal>,
     /// Certyo seems down: one probe at a time until it answers.
     outage: Option<Outage>,
-    last_state: Option<(String, String)>,
+    last_state: Option<(State, String)>,
+    /// The last failed pass's warning and when it was logged.
+    last_warning: Option<(String, Instant)>,
     expired_at: Option<Instant>,
     planner: store::Planner,
     /// The batch whose HTTP requests are in flight, if any.
     sending: Option<Sending>,
     /// The receipts being verified, if any.
     verifying: Option<anchor::Verifying>,
+}
+
+/// What the worker is doing, as `certyo.worker_status().state` shows it (the column's CHECK
+/// in `sql/delivery.sql` lists the same names).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum State {
+    Idle,
+    Delivering,
+    Paused,
+    NotConfigured,
+    Unauthorized,
+    Misconfigured,
+    Unreachable,
+    WriteBackFailing,
+}
+
+impl State {
+    fn as_str(self) -> &'static str {
+        match self {
+            State::Idle => "idle",
+            State::Delivering => "delivering",
+            State::Paused => "paused",
+            State::NotConfigured => "not configured",
+            State::Unauthorized => "unauthorized",
+            State::Misconfigured => "misconfigured",
+            State::Unreachable => "unreachable",
+            State::WriteBackFailing => "write-back failing",
+        }
+    }
+}
+
+/// Why a pass failed: a statement (its Postgres error is caught by `guarded_pass` as text), or
+/// no HTTP client could be built from the settings.
+#[derive(Debug)]
+enum PassError {
+    Database(pgrx::spi::Error),
+    Client(String),
+}
+
+impl From<pgrx::spi::Error> for PassError {
+    fn from(e: pgrx::spi::Error) -> Self {
+        PassError::Database(e)
+    }
+}
+
+impl std::fmt::Display for PassError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            PassError::Database(e) => write!(f, "{e}"),
+            PassError::Client(e) => write!(f, "cannot build the HTTP client: {e}"),
+        }
+    }
 }
 
 /// Certyo refused the configuration, not a record.
@@ -76,11 +131,11 @@ struct Refusal {
 
 impl Refusal {
     /// (state, detail) for `certyo.worker_status()`.
-    fn describe(&self) -> (&'static str, String) {
+    fn describe(&self) -> (State, String) {
         let answer = format!("HTTP {}: {}", self.status, self.body);
         match self.status {
-            401 | 403 => ("unauthorized", format!("Certyo refused the API key ({answer}): nothing is sent until the API key (certyo.api_key_file or certyo.api_key) is fixed and reloaded")),
-            _ => ("misconfigured", format!("Certyo has no such endpoint ({answer}): nothing is sent until certyo.base_url is fixed and reloaded")),
+            401 | 403 => (State::Unauthorized, format!("Certyo refused the API key ({answer}): nothing is sent until the API key (certyo.api_key_file or certyo.api_key) is fixed and reloaded")),
+            _ => (State::Misconfigured, format!("Certyo has no such endpoint ({answer}): nothing is sent until certyo.base_url is fixed and reloaded")),
         }
     }
 }
@@ -118,7 +173,9 @@ impl Worker {
             let next = match self.guarded_pass() {
                 Ok(next) => next,
                 Err(e) => {
-                    pgrx::warning!("certyo_cdc: delivery pass failed, retrying: {e}");
+                    self.warn_once_a_minute(format!(
+                        "certyo_cdc: delivery pass failed, retrying: {e}"
+                    ));
                     Next::Wait(settings::current().poll_interval)
                 }
             };
@@ -129,6 +186,18 @@ impl Worker {
             if !keep_going {
                 break;
             }
+        }
+    }
+
+    /// A failure that repeats every pass is logged once a minute, not every second.
+    fn warn_once_a_minute(&mut self, message: String) {
+        let repeated = self
+            .last_warning
+            .as_ref()
+            .is_some_and(|(m, at)| *m == message && at.elapsed() < Duration::from_secs(60));
+        if !repeated {
+            pgrx::warning!("{message}");
+            self.last_warning = Some((message, Instant::now()));
         }
     }
 
@@ -144,7 +213,7 @@ impl Worker {
         })
     }
 
-    fn pass(&mut self) -> Result<Next, pgrx::spi::Error> {
+    fn pass(&mut self) -> Result<Next, PassError> {
         crate::wake::count_pass();
         let settings = settings::current();
         let Some(control) = store::control()? else {
@@ -192,15 +261,15 @@ impl Worker {
         let tally = delivered + verified;
         if let Some(failing) = write_back::failing::summary()? {
             // Never "idle" while something fails: name the table and the error.
-            self.announce("write-back failing", &failing, error.as_deref(), tally)?;
+            self.announce(State::WriteBackFailing, &failing, error.as_deref(), tally)?;
         } else if tally.sent + tally.verified == 0 && error.is_none() {
-            self.announce("idle", "waiting for changes", None, tally)?;
+            self.announce(State::Idle, "waiting for changes", None, tally)?;
         } else {
             let detail = format!(
                 "delivered {} of {}, verified {} ({} anchored) in the last pass",
                 tally.accepted, tally.sent, tally.verified, tally.anchored
             );
-            self.announce("delivering", &detail, error.as_deref(), tally)?;
+            self.announce(State::Delivering, &detail, error.as_deref(), tally)?;
         }
         if more_to_send || backfilling || verify_again == Some(Duration::ZERO) {
             return Ok(Next::Now);
@@ -216,22 +285,18 @@ impl Worker {
     }
 
     /// Why nothing may be sent now, if anything stops it: (state, detail).
-    fn blocked(
-        &self,
-        settings: &Settings,
-        control: store::Control,
-    ) -> Option<(&'static str, String)> {
+    fn blocked(&self, settings: &Settings, control: store::Control) -> Option<(State, String)> {
         if control.paused {
-            return Some(("paused", "paused by certyo.pause(): changes are captured but not sent; certyo.resume() resumes".into()));
+            return Some((State::Paused, "paused by certyo.pause(): changes are captured but not sent; certyo.resume() resumes".into()));
         }
         if !settings.enabled {
             return Some((
-                "paused",
+                State::Paused,
                 "certyo.enabled is off: changes are captured but not sent".into(),
             ));
         }
         if let Some(missing) = settings.missing() {
-            return Some(("not configured", missing));
+            return Some((State::NotConfigured, missing));
         }
         self.refused.as_ref().map(Refusal::describe)
     }
@@ -243,10 +308,10 @@ impl Worker {
         (outage.next_probe > now).then(|| outage.next_probe - now)
     }
 
-    fn outage_state(&self) -> Option<(&'static str, String)> {
+    fn outage_state(&self) -> Option<(State, String)> {
         let outage = self.outage.as_ref()?;
         let wait = outage.next_probe.saturating_duration_since(Instant::now());
-        Some(("unreachable", format!(
+        Some((State::Unreachable, format!(
             "Certyo does not answer ({}): {} probe(s) failed, next in {} s; changes wait, nothing is lost",
             outage.error, outage.failed_probes, wait.as_secs()
         )))
@@ -254,7 +319,7 @@ impl Worker {
 
     /// After a batch's answers: a batch that failed transiently as a whole starts (or prolongs)
     /// an outage; any real answer ends it and releases the backlog.
-    fn note_service(&mut self, outcomes: &[Outcome]) -> Result<(), pgrx::spi::Error> {
+    fn note_service(&mut self, outcomes: &[Outcome]) -> Result<(), PassError> {
         let failed = outcomes.iter().find_map(|o| match o {
             Outcome::Transient(e) => Some(e.clone()),
             _ => None,
@@ -296,7 +361,7 @@ impl Worker {
         client: &Client,
         settings: &Settings,
         take_more: bool,
-    ) -> Result<(Tally, Option<String>, bool), pgrx::spi::Error> {
+    ) -> Result<(Tally, Option<String>, bool), PassError> {
         let started = Instant::now();
         let in_flight = self.sending.as_ref().map(Sending::ids).unwrap_or_default();
         let batch = if take_more {
@@ -352,7 +417,7 @@ impl Worker {
         &mut self,
         client: &Client,
         settings: &Settings,
-    ) -> Result<(Tally, Option<Duration>), pgrx::spi::Error> {
+    ) -> Result<(Tally, Option<Duration>), PassError> {
         if let Some(verifying) = self.verifying.as_mut() {
             // Still running: its thread wakes the worker when it is done (see `sleep`).
             let Some(results) = verifying.try_finish() else {
@@ -399,7 +464,7 @@ impl Worker {
     }
 
     /// Receipts that are no longer needed go, at most once a minute (the scan is not free).
-    fn expire(&mut self, settings: &Settings) -> Result<(), pgrx::spi::Error> {
+    fn expire(&mut self, settings: &Settings) -> Result<(), PassError> {
         if self
             .expired_at
             .is_some_and(|at| at.elapsed() < EXPIRE_EVERY)
@@ -407,11 +472,11 @@ impl Worker {
             return Ok(());
         }
         self.expired_at = Some(Instant::now());
-        store::expire(settings.retention)
+        Ok(store::expire(settings.retention)?)
     }
 
     /// The HTTP client, built on first use and again when its settings change.
-    fn client(&mut self, settings: &Settings) -> Result<&Client, pgrx::spi::Error> {
+    fn client(&mut self, settings: &Settings) -> Result<&Client, PassError> {
         let wanted = ClientConfig {
             base_url: settings.base_url.clone(),
             api_key: settings.api_key.clone(),
@@ -419,37 +484,36 @@ impl Worker {
             max_rate_limit_retries: settings.max_rate_limit_retries,
         };
         if self.client.as_ref().map(Client::config) != Some(&wanted) {
-            match with_signals_blocked(|| Client::new(wanted)) {
-                Ok(client) => self.client = Some(client),
-                Err(e) => pgrx::warning!("certyo_cdc: {e}"),
-            }
+            self.client = None;
+            let client = with_signals_blocked(|| Client::new(wanted));
+            self.client = Some(client.map_err(|e| PassError::Client(e.to_string()))?);
         }
-        self.client.as_ref().ok_or(pgrx::spi::Error::NoTupleTable)
+        self.client
+            .as_ref()
+            .ok_or_else(|| PassError::Client("no HTTP client".into()))
     }
 
     /// Publish the state when it changes, or when there are results to count.
     fn announce(
         &mut self,
-        state: &str,
+        state: State,
         detail: &str,
         error: Option<&str>,
         tally: Tally,
-    ) -> Result<(), pgrx::spi::Error> {
-        let key = (state.to_string(), detail.to_string());
+    ) -> Result<(), PassError> {
+        let key = (state, detail.to_string());
         if self.last_state.as_ref() == Some(&key)
             && tally.sent + tally.verified == 0
             && error.is_none()
         {
             return Ok(());
         }
-        if self.last_state.as_ref().map(|s| &s.0) != Some(&key.0)
-            && state != "delivering"
-            && state != "idle"
-        {
-            pgrx::log!("certyo_cdc: delivery {state}: {detail}");
+        let changed = self.last_state.as_ref().map(|s| s.0) != Some(state);
+        if changed && !matches!(state, State::Delivering | State::Idle) {
+            pgrx::log!("certyo_cdc: delivery {}: {detail}", state.as_str());
         }
         self.last_state = Some(key);
-        store::set_state(state, detail, error, tally)
+        Ok(store::set_state(state.as_str(), detail, error, tally)?)
     }
 }
 

@@ -14,6 +14,7 @@ use pgrx::pg_sys::Oid;
 /// Queue the table's current rows; returns how many were queued.
 pub fn backfill(relid: Oid, options: &CaptureOptions) -> Result<i64> {
     // The latest snapshot sees the rows this transaction wrote before calling track().
+    // SAFETY: called inside track()'s transaction, which may write.
     each_row(relid, options, Snapshot::Latest, |plan, change| unsafe {
         queue::append(relid, &plan.collection, change).map(|_| ())
     })

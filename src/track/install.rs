@@ -161,6 +161,7 @@ pub fn drop_triggers(table: &Table) -> Result<bool> {
 /// removes them instead of failing on them. `CREATE OR REPLACE TRIGGER` may drop the record, so
 /// it is checked each time rather than assumed.
 fn depend_on_extension(relid: Oid) -> Result<()> {
+    // SAFETY: a catalog lookup inside the caller's transaction; missing_ok false raises an ordinary error.
     let extension = unsafe { pg_sys::get_extension_oid(c"certyo_cdc".as_ptr(), false) };
     let triggers: Vec<Oid> = Spi::connect(|client| {
         let rows = client.select(
@@ -190,6 +191,7 @@ fn depend_on_extension(relid: Oid) -> Result<()> {
             objectId: extension,
             objectSubId: 0,
         };
+        // SAFETY: valid object addresses of a trigger and the extension, inside the caller's transaction.
         unsafe {
             pg_sys::recordDependencyOn(
                 &dependent,

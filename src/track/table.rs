@@ -82,6 +82,7 @@ impl Table {
             )
             .hint("Track your own tables, in schemas other than certyo."));
         }
+        // SAFETY: a catalog check inside the caller's transaction.
         if !unsafe { pg_sys::pg_class_ownercheck(relid, pg_sys::GetUserId()) } {
             return Err(CertyoError::new(
                 PgSqlErrorCode::ERRCODE_INSUFFICIENT_PRIVILEGE,
@@ -194,12 +195,15 @@ impl Table {
             let auto = AUTO_TIMESTAMP_COLUMNS
                 .iter()
                 .filter_map(|n| self.column(n))
+                // SAFETY: a type lookup by OID inside the caller's transaction.
                 .find(|c| unsafe { timestamp_column(0, c.typid) }.is_some());
             return Ok(auto.map(|c| c.name.clone()));
         };
         let column = self.require_column(name, "timestamp")?;
+        // SAFETY: a type lookup by OID inside the caller's transaction.
         if unsafe { timestamp_column(0, column.typid) }.is_none() {
             let type_name =
+                // SAFETY: format_type_be returns a palloc'd NUL-terminated string.
                 unsafe { std::ffi::CStr::from_ptr(pg_sys::format_type_be(column.typid)) };
             return Err(CertyoError::new(
                 PgSqlErrorCode::ERRCODE_DATATYPE_MISMATCH,
