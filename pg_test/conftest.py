@@ -202,6 +202,17 @@ class Watch:
             found.append(f"vault.canary was changed: {canary!r}")
         return found
 
+    def restarted_on_purpose(self, allowed=()):
+        """For a test that kills a server process or restarts the server on purpose: the lines
+        of the log written since the test began that show a crash other than the expected ones
+        (lines holding one of `allowed`). The checks after the test then go on from here: the
+        postmaster that runs now, the log written from now on."""
+        unexpected = [line for line in self.cluster.log_since(self.log_offset).splitlines()
+                      if any(sign in line for sign in CRASH_SIGNS) and not any(a in line for a in allowed)]
+        self.cluster.start_pid = self.cluster.postmaster_pid()
+        self.log_offset = self.cluster.log_size()
+        return unexpected
+
 
 @pytest.fixture(autouse=True)
 def watch(cluster):

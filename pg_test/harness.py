@@ -1,13 +1,12 @@
-"""Shared by the end-to-end scripts: a real PostgreSQL 15 cluster with certyo_cdc preloaded
-(started as the postgres user, over a Unix socket), the Certyo emulator as a child process, and
-the check/summary bookkeeping. Each script gets its own directory and port."""
+"""Shared by the end-to-end suites (pytest, fixtures in conftest.py): a real PostgreSQL 15
+cluster with certyo_cdc preloaded (started as the postgres user, over a Unix socket) and the
+Certyo emulator as a child process. Each suite gets its own directory and port."""
 import json
 import os
 import re
 import shutil
 import socket
 import subprocess
-import sys
 import time
 import urllib.request
 
@@ -15,21 +14,6 @@ import urllib.request
 # holding a different build of certyo_cdc); by default, the system one.
 PG_BIN = os.environ.get("CERTYO_PG_BIN", "/usr/lib/postgresql/15/bin")
 KEY = "e2e-secret"
-results = {"passed": 0, "failed": 0}
-
-
-def check(name, actual, expected):
-    if actual == expected:
-        results["passed"] += 1
-        print(f"ok   {name}", flush=True)
-    else:
-        results["failed"] += 1
-        print(f"FAIL {name}\n     expected: {expected!r}\n     actual:   {actual!r}", flush=True)
-
-
-def summary():
-    print(f"{results['passed']} passed, {results['failed']} failed")
-    sys.exit(0 if results["failed"] == 0 and results["passed"] > 0 else 1)
 
 
 def wait_for(condition, timeout=30, every=0.2):
@@ -179,19 +163,14 @@ certyo.batch_size = 100
         """Until nothing is pending: queue empty, no pending delivery entries."""
         return bool(wait_for(lambda: self.sql("SELECT pending FROM certyo.worker_status()", check=False) == "0", timeout))
 
+    def passes(self):
+        """How many passes the delivery worker has begun (certyo.worker_status().passes)."""
+        return int(self.sql("SELECT passes FROM certyo.worker_status()"))
 
-def run(directory, port, scenarios, settings="", anchor_delay=2):
-    """Start the emulator (sys.argv[1]) and a cluster, run each scenario(cluster, emulator) in
-    order, stop both, print the summary and exit with its verdict."""
-    emulator = Emulator(sys.argv[1], anchor_delay=anchor_delay)
-    cluster = Cluster(directory, port, emulator.url, settings)
-    try:
-        for scenario in scenarios:
-            scenario(cluster, emulator)
-    finally:
-        try:
-            cluster.stop()
-        except Exception:
-            pass
-        emulator.stop()
-    summary()
+    def wait_passes(self, n, timeout=30):
+        """Until the worker has begun n more passes than it had now. A pass begun after an
+        event has seen it (each looks anew at a pending reload, the pause switch, the queue);
+        the first of the n may have begun just before, so ask for one more than needed."""
+        start = self.passes()
+        return bool(wait_for(lambda: self.passes() >= start + n, timeout))
+

@@ -10,14 +10,10 @@ cargo pgrx test pg15 --runas postgres --pgdata /tmp/certyo-pgrx-test
 cargo pgrx install --release --pg-config /usr/bin/pg_config >/dev/null
 echo "== end to end: capture"
 pg_test/capture.sh
-echo "== end to end: delivery to the Certyo emulator"
+echo "== end to end (pytest): delivery, verification and the operator surface, security, the worker as a daemon"
 cargo build --release -p certyo-emulator --quiet
-python3 pg_test/delivery.py target/release/certyo-emulator
-echo "== end to end: verification, operator surface, backfill, audit"
-python3 pg_test/operations.py target/release/certyo-emulator
-echo "== end to end: security (attacks as an unprivileged login and as a table owner), the worker as a daemon"
 CERTYO_EMULATOR=target/release/certyo-emulator python3 -m pytest -q -p no:cacheprovider \
-    pg_test/test_security.py pg_test/test_daemon.py
+    pg_test/test_delivery.py pg_test/test_operations.py pg_test/test_security.py pg_test/test_daemon.py
 echo "== end to end: MySQL/MariaDB companion"
 pg_test/mariadb.sh
 echo "== SQL Server companion: T-SQL syntax"

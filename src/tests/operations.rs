@@ -1,6 +1,6 @@
 //! The operator surface inside one transaction: pause/resume, retry, verify_now, history,
 //! status, the tamper audit and backfill chunks. What needs the worker (sending, anchoring,
-//! resuming a backfill after a restart) is covered by `pg_test/operations.py`.
+//! resuming a backfill after a restart) is covered by `pg_test/test_operations.py`.
 
 use super::{error_of, one, queue_len, queued, sql};
 use pgrx::prelude::*;
