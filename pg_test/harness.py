@@ -55,7 +55,8 @@ class Emulator:
         self.call("POST", "/_emulator/faults", {"fault": fault, "times": times, **extra})
 
     def records(self):
-        return [r["record"] | {"recordHash": r["recordHash"]} for r in self.call("GET", "/_emulator/records")]
+        return [r["record"] | {"recordHash": r["recordHash"], "acceptedAt": r["acceptedAt"]}
+                for r in self.call("GET", "/_emulator/records")]
 
     def stats(self):
         return self.call("GET", "/_emulator/stats")

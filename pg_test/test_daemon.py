@@ -11,6 +11,7 @@ import os
 import shutil
 import threading
 import time
+from datetime import datetime
 
 import pytest
 
@@ -186,6 +187,68 @@ def test_an_outage_is_probed_not_flooded_and_nothing_is_lost(cluster, emulator):
     assert len(ids) == 2000 and len(set(ids)) == 2000, "each change exactly once"
     assert cluster.sql("SELECT dead FROM certyo.worker_status()") == "0"
     cluster.sql("DROP TABLE flood")
+
+
+def test_retry_after_pauses_sending_as_a_whole(cluster, emulator):
+    """A 429 with Retry-After: 3 pauses sending as a whole for 3 s: not only the request that
+    got it, but every batch committed meanwhile waits too (one batch in flight at a time), and
+    then everything is delivered exactly once, none of it a dead letter."""
+    cluster.sql("CREATE TABLE limited (id int PRIMARY KEY)")
+    cluster.sql("SELECT certyo.track('limited')")
+    served = emulator.stats()["faultsServed"]
+    emulator.fault("429", 1, retryAfter=3)
+    started = time.time()
+    cluster.sql("INSERT INTO limited SELECT g FROM generate_series(1, 5) g")
+    assert wait_for(lambda: emulator.stats()["faultsServed"] > served, 10), "the 429 was served"
+    cluster.sql("INSERT INTO limited SELECT g FROM generate_series(6, 10) g")  # during the pause
+    assert cluster.wait_drained(30)
+    accepted = [datetime.fromisoformat(r["acceptedAt"].replace("Z", "+00:00")).timestamp()
+                for r in emulator.records() if r["collection"] == "public.limited"]
+    assert len(accepted) == 10, "each change exactly once"
+    earliest = min(accepted) - started
+    print(f"first change accepted {earliest:.2f} s after a 429 with Retry-After: 3")
+    assert earliest >= 3 - 0.05, f"a change was accepted {earliest:.2f} s after the 429, within its Retry-After"
+    assert cluster.sql("SELECT dead FROM certyo.worker_status()") == "0"
+    cluster.sql("DROP TABLE limited")
+
+
+def test_a_backfill_chunk_that_fails_halfway_leaves_nothing_behind(cluster, emulator):
+    """A backfill chunk meets, after queuing 50 rows, a row it cannot capture (a NULL record id,
+    loaded with session_replication_role = replica, as a logical replication subscriber loads
+    rows, so neither capture nor certyo_cdc's DDL check saw it): the chunk's transaction is
+    rolled back as a whole, so none of the 50 is queued or delivered, and the backfill says why
+    it failed. Fixed and requested again,
+    every row is delivered exactly once. (pgrx's own BackgroundWorker::transaction would have
+    committed the 50 rows without advancing the backfill.)"""
+    cluster.sql("""
+        CREATE TABLE halfway (id int PRIMARY KEY, code text NOT NULL UNIQUE);
+        INSERT INTO halfway SELECT g, 'c' || g FROM generate_series(1, 50) g;
+        SELECT certyo.track('halfway', record_id_columns => ARRAY['code']);
+        SET session_replication_role = replica;  -- neither event trigger nor capture fires
+        ALTER TABLE halfway ALTER COLUMN code DROP NOT NULL;
+        INSERT INTO halfway VALUES (51, NULL);
+    """)
+    backfill = cluster.sql("SELECT certyo.backfill('halfway')")
+    assert wait_for(lambda: cluster.sql(f"SELECT state FROM certyo.backfills WHERE id = {backfill}") == "failed", 30)
+    failed = cluster.sql(f"SELECT rows_queued || '|' || error FROM certyo.backfills WHERE id = {backfill}")
+    assert failed.startswith("0|") and "is NULL" in failed, failed
+    assert cluster.wait_drained(30)
+    assert cluster.sql("SELECT count(*) FROM certyo.queue WHERE collection = 'public.halfway'") == "0"
+    assert cluster.sql("SELECT count(*) FROM certyo.receipt WHERE collection = 'public.halfway'") == "0"
+    assert not [r for r in emulator.records() if r["collection"] == "public.halfway"], \
+        "no row of the failed chunk reached Certyo"
+
+    cluster.sql("""
+        SET session_replication_role = replica;
+        UPDATE halfway SET code = 'c51' WHERE id = 51;
+        ALTER TABLE halfway ALTER COLUMN code SET NOT NULL;
+    """)
+    backfill = cluster.sql("SELECT certyo.backfill('halfway')")
+    assert wait_for(lambda: cluster.sql(f"SELECT state FROM certyo.backfills WHERE id = {backfill}") == "done", 30)
+    assert cluster.wait_drained(30)
+    ids = [r["recordId"] for r in emulator.records() if r["collection"] == "public.halfway"]
+    assert sorted(ids) == sorted(f"c{g}" for g in range(1, 52)), "each row exactly once"
+    cluster.sql("DROP TABLE halfway")
 
 
 def test_a_wrong_base_url_path_stops_sending_instead_of_dead_lettering(cluster, emulator):

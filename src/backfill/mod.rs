@@ -246,9 +246,12 @@ fn queue_rows(
         let plan = TablePlan::build(rel, options)?;
         let mut per_row = PgMemoryContexts::new("certyo_cdc backfill row");
         while rows.next().is_some() {
-            let (Some(image), Some(key)) =
-                (rows.get_datum_by_ordinal(1)?, rows.get::<Vec<String>>(2)?)
-            else {
+            // A NULL in the key is not refused here but by `plan.change`, which names the
+            // column and the fix.
+            let (Some(image), Some(key)) = (
+                rows.get_datum_by_ordinal(1)?,
+                rows.get::<Vec<Option<String>>>(2)?,
+            ) else {
                 continue;
             };
             let outcome = per_row.switch_to(|_| {
@@ -267,7 +270,7 @@ fn queue_rows(
             per_row.reset();
             outcome?;
             queued += 1;
-            last = Some(key);
+            last = Some(key.into_iter().flatten().collect());
         }
     }
     Ok((queued, last))

@@ -544,7 +544,7 @@ fn control_plane(method: &Method, path: &str, body: &str, state: &Mutex<State>) 
             let records: Vec<Value> = state
                 .accepted
                 .iter()
-                .map(|a| json!({"record": a.record, "recordHash": a.record_hash}))
+                .map(|a| json!({"record": a.record, "recordHash": a.record_hash, "acceptedAt": iso8601(a.accepted_at)}))
                 .collect();
             (200, Value::Array(records))
         }
