@@ -4,7 +4,9 @@
   is accepted and its hash written back;
 - commit-to-accepted latency (p50, p99) at a steady 1,000 single-row commits per second;
 - verification: receipts verified per second once every receipt is due (one request each:
-  the contract has no bulk verification), and the latency above measured again meanwhile.
+  the contract has no bulk verification), and the latency above measured again meanwhile;
+- the idle worker: its CPU time and passes over 30 s with nothing to do (extension created,
+  nothing tracked), as a DBA sees it in `top`.
 
 Usage: bench/delivery.py SOCKET_DIR PORT
 """
@@ -77,11 +79,29 @@ def verification(seconds=10):
     return done / (time.time() - started), count, p50, p99
 
 
+def idle(seconds=30):
+    """CPU ticks (1/100 s) and passes of the worker over `seconds` in which nothing happens."""
+    assert wait_until("SELECT running FROM certyo.worker_status()", "t", 60), "the worker runs"
+    pid = psql("SELECT pid FROM certyo.worker_status()")
+
+    def ticks():
+        with open(f"/proc/{pid}/stat") as stat:
+            fields = stat.read().rsplit(")", 1)[1].split()
+        return int(fields[11]) + int(fields[12])
+
+    passes, before = int(psql("SELECT passes FROM certyo.worker_status()")), ticks()
+    time.sleep(seconds)  # the measurement window
+    return ticks() - before, int(psql("SELECT passes FROM certyo.worker_status()")) - passes
+
+
 def main():
+    idle_ticks, idle_passes = idle()
     ok, elapsed, accepted = drain()
     count, p50, p99 = latency()
     rate, v_count, v_p50, v_p99 = verification()
     print("\ndelivery benchmark (emulator on this machine, bulk requests of 1000)")
+    print(f"idle worker (nothing tracked): {idle_ticks} CPU ticks in 30 s = {idle_ticks / 30:.2f}% of a core "
+          f"(target <= 1%), {idle_passes} passes (poll_interval 1 s)")
     print(f"drain: {accepted} of {BACKLOG} changes accepted and written back in {elapsed:.1f} s "
           f"= {accepted / elapsed:,.0f} records/s (target >= 20,000){'' if ok else '  [DID NOT FINISH]'}")
     print(f"latency at 1,000 commits/s: {count} changes, commit-to-accepted p50 {p50} ms, p99 {p99} ms "
