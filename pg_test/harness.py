@@ -111,6 +111,21 @@ certyo.batch_size = 100
 """)
         self.start()
 
+    @classmethod
+    def standby_of(cls, primary, directory, port):
+        """A streaming standby of `primary` (pg_basebackup -R, WAL streamed), started."""
+        standby = cls.__new__(cls)
+        standby.dir, standby.port = directory, port
+        shutil.rmtree(directory, ignore_errors=True)
+        os.makedirs(directory)
+        shutil.chown(directory, "postgres")
+        subprocess.run(["sudo", "-u", "postgres", f"{PG_BIN}/pg_basebackup", "-h", primary.dir, "-p", str(primary.port),
+                        "-U", "postgres", "-D", f"{directory}/data", "-R", "-X", "stream"], check=True, capture_output=True)
+        with open(f"{directory}/data/postgresql.conf", "a") as conf:
+            conf.write(f"\nunix_socket_directories = '{directory}'\nport = {port}\n")
+        standby.start()
+        return standby
+
     def pg_ctl(self, *args):
         subprocess.run(["sudo", "-u", "postgres", f"{PG_BIN}/pg_ctl", "-D", f"{self.dir}/data", "-l", f"{self.dir}/server.log",
                         "-w", *args], check=True, capture_output=True)

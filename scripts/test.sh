@@ -10,10 +10,11 @@ cargo pgrx test pg15 --runas postgres --pgdata /tmp/certyo-pgrx-test
 cargo pgrx install --release --pg-config /usr/bin/pg_config >/dev/null
 echo "== end to end: capture"
 pg_test/capture.sh
-echo "== end to end (pytest): delivery, verification and the operator surface, security, the worker as a daemon"
+echo "== end to end (pytest): delivery, verification and the operator surface, security, the worker as a daemon, integrity (failover)"
 cargo build --release -p certyo-emulator --quiet
 CERTYO_EMULATOR=target/release/certyo-emulator python3 -m pytest -q -p no:cacheprovider \
-    pg_test/test_delivery.py pg_test/test_operations.py pg_test/test_security.py pg_test/test_daemon.py
+    pg_test/test_delivery.py pg_test/test_operations.py pg_test/test_security.py pg_test/test_daemon.py \
+    pg_test/test_integrity.py
 echo "== end to end: MySQL/MariaDB companion"
 pg_test/mariadb.sh
 echo "== SQL Server companion: T-SQL syntax"

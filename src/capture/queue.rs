@@ -31,7 +31,7 @@ unsafe extern "C-unwind" {
 pub unsafe fn append(relid: Oid, collection: &str, change: &Change) -> Result<i64> {
     let (queue, sequence) = target()?;
     let id = pg_sys::ffi::pg_guard_ffi_boundary(|| nextval_internal(sequence, false));
-    let key = idempotency_key(queue, id);
+    let key = idempotency_key(id)?;
     let opened = crate::relation::OpenRelation::open(queue, pg_sys::RowExclusiveLock);
     let rel = opened.get();
     let tupdesc = (*rel).rd_att;
@@ -70,15 +70,12 @@ pub unsafe fn append(relid: Oid, collection: &str, change: &Change) -> Result<i6
 struct Target {
     queue: Oid,
     sequence: Oid,
-    /// Idempotency keys are `{installation}-{queue id}`: unique per change and stored with
-    /// it, so every redelivery sends the same key. The installation is 12 hex digits of
-    /// SHA-256 over (system identifier, database, queue table OID): a re-created extension has
-    /// a new queue OID, so ids restarting at 1 never reuse a key Certyo has already seen.
-    key_prefix: Vec<u8>,
 }
 
 thread_local! {
     static TARGET: RefCell<Option<Target>> = const { RefCell::new(None) };
+    /// This process's part of every idempotency key it writes (see [`idempotency_key`]).
+    static KEY_PREFIX: RefCell<Option<Vec<u8>>> = const { RefCell::new(None) };
 }
 
 /// The queue and its sequence, from the backend's cache (looked up on first use).
@@ -97,53 +94,52 @@ unsafe fn target() -> Result<(Oid, Oid)> {
         )
         .hint("CREATE EXTENSION certyo_cdc in this database, or remove the capture triggers with certyo.untrack()."));
     }
-    let key_prefix = installation_prefix(
-        pg_sys::GetSystemIdentifier(),
-        pg_sys::MyDatabaseId.to_u32(),
-        queue.to_u32(),
-    );
-    let target = Target {
-        queue,
-        sequence,
-        key_prefix,
-    };
+    let target = Target { queue, sequence };
     TARGET.with(|t| t.replace(Some(target)));
     Ok((queue, sequence))
 }
 
-/// `{installation}-{id}`, built in one allocation from the cached prefix. No borrow is held
-/// across `nextval` (which may process invalidations); if the cache was dropped meanwhile, the
-/// prefix is computed again (it depends only on the cluster, database and queue).
-unsafe fn idempotency_key(queue: Oid, id: i64) -> Vec<u8> {
+/// Idempotency keys are `{process}-{queue id}`, e.g. `9f2c61d0a4b7e3815c0d2e6f-16`, stored
+/// with the change so every redelivery sends the same key. `process` is 96 random bits drawn
+/// once per backend process (after the fork, from `pg_strong_random`). The queue id alone is
+/// unique on one timeline only: a standby promoted while it lagged, or a restored backup, hands
+/// out again ids the old primary already sent, and Certyo would answer those changes as
+/// replays of others. Random bits make every key new wherever it was written, at the cost of
+/// one draw per process.
+fn idempotency_key(id: i64) -> Result<Vec<u8>> {
     let mut digits = itoa::Buffer::new();
     let digits = digits.format(id).as_bytes();
-    let cached = TARGET.with(|t| {
-        t.borrow().as_ref().filter(|x| x.queue == queue).map(|x| {
-            let mut key = Vec::with_capacity(x.key_prefix.len() + digits.len());
-            key.extend_from_slice(&x.key_prefix);
-            key.extend_from_slice(digits);
-            key
-        })
-    });
-    cached.unwrap_or_else(|| {
-        let mut key = installation_prefix(
-            pg_sys::GetSystemIdentifier(),
-            pg_sys::MyDatabaseId.to_u32(),
-            queue.to_u32(),
-        );
+    KEY_PREFIX.with(|cell| {
+        let mut prefix = cell.borrow_mut();
+        if prefix.is_none() {
+            *prefix = Some(process_prefix(&random_bits()?));
+        }
+        let prefix = prefix.as_deref().unwrap_or_default();
+        let mut key = Vec::with_capacity(prefix.len() + digits.len());
+        key.extend_from_slice(prefix);
         key.extend_from_slice(digits);
-        key
+        Ok(key)
     })
 }
 
-fn installation_prefix(system_identifier: u64, database: u32, queue: u32) -> Vec<u8> {
-    use sha2::{Digest, Sha256};
-    let digest = Sha256::new()
-        .chain_update(system_identifier.to_be_bytes())
-        .chain_update(database.to_be_bytes())
-        .chain_update(queue.to_be_bytes())
-        .finalize();
-    let mut prefix: Vec<u8> = digest[..6]
+fn random_bits() -> Result<[u8; 12]> {
+    let mut bits = [0u8; 12];
+    // SAFETY: fills exactly `bits.len()` bytes of a live buffer; it reports failure by its
+    // return value, never by ereport.
+    let drawn = unsafe { pg_sys::pg_strong_random(bits.as_mut_ptr().cast(), bits.len()) };
+    if !drawn {
+        return Err(CertyoError::new(
+            PgSqlErrorCode::ERRCODE_INTERNAL_ERROR,
+            "certyo_cdc: could not generate random bits for idempotency keys",
+        )
+        .detail("pg_strong_random() failed; the change was not written."));
+    }
+    Ok(bits)
+}
+
+/// `bits` in hex, then `-`.
+fn process_prefix(bits: &[u8]) -> Vec<u8> {
+    let mut prefix: Vec<u8> = bits
         .iter()
         .flat_map(|b| format!("{b:02x}").into_bytes())
         .collect();
@@ -175,14 +171,11 @@ unsafe fn text_datum(bytes: &[u8]) -> Datum {
 
 #[cfg(test)]
 mod tests {
-    use super::installation_prefix;
+    use super::process_prefix;
 
     #[test]
-    fn installation_prefix_is_twelve_hex_digits_and_differs_per_queue() {
-        let a = installation_prefix(7, 5, 16387);
-        assert_eq!(a.len(), 13);
-        assert!(a[..12].iter().all(u8::is_ascii_hexdigit) && a[12] == b'-');
-        assert_ne!(a, installation_prefix(7, 5, 16388));
-        assert_eq!(a, installation_prefix(7, 5, 16387));
+    fn the_process_prefix_is_the_bits_in_hex_then_a_dash() {
+        let prefix = process_prefix(&[0x9f, 0x2c, 0x00, 0xff, 1, 2, 3, 4, 5, 6, 7, 8]);
+        assert_eq!(prefix, b"9f2c00ff0102030405060708-");
     }
 }

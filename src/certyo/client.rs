@@ -84,7 +84,7 @@ impl Client {
         for record in records {
             let outcome = match self.post("/api/v1/records", record, pause) {
                 Exchange::Ok(body) => match serde_json::from_value::<Receipt>(body) {
-                    Ok(receipt) => Outcome::Accepted(receipt),
+                    Ok(receipt) => Outcome::of_receipt(record, receipt),
                     Err(e) => Outcome::Transient(format!("unreadable 202 answer: {e}")),
                 },
                 Exchange::Failed(outcome) => outcome,
@@ -210,8 +210,17 @@ impl Client {
 }
 
 /// Pair receipts with records in request order, checking the record id of each; records left
-/// without a receipt are sent again.
+/// without a receipt are sent again. A whole answer (one receipt per record) is paired by
+/// position, so that a receipt naming another record, such as a replay of another change,
+/// is seen for what it is; a short answer is paired by record id.
 fn match_receipts(records: &[Record], receipts: Vec<Receipt>) -> Vec<Outcome> {
+    if receipts.len() == records.len() {
+        return records
+            .iter()
+            .zip(receipts)
+            .map(|(record, receipt)| Outcome::of_receipt(record, receipt))
+            .collect();
+    }
     let mut receipts = receipts.into_iter().peekable();
     records
         .iter()
@@ -278,6 +287,42 @@ mod tests {
 
     fn no_wait() -> impl FnMut(Duration) -> bool {
         |_| true
+    }
+
+    #[test]
+    fn a_replay_of_another_records_change_is_a_conflict_never_a_receipt() {
+        let (_emulator, client) = setup(5000);
+        let mut reused = |id: &str| Record {
+            idempotency_key: "key-used-twice".into(),
+            ..record(id)
+        };
+        assert!(matches!(
+            &client.send_each(&[reused("1")], &mut no_wait())[0],
+            Outcome::Accepted(_)
+        ));
+        let single = client.send_each(&[reused("2")], &mut no_wait());
+        assert!(
+            matches!(&single[0], Outcome::Conflict { receipt } if receipt.record_id == "1"),
+            "{single:?}"
+        );
+        // In a bulk answer too, where the receipt sits in the slot of record 3.
+        let bulk = client.send_bulk(
+            "acme",
+            &[record("10"), reused("3"), record("11")],
+            &mut no_wait(),
+        );
+        assert!(
+            matches!(&bulk[0], Outcome::Accepted(r) if r.record_id == "10"),
+            "{bulk:?}"
+        );
+        assert!(
+            matches!(&bulk[1], Outcome::Conflict { receipt } if receipt.record_id == "1"),
+            "{bulk:?}"
+        );
+        assert!(
+            matches!(&bulk[2], Outcome::Accepted(r) if r.record_id == "11"),
+            "{bulk:?}"
+        );
     }
 
     #[test]

@@ -52,6 +52,39 @@ pub enum Outcome {
         status: u16,
         body: String,
     },
+    /// Certyo answered this change as a replay of another record's change: its idempotency
+    /// key was used before for something else. Never recorded as this change's receipt (the
+    /// hash is another record's); kept for an operator.
+    Conflict {
+        receipt: Receipt,
+    },
+}
+
+impl Outcome {
+    /// What Certyo answered for `record`: its receipt, or a conflict or a transient failure
+    /// when the answer names another record.
+    pub fn of_receipt(record: &Record, receipt: Receipt) -> Outcome {
+        if receipt.record_id == record.record_id {
+            Outcome::Accepted(receipt)
+        } else if receipt.idempotency_replayed {
+            Outcome::Conflict { receipt }
+        } else {
+            Outcome::Transient(format!(
+                "Certyo's answer names record {:?}, not this one",
+                receipt.record_id
+            ))
+        }
+    }
+
+    /// For a conflict, the text kept with the dead letter.
+    pub fn conflict_message(receipt: &Receipt, idempotency_key: &str) -> String {
+        format!(
+            "certyo_cdc: Certyo answered this change as a replay of record {:?} (recordHash {}): \
+             idempotency key {idempotency_key} was used before for another change, so this change \
+             was not recorded as delivered",
+            receipt.record_id, receipt.record_hash
+        )
+    }
 }
 
 /// The question `/api/v1/verify/record` answers: is this version of the record anchored?

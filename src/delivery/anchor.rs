@@ -211,7 +211,9 @@ pub fn record(results: &[(Due, Verification)], schedule: Schedule) -> SpiResult<
             Verification::Failed(Outcome::Rejected { status, body }) => {
                 later_push(&mut later, id, Some(format!("HTTP {status}: {body}")))
             }
-            Verification::Failed(Outcome::Accepted(_)) => later_push(&mut later, id, None),
+            Verification::Failed(Outcome::Accepted(_) | Outcome::Conflict { .. }) => {
+                later_push(&mut later, id, None)
+            }
         }
         tally.verified += 1;
     }

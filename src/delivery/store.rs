@@ -280,6 +280,15 @@ pub fn record(
                 transient.2.push(error.clone());
                 tally.failed += 1;
             }
+            Outcome::Conflict { receipt } => {
+                failed.0.push(entry.id);
+                failed.1.push(0); // not an HTTP status: decided here
+                failed
+                    .2
+                    .push(Outcome::conflict_message(receipt, &entry.idempotency_key));
+                failed.3.push(true);
+                tally.failed += 1;
+            }
             Outcome::Rejected { status, body } | Outcome::Refused { status, body } => {
                 failed.0.push(entry.id);
                 failed.1.push(i32::from(*status));

@@ -262,12 +262,20 @@ impl Worker {
         if let Some(failing) = write_back::failing::summary()? {
             // Never "idle" while something fails: name the table and the error.
             self.announce(State::WriteBackFailing, &failing, error.as_deref(), tally)?;
-        } else if tally.sent + tally.verified == 0 && error.is_none() {
+        } else if tally.sent + tally.verified == 0 && error.is_none() && self.verifying.is_none() {
             self.announce(State::Idle, "waiting for changes", None, tally)?;
         } else {
             let detail = format!(
-                "delivered {} of {}, verified {} ({} anchored) in the last pass",
-                tally.accepted, tally.sent, tally.verified, tally.anchored
+                "delivered {} of {}, verified {} ({} anchored) in the last pass{}",
+                tally.accepted,
+                tally.sent,
+                tally.verified,
+                tally.anchored,
+                if self.verifying.is_some() {
+                    "; verification requests in flight"
+                } else {
+                    ""
+                }
             );
             self.announce(State::Delivering, &detail, error.as_deref(), tally)?;
         }
@@ -387,6 +395,7 @@ impl Worker {
         };
         self.note_refusal(outcomes.iter());
         self.note_service(&outcomes)?;
+        warn_of_conflicts(&sent, &outcomes);
         let error = outcomes.iter().find_map(|o| match o {
             Outcome::Transient(e) => Some(e.clone()),
             Outcome::Rejected { status, body } => Some(format!("HTTP {status}: {body}")),
@@ -551,4 +560,26 @@ fn jitter() -> f64 {
         .map(|d| d.subsec_nanos())
         .unwrap_or(0);
     f64::from(nanos % 1000) / 1000.0
+}
+
+/// Changes Certyo answered as replays of other records' changes: loudly, once per batch. They
+/// are dead letters (see `Outcome::Conflict`); none is marked with the other record's hash.
+fn warn_of_conflicts(sent: &[Entry], outcomes: &[Outcome]) {
+    let conflicts: Vec<(&Entry, &crate::certyo::Receipt)> = sent
+        .iter()
+        .zip(outcomes)
+        .filter_map(|(entry, outcome)| match outcome {
+            Outcome::Conflict { receipt } => Some((entry, receipt)),
+            _ => None,
+        })
+        .collect();
+    if let Some((entry, receipt)) = conflicts.first() {
+        pgrx::warning!(
+            "certyo_cdc: {} change(s) answered by Certyo as replays of other records' changes, kept as dead letters; the first: {} record {}: {}",
+            conflicts.len(),
+            entry.collection,
+            entry.record_id,
+            Outcome::conflict_message(receipt, &entry.idempotency_key)
+        );
+    }
 }

@@ -28,12 +28,12 @@ mod tests {
             one::<String>("SELECT collection FROM certyo.queue"),
             Some("public.products".into())
         );
-        // {installation: 12 hex digits}-{queue id}
+        // {process: 24 hex digits of random bits}-{queue id}
         let (key, id) =
             Spi::get_two::<String, i64>("SELECT idempotency_key, id FROM certyo.queue").unwrap();
-        let (installation, queue_id) = key.as_deref().unwrap().split_once('-').unwrap();
+        let (process, queue_id) = key.as_deref().unwrap().split_once('-').unwrap();
         assert!(
-            installation.len() == 12 && installation.chars().all(|c| c.is_ascii_hexdigit()),
+            process.len() == 24 && process.chars().all(|c| c.is_ascii_hexdigit()),
             "{key:?}"
         );
         assert_eq!(queue_id.parse::<i64>().ok(), id);

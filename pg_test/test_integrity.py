@@ -1,0 +1,122 @@
+"""Integrity across the database's life (issue 11): every committed version of a tracked row
+reaches Certyo exactly once, and a row is marked with its own hash, through the events a
+production database meets: here, failover to a standby that lagged.
+
+Each test brings its own clusters (a primary, a standby made with pg_basebackup) and uses the
+Certyo emulator of conftest.py.
+
+Run:  CERTYO_EMULATOR=target/release/certyo-emulator python3 -m pytest -q pg_test/test_integrity.py
+"""
+from collections import Counter
+
+import pytest
+
+from harness import Cluster, free_port, wait_for
+
+PRIMARY_DIR = "/tmp/certyo-e2e-primary"
+STANDBY_DIR = "/tmp/certyo-e2e-standby"
+
+
+@pytest.fixture(autouse=True)
+def watch():
+    """Overrides conftest's, which watches the security suite's shared cluster: these tests
+    stop and promote servers on purpose and check their own clusters."""
+    yield None
+
+
+def caught_up(primary, standby):
+    lsn = primary.sql("SELECT pg_current_wal_lsn()")
+    return wait_for(lambda: standby.sql(
+        f"SELECT pg_last_wal_replay_lsn() >= '{lsn}'::pg_lsn", check=False) == "t", 30)
+
+
+def test_failover_to_a_lagging_standby_loses_no_change(emulator):
+    """A standby stops streaming; the primary goes on writing and delivering, then fails; the
+    standby, promoted, writes on. The new primary's queue ids run again over ids the old
+    primary already sent (a sequence is only as far along as the WAL the standby got). Every
+    change committed on either side must be in Certyo exactly once, never answered as a
+    replay of another change, and each row of the new primary marked with its own hash.
+    (With keys made of an installation id and the queue id, the new primary's changes were
+    answered as replays of the old primary's: lost, and marked with other records' hashes.)"""
+    primary = Cluster(PRIMARY_DIR, free_port(), emulator.url)
+    standby = None
+    try:
+        primary.sql("""
+            CREATE EXTENSION certyo_cdc;
+            CREATE TABLE items (id int PRIMARY KEY, v text);
+            SELECT certyo.track('items');
+            INSERT INTO items SELECT g, 'first' FROM generate_series(1, 100) g;
+        """)
+        assert primary.wait_drained(30)
+        standby = Cluster.standby_of(primary, STANDBY_DIR, free_port())
+        assert caught_up(primary, standby)
+        standby.stop()  # streaming stops: from here on the standby lags
+        primary.sql("INSERT INTO items SELECT g, 'old primary' FROM generate_series(101, 200) g")
+        assert primary.wait_drained(30)
+        primary.pg_ctl("-m", "immediate", "stop")  # the primary fails
+
+        standby.start()
+        standby.sql("SELECT pg_promote()")
+        assert wait_for(lambda: standby.sql("SELECT running FROM certyo.worker_status()", check=False) == "t", 30)
+        standby.sql("""
+            INSERT INTO items SELECT g, 'new primary' FROM generate_series(201, 300) g;
+            UPDATE items SET v = 'updated on the new primary' WHERE id <= 50;
+        """)
+        assert standby.wait_drained(60)
+
+        records = [r for r in emulator.records() if r["collection"] == "public.items"]
+        versions = Counter(r["recordId"] for r in records)
+        expected = Counter({str(i): 2 if i <= 50 else 1 for i in range(1, 301)})
+        assert versions == expected, f"missing {expected - versions}, extra {versions - expected}"
+        assert standby.sql("SELECT count(*) FROM certyo.receipt WHERE replayed") == "0", \
+            "no change of the new primary was answered as a replay"
+        latest = {}
+        for r in sorted(records, key=lambda r: r["acceptedAt"]):
+            latest[r["recordId"]] = r["recordHash"]
+        marked = standby.sql("SELECT string_agg(id || '=' || certyo_record_hash, ',') FROM items")
+        wrong = [pair for pair in marked.split(",") if latest[pair.split("=")[0]] != pair.split("=", 1)[1]]
+        assert not wrong, f"rows marked with another version's hash: {wrong[:5]}"
+    finally:
+        for cluster in (standby, primary):
+            if cluster is not None:
+                try:
+                    cluster.pg_ctl("-m", "immediate", "stop")
+                except Exception:
+                    pass
+
+
+def test_a_replay_of_another_change_is_kept_as_a_conflict_never_as_its_receipt(emulator):
+    """Should a change ever carry a key Certyo has seen for another record's change (as keys
+    made of queue ids did after a failover), Certyo answers it as a replay of that change. The
+    answer is not this change's receipt: the change becomes a dead letter that says so, the row
+    is not marked with the other record's hash, and the log says it loudly."""
+    cluster = Cluster(PRIMARY_DIR, free_port(), emulator.url)
+    try:
+        cluster.sql("""
+            CREATE EXTENSION certyo_cdc;
+            CREATE TABLE pairs (id int PRIMARY KEY, v text);
+            SELECT certyo.track('pairs');
+            INSERT INTO pairs VALUES (1, 'one');
+        """)
+        assert cluster.wait_drained(30)
+        key = cluster.sql("SELECT idempotency_key FROM certyo.receipt WHERE collection = 'public.pairs'")
+        log_offset = cluster.log_size()
+        for bulk in (False, True):  # one request for the change, then a bulk request
+            first = 2 if not bulk else 10
+            cluster.sql(f"""
+                BEGIN;
+                INSERT INTO pairs SELECT g, 'v' FROM generate_series({first}, {first + (20 if bulk else 0)}) g;
+                UPDATE certyo.queue SET idempotency_key = '{key}' WHERE record_id = '{first}';
+                COMMIT;
+            """)
+            assert wait_for(lambda: cluster.sql(
+                f"SELECT count(*) FROM certyo.delivery WHERE state = 'dead' AND record_id = '{first}'") == "1", 30)
+            dead = cluster.sql(f"SELECT last_status || '|' || last_error FROM certyo.delivery WHERE record_id = '{first}'")
+            assert dead.startswith('0|') and 'replay of record "1"' in dead, dead
+            assert cluster.sql(f"SELECT certyo_record_hash IS NULL FROM pairs WHERE id = {first}") == "t"
+        assert cluster.wait_drained(30)
+        assert cluster.sql("SELECT count(*) FROM pairs WHERE certyo_record_hash IS NOT NULL") == str(1 + 20), \
+            "the other changes of the bulk request were delivered"
+        assert "answered by Certyo as replays of other records' changes" in cluster.log_since(log_offset)
+    finally:
+        cluster.pg_ctl("-m", "immediate", "stop")
