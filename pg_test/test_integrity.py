@@ -7,6 +7,7 @@ Certyo emulator of conftest.py.
 
 Run:  CERTYO_EMULATOR=target/release/certyo-emulator python3 -m pytest -q pg_test/test_integrity.py
 """
+import threading
 from collections import Counter
 
 import pytest
@@ -118,5 +119,96 @@ def test_a_replay_of_another_change_is_kept_as_a_conflict_never_as_its_receipt(e
         assert cluster.sql("SELECT count(*) FROM pairs WHERE certyo_record_hash IS NOT NULL") == str(1 + 20), \
             "the other changes of the bulk request were delivered"
         assert "answered by Certyo as replays of other records' changes" in cluster.log_since(log_offset)
+    finally:
+        cluster.pg_ctl("-m", "immediate", "stop")
+
+
+def test_drop_extension_never_discards_undelivered_changes_unless_told(emulator):
+    """DROP EXTENSION with changes not yet delivered is refused (2BP01), naming how many and
+    what to do, and everything stays as it was; DROP EXTENSION ... CASCADE discards them with
+    a WARNING that counts them; with nothing undelivered a plain DROP EXTENSION just works."""
+    cluster = Cluster(PRIMARY_DIR, free_port(), emulator.url, "certyo.enabled = off")
+    try:
+        cluster.sql("""
+            CREATE EXTENSION certyo_cdc;
+            CREATE TABLE kept (id int PRIMARY KEY);
+            SELECT certyo.track('kept');
+            INSERT INTO kept SELECT g FROM generate_series(1, 30) g;
+        """)
+        refused = cluster.attempt_verbose("DROP EXTENSION certyo_cdc")
+        assert refused.sqlstates == ["2BP01"], refused
+        assert "would discard 30 captured change(s) not delivered to Certyo" in refused.stderr, refused
+        assert "DROP EXTENSION certyo_cdc CASCADE" in refused.stderr, refused
+        assert cluster.sql("SELECT count(*) FROM certyo.queue") == "30", "nothing was lost"
+        assert cluster.sql("SELECT count(*) FROM certyo.tracked_tables") == "1"
+
+        dropped = cluster.attempt_verbose("DROP EXTENSION certyo_cdc CASCADE")
+        assert dropped.returncode == 0, dropped
+        assert "CASCADE discards 30 captured change(s)" in dropped.stderr, dropped
+
+        cluster.sql("CREATE EXTENSION certyo_cdc")
+        assert cluster.attempt_verbose("DROP EXTENSION certyo_cdc").returncode == 0, "nothing to lose: dropped"
+    finally:
+        cluster.pg_ctl("-m", "immediate", "stop")
+
+
+def test_dropping_or_retyping_a_captured_column_replans_capture_under_writes(emulator):
+    """DROP COLUMN, DROP COLUMN ... CASCADE and ALTER COLUMN ... TYPE of business columns of a
+    tracked table, while a writer commits inserts: each statement succeeds, the capture trigger
+    stays (it was dropped by CASCADE, and the others were refused, before), every insert is
+    in Certyo exactly once, and the next change carries the new shape. DROP TRIGGER of the
+    capture trigger is refused; certyo.untrack() is the way to stop capture."""
+    cluster = Cluster(PRIMARY_DIR, free_port(), emulator.url)
+    try:
+        cluster.sql("""
+            CREATE EXTENSION certyo_cdc;
+            CREATE TABLE shapes (id int PRIMARY KEY, a text, b int, c numeric, d text);
+            SELECT certyo.track('shapes');
+            INSERT INTO shapes VALUES (1, 'a', 1, 1.5, 'd');
+        """)
+        failures = []
+
+        def write(statement):
+            try:
+                cluster.sql(statement)
+            except RuntimeError as e:
+                failures.append(e)
+
+        writer = threading.Thread(target=write, args=("""
+            DO $$
+            BEGIN
+                FOR i IN 2..400 LOOP
+                    INSERT INTO shapes (id, b) VALUES (i, i);
+                    COMMIT;
+                    PERFORM pg_sleep(0.01);
+                END LOOP;
+            END $$""",))
+        writer.start()
+        for statement in ("ALTER TABLE shapes DROP COLUMN a",
+                          "ALTER TABLE shapes ALTER COLUMN b TYPE bigint",
+                          "ALTER TABLE shapes DROP COLUMN c CASCADE",
+                          "ALTER TABLE shapes ALTER COLUMN d TYPE varchar(10), ADD COLUMN e int",
+                          "ALTER TABLE shapes DROP COLUMN d, DROP COLUMN e"):
+            done = cluster.attempt_verbose(statement)
+            assert done.returncode == 0, f"{statement}: {done}"
+        writer.join()
+        assert not failures, failures
+        assert cluster.sql("SELECT count(*) FROM certyo.tracked_tables WHERE capturing") == "1", "still captured"
+        assert cluster.sql("""SELECT array_agg(a.attname ORDER BY a.attnum) FROM pg_trigger t
+                                JOIN pg_attribute a ON a.attrelid = t.tgrelid AND a.attnum = ANY (t.tgattr)
+                               WHERE t.tgname = 'certyo_capture'""") == "{id,b}", "UPDATE OF the columns there are"
+        cluster.sql("UPDATE shapes SET b = 100 WHERE id = 1")
+        assert cluster.wait_drained(60)
+        records = [r for r in emulator.records() if r["collection"] == "public.shapes"]
+        versions = Counter(r["recordId"] for r in records)
+        assert versions == Counter({str(i): 2 if i == 1 else 1 for i in range(1, 401)}), \
+            f"missing {Counter({str(i): 1 for i in range(1, 401)}) - versions}"
+        latest = [r for r in records if r["recordId"] == "1"][-1]
+        assert latest["recordPayload"] == {"id": 1, "b": 100}, latest
+
+        refused = cluster.attempt_verbose("DROP TRIGGER certyo_capture ON shapes")
+        assert refused.sqlstates == ["2BP01"] and "certyo.untrack(" in refused.stderr, refused
+        assert cluster.sql("SELECT certyo.untrack('shapes')") == "t"
+        assert cluster.sql("SELECT count(*) FROM pg_trigger WHERE tgrelid = 'shapes'::regclass AND NOT tgisinternal") == "0"
     finally:
         cluster.pg_ctl("-m", "immediate", "stop")

@@ -9,6 +9,8 @@
 //! - [`delivery`]: the background worker that sends queued changes to Certyo, writes hashes
 //!   back, and verifies anchoring;
 //! - [`audit`]: the tamper audit, rows that differ from what was captured and accepted;
+//! - [`ddl_hook`]: checks before DDL that would lose changes or stop capture (`DROP EXTENSION`
+//!   with a backlog, dropping or retyping a captured column, `DROP TRIGGER` of capture);
 //! - [`certyo`]: the Certyo API client, which knows nothing of Postgres;
 //! - [`wake`]: the doorbell a committing writer rings for the worker;
 //! - [`error`]: the one error type, raised with an SQLSTATE, detail and hint;
@@ -24,6 +26,7 @@ mod audit;
 mod backfill;
 pub mod capture;
 pub mod certyo;
+mod ddl_hook;
 mod delivery;
 pub mod error;
 mod relation;
@@ -55,6 +58,7 @@ pub extern "C-unwind" fn _PG_init() {
     std::env::set_var("RUST_LIB_BACKTRACE", "0");
     delivery::settings::define(preloading);
     delivery::api_key::redact_from_log();
+    ddl_hook::install();
     if preloading {
         wake::init_shared_memory();
         // Not while pg_upgrade runs the server: nothing may write to the databases then.

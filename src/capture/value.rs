@@ -9,7 +9,10 @@
 //! - `date` → `YYYY-MM-DD`, `timestamp` → `YYYY-MM-DDTHH:MM:SS[.ffffff]`, `timestamptz` → the
 //!   same in UTC with a trailing `Z`, `interval` → ISO 8601 duration (`P1DT2H`);
 //! - `bytea` → the string `\x` followed by lowercase hex;
-//! - everything else (enums, uuid, inet, ranges, composites, …) → its text output, as a string.
+//! - everything else (enums, uuid, inet, ranges, composites, …) → its text output, as a string,
+//!   produced with the output settings pinned (`DateStyle = ISO, YMD`, `IntervalStyle =
+//!   iso_8601`, `TimeZone = UTC`, `extra_float_digits = 1`, `bytea_output = hex`), so that a
+//!   `tstzrange` or a composite holding a timestamp renders the same in every session.
 //!
 //! Values arrive as raw datums straight from the heap tuple; this module never calls SPI.
 
@@ -155,7 +158,9 @@ impl ValuePlan {
                 Shape::Text
             }
             ValuePlan::Output { func, literal } => {
+                let pinned = PinnedOutputSettings::pin();
                 let text = pg_sys::OutputFunctionCall(&**func as *const _ as *mut _, datum);
+                drop(pinned);
                 let bytes = CStr::from_ptr(text).to_bytes();
                 out.extend_from_slice(bytes);
                 // numeric's NaN/Infinity are not JSON numbers; jsonb output always is JSON.
@@ -234,6 +239,80 @@ impl ArrayPlan {
             *next += 1;
         }
         out.push(b']');
+    }
+}
+
+unsafe extern "C" {
+    /// `utils/bytea.h` (not bound by pgrx): the `bytea_output` setting.
+    static mut bytea_output: std::ffi::c_int;
+}
+
+/// `bytea_output = hex` (`BYTEA_OUTPUT_HEX` in `utils/bytea.h`).
+const BYTEA_OUTPUT_HEX: std::ffi::c_int = 1;
+
+/// The session settings that type output functions read, set to fixed values for as long as
+/// this lives and restored when it is dropped, also when the output function raises an error
+/// (the error unwinds through the drop). The globals are set directly, not through the GUC
+/// machinery: nothing else runs in between, and nothing is reported to the client.
+struct PinnedOutputSettings {
+    date_style: std::ffi::c_int,
+    date_order: std::ffi::c_int,
+    interval_style: std::ffi::c_int,
+    float_digits: std::ffi::c_int,
+    time_zone: *mut pg_sys::pg_tz,
+    bytea: std::ffi::c_int,
+}
+
+impl PinnedOutputSettings {
+    /// # Safety
+    /// In a backend's main thread; the value must be dropped before control returns to
+    /// Postgres.
+    unsafe fn pin() -> PinnedOutputSettings {
+        let saved = PinnedOutputSettings {
+            date_style: pg_sys::DateStyle,
+            date_order: pg_sys::DateOrder,
+            interval_style: pg_sys::IntervalStyle,
+            float_digits: pg_sys::extra_float_digits,
+            time_zone: pg_sys::session_timezone,
+            bytea: bytea_output,
+        };
+        pg_sys::DateStyle = pg_sys::USE_ISO_DATES as _;
+        pg_sys::DateOrder = pg_sys::DATEORDER_YMD as _;
+        pg_sys::IntervalStyle = pg_sys::INTSTYLE_ISO_8601 as _;
+        pg_sys::extra_float_digits = 1;
+        let utc = utc();
+        if !utc.is_null() {
+            pg_sys::session_timezone = utc;
+        }
+        bytea_output = BYTEA_OUTPUT_HEX;
+        saved
+    }
+}
+
+/// The UTC zone, looked up once per process (Postgres caches zones for the process's life).
+unsafe fn utc() -> *mut pg_sys::pg_tz {
+    thread_local! {
+        static UTC: std::cell::Cell<*mut pg_sys::pg_tz> = const { std::cell::Cell::new(std::ptr::null_mut()) };
+    }
+    UTC.with(|cell| {
+        if cell.get().is_null() {
+            cell.set(pg_sys::pg_tzset(c"UTC".as_ptr()));
+        }
+        cell.get()
+    })
+}
+
+impl Drop for PinnedOutputSettings {
+    fn drop(&mut self) {
+        // SAFETY: restores the globals `pin` saved, in the same thread.
+        unsafe {
+            pg_sys::DateStyle = self.date_style;
+            pg_sys::DateOrder = self.date_order;
+            pg_sys::IntervalStyle = self.interval_style;
+            pg_sys::extra_float_digits = self.float_digits;
+            pg_sys::session_timezone = self.time_zone;
+            bytea_output = self.bytea;
+        }
     }
 }
 

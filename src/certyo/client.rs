@@ -292,7 +292,7 @@ mod tests {
     #[test]
     fn a_replay_of_another_records_change_is_a_conflict_never_a_receipt() {
         let (_emulator, client) = setup(5000);
-        let mut reused = |id: &str| Record {
+        let reused = |id: &str| Record {
             idempotency_key: "key-used-twice".into(),
             ..record(id)
         };

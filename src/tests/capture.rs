@@ -162,6 +162,56 @@ mod tests {
     }
 
     #[pg_test]
+    fn values_rendered_by_output_functions_are_the_same_under_every_session_setting() {
+        sql("CREATE TYPE stamp AS (at timestamptz, span interval, raw bytea, ratio float8);
+             CREATE TABLE shaped (id int PRIMARY KEY, during tstzrange, days daterange, local tsrange,
+                 many tstzmultirange, stamp stamp, stamps stamp[], spot point, clock timetz);
+             SELECT certyo.track('shaped');");
+        let settings = [
+            "SET TimeZone = 'UTC'; SET DateStyle = 'ISO, YMD'; SET IntervalStyle = 'postgres';
+             SET extra_float_digits = 1; SET bytea_output = 'hex'",
+            "SET TimeZone = 'America/New_York'; SET DateStyle = 'SQL, DMY'; SET IntervalStyle = 'sql_standard';
+             SET extra_float_digits = 0; SET bytea_output = 'escape'",
+            "SET TimeZone = 'Asia/Kolkata'; SET DateStyle = 'German'; SET IntervalStyle = 'postgres_verbose';
+             SET extra_float_digits = 3; SET bytea_output = 'hex'",
+        ];
+        for (i, set) in settings.iter().enumerate() {
+            sql(&format!(
+                "{set}; INSERT INTO shaped VALUES ({}, '[2026-04-14 12:30:00+02, 2026-04-15 00:00:00+00)',
+                 '[2026-04-14,2026-05-01)', '(2026-04-14 10:30,)', '{{[2026-01-01 00:00+00, 2026-01-02 00:00+00)}}',
+                 ROW('2026-04-14 12:30:00+02', '1 day 02:00:00', '\\x00ff', 0.1)::stamp,
+                 ARRAY[ROW('2026-04-14 12:30:00+02', '-1 mons', '\\x01', 1e100)::stamp],
+                 point(0.1, 2.5), '10:30:00+02')",
+                i + 1
+            ));
+        }
+        // The session's own settings are untouched by the capture that pinned them.
+        assert_eq!(
+            one::<String>("SHOW DateStyle").as_deref(),
+            Some("German, DMY")
+        );
+        assert_eq!(
+            one::<String>("SELECT '1 day'::interval::text").as_deref(),
+            Some("@ 1 day")
+        );
+        let payloads: Vec<String> = queued()
+            .into_iter()
+            .map(|(_, id, payload)| payload.replacen(&format!("{{\"id\":{id},"), "{", 1))
+            .collect();
+        assert_eq!(
+            payloads[0], payloads[1],
+            "another TimeZone, DateStyle, IntervalStyle, ..."
+        );
+        assert_eq!(payloads[0], payloads[2], "a third combination");
+        assert!(
+            payloads[0]
+                .contains(r#""during":"[\"2026-04-14 10:30:00+00\",\"2026-04-15 00:00:00+00\")""#),
+            "{}",
+            payloads[0]
+        );
+    }
+
+    #[pg_test]
     fn column_names_are_kept_exactly_including_quotes_and_unicode() {
         sql(
             r#"CREATE TABLE "Odd ""Names""" ("Id" int PRIMARY KEY, "Straße" text, "a\b" int);

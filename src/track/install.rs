@@ -138,7 +138,25 @@ fn firing_mode(table: &Table) -> Result<Option<&'static str>> {
     })
 }
 
+thread_local! {
+    /// Set while `certyo.untrack()` drops the triggers: the one `DROP TRIGGER` of a capture
+    /// trigger that `crate::ddl_hook` lets through.
+    static UNTRACKING: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Is `certyo.untrack()` dropping the triggers right now?
+pub fn untracking() -> bool {
+    UNTRACKING.with(std::cell::Cell::get)
+}
+
 pub fn drop_triggers(table: &Table) -> Result<bool> {
+    UNTRACKING.with(|u| u.set(true));
+    let dropped = drop_both(table);
+    UNTRACKING.with(|u| u.set(false));
+    dropped
+}
+
+fn drop_both(table: &Table) -> Result<bool> {
     let tracked = Spi::get_one_with_args::<bool>(
         &format!(
             "SELECT EXISTS (SELECT FROM pg_trigger WHERE tgrelid = $1 AND tgname = {})",

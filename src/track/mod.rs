@@ -110,6 +110,61 @@ fn untrack_table(relid: Oid, drop_columns: bool) -> Result<bool> {
     Ok(was_tracked)
 }
 
+/// Before `ALTER TABLE ... DROP COLUMN` / `ALTER COLUMN ... TYPE` of `columns` on `relid` (and
+/// on its inheritors when the statement recurses), from `crate::ddl_hook`: each tracked
+/// table's capture trigger lets go of those columns (its `UPDATE OF` list without them), so the
+/// statement does not fail on the trigger's dependency and CASCADE cannot drop the trigger.
+/// When the statement ends, the DDL event trigger re-plans capture ([`refresh`]): the next
+/// change carries the new shape. Tables the user does not own are left to ALTER TABLE's own
+/// permission error.
+pub fn release_columns(relid: Oid, columns: &[String], recurse: bool) -> Result<()> {
+    let tables = Spi::get_one_with_args::<Vec<Oid>>(
+        "WITH RECURSIVE family(relid) AS (
+             SELECT $1::oid
+             UNION SELECT i.inhrelid FROM pg_catalog.pg_inherits i JOIN family f ON i.inhparent = f.relid WHERE $2)
+         SELECT pg_catalog.array_agg(f.relid) FROM family f
+           JOIN pg_catalog.pg_class c ON c.oid = f.relid
+          WHERE pg_catalog.pg_has_role(c.relowner, 'USAGE')",
+        &[relid.into(), recurse.into()],
+    )?
+    .unwrap_or_default();
+    for relid in tables {
+        let Some(options) = installed_options(relid)? else {
+            continue;
+        };
+        let table = Table::inspect(relid)?;
+        let definition = TriggerDefinition::new(&table, &options);
+        let kept: Vec<(i16, String)> = definition
+            .update_columns
+            .iter()
+            .filter(|(_, name)| !columns.contains(name))
+            .cloned()
+            .collect();
+        if kept.len() < definition.update_columns.len() {
+            TriggerDefinition {
+                update_columns: kept,
+                ..definition
+            }
+            .install(&table)?;
+        }
+    }
+    Ok(())
+}
+
+/// `DROP TRIGGER` of a capture trigger, from `crate::ddl_hook`: refused unless
+/// `certyo.untrack()` is the one dropping it. Capture never stops without a word.
+pub fn refuse_trigger_drop(trigger: &str) -> Result<()> {
+    if install::untracking() {
+        return Ok(());
+    }
+    Err(CertyoError::new(
+        PgSqlErrorCode::ERRCODE_DEPENDENT_OBJECTS_STILL_EXIST,
+        format!("certyo_cdc: trigger {trigger} is how certyo_cdc captures this table's changes"),
+    )
+    .detail("Dropping it would stop capture without a word: later changes would never reach Certyo.")
+    .hint("To stop capturing the table, call certyo.untrack('<table>'); to pause sending, certyo.pause()."))
+}
+
 /// After `ALTER TABLE` on a tracked table: re-validate the options against the new columns
 /// and rewrite the trigger if its `UPDATE OF` list or record id must change. A named column
 /// that is gone raises an error, which undoes the `ALTER TABLE` rather than capture breaking.

@@ -1,0 +1,232 @@
+//! What certyo_cdc checks before a utility statement runs, where an event trigger would be too
+//! late (the statement has failed on, or already dropped, what capture needs):
+//! - `DROP EXTENSION certyo_cdc` takes the queue and the worker's tables with it. Changes that
+//!   were captured but not yet delivered exist nowhere else, so a plain `DROP EXTENSION` with
+//!   such changes is refused, naming how many and what to do; `DROP EXTENSION ... CASCADE`
+//!   discards them, with a WARNING that counts them.
+//! - `ALTER TABLE ... DROP COLUMN` / `ALTER COLUMN ... TYPE` of a business column of a tracked
+//!   table: the column leaves the capture trigger's `UPDATE OF` list first, so the statement
+//!   neither fails on the trigger's dependency nor (with CASCADE) drops the trigger; the DDL
+//!   event trigger re-plans capture when the statement ends (see `crate::track`).
+//! - `DROP TRIGGER` of a capture trigger is refused: `certyo.untrack()` stops capture.
+//!
+//! A `ProcessUtility_hook`, installed whenever the library is loaded: with the library
+//! preloaded (as delivery needs) every session has it. A session that never loaded the library
+//! runs these statements unchecked, as without the extension.
+
+use crate::error::{CertyoError, OrRaise};
+use pgrx::pg_sys;
+use pgrx::prelude::*;
+use pgrx::PgSqlErrorCode;
+use std::ffi::CStr;
+
+static mut PREVIOUS: pg_sys::ProcessUtility_hook_type = None;
+
+/// From `_PG_init`: put the check in front of every utility statement.
+pub fn install() {
+    // SAFETY: `_PG_init` runs once per process, in its main thread, before any statement; the
+    // hook that was there is kept and called after ours.
+    unsafe {
+        PREVIOUS = pg_sys::ProcessUtility_hook;
+        pg_sys::ProcessUtility_hook = Some(process_utility);
+    }
+}
+
+#[pg_guard]
+#[allow(clippy::too_many_arguments)]
+unsafe extern "C-unwind" fn process_utility(
+    pstmt: *mut pg_sys::PlannedStmt,
+    query: *const std::ffi::c_char,
+    read_only_tree: bool,
+    context: pg_sys::ProcessUtilityContext::Type,
+    params: pg_sys::ParamListInfo,
+    env: *mut pg_sys::QueryEnvironment,
+    dest: *mut pg_sys::DestReceiver,
+    qc: *mut pg_sys::QueryCompletion,
+) {
+    // SAFETY: Postgres passes a valid planned utility statement.
+    let statement = unsafe { (*pstmt).utilityStmt };
+    // SAFETY: `statement` is null or a valid parse node, read-only here.
+    unsafe {
+        if let Some(cascade) = drops_this_extension(statement) {
+            check_backlog(cascade);
+        }
+        if let Some((relid, columns, recurse)) = alters_column_types_or_drops(statement) {
+            crate::track::release_columns(relid, &columns, recurse).or_raise();
+        }
+        if let Some(trigger) = drops_a_capture_trigger(statement) {
+            crate::track::refuse_trigger_drop(&trigger).or_raise();
+        }
+    }
+    // SAFETY: the arguments are passed on as received, to the previous hook or the standard
+    // implementation, as every ProcessUtility hook must.
+    unsafe {
+        match PREVIOUS {
+            Some(previous) => {
+                previous(pstmt, query, read_only_tree, context, params, env, dest, qc)
+            }
+            None => pg_sys::standard_ProcessUtility(
+                pstmt,
+                query,
+                read_only_tree,
+                context,
+                params,
+                env,
+                dest,
+                qc,
+            ),
+        }
+    }
+}
+
+/// `Some(cascade)` when `stmt` is a `DROP EXTENSION` naming certyo_cdc.
+///
+/// # Safety
+/// `stmt` is null or a valid parse node.
+unsafe fn drops_this_extension(stmt: *mut pg_sys::Node) -> Option<bool> {
+    if stmt.is_null() || (*stmt).type_ != pg_sys::NodeTag::T_DropStmt {
+        return None;
+    }
+    let drop = stmt.cast::<pg_sys::DropStmt>();
+    if (*drop).removeType != pg_sys::ObjectType::OBJECT_EXTENSION {
+        return None;
+    }
+    let names = pgrx::PgList::<pg_sys::Node>::from_pg((*drop).objects);
+    let ours = names.iter_ptr().any(|name| {
+        !name.is_null()
+            && (*name).type_ == pg_sys::NodeTag::T_String
+            && CStr::from_ptr((*name.cast::<pg_sys::String>()).sval) == c"certyo_cdc"
+    });
+    ours.then(|| (*drop).behavior == pg_sys::DropBehavior::DROP_CASCADE)
+}
+
+/// `Some((table, columns, recurse))` for an `ALTER TABLE` that drops or retypes `columns`.
+///
+/// # Safety
+/// `stmt` is null or a valid parse node.
+unsafe fn alters_column_types_or_drops(
+    stmt: *mut pg_sys::Node,
+) -> Option<(pg_sys::Oid, Vec<String>, bool)> {
+    if stmt.is_null() || (*stmt).type_ != pg_sys::NodeTag::T_AlterTableStmt {
+        return None;
+    }
+    let alter = stmt.cast::<pg_sys::AlterTableStmt>();
+    if (*alter).objtype != pg_sys::ObjectType::OBJECT_TABLE || (*alter).relation.is_null() {
+        return None;
+    }
+    let commands = pgrx::PgList::<pg_sys::AlterTableCmd>::from_pg((*alter).cmds);
+    let columns: Vec<String> = commands
+        .iter_ptr()
+        .filter(|cmd| {
+            !cmd.is_null()
+                && !(**cmd).name.is_null()
+                && matches!(
+                    (**cmd).subtype,
+                    pg_sys::AlterTableType::AT_DropColumn
+                        | pg_sys::AlterTableType::AT_AlterColumnType
+                )
+        })
+        .map(|cmd| CStr::from_ptr((*cmd).name).to_string_lossy().into_owned())
+        .collect();
+    if columns.is_empty() {
+        return None;
+    }
+    // Resolved without a lock: ALTER TABLE locks the table itself, and a name that resolves
+    // to nothing or to an untracked table leaves nothing to do here.
+    let relid = pg_sys::RangeVarGetRelidExtended(
+        (*alter).relation,
+        pg_sys::NoLock as pg_sys::LOCKMODE,
+        pg_sys::RVROption::RVR_MISSING_OK,
+        None,
+        std::ptr::null_mut(),
+    );
+    (relid != pg_sys::InvalidOid).then(|| (relid, columns, (*(*alter).relation).inh))
+}
+
+/// The trigger's name when `stmt` is a `DROP TRIGGER` of a capture trigger (or its TRUNCATE
+/// guard).
+///
+/// # Safety
+/// `stmt` is null or a valid parse node.
+unsafe fn drops_a_capture_trigger(stmt: *mut pg_sys::Node) -> Option<String> {
+    if stmt.is_null() || (*stmt).type_ != pg_sys::NodeTag::T_DropStmt {
+        return None;
+    }
+    let drop = stmt.cast::<pg_sys::DropStmt>();
+    if (*drop).removeType != pg_sys::ObjectType::OBJECT_TRIGGER {
+        return None;
+    }
+    // Each object is a list of names: [schema,] table, trigger.
+    let objects = pgrx::PgList::<pg_sys::List>::from_pg((*drop).objects);
+    let found = objects.iter_ptr().find_map(|names| {
+        let names = pgrx::PgList::<pg_sys::Node>::from_pg(names);
+        let last = names.get_ptr(names.len().checked_sub(1)?)?;
+        if (*last).type_ != pg_sys::NodeTag::T_String {
+            return None;
+        }
+        let name = CStr::from_ptr((*last.cast::<pg_sys::String>()).sval)
+            .to_str()
+            .ok()?;
+        [
+            crate::capture::CAPTURE_TRIGGER,
+            crate::capture::TRUNCATE_TRIGGER,
+        ]
+        .contains(&name)
+        .then(|| name.to_string())
+    });
+    found
+}
+
+/// Refuse (RESTRICT) or warn (CASCADE) when changes would be discarded.
+fn check_backlog(cascade: bool) {
+    let Some((pending, dead)) = undelivered() else {
+        return;
+    };
+    let total = pending + dead;
+    if total == 0 {
+        return;
+    }
+    let what = format!(
+        "{total} captured change(s) not delivered to Certyo ({pending} waiting to be sent, {dead} dead letter(s))"
+    );
+    if cascade {
+        pgrx::warning!("certyo_cdc: DROP EXTENSION ... CASCADE discards {what}");
+        return;
+    }
+    Err::<(), _>(
+        CertyoError::new(
+            PgSqlErrorCode::ERRCODE_DEPENDENT_OBJECTS_STILL_EXIST,
+            format!("certyo_cdc: DROP EXTENSION would discard {what}"),
+        )
+        .detail("They exist only in this database's certyo.queue and certyo.delivery.")
+        .hint("Wait until SELECT pending FROM certyo.worker_status() returns 0 and settle dead letters (certyo.retry() or DELETE FROM certyo.delivery WHERE state = 'dead'), or discard them with DROP EXTENSION certyo_cdc CASCADE."),
+    )
+    .or_raise()
+}
+
+/// (pending, dead letters) in this database, or None when the extension or its tables are
+/// not there (a drop of a broken installation is never blocked).
+fn undelivered() -> Option<(i64, i64)> {
+    // SAFETY: a catalog lookup inside the statement's transaction.
+    let installed =
+        unsafe { pg_sys::get_extension_oid(c"certyo_cdc".as_ptr(), true) } != pg_sys::InvalidOid;
+    if !installed {
+        return None;
+    }
+    let counted = crate::error::in_subtransaction(|| {
+        crate::rights::as_superuser(|| {
+            Spi::get_two::<i64, i64>(
+                // In the dropping session, whose search_path is its own: every name qualified.
+                "SELECT (SELECT pg_catalog.count(*) FROM certyo.queue)
+                        OPERATOR(pg_catalog.+) (SELECT pg_catalog.count(*) FROM certyo.delivery
+                                                 WHERE state OPERATOR(pg_catalog.=) 'pending'),
+                        (SELECT pg_catalog.count(*) FROM certyo.delivery
+                          WHERE state OPERATOR(pg_catalog.=) 'dead')",
+            )
+        })
+    });
+    match counted {
+        Ok(Ok((Some(pending), Some(dead)))) => Some((pending, dead)),
+        _ => None,
+    }
+}
