@@ -101,6 +101,63 @@ CREATE INDEX backfills_open ON certyo.backfills (id) WHERE state IN ('queued', '
 SELECT pg_catalog.pg_extension_config_dump('certyo.backfills', '');
 SELECT pg_catalog.pg_extension_config_dump('certyo.backfills_id_seq', '');
 
+-- Which installation of the extension wrote the OIDs (relid) in the queue, delivery and
+-- receipt tables. pg_dump carries these tables' rows, but a restore gives every table a new
+-- OID: when the extension OID recorded here is not the running extension's, the rows came
+-- from a dump, and certyo.relink_restored() finds each table again by the name its changes
+-- were captured under (collection). A restore adds the dumped row to the one written here.
+CREATE TABLE certyo.installation (
+    extension_oid oid NOT NULL
+);
+INSERT INTO certyo.installation
+    SELECT e.oid FROM pg_catalog.pg_extension e WHERE e.extname = 'certyo_cdc';
+SELECT pg_catalog.pg_extension_config_dump('certyo.installation', '');
+
+-- After a restore (see certyo.installation): point the restored rows at the tables' new OIDs,
+-- matching each by its schema-qualified name among the tracked tables. Rows of a table that
+-- is not tracked under that name in this database keep their old OID. Returns how many rows
+-- were relinked; called by the worker when it notices a restore, and by certyo.history() and
+-- certyo.audit(), so both work even before the worker has run.
+CREATE FUNCTION certyo.tracked_oids() RETURNS TABLE (relid oid, collection text)
+LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $$
+    SELECT c.oid, n.nspname || '.' || c.relname
+      FROM pg_class c
+      JOIN pg_namespace n ON n.oid = c.relnamespace
+      JOIN pg_trigger t ON t.tgrelid = c.oid AND t.tgname = 'certyo_capture'
+$$;
+REVOKE ALL ON FUNCTION certyo.tracked_oids() FROM PUBLIC;
+
+CREATE FUNCTION certyo.relink_restored() RETURNS bigint
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    running oid := (SELECT e.oid FROM pg_extension e WHERE e.extname = 'certyo_cdc');
+    relinked bigint := 0;
+    n bigint;
+BEGIN
+    IF NOT EXISTS (SELECT FROM certyo.installation i WHERE i.extension_oid <> running)
+       AND EXISTS (SELECT FROM certyo.installation) THEN
+        RETURN 0;
+    END IF;
+    LOCK TABLE certyo.installation IN EXCLUSIVE MODE;
+    IF EXISTS (SELECT FROM certyo.installation i WHERE i.extension_oid <> running) THEN
+        UPDATE certyo.queue q SET relid = t.relid FROM certyo.tracked_oids() t
+         WHERE q.collection = t.collection AND q.relid <> t.relid;
+        GET DIAGNOSTICS n = ROW_COUNT; relinked := relinked + n;
+        UPDATE certyo.delivery d SET relid = t.relid FROM certyo.tracked_oids() t
+         WHERE d.collection = t.collection AND d.relid <> t.relid;
+        GET DIAGNOSTICS n = ROW_COUNT; relinked := relinked + n;
+        UPDATE certyo.receipt r SET relid = t.relid FROM certyo.tracked_oids() t
+         WHERE r.collection = t.collection AND r.relid <> t.relid;
+        GET DIAGNOSTICS n = ROW_COUNT; relinked := relinked + n;
+        RAISE LOG 'certyo_cdc: restored from a dump: % queued, delivered and accepted changes relinked to their tables', relinked;
+    END IF;
+    DELETE FROM certyo.installation;
+    INSERT INTO certyo.installation VALUES (running);
+    RETURN relinked;
+END
+$$;
+REVOKE ALL ON FUNCTION certyo.relink_restored() FROM PUBLIC;
+
 -- What the worker last said about itself (read through certyo.worker_status()), and the
 -- operator's pause switch, which survives restarts.
 CREATE TABLE certyo.worker_state (

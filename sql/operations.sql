@@ -171,7 +171,8 @@ RETURNS TABLE (id bigint, operation text, source_timestamp timestamptz, queued_a
                state text, attempts integer, last_error text, accepted_at timestamptz,
                record_hash text, replayed boolean, anchor_status text, polygon_tx_hash text,
                anchored_at timestamptz, last_verified_at timestamptz)
-LANGUAGE sql STABLE STRICT SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+LANGUAGE sql VOLATILE STRICT SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+    SELECT certyo.relink_restored();  -- a restored database's rows find their tables first
     SELECT * FROM (
         SELECT q.id, q.operation, q.source_timestamp, q.queued_at, 'queued', 0, NULL::text,
                NULL::timestamptz, NULL::text, NULL::boolean, NULL::text, NULL::text, NULL::timestamptz, NULL::timestamptz

@@ -49,6 +49,8 @@ fn audit(
 }
 
 fn findings(relid: Oid) -> Result<Vec<Finding>> {
+    // A restored database's rows find their tables first (see certyo.relink_restored()).
+    Spi::run("SELECT certyo.relink_restored()")?;
     let Some(options) = crate::track::installed_options(relid)? else {
         return Err(CertyoError::new(
             PgSqlErrorCode::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,

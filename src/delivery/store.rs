@@ -48,10 +48,18 @@ pub fn control() -> SpiResult<Option<Control>> {
         if !installed {
             return Ok(None);
         }
-        let (paused, backfill_open) = Spi::get_two::<bool, bool>(
+        let (paused, backfill_open, restored) = Spi::get_three::<bool, bool, bool>(
             "SELECT (SELECT paused FROM certyo.worker_state LIMIT 1),
-                    EXISTS (SELECT FROM certyo.backfills WHERE state IN ('queued', 'running'))",
+                    EXISTS (SELECT FROM certyo.backfills WHERE state IN ('queued', 'running')),
+                    EXISTS (SELECT FROM certyo.installation i, pg_extension e
+                             WHERE e.extname = 'certyo_cdc' AND i.extension_oid <> e.oid)
+                    OR NOT EXISTS (SELECT FROM certyo.installation)",
         )?;
+        if restored.unwrap_or(false) {
+            // Rows restored from a dump carry the old tables' OIDs: relink them before any
+            // is sent or written back (see certyo.relink_restored() in sql/delivery.sql).
+            Spi::run("SELECT certyo.relink_restored()")?;
+        }
         Ok(Some(Control {
             paused: paused.unwrap_or(false),
             backfill_open: backfill_open.unwrap_or(false),
