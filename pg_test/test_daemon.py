@@ -395,8 +395,12 @@ def test_soak_mixed_writes_with_faults(cluster, emulator):
             rss_start = worker_rss_kib(cluster)  # after warm-up: caches and plans in place
         samples.append(worker_rss_kib(cluster))
         # Faults as a real service has them: one at a time, the next only once the last was
-        # met (queued faults would wait for requests the worker, rightly, no longer sends).
-        if emulator.stats()["faultsServed"] - served_before >= expected_served:
+        # met (queued faults would wait for requests the worker, rightly, no longer sends)
+        # and the service has been seen answering again. (Faults injected during an outage
+        # would each fail one probe, keep the outage going and its probes ever further apart,
+        # up to certyo's 5-minute cap: a service that never recovers.)
+        recovered = cluster.sql("SELECT state FROM certyo.worker_status()") != "unreachable"
+        if recovered and emulator.stats()["faultsServed"] - served_before >= expected_served:
             fault, extra = faults[step % len(faults)]
             emulator.fault(fault, **extra)
             expected_served += extra.get("times", 0)

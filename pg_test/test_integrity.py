@@ -269,3 +269,67 @@ def test_dump_and_restore_keeps_history_and_audit_and_delivery_goes_on(emulator)
                     cluster.pg_ctl("-m", "immediate", "stop")
                 except Exception:
                     pass
+
+
+def test_a_partitioned_table_is_tracked_with_its_partitions_present_and_future(emulator):
+    """track() on a partitioned table captures every partition under the table's one name:
+    partitions there before, created after, attached; writes through the table and straight
+    into a partition; DDL on the table (a new column, a renamed column) keeps capture right. A
+    detached partition is no longer captured. Tracking a partition itself, or a table with
+    inheritance children (whose rows its triggers never see), is refused with the way out."""
+    cluster = Cluster(PRIMARY_DIR, free_port(), emulator.url)
+    try:
+        cluster.sql("""
+            CREATE EXTENSION certyo_cdc;
+            CREATE TABLE events (id int, region text, v text, PRIMARY KEY (id, region)) PARTITION BY LIST (region);
+            CREATE TABLE events_eu PARTITION OF events FOR VALUES IN ('eu');
+            INSERT INTO events VALUES (1, 'eu', 'before tracking');
+            SELECT certyo.track('events', backfill => true);
+            CREATE TABLE events_us PARTITION OF events FOR VALUES IN ('us');
+            CREATE TABLE events_apac (id int NOT NULL, region text NOT NULL, v text);  -- no bookkeeping columns
+            ALTER TABLE events ATTACH PARTITION events_apac FOR VALUES IN ('apac');
+            INSERT INTO events VALUES (2, 'eu', 'a'), (3, 'us', 'b'), (4, 'apac', 'c');
+            INSERT INTO events_us VALUES (5, 'us', 'straight into the partition');
+            UPDATE events SET v = 'changed' WHERE id = 2;
+            DELETE FROM events WHERE id = 3;
+        """)
+        assert cluster.wait_drained(30)
+        assert cluster.sql("SELECT count(*) FROM events WHERE certyo_record_hash IS NULL") == "0", "written back"
+        assert cluster.sql("SELECT count(*) FROM certyo.audit('events')") == "0", "audit reads every partition"
+        assert cluster.sql("SELECT string_agg(operation, ',' ORDER BY id) FROM certyo.history('events', '2/eu')") \
+            == "insert,update"
+        cluster.sql("""
+            ALTER TABLE events ADD COLUMN note text;
+            UPDATE events SET note = 'noted' WHERE id = 4;
+            ALTER TABLE events RENAME COLUMN v TO val;
+            INSERT INTO events VALUES (6, 'apac', 'after the rename');
+        """)
+        assert cluster.sql("SELECT string_agg(\"table\"::text, ',') FROM certyo.tracked_tables") == "events"
+        assert cluster.wait_drained(30)
+        records = [r for r in emulator.records() if r["collection"] == "public.events"]
+        seen = Counter((r["recordId"], r["operationType"]) for r in records)
+        assert seen == Counter({("1/eu", "upsert"): 1, ("2/eu", "insert"): 1, ("3/us", "insert"): 1,
+                                ("4/apac", "insert"): 1, ("5/us", "insert"): 1, ("2/eu", "update"): 1,
+                                ("3/us", "delete"): 1, ("4/apac", "update"): 1, ("6/apac", "insert"): 1}), seen
+        last = {r["recordId"]: r["recordPayload"] for r in records}
+        assert last["4/apac"] == {"id": 4, "region": "apac", "v": "c", "note": "noted"}, last["4/apac"]
+        assert last["6/apac"] == {"id": 6, "region": "apac", "val": "after the rename", "note": None}, last["6/apac"]
+        assert cluster.sql("SELECT certyo_record_hash IS NOT NULL FROM events WHERE id = 6") == "t"
+
+        cluster.sql("ALTER TABLE events DETACH PARTITION events_apac")
+        assert cluster.sql("SELECT count(*) FROM pg_trigger WHERE tgrelid = 'events_apac'::regclass "
+                           "AND tgname = 'certyo_capture'") == "0", "a detached partition is not captured"
+
+        refused = cluster.attempt_verbose("SELECT certyo.track('events_eu')")
+        assert refused.sqlstates == ["42809"] and "certyo.track('events')" in refused.stderr, refused
+        cluster.sql("CREATE TABLE base (id int PRIMARY KEY); CREATE TABLE kid () INHERITS (base)")
+        refused = cluster.attempt_verbose("SELECT certyo.track('base')")
+        assert refused.sqlstates == ["0A000"] and "inheritance children (kid)" in refused.stderr, refused
+        cluster.sql("CREATE TABLE plain (id int PRIMARY KEY); SELECT certyo.track('plain')")
+        for statement in ("CREATE TABLE sub () INHERITS (plain)",
+                          "CREATE TABLE sub (id int); ALTER TABLE sub INHERIT plain"):
+            refused = cluster.attempt_verbose(statement)
+            assert refused.sqlstates == ["0A000"] and "PARTITION OF plain" in refused.stderr, refused
+            cluster.sql("DROP TABLE IF EXISTS sub")
+    finally:
+        cluster.pg_ctl("-m", "immediate", "stop")

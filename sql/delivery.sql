@@ -123,7 +123,7 @@ LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $$
     SELECT c.oid, n.nspname || '.' || c.relname
       FROM pg_class c
       JOIN pg_namespace n ON n.oid = c.relnamespace
-      JOIN pg_trigger t ON t.tgrelid = c.oid AND t.tgname = 'certyo_capture'
+      JOIN pg_trigger t ON t.tgrelid = c.oid AND t.tgname = 'certyo_capture' AND t.tgparentid = 0
 $$;
 REVOKE ALL ON FUNCTION certyo.tracked_oids() FROM PUBLIC;
 

@@ -70,7 +70,8 @@ SELECT t.tgrelid::regclass                                        AS "table",
        (certyo.capture_option(t.tgargs, 'timestamp'))[1]::name    AS timestamp_column,
        t.tgenabled <> 'D'                                         AS capturing
   FROM pg_catalog.pg_trigger t
- WHERE t.tgname = 'certyo_capture' AND t.tgfoid = 'certyo.capture()'::regprocedure;
+ WHERE t.tgname = 'certyo_capture' AND t.tgfoid = 'certyo.capture()'::regprocedure
+   AND t.tgparentid = 0;  -- not the clones on a tracked partitioned table's partitions
 GRANT SELECT ON certyo.tracked_tables TO PUBLIC;
 
 -- Keep capture triggers current after ALTER TABLE: a new column joins the UPDATE OF list, a new
@@ -87,6 +88,7 @@ BEGIN
         SELECT DISTINCT c.objid
           FROM pg_catalog.pg_event_trigger_ddl_commands() c
           JOIN pg_catalog.pg_trigger t ON t.tgrelid = c.objid AND t.tgname = 'certyo_capture'
+                                       AND t.tgparentid = 0
          WHERE c.classid = 'pg_catalog.pg_class'::regclass
     LOOP
         PERFORM certyo.refresh_capture_trigger(altered::regclass);

@@ -9,6 +9,10 @@
 //!   neither fails on the trigger's dependency nor (with CASCADE) drops the trigger; the DDL
 //!   event trigger re-plans capture when the statement ends (see `crate::track`).
 //! - `DROP TRIGGER` of a capture trigger is refused: `certyo.untrack()` stops capture.
+//! - `ATTACH PARTITION` to a tracked partitioned table gives the new partition the bookkeeping
+//!   columns first (the partition must have every column of the table); inheriting from a
+//!   tracked table (`INHERITS`, `INHERIT`) is refused: the parent's triggers never see the
+//!   child's rows.
 //!
 //! A `ProcessUtility_hook`, installed whenever the library is loaded: with the library
 //! preloaded (as delivery needs) every session has it. A session that never loaded the library
@@ -56,6 +60,13 @@ unsafe extern "C-unwind" fn process_utility(
         }
         if let Some(trigger) = drops_a_capture_trigger(statement) {
             crate::track::refuse_trigger_drop(&trigger).or_raise();
+        }
+        for (parent, child) in attaches_or_inherits(statement) {
+            match child {
+                Attach::Partition(child) => crate::track::before_attach(parent, child),
+                Attach::Inheritance => crate::track::refuse_inheriting_from(parent),
+            }
+            .or_raise();
         }
     }
     // SAFETY: the arguments are passed on as received, to the previous hook or the standard
@@ -141,6 +152,74 @@ unsafe fn alters_column_types_or_drops(
         std::ptr::null_mut(),
     );
     (relid != pg_sys::InvalidOid).then(|| (relid, columns, (*(*alter).relation).inh))
+}
+
+/// How a table comes under another.
+enum Attach {
+    /// `ALTER TABLE parent ATTACH PARTITION child`.
+    Partition(pg_sys::Oid),
+    /// `CREATE TABLE ... INHERITS (parent)` or `ALTER TABLE ... INHERIT parent`.
+    Inheritance,
+}
+
+/// The (parent, how) pairs of a statement that attaches a partition or makes a table inherit.
+///
+/// # Safety
+/// `stmt` is null or a valid parse node.
+unsafe fn attaches_or_inherits(stmt: *mut pg_sys::Node) -> Vec<(pg_sys::Oid, Attach)> {
+    let resolve = |name: *mut pg_sys::RangeVar| {
+        let relid = pg_sys::RangeVarGetRelidExtended(
+            name,
+            pg_sys::NoLock as pg_sys::LOCKMODE,
+            pg_sys::RVROption::RVR_MISSING_OK,
+            None,
+            std::ptr::null_mut(),
+        );
+        (relid != pg_sys::InvalidOid).then_some(relid)
+    };
+    let mut found = Vec::new();
+    if stmt.is_null() {
+        return found;
+    }
+    if (*stmt).type_ == pg_sys::NodeTag::T_CreateStmt {
+        let create = stmt.cast::<pg_sys::CreateStmt>();
+        if (*create).partbound.is_null() {
+            let parents = pgrx::PgList::<pg_sys::RangeVar>::from_pg((*create).inhRelations);
+            for parent in parents.iter_ptr() {
+                if let Some(parent) = resolve(parent) {
+                    found.push((parent, Attach::Inheritance));
+                }
+            }
+        }
+    } else if (*stmt).type_ == pg_sys::NodeTag::T_AlterTableStmt {
+        let alter = stmt.cast::<pg_sys::AlterTableStmt>();
+        if (*alter).relation.is_null() {
+            return found;
+        }
+        let commands = pgrx::PgList::<pg_sys::AlterTableCmd>::from_pg((*alter).cmds);
+        for cmd in commands.iter_ptr() {
+            if cmd.is_null() || (*cmd).def.is_null() {
+                continue;
+            }
+            match (*cmd).subtype {
+                pg_sys::AlterTableType::AT_AttachPartition => {
+                    let partition = (*cmd).def.cast::<pg_sys::PartitionCmd>();
+                    if let (Some(parent), Some(child)) =
+                        (resolve((*alter).relation), resolve((*partition).name))
+                    {
+                        found.push((parent, Attach::Partition(child)));
+                    }
+                }
+                pg_sys::AlterTableType::AT_AddInherit => {
+                    if let Some(parent) = resolve((*cmd).def.cast::<pg_sys::RangeVar>()) {
+                        found.push((parent, Attach::Inheritance));
+                    }
+                }
+                _ => {}
+            }
+        }
+    }
+    found
 }
 
 /// The trigger's name when `stmt` is a `DROP TRIGGER` of a capture trigger (or its TRUNCATE

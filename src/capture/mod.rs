@@ -76,7 +76,7 @@ unsafe fn fire(fcinfo: pg_sys::FunctionCallInfo) -> Result<()> {
     let rel = data.tg_relation;
     let plan = plan::for_relation(rel, || trigger_args(data.tg_trigger))?;
     let tupdesc = (*rel).rd_att;
-    let relid = (*rel).rd_id;
+    let relid = plan.relid; // for a partition, the tracked partitioned table
     let enqueue = |operation: Operation, row: &Row| -> Result<()> {
         let change = plan.change(operation, row)?;
         queue::append(relid, &plan.collection, &change).map(|_| ())

@@ -34,7 +34,10 @@ pub enum TimestampColumn {
 }
 
 pub struct TablePlan {
-    /// `schema.table`, as Certyo's `collection`.
+    /// The tracked table: the relation itself, or for a partition of a tracked partitioned
+    /// table, that table. Its OID goes with every change (write-back, history, audit).
+    pub relid: Oid,
+    /// `schema.table` of the tracked table, as Certyo's `collection`.
     pub collection: String,
     pub natts: usize,
     /// Business columns in table order: everything but bookkeeping and excluded columns.
@@ -58,7 +61,8 @@ impl TablePlan {
                 .to_string_lossy()
                 .into_owned()
         };
-        let table = qualified_name(rel);
+        let tracked = tracked_table(rel)?;
+        let table = tracked.name.clone();
 
         let mut payload: Vec<Column> = Vec::new();
         for (index, attribute) in attributes.iter().enumerate() {
@@ -85,6 +89,24 @@ impl TablePlan {
                 generated: attribute.attgenerated != 0,
                 name,
             });
+        }
+        // A partition renders its columns in the tracked table's order (an attached partition
+        // may order them otherwise), so that a row renders the same whichever way it is read.
+        if let Some(order) = &tracked.column_order {
+            payload.sort_by_key(|c| {
+                order
+                    .iter()
+                    .position(|n| *n == c.name)
+                    .unwrap_or(usize::MAX)
+            });
+            for (i, column) in payload.iter_mut().enumerate() {
+                column.key.clear();
+                if i > 0 {
+                    column.key.push(b',');
+                }
+                write_json_string(column.name.as_bytes(), &mut column.key);
+                column.key.push(b':');
+            }
         }
         for excluded in &options.exclude_columns {
             if !attributes
@@ -121,6 +143,7 @@ impl TablePlan {
             }
         };
         Ok(TablePlan {
+            relid: tracked.relid,
             collection: table,
             natts,
             payload,
@@ -140,6 +163,56 @@ pub unsafe fn timestamp_column(index: usize, typid: Oid) -> Option<TimestampColu
         Ok(BuiltinOid::TIMESTAMPOID) => Some(TimestampColumn::WithoutTimeZone(index)),
         _ => None,
     }
+}
+
+/// The table whose tracking a relation's capture trigger carries out.
+struct Tracked {
+    relid: Oid,
+    name: String,
+    /// For a partition: the tracked table's column names in its order.
+    column_order: Option<Vec<String>>,
+}
+
+/// `rel` itself, or, for a partition, the partitioned table its capture trigger was cloned
+/// from (the ancestor whose trigger is not a clone). Read once per plan.
+///
+/// # Safety
+/// `rel` must be an open relation, inside a transaction.
+unsafe fn tracked_table(rel: pg_sys::Relation) -> Result<Tracked> {
+    let own = Tracked {
+        relid: (*rel).rd_id,
+        name: qualified_name(rel),
+        column_order: None,
+    };
+    if !(*(*rel).rd_rel).relispartition {
+        return Ok(own);
+    }
+    let root = pgrx::Spi::get_one_with_args::<Oid>(
+        "SELECT t.tgrelid FROM pg_catalog.pg_partition_ancestors($1) a
+           JOIN pg_catalog.pg_trigger t ON t.tgrelid = a.relid
+          WHERE t.tgname = 'certyo_capture' AND t.tgparentid = 0 LIMIT 1",
+        &[own.relid.into()],
+    )?;
+    let Some(root) = root.filter(|r| *r != own.relid) else {
+        return Ok(own);
+    };
+    let opened = crate::relation::OpenRelation::open(root, pg_sys::AccessShareLock);
+    let root_rel = opened.get();
+    let desc = (*root_rel).rd_att;
+    let order = (0..(*desc).natts as usize)
+        .map(|i| &*(*desc).attrs.as_ptr().add(i))
+        .filter(|a| !a.attisdropped)
+        .map(|a| {
+            CStr::from_ptr(a.attname.data.as_ptr())
+                .to_string_lossy()
+                .into_owned()
+        })
+        .collect();
+    Ok(Tracked {
+        relid: root,
+        name: qualified_name(root_rel),
+        column_order: Some(order),
+    })
 }
 
 /// `schema.table` of an open relation, unquoted (Certyo's `collection`).
@@ -203,7 +276,8 @@ pub fn forget(relid: Oid) {
             true
         }
         Ok(mut plans) => {
-            plans.remove(&relid);
+            // Also the plans of partitions that render for this (tracked) table.
+            plans.retain(|own, plan| *own != relid && plan.relid != relid);
             true
         }
         Err(_) => false,

@@ -20,11 +20,37 @@ pub enum Snapshot {
 }
 
 /// Call `each` with the change of every row; stops at the first error. Returns the row count.
+/// A partitioned table is read partition by partition (each renders as capture renders it).
 pub fn each_row(
     relid: Oid,
     options: &CaptureOptions,
     snapshot: Snapshot,
     mut each: impl FnMut(&TablePlan, &Change) -> Result<()>,
+) -> Result<i64> {
+    // SAFETY: a catalog lookup inside the caller's transaction.
+    let partitioned =
+        unsafe { pg_sys::get_rel_relkind(relid) } == pg_sys::RELKIND_PARTITIONED_TABLE as i8;
+    if !partitioned {
+        return scan(relid, options, snapshot, &mut each);
+    }
+    let leaves = pgrx::Spi::get_one_with_args::<Vec<Oid>>(
+        "SELECT pg_catalog.array_agg(t.relid::oid) FROM pg_catalog.pg_partition_tree($1) t
+           JOIN pg_catalog.pg_class c ON c.oid = t.relid WHERE t.isleaf AND c.relkind = 'r'",
+        &[relid.into()],
+    )?
+    .unwrap_or_default();
+    let mut rows = 0;
+    for leaf in leaves {
+        rows += scan(leaf, options, snapshot, &mut each)?;
+    }
+    Ok(rows)
+}
+
+fn scan(
+    relid: Oid,
+    options: &CaptureOptions,
+    snapshot: Snapshot,
+    each: &mut impl FnMut(&TablePlan, &Change) -> Result<()>,
 ) -> Result<i64> {
     // SAFETY: inside a transaction; the relation is closed by its guard; the scan and the
     // snapshot are ended below on every path once begun (an error from `each` ends the loop,

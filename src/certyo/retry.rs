@@ -9,15 +9,15 @@ pub fn rate_limit_delay(retry: u32, retry_after: Option<Duration>) -> Duration {
     retry_after.map_or(doubling, |server| server.max(doubling))
 }
 
-/// Longest wait between two attempts of a record that keeps failing transiently.
+/// The default longest wait between two attempts (`certyo.max_retry_interval`).
 pub const MAX_BACKOFF: Duration = Duration::from_secs(300);
 
-/// How long a record that failed transiently `attempts` times (≥ 1) waits before the next try:
-/// 1 s doubling up to [`MAX_BACKOFF`], scaled by `jitter` in [0, 1) to between half and all of it,
-/// so records that failed together do not all come back together.
-pub fn next_attempt_delay(attempts: u32, jitter: f64) -> Duration {
+/// How long something that failed transiently `attempts` times (≥ 1) waits before the next try:
+/// 1 s doubling up to `cap`, scaled by `jitter` in [0, 1) to between half and all of it, so
+/// records that failed together do not all come back together.
+pub fn next_attempt_delay(attempts: u32, jitter: f64, cap: Duration) -> Duration {
     let exponent = attempts.saturating_sub(1).min(16);
-    let full = Duration::from_secs(1u64 << exponent).min(MAX_BACKOFF);
+    let full = Duration::from_secs(1u64 << exponent).min(cap.max(Duration::from_secs(1)));
     full.mul_f64(0.5 + 0.5 * jitter.clamp(0.0, 1.0))
 }
 
@@ -46,10 +46,25 @@ mod tests {
 
     #[test]
     fn transient_failures_back_off_exponentially_with_jitter_and_a_cap() {
-        assert_eq!(next_attempt_delay(1, 1.0), Duration::from_secs(1));
-        assert_eq!(next_attempt_delay(3, 1.0), Duration::from_secs(4));
-        assert_eq!(next_attempt_delay(3, 0.0), Duration::from_secs(2));
-        assert_eq!(next_attempt_delay(40, 1.0), MAX_BACKOFF);
-        assert!(next_attempt_delay(40, 0.0) >= MAX_BACKOFF / 2);
+        assert_eq!(
+            next_attempt_delay(1, 1.0, MAX_BACKOFF),
+            Duration::from_secs(1)
+        );
+        assert_eq!(
+            next_attempt_delay(3, 1.0, MAX_BACKOFF),
+            Duration::from_secs(4)
+        );
+        assert_eq!(
+            next_attempt_delay(3, 0.0, MAX_BACKOFF),
+            Duration::from_secs(2)
+        );
+        assert_eq!(next_attempt_delay(40, 1.0, MAX_BACKOFF), MAX_BACKOFF);
+        assert!(next_attempt_delay(40, 0.0, MAX_BACKOFF) >= MAX_BACKOFF / 2);
+        let minute = Duration::from_secs(60);
+        assert_eq!(
+            next_attempt_delay(40, 1.0, minute),
+            minute,
+            "the cap is a setting"
+        );
     }
 }

@@ -22,6 +22,7 @@ static RETENTION_S: GucSetting<i32> = GucSetting::<i32>::new(86_400);
 static ENABLED: GucSetting<bool> = GucSetting::<bool>::new(true);
 static VERIFY_MIN_AGE_MS: GucSetting<i32> = GucSetting::<i32>::new(120_000);
 static VERIFY_INTERVAL_MS: GucSetting<i32> = GucSetting::<i32>::new(120_000);
+static MAX_RETRY_INTERVAL_S: GucSetting<i32> = GucSetting::<i32>::new(300);
 static ANCHOR_TIMEOUT_S: GucSetting<i32> = GucSetting::<i32>::new(900);
 static BACKFILL_CHUNK_SIZE: GucSetting<i32> = GucSetting::<i32>::new(5000);
 
@@ -101,6 +102,16 @@ pub fn define(preloading: bool) {
         3_600_000,
         GucContext::Sighup,
         GucFlags::UNIT_MS,
+    );
+    GucRegistry::define_int_guc(
+        c"certyo.max_retry_interval",
+        c"Longest wait between two attempts of a change that fails transiently, and between two probes while Certyo is down.",
+        c"The wait starts at about 1 s and doubles with each failure, with jitter, up to this.",
+        &MAX_RETRY_INTERVAL_S,
+        1,
+        86_400,
+        GucContext::Sighup,
+        GucFlags::UNIT_S,
     );
     GucRegistry::define_int_guc(
         c"certyo.request_timeout",
@@ -195,6 +206,8 @@ pub struct Settings {
     pub bulk_threshold: usize,
     pub poll_interval: Duration,
     pub request_timeout: Duration,
+    /// `certyo.max_retry_interval`: the cap of every back-off.
+    pub max_retry_interval: Duration,
     pub max_rate_limit_retries: u32,
     pub retention: Duration,
     pub enabled: bool,
@@ -232,6 +245,7 @@ pub fn current() -> Settings {
         bulk_threshold: BULK_THRESHOLD.get().max(0) as usize,
         poll_interval: Duration::from_millis(POLL_INTERVAL_MS.get().max(10) as u64),
         request_timeout: Duration::from_millis(REQUEST_TIMEOUT_MS.get().max(100) as u64),
+        max_retry_interval: Duration::from_secs(MAX_RETRY_INTERVAL_S.get().max(1) as u64),
         max_rate_limit_retries: MAX_RATE_LIMIT_RETRIES.get().max(0) as u32,
         retention: Duration::from_secs(RETENTION_S.get().max(0) as u64),
         enabled: ENABLED.get(),

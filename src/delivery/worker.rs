@@ -142,7 +142,7 @@ impl Refusal {
 
 /// A whole batch failed transiently: Certyo (or the way to it) is down. Instead of every
 /// pending change retrying on its own schedule, one change at a time probes the service, at a
-/// growing interval (jittered, up to `MAX_BACKOFF`), until one is answered; then the backlog
+/// growing interval (jittered, up to `certyo.max_retry_interval`), until one is answered; then the backlog
 /// is released at once. A request rate against a failing service that stays bounded.
 struct Outage {
     failed_probes: u32,
@@ -327,7 +327,7 @@ impl Worker {
 
     /// After a batch's answers: a batch that failed transiently as a whole starts (or prolongs)
     /// an outage; any real answer ends it and releases the backlog.
-    fn note_service(&mut self, outcomes: &[Outcome]) -> Result<(), PassError> {
+    fn note_service(&mut self, outcomes: &[Outcome], cap: Duration) -> Result<(), PassError> {
         let failed = outcomes.iter().find_map(|o| match o {
             Outcome::Transient(e) => Some(e.clone()),
             _ => None,
@@ -338,7 +338,7 @@ impl Worker {
             (true, Some(outage)) => {
                 outage.failed_probes += 1;
                 outage.next_probe =
-                    Instant::now() + next_attempt_delay(outage.failed_probes, jitter());
+                    Instant::now() + next_attempt_delay(outage.failed_probes, jitter(), cap);
                 outage.error = failed.unwrap_or_default();
             }
             (true, None) => {
@@ -346,7 +346,7 @@ impl Worker {
                 pgrx::log!("certyo_cdc: Certyo does not answer ({error}); probing it with one change at a time until it does");
                 self.outage = Some(Outage {
                     failed_probes: 1,
-                    next_probe: Instant::now() + next_attempt_delay(1, jitter()),
+                    next_probe: Instant::now() + next_attempt_delay(1, jitter(), cap),
                     error,
                 });
             }
@@ -394,7 +394,7 @@ impl Worker {
             return Ok((Tally::default(), None, self.sending.is_some()));
         };
         self.note_refusal(outcomes.iter());
-        self.note_service(&outcomes)?;
+        self.note_service(&outcomes, settings.max_retry_interval)?;
         warn_of_conflicts(&sent, &outcomes);
         let error = outcomes.iter().find_map(|o| match o {
             Outcome::Transient(e) => Some(e.clone()),
@@ -404,7 +404,13 @@ impl Worker {
         let results: Vec<(Entry, Outcome)> = sent.into_iter().zip(outcomes).collect();
         let tally = store::record(
             &results,
-            &|entry| next_attempt_delay(entry.attempts.max(0) as u32 + 1, jitter()),
+            &|entry| {
+                next_attempt_delay(
+                    entry.attempts.max(0) as u32 + 1,
+                    jitter(),
+                    settings.max_retry_interval,
+                )
+            },
             settings.verify_min_age,
             &mut self.planner,
         )?;

@@ -191,7 +191,8 @@ pub mod failing {
             let Some(schedule) = s.as_mut() else { return };
             match attempts {
                 Some(n) => {
-                    schedule.insert(relid.to_u32(), now + next_attempt_delay(n, jitter));
+                    let cap = crate::delivery::settings::current().max_retry_interval;
+                    schedule.insert(relid.to_u32(), now + next_attempt_delay(n, jitter, cap));
                 }
                 None => {
                     schedule.remove(&relid.to_u32());

@@ -151,6 +151,32 @@ pub fn release_columns(relid: Oid, columns: &[String], recurse: bool) -> Result<
     Ok(())
 }
 
+/// Before `ALTER TABLE parent ATTACH PARTITION child`, from `crate::ddl_hook`: when `parent` is
+/// tracked, `child` gets the bookkeeping columns it needs to be a partition of it (a partition
+/// must have every column of its table). Its capture trigger is cloned by Postgres.
+pub fn before_attach(parent: Oid, child: Oid) -> Result<()> {
+    if installed_options(parent)?.is_none() {
+        return Ok(());
+    }
+    install::add_bookkeeping_columns(&Table::inspect(child)?)
+}
+
+/// Before a table inherits from `parent` (`CREATE TABLE ... INHERITS`, `ALTER TABLE ...
+/// INHERIT`), from `crate::ddl_hook`: refused when `parent` is tracked.
+pub fn refuse_inheriting_from(parent: Oid) -> Result<()> {
+    if installed_options(parent)?.is_none() {
+        return Ok(());
+    }
+    let name = Spi::get_one_with_args::<String>("SELECT $1::regclass::text", &[parent.into()])?
+        .unwrap_or_default();
+    Err(CertyoError::new(
+        PgSqlErrorCode::ERRCODE_FEATURE_NOT_SUPPORTED,
+        format!("certyo_cdc: {name} is tracked, and a table inheriting from it would not be"),
+    )
+    .detail("Rows of an inheritance child fire only the child's triggers, also when written through the parent, so its changes would silently not be captured.")
+    .hint(format!("Use declarative partitioning (CREATE TABLE ... PARTITION OF {name}), whose partitions are captured with the table, or call certyo.untrack('{name}') first.")))
+}
+
 /// `DROP TRIGGER` of a capture trigger, from `crate::ddl_hook`: refused unless
 /// `certyo.untrack()` is the one dropping it. Capture never stops without a word.
 pub fn refuse_trigger_drop(trigger: &str) -> Result<()> {
@@ -200,7 +226,7 @@ fn refresh(relid: Oid) -> Result<()> {
 pub(crate) fn installed_options(relid: Oid) -> Result<Option<CaptureOptions>> {
     let raw = Spi::get_one_with_args::<Vec<u8>>(
         &format!(
-            "SELECT (SELECT tgargs FROM pg_trigger WHERE tgrelid = $1 AND tgname = {})",
+            "SELECT (SELECT tgargs FROM pg_trigger WHERE tgrelid = $1 AND tgname = {} AND tgparentid = 0)",
             quote_literal(CAPTURE_TRIGGER)
         ),
         &[relid.into()],

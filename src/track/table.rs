@@ -42,7 +42,10 @@ impl Table {
         let found = Spi::connect(|client| {
             let rows = client.select(
                 "SELECT c.relkind::text || c.relpersistence::text, n.nspname::text, c.relname::text,
-                        pg_catalog.format('%I.%I', n.nspname, c.relname)
+                        pg_catalog.format('%I.%I', n.nspname, c.relname),
+                        CASE WHEN c.relispartition THEN pg_catalog.pg_partition_root(c.oid)::regclass::text END,
+                        (SELECT pg_catalog.string_agg(i.inhrelid::regclass::text, ', ')
+                           FROM pg_catalog.pg_inherits i WHERE i.inhparent = c.oid AND c.relkind = 'r')
                    FROM pg_catalog.pg_class c JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace WHERE c.oid = $1",
                 None,
                 &[relid.into()],
@@ -54,10 +57,12 @@ impl Table {
                     row.get::<String>(2)?.unwrap_or_default(),
                     row.get::<String>(3)?.unwrap_or_default(),
                     row.get::<String>(4)?.unwrap_or_default(),
+                    row.get::<String>(5)?,
+                    row.get::<String>(6)?,
                 ))),
             }
         })?;
-        let Some((kind, schema, name, quoted)) = found else {
+        let Some((kind, schema, name, quoted, partition_of, children)) = found else {
             return Err(CertyoError::new(
                 PgSqlErrorCode::ERRCODE_UNDEFINED_TABLE,
                 format!("certyo_cdc: there is no table with OID {}", relid.to_u32()),
@@ -74,6 +79,22 @@ impl Table {
             )
             .detail("The delivery worker cannot read another session's temporary tables, and they vanish with the session.")
             .hint("Track a permanent (or unlogged) table."));
+        }
+        if let Some(parent) = partition_of {
+            return Err(CertyoError::new(
+                PgSqlErrorCode::ERRCODE_WRONG_OBJECT_TYPE,
+                format!("certyo_cdc: {display} is a partition of {parent}"),
+            )
+            .detail("Partitions are tracked with their partitioned table, under its name: all of them, present and future.")
+            .hint(format!("Call certyo.track('{parent}') on the partitioned table instead.")));
+        }
+        if let Some(children) = children {
+            return Err(CertyoError::new(
+                PgSqlErrorCode::ERRCODE_FEATURE_NOT_SUPPORTED,
+                format!("certyo_cdc: {display} has inheritance children ({children}), whose rows its triggers never see"),
+            )
+            .detail("Rows written to a child table (also through UPDATE or DELETE on the parent) fire only the child's triggers, so they would silently not be captured.")
+            .hint("Track each child table on its own after removing the inheritance (ALTER TABLE child NO INHERIT parent), or use declarative partitioning, whose partitions are tracked with their table."));
         }
         if schema == "certyo" {
             return Err(CertyoError::new(
@@ -262,20 +283,16 @@ impl Table {
 
 fn check_kind(kind: u8, display: &str) -> Result<()> {
     let what = match kind {
-        b'r' => return Ok(()),
+        b'r' | b'p' => return Ok(()),
         b'v' => "a view",
         b'm' => "a materialized view",
         b'f' => "a foreign table",
-        b'p' => "a partitioned table",
         b'S' => "a sequence",
         b'i' | b'I' => "an index",
         _ => "not a table",
     };
     let hint = match kind {
         b'v' | b'm' => "Track the tables it reads from instead.".to_string(),
-        b'p' => {
-            format!("Track each partition of {display}; partitioned tables are not supported yet.")
-        }
         _ => "Only ordinary tables can be tracked.".to_string(),
     };
     Err(CertyoError::new(
