@@ -58,16 +58,17 @@ def emulator():
     emulator.stop()
 
 
-@pytest.fixture(scope="module")
-def cluster(emulator):
-    cluster = Cluster(DIR, free_port(), emulator.url, SETTINGS)
+def watched_cluster(directory, emulator, settings):
+    """A cluster with certyo_cdc and the canary that the checks after each test look at,
+    once its worker runs; stopped afterwards. Each suite's `cluster` fixture yields from it."""
+    cluster = Cluster(directory, free_port(), emulator.url, settings)
     try:
-        cluster.sql("""
+        cluster.sql(f"""
             CREATE EXTENSION certyo_cdc;
             CREATE SCHEMA vault;
             CREATE TABLE vault.canary (id int PRIMARY KEY, v text NOT NULL);
+            INSERT INTO vault.canary VALUES (1, '{CANARY}');
         """)
-        cluster.sql(f"INSERT INTO vault.canary VALUES (1, '{CANARY}')")
         assert wait_for(lambda: cluster.sql("SELECT running FROM certyo.worker_status()") == "t", 30), \
             "the delivery worker did not start"
         cluster.start_pid = cluster.postmaster_pid()
@@ -77,6 +78,11 @@ def cluster(emulator):
             cluster.stop()
         except Exception:
             pass
+
+
+@pytest.fixture(scope="module")
+def cluster(emulator):
+    yield from watched_cluster(DIR, emulator, SETTINGS)
 
 
 class Role:

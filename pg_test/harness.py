@@ -175,6 +175,14 @@ certyo.batch_size = 100
             log.seek(offset)
             return log.read().decode(errors="replace")
 
+    def explain(self, lines=15):
+        """For an assertion's message: what the worker says it is doing, and the server log's
+        last lines (a test that failed on a timeout then shows why)."""
+        status = self.sql("SELECT state || ': ' || detail || ' (last error: ' || coalesce(last_error, '-') || ')'"
+                          " FROM certyo.worker_status()", check=False)
+        tail = "\n".join(self.log().splitlines()[-lines:])
+        return f"worker: {status}\nserver log:\n{tail}"
+
     def wait_drained(self, timeout=60):
         """Until nothing is pending: queue empty, no pending delivery entries."""
         return bool(wait_for(lambda: self.sql("SELECT pending FROM certyo.worker_status()", check=False) == "0", timeout))

@@ -15,7 +15,7 @@ from datetime import datetime
 
 import pytest
 
-from conftest import CANARY
+from conftest import watched_cluster
 from harness import Cluster, free_port, wait_for
 
 DIR = "/tmp/certyo-e2e-daemon"
@@ -30,22 +30,7 @@ certyo.verify_interval = '500ms'
 @pytest.fixture(scope="module")
 def cluster(emulator):
     """Overrides conftest's: this module's own cluster, with the canary conftest checks."""
-    cluster = Cluster(DIR, free_port(), emulator.url, SETTINGS)
-    try:
-        cluster.sql(f"""
-            CREATE EXTENSION certyo_cdc;
-            CREATE SCHEMA vault;
-            CREATE TABLE vault.canary (id int PRIMARY KEY, v text NOT NULL);
-            INSERT INTO vault.canary VALUES (1, '{CANARY}');
-        """)
-        assert wait_for(lambda: cluster.sql("SELECT running FROM certyo.worker_status()") == "t", 30)
-        cluster.start_pid = cluster.postmaster_pid()
-        yield cluster
-    finally:
-        try:
-            cluster.stop()
-        except Exception:
-            pass
+    yield from watched_cluster(DIR, emulator, SETTINGS)
 
 
 def worker_cpu_ticks(cluster):
@@ -199,7 +184,8 @@ def test_retry_after_pauses_sending_as_a_whole(cluster, emulator):
     emulator.fault("429", 1, retryAfter=3)
     started = time.time()
     cluster.sql("INSERT INTO limited SELECT g FROM generate_series(1, 5) g")
-    assert wait_for(lambda: emulator.stats()["faultsServed"] > served, 10), "the 429 was served"
+    assert wait_for(lambda: emulator.stats()["faultsServed"] > served, 10), \
+        f"the 429 was served\n{cluster.explain()}"
     cluster.sql("INSERT INTO limited SELECT g FROM generate_series(6, 10) g")  # during the pause
     assert cluster.wait_drained(30)
     accepted = [datetime.fromisoformat(r["acceptedAt"].replace("Z", "+00:00")).timestamp()
@@ -268,7 +254,8 @@ def test_a_wrong_base_url_path_stops_sending_instead_of_dead_lettering(cluster, 
     finally:
         cluster.sql("ALTER SYSTEM RESET certyo.base_url")
         cluster.sql("SELECT pg_reload_conf()")
-    assert cluster.wait_drained(60)
+    # The fix is not undone by an answer to a request sent with the wrong path before it.
+    assert cluster.wait_drained(60), cluster.explain()
     assert cluster.sql("SELECT count(*) FROM lost WHERE certyo_record_hash IS NOT NULL") == "20"
     cluster.sql("DROP TABLE lost")
 

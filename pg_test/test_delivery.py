@@ -18,7 +18,7 @@ import time
 
 import pytest
 
-from conftest import CANARY, CRASH_SIGNS
+from conftest import CRASH_SIGNS, watched_cluster
 from harness import KEY, Cluster, free_port, wait_for
 
 DIR = "/tmp/certyo-e2e-delivery"
@@ -28,22 +28,7 @@ SETTINGS = ""  # harness.Cluster's defaults, as the script this module replaced 
 @pytest.fixture(scope="module")
 def cluster(emulator):
     """Overrides conftest's: this module's own cluster, with the canary conftest checks."""
-    cluster = Cluster(DIR, free_port(), emulator.url, SETTINGS)
-    try:
-        cluster.sql(f"""
-            CREATE EXTENSION certyo_cdc;
-            CREATE SCHEMA vault;
-            CREATE TABLE vault.canary (id int PRIMARY KEY, v text NOT NULL);
-            INSERT INTO vault.canary VALUES (1, '{CANARY}');
-        """)
-        assert wait_for(lambda: cluster.sql("SELECT running FROM certyo.worker_status()") == "t", 30)
-        cluster.start_pid = cluster.postmaster_pid()
-        yield cluster
-    finally:
-        try:
-            cluster.stop()
-        except Exception:
-            pass
+    yield from watched_cluster(DIR, emulator, SETTINGS)
 
 
 def crashes(cluster):

@@ -16,8 +16,8 @@ import time
 
 import pytest
 
-from conftest import CANARY
-from harness import KEY, Cluster, free_port, wait_for
+from conftest import watched_cluster
+from harness import KEY, wait_for
 
 DIR = "/tmp/certyo-e2e-operations"
 SETTINGS = """
@@ -31,22 +31,7 @@ certyo.backfill_chunk_size = 1000
 @pytest.fixture(scope="module")
 def cluster(emulator):
     """Overrides conftest's: this module's own cluster, with the canary conftest checks."""
-    cluster = Cluster(DIR, free_port(), emulator.url, SETTINGS)
-    try:
-        cluster.sql(f"""
-            CREATE EXTENSION certyo_cdc;
-            CREATE SCHEMA vault;
-            CREATE TABLE vault.canary (id int PRIMARY KEY, v text NOT NULL);
-            INSERT INTO vault.canary VALUES (1, '{CANARY}');
-        """)
-        assert wait_for(lambda: cluster.sql("SELECT running FROM certyo.worker_status()") == "t", 30)
-        cluster.start_pid = cluster.postmaster_pid()
-        yield cluster
-    finally:
-        try:
-            cluster.stop()
-        except Exception:
-            pass
+    yield from watched_cluster(DIR, emulator, SETTINGS)
 
 
 def statuses(cluster, table):

@@ -69,6 +69,8 @@ pub fn take_due(limit: usize) -> SpiResult<Vec<Due>> {
 /// Receipts being verified on a helper thread, `CONCURRENT_REQUESTS` requests at a time.
 pub struct Verifying {
     due: Vec<Due>,
+    /// The configuration the requests went out with: a refusal answers that one.
+    pub config: crate::certyo::ClientConfig,
     /// Each answer with the id of the receipt it answers: a thread that fails loses only its
     /// own answers, and no answer can land on another receipt.
     work: OffThread<Vec<(i64, Verification)>>,
@@ -84,6 +86,7 @@ impl Verifying {
             .iter()
             .map(|d| (d.version.id, d.request(tenant_id, database)))
             .collect();
+        let config = client.config().clone();
         let client = client.clone();
         let work = OffThread::start("certyo_cdc verify", move |_pause| {
             // 429 back-off sleeps here are plain sleeps: a verification waiting is not worth a
@@ -95,7 +98,7 @@ impl Verifying {
                 })
             })
         });
-        Verifying { due, work }
+        Verifying { due, config, work }
     }
 
     /// The receipts and what was found, once the thread is done (None while it runs).

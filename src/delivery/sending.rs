@@ -78,6 +78,8 @@ impl<T> Drop for OffThread<T> {
 /// A batch being sent.
 pub struct Sending {
     batch: Vec<Entry>,
+    /// The configuration the batch went out with: a refusal answers that one.
+    pub config: crate::certyo::ClientConfig,
     /// Each outcome with the id of the entry it answers.
     work: OffThread<Vec<(i64, Outcome)>>,
 }
@@ -100,6 +102,7 @@ impl Sending {
             }
         }
         let bulk = records.len() > settings.bulk_threshold;
+        let config = client.config().clone();
         let (chunk, tenant, client) = (
             settings.batch_size,
             settings.tenant_id.clone(),
@@ -119,7 +122,11 @@ impl Sending {
             answered.extend(unsendable);
             answered
         });
-        Sending { batch, work }
+        Sending {
+            batch,
+            config,
+            work,
+        }
     }
 
     /// The ids in flight: the next take must leave them alone.

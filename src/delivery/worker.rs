@@ -385,7 +385,9 @@ impl Worker {
             Vec::new()
         };
         let taken = started.elapsed();
-        let answered = self.sending.take().and_then(Sending::finish);
+        let finishing = self.sending.take();
+        let sent_with = finishing.as_ref().map(|s| s.config.clone());
+        let answered = finishing.and_then(Sending::finish);
         let waited = started.elapsed();
         if !batch.is_empty() && !super::stopping() {
             self.sending = Some(Sending::start(client, settings, batch));
@@ -393,7 +395,9 @@ impl Worker {
         let Some((sent, outcomes)) = answered else {
             return Ok((Tally::default(), None, self.sending.is_some()));
         };
-        self.note_refusal(outcomes.iter());
+        if let Some(config) = &sent_with {
+            self.note_refusal(config, outcomes.iter());
+        }
         self.note_service(&outcomes, settings.max_retry_interval)?;
         warn_of_conflicts(&sent, &outcomes);
         let error = outcomes.iter().find_map(|o| match o {
@@ -438,11 +442,15 @@ impl Worker {
             let Some(results) = verifying.try_finish() else {
                 return Ok((Tally::default(), None));
             };
+            let asked_with = verifying.config.clone();
             self.verifying = None;
-            self.note_refusal(results.iter().filter_map(|(_, found)| match found {
-                Verification::Failed(outcome) => Some(outcome),
-                _ => None,
-            }));
+            self.note_refusal(
+                &asked_with,
+                results.iter().filter_map(|(_, found)| match found {
+                    Verification::Failed(outcome) => Some(outcome),
+                    _ => None,
+                }),
+            );
             let schedule = anchor::Schedule {
                 interval: settings.verify_interval,
                 anchor_timeout: settings.anchor_timeout,
@@ -463,8 +471,18 @@ impl Worker {
         Ok((Tally::default(), None))
     }
 
-    /// Remember a refusal of the configuration: nothing is sent until it is reloaded.
-    fn note_refusal<'a>(&mut self, outcomes: impl Iterator<Item = &'a Outcome>) {
+    /// Remember a refusal of the configuration: nothing is sent until it is reloaded. Work
+    /// that went out with a configuration since replaced (a reload fixed `certyo.base_url`
+    /// while it was in flight) refuses only the old one: its answer must not stop the fixed
+    /// configuration until the next reload.
+    fn note_refusal<'a>(
+        &mut self,
+        sent_with: &ClientConfig,
+        outcomes: impl Iterator<Item = &'a Outcome>,
+    ) {
+        if self.client.as_ref().map(Client::config) != Some(sent_with) {
+            return;
+        }
         for outcome in outcomes {
             if let Outcome::Refused { status, body } = outcome {
                 let refusal = Refusal {
