@@ -1,9 +1,12 @@
 # The two commands a new user needs, and the benchmark. Each runs scripts/setup.sh first, which
 # installs whatever is missing on a fresh Debian 12 machine (as root).
-.PHONY: demo test bench
+.PHONY: demo test test-all bench
 demo:
 	scripts/demo.sh
 test:
 	scripts/test.sh
+# Every supported PostgreSQL version (17 and 18 in Debian roots, see scripts/pg-root.sh).
+test-all:
+	PG_VERSIONS="15 17 18" scripts/test.sh
 bench:
 	bench/run.sh

@@ -7,6 +7,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup.sh
+export PATH="$PWD/.venv/bin:$PATH"  # the Python tools setup installed
 . pg_test/cluster.sh
 for config in ${BENCH_CONFIGS:-defaults strict}; do
     case $config in

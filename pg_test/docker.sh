@@ -15,4 +15,16 @@ PY
 )" "ok"
 check "the postgres service preloads certyo_cdc and points the worker at the emulator" \
     "$(grep -c -e 'shared_preload_libraries=certyo_cdc' -e 'certyo.base_url=http://emulator:8080' docker/compose.yaml)" "2"
+check "the postgres service is published on 127.0.0.1 only and asks for a password (no trust)" "$(python3 - <<'PY'
+import yaml
+service = yaml.safe_load(open("docker/compose.yaml"))["services"]["postgres"]
+ports, env = service.get("ports", []), service.get("environment", {})
+problems = [p for p in ports if not str(p).startswith("127.0.0.1:")]
+if "trust" in str(env) or "POSTGRES_PASSWORD" not in env:
+    problems.append("authentication")
+print(problems or "ok")
+PY
+)" "ok"
+check "the Dockerfile builds for the PostgreSQL version given as PG_MAJOR" \
+    "$(grep -c -e '^ARG PG_MAJOR=15$' -e 'FROM postgres:\${PG_MAJOR}-bookworm AS postgres' docker/Dockerfile)" "2"
 check_summary

@@ -140,8 +140,8 @@ certyo.batch_size = 100
         with open(f"{self.dir}/server.log", errors="replace") as log:
             return log.read()
 
-    def sql(self, statement, check=True, user="postgres"):
-        out = subprocess.run(["psql", "-h", self.dir, "-p", str(self.port), "-U", user, "-d", "postgres", "-X", "-q", "-At",
+    def sql(self, statement, check=True, user="postgres", database="postgres"):
+        out = subprocess.run(["psql", "-h", self.dir, "-p", str(self.port), "-U", user, "-d", database, "-X", "-q", "-At",
                               "-v", "ON_ERROR_STOP=1", "-c", statement], capture_output=True, text=True)
         if check and out.returncode != 0:
             raise RuntimeError(f"{statement}: {out.stderr}")
@@ -175,11 +175,11 @@ certyo.batch_size = 100
             log.seek(offset)
             return log.read().decode(errors="replace")
 
-    def explain(self, lines=15):
+    def explain(self, lines=15, database="postgres"):
         """For an assertion's message: what the worker says it is doing, and the server log's
         last lines (a test that failed on a timeout then shows why)."""
         status = self.sql("SELECT state || ': ' || detail || ' (last error: ' || coalesce(last_error, '-') || ')'"
-                          " FROM certyo.worker_status()", check=False)
+                          " FROM certyo.worker_status()", check=False, database=database)
         tail = "\n".join(self.log().splitlines()[-lines:])
         return f"worker: {status}\nserver log:\n{tail}"
 

@@ -121,8 +121,8 @@ def test_fast_stop_with_a_batch_in_flight_finishes_quickly(emulator):
             SELECT certyo.track('slow');
         """)
         emulator.fault("slow", times=1, seconds=40)
-        stopping.sql("INSERT INTO slow VALUES (1)")
         requests = emulator.stats()["ingestRequests"]
+        stopping.sql("INSERT INTO slow VALUES (1)")
         # The first batch is on the wire (the emulator has it) and more wait behind it.
         assert wait_for(lambda: emulator.stats()["ingestRequests"] > requests, 10)
         stopping.sql("INSERT INTO slow SELECT g FROM generate_series(2, 500) g")

@@ -109,10 +109,17 @@ def reload_conf(cluster, name, value):
     assert cluster.wait_passes(2), "the worker began no pass after the reload"
 
 
-def test_the_worker_runs_before_the_extension_exists(bare_cluster):
-    count = "SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'certyo_cdc delivery'"
-    wait_for(lambda: bare_cluster.sql(count) == "1", 30)
-    assert bare_cluster.sql(count) == "1", "the worker runs and shows in pg_stat_activity"
+def test_the_launcher_runs_before_the_extension_exists_and_starts_a_worker_with_it(bare_cluster):
+    """With the library preloaded the launcher runs; no delivery worker stays in a database
+    without the extension; CREATE EXTENSION starts one, without a restart."""
+    launcher = "SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'certyo_cdc launcher'"
+    workers = "SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'certyo_cdc delivery'"
+    assert wait_for(lambda: bare_cluster.sql(launcher) == "1", 30), "the launcher runs and shows in pg_stat_activity"
+    assert wait_for(lambda: bare_cluster.sql(workers) == "0", 30), "no worker where nothing is installed"
+    bare_cluster.sql("CREATE EXTENSION certyo_cdc")
+    assert wait_for(lambda: bare_cluster.sql("SELECT running FROM certyo.worker_status()") == "t", 30), \
+        "CREATE EXTENSION starts the database's worker"
+    bare_cluster.sql("DROP EXTENSION certyo_cdc")
 
 
 def test_changes_across_two_tables(cluster, emulator):
@@ -281,9 +288,10 @@ def test_a_missing_tenant_id_is_reported(cluster):
             "the worker still says it is not configured"
 
 
-def test_drop_extension_is_not_blocked_by_the_worker(bare_cluster):
+def test_drop_extension_is_not_blocked_by_the_worker_which_ends(bare_cluster):
     """With a tracked table whose changes the worker delivered (it has worked with the
-    extension's tables), as in a cluster in use."""
+    extension's tables), as in a cluster in use: DROP EXTENSION is not blocked, and the
+    database's worker ends (no crash, no restart); the launcher stays."""
     bare_cluster.sql("""
         CREATE EXTENSION certyo_cdc;
         CREATE TABLE dropped_products (id int PRIMARY KEY, sku text);
@@ -291,14 +299,12 @@ def test_drop_extension_is_not_blocked_by_the_worker(bare_cluster):
         INSERT INTO dropped_products SELECT g, 'D' FROM generate_series(1, 20) g;
     """)
     assert bare_cluster.wait_drained(), "the changes are delivered"
-    worker = "SELECT pid FROM pg_stat_activity WHERE backend_type = 'certyo_cdc delivery'"
-    before = bare_cluster.sql(worker)
-    assert before.isdigit(), f"the worker's pid: {before!r}"
+    worker = "SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'certyo_cdc delivery'"
+    launcher = "SELECT pid FROM pg_stat_activity WHERE backend_type = 'certyo_cdc launcher'"
+    assert bare_cluster.sql(worker) == "1"
+    before = bare_cluster.sql(launcher)
     bare_cluster.sql("SET statement_timeout = '5s'; DROP EXTENSION certyo_cdc CASCADE")
-    # An observation window, not a wait for a condition: with the extension gone the worker
-    # shows nothing but its process, which must neither crash nor be restarted meanwhile.
-    time.sleep(1.5)
-    assert bare_cluster.sql(worker) == before, \
-        "DROP EXTENSION is not blocked by the worker, which keeps running (no crash, no restart)"
+    assert wait_for(lambda: bare_cluster.sql(worker) == "0", 10), "the worker ends with the extension"
+    assert bare_cluster.sql(launcher) == before, "the launcher keeps running"
     problems = crashes(bare_cluster)
     assert not problems, "\n".join(problems)

@@ -89,9 +89,12 @@ LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
            CASE WHEN current_setting('shared_preload_libraries') !~ 'certyo_cdc'
                     THEN 'certyo_cdc is not in shared_preload_libraries, so no worker delivers the queue: '
                          'add it (ALTER SYSTEM SET shared_preload_libraries = ''certyo_cdc'') and restart PostgreSQL'
+                WHEN a.pid IS NULL AND coalesce(current_setting('certyo.database_name', true), '') NOT IN ('', current_database())
+                    THEN 'certyo.database_name = ' || current_setting('certyo.database_name', true)
+                         || ' restricts delivery to that database: empty it (ALTER SYSTEM RESET certyo.database_name) and restart PostgreSQL to deliver this one'
                 WHEN a.pid IS NULL
-                    THEN 'no delivery worker is connected to this database; it serves certyo.database_name = '
-                         || coalesce(current_setting('certyo.database_name', true), 'postgres')
+                    THEN 'no delivery worker serves this database: one starts within seconds of CREATE EXTENSION; '
+                         'if none does, the server log says why (certyo.max_databases, max_worker_processes)' 
                 ELSE w.detail END,
            w.last_error, w.last_error_at, w.last_delivery_at, w.last_verified_at,
            coalesce(w.sent, 0), coalesce(w.accepted, 0), coalesce(w.replayed, 0), coalesce(w.failed, 0),

@@ -14,6 +14,12 @@
 //!   tracked table (`INHERITS`, `INHERIT`) is refused: the parent's triggers never see the
 //!   child's rows.
 //!
+//! - Databases and their delivery workers (`crate::delivery`'s launcher starts one per
+//!   database): `CREATE EXTENSION certyo_cdc` and `CREATE DATABASE` wake the launcher, which
+//!   starts a worker for the new database; `DROP DATABASE` by its owner first asks the
+//!   database's worker to end (it would otherwise hold a connection that makes the drop fail),
+//!   and wakes the launcher afterwards, so a drop that failed gets its worker back.
+//!
 //! A `ProcessUtility_hook`, installed whenever the library is loaded: with the library
 //! preloaded (as delivery needs) every session has it. A session that never loaded the library
 //! runs these statements unchecked, as without the extension.
@@ -69,8 +75,54 @@ unsafe extern "C-unwind" fn process_utility(
             .or_raise();
         }
     }
-    // SAFETY: the arguments are passed on as received, to the previous hook or the standard
-    // implementation, as every ProcessUtility hook must.
+    // SAFETY: as above.
+    let database_statement = unsafe { database_statement(statement) };
+    let dropping = match &database_statement {
+        // The launcher scans pg_database: it must see the new database, so it is woken when
+        // the statement's transaction has committed.
+        Some(DatabaseStatement::CreateExtension | DatabaseStatement::Create) => {
+            crate::wake::ring_launcher_at_commit();
+            None
+        }
+        // SAFETY: a catalog lookup inside the statement's transaction.
+        Some(DatabaseStatement::Drop(name)) => unsafe { stop_worker_of(name) },
+        None => None,
+    };
+    let Some(database) = dropping else {
+        // SAFETY: as below.
+        unsafe { run_previous(pstmt, query, read_only_tree, context, params, env, dest, qc) };
+        return;
+    };
+    PgTryBuilder::new(|| {
+        // SAFETY: as below.
+        unsafe { run_previous(pstmt, query, read_only_tree, context, params, env, dest, qc) }
+    })
+    .catch_others(|error| {
+        // The database stays (another session is connected, say): its worker may return.
+        crate::wake::drop_failed(database);
+        crate::wake::ring_launcher();
+        error.rethrow()
+    })
+    .execute();
+}
+
+/// Pass the statement on, as received, to the previous hook or the standard implementation,
+/// as every ProcessUtility hook must.
+///
+/// # Safety
+/// The arguments are those Postgres passed to the hook.
+#[allow(clippy::too_many_arguments)]
+unsafe fn run_previous(
+    pstmt: *mut pg_sys::PlannedStmt,
+    query: *const std::ffi::c_char,
+    read_only_tree: bool,
+    context: pg_sys::ProcessUtilityContext::Type,
+    params: pg_sys::ParamListInfo,
+    env: *mut pg_sys::QueryEnvironment,
+    dest: *mut pg_sys::DestReceiver,
+    qc: *mut pg_sys::QueryCompletion,
+) {
+    // SAFETY: the caller passes the hook's arguments unchanged.
     unsafe {
         match PREVIOUS {
             Some(previous) => {
@@ -88,6 +140,64 @@ unsafe extern "C-unwind" fn process_utility(
             ),
         }
     }
+}
+
+enum DatabaseStatement {
+    CreateExtension,
+    Create,
+    Drop(String),
+}
+
+/// `CREATE EXTENSION certyo_cdc`, `CREATE DATABASE` or `DROP DATABASE name`.
+///
+/// # Safety
+/// `stmt` is null or a valid parse node.
+unsafe fn database_statement(stmt: *mut pg_sys::Node) -> Option<DatabaseStatement> {
+    if stmt.is_null() {
+        return None;
+    }
+    match (*stmt).type_ {
+        pg_sys::NodeTag::T_CreateExtensionStmt => {
+            let create = stmt.cast::<pg_sys::CreateExtensionStmt>();
+            (CStr::from_ptr((*create).extname) == c"certyo_cdc")
+                .then_some(DatabaseStatement::CreateExtension)
+        }
+        pg_sys::NodeTag::T_CreatedbStmt => Some(DatabaseStatement::Create),
+        pg_sys::NodeTag::T_DropdbStmt => {
+            let drop = stmt.cast::<pg_sys::DropdbStmt>();
+            let name = CStr::from_ptr((*drop).dbname)
+                .to_string_lossy()
+                .into_owned();
+            Some(DatabaseStatement::Drop(name))
+        }
+        _ => None,
+    }
+}
+
+/// Ask the delivery worker of database `name` to end, and keep it from starting again, if the
+/// current user may drop that database (anyone else's `DROP DATABASE` fails on its own, and
+/// must not stop delivery). `DROP DATABASE` waits a few seconds for other connections to go;
+/// the worker ends within one, abandoning a batch in flight (sent again later, answered as a
+/// replay). Returns the database's OID when it did.
+///
+/// # Safety
+/// Inside a transaction.
+unsafe fn stop_worker_of(name: &str) -> Option<pg_sys::Oid> {
+    let name = std::ffi::CString::new(name).ok()?;
+    let database = pg_sys::get_database_oid(name.as_ptr(), true);
+    if database == pg_sys::InvalidOid || !crate::compat::owns_database(database) {
+        return None;
+    }
+    if let Some(pid) = crate::wake::drop_database(database) {
+        // The worker runs as the same operating-system user as this backend.
+        if libc::kill(pid, libc::SIGTERM) != 0 {
+            pgrx::warning!(
+                "certyo_cdc: could not ask the delivery worker (pid {pid}) of the database to end: {}",
+                std::io::Error::last_os_error()
+            );
+        }
+    }
+    Some(database)
 }
 
 /// `Some(cascade)` when `stmt` is a `DROP EXTENSION` naming certyo_cdc.

@@ -6,16 +6,19 @@
 //!   and keeps capture triggers current after `ALTER TABLE`;
 //! - [`capture`]: the write path, the trigger that turns a row into a queued change;
 //! - [`backfill`]: queue a large table's current rows, in chunks the worker performs;
-//! - [`delivery`]: the background worker that sends queued changes to Certyo, writes hashes
-//!   back, and verifies anchoring;
+//! - [`delivery`]: the launcher and the background worker per database that sends queued
+//!   changes to Certyo, writes hashes back, and verifies anchoring;
 //! - [`audit`]: the tamper audit, rows that differ from what was captured and accepted;
 //! - [`ddl_hook`]: checks before DDL that would lose changes or stop capture (`DROP EXTENSION`
-//!   with a backlog, dropping or retyping a captured column, `DROP TRIGGER` of capture);
+//!   with a backlog, dropping or retyping a captured column, `DROP TRIGGER` of capture), and
+//!   the statements that start or end a database's worker (`CREATE EXTENSION`, `DROP DATABASE`);
 //! - [`certyo`]: the Certyo API client, which knows nothing of Postgres;
-//! - [`wake`]: the doorbell a committing writer rings for the worker;
+//! - [`wake`]: the registry of delivery workers (one per database) in shared memory, and the
+//!   doorbells: a committing writer rings its database's worker, `CREATE EXTENSION` the launcher;
 //! - [`error`]: the one error type, raised with an SQLSTATE, detail and hint;
 //! - [`relation`]: a `table_open`ed relation, closed on every path;
 //! - [`rights`]: whose rights run user code (the table owner's, restricted, never the worker's);
+//! - [`compat`]: the server APIs that differ between the PostgreSQL versions built for;
 //! - `sql/schema.sql`: the queue, the `tracked_tables` view and the DDL event trigger;
 //!   `sql/delivery.sql`: the worker's tables (delivery, receipt, backfills, worker state);
 //!   `sql/operations.sql`: the operator surface (status, pause/resume, retry, history, ...).
@@ -26,6 +29,7 @@ mod audit;
 mod backfill;
 pub mod capture;
 pub mod certyo;
+mod compat;
 mod ddl_hook;
 mod delivery;
 pub mod error;

@@ -1,55 +1,256 @@
-//! The doorbell between capture and delivery: a transaction that queued changes sets the
-//! worker's latch when it commits, so delivery starts at once instead of at the next poll.
-//! Only the worker's process number lives in shared memory (which needs preloading); without
-//! preloading there is no worker and ringing does nothing.
+//! The doorbells between capture and delivery, and the registry of delivery workers.
+//!
+//! One delivery worker serves each database in which the extension is installed. Shared
+//! memory holds a slot per served database (its OID, its worker's process number, the passes
+//! it has run) and the launcher's process number. A transaction that queued changes sets its
+//! own database's worker's latch when it commits, so delivery starts at once instead of at the
+//! next poll; `CREATE EXTENSION certyo_cdc` sets the launcher's, which then starts a worker for
+//! the new database. Shared memory needs preloading; without it there is no worker and ringing
+//! does nothing.
 
 use pgrx::atomics::PgAtomic;
 use pgrx::prelude::*;
+use pgrx::PGRXSharedMemory;
 use std::cell::Cell;
-use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 
-// SAFETY: a named shared-memory slot, initialized by pg_shmem_init! in _PG_init before any use.
-static WORKER_PROCNO: PgAtomic<AtomicI32> = unsafe { PgAtomic::new(c"certyo_cdc_worker_procno") };
-/// Passes the worker has run since the server started: `certyo.worker_status().passes`, so
-/// that anyone can see whether an idle worker sleeps.
-// SAFETY: as above.
-static PASSES: PgAtomic<AtomicU64> = unsafe { PgAtomic::new(c"certyo_cdc_worker_passes") };
+/// Databases served at most, whatever `certyo.max_databases` says (it is checked against this).
+pub const MAX_DATABASES: usize = 64;
+
+/// One served database. `database` is 0 when the slot is free; a worker claims a slot by
+/// setting it and frees it when it exits.
+#[derive(Default)]
+struct Slot {
+    database: AtomicU32,
+    /// The worker's process number (index of its PGPROC and latch), -1 before it is set.
+    procno: AtomicI32,
+    /// Passes the worker has run since it started: `certyo.worker_status().passes`, so that
+    /// anyone can see whether an idle worker sleeps.
+    passes: AtomicU64,
+}
+
+/// Databases being dropped (recently), whose workers must not start again: a worker waiting
+/// to be restarted after an error, or started by the launcher in the moment before the drop
+/// commits, would otherwise fail to connect to the gone database every few seconds, forever.
+const DROPPED: usize = 16;
+
+struct Registry {
+    slots: [Slot; MAX_DATABASES],
+    launcher_procno: AtomicI32,
+    /// Requests for the launcher to look for databases without a worker, counted: a latch
+    /// set by a worker's start or end (its notification) is no request.
+    launcher_requests: AtomicU64,
+    dropped: [AtomicU32; DROPPED],
+    next_dropped: AtomicUsize,
+}
+
+impl Default for Registry {
+    fn default() -> Self {
+        Registry {
+            slots: std::array::from_fn(|_| Slot {
+                procno: AtomicI32::new(-1),
+                ..Slot::default()
+            }),
+            launcher_procno: AtomicI32::new(-1),
+            launcher_requests: AtomicU64::new(0),
+            dropped: std::array::from_fn(|_| AtomicU32::new(0)),
+            next_dropped: AtomicUsize::new(0),
+        }
+    }
+}
+
+// SAFETY: only atomics, valid in shared memory at any address and in any process.
+unsafe impl PGRXSharedMemory for Registry {}
+
+// SAFETY: a named shared-memory area, initialized by pg_shmem_init! in _PG_init before any use.
+static REGISTRY: PgAtomic<Registry> = unsafe { PgAtomic::new(c"certyo_cdc_workers") };
 static PRELOADED: AtomicBool = AtomicBool::new(false);
 
 thread_local! {
     static RING_AT_COMMIT: Cell<bool> = const { Cell::new(false) };
+    static RING_LAUNCHER_AT_COMMIT: Cell<bool> = const { Cell::new(false) };
     static CALLBACK_REGISTERED: Cell<bool> = const { Cell::new(false) };
+    /// The slot this process's worker claimed (delivery workers only).
+    static MY_SLOT: Cell<Option<usize>> = const { Cell::new(None) };
+    /// Where this backend last found its database's worker: checked before use.
+    static KNOWN_SLOT: Cell<usize> = const { Cell::new(0) };
 }
 
 /// From `_PG_init` while the postmaster loads preloaded libraries.
 pub fn init_shared_memory() {
-    pgrx::pg_shmem_init!(WORKER_PROCNO = AtomicI32::new(-1));
-    pgrx::pg_shmem_init!(PASSES = AtomicU64::new(0));
+    pgrx::pg_shmem_init!(REGISTRY = Registry::default());
     PRELOADED.store(true, Ordering::Relaxed);
 }
 
-/// The worker announces itself (or withdraws with `None`).
+/// Why a worker may not serve its database.
+pub enum Refused {
+    /// Another worker serves it already.
+    Served,
+    /// `cap` databases are served already.
+    Full,
+}
+
+/// A delivery worker claims the slot of its database, if no other worker has and fewer than
+/// `cap` databases are served.
+pub fn claim(database: pg_sys::Oid, cap: usize) -> Result<(), Refused> {
+    let slots = &REGISTRY.get().slots;
+    let id = database.to_u32();
+    if slots
+        .iter()
+        .any(|s| s.database.load(Ordering::Acquire) == id)
+    {
+        return Err(Refused::Served);
+    }
+    let index = slots
+        .iter()
+        .position(|s| {
+            s.database
+                .compare_exchange(0, id, Ordering::AcqRel, Ordering::Acquire)
+                .is_ok()
+        })
+        .ok_or(Refused::Full)?;
+    // Workers claiming at once each get a slot; the earlier slots win: a second worker of the
+    // same database gives way, and so does a worker past the cap.
+    let earlier: Vec<u32> = slots[..index]
+        .iter()
+        .map(|s| s.database.load(Ordering::Acquire))
+        .filter(|&d| d != 0)
+        .collect();
+    let refused = if earlier.contains(&id) {
+        Some(Refused::Served)
+    } else if earlier.len() >= cap.min(MAX_DATABASES) {
+        Some(Refused::Full)
+    } else {
+        None
+    };
+    if let Some(refused) = refused {
+        slots[index].database.store(0, Ordering::Release);
+        return Err(refused);
+    }
+    slots[index].passes.store(0, Ordering::Relaxed);
+    MY_SLOT.set(Some(index));
+    // SAFETY: registers a callback in this process's main thread; it runs at any exit, an
+    // ERROR's included, so the slot never outlives its worker.
+    unsafe { pg_sys::before_shmem_exit(Some(free_slot), pg_sys::Datum::from(0)) };
+    Ok(())
+}
+
+#[pgrx::pg_guard]
+unsafe extern "C-unwind" fn free_slot(_code: std::ffi::c_int, _arg: pg_sys::Datum) {
+    set_worker(None);
+}
+
+/// The worker announces its latch (or withdraws with `None`, and frees its slot).
 pub fn set_worker(procno: Option<i32>) {
+    let Some(index) = MY_SLOT.get() else { return };
+    let slot = &REGISTRY.get().slots[index];
+    slot.procno.store(procno.unwrap_or(-1), Ordering::Release);
+    if procno.is_none() {
+        slot.database.store(0, Ordering::Release);
+        MY_SLOT.set(None);
+    }
+}
+
+/// The launcher announces its latch (or withdraws with `None`).
+pub fn set_launcher(procno: Option<i32>) {
     if PRELOADED.load(Ordering::Relaxed) {
-        WORKER_PROCNO
+        REGISTRY
             .get()
+            .launcher_procno
             .store(procno.unwrap_or(-1), Ordering::Release);
     }
 }
 
+/// The databases served now.
+pub fn served() -> Vec<pg_sys::Oid> {
+    if !PRELOADED.load(Ordering::Relaxed) {
+        return Vec::new();
+    }
+    REGISTRY
+        .get()
+        .slots
+        .iter()
+        .map(|s| s.database.load(Ordering::Acquire))
+        .filter(|&d| d != 0)
+        .map(pg_sys::Oid::from)
+        .collect()
+}
+
 /// The worker starts a pass.
 pub fn count_pass() {
-    if PRELOADED.load(Ordering::Relaxed) {
-        PASSES.get().fetch_add(1, Ordering::Relaxed);
+    if let Some(index) = MY_SLOT.get() {
+        REGISTRY.get().slots[index]
+            .passes
+            .fetch_add(1, Ordering::Relaxed);
     }
 }
 
-/// `certyo.worker_passes()`: passes run since the server started (NULL without preloading).
+/// The slot of `database`'s worker, if one serves it.
+fn slot_of(database: pg_sys::Oid) -> Option<&'static Slot> {
+    if !PRELOADED.load(Ordering::Relaxed) {
+        return None;
+    }
+    let slots = &REGISTRY.get().slots;
+    let id = database.to_u32();
+    let known = KNOWN_SLOT.get();
+    if slots[known].database.load(Ordering::Acquire) == id {
+        return Some(&slots[known]);
+    }
+    let index = slots
+        .iter()
+        .position(|s| s.database.load(Ordering::Acquire) == id)?;
+    KNOWN_SLOT.set(index);
+    Some(&slots[index])
+}
+
+/// `DROP DATABASE`: mark `database` as being dropped, and return the process id of its worker,
+/// if one serves it and has announced itself.
+pub fn drop_database(database: pg_sys::Oid) -> Option<i32> {
+    if !PRELOADED.load(Ordering::Relaxed) {
+        return None;
+    }
+    let registry = REGISTRY.get();
+    let next = registry.next_dropped.fetch_add(1, Ordering::AcqRel) % DROPPED;
+    registry.dropped[next].store(database.to_u32(), Ordering::Release);
+    let procno = slot_of(database)?.procno.load(Ordering::Acquire);
+    // SAFETY: a bounds-checked read of a PGPROC in shared memory.
+    unsafe {
+        ((procno as u32) < (*pg_sys::ProcGlobal).allProcCount)
+            .then(|| (*(*pg_sys::ProcGlobal).allProcs.add(procno as usize)).pid)
+            .filter(|&pid| pid > 0)
+    }
+}
+
+/// The `DROP DATABASE` failed: the database may have a worker again.
+pub fn drop_failed(database: pg_sys::Oid) {
+    if PRELOADED.load(Ordering::Relaxed) {
+        for entry in &REGISTRY.get().dropped {
+            let _was_ours =
+                entry.compare_exchange(database.to_u32(), 0, Ordering::AcqRel, Ordering::Acquire);
+        }
+    }
+}
+
+/// Is `database` being dropped (or dropped)?
+pub fn is_dropped(database: pg_sys::Oid) -> bool {
+    PRELOADED.load(Ordering::Relaxed)
+        && REGISTRY
+            .get()
+            .dropped
+            .iter()
+            .any(|d| d.load(Ordering::Acquire) == database.to_u32())
+}
+
+/// `certyo.worker_passes()`: passes run by this database's worker since it started (NULL
+/// without preloading, 0 when no worker serves the database).
 #[pg_extern(sql = false)]
 fn worker_passes() -> Option<i64> {
-    PRELOADED
-        .load(Ordering::Relaxed)
-        .then(|| PASSES.get().load(Ordering::Relaxed) as i64)
+    if !PRELOADED.load(Ordering::Relaxed) {
+        return None;
+    }
+    // SAFETY: a plain read of a Postgres global in a backend.
+    let database = unsafe { pg_sys::MyDatabaseId };
+    Some(slot_of(database).map_or(0, |s| s.passes.load(Ordering::Relaxed) as i64))
 }
 
 /// Capture: this transaction queued a change; wake the worker if it commits.
@@ -57,6 +258,19 @@ pub fn ring_at_commit() {
     if !PRELOADED.load(Ordering::Relaxed) || RING_AT_COMMIT.replace(true) {
         return;
     }
+    register_callback();
+}
+
+/// `CREATE EXTENSION certyo_cdc`: wake the launcher if this transaction commits, so that it
+/// starts a worker for this database.
+pub fn ring_launcher_at_commit() {
+    if !PRELOADED.load(Ordering::Relaxed) || RING_LAUNCHER_AT_COMMIT.replace(true) {
+        return;
+    }
+    register_callback();
+}
+
+fn register_callback() {
     if !CALLBACK_REGISTERED.replace(true) {
         // SAFETY: registers a callback once per backend, in its main thread.
         unsafe { pg_sys::RegisterXactCallback(Some(on_transaction_end), std::ptr::null_mut()) };
@@ -64,17 +278,44 @@ pub fn ring_at_commit() {
 }
 
 /// `certyo.wake()`: ring now, and again when this transaction commits (so a pass sees what the
-/// caller changed, e.g. `certyo.retry()`). False when no worker is there to hear it.
+/// caller changed, e.g. `certyo.retry()`). False when no worker is there to hear it; then the
+/// launcher is asked to start one.
 #[pg_extern(sql = false)]
 fn wake() -> bool {
     ring_at_commit();
-    // SAFETY: reads the worker's process number from shared memory and sets that latch; SetLatch is safe on any live PGPROC latch.
-    PRELOADED.load(Ordering::Relaxed) && unsafe { ring() }
+    // SAFETY: sets the latch of this database's worker, if one has announced itself.
+    let heard = PRELOADED.load(Ordering::Relaxed) && unsafe { ring() };
+    if !heard {
+        ring_launcher();
+    }
+    heard
 }
 
-/// Set the worker's latch, if a worker has announced itself.
+/// Ask the launcher to look for databases without a worker now (a database may need one, or
+/// its worker has gone).
+pub fn ring_launcher() {
+    if PRELOADED.load(Ordering::Relaxed) {
+        let registry = REGISTRY.get();
+        registry.launcher_requests.fetch_add(1, Ordering::AcqRel);
+        // SAFETY: SetLatch is safe on any live PGPROC latch; the number is bounds-checked.
+        unsafe { set_latch(registry.launcher_procno.load(Ordering::Acquire)) };
+    }
+}
+
+/// How many times the launcher has been asked to look (it compares with what it last saw).
+pub fn launcher_requests() -> u64 {
+    REGISTRY.get().launcher_requests.load(Ordering::Acquire)
+}
+
+/// Set the latch of this database's worker, if one has announced itself.
 unsafe fn ring() -> bool {
-    let procno = WORKER_PROCNO.get().load(Ordering::Acquire);
+    match slot_of(pg_sys::MyDatabaseId) {
+        Some(slot) => set_latch(slot.procno.load(Ordering::Acquire)),
+        None => false,
+    }
+}
+
+unsafe fn set_latch(procno: i32) -> bool {
     if procno >= 0 && (procno as u32) < (*pg_sys::ProcGlobal).allProcCount {
         pg_sys::SetLatch(&mut (*(*pg_sys::ProcGlobal).allProcs.add(procno as usize)).procLatch);
         return true;
@@ -89,11 +330,17 @@ unsafe extern "C-unwind" fn on_transaction_end(
 ) {
     use pg_sys::XactEvent::*;
     match event {
-        XACT_EVENT_COMMIT | XACT_EVENT_PARALLEL_COMMIT if RING_AT_COMMIT.replace(false) => {
-            ring();
+        XACT_EVENT_COMMIT | XACT_EVENT_PARALLEL_COMMIT => {
+            if RING_AT_COMMIT.replace(false) {
+                ring();
+            }
+            if RING_LAUNCHER_AT_COMMIT.replace(false) {
+                ring_launcher();
+            }
         }
         XACT_EVENT_ABORT | XACT_EVENT_PARALLEL_ABORT | XACT_EVENT_PREPARE => {
-            RING_AT_COMMIT.set(false)
+            RING_AT_COMMIT.set(false);
+            RING_LAUNCHER_AT_COMMIT.set(false);
         }
         _ => {}
     }

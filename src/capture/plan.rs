@@ -54,7 +54,7 @@ impl TablePlan {
         let tupdesc = (*rel).rd_att;
         let natts = (*tupdesc).natts as usize;
         let attributes: Vec<&pg_sys::FormData_pg_attribute> = (0..natts)
-            .map(|i| &*(*tupdesc).attrs.as_ptr().add(i))
+            .map(|i| crate::compat::attribute(tupdesc, i))
             .collect();
         let name_of = |a: &pg_sys::FormData_pg_attribute| {
             CStr::from_ptr(a.attname.data.as_ptr())
@@ -200,7 +200,7 @@ unsafe fn tracked_table(rel: pg_sys::Relation) -> Result<Tracked> {
     let root_rel = opened.get();
     let desc = (*root_rel).rd_att;
     let order = (0..(*desc).natts as usize)
-        .map(|i| &*(*desc).attrs.as_ptr().add(i))
+        .map(|i| crate::compat::attribute(desc, i))
         .filter(|a| !a.attisdropped)
         .map(|a| {
             CStr::from_ptr(a.attname.data.as_ptr())

@@ -1,9 +1,10 @@
 //! Delivery: the background worker that drains `certyo.queue` to Certyo, retries what failed,
 //! keeps dead letters and receipts, and writes record hashes back to the source rows.
 //!
+//! - `launcher`: the worker with no database that starts a delivery worker per database;
 //! - `settings`: the `certyo.*` GUCs;
 //! - `api_key`: the API key from its file or setting, kept out of the server log;
-//! - `worker`: the main loop;
+//! - `worker`: a database's delivery worker, its main loop;
 //! - `store`: the statements of delivery (take, record, expire, status), each its own short
 //!   transaction;
 //! - `sending`: the batch on the wire, its HTTP on a helper thread;
@@ -12,15 +13,15 @@
 
 mod anchor;
 pub mod api_key;
+mod launcher;
 mod sending;
 pub mod settings;
 mod store;
 mod worker;
 mod write_back;
 
-use pgrx::bgworkers::{BackgroundWorker, BackgroundWorkerBuilder};
+use pgrx::bgworkers::BackgroundWorker;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::Duration;
 
 /// Has SIGTERM arrived? pgrx clears its flag when it is read, and several places must see it
 /// (the main loop, the wait for a batch in flight), so it is remembered here once seen.
@@ -32,13 +33,8 @@ pub fn stopping() -> bool {
     STOPPING.load(Ordering::Relaxed)
 }
 
-/// Register the worker; only possible while the postmaster loads `shared_preload_libraries`.
+/// Register the launcher, which starts the delivery workers; only possible while the
+/// postmaster loads `shared_preload_libraries`.
 pub fn register() {
-    BackgroundWorkerBuilder::new("certyo_cdc delivery")
-        .set_type("certyo_cdc delivery")
-        .set_library("certyo_cdc")
-        .set_function("certyo_delivery_main")
-        .enable_spi_access()
-        .set_restart_time(Some(Duration::from_secs(5)))
-        .load();
+    launcher::register();
 }

@@ -1,4 +1,5 @@
-//! The worker's settings (GUCs). All reload on SIGHUP except `certyo.database_name`. Time
+//! The worker's settings (GUCs). All reload on SIGHUP except `certyo.database_name` and
+//! `certyo.max_databases`, read at server start. Time
 //! settings take Postgres units ('200ms', '30s', '24h'); out-of-range values are refused by
 //! Postgres with the range in the message.
 
@@ -11,8 +12,8 @@ static BASE_URL: GucSetting<Option<CString>> =
 static API_KEY: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(None);
 static API_KEY_FILE: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(None);
 static TENANT_ID: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(None);
-static DATABASE_NAME: GucSetting<Option<CString>> =
-    GucSetting::<Option<CString>>::new(Some(c"postgres"));
+static DATABASE_NAME: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(None);
+static MAX_DATABASES: GucSetting<i32> = GucSetting::<i32>::new(8);
 static BATCH_SIZE: GucSetting<i32> = GucSetting::<i32>::new(1000);
 static BULK_THRESHOLD: GucSetting<i32> = GucSetting::<i32>::new(10);
 static POLL_INTERVAL_MS: GucSetting<i32> = GucSetting::<i32>::new(1000);
@@ -66,9 +67,19 @@ pub fn define(preloading: bool) {
     if preloading {
         GucRegistry::define_string_guc(
             c"certyo.database_name",
-            c"The database whose queue the worker delivers (and Certyo's `database` field).",
-            c"Read at server start.",
+            c"Serve only this database (empty: every database in which certyo_cdc is installed).",
+            c"Read at server start. A restriction kept from the time when one worker served one database.",
             &DATABASE_NAME,
+            GucContext::Postmaster,
+            GucFlags::default(),
+        );
+        GucRegistry::define_int_guc(
+            c"certyo.max_databases",
+            c"Most databases served at once, each by a delivery worker of its own.",
+            c"Read at server start. Each worker (and the launcher) takes one of max_worker_processes.",
+            &MAX_DATABASES,
+            1,
+            crate::wake::MAX_DATABASES as i32,
             GucContext::Postmaster,
             GucFlags::default(),
         );
@@ -193,6 +204,25 @@ pub fn define(preloading: bool) {
     );
 }
 
+/// The name of the database a delivery worker serves: Certyo's `database` field. Set once, when
+/// the worker has connected.
+static SERVED_DATABASE: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+
+pub fn set_served_database(name: String) {
+    // Set once per process; a second call (none is made) would keep the first name.
+    let _first = SERVED_DATABASE.set(name);
+}
+
+/// `certyo.database_name`: the one database to serve, if restricted to one.
+pub fn only_database() -> Option<String> {
+    Some(text(&DATABASE_NAME)).filter(|name| !name.is_empty())
+}
+
+/// `certyo.max_databases`.
+pub fn max_databases() -> usize {
+    MAX_DATABASES.get().max(1) as usize
+}
+
 /// The settings as one value, read at the start of each pass.
 #[derive(Clone, PartialEq)]
 pub struct Settings {
@@ -240,7 +270,7 @@ pub fn current() -> Settings {
         api_key,
         api_key_problem,
         tenant_id: text(&TENANT_ID),
-        database_name: text(&DATABASE_NAME),
+        database_name: SERVED_DATABASE.get().cloned().unwrap_or_default(),
         batch_size: BATCH_SIZE.get().clamp(1, 1000) as usize,
         bulk_threshold: BULK_THRESHOLD.get().max(0) as usize,
         poll_interval: Duration::from_millis(POLL_INTERVAL_MS.get().max(10) as u64),

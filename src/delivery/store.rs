@@ -37,6 +37,16 @@ pub struct Control {
     pub backfill_open: bool,
 }
 
+/// The database's name if certyo_cdc is installed in it (None: a database the worker has
+/// nothing to do in).
+pub fn installed_in_this_database() -> SpiResult<Option<String>> {
+    in_transaction(|| {
+        Spi::get_one::<String>(
+            "SELECT (SELECT current_database()::text FROM pg_extension WHERE extname = 'certyo_cdc')",
+        )
+    })
+}
+
 /// None when the extension is not installed in this database (it may be dropped under the
 /// worker); otherwise the operator's switches.
 pub fn control() -> SpiResult<Option<Control>> {

@@ -1,7 +1,9 @@
-//! The delivery worker's main loop. One worker serves `certyo.database_name`. Each pass: take
-//! a batch (one short transaction), send it (no transaction open), record the results and write
-//! the hashes back (short transactions). It sleeps on its latch: a commit that queued changes
-//! sets it, `certyo.poll_interval` is the fallback, and SIGTERM or postmaster death ends it.
+//! The delivery worker's main loop. One worker serves one database, started by the launcher
+//! (`launcher.rs`) with the database's OID. Each pass: take a batch (one short transaction),
+//! send it (no transaction open), record the results and write the hashes back (short
+//! transactions). It sleeps on its latch: a commit that queued changes sets it,
+//! `certyo.poll_interval` is the fallback, and SIGTERM or postmaster death ends it, as does
+//! `DROP EXTENSION` (the launcher starts a worker again at the next `CREATE EXTENSION`).
 
 use super::anchor;
 use super::sending::{with_signals_blocked, Sending};
@@ -14,17 +16,39 @@ use pgrx::bgworkers::{BackgroundWorker, SignalWakeFlags};
 use pgrx::pg_sys;
 use std::time::{Duration, Instant};
 
-/// Entry point, named in the worker's registration.
+/// Entry point, named in the worker's registration; its argument is the database's OID.
+/// Returning ends the worker for good (exit code 0: not restarted); an error restarts it.
 #[pgrx::pg_guard]
 #[unsafe(no_mangle)]
-pub extern "C-unwind" fn certyo_delivery_main(_arg: pg_sys::Datum) {
+pub extern "C-unwind" fn certyo_delivery_main(arg: pg_sys::Datum) {
     BackgroundWorker::attach_signal_handlers(SignalWakeFlags::SIGHUP | SignalWakeFlags::SIGTERM);
-    let database = settings::current().database_name;
-    BackgroundWorker::connect_worker_to_spi(Some(&database), None);
+    let database = pg_sys::Oid::from(arg.value() as u32);
+    if crate::wake::is_dropped(database) {
+        return; // connecting would fail, and the restart after it, forever
+    }
+    BackgroundWorker::connect_worker_to_spi_by_oid(Some(database), None);
     // Every name in the worker's SQL resolves in pg_catalog or is schema-qualified: no one
     // who can create objects in a schema on the default search_path (public, "$user") can
     // place a function or operator where the worker, a superuser, would call it.
     set_for_session(c"search_path", crate::rights::PINNED_SEARCH_PATH);
+    let name = match store::installed_in_this_database() {
+        Ok(Some(name)) => name,
+        Ok(None) => return, // a database without certyo_cdc: nothing to serve
+        // An ERROR ends the worker with exit code 1: it is started again in 5 s.
+        Err(e) => pgrx::error!("certyo_cdc: cannot tell whether certyo_cdc is installed: {e}"),
+    };
+    match crate::wake::claim(database, settings::max_databases()) {
+        Ok(()) => {}
+        Err(crate::wake::Refused::Served) => return,
+        Err(crate::wake::Refused::Full) => {
+            pgrx::warning!(
+                "certyo_cdc: database \"{name}\" is not delivered: certyo.max_databases ({}) databases are served already",
+                settings::max_databases()
+            );
+            return;
+        }
+    }
+    settings::set_served_database(name);
     // The worker's own commits need not wait for the WAL flush: if a crash loses the last of
     // them, what they recorded is redone (a change sent again is answered as a replay, a
     // backfill chunk is queued again from the last key that survived), and WAL order means no
@@ -33,10 +57,25 @@ pub extern "C-unwind" fn certyo_delivery_main(_arg: pg_sys::Datum) {
     // Its tables and the rows it writes back to are hot in shared buffers: an index probe costs
     // about what a sequential page read does.
     set_for_session(c"random_page_cost", c"1.1");
-    // SAFETY: MyProc is this process's PGPROC, set once the worker is connected.
-    crate::wake::set_worker(Some(unsafe { (*pg_sys::MyProc).pgprocno }));
-    Worker::default().run();
+    // SAFETY: the worker is connected, so its PGPROC is set up.
+    crate::wake::set_worker(Some(unsafe { crate::compat::my_proc_number() }));
+    let ended = Worker::default().run();
+    let again = ended == Ended::Stopped && !crate::wake::is_dropped(database);
     crate::wake::set_worker(None);
+    if again {
+        // Ended by pg_terminate_backend (or the server's shutdown, when it does not matter):
+        // the launcher starts a new worker, as Postgres restarts a failed one.
+        crate::wake::ring_launcher();
+    }
+}
+
+/// Why the main loop ended.
+#[derive(PartialEq)]
+enum Ended {
+    /// SIGTERM.
+    Stopped,
+    /// `DROP EXTENSION`.
+    Dropped,
 }
 
 fn set_for_session(name: &std::ffi::CStr, value: &std::ffi::CStr) {
@@ -158,10 +197,12 @@ enum Next {
     /// More may be ready: run another pass at once.
     Now,
     Wait(Duration),
+    /// The extension is gone from the database: the worker ends.
+    Stop,
 }
 
 impl Worker {
-    fn run(mut self) {
+    fn run(mut self) -> Ended {
         loop {
             if BackgroundWorker::sighup_received() {
                 // SAFETY: the worker's main loop, outside any transaction, as Postgres' own
@@ -182,9 +223,13 @@ impl Worker {
             let keep_going = match next {
                 Next::Now => !super::stopping(),
                 Next::Wait(wait) => sleep(wait),
+                Next::Stop => {
+                    pgrx::log!("certyo_cdc: certyo_cdc was dropped from this database; its delivery worker ends");
+                    return Ended::Dropped;
+                }
             };
             if !keep_going {
-                break;
+                return Ended::Stopped;
             }
         }
     }
@@ -217,9 +262,7 @@ impl Worker {
         crate::wake::count_pass();
         let settings = settings::current();
         let Some(control) = store::control()? else {
-            return Ok(Next::Wait(
-                settings.poll_interval.max(Duration::from_secs(5)),
-            ));
+            return Ok(Next::Stop); // DROP EXTENSION: nothing left to serve here
         };
         // Backfills only queue rows, like capture: they go on while sending is paused.
         let backfilling =

@@ -104,7 +104,7 @@ impl Table {
             .hint("Track your own tables, in schemas other than certyo."));
         }
         // SAFETY: a catalog check inside the caller's transaction.
-        if !unsafe { pg_sys::pg_class_ownercheck(relid, pg_sys::GetUserId()) } {
+        if !unsafe { crate::compat::owns_table(relid) } {
             return Err(CertyoError::new(
                 PgSqlErrorCode::ERRCODE_INSUFFICIENT_PRIVILEGE,
                 format!("certyo_cdc: must be owner of table {display} to change its tracking"),

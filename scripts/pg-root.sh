@@ -1,0 +1,89 @@
+#!/usr/bin/env bash
+# PostgreSQL versions that Debian 12 does not ship, from Debian's own newer releases: a minimal
+# Debian root (debootstrap) holding PostgreSQL VERSION and its headers, and the command run in
+# it with this checkout, the Rust toolchain and the cargo registry bound in at the same paths.
+#
+#   scripts/pg-root.sh 17                          # make (or check) the root for PostgreSQL 17
+#   scripts/pg-root.sh 17 scripts/test-version.sh 17   # run a command in it, in this checkout
+#
+# 17 comes from trixie, 18 from sid. Roots live under $CERTYO_ROOTS (default
+# /var/tmp/certyo-roots) and are reused; they are never deleted by this script (a root with
+# the toolchain bound in must not be removed with rm -rf: it would delete ~/.cargo).
+# Needs root, and Debian's package registry.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+version=${1:?usage: scripts/pg-root.sh VERSION [COMMAND...]}
+shift
+case "$version" in
+17) suite=trixie ;;
+18) suite=sid ;;
+*)
+    echo "scripts/pg-root.sh: no Debian release is known for PostgreSQL $version (17: trixie, 18: sid); 15 is the host's own" >&2
+    exit 2
+    ;;
+esac
+roots=${CERTYO_ROOTS:-/var/tmp/certyo-roots}
+root=$roots/$suite
+mirror=http://deb.debian.org/debian
+# sid's Release file in the registry's copy can be past its Valid-Until date.
+apt_options=(-o Acquire::Check-Valid-Until=false -o APT::Install-Recommends=false)
+packages=(postgresql-"$version" postgresql-server-dev-"$version" libclang-dev clang gcc libc6-dev make
+    sudo python3 python3-pytest python3-yaml ca-certificates)
+ready=$root/.certyo-ready-$version
+
+say() { printf '== %s\n' "$*"; }
+
+mounted=()
+unmount_all() {
+    local i
+    for ((i = ${#mounted[@]} - 1; i >= 0; i--)); do
+        umount -l "${mounted[$i]}" 2>/dev/null || true
+    done
+}
+trap unmount_all EXIT
+
+bind() { # bind SOURCE: the same path inside the root
+    mkdir -p "$root$1"
+    mountpoint -q "$root$1" || { mount --bind "$1" "$root$1" && mounted+=("$root$1"); }
+}
+
+mount_basics() {
+    mkdir -p "$root/proc" "$root/dev"
+    mountpoint -q "$root/proc" || { mount -t proc proc "$root/proc" && mounted+=("$root/proc"); }
+    mountpoint -q "$root/dev" || { mount --bind /dev "$root/dev" && mounted+=("$root/dev"); }
+    cp /etc/resolv.conf "$root/etc/resolv.conf" 2>/dev/null || true
+    grep -qs "$(hostname)" "$root/etc/hosts" || echo "127.0.1.1 $(hostname)" >>"$root/etc/hosts"
+}
+
+if [ ! -f "$ready" ]; then
+    if [ ! -x "$root/usr/bin/apt-get" ]; then
+        command -v debootstrap >/dev/null || {
+            apt-get update -qq
+            DEBIAN_FRONTEND=noninteractive apt-get install -y -qq debootstrap >/dev/null
+        }
+        say "making a Debian $suite root for PostgreSQL $version in $root (about a minute)"
+        mkdir -p "$roots"
+        debootstrap --variant=minbase "$suite" "$root" "$mirror" >/dev/null
+    fi
+    # No service starts inside the root, and no default cluster is made: tests make their own.
+    printf '#!/bin/sh\nexit 101\n' >"$root/usr/sbin/policy-rc.d"
+    chmod +x "$root/usr/sbin/policy-rc.d"
+    mkdir -p "$root/etc/postgresql-common/createcluster.d"
+    echo "create_main_cluster = false" >"$root/etc/postgresql-common/createcluster.d/certyo.conf"
+    mount_basics
+    say "installing PostgreSQL $version and the build tools into the $suite root"
+    chroot "$root" apt-get "${apt_options[@]}" update -qq
+    chroot "$root" env DEBIAN_FRONTEND=noninteractive apt-get "${apt_options[@]}" install -y -qq "${packages[@]}" >/dev/null
+    touch "$ready"
+fi
+
+(($#)) || exit 0
+
+mount_basics
+bind "$(pwd)"
+bind "$HOME/.cargo"
+bind "$HOME/.rustup"
+chroot "$root" env -i HOME="$HOME" PATH="$HOME/.cargo/bin:/usr/local/bin:/usr/bin:/bin:/usr/sbin:/sbin" \
+    TERM="${TERM:-dumb}" CI="${CI:-}" LANG=C.UTF-8 \
+    bash -c 'cd "$1" && shift && exec "$@"' -- "$(pwd)" "$@"

@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# Every test of the extension against one PostgreSQL version: unit tests and #[pg_test]s
+# (cargo pgrx test), then the end-to-end suites under pg_test/ on real clusters of that
+# version. Run by scripts/test.sh: for 15 on this machine, for 17 and 18 inside the Debian
+# root that scripts/pg-root.sh makes. Fails when any test fails.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+version=${1:?usage: scripts/test-version.sh VERSION}
+pg_config=/usr/lib/postgresql/$version/bin/pg_config
+# Each version builds into its own target directory: the bindings differ, and so do the C
+# libraries of a Debian root.
+if [ "$version" != 15 ]; then
+    export CARGO_TARGET_DIR=target/pg$version
+fi
+target=${CARGO_TARGET_DIR:-target}
+
+if ! grep -qs "^pg$version *= *\"$pg_config\"" "${PGRX_HOME:-$HOME/.pgrx}/config.toml"; then
+    echo "== pointing pgrx at PostgreSQL $version"
+    cargo pgrx init "--pg$version" "$pg_config" >/dev/null
+fi
+
+echo "== PostgreSQL $version: unit tests and #[pg_test]s"
+# As root, .cargo/config.toml (written by setup.sh) runs its cluster as postgres.
+cargo pgrx test "pg$version"
+# cargo pgrx test installed a debug build; the end-to-end checks run the release build.
+cargo pgrx install --release --pg-config "$pg_config" --no-default-features --features "pg$version" >/dev/null
+export PG_BIN=/usr/lib/postgresql/$version/bin CERTYO_PG_BIN=/usr/lib/postgresql/$version/bin
+
+echo "== PostgreSQL $version, end to end: capture"
+pg_test/capture.sh
+echo "== PostgreSQL $version, end to end (pytest): delivery, verification and the operator surface, security, the worker as a daemon, integrity, upgrades, every database"
+cargo build --release -p certyo-emulator --quiet
+CERTYO_EMULATOR=$target/release/certyo-emulator "${PYTHON:-python3}" -m pytest -q -p no:cacheprovider \
+    pg_test/test_delivery.py pg_test/test_operations.py pg_test/test_security.py pg_test/test_daemon.py \
+    pg_test/test_integrity.py pg_test/test_upgrade.py pg_test/test_databases.py

@@ -1,0 +1,45 @@
+-- certyo_cdc 0.1.0 → 0.2.0. 0.2.0 builds for PostgreSQL 17 and 18 as well as 15, and serves
+-- every database in which it is installed (a launcher starts a delivery worker per database).
+-- ALTER EXTENSION certyo_cdc UPDATE after installing the new library; pg_test/test_upgrade.py
+-- checks that the result equals a fresh install.
+\echo Use "ALTER EXTENSION certyo_cdc UPDATE" to load this file. \quit
+
+-- worker_status(): the reason no worker serves this database names what 0.2.0 offers
+-- (certyo.database_name is now only a restriction).
+CREATE OR REPLACE FUNCTION certyo.worker_status(
+    OUT running boolean, OUT pid integer, OUT configured boolean, OUT paused boolean,
+    OUT state text, OUT detail text, OUT last_error text, OUT last_error_at timestamptz,
+    OUT last_delivery_at timestamptz, OUT last_verified_at timestamptz,
+    OUT sent bigint, OUT accepted bigint, OUT replayed bigint, OUT failed bigint,
+    OUT anchored bigint, OUT mismatched bigint, OUT pending bigint, OUT dead bigint, OUT passes bigint)
+LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+    SELECT a.pid IS NOT NULL,
+           a.pid,
+           w.state IS DISTINCT FROM 'not configured'
+               AND (coalesce(current_setting('certyo.api_key_file', true), '') <> ''
+                    OR coalesce(current_setting('certyo.api_key', true), '') <> '')
+               AND coalesce(current_setting('certyo.tenant_id', true), '') <> '',
+           coalesce(w.paused, false),
+           CASE WHEN current_setting('shared_preload_libraries') !~ 'certyo_cdc' THEN 'not delivering'
+                WHEN a.pid IS NULL THEN 'not running'
+                ELSE w.state END,
+           CASE WHEN current_setting('shared_preload_libraries') !~ 'certyo_cdc'
+                    THEN 'certyo_cdc is not in shared_preload_libraries, so no worker delivers the queue: '
+                         'add it (ALTER SYSTEM SET shared_preload_libraries = ''certyo_cdc'') and restart PostgreSQL'
+                WHEN a.pid IS NULL AND coalesce(current_setting('certyo.database_name', true), '') NOT IN ('', current_database())
+                    THEN 'certyo.database_name = ' || current_setting('certyo.database_name', true)
+                         || ' restricts delivery to that database: empty it (ALTER SYSTEM RESET certyo.database_name) and restart PostgreSQL to deliver this one'
+                WHEN a.pid IS NULL
+                    THEN 'no delivery worker serves this database: one starts within seconds of CREATE EXTENSION; '
+                         'if none does, the server log says why (certyo.max_databases, max_worker_processes)' 
+                ELSE w.detail END,
+           w.last_error, w.last_error_at, w.last_delivery_at, w.last_verified_at,
+           coalesce(w.sent, 0), coalesce(w.accepted, 0), coalesce(w.replayed, 0), coalesce(w.failed, 0),
+           coalesce(w.anchored, 0), coalesce(w.mismatched, 0),
+           (SELECT count(*) FROM certyo.queue) + (SELECT count(*) FROM certyo.delivery d WHERE d.state = 'pending'),
+           (SELECT count(*) FROM certyo.delivery d WHERE d.state = 'dead'),
+           certyo.worker_passes()
+      FROM (SELECT) AS one
+      LEFT JOIN certyo.worker_state w ON true
+      LEFT JOIN pg_catalog.pg_stat_activity a ON a.pid = w.pid AND a.backend_type = 'certyo_cdc delivery'
+$$;
