@@ -83,6 +83,28 @@ def test_idle_worker_sleeps_in_every_quiet_state(cluster):
     cluster.sql("DROP TABLE quiet")
 
 
+def test_a_paused_worker_is_not_woken_by_every_commit(cluster):
+    """While sending is paused, committing writers do not ring the worker (it could send
+    nothing): 500 single-row transactions cost it about one pass per poll_interval, not one
+    per commit; certyo.resume() wakes it and the backlog is delivered."""
+    cluster.sql("CREATE TABLE muted (id int PRIMARY KEY); SELECT certyo.track('muted'); SELECT certyo.pause()")
+    try:
+        assert wait_for(lambda: cluster.sql("SELECT state FROM certyo.worker_status()") == "paused", 10)
+        passes = cluster.passes()
+        started = time.monotonic()
+        script = "".join(f"INSERT INTO muted VALUES ({i});\n" for i in range(500))
+        assert cluster.attempt_verbose(script).returncode == 0
+        elapsed = time.monotonic() - started
+        ran = cluster.passes() - passes
+        print(f"passes while 500 commits ran in {elapsed:.2f} s, paused: {ran}")
+        assert ran <= elapsed / POLL_INTERVAL_S + 5, f"{ran} passes for 500 commits in {elapsed:.2f} s"
+    finally:
+        cluster.sql("SELECT certyo.resume()")
+    assert cluster.wait_drained(30)
+    assert cluster.sql("SELECT count(*) FROM muted WHERE certyo_record_hash IS NOT NULL") == "500"
+    cluster.sql("DROP TABLE muted")
+
+
 def test_write_back_changes_nothing_users_see_as_a_change(cluster):
     """The seed's set_updated_at BEFORE trigger and an AFTER trigger that logs changes: the
     worker's write-back fires neither, so no business column drifts from what was anchored,

@@ -247,7 +247,7 @@ def test_dump_and_restore_keeps_history_and_audit_and_delivery_goes_on(emulator)
         target = Cluster(STANDBY_DIR, free_port(), emulator.url)
         target.sql("CREATE TABLE other (id int); CREATE TABLE another (id int)")  # OIDs move on
         restored = subprocess.run(["psql", "-h", target.dir, "-p", str(target.port), "-U", "postgres", "-X", "-q",
-                                   "-d", "postgres", "-f", dump], capture_output=True, text=True)
+                                   "-d", "postgres", "-1", "-f", dump], capture_output=True, text=True)
         assert "ERROR" not in restored.stderr, restored.stderr
         assert target.sql("SELECT 'ledger'::regclass::oid") != old_oid, "the restored table has a new OID"
         # Audited at once: nothing but the changes still on their way (31 to 40, or fewer if the

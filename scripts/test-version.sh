@@ -14,7 +14,7 @@ if [ "$version" != 15 ]; then
 fi
 target=${CARGO_TARGET_DIR:-target}
 
-if ! grep -qs "^pg$version *= *\"$pg_config\"" "${PGRX_HOME:-$HOME/.pgrx}/config.toml"; then
+if ! grep -qs "^pg$version *=" "${PGRX_HOME:-$HOME/.pgrx}/config.toml"; then
     echo "== pointing pgrx at PostgreSQL $version"
     cargo pgrx init "--pg$version" "$pg_config" >/dev/null
 fi

@@ -27,6 +27,11 @@ struct Slot {
     /// Passes the worker has run since it started: `certyo.worker_status().passes`, so that
     /// anyone can see whether an idle worker sleeps.
     passes: AtomicU64,
+    /// Set while the worker would do nothing with a commit's ring (sending is paused,
+    /// disabled, refused, or waits for the next probe of an outage): committing writers do not
+    /// ring then, and the worker is not woken thousands of times a second for nothing.
+    /// `certyo.wake()` rings all the same.
+    muted: AtomicBool,
 }
 
 /// Databases being dropped (recently), whose workers must not start again: a worker waiting
@@ -128,6 +133,7 @@ pub fn claim(database: pg_sys::Oid, cap: usize) -> Result<(), Refused> {
         return Err(refused);
     }
     slots[index].passes.store(0, Ordering::Relaxed);
+    slots[index].muted.store(false, Ordering::Relaxed);
     MY_SLOT.set(Some(index));
     // SAFETY: registers a callback in this process's main thread; it runs at any exit, an
     // ERROR's included, so the slot never outlives its worker.
@@ -174,6 +180,15 @@ pub fn served() -> Vec<pg_sys::Oid> {
         .filter(|&d| d != 0)
         .map(pg_sys::Oid::from)
         .collect()
+}
+
+/// The worker says whether commits should ring (see `Slot::muted`).
+pub fn mute(muted: bool) {
+    if let Some(index) = MY_SLOT.get() {
+        REGISTRY.get().slots[index]
+            .muted
+            .store(muted, Ordering::Relaxed);
+    }
 }
 
 /// The worker starts a pass.
@@ -284,7 +299,7 @@ fn register_callback() {
 fn wake() -> bool {
     ring_at_commit();
     // SAFETY: sets the latch of this database's worker, if one has announced itself.
-    let heard = PRELOADED.load(Ordering::Relaxed) && unsafe { ring() };
+    let heard = PRELOADED.load(Ordering::Relaxed) && unsafe { ring(true) };
     if !heard {
         ring_launcher();
     }
@@ -307,10 +322,14 @@ pub fn launcher_requests() -> u64 {
     REGISTRY.get().launcher_requests.load(Ordering::Acquire)
 }
 
-/// Set the latch of this database's worker, if one has announced itself.
-unsafe fn ring() -> bool {
+/// Set the latch of this database's worker, if one has announced itself (and, unless
+/// `even_muted`, listens to commits).
+unsafe fn ring(even_muted: bool) -> bool {
     match slot_of(pg_sys::MyDatabaseId) {
-        Some(slot) => set_latch(slot.procno.load(Ordering::Acquire)),
+        Some(slot) if even_muted || !slot.muted.load(Ordering::Relaxed) => {
+            set_latch(slot.procno.load(Ordering::Acquire))
+        }
+        Some(_) => true,
         None => false,
     }
 }
@@ -332,7 +351,7 @@ unsafe extern "C-unwind" fn on_transaction_end(
     match event {
         XACT_EVENT_COMMIT | XACT_EVENT_PARALLEL_COMMIT => {
             if RING_AT_COMMIT.replace(false) {
-                ring();
+                ring(false);
             }
             if RING_LAUNCHER_AT_COMMIT.replace(false) {
                 ring_launcher();

@@ -31,23 +31,7 @@ pub extern "C-unwind" fn certyo_delivery_main(arg: pg_sys::Datum) {
     // who can create objects in a schema on the default search_path (public, "$user") can
     // place a function or operator where the worker, a superuser, would call it.
     set_for_session(c"search_path", crate::rights::PINNED_SEARCH_PATH);
-    let name = match store::installed_in_this_database() {
-        Ok(Some(name)) => name,
-        Ok(None) => return, // a database without certyo_cdc: nothing to serve
-        // An ERROR ends the worker with exit code 1: it is started again in 5 s.
-        Err(e) => pgrx::error!("certyo_cdc: cannot tell whether certyo_cdc is installed: {e}"),
-    };
-    match crate::wake::claim(database, settings::max_databases()) {
-        Ok(()) => {}
-        Err(crate::wake::Refused::Served) => return,
-        Err(crate::wake::Refused::Full) => {
-            pgrx::warning!(
-                "certyo_cdc: database \"{name}\" is not delivered: certyo.max_databases ({}) databases are served already",
-                settings::max_databases()
-            );
-            return;
-        }
-    }
+    let Some(name) = claim(database) else { return };
     settings::set_served_database(name);
     // The worker's own commits need not wait for the WAL flush: if a crash loses the last of
     // them, what they recorded is redone (a change sent again is answered as a replay, a
@@ -66,6 +50,28 @@ pub extern "C-unwind" fn certyo_delivery_main(arg: pg_sys::Datum) {
         // Ended by pg_terminate_backend (or the server's shutdown, when it does not matter):
         // the launcher starts a new worker, as Postgres restarts a failed one.
         crate::wake::ring_launcher();
+    }
+}
+
+/// The database's name if this worker is to serve it: certyo_cdc is installed there, no other
+/// worker serves it, and fewer than `certyo.max_databases` databases are served (if as many
+/// are, the log says which database is left out).
+fn claim(database: pg_sys::Oid) -> Option<String> {
+    let name = match store::installed_in_this_database() {
+        Ok(name) => name?, // None: a database without certyo_cdc, nothing to serve
+        // An ERROR ends the worker with exit code 1: it is started again in 5 s.
+        Err(e) => pgrx::error!("certyo_cdc: cannot tell whether certyo_cdc is installed: {e}"),
+    };
+    match crate::wake::claim(database, settings::max_databases()) {
+        Ok(()) => Some(name),
+        Err(crate::wake::Refused::Served) => None,
+        Err(crate::wake::Refused::Full) => {
+            pgrx::warning!(
+                "certyo_cdc: database \"{name}\" is not delivered: certyo.max_databases ({}) databases are served already",
+                settings::max_databases()
+            );
+            None
+        }
     }
 }
 
@@ -267,7 +273,10 @@ impl Worker {
         // Backfills only queue rows, like capture: they go on while sending is paused.
         let backfilling =
             control.backfill_open && crate::backfill::step(settings.backfill_chunk_size)?;
-        if let Some((state, detail)) = self.blocked(&settings, control) {
+        let blocked = self.blocked(&settings, control);
+        // Commits ring only when a pass could send what they queued.
+        crate::wake::mute(blocked.is_some() || self.waiting_for_probe().is_some());
+        if let Some((state, detail)) = blocked {
             if self.sending.is_some() {
                 let client = self.client(&settings)?.clone();
                 self.deliver(&client, &settings, false)?;
