@@ -22,6 +22,9 @@ for config in ${BENCH_CONFIGS:-defaults strict}; do
     cluster_stop "$CLUSTER_DIR"
 done
 
+# Capture with the worker running and sending paused: commits must not wake it.
+bench/paused.sh
+
 # Delivery: the worker against the emulator on this machine.
 cargo build --release -p certyo-emulator --quiet
 target/release/certyo-emulator --port 54392 --api-key bench-key --anchor-delay 60 >/dev/null &
