@@ -184,3 +184,50 @@ def test_database_name_restricts_delivery_to_one_database(cluster, emulator):
     detail = cluster.sql("SELECT detail FROM certyo.worker_status()")
     assert "certyo.database_name = chosen restricts delivery" in detail, detail
     assert cluster.sql("SELECT pending FROM certyo.worker_status()") == "10"
+
+
+def launcher_ticks(cluster):
+    pid = cluster.sql("SELECT pid FROM pg_stat_activity WHERE backend_type = 'certyo_cdc launcher'")
+    with open(f"/proc/{pid}/stat") as stat:
+        fields = stat.read().rsplit(")", 1)[1].split()
+    return int(fields[11]) + int(fields[12])
+
+
+def test_nobody_but_a_superuser_can_keep_the_launcher_busy(cluster, emulator):
+    """An ordinary role's CREATE EXTENSION fails (caught in a savepoint, committed), and
+    CREATE EXTENSION IF NOT EXISTS where it is installed does nothing: neither wakes the
+    launcher, which would start a worker in every database without one. Before, 300 such
+    commits kept it forking hundreds of processes a second."""
+    track_products(cluster, "postgres", rows=0)
+    cluster.sql("CREATE DATABASE idle_a")
+    cluster.sql("CREATE DATABASE idle_b")
+    cluster.sql("CREATE ROLE lowly LOGIN")
+    try:
+        ticks = launcher_ticks(cluster)
+        attack = "".join("BEGIN; SAVEPOINT s; CREATE EXTENSION certyo_cdc; ROLLBACK TO s; COMMIT;\n"
+                         "CREATE EXTENSION IF NOT EXISTS certyo_cdc;\n" for _ in range(150))
+        cluster.attempt_verbose(attack, user="lowly", stop_on_error=False)
+        time.sleep(2)  # a window for launcher work the attack would have caused
+        used = launcher_ticks(cluster) - ticks
+        print(f"launcher CPU ticks during 300 attacking commits: {used}")
+        assert used <= 5, f"the launcher used {used} ticks"
+    finally:
+        cluster.sql("DROP ROLE lowly")
+
+
+def test_a_database_that_sets_role_for_every_session_is_refused_with_a_reason(cluster, emulator):
+    """ALTER DATABASE ... SET role (a database owner may) would make the worker run as that
+    role: it serves nothing there and says why; after RESET and certyo.wake() it delivers."""
+    cluster.sql("CREATE DATABASE roled")
+    track_products(cluster, "roled", rows=0)
+    cluster.sql("CREATE ROLE nobody_special")
+    first = wait_for(lambda: worker_pid(cluster, "roled"), 15)
+    assert first, "the database's worker runs"
+    cluster.sql("ALTER DATABASE roled SET role = 'nobody_special'")
+    cluster.sql(f"SELECT pg_terminate_backend({first})")
+    assert wait_for(lambda: "sets role or session_authorization for every session" in cluster.log(), 15), \
+        cluster.explain()
+    cluster.sql("ALTER DATABASE roled RESET role")
+    cluster.sql("SELECT certyo.wake()", database="roled")
+    cluster.sql("INSERT INTO products SELECT g, 'x' FROM generate_series(1, 10) g", database="roled")
+    assert delivered(cluster, "roled"), cluster.explain(database="roled")

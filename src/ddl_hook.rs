@@ -77,20 +77,24 @@ unsafe extern "C-unwind" fn process_utility(
     }
     // SAFETY: as above.
     let database_statement = unsafe { database_statement(statement) };
+    // SAFETY: a catalog lookup inside the statement's transaction.
+    let new_extension = matches!(database_statement, Some(DatabaseStatement::CreateExtension))
+        && unsafe { pg_sys::get_extension_oid(c"certyo_cdc".as_ptr(), true) } == pg_sys::InvalidOid;
     let dropping = match &database_statement {
-        // The launcher scans pg_database: it must see the new database, so it is woken when
-        // the statement's transaction has committed.
-        Some(DatabaseStatement::CreateExtension | DatabaseStatement::Create) => {
-            crate::wake::ring_launcher_at_commit();
-            None
-        }
         // SAFETY: a catalog lookup inside the statement's transaction.
         Some(DatabaseStatement::Drop(name)) => unsafe { stop_worker_of(name) },
-        None => None,
+        _ => None,
     };
     let Some(database) = dropping else {
         // SAFETY: as below.
         unsafe { run_previous(pstmt, query, read_only_tree, context, params, env, dest, qc) };
+        // Only a statement that did something wakes the launcher (one that failed raised an
+        // error and never gets here; `IF NOT EXISTS` of an installed extension did nothing),
+        // and only when its transaction commits: the launcher must see the new database or
+        // extension. Anyone can try CREATE EXTENSION; only a superuser's succeeds.
+        if new_extension || matches!(database_statement, Some(DatabaseStatement::Create)) {
+            crate::wake::ring_launcher_at_commit();
+        }
         return;
     };
     PgTryBuilder::new(|| {

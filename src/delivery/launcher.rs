@@ -16,7 +16,7 @@ use pgrx::bgworkers::{
 use pgrx::pg_sys;
 use std::collections::{HashMap, HashSet};
 use std::ffi::CStr;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 /// How long to wait before trying again to start workers that found no free background-worker
 /// slot (max_worker_processes).
@@ -24,6 +24,10 @@ const RETRY_FULL: Duration = Duration::from_secs(10);
 /// While a wanted database's previous worker is still ending: the postmaster's notification
 /// wakes the launcher, and this is the fallback.
 const RECHECK: Duration = Duration::from_secs(1);
+/// Requests are served at most this often.
+const LOOK_AT_MOST_EVERY: Duration = Duration::from_secs(1);
+/// A repeated "no free slot" is logged at most this often.
+const WARN_AT_MOST_EVERY: Duration = Duration::from_secs(60);
 
 /// Register the launcher; only possible while the postmaster loads `shared_preload_libraries`.
 pub fn register() {
@@ -46,22 +50,33 @@ pub extern "C-unwind" fn certyo_launcher_main(_arg: pg_sys::Datum) {
     // SAFETY: the launcher is connected, so its PGPROC is set up.
     crate::wake::set_launcher(Some(unsafe { crate::compat::my_proc_number() }));
     let mut launcher = Launcher::default();
-    // At start every database is looked at; later, those named by a request.
+    // At start every database is looked at; later, at each request, at most once a second.
     let mut seen = None;
+    let mut looked: Option<Instant> = None;
     while !super::stopping() {
         if BackgroundWorker::sighup_received() {
             // SAFETY: the launcher's main loop, outside any transaction.
             unsafe { pg_sys::ProcessConfigFile(pg_sys::GucContext::PGC_SIGHUP) };
         }
         let requests = crate::wake::launcher_requests();
+        let mut wake_in = launcher.start_wanted();
         if seen != Some(requests) {
-            seen = Some(requests);
-            launcher
-                .wanted
-                .extend(databases().into_iter().map(|(oid, _)| oid));
+            let since = looked.map_or(LOOK_AT_MOST_EVERY, |at| at.elapsed());
+            if since < LOOK_AT_MOST_EVERY {
+                // Requests arriving faster are taken together, a second after the last look:
+                // a flood of them cannot make the launcher fork without pause.
+                let left = LOOK_AT_MOST_EVERY - since;
+                wake_in = Some(wake_in.map_or(left, |w| w.min(left)));
+            } else {
+                seen = Some(requests);
+                looked = Some(Instant::now());
+                launcher
+                    .wanted
+                    .extend(databases().into_iter().map(|(oid, _)| oid));
+                wake_in = launcher.start_wanted();
+            }
         }
-        let waiting = launcher.start_wanted();
-        wait(waiting);
+        wait(wake_in);
     }
     crate::wake::set_launcher(None);
 }
@@ -75,8 +90,8 @@ struct Launcher {
     /// previous worker is still ending waits here until the postmaster says it has ended
     /// (workers are started with the launcher as the process to notify).
     wanted: HashSet<pg_sys::Oid>,
-    /// Whether the last attempt found no free slot, so that it is logged once, not per retry.
-    warned_full: bool,
+    /// When "no free slot" was last logged: once a minute at most, not per retry.
+    warned_full: Option<Instant>,
 }
 
 impl Launcher {
@@ -117,9 +132,12 @@ impl Launcher {
         let present: HashSet<pg_sys::Oid> = present.into_iter().map(|(oid, _)| oid).collect();
         self.wanted.retain(|d| present.contains(d));
         self.started.retain(|d, _| present.contains(d));
-        if short.is_empty() {
-            self.warned_full = false;
-        } else if !std::mem::replace(&mut self.warned_full, true) {
+        if !short.is_empty()
+            && self
+                .warned_full
+                .is_none_or(|at| at.elapsed() >= WARN_AT_MOST_EVERY)
+        {
+            self.warned_full = Some(Instant::now());
             pgrx::warning!(
                 "certyo_cdc: no free background worker slot to start delivery for database(s) {}: raise max_worker_processes (restart); trying again every {} s",
                 short.join(", "),

@@ -47,6 +47,17 @@ pub fn installed_in_this_database() -> SpiResult<Option<String>> {
     })
 }
 
+/// Whether the worker's session is a superuser's, as it must be (a database's own settings
+/// could make it another role).
+pub fn runs_as_superuser() -> SpiResult<bool> {
+    in_transaction(|| {
+        Ok(
+            Spi::get_one::<bool>("SELECT current_setting('is_superuser')::boolean")?
+                .unwrap_or(false),
+        )
+    })
+}
+
 /// None when the extension is not installed in this database (it may be dropped under the
 /// worker); otherwise the operator's switches.
 pub fn control() -> SpiResult<Option<Control>> {

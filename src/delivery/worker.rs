@@ -31,6 +31,16 @@ pub extern "C-unwind" fn certyo_delivery_main(arg: pg_sys::Datum) {
     // who can create objects in a schema on the default search_path (public, "$user") can
     // place a function or operator where the worker, a superuser, would call it.
     set_for_session(c"search_path", crate::rights::PINNED_SEARCH_PATH);
+    if !store::runs_as_superuser().unwrap_or(false) {
+        // A database's owner can set `role` or `session_authorization` for every session of
+        // the database (ALTER DATABASE ... SET), the worker's too: it then is not the
+        // superuser it must be, and serves nothing rather than run as someone else.
+        pgrx::warning!(
+            "certyo_cdc: the delivery worker of the database with OID {} is not delivering: the database sets role or session_authorization for every session, so the worker would not run as a superuser; ALTER DATABASE ... RESET role (or session_authorization), then SELECT certyo.wake()",
+            database.to_u32()
+        );
+        return;
+    }
     let Some(name) = claim(database) else { return };
     settings::set_served_database(name);
     // The worker's own commits need not wait for the WAL flush: if a crash loses the last of
