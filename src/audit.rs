@@ -5,7 +5,7 @@
 //! old backup restored) show up; a clean table returns nothing.
 
 use crate::capture::scan::{each_row, Snapshot};
-use crate::certyo::payload_sha256;
+use certyo::payload_sha256;
 use crate::error::{CertyoError, OrRaise, Result};
 use pgrx::datum::TimestampWithTimeZone;
 use pgrx::pg_sys::Oid;

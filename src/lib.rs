@@ -12,7 +12,8 @@
 //! - [`ddl_hook`]: checks before DDL that would lose changes or stop capture (`DROP EXTENSION`
 //!   with a backlog, dropping or retyping a captured column, `DROP TRIGGER` of capture), and
 //!   the statements that start or end a database's worker (`CREATE EXTENSION`, `DROP DATABASE`);
-//! - [`certyo`]: the Certyo API client, which knows nothing of Postgres;
+//! - the Certyo API client and its delivery rules are the workspace crate `certyo` (`certyo/`),
+//!   shared with `certyo-relay`: it knows nothing of Postgres;
 //! - [`wake`]: the registry of delivery workers (one per database) in shared memory, and the
 //!   doorbells: a committing writer rings its database's worker, `CREATE EXTENSION` the launcher;
 //! - [`error`]: the one error type, raised with an SQLSTATE, detail and hint;
@@ -28,7 +29,6 @@
 mod audit;
 mod backfill;
 pub mod capture;
-pub mod certyo;
 mod compat;
 mod ddl_hook;
 mod delivery;

@@ -1,5 +1,6 @@
--- certyo_cdc companion for MySQL 8 / MariaDB 10.5+: the same capture design as the
--- PostgreSQL extension. Run once per database:
+-- certyo_cdc companion for MySQL 8.0.16+ / MariaDB 10.5+: the same capture design as the
+-- PostgreSQL extension. Run once per database, and again after every update of this file (it
+-- upgrades what an earlier version created and changes nothing when run twice):
 --   mysql shop < sql/mysql/certyo_queue.sql
 -- then generate and install the triggers of each table to track (see certyo_trigger_ddl below):
 --   mysql -N -r -e "CALL certyo_trigger_ddl('shop', 'products', NULL, NULL)" shop | mysql shop
@@ -8,10 +9,14 @@
 --   collection → collection, record_id → recordId, operation → operationType,
 --   payload → recordPayload, source_timestamp → sourceTimestamp (UTC),
 --   idempotency_key → idempotencyKey.
+--
+-- Every DATETIME in certyo_queue is UTC. MySQL stores no zone with a DATETIME, so the triggers
+-- write UTC_TIMESTAMP() (never NOW()), and certyo-relay writes UTC too.
 
--- The transactional outbox: written by the triggers in the writer's transaction (InnoDB), so
--- a rolled-back write leaves nothing. A reader delivers rows in id order and records the
--- receipt (record_hash, delivered_at); the cleanup event removes delivered rows after 24 h.
+-- The transactional outbox: written by the triggers in the writer's transaction (InnoDB), so a
+-- rolled-back write leaves nothing. certyo-relay takes pending rows in id order, sends them,
+-- records each answer on the row, verifies anchoring later, and deletes old delivered rows
+-- itself (no event scheduler needed).
 CREATE TABLE IF NOT EXISTS certyo_queue (
     id               BIGINT UNSIGNED NOT NULL AUTO_INCREMENT PRIMARY KEY,
     collection       VARCHAR(192)  NOT NULL,            -- schema.table
@@ -20,10 +25,31 @@ CREATE TABLE IF NOT EXISTS certyo_queue (
     payload          JSON          NOT NULL,            -- business columns only
     source_timestamp DATETIME(6)   NOT NULL,            -- UTC
     idempotency_key  VARCHAR(80)   NULL,                -- {installation}-{id}, set by the trigger
-    queued_at        DATETIME(6)   NOT NULL DEFAULT CURRENT_TIMESTAMP(6),
-    record_hash      VARCHAR(100)  NULL,                -- receipt: Certyo's recordHash
-    delivered_at     DATETIME(6)   NULL,                -- receipt: when Certyo accepted it
-    KEY certyo_queue_pending (delivered_at, id)
+    queued_at        DATETIME(6)   NOT NULL DEFAULT (UTC_TIMESTAMP(6)), -- UTC; the triggers set it
+    -- Delivery, written by certyo-relay. pending: to send (again) once next_attempt_at is due;
+    -- delivered: Certyo accepted it (the receipt below); dead: Certyo refused it (4xx), kept
+    -- with the answer in last_status/last_error until an operator acts.
+    status           ENUM('pending', 'delivered', 'dead') NOT NULL DEFAULT 'pending',
+    attempts         INT           NOT NULL DEFAULT 0,
+    next_attempt_at  DATETIME(6)   NULL,                -- UTC; NULL: due now
+    last_attempt_at  DATETIME(6)   NULL,                -- UTC
+    last_status      SMALLINT      NULL,                -- HTTP status of the last answer; 0: no answer
+    last_error       TEXT          NULL,                -- why the last attempt failed (a dead letter: the 4xx body)
+    -- The receipt.
+    record_hash      VARCHAR(100)  NULL,                -- Certyo's recordHash
+    delivered_at     DATETIME(6)   NULL,                -- UTC, when Certyo accepted it
+    -- Anchoring, verified by certyo-relay after delivery. NULL until delivered; pending: not yet
+    -- on chain; overdue: still not on chain long after delivery; anchored; mismatch: Certyo
+    -- reports another hash than the receipt's.
+    anchor_status    ENUM('pending', 'overdue', 'anchored', 'mismatch') NULL,
+    next_verify_at   DATETIME(6)   NULL,                -- UTC; NULL: no verification due
+    verified_at      DATETIME(6)   NULL,                -- UTC, when verification last answered
+    verify_attempts  INT           NOT NULL DEFAULT 0,  -- verifications asked: an overdue one backs off with it
+    polygon_tx_hash  VARCHAR(100)  NULL,
+    reported_hash    VARCHAR(100)  NULL,                -- mismatch: the hash Certyo reported instead
+    KEY certyo_queue_take (status, id),                                          -- the next rows to send
+    KEY certyo_queue_record (collection(64), record_id(128), status, id),        -- a record's changes, in order
+    KEY certyo_queue_verify (next_verify_at)                                     -- receipts due for verification
 ) ENGINE = InnoDB DEFAULT CHARSET = utf8mb4 COLLATE = utf8mb4_bin;
 
 -- One row: the installation id that prefixes idempotency keys, so a re-created queue whose ids
@@ -35,13 +61,93 @@ CREATE TABLE IF NOT EXISTS certyo_installation (
 ) ENGINE = InnoDB DEFAULT CHARSET = ascii;
 INSERT IGNORE INTO certyo_installation (singleton, installation_id) VALUES (1, LEFT(REPLACE(UUID(), '-', ''), 12));
 
--- Delivered rows are kept 24 hours for operators, then removed in small batches.
--- Needs the event scheduler: SET GLOBAL event_scheduler = ON (or event_scheduler=ON in my.cnf).
-CREATE EVENT IF NOT EXISTS certyo_queue_cleanup
-    ON SCHEDULE EVERY 10 MINUTE
-    DO DELETE FROM certyo_queue
-        WHERE delivered_at IS NOT NULL AND delivered_at < UTC_TIMESTAMP(6) - INTERVAL 24 HOUR
-        LIMIT 10000;
+-- The first version deleted delivered rows with this event; certyo-relay does it now.
+DROP EVENT IF EXISTS certyo_queue_cleanup;
+
+DELIMITER //
+-- Upgrade of a certyo_queue created by an earlier version of this script. CREATE TABLE IF NOT
+-- EXISTS leaves an existing table as it is, so each missing column and index is added here, after
+-- a look at information_schema: a second run finds everything in place and changes nothing.
+-- The columns are placed as in CREATE TABLE above, so an upgraded queue equals a new one.
+DROP PROCEDURE IF EXISTS certyo_queue_add_column //
+CREATE PROCEDURE certyo_queue_add_column(IN p_name VARCHAR(64), IN p_definition TEXT)
+    MODIFIES SQL DATA
+BEGIN
+    IF NOT EXISTS (SELECT 1 FROM information_schema.COLUMNS
+                    WHERE TABLE_SCHEMA = DATABASE() AND TABLE_NAME = 'certyo_queue' AND COLUMN_NAME = p_name) THEN
+        -- PREPARE takes only a literal or a user variable.
+        SET @certyo_ddl = CONCAT('ALTER TABLE certyo_queue ADD COLUMN ', p_name, ' ', p_definition);
+        PREPARE certyo_stmt FROM @certyo_ddl;
+        EXECUTE certyo_stmt;
+        DEALLOCATE PREPARE certyo_stmt;
+        SET @certyo_ddl = NULL;
+    END IF;
+END //
+
+DROP PROCEDURE IF EXISTS certyo_queue_add_index //
+CREATE PROCEDURE certyo_queue_add_index(IN p_name VARCHAR(64), IN p_columns TEXT)
+    MODIFIES SQL DATA
+BEGIN
+    IF NOT EXISTS (SELECT 1 FROM information_schema.STATISTICS
+                    WHERE TABLE_SCHEMA = DATABASE() AND TABLE_NAME = 'certyo_queue' AND INDEX_NAME = p_name) THEN
+        SET @certyo_ddl = CONCAT('ALTER TABLE certyo_queue ADD KEY ', p_name, ' (', p_columns, ')');
+        PREPARE certyo_stmt FROM @certyo_ddl;
+        EXECUTE certyo_stmt;
+        DEALLOCATE PREPARE certyo_stmt;
+        SET @certyo_ddl = NULL;
+    END IF;
+END //
+
+DROP PROCEDURE IF EXISTS certyo_upgrade_queue //
+CREATE PROCEDURE certyo_upgrade_queue()
+    MODIFIES SQL DATA
+BEGIN
+    -- Delivery state.
+    CALL certyo_queue_add_column('status', 'ENUM(''pending'', ''delivered'', ''dead'') NOT NULL DEFAULT ''pending'' AFTER queued_at');
+    CALL certyo_queue_add_column('attempts', 'INT NOT NULL DEFAULT 0 AFTER status');
+    CALL certyo_queue_add_column('next_attempt_at', 'DATETIME(6) NULL AFTER attempts');
+    CALL certyo_queue_add_column('last_attempt_at', 'DATETIME(6) NULL AFTER next_attempt_at');
+    CALL certyo_queue_add_column('last_status', 'SMALLINT NULL AFTER last_attempt_at');
+    CALL certyo_queue_add_column('last_error', 'TEXT NULL AFTER last_status');
+    -- Anchoring.
+    CALL certyo_queue_add_column('anchor_status', 'ENUM(''pending'', ''overdue'', ''anchored'', ''mismatch'') NULL AFTER delivered_at');
+    CALL certyo_queue_add_column('next_verify_at', 'DATETIME(6) NULL AFTER anchor_status');
+    CALL certyo_queue_add_column('verified_at', 'DATETIME(6) NULL AFTER next_verify_at');
+    CALL certyo_queue_add_column('verify_attempts', 'INT NOT NULL DEFAULT 0 AFTER verified_at');
+    CALL certyo_queue_add_column('polygon_tx_hash', 'VARCHAR(100) NULL AFTER verify_attempts');
+    CALL certyo_queue_add_column('reported_hash', 'VARCHAR(100) NULL AFTER polygon_tx_hash');
+
+    -- queued_at was DEFAULT CURRENT_TIMESTAMP(6), the session's local time, not UTC. (MODIFY
+    -- with the whole definition: the form documented for expression defaults in both servers.)
+    IF EXISTS (SELECT 1 FROM information_schema.COLUMNS
+                WHERE TABLE_SCHEMA = DATABASE() AND TABLE_NAME = 'certyo_queue' AND COLUMN_NAME = 'queued_at'
+                  AND LOWER(COLUMN_DEFAULT) NOT LIKE '%utc_timestamp%') THEN
+        ALTER TABLE certyo_queue MODIFY COLUMN queued_at DATETIME(6) NOT NULL DEFAULT (UTC_TIMESTAMP(6));
+    END IF;
+
+    -- Rows an earlier reader delivered (it set delivered_at only) are delivered, and their
+    -- anchoring is to be verified. Runs before the old index on delivered_at goes away.
+    UPDATE certyo_queue
+       SET status = 'delivered',
+           anchor_status = IF(record_hash IS NULL, NULL, 'pending'),
+           next_verify_at = IF(record_hash IS NULL, NULL, UTC_TIMESTAMP(6))
+     WHERE status = 'pending' AND delivered_at IS NOT NULL;
+
+    CALL certyo_queue_add_index('certyo_queue_take', 'status, id');
+    CALL certyo_queue_add_index('certyo_queue_record', 'collection(64), record_id(128), status, id');
+    CALL certyo_queue_add_index('certyo_queue_verify', 'next_verify_at');
+    -- Replaced by certyo_queue_take.
+    IF EXISTS (SELECT 1 FROM information_schema.STATISTICS
+                WHERE TABLE_SCHEMA = DATABASE() AND TABLE_NAME = 'certyo_queue' AND INDEX_NAME = 'certyo_queue_pending') THEN
+        ALTER TABLE certyo_queue DROP INDEX certyo_queue_pending;
+    END IF;
+END //
+DELIMITER ;
+
+CALL certyo_upgrade_queue();
+DROP PROCEDURE certyo_upgrade_queue;
+DROP PROCEDURE certyo_queue_add_column;
+DROP PROCEDURE certyo_queue_add_index;
 
 DROP PROCEDURE IF EXISTS certyo_trigger_ddl;
 DELIMITER //
@@ -61,7 +167,9 @@ BEGIN
     DECLARE v_installation VARCHAR(36);
     DECLARE v_ts_column VARCHAR(64);
     DECLARE v_ts_type VARCHAR(64);
-    DECLARE v_old_payload, v_new_payload, v_old_id, v_new_id, v_business_same, v_id_same, v_old_ts, v_new_ts TEXT;
+    DECLARE v_checks_per_table BOOLEAN;
+    DECLARE v_group_concat_max_len BIGINT UNSIGNED DEFAULT @@session.group_concat_max_len;
+    DECLARE v_old_payload, v_new_payload, v_old_id, v_new_id, v_business_same, v_id_same, v_old_ts, v_new_ts LONGTEXT;
 
     SELECT installation_id INTO v_installation FROM certyo_installation WHERE singleton = 1;
 
@@ -78,22 +186,45 @@ BEGIN
     SELECT c.ORDINAL_POSITION AS pos,
            c.COLUMN_NAME AS name,
            CONCAT('`', REPLACE(c.COLUMN_NAME, '`', '``'), '`') AS quoted,
-           -- MariaDB's JSON is LONGTEXT with a json_valid() check: treat it as json.
-           IF(c.DATA_TYPE = 'json' OR EXISTS (
-                  SELECT 1 FROM information_schema.CHECK_CONSTRAINTS k
-                   WHERE k.CONSTRAINT_SCHEMA = c.TABLE_SCHEMA AND k.TABLE_NAME = c.TABLE_NAME
-                     AND k.CHECK_CLAUSE LIKE CONCAT('%json_valid(`', c.COLUMN_NAME, '`)%')),
-              'json', c.DATA_TYPE) AS data_type,
-           c.COLUMN_TYPE AS column_type,
+           CAST(c.DATA_TYPE AS CHAR(64)) AS data_type,
            c.DATETIME_PRECISION AS fsp
       FROM information_schema.COLUMNS c
      WHERE c.TABLE_SCHEMA = p_schema AND c.TABLE_NAME = p_table
        AND c.COLUMN_NAME NOT IN ('certyo_record_hash', 'certyo_anchor_status', 'certyo_verified_at')
        AND (p_exclude IS NULL OR FIND_IN_SET(c.COLUMN_NAME, p_exclude) = 0);
 
+    -- MariaDB's JSON is LONGTEXT with a column CHECK (json_valid(`col`)) named after the column:
+    -- such a string column is json. TABLE_CONSTRAINTS (MySQL 8.0.16+, MariaDB) names the checks
+    -- of the table; CHECK_CONSTRAINTS gives their clauses, matched by schema and name. MySQL
+    -- names constraints uniquely per schema, so that match is exact there and its
+    -- CHECK_CONSTRAINTS has no TABLE_NAME. MariaDB names them per table (two tables may each
+    -- have a check `tags`), so the match also needs CHECK_CONSTRAINTS.TABLE_NAME, a column only
+    -- MariaDB has: the statement is prepared with it only where information_schema has it.
+    SELECT COUNT(*) > 0 INTO v_checks_per_table FROM information_schema.COLUMNS
+     WHERE TABLE_SCHEMA = 'information_schema' AND TABLE_NAME = 'CHECK_CONSTRAINTS' AND COLUMN_NAME = 'TABLE_NAME';
+    SET @certyo_sql = CONCAT(
+        'UPDATE certyo_columns c SET c.data_type = ''json''',
+        ' WHERE c.data_type IN (''char'', ''varchar'', ''tinytext'', ''text'', ''mediumtext'', ''longtext'')',
+        '   AND EXISTS (SELECT 1 FROM information_schema.TABLE_CONSTRAINTS t',
+        '                 JOIN information_schema.CHECK_CONSTRAINTS k',
+        '                   ON k.CONSTRAINT_SCHEMA = t.CONSTRAINT_SCHEMA AND k.CONSTRAINT_NAME = t.CONSTRAINT_NAME',
+        IF(v_checks_per_table, ' AND k.TABLE_NAME = t.TABLE_NAME', ''),
+        '                WHERE t.TABLE_SCHEMA = ? AND t.TABLE_NAME = ? AND t.CONSTRAINT_TYPE = ''CHECK''',
+        '                  AND LOCATE(CONCAT(''json_valid('', c.quoted, '')''), k.CHECK_CLAUSE) > 0)');
+    SET @certyo_schema = p_schema, @certyo_table = p_table;
+    PREPARE certyo_stmt FROM @certyo_sql;
+    EXECUTE certyo_stmt USING @certyo_schema, @certyo_table;
+    DEALLOCATE PREPARE certyo_stmt;
+    SET @certyo_sql = NULL, @certyo_schema = NULL, @certyo_table = NULL;
+
+    -- GROUP_CONCAT cuts its result at group_concat_max_len, 1024 bytes by default in MySQL (1 MiB
+    -- in MariaDB): too short for the column list of a wide table. Raised for this call only.
+    SET SESSION group_concat_max_len = GREATEST(v_group_concat_max_len, 67108864);
+
     -- JSON_OBJECT('name', <value>, ...) for OLD and NEW; the value expression per type:
-    --   datetime/timestamp → ISO 8601 'YYYY-MM-DDTHH:MM:SS[.ffffff]', timestamp read in UTC;
-    --   date → 'YYYY-MM-DD'; binary types → '\x' + lowercase hex; json → nested JSON;
+    --   datetime → 'YYYY-MM-DDTHH:MM:SS[.ffffff]' as written (MySQL stores no zone with it);
+    --   timestamp → the same, in UTC; date → 'YYYY-MM-DD'; time → 'HH:MM:SS[.fff]';
+    --   binary types → '\x' + lowercase hex; json → nested JSON;
     --   numbers, strings, enums, NULL → as JSON_OBJECT renders them.
     SELECT GROUP_CONCAT(CONCAT(QUOTE(name), ', ', REPLACE(certyo_value_sql(data_type, fsp), '@', CONCAT('OLD.', quoted))) ORDER BY pos SEPARATOR ', ')
       INTO v_old_payload FROM certyo_columns;
@@ -116,19 +247,29 @@ BEGIN
       FROM information_schema.KEY_COLUMN_USAGE
      WHERE TABLE_SCHEMA = p_schema AND TABLE_NAME = p_table AND CONSTRAINT_NAME = 'PRIMARY';
     SET v_new_id = REPLACE(v_old_id, 'OLD.`', 'NEW.`');
+    SET SESSION group_concat_max_len = v_group_concat_max_len;
 
-    -- Source timestamp: the timestamp column (in UTC), else the time of the change.
+    -- Source timestamp (UTC): the timestamp column, else the time of the change.
     SELECT COLUMN_NAME, DATA_TYPE INTO v_ts_column, v_ts_type FROM information_schema.COLUMNS
      WHERE TABLE_SCHEMA = p_schema AND TABLE_NAME = p_table AND DATA_TYPE IN ('datetime', 'timestamp')
        AND COLUMN_NAME = COALESCE(p_timestamp_column, IF(COLUMN_NAME IN ('updated_at', 'modified_at'), COLUMN_NAME, NULL))
      ORDER BY FIELD(COLUMN_NAME, 'updated_at', 'modified_at') LIMIT 1;
     IF p_timestamp_column IS NOT NULL AND v_ts_column IS NULL THEN
-        SIGNAL SQLSTATE '45000' SET MESSAGE_TEXT = 'certyo_trigger_ddl: p_timestamp_column is not a datetime or timestamp column of the table';
+        SIGNAL SQLSTATE '45000' SET MESSAGE_TEXT = 'certyo_trigger_ddl: p_timestamp_column is not a datetime or timestamp column of the table; name one, or pass NULL to use the time of the change';
     END IF;
+    -- A TIMESTAMP is an instant: read it in UTC. A DATETIME is a wall-clock time without zone,
+    -- taken as written in the writer's session time zone and moved to UTC by that zone's offset
+    -- at the time of the change (NOW() - UTC_TIMESTAMP(), one instant, so exact). That needs
+    -- no time zone tables and works for SYSTEM, '+02:00' and named zones alike. It is exact
+    -- for a column that holds the time of the change (NOW(), DEFAULT/ON UPDATE CURRENT_TIMESTAMP),
+    -- also in the hour repeated when clocks go back; a value from the other side of a DST change
+    -- is off by the shift. CONVERT_TZ(value, @@session.time_zone, '+00:00') would use the
+    -- value's own offset but returns NULL for named zones without the time zone tables, returns
+    -- the value unchanged outside the TIMESTAMP range, and must guess in the repeated hour.
     SET v_old_ts = IF(v_ts_column IS NULL, 'UTC_TIMESTAMP(6)',
                       CONCAT('COALESCE(', IF(v_ts_type = 'timestamp',
                                              CONCAT('TIMESTAMP(''1970-01-01'') + INTERVAL ROUND(UNIX_TIMESTAMP(OLD.`', REPLACE(v_ts_column, '`', '``'), '`) * 1000000) MICROSECOND'),
-                                             CONCAT('OLD.`', REPLACE(v_ts_column, '`', '``'), '`')),
+                                             CONCAT('OLD.`', REPLACE(v_ts_column, '`', '``'), '` - INTERVAL TIMESTAMPDIFF(SECOND, UTC_TIMESTAMP(6), NOW(6)) SECOND')),
                              ', UTC_TIMESTAMP(6))'));
     SET v_new_ts = REPLACE(v_old_ts, 'OLD.`', 'NEW.`');
 
@@ -160,6 +301,9 @@ BEGIN
         WHEN p_type = 'timestamp' THEN CONCAT('DATE_FORMAT(TIMESTAMP(''1970-01-01'') + INTERVAL ROUND(UNIX_TIMESTAMP(@) * 1000000) MICROSECOND, ''', v_format, '''',  ')')
         WHEN p_type = 'datetime' THEN CONCAT('DATE_FORMAT(@, ''', v_format, ''')')
         WHEN p_type = 'date' THEN 'DATE_FORMAT(@, ''%Y-%m-%d'')'
+        -- As text, with the column's fractional digits: MySQL's JSON_OBJECT would render a TIME
+        -- with six digits, MariaDB's as text; this is the same on both.
+        WHEN p_type = 'time' THEN 'CAST(@ AS CHAR)'
         WHEN p_type IN ('binary', 'varbinary', 'tinyblob', 'blob', 'mediumblob', 'longblob', 'bit') THEN 'CONCAT(''\\\\x'', LOWER(HEX(@)))'
         WHEN p_type = 'json' THEN 'JSON_EXTRACT(@, ''$'')'
         ELSE '@'
@@ -175,20 +319,22 @@ BEGIN
 END //
 
 DROP FUNCTION IF EXISTS certyo_enqueue_sql //
-CREATE FUNCTION certyo_enqueue_sql(p_collection TEXT, p_installation TEXT, p_operation TEXT, p_record_id TEXT, p_payload TEXT, p_timestamp TEXT)
-    RETURNS TEXT DETERMINISTIC NO SQL
+CREATE FUNCTION certyo_enqueue_sql(p_collection TEXT, p_installation TEXT, p_operation TEXT, p_record_id LONGTEXT, p_payload LONGTEXT, p_timestamp TEXT)
+    RETURNS LONGTEXT DETERMINISTIC NO SQL
 BEGIN
+    -- queued_at is written, not left to its expression default: with statement-based binary
+    -- logging, a statement that evaluates a nondeterministic default is logged as unsafe.
     -- The key needs the queue id, known only after the insert: LAST_INSERT_ID() inside the
     -- trigger is the id of this insert.
     RETURN CONCAT(
-        'INSERT INTO certyo_queue (collection, record_id, operation, payload, source_timestamp) VALUES (',
-        QUOTE(p_collection), ', ', p_record_id, ', ', QUOTE(p_operation), ', ', p_payload, ', ', p_timestamp, ');\n',
+        'INSERT INTO certyo_queue (collection, record_id, operation, payload, source_timestamp, queued_at) VALUES (',
+        QUOTE(p_collection), ', ', p_record_id, ', ', QUOTE(p_operation), ', ', p_payload, ', ', p_timestamp, ', UTC_TIMESTAMP(6));\n',
         '      UPDATE certyo_queue SET idempotency_key = CONCAT(', QUOTE(CONCAT(p_installation, '-')), ', id) WHERE id = LAST_INSERT_ID();');
 END //
 
 DROP FUNCTION IF EXISTS certyo_trigger_sql //
-CREATE FUNCTION certyo_trigger_sql(p_table TEXT, p_suffix TEXT, p_event TEXT, p_qtable TEXT, p_body TEXT)
-    RETURNS TEXT DETERMINISTIC NO SQL
+CREATE FUNCTION certyo_trigger_sql(p_table TEXT, p_suffix TEXT, p_event TEXT, p_qtable TEXT, p_body LONGTEXT)
+    RETURNS LONGTEXT DETERMINISTIC NO SQL
 BEGIN
     DECLARE v_name TEXT DEFAULT CONCAT('`', REPLACE(LEFT(CONCAT('certyo_', p_table), 58), '`', '``'), '_', p_suffix, '`');
     RETURN CONCAT(

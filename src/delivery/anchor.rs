@@ -8,7 +8,7 @@
 use super::sending::OffThread;
 use super::store::Tally;
 use super::write_back::{self, Mark, Version};
-use crate::certyo::{Client, Outcome, Verification, VerifyRequest};
+use certyo::{Client, Outcome, Verification, VerifyRequest};
 use pgrx::pg_sys::Oid;
 use pgrx::prelude::*;
 use std::time::Duration;
@@ -70,7 +70,7 @@ pub fn take_due(limit: usize) -> SpiResult<Vec<Due>> {
 pub struct Verifying {
     due: Vec<Due>,
     /// The configuration the requests went out with: a refusal answers that one.
-    pub config: crate::certyo::ClientConfig,
+    pub config: certyo::ClientConfig,
     /// Each answer with the id of the receipt it answers: a thread that fails loses only its
     /// own answers, and no answer can land on another receipt.
     work: OffThread<Vec<(i64, Verification)>>,
@@ -271,7 +271,7 @@ fn later_push(later: &mut (Vec<i64>, Vec<Option<String>>), id: i64, error: Optio
 #[cfg(test)]
 mod tests {
     use super::{match_answers, verify_in_parts, Due, Version, CONCURRENT_REQUESTS};
-    use crate::certyo::{Outcome, Verification};
+    use certyo::{Outcome, Verification};
 
     fn due(id: i64) -> Due {
         Due {

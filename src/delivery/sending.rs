@@ -8,7 +8,7 @@
 
 use super::settings::Settings;
 use super::store::Entry;
-use crate::certyo::{Client, Outcome, Record};
+use certyo::{Client, Outcome, Record};
 use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
 use std::sync::mpsc::{self, RecvTimeoutError};
 use std::sync::Arc;
@@ -79,7 +79,7 @@ impl<T> Drop for OffThread<T> {
 pub struct Sending {
     batch: Vec<Entry>,
     /// The configuration the batch went out with: a refusal answers that one.
-    pub config: crate::certyo::ClientConfig,
+    pub config: certyo::ClientConfig,
     /// Each outcome with the id of the entry it answers.
     work: OffThread<Vec<(i64, Outcome)>>,
 }
@@ -101,22 +101,14 @@ impl Sending {
                 Err(reason) => unsendable.push((entry.id, reason)),
             }
         }
-        let bulk = records.len() > settings.bulk_threshold;
         let config = client.config().clone();
-        let (chunk, tenant, client) = (
-            settings.batch_size,
-            settings.tenant_id.clone(),
-            client.clone(),
-        );
+        let shape = certyo::batch::Shape {
+            batch_size: settings.batch_size,
+            bulk_threshold: settings.bulk_threshold,
+        };
+        let (tenant, client) = (settings.tenant_id.clone(), client.clone());
         let work = OffThread::start("certyo_cdc send", move |pause| {
-            let outcomes: Vec<Outcome> = if bulk {
-                records
-                    .chunks(chunk)
-                    .flat_map(|part| send_isolating(&client, &tenant, part, pause))
-                    .collect()
-            } else {
-                client.send_each(&records, pause)
-            };
+            let outcomes = certyo::batch::send(&client, &tenant, &records, shape, pause);
             // The client answers each record of a request in order, one outcome per record.
             let mut answered: Vec<(i64, Outcome)> = ids.into_iter().zip(outcomes).collect();
             answered.extend(unsendable);
@@ -199,30 +191,6 @@ fn pause_unless_stopped(stop: &AtomicBool, delay: Duration) -> bool {
         std::thread::sleep(Duration::from_millis(50).min(delay));
     }
     !stop.load(Ordering::Relaxed)
-}
-
-/// A bulk request refused as a whole (a 4xx) is sent again in halves, down to single records,
-/// so that only the records Certyo refuses become dead letters, each with its own status and
-/// body (a batch of 1,000 with one bad record costs about 20 requests). A refusal of the
-/// configuration (401/403/404/405) is not split: it is no record's fault.
-fn send_isolating(
-    client: &Client,
-    tenant: &str,
-    part: &[Record],
-    pause: &mut dyn FnMut(Duration) -> bool,
-) -> Vec<Outcome> {
-    let outcomes = client.send_bulk(tenant, part, pause);
-    let refused_whole = part.len() > 1
-        && outcomes
-            .iter()
-            .all(|o| matches!(o, Outcome::Rejected { .. }));
-    if !refused_whole {
-        return outcomes;
-    }
-    let (first, second) = part.split_at(part.len() / 2);
-    let mut outcomes = send_isolating(client, tenant, first, pause);
-    outcomes.extend(send_isolating(client, tenant, second, pause));
-    outcomes
 }
 
 /// The Certyo record of an entry; Err (the reason) when its payload is not JSON.

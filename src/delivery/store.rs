@@ -2,7 +2,7 @@
 //! none is open while HTTP is in flight.
 
 use super::write_back::{self, Mark, Version};
-use crate::certyo::{Outcome, Receipt};
+use certyo::{Outcome, Receipt};
 use pgrx::pg_sys::Oid;
 use pgrx::prelude::*;
 use std::time::Duration;
@@ -299,7 +299,7 @@ pub fn record(
                 accepted.2.push(*idempotency_replayed);
                 accepted
                     .3
-                    .push(crate::certyo::payload_sha256(entry.payload.as_bytes()));
+                    .push(certyo::payload_sha256(entry.payload.as_bytes()));
                 tally.accepted += 1;
                 tally.replayed += i64::from(*idempotency_replayed);
             }

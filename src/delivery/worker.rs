@@ -10,8 +10,9 @@ use super::sending::{with_signals_blocked, Sending};
 use super::settings::{self, Settings};
 use super::store::{self, Entry, Tally};
 use super::write_back;
-use crate::certyo::retry::next_attempt_delay;
-use crate::certyo::{Client, ClientConfig, Outcome, Verification};
+use certyo::retry::next_attempt_delay;
+use certyo::outage::{jitter, Change, Link};
+use certyo::{Client, ClientConfig, Outcome, Verification};
 use pgrx::bgworkers::{BackgroundWorker, SignalWakeFlags};
 use pgrx::pg_sys;
 use std::time::{Duration, Instant};
@@ -113,8 +114,8 @@ struct Worker {
     /// Set by a 401/403/404/405 and cleared by a configuration reload: nothing is sent
     /// meanwhile.
     refused: Option<Refusal>,
-    /// Certyo seems down: one probe at a time until it answers.
-    outage: Option<Outage>,
+    /// Certyo seems down: one probe at a time until it answers (`certyo::outage`).
+    link: Link,
     last_state: Option<(State, String)>,
     /// The last failed pass's warning and when it was logged.
     last_warning: Option<(String, Instant)>,
@@ -193,16 +194,6 @@ impl Refusal {
             _ => (State::Misconfigured, format!("Certyo has no such endpoint ({answer}): nothing is sent until certyo.base_url is fixed and reloaded")),
         }
     }
-}
-
-/// A whole batch failed transiently: Certyo (or the way to it) is down. Instead of every
-/// pending change retrying on its own schedule, one change at a time probes the service, at a
-/// growing interval (jittered, up to `certyo.max_retry_interval`), until one is answered; then the backlog
-/// is released at once. A request rate against a failing service that stays bounded.
-struct Outage {
-    failed_probes: u32,
-    next_probe: Instant,
-    error: String,
 }
 
 /// Receipts verified per batch (each is one request).
@@ -373,51 +364,23 @@ impl Worker {
 
     /// During an outage, how long until the next probe (None: no outage, or a probe is due).
     fn waiting_for_probe(&self) -> Option<Duration> {
-        let outage = self.outage.as_ref()?;
-        let now = Instant::now();
-        (outage.next_probe > now).then(|| outage.next_probe - now)
+        self.link.waiting_for_probe()
     }
 
     fn outage_state(&self) -> Option<(State, String)> {
-        let outage = self.outage.as_ref()?;
-        let wait = outage.next_probe.saturating_duration_since(Instant::now());
-        Some((State::Unreachable, format!(
-            "Certyo does not answer ({}): {} probe(s) failed, next in {} s; changes wait, nothing is lost",
-            outage.error, outage.failed_probes, wait.as_secs()
-        )))
+        Some((State::Unreachable, self.link.describe()?))
     }
 
     /// After a batch's answers: a batch that failed transiently as a whole starts (or prolongs)
     /// an outage; any real answer ends it and releases the backlog.
     fn note_service(&mut self, outcomes: &[Outcome], cap: Duration) -> Result<(), PassError> {
-        let failed = outcomes.iter().find_map(|o| match o {
-            Outcome::Transient(e) => Some(e.clone()),
-            _ => None,
-        });
-        let all_failed =
-            !outcomes.is_empty() && outcomes.iter().all(|o| matches!(o, Outcome::Transient(_)));
-        match (all_failed, self.outage.as_mut()) {
-            (true, Some(outage)) => {
-                outage.failed_probes += 1;
-                outage.next_probe =
-                    Instant::now() + next_attempt_delay(outage.failed_probes, jitter(), cap);
-                outage.error = failed.unwrap_or_default();
-            }
-            (true, None) => {
-                let error = failed.unwrap_or_default();
-                pgrx::log!("certyo_cdc: Certyo does not answer ({error}); probing it with one change at a time until it does");
-                self.outage = Some(Outage {
-                    failed_probes: 1,
-                    next_probe: Instant::now() + next_attempt_delay(1, jitter(), cap),
-                    error,
-                });
-            }
-            (false, Some(_)) if !outcomes.is_empty() => {
+        match self.link.note(outcomes, cap) {
+            Change::Started(error) => pgrx::log!("certyo_cdc: Certyo does not answer ({error}); probing it with one change at a time until it does"),
+            Change::Ended => {
                 pgrx::log!("certyo_cdc: Certyo answers again; delivering the backlog");
-                self.outage = None;
                 store::release_backlog()?;
             }
-            _ => {}
+            Change::Prolonged | Change::Unchanged => {}
         }
         Ok(())
     }
@@ -436,7 +399,7 @@ impl Worker {
         let in_flight = self.sending.as_ref().map(Sending::ids).unwrap_or_default();
         let batch = if take_more {
             // During an outage the batch is one probe (and only when no batch is in flight).
-            let probing = self.outage.is_some();
+            let probing = self.link.probing();
             let size = if probing { 1 } else { settings.batch_size };
             if probing && !in_flight.is_empty() {
                 Vec::new()
@@ -577,6 +540,7 @@ impl Worker {
             api_key: settings.api_key.clone(),
             timeout: settings.request_timeout,
             max_rate_limit_retries: settings.max_rate_limit_retries,
+            user_agent: concat!("certyo_cdc/", env!("CARGO_PKG_VERSION")).into(),
         };
         if self.client.as_ref().map(Client::config) != Some(&wanted) {
             self.client = None;
@@ -639,19 +603,10 @@ fn sleep(timeout: Duration) -> bool {
     !super::stopping()
 }
 
-/// In [0, 1): enough randomness to spread retries, from the clock.
-fn jitter() -> f64 {
-    let nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.subsec_nanos())
-        .unwrap_or(0);
-    f64::from(nanos % 1000) / 1000.0
-}
-
 /// Changes Certyo answered as replays of other records' changes: loudly, once per batch. They
 /// are dead letters (see `Outcome::Conflict`); none is marked with the other record's hash.
 fn warn_of_conflicts(sent: &[Entry], outcomes: &[Outcome]) {
-    let conflicts: Vec<(&Entry, &crate::certyo::Receipt)> = sent
+    let conflicts: Vec<(&Entry, &certyo::Receipt)> = sent
         .iter()
         .zip(outcomes)
         .filter_map(|(entry, outcome)| match outcome {

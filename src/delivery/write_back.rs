@@ -125,7 +125,7 @@ fn mark_isolated(
 /// `certyo.status` and `certyo.worker_status()`.
 pub mod failing {
     use super::{mark_isolated, Mark, Version};
-    use crate::certyo::retry::next_attempt_delay;
+    use certyo::retry::next_attempt_delay;
     use pgrx::pg_sys::Oid;
     use pgrx::prelude::*;
     use std::cell::RefCell;

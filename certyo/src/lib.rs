@@ -1,8 +1,16 @@
-//! The Certyo API client (`../shared/certyo-api.md`). It knows nothing of Postgres: the worker
-//! hands it records and gets back, per record, what Certyo said. Unit-tested against the
-//! emulator in `pg_test/emulator`.
+//! The Certyo API (`../shared/certyo-api.md`) and the rules of delivering to it, shared by the
+//! PostgreSQL extension's worker and `certyo-relay`. It knows nothing of any database: a
+//! caller hands it records and gets back, per record, what Certyo said, and asks it when to try
+//! again. Unit-tested against the emulator in `pg_test/emulator`.
+//!
+//! - [`client`]: HTTP, one request per record or bulk, verification.
+//! - [`batch`]: the contract's batching rule, and isolating the bad records of a refused bulk.
+//! - [`outage`]: when Certyo stops answering, one probe at a time on a growing interval.
+//! - [`retry`]: back-off for 429 and for transient failures, with jitter.
 
+pub mod batch;
 mod client;
+pub mod outage;
 pub mod retry;
 
 pub use client::{Client, ClientConfig};

@@ -11,6 +11,8 @@ pub struct ClientConfig {
     pub api_key: String,
     pub timeout: Duration,
     pub max_rate_limit_retries: u32,
+    /// Sent as `User-Agent`, e.g. `certyo_cdc/0.2.0`: which program is calling.
+    pub user_agent: String,
 }
 
 /// Written by hand so that no `{:?}` ever prints the key.
@@ -21,6 +23,7 @@ impl std::fmt::Debug for ClientConfig {
             .field("api_key", &"[hidden]")
             .field("timeout", &self.timeout)
             .field("max_rate_limit_retries", &self.max_rate_limit_retries)
+            .field("user_agent", &self.user_agent)
             .finish()
     }
 }
@@ -58,12 +61,12 @@ struct Bulk<'a> {
 }
 
 impl Client {
-    /// Build the client. It starts threads: the worker calls this with all signals blocked.
+    /// Build the client. It starts threads: inside Postgres, call this with all signals blocked.
     pub fn new(config: ClientConfig) -> Result<Client, String> {
         let http = reqwest::blocking::Client::builder()
             .timeout(config.timeout)
             .connect_timeout(config.timeout.min(Duration::from_secs(10)))
-            .user_agent(concat!("certyo_cdc/", env!("CARGO_PKG_VERSION")))
+            .user_agent(config.user_agent.clone())
             .build()
             .map_err(|e| format!("cannot build the HTTP client: {e}"))?;
         Ok(Client { http, config })
@@ -280,6 +283,7 @@ mod tests {
             api_key: "test-key".into(),
             timeout: Duration::from_millis(timeout_ms),
             max_rate_limit_retries: 3,
+            user_agent: "certyo-tests".into(),
         })
         .unwrap();
         (emulator, client)
@@ -424,6 +428,7 @@ mod tests {
             api_key: "test-key".into(),
             timeout: Duration::from_secs(5),
             max_rate_limit_retries: 3,
+            user_agent: "certyo-tests".into(),
         })
         .unwrap();
         let Outcome::Accepted(first) = client.send_each(&[record("1")], &mut no_wait()).remove(0)
