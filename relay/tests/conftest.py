@@ -1,0 +1,189 @@
+"""Fixtures for certyo-relay's end-to-end tests: a real MariaDB server from Debian's packages
+(started once per session on a Unix socket, as the mysql user), a fresh database per test with
+the companion (sql/mysql/certyo_queue.sql) and a tracked `products` table, the Certyo emulator
+(pg_test/emulator) per test, and the relay binary run as users run it.
+
+Run:  CERTYO_RELAY=target/release/certyo-relay CERTYO_EMULATOR=target/release/certyo-emulator \
+      python3 -m pytest -q relay/tests
+"""
+import itertools
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO / "pg_test"))
+from harness import KEY, Emulator, wait_for  # noqa: E402
+
+DIR = Path("/tmp/certyo-relay-e2e")
+SOCKET = DIR / "mysqld.sock"
+RELAY = os.environ.get("CERTYO_RELAY", str(REPO / "target/release/certyo-relay"))
+EMULATOR = os.environ.get("CERTYO_EMULATOR", str(REPO / "target/release/certyo-emulator"))
+PASSWORD = "relay-pw"
+_databases = itertools.count(1)
+
+
+class MariaDB:
+    """A MariaDB server on a socket under DIR; `sql` runs statements as root (socket auth)."""
+
+    def __init__(self):
+        if DIR.exists():
+            self._stop_leftover()
+            shutil.rmtree(DIR)
+        DIR.mkdir(parents=True)
+        shutil.chown(DIR, "mysql")
+        subprocess.run(["mariadb-install-db", f"--datadir={DIR}/data", "--user=mysql", "--skip-test-db",
+                        "--auth-root-authentication-method=socket"], check=True, capture_output=True)
+        self.process = subprocess.Popen(
+            ["mariadbd", f"--datadir={DIR}/data", f"--socket={SOCKET}", "--skip-networking", "--user=mysql",
+             f"--pid-file={DIR}/mysqld.pid", f"--log-error={DIR}/error.log", "--innodb-flush-log-at-trx-commit=2"],
+            env=os.environ | {"TZ": "UTC"})
+        assert wait_for(lambda: subprocess.run(["mariadb-admin", "-S", str(SOCKET), "ping"],
+                                               capture_output=True).returncode == 0, timeout=60), \
+            (DIR / "error.log").read_text()
+
+    def _stop_leftover(self):
+        pid = DIR / "mysqld.pid"
+        if pid.exists():
+            try:
+                os.kill(int(pid.read_text()), signal.SIGTERM)
+                time.sleep(2)
+            except (ProcessLookupError, ValueError):
+                pass
+
+    def sql(self, statement, database=None, check=True):
+        """Rows as lists of strings (tab-separated, NULL as 'NULL')."""
+        args = ["mariadb", "-S", str(SOCKET), "-N", "-r", "-B"] + ([database] if database else [])
+        done = subprocess.run(args, input=statement, capture_output=True, text=True)
+        if check and done.returncode != 0:
+            raise AssertionError(f"{statement}\n{done.stderr}")
+        return [line.split("\t") for line in done.stdout.splitlines()]
+
+    def value(self, statement, database):
+        rows = self.sql(statement, database)
+        return rows[0][0] if rows else None
+
+    def stop(self):
+        self.process.terminate()
+        self.process.wait(timeout=60)
+
+
+@pytest.fixture(scope="session")
+def mariadb():
+    server = MariaDB()
+    yield server
+    server.stop()
+
+
+class Shop:
+    """One test's database: the companion, `products` tracked, a `relay` user with what the
+    relay needs (README: the grants)."""
+
+    def __init__(self, server):
+        self.server = server
+        self.name = f"shop{next(_databases)}"
+        server.sql(f"CREATE DATABASE {self.name}")
+        server.sql((REPO / "sql/mysql/certyo_queue.sql").read_text(), self.name)
+        self.sql("""CREATE TABLE products (
+                        id INT PRIMARY KEY, name VARCHAR(100), price DECIMAL(10,2), updated_at DATETIME(6),
+                        certyo_record_hash VARCHAR(128) NULL, certyo_anchor_status VARCHAR(20) DEFAULT 'pending',
+                        certyo_verified_at DATETIME(6) NULL)""")
+        self.track("products")
+        user = f"'relay_{self.name}'@'localhost'"
+        server.sql(f"CREATE USER {user} IDENTIFIED BY '{PASSWORD}';"
+                   f"GRANT SELECT, UPDATE, DELETE ON {self.name}.certyo_queue TO {user};"
+                   f"GRANT SELECT (id, certyo_record_hash), UPDATE (certyo_record_hash, certyo_anchor_status, certyo_verified_at)"
+                   f"  ON {self.name}.products TO {user};")
+        self.url = f"mysql://relay_{self.name}:{PASSWORD}@localhost/{self.name}?socket={SOCKET}"
+
+    def track(self, table, exclude="NULL"):
+        ddl = self.server.sql(f"CALL certyo_trigger_ddl('{self.name}', '{table}', {exclude}, NULL)", self.name)
+        self.server.sql("\n".join(row[0] for row in ddl), self.name)
+
+    def sql(self, statement):
+        return self.server.sql(statement, self.name)
+
+    def value(self, statement):
+        return self.server.value(statement, self.name)
+
+    def queue(self):
+        """Each queued change: id, record_id, operation, status, record_hash, anchor_status."""
+        return self.sql("SELECT id, record_id, operation, status, COALESCE(record_hash, ''), "
+                        "COALESCE(anchor_status, '') FROM certyo_queue ORDER BY id")
+
+    def drained(self):
+        return self.value("SELECT COUNT(*) FROM certyo_queue WHERE status = 'pending'") == "0"
+
+
+@pytest.fixture
+def shop(mariadb):
+    db = Shop(mariadb)
+    yield db
+    mariadb.sql(f"DROP DATABASE {db.name}; DROP USER 'relay_{db.name}'@'localhost'")
+
+
+@pytest.fixture
+def emulator():
+    emulator = Emulator(EMULATOR, anchor_delay=1)
+    yield emulator
+    emulator.stop()
+
+
+class Relay:
+    """certyo-relay with a config file of its own; `start` runs it, `command` runs check/status."""
+
+    def __init__(self, directory, emulator, shop, **settings):
+        self.config = directory / "relay.toml"
+        self.log_path = directory / "relay.log"
+        values = {"verify_min_age": "1s", "verify_interval": "1s", "poll_interval": "200ms",
+                  "max_retry_interval": "2s", "request_timeout": "5s"} | settings
+        lines = ["[certyo]", f'base_url = "{emulator.url}"', 'tenant_id = "acme"']
+        lines += [f'{k} = {v!r}'.replace("'", '"') if isinstance(v, str) else f"{k} = {v}"
+                  for k, v in values.items() if v is not None]
+        lines += ["", "[[source]]", 'name = "shop"', f'url = "{shop.url}"']
+        self.config.write_text("\n".join(lines) + "\n")
+        self.env = os.environ | {"CERTYO_API_KEY": KEY, "CERTYO_RELAY_LOG": "info,certyo_relay=debug"}
+        self.process = None
+
+    def command(self, *args, env=None):
+        return subprocess.run([RELAY, "--config", str(self.config), *args], capture_output=True, text=True,
+                              env=env or self.env, timeout=60)
+
+    def start(self):
+        self.log = open(self.log_path, "a")
+        self.process = subprocess.Popen([RELAY, "--config", str(self.config), "run"], env=self.env,
+                                        stdout=self.log, stderr=subprocess.STDOUT)
+        return self
+
+    def output(self):
+        return self.log_path.read_text() if self.log_path.exists() else ""
+
+    def kill(self, sig=signal.SIGKILL):
+        self.process.send_signal(sig)
+        code = self.process.wait(timeout=60)
+        self.log.close()
+        return code
+
+    def stop(self):
+        if self.process and self.process.poll() is None:
+            self.kill(signal.SIGTERM)
+
+
+@pytest.fixture
+def relay(tmp_path, emulator, shop):
+    made = []
+
+    def make(**settings):
+        r = Relay(tmp_path, emulator, shop, **settings)
+        made.append(r)
+        return r
+
+    yield make
+    for r in made:
+        r.stop()
