@@ -139,11 +139,12 @@ impl Pump {
         }
         let probing = self.link.probing() || self.refused.is_some();
         let limit = if probing { 1 } else { self.settings.batch_size };
+        let started = Instant::now();
         let changes = self.source.take(limit, probing, &[])?;
         if changes.is_empty() {
             return Ok(false);
         }
-        let started = Instant::now();
+        let taken = started.elapsed();
         let records: Vec<Record> = changes.iter().map(|c| self.record_of(c)).collect();
         let shape = Shape {
             batch_size: self.settings.batch_size,
@@ -159,7 +160,7 @@ impl Pump {
             shape,
             &mut pause,
         );
-        let sent_in = started.elapsed();
+        let sent = started.elapsed();
         self.note_answers(&outcomes);
         let fates: Vec<(Change, Fate)> = changes
             .into_iter()
@@ -172,10 +173,12 @@ impl Pump {
         let tally = tally_of(&fates);
         self.source.record(&fates)?;
         self.count(tally);
+        // Where a batch's time goes: reading the queue, Certyo, recording the answers.
         tracing::info!(
             source = %self.name, sent = tally.sent, accepted = tally.accepted, replayed = tally.replayed,
-            retried = tally.retried, dead = tally.dead, http_ms = sent_in.as_millis() as u64,
-            total_ms = started.elapsed().as_millis() as u64, "batch"
+            retried = tally.retried, dead = tally.dead, take_ms = taken.as_millis() as u64,
+            http_ms = (sent - taken).as_millis() as u64,
+            record_ms = (started.elapsed() - sent).as_millis() as u64, "batch"
         );
         Ok(tally.accepted > 0 || tally.dead > 0)
     }

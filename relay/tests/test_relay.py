@@ -199,3 +199,43 @@ def test_a_refused_key_sends_nothing_more_until_fixed_and_loses_nothing(shop, em
     r2 = relay().start()
     assert wait_for(shop.drained, timeout=30)
     assert_exactly_once(emulator, shop)
+
+
+def test_write_back_finds_rows_by_composite_and_text_keys(shop, emulator, relay):
+    shop.sql("""CREATE TABLE stock (region VARCHAR(20) CHARACTER SET latin1 COLLATE latin1_swedish_ci,
+                                    sku VARCHAR(20), qty INT, certyo_record_hash VARCHAR(128),
+                                    certyo_anchor_status VARCHAR(20), certyo_verified_at DATETIME(6),
+                                    PRIMARY KEY (region, sku))""")
+    shop.track("stock")
+    shop.server.sql(f"GRANT SELECT (region, sku, certyo_record_hash), "
+                    f"UPDATE (certyo_record_hash, certyo_anchor_status, certyo_verified_at) "
+                    f"ON {shop.name}.stock TO 'relay_{shop.name}'@'localhost'")
+    shop.sql("INSERT INTO stock (region, sku, qty) VALUES ('EU/West', 'A\\\\1', 5), ('US', 'b', 1), ('us2', 'Ü', 2)")
+    relay().start()
+    assert wait_for(shop.drained, timeout=30)
+    assert_exactly_once(emulator, shop)
+    held = dict((r[0], r[1]) for r in shop.sql("SELECT record_id, record_hash FROM certyo_queue"))
+    assert set(held) == {"EU\\/West/A\\\\1", "US/b", "us2/Ü"}
+    rows = shop.sql("SELECT CONCAT(REPLACE(REPLACE(region, '\\\\', '\\\\\\\\'), '/', '\\\\/'), '/', "
+                    "REPLACE(REPLACE(sku, '\\\\', '\\\\\\\\'), '/', '\\\\/')), certyo_record_hash FROM stock")
+    assert {r[0]: r[1] for r in rows} == held
+    assert wait_for(lambda: shop.value("SELECT COUNT(*) FROM stock WHERE certyo_anchor_status = 'anchored'") == "3",
+                    timeout=30)
+    assert shop.value("SELECT COUNT(*) FROM certyo_queue") == "3", "the write-back queued changes"
+
+
+def test_verification_never_marks_a_newer_version_anchored(shop, emulator, relay):
+    shop.sql("INSERT INTO products (id, name) VALUES (1, 'Tea')")
+    r = relay(verify_min_age="1h").start()
+    assert wait_for(shop.drained, timeout=30)
+    first = shop.value("SELECT certyo_record_hash FROM products")
+    assert wait_for(lambda: shop.value("SELECT certyo_record_hash FROM products") is not None and
+                    shop.value("SELECT certyo_record_hash FROM products") != "NULL")
+    r.stop()
+    # A newer version is written back (as the relay would) before the old one is verified.
+    shop.sql("UPDATE products SET certyo_record_hash = 'sha256:newer', certyo_anchor_status = 'pending'")
+    shop.sql("UPDATE certyo_queue SET next_verify_at = UTC_TIMESTAMP(6)")
+    relay().start()
+    assert wait_for(lambda: shop.value("SELECT anchor_status FROM certyo_queue") == "anchored", timeout=30)
+    assert shop.sql("SELECT certyo_record_hash, certyo_anchor_status FROM products") == [["sha256:newer", "pending"]]
+    assert first != "sha256:newer"

@@ -10,7 +10,7 @@
 
 use super::{Anchoring, Change, Delivered, Fate, Operation, Result, SourceError, Status};
 use mysql::prelude::Queryable;
-use mysql::{Conn, Opts, TxOpts, Value};
+use mysql::{Conn, Opts, TxOpts};
 use std::collections::HashMap;
 use std::time::Duration;
 
@@ -20,8 +20,8 @@ pub struct MySqlQueue {
     place: String,
     database: String,
     conn: Option<Conn>,
-    /// Each source table's primary key columns, for the write-back (`schema.table` → columns).
-    keys: HashMap<String, Vec<String>>,
+    /// Each source table's primary key, for the write-back (`schema.table` → columns).
+    keys: HashMap<String, Vec<KeyColumn>>,
 }
 
 /// The queue's columns the relay reads and writes; `sql/mysql/certyo_queue.sql` adds any that
@@ -109,73 +109,139 @@ impl MySqlQueue {
     }
 
     /// The primary key columns of `collection` (`schema.table`), in key order.
-    fn key_columns(&mut self, collection: &str) -> Result<Vec<String>> {
+    fn key_columns(&mut self, collection: &str) -> Result<Vec<KeyColumn>> {
         if let Some(columns) = self.keys.get(collection) {
             return Ok(columns.clone());
         }
         let (schema, table) = split_collection(collection)?;
-        let columns: Vec<String> = self.in_transaction(|tx| {
+        type Row = (String, String, Option<String>, Option<String>);
+        let rows: Vec<Row> = self.in_transaction(|tx| {
             tx.exec(
-                "SELECT COLUMN_NAME FROM information_schema.KEY_COLUMN_USAGE
-                  WHERE TABLE_SCHEMA = ? AND TABLE_NAME = ? AND CONSTRAINT_NAME = 'PRIMARY'
-                  ORDER BY ORDINAL_POSITION",
+                "SELECT c.COLUMN_NAME, c.COLUMN_TYPE, c.CHARACTER_SET_NAME, c.COLLATION_NAME
+                   FROM information_schema.KEY_COLUMN_USAGE k
+                   JOIN information_schema.COLUMNS c
+                     ON c.TABLE_SCHEMA = k.TABLE_SCHEMA AND c.TABLE_NAME = k.TABLE_NAME
+                    AND c.COLUMN_NAME = k.COLUMN_NAME
+                  WHERE k.TABLE_SCHEMA = ? AND k.TABLE_NAME = ? AND k.CONSTRAINT_NAME = 'PRIMARY'
+                  ORDER BY k.ORDINAL_POSITION",
                 (schema, table),
             )
         })?;
+        let columns: Vec<KeyColumn> = rows
+            .into_iter()
+            .map(|(name, column_type, charset, collation)| KeyColumn {
+                name,
+                column_type,
+                charset,
+                collation,
+            })
+            .collect();
         self.keys.insert(collection.to_string(), columns.clone());
         Ok(columns)
     }
 
-    /// Write `hash` and `status` to the source rows of `marks` (collection, record id, hash),
-    /// only where the row still holds `only_if_hash` when given (verification must not mark a
-    /// newer version anchored). Rows since deleted are skipped.
+    /// Write `hash` and `status` to the source rows of `marks` (collection, record id, hash):
+    /// one statement per table, whatever the batch's size. With `only_if_hash`, only rows that
+    /// still hold that hash (verification must not mark a newer version anchored). Rows since
+    /// deleted are skipped.
     fn mark_rows(
         &mut self,
         marks: &[(String, String, String)],
         status: &str,
         only_if_hash: bool,
     ) -> Result<()> {
-        let mut statements = Vec::new();
+        let mut by_table: HashMap<&str, Vec<serde_json::Value>> = HashMap::new();
         for (collection, record_id, hash) in marks {
+            let columns = self.key_columns(collection)?.len();
+            let mut row: Vec<serde_json::Value> = super::record_id_parts(record_id, columns)
+                .into_iter()
+                .map(serde_json::Value::from)
+                .collect();
+            row.push(hash.clone().into());
+            by_table.entry(collection).or_default().push(row.into());
+        }
+        let mut statements = Vec::new();
+        for (collection, rows) in by_table {
             let columns = self.key_columns(collection)?;
             if columns.is_empty() {
                 tracing::warn!(collection, "the table has no primary key any more; its rows are not marked");
                 continue;
             }
             let (schema, table) = split_collection(collection)?;
-            let condition: Vec<String> = columns
-                .iter()
-                .map(|c| format!("{} = ?", quote(c)))
-                .collect();
-            let sql = format!(
-                "UPDATE {}.{} SET certyo_record_hash = ?, certyo_anchor_status = ?{} WHERE {}{}",
-                quote(schema),
-                quote(table),
-                if status == "pending" { "" } else { ", certyo_verified_at = UTC_TIMESTAMP(6)" },
-                condition.join(" AND "),
-                if only_if_hash { " AND certyo_record_hash <=> ?" } else { "" }
-            );
-            let mut params: Vec<Value> = vec![hash.clone().into(), status.into()];
-            params.extend(
-                super::record_id_parts(record_id, columns.len())
-                    .into_iter()
-                    .map(Value::from),
-            );
-            if only_if_hash {
-                params.push(hash.clone().into());
-            }
-            statements.push((sql, params));
-        }
-        if statements.is_empty() {
-            return Ok(());
+            let sql = mark_statement(schema, table, &columns, status, only_if_hash);
+            statements.push((sql, serde_json::Value::from(rows).to_string()));
         }
         self.in_transaction(|tx| {
-            for (sql, params) in statements {
-                tx.exec_drop(sql, params)?;
+            for (sql, rows) in statements {
+                tx.exec_drop(sql, (rows,))?;
             }
             Ok(())
         })
     }
+}
+
+/// A primary key column of a source table, with what the write-back's join needs to compare
+/// it as the table does (type, character set, collation).
+#[derive(Debug, Clone)]
+struct KeyColumn {
+    name: String,
+    column_type: String,
+    charset: Option<String>,
+    collation: Option<String>,
+}
+
+impl KeyColumn {
+    /// The JSON_TABLE column the key part is read into: the column's own type, and for text
+    /// its character set and collation, so the join compares as a WHERE on the column would
+    /// and uses the primary key.
+    fn json_table_type(&self) -> String {
+        match (&self.charset, &self.collation) {
+            (Some(charset), Some(collation)) => {
+                format!("VARCHAR(3072) CHARACTER SET {charset} COLLATE {collation}")
+            }
+            _ => self.column_type.clone(),
+        }
+    }
+}
+
+/// `UPDATE table JOIN JSON_TABLE(rows) ON key SET hash, status`: the rows arrive as one JSON
+/// array of `[key part..., hash]`.
+fn mark_statement(
+    schema: &str,
+    table: &str,
+    columns: &[KeyColumn],
+    status: &str,
+    only_if_hash: bool,
+) -> String {
+    let parts: Vec<String> = columns
+        .iter()
+        .enumerate()
+        .map(|(i, c)| format!("k{i} {} PATH '$[{i}]'", c.json_table_type()))
+        .collect();
+    let on: Vec<String> = columns
+        .iter()
+        .enumerate()
+        .map(|(i, c)| format!("t.{} = v.k{i}", quote(&c.name)))
+        .collect();
+    let verified = if status == "pending" {
+        ""
+    } else {
+        ", t.certyo_verified_at = UTC_TIMESTAMP(6)"
+    };
+    format!(
+        "UPDATE {}.{} t JOIN JSON_TABLE(?, '$[*]' COLUMNS ({}, h VARCHAR(100) PATH '$[{}]')) v ON {}
+            SET t.certyo_record_hash = v.h, t.certyo_anchor_status = '{status}'{verified}{}",
+        quote(schema),
+        quote(table),
+        parts.join(", "),
+        columns.len(),
+        on.join(" AND "),
+        if only_if_hash {
+            " WHERE t.certyo_record_hash <=> v.h"
+        } else {
+            ""
+        }
+    )
 }
 
 fn split_collection(collection: &str) -> Result<(&str, &str)> {

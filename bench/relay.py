@@ -1,0 +1,90 @@
+"""certyo-relay drain: a backlog of N changes queued in a real MariaDB by the companion's
+triggers (one INSERT ... SELECT of N rows into a tracked table), delivered by the relay binary
+to the emulator, as users run both. Prints records/s from the relay's start to an empty queue,
+and where a batch's time goes (the relay's own per-batch log lines: HTTP vs. the rest).
+
+Usage: python3 bench/relay.py [N]     (default 100000; make bench runs it)
+Needs target/release/certyo-relay and certyo-emulator (cargo build --release).
+"""
+import os
+import re
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+os.environ.setdefault("CERTYO_MARIADB_DIR", "/tmp/certyo-relay-bench")
+sys.path.insert(0, str(REPO / "relay/tests"))
+sys.path.insert(0, str(REPO / "pg_test"))
+from harness import KEY, Emulator, wait_for  # noqa: E402
+from mariadb import SOCKET, MariaDB  # noqa: E402
+
+RELAY = os.environ.get("CERTYO_RELAY", str(REPO / "target/release/certyo-relay"))
+EMULATOR = os.environ.get("CERTYO_EMULATOR", str(REPO / "target/release/certyo-emulator"))
+
+
+def main():
+    n = int(sys.argv[1]) if len(sys.argv) > 1 else 100_000
+    server = MariaDB()
+    emulator = Emulator(EMULATOR, anchor_delay=3600)  # anchoring is not what is measured
+    try:
+        server.sql("CREATE DATABASE shop")
+        server.sql((REPO / "sql/mysql/certyo_queue.sql").read_text(), "shop")
+        server.sql("""CREATE TABLE products (id INT PRIMARY KEY, sku VARCHAR(32), name VARCHAR(100),
+                        price DECIMAL(10,2), updated_at DATETIME(6), certyo_record_hash VARCHAR(128),
+                        certyo_anchor_status VARCHAR(20) DEFAULT 'pending', certyo_verified_at DATETIME(6))""", "shop")
+        ddl = server.sql("CALL certyo_trigger_ddl('shop', 'products', NULL, NULL)", "shop")
+        server.sql("\n".join(row[0] for row in ddl), "shop")
+        server.sql("CREATE USER relay@localhost IDENTIFIED BY 'pw'; GRANT ALL ON shop.* TO relay@localhost")
+        started = time.time()
+        # MariaDB's Sequence engine: seq_1_to_N is a table of 1..N.
+        server.sql(f"""INSERT INTO products (id, sku, name, price, updated_at)
+            SELECT seq, CONCAT('SKU-', seq), CONCAT('Product ', seq), seq % 1000 + 0.99, UTC_TIMESTAMP(6)
+              FROM seq_1_to_{n}""", "shop")
+        queued = server.value("SELECT COUNT(*) FROM certyo_queue", "shop")
+        print(f"relay drain: {queued} changes queued by the triggers in {time.time() - started:.1f} s")
+        with tempfile.TemporaryDirectory() as tmp:
+            config = Path(tmp) / "relay.toml"
+            config.write_text(f"""[certyo]
+base_url = "{emulator.url}"
+tenant_id = "bench"
+
+[[source]]
+name = "shop"
+url = "mysql://relay:pw@localhost/shop?socket={SOCKET}"
+""")
+            log = Path(tmp) / "relay.log"
+            env = os.environ | {"CERTYO_API_KEY": KEY}
+            with open(log, "w") as out:
+                started = time.time()
+                relay = subprocess.Popen([RELAY, "--config", str(config), "run"], env=env,
+                                         stdout=out, stderr=subprocess.STDOUT)
+                drained = wait_for(lambda: server.value(
+                    "SELECT COUNT(*) FROM certyo_queue WHERE status = 'pending'", "shop") == "0",
+                    timeout=600, every=0.05)
+                elapsed = time.time() - started
+                relay.terminate()
+                relay.wait(timeout=60)
+            if not drained:
+                sys.exit(f"relay drain: the queue did not drain in 600 s; log:\n{log.read_text()[-3000:]}")
+            delivered = int(server.value("SELECT COUNT(*) FROM certyo_queue WHERE status = 'delivered'", "shop"))
+            accepted = emulator.stats()["accepted"]
+            batches = [tuple(map(int, b)) for b in
+                       re.findall(r"take_ms=(\d+) http_ms=(\d+) record_ms=(\d+)", log.read_text())]
+        rate = delivered / elapsed
+        print(f"relay drain: {delivered} delivered ({accepted} accepted by the emulator) in {elapsed:.2f} s "
+              f"= {rate:,.0f} records/s (target >= 10,000)")
+        if batches:
+            take, http, record = (statistics.median(b[i] for b in batches) for i in range(3))
+            print(f"relay drain: {len(batches)} batches; per batch (median): take {take} ms, HTTP {http} ms, "
+                  f"record (receipts and write-back) {record} ms")
+    finally:
+        emulator.stop()
+        server.stop()
+
+
+if __name__ == "__main__":
+    main()
