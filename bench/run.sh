@@ -35,6 +35,10 @@ trap 'cluster_stop "$CLUSTER_DIR"; kill $EMULATOR_PID 2>/dev/null' EXIT
 cluster_psql -c "CREATE EXTENSION certyo_cdc"
 python3 bench/delivery.py "$CLUSTER_DIR" "$CLUSTER_PORT"
 
+# certyo-relay: a 100k-change MariaDB backlog drained to the emulator.
+cargo build --release -p certyo-relay --quiet
+python3 bench/relay.py 100000
+
 # The soak of make test, longer: memory, log and exactly-once over five minutes of faults.
 CERTYO_SOAK_SECONDS=${CERTYO_SOAK_SECONDS:-300} CERTYO_EMULATOR=target/release/certyo-emulator \
     python3 -m pytest -q -s -p no:cacheprovider pg_test/test_daemon.py -k soak

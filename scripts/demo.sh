@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The demo: a throwaway PostgreSQL 15 cluster with certyo_cdc preloaded, its worker pointed at
 # the bundled Certyo emulator (no credentials needed); one tracked table, a few writes, the
-# queue they produced, and their delivery. Runs set-up first; leaves nothing running.
+# queue they produced, and their delivery. Act 2 (scripts/demo-relay.sh): the same table in
+# MariaDB, delivered by certyo-relay. Runs set-up first; leaves nothing running.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup.sh
@@ -67,4 +68,10 @@ SELECT * FROM certyo.worker_status();
 SQL
 echo "== the emulator's counters"
 curl -s "http://127.0.0.1:$EMULATOR_PORT/_emulator/stats"; echo
-echo "== demo done: 4 committed changes delivered once each; the rolled-back insert was never queued"
+echo "== act 1 done: 4 committed changes delivered once each; the rolled-back insert was never queued"
+
+echo
+echo "== act 2: MySQL/MariaDB, delivered by certyo-relay"
+EMULATOR_PORT=$EMULATOR_PORT scripts/demo-relay.sh
+echo "== the emulator's counters"
+curl -s "http://127.0.0.1:$EMULATOR_PORT/_emulator/stats"; echo

@@ -58,13 +58,15 @@ impl MySqlQueue {
                 "the source URL names no database; write it as mysql://user:password@host:3306/database".into(),
             ));
         };
-        let place = format!(
-            "mysql://{}@{}:{}/{}",
-            opts.get_user().unwrap_or(""),
-            opts.get_socket().unwrap_or(&opts.get_ip_or_hostname()),
-            opts.get_tcp_port(),
-            schema
-        );
+        let user = opts.get_user().unwrap_or("");
+        let place = match opts.get_socket() {
+            Some(socket) => format!("mysql://{user}@localhost/{schema}?socket={socket}"),
+            None => format!(
+                "mysql://{user}@{}:{}/{schema}",
+                opts.get_ip_or_hostname(),
+                opts.get_tcp_port()
+            ),
+        };
         Ok(MySqlQueue {
             opts,
             place,
