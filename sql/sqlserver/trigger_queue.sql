@@ -3,16 +3,20 @@
 -- queues each changed row as JSON in the writer's transaction, skipping rows whose business
 -- columns did not change (so the write-back of CertyoRecordHash never re-queues a row).
 --
--- Run once per database, then track each table:
+-- Run common.sql first, then this once per database, then track each table:
 --   EXEC certyo.TrackTable @SchemaName = N'dbo', @TableName = N'Products';
 --   EXEC certyo.TrackTable N'dbo', N'Orders', @Exclude = N'CardNumber', @TimestampColumn = N'ChangedAt';
 --
 -- A queue row maps to a Certyo record as certyo.queue does in PostgreSQL: Collection →
 -- collection, RecordId → recordId, Operation → operationType, Payload → recordPayload,
 -- SourceTimestamp → sourceTimestamp (UTC), IdempotencyKey → idempotencyKey.
+-- certyo-relay (mode "queue") delivers the queue: it keeps each row's delivery state in the
+-- columns added below (Status, Attempts, NextAttemptAt, ...), writes the hash back through
+-- certyo.WriteBack (common.sql) and verifies the anchoring.
 -- Syntax-checked with sqlfluff (dialect tsql); no SQL Server runs in this project's CI.
 
-IF SCHEMA_ID(N'certyo') IS NULL EXEC (N'CREATE SCHEMA certyo');
+IF OBJECT_ID(N'certyo.TrackedTable', N'U') IS NULL
+    THROW 50000, N'certyo: run sql/sqlserver/common.sql first, then this script again', 1;
 GO
 
 IF OBJECT_ID(N'certyo.Queue', N'U') IS NULL
@@ -33,7 +37,7 @@ BEGIN
         RecordHash      NVARCHAR(128)  NULL,                -- receipt, set by the reader
         DeliveredAt     DATETIME2(7)   NULL                 -- receipt, set by the reader
     );
-    CREATE INDEX IX_CertyoQueue_Pending ON certyo.Queue (DeliveredAt, Id);
+    -- The delivery-state columns and the indexes follow below, for new and existing queues alike.
     -- A random installation id, fixed for this queue: a re-created queue whose ids restart at
     -- 1 never reuses a key Certyo has seen.
     DECLARE @installation CHAR(12) = LOWER(LEFT(REPLACE(CONVERT(CHAR(36), NEWID()), '-', ''), 12));
@@ -43,19 +47,89 @@ BEGIN
 END;
 GO
 
--- Delivered rows are kept 24 hours for operators; run this from SQL Agent (or Azure Elastic
--- Jobs) every few minutes.
+-- Delivery state, written by certyo-relay; added here when missing so that re-running this
+-- script upgrades a queue created by an earlier version (its rows stay).
+IF COL_LENGTH(N'certyo.Queue', N'Status') IS NULL
+    ALTER TABLE certyo.Queue ADD Status NVARCHAR(10) NOT NULL
+        CONSTRAINT DF_CertyoQueue_Status DEFAULT N'pending'
+        CONSTRAINT CK_CertyoQueue_Status CHECK (Status IN (N'pending', N'delivered', N'dead'));
+IF COL_LENGTH(N'certyo.Queue', N'Attempts') IS NULL      -- deliveries tried: the back-off grows with it
+    ALTER TABLE certyo.Queue ADD Attempts INT NOT NULL CONSTRAINT DF_CertyoQueue_Attempts DEFAULT 0;
+IF COL_LENGTH(N'certyo.Queue', N'NextAttemptAt') IS NULL -- UTC; NULL: due now
+    ALTER TABLE certyo.Queue ADD NextAttemptAt DATETIME2(7) NULL;
+IF COL_LENGTH(N'certyo.Queue', N'LastAttemptAt') IS NULL
+    ALTER TABLE certyo.Queue ADD LastAttemptAt DATETIME2(7) NULL;
+IF COL_LENGTH(N'certyo.Queue', N'LastStatus') IS NULL    -- HTTP status of the last answer; 0: none
+    ALTER TABLE certyo.Queue ADD LastStatus SMALLINT NULL;
+IF COL_LENGTH(N'certyo.Queue', N'LastError') IS NULL     -- the last failure, for an operator
+    ALTER TABLE certyo.Queue ADD LastError NVARCHAR(MAX) NULL;
+IF COL_LENGTH(N'certyo.Queue', N'RecordHash') IS NULL
+    ALTER TABLE certyo.Queue ADD RecordHash NVARCHAR(128) NULL;
+IF COL_LENGTH(N'certyo.Queue', N'DeliveredAt') IS NULL
+    ALTER TABLE certyo.Queue ADD DeliveredAt DATETIME2(7) NULL;
+IF COL_LENGTH(N'certyo.Queue', N'Replayed') IS NULL      -- Certyo had seen the key already
+    ALTER TABLE certyo.Queue ADD Replayed BIT NULL;
+IF COL_LENGTH(N'certyo.Queue', N'AnchorStatus') IS NULL  -- NULL until delivered
+    ALTER TABLE certyo.Queue ADD AnchorStatus NVARCHAR(10) NULL
+        CONSTRAINT CK_CertyoQueue_AnchorStatus CHECK (AnchorStatus IN (N'pending', N'overdue', N'anchored', N'mismatch'));
+IF COL_LENGTH(N'certyo.Queue', N'NextVerifyAt') IS NULL  -- UTC; NULL once settled
+    ALTER TABLE certyo.Queue ADD NextVerifyAt DATETIME2(7) NULL;
+IF COL_LENGTH(N'certyo.Queue', N'VerifyAttempts') IS NULL
+    ALTER TABLE certyo.Queue ADD VerifyAttempts INT NOT NULL CONSTRAINT DF_CertyoQueue_VerifyAttempts DEFAULT 0;
+IF COL_LENGTH(N'certyo.Queue', N'VerifyError') IS NULL
+    ALTER TABLE certyo.Queue ADD VerifyError NVARCHAR(MAX) NULL;
+IF COL_LENGTH(N'certyo.Queue', N'VerifiedAt') IS NULL
+    ALTER TABLE certyo.Queue ADD VerifiedAt DATETIME2(7) NULL;
+IF COL_LENGTH(N'certyo.Queue', N'PolygonTxHash') IS NULL
+    ALTER TABLE certyo.Queue ADD PolygonTxHash NVARCHAR(130) NULL;
+IF COL_LENGTH(N'certyo.Queue', N'ReportedHash') IS NULL  -- mismatch: the hash Certyo holds
+    ALTER TABLE certyo.Queue ADD ReportedHash NVARCHAR(128) NULL;
+-- (Collection, RecordId) is too wide for an index key (1,700 bytes): per-record lookups use
+-- its hash.
+IF COL_LENGTH(N'certyo.Queue', N'RecordKey') IS NULL
+    ALTER TABLE certyo.Queue ADD RecordKey AS
+        CONVERT(BINARY(32), HASHBYTES('SHA2_256', CONCAT(Collection, NCHAR(0), RecordId))) PERSISTED;
+GO
+
+-- Rows an earlier version marked delivered (DeliveredAt only) are delivered, to be verified.
+UPDATE certyo.Queue
+SET Status = N'delivered', AnchorStatus = N'pending', NextVerifyAt = SYSUTCDATETIME()
+WHERE DeliveredAt IS NOT NULL AND Status = N'pending';
+DROP INDEX IF EXISTS IX_CertyoQueue_Pending ON certyo.Queue;
+-- take: the pending rows in order.
+IF NOT EXISTS (SELECT 1 FROM sys.indexes WHERE object_id = OBJECT_ID(N'certyo.Queue') AND name = N'IX_CertyoQueue_Take')
+    CREATE INDEX IX_CertyoQueue_Take ON certyo.Queue (Status, Id) INCLUDE (NextAttemptAt, RecordKey);
+-- per-record order: is there an earlier pending change of this record?
+IF NOT EXISTS (SELECT 1 FROM sys.indexes WHERE object_id = OBJECT_ID(N'certyo.Queue') AND name = N'IX_CertyoQueue_Record')
+    CREATE INDEX IX_CertyoQueue_Record ON certyo.Queue (RecordKey, Id) INCLUDE (Status);
+-- verification: the delivered rows due, by schedule.
+IF NOT EXISTS (SELECT 1 FROM sys.indexes WHERE object_id = OBJECT_ID(N'certyo.Queue') AND name = N'IX_CertyoQueue_Verify')
+    CREATE INDEX IX_CertyoQueue_Verify ON certyo.Queue (NextVerifyAt, Id)
+        WHERE Status = N'delivered' AND AnchorStatus IN (N'pending', N'overdue');
+-- clean-up: settled rows by age.
+IF NOT EXISTS (SELECT 1 FROM sys.indexes WHERE object_id = OBJECT_ID(N'certyo.Queue') AND name = N'IX_CertyoQueue_Settled')
+    CREATE INDEX IX_CertyoQueue_Settled ON certyo.Queue (DeliveredAt) WHERE AnchorStatus = N'anchored';
+GO
+
+-- Delivered rows whose anchoring is verified are kept @RetentionHours for operators (dead
+-- letters and mismatches stay until an operator removes them). certyo-relay does the same
+-- itself; run this from SQL Agent (or Azure Elastic Jobs) only when no relay runs.
 CREATE OR ALTER PROCEDURE certyo.CleanupQueue
+    @RetentionHours INT = 24
 AS
 BEGIN
     SET NOCOUNT ON;
     DELETE TOP (10000) FROM certyo.Queue
-    WHERE DeliveredAt IS NOT NULL AND DeliveredAt < DATEADD(HOUR, -24, SYSUTCDATETIME());
+    WHERE Status = N'delivered' AND AnchorStatus = N'anchored'
+        AND DeliveredAt < DATEADD(HOUR, -@RetentionHours, SYSUTCDATETIME());
 END;
 GO
 
--- Adds the bookkeeping columns to a table and (re)creates its capture trigger from the catalog:
--- every business column (all but the Certyo columns and @Exclude), identifiers quoted.
+-- Adds the bookkeeping columns to a table, (re)creates its capture trigger from the catalog and
+-- registers the table in certyo.TrackedTable. Business columns: all but the Certyo columns,
+-- @Exclude, rowversion/timestamp columns (every write, the write-back included, changes a
+-- rowversion: counting it would re-queue each row after its write-back, forever) and computed
+-- columns (derived from the others; not comparable in every case).
 --   @Exclude:          comma-separated columns never sent
 --   @TimestampColumn:  source of sourceTimestamp (NULL: ModifiedDate, UpdatedAt, updated_at or
 --                      modified_at if present, else the time of the change)
@@ -94,7 +168,7 @@ BEGIN
                 WHEN t.name = N'image' THEN N'CONVERT(VARBINARY(MAX), @.' + QUOTENAME(c.name) + N')'
                 ELSE N'@.' + QUOTENAME(c.name) END,
            -- FOR JSON writes binary as base64; certyo_cdc writes \x + lowercase hex.
-           CASE WHEN t.name IN (N'binary', N'varbinary', N'image', N'timestamp', N'rowversion')
+           CASE WHEN t.name IN (N'binary', N'varbinary', N'image')
                     THEN N'CASE WHEN @.' + QUOTENAME(c.name) + N' IS NULL THEN NULL ELSE CONCAT(''\x'', LOWER(CONVERT(VARCHAR(MAX), CONVERT(VARBINARY(MAX), @.'
                          + QUOTENAME(c.name) + N'), 2))) END AS ' + QUOTENAME(c.name)
                 WHEN t.name = N'datetimeoffset' THEN N'SWITCHOFFSET(@.' + QUOTENAME(c.name) + N', ''+00:00'') AS ' + QUOTENAME(c.name)
@@ -103,7 +177,11 @@ BEGIN
       JOIN sys.types AS t ON t.user_type_id = c.user_type_id
      WHERE c.object_id = @object
        AND c.name NOT IN (N'CertyoRecordHash', N'CertyoAnchorStatus', N'CertyoVerifiedAt')
-       AND c.name NOT IN (SELECT LTRIM(RTRIM(value)) FROM STRING_SPLIT(COALESCE(@Exclude, N''), N','));
+       AND c.name NOT IN (SELECT LTRIM(RTRIM(value)) FROM STRING_SPLIT(COALESCE(@Exclude, N''), N','))
+       AND c.system_type_id <> 189      -- rowversion / timestamp
+       AND c.is_computed = 0;
+    IF NOT EXISTS (SELECT 1 FROM @columns)
+        THROW 50004, N'certyo.TrackTable: the table has no business columns left to send', 1;
 
     DECLARE @payload NVARCHAR(MAX) = N'(SELECT ' + (SELECT STRING_AGG(Rendered, N', ') WITHIN GROUP (ORDER BY ColumnId) FROM @columns)
         + N' FOR JSON PATH, WITHOUT_ARRAY_WRAPPER, INCLUDE_NULL_VALUES)';
@@ -156,6 +234,7 @@ BEGIN
      WHERE d.' + @firstKey + N' IS NULL OR ' + @changed + N';
 END;';
     EXEC sys.sp_executesql @body;
+    EXEC certyo.RegisterTable @SchemaName = @SchemaName, @TableName = @TableName, @Mode = N'queue';
 END;
 GO
 
@@ -168,5 +247,6 @@ BEGIN
     DECLARE @ddl NVARCHAR(MAX) = N'DROP TRIGGER IF EXISTS ' + QUOTENAME(@SchemaName) + N'.'
         + QUOTENAME(LEFT(N'CertyoCapture_' + @TableName, 128));
     EXEC sys.sp_executesql @ddl;
+    DELETE FROM certyo.TrackedTable WHERE Collection = @SchemaName + N'.' + @TableName AND Mode = N'queue';
 END;
 GO

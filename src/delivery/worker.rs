@@ -204,6 +204,9 @@ enum Next {
     /// More may be ready: run another pass at once.
     Now,
     Wait(Duration),
+    /// Changes trickle in: let commits gather for this long (doorbells do not cut it short),
+    /// then run the next pass, so that a busy database gets fewer, larger batches.
+    Gather(Duration),
     /// The extension is gone from the database: the worker ends.
     Stop,
 }
@@ -230,6 +233,7 @@ impl Worker {
             let keep_going = match next {
                 Next::Now => !super::stopping(),
                 Next::Wait(wait) => sleep(wait),
+                Next::Gather(wait) => gather(wait),
                 Next::Stop => {
                     pgrx::log!("certyo_cdc: certyo_cdc was dropped from this database; its delivery worker ends");
                     return Ended::Dropped;
@@ -333,7 +337,10 @@ impl Worker {
             self.announce(State::Delivering, &detail, error.as_deref(), tally)?;
         }
         if more_to_send || backfilling || verify_again == Some(Duration::ZERO) {
-            return Ok(Next::Now);
+            // A pass that took only a few changes while writers keep committing costs nearly as
+            // much as a full one: wait a moment for more (at most GATHER of latency).
+            let trickling = delivered.sent > 0 && (delivered.sent as usize) < settings.batch_size / 4;
+            return Ok(if trickling && !backfilling { Next::Gather(GATHER) } else { Next::Now });
         }
         let mut due = store::next_due(self.verifying.is_some())?.unwrap_or(settings.poll_interval);
         if let Some(again) = verify_again {
@@ -579,6 +586,26 @@ impl Worker {
 /// Sleep on the latch until `timeout`, a commit's doorbell, a signal, or a helper thread
 /// finishing (it writes to an eventfd the wait also watches: threads never touch Postgres).
 /// False when the worker must stop. Postmaster death ends the process.
+/// How long a pass that found only a few changes lets more gather before the next.
+const GATHER: Duration = Duration::from_millis(5);
+
+/// Sleep `timeout` whatever the doorbell says; SIGTERM and the postmaster's death still end it.
+fn gather(timeout: Duration) -> bool {
+    let millis = timeout.as_millis().min(i32::MAX as u128) as std::ffi::c_long;
+    // SAFETY: as in `sleep`; without WL_LATCH_SET only the timeout (or the postmaster's death)
+    // ends the wait. SIGTERM sets the latch, seen by the next wait or check below.
+    unsafe {
+        pg_sys::WaitLatch(
+            pg_sys::MyLatch,
+            (pg_sys::WL_TIMEOUT | pg_sys::WL_EXIT_ON_PM_DEATH) as i32,
+            millis,
+            pg_sys::PG_WAIT_EXTENSION,
+        );
+    }
+    pgrx::check_for_interrupts!();
+    !super::stopping()
+}
+
 fn sleep(timeout: Duration) -> bool {
     let fd = super::sending::finished_fd();
     let mut events = pg_sys::WL_LATCH_SET | pg_sys::WL_TIMEOUT | pg_sys::WL_EXIT_ON_PM_DEATH;

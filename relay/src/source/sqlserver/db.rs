@@ -70,7 +70,8 @@ impl Cols<'_> {
     }
 
     pub fn i64(&self, i: usize) -> Result<i64> {
-        self.opt_i64(i)?.ok_or_else(|| self.wrong(i, "a non-NULL integer"))
+        self.opt_i64(i)?
+            .ok_or_else(|| self.wrong(i, "a non-NULL integer"))
     }
 
     pub fn opt_text(&self, i: usize) -> Result<Option<String>> {
@@ -81,7 +82,8 @@ impl Cols<'_> {
     }
 
     pub fn text(&self, i: usize) -> Result<String> {
-        self.opt_text(i)?.ok_or_else(|| self.wrong(i, "non-NULL text"))
+        self.opt_text(i)?
+            .ok_or_else(|| self.wrong(i, "non-NULL text"))
     }
 
     pub fn opt_bin(&self, i: usize) -> Result<Option<Vec<u8>>> {

@@ -87,6 +87,11 @@ pub struct CtRow {
     pub business: bool,
 }
 
+/// (LastLsn, LastVersion, LastError) of `certyo.Progress`.
+pub type ProgressRow = (Option<Vec<u8>>, Option<i64>, Option<String>);
+/// (collection, keys JSON, hash, anchor status, only-if hash) of a `certyo.WriteBack` call.
+pub type WriteBackCall = (String, String, Option<String>, String, Option<String>);
+
 #[derive(Clone, Debug, Default)]
 pub struct State {
     pub now_ms: i64,
@@ -95,7 +100,7 @@ pub struct State {
     pub tracked: Vec<(String, String, i64, Option<String>)>,
     pub queue: Vec<QueueRow>,
     /// collection → (LastLsn, LastVersion, LastError)
-    pub progress: BTreeMap<String, (Option<Vec<u8>>, Option<i64>, Option<String>)>,
+    pub progress: BTreeMap<String, ProgressRow>,
     pub receipts: Vec<Receipt>,
     pub dead: Vec<DeadLetter>,
     pub rows: BTreeMap<(String, String), SourceRow>,
@@ -105,7 +110,7 @@ pub struct State {
     pub ct_version: i64,
     pub ct_min_valid: BTreeMap<String, i64>,
     /// Every write-back: (collection, keys JSON, hash, status, only-if hash).
-    pub write_backs: Vec<(String, String, Option<String>, String, Option<String>)>,
+    pub write_backs: Vec<WriteBackCall>,
     /// Statements sent, in order.
     pub sent: Vec<&'static str>,
     /// Fail the next statement equal to this one (once).
@@ -122,7 +127,10 @@ fn lsn_n(b: &[u8]) -> u128 {
 
 impl State {
     pub fn mode_of(&self, collection: &str) -> Option<String> {
-        self.tracked.iter().find(|t| t.0 == collection).map(|t| t.1.clone())
+        self.tracked
+            .iter()
+            .find(|t| t.0 == collection)
+            .map(|t| t.1.clone())
     }
 
     fn next_lsn(&self) -> u128 {
@@ -131,7 +139,13 @@ impl State {
 
     /// A change made by a user (or by the write-back, `business` false), captured as the mode
     /// of the table does.
-    pub fn write(&mut self, collection: &str, record_id: &str, payload: Option<&str>, business: bool) {
+    pub fn write(
+        &mut self,
+        collection: &str,
+        record_id: &str,
+        payload: Option<&str>,
+        business: bool,
+    ) {
         let key = (collection.to_string(), record_id.to_string());
         let existed = self.rows.contains_key(&key);
         let operation = match (existed, payload) {
@@ -145,7 +159,11 @@ impl State {
                 row.payload = p.to_string();
                 p.to_string()
             }
-            None => self.rows.remove(&key).map(|r| r.payload).unwrap_or_default(),
+            None => self
+                .rows
+                .remove(&key)
+                .map(|r| r.payload)
+                .unwrap_or_default(),
         };
         match self.mode_of(collection).as_deref() {
             Some("cdc") => {
@@ -154,7 +172,11 @@ impl State {
                     collection: collection.into(),
                     lsn,
                     seqval: 1,
-                    operation: match operation { 'D' => 1, 'I' => 2, _ => 4 },
+                    operation: match operation {
+                        'D' => 1,
+                        'I' => 2,
+                        _ => 4,
+                    },
                     record_id: record_id.into(),
                     payload: image,
                     business,
@@ -177,7 +199,12 @@ impl State {
                     id,
                     collection: collection.into(),
                     record_id: record_id.into(),
-                    operation: match operation { 'D' => "delete", 'I' => "insert", _ => "update" }.into(),
+                    operation: match operation {
+                        'D' => "delete",
+                        'I' => "insert",
+                        _ => "update",
+                    }
+                    .into(),
                     payload: image,
                     status: "pending".into(),
                     ..QueueRow::default()
@@ -187,9 +214,18 @@ impl State {
         }
     }
 
-    fn bookkeeping(&mut self, collection: &str, record_id: &str, hash: Option<String>, status: &str, only_if: Option<String>) {
+    fn bookkeeping(
+        &mut self,
+        collection: &str,
+        record_id: &str,
+        hash: Option<String>,
+        status: &str,
+        only_if: Option<String>,
+    ) {
         let key = (collection.to_string(), record_id.to_string());
-        let Some(row) = self.rows.get_mut(&key) else { return };
+        let Some(row) = self.rows.get_mut(&key) else {
+            return;
+        };
         if only_if.is_some() && row.hash != only_if {
             return;
         }
@@ -248,7 +284,10 @@ fn record_key(payload_keys: &str) -> String {
 
 impl Db for Fake {
     fn query(&mut self, sql: &'static str, p: &[Value]) -> Result<Vec<Row>> {
-        let mut guard = self.state.lock().map_err(|_| SourceError("fake poisoned".into()))?;
+        let mut guard = self
+            .state
+            .lock()
+            .map_err(|_| SourceError("fake poisoned".into()))?;
         let st = &mut *guard;
         st.sent.push(sql);
         if st.fail == Some(sql) {
@@ -280,16 +319,33 @@ impl Db for Fake {
             x if x == s::WRITE_BACK => {
                 let collection = text(&p[0]).unwrap_or_default();
                 let keys = text(&p[1]).unwrap_or_default();
-                let parts: Vec<String> = serde_json::from_str(&keys).map_err(|e| SourceError(e.to_string()))?;
-                st.write_backs.push((collection.clone(), keys, text(&p[2]), text(&p[3]).unwrap_or_default(), text(&p[4])));
-                st.bookkeeping(&collection, &parts.join("/"), text(&p[2]), &text(&p[3]).unwrap_or_default(), text(&p[4]));
+                let parts: Vec<String> =
+                    serde_json::from_str(&keys).map_err(|e| SourceError(e.to_string()))?;
+                st.write_backs.push((
+                    collection.clone(),
+                    keys,
+                    text(&p[2]),
+                    text(&p[3]).unwrap_or_default(),
+                    text(&p[4]),
+                ));
+                st.bookkeeping(
+                    &collection,
+                    &parts.join("/"),
+                    text(&p[2]),
+                    &text(&p[3]).unwrap_or_default(),
+                    text(&p[4]),
+                );
             }
             x if x == s::QUEUE_TAKE => {
                 let (limit, probing) = (int(&p[0]) as usize, int(&p[1]) == 1);
-                let in_flight: Vec<i64> = serde_json::from_str(&text(&p[2]).unwrap_or_default()).unwrap_or_default();
+                let in_flight: Vec<i64> =
+                    serde_json::from_str(&text(&p[2]).unwrap_or_default()).unwrap_or_default();
                 for q in &st.queue {
                     let earlier = st.queue.iter().any(|e| {
-                        e.collection == q.collection && e.record_id == q.record_id && e.id < q.id && e.status == "pending"
+                        e.collection == q.collection
+                            && e.record_id == q.record_id
+                            && e.id < q.id
+                            && e.status == "pending"
                     });
                     if q.status == "pending"
                         && (probing || q.next_attempt_at.is_none_or(|at| at <= now))
@@ -298,8 +354,14 @@ impl Db for Fake {
                         && out.len() < limit
                     {
                         out.push(vec![
-                            Value::int(q.id), t(&q.collection), t(&q.record_id), t(&q.operation), t(&q.payload), t(TS),
-                            t(&format!("abcdef012345-{}", q.id)), Value::int(q.attempts),
+                            Value::int(q.id),
+                            t(&q.collection),
+                            t(&q.record_id),
+                            t(&q.operation),
+                            t(&q.payload),
+                            t(TS),
+                            t(&format!("abcdef012345-{}", q.id)),
+                            Value::int(q.attempts),
                         ]);
                     }
                 }
@@ -307,7 +369,11 @@ impl Db for Fake {
             x if x == s::QUEUE_DELIVERED => {
                 let id = int(&p[0]);
                 let mut record = None;
-                if let Some(q) = st.queue.iter_mut().find(|q| q.id == id && q.status == "pending") {
+                if let Some(q) = st
+                    .queue
+                    .iter_mut()
+                    .find(|q| q.id == id && q.status == "pending")
+                {
                     q.status = "delivered".into();
                     q.record_hash = text(&p[1]);
                     q.delivered_at = Some(now);
@@ -319,19 +385,29 @@ impl Db for Fake {
                     record = Some((q.collection.clone(), q.record_id.clone()));
                 }
                 let newer = record.is_some_and(|(c, r)| {
-                    st.queue.iter().any(|l| l.collection == c && l.record_id == r && l.id > id && l.status != "dead")
+                    st.queue.iter().any(|l| {
+                        l.collection == c && l.record_id == r && l.id > id && l.status != "dead"
+                    })
                 });
                 out.push(vec![Value::int(i64::from(newer))]);
             }
             x if x == s::QUEUE_RETRY => {
-                if let Some(q) = st.queue.iter_mut().find(|q| q.id == int(&p[0]) && q.status == "pending") {
+                if let Some(q) = st
+                    .queue
+                    .iter_mut()
+                    .find(|q| q.id == int(&p[0]) && q.status == "pending")
+                {
                     q.attempts += 1;
                     q.last_error = text(&p[2]);
                     q.next_attempt_at = Some(now + int(&p[1]));
                 }
             }
             x if x == s::QUEUE_DEAD => {
-                if let Some(q) = st.queue.iter_mut().find(|q| q.id == int(&p[0]) && q.status == "pending") {
+                if let Some(q) = st
+                    .queue
+                    .iter_mut()
+                    .find(|q| q.id == int(&p[0]) && q.status == "pending")
+                {
                     q.status = "dead".into();
                     q.attempts += 1;
                     q.last_status = Some(int(&p[1]));
@@ -351,8 +427,12 @@ impl Db for Fake {
                 due.sort_by_key(|q| (q.next_verify_at, q.id));
                 for q in due.into_iter().take(int(&p[0]) as usize) {
                     out.push(vec![
-                        Value::int(q.id), t(&q.collection), t(&q.record_id), t(&q.operation),
-                        Value::Text(q.record_hash.clone()), Value::int(q.verify_attempts),
+                        Value::int(q.id),
+                        t(&q.collection),
+                        t(&q.record_id),
+                        t(&q.operation),
+                        Value::Text(q.record_hash.clone()),
+                        Value::int(q.verify_attempts),
                         Value::int((now - q.delivered_at.unwrap_or(now)) / 1000),
                     ]);
                 }
@@ -387,11 +467,17 @@ impl Db for Fake {
                 out.push(vec![Value::int((before - st.queue.len()) as i64)]);
             }
             x if x == s::QUEUE_STATUS => {
-                let count = |f: &dyn Fn(&QueueRow) -> bool| Value::int(st.queue.iter().filter(|q| f(q)).count() as i64);
+                let count = |f: &dyn Fn(&QueueRow) -> bool| {
+                    Value::int(st.queue.iter().filter(|q| f(q)).count() as i64)
+                };
                 out.push(vec![
                     count(&|q| q.status == "pending"),
-                    count(&|q| q.status == "delivered" && q.anchor_status.as_deref() != Some("anchored")),
-                    count(&|q| q.status == "delivered" && q.anchor_status.as_deref() == Some("anchored")),
+                    count(&|q| {
+                        q.status == "delivered" && q.anchor_status.as_deref() != Some("anchored")
+                    }),
+                    count(&|q| {
+                        q.status == "delivered" && q.anchor_status.as_deref() == Some("anchored")
+                    }),
                     count(&|q| q.status == "dead"),
                     Value::Text(st.queue.iter().rev().find_map(|q| q.last_error.clone())),
                 ]);
@@ -401,7 +487,10 @@ impl Db for Fake {
                     out.push(vec![Value::Bin(l.clone()), Value::Int(*v)]);
                 }
             }
-            x if x == s::PROGRESS_SAVE_LSN || x == s::PROGRESS_SAVE_VERSION || x == s::PROGRESS_ERROR => {
+            x if x == s::PROGRESS_SAVE_LSN
+                || x == s::PROGRESS_SAVE_VERSION
+                || x == s::PROGRESS_ERROR =>
+            {
                 let saved = match st.progress.get_mut(&text(&p[0]).unwrap_or_default()) {
                     Some(row) => {
                         if x == s::PROGRESS_SAVE_LSN {
@@ -432,7 +521,10 @@ impl Db for Fake {
             }
             x if x == s::CDC_READ => {
                 let collection = text(&p[0]).unwrap_or_default();
-                let (from, to) = (lsn_n(&bin(&p[1]).unwrap_or_default()), lsn_n(&bin(&p[2]).unwrap_or_default()));
+                let (from, to) = (
+                    lsn_n(&bin(&p[1]).unwrap_or_default()),
+                    lsn_n(&bin(&p[2]).unwrap_or_default()),
+                );
                 let mut rows: Vec<&CdcRow> = st
                     .cdc
                     .iter()
@@ -441,10 +533,18 @@ impl Db for Fake {
                     .collect();
                 rows.sort_by_key(|r| (r.lsn, r.seqval, r.operation));
                 for r in rows.into_iter().take(int(&p[3]) as usize) {
-                    let op = match r.operation { 1 => "delete", 2 => "insert", _ => "update" };
+                    let op = match r.operation {
+                        1 => "delete",
+                        2 => "insert",
+                        _ => "update",
+                    };
                     out.push(vec![
-                        Value::Bin(Some(lsn(r.lsn))), Value::Bin(Some(lsn(r.seqval))), t(op), t(&r.record_id),
-                        t(&r.payload), t(TS),
+                        Value::Bin(Some(lsn(r.lsn))),
+                        Value::Bin(Some(lsn(r.seqval))),
+                        t(op),
+                        t(&r.record_id),
+                        t(&r.payload),
+                        t(TS),
                     ]);
                 }
             }
@@ -454,11 +554,21 @@ impl Db for Fake {
                 out.push(vec![Value::int(st.ct_version), Value::int(min_valid)]);
             }
             x if x == s::CT_READ => {
-                let (collection, last, limit) = (text(&p[0]).unwrap_or_default(), int(&p[1]), int(&p[2]) as usize);
+                let (collection, last, limit) = (
+                    text(&p[0]).unwrap_or_default(),
+                    int(&p[1]),
+                    int(&p[2]) as usize,
+                );
                 // Net changes per row after `last`, as CHANGETABLE(CHANGES ...) reports them.
                 let mut net: BTreeMap<String, (i64, char, bool)> = BTreeMap::new();
-                for r in st.ct.iter().filter(|r| r.collection == collection && r.version > last) {
-                    let e = net.entry(r.record_id.clone()).or_insert((r.version, r.operation, false));
+                for r in st
+                    .ct
+                    .iter()
+                    .filter(|r| r.collection == collection && r.version > last)
+                {
+                    let e =
+                        net.entry(r.record_id.clone())
+                            .or_insert((r.version, r.operation, false));
                     e.0 = r.version;
                     e.1 = match (e.1, r.operation) {
                         (_, 'D') => 'D',
@@ -483,7 +593,12 @@ impl Db for Fake {
                 }
                 rows.sort_by_key(|r| r.0);
                 let cut = rows.get(limit.saturating_sub(1)).map(|r| r.0);
-                for r in rows.into_iter().enumerate().filter(|(i, r)| *i < limit || Some(r.0) == cut).map(|(_, r)| r) {
+                for r in rows
+                    .into_iter()
+                    .enumerate()
+                    .filter(|(i, r)| *i < limit || Some(r.0) == cut)
+                    .map(|(_, r)| r)
+                {
                     out.push(vec![Value::int(r.0), t(&r.2), t(&r.1), t(&r.3), t(TS)]);
                 }
             }
@@ -493,12 +608,28 @@ impl Db for Fake {
                     .receipts
                     .iter()
                     .filter(|r| r.collection == collection && r.version.is_some_and(|v| v > since))
-                    .map(|r| (r.version.unwrap_or(0), r.record_id.clone(), r.operation.clone(), r.payload.clone()))
+                    .map(|r| {
+                        (
+                            r.version.unwrap_or(0),
+                            r.record_id.clone(),
+                            r.operation.clone(),
+                            r.payload.clone(),
+                        )
+                    })
                     .chain(
                         st.dead
                             .iter()
-                            .filter(|d| d.collection == collection && d.version.is_some_and(|v| v > since))
-                            .map(|d| (d.version.unwrap_or(0), d.record_id.clone(), d.operation.clone(), d.payload.clone())),
+                            .filter(|d| {
+                                d.collection == collection && d.version.is_some_and(|v| v > since)
+                            })
+                            .map(|d| {
+                                (
+                                    d.version.unwrap_or(0),
+                                    d.record_id.clone(),
+                                    d.operation.clone(),
+                                    d.payload.clone(),
+                                )
+                            }),
                     )
                     .collect();
                 rows.sort_by_key(|r| r.0);
@@ -516,7 +647,10 @@ impl Db for Fake {
                         record_id: text(&p[1]).unwrap_or_default(),
                         operation: text(&p[2]).unwrap_or_default(),
                         key,
-                        version: match &p[4] { Value::Int(v) => *v, _ => None },
+                        version: match &p[4] {
+                            Value::Int(v) => *v,
+                            _ => None,
+                        },
                         lsn: bin(&p[5]),
                         payload: text(&p[6]).unwrap_or_default(),
                         hash: text(&p[7]).unwrap_or_default(),
@@ -536,7 +670,10 @@ impl Db for Fake {
                         operation: text(&p[2]).unwrap_or_default(),
                         payload: text(&p[3]).unwrap_or_default(),
                         key,
-                        version: match &p[6] { Value::Int(v) => *v, _ => None },
+                        version: match &p[6] {
+                            Value::Int(v) => *v,
+                            _ => None,
+                        },
                         status: int(&p[8]),
                         error: text(&p[9]).unwrap_or_default(),
                     });
@@ -546,13 +683,21 @@ impl Db for Fake {
                 let mut due: Vec<&Receipt> = st
                     .receipts
                     .iter()
-                    .filter(|r| matches!(r.anchor_status.as_str(), "pending" | "overdue") && r.next_verify_at.is_some_and(|at| at <= now))
+                    .filter(|r| {
+                        matches!(r.anchor_status.as_str(), "pending" | "overdue")
+                            && r.next_verify_at.is_some_and(|at| at <= now)
+                    })
                     .collect();
                 due.sort_by_key(|r| (r.next_verify_at, r.id));
                 for r in due.into_iter().take(int(&p[0]) as usize) {
                     out.push(vec![
-                        Value::int(r.id), t(&r.collection), t(&r.record_id), t(&r.operation), t(&r.hash),
-                        Value::int(r.verify_attempts), Value::int((now - r.accepted_at) / 1000),
+                        Value::int(r.id),
+                        t(&r.collection),
+                        t(&r.record_id),
+                        t(&r.operation),
+                        t(&r.hash),
+                        Value::int(r.verify_attempts),
+                        Value::int((now - r.accepted_at) / 1000),
                     ]);
                 }
             }
@@ -573,11 +718,14 @@ impl Db for Fake {
             x if x == s::RECEIPT_CLEAN => {
                 let before = st.receipts.len();
                 let cutoff = now - int(&p[0]) * 1000;
-                st.receipts.retain(|r| !(r.anchor_status == "anchored" && r.accepted_at < cutoff));
+                st.receipts
+                    .retain(|r| !(r.anchor_status == "anchored" && r.accepted_at < cutoff));
                 out.push(vec![Value::int((before - st.receipts.len()) as i64)]);
             }
             x if x == s::LOG_STATUS => {
-                let count = |f: &dyn Fn(&Receipt) -> bool| Value::int(st.receipts.iter().filter(|r| f(r)).count() as i64);
+                let count = |f: &dyn Fn(&Receipt) -> bool| {
+                    Value::int(st.receipts.iter().filter(|r| f(r)).count() as i64)
+                };
                 out.push(vec![
                     count(&|r| r.anchor_status != "anchored"),
                     count(&|r| r.anchor_status == "anchored"),
@@ -585,7 +733,11 @@ impl Db for Fake {
                     Value::Text(st.dead.last().map(|d| d.error.clone())),
                 ]);
             }
-            other => return Err(SourceError(format!("fake: statement not emulated: {other}"))),
+            other => {
+                return Err(SourceError(format!(
+                    "fake: statement not emulated: {other}"
+                )))
+            }
         }
         Ok(out)
     }

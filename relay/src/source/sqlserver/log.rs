@@ -82,7 +82,11 @@ struct SettledChange {
 pub fn installation(db: &mut dyn Db) -> Result<String> {
     let rows = db.query(statements::INSTALLATION, &[])?;
     match rows.first() {
-        Some(row) => Cols { row, what: "certyo.Installation" }.text(0),
+        Some(row) => Cols {
+            row,
+            what: "certyo.Installation",
+        }
+        .text(0),
         None => Err(SourceError(
             "certyo.Installation is empty; run sql/sqlserver/common.sql again".into(),
         )),
@@ -91,7 +95,10 @@ pub fn installation(db: &mut dyn Db) -> Result<String> {
 
 fn lsn_number(bytes: &[u8]) -> Result<u128> {
     if bytes.len() != 10 {
-        return Err(SourceError(format!("SQL Server returned an LSN of {} bytes, not 10", bytes.len())));
+        return Err(SourceError(format!(
+            "SQL Server returned an LSN of {} bytes, not 10",
+            bytes.len()
+        )));
     }
     Ok(bytes.iter().fold(0u128, |n, b| (n << 8) | u128::from(*b)))
 }
@@ -146,8 +153,13 @@ impl Log {
                     ))
                 })?;
                 let bounds = db.query(statements::CDC_BOUNDS, &[Value::text(instance)])?;
-                let row = bounds.first().ok_or_else(|| SourceError("CDC bounds returned nothing".into()))?;
-                let c = Cols { row, what: "the CDC bounds" };
+                let row = bounds
+                    .first()
+                    .ok_or_else(|| SourceError("CDC bounds returned nothing".into()))?;
+                let c = Cols {
+                    row,
+                    what: "the CDC bounds",
+                };
                 let min = match c.opt_bin(0)? {
                     Some(b) => lsn_number(&b)?,
                     None => 0,
@@ -189,7 +201,10 @@ impl Log {
                             Value::int(n as i64),
                         ],
                     )?;
-                    rows = read.iter().map(|row| cdc_change(row, collection, installation)).collect::<Result<_>>()?;
+                    rows = read
+                        .iter()
+                        .map(|row| cdc_change(row, collection, installation))
+                        .collect::<Result<_>>()?;
                     read_through = match rows.last() {
                         // Cut by the limit: the last LSN may have more changes.
                         Some((last, _)) if rows.len() >= n => last.major - 1,
@@ -221,12 +236,15 @@ impl Log {
             }
             let again = mode == Mode::ChangeTracking
                 && tl.settled.get(&change.record_id).is_some_and(|s| {
-                    s.version <= pos.major && s.payload == change.payload && s.operation == change.operation
+                    s.version <= pos.major
+                        && s.payload == change.payload
+                        && s.operation == change.operation
                 });
             self.next_id += 1;
             let mut change = change;
             change.id = self.next_id;
-            self.ids.insert(change.id, (collection.to_string(), pos.clone()));
+            self.ids
+                .insert(change.id, (collection.to_string(), pos.clone()));
             let state = if again { State::Settled } else { State::Fresh };
             tl.entries.insert(pos, Entry { change, state });
         }
@@ -264,14 +282,18 @@ impl Log {
         in_flight: &[i64],
     ) -> Result<Vec<Change>> {
         let installation = self.installation.clone().ok_or_else(|| {
-            SourceError("SQL Server: check() has not succeeded yet (installation id unknown)".into())
+            SourceError(
+                "SQL Server: check() has not succeeded yet (installation id unknown)".into(),
+            )
         })?;
         let in_flight: HashSet<i64> = in_flight.iter().copied().collect();
         let now = Instant::now();
         let mut per_table = Vec::new();
         for table in tables {
             self.refresh(db, mode, table, limit, &in_flight, &installation)?;
-            let Some(tl) = self.tables.get(&table.collection) else { continue };
+            let Some(tl) = self.tables.get(&table.collection) else {
+                continue;
+            };
             // Oldest first, at most one per record: a record waits for its earlier change.
             let mut blocked = HashSet::new();
             let mut ready = Vec::new();
@@ -279,7 +301,9 @@ impl Log {
                 if entry.state == State::Settled {
                     continue;
                 }
-                if !blocked.insert(entry.change.record_id.clone()) || in_flight.contains(&entry.change.id) {
+                if !blocked.insert(entry.change.record_id.clone())
+                    || in_flight.contains(&entry.change.id)
+                {
                     continue;
                 }
                 let due = match entry.state {
@@ -310,7 +334,13 @@ impl Log {
         Ok(out)
     }
 
-    pub fn record(&mut self, db: &mut dyn Db, mode: Mode, tables: &[Table], fates: &[(Change, Fate)]) -> Result<()> {
+    pub fn record(
+        &mut self,
+        db: &mut dyn Db,
+        mode: Mode,
+        tables: &[Table],
+        fates: &[(Change, Fate)],
+    ) -> Result<()> {
         let mut states: HashMap<i64, (State, u32)> = HashMap::new();
         let mut touched: HashSet<String> = HashSet::new();
         let ids = &self.ids;
@@ -320,12 +350,20 @@ impl Log {
                 let located = ids.get(&change.id);
                 let pos = located.map(|(_, p)| p);
                 let (version, lsn) = match (mode, pos) {
-                    (Mode::ChangeTracking, Some(p)) => (Value::int(p.major as i64), Value::Bin(None)),
-                    (Mode::Cdc, Some(p)) => (Value::Int(None), Value::Bin(Some(lsn_bytes(p.major)))),
+                    (Mode::ChangeTracking, Some(p)) => {
+                        (Value::int(p.major as i64), Value::Bin(None))
+                    }
+                    (Mode::Cdc, Some(p)) => {
+                        (Value::Int(None), Value::Bin(Some(lsn_bytes(p.major))))
+                    }
                     _ => (Value::Int(None), Value::Bin(None)),
                 };
                 match fate {
-                    Fate::Delivered { record_hash, replayed, verify_after } => {
+                    Fate::Delivered {
+                        record_hash,
+                        replayed,
+                        verify_after,
+                    } => {
                         db.query(
                             statements::RECEIPT_INSERT,
                             &[
@@ -352,7 +390,15 @@ impl Log {
                         };
                         if change.operation != Operation::Delete && !newer {
                             let table = tables.iter().find(|t| t.collection == change.collection);
-                            write_back(db, table, &change.collection, &change.record_id, Some(record_hash), "pending", None)?;
+                            write_back(
+                                db,
+                                table,
+                                &change.collection,
+                                &change.record_id,
+                                Some(record_hash),
+                                "pending",
+                                None,
+                            )?;
                         }
                         states.insert(change.id, (State::Settled, change.attempts + 1));
                     }
@@ -375,8 +421,17 @@ impl Log {
                         states.insert(change.id, (State::Settled, change.attempts + 1));
                     }
                     Fate::Retry { retry_after, error } => {
-                        db.query(statements::PROGRESS_ERROR, &[Value::text(&change.collection), Value::text(error)])?;
-                        states.insert(change.id, (State::Waiting(Instant::now() + *retry_after), change.attempts + 1));
+                        db.query(
+                            statements::PROGRESS_ERROR,
+                            &[Value::text(&change.collection), Value::text(error)],
+                        )?;
+                        states.insert(
+                            change.id,
+                            (
+                                State::Waiting(Instant::now() + *retry_after),
+                                change.attempts + 1,
+                            ),
+                        );
                     }
                     Fate::Untouched => continue,
                 }
@@ -396,7 +451,11 @@ impl Log {
         // Committed: now the memory follows.
         for (id, (state, attempts)) in &states {
             if let Some((collection, pos)) = self.ids.get(id) {
-                if let Some(entry) = self.tables.get_mut(collection).and_then(|tl| tl.entries.get_mut(pos)) {
+                if let Some(entry) = self
+                    .tables
+                    .get_mut(collection)
+                    .and_then(|tl| tl.entries.get_mut(pos))
+                {
                     entry.state = *state;
                     entry.change.attempts = *attempts;
                     if *state == State::Settled && mode == Mode::ChangeTracking {
@@ -422,22 +481,39 @@ impl Log {
 
     pub fn status(&mut self, db: &mut dyn Db, mode: Mode) -> Result<Status> {
         let rows = db.query(statements::LOG_STATUS, &[])?;
-        let row = rows.first().ok_or_else(|| SourceError("SQL Server: the status returned nothing".into()))?;
-        let c = Cols { row, what: "the receipt status" };
+        let row = rows
+            .first()
+            .ok_or_else(|| SourceError("SQL Server: the status returned nothing".into()))?;
+        let c = Cols {
+            row,
+            what: "the receipt status",
+        };
         let mut progress = Vec::new();
         for row in &db.query(statements::PROGRESS_ALL, &[Value::text(mode.as_str())])? {
-            let p = Cols { row, what: "certyo.Progress" };
+            let p = Cols {
+                row,
+                what: "certyo.Progress",
+            };
             let at = match mode {
                 Mode::Cdc => p.opt_bin(1)?.map(|b| format!("LSN 0x{}", hex(&b))),
                 _ => p.opt_i64(2)?.map(|v| format!("version {v}")),
             };
-            progress.push(format!("{} {}", p.text(0)?, at.unwrap_or_else(|| "not started".into())));
+            progress.push(format!(
+                "{} {}",
+                p.text(0)?,
+                at.unwrap_or_else(|| "not started".into())
+            ));
         }
         // Read and not yet delivered or dead, as of the latest read (not persisted anywhere).
         let pending = self
             .tables
             .values()
-            .map(|tl| tl.entries.values().filter(|e| e.state != State::Settled).count() as i64)
+            .map(|tl| {
+                tl.entries
+                    .values()
+                    .filter(|e| e.state != State::Settled)
+                    .count() as i64
+            })
             .sum();
         Ok(Status {
             pending,
@@ -445,7 +521,11 @@ impl Log {
             anchored: c.i64(1)?,
             dead: c.i64(2)?,
             last_error: c.opt_text(3)?,
-            progress: if progress.is_empty() { None } else { Some(progress.join(", ")) },
+            progress: if progress.is_empty() {
+                None
+            } else {
+                Some(progress.join(", "))
+            },
         })
     }
 }
@@ -459,16 +539,25 @@ fn load(db: &mut dyn Db, mode: Mode, collection: &str, tl: &mut TableLog) -> Res
             "{collection} has no row in certyo.Progress; run its TrackTable procedure again"
         ))
     })?;
-    let c = Cols { row, what: "certyo.Progress" };
+    let c = Cols {
+        row,
+        what: "certyo.Progress",
+    };
     tl.progress = match mode {
         Mode::Cdc => c.opt_bin(0)?.map(|b| lsn_number(&b)).transpose()?,
         _ => c.opt_i64(1)?.map(|v| v.max(0) as u128),
     };
     if mode == Mode::ChangeTracking {
         if let Some(progress) = tl.progress {
-            let rows = db.query(statements::CT_SETTLED_SINCE, &[Value::text(collection), Value::int(progress as i64)])?;
+            let rows = db.query(
+                statements::CT_SETTLED_SINCE,
+                &[Value::text(collection), Value::int(progress as i64)],
+            )?;
             for row in &rows {
-                let c = Cols { row, what: "the settled changes" };
+                let c = Cols {
+                    row,
+                    what: "the settled changes",
+                };
                 let operation = c.text(2)?;
                 let settled = SettledChange {
                     version: c.i64(0)?.max(0) as u128,
@@ -494,7 +583,10 @@ fn ct_read(
     let row = bounds.first().ok_or_else(|| {
         SourceError(format!("{collection} is not in certyo.TrackedTable; run certyo.TrackTableChangeTracking for it"))
     })?;
-    let c = Cols { row, what: "the change tracking bounds" };
+    let c = Cols {
+        row,
+        what: "the change tracking bounds",
+    };
     let current = c.opt_i64(0)?.unwrap_or(0).max(0) as u128;
     let Some(min_valid) = c.opt_i64(1)? else {
         return Err(SourceError(format!(
@@ -518,9 +610,16 @@ fn ct_read(
     }
     let read = db.query(
         statements::CT_READ,
-        &[Value::text(collection), Value::int(progress as i64), Value::int(n as i64)],
+        &[
+            Value::text(collection),
+            Value::int(progress as i64),
+            Value::int(n as i64),
+        ],
     )?;
-    let mut rows = read.iter().map(|row| ct_change(row, collection, installation)).collect::<Result<Vec<_>>>()?;
+    let mut rows = read
+        .iter()
+        .map(|row| ct_change(row, collection, installation))
+        .collect::<Result<Vec<_>>>()?;
     rows.sort_by(|a, b| a.0.cmp(&b.0));
     // WITH TIES: a read cut by the limit still holds every change of its last version.
     let through = match rows.last() {
@@ -531,7 +630,8 @@ fn ct_read(
 }
 
 fn operation(text: &str, collection: &str) -> Result<Operation> {
-    Operation::parse(text).ok_or_else(|| SourceError(format!("{collection}: unknown operation {text:?} read")))
+    Operation::parse(text)
+        .ok_or_else(|| SourceError(format!("{collection}: unknown operation {text:?} read")))
 }
 
 fn payload(c: &Cols, i: usize, collection: &str, function: &str) -> Result<String> {
@@ -544,16 +644,29 @@ fn payload(c: &Cols, i: usize, collection: &str, function: &str) -> Result<Strin
 }
 
 fn cdc_change(row: &[Value], collection: &str, installation: &str) -> Result<(Pos, Change)> {
-    let c = Cols { row, what: "certyo.ReadCdcChanges" };
+    let c = Cols {
+        row,
+        what: "certyo.ReadCdcChanges",
+    };
     let start = c.opt_bin(0)?.unwrap_or_default();
     let seqval = c.opt_bin(1)?.unwrap_or_default();
     let op = operation(&c.text(2)?, collection)?;
     let record_id = c.text(3)?;
-    let pos = Pos { major: lsn_number(&start)?, seqval: seqval.clone(), record: String::new(), operation: op.as_str().into() };
+    let pos = Pos {
+        major: lsn_number(&start)?,
+        seqval: seqval.clone(),
+        record: String::new(),
+        operation: op.as_str().into(),
+    };
     let change = Change {
         id: 0,
         collection: collection.to_string(),
-        idempotency_key: format!("{installation}-{collection}-{}-{}-{}", hex(&start), hex(&seqval), op.as_str()),
+        idempotency_key: format!(
+            "{installation}-{collection}-{}-{}-{}",
+            hex(&start),
+            hex(&seqval),
+            op.as_str()
+        ),
         record_id,
         operation: op,
         payload: payload(&c, 4, collection, "TrackTableCdc")?,
@@ -564,11 +677,19 @@ fn cdc_change(row: &[Value], collection: &str, installation: &str) -> Result<(Po
 }
 
 fn ct_change(row: &[Value], collection: &str, installation: &str) -> Result<(Pos, Change)> {
-    let c = Cols { row, what: "certyo.ReadCtChanges" };
+    let c = Cols {
+        row,
+        what: "certyo.ReadCtChanges",
+    };
     let version = c.i64(0)?;
     let op = operation(&c.text(1)?, collection)?;
     let record_id = c.text(2)?;
-    let pos = Pos { major: version.max(0) as u128, seqval: Vec::new(), record: record_id.clone(), operation: String::new() };
+    let pos = Pos {
+        major: version.max(0) as u128,
+        seqval: Vec::new(),
+        record: record_id.clone(),
+        operation: String::new(),
+    };
     let change = Change {
         id: 0,
         collection: collection.to_string(),
@@ -599,11 +720,21 @@ fn target(tl: &TableLog, overrides: &HashMap<i64, (State, u32)>) -> Option<u128>
 
 fn save(db: &mut dyn Db, mode: Mode, collection: &str, to: u128) -> Result<()> {
     let rows = match mode {
-        Mode::Cdc => db.query(statements::PROGRESS_SAVE_LSN, &[Value::text(collection), Value::Bin(Some(lsn_bytes(to)))])?,
-        _ => db.query(statements::PROGRESS_SAVE_VERSION, &[Value::text(collection), Value::int(to as i64)])?,
+        Mode::Cdc => db.query(
+            statements::PROGRESS_SAVE_LSN,
+            &[Value::text(collection), Value::Bin(Some(lsn_bytes(to)))],
+        )?,
+        _ => db.query(
+            statements::PROGRESS_SAVE_VERSION,
+            &[Value::text(collection), Value::int(to as i64)],
+        )?,
     };
     let saved = match rows.first() {
-        Some(row) => Cols { row, what: "the progress update" }.i64(0)?,
+        Some(row) => Cols {
+            row,
+            what: "the progress update",
+        }
+        .i64(0)?,
         None => 0,
     };
     if saved == 0 {
@@ -616,7 +747,12 @@ fn save(db: &mut dyn Db, mode: Mode, collection: &str, to: u128) -> Result<()> {
 
 fn apply_progress(tl: &mut TableLog, ids: &mut HashMap<i64, (String, Pos)>, to: u128) {
     tl.progress = Some(to);
-    let kept = tl.entries.split_off(&Pos { major: to + 1, seqval: Vec::new(), record: String::new(), operation: String::new() });
+    let kept = tl.entries.split_off(&Pos {
+        major: to + 1,
+        seqval: Vec::new(),
+        record: String::new(),
+        operation: String::new(),
+    });
     for entry in std::mem::replace(&mut tl.entries, kept).into_values() {
         ids.remove(&entry.change.id);
     }

@@ -26,7 +26,9 @@ mod fake;
 #[cfg(test)]
 mod tests;
 
-use super::{record_id_parts, Anchoring, Change, Delivered, Fate, Result, Source, SourceError, Status};
+use super::{
+    record_id_parts, Anchoring, Change, Delivered, Fate, Result, Source, SourceError, Status,
+};
 use db::{Db, Value};
 use std::time::Duration;
 
@@ -98,9 +100,15 @@ impl Url {
         // The password may contain '@' when not percent-encoded: the host follows the last.
         let (credentials, location) = rest.rsplit_once('@').ok_or_else(|| bad("no user@"))?;
         let (user, password) = credentials.split_once(':').unwrap_or((credentials, ""));
-        let (hostport, database) = location.split_once('/').ok_or_else(|| bad("no /database"))?;
+        let (hostport, database) = location
+            .split_once('/')
+            .ok_or_else(|| bad("no /database"))?;
         let (host, port) = match hostport.rsplit_once(':') {
-            Some((h, p)) => (h, p.parse::<u16>().map_err(|_| bad("the port is not a number"))?),
+            Some((h, p)) => (
+                h,
+                p.parse::<u16>()
+                    .map_err(|_| bad("the port is not a number"))?,
+            ),
             None => (hostport, 1433),
         };
         let mut parsed = Url {
@@ -127,7 +135,11 @@ impl Url {
                 "trust_server_certificate" | "TrustServerCertificate" => {
                     parsed.trust_server_certificate = flag()?
                 }
-                _ => return Err(bad("unknown option (known: encrypt, trust_server_certificate)")),
+                _ => {
+                    return Err(bad(
+                        "unknown option (known: encrypt, trust_server_certificate)",
+                    ))
+                }
             }
         }
         Ok(parsed)
@@ -135,7 +147,10 @@ impl Url {
 
     /// Without the password.
     pub fn describe(&self) -> String {
-        format!("sqlserver://{}@{}:{}/{}", self.user, self.host, self.port, self.database)
+        format!(
+            "sqlserver://{}@{}:{}/{}",
+            self.user, self.host, self.port, self.database
+        )
     }
 }
 
@@ -198,10 +213,16 @@ impl SqlServer {
     }
 
     fn load_tables(&mut self) -> Result<()> {
-        let rows = self.db.query(statements::TRACKED_TABLES, &[Value::text(self.mode.as_str())])?;
+        let rows = self.db.query(
+            statements::TRACKED_TABLES,
+            &[Value::text(self.mode.as_str())],
+        )?;
         let mut tables = Vec::with_capacity(rows.len());
         for row in &rows {
-            let c = db::Cols { row, what: "certyo.TrackedTable" };
+            let c = db::Cols {
+                row,
+                what: "certyo.TrackedTable",
+            };
             tables.push(Table {
                 collection: c.text(0)?,
                 key_columns: usize::try_from(c.i64(1)?).unwrap_or(1).max(1),
@@ -211,7 +232,6 @@ impl SqlServer {
         self.tables = tables;
         Ok(())
     }
-
 }
 
 /// Milliseconds as the statements take them (INT: at most ~24 days).
@@ -227,7 +247,11 @@ fn seconds(d: Duration) -> Value {
 fn rfc3339(text: &str) -> String {
     let text = text.trim();
     let (date_time, fraction) = text.split_once('.').unwrap_or((text, ""));
-    let mut fraction: String = fraction.chars().filter(char::is_ascii_digit).take(6).collect();
+    let mut fraction: String = fraction
+        .chars()
+        .filter(char::is_ascii_digit)
+        .take(6)
+        .collect();
     while fraction.len() < 6 {
         fraction.push('0');
     }
@@ -278,8 +302,13 @@ impl Source for SqlServer {
 
     fn check(&mut self) -> Result<()> {
         let rows = self.db.query(statements::CHECK_OBJECTS, &[])?;
-        let row = rows.first().ok_or_else(|| SourceError("SQL Server: the object check returned nothing".into()))?;
-        let c = db::Cols { row, what: "the object check" };
+        let row = rows
+            .first()
+            .ok_or_else(|| SourceError("SQL Server: the object check returned nothing".into()))?;
+        let c = db::Cols {
+            row,
+            what: "the object check",
+        };
         let missing = |what: &str, script: &str| {
             Err(SourceError(format!(
                 "SQL Server {}: {what} is missing; run {script} in the database",
@@ -287,7 +316,10 @@ impl Source for SqlServer {
             )))
         };
         if !c.bool(0)? || !c.bool(1)? {
-            return missing("certyo.TrackedTable / certyo.WriteBack", "sql/sqlserver/common.sql");
+            return missing(
+                "certyo.TrackedTable / certyo.WriteBack",
+                "sql/sqlserver/common.sql",
+            );
         }
         let mode_ok = match self.mode {
             Mode::Queue => c.bool(2)?,
@@ -317,12 +349,22 @@ impl Source for SqlServer {
     fn take(&mut self, limit: usize, probing: bool, in_flight: &[i64]) -> Result<Vec<Change>> {
         match self.mode {
             Mode::Queue => queue::take(self.db.as_mut(), limit, probing, in_flight),
-            mode => self.log.take(self.db.as_mut(), mode, &self.tables, limit, probing, in_flight),
+            mode => self.log.take(
+                self.db.as_mut(),
+                mode,
+                &self.tables,
+                limit,
+                probing,
+                in_flight,
+            ),
         }
     }
 
     fn record(&mut self, fates: &[(Change, Fate)]) -> Result<()> {
-        if fates.iter().all(|(_, fate)| matches!(fate, Fate::Untouched)) {
+        if fates
+            .iter()
+            .all(|(_, fate)| matches!(fate, Fate::Untouched))
+        {
             return Ok(());
         }
         match self.mode {
@@ -342,14 +384,19 @@ impl Source for SqlServer {
         let rows = self.db.query(sql, &[Value::int(limit as i64)])?;
         let mut due = Vec::with_capacity(rows.len());
         for row in &rows {
-            let c = db::Cols { row, what: "the due receipts" };
+            let c = db::Cols {
+                row,
+                what: "the due receipts",
+            };
             let operation = c.text(3)?;
             due.push(Delivered {
                 id: c.i64(0)?,
                 collection: c.text(1)?,
                 record_id: c.text(2)?,
                 operation: super::Operation::parse(&operation).ok_or_else(|| {
-                    SourceError(format!("SQL Server: unknown operation {operation:?} in a receipt"))
+                    SourceError(format!(
+                        "SQL Server: unknown operation {operation:?} in a receipt"
+                    ))
                 })?,
                 record_hash: c.text(4)?,
                 verify_attempts: u32::try_from(c.i64(5)?).unwrap_or(0),
@@ -364,8 +411,16 @@ impl Source for SqlServer {
             return Ok(());
         }
         let (anchored, mismatch, later) = match self.mode {
-            Mode::Queue => (statements::QUEUE_ANCHORED, statements::QUEUE_MISMATCH, statements::QUEUE_LATER),
-            _ => (statements::RECEIPT_ANCHORED, statements::RECEIPT_MISMATCH, statements::RECEIPT_LATER),
+            Mode::Queue => (
+                statements::QUEUE_ANCHORED,
+                statements::QUEUE_MISMATCH,
+                statements::QUEUE_LATER,
+            ),
+            _ => (
+                statements::RECEIPT_ANCHORED,
+                statements::RECEIPT_MISMATCH,
+                statements::RECEIPT_LATER,
+            ),
         };
         let tables = &self.tables;
         db::transaction(self.db.as_mut(), |db| {
@@ -373,24 +428,47 @@ impl Source for SqlServer {
                 let table = tables.iter().find(|t| t.collection == due.collection);
                 let mark = match result {
                     Anchoring::Anchored { polygon_tx_hash } => {
-                        db.query(anchored, &[Value::int(due.id), Value::opt_text(polygon_tx_hash.as_deref())])?;
+                        db.query(
+                            anchored,
+                            &[
+                                Value::int(due.id),
+                                Value::opt_text(polygon_tx_hash.as_deref()),
+                            ],
+                        )?;
                         Some("anchored")
                     }
                     Anchoring::Mismatch { reported_hash } => {
                         db.query(mismatch, &[Value::int(due.id), Value::text(reported_hash)])?;
                         Some("mismatch")
                     }
-                    Anchoring::Later { after, overdue, error } => {
+                    Anchoring::Later {
+                        after,
+                        overdue,
+                        error,
+                    } => {
                         db.query(
                             later,
-                            &[Value::int(due.id), millis(*after), Value::bool(*overdue), Value::opt_text(error.as_deref())],
+                            &[
+                                Value::int(due.id),
+                                millis(*after),
+                                Value::bool(*overdue),
+                                Value::opt_text(error.as_deref()),
+                            ],
                         )?;
                         None
                     }
                 };
                 // Only on a row that still holds this hash: a newer change has its own.
                 if let (Some(mark), false) = (mark, due.operation == super::Operation::Delete) {
-                    write_back(db, table, &due.collection, &due.record_id, None, mark, Some(&due.record_hash))?;
+                    write_back(
+                        db,
+                        table,
+                        &due.collection,
+                        &due.record_id,
+                        None,
+                        mark,
+                        Some(&due.record_hash),
+                    )?;
                 }
             }
             Ok(())
@@ -407,7 +485,11 @@ impl Source for SqlServer {
         for _ in 0..100 {
             let rows = self.db.query(sql, &[seconds(retention)])?;
             let batch = match rows.first() {
-                Some(row) => db::Cols { row, what: "the clean-up" }.i64(0)?,
+                Some(row) => db::Cols {
+                    row,
+                    what: "the clean-up",
+                }
+                .i64(0)?,
                 None => 0,
             };
             removed += batch.max(0) as u64;
@@ -422,8 +504,13 @@ impl Source for SqlServer {
         match self.mode {
             Mode::Queue => {
                 let rows = self.db.query(statements::QUEUE_STATUS, &[])?;
-                let row = rows.first().ok_or_else(|| SourceError("SQL Server: the status returned nothing".into()))?;
-                let c = db::Cols { row, what: "the queue status" };
+                let row = rows
+                    .first()
+                    .ok_or_else(|| SourceError("SQL Server: the status returned nothing".into()))?;
+                let c = db::Cols {
+                    row,
+                    what: "the queue status",
+                };
                 Ok(Status {
                     pending: c.i64(0)?,
                     delivered: c.i64(1)?,

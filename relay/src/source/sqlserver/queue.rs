@@ -7,22 +7,36 @@ use super::db::{Cols, Db, Value};
 use super::{millis, rfc3339, statements, write_back, Table};
 use crate::source::{Change, Fate, Operation, Result, SourceError};
 
-pub fn take(db: &mut dyn Db, limit: usize, probing: bool, in_flight: &[i64]) -> Result<Vec<Change>> {
-    let in_flight = serde_json::to_string(in_flight).map_err(|e| SourceError(format!("in-flight ids: {e}")))?;
+pub fn take(
+    db: &mut dyn Db,
+    limit: usize,
+    probing: bool,
+    in_flight: &[i64],
+) -> Result<Vec<Change>> {
+    let in_flight =
+        serde_json::to_string(in_flight).map_err(|e| SourceError(format!("in-flight ids: {e}")))?;
     let rows = db.query(
         statements::QUEUE_TAKE,
-        &[Value::int(limit as i64), Value::bool(probing), Value::Text(Some(in_flight))],
+        &[
+            Value::int(limit as i64),
+            Value::bool(probing),
+            Value::Text(Some(in_flight)),
+        ],
     )?;
     let mut changes = Vec::with_capacity(rows.len());
     for row in &rows {
-        let c = Cols { row, what: "certyo.Queue" };
+        let c = Cols {
+            row,
+            what: "certyo.Queue",
+        };
         let operation = c.text(3)?;
         changes.push(Change {
             id: c.i64(0)?,
             collection: c.text(1)?,
             record_id: c.text(2)?,
-            operation: Operation::parse(&operation)
-                .ok_or_else(|| SourceError(format!("certyo.Queue: unknown operation {operation:?}")))?,
+            operation: Operation::parse(&operation).ok_or_else(|| {
+                SourceError(format!("certyo.Queue: unknown operation {operation:?}"))
+            })?,
             payload: c.text(4)?,
             source_timestamp: rfc3339(&c.text(5)?),
             idempotency_key: c.text(6)?,
@@ -36,29 +50,61 @@ pub fn take(db: &mut dyn Db, limit: usize, probing: bool, in_flight: &[i64]) -> 
 pub fn record(db: &mut dyn Db, tables: &[Table], fates: &[(Change, Fate)]) -> Result<()> {
     for (change, fate) in fates {
         match fate {
-            Fate::Delivered { record_hash, replayed, verify_after } => {
+            Fate::Delivered {
+                record_hash,
+                replayed,
+                verify_after,
+            } => {
                 let rows = db.query(
                     statements::QUEUE_DELIVERED,
-                    &[Value::int(change.id), Value::text(record_hash), Value::bool(*replayed), millis(*verify_after)],
+                    &[
+                        Value::int(change.id),
+                        Value::text(record_hash),
+                        Value::bool(*replayed),
+                        millis(*verify_after),
+                    ],
                 )?;
                 let newer = match rows.first() {
-                    Some(row) => Cols { row, what: "the newer-change check" }.bool(0)?,
+                    Some(row) => Cols {
+                        row,
+                        what: "the newer-change check",
+                    }
+                    .bool(0)?,
                     None => false,
                 };
                 // A newer change of the record is queued: the row holds newer content, whose
                 // own hash follows.
                 if change.operation != Operation::Delete && !newer {
                     let table = tables.iter().find(|t| t.collection == change.collection);
-                    write_back(db, table, &change.collection, &change.record_id, Some(record_hash), "pending", None)?;
+                    write_back(
+                        db,
+                        table,
+                        &change.collection,
+                        &change.record_id,
+                        Some(record_hash),
+                        "pending",
+                        None,
+                    )?;
                 }
             }
             Fate::Retry { retry_after, error } => {
-                db.query(statements::QUEUE_RETRY, &[Value::int(change.id), millis(*retry_after), Value::text(error)])?;
+                db.query(
+                    statements::QUEUE_RETRY,
+                    &[
+                        Value::int(change.id),
+                        millis(*retry_after),
+                        Value::text(error),
+                    ],
+                )?;
             }
             Fate::Dead { status, error } => {
                 db.query(
                     statements::QUEUE_DEAD,
-                    &[Value::int(change.id), Value::int(i64::from(*status)), Value::text(error)],
+                    &[
+                        Value::int(change.id),
+                        Value::int(i64::from(*status)),
+                        Value::text(error),
+                    ],
                 )?;
             }
             Fate::Untouched => {}

@@ -38,7 +38,8 @@ ORDER BY Collection;";
 
 /// @P1 collection, @P2 key parts (JSON array of text), @P3 hash (NULL: keep), @P4 anchor
 /// status, @P5 only if the row holds this hash (NULL: any).
-pub const WRITE_BACK: &str = "EXEC certyo.WriteBack @Collection = @P1, @Keys = @P2, @RecordHash = @P3,
+pub const WRITE_BACK: &str =
+    "EXEC certyo.WriteBack @Collection = @P1, @Keys = @P2, @RecordHash = @P3,
     @AnchorStatus = @P4, @OnlyIfHash = @P5;";
 
 // ---- queue mode (trigger_queue.sql) ----
@@ -130,7 +131,8 @@ pub const QUEUE_STATUS: &str = "SELECT
 // ---- CDC and Change Tracking (common.sql, cdc.sql, change_tracking.sql) ----
 
 /// @P1 collection.
-pub const PROGRESS_GET: &str = "SELECT LastLsn, LastVersion FROM certyo.Progress WHERE Collection = @P1;";
+pub const PROGRESS_GET: &str =
+    "SELECT LastLsn, LastVersion FROM certyo.Progress WHERE Collection = @P1;";
 
 /// @P1 collection, @P2 LSN.
 pub const PROGRESS_SAVE_LSN: &str = "UPDATE certyo.Progress
@@ -158,11 +160,13 @@ ORDER BY p.Collection;";
 
 /// @P1 capture instance. fn_cdc_get_min_lsn is 0x00... for an unknown capture instance;
 /// fn_cdc_get_max_lsn is NULL before the capture job harvested anything.
-pub const CDC_BOUNDS: &str = "SELECT sys.fn_cdc_get_min_lsn(@P1) AS MinLsn, sys.fn_cdc_get_max_lsn() AS MaxLsn;";
+pub const CDC_BOUNDS: &str =
+    "SELECT sys.fn_cdc_get_min_lsn(@P1) AS MinLsn, sys.fn_cdc_get_max_lsn() AS MaxLsn;";
 
 /// @P1 collection, @P2 from LSN, @P3 to LSN (both inclusive), @P4 limit. Rows: StartLsn,
 /// Seqval, Operation, RecordId, Payload, SourceTimestamp.
-pub const CDC_READ: &str = "EXEC certyo.ReadCdcChanges @Collection = @P1, @FromLsn = @P2, @ToLsn = @P3, @Limit = @P4;";
+pub const CDC_READ: &str =
+    "EXEC certyo.ReadCdcChanges @Collection = @P1, @FromLsn = @P2, @ToLsn = @P3, @Limit = @P4;";
 
 /// @P1 collection. The minimum valid version is NULL when change tracking is off for it.
 pub const CT_BOUNDS: &str = "SELECT
@@ -173,7 +177,8 @@ WHERE t.Collection = @P1;";
 
 /// @P1 collection, @P2 last version, @P3 limit (more when the last version has more changes).
 /// Rows: ChangeVersion, Operation, RecordId, Payload, SourceTimestamp.
-pub const CT_READ: &str = "EXEC certyo.ReadCtChanges @Collection = @P1, @LastVersion = @P2, @Limit = @P3;";
+pub const CT_READ: &str =
+    "EXEC certyo.ReadCtChanges @Collection = @P1, @LastVersion = @P2, @Limit = @P3;";
 
 /// @P1 collection, @P2 version: the changes after the progress that were already delivered or
 /// dead (after a restart: re-read changes are recognised, see `log.rs`).
@@ -262,10 +267,41 @@ pub const LOG_STATUS: &str = "SELECT
 /// Every statement, for the tests that check they are parameterised.
 #[cfg(test)]
 pub const ALL: &[&str] = &[
-    BEGIN, COMMIT, ROLLBACK, BEGIN_SNAPSHOT, END_SNAPSHOT, CHECK_OBJECTS, INSTALLATION,
-    TRACKED_TABLES, WRITE_BACK, QUEUE_TAKE, QUEUE_DELIVERED, QUEUE_RETRY, QUEUE_DEAD, QUEUE_DUE,
-    QUEUE_ANCHORED, QUEUE_MISMATCH, QUEUE_LATER, QUEUE_CLEAN, QUEUE_STATUS, PROGRESS_GET,
-    PROGRESS_SAVE_LSN, PROGRESS_SAVE_VERSION, PROGRESS_ERROR, PROGRESS_ALL, CDC_BOUNDS, CDC_READ,
-    CT_BOUNDS, CT_READ, CT_SETTLED_SINCE, RECEIPT_INSERT, DEAD_INSERT, RECEIPT_DUE,
-    RECEIPT_ANCHORED, RECEIPT_MISMATCH, RECEIPT_LATER, RECEIPT_CLEAN, LOG_STATUS,
+    BEGIN,
+    COMMIT,
+    ROLLBACK,
+    BEGIN_SNAPSHOT,
+    END_SNAPSHOT,
+    CHECK_OBJECTS,
+    INSTALLATION,
+    TRACKED_TABLES,
+    WRITE_BACK,
+    QUEUE_TAKE,
+    QUEUE_DELIVERED,
+    QUEUE_RETRY,
+    QUEUE_DEAD,
+    QUEUE_DUE,
+    QUEUE_ANCHORED,
+    QUEUE_MISMATCH,
+    QUEUE_LATER,
+    QUEUE_CLEAN,
+    QUEUE_STATUS,
+    PROGRESS_GET,
+    PROGRESS_SAVE_LSN,
+    PROGRESS_SAVE_VERSION,
+    PROGRESS_ERROR,
+    PROGRESS_ALL,
+    CDC_BOUNDS,
+    CDC_READ,
+    CT_BOUNDS,
+    CT_READ,
+    CT_SETTLED_SINCE,
+    RECEIPT_INSERT,
+    DEAD_INSERT,
+    RECEIPT_DUE,
+    RECEIPT_ANCHORED,
+    RECEIPT_MISMATCH,
+    RECEIPT_LATER,
+    RECEIPT_CLEAN,
+    LOG_STATUS,
 ];

@@ -25,7 +25,11 @@ impl Wire {
         config.database(&url.database);
         config.authentication(AuthMethod::sql_server(&url.user, &url.password));
         config.application_name("certyo-relay");
-        config.encryption(if url.encrypt { EncryptionLevel::Required } else { EncryptionLevel::NotSupported });
+        config.encryption(if url.encrypt {
+            EncryptionLevel::Required
+        } else {
+            EncryptionLevel::NotSupported
+        });
         if url.trust_server_certificate {
             config.trust_cert();
         }
@@ -33,8 +37,15 @@ impl Wire {
             .enable_io()
             .enable_time()
             .build()
-            .map_err(|e| SourceError(format!("cannot start the SQL Server client's runtime: {e}")))?;
-        Ok(Wire { config, describe: url.describe(), runtime, client: None })
+            .map_err(|e| {
+                SourceError(format!("cannot start the SQL Server client's runtime: {e}"))
+            })?;
+        Ok(Wire {
+            config,
+            describe: url.describe(),
+            runtime,
+            client: None,
+        })
     }
 
     async fn open(config: Config, describe: &str) -> Result<Client<Compat<TcpStream>>> {
@@ -44,7 +55,9 @@ impl Wire {
                  (add ?trust_server_certificate=true for a self-signed certificate)"
             ))
         };
-        let tcp = TcpStream::connect(config.get_addr()).await.map_err(|e| failed(&e))?;
+        let tcp = TcpStream::connect(config.get_addr())
+            .await
+            .map_err(|e| failed(&e))?;
         let _ = tcp.set_nodelay(true);
         match Client::connect(config.clone(), tcp.compat_write()).await {
             Ok(client) => Ok(client),
@@ -53,9 +66,13 @@ impl Wire {
                 let mut config = config;
                 config.host(&host);
                 config.port(port);
-                let tcp = TcpStream::connect(config.get_addr()).await.map_err(|e| failed(&e))?;
+                let tcp = TcpStream::connect(config.get_addr())
+                    .await
+                    .map_err(|e| failed(&e))?;
                 let _ = tcp.set_nodelay(true);
-                Client::connect(config, tcp.compat_write()).await.map_err(|e| failed(&e))
+                Client::connect(config, tcp.compat_write())
+                    .await
+                    .map_err(|e| failed(&e))
             }
             Err(e) => Err(failed(&e)),
         }
@@ -79,7 +96,12 @@ fn cell(data: ColumnData<'static>) -> std::result::Result<Value, String> {
 
 impl Db for Wire {
     fn query(&mut self, sql: &'static str, params: &[Value]) -> Result<Vec<Row>> {
-        let Wire { config, describe, runtime, client } = self;
+        let Wire {
+            config,
+            describe,
+            runtime,
+            client,
+        } = self;
         let result: Result<Vec<Row>> = runtime.block_on(async {
             if client.is_none() {
                 *client = Some(Wire::open(config.clone(), describe).await?);
@@ -91,7 +113,12 @@ impl Db for Wire {
             // Without parameters as a plain batch: transaction statements must not run inside
             // sp_executesql (it refuses to return with a transaction opened or closed).
             let rows = if params.is_empty() {
-                conn.simple_query(sql).await.map_err(failed)?.into_first_result().await.map_err(failed)?
+                conn.simple_query(sql)
+                    .await
+                    .map_err(failed)?
+                    .into_first_result()
+                    .await
+                    .map_err(failed)?
             } else {
                 let mut query = Query::new(sql);
                 for param in params {
@@ -102,14 +129,22 @@ impl Db for Wire {
                         Value::Bool(v) => query.bind(*v),
                     }
                 }
-                query.query(conn).await.map_err(failed)?.into_first_result().await.map_err(failed)?
+                query
+                    .query(conn)
+                    .await
+                    .map_err(failed)?
+                    .into_first_result()
+                    .await
+                    .map_err(failed)?
             };
             rows.into_iter()
                 .map(|row| {
                     row.into_iter()
                         .map(cell)
                         .collect::<std::result::Result<Vec<_>, _>>()
-                        .map_err(|e| SourceError(format!("{describe}: {e} in the answer to a statement")))
+                        .map_err(|e| {
+                            SourceError(format!("{describe}: {e} in the answer to a statement"))
+                        })
                 })
                 .collect()
         });
