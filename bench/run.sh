@@ -25,6 +25,10 @@ done
 # Capture with the worker running and sending paused: commits must not wake it.
 bench/paused.sh
 
+# Single-row transactions at 1, 4 and 8 clients with the worker delivering, paused, disabled.
+cargo build --release -p certyo-emulator --quiet
+python3 bench/oltp.py
+
 # Delivery: the worker against the emulator on this machine.
 cargo build --release -p certyo-emulator --quiet
 target/release/certyo-emulator --port 54392 --api-key bench-key --anchor-delay 60 >/dev/null &

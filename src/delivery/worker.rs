@@ -587,7 +587,7 @@ impl Worker {
 /// finishing (it writes to an eventfd the wait also watches: threads never touch Postgres).
 /// False when the worker must stop. Postmaster death ends the process.
 /// How long a pass that found only a few changes lets more gather before the next.
-const GATHER: Duration = Duration::from_millis(5);
+const GATHER: Duration = Duration::from_millis(2);
 
 /// Sleep `timeout` whatever the doorbell says; SIGTERM and the postmaster's death still end it.
 fn gather(timeout: Duration) -> bool {
