@@ -12,6 +12,7 @@
 //! url = "mysql://relay:secret@127.0.0.1:3306/shop"
 //! ```
 
+pub use crate::source::sqlserver::Mode;
 use serde::Deserialize;
 use std::path::Path;
 use std::time::Duration;
@@ -131,24 +132,6 @@ impl std::fmt::Debug for Certyo {
             .field("batch_size", &self.batch_size)
             .field("bulk_threshold", &self.bulk_threshold)
             .finish_non_exhaustive()
-    }
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Mode {
-    Queue,
-    Cdc,
-    ChangeTracking,
-}
-
-impl Mode {
-    fn parse(text: &str) -> Option<Mode> {
-        match text {
-            "queue" => Some(Mode::Queue),
-            "cdc" => Some(Mode::Cdc),
-            "change_tracking" => Some(Mode::ChangeTracking),
-            _ => None,
-        }
     }
 }
 

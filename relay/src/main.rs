@@ -75,18 +75,11 @@ fn open(source: &config::Source) -> Result<Box<dyn Source>, source::SourceError>
             &source.url,
             source.database.clone(),
         )?)),
-        config::Kind::SqlServer => {
-            let mode = match source.mode {
-                config::Mode::Queue => source::sqlserver::Mode::Queue,
-                config::Mode::Cdc => source::sqlserver::Mode::Cdc,
-                config::Mode::ChangeTracking => source::sqlserver::Mode::ChangeTracking,
-            };
-            Ok(Box::new(source::sqlserver::SqlServer::connect(
-                &source.url,
-                mode,
-                source.database.clone(),
-            )?))
-        }
+        config::Kind::SqlServer => Ok(Box::new(source::sqlserver::SqlServer::connect(
+            &source.url,
+            source.mode,
+            source.database.clone(),
+        )?)),
     }
 }
 

@@ -41,7 +41,6 @@ pub enum Mode {
 }
 
 impl Mode {
-    #[allow(dead_code)] // for the configuration (main.rs)
     pub fn parse(text: &str) -> Option<Mode> {
         match text {
             "queue" => Some(Mode::Queue),
@@ -72,7 +71,7 @@ impl Mode {
 /// A connection URL `sqlserver://user:password@host:port/database[?options]`, parsed.
 /// Options: `encrypt=true|false` (default true: TLS required), `trust_server_certificate=true`
 /// (default false). Named instances: give the instance's port.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Clone, PartialEq)]
 pub struct Url {
     pub user: String,
     pub password: String,
@@ -81,6 +80,21 @@ pub struct Url {
     pub database: String,
     pub encrypt: bool,
     pub trust_server_certificate: bool,
+}
+
+/// Written by hand so that no `{:?}` ever prints the password.
+impl std::fmt::Debug for Url {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Url")
+            .field("user", &self.user)
+            .field("password", &"[hidden]")
+            .field("host", &self.host)
+            .field("port", &self.port)
+            .field("database", &self.database)
+            .field("encrypt", &self.encrypt)
+            .field("trust_server_certificate", &self.trust_server_certificate)
+            .finish()
+    }
 }
 
 impl Url {
