@@ -16,6 +16,38 @@ pub mod retry;
 pub use client::{Client, ClientConfig};
 use serde::{Deserialize, Serialize};
 
+/// What happened to a record: Certyo's `operationType`. One name in the extension, the relay
+/// and the queues (`insert`, `update`, `delete`, `upsert`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Operation {
+    Insert,
+    Update,
+    Delete,
+    /// A row queued by a backfill: Certyo is told the current state, not how it came about.
+    Upsert,
+}
+
+impl Operation {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Operation::Insert => "insert",
+            Operation::Update => "update",
+            Operation::Delete => "delete",
+            Operation::Upsert => "upsert",
+        }
+    }
+
+    pub fn parse(text: &str) -> Option<Operation> {
+        match text {
+            "insert" => Some(Operation::Insert),
+            "update" => Some(Operation::Update),
+            "delete" => Some(Operation::Delete),
+            "upsert" => Some(Operation::Upsert),
+            _ => None,
+        }
+    }
+}
+
 /// One record as Certyo ingests it.
 #[derive(Debug, Clone, Serialize)]
 #[serde(rename_all = "camelCase")]

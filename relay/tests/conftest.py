@@ -8,18 +8,16 @@ Run:  CERTYO_RELAY=target/release/certyo-relay CERTYO_EMULATOR=target/release/ce
 """
 import itertools
 import os
-import shutil
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO / "pg_test"))
-from harness import KEY, Emulator, wait_for  # noqa: E402
+from harness import KEY, Emulator  # noqa: E402
 from mariadb import SOCKET, MariaDB  # noqa: E402
 
 RELAY = os.environ.get("CERTYO_RELAY", str(REPO / "target/release/certyo-relay"))

@@ -6,7 +6,7 @@ import json
 import signal
 import time
 
-from conftest import wait_for
+from harness import wait_for  # pg_test/, on the path by conftest.py
 
 
 def delivered_keys(emulator, shop):
@@ -196,7 +196,7 @@ def test_a_refused_key_sends_nothing_more_until_fixed_and_loses_nothing(shop, em
     assert emulator.stats()["unauthorized"] <= 8, emulator.stats()
     assert shop.value("SELECT COUNT(*) FROM certyo_queue WHERE status = 'pending' AND attempts = 0") == "20"
     r.stop()
-    r2 = relay().start()
+    relay().start()
     assert wait_for(shop.drained, timeout=30)
     assert_exactly_once(emulator, shop)
 

@@ -5,25 +5,7 @@ use crate::error::{CertyoError, Result};
 use pgrx::pg_sys::{self, Datum};
 use pgrx::PgSqlErrorCode;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Operation {
-    Insert,
-    Update,
-    Delete,
-    /// A row queued by a backfill: Certyo is told the current state, not how it came about.
-    Upsert,
-}
-
-impl Operation {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Operation::Insert => "insert",
-            Operation::Update => "update",
-            Operation::Delete => "delete",
-            Operation::Upsert => "upsert",
-        }
-    }
-}
+pub use certyo::Operation;
 
 /// A heap tuple deformed into per-attribute values.
 pub struct Row {

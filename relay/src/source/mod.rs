@@ -31,34 +31,7 @@ pub struct Change {
     pub attempts: u32,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Operation {
-    Insert,
-    Update,
-    Delete,
-    Upsert,
-}
-
-impl Operation {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Operation::Insert => "insert",
-            Operation::Update => "update",
-            Operation::Delete => "delete",
-            Operation::Upsert => "upsert",
-        }
-    }
-
-    pub fn parse(text: &str) -> Option<Operation> {
-        match text {
-            "insert" => Some(Operation::Insert),
-            "update" => Some(Operation::Update),
-            "delete" => Some(Operation::Delete),
-            "upsert" => Some(Operation::Upsert),
-            _ => None,
-        }
-    }
-}
+pub use certyo::Operation;
 
 /// A change Certyo accepted whose anchoring is to be verified.
 #[derive(Debug, Clone, PartialEq)]
