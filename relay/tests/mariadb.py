@@ -26,6 +26,9 @@ class MariaDB:
         shutil.chown(DIR, "mysql")
         subprocess.run(["mariadb-install-db", f"--datadir={DIR}/data", "--user=mysql", "--skip-test-db",
                         "--auth-root-authentication-method=socket"], check=True, capture_output=True)
+        self.start()
+
+    def start(self):
         self.process = subprocess.Popen(
             ["mariadbd", f"--datadir={DIR}/data", f"--socket={SOCKET}", "--skip-networking", "--user=mysql",
              f"--pid-file={DIR}/mysqld.pid", f"--log-error={DIR}/error.log", "--innodb-flush-log-at-trx-commit=2"],
@@ -58,5 +61,8 @@ class MariaDB:
     def stop(self):
         self.process.terminate()
         self.process.wait(timeout=60)
+
+    def alive(self):
+        return subprocess.run(["mariadb-admin", "-S", str(SOCKET), "ping"], capture_output=True).returncode == 0
 
 

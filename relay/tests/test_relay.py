@@ -239,3 +239,21 @@ def test_verification_never_marks_a_newer_version_anchored(shop, emulator, relay
     assert wait_for(lambda: shop.value("SELECT anchor_status FROM certyo_queue") == "anchored", timeout=30)
     assert shop.sql("SELECT certyo_record_hash, certyo_anchor_status FROM products") == [["sha256:newer", "pending"]]
     assert first != "sha256:newer"
+
+
+def test_a_database_outage_is_ridden_out_without_a_log_storm(shop, emulator, relay, mariadb):
+    shop.sql("INSERT INTO products (id, name) VALUES (1, 'Tea')")
+    r = relay(poll_interval="100ms").start()
+    assert wait_for(shop.drained, timeout=30)
+    mariadb.stop()
+    time.sleep(4)  # the relay polls a database that is gone
+    mariadb.start()
+    shop.sql("INSERT INTO products (id, name) VALUES (2, 'Jam')")
+    assert wait_for(shop.drained, timeout=30)
+    assert_exactly_once(emulator, shop)
+    assert len(delivered_keys(emulator, shop)[0]) == 2
+    r.stop()
+    failures = r.output().count("the source failed")
+    # Logged when it starts and once a minute after (plus when the error text changes as the
+    # server goes down): a handful of lines, not one per poll.
+    assert 1 <= failures <= 3, r.output()
