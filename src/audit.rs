@@ -5,8 +5,8 @@
 //! old backup restored) show up; a clean table returns nothing.
 
 use crate::capture::scan::{each_row, Snapshot};
-use certyo::payload_sha256;
 use crate::error::{CertyoError, OrRaise, Result};
+use certyo::payload_sha256;
 use pgrx::datum::TimestampWithTimeZone;
 use pgrx::pg_sys::Oid;
 use pgrx::prelude::*;

@@ -123,7 +123,10 @@ mod tests {
         assert!(link.waiting_for_probe().is_some(), "the next probe waits");
         assert_eq!(link.note(&[down()], cap), Change::Prolonged);
         assert_eq!(link.outage.as_ref().map(|o| o.failed_probes), Some(2));
-        assert!(link.describe().unwrap_or_default().contains("2 probe(s) failed"));
+        assert!(link
+            .describe()
+            .unwrap_or_default()
+            .contains("2 probe(s) failed"));
         let rejected = Outcome::Rejected {
             status: 422,
             body: "bad".into(),

@@ -178,7 +178,11 @@ pub fn load(path: &Path, api_key_from_env: Option<String>) -> Result<Config, Str
 pub fn parse(text: &str, api_key_from_env: Option<String>) -> Result<Config, String> {
     let file: File = toml::from_str(text).map_err(|e| e.to_string())?;
     let c = file.certyo;
-    let api_key = match (api_key_from_env.filter(|k| !k.is_empty()), &c.api_key_file, c.api_key) {
+    let api_key = match (
+        api_key_from_env.filter(|k| !k.is_empty()),
+        &c.api_key_file,
+        c.api_key,
+    ) {
         (Some(key), _, _) => key,
         (None, Some(file), _) => std::fs::read_to_string(file)
             .map_err(|e| format!("certyo.api_key_file: cannot read {file}: {e}"))?
@@ -250,7 +254,10 @@ pub fn parse(text: &str, api_key_from_env: Option<String>) -> Result<Config, Str
             ));
         }
         if sources.iter().any(|o: &Source| o.name == s.name) {
-            return Err(format!("two sources are named {:?}; names must be unique", s.name));
+            return Err(format!(
+                "two sources are named {:?}; names must be unique",
+                s.name
+            ));
         }
         sources.push(Source {
             name: s.name,
@@ -324,15 +331,27 @@ mod tests {
     fn bad_settings_are_named_with_what_to_write() {
         let no_key = parse(MINIMAL, None).unwrap_err();
         assert!(no_key.contains("CERTYO_API_KEY"), "{no_key}");
-        let bad = MINIMAL.replace("tenant_id = \"acme\"", "tenant_id = \"acme\"\npoll_interval = \"soon\"");
+        let bad = MINIMAL.replace(
+            "tenant_id = \"acme\"",
+            "tenant_id = \"acme\"\npoll_interval = \"soon\"",
+        );
         let e = parse(&bad, Some("k".into())).unwrap_err();
-        assert!(e.contains("certyo.poll_interval") && e.contains("500ms"), "{e}");
+        assert!(
+            e.contains("certyo.poll_interval") && e.contains("500ms"),
+            "{e}"
+        );
         let bad = MINIMAL.replace("mysql://", "postgres://");
-        assert!(parse(&bad, Some("k".into())).unwrap_err().contains("mysql:// or sqlserver://"));
+        assert!(parse(&bad, Some("k".into()))
+            .unwrap_err()
+            .contains("mysql:// or sqlserver://"));
         let bad = MINIMAL.replace("tenant_id", "tenant");
-        assert!(parse(&bad, Some("k".into())).unwrap_err().contains("unknown field"));
+        assert!(parse(&bad, Some("k".into()))
+            .unwrap_err()
+            .contains("unknown field"));
         let bad = format!("{MINIMAL}\nmode = \"cdc\"");
-        assert!(parse(&bad, Some("k".into())).unwrap_err().contains("only mode = \"queue\""));
+        assert!(parse(&bad, Some("k".into()))
+            .unwrap_err()
+            .contains("only mode = \"queue\""));
     }
 
     #[test]

@@ -21,10 +21,18 @@ use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 
 #[derive(Parser)]
-#[command(version, about = "Delivers MySQL/MariaDB and SQL Server change queues to Certyo")]
+#[command(
+    version,
+    about = "Delivers MySQL/MariaDB and SQL Server change queues to Certyo"
+)]
 struct Cli {
     /// The configuration file (TOML): [certyo] settings and one [[source]] per database.
-    #[arg(long, short, default_value = "certyo-relay.toml", env = "CERTYO_RELAY_CONFIG")]
+    #[arg(
+        long,
+        short,
+        default_value = "certyo-relay.toml",
+        env = "CERTYO_RELAY_CONFIG"
+    )]
     config: PathBuf,
     #[command(subcommand)]
     command: Command,
@@ -212,12 +220,19 @@ fn status(config: &config::Config, json: bool) -> ExitCode {
                 st.delivered,
                 st.anchored,
                 st.dead,
-                st.progress.map(|p| format!(", progress {p}")).unwrap_or_default(),
-                st.last_error.map(|e| format!("; last error: {e}")).unwrap_or_default()
+                st.progress
+                    .map(|p| format!(", progress {p}"))
+                    .unwrap_or_default(),
+                st.last_error
+                    .map(|e| format!("; last error: {e}"))
+                    .unwrap_or_default()
             ),
             (Err(e), true) => {
                 ok = false;
-                println!("{}", serde_json::json!({"source": s.name, "error": e.to_string()}))
+                println!(
+                    "{}",
+                    serde_json::json!({"source": s.name, "error": e.to_string()})
+                )
             }
             (Err(e), false) => {
                 ok = false;

@@ -226,8 +226,12 @@ impl Pump {
     /// Outages and refusals, by the worker's rules: logged when they start and end.
     fn note_answers(&mut self, outcomes: &[Outcome]) {
         match self.link.note(outcomes, self.settings.max_retry_interval) {
-            LinkChange::Started(error) => tracing::warn!(source = %self.name, %error, "Certyo does not answer; probing it with one change at a time until it does"),
-            LinkChange::Ended => tracing::info!(source = %self.name, "Certyo answers again; delivering the backlog"),
+            LinkChange::Started(error) => {
+                tracing::warn!(source = %self.name, %error, "Certyo does not answer; probing it with one change at a time until it does")
+            }
+            LinkChange::Ended => {
+                tracing::info!(source = %self.name, "Certyo answers again; delivering the backlog")
+            }
             LinkChange::Prolonged | LinkChange::Unchanged => {}
         }
         let refusal = outcomes.iter().find_map(|o| match o {
@@ -235,8 +239,12 @@ impl Pump {
             _ => None,
         });
         match (&refusal, &self.refused) {
-            (Some(why), None) => tracing::error!(source = %self.name, why = %why, "Certyo refuses the configuration (API key or base URL); nothing is sent but one probe at a time until it is fixed"),
-            (None, Some(_)) if !outcomes.is_empty() => tracing::info!(source = %self.name, "Certyo takes the configuration again"),
+            (Some(why), None) => {
+                tracing::error!(source = %self.name, why = %why, "Certyo refuses the configuration (API key or base URL); nothing is sent but one probe at a time until it is fixed")
+            }
+            (None, Some(_)) if !outcomes.is_empty() => {
+                tracing::info!(source = %self.name, "Certyo takes the configuration again")
+            }
             _ => {}
         }
         if refusal.is_some() || !outcomes.is_empty() {

@@ -10,8 +10,8 @@ use super::sending::{with_signals_blocked, Sending};
 use super::settings::{self, Settings};
 use super::store::{self, Entry, Tally};
 use super::write_back;
-use certyo::retry::next_attempt_delay;
 use certyo::outage::{jitter, Change, Link};
+use certyo::retry::next_attempt_delay;
 use certyo::{Client, ClientConfig, Outcome, Verification};
 use pgrx::bgworkers::{BackgroundWorker, SignalWakeFlags};
 use pgrx::pg_sys;
@@ -339,8 +339,13 @@ impl Worker {
         if more_to_send || backfilling || verify_again == Some(Duration::ZERO) {
             // A pass that took only a few changes while writers keep committing costs nearly as
             // much as a full one: wait a moment for more (at most GATHER of latency).
-            let trickling = delivered.sent > 0 && (delivered.sent as usize) < settings.batch_size / 4;
-            return Ok(if trickling && !backfilling { Next::Gather(GATHER) } else { Next::Now });
+            let trickling =
+                delivered.sent > 0 && (delivered.sent as usize) < settings.batch_size / 4;
+            return Ok(if trickling && !backfilling {
+                Next::Gather(GATHER)
+            } else {
+                Next::Now
+            });
         }
         let mut due = store::next_due(self.verifying.is_some())?.unwrap_or(settings.poll_interval);
         if let Some(again) = verify_again {

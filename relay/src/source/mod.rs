@@ -61,7 +61,10 @@ pub enum Fate {
         verify_after: Duration,
     },
     /// Failed transiently: try again after `retry_after`, `error` kept for the operator.
-    Retry { retry_after: Duration, error: String },
+    Retry {
+        retry_after: Duration,
+        error: String,
+    },
     /// Never deliverable as it is: a dead letter, kept with the HTTP status (0: none) and the
     /// body, for an operator; later changes of the record go on.
     Dead { status: u16, error: String },
@@ -258,8 +261,15 @@ mod tests {
     #[test]
     fn record_ids_split_into_their_escaped_parts() {
         assert_eq!(record_id_parts("42", 1), vec!["42"]);
-        assert_eq!(record_id_parts("a/b", 1), vec!["a/b"], "one column: as it is");
-        assert_eq!(record_id_parts(r"EU\/West/A\\1", 2), vec!["EU/West", r"A\1"]);
+        assert_eq!(
+            record_id_parts("a/b", 1),
+            vec!["a/b"],
+            "one column: as it is"
+        );
+        assert_eq!(
+            record_id_parts(r"EU\/West/A\\1", 2),
+            vec!["EU/West", r"A\1"]
+        );
         assert_eq!(record_id_parts("a/b/c", 3), vec!["a", "b", "c"]);
     }
 }

@@ -79,9 +79,8 @@ impl MySqlQueue {
     /// The connection, opened (again) on first use after a failure.
     fn conn(&mut self) -> Result<&mut Conn> {
         if self.conn.is_none() {
-            let conn = Conn::new(self.opts.clone()).map_err(|e| {
-                SourceError(format!("cannot connect to {} ({e})", self.place))
-            })?;
+            let conn = Conn::new(self.opts.clone())
+                .map_err(|e| SourceError(format!("cannot connect to {} ({e})", self.place)))?;
             self.conn = Some(conn);
         }
         self.conn
@@ -166,7 +165,10 @@ impl MySqlQueue {
         for (collection, rows) in by_table {
             let columns = self.key_columns(collection)?;
             if columns.is_empty() {
-                tracing::warn!(collection, "the table has no primary key any more; its rows are not marked");
+                tracing::warn!(
+                    collection,
+                    "the table has no primary key any more; its rows are not marked"
+                );
                 continue;
             }
             let (schema, table) = split_collection(collection)?;
@@ -318,10 +320,20 @@ impl super::Source for MySqlQueue {
         // Twice the limit, as the worker does: a candidate whose record has an older pending
         // change drops out, and the batch should still fill.
         let window = (limit * 2 + in_flight.len()) as u64;
-        type Row = (i64, String, String, String, String, String, Option<String>, u32);
+        type Row = (
+            i64,
+            String,
+            String,
+            String,
+            String,
+            String,
+            Option<String>,
+            u32,
+        );
         let rows: Vec<Row> = self.in_transaction(|tx| tx.exec(TAKE, (probing, window)))?;
         let mut changes = Vec::with_capacity(limit);
-        for (id, collection, record_id, operation, payload, source_timestamp, key, attempts) in rows {
+        for (id, collection, record_id, operation, payload, source_timestamp, key, attempts) in rows
+        {
             if in_flight.contains(&id) || changes.len() >= limit {
                 continue;
             }
@@ -354,7 +366,11 @@ impl super::Source for MySqlQueue {
                     verify_after,
                     ..
                 } => {
-                    delivered.push(serde_json::json!([change.id, record_hash, micros(*verify_after)]));
+                    delivered.push(serde_json::json!([
+                        change.id,
+                        record_hash,
+                        micros(*verify_after)
+                    ]));
                     if change.operation != Operation::Delete {
                         marks.push((
                             change.collection.clone(),
@@ -407,14 +423,16 @@ impl super::Source for MySqlQueue {
         Ok(rows
             .into_iter()
             .map(
-                |(id, collection, record_id, operation, record_hash, verify_attempts, age)| Delivered {
-                    id,
-                    collection,
-                    record_id,
-                    operation: Operation::parse(&operation).unwrap_or(Operation::Upsert),
-                    record_hash,
-                    verify_attempts,
-                    accepted_age: Duration::from_secs(age.max(0) as u64),
+                |(id, collection, record_id, operation, record_hash, verify_attempts, age)| {
+                    Delivered {
+                        id,
+                        collection,
+                        record_id,
+                        operation: Operation::parse(&operation).unwrap_or(Operation::Upsert),
+                        record_hash,
+                        verify_attempts,
+                        accepted_age: Duration::from_secs(age.max(0) as u64),
+                    }
                 },
             )
             .collect())
@@ -426,11 +444,20 @@ impl super::Source for MySqlQueue {
         let mut anchored_rows = Vec::new();
         let mut mismatched_rows = Vec::new();
         for (due, found) in results {
-            let row = (due.collection.clone(), due.record_id.clone(), due.record_hash.clone());
+            let row = (
+                due.collection.clone(),
+                due.record_id.clone(),
+                due.record_hash.clone(),
+            );
             let keeps_row = due.operation != Operation::Delete;
             match found {
                 Anchoring::Anchored { polygon_tx_hash } => {
-                    settled.push(serde_json::json!([due.id, "anchored", polygon_tx_hash, null]));
+                    settled.push(serde_json::json!([
+                        due.id,
+                        "anchored",
+                        polygon_tx_hash,
+                        null
+                    ]));
                     if keeps_row {
                         anchored_rows.push(row);
                     }
@@ -446,9 +473,11 @@ impl super::Source for MySqlQueue {
                         mismatched_rows.push(row);
                     }
                 }
-                Anchoring::Later { after, overdue, .. } => {
-                    later.push(serde_json::json!([due.id, micros(*after), i32::from(*overdue)]))
-                }
+                Anchoring::Later { after, overdue, .. } => later.push(serde_json::json!([
+                    due.id,
+                    micros(*after),
+                    i32::from(*overdue)
+                ])),
             }
         }
         let (settled, later) = (
