@@ -21,7 +21,7 @@
 //!   whose LSNs or versions may repeat, from reusing keys Certyo has seen.
 
 use super::db::{self, Cols, Db, Value};
-use super::{millis, rfc3339, statements, write_back, Mode, Table};
+use super::{millis, rfc3339, statements, write_back_delivered, Mode, Table};
 use crate::source::{Change, Fate, Operation, Result, SourceError, Status};
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::time::Instant;
@@ -388,18 +388,7 @@ impl Log {
                                 .any(|(_, e)| e.change.record_id == change.record_id),
                             _ => false,
                         };
-                        if change.operation != Operation::Delete && !newer {
-                            let table = tables.iter().find(|t| t.collection == change.collection);
-                            write_back(
-                                db,
-                                table,
-                                &change.collection,
-                                &change.record_id,
-                                Some(record_hash),
-                                "pending",
-                                None,
-                            )?;
-                        }
+                        write_back_delivered(db, tables, change, record_hash, newer)?;
                         states.insert(change.id, (State::Settled, change.attempts + 1));
                     }
                     Fate::Dead { status, error } => {

@@ -272,6 +272,31 @@ fn rfc3339(text: &str) -> String {
     format!("{}.{}Z", date_time.replacen(' ', "T", 1), fraction)
 }
 
+/// After a 202: mark the source row `pending` with the new hash, unless the change was a delete
+/// (no row) or a newer change of the record is queued (the row holds newer content, whose own
+/// hash follows). Shared by the queue and the CDC / Change Tracking modes.
+fn write_back_delivered(
+    db: &mut dyn Db,
+    tables: &[Table],
+    change: &super::Change,
+    record_hash: &str,
+    newer: bool,
+) -> Result<()> {
+    if change.operation == super::Operation::Delete || newer {
+        return Ok(());
+    }
+    let table = tables.iter().find(|t| t.collection == change.collection);
+    write_back(
+        db,
+        table,
+        &change.collection,
+        &change.record_id,
+        Some(record_hash),
+        "pending",
+        None,
+    )
+}
+
 /// Write the hash / anchor status back to the source row, through `certyo.WriteBack`. A table
 /// missing from the registry (tracked before it existed) is skipped with a warning: delivery
 /// must go on; re-running its TrackTable procedure registers it.

@@ -4,7 +4,7 @@
 //! installation part keeps a re-created queue (ids from 1 again) from reusing a key.
 
 use super::db::{Cols, Db, Value};
-use super::{millis, rfc3339, statements, write_back, Table};
+use super::{millis, rfc3339, statements, write_back_delivered, Table};
 use crate::source::{Change, Fate, Operation, Result, SourceError};
 
 pub fn take(
@@ -72,20 +72,7 @@ pub fn record(db: &mut dyn Db, tables: &[Table], fates: &[(Change, Fate)]) -> Re
                     .bool(0)?,
                     None => false,
                 };
-                // A newer change of the record is queued: the row holds newer content, whose
-                // own hash follows.
-                if change.operation != Operation::Delete && !newer {
-                    let table = tables.iter().find(|t| t.collection == change.collection);
-                    write_back(
-                        db,
-                        table,
-                        &change.collection,
-                        &change.record_id,
-                        Some(record_hash),
-                        "pending",
-                        None,
-                    )?;
-                }
+                write_back_delivered(db, tables, change, record_hash, newer)?;
             }
             Fate::Retry { retry_after, error } => {
                 db.query(
