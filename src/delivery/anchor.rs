@@ -39,13 +39,13 @@ impl Due {
 pub fn take_due(limit: usize) -> SpiResult<Vec<Due>> {
     crate::error::transaction(move || {
         Spi::connect(|client| {
-            let rows = client.select(
+            let rows = super::prepared::select(
+                client,
                 "SELECT id, relid, collection, record_id, operation, record_hash
                    FROM certyo.receipt
                   WHERE anchor_status IN ('pending', 'overdue') AND next_verify_at <= now()
                   ORDER BY next_verify_at
                   LIMIT $1",
-                None,
                 &[(limit as i64).into()],
             )?;
             let mut due = Vec::new();

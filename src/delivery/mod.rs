@@ -5,18 +5,22 @@
 //! - `settings`: the `certyo.*` GUCs;
 //! - `api_key`: the API key from its file or setting, kept out of the server log;
 //! - `worker`: a database's delivery worker, its main loop;
+//! - `prepared`: the worker's statements, planned once per session;
 //! - `store`: the statements of delivery (take, record, expire, status), each its own short
 //!   transaction;
 //! - `sending`: the batch on the wire, its HTTP on a helper thread;
 //! - `anchor`: verification of accepted receipts;
+//! - `vacuum`: the worker vacuums the queue it empties;
 //! - `write_back`: hashes and anchor status written back to the source rows.
 
 mod anchor;
 pub mod api_key;
 mod launcher;
+mod prepared;
 mod sending;
 pub mod settings;
 mod store;
+mod vacuum;
 mod worker;
 mod write_back;
 

@@ -1,6 +1,7 @@
 //! Everything the worker reads and writes in Postgres. Each function is one short transaction;
 //! none is open while HTTP is in flight.
 
+use super::prepared;
 use super::write_back::{self, Mark, Version};
 use certyo::{Outcome, Receipt};
 use pgrx::pg_sys::Oid;
@@ -22,6 +23,9 @@ pub struct Entry {
     pub idempotency_key: String,
     /// Failed attempts so far: the next transient failure waits longer.
     pub attempts: i32,
+    /// Where the change was taken from: its row in `certyo.queue` (`ctid` as text), or None
+    /// for a row of `certyo.delivery`.
+    pub queue_row: Option<String>,
 }
 
 fn in_transaction<T>(f: impl FnOnce() -> SpiResult<T>) -> SpiResult<T> {
@@ -62,37 +66,47 @@ pub fn runs_as_superuser() -> SpiResult<bool> {
 /// worker); otherwise the operator's switches.
 pub fn control() -> SpiResult<Option<Control>> {
     in_transaction(|| {
-        let installed = Spi::get_one::<bool>(
-            "SELECT EXISTS (SELECT FROM pg_extension WHERE extname = 'certyo_cdc')",
-        )?
-        .unwrap_or(false);
-        if !installed {
-            return Ok(None);
-        }
-        let (paused, backfill_open, restored) = Spi::get_three::<bool, bool, bool>(
-            "SELECT (SELECT paused FROM certyo.worker_state LIMIT 1),
-                    EXISTS (SELECT FROM certyo.backfills WHERE state IN ('queued', 'running')),
-                    EXISTS (SELECT FROM certyo.installation i, pg_extension e
-                             WHERE e.extname = 'certyo_cdc' AND i.extension_oid <> e.oid)
-                    OR NOT EXISTS (SELECT FROM certyo.installation)",
-        )?;
-        if restored.unwrap_or(false) {
-            // Rows restored from a dump carry the old tables' OIDs: relink them before any
-            // is sent or written back (see certyo.relink_restored() in sql/delivery.sql).
-            Spi::run("SELECT certyo.relink_restored()")?;
-        }
-        Ok(Some(Control {
-            paused: paused.unwrap_or(false),
-            backfill_open: backfill_open.unwrap_or(false),
-        }))
+        Spi::connect_mut(|client| {
+            let installed = prepared::select(
+                client,
+                "SELECT EXISTS (SELECT FROM pg_extension WHERE extname = 'certyo_cdc')",
+                &[],
+            )?
+            .first()
+            .get_one::<bool>()?
+            .unwrap_or(false);
+            if !installed {
+                return Ok(None);
+            }
+            let (paused, backfill_open, restored) = prepared::select(
+                client,
+                "SELECT (SELECT paused FROM certyo.worker_state LIMIT 1),
+                        EXISTS (SELECT FROM certyo.backfills WHERE state IN ('queued', 'running')),
+                        EXISTS (SELECT FROM certyo.installation i, pg_extension e
+                                 WHERE e.extname = 'certyo_cdc' AND i.extension_oid <> e.oid)
+                        OR NOT EXISTS (SELECT FROM certyo.installation)",
+                &[],
+            )?
+            .first()
+            .get_three::<bool, bool, bool>()?;
+            if restored.unwrap_or(false) {
+                // Rows restored from a dump carry the old tables' OIDs: relink them before
+                // any is sent or written back (see certyo.relink_restored() in
+                // sql/delivery.sql).
+                client.update("SELECT certyo.relink_restored()", None, &[])?;
+            }
+            Ok(Some(Control {
+                paused: paused.unwrap_or(false),
+                backfill_open: backfill_open.unwrap_or(false),
+            }))
+        })
     })
 }
 
-/// Move what capture queued into the worker's own table, and take the next batch: the oldest
-/// pending change of each record whose next attempt is due, in queue order, leaving alone the
-/// batch still in flight (whose changes, still pending, also hold back their records' next).
-/// A record with an older change still waiting is skipped, so changes of a record reach
-/// Certyo in commit order.
+/// Take the next batch: the oldest pending change of each record whose next attempt is due,
+/// in queue order, leaving alone the batch still in flight (whose changes, still pending, also
+/// hold back their records' next). A record with an older change still waiting is skipped, so
+/// changes of a record reach Certyo in commit order.
 ///
 /// Taking writes nothing: there is one worker, and a crash between taking and recording only
 /// means the batch is sent again after the restart, which Certyo answers with
@@ -111,51 +125,159 @@ pub fn take_batch(
     in_transaction(move || {
         let planner = planner;
         Spi::connect_mut(|client| {
-            let moved = client
-                .update(MOVE_QUEUE, None, &[MOVE_LIMIT.into()])?
-                .first()
-                .get_one::<i64>()?
-                .unwrap_or(0);
-            planner.0.refresh(client, Table::Delivery, moved)?;
-            // A move that hit its limit left changes in the queue, which has no order; one of
-            // them may be an older change of a record taken now. Only what precedes every
-            // change left behind may go.
-            let bound = if moved >= MOVE_LIMIT {
-                client
-                    .select("SELECT min(id) FROM certyo.queue", None, &[])?
-                    .first()
-                    .get_one::<i64>()?
-            } else {
-                None
-            };
-            let rows = client.select(
-                TAKE,
-                None,
-                &[
-                    (batch_size as i64).into(),
-                    bound.into(),
-                    in_flight.into(),
-                    probing.into(),
-                ],
-            )?;
-            let mut entries = Vec::new();
-            for row in rows {
-                entries.push(Entry {
-                    id: row.get::<i64>(1)?.unwrap_or_default(),
-                    relid: row.get::<Oid>(2)?.unwrap_or(pg_sys::InvalidOid),
-                    collection: row.get::<String>(3)?.unwrap_or_default(),
-                    record_id: row.get::<String>(4)?.unwrap_or_default(),
-                    operation: row.get::<String>(5)?.unwrap_or_default(),
-                    payload: row.get::<String>(6)?.unwrap_or_else(|| "{}".into()),
-                    source_timestamp: row.get::<String>(7)?.unwrap_or_default(),
-                    idempotency_key: row.get::<String>(8)?.unwrap_or_default(),
-                    attempts: row.get::<i32>(9)?.unwrap_or_default(),
-                });
+            if !probing {
+                if let Some(entries) = take_from_queue(client, batch_size, &in_flight)? {
+                    return Ok(entries);
+                }
             }
-            entries.sort_by_key(|e| e.id);
-            Ok(entries)
+            take_from_delivery(client, batch_size, &in_flight, probing, planner.0)
         })
     })
+}
+
+/// The common case, Certyo keeping up: the queue holds a few batches at most and nothing waits
+/// in `certyo.delivery`. The batch then goes straight from the queue, and recording the answers
+/// deletes the queue rows. Copying each change into `certyo.delivery` first (its row, three
+/// index entries, and their removal) was about 40% of the WAL the worker wrote per change,
+/// and writers on the same disk paid for it in commit time.
+/// None: the queue is longer than that, or changes wait for a retry (the general path).
+fn take_from_queue(
+    client: &mut pgrx::spi::SpiClient<'_>,
+    batch_size: usize,
+    in_flight: &[i64],
+) -> SpiResult<Option<Vec<Entry>>> {
+    let retrying = prepared::select(
+        client,
+        "SELECT EXISTS (SELECT FROM certyo.delivery WHERE state = 'pending')",
+        &[],
+    )?
+        .first()
+        .get_one::<bool>()?
+        .unwrap_or(true);
+    if retrying {
+        return Ok(None);
+    }
+    let limit = (batch_size * 4).max(DIRECT_LIMIT);
+    let mut queued = Vec::new();
+    for row in prepared::select(
+        client,
+        "SELECT ctid::text, id, relid, record_id FROM certyo.queue LIMIT $1",
+        &[(limit as i64 + 1).into()],
+    )? {
+        queued.push(Queued {
+            row: row.get::<String>(1)?.unwrap_or_default(),
+            id: row.get::<i64>(2)?.unwrap_or_default(),
+            relid: row.get::<Oid>(3)?.unwrap_or(pg_sys::InvalidOid),
+            record_id: row.get::<String>(4)?.unwrap_or_default(),
+        });
+    }
+    if queued.len() > limit {
+        return Ok(None);
+    }
+    let (rows, ids): (Vec<String>, Vec<i64>) = oldest_per_record(queued, in_flight, batch_size)
+        .into_iter()
+        .map(|q| (q.row, q.id))
+        .unzip();
+    if ids.is_empty() {
+        return Ok(Some(Vec::new()));
+    }
+    let rows = prepared::select(client, TAKE_FROM_QUEUE, &[rows.into(), ids.into()])?;
+    let mut entries = entries_of(rows)?;
+    entries.sort_by_key(|e| e.id);
+    Ok(Some(entries))
+}
+
+/// A queued change as the direct path first sees it: enough to choose, not yet the payload.
+#[derive(Debug, Clone, PartialEq)]
+struct Queued {
+    row: String,
+    id: i64,
+    relid: Oid,
+    record_id: String,
+}
+
+/// From the whole visible queue: each record's oldest change, unless it is in flight (then
+/// the record waits for its answer), the first `batch_size` of them in queue order.
+/// The queue seen whole holds every pending change of a record: a record's second change
+/// cannot commit before its first (the row lock), so when the second is visible so is the first.
+fn oldest_per_record(mut queued: Vec<Queued>, in_flight: &[i64], batch_size: usize) -> Vec<Queued> {
+    queued.sort_by_key(|q| q.id);
+    let mut seen = std::collections::HashSet::new();
+    let mut chosen = Vec::new();
+    for q in queued {
+        if !seen.insert((q.relid, q.record_id.clone())) {
+            continue; // an older change of the record comes first
+        }
+        if in_flight.contains(&q.id) || chosen.len() == batch_size {
+            continue;
+        }
+        chosen.push(q);
+    }
+    chosen
+}
+
+/// The direct path is taken while the queue holds at most this many rows (or four batches).
+const DIRECT_LIMIT: usize = 2_000;
+
+/// The general path: move what capture queued into the worker's own indexed table, and take
+/// from there.
+fn take_from_delivery(
+    client: &mut pgrx::spi::SpiClient<'_>,
+    batch_size: usize,
+    in_flight: &[i64],
+    probing: bool,
+    planner: &mut Planner,
+) -> SpiResult<Vec<Entry>> {
+    let moved = client
+        .update(MOVE_QUEUE, None, &[MOVE_LIMIT.into()])?
+        .first()
+        .get_one::<i64>()?
+        .unwrap_or(0);
+    planner.refresh(client, Table::Delivery, moved)?;
+    // A move that hit its limit left changes in the queue, which has no order; one of them may
+    // be an older change of a record taken now. Only what precedes every change left behind
+    // may go.
+    let bound = if moved >= MOVE_LIMIT {
+        client
+            .select("SELECT min(id) FROM certyo.queue", None, &[])?
+            .first()
+            .get_one::<i64>()?
+    } else {
+        None
+    };
+    let rows = client.select(
+        TAKE,
+        None,
+        &[
+            (batch_size as i64).into(),
+            bound.into(),
+            in_flight.to_vec().into(),
+            probing.into(),
+        ],
+    )?;
+    let mut entries = entries_of(rows)?;
+    entries.sort_by_key(|e| e.id);
+    Ok(entries)
+}
+
+/// Entries from rows of `TAKE` or `TAKE_FROM_QUEUE` (the same columns).
+fn entries_of(rows: pgrx::spi::SpiTupleTable<'_>) -> SpiResult<Vec<Entry>> {
+    let mut entries = Vec::new();
+    for row in rows {
+        entries.push(Entry {
+            id: row.get::<i64>(1)?.unwrap_or_default(),
+            relid: row.get::<Oid>(2)?.unwrap_or(pg_sys::InvalidOid),
+            collection: row.get::<String>(3)?.unwrap_or_default(),
+            record_id: row.get::<String>(4)?.unwrap_or_default(),
+            operation: row.get::<String>(5)?.unwrap_or_default(),
+            payload: row.get::<String>(6)?.unwrap_or_else(|| "{}".into()),
+            source_timestamp: row.get::<String>(7)?.unwrap_or_default(),
+            idempotency_key: row.get::<String>(8)?.unwrap_or_default(),
+            attempts: row.get::<i32>(9)?.unwrap_or_default(),
+            queue_row: row.get::<String>(10)?,
+        });
+    }
+    Ok(entries)
 }
 
 /// The worker's tables grow and shrink by tens of thousands of rows within seconds, far faster
@@ -230,7 +352,7 @@ const MOVE_QUEUE: &str = "
 const TAKE: &str = "
     SELECT c.id, c.relid, c.collection, c.record_id, c.operation, c.payload::text,
            to_char(c.source_timestamp AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"'),
-           c.idempotency_key, c.attempts
+           c.idempotency_key, c.attempts, NULL::text
       FROM (SELECT * FROM certyo.delivery
              WHERE state = 'pending' AND ($4 OR next_attempt_at <= now()) AND ($2::bigint IS NULL OR id < $2)
                AND id <> ALL ($3::bigint[])
@@ -241,6 +363,15 @@ const TAKE: &str = "
              LIMIT 1) IS NULL
      ORDER BY c.id
      LIMIT $1";
+
+// A row is named by its place and its id together: a place freed by a move and a vacuum may
+// hold a newer change, whose id is not in the batch.
+const TAKE_FROM_QUEUE: &str = "
+    SELECT id, relid, collection, record_id, operation, payload::text,
+           to_char(source_timestamp AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"'),
+           idempotency_key, 0, ctid::text
+      FROM certyo.queue
+     WHERE ctid = ANY ($1::text[]::tid[]) AND id = ANY ($2::bigint[])";
 
 /// How the results of one pass add up, for the worker's status.
 #[derive(Debug, Default, Clone, Copy)]
@@ -283,11 +414,22 @@ pub fn record(
     let mut accepted: (Vec<i64>, Vec<String>, Vec<bool>, Vec<String>) = Default::default();
     let mut transient: (Vec<i64>, Vec<i64>, Vec<String>) = Default::default();
     let mut failed: (Vec<i64>, Vec<i32>, Vec<String>, Vec<bool>) = Default::default();
+    // Queue rows of the batch: (ctid, id) of the accepted, and of the others.
+    let mut accepted_rows: Vec<String> = Vec::new();
+    let mut unsettled: (Vec<String>, Vec<i64>) = Default::default();
     let mut tally = Tally {
         sent: results.len() as i64,
         ..Tally::default()
     };
     for (entry, outcome) in results {
+        if let Some(row) = &entry.queue_row {
+            if matches!(outcome, Outcome::Accepted(_)) {
+                accepted_rows.push(row.clone());
+            } else {
+                unsettled.0.push(row.clone());
+                unsettled.1.push(entry.id);
+            }
+        }
         match outcome {
             Outcome::Accepted(Receipt {
                 record_hash,
@@ -343,50 +485,77 @@ pub fn record(
     in_transaction(move || {
         let planner = planner;
         Spi::connect_mut(|client| {
+            // Changes sent straight from the queue that were not accepted join the worker's
+            // table, where retries and dead letters are kept.
+            if !unsettled.1.is_empty() {
+                prepared::update(
+                    client,
+                    "WITH moved AS (
+                         DELETE FROM certyo.queue
+                          WHERE ctid = ANY ($1::text[]::tid[]) AND id = ANY ($2::bigint[])
+                         RETURNING id, relid, collection, record_id, operation, payload, source_timestamp, idempotency_key, queued_at)
+                     INSERT INTO certyo.delivery (id, relid, collection, record_id, operation, payload, source_timestamp, idempotency_key, queued_at)
+                     SELECT * FROM moved
+                     ON CONFLICT (id) DO NOTHING",
+                    &[unsettled.0.into(), unsettled.1.into()],
+                )?;
+            }
             // Accepted: the entry becomes its receipt, in one statement (so a receipt is
-            // recorded once even if the same entry is answered twice).
-            client.update(
-                "WITH v AS (SELECT * FROM unnest($1::bigint[], $2::text[], $3::boolean[], $4::text[])
-                                   AS v(id, hash, replayed, sha)),
-                      done AS (DELETE FROM certyo.delivery d USING v WHERE d.id = v.id
-                               RETURNING d.*, v.hash, v.replayed, v.sha)
-                 INSERT INTO certyo.receipt (id, relid, collection, record_id, operation, source_timestamp,
-                                             idempotency_key, queued_at, attempts, accepted_at, record_hash,
-                                             replayed, payload_sha256, next_verify_at)
-                 SELECT id, relid, collection, record_id, operation, source_timestamp, idempotency_key,
-                        queued_at, attempts + 1, now(), hash, replayed, decode(sha, 'hex'),
-                        now() + $5 * interval '1 ms'
-                   FROM done",
-                None,
-                &[
-                    accepted.0.into(),
-                    accepted.1.into(),
-                    accepted.2.into(),
-                    accepted.3.into(),
-                    (verify_after.as_millis() as i64).into(),
-                ],
-            )?;
-            client.update(
-                "UPDATE certyo.delivery d
-                    SET attempts = d.attempts + 1, last_attempt_at = now(),
-                        next_attempt_at = now() + v.delay * interval '1 ms', last_error = v.error
-                   FROM unnest($1::bigint[], $2::bigint[], $3::text[]) AS v(id, delay, error)
-                  WHERE d.id = v.id",
-                None,
-                &[transient.0.into(), transient.1.into(), transient.2.into()],
-            )?;
+            // recorded once even if the same entry is answered twice), wherever it waited.
+            if !accepted.0.is_empty() {
+                prepared::update(
+                    client,
+                    "WITH v AS (SELECT * FROM unnest($1::bigint[], $2::text[], $3::boolean[], $4::text[])
+                                       AS v(id, hash, replayed, sha)),
+                          retried AS (DELETE FROM certyo.delivery d USING v WHERE d.id = v.id
+                                      RETURNING d.id, d.relid, d.collection, d.record_id, d.operation, d.source_timestamp,
+                                                d.idempotency_key, d.queued_at, d.attempts, v.hash, v.replayed, v.sha),
+                          direct AS (DELETE FROM certyo.queue q USING v
+                                      WHERE q.ctid = ANY ($6::text[]::tid[]) AND q.id = v.id
+                                     RETURNING q.id, q.relid, q.collection, q.record_id, q.operation, q.source_timestamp,
+                                               q.idempotency_key, q.queued_at, 0, v.hash, v.replayed, v.sha)
+                     INSERT INTO certyo.receipt (id, relid, collection, record_id, operation, source_timestamp,
+                                                 idempotency_key, queued_at, attempts, accepted_at, record_hash,
+                                                 replayed, payload_sha256, next_verify_at)
+                     SELECT id, relid, collection, record_id, operation, source_timestamp, idempotency_key,
+                            queued_at, attempts + 1, now(), hash, replayed, decode(sha, 'hex'),
+                            now() + $5 * interval '1 ms'
+                       FROM (SELECT * FROM retried UNION ALL SELECT * FROM direct) AS done",
+                    &[
+                        accepted.0.into(),
+                        accepted.1.into(),
+                        accepted.2.into(),
+                        accepted.3.into(),
+                        (verify_after.as_millis() as i64).into(),
+                        accepted_rows.into(),
+                    ],
+                )?;
+            }
+            if !transient.0.is_empty() {
+                prepared::update(
+                    client,
+                    "UPDATE certyo.delivery d
+                        SET attempts = d.attempts + 1, last_attempt_at = now(),
+                            next_attempt_at = now() + v.delay * interval '1 ms', last_error = v.error
+                       FROM unnest($1::bigint[], $2::bigint[], $3::text[]) AS v(id, delay, error)
+                      WHERE d.id = v.id",
+                    &[transient.0.into(), transient.1.into(), transient.2.into()],
+                )?;
+            }
             // 4xx other than 401/403: a dead letter. 401/403: back to pending, the attempt not
             // counted: the configuration is wrong, not the record.
-            client.update(
-                "UPDATE certyo.delivery d
-                    SET state = CASE WHEN v.dead THEN 'dead' ELSE 'pending' END,
-                        attempts = CASE WHEN v.dead THEN d.attempts + 1 ELSE d.attempts END,
-                        last_attempt_at = now(), last_status = v.status, last_error = v.error
-                   FROM unnest($1::bigint[], $2::integer[], $3::text[], $4::boolean[]) AS v(id, status, error, dead)
-                  WHERE d.id = v.id",
-                None,
-                &[failed.0.into(), failed.1.into(), failed.2.into(), failed.3.into()],
-            )?;
+            if !failed.0.is_empty() {
+                prepared::update(
+                    client,
+                    "UPDATE certyo.delivery d
+                        SET state = CASE WHEN v.dead THEN 'dead' ELSE 'pending' END,
+                            attempts = CASE WHEN v.dead THEN d.attempts + 1 ELSE d.attempts END,
+                            last_attempt_at = now(), last_status = v.status, last_error = v.error
+                       FROM unnest($1::bigint[], $2::integer[], $3::text[], $4::boolean[]) AS v(id, status, error, dead)
+                      WHERE d.id = v.id",
+                    &[failed.0.into(), failed.1.into(), failed.2.into(), failed.3.into()],
+                )?;
+            }
             planner.0.refresh(client, Table::Receipt, tally.accepted)?;
             write_back::mark(client, &versions, Mark::Accepted)
         })
@@ -431,7 +600,9 @@ pub fn next_due(verifying: bool) -> SpiResult<Option<Duration>> {
     in_transaction(move || {
         // NULL when nothing is scheduled (not 0: that would wake the worker at once, forever);
         // greatest() first, because '-infinity' (due now) minus now() is an error.
-        let ms = Spi::get_one_with_args::<i64>(
+        let ms = Spi::connect(|client| {
+            prepared::select(
+                client,
             "SELECT CASE WHEN due IS NULL THEN NULL
                          ELSE (extract(epoch FROM greatest(due, now()) - now()) * 1000)::bigint END
                FROM (SELECT least(
@@ -440,7 +611,10 @@ pub fn next_due(verifying: bool) -> SpiResult<Option<Duration>> {
                           WHERE anchor_status IN ('pending', 'overdue') AND NOT $1)
                     ) AS due) AS s",
             &[verifying.into()],
-        )?;
+            )?
+            .first()
+            .get_one::<i64>()
+        })?;
         Ok(ms.map(|ms| Duration::from_millis(ms as u64)))
     })
 }
@@ -453,7 +627,9 @@ pub fn set_state(state: &str, detail: &str, error: Option<&str>, tally: Tally) -
         error.map(str::to_string),
     );
     in_transaction(move || {
-        Spi::run_with_args(
+        Spi::connect_mut(|client| {
+            prepared::update(
+                client,
             "INSERT INTO certyo.worker_state AS w (singleton, pid, started_at, state, detail, last_error, last_error_at,
                                                    last_delivery_at, last_verified_at, sent, accepted, replayed, failed,
                                                    anchored, mismatched, updated_at)
@@ -485,6 +661,45 @@ pub fn set_state(state: &str, detail: &str, error: Option<&str>, tally: Tally) -
                 tally.anchored.into(),
                 tally.mismatched.into(),
             ],
-        )
+            )
+            .map(drop)
+        })
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{oldest_per_record, Queued};
+    use pgrx::pg_sys::Oid;
+
+    fn q(id: i64, record: &str) -> Queued {
+        Queued {
+            row: format!("(0,{id})"),
+            id,
+            relid: Oid::from(16384u32),
+            record_id: record.into(),
+        }
+    }
+
+    fn ids(chosen: Vec<Queued>) -> Vec<i64> {
+        chosen.into_iter().map(|q| q.id).collect()
+    }
+
+    #[test]
+    fn each_record_sends_its_oldest_change_first() {
+        let queued = vec![q(5, "b"), q(2, "a"), q(7, "a"), q(3, "c")];
+        assert_eq!(ids(oldest_per_record(queued, &[], 10)), vec![2, 3, 5]);
+    }
+
+    #[test]
+    fn a_record_in_flight_waits_for_its_answer() {
+        let queued = vec![q(1, "a"), q(2, "b"), q(3, "a"), q(4, "c")];
+        assert_eq!(ids(oldest_per_record(queued, &[1], 10)), vec![2, 4]);
+    }
+
+    #[test]
+    fn a_batch_stops_at_its_size_in_queue_order() {
+        let queued = vec![q(9, "d"), q(1, "a"), q(4, "c"), q(2, "b")];
+        assert_eq!(ids(oldest_per_record(queued, &[], 2)), vec![1, 2]);
+    }
 }

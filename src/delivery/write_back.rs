@@ -412,7 +412,9 @@ fn mark_table(
     );
     let mut args: Vec<DatumWithOid> = parts.into_iter().map(Into::into).collect();
     args.push(hashes.into());
-    crate::rights::writing_back_as(key.owner, || client.update(sql.as_str(), None, &args))?;
+    crate::rights::writing_back_as(key.owner, || {
+        super::prepared::update(client, &sql, &args)
+    })?;
     Ok(())
 }
 
@@ -432,12 +434,12 @@ fn still_current(
     let record_ids: Vec<String> = rows.iter().map(|v| v.record_id.clone()).collect();
     let hashes: Vec<String> = rows.iter().map(|v| v.record_hash.clone()).collect();
     let ids: Vec<i64> = rows.iter().map(|v| v.id).collect();
-    let found = client.select(
+    let found = super::prepared::select(
+        client,
         &format!(
             "SELECT v.rid, v.hash FROM unnest($1::text[], $2::text[], $3::bigint[]) AS v(rid, hash, qid)
               WHERE {condition}"
         ),
-        None,
         &[record_ids.into(), hashes.into(), ids.into(), relid.into()],
     )?;
     let mut current = Vec::new();
