@@ -182,6 +182,24 @@ def test_faults(cluster, emulator):
         "changes of one record arrived in commit order"
 
 
+def test_the_worker_vacuums_the_queue_it_empties_and_reports_what_it_wrote(cluster, emulator):
+    """Autovacuum comes by once a minute at most, and acts only on the statistics reported to
+    it: the worker vacuums the queue itself as it empties it (every pass reads the whole
+    queue, dead rows too), and reports the rows it wrote, as backends do."""
+    def stat(table, column):
+        return int(cluster.sql(f"SELECT {column} FROM pg_stat_all_tables WHERE relid = 'certyo.{table}'::regclass"))
+    vacuums, receipts = stat("queue", "vacuum_count"), stat("receipt", "n_tup_ins")
+    cluster.sql("""
+        CREATE TABLE vacuumed_items (id int PRIMARY KEY, v int);
+        SELECT certyo.track('vacuumed_items');
+        INSERT INTO vacuumed_items SELECT g, 0 FROM generate_series(1, 25000) g;
+    """)
+    assert wait_for(lambda: stat("queue", "vacuum_count") > vacuums, timeout=120), \
+        "the worker vacuumed the queue once it had settled 20,000 changes"
+    assert wait_for(lambda: stat("receipt", "n_tup_ins") - receipts >= 25000, timeout=60), \
+        "the receipts the worker inserted are counted in pg_stat_all_tables"
+
+
 def test_kill_the_worker_mid_batch_then_an_immediate_restart(cluster, emulator, watch):
     cluster.sql("""
         CREATE TABLE crash_products (id int PRIMARY KEY, sku text, price numeric(10,2));

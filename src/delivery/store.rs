@@ -151,9 +151,9 @@ fn take_from_queue(
         "SELECT EXISTS (SELECT FROM certyo.delivery WHERE state = 'pending')",
         &[],
     )?
-        .first()
-        .get_one::<bool>()?
-        .unwrap_or(true);
+    .first()
+    .get_one::<bool>()?
+    .unwrap_or(true);
     if retrying {
         return Ok(None);
     }
@@ -603,14 +603,14 @@ pub fn next_due(verifying: bool) -> SpiResult<Option<Duration>> {
         let ms = Spi::connect(|client| {
             prepared::select(
                 client,
-            "SELECT CASE WHEN due IS NULL THEN NULL
+                "SELECT CASE WHEN due IS NULL THEN NULL
                          ELSE (extract(epoch FROM greatest(due, now()) - now()) * 1000)::bigint END
                FROM (SELECT least(
                         (SELECT min(next_attempt_at) FROM certyo.delivery WHERE state = 'pending'),
                         (SELECT min(next_verify_at) FROM certyo.receipt
                           WHERE anchor_status IN ('pending', 'overdue') AND NOT $1)
                     ) AS due) AS s",
-            &[verifying.into()],
+                &[verifying.into()],
             )?
             .first()
             .get_one::<i64>()

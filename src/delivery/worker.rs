@@ -242,6 +242,11 @@ impl Worker {
                     Next::Wait(settings::current().poll_interval)
                 }
             };
+            // Backends send their table statistics when idle; a background worker must do it
+            // itself, or autovacuum never hears of the rows it deletes and updates (at most
+            // once a second: Postgres holds back earlier calls).
+            // SAFETY: the worker's main thread, outside any transaction.
+            unsafe { pg_sys::pgstat_report_stat(false) };
             let keep_going = match next {
                 Next::Now => !super::stopping(),
                 Next::Wait(wait) => sleep(wait),

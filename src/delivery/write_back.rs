@@ -412,9 +412,7 @@ fn mark_table(
     );
     let mut args: Vec<DatumWithOid> = parts.into_iter().map(Into::into).collect();
     args.push(hashes.into());
-    crate::rights::writing_back_as(key.owner, || {
-        super::prepared::update(client, &sql, &args)
-    })?;
+    crate::rights::writing_back_as(key.owner, || super::prepared::update(client, &sql, &args))?;
     Ok(())
 }
 
