@@ -75,9 +75,9 @@ def main():
 
     median = {v: {k: statistics.median(xs) for k, xs in r.items()} for v, r in results.items()}
     rows = [
-        ("insert", f"{ROWS // 1000}k-row INSERT ... SELECT", "ms", "<= 2.5x", lambda r: r <= 2.5),
+        ("insert", f"{ROWS // 1000}k-row INSERT ... SELECT", "ms", "<= 2.0x", lambda r: r <= 2.0),
         ("writeback", f"{ROWS // 1000}k-row bookkeeping-only UPDATE", "ms", "<= 1.1x", lambda r: r <= 1.1),
-        ("business", f"{ROWS // 1000}k-row business UPDATE", "ms", "<= 3x", lambda r: r <= 3.0),
+        ("business", f"{ROWS // 1000}k-row business UPDATE", "ms", "<= 1.8x", lambda r: r <= 1.8),
         ("tps", "single-row INSERT, pgbench -c 4", "tps", ">= 0.95x", lambda r: r >= 0.95),
     ]
     print(f"\ncapture benchmark [{CONFIG}]: median of {REPEATS} interleaved runs (pgbench: {PGBENCH_ROUNDS} x {PGBENCH_SECONDS} s)")
