@@ -30,6 +30,11 @@ attack worked:
 The others passed there too (e.g. REPLICA triggers, column defaults and row security policies did
 not run in the worker, which as a superuser bypasses row security). Against the fixed build
 (commit c5ee483) all 84 pass, in about 2 minutes.
+
+Later: with the worker's session put in replica mode to keep its plans (commit 9b3a72a),
+test_backfill_condition_cannot_skip_foreign_keys_or_triggers failed: the attacker's condition
+ran in replica mode, so its writes skipped foreign keys and other owners' triggers. Fixed in the
+next commit (user code runs in origin mode); all 85 pass.
 """
 import os
 import pwd
@@ -390,6 +395,35 @@ def test_backfill_condition_cannot_poison_worker_search_path(cluster, attacker):
     assert_unprivileged(attacker)
     assert superuser_runs(attacker) == [], attacker.log()
     assert_still_delivering(cluster, attacker)
+
+
+def test_backfill_condition_cannot_skip_foreign_keys_or_triggers(cluster, attacker):
+    """Attack: the worker's own session is in replica mode (its write-back fires no ordinary
+    trigger), and in replica mode foreign keys and ordinary triggers do not fire. The condition
+    inserts an orphan into a table whose foreign key the attacker did not make optional, and
+    notes the replication role it saw: it must run as in any session of its own (origin), so
+    the orphan is refused."""
+    s = attacker.schema
+    table = make_table(attacker, rows=3)
+    attacker.sql(f"""
+        CREATE TABLE {s}.parent (id int PRIMARY KEY);
+        CREATE TABLE {s}.child (parent int NOT NULL REFERENCES {s}.parent);
+        CREATE TABLE {s}.seen (mode text);
+        CREATE FUNCTION {s}.cond(id int) RETURNS boolean LANGUAGE plpgsql AS $$
+        BEGIN
+            INSERT INTO {s}.seen VALUES (pg_catalog.current_setting('session_replication_role'));
+            BEGIN
+                INSERT INTO {s}.child VALUES (999);
+            EXCEPTION WHEN foreign_key_violation THEN NULL;
+            END;
+            RETURN true;
+        END $$""")
+    backfill = attacker.sql(f"SELECT certyo.backfill('{table}', '{s}.cond(id)')")
+    assert wait_backfill(cluster, backfill) == "done"
+    assert cluster.sql(f"SELECT string_agg(DISTINCT mode, ',') FROM {s}.seen") == "origin", \
+        "the condition ran in origin mode, not in the worker's replica mode"
+    assert cluster.sql(f"SELECT count(*) FROM {s}.child") == "0", "the foreign key held"
+    assert_unprivileged(attacker)
 
 
 @pytest.mark.parametrize("setting, value", [

@@ -58,7 +58,8 @@ pub extern "C-unwind" fn certyo_delivery_main(arg: pg_sys::Datum) {
     set_for_session(c"plan_cache_mode", c"force_generic_plan");
     // Write-back runs in replica mode (see `rights::writing_back_as`), and every change of
     // this setting throws away every kept plan: measured, two per pass re-planned all of them.
-    // The worker's own tables have no triggers, rules or foreign keys for it to skip.
+    // The worker's own tables have no triggers, rules or foreign keys for it to skip; user code
+    // other than the write-back's runs in origin mode (`rights::as_role` sets it back).
     set_for_session(c"session_replication_role", c"replica");
     // SAFETY: the worker is connected, so its PGPROC is set up.
     crate::wake::set_worker(Some(unsafe { crate::compat::my_proc_number() }));
