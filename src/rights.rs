@@ -19,11 +19,16 @@ pub const PINNED_SEARCH_PATH: &CStr = c"pg_catalog, pg_temp";
 
 /// Run `f` as `role`, security-restricted, with `search_path` pinned; settings that `f`
 /// changes (even with `set_config(..., false)`) are rolled back when it returns.
-/// `session_replication_role` is `origin`, as in any session of the role's own: the delivery
-/// worker's session is in replica mode (see `delivery::worker`), in which foreign keys and
-/// ordinary triggers do not fire, and user code must not inherit that.
+/// `session_replication_role` is `origin` and `plan_cache_mode` `auto`, as in any session of
+/// the role's own: the delivery worker's session sets both otherwise (see `delivery::worker`),
+/// and in replica mode foreign keys and ordinary triggers do not fire: user code must not
+/// inherit that.
 pub fn as_role<T>(role: Oid, f: impl FnOnce() -> T) -> T {
-    restricted(role, &[(c"session_replication_role", c"origin")], f)
+    let settings = [
+        (c"session_replication_role", c"origin"),
+        (c"plan_cache_mode", c"auto"),
+    ];
+    restricted(role, &settings, f)
 }
 
 /// [`as_role`] for the table's owner, and with `session_replication_role = replica`: the worker's write-back is
