@@ -2,6 +2,9 @@
 """Delivery benchmark against the Certyo emulator on this machine (bench/run.sh starts both):
 - drain throughput: 100k changes queued while delivery is off, then records/s until every one
   is accepted and its hash written back;
+- where a drain's time goes: the same drain again with the worker's per-pass debug1 line on
+  (take, wait for answers, receipts, write-back, commit), summed per record, beside the
+  ceiling of issue 14 (50,000 records/s: 20 us a record);
 - commit-to-accepted latency (p50, p99) at a steady 1,000 single-row commits per second;
 - verification: receipts verified per second once every receipt is due (one request each:
   the contract has no bulk verification), and the latency above measured again meanwhile;
@@ -10,6 +13,7 @@
 
 Usage: bench/delivery.py SOCKET_DIR PORT
 """
+import re
 import subprocess
 import sys
 import time
@@ -46,6 +50,33 @@ def drain():
     elapsed = time.time() - started
     accepted = psql("SELECT count(*) FROM certyo.receipt WHERE relid = 'bench_drain'::regclass")
     return ok, elapsed, int(accepted)
+
+
+PHASES = ("take", "wait for answers", "receipts", "write-back", "commit")
+
+
+def breakdown():
+    """The drain again, with log_min_messages = debug1 (a diagnostic run: its own figure is not
+    the drain's), and the worker's per-pass lines summed: microseconds per record in each phase,
+    and what the passes spent outside them (verification, expiry, state, sleeps)."""
+    log = f"{SOCKET}/server.log"
+    with open(log, "rb") as f:
+        offset = f.seek(0, 2)
+    psql("ALTER SYSTEM SET log_min_messages = debug1")
+    psql("SELECT pg_reload_conf()")
+    _, elapsed, accepted = drain()
+    psql("ALTER SYSTEM RESET log_min_messages")
+    psql("SELECT pg_reload_conf()")
+    with open(log, "rb") as f:
+        f.seek(offset)
+        lines = [line for line in f.read().decode(errors="replace").splitlines() if "certyo_cdc: delivered" in line]
+    totals = dict.fromkeys(PHASES, 0.0)
+    for line in lines:
+        for phase, value in re.findall(r"(take|wait for answers|receipts|write-back|commit) ([0-9.]+) ms", line):
+            totals[phase] += float(value)
+    per_record = {phase: ms * 1000 / max(accepted, 1) for phase, ms in totals.items()}
+    per_record["outside the passes' delivery step"] = elapsed * 1e6 / max(accepted, 1) - sum(per_record.values())
+    return accepted, elapsed, len(lines), per_record
 
 
 def latency(rate=1000, seconds=15):
@@ -97,6 +128,7 @@ def idle(seconds=30):
 def main():
     idle_ticks, idle_passes = idle()
     ok, elapsed, accepted = drain()
+    b_accepted, b_elapsed, b_passes, per_record = breakdown()
     count, p50, p99 = latency()
     rate, v_count, v_p50, v_p99 = verification()
     print("\ndelivery benchmark (emulator on this machine, bulk requests of 1000)")
@@ -104,6 +136,11 @@ def main():
           f"(target <= 1%), {idle_passes} passes (poll_interval 1 s)")
     print(f"drain: {accepted} of {BACKLOG} changes accepted and written back in {elapsed:.1f} s "
           f"= {accepted / elapsed:,.0f} records/s (target >= 20,000){'' if ok else '  [DID NOT FINISH]'}")
+    total = sum(per_record.values())
+    print(f"where a drain's time goes (the drain again with debug1 on: {b_accepted} records in {b_elapsed:.1f} s, "
+          f"{b_passes} passes): {total:.1f} us a record; the ceiling of 50,000 records/s is 20 us")
+    for phase, us in per_record.items():
+        print(f"  {phase:35} {us:6.1f} us a record ({us / total:4.0%})")
     print(f"latency at 1,000 commits/s: {count} changes, commit-to-accepted p50 {p50} ms, p99 {p99} ms "
           f"(targets p50 <= 10 ms, p99 <= 50 ms)")
     print(f"verification: {rate:,.0f} receipts/s verified (one request each), while the latency at 1,000 commits/s "

@@ -271,6 +271,41 @@ def test_dump_and_restore_keeps_history_and_audit_and_delivery_goes_on(emulator)
                     pass
 
 
+def test_renaming_a_tracked_table_or_its_schema_keeps_write_back_going(emulator):
+    """The worker keeps its statements planned across passes, the lookup of a table's name and
+    record key among them; a table renamed, then its schema, must still be written back under
+    its new name, with nothing failing. (A key cached by table OID alone would miss the schema
+    rename, which invalidates no relation, and write back to a name that is gone.)"""
+    cluster = Cluster(PRIMARY_DIR, free_port(), emulator.url)
+    try:
+        cluster.sql("""
+            CREATE EXTENSION certyo_cdc;
+            CREATE SCHEMA shop;
+            CREATE TABLE shop.items (id int PRIMARY KEY, v text);
+            SELECT certyo.track('shop.items');
+            INSERT INTO shop.items VALUES (1, 'first');
+        """)
+        assert cluster.wait_drained(30)
+        assert cluster.sql("SELECT certyo_record_hash IS NOT NULL FROM shop.items WHERE id = 1") == "t"
+        cluster.sql("ALTER TABLE shop.items RENAME TO goods; INSERT INTO shop.goods VALUES (2, 'after the table rename')")
+        assert cluster.wait_drained(30)
+        cluster.sql("ALTER SCHEMA shop RENAME TO store; INSERT INTO store.goods VALUES (3, 'after the schema rename');"
+                    "UPDATE store.goods SET v = 'changed' WHERE id = 1")
+        assert cluster.wait_drained(30)
+        hashes = cluster.sql("""
+            SELECT string_agg(format('%s:%s', g.id, g.certyo_record_hash = r.record_hash), ',' ORDER BY g.id)
+              FROM store.goods g
+              JOIN LATERAL (SELECT record_hash FROM certyo.receipt
+                             WHERE relid = 'store.goods'::regclass AND record_id = g.id::text
+                             ORDER BY id DESC LIMIT 1) r ON true""")
+        assert hashes == "1:t,2:t,3:t", "each row carries its latest receipt's hash: " + hashes
+        assert cluster.sql("SELECT count(*) FROM certyo.write_back_failure") == "0"
+        assert cluster.sql("SELECT string_agg(collection, ',' ORDER BY id) FROM certyo.receipt") == \
+            "shop.items,shop.goods,store.goods,store.goods"
+    finally:
+        cluster.stop()
+
+
 def test_a_partitioned_table_is_tracked_with_its_partitions_present_and_future(emulator):
     """track() on a partitioned table captures every partition under the table's one name:
     partitions there before, created after, attached; writes through the table and straight

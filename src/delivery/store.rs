@@ -6,7 +6,7 @@ use super::write_back::{self, Mark, Version};
 use certyo::{Outcome, Receipt};
 use pgrx::pg_sys::Oid;
 use pgrx::prelude::*;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 type SpiResult<T> = Result<T, pgrx::spi::Error>;
 
@@ -410,7 +410,9 @@ pub fn record(
     retry_in: &dyn Fn(&Entry) -> Duration,
     verify_after: Duration,
     planner: &mut Planner,
-) -> SpiResult<Tally> {
+) -> SpiResult<(Tally, RecordTimes)> {
+    let started = Instant::now();
+    let mut times = RecordTimes::default();
     let mut accepted: (Vec<i64>, Vec<String>, Vec<bool>, Vec<String>) = Default::default();
     let mut transient: (Vec<i64>, Vec<i64>, Vec<String>) = Default::default();
     let mut failed: (Vec<i64>, Vec<i32>, Vec<String>, Vec<bool>) = Default::default();
@@ -482,8 +484,9 @@ pub fn record(
         })
         .collect();
     let planner = std::panic::AssertUnwindSafe(planner);
+    let marks = std::panic::AssertUnwindSafe(&mut times);
     in_transaction(move || {
-        let planner = planner;
+        let (planner, marks) = (planner, marks);
         Spi::connect_mut(|client| {
             // Changes sent straight from the queue that were not accepted join the worker's
             // table, where retries and dead letters are kept.
@@ -557,10 +560,25 @@ pub fn record(
                 )?;
             }
             planner.0.refresh(client, Table::Receipt, tally.accepted)?;
-            write_back::mark(client, &versions, Mark::Accepted)
+            let receipts_done = Instant::now();
+            marks.0.receipts = receipts_done - started;
+            write_back::mark(client, &versions, Mark::Accepted)?;
+            marks.0.write_back = receipts_done.elapsed();
+            Ok(())
         })
     })?;
-    Ok(tally)
+    times.commit = started.elapsed() - times.receipts - times.write_back;
+    Ok((tally, times))
+}
+
+/// Where recording a batch's answers spends its time (for the worker's debug1 line, which
+/// `bench/delivery.py` sums up): the receipts and the worker's other bookkeeping, the
+/// write-back to the source rows, and the commit (with the rest of the transaction).
+#[derive(Debug, Default, Clone, Copy)]
+pub struct RecordTimes {
+    pub receipts: Duration,
+    pub write_back: Duration,
+    pub commit: Duration,
 }
 
 /// Certyo answers again after an outage: every pending change is due now, not at the end of

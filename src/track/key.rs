@@ -3,7 +3,22 @@
 //! Read by the worker (write-back, backfill) in its own transactions.
 
 use pgrx::pg_sys::Oid;
-use pgrx::spi::SpiClient;
+use pgrx::spi::{SpiClient, SpiTupleTable};
+
+/// The record key of the table `$1`: at most one row (see [`RecordKey::of`]).
+pub const LOOKUP: &str = "SELECT format('%I.%I', n.nspname, c.relname),
+          ARRAY(SELECT quote_ident(k.name) FROM unnest(certyo.capture_option(t.tgargs, 'record_id')) k(name)),
+          ARRAY(SELECT format_type(a.atttypid, a.atttypmod)
+                  FROM unnest(certyo.capture_option(t.tgargs, 'record_id')) WITH ORDINALITY AS k(name, n)
+                  JOIN pg_attribute a ON a.attrelid = c.oid AND a.attname = k.name AND NOT a.attisdropped
+                 ORDER BY k.n),
+          c.relowner
+     FROM pg_class c
+     JOIN pg_namespace n ON n.oid = c.relnamespace
+     JOIN pg_trigger t ON t.tgrelid = c.oid AND t.tgname = 'certyo_capture'
+    WHERE c.oid = $1 AND c.relpersistence <> 't'
+      AND EXISTS (SELECT FROM pg_attribute a
+                   WHERE a.attrelid = c.oid AND a.attname = 'certyo_record_hash' AND NOT a.attisdropped)";
 
 pub struct RecordKey {
     /// `schema.table`, quoted for SQL.
@@ -21,23 +36,11 @@ impl RecordKey {
     /// record id column was dropped: nothing can be matched then. Also None for a temporary
     /// table (a hand-made capture trigger could queue its rows): no other session can read it.
     pub fn of(client: &SpiClient<'_>, relid: Oid) -> Result<Option<RecordKey>, pgrx::spi::Error> {
-        let found = client.select(
-            "SELECT format('%I.%I', n.nspname, c.relname),
-                    ARRAY(SELECT quote_ident(k.name) FROM unnest(certyo.capture_option(t.tgargs, 'record_id')) k(name)),
-                    ARRAY(SELECT format_type(a.atttypid, a.atttypmod)
-                            FROM unnest(certyo.capture_option(t.tgargs, 'record_id')) WITH ORDINALITY AS k(name, n)
-                            JOIN pg_attribute a ON a.attrelid = c.oid AND a.attname = k.name AND NOT a.attisdropped
-                           ORDER BY k.n),
-                    c.relowner
-               FROM pg_class c
-               JOIN pg_namespace n ON n.oid = c.relnamespace
-               JOIN pg_trigger t ON t.tgrelid = c.oid AND t.tgname = 'certyo_capture'
-              WHERE c.oid = $1 AND c.relpersistence <> 't'
-                AND EXISTS (SELECT FROM pg_attribute a
-                             WHERE a.attrelid = c.oid AND a.attname = 'certyo_record_hash' AND NOT a.attisdropped)",
-            None,
-            &[relid.into()],
-        )?;
+        Self::from_found(client.select(LOOKUP, None, &[relid.into()])?)
+    }
+
+    /// The key from the rows of [`LOOKUP`] (run by the caller, e.g. as a kept statement).
+    pub fn from_found(found: SpiTupleTable<'_>) -> Result<Option<RecordKey>, pgrx::spi::Error> {
         let Some(row) = found.into_iter().next() else {
             return Ok(None);
         };
