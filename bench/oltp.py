@@ -5,6 +5,9 @@ queue table, for each state of the worker and each client count:
   delivering: sending to the emulator with default settings (the worker drains as it goes);
   paused:     certyo.pause();
   disabled:   certyo.enabled = off.
+For the certyo_cdc runs it also prints what delivery costs, medians over the rounds: the
+worker's CPU (all its threads, /proc/PID/stat) and the emulator's per change written, and the
+WAL per transaction (pg_current_wal_lsn before and after).
 
 Usage: python3 bench/oltp.py [--rounds 5] [--seconds 5] [--clients 1,4,8]
                              [--modes delivering,paused,disabled]
@@ -58,6 +61,17 @@ def pgbench(cluster, script, clients, seconds):
     return float(found.group(1))
 
 
+def cpu_seconds(pid):
+    """utime + stime of process `pid` (all its threads), in seconds."""
+    with open(f"/proc/{pid}/stat") as stat:
+        fields = stat.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def wal_lsn(cluster):
+    return cluster.sql("SELECT pg_current_wal_lsn()").strip()
+
+
 def set_mode(cluster, mode):
     cluster.sql("ALTER SYSTEM SET certyo.enabled = off" if mode == "disabled" else "ALTER SYSTEM RESET certyo.enabled")
     cluster.sql("SELECT pg_reload_conf()")
@@ -101,11 +115,21 @@ def main():
             set_mode(cluster, mode)
             for clients in map(int, args.clients.split(",")):
                 tps = {t: [] for t in TABLES}
+                costs = {"worker": [], "emulator": [], "wal": []}
                 for _ in range(args.rounds):
                     for table in TABLES:
                         if mode == "delivering":
                             drain(cluster)
+                        worker = cluster.sql("SELECT pid FROM certyo.worker_status()").strip()
+                        before = (cpu_seconds(worker), cpu_seconds(emulator.process.pid), wal_lsn(cluster))
                         tps[table].append(pgbench(cluster, scripts[table], clients, args.seconds))
+                        if table == "certyo_cdc":
+                            changes = tps[table][-1] * args.seconds
+                            lsn = wal_lsn(cluster)
+                            costs["worker"].append((cpu_seconds(worker) - before[0]) * 1e6 / changes)
+                            costs["emulator"].append((cpu_seconds(emulator.process.pid) - before[1]) * 1e6 / changes)
+                            costs["wal"].append(float(cluster.sql(
+                                f"SELECT pg_wal_lsn_diff('{lsn}', '{before[2]}')")) / changes)
                     if mode != "delivering":
                         cluster.sql("TRUNCATE certyo.queue")
                 m = {t: statistics.median(v) for t, v in tps.items()}
@@ -114,6 +138,9 @@ def main():
                       f"certyo_cdc {m['certyo_cdc']:8,.0f} tps ({m['certyo_cdc'] / m['untracked']:4.0%}) | "
                       f"PL/pgSQL queue trigger {m['plpgsql']:8,.0f} tps ({m['plpgsql'] / m['untracked']:4.0%})"
                       f"   [certyo_cdc runs: {', '.join(f'{v:,.0f}' for v in tps['certyo_cdc'])}]", flush=True)
+                c = {k: statistics.median(v) for k, v in costs.items()}
+                print(f"      certyo_cdc runs: worker {c['worker']:.1f} us CPU per change, emulator {c['emulator']:.1f} us, "
+                      f"WAL {c['wal']:,.0f} B per transaction", flush=True)
         print("  target: certyo_cdc >= 95% of untracked in every row")
     finally:
         cluster.stop()

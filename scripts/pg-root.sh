@@ -54,6 +54,10 @@ mount_basics() {
     mountpoint -q "$root/dev" || { mount --bind /dev "$root/dev" && mounted+=("$root/dev"); }
     cp /etc/resolv.conf "$root/etc/resolv.conf" 2>/dev/null || true
     grep -qs "$(hostname)" "$root/etc/hosts" || echo "127.0.1.1 $(hostname)" >>"$root/etc/hosts"
+    # cargo pgrx test starts its server with -h localhost: a root whose /etc/hosts lacks it
+    # (debootstrap leaves none on some machines) fails every #[pg_test] with "could not
+    # translate host name".
+    grep -qsw localhost "$root/etc/hosts" || echo "127.0.0.1 localhost" >>"$root/etc/hosts"
 }
 
 if [ ! -f "$ready" ]; then
