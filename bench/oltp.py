@@ -68,6 +68,13 @@ def cpu_seconds(pid):
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def worker_pid(cluster):
+    """The delivery worker's process (waited for: it may be restarting after a mode change)."""
+    query = "SELECT pid FROM pg_stat_activity WHERE backend_type = 'certyo_cdc delivery'"
+    wait_for(lambda: cluster.sql(query).strip() != "", timeout=30)
+    return cluster.sql(query).strip()
+
+
 def wal_lsn(cluster):
     return cluster.sql("SELECT pg_current_wal_lsn()").strip()
 
@@ -120,7 +127,7 @@ def main():
                     for table in TABLES:
                         if mode == "delivering":
                             drain(cluster)
-                        worker = cluster.sql("SELECT pid FROM certyo.worker_status()").strip()
+                        worker = worker_pid(cluster)
                         before = (cpu_seconds(worker), cpu_seconds(emulator.process.pid), wal_lsn(cluster))
                         tps[table].append(pgbench(cluster, scripts[table], clients, args.seconds))
                         if table == "certyo_cdc":
