@@ -104,7 +104,10 @@ def test_mismatch(cluster, emulator):
     quiet(cluster)
     log_offset = cluster.log_size()
     receipt = "certyo.receipt WHERE relid = 'mismatch_products'::regclass AND record_id = '500'"
-    emulator.fault("mismatch", 1)
+    # Named: every verification answer about this record reports another hash. (The next
+    # answer, whichever record it is for, once went to another verification and the test waited
+    # in vain.)
+    emulator.fault("mismatch", 1, collection="public.mismatch_products", recordId="500")
     cluster.sql("INSERT INTO mismatch_products VALUES (500, 'M', 1)")
     found = wait_for(lambda: cluster.sql(f"SELECT anchor_status FROM {receipt}") == "mismatch", 30)
     assert found, "a hash Certyo reports differently marks the receipt mismatch"
@@ -167,7 +170,7 @@ def go_through_it_all(cluster, emulator, table):
         UPDATE {table} SET price = 99 WHERE id = 1;
     """)
     quiet(cluster)
-    emulator.fault("mismatch", 1)
+    emulator.fault("mismatch", 1, collection=f"public.{table}", recordId="500")
     cluster.sql(f"INSERT INTO {table} VALUES (500, 'M', 1)")
     assert wait_for(lambda: cluster.sql(f"SELECT certyo_anchor_status FROM {table} WHERE id = 500") == "mismatch", 30), \
         "setup: a mismatch"

@@ -454,7 +454,7 @@ mod tests {
             client.verify(&request, &mut no_wait()),
             Verification::Anchored { .. }
         ));
-        emulator.inject(Fault::Mismatch, 1);
+        emulator.inject(Fault::Mismatch { record: None }, 1);
         assert!(matches!(
             client.verify(&request, &mut no_wait()),
             Verification::Mismatch { reported_hash } if reported_hash != first.record_hash

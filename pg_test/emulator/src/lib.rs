@@ -11,7 +11,8 @@
 //! Control plane (no API key): `POST /_emulator/faults {"fault": "429", "times": 3,
 //! "retryAfter": 1}` (faults: `429`, `500`, `outage` with `"seconds"` (every ingest request answered 503 for
 //! that long), `slow` with `"seconds"`, `drop` (no answer at all), `partial`,
-//! `reject` (422), `mismatch` (the next verification answers report another hash)), `GET /_emulator/stats`, `GET /_emulator/records`, `POST /_emulator/reset`.
+//! `reject` (422), `mismatch` (the next verification answers report another hash; with
+//! `"collection"` and `"recordId"`, every answer about that record)),, `GET /_emulator/stats`, `GET /_emulator/records`, `POST /_emulator/reset`.
 
 use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
@@ -53,8 +54,12 @@ pub enum Fault {
     Drop,
     /// A bulk response that leaves out its last record (which is stored nonetheless).
     Partial,
-    /// Verification reports a different hash than the one accepted.
-    Mismatch,
+    /// Verification reports a different hash than the one accepted: the next `times` answers,
+    /// or, with a record named, every answer about that record (a tampered record stays
+    /// tampered, and an answer lost on its way back does not use the fault up).
+    Mismatch {
+        record: Option<(String, String)>,
+    },
     /// 422 for the whole request: the records become dead letters.
     Reject,
     /// 503 to every ingest request for `seconds` (the service is down).
@@ -99,13 +104,21 @@ struct State {
     /// `outage`: every ingest request is answered 503 until then.
     outage_until: Option<Instant>,
     mismatches: u32,
+    /// (collection, recordId) of records whose every verification reports another hash.
+    mismatched_records: std::collections::HashSet<(String, String)>,
     stats: Stats,
 }
 
 impl State {
     fn queue_fault(&mut self, fault: Fault, times: u32) {
-        if fault == Fault::Mismatch {
-            self.mismatches += times; // verification answers, not ingest
+        if let Fault::Mismatch { record } = fault {
+            // Verification answers, not ingest.
+            match record {
+                Some(record) => {
+                    self.mismatched_records.insert(record);
+                }
+                None => self.mismatches += times,
+            }
         } else {
             self.faults
                 .extend(std::iter::repeat_n(fault, times as usize));
@@ -505,7 +518,13 @@ fn verify(body: &str, state: &Mutex<State>, anchor_delay: Duration) -> (u16, Val
     };
     let anchored = found.accepted.elapsed() >= anchor_delay;
     let mut hash = found.record_hash.clone();
-    if state.mismatches > 0 {
+    let named = (
+        text_field(&request, "collection"),
+        text_field(&request, "recordId"),
+    );
+    if state.mismatched_records.contains(&named) {
+        hash = format!("sha256:{}", "0".repeat(64));
+    } else if state.mismatches > 0 {
         state.mismatches -= 1;
         hash = format!("sha256:{}", "0".repeat(64));
     }
@@ -594,7 +613,13 @@ fn parse_fault(body: &str) -> Result<(Fault, u32), String> {
             seconds: v.get("seconds").and_then(Value::as_u64).unwrap_or(10),
         },
         Some("partial") => Fault::Partial,
-        Some("mismatch") => Fault::Mismatch,
+        Some("mismatch") => Fault::Mismatch {
+            record: match (v.get("collection"), v.get("recordId")) {
+                (None, None) => None,
+                (Some(Value::String(c)), Some(Value::String(r))) => Some((c.clone(), r.clone())),
+                _ => return Err("a mismatch names a record with both \"collection\" and \"recordId\" (strings), or neither".into()),
+            },
+        },
         Some("reject") => Fault::Reject,
         other => {
             return Err(format!(
@@ -603,6 +628,14 @@ fn parse_fault(body: &str) -> Result<(Fault, u32), String> {
         }
     };
     Ok((fault, times))
+}
+
+fn text_field(value: &Value, field: &str) -> String {
+    value
+        .get(field)
+        .and_then(Value::as_str)
+        .unwrap_or_default()
+        .to_string()
 }
 
 fn percent_decode(text: &str) -> String {
