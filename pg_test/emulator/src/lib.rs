@@ -12,7 +12,7 @@
 //! "retryAfter": 1}` (faults: `429`, `500`, `outage` with `"seconds"` (every ingest request answered 503 for
 //! that long), `slow` with `"seconds"`, `drop` (no answer at all), `partial`,
 //! `reject` (422), `mismatch` (the next verification answers report another hash; with
-//! `"collection"` and `"recordId"`, every answer about that record)),, `GET /_emulator/stats`, `GET /_emulator/records`, `POST /_emulator/reset`.
+//! `"collection"` and `"recordId"`, every answer about that record)), `GET /_emulator/stats`, `GET /_emulator/records`, `POST /_emulator/reset`.
 
 use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
