@@ -55,7 +55,7 @@ class Emulator:
         self.call("POST", "/_emulator/faults", {"fault": fault, "times": times, **extra})
 
     def records(self):
-        return [r["record"] | {"recordHash": r["recordHash"], "acceptedAt": r["acceptedAt"]}
+        return [r["record"] | {"recordHash": r["recordHash"], "acceptedAt": r["acceptedAt"], "request": r["request"]}
                 for r in self.call("GET", "/_emulator/records")]
 
     def stats(self):

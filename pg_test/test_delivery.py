@@ -182,6 +182,79 @@ def test_faults(cluster, emulator):
         "changes of one record arrived in commit order"
 
 
+def records_out_of_order(window, collection):
+    """Records whose changes did not reach Certyo one after another in commit order: each
+    change here raises the row's price by one, so a record's prices must arrive increasing,
+    and each in a later request than the one before (the worker waits for a change's answer
+    before it sends the record's next: a failure of the first must not let the second pass it).
+    Returns them and how many records arrived."""
+    seen = {}
+    for r in window.records():
+        if r["collection"] == collection:
+            seen.setdefault(r["recordId"], []).append((r["recordPayload"]["price"], r["request"]))
+    wrong = [rid for rid, changes in seen.items()
+             if any(a[0] >= b[0] or a[1] >= b[1] for a, b in zip(changes, changes[1:]))]
+    return wrong, len(seen)
+
+
+def queue_three_changes_per_record(cluster, table, rows):
+    """Each record's three changes one after another in the queue (insert, then two updates)."""
+    cluster.sql(f"""
+        DO $$ BEGIN
+            FOR g IN 1..{rows} LOOP
+                INSERT INTO {table} VALUES (g, 1);
+                UPDATE {table} SET price = 2 WHERE id = g;
+                UPDATE {table} SET price = 3 WHERE id = g;
+            END LOOP;
+        END $$;
+    """)
+
+
+@pytest.mark.parametrize("rows", [2_000, 20_000])
+def test_a_long_backlog_keeps_each_records_order(cluster, emulator, rows):
+    """A backlog longer than a few batches is read into the worker's list once and sent from
+    it (rows=2,000: 6,000 changes, one list; rows=20,000: 60,000 changes, more than a list
+    holds, so later changes lie beyond the first list). Each record has three changes in a
+    row, which must reach Certyo in commit order, each exactly once, nothing left in
+    certyo.delivery; and the list's changes were never copied there."""
+    table = f"backlog_items_{rows}"
+    cluster.sql(f"CREATE TABLE {table} (id int PRIMARY KEY, price int); SELECT certyo.track('{table}')")
+    window = Window(cluster, emulator)
+
+    def stat(name):
+        return int(cluster.sql(f"SELECT n_tup_ins FROM pg_stat_all_tables WHERE relid = 'certyo.{name}'::regclass"))
+    moved_before, receipts_before = stat("delivery"), stat("receipt")
+    cluster.sql("SELECT certyo.pause()")
+    queue_three_changes_per_record(cluster, table, rows)
+    cluster.sql("SELECT certyo.resume()")
+    window.exactly_once(f"a backlog of {3 * rows} changes")
+    out_of_order, records = records_out_of_order(window, f"public.{table}")
+    assert records == rows and out_of_order == [], f"records whose changes arrived out of order: {out_of_order[:5]}"
+    assert cluster.sql(f"SELECT count(*) FROM {table} WHERE certyo_record_hash IS NULL") == "0", \
+        "every row has its hash"
+    # The worker reports its table statistics after its passes: once the receipts show, so
+    # would any copy into certyo.delivery made before them.
+    assert wait_for(lambda: stat("receipt") - receipts_before >= 3 * rows, 30), "the worker reported its receipts"
+    assert stat("delivery") == moved_before, "no change of the backlog was copied into certyo.delivery"
+
+
+def test_a_failure_in_a_long_backlog_sends_the_rest_in_order(cluster, emulator):
+    """A batch of the list whose answer lacks one result, then a batch that fails, end the
+    list: the rest waits in certyo.delivery, and each record's order and exactly once hold."""
+    cluster.sql("CREATE TABLE backlog_faults (id int PRIMARY KEY, price int); SELECT certyo.track('backlog_faults')")
+    window = Window(cluster, emulator)
+    cluster.sql("SELECT certyo.pause()")
+    queue_three_changes_per_record(cluster, "backlog_faults", 3000)
+    served = emulator.stats()["faultsServed"]
+    emulator.fault("partial", 1)
+    emulator.fault("500", 1)
+    cluster.sql("SELECT certyo.resume()")
+    window.exactly_once("a long backlog with a partial answer and a 500")
+    assert emulator.stats()["faultsServed"] - served == 2, "both faults were served"
+    out_of_order, records = records_out_of_order(window, "public.backlog_faults")
+    assert records == 3000 and out_of_order == [], f"records whose changes arrived out of order: {out_of_order[:5]}"
+
+
 def test_the_worker_vacuums_the_queue_it_empties_and_reports_what_it_wrote(cluster, emulator):
     """Autovacuum comes by once a minute at most, and acts only on the statistics reported to
     it: the worker vacuums the queue itself as it empties it (every pass reads the whole

@@ -6,6 +6,7 @@
 //! - `api_key`: the API key from its file or setting, kept out of the server log;
 //! - `worker`: a database's delivery worker, its main loop;
 //! - `prepared`: the worker's statements, planned once per session;
+//! - `backlog`: a long queue read once, in id order, for the passes that drain it;
 //! - `store`: the statements of delivery (take, record, expire, status), each its own short
 //!   transaction;
 //! - `sending`: the batch on the wire, its HTTP on a helper thread;
@@ -15,6 +16,7 @@
 
 mod anchor;
 pub mod api_key;
+mod backlog;
 mod launcher;
 mod prepared;
 mod sending;

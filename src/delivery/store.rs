@@ -1,6 +1,7 @@
 //! Everything the worker reads and writes in Postgres. Each function is one short transaction;
 //! none is open while HTTP is in flight.
 
+use super::backlog::{self, Backlog};
 use super::prepared;
 use super::write_back::{self, Mark, Version};
 use certyo::{Outcome, Receipt};
@@ -118,33 +119,40 @@ pub fn take_batch(
     in_flight: &[i64],
     probing: bool,
     planner: &mut Planner,
+    backlog: &mut Backlog,
 ) -> SpiResult<Vec<Entry>> {
     let in_flight = in_flight.to_vec();
-    // On an error the transaction is aborted and the counts merely stay approximate.
+    // On an error the transaction is aborted and the counts merely stay approximate; a list
+    // whose batch was lost is read again (`Backlog::take`).
     let planner = std::panic::AssertUnwindSafe(planner);
+    let backlog = std::panic::AssertUnwindSafe(backlog);
     in_transaction(move || {
-        let planner = planner;
+        let (planner, backlog) = (planner, backlog);
         Spi::connect_mut(|client| {
-            if !probing {
-                if let Some(entries) = take_from_queue(client, batch_size, &in_flight)? {
-                    return Ok(entries);
-                }
+            if probing {
+                backlog.0.clear();
+            } else if let Some(entries) =
+                take_from_queue(client, batch_size, &in_flight, backlog.0)?
+            {
+                return Ok(entries);
             }
             take_from_delivery(client, batch_size, &in_flight, probing, planner.0)
         })
     })
 }
 
-/// The common case, Certyo keeping up: the queue holds a few batches at most and nothing waits
-/// in `certyo.delivery`. The batch then goes straight from the queue, and recording the answers
-/// deletes the queue rows. Copying each change into `certyo.delivery` first (its row, three
-/// index entries, and their removal) was about 40% of the WAL the worker wrote per change,
-/// and writers on the same disk paid for it in commit time.
-/// None: the queue is longer than that, or changes wait for a retry (the general path).
+/// The common case, Certyo keeping up: nothing waits in `certyo.delivery` for a retry, and
+/// the batch goes straight from the queue; recording the answers deletes the queue rows.
+/// Copying each change into `certyo.delivery` first (its row, three index entries, and their
+/// removal) was about 40% of the WAL the worker wrote per change, and writers on the same disk
+/// paid for it in commit time. A short queue is read whole every pass; a long one is read
+/// once into the worker's list (`backlog`), which the following passes take from.
+/// None: changes wait for a retry (the general path).
 fn take_from_queue(
     client: &mut pgrx::spi::SpiClient<'_>,
     batch_size: usize,
     in_flight: &[i64],
+    backlog: &mut Backlog,
 ) -> SpiResult<Option<Vec<Entry>>> {
     let retrying = prepared::select(
         client,
@@ -155,8 +163,43 @@ fn take_from_queue(
     .get_one::<bool>()?
     .unwrap_or(true);
     if retrying {
+        backlog.clear();
         return Ok(None);
     }
+    if backlog.is_empty() {
+        if let Some(short) = read_short_queue(client, batch_size)? {
+            let (rows, ids): (Vec<String>, Vec<i64>) =
+                oldest_per_record(short, in_flight, batch_size)
+                    .into_iter()
+                    .map(|q| (q.row, q.id))
+                    .unzip();
+            return fetch_from_queue(client, rows, ids).map(Some);
+        }
+        read_backlog(client, backlog)?;
+    }
+    let taken = match backlog.take(batch_size, in_flight) {
+        Some(taken) => taken,
+        None => {
+            read_backlog(client, backlog)?;
+            backlog.take(batch_size, in_flight).unwrap_or_default()
+        }
+    };
+    let (rows, ids) = taken;
+    let entries = fetch_from_queue(client, rows, ids.clone())?;
+    // Changes gone from the queue meanwhile (`certyo.untrack`, an operator) need nothing more.
+    if entries.len() < ids.len() {
+        let found: std::collections::HashSet<i64> = entries.iter().map(|e| e.id).collect();
+        let gone: Vec<i64> = ids.into_iter().filter(|id| !found.contains(id)).collect();
+        backlog.settle(&gone);
+    }
+    Ok(Some(entries))
+}
+
+/// The whole visible queue if it holds at most `DIRECT_LIMIT` rows (or four batches).
+fn read_short_queue(
+    client: &mut pgrx::spi::SpiClient<'_>,
+    batch_size: usize,
+) -> SpiResult<Option<Vec<Queued>>> {
     let limit = (batch_size * 4).max(DIRECT_LIMIT);
     let mut queued = Vec::new();
     for row in prepared::select(
@@ -171,20 +214,41 @@ fn take_from_queue(
             record_id: row.get::<String>(4)?.unwrap_or_default(),
         });
     }
-    if queued.len() > limit {
-        return Ok(None);
+    Ok((queued.len() <= limit).then_some(queued))
+}
+
+/// Read the first `backlog::LIMIT` changes of the queue by id into the worker's list.
+fn read_backlog(client: &mut pgrx::spi::SpiClient<'_>, backlog: &mut Backlog) -> SpiResult<()> {
+    let mut queued = Vec::new();
+    for row in prepared::select(
+        client,
+        "SELECT ctid::text, id, hashtextextended(record_id, relid::bigint)
+           FROM certyo.queue ORDER BY id LIMIT $1",
+        &[backlog::LIMIT.into()],
+    )? {
+        queued.push(backlog::Queued {
+            row: row.get::<String>(1)?.unwrap_or_default(),
+            id: row.get::<i64>(2)?.unwrap_or_default(),
+            record: row.get::<i64>(3)?.unwrap_or_default(),
+        });
     }
-    let (rows, ids): (Vec<String>, Vec<i64>) = oldest_per_record(queued, in_flight, batch_size)
-        .into_iter()
-        .map(|q| (q.row, q.id))
-        .unzip();
+    backlog.fill(queued);
+    Ok(())
+}
+
+/// The chosen queue rows, whole, in id order.
+fn fetch_from_queue(
+    client: &mut pgrx::spi::SpiClient<'_>,
+    rows: Vec<String>,
+    ids: Vec<i64>,
+) -> SpiResult<Vec<Entry>> {
     if ids.is_empty() {
-        return Ok(Some(Vec::new()));
+        return Ok(Vec::new());
     }
     let rows = prepared::select(client, TAKE_FROM_QUEUE, &[rows.into(), ids.into()])?;
     let mut entries = entries_of(rows)?;
     entries.sort_by_key(|e| e.id);
-    Ok(Some(entries))
+    Ok(entries)
 }
 
 /// A queued change as the direct path first sees it: enough to choose, not yet the payload.
@@ -216,7 +280,8 @@ fn oldest_per_record(mut queued: Vec<Queued>, in_flight: &[i64], batch_size: usi
     chosen
 }
 
-/// The direct path is taken while the queue holds at most this many rows (or four batches).
+/// The queue is read whole every pass while it holds at most this many rows (or four
+/// batches); a longer one is read into the worker's list.
 const DIRECT_LIMIT: usize = 2_000;
 
 /// The general path: move what capture queued into the worker's own indexed table, and take
@@ -378,13 +443,15 @@ const TAKE: &str = "
      LIMIT $1";
 
 // A row is named by its place and its id together: a place freed by a move and a vacuum may
-// hold a newer change, whose id is not in the batch.
+// hold a newer change, whose id is not in the batch. Joined with the pairs (one TID probe
+// each), not `ctid = ANY (...) AND id = ANY (...)`: a parameter's array is searched element
+// by element for every row (half the statement's time at 1,000 rows).
 const TAKE_FROM_QUEUE: &str = "
-    SELECT id, relid, collection, record_id, operation, payload::text,
-           to_char(source_timestamp AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"'),
-           idempotency_key, 0, ctid::text
-      FROM certyo.queue
-     WHERE ctid = ANY ($1::text[]::tid[]) AND id = ANY ($2::bigint[])";
+    SELECT q.id, q.relid, q.collection, q.record_id, q.operation, q.payload::text,
+           to_char(q.source_timestamp AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"'),
+           q.idempotency_key, 0, q.ctid::text
+      FROM unnest($1::text[]::tid[], $2::bigint[]) AS t(ctid, id)
+      JOIN certyo.queue q ON q.ctid = t.ctid AND q.id = t.id";
 
 /// How the results of one pass add up, for the worker's status.
 #[derive(Debug, Default, Clone, Copy)]

@@ -6,6 +6,7 @@
 //! `DROP EXTENSION` (the launcher starts a worker again at the next `CREATE EXTENSION`).
 
 use super::anchor;
+use super::backlog::Backlog;
 use super::sending::{with_signals_blocked, Sending};
 use super::settings::{self, Settings};
 use super::store::{self, Entry, Tally};
@@ -130,6 +131,8 @@ struct Worker {
     last_warning: Option<(String, Instant)>,
     expired_at: Option<Instant>,
     planner: store::Planner,
+    /// A long queue's changes, read once for the passes that drain it.
+    backlog: Backlog,
     /// The batch whose HTTP requests are in flight, if any.
     sending: Option<Sending>,
     /// The receipts being verified, if any.
@@ -443,7 +446,13 @@ impl Worker {
             if probing && !in_flight.is_empty() {
                 Vec::new()
             } else {
-                store::take_batch(size, &in_flight, probing, &mut self.planner)?
+                store::take_batch(
+                    size,
+                    &in_flight,
+                    probing,
+                    &mut self.planner,
+                    &mut self.backlog,
+                )?
             }
         } else {
             Vec::new()
@@ -482,6 +491,17 @@ impl Worker {
             settings.verify_min_age,
             &mut self.planner,
         )?;
+        // Anything but an acceptance now waits in certyo.delivery, which keeps each record's
+        // order from here on: the list of a long queue cannot.
+        if results
+            .iter()
+            .all(|(_, o)| matches!(o, Outcome::Accepted(_)))
+        {
+            let ids: Vec<i64> = results.iter().map(|(e, _)| e.id).collect();
+            self.backlog.settle(&ids);
+        } else {
+            self.backlog.clear();
+        }
         // Where a pass spends its time, for whoever tunes batch sizes (log_min_messages = debug1).
         pgrx::debug1!(
             "certyo_cdc: delivered {} of {}: take {:.3} ms, wait for answers {:.3} ms, record {:.3} ms (receipts {:.3} ms, write-back {:.3} ms, commit {:.3} ms)",

@@ -77,6 +77,9 @@ pub struct Accepted {
     pub record_hash: String,
     pub accepted_at: SystemTime,
     accepted: Instant,
+    /// Which ingest request brought it (1 for the first): tests see from it whether a client
+    /// waited for a record's answer before sending its next change.
+    pub request: u64,
 }
 
 #[derive(Debug, Default, Clone)]
@@ -281,9 +284,10 @@ fn respond(request: Request, status: u16, body: &Value, retry_after: Option<u64>
 }
 
 fn ingest(request: Request, body: &str, bulk: bool, state: &Mutex<State>) {
-    let fault = {
+    let (fault, number) = {
         let mut state = lock(state);
         state.stats.ingest_requests += 1;
+        let number = state.stats.ingest_requests;
         if bulk {
             state.stats.bulk_requests += 1;
         }
@@ -298,7 +302,7 @@ fn ingest(request: Request, body: &str, bulk: bool, state: &Mutex<State>) {
         if fault.is_some() {
             state.stats.faults_served += 1;
         }
-        fault
+        (fault, number)
     };
     match fault {
         Some(Fault::RateLimit { retry_after }) => {
@@ -368,7 +372,7 @@ fn ingest(request: Request, body: &str, bulk: bool, state: &Mutex<State>) {
         if let (Some(tenant), Some(object)) = (&tenant, record.as_object_mut()) {
             object.entry("tenantId").or_insert_with(|| tenant.clone());
         }
-        match accept(record, state) {
+        match accept(record, number, state) {
             Ok(result) => results.push(result),
             Err(message) => {
                 lock(state).stats.rejected += 1;
@@ -397,7 +401,7 @@ const REQUIRED: [&str; 5] = [
     "recordPayload",
 ];
 
-fn accept(record: Value, state: &Mutex<State>) -> Result<Value, String> {
+fn accept(record: Value, request: u64, state: &Mutex<State>) -> Result<Value, String> {
     for field in REQUIRED {
         if record
             .get(field)
@@ -425,6 +429,7 @@ fn accept(record: Value, state: &Mutex<State>) -> Result<Value, String> {
         record,
         accepted_at: SystemTime::now(),
         accepted: Instant::now(),
+        request,
     };
     let result = receipt(&accepted, false);
     let identity = record_identity(&accepted.record);
@@ -574,7 +579,7 @@ fn control_plane(method: &Method, path: &str, body: &str, state: &Mutex<State>) 
             let records: Vec<Value> = state
                 .accepted
                 .iter()
-                .map(|a| json!({"record": a.record, "recordHash": a.record_hash, "acceptedAt": iso8601(a.accepted_at)}))
+                .map(|a| json!({"record": a.record, "recordHash": a.record_hash, "acceptedAt": iso8601(a.accepted_at), "request": a.request}))
                 .collect();
             (200, Value::Array(records))
         }
