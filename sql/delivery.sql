@@ -2,16 +2,16 @@
 -- write it; nothing else does, except the operator functions in operations.sql).
 --
 -- A change's life: certyo.queue (appended by capture) → certyo.receipt once Certyo accepted it
--- (pending → anchored, or mismatch). A change that failed, or that waited in a long backlog,
--- passes through certyo.delivery (pending; 'dead' when Certyo refused it) on the way.
+-- (pending → anchored, or mismatch). A change that failed, and the queue behind it while it
+-- waits, passes through certyo.delivery (pending; 'dead' when Certyo refused it) on the way.
 -- Nothing is ever dropped: a dead letter waits for an operator, and a receipt is kept while it
 -- is the newest of its record; receipts of versions a newer one replaced, and of deletes, are
 -- removed after certyo.retention once anchored.
 
 -- Changes the worker has taken from the queue and not yet delivered: those that failed (retries
--- and dead letters), and a backlog longer than a few batches, moved here in bulk (so the write
--- path never pays for these indexes). While Certyo keeps up, changes go from the queue to their
--- receipt directly (src/delivery/store.rs, take_from_queue).
+-- and dead letters), and the queue behind them while they wait, moved here in bulk (so the write
+-- path never pays for these indexes). While nothing waits for a retry, changes go from the
+-- queue to their receipt directly, a long backlog too (src/delivery/store.rs, take_from_queue).
 CREATE TABLE certyo.delivery (
     id               bigint      PRIMARY KEY,           -- the queue id: change order per record
     relid            oid         NOT NULL,
