@@ -17,6 +17,10 @@ import re
 import subprocess
 import sys
 import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "pg_test"))
+from harness import cpu_use  # noqa: E402
 
 SOCKET, PORT = sys.argv[1], sys.argv[2]
 BACKLOG = 100_000
@@ -111,28 +115,22 @@ def verification(seconds=10):
 
 
 def idle(seconds=30):
-    """CPU ticks (1/100 s) and passes of the worker over `seconds` in which nothing happens."""
+    """CPU seconds and passes of the worker over `seconds` in which nothing happens."""
     assert wait_until("SELECT running FROM certyo.worker_status()", "t", 60), "the worker runs"
     pid = psql("SELECT pid FROM certyo.worker_status()")
-
-    def ticks():
-        with open(f"/proc/{pid}/stat") as stat:
-            fields = stat.read().rsplit(")", 1)[1].split()
-        return int(fields[11]) + int(fields[12])
-
-    passes, before = int(psql("SELECT passes FROM certyo.worker_status()")), ticks()
+    passes, (before, _) = int(psql("SELECT passes FROM certyo.worker_status()")), cpu_use(pid)
     time.sleep(seconds)  # the measurement window
-    return ticks() - before, int(psql("SELECT passes FROM certyo.worker_status()")) - passes
+    return cpu_use(pid)[0] - before, int(psql("SELECT passes FROM certyo.worker_status()")) - passes
 
 
 def main():
-    idle_ticks, idle_passes = idle()
+    idle_cpu, idle_passes = idle()
     ok, elapsed, accepted = drain()
     b_accepted, b_elapsed, b_passes, per_record = breakdown()
     count, p50, p99 = latency()
     rate, v_count, v_p50, v_p99 = verification()
     print("\ndelivery benchmark (emulator on this machine, bulk requests of 1000)")
-    print(f"idle worker (nothing tracked): {idle_ticks} CPU ticks in 30 s = {idle_ticks / 30:.2f}% of a core "
+    print(f"idle worker (nothing tracked): {idle_cpu * 1000:.1f} ms of CPU in 30 s = {idle_cpu / 30 * 100:.2f}% of a core "
           f"(target <= 1%), {idle_passes} passes (poll_interval 1 s)")
     print(f"drain: {accepted} of {BACKLOG} changes accepted and written back in {elapsed:.1f} s "
           f"= {accepted / elapsed:,.0f} records/s (target >= 20,000){'' if ok else '  [DID NOT FINISH]'}")

@@ -31,6 +31,22 @@ def wait_for(condition, timeout=30, every=0.2):
     return value
 
 
+def cpu_use(pid):
+    """(CPU seconds, thread ids) of a process: the scheduler's nanosecond count of each live
+    thread (/proc/PID/task/*/schedstat), not the 10 ms ticks of /proc/PID/stat, which charge a
+    short wake-up a whole tick or nothing. A thread that ended takes its time with it: compare
+    the thread ids of two readings before their times."""
+    total, tasks = 0, set()
+    for task in os.listdir(f"/proc/{pid}/task"):
+        try:
+            with open(f"/proc/{pid}/task/{task}/schedstat") as stat:
+                total += int(stat.read().split()[0])
+            tasks.add(int(task))
+        except FileNotFoundError:
+            pass  # a thread that ended meanwhile
+    return total / 1e9, tasks
+
+
 def free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -16,7 +16,7 @@ from datetime import datetime
 import pytest
 
 from conftest import watched_cluster
-from harness import Cluster, free_port, wait_for
+from harness import Cluster, cpu_use, free_port, wait_for
 
 DIR = "/tmp/certyo-e2e-daemon"
 POLL_INTERVAL_S = 0.3
@@ -33,31 +33,29 @@ def cluster(emulator):
     yield from watched_cluster(DIR, emulator, SETTINGS)
 
 
-def worker_cpu_ticks(cluster):
-    """utime + stime of the worker process, in clock ticks (100 per CPU-second)."""
+def idle_cost(cluster, seconds):
+    """(passes, CPU seconds, threads started) of the worker over a window in which nothing
+    happens."""
     pid = cluster.sql("SELECT pid FROM certyo.worker_status()")
-    with open(f"/proc/{pid}/stat") as stat:
-        fields = stat.read().rsplit(")", 1)[1].split()
-    return int(fields[11]) + int(fields[12])
-
-
-def idle_cost(cluster, seconds=3.0):
-    """(passes, CPU ticks) of the worker over a window in which nothing happens."""
-    passes = int(cluster.sql("SELECT passes FROM certyo.worker_status()"))
-    ticks = worker_cpu_ticks(cluster)
+    passes = cluster.passes()
+    cpu, threads = cpu_use(pid)
     time.sleep(seconds)  # a measurement window, not a wait for a condition
-    return (int(cluster.sql("SELECT passes FROM certyo.worker_status()")) - passes,
-            worker_cpu_ticks(cluster) - ticks)
+    cpu_after, threads_after = cpu_use(pid)
+    return cluster.passes() - passes, cpu_after - cpu, threads_after - threads
 
 
 def assert_asleep(cluster, state):
-    seconds = 3.0
-    passes, ticks = idle_cost(cluster, seconds)
+    seconds = 5.0
+    passes, cpu, started = idle_cost(cluster, seconds)
+    print(f"{state}: {passes} passes, {cpu * 1000:.1f} ms of CPU in {seconds} s")
     # Asleep: about one pass per poll_interval (plus a few for the doorbell of our own
-    # queries); a worker that spins runs thousands. CPU: 1% of a core is 3 ticks in 3 s;
-    # tick accounting is coarse, so 5.
+    # queries); a worker that spins runs thousands.
     assert passes <= seconds / POLL_INTERVAL_S + 5, f"{state}: {passes} passes in {seconds} s"
-    assert ticks <= 5, f"{state}: {ticks} CPU ticks in {seconds} s"
+    # No thread is started for nothing (one that started and ended in the window would take
+    # its CPU time with it), so the time below is all of it.
+    assert not started, f"{state}: threads {sorted(started)} started while nothing happened"
+    # At most 1% of a core, measured to the nanosecond: a worker that spins uses 100%.
+    assert cpu <= 0.01 * seconds, f"{state}: {cpu * 1000:.1f} ms of CPU in {seconds} s"
 
 
 def test_idle_worker_sleeps_in_every_quiet_state(cluster):
