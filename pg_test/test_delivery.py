@@ -251,8 +251,27 @@ def test_a_failure_in_a_long_backlog_sends_the_rest_in_order(cluster, emulator):
     cluster.sql("SELECT certyo.resume()")
     window.exactly_once("a long backlog with a partial answer and a 500")
     assert emulator.stats()["faultsServed"] - served == 2, "both faults were served"
+    # The record left out of the partial answer was stored: its retry is the one replay.
+    assert window.stat("replayed") == 1, \
+        f"{window.stat('replayed')} changes were sent again after Certyo had accepted them"
     out_of_order, records = records_out_of_order(window, "public.backlog_faults")
     assert records == 3000 and out_of_order == [], f"records whose changes arrived out of order: {out_of_order[:5]}"
+
+
+def test_a_batch_in_flight_when_a_retry_begins_is_not_sent_again(cluster, emulator):
+    """A partial answer ends the list: the next pass moves the queue into certyo.delivery,
+    with the changes of the batch then in flight. Their answers come after the move: they
+    become receipts where the changes now wait, and none is sent again."""
+    cluster.sql("CREATE TABLE backlog_moved (id int PRIMARY KEY, price int); SELECT certyo.track('backlog_moved')")
+    window = Window(cluster, emulator)
+    cluster.sql("SELECT certyo.pause()")
+    queue_three_changes_per_record(cluster, "backlog_moved", 3000)
+    emulator.fault("partial", 1)
+    cluster.sql("SELECT certyo.resume()")
+    window.exactly_once("a batch in flight while the queue moves into certyo.delivery")
+    # The record left out of the partial answer was stored: its retry is the one replay.
+    assert window.stat("replayed") == 1, \
+        f"{window.stat('replayed')} changes were sent again after Certyo had accepted them"
 
 
 def test_the_worker_vacuums_the_queue_it_empties_and_reports_what_it_wrote(cluster, emulator):
