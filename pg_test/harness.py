@@ -1,6 +1,7 @@
 """Shared by the end-to-end suites (pytest, fixtures in conftest.py): a real PostgreSQL 15
 cluster with certyo_cdc preloaded (started as the postgres user, over a Unix socket) and the
 Certyo emulator as a child process. Each suite gets its own directory and port."""
+import itertools
 import json
 import os
 import re
@@ -100,6 +101,22 @@ class Attempt:
         return f"Attempt(rc={self.returncode}, sqlstates={self.sqlstates}, stdout={self.stdout[:300]!r}, stderr={self.stderr[:600]!r})"
 
 
+_held_sessions = itertools.count(1)
+
+
+class Held:
+    """A psql session kept open by Cluster.hold_open: close() rolls back and ends it."""
+
+    def __init__(self, process):
+        self.process = process
+
+    def close(self):
+        try:
+            self.process.communicate("ROLLBACK;\n", timeout=15)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+
+
 class Cluster:
     def __init__(self, directory, port, emulator_url, settings=""):
         self.dir, self.port = directory, port
@@ -176,6 +193,23 @@ certyo.batch_size = 100
                               "-v", "VERBOSITY=verbose", "-v", f"ON_ERROR_STOP={int(stop_on_error)}", "-f", "-"],
                              input=statement, capture_output=True, text=True)
         return Attempt(out.returncode, out.stdout.strip(), out.stderr.strip())
+
+    def hold_open(self, statements, user="postgres"):
+        """A session that runs `statements` (say, BEGIN and a lock) and stays open, its
+        transaction too, until the returned Held is closed; returned once it waits idle in that
+        transaction."""
+        name = f"held-{next(_held_sessions)}"
+        process = subprocess.Popen(["psql", "-h", self.dir, "-p", str(self.port), "-U", user, "-d", "postgres", "-X",
+                                    "-q", "-v", "ON_ERROR_STOP=1"], stdin=subprocess.PIPE,
+                                   stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                                   env=dict(os.environ, PGAPPNAME=name))
+        process.stdin.write(statements + "\n")
+        process.stdin.flush()
+        state = f"SELECT state FROM pg_stat_activity WHERE application_name = '{name}'"
+        if not wait_for(lambda: self.sql(state) == "idle in transaction", 15):
+            process.kill()
+            raise RuntimeError(f"{statements}: the session did not stay open ({process.stderr.read()})")
+        return Held(process)
 
     def postmaster_pid(self):
         """The postmaster's PID: the first line of DATA/postmaster.pid."""

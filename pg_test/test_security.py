@@ -515,6 +515,114 @@ def test_backfill_condition_with_or_queues_matching_rows_once(cluster, attacker)
 # 5. Only the owner may track, untrack or backfill
 
 
+# ---------------------------------------------------------------------------------------------
+# Holding up the worker: its statements that run a role's code get certyo.user_code_timeout
+# (5 s by default), so no role stalls the delivery of the other tables.
+
+
+def test_a_backfill_condition_that_sleeps_cannot_hold_up_delivery(cluster, attacker, make_role):
+    """Attack: a backfill whose condition sleeps a minute per row. The chunk is canceled after
+    certyo.user_code_timeout and the backfill fails, naming the setting; another role's changes
+    are delivered meanwhile, long before the condition would have woken."""
+    table = make_table(attacker, rows=3)
+    backfill = attacker.sql(f"SELECT certyo.backfill('{table}', 'pg_sleep(60) IS NOT NULL')")
+    assert_delivered_meanwhile(cluster, make_role("bystander"))
+    assert wait_backfill(cluster, backfill) == "failed"
+    error = cluster.sql(f"SELECT error FROM certyo.backfills WHERE id = {backfill}")
+    assert "certyo.user_code_timeout" in error, error
+
+
+def test_rows_locked_by_a_role_cannot_hold_up_delivery(cluster, attacker, make_role):
+    """Attack: the owner locks its rows (SELECT ... FOR UPDATE, then LOCK TABLE) in a transaction
+    it keeps open, then requests a backfill, whose chunk reads the rows FOR SHARE. The worker
+    waits a second at most, then tries again later with back-off: another role's changes are
+    delivered meanwhile, and the backfill completes once the locks are released."""
+    table = make_table(attacker, rows=3)
+    for lock in (f"SELECT * FROM {table} FOR UPDATE", f"LOCK TABLE {table} IN ACCESS EXCLUSIVE MODE"):
+        holder = cluster.hold_open(f"BEGIN; {lock};", user=attacker.name)
+        try:
+            backfill = attacker.sql(f"SELECT certyo.backfill('{table}')")
+            assert wait_for(lambda: "locked by another transaction" in cluster.sql(
+                f"SELECT coalesce(error, '') FROM certyo.backfills WHERE id = {backfill}"), 30), \
+                f"the worker did not give up waiting for the locked rows ({lock})"
+            assert_delivered_meanwhile(cluster, make_role("bystander"))
+            state = cluster.sql(f"SELECT state FROM certyo.backfills WHERE id = {backfill}")
+            assert state in ("queued", "running"), f"the backfill waits for the locked rows, it is {state}"
+        finally:
+            holder.close()
+        assert wait_backfill(cluster, backfill, timeout=60) == "done", f"once the lock ({lock}) is gone"
+
+
+def test_a_slow_trigger_on_write_back_cannot_hold_up_delivery(cluster, attacker, make_role):
+    """Attack: an ENABLE ALWAYS trigger (it fires even in the write-back's replica mode) that
+    sleeps a minute. The write-back is canceled after certyo.user_code_timeout and retried with
+    back-off as a failing table; another role's changes are delivered meanwhile."""
+    s = attacker.schema
+    table = make_table(attacker)
+    attacker.sql(f"""
+        CREATE FUNCTION {s}.slow() RETURNS trigger LANGUAGE plpgsql AS $$
+        BEGIN
+            IF current_setting('session_replication_role') = 'replica' THEN PERFORM pg_sleep(60); END IF;
+            RETURN NEW;
+        END $$;
+        CREATE TRIGGER slow BEFORE UPDATE ON {table} FOR EACH ROW EXECUTE FUNCTION {s}.slow();
+        ALTER TABLE {table} ENABLE ALWAYS TRIGGER slow;
+        INSERT INTO {table} (id) VALUES (1);
+    """)
+    assert wait_for(lambda: cluster.sql(
+        f"SELECT count(*) FROM certyo.write_back_failure WHERE relid = '{table}'::regclass") == "1", 30), \
+        "the write-back to the slow table is recorded as failing"
+    assert_delivered_meanwhile(cluster, make_role("bystander"))
+    attacker.sql(f"DROP TRIGGER slow ON {table}")
+    wait_written_back(cluster, table, 1, timeout=60)
+
+
+def test_an_oversized_change_cannot_hold_up_delivery(cluster, attacker, make_role):
+    """Attack: a change too large to be sent within certyo.request_timeout would fail every
+    attempt, and as the oldest pending change be every probe: no other change of the database
+    would go out. A payload above certyo.max_payload_size is kept as a dead letter instead,
+    never sent, with the setting named; another role's changes are delivered."""
+    cluster.sql("ALTER SYSTEM SET certyo.max_payload_size = '64kB'")
+    reload(cluster)
+    assert cluster.wait_passes(2), "the worker began no pass after the reload"
+    try:
+        table = make_table(attacker)
+        attacker.sql(f"INSERT INTO {table} VALUES (1, repeat('y', 100000))")
+        dead = (f"SELECT last_error FROM certyo.delivery WHERE relid = '{table}'::regclass AND state = 'dead'")
+        assert wait_for(lambda: "certyo.max_payload_size" in cluster.sql(dead), 30), cluster.explain()
+        assert_delivered_meanwhile(cluster, make_role("bystander"))
+    finally:
+        cluster.sql("ALTER SYSTEM RESET certyo.max_payload_size")
+        reload(cluster)
+
+
+def test_anchoring_evidence_forged_by_a_writer_is_found_by_the_audit(cluster, attacker, make_role):
+    """Attack: a role allowed to UPDATE someone else's tracked table sets a row's written-back
+    columns itself (capture skips such updates: they are bookkeeping). The audit compares them
+    with the receipts: a forged hash, and an anchoring Certyo never confirmed, are named."""
+    owner = make_role("owner")
+    table = make_table(owner, rows=3)
+    owner.sql(f"GRANT USAGE ON SCHEMA {owner.schema} TO {attacker.name}; GRANT SELECT, UPDATE ON {table} TO {attacker.name}")
+    wait_anchored(cluster, table, 3)  # verification is over: nothing the worker does changes them now
+    assert cluster.sql(f"SELECT count(*) FROM certyo.audit('{table}')") == "0", "the table audits clean first"
+    attacker.sql(f"UPDATE {table} SET certyo_record_hash = 'sha256:forged' WHERE id = 1")
+    # Receipt 2 as if Certyo had answered its verification with another hash.
+    cluster.sql(f"UPDATE certyo.receipt SET anchor_status = 'mismatch' WHERE relid = '{table}'::regclass"
+                f" AND record_id = '2'")
+    attacker.sql(f"UPDATE {table} SET certyo_anchor_status = 'anchored' WHERE id = 2")
+    found = cluster.sql(f"SELECT string_agg(record_id || ': ' || problem, '; ' ORDER BY record_id)"
+                        f" FROM certyo.audit('{table}')")
+    assert found == "1: record hash changed without capture; 2: anchor status changed without capture", found
+
+
+def assert_delivered_meanwhile(cluster, role):
+    """A change of another role's table gets its hash written back within 30 s: before the
+    attacker's minute-long sleep (or lock) ends."""
+    table = make_table(role, name="served")
+    role.sql(f"INSERT INTO {table} (id) VALUES (1)")
+    wait_written_back(cluster, table, 1, timeout=30)
+
+
 def test_non_owner_cannot_track_untrack_or_backfill(cluster, attacker, make_role):
     """Attack: a role with every privilege on a table but not its owner (one owned by another
     ordinary role, one by postgres) calls track(), untrack() and backfill() on it: 42501 each,

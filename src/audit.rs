@@ -20,10 +20,12 @@ struct Known {
     deleted: bool,
 }
 
-/// The last accepted version of one record, for the report.
+/// The last accepted version of one record, for the report and the bookkeeping check.
 struct Accepted {
     at: Option<TimestampWithTimeZone>,
     record_hash: Option<String>,
+    anchored: bool,
+    written_back: bool,
 }
 
 type Finding = (
@@ -70,20 +72,36 @@ fn findings(relid: Oid) -> Result<Vec<Finding>> {
         )
     };
     let mut found = Vec::new();
-    each_row(relid, &options, Snapshot::Transaction, |_, change| {
-        let record_id = String::from_utf8_lossy(&change.record_id).into_owned();
-        let sha256 = payload_sha256(&change.payload);
-        let problem = match known.remove(&record_id) {
-            None => Some("never captured"),
-            Some(k) if k.deleted || k.sha256 != sha256 => Some("changed without capture"),
-            Some(k) if !k.accepted => Some("not yet accepted"),
-            Some(_) => None,
-        };
-        if let Some(problem) = problem {
-            found.push(report(record_id, problem));
-        }
-        Ok(())
-    })?;
+    each_row(
+        relid,
+        &options,
+        Snapshot::Transaction,
+        |plan, row, change| {
+            let record_id = String::from_utf8_lossy(&change.record_id).into_owned();
+            let sha256 = payload_sha256(&change.payload);
+            let problem = match known.remove(&record_id) {
+                None => Some("never captured"),
+                Some(k) if k.deleted || k.sha256 != sha256 => Some("changed without capture"),
+                Some(k) if !k.accepted => Some("not yet accepted"),
+                Some(_) => {
+                    // SAFETY: the positions of text columns of the row's relation (`TablePlan`).
+                    let (hash, status) = unsafe {
+                        (
+                            plan.written_back.record_hash.and_then(|i| row.text(i)),
+                            plan.written_back.anchor_status.and_then(|i| row.text(i)),
+                        )
+                    };
+                    accepted
+                        .get(&record_id)
+                        .and_then(|last| forged_bookkeeping(last, hash, status))
+                }
+            };
+            if let Some(problem) = problem {
+                found.push(report(record_id, problem));
+            }
+            Ok(())
+        },
+    )?;
     let mut gone: Vec<String> = known
         .into_iter()
         .filter(|(_, k)| !k.deleted)
@@ -95,6 +113,24 @@ fn findings(relid: Oid) -> Result<Vec<Finding>> {
             .map(|r| report(r, "deleted without capture")),
     );
     Ok(found)
+}
+
+/// What is wrong with the written-back columns of a row whose payload is the accepted one:
+/// anyone who may UPDATE the table can set them (capture skips such updates by design), so
+/// the audit compares them with the receipt. A hash not written back yet (a failing
+/// write-back: `written_back` is false) or an anchoring not yet written back is not a finding.
+fn forged_bookkeeping(
+    last: &Accepted,
+    hash: Option<String>,
+    status: Option<String>,
+) -> Option<&'static str> {
+    if last.written_back && hash != last.record_hash {
+        return Some("record hash changed without capture");
+    }
+    if status.as_deref() == Some("anchored") && !last.anchored {
+        return Some("anchor status changed without capture");
+    }
+    None
 }
 
 /// Per record id, the newest version captured: queued, being delivered, or accepted.
@@ -137,7 +173,8 @@ fn newest_versions(relid: Oid) -> Result<HashMap<String, Known>> {
 fn last_accepted(relid: Oid) -> Result<HashMap<String, Accepted>> {
     Ok(Spi::connect(|client| {
         let rows = client.select(
-            "SELECT DISTINCT ON (record_id) record_id, accepted_at, record_hash
+            "SELECT DISTINCT ON (record_id) record_id, accepted_at, record_hash,
+                    anchor_status = 'anchored', written_back
                FROM certyo.receipt WHERE relid = $1 ORDER BY record_id, id DESC",
             None,
             &[relid.into()],
@@ -149,6 +186,8 @@ fn last_accepted(relid: Oid) -> Result<HashMap<String, Accepted>> {
                 Accepted {
                     at: row.get::<TimestampWithTimeZone>(2)?,
                     record_hash: row.get::<String>(3)?,
+                    anchored: row.get::<bool>(4)?.unwrap_or(false),
+                    written_back: row.get::<bool>(5)?.unwrap_or(false),
                 },
             );
         }

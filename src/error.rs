@@ -77,6 +77,20 @@ pub fn guarded<T>(
         .execute()
 }
 
+/// [`guarded`] for work whose failures differ by kind: the SQLSTATE of a Postgres error
+/// caught (or of the `CertyoError` returned) comes with its message.
+pub fn guarded_with_code<T>(
+    f: impl FnOnce() -> Result<T> + std::panic::UnwindSafe,
+) -> std::result::Result<T, (PgSqlErrorCode, String)> {
+    pgrx::PgTryBuilder::new(|| f().map_err(|e| (e.code, e.message)))
+        .catch_others(|caught| {
+            // SAFETY: as in `guarded`.
+            unsafe { pgrx::pg_sys::AbortCurrentTransaction() };
+            Err((code_of(&caught), message_of(&caught)))
+        })
+        .execute()
+}
+
 /// Run `f` in a transaction of its own (for the worker, which is outside one between steps):
 /// committed when `f` returns `Ok`, rolled back when it returns `Err`, so that a step that fails
 /// halfway leaves nothing behind. (pgrx's `BackgroundWorker::transaction` commits whatever `f`
@@ -134,6 +148,16 @@ pub fn in_subtransaction<T>(
         Err(message_of(&caught))
     })
     .execute()
+}
+
+fn code_of(caught: &pgrx::pg_sys::panic::CaughtError) -> PgSqlErrorCode {
+    use pgrx::pg_sys::panic::CaughtError;
+    match caught {
+        CaughtError::PostgresError(report) | CaughtError::ErrorReport(report) => {
+            report.sql_error_code()
+        }
+        CaughtError::RustPanic { ereport, .. } => ereport.sql_error_code(),
+    }
 }
 
 fn message_of(caught: &pgrx::pg_sys::panic::CaughtError) -> String {

@@ -11,7 +11,8 @@
 //! runs user code outside the user's own session goes through one of them.
 
 use pgrx::pg_sys::{self, Oid};
-use std::ffi::CStr;
+use std::ffi::{c_int, CStr};
+use std::time::Duration;
 
 /// The `search_path` user code sees: nothing but the catalog, so no name in a statement of
 /// ours resolves to an object someone else created.
@@ -35,14 +36,61 @@ pub fn as_role<T>(role: Oid, f: impl FnOnce() -> T) -> T {
 /// bookkeeping, not a change, so it fires no ordinary user trigger (triggers the owner set to
 /// `ENABLE ALWAYS` or `ENABLE REPLICA` still fire, as the owner). Only a superuser may change
 /// that setting, so the owner's code cannot turn it back.
-/// A row lock held by someone else is waited for a second at most: the worker has other
-/// tables to serve.
-pub fn writing_back_as<T>(owner: Oid, f: impl FnOnce() -> T) -> T {
+/// A row lock held by someone else is waited for a second at most, and the statement (the
+/// owner's triggers with it) runs `timeout` at most: the worker has other tables to serve.
+pub fn writing_back_as<T>(owner: Oid, timeout: Duration, f: impl FnOnce() -> T) -> T {
     let settings = [
         (c"session_replication_role", c"replica"),
         (c"lock_timeout", c"1s"),
     ];
-    restricted(owner, &settings, f)
+    restricted(owner, &settings, || within(timeout, f))
+}
+
+/// [`as_role`] for a backfill chunk in the worker: a row lock held by someone else is waited
+/// for a second at most, and its condition runs `timeout` at most, so that no role holds up
+/// the other tables' delivery.
+pub fn backfilling_as<T>(owner: Oid, timeout: Duration, f: impl FnOnce() -> T) -> T {
+    let settings = [
+        (c"session_replication_role", c"origin"),
+        (c"plan_cache_mode", c"auto"),
+        (c"lock_timeout", c"1s"),
+    ];
+    restricted(owner, &settings, || within(timeout, f))
+}
+
+unsafe extern "C-unwind" {
+    /// `utils/timeout.h` (not bound by pgrx); `id` is a `TimeoutId`.
+    fn enable_timeout_after(id: c_int, delay_ms: c_int);
+    fn disable_timeout(id: c_int, keep_indicator: bool);
+}
+
+/// `TimeoutId`'s `STATEMENT_TIMEOUT`: the fourth reason since PostgreSQL 9.3, in 15 to 18 too.
+const STATEMENT_TIMEOUT: c_int = 3;
+
+/// Run `f` canceled after `timeout`, as `statement_timeout` cancels a client's statement:
+/// that setting is armed only when a client's statement starts, never for the worker's, whose
+/// statements run inside its own transactions. The cancellation is an ERROR with SQLSTATE
+/// 57014, "canceling statement due to statement timeout".
+fn within<T>(timeout: Duration, f: impl FnOnce() -> T) -> T {
+    let ms = timeout.as_millis().clamp(1, c_int::MAX as u128) as c_int;
+    // SAFETY: a predefined timeout, registered by InitPostgres in every backend with a
+    // database connection (the worker's too); its handler only sets flags and signals this
+    // process, which the next CHECK_FOR_INTERRUPTS turns into the ERROR.
+    let _armed = unsafe {
+        pg_sys::ffi::pg_guard_ffi_boundary(|| enable_timeout_after(STATEMENT_TIMEOUT, ms));
+        Armed
+    };
+    f()
+}
+
+/// The statement timeout armed by `within`, disarmed when `f` returns or its ERROR unwinds.
+struct Armed;
+
+impl Drop for Armed {
+    fn drop(&mut self) {
+        // SAFETY: disarms the predefined timeout armed above; it raises no error.
+        unsafe { disable_timeout(STATEMENT_TIMEOUT, false) };
+    }
 }
 
 /// Run `f` as the bootstrap superuser, for the extension's own statements on its own tables

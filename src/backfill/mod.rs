@@ -105,26 +105,102 @@ pub struct Job {
     pub last_key: Option<Vec<String>>,
 }
 
-/// Worker: queue the next chunk of the oldest open backfill. True when there is more to do.
+/// Worker: queue the next chunk of the oldest open backfill. True when there is more to do
+/// now (false too while the oldest waits for rows locked by someone else).
 pub fn step(chunk_size: usize) -> std::result::Result<bool, pgrx::spi::Error> {
     let Some(job) = crate::error::transaction(next_job)? else {
         return Ok(false);
     };
     let id = job.id;
-    let outcome = crate::error::guarded(|| {
-        crate::error::transaction(|| queue_chunk(&job, chunk_size).map_err(|e| e.message))
+    if locked::waiting(id) {
+        return Ok(false);
+    }
+    let outcome = crate::error::guarded_with_code(|| {
+        crate::error::transaction(|| queue_chunk(&job, chunk_size))
     });
-    if let Err(error) = outcome {
-        pgrx::warning!("certyo_cdc: backfill {id} failed: {error}");
+    let Err((code, error)) = outcome else {
+        locked::forget();
+        return Ok(true);
+    };
+    if code == PgSqlErrorCode::ERRCODE_LOCK_NOT_AVAILABLE {
+        // Rows (or the table) locked by another transaction for more than a second: the
+        // chunk is tried again later, with back-off; the backfill goes on from where it was.
+        let retry_in = locked::wait(id);
+        let error = format!(
+            "{error}: the chunk's rows are locked by another transaction; tried again in {} s",
+            retry_in.as_secs().max(1)
+        );
         crate::error::transaction(|| {
             Spi::run_with_args(
-                "UPDATE certyo.backfills SET state = 'failed', error = $2, finished_at = now(), updated_at = now()
-                  WHERE id = $1",
+                "UPDATE certyo.backfills SET error = $2, updated_at = now() WHERE id = $1",
                 &[id.into(), error.into()],
             )
         })?;
+        return Ok(false);
     }
+    locked::forget();
+    let error = if code == PgSqlErrorCode::ERRCODE_QUERY_CANCELED {
+        format!(
+            "{error}: a chunk of {chunk_size} rows took longer than certyo.user_code_timeout ({} ms); raise it, lower certyo.backfill_chunk_size, or give the condition an index, then request the backfill again",
+            crate::delivery::settings::user_code_timeout().as_millis()
+        )
+    } else {
+        error
+    };
+    pgrx::warning!("certyo_cdc: backfill {id} failed: {error}");
+    crate::error::transaction(|| {
+        Spi::run_with_args(
+            "UPDATE certyo.backfills SET state = 'failed', error = $2, finished_at = now(), updated_at = now()
+              WHERE id = $1",
+            &[id.into(), error.into()],
+        )
+    })?;
     Ok(true)
+}
+
+/// The oldest open backfill's wait while its rows are locked by someone else: one at a time
+/// (the worker takes backfills in order), in the worker's memory (a restart tries at once).
+pub mod locked {
+    use std::cell::Cell;
+    use std::time::{Duration, Instant};
+
+    thread_local! {
+        /// (backfill id, failed attempts, next attempt).
+        static WAITING: Cell<Option<(i64, u32, Instant)>> = const { Cell::new(None) };
+    }
+
+    /// Whether backfill `id` waits for its next attempt.
+    pub fn waiting(id: i64) -> bool {
+        WAITING.with(|w| {
+            w.get()
+                .is_some_and(|(job, _, at)| job == id && Instant::now() < at)
+        })
+    }
+
+    /// Backfill `id` found its rows locked again: when to try next (1 s, doubling, at most
+    /// `certyo.max_retry_interval`).
+    pub fn wait(id: i64) -> Duration {
+        let failures = WAITING.with(|w| match w.get() {
+            Some((job, n, _)) if job == id => n + 1,
+            _ => 1,
+        });
+        let cap = crate::delivery::settings::current().max_retry_interval;
+        let delay = certyo::retry::next_attempt_delay(failures, 0.5, cap);
+        WAITING.with(|w| w.set(Some((id, failures, Instant::now() + delay))));
+        delay
+    }
+
+    pub fn forget() {
+        WAITING.with(|w| w.set(None));
+    }
+
+    /// How long until the waiting backfill is tried again (None: none waits).
+    pub fn next_attempt_in() -> Option<Duration> {
+        WAITING.with(|w| {
+            w.get()
+                .map(|(_, _, at)| at.saturating_duration_since(Instant::now()))
+        })
+    }
 }
 
 fn next_job() -> std::result::Result<Option<Job>, pgrx::spi::Error> {
@@ -187,7 +263,8 @@ pub fn queue_chunk(job: &Job, chunk_size: usize) -> Result<i64> {
     // requester's condition; the requester was and still is allowed to act as the owner. So it
     // runs as the owner, restricted, never with the worker's rights (see crate::rights).
     let owner = requester_may_still_act_as_owner(job)?;
-    let (queued, last) = crate::rights::as_role(owner, || {
+    let timeout = crate::delivery::settings::user_code_timeout();
+    let (queued, last) = crate::rights::backfilling_as(owner, timeout, || {
         Spi::connect(|client| queue_rows(client, &sql, last_key, job.relid, &options))
     })?;
     let done = (queued as usize) < chunk_size;

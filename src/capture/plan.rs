@@ -45,6 +45,15 @@ pub struct TablePlan {
     /// Positions in `payload` of the record id columns, in record id order.
     pub record_id: Vec<usize>,
     pub timestamp: Option<TimestampColumn>,
+    /// Where the worker writes back: the positions of `certyo_record_hash` and
+    /// `certyo_anchor_status`, if the table has them as text columns (for the audit).
+    pub written_back: WrittenBack,
+}
+
+#[derive(Default)]
+pub struct WrittenBack {
+    pub record_hash: Option<usize>,
+    pub anchor_status: Option<usize>,
 }
 
 impl TablePlan {
@@ -142,6 +151,15 @@ impl TablePlan {
                 })?)
             }
         };
+        let text_column = |wanted: &str| {
+            attributes.iter().position(|a| {
+                !a.attisdropped && a.atttypid == pg_sys::TEXTOID && name_of(a) == wanted
+            })
+        };
+        let written_back = WrittenBack {
+            record_hash: text_column("certyo_record_hash"),
+            anchor_status: text_column("certyo_anchor_status"),
+        };
         Ok(TablePlan {
             relid: tracked.relid,
             collection: table,
@@ -149,6 +167,7 @@ impl TablePlan {
             payload,
             record_id,
             timestamp,
+            written_back,
         })
     }
 }

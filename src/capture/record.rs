@@ -45,6 +45,18 @@ impl Row {
     fn get(&self, index: usize) -> Option<Datum> {
         (!self.nulls[index]).then(|| self.values[index])
     }
+
+    /// The value of column `index` (from 0) as text, if it is a text column and not NULL.
+    ///
+    /// # Safety
+    /// `index` must be a column of type `text` of the row's relation.
+    pub unsafe fn text(&self, index: usize) -> Option<String> {
+        let datum = *self.values.get(index)?;
+        if *self.nulls.get(index)? {
+            return None;
+        }
+        <String as pgrx::FromDatum>::from_polymorphic_datum(datum, false, pg_sys::TEXTOID)
+    }
 }
 
 pub struct Change {

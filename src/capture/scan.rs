@@ -25,7 +25,7 @@ pub fn each_row(
     relid: Oid,
     options: &CaptureOptions,
     snapshot: Snapshot,
-    mut each: impl FnMut(&TablePlan, &Change) -> Result<()>,
+    mut each: impl FnMut(&TablePlan, &Row, &Change) -> Result<()>,
 ) -> Result<i64> {
     // SAFETY: a catalog lookup inside the caller's transaction.
     let partitioned =
@@ -50,7 +50,7 @@ fn scan(
     relid: Oid,
     options: &CaptureOptions,
     snapshot: Snapshot,
-    each: &mut impl FnMut(&TablePlan, &Change) -> Result<()>,
+    each: &mut impl FnMut(&TablePlan, &Row, &Change) -> Result<()>,
 ) -> Result<i64> {
     // SAFETY: inside a transaction; the relation is closed by its guard; the scan and the
     // snapshot are ended below on every path once begun (an error from `each` ends the loop,
@@ -83,7 +83,7 @@ fn scan(
             outcome = per_row.switch_to(|_| {
                 let row = Row::deform(tuple, (*rel).rd_att, plan.natts);
                 plan.change(Operation::Upsert, &row)
-                    .and_then(|change| each(&plan, &change))
+                    .and_then(|change| each(&plan, &row, &change))
             });
             per_row.reset();
             if outcome.is_err() {

@@ -193,8 +193,19 @@ fn pause_unless_stopped(stop: &AtomicBool, delay: Duration) -> bool {
     !stop.load(Ordering::Relaxed)
 }
 
-/// The Certyo record of an entry; Err (the reason) when its payload is not JSON.
+/// The Certyo record of an entry; Err (the reason) when its payload is larger than
+/// `certyo.max_payload_size` or not JSON.
 fn record(settings: &Settings, entry: &Entry) -> Result<Record, Outcome> {
+    if entry.payload.len() > settings.max_payload_size {
+        return Err(Outcome::Rejected {
+            status: 0,
+            body: format!(
+                "certyo_cdc: the payload of {} bytes is larger than certyo.max_payload_size ({} kB); it was not sent. Raise the setting and call certyo.retry() to send it",
+                entry.payload.len(),
+                settings.max_payload_size / 1024
+            ),
+        });
+    }
     let payload = serde_json::value::RawValue::from_string(entry.payload.clone()).map_err(|e| {
         Outcome::Rejected {
             status: 0,

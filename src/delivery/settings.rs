@@ -26,6 +26,8 @@ static VERIFY_INTERVAL_MS: GucSetting<i32> = GucSetting::<i32>::new(120_000);
 static MAX_RETRY_INTERVAL_S: GucSetting<i32> = GucSetting::<i32>::new(300);
 static ANCHOR_TIMEOUT_S: GucSetting<i32> = GucSetting::<i32>::new(900);
 static BACKFILL_CHUNK_SIZE: GucSetting<i32> = GucSetting::<i32>::new(5000);
+static USER_CODE_TIMEOUT_MS: GucSetting<i32> = GucSetting::<i32>::new(5000);
+static MAX_PAYLOAD_SIZE_KB: GucSetting<i32> = GucSetting::<i32>::new(10 * 1024);
 
 /// Define the settings; called from `_PG_init` in every process that loads the library.
 /// `certyo.database_name` can only be defined while the postmaster preloads the library
@@ -194,6 +196,26 @@ pub fn define(preloading: bool) {
         GucContext::Sighup,
         GucFlags::default(),
     );
+    GucRegistry::define_int_guc(
+        c"certyo.user_code_timeout",
+        c"Longest a statement of the delivery worker that runs users' code may take: a write-back (the owner's triggers) or a backfill chunk (its condition, its row locks).",
+        c"Past it the statement is canceled: the write-back to that table is retried with back-off, a chunk whose rows stay locked is retried with back-off, a chunk that computes too long fails its backfill. No role's code can hold up the other tables' delivery longer than this.",
+        &USER_CODE_TIMEOUT_MS,
+        100,
+        3_600_000,
+        GucContext::Sighup,
+        GucFlags::UNIT_MS,
+    );
+    GucRegistry::define_int_guc(
+        c"certyo.max_payload_size",
+        c"Largest record payload sent to Certyo; a larger change is kept as a dead letter, never sent.",
+        c"A change that cannot be sent within certyo.request_timeout would otherwise fail every attempt and, as a probe, hold up every other change of the database.",
+        &MAX_PAYLOAD_SIZE_KB,
+        1,
+        1024 * 1024,
+        GucContext::Sighup,
+        GucFlags::UNIT_KB,
+    );
     GucRegistry::define_bool_guc(
         c"certyo.enabled",
         c"Deliver queued changes (off: capture continues, nothing is sent).",
@@ -216,6 +238,11 @@ pub fn set_served_database(name: String) {
 /// `certyo.database_name`: the one database to serve, if restricted to one.
 pub fn only_database() -> Option<String> {
     Some(text(&DATABASE_NAME)).filter(|name| !name.is_empty())
+}
+
+/// `certyo.user_code_timeout`, read where a statement runs users' code.
+pub fn user_code_timeout() -> Duration {
+    Duration::from_millis(USER_CODE_TIMEOUT_MS.get().max(100) as u64)
 }
 
 /// `certyo.max_databases`.
@@ -245,6 +272,8 @@ pub struct Settings {
     pub verify_interval: Duration,
     pub anchor_timeout: Duration,
     pub backfill_chunk_size: usize,
+    /// `certyo.max_payload_size`, in bytes.
+    pub max_payload_size: usize,
 }
 
 fn text(setting: &GucSetting<Option<CString>>) -> String {
@@ -283,6 +312,7 @@ pub fn current() -> Settings {
         verify_interval: Duration::from_millis(VERIFY_INTERVAL_MS.get().max(100) as u64),
         anchor_timeout: Duration::from_secs(ANCHOR_TIMEOUT_S.get().max(1) as u64),
         backfill_chunk_size: BACKFILL_CHUNK_SIZE.get().max(1) as usize,
+        max_payload_size: MAX_PAYLOAD_SIZE_KB.get().max(1) as usize * 1024,
     }
 }
 

@@ -384,6 +384,9 @@ impl Worker {
         if let Some(retry) = write_back::failing::next_retry_in() {
             due = due.min(retry);
         }
+        if let Some(retry) = crate::backfill::locked::next_attempt_in() {
+            due = due.min(retry);
+        }
         Ok(Next::Wait(due.min(settings.poll_interval)))
     }
 

@@ -414,7 +414,10 @@ fn mark_table(
     );
     let mut args: Vec<DatumWithOid> = parts.into_iter().map(Into::into).collect();
     args.push(hashes.into());
-    crate::rights::writing_back_as(key.owner, || super::prepared::update(client, &sql, &args))?;
+    let timeout = crate::delivery::settings::user_code_timeout();
+    crate::rights::writing_back_as(key.owner, timeout, || {
+        super::prepared::update(client, &sql, &args)
+    })?;
     Ok(())
 }
 

@@ -15,7 +15,7 @@ use pgrx::pg_sys::Oid;
 pub fn backfill(relid: Oid, options: &CaptureOptions) -> Result<i64> {
     // The latest snapshot sees the rows this transaction wrote before calling track().
     // SAFETY: called inside track()'s transaction, which may write.
-    each_row(relid, options, Snapshot::Latest, |plan, change| unsafe {
+    each_row(relid, options, Snapshot::Latest, |plan, _, change| unsafe {
         queue::append(relid, &plan.collection, change).map(|_| ())
     })
 }
