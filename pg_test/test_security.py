@@ -615,6 +615,49 @@ def test_anchoring_evidence_forged_by_a_writer_is_found_by_the_audit(cluster, at
     assert found == "1: record hash changed without capture; 2: anchor status changed without capture", found
 
 
+def test_a_bc_key_from_a_writer_does_not_block_the_tables_write_back(cluster, attacker, make_role):
+    """Attack: a role allowed only to INSERT into someone else's tracked tables adds rows whose
+    record id is a date or timestamp before Christ. Capture renders them in ISO 8601 with
+    astronomical years (-0001 is 2 BC, 0000 is 1 BC), which Postgres' input refuses: the
+    write-back of the whole batch failed, for the owner's rows too, attempt after attempt. The
+    write-back now reads them back as BC values, and every row gets its hash."""
+    owner = make_role("owner")
+    s = owner.schema
+    owner.sql(f"""
+        CREATE TABLE {s}.events (at timestamptz PRIMARY KEY, v text); SELECT certyo.track('{s}.events');
+        CREATE TABLE {s}.days (day date PRIMARY KEY, v text); SELECT certyo.track('{s}.days');
+        GRANT USAGE ON SCHEMA {s} TO {attacker.name};
+        GRANT INSERT ON {s}.events, {s}.days TO {attacker.name};
+    """)
+    cluster.sql("SELECT certyo.pause()")  # one batch: the owner's rows and the attacker's together
+    try:
+        owner.sql(f"INSERT INTO {s}.events VALUES ('2026-03-01 00:00Z', 'v1'); "
+                  f"INSERT INTO {s}.days VALUES ('2020-01-01', 'v1'), ('infinity', 'v2')")
+        attacker.sql(f"INSERT INTO {s}.events VALUES ('0002-01-01 00:00Z BC', 'x'), ('0001-06-01 12:00Z BC', 'y'); "
+                     f"INSERT INTO {s}.days VALUES ('0044-03-15 BC', 'x')")
+        owner.sql(f"INSERT INTO {s}.events VALUES ('2026-03-03 00:00Z', 'v3')")
+    finally:
+        cluster.sql("SELECT certyo.resume()")
+    wait_written_back(cluster, f"{s}.events", 4)
+    wait_written_back(cluster, f"{s}.days", 3)
+    assert cluster.sql(f"SELECT count(*) FROM certyo.write_back_failure WHERE relid IN "
+                       f"('{s}.events'::regclass, '{s}.days'::regclass)") == "0"
+
+
+def test_an_array_or_composite_record_id_is_refused(cluster, attacker):
+    """A record id column whose value does not read back from its text (an array, a composite:
+    rendered as JSON) would make every write-back to the table fail, forever: track() refuses
+    it, naming the column, and tracks nothing."""
+    s = attacker.schema
+    attacker.sql(f"CREATE TYPE {s}.pair AS (x int, y text); "
+                 f"CREATE TABLE {s}.keyed (tags text[] NOT NULL, p {s}.pair NOT NULL, v text)")
+    for column, kind in (("tags", "an array"), ("p", "of a composite type")):
+        attempt = attacker.attempt(f"SELECT certyo.track('{s}.keyed', record_id_columns => ARRAY['{column}'])")
+        assert attempt.sqlstate == "42804", attempt
+        assert f'record id column "{column}" of {s}.keyed is {kind}' in attempt.stderr, attempt
+    assert cluster.sql(f"SELECT count(*) FROM certyo.tracked_tables WHERE \"table\" = '{s}.keyed'::regclass") == "0"
+
+
 def assert_delivered_meanwhile(cluster, role):
     """A change of another role's table gets its hash written back within 30 s: before the
     attacker's minute-long sleep (or lock) ends."""

@@ -24,9 +24,13 @@ struct Known {
 struct Accepted {
     at: Option<TimestampWithTimeZone>,
     record_hash: Option<String>,
+    /// Certyo confirmed its content (under its receipt or an earlier one with its hash).
     anchored: bool,
     written_back: bool,
 }
+
+/// A row's `certyo_record_hash` and `certyo_anchor_status`.
+type Written = (Option<String>, Option<String>);
 
 type Finding = (
     String,
@@ -61,7 +65,7 @@ fn findings(relid: Oid) -> Result<Vec<Finding>> {
         .hint("certyo.tracked_tables lists the tracked tables."));
     };
     let mut known = newest_versions(relid)?;
-    let accepted = last_accepted(relid)?;
+    let accepted = last_accepted(relid, None)?;
     let report = |record_id: String, problem: &str| -> Finding {
         let last = accepted.get(&record_id);
         (
@@ -72,6 +76,7 @@ fn findings(relid: Oid) -> Result<Vec<Finding>> {
         )
     };
     let mut found = Vec::new();
+    let mut suspects: Vec<(String, Written)> = Vec::new();
     each_row(
         relid,
         &options,
@@ -85,15 +90,17 @@ fn findings(relid: Oid) -> Result<Vec<Finding>> {
                 Some(k) if !k.accepted => Some("not yet accepted"),
                 Some(_) => {
                     // SAFETY: the positions of text columns of the row's relation (`TablePlan`).
-                    let (hash, status) = unsafe {
+                    let written = unsafe {
                         (
                             plan.written_back.record_hash.and_then(|i| row.text(i)),
                             plan.written_back.anchor_status.and_then(|i| row.text(i)),
                         )
                     };
-                    accepted
-                        .get(&record_id)
-                        .and_then(|last| forged_bookkeeping(last, hash, status))
+                    let last = accepted.get(&record_id);
+                    if last.is_some_and(|last| forged_bookkeeping(last, &written).is_some()) {
+                        suspects.push((record_id.clone(), written));
+                    }
+                    None
                 }
             };
             if let Some(problem) = problem {
@@ -102,6 +109,20 @@ fn findings(relid: Oid) -> Result<Vec<Finding>> {
             Ok(())
         },
     )?;
+    // The receipts were read before the rows: a write-back that committed in between (it
+    // commits with its receipts) makes a row look ahead of them. Read again, after the rows.
+    let ids: Vec<String> = suspects.iter().map(|(id, _)| id.clone()).collect();
+    let again = if ids.is_empty() {
+        HashMap::new()
+    } else {
+        last_accepted(relid, Some(ids))?
+    };
+    for (record_id, written) in suspects {
+        let last = again.get(&record_id);
+        if let Some(problem) = last.and_then(|last| forged_bookkeeping(last, &written)) {
+            found.push(report(record_id, problem));
+        }
+    }
     let mut gone: Vec<String> = known
         .into_iter()
         .filter(|(_, k)| !k.deleted)
@@ -119,12 +140,8 @@ fn findings(relid: Oid) -> Result<Vec<Finding>> {
 /// anyone who may UPDATE the table can set them (capture skips such updates by design), so
 /// the audit compares them with the receipt. A hash not written back yet (a failing
 /// write-back: `written_back` is false) or an anchoring not yet written back is not a finding.
-fn forged_bookkeeping(
-    last: &Accepted,
-    hash: Option<String>,
-    status: Option<String>,
-) -> Option<&'static str> {
-    if last.written_back && hash != last.record_hash {
+fn forged_bookkeeping(last: &Accepted, (hash, status): &Written) -> Option<&'static str> {
+    if last.written_back && *hash != last.record_hash {
         return Some("record hash changed without capture");
     }
     if status.as_deref() == Some("anchored") && !last.anchored {
@@ -170,14 +187,22 @@ fn newest_versions(relid: Oid) -> Result<HashMap<String, Known>> {
     })?)
 }
 
-fn last_accepted(relid: Oid) -> Result<HashMap<String, Accepted>> {
+/// Per record id, its last accepted version; only of the records `only` names, if given.
+fn last_accepted(relid: Oid, only: Option<Vec<String>>) -> Result<HashMap<String, Accepted>> {
     Ok(Spi::connect(|client| {
         let rows = client.select(
-            "SELECT DISTINCT ON (record_id) record_id, accepted_at, record_hash,
-                    anchor_status = 'anchored', written_back
-               FROM certyo.receipt WHERE relid = $1 ORDER BY record_id, id DESC",
+            // Anchored: Certyo confirmed this content, under this version's receipt or an
+            // earlier one with the same hash (a backfill's image of a row already captured).
+            "SELECT l.record_id, l.accepted_at, l.record_hash,
+                    EXISTS (SELECT FROM certyo.receipt a
+                             WHERE a.relid = $1 AND a.record_id = l.record_id
+                               AND a.record_hash = l.record_hash AND a.anchor_status = 'anchored'),
+                    l.written_back
+               FROM (SELECT DISTINCT ON (record_id) record_id, accepted_at, record_hash, written_back
+                       FROM certyo.receipt WHERE relid = $1 AND ($2::text[] IS NULL OR record_id = ANY ($2))
+                      ORDER BY record_id, id DESC) AS l",
             None,
-            &[relid.into()],
+            &[relid.into(), only.into()],
         )?;
         let mut last = HashMap::new();
         for row in rows {

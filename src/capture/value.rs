@@ -515,8 +515,12 @@ fn write_civil_date(out: &mut Vec<u8>, days_since_unix_epoch: i64) {
     let year = yoe + era * 400 + i64::from(month <= 2);
     if (0..=9999).contains(&year) {
         write_padded(out, year as u32, 4);
+    } else if year < 0 {
+        // ISO 8601's expanded form, astronomical years: -0043 is 44 BC (year 0 is 1 BC).
+        out.push(b'-');
+        write_padded(out, year.unsigned_abs().min(u32::MAX as u64) as u32, 4);
     } else {
-        let _ = write!(out, "{year:04}"); // before year 0 or after 9999: rare, keep it simple
+        out.extend_from_slice(itoa::Buffer::new().format(year).as_bytes());
     }
     out.push(b'-');
     write_padded(out, month as u32, 2);
@@ -608,6 +612,9 @@ mod tests {
         assert_eq!(text(|o| _ = write_date(o, -1)), "1999-12-31");
         assert_eq!(text(|o| _ = write_date(o, 60)), "2000-03-01"); // 2000 is a leap year
         assert_eq!(text(|o| _ = write_date(o, i32::MAX)), "infinity");
+        // 44 BC and 1 BC in astronomical years; the write-back reads them back as BC dates.
+        assert_eq!(text(|o| _ = write_date(o, -746_117)), "-0043-03-15");
+        assert_eq!(text(|o| _ = write_date(o, -730_485)), "0000-01-01");
         let ts = (9600 * 86_400 + 37_800) * 1_000_000 + 500_000;
         assert_eq!(
             text(|o| _ = write_timestamp(o, ts, true)),

@@ -390,8 +390,8 @@ fn mark_table(
         let Some(split) = split_record_id(&record_id, n) else {
             continue;
         };
-        for (column, value) in parts.iter_mut().zip(split) {
-            column.push(value);
+        for ((column, value), ty) in parts.iter_mut().zip(split).zip(&key.types) {
+            column.push(crate::track::key::postgres_input(&value, ty));
         }
         hashes.push(hash);
     }

@@ -74,6 +74,35 @@ impl RecordKey {
     }
 }
 
+/// A record id part as Postgres reads it back into a column of type `type_name`. Capture
+/// renders dates and timestamps in ISO 8601 with astronomical years (year 0 is 1 BC, -0043 is
+/// 44 BC), which Postgres' input refuses; it reads `0044-03-15 BC`. Anything else is as is.
+pub fn postgres_input(part: &str, type_name: &str) -> String {
+    let datelike = matches!(
+        type_name,
+        "date" | "timestamp without time zone" | "timestamp with time zone"
+    );
+    let (negative, unsigned) = match part.strip_prefix('-') {
+        Some(rest) => (true, rest),
+        None => (false, part),
+    };
+    let year_len = unsigned.find('-').unwrap_or(0);
+    let year = match unsigned[..year_len].parse::<i64>() {
+        Ok(year) if datelike => {
+            if negative {
+                -year
+            } else {
+                year
+            }
+        }
+        _ => return part.to_string(),
+    };
+    if year > 0 {
+        return part.to_string();
+    }
+    format!("{:04}{} BC", 1 - year, &unsigned[year_len..])
+}
+
 /// The parts of a record id: one column's text, or `\`-escaped parts joined by `/`.
 pub fn split_record_id(record_id: &str, parts: usize) -> Option<Vec<String>> {
     if parts == 1 {
@@ -93,7 +122,25 @@ pub fn split_record_id(record_id: &str, parts: usize) -> Option<Vec<String>> {
 
 #[cfg(test)]
 mod tests {
-    use super::split_record_id;
+    use super::{postgres_input, split_record_id};
+
+    #[test]
+    fn astronomical_years_are_read_back_as_bc() {
+        let tz = "timestamp with time zone";
+        assert_eq!(postgres_input("-0043-03-15", "date"), "0044-03-15 BC");
+        assert_eq!(postgres_input("-043-03-15", "date"), "0044-03-15 BC"); // as 0.2.0 wrote it
+        assert_eq!(
+            postgres_input("0000-01-01T00:00:00Z", tz),
+            "0001-01-01T00:00:00Z BC"
+        );
+        assert_eq!(
+            postgres_input("2026-03-01T00:00:00Z", tz),
+            "2026-03-01T00:00:00Z"
+        );
+        assert_eq!(postgres_input("infinity", "date"), "infinity");
+        assert_eq!(postgres_input("-infinity", "date"), "-infinity");
+        assert_eq!(postgres_input("-5", "integer"), "-5");
+    }
 
     #[test]
     fn record_ids_split_back_into_their_parts() {

@@ -152,6 +152,47 @@ impl Table {
     }
 
     fn resolve_record_id(&self, request: &Request) -> Result<(RecordIdSource, Vec<String>)> {
+        let (source, names) = self.record_id(request)?;
+        for name in &names {
+            if let Some(column) = self.column(name) {
+                self.require_scalar_key(column)?;
+            }
+        }
+        Ok((source, names))
+    }
+
+    /// A record id column's value must come back from its text: the write-back finds the row
+    /// by it. An array or a composite is rendered as JSON, which Postgres does not read back
+    /// as that type, so every write-back to the table would fail.
+    fn require_scalar_key(&self, column: &Attribute) -> Result<()> {
+        // SAFETY: type lookups by OID inside the caller's transaction.
+        let (array, composite) = unsafe {
+            let base = pg_sys::getBaseType(column.typid);
+            (
+                pg_sys::get_element_type(base) != pg_sys::InvalidOid,
+                pg_sys::get_typtype(base) == pg_sys::TYPTYPE_COMPOSITE as std::ffi::c_char,
+            )
+        };
+        if !array && !composite {
+            return Ok(());
+        }
+        Err(CertyoError::new(
+            PgSqlErrorCode::ERRCODE_DATATYPE_MISMATCH,
+            format!(
+                "certyo_cdc: record id column \"{}\" of {} is {}",
+                column.name,
+                self.display,
+                if array { "an array" } else { "of a composite type" }
+            ),
+        )
+        .detail("A record id is the key's text, read back to find the row for the write-back; an array or a composite value does not read back from it.")
+        .hint(format!(
+            "Choose scalar columns: certyo.track('{}', record_id_columns => ARRAY['col']).",
+            self.display
+        )))
+    }
+
+    fn record_id(&self, request: &Request) -> Result<(RecordIdSource, Vec<String>)> {
         let Some(names) = &request.record_id_columns else {
             if self.primary_key.is_empty() {
                 return Err(CertyoError::new(
