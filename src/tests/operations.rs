@@ -141,9 +141,29 @@ mod tests {
             ])
         );
         accept_all();
+        // The worker writes each hash back with its receipt; this test has no worker.
+        sql(
+            "UPDATE t SET certyo_record_hash = r.record_hash FROM certyo.receipt r
+              WHERE r.relid = 't'::regclass AND r.record_id = t.id::text",
+        );
         assert_eq!(audit("t"), vec![], "a clean table");
-        sql("UPDATE t SET certyo_anchor_status = 'anchored'"); // bookkeeping only: not a change
-        assert_eq!(audit("t"), vec![]);
+        // Bookkeeping only, so not captured; but Certyo confirmed no anchoring yet.
+        sql("UPDATE t SET certyo_anchor_status = 'anchored' WHERE id = 1");
+        assert_eq!(
+            audit("t"),
+            pairs(&[("1", "anchor status changed without capture")])
+        );
+        sql("UPDATE certyo.receipt SET anchor_status = 'anchored' WHERE relid = 't'::regclass AND record_id = '1'");
+        assert_eq!(audit("t"), vec![], "once Certyo confirmed it");
+        sql("UPDATE t SET certyo_record_hash = 'sha256:forged' WHERE id = 6");
+        assert_eq!(
+            audit("t"),
+            pairs(&[("6", "record hash changed without capture")])
+        );
+        sql(
+            "UPDATE t SET certyo_record_hash = r.record_hash FROM certyo.receipt r
+              WHERE r.relid = 't'::regclass AND r.record_id = t.id::text",
+        );
         sql("ALTER TABLE t DISABLE TRIGGER certyo_capture;
              UPDATE t SET v = 'forged' WHERE id = 2;
              DELETE FROM t WHERE id = 3;
