@@ -136,6 +136,34 @@ def test_dead_letters_and_retry(cluster, emulator):
     assert worker(cluster, "dead") == "0", "no dead letters are left"
 
 
+def test_a_failing_pass_shows_in_the_worker_status(cluster):
+    """A pass that fails again and again (here a constraint an operator put on the receipts)
+    shows in certyo.worker_status(): its error in last_error and a detail saying the pass is
+    retried, not the "idle" of the last pass that worked. Once the cause is gone, the change
+    is delivered and the state is back to idle."""
+    cluster.sql("""
+        CREATE TABLE poisoned (v text PRIMARY KEY);
+        SELECT certyo.track('poisoned');
+        ALTER TABLE certyo.receipt ADD CONSTRAINT no_poison CHECK (record_id <> 'poison') NOT VALID;
+    """)
+    try:
+        cluster.sql("INSERT INTO poisoned VALUES ('poison')")
+        assert wait_for(lambda: 'violates check constraint "no_poison"' in worker(cluster, "coalesce(last_error, '')"), 20), \
+            cluster.explain()
+        assert wait_for(lambda: "the last pass failed" in worker(cluster, "detail"), 20), cluster.explain()
+        # Between two failed passes the batch is taken and sent again: never "idle" meanwhile.
+        states = set()
+        for _ in range(20):
+            states.add(worker(cluster, "state"))
+            time.sleep(0.1)
+        assert states == {"delivering"}, states
+    finally:
+        cluster.sql("ALTER TABLE certyo.receipt DROP CONSTRAINT no_poison")
+    assert cluster.wait_drained(), "delivered once the constraint is gone"
+    assert wait_for(lambda: worker(cluster, "state") == "idle", 20), cluster.explain()
+    cluster.sql("DROP TABLE poisoned")
+
+
 def test_pause_and_resume(cluster, emulator):
     cluster.sql("""
         CREATE TABLE paused_products (id int PRIMARY KEY, sku text, price numeric(10,2));

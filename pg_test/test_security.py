@@ -596,6 +596,63 @@ def test_an_oversized_change_cannot_hold_up_delivery(cluster, attacker, make_rol
         reload(cluster)
 
 
+def peak_memory_kib(pid):
+    """The process's peak resident memory so far (VmHWM)."""
+    with open(f"/proc/{pid}/status") as status:
+        line = next(line for line in status if line.startswith("VmHWM:"))
+    return int(line.split()[1])
+
+
+def test_large_changes_are_taken_a_few_at_a_time(cluster, attacker, emulator):
+    """Attack: a writer queues 60 changes of 1.5 MB each (a few kB each on disk: they compress).
+    A batch of up to 1,000 changes read them all into the worker's memory at once, in several
+    copies (the rows read, the records, the request body), and sent them as one 90 MB request:
+    with more or larger changes, enough memory to get the worker killed, and a request no
+    timeout lets through, with every other change of the database behind it. A batch holds at
+    most certyo.max_payload_size of payloads (here 4 MB: two of these changes), and the
+    worker's peak memory rises by a few MB."""
+    cluster.sql("ALTER SYSTEM SET certyo.max_payload_size = '4MB'")
+    reload(cluster)
+    assert cluster.wait_passes(2), "the worker began no pass after the reload"
+    try:
+        pid = cluster.sql("SELECT pid FROM certyo.worker_status()")
+        before = peak_memory_kib(pid)
+        table = make_table(attacker)
+        attacker.sql(f"INSERT INTO {table} SELECT g, repeat('x', 1500000) FROM generate_series(1, 60) g")
+        wait_written_back(cluster, table, 60, timeout=120)
+        assert cluster.sql("SELECT pid FROM certyo.worker_status()") == pid, "the worker restarted"
+        rise = peak_memory_kib(pid) - before
+        largest = emulator.stats()["largestRequest"]
+        assert largest <= 4 * 1024 * 1024, f"a request of {largest} bytes went out"
+        assert rise < 64 * 1024, f"the worker's peak memory rose by {rise} KiB"
+    finally:
+        cluster.sql("ALTER SYSTEM RESET certyo.max_payload_size")
+        reload(cluster)
+
+
+def test_a_record_id_too_long_to_index_is_refused_where_it_is_written(cluster, attacker, make_role):
+    """Attack: a table whose record id is longer than a B-tree entry can hold. It made the
+    statement recording its batch fail (the receipts are indexed by record id), pass after
+    pass: no change of the database was delivered any more (a bystander's change waited past
+    30 s, and the worker said "idle"). A record id over 2,048 bytes is refused in the writer's
+    statement (54000), naming the limit; one of 2,048 bytes is delivered, and so are other
+    roles' changes."""
+    s = attacker.schema
+    # A bytea key's text form is twice as long as its value: 1,600 random bytes fit in the
+    # table's own index, and become a record id of 3,202 bytes (\x and hex digits), which
+    # no index entry can hold (random bytes do not compress).
+    attacker.sql(f"CREATE TABLE {s}.keyed (k bytea PRIMARY KEY, v int)")
+    attacker.sql(f"SELECT certyo.track('{s}.keyed')")
+    random_key = "(SELECT decode(string_agg(md5(random()::text), ''), 'hex') FROM generate_series(1, 100))"
+    attempt = attacker.attempt(f"INSERT INTO {s}.keyed VALUES ({random_key}, 1)")
+    assert attempt.sqlstate == "54000", attempt
+    assert "is 3202 bytes, longer than the 2048 certyo_cdc can keep" in attempt.stderr, attempt
+    assert count_rows(cluster, f"{s}.keyed") == 0
+    attacker.sql(f"INSERT INTO {s}.keyed VALUES (substr({random_key}, 1, 1023), 1)")
+    wait_written_back(cluster, f"{s}.keyed", 1)
+    assert_delivered_meanwhile(cluster, make_role("bystander"))
+
+
 def test_anchoring_evidence_forged_by_a_writer_is_found_by_the_audit(cluster, attacker, make_role):
     """Attack: a role allowed to UPDATE someone else's tracked table sets a row's written-back
     columns itself (capture skips such updates: they are bookkeeping). The audit compares them

@@ -116,6 +116,9 @@ impl TablePlan {
             column.value.write_text(datum, &mut part);
             escape_record_id_part(&part, &mut out);
         }
+        if out.len() > MAX_RECORD_ID {
+            return Err(record_id_too_long(&self.collection, out.len()));
+        }
         Ok(out)
     }
 
@@ -182,6 +185,22 @@ fn escape_record_id_part(part: &[u8], out: &mut Vec<u8>) {
         }
         out.push(byte);
     }
+}
+
+/// Longest record id captured, in bytes. The worker finds a record's receipts and pending
+/// changes through B-tree indexes on (table, record id, id), whose entries must fit in a third
+/// of a page (about 2,700 bytes): a longer id would make every statement that records its batch
+/// fail, pass after pass, and hold up the whole database. So it is refused where it is written,
+/// in the writer's statement.
+pub const MAX_RECORD_ID: usize = 2048;
+
+fn record_id_too_long(table: &str, bytes: usize) -> CertyoError {
+    CertyoError::new(
+        PgSqlErrorCode::ERRCODE_PROGRAM_LIMIT_EXCEEDED,
+        format!("certyo_cdc: the record id of this row of {table} is {bytes} bytes, longer than the {MAX_RECORD_ID} certyo_cdc can keep"),
+    )
+    .detail("The record id (the record_id_columns' text form) is kept in indexes, whose entries are limited in size; the change was not written.")
+    .hint(format!("Shorten the key's value, or track {table} by shorter record_id_columns (certyo.untrack(), then certyo.track() with record_id_columns)."))
 }
 
 fn null_record_id(table: &str, column: &str) -> CertyoError {

@@ -134,6 +134,18 @@ impl Backlog {
         Some((rows, ids))
     }
 
+    /// These taken changes were left out of their batch (its payloads filled it): they wait
+    /// for a later one.
+    pub fn untake(&mut self, ids: &[i64]) {
+        for id in ids {
+            if let Ok(at) = self.changes.binary_search_by_key(id, |c| c.id) {
+                if self.changes[at].stage == Stage::Taken {
+                    self.changes[at].stage = Stage::Waiting;
+                }
+            }
+        }
+    }
+
     /// These changes need nothing more: accepted and recorded, or no longer in the queue.
     pub fn settle(&mut self, ids: &[i64]) {
         for id in ids {
@@ -225,6 +237,15 @@ mod tests {
         backlog.settle(&[3]);
         // Change 1's batch never had its answers recorded.
         assert_eq!(backlog.take(10, &[]), None);
+    }
+
+    #[test]
+    fn a_change_left_out_of_a_full_batch_is_taken_by_the_next() {
+        let mut backlog = filled(&[(1, 1), (2, 2), (3, 3)]);
+        assert_eq!(ids(backlog.take(10, &[])), vec![1, 2, 3]);
+        backlog.untake(&[2, 3]);
+        backlog.settle(&[1]);
+        assert_eq!(ids(backlog.take(10, &[])), vec![2, 3]);
     }
 
     #[test]

@@ -19,7 +19,13 @@ pub struct Entry {
     pub collection: String,
     pub record_id: String,
     pub operation: String,
+    /// The payload's text; empty when it is too large to send (`payload_size` says how large),
+    /// and once it has gone into the record being sent.
     pub payload: String,
+    /// Bytes of the payload's text, read from its header (a large payload is not read).
+    pub payload_size: usize,
+    /// SHA-256 of the payload sent, in hex: set when the record is made.
+    pub payload_sha256: String,
     pub source_timestamp: String,
     pub idempotency_key: String,
     /// Failed attempts so far: the next transient failure waits longer.
@@ -31,6 +37,16 @@ pub struct Entry {
 
 fn in_transaction<T>(f: impl FnOnce() -> SpiResult<T>) -> SpiResult<T> {
     crate::error::transaction(f)
+}
+
+/// How much one batch may hold.
+#[derive(Debug, Clone, Copy)]
+pub struct BatchLimit {
+    /// Changes (`certyo.batch_size`; 1 for a probe).
+    pub changes: usize,
+    /// Bytes of payload (`certyo.max_payload_size`): a writer's large changes are taken a few
+    /// at a time, never a thousand at once into the worker's memory and one request.
+    pub bytes: usize,
 }
 
 /// What the worker must know before a pass.
@@ -115,7 +131,7 @@ pub fn control() -> SpiResult<Option<Control>> {
 /// With `probing` (Certyo seems down) the entries' own retry times are ignored: the probe is
 /// the oldest pending change, whenever it was scheduled.
 pub fn take_batch(
-    batch_size: usize,
+    limit: BatchLimit,
     in_flight: &[i64],
     probing: bool,
     planner: &mut Planner,
@@ -131,12 +147,10 @@ pub fn take_batch(
         Spi::connect_mut(|client| {
             if probing {
                 backlog.0.clear();
-            } else if let Some(entries) =
-                take_from_queue(client, batch_size, &in_flight, backlog.0)?
-            {
+            } else if let Some(entries) = take_from_queue(client, limit, &in_flight, backlog.0)? {
                 return Ok(entries);
             }
-            take_from_delivery(client, batch_size, &in_flight, probing, planner.0)
+            take_from_delivery(client, limit, &in_flight, probing, planner.0)
         })
     })
 }
@@ -150,7 +164,7 @@ pub fn take_batch(
 /// None: changes wait for a retry (the general path).
 fn take_from_queue(
     client: &mut pgrx::spi::SpiClient<'_>,
-    batch_size: usize,
+    limit: BatchLimit,
     in_flight: &[i64],
     backlog: &mut Backlog,
 ) -> SpiResult<Option<Vec<Entry>>> {
@@ -167,32 +181,39 @@ fn take_from_queue(
         return Ok(None);
     }
     if backlog.is_empty() {
-        if let Some(short) = read_short_queue(client, batch_size)? {
+        if let Some(short) = read_short_queue(client, limit.changes)? {
             let (rows, ids): (Vec<String>, Vec<i64>) =
-                oldest_per_record(short, in_flight, batch_size)
+                oldest_per_record(short, in_flight, limit.changes)
                     .into_iter()
                     .map(|q| (q.row, q.id))
                     .unzip();
-            return fetch_from_queue(client, rows, ids).map(Some);
+            // What a full batch leaves out is simply taken by a later pass.
+            return Ok(Some(fetch_from_queue(client, rows, ids, limit.bytes)?.entries));
         }
         read_backlog(client, backlog)?;
     }
-    let taken = match backlog.take(batch_size, in_flight) {
+    let taken = match backlog.take(limit.changes, in_flight) {
         Some(taken) => taken,
         None => {
             read_backlog(client, backlog)?;
-            backlog.take(batch_size, in_flight).unwrap_or_default()
+            backlog.take(limit.changes, in_flight).unwrap_or_default()
         }
     };
     let (rows, ids) = taken;
-    let entries = fetch_from_queue(client, rows, ids.clone())?;
+    let fetched = fetch_from_queue(client, rows, ids.clone(), limit.bytes)?;
+    backlog.untake(&fetched.left_out);
     // Changes gone from the queue meanwhile (`certyo.untrack`, an operator) need nothing more.
-    if entries.len() < ids.len() {
-        let found: std::collections::HashSet<i64> = entries.iter().map(|e| e.id).collect();
+    if fetched.entries.len() + fetched.left_out.len() < ids.len() {
+        let found: std::collections::HashSet<i64> = fetched
+            .entries
+            .iter()
+            .map(|e| e.id)
+            .chain(fetched.left_out.iter().copied())
+            .collect();
         let gone: Vec<i64> = ids.into_iter().filter(|id| !found.contains(id)).collect();
         backlog.settle(&gone);
     }
-    Ok(Some(entries))
+    Ok(Some(fetched.entries))
 }
 
 /// The whole visible queue if it holds at most `DIRECT_LIMIT` rows (or four batches).
@@ -236,19 +257,18 @@ fn read_backlog(client: &mut pgrx::spi::SpiClient<'_>, backlog: &mut Backlog) ->
     Ok(())
 }
 
-/// The chosen queue rows, whole, in id order.
+/// The chosen queue rows, whole, in id order, as many as `max_bytes` of payload allow.
 fn fetch_from_queue(
     client: &mut pgrx::spi::SpiClient<'_>,
     rows: Vec<String>,
     ids: Vec<i64>,
-) -> SpiResult<Vec<Entry>> {
+    max_bytes: usize,
+) -> SpiResult<Fetched> {
     if ids.is_empty() {
-        return Ok(Vec::new());
+        return Ok(Fetched::default());
     }
     let rows = prepared::select(client, TAKE_FROM_QUEUE, &[rows.into(), ids.into()])?;
-    let mut entries = entries_of(rows)?;
-    entries.sort_by_key(|e| e.id);
-    Ok(entries)
+    entries_of(rows, max_bytes)
 }
 
 /// A queued change as the direct path first sees it: enough to choose, not yet the payload.
@@ -288,7 +308,7 @@ const DIRECT_LIMIT: usize = 2_000;
 /// from there.
 fn take_from_delivery(
     client: &mut pgrx::spi::SpiClient<'_>,
-    batch_size: usize,
+    limit: BatchLimit,
     in_flight: &[i64],
     probing: bool,
     planner: &mut Planner,
@@ -314,35 +334,79 @@ fn take_from_delivery(
         TAKE,
         None,
         &[
-            (batch_size as i64).into(),
+            (limit.changes as i64).into(),
             bound.into(),
             in_flight.to_vec().into(),
             probing.into(),
         ],
     )?;
-    let mut entries = entries_of(rows)?;
-    entries.sort_by_key(|e| e.id);
-    Ok(entries)
+    // What a full batch leaves out stays pending, for a later pass.
+    Ok(entries_of(rows, limit.bytes)?.entries)
 }
 
-/// Entries from rows of `TAKE` or `TAKE_FROM_QUEUE` (the same columns).
-fn entries_of(rows: pgrx::spi::SpiTupleTable<'_>) -> SpiResult<Vec<Entry>> {
-    let mut entries = Vec::new();
-    for row in rows {
-        entries.push(Entry {
+/// A batch read from its table: the entries, in id order, and the ids left out because the
+/// payloads before them filled the batch.
+#[derive(Default)]
+struct Fetched {
+    entries: Vec<Entry>,
+    left_out: Vec<i64>,
+}
+
+/// Entries from rows of `TAKE` or `TAKE_FROM_QUEUE` (the same columns), in id order, as many as
+/// `max_bytes` of payload allow (see [`super::sending::fitting`]). A payload's size is read from
+/// its header before its text: one left out, or too large to send, is never read into memory.
+fn entries_of(mut rows: pgrx::spi::SpiTupleTable<'_>, max_bytes: usize) -> SpiResult<Fetched> {
+    let mut read = Vec::new();
+    while let Some(row) = rows.next() {
+        let payload = rows.get_datum_by_ordinal(6)?;
+        let entry = Entry {
             id: row.get::<i64>(1)?.unwrap_or_default(),
             relid: row.get::<Oid>(2)?.unwrap_or(pg_sys::InvalidOid),
             collection: row.get::<String>(3)?.unwrap_or_default(),
             record_id: row.get::<String>(4)?.unwrap_or_default(),
             operation: row.get::<String>(5)?.unwrap_or_default(),
-            payload: row.get::<String>(6)?.unwrap_or_else(|| "{}".into()),
+            payload: String::new(),
+            // SAFETY: column 6 is the payload, a json (varlena) value of a row of this table.
+            payload_size: payload.map_or(0, |d| unsafe { text_size(d) }),
+            payload_sha256: String::new(),
             source_timestamp: row.get::<String>(7)?.unwrap_or_default(),
             idempotency_key: row.get::<String>(8)?.unwrap_or_default(),
             attempts: row.get::<i32>(9)?.unwrap_or_default(),
             queue_row: row.get::<String>(10)?,
-        });
+        };
+        read.push((entry, payload));
     }
-    Ok(entries)
+    read.sort_by_key(|(e, _)| e.id);
+    let kept = super::sending::fitting(read.iter().map(|(e, _)| e.payload_size), max_bytes);
+    let left_out = read.split_off(kept).into_iter().map(|(e, _)| e.id).collect();
+    let entries = read
+        .into_iter()
+        .map(|(mut entry, payload)| {
+            if entry.payload_size <= max_bytes {
+                // SAFETY: as above; the row (and so the datum) lives as long as `rows`.
+                entry.payload = payload.map_or_else(|| "{}".into(), |d| unsafe { text_of(d) });
+            }
+            entry
+        })
+        .collect();
+    Ok(Fetched { entries, left_out })
+}
+
+/// Bytes of a text-like value's contents, from its header: a TOASTed value is not read.
+///
+/// # Safety
+/// `datum` must be a varlena value (text, json) that lives while this runs.
+unsafe fn text_size(datum: pg_sys::Datum) -> usize {
+    pg_sys::toast_raw_datum_size(datum).saturating_sub(pg_sys::VARHDRSZ)
+}
+
+/// A text-like value's contents, read (and decompressed) in full.
+///
+/// # Safety
+/// As for [`text_size`].
+unsafe fn text_of(datum: pg_sys::Datum) -> String {
+    <String as pgrx::FromDatum>::from_polymorphic_datum(datum, false, pg_sys::TEXTOID)
+        .unwrap_or_default()
 }
 
 /// The worker's tables grow and shrink by tens of thousands of rows within seconds, far faster
@@ -428,7 +492,7 @@ const MOVE_QUEUE: &str = "
 // what is waiting; the per-record check then runs only on those candidates, one index probe
 // each (a scalar subquery, which the planner cannot turn into a join over the whole table).
 const TAKE: &str = "
-    SELECT c.id, c.relid, c.collection, c.record_id, c.operation, c.payload::text,
+    SELECT c.id, c.relid, c.collection, c.record_id, c.operation, c.payload,
            to_char(c.source_timestamp AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"'),
            c.idempotency_key, c.attempts, NULL::text
       FROM (SELECT * FROM certyo.delivery
@@ -447,7 +511,7 @@ const TAKE: &str = "
 // each), not `ctid = ANY (...) AND id = ANY (...)`: a parameter's array is searched element
 // by element for every row (half the statement's time at 1,000 rows).
 const TAKE_FROM_QUEUE: &str = "
-    SELECT q.id, q.relid, q.collection, q.record_id, q.operation, q.payload::text,
+    SELECT q.id, q.relid, q.collection, q.record_id, q.operation, q.payload,
            to_char(q.source_timestamp AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"'),
            q.idempotency_key, 0, q.ctid::text
       FROM unnest($1::text[]::tid[], $2::bigint[]) AS t(ctid, id)
@@ -555,9 +619,7 @@ pub fn record(
                 accepted.0.push(entry.id);
                 accepted.1.push(record_hash.clone());
                 accepted.2.push(*idempotency_replayed);
-                accepted
-                    .3
-                    .push(certyo::payload_sha256(entry.payload.as_bytes()));
+                accepted.3.push(entry.payload_sha256.clone());
                 tally.accepted += 1;
                 tally.replayed += i64::from(*idempotency_replayed);
             }

@@ -243,6 +243,7 @@ impl Worker {
                     self.warn_once_a_minute(format!(
                         "certyo_cdc: delivery pass failed, retrying: {e}"
                     ));
+                    self.announce_failed_pass(&e);
                     Next::Wait(settings::current().poll_interval)
                 }
             };
@@ -275,6 +276,25 @@ impl Worker {
         if !repeated {
             pgrx::warning!("{message}");
             self.last_warning = Some((message, Instant::now()));
+        }
+    }
+
+    /// A failed pass says so in `certyo.worker_status()` (the error in `last_error`), rather
+    /// than leaving there what the last pass that worked said ("idle": while every pass
+    /// failed, nothing showed it but the log).
+    fn announce_failed_pass(&mut self, error: &str) {
+        let detail = "the last pass failed (last_error says why); it is tried again every certyo.poll_interval";
+        let this = std::panic::AssertUnwindSafe(&mut *self);
+        let announced = crate::error::guarded(move || {
+            let this = this;
+            this.0
+                .announce(State::Delivering, detail, Some(error), Tally::default())
+                .map_err(|e| e.to_string())
+        });
+        if let Err(e) = announced {
+            // The state cannot be written either (the extension dropped meanwhile, say): the
+            // pass's own failure is in the log already.
+            pgrx::debug1!("certyo_cdc: could not record the failed pass: {e}");
         }
     }
 
@@ -346,7 +366,11 @@ impl Worker {
         if let Some(failing) = write_back::failing::summary()? {
             // Never "idle" while something fails: name the table and the error.
             self.announce(State::WriteBackFailing, &failing, error.as_deref(), tally)?;
-        } else if tally.sent + tally.verified == 0 && error.is_none() && self.verifying.is_none() {
+        } else if tally.sent + tally.verified == 0
+            && error.is_none()
+            && self.verifying.is_none()
+            && self.sending.is_none()
+        {
             self.announce(State::Idle, "waiting for changes", None, tally)?;
         } else {
             let detail = format!(
@@ -355,10 +379,11 @@ impl Worker {
                 tally.sent,
                 tally.verified,
                 tally.anchored,
-                if self.verifying.is_some() {
-                    "; verification requests in flight"
-                } else {
-                    ""
+                match (self.sending.is_some(), self.verifying.is_some()) {
+                    (true, true) => "; a batch and verification requests in flight",
+                    (true, false) => "; a batch in flight",
+                    (false, true) => "; verification requests in flight",
+                    (false, false) => "",
                 }
             );
             self.announce(State::Delivering, &detail, error.as_deref(), tally)?;
@@ -445,12 +470,15 @@ impl Worker {
         let batch = if take_more {
             // During an outage the batch is one probe (and only when no batch is in flight).
             let probing = self.link.probing();
-            let size = if probing { 1 } else { settings.batch_size };
+            let limit = store::BatchLimit {
+                changes: if probing { 1 } else { settings.batch_size },
+                bytes: settings.max_payload_size,
+            };
             if probing && !in_flight.is_empty() {
                 Vec::new()
             } else {
                 store::take_batch(
-                    size,
+                    limit,
                     &in_flight,
                     probing,
                     &mut self.planner,

@@ -269,7 +269,7 @@ mod tests {
 
     #[pg_test]
     fn a_chosen_record_id_column_cannot_lose_not_null_while_tracked() {
-        sql("CREATE TABLE t (code text NOT NULL, note text); SELECT certyo.track('t', record_id_columns => ARRAY['code']);");
+        sql("CREATE TABLE t (code text NOT NULL UNIQUE, note text); SELECT certyo.track('t', record_id_columns => ARRAY['code']);");
         let (state, message, _) =
             error_of("ALTER TABLE t ALTER COLUMN code DROP NOT NULL").unwrap();
         assert_eq!(state, "22023");

@@ -8,7 +8,7 @@ mod install;
 pub(crate) mod key;
 mod table;
 
-use crate::capture::options::{option_values, CaptureOptions, RecordIdSource};
+use crate::capture::options::{option_values, CaptureOptions, RecordIdSource, BOOKKEEPING_COLUMNS};
 use crate::capture::CAPTURE_TRIGGER;
 use crate::error::{CertyoError, OrRaise, Result};
 use install::TriggerDefinition;
@@ -199,6 +199,7 @@ fn refresh(relid: Oid) -> Result<()> {
         return Ok(()); // untracked meanwhile: nothing to keep current
     };
     let table = Table::inspect(relid)?;
+    require_bookkeeping_columns(&table)?;
     let request = Request {
         record_id_columns: match options.record_id_source {
             RecordIdSource::PrimaryKey => None,
@@ -221,6 +222,29 @@ fn refresh(relid: Oid) -> Result<()> {
         definition.install(&table)?;
     }
     Ok(())
+}
+
+/// A tracked table keeps its bookkeeping columns: the write-back finds them by name, so one
+/// renamed or dropped would stop it without a word.
+fn require_bookkeeping_columns(table: &Table) -> Result<()> {
+    let Some(missing) = BOOKKEEPING_COLUMNS
+        .iter()
+        .find(|name| table.column(name).is_none())
+    else {
+        return Ok(());
+    };
+    Err(CertyoError::new(
+        PgSqlErrorCode::ERRCODE_DEPENDENT_OBJECTS_STILL_EXIST,
+        format!(
+            "certyo_cdc: column \"{missing}\" of tracked table {} is where certyo_cdc writes what Certyo answered",
+            table.display
+        ),
+    )
+    .detail("Without it the worker could not mark the table's rows: their write-back would stop without a word.")
+    .hint(format!(
+        "Keep the column; to stop tracking the table and remove its bookkeeping columns, call certyo.untrack('{}', drop_columns => true).",
+        table.display
+    )))
 }
 
 pub(crate) fn installed_options(relid: Oid) -> Result<Option<CaptureOptions>> {

@@ -158,7 +158,46 @@ impl Table {
                 self.require_scalar_key(column)?;
             }
         }
+        if source == RecordIdSource::Columns {
+            self.require_unique_key(&names)?;
+        }
         Ok((source, names))
+    }
+
+    /// Record id columns must identify one row: a unique index (or the primary key) on some
+    /// of them, valid, whole-table and on plain columns. Rows sharing a record id would be one
+    /// record at Certyo, each row's change read as a new version of the others; the
+    /// write-back would mark all of them with one hash, and a backfill, which pages through
+    /// the table by record id, would queue one of them.
+    fn require_unique_key(&self, names: &[String]) -> Result<()> {
+        let unique = Spi::get_one_with_args::<bool>(
+            "SELECT EXISTS (
+                 SELECT FROM pg_catalog.pg_index i
+                  WHERE i.indrelid = $1 AND i.indisunique AND i.indisvalid
+                    AND i.indpred IS NULL AND i.indexprs IS NULL
+                    AND (SELECT pg_catalog.bool_and(a.attname::text = ANY ($2))
+                           FROM pg_catalog.unnest(i.indkey::int2[]) WITH ORDINALITY AS k(attnum, n)
+                           JOIN pg_catalog.pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = k.attnum
+                          WHERE k.n <= i.indnkeyatts))",
+            &[self.relid.into(), names.to_vec().into()],
+        )?
+        .unwrap_or(false);
+        if unique {
+            return Ok(());
+        }
+        let columns = names.iter().map(|n| quote_ident(n)).collect::<Vec<_>>().join(", ");
+        Err(CertyoError::new(
+            PgSqlErrorCode::ERRCODE_INVALID_COLUMN_REFERENCE,
+            format!(
+                "certyo_cdc: record id columns ({columns}) of {} do not identify a row: no unique index covers them",
+                self.display
+            ),
+        )
+        .detail("Rows sharing a record id would be one record at Certyo: each row's change would read as a new version of the others, and the write-back would mark them all with one hash.")
+        .hint(format!(
+            "CREATE UNIQUE INDEX ON {} ({columns}), or name columns a unique index or the primary key covers.",
+            self.quoted
+        )))
     }
 
     /// A record id column's value must come back from its text: the write-back finds the row

@@ -93,6 +93,8 @@ pub struct Stats {
     pub unauthorized: u64,
     pub faults_served: u64,
     pub verify_requests: u64,
+    /// Bytes of the largest ingest request body received.
+    pub largest_request: u64,
 }
 
 #[derive(Default)]
@@ -287,6 +289,7 @@ fn ingest(request: Request, body: &str, bulk: bool, state: &Mutex<State>) {
     let (fault, number) = {
         let mut state = lock(state);
         state.stats.ingest_requests += 1;
+        state.stats.largest_request = state.stats.largest_request.max(body.len() as u64);
         let number = state.stats.ingest_requests;
         if bulk {
             state.stats.bulk_requests += 1;
@@ -571,6 +574,7 @@ fn control_plane(method: &Method, path: &str, body: &str, state: &Mutex<State>) 
                     "requests": s.requests, "ingestRequests": s.ingest_requests, "bulkRequests": s.bulk_requests,
                     "accepted": s.accepted, "replayed": s.replayed, "rejected": s.rejected,
                     "unauthorized": s.unauthorized, "faultsServed": s.faults_served, "verifyRequests": s.verify_requests,
+                    "largestRequest": s.largest_request,
                 }),
             )
         }
