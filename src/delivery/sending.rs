@@ -225,14 +225,13 @@ fn record(settings: &Settings, entry: &mut Entry) -> Result<Record, Outcome> {
     }
     entry.payload_sha256 = certyo::payload_sha256(entry.payload.as_bytes());
     let text = std::mem::take(&mut entry.payload);
-    let payload = serde_json::value::RawValue::from_string(text).map_err(|e| {
-        Outcome::Rejected {
+    let payload =
+        serde_json::value::RawValue::from_string(text).map_err(|e| Outcome::Rejected {
             status: 0,
             body: format!(
                 "certyo_cdc: the queued payload is not valid JSON ({e}); it was not sent"
             ),
-        }
-    })?;
+        })?;
     Ok(Record {
         tenant_id: settings.tenant_id.clone(),
         database: settings.database_name.clone(),

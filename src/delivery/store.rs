@@ -188,7 +188,9 @@ fn take_from_queue(
                     .map(|q| (q.row, q.id))
                     .unzip();
             // What a full batch leaves out is simply taken by a later pass.
-            return Ok(Some(fetch_from_queue(client, rows, ids, limit.bytes)?.entries));
+            return Ok(Some(
+                fetch_from_queue(client, rows, ids, limit.bytes)?.entries,
+            ));
         }
         read_backlog(client, backlog)?;
     }
@@ -378,7 +380,11 @@ fn entries_of(mut rows: pgrx::spi::SpiTupleTable<'_>, max_bytes: usize) -> SpiRe
     }
     read.sort_by_key(|(e, _)| e.id);
     let kept = super::sending::fitting(read.iter().map(|(e, _)| e.payload_size), max_bytes);
-    let left_out = read.split_off(kept).into_iter().map(|(e, _)| e.id).collect();
+    let left_out = read
+        .split_off(kept)
+        .into_iter()
+        .map(|(e, _)| e.id)
+        .collect();
     let entries = read
         .into_iter()
         .map(|(mut entry, payload)| {

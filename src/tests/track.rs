@@ -106,26 +106,36 @@ mod tests {
 
     #[pg_test]
     fn record_id_columns_must_be_covered_by_a_unique_index() {
-        sql("CREATE TABLE t (id int PRIMARY KEY, k int NOT NULL, j int NOT NULL);
+        sql(
+            "CREATE TABLE t (id int PRIMARY KEY, k int NOT NULL, j int NOT NULL);
              CREATE UNIQUE INDEX t_partial ON t (k) WHERE k > 0;
              CREATE UNIQUE INDEX t_expression ON t ((k + 1));
-             CREATE UNIQUE INDEX t_j ON t (j) INCLUDE (k);");
+             CREATE UNIQUE INDEX t_j ON t (j) INCLUDE (k);",
+        );
         let hint = assert_refused(
             "t",
             "SELECT certyo.track('t', record_id_columns => ARRAY['k'])",
             "42P10",
             "record id columns (\"k\") of public.t do not identify a row",
         );
-        assert!(hint.contains("CREATE UNIQUE INDEX ON public.t (\"k\")"), "{hint}");
+        assert!(
+            hint.contains("CREATE UNIQUE INDEX ON public.t (\"k\")"),
+            "{hint}"
+        );
         // A unique index on some of the columns identifies a row; its INCLUDE columns do not count.
         sql("SELECT certyo.track('t', record_id_columns => ARRAY['k', 'j'])");
         sql("SELECT certyo.track('t', record_id_columns => ARRAY['j'])");
         // The index it stands on cannot be dropped from under it by ALTER TABLE.
-        sql("CREATE TABLE u (k int NOT NULL CONSTRAINT u_k UNIQUE, v text);
-             SELECT certyo.track('u', record_id_columns => ARRAY['k']);");
+        sql(
+            "CREATE TABLE u (k int NOT NULL CONSTRAINT u_k UNIQUE, v text);
+             SELECT certyo.track('u', record_id_columns => ARRAY['k']);",
+        );
         let (state, message, _) = error_of("ALTER TABLE u DROP CONSTRAINT u_k").unwrap();
         assert_eq!(state, "42P10", "{message}");
-        assert_eq!(one::<i64>("SELECT count(*) FROM pg_constraint WHERE conname = 'u_k'"), Some(1));
+        assert_eq!(
+            one::<i64>("SELECT count(*) FROM pg_constraint WHERE conname = 'u_k'"),
+            Some(1)
+        );
     }
 
     #[pg_test]
@@ -137,8 +147,14 @@ mod tests {
         ] {
             let (state, message, hint) = error_of(statement).unwrap();
             assert_eq!(state, "2BP01", "{statement}: {message}");
-            assert!(message.contains("of tracked table public.t is where certyo_cdc writes"), "{message}");
-            assert!(hint.contains("certyo.untrack('public.t', drop_columns => true)"), "{hint}");
+            assert!(
+                message.contains("of tracked table public.t is where certyo_cdc writes"),
+                "{message}"
+            );
+            assert!(
+                hint.contains("certyo.untrack('public.t', drop_columns => true)"),
+                "{hint}"
+            );
         }
         assert_eq!(shape_of("t"), "id,v,certyo_record_hash,certyo_anchor_status,certyo_verified_at|certyo_capture,certyo_truncate_guard");
         sql("SELECT certyo.untrack('t', drop_columns => true)");

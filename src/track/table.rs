@@ -185,7 +185,11 @@ impl Table {
         if unique {
             return Ok(());
         }
-        let columns = names.iter().map(|n| quote_ident(n)).collect::<Vec<_>>().join(", ");
+        let columns = names
+            .iter()
+            .map(|n| quote_ident(n))
+            .collect::<Vec<_>>()
+            .join(", ");
         Err(CertyoError::new(
             PgSqlErrorCode::ERRCODE_INVALID_COLUMN_REFERENCE,
             format!(
