@@ -9,6 +9,8 @@
 //!   neither fails on the trigger's dependency nor (with CASCADE) drops the trigger; the DDL
 //!   event trigger re-plans capture when the statement ends (see `crate::track`).
 //! - `DROP TRIGGER` of a capture trigger is refused: `certyo.untrack()` stops capture.
+//! - `DROP INDEX` of the last unique index on a tracked table's record id columns is refused:
+//!   they would no longer identify a row.
 //! - `ATTACH PARTITION` to a tracked partitioned table gives the new partition the bookkeeping
 //!   columns first (the partition must have every column of the table); inheriting from a
 //!   tracked table (`INHERITS`, `INHERIT`) is refused: the parent's triggers never see the
@@ -66,6 +68,10 @@ unsafe extern "C-unwind" fn process_utility(
         }
         if let Some(trigger) = drops_a_capture_trigger(statement) {
             crate::track::refuse_trigger_drop(&trigger).or_raise();
+        }
+        let indexes = dropped_indexes(statement);
+        if !indexes.is_empty() {
+            crate::track::before_index_drop(&indexes).or_raise();
         }
         for (parent, child) in attaches_or_inherits(statement) {
             match child {
@@ -368,6 +374,37 @@ unsafe fn drops_a_capture_trigger(stmt: *mut pg_sys::Node) -> Option<String> {
         .then(|| name.to_string())
     });
     found
+}
+
+/// The indexes a `DROP INDEX` names that exist (`IF EXISTS` may name others).
+///
+/// # Safety
+/// `stmt` is null or a valid parse node.
+unsafe fn dropped_indexes(stmt: *mut pg_sys::Node) -> Vec<pg_sys::Oid> {
+    if stmt.is_null() || (*stmt).type_ != pg_sys::NodeTag::T_DropStmt {
+        return Vec::new();
+    }
+    let drop = stmt.cast::<pg_sys::DropStmt>();
+    if (*drop).removeType != pg_sys::ObjectType::OBJECT_INDEX {
+        return Vec::new();
+    }
+    // Each object is a list of names: [schema,] index. Resolved without a lock, as
+    // `alters_column_types_or_drops` does: DROP INDEX locks what it drops itself.
+    let objects = pgrx::PgList::<pg_sys::List>::from_pg((*drop).objects);
+    objects
+        .iter_ptr()
+        .filter(|names| !names.is_null())
+        .map(|names| {
+            pg_sys::RangeVarGetRelidExtended(
+                pg_sys::makeRangeVarFromNameList(names),
+                pg_sys::NoLock as pg_sys::LOCKMODE,
+                pg_sys::RVROption::RVR_MISSING_OK,
+                None,
+                std::ptr::null_mut(),
+            )
+        })
+        .filter(|&index| index != pg_sys::InvalidOid)
+        .collect()
 }
 
 /// Refuse (RESTRICT) or warn (CASCADE) when changes would be discarded.

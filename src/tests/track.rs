@@ -139,6 +139,37 @@ mod tests {
     }
 
     #[pg_test]
+    fn the_last_unique_index_under_the_record_id_cannot_be_dropped() {
+        sql(
+            "CREATE TABLE w (id int PRIMARY KEY, k int NOT NULL, v text);
+             CREATE UNIQUE INDEX w_k ON w (k);
+             CREATE UNIQUE INDEX w_k_v ON w (k) INCLUDE (v);
+             CREATE INDEX w_v ON w (v);
+             SELECT certyo.track('w', record_id_columns => ARRAY['k']);",
+        );
+        // Other indexes go as usual, and so does one of two that cover k.
+        sql("DROP INDEX w_v; DROP INDEX w_k_v");
+        let (state, message, hint) = error_of("DROP INDEX w_k").unwrap();
+        assert_eq!(state, "2BP01", "{message}");
+        assert!(
+            message.contains("index public.w_k is what makes the record id columns (\"k\") of tracked table public.w identify a row"),
+            "{message}"
+        );
+        assert!(hint.contains("certyo.untrack('public.w')"), "{hint}");
+        // Two covering indexes dropped in one statement leave none.
+        sql("CREATE UNIQUE INDEX w_k2 ON w (k)");
+        let (state, message, _) =
+            error_of("DROP INDEX IF EXISTS no_such_index, w_k2, w_k").unwrap();
+        assert_eq!(state, "2BP01", "{message}");
+        assert_eq!(
+            one::<i64>("SELECT count(*) FROM pg_class WHERE relname IN ('w_k', 'w_k2')"),
+            Some(2)
+        );
+        // Once the table is no longer tracked, its indexes are its own again.
+        sql("SELECT certyo.untrack('w'); DROP INDEX w_k, w_k2");
+    }
+
+    #[pg_test]
     fn the_bookkeeping_columns_of_a_tracked_table_cannot_be_renamed_or_dropped() {
         sql("CREATE TABLE t (id int PRIMARY KEY, v text); SELECT certyo.track('t')");
         for statement in [

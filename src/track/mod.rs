@@ -191,6 +191,60 @@ pub fn refuse_trigger_drop(trigger: &str) -> Result<()> {
     .hint("To stop capturing the table, call certyo.untrack('<table>'); to pause sending, certyo.pause()."))
 }
 
+/// `DROP INDEX`, from `crate::ddl_hook`, before it runs: refused when it drops the last
+/// unique index that makes a tracked table's record id columns identify a row (`track()`
+/// requires one, and `ALTER TABLE ... DROP CONSTRAINT` is refused when the event trigger
+/// re-validates; a plain index has no constraint, so only this check sees it go). Checked
+/// before the drop, as `DROP INDEX CONCURRENTLY` commits as it goes.
+pub fn before_index_drop(indexes: &[Oid]) -> Result<()> {
+    for &index in indexes {
+        // SAFETY: a catalog lookup inside the statement's transaction.
+        let relid = unsafe { pgrx::pg_sys::IndexGetRelation(index, true) };
+        if relid == pgrx::pg_sys::InvalidOid {
+            continue;
+        }
+        let Some(options) = installed_options(relid)? else {
+            continue;
+        };
+        if options.record_id_source != RecordIdSource::Columns
+            || table::unique_index_covers(relid, &options.record_id_columns, indexes)?
+            || !table::unique_index_covers(relid, &options.record_id_columns, &[])?
+        {
+            continue; // the primary key's index cannot be dropped on its own
+        }
+        return Err(index_drop_refused(index, relid, &options.record_id_columns));
+    }
+    Ok(())
+}
+
+fn index_drop_refused(index: Oid, relid: Oid, record_id_columns: &[String]) -> CertyoError {
+    let names = Spi::get_two_with_args::<String, String>(
+        "SELECT pg_catalog.format('%I.%I', n.nspname, i.relname), pg_catalog.format('%s.%s', n.nspname, t.relname)
+           FROM pg_catalog.pg_class i, pg_catalog.pg_class t, pg_catalog.pg_namespace n
+          WHERE i.oid = $1 AND t.oid = $2 AND n.oid = t.relnamespace",
+        &[index.into(), relid.into()],
+    );
+    let (index, table) = match names {
+        Ok((Some(index), Some(table))) => (index, table),
+        _ => (format!("{}", index.to_u32()), format!("{}", relid.to_u32())),
+    };
+    let columns = record_id_columns
+        .iter()
+        .map(|n| table::quote_ident(n))
+        .collect::<Vec<_>>()
+        .join(", ");
+    CertyoError::new(
+        PgSqlErrorCode::ERRCODE_DEPENDENT_OBJECTS_STILL_EXIST,
+        format!(
+            "certyo_cdc: index {index} is what makes the record id columns ({columns}) of tracked table {table} identify a row"
+        ),
+    )
+    .detail("Without a unique index on them, rows sharing a record id would be one record at Certyo, each row's change read as a new version of the others, and the write-back would mark them all with one hash.")
+    .hint(format!(
+        "Create another unique index on ({columns}) first, or call certyo.track('{table}', record_id_columns => ...) with columns that another unique index covers, or certyo.untrack('{table}')."
+    ))
+}
+
 /// After `ALTER TABLE` on a tracked table: re-validate the options against the new columns
 /// and rewrite the trigger if its `UPDATE OF` list or record id must change. A named column
 /// that is gone raises an error, which undoes the `ALTER TABLE` rather than capture breaking.

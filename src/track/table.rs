@@ -170,18 +170,7 @@ impl Table {
     /// write-back would mark all of them with one hash, and a backfill, which pages through
     /// the table by record id, would queue one of them.
     fn require_unique_key(&self, names: &[String]) -> Result<()> {
-        let unique = Spi::get_one_with_args::<bool>(
-            "SELECT EXISTS (
-                 SELECT FROM pg_catalog.pg_index i
-                  WHERE i.indrelid = $1 AND i.indisunique AND i.indisvalid
-                    AND i.indpred IS NULL AND i.indexprs IS NULL
-                    AND (SELECT pg_catalog.bool_and(a.attname::text = ANY ($2))
-                           FROM pg_catalog.unnest(i.indkey::int2[]) WITH ORDINALITY AS k(attnum, n)
-                           JOIN pg_catalog.pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = k.attnum
-                          WHERE k.n <= i.indnkeyatts))",
-            &[self.relid.into(), names.to_vec().into()],
-        )?
-        .unwrap_or(false);
+        let unique = unique_index_covers(self.relid, names, &[])?;
         if unique {
             return Ok(());
         }
@@ -440,6 +429,25 @@ pub fn quote_literal(value: &str) -> String {
     } else {
         format!("'{}'", value.replace('\'', "''"))
     }
+}
+
+/// Whether a unique index of `relid` other than `without` makes `names` identify a row:
+/// valid, whole-table, on plain columns, its key columns all among `names`.
+pub fn unique_index_covers(relid: Oid, names: &[String], without: &[Oid]) -> Result<bool> {
+    let without: Vec<Oid> = without.to_vec();
+    Ok(Spi::get_one_with_args::<bool>(
+        "SELECT EXISTS (
+             SELECT FROM pg_catalog.pg_index i
+              WHERE i.indrelid = $1 AND i.indisunique AND i.indisvalid
+                AND i.indpred IS NULL AND i.indexprs IS NULL
+                AND i.indexrelid <> ALL ($3)
+                AND (SELECT pg_catalog.bool_and(a.attname::text = ANY ($2))
+                       FROM pg_catalog.unnest(i.indkey::int2[]) WITH ORDINALITY AS k(attnum, n)
+                       JOIN pg_catalog.pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = k.attnum
+                      WHERE k.n <= i.indnkeyatts))",
+        &[relid.into(), names.to_vec().into(), without.into()],
+    )?
+    .unwrap_or(false))
 }
 
 #[cfg(test)]
