@@ -356,15 +356,16 @@ def test_a_partitioned_table_is_tracked_with_its_partitions_present_and_future(e
                            "AND tgname = 'certyo_capture'") == "0", "a detached partition is not captured"
 
         refused = cluster.attempt_verbose("SELECT certyo.track('events_eu')")
-        assert refused.sqlstates == ["42809"] and "certyo.track('events')" in refused.stderr, refused
+        # Names in messages are schema-qualified: track() reads them with search_path pinned.
+        assert refused.sqlstates == ["42809"] and "certyo.track('public.events')" in refused.stderr, refused
         cluster.sql("CREATE TABLE base (id int PRIMARY KEY); CREATE TABLE kid () INHERITS (base)")
         refused = cluster.attempt_verbose("SELECT certyo.track('base')")
-        assert refused.sqlstates == ["0A000"] and "inheritance children (kid)" in refused.stderr, refused
+        assert refused.sqlstates == ["0A000"] and "inheritance children (public.kid)" in refused.stderr, refused
         cluster.sql("CREATE TABLE plain (id int PRIMARY KEY); SELECT certyo.track('plain')")
         for statement in ("CREATE TABLE sub () INHERITS (plain)",
                           "CREATE TABLE sub (id int); ALTER TABLE sub INHERIT plain"):
             refused = cluster.attempt_verbose(statement)
-            assert refused.sqlstates == ["0A000"] and "PARTITION OF plain" in refused.stderr, refused
+            assert refused.sqlstates == ["0A000"] and "PARTITION OF public.plain" in refused.stderr, refused
             cluster.sql("DROP TABLE IF EXISTS sub")
     finally:
         cluster.pg_ctl("-m", "immediate", "stop")

@@ -189,6 +189,16 @@ def lookalikes(schema, kit):
         f"CREATE OPERATOR {schema}.= (LEFTARG = oid, RIGHTARG = oid, FUNCTION = {schema}.evil_oideq);",
         fn("evil_times(bigint, interval)", "interval", "$1::float8 OPERATOR(pg_catalog.*) $2", "*(bigint, interval)"),
         f"CREATE OPERATOR {schema}.* (LEFTARG = bigint, RIGHTARG = interval, FUNCTION = {schema}.evil_times);",
+        # Exact matches where pg_catalog has none: `tgparentid = 0` is oid = integer, a join of
+        # pg_partition_ancestors' regclass with an oid is oid = regclass, and unnest(indkey::int2[])
+        # prefers unnest(smallint[]) to pg_catalog.unnest(anyarray).
+        fn("evil_oid_int(oid, integer)", "boolean", "$1 OPERATOR(pg_catalog.=) $2::oid", "=(oid, integer)"),
+        f"CREATE OPERATOR {schema}.= (LEFTARG = oid, RIGHTARG = integer, FUNCTION = {schema}.evil_oid_int);",
+        fn("evil_oid_regclass(oid, regclass)", "boolean", "$1 OPERATOR(pg_catalog.=) $2::oid", "=(oid, regclass)"),
+        f"CREATE OPERATOR {schema}.= (LEFTARG = oid, RIGHTARG = regclass, FUNCTION = {schema}.evil_oid_regclass);",
+        f"CREATE FUNCTION {schema}.unnest(smallint[]) RETURNS SETOF smallint LANGUAGE plpgsql "
+        f"SET search_path = pg_catalog, pg_temp AS $f$ BEGIN PERFORM {kit}.once('{schema}.unnest(smallint[])'); "
+        f"RETURN QUERY SELECT pg_catalog.unnest($1); END $f$;",
     ])
 
 
@@ -551,6 +561,56 @@ def test_rows_locked_by_a_role_cannot_hold_up_delivery(cluster, attacker, make_r
         finally:
             holder.close()
         assert wait_backfill(cluster, backfill, timeout=60) == "done", f"once the lock ({lock}) is gone"
+
+
+def test_a_role_whose_rows_are_locked_holds_up_its_own_backfill_only(cluster, attacker, make_role):
+    """Attack (an attacker pass of 2026-12-05): the owner keeps its table locked and requests a
+    backfill first. The worker took backfills strictly in order, so every backfill requested
+    after it, by any role, waited as long as the lock was held, and a back-off after that.
+    Now only the attacker's backfill waits."""
+    table = make_table(attacker, rows=3)
+    holder = cluster.hold_open(f"BEGIN; LOCK TABLE {table} IN ACCESS EXCLUSIVE MODE;", user=attacker.name)
+    try:
+        stuck = attacker.sql(f"SELECT certyo.backfill('{table}')")
+        assert wait_for(lambda: "locked by another transaction" in cluster.sql(
+            f"SELECT coalesce(error, '') FROM certyo.backfills WHERE id = {stuck}"), 30)
+        bystander = make_role("bystander")
+        other = make_table(bystander, rows=50)
+        backfill = bystander.sql(f"SELECT certyo.backfill('{other}')")
+        assert wait_backfill(cluster, backfill) == "done", "a backfill behind a locked one waited for its lock"
+        assert upserts_captured(cluster, other) == 50
+        assert cluster.sql(f"SELECT state FROM certyo.backfills WHERE id = {stuck}") in ("queued", "running")
+    finally:
+        holder.close()
+    assert wait_backfill(cluster, stuck, timeout=60) == "done", "once the lock is gone"
+
+
+def test_a_cast_that_does_not_round_trip_cannot_make_a_backfill_endless(cluster, attacker, make_role):
+    """Attack (an attacker pass of 2026-12-05): a backfill keeps its place between chunks as
+    the record id's text form and reads it back with casts; the owner of an enum type may
+    CREATE CAST (type AS text) with a function that forgets the value. Every chunk then started
+    over: the backfill never ended, queuing the same rows again and again (670,000 upserts of
+    a 150-row table in 80 s, sent to Certyo and receipted), and every backfill requested after
+    it waited. Now it fails at its second chunk, saying why."""
+    schema = attacker.schema
+    attacker.sql(f"""
+        CREATE TYPE {schema}.label AS ENUM ('a', 'b');
+        CREATE FUNCTION {schema}.label_text({schema}.label) RETURNS text LANGUAGE sql IMMUTABLE
+            AS $$ SELECT 'a'::text $$;
+        CREATE CAST ({schema}.label AS text) WITH FUNCTION {schema}.label_text({schema}.label);
+    """)
+    table = make_table(attacker, name="endless", columns=f"e {schema}.label NOT NULL, id int NOT NULL, "
+                                                           "v text, PRIMARY KEY (e, id)", track=False)
+    attacker.sql(f"INSERT INTO {table} SELECT 'b', g, 'x' FROM generate_series(1, 250) g")
+    attacker.sql(f"SELECT certyo.track('{table}')")
+    backfill = attacker.sql(f"SELECT certyo.backfill('{table}')")
+    assert wait_backfill(cluster, backfill) == "failed"
+    error = cluster.sql(f"SELECT error FROM certyo.backfills WHERE id = {backfill}")
+    assert "made no progress" in error, error
+    assert upserts_captured(cluster, table) <= 200, "it stopped at its second chunk (100 rows each)"
+    bystander = make_role("bystander")
+    other = make_table(bystander, rows=5)
+    assert wait_backfill(cluster, bystander.sql(f"SELECT certyo.backfill('{other}')")) == "done"
 
 
 def test_a_slow_trigger_on_write_back_cannot_hold_up_delivery(cluster, attacker, make_role):
@@ -995,6 +1055,44 @@ def test_worker_ignores_lookalikes_in_public(cluster, attacker):
     exercise_worker(cluster, attacker, table, first_id=6)
     assert_unprivileged(attacker)
     assert superuser_runs(attacker) == [], attacker.log()
+
+
+def test_a_superusers_own_session_ignores_lookalikes_in_public(cluster, attacker):
+    """Attack (an attacker pass of 2026-12-05): the same look-alikes, waiting for the statements
+    certyo_cdc runs in other roles' sessions, with their rights and search_path: track() and
+    untrack(), the checks before DROP INDEX, ALTER TABLE ... DROP COLUMN and ATTACH PARTITION,
+    backfill(), and the capture plan of a partition, built in the session of its first writer.
+    Before the fix, a superuser who did any of these in a session of its own (default
+    search_path, "$user", public) ran the attacker's =(oid, integer), =(oid, regclass) or
+    unnest(smallint[]) as a superuser, and the attacker became one."""
+    cluster.sql(f"GRANT CREATE ON SCHEMA public TO {attacker.name}")
+    attacker.sql(lookalikes("public", attacker.schema))
+    statements = [
+        "CREATE TABLE public.victim_orders (id int PRIMARY KEY, sku text, price numeric)",
+        "SELECT certyo.track('public.victim_orders')",
+        "INSERT INTO public.victim_orders VALUES (1, 'a', 1)",
+        "CREATE INDEX victim_orders_sku ON public.victim_orders (sku)",
+        "DROP INDEX public.victim_orders_sku",
+        "ALTER TABLE public.victim_orders DROP COLUMN price",
+        "SELECT certyo.backfill('public.victim_orders', 'id > 0')",
+        "CREATE TABLE public.victim_ledger (id int, region text, PRIMARY KEY (id, region)) PARTITION BY LIST (region)",
+        "CREATE TABLE public.victim_ledger_eu PARTITION OF public.victim_ledger FOR VALUES IN ('eu')",
+        "SELECT certyo.track('public.victim_ledger')",
+        "CREATE TABLE public.victim_ledger_us (id int NOT NULL, region text NOT NULL)",
+        "ALTER TABLE public.victim_ledger ATTACH PARTITION public.victim_ledger_us FOR VALUES IN ('us')",
+        "INSERT INTO public.victim_ledger VALUES (1, 'eu'), (2, 'us')",
+        "SELECT certyo.untrack('public.victim_orders')",
+    ]
+    env = dict(os.environ, PGAPPNAME="someone-else")  # not the harness: the look-alikes go off here
+    try:
+        for statement in statements:
+            subprocess.run(["psql", "-h", cluster.dir, "-p", str(cluster.port), "-U", "postgres", "-d", "postgres",
+                            "-X", "-qAt", "-v", "ON_ERROR_STOP=1", "-c", statement],
+                           env=env, check=True, capture_output=True, text=True)
+        assert superuser_runs(attacker) == [], attacker.log()
+        assert_unprivileged(attacker)
+    finally:
+        cluster.sql("DROP TABLE IF EXISTS public.victim_orders, public.victim_ledger CASCADE")
 
 
 def test_harness_sessions_do_not_set_off_lookalikes(cluster, attacker):

@@ -58,26 +58,30 @@ unsafe extern "C-unwind" fn process_utility(
 ) {
     // SAFETY: Postgres passes a valid planned utility statement.
     let statement = unsafe { (*pstmt).utilityStmt };
+    // The checks run in the session of whoever runs the DDL, a superuser's too: each with
+    // search_path pinned, so that no operator or function planted on that session's path runs
+    // in them (pinned only for the statements they concern, not for every utility statement).
+    use crate::rights::with_pinned_search_path as pinned;
     // SAFETY: `statement` is null or a valid parse node, read-only here.
     unsafe {
         if let Some(cascade) = drops_this_extension(statement) {
-            check_backlog(cascade);
+            pinned(|| check_backlog(cascade));
         }
         if let Some((relid, columns, recurse)) = alters_column_types_or_drops(statement) {
-            crate::track::release_columns(relid, &columns, recurse).or_raise();
+            pinned(|| crate::track::release_columns(relid, &columns, recurse)).or_raise();
         }
         if let Some(trigger) = drops_a_capture_trigger(statement) {
-            crate::track::refuse_trigger_drop(&trigger).or_raise();
+            pinned(|| crate::track::refuse_trigger_drop(&trigger)).or_raise();
         }
         let indexes = dropped_indexes(statement);
         if !indexes.is_empty() {
-            crate::track::before_index_drop(&indexes).or_raise();
+            pinned(|| crate::track::before_index_drop(&indexes)).or_raise();
         }
         for (parent, child) in attaches_or_inherits(statement) {
-            match child {
+            pinned(|| match child {
                 Attach::Partition(child) => crate::track::before_attach(parent, child),
                 Attach::Inheritance => crate::track::refuse_inheriting_from(parent),
-            }
+            })
             .or_raise();
         }
     }

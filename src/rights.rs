@@ -93,6 +93,27 @@ impl Drop for Armed {
     }
 }
 
+/// Run `f`, the extension's own statements in a user's session (`track()`, `untrack()`,
+/// `backfill()`, the checks before DDL, a capture plan's catalog reads), with `search_path`
+/// pinned, as a function declared `SET search_path = pg_catalog, pg_temp` runs. Whoever runs
+/// them, a superuser included, keeps their own rights, but no name in our statements can
+/// resolve to an object another role planted in a schema on the caller's path: `pg_catalog`
+/// comes first on every path, yet an exact-type match elsewhere (an `=(oid, integer)` or an
+/// `unnest(smallint[])` in `public`) beats its polymorphic or cast-needing operators and
+/// functions, and would run as the caller. A `SET` that runs inside `f` persists, as it would
+/// after such a function.
+pub fn with_pinned_search_path<T>(f: impl FnOnce() -> T) -> T {
+    // SAFETY: opens a GUC nesting level that AtEOXact_GUC below closes; if `f` raises an
+    // error instead, the transaction (or subtransaction) abort closes it.
+    let level = unsafe { pg_sys::NewGUCNestLevel() };
+    set_at_level(c"search_path", PINNED_SEARCH_PATH);
+    let result = f();
+    // SAFETY: closes the level opened above; `true` keeps what `f` set with SET, as on a
+    // function's exit, and restores the caller's search_path.
+    unsafe { pg_sys::AtEOXact_GUC(true, level) };
+    result
+}
+
 /// Run `f` as the bootstrap superuser, for the extension's own statements on its own tables
 /// (which have no user triggers): callers of `certyo.backfill()` have no rights on them.
 pub fn as_superuser<T>(f: impl FnOnce() -> T) -> T {

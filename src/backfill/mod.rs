@@ -38,6 +38,38 @@ fn request(rel: Option<Oid>, where_clause: Option<String>) -> Result<i64> {
         .hint("Pass the table by name, e.g. certyo.backfill('public.products').")
     })?;
     let where_clause = where_clause.filter(|w| !w.trim().is_empty());
+    // The caller's search_path resolves the names in their condition, and nothing else: the
+    // extension's own statements here run with it pinned.
+    let table = crate::rights::with_pinned_search_path(|| owned_and_tracked(relid))?;
+    let where_clause = match &where_clause {
+        Some(condition) => Some(condition::canonical(relid, &table, condition)?),
+        None => None,
+    };
+    // Who asked, read before the switch below: chunks run only while this role still has the
+    // table owner's privileges.
+    // SAFETY: GetUserId only reads the backend's current user.
+    let requested_by = unsafe { pg_sys::GetUserId() };
+    let id = crate::rights::as_superuser(|| {
+        crate::rights::with_pinned_search_path(|| {
+            Spi::get_one_with_args::<i64>(
+                "INSERT INTO certyo.backfills (relid, where_clause, requested_by)
+                 VALUES ($1, $2, $3) RETURNING id",
+                &[
+                    relid.into(),
+                    where_clause.clone().into(),
+                    requested_by.into(),
+                ],
+            )
+        })
+    })?
+    .unwrap_or_default();
+    crate::wake::ring_at_commit();
+    Ok(id)
+}
+
+/// The table's name (`schema.table`, quoted as needed), if the caller may backfill it and it
+/// is tracked; the reason otherwise.
+fn owned_and_tracked(relid: Oid) -> Result<String> {
     let table = Spi::get_one_with_args::<String>(
         "SELECT CASE WHEN pg_catalog.pg_has_role(current_user, c.relowner, 'USAGE')
                      THEN pg_catalog.format('%I.%I', n.nspname, c.relname) END
@@ -64,28 +96,7 @@ fn request(rel: Option<Oid>, where_clause: Option<String>) -> Result<i64> {
             "Call certyo.track('{table}') first: a backfill queues rows of a tracked table."
         )));
     }
-    let where_clause = match &where_clause {
-        Some(condition) => Some(condition::canonical(relid, &table, condition)?),
-        None => None,
-    };
-    // Who asked, read before the switch below: chunks run only while this role still has the
-    // table owner's privileges.
-    // SAFETY: GetUserId only reads the backend's current user.
-    let requested_by = unsafe { pg_sys::GetUserId() };
-    let id = crate::rights::as_superuser(|| {
-        Spi::get_one_with_args::<i64>(
-            "INSERT INTO certyo.backfills (relid, where_clause, requested_by)
-             VALUES ($1, $2, $3) RETURNING id",
-            &[
-                relid.into(),
-                where_clause.clone().into(),
-                requested_by.into(),
-            ],
-        )
-    })?
-    .unwrap_or_default();
-    crate::wake::ring_at_commit();
-    Ok(id)
+    Ok(table)
 }
 
 fn display(relid: Oid) -> String {
@@ -105,21 +116,19 @@ pub struct Job {
     pub last_key: Option<Vec<String>>,
 }
 
-/// Worker: queue the next chunk of the oldest open backfill. True when there is more to do
-/// now (false too while the oldest waits for rows locked by someone else).
+/// Worker: queue the next chunk of the oldest open backfill that is not waiting for rows locked
+/// by someone else. True when there may be more to do now.
 pub fn step(chunk_size: usize) -> std::result::Result<bool, pgrx::spi::Error> {
-    let Some(job) = crate::error::transaction(next_job)? else {
+    let waiting = locked::waiting();
+    let Some(job) = crate::error::transaction(|| next_job(&waiting))? else {
         return Ok(false);
     };
     let id = job.id;
-    if locked::waiting(id) {
-        return Ok(false);
-    }
     let outcome = crate::error::guarded_with_code(|| {
         crate::error::transaction(|| queue_chunk(&job, chunk_size))
     });
     let Err((code, error)) = outcome else {
-        locked::forget();
+        locked::forget(id);
         return Ok(true);
     };
     if code == PgSqlErrorCode::ERRCODE_LOCK_NOT_AVAILABLE {
@@ -136,9 +145,10 @@ pub fn step(chunk_size: usize) -> std::result::Result<bool, pgrx::spi::Error> {
                 &[id.into(), error.into()],
             )
         })?;
-        return Ok(false);
+        // Another backfill, not waiting, may be taken at once.
+        return Ok(true);
     }
-    locked::forget();
+    locked::forget(id);
     let error = if code == PgSqlErrorCode::ERRCODE_QUERY_CANCELED {
         format!(
             "{error}: a chunk of {chunk_size} rows took longer than certyo.user_code_timeout ({} ms); raise it, lower certyo.backfill_chunk_size, or give the condition an index, then request the backfill again",
@@ -158,58 +168,74 @@ pub fn step(chunk_size: usize) -> std::result::Result<bool, pgrx::spi::Error> {
     Ok(true)
 }
 
-/// The oldest open backfill's wait while its rows are locked by someone else: one at a time
-/// (the worker takes backfills in order), in the worker's memory (a restart tries at once).
+/// The backfills that wait while their rows are locked by someone else, each with its own
+/// back-off, in the worker's memory (a restart tries them at once). The worker takes the oldest
+/// open backfill that is not waiting: one role's locks hold up its own backfill, never the
+/// backfills requested after it.
 pub mod locked {
-    use std::cell::Cell;
+    use std::cell::RefCell;
     use std::time::{Duration, Instant};
 
     thread_local! {
         /// (backfill id, failed attempts, next attempt).
-        static WAITING: Cell<Option<(i64, u32, Instant)>> = const { Cell::new(None) };
+        static WAITING: RefCell<Vec<(i64, u32, Instant)>> = const { RefCell::new(Vec::new()) };
     }
 
-    /// Whether backfill `id` waits for its next attempt.
-    pub fn waiting(id: i64) -> bool {
+    /// The backfills that wait for their next attempt now (their time has not come).
+    pub fn waiting() -> Vec<i64> {
+        let now = Instant::now();
         WAITING.with(|w| {
-            w.get()
-                .is_some_and(|(job, _, at)| job == id && Instant::now() < at)
+            w.borrow()
+                .iter()
+                .filter(|(_, _, at)| now < *at)
+                .map(|(id, _, _)| *id)
+                .collect()
         })
     }
 
     /// Backfill `id` found its rows locked again: when to try next (1 s, doubling, at most
     /// `certyo.max_retry_interval`).
     pub fn wait(id: i64) -> Duration {
-        let failures = WAITING.with(|w| match w.get() {
-            Some((job, n, _)) if job == id => n + 1,
-            _ => 1,
-        });
         let cap = crate::delivery::settings::current().max_retry_interval;
-        let delay = certyo::retry::next_attempt_delay(failures, 0.5, cap);
-        WAITING.with(|w| w.set(Some((id, failures, Instant::now() + delay))));
-        delay
-    }
-
-    pub fn forget() {
-        WAITING.with(|w| w.set(None));
-    }
-
-    /// How long until the waiting backfill is tried again (None: none waits).
-    pub fn next_attempt_in() -> Option<Duration> {
         WAITING.with(|w| {
-            w.get()
-                .map(|(_, _, at)| at.saturating_duration_since(Instant::now()))
+            let mut waiting = w.borrow_mut();
+            let failures = waiting
+                .iter()
+                .find(|(job, _, _)| *job == id)
+                .map_or(1, |(_, n, _)| n + 1);
+            let delay = certyo::retry::next_attempt_delay(failures, 0.5, cap);
+            waiting.retain(|(job, _, _)| *job != id);
+            waiting.push((id, failures, Instant::now() + delay));
+            delay
+        })
+    }
+
+    /// Backfill `id` went on (or ended): it waits no more.
+    pub fn forget(id: i64) {
+        WAITING.with(|w| w.borrow_mut().retain(|(job, _, _)| *job != id));
+    }
+
+    /// How long until the first waiting backfill is tried again (None: none waits).
+    pub fn next_attempt_in() -> Option<Duration> {
+        let now = Instant::now();
+        WAITING.with(|w| {
+            w.borrow()
+                .iter()
+                .map(|(_, _, at)| at.saturating_duration_since(now))
+                .min()
         })
     }
 }
 
-fn next_job() -> std::result::Result<Option<Job>, pgrx::spi::Error> {
+/// The oldest open backfill but those in `waiting`.
+fn next_job(waiting: &[i64]) -> std::result::Result<Option<Job>, pgrx::spi::Error> {
     Spi::connect(|client| {
         let rows = client.select(
             "SELECT id, relid, where_clause, requested_by, last_key FROM certyo.backfills
-              WHERE state IN ('queued', 'running') ORDER BY id LIMIT 1",
+              WHERE state IN ('queued', 'running') AND id OPERATOR(pg_catalog.<>) ALL ($1)
+              ORDER BY id LIMIT 1",
             None,
-            &[],
+            &[waiting.to_vec().into()],
         )?;
         let Some(row) = rows.into_iter().next() else {
             return Ok(None);
@@ -240,14 +266,16 @@ pub fn queue_chunk(job: &Job, chunk_size: usize) -> Result<i64> {
         )
     })?;
     let columns = key.columns.join(", ");
+    // The last key, kept as text between chunks, read back as the key's types.
+    let read_back = |param: usize| {
+        let values: Vec<String> = (1..=key.columns.len())
+            .zip(&key.types)
+            .map(|(i, ty)| format!("${param}[{i}]::{ty}"))
+            .collect();
+        format!("({})", values.join(", "))
+    };
     let after = match job.last_key {
-        Some(_) => {
-            let values: Vec<String> = (1..=key.columns.len())
-                .zip(&key.types)
-                .map(|(i, ty)| format!("$1[{i}]::{ty}"))
-                .collect();
-            format!("AND ({columns}) > ({})", values.join(", "))
-        }
+        Some(_) => format!("AND ({columns}) > {}", read_back(1)),
         None => String::new(),
     };
     let texts: Vec<String> = key.columns.iter().map(|c| format!("{c}::text")).collect();
@@ -265,7 +293,21 @@ pub fn queue_chunk(job: &Job, chunk_size: usize) -> Result<i64> {
     let owner = requester_may_still_act_as_owner(job)?;
     let timeout = crate::delivery::settings::user_code_timeout();
     let (queued, last) = crate::rights::backfilling_as(owner, timeout, || {
-        Spi::connect(|client| queue_rows(client, &sql, last_key, job.relid, &options))
+        let (queued, last) =
+            Spi::connect(|client| queue_rows(client, &sql, last_key.clone(), job.relid, &options))?;
+        if let (Some(_), Some(new)) = (&job.last_key, &last) {
+            // Each chunk must end past the one before, read back as the next chunk will read
+            // it, or the backfill would start over, forever: a cast of the key's type to or from
+            // text that does not round-trip (its owner may CREATE CAST one) does that.
+            let progressed = Spi::get_one_with_args::<bool>(
+                &format!("SELECT {} > {}", read_back(1), read_back(2)),
+                &[new.clone().into(), last_key.clone().into()],
+            )?;
+            if progressed != Some(true) {
+                return Err(no_progress(&key.table, &last_key, new));
+            }
+        }
+        Ok((queued, last))
     })?;
     let done = (queued as usize) < chunk_size;
     Spi::run_with_args(
@@ -277,6 +319,19 @@ pub fn queue_chunk(job: &Job, chunk_size: usize) -> Result<i64> {
         &[job.id.into(), done.into(), last.into(), queued.into()],
     )?;
     Ok(queued)
+}
+
+fn no_progress(table: &str, before: &[String], after: &[String]) -> CertyoError {
+    CertyoError::new(
+        PgSqlErrorCode::ERRCODE_INVALID_TEXT_REPRESENTATION,
+        format!(
+            "the backfill of {table} made no progress: a chunk ended at key ({}), read back as not after the previous chunk's ({})",
+            after.join(", "),
+            before.join(", ")
+        ),
+    )
+    .detail("Between chunks a backfill keeps its place as the record id columns' text form; a value whose cast to text and back does not give it again would make the backfill start over, forever.")
+    .hint("Drop a CREATE CAST between the record id columns' types and text, or track the table by other record_id_columns, then request the backfill again.")
 }
 
 /// The table's owner, if the role that requested the backfill still has its privileges (it

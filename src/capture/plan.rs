@@ -282,7 +282,10 @@ pub unsafe fn for_relation<'a>(
     }
     // Build without holding the borrow: catalog reads may process invalidations, which call back.
     let options = CaptureOptions::from_trigger_args(args())?;
-    let plan = Rc::new(TablePlan::build(rel, &options)?);
+    // In the writer's session: its search_path must not reach the catalog reads of a build.
+    let plan = Rc::new(crate::rights::with_pinned_search_path(|| {
+        TablePlan::build(rel, &options)
+    })?);
     PLANS.with(|plans| plans.borrow_mut().insert(relid, plan.clone()));
     Ok(plan)
 }

@@ -59,6 +59,14 @@ impl Row {
     }
 }
 
+thread_local! {
+    /// The rendering buffer `payload` reuses (see there).
+    static SCRATCH: std::cell::Cell<Vec<u8>> = const { std::cell::Cell::new(Vec::new()) };
+}
+
+/// Largest rendering buffer kept between rows: one grown by a large value is let go.
+const SCRATCH_KEPT: usize = 64 * 1024;
+
 pub struct Change {
     pub operation: Operation,
     pub record_id: Vec<u8>,
@@ -81,7 +89,10 @@ impl TablePlan {
     /// The business columns as a JSON object, in table order, names exactly as in the table.
     unsafe fn payload(&self, row: &Row) -> Vec<u8> {
         let mut out = Vec::with_capacity(64 + 24 * self.payload.len());
-        let mut scratch = Vec::new();
+        // Values are rendered through a buffer kept for the backend's life: a new one per row
+        // grew by reallocation, several times a row (measured with callgrind). Taken, not
+        // borrowed, so a type's output function that writes a tracked table finds it empty.
+        let mut scratch = SCRATCH.take();
         out.push(b'{');
         for column in &self.payload {
             out.extend_from_slice(&column.key);
@@ -91,6 +102,9 @@ impl TablePlan {
             }
         }
         out.push(b'}');
+        if scratch.capacity() <= SCRATCH_KEPT {
+            SCRATCH.set(scratch);
+        }
         out
     }
 

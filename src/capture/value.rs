@@ -410,9 +410,14 @@ fn is_json_number_or_structure(text: &[u8]) -> bool {
 /// Append `text` as a JSON string. The server encoding is ASCII-compatible, so escaping the
 /// ASCII specials byte by byte is safe and everything else passes through unchanged.
 pub fn write_json_string(text: &[u8], out: &mut Vec<u8>) {
+    out.reserve(text.len() + 2);
     out.push(b'"');
     let mut start = 0;
     for (i, &byte) in text.iter().enumerate() {
+        // Nearly every byte needs no escape: say so in three comparisons, not a match.
+        if byte >= 0x20 && byte != b'"' && byte != b'\\' {
+            continue;
+        }
         let escape: &[u8] = match byte {
             b'"' => b"\\\"",
             b'\\' => b"\\\\",

@@ -36,7 +36,10 @@ fn track(
         })
     };
     let relid = required(rel).or_raise();
-    track_table(relid, &request().or_raise(), backfill.unwrap_or(false)).or_raise()
+    crate::rights::with_pinned_search_path(|| {
+        track_table(relid, &request().or_raise(), backfill.unwrap_or(false))
+    })
+    .or_raise()
 }
 
 /// The names of an array argument; a NULL element is refused (there is no such column).
@@ -59,12 +62,14 @@ fn column_names(names: Vec<Option<String>>, argument: &str) -> Result<Vec<String
 
 #[pg_extern(sql = false)]
 fn untrack(rel: Option<Oid>, drop_columns: Option<bool>) -> bool {
-    untrack_table(required(rel).or_raise(), drop_columns.unwrap_or(false)).or_raise()
+    let relid = required(rel).or_raise();
+    crate::rights::with_pinned_search_path(|| untrack_table(relid, drop_columns.unwrap_or(false)))
+        .or_raise()
 }
 
 #[pg_extern(sql = false)]
 fn refresh_capture_trigger(rel: Oid) {
-    refresh(rel).or_raise()
+    crate::rights::with_pinned_search_path(|| refresh(rel)).or_raise()
 }
 
 /// `certyo.capture_option(tgargs, key)`: decodes trigger arguments for `certyo.tracked_tables`.
