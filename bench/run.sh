@@ -22,6 +22,9 @@ for config in ${BENCH_CONFIGS:-defaults strict}; do
     cluster_stop "$CLUSTER_DIR"
 done
 
+# The write path in CPU instructions (callgrind): repeatable where TPS on two cores is not.
+python3 bench/instructions.py
+
 # Capture with the worker running and sending paused: commits must not wake it.
 bench/paused.sh
 

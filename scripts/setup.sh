@@ -6,7 +6,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 PGRX_VERSION=0.18.0
-APT_PACKAGES=(postgresql-15 postgresql-server-dev-15 libclang-dev clang sudo make mariadb-server mariadb-client curl
+APT_PACKAGES=(postgresql-15 postgresql-server-dev-15 libclang-dev clang sudo make mariadb-server mariadb-client curl valgrind
     python3 python3-venv)
 
 say() { printf '== %s\n' "$*"; }
