@@ -613,6 +613,121 @@ def test_a_cast_that_does_not_round_trip_cannot_make_a_backfill_endless(cluster,
     assert wait_backfill(cluster, bystander.sql(f"SELECT certyo.backfill('{other}')")) == "done"
 
 
+def test_text_that_is_not_utf8_is_refused_where_it_is_written(cluster, attacker):
+    """Attack (an attacker pass of 2026-12-05): in a SQL_ASCII database text may hold any bytes;
+    capture copied them into the queue, and the worker, which sends JSON (UTF-8), failed every
+    pass on the change: one INSERT of E'\\xfe' stopped the delivery of every table of the
+    database. Now the writer's statement is refused (22021) and the others are delivered."""
+    database = f"ascii_{attacker.name}"
+    cluster.sql(f"CREATE DATABASE {database} ENCODING 'SQL_ASCII' LC_COLLATE 'C' LC_CTYPE 'C' TEMPLATE template0")
+    try:
+        cluster.sql(f"CREATE EXTENSION certyo_cdc; GRANT CREATE ON DATABASE {database} TO {attacker.name}",
+                    database=database)
+        run = lambda sql: cluster.sql(sql, user=attacker.name, database=database)  # noqa: E731
+        run("CREATE SCHEMA mine; CREATE TABLE mine.t (id text PRIMARY KEY, v text); SELECT certyo.track('mine.t')")
+        for values in ("('bad value', E'v\\xfe')", "(E'bad key \\xff', 'v')"):
+            refused = subprocess.run(["psql", "-h", cluster.dir, "-p", str(cluster.port), "-U", attacker.name, "-d",
+                                      database, "-X", "-qAt", "-v", "VERBOSITY=verbose", "-c",
+                                      f"INSERT INTO mine.t VALUES {values}"], capture_output=True)
+            assert refused.returncode != 0 and b"22021" in refused.stderr and b"not valid UTF-8" in refused.stderr, \
+                refused.stderr
+        run("INSERT INTO mine.t VALUES ('fine', 'ascii only')")
+        assert wait_for(lambda: cluster.sql("SELECT count(*) FROM mine.t WHERE certyo_record_hash IS NOT NULL",
+                                            database=database) == "1", 30), "the valid change was not delivered"
+    finally:
+        cluster.sql(f"DROP DATABASE IF EXISTS {database} WITH (FORCE)")
+
+
+def test_a_huge_error_from_write_back_code_is_cut_short(cluster, attacker, make_role):
+    """Attack (an attacker pass of 2026-12-05): an ENABLE ALWAYS trigger that raises a 100 MB
+    error in the write-back only. The worker kept the text per table, stored it, put it in its
+    status every pass and logged it once a minute per table: with 13 tables, 3 GB of worker
+    memory, a 5 GB log, and every pass failing with "out of memory". Now the error is cut to
+    1,000 bytes where it is caught."""
+    schema = attacker.schema
+    table = make_table(attacker, name="boom")
+    attacker.sql(f"""
+        CREATE FUNCTION {schema}.boom() RETURNS trigger LANGUAGE plpgsql AS $$
+        BEGIN
+            IF current_setting('session_replication_role') = 'replica' THEN
+                RAISE EXCEPTION '%', repeat('X', 5000000);
+            END IF;
+            RETURN NEW;
+        END $$;
+        CREATE TRIGGER boom BEFORE UPDATE ON {table} FOR EACH ROW EXECUTE FUNCTION {schema}.boom();
+        ALTER TABLE {table} ENABLE ALWAYS TRIGGER boom;
+    """)
+    log_before = cluster.log_size()
+    attacker.sql(f"INSERT INTO {table} (id) VALUES (1)")
+    failure = f"SELECT length(error) FROM certyo.write_back_failure WHERE relid = '{table}'::regclass"
+    assert wait_for(lambda: cluster.sql(failure) != "", 30), "the write-back did not fail"
+    assert int(cluster.sql(failure)) <= 1100, cluster.sql(failure)
+    assert_delivered_meanwhile(cluster, make_role("bystander"))
+    detail = int(cluster.sql("SELECT length(detail) FROM certyo.worker_status()"))
+    assert detail <= 3000, f"the worker's status holds {detail} bytes"
+    grown = cluster.log_size() - log_before
+    assert grown < 100_000, f"the log grew by {grown} bytes"
+
+
+def test_the_backlog_count_is_told_only_to_whoever_may_drop_the_extension(cluster, attacker):
+    """Attack (an attacker pass of 2026-12-05): DROP EXTENSION, as anyone, answered with the
+    database's count of undelivered changes and dead letters (the operator's figures, of every
+    role's writes) before Postgres refused it for lack of ownership."""
+    table = make_table(attacker)
+    cluster.sql("SELECT certyo.pause()")
+    try:
+        attacker.sql(f"INSERT INTO {table} (id) VALUES (1), (2)")
+        for statement in ("DROP EXTENSION certyo_cdc", "DROP EXTENSION certyo_cdc CASCADE"):
+            refused = cluster.attempt_verbose(statement, user=attacker.name)
+            assert "must be owner of extension" in refused.stderr, refused
+            assert "captured change" not in refused.stderr, refused
+        refused = cluster.attempt_verbose("DROP EXTENSION certyo_cdc")
+        assert "captured change(s) not delivered" in refused.stderr, "the owner is still told"
+    finally:
+        cluster.sql("SELECT certyo.resume()")
+
+
+def test_renaming_tables_cannot_grow_the_workers_memory_without_bound(cluster, attacker):
+    """Attack (an attacker pass of 2026-12-05): the worker kept a write-back statement per table
+    name, forever: renaming tracked tables in a loop, each with a change to write back, grew it
+    by 50 kB a rename (6,000 renames: 66 -> 411 MB). It keeps at most 256 statements now."""
+    tables = [make_table(attacker, name=f"rn{i}_0") for i in range(20)]
+    pid = cluster.sql("SELECT pid FROM certyo.worker_status()")
+    before = peak_memory_kib(pid)
+    for it in range(1, 101):
+        renames = "; ".join(f"ALTER TABLE {attacker.schema}.rn{i}_{it - 1} RENAME TO rn{i}_{it}; "
+                            f"INSERT INTO {attacker.schema}.rn{i}_{it} (id) VALUES ({it})" for i in range(20))
+        attacker.sql(f"BEGIN; {renames}; COMMIT")
+        if it % 10 == 0:
+            last = f"{attacker.schema}.rn0_{it}"
+            wait_written_back(cluster, last, it, timeout=60)
+    assert len(tables) == 20
+    assert cluster.sql("SELECT pid FROM certyo.worker_status()") == pid, "the worker restarted"
+    rise = peak_memory_kib(pid) - before
+    assert rise < 40 * 1024, f"the worker's peak memory rose by {rise} KiB over 2,000 renames"
+
+
+def test_failing_backfills_cannot_flood_the_log(cluster, attacker):
+    """Attack (an attacker pass of 2026-12-05): one statement requests 20,000 backfills whose
+    condition raises a 10 kB error. The worker logged each failure with its error: 330 warnings
+    a second, 63 MB of log in 20 s. Now each error is cut to 1,000 bytes, and the log names at
+    most ten failed backfills a minute (each one's error stays in certyo.backfills)."""
+    schema = attacker.schema
+    table = make_table(attacker, rows=3)
+    attacker.sql(f"CREATE FUNCTION {schema}.fail(int) RETURNS boolean LANGUAGE plpgsql AS "
+                 f"$$ BEGIN RAISE EXCEPTION 'nope %', repeat('L', 10000); END $$")
+    offset = cluster.log_size()
+    attacker.sql(f"SELECT count(certyo.backfill('{table}', '{schema}.fail(id)')) FROM generate_series(1, 200)")
+    open_ones = f"SELECT count(*) FROM certyo.backfills WHERE relid = '{table}'::regclass AND state <> 'failed'"
+    assert wait_for(lambda: cluster.sql(open_ones) == "0", 60), "the backfills did not all fail"
+    log = cluster.log_since(offset)
+    logged = log.count("failed: nope")
+    assert 1 <= logged <= 10, f"{logged} failed backfills logged"
+    assert len(log) < 50_000, f"the log grew by {len(log)} bytes"
+    longest = int(cluster.sql(f"SELECT max(length(error)) FROM certyo.backfills WHERE relid = '{table}'::regclass"))
+    assert longest <= 1100, longest
+
+
 def test_a_slow_trigger_on_write_back_cannot_hold_up_delivery(cluster, attacker, make_role):
     """Attack: an ENABLE ALWAYS trigger (it fires even in the write-back's replica mode) that
     sleeps a minute. The write-back is canceled after certyo.user_code_timeout and retried with

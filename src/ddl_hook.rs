@@ -447,6 +447,17 @@ fn undelivered() -> Option<(i64, i64)> {
     if !installed {
         return None;
     }
+    // Only for whoever may drop it: the counts are the operator's (certyo.worker_status() is
+    // revoked from PUBLIC), and anyone else's DROP EXTENSION is refused by Postgres anyway.
+    let owner = crate::error::in_subtransaction(|| {
+        Spi::get_one::<bool>(
+            "SELECT pg_catalog.pg_has_role(e.extowner, 'USAGE') FROM pg_catalog.pg_extension e
+              WHERE e.extname OPERATOR(pg_catalog.=) 'certyo_cdc'",
+        )
+    });
+    if !matches!(owner, Ok(Ok(Some(true)))) {
+        return None;
+    }
     let counted = crate::error::in_subtransaction(|| {
         crate::rights::as_superuser(|| {
             Spi::get_two::<i64, i64>(

@@ -162,12 +162,34 @@ fn code_of(caught: &pgrx::pg_sys::panic::CaughtError) -> PgSqlErrorCode {
 
 fn message_of(caught: &pgrx::pg_sys::panic::CaughtError) -> String {
     use pgrx::pg_sys::panic::CaughtError;
-    match caught {
-        CaughtError::PostgresError(report) | CaughtError::ErrorReport(report) => {
-            report.message().to_string()
-        }
-        CaughtError::RustPanic { ereport, .. } => ereport.message().to_string(),
+    let message = match caught {
+        CaughtError::PostgresError(report) | CaughtError::ErrorReport(report) => report.message(),
+        CaughtError::RustPanic { ereport, .. } => ereport.message(),
+    };
+    bounded(message)
+}
+
+/// Longest text of a caught error that the worker keeps, stores and logs.
+pub const MAX_ERROR_TEXT: usize = 1000;
+
+/// `message`, cut to [`MAX_ERROR_TEXT`] bytes (at a character boundary) with a note of how much
+/// was cut. Errors the worker catches may come from users' code (a write-back trigger's `RAISE`,
+/// a backfill condition): one of 100 MB, kept per table, stored, put in the worker's status and
+/// logged once a minute, filled the log disk and the worker's memory (an attacker pass of
+/// 2026-12-05).
+pub fn bounded(message: &str) -> String {
+    if message.len() <= MAX_ERROR_TEXT {
+        return message.to_string();
     }
+    let mut end = MAX_ERROR_TEXT;
+    while !message.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!(
+        "{}... ({} more bytes)",
+        &message[..end],
+        message.len() - end
+    )
 }
 
 /// Raise `Err` as an ERROR, return `Ok` as is: the single place where a `Result` meets SQL.
@@ -178,5 +200,19 @@ pub trait OrRaise<T> {
 impl<T> OrRaise<T> for Result<T> {
     fn or_raise(self) -> T {
         self.unwrap_or_else(|e| e.raise())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{bounded, MAX_ERROR_TEXT};
+
+    #[test]
+    fn long_error_text_is_cut_at_a_character_boundary() {
+        assert_eq!(bounded("short"), "short");
+        let long = "é".repeat(MAX_ERROR_TEXT);
+        let cut = bounded(&long);
+        assert!(cut.len() < MAX_ERROR_TEXT + 40, "{}", cut.len());
+        assert!(cut.ends_with(&format!("... ({} more bytes)", long.len() - MAX_ERROR_TEXT)));
     }
 }

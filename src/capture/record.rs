@@ -78,12 +78,19 @@ impl TablePlan {
     /// # Safety
     /// `row` must be a row of the table this plan was built for.
     pub unsafe fn change(&self, operation: Operation, row: &Row) -> Result<Change> {
-        Ok(Change {
+        let change = Change {
             operation,
             record_id: self.record_id(row)?,
             payload: self.payload(row),
             source_timestamp: self.source_timestamp(row),
-        })
+        };
+        if !database_is_utf8()
+            && (std::str::from_utf8(&change.record_id).is_err()
+                || std::str::from_utf8(&change.payload).is_err())
+        {
+            return Err(not_utf8(&self.collection));
+        }
+        Ok(change)
     }
 
     /// The business columns as a JSON object, in table order, names exactly as in the table.
@@ -215,6 +222,36 @@ fn record_id_too_long(table: &str, bytes: usize) -> CertyoError {
     )
     .detail("The record id (the record_id_columns' text form) is kept in indexes, whose entries are limited in size; the change was not written.")
     .hint(format!("Shorten the key's value, or track {table} by shorter record_id_columns (certyo.untrack(), then certyo.track() with record_id_columns)."))
+}
+
+/// Whether this database's encoding is UTF-8 (read once per backend: it never changes). In a
+/// UTF-8 database Postgres keeps every text valid UTF-8; in another one (`SQL_ASCII`, `LATIN1`,
+/// ...) text holds that encoding's bytes, which a JSON payload cannot carry: one such change
+/// made every pass of the worker fail, for every table of the database (an attacker pass of
+/// 2026-12-05, one `E'\xfe'` in a `SQL_ASCII` database).
+fn database_is_utf8() -> bool {
+    thread_local! {
+        static UTF8: std::cell::Cell<Option<bool>> = const { std::cell::Cell::new(None) };
+    }
+    UTF8.with(|cell| {
+        *cell.get().get_or_insert_with(|| {
+            // SAFETY: reads the backend's database encoding, set at connection.
+            unsafe { pg_sys::GetDatabaseEncoding() == pg_sys::pg_enc::PG_UTF8 as i32 }
+        })
+    })
+}
+
+fn not_utf8(table: &str) -> CertyoError {
+    // SAFETY: a static string of the encoding's name.
+    let encoding = unsafe { std::ffi::CStr::from_ptr(pg_sys::GetDatabaseEncodingName()) }
+        .to_string_lossy()
+        .into_owned();
+    CertyoError::new(
+        PgSqlErrorCode::ERRCODE_CHARACTER_NOT_IN_REPERTOIRE,
+        format!("certyo_cdc: this row of {table} holds text that is not valid UTF-8"),
+    )
+    .detail(format!("Certyo takes records as JSON, which is UTF-8; this database's encoding is {encoding}, whose text is kept as it was written. The change was not written."))
+    .hint("Write the text as UTF-8, or keep tracked tables in a database created with ENCODING 'UTF8'.")
 }
 
 fn null_record_id(table: &str, column: &str) -> CertyoError {

@@ -13,10 +13,22 @@ use pgrx::PgOid;
 use std::cell::RefCell;
 use std::collections::HashMap;
 
+/// Most statements kept. Write-back statements are built per table (its name and key in the
+/// text), so every table written back, and every rename of one, adds a statement: kept without
+/// bound, a role renaming its tracked tables in a loop grew the worker by 50 kB a rename, past
+/// 500 MB (an attacker pass of 2026-12-05). Past this many, the least recently used is freed.
+const MAX_KEPT: usize = 256;
+
+struct Kept {
+    statement: OwnedPreparedStatement,
+    /// When it was last run (a count of runs), for eviction.
+    used: u64,
+}
+
 thread_local! {
     /// Per statement text, and whether it writes (SPI runs the two differently).
-    static KEPT: RefCell<HashMap<(String, bool), OwnedPreparedStatement>> =
-        RefCell::new(HashMap::new());
+    static KEPT: RefCell<HashMap<(String, bool), Kept>> = RefCell::new(HashMap::new());
+    static RUNS: std::cell::Cell<u64> = const { std::cell::Cell::new(0) };
 }
 
 /// Run a statement that only reads.
@@ -29,7 +41,7 @@ pub fn select<'conn>(
     KEPT.with(|kept| {
         let kept = kept.borrow();
         match kept.get(&(sql.to_string(), false)) {
-            Some(statement) => client.select(statement, None, args),
+            Some(kept) => client.select(&kept.statement, None, args),
             None => client.select(sql, None, args),
         }
     })
@@ -45,7 +57,7 @@ pub fn update<'conn>(
     KEPT.with(|kept| {
         let kept = kept.borrow();
         match kept.get(&(sql.to_string(), true)) {
-            Some(statement) => client.update(statement, None, args),
+            Some(kept) => client.update(&kept.statement, None, args),
             None => client.update(sql, None, args),
         }
     })
@@ -60,7 +72,18 @@ fn keep(
     writes: bool,
 ) -> SpiResult<()> {
     let key = (sql.to_string(), writes);
-    if KEPT.with(|kept| kept.borrow().contains_key(&key)) {
+    let now = RUNS.with(|runs| {
+        runs.set(runs.get() + 1);
+        runs.get()
+    });
+    let found = KEPT.with(|kept| match kept.borrow_mut().get_mut(&key) {
+        Some(kept) => {
+            kept.used = now;
+            true
+        }
+        None => false,
+    });
+    if found {
         return Ok(());
     }
     let types: Vec<PgOid> = args.iter().map(|a| PgOid::from(a.oid())).collect();
@@ -70,6 +93,24 @@ fn keep(
         client.prepare(sql, &types)?
     };
     let statement = statement.keep();
-    KEPT.with(|kept| kept.borrow_mut().insert(key, statement));
+    KEPT.with(|kept| {
+        let mut kept = kept.borrow_mut();
+        if kept.len() >= MAX_KEPT {
+            let oldest = kept
+                .iter()
+                .min_by_key(|(_, k)| k.used)
+                .map(|(key, _)| key.clone());
+            if let Some(oldest) = oldest {
+                kept.remove(&oldest); // dropped: its plan is freed (SPI_freeplan)
+            }
+        }
+        kept.insert(
+            key,
+            Kept {
+                statement,
+                used: now,
+            },
+        );
+    });
     Ok(())
 }

@@ -326,10 +326,14 @@ pub mod failing {
         }
         crate::error::transaction(|| {
             Spi::get_one::<String>(
+                // At most five tables named, each error cut short: the text goes into the
+                // worker's status every pass, however many tables of however many roles fail.
                 "SELECT string_agg(format('write-back to %s fails: %s (%s attempts since %s; retried with back-off, its changes are delivered)',
-                                          relid::regclass, error, attempts, to_char(since, 'YYYY-MM-DD HH24:MI:SS')),
-                                   '; ' ORDER BY relid)
-                   FROM certyo.write_back_failure",
+                                          relid::regclass, left(error, 300), attempts,
+                                          to_char(since, 'YYYY-MM-DD HH24:MI:SS')),
+                                   '; ' ORDER BY relid) FILTER (WHERE n <= 5)
+                       || CASE WHEN count(*) > 5 THEN format('; and %s more tables', count(*) - 5) ELSE '' END
+                   FROM (SELECT *, row_number() OVER (ORDER BY relid) AS n FROM certyo.write_back_failure) f",
             )
         })
     }
