@@ -39,6 +39,7 @@ next commit (user code runs in origin mode); all 85 pass.
 import os
 import pwd
 import subprocess
+import time
 import uuid
 import warnings
 
@@ -583,6 +584,28 @@ def test_a_role_whose_rows_are_locked_holds_up_its_own_backfill_only(cluster, at
     finally:
         holder.close()
     assert wait_backfill(cluster, stuck, timeout=60) == "done", "once the lock is gone"
+
+
+def test_a_backfill_cancelled_while_it_waited_for_locks_leaves_the_worker_asleep(cluster, attacker):
+    """A backfill waits for rows its owner keeps locked; an operator cancels it meanwhile. The
+    worker remembered when to try it again and, once that time had passed, asked to be woken at
+    once, pass after pass: it never slept again (found while reviewing the fix above)."""
+    table = make_table(attacker, rows=3)
+    holder = cluster.hold_open(f"BEGIN; LOCK TABLE {table} IN ACCESS EXCLUSIVE MODE;", user=attacker.name)
+    try:
+        backfill = attacker.sql(f"SELECT certyo.backfill('{table}')")
+        assert wait_for(lambda: "locked by another transaction" in cluster.sql(
+            f"SELECT coalesce(error, '') FROM certyo.backfills WHERE id = {backfill}"), 30)
+        cluster.sql(f"SELECT certyo.cancel_backfill({backfill})")
+    finally:
+        holder.close()
+    # Past the back-off of the first attempts (1-2 s), then a window of 3 s.
+    retried = f"SELECT updated_at < now() - interval '3 s' FROM certyo.backfills WHERE id = {backfill}"
+    assert wait_for(lambda: cluster.sql(retried) == "t", 30)
+    before = int(cluster.sql("SELECT passes FROM certyo.worker_status()"))
+    time.sleep(3)  # the window measured, as in test_daemon.py's idle tests
+    passes = int(cluster.sql("SELECT passes FROM certyo.worker_status()")) - before
+    assert passes < 100, f"the worker ran {passes} passes in 3 s with nothing to do"
 
 
 def test_a_cast_that_does_not_round_trip_cannot_make_a_backfill_endless(cluster, attacker, make_role):

@@ -255,16 +255,26 @@ pub mod locked {
         WAITING.with(|w| w.borrow_mut().retain(|(job, _, _)| *job != id));
     }
 
-    /// How long until the first waiting backfill is tried again (None: none waits).
+    /// How long until the first waiting backfill is tried again (None: none waits). A backfill
+    /// whose time has come is taken by the next pass, or is no longer open (cancelled while it
+    /// waited): either way no timer is needed for it, and one of zero would make the worker
+    /// run pass after pass without sleeping. Entries long past their time are let go.
     pub fn next_attempt_in() -> Option<Duration> {
         let now = Instant::now();
         WAITING.with(|w| {
-            w.borrow()
+            let mut waiting = w.borrow_mut();
+            waiting.retain(|(_, _, at)| now.saturating_duration_since(*at) < FORGOTTEN_AFTER);
+            waiting
                 .iter()
-                .map(|(_, _, at)| at.saturating_duration_since(now))
+                .filter(|(_, _, at)| *at > now)
+                .map(|(_, _, at)| at.duration_since(now))
                 .min()
         })
     }
+
+    /// How long past its time a waiting backfill's back-off is remembered (a backfill locked
+    /// again within it waits longer than the time before).
+    const FORGOTTEN_AFTER: Duration = Duration::from_secs(3600);
 }
 
 /// The oldest open backfill but those in `waiting`.
