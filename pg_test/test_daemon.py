@@ -46,8 +46,15 @@ def idle_cost(cluster, seconds):
 
 def assert_asleep(cluster, state):
     seconds = 5.0
-    passes, cpu, started = idle_cost(cluster, seconds)
-    print(f"{state}: {passes} passes, {cpu * 1000:.1f} ms of CPU in {seconds} s")
+    # The best of up to three windows: a worker that spins or works for nothing does so in
+    # every window, while the CPU time the scheduler charges a sleeping worker's few wake-ups
+    # swings with the rest of the machine (on a busy 2-core VM, 5-9 ms in one window, 47-53 ms
+    # in another, the same build: 2026-12-05).
+    for _ in range(3):
+        passes, cpu, started = idle_cost(cluster, seconds)
+        print(f"{state}: {passes} passes, {cpu * 1000:.1f} ms of CPU in {seconds} s")
+        if passes <= seconds / POLL_INTERVAL_S + 5 and not started and cpu <= 0.01 * seconds:
+            return
     # Asleep: about one pass per poll_interval (plus a few for the doorbell of our own
     # queries); a worker that spins runs thousands.
     assert passes <= seconds / POLL_INTERVAL_S + 5, f"{state}: {passes} passes in {seconds} s"
