@@ -564,17 +564,29 @@ def test_rows_locked_by_a_role_cannot_hold_up_delivery(cluster, attacker, make_r
         assert wait_backfill(cluster, backfill, timeout=60) == "done", f"once the lock ({lock}) is gone"
 
 
+def backfill_of_a_locked_table(cluster, role):
+    """A backfill of the role's new table, which the role keeps locked in an open transaction:
+    (the session holding the lock, to close; the backfill's id), once the worker has found the
+    lock."""
+    table = make_table(role, rows=3)
+    holder = cluster.hold_open(f"BEGIN; LOCK TABLE {table} IN ACCESS EXCLUSIVE MODE;", user=role.name)
+    try:
+        backfill = role.sql(f"SELECT certyo.backfill('{table}')")
+        assert wait_for(lambda: "locked by another transaction" in cluster.sql(
+            f"SELECT coalesce(error, '') FROM certyo.backfills WHERE id = {backfill}"), 30)
+    except BaseException:
+        holder.close()
+        raise
+    return holder, backfill
+
+
 def test_a_role_whose_rows_are_locked_holds_up_its_own_backfill_only(cluster, attacker, make_role):
     """Attack (an attacker pass of 2026-12-05): the owner keeps its table locked and requests a
     backfill first. The worker took backfills strictly in order, so every backfill requested
     after it, by any role, waited as long as the lock was held, and a back-off after that.
     Now only the attacker's backfill waits."""
-    table = make_table(attacker, rows=3)
-    holder = cluster.hold_open(f"BEGIN; LOCK TABLE {table} IN ACCESS EXCLUSIVE MODE;", user=attacker.name)
+    holder, stuck = backfill_of_a_locked_table(cluster, attacker)
     try:
-        stuck = attacker.sql(f"SELECT certyo.backfill('{table}')")
-        assert wait_for(lambda: "locked by another transaction" in cluster.sql(
-            f"SELECT coalesce(error, '') FROM certyo.backfills WHERE id = {stuck}"), 30)
         bystander = make_role("bystander")
         other = make_table(bystander, rows=50)
         backfill = bystander.sql(f"SELECT certyo.backfill('{other}')")
@@ -590,12 +602,8 @@ def test_a_backfill_cancelled_while_it_waited_for_locks_leaves_the_worker_asleep
     """A backfill waits for rows its owner keeps locked; an operator cancels it meanwhile. The
     worker remembered when to try it again and, once that time had passed, asked to be woken at
     once, pass after pass: it never slept again (found while reviewing the fix above)."""
-    table = make_table(attacker, rows=3)
-    holder = cluster.hold_open(f"BEGIN; LOCK TABLE {table} IN ACCESS EXCLUSIVE MODE;", user=attacker.name)
+    holder, backfill = backfill_of_a_locked_table(cluster, attacker)
     try:
-        backfill = attacker.sql(f"SELECT certyo.backfill('{table}')")
-        assert wait_for(lambda: "locked by another transaction" in cluster.sql(
-            f"SELECT coalesce(error, '') FROM certyo.backfills WHERE id = {backfill}"), 30)
         cluster.sql(f"SELECT certyo.cancel_backfill({backfill})")
     finally:
         holder.close()
