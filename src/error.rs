@@ -170,14 +170,14 @@ fn message_of(caught: &pgrx::pg_sys::panic::CaughtError) -> String {
 }
 
 /// Longest text of a caught error that the worker keeps, stores and logs.
-pub const MAX_ERROR_TEXT: usize = 1000;
+const MAX_ERROR_TEXT: usize = 1000;
 
 /// `message`, cut to [`MAX_ERROR_TEXT`] bytes (at a character boundary) with a note of how much
 /// was cut. Errors the worker catches may come from users' code (a write-back trigger's `RAISE`,
 /// a backfill condition): one of 100 MB, kept per table, stored, put in the worker's status and
 /// logged once a minute, filled the log disk and the worker's memory (an attacker pass of
 /// 2026-12-05).
-pub fn bounded(message: &str) -> String {
+fn bounded(message: &str) -> String {
     if message.len() <= MAX_ERROR_TEXT {
         return message.to_string();
     }

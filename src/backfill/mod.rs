@@ -49,18 +49,17 @@ fn request(rel: Option<Oid>, where_clause: Option<String>) -> Result<i64> {
     // table owner's privileges.
     // SAFETY: GetUserId only reads the backend's current user.
     let requested_by = unsafe { pg_sys::GetUserId() };
+    // No operator or function to resolve here: the caller's search_path cannot reach it.
     let id = crate::rights::as_superuser(|| {
-        crate::rights::with_pinned_search_path(|| {
-            Spi::get_one_with_args::<i64>(
-                "INSERT INTO certyo.backfills (relid, where_clause, requested_by)
-                 VALUES ($1, $2, $3) RETURNING id",
-                &[
-                    relid.into(),
-                    where_clause.clone().into(),
-                    requested_by.into(),
-                ],
-            )
-        })
+        Spi::get_one_with_args::<i64>(
+            "INSERT INTO certyo.backfills (relid, where_clause, requested_by)
+             VALUES ($1, $2, $3) RETURNING id",
+            &[
+                relid.into(),
+                where_clause.clone().into(),
+                requested_by.into(),
+            ],
+        )
     })?
     .unwrap_or_default();
     crate::wake::ring_at_commit();
