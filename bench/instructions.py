@@ -63,10 +63,11 @@ class Server:
                         "postgres"], check=True, capture_output=True)
 
     def run(self, statements, counted=False):
-        """Run statements, one transaction per line; the instructions counted, if asked."""
+        """Run statements, one transaction per line; the instructions counted, if asked. The
+        library is preloaded, as users run it (queue ids come from shared memory then)."""
         out = f"{self.dir}/callgrind.out"
         command = [f"{self.pg_bin}/postgres", "--single", "-D", self.data, "-c", "synchronous_commit=off",
-                   "-c", "autovacuum=off", "postgres"]
+                   "-c", "autovacuum=off", "-c", "shared_preload_libraries=certyo_cdc", "postgres"]
         if counted:
             command = ["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}"] + command
         done = subprocess.run(["sudo", "-u", "postgres"] + command, input="\n".join(statements) + "\n",

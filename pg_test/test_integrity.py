@@ -124,6 +124,48 @@ def test_a_replay_of_another_change_is_kept_as_a_conflict_never_as_its_receipt(e
         cluster.pg_ctl("-m", "immediate", "stop")
 
 
+def test_queue_ids_keep_the_order_they_are_drawn_in_and_never_repeat(emulator):
+    """Capture draws queue ids in blocks of 1,024 (one nextval() a block) and hands them out
+    from shared memory (src/capture/ids.rs). Delivery relies on their order: across sessions,
+    a transaction held open across others' commits included, ids must grow in the order they
+    are drawn; each database has its own; and none may come twice: not after a crash, which
+    forgets the block, nor after DROP and CREATE EXTENSION, which make a new sequence."""
+    cluster = Cluster(PRIMARY_DIR, free_port(), emulator.url, "certyo.enabled = off")
+
+    def ids(database="postgres"):
+        return [int(i) for i in cluster.sql("SELECT id FROM certyo.queue ORDER BY record_id::int",
+                                            database=database).split()]
+
+    setup = "CREATE EXTENSION certyo_cdc; CREATE TABLE t (id int PRIMARY KEY); SELECT certyo.track('t');"
+    try:
+        cluster.sql(setup)
+        held = cluster.hold_open("BEGIN; INSERT INTO t VALUES (1);")
+        for i in range(2, 21):  # each in its own session
+            cluster.sql(f"INSERT INTO t VALUES ({i})")
+        held.process.communicate("INSERT INTO t VALUES (21); COMMIT;\n", timeout=15)
+        assert ids() == list(range(1, 22)), "one block, handed out in the order drawn"
+        assert cluster.sql("SELECT last_value FROM certyo.queue_id_seq") == "1", "one nextval() for 21 ids"
+
+        cluster.sql("CREATE DATABASE other")
+        cluster.sql(setup + "INSERT INTO t VALUES (1), (2), (3);", database="other")
+        assert ids("other") == [1, 2, 3], "a database draws from its own sequence"
+        cluster.sql("INSERT INTO t VALUES (22)")
+        assert ids()[-1] == 22, "the other database's block left this one's alone"
+
+        cluster.pg_ctl("-m", "immediate", "stop")  # a crash: the blocks in shared memory are gone
+        cluster.start()
+        cluster.sql("INSERT INTO t VALUES (23); INSERT INTO t VALUES (24);")
+        after = ids()
+        assert after[:22] == list(range(1, 23)), "every change committed before the crash is queued"
+        assert after[22] > 1024 and after[23] == after[22] + 1, f"a new block past every id drawn: {after[20:]}"
+
+        cluster.sql("DROP EXTENSION certyo_cdc CASCADE; " + setup.replace("CREATE TABLE t (id int PRIMARY KEY); ", "")
+                    + "INSERT INTO t VALUES (4), (5);", database="other")
+        assert ids("other") == [1, 2], "a new installation's ids come from its new sequence"
+    finally:
+        cluster.pg_ctl("-m", "immediate", "stop")
+
+
 def test_drop_extension_never_discards_undelivered_changes_unless_told(emulator):
     """DROP EXTENSION with changes not yet delivered is refused (2BP01), naming how many and
     what to do, and everything stays as it was; DROP EXTENSION ... CASCADE discards them with

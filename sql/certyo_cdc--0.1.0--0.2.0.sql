@@ -4,6 +4,10 @@
 -- checks that the result equals a fresh install.
 \echo Use "ALTER EXTENSION certyo_cdc UPDATE" to load this file. \quit
 
+-- Queue ids are drawn in blocks of 1,024 (src/capture/ids.rs): one nextval() reserves a block.
+-- A backend still running 0.1.0's library draws a block per change until the server restarts.
+ALTER TABLE certyo.queue ALTER COLUMN id SET INCREMENT BY 1024;
+
 -- worker_status(): the reason no worker serves this database names what 0.2.0 offers
 -- (certyo.database_name is now only a restriction).
 CREATE OR REPLACE FUNCTION certyo.worker_status(

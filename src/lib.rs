@@ -65,6 +65,7 @@ pub extern "C-unwind" fn _PG_init() {
     ddl_hook::install();
     if preloading {
         wake::init_shared_memory();
+        capture::ids::init_shared_memory();
         // Not while pg_upgrade runs the server: nothing may write to the databases then.
         // SAFETY: a plain read of a Postgres global, in the postmaster's main thread.
         if !unsafe { pgrx::pg_sys::IsBinaryUpgrade } {

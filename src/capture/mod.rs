@@ -5,11 +5,13 @@
 //! - `plan`: per-table layout (payload, record id, timestamp), cached per backend;
 //! - `value`: how a column value renders as JSON;
 //! - `record`: a row image turned into a queued change;
-//! - `queue`: the append itself.
+//! - `queue`: the append itself;
+//! - `ids`: queue ids, drawn in blocks and handed out from shared memory.
 //!
 //! The same function, fired BEFORE TRUNCATE, refuses the truncate: it would remove rows
 //! without a trace in the queue.
 
+pub mod ids;
 pub mod options;
 pub mod plan;
 pub mod queue;

@@ -18,12 +18,6 @@ use std::cell::{Cell, RefCell};
 /// Columns of `certyo.queue`, in table order.
 const QUEUE_COLUMNS: usize = 9;
 
-unsafe extern "C-unwind" {
-    /// `commands/sequence.h` (not bound by pgrx). With `check_permissions = false` the writer
-    /// needs no privilege on the sequence. Called through `pg_guard_ffi_boundary`: it may ereport.
-    fn nextval_internal(relid: Oid, check_permissions: bool) -> i64;
-}
-
 /// Queue one change of table `relid`.
 ///
 /// # Safety
@@ -31,7 +25,7 @@ unsafe extern "C-unwind" {
 pub unsafe fn append(relid: Oid, collection: &str, change: &Change) -> Result<i64> {
     let (queue, sequence) = target()?;
     let prefix = key_prefix()?;
-    let id = pg_sys::ffi::pg_guard_ffi_boundary(|| nextval_internal(sequence, false));
+    let id = super::ids::draw(sequence);
     let opened = crate::relation::OpenRelation::open(queue, pg_sys::RowExclusiveLock);
     let rel = opened.get();
     let tupdesc = (*rel).rd_att;
