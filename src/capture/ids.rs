@@ -14,9 +14,9 @@
 //! sequence's WAL record precedes the commit of any change that used one of its ids). What is
 //! left of a block then is a gap, as a rolled-back `nextval` leaves.
 //!
-//! Shared memory needs preloading: without it every change calls `nextval` (an id per block).
-//! Neither does a backend still running the library of 0.1.0 after an update, until the server
-//! restarts; its ids are then unique but may be drawn out of order with the new library's.
+//! Shared memory needs preloading: without it every change calls `nextval` (an id per block),
+//! as 0.1.0's library does, which a preloaded server runs in every backend until it restarts
+//! after an update. Either way ids stay unique and in order.
 
 use pgrx::lwlock::PgLwLock;
 use pgrx::pg_guard;
