@@ -4,6 +4,8 @@
 #   defaults: initdb's postgresql.conf, as a user starts out;
 #   strict:   synchronous_commit off and no checkpoints during a run, so that per-row CPU cost
 #             is not hidden behind disk flushes (the harder comparison for a trigger).
+# Both preload the library, as users run it (queue ids come from shared memory then); sending
+# is not configured, so the worker sleeps and commits do not ring it.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup.sh
@@ -11,9 +13,9 @@ export PATH="$PWD/.venv/bin:$PATH"  # the Python tools setup installed
 . pg_test/cluster.sh
 for config in ${BENCH_CONFIGS:-defaults strict}; do
     case $config in
-        defaults) settings=("autovacuum = off") ;;
-        strict) settings=("autovacuum = off" "synchronous_commit = off" "shared_buffers = '1GB'"
-                          "max_wal_size = '8GB'" "checkpoint_timeout = '30min'") ;;
+        defaults) settings=("autovacuum = off" "shared_preload_libraries = 'certyo_cdc'") ;;
+        strict) settings=("autovacuum = off" "shared_preload_libraries = 'certyo_cdc'" "synchronous_commit = off"
+                          "shared_buffers = '1GB'" "max_wal_size = '8GB'" "checkpoint_timeout = '30min'") ;;
         *) echo "unknown configuration $config" >&2; exit 2 ;;
     esac
     cluster_start /tmp/certyo-bench 54332 "${settings[@]}"
