@@ -166,6 +166,34 @@ def test_queue_ids_keep_the_order_they_are_drawn_in_and_never_repeat(emulator):
         cluster.pg_ctl("-m", "immediate", "stop")
 
 
+def test_queue_ids_stay_unique_and_in_order_under_concurrent_writers(emulator):
+    """Eight sessions commit single-row transactions at once, across several blocks of ids
+    (2,400 changes, 1,024 ids a block): no id may come twice, and each session's changes must
+    have ids in the order it made them."""
+    cluster = Cluster(PRIMARY_DIR, free_port(), emulator.url, "certyo.enabled = off")
+    try:
+        cluster.sql("CREATE EXTENSION certyo_cdc; CREATE TABLE t (session int, n int, PRIMARY KEY (session, n));"
+                    "SELECT certyo.track('t');")
+        writers = [subprocess.Popen(
+            ["psql", "-h", cluster.dir, "-p", str(cluster.port), "-U", "postgres", "-d", "postgres", "-X", "-q",
+             "-v", "ON_ERROR_STOP=1", "-c",
+             f"DO $$ BEGIN FOR i IN 1..300 LOOP INSERT INTO t VALUES ({w}, i); COMMIT; END LOOP; END $$"],
+            stderr=subprocess.PIPE, text=True) for w in range(8)]
+        for writer in writers:
+            assert writer.wait(120) == 0, writer.stderr.read()
+        assert cluster.sql("SELECT count(*), count(DISTINCT id), count(DISTINCT idempotency_key) FROM certyo.queue") \
+            == "2400|2400|2400"
+        out_of_order = cluster.sql("""
+            SELECT count(*) FROM (
+                SELECT id < lag(id) OVER (PARTITION BY split_part(record_id, '/', 1)
+                                          ORDER BY split_part(record_id, '/', 2)::int) AS back
+                  FROM certyo.queue) x WHERE back""")
+        assert out_of_order == "0", "a session's later change got a smaller id"
+        assert int(cluster.sql("SELECT last_value FROM certyo.queue_id_seq")) >= 2049, "three blocks or more were drawn"
+    finally:
+        cluster.pg_ctl("-m", "immediate", "stop")
+
+
 def test_drop_extension_never_discards_undelivered_changes_unless_told(emulator):
     """DROP EXTENSION with changes not yet delivered is refused (2BP01), naming how many and
     what to do, and everything stays as it was; DROP EXTENSION ... CASCADE discards them with
