@@ -194,6 +194,32 @@ def test_queue_ids_stay_unique_and_in_order_under_concurrent_writers(emulator):
         cluster.pg_ctl("-m", "immediate", "stop")
 
 
+def test_a_writer_holds_its_lock_on_the_queue_through_savepoints(emulator):
+    """Capture asks the lock manager for the queue's lock once per (sub)transaction and
+    remembers it (src/capture/queue.rs, Locker). A savepoint rolled back releases what it
+    locked, so the next change must lock the queue again: while the writer's transaction
+    stays open, the queue must be locked by it, and DROP EXTENSION must wait for it."""
+    cluster = Cluster(PRIMARY_DIR, free_port(), emulator.url, "certyo.enabled = off")
+    try:
+        cluster.sql("CREATE EXTENSION certyo_cdc; CREATE TABLE t (id int PRIMARY KEY); SELECT certyo.track('t');")
+        held = cluster.hold_open("BEGIN; SAVEPOINT a; INSERT INTO t VALUES (1); ROLLBACK TO a; "
+                                 "INSERT INTO t VALUES (2); SAVEPOINT b; INSERT INTO t VALUES (3); RELEASE b; "
+                                 "SAVEPOINT c; INSERT INTO t VALUES (4); ROLLBACK TO c;")
+        try:
+            locks = cluster.sql("""
+                SELECT count(*) FROM pg_locks l JOIN pg_stat_activity a USING (pid)
+                 WHERE a.state = 'idle in transaction' AND l.relation = 'certyo.queue'::regclass
+                   AND l.mode = 'RowExclusiveLock' AND l.granted""")
+            assert locks == "1", "the open transaction holds the queue's lock"
+            dropped = cluster.attempt_verbose("SET lock_timeout = '300ms'; DROP EXTENSION certyo_cdc CASCADE")
+            assert dropped.sqlstates == ["55P03"], dropped
+        finally:
+            held.process.communicate("COMMIT;\n", timeout=15)
+        assert cluster.sql("SELECT string_agg(record_id, ',' ORDER BY id) FROM certyo.queue") == "2,3"
+    finally:
+        cluster.pg_ctl("-m", "immediate", "stop")
+
+
 def test_drop_extension_never_discards_undelivered_changes_unless_told(emulator):
     """DROP EXTENSION with changes not yet delivered is refused (2BP01), naming how many and
     what to do, and everything stays as it was; DROP EXTENSION ... CASCADE discards them with

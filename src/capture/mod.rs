@@ -6,12 +6,14 @@
 //! - `value`: how a column value renders as JSON;
 //! - `record`: a row image turned into a queued change;
 //! - `queue`: the append itself;
-//! - `ids`: queue ids, drawn in blocks and handed out from shared memory.
+//! - `ids`: queue ids, drawn in blocks and handed out from shared memory;
+//! - `never_raise`: server functions called without pgrx's guard, on every row.
 //!
 //! The same function, fired BEFORE TRUNCATE, refuses the truncate: it would remove rows
 //! without a trace in the queue.
 
 pub mod ids;
+mod never_raise;
 pub mod options;
 pub mod plan;
 pub mod queue;

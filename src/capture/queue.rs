@@ -1,9 +1,9 @@
 //! Appending to `certyo.queue`, the transactional outbox where capture meets delivery.
 //!
-//! The row is inserted straight into the heap and its indexes, the way Postgres writes its own
-//! catalogs (`CatalogTupleInsert`): no SPI plan per row, and no permission check, so a role that
-//! may write a tracked table but has no rights on schema `certyo` still has its changes queued
-//! (and still cannot read them). Being an ordinary heap insert it is WAL-logged and vanishes
+//! The row is inserted straight into the heap (and into any index, though the queue has none by
+//! design), the way Postgres writes its own catalogs: no SPI plan per row, and no permission
+//! check, so a role that may write a tracked table but has no rights on schema `certyo` still
+//! has its changes queued (and still cannot read them). Being an ordinary heap insert it is WAL-logged and vanishes
 //! with a rolled-back transaction or savepoint.
 //!
 //! Because nothing else checks them here, every column of the queue is set by this module, in
@@ -26,7 +26,14 @@ pub unsafe fn append(relid: Oid, collection: &str, change: &Change) -> Result<i6
     let (queue, sequence) = target()?;
     let prefix = key_prefix()?;
     let id = super::ids::draw(sequence);
-    let opened = crate::relation::OpenRelation::open(queue, pg_sys::RowExclusiveLock);
+    let me = Locker::now(queue);
+    let locked = me.xid != pg_sys::InvalidTransactionId && LOCKED_IN.get() == Some(me);
+    let lock = if locked {
+        pg_sys::NoLock
+    } else {
+        pg_sys::RowExclusiveLock
+    };
+    let opened = crate::relation::OpenRelation::open(queue, lock);
     let rel = opened.get();
     let tupdesc = (*rel).rd_att;
     if (*tupdesc).natts as usize != QUEUE_COLUMNS {
@@ -38,7 +45,7 @@ pub unsafe fn append(relid: Oid, collection: &str, change: &Change) -> Result<i6
             "Run ALTER EXTENSION certyo_cdc UPDATE so the SQL objects match the installed library.",
         ));
     }
-    let now = pg_sys::GetCurrentTransactionStartTimestamp();
+    let now = super::never_raise::GetCurrentTransactionStartTimestamp();
     let mut digits = itoa::Buffer::new();
     let [collection, record_id, operation, payload, key] = text_columns([
         &[collection.as_bytes()],
@@ -60,12 +67,42 @@ pub unsafe fn append(relid: Oid, collection: &str, change: &Change) -> Result<i6
     ];
     let mut nulls = [false; QUEUE_COLUMNS];
     let tuple = pg_sys::heap_form_tuple(tupdesc, values.as_mut_ptr(), nulls.as_mut_ptr());
-    pg_sys::CatalogTupleInsert(rel, tuple);
-    pg_sys::heap_freetuple(tuple);
-    pg_sys::pfree(collection.cast_mut_ptr());
+    if (*(*rel).rd_rel).relhasindex {
+        pg_sys::CatalogTupleInsert(rel, tuple); // someone indexed the queue: keep the index whole
+    } else {
+        pg_sys::simple_heap_insert(rel, tuple); // as designed: no index to open and fill
+    }
+    super::never_raise::heap_freetuple(tuple);
+    super::never_raise::pfree(collection.cast_mut_ptr());
     drop(opened);
+    // The insert gave the (sub)transaction its xid, if it had none: the key is complete now.
+    LOCKED_IN.set(Some(Locker::now(queue)));
     crate::wake::ring_at_commit();
     Ok(id)
+}
+
+/// Who holds the queue's `RowExclusiveLock`: a (sub)transaction, known by its own xid, keeps
+/// the lock to its end, so its later changes need not ask the lock manager again (420
+/// instructions a row). A subtransaction rolled back released its locks, and the next one has
+/// another xid; a released one's locks pass to its parent, which has another xid too and so
+/// locks again. The transaction's start time tells apart two transactions that would share an
+/// xid after wraparound; the queue's OID, a queue dropped and created again in one session.
+#[derive(Clone, Copy, PartialEq)]
+struct Locker {
+    queue: Oid,
+    xid: pg_sys::TransactionId,
+    started: pg_sys::TimestampTz,
+}
+
+impl Locker {
+    /// This (sub)transaction (its xid invalid until it first writes).
+    unsafe fn now(queue: Oid) -> Locker {
+        Locker {
+            queue,
+            xid: super::never_raise::GetCurrentTransactionIdIfAny(),
+            started: super::never_raise::GetCurrentTransactionStartTimestamp(),
+        }
+    }
 }
 
 /// Where changes go: looked up once per backend, forgotten when the queue's relcache entry is
@@ -77,6 +114,8 @@ struct Target {
 
 thread_local! {
     static TARGET: RefCell<Option<Target>> = const { RefCell::new(None) };
+    /// The (sub)transaction that last took the queue's lock (see [`Locker`]).
+    static LOCKED_IN: Cell<Option<Locker>> = const { Cell::new(None) };
     /// This process's part of every idempotency key it writes (see [`key_prefix`]).
     static KEY_PREFIX: Cell<Option<[u8; KEY_PREFIX_LEN]>> = const { Cell::new(None) };
 }

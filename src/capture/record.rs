@@ -4,13 +4,18 @@ use super::plan::{TablePlan, TimestampColumn};
 use crate::error::{CertyoError, Result};
 use pgrx::pg_sys::{self, Datum};
 use pgrx::PgSqlErrorCode;
+use smallvec::{smallvec, SmallVec};
 
 pub use certyo::Operation;
 
 /// A heap tuple deformed into per-attribute values.
+/// Columns a row holds without a heap allocation: two allocations and two frees per captured
+/// row were 300 instructions (callgrind, a 20,000-row `INSERT ... SELECT`).
+const INLINE_COLUMNS: usize = 16;
+
 pub struct Row {
-    values: Vec<Datum>,
-    nulls: Vec<bool>,
+    values: SmallVec<[Datum; INLINE_COLUMNS]>,
+    nulls: SmallVec<[bool; INLINE_COLUMNS]>,
 }
 
 impl Row {
@@ -22,10 +27,10 @@ impl Row {
         natts: usize,
     ) -> Row {
         let mut row = Row {
-            values: vec![Datum::from(0); natts],
-            nulls: vec![true; natts],
+            values: smallvec![Datum::from(0); natts],
+            nulls: smallvec![true; natts],
         };
-        pg_sys::heap_deform_tuple(
+        super::never_raise::heap_deform_tuple(
             tuple,
             tupdesc,
             row.values.as_mut_ptr(),
@@ -155,7 +160,7 @@ impl TablePlan {
             }),
             None => None,
         };
-        from_column.unwrap_or_else(|| pg_sys::GetCurrentTransactionStartTimestamp())
+        from_column.unwrap_or_else(|| super::never_raise::GetCurrentTransactionStartTimestamp())
     }
 
     /// Did any business column change between the two images? Compares stored bytes, not JSON.
