@@ -13,14 +13,17 @@
 //! that long), `slow` with `"seconds"`, `drop` (no answer at all), `partial`,
 //! `reject` (422), `mismatch` (the next verification answers report another hash; with
 //! `"collection"` and `"recordId"`, every answer about that record)), `GET /_emulator/stats`, `GET /_emulator/records`, `POST /_emulator/reset`.
+//!
+//! This file is the contract: a request in, a `Reply` out. `http` puts it on the wire.
 
+mod http;
+
+use hyper::Method;
 use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
 use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::thread::JoinHandle;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
-use tiny_http::{Header, Method, Request, Response, Server};
 
 pub struct Config {
     /// `host:port`; port 0 picks a free one.
@@ -28,6 +31,7 @@ pub struct Config {
     pub api_key: String,
     /// How long after acceptance a record counts as anchored on chain.
     pub anchor_delay: Duration,
+    /// Threads serving connections (at least one).
     pub threads: usize,
 }
 
@@ -37,7 +41,7 @@ impl Default for Config {
             bind: "127.0.0.1:0".into(),
             api_key: "test-key".into(),
             anchor_delay: Duration::from_secs(2),
-            threads: 4,
+            threads: std::thread::available_parallelism().map_or(2, |n| n.get()),
         }
     }
 }
@@ -134,39 +138,27 @@ impl State {
 pub struct Emulator {
     url: String,
     state: Arc<Mutex<State>>,
-    server: Arc<Server>,
-    threads: Vec<JoinHandle<()>>,
+    server: http::Server,
 }
 
 impl Emulator {
     pub fn start(config: Config) -> std::io::Result<Emulator> {
-        let listener = std::net::TcpListener::bind(&config.bind)?;
-        set_nodelay(&listener);
-        let server =
-            Arc::new(Server::from_listener(listener, None).map_err(std::io::Error::other)?);
-        let port = server.server_addr().to_ip().map(|a| a.port()).unwrap_or(0);
+        let state = Arc::new(Mutex::new(State::default()));
+        let contract = Arc::new(Contract {
+            state: state.clone(),
+            api_key: config.api_key,
+            anchor_delay: config.anchor_delay,
+        });
         let host = config
             .bind
             .rsplit_once(':')
-            .map(|(h, _)| h)
-            .unwrap_or("127.0.0.1");
-        let state = Arc::new(Mutex::new(State::default()));
-        let shared = Arc::new((config.api_key, config.anchor_delay));
-        let threads = (0..config.threads.max(1))
-            .map(|_| {
-                let (server, state, shared) = (server.clone(), state.clone(), shared.clone());
-                std::thread::spawn(move || {
-                    while let Ok(request) = server.recv() {
-                        handle(request, &state, &shared.0, shared.1);
-                    }
-                })
-            })
-            .collect();
+            .map(|(h, _)| h.to_string())
+            .unwrap_or_else(|| "127.0.0.1".into());
+        let server = http::Server::start(&config.bind, config.threads, contract)?;
         Ok(Emulator {
-            url: format!("http://{host}:{port}"),
+            url: format!("http://{host}:{}", server.port()),
             state,
             server,
-            threads,
         })
     }
 
@@ -189,33 +181,49 @@ impl Emulator {
     }
 
     /// Serve until the process ends (the binary's main loop).
-    pub fn wait(mut self) {
-        for thread in std::mem::take(&mut self.threads) {
-            let _ = thread.join();
+    pub fn wait(self) {
+        self.server.wait()
+    }
+}
+
+/// What a request comes to: what `http` needs to answer it.
+pub(crate) struct Contract {
+    state: Arc<Mutex<State>>,
+    api_key: String,
+    anchor_delay: Duration,
+}
+
+/// One request as the contract reads it.
+pub(crate) struct Incoming<'a> {
+    pub method: &'a Method,
+    pub path: &'a str,
+    pub query: &'a str,
+    pub api_key: Option<&'a str>,
+    pub body: &'a str,
+}
+
+/// The answer to a request.
+#[derive(Debug, PartialEq)]
+pub(crate) enum Reply {
+    Answer {
+        status: u16,
+        body: Value,
+        retry_after: Option<u64>,
+        /// `slow`: answered only after this long.
+        delay: Option<Duration>,
+    },
+    /// `drop`: never answered; the client gives up at its timeout.
+    Never,
+}
+
+impl Reply {
+    fn json(status: u16, body: Value) -> Reply {
+        Reply::Answer {
+            status,
+            body,
+            retry_after: None,
+            delay: None,
         }
-    }
-}
-
-impl Drop for Emulator {
-    fn drop(&mut self) {
-        self.server.unblock();
-    }
-}
-
-/// TCP_NODELAY on the listener, which Linux hands down to accepted sockets: tiny_http writes a
-/// response in two segments, and without it every small answer waits ~40 ms for a delayed ACK.
-fn set_nodelay(listener: &std::net::TcpListener) {
-    use std::os::fd::AsRawFd;
-    let on: libc::c_int = 1;
-    // SAFETY: a valid socket descriptor and a correctly sized option value.
-    unsafe {
-        libc::setsockopt(
-            listener.as_raw_fd(),
-            libc::IPPROTO_TCP,
-            libc::TCP_NODELAY,
-            (&on as *const libc::c_int).cast(),
-            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-        );
     }
 }
 
@@ -225,67 +233,35 @@ fn lock(state: &Mutex<State>) -> MutexGuard<'_, State> {
         .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
-fn handle(mut request: Request, state: &Mutex<State>, api_key: &str, anchor_delay: Duration) {
-    // Sized from Content-Length up front: growing the buffer by doubling was a sixth of the
-    // emulator's CPU under the benchmark, on the cores the database under test shares.
-    let mut body = String::with_capacity(request.body_length().unwrap_or(0));
-    let _ = std::io::Read::read_to_string(request.as_reader(), &mut body);
-    let method = request.method().clone();
-    let url = request.url().to_string();
-    let (path, query) = url.split_once('?').unwrap_or((url.as_str(), ""));
-    lock(state).stats.requests += 1;
-
-    if let Some(control) = path.strip_prefix("/_emulator/") {
-        let reply = control_plane(&method, control, &body, state);
-        return respond(request, reply.0, &reply.1, None);
-    }
-    let key_ok = request
-        .headers()
-        .iter()
-        .any(|h| h.field.equiv("X-API-Key") && h.value.as_str() == api_key);
-    if !key_ok {
-        lock(state).stats.unauthorized += 1;
-        return respond(
-            request,
-            401,
-            &json!({"error": "missing or wrong X-API-Key"}),
-            None,
-        );
-    }
-    match (&method, path) {
-        (Method::Post, "/api/v1/records") => ingest(request, &body, false, state),
-        (Method::Post, "/api/v1/records/bulk") => ingest(request, &body, true, state),
-        (Method::Post, "/api/v1/verify/record") => {
-            let reply = verify(&body, state, anchor_delay);
-            respond(request, reply.0, &reply.1, None)
+impl Contract {
+    pub(crate) fn handle(&self, request: &Incoming) -> Reply {
+        let state = &*self.state;
+        lock(state).stats.requests += 1;
+        let (method, path, body) = (request.method, request.path, request.body);
+        if let Some(control) = path.strip_prefix("/_emulator/") {
+            let (status, reply) = control_plane(method, control, body, state);
+            return Reply::json(status, reply);
         }
-        (Method::Get, "/api/v1/records") => {
-            let reply = query_records(query, state);
-            respond(request, 200, &reply, None)
+        if request.api_key != Some(self.api_key.as_str()) {
+            lock(state).stats.unauthorized += 1;
+            return Reply::json(401, json!({"error": "missing or wrong X-API-Key"}));
         }
-        _ => respond(
-            request,
-            404,
-            &json!({"error": format!("no route {method} {path}")}),
-            None,
-        ),
+        match (method, path) {
+            (&Method::POST, "/api/v1/records") => ingest(body, false, state),
+            (&Method::POST, "/api/v1/records/bulk") => ingest(body, true, state),
+            (&Method::POST, "/api/v1/verify/record") => {
+                let (status, reply) = verify(body, state, self.anchor_delay);
+                Reply::json(status, reply)
+            }
+            (&Method::GET, "/api/v1/records") => {
+                Reply::json(200, query_records(request.query, state))
+            }
+            _ => Reply::json(404, json!({"error": format!("no route {method} {path}")})),
+        }
     }
 }
 
-fn respond(request: Request, status: u16, body: &Value, retry_after: Option<u64>) {
-    let mut response = Response::from_string(body.to_string()).with_status_code(status);
-    if let Ok(h) = Header::from_bytes("Content-Type", "application/json") {
-        response.add_header(h);
-    }
-    if let Some(seconds) = retry_after {
-        if let Ok(h) = Header::from_bytes("Retry-After", seconds.to_string()) {
-            response.add_header(h);
-        }
-    }
-    let _ = request.respond(response);
-}
-
-fn ingest(request: Request, body: &str, bulk: bool, state: &Mutex<State>) {
+fn ingest(body: &str, bulk: bool, state: &Mutex<State>) -> Reply {
     let (fault, number) = {
         let mut state = lock(state);
         state.stats.ingest_requests += 1;
@@ -309,30 +285,22 @@ fn ingest(request: Request, body: &str, bulk: bool, state: &Mutex<State>) {
     };
     match fault {
         Some(Fault::RateLimit { retry_after }) => {
-            return respond(
-                request,
-                429,
-                &json!({"error": "too many requests"}),
+            return Reply::Answer {
+                status: 429,
+                body: json!({"error": "too many requests"}),
                 retry_after,
-            )
+                delay: None,
+            }
         }
-        Some(Fault::ServerError) => {
-            return respond(request, 500, &json!({"error": "injected failure"}), None)
-        }
-        Some(Fault::Unavailable) => {
-            return respond(request, 503, &json!({"error": "injected outage"}), None)
-        }
+        Some(Fault::ServerError) => return Reply::json(500, json!({"error": "injected failure"})),
+        Some(Fault::Unavailable) => return Reply::json(503, json!({"error": "injected outage"})),
         Some(Fault::Reject) => {
             lock(state).stats.rejected += 1;
-            return respond(request, 422, &json!({"error": "injected rejection"}), None);
+            return Reply::json(422, json!({"error": "injected rejection"}));
         }
-        Some(Fault::Drop) => {
-            // No answer at all: the request is neither processed nor answered, and the client
-            // gives up at its timeout. (tiny_http keeps its own half of the socket, so a TCP
-            // reset cannot be produced here.)
-            std::mem::forget(request);
-            return;
-        }
+        // No answer at all: the request is neither processed nor answered, and the client
+        // gives up at its timeout.
+        Some(Fault::Drop) => return Reply::Never,
         _ => {}
     }
     // The parsed body is taken apart, not copied: the records are stored as they came.
@@ -353,22 +321,15 @@ fn ingest(request: Request, body: &str, bulk: bool, state: &Mutex<State>) {
     };
     let Some(records) = records else {
         lock(state).stats.rejected += 1;
-        return respond(
-            request,
+        return Reply::json(
             400,
-            &json!({"error": "body is not a record (or {tenantId, records})"}),
-            None,
+            json!({"error": "body is not a record (or {tenantId, records})"}),
         );
     };
     if bulk && (records.is_empty() || records.len() > 1000) {
         lock(state).stats.rejected += 1;
         let status = if records.is_empty() { 400 } else { 413 };
-        return respond(
-            request,
-            status,
-            &json!({"error": "bulk takes 1 to 1000 records"}),
-            None,
-        );
+        return Reply::json(status, json!({"error": "bulk takes 1 to 1000 records"}));
     }
     let mut results = Vec::with_capacity(records.len());
     for mut record in records {
@@ -379,20 +340,26 @@ fn ingest(request: Request, body: &str, bulk: bool, state: &Mutex<State>) {
             Ok(result) => results.push(result),
             Err(message) => {
                 lock(state).stats.rejected += 1;
-                return respond(request, 422, &json!({"error": message}), None);
+                return Reply::json(422, json!({"error": message}));
             }
         }
     }
-    if let Some(Fault::Slow { seconds }) = fault {
-        std::thread::sleep(Duration::from_secs(seconds));
+    if bulk && fault == Some(Fault::Partial) {
+        results.pop();
     }
-    if bulk {
-        if fault == Some(Fault::Partial) {
-            results.pop();
-        }
-        respond(request, 202, &Value::Array(results), None)
+    let body = if bulk {
+        Value::Array(results)
     } else {
-        respond(request, 202, &results[0], None)
+        results.swap_remove(0)
+    };
+    Reply::Answer {
+        status: 202,
+        body,
+        retry_after: None,
+        delay: match fault {
+            Some(Fault::Slow { seconds }) => Some(Duration::from_secs(seconds)),
+            _ => None,
+        },
     }
 }
 
@@ -566,7 +533,7 @@ fn query_records(query: &str, state: &Mutex<State>) -> Value {
 
 fn control_plane(method: &Method, path: &str, body: &str, state: &Mutex<State>) -> (u16, Value) {
     match (method, path) {
-        (Method::Get, "stats") => {
+        (&Method::GET, "stats") => {
             let s = lock(state).stats.clone();
             (
                 200,
@@ -578,7 +545,7 @@ fn control_plane(method: &Method, path: &str, body: &str, state: &Mutex<State>) 
                 }),
             )
         }
-        (Method::Get, "records") => {
+        (&Method::GET, "records") => {
             let state = lock(state);
             let records: Vec<Value> = state
                 .accepted
@@ -587,11 +554,11 @@ fn control_plane(method: &Method, path: &str, body: &str, state: &Mutex<State>) 
                 .collect();
             (200, Value::Array(records))
         }
-        (Method::Post, "reset") => {
+        (&Method::POST, "reset") => {
             *lock(state) = State::default();
             (200, json!({"reset": true}))
         }
-        (Method::Post, "faults") => match parse_fault(body) {
+        (&Method::POST, "faults") => match parse_fault(body) {
             Ok((Fault::Outage { seconds }, _)) => {
                 lock(state).outage_until = Some(Instant::now() + Duration::from_secs(seconds));
                 (200, json!({"outage": seconds}))

@@ -5,10 +5,7 @@ use certyo_emulator::{Config, Emulator};
 use std::time::Duration;
 
 fn main() {
-    let mut config = Config {
-        threads: 8,
-        ..Config::default()
-    };
+    let mut config = Config::default();
     let mut args = std::env::args().skip(1);
     while let Some(flag) = args.next() {
         let value = args
