@@ -412,6 +412,12 @@ fn is_json_number_or_structure(text: &[u8]) -> bool {
 pub fn write_json_string(text: &[u8], out: &mut Vec<u8>) {
     out.reserve(text.len() + 2);
     out.push(b'"');
+    if !needs_escape(text) {
+        // Nearly every value: copied whole.
+        out.extend_from_slice(text);
+        out.push(b'"');
+        return;
+    }
     let mut start = 0;
     for (i, &byte) in text.iter().enumerate() {
         // Nearly every byte needs no escape: say so in three comparisons, not a match.
@@ -440,6 +446,22 @@ pub fn write_json_string(text: &[u8], out: &mut Vec<u8>) {
     }
     out.extend_from_slice(&text[start..]);
     out.push(b'"');
+}
+
+/// Whether `text` holds a byte a JSON string must escape: `"`, `\` or a control character.
+/// Tested 16 bytes at a time without a branch per byte, which the compiler turns into vector
+/// instructions (callgrind: the byte-by-byte scan was 18 instructions a byte, 950 a row of a
+/// table with two short text columns and a timestamp).
+fn needs_escape(text: &[u8]) -> bool {
+    fn any_special(block: &[u8; 16]) -> bool {
+        block.iter().fold(false, |any, &byte| {
+            any | (byte < 0x20) | (byte == b'"') | (byte == b'\\')
+        })
+    }
+    let (blocks, rest) = text.as_chunks::<16>();
+    let mut last = [b' '; 16];
+    last[..rest.len()].copy_from_slice(rest);
+    blocks.iter().any(any_special) || any_special(&last)
 }
 
 pub fn write_bytea_hex(bytes: &[u8], out: &mut Vec<u8>) {
@@ -573,6 +595,36 @@ pub fn write_interval(out: &mut Vec<u8>, months: i32, days: i32, micros: i64) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn every_special_byte_is_escaped_wherever_it_sits() {
+        // In a whole 16-byte block, in the remainder after one, and alone: each position of
+        // strings of 0 to 40 bytes, with each byte JSON must escape.
+        for len in 0..=40 {
+            let plain: Vec<u8> = (0..len).map(|i| b'a' + (i % 26) as u8).collect();
+            let mut out = Vec::new();
+            write_json_string(&plain, &mut out);
+            assert_eq!(out, [&b"\""[..], &plain, b"\""].concat(), "length {len}");
+            for at in 0..len {
+                for special in [b'"', b'\\', b'\n', 0x00, 0x1f] {
+                    let mut text = plain.clone();
+                    text[at] = special;
+                    let mut out = Vec::new();
+                    write_json_string(&text, &mut out);
+                    let parsed: String = serde_json::from_slice(&out).unwrap();
+                    assert_eq!(
+                        parsed.as_bytes(),
+                        text,
+                        "byte {special:#x} at {at} of {len}"
+                    );
+                    assert!(
+                        out.len() > text.len() + 2,
+                        "byte {special:#x} at {at} of {len}"
+                    );
+                }
+            }
+        }
+    }
 
     fn text(f: impl FnOnce(&mut Vec<u8>)) -> String {
         let mut out = Vec::new();
