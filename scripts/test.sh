@@ -2,7 +2,7 @@
 # Every test: for each PostgreSQL version in PG_VERSIONS (default 15, the machine's own; `make
 # test-all` adds 17 and 18, each in a Debian root made by scripts/pg-root.sh), the unit tests,
 # #[pg_test]s and end-to-end suites of scripts/test-version.sh; then what does not depend on the
-# version: the Certyo client and certyo-relay (unit tests; end to end against MariaDB), the
+# version: the Certyo client, the emulator and certyo-relay (unit tests; end to end against MariaDB), the
 # companions (MariaDB, T-SQL) and docker/. Fails when any test fails.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -17,8 +17,8 @@ for version in ${PG_VERSIONS:-15}; do
     fi
     echo "== PostgreSQL $version: every test passed in $((SECONDS - started)) s"
 done
-echo "== the Certyo client and certyo-relay: unit tests (the SQL Server source against its in-process fake)"
-cargo test -p certyo -p certyo-relay --quiet
+echo "== the Certyo client, the emulator and certyo-relay: unit tests (the SQL Server source against its in-process fake)"
+cargo test -p certyo -p certyo-emulator -p certyo-relay --quiet
 echo "== end to end: MySQL/MariaDB companion"
 pg_test/mariadb.sh
 echo "== end to end: certyo-relay against MariaDB and the emulator"
