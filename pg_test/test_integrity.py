@@ -220,6 +220,43 @@ def test_a_writer_holds_its_lock_on_the_queue_through_savepoints(emulator):
         cluster.pg_ctl("-m", "immediate", "stop")
 
 
+def test_an_error_inside_the_queue_insert_is_the_writers_ordinary_error(emulator):
+    """The queue row is opened, formed, inserted and closed under one pgrx guard
+    (src/capture/queue.rs, insert_row), with the calls inside unguarded. An error raised in
+    there (here a lock timeout: another session holds the queue locked) must reach the writer
+    as an ordinary error with its SQLSTATE; caught by an exception block, the transaction goes
+    on and commits without a leaked relation reference; and the next write, once the queue is
+    free, is captured."""
+    cluster = Cluster(PRIMARY_DIR, free_port(), emulator.url, "certyo.enabled = off")
+    try:
+        cluster.sql("CREATE EXTENSION certyo_cdc; CREATE TABLE t (id int PRIMARY KEY); SELECT certyo.track('t');")
+        held = cluster.hold_open("BEGIN; LOCK TABLE certyo.queue IN ACCESS EXCLUSIVE MODE;")
+        try:
+            plain = cluster.attempt_verbose("SET lock_timeout = '200ms'; INSERT INTO t VALUES (1);")
+            assert plain.sqlstates == ["55P03"], plain
+            caught = cluster.attempt_verbose("""
+                SET lock_timeout = '200ms';
+                BEGIN;
+                DO $$ BEGIN
+                    INSERT INTO t VALUES (2);
+                EXCEPTION WHEN lock_not_available THEN RAISE NOTICE 'caught %', SQLSTATE;
+                END $$;
+                SELECT count(*) FROM t;
+                COMMIT;""")
+            assert caught.returncode == 0, caught
+            assert "caught 55P03" in caught.stderr, caught
+            assert "WARNING" not in caught.stderr, caught
+            assert caught.stdout == "0", "the row went with the subtransaction that could not queue it"
+        finally:
+            held.process.communicate("COMMIT;\n", timeout=15)
+        cluster.sql("INSERT INTO t VALUES (3)")
+        assert cluster.sql("SELECT string_agg(record_id, ',' ORDER BY id) FROM certyo.queue") == "3"
+        assert cluster.sql("SELECT string_agg(id::text, ',' ORDER BY id) FROM t") == "3"
+        assert "leak" not in cluster.log_since(0), "no resource was left to the transaction's end"
+    finally:
+        cluster.pg_ctl("-m", "immediate", "stop")
+
+
 def test_drop_extension_never_discards_undelivered_changes_unless_told(emulator):
     """DROP EXTENSION with changes not yet delivered is refused (2BP01), naming how many and
     what to do, and everything stays as it was; DROP EXTENSION ... CASCADE discards them with
