@@ -252,7 +252,9 @@ def test_an_error_inside_the_queue_insert_is_the_writers_ordinary_error(emulator
         cluster.sql("INSERT INTO t VALUES (3)")
         assert cluster.sql("SELECT string_agg(record_id, ',' ORDER BY id) FROM certyo.queue") == "3"
         assert cluster.sql("SELECT string_agg(id::text, ',' ORDER BY id) FROM t") == "3"
-        assert "leak" not in cluster.log_since(0), "no resource was left to the transaction's end"
+        # PostgreSQL 15: "relcache reference leak: relation ... not closed"; 17 and later:
+        # "resource was not closed: relation ...".
+        assert "not closed" not in cluster.log_since(0), "no resource was left to the transaction's end"
     finally:
         cluster.pg_ctl("-m", "immediate", "stop")
 
