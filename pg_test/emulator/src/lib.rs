@@ -203,7 +203,6 @@ pub(crate) struct Incoming<'a> {
 }
 
 /// The answer to a request.
-#[derive(Debug, PartialEq)]
 pub(crate) enum Reply {
     Answer {
         status: u16,
