@@ -47,3 +47,17 @@ LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
       LEFT JOIN certyo.worker_state w ON true
       LEFT JOIN pg_catalog.pg_stat_activity a ON a.pid = w.pid AND a.backend_type = 'certyo_cdc delivery'
 $$;
+
+-- Certyo's collection quotes a name part that holds a '.' or a '"' (two tables never share one;
+-- src/capture/plan.rs, collection_name); the relink after a restore matches by the same rule.
+CREATE OR REPLACE FUNCTION certyo.tracked_oids() RETURNS TABLE (relid oid, collection text)
+LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $$
+    -- Certyo's collection, as capture names it (src/capture/plan.rs, collection_name): a part
+    -- holding a '.' or a '"' is double-quoted.
+    SELECT c.oid, (SELECT string_agg(CASE WHEN p ~ '[."]' THEN '"' || replace(p, '"', '""') || '"' ELSE p END, '.'
+                                     ORDER BY o)
+                     FROM unnest(ARRAY[n.nspname::text, c.relname::text]) WITH ORDINALITY AS x(p, o))
+      FROM pg_class c
+      JOIN pg_namespace n ON n.oid = c.relnamespace
+      JOIN pg_trigger t ON t.tgrelid = c.oid AND t.tgname = 'certyo_capture' AND t.tgparentid = 0
+$$;

@@ -123,7 +123,11 @@ SELECT pg_catalog.pg_extension_config_dump('certyo.installation', '');
 -- certyo.audit(), so both work even before the worker has run.
 CREATE FUNCTION certyo.tracked_oids() RETURNS TABLE (relid oid, collection text)
 LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $$
-    SELECT c.oid, n.nspname || '.' || c.relname
+    -- Certyo's collection, as capture names it (src/capture/plan.rs, collection_name): a part
+    -- holding a '.' or a '"' is double-quoted.
+    SELECT c.oid, (SELECT string_agg(CASE WHEN p ~ '[."]' THEN '"' || replace(p, '"', '""') || '"' ELSE p END, '.'
+                                     ORDER BY o)
+                     FROM unnest(ARRAY[n.nspname::text, c.relname::text]) WITH ORDINALITY AS x(p, o))
       FROM pg_class c
       JOIN pg_namespace n ON n.oid = c.relnamespace
       JOIN pg_trigger t ON t.tgrelid = c.oid AND t.tgname = 'certyo_capture' AND t.tgparentid = 0

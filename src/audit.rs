@@ -54,6 +54,29 @@ fn audit(
     TableIterator::new(findings(rel).or_raise())
 }
 
+/// The audit reads `certyo_record_hash` and `certyo_anchor_status` as text, to find values
+/// the worker never wrote. A column retyped (to `varchar`, say) would be skipped, and a
+/// forged status with it: the audit says so instead of reporting a clean table.
+fn require_text_bookkeeping(relid: Oid) -> Result<()> {
+    let retyped = Spi::get_one_with_args::<String>(
+        "SELECT pg_catalog.string_agg(pg_catalog.format('%I is %s', a.attname, pg_catalog.format_type(a.atttypid, a.atttypmod)), ', ')
+           FROM pg_catalog.pg_attribute a
+          WHERE a.attrelid = $1 AND NOT a.attisdropped
+            AND a.attname IN ('certyo_record_hash', 'certyo_anchor_status')
+            AND a.atttypid OPERATOR(pg_catalog.<>) 'pg_catalog.text'::pg_catalog.regtype",
+        &[relid.into()],
+    )?;
+    match retyped {
+        None => Ok(()),
+        Some(columns) => Err(CertyoError::new(
+            PgSqlErrorCode::ERRCODE_DATATYPE_MISMATCH,
+            format!("certyo_cdc: cannot audit the bookkeeping of this table: {columns}, not text"),
+        )
+        .detail("The audit compares the hash and anchor status held by each row with what Certyo answered; it reads them only as the text columns certyo.track() added.")
+        .hint("Give them back their type, e.g. ALTER TABLE ... ALTER COLUMN certyo_anchor_status TYPE text, then audit again.")),
+    }
+}
+
 fn findings(relid: Oid) -> Result<Vec<Finding>> {
     // A restored database's rows find their tables first (see certyo.relink_restored()).
     Spi::run("SELECT certyo.relink_restored()")?;
@@ -64,6 +87,7 @@ fn findings(relid: Oid) -> Result<Vec<Finding>> {
         )
         .hint("certyo.tracked_tables lists the tracked tables."));
     };
+    require_text_bookkeeping(relid)?;
     let mut known = newest_versions(relid)?;
     let accepted = last_accepted(relid, None)?;
     let report = |record_id: String, problem: &str| -> Finding {

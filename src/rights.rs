@@ -32,28 +32,87 @@ pub fn as_role<T>(role: Oid, f: impl FnOnce() -> T) -> T {
     restricted(role, &settings, f)
 }
 
-/// [`as_role`] for the table's owner, and with `session_replication_role = replica`: the worker's write-back is
-/// bookkeeping, not a change, so it fires no ordinary user trigger (triggers the owner set to
-/// `ENABLE ALWAYS` or `ENABLE REPLICA` still fire, as the owner). Only a superuser may change
-/// that setting, so the owner's code cannot turn it back.
+/// [`as_role`] for the table's owner, for the worker's write-back, which is bookkeeping, not a
+/// change: ordinary user triggers should not fire for it. Two ways, and no user code ever runs
+/// in replica mode (only a superuser may set it, and code running with it skips foreign keys,
+/// triggers and capture of every table it writes to):
+/// - `user_code` false (nothing but PostgreSQL's own code can run in an UPDATE of the table,
+///   see `crate::track::key`): `session_replication_role = replica`, so no trigger fires;
+/// - `user_code` true: the owner's ordinary settings (`origin`), the table's triggers firing as
+///   the owner's. Capture then watches the statement: a trigger that changes business columns
+///   fails the write-back (see [`writing_back_to`]) rather than leave a row marked with a hash of
+///   content it no longer holds.
+///
 /// A row lock held by someone else is waited for a second at most, and the statement (the
-/// owner's triggers with it) runs `timeout` at most: the worker has other tables to serve.
-pub fn writing_back_as<T>(owner: Oid, timeout: Duration, f: impl FnOnce() -> T) -> T {
+/// owner's code with it) runs `timeout` at most: the worker has other tables to serve.
+pub fn writing_back_as<T>(
+    table: Oid,
+    owner: Oid,
+    user_code: bool,
+    timeout: Duration,
+    f: impl FnOnce() -> T,
+) -> T {
+    let mode = if user_code { c"origin" } else { c"replica" };
     let settings = [
-        (c"session_replication_role", c"replica"),
+        (c"session_replication_role", mode),
+        (c"plan_cache_mode", c"auto"),
         (c"lock_timeout", c"1s"),
     ];
+    WRITING_BACK.set(table);
+    let _done = WritingBack;
     restricted(owner, &settings, || within(timeout, f))
+}
+
+thread_local! {
+    static WRITING_BACK: std::cell::Cell<Oid> = const { std::cell::Cell::new(pg_sys::InvalidOid) };
+}
+
+/// Is the worker writing back to tracked table `table` right now? Capture refuses a change of
+/// its business columns then: only an owner's trigger can have made it, inside a statement
+/// that sets bookkeeping columns. (Writes of such a trigger to other tables are captured as
+/// usual.)
+pub fn writing_back_to(table: Oid) -> bool {
+    WRITING_BACK.get() == table
+}
+
+/// Clears [`writing_back_to`] when the write-back returns or its ERROR unwinds.
+struct WritingBack;
+
+impl Drop for WritingBack {
+    fn drop(&mut self) {
+        WRITING_BACK.set(pg_sys::InvalidOid);
+    }
+}
+
+/// Lock table `relid` in `mode` before the worker looks up its name and reads or writes its
+/// rows by that name: a rename of it, or of another table onto its name, then waits for the
+/// worker's transaction, so the name means this relation throughout. Waits a second at most
+/// (then ERROR 55P03, as a lock timeout): someone's long ALTER TABLE costs that table a retry,
+/// not the worker a stall.
+pub fn lock_table(relid: Oid, mode: u32) {
+    // SAFETY: opens a GUC nesting level that AtEOXact_GUC below closes; if the lock times out,
+    // the (sub)transaction abort closes it.
+    let level = unsafe { pg_sys::NewGUCNestLevel() };
+    set_at_level(c"lock_timeout", c"1s");
+    // SAFETY: a relation lock by OID inside a transaction, held to its end; a lock timeout is
+    // an ordinary ERROR through pgrx's guard.
+    unsafe { pg_sys::LockRelationOid(relid, mode as pg_sys::LOCKMODE) };
+    // SAFETY: closes the level opened above, restoring lock_timeout.
+    unsafe { pg_sys::AtEOXact_GUC(false, level) };
 }
 
 /// [`as_role`] for a backfill chunk in the worker: a row lock held by someone else is waited
 /// for a second at most, and its condition runs `timeout` at most, so that no role holds up
 /// the other tables' delivery.
 pub fn backfilling_as<T>(owner: Oid, timeout: Duration, f: impl FnOnce() -> T) -> T {
+    // The stored condition's constants are ISO dates and PostgreSQL-style intervals (see
+    // `backfill::condition`), read here as the caller meant them.
     let settings = [
         (c"session_replication_role", c"origin"),
         (c"plan_cache_mode", c"auto"),
         (c"lock_timeout", c"1s"),
+        (c"DateStyle", c"ISO, YMD"),
+        (c"IntervalStyle", c"postgres"),
     ];
     restricted(owner, &settings, || within(timeout, f))
 }
@@ -111,6 +170,22 @@ pub fn with_pinned_search_path<T>(f: impl FnOnce() -> T) -> T {
     // SAFETY: closes the level opened above; `true` keeps what `f` set with SET, as on a
     // function's exit, and restores the caller's search_path.
     unsafe { pg_sys::AtEOXact_GUC(true, level) };
+    result
+}
+
+/// Run `f` with `settings` in force, every setting restored afterwards (for the extension's
+/// own work in a user's session, e.g. writing values out in a form that reads back the same
+/// whatever the session's `DateStyle`).
+pub fn with_settings<T>(settings: &[(&CStr, &CStr)], f: impl FnOnce() -> T) -> T {
+    // SAFETY: opens a GUC nesting level that AtEOXact_GUC below closes; if `f` raises an
+    // error instead, the transaction (or subtransaction) abort closes it.
+    let level = unsafe { pg_sys::NewGUCNestLevel() };
+    for (name, value) in settings {
+        set_at_level(name, value);
+    }
+    let result = f();
+    // SAFETY: closes the level opened above, restoring every setting.
+    unsafe { pg_sys::AtEOXact_GUC(false, level) };
     result
 }
 

@@ -35,8 +35,20 @@ pub fn canonical(relid: Oid, table: &str, condition: &str) -> Result<String> {
     // SAFETY: GetUserId only reads the backend's current user.
     let caller = unsafe { pg_sys::GetUserId() };
     rights::as_role(caller, || {
-        // SAFETY: `quals` is the analyzed WHERE clause of a query over `relid`.
-        let canonical = unsafe { deparse(quals, relid) };
+        // Constants are written out in forms that read back the same in the worker's session,
+        // whatever the caller's settings: dates as ISO year-month-day (not `01/02/2026`, which
+        // DateStyle 'SQL, DMY' reads one way and the worker another), intervals in
+        // PostgreSQL's own style, floats with every digit.
+        let canonical = rights::with_settings(
+            &[
+                (c"DateStyle", c"ISO, YMD"),
+                (c"IntervalStyle", c"postgres"),
+                (c"extra_float_digits", c"3"),
+                (c"standard_conforming_strings", c"on"),
+            ],
+            // SAFETY: `quals` is the analyzed WHERE clause of a query over `relid`.
+            || unsafe { deparse(quals, relid) },
+        );
         Spi::run(&format!(
             "SELECT FROM {table} AS t WHERE ({canonical}) LIMIT 0"
         ))?;

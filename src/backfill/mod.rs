@@ -38,6 +38,19 @@ fn request(rel: Option<Oid>, where_clause: Option<String>) -> Result<i64> {
         .hint("Pass the table by name, e.g. certyo.backfill('public.products').")
     })?;
     let where_clause = where_clause.filter(|w| !w.trim().is_empty());
+    if let Some(condition) = &where_clause {
+        if condition.len() > MAX_CONDITION_BYTES {
+            return Err(CertyoError::new(
+                PgSqlErrorCode::ERRCODE_PROGRAM_LIMIT_EXCEEDED,
+                format!(
+                    "certyo_cdc: the backfill condition is {} bytes long, more than the {MAX_CONDITION_BYTES} allowed",
+                    condition.len()
+                ),
+            )
+            .detail("The worker plans the condition in every chunk, and PostgreSQL's planner cannot be interrupted while it works through a very large expression.")
+            .hint("Backfill in several requests with shorter conditions, or put the selection in a table and use EXISTS (SELECT FROM that_table x WHERE x.id = t.id)."));
+        }
+    }
     // The caller's search_path resolves the names in their condition, and nothing else: the
     // extension's own statements here run with it pinned.
     let table = crate::rights::with_pinned_search_path(|| owned_and_tracked(relid))?;
@@ -45,6 +58,22 @@ fn request(rel: Option<Oid>, where_clause: Option<String>) -> Result<i64> {
         Some(condition) => Some(condition::canonical(relid, &table, condition)?),
         None => None,
     };
+    let open = crate::rights::as_superuser(|| {
+        Spi::get_one_with_args::<i64>(
+            "SELECT pg_catalog.count(*) FROM certyo.backfills
+              WHERE relid OPERATOR(pg_catalog.=) $1 AND state IN ('queued', 'running')",
+            &[relid.into()],
+        )
+    })?
+    .unwrap_or_default();
+    if open >= MAX_OPEN_PER_TABLE {
+        return Err(CertyoError::new(
+            PgSqlErrorCode::ERRCODE_PROGRAM_LIMIT_EXCEEDED,
+            format!("certyo_cdc: table {table} has {open} backfills open already"),
+        )
+        .detail(format!("At most {MAX_OPEN_PER_TABLE} backfills of one table may wait or run at once; each is worked through chunk by chunk, in request order."))
+        .hint("Wait for them to finish (certyo.backfills), or cancel some with certyo.cancel_backfill(id)."));
+    }
     // Who asked, read before the switch below: chunks run only while this role still has the
     // table owner's privileges.
     // SAFETY: GetUserId only reads the backend's current user.
@@ -66,6 +95,12 @@ fn request(rel: Option<Oid>, where_clause: Option<String>) -> Result<i64> {
     Ok(id)
 }
 
+/// The longest backfill condition accepted, in bytes.
+const MAX_CONDITION_BYTES: usize = 10_000;
+
+/// The most backfills of one table that may be open (queued or running) at once.
+const MAX_OPEN_PER_TABLE: i64 = 16;
+
 /// The table's name (`schema.table`, quoted as needed), if the caller may backfill it and it
 /// is tracked; the reason otherwise.
 fn owned_and_tracked(relid: Oid) -> Result<String> {
@@ -86,7 +121,12 @@ fn owned_and_tracked(relid: Oid) -> Result<String> {
         )
         .hint("Ask the table's owner, or a superuser, to call certyo.backfill()."));
     };
-    if crate::track::installed_options(relid)?.is_none() {
+    let temporary = Spi::get_one_with_args::<bool>(
+        "SELECT c.relpersistence = 't' FROM pg_catalog.pg_class c WHERE c.oid = $1",
+        &[relid.into()],
+    )?
+    .unwrap_or(false);
+    if temporary || crate::track::installed_options(relid)?.is_none() {
         return Err(CertyoError::new(
             PgSqlErrorCode::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
             format!("certyo_cdc: table {table} is not tracked"),
@@ -302,6 +342,11 @@ fn next_job(waiting: &[i64]) -> std::result::Result<Option<Job>, pgrx::spi::Erro
 /// Queue the next `chunk_size` rows of `job` after its last key and record the progress, in
 /// the caller's transaction. Returns how many rows were queued.
 pub fn queue_chunk(job: &Job, chunk_size: usize) -> Result<i64> {
+    // Locked before its name is looked up: the name then means this table until the chunk
+    // commits (a rename of it, or of another table onto its name, waits), and the rows read
+    // by that name are the rows of the relation deformed below by OID.
+    // A table dropped meanwhile is found missing by the lookups below.
+    crate::rights::lock_table(job.relid, pg_sys::RowShareLock);
     let Some(options) = crate::track::installed_options(job.relid)? else {
         return Err(CertyoError::new(
             PgSqlErrorCode::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
@@ -314,7 +359,16 @@ pub fn queue_chunk(job: &Job, chunk_size: usize) -> Result<i64> {
             "the table's record id columns are gone",
         )
     })?;
-    let columns = key.columns.join(", ");
+    // Every name of ours is qualified by the alias `t`: a bare name in ORDER BY would match an
+    // output column first (the row image is named after the table's type), and the row image is
+    // `t.*` cast to the table's row type, a whole-row reference that no column can shadow (a
+    // bare `t` means a column named t, if the table has one).
+    let columns = key
+        .columns
+        .iter()
+        .map(|c| format!("t.{c}"))
+        .collect::<Vec<_>>()
+        .join(", ");
     // The last key, kept as text between chunks, read back as the key's types.
     let read_back = |param: usize| {
         let values: Vec<String> = (1..=key.columns.len())
@@ -327,9 +381,9 @@ pub fn queue_chunk(job: &Job, chunk_size: usize) -> Result<i64> {
         Some(_) => format!("AND ({columns}) > {}", read_back(1)),
         None => String::new(),
     };
-    let texts: Vec<String> = key.columns.iter().map(|c| format!("{c}::text")).collect();
+    let texts: Vec<String> = key.columns.iter().map(|c| format!("t.{c}::text")).collect();
     let sql = format!(
-        "SELECT t, ARRAY[{texts}] FROM {table} AS t WHERE ({condition}) {after}
+        "SELECT (t.*)::{table}, ARRAY[{texts}] FROM {table} AS t WHERE ({condition}) {after}
           ORDER BY {columns} LIMIT {chunk_size} FOR SHARE OF t",
         texts = texts.join(", "),
         table = key.table,
@@ -425,6 +479,25 @@ fn queue_rows(
         let opened = crate::relation::OpenRelation::open(relid, pg_sys::AccessShareLock);
         let rel = opened.get();
         let plan = TablePlan::build(rel, options)?;
+        // What the query returns is checked before any of it is deformed: a row image of
+        // another type (a name that came to mean something else) is an error for this
+        // backfill, never a read of memory as the wrong type.
+        let row_type = (*(*rel).rd_rel).reltype;
+        let returned = (
+            rows.column_type_oid(1)?.value(),
+            rows.column_type_oid(2)?.value(),
+        );
+        if returned != (row_type, pg_sys::TEXTARRAYOID) {
+            return Err(CertyoError::new(
+                PgSqlErrorCode::ERRCODE_DATATYPE_MISMATCH,
+                format!(
+                    "the chunk's query returned types {} and {}, not the row type of table {} and text[]",
+                    returned.0.to_u32(),
+                    returned.1.to_u32(),
+                    plan.collection
+                ),
+            ));
+        }
         let mut per_row = PgMemoryContexts::new("certyo_cdc backfill row");
         while rows.next().is_some() {
             // A NULL in the key is not refused here but by `plan.change`, which names the
@@ -438,6 +511,16 @@ fn queue_rows(
             let outcome = per_row.switch_to(|_| {
                 let header =
                     pg_sys::pg_detoast_datum(image.cast_mut_ptr()) as pg_sys::HeapTupleHeader;
+                // HeapTupleHeaderGetTypeId: a composite datum names its row type.
+                if (*header).t_choice.t_datum.datum_typeid != row_type {
+                    return Err(CertyoError::new(
+                        PgSqlErrorCode::ERRCODE_DATATYPE_MISMATCH,
+                        format!(
+                            "a row image of table {} is not of its row type",
+                            plan.collection
+                        ),
+                    ));
+                }
                 let mut tuple = pg_sys::HeapTupleData {
                     t_len: pgrx::varlena::varsize_any(header.cast()) as u32,
                     t_self: pg_sys::ItemPointerData::default(),

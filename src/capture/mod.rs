@@ -78,7 +78,10 @@ unsafe fn fire(fcinfo: pg_sys::FunctionCallInfo) -> Result<()> {
         )));
     }
     let rel = data.tg_relation;
-    let plan = plan::for_relation(rel, || trigger_args(data.tg_trigger))?;
+    let plan = plan::for_relation(rel, || {
+        refuse_untracked(rel, data.tg_trigger)?;
+        Ok(trigger_args(data.tg_trigger))
+    })?;
     let tupdesc = (*rel).rd_att;
     let relid = plan.relid; // for a partition, the tracked partitioned table
     let enqueue = |operation: Operation, row: &Row| -> Result<()> {
@@ -97,6 +100,11 @@ unsafe fn fire(fcinfo: pg_sys::FunctionCallInfo) -> Result<()> {
         _ => {
             let old = Row::deform(data.tg_trigtuple, tupdesc, plan.natts);
             let new = Row::deform(data.tg_newtuple, tupdesc, plan.natts);
+            if crate::rights::writing_back_to(relid)
+                && (plan.record_id_changed(&old, &new) || plan.business_changed(&old, &new))
+            {
+                return Err(changed_by_write_back(&plan.collection));
+            }
             if plan.record_id_changed(&old, &new) {
                 // Certyo keys records by id: a new id is a new record, and the old one is gone.
                 enqueue(Operation::Delete, &old)?;
@@ -134,11 +142,51 @@ unsafe extern "C-unwind" fn on_relcache_invalidation(_arg: pg_sys::Datum, relid:
     queue::forget(relid);
 }
 
+/// Capture queues changes of tracked tables only: a table whose capture trigger is the one
+/// `certyo.track()` installs (its name, `certyo_capture`), never a temporary table. A
+/// hand-made trigger on a temporary table would have the worker send records that no one can
+/// read back, write back to or audit (and that another session cannot even see).
+///
+/// # Safety
+/// `rel` is the open relation the trigger fired on, `trigger` its trigger.
+unsafe fn refuse_untracked(rel: pg_sys::Relation, trigger: *const pg_sys::Trigger) -> Result<()> {
+    let temporary =
+        (*(*rel).rd_rel).relpersistence == pg_sys::RELPERSISTENCE_TEMP as std::ffi::c_char;
+    let name = CStr::from_ptr((*trigger).tgname);
+    if !temporary && name.to_bytes() == CAPTURE_TRIGGER.as_bytes() {
+        return Ok(());
+    }
+    let table = plan::qualified_name(rel);
+    Err(CertyoError::new(
+        PgSqlErrorCode::ERRCODE_E_R_I_E_TRIGGER_PROTOCOL_VIOLATED,
+        format!("certyo_cdc: {table} is not a tracked table, so certyo.capture() queues nothing for it"),
+    )
+    .detail(if temporary {
+        "Temporary tables cannot be tracked: the delivery worker cannot read another session's temporary tables."
+    } else {
+        "certyo.capture() runs only as the trigger certyo.track() installs, named certyo_capture."
+    })
+    .hint(format!("Drop the hand-made trigger {} on {table}; track permanent tables with certyo.track().", name.to_string_lossy())))
+}
+
 unsafe fn trigger_args<'a>(trigger: *const pg_sys::Trigger) -> Vec<&'a str> {
     let trigger = &*trigger;
     (0..trigger.tgnargs as usize)
         .filter_map(|i| CStr::from_ptr(*trigger.tgargs.add(i)).to_str().ok())
         .collect()
+}
+
+/// The worker's write-back (which sets bookkeeping columns only) changed business columns:
+/// only a trigger of the table can have done that. Refused, so that no row is marked with the
+/// hash of content it no longer holds; the write-back is retried with back-off and its
+/// failure shown in `certyo.status`.
+fn changed_by_write_back(table: &str) -> CertyoError {
+    CertyoError::new(
+        PgSqlErrorCode::ERRCODE_TRIGGERED_ACTION_EXCEPTION,
+        format!("certyo_cdc: a trigger of {table} changed business columns while the worker wrote back Certyo's answer"),
+    )
+    .detail("The write-back sets only certyo_record_hash, certyo_anchor_status and certyo_verified_at. It runs the table's triggers as its owner because the table has triggers or rules that fire in replica mode, or constraints, indexes or defaults that call functions not shipped with PostgreSQL; a BEFORE UPDATE trigger changed the row's content, so the row would hold content other than the version being marked.")
+    .hint(format!("Make the trigger leave rows alone when only certyo_* columns change, or exclude the columns it sets from capture: certyo.track('{table}', exclude_columns => ARRAY[...])."))
 }
 
 fn truncate_refused(table: &str) -> CertyoError {

@@ -234,7 +234,7 @@ unsafe fn tracked_table(rel: pg_sys::Relation) -> Result<Tracked> {
     })
 }
 
-/// `schema.table` of an open relation, unquoted (Certyo's `collection`).
+/// `schema.table` of an open relation (Certyo's `collection`, see [`collection_name`]).
 ///
 /// # Safety
 /// `rel` must be an open relation.
@@ -246,7 +246,46 @@ pub unsafe fn qualified_name(rel: pg_sys::Relation) -> String {
         CStr::from_ptr(namespace).to_string_lossy()
     };
     let name = CStr::from_ptr((*(*rel).rd_rel).relname.data.as_ptr()).to_string_lossy();
-    format!("{schema}.{name}")
+    collection_name(&schema, &name)
+}
+
+/// Certyo's `collection` for table `name` in `schema`: `schema.table`, each part as it is
+/// unless it holds a `.` or a `"`, then double-quoted with `"` doubled, so that two tables
+/// never share a collection (`"a.b".c` and `a."b.c"` would both be `a.b.c` unquoted).
+/// `certyo.tracked_oids()` (sql/delivery.sql) spells the same rule in SQL.
+pub fn collection_name(schema: &str, name: &str) -> String {
+    let part = |p: &str| {
+        if p.contains(['.', '"']) {
+            format!("\"{}\"", p.replace('"', "\"\""))
+        } else {
+            p.to_string()
+        }
+    };
+    format!("{}.{}", part(schema), part(name))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::collection_name;
+
+    #[test]
+    fn two_tables_never_share_a_collection() {
+        assert_eq!(collection_name("public", "products"), "public.products");
+        assert_eq!(collection_name("Sales", "Order Lines"), "Sales.Order Lines");
+        assert_eq!(collection_name("a.b", "c"), "\"a.b\".c");
+        assert_eq!(collection_name("a", "b.c"), "a.\"b.c\"");
+        assert_eq!(collection_name("a", "say \"hi\""), "a.\"say \"\"hi\"\"\"");
+        let names = ["a", "b", "a.b", "b.c", "\"", "a\".\"b", ".", ""];
+        let mut seen = std::collections::HashMap::new();
+        for schema in names {
+            for table in names {
+                let collection = collection_name(schema, table);
+                if let Some(other) = seen.insert(collection.clone(), (schema, table)) {
+                    panic!("{other:?} and {:?} share {collection}", (schema, table));
+                }
+            }
+        }
+    }
 }
 
 fn missing_column(table: &str, column: &str, role: &str) -> CertyoError {
@@ -267,10 +306,11 @@ thread_local! {
 /// The cached plan for the table a trigger fired on, building it on first use.
 ///
 /// # Safety
-/// `rel` must be the open relation the trigger fired on; `args` its capture trigger arguments.
+/// `rel` must be the open relation the trigger fired on; `args` its capture trigger arguments
+/// (or why it may not be captured).
 pub unsafe fn for_relation<'a>(
     rel: pg_sys::Relation,
-    args: impl FnOnce() -> Vec<&'a str>,
+    args: impl FnOnce() -> Result<Vec<&'a str>>,
 ) -> Result<Rc<TablePlan>> {
     super::watch_invalidations();
     let relid = (*rel).rd_id;
@@ -281,7 +321,7 @@ pub unsafe fn for_relation<'a>(
         return Ok(plan);
     }
     // Build without holding the borrow: catalog reads may process invalidations, which call back.
-    let options = CaptureOptions::from_trigger_args(args())?;
+    let options = CaptureOptions::from_trigger_args(args()?)?;
     // In the writer's session: its search_path must not reach the catalog reads of a build.
     let plan = Rc::new(crate::rights::with_pinned_search_path(|| {
         TablePlan::build(rel, &options)

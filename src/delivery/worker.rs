@@ -57,10 +57,11 @@ pub extern "C-unwind" fn certyo_delivery_main(arg: pg_sys::Datum) {
     // by key or ctid whatever the parameters, so the per-call plans Postgres would otherwise
     // keep making cost planning time and gain nothing. One-shot statements are unaffected.
     set_for_session(c"plan_cache_mode", c"force_generic_plan");
-    // Write-back runs in replica mode (see `rights::writing_back_as`), and every change of
-    // this setting throws away every kept plan: measured, two per pass re-planned all of them.
-    // The worker's own tables have no triggers, rules or foreign keys for it to skip; user code
-    // other than the write-back's runs in origin mode (`rights::as_role` sets it back).
+    // Write-back to a table that runs no user code is done in replica mode (see
+    // `rights::writing_back_as`), and every change of this setting throws away every kept
+    // plan: measured, two per pass re-planned all of them. The worker's own tables have no
+    // triggers, rules or foreign keys for it to skip; user code always runs in origin mode
+    // (`rights::as_role` and `rights::writing_back_as` set it back for the owner's code).
     set_for_session(c"session_replication_role", c"replica");
     // SAFETY: the worker is connected, so its PGPROC is set up.
     crate::wake::set_worker(Some(unsafe { crate::compat::my_proc_number() }));
@@ -247,6 +248,12 @@ impl Worker {
                     Next::Wait(settings::current().poll_interval)
                 }
             };
+            // User code the pass ran (a backfill condition, an owner's trigger) may have taken
+            // session-level advisory locks: they are the pass's, not the worker's, and end
+            // with it, as they would with the session of a user who had run that code.
+            // SAFETY: the worker's main thread, outside any transaction; releases only
+            // advisory (user) locks, as pg_advisory_unlock_all() does.
+            unsafe { pg_sys::LockReleaseSession(pg_sys::USER_LOCKMETHOD as pg_sys::LOCKMETHODID) };
             // Backends send their table statistics when idle; a background worker must do it
             // itself, or autovacuum never hears of the rows it deletes and updates (at most
             // once a second: Postgres holds back earlier calls).

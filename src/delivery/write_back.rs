@@ -1,10 +1,12 @@
 //! Writing Certyo's answers back to the source rows: the record hash after acceptance, the
 //! anchor status after verification. Per table, one statement per batch, in the transaction
-//! that records the answers. The statements name only bookkeeping columns, so they never fire
-//! capture (the trigger is `UPDATE OF` business columns) and never re-queue a row; they run as
-//! the table's owner with `session_replication_role = replica` (see [`crate::rights`]), so the
-//! owner's code never runs with the worker's rights and ordinary user triggers do not fire
-//! for what is bookkeeping, not a change.
+//! that records the answers. They run as the table's owner (see [`crate::rights`]), so the
+//! owner's code never runs with the worker's rights. On a table whose UPDATE can run no user
+//! code they run in replica mode and name only bookkeeping columns: no trigger fires for what
+//! is bookkeeping, not a change. On any other table they run in origin mode, the owner's
+//! triggers firing, and also assign one business column its own value, so that capture fires
+//! and checks that no trigger changed the row's content meanwhile (it fails the write-back
+//! if one did: the row would otherwise be marked with the hash of content it no longer holds).
 
 use crate::track::key::{split_record_id, RecordKey};
 use pgrx::datum::DatumWithOid;
@@ -381,6 +383,9 @@ fn mark_table(
     rows: &[Version],
     mark: Mark,
 ) -> Result<(), pgrx::spi::Error> {
+    // Locked first: the name looked up below then means this table until the write-back
+    // commits (see `rights::lock_table`).
+    crate::rights::lock_table(relid, pgrx::pg_sys::RowExclusiveLock);
     // Kept (planned once): a pass looks up the key of every table it writes back to.
     let found = super::prepared::select(client, crate::track::key::LOOKUP, &[relid.into()])?;
     let Some(key) = RecordKey::from_found(found)? else {
@@ -404,8 +409,12 @@ fn mark_table(
     }
     let unnest: Vec<String> = (1..=n).map(|i| format!("${i}::text[]")).collect();
     let names: Vec<String> = (1..=n).map(|i| format!("k{i}")).collect();
+    let watched = match (&key.update_column, key.user_code) {
+        (Some(column), true) => format!(", {column} = t.{column}"),
+        _ => String::new(),
+    };
     let sql = format!(
-        "UPDATE {table} AS t SET {set}
+        "UPDATE {table} AS t SET {set}{watched}
            FROM unnest({unnest}, ${h}::text[]) AS v({names}, hash)
           WHERE {matches} AND {condition}",
         table = key.table,
@@ -419,7 +428,7 @@ fn mark_table(
     let mut args: Vec<DatumWithOid> = parts.into_iter().map(Into::into).collect();
     args.push(hashes.into());
     let timeout = crate::delivery::settings::user_code_timeout();
-    crate::rights::writing_back_as(key.owner, timeout, || {
+    crate::rights::writing_back_as(relid, key.owner, key.user_code, timeout, || {
         super::prepared::update(client, &sql, &args)
     })?;
     Ok(())

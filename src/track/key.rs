@@ -5,20 +5,62 @@
 use pgrx::pg_sys::Oid;
 use pgrx::spi::{SpiClient, SpiTupleTable};
 
-/// The record key of the table `$1`: at most one row (see [`RecordKey::of`]).
-pub const LOOKUP: &str = "SELECT format('%I.%I', n.nspname, c.relname),
+/// Whether an UPDATE of the table's bookkeeping columns in replica mode could run code that
+/// PostgreSQL did not ship (`c` is the table's `pg_class` row): a trigger or rule that fires
+/// in replica mode (`ENABLE ALWAYS`, `ENABLE REPLICA`), or a function, operator, operator
+/// class or access method that is not a system object (OID past `FirstNormalObjectId`, so
+/// extensions' too) used by the table's (or a partition's) constraints, indexes, generated
+/// columns, defaults, policies or partition key, or such a type given to a bookkeeping
+/// column. Only a table for which this is false is written back in replica mode (see
+/// `crate::rights::writing_back_as`). A macro so that [`LOOKUP`] can be one constant.
+macro_rules! user_code {
+    () => {
+        "EXISTS (
+            WITH tree AS (SELECT c.oid AS relid UNION SELECT p.relid FROM pg_partition_tree(c.oid) p),
+            objects (classid, objid) AS (
+                SELECT 'pg_class'::regclass, tree.relid FROM tree
+                UNION ALL SELECT 'pg_class'::regclass, i.indexrelid FROM pg_index i JOIN tree ON i.indrelid = tree.relid
+                UNION ALL SELECT 'pg_constraint'::regclass, k.oid FROM pg_constraint k JOIN tree ON k.conrelid = tree.relid
+                UNION ALL SELECT 'pg_attrdef'::regclass, d.oid FROM pg_attrdef d JOIN tree ON d.adrelid = tree.relid
+                UNION ALL SELECT 'pg_policy'::regclass, p.oid FROM pg_policy p JOIN tree ON p.polrelid = tree.relid)
+            SELECT FROM objects o JOIN pg_depend d ON d.classid = o.classid AND d.objid = o.objid
+             WHERE d.refobjid >= 16384
+               AND (d.refclassid IN ('pg_proc'::regclass, 'pg_operator'::regclass, 'pg_opclass'::regclass,
+                                     'pg_opfamily'::regclass, 'pg_am'::regclass)
+                    OR (d.refclassid = 'pg_type'::regclass AND d.objsubid > 0
+                        AND EXISTS (SELECT FROM pg_attribute b WHERE b.attrelid = d.objid AND b.attnum = d.objsubid
+                                       AND b.attname IN ('certyo_record_hash', 'certyo_anchor_status', 'certyo_verified_at'))))
+            UNION ALL
+            SELECT FROM pg_trigger g JOIN tree ON g.tgrelid = tree.relid
+             WHERE g.tgenabled IN ('A', 'R') AND g.tgname NOT IN ('certyo_capture', 'certyo_truncate_guard')
+            UNION ALL
+            SELECT FROM pg_rewrite r JOIN tree ON r.ev_class = tree.relid WHERE r.ev_enabled IN ('A', 'R'))"
+    };
+}
+
+/// The record key of the table `$1`: at most one row (see [`RecordKey::of`]). Also what the
+/// write-back needs to know: a business column the capture trigger fires on, and whether an
+/// UPDATE of the table can run code that is not PostgreSQL's own (`user_code!`).
+pub const LOOKUP: &str = concat!(
+    "SELECT format('%I.%I', n.nspname, c.relname),
           ARRAY(SELECT quote_ident(k.name) FROM unnest(certyo.capture_option(t.tgargs, 'record_id')) k(name)),
           ARRAY(SELECT format_type(a.atttypid, a.atttypmod)
                   FROM unnest(certyo.capture_option(t.tgargs, 'record_id')) WITH ORDINALITY AS k(name, n)
                   JOIN pg_attribute a ON a.attrelid = c.oid AND a.attname = k.name AND NOT a.attisdropped
                  ORDER BY k.n),
-          c.relowner
+          c.relowner,
+          (SELECT quote_ident(a.attname) FROM pg_attribute a
+            WHERE a.attrelid = c.oid AND a.attnum = t.tgattr[0] AND NOT a.attisdropped),
+          ",
+    user_code!(),
+    "
      FROM pg_class c
      JOIN pg_namespace n ON n.oid = c.relnamespace
      JOIN pg_trigger t ON t.tgrelid = c.oid AND t.tgname = 'certyo_capture'
     WHERE c.oid = $1 AND c.relpersistence <> 't'
       AND EXISTS (SELECT FROM pg_attribute a
-                   WHERE a.attrelid = c.oid AND a.attname = 'certyo_record_hash' AND NOT a.attisdropped)";
+                   WHERE a.attrelid = c.oid AND a.attname = 'certyo_record_hash' AND NOT a.attisdropped)"
+);
 
 pub struct RecordKey {
     /// `schema.table`, quoted for SQL.
@@ -29,6 +71,11 @@ pub struct RecordKey {
     pub types: Vec<String>,
     /// The table's owner: the worker runs its statements on the table with the owner's rights.
     pub owner: Oid,
+    /// A business column the capture trigger fires on (`UPDATE OF`), quoted; None when it
+    /// fires on every UPDATE.
+    pub update_column: Option<String>,
+    /// Whether an UPDATE of the table can run code PostgreSQL did not ship (`user_code!`).
+    pub user_code: bool,
 }
 
 impl RecordKey {
@@ -52,12 +99,17 @@ impl RecordKey {
         ) else {
             return Ok(None);
         };
+        let update_column = row.get::<String>(5)?;
+        // Unknown counts as user code: the owner's ordinary session settings are the safe side.
+        let user_code = row.get::<bool>(6)?.unwrap_or(true);
         Ok(
             (!columns.is_empty() && types.len() == columns.len()).then_some(RecordKey {
                 table,
                 columns,
                 types,
                 owner,
+                update_column,
+                user_code,
             }),
         )
     }

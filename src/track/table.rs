@@ -158,9 +158,8 @@ impl Table {
                 self.require_scalar_key(column)?;
             }
         }
-        if source == RecordIdSource::Columns {
-            self.require_unique_key(&names)?;
-        }
+        // The primary key too: it may be DEFERRABLE.
+        self.require_unique_key(&names)?;
         Ok((source, names))
     }
 
@@ -179,6 +178,20 @@ impl Table {
             .map(|n| quote_ident(n))
             .collect::<Vec<_>>()
             .join(", ");
+        if deferrable_key_covers(self.relid, names)? {
+            return Err(CertyoError::new(
+                PgSqlErrorCode::ERRCODE_INVALID_TABLE_DEFINITION,
+                format!(
+                    "certyo_cdc: the unique key on the record id columns ({columns}) of {} is DEFERRABLE",
+                    self.display
+                ),
+            )
+            .detail("Capture records each row's change as the statement makes it. A deferrable key lets rows share a record id until commit (UPDATE ... SET id = 3 - id swaps two ids), so Certyo would see one record deleted whose row still exists.")
+            .hint(format!(
+                "Make the key NOT DEFERRABLE (recreate the constraint), or add a non-deferrable unique index on ({columns}): CREATE UNIQUE INDEX ON {} ({columns}).",
+                self.quoted
+            )));
+        }
         Err(CertyoError::new(
             PgSqlErrorCode::ERRCODE_INVALID_COLUMN_REFERENCE,
             format!(
@@ -438,7 +451,7 @@ pub fn unique_index_covers(relid: Oid, names: &[String], without: &[Oid]) -> Res
     Ok(Spi::get_one_with_args::<bool>(
         "SELECT EXISTS (
              SELECT FROM pg_catalog.pg_index i
-              WHERE i.indrelid = $1 AND i.indisunique AND i.indisvalid
+              WHERE i.indrelid = $1 AND i.indisunique AND i.indisvalid AND i.indimmediate
                 AND i.indpred IS NULL AND i.indexprs IS NULL
                 AND i.indexrelid <> ALL ($3)
                 AND (SELECT pg_catalog.bool_and(a.attname::text = ANY ($2))
@@ -446,6 +459,21 @@ pub fn unique_index_covers(relid: Oid, names: &[String], without: &[Oid]) -> Res
                        JOIN pg_catalog.pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = k.attnum
                       WHERE k.n <= i.indnkeyatts))",
         &[relid.into(), names.to_vec().into(), without.into()],
+    )?
+    .unwrap_or(false))
+}
+
+/// Whether a deferrable unique key (not checked row by row) covers `names`.
+fn deferrable_key_covers(relid: Oid, names: &[String]) -> Result<bool> {
+    Ok(Spi::get_one_with_args::<bool>(
+        "SELECT EXISTS (
+             SELECT FROM pg_catalog.pg_index i
+              WHERE i.indrelid = $1 AND i.indisunique AND NOT i.indimmediate
+                AND (SELECT pg_catalog.bool_and(a.attname::text = ANY ($2))
+                       FROM pg_catalog.unnest(i.indkey::int2[]) WITH ORDINALITY AS k(attnum, n)
+                       JOIN pg_catalog.pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = k.attnum
+                      WHERE k.n <= i.indnkeyatts))",
+        &[relid.into(), names.to_vec().into()],
     )?
     .unwrap_or(false))
 }

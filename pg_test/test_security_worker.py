@@ -1,0 +1,446 @@
+"""Security tests of the worker's statements over user tables: what a table owner, a database
+owner or any LOGIN role can make of the SQL the delivery worker (a superuser) builds and runs.
+Same fixtures and after-test checks as test_security.py (conftest.py): no role gains a
+privilege, the server never crashes, vault.canary stays intact.
+
+Each test is an attack that worked against the build before it (an attacker pass of
+2026-12-06): a column named `t` crashed the server in a loop through a backfill, the write-back
+ran the owner's code in replica mode, a pre-created schema made its owner a superuser, a TEMP
+table injected records, a deferrable key lost a row at Certyo, two tables shared a collection,
+a date in a condition changed meaning with DateStyle, a retyped status column hid a forgery
+from the audit, a huge condition held the worker in the planner, an advisory lock taken in a
+condition stayed with the worker.
+
+Run:  CERTYO_EMULATOR=target/release/certyo-emulator python3 -m pytest -q pg_test/test_security_worker.py
+"""
+import re
+from pathlib import Path
+
+import pytest
+
+from harness import wait_for
+from test_security import (assert_delivered_meanwhile, assert_ran_only_as, assert_unprivileged, literal,
+                           make_table, wait_anchored, wait_backfill, wait_written_back)
+
+REPO = Path(__file__).resolve().parent.parent
+
+# Where the worker builds SQL over user tables, and the SQL it runs there.
+WORKER_SQL = ["src/backfill", "src/delivery", "src/track/key.rs", "src/audit.rs", "src/capture/scan.rs",
+              "sql/delivery.sql", "sql/operations.sql"]
+
+
+def worker_identifiers():
+    """Every lowercase word in the worker's SQL and the code around it: aliases (t, v, n, k1,
+    ...), column names of its own tables, function names. A user column of any of these names
+    must not change what the worker's statements mean."""
+    words = set()
+    for place in WORKER_SQL:
+        path = REPO / place
+        for file in ([path] if path.is_file() else sorted(path.rglob("*"))):
+            if file.suffix in (".rs", ".sql"):
+                words.update(re.findall(r"\b[a-z_][a-z0-9_]{0,62}\b", file.read_text()))
+    # k1..k8: the write-back's parts of a record id, whatever the key's width.
+    words.update(f"k{i}" for i in range(1, 9))
+    words -= {"id", "certyo_record_hash", "certyo_anchor_status", "certyo_verified_at",
+              "ctid", "oid", "xmin", "xmax", "cmin", "cmax", "tableoid"}  # system columns
+    return sorted(words)
+
+
+def quoted(name):
+    return '"' + name.replace('"', '""') + '"'
+
+
+def emulator_ids(emulator, collection):
+    return sorted(r["recordId"] for r in emulator.records() if r["collection"] == collection)
+
+
+def test_worker_identifiers_are_many():
+    """The generated-names tests below are only as good as the names: they must include the
+    aliases the worker's statements use."""
+    names = worker_identifiers()
+    for alias in ("t", "v", "n", "k1", "hash", "rid", "qid", "one", "updated_at", "relid"):
+        assert alias in names, alias
+    assert len(names) > 300, len(names)
+
+
+def test_columns_named_after_the_workers_sql(cluster, attacker, emulator, make_role):
+    """Attack: a tracked table with a column for every identifier in the worker's SQL (bigint
+    and text in turn: a bigint column `t` made the backfill read an integer as a row, a
+    segmentation fault that restarted the server about 7 times a second; a text one sent
+    garbage memory to Certyo). Capture, delivery, write-back, verification, backfill and
+    audit all run over it, and every record holds exactly the row's content."""
+    s = attacker.schema
+    # PostgreSQL allows 1,600 columns: the shortest names first, where the aliases are.
+    names = sorted(worker_identifiers(), key=lambda n: (len(n), n))[:1500]
+    columns = ", ".join(f"{quoted(n)} {'bigint' if i % 2 == 0 else 'text'}" for i, n in enumerate(names))
+    attacker.sql(f"CREATE TABLE {s}.wide (id int PRIMARY KEY, {columns})")
+    table = f"{s}.wide"
+    attacker.sql(f"SELECT certyo.track('{table}')")
+    t_type = "bigint" if names.index("t") % 2 == 0 else "text"
+    t_value = "7" if t_type == "bigint" else "'seven'"
+    attacker.sql(f"INSERT INTO {table} (id, t, v) SELECT g, {t_value}, {'g' if names.index('v') % 2 == 0 else 'g::text'}"
+                 f" FROM generate_series(1, 5) g")
+    wait_anchored(cluster, table, 5)
+    backfill = attacker.sql(f"SELECT certyo.backfill('{table}')")
+    assert wait_backfill(cluster, backfill) == "done"
+    assert cluster.sql(f"SELECT rows_queued FROM certyo.backfills WHERE id = {backfill}") == "5"
+    assert wait_for(lambda: len(emulator_ids(emulator, table)) >= 10, 30), emulator_ids(emulator, table)
+    for record in (r for r in emulator.records() if r["collection"] == table):
+        payload = record["recordPayload"]
+        assert payload["id"] == int(record["recordId"]), record
+        assert payload["t"] in (7, "seven"), payload["t"]
+    wait_anchored(cluster, table, 5)
+    assert cluster.sql(f"SELECT count(*) FROM certyo.audit('{table}')") == "0", \
+        cluster.sql(f"SELECT * FROM certyo.audit('{table}')")
+    assert_delivered_meanwhile(cluster, make_role("bystander"))
+
+
+ALIASES = ["t", "v", "n", "k1", "hash", "rid", "qid", "one", "x", "id"]
+
+
+@pytest.mark.parametrize("key", ALIASES)
+def test_a_record_key_named_after_a_workers_alias(cluster, attacker, key, emulator):
+    """Attack: the record id column itself named like an alias of the worker's statements
+    (write-back `t.k = v.k1`, backfill `ORDER BY`), with a second column named `t` or `v` of
+    another type. Write-back, verification, backfill and audit mark and read the right rows."""
+    s = attacker.schema
+    other = "v" if key != "v" else "t"
+    table = f"{s}.keyed_{re.sub('[^a-z0-9]', '', key)}"
+    attacker.sql(f"CREATE TABLE {table} ({quoted(key)} bigint PRIMARY KEY, {quoted(other)} text, payload text)")
+    attacker.sql(f"SELECT certyo.track('{table}')")
+    attacker.sql(f"INSERT INTO {table} ({quoted(key)}, {quoted(other)}) SELECT g, 'x' || g FROM generate_series(1, 4) g")
+    wait_anchored(cluster, table, 4)
+    backfill = attacker.sql(f"SELECT certyo.backfill('{table}', {literal(quoted(key) + ' >= 2')})")
+    assert wait_backfill(cluster, backfill) == "done"
+    assert cluster.sql(f"SELECT rows_queued FROM certyo.backfills WHERE id = {backfill}") == "3"
+    wait_anchored(cluster, table, 4)
+    assert cluster.sql(f"SELECT count(*) FROM certyo.audit('{table}')") == "0"
+
+
+# ---------------------------------------------------------------------------------------------
+# No owner code ever runs in replica mode
+
+
+def replica_observer(s):
+    """A function that notes the replication role it runs under in {s}.seen, and a table
+    {s}.other with a foreign key, owned by the same role (the write of owner code elsewhere)."""
+    return f"""
+        CREATE TABLE {s}.seen (srr text, who name);
+        CREATE FUNCTION {s}.note(tag text) RETURNS boolean LANGUAGE plpgsql AS $$
+        BEGIN
+            INSERT INTO {s}.seen VALUES (tag || ':' || pg_catalog.current_setting('session_replication_role'), current_user);
+            RETURN true;
+        END $$;
+    """
+
+
+OWNER_CODE = {
+    "always-trigger": (
+        "CREATE FUNCTION {s}.trg() RETURNS trigger LANGUAGE plpgsql AS $$ "
+        "BEGIN PERFORM {s}.note('trigger'); RETURN NEW; END $$;",
+        "id int PRIMARY KEY, v text",
+        "CREATE TRIGGER watch BEFORE UPDATE ON {s}.t FOR EACH ROW EXECUTE FUNCTION {s}.trg(); "
+        "ALTER TABLE {s}.t ENABLE ALWAYS TRIGGER watch;",
+    ),
+    "replica-trigger": (
+        "CREATE FUNCTION {s}.trg() RETURNS trigger LANGUAGE plpgsql AS $$ "
+        "BEGIN PERFORM {s}.note('trigger'); RETURN NEW; END $$;",
+        "id int PRIMARY KEY, v text",
+        "CREATE TRIGGER watch AFTER UPDATE ON {s}.t FOR EACH ROW EXECUTE FUNCTION {s}.trg(); "
+        "ALTER TABLE {s}.t ENABLE REPLICA TRIGGER watch;",
+    ),
+    "table-check": (
+        "",
+        "id int PRIMARY KEY, v text, CHECK ({s}.note('check'))",
+        "",
+    ),
+    "index-expression": (
+        "CREATE FUNCTION {s}.idx(x text) RETURNS text LANGUAGE plpgsql IMMUTABLE AS $$ "
+        "BEGIN IF pg_catalog.current_setting('session_replication_role') = 'replica' THEN "
+        "PERFORM pg_catalog.setval('{s}.replica_seen', 1); END IF; RETURN x; END $$;",
+        "id int PRIMARY KEY, v text",
+        "CREATE INDEX t_watch ON {s}.t ({s}.idx(certyo_record_hash));",
+    ),
+}
+
+
+@pytest.mark.parametrize("vector", list(OWNER_CODE))
+def test_no_owner_code_runs_in_replica_mode(cluster, attacker, make_role, vector):
+    """Attack: owner code that an UPDATE of the tracked table runs (an ENABLE ALWAYS or ENABLE
+    REPLICA trigger, a CHECK constraint, an index expression) writes to another role's table
+    during the write-back. The write-back ran it with session_replication_role = replica, so
+    that table's foreign keys, triggers and capture were skipped. No owner code may ever see
+    replica mode; the write-back still marks every row."""
+    s = attacker.schema
+    attacker.sql(replica_observer(s) + f"CREATE SEQUENCE {s}.replica_seen MINVALUE 0 START 0;")
+    before, columns, after = (part.format(s=s) for part in OWNER_CODE[vector])
+    if before:
+        attacker.sql(before)
+    table = make_table(attacker, columns=columns)
+    if after:
+        attacker.sql(after)
+    attacker.sql(f"INSERT INTO {table} (id) SELECT g FROM generate_series(1, 3) g")
+    wait_written_back(cluster, table, 3)
+    wait_anchored(cluster, table, 3)
+    seen = cluster.sql(f"SELECT string_agg(DISTINCT srr, ',') FROM {s}.seen")
+    assert "replica" not in seen, f"owner code ran in replica mode: {seen}"
+    assert cluster.sql(f"SELECT last_value FROM {s}.replica_seen") == "0", "an index expression saw replica mode"
+    assert_unprivileged(attacker)
+    assert_ran_only_as(attacker, attacker.name)
+
+
+def test_owner_code_writing_elsewhere_during_write_back_keeps_that_tables_rules(cluster, attacker, make_role):
+    """Attack, as filed: an owner's ENABLE ALWAYS trigger writes into a table of another role
+    during the write-back; that table's foreign key must hold and its capture must record
+    the row (in replica mode both were skipped)."""
+    s = attacker.schema
+    victim = make_role("victim")
+    v = victim.schema
+    victim.sql(f"""
+        CREATE TABLE {v}.parent (id int PRIMARY KEY);
+        CREATE TABLE {v}.child (id serial PRIMARY KEY, parent int REFERENCES {v}.parent, note text);
+        GRANT INSERT ON {v}.child TO {attacker.name};
+        GRANT USAGE ON SEQUENCE {v}.child_id_seq TO {attacker.name};
+        SELECT certyo.track('{v}.child');
+    """)
+    table = make_table(attacker)
+    attacker.sql(f"""
+        CREATE FUNCTION {s}.spill() RETURNS trigger LANGUAGE plpgsql AS $$
+        BEGIN
+            IF NEW.certyo_record_hash IS DISTINCT FROM OLD.certyo_record_hash THEN
+                BEGIN
+                    INSERT INTO {v}.child (parent, note) VALUES (999, pg_catalog.current_setting('session_replication_role'));
+                EXCEPTION WHEN foreign_key_violation THEN
+                    INSERT INTO {v}.child (parent, note) VALUES (NULL, 'fk held');
+                END;
+            END IF;
+            RETURN NEW;
+        END $$;
+        CREATE TRIGGER spill AFTER UPDATE ON {table} FOR EACH ROW EXECUTE FUNCTION {s}.spill();
+        ALTER TABLE {table} ENABLE ALWAYS TRIGGER spill;
+    """)
+    attacker.sql(f"INSERT INTO {table} (id) VALUES (1)")
+    wait_anchored(cluster, table, 1)
+    notes = cluster.sql(f"SELECT string_agg(DISTINCT coalesce(note, '-'), ',') FROM {v}.child")
+    assert notes == "fk held", f"the other role's foreign key was skipped: {notes}"
+    rows = int(cluster.sql(f"SELECT count(*) FROM {v}.child"))
+    assert wait_for(lambda: cluster.sql(
+        f"SELECT count(*) FROM {v}.child WHERE certyo_record_hash IS NOT NULL") == str(rows), 30), \
+        "the rows the trigger wrote to the other role's table were never captured"
+
+
+def test_a_trigger_that_changes_content_on_write_back_never_leaves_a_false_anchored(cluster, attacker, make_role):
+    """Attack: a table with an ENABLE ALWAYS trigger (so its write-back runs the owner's
+    triggers) and an ordinary BEFORE UPDATE trigger that stamps a business column on every
+    update. The write-back would change the row's content while marking it with the hash of
+    the version before: it is refused and recorded as a failing write-back naming the cause,
+    and no row says anchored for content Certyo never saw."""
+    s = attacker.schema
+    table = make_table(attacker, columns="id int PRIMARY KEY, v text, stamped timestamptz")
+    attacker.sql(f"""
+        CREATE FUNCTION {s}.noop() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN RETURN NEW; END $$;
+        CREATE TRIGGER noop AFTER UPDATE ON {table} FOR EACH ROW EXECUTE FUNCTION {s}.noop();
+        ALTER TABLE {table} ENABLE ALWAYS TRIGGER noop;
+        CREATE FUNCTION {s}.stamp() RETURNS trigger LANGUAGE plpgsql AS $$
+        BEGIN NEW.stamped := pg_catalog.clock_timestamp(); RETURN NEW; END $$;
+        CREATE TRIGGER stamp BEFORE UPDATE ON {table} FOR EACH ROW EXECUTE FUNCTION {s}.stamp();
+    """)
+    attacker.sql(f"INSERT INTO {table} (id) VALUES (1)")
+    failure = f"SELECT error FROM certyo.write_back_failure WHERE relid = '{table}'::regclass"
+    assert wait_for(lambda: "changed business columns" in cluster.sql(failure), 30), cluster.sql(failure)
+    assert cluster.sql(f"SELECT count(*) FROM {table} WHERE certyo_anchor_status = 'anchored'") == "0"
+    assert_delivered_meanwhile(cluster, make_role("bystander"))
+    # Excluding the stamped column is the fix the error names: the write-back then goes through.
+    attacker.sql(f"SELECT certyo.track('{table}', exclude_columns => ARRAY['stamped'])")
+    attacker.sql(f"UPDATE {table} SET v = 'again' WHERE id = 1")
+    wait_anchored(cluster, table, 1, timeout=60)
+
+
+# ---------------------------------------------------------------------------------------------
+# The extension's schema is its own
+
+
+def test_create_extension_refuses_a_schema_another_role_made(cluster, make_role):
+    """Attack: a database owner creates schema certyo before a superuser runs CREATE
+    EXTENSION, which reused it; the owner could then rename it and plant look-alikes for the
+    worker. CREATE EXTENSION refuses such a schema; an empty one a superuser made is fine."""
+    owner = make_role("dbowner")
+    database = f"{owner.name}_db"
+    cluster.sql(f"CREATE DATABASE {database} OWNER {owner.name}")
+    try:
+        cluster.sql("CREATE SCHEMA certyo", user=owner.name, database=database)
+        refused = cluster.attempt_verbose(f"\\c {database}\nCREATE EXTENSION certyo_cdc")
+        assert refused.sqlstate == "42P06", refused
+        assert "schema of its own" in refused.stderr, refused
+        assert cluster.sql("SELECT count(*) FROM pg_extension WHERE extname = 'certyo_cdc'", database=database) == "0"
+        # A superuser's own empty schema, with no grants: accepted.
+        cluster.sql("DROP SCHEMA certyo; CREATE SCHEMA certyo AUTHORIZATION postgres", database=database)
+        cluster.sql("CREATE EXTENSION certyo_cdc", database=database)
+        # Granted to someone: refused.
+        cluster.sql("DROP EXTENSION certyo_cdc; GRANT CREATE ON SCHEMA certyo TO PUBLIC",
+                    database=database)
+        refused = cluster.attempt_verbose(f"\\c {database}\nCREATE EXTENSION certyo_cdc")
+        assert refused.sqlstate == "42P06", refused
+    finally:
+        cluster.sql(f"DROP DATABASE IF EXISTS {database} WITH (FORCE)")
+
+
+# ---------------------------------------------------------------------------------------------
+# Capture queues changes of tracked tables only; track() refuses what cannot be delivered right
+
+
+def test_a_hand_made_capture_trigger_on_a_temp_table_queues_nothing(cluster, attacker):
+    """Attack: any LOGIN role may execute certyo.capture() (CREATE TRIGGER needs it, and so
+    does creating a partition of a tracked table), so a TEMP table with a hand-made capture
+    trigger delivered records to Certyo. Capture refuses any table it does not track."""
+    queued = "SELECT count(*) FROM certyo.queue"
+    before = cluster.sql(queued)
+    refused = attacker.attempt(f"""
+        CREATE TEMP TABLE fake (id int PRIMARY KEY, v text);
+        CREATE TRIGGER certyo_capture AFTER INSERT ON fake FOR EACH ROW EXECUTE FUNCTION certyo.capture('record_id=id');
+        INSERT INTO fake SELECT g, 'forged' FROM generate_series(1, 200) g;
+    """)
+    assert refused.sqlstate == "39P01", refused
+    assert "not a tracked table" in refused.stderr, refused
+    assert cluster.sql(queued) == before
+    s = attacker.schema
+    refused = attacker.attempt(f"""
+        CREATE TABLE {s}.fake (id int PRIMARY KEY, v text);
+        CREATE TRIGGER sneaky AFTER INSERT ON {s}.fake FOR EACH ROW EXECUTE FUNCTION certyo.capture('record_id=id');
+        INSERT INTO {s}.fake VALUES (1, 'forged');
+    """)
+    assert refused.sqlstate == "39P01", refused
+
+
+@pytest.mark.parametrize("key", ["PRIMARY KEY DEFERRABLE", "PRIMARY KEY DEFERRABLE INITIALLY DEFERRED",
+                                 "UNIQUE DEFERRABLE"])
+def test_track_refuses_a_deferrable_key(cluster, attacker, key):
+    """Attack: with a DEFERRABLE primary key, UPDATE ... SET id = 3 - id swaps two ids in one
+    statement; capture sees delete 1, insert 2, delete 2, insert 1, and Certyo ends with
+    record 2 deleted while row 2 exists. track() refuses a deferrable record key."""
+    s = attacker.schema
+    attacker.sql(f"CREATE TABLE {s}.d (id int NOT NULL {key}, v text)")
+    options = "" if "PRIMARY" in key else ", record_id_columns => ARRAY['id']"
+    refused = attacker.attempt(f"SELECT certyo.track('{s}.d'{options})")
+    assert refused.sqlstate == "42P16", refused
+    assert "DEFERRABLE" in refused.stderr, refused
+
+
+def test_two_tables_never_share_a_collection(cluster, attacker, emulator):
+    """Attack: "a.b".c and a."b.c" both became collection a.b.c, so each table's records
+    overwrote the other's at Certyo. A name part holding a dot (or a quote) is quoted."""
+    s = attacker.schema
+    cluster.sql(f'CREATE SCHEMA "{s}.x" AUTHORIZATION {attacker.name}')
+    attacker.sql(f"""
+        CREATE TABLE "{s}.x".y (id int PRIMARY KEY, v text);
+        CREATE TABLE {s}."x.y" (id int PRIMARY KEY, v text);
+        SELECT certyo.track('"{s}.x".y');
+        SELECT certyo.track('{s}."x.y"');
+        INSERT INTO "{s}.x".y VALUES (1, 'first');
+        INSERT INTO {s}."x.y" VALUES (1, 'second');
+    """)
+    wait_anchored(cluster, f'"{s}.x".y', 1)
+    wait_anchored(cluster, f'{s}."x.y"', 1)
+    collections = {r["collection"]: r["recordPayload"]["v"] for r in emulator.records()
+                   if r["collection"].startswith((f'"{s}.x"', f"{s}."))}
+    assert collections == {f'"{s}.x".y': "first", f'{s}."x.y"': "second"}, collections
+    attacker.sql(f'DROP TABLE "{s}.x".y; DROP SCHEMA "{s}.x"')
+
+
+def test_audit_refuses_a_retyped_status_column(cluster, attacker):
+    """Attack: certyo_anchor_status retyped to varchar, then a row's status forged: the audit
+    skipped the column and reported nothing. It says it cannot check instead."""
+    table = make_table(attacker, rows=2)
+    wait_anchored(cluster, table, 2)
+    attacker.sql(f"ALTER TABLE {table} ALTER COLUMN certyo_anchor_status TYPE varchar(20)")
+    cluster.sql(f"UPDATE {table} SET certyo_anchor_status = 'anchored', certyo_record_hash = 'forged' WHERE id = 1")
+    refused = cluster.attempt_verbose(f"SELECT * FROM certyo.audit('{table}')")
+    assert refused.sqlstate == "42804", refused
+    assert "certyo_anchor_status" in refused.stderr, refused
+
+
+# ---------------------------------------------------------------------------------------------
+# Backfill conditions
+
+
+def test_a_condition_means_what_the_caller_meant_whatever_datestyle(cluster, attacker):
+    """Attack: under DateStyle = 'SQL, DMY', '01/02/2026' is 1 February; the condition was
+    stored as '01/02/2026'::date and the worker read it as 2 January: 1 row instead of 2."""
+    s = attacker.schema
+    table = make_table(attacker, columns="id int PRIMARY KEY, d date")
+    attacker.sql(f"INSERT INTO {table} VALUES (1, '2026-01-15'), (2, '2026-02-01'), (3, '2026-02-10')")
+    backfill = attacker.sql(f"SET DateStyle = 'SQL, DMY'; SELECT certyo.backfill('{table}', 'd >= ''01/02/2026''')"
+                            ).splitlines()[-1]
+    assert wait_backfill(cluster, backfill) == "done"
+    assert cluster.sql(f"SELECT rows_queued FROM certyo.backfills WHERE id = {backfill}") == "2"
+    stored = cluster.sql(f"SELECT where_clause FROM certyo.backfills WHERE id = {backfill}")
+    assert "2026-02-01" in stored, stored
+
+
+def test_a_huge_condition_is_refused_when_requested(cluster, attacker, make_role):
+    """Attack: 200,000 ANDed comparisons kept the worker in the planner for about two minutes,
+    deaf to its timeout and to pg_terminate_backend. A condition is bounded when requested."""
+    table = make_table(attacker, rows=3)
+    condition = " AND ".join(f"id <> {i}" for i in range(200_000))
+    path = Path(f"/tmp/{attacker.name}-condition.sql")
+    path.write_text(f"SELECT certyo.backfill('{table}', {literal(condition)});\n")
+    path.chmod(0o644)
+    refused = attacker.attempt(f"\\i {path}")
+    path.unlink()
+    assert refused.sqlstate == "54000", refused
+    assert cluster.sql(f"SELECT count(*) FROM certyo.backfills WHERE relid = '{table}'::regclass") == "0"
+
+
+def test_an_advisory_lock_taken_in_a_condition_ends_with_the_pass(cluster, attacker):
+    """Attack: a condition that takes a session-level advisory lock: the worker kept holding
+    it (another session waiting on that lock waited forever)."""
+    table = make_table(attacker, rows=3)
+    backfill = attacker.sql(f"SELECT certyo.backfill('{table}', 'pg_catalog.pg_advisory_lock(4242) IS NOT NULL')")
+    assert wait_backfill(cluster, backfill) == "done"
+    held = ("SELECT count(*) FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid "
+            "WHERE l.locktype = 'advisory' AND a.backend_type = 'certyo_cdc delivery'")
+    assert wait_for(lambda: cluster.sql(held) == "0", 10), "the worker still holds the condition's advisory lock"
+    assert cluster.sql("SELECT pg_try_advisory_lock(4242)") == "t"
+
+
+def test_backfills_of_a_temp_table_or_too_many_are_refused(cluster, attacker):
+    """Attack: 5,000 backfill requests of one temporary table were accepted. A temporary
+    table is never tracked, and one table has at most 16 backfills open."""
+    refused = attacker.attempt("CREATE TEMP TABLE tmp (id int PRIMARY KEY); SELECT certyo.backfill('tmp')")
+    assert refused.sqlstate == "55000", refused
+    table = make_table(attacker, rows=1)
+    cluster.sql("SELECT certyo.pause()")
+    try:
+        refused = attacker.attempt(f"SELECT certyo.backfill('{table}') FROM generate_series(1, 17)")
+        assert refused.sqlstate == "54000", refused
+    finally:
+        cluster.sql(f"UPDATE certyo.backfills SET state = 'cancelled' WHERE relid = '{table}'::regclass "
+                    "AND state IN ('queued', 'running')")
+        cluster.sql("SELECT certyo.resume()")
+
+
+def test_a_table_renamed_onto_the_backfilled_name_is_not_read_as_it(cluster, attacker, make_role):
+    """Attack: while a backfill chunk waits for the tracked table's lock, its owner renames
+    it away and another table (other column types) onto its name, and commits: the worker read
+    the other table's rows as the tracked one's (`datum attribute "v" ... does not match`) and
+    exited. Now the table is locked by OID before its name is looked up."""
+    s = attacker.schema
+    table = make_table(attacker, rows=3, columns="id int PRIMARY KEY, v int")
+    attacker.sql(f"CREATE TABLE {s}.impostor (id int PRIMARY KEY, v text); INSERT INTO {s}.impostor VALUES (1, 'imp')")
+    pid = cluster.sql("SELECT pid FROM certyo.worker_status()")
+    held = cluster.hold_open(f"BEGIN; LOCK TABLE {table} IN ACCESS EXCLUSIVE MODE;", user=attacker.name)
+    try:
+        backfill = attacker.sql(f"SELECT certyo.backfill('{table}')")
+        waiting = f"SELECT count(*) FROM pg_locks WHERE pid = {pid} AND NOT granted"
+        assert wait_for(lambda: cluster.sql(waiting) != "0", 20, every=0.01), "the worker never waited for the table"
+        held.process.stdin.write(f"ALTER TABLE {table} RENAME TO renamed; ALTER TABLE {s}.impostor RENAME TO t; COMMIT;\n")
+        held.process.stdin.flush()
+        assert wait_for(lambda: cluster.sql(f"SELECT count(*) FROM pg_class WHERE relname = 'renamed' "
+                                            f"AND relnamespace = '{s}'::regnamespace") == "1", 10)
+    finally:
+        held.close()
+    state = wait_backfill(cluster, backfill, timeout=60)
+    assert state == "done", cluster.sql(f"SELECT error FROM certyo.backfills WHERE id = {backfill}")
+    assert cluster.sql("SELECT pid FROM certyo.worker_status()") == pid, "the worker exited"
+    assert cluster.sql(f"SELECT rows_queued FROM certyo.backfills WHERE id = {backfill}") == "3"
+    assert_delivered_meanwhile(cluster, make_role("bystander"))
