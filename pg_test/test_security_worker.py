@@ -273,10 +273,11 @@ def test_create_extension_refuses_a_schema_another_role_made(cluster, make_role)
         assert refused.sqlstate == "42P06", refused
         assert "schema of its own" in refused.stderr, refused
         assert cluster.sql("SELECT count(*) FROM pg_extension WHERE extname = 'certyo_cdc'", database=database) == "0"
-        # A superuser's own empty schema, with no grants: accepted.
+        # A superuser's own empty schema, CREATE granted to no one else: accepted (DROP
+        # EXTENSION leaves such a schema behind, and CREATE EXTENSION must work again).
         cluster.sql("DROP SCHEMA certyo; CREATE SCHEMA certyo AUTHORIZATION postgres", database=database)
         cluster.sql("CREATE EXTENSION certyo_cdc", database=database)
-        # Granted to someone: refused.
+        # CREATE granted to someone: refused.
         cluster.sql("DROP EXTENSION certyo_cdc; GRANT CREATE ON SCHEMA certyo TO PUBLIC",
                     database=database)
         refused = cluster.attempt_verbose(f"\\c {database}\nCREATE EXTENSION certyo_cdc")
@@ -444,3 +445,64 @@ def test_a_table_renamed_onto_the_backfilled_name_is_not_read_as_it(cluster, att
     assert cluster.sql("SELECT pid FROM certyo.worker_status()") == pid, "the worker exited"
     assert cluster.sql(f"SELECT rows_queued FROM certyo.backfills WHERE id = {backfill}") == "3"
     assert_delivered_meanwhile(cluster, make_role("bystander"))
+
+
+# ---------------------------------------------------------------------------------------------
+# One owner's slow code delays that owner's tables only
+
+
+def slow_tables(attacker, n, seconds):
+    """n tracked tables of the attacker whose ENABLE ALWAYS trigger sleeps `seconds` in every
+    write-back (and only there)."""
+    s = attacker.schema
+    attacker.sql(f"""
+        CREATE FUNCTION {s}.slow() RETURNS trigger LANGUAGE plpgsql AS $$
+        BEGIN
+            IF NEW.certyo_record_hash IS DISTINCT FROM OLD.certyo_record_hash THEN
+                PERFORM pg_catalog.pg_sleep({seconds});
+            END IF;
+            RETURN NEW;
+        END $$;
+    """)
+    tables = []
+    for i in range(n):
+        table = make_table(attacker, name=f"slow{i}")
+        attacker.sql(f"CREATE TRIGGER slow BEFORE UPDATE ON {table} FOR EACH ROW EXECUTE FUNCTION {s}.slow(); "
+                     f"ALTER TABLE {table} ENABLE ALWAYS TRIGGER slow")
+        tables.append(table)
+    return tables
+
+
+def accepted_latencies(cluster, table):
+    """Seconds from each row's commit (its queue entry) to Certyo's acceptance."""
+    out = cluster.sql(f"SELECT extract(epoch FROM accepted_at - queued_at) FROM certyo.receipt "
+                      f"WHERE relid = '{table}'::regclass ORDER BY 1")
+    return [float(x) for x in out.splitlines() if x]
+
+
+def test_slow_owner_code_runs_in_the_slow_lane_while_others_are_delivered(cluster, attacker, make_role):
+    """Attack: 10 tables whose ENABLE ALWAYS triggers take 4.5 s in each write-back, each
+    statement under certyo.user_code_timeout (5 s). One worker ran them one after another and
+    sent nothing meanwhile: another role's commit-to-accepted went from 0.0 s to 34.9 s on
+    average. Now an owner's code runs at most its share of the delivery worker's pass (250 ms),
+    the rest in the slow lane: while the slow lane sleeps in an attacker's trigger, another
+    role's changes are accepted and written back, and the attacker's rows are written back in
+    the end too."""
+    tables = slow_tables(attacker, 10, 4.5)
+    for i, table in enumerate(tables):
+        attacker.sql(f"INSERT INTO {table} (id) VALUES ({i})")
+    sleeping = ("SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'certyo_cdc slow lane' "
+                "AND wait_event = 'PgSleep'")
+    assert wait_for(lambda: cluster.sql(sleeping) == "1", 30, every=0.05), "the slow lane never ran the triggers"
+    bystander = make_role("bystander")
+    table = make_table(bystander, name="fast")
+    for i in range(1, 6):
+        bystander.sql(f"INSERT INTO {table} (id) VALUES ({i})")
+    wait_written_back(cluster, table, 5, timeout=30)
+    delivery_sleeping = ("SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'certyo_cdc delivery' "
+                         "AND wait_event = 'PgSleep'")
+    assert cluster.sql(delivery_sleeping) == "0", "the delivery worker itself ran an attacker's trigger to its end"
+    latencies = accepted_latencies(cluster, table)
+    assert max(latencies) < 4.5, f"a bystander's change waited for an attacker's trigger: {latencies}"
+    for t in tables:
+        wait_written_back(cluster, t, 1, timeout=120)

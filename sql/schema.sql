@@ -4,8 +4,8 @@
 -- The schema must be ours. CREATE EXTENSION reuses a schema of that name if one exists, and
 -- whoever created it could rename it away and plant objects of the same names for the
 -- superuser worker to call. So a schema that exists already is accepted only if nobody but a
--- superuser could ever have put anything in it: owned by the installing superuser, no grants,
--- and empty.
+-- superuser could ever have put anything in it: owned by a superuser, CREATE granted to no
+-- one else, and empty (as DROP EXTENSION leaves the schema an earlier CREATE EXTENSION made).
 DO $$
 DECLARE
     owner_name text;
@@ -19,16 +19,16 @@ BEGIN
              + (SELECT pg_catalog.count(*) FROM pg_catalog.pg_proc p WHERE p.pronamespace = n.oid)
              + (SELECT pg_catalog.count(*) FROM pg_catalog.pg_type t WHERE t.typnamespace = n.oid)
              + (SELECT pg_catalog.count(*) FROM pg_catalog.pg_operator o WHERE o.oprnamespace = n.oid)
-             + (CASE WHEN n.nspacl IS NULL THEN 0 ELSE 1 END)
-             + (CASE WHEN n.nspowner = (SELECT r.oid FROM pg_catalog.pg_roles r
-                                        WHERE r.rolname = CURRENT_USER AND r.rolsuper) THEN 0 ELSE 1 END)
+             + (SELECT pg_catalog.count(*) FROM pg_catalog.aclexplode(n.nspacl) a
+                 WHERE a.grantee OPERATOR(pg_catalog.<>) n.nspowner AND a.privilege_type = 'CREATE')
+             + (CASE WHEN (SELECT r.rolsuper FROM pg_catalog.pg_roles r WHERE r.oid = n.nspowner) THEN 0 ELSE 1 END)
       INTO owner_name, foreign_objects
       FROM pg_catalog.pg_namespace n WHERE n.nspname = 'certyo';
     IF foreign_objects > 0 THEN
         RAISE EXCEPTION USING
             ERRCODE = 'duplicate_schema',
             MESSAGE = pg_catalog.format('certyo_cdc: schema certyo exists already (owned by %s), and certyo_cdc only installs into a schema of its own', owner_name),
-            DETAIL = 'A schema that another role owns, that has grants, or that holds objects could hold objects planted for the extension''s superuser worker to run.',
+            DETAIL = 'A schema that another role owns, in which another role may create objects, or that holds objects could hold objects planted for the extension''s superuser worker to run.',
             HINT = 'Drop the schema (or rename it: ALTER SCHEMA certyo RENAME TO ...), then run CREATE EXTENSION certyo_cdc again; it creates the schema itself.';
     END IF;
 END

@@ -99,6 +99,13 @@ pub fn lock_table(relid: Oid, mode: u32) {
     unsafe { pg_sys::LockRelationOid(relid, mode as pg_sys::LOCKMODE) };
     // SAFETY: closes the level opened above, restoring lock_timeout.
     unsafe { pg_sys::AtEOXact_GUC(false, level) };
+    // What is read next must be read as of now, after the wait: pgrx runs statements of a
+    // (sub)transaction that has no transaction id yet read-only, with the snapshot taken when
+    // it began, before a rename that the lock waited for (the name looked up would then be
+    // the table's old one, now another table's, or none). With an id, each statement takes a
+    // new snapshot. The worker writes in these transactions anyway.
+    // SAFETY: assigns the current (sub)transaction an id, or raises an ordinary ERROR.
+    unsafe { pg_sys::GetCurrentTransactionId() };
 }
 
 /// [`as_role`] for a backfill chunk in the worker: a row lock held by someone else is waited

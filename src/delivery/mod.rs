@@ -12,7 +12,10 @@
 //! - `sending`: the batch on the wire, its HTTP on a helper thread;
 //! - `anchor`: verification of accepted receipts;
 //! - `vacuum`: the worker vacuums the queue it empties;
-//! - `write_back`: hashes and anchor status written back to the source rows.
+//! - `write_back`: hashes and anchor status written back to the source rows, each owner's
+//!   code within its share of a pass;
+//! - `slow_lane`: a second worker for what runs owners' code longer (write-backs that wait,
+//!   backfill chunks), so that it never holds up delivery.
 
 mod anchor;
 pub mod api_key;
@@ -21,6 +24,7 @@ mod launcher;
 mod prepared;
 mod sending;
 pub mod settings;
+mod slow_lane;
 mod store;
 mod vacuum;
 mod worker;

@@ -29,6 +29,32 @@ pub extern "C-unwind" fn certyo_delivery_main(arg: pg_sys::Datum) {
         return; // connecting would fail, and the restart after it, forever
     }
     BackgroundWorker::connect_worker_to_spi_by_oid(Some(database), None);
+    if !prepare_session(database) {
+        return;
+    }
+    let Some(name) = claim(database) else { return };
+    settings::set_served_database(name);
+    // Owners' code runs within each owner's share of a pass; the rest is the slow lane's.
+    write_back::budget::limit(true);
+    // SAFETY: the worker is connected, so its PGPROC is set up.
+    crate::wake::set_worker(Some(unsafe { crate::compat::my_proc_number() }));
+    let ended = Worker {
+        database,
+        ..Worker::default()
+    }
+    .run();
+    let again = ended == Ended::Stopped && !crate::wake::is_dropped(database);
+    crate::wake::set_worker(None);
+    if again {
+        // Ended by pg_terminate_backend (or the server's shutdown, when it does not matter):
+        // the launcher starts a new worker, as Postgres restarts a failed one.
+        crate::wake::ring_launcher();
+    }
+}
+
+/// The session of a delivery worker, or of its slow lane (`slow_lane.rs`), once connected to
+/// `database`. False: it must not serve the database (the log says why).
+pub(super) fn prepare_session(database: pg_sys::Oid) -> bool {
     // Every name in the worker's SQL resolves in pg_catalog or is schema-qualified: no one
     // who can create objects in a schema on the default search_path (public, "$user") can
     // place a function or operator where the worker, a superuser, would call it.
@@ -41,10 +67,8 @@ pub extern "C-unwind" fn certyo_delivery_main(arg: pg_sys::Datum) {
             "certyo_cdc: the delivery worker of the database with OID {} is not delivering: the database sets role or session_authorization for every session, so the worker would not run as a superuser; ALTER DATABASE ... RESET role (or session_authorization), then SELECT certyo.wake()",
             database.to_u32()
         );
-        return;
+        return false;
     }
-    let Some(name) = claim(database) else { return };
-    settings::set_served_database(name);
     // The worker's own commits need not wait for the WAL flush: if a crash loses the last of
     // them, what they recorded is redone (a change sent again is answered as a replay, a
     // backfill chunk is queued again from the last key that survived), and WAL order means no
@@ -63,16 +87,7 @@ pub extern "C-unwind" fn certyo_delivery_main(arg: pg_sys::Datum) {
     // triggers, rules or foreign keys for it to skip; user code always runs in origin mode
     // (`rights::as_role` and `rights::writing_back_as` set it back for the owner's code).
     set_for_session(c"session_replication_role", c"replica");
-    // SAFETY: the worker is connected, so its PGPROC is set up.
-    crate::wake::set_worker(Some(unsafe { crate::compat::my_proc_number() }));
-    let ended = Worker::default().run();
-    let again = ended == Ended::Stopped && !crate::wake::is_dropped(database);
-    crate::wake::set_worker(None);
-    if again {
-        // Ended by pg_terminate_backend (or the server's shutdown, when it does not matter):
-        // the launcher starts a new worker, as Postgres restarts a failed one.
-        crate::wake::ring_launcher();
-    }
+    true
 }
 
 /// The database's name if this worker is to serve it: certyo_cdc is installed there, no other
@@ -142,6 +157,10 @@ struct Worker {
     settled_since_vacuum: i64,
     /// When the last pass started: changes per interval give the rate they arrive at.
     pass_started: Option<Instant>,
+    /// The database served.
+    database: pg_sys::Oid,
+    /// The slow lane, for write-backs that wait and backfill chunks (`slow_lane.rs`).
+    lane: super::slow_lane::SlowLane,
 }
 
 /// What the worker is doing, as `certyo.worker_status().state` shows it (the column's CHECK
@@ -265,10 +284,12 @@ impl Worker {
                 Next::Gather(wait) => gather(wait),
                 Next::Stop => {
                     pgrx::log!("certyo_cdc: certyo_cdc was dropped from this database; its delivery worker ends");
+                    self.lane.stop();
                     return Ended::Dropped;
                 }
             };
             if !keep_going {
+                self.lane.stop();
                 return Ended::Stopped;
             }
         }
@@ -324,9 +345,13 @@ impl Worker {
         let Some(control) = store::control()? else {
             return Ok(Next::Stop); // DROP EXTENSION: nothing left to serve here
         };
-        // Backfills only queue rows, like capture: they go on while sending is paused.
-        let backfilling =
-            control.backfill_open && crate::backfill::step(settings.backfill_chunk_size)?;
+        write_back::budget::new_pass();
+        // Backfills only queue rows, like capture: they go on while sending is paused. Their
+        // chunks run owners' conditions and wait for row locks: the slow lane's work, unless no
+        // lane can be started.
+        let backfilling = control.backfill_open
+            && !self.lane.ensure(self.database)
+            && crate::backfill::step(settings.backfill_chunk_size)?;
         let blocked = self.blocked(&settings, control);
         // Commits ring only when a pass could send what they queued.
         crate::wake::mute(blocked.is_some() || self.waiting_for_probe().is_some());
@@ -368,7 +393,9 @@ impl Worker {
         }
         let (verified, verify_again) = self.verify(&client, &settings)?;
         self.expire(&settings)?;
-        write_back::failing::retry_due()?;
+        if write_back::failing::waiting()? && !self.lane.ensure(self.database) {
+            write_back::failing::retry_due()?;
+        }
         let tally = delivered + verified;
         if let Some(failing) = write_back::failing::summary()? {
             // Never "idle" while something fails: name the table and the error.

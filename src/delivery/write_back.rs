@@ -86,18 +86,107 @@ pub fn mark(
     let mut tables: Vec<Oid> = versions.iter().map(|v| v.relid).collect();
     tables.sort_unstable_by_key(|oid| oid.to_u32());
     tables.dedup();
+    let failing = failing::tables(client)?;
     for relid in tables {
         let rows: Vec<Version> = versions
             .iter()
             .filter(|v| v.relid == relid)
             .cloned()
             .collect();
-        if let Err(error) = mark_isolated(client, relid, &rows, mark) {
-            let ids: Vec<i64> = rows.iter().map(|v| v.id).collect();
-            failing::record(client, relid, &ids, &error)?;
+        let ids: Vec<i64> = rows.iter().map(|v| v.id).collect();
+        if failing.contains(&relid) {
+            // Its earlier write-backs wait (failing, or slow): these wait behind them, in order.
+            failing::defer(client, relid, &ids, None)?;
+            continue;
+        }
+        let owner = crate::rights::owner_of(relid).unwrap_or_default();
+        let Some(timeout) = budget::left(owner) else {
+            failing::defer(client, relid, &ids, Some(budget::spent_message()))?;
+            continue;
+        };
+        let started = std::time::Instant::now();
+        let outcome = mark_isolated(client, relid, &rows, mark, timeout);
+        budget::spend(owner, started.elapsed());
+        match outcome {
+            Ok(()) => {}
+            Err(error) if budget::ran_out(&error, timeout) => {
+                failing::defer(client, relid, &ids, Some(budget::ran_out_message(timeout)))?;
+            }
+            Err(error) => failing::record(client, relid, &ids, &error)?,
         }
     }
     Ok(())
+}
+
+/// How long the owners' code may run in the delivery worker's write-backs: per owner per pass,
+/// [`PER_OWNER`] in all. An owner whose code has used its share has its tables' write-backs
+/// done by the slow lane (`super::slow_lane`), with the whole `certyo.user_code_timeout` and
+/// back-off, so that one owner's slow triggers delay that owner's tables only, never the
+/// delivery of the others (the worker sends nothing while a statement of its own runs).
+pub mod budget {
+    use pgrx::pg_sys::Oid;
+    use std::cell::RefCell;
+    use std::collections::HashMap;
+    use std::time::Duration;
+
+    /// Each owner's share of a delivery pass.
+    pub const PER_OWNER: Duration = Duration::from_millis(250);
+
+    thread_local! {
+        /// Whether this process has a budget at all: the delivery worker does; the slow lane
+        /// (and a worker that could start none, doing the slow work itself) uses the whole
+        /// `certyo.user_code_timeout`.
+        static LIMITED: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+        static SPENT: RefCell<HashMap<u32, Duration>> = RefCell::new(HashMap::new());
+    }
+
+    /// The delivery worker: owners' code runs within their share; false: the whole timeout.
+    pub fn limit(limited: bool) {
+        LIMITED.set(limited);
+    }
+
+    /// A new pass: every owner's share is whole again.
+    pub fn new_pass() {
+        SPENT.with(|s| s.borrow_mut().clear());
+    }
+
+    /// How long `owner`'s code may run now; None when its share of this pass is spent.
+    pub fn left(owner: Oid) -> Option<Duration> {
+        let whole = crate::delivery::settings::user_code_timeout();
+        if !LIMITED.get() {
+            return Some(whole);
+        }
+        let spent = SPENT.with(|s| s.borrow().get(&owner.to_u32()).copied().unwrap_or_default());
+        let left = PER_OWNER.saturating_sub(spent).min(whole);
+        (left >= Duration::from_millis(10)).then_some(left)
+    }
+
+    pub fn spend(owner: Oid, time: Duration) {
+        if LIMITED.get() {
+            SPENT.with(|s| *s.borrow_mut().entry(owner.to_u32()).or_default() += time);
+        }
+    }
+
+    pub fn spent_message() -> String {
+        format!(
+            "its owner's code used its {} ms of the delivery worker's pass: written back by the slow lane",
+            PER_OWNER.as_millis()
+        )
+    }
+
+    /// Was the statement canceled at the end of the owner's share (rather than failing)?
+    pub fn ran_out(error: &str, timeout: Duration) -> bool {
+        LIMITED.get()
+            && timeout < crate::delivery::settings::user_code_timeout()
+            && error.contains("statement timeout")
+    }
+
+    pub fn ran_out_message(timeout: Duration) -> String {
+        format!(
+            "the write-back ran longer than the {} ms left of its owner's share of the delivery worker's pass: written back by the slow lane",
+            timeout.as_millis()
+        )
+    }
 }
 
 /// `mark` on one table's rows in a subtransaction: one table's failure (an owner's trigger
@@ -108,12 +197,13 @@ fn mark_isolated(
     relid: Oid,
     rows: &[Version],
     mark: Mark,
+    timeout: std::time::Duration,
 ) -> Result<(), String> {
     if rows.is_empty() {
         return Ok(());
     }
     let outcome = crate::error::in_subtransaction(std::panic::AssertUnwindSafe(|| {
-        mark_table(client, relid, rows, mark)
+        mark_table(client, relid, rows, mark, timeout)
     }));
     match outcome {
         Ok(Ok(())) => Ok(()),
@@ -174,6 +264,49 @@ pub mod failing {
             .unwrap_or(1);
         schedule(relid, Some(attempts.max(1) as u32));
         warn(relid, error);
+        Ok(())
+    }
+
+    /// Does any table's write-back wait (failing, or left to the slow lane)?
+    pub fn waiting() -> SpiResult<bool> {
+        crate::error::transaction(|| {
+            Spi::get_one::<bool>("SELECT EXISTS (SELECT FROM certyo.write_back_failure)")
+                .map(|any| any.unwrap_or(false))
+        })
+    }
+
+    /// The tables whose write-back fails or waits for the slow lane now.
+    pub(super) fn tables(client: &pgrx::spi::SpiClient<'_>) -> SpiResult<Vec<Oid>> {
+        client
+            .select("SELECT relid FROM certyo.write_back_failure", None, &[])?
+            .map(|row| row.get::<Oid>(1).map(Option::unwrap_or_default))
+            .collect()
+    }
+
+    /// The delivery worker leaves these receipts to the slow lane (`super::super::slow_lane`),
+    /// in the transaction that records them: they wait (`written_back = false`) with the
+    /// table's earlier ones, and the table is (still) listed in `certyo.write_back_failure`,
+    /// where the slow lane finds it. `reason` is why, if the table was not listed yet.
+    pub(super) fn defer(
+        client: &mut pgrx::spi::SpiClient<'_>,
+        relid: Oid,
+        ids: &[i64],
+        reason: Option<String>,
+    ) -> SpiResult<()> {
+        client.update(
+            "UPDATE certyo.receipt SET written_back = false WHERE id = ANY ($1) AND written_back",
+            None,
+            &[ids.to_vec().into()],
+        )?;
+        // Upserted even when listed: a retry that has just written back the table's waiting
+        // receipts deletes the row only if none waits, and this row lock orders the two.
+        client.update(
+            "INSERT INTO certyo.write_back_failure AS f (relid, error, since, attempts, last_attempt_at)
+             VALUES ($1, coalesce($2, 'waiting for the slow lane'), now(), 0, now())
+             ON CONFLICT (relid) DO UPDATE SET error = coalesce($2, f.error)",
+            None,
+            &[relid.into(), reason.into()],
+        )?;
         Ok(())
     }
 
@@ -280,13 +413,15 @@ pub mod failing {
                 .map(|(v, _)| v.clone())
                 .collect()
         };
-        let outcome = mark_isolated(client, relid, &with_status(None), Mark::Accepted)
+        let timeout = crate::delivery::settings::user_code_timeout();
+        let outcome = mark_isolated(client, relid, &with_status(None), Mark::Accepted, timeout)
             .and_then(|()| {
                 mark_isolated(
                     client,
                     relid,
                     &with_status(Some("anchored")),
                     Mark::Anchored,
+                    timeout,
                 )
             })
             .and_then(|()| {
@@ -295,6 +430,7 @@ pub mod failing {
                     relid,
                     &with_status(Some("mismatch")),
                     Mark::Mismatch,
+                    timeout,
                 )
             });
         if let Err(error) = outcome {
@@ -308,7 +444,10 @@ pub mod failing {
         )?;
         if (waiting.len() as i64) < RETRY_BATCH {
             client.update(
-                "DELETE FROM certyo.write_back_failure WHERE relid = $1",
+                // Not while receipts of the table wait that the delivery worker deferred
+                // after this retry read them: they are the next retry's.
+                "DELETE FROM certyo.write_back_failure WHERE relid = $1
+                    AND NOT EXISTS (SELECT FROM certyo.receipt r WHERE r.relid = $1 AND NOT r.written_back)",
                 None,
                 &[relid.into()],
             )?;
@@ -323,9 +462,8 @@ pub mod failing {
 
     /// What fails, for the worker's status (None: nothing).
     pub fn summary() -> SpiResult<Option<String>> {
-        if next_retry_in().is_none() {
-            return Ok(None);
-        }
+        // Read every pass: the slow lane, another process, retries and clears the failures.
+        // Tables that only wait for the slow lane (no attempt failed there) are not failing.
         crate::error::transaction(|| {
             Spi::get_one::<String>(
                 // At most five tables named, each error cut short: the text goes into the
@@ -335,7 +473,8 @@ pub mod failing {
                                           to_char(since, 'YYYY-MM-DD HH24:MI:SS')),
                                    '; ' ORDER BY relid) FILTER (WHERE n <= 5)
                        || CASE WHEN count(*) > 5 THEN format('; and %s more tables', count(*) - 5) ELSE '' END
-                   FROM (SELECT *, row_number() OVER (ORDER BY relid) AS n FROM certyo.write_back_failure) f",
+                   FROM (SELECT *, row_number() OVER (ORDER BY relid) AS n FROM certyo.write_back_failure
+                          WHERE attempts > 0) f",
             )
         })
     }
@@ -382,6 +521,7 @@ fn mark_table(
     relid: Oid,
     rows: &[Version],
     mark: Mark,
+    timeout: std::time::Duration,
 ) -> Result<(), pgrx::spi::Error> {
     // Locked first: the name looked up below then means this table until the write-back
     // commits (see `rights::lock_table`).
@@ -427,7 +567,6 @@ fn mark_table(
     );
     let mut args: Vec<DatumWithOid> = parts.into_iter().map(Into::into).collect();
     args.push(hashes.into());
-    let timeout = crate::delivery::settings::user_code_timeout();
     crate::rights::writing_back_as(relid, key.owner, key.user_code, timeout, || {
         super::prepared::update(client, &sql, &args)
     })?;

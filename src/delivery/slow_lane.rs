@@ -1,0 +1,191 @@
+//! The slow lane: a second background worker of a database, for the work that runs owners'
+//! code for as long as `certyo.user_code_timeout` allows, so that it never holds up delivery.
+//!
+//! The delivery worker sends nothing while a statement of its own runs. So it runs owners'
+//! code only within each owner's share of a pass (`write_back::budget`): a table whose
+//! write-back fails, or would take longer, waits in `certyo.write_back_failure`, and backfill
+//! chunks (an owner's condition, row locks) are never its work. The slow lane does both, with
+//! back-off, one statement at a time: one owner's slow triggers or conditions delay that
+//! owner's tables (and the slow lane's other work), never another owner's delivery.
+//!
+//! The delivery worker starts the lane when there is such work (it is a dynamic background
+//! worker, like the delivery worker itself, and takes one of `max_worker_processes` while it
+//! runs); the lane ends after a while with nothing to do, when the delivery worker ends or
+//! the extension is dropped. Should no slot be free, the delivery worker does the work itself,
+//! as before there was a lane.
+
+use super::settings;
+use super::store;
+use super::write_back;
+use pgrx::bgworkers::{
+    BackgroundWorker, BackgroundWorkerBuilder, DynamicBackgroundWorker, SignalWakeFlags,
+};
+use pgrx::pg_sys;
+use std::time::{Duration, Instant};
+
+/// How long the lane stays with nothing to do before it ends.
+const IDLE_FOR: Duration = Duration::from_secs(30);
+/// After no slot was free, how long before the delivery worker tries to start a lane again.
+const NO_SLOT_FOR: Duration = Duration::from_secs(10);
+/// The lane's `backend_type`, as `pg_stat_activity` shows it.
+const BACKEND_TYPE: &str = "certyo_cdc slow lane";
+
+/// The delivery worker's handle on its lane.
+#[derive(Default)]
+pub struct SlowLane {
+    worker: Option<DynamicBackgroundWorker>,
+    no_slot_until: Option<Instant>,
+}
+
+impl SlowLane {
+    /// A lane runs (or is starting) for `database`: true. False when none could be started,
+    /// and the caller does the slow work itself.
+    pub fn ensure(&mut self, database: pg_sys::Oid) -> bool {
+        if self
+            .worker
+            .as_ref()
+            .is_some_and(|worker| worker.pid().is_ok())
+        {
+            return true;
+        }
+        self.worker = None;
+        if self
+            .no_slot_until
+            .is_some_and(|until| Instant::now() < until)
+        {
+            return false;
+        }
+        let started = BackgroundWorkerBuilder::new("certyo_cdc slow lane")
+            .set_type(BACKEND_TYPE)
+            .set_library("certyo_cdc")
+            .set_function("certyo_slow_lane_main")
+            .enable_spi_access()
+            .set_argument(Some(pg_sys::Datum::from(database.to_u32())))
+            // SAFETY: a plain read of a Postgres global: the postmaster tells this worker when
+            // the lane starts and ends (for `stop`).
+            .set_notify_pid(unsafe { pg_sys::MyProcPid })
+            .set_restart_time(None)
+            .load_dynamic();
+        match started {
+            Ok(worker) => {
+                // Not waited for: it finds its work in the tables.
+                self.worker = Some(worker);
+                true
+            }
+            Err(_) => {
+                pgrx::log!("certyo_cdc: no background worker slot is free for the slow lane (max_worker_processes): the delivery worker does its work itself meanwhile");
+                self.no_slot_until = Some(Instant::now() + NO_SLOT_FOR);
+                false
+            }
+        }
+    }
+
+    /// End the lane, and wait until it has ended (the delivery worker is ending).
+    pub fn stop(&mut self) {
+        if let Some(worker) = self.worker.take() {
+            if worker.pid().is_ok() {
+                // Err: it had ended already.
+                let _ended = worker.terminate().wait_for_shutdown().is_ok();
+            }
+        }
+    }
+}
+
+/// Entry point, named in the lane's registration; its argument is the database's OID.
+#[pgrx::pg_guard]
+#[unsafe(no_mangle)]
+pub extern "C-unwind" fn certyo_slow_lane_main(arg: pg_sys::Datum) {
+    BackgroundWorker::attach_signal_handlers(SignalWakeFlags::SIGHUP | SignalWakeFlags::SIGTERM);
+    let database = pg_sys::Oid::from(arg.value() as u32);
+    if crate::wake::is_dropped(database) {
+        return;
+    }
+    BackgroundWorker::connect_worker_to_spi_by_oid(Some(database), None);
+    if !super::worker::prepare_session(database) || another_lane_runs() {
+        return;
+    }
+    let mut idle_since = Instant::now();
+    loop {
+        if super::stopping() || !crate::wake::served().contains(&database) {
+            return; // the delivery worker ended: so does its lane
+        }
+        if BackgroundWorker::sighup_received() {
+            // SAFETY: the lane's main loop, outside any transaction.
+            unsafe { pg_sys::ProcessConfigFile(pg_sys::GucContext::PGC_SIGHUP) };
+        }
+        let worked = crate::error::guarded(|| lane_pass().map_err(|e| e.to_string()));
+        // Advisory locks taken by owners' code end with the pass (see `worker.rs`).
+        // SAFETY: the lane's main thread, outside any transaction.
+        unsafe { pg_sys::LockReleaseSession(pg_sys::USER_LOCKMETHOD as pg_sys::LOCKMETHODID) };
+        // SAFETY: the lane's main thread, outside any transaction.
+        unsafe { pg_sys::pgstat_report_stat(false) };
+        match worked {
+            Ok(Some(Work::More)) => {
+                idle_since = Instant::now();
+                continue;
+            }
+            Ok(Some(Work::Waiting)) => idle_since = Instant::now(),
+            Ok(Some(Work::None)) => {
+                if idle_since.elapsed() >= IDLE_FOR {
+                    return;
+                }
+            }
+            Ok(None) => return, // DROP EXTENSION
+            Err(e) => pgrx::warning!("certyo_cdc: slow lane pass failed, retrying: {e}"),
+        }
+        let mut wait = settings::current().poll_interval;
+        if let Some(retry) = write_back::failing::next_retry_in() {
+            wait = wait.min(retry);
+        }
+        if let Some(retry) = crate::backfill::locked::next_attempt_in() {
+            wait = wait.min(retry);
+        }
+        if !BackgroundWorker::wait_latch(Some(wait.max(Duration::from_millis(10)))) {
+            return; // postmaster death
+        }
+    }
+}
+
+enum Work {
+    /// More may be ready at once.
+    More,
+    /// Work waits for its time (back-off).
+    Waiting,
+    /// Nothing to do.
+    None,
+}
+
+/// One pass of the lane: a backfill chunk, then the write-backs whose retry is due. None once
+/// the extension is gone from the database.
+fn lane_pass() -> Result<Option<Work>, pgrx::spi::Error> {
+    let Some(control) = store::control()? else {
+        return Ok(None);
+    };
+    let settings = settings::current();
+    let more = control.backfill_open && crate::backfill::step(settings.backfill_chunk_size)?;
+    write_back::failing::retry_due()?;
+    let waiting = write_back::failing::next_retry_in().is_some()
+        || crate::backfill::locked::next_attempt_in().is_some();
+    Ok(Some(if more {
+        Work::More
+    } else if waiting {
+        Work::Waiting
+    } else {
+        Work::None
+    }))
+}
+
+/// Another lane serves this database already (one left by a delivery worker that crashed).
+fn another_lane_runs() -> bool {
+    crate::error::transaction(|| {
+        pgrx::Spi::get_one_with_args::<bool>(
+            "SELECT EXISTS (SELECT FROM pg_catalog.pg_stat_activity
+                             WHERE backend_type = $1 AND datname = pg_catalog.current_database()
+                               AND pid <> pg_catalog.pg_backend_pid())",
+            &[BACKEND_TYPE.into()],
+        )
+    })
+    .ok()
+    .flatten()
+    .unwrap_or(false)
+}
