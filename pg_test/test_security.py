@@ -1059,6 +1059,7 @@ KEY_STATEMENTS = {
     "set-config-named-arguments": "SELECT set_config(new_value => '{k}', setting_name => 'certyo.api_key', is_local => false);",
     "set-config-unquoted-value": "SELECT set_config('certyo.api_key', {k}, false);",
     "set-config-bound-parameter": "SELECT set_config('certyo.api_key', $1, false) \\bind '{k}' \\g",
+    "prepared-statement": "PREPARE set_key(text) AS SELECT set_config('certyo.api_key', $1, false);\nEXECUTE set_key('{k}');",
 }
 
 
@@ -1069,7 +1070,8 @@ def test_api_key_set_in_any_spelling_is_not_logged(cluster, case):
     error), spelled as the parser allows: spaces, quotes or a comment in the name, upper case,
     TO, a value unquoted, dollar- or E-quoted, a Unicode-escaped name, a syntax error after the
     value or an unterminated string, ALTER DATABASE / ROLE, SET, set_config() with the name in
-    any case, by named arguments, or with the key as a bound parameter. The log says that a
+    any case, by named arguments, with the key as a bound parameter or as the argument of a
+    prepared statement's EXECUTE. The log says that a
     statement ran, never the key (nor any part of it as long as its random half)."""
     secret = uuid.uuid4().hex
     key = f"leak_check_{secret}"  # a valid identifier too, for the unquoted value

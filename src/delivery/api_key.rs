@@ -191,7 +191,9 @@ unsafe fn redact(edata: &mut pg_sys::ErrorData, keys: &[String]) {
             unsafe { CStr::from_ptr(text) }.to_bytes()
         }
     };
-    let statement = text_of(pg_sys::debug_query_string);
+    // SAFETY: debug_query_string is set by the process's main thread, which runs this hook; it
+    // is NULL or the statement being run, alive until the next one.
+    let statement = text_of(unsafe { pg_sys::debug_query_string });
     let internal = text_of(edata.internalquery);
     let suspected = suspect(statement) || fields.iter().any(|field| suspect(text_of(*field)));
     let mut values = Vec::new();
