@@ -129,9 +129,9 @@ fn known_keys() -> Vec<String> {
 /// for every error text stored where `certyo.worker_status()`, `certyo.status` or
 /// `certyo.history()` show it, and every message logged.
 pub fn masked(text: &str) -> String {
-    known_keys()
-        .iter()
-        .fold(text.to_string(), |text, key| certyo::mask_secret(&text, key))
+    known_keys().iter().fold(text.to_string(), |text, key| {
+        certyo::mask_secret(&text, key)
+    })
 }
 
 static mut PREVIOUS_HOOK: pg_sys::emit_log_hook_type = None;
@@ -205,7 +205,8 @@ unsafe fn redact(edata: &mut pg_sys::ErrorData, keys: &[String]) {
     for field in fields.into_iter().filter(|field| !field.is_null()) {
         // SAFETY: each field is a NUL-terminated string palloc'd for this ErrorData, not
         // shared with another field, and edited in place without growing.
-        let text = unsafe { std::slice::from_raw_parts_mut(field.cast::<u8>(), libc::strlen(field)) };
+        let text =
+            unsafe { std::slice::from_raw_parts_mut(field.cast::<u8>(), libc::strlen(field)) };
         redact_text(text, keys, suspected.then_some(values.as_slice()));
     }
 }
@@ -222,7 +223,7 @@ fn redact_text(text: &mut [u8], keys: &[String], values: Option<&[Vec<u8>]>) {
         let (end, whole) = cut.map_or((text.len(), true), |(start, _)| (start, false));
         mask_literals(&mut text[..end], whole);
         for value in values {
-            certyo::mask_secret_in_place(&mut text[..end], &String::from_utf8_lossy(value));
+            mask_bytes(&mut text[..end], value);
         }
     }
     if let Some((_, cut)) = cut {
@@ -231,6 +232,20 @@ fn redact_text(text: &mut [u8], keys: &[String], values: Option<&[Vec<u8>]>) {
         text[cut..cut + written].copy_from_slice(&marker[..written]);
         if cut + written < text.len() {
             text[cut + written] = 0;
+        }
+    }
+}
+
+/// Overwrite every copy of `value` in `text` with `*`: bytes, not UTF-8, since the statement
+/// and the messages are in the server's encoding.
+fn mask_bytes(text: &mut [u8], value: &[u8]) {
+    let mut at = 0;
+    while !value.is_empty() && at + value.len() <= text.len() {
+        if &text[at..at + value.len()] == value {
+            text[at..at + value.len()].fill(b'*');
+            at += value.len();
+        } else {
+            at += 1;
         }
     }
 }
@@ -418,7 +433,11 @@ fn suspect(text: &[u8]) -> bool {
 fn assignment(text: &[u8]) -> Option<(usize, usize)> {
     mentions(text).find_map(|(start, end)| {
         // Past the quote that closes a quoted name, if one does.
-        let rest = end + text[end..].iter().take_while(|b| matches!(b, b'"' | b'\'')).count();
+        let rest = end
+            + text[end..]
+                .iter()
+                .take_while(|b| matches!(b, b'"' | b'\''))
+                .count();
         let mut after = Significant::new(&text[rest..]);
         let (first, at) = after.next()?;
         let second = after.next().map(|(b, _)| b);
@@ -465,7 +484,11 @@ fn mask_literals(text: &mut [u8], unterminated: bool) {
         if closed || unterminated {
             text[start..end].fill(b'*');
         }
-        at = if closed { end + close.len() } else { end.max(at + 1) };
+        at = if closed {
+            end + close.len()
+        } else {
+            end.max(at + 1)
+        };
     }
 }
 
@@ -490,8 +513,9 @@ fn values_in(statement: &[u8]) -> Vec<Vec<u8>> {
             at += 1;
         }
     }
-    let separator =
-        |b: &u8| b.is_ascii_whitespace() || matches!(b, b'\'' | b'"' | b',' | b'(' | b')' | b';' | b'=');
+    let separator = |b: &u8| {
+        b.is_ascii_whitespace() || matches!(b, b'\'' | b'"' | b',' | b'(' | b')' | b';' | b'=')
+    };
     values.extend(statement[end..].split(separator).map(<[u8]>::to_vec));
     values.retain(|v| {
         v.len() >= certyo::MIN_SECRET_LEN && mentions(v).next().is_none() && !is_keyword(v)
@@ -505,14 +529,69 @@ fn values_in(statement: &[u8]) -> Vec<Vec<u8>> {
 /// Words of the statements that set a setting: masking them would garble messages and hide
 /// no value.
 fn is_keyword(word: &[u8]) -> bool {
-    [&b"false"[..], b"true", b"local", b"session", b"default", b"from", b"current"]
-        .iter()
-        .any(|k| word.eq_ignore_ascii_case(k))
+    [
+        &b"false"[..],
+        b"true",
+        b"local",
+        b"session",
+        b"default",
+        b"from",
+        b"current",
+    ]
+    .iter()
+    .any(|k| word.eq_ignore_ascii_case(k))
 }
 
 #[cfg(test)]
 mod tests {
-    use super::{assignment, redact_text, suspect, values_in};
+    use super::{assignment, read, redact_text, suspect, values_in};
+    use std::os::unix::fs::PermissionsExt;
+
+    /// A path of its own in the temporary directory.
+    fn scratch(name: &str) -> std::path::PathBuf {
+        let dir =
+            std::env::temp_dir().join(format!("certyo-api-key-{}-{name}", std::process::id()));
+        let _absent = std::fs::remove_dir_all(&dir); // left by an earlier run, or not there
+        std::fs::create_dir(&dir).expect("a scratch directory");
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700)).expect("chmod 700");
+        dir
+    }
+
+    #[test]
+    fn the_key_file_must_be_a_regular_file_of_a_key() {
+        let dir = scratch("files");
+        let good = dir.join("key");
+        std::fs::write(&good, "  k-123456\n").expect("write");
+        std::fs::set_permissions(&good, std::fs::Permissions::from_mode(0o600)).expect("chmod");
+        assert_eq!(
+            read(good.to_str().expect("utf-8")),
+            Ok("k-123456".to_string())
+        );
+
+        let fifo = dir.join("fifo");
+        let name = std::ffi::CString::new(fifo.to_str().expect("utf-8")).expect("no NUL");
+        // SAFETY: a NUL-terminated path; mkfifo only creates the file.
+        assert_eq!(unsafe { libc::mkfifo(name.as_ptr(), 0o600) }, 0, "mkfifo");
+        // Returns at once (open or read would wait for a writer forever), saying why.
+        let (tell, answer) = std::sync::mpsc::channel();
+        let path = fifo.to_str().expect("utf-8").to_string();
+        std::thread::spawn(move || tell.send(read(&path)));
+        let refused = answer
+            .recv_timeout(std::time::Duration::from_secs(10))
+            .expect("read() returns on a FIFO")
+            .expect_err("a FIFO is refused");
+        assert!(refused.contains("is not a regular file"), "{refused}");
+
+        let refused = read(dir.to_str().expect("utf-8")).expect_err("a directory is refused");
+        assert!(refused.contains("is not a regular file"), "{refused}");
+
+        let large = dir.join("large");
+        std::fs::write(&large, vec![b'k'; 70 * 1024]).expect("write");
+        std::fs::set_permissions(&large, std::fs::Permissions::from_mode(0o600)).expect("chmod");
+        let refused = read(large.to_str().expect("utf-8")).expect_err("a large file is refused");
+        assert!(refused.contains("larger than"), "{refused}");
+        std::fs::remove_dir_all(&dir).expect("clean up");
+    }
 
     /// What the log hook makes of `message`, logged while `statement` runs, in a process that
     /// knows `key`.
@@ -531,7 +610,11 @@ mod tests {
 
     /// What the log hook makes of `statement: ...` for a statement with the secret in it.
     fn statement_logged(statement: &str) -> String {
-        logged(&format!("statement: {statement}"), statement, "unrelated-key")
+        logged(
+            &format!("statement: {statement}"),
+            statement,
+            "unrelated-key",
+        )
     }
 
     const SECRET: &str = "sk_live_0123456789";
@@ -548,7 +631,11 @@ mod tests {
         );
         // From a process that does not know the new key yet.
         assert_eq!(
-            logged(r#"parameter "certyo.api_key" changed to "new-one-456""#, "", "old-one"),
+            logged(
+                r#"parameter "certyo.api_key" changed to "new-one-456""#,
+                "",
+                "old-one"
+            ),
             r#"parameter "certyo.api_key" changed [redacted]"#
         );
     }
@@ -575,6 +662,7 @@ mod tests {
             "ALTER ROLE postgres IN DATABASE postgres SET certyo.api_key TO '{}'",
             "SET certyo.api_key = '{}'",
             "SET SESSION \"certyo\".api_key TO '{}'",
+            "SET \"certyo.api_key\" TO '{}'",
             "SELECT set_config('certyo.api_key', '{}', false)",
             "SELECT set_config('CERTYO.API_KEY', '{}', false)",
             "SELECT set_config(new_value => '{}', setting_name => 'certyo.api_key', is_local => false)",
@@ -619,7 +707,11 @@ mod tests {
             assert!(!out.contains(SECRET), "{out}");
         }
         let statement = format!("SELECT set_config('certyo.api_key', {SECRET}, false)");
-        let out = logged(&format!("column \"{SECRET}\" does not exist"), &statement, "other");
+        let out = logged(
+            &format!("column \"{SECRET}\" does not exist"),
+            &statement,
+            "other",
+        );
         assert!(!out.contains(SECRET), "{out}");
         // The parameters of a statement bound by the extended protocol.
         let statement = "SELECT set_config('certyo.api_key', $1, false)";
@@ -634,9 +726,15 @@ mod tests {
         assert_eq!(logged(message, "", "unrelated-key"), message);
         let statement = "ALTER SYSTEM SET certyo.api_key_file = '/etc/certyo/key'";
         assert!(!suspect(statement.as_bytes()));
-        assert_eq!(statement_logged(statement), format!("statement: {statement}"));
+        assert_eq!(
+            statement_logged(statement),
+            format!("statement: {statement}")
+        );
         let statement = "SELECT certyo.track('shop.orders')";
-        assert_eq!(statement_logged(statement), format!("statement: {statement}"));
+        assert_eq!(
+            statement_logged(statement),
+            format!("statement: {statement}")
+        );
         let ours =
             "Certyo refused the API key: fix certyo.api_key_file (or certyo.api_key) and reload";
         assert_eq!(logged(ours, "", "unrelated-key"), ours);
