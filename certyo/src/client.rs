@@ -78,7 +78,17 @@ impl Client {
 
     /// Send records one request each. `pause` sleeps between 429 retries and returns false when
     /// the caller must stop (shutdown): the remaining records are then transient failures.
+    /// Every text of the outcomes has the API key masked (see [`crate::mask_secret`]), as do
+    /// those of [`Client::send_bulk`] and [`Client::verify`]: they are stored and logged.
     pub fn send_each(
+        &self,
+        records: &[Record],
+        pause: &mut dyn FnMut(Duration) -> bool,
+    ) -> Vec<Outcome> {
+        self.masked(self.send_each_unmasked(records, pause))
+    }
+
+    fn send_each_unmasked(
         &self,
         records: &[Record],
         pause: &mut dyn FnMut(Duration) -> bool,
@@ -111,7 +121,8 @@ impl Client {
         records: &[Record],
         pause: &mut dyn FnMut(Duration) -> bool,
     ) -> Vec<Outcome> {
-        match self.post("/api/v1/records/bulk", &Bulk { tenant_id, records }, pause) {
+        let outcomes = match self.post("/api/v1/records/bulk", &Bulk { tenant_id, records }, pause)
+        {
             Exchange::Failed(outcome) => vec![outcome; records.len()],
             Exchange::Ok(body) => match serde_json::from_value::<Vec<Receipt>>(body) {
                 Ok(receipts) => match_receipts(records, receipts),
@@ -119,12 +130,29 @@ impl Client {
                     vec![Outcome::Transient(format!("unreadable bulk answer: {e}")); records.len()]
                 }
             },
-        }
+        };
+        self.masked(outcomes)
+    }
+
+    fn masked(&self, outcomes: Vec<Outcome>) -> Vec<Outcome> {
+        outcomes
+            .into_iter()
+            .map(|outcome| outcome.masked(&self.config.api_key))
+            .collect()
     }
 
     /// Ask whether one accepted version is anchored. A hash Certyo reports differently from
     /// ours is a mismatch whatever else the answer says.
     pub fn verify(
+        &self,
+        request: &VerifyRequest,
+        pause: &mut dyn FnMut(Duration) -> bool,
+    ) -> Verification {
+        self.verify_unmasked(request, pause)
+            .masked(&self.config.api_key)
+    }
+
+    fn verify_unmasked(
         &self,
         request: &VerifyRequest,
         pause: &mut dyn FnMut(Duration) -> bool,
@@ -492,5 +520,30 @@ mod tests {
                 .all(|o| matches!(o, Outcome::Refused { status: 401, .. })),
             "{outcomes:?}"
         );
+    }
+
+    #[test]
+    fn an_answer_that_echoes_the_api_key_is_kept_without_it() {
+        let (emulator, client) = setup(5000);
+        for status in [401, 400] {
+            for bulk in [false, true] {
+                emulator.inject(Fault::EchoKey { status }, 1);
+                let records = [record("1"), record("2")];
+                let outcomes = if bulk {
+                    client.send_bulk("acme", &records, &mut no_wait())
+                } else {
+                    client.send_each(&records, &mut no_wait())
+                };
+                let body = match &outcomes[0] {
+                    Outcome::Refused { body, .. } | Outcome::Rejected { body, .. } => body,
+                    other => panic!("{status}: {other:?}"),
+                };
+                assert!(body.contains("X-API-Key ********"), "{body}");
+                assert!(
+                    !format!("{outcomes:?}").contains("test-key"),
+                    "{outcomes:?}"
+                );
+            }
+        }
     }
 }

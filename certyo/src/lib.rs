@@ -12,8 +12,10 @@ pub mod batch;
 mod client;
 pub mod outage;
 pub mod retry;
+mod secret;
 
 pub use client::{Client, ClientConfig};
+pub use secret::{mask_secret, mask_secret_in_place, MIN_SECRET_LEN};
 use serde::{Deserialize, Serialize};
 
 /// What happened to a record: Certyo's `operationType`. One name in the extension, the relay
@@ -74,6 +76,17 @@ pub struct Receipt {
     pub idempotency_replayed: bool,
 }
 
+impl Receipt {
+    fn masked(self, secret: &str) -> Receipt {
+        Receipt {
+            record_id: mask_secret(&self.record_id, secret),
+            record_hash: mask_secret(&self.record_hash, secret),
+            accepted_at: self.accepted_at.map(|at| mask_secret(&at, secret)),
+            idempotency_replayed: self.idempotency_replayed,
+        }
+    }
+}
+
 /// What became of one record sent.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Outcome {
@@ -101,6 +114,27 @@ pub enum Outcome {
 }
 
 impl Outcome {
+    /// Every text of the outcome with `secret` masked (see [`mask_secret`]): what Certyo
+    /// answered may echo the API key it was sent, in an error body or anywhere else.
+    pub fn masked(self, secret: &str) -> Outcome {
+        let mask = |text: String| mask_secret(&text, secret);
+        match self {
+            Outcome::Accepted(receipt) => Outcome::Accepted(receipt.masked(secret)),
+            Outcome::Transient(text) => Outcome::Transient(mask(text)),
+            Outcome::Rejected { status, body } => Outcome::Rejected {
+                status,
+                body: mask(body),
+            },
+            Outcome::Refused { status, body } => Outcome::Refused {
+                status,
+                body: mask(body),
+            },
+            Outcome::Conflict { receipt } => Outcome::Conflict {
+                receipt: receipt.masked(secret),
+            },
+        }
+    }
+
     /// What Certyo answered for `record`: its receipt, or a conflict or a transient failure
     /// when the answer names another record.
     pub fn of_receipt(record: &Record, receipt: Receipt) -> Outcome {
@@ -151,6 +185,22 @@ pub enum Verification {
     Mismatch { reported_hash: String },
     /// The request itself failed, as for ingestion (transient, rejected, unauthorized).
     Failed(Outcome),
+}
+
+impl Verification {
+    /// Every text of the answer with `secret` masked, as [`Outcome::masked`].
+    pub fn masked(self, secret: &str) -> Verification {
+        match self {
+            Verification::Anchored { polygon_tx_hash } => Verification::Anchored {
+                polygon_tx_hash: polygon_tx_hash.map(|hash| mask_secret(&hash, secret)),
+            },
+            Verification::Mismatch { reported_hash } => Verification::Mismatch {
+                reported_hash: mask_secret(&reported_hash, secret),
+            },
+            Verification::Failed(outcome) => Verification::Failed(outcome.masked(secret)),
+            other @ (Verification::NotYet | Verification::Unknown) => other,
+        }
+    }
 }
 
 /// SHA-256 of the payload text as sent, in hex: what the receipt keeps and

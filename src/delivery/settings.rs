@@ -44,8 +44,8 @@ pub fn define(preloading: bool) {
     );
     GucRegistry::define_string_guc(
         c"certyo.api_key",
-        c"Certyo API key (X-API-Key), when certyo.api_key_file is not set. Visible to superusers only.",
-        c"Prefer certyo.api_key_file. This one is hidden from pg_settings and SHOW ALL, and removed from log messages.",
+        c"Certyo API key (X-API-Key), when certyo.api_key_file is not set. Readable by superusers and members of pg_read_all_settings.",
+        c"Prefer certyo.api_key_file. This one is hidden from pg_settings and SHOW ALL, and masked in log messages and stored errors.",
         &API_KEY,
         GucContext::Sighup,
         GucFlags::SUPERUSER_ONLY | GucFlags::NO_SHOW_ALL,

@@ -1,6 +1,7 @@
 //! Everything the worker reads and writes in Postgres. Each function is one short transaction;
 //! none is open while HTTP is in flight.
 
+use super::api_key::masked;
 use super::backlog::{self, Backlog};
 use super::prepared;
 use super::write_back::{self, Mark, Version};
@@ -632,22 +633,23 @@ pub fn record(
             Outcome::Transient(error) => {
                 transient.0.push(entry.id);
                 transient.1.push(retry_in(entry).as_millis() as i64);
-                transient.2.push(error.clone());
+                transient.2.push(masked(error));
                 tally.failed += 1;
             }
             Outcome::Conflict { receipt } => {
                 failed.0.push(entry.id);
                 failed.1.push(0); // not an HTTP status: decided here
-                failed
-                    .2
-                    .push(Outcome::conflict_message(receipt, &entry.idempotency_key));
+                failed.2.push(masked(&Outcome::conflict_message(
+                    receipt,
+                    &entry.idempotency_key,
+                )));
                 failed.3.push(true);
                 tally.failed += 1;
             }
             Outcome::Rejected { status, body } | Outcome::Refused { status, body } => {
                 failed.0.push(entry.id);
                 failed.1.push(i32::from(*status));
-                failed.2.push(body.clone());
+                failed.2.push(masked(body));
                 failed.3.push(matches!(outcome, Outcome::Rejected { .. }));
                 tally.failed += 1;
             }
@@ -817,11 +819,7 @@ pub fn next_due(verifying: bool) -> SpiResult<Option<Duration>> {
 
 /// Publish the worker's state for `certyo.worker_status()`.
 pub fn set_state(state: &str, detail: &str, error: Option<&str>, tally: Tally) -> SpiResult<()> {
-    let (state, detail, error) = (
-        state.to_string(),
-        detail.to_string(),
-        error.map(str::to_string),
-    );
+    let (state, detail, error) = (state.to_string(), masked(detail), error.map(masked));
     in_transaction(move || {
         Spi::connect_mut(|client| {
             prepared::update(

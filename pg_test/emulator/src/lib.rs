@@ -11,7 +11,8 @@
 //! Control plane (no API key): `POST /_emulator/faults {"fault": "429", "times": 3,
 //! "retryAfter": 1}` (faults: `429`, `500`, `outage` with `"seconds"` (every ingest request answered 503 for
 //! that long), `slow` with `"seconds"`, `drop` (no answer at all), `partial`,
-//! `reject` (422), `mismatch` (the next verification answers report another hash; with
+//! `reject` (422), `echo-key` with `"status"` (that status, 400 by default, with a body quoting
+//! the `X-API-Key` the request carried, as a careless API might), `mismatch` (the next verification answers report another hash; with
 //! `"collection"` and `"recordId"`, every answer about that record)), `GET /_emulator/stats`, `GET /_emulator/records`, `POST /_emulator/reset`.
 //!
 //! This file is the contract: a request in, a `Reply` out. `http` puts it on the wire.
@@ -66,6 +67,10 @@ pub enum Fault {
     },
     /// 422 for the whole request: the records become dead letters.
     Reject,
+    /// This status for the whole request, with a body that quotes the API key it carried.
+    EchoKey {
+        status: u16,
+    },
     /// 503 to every ingest request for `seconds` (the service is down).
     Outage {
         seconds: u64,
@@ -246,8 +251,8 @@ impl Contract {
             return Reply::json(401, json!({"error": "missing or wrong X-API-Key"}));
         }
         match (method, path) {
-            (&Method::POST, "/api/v1/records") => ingest(body, false, state),
-            (&Method::POST, "/api/v1/records/bulk") => ingest(body, true, state),
+            (&Method::POST, "/api/v1/records") => ingest(body, false, request.api_key, state),
+            (&Method::POST, "/api/v1/records/bulk") => ingest(body, true, request.api_key, state),
             (&Method::POST, "/api/v1/verify/record") => {
                 let (status, reply) = verify(body, state, self.anchor_delay);
                 Reply::json(status, reply)
@@ -260,7 +265,7 @@ impl Contract {
     }
 }
 
-fn ingest(body: &str, bulk: bool, state: &Mutex<State>) -> Reply {
+fn ingest(body: &str, bulk: bool, api_key: Option<&str>, state: &Mutex<State>) -> Reply {
     let (fault, number) = {
         let mut state = lock(state);
         state.stats.ingest_requests += 1;
@@ -296,6 +301,13 @@ fn ingest(body: &str, bulk: bool, state: &Mutex<State>) -> Reply {
         Some(Fault::Reject) => {
             lock(state).stats.rejected += 1;
             return Reply::json(422, json!({"error": "injected rejection"}));
+        }
+        Some(Fault::EchoKey { status }) => {
+            let key = api_key.unwrap_or_default();
+            return Reply::json(
+                status,
+                json!({"error": format!("request refused for X-API-Key {key}")}),
+            );
         }
         // No answer at all: the request is neither processed nor answered, and the client
         // gives up at its timeout.
@@ -596,9 +608,16 @@ fn parse_fault(body: &str) -> Result<(Fault, u32), String> {
             },
         },
         Some("reject") => Fault::Reject,
+        Some("echo-key") => Fault::EchoKey {
+            status: match v.get("status").map(Value::as_u64) {
+                None => 400,
+                Some(Some(status @ 400..=499)) => status as u16,
+                Some(_) => return Err("an echo-key fault's \"status\" is a 4xx status".into()),
+            },
+        },
         other => {
             return Err(format!(
-                "unknown fault {other:?}; use 429, 500, outage, slow, drop, partial, reject or mismatch"
+                "unknown fault {other:?}; use 429, 500, outage, slow, drop, partial, reject, echo-key or mismatch"
             ))
         }
     };
