@@ -57,3 +57,6 @@ python3 bench/relay.py 100000
 # The soak of make test, longer: memory, log and exactly-once over five minutes of faults.
 CERTYO_SOAK_SECONDS=${CERTYO_SOAK_SECONDS:-300} CERTYO_EMULATOR=target/release/certyo-emulator \
     python3 -m pytest -q -s -p no:cacheprovider pg_test/test_daemon.py -k soak
+
+# Fairness: another role's commit-to-accepted latency while one owner's triggers are slow.
+python3 bench/fairness.py

@@ -504,3 +504,35 @@ def test_a_partitioned_table_is_tracked_with_its_partitions_present_and_future(e
             cluster.sql("DROP TABLE IF EXISTS sub")
     finally:
         cluster.pg_ctl("-m", "immediate", "stop")
+
+
+def test_object_identifiers_render_the_same_under_every_search_path(emulator):
+    """regclass, regtype and regproc values rendered by the writer's search_path: "app.lookup"
+    under one, "lookup" under another, so the audit reported changes under every setting tried,
+    and a regclass record key's write-back failed forever. They are written schema-qualified
+    whatever the path, and a regclass key is written back."""
+    cluster = Cluster(PRIMARY_DIR, free_port(), emulator.url)
+    try:
+        cluster.sql("""
+            CREATE EXTENSION certyo_cdc;
+            CREATE SCHEMA app;
+            CREATE TABLE app.lookup (id int PRIMARY KEY);
+            CREATE TYPE app.mood AS ENUM ('ok');
+            CREATE FUNCTION app.f() RETURNS int LANGUAGE sql AS 'SELECT 1';
+            CREATE TABLE app.refs (rel regclass PRIMARY KEY, typ regtype, fn regproc);
+            SELECT certyo.track('app.refs');
+        """)
+        cluster.sql("SET search_path = app, public; "
+                    "INSERT INTO app.refs VALUES ('lookup', 'mood', 'f')")
+        cluster.sql("SET search_path = public; "
+                    "INSERT INTO app.refs VALUES ('app.refs', 'app.mood[]', 'app.f')")
+        assert wait_for(lambda: cluster.sql(
+            "SELECT count(*) FROM app.refs WHERE certyo_anchor_status = 'anchored'") == "2", 30), \
+            cluster.sql("SELECT error FROM certyo.write_back_failure")
+        records = {r["recordId"]: r["recordPayload"] for r in emulator.records() if r["collection"] == "app.refs"}
+        assert records["app.lookup"] == {"rel": "app.lookup", "typ": "app.mood", "fn": "app.f"}, records
+        assert records["app.refs"] == {"rel": "app.refs", "typ": "app.mood[]", "fn": "app.f"}, records
+        for path in ("app, public", "public", "pg_catalog"):
+            assert cluster.sql(f"SET search_path = {path}; SELECT count(*) FROM certyo.audit('app.refs')") == "0", path
+    finally:
+        cluster.stop()

@@ -46,10 +46,15 @@ pub enum ValuePlan {
     Interval,
     Array(Box<ArrayPlan>),
     /// The type's output function; `literal` for types whose output is valid JSON
-    /// (`numeric` except NaN/Infinity, `jsonb`).
+    /// (`numeric` except NaN/Infinity, `jsonb`); `qualified` for the object identifier types
+    /// (`regclass`, `regtype`, `regproc`, ...), whose output names an object relative to the
+    /// session's `search_path`: they are written with it pinned to `pg_catalog, pg_temp`, so
+    /// every object outside the catalog comes out schema-qualified (`app.lookup`, never
+    /// `lookup` under one path and `app.lookup` under another).
     Output {
         func: Box<pg_sys::FmgrInfo>,
         literal: bool,
+        qualified: bool,
     },
 }
 
@@ -85,6 +90,24 @@ impl ValuePlan {
             Ok(BuiltinOid::TIMESTAMPTZOID) => ValuePlan::Timestamptz,
             Ok(BuiltinOid::INTERVALOID) => ValuePlan::Interval,
             Ok(BuiltinOid::NUMERICOID | BuiltinOid::JSONBOID) => output_plan(base, true),
+            Ok(
+                BuiltinOid::REGCLASSOID
+                | BuiltinOid::REGTYPEOID
+                | BuiltinOid::REGPROCOID
+                | BuiltinOid::REGPROCEDUREOID
+                | BuiltinOid::REGOPEROID
+                | BuiltinOid::REGOPERATOROID
+                | BuiltinOid::REGCONFIGOID
+                | BuiltinOid::REGDICTIONARYOID
+                | BuiltinOid::REGCOLLATIONOID,
+            ) => match output_plan(base, false) {
+                ValuePlan::Output { func, literal, .. } => ValuePlan::Output {
+                    func,
+                    literal,
+                    qualified: true,
+                },
+                other => other,
+            },
             _ => match array_plan(base) {
                 Some(array) => ValuePlan::Array(Box::new(array)),
                 None => output_plan(base, false),
@@ -157,9 +180,18 @@ impl ValuePlan {
                 write_interval(out, interval.month, interval.day, interval.time);
                 Shape::Text
             }
-            ValuePlan::Output { func, literal } => {
+            ValuePlan::Output {
+                func,
+                literal,
+                qualified,
+            } => {
                 let pinned = PinnedOutputSettings::pin();
-                let text = pg_sys::OutputFunctionCall(&**func as *const _ as *mut _, datum);
+                let call = || pg_sys::OutputFunctionCall(&**func as *const _ as *mut _, datum);
+                let text = if *qualified {
+                    crate::rights::with_pinned_search_path(call)
+                } else {
+                    call()
+                };
                 drop(pinned);
                 let bytes = CStr::from_ptr(text).to_bytes();
                 out.extend_from_slice(bytes);
@@ -324,7 +356,11 @@ unsafe fn output_plan(typid: Oid, literal: bool) -> ValuePlan {
     // CacheMemoryContext rather than the per-row context.
     let mut func: Box<pg_sys::FmgrInfo> = Box::new(std::mem::zeroed());
     pg_sys::fmgr_info_cxt(func_oid, &mut *func, pg_sys::CacheMemoryContext);
-    ValuePlan::Output { func, literal }
+    ValuePlan::Output {
+        func,
+        literal,
+        qualified: false,
+    }
 }
 
 unsafe fn array_plan(typid: Oid) -> Option<ArrayPlan> {

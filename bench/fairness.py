@@ -1,0 +1,104 @@
+#!/usr/bin/env python3
+"""Fairness between owners: another role's commit-to-accepted latency while one owner's ten
+tracked tables have ENABLE ALWAYS triggers that take 4.5 s in every write-back (each under
+certyo.user_code_timeout, 5 s). Target: p99 at most 2 s.
+
+Rounds alternate, on one cluster and one emulator: the bystander alone (baseline), then with
+the attacker's tables busy, three times each. In a round the bystander commits one row every
+100 ms for 20 s; the attacker's tables get a change each every second, so their write-backs
+never stop. Prints p50/p99/max per round and the medians, and the ratio against the baseline.
+
+Usage: CERTYO_EMULATOR=target/release/certyo-emulator python3 bench/fairness.py
+"""
+import os
+import statistics
+import sys
+import threading
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "pg_test"))
+from harness import Cluster, Emulator, free_port, wait_for  # noqa: E402
+
+ROUNDS, SECONDS, TABLES, SLEEP = 3, 20, 10, 4.5
+
+
+def percentile(values, p):
+    values = sorted(values)
+    return values[min(len(values) - 1, int(round(p / 100 * (len(values) - 1))))]
+
+
+def run_round(cluster, table, first_id, attack):
+    stop = threading.Event()
+
+    def keep_attacker_busy():
+        n = 1_000_000 * first_id
+        while not stop.is_set():
+            n += 1
+            cluster.sql("; ".join(f"INSERT INTO attacker.slow{i} (id) VALUES ({n})" for i in range(TABLES)))
+            stop.wait(1)
+
+    attacker = threading.Thread(target=keep_attacker_busy) if attack else None
+    if attacker:
+        attacker.start()
+    ids = []
+    deadline = time.time() + SECONDS
+    n = first_id
+    while time.time() < deadline:
+        cluster.sql(f"INSERT INTO {table} (id) VALUES ({n})")
+        ids.append(n)
+        n += 1
+        time.sleep(0.1)
+    stop.set()
+    if attacker:
+        attacker.join()
+    done = f"SELECT count(*) FROM certyo.receipt WHERE relid = '{table}'::regclass AND record_id::int >= {first_id}"
+    wait_for(lambda: cluster.sql(done) == str(len(ids)), 120)
+    out = cluster.sql(f"SELECT extract(epoch FROM accepted_at - queued_at) FROM certyo.receipt "
+                      f"WHERE relid = '{table}'::regclass AND record_id::int >= {first_id}")
+    return [float(x) for x in out.splitlines() if x]
+
+
+def main():
+    emulator = Emulator(os.environ.get("CERTYO_EMULATOR", "target/release/certyo-emulator"))
+    cluster = Cluster("/tmp/certyo-bench-fairness", free_port(), emulator.url)
+    try:
+        cluster.sql("CREATE EXTENSION certyo_cdc; CREATE SCHEMA attacker; CREATE TABLE bystander (id int PRIMARY KEY);"
+                    "SELECT certyo.track('bystander')")
+        cluster.sql(f"""
+            CREATE FUNCTION attacker.slow() RETURNS trigger LANGUAGE plpgsql AS $$
+            BEGIN
+                IF NEW.certyo_record_hash IS DISTINCT FROM OLD.certyo_record_hash THEN
+                    PERFORM pg_catalog.pg_sleep({SLEEP});
+                END IF;
+                RETURN NEW;
+            END $$;""")
+        for i in range(TABLES):
+            cluster.sql(f"CREATE TABLE attacker.slow{i} (id int PRIMARY KEY); SELECT certyo.track('attacker.slow{i}');"
+                        f"CREATE TRIGGER slow BEFORE UPDATE ON attacker.slow{i} FOR EACH ROW EXECUTE FUNCTION attacker.slow();"
+                        f"ALTER TABLE attacker.slow{i} ENABLE ALWAYS TRIGGER slow")
+        results = {False: [], True: []}
+        first_id = 1
+        for r in range(ROUNDS):
+            for attack in (False, True):
+                latencies = run_round(cluster, "bystander", first_id, attack)
+                first_id += 100_000
+                p50, p99 = percentile(latencies, 50), percentile(latencies, 99)
+                results[attack].append((p50, p99, max(latencies)))
+                print(f"round {r + 1}, {'10 slow tables' if attack else 'baseline      '}: "
+                      f"{len(latencies)} changes, p50 {p50:.3f} s, p99 {p99:.3f} s, max {max(latencies):.3f} s", flush=True)
+        for attack in (False, True):
+            med = [statistics.median(x[i] for x in results[attack]) for i in range(3)]
+            print(f"median of rounds, {'10 slow tables' if attack else 'baseline'}: p50 {med[0]:.3f} s, "
+                  f"p99 {med[1]:.3f} s, max {med[2]:.3f} s")
+        base = statistics.median(x[1] for x in results[False])
+        slow = statistics.median(x[1] for x in results[True])
+        print(f"p99 with the slow owner / baseline: {slow / base:.2f}x; target p99 <= 2 s: "
+              f"{'met' if slow <= 2 else 'missed'}")
+    finally:
+        cluster.stop()
+        emulator.stop()
+
+
+if __name__ == "__main__":
+    main()
