@@ -12,7 +12,7 @@ use super::{Anchoring, Change, Delivered, Fate, Operation, Result, SourceError, 
 use certyo::retry::next_attempt_delay;
 use mysql::prelude::Queryable;
 use mysql::{Conn, Opts, TxOpts};
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::time::{Duration, Instant};
 
 pub struct MySqlQueue {
@@ -324,10 +324,11 @@ impl MySqlQueue {
         let fail = |e: mysql::Error| SourceError(format!("{place}: {e}"));
         let mut tx = conn.start_transaction(TxOpts::default()).map_err(fail)?;
         let locked: Vec<String> = tx.exec(&lock, (all,)).map_err(fail)?;
+        let locked_set: HashSet<&str> = locked.iter().map(String::as_str).collect();
         let free: Vec<&str> = records
             .iter()
             .copied()
-            .filter(|r| !locked.iter().any(|l| l == r))
+            .filter(|r| !locked_set.contains(r))
             .collect();
         let busy: Vec<String> = if free.is_empty() {
             Vec::new()
@@ -357,9 +358,7 @@ impl MySqlQueue {
             .map_err(fail)?
         };
         let mut marks = Vec::new();
-        let mut settled = Vec::new();
-        for (record_id, newest_id, operation, status, hash, anchor, verified_at) in newest {
-            settled.push(serde_json::json!([record_id, newest_id]));
+        for (record_id, _newest_id, operation, status, hash, anchor, verified_at) in newest {
             if operation == "delete" {
                 continue; // the row is to go; nothing of it to mark
             }
@@ -381,46 +380,42 @@ impl MySqlQueue {
             marks.push(serde_json::Value::from(row));
         }
         // Rows neither locked nor seen are gone (deleted, or the record id is no row): there is
-        // nothing to mark.
-        let mut last_due: HashMap<&str, i64> = HashMap::new();
-        for (id, record_id) in rows {
-            let last = last_due.entry(record_id.as_str()).or_insert(*id);
-            *last = (*last).max(*id);
-        }
-        for record_id in &free {
-            if !busy.iter().any(|b| b == record_id) {
-                settled.push(serde_json::json!([record_id, last_due.get(record_id)]));
+        // nothing to mark. Every due change of the other records is settled: their rows now show
+        // their records' newest state. (A change of such a record still due and not in this
+        // round, backing off, is settled when it comes due: it writes the same state again.
+        // The clean-up keeps the newer changes of a record while an older one is due, so the
+        // newest change is always there to read.)
+        let busy_set: HashSet<&str> = busy.iter().map(String::as_str).collect();
+        let (busy_ids, settled): (Vec<i64>, Vec<i64>) = {
+            let mut busy_ids = Vec::new();
+            let mut settled = Vec::new();
+            for (id, record_id) in rows {
+                if busy_set.contains(record_id.as_str()) {
+                    busy_ids.push(*id);
+                } else {
+                    settled.push(*id);
+                }
             }
-        }
+            (busy_ids, settled)
+        };
         let marked = marks.len();
         if !marks.is_empty() && (table.hash || table.status || table.verified_at) {
             let mark = mark_statement(schema, name, &table);
             tx.exec_drop(mark, (serde_json::Value::from(marks).to_string(),))
                 .map_err(fail)?;
         }
-        let settled_count = settled.len();
+        let settled_count = records.len() - busy.len();
         tracing::debug!(
             source = %place, collection, locked = locked.len(), busy = busy.len(), marked,
             settled = settled_count, "write-back"
         );
-        let done: Vec<i64> = tx
-            .exec(
-                WRITE_BACK_SETTLED,
-                (serde_json::Value::from(settled).to_string(), collection),
-            )
-            .map_err(fail)?;
-        if !done.is_empty() {
+        if !settled.is_empty() {
             tx.exec_drop(
                 WRITE_BACK_CLEAR,
-                (serde_json::Value::from(done).to_string(),),
+                (serde_json::Value::from(settled).to_string(),),
             )
             .map_err(fail)?;
         }
-        let busy_ids: Vec<i64> = rows
-            .iter()
-            .filter(|(_, r)| busy.iter().any(|b| b == r))
-            .map(|(id, _)| *id)
-            .collect();
         if !busy_ids.is_empty() {
             tracing::debug!(source = %place, collection, rows = busy_ids.len(), "rows locked by another transaction: their write-back is tried again later");
             tx.exec_drop(
@@ -554,17 +549,7 @@ const NEWEST_CHANGES: &str = "
                                       WHERE m.collection = ? AND m.record_id = v.rid)
      WHERE n.collection = ?";
 
-/// Written back: rows `[record id, up to queue id]`; the record's changes up to that id whose
-/// write-back is due need none any more (an older one's would only repeat the newest's state).
-/// A plain read: the queue rows are then updated by id (`WRITE_BACK_CLEAR`), so that no
-/// range of the queue is locked and no uncommitted change of a writer is waited for.
-const WRITE_BACK_SETTLED: &str = "
-    SELECT q.id
-      FROM JSON_TABLE(?, '$[*]' COLUMNS (rid VARCHAR(768) CHARACTER SET utf8mb4 COLLATE utf8mb4_bin PATH '$[0]',
-                                         upto BIGINT PATH '$[1]')) v
-      JOIN certyo_queue q ON q.collection = ? AND q.record_id = v.rid AND q.id <= v.upto
-     WHERE q.write_back_at IS NOT NULL";
-
+/// Written back (ids): nothing more to do for them.
 const WRITE_BACK_CLEAR: &str = "
     UPDATE JSON_TABLE(?, '$[*]' COLUMNS (id BIGINT PATH '$')) v
       STRAIGHT_JOIN certyo_queue q FORCE INDEX (PRIMARY) ON q.id = v.id
@@ -833,12 +818,17 @@ impl super::Source for MySqlQueue {
         let mut removed = 0;
         loop {
             let (found, affected) = self.in_transaction(|tx| {
+                // A change whose record has an older change still to write back stays: that
+                // write-back reads the record's newest change to know what the row holds.
                 let ids: Vec<i64> = tx.exec(
-                    "SELECT id FROM certyo_queue
-                      WHERE status = 'delivered' AND anchor_status = 'anchored'
-                        AND delivered_at < UTC_TIMESTAMP(6) - INTERVAL ? MICROSECOND
-                        AND write_back_at IS NULL
-                      ORDER BY id
+                    "SELECT q.id FROM certyo_queue q
+                      WHERE q.status = 'delivered' AND q.anchor_status = 'anchored'
+                        AND q.delivered_at < UTC_TIMESTAMP(6) - INTERVAL ? MICROSECOND
+                        AND q.write_back_at IS NULL
+                        AND NOT EXISTS (SELECT 1 FROM certyo_queue o
+                                         WHERE o.collection = q.collection AND o.record_id = q.record_id
+                                           AND o.id < q.id AND o.write_back_at IS NOT NULL)
+                      ORDER BY q.id
                       LIMIT 5000",
                     (micros(retention),),
                 )?;
