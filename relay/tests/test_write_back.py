@@ -119,8 +119,8 @@ def test_a_write_back_that_fails_is_kept_and_retried_never_lost(shop, emulator, 
     assert wait_for(lambda: shop.drained() and written_back(shop, ids, "orders"), timeout=15), shop.queue()
     assert shop.value("SELECT COUNT(*) FROM products WHERE certyo_record_hash IS NOT NULL") == "0"
     # Kept as not written back, with the reason, and tried again with back-off.
-    assert wait_for(lambda: shop.value("SELECT MIN(write_back_attempts) FROM certyo_queue "
-                                       f"WHERE collection = '{shop.name}.products'") >= "2", timeout=15)
+    assert wait_for(lambda: int(shop.value("SELECT MIN(write_back_attempts) FROM certyo_queue "
+                                           f"WHERE collection = '{shop.name}.products'")) >= 2, timeout=15)
     assert shop.value("SELECT COUNT(*) FROM certyo_queue WHERE write_back_at IS NOT NULL") == "15"
     status = json.loads(r.command("status", "--json").stdout)
     assert status["not_written_back"] == 15 and "the owner refuses the write-back" in status["write_back_error"], status
@@ -159,7 +159,7 @@ def test_no_row_ever_shows_a_hash_or_anchored_that_is_not_its_contents(shop, emu
     r.stop()
 
 
-def test_a_late_write_back_marks_a_row_only_with_the_version_it_holds(shop, emulator, relay, session):
+def test_a_late_write_back_marks_a_row_only_with_the_version_it_holds(shop, emulator, relay, session, mariadb):
     # Triggers made before the generator added the before-update one: the relay alone must keep
     # an older version's hash off a row whose content moved on.
     shop.sql("DROP TRIGGER IF EXISTS certyo_products_bu")
@@ -169,7 +169,13 @@ def test_a_late_write_back_marks_a_row_only_with_the_version_it_holds(shop, emul
     r = relay().start()
     assert wait_for(shop.drained, timeout=15), shop.queue()
     first = shop.value("SELECT record_hash FROM certyo_queue WHERE record_id = '1'")
-    time.sleep(0.5)  # the relay is at the write-back of version 1 (no condition to wait on)
+
+    def at_the_write_back():
+        # Waiting for the row (as the relay did before), or past it, to try again later.
+        if mariadb.sql("SELECT COUNT(*) FROM information_schema.INNODB_LOCK_WAITS") != [["0"]]:
+            return True
+        return shop.value("SELECT write_back_attempts FROM certyo_queue WHERE record_id = '1'") not in (None, "0")
+    assert wait_for(at_the_write_back, timeout=15, every=0.05)
     # While the write-back of version 1 waits for the row, the application changes it; Certyo
     # takes its time to accept version 2.
     emulator.fault("slow", seconds=4)
