@@ -190,3 +190,35 @@ def test_a_late_write_back_marks_a_row_only_with_the_version_it_holds(shop, emul
     assert first not in seen, "the row held version 2 and was marked with version 1's hash"
     assert untrue_rows(shop, emulator) == []
     r.stop()
+
+
+def test_a_locked_table_costs_that_table_a_retry_not_every_batch_a_wait(shop, emulator, relay, session):
+    shop.sql("""CREATE TABLE orders (id INT PRIMARY KEY, name VARCHAR(100), price DECIMAL(10,2),
+                                     certyo_record_hash VARCHAR(128), certyo_anchor_status VARCHAR(20) DEFAULT 'pending',
+                                     certyo_verified_at DATETIME(6))""")
+    shop.track("orders")
+    shop.server.sql(f"GRANT SELECT (id, certyo_record_hash), "
+                    f"UPDATE (certyo_record_hash, certyo_anchor_status, certyo_verified_at) "
+                    f"ON {shop.name}.orders TO 'relay_{shop.name}'@'localhost'")
+    shop.sql("START TRANSACTION;" + "".join(f"INSERT INTO products (id, name, price) VALUES ({i}, 'p{i}', 1);"
+                                            f"INSERT INTO orders (id, name, price) VALUES ({i}, 'o{i}', 1);"
+                                            for i in range(1, 11)) + "COMMIT")
+    # Someone holds the whole orders table (a long ALTER or LOCK TABLES: a metadata lock).
+    app = session()
+    app.run("LOCK TABLES orders WRITE")
+    r = relay().start()
+    assert wait_for(lambda: shop.drained() and written_back(shop, range(1, 11)), timeout=15), shop.queue()
+    # Later changes of products, one commit each, are written back on time: the held table
+    # backs off on its own and does not cost each batch a lock wait.
+    for i in range(11, 16):
+        shop.sql(f"INSERT INTO products (id, name, price) VALUES ({i}, 'p{i}', 1)")
+        committed = time.time()
+        assert wait_for(lambda: written_back(shop, [i]), timeout=15, every=0.05), shop.queue()
+        assert time.time() - committed < 3, f"change {i} waited for the held table"
+    status = json.loads(r.command("status", "--json").stdout)
+    assert status["not_written_back"] == 10 and "orders" in status["write_back_error"], status
+    app.run("UNLOCK TABLES")
+    assert wait_for(lambda: anchored(shop, range(1, 11), "orders") and anchored(shop, range(1, 16)), timeout=30), \
+        shop.queue()
+    assert untrue_rows(shop, emulator) == [] and untrue_rows(shop, emulator, "orders") == []
+    r.stop()
