@@ -292,8 +292,8 @@ impl MySqlQueue {
     ///    delivered, or is a dead letter, no hash and `pending` (the row's content moved on,
     ///    and an older version's hash, above all an older version's `anchored`, must not
     ///    stay on it). So a row is only ever marked with the hash of the version it holds.
-    /// 3. Clear the write-back of the locked records (up to their newest change) and of records
-    ///    whose row is gone; back off the rows that were locked by someone else.
+    /// 3. Clear this round's write-backs of the locked records and of records whose row is
+    ///    gone; back off those of rows locked by someone else.
     fn write_back_table(&mut self, collection: &str, rows: &[(i64, String)]) -> Result<usize> {
         let table = self.table(collection)?;
         let (schema, name) = split_collection(collection)?;
