@@ -3,7 +3,7 @@
 # started here on a socket under /tmp and stopped on exit. Prints "N passed, M failed".
 set -uo pipefail
 cd "$(dirname "$0")/.."
-DIR=/tmp/certyo-mariadb
+DIR=${CERTYO_MARIADB_SH_DIR:-/tmp/certyo-mariadb}
 SOCK=$DIR/mysqld.sock
 
 stop() { [ -f "$DIR/mysqld.pid" ] && kill "$(cat "$DIR/mysqld.pid")" 2>/dev/null; sleep 1; }
@@ -28,9 +28,9 @@ q "CREATE TABLE products (
        certyo_verified_at DATETIME(6) NULL)"
 db -e "CALL certyo_trigger_ddl('shop', 'products', NULL, NULL)" > "$DIR/products_triggers.sql"
 db < "$DIR/products_triggers.sql"
-check "the generator creates three triggers" \
+check "the generator creates four triggers" \
     "$(q "SELECT GROUP_CONCAT(TRIGGER_NAME ORDER BY TRIGGER_NAME) FROM information_schema.TRIGGERS WHERE EVENT_OBJECT_TABLE = 'products'")" \
-    "certyo_products_ad,certyo_products_ai,certyo_products_au"
+    "certyo_products_ad,certyo_products_ai,certyo_products_au,certyo_products_bu"
 
 q "SET time_zone = '+02:00';
    INSERT INTO products VALUES (1, 'A-1', 'Zoë \"quoted\" \\\\ back', 9.50, 0.1, '{\"b\": [1, {\"c\": null}]}',
@@ -54,8 +54,12 @@ check "queued_at is UTC, also for a writer in another time zone (+02:00)" \
 q "UPDATE products SET certyo_record_hash = 'sha256:ab', certyo_anchor_status = 'anchored', certyo_verified_at = NOW(6)"
 q "UPDATE products SET price = 9.5, stock = NULL"
 check "bookkeeping-only and no-op updates queue nothing" "$(q "SELECT COUNT(*) FROM certyo_queue")" "1"
+check "... and leave the bookkeeping as written" \
+    "$(q "SELECT CONCAT_WS('|', certyo_record_hash, certyo_anchor_status, certyo_verified_at IS NOT NULL) FROM products")" "sha256:ab|anchored|1"
 
 q "UPDATE products SET sku = 'a-1'"
+check "a change of the business columns resets the bookkeeping: the earlier version's hash is not the row's" \
+    "$(q "SELECT CONCAT_WS('|', IFNULL(certyo_record_hash, '-'), certyo_anchor_status, IFNULL(certyo_verified_at, '-')) FROM products")" "-|pending|-"
 check "a change of case is a change, even under a case-insensitive collation" \
     "$(q "SELECT CONCAT(operation, ' ', JSON_VALUE(payload, '$.sku')) FROM certyo_queue ORDER BY id DESC LIMIT 1")" "update a-1"
 q "UPDATE products SET stock = 5"
@@ -163,16 +167,18 @@ check "the script upgrades an existing queue without an error or output" "$(udb 
 check "the upgrade adds the relay's columns, in the order of a new queue" \
     "$(uq "SELECT GROUP_CONCAT(COLUMN_NAME ORDER BY ORDINAL_POSITION) FROM information_schema.COLUMNS
            WHERE TABLE_SCHEMA = 'upgrade' AND TABLE_NAME = 'certyo_queue'")" \
-    "id,collection,record_id,operation,payload,source_timestamp,idempotency_key,queued_at,status,attempts,next_attempt_at,last_attempt_at,last_status,last_error,record_hash,delivered_at,anchor_status,next_verify_at,verified_at,verify_attempts,polygon_tx_hash,reported_hash"
+    "id,collection,record_id,operation,payload,source_timestamp,idempotency_key,queued_at,status,attempts,next_attempt_at,last_attempt_at,last_status,last_error,record_hash,delivered_at,anchor_status,next_verify_at,verified_at,verify_attempts,polygon_tx_hash,reported_hash,write_back_at,write_back_attempts,write_back_error"
 check "a row delivered before the upgrade is delivered with its anchoring to verify; the other is pending" \
     "$(uq "SELECT GROUP_CONCAT(CONCAT_WS(':', record_id, status, attempts, IFNULL(anchor_status, '-'),
                                           next_verify_at BETWEEN UTC_TIMESTAMP() - INTERVAL 1 MINUTE AND UTC_TIMESTAMP(6)) ORDER BY id)
            FROM certyo_queue")" "1:delivered:0:pending:1,2:pending:0:-"
+check "the upgrade has each record's newest delivered change written back once more (an earlier relay could lose it)" \
+    "$(uq "SELECT GROUP_CONCAT(CONCAT(record_id, ':', write_back_at IS NOT NULL) ORDER BY id) FROM certyo_queue")" "1:1,2:0"
 check "the upgrade replaces the index on delivered_at and drops the cleanup event" \
     "$(uq "SELECT CONCAT((SELECT GROUP_CONCAT(DISTINCT INDEX_NAME ORDER BY INDEX_NAME) FROM information_schema.STATISTICS
                           WHERE TABLE_SCHEMA = 'upgrade' AND TABLE_NAME = 'certyo_queue'), ' events:',
                          (SELECT COUNT(*) FROM information_schema.EVENTS WHERE EVENT_SCHEMA = 'upgrade'))")" \
-    "certyo_queue_record,certyo_queue_take,certyo_queue_verify,PRIMARY events:0"
+    "certyo_queue_record,certyo_queue_take,certyo_queue_verify,certyo_queue_write_back,PRIMARY events:0"
 create_table() { mariadb -S "$SOCK" -N -r -B -e "SHOW CREATE TABLE certyo_queue" "$1" | sed 's/ AUTO_INCREMENT=[0-9]*//'; }
 check "an upgraded queue has the definition of a new one" "$(create_table upgrade)" "$(create_table shop)"
 before="$(create_table upgrade; uq "CHECKSUM TABLE certyo_queue")"

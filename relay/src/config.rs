@@ -56,6 +56,8 @@ struct CertyoFile {
     verify_interval: String,
     #[serde(default = "default_anchor_timeout")]
     anchor_timeout: String,
+    #[serde(default = "default_write_back_lock_wait")]
+    write_back_lock_wait: String,
 }
 
 #[derive(Debug, Deserialize)]
@@ -100,6 +102,9 @@ fn default_verify() -> String {
 fn default_anchor_timeout() -> String {
     "15min".into()
 }
+fn default_write_back_lock_wait() -> String {
+    "1s".into()
+}
 fn default_mode() -> String {
     "queue".into()
 }
@@ -120,6 +125,11 @@ pub struct Certyo {
     pub verify_min_age: Duration,
     pub verify_interval: Duration,
     pub anchor_timeout: Duration,
+    /// How long a write-back to a source row waits for a lock another transaction holds
+    /// (MySQL/MariaDB: the write-back session's `innodb_lock_wait_timeout` and
+    /// `lock_wait_timeout`, whole seconds, at least 1). Rows already locked are skipped
+    /// without waiting; what is not written back is tried again with back-off.
+    pub write_back_lock_wait: Duration,
 }
 
 /// Never prints the key.
@@ -225,6 +235,7 @@ pub fn parse(text: &str, api_key_from_env: Option<String>) -> Result<Config, Str
         verify_min_age: duration("verify_min_age", &c.verify_min_age)?,
         verify_interval: duration("verify_interval", &c.verify_interval)?,
         anchor_timeout: duration("anchor_timeout", &c.anchor_timeout)?,
+        write_back_lock_wait: duration("write_back_lock_wait", &c.write_back_lock_wait)?,
     };
     if file.sources.is_empty() {
         return Err("no [[source]]: add one per database to deliver (name, url)".into());
@@ -316,6 +327,7 @@ mod tests {
         assert_eq!(c.max_retry_interval, Duration::from_secs(300));
         assert_eq!(c.retention, Duration::from_secs(86_400));
         assert_eq!(c.anchor_timeout, Duration::from_secs(900));
+        assert_eq!(c.write_back_lock_wait, Duration::from_secs(1));
         assert_eq!(config.sources[0].mode, Mode::Queue);
     }
 

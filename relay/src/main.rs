@@ -77,11 +77,16 @@ fn main() -> ExitCode {
     }
 }
 
-fn open(source: &config::Source) -> Result<Box<dyn Source>, source::SourceError> {
+fn open(
+    source: &config::Source,
+    settings: &config::Certyo,
+) -> Result<Box<dyn Source>, source::SourceError> {
     match source.kind {
         config::Kind::MySql => Ok(Box::new(source::mysql::MySqlQueue::new(
             &source.url,
             source.database.clone(),
+            settings.write_back_lock_wait,
+            settings.max_retry_interval,
         )?)),
         config::Kind::SqlServer => Ok(Box::new(source::sqlserver::SqlServer::connect(
             &source.url,
@@ -104,7 +109,9 @@ fn client(settings: &config::Certyo) -> Result<certyo::Client, String> {
 fn check(config: &config::Config) -> ExitCode {
     let mut ok = true;
     for s in &config.sources {
-        match open(s).and_then(|mut source| source.check().map(|()| source.describe())) {
+        match open(s, &config.certyo)
+            .and_then(|mut source| source.check().map(|()| source.describe()))
+        {
             Ok(at) => println!("ok   source {}: {at}", s.name),
             Err(e) => {
                 ok = false;
@@ -157,7 +164,7 @@ fn run(config: config::Config) -> ExitCode {
     }
     let mut threads = Vec::new();
     for s in &config.sources {
-        let source = match open(s) {
+        let source = match open(s, &config.certyo) {
             Ok(source) => source,
             Err(e) => {
                 eprintln!("certyo-relay: source {}: {e}", s.name);
@@ -203,23 +210,28 @@ fn run(config: config::Config) -> ExitCode {
 fn status(config: &config::Config, json: bool) -> ExitCode {
     let mut ok = true;
     for s in &config.sources {
-        let found = open(s).and_then(|mut source| source.status());
+        let found = open(s, &config.certyo).and_then(|mut source| source.status());
         match (found, json) {
             (Ok(st), true) => println!(
                 "{}",
                 serde_json::json!({
                     "source": s.name, "pending": st.pending, "delivered": st.delivered,
                     "anchored": st.anchored, "dead": st.dead, "last_error": st.last_error,
+                    "not_written_back": st.not_written_back, "write_back_error": st.write_back_error,
                     "progress": st.progress,
                 })
             ),
             (Ok(st), false) => println!(
-                "{}: pending {}, delivered {}, anchored {}, dead letters {}{}{}",
+                "{}: pending {}, delivered {}, anchored {}, dead letters {}, not written back {}{}{}{}",
                 s.name,
                 st.pending,
                 st.delivered,
                 st.anchored,
                 st.dead,
+                st.not_written_back,
+                st.write_back_error
+                    .map(|e| format!(" (last write-back error: {e})"))
+                    .unwrap_or_default(),
                 st.progress
                     .map(|p| format!(", progress {p}"))
                     .unwrap_or_default(),

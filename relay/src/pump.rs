@@ -121,6 +121,7 @@ impl Pump {
     pub fn pass(&mut self) -> Result<bool, SourceError> {
         let delivered = self.deliver()?;
         let verified = self.verify()?;
+        let written_back = self.source.write_back()?;
         if Instant::now() >= self.next_clean_up {
             self.next_clean_up = Instant::now() + CLEAN_UP_EVERY;
             let removed = self.source.clean_up(self.settings.retention)?;
@@ -129,7 +130,7 @@ impl Pump {
             }
         }
         self.last_error = None;
-        Ok(delivered || verified)
+        Ok(delivered || verified || written_back)
     }
 
     /// Take, send, record one batch. True when a batch went out.
@@ -340,8 +341,8 @@ impl Pump {
         let t = std::mem::take(&mut self.since_summary);
         let state = match self.source.status() {
             Ok(s) => format!(
-                "pending {}, delivered {}, anchored {}, dead letters {}",
-                s.pending, s.delivered, s.anchored, s.dead
+                "pending {}, delivered {}, anchored {}, dead letters {}, not written back {}",
+                s.pending, s.delivered, s.anchored, s.dead, s.not_written_back
             ),
             Err(e) => format!("status unavailable: {e}"),
         };

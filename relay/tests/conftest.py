@@ -73,6 +73,48 @@ class Shop:
         return self.value("SELECT COUNT(*) FROM certyo_queue WHERE status = 'pending'") == "0"
 
 
+class Session:
+    """Another application's open transaction, on a connection of its own: `run` sends
+    statements and waits for their answer (so a lock is held when it returns), `commit` ends it."""
+
+    def __init__(self, shop):
+        self.process = subprocess.Popen(["mariadb", "-S", str(SOCKET), "-N", "-B", "--unbuffered", shop.name],
+                                        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                        text=True)
+        self.run("START TRANSACTION")
+
+    def run(self, statement):
+        self.process.stdin.write(f"{statement}; SELECT 'certyo-test-done';\n")
+        self.process.stdin.flush()
+        lines = []
+        while (line := self.process.stdout.readline()) and line.strip() != "certyo-test-done":
+            lines.append(line.rstrip("\n"))
+        assert line, f"the session ended: {lines}"
+        return lines
+
+    def commit(self):
+        self.run("COMMIT")
+        self.close()
+
+    def close(self):
+        if self.process.poll() is None:
+            self.process.stdin.close()
+            self.process.wait(timeout=60)
+
+
+@pytest.fixture
+def session(shop):
+    opened = []
+
+    def make():
+        opened.append(Session(shop))
+        return opened[-1]
+
+    yield make
+    for s in opened:
+        s.close()
+
+
 @pytest.fixture
 def shop(mariadb):
     db = Shop(mariadb)

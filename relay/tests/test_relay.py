@@ -227,18 +227,20 @@ def test_write_back_finds_rows_by_composite_and_text_keys(shop, emulator, relay)
 def test_verification_never_marks_a_newer_version_anchored(shop, emulator, relay):
     shop.sql("INSERT INTO products (id, name) VALUES (1, 'Tea')")
     r = relay(verify_min_age="1h").start()
-    assert wait_for(shop.drained, timeout=30)
+    assert wait_for(lambda: shop.drained() and shop.value("SELECT certyo_record_hash FROM products") != "NULL")
     first = shop.value("SELECT certyo_record_hash FROM products")
-    assert wait_for(lambda: shop.value("SELECT certyo_record_hash FROM products") is not None and
-                    shop.value("SELECT certyo_record_hash FROM products") != "NULL")
+    # A newer version is delivered and written back before the old one is verified.
+    shop.sql("UPDATE products SET name = 'Green tea'")
+    newer = lambda: shop.value("SELECT record_hash FROM certyo_queue ORDER BY id DESC LIMIT 1")  # noqa: E731
+    assert wait_for(lambda: shop.drained() and newer() not in (None, "NULL")
+                    and shop.value("SELECT certyo_record_hash FROM products") == newer(), timeout=30), shop.queue()
     r.stop()
-    # A newer version is written back (as the relay would) before the old one is verified.
-    shop.sql("UPDATE products SET certyo_record_hash = 'sha256:newer', certyo_anchor_status = 'pending'")
-    shop.sql("UPDATE certyo_queue SET next_verify_at = UTC_TIMESTAMP(6)")
-    relay().start()
-    assert wait_for(lambda: shop.value("SELECT anchor_status FROM certyo_queue") == "anchored", timeout=30)
-    assert shop.sql("SELECT certyo_record_hash, certyo_anchor_status FROM products") == [["sha256:newer", "pending"]]
-    assert first != "sha256:newer"
+    shop.sql("UPDATE certyo_queue SET next_verify_at = UTC_TIMESTAMP(6) ORDER BY id LIMIT 1")
+    relay(verify_min_age="1h").start()
+    assert wait_for(lambda: shop.value("SELECT anchor_status FROM certyo_queue ORDER BY id LIMIT 1") == "anchored",
+                    timeout=30)
+    assert shop.sql("SELECT certyo_record_hash, certyo_anchor_status FROM products") == [[newer(), "pending"]]
+    assert first != newer()
 
 
 def test_a_database_outage_is_ridden_out_without_a_log_storm(shop, emulator, relay, mariadb):

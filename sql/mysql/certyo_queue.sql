@@ -10,6 +10,13 @@
 --   payload → recordPayload, source_timestamp → sourceTimestamp (UTC),
 --   idempotency_key → idempotencyKey.
 --
+-- The script and the routines it creates work whatever the database's and the client's character
+-- set and collation: it sets its own session's to utf8mb4_bin (so the routines' string literals are
+-- utf8mb4_bin), declares every string parameter, variable and result utf8mb4_bin, and reads
+-- information_schema's names converted to it. Otherwise a database created with, say,
+-- utf8mb4_unicode_ci and a utf8mb4_general_ci client make an illegal mix of collations.
+SET NAMES utf8mb4 COLLATE utf8mb4_bin;
+
 -- Every DATETIME in certyo_queue is UTC. MySQL stores no zone with a DATETIME, so the triggers
 -- write UTC_TIMESTAMP() (never NOW()), and certyo-relay writes UTC too.
 
@@ -47,9 +54,17 @@ CREATE TABLE IF NOT EXISTS certyo_queue (
     verify_attempts  INT           NOT NULL DEFAULT 0,  -- verifications asked: an overdue one backs off with it
     polygon_tx_hash  VARCHAR(100)  NULL,
     reported_hash    VARCHAR(100)  NULL,                -- mismatch: the hash Certyo reported instead
+    -- The source row's write-back (certyo_record_hash, certyo_anchor_status, certyo_verified_at),
+    -- still to do since delivery or verification when write_back_at is set: certyo-relay tries it
+    -- from then on, backing off per table (a locked row, a table that refuses it), and clears it
+    -- once the row shows the state of the record's newest change.
+    write_back_at       DATETIME(6) NULL,               -- UTC; NULL: nothing to write back
+    write_back_attempts INT         NOT NULL DEFAULT 0, -- failed tries: the back-off grows with them
+    write_back_error    TEXT        NULL,               -- why the last try failed
     KEY certyo_queue_take (status, id),                                          -- the next rows to send
     KEY certyo_queue_record (collection(64), record_id(128), status, id),        -- a record's changes, in order
-    KEY certyo_queue_verify (next_verify_at)                                     -- receipts due for verification
+    KEY certyo_queue_verify (next_verify_at),                                    -- receipts due for verification
+    KEY certyo_queue_write_back (write_back_at)                                  -- source rows still to mark
 ) ENGINE = InnoDB DEFAULT CHARSET = utf8mb4 COLLATE = utf8mb4_bin;
 
 -- One row: the installation id that prefixes idempotency keys, so a re-created queue whose ids
@@ -70,7 +85,8 @@ DELIMITER //
 -- a look at information_schema: a second run finds everything in place and changes nothing.
 -- The columns are placed as in CREATE TABLE above, so an upgraded queue equals a new one.
 DROP PROCEDURE IF EXISTS certyo_queue_add_column //
-CREATE PROCEDURE certyo_queue_add_column(IN p_name VARCHAR(64), IN p_definition TEXT)
+CREATE PROCEDURE certyo_queue_add_column(
+    IN p_name VARCHAR(64) CHARACTER SET utf8mb4 COLLATE utf8mb4_bin, IN p_definition TEXT CHARACTER SET utf8mb4 COLLATE utf8mb4_bin)
     MODIFIES SQL DATA
 BEGIN
     IF NOT EXISTS (SELECT 1 FROM information_schema.COLUMNS
@@ -85,7 +101,8 @@ BEGIN
 END //
 
 DROP PROCEDURE IF EXISTS certyo_queue_add_index //
-CREATE PROCEDURE certyo_queue_add_index(IN p_name VARCHAR(64), IN p_columns TEXT)
+CREATE PROCEDURE certyo_queue_add_index(
+    IN p_name VARCHAR(64) CHARACTER SET utf8mb4 COLLATE utf8mb4_bin, IN p_columns TEXT CHARACTER SET utf8mb4 COLLATE utf8mb4_bin)
     MODIFIES SQL DATA
 BEGIN
     IF NOT EXISTS (SELECT 1 FROM information_schema.STATISTICS
@@ -116,6 +133,13 @@ BEGIN
     CALL certyo_queue_add_column('verify_attempts', 'INT NOT NULL DEFAULT 0 AFTER verified_at');
     CALL certyo_queue_add_column('polygon_tx_hash', 'VARCHAR(100) NULL AFTER verify_attempts');
     CALL certyo_queue_add_column('reported_hash', 'VARCHAR(100) NULL AFTER polygon_tx_hash');
+    -- Write-back (added below, after the delivered rows are settled).
+    SET @certyo_add_write_back = NOT EXISTS (
+        SELECT 1 FROM information_schema.COLUMNS
+         WHERE TABLE_SCHEMA = DATABASE() AND TABLE_NAME = 'certyo_queue' AND COLUMN_NAME = 'write_back_at');
+    CALL certyo_queue_add_column('write_back_at', 'DATETIME(6) NULL AFTER reported_hash');
+    CALL certyo_queue_add_column('write_back_attempts', 'INT NOT NULL DEFAULT 0 AFTER write_back_at');
+    CALL certyo_queue_add_column('write_back_error', 'TEXT NULL AFTER write_back_attempts');
 
     -- queued_at was DEFAULT CURRENT_TIMESTAMP(6), the session's local time, not UTC. (MODIFY
     -- with the whole definition: the form documented for expression defaults in both servers.)
@@ -133,9 +157,24 @@ BEGIN
            next_verify_at = IF(record_hash IS NULL, NULL, UTC_TIMESTAMP(6))
      WHERE status = 'pending' AND delivered_at IS NOT NULL;
 
+    -- A relay before the write-back was recorded gave up on a write-back that failed (a locked
+    -- row, a lock wait timeout), and could mark a row with an earlier version's hash: the rows
+    -- of such an installation may show a hash, even anchored, that is not their content's. So
+    -- when the column is new, each record's newest delivered (or dead) change is written back
+    -- once more: the relay then gives every row the state of the version it holds. (A derived
+    -- table with GROUP BY is materialized, which MySQL needs to read the table it updates.)
+    IF @certyo_add_write_back THEN
+        UPDATE certyo_queue q
+          JOIN (SELECT MAX(id) AS id FROM certyo_queue GROUP BY collection, record_id) n ON q.id = n.id
+           SET q.write_back_at = UTC_TIMESTAMP(6)
+         WHERE q.status IN ('delivered', 'dead') AND q.operation <> 'delete';
+    END IF;
+    SET @certyo_add_write_back = NULL;
+
     CALL certyo_queue_add_index('certyo_queue_take', 'status, id');
     CALL certyo_queue_add_index('certyo_queue_record', 'collection(64), record_id(128), status, id');
     CALL certyo_queue_add_index('certyo_queue_verify', 'next_verify_at');
+    CALL certyo_queue_add_index('certyo_queue_write_back', 'write_back_at');
     -- Replaced by certyo_queue_take.
     IF EXISTS (SELECT 1 FROM information_schema.STATISTICS
                 WHERE TABLE_SCHEMA = DATABASE() AND TABLE_NAME = 'certyo_queue' AND INDEX_NAME = 'certyo_queue_pending') THEN
@@ -151,25 +190,29 @@ DROP PROCEDURE certyo_queue_add_index;
 
 DROP PROCEDURE IF EXISTS certyo_trigger_ddl;
 DELIMITER //
--- Prints the complete DDL of the three capture triggers of one table, from information_schema:
+-- Prints the complete DDL of the capture triggers of one table, from information_schema (after
+-- insert, update and delete; and before update, which resets the bookkeeping columns when the
+-- business columns change):
 -- every business column (all but certyo_* and p_exclude), identifiers quoted. MySQL cannot run
 -- CREATE TRIGGER from dynamic SQL, so the output is piped back into the mysql client.
 --   p_exclude:           comma-separated columns never sent (NULL: none)
 --   p_timestamp_column:  source of sourceTimestamp (NULL: updated_at or modified_at if present,
 --                        else the time of the change)
 CREATE PROCEDURE certyo_trigger_ddl(
-    IN p_schema VARCHAR(64), IN p_table VARCHAR(64), IN p_exclude TEXT, IN p_timestamp_column VARCHAR(64))
+    IN p_schema VARCHAR(64) CHARACTER SET utf8mb4 COLLATE utf8mb4_bin, IN p_table VARCHAR(64) CHARACTER SET utf8mb4 COLLATE utf8mb4_bin,
+    IN p_exclude TEXT CHARACTER SET utf8mb4 COLLATE utf8mb4_bin, IN p_timestamp_column VARCHAR(64) CHARACTER SET utf8mb4 COLLATE utf8mb4_bin)
     READS SQL DATA
 BEGIN
     DECLARE v_pk_count INT;
-    DECLARE v_qtable TEXT DEFAULT CONCAT('`', REPLACE(p_schema, '`', '``'), '`.`', REPLACE(p_table, '`', '``'), '`');
-    DECLARE v_collection TEXT DEFAULT CONCAT(p_schema, '.', p_table);
-    DECLARE v_installation VARCHAR(36);
-    DECLARE v_ts_column VARCHAR(64);
-    DECLARE v_ts_type VARCHAR(64);
+    DECLARE v_qtable TEXT CHARACTER SET utf8mb4 COLLATE utf8mb4_bin DEFAULT CONCAT('`', REPLACE(p_schema, '`', '``'), '`.`', REPLACE(p_table, '`', '``'), '`');
+    DECLARE v_collection TEXT CHARACTER SET utf8mb4 COLLATE utf8mb4_bin DEFAULT CONCAT(p_schema, '.', p_table);
+    DECLARE v_installation VARCHAR(36) CHARACTER SET utf8mb4 COLLATE utf8mb4_bin;
+    DECLARE v_ts_column VARCHAR(64) CHARACTER SET utf8mb4 COLLATE utf8mb4_bin;
+    DECLARE v_ts_type VARCHAR(64) CHARACTER SET utf8mb4 COLLATE utf8mb4_bin;
     DECLARE v_checks_per_table BOOLEAN;
     DECLARE v_group_concat_max_len BIGINT UNSIGNED DEFAULT @@session.group_concat_max_len;
-    DECLARE v_old_payload, v_new_payload, v_old_id, v_new_id, v_business_same, v_id_same, v_old_ts, v_new_ts LONGTEXT;
+    DECLARE v_old_payload, v_new_payload, v_old_id, v_new_id, v_business_same, v_id_same, v_old_ts, v_new_ts, v_clear
+        LONGTEXT CHARACTER SET utf8mb4 COLLATE utf8mb4_bin;
 
     SELECT installation_id INTO v_installation FROM certyo_installation WHERE singleton = 1;
 
@@ -184,9 +227,9 @@ BEGIN
     DROP TEMPORARY TABLE IF EXISTS certyo_columns;
     CREATE TEMPORARY TABLE certyo_columns AS
     SELECT c.ORDINAL_POSITION AS pos,
-           c.COLUMN_NAME AS name,
-           CONCAT('`', REPLACE(c.COLUMN_NAME, '`', '``'), '`') AS quoted,
-           CAST(c.DATA_TYPE AS CHAR(64)) AS data_type,
+           CONVERT(c.COLUMN_NAME USING utf8mb4) COLLATE utf8mb4_bin AS name,
+           CONCAT('`', REPLACE(CONVERT(c.COLUMN_NAME USING utf8mb4) COLLATE utf8mb4_bin, '`', '``'), '`') AS quoted,
+           CAST(c.DATA_TYPE AS CHAR(64) CHARACTER SET utf8mb4) COLLATE utf8mb4_bin AS data_type,
            c.DATETIME_PRECISION AS fsp
       FROM information_schema.COLUMNS c
      WHERE c.TABLE_SCHEMA = p_schema AND c.TABLE_NAME = p_table
@@ -237,9 +280,9 @@ BEGIN
 
     -- Record id: one key column's text; several: each escaped (\ → \\, / → \/), joined by '/'.
     SELECT IF(COUNT(*) = 1,
-              CONCAT('CAST(OLD.', MAX(CONCAT('`', REPLACE(COLUMN_NAME, '`', '``'), '`')), ' AS CHAR)'),
+              CONCAT('CAST(OLD.', MAX(CONCAT('`', REPLACE(COLUMN_NAME, '`', '``'), '`')), ' AS CHAR CHARACTER SET utf8mb4)'),
               CONCAT('CONCAT_WS(''/'', ', GROUP_CONCAT(CONCAT(
-                  'REPLACE(REPLACE(CAST(OLD.`', REPLACE(COLUMN_NAME, '`', '``'), '` AS CHAR), ''\\\\'', ''\\\\\\\\''), ''/'', ''\\\\/'')')
+                  'REPLACE(REPLACE(CAST(OLD.`', REPLACE(COLUMN_NAME, '`', '``'), '` AS CHAR CHARACTER SET utf8mb4), ''\\\\'', ''\\\\\\\\''), ''/'', ''\\\\/'')')
                   ORDER BY ORDINAL_POSITION SEPARATOR ', '), ')')),
            GROUP_CONCAT(CONCAT('OLD.`', REPLACE(COLUMN_NAME, '`', '``'), '` <=> NEW.`', REPLACE(COLUMN_NAME, '`', '``'), '`')
                         ORDER BY ORDINAL_POSITION SEPARATOR ' AND ')
@@ -247,6 +290,15 @@ BEGIN
       FROM information_schema.KEY_COLUMN_USAGE
      WHERE TABLE_SCHEMA = p_schema AND TABLE_NAME = p_table AND CONSTRAINT_NAME = 'PRIMARY';
     SET v_new_id = REPLACE(v_old_id, 'OLD.`', 'NEW.`');
+
+    -- The bookkeeping columns the table has: a change of business columns resets them in the
+    -- same statement (BEFORE UPDATE), so a row never shows an earlier version's hash as its own,
+    -- least of all as anchored, while its new version waits for delivery and the relay's write-back.
+    SELECT GROUP_CONCAT(CONCAT('NEW.`', COLUMN_NAME, '` = ', IF(COLUMN_NAME = 'certyo_anchor_status', '''pending''', 'NULL'))
+                        ORDER BY ORDINAL_POSITION SEPARATOR ', ')
+      INTO v_clear FROM information_schema.COLUMNS
+     WHERE TABLE_SCHEMA = p_schema AND TABLE_NAME = p_table
+       AND COLUMN_NAME IN ('certyo_record_hash', 'certyo_anchor_status', 'certyo_verified_at');
     SET SESSION group_concat_max_len = v_group_concat_max_len;
 
     -- Source timestamp (UTC): the timestamp column, else the time of the change.
@@ -275,9 +327,13 @@ BEGIN
 
     SELECT CONCAT_WS('\n',
         'DELIMITER //',
-        certyo_trigger_sql(p_table, 'ai', 'INSERT', v_qtable,
+        IF(v_clear IS NULL,
+           CONCAT('DROP TRIGGER IF EXISTS ', certyo_trigger_name(p_table, 'bu'), ' //'),
+           certyo_trigger_sql(p_table, 'bu', 'BEFORE UPDATE', v_qtable,
+               CONCAT('IF NOT (', v_business_same, ') THEN\n    SET ', v_clear, ';\n  END IF;'))),
+        certyo_trigger_sql(p_table, 'ai', 'AFTER INSERT', v_qtable,
             certyo_enqueue_sql(v_collection, v_installation, 'insert', v_new_id, v_new_payload, v_new_ts)),
-        certyo_trigger_sql(p_table, 'au', 'UPDATE', v_qtable, CONCAT(
+        certyo_trigger_sql(p_table, 'au', 'AFTER UPDATE', v_qtable, CONCAT(
             'IF NOT (', v_business_same, ') THEN\n',
             '    IF NOT (', v_id_same, ') THEN\n',
             '      ', certyo_enqueue_sql(v_collection, v_installation, 'delete', v_old_id, v_old_payload, v_old_ts), '\n',
@@ -286,7 +342,7 @@ BEGIN
             '      ', certyo_enqueue_sql(v_collection, v_installation, 'update', v_new_id, v_new_payload, v_new_ts), '\n',
             '    END IF;\n',
             '  END IF;')),
-        certyo_trigger_sql(p_table, 'ad', 'DELETE', v_qtable,
+        certyo_trigger_sql(p_table, 'ad', 'AFTER DELETE', v_qtable,
             certyo_enqueue_sql(v_collection, v_installation, 'delete', v_old_id, v_old_payload, v_old_ts)),
         'DELIMITER ;') AS ddl;
     DROP TEMPORARY TABLE certyo_columns;
@@ -294,9 +350,10 @@ END //
 
 -- The JSON value expression of one column; '@' stands for the column reference.
 DROP FUNCTION IF EXISTS certyo_value_sql //
-CREATE FUNCTION certyo_value_sql(p_type VARCHAR(64), p_fsp INT) RETURNS TEXT DETERMINISTIC NO SQL
+CREATE FUNCTION certyo_value_sql(p_type VARCHAR(64) CHARACTER SET utf8mb4 COLLATE utf8mb4_bin, p_fsp INT)
+    RETURNS TEXT CHARACTER SET utf8mb4 COLLATE utf8mb4_bin DETERMINISTIC NO SQL
 BEGIN
-    DECLARE v_format TEXT DEFAULT IF(COALESCE(p_fsp, 0) > 0, '%Y-%m-%dT%H:%i:%s.%f', '%Y-%m-%dT%H:%i:%s');
+    DECLARE v_format TEXT CHARACTER SET utf8mb4 COLLATE utf8mb4_bin DEFAULT IF(COALESCE(p_fsp, 0) > 0, '%Y-%m-%dT%H:%i:%s.%f', '%Y-%m-%dT%H:%i:%s');
     RETURN CASE
         WHEN p_type = 'timestamp' THEN CONCAT('DATE_FORMAT(TIMESTAMP(''1970-01-01'') + INTERVAL ROUND(UNIX_TIMESTAMP(@) * 1000000) MICROSECOND, ''', v_format, '''',  ')')
         WHEN p_type = 'datetime' THEN CONCAT('DATE_FORMAT(@, ''', v_format, ''')')
@@ -306,21 +363,28 @@ BEGIN
         WHEN p_type = 'time' THEN 'CAST(@ AS CHAR)'
         WHEN p_type IN ('binary', 'varbinary', 'tinyblob', 'blob', 'mediumblob', 'longblob', 'bit') THEN 'CONCAT(''\\\\x'', LOWER(HEX(@)))'
         WHEN p_type = 'json' THEN 'JSON_EXTRACT(@, ''$'')'
+        -- Text in utf8mb4_bin, whatever the column's character set and collation: JSON_OBJECT
+        -- takes one collation for all its arguments, and the names (the keys) are utf8mb4.
+        WHEN p_type IN ('char', 'varchar', 'tinytext', 'text', 'mediumtext', 'longtext', 'enum', 'set')
+            THEN 'CONVERT(@ USING utf8mb4) COLLATE utf8mb4_bin'
         ELSE '@'
     END;
 END //
 
 -- The expression compared with <=> for the tracking-only filter: bytes for strings.
 DROP FUNCTION IF EXISTS certyo_compare_sql //
-CREATE FUNCTION certyo_compare_sql(p_type VARCHAR(64), p_ref TEXT) RETURNS TEXT DETERMINISTIC NO SQL
+CREATE FUNCTION certyo_compare_sql(p_type VARCHAR(64) CHARACTER SET utf8mb4 COLLATE utf8mb4_bin, p_ref TEXT CHARACTER SET utf8mb4 COLLATE utf8mb4_bin)
+    RETURNS TEXT CHARACTER SET utf8mb4 COLLATE utf8mb4_bin DETERMINISTIC NO SQL
 BEGIN
     RETURN IF(p_type IN ('char', 'varchar', 'tinytext', 'text', 'mediumtext', 'longtext', 'enum', 'set', 'json'),
               CONCAT('BINARY ', p_ref), p_ref);
 END //
 
 DROP FUNCTION IF EXISTS certyo_enqueue_sql //
-CREATE FUNCTION certyo_enqueue_sql(p_collection TEXT, p_installation TEXT, p_operation TEXT, p_record_id LONGTEXT, p_payload LONGTEXT, p_timestamp TEXT)
-    RETURNS LONGTEXT DETERMINISTIC NO SQL
+CREATE FUNCTION certyo_enqueue_sql(
+    p_collection TEXT CHARACTER SET utf8mb4 COLLATE utf8mb4_bin, p_installation TEXT CHARACTER SET utf8mb4 COLLATE utf8mb4_bin, p_operation TEXT CHARACTER SET utf8mb4 COLLATE utf8mb4_bin,
+    p_record_id LONGTEXT CHARACTER SET utf8mb4 COLLATE utf8mb4_bin, p_payload LONGTEXT CHARACTER SET utf8mb4 COLLATE utf8mb4_bin, p_timestamp TEXT CHARACTER SET utf8mb4 COLLATE utf8mb4_bin)
+    RETURNS LONGTEXT CHARACTER SET utf8mb4 COLLATE utf8mb4_bin DETERMINISTIC NO SQL
 BEGIN
     -- queued_at is written, not left to its expression default: with statement-based binary
     -- logging, a statement that evaluates a nondeterministic default is logged as unsafe.
@@ -332,14 +396,22 @@ BEGIN
         '      UPDATE certyo_queue SET idempotency_key = CONCAT(', QUOTE(CONCAT(p_installation, '-')), ', id) WHERE id = LAST_INSERT_ID();');
 END //
 
+DROP FUNCTION IF EXISTS certyo_trigger_name //
+CREATE FUNCTION certyo_trigger_name(p_table TEXT CHARACTER SET utf8mb4 COLLATE utf8mb4_bin, p_suffix TEXT CHARACTER SET utf8mb4 COLLATE utf8mb4_bin)
+    RETURNS TEXT CHARACTER SET utf8mb4 COLLATE utf8mb4_bin DETERMINISTIC NO SQL
+    RETURN CONCAT('`', REPLACE(LEFT(CONCAT('certyo_', p_table), 58), '`', '``'), '_', p_suffix, '`') //
+
+-- p_event: timing and event, e.g. AFTER INSERT.
 DROP FUNCTION IF EXISTS certyo_trigger_sql //
-CREATE FUNCTION certyo_trigger_sql(p_table TEXT, p_suffix TEXT, p_event TEXT, p_qtable TEXT, p_body LONGTEXT)
-    RETURNS LONGTEXT DETERMINISTIC NO SQL
+CREATE FUNCTION certyo_trigger_sql(
+    p_table TEXT CHARACTER SET utf8mb4 COLLATE utf8mb4_bin, p_suffix TEXT CHARACTER SET utf8mb4 COLLATE utf8mb4_bin, p_event TEXT CHARACTER SET utf8mb4 COLLATE utf8mb4_bin,
+    p_qtable TEXT CHARACTER SET utf8mb4 COLLATE utf8mb4_bin, p_body LONGTEXT CHARACTER SET utf8mb4 COLLATE utf8mb4_bin)
+    RETURNS LONGTEXT CHARACTER SET utf8mb4 COLLATE utf8mb4_bin DETERMINISTIC NO SQL
 BEGIN
-    DECLARE v_name TEXT DEFAULT CONCAT('`', REPLACE(LEFT(CONCAT('certyo_', p_table), 58), '`', '``'), '_', p_suffix, '`');
+    DECLARE v_name TEXT CHARACTER SET utf8mb4 COLLATE utf8mb4_bin DEFAULT certyo_trigger_name(p_table, p_suffix);
     RETURN CONCAT(
         'DROP TRIGGER IF EXISTS ', v_name, ' //\n',
-        'CREATE TRIGGER ', v_name, ' AFTER ', p_event, ' ON ', p_qtable, ' FOR EACH ROW\n',
+        'CREATE TRIGGER ', v_name, ' ', p_event, ' ON ', p_qtable, ' FOR EACH ROW\n',
         'BEGIN\n  ', p_body, '\nEND //');
 END //
 DELIMITER ;

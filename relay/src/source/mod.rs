@@ -98,6 +98,11 @@ pub struct Status {
     pub dead: i64,
     /// The most recent failure kept in the source, if any.
     pub last_error: Option<String>,
+    /// Delivered (or dead) changes whose source row is not written back yet: it is tried
+    /// again with back-off (a locked row, a table that refuses it).
+    pub not_written_back: i64,
+    /// Why the last write-back that failed did (the table first), if any still fails.
+    pub write_back_error: Option<String>,
     /// CDC / Change Tracking: the persisted LSN (hex) or version up to which everything was
     /// accepted. None for queues.
     pub progress: Option<String>,
@@ -147,6 +152,13 @@ pub trait Source: Send {
 
     /// Record what verification found, in one transaction.
     fn record_anchoring(&mut self, results: &[(Delivered, Anchoring)]) -> Result<()>;
+
+    /// Try again the write-backs to source rows that are due and were not done when their
+    /// change was recorded (a locked row, a table that refused it). True when any was done.
+    /// Sources that write back in `record`'s own transaction have nothing to do here.
+    fn write_back(&mut self) -> Result<bool> {
+        Ok(false)
+    }
 
     /// Remove delivered changes that are settled (anchored, or deletes anchored) and older
     /// than `retention`; dead letters and mismatches stay for an operator. Returns how many.

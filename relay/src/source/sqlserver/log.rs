@@ -510,6 +510,8 @@ impl Log {
             anchored: c.i64(1)?,
             dead: c.i64(2)?,
             last_error: c.opt_text(3)?,
+            not_written_back: 0,
+            write_back_error: None,
             progress: if progress.is_empty() {
                 None
             } else {

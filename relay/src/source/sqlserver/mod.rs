@@ -556,6 +556,8 @@ impl Source for SqlServer {
                     anchored: c.i64(2)?,
                     dead: c.i64(3)?,
                     last_error: c.opt_text(4)?,
+                    not_written_back: 0,
+                    write_back_error: None,
                     progress: None,
                 })
             }
