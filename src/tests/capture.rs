@@ -221,9 +221,11 @@ mod tests {
         let (_, id, payload) = queued().remove(0);
         assert_eq!(id, "1");
         assert_eq!(payload, r#"{"Id":1,"Straße":"x","a\\b":2}"#);
+        // A name part holding a quote (or a dot) is quoted in the collection, so that no two
+        // tables share one (see `capture::plan::collection_name`).
         assert_eq!(
             one::<String>("SELECT collection FROM certyo.queue"),
-            Some(r#"public.Odd "Names""#.into())
+            Some(r#"public."Odd ""Names""""#.into())
         );
     }
 
