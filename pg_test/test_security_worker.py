@@ -154,6 +154,17 @@ OWNER_CODE = {
         "id int PRIMARY KEY, v text, CHECK ({s}.note('check'))",
         "",
     ),
+    "domain-key": (
+        "CREATE DOMAIN {s}.k AS int CHECK ({s}.note('domain'));",
+        "id {s}.k PRIMARY KEY, v text",
+        "",
+    ),
+    "forced-policy": (
+        "",
+        "id int PRIMARY KEY, v text",
+        "ALTER TABLE {s}.t ENABLE ROW LEVEL SECURITY; ALTER TABLE {s}.t FORCE ROW LEVEL SECURITY; "
+        "CREATE POLICY p ON {s}.t USING ({s}.note('policy'));",
+    ),
     "index-expression": (
         "CREATE FUNCTION {s}.idx(x text) RETURNS text LANGUAGE plpgsql IMMUTABLE AS $$ "
         "BEGIN IF pg_catalog.current_setting('session_replication_role') = 'replica' THEN "
@@ -187,6 +198,21 @@ def test_no_owner_code_runs_in_replica_mode(cluster, attacker, make_role, vector
     assert cluster.sql(f"SELECT last_value FROM {s}.replica_seen") == "0", "an index expression saw replica mode"
     assert_unprivileged(attacker)
     assert_ran_only_as(attacker, attacker.name)
+
+
+def test_an_identity_key_table_with_owner_code_is_written_back(cluster, attacker):
+    """A table whose key is GENERATED ALWAYS AS IDENTITY and that has an ENABLE ALWAYS trigger
+    (so its write-back runs in origin mode and names a business column for capture to watch):
+    the watched column is never the identity, which may only be set to DEFAULT."""
+    s = attacker.schema
+    table = make_table(attacker, columns="id int GENERATED ALWAYS AS IDENTITY PRIMARY KEY, v text")
+    attacker.sql(f"""
+        CREATE FUNCTION {s}.noop() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN RETURN NEW; END $$;
+        CREATE TRIGGER noop AFTER UPDATE ON {table} FOR EACH ROW EXECUTE FUNCTION {s}.noop();
+        ALTER TABLE {table} ENABLE ALWAYS TRIGGER noop;
+        INSERT INTO {table} (v) VALUES ('a'), ('b');
+    """)
+    wait_anchored(cluster, table, 2)
 
 
 def test_owner_code_writing_elsewhere_during_write_back_keeps_that_tables_rules(cluster, attacker, make_role):

@@ -86,17 +86,30 @@ impl Drop for WritingBack {
 
 /// Lock table `relid` in `mode` before the worker looks up its name and reads or writes its
 /// rows by that name: a rename of it, or of another table onto its name, then waits for the
-/// worker's transaction, so the name means this relation throughout. Waits a second at most
-/// (then ERROR 55P03, as a lock timeout): someone's long ALTER TABLE costs that table a retry,
+/// worker's transaction, so the name means this relation throughout. Waits `wait` (a second
+/// at most; then ERROR 55P03, as a lock timeout): someone's long ALTER TABLE costs that table a retry,
 /// not the worker a stall.
-pub fn lock_table(relid: Oid, mode: u32) {
+pub fn lock_table(relid: Oid, mode: u32, wait: Duration) {
+    let wait = std::ffi::CString::new(format!("{}ms", wait.as_millis().clamp(1, 1000)))
+        .unwrap_or_else(|_| c"1s".into());
     // SAFETY: opens a GUC nesting level that AtEOXact_GUC below closes; if the lock times out,
     // the (sub)transaction abort closes it.
     let level = unsafe { pg_sys::NewGUCNestLevel() };
-    set_at_level(c"lock_timeout", c"1s");
-    // SAFETY: a relation lock by OID inside a transaction, held to its end; a lock timeout is
-    // an ordinary ERROR through pgrx's guard.
-    unsafe { pg_sys::LockRelationOid(relid, mode as pg_sys::LOCKMODE) };
+    set_at_level(c"lock_timeout", &wait);
+    // With its partitions, if it has any: the check of what code an UPDATE can run reads
+    // them, and no trigger or index may be added to one between that check and the UPDATE.
+    // SAFETY: relation locks by OID inside a transaction, held to its end (find_all_inheritors
+    // locks each partition in `mode`); a lock timeout is an ordinary ERROR through pgrx's
+    // guard; the returned list is palloc'd in the transaction's memory and not used.
+    unsafe {
+        pg_sys::LockRelationOid(relid, mode as pg_sys::LOCKMODE);
+        if pg_sys::get_rel_relkind(relid) == pg_sys::RELKIND_PARTITIONED_TABLE as std::ffi::c_char {
+            // Not bound by pgrx, so guarded here: a lock timeout raises an ERROR.
+            pg_sys::ffi::pg_guard_ffi_boundary(|| {
+                find_all_inheritors(relid, mode as pg_sys::LOCKMODE, std::ptr::null_mut())
+            });
+        }
+    }
     // SAFETY: closes the level opened above, restoring lock_timeout.
     unsafe { pg_sys::AtEOXact_GUC(false, level) };
     // What is read next must be read as of now, after the wait: pgrx runs statements of a
@@ -125,6 +138,13 @@ pub fn backfilling_as<T>(owner: Oid, timeout: Duration, f: impl FnOnce() -> T) -
 }
 
 unsafe extern "C-unwind" {
+    /// `catalog/pg_inherits.h` (not bound by pgrx): every inheritor of `parent`, each locked
+    /// in `lockmode`.
+    fn find_all_inheritors(
+        parent: Oid,
+        lockmode: pg_sys::LOCKMODE,
+        numparents: *mut *mut pg_sys::List,
+    ) -> *mut pg_sys::List;
     /// `utils/timeout.h` (not bound by pgrx); `id` is a `TimeoutId`.
     fn enable_timeout_after(id: c_int, delay_ms: c_int);
     fn disable_timeout(id: c_int, keep_indicator: bool);

@@ -76,17 +76,6 @@ pub struct Receipt {
     pub idempotency_replayed: bool,
 }
 
-impl Receipt {
-    fn masked(self, secret: &str) -> Receipt {
-        Receipt {
-            record_id: mask_secret(&self.record_id, secret),
-            record_hash: mask_secret(&self.record_hash, secret),
-            accepted_at: self.accepted_at.map(|at| mask_secret(&at, secret)),
-            idempotency_replayed: self.idempotency_replayed,
-        }
-    }
-}
-
 /// What became of one record sent.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Outcome {
@@ -114,12 +103,15 @@ pub enum Outcome {
 }
 
 impl Outcome {
-    /// Every text of the outcome with `secret` masked (see [`mask_secret`]): what Certyo
-    /// answered may echo the API key it was sent, in an error body or anywhere else.
+    /// Every free text of the outcome with `secret` masked (see [`mask_secret`]): what Certyo
+    /// answered may echo the API key it was sent, in an error body. A receipt's facts (record
+    /// id, hash) are never changed: a short key found inside a hash would corrupt the hash
+    /// that is written back, verified and audited. A conflict's receipt is kept only as text
+    /// (`conflict_message`), masked where it is stored.
     pub fn masked(self, secret: &str) -> Outcome {
         let mask = |text: String| mask_secret(&text, secret);
         match self {
-            Outcome::Accepted(receipt) => Outcome::Accepted(receipt.masked(secret)),
+            Outcome::Accepted(receipt) => Outcome::Accepted(receipt),
             Outcome::Transient(text) => Outcome::Transient(mask(text)),
             Outcome::Rejected { status, body } => Outcome::Rejected {
                 status,
@@ -129,9 +121,7 @@ impl Outcome {
                 status,
                 body: mask(body),
             },
-            Outcome::Conflict { receipt } => Outcome::Conflict {
-                receipt: receipt.masked(secret),
-            },
+            Outcome::Conflict { receipt } => Outcome::Conflict { receipt },
         }
     }
 
@@ -188,17 +178,12 @@ pub enum Verification {
 }
 
 impl Verification {
-    /// Every text of the answer with `secret` masked, as [`Outcome::masked`].
+    /// Every free text of the answer with `secret` masked, as [`Outcome::masked`]: the
+    /// hashes Certyo reports are facts and stay as they are.
     pub fn masked(self, secret: &str) -> Verification {
         match self {
-            Verification::Anchored { polygon_tx_hash } => Verification::Anchored {
-                polygon_tx_hash: polygon_tx_hash.map(|hash| mask_secret(&hash, secret)),
-            },
-            Verification::Mismatch { reported_hash } => Verification::Mismatch {
-                reported_hash: mask_secret(&reported_hash, secret),
-            },
             Verification::Failed(outcome) => Verification::Failed(outcome.masked(secret)),
-            other @ (Verification::NotYet | Verification::Unknown) => other,
+            other => other,
         }
     }
 }

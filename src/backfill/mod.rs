@@ -346,7 +346,11 @@ pub fn queue_chunk(job: &Job, chunk_size: usize) -> Result<i64> {
     // commits (a rename of it, or of another table onto its name, waits), and the rows read
     // by that name are the rows of the relation deformed below by OID.
     // A table dropped meanwhile is found missing by the lookups below.
-    crate::rights::lock_table(job.relid, pg_sys::RowShareLock);
+    crate::rights::lock_table(
+        job.relid,
+        pg_sys::RowShareLock,
+        std::time::Duration::from_secs(1),
+    );
     let Some(options) = crate::track::installed_options(job.relid)? else {
         return Err(CertyoError::new(
             PgSqlErrorCode::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,

@@ -114,14 +114,19 @@ fn check_file(path: &str, meta: &std::fs::Metadata) -> Result<(), String> {
 /// runs) is skipped.
 fn known_keys() -> Vec<String> {
     let mut keys: Vec<String> = super::settings::api_key_setting().into_iter().collect();
-    // Err: the thread is ending, its cache gone.
-    let _alive = FROM_FILE.try_with(|cache| {
-        if let Ok(cache) = cache.try_borrow() {
-            if let Some((_, Ok(key))) = cache.as_ref() {
-                keys.push(key.clone());
-            }
-        }
+    let read = FROM_FILE.try_with(|cache| {
+        cache
+            .try_borrow()
+            .ok()
+            .and_then(|cache| match cache.as_ref() {
+                Some((_, Ok(key))) => Some(key.clone()),
+                _ => None,
+            })
     });
+    // Err: the thread is ending, its cache gone; nothing read from a file is left to mask.
+    if let Ok(Some(key)) = read {
+        keys.push(key);
+    }
     keys
 }
 
@@ -156,7 +161,8 @@ unsafe extern "C-unwind" fn on_log(edata: *mut pg_sys::ErrorData) {
         // SAFETY: `edata` is the non-null ErrorData Postgres passes the hook, alive for the call.
         let redacted = std::panic::catch_unwind(|| unsafe { redact(&mut *edata, &known_keys()) });
         if redacted.is_err() {
-            (*edata).output_to_server = false;
+            // SAFETY: as above; a plain field write.
+            unsafe { (*edata).output_to_server = false };
         }
     }
     // SAFETY: the hook that was installed before ours, called as PostgreSQL would.

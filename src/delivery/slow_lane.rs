@@ -18,7 +18,8 @@ use super::settings;
 use super::store;
 use super::write_back;
 use pgrx::bgworkers::{
-    BackgroundWorker, BackgroundWorkerBuilder, DynamicBackgroundWorker, SignalWakeFlags,
+    BackgroundWorker, BackgroundWorkerBuilder, BackgroundWorkerStatus, DynamicBackgroundWorker,
+    SignalWakeFlags,
 };
 use pgrx::pg_sys;
 use std::time::{Duration, Instant};
@@ -41,11 +42,14 @@ impl SlowLane {
     /// A lane runs (or is starting) for `database`: true. False when none could be started,
     /// and the caller does the slow work itself.
     pub fn ensure(&mut self, database: pg_sys::Oid) -> bool {
-        if self
-            .worker
-            .as_ref()
-            .is_some_and(|worker| worker.pid().is_ok())
-        {
+        // Registered but not yet forked counts as running: another would be a second lane.
+        let alive = |worker: &DynamicBackgroundWorker| {
+            matches!(
+                worker.pid(),
+                Ok(_) | Err(BackgroundWorkerStatus::NotYetStarted)
+            )
+        };
+        if self.worker.as_ref().is_some_and(alive) {
             return true;
         }
         self.worker = None;
@@ -83,9 +87,9 @@ impl SlowLane {
     /// End the lane, and wait until it has ended (the delivery worker is ending).
     pub fn stop(&mut self) {
         if let Some(worker) = self.worker.take() {
-            if worker.pid().is_ok() {
-                // Err: it had ended already.
-                let _ended = worker.terminate().wait_for_shutdown().is_ok();
+            if let Err(status) = worker.terminate().wait_for_shutdown() {
+                // It had ended already, or the postmaster is gone: nothing left to wait for.
+                pgrx::debug1!("certyo_cdc: the slow lane's end was not awaited: {status:?}");
             }
         }
     }
@@ -185,7 +189,9 @@ fn another_lane_runs() -> bool {
             &[BACKEND_TYPE.into()],
         )
     })
-    .ok()
-    .flatten()
+    .unwrap_or_else(|e| {
+        pgrx::warning!("certyo_cdc: the slow lane cannot tell whether another lane serves this database, and ends: {e}");
+        Some(true)
+    })
     .unwrap_or(false)
 }

@@ -270,9 +270,31 @@ pub mod failing {
     /// Does any table's write-back wait (failing, or left to the slow lane)?
     pub fn waiting() -> SpiResult<bool> {
         crate::error::transaction(|| {
-            Spi::get_one::<bool>("SELECT EXISTS (SELECT FROM certyo.write_back_failure)")
-                .map(|any| any.unwrap_or(false))
+            Spi::get_one::<bool>(
+                "SELECT EXISTS (SELECT FROM certyo.write_back_failure)
+                     OR EXISTS (SELECT FROM certyo.receipt WHERE NOT written_back)",
+            )
+            .map(|any| any.unwrap_or(false))
         })
+    }
+
+    /// The tables with receipts waiting to be written back, listed or not: the list
+    /// (`certyo.write_back_failure`) says why for `certyo.status`, but a retry that emptied a
+    /// table's list entry just as the delivery worker deferred more of its receipts (neither
+    /// saw the other's uncommitted work) must not strand them, so the receipts themselves
+    /// are looked at too (one probe of the waiting-receipts index per tracked table).
+    fn tables_waiting(client: &pgrx::spi::SpiClient<'_>) -> SpiResult<Vec<Oid>> {
+        client
+            .select(
+                "SELECT relid FROM certyo.write_back_failure
+                 UNION
+                 SELECT t.relid FROM certyo.tracked_oids() t
+                  WHERE EXISTS (SELECT FROM certyo.receipt r WHERE r.relid = t.relid AND NOT r.written_back)",
+                None,
+                &[],
+            )?
+            .map(|row| row.get::<Oid>(1).map(Option::unwrap_or_default))
+            .collect()
     }
 
     /// The tables whose write-back fails or waits for the slow lane now.
@@ -298,12 +320,12 @@ pub mod failing {
             None,
             &[ids.to_vec().into()],
         )?;
-        // Upserted even when listed: a retry that has just written back the table's waiting
-        // receipts deletes the row only if none waits, and this row lock orders the two.
+        // Listed if not yet (never waiting for the slow lane's lock on a listed row: the lane
+        // finds the waiting receipts themselves too, see `tables_waiting`).
         client.update(
-            "INSERT INTO certyo.write_back_failure AS f (relid, error, since, attempts, last_attempt_at)
+            "INSERT INTO certyo.write_back_failure (relid, error, since, attempts, last_attempt_at)
              VALUES ($1, coalesce($2, 'waiting for the slow lane'), now(), 0, now())
-             ON CONFLICT (relid) DO UPDATE SET error = coalesce($2, f.error)",
+             ON CONFLICT (relid) DO NOTHING",
             None,
             &[relid.into(), reason.into()],
         )?;
@@ -349,25 +371,21 @@ pub mod failing {
         })
     }
 
-    /// Try again the tables whose retry is due, each in its own transaction. Cheap when
-    /// nothing fails: no statement at all once the schedule is loaded.
+    /// Try again the tables whose retry is due, each in its own transaction. The listed
+    /// tables are read every time: the delivery worker, another process, lists tables for the
+    /// slow lane at any moment; a table newly listed is due at once, a table no longer listed
+    /// is forgotten.
     pub fn retry_due() -> SpiResult<()> {
-        if SCHEDULE.with(|s| s.borrow().is_none()) {
-            let failing = crate::error::transaction(|| {
-                Spi::connect(|client| {
-                    client
-                        .select("SELECT relid FROM certyo.write_back_failure", None, &[])?
-                        .map(|row| row.get::<Oid>(1).map(Option::unwrap_or_default))
-                        .collect::<SpiResult<Vec<Oid>>>()
-                })
-            })?;
-            let now = Instant::now();
-            let loaded = failing
-                .into_iter()
-                .map(|relid| (relid.to_u32(), now))
-                .collect();
-            SCHEDULE.with(|s| *s.borrow_mut() = Some(loaded));
-        }
+        let listed = crate::error::transaction(|| Spi::connect(|client| tables_waiting(client)))?;
+        let now = Instant::now();
+        SCHEDULE.with(|s| {
+            let mut s = s.borrow_mut();
+            let schedule = s.get_or_insert_with(HashMap::new);
+            schedule.retain(|relid, _| listed.contains(&Oid::from(*relid)));
+            for relid in &listed {
+                schedule.entry(relid.to_u32()).or_insert(now);
+            }
+        });
         let now = Instant::now();
         let due: Vec<Oid> = SCHEDULE.with(|s| {
             s.borrow()
@@ -437,25 +455,42 @@ pub mod failing {
             return record(client, relid, &[], &error);
         }
         let ids: Vec<i64> = waiting.iter().map(|(v, _)| v.id).collect();
+        let statuses: Vec<String> = waiting.iter().map(|(_, s)| s.clone()).collect();
+        // Only the receipts still in the state they were written back in: one verified
+        // meanwhile (by the delivery worker) waits for the next retry, which writes back the
+        // status it reached.
         client.update(
-            "UPDATE certyo.receipt SET written_back = true WHERE id = ANY ($1)",
+            "UPDATE certyo.receipt r SET written_back = true
+               FROM unnest($1::bigint[], $2::text[]) AS v(id, status)
+              WHERE r.id = v.id AND r.anchor_status IS NOT DISTINCT FROM v.status",
             None,
-            &[ids.into()],
+            &[ids.into(), statuses.into()],
         )?;
-        if (waiting.len() as i64) < RETRY_BATCH {
-            client.update(
-                // Not while receipts of the table wait that the delivery worker deferred
-                // after this retry read them: they are the next retry's.
+        let deleted = client
+            .update(
+                // Not while receipts of the table wait (deferred before the lock above, or
+                // verified meanwhile): they are the next retry's.
                 "DELETE FROM certyo.write_back_failure WHERE relid = $1
-                    AND NOT EXISTS (SELECT FROM certyo.receipt r WHERE r.relid = $1 AND NOT r.written_back)",
+                    AND NOT EXISTS (SELECT FROM certyo.receipt r WHERE r.relid = $1 AND NOT r.written_back)
+                 RETURNING relid",
                 None,
                 &[relid.into()],
-            )?;
+            )?
+            .len();
+        if deleted > 0 {
             schedule(relid, None);
             pgrx::log!(
                 "certyo_cdc: write-back to table {} works again",
                 name_of(relid)
             );
+        } else {
+            // Receipts still wait (more than a batch, deferred meanwhile, or verified
+            // meanwhile): at once again.
+            SCHEDULE.with(|s| {
+                if let Some(schedule) = s.borrow_mut().as_mut() {
+                    schedule.insert(relid.to_u32(), Instant::now());
+                }
+            });
         }
         Ok(())
     }
@@ -525,7 +560,8 @@ fn mark_table(
 ) -> Result<(), pgrx::spi::Error> {
     // Locked first: the name looked up below then means this table until the write-back
     // commits (see `rights::lock_table`).
-    crate::rights::lock_table(relid, pgrx::pg_sys::RowExclusiveLock);
+    // The wait counts against the owner's share of the pass (`budget`).
+    crate::rights::lock_table(relid, pgrx::pg_sys::RowExclusiveLock, timeout);
     // Kept (planned once): a pass looks up the key of every table it writes back to.
     let found = super::prepared::select(client, crate::track::key::LOOKUP, &[relid.into()])?;
     let Some(key) = RecordKey::from_found(found)? else {

@@ -7,11 +7,14 @@ use pgrx::spi::{SpiClient, SpiTupleTable};
 
 /// Whether an UPDATE of the table's bookkeeping columns in replica mode could run code that
 /// PostgreSQL did not ship (`c` is the table's `pg_class` row): a trigger or rule that fires
-/// in replica mode (`ENABLE ALWAYS`, `ENABLE REPLICA`), or a function, operator, operator
-/// class or access method that is not a system object (OID past `FirstNormalObjectId`, so
-/// extensions' too) used by the table's (or a partition's) constraints, indexes, generated
-/// columns, defaults, policies or partition key, or such a type given to a bookkeeping
-/// column. Only a table for which this is false is written back in replica mode (see
+/// in replica mode (`ENABLE ALWAYS`, `ENABLE REPLICA`; the capture trigger itself only as
+/// `track()` installs it), a forced row-level security policy, or a function, operator,
+/// operator class or access method that is not a system object (OID past
+/// `FirstNormalObjectId`, so extensions' too) used by the table's (or a partition's)
+/// constraints, indexes, generated columns, policies or partition key; a domain, range or
+/// multirange type not shipped (their checks and support functions run), any type not shipped
+/// given to a bookkeeping column; or one of the built-in functions that run SQL text
+/// (`query_to_xml`, `ts_stat`, ...). Only a table for which this is false is written back in replica mode (see
 /// `crate::rights::writing_back_as`). A macro so that [`LOOKUP`] can be one constant.
 macro_rules! user_code {
     () => {
@@ -22,19 +25,37 @@ macro_rules! user_code {
                 UNION ALL SELECT 'pg_class'::regclass, i.indexrelid FROM pg_index i JOIN tree ON i.indrelid = tree.relid
                 UNION ALL SELECT 'pg_constraint'::regclass, k.oid FROM pg_constraint k JOIN tree ON k.conrelid = tree.relid
                 UNION ALL SELECT 'pg_attrdef'::regclass, d.oid FROM pg_attrdef d JOIN tree ON d.adrelid = tree.relid
+                     JOIN pg_attribute a ON a.attrelid = d.adrelid AND a.attnum = d.adnum AND a.attgenerated <> ''
                 UNION ALL SELECT 'pg_policy'::regclass, p.oid FROM pg_policy p JOIN tree ON p.polrelid = tree.relid)
             SELECT FROM objects o JOIN pg_depend d ON d.classid = o.classid AND d.objid = o.objid
-             WHERE d.refobjid >= 16384
-               AND (d.refclassid IN ('pg_proc'::regclass, 'pg_operator'::regclass, 'pg_opclass'::regclass,
-                                     'pg_opfamily'::regclass, 'pg_am'::regclass)
-                    OR (d.refclassid = 'pg_type'::regclass AND d.objsubid > 0
-                        AND EXISTS (SELECT FROM pg_attribute b WHERE b.attrelid = d.objid AND b.attnum = d.objsubid
-                                       AND b.attname IN ('certyo_record_hash', 'certyo_anchor_status', 'certyo_verified_at'))))
+             WHERE (d.refobjid >= 16384
+                    AND (d.refclassid IN ('pg_proc'::regclass, 'pg_operator'::regclass, 'pg_opclass'::regclass,
+                                          'pg_opfamily'::regclass, 'pg_am'::regclass)
+                         OR (d.refclassid = 'pg_type'::regclass
+                             AND (EXISTS (SELECT FROM pg_type y WHERE y.oid = d.refobjid AND y.typtype IN ('d', 'r', 'm'))
+                                  OR (d.objsubid > 0
+                                      AND EXISTS (SELECT FROM pg_attribute b
+                                                   WHERE b.attrelid = d.objid AND b.attnum = d.objsubid
+                                                     AND b.attname IN ('certyo_record_hash', 'certyo_anchor_status',
+                                                                       'certyo_verified_at')))))))
+                OR (d.refclassid = 'pg_proc'::regclass
+                    AND EXISTS (SELECT FROM pg_proc f WHERE f.oid = d.refobjid
+                                   AND f.proname IN ('query_to_xml', 'query_to_xmlschema', 'query_to_xml_and_xmlschema',
+                                                     'table_to_xml', 'table_to_xmlschema', 'table_to_xml_and_xmlschema',
+                                                     'schema_to_xml', 'schema_to_xmlschema', 'schema_to_xml_and_xmlschema',
+                                                     'database_to_xml', 'database_to_xmlschema',
+                                                     'database_to_xml_and_xmlschema', 'cursor_to_xml',
+                                                     'cursor_to_xmlschema', 'ts_stat', 'ts_rewrite')))
             UNION ALL
             SELECT FROM pg_trigger g JOIN tree ON g.tgrelid = tree.relid
-             WHERE g.tgenabled IN ('A', 'R') AND g.tgname NOT IN ('certyo_capture', 'certyo_truncate_guard')
+             WHERE g.tgenabled IN ('A', 'R')
+               AND NOT (g.tgname IN ('certyo_capture', 'certyo_truncate_guard') AND g.tgqual IS NULL
+                        AND g.tgfoid = 'certyo.capture()'::regprocedure)
             UNION ALL
-            SELECT FROM pg_rewrite r JOIN tree ON r.ev_class = tree.relid WHERE r.ev_enabled IN ('A', 'R'))"
+            SELECT FROM pg_rewrite r JOIN tree ON r.ev_class = tree.relid WHERE r.ev_enabled IN ('A', 'R')
+            UNION ALL
+            SELECT FROM pg_class f JOIN tree ON f.oid = tree.relid
+             WHERE f.relrowsecurity AND f.relforcerowsecurity)"
     };
 }
 
@@ -50,7 +71,9 @@ pub const LOOKUP: &str = concat!(
                  ORDER BY k.n),
           c.relowner,
           (SELECT quote_ident(a.attname) FROM pg_attribute a
-            WHERE a.attrelid = c.oid AND a.attnum = t.tgattr[0] AND NOT a.attisdropped),
+            WHERE a.attrelid = c.oid AND a.attnum = ANY (t.tgattr::int2[]) AND NOT a.attisdropped
+              AND a.attidentity <> 'a' AND a.attgenerated = ''
+            ORDER BY a.attnum LIMIT 1),
           ",
     user_code!(),
     "
