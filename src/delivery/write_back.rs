@@ -376,7 +376,7 @@ pub mod failing {
     /// slow lane at any moment; a table newly listed is due at once, a table no longer listed
     /// is forgotten.
     pub fn retry_due() -> SpiResult<()> {
-        let listed = crate::error::transaction(|| Spi::connect(|client| tables_waiting(client)))?;
+        let listed = crate::error::transaction(|| Spi::connect(tables_waiting))?;
         let now = Instant::now();
         SCHEDULE.with(|s| {
             let mut s = s.borrow_mut();
