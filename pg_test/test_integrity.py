@@ -527,7 +527,7 @@ def test_object_identifiers_render_the_same_under_every_search_path(emulator):
         cluster.sql("SET search_path = public; "
                     "INSERT INTO app.refs VALUES ('app.refs', 'app.mood[]', 'app.f')")
         assert wait_for(lambda: cluster.sql(
-            "SELECT count(*) FROM app.refs WHERE certyo_anchor_status = 'anchored'") == "2", 30), \
+            "SELECT count(*) FROM app.refs WHERE certyo_record_hash IS NOT NULL") == "2", 30), \
             cluster.sql("SELECT error FROM certyo.write_back_failure")
         records = {r["recordId"]: r["recordPayload"] for r in emulator.records() if r["collection"] == "app.refs"}
         assert records["app.lookup"] == {"rel": "app.lookup", "typ": "app.mood", "fn": "app.f"}, records
