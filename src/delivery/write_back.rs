@@ -237,6 +237,16 @@ pub mod failing {
         static REPORTED: RefCell<HashMap<u32, Instant>> = RefCell::new(HashMap::new());
     }
 
+    /// These receipts wait to be written back (`written_back = false`).
+    fn leave_waiting(client: &mut pgrx::spi::SpiClient<'_>, ids: &[i64]) -> SpiResult<()> {
+        client.update(
+            "UPDATE certyo.receipt SET written_back = false WHERE id = ANY ($1) AND written_back",
+            None,
+            &[ids.to_vec().into()],
+        )?;
+        Ok(())
+    }
+
     /// After a failed write-back, in the same transaction: the receipts wait, the failure is
     /// recorded, the next attempt scheduled.
     pub(super) fn record(
@@ -245,11 +255,7 @@ pub mod failing {
         ids: &[i64],
         error: &str,
     ) -> SpiResult<()> {
-        client.update(
-            "UPDATE certyo.receipt SET written_back = false WHERE id = ANY ($1) AND written_back",
-            None,
-            &[ids.to_vec().into()],
-        )?;
+        leave_waiting(client, ids)?;
         let attempts = client
             .update(
                 "INSERT INTO certyo.write_back_failure AS f (relid, error, since, attempts, last_attempt_at)
@@ -315,11 +321,7 @@ pub mod failing {
         ids: &[i64],
         reason: Option<String>,
     ) -> SpiResult<()> {
-        client.update(
-            "UPDATE certyo.receipt SET written_back = false WHERE id = ANY ($1) AND written_back",
-            None,
-            &[ids.to_vec().into()],
-        )?;
+        leave_waiting(client, ids)?;
         // Listed if not yet (never waiting for the slow lane's lock on a listed row: the lane
         // finds the waiting receipts themselves too, see `tables_waiting`).
         client.update(
