@@ -393,11 +393,14 @@ impl Worker {
         }
         let (verified, verify_again) = self.verify(&client, &settings)?;
         self.expire(&settings)?;
-        if write_back::failing::waiting()? && !self.lane.ensure(self.database) {
+        let (waiting, mut failing) = write_back::failing::look()?;
+        if waiting && !self.lane.ensure(self.database) {
+            // No slow lane could start: the worker retries itself, and reports what is left.
             write_back::failing::retry_due()?;
+            failing = write_back::failing::look()?.1;
         }
         let tally = delivered + verified;
-        if let Some(failing) = write_back::failing::summary()? {
+        if let Some(failing) = failing {
             // Never "idle" while something fails: name the table and the error.
             self.announce(State::WriteBackFailing, &failing, error.as_deref(), tally)?;
         } else if tally.sent + tally.verified == 0

@@ -273,17 +273,6 @@ pub mod failing {
         Ok(())
     }
 
-    /// Does any table's write-back wait (failing, or left to the slow lane)?
-    pub fn waiting() -> SpiResult<bool> {
-        crate::error::transaction(|| {
-            Spi::get_one::<bool>(
-                "SELECT EXISTS (SELECT FROM certyo.write_back_failure)
-                     OR EXISTS (SELECT FROM certyo.receipt WHERE NOT written_back)",
-            )
-            .map(|any| any.unwrap_or(false))
-        })
-    }
-
     /// The tables with receipts waiting to be written back, listed or not: the list
     /// (`certyo.write_back_failure`) says why for `certyo.status`, but a retry that emptied a
     /// table's list entry just as the delivery worker deferred more of its receipts (neither
@@ -497,22 +486,26 @@ pub mod failing {
         Ok(())
     }
 
-    /// What fails, for the worker's status (None: nothing).
-    pub fn summary() -> SpiResult<Option<String>> {
-        // Read every pass: the slow lane, another process, retries and clears the failures.
-        // Tables that only wait for the slow lane (no attempt failed there) are not failing.
+    /// Whether any table's write-back waits (failing, or left to the slow lane), and what
+    /// fails, for the worker's status (None: nothing). One statement, read every pass: the
+    /// slow lane, another process, retries and clears the failures. Tables that only wait
+    /// for the slow lane (no attempt failed there) are not failing.
+    pub fn look() -> SpiResult<(bool, Option<String>)> {
         crate::error::transaction(|| {
-            Spi::get_one::<String>(
+            Spi::get_two::<bool, String>(
                 // At most five tables named, each error cut short: the text goes into the
                 // worker's status every pass, however many tables of however many roles fail.
-                "SELECT string_agg(format('write-back to %s fails: %s (%s attempts since %s; retried with back-off, its changes are delivered)',
-                                          relid::regclass, left(error, 300), attempts,
-                                          to_char(since, 'YYYY-MM-DD HH24:MI:SS')),
-                                   '; ' ORDER BY relid) FILTER (WHERE n <= 5)
-                       || CASE WHEN count(*) > 5 THEN format('; and %s more tables', count(*) - 5) ELSE '' END
-                   FROM (SELECT *, row_number() OVER (ORDER BY relid) AS n FROM certyo.write_back_failure
-                          WHERE attempts > 0) f",
+                "SELECT EXISTS (SELECT FROM certyo.write_back_failure)
+                        OR EXISTS (SELECT FROM certyo.receipt WHERE NOT written_back),
+                        (SELECT string_agg(format('write-back to %s fails: %s (%s attempts since %s; retried with back-off, its changes are delivered)',
+                                                  relid::regclass, left(error, 300), attempts,
+                                                  to_char(since, 'YYYY-MM-DD HH24:MI:SS')),
+                                           '; ' ORDER BY relid) FILTER (WHERE n <= 5)
+                                || CASE WHEN count(*) > 5 THEN format('; and %s more tables', count(*) - 5) ELSE '' END
+                           FROM (SELECT *, row_number() OVER (ORDER BY relid) AS n FROM certyo.write_back_failure
+                                  WHERE attempts > 0) f)",
             )
+            .map(|(waiting, summary)| (waiting.unwrap_or(false), summary))
         })
     }
 
