@@ -13,8 +13,9 @@ use pgrx::spi::{SpiClient, SpiTupleTable};
 /// `FirstNormalObjectId`, so extensions' too) used by the table's (or a partition's)
 /// constraints, indexes, generated columns, policies or partition key; a domain, range or
 /// multirange type not shipped (their checks and support functions run), any type not shipped
-/// given to a bookkeeping column; or one of the built-in functions that run SQL text
-/// (`query_to_xml`, `ts_stat`, ...). Only a table for which this is false is written back in replica mode (see
+/// given to a bookkeeping column; a cast from text that was not shipped to a column's type (the
+/// write-back reads record id parts back with `::type`); or one of the built-in functions that
+/// run SQL text (`query_to_xml`, `ts_stat`, ...). Only a table for which this is false is written back in replica mode (see
 /// `crate::rights::writing_back_as`). A macro so that [`LOOKUP`] can be one constant.
 macro_rules! user_code {
     () => {
@@ -55,7 +56,11 @@ macro_rules! user_code {
             SELECT FROM pg_rewrite r JOIN tree ON r.ev_class = tree.relid WHERE r.ev_enabled IN ('A', 'R')
             UNION ALL
             SELECT FROM pg_class f JOIN tree ON f.oid = tree.relid
-             WHERE f.relrowsecurity AND f.relforcerowsecurity)"
+             WHERE f.relrowsecurity AND f.relforcerowsecurity
+            UNION ALL
+            SELECT FROM pg_attribute a JOIN tree ON a.attrelid = tree.relid
+              JOIN pg_cast k ON k.castsource = 'text'::regtype AND k.casttarget = a.atttypid
+             WHERE a.attnum > 0 AND NOT a.attisdropped AND k.oid >= 16384)"
     };
 }
 
