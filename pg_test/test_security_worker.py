@@ -14,6 +14,7 @@ condition stayed with the worker.
 Run:  CERTYO_EMULATOR=target/release/certyo-emulator python3 -m pytest -q pg_test/test_security_worker.py
 """
 import re
+import time
 from pathlib import Path
 
 import pytest
@@ -542,3 +543,132 @@ def test_slow_owner_code_runs_in_the_slow_lane_while_others_are_delivered(cluste
     assert max(latencies) < 4.5, f"a bystander's change waited for an attacker's trigger: {latencies}"
     for t in tables:
         wait_written_back(cluster, t, 1, timeout=120)
+
+
+def stubborn_tables(attacker, n):
+    """n tracked tables of the attacker whose ENABLE ALWAYS trigger, in every write-back (and
+    only there), loops forever catching every cancellation."""
+    s = attacker.schema
+    attacker.sql(f"""
+        CREATE FUNCTION {s}.stubborn() RETURNS trigger LANGUAGE plpgsql AS $$
+        BEGIN
+            IF NEW.certyo_record_hash IS DISTINCT FROM OLD.certyo_record_hash THEN
+                LOOP
+                    BEGIN
+                        PERFORM pg_catalog.pg_sleep(0.05);
+                    EXCEPTION WHEN query_canceled OR others THEN
+                        NULL;
+                    END;
+                END LOOP;
+            END IF;
+            RETURN NEW;
+        END $$;
+    """)
+    tables = []
+    for i in range(n):
+        table = make_table(attacker, name=f"stubborn{i}")
+        attacker.sql(f"CREATE TRIGGER stubborn BEFORE UPDATE ON {table} FOR EACH ROW EXECUTE FUNCTION {s}.stubborn(); "
+                     f"ALTER TABLE {table} ENABLE ALWAYS TRIGGER stubborn")
+        tables.append(table)
+    return tables
+
+
+IN_OWNER_CODE = ("SELECT pid FROM pg_stat_activity WHERE backend_type = '{kind}' AND wait_event = 'PgSleep'")
+
+
+def test_owner_code_that_catches_its_cancellation_cannot_hold_delivery(cluster, attacker, make_role):
+    """Attack (an attacker pass of 2026-12-06): a write-back trigger that loops forever, catching
+    `query_canceled`. The 250 ms share and certyo.user_code_timeout cancel it, it catches both:
+    the delivery worker ran it for good, and no other table was delivered again. Now the
+    process ends itself a second after the cancellation (FATAL, which no code catches) and
+    starts again; the table's write-backs go to the slow lane with back-off, where the same
+    happens, further and further apart; another role's changes are written back meanwhile."""
+    tables = stubborn_tables(attacker, 2)
+    offset = cluster.log_size()
+    for i, table in enumerate(tables):
+        attacker.sql(f"INSERT INTO {table} (id) VALUES ({i})")
+    failing = ("SELECT count(*) FROM certyo.write_back_failure WHERE error LIKE '%hard limit%' AND relid IN "
+               f"({', '.join(literal(t) + '::regclass' for t in tables)})")
+    assert wait_for(lambda: cluster.sql(failing) == "2", 90), \
+        f"no write-back was ended at its hard limit\n{cluster.explain()}"
+    bystander = make_role("bystander")
+    table = make_table(bystander, name="served")
+    for i in range(1, 6):
+        bystander.sql(f"INSERT INTO {table} (id) VALUES ({i})")
+    wait_written_back(cluster, table, 5, timeout=60)
+    wait_anchored(cluster, table, 5, timeout=120)
+    log = cluster.log_since(offset)
+    assert "hard limit" in log, "the log does not say why the worker ended"
+    # Ended again and again, but with back-off: not once a second.
+    ended = log.count("due to administrator command")
+    assert 1 <= ended <= 20, f"{ended} ends of the worker or lane"
+    status = cluster.sql("SELECT state || ': ' || detail FROM certyo.worker_status()")
+    assert "hard limit" in status or "write-back" in status, status
+    for t in tables:
+        assert cluster.sql(f"SELECT count(*) FROM {t} WHERE certyo_record_hash IS NOT NULL") == "0"
+    for t in tables:
+        attacker.sql(f"DROP TABLE {t}")
+
+
+def test_a_backfill_condition_that_catches_its_cancellation_fails_its_backfill(cluster, attacker, make_role):
+    """Attack (the same pass): a backfill whose condition loops forever catching
+    `query_canceled`. Now the slow lane ends itself a second after the cancellation; the
+    backfill fails, naming why, and another role's backfill is done."""
+    s = attacker.schema
+    attacker.sql(f"""
+        CREATE FUNCTION {s}.forever(int) RETURNS boolean LANGUAGE plpgsql AS $$
+        BEGIN
+            LOOP
+                BEGIN
+                    PERFORM pg_catalog.pg_sleep(0.05);
+                EXCEPTION WHEN query_canceled OR others THEN
+                    NULL;
+                END;
+            END LOOP;
+        END $$;
+    """)
+    table = make_table(attacker, name="endless", rows=3)
+    backfill = attacker.sql(f"SELECT certyo.backfill('{table}', '{s}.forever(id)')")
+    assert wait_backfill(cluster, backfill, 90) == "failed", cluster.explain()
+    error = cluster.sql(f"SELECT error FROM certyo.backfills WHERE id = {backfill}")
+    assert "hard limit" in error and "catch" in error, error
+    bystander = make_role("bystander")
+    theirs = make_table(bystander, name="filled", rows=4, track=False)
+    bystander.sql(f"SELECT certyo.track('{theirs}')")
+    done = bystander.sql(f"SELECT certyo.backfill('{theirs}')")
+    assert wait_backfill(cluster, done, 60) == "done", cluster.explain()
+    wait_written_back(cluster, theirs, 4, timeout=60)
+
+
+def test_sigterm_and_fast_shutdown_end_owner_code_that_catches_cancellation(cluster, attacker, watch):
+    """Attack (the same pass): with certyo.user_code_timeout at an hour, a write-back trigger
+    that loops catching `query_canceled` kept the slow lane through pg_terminate_backend (pgrx's
+    SIGTERM handler only sets a flag for the main loop) and `pg_ctl stop -m fast` never ended.
+    Now SIGTERM ends owners' code as it ends a backend's statement."""
+    cluster.sql("ALTER SYSTEM SET certyo.user_code_timeout = '1h'")
+    cluster.sql("SELECT pg_reload_conf()")
+    try:
+        tables = stubborn_tables(attacker, 1)
+        attacker.sql(f"INSERT INTO {tables[0]} (id) VALUES (1)")
+        lane = IN_OWNER_CODE.format(kind="certyo_cdc slow lane")
+        pid = wait_for(lambda: cluster.sql(lane), 60, every=0.1)
+        assert pid, f"the slow lane never ran the trigger\n{cluster.explain()}"
+        cluster.sql(f"SELECT pg_terminate_backend({pid})")
+        gone = f"SELECT count(*) FROM pg_stat_activity WHERE pid = {pid}"
+        assert wait_for(lambda: cluster.sql(gone) == "0", 10, every=0.1), "pg_terminate_backend did not end the lane"
+        # The next lane runs it again (SIGTERM is no reason to hold back); a fast shutdown ends it.
+        assert wait_for(lambda: cluster.sql(lane), 60, every=0.1), f"no lane ran the trigger again\n{cluster.explain()}"
+        started = time.monotonic()
+        cluster.stop()
+        took = time.monotonic() - started
+        cluster.start()
+        assert not watch.restarted_on_purpose(), "the server crashed on the way down"
+        assert took < 15, f"a fast shutdown took {took:.1f} s"
+    finally:
+        cluster.sql("ALTER SYSTEM RESET certyo.user_code_timeout")
+        cluster.sql("SELECT pg_reload_conf()")
+        # A lane that started the trigger under the hour-long limit keeps it until SIGTERM.
+        cluster.sql("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE backend_type = 'certyo_cdc slow lane'")
+        for t in cluster.sql(f"SELECT oid::regclass FROM pg_class WHERE relname LIKE 'stubborn%' AND relkind = 'r' "
+                             f"AND relnamespace = '{attacker.schema}'::regnamespace").splitlines():
+            attacker.sql(f"DROP TABLE {t}")

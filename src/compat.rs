@@ -70,3 +70,29 @@ pub unsafe fn owns_database(database: pg_sys::Oid) -> bool {
         pg_sys::object_ownercheck(pg_sys::DatabaseRelationId, database, pg_sys::GetUserId())
     }
 }
+
+/// `TimeoutId`'s `USER_TIMEOUT`, the first user-defined timeout reason: PostgreSQL 17 added
+/// `TRANSACTION_TIMEOUT` before it.
+#[cfg(feature = "pg15")]
+pub const USER_TIMEOUT: std::ffi::c_int = 12;
+#[cfg(not(feature = "pg15"))]
+pub const USER_TIMEOUT: std::ffi::c_int = 13;
+
+/// Install `handler` for signal `signo` in this process. PostgreSQL 18 renamed the backend's
+/// `pqsignal` to `pqsignal_be`, which returns nothing.
+///
+/// # Safety
+/// `handler` is safe to run in a signal handler.
+pub unsafe fn set_signal_handler(
+    signo: std::ffi::c_int,
+    handler: unsafe extern "C-unwind" fn(std::ffi::c_int),
+) {
+    #[cfg(not(feature = "pg18"))]
+    {
+        let _previous = pg_sys::pqsignal(signo, Some(handler));
+    }
+    #[cfg(feature = "pg18")]
+    {
+        pg_sys::pqsignal_be(signo, Some(handler));
+    }
+}

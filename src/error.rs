@@ -118,12 +118,12 @@ pub fn transaction<T, E>(
 }
 
 /// Run `f` in a subtransaction: an ERROR (or panic) inside rolls back only what `f` did and
-/// comes back as `Err` with its message, and the enclosing transaction goes on, as around a
+/// comes back as `Err` with its SQLSTATE and message, and the enclosing transaction goes on, as around a
 /// PL/pgSQL `EXCEPTION` block. The user, security context and settings that `f` changed are
 /// restored by the subtransaction's abort.
 pub fn in_subtransaction<T>(
     f: impl FnOnce() -> T + std::panic::UnwindSafe,
-) -> std::result::Result<T, String> {
+) -> std::result::Result<T, (PgSqlErrorCode, String)> {
     // SAFETY: main thread, inside a transaction; the caller's memory context and resource
     // owner are restored on both paths, as PL/pgSQL does around an exception block.
     let (context, owner) = unsafe { (pg_sys::CurrentMemoryContext, pg_sys::CurrentResourceOwner) };
@@ -145,7 +145,7 @@ pub fn in_subtransaction<T>(
         // subtransaction begun above and everything it did.
         unsafe { pg_sys::RollbackAndReleaseCurrentSubTransaction() };
         restore();
-        Err(message_of(&caught))
+        Err((code_of(&caught), message_of(&caught)))
     })
     .execute()
 }

@@ -19,6 +19,8 @@
 //! - [`error`]: the one error type, raised with an SQLSTATE, detail and hint;
 //! - [`relation`]: a `table_open`ed relation, closed on every path;
 //! - [`rights`]: whose rights run user code (the table owner's, restricted, never the worker's);
+//! - [`hard_limit`]: owners' code that catches its cancellation ends the worker's process,
+//!   and is left to the slow lane afterwards;
 //! - [`compat`]: the server APIs that differ between the PostgreSQL versions built for;
 //! - `sql/schema.sql`: the queue, the `tracked_tables` view and the DDL event trigger;
 //!   `sql/delivery.sql`: the worker's tables (delivery, receipt, backfills, worker state);
@@ -33,6 +35,7 @@ mod compat;
 mod ddl_hook;
 mod delivery;
 pub mod error;
+mod hard_limit;
 mod relation;
 mod rights;
 mod track;
@@ -66,6 +69,8 @@ pub extern "C-unwind" fn _PG_init() {
     if preloading {
         wake::init_shared_memory();
         capture::ids::init_shared_memory();
+        backfill::log_limit::init_shared_memory();
+        hard_limit::init_shared_memory();
         // Not while pg_upgrade runs the server: nothing may write to the databases then.
         // SAFETY: a plain read of a Postgres global, in the postmaster's main thread.
         if !unsafe { pgrx::pg_sys::IsBinaryUpgrade } {

@@ -60,7 +60,9 @@ pub fn writing_back_as<T>(
     ];
     WRITING_BACK.set(table);
     let _done = WritingBack;
-    restricted(owner, &settings, || within(timeout, f))
+    restricted(owner, &settings, || {
+        within(timeout, crate::hard_limit::Running::WriteBack(table), f)
+    })
 }
 
 thread_local! {
@@ -124,7 +126,7 @@ pub fn lock_table(relid: Oid, mode: u32, wait: Duration) {
 /// [`as_role`] for a backfill chunk in the worker: a row lock held by someone else is waited
 /// for a second at most, and its condition runs `timeout` at most, so that no role holds up
 /// the other tables' delivery.
-pub fn backfilling_as<T>(owner: Oid, timeout: Duration, f: impl FnOnce() -> T) -> T {
+pub fn backfilling_as<T>(backfill: i64, owner: Oid, timeout: Duration, f: impl FnOnce() -> T) -> T {
     // The stored condition's constants are ISO dates and PostgreSQL-style intervals (see
     // `backfill::condition`), read here as the caller meant them.
     let settings = [
@@ -134,7 +136,9 @@ pub fn backfilling_as<T>(owner: Oid, timeout: Duration, f: impl FnOnce() -> T) -
         (c"DateStyle", c"ISO, YMD"),
         (c"IntervalStyle", c"postgres"),
     ];
-    restricted(owner, &settings, || within(timeout, f))
+    restricted(owner, &settings, || {
+        within(timeout, crate::hard_limit::Running::Backfill(backfill), f)
+    })
 }
 
 unsafe extern "C-unwind" {
@@ -156,8 +160,9 @@ const STATEMENT_TIMEOUT: c_int = 3;
 /// Run `f` canceled after `timeout`, as `statement_timeout` cancels a client's statement:
 /// that setting is armed only when a client's statement starts, never for the worker's, whose
 /// statements run inside its own transactions. The cancellation is an ERROR with SQLSTATE
-/// 57014, "canceling statement due to statement timeout".
-fn within<T>(timeout: Duration, f: impl FnOnce() -> T) -> T {
+/// 57014, "canceling statement due to statement timeout"; code that catches it and goes on
+/// ends the process soon after (see [`crate::hard_limit`]).
+fn within<T>(timeout: Duration, running: crate::hard_limit::Running, f: impl FnOnce() -> T) -> T {
     let ms = timeout.as_millis().clamp(1, c_int::MAX as u128) as c_int;
     // SAFETY: a predefined timeout, registered by InitPostgres in every backend with a
     // database connection (the worker's too); its handler only sets flags and signals this
@@ -166,7 +171,7 @@ fn within<T>(timeout: Duration, f: impl FnOnce() -> T) -> T {
         pg_sys::ffi::pg_guard_ffi_boundary(|| enable_timeout_after(STATEMENT_TIMEOUT, ms));
         Armed
     };
-    f()
+    crate::hard_limit::run(running, timeout, f)
 }
 
 /// The statement timeout armed by `within`, disarmed when `f` returns or its ERROR unwinds.

@@ -21,6 +21,7 @@ use pgrx::prelude::*;
 use pgrx::{PgMemoryContexts, PgSqlErrorCode};
 
 mod condition;
+pub mod log_limit;
 
 /// `certyo.backfill(rel, where_clause)`: validate as the caller, record the request, wake the
 /// worker at commit. Returns the backfill's id.
@@ -196,55 +197,37 @@ pub fn step(chunk_size: usize) -> std::result::Result<bool, pgrx::spi::Error> {
     } else {
         error
     };
-    failures::warn(id, &error);
-    crate::error::transaction(|| {
-        Spi::run_with_args(
-            "UPDATE certyo.backfills SET state = 'failed', error = $2, finished_at = now(), updated_at = now()
-              WHERE id = $1",
-            &[id.into(), error.into()],
-        )
-    })?;
+    fail(id, &error)?;
     Ok(true)
 }
 
-/// The log's account of failed backfills: each failure is in `certyo.backfills.error`, and the
-/// log names at most ten a minute. A role that requested 20,000 backfills whose condition
-/// raises (one statement) made the worker log 330 warnings a second, 63 MB in 20 s (an
-/// attacker pass of 2026-12-05).
-mod failures {
-    use std::cell::Cell;
-    use std::time::{Duration, Instant};
+/// Backfill `id` fails with `error`, logged within the log's limit.
+fn fail(id: i64, error: &str) -> std::result::Result<(), pgrx::spi::Error> {
+    log_limit::warn(id, error);
+    crate::error::transaction(|| {
+        Spi::run_with_args(
+            "UPDATE certyo.backfills SET state = 'failed', error = $2, finished_at = now(), updated_at = now()
+              WHERE id = $1 AND state IN ('queued', 'running')",
+            &[id.into(), error.into()],
+        )
+    })
+}
 
-    const PER_MINUTE: u32 = 10;
-
-    thread_local! {
-        /// (start of the current minute, warnings logged in it, failures not logged in it).
-        static WINDOW: Cell<Option<(Instant, u32, u32)>> = const { Cell::new(None) };
-    }
-
-    pub fn warn(id: i64, error: &str) {
-        let now = Instant::now();
-        let (start, logged, unlogged) = match WINDOW.get() {
-            Some((start, logged, unlogged))
-                if now.duration_since(start) < Duration::from_secs(60) =>
-            {
-                (start, logged, unlogged)
-            }
-            Some((_, _, unlogged)) => {
-                if unlogged > 0 {
-                    pgrx::warning!("certyo_cdc: {unlogged} more backfills failed in the minute before; certyo.backfills holds each one's error");
-                }
-                (now, 0, 0)
-            }
-            None => (now, 0, 0),
-        };
-        if logged < PER_MINUTE {
-            pgrx::warning!("certyo_cdc: backfill {id} failed: {error}");
-            WINDOW.set(Some((start, logged + 1, unlogged)));
-        } else {
-            WINDOW.set(Some((start, logged, unlogged + 1)));
-        }
-    }
+/// A chunk of backfill `id` ran past the hard limit and ended the process (see
+/// `crate::hard_limit`): the backfill fails, rather than end the next process too.
+pub fn ended_the_process(id: i64) -> std::result::Result<(), pgrx::spi::Error> {
+    locked::forget(id);
+    let error = format!(
+        "{}; request the backfill again with a condition that does not catch its cancellation",
+        crate::hard_limit::ended_message(
+            "a chunk's condition",
+            &format!(
+                "certyo.user_code_timeout, {} ms",
+                crate::delivery::settings::user_code_timeout().as_millis()
+            )
+        )
+    );
+    fail(id, &error)
 }
 
 /// The backfills that wait while their rows are locked by someone else, each with its own
@@ -399,7 +382,7 @@ pub fn queue_chunk(job: &Job, chunk_size: usize) -> Result<i64> {
     // runs as the owner, restricted, never with the worker's rights (see crate::rights).
     let owner = requester_may_still_act_as_owner(job)?;
     let timeout = crate::delivery::settings::user_code_timeout();
-    let (queued, last) = crate::rights::backfilling_as(owner, timeout, || {
+    let (queued, last) = crate::rights::backfilling_as(job.id, owner, timeout, || {
         let (queued, last) =
             Spi::connect(|client| queue_rows(client, &sql, last_key.clone(), job.relid, &options))?;
         if let (Some(_), Some(new)) = (&job.last_key, &last) {

@@ -34,13 +34,32 @@ use pgrx::bgworkers::BackgroundWorker;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 /// Has SIGTERM arrived? pgrx clears its flag when it is read, and several places must see it
-/// (the main loop, the wait for a batch in flight), so it is remembered here once seen.
+/// (the main loop, the wait for a batch in flight), so it is remembered here once seen. The
+/// delivery worker and the slow lane have a handler of their own (see `crate::hard_limit`).
 pub fn stopping() -> bool {
     static STOPPING: AtomicBool = AtomicBool::new(false);
-    if BackgroundWorker::sigterm_received() {
+    if BackgroundWorker::sigterm_received() || crate::hard_limit::sigterm_received() {
         STOPPING.store(true, Ordering::Relaxed);
     }
     STOPPING.load(Ordering::Relaxed)
+}
+
+/// Owners' code that ended a process of `database` (the delivery worker or its slow lane)
+/// at its hard limit: its table's write-backs wait for the slow lane, with back-off, or its
+/// backfill fails, so that it does not end the next process too (see `crate::hard_limit`).
+/// At the start of every pass of either: whichever runs first after the end.
+fn after_hard_limit() -> Result<(), pgrx::spi::Error> {
+    // SAFETY: a plain read of a Postgres global of this connected process.
+    let database = unsafe { pgrx::pg_sys::MyDatabaseId };
+    for ended in crate::hard_limit::ended(database) {
+        match ended {
+            crate::hard_limit::Running::WriteBack(relid) => {
+                write_back::failing::ended_the_process(relid)?;
+            }
+            crate::hard_limit::Running::Backfill(id) => crate::backfill::ended_the_process(id)?,
+        }
+    }
+    Ok(())
 }
 
 /// Register the launcher, which starts the delivery workers; only possible while the

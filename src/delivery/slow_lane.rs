@@ -100,6 +100,8 @@ impl SlowLane {
 #[unsafe(no_mangle)]
 pub extern "C-unwind" fn certyo_slow_lane_main(arg: pg_sys::Datum) {
     BackgroundWorker::attach_signal_handlers(SignalWakeFlags::SIGHUP | SignalWakeFlags::SIGTERM);
+    // SIGTERM also ends owners' code that runs when it arrives.
+    crate::hard_limit::handle_sigterm();
     let database = pg_sys::Oid::from(arg.value() as u32);
     if crate::wake::is_dropped(database) {
         return;
@@ -165,6 +167,7 @@ fn lane_pass() -> Result<Option<Work>, pgrx::spi::Error> {
     let Some(control) = store::control()? else {
         return Ok(None);
     };
+    super::after_hard_limit()?;
     let settings = settings::current();
     let more = control.backfill_open && crate::backfill::step(settings.backfill_chunk_size)?;
     write_back::failing::retry_due()?;

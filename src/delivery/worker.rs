@@ -24,6 +24,8 @@ use std::time::{Duration, Instant};
 #[unsafe(no_mangle)]
 pub extern "C-unwind" fn certyo_delivery_main(arg: pg_sys::Datum) {
     BackgroundWorker::attach_signal_handlers(SignalWakeFlags::SIGHUP | SignalWakeFlags::SIGTERM);
+    // SIGTERM also ends owners' code that runs when it arrives.
+    crate::hard_limit::handle_sigterm();
     let database = pg_sys::Oid::from(arg.value() as u32);
     if crate::wake::is_dropped(database) {
         return; // connecting would fail, and the restart after it, forever
@@ -161,7 +163,14 @@ struct Worker {
     database: pg_sys::Oid,
     /// The slow lane, for write-backs that wait and backfill chunks (`slow_lane.rs`).
     lane: super::slow_lane::SlowLane,
+    /// When the worker last looked whether write-backs wait, and found none: an idle pass
+    /// does not look again for [`LOOK_AGAIN_AFTER`].
+    nothing_waiting_at: Option<Instant>,
 }
+
+/// How long an idle worker trusts that no write-back waits: only its own passes defer
+/// write-backs, but the slow lane and a restart after the hard limit record failures too.
+const LOOK_AGAIN_AFTER: Duration = Duration::from_secs(5);
 
 /// What the worker is doing, as `certyo.worker_status().state` shows it (the column's CHECK
 /// in `sql/delivery.sql` lists the same names).
@@ -345,6 +354,7 @@ impl Worker {
         let Some(control) = store::control()? else {
             return Ok(Next::Stop); // DROP EXTENSION: nothing left to serve here
         };
+        super::after_hard_limit()?;
         write_back::budget::new_pass();
         // Backfills only queue rows, like capture: they go on while sending is paused. Their
         // chunks run owners' conditions and wait for row locks: the slow lane's work, unless no
@@ -393,13 +403,24 @@ impl Worker {
         }
         let (verified, verify_again) = self.verify(&client, &settings)?;
         self.expire(&settings)?;
-        let (waiting, mut failing) = write_back::failing::look()?;
+        let tally = delivered + verified;
+        // One statement, skipped by an idle pass that looked a moment ago and found nothing
+        // (it doubled the CPU of an idle worker).
+        let idle = tally.sent + tally.verified == 0 && error.is_none();
+        let (waiting, mut failing) = match self.nothing_waiting_at {
+            Some(at) if idle && at.elapsed() < LOOK_AGAIN_AFTER => (false, None),
+            _ => write_back::failing::look()?,
+        };
+        self.nothing_waiting_at = match (waiting, &failing, self.nothing_waiting_at) {
+            (false, None, Some(at)) if idle && at.elapsed() < LOOK_AGAIN_AFTER => Some(at),
+            (false, None, _) => Some(Instant::now()),
+            _ => None,
+        };
         if waiting && !self.lane.ensure(self.database) {
             // No slow lane could start: the worker retries itself, and reports what is left.
             write_back::failing::retry_due()?;
             failing = write_back::failing::look()?.1;
         }
-        let tally = delivered + verified;
         if let Some(failing) = failing {
             // Never "idle" while something fails: name the table and the error.
             self.announce(State::WriteBackFailing, &failing, error.as_deref(), tally)?;

@@ -11,6 +11,7 @@
 use crate::track::key::{split_record_id, RecordKey};
 use pgrx::datum::DatumWithOid;
 use pgrx::pg_sys::Oid;
+use pgrx::PgSqlErrorCode;
 
 /// One version of one record, as Certyo knows it.
 #[derive(Debug, Clone)]
@@ -109,10 +110,10 @@ pub fn mark(
         budget::spend(owner, started.elapsed());
         match outcome {
             Ok(()) => {}
-            Err(error) if budget::ran_out(&error, timeout) => {
+            Err(failed) if budget::ran_out(failed.code, timeout) => {
                 failing::defer(client, relid, &ids, Some(budget::ran_out_message(timeout)))?;
             }
-            Err(error) => failing::record(client, relid, &ids, &error)?,
+            Err(failed) => failing::record(client, relid, &ids, &failed.message)?,
         }
     }
     Ok(())
@@ -125,6 +126,7 @@ pub fn mark(
 /// delivery of the others (the worker sends nothing while a statement of its own runs).
 pub mod budget {
     use pgrx::pg_sys::Oid;
+    use pgrx::PgSqlErrorCode;
     use std::cell::RefCell;
     use std::collections::HashMap;
     use std::time::Duration;
@@ -175,10 +177,10 @@ pub mod budget {
     }
 
     /// Was the statement canceled at the end of the owner's share (rather than failing)?
-    pub fn ran_out(error: &str, timeout: Duration) -> bool {
+    pub fn ran_out(code: PgSqlErrorCode, timeout: Duration) -> bool {
         LIMITED.get()
             && timeout < crate::delivery::settings::user_code_timeout()
-            && error.contains("statement timeout")
+            && code == PgSqlErrorCode::ERRCODE_QUERY_CANCELED
     }
 
     pub fn ran_out_message(timeout: Duration) -> String {
@@ -198,7 +200,7 @@ fn mark_isolated(
     rows: &[Version],
     mark: Mark,
     timeout: std::time::Duration,
-) -> Result<(), String> {
+) -> Result<(), Failed> {
     if rows.is_empty() {
         return Ok(());
     }
@@ -207,9 +209,18 @@ fn mark_isolated(
     }));
     match outcome {
         Ok(Ok(())) => Ok(()),
-        Ok(Err(e)) => Err(e.to_string()),
-        Err(e) => Err(e),
+        Ok(Err(e)) => Err(Failed {
+            code: PgSqlErrorCode::ERRCODE_INTERNAL_ERROR,
+            message: e.to_string(),
+        }),
+        Err((code, message)) => Err(Failed { code, message }),
     }
+}
+
+/// Why a table's write-back failed: its SQLSTATE and message.
+struct Failed {
+    code: PgSqlErrorCode,
+    message: String,
 }
 
 /// Tables whose write-back failed: their receipts wait (`written_back = false`) and are
@@ -273,23 +284,54 @@ pub mod failing {
         Ok(())
     }
 
+    /// A write-back to `relid` ran past the hard limit and ended the process (see
+    /// `crate::hard_limit`): the table's write-backs are the slow lane's now, with back-off.
+    pub fn ended_the_process(relid: Oid) -> SpiResult<()> {
+        let message = crate::hard_limit::ended_message(
+            "the write-back (its owner's code)",
+            &format!(
+                "certyo.user_code_timeout, {} ms, or what was left of its owner's {} ms share of a delivery pass",
+                crate::delivery::settings::user_code_timeout().as_millis(),
+                super::budget::PER_OWNER.as_millis()
+            ),
+        );
+        crate::error::transaction(|| {
+            Spi::connect_mut(|client| record(client, relid, &[], &message))
+        })
+    }
+
     /// The tables with receipts waiting to be written back, listed or not: the list
     /// (`certyo.write_back_failure`) says why for `certyo.status`, but a retry that emptied a
     /// table's list entry just as the delivery worker deferred more of its receipts (neither
     /// saw the other's uncommitted work) must not strand them, so the receipts themselves
     /// are looked at too (one probe of the waiting-receipts index per tracked table).
-    fn tables_waiting(client: &pgrx::spi::SpiClient<'_>) -> SpiResult<Vec<Oid>> {
+    fn tables_waiting(client: &pgrx::spi::SpiClient<'_>) -> SpiResult<Vec<Waiting>> {
         client
             .select(
-                "SELECT relid FROM certyo.write_back_failure
-                 UNION
-                 SELECT t.relid FROM certyo.tracked_oids() t
-                  WHERE EXISTS (SELECT FROM certyo.receipt r WHERE r.relid = t.relid AND NOT r.written_back)",
+                "SELECT relid, attempts, extract(epoch FROM now() - last_attempt_at)::float8
+                   FROM certyo.write_back_failure
+                 UNION ALL
+                 SELECT t.relid, 0, 0 FROM certyo.tracked_oids() t
+                  WHERE EXISTS (SELECT FROM certyo.receipt r WHERE r.relid = t.relid AND NOT r.written_back)
+                    AND NOT EXISTS (SELECT FROM certyo.write_back_failure f WHERE f.relid = t.relid)",
                 None,
                 &[],
             )?
-            .map(|row| row.get::<Oid>(1).map(Option::unwrap_or_default))
+            .map(|row| {
+                Ok(Waiting {
+                    relid: row.get::<Oid>(1)?.unwrap_or_default(),
+                    attempts: row.get::<i32>(2)?.unwrap_or(0).max(0) as u32,
+                    since_last: Duration::from_secs_f64(row.get::<f64>(3)?.unwrap_or(0.0).max(0.0)),
+                })
+            })
             .collect()
+    }
+
+    /// A table whose receipts wait: its failed attempts, and how long ago the last one was.
+    struct Waiting {
+        relid: Oid,
+        attempts: u32,
+        since_last: Duration,
     }
 
     /// The tables whose write-back fails or waits for the slow lane now.
@@ -369,12 +411,20 @@ pub mod failing {
     pub fn retry_due() -> SpiResult<()> {
         let listed = crate::error::transaction(|| Spi::connect(tables_waiting))?;
         let now = Instant::now();
+        let cap = crate::delivery::settings::current().max_retry_interval;
         SCHEDULE.with(|s| {
             let mut s = s.borrow_mut();
             let schedule = s.get_or_insert_with(HashMap::new);
-            schedule.retain(|relid, _| listed.contains(&Oid::from(*relid)));
-            for relid in &listed {
-                schedule.entry(relid.to_u32()).or_insert(now);
+            schedule.retain(|relid, _| listed.iter().any(|w| w.relid.to_u32() == *relid));
+            for waiting in &listed {
+                // A table that failed before this process knew of it (listed by another, or
+                // before a restart) keeps its back-off: one whose write-back ended the lane
+                // must not end the next lane at once.
+                let wait = match waiting.attempts {
+                    0 => Duration::ZERO,
+                    n => next_attempt_delay(n, 0.5, cap).saturating_sub(waiting.since_last),
+                };
+                schedule.entry(waiting.relid.to_u32()).or_insert(now + wait);
             }
         });
         let now = Instant::now();
@@ -442,8 +492,8 @@ pub mod failing {
                     timeout,
                 )
             });
-        if let Err(error) = outcome {
-            return record(client, relid, &[], &error);
+        if let Err(failed) = outcome {
+            return record(client, relid, &[], &failed.message);
         }
         let ids: Vec<i64> = waiting.iter().map(|(v, _)| v.id).collect();
         let statuses: Vec<String> = waiting.iter().map(|(_, s)| s.clone()).collect();
@@ -457,13 +507,26 @@ pub mod failing {
             None,
             &[ids.into(), statuses.into()],
         )?;
+        // Not while receipts of the table wait (deferred before the lock above, or verified
+        // meanwhile): they are the next retry's. And when nothing was written back, not while
+        // changes of the table are on their way to receipts: a write-back that ended the
+        // process at its hard limit (see `crate::hard_limit`) rolled back its batch's
+        // receipts, which are recorded again when the batch is sent again, and must then wait
+        // for this lane rather than end the delivery worker once more.
+        let on_their_way = if waiting.is_empty() {
+            "AND NOT EXISTS (SELECT FROM certyo.delivery d WHERE d.relid = $1 AND d.state = 'pending')
+             AND NOT EXISTS (SELECT FROM certyo.queue q WHERE q.relid = $1)"
+        } else {
+            ""
+        };
         let deleted = client
             .update(
-                // Not while receipts of the table wait (deferred before the lock above, or
-                // verified meanwhile): they are the next retry's.
-                "DELETE FROM certyo.write_back_failure WHERE relid = $1
-                    AND NOT EXISTS (SELECT FROM certyo.receipt r WHERE r.relid = $1 AND NOT r.written_back)
-                 RETURNING relid",
+                &format!(
+                    "DELETE FROM certyo.write_back_failure WHERE relid = $1
+                        AND NOT EXISTS (SELECT FROM certyo.receipt r WHERE r.relid = $1 AND NOT r.written_back)
+                        {on_their_way}
+                     RETURNING relid"
+                ),
                 None,
                 &[relid.into()],
             )?
@@ -474,12 +537,20 @@ pub mod failing {
                 "certyo_cdc: write-back to table {} works again",
                 name_of(relid)
             );
-        } else {
+        } else if !waiting.is_empty() {
             // Receipts still wait (more than a batch, deferred meanwhile, or verified
             // meanwhile): at once again.
             SCHEDULE.with(|s| {
                 if let Some(schedule) = s.borrow_mut().as_mut() {
                     schedule.insert(relid.to_u32(), Instant::now());
+                }
+            });
+        } else {
+            // Nothing to write back yet, changes on their way: a poll interval later.
+            let later = crate::delivery::settings::current().poll_interval;
+            SCHEDULE.with(|s| {
+                if let Some(schedule) = s.borrow_mut().as_mut() {
+                    schedule.insert(relid.to_u32(), Instant::now() + later);
                 }
             });
         }
