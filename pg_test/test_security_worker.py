@@ -211,6 +211,36 @@ def test_no_owner_code_runs_in_replica_mode(cluster, attacker, make_role, vector
     assert_ran_only_as(attacker, attacker.name)
 
 
+def test_a_cast_made_or_dropped_later_never_runs_in_replica_mode(cluster, attacker, make_role):
+    """Attack (a review of 2026-12-06): the write-back keeps its plan, and reads record id parts
+    back with `::type`. An enum key with no cast of the owner's: replica mode, planned with
+    PostgreSQL's own cast; the owner then creates a cast from text (their function), or drops
+    it after a write-back planned with it in origin mode, keeping the function. No plan or cast
+    may ever run the owner's function in replica mode: a key of a type PostgreSQL did not ship
+    is written back in origin mode, and a plan is kept per mode."""
+    s = attacker.schema
+    attacker.sql(replica_observer(s) + f"""
+        CREATE TYPE {s}.k AS ENUM ('1', '2', '3', '4', '5', '6', '7', '8', '9');
+        CREATE FUNCTION {s}.k_of(x text) RETURNS {s}.k LANGUAGE plpgsql AS $$
+        BEGIN PERFORM {s}.note('cast');
+              RETURN (SELECT e FROM unnest(enum_range(NULL::{s}.k)) e WHERE e::text = x); END $$;
+    """)
+    table = make_table(attacker, columns=f"id {s}.k PRIMARY KEY")
+    cast = f"CREATE CAST (text AS {s}.k) WITH FUNCTION {s}.k_of(text) AS ASSIGNMENT"
+    attacker.sql(cast)
+    attacker.sql(f"INSERT INTO {table} (id) VALUES ('1'), ('2'), ('3')")
+    wait_written_back(cluster, table, 3)
+    attacker.sql(f"DROP CAST (text AS {s}.k)")
+    attacker.sql(f"INSERT INTO {table} (id) VALUES ('4'), ('5'), ('6')")
+    wait_written_back(cluster, table, 6)
+    attacker.sql(cast)
+    attacker.sql(f"INSERT INTO {table} (id) VALUES ('7'), ('8'), ('9')")
+    wait_written_back(cluster, table, 9)
+    seen = cluster.sql(f"SELECT coalesce(string_agg(DISTINCT srr, ','), '') FROM {s}.seen")
+    assert "replica" not in seen, f"the owner's cast ran in replica mode: {seen}"
+    assert_unprivileged(attacker)
+
+
 def test_an_identity_key_table_with_owner_code_is_written_back(cluster, attacker):
     """A table whose key is GENERATED ALWAYS AS IDENTITY and that has an ENABLE ALWAYS trigger
     (so its write-back runs in origin mode and names a business column for capture to watch):

@@ -655,8 +655,12 @@ fn mark_table(
         (Some(column), true) => format!(", {column} = t.{column}"),
         _ => String::new(),
     };
+    // The mode is part of the statement's text, so a plan kept from one mode is never run in
+    // the other: one made while an owner's cast existed calls it even after the cast is gone.
+    let mode = if key.user_code { "origin" } else { "replica" };
     let sql = format!(
-        "UPDATE {table} AS t SET {set}{watched}
+        "/* certyo_cdc write-back, {mode} mode */
+         UPDATE {table} AS t SET {set}{watched}
            FROM unnest({unnest}, ${h}::text[]) AS v({names}, hash)
           WHERE {matches} AND {condition}",
         table = key.table,

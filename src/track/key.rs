@@ -13,8 +13,10 @@ use pgrx::spi::{SpiClient, SpiTupleTable};
 /// `FirstNormalObjectId`, so extensions' too) used by the table's (or a partition's)
 /// constraints, indexes, generated columns, policies or partition key; a domain, range or
 /// multirange type not shipped (their checks and support functions run), any type not shipped
-/// given to a bookkeeping column; a cast from text that was not shipped to a column's type (the
-/// write-back reads record id parts back with `::type`); or one of the built-in functions that
+/// given to a bookkeeping column; a cast from text that was not shipped to a column's type, or
+/// a record id column of a type not shipped (the write-back reads record id parts back with
+/// `::type`, and whoever owns the type may create such a cast at any moment, between this check
+/// and the planning of the write-back included); or one of the built-in functions that
 /// run SQL text (`query_to_xml`, `ts_stat`, ...). Only a table for which this is false is written back in replica mode (see
 /// `crate::rights::writing_back_as`). A macro so that [`LOOKUP`] can be one constant.
 macro_rules! user_code {
@@ -60,7 +62,11 @@ macro_rules! user_code {
             UNION ALL
             SELECT FROM pg_attribute a JOIN tree ON a.attrelid = tree.relid
               JOIN pg_cast k ON k.castsource = 'text'::regtype AND k.casttarget = a.atttypid
-             WHERE a.attnum > 0 AND NOT a.attisdropped AND k.oid >= 16384)"
+             WHERE a.attnum > 0 AND NOT a.attisdropped AND k.oid >= 16384
+            UNION ALL
+            SELECT FROM pg_attribute a
+             WHERE a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped AND a.atttypid >= 16384
+               AND a.attname = ANY (certyo.capture_option(t.tgargs, 'record_id')))"
     };
 }
 
