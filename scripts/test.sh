@@ -3,7 +3,7 @@
 # test-all` adds 17 and 18, each in a Debian root made by scripts/pg-root.sh), the unit tests,
 # #[pg_test]s and end-to-end suites of scripts/test-version.sh; then what does not depend on the
 # version: the Certyo client, the emulator and certyo-relay (unit tests; end to end against MariaDB), the
-# companions (MariaDB, T-SQL) and docker/. Fails when any test fails.
+# documentation against the sources, the companions (MariaDB, T-SQL) and docker/. Fails when any test fails.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup.sh
@@ -55,6 +55,8 @@ echo "== end to end: certyo-relay against MariaDB and the emulator"
 cargo build --release -p certyo-relay -p certyo-emulator --quiet
 CERTYO_RELAY=target/release/certyo-relay CERTYO_EMULATOR=target/release/certyo-emulator \
     python3 -m pytest -q -p no:cacheprovider relay/tests
+echo "== the documentation against the sources (pg_test/test_docs.py: no database)"
+python3 -m pytest -q -p no:cacheprovider pg_test/test_docs.py
 echo "== SQL Server companion: T-SQL syntax"
 pg_test/sqlserver.sh
 echo "== docker/: Dockerfile lint and compose targets"

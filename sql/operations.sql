@@ -1,9 +1,9 @@
 -- The operator surface: status, worker control, dead letters, verification, history, backfill
--- and the tamper audit. Documented in README.md ("Operating certyo_cdc").
+-- and the tamper audit. Documented in docs/operations.md ("Operating certyo_cdc").
 --
 -- Rights: every function here runs with the extension owner's rights (SECURITY DEFINER, with a
 -- fixed search_path) and is revoked from PUBLIC; an operator role is granted them explicitly
--- (README.md shows the grant). None returns a payload or the API key.
+-- (docs/operations.md shows the grant). None returns a payload or the API key.
 
 -- Per table: where its changes are. "in_flight" entries were taken by the worker and not yet
 -- answered; "waiting_retry" failed transiently and wait for their next attempt.

@@ -35,7 +35,7 @@ def mariadb():
 
 class Shop:
     """One test's database: the companion, `products` tracked, a `relay` user with what the
-    relay needs (README: the grants)."""
+    relay needs (docs/relay.md: the grants)."""
 
     def __init__(self, server):
         self.server = server

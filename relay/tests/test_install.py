@@ -1,5 +1,5 @@
 """The companion installs and captures whatever the database's and the client's character set and
-collation: README's commands (the script, then the generator piped into the client) on a
+collation: docs/relay.md's commands (the script, then the generator piped into the client) on a
 database created with the collation WordPress and Laravel use, MariaDB's newer default, latin1,
 and with a latin1 client; then an application (utf8mb4) writes rows with non-ASCII keys and
 values, and the relay delivers them and writes the hashes back. Fixtures in conftest.py."""
@@ -41,7 +41,7 @@ class Database:
         return self.server.sql(statement, self.name)
 
     def track(self, table):
-        """README's command: the generator's output piped back into the client."""
+        """docs/relay.md's command: the generator's output piped back into the client."""
         call = f"CALL certyo_trigger_ddl('{self.name}', '{table}', NULL, NULL)"
         generate = subprocess.Popen(client(self.charset) + ["-N", "-r", "-e", call, self.name],
                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE)

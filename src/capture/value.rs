@@ -2,7 +2,7 @@
 //!
 //! The payload is hashed by Certyo, so the same row must always render to the same bytes: no
 //! output here depends on session settings (`DateStyle`, `TimeZone`, `bytea_output`,
-//! `extra_float_digits`, `IntervalStyle`). The mapping, documented in the README:
+//! `extra_float_digits`, `IntervalStyle`). The mapping, documented in docs/design.md (Payload):
 //! - integers, `numeric` (full precision), finite floats (shortest round-trip) → JSON numbers;
 //!   `NaN`/`Infinity` → strings;
 //! - `boolean` → `true`/`false`; `json`/`jsonb` → nested JSON; arrays → JSON arrays;
