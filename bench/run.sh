@@ -60,3 +60,5 @@ CERTYO_SOAK_SECONDS=${CERTYO_SOAK_SECONDS:-300} CERTYO_EMULATOR=target/release/c
 
 # Fairness: another role's commit-to-accepted latency while one owner's triggers are slow.
 python3 bench/fairness.py
+# ... and while they loop forever catching their cancellation (the hard limit ends them).
+python3 bench/fairness.py stubborn

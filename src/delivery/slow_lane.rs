@@ -84,6 +84,22 @@ impl SlowLane {
         }
     }
 
+    /// Wake the lane at once: the delivery worker has just left it write-backs.
+    pub fn ring(&self) {
+        let Some(Ok(pid)) = self.worker.as_ref().map(DynamicBackgroundWorker::pid) else {
+            return;
+        };
+        // SAFETY: looks the lane's PGPROC up by its process id (NULL once it has ended; the
+        // array of PGPROCs is in shared memory for the server's life), and sets its latch,
+        // which any process may do.
+        unsafe {
+            let lane = pg_sys::BackendPidGetProc(pid as std::ffi::c_int);
+            if !lane.is_null() {
+                pg_sys::SetLatch(&raw mut (*lane).procLatch);
+            }
+        }
+    }
+
     /// End the lane, and wait until it has ended (the delivery worker is ending).
     pub fn stop(&mut self) {
         if let Some(worker) = self.worker.take() {

@@ -416,10 +416,13 @@ impl Worker {
             (false, None, _) => Some(Instant::now()),
             _ => None,
         };
+        let left = write_back::failing::left_to_the_lane();
         if waiting && !self.lane.ensure(self.database) {
             // No slow lane could start: the worker retries itself, and reports what is left.
             write_back::failing::retry_due()?;
             failing = write_back::failing::look()?.1;
+        } else if left {
+            self.lane.ring();
         }
         if let Some(failing) = failing {
             // Never "idle" while something fails: name the table and the error.

@@ -109,7 +109,10 @@ pub fn mark(
         let outcome = mark_isolated(client, relid, &rows, mark, timeout);
         budget::spend(owner, started.elapsed());
         match outcome {
-            Ok(()) => {}
+            Ok(Marked::Done) => {}
+            Ok(Marked::LeftToTheSlowLane) => {
+                failing::defer(client, relid, &ids, Some(OWNER_CODE_IN_THE_SLOW_LANE.into()))?;
+            }
             Err(failed) if budget::ran_out(failed.code, timeout) => {
                 failing::defer(client, relid, &ids, Some(budget::ran_out_message(timeout)))?;
             }
@@ -118,6 +121,20 @@ pub fn mark(
     }
     Ok(())
 }
+
+/// What a write-back did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Marked {
+    /// The rows that still hold these versions are marked.
+    Done,
+    /// The table's UPDATE runs its owner's code (origin mode): the delivery worker leaves it
+    /// to the slow lane.
+    LeftToTheSlowLane,
+}
+
+/// Why the delivery worker leaves a table's write-backs to the slow lane (`certyo.status`).
+const OWNER_CODE_IN_THE_SLOW_LANE: &str =
+    "its UPDATE runs its owner's code (a trigger that fires in replica mode, a function in a check, index or policy, a type not shipped with PostgreSQL): written back by the slow lane, never by the delivery worker";
 
 /// How long the owners' code may run in the delivery worker's write-backs: per owner per pass,
 /// [`PER_OWNER`] in all. An owner whose code has used its share has its tables' write-backs
@@ -145,6 +162,11 @@ pub mod budget {
     /// The delivery worker: owners' code runs within their share; false: the whole timeout.
     pub fn limit(limited: bool) {
         LIMITED.set(limited);
+    }
+
+    /// Is this the delivery worker (which runs no owner's code in its write-backs)?
+    pub fn limited() -> bool {
+        LIMITED.get()
     }
 
     /// A new pass: every owner's share is whole again.
@@ -200,15 +222,15 @@ fn mark_isolated(
     rows: &[Version],
     mark: Mark,
     timeout: std::time::Duration,
-) -> Result<(), Failed> {
+) -> Result<Marked, Failed> {
     if rows.is_empty() {
-        return Ok(());
+        return Ok(Marked::Done);
     }
     let outcome = crate::error::in_subtransaction(std::panic::AssertUnwindSafe(|| {
         mark_table(client, relid, rows, mark, timeout)
     }));
     match outcome {
-        Ok(Ok(())) => Ok(()),
+        Ok(Ok(marked)) => Ok(marked),
         Ok(Err(e)) => Err(Failed {
             code: PgSqlErrorCode::ERRCODE_INTERNAL_ERROR,
             message: e.to_string(),
@@ -246,6 +268,14 @@ pub mod failing {
         static SCHEDULE: RefCell<Option<HashMap<u32, Instant>>> = const { RefCell::new(None) };
         /// When each table's failure was last logged: a WARNING at most once a minute.
         static REPORTED: RefCell<HashMap<u32, Instant>> = RefCell::new(HashMap::new());
+        /// Whether this process left write-backs to the slow lane since [`left_to_the_lane`].
+        static DEFERRED: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+    }
+
+    /// Whether write-backs were left to the slow lane since the last call (the delivery worker
+    /// then wakes the lane).
+    pub fn left_to_the_lane() -> bool {
+        DEFERRED.replace(false)
     }
 
     /// These receipts wait to be written back (`written_back = false`).
@@ -352,6 +382,7 @@ pub mod failing {
         ids: &[i64],
         reason: Option<String>,
     ) -> SpiResult<()> {
+        DEFERRED.set(true);
         leave_waiting(client, ids)?;
         // Listed if not yet (never waiting for the slow lane's lock on a listed row: the lane
         // finds the waiting receipts themselves too, see `tables_waiting`).
@@ -473,8 +504,10 @@ pub mod failing {
                 .collect()
         };
         let timeout = crate::delivery::settings::user_code_timeout();
+        // The slow lane (or a worker that could start none) runs owners' code: every
+        // write-back here is done, never left to a lane.
         let outcome = mark_isolated(client, relid, &with_status(None), Mark::Accepted, timeout)
-            .and_then(|()| {
+            .and_then(|_| {
                 mark_isolated(
                     client,
                     relid,
@@ -483,7 +516,7 @@ pub mod failing {
                     timeout,
                 )
             })
-            .and_then(|()| {
+            .and_then(|_| {
                 mark_isolated(
                     client,
                     relid,
@@ -623,7 +656,7 @@ fn mark_table(
     rows: &[Version],
     mark: Mark,
     timeout: std::time::Duration,
-) -> Result<(), pgrx::spi::Error> {
+) -> Result<Marked, pgrx::spi::Error> {
     // Locked first: the name looked up below then means this table until the write-back
     // commits (see `rights::lock_table`).
     // The wait counts against the owner's share of the pass (`budget`).
@@ -631,8 +664,14 @@ fn mark_table(
     // Kept (planned once): a pass looks up the key of every table it writes back to.
     let found = super::prepared::select(client, crate::track::key::LOOKUP, &[relid.into()])?;
     let Some(key) = RecordKey::from_found(found)? else {
-        return Ok(()); // dropped or untracked meanwhile: nothing to write back to
+        return Ok(Marked::Done); // dropped or untracked meanwhile: nothing to write back to
     };
+    if key.user_code && budget::limited() {
+        // Owners' code never runs in the delivery worker: it could hold it (a trigger that
+        // catches its cancellation ends the process running it, see `crate::hard_limit`),
+        // and every table's delivery waits while a statement of the worker runs.
+        return Ok(Marked::LeftToTheSlowLane);
+    }
     let rows = still_current(client, relid, rows, mark)?;
     let n = key.columns.len();
     let mut parts: Vec<Vec<String>> = vec![Vec::new(); n];
@@ -647,7 +686,7 @@ fn mark_table(
         hashes.push(hash);
     }
     if hashes.is_empty() {
-        return Ok(());
+        return Ok(Marked::Done);
     }
     let unnest: Vec<String> = (1..=n).map(|i| format!("${i}::text[]")).collect();
     let names: Vec<String> = (1..=n).map(|i| format!("k{i}")).collect();
@@ -676,7 +715,7 @@ fn mark_table(
     crate::rights::writing_back_as(relid, key.owner, key.user_code, timeout, || {
         super::prepared::update(client, &sql, &args)
     })?;
-    Ok(())
+    Ok(Marked::Done)
 }
 
 /// The (record id, hash) of the versions that may still mark their row.
