@@ -7,6 +7,7 @@
 //! triggers firing, and also assign one business column its own value, so that capture fires
 //! and checks that no trigger changed the row's content meanwhile (it fails the write-back
 //! if one did: the row would otherwise be marked with the hash of content it no longer holds).
+//! Origin-mode write-backs are the slow lane's: the delivery worker runs no owner's code.
 
 use crate::track::key::{split_record_id, RecordKey};
 use pgrx::datum::DatumWithOid;
@@ -136,11 +137,14 @@ enum Marked {
 const OWNER_CODE_IN_THE_SLOW_LANE: &str =
     "its UPDATE runs its owner's code (a trigger that fires in replica mode, a function in a check, index or policy, a type not shipped with PostgreSQL): written back by the slow lane, never by the delivery worker";
 
-/// How long the owners' code may run in the delivery worker's write-backs: per owner per pass,
-/// [`PER_OWNER`] in all. An owner whose code has used its share has its tables' write-backs
-/// done by the slow lane (`super::slow_lane`), with the whole `certyo.user_code_timeout` and
-/// back-off, so that one owner's slow triggers delay that owner's tables only, never the
-/// delivery of the others (the worker sends nothing while a statement of its own runs).
+/// How long the delivery worker's write-backs to one owner's tables may take: per owner per
+/// pass, [`PER_OWNER`] in all. The worker runs no owner's code (those tables are the slow
+/// lane's, see [`Marked::LeftToTheSlowLane`]), but its replica-mode write-backs wait for row
+/// and table locks that owners hold. An owner whose tables have used the share has their
+/// write-backs done by the slow lane (`super::slow_lane`), with the whole
+/// `certyo.user_code_timeout` and back-off, so that one owner's locks delay that owner's tables
+/// only, never the delivery of the others (the worker sends nothing while a statement of its
+/// own runs).
 pub mod budget {
     use pgrx::pg_sys::Oid;
     use pgrx::PgSqlErrorCode;
