@@ -9,9 +9,9 @@ the attacker's tables busy, three times each. In a round the bystander commits o
 never stop. Prints p50/p99/max per round and the medians, and the ratio against the baseline.
 
 With `stubborn`, the attacker's triggers instead loop forever catching their cancellation
-(`EXCEPTION WHEN query_canceled`): each ends the process running it a second after its time
-(the hard limit), and is then left to the slow lane with back-off. The first end of the
-delivery worker per table costs every table a restart (5 s); after that only the slow lane's.
+(`EXCEPTION WHEN query_canceled`): the slow lane, which runs them (the delivery worker runs no
+owner's code), ends itself a second after their time (the hard limit) and a new one takes
+over; the tables are retried with back-off. Also prints how many processes ended so.
 
 Usage: CERTYO_EMULATOR=target/release/certyo-emulator python3 bench/fairness.py [stubborn]
 """

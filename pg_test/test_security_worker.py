@@ -19,7 +19,8 @@ from pathlib import Path
 
 import pytest
 
-from harness import wait_for
+from conftest import DIR, SETTINGS
+from harness import Cluster, free_port, wait_for
 from test_security import (assert_delivered_meanwhile, assert_ran_only_as, assert_unprivileged, literal,
                            make_table, wait_anchored, wait_backfill, wait_written_back)
 
@@ -518,26 +519,47 @@ def test_a_table_renamed_onto_the_backfilled_name_is_not_read_as_it(cluster, att
 # One owner's slow code delays that owner's tables only
 
 
-def slow_tables(attacker, n, seconds):
-    """n tracked tables of the attacker whose ENABLE ALWAYS trigger sleeps `seconds` in every
-    write-back (and only there)."""
+def write_back_trigger_tables(attacker, n, name, body):
+    """n tracked tables of the attacker (NAME0, NAME1, ...) whose ENABLE ALWAYS trigger runs
+    `body` (PL/pgSQL) in every write-back, and only there."""
     s = attacker.schema
     attacker.sql(f"""
-        CREATE FUNCTION {s}.slow() RETURNS trigger LANGUAGE plpgsql AS $$
+        CREATE FUNCTION {s}.{name}() RETURNS trigger LANGUAGE plpgsql AS $$
         BEGIN
             IF NEW.certyo_record_hash IS DISTINCT FROM OLD.certyo_record_hash THEN
-                PERFORM pg_catalog.pg_sleep({seconds});
+                {body}
             END IF;
             RETURN NEW;
         END $$;
     """)
     tables = []
     for i in range(n):
-        table = make_table(attacker, name=f"slow{i}")
-        attacker.sql(f"CREATE TRIGGER slow BEFORE UPDATE ON {table} FOR EACH ROW EXECUTE FUNCTION {s}.slow(); "
-                     f"ALTER TABLE {table} ENABLE ALWAYS TRIGGER slow")
+        table = make_table(attacker, name=f"{name}{i}")
+        attacker.sql(f"CREATE TRIGGER {name} BEFORE UPDATE ON {table} FOR EACH ROW EXECUTE FUNCTION {s}.{name}(); "
+                     f"ALTER TABLE {table} ENABLE ALWAYS TRIGGER {name}")
         tables.append(table)
     return tables
+
+
+def slow_tables(attacker, n, seconds):
+    """Tables whose write-back trigger sleeps `seconds`."""
+    return write_back_trigger_tables(attacker, n, "slow", f"PERFORM pg_catalog.pg_sleep({seconds});")
+
+
+# PL/pgSQL that runs forever, catching every cancellation (the statement timeout's too).
+FOREVER = """
+                LOOP
+                    BEGIN
+                        PERFORM pg_catalog.pg_sleep(0.05);
+                    EXCEPTION WHEN query_canceled OR others THEN
+                        NULL;
+                    END;
+                END LOOP;"""
+
+
+def stubborn_tables(attacker, n):
+    """Tables whose write-back trigger loops forever, catching every cancellation."""
+    return write_back_trigger_tables(attacker, n, "stubborn", FOREVER)
 
 
 def accepted_latencies(cluster, table):
@@ -573,34 +595,6 @@ def test_slow_owner_code_runs_in_the_slow_lane_while_others_are_delivered(cluste
     assert max(latencies) < 4.5, f"a bystander's change waited for an attacker's trigger: {latencies}"
     for t in tables:
         wait_written_back(cluster, t, 1, timeout=120)
-
-
-def stubborn_tables(attacker, n):
-    """n tracked tables of the attacker whose ENABLE ALWAYS trigger, in every write-back (and
-    only there), loops forever catching every cancellation."""
-    s = attacker.schema
-    attacker.sql(f"""
-        CREATE FUNCTION {s}.stubborn() RETURNS trigger LANGUAGE plpgsql AS $$
-        BEGIN
-            IF NEW.certyo_record_hash IS DISTINCT FROM OLD.certyo_record_hash THEN
-                LOOP
-                    BEGIN
-                        PERFORM pg_catalog.pg_sleep(0.05);
-                    EXCEPTION WHEN query_canceled OR others THEN
-                        NULL;
-                    END;
-                END LOOP;
-            END IF;
-            RETURN NEW;
-        END $$;
-    """)
-    tables = []
-    for i in range(n):
-        table = make_table(attacker, name=f"stubborn{i}")
-        attacker.sql(f"CREATE TRIGGER stubborn BEFORE UPDATE ON {table} FOR EACH ROW EXECUTE FUNCTION {s}.stubborn(); "
-                     f"ALTER TABLE {table} ENABLE ALWAYS TRIGGER stubborn")
-        tables.append(table)
-    return tables
 
 
 IN_OWNER_CODE = ("SELECT pid FROM pg_stat_activity WHERE backend_type = '{kind}' AND wait_event = 'PgSleep'")
@@ -648,13 +642,7 @@ def test_a_backfill_condition_that_catches_its_cancellation_fails_its_backfill(c
     attacker.sql(f"""
         CREATE FUNCTION {s}.forever(int) RETURNS boolean LANGUAGE plpgsql AS $$
         BEGIN
-            LOOP
-                BEGIN
-                    PERFORM pg_catalog.pg_sleep(0.05);
-                EXCEPTION WHEN query_canceled OR others THEN
-                    NULL;
-                END;
-            END LOOP;
+            {FOREVER}
         END $$;
     """)
     table = make_table(attacker, name="endless", rows=3)
@@ -702,3 +690,45 @@ def test_sigterm_and_fast_shutdown_end_owner_code_that_catches_cancellation(clus
         for t in cluster.sql(f"SELECT oid::regclass FROM pg_class WHERE relname LIKE 'stubborn%' AND relkind = 'r' "
                              f"AND relnamespace = '{attacker.schema}'::regnamespace").splitlines():
             attacker.sql(f"DROP TABLE {t}")
+
+
+def test_with_no_slot_for_a_lane_owner_code_write_backs_wait(emulator):
+    """Review finding (2026-12-06): with every background worker slot taken, the delivery
+    worker did the slow lane's retries itself, found that a table's UPDATE runs its owner's
+    code (which it never runs), and recorded the receipts as written back all the same: rows
+    kept an earlier version's hash. Now they wait, and are written back once a lane can start."""
+    directory = DIR + "-no-slot"
+    # The launcher, the delivery worker and the logical replication launcher: no slot is left.
+    cluster = Cluster(directory, free_port(), emulator.url, SETTINGS + "\nmax_worker_processes = 3\n")
+    try:
+        cluster.sql("CREATE EXTENSION certyo_cdc")
+        assert wait_for(lambda: cluster.sql("SELECT running FROM certyo.worker_status()") == "t", 30)
+        cluster.sql("""
+            CREATE TABLE t (id int PRIMARY KEY, v text);
+            SELECT certyo.track('t');
+            CREATE FUNCTION trg() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN RETURN NEW; END $$;
+            CREATE TRIGGER watch BEFORE UPDATE ON t FOR EACH ROW EXECUTE FUNCTION trg();
+            ALTER TABLE t ENABLE ALWAYS TRIGGER watch;
+            INSERT INTO t (id, v) SELECT g, 'a' FROM generate_series(1, 3) g;
+        """)
+        receipts = "SELECT count(*) FROM certyo.receipt WHERE relid = 't'::regclass"
+        assert wait_for(lambda: cluster.sql(receipts) == "3", 30), cluster.explain()
+        # Passes of the worker go by: nothing is written back, and nothing says it was.
+        passes = int(cluster.sql("SELECT passes FROM certyo.worker_status()"))
+        assert wait_for(lambda: int(cluster.sql("SELECT passes FROM certyo.worker_status()")) > passes + 10, 30)
+        assert cluster.sql("SELECT count(*) FROM t WHERE certyo_record_hash IS NOT NULL") == "0"
+        assert cluster.sql("SELECT count(*) FROM certyo.receipt WHERE relid = 't'::regclass AND written_back") == "0"
+        assert "no background worker slot" in cluster.log()
+        # With slots again, a lane writes them back.
+        with open(f"{directory}/data/postgresql.conf", "a") as conf:
+            conf.write("\nmax_worker_processes = 8\n")
+        cluster.stop()
+        cluster.start()
+        written = "SELECT count(*) FROM t WHERE certyo_record_hash IS NOT NULL"
+        assert wait_for(lambda: cluster.sql(written) == "3", 60), cluster.explain()
+        assert not any(sign in cluster.log() for sign in ("terminated by signal", "PANIC:"))
+    finally:
+        try:
+            cluster.stop()
+        except Exception:
+            pass

@@ -1,19 +1,22 @@
 //! The hard limit on owners' code in the extension's background workers.
 //!
-//! Owners' code runs in the delivery worker and its slow lane: a table's triggers during a
-//! write-back, a backfill's condition. It runs under a statement timeout (see
-//! [`crate::rights`]), but that cancellation is an ERROR, and PL/pgSQL catches it: a trigger
-//! that loops on `EXCEPTION WHEN query_canceled` held the delivery worker forever, and with it
-//! the delivery of every table of the database; `pg_terminate_backend` could not end it (pgrx's
-//! SIGTERM handler only sets a flag for the worker's loop), nor could `pg_ctl stop -m fast`.
+//! Owners' code runs in the slow lane (and backfill chunks in a delivery worker that could
+//! start no lane): a table's triggers during a write-back, a backfill's condition. It runs
+//! under a statement timeout (see [`crate::rights`]), but that cancellation is an ERROR, and
+//! PL/pgSQL catches it: a trigger that loops on `EXCEPTION WHEN query_canceled` held the
+//! delivery worker forever, and with it the delivery of every table of the database;
+//! `pg_terminate_backend` could not end it (pgrx's SIGTERM handler only sets a flag for the
+//! worker's loop), nor could `pg_ctl stop -m fast`.
 //!
 //! So owners' code runs within two limits. [`GRACE`] after the statement timeout, a second one
 //! ends the process as `pg_terminate_backend` ends a backend: a FATAL error, which no code can
-//! catch. Its transaction rolls back, so nothing it did stays (the batch whose receipts it was
-//! writing is sent again, and answered as a replay), and it starts again. Before it ends, it
-//! notes in shared memory what it was running; the database's worker or slow lane then leaves
-//! that table's write-backs to the slow lane, with back-off, or fails that backfill, and the
-//! same code does not end it again at once. SIGTERM ends owners' code the same way.
+//! catch (the server log says "terminating background worker ... due to administrator
+//! command"). Its transaction rolls back, so nothing it did stays, and the process is started
+//! again (the delivery worker by the postmaster, the lane by the worker). Before it ends, it
+//! notes in shared memory what it was running; the database's worker or slow lane then
+//! records that table's write-back as failed, retried with back-off (after every table that
+//! has not failed), or fails that backfill and its requester's other open ones, so the same
+//! code does not end it again at once. SIGTERM ends owners' code the same way.
 
 use pgrx::atomics::PgAtomic;
 use pgrx::pg_sys::{self, Oid};
@@ -21,7 +24,7 @@ use pgrx::prelude::*;
 use pgrx::PGRXSharedMemory;
 use std::cell::Cell;
 use std::ffi::c_int;
-use std::sync::atomic::{AtomicBool, AtomicI32, AtomicI64, AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI32, AtomicI64, AtomicU32, AtomicU64, Ordering};
 use std::time::Duration;
 
 /// How long owners' code may go on after its statement was canceled before the process ends.
@@ -45,6 +48,9 @@ struct Ended {
     /// 1: a write-back (`id` is the table's OID), 2: a backfill (`id` is its id).
     kind: AtomicU32,
     id: AtomicI64,
+    /// When it was noted (seconds since the epoch): with every place taken, the oldest note
+    /// gives way (one of a database no worker serves any more is never taken).
+    at: AtomicU64,
 }
 
 const PLACES: usize = 32;
@@ -80,13 +86,15 @@ pub fn init_shared_memory() {
     PRELOADED.store(true, Ordering::Relaxed);
 }
 
-/// The worker's and the lane's SIGTERM handler, in place of pgrx's: it sets the flag the main
-/// loop reads ([`sigterm_received`]), and ends owners' code running now as the server's own
-/// handler (`die`) ends a backend's statement.
-pub fn handle_sigterm() {
+/// At the start of the delivery worker and the lane: their SIGTERM handler, in place of
+/// pgrx's, which sets the flag the main loop reads ([`sigterm_received`]) and ends owners' code
+/// running now as the server's own handler (`die`) ends a backend's statement; and the hard
+/// limit's timeout.
+pub fn install() {
     // SAFETY: installs a handler for this process; the handler only touches atomics and
     // Postgres' interrupt flags and latch, as `die` does.
     unsafe { crate::compat::set_signal_handler(libc::SIGTERM, on_sigterm) };
+    timeout_id();
 }
 
 /// Has SIGTERM arrived (since [`handle_sigterm`])?
@@ -108,9 +116,9 @@ extern "C-unwind" fn on_sigterm(_signal: c_int) {
 }
 
 /// The timeout's handler (called from Postgres' SIGALRM handler, which keeps errno and sets
-/// the latch).
+/// the latch). Not once SIGTERM is ending the process: the code is then not to blame.
 extern "C-unwind" fn on_hard_limit() {
-    if IN_USER_CODE.load(Ordering::Relaxed) {
+    if IN_USER_CODE.load(Ordering::Relaxed) && !SIGTERM_RECEIVED.load(Ordering::Relaxed) {
         LIMIT_PASSED.store(true, Ordering::Relaxed);
         end_process();
     }
@@ -167,8 +175,8 @@ fn timeout_id() -> c_int {
         return id;
     }
     // SAFETY: timeouts are initialized in every background worker before its main function
-    // runs; an id from USER_TIMEOUT on asks for a free user-defined one (ERROR if none is
-    // left, through pgrx's guard).
+    // runs; an id from USER_TIMEOUT on asks for a free user-defined one (FATAL if none of the
+    // ten is left, which no extension of ours takes more than one of).
     let id = unsafe {
         pg_sys::ffi::pg_guard_ffi_boundary(|| {
             RegisterTimeout(crate::compat::USER_TIMEOUT, Some(on_hard_limit))
@@ -188,7 +196,10 @@ unsafe extern "C-unwind" {
 #[pg_guard]
 unsafe extern "C-unwind" fn note_at_exit(_code: c_int, _arg: pg_sys::Datum) {
     let Some(running) = RUNNING.get() else { return };
-    if !LIMIT_PASSED.load(Ordering::Relaxed) || !PRELOADED.load(Ordering::Relaxed) {
+    if !LIMIT_PASSED.load(Ordering::Relaxed)
+        || SIGTERM_RECEIVED.load(Ordering::Relaxed)
+        || !PRELOADED.load(Ordering::Relaxed)
+    {
         return; // SIGTERM ended it: the code did nothing wrong
     }
     // SAFETY: a plain read of a Postgres global of this connected process.
@@ -197,20 +208,35 @@ unsafe extern "C-unwind" fn note_at_exit(_code: c_int, _arg: pg_sys::Datum) {
         Running::WriteBack(relid) => (1, i64::from(relid.to_u32())),
         Running::Backfill(id) => (2, id),
     };
-    for place in &REGISTRY.get().ended {
-        if place
+    let places = &REGISTRY.get().ended;
+    let free = places.iter().find(|place| {
+        place
             .database
             .compare_exchange(0, BEING_WRITTEN, Ordering::AcqRel, Ordering::Acquire)
             .is_ok()
-        {
-            place.kind.store(kind, Ordering::Relaxed);
-            place.id.store(id, Ordering::Relaxed);
-            place.database.store(database, Ordering::Release);
-            return;
-        }
+    });
+    // Every place taken: the oldest note gives way.
+    let place = free.or_else(|| {
+        let oldest = places
+            .iter()
+            .min_by_key(|place| place.at.load(Ordering::Relaxed))?;
+        let was = oldest.database.load(Ordering::Acquire);
+        (was != BEING_WRITTEN
+            && oldest
+                .database
+                .compare_exchange(was, BEING_WRITTEN, Ordering::AcqRel, Ordering::Acquire)
+                .is_ok())
+        .then_some(oldest)
+    });
+    if let Some(place) = place {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        place.kind.store(kind, Ordering::Relaxed);
+        place.id.store(id, Ordering::Relaxed);
+        place.at.store(now, Ordering::Relaxed);
+        place.database.store(database, Ordering::Release);
     }
-    // Every place taken (32 processes ended and none of their databases' workers has run
-    // since): the next attempt ends it again, and is noted then.
 }
 
 /// The owners' code that ended a process of `database` since the last call, each once.
@@ -246,7 +272,7 @@ pub fn ended(database: Oid) -> Vec<Running> {
 /// `limit` names the time it had.
 pub fn ended_message(what: &str, limit: &str) -> String {
     format!(
-        "{what} ran past its hard limit: it went on for more than {} s after it was canceled at the end of its time ({limit}), catching the cancellation (EXCEPTION WHEN query_canceled or OTHERS); the process ended itself to stop it (nothing it did was kept) and started again",
+        "{what} ran past its hard limit: it went on for more than {} s after it was canceled at the end of its time ({limit}), as code that catches the cancellation does (EXCEPTION WHEN query_canceled or OTHERS); the process running it ended itself to stop it (the log says \"due to administrator command\"), nothing it did was kept, and a new one took over",
         GRACE.as_secs()
     )
 }

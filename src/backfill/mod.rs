@@ -214,9 +214,29 @@ fn fail(id: i64, error: &str) -> std::result::Result<(), pgrx::spi::Error> {
 }
 
 /// A chunk of backfill `id` ran past the hard limit and ended the process (see
-/// `crate::hard_limit`): the backfill fails, rather than end the next process too.
+/// `crate::hard_limit`): the backfill fails, rather than end the next process too, and so do
+/// the other open backfills its requester asked for (each one's condition could do the same,
+/// and one statement may request many: they would end the slow lane one after another).
 pub fn ended_the_process(id: i64) -> std::result::Result<(), pgrx::spi::Error> {
     locked::forget(id);
+    let others = crate::error::transaction(|| {
+        Spi::connect_mut(|client| {
+            client
+                .update(
+                    "UPDATE certyo.backfills b SET state = 'failed', finished_at = now(), updated_at = now(),
+                            error = format('not run: backfill %s of the same requester ran past the hard limit; request it again once its condition lets query_canceled through', $1)
+                      WHERE b.state IN ('queued', 'running') AND b.id <> $1
+                        AND b.requested_by = (SELECT requested_by FROM certyo.backfills WHERE id = $1)
+                     RETURNING b.id",
+                    None,
+                    &[id.into()],
+                )
+                .map(|rows| rows.len())
+        })
+    })?;
+    if others > 0 {
+        pgrx::warning!("certyo_cdc: {others} more backfills of the requester of backfill {id} failed with it: see certyo.backfills");
+    }
     let error = format!(
         "{}; request the backfill again with a condition that does not catch its cancellation",
         crate::hard_limit::ended_message(

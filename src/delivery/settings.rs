@@ -199,7 +199,7 @@ pub fn define(preloading: bool) {
     GucRegistry::define_int_guc(
         c"certyo.user_code_timeout",
         c"Longest a statement of the delivery worker that runs users' code may take: a write-back (the owner's triggers) or a backfill chunk (its condition, its row locks).",
-        c"Past it the statement is canceled: the write-back to that table is retried with back-off, a chunk whose rows stay locked is retried with back-off, a chunk that computes too long fails its backfill. Code that catches the cancellation is ended a second later with the worker's process, which starts again. No role's code can hold up the other tables' delivery longer than this.",
+        c"Past it the statement is canceled: the write-back to that table is retried with back-off, a chunk whose rows stay locked is retried with back-off, a chunk that computes too long fails its backfill. Code that catches the cancellation is ended a second later with the process running it (the slow lane), and a new one takes over. No role's code can hold up the other tables' delivery longer than this.",
         &USER_CODE_TIMEOUT_MS,
         100,
         3_600_000,

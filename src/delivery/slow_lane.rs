@@ -1,18 +1,20 @@
 //! The slow lane: a second background worker of a database, for the work that runs owners'
 //! code for as long as `certyo.user_code_timeout` allows, so that it never holds up delivery.
 //!
-//! The delivery worker sends nothing while a statement of its own runs. So it runs owners'
-//! code only within each owner's share of a pass (`write_back::budget`): a table whose
-//! write-back fails, or would take longer, waits in `certyo.write_back_failure`, and backfill
-//! chunks (an owner's condition, row locks) are never its work. The slow lane does both, with
-//! back-off, one statement at a time: one owner's slow triggers or conditions delay that
-//! owner's tables (and the slow lane's other work), never another owner's delivery.
+//! The delivery worker sends nothing while a statement of its own runs. So it runs no owner's
+//! code: a table whose write-back would run some (origin mode), or whose write-back waited
+//! for locks longer than its owner's share of a pass (`write_back::budget`), or failed, waits
+//! in `certyo.write_back_failure`, and backfill chunks (an owner's condition, row locks) are
+//! never its work. The slow lane does both, with back-off, one statement at a time: one
+//! owner's slow triggers or conditions delay that owner's tables (and the slow lane's other
+//! work), never another owner's delivery.
 //!
 //! The delivery worker starts the lane when there is such work (it is a dynamic background
 //! worker, like the delivery worker itself, and takes one of `max_worker_processes` while it
-//! runs); the lane ends after a while with nothing to do, when the delivery worker ends or
-//! the extension is dropped. Should no slot be free, the delivery worker does the work itself,
-//! as before there was a lane.
+//! runs), and wakes it when it leaves it write-backs; the lane ends after a while with nothing
+//! to do, when the delivery worker ends or the extension is dropped. Should no slot be free,
+//! the delivery worker does the lane's backfills and replica-mode write-backs itself meanwhile;
+//! write-backs that run owners' code wait for a lane.
 
 use super::settings;
 use super::store;
@@ -77,7 +79,7 @@ impl SlowLane {
                 true
             }
             Err(_) => {
-                pgrx::log!("certyo_cdc: no background worker slot is free for the slow lane (max_worker_processes): the delivery worker does its work itself meanwhile");
+                pgrx::log!("certyo_cdc: no background worker slot is free for the slow lane (max_worker_processes): the delivery worker does its backfills itself meanwhile, and write-backs that run owners' code wait");
                 self.no_slot_until = Some(Instant::now() + NO_SLOT_FOR);
                 false
             }
@@ -116,8 +118,8 @@ impl SlowLane {
 #[unsafe(no_mangle)]
 pub extern "C-unwind" fn certyo_slow_lane_main(arg: pg_sys::Datum) {
     BackgroundWorker::attach_signal_handlers(SignalWakeFlags::SIGHUP | SignalWakeFlags::SIGTERM);
-    // SIGTERM also ends owners' code that runs when it arrives.
-    crate::hard_limit::handle_sigterm();
+    // SIGTERM also ends owners' code that runs when it arrives; owners' code has a hard limit.
+    crate::hard_limit::install();
     let database = pg_sys::Oid::from(arg.value() as u32);
     if crate::wake::is_dropped(database) {
         return;
@@ -185,8 +187,10 @@ fn lane_pass() -> Result<Option<Work>, pgrx::spi::Error> {
     };
     super::after_hard_limit()?;
     let settings = settings::current();
-    let more = control.backfill_open && crate::backfill::step(settings.backfill_chunk_size)?;
+    // Write-backs first: a backfill whose condition ends the lane at its hard limit must not
+    // keep the lane from them.
     write_back::failing::retry_due()?;
+    let more = control.backfill_open && crate::backfill::step(settings.backfill_chunk_size)?;
     let waiting = write_back::failing::next_retry_in().is_some()
         || crate::backfill::locked::next_attempt_in().is_some();
     Ok(Some(if more {

@@ -24,8 +24,8 @@ use std::time::{Duration, Instant};
 #[unsafe(no_mangle)]
 pub extern "C-unwind" fn certyo_delivery_main(arg: pg_sys::Datum) {
     BackgroundWorker::attach_signal_handlers(SignalWakeFlags::SIGHUP | SignalWakeFlags::SIGTERM);
-    // SIGTERM also ends owners' code that runs when it arrives.
-    crate::hard_limit::handle_sigterm();
+    // SIGTERM also ends owners' code that runs when it arrives; owners' code has a hard limit.
+    crate::hard_limit::install();
     let database = pg_sys::Oid::from(arg.value() as u32);
     if crate::wake::is_dropped(database) {
         return; // connecting would fail, and the restart after it, forever
@@ -36,7 +36,8 @@ pub extern "C-unwind" fn certyo_delivery_main(arg: pg_sys::Datum) {
     }
     let Some(name) = claim(database) else { return };
     settings::set_served_database(name);
-    // Owners' code runs within each owner's share of a pass; the rest is the slow lane's.
+    // No owner's code runs in the worker's write-backs, and its own ones within each owner's
+    // share of a pass; the rest is the slow lane's.
     write_back::budget::limit(true);
     // SAFETY: the worker is connected, so its PGPROC is set up.
     crate::wake::set_worker(Some(unsafe { crate::compat::my_proc_number() }));

@@ -112,7 +112,12 @@ pub fn mark(
         match outcome {
             Ok(Marked::Done) => {}
             Ok(Marked::LeftToTheSlowLane) => {
-                failing::defer(client, relid, &ids, Some(OWNER_CODE_IN_THE_SLOW_LANE.into()))?;
+                failing::defer(
+                    client,
+                    relid,
+                    &ids,
+                    Some(OWNER_CODE_IN_THE_SLOW_LANE.into()),
+                )?;
             }
             Err(failed) if budget::ran_out(failed.code, timeout) => {
                 failing::defer(client, relid, &ids, Some(budget::ran_out_message(timeout)))?;
@@ -163,7 +168,8 @@ pub mod budget {
         static SPENT: RefCell<HashMap<u32, Duration>> = RefCell::new(HashMap::new());
     }
 
-    /// The delivery worker: owners' code runs within their share; false: the whole timeout.
+    /// The delivery worker: its write-backs run within their owner's share, and none that runs
+    /// an owner's code; false (the slow lane): the whole timeout.
     pub fn limit(limited: bool) {
         LIMITED.set(limited);
     }
@@ -197,7 +203,7 @@ pub mod budget {
 
     pub fn spent_message() -> String {
         format!(
-            "its owner's code used its {} ms of the delivery worker's pass: written back by the slow lane",
+            "its write-backs used their owner's {} ms of the delivery worker's pass (waiting for locks): written back by the slow lane",
             PER_OWNER.as_millis()
         )
     }
@@ -253,7 +259,7 @@ struct Failed {
 /// written back again with a growing back-off; `certyo.write_back_failure` says why, for
 /// `certyo.status` and `certyo.worker_status()`.
 pub mod failing {
-    use super::{mark_isolated, Mark, Version};
+    use super::{mark_isolated, Mark, Marked, Version};
     use certyo::retry::next_attempt_delay;
     use pgrx::pg_sys::Oid;
     use pgrx::prelude::*;
@@ -321,13 +327,15 @@ pub mod failing {
     /// A write-back to `relid` ran past the hard limit and ended the process (see
     /// `crate::hard_limit`): the table's write-backs are the slow lane's now, with back-off.
     pub fn ended_the_process(relid: Oid) -> SpiResult<()> {
-        let message = crate::hard_limit::ended_message(
-            "the write-back (its owner's code)",
-            &format!(
-                "certyo.user_code_timeout, {} ms, or what was left of its owner's {} ms share of a delivery pass",
-                crate::delivery::settings::user_code_timeout().as_millis(),
-                super::budget::PER_OWNER.as_millis()
-            ),
+        let message = format!(
+            "{}; make the table's triggers (and the functions its checks, indexes and policies call) let query_canceled through, or raise certyo.user_code_timeout if they need longer",
+            crate::hard_limit::ended_message(
+                "the write-back (its owner's code)",
+                &format!(
+                    "certyo.user_code_timeout, {} ms",
+                    crate::delivery::settings::user_code_timeout().as_millis()
+                ),
+            )
         );
         crate::error::transaction(|| {
             Spi::connect_mut(|client| record(client, relid, &[], &message))
@@ -463,7 +471,7 @@ pub mod failing {
             }
         });
         let now = Instant::now();
-        let due: Vec<Oid> = SCHEDULE.with(|s| {
+        let mut due: Vec<Oid> = SCHEDULE.with(|s| {
             s.borrow()
                 .as_ref()
                 .map(|schedule| {
@@ -475,6 +483,16 @@ pub mod failing {
                 })
                 .unwrap_or_default()
         });
+        // Fewest failed attempts first: a table whose write-back ends the lane at its hard limit
+        // (see `crate::hard_limit`) comes after every table that has not failed, in each of the
+        // lane's lives, however many such tables an owner has.
+        let attempts = |relid: &Oid| {
+            listed
+                .iter()
+                .find(|w| w.relid == *relid)
+                .map_or(0, |w| w.attempts)
+        };
+        due.sort_by_key(|relid| (attempts(relid), relid.to_u32()));
         for relid in due {
             crate::error::transaction(|| Spi::connect_mut(|client| retry_table(client, relid)))?;
         }
@@ -508,8 +526,9 @@ pub mod failing {
                 .collect()
         };
         let timeout = crate::delivery::settings::user_code_timeout();
-        // The slow lane (or a worker that could start none) runs owners' code: every
-        // write-back here is done, never left to a lane.
+        // In the slow lane every write-back here is done. In a delivery worker that could start
+        // no lane, a table whose UPDATE runs its owner's code is not: it waits for a lane (the
+        // worker runs no owner's code), its receipts untouched.
         let outcome = mark_isolated(client, relid, &with_status(None), Mark::Accepted, timeout)
             .and_then(|_| {
                 mark_isolated(
@@ -529,8 +548,18 @@ pub mod failing {
                     timeout,
                 )
             });
-        if let Err(failed) = outcome {
-            return record(client, relid, &[], &failed.message);
+        match outcome {
+            Err(failed) => return record(client, relid, &[], &failed.message),
+            Ok(Marked::LeftToTheSlowLane) => {
+                let later = crate::delivery::settings::current().poll_interval;
+                SCHEDULE.with(|s| {
+                    if let Some(schedule) = s.borrow_mut().as_mut() {
+                        schedule.insert(relid.to_u32(), Instant::now() + later);
+                    }
+                });
+                return Ok(());
+            }
+            Ok(Marked::Done) => {}
         }
         let ids: Vec<i64> = waiting.iter().map(|(v, _)| v.id).collect();
         let statuses: Vec<String> = waiting.iter().map(|(_, s)| s.clone()).collect();
@@ -544,26 +573,13 @@ pub mod failing {
             None,
             &[ids.into(), statuses.into()],
         )?;
-        // Not while receipts of the table wait (deferred before the lock above, or verified
-        // meanwhile): they are the next retry's. And when nothing was written back, not while
-        // changes of the table are on their way to receipts: a write-back that ended the
-        // process at its hard limit (see `crate::hard_limit`) rolled back its batch's
-        // receipts, which are recorded again when the batch is sent again, and must then wait
-        // for this lane rather than end the delivery worker once more.
-        let on_their_way = if waiting.is_empty() {
-            "AND NOT EXISTS (SELECT FROM certyo.delivery d WHERE d.relid = $1 AND d.state = 'pending')
-             AND NOT EXISTS (SELECT FROM certyo.queue q WHERE q.relid = $1)"
-        } else {
-            ""
-        };
         let deleted = client
             .update(
-                &format!(
-                    "DELETE FROM certyo.write_back_failure WHERE relid = $1
-                        AND NOT EXISTS (SELECT FROM certyo.receipt r WHERE r.relid = $1 AND NOT r.written_back)
-                        {on_their_way}
-                     RETURNING relid"
-                ),
+                // Not while receipts of the table wait (deferred before the lock above, or
+                // verified meanwhile): they are the next retry's.
+                "DELETE FROM certyo.write_back_failure WHERE relid = $1
+                    AND NOT EXISTS (SELECT FROM certyo.receipt r WHERE r.relid = $1 AND NOT r.written_back)
+                 RETURNING relid",
                 None,
                 &[relid.into()],
             )?
@@ -574,20 +590,12 @@ pub mod failing {
                 "certyo_cdc: write-back to table {} works again",
                 name_of(relid)
             );
-        } else if !waiting.is_empty() {
+        } else {
             // Receipts still wait (more than a batch, deferred meanwhile, or verified
             // meanwhile): at once again.
             SCHEDULE.with(|s| {
                 if let Some(schedule) = s.borrow_mut().as_mut() {
                     schedule.insert(relid.to_u32(), Instant::now());
-                }
-            });
-        } else {
-            // Nothing to write back yet, changes on their way: a poll interval later.
-            let later = crate::delivery::settings::current().poll_interval;
-            SCHEDULE.with(|s| {
-                if let Some(schedule) = s.borrow_mut().as_mut() {
-                    schedule.insert(relid.to_u32(), Instant::now() + later);
                 }
             });
         }
