@@ -250,6 +250,7 @@ fn mark_isolated(
 }
 
 /// Why a table's write-back failed: its SQLSTATE and message.
+#[derive(PartialEq)]
 struct Failed {
     code: PgSqlErrorCode,
     message: String,
@@ -529,25 +530,18 @@ pub mod failing {
         // In the slow lane every write-back here is done. In a delivery worker that could start
         // no lane, a table whose UPDATE runs its owner's code is not: it waits for a lane (the
         // worker runs no owner's code), its receipts untouched.
-        let outcome = mark_isolated(client, relid, &with_status(None), Mark::Accepted, timeout)
-            .and_then(|_| {
-                mark_isolated(
-                    client,
-                    relid,
-                    &with_status(Some("anchored")),
-                    Mark::Anchored,
-                    timeout,
-                )
-            })
-            .and_then(|_| {
-                mark_isolated(
-                    client,
-                    relid,
-                    &with_status(Some("mismatch")),
-                    Mark::Mismatch,
-                    timeout,
-                )
-            });
+        let steps = [
+            (None, Mark::Accepted),
+            (Some("anchored"), Mark::Anchored),
+            (Some("mismatch"), Mark::Mismatch),
+        ];
+        let mut outcome = Ok(Marked::Done);
+        for (status, mark) in steps {
+            outcome = mark_isolated(client, relid, &with_status(status), mark, timeout);
+            if outcome != Ok(Marked::Done) {
+                break;
+            }
+        }
         match outcome {
             Err(failed) => return record(client, relid, &[], &failed.message),
             Ok(Marked::LeftToTheSlowLane) => {
