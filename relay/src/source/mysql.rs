@@ -285,9 +285,12 @@ impl MySqlQueue {
     ///
     /// 1. Lock the rows that are free (`FOR UPDATE SKIP LOCKED`): a row another transaction
     ///    holds is skipped at once, not waited for.
-    /// 2. For each locked row, read the newest queued change of its record. The snapshot starts
-    ///    after the locks are held, so every committed change of the row is seen and no new
-    ///    one can commit before this transaction does. The row gets the state of that newest
+    /// 2. For each locked row, read the newest queued change of the record the row holds now
+    ///    (its own key's text, which differs from the asked-for record id when the key changed
+    ///    to text its collation compares equal). The snapshot starts after the locks are held,
+    ///    so every committed change of the row is seen and no new one can commit before this
+    ///    transaction does; the UPDATE checks again, under the lock, that the row still is that
+    ///    record. The row gets the state of that newest
     ///    change: its hash and anchor status once Certyo accepted it; while it is not yet
     ///    delivered, or is a dead letter, no hash and `pending` (the row's content moved on,
     ///    and an older version's hash, above all an older version's `anchored`, must not
@@ -323,14 +326,24 @@ impl MySqlQueue {
         let conn = self.write_back_conn()?;
         let fail = |e: mysql::Error| SourceError(format!("{place}: {e}"));
         let mut tx = conn.start_transaction(TxOpts::default()).map_err(fail)?;
-        let locked: Vec<String> = tx.exec(&lock, (all,)).map_err(fail)?;
-        let locked_set: HashSet<&str> = locked.iter().map(String::as_str).collect();
+        // The lock comes first, before anything in the transaction reads without locking: the
+        // transaction's snapshot (REPEATABLE READ) opens at its first plain read, so it then
+        // holds every change of these rows committed before the lock, and none can commit
+        // before this transaction does (a writer of the row waits for its lock).
+        let locked: Vec<(String, String)> = tx.exec(&lock, (all,)).map_err(fail)?;
+        let locked_set: HashSet<&str> = locked.iter().map(|(rid, _)| rid.as_str()).collect();
+        // Each locked row is marked with the newest change of the record it holds now, which
+        // is not the record asked for when its key changed to text that compares equal in the
+        // column's collation (`tea` → `TEA`): the asked-for record's receipt is not this row's.
+        let mut holding: Vec<&str> = locked.iter().map(|(_, own)| own.as_str()).collect();
+        holding.sort_unstable();
+        holding.dedup();
         let free: Vec<&str> = records
             .iter()
             .copied()
             .filter(|r| !locked_set.contains(r))
             .collect();
-        let busy: Vec<String> = if free.is_empty() {
+        let busy: Vec<(String, String)> = if free.is_empty() {
             Vec::new()
         } else {
             tx.exec(&look, (keyed(&free),)).map_err(fail)?
@@ -344,13 +357,13 @@ impl MySqlQueue {
             Option<String>,
             Option<String>,
         );
-        let newest: Vec<Newest> = if locked.is_empty() {
+        let newest: Vec<Newest> = if holding.is_empty() {
             Vec::new()
         } else {
             tx.exec(
                 NEWEST_CHANGES,
                 (
-                    serde_json::Value::from(locked.clone()).to_string(),
+                    serde_json::Value::from(holding).to_string(),
                     collection,
                     collection,
                 ),
@@ -376,7 +389,12 @@ impl MySqlQueue {
                     .into_iter()
                     .map(serde_json::Value::from)
                     .collect();
-            row.extend([hash.into(), anchor.into(), verified_at.into()]);
+            row.extend([
+                hash.into(),
+                anchor.into(),
+                verified_at.into(),
+                record_id.as_str().into(),
+            ]);
             marks.push(serde_json::Value::from(row));
         }
         // Rows neither locked nor seen are gone (deleted, or the record id is no row): there is
@@ -385,7 +403,7 @@ impl MySqlQueue {
         // round, backing off, is settled when it comes due: it writes the same state again.
         // The clean-up keeps the newer changes of a record while an older one is due, so the
         // newest change is always there to read.)
-        let busy_set: HashSet<&str> = busy.iter().map(String::as_str).collect();
+        let busy_set: HashSet<&str> = busy.iter().map(|(rid, _)| rid.as_str()).collect();
         let (busy_ids, settled): (Vec<i64>, Vec<i64>) = {
             let mut busy_ids = Vec::new();
             let mut settled = Vec::new();
@@ -495,24 +513,53 @@ fn key_join(columns: &[KeyColumn], extra: &[&str]) -> (String, String) {
     )
 }
 
-/// The record ids of the rows `[key part..., record id]` that exist; `suffix` locks them.
-/// The rows are read by primary key, one lookup each (JSON_TABLE first, `FORCE INDEX`): a scan
-/// of the table would touch, and wait for, rows others hold that are not asked for.
+/// The record ids of the rows `[key part..., record id]` that exist, each with the record id
+/// the row itself has now (`own_record_id`); `suffix` locks them. The two differ when the key
+/// compares equal to the record id in the column's collation but is not the same text (`tea`
+/// and `TEA` in a case-insensitive one): the row then holds another record than the one asked
+/// for. The rows are read by primary key, one lookup each (JSON_TABLE first, `FORCE INDEX`): a
+/// scan of the table would touch, and wait for, rows others hold that are not asked for.
 fn find_statement(schema: &str, table: &str, columns: &[KeyColumn], suffix: &str) -> String {
     let (json, on) = key_join(
         columns,
         &["rid VARCHAR(768) CHARACTER SET utf8mb4 COLLATE utf8mb4_bin"],
     );
     format!(
-        "SELECT v.rid FROM {json} v STRAIGHT_JOIN {}.{} t FORCE INDEX (PRIMARY) ON {on}{suffix}",
+        "SELECT v.rid, {} FROM {json} v STRAIGHT_JOIN {}.{} t FORCE INDEX (PRIMARY) ON {on}{suffix}",
+        own_record_id(columns),
         quote(schema),
         quote(table)
     )
 }
 
+/// The record id of row `t` as the companion's triggers write it (`certyo_trigger_ddl`): one
+/// key column's text, or the parts escaped (`\` → `\\`, `/` → `\/`) and joined by `/`; in
+/// utf8mb4_bin, so it compares byte for byte. The backslash is `CHAR(92)`, the same whatever
+/// the session's `NO_BACKSLASH_ESCAPES`.
+fn own_record_id(columns: &[KeyColumn]) -> String {
+    let text = |c: &KeyColumn| format!("CAST(t.{} AS CHAR CHARACTER SET utf8mb4)", quote(&c.name));
+    let id = if columns.len() == 1 {
+        text(&columns[0])
+    } else {
+        let parts: Vec<String> = columns
+            .iter()
+            .map(|c| {
+                format!(
+                    "REPLACE(REPLACE({}, CHAR(92 USING utf8mb4), CONCAT(CHAR(92 USING utf8mb4), CHAR(92 USING utf8mb4))), '/', CONCAT(CHAR(92 USING utf8mb4), '/'))",
+                    text(c)
+                )
+            })
+            .collect();
+        format!("CONCAT_WS('/', {})", parts.join(", "))
+    };
+    format!("({id} COLLATE utf8mb4_bin)")
+}
+
 /// `UPDATE JSON_TABLE(rows) JOIN table ON key SET hash, status, verified_at`: the rows arrive
-/// as one JSON array of `[key part..., hash, status, verified_at]`; only the bookkeeping
-/// columns the table has are written.
+/// as one JSON array of `[key part..., hash, status, verified_at, record id]`; only the
+/// bookkeeping columns the table has are written, and only to a row whose own record id is,
+/// byte for byte, the record id whose newest change the state is of (checked by the UPDATE
+/// itself, under the row's lock).
 fn mark_statement(schema: &str, table: &str, t: &Table) -> String {
     let (json, on) = key_join(
         &t.key,
@@ -520,8 +567,10 @@ fn mark_statement(schema: &str, table: &str, t: &Table) -> String {
             "h VARCHAR(100) CHARACTER SET utf8mb4",
             "s VARCHAR(20) CHARACTER SET utf8mb4",
             "at DATETIME(6)",
+            "rid VARCHAR(768) CHARACTER SET utf8mb4 COLLATE utf8mb4_bin",
         ],
     );
+    let on = format!("{on} AND {} = v.rid", own_record_id(&t.key));
     let mut set = Vec::new();
     if t.hash {
         set.push("t.certyo_record_hash = v.h");
