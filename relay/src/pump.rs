@@ -53,6 +53,8 @@ pub struct Pump {
     last_error: Option<(String, Instant)>,
     since_summary: Tally,
     pub total: Tally,
+    /// Whether this relay held the source's lease at the last round (None: not asked yet).
+    leading: Option<bool>,
 }
 
 impl Pump {
@@ -79,6 +81,7 @@ impl Pump {
             last_error: None,
             since_summary: Tally::default(),
             total: Tally::default(),
+            leading: None,
         }
     }
 
@@ -120,6 +123,26 @@ impl Pump {
     /// One round: a batch, due verifications, clean-up. True when there was work, so the next
     /// round starts at once.
     pub fn pass(&mut self) -> Result<bool, SourceError> {
+        let leading = self.source.lease();
+        let leading = match leading {
+            Ok(leading) => leading,
+            Err(e) => {
+                self.leading = Some(false);
+                return Err(e);
+            }
+        };
+        if self.leading != Some(leading) {
+            if leading {
+                tracing::info!(source = %self.name, "this relay holds the source's lease: it delivers, verifies and writes back");
+            } else {
+                tracing::info!(source = %self.name, "another relay holds the source's lease: standing by until it ends");
+            }
+            self.leading = Some(leading);
+        }
+        if !leading {
+            self.last_error = None;
+            return Ok(false);
+        }
         let delivered = self.deliver()?;
         let verified = self.verify()?;
         let written_back = self.source.write_back()?;

@@ -99,6 +99,15 @@ pub trait Source: Send {
     /// what is missing and which script installs it.
     fn check(&mut self) -> Result<()>;
 
+    /// Whether this relay is the one working this source now. Relays run side by side on one
+    /// source (replicas, for availability) take turns by a lease the source's database keeps
+    /// for the holder's session: one delivers, verifies and writes back; the others stand by,
+    /// and the first to ask after the holder's session ends (a crash, `kill -9`, a lost
+    /// connection) carries on. Asked before every round. Sources without one: always true.
+    fn lease(&mut self) -> Result<bool> {
+        Ok(true)
+    }
+
     /// Up to `limit` changes ready to send, oldest first, at most one per record (a record's
     /// later change waits until its earlier one is delivered or dead: per-record order).
     /// `probing`: Certyo seems down; ignore the changes' own retry times (the pump asks for

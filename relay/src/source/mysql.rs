@@ -23,6 +23,9 @@ pub struct MySqlQueue {
     conn: Option<Conn>,
     /// The write-back's own session, with short lock waits (see `write_back_conn`).
     write_back_conn: Option<Conn>,
+    /// The session that holds the lease (`lease`) while it lives, and whether it does.
+    lease_conn: Option<Conn>,
+    leased: bool,
     /// How long a write-back waits for a lock (row or metadata) before it backs off.
     lock_wait: Duration,
     /// The cap of the write-back's back-off.
@@ -98,6 +101,8 @@ impl MySqlQueue {
             database: database.unwrap_or(schema),
             conn: None,
             write_back_conn: None,
+            lease_conn: None,
+            leased: false,
             lock_wait,
             max_retry_interval,
             tables: HashMap::new(),
@@ -451,6 +456,9 @@ impl MySqlQueue {
     }
 }
 
+/// The lease's lock: one per database (the name's length is bounded: 64 characters at most).
+const LEASE_NAME: &str = "CONCAT('certyo-relay:', SHA1(DATABASE()))";
+
 /// Receipts whose write-back is due, looked at per round.
 const WRITE_BACK_BATCH: u64 = 5000;
 
@@ -659,6 +667,41 @@ impl super::Source for MySqlQueue {
 
     fn database(&self) -> &str {
         &self.database
+    }
+
+    /// The lease is a named lock of the server (`GET_LOCK`), one per database, held by a
+    /// session of its own: the server releases it the moment that session ends, however the
+    /// relay ended. Held: checked to be still held (the session may have been lost with the
+    /// server); not held: asked for without waiting.
+    fn lease(&mut self) -> Result<bool> {
+        if self.lease_conn.is_none() {
+            self.leased = false;
+            let conn = Conn::new(self.opts.clone())
+                .map_err(|e| SourceError(format!("cannot connect to {} ({e})", self.place)))?;
+            self.lease_conn = Some(conn);
+        }
+        let leased = self.leased;
+        let asked: mysql::Result<Option<Option<i64>>> = match self.lease_conn.as_mut() {
+            Some(conn) if leased => conn.query_first(format!(
+                "SELECT IS_USED_LOCK({LEASE_NAME}) = CONNECTION_ID()"
+            )),
+            Some(conn) => conn.query_first(format!("SELECT GET_LOCK({LEASE_NAME}, 0)")),
+            None => Ok(None),
+        };
+        match asked {
+            Ok(held) => {
+                self.leased = held.flatten() == Some(1);
+                Ok(self.leased)
+            }
+            Err(e) => {
+                self.lease_conn = None;
+                self.leased = false;
+                Err(SourceError(format!(
+                    "{}: the relays' lease: {e}",
+                    self.place
+                )))
+            }
+        }
     }
 
     fn check(&mut self) -> Result<()> {
