@@ -81,15 +81,23 @@ def test_two_relays_share_one_source_and_one_carries_on_after_kill_9(shop, emula
         assert emulator.stats()["replayed"] == 20, "only the killed relay's batch in flight is sent again"
         status = json.loads(standby.command("status", "--json").stdout)
         assert (status["pending"], status["dead"], status["not_written_back"]) == (0, 0, 0), status
+        assert status["lease"].startswith("held by connection "), status
 
         # Started again, the killed relay stands by: the lease stays where it is.
         again = Relay(leader.config.parent, emulator, shop, batch_size=25)
+        since = len(leader.output())  # the same log file, appended to
         relays.append(again.start())
-        assert wait_for(lambda: "standing by" in again.output().split("this relay holds the source's lease")[-1],
-                        timeout=20), again.output()[-2000:]
+        assert wait_for(lambda: "standing by" in again.output()[since:], timeout=20), again.output()[since:]
         shop.sql("INSERT INTO products (id, name, price) VALUES (500, 'late', 1)")
         assert wait_for(lambda: all_anchored(shop, 271), timeout=30), shop.queue()[-5:]
         assert_each_change_once(emulator, shop)
+        assert again.output()[since:].count(" batch source=") == 0, \
+            "the restarted relay delivered while the other held the lease"
+        # With every relay stopped, the lease is free: status says so.
+        for r in relays:
+            r.stop()
+        status = json.loads(standby.command("status", "--json").stdout)
+        assert status["lease"] == "free: no relay works this source", status
     finally:
         for r in relays:
             r.stop()

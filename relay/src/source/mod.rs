@@ -69,6 +69,9 @@ pub struct Status {
     /// CDC / Change Tracking: the persisted LSN (hex) or version up to which everything was
     /// accepted. None for queues.
     pub progress: Option<String>,
+    /// Sources with a lease (see `Source::lease`): which relay session holds it, or that none
+    /// does. None for sources without one.
+    pub lease: Option<String>,
 }
 
 /// A source's failure: the database is unreachable, or a statement failed. The pump logs it

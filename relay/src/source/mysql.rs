@@ -995,6 +995,20 @@ impl super::Source for MySqlQueue {
         })?;
         let (pending, delivered, anchored, dead, last_error, not_written_back, write_back_error) =
             row.unwrap_or_default();
+        let holder: Option<(Option<i64>, Option<String>)> = self.in_transaction(|tx| {
+            tx.query_first(format!(
+                "SELECT CAST(IS_USED_LOCK({LEASE_NAME}) AS SIGNED),
+                        (SELECT CAST(HOST AS CHAR) FROM information_schema.PROCESSLIST
+                          WHERE ID = IS_USED_LOCK({LEASE_NAME}))"
+            ))
+        })?;
+        let lease = match holder {
+            Some((Some(connection), host)) => format!(
+                "held by connection {connection}{}",
+                host.map(|h| format!(" from {h}")).unwrap_or_default()
+            ),
+            _ => "free: no relay works this source".into(),
+        };
         Ok(Status {
             pending,
             delivered,
@@ -1004,6 +1018,7 @@ impl super::Source for MySqlQueue {
             not_written_back,
             write_back_error,
             progress: None,
+            lease: Some(lease),
         })
     }
 }
