@@ -4,12 +4,16 @@
 //! again. Unit-tested against the emulator in `pg_test/emulator`.
 //!
 //! - [`client`]: HTTP, one request per record or bulk, verification.
-//! - [`batch`]: the contract's batching rule, and isolating the bad records of a refused bulk.
+//! - [`batch`]: the contract's batching rule, the payload cap, and isolating the bad records of
+//!   a refused bulk.
+//! - [`fate`]: what an answer means for a change (receipt, retry, dead letter) and for a
+//!   receipt's verification (settled, or asked again with back-off).
 //! - [`outage`]: when Certyo stops answering, one probe at a time on a growing interval.
 //! - [`retry`]: back-off for 429 and for transient failures, with jitter.
 
 pub mod batch;
 mod client;
+pub mod fate;
 pub mod outage;
 pub mod retry;
 mod secret;

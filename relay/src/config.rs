@@ -58,6 +58,8 @@ struct CertyoFile {
     anchor_timeout: String,
     #[serde(default = "default_write_back_lock_wait")]
     write_back_lock_wait: String,
+    #[serde(default = "default_max_payload_size")]
+    max_payload_size: usize,
 }
 
 #[derive(Debug, Deserialize)]
@@ -105,6 +107,10 @@ fn default_anchor_timeout() -> String {
 fn default_write_back_lock_wait() -> String {
     "1s".into()
 }
+/// kB, as the extension's `certyo.max_payload_size`.
+fn default_max_payload_size() -> usize {
+    certyo::batch::DEFAULT_MAX_PAYLOAD_SIZE / 1024
+}
 fn default_mode() -> String {
     "queue".into()
 }
@@ -130,6 +136,9 @@ pub struct Certyo {
     /// `lock_wait_timeout`, whole seconds, at least 1). Rows already locked are skipped
     /// without waiting; what is not written back is tried again with back-off.
     pub write_back_lock_wait: Duration,
+    /// Bytes of payload a batch carries at most; a larger payload is a dead letter, never sent
+    /// (the file gives it in kB, as the extension's `certyo.max_payload_size`).
+    pub max_payload_size: usize,
 }
 
 /// Never prints the key.
@@ -236,6 +245,7 @@ pub fn parse(text: &str, api_key_from_env: Option<String>) -> Result<Config, Str
         verify_interval: duration("verify_interval", &c.verify_interval)?,
         anchor_timeout: duration("anchor_timeout", &c.anchor_timeout)?,
         write_back_lock_wait: duration("write_back_lock_wait", &c.write_back_lock_wait)?,
+        max_payload_size: c.max_payload_size.clamp(1, 1024 * 1024) * 1024,
     };
     if file.sources.is_empty() {
         return Err("no [[source]]: add one per database to deliver (name, url)".into());

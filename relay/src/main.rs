@@ -218,11 +218,11 @@ fn status(config: &config::Config, json: bool) -> ExitCode {
                     "source": s.name, "pending": st.pending, "delivered": st.delivered,
                     "anchored": st.anchored, "dead": st.dead, "last_error": st.last_error,
                     "not_written_back": st.not_written_back, "write_back_error": st.write_back_error,
-                    "progress": st.progress,
+                    "progress": st.progress, "lease": st.lease,
                 })
             ),
             (Ok(st), false) => println!(
-                "{}: pending {}, delivered {}, anchored {}, dead letters {}, not written back {}{}{}{}",
+                "{}: pending {}, delivered {}, anchored {}, dead letters {}, not written back {}{}{}{}{}",
                 s.name,
                 st.pending,
                 st.delivered,
@@ -235,6 +235,7 @@ fn status(config: &config::Config, json: bool) -> ExitCode {
                 st.progress
                     .map(|p| format!(", progress {p}"))
                     .unwrap_or_default(),
+                st.lease.map(|l| format!(", lease {l}")).unwrap_or_default(),
                 st.last_error
                     .map(|e| format!("; last error: {e}"))
                     .unwrap_or_default()

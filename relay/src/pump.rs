@@ -5,8 +5,9 @@
 //! adaptive wait: at once while changes flow, doubling while idle up to `poll_interval`.
 
 use crate::config::Certyo as Settings;
-use crate::source::{anchoring_of, fate_of, Change, Delivered, Fate, Source, SourceError};
+use crate::source::{Change, Delivered, Fate, Source, SourceError};
 use certyo::batch::Shape;
+use certyo::fate::{anchoring_of, fate_of};
 use certyo::outage::{jitter, Change as LinkChange, Link};
 use certyo::retry::next_attempt_delay;
 use certyo::{Client, Outcome, Record, Verification, VerifyRequest};
@@ -52,6 +53,8 @@ pub struct Pump {
     last_error: Option<(String, Instant)>,
     since_summary: Tally,
     pub total: Tally,
+    /// Whether this relay held the source's lease at the last round (None: not asked yet).
+    leading: Option<bool>,
 }
 
 impl Pump {
@@ -78,6 +81,7 @@ impl Pump {
             last_error: None,
             since_summary: Tally::default(),
             total: Tally::default(),
+            leading: None,
         }
     }
 
@@ -119,6 +123,26 @@ impl Pump {
     /// One round: a batch, due verifications, clean-up. True when there was work, so the next
     /// round starts at once.
     pub fn pass(&mut self) -> Result<bool, SourceError> {
+        let leading = self.source.lease();
+        let leading = match leading {
+            Ok(leading) => leading,
+            Err(e) => {
+                self.leading = Some(false);
+                return Err(e);
+            }
+        };
+        if self.leading != Some(leading) {
+            if leading {
+                tracing::info!(source = %self.name, "this relay holds the source's lease: it delivers, verifies and writes back");
+            } else {
+                tracing::info!(source = %self.name, "another relay holds the source's lease: standing by until it ends");
+            }
+            self.leading = Some(leading);
+        }
+        if !leading {
+            self.last_error = None;
+            return Ok(false);
+        }
         let delivered = self.deliver()?;
         let verified = self.verify()?;
         let written_back = self.source.write_back()?;
@@ -141,12 +165,29 @@ impl Pump {
         let probing = self.link.probing() || self.refused.is_some();
         let limit = if probing { 1 } else { self.settings.batch_size };
         let started = Instant::now();
-        let changes = self.source.take(limit, probing, &[])?;
+        let mut changes = self.source.take(limit, probing, &[])?;
         if changes.is_empty() {
             return Ok(false);
         }
+        // At most `max_payload_size` bytes of payload a batch: the rest is taken next round.
+        let fit = certyo::batch::fitting(
+            changes.iter().map(|c| c.payload.len()),
+            self.settings.max_payload_size,
+        );
+        changes.truncate(fit);
         let taken = started.elapsed();
-        let records: Vec<Record> = changes.iter().map(|c| self.record_of(c)).collect();
+        // A payload too large or not JSON is answered here, never sent; the others are sent,
+        // each answer landing on its own change (`places`).
+        let mut answered: Vec<Option<Outcome>> =
+            changes.iter().map(|c| self.unsendable(c)).collect();
+        let mut places = Vec::new();
+        let mut records = Vec::new();
+        for (place, change) in changes.iter().enumerate() {
+            if answered[place].is_none() {
+                places.push(place);
+                records.push(self.record_of(change));
+            }
+        }
         let shape = Shape {
             batch_size: self.settings.batch_size,
             bulk_threshold: self.settings.bulk_threshold,
@@ -154,15 +195,30 @@ impl Pump {
         let stop = self.stop.clone();
         // 429 back-off sleeps end early at SIGTERM: the rest of the batch is left untouched.
         let mut pause = |delay: Duration| sleep_unless(&stop, delay);
-        let outcomes = certyo::batch::send(
-            &self.client,
-            &self.settings.tenant_id,
-            &records,
-            shape,
-            &mut pause,
-        );
+        let answers = if records.is_empty() {
+            Vec::new()
+        } else {
+            certyo::batch::send(
+                &self.client,
+                &self.settings.tenant_id,
+                &records,
+                shape,
+                &mut pause,
+            )
+        };
         let sent = started.elapsed();
-        self.note_answers(&outcomes);
+        self.note_answers(&answers);
+        for (place, answer) in places.into_iter().zip(answers) {
+            answered[place] = Some(answer);
+        }
+        let outcomes: Vec<Outcome> = answered
+            .into_iter()
+            .map(|answer| {
+                answer.unwrap_or_else(|| {
+                    Outcome::Transient("certyo-relay: no answer for this change".into())
+                })
+            })
+            .collect();
         let fates: Vec<(Change, Fate)> = changes
             .into_iter()
             .zip(&outcomes)
@@ -184,17 +240,40 @@ impl Pump {
         Ok(tally.accepted > 0 || tally.dead > 0)
     }
 
+    /// The answer for a change that is not sent, by the extension's rules: a payload larger
+    /// than `max_payload_size`, or not JSON, is a dead letter (no HTTP status).
+    fn unsendable(&self, change: &Change) -> Option<Outcome> {
+        let max = self.settings.max_payload_size;
+        certyo::batch::oversized(change.payload.len(), max, || {
+            format!(
+                "certyo-relay: the payload of {} bytes is larger than max_payload_size ({} kB); it was not sent. Raise the setting and set the queue row's status back to 'pending' to send it",
+                change.payload.len(),
+                max / 1024
+            )
+        })
+        .or_else(|| {
+            serde_json::from_str::<serde::de::IgnoredAny>(&change.payload)
+                .is_err()
+                .then(|| Outcome::Rejected {
+                    status: certyo::fate::NO_HTTP_STATUS,
+                    body: "certyo-relay: the queued payload is not valid JSON; it was not sent"
+                        .into(),
+                })
+        })
+    }
+
+    /// The record of a change `unsendable` let through (its payload is JSON; were it not, an
+    /// empty object would stand in).
     fn record_of(&self, change: &Change) -> Record {
-        // A payload that is not JSON is answered as rejected before sending (see `fate`); an
-        // empty object stands in so the batch can still be built.
         let payload = serde_json::value::RawValue::from_string(change.payload.clone())
-            .or_else(|_| serde_json::value::RawValue::from_string("{}".into()));
+            .or_else(|_| serde_json::value::to_raw_value(&serde_json::Map::new()))
+            .unwrap_or_else(|_| serde_json::value::RawValue::NULL.to_owned());
         Record {
             tenant_id: self.settings.tenant_id.clone(),
             database: self.source.database().to_string(),
             collection: change.collection.clone(),
             record_id: change.record_id.clone(),
-            record_payload: payload.unwrap_or_else(|_| empty_object()),
+            record_payload: payload,
             operation_type: change.operation.as_str().to_string(),
             source_timestamp: change.source_timestamp.clone(),
             idempotency_key: change.idempotency_key.clone(),
@@ -202,12 +281,6 @@ impl Pump {
     }
 
     fn fate(&self, change: &Change, outcome: &Outcome) -> Fate {
-        if serde_json::from_str::<serde::de::IgnoredAny>(&change.payload).is_err() {
-            return Fate::Dead {
-                status: 0,
-                error: "certyo-relay: the queued payload is not valid JSON; it was not recorded as delivered".into(),
-            };
-        }
         if self.stopping() && matches!(outcome, Outcome::Transient(_)) {
             return Fate::Untouched; // cut short by SIGTERM: sent again after the restart
         }
@@ -288,7 +361,8 @@ impl Pump {
             .filter_map(|(d, found)| {
                 let anchoring = anchoring_of(
                     &found,
-                    &d,
+                    d.verify_attempts,
+                    d.accepted_age,
                     self.settings.verify_interval,
                     self.settings.anchor_timeout,
                 )?;
@@ -422,9 +496,4 @@ fn verify_all(client: &Client, requests: &[VerifyRequest], stop: &AtomicBool) ->
             })
             .collect()
     })
-}
-
-fn empty_object() -> Box<serde_json::value::RawValue> {
-    serde_json::value::to_raw_value(&serde_json::Map::new())
-        .unwrap_or_else(|_| serde_json::value::RawValue::NULL.to_owned())
 }

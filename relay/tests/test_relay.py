@@ -3,6 +3,7 @@ and the relay binary as users run it. Every scenario ends with the same question
 emulator hold every committed change exactly once (by idempotency key), with nothing lost?
 Fixtures in conftest.py."""
 import json
+import re
 import signal
 import time
 
@@ -136,6 +137,26 @@ def test_a_bad_record_is_a_dead_letter_and_blocks_no_other(shop, emulator, relay
     status = json.loads(r.command("status", "--json").stdout)
     assert (status["dead"], status["delivered"], status["pending"]) == (1, 20, 0)
     assert "422" in status["last_error"]
+
+
+def test_a_payload_over_the_cap_is_a_dead_letter_never_sent_and_batches_stay_under_it(shop, emulator, relay):
+    # 4 kB of payload a batch: 30 changes of over 200 bytes each go in several batches; one of
+    # 5 kB is never sent, a dead letter with no HTTP status (0), as the extension does.
+    shop.sql("ALTER TABLE products MODIFY name TEXT")
+    shop.sql("INSERT INTO products (id, name) VALUES " + ", ".join(f"({i}, '{'x' * 200}')" for i in range(1, 31)))
+    shop.sql(f"INSERT INTO products (id, name) VALUES (99, '{'y' * 5000}')")
+    r = relay(max_payload_size=4).start()
+    assert wait_for(shop.drained, timeout=60), shop.queue()
+    dead = shop.sql("SELECT record_id, last_status, last_error FROM certyo_queue WHERE status = 'dead'")
+    assert len(dead) == 1 and dead[0][:2] == ["99", "0"], dead
+    assert "larger than max_payload_size (4 kB); it was not sent" in dead[0][2], dead
+    records = [r for r in emulator.records() if r["database"] == shop.name]
+    assert not any(r["recordId"] == "99" for r in records), "the large payload was sent"
+    assert shop.value("SELECT COUNT(*) FROM certyo_queue WHERE status = 'delivered'") == "30"
+    assert_exactly_once(emulator, shop)
+    r.stop()
+    batches = [int(m) for m in re.findall(r"\bbatch source=\S+ sent=(\d+)", r.output())]
+    assert len(batches) >= 2 and max(batches) <= 4096 // 200, batches
 
 
 def test_an_outage_is_probed_one_change_at_a_time_then_drained(shop, emulator, relay):

@@ -35,10 +35,11 @@ class Watch:
 
     def __init__(self, shop, emulator):
         self.shop, self.emulator, self.found = shop, emulator, []
+        self.check = lambda: untrue_rows(shop, emulator)
 
     def until(self, condition, timeout=30):
         def poll():
-            bad = untrue_rows(self.shop, self.emulator)
+            bad = self.check()
             if bad and not self.found:
                 self.found = bad
             return condition()
@@ -222,3 +223,121 @@ def test_a_locked_table_costs_that_table_a_retry_not_every_batch_a_wait(shop, em
         shop.queue()
     assert untrue_rows(shop, emulator) == [] and untrue_rows(shop, emulator, "orders") == []
     r.stop()
+
+
+def make_tags(shop, collation):
+    """A table keyed by text in `collation`, tracked, with the relay's grants."""
+    shop.sql(f"""CREATE TABLE tags (code VARCHAR(40) PRIMARY KEY, label VARCHAR(100),
+                                   certyo_record_hash VARCHAR(128), certyo_anchor_status VARCHAR(20) DEFAULT 'pending',
+                                   certyo_verified_at DATETIME(6))
+                 DEFAULT CHARSET utf8mb4 COLLATE {collation}""")
+    shop.track("tags")
+    shop.server.sql(f"GRANT SELECT (code, certyo_record_hash), "
+                    f"UPDATE (certyo_record_hash, certyo_anchor_status, certyo_verified_at) "
+                    f"ON {shop.name}.tags TO 'relay_{shop.name}'@'localhost'")
+
+
+def untrue_tags(shop, emulator):
+    """As `untrue_rows`, for `tags`: the hash a row holds must be Certyo's for exactly the row's
+    record id and content, byte for byte (the key's case included)."""
+    rows = shop.sql("SELECT code, label, COALESCE(certyo_record_hash, ''), COALESCE(certyo_anchor_status, '') "
+                    "FROM tags ORDER BY code")
+    held_by = {r["recordHash"]: r for r in emulator.records() if r["database"] == shop.name}
+    bad = []
+    for code, label, held, status in rows:
+        if not held:
+            if status == "anchored":
+                bad.append((code, "anchored without a hash"))
+            continue
+        record = held_by.get(held)
+        if record is None or record["recordId"] != code or record["recordPayload"] != {"code": code, "label": label}:
+            bad.append((code, label, status, held, record and (record["recordId"], record["recordPayload"])))
+    return bad
+
+
+def tags_settled(shop):
+    """Every tag row holds, anchored, the receipt of the newest change of its own record id."""
+    rows = shop.sql(f"SELECT t.code, COALESCE(t.certyo_record_hash, ''), COALESCE(t.certyo_anchor_status, ''), "
+                    f"COALESCE(q.record_hash, '-') FROM tags t "
+                    f"LEFT JOIN certyo_queue q ON q.id = (SELECT MAX(m.id) FROM certyo_queue m WHERE m.collection = "
+                    f"'{shop.name}.tags' AND m.record_id = CAST(t.code AS CHAR CHARACTER SET utf8mb4) COLLATE utf8mb4_bin)")
+    return shop.drained() and all(held == receipt and status == "anchored" for _, held, status, receipt in rows)
+
+
+def test_a_key_changed_only_in_case_never_shows_the_earlier_records_hash(shop, emulator, relay):
+    # A text key in a case- and accent-insensitive collation (the default of many applications):
+    # 'tea' and 'TEA' are one row to the table, and two records to Certyo (the record id is the
+    # key's text). The earlier record's verification comes after the key changed: its receipt
+    # must not be written to the row, which now holds the other record.
+    make_tags(shop, "utf8mb4_unicode_ci")
+    shop.sql("INSERT INTO tags (code, label) VALUES ('tea', 'Tea'), ('jam', 'Jam')")
+    r = relay(verify_min_age="3s").start()
+    watch = Watch(shop, emulator)
+    watch.check = lambda: untrue_tags(shop, emulator)
+    assert watch.until(lambda: shop.drained() and shop.value(
+        "SELECT COUNT(*) FROM tags WHERE certyo_record_hash IS NOT NULL") == "2", timeout=15), shop.queue()
+    shop.sql("UPDATE tags SET code = 'TEA' WHERE code = 'tea'")
+    shop.sql("UPDATE tags SET code = 'jàm' WHERE code = 'jam'")
+    assert watch.until(lambda: tags_settled(shop), timeout=30), (shop.queue(), untrue_tags(shop, emulator))
+    assert watch.found == [], f"a row showed the receipt of a record it no longer holds: {watch.found}"
+    assert untrue_tags(shop, emulator) == []
+    r.stop()
+
+
+def test_writers_and_write_backs_interleaved_never_mark_a_version_a_row_no_longer_holds(shop, emulator, relay,
+                                                                                          session):
+    # Applications change the same rows again and again, some in transactions that hold them a
+    # while, some changing a text key's case, while the relay delivers, verifies and writes back.
+    # At every look, no row holds a hash (let alone `anchored`) that is not Certyo's for the
+    # row's present content; at the end every row holds its newest version, anchored.
+    import random
+    import threading
+    make_tags(shop, "utf8mb4_general_ci")
+    ids = range(1, 9)
+    codes = [f"k{i}" for i in range(1, 7)]
+    shop.sql("INSERT INTO products (id, name, price) VALUES " + ", ".join(f"({i}, 'p{i}', 1)" for i in ids))
+    shop.sql("INSERT INTO tags (code, label) VALUES " + ", ".join(f"('{c}', 'v0')" for c in codes))
+    r = relay(verify_min_age="200ms", verify_interval="200ms", poll_interval="50ms").start()
+    stop = threading.Event()
+    errors = []
+
+    def writer(seed):
+        rng = random.Random(seed)
+        app = session()
+        try:
+            n = 0
+            while not stop.is_set():
+                n += 1
+                i, code = rng.choice(ids), rng.choice(codes)
+                app.run(f"UPDATE products SET price = price + 1, name = 'w{seed}-{n}' WHERE id = {i}")
+                flip = "UPPER(code)" if rng.random() < 0.5 else "LOWER(code)"
+                app.run(f"UPDATE tags SET code = {flip}, label = 'w{seed}-{n}' WHERE code = '{code}'")
+                if rng.random() < 0.3:
+                    # Hold the rows a moment: the relay's write-backs meet them locked.
+                    deadline = time.time() + rng.uniform(0.05, 0.4)
+                    while time.time() < deadline and not stop.is_set():
+                        time.sleep(0.02)
+                app.run("COMMIT")
+                app.run("START TRANSACTION")
+                time.sleep(rng.uniform(0, 0.05))
+        except Exception as e:  # noqa: BLE001 (reported by the test)
+            errors.append(repr(e))
+        finally:
+            app.run("ROLLBACK")
+
+    writers = [threading.Thread(target=writer, args=(seed,)) for seed in range(3)]
+    for w in writers:
+        w.start()
+    watch = Watch(shop, emulator)
+    watch.check = lambda: untrue_rows(shop, emulator) + untrue_tags(shop, emulator)
+    written = lambda: int(shop.value("SELECT COUNT(*) FROM certyo_queue WHERE anchor_status = 'anchored'"))  # noqa: E731
+    assert watch.until(lambda: written() >= 150, timeout=90), shop.queue()[-20:]
+    stop.set()
+    for w in writers:
+        w.join(timeout=30)
+    assert errors == []
+    assert watch.until(lambda: anchored(shop, ids) and tags_settled(shop), timeout=60), \
+        (watch.check(), watch.found)
+    assert watch.found == [], "a row held a hash that is not Certyo's for its content"
+    r.stop()
+    assert "ERROR" not in r.output()

@@ -8,6 +8,7 @@
 use super::sending::OffThread;
 use super::store::Tally;
 use super::write_back::{self, Mark, Version};
+use certyo::fate::{verdict, Verdict, MAX_VERIFY_DELAY, MAX_VERIFY_DOUBLINGS};
 use certyo::{Client, Outcome, Verification, VerifyRequest};
 use pgrx::pg_sys::Oid;
 use pgrx::prelude::*;
@@ -173,18 +174,23 @@ pub fn record(results: &[(Due, Verification)], schedule: Schedule) -> SpiResult<
     for (due, found) in results {
         let id = due.version.id;
         let keeps_row = due.operation != "delete";
-        match found {
-            Verification::Anchored { polygon_tx_hash } => {
+        // The verdict is the certyo crate's rule, shared with certyo-relay; None: the
+        // configuration is wrong, not the receipt, which is left as it is for after the fix.
+        let Some(verdict) = verdict(found) else {
+            continue;
+        };
+        match verdict {
+            Verdict::Anchored { polygon_tx_hash } => {
                 settled.0.push(id);
                 settled.1.push("anchored".into());
-                settled.2.push(polygon_tx_hash.clone());
+                settled.2.push(polygon_tx_hash);
                 settled.3.push(None);
                 tally.anchored += 1;
                 if keeps_row {
                     rows_anchored.push(due.version.clone());
                 }
             }
-            Verification::Mismatch { reported_hash } => {
+            Verdict::Mismatch { reported_hash } => {
                 pgrx::warning!(
                     "certyo_cdc: Certyo reports hash {reported_hash} for {} record {}, but its receipt (change {id}) holds {}: the anchored record is not the one sent",
                     due.collection,
@@ -194,29 +200,13 @@ pub fn record(results: &[(Due, Verification)], schedule: Schedule) -> SpiResult<
                 settled.0.push(id);
                 settled.1.push("mismatch".into());
                 settled.2.push(None);
-                settled.3.push(Some(reported_hash.clone()));
+                settled.3.push(Some(reported_hash));
                 tally.mismatched += 1;
                 if keeps_row {
                     rows_mismatched.push(due.version.clone());
                 }
             }
-            // The configuration is wrong, not the receipt: left as it is for after the fix.
-            Verification::Failed(Outcome::Refused { .. }) => continue,
-            Verification::NotYet => later_push(&mut later, id, None),
-            Verification::Unknown => later_push(
-                &mut later,
-                id,
-                Some("Certyo does not know this version (yet)".into()),
-            ),
-            Verification::Failed(Outcome::Transient(e)) => {
-                later_push(&mut later, id, Some(e.clone()))
-            }
-            Verification::Failed(Outcome::Rejected { status, body }) => {
-                later_push(&mut later, id, Some(format!("HTTP {status}: {body}")))
-            }
-            Verification::Failed(Outcome::Accepted(_) | Outcome::Conflict { .. }) => {
-                later_push(&mut later, id, None)
-            }
+            Verdict::Later { error } => later_push(&mut later, id, error),
         }
         tally.verified += 1;
     }
@@ -235,14 +225,15 @@ pub fn record(results: &[(Due, Verification)], schedule: Schedule) -> SpiResult<
                 &[settled.0.into(), settled.1.into(), settled.2.into(), settled.3.into()],
             )?;
             // Not on chain yet (or the question failed): ask again after the interval; long
-            // past the expected anchoring time, flag it and back off, doubling, to at most 1 h.
+            // past the expected anchoring time, flag it and back off, doubling, to at most 1 h
+            // (certyo::fate::verify_delay, in SQL for the database's clock).
             client.update(
                 "UPDATE certyo.receipt r
                     SET anchor_status = CASE WHEN r.accepted_at < now() - $4 * interval '1 s'
                                              THEN 'overdue' ELSE r.anchor_status END,
                         next_verify_at = now() + CASE
                             WHEN r.accepted_at < now() - $4 * interval '1 s'
-                            THEN least($3 * interval '1 ms' * power(2, least(r.verify_attempts, 16)), interval '1 hour')
+                            THEN least($3 * interval '1 ms' * power(2, least(r.verify_attempts, $5)), $6 * interval '1 ms')
                             ELSE $3 * interval '1 ms' END,
                         last_verified_at = now(), verify_attempts = r.verify_attempts + 1,
                         verify_error = v.error
@@ -254,6 +245,8 @@ pub fn record(results: &[(Due, Verification)], schedule: Schedule) -> SpiResult<
                     later.1.into(),
                     (schedule.interval.as_millis() as i64).into(),
                     (schedule.anchor_timeout.as_secs() as i64).into(),
+                    (MAX_VERIFY_DOUBLINGS as i32).into(),
+                    (MAX_VERIFY_DELAY.as_millis() as i64).into(),
                 ],
             )?;
             write_back::mark(client, &rows_anchored, Mark::Anchored)?;

@@ -193,41 +193,27 @@ fn pause_unless_stopped(stop: &AtomicBool, delay: Duration) -> bool {
     !stop.load(Ordering::Relaxed)
 }
 
-/// How many of a batch's entries, in order, go in one batch: as many as fit in `max_bytes` of
-/// payload (`certyo.max_payload_size`), and at least one. A payload larger than that is never
-/// sent (see [`record`]), so it takes no room.
-pub fn fitting(payload_sizes: impl Iterator<Item = usize>, max_bytes: usize) -> usize {
-    let mut total = 0usize;
-    let mut kept = 0;
-    for size in payload_sizes {
-        let room = if size > max_bytes { 0 } else { size };
-        if kept > 0 && total + room > max_bytes {
-            break;
-        }
-        total += room;
-        kept += 1;
-    }
-    kept
-}
-
 /// The Certyo record of an entry, which takes its payload (the batch keeps only its hash); Err
 /// (the reason) when the payload is larger than `certyo.max_payload_size` or not JSON.
 fn record(settings: &Settings, entry: &mut Entry) -> Result<Record, Outcome> {
-    if entry.payload_size > settings.max_payload_size {
-        return Err(Outcome::Rejected {
-            status: 0,
-            body: format!(
+    if let Some(refused) = certyo::batch::oversized(
+        entry.payload_size,
+        settings.max_payload_size,
+        || {
+            format!(
                 "certyo_cdc: the payload of {} bytes is larger than certyo.max_payload_size ({} kB); it was not sent. Raise the setting and call certyo.retry() to send it",
                 entry.payload_size,
                 settings.max_payload_size / 1024
-            ),
-        });
+            )
+        },
+    ) {
+        return Err(refused);
     }
     entry.payload_sha256 = certyo::payload_sha256(entry.payload.as_bytes());
     let text = std::mem::take(&mut entry.payload);
     let payload =
         serde_json::value::RawValue::from_string(text).map_err(|e| Outcome::Rejected {
-            status: 0,
+            status: certyo::fate::NO_HTTP_STATUS,
             body: format!(
                 "certyo_cdc: the queued payload is not valid JSON ({e}); it was not sent"
             ),
@@ -266,21 +252,5 @@ pub fn with_signals_blocked<T>(f: impl FnOnce() -> T) -> T {
             libc::pthread_sigmask(libc::SIG_SETMASK, &previous, std::ptr::null_mut());
         }
         result
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::fitting;
-
-    #[test]
-    fn a_batch_holds_what_fits_in_the_payload_limit_and_at_least_one_change() {
-        assert_eq!(fitting([4, 4, 4].into_iter(), 10), 2);
-        assert_eq!(fitting([4, 6, 1].into_iter(), 10), 2);
-        assert_eq!(fitting([10, 1].into_iter(), 10), 1);
-        assert_eq!(fitting(std::iter::empty(), 10), 0);
-        // Too large to send: it takes no room (it is answered at once, never read or sent).
-        assert_eq!(fitting([50, 4, 4, 4].into_iter(), 10), 3);
-        assert_eq!(fitting([0; 5].into_iter(), 10), 5);
     }
 }

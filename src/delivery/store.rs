@@ -5,7 +5,8 @@ use super::api_key::masked;
 use super::backlog::{self, Backlog};
 use super::prepared;
 use super::write_back::{self, Mark, Version};
-use certyo::{Outcome, Receipt};
+use certyo::fate::{fate_of, Fate};
+use certyo::Outcome;
 use pgrx::pg_sys::Oid;
 use pgrx::prelude::*;
 use std::time::{Duration, Instant};
@@ -356,7 +357,7 @@ struct Fetched {
 }
 
 /// Entries from rows of `TAKE` or `TAKE_FROM_QUEUE` (the same columns), in id order, as many as
-/// `max_bytes` of payload allow (see [`super::sending::fitting`]). A payload's size is read from
+/// `max_bytes` of payload allow (see [`certyo::batch::fitting`]). A payload's size is read from
 /// its header before its text: one left out, or too large to send, is never read into memory.
 fn entries_of(mut rows: pgrx::spi::SpiTupleTable<'_>, max_bytes: usize) -> SpiResult<Fetched> {
     let mut read = Vec::new();
@@ -380,7 +381,7 @@ fn entries_of(mut rows: pgrx::spi::SpiTupleTable<'_>, max_bytes: usize) -> SpiRe
         read.push((entry, payload));
     }
     read.sort_by_key(|(e, _)| e.id);
-    let kept = super::sending::fitting(read.iter().map(|(e, _)| e.payload_size), max_bytes);
+    let kept = certyo::batch::fitting(read.iter().map(|(e, _)| e.payload_size), max_bytes);
     let left_out = read
         .split_off(kept)
         .into_iter()
@@ -617,41 +618,49 @@ pub fn record(
                 unsettled.1.push(entry.id);
             }
         }
-        match outcome {
-            Outcome::Accepted(Receipt {
+        // The rules are the certyo crate's, shared with certyo-relay; the retry's delay is
+        // asked for only when it is one.
+        match fate_of(
+            outcome,
+            &entry.idempotency_key,
+            Duration::ZERO,
+            verify_after,
+        ) {
+            Fate::Delivered {
                 record_hash,
-                idempotency_replayed,
+                replayed,
                 ..
-            }) => {
+            } => {
                 accepted.0.push(entry.id);
-                accepted.1.push(record_hash.clone());
-                accepted.2.push(*idempotency_replayed);
+                accepted.1.push(record_hash);
+                accepted.2.push(replayed);
                 accepted.3.push(entry.payload_sha256.clone());
                 tally.accepted += 1;
-                tally.replayed += i64::from(*idempotency_replayed);
+                tally.replayed += i64::from(replayed);
             }
-            Outcome::Transient(error) => {
+            Fate::Retry { error, .. } => {
                 transient.0.push(entry.id);
                 transient.1.push(retry_in(entry).as_millis() as i64);
-                transient.2.push(masked(error));
+                transient.2.push(masked(&error));
                 tally.failed += 1;
             }
-            Outcome::Conflict { receipt } => {
+            Fate::Dead { status, error } => {
                 failed.0.push(entry.id);
-                failed.1.push(0); // not an HTTP status: decided here
-                failed.2.push(masked(&Outcome::conflict_message(
-                    receipt,
-                    &entry.idempotency_key,
-                )));
+                failed.1.push(i32::from(status));
+                failed.2.push(masked(&error));
                 failed.3.push(true);
                 tally.failed += 1;
             }
-            Outcome::Rejected { status, body } | Outcome::Refused { status, body } => {
-                failed.0.push(entry.id);
-                failed.1.push(i32::from(*status));
-                failed.2.push(masked(body));
-                failed.3.push(matches!(outcome, Outcome::Rejected { .. }));
-                tally.failed += 1;
+            // The configuration was refused: back to pending, the attempt not counted, the
+            // answer kept for `certyo.status`.
+            Fate::Untouched => {
+                if let Outcome::Refused { status, body } = outcome {
+                    failed.0.push(entry.id);
+                    failed.1.push(i32::from(*status));
+                    failed.2.push(masked(body));
+                    failed.3.push(false);
+                    tally.failed += 1;
+                }
             }
         }
     }

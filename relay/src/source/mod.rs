@@ -7,7 +7,6 @@
 pub mod mysql;
 pub mod sqlserver;
 
-use certyo::{Outcome, Verification};
 use std::time::Duration;
 
 /// One captured change, as the companion queued (or CDC/Change Tracking reported) it.
@@ -49,45 +48,9 @@ pub struct Delivered {
     pub accepted_age: Duration,
 }
 
-/// What the pump decided for one change; the source writes it in one transaction.
-#[derive(Debug, Clone, PartialEq)]
-pub enum Fate {
-    /// Accepted: keep the receipt (`record_hash`, `replayed`), write the hash back to the
-    /// source row (unless it is a delete) without queueing that write, and verify it from
-    /// `verify_at` on.
-    Delivered {
-        record_hash: String,
-        replayed: bool,
-        verify_after: Duration,
-    },
-    /// Failed transiently: try again after `retry_after`, `error` kept for the operator.
-    Retry {
-        retry_after: Duration,
-        error: String,
-    },
-    /// Never deliverable as it is: a dead letter, kept with the HTTP status (0: none) and the
-    /// body, for an operator; later changes of the record go on.
-    Dead { status: u16, error: String },
-    /// The configuration was refused (401/403/404/405): nothing recorded, sent again after
-    /// the fix.
-    Untouched,
-}
-
-/// What verification decided for one delivered change.
-#[derive(Debug, Clone, PartialEq)]
-pub enum Anchoring {
-    /// On chain: `anchor_status = anchored`, and the source row's too if it still holds
-    /// this hash.
-    Anchored { polygon_tx_hash: Option<String> },
-    /// Certyo holds another hash: `mismatch`, kept for an operator, never papered over.
-    Mismatch { reported_hash: String },
-    /// Ask again after `after`; `overdue` when long past the expected anchoring time.
-    Later {
-        after: Duration,
-        overdue: bool,
-        error: Option<String>,
-    },
-}
+/// What the pump decided for one change (the rules: `certyo::fate`); the source writes it in
+/// one transaction. What verification decided for one delivered change.
+pub use certyo::fate::{Anchoring, Fate};
 
 /// Counts for `certyo-relay status` and the per-minute summary.
 #[derive(Debug, Clone, Default, PartialEq)]
@@ -106,6 +69,9 @@ pub struct Status {
     /// CDC / Change Tracking: the persisted LSN (hex) or version up to which everything was
     /// accepted. None for queues.
     pub progress: Option<String>,
+    /// Sources with a lease (see `Source::lease`): which relay session holds it, or that none
+    /// does. None for sources without one.
+    pub lease: Option<String>,
 }
 
 /// A source's failure: the database is unreachable, or a statement failed. The pump logs it
@@ -136,6 +102,15 @@ pub trait Source: Send {
     /// what is missing and which script installs it.
     fn check(&mut self) -> Result<()>;
 
+    /// Whether this relay is the one working this source now. Relays run side by side on one
+    /// source (replicas, for availability) take turns by a lease the source's database keeps
+    /// for the holder's session: one delivers, verifies and writes back; the others stand by,
+    /// and the first to ask after the holder's session ends (a crash, `kill -9`, a lost
+    /// connection) carries on. Asked before every round. Sources without one: always true.
+    fn lease(&mut self) -> Result<bool> {
+        Ok(true)
+    }
+
     /// Up to `limit` changes ready to send, oldest first, at most one per record (a record's
     /// later change waits until its earlier one is delivered or dead: per-record order).
     /// `probing`: Certyo seems down; ignore the changes' own retry times (the pump asks for
@@ -165,78 +140,6 @@ pub trait Source: Send {
     fn clean_up(&mut self, retention: Duration) -> Result<u64>;
 
     fn status(&mut self) -> Result<Status>;
-}
-
-/// The fate of one answer, by the worker's rules (`certyo_cdc`'s `store::record`).
-pub fn fate_of(
-    outcome: &Outcome,
-    idempotency_key: &str,
-    retry_after: Duration,
-    verify_after: Duration,
-) -> Fate {
-    match outcome {
-        Outcome::Accepted(receipt) => Fate::Delivered {
-            record_hash: receipt.record_hash.clone(),
-            replayed: receipt.idempotency_replayed,
-            verify_after,
-        },
-        Outcome::Transient(error) => Fate::Retry {
-            retry_after,
-            error: error.clone(),
-        },
-        Outcome::Rejected { status, body } => Fate::Dead {
-            status: *status,
-            error: body.clone(),
-        },
-        Outcome::Conflict { receipt } => Fate::Dead {
-            status: 200,
-            error: Outcome::conflict_message(receipt, idempotency_key),
-        },
-        Outcome::Refused { .. } => Fate::Untouched,
-    }
-}
-
-/// What verification's answer means for one delivered change (`certyo_cdc`'s
-/// `anchor::record`): settled, or asked again after `interval`, backing off (doubling, at most
-/// an hour) once it is overdue.
-pub fn anchoring_of(
-    found: &Verification,
-    due: &Delivered,
-    interval: Duration,
-    anchor_timeout: Duration,
-) -> Option<Anchoring> {
-    let overdue = due.accepted_age > anchor_timeout;
-    let later = |error: Option<String>| {
-        let after = if overdue {
-            interval
-                .saturating_mul(1u32 << due.verify_attempts.min(16))
-                .min(Duration::from_secs(3600))
-        } else {
-            interval
-        };
-        Some(Anchoring::Later {
-            after,
-            overdue,
-            error,
-        })
-    };
-    match found {
-        Verification::Anchored { polygon_tx_hash } => Some(Anchoring::Anchored {
-            polygon_tx_hash: polygon_tx_hash.clone(),
-        }),
-        Verification::Mismatch { reported_hash } => Some(Anchoring::Mismatch {
-            reported_hash: reported_hash.clone(),
-        }),
-        // The configuration is wrong, not the receipt: left as it is for after the fix.
-        Verification::Failed(Outcome::Refused { .. }) => None,
-        Verification::NotYet => later(None),
-        Verification::Unknown => later(Some("Certyo does not know this version (yet)".into())),
-        Verification::Failed(Outcome::Transient(e)) => later(Some(e.clone())),
-        Verification::Failed(Outcome::Rejected { status, body }) => {
-            later(Some(format!("HTTP {status}: {body}")))
-        }
-        Verification::Failed(Outcome::Accepted(_) | Outcome::Conflict { .. }) => later(None),
-    }
 }
 
 /// Split a record id into its `columns` key parts: the inverse of how the companions join

@@ -23,6 +23,13 @@ pub struct MySqlQueue {
     conn: Option<Conn>,
     /// The write-back's own session, with short lock waits (see `write_back_conn`).
     write_back_conn: Option<Conn>,
+    /// Whether that session reads committed (each statement sees what was committed when it
+    /// began), so that the mark's own UPDATE checks that no newer change of the record is
+    /// queued (see `mark_statement`).
+    guarded: bool,
+    /// The session that holds the lease (`lease`) while it lives, and whether it does.
+    lease_conn: Option<Conn>,
+    leased: bool,
     /// How long a write-back waits for a lock (row or metadata) before it backs off.
     lock_wait: Duration,
     /// The cap of the write-back's back-off.
@@ -98,6 +105,9 @@ impl MySqlQueue {
             database: database.unwrap_or(schema),
             conn: None,
             write_back_conn: None,
+            guarded: false,
+            lease_conn: None,
+            leased: false,
             lock_wait,
             max_retry_interval,
             tables: HashMap::new(),
@@ -199,8 +209,22 @@ impl MySqlQueue {
             let opts = mysql::OptsBuilder::from_opts(self.opts.clone()).init(vec![format!(
                 "SET SESSION innodb_lock_wait_timeout = {seconds}, SESSION lock_wait_timeout = {seconds}"
             )]);
-            let conn = Conn::new(opts)
+            let mut conn = Conn::new(opts)
                 .map_err(|e| SourceError(format!("cannot connect to {} ({e})", self.place)))?;
+            // READ COMMITTED, unless statements are logged as statements (a binary log in
+            // STATEMENT format refuses InnoDB writes under it): then the transaction's one
+            // snapshot, opened after the rows are locked, is the guarantee alone.
+            let fail = |e: mysql::Error| SourceError(format!("{}: {e}", self.place));
+            let logging: Option<(i64, String)> = conn
+                .query_first("SELECT @@log_bin, CAST(@@binlog_format AS CHAR)")
+                .map_err(fail)?;
+            let statements =
+                matches!(&logging, Some((1, format)) if format.eq_ignore_ascii_case("STATEMENT"));
+            if !statements {
+                conn.query_drop("SET SESSION TRANSACTION ISOLATION LEVEL READ COMMITTED")
+                    .map_err(fail)?;
+            }
+            self.guarded = !statements;
             self.write_back_conn = Some(conn);
         }
         self.write_back_conn
@@ -285,9 +309,12 @@ impl MySqlQueue {
     ///
     /// 1. Lock the rows that are free (`FOR UPDATE SKIP LOCKED`): a row another transaction
     ///    holds is skipped at once, not waited for.
-    /// 2. For each locked row, read the newest queued change of its record. The snapshot starts
-    ///    after the locks are held, so every committed change of the row is seen and no new
-    ///    one can commit before this transaction does. The row gets the state of that newest
+    /// 2. For each locked row, read the newest queued change of the record the row holds now
+    ///    (its own key's text, which differs from the asked-for record id when the key changed
+    ///    to text its collation compares equal). The snapshot starts after the locks are held,
+    ///    so every committed change of the row is seen and no new one can commit before this
+    ///    transaction does; the UPDATE checks again, under the lock, that the row still is that
+    ///    record. The row gets the state of that newest
     ///    change: its hash and anchor status once Certyo accepted it; while it is not yet
     ///    delivered, or is a dead letter, no hash and `pending` (the row's content moved on,
     ///    and an older version's hash, above all an older version's `anchored`, must not
@@ -320,17 +347,29 @@ impl MySqlQueue {
         let all = keyed(&records);
         let place = self.place.clone();
         let cap = micros(self.max_retry_interval);
+        self.write_back_conn()?;
+        let guarded = self.guarded;
         let conn = self.write_back_conn()?;
         let fail = |e: mysql::Error| SourceError(format!("{place}: {e}"));
         let mut tx = conn.start_transaction(TxOpts::default()).map_err(fail)?;
-        let locked: Vec<String> = tx.exec(&lock, (all,)).map_err(fail)?;
-        let locked_set: HashSet<&str> = locked.iter().map(String::as_str).collect();
+        // The lock comes first, before anything in the transaction reads without locking: the
+        // transaction's snapshot (REPEATABLE READ) opens at its first plain read, so it then
+        // holds every change of these rows committed before the lock, and none can commit
+        // before this transaction does (a writer of the row waits for its lock).
+        let locked: Vec<(String, String)> = tx.exec(&lock, (all,)).map_err(fail)?;
+        let locked_set: HashSet<&str> = locked.iter().map(|(rid, _)| rid.as_str()).collect();
+        // Each locked row is marked with the newest change of the record it holds now, which
+        // is not the record asked for when its key changed to text that compares equal in the
+        // column's collation (`tea` → `TEA`): the asked-for record's receipt is not this row's.
+        let mut holding: Vec<&str> = locked.iter().map(|(_, own)| own.as_str()).collect();
+        holding.sort_unstable();
+        holding.dedup();
         let free: Vec<&str> = records
             .iter()
             .copied()
             .filter(|r| !locked_set.contains(r))
             .collect();
-        let busy: Vec<String> = if free.is_empty() {
+        let busy: Vec<(String, String)> = if free.is_empty() {
             Vec::new()
         } else {
             tx.exec(&look, (keyed(&free),)).map_err(fail)?
@@ -344,13 +383,13 @@ impl MySqlQueue {
             Option<String>,
             Option<String>,
         );
-        let newest: Vec<Newest> = if locked.is_empty() {
+        let newest: Vec<Newest> = if holding.is_empty() {
             Vec::new()
         } else {
             tx.exec(
                 NEWEST_CHANGES,
                 (
-                    serde_json::Value::from(locked.clone()).to_string(),
+                    serde_json::Value::from(holding).to_string(),
                     collection,
                     collection,
                 ),
@@ -358,7 +397,7 @@ impl MySqlQueue {
             .map_err(fail)?
         };
         let mut marks = Vec::new();
-        for (record_id, _newest_id, operation, status, hash, anchor, verified_at) in newest {
+        for (record_id, newest_id, operation, status, hash, anchor, verified_at) in newest {
             if operation == "delete" {
                 continue; // the row is to go; nothing of it to mark
             }
@@ -376,7 +415,13 @@ impl MySqlQueue {
                     .into_iter()
                     .map(serde_json::Value::from)
                     .collect();
-            row.extend([hash.into(), anchor.into(), verified_at.into()]);
+            row.extend([
+                hash.into(),
+                anchor.into(),
+                verified_at.into(),
+                record_id.as_str().into(),
+                newest_id.into(),
+            ]);
             marks.push(serde_json::Value::from(row));
         }
         // Rows neither locked nor seen are gone (deleted, or the record id is no row): there is
@@ -385,7 +430,7 @@ impl MySqlQueue {
         // round, backing off, is settled when it comes due: it writes the same state again.
         // The clean-up keeps the newer changes of a record while an older one is due, so the
         // newest change is always there to read.)
-        let busy_set: HashSet<&str> = busy.iter().map(String::as_str).collect();
+        let busy_set: HashSet<&str> = busy.iter().map(|(rid, _)| rid.as_str()).collect();
         let (busy_ids, settled): (Vec<i64>, Vec<i64>) = {
             let mut busy_ids = Vec::new();
             let mut settled = Vec::new();
@@ -400,9 +445,13 @@ impl MySqlQueue {
         };
         let marked = marks.len();
         if !marks.is_empty() && (table.hash || table.status || table.verified_at) {
-            let mark = mark_statement(schema, name, &table);
-            tx.exec_drop(mark, (serde_json::Value::from(marks).to_string(),))
-                .map_err(fail)?;
+            let mark = mark_statement(schema, name, &table, guarded);
+            let marks = serde_json::Value::from(marks).to_string();
+            if guarded {
+                tx.exec_drop(mark, (marks, collection)).map_err(fail)?;
+            } else {
+                tx.exec_drop(mark, (marks,)).map_err(fail)?;
+            }
         }
         let settled_count = records.len() - busy.len();
         tracing::debug!(
@@ -432,6 +481,9 @@ impl MySqlQueue {
         Ok(settled_count)
     }
 }
+
+/// The lease's lock: one per database (the name's length is bounded: 64 characters at most).
+const LEASE_NAME: &str = "CONCAT('certyo-relay:', SHA1(DATABASE()))";
 
 /// Receipts whose write-back is due, looked at per round.
 const WRITE_BACK_BATCH: u64 = 5000;
@@ -495,33 +547,74 @@ fn key_join(columns: &[KeyColumn], extra: &[&str]) -> (String, String) {
     )
 }
 
-/// The record ids of the rows `[key part..., record id]` that exist; `suffix` locks them.
-/// The rows are read by primary key, one lookup each (JSON_TABLE first, `FORCE INDEX`): a scan
-/// of the table would touch, and wait for, rows others hold that are not asked for.
+/// The record ids of the rows `[key part..., record id]` that exist, each with the record id
+/// the row itself has now (`own_record_id`); `suffix` locks them. The two differ when the key
+/// compares equal to the record id in the column's collation but is not the same text (`tea`
+/// and `TEA` in a case-insensitive one): the row then holds another record than the one asked
+/// for. The rows are read by primary key, one lookup each (JSON_TABLE first, `FORCE INDEX`): a
+/// scan of the table would touch, and wait for, rows others hold that are not asked for.
 fn find_statement(schema: &str, table: &str, columns: &[KeyColumn], suffix: &str) -> String {
     let (json, on) = key_join(
         columns,
         &["rid VARCHAR(768) CHARACTER SET utf8mb4 COLLATE utf8mb4_bin"],
     );
     format!(
-        "SELECT v.rid FROM {json} v STRAIGHT_JOIN {}.{} t FORCE INDEX (PRIMARY) ON {on}{suffix}",
+        "SELECT v.rid, {} FROM {json} v STRAIGHT_JOIN {}.{} t FORCE INDEX (PRIMARY) ON {on}{suffix}",
+        own_record_id(columns),
         quote(schema),
         quote(table)
     )
 }
 
+/// The record id of row `t` as the companion's triggers write it (`certyo_trigger_ddl`): one
+/// key column's text, or the parts escaped (`\` → `\\`, `/` → `\/`) and joined by `/`; in
+/// utf8mb4_bin, so it compares byte for byte. The backslash is `CHAR(92)`, the same whatever
+/// the session's `NO_BACKSLASH_ESCAPES`.
+fn own_record_id(columns: &[KeyColumn]) -> String {
+    let text = |c: &KeyColumn| format!("CAST(t.{} AS CHAR CHARACTER SET utf8mb4)", quote(&c.name));
+    let id = if columns.len() == 1 {
+        text(&columns[0])
+    } else {
+        let parts: Vec<String> = columns
+            .iter()
+            .map(|c| {
+                format!(
+                    "REPLACE(REPLACE({}, CHAR(92 USING utf8mb4), CONCAT(CHAR(92 USING utf8mb4), CHAR(92 USING utf8mb4))), '/', CONCAT(CHAR(92 USING utf8mb4), '/'))",
+                    text(c)
+                )
+            })
+            .collect();
+        format!("CONCAT_WS('/', {})", parts.join(", "))
+    };
+    format!("({id} COLLATE utf8mb4_bin)")
+}
+
 /// `UPDATE JSON_TABLE(rows) JOIN table ON key SET hash, status, verified_at`: the rows arrive
-/// as one JSON array of `[key part..., hash, status, verified_at]`; only the bookkeeping
-/// columns the table has are written.
-fn mark_statement(schema: &str, table: &str, t: &Table) -> String {
+/// as one JSON array of `[key part..., hash, status, verified_at, record id, change id]`; only
+/// the bookkeeping columns the table has are written, and only to a row whose own record id
+/// is, byte for byte, the record id whose newest change (`change id`) the state is of. Checked
+/// by the UPDATE itself, under the row's lock: and, `guarded` (the session reads committed;
+/// the second parameter is the collection), that no change of the record newer than that one
+/// is queued. A row that fails either keeps what it shows (a content change cleared it), and
+/// the newer change's own write-back marks it.
+fn mark_statement(schema: &str, table: &str, t: &Table, guarded: bool) -> String {
     let (json, on) = key_join(
         &t.key,
         &[
             "h VARCHAR(100) CHARACTER SET utf8mb4",
             "s VARCHAR(20) CHARACTER SET utf8mb4",
             "at DATETIME(6)",
+            "rid VARCHAR(768) CHARACTER SET utf8mb4 COLLATE utf8mb4_bin",
+            "n BIGINT",
         ],
     );
+    let mut on = format!("{on} AND {} = v.rid", own_record_id(&t.key));
+    if guarded {
+        on.push_str(
+            " AND NOT EXISTS (SELECT 1 FROM certyo_queue m
+                               WHERE m.collection = ? AND m.record_id = v.rid AND m.id > v.n)",
+        );
+    }
     let mut set = Vec::new();
     if t.hash {
         set.push("t.certyo_record_hash = v.h");
@@ -610,6 +703,41 @@ impl super::Source for MySqlQueue {
 
     fn database(&self) -> &str {
         &self.database
+    }
+
+    /// The lease is a named lock of the server (`GET_LOCK`), one per database, held by a
+    /// session of its own: the server releases it the moment that session ends, however the
+    /// relay ended. Held: checked to be still held (the session may have been lost with the
+    /// server); not held: asked for without waiting.
+    fn lease(&mut self) -> Result<bool> {
+        if self.lease_conn.is_none() {
+            self.leased = false;
+            let conn = Conn::new(self.opts.clone())
+                .map_err(|e| SourceError(format!("cannot connect to {} ({e})", self.place)))?;
+            self.lease_conn = Some(conn);
+        }
+        let leased = self.leased;
+        let asked: mysql::Result<Option<Option<i64>>> = match self.lease_conn.as_mut() {
+            Some(conn) if leased => conn.query_first(format!(
+                "SELECT IS_USED_LOCK({LEASE_NAME}) = CONNECTION_ID()"
+            )),
+            Some(conn) => conn.query_first(format!("SELECT GET_LOCK({LEASE_NAME}, 0)")),
+            None => Ok(None),
+        };
+        match asked {
+            Ok(held) => {
+                self.leased = held.flatten() == Some(1);
+                Ok(self.leased)
+            }
+            Err(e) => {
+                self.lease_conn = None;
+                self.leased = false;
+                Err(SourceError(format!(
+                    "{}: the relays' lease: {e}",
+                    self.place
+                )))
+            }
+        }
     }
 
     fn check(&mut self) -> Result<()> {
@@ -867,6 +995,20 @@ impl super::Source for MySqlQueue {
         })?;
         let (pending, delivered, anchored, dead, last_error, not_written_back, write_back_error) =
             row.unwrap_or_default();
+        let holder: Option<(Option<i64>, Option<String>)> = self.in_transaction(|tx| {
+            tx.query_first(format!(
+                "SELECT CAST(IS_USED_LOCK({LEASE_NAME}) AS SIGNED),
+                        (SELECT CAST(HOST AS CHAR) FROM information_schema.PROCESSLIST
+                          WHERE ID = IS_USED_LOCK({LEASE_NAME}))"
+            ))
+        })?;
+        let lease = match holder {
+            Some((Some(connection), host)) => format!(
+                "held by connection {connection}{}",
+                host.map(|h| format!(" from {h}")).unwrap_or_default()
+            ),
+            _ => "free: no relay works this source".into(),
+        };
         Ok(Status {
             pending,
             delivered,
@@ -876,6 +1018,7 @@ impl super::Source for MySqlQueue {
             not_written_back,
             write_back_error,
             progress: None,
+            lease: Some(lease),
         })
     }
 }

@@ -517,6 +517,7 @@ impl Log {
             } else {
                 Some(progress.join(", "))
             },
+            lease: None,
         })
     }
 }

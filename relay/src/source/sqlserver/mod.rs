@@ -559,6 +559,7 @@ impl Source for SqlServer {
                     not_written_back: 0,
                     write_back_error: None,
                     progress: None,
+                    lease: None,
                 })
             }
             mode => self.log.status(self.db.as_mut(), mode),
