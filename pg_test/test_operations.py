@@ -234,6 +234,87 @@ def test_audit(cluster, emulator):
         "the untouched table still audits clean"
 
 
+def audit_of(cluster, table):
+    return cluster.sql(f"SELECT string_agg(record_id || ': ' || problem, ', ' ORDER BY record_id::int) "
+                       f"FROM certyo.audit('{table}')")
+
+
+def marked_as_receipts(cluster, table, n):
+    """Until the n rows of `table` carry their newest receipt's hash and status, and no receipt
+    of the table waits to be written back."""
+    return wait_for(lambda: cluster.sql(f"""
+        SELECT count(*) FROM {table} t
+          JOIN LATERAL (SELECT r.record_hash, r.anchor_status FROM certyo.receipt r
+                         WHERE r.relid = '{table}'::regclass AND r.record_id = t.id::text
+                         ORDER BY r.id DESC LIMIT 1) r ON true
+         WHERE t.certyo_record_hash = r.record_hash
+           AND t.certyo_anchor_status = CASE r.anchor_status WHEN 'anchored' THEN 'anchored' ELSE 'pending' END""")
+        == str(n) and cluster.sql(f"SELECT count(*) FROM certyo.receipt WHERE relid = '{table}'::regclass "
+                                  "AND NOT written_back") == "0", 60)
+
+
+def tamper_and_find(cluster, table):
+    """A real change behind the trigger's back is still found, and only it."""
+    cluster.sql(f"SET session_replication_role = replica; UPDATE {table} SET v = 'tampered' WHERE id = 3")
+    assert audit_of(cluster, table) == "3: changed without capture", "a real change is still found"
+
+
+def test_untrack_then_track_again_raises_no_false_alarm(cluster):
+    """Issue 28, 6: changes captured while tracked and delivered while the table was untracked
+    had nothing to write back to, yet their receipts said written back; tracked again, the audit
+    took the rows' older hashes for forgeries (10 of 20 rows "record hash changed without
+    capture"). Tracked again, every receipt is written back anew: the audit of the unchanged
+    table is empty at once and after the write-back, each row carries its newest version's hash
+    and status, and a real change made behind the trigger's back is still found."""
+    quiet(cluster)
+    cluster.sql("""
+        CREATE TABLE retracked (id int PRIMARY KEY, v text);
+        SELECT certyo.track('retracked');
+        INSERT INTO retracked SELECT g, 'first' FROM generate_series(1, 20) g;
+    """)
+    assert cluster.wait_drained(), "the rows are delivered"
+    assert wait_for(lambda: statuses(cluster, "retracked") == "anchored", 30), "and anchored"
+    cluster.sql("SELECT certyo.pause()")
+    try:
+        assert wait_for(lambda: worker(cluster, "state") == "paused", 10), "the worker does not pause"
+        cluster.sql("UPDATE retracked SET v = 'second' WHERE id <= 10; SELECT certyo.untrack('retracked')")
+    finally:
+        cluster.sql("SELECT certyo.resume()")
+    assert cluster.wait_drained(), "the backlog is delivered while the table is untracked"
+    assert cluster.sql("SELECT count(*) FROM retracked WHERE v = 'second' AND certyo_record_hash = "
+                       "(SELECT record_hash FROM certyo.receipt r WHERE r.relid = 'retracked'::regclass "
+                       "AND r.record_id = '1' ORDER BY id DESC LIMIT 1)") == "0", "nothing was written back meanwhile"
+    cluster.sql("SELECT certyo.track('retracked')")
+    assert audit_of(cluster, "retracked") == "", "tracked again, the unchanged table audits clean"
+    assert marked_as_receipts(cluster, "retracked", 20), \
+        "every row is written back with its newest version's hash and status\n" + cluster.explain()
+    assert audit_of(cluster, "retracked") == "", "and still audits clean once written back"
+    tamper_and_find(cluster, "retracked")
+
+
+def test_untrack_dropping_the_columns_then_track_again_raises_no_false_alarm(cluster):
+    """Issue 28, 6: untrack(drop_columns => true) then track() of a table nobody changed: the
+    rows' hashes went with the columns, and the audit called all 20 rows "record hash changed
+    without capture". Tracked again, the audit is empty, the rows get their hashes and anchor
+    status back from the receipts, and a real change behind the trigger's back is still found."""
+    quiet(cluster)
+    cluster.sql("""
+        CREATE TABLE recolumned (id int PRIMARY KEY, v text);
+        SELECT certyo.track('recolumned');
+        INSERT INTO recolumned SELECT g, 'first' FROM generate_series(1, 20) g;
+    """)
+    assert cluster.wait_drained(), "the rows are delivered"
+    assert wait_for(lambda: statuses(cluster, "recolumned") == "anchored", 30), "and anchored"
+    cluster.sql("SELECT certyo.untrack('recolumned', drop_columns => true); SELECT certyo.track('recolumned')")
+    assert audit_of(cluster, "recolumned") == "", "tracked again, the unchanged table audits clean"
+    assert marked_as_receipts(cluster, "recolumned", 20), \
+        "every row gets its hash and anchor status back\n" + cluster.explain()
+    assert statuses(cluster, "recolumned") == "anchored"
+    assert audit_of(cluster, "recolumned") == "", "and still audits clean once written back"
+    assert cluster.sql("SELECT count(*) FROM certyo.queue") == "0", "writing back queued nothing"
+    tamper_and_find(cluster, "recolumned")
+
+
 def test_backfill_survives_an_immediate_restart(cluster, emulator, watch):
     cluster.sql("""
         CREATE TABLE backfill_big (id int PRIMARY KEY, v int);
