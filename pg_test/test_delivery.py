@@ -165,7 +165,8 @@ def test_an_empty_record_id_is_refused_where_it_is_written(cluster, emulator):
     every change of it became a dead letter. It is refused in the writer's statement (23514,
     with a detail and a hint) and nothing is written; a composite key with empty parts is not
     empty ('/') and is delivered; a row keyed '' from before the table was tracked can still
-    be re-keyed or deleted (Certyo never held it: only the new key's insert is sent)."""
+    be re-keyed or deleted (Certyo never held it: only the new key's insert is sent), and the
+    audit reports it as never captured."""
     assert cluster.wait_drained(), "changes from before the test are still pending"
     cluster.sql("""
         CREATE TABLE blank_keys (k text PRIMARY KEY, v text);
@@ -188,6 +189,8 @@ def test_an_empty_record_id_is_refused_where_it_is_written(cluster, emulator):
     assert cluster.sql("SELECT count(*) FROM certyo.queue WHERE collection LIKE 'public.blank%'") == "0", \
         "nothing was written"
     assert cluster.sql("SELECT v FROM blank_before") == "from before tracking"
+    assert cluster.sql("SELECT record_id || '|' || problem FROM certyo.audit('blank_before')") == "|never captured", \
+        "the audit reads such a row, and says what it is"
     cluster.sql("INSERT INTO blank_pairs VALUES ('', '', 'both empty'); UPDATE blank_before SET k = 'named'; "
                 "DELETE FROM blank_keys WHERE k = 'gone'; DELETE FROM blank_deleted")
     assert cluster.wait_drained(), "delivered\n" + cluster.explain()

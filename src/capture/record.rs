@@ -89,16 +89,6 @@ impl TablePlan {
             payload: self.payload(row),
             source_timestamp: self.source_timestamp(row),
         };
-        // A delete of an empty record id (a row written before the table was tracked, or
-        // its key changed) is of a record Certyo never held: the caller queues nothing.
-        if change.record_id.is_empty() && operation != Operation::Delete {
-            let columns: Vec<String> = self
-                .record_id
-                .iter()
-                .map(|&p| format!("\"{}\"", self.payload[p].name.replace('"', "\"\"")))
-                .collect();
-            return Err(empty_record_id(&self.collection, &columns.join(", ")));
-        }
         if !database_is_utf8()
             && (std::str::from_utf8(&change.record_id).is_err()
                 || std::str::from_utf8(&change.payload).is_err())
@@ -267,18 +257,6 @@ fn not_utf8(table: &str) -> CertyoError {
     )
     .detail(format!("Certyo takes records as JSON, which is UTF-8; this database's encoding is {encoding}, whose text is kept as it was written. The change was not written."))
     .hint("Write the text as UTF-8, or keep tracked tables in a database created with ENCODING 'UTF8'.")
-}
-
-/// Certyo requires a `recordId` and refuses an empty one (400): the change would be a dead
-/// letter, each time, never anchored. Refused where it is written, as a NULL is. Only a
-/// one-column key can render empty: several columns are joined by `/`.
-fn empty_record_id(table: &str, columns: &str) -> CertyoError {
-    CertyoError::new(
-        PgSqlErrorCode::ERRCODE_CHECK_VIOLATION,
-        format!("certyo_cdc: the record id of this row of tracked table {table} is empty"),
-    )
-    .detail(format!("The record id ({columns}) is sent to Certyo as recordId, which must not be empty: Certyo would refuse every change of this row. The change was not written."))
-    .hint(format!("Give the row a non-empty key (e.g. CHECK ({columns} <> '')), or track {table} with other record_id_columns."))
 }
 
 fn null_record_id(table: &str, column: &str) -> CertyoError {
