@@ -113,12 +113,16 @@ fn track_table(relid: Oid, request: &Request, backfill: bool) -> Result<()> {
 /// true)` took the hashes with the columns. Every receipt of the table waits to be written
 /// back again (`written_back = false`): the worker writes back the newest version's hash and
 /// anchor status of each record, as after a failed write-back, and until then the audit does
-/// not take the rows' bookkeeping for a forgery (`crate::audit`).
+/// not take the rows' bookkeeping for a forgery (`crate::audit`). Only the receipts captured
+/// under the table's present name: receipts are kept by table OID, and a table dropped while
+/// untracked leaves its OID to be reused by another, whose rows must never take its hashes.
 fn write_back_again(relid: Oid) -> Result<()> {
     crate::rights::as_superuser(|| {
         Spi::run_with_args(
-            "UPDATE certyo.receipt SET written_back = false
-              WHERE relid OPERATOR(pg_catalog.=) $1 AND written_back",
+            "UPDATE certyo.receipt r SET written_back = false
+               FROM certyo.tracked_oids() t
+              WHERE t.relid OPERATOR(pg_catalog.=) $1 AND r.relid OPERATOR(pg_catalog.=) $1
+                AND r.collection OPERATOR(pg_catalog.=) t.collection AND r.written_back",
             &[relid.into()],
         )
     })?;
