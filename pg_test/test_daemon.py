@@ -291,11 +291,15 @@ def test_one_bad_record_never_poisons_its_batch(cluster, emulator):
     """50 changes in one bulk batch, one of them with an empty record id, which Certyo refuses
     (422, "recordId is required"): the batch is split until only that record is a dead letter,
     with its own status and body; the 49 others are delivered. certyo.retry() sends it alone
-    into the same refusal, never the others with it."""
+    into the same refusal, never the others with it. (Capture refuses an empty record id
+    since 2026-12-06: the bad record is planted in the queue, in the writer's transaction.)"""
     cluster.sql("""
         CREATE TABLE mixed (code text PRIMARY KEY, v int);
         SELECT certyo.track('mixed');
-        INSERT INTO mixed SELECT CASE WHEN g = 25 THEN '' ELSE 'c' || g END, g FROM generate_series(1, 50) g;
+        BEGIN;
+        INSERT INTO mixed SELECT 'c' || g, g FROM generate_series(1, 50) g;
+        UPDATE certyo.queue SET record_id = '' WHERE collection = 'public.mixed' AND record_id = 'c25';
+        COMMIT;
     """)
     assert wait_for(lambda: cluster.sql("SELECT dead FROM certyo.worker_status()") == "1", 30)
     assert cluster.wait_drained(30)

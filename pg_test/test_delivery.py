@@ -160,6 +160,47 @@ def test_changes_across_two_tables(cluster, emulator):
     assert window.stat("bulkRequests") > 0, "bulk requests were used for the backlog"
 
 
+def test_an_empty_record_id_is_refused_where_it_is_written(cluster, emulator):
+    """Certyo requires a recordId and refuses an empty one: a row keyed '' was captured, and
+    every change of it became a dead letter. It is refused in the writer's statement (23514,
+    with a detail and a hint) and nothing is written; a composite key with empty parts is not
+    empty ('/') and is delivered; a row keyed '' from before the table was tracked can still
+    be re-keyed or deleted (Certyo never held it: only the new key's insert is sent), and the
+    audit reports it as never captured."""
+    assert cluster.wait_drained(), "changes from before the test are still pending"
+    cluster.sql("""
+        CREATE TABLE blank_keys (k text PRIMARY KEY, v text);
+        INSERT INTO blank_keys VALUES ('gone', 'x');
+        CREATE TABLE blank_before (k text PRIMARY KEY, v text);
+        INSERT INTO blank_before VALUES ('', 'from before tracking');
+        CREATE TABLE blank_deleted (k text PRIMARY KEY, v text);
+        INSERT INTO blank_deleted VALUES ('', 'from before tracking');
+        CREATE TABLE blank_pairs (a text, b text, v text, PRIMARY KEY (a, b));
+        SELECT certyo.track(t) FROM unnest(ARRAY['blank_keys', 'blank_before', 'blank_deleted', 'blank_pairs']) t;
+    """)
+    for table, statement in (("blank_keys", "INSERT INTO blank_keys VALUES ('', 'new')"),
+                             ("blank_keys", "UPDATE blank_keys SET k = '' WHERE k = 'gone'"),
+                             ("blank_before", "UPDATE blank_before SET v = 'changed' WHERE k = ''"),
+                             ("blank_before", "SELECT certyo.track('blank_before', backfill => true)")):
+        refused = cluster.attempt_verbose(statement)
+        assert refused.sqlstates == ["23514"], (statement, refused)
+        assert f"record id of this row of tracked table public.{table} is empty" in refused.stderr, refused
+        assert "DETAIL:" in refused.stderr and "HINT:" in refused.stderr, refused
+    assert cluster.sql("SELECT count(*) FROM certyo.queue WHERE collection LIKE 'public.blank%'") == "0", \
+        "nothing was written"
+    assert cluster.sql("SELECT v FROM blank_before") == "from before tracking"
+    assert cluster.sql("SELECT record_id || '|' || problem FROM certyo.audit('blank_before')") == "|never captured", \
+        "the audit reads such a row, and says what it is"
+    cluster.sql("INSERT INTO blank_pairs VALUES ('', '', 'both empty'); UPDATE blank_before SET k = 'named'; "
+                "DELETE FROM blank_keys WHERE k = 'gone'; DELETE FROM blank_deleted")
+    assert cluster.wait_drained(), "delivered\n" + cluster.explain()
+    sent = sorted((r["collection"], r["recordId"], r["operationType"]) for r in emulator.records()
+                  if r["collection"].startswith("public.blank"))
+    assert sent == [("public.blank_before", "named", "insert"), ("public.blank_keys", "gone", "delete"),
+                    ("public.blank_pairs", "/", "insert")], sent
+    assert cluster.sql("SELECT count(*) FROM certyo.delivery WHERE state = 'dead'") == "0", "no dead letter"
+
+
 def test_faults(cluster, emulator):
     cluster.sql("""
         CREATE TABLE fault_products (id int PRIMARY KEY, sku text, price numeric(10,2));

@@ -164,11 +164,16 @@ fn findings(relid: Oid) -> Result<Vec<Finding>> {
 /// anyone who may UPDATE the table can set them (capture skips such updates by design), so
 /// the audit compares them with the receipt. A hash not written back yet (a failing
 /// write-back: `written_back` is false) or an anchoring not yet written back is not a finding.
+///
+/// A receipt not written back leaves the row with an older version's hash and status (or none,
+/// after `untrack(drop_columns => true)`): a row marked `anchored` then is a forgery only when
+/// it claims this version (its hash), which is not anchored.
 fn forged_bookkeeping(last: &Accepted, (hash, status): &Written) -> Option<&'static str> {
     if last.written_back && *hash != last.record_hash {
         return Some("record hash changed without capture");
     }
-    if status.as_deref() == Some("anchored") && !last.anchored {
+    let claims_this_version = last.written_back || *hash == last.record_hash;
+    if status.as_deref() == Some("anchored") && claims_this_version && !last.anchored {
         return Some("anchor status changed without capture");
     }
     None

@@ -438,6 +438,34 @@ fn check_backlog(cascade: bool) {
     .or_raise()
 }
 
+/// Wait for every transaction that writes to the queue or the worker's delivery table to end,
+/// and keep new ones out, before the backlog is counted: a writer whose change was captured
+/// but not yet committed holds `RowExclusiveLock` on `certyo.queue`, and counted before it
+/// commits, its change would be dropped with the extension although it committed while DROP
+/// waited for its locks. `ACCESS EXCLUSIVE`, the lock DROP takes on these tables anyway, so
+/// it is not upgraded later (no deadlock of DROP with itself); held to the end of the
+/// transaction. A writer that comes after waits, and fails once the extension is gone: its
+/// change is never committed. An error here (a lock timeout, a cancel, a deadlock) aborts
+/// the DROP: it is never taken as "nothing to count".
+fn lock_out_writers() {
+    // SAFETY: a catalog lookup inside the statement's transaction; missing_ok.
+    let schema = unsafe { pg_sys::get_namespace_oid(c"certyo".as_ptr(), true) };
+    if schema == pg_sys::InvalidOid {
+        return;
+    }
+    for table in [c"queue", c"delivery"] {
+        // SAFETY: as above; InvalidOid when the table is not there (a broken installation,
+        // whose drop is never blocked).
+        let relid = unsafe { pg_sys::get_relname_relid(table.as_ptr(), schema) };
+        if relid != pg_sys::InvalidOid {
+            // SAFETY: inside the statement's transaction; the lock is released at its end.
+            unsafe {
+                pg_sys::LockRelationOid(relid, pg_sys::AccessExclusiveLock as pg_sys::LOCKMODE)
+            };
+        }
+    }
+}
+
 /// (pending, dead letters) in this database, or None when the extension or its tables are
 /// not there (a drop of a broken installation is never blocked).
 fn undelivered() -> Option<(i64, i64)> {
@@ -458,6 +486,7 @@ fn undelivered() -> Option<(i64, i64)> {
     if !matches!(owner, Ok(Ok(Some(true)))) {
         return None;
     }
+    lock_out_writers();
     let counted = crate::error::in_subtransaction(|| {
         crate::rights::as_superuser(|| {
             Spi::get_two::<i64, i64>(

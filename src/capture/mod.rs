@@ -86,6 +86,12 @@ unsafe fn fire(fcinfo: pg_sys::FunctionCallInfo) -> Result<()> {
     let relid = plan.relid; // for a partition, the tracked partitioned table
     let enqueue = |operation: Operation, row: &Row| -> Result<()> {
         let change = plan.change(operation, row)?;
+        if change.record_id.is_empty() && operation == Operation::Delete {
+            // Of a record every version of which was refused (`queue::append`), so one Certyo
+            // never held: there is nothing to tell it. (A row keyed '' from before the table
+            // was tracked can so be deleted, or re-keyed: only the new key's insert is queued.)
+            return Ok(());
+        }
         queue::append(relid, &plan.collection, &change).map(|_| ())
     };
     match operation {

@@ -23,6 +23,9 @@ const QUEUE_COLUMNS: usize = 9;
 /// # Safety
 /// Must run inside a transaction that may write.
 pub unsafe fn append(relid: Oid, collection: &str, change: &Change) -> Result<i64> {
+    if change.record_id.is_empty() {
+        return Err(empty_record_id(collection));
+    }
     let (queue, sequence) = target()?;
     let prefix = key_prefix()?;
     let id = super::ids::draw(sequence);
@@ -286,4 +289,17 @@ mod tests {
         let prefix = process_prefix(&[0x9f, 0x2c, 0x00, 0xff, 1, 2, 3, 4, 5, 6, 7, 8]);
         assert_eq!(&prefix, b"9f2c00ff0102030405060708-");
     }
+}
+
+/// Certyo requires a `recordId` and refuses an empty one (400): such a change would be a dead
+/// letter, each time, never anchored. Refused where it is written (the trigger, a backfill),
+/// as a NULL is; the audit still renders such a row (it was never captured). Only a one-column
+/// key renders empty: several columns are joined by `/`.
+fn empty_record_id(table: &str) -> CertyoError {
+    CertyoError::new(
+        PgSqlErrorCode::ERRCODE_CHECK_VIOLATION,
+        format!("certyo_cdc: the record id of this row of tracked table {table} is empty"),
+    )
+    .detail("The record id (the text of the record id columns) is sent to Certyo as recordId, which must not be empty: Certyo would refuse every change of this row. The change was not written.")
+    .hint(format!("Give the row a non-empty key (a CHECK constraint can keep it so), or track {table} with other record_id_columns."))
 }

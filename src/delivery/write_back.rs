@@ -504,12 +504,12 @@ pub mod failing {
     /// reached meanwhile. Done when none wait any more.
     fn retry_table(client: &mut pgrx::spi::SpiClient<'_>, relid: Oid) -> SpiResult<()> {
         let rows = client.select(
-            "SELECT id, record_id, record_hash, anchor_status FROM certyo.receipt
+            "SELECT id, record_id, record_hash, anchor_status, operation = 'delete' FROM certyo.receipt
               WHERE relid = $1 AND NOT written_back ORDER BY id LIMIT $2",
             None,
             &[relid.into(), RETRY_BATCH.into()],
         )?;
-        let mut waiting: Vec<(Version, String)> = Vec::new();
+        let mut waiting: Vec<(Version, String, bool)> = Vec::new();
         for row in rows {
             let version = Version {
                 relid,
@@ -517,13 +517,17 @@ pub mod failing {
                 record_id: row.get::<String>(2)?.unwrap_or_default(),
                 record_hash: row.get::<String>(3)?.unwrap_or_default(),
             };
-            waiting.push((version, row.get::<String>(4)?.unwrap_or_default()));
+            let deleted = row.get::<bool>(5)?.unwrap_or(false);
+            waiting.push((version, row.get::<String>(4)?.unwrap_or_default(), deleted));
         }
+        // A delete has no row to mark (as on acceptance and verification): a row holding its
+        // record id now was written without capture (while the table was untracked, say),
+        // and must not take the hash of a delete. Its receipt is done all the same.
         let with_status = |status: Option<&str>| -> Vec<Version> {
             waiting
                 .iter()
-                .filter(|(_, s)| status.is_none_or(|wanted| s == wanted))
-                .map(|(v, _)| v.clone())
+                .filter(|(_, s, deleted)| !deleted && status.is_none_or(|wanted| s == wanted))
+                .map(|(v, _, _)| v.clone())
                 .collect()
         };
         let timeout = crate::delivery::settings::user_code_timeout();
@@ -555,8 +559,8 @@ pub mod failing {
             }
             Ok(Marked::Done) => {}
         }
-        let ids: Vec<i64> = waiting.iter().map(|(v, _)| v.id).collect();
-        let statuses: Vec<String> = waiting.iter().map(|(_, s)| s.clone()).collect();
+        let ids: Vec<i64> = waiting.iter().map(|(v, _, _)| v.id).collect();
+        let statuses: Vec<String> = waiting.iter().map(|(_, s, _)| s.clone()).collect();
         // Only the receipts still in the state they were written back in: one verified
         // meanwhile (by the delivery worker) waits for the next retry, which writes back the
         // status it reached.
@@ -707,12 +711,13 @@ fn mark_table(
         "/* certyo_cdc write-back, {mode} mode */
          UPDATE {table} AS t SET {set}{watched}
            FROM unnest({unnest}, ${h}::text[]) AS v({names}, hash)
-          WHERE {matches} AND {condition}",
+          WHERE {matches} AND {identical} AND {condition}",
         table = key.table,
         set = mark.set(),
         unnest = unnest.join(", "),
         names = names.join(", "),
         matches = key.matches("t", "v"),
+        identical = key.identical("t", "v"),
         condition = mark.row_condition(),
         h = n + 1,
     );

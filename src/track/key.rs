@@ -158,6 +158,34 @@ impl RecordKey {
             .collect::<Vec<_>>()
             .join(" AND ")
     }
+
+    /// `record_image_eq(ROW(t.k1, ...), ROW(v.k1::type1, ...))`: the row's key is byte for
+    /// byte the one the record id was rendered from, not merely equal to it. Equality is not
+    /// identity: under a nondeterministic collation `'abc' = 'ABC'`, and `1001.5 = 1001.50`,
+    /// yet capture renders (and Certyo keys) them as two records, and a key changed from one
+    /// to the other is the delete of one and the insert of the other. Matched on equality
+    /// alone, the old record's hash was written back to the row that now holds the new one.
+    /// (Capture's rendering reads back into the same image: a value's output, with settings
+    /// pinned, is what its input reads.) `record_image_eq` is PostgreSQL's own, as `REFRESH
+    /// MATERIALIZED VIEW CONCURRENTLY` uses it; the key's equality (`matches`) still finds
+    /// the row by its index.
+    pub fn identical(&self, table: &str, values: &str) -> String {
+        let row = |items: Vec<String>| format!("ROW({})", items.join(", "));
+        let stored = self
+            .columns
+            .iter()
+            .map(|c| format!("{table}.{c}"))
+            .collect();
+        let sent = self
+            .types
+            .iter()
+            .enumerate()
+            .map(|(i, ty)| format!("{values}.k{}::{ty}", i + 1))
+            .collect();
+        // The function, not its operator `*=`: between two row constructors an operator is
+        // applied column by column (a row comparison), and `integer *= integer` is no operator.
+        format!("pg_catalog.record_image_eq({}, {})", row(stored), row(sent))
+    }
 }
 
 /// A record id part as Postgres reads it back into a column of type `type_name`. Capture

@@ -91,8 +91,12 @@ fn required(rel: Option<Oid>) -> Result<Oid> {
 fn track_table(relid: Oid, request: &Request, backfill: bool) -> Result<()> {
     let table = Table::inspect(relid)?;
     let options = table.resolve(request)?;
+    let was_tracked = installed_options(relid)?.is_some();
     install::add_bookkeeping_columns(&table)?;
     TriggerDefinition::new(&table, &options).install(&table)?;
+    if !was_tracked {
+        write_back_again(relid)?;
+    }
     if backfill {
         let queued = backfill::backfill(relid, &options)?;
         pgrx::notice!(
@@ -100,6 +104,28 @@ fn track_table(relid: Oid, request: &Request, backfill: bool) -> Result<()> {
             table.display
         );
     }
+    Ok(())
+}
+
+/// A table tracked again: what its rows hold in their bookkeeping columns may not be what its
+/// receipts say was written back. Changes delivered while it was untracked found nothing to
+/// write back to (their receipts were recorded as if written back); `untrack(drop_columns =>
+/// true)` took the hashes with the columns. Every receipt of the table waits to be written
+/// back again (`written_back = false`): the worker writes back the newest version's hash and
+/// anchor status of each record, as after a failed write-back, and until then the audit does
+/// not take the rows' bookkeeping for a forgery (`crate::audit`). Only the receipts captured
+/// under the table's present name: receipts are kept by table OID, and a table dropped while
+/// untracked leaves its OID to be reused by another, whose rows must never take its hashes.
+fn write_back_again(relid: Oid) -> Result<()> {
+    crate::rights::as_superuser(|| {
+        Spi::run_with_args(
+            "UPDATE certyo.receipt r SET written_back = false
+               FROM certyo.tracked_oids() t
+              WHERE t.relid OPERATOR(pg_catalog.=) $1 AND r.relid OPERATOR(pg_catalog.=) $1
+                AND r.collection OPERATOR(pg_catalog.=) t.collection AND r.written_back",
+            &[relid.into()],
+        )
+    })?;
     Ok(())
 }
 
