@@ -604,9 +604,10 @@ def test_owner_code_that_catches_its_cancellation_cannot_hold_delivery(cluster, 
     """Attack (an attacker pass of 2026-12-06): a write-back trigger that loops forever, catching
     `query_canceled`. The 250 ms share and certyo.user_code_timeout cancel it, it catches both:
     the delivery worker ran it for good, and no other table was delivered again. Now the
-    process ends itself a second after the cancellation (FATAL, which no code catches) and
-    starts again; the table's write-backs go to the slow lane with back-off, where the same
-    happens, further and further apart; another role's changes are written back meanwhile."""
+    delivery worker runs no owner's code (the slow lane writes such tables back), and the lane
+    ends itself a second after the cancellation (FATAL, which no code catches); a new lane
+    retries the table with back-off, further and further apart; another role's changes are
+    delivered and written back meanwhile."""
     tables = stubborn_tables(attacker, 2)
     offset = cluster.log_size()
     for i, table in enumerate(tables):
