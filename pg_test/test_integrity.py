@@ -289,7 +289,7 @@ def test_drop_extension_never_discards_undelivered_changes_unless_told(emulator)
 
 
 def test_drop_extension_counts_a_change_committed_while_it_waited(emulator):
-    """Issue 28, 5: a writer's change is captured, its transaction still open; DROP EXTENSION
+    """A truth review (2026-12-05): a writer's change is captured, its transaction still open; DROP EXTENSION
     starts and waits for the writer's lock on the queue; the writer commits. The change is
     committed, so DROP must count it once it has the lock and refuse (2BP01), never drop it
     unseen. (The backlog was counted before DROP waited: 0, and the committed change went with

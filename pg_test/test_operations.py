@@ -260,21 +260,26 @@ def tamper_and_find(cluster, table, also=None):
     assert audit_of(cluster, table) == expected, "a real change is still found"
 
 
+def anchored_table(cluster, table):
+    """A tracked table of 20 rows, each delivered and anchored."""
+    quiet(cluster)
+    cluster.sql(f"""
+        CREATE TABLE {table} (id int PRIMARY KEY, v text);
+        SELECT certyo.track('{table}');
+        INSERT INTO {table} SELECT g, 'first' FROM generate_series(1, 20) g;
+    """)
+    assert cluster.wait_drained(), "the rows are delivered"
+    assert wait_for(lambda: statuses(cluster, table) == "anchored", 30), "and anchored"
+
+
 def test_untrack_then_track_again_raises_no_false_alarm(cluster):
-    """Issue 28, 6: changes captured while tracked and delivered while the table was untracked
+    """Attack (a truth review of 2026-12-05): changes captured while tracked and delivered while the table was untracked
     had nothing to write back to, yet their receipts said written back; tracked again, the audit
     took the rows' older hashes for forgeries (10 of 20 rows "record hash changed without
     capture"). Tracked again, every receipt is written back anew: the audit of the unchanged
     table is empty at once and after the write-back, each row carries its newest version's hash
     and status, and a real change made behind the trigger's back is still found."""
-    quiet(cluster)
-    cluster.sql("""
-        CREATE TABLE retracked (id int PRIMARY KEY, v text);
-        SELECT certyo.track('retracked');
-        INSERT INTO retracked SELECT g, 'first' FROM generate_series(1, 20) g;
-    """)
-    assert cluster.wait_drained(), "the rows are delivered"
-    assert wait_for(lambda: statuses(cluster, "retracked") == "anchored", 30), "and anchored"
+    anchored_table(cluster, "retracked")
     cluster.sql("SELECT certyo.pause()")
     try:
         assert wait_for(lambda: worker(cluster, "state") == "paused", 10), "the worker does not pause"
@@ -298,18 +303,11 @@ def test_untrack_then_track_again_raises_no_false_alarm(cluster):
 
 
 def test_untrack_dropping_the_columns_then_track_again_raises_no_false_alarm(cluster):
-    """Issue 28, 6: untrack(drop_columns => true) then track() of a table nobody changed: the
+    """The same review: untrack(drop_columns => true) then track() of a table nobody changed: the
     rows' hashes went with the columns, and the audit called all 20 rows "record hash changed
     without capture". Tracked again, the audit is empty, the rows get their hashes and anchor
     status back from the receipts, and a real change behind the trigger's back is still found."""
-    quiet(cluster)
-    cluster.sql("""
-        CREATE TABLE recolumned (id int PRIMARY KEY, v text);
-        SELECT certyo.track('recolumned');
-        INSERT INTO recolumned SELECT g, 'first' FROM generate_series(1, 20) g;
-    """)
-    assert cluster.wait_drained(), "the rows are delivered"
-    assert wait_for(lambda: statuses(cluster, "recolumned") == "anchored", 30), "and anchored"
+    anchored_table(cluster, "recolumned")
     cluster.sql("SELECT certyo.untrack('recolumned', drop_columns => true); SELECT certyo.track('recolumned')")
     assert audit_of(cluster, "recolumned") == "", "tracked again, the unchanged table audits clean"
     assert marked_as_receipts(cluster, "recolumned", 20), \
@@ -321,7 +319,7 @@ def test_untrack_dropping_the_columns_then_track_again_raises_no_false_alarm(clu
 
 
 def test_a_key_changed_to_an_equal_value_never_takes_the_old_records_hash(cluster, emulator):
-    """Issue 28, 4: a key changed to a value its type calls equal but capture renders apart
+    """A truth review (2026-12-05): a key changed to a value its type calls equal but capture renders apart
     (case under a nondeterministic collation, a numeric's scale) is the delete of one record
     and the insert of another at Certyo. The write-back matched rows by equality: the old
     record's version, answered after the key changed, marked the row that now holds the new
