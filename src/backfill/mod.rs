@@ -237,15 +237,9 @@ pub fn ended_the_process(id: i64) -> std::result::Result<(), pgrx::spi::Error> {
     if others > 0 {
         pgrx::warning!("certyo_cdc: {others} more backfills of the requester of backfill {id} failed with it: see certyo.backfills");
     }
-    let error = format!(
-        "{}; request the backfill again with a condition that does not catch its cancellation",
-        crate::hard_limit::ended_message(
-            "a chunk's condition",
-            &format!(
-                "certyo.user_code_timeout, {} ms",
-                crate::delivery::settings::user_code_timeout().as_millis()
-            )
-        )
+    let error = crate::hard_limit::ended_message(
+        "a chunk's condition",
+        "request the backfill again with a condition that does not catch its cancellation",
     );
     fail(id, &error)
 }

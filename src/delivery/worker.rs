@@ -408,14 +408,16 @@ impl Worker {
         // One statement, skipped by an idle pass that looked a moment ago and found nothing
         // (it doubled the CPU of an idle worker).
         let idle = tally.sent + tally.verified == 0 && error.is_none();
-        let (waiting, mut failing) = match self.nothing_waiting_at {
-            Some(at) if idle && at.elapsed() < LOOK_AGAIN_AFTER => (false, None),
-            _ => write_back::failing::look()?,
-        };
-        self.nothing_waiting_at = match (waiting, &failing, self.nothing_waiting_at) {
-            (false, None, Some(at)) if idle && at.elapsed() < LOOK_AGAIN_AFTER => Some(at),
-            (false, None, _) => Some(Instant::now()),
-            _ => None,
+        let recently_clear = idle
+            && self
+                .nothing_waiting_at
+                .is_some_and(|at| at.elapsed() < LOOK_AGAIN_AFTER);
+        let (waiting, mut failing) = if recently_clear {
+            (false, None)
+        } else {
+            let found = write_back::failing::look()?;
+            self.nothing_waiting_at = (!found.0 && found.1.is_none()).then(Instant::now);
+            found
         };
         let left = write_back::failing::left_to_the_lane();
         if waiting && !self.lane.ensure(self.database) {

@@ -250,7 +250,6 @@ fn mark_isolated(
 }
 
 /// Why a table's write-back failed: its SQLSTATE and message.
-#[derive(PartialEq)]
 struct Failed {
     code: PgSqlErrorCode,
     message: String,
@@ -328,15 +327,9 @@ pub mod failing {
     /// A write-back to `relid` ran past the hard limit and ended the process (see
     /// `crate::hard_limit`): the table's write-backs are the slow lane's now, with back-off.
     pub fn ended_the_process(relid: Oid) -> SpiResult<()> {
-        let message = format!(
-            "{}; make the table's triggers (and the functions its checks, indexes and policies call) let query_canceled through, or raise certyo.user_code_timeout if they need longer",
-            crate::hard_limit::ended_message(
-                "the write-back (its owner's code)",
-                &format!(
-                    "certyo.user_code_timeout, {} ms",
-                    crate::delivery::settings::user_code_timeout().as_millis()
-                ),
-            )
+        let message = crate::hard_limit::ended_message(
+            "the write-back (its owner's code)",
+            "make the table's triggers (and the functions its checks, indexes and policies call) let query_canceled through, or raise certyo.user_code_timeout if they need longer",
         );
         crate::error::transaction(|| {
             Spi::connect_mut(|client| record(client, relid, &[], &message))
@@ -431,6 +424,15 @@ pub mod failing {
                 None => {
                     schedule.remove(&relid.to_u32());
                 }
+            }
+        });
+    }
+
+    /// Try `relid` again `after` this long (once the schedule is loaded).
+    fn retry_after(relid: Oid, after: Duration) {
+        SCHEDULE.with(|s| {
+            if let Some(schedule) = s.borrow_mut().as_mut() {
+                schedule.insert(relid.to_u32(), Instant::now() + after);
             }
         });
     }
@@ -542,19 +544,14 @@ pub mod failing {
         let mut outcome = Ok(Marked::Done);
         for (status, mark) in steps {
             outcome = mark_isolated(client, relid, &with_status(status), mark, timeout);
-            if outcome != Ok(Marked::Done) {
+            if !matches!(outcome, Ok(Marked::Done)) {
                 break;
             }
         }
         match outcome {
             Err(failed) => return record(client, relid, &[], &failed.message),
             Ok(Marked::LeftToTheSlowLane) => {
-                let later = crate::delivery::settings::current().poll_interval;
-                SCHEDULE.with(|s| {
-                    if let Some(schedule) = s.borrow_mut().as_mut() {
-                        schedule.insert(relid.to_u32(), Instant::now() + later);
-                    }
-                });
+                retry_after(relid, crate::delivery::settings::current().poll_interval);
                 return Ok(());
             }
             Ok(Marked::Done) => {}
@@ -591,11 +588,7 @@ pub mod failing {
         } else {
             // Receipts still wait (more than a batch, deferred meanwhile, or verified
             // meanwhile): at once again.
-            SCHEDULE.with(|s| {
-                if let Some(schedule) = s.borrow_mut().as_mut() {
-                    schedule.insert(relid.to_u32(), Instant::now());
-                }
-            });
+            retry_after(relid, Duration::ZERO);
         }
         Ok(())
     }
