@@ -733,3 +733,44 @@ def test_with_no_slot_for_a_lane_owner_code_write_backs_wait(emulator):
             cluster.stop()
         except Exception:
             pass
+
+
+def test_a_cast_on_the_key_type_of_another_roles_table_never_runs(cluster, attacker):
+    """Attack (an attacker pass of 2026-12-06): a role owns an enum type and creates casts
+    between text and it, with functions of its own; a superuser's table is keyed by that type.
+    The write-back read record id parts back with `::type` and the backfill wrote keys out with
+    `::text`, both as the table's owner: the slow lane ran the role's cast as the superuser,
+    and the role made itself one. Now the worker refuses to write back to, or backfill, a table
+    whose key type has such a cast of another role (the changes are still delivered), until it
+    is dropped."""
+    s = attacker.schema
+    attacker.sql(f"""
+        CREATE TYPE {s}.e AS ENUM ('a', 'b', 'c');
+        CREATE TABLE {s}.called (who name);
+        GRANT INSERT ON {s}.called TO PUBLIC;
+        CREATE FUNCTION {s}.in_(t text) RETURNS {s}.e LANGUAGE plpgsql AS $$
+        BEGIN INSERT INTO {s}.called VALUES (current_user); PERFORM {s}.pwn('text-cast');
+              RETURN pg_catalog.enum_in(t::cstring, '{s}.e'::regtype); END $$;
+        CREATE FUNCTION {s}.out_(v {s}.e) RETURNS text LANGUAGE plpgsql AS $$
+        BEGIN INSERT INTO {s}.called VALUES (current_user); PERFORM {s}.pwn('type-cast');
+              RETURN pg_catalog.enum_out(v)::text; END $$;
+        CREATE CAST (text AS {s}.e) WITH FUNCTION {s}.in_(text);
+        CREATE CAST ({s}.e AS text) WITH FUNCTION {s}.out_({s}.e);
+    """)
+    table = f"public.keyed_by_{s}"
+    cluster.sql(f"CREATE TABLE {table} (id {s}.e PRIMARY KEY, v text); SELECT certyo.track('{table}'); "
+                f"INSERT INTO {table} VALUES ('a', 'x'), ('b', 'y')")
+    refused = (f"SELECT count(*) FROM certyo.write_back_failure WHERE relid = '{table}'::regclass "
+               f"AND error LIKE '%cast from or to text whose function another role owns%'")
+    assert wait_for(lambda: cluster.sql(refused) == "1", 60), cluster.explain()
+    assert cluster.sql(f"SELECT count(*) FROM certyo.receipt WHERE relid = '{table}'::regclass") == "2", \
+        "the changes are delivered all the same"
+    backfill = cluster.sql(f"SELECT certyo.backfill('{table}')")
+    assert wait_backfill(cluster, backfill) == "failed", cluster.explain()
+    assert "another role owns" in cluster.sql(f"SELECT error FROM certyo.backfills WHERE id = {backfill}")
+    assert cluster.sql(f"SELECT count(*) FROM {s}.called") == "0", "the role's cast ran"
+    assert_unprivileged(attacker)
+    # Once the casts are gone, the rows are written back.
+    attacker.sql(f"DROP CAST (text AS {s}.e); DROP CAST ({s}.e AS text)")
+    wait_written_back(cluster, table, 2, timeout=120)
+    cluster.sql(f"DROP TABLE {table}")

@@ -360,6 +360,9 @@ pub fn queue_chunk(job: &Job, chunk_size: usize) -> Result<i64> {
             "the table's record id columns are gone",
         )
     })?;
+    if key.foreign_cast {
+        return Err(key.refuse_foreign_cast());
+    }
     // Every name of ours is qualified by the alias `t`: a bare name in ORDER BY would match an
     // output column first (the row image is named after the table's type), and the row image is
     // `t.*` cast to the table's row type, a whole-row reference that no column can shadow (a

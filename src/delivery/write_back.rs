@@ -669,6 +669,9 @@ fn mark_table(
     let Some(key) = RecordKey::from_found(found)? else {
         return Ok(Marked::Done); // dropped or untracked meanwhile: nothing to write back to
     };
+    if key.foreign_cast {
+        key.refuse_foreign_cast().raise();
+    }
     if key.user_code && budget::limited() {
         // Owners' code never runs in the delivery worker: it could hold it (a trigger that
         // catches its cancellation ends the process running it, see `crate::hard_limit`),

@@ -87,7 +87,14 @@ pub const LOOKUP: &str = concat!(
             ORDER BY a.attnum LIMIT 1),
           ",
     user_code!(),
-    "
+    ",
+          EXISTS (SELECT FROM pg_attribute a
+                    JOIN pg_cast k ON (k.castsource = 'text'::regtype AND k.casttarget = a.atttypid)
+                                   OR (k.casttarget = 'text'::regtype AND k.castsource = a.atttypid)
+                    JOIN pg_proc f ON f.oid = k.castfunc
+                   WHERE a.attrelid = c.oid AND NOT a.attisdropped AND k.oid >= 16384
+                     AND f.proowner <> c.relowner
+                     AND a.attname = ANY (certyo.capture_option(t.tgargs, 'record_id')))
      FROM pg_class c
      JOIN pg_namespace n ON n.oid = c.relnamespace
      JOIN pg_trigger t ON t.tgrelid = c.oid AND t.tgname = 'certyo_capture'
@@ -110,6 +117,12 @@ pub struct RecordKey {
     pub update_column: Option<String>,
     /// Whether an UPDATE of the table can run code PostgreSQL did not ship (`user_code!`).
     pub user_code: bool,
+    /// Whether a record id column's type has a cast from or to text that PostgreSQL did not
+    /// ship, whose function another role than the table's owner owns. The worker reads record id parts back with `::type` and writes keys out with
+    /// `::text`, as the table's owner: such a cast is its creator's code (whoever owns the
+    /// type may create one), which would run with the owner's rights, a superuser's too (an
+    /// attacker pass of 2026-12-06). The worker refuses such a table ([`Self::refuse_foreign_cast`]).
+    pub foreign_cast: bool,
 }
 
 impl RecordKey {
@@ -136,6 +149,7 @@ impl RecordKey {
         let update_column = row.get::<String>(5)?;
         // Unknown counts as user code: the owner's ordinary session settings are the safe side.
         let user_code = row.get::<bool>(6)?.unwrap_or(true);
+        let foreign_cast = row.get::<bool>(7)?.unwrap_or(true);
         Ok(
             (!columns.is_empty() && types.len() == columns.len()).then_some(RecordKey {
                 table,
@@ -144,8 +158,20 @@ impl RecordKey {
                 owner,
                 update_column,
                 user_code,
+                foreign_cast,
             }),
         )
+    }
+
+    /// The error for a table whose key type has a cast with text not shipped with PostgreSQL
+    /// (see [`Self::foreign_cast`]): nothing is read or written back until it is dropped.
+    pub fn refuse_foreign_cast(&self) -> crate::error::CertyoError {
+        crate::error::CertyoError::new(
+            pgrx::PgSqlErrorCode::ERRCODE_INSUFFICIENT_PRIVILEGE,
+            format!("certyo_cdc: the type of a record id column of {} has a cast from or to text whose function another role owns, and certyo_cdc never runs one as the table's owner", self.table),
+        )
+        .detail("The worker reads record ids back into the key's type and writes keys out as text, with the table owner's rights; a cast function of another role (whoever owns the type may create one) would run with them.")
+        .hint(format!("Drop the cast (DROP CAST), or track {} by record_id_columns of PostgreSQL's own types; its changes are delivered meanwhile, and written back once it is gone.", self.table))
     }
 
     /// `t.k1 = v.k1::type1 AND ...`: the table's key against text parts named k1..kn.
