@@ -41,15 +41,21 @@ struct Owner {
     slow: bool,
 }
 
+/// Databases whose slow owners' lane could not start (no background worker slot): until when
+/// (milliseconds since the epoch) the slow lane does their write-backs too.
+const DATABASES: usize = 64;
+
 #[derive(Clone, Copy)]
 struct Account {
     owners: [Owner; OWNERS],
+    no_lane: [(u32, u64); DATABASES],
 }
 
 impl Default for Account {
     fn default() -> Self {
         Account {
             owners: [Owner::default(); OWNERS],
+            no_lane: [(0, 0); DATABASES],
         }
     }
 }
@@ -89,6 +95,11 @@ impl Owner {
 
     fn is(&self, database: u32, owner: Oid) -> bool {
         self.at_ms != 0 && self.database == database && self.owner == owner.to_u32()
+    }
+
+    /// Slow, and not yet quiet long enough to be an ordinary owner again.
+    fn slow_now(&self, now: u64) -> bool {
+        self.slow && self.used(now) >= RECOVERED
     }
 }
 
@@ -148,7 +159,8 @@ pub fn used(owner: Oid) -> Duration {
 }
 
 /// Whether `owner`'s write-backs are the slow owners' lane's. `may_recover`: the caller is
-/// that lane, which hands an owner whose time has decayed back to the lane of ordinary owners.
+/// that lane, which hands an owner whose time has decayed back to the lane of ordinary owners
+/// (before taking any of their tables). Either way, an owner is slow for both lanes alike.
 pub fn is_slow(owner: Oid, may_recover: bool) -> bool {
     if !PRELOADED.load(Ordering::Relaxed) {
         return false;
@@ -158,14 +170,13 @@ pub fn is_slow(owner: Oid, may_recover: bool) -> bool {
     let Some(entry) = account.owners.iter_mut().find(|o| o.is(database, owner)) else {
         return false;
     };
-    if entry.slow && may_recover && entry.used(now) < RECOVERED {
+    if may_recover && !entry.slow_now(now) {
         entry.slow = false;
     }
-    entry.slow
+    entry.slow_now(now)
 }
 
-/// Whether some owner of this database is slow now (and has not been quiet long enough to be
-/// an ordinary owner again).
+/// Whether some owner of this database is slow now.
 pub fn any_slow() -> bool {
     if !PRELOADED.load(Ordering::Relaxed) {
         return false;
@@ -175,5 +186,39 @@ pub fn any_slow() -> bool {
         .share()
         .owners
         .iter()
-        .any(|o| o.database == database && o.at_ms != 0 && o.slow && o.used(now) >= RECOVERED)
+        .any(|o| o.database == database && o.at_ms != 0 && o.slow_now(now))
+}
+
+/// The delivery worker could not start this database's slow owners' lane (`for_how_long`
+/// Some), or it could again (None).
+pub fn no_slow_owners_lane(for_how_long: Option<Duration>) {
+    if !PRELOADED.load(Ordering::Relaxed) {
+        return;
+    }
+    let database = database();
+    let until = for_how_long.map_or(0, |d| now_ms().saturating_add(d.as_millis() as u64));
+    let mut account = ACCOUNT.exclusive();
+    let now = now_ms();
+    let place = account
+        .no_lane
+        .iter()
+        .position(|(d, _)| *d == database)
+        .or_else(|| account.no_lane.iter().position(|(_, at)| *at <= now));
+    if let Some(i) = place {
+        account.no_lane[i] = (database, until);
+    }
+}
+
+/// Whether slow owners have no lane of their own in this database now (no worker slot): the
+/// slow lane then does their write-backs too, after the others'.
+pub fn slow_owners_have_no_lane() -> bool {
+    if !PRELOADED.load(Ordering::Relaxed) {
+        return true;
+    }
+    let (database, now) = (database(), now_ms());
+    ACCOUNT
+        .share()
+        .no_lane
+        .iter()
+        .any(|(d, until)| *d == database && *until > now)
 }

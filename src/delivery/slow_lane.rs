@@ -95,8 +95,10 @@ impl SlowLane {
     }
 
     /// Start the slow owners' lane if it does not run (some owner is slow, and write-backs wait).
+    /// If it cannot start, the shared lane does their write-backs meanwhile.
     pub fn ensure_slow_owners(&mut self, database: pg_sys::Oid) {
-        self.slow_owners.ensure(database, Lane::SlowOwners);
+        let runs = self.slow_owners.ensure(database, Lane::SlowOwners);
+        super::owners::no_slow_owners_lane((!runs).then_some(NO_SLOT_FOR + Duration::from_secs(1)));
     }
 
     /// Wake the lanes at once: the delivery worker has just left them write-backs.
@@ -279,7 +281,7 @@ fn lane_pass(lane: Lane) -> Result<Option<Work>, pgrx::spi::Error> {
 }
 
 /// Whether another process is `lane` of this database, in the caller's transaction.
-pub fn runs(lane: Lane) -> Result<bool, pgrx::spi::Error> {
+fn runs(lane: Lane) -> Result<bool, pgrx::spi::Error> {
     Ok(pgrx::Spi::get_one_with_args::<bool>(
         "SELECT EXISTS (SELECT FROM pg_catalog.pg_stat_activity
                          WHERE backend_type = $1 AND datname = pg_catalog.current_database()

@@ -470,11 +470,7 @@ pub mod failing {
     /// slow lane at any moment; a table newly listed is due at once, a table no longer listed
     /// is forgotten.
     pub fn retry_due() -> SpiResult<()> {
-        let (listed, slow_owners_lane_runs) = crate::error::transaction(|| {
-            let listed = Spi::connect(tables_waiting)?;
-            let runs = slow_lane::this() == Some(Lane::Shared) && slow_lane::runs(Lane::SlowOwners)?;
-            Ok::<_, pgrx::spi::Error>((listed, runs))
-        })?;
+        let listed = crate::error::transaction(|| Spi::connect(tables_waiting))?;
         let now = Instant::now();
         let cap = crate::delivery::settings::current().max_retry_interval;
         SCHEDULE.with(|s| {
@@ -518,11 +514,14 @@ pub mod failing {
                 (attempts, owners::used(owner), relid, owner)
             })
             .collect();
-        // Slow owners' tables are their lane's, when it runs.
+        // Slow owners' tables are their lane's (they wait while it starts again after its hard
+        // limit), unless the delivery worker could start none.
         let lane = slow_lane::this();
         match lane {
             Some(Lane::SlowOwners) => due.retain(|d| owners::is_slow(d.3, true)),
-            Some(Lane::Shared) if slow_owners_lane_runs => due.retain(|d| !owners::is_slow(d.3, false)),
+            Some(Lane::Shared) if !owners::slow_owners_have_no_lane() => {
+                due.retain(|d| !owners::is_slow(d.3, false));
+            }
             _ => {}
         }
         due.sort_by_key(|(attempts, used, relid, _)| (*attempts, *used, relid.to_u32()));
