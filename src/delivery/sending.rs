@@ -210,6 +210,9 @@ fn record(settings: &Settings, entry: &mut Entry) -> Result<Record, Outcome> {
         return Err(refused);
     }
     entry.payload_sha256 = certyo::payload_sha256(entry.payload.as_bytes());
+    entry.column_sha256 = certyo::column_sha256(&entry.payload)
+        .map(|digests| digests.iter().map(|b| format!("{b:02x}")).collect())
+        .unwrap_or_default();
     let text = std::mem::take(&mut entry.payload);
     let payload =
         serde_json::value::RawValue::from_string(text).map_err(|e| Outcome::Rejected {
