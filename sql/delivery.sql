@@ -85,39 +85,6 @@ CREATE TABLE certyo.write_back_failure (
 );
 SELECT pg_catalog.pg_extension_config_dump('certyo.receipt', '');
 
--- The shape each tracked table's changes are captured with, recorded by certyo.track() and by
--- the DDL event trigger whenever it changes: a change whose queue id is above since_id (and
--- below the next shape's) was captured with these payload columns and this record key.
--- since_id is drawn as capture draws queue ids, inside the DDL's transaction, which holds the
--- table's lock against writers: every change captured before has a smaller id, every one after
--- a larger. certyo.audit() compares each row on the columns its newest version was captured
--- with, and reports each shape change since as a finding of its own.
-CREATE TABLE certyo.capture_shape (
-    relid             oid         NOT NULL,
-    collection        text        NOT NULL,
-    since_id          bigint      NOT NULL,   -- 0 for a table's first shape
-    recorded_at       timestamptz NOT NULL DEFAULT now(),
-    columns           text[]      NOT NULL,   -- the payload's columns, in payload order
-    types             text[]      NOT NULL,   -- their types (format_type)
-    attnums           smallint[]  NOT NULL,   -- their attribute numbers in the tracked table
-    record_id_columns text[]      NOT NULL,
-    PRIMARY KEY (relid, since_id)
-);
-SELECT pg_catalog.pg_extension_config_dump('certyo.capture_shape', '');
-
--- Records whose rows were removed while their table was untracked (the documented way to empty
--- a tracked table: untrack, TRUNCATE, track), found by certyo.track() when it tracks the table
--- again: version_id is the record's newest version then. The audit does not report them as
--- deleted without capture while that version is still the record's newest.
-CREATE TABLE certyo.removed_untracked (
-    version_id  bigint      PRIMARY KEY,
-    relid       oid         NOT NULL,
-    collection  text        NOT NULL,
-    record_id   text        NOT NULL,
-    found_at    timestamptz NOT NULL DEFAULT now()
-);
-SELECT pg_catalog.pg_extension_config_dump('certyo.removed_untracked', '');
-
 -- Backfills (certyo.backfill): queued by a user, performed by the worker one chunk per
 -- transaction, resumable from last_key after a crash or restart.
 CREATE TABLE certyo.backfills (
@@ -152,6 +119,39 @@ CREATE TABLE certyo.installation (
 INSERT INTO certyo.installation
     SELECT e.oid FROM pg_catalog.pg_extension e WHERE e.extname = 'certyo_cdc';
 SELECT pg_catalog.pg_extension_config_dump('certyo.installation', '');
+
+-- The shape each tracked table's changes are captured with, recorded by certyo.track() and by
+-- the DDL event trigger whenever it changes: a change whose queue id is above since_id (and
+-- below the next shape's) was captured with these payload columns and this record key.
+-- since_id is drawn as capture draws queue ids, inside the DDL's transaction, which holds the
+-- table's lock against writers: every change captured before has a smaller id, every one after
+-- a larger. certyo.audit() compares each row on the columns its newest version was captured
+-- with, and reports each shape change since as a finding of its own.
+CREATE TABLE certyo.capture_shape (
+    relid             oid         NOT NULL,
+    collection        text        NOT NULL,
+    since_id          bigint      NOT NULL,   -- 0 for a table's first shape
+    recorded_at       timestamptz NOT NULL DEFAULT now(),
+    columns           text[]      NOT NULL,   -- the payload's columns, in payload order
+    types             text[]      NOT NULL,   -- their types (format_type)
+    attnums           smallint[]  NOT NULL,   -- their attribute numbers in the tracked table
+    record_id_columns text[]      NOT NULL,
+    PRIMARY KEY (relid, since_id)
+);
+SELECT pg_catalog.pg_extension_config_dump('certyo.capture_shape', '');
+
+-- Records whose rows were removed while their table was untracked (the documented way to empty
+-- a tracked table: untrack, TRUNCATE, track), found by certyo.track() when it tracks the table
+-- again: version_id is the record's newest version then. The audit does not report them as
+-- deleted without capture while that version is still the record's newest.
+CREATE TABLE certyo.removed_untracked (
+    version_id  bigint      PRIMARY KEY,
+    relid       oid         NOT NULL,
+    collection  text        NOT NULL,
+    record_id   text        NOT NULL,
+    found_at    timestamptz NOT NULL DEFAULT now()
+);
+SELECT pg_catalog.pg_extension_config_dump('certyo.removed_untracked', '');
 
 -- After a restore (see certyo.installation): point the restored rows at the tables' new OIDs,
 -- matching each by its schema-qualified name among the tracked tables. Rows of a table that

@@ -394,6 +394,9 @@ fn differing_columns(
 
 /// Records removed while the table was untracked (`certyo.removed_untracked`): their versions.
 fn removed_untracked(relid: Oid) -> Result<HashSet<i64>> {
+    if !shape::schema_has(c"removed_untracked", None) {
+        return Ok(HashSet::new());
+    }
     let ids = crate::rights::as_superuser(|| {
         Spi::get_one_with_args::<Vec<i64>>(
             "SELECT pg_catalog.array_agg(version_id) FROM certyo.removed_untracked
@@ -409,6 +412,9 @@ fn removed_untracked(relid: Oid) -> Result<HashSet<i64>> {
 /// recorded with their newest version, so the audit does not report them as deleted without
 /// capture. Returns how many.
 pub fn record_removed_while_untracked(relid: Oid, options: &CaptureOptions) -> Result<usize> {
+    if !shape::schema_has(c"removed_untracked", None) {
+        return Ok(0);
+    }
     let has_versions = crate::rights::as_superuser(|| {
         Spi::get_one_with_args::<bool>(
             "SELECT EXISTS (SELECT FROM certyo.receipt WHERE relid OPERATOR(pg_catalog.=) $1)

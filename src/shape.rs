@@ -78,6 +78,9 @@ pub fn current(relid: Oid, options: &CaptureOptions) -> Result<(Shape, String)> 
 /// Record `relid`'s present shape, unless it is the newest one recorded. A table's first shape
 /// is recorded from id 0: it is the shape of whatever was captured before shapes were recorded.
 pub fn record(relid: Oid, options: &CaptureOptions) -> Result<()> {
+    if !schema_has(c"capture_shape", None) {
+        return Ok(());
+    }
     let (now, collection) = current(relid, options)?;
     let history = history(relid)?;
     if history.last().is_some_and(|last| last.same(&now)) {
@@ -108,6 +111,9 @@ pub fn record(relid: Oid, options: &CaptureOptions) -> Result<()> {
 
 /// The shapes recorded for `relid`, oldest first.
 pub fn history(relid: Oid) -> Result<Vec<Shape>> {
+    if !schema_has(c"capture_shape", None) {
+        return Ok(Vec::new());
+    }
     crate::rights::as_superuser(|| {
         Ok(Spi::connect(|client| {
             let rows = client.select(
@@ -181,4 +187,22 @@ pub fn describe(before: &Shape, after: &Shape) -> String {
         changes.push("columns reordered".to_string());
     }
     changes.join("; ")
+}
+
+/// Whether the installed extension has `certyo.{table}` (and its `column`): a library newer
+/// than the extension's SQL (installed, not yet `ALTER EXTENSION certyo_cdc UPDATE`d) works
+/// without what the update adds.
+pub fn schema_has(table: &std::ffi::CStr, column: Option<&std::ffi::CStr>) -> bool {
+    // SAFETY: catalog lookups inside the caller's transaction.
+    unsafe {
+        let namespace = pg_sys::get_namespace_oid(c"certyo".as_ptr(), true);
+        if namespace == pg_sys::InvalidOid {
+            return false;
+        }
+        let relid = pg_sys::get_relname_relid(table.as_ptr(), namespace);
+        if relid == pg_sys::InvalidOid {
+            return false;
+        }
+        column.is_none_or(|c| pg_sys::get_attnum(relid, c.as_ptr()) != 0)
+    }
 }

@@ -595,6 +595,18 @@ const RECEIPTS_FROM_QUEUE: &str = "WITH v AS (SELECT * FROM unnest($1::bigint[],
 /// flags, payload SHA-256s and column digests (in hex).
 type AcceptedLists = (Vec<i64>, Vec<String>, Vec<bool>, Vec<String>, Vec<String>);
 
+/// `RECEIPTS` and `RECEIPTS_FROM_QUEUE` for an extension not yet updated to 0.2.0, whose
+/// receipts have no `column_sha256` (the library is installed before `ALTER EXTENSION
+/// certyo_cdc UPDATE`): the same statements without it.
+static RECEIPTS_WITHOUT_DIGESTS: std::sync::LazyLock<[String; 2]> =
+    std::sync::LazyLock::new(|| {
+        [RECEIPTS, RECEIPTS_FROM_QUEUE].map(|sql| {
+            sql.replace(", column_sha256)", ")")
+                .replace(", decode(NULLIF(cols, ''), 'hex')", "")
+                .replace(",\n            decode(NULLIF(cols, ''), 'hex')", "")
+        })
+    });
+
 /// Record what Certyo said about each entry and write the accepted hashes back to the rows, in
 /// one transaction.
 /// `retry_in` gives the delay before the next attempt of a transient failure; receipts are
@@ -724,13 +736,20 @@ pub fn record(
                 // the statement's time, that finds nothing. Unless a change moved there while
                 // its batch was in flight (a retry began meanwhile): the general statement
                 // then finds it, the others being gone from the queue already.
+                let (receipts, from_queue) =
+                    if crate::shape::schema_has(c"receipt", Some(c"column_sha256")) {
+                        (RECEIPTS, RECEIPTS_FROM_QUEUE)
+                    } else {
+                        let [receipts, from_queue] = &*RECEIPTS_WITHOUT_DIGESTS;
+                        (receipts.as_str(), from_queue.as_str())
+                    };
                 let recorded = if all_from_queue {
-                    prepared::update(client, RECEIPTS_FROM_QUEUE, &args)?.len()
+                    prepared::update(client, from_queue, &args)?.len()
                 } else {
                     0
                 };
                 if recorded < count {
-                    prepared::update(client, RECEIPTS, &args)?;
+                    prepared::update(client, receipts, &args)?;
                 }
             }
             if !transient.0.is_empty() {
@@ -882,7 +901,17 @@ pub fn set_state(state: &str, detail: &str, error: Option<&str>, tally: Tally) -
 
 #[cfg(test)]
 mod tests {
-    use super::{oldest_per_record, Queued};
+    use super::{oldest_per_record, Queued, RECEIPTS_WITHOUT_DIGESTS};
+
+    #[test]
+    fn receipts_without_digests_name_no_digest_column() {
+        for sql in RECEIPTS_WITHOUT_DIGESTS.iter() {
+            assert!(
+                !sql.contains("column_sha256") && !sql.contains("NULLIF(cols"),
+                "{sql}"
+            );
+        }
+    }
     use pgrx::pg_sys::Oid;
 
     fn q(id: i64, record: &str) -> Queued {
