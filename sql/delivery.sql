@@ -63,7 +63,11 @@ CREATE TABLE certyo.receipt (
     reported_hash    text,                              -- mismatch: the hash Certyo reported
     -- false while the source row could not be marked (its table's write-back failed: an
     -- owner's trigger that raised, a lock held too long); the worker retries with back-off
-    written_back     boolean     NOT NULL DEFAULT true
+    written_back     boolean     NOT NULL DEFAULT true,
+    -- 16 bytes of SHA-256 per payload column, in payload order (certyo::column_sha256): the
+    -- audit compares a row column by column with a version captured before a schema change.
+    -- NULL for receipts recorded before 0.2.0.
+    column_sha256    bytea
 );
 CREATE INDEX receipt_record ON certyo.receipt (relid, record_id, id);
 CREATE INDEX receipt_verify ON certyo.receipt (next_verify_at) WHERE anchor_status IN ('pending', 'overdue');
@@ -116,6 +120,39 @@ INSERT INTO certyo.installation
     SELECT e.oid FROM pg_catalog.pg_extension e WHERE e.extname = 'certyo_cdc';
 SELECT pg_catalog.pg_extension_config_dump('certyo.installation', '');
 
+-- The shape each tracked table's changes are captured with, recorded by certyo.track() and by
+-- the DDL event trigger whenever it changes: a change whose queue id is above since_id (and
+-- below the next shape's) was captured with these payload columns and this record key.
+-- since_id is drawn as capture draws queue ids, inside the DDL's transaction, which holds the
+-- table's lock against writers: every change captured before has a smaller id, every one after
+-- a larger. certyo.audit() compares each row on the columns its newest version was captured
+-- with, and reports each shape change since as a finding of its own.
+CREATE TABLE certyo.capture_shape (
+    relid             oid         NOT NULL,
+    collection        text        NOT NULL,
+    since_id          bigint      NOT NULL,   -- 0 for a table's first shape
+    recorded_at       timestamptz NOT NULL DEFAULT now(),
+    columns           text[]      NOT NULL,   -- the payload's columns, in payload order
+    types             text[]      NOT NULL,   -- their types (format_type)
+    attnums           smallint[]  NOT NULL,   -- their attribute numbers in the tracked table
+    record_id_columns text[]      NOT NULL,
+    PRIMARY KEY (relid, since_id)
+);
+SELECT pg_catalog.pg_extension_config_dump('certyo.capture_shape', '');
+
+-- Records whose rows were removed while their table was untracked (the documented way to empty
+-- a tracked table: untrack, TRUNCATE, track), found by certyo.track() when it tracks the table
+-- again: version_id is the record's newest version then. The audit does not report them as
+-- deleted without capture while that version is still the record's newest.
+CREATE TABLE certyo.removed_untracked (
+    version_id  bigint      PRIMARY KEY,
+    relid       oid         NOT NULL,
+    collection  text        NOT NULL,
+    record_id   text        NOT NULL,
+    found_at    timestamptz NOT NULL DEFAULT now()
+);
+SELECT pg_catalog.pg_extension_config_dump('certyo.removed_untracked', '');
+
 -- After a restore (see certyo.installation): point the restored rows at the tables' new OIDs,
 -- matching each by its schema-qualified name among the tracked tables. Rows of a table that
 -- is not tracked under that name in this database keep their old OID. Returns how many rows
@@ -156,6 +193,10 @@ BEGIN
         UPDATE certyo.receipt r SET relid = t.relid FROM certyo.tracked_oids() t
          WHERE r.collection = t.collection AND r.relid <> t.relid;
         GET DIAGNOSTICS n = ROW_COUNT; relinked := relinked + n;
+        UPDATE certyo.capture_shape s SET relid = t.relid FROM certyo.tracked_oids() t
+         WHERE s.collection = t.collection AND s.relid <> t.relid;
+        UPDATE certyo.removed_untracked u SET relid = t.relid FROM certyo.tracked_oids() t
+         WHERE u.collection = t.collection AND u.relid <> t.relid;
         RAISE LOG 'certyo_cdc: restored from a dump: % queued, delivered and accepted changes relinked to their tables', relinked;
     END IF;
     DELETE FROM certyo.installation;

@@ -38,6 +38,7 @@ pub mod error;
 mod hard_limit;
 mod relation;
 mod rights;
+mod shape;
 mod track;
 mod wake;
 
