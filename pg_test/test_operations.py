@@ -17,9 +17,9 @@ import time
 import pytest
 
 from conftest import watched_cluster
-from harness import KEY, wait_for
+from harness import KEY, TMP, wait_for
 
-DIR = "/tmp/certyo-e2e-operations"
+DIR = f"{TMP}/certyo-e2e-operations"
 SETTINGS = """
 certyo.verify_min_age = '1s'
 certyo.verify_interval = '500ms'
