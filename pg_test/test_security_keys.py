@@ -91,7 +91,7 @@ def test_a_table_keyed_by_an_extension_type_is_written_back_and_backfilled(clust
                      f"SELECT certyo.track('{table}')")
         attacker.sql(f"INSERT INTO {table} VALUES ('a.b', 1, '1'), ('a.c', 1, '2'), ('b', 2, '3')")
         wait_written_back(cluster, table, 3)
-        attacker.sql(f"INSERT INTO {table} SELECT 'x.' || g, g % 3, 'v' FROM generate_series(1, 250) g")
+        attacker.sql(f"INSERT INTO {table} SELECT ('x.' || g)::public.ltree, g % 3, 'v' FROM generate_series(1, 250) g")
         backfill = attacker.sql(f"SELECT certyo.backfill('{table}')")
         assert wait_backfill(cluster, backfill) == "done", \
             cluster.sql(f"SELECT error FROM certyo.backfills WHERE id = {backfill}")
