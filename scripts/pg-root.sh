@@ -86,7 +86,6 @@ make_root() {
             DEBIAN_FRONTEND=noninteractive apt-get install -y -qq debootstrap >/dev/null
         }
         say "making a Debian $suite root for PostgreSQL $version in $root (about a minute)"
-        mkdir -p "$roots"
         debootstrap --variant=minbase "$suite" "$root" "$mirror" >/dev/null
     fi
     # No service starts inside the root.
@@ -95,6 +94,11 @@ make_root() {
     mount_basics
 }
 
+# One process makes a root; another one wanting it meanwhile waits (the package tests start
+# side by side, two of them on the same clean root).
+mkdir -p "$roots"
+exec {lock}>"$roots/.lock-${root##*/}"
+flock "$lock"
 if [ -n "$clean" ] && [ ! -f "$ready" ]; then
     make_root
     # What apt-get is told on the command line for the roots, said once for the command's own.
@@ -114,6 +118,7 @@ elif [ -z "$clean" ] && [ ! -f "$ready" ]; then
     chroot "$root" env DEBIAN_FRONTEND=noninteractive apt-get "${apt_options[@]}" install -y -qq "${packages[@]}" >/dev/null
     touch "$ready"
 fi
+flock -u "$lock"
 
 (($#)) || exit 0
 
