@@ -3,7 +3,8 @@
 # test-all` adds 17 and 18, each in a Debian root made by scripts/pg-root.sh), the unit tests,
 # #[pg_test]s and end-to-end suites of scripts/test-version.sh; then what does not depend on the
 # version: the Certyo client, the emulator and certyo-relay (unit tests; end to end against MariaDB), the
-# documentation against the sources, the companions (MariaDB, T-SQL) and docker/. Fails when any test fails.
+# documentation against the sources, the companions (MariaDB, T-SQL) and docker/; and the Debian
+# packages, each installed into a clean Debian root (scripts/test-package.sh). Fails when any test fails.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup.sh
