@@ -55,7 +55,7 @@ relay)
         "$? $(grep -c '^FAIL source shop' /tmp/check.out)" "1 1"
     runuser -u nobody -- certyo-relay --config /etc/certyo-relay/relay.toml check >/tmp/check.out 2>&1
     check "another user cannot read the configuration" \
-        "$? $(grep -c 'Permission denied' /tmp/check.out)" "2 1"
+        "$? $(grep -c 'relay.toml.*Permission denied' /tmp/check.out)" "2 1"
     check "the unit runs the relay as its user" \
         "$(grep -E '^(User|ExecStart)=' /usr/lib/systemd/system/certyo-relay.service | tr '\n' ' ')" \
         "User=certyo-relay ExecStart=/usr/bin/certyo-relay --config /etc/certyo-relay/relay.toml run "
