@@ -9,10 +9,11 @@
 #       `apt-get remove` and `purge` leave none of the package's files
 #   pg_test/package.sh relay      certyo-relay: its user, the configuration's rights, the
 #       conffile; remove keeps the configuration, purge takes it
+#   pg_test/package.sh lint       lintian over every package in target/debian/
 set -uo pipefail
 cd "$(dirname "$0")/.."
 . pg_test/check.sh
-what=${1:?usage: pg_test/package.sh 15|17|18|relay}
+what=${1:?usage: pg_test/package.sh 15|17|18|relay|lint}
 KEY=e2e-secret
 
 apt() { DEBIAN_FRONTEND=noninteractive apt-get -q -y --no-install-recommends -o Dpkg::Use-Pty=0 "$@" >/tmp/apt.log 2>&1 || { cat /tmp/apt.log; return 1; }; }
@@ -32,6 +33,16 @@ started=$SECONDS
 apt update
 
 case "$what" in
+lint)
+    package="the packages' lint"
+    check "lintian installs" "$(apt install lintian && status lintian)" "install ok installed"
+    # Not ours to mend: a changelog closing no Debian bug (an upload to Debian's archive would),
+    # certyo-relay has --help but no manual page, Rust has no _FORTIFY_SOURCE.
+    lintian --fail-on error,warning --suppress-tags initial-upload-closes-no-bugs,no-manual-page \
+        target/debian/*.deb >/tmp/lintian.out 2>&1
+    check "lintian finds no error and no warning in $(ls target/debian/*.deb | wc -l) packages" \
+        "$? $(grep -E '^[EW]:' /tmp/lintian.out)" "0 "
+    ;;
 relay)
     package=certyo-relay
     deb=$(ls target/debian/certyo-relay_*.deb)
@@ -75,9 +86,11 @@ relay)
     check "apt-get install ./${deb##*/} installs it" "$(apt install "./$deb" && status "$package")" "install ok installed"
     check "and the server it depends on" "$(status postgresql-"$version")" "install ok installed"
 
-    # The server as Debian made it (the cluster "main"), on its Unix socket only.
+    # The server as Debian made it (the cluster "main"), on its Unix socket only; it and the
+    # emulator end with the test, whatever happens (the root's mounts are undone afterwards).
     pg_conftool -s "$version" main set listen_addresses ''
     pg_ctlcluster "$version" main start
+    trap 'kill "${EMULATOR_PID:-}" 2>/dev/null; pg_ctlcluster "$version" main stop -m immediate 2>/dev/null' EXIT
     q() { runuser -u postgres -- psql -X -q -At -v ON_ERROR_STOP=1 -c "$1" 2>&1; }
 
     # The emulator of Certyo, on a port of its own.
@@ -114,6 +127,7 @@ relay)
     check "Certyo holds the record with that hash" \
         "$(grep -o "\"recordHash\":\"$hash\"" <<<"$records" | wc -l)" "1"
     kill "$EMULATOR_PID"
+    wait "$EMULATOR_PID" 2>/dev/null
 
     files=$(files_of "$package")
     check "apt-get remove succeeds" "$(apt remove "$package" && status "$package")" ""
@@ -126,10 +140,9 @@ relay)
     check "installed again, apt-get purge succeeds" \
         "$(apt install "./$deb" && apt purge "$package" && status "$package")" ""
     check "and leaves nothing either" "$(ours)" ""
-    pg_ctlcluster "$version" main stop -m fast
     ;;
 *)
-    echo "pg_test/package.sh: $what is neither a PostgreSQL version (15, 17, 18) nor relay" >&2
+    echo "pg_test/package.sh: $what is neither a PostgreSQL version (15, 17, 18), relay nor lint" >&2
     exit 2
     ;;
 esac

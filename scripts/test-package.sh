@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # The Debian packages (target/debian/, made by scripts/package.sh) installed as a user installs
 # them, each in a clean Debian root of its release (scripts/pg-root.sh --clean; 15 and the relay
-# in bookworm, 17 in trixie, 18 in sid), side by side: pg_test/package.sh. Then the relay's
-# systemd unit, checked by systemd-analyze on this machine. Fails when any test fails.
+# in bookworm, 17 in trixie, 18 in sid), side by side: pg_test/package.sh; and lintian over them
+# all. Then the relay's systemd unit, checked by systemd-analyze on this machine. Fails when any
+# test fails.
 #
-#   scripts/test-package.sh 15 17 18 relay
+#   scripts/test-package.sh 15 17 18 relay lint
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . pg_test/check.sh
@@ -17,7 +18,8 @@ logs=$(mktemp -d)
 pids=()
 for what in "$@"; do
     version=$what
-    [ "$what" = relay ] && version=15 # bookworm, the oldest release it runs on
+    # bookworm: the oldest release the relay runs on; lintian's, for every package.
+    [ "$what" = relay ] || [ "$what" = lint ] && version=15
     scripts/pg-root.sh --clean "$version" pg_test/package.sh "$what" >"$logs/$what.log" 2>&1 &
     pids+=($!)
 done

@@ -53,7 +53,7 @@ fi
 cargo build --release -p certyo-relay -p certyo-emulator --quiet
 scripts/package.sh relay
 packages_log=$(mktemp)
-scripts/test-package.sh ${PG_VERSIONS:-15} relay >"$packages_log" 2>&1 &
+scripts/test-package.sh ${PG_VERSIONS:-15} relay lint >"$packages_log" 2>&1 &
 packages_pid=$!
 echo "== the Certyo client, the emulator and certyo-relay: unit tests (the SQL Server source against its in-process fake)"
 cargo test -p certyo -p certyo-emulator -p certyo-relay --quiet
