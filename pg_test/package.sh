@@ -40,8 +40,9 @@ lint)
     # certyo-relay has --help but no manual page, Rust has no _FORTIFY_SOURCE.
     lintian --fail-on error,warning --suppress-tags initial-upload-closes-no-bugs,no-manual-page \
         target/debian/*.deb >/tmp/lintian.out 2>&1
+    linted=$?
     check "lintian finds no error and no warning in $(ls target/debian/*.deb | wc -l) packages" \
-        "$? $(grep -E '^[EW]:' /tmp/lintian.out)" "0 "
+        "$linted $(grep -E '^[EW]:' /tmp/lintian.out)" "0 "
     ;;
 relay)
     package=certyo-relay
