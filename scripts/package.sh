@@ -27,8 +27,10 @@ case "$what" in
 relay)
     package=certyo-relay
     upstream=$(sed -n 's/^version = "\(.*\)"$/\1/p' relay/Cargo.toml | head -1)
+    # Built as scripts/test.sh builds it for the relay's tests, with the emulator: one set of
+    # the dependencies' features, so the binary packaged is the binary tested, built once.
     say "building certyo-relay (release)"
-    cargo build --release -p certyo-relay --quiet
+    cargo build --release -p certyo-relay -p certyo-emulator --quiet
     built=${CARGO_TARGET_DIR:-target}/release/certyo-relay
     ;;
 15 | 17 | 18)

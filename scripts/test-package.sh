@@ -12,8 +12,8 @@ cd "$(dirname "$0")/.."
 (($#)) || set -- 15 relay
 started=$SECONDS
 
-# The emulator the extension's tests deliver to (a no-op when the tests built it already).
-cargo build --release -p certyo-emulator --quiet
+# The emulator the extension's tests deliver to (a no-op when scripts/test.sh built it already).
+cargo build --release -p certyo-relay -p certyo-emulator --quiet
 logs=$(mktemp -d)
 pids=()
 for what in "$@"; do
