@@ -24,6 +24,8 @@ echo "== PostgreSQL $version: unit tests and #[pg_test]s"
 cargo pgrx test "pg$version"
 # cargo pgrx test installed a debug build; the end-to-end checks run the release build.
 cargo pgrx install --release --pg-config "$pg_config" --no-default-features --features "pg$version" >/dev/null
+# Its Debian package, from that release build (scripts/test-package.sh installs it later).
+scripts/package.sh "$version"
 export PG_BIN=/usr/lib/postgresql/$version/bin CERTYO_PG_BIN=/usr/lib/postgresql/$version/bin
 
 echo "== PostgreSQL $version, end to end: capture"
