@@ -547,9 +547,10 @@ def test_a_partitioned_table_is_tracked_with_its_partitions_present_and_future(e
 
 def test_object_identifiers_render_the_same_under_every_search_path(emulator):
     """regclass, regtype and regproc values rendered by the writer's search_path: "app.lookup"
-    under one, "lookup" under another, so the audit reported changes under every setting tried,
-    and a regclass record key's write-back failed forever. They are written schema-qualified
-    whatever the path, and a regclass key is written back."""
+    under one, "lookup" under another, so the audit reported changes under every setting tried.
+    They are written schema-qualified whatever the path. As a record key such a value is a name
+    its object's owner may rename at any moment, so that a record id would name another row:
+    track() refuses it, saying so."""
     cluster = Cluster(PRIMARY_DIR, free_port(), emulator.url)
     try:
         cluster.sql("""
@@ -558,19 +559,25 @@ def test_object_identifiers_render_the_same_under_every_search_path(emulator):
             CREATE TABLE app.lookup (id int PRIMARY KEY);
             CREATE TYPE app.mood AS ENUM ('ok');
             CREATE FUNCTION app.f() RETURNS int LANGUAGE sql AS 'SELECT 1';
-            CREATE TABLE app.refs (rel regclass PRIMARY KEY, typ regtype, fn regproc);
+            CREATE TABLE app.refs (id int PRIMARY KEY, rel regclass, typ regtype, fn regproc);
             SELECT certyo.track('app.refs');
+            CREATE TABLE app.keyed (rel regclass PRIMARY KEY);
         """)
+        refused = subprocess.run(["psql", "-h", cluster.dir, "-p", str(cluster.port), "-U", "postgres", "-X", "-qAt",
+                                  "-c", "SELECT certyo.track('app.keyed')"], capture_output=True, text=True)
+        assert refused.returncode != 0 and "names of database objects" in refused.stderr, refused.stderr
         cluster.sql("SET search_path = app, public; "
-                    "INSERT INTO app.refs VALUES ('lookup', 'mood', 'f')")
+                    "INSERT INTO app.refs VALUES (1, 'lookup', 'mood', 'f')")
         cluster.sql("SET search_path = public; "
-                    "INSERT INTO app.refs VALUES ('app.refs', 'app.mood[]', 'app.f')")
+                    "INSERT INTO app.refs VALUES (2, 'app.refs', 'app.mood[]', 'app.f')")
         assert wait_for(lambda: cluster.sql(
             "SELECT count(*) FROM app.refs WHERE certyo_record_hash IS NOT NULL") == "2", 30), \
             cluster.sql("SELECT error FROM certyo.write_back_failure")
         records = {r["recordId"]: r["recordPayload"] for r in emulator.records() if r["collection"] == "app.refs"}
-        assert records["app.lookup"] == {"rel": "app.lookup", "typ": "app.mood", "fn": "app.f"}, records
-        assert records["app.refs"] == {"rel": "app.refs", "typ": "app.mood[]", "fn": "app.f"}, records
+        assert {k: records["1"][k] for k in ("rel", "typ", "fn")} == \
+            {"rel": "app.lookup", "typ": "app.mood", "fn": "app.f"}, records
+        assert {k: records["2"][k] for k in ("rel", "typ", "fn")} == \
+            {"rel": "app.refs", "typ": "app.mood[]", "fn": "app.f"}, records
         for path in ("app, public", "public", "pg_catalog"):
             assert cluster.sql(f"SET search_path = {path}; SELECT count(*) FROM certyo.audit('app.refs')") == "0", path
     finally:

@@ -101,31 +101,33 @@ def test_a_table_keyed_by_an_extension_type_is_written_back_and_backfilled(clust
         cluster.sql("DROP EXTENSION IF EXISTS ltree CASCADE")
 
 
-def test_a_writer_cannot_block_the_write_back_of_a_table_keyed_by_an_object_identifier(cluster, attacker, make_role):
-    """A role allowed only to INSERT into someone else's table keyed by regclass adds a row
-    naming a table of its own, then drops that table. The record id is the name; reading it
-    back failed ("relation ... does not exist"), and with it the write-back of the whole
-    table, the owner's rows too, forever. Now that one version is left out (no row can hold
-    it), and the others are written back."""
+def refused_to_track(cluster, role, table):
+    """The error track() gives `role` for `table` (stderr), or fails the test if it tracks it."""
+    out = subprocess.run(["psql", "-h", cluster.dir, "-p", str(cluster.port), "-U", role, "-d", "postgres", "-X", "-qAt",
+                          "-c", f"SELECT certyo.track('{table}')"], capture_output=True, text=True)
+    assert out.returncode != 0, f"track() took {table}"
+    return out.stderr
+
+
+def test_a_key_that_is_a_name_someone_may_rename_is_refused(cluster, attacker, make_role):
+    """Two attacks of names read back. (1) A role allowed only to INSERT into a table keyed by
+    regclass adds rows naming two tables of its own and swaps their names before the write-back:
+    each row read back as the other and took its hash, both marked `anchored`; a name of a
+    table dropped since blocked the write-back of the whole table, forever. (2) The owner of an
+    enum that another owner's table is keyed by swaps two labels (ALTER TYPE ... RENAME VALUE):
+    the same crossed hashes. Now track() refuses a key of an object identifier type, or of
+    another role's enum, and says why."""
     owner = make_role("owner")
-    s = owner.schema
-    table = f"{s}.registry"
-    owner.sql(f"""
-        CREATE TABLE {table} (rel regclass PRIMARY KEY, v text); SELECT certyo.track('{table}');
-        GRANT USAGE ON SCHEMA {s} TO {attacker.name}; GRANT INSERT ON {table} TO {attacker.name};
-    """)
-    a = attacker.schema
-    cluster.sql("SELECT certyo.pause()")  # one batch: the owner's rows and the attacker's together
-    try:
-        owner.sql(f"INSERT INTO {table} VALUES ('pg_class', 'v1')")
-        attacker.sql(f"CREATE TABLE {a}.gone (); INSERT INTO {table} VALUES ('{a}.gone', 'x'); DROP TABLE {a}.gone")
-        owner.sql(f"INSERT INTO {table} VALUES ('pg_type', 'v2'), ('pg_proc', 'v3')")
-    finally:
-        cluster.sql("SELECT certyo.resume()")
-    written = f"SELECT count(*) FROM {table} WHERE certyo_record_hash IS NOT NULL AND rel::oid < 16384"
-    assert wait_for(lambda: cluster.sql(written) == "3", 30), \
-        cluster.sql(f"SELECT error FROM certyo.write_back_failure WHERE relid = '{table}'::regclass")
-    owner.sql(f"DROP TABLE {table}")
+    s, a = owner.schema, attacker.schema
+    owner.sql(f"CREATE TABLE {s}.registry (rel regclass PRIMARY KEY, v text)")
+    assert "names of database objects" in refused_to_track(cluster, owner.name, f"{s}.registry")
+    attacker.sql(f"CREATE TYPE {a}.color AS ENUM ('red', 'blue'); GRANT USAGE ON TYPE {a}.color TO PUBLIC")
+    owner.sql(f"CREATE TABLE {s}.paint (c {a}.color PRIMARY KEY, v text)")
+    assert "enum of another role" in refused_to_track(cluster, owner.name, f"{s}.paint")
+    # An enum of the table's own owner is the owner's to rename: accepted.
+    owner.sql(f"CREATE TYPE {s}.size AS ENUM ('s', 'm'); CREATE TABLE {s}.shirts (z {s}.size PRIMARY KEY); "
+              f"SELECT certyo.track('{s}.shirts'); INSERT INTO {s}.shirts VALUES ('s'), ('m')")
+    wait_written_back(cluster, f"{s}.shirts", 2)
 
 
 def test_a_database_setting_cannot_make_a_backfill_skip_rows(cluster, attacker):
@@ -152,3 +154,23 @@ def test_a_database_setting_cannot_make_a_backfill_skip_rows(cluster, attacker):
         assert (state, queued) == ("done", "210"), f"the backfill is {state} having queued {queued} of 210 rows"
     finally:
         cluster.sql("ALTER DATABASE postgres RESET extra_float_digits")
+
+
+def test_a_backfill_of_a_key_collated_unlike_the_database_completes(cluster, attacker):
+    """A text key with COLLATE "und-x-icu" in a C.UTF-8 database. Chunks page in the column's
+    order, but the check that a chunk ended past the one before compared the two keys as
+    parameters, in the database's collation: 'B143' is not after 'a53' there, and the backfill
+    failed ("made no progress") after its first chunk. Values read from record ids are now
+    compared in the column's collation."""
+    table = f"{attacker.schema}.words"
+    attacker.sql(f"""
+        CREATE TABLE {table} (k text COLLATE "und-x-icu" PRIMARY KEY, v text);
+        INSERT INTO {table} SELECT 'a' || g, 'x' FROM generate_series(1, 150) g;
+        INSERT INTO {table} SELECT 'B' || g, 'x' FROM generate_series(1, 150) g;
+        SELECT certyo.track('{table}');
+    """)
+    backfill = attacker.sql(f"SELECT certyo.backfill('{table}')")
+    wait_backfill(cluster, backfill, 60)
+    found = cluster.sql(f"SELECT state, rows_queued, error FROM certyo.backfills WHERE id = {backfill}")
+    assert found == "done|300|", found
+    attacker.sql(f"DROP TABLE {table}")

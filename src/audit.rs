@@ -96,6 +96,14 @@ fn require_text_bookkeeping(relid: Oid) -> Result<()> {
 }
 
 fn findings(relid: Oid) -> Result<Vec<Finding>> {
+    // A library newer than the extension's SQL: the receipts lack what the audit compares.
+    if !crate::shape::schema_has(c"receipt", Some(c"column_sha256")) {
+        return Err(CertyoError::new(
+            PgSqlErrorCode::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
+            "certyo_cdc: the extension's SQL is older than its library, and audit() needs the newer catalog",
+        )
+        .hint("ALTER EXTENSION certyo_cdc UPDATE, then audit again."));
+    }
     // A restored database's rows find their tables first (see certyo.relink_restored()).
     Spi::run("SELECT certyo.relink_restored()")?;
     let Some(options) = crate::track::installed_options(relid)? else {

@@ -375,7 +375,7 @@ pub fn queue_chunk(job: &Job, chunk_size: usize) -> Result<i64> {
     let n = key.columns.len();
     // Parameters of the key's own types, read from text by their input functions (never a
     // cast, see `RecordKey::array_of`), compared by the types' own operators.
-    let column = |i: usize| format!("t.{}", key.columns[i]);
+    let column = |i: usize| key.ordered("t", i);
     let after = match job.last_key {
         Some(_) => format!("AND {}", key.after(&column, 1)),
         None => String::new(),

@@ -5,10 +5,13 @@
 //! Kept in shared memory: the lanes of a database, and a lane started again after its hard
 //! limit (`crate::hard_limit`), see the same account. Time decays by half every minute. An
 //! owner becomes slow once their code has taken [`SLOW`] lately, and is an ordinary owner again
-//! once it has decayed below [`RECOVERED`]. Only the lane that does not serve an owner changes
-//! which lane does: the shared lane marks an owner slow after that owner's statement has ended,
-//! the slow owners' lane marks them ordinary again before it takes any of their tables; so two
-//! lanes never take the same owner's tables by this account.
+//! once it has decayed below [`RECOVERED`]. The flag is the only signal, and only the lane that
+//! does not serve an owner changes it: the shared lane marks an owner slow after that owner's
+//! statement has ended, the slow owners' lane marks them ordinary again between its rounds
+//! (before it takes any of their tables). A round of the slow owners' lane already listed may
+//! still take a table of an owner just handed back; the shared lane may then wait on its row
+//! locks (its `lock_timeout`), never mark anything twice wrongly: each marks only rows that
+//! still hold the version.
 
 use pgrx::lwlock::PgLwLock;
 use pgrx::pg_sys::{self, Oid};
@@ -97,9 +100,9 @@ impl Owner {
         self.at_ms != 0 && self.database == database && self.owner == owner.to_u32()
     }
 
-    /// Slow, and not yet quiet long enough to be an ordinary owner again.
-    fn slow_now(&self, now: u64) -> bool {
-        self.slow && self.used(now) >= RECOVERED
+    /// Quiet long enough to be an ordinary owner again (only the slow owners' lane acts on it).
+    fn recovered(&self, now: u64) -> bool {
+        self.used(now) < RECOVERED
     }
 }
 
@@ -116,14 +119,16 @@ pub fn charge(owner: Oid, time: Duration, may_mark_slow: bool) {
     let index = match account.owners.iter().position(|o| o.is(database, owner)) {
         Some(i) => i,
         None => {
-            // A free entry, or the one with least time.
+            // A free entry, or the one with least time, an ordinary owner's first (a slow
+            // owner's entry given way would send their tables back to the shared lane).
             let mut least = 0;
+            let weight = |o: &Owner| (o.slow, o.used(now));
             for (i, o) in account.owners.iter().enumerate() {
                 if o.at_ms == 0 {
                     least = i;
                     break;
                 }
-                if o.used(now) < account.owners[least].used(now) {
+                if weight(o) < weight(&account.owners[least]) {
                     least = i;
                 }
             }
@@ -170,23 +175,39 @@ pub fn is_slow(owner: Oid, may_recover: bool) -> bool {
     let Some(entry) = account.owners.iter_mut().find(|o| o.is(database, owner)) else {
         return false;
     };
-    if may_recover && !entry.slow_now(now) {
+    if may_recover && entry.recovered(now) {
         entry.slow = false;
     }
-    entry.slow_now(now)
+    entry.slow
 }
 
-/// Whether some owner of this database is slow now.
+/// Hand every quiet slow owner of this database back to the shared lane (by the slow owners'
+/// lane, between its rounds): a slow owner with nothing waiting must not keep that lane
+/// wanted.
+pub fn recover_quiet() {
+    if !PRELOADED.load(Ordering::Relaxed) {
+        return;
+    }
+    let (database, now) = (database(), now_ms());
+    for entry in ACCOUNT.exclusive().owners.iter_mut() {
+        if entry.database == database && entry.at_ms != 0 && entry.slow && entry.recovered(now) {
+            entry.slow = false;
+        }
+    }
+}
+
+/// Whether some owner of this database is slow now. An owner stays slow until the slow owners'
+/// lane hands them back (`is_slow`), so that lane is started for them while they are.
 pub fn any_slow() -> bool {
     if !PRELOADED.load(Ordering::Relaxed) {
         return false;
     }
-    let (database, now) = (database(), now_ms());
+    let database = database();
     ACCOUNT
         .share()
         .owners
         .iter()
-        .any(|o| o.database == database && o.at_ms != 0 && o.slow_now(now))
+        .any(|o| o.database == database && o.at_ms != 0 && o.slow)
 }
 
 /// The delivery worker could not start this database's slow owners' lane (`for_how_long`

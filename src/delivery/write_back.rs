@@ -519,7 +519,10 @@ pub mod failing {
         // limit), unless the delivery worker could start none.
         let lane = slow_lane::this();
         match lane {
-            Some(Lane::SlowOwners) => due.retain(|d| owners::is_slow(d.3, true)),
+            Some(Lane::SlowOwners) => {
+                owners::recover_quiet();
+                due.retain(|d| owners::is_slow(d.3, true));
+            }
             Some(Lane::Shared) if !owners::slow_owners_have_no_lane() => {
                 due.retain(|d| !owners::is_slow(d.3, false));
             }
@@ -796,9 +799,20 @@ fn read_keys(key: &RecordKey, parts: &[Vec<String>]) -> (Vec<DatumWithOid<'stati
             .collect()
     };
     let every: Vec<usize> = (0..versions).collect();
+    // Only bad input makes a part unreadable (SQLSTATE class 22, or no such object for a
+    // name); anything else (the statement's time running out, a lock, memory) is raised.
     let canceled = |code: PgSqlErrorCode, message: &str| {
-        if code == PgSqlErrorCode::ERRCODE_QUERY_CANCELED {
-            // The statement's time ran out meanwhile: that is no unreadable part.
+        // The class is the first two characters: the low 12 bits of the code.
+        let class = |code: PgSqlErrorCode| code as isize & 0xfff;
+        let unreadable = class(code) == class(PgSqlErrorCode::ERRCODE_DATA_EXCEPTION)
+            || matches!(
+                code,
+                PgSqlErrorCode::ERRCODE_UNDEFINED_TABLE
+                    | PgSqlErrorCode::ERRCODE_UNDEFINED_OBJECT
+                    | PgSqlErrorCode::ERRCODE_INVALID_SCHEMA_NAME
+                    | PgSqlErrorCode::ERRCODE_UNDEFINED_FUNCTION
+            );
+        if !unreadable {
             pgrx::ereport!(ERROR, code, message.to_string());
         }
     };

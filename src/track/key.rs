@@ -89,6 +89,12 @@ pub const LOOKUP: &str = concat!(
           ARRAY(SELECT a.atttypmod
                   FROM unnest(certyo.capture_option(t.tgargs, 'record_id')) WITH ORDINALITY AS k(name, n)
                   JOIN pg_attribute a ON a.attrelid = c.oid AND a.attname = k.name AND NOT a.attisdropped
+                 ORDER BY k.n),
+          ARRAY(SELECT CASE WHEN co.oid IS NULL THEN '' ELSE format('%I.%I', cn.nspname, co.collname) END
+                  FROM unnest(certyo.capture_option(t.tgargs, 'record_id')) WITH ORDINALITY AS k(name, n)
+                  JOIN pg_attribute a ON a.attrelid = c.oid AND a.attname = k.name AND NOT a.attisdropped
+                  LEFT JOIN pg_collation co ON co.oid = a.attcollation
+                  LEFT JOIN pg_namespace cn ON cn.oid = co.collnamespace
                  ORDER BY k.n)
      FROM pg_class c
      JOIN pg_namespace n ON n.oid = c.relnamespace
@@ -107,6 +113,9 @@ pub struct RecordKey {
     pub types: Vec<Oid>,
     /// How the worker reads and compares each column (see [`Reading`]).
     reading: Vec<Reading>,
+    /// Each column's collation, qualified for SQL (empty: not collatable): values read from
+    /// record ids are compared in it, as the column's own values are.
+    collations: Vec<String>,
     /// The table's owner: the worker runs its statements on the table with the owner's rights.
     pub owner: Oid,
     /// A business column the capture trigger fires on (`UPDATE OF`), quoted; None when it
@@ -125,6 +134,12 @@ pub struct RecordKey {
 ///   moment) must not run with the table owner's rights, a superuser's too (an attacker pass of
 ///   2026-12-06). A type that holds a domain inside (a range over one, an array of one, a
 ///   composite with one) is refused: its input function would run the checks.
+/// - **Never a name someone may rename.** A record id of an object identifier type
+///   (`regclass`, ...) or of an enum another role owns is the name of something its owner may
+///   rename at any moment: swapping two labels (an attacker pass of 2026-12-06) made each row
+///   read back as the other, and both took the other's hash, marked `anchored`. Such a key is
+///   refused (the enum's own owner renaming labels changes rows' content, which `audit()`
+///   reports).
 /// - **Compared by its type's own operators.** `=` and `>` are the default btree operator
 ///   class's, as `ORDER BY` uses them, written `OPERATOR(schema.op)`: resolved by name on the
 ///   worker's pinned `search_path`, a `citext` key was compared with text's (case-sensitive)
@@ -148,7 +163,7 @@ enum Reading {
 }
 
 impl Reading {
-    fn of(column_type: Oid, column_typmod: i32) -> Reading {
+    fn of(column_type: Oid, column_typmod: i32, table_owner: Oid) -> Reading {
         // SAFETY: catalog lookups of a type that exists (the key was read in this transaction,
         // with the table locked, so its columns' types cannot be dropped); the strings
         // returned are palloc'd and NUL-terminated.
@@ -157,6 +172,13 @@ impl Reading {
             let base = pg_sys::getBaseTypeAndTypmod(column_type, &mut typmod);
             if contains_domain(base, 0) {
                 return Reading::Refused("its type holds a domain (in a range, an array or a composite type), whose checks would run, as the table's owner, when a record id is read back");
+            }
+            // A record id that is a name reads back as whatever bears that name now.
+            if OBJECT_NAMES.contains(&base) {
+                return Reading::Refused("its values are names of database objects, which their owners may rename at any moment: a record id would then name another row, and take its hash (store the object's oid instead)");
+            }
+            if pg_sys::get_typtype(base) as u8 == b'e' && type_owner(base) != Some(table_owner) {
+                return Reading::Refused("its type is an enum of another role, who may rename its labels at any moment (ALTER TYPE ... RENAME VALUE): a record id would then name another row, and take its hash");
             }
             let cache = pg_sys::lookup_type_cache(
                 base,
@@ -190,10 +212,40 @@ impl Reading {
     }
 }
 
-/// Why the worker could not read a record id column of type `column_type` back, if it could
-/// not (see [`Reading`]): `track()` refuses such a key. Inside a transaction.
-pub fn refusal(column_type: Oid) -> Option<&'static str> {
-    match Reading::of(column_type, -1) {
+/// The object identifier types: their text is an object's name.
+const OBJECT_NAMES: [Oid; 11] = [
+    pg_sys::REGCLASSOID,
+    pg_sys::REGTYPEOID,
+    pg_sys::REGPROCOID,
+    pg_sys::REGPROCEDUREOID,
+    pg_sys::REGOPEROID,
+    pg_sys::REGOPERATOROID,
+    pg_sys::REGCONFIGOID,
+    pg_sys::REGDICTIONARYOID,
+    pg_sys::REGNAMESPACEOID,
+    pg_sys::REGROLEOID,
+    pg_sys::REGCOLLATIONOID,
+];
+
+/// The owner of type `t`.
+///
+/// # Safety
+/// Inside a transaction (a syscache lookup).
+unsafe fn type_owner(t: Oid) -> Option<Oid> {
+    let tuple = pg_sys::SearchSysCache1(pg_sys::SysCacheIdentifier::TYPEOID as i32, pg_sys::Datum::from(t));
+    if tuple.is_null() {
+        return None;
+    }
+    let owner = (*(pg_sys::GETSTRUCT(tuple) as pg_sys::Form_pg_type)).typowner;
+    pg_sys::ReleaseSysCache(tuple);
+    Some(owner)
+}
+
+/// Why the worker could not read a record id column of type `column_type` of a table owned by
+/// `table_owner` back, if it could not (see [`Reading`]): `track()` refuses such a key. Inside
+/// a transaction.
+pub fn refusal(column_type: Oid, table_owner: Oid) -> Option<&'static str> {
+    match Reading::of(column_type, -1, table_owner) {
         Reading::Refused(why) => Some(why),
         Reading::Readable { .. } => None,
     }
@@ -265,28 +317,33 @@ impl RecordKey {
         let Some(row) = found.into_iter().next() else {
             return Ok(None);
         };
-        let (Some(table), Some(columns), Some(types), Some(owner), Some(typmods)) = (
+        let (Some(table), Some(columns), Some(types), Some(owner), Some(typmods), Some(collations)) = (
             row.get::<String>(1)?,
             row.get::<Vec<String>>(2)?,
             row.get::<Vec<Oid>>(3)?,
             row.get::<Oid>(4)?,
             row.get::<Vec<i32>>(7)?,
+            row.get::<Vec<String>>(8)?,
         ) else {
             return Ok(None);
         };
         let update_column = row.get::<String>(5)?;
         // Unknown counts as user code: the owner's ordinary session settings are the safe side.
         let user_code = row.get::<bool>(6)?.unwrap_or(true);
-        let complete = !columns.is_empty() && types.len() == columns.len() && typmods.len() == columns.len();
+        let complete = !columns.is_empty()
+            && types.len() == columns.len()
+            && typmods.len() == columns.len()
+            && collations.len() == columns.len();
         if !complete {
             return Ok(None);
         }
-        let reading = types.iter().zip(&typmods).map(|(t, m)| Reading::of(*t, *m)).collect();
+        let reading = types.iter().zip(&typmods).map(|(t, m)| Reading::of(*t, *m, owner)).collect();
         Ok(Some(RecordKey {
             table,
             columns,
             types,
             reading,
+            collations,
             owner,
             update_column,
             user_code,
@@ -406,13 +463,28 @@ impl RecordKey {
         }
     }
 
+    /// Column `i` of `table` as the type it is read as: a domain column relabeled as its base
+    /// type (no code runs), so that the base type's operators apply and no operator declared
+    /// on the domain itself (`=(domain, base)`, made by whoever may create in the schema of
+    /// the base type's operators) can be chosen instead.
+    fn column_as_read(&self, table: &str, i: usize) -> String {
+        match &self.reading[i] {
+            Reading::Readable { relabel: Some(base), .. } => format!("CAST({table}.{} AS {base})", self.columns[i]),
+            _ => format!("{table}.{}", self.columns[i]),
+        }
+    }
+
     /// `t.k1 OPERATOR(s.=) v.k1 AND ...`: the table's key against the values named k1..kn.
     pub fn matches(&self, table: &str, values: &str) -> String {
-        (1..=self.columns.len())
-            .zip(&self.columns)
-            .map(|(i, column)| format!("{table}.{column} {} {values}.k{i}", self.operators(i - 1).0))
+        (0..self.columns.len())
+            .map(|i| format!("{} {} {values}.k{}", self.column_as_read(table, i), self.operators(i).0, i + 1))
             .collect::<Vec<_>>()
             .join(" AND ")
+    }
+
+    /// Column `i` of alias `table`, as the key's order compares it (see [`Self::after`]).
+    pub fn ordered(&self, table: &str, i: usize) -> String {
+        self.column_as_read(table, i)
     }
 
     /// Whether the key `left(0), left(1), ...` comes after the values `$first`.. in the key's
@@ -420,7 +492,12 @@ impl RecordKey {
     pub fn after(&self, left: &dyn Fn(usize) -> String, first: usize) -> String {
         let n = self.columns.len();
         let column = left;
-        let param = |i: usize| format!("${}", first + i);
+        // In the column's collation, whatever the left side is: a parameter's would be the
+        // database's, and a text key collated otherwise compared in two orders.
+        let param = |i: usize| match self.collations[i].as_str() {
+            "" => format!("${}", first + i),
+            collation => format!("(${} COLLATE {collation})", first + i),
+        };
         if n == 1 {
             return format!("{} {} {}", column(0), self.operators(0).1, param(0));
         }
@@ -459,15 +536,7 @@ impl RecordKey {
     /// the row by its index. A domain column is relabeled as its base type (no code runs).
     pub fn identical(&self, table: &str, values: &str) -> String {
         let row = |items: Vec<String>| format!("ROW({})", items.join(", "));
-        let stored = self
-            .columns
-            .iter()
-            .zip(&self.reading)
-            .map(|(c, reading)| match reading {
-                Reading::Readable { relabel: Some(base), .. } => format!("CAST({table}.{c} AS {base})"),
-                _ => format!("{table}.{c}"),
-            })
-            .collect();
+        let stored = (0..self.columns.len()).map(|i| self.column_as_read(table, i)).collect();
         let sent = (1..=self.columns.len()).map(|i| format!("{values}.k{i}")).collect();
         // The function, not its operator `*=`: between two row constructors an operator is
         // applied column by column (a row comparison), and `integer *= integer` is no operator.

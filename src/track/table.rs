@@ -219,7 +219,8 @@ impl Table {
             )
         };
         if !array && !composite {
-            let Some(why) = crate::track::key::refusal(column.typid) else {
+            let owner = crate::rights::owner_of(self.relid).unwrap_or_default();
+            let Some(why) = crate::track::key::refusal(column.typid, owner) else {
                 return Ok(());
             };
             return Err(CertyoError::new(
