@@ -463,19 +463,69 @@ pub fn quote_literal(value: &str) -> String {
 /// valid, whole-table, on plain columns, its key columns all among `names`.
 pub fn unique_index_covers(relid: Oid, names: &[String], without: &[Oid]) -> Result<bool> {
     let without: Vec<Oid> = without.to_vec();
-    Ok(Spi::get_one_with_args::<bool>(
-        "SELECT EXISTS (
-             SELECT FROM pg_catalog.pg_index i
-              WHERE i.indrelid = $1 AND i.indisunique AND i.indisvalid AND i.indimmediate
-                AND i.indpred IS NULL AND i.indexprs IS NULL
-                AND i.indexrelid <> ALL ($3)
-                AND (SELECT pg_catalog.bool_and(a.attname::text = ANY ($2))
-                       FROM pg_catalog.unnest(i.indkey::int2[]) WITH ORDINALITY AS k(attnum, n)
-                       JOIN pg_catalog.pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = k.attnum
-                      WHERE k.n <= i.indnkeyatts))",
-        &[relid.into(), names.to_vec().into(), without.into()],
-    )?
-    .unwrap_or(false))
+    // Each covering index's key columns: (operator class, collation, column type, column
+    // collation), checked below.
+    let found = Spi::connect(|client| {
+        client
+            .select(
+                "SELECT ARRAY(SELECT i.indclass[k.n - 1] FROM pg_catalog.unnest(i.indkey::int2[]) WITH ORDINALITY AS k(attnum, n)
+                               WHERE k.n <= i.indnkeyatts ORDER BY k.n),
+                        ARRAY(SELECT i.indcollation[k.n - 1] FROM pg_catalog.unnest(i.indkey::int2[]) WITH ORDINALITY AS k(attnum, n)
+                               WHERE k.n <= i.indnkeyatts ORDER BY k.n),
+                        ARRAY(SELECT a.atttypid FROM pg_catalog.unnest(i.indkey::int2[]) WITH ORDINALITY AS k(attnum, n)
+                                JOIN pg_catalog.pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = k.attnum
+                               WHERE k.n <= i.indnkeyatts ORDER BY k.n),
+                        ARRAY(SELECT a.attcollation FROM pg_catalog.unnest(i.indkey::int2[]) WITH ORDINALITY AS k(attnum, n)
+                                JOIN pg_catalog.pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = k.attnum
+                               WHERE k.n <= i.indnkeyatts ORDER BY k.n)
+                   FROM pg_catalog.pg_index i
+                  WHERE i.indrelid = $1 AND i.indisunique AND i.indisvalid AND i.indimmediate
+                    AND i.indpred IS NULL AND i.indexprs IS NULL
+                    AND i.indexrelid <> ALL ($3)
+                    AND (SELECT pg_catalog.bool_and(a.attname::text = ANY ($2))
+                           FROM pg_catalog.unnest(i.indkey::int2[]) WITH ORDINALITY AS k(attnum, n)
+                           JOIN pg_catalog.pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = k.attnum
+                          WHERE k.n <= i.indnkeyatts)",
+                None,
+                &[relid.into(), names.to_vec().into(), without.into()],
+            )?
+            .map(|row| {
+                Ok((
+                    row.get::<Vec<Oid>>(1)?.unwrap_or_default(),
+                    row.get::<Vec<Oid>>(2)?.unwrap_or_default(),
+                    row.get::<Vec<Oid>>(3)?.unwrap_or_default(),
+                    row.get::<Vec<Oid>>(4)?.unwrap_or_default(),
+                ))
+            })
+            .collect::<std::result::Result<Vec<_>, pgrx::spi::Error>>()
+    })?;
+    Ok(found.iter().any(|(classes, collations, types, column_collations)| {
+        classes.len() == types.len()
+            && collations.len() == types.len()
+            && column_collations.len() == types.len()
+            && (0..types.len()).all(|k| {
+                unique_in_the_types_order(classes[k], collations[k], types[k], column_collations[k])
+            })
+    }))
+}
+
+/// Whether an index key column (operator class `class`, collation `collation`) is unique in the
+/// order the worker pages a backfill by and matches write-backs with: the column type's
+/// default btree operator family and the column's collation. A key made unique only by
+/// another order (`email text_ops` on a citext column, `k COLLATE "C"` on a case-insensitive
+/// one) lets two rows tie in the type's order, and a backfill chunk that ended on one of them
+/// began the next past both: it said `done` having skipped rows (an attacker pass of
+/// 2026-12-06).
+fn unique_in_the_types_order(class: Oid, collation: Oid, column_type: Oid, column_collation: Oid) -> bool {
+    // SAFETY: catalog lookups inside the caller's transaction; the type cache entry is
+    // cache-owned and read at once.
+    unsafe {
+        let cache = pg_sys::lookup_type_cache(column_type, pg_sys::TYPECACHE_BTREE_OPFAMILY as i32);
+        !cache.is_null()
+            && (*cache).btree_opf != pg_sys::InvalidOid
+            && pg_sys::get_opclass_family(class) == (*cache).btree_opf
+            && collation == column_collation
+    }
 }
 
 /// Whether a deferrable unique key (not checked row by row) covers `names`.
