@@ -173,7 +173,7 @@ def test_a_late_write_back_marks_a_row_only_with_the_version_it_holds(shop, emul
 
     def at_the_write_back():
         # Waiting for the row (as the relay did before), or past it, to try again later.
-        if mariadb.sql("SELECT COUNT(*) FROM information_schema.INNODB_LOCK_WAITS") != [["0"]]:
+        if mariadb.lock_waits():
             return True
         return shop.value("SELECT write_back_attempts FROM certyo_queue WHERE record_id = '1'") not in (None, "0")
     assert wait_for(at_the_write_back, timeout=15, every=0.05)
