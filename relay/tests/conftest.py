@@ -149,9 +149,9 @@ class Relay:
         return subprocess.run([RELAY, "--config", str(self.config), *args], capture_output=True, text=True,
                               env=env or self.env, timeout=60)
 
-    def start(self):
+    def start(self, *options):
         self.log = open(self.log_path, "a")
-        self.process = subprocess.Popen([RELAY, "--config", str(self.config), "run"], env=self.env,
+        self.process = subprocess.Popen([RELAY, "--config", str(self.config), "run", *options], env=self.env,
                                         stdout=self.log, stderr=subprocess.STDOUT)
         return self
 
