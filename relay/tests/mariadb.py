@@ -7,7 +7,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "pg_test"))
@@ -54,10 +53,12 @@ class MariaDB:
         pid = DIR / "mysqld.pid"
         if pid.exists():
             try:
-                os.kill(int(pid.read_text()), signal.SIGTERM)
-                time.sleep(2)
+                leftover = int(pid.read_text())
+                os.kill(leftover, signal.SIGTERM)
             except (ProcessLookupError, ValueError):
-                pass
+                return
+            # Gone before its directory is: MySQL takes seconds to shut down.
+            wait_for(lambda: not Path(f"/proc/{leftover}").exists(), timeout=60)
 
     def sql(self, statement, database=None, check=True):
         """Rows as lists of strings (tab-separated, NULL as 'NULL')."""

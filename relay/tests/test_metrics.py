@@ -22,7 +22,7 @@ def scrape(port):
 
 
 def value(port, name, **labels):
-    wanted = ",".join(f'{k}="{v}"' for k, v in {"source": "shop"} | labels.items())
+    wanted = ",".join(f'{k}="{v}"' for k, v in ({"source": "shop"} | labels).items())
     return scrape(port).get((name, wanted))
 
 
