@@ -104,10 +104,9 @@ impl Metrics {
             "Delivered changes that verification found anchored",
             anchored.clone(),
         );
-        let batch_seconds =
-            Family::<SourceLabel, Histogram>::new_with_constructor(
-                || Histogram::new(batch_buckets()) as Histogram,
-            );
+        let batch_seconds = Family::<SourceLabel, Histogram>::new_with_constructor(|| {
+            Histogram::new(batch_buckets()) as Histogram
+        });
         registry.register_with_unit(
             "certyo_relay_batch_duration",
             "A batch from taking it to its answers recorded: the queue, Certyo, the recording",
@@ -342,10 +341,11 @@ async fn accept(listener: tokio::net::TcpListener, metrics: Arc<Metrics>) {
         };
         let metrics = metrics.clone();
         tokio::spawn(async move {
-            let service = hyper::service::service_fn(move |request: Request<hyper::body::Incoming>| {
-                let metrics = metrics.clone();
-                async move { Ok::<_, Infallible>(answer(&metrics, &request)) }
-            });
+            let service =
+                hyper::service::service_fn(move |request: Request<hyper::body::Incoming>| {
+                    let metrics = metrics.clone();
+                    async move { Ok::<_, Infallible>(answer(&metrics, &request)) }
+                });
             // A scraper that closes or breaks its connection ends it; nothing to report.
             let _ = hyper::server::conn::http1::Builder::new()
                 .serve_connection(TokioIo::new(stream), service)
@@ -391,7 +391,13 @@ mod tests {
         let metrics = Metrics::new();
         metrics.start_source("shop");
         metrics.lease("shop", true);
-        metrics.queue("shop", &Status { pending: 7, ..Status::default() });
+        metrics.queue(
+            "shop",
+            &Status {
+                pending: 7,
+                ..Status::default()
+            },
+        );
         let text = metrics.encode();
         for line in [
             "certyo_relay_queue_changes{source=\"shop\",state=\"pending\"} 7",
@@ -420,7 +426,10 @@ mod tests {
         ];
         let outcomes = [
             Outcome::Transient("HTTP 500".into()),
-            Outcome::Rejected { status: 422, body: "no".into() },
+            Outcome::Rejected {
+                status: 422,
+                body: "no".into(),
+            },
         ];
         metrics.batch("shop", &fates, &outcomes, Duration::from_millis(40));
         let text = metrics.encode();

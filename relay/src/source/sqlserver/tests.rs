@@ -372,15 +372,25 @@ fn a_retry_keeps_its_attempts_and_back_off_across_a_restart() {
             error: "HTTP 503".into(),
         };
         src.record(&[(taken[0].clone(), later)]).unwrap();
-        assert_eq!(st(&state).retries.len(), 1, "{mode:?}: kept in certyo.Retry");
+        assert_eq!(
+            st(&state).retries.len(),
+            1,
+            "{mode:?}: kept in certyo.Retry"
+        );
         drop(src);
 
         // Restarted within the back-off: not sent before it ends (but to probe an outage).
         let mut restarted = source(&state, mode);
-        assert!(restarted.take(10, false, &[]).unwrap().is_empty(), "{mode:?}");
+        assert!(
+            restarted.take(10, false, &[]).unwrap().is_empty(),
+            "{mode:?}"
+        );
         let probe = restarted.take(1, true, &[]).unwrap();
         assert_eq!(records(&probe), ["1"], "{mode:?}");
-        assert_eq!(probe[0].attempts, 1, "{mode:?}: the count of attempts goes on");
+        assert_eq!(
+            probe[0].attempts, 1,
+            "{mode:?}: the count of attempts goes on"
+        );
         assert_eq!(probe[0].idempotency_key, taken[0].idempotency_key);
         drop(restarted);
 
@@ -389,7 +399,9 @@ fn a_retry_keeps_its_attempts_and_back_off_across_a_restart() {
         let mut restarted = source(&state, mode);
         let due = restarted.take(10, false, &[]).unwrap();
         assert_eq!((records(&due), due[0].attempts), (vec!["1"], 1), "{mode:?}");
-        restarted.record(&[(due[0].clone(), delivered("h1"))]).unwrap();
+        restarted
+            .record(&[(due[0].clone(), delivered("h1"))])
+            .unwrap();
         assert!(st(&state).retries.is_empty(), "{mode:?}");
     }
 }
@@ -410,19 +422,28 @@ fn after_reset_progress_the_gap_is_not_sent_and_a_backfill_is() {
     // The operator resets the table, then backfills: an UPDATE setting a column to itself.
     st(&state).reset_progress(T);
     let mut src = source(&state, Mode::Cdc);
-    assert!(src.take(10, false, &[]).unwrap().is_empty(), "the gap is not sent");
+    assert!(
+        src.take(10, false, &[]).unwrap().is_empty(),
+        "the gap is not sent"
+    );
     write(&state, "1", Some(r#"{"Id":1,"Sku":"A2"}"#));
     write(&state, "2", Some(r#"{"Id":2,"Sku":"B"}"#));
     let backfill = src.take(10, false, &[]).unwrap();
     assert_eq!(records(&backfill), ["1", "2"]);
-    assert_eq!(backfill[0].payload, r#"{"Id":1,"Sku":"A2"}"#, "the row as it is now");
+    assert_eq!(
+        backfill[0].payload, r#"{"Id":1,"Sku":"A2"}"#,
+        "the row as it is now"
+    );
     src.record(&[
         (backfill[0].clone(), delivered("h1b")),
         (backfill[1].clone(), delivered("h2")),
     ])
     .unwrap();
     assert!(src.take(10, false, &[]).unwrap().is_empty());
-    assert!(cdc_progress(&state).unwrap() >= lsn(newest + 2), "past the backfill");
+    assert!(
+        cdc_progress(&state).unwrap() >= lsn(newest + 2),
+        "past the backfill"
+    );
 }
 
 #[test]
@@ -434,8 +455,14 @@ fn two_relays_take_turns_by_the_lease() {
         assert!(a.lease().unwrap(), "{mode:?}: the first to ask");
         assert!(!b.lease().unwrap(), "{mode:?}: the other stands by");
         assert!(a.lease().unwrap() && !b.lease().unwrap(), "{mode:?}: kept");
-        assert_eq!(b.status().unwrap().lease.as_deref(), Some("held by a relay's session"));
-        assert_eq!(a.status().unwrap().lease.as_deref(), Some("held by this relay"));
+        assert_eq!(
+            b.status().unwrap().lease.as_deref(),
+            Some("held by a relay's session")
+        );
+        assert_eq!(
+            a.status().unwrap().lease.as_deref(),
+            Some("held by this relay")
+        );
         // The working relay is killed: its sessions end, SQL Server releases the lock.
         drop(a);
         assert!(b.lease().unwrap(), "{mode:?}: the other carries on");
