@@ -4,6 +4,7 @@ and retried, never lost; and no row ever shows a hash, least of all `anchored`, 
 hash of the content it holds (checked against what the emulator accepted). Fixtures in
 conftest.py."""
 import json
+import re
 import time
 from decimal import Decimal
 
@@ -342,4 +343,7 @@ def test_writers_and_write_backs_interleaved_never_mark_a_version_a_row_no_longe
         (watch.check(), watch.found)
     assert watch.found == [], "a row held a hash that is not Certyo's for its content"
     r.stop()
-    assert "ERROR" not in r.output()
+    # No error logged. A write-back that meets the writers' locks in another order may be
+    # chosen as a deadlock's victim (MySQL: ERROR 1213, quoted in a WARN line): that is a lock
+    # conflict like any other, tried again with back-off.
+    assert not re.search(r"Z\s+ERROR ", r.output()), r.output()[-3000:]
