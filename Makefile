@@ -5,9 +5,10 @@ demo:
 	scripts/demo.sh
 test:
 	scripts/test.sh
-# Every supported PostgreSQL version (17 and 18 in Debian roots, see scripts/pg-root.sh).
+# Every supported PostgreSQL version (17 and 18 in Debian roots, see scripts/pg-root.sh), and
+# the MySQL/MariaDB companion and certyo-relay also on MySQL 9.7 and MariaDB 11.8 (Debian roots).
 test-all:
-	PG_VERSIONS="15 17 18" scripts/test.sh
+	PG_VERSIONS="15 17 18" RELAY_SERVERS="mysql mariadb" scripts/test.sh
 bench:
 	bench/run.sh
 # The Debian packages, into target/debian/: postgresql-NN-certyo-cdc for 15 (this machine), 17

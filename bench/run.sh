@@ -50,9 +50,11 @@ cluster_stop "$CLUSTER_DIR"
 kill $EMULATOR_PID 2>/dev/null || true
 trap - EXIT
 
-# certyo-relay: a 100k-change MariaDB backlog drained to the emulator.
+# certyo-relay: a 100k-change MariaDB backlog drained to the emulator; then once on MySQL 9.7
+# (its Debian root, scripts/pg-root.sh).
 cargo build --release -p certyo-relay --quiet
 python3 bench/relay.py 100000
+scripts/pg-root.sh mysql python3 bench/relay.py 100000
 
 # The soak of make test, longer: memory, log and exactly-once over five minutes of faults.
 CERTYO_SOAK_SECONDS=${CERTYO_SOAK_SECONDS:-300} CERTYO_EMULATOR=target/release/certyo-emulator \

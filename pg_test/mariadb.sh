@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# The MySQL/MariaDB companion (sql/mysql/) against a real MariaDB server from Debian's packages,
-# started here on a socket under /tmp and stopped on exit. Prints "N passed, M failed".
+# The MySQL/MariaDB companion (sql/mysql/) against a real server from Debian's packages: MariaDB
+# (`mariadbd`) where there is one, else MySQL (`mysqld`; scripts/pg-root.sh mysql), started here on
+# a socket under /tmp and stopped on exit. Prints "N passed, M failed".
 set -uo pipefail
 cd "$(dirname "$0")/.."
 DIR=${CERTYO_MARIADB_SH_DIR:-/tmp/certyo-mariadb}
@@ -8,18 +9,47 @@ SOCK=$DIR/mysqld.sock
 
 stop() { [ -f "$DIR/mysqld.pid" ] && kill "$(cat "$DIR/mysqld.pid")" 2>/dev/null; sleep 1; }
 stop; rm -rf "$DIR"; mkdir -p "$DIR"; chown mysql "$DIR"
-mariadb-install-db --datadir="$DIR/data" --user=mysql --skip-test-db --auth-root-authentication-method=socket >/dev/null 2>&1
+server_options=(--datadir="$DIR/data" --socket="$SOCK" --skip-networking --user=mysql --pid-file="$DIR/mysqld.pid"
+    --log-error="$DIR/error.log")
+if command -v mariadbd >/dev/null; then
+    flavour=mariadb client=(mariadb -u root) admin=mariadb-admin tzinfo=mariadb-tzinfo-to-sql server=(mariadbd)
+    mariadb-install-db --datadir="$DIR/data" --user=mysql --skip-test-db --auth-root-authentication-method=socket >/dev/null 2>&1
+else
+    # MySQL as it ships (binary log on), root without a password on the socket only.
+    flavour=mysql client=(mysql -u root) admin=mysqladmin tzinfo=mysql_tzinfo_to_sql server=(mysqld --no-defaults --mysqlx=OFF)
+    mysqld --no-defaults --initialize-insecure --datadir="$DIR/data" --user=mysql >/dev/null 2>&1
+fi
 # The server's zone is UTC whatever the machine's, so that SYSTEM means UTC in the checks below.
-TZ=UTC mariadbd --datadir="$DIR/data" --socket="$SOCK" --skip-networking --user=mysql --pid-file="$DIR/mysqld.pid" \
-    --log-error="$DIR/error.log" 2>>"$DIR/error.log" &
+TZ=UTC "${server[@]}" "${server_options[@]}" 2>>"$DIR/server.out" &
 trap stop EXIT
-for _ in $(seq 50); do mariadb-admin -S "$SOCK" ping >/dev/null 2>&1 && break; sleep 0.2; done
+for _ in $(seq 100); do "$admin" -u root -S "$SOCK" ping >/dev/null 2>&1 && break; sleep 0.2; done
+echo "   (on $("${client[@]}" -S "$SOCK" -N -e "SELECT VERSION()"))"
 
-db() { mariadb -S "$SOCK" -N -r -B "$@" shop; }
+db() { "${client[@]}" -S "$SOCK" -N -r -B "$@" shop; }
 q() { db -e "$1" 2>&1; }
 . pg_test/check.sh
+# A payload as the queue's JSON column gives it back: MariaDB keeps the text the trigger wrote,
+# MySQL its own normal form (keys ordered by length, then bytes): the same object, and the same
+# record hash (Certyo hashes canonical JSON).
+json() {
+    if [ "$flavour" = mysql ]; then
+        python3 -c 'import json, sys
+def text(v):  # JSON as MySQL prints it, numbers as written (9.50 stays 9.50)
+    if isinstance(v, dict):
+        pairs = sorted(v.items(), key=lambda kv: (len(kv[0].encode()), kv[0].encode()))
+        return "{" + ", ".join(text(k) + ": " + text(x) for k, x in pairs) + "}"
+    if isinstance(v, list):
+        return "[" + ", ".join(map(text, v)) + "]"
+    return v.raw if hasattr(v, "raw") else json.dumps(v, ensure_ascii=False)
+class Number:
+    def __init__(self, raw): self.raw = raw
+print(text(json.loads(sys.argv[1], parse_float=Number, parse_int=Number)))' "$1"
+    else
+        printf '%s' "$1"
+    fi
+}
 
-mariadb -S "$SOCK" -e "CREATE DATABASE shop CHARACTER SET utf8mb4 COLLATE utf8mb4_general_ci"
+"${client[@]}" -S "$SOCK" -e "CREATE DATABASE shop CHARACTER SET utf8mb4 COLLATE utf8mb4_general_ci"
 check "the script runs without an error or output" "$(db < sql/mysql/certyo_queue.sql 2>&1)" ""
 q "CREATE TABLE products (
        id INT PRIMARY KEY, sku VARCHAR(32) NOT NULL, name VARCHAR(100), price DECIMAL(10,2), ratio DOUBLE,
@@ -37,7 +67,7 @@ q "SET time_zone = '+02:00';
                                 '2026-04-14', '2026-04-14 12:30:00.25', x'00ff', NULL, NULL, DEFAULT, NULL)"
 check "insert queues the business columns as JSON, timestamps in UTC" \
     "$(q "SELECT payload FROM certyo_queue")" \
-    '{"id": 1, "sku": "A-1", "name": "Zoë \"quoted\" \\ back", "price": 9.50, "ratio": 0.1, "tags": {"b": [1, {"c": null}]}, "made": "2026-04-14", "updated_at": "2026-04-14T10:30:00.250000", "pic": "\\x00ff", "stock": null}'
+    "$(json '{"id": 1, "sku": "A-1", "name": "Zoë \"quoted\" \\ back", "price": 9.50, "ratio": 0.1, "tags": {"b": [1, {"c": null}]}, "made": "2026-04-14", "updated_at": "2026-04-14T10:30:00.250000", "pic": "\\x00ff", "stock": null}')"
 check "insert queues collection, record id, operation, source timestamp" \
     "$(q "SELECT CONCAT_WS('|', collection, record_id, operation, source_timestamp) FROM certyo_queue")" \
     "shop.products|1|insert|2026-04-14 10:30:00.250000"
@@ -88,7 +118,7 @@ check "a composite record id escapes and joins its parts" \
     "$(q "SELECT record_id FROM certyo_queue ORDER BY id DESC LIMIT 1")" 'EU\/West/A\\1'
 check "excluded columns are not sent; the chosen timestamp is the source timestamp" \
     "$(q "SELECT CONCAT(payload, ' @ ', source_timestamp) FROM certyo_queue ORDER BY id DESC LIMIT 1")" \
-    '{"region": "EU/West", "sku": "A\\1", "qty": 5, "changed": "2026-01-02T03:04:05", "ünï": "ü"} @ 2026-01-02 03:04:05.000000'
+    "$(json '{"region": "EU/West", "sku": "A\\1", "qty": 5, "changed": "2026-01-02T03:04:05", "ünï": "ü"}') @ 2026-01-02 03:04:05.000000"
 q 'UPDATE `stock levels` SET secret = '"'"'changed'"'"
 check "an update of only an excluded column queues nothing" "$(q "SELECT COUNT(*) FROM certyo_queue")" "7"
 
@@ -104,7 +134,7 @@ check "a datetime timestamp column: source timestamp in UTC, payload as written 
     "2026-01-02T12:00:00 @ 2026-01-02 10:00:00.000000"
 
 # A named zone with daylight saving time; SET timestamp fixes the instant of the change.
-mariadb-tzinfo-to-sql /usr/share/zoneinfo/Europe/Berlin Europe/Berlin 2>/dev/null | mariadb -S "$SOCK" mysql
+"$tzinfo" /usr/share/zoneinfo/Europe/Berlin Europe/Berlin 2>/dev/null | "${client[@]}" -S "$SOCK" mysql
 berlin() { q "SET time_zone = 'Europe/Berlin'; SET timestamp = $(date -u -d "$1" +%s);
               INSERT INTO \`stock levels\` VALUES ('$2', 'C', 1, NULL, $3, NULL)"; }
 last_ts() { q "SELECT CONCAT(JSON_VALUE(payload, '$.changed'), ' @ ', source_timestamp) FROM certyo_queue ORDER BY id DESC LIMIT 1"; }
@@ -124,7 +154,7 @@ q "CREATE TABLE notes (id INT PRIMARY KEY, tags LONGTEXT CHECK (tags <> ''), at 
 db -e "CALL certyo_trigger_ddl('shop', 'notes', NULL, NULL)" | db
 q "INSERT INTO notes VALUES (1, '{\"a\": 1}', '12:00:00.5')"
 check "a string column with another table's json check of the same name stays a string; TIME as text" \
-    "$(q "SELECT payload FROM certyo_queue ORDER BY id DESC LIMIT 1")" '{"id": 1, "tags": "{\"a\": 1}", "at": "12:00:00.500"}'
+    "$(q "SELECT payload FROM certyo_queue ORDER BY id DESC LIMIT 1")" "$(json '{"id": 1, "tags": "{\"a\": 1}", "at": "12:00:00.500"}')"
 
 # MySQL's group_concat_max_len is 1024 by default: the generator must not depend on it.
 cols=$(for i in $(seq 60); do printf ', `column number %02d` INT DEFAULT %d' "$i" "$i"; done)
@@ -141,9 +171,9 @@ check "no cleanup event: the relay removes delivered rows" \
 
 # Upgrade: a database set up by the first version of the script (its queue and cleanup event,
 # as in commit a28993b), with a row delivered by an earlier reader and a pending one.
-udb() { mariadb -S "$SOCK" -N -r -B "$@" upgrade; }
+udb() { "${client[@]}" -S "$SOCK" -N -r -B "$@" upgrade; }
 uq() { udb -e "$1" 2>&1; }
-mariadb -S "$SOCK" -e "CREATE DATABASE upgrade CHARACTER SET utf8mb4 COLLATE utf8mb4_general_ci"
+"${client[@]}" -S "$SOCK" -e "CREATE DATABASE upgrade CHARACTER SET utf8mb4 COLLATE utf8mb4_general_ci"
 uq "CREATE TABLE certyo_queue (
         id               BIGINT UNSIGNED NOT NULL AUTO_INCREMENT PRIMARY KEY,
         collection       VARCHAR(192)  NOT NULL,
@@ -161,7 +191,7 @@ uq "CREATE TABLE certyo_queue (
         DO DELETE FROM certyo_queue
             WHERE delivered_at IS NOT NULL AND delivered_at < UTC_TIMESTAMP(6) - INTERVAL 24 HOUR LIMIT 10000;
     INSERT INTO certyo_queue (collection, record_id, operation, payload, source_timestamp, idempotency_key, record_hash, delivered_at)
-    VALUES ('shop.products', '1', 'insert', '{\"id\": 1}', '2026-01-01', 'x-1', 'sha256:aa', '2026-01-01 00:00:01'),
+    VALUES ('shop.products', '1', 'insert', '{\"id\": 1}', '2026-01-01', 'x-1', 'sha256:aa', UTC_TIMESTAMP(6) - INTERVAL 1 HOUR),
            ('shop.products', '2', 'insert', '{\"id\": 2}', '2026-01-01', 'x-2', NULL, NULL)"
 check "the script upgrades an existing queue without an error or output" "$(udb < sql/mysql/certyo_queue.sql 2>&1)" ""
 check "the upgrade adds the relay's columns, in the order of a new queue" \
@@ -179,7 +209,7 @@ check "the upgrade replaces the index on delivered_at and drops the cleanup even
                           WHERE TABLE_SCHEMA = 'upgrade' AND TABLE_NAME = 'certyo_queue'), ' events:',
                          (SELECT COUNT(*) FROM information_schema.EVENTS WHERE EVENT_SCHEMA = 'upgrade'))")" \
     "certyo_queue_record,certyo_queue_take,certyo_queue_verify,certyo_queue_write_back,PRIMARY events:0"
-create_table() { mariadb -S "$SOCK" -N -r -B -e "SHOW CREATE TABLE certyo_queue" "$1" | sed 's/ AUTO_INCREMENT=[0-9]*//'; }
+create_table() { "${client[@]}" -S "$SOCK" -N -r -B -e "SHOW CREATE TABLE certyo_queue" "$1" | sed 's/ AUTO_INCREMENT=[0-9]*//'; }
 check "an upgraded queue has the definition of a new one" "$(create_table upgrade)" "$(create_table shop)"
 before="$(create_table upgrade; uq "CHECKSUM TABLE certyo_queue")"
 check "a second run changes nothing" "$(udb < sql/mysql/certyo_queue.sql 2>&1; create_table upgrade; uq "CHECKSUM TABLE certyo_queue")" "$before"

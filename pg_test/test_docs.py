@@ -7,9 +7,9 @@ parses the SQL scripts, the Rust sources and the Markdown.
   row (first cell) that names it;
 - every `certyo.*` setting (the GucRegistry::define_* calls in src/) has a row in the settings
   table of docs/reference.md;
-- every `certyo-relay` command, option and environment variable (clap in relay/src/main.rs) and
-  every key of its configuration file (the serde structs of relay/src/config.rs) is in
-  docs/relay.md;
+- every `certyo-relay` command, option and environment variable (clap in relay/src/main.rs),
+  every key of its configuration file (the serde structs of relay/src/config.rs) and every
+  metric it serves (relay/src/metrics.rs) is in docs/relay.md;
 - every path CONTRIBUTING.md's Layout names exists, and every file under src/, relay/src and
   certyo/src is named there;
 - README.md is shorter than 250 lines;
@@ -98,6 +98,7 @@ def test_the_parsers_find_what_is_there():
     assert {"certyo.base_url", "certyo.api_key_file", "certyo.enabled"} <= settings()
     assert {"--config", "check", "run", "status", "--json"} <= relay_options()
     assert {"base_url", "tenant_id", "name", "url", "mode"} <= relay_config_keys()
+    assert {"certyo_relay_queue_changes", "certyo_relay_batch_duration"} <= relay_metrics()
 
 
 @pytest.mark.parametrize("name", sorted(sql_objects() | rust_sql_functions()))
@@ -172,6 +173,18 @@ def relay_config_keys():
             rename = re.search(r"rename\s*=\s*\"(\w+)\"", m.group("attrs"))
             found.add(rename.group(1) if rename else m.group("field"))
     return found
+
+
+def relay_metrics():
+    """The metrics certyo-relay registers (relay/src/metrics.rs), by the name it registers."""
+    return set(re.findall(r'register(?:_with_unit)?\(\s*"(certyo_relay_\w+)"', read("relay/src/metrics.rs")))
+
+
+@pytest.mark.parametrize("metric", sorted(relay_metrics()))
+def test_every_relay_metric_is_in_relay_md(metric):
+    # As a scraper sees it: a counter ends in _total, a metric in seconds in _seconds.
+    assert re.search(rf"`{metric}(_seconds)?(_total)?[`{{]", read("docs/relay.md")), (
+        f"certyo-relay's metric {metric} is not documented (as code) in docs/relay.md")
 
 
 @pytest.mark.parametrize("option", sorted(relay_options()))

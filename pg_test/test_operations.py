@@ -11,6 +11,8 @@ postmaster (the backfill test restarts the server on purpose and says so), vault
 
 Run:  CERTYO_EMULATOR=target/release/certyo-emulator python3 -m pytest -q pg_test/test_operations.py
 """
+import json
+import pathlib
 import threading
 import time
 
@@ -542,3 +544,29 @@ def test_operator_role(cluster):
         for role in ("alice", "bob", "certyo_operator"):
             cluster.sql(f"DROP OWNED BY {role}", check=False)  # its grants; fails if the role was never created
             cluster.sql(f"DROP ROLE IF EXISTS {role}")
+
+
+def test_the_postgres_exporter_query_file_reads_every_metric(cluster):
+    """docs/postgres_exporter.yaml, the ready query file for Prometheus: each query runs as the
+    exporter would run it, returning every column it declares, a number for each metric."""
+    import yaml
+    spec = yaml.safe_load((pathlib.Path(__file__).resolve().parent.parent / "docs/postgres_exporter.yaml").read_text())
+    cluster.sql("""CREATE TABLE exported (id int PRIMARY KEY, name text);
+                   SELECT certyo.track('exported');
+                   INSERT INTO exported SELECT g, 'n' || g FROM generate_series(1, 3) g;""")
+    assert cluster.wait_drained(), "the changes are delivered"
+    for name, query in spec.items():
+        rows = [json.loads(line) for line in cluster.sql(
+            f"SELECT row_to_json(q) FROM ({query['query']}) q").splitlines()]
+        assert rows, f"{name} returned no row"
+        declared = {column: usage["usage"] for entry in query["metrics"] for column, usage in entry.items()}
+        for row in rows:
+            assert set(row) == set(declared), f"{name}: the query's columns are not the ones declared"
+            for column, usage in declared.items():
+                if usage != "LABEL":
+                    assert isinstance(row[column], (int, float)), f"{name}.{column} is not a number: {row[column]!r}"
+    exported = [json.loads(line) for line in cluster.sql(
+        f"SELECT row_to_json(q) FROM ({spec['certyo_table']['query']}) q WHERE relation = 'exported'").splitlines()]
+    assert [(r["pending"], r["dead_letters"], r["last_delivery_timestamp_seconds"] > 0) for r in exported] == \
+        [(0, 0, True)]
+    assert json.loads(cluster.sql(f"SELECT row_to_json(q) FROM ({spec['certyo_worker']['query']}) q"))["running"] == 1

@@ -1,13 +1,16 @@
 #!/usr/bin/env bash
-# PostgreSQL versions that Debian 12 does not ship, from Debian's own newer releases: a minimal
-# Debian root (debootstrap) holding PostgreSQL VERSION and its headers, and the command run in
-# it with this checkout, the Rust toolchain and the cargo registry bound in at the same paths.
+# Database servers that Debian 12 does not ship, from Debian's own newer releases: a minimal
+# Debian root (debootstrap) holding PostgreSQL VERSION and its headers, or MySQL or MariaDB,
+# and the command run in it with this checkout, the Rust toolchain and the cargo registry bound
+# in at the same paths.
 #
 #   scripts/pg-root.sh 17                          # make (or check) the root for PostgreSQL 17
 #   scripts/pg-root.sh 17 scripts/test-version.sh 17   # run a command in it, in this checkout
 #   scripts/pg-root.sh --clean 17 COMMAND...       # run a command in a throwaway clean root
+#   scripts/pg-root.sh mysql mysqld --version      # MySQL (sid's mysql-server), for the relay's tests
 #
-# 17 comes from trixie, 18 from sid. Roots live under $CERTYO_ROOTS (default
+# 17 and MariaDB (11.8) come from trixie, 18 and MySQL (9.7) from sid: one root per release,
+# each server installed into it once (a marker file per server). Roots live under $CERTYO_ROOTS (default
 # /var/tmp/certyo-roots) and are reused; they are never deleted by this script (a root with
 # the toolchain bound in must not be removed with rm -rf: it would delete ~/.cargo).
 #
@@ -19,22 +22,31 @@
 # Needs root, and Debian's package registry.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# Each run mounts in a mount namespace of its own: two runs in one root at once (PostgreSQL 18
+# and MySQL share sid's) never unmount each other's /proc, /dev, checkout or toolchain.
+if [ -z "${CERTYO_ROOT_NAMESPACE:-}" ]; then
+    exec env CERTYO_ROOT_NAMESPACE=1 unshare --mount --propagation private "$PWD/scripts/pg-root.sh" "$@"
+fi
 
 clean=
 if [ "${1:-}" = --clean ]; then
     clean=1
     shift
 fi
-version=${1:?usage: scripts/pg-root.sh [--clean] VERSION [COMMAND...]}
+version=${1:?usage: scripts/pg-root.sh [--clean] VERSION|mysql|mariadb [COMMAND...]}
 shift
+tools=(sudo python3 python3-pytest python3-yaml ca-certificates dpkg-dev)
+build=(libclang-dev clang gcc libc6-dev make)
 case "$version" in
-15) suite=bookworm ;;
-17) suite=trixie ;;
-18) suite=sid ;;
+15) suite=bookworm packages=() ;;
+17) suite=trixie packages=(postgresql-17 postgresql-server-dev-17 "${build[@]}" "${tools[@]}") ;;
+18) suite=sid packages=(postgresql-18 postgresql-server-dev-18 "${build[@]}" "${tools[@]}") ;;
+mariadb) suite=trixie packages=(mariadb-server mariadb-client "${tools[@]}") ;;
+mysql) suite=sid packages=(mysql-server mysql-client "${tools[@]}") ;;
 *) suite= ;;
 esac
 if [ -z "$suite" ] || { [ "$version" = 15 ] && [ -z "$clean" ]; }; then
-    echo "scripts/pg-root.sh: no Debian release is known for PostgreSQL $version (17: trixie, 18: sid); 15 is the host's own (bookworm: only with --clean)" >&2
+    echo "scripts/pg-root.sh: no Debian release is known for $version (PostgreSQL 17 and MariaDB: trixie, PostgreSQL 18 and MySQL: sid); PostgreSQL 15 and MariaDB 10.11 are the host's own (bookworm: only with --clean)" >&2
     exit 2
 fi
 roots=${CERTYO_ROOTS:-/var/tmp/certyo-roots}
@@ -42,8 +54,6 @@ root=$roots/$suite
 mirror=http://deb.debian.org/debian
 # sid's Release file in the registry's copy can be past its Valid-Until date.
 apt_options=(-o Acquire::Check-Valid-Until=false -o APT::Install-Recommends=false)
-packages=(postgresql-"$version" postgresql-server-dev-"$version" libclang-dev clang gcc libc6-dev make
-    sudo python3 python3-pytest python3-yaml ca-certificates dpkg-dev)
 # The marker names the package list: a root made with a shorter list gets the rest installed.
 ready=$root/.certyo-ready-$version-$(printf '%s\n' "${packages[@]}" | md5sum | cut -c1-8)
 if [ -n "$clean" ]; then
@@ -85,7 +95,7 @@ make_root() {
             apt-get update -qq
             DEBIAN_FRONTEND=noninteractive apt-get install -y -qq debootstrap >/dev/null
         }
-        say "making a Debian $suite root for PostgreSQL $version in $root (about a minute)"
+        say "making a Debian $suite root for $version in $root (about a minute)"
         debootstrap --variant=minbase "$suite" "$root" "$mirror" >/dev/null
     fi
     # No service starts inside the root.
@@ -113,7 +123,7 @@ elif [ -z "$clean" ] && [ ! -f "$ready" ]; then
     # No default cluster is made: tests make their own.
     mkdir -p "$root/etc/postgresql-common/createcluster.d"
     echo "create_main_cluster = false" >"$root/etc/postgresql-common/createcluster.d/certyo.conf"
-    say "installing PostgreSQL $version and the build tools into the $suite root"
+    say "installing $version (${packages[*]}) into the $suite root"
     chroot "$root" apt-get "${apt_options[@]}" update -qq
     chroot "$root" env DEBIAN_FRONTEND=noninteractive apt-get "${apt_options[@]}" install -y -qq "${packages[@]}" >/dev/null
     touch "$ready"

@@ -57,11 +57,33 @@ scripts/test-package.sh ${PG_VERSIONS:-15} relay lint >"$packages_log" 2>&1 &
 packages_pid=$!
 echo "== the Certyo client, the emulator and certyo-relay: unit tests (the SQL Server source against its in-process fake)"
 cargo test -p certyo -p certyo-emulator -p certyo-relay --quiet
-echo "== end to end: MySQL/MariaDB companion"
-pg_test/mariadb.sh
-echo "== end to end: certyo-relay against MariaDB and the emulator"
-CERTYO_RELAY=target/release/certyo-relay CERTYO_EMULATOR=target/release/certyo-emulator \
-    python3 -m pytest -q -p no:cacheprovider relay/tests
+echo "== end to end: the MySQL/MariaDB companion and certyo-relay against MariaDB ${RELAY_SERVERS:+and $RELAY_SERVERS }and the emulator"
+# MySQL and MariaDB of newer Debian releases (RELAY_SERVERS, `make test-all`: mysql, mariadb),
+# each in its Debian root, side by side with the host's MariaDB: the suites mostly wait on
+# their servers. Each one's output is shown whole when it ends.
+for server in ${RELAY_SERVERS:-}; do
+    scripts/pg-root.sh "$server" true  # the root and its server, once, before anything runs beside it
+done
+logs=$(mktemp -d)
+servers=() pids=()
+for server in ${RELAY_SERVERS:-}; do
+    scripts/pg-root.sh "$server" scripts/test-relay.sh >"$logs/$server.log" 2>&1 &
+    servers+=("$server") pids+=($!)
+done
+host_ok=true
+scripts/test-relay.sh || host_ok=false
+failed=()
+for i in "${!servers[@]}"; do
+    wait "${pids[$i]}" || failed+=("${servers[$i]}")
+    echo "== the companion and certyo-relay on ${servers[$i]} (its Debian root):"
+    cat "$logs/${servers[$i]}.log"
+done
+rm -rf "$logs"
+$host_ok || failed+=("the host's MariaDB")
+if [ ${#failed[@]} -gt 0 ]; then
+    echo "== the companion or certyo-relay failed on ${failed[*]}" >&2
+    exit 1
+fi
 echo "== the documentation against the sources (pg_test/test_docs.py: no database)"
 python3 -m pytest -q -p no:cacheprovider pg_test/test_docs.py
 echo "== SQL Server companion: T-SQL syntax"

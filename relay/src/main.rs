@@ -6,10 +6,12 @@
 //! ```sh
 //! certyo-relay --config relay.toml check    # the config, each source, Certyo
 //! certyo-relay --config relay.toml run      # deliver until SIGTERM
+//! certyo-relay --config relay.toml run --metrics-addr 127.0.0.1:9187   # and serve /metrics
 //! certyo-relay --config relay.toml status   # pending, delivered, dead letters, last error
 //! ```
 
 mod config;
+mod metrics;
 mod pump;
 mod source;
 
@@ -43,7 +45,11 @@ enum Command {
     /// Check the configuration, connect to each source and to Certyo; exit 1 on any problem.
     Check,
     /// Deliver until SIGTERM or SIGINT (the batch in flight is finished and recorded first).
-    Run,
+    Run {
+        /// Serve Prometheus metrics (OpenMetrics text) on http://ADDR/metrics, e.g. 127.0.0.1:9187.
+        #[arg(long, value_name = "ADDR", env = "CERTYO_RELAY_METRICS_ADDR")]
+        metrics_addr: Option<String>,
+    },
     /// Per source: pending, delivered, anchored, dead letters, last error.
     Status {
         /// One JSON object per source instead of text.
@@ -72,7 +78,7 @@ fn main() -> ExitCode {
     };
     match cli.command {
         Command::Check => check(&config),
-        Command::Run => run(config),
+        Command::Run { metrics_addr } => run(config, metrics_addr.as_deref()),
         Command::Status { json } => status(&config, json),
     }
 }
@@ -154,7 +160,17 @@ fn probe_certyo(client: &certyo::Client, tenant: &str) -> Result<(), String> {
     }
 }
 
-fn run(config: config::Config) -> ExitCode {
+fn run(config: config::Config, metrics_addr: Option<&str>) -> ExitCode {
+    let metrics = Arc::new(metrics::Metrics::new());
+    if let Some(addr) = metrics_addr {
+        // Bound before anything is delivered: an address in use is a configuration error.
+        let served = std::net::TcpListener::bind(addr).and_then(|l| metrics.serve(l));
+        if let Err(e) = served {
+            eprintln!("certyo-relay: cannot serve metrics on {addr}: {e}");
+            return ExitCode::from(2);
+        }
+        tracing::info!(addr, "serving metrics at /metrics");
+    }
     let stop = Arc::new(AtomicBool::new(false));
     for signal in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT] {
         if let Err(e) = signal_hook::flag::register(signal, stop.clone()) {
@@ -184,6 +200,7 @@ fn run(config: config::Config) -> ExitCode {
             config.certyo.clone(),
             client,
             stop.clone(),
+            metrics.clone(),
         );
         let spawned = std::thread::Builder::new()
             .name(format!("source {}", s.name))

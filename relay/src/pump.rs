@@ -5,6 +5,7 @@
 //! adaptive wait: at once while changes flow, doubling while idle up to `poll_interval`.
 
 use crate::config::Certyo as Settings;
+use crate::metrics::Metrics;
 use crate::source::{Change, Delivered, Fate, Source, SourceError};
 use certyo::batch::Shape;
 use certyo::fate::{anchoring_of, fate_of};
@@ -20,6 +21,8 @@ const VERIFY_BATCH: usize = 100;
 const VERIFY_THREADS: usize = 8;
 const CLEAN_UP_EVERY: Duration = Duration::from_secs(60);
 const SUMMARY_EVERY: Duration = Duration::from_secs(60);
+/// How often the queue's counts are read for the metrics, while they are served.
+const METRICS_EVERY: Duration = Duration::from_secs(10);
 /// The first wait after an empty poll; it doubles while idle, up to `poll_interval`.
 const FIRST_IDLE_WAIT: Duration = Duration::from_millis(10);
 
@@ -55,6 +58,8 @@ pub struct Pump {
     pub total: Tally,
     /// Whether this relay held the source's lease at the last round (None: not asked yet).
     leading: Option<bool>,
+    metrics: Arc<Metrics>,
+    next_metrics: Instant,
 }
 
 impl Pump {
@@ -64,8 +69,10 @@ impl Pump {
         settings: Settings,
         client: Client,
         stop: Arc<AtomicBool>,
+        metrics: Arc<Metrics>,
     ) -> Pump {
         let now = Instant::now();
+        metrics.start_source(&name);
         Pump {
             name,
             source,
@@ -82,6 +89,8 @@ impl Pump {
             since_summary: Tally::default(),
             total: Tally::default(),
             leading: None,
+            metrics,
+            next_metrics: now,
         }
     }
 
@@ -95,12 +104,17 @@ impl Pump {
         tracing::info!(source = %self.name, at = %self.source.describe(), "delivering");
         while !self.stopping() {
             let worked = match self.pass() {
-                Ok(worked) => worked,
+                Ok(worked) => {
+                    self.metrics.source_up(&self.name, true);
+                    worked
+                }
                 Err(e) => {
+                    self.metrics.source_up(&self.name, false);
                     self.note_error(&e);
                     false
                 }
             };
+            self.refresh_metrics();
             self.idle_wait = if worked {
                 Duration::ZERO
             } else {
@@ -131,6 +145,7 @@ impl Pump {
                 return Err(e);
             }
         };
+        self.metrics.lease(&self.name, leading);
         if self.leading != Some(leading) {
             if leading {
                 tracing::info!(source = %self.name, "this relay holds the source's lease: it delivers, verifies and writes back");
@@ -230,6 +245,9 @@ impl Pump {
         let tally = tally_of(&fates);
         self.source.record(&fates)?;
         self.count(tally);
+        let just_fates: Vec<Fate> = fates.into_iter().map(|(_, fate)| fate).collect();
+        self.metrics
+            .batch(&self.name, &just_fates, &outcomes, started.elapsed());
         // Where a batch's time goes: reading the queue, Certyo, recording the answers.
         tracing::info!(
             source = %self.name, sent = tally.sent, accepted = tally.accepted, replayed = tally.replayed,
@@ -331,6 +349,8 @@ impl Pump {
                 self.settings.max_retry_interval,
             );
         }
+        self.metrics
+            .outage(&self.name, self.link.probing() || self.refused.is_some());
     }
 
     /// Verify the receipts that are due, a few requests at a time. True when any were.
@@ -374,6 +394,7 @@ impl Pump {
             .filter(|(_, a)| matches!(a, crate::source::Anchoring::Anchored { .. }))
             .count() as u64;
         self.source.record_anchoring(&results)?;
+        self.metrics.anchored(&self.name, anchored);
         self.count(Tally {
             verified: results.len() as u64,
             anchored,
@@ -404,6 +425,18 @@ impl Pump {
         }
         // Back off like an idle poll: an unreachable database is not hammered.
         self.idle_wait = self.idle_wait.max(self.settings.poll_interval / 2);
+    }
+
+    /// While the metrics are served: the queue's counts, every `METRICS_EVERY`.
+    fn refresh_metrics(&mut self) {
+        if !self.metrics.serving() || Instant::now() < self.next_metrics {
+            return;
+        }
+        self.next_metrics = Instant::now() + METRICS_EVERY;
+        match self.source.status() {
+            Ok(status) => self.metrics.queue(&self.name, &status),
+            Err(e) => self.note_error(&e),
+        }
     }
 
     /// Once a minute: what happened, and where the source stands.

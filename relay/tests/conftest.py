@@ -18,7 +18,7 @@ import pytest
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO / "pg_test"))
 from harness import KEY, Emulator  # noqa: E402
-from mariadb import SOCKET, MariaDB  # noqa: E402
+from mariadb import CLIENT, SOCKET, MariaDB  # noqa: E402
 
 RELAY = os.environ.get("CERTYO_RELAY", str(REPO / "target/release/certyo-relay"))
 EMULATOR = os.environ.get("CERTYO_EMULATOR", str(REPO / "target/release/certyo-emulator"))
@@ -78,7 +78,7 @@ class Session:
     statements and waits for their answer (so a lock is held when it returns), `commit` ends it."""
 
     def __init__(self, shop):
-        self.process = subprocess.Popen(["mariadb", "-S", str(SOCKET), "-N", "-B", "--unbuffered", shop.name],
+        self.process = subprocess.Popen([CLIENT, "-S", str(SOCKET), "-u", "root", "-N", "-B", "--unbuffered", shop.name],
                                         stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                         text=True)
         self.run("START TRANSACTION")
@@ -149,9 +149,9 @@ class Relay:
         return subprocess.run([RELAY, "--config", str(self.config), *args], capture_output=True, text=True,
                               env=env or self.env, timeout=60)
 
-    def start(self):
+    def start(self, *options):
         self.log = open(self.log_path, "a")
-        self.process = subprocess.Popen([RELAY, "--config", str(self.config), "run"], env=self.env,
+        self.process = subprocess.Popen([RELAY, "--config", str(self.config), "run", *options], env=self.env,
                                         stdout=self.log, stderr=subprocess.STDOUT)
         return self
 

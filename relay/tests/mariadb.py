@@ -1,11 +1,12 @@
-"""A MariaDB server from Debian's packages, for the relay's tests, demo and benchmark: started
-on a Unix socket under DIR as the mysql user (no TCP), UTC, stopped by `stop`."""
+"""A MySQL or MariaDB server from Debian's packages, for the relay's tests, demo and benchmark:
+started on a Unix socket under DIR as the mysql user (no TCP), UTC, stopped by `stop`. Which one
+is whichever this machine (or Debian root, scripts/pg-root.sh) has: MariaDB's `mariadbd`, else
+MySQL's `mysqld`. CLIENT and ADMIN are its command-line client and admin tool."""
 import os
 import shutil
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "pg_test"))
@@ -13,10 +14,14 @@ from harness import wait_for  # noqa: E402
 
 DIR = Path(os.environ.get("CERTYO_MARIADB_DIR", "/tmp/certyo-relay-e2e"))
 SOCKET = DIR / "mysqld.sock"
+MYSQL = shutil.which("mariadbd") is None
+CLIENT = "mysql" if MYSQL else "mariadb"
+ADMIN = "mysqladmin" if MYSQL else "mariadb-admin"
 
 
 class MariaDB:
-    """A MariaDB server on a socket under DIR; `sql` runs statements as root (socket auth)."""
+    """A MySQL or MariaDB server on a socket under DIR; `sql` runs statements as root (socket
+    authentication on MariaDB; MySQL's root has no password and listens on no network)."""
 
     def __init__(self):
         if DIR.exists():
@@ -24,16 +29,23 @@ class MariaDB:
             shutil.rmtree(DIR)
         DIR.mkdir(parents=True)
         shutil.chown(DIR, "mysql")
-        subprocess.run(["mariadb-install-db", f"--datadir={DIR}/data", "--user=mysql", "--skip-test-db",
-                        "--auth-root-authentication-method=socket"], check=True, capture_output=True)
+        if MYSQL:
+            initialize = ["mysqld", "--no-defaults", "--initialize-insecure", f"--datadir={DIR}/data", "--user=mysql"]
+        else:
+            initialize = ["mariadb-install-db", f"--datadir={DIR}/data", "--user=mysql", "--skip-test-db",
+                          "--auth-root-authentication-method=socket"]
+        subprocess.run(initialize, check=True, capture_output=True)
         self.start()
 
     def start(self):
-        self.process = subprocess.Popen(
-            ["mariadbd", f"--datadir={DIR}/data", f"--socket={SOCKET}", "--skip-networking", "--user=mysql",
-             f"--pid-file={DIR}/mysqld.pid", f"--log-error={DIR}/error.log", "--innodb-flush-log-at-trx-commit=2"],
-            env=os.environ | {"TZ": "UTC"})
-        assert wait_for(lambda: subprocess.run(["mariadb-admin", "-S", str(SOCKET), "ping"],
+        common = [f"--datadir={DIR}/data", f"--socket={SOCKET}", "--skip-networking", "--user=mysql",
+                  f"--pid-file={DIR}/mysqld.pid", f"--log-error={DIR}/error.log", "--innodb-flush-log-at-trx-commit=2"]
+        # MySQL: its own defaults (binary log on, as MySQL ships), no X protocol listener, and
+        # the binary log not synced per commit (as innodb's log above: speed, not durability).
+        command = (["mysqld", "--no-defaults"] + common + ["--mysqlx=OFF", "--sync-binlog=0"] if MYSQL
+                   else ["mariadbd"] + common)
+        self.process = subprocess.Popen(command, env=os.environ | {"TZ": "UTC"})
+        assert wait_for(lambda: subprocess.run([ADMIN, "-S", str(SOCKET), "-u", "root", "ping"],
                                                capture_output=True).returncode == 0, timeout=60), \
             (DIR / "error.log").read_text()
 
@@ -41,14 +53,16 @@ class MariaDB:
         pid = DIR / "mysqld.pid"
         if pid.exists():
             try:
-                os.kill(int(pid.read_text()), signal.SIGTERM)
-                time.sleep(2)
+                leftover = int(pid.read_text())
+                os.kill(leftover, signal.SIGTERM)
             except (ProcessLookupError, ValueError):
-                pass
+                return
+            # Gone before its directory is: MySQL takes seconds to shut down.
+            wait_for(lambda: not Path(f"/proc/{leftover}").exists(), timeout=60)
 
     def sql(self, statement, database=None, check=True):
         """Rows as lists of strings (tab-separated, NULL as 'NULL')."""
-        args = ["mariadb", "-S", str(SOCKET), "-N", "-r", "-B"] + ([database] if database else [])
+        args = [CLIENT, "-S", str(SOCKET), "-u", "root", "-N", "-r", "-B"] + ([database] if database else [])
         done = subprocess.run(args, input=statement, capture_output=True, text=True)
         if check and done.returncode != 0:
             raise AssertionError(f"{statement}\n{done.stderr}")
@@ -58,11 +72,18 @@ class MariaDB:
         rows = self.sql(statement, database)
         return rows[0][0] if rows else None
 
+    def version(self):
+        """`SELECT VERSION()`: e.g. 9.7.4 or 11.8.3-MariaDB-..."""
+        return self.sql("SELECT VERSION()")[0][0]
+
+    def lock_waits(self):
+        """How many lock waits the server sees now (MySQL 8+ moved them to performance_schema)."""
+        table = "performance_schema.data_lock_waits" if MYSQL else "information_schema.INNODB_LOCK_WAITS"
+        return int(self.sql(f"SELECT COUNT(*) FROM {table}")[0][0])
+
     def stop(self):
         self.process.terminate()
         self.process.wait(timeout=60)
 
     def alive(self):
-        return subprocess.run(["mariadb-admin", "-S", str(SOCKET), "ping"], capture_output=True).returncode == 0
-
-
+        return subprocess.run([ADMIN, "-S", str(SOCKET), "-u", "root", "ping"], capture_output=True).returncode == 0

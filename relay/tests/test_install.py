@@ -7,7 +7,7 @@ import json
 import subprocess
 
 import pytest
-from conftest import PASSWORD, REPO, SOCKET, Relay, _databases
+from conftest import CLIENT, PASSWORD, REPO, SOCKET, Relay, _databases
 from harness import wait_for  # pg_test/, on the path by conftest.py
 
 CASES = [
@@ -15,6 +15,7 @@ CASES = [
     ("COLLATE utf8mb4_unicode_ci", None),
     ("COLLATE utf8mb4_unicode_ci", "utf8mb4"),
     ("COLLATE utf8mb4_uca1400_ai_ci", "utf8mb4"),
+    ("COLLATE utf8mb4_0900_ai_ci", "utf8mb4"),
     ("CHARACTER SET latin1", "utf8mb4"),
     ("COLLATE utf8mb4_unicode_ci", "latin1"),
     ("CHARACTER SET latin1", "latin1"),
@@ -22,7 +23,7 @@ CASES = [
 
 
 def client(charset):
-    return ["mariadb", "-S", str(SOCKET)] + ([f"--default-character-set={charset}"] if charset else [])
+    return [CLIENT, "-S", str(SOCKET), "-u", "root"] + ([f"--default-character-set={charset}"] if charset else [])
 
 
 class Database:

@@ -4,6 +4,7 @@ and retried, never lost; and no row ever shows a hash, least of all `anchored`, 
 hash of the content it holds (checked against what the emulator accepted). Fixtures in
 conftest.py."""
 import json
+import re
 import time
 from decimal import Decimal
 
@@ -173,7 +174,7 @@ def test_a_late_write_back_marks_a_row_only_with_the_version_it_holds(shop, emul
 
     def at_the_write_back():
         # Waiting for the row (as the relay did before), or past it, to try again later.
-        if mariadb.sql("SELECT COUNT(*) FROM information_schema.INNODB_LOCK_WAITS") != [["0"]]:
+        if mariadb.lock_waits():
             return True
         return shop.value("SELECT write_back_attempts FROM certyo_queue WHERE record_id = '1'") not in (None, "0")
     assert wait_for(at_the_write_back, timeout=15, every=0.05)
@@ -204,9 +205,11 @@ def test_a_locked_table_costs_that_table_a_retry_not_every_batch_a_wait(shop, em
     shop.sql("START TRANSACTION;" + "".join(f"INSERT INTO products (id, name, price) VALUES ({i}, 'p{i}', 1);"
                                             f"INSERT INTO orders (id, name, price) VALUES ({i}, 'o{i}', 1);"
                                             for i in range(1, 11)) + "COMMIT")
-    # Someone holds the whole orders table (a long ALTER or LOCK TABLES: a metadata lock).
+    # Someone holds the whole orders table (a long ALTER or LOCK TABLES: a metadata lock). READ:
+    # MySQL's LOCK TABLES ... WRITE also locks what the table's triggers write, the queue, so
+    # that nothing could be queued or delivered meanwhile (docs/relay.md).
     app = session()
-    app.run("LOCK TABLES orders WRITE")
+    app.run("LOCK TABLES orders READ")
     r = relay().start()
     assert wait_for(lambda: shop.drained() and written_back(shop, range(1, 11)), timeout=15), shop.queue()
     # Later changes of products, one commit each, are written back on time: the held table
@@ -340,4 +343,7 @@ def test_writers_and_write_backs_interleaved_never_mark_a_version_a_row_no_longe
         (watch.check(), watch.found)
     assert watch.found == [], "a row held a hash that is not Certyo's for its content"
     r.stop()
-    assert "ERROR" not in r.output()
+    # No error logged. A write-back that meets the writers' locks in another order may be
+    # chosen as a deadlock's victim (MySQL: ERROR 1213, quoted in a WARN line): that is a lock
+    # conflict like any other, tried again with back-off.
+    assert not re.search(r"Z\s+ERROR ", r.output()), r.output()[-3000:]

@@ -262,7 +262,9 @@ BEGIN
 
     -- GROUP_CONCAT cuts its result at group_concat_max_len, 1024 bytes by default in MySQL (1 MiB
     -- in MariaDB): too short for the column list of a wide table. Raised for this call only.
-    SET SESSION group_concat_max_len = GREATEST(v_group_concat_max_len, 67108864);
+    -- (MySQL types GREATEST of an unsigned and a signed integer DECIMAL, which the setting
+    -- refuses: "Incorrect argument type"; hence the cast.)
+    SET SESSION group_concat_max_len = CAST(GREATEST(v_group_concat_max_len, 67108864) AS UNSIGNED);
 
     -- JSON_OBJECT('name', <value>, ...) for OLD and NEW; the value expression per type:
     --   datetime → 'YYYY-MM-DDTHH:MM:SS[.ffffff]' as written (MySQL stores no zone with it);

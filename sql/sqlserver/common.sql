@@ -11,6 +11,8 @@
 --                         change is delivered or dead (the relay advances it, never past a gap).
 --   certyo.Receipt        CDC / Change Tracking: what Certyo accepted, and its verification.
 --   certyo.DeadLetter     CDC / Change Tracking: changes Certyo refused for good, for an operator.
+--   certyo.Retry          CDC / Change Tracking: changes that failed transiently, their attempts
+--                         and when to try again (kept across relay restarts).
 --   certyo.WriteBack      writes the hash / anchor status back to a tracked row (all modes).
 --   certyo.ResetProgress  re-initialises a table's progress after changes were lost.
 -- Syntax-checked with sqlfluff (dialect tsql); no SQL Server runs in this project's CI.
@@ -206,6 +208,22 @@ GO
 -- LSN / version. The changes in the gap are NOT sent: re-send the rows' current state yourself
 -- (for example with an UPDATE that sets a business column to itself, which both CDC and Change
 -- Tracking capture as an update of that column).
+IF OBJECT_ID(N'certyo.Retry', N'U') IS NULL
+BEGIN
+    CREATE TABLE certyo.Retry (
+        Collection         NVARCHAR(256)  NOT NULL,
+        IdempotencyKey     NVARCHAR(1200) NOT NULL,
+        IdempotencyKeyHash AS CONVERT(BINARY(32), HASHBYTES('SHA2_256', IdempotencyKey)) PERSISTED,
+        Attempts           INT            NOT NULL,
+        NextAttemptAt      DATETIME2(7)   NOT NULL,
+        LastError          NVARCHAR(MAX)  NULL,
+        LastAttemptAt      DATETIME2(7)   NOT NULL CONSTRAINT DF_CertyoRetry_LastAttemptAt DEFAULT SYSUTCDATETIME()
+    );
+    CREATE UNIQUE INDEX UX_CertyoRetry_Key ON certyo.Retry (IdempotencyKeyHash);
+    CREATE INDEX IX_CertyoRetry_Collection ON certyo.Retry (Collection);
+END;
+GO
+
 CREATE OR ALTER PROCEDURE certyo.ResetProgress
     @SchemaName SYSNAME,
     @TableName SYSNAME
@@ -223,6 +241,7 @@ BEGIN
         LastError = N'progress reset by certyo.ResetProgress',
         LastErrorAt = SYSUTCDATETIME()
     WHERE Collection = @collection;
+    DELETE FROM certyo.Retry WHERE Collection = @collection;
 END;
 GO
 

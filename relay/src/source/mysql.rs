@@ -30,6 +30,8 @@ pub struct MySqlQueue {
     /// The session that holds the lease (`lease`) while it lives, and whether it does.
     lease_conn: Option<Conn>,
     leased: bool,
+    /// The lease's lock name (`lease_name`).
+    lease_name: String,
     /// How long a write-back waits for a lock (row or metadata) before it backs off.
     lock_wait: Duration,
     /// The cap of the write-back's back-off.
@@ -102,6 +104,7 @@ impl MySqlQueue {
         Ok(MySqlQueue {
             opts,
             place,
+            lease_name: lease_name(&schema),
             database: database.unwrap_or(schema),
             conn: None,
             write_back_conn: None,
@@ -482,8 +485,15 @@ impl MySqlQueue {
     }
 }
 
-/// The lease's lock: one per database (the name's length is bounded: 64 characters at most).
-const LEASE_NAME: &str = "CONCAT('certyo-relay:', SHA1(DATABASE()))";
+/// The lease's lock: one per database, `certyo-relay:` and the SHA-1 of the database's name
+/// in hex (a lock name has 64 characters at most). Computed here, not by the server: MySQL 9
+/// has no `SHA1()` any more, and relays of every version must ask for the same lock.
+fn lease_name(schema: &str) -> String {
+    use sha1::Digest;
+    let digest = sha1::Sha1::digest(schema.as_bytes());
+    let hex: String = digest.iter().map(|b| format!("{b:02x}")).collect();
+    format!("certyo-relay:{hex}")
+}
 
 /// Receipts whose write-back is due, looked at per round.
 const WRITE_BACK_BATCH: u64 = 5000;
@@ -558,8 +568,11 @@ fn find_statement(schema: &str, table: &str, columns: &[KeyColumn], suffix: &str
         columns,
         &["rid VARCHAR(768) CHARACTER SET utf8mb4 COLLATE utf8mb4_bin"],
     );
+    // The rows in a derived table: MySQL counts a JSON_TABLE beside the table in the locking
+    // clause (`FOR UPDATE`: "Table v appears in multiple locking clauses"), and MariaDB has no
+    // `FOR UPDATE OF t` to name the table alone.
     format!(
-        "SELECT v.rid, {} FROM {json} v STRAIGHT_JOIN {}.{} t FORCE INDEX (PRIMARY) ON {on}{suffix}",
+        "SELECT v.rid, {} FROM (SELECT * FROM {json} j) v STRAIGHT_JOIN {}.{} t FORCE INDEX (PRIMARY) ON {on}{suffix}",
         own_record_id(columns),
         quote(schema),
         quote(table)
@@ -717,11 +730,12 @@ impl super::Source for MySqlQueue {
             self.lease_conn = Some(conn);
         }
         let leased = self.leased;
+        let name = (self.lease_name.as_str(),);
         let asked: mysql::Result<Option<Option<i64>>> = match self.lease_conn.as_mut() {
-            Some(conn) if leased => conn.query_first(format!(
-                "SELECT IS_USED_LOCK({LEASE_NAME}) = CONNECTION_ID()"
-            )),
-            Some(conn) => conn.query_first(format!("SELECT GET_LOCK({LEASE_NAME}, 0)")),
+            Some(conn) if leased => {
+                conn.exec_first("SELECT IS_USED_LOCK(?) = CONNECTION_ID()", name)
+            }
+            Some(conn) => conn.exec_first("SELECT GET_LOCK(?, 0)", name),
             None => Ok(None),
         };
         match asked {
@@ -995,12 +1009,14 @@ impl super::Source for MySqlQueue {
         })?;
         let (pending, delivered, anchored, dead, last_error, not_written_back, write_back_error) =
             row.unwrap_or_default();
+        let name = self.lease_name.clone();
         let holder: Option<(Option<i64>, Option<String>)> = self.in_transaction(|tx| {
-            tx.query_first(format!(
-                "SELECT CAST(IS_USED_LOCK({LEASE_NAME}) AS SIGNED),
+            tx.exec_first(
+                "SELECT CAST(IS_USED_LOCK(?) AS SIGNED),
                         (SELECT CAST(HOST AS CHAR) FROM information_schema.PROCESSLIST
-                          WHERE ID = IS_USED_LOCK({LEASE_NAME}))"
-            ))
+                          WHERE ID = IS_USED_LOCK(?))",
+                (&name, &name),
+            )
         })?;
         let lease = match holder {
             Some((Some(connection), host)) => format!(
@@ -1086,3 +1102,16 @@ const RECORD_LATER: &str = "
        SET q.anchor_status = IF(v.overdue = 1, 'overdue', q.anchor_status),
            q.verified_at = UTC_TIMESTAMP(6), q.verify_attempts = q.verify_attempts + 1,
            q.next_verify_at = UTC_TIMESTAMP(6) + INTERVAL v.after_us MICROSECOND";
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn the_lease_is_the_lock_earlier_relays_asked_for() {
+        // Earlier relays named it in SQL: CONCAT('certyo-relay:', SHA1(DATABASE())).
+        assert_eq!(
+            super::lease_name("shop"),
+            "certyo-relay:5042d146667518a1a5017644946b8650aafca44c"
+        );
+        assert!(super::lease_name(&"x".repeat(64)).len() <= 64);
+    }
+}

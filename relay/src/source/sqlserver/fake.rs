@@ -115,6 +115,10 @@ pub struct State {
     pub sent: Vec<&'static str>,
     /// Fail the next statement equal to this one (once).
     pub fail: Option<&'static str>,
+    /// `certyo.Retry`: (collection, key, attempts, next attempt at (ms), error).
+    pub retries: Vec<(String, String, i64, i64, String)>,
+    /// The session (fake connection) holding the relays' application lock, if any.
+    pub applock: Option<u64>,
 }
 
 pub fn lsn(n: u128) -> Vec<u8> {
@@ -139,6 +143,22 @@ impl State {
 
     /// A change made by a user (or by the write-back, `business` false), captured as the mode
     /// of the table does.
+    /// `EXEC certyo.ResetProgress` (common.sql): the progress at the newest LSN or version,
+    /// the table's retry state gone.
+    pub fn reset_progress(&mut self, collection: &str) {
+        let newest_lsn = self.cdc.iter().map(|r| r.lsn).max();
+        let version = self.ct_version;
+        let mode = self.mode_of(collection);
+        if let Some(p) = self.progress.get_mut(collection) {
+            match mode.as_deref() {
+                Some("cdc") => p.0 = newest_lsn.map(lsn),
+                _ => p.1 = Some(version),
+            }
+            p.2 = Some("progress reset by certyo.ResetProgress".into());
+        }
+        self.retries.retain(|r| r.0 != collection);
+    }
+
     pub fn write(
         &mut self,
         collection: &str,
@@ -241,11 +261,31 @@ impl State {
 pub struct Fake {
     pub state: Arc<Mutex<State>>,
     saved: Option<State>,
+    /// This connection's session, for the application lock it may own.
+    session: u64,
 }
+
+static SESSIONS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
 
 impl Fake {
     pub fn new(state: Arc<Mutex<State>>) -> Fake {
-        Fake { state, saved: None }
+        let session = SESSIONS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        Fake {
+            state,
+            saved: None,
+            session,
+        }
+    }
+}
+
+/// The session ends (a relay killed, a connection lost): SQL Server releases its locks.
+impl Drop for Fake {
+    fn drop(&mut self) {
+        if let Ok(mut st) = self.state.lock() {
+            if st.applock == Some(self.session) {
+                st.applock = None;
+            }
+        }
     }
 }
 
@@ -307,6 +347,38 @@ impl Db for Fake {
                 }
             }
             x if x == s::CHECK_OBJECTS => out.push(vec![Value::int(1); 6]),
+            x if x == s::LEASE_TAKE => {
+                let held = match st.applock {
+                    None => {
+                        st.applock = Some(self.session);
+                        true
+                    }
+                    Some(holder) => holder == self.session,
+                };
+                out.push(vec![Value::int(i64::from(held))]);
+            }
+            x if x == s::LEASE_FREE => out.push(vec![Value::int(i64::from(st.applock.is_none()))]),
+            x if x == s::RETRY_SAVE => {
+                let key = text(&p[1]).unwrap_or_default();
+                st.retries.retain(|r| r.1 != key);
+                st.retries.push((
+                    text(&p[0]).unwrap_or_default(),
+                    key,
+                    int(&p[2]),
+                    now + int(&p[3]),
+                    text(&p[4]).unwrap_or_default(),
+                ));
+            }
+            x if x == s::RETRY_CLEAR => {
+                let key = text(&p[0]).unwrap_or_default();
+                st.retries.retain(|r| r.1 != key);
+            }
+            x if x == s::RETRY_LOAD => {
+                let collection = text(&p[0]).unwrap_or_default();
+                for r in st.retries.iter().filter(|r| r.0 == collection) {
+                    out.push(vec![t(&r.1), Value::int(r.2), Value::int(r.3 - now)]);
+                }
+            }
             x if x == s::INSTALLATION => out.push(vec![t(&st.installation)]),
             x if x == s::TRACKED_TABLES => {
                 let mode = text(&p[0]);

@@ -49,6 +49,10 @@ struct TableLog {
     entries: BTreeMap<Pos, Entry>,
     /// Change Tracking: per record, the latest change settled after the progress.
     settled: HashMap<String, SettledChange>,
+    /// The retry state kept in `certyo.Retry` (idempotency key → attempts, milliseconds until
+    /// the next attempt), loaded once per run and taken by each change when it is read again:
+    /// a restart neither resets a failing change's back-off nor its count of attempts.
+    retries: HashMap<String, (u32, i64)>,
 }
 
 /// A change's place: CDC (start LSN, seqval, operation); Change Tracking (version, record id).
@@ -245,7 +249,14 @@ impl Log {
             change.id = self.next_id;
             self.ids
                 .insert(change.id, (collection.to_string(), pos.clone()));
-            let state = if again { State::Settled } else { State::Fresh };
+            let mut state = if again { State::Settled } else { State::Fresh };
+            if let Some((attempts, due_in_ms)) = tl.retries.remove(&change.idempotency_key) {
+                change.attempts = attempts;
+                if !again && due_in_ms > 0 {
+                    let wait = std::time::Duration::from_millis(due_in_ms as u64);
+                    state = State::Waiting(Instant::now() + wait);
+                }
+            }
             tl.entries.insert(pos, Entry { change, state });
         }
         if mode == Mode::ChangeTracking {
@@ -389,6 +400,7 @@ impl Log {
                             _ => false,
                         };
                         write_back_delivered(db, tables, change, record_hash, newer)?;
+                        clear_retry(db, change)?;
                         states.insert(change.id, (State::Settled, change.attempts + 1));
                     }
                     Fate::Dead { status, error } => {
@@ -407,12 +419,23 @@ impl Log {
                                 Value::text(error),
                             ],
                         )?;
+                        clear_retry(db, change)?;
                         states.insert(change.id, (State::Settled, change.attempts + 1));
                     }
                     Fate::Retry { retry_after, error } => {
                         db.query(
                             statements::PROGRESS_ERROR,
                             &[Value::text(&change.collection), Value::text(error)],
+                        )?;
+                        db.query(
+                            statements::RETRY_SAVE,
+                            &[
+                                Value::text(&change.collection),
+                                Value::text(&change.idempotency_key),
+                                Value::int(i64::from(change.attempts) + 1),
+                                millis(*retry_after),
+                                Value::text(error),
+                            ],
                         )?;
                         states.insert(
                             change.id,
@@ -560,7 +583,28 @@ fn load(db: &mut dyn Db, mode: Mode, collection: &str, tl: &mut TableLog) -> Res
             }
         }
     }
+    let rows = db.query(statements::RETRY_LOAD, &[Value::text(collection)])?;
+    for row in &rows {
+        let c = Cols {
+            row,
+            what: "certyo.Retry",
+        };
+        let attempts = u32::try_from(c.i64(1)?.max(0)).unwrap_or(u32::MAX);
+        tl.retries.insert(c.text(0)?, (attempts, c.i64(2)?));
+    }
     tl.loaded = true;
+    Ok(())
+}
+
+/// A change delivered or dead has no retry state any more (none was kept before its first
+/// failure).
+fn clear_retry(db: &mut dyn Db, change: &Change) -> Result<()> {
+    if change.attempts > 0 {
+        db.query(
+            statements::RETRY_CLEAR,
+            &[Value::text(&change.idempotency_key)],
+        )?;
+    }
     Ok(())
 }
 

@@ -193,9 +193,17 @@ struct Table {
     capture_instance: Option<String>,
 }
 
+/// Opens another session to the database (the lease's own).
+type Connect = Box<dyn FnMut() -> Result<Box<dyn Db>> + Send>;
+
 /// The SQL Server source, in one of its modes.
 pub struct SqlServer {
     db: Box<dyn Db>,
+    /// The lease (`Source::lease`): an application lock (`sp_getapplock`) owned by a session of
+    /// its own, which SQL Server releases the moment that session ends, however the relay ended.
+    connect_lease: Connect,
+    lease_db: Option<Box<dyn Db>>,
+    leased: bool,
     mode: Mode,
     describe: String,
     database: String,
@@ -212,12 +220,29 @@ impl SqlServer {
         let describe = format!("{} ({})", parsed.describe(), mode.as_str());
         let database = database_override.unwrap_or_else(|| parsed.database.clone());
         let wire = wire::Wire::new(&parsed)?;
-        Ok(SqlServer::with_db(Box::new(wire), mode, describe, database))
+        let connect_lease: Connect =
+            Box::new(move || Ok(Box::new(wire::Wire::new(&parsed)?) as Box<dyn Db>));
+        Ok(SqlServer::with_db(
+            Box::new(wire),
+            connect_lease,
+            mode,
+            describe,
+            database,
+        ))
     }
 
-    fn with_db(db: Box<dyn Db>, mode: Mode, describe: String, database: String) -> SqlServer {
+    fn with_db(
+        db: Box<dyn Db>,
+        connect_lease: Connect,
+        mode: Mode,
+        describe: String,
+        database: String,
+    ) -> SqlServer {
         SqlServer {
             db,
+            connect_lease,
+            lease_db: None,
+            leased: false,
             mode,
             describe,
             database,
@@ -385,6 +410,45 @@ impl Source for SqlServer {
         Ok(())
     }
 
+    /// One relay works a database at a time: the one whose lease session holds the
+    /// application lock `certyo-relay` (asked for without waiting). A relay that takes the
+    /// lease over starts from what the database holds, not from what it read before.
+    fn lease(&mut self) -> Result<bool> {
+        if self.lease_db.is_none() {
+            self.leased = false;
+            self.lease_db = Some((self.connect_lease)()?);
+        }
+        let asked = match self.lease_db.as_mut() {
+            Some(db) => db.query(statements::LEASE_TAKE, &[]),
+            None => Ok(Vec::new()),
+        };
+        let held = match asked.and_then(|rows| match rows.first() {
+            Some(row) => db::Cols {
+                row,
+                what: "the lease",
+            }
+            .bool(0),
+            None => Ok(false),
+        }) {
+            Ok(held) => held,
+            Err(e) => {
+                self.lease_db = None;
+                self.leased = false;
+                return Err(SourceError(format!(
+                    "{}: the relays' lease: {e}",
+                    self.describe
+                )));
+            }
+        };
+        if held && !self.leased && self.mode != Mode::Queue {
+            let installation = self.log.installation.take();
+            self.log = log::Log::default();
+            self.log.installation = installation;
+        }
+        self.leased = held;
+        Ok(held)
+    }
+
     fn take(&mut self, limit: usize, probing: bool, in_flight: &[i64]) -> Result<Vec<Change>> {
         match self.mode {
             Mode::Queue => queue::take(self.db.as_mut(), limit, probing, in_flight),
@@ -540,6 +604,29 @@ impl Source for SqlServer {
     }
 
     fn status(&mut self) -> Result<Status> {
+        let mut status = self.counts()?;
+        let rows = self.db.query(statements::LEASE_FREE, &[])?;
+        let free = match rows.first() {
+            Some(row) => db::Cols {
+                row,
+                what: "the lease",
+            }
+            .bool(0)?,
+            None => true,
+        };
+        status.lease = Some(if free {
+            "free: no relay works this source".into()
+        } else if self.leased {
+            "held by this relay".into()
+        } else {
+            "held by a relay's session".into()
+        });
+        Ok(status)
+    }
+}
+
+impl SqlServer {
+    fn counts(&mut self) -> Result<Status> {
         match self.mode {
             Mode::Queue => {
                 let rows = self.db.query(statements::QUEUE_STATUS, &[])?;

@@ -151,6 +151,45 @@ pub const PROGRESS_ERROR: &str = "UPDATE certyo.Progress
 SET LastError = @P2, LastErrorAt = SYSUTCDATETIME()
 WHERE Collection = @P1;";
 
+/// @P1 collection, @P2 idempotency key, @P3 attempts, @P4 try again after (ms), @P5 error.
+/// A change that failed transiently: its attempts and back-off, kept across restarts.
+pub const RETRY_SAVE: &str = "MERGE certyo.Retry WITH (HOLDLOCK) AS r
+USING (SELECT CONVERT(BINARY(32), HASHBYTES('SHA2_256', CONVERT(NVARCHAR(1200), @P2))) AS KeyHash) AS k
+ON r.IdempotencyKeyHash = k.KeyHash
+WHEN MATCHED THEN UPDATE SET Attempts = @P3,
+    NextAttemptAt = DATEADD(MILLISECOND, CONVERT(INT, @P4), SYSUTCDATETIME()),
+    LastError = @P5, LastAttemptAt = SYSUTCDATETIME()
+WHEN NOT MATCHED THEN INSERT (Collection, IdempotencyKey, Attempts, NextAttemptAt, LastError)
+    VALUES (@P1, @P2, @P3, DATEADD(MILLISECOND, CONVERT(INT, @P4), SYSUTCDATETIME()), @P5);";
+
+/// @P1 idempotency key: the change is delivered or dead.
+pub const RETRY_CLEAR: &str = "DELETE FROM certyo.Retry
+WHERE IdempotencyKeyHash = CONVERT(BINARY(32), HASHBYTES('SHA2_256', CONVERT(NVARCHAR(1200), @P1)));";
+
+/// @P1 collection. The retry state of its changes: key, attempts, milliseconds until the next
+/// attempt (0 or less: due).
+pub const RETRY_LOAD: &str = "SELECT IdempotencyKey, Attempts,
+    DATEDIFF_BIG(MILLISECOND, SYSUTCDATETIME(), NextAttemptAt) AS DueInMs
+FROM certyo.Retry
+WHERE Collection = @P1;";
+
+/// The relays' lease on this database: an application lock owned by the session, taken without
+/// waiting (or found held by this session). 1: this session holds it.
+pub const LEASE_TAKE: &str = "DECLARE @Result INT = 0;
+IF APPLOCK_MODE(N'public', N'certyo-relay', N'Session') = N'Exclusive'
+    SET @Result = 1;
+ELSE
+BEGIN
+    EXEC @Result = sp_getapplock @Resource = N'certyo-relay', @LockMode = N'Exclusive',
+        @LockOwner = N'Session', @LockTimeout = 0;
+    SET @Result = CASE WHEN @Result >= 0 THEN 1 ELSE 0 END;
+END;
+SELECT @Result AS Held;";
+
+/// Whether any session holds the lease: 1 when it is free (it could be granted now).
+pub const LEASE_FREE: &str =
+    "SELECT APPLOCK_TEST(N'public', N'certyo-relay', N'Exclusive', N'Session') AS Free;";
+
 /// @P1 mode.
 pub const PROGRESS_ALL: &str = "SELECT p.Collection, p.LastLsn, p.LastVersion
 FROM certyo.Progress AS p
@@ -291,6 +330,11 @@ pub const ALL: &[&str] = &[
     PROGRESS_SAVE_VERSION,
     PROGRESS_ERROR,
     PROGRESS_ALL,
+    RETRY_SAVE,
+    RETRY_CLEAR,
+    RETRY_LOAD,
+    LEASE_TAKE,
+    LEASE_FREE,
     CDC_BOUNDS,
     CDC_READ,
     CT_BOUNDS,

@@ -22,8 +22,10 @@ fn setup(mode: Mode) -> Arc<Mutex<State>> {
 }
 
 fn source(state: &Arc<Mutex<State>>, mode: Mode) -> SqlServer {
+    let sessions = state.clone();
     let mut s = SqlServer::with_db(
         Box::new(Fake::new(state.clone())),
+        Box::new(move || Ok(Box::new(Fake::new(sessions.clone())) as Box<dyn db::Db>)),
         mode,
         "fake".into(),
         "shop".into(),
@@ -356,6 +358,142 @@ fn a_failed_record_commits_nothing_and_changes_nothing_in_memory() {
     assert_eq!(cdc_progress(&state), Some(lsn(0x1000)));
     let again = src.take(10, false, &[]).unwrap();
     assert_eq!(again, taken, "still to deliver, same id and key");
+}
+
+#[test]
+fn a_retry_keeps_its_attempts_and_back_off_across_a_restart() {
+    for mode in [Mode::Cdc, Mode::ChangeTracking] {
+        let state = setup(mode);
+        write(&state, "1", Some(r#"{"Id":1}"#));
+        let mut src = source(&state, mode);
+        let taken = src.take(10, false, &[]).unwrap();
+        let later = Fate::Retry {
+            retry_after: Duration::from_secs(60),
+            error: "HTTP 503".into(),
+        };
+        src.record(&[(taken[0].clone(), later)]).unwrap();
+        assert_eq!(
+            st(&state).retries.len(),
+            1,
+            "{mode:?}: kept in certyo.Retry"
+        );
+        drop(src);
+
+        // Restarted within the back-off: not sent before it ends (but to probe an outage).
+        let mut restarted = source(&state, mode);
+        assert!(
+            restarted.take(10, false, &[]).unwrap().is_empty(),
+            "{mode:?}"
+        );
+        let probe = restarted.take(1, true, &[]).unwrap();
+        assert_eq!(records(&probe), ["1"], "{mode:?}");
+        assert_eq!(
+            probe[0].attempts, 1,
+            "{mode:?}: the count of attempts goes on"
+        );
+        assert_eq!(probe[0].idempotency_key, taken[0].idempotency_key);
+        drop(restarted);
+
+        // Restarted after it: due, still with its attempts; delivered, its retry state goes.
+        st(&state).now_ms += 61_000;
+        let mut restarted = source(&state, mode);
+        let due = restarted.take(10, false, &[]).unwrap();
+        assert_eq!((records(&due), due[0].attempts), (vec!["1"], 1), "{mode:?}");
+        restarted
+            .record(&[(due[0].clone(), delivered("h1"))])
+            .unwrap();
+        assert!(st(&state).retries.is_empty(), "{mode:?}");
+    }
+}
+
+#[test]
+fn after_reset_progress_the_gap_is_not_sent_and_a_backfill_is() {
+    let state = setup(Mode::Cdc);
+    write(&state, "1", Some(r#"{"Id":1,"Sku":"A"}"#));
+    let mut src = source(&state, Mode::Cdc);
+    let taken = src.take(10, false, &[]).unwrap();
+    src.record(&[(taken[0].clone(), delivered("h1"))]).unwrap();
+    write(&state, "2", Some(r#"{"Id":2,"Sku":"B"}"#));
+    write(&state, "1", Some(r#"{"Id":1,"Sku":"A2"}"#));
+    let newest = st(&state).cdc.iter().map(|r| r.lsn).max().unwrap();
+    st(&state).cdc_min.insert("dbo_Products".into(), newest + 1);
+    assert!(src.take(10, false, &[]).is_err(), "the gap is refused");
+
+    // The operator resets the table, then backfills: an UPDATE setting a column to itself.
+    st(&state).reset_progress(T);
+    let mut src = source(&state, Mode::Cdc);
+    assert!(
+        src.take(10, false, &[]).unwrap().is_empty(),
+        "the gap is not sent"
+    );
+    write(&state, "1", Some(r#"{"Id":1,"Sku":"A2"}"#));
+    write(&state, "2", Some(r#"{"Id":2,"Sku":"B"}"#));
+    let backfill = src.take(10, false, &[]).unwrap();
+    assert_eq!(records(&backfill), ["1", "2"]);
+    assert_eq!(
+        backfill[0].payload, r#"{"Id":1,"Sku":"A2"}"#,
+        "the row as it is now"
+    );
+    src.record(&[
+        (backfill[0].clone(), delivered("h1b")),
+        (backfill[1].clone(), delivered("h2")),
+    ])
+    .unwrap();
+    assert!(src.take(10, false, &[]).unwrap().is_empty());
+    assert!(
+        cdc_progress(&state).unwrap() >= lsn(newest + 2),
+        "past the backfill"
+    );
+}
+
+#[test]
+fn two_relays_take_turns_by_the_lease() {
+    for mode in [Mode::Queue, Mode::Cdc, Mode::ChangeTracking] {
+        let state = setup(mode);
+        let mut a = source(&state, mode);
+        let mut b = source(&state, mode);
+        assert!(a.lease().unwrap(), "{mode:?}: the first to ask");
+        assert!(!b.lease().unwrap(), "{mode:?}: the other stands by");
+        assert!(a.lease().unwrap() && !b.lease().unwrap(), "{mode:?}: kept");
+        assert_eq!(
+            b.status().unwrap().lease.as_deref(),
+            Some("held by a relay's session")
+        );
+        assert_eq!(
+            a.status().unwrap().lease.as_deref(),
+            Some("held by this relay")
+        );
+        // The working relay is killed: its sessions end, SQL Server releases the lock.
+        drop(a);
+        assert!(b.lease().unwrap(), "{mode:?}: the other carries on");
+        drop(b);
+        let mut c = source(&state, mode);
+        assert_eq!(
+            c.status().unwrap().lease.as_deref(),
+            Some("free: no relay works this source")
+        );
+    }
+}
+
+#[test]
+fn a_relay_that_takes_the_lease_over_starts_from_the_database() {
+    let state = setup(Mode::Cdc);
+    write(&state, "1", Some(r#"{"Id":1}"#));
+    let mut a = source(&state, Mode::Cdc);
+    let mut b = source(&state, Mode::Cdc);
+    assert!(b.lease().unwrap());
+    // b read the change while it held the lease, then lost it (its session ended) ...
+    assert_eq!(records(&b.take(10, false, &[]).unwrap()), ["1"]);
+    b.lease_db = None;
+    st(&state).applock = None;
+    // ... a delivered it meanwhile ...
+    assert!(a.lease().unwrap());
+    let taken = a.take(10, false, &[]).unwrap();
+    a.record(&[(taken[0].clone(), delivered("h1"))]).unwrap();
+    drop(a);
+    // ... and b, holding it again, does not send it from its memory.
+    assert!(b.lease().unwrap());
+    assert!(b.take(10, false, &[]).unwrap().is_empty());
 }
 
 // ---------------------------------------------------------------- Change Tracking
