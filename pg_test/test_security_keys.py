@@ -174,3 +174,25 @@ def test_a_backfill_of_a_key_collated_unlike_the_database_completes(cluster, att
     found = cluster.sql(f"SELECT state, rows_queued, error FROM certyo.backfills WHERE id = {backfill}")
     assert found == "done|300|", found
     attacker.sql(f"DROP TABLE {table}")
+
+
+def test_a_key_unique_only_in_another_order_is_refused(cluster, attacker):
+    """A citext key made unique by a case-sensitive index (`email text_ops`): 'user1' and
+    'USER1' are two rows, equal in citext's order, which a backfill pages by. A chunk that
+    ended on one of them began the next after it, skipping the other: the backfill said `done`
+    having queued 600 of 601 rows. Now track() wants a unique index in the key type's own
+    order and the column's collation."""
+    cluster.sql("CREATE EXTENSION IF NOT EXISTS citext")
+    try:
+        table = f"{attacker.schema}.users"
+        attacker.sql(f"CREATE TABLE {table} (email public.citext NOT NULL, v text); "
+                     f"CREATE UNIQUE INDEX ON {table} (email text_ops)")
+        out = subprocess.run(["psql", "-h", cluster.dir, "-p", str(cluster.port), "-U", attacker.name, "-d", "postgres",
+                              "-X", "-qAt", "-c", f"SELECT certyo.track('{table}', record_id_columns => ARRAY['email'])"],
+                             capture_output=True, text=True)
+        assert out.returncode != 0 and "own order" in out.stderr, out.stderr
+        attacker.sql(f"CREATE UNIQUE INDEX ON {table} (email); "
+                     f"SELECT certyo.track('{table}', record_id_columns => ARRAY['email'])")
+        attacker.sql(f"DROP TABLE {table}")
+    finally:
+        cluster.sql("DROP EXTENSION IF EXISTS citext CASCADE")

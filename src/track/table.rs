@@ -195,7 +195,7 @@ impl Table {
         Err(CertyoError::new(
             PgSqlErrorCode::ERRCODE_INVALID_COLUMN_REFERENCE,
             format!(
-                "certyo_cdc: record id columns ({columns}) of {} do not identify a row: no unique index covers them",
+                "certyo_cdc: record id columns ({columns}) of {} do not identify a row: no unique index covers them in their types' own order and their collation",
                 self.display
             ),
         )
