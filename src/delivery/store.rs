@@ -81,6 +81,11 @@ pub fn runs_as_superuser() -> SpiResult<bool> {
     })
 }
 
+thread_local! {
+    /// Whether a pg_restore session was in the database at the last pass.
+    static RESTORING: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
 /// None when the extension is not installed in this database (it may be dropped under the
 /// worker); otherwise the operator's switches.
 pub fn control() -> SpiResult<Option<Control>> {
@@ -97,22 +102,32 @@ pub fn control() -> SpiResult<Option<Control>> {
             if !installed {
                 return Ok(None);
             }
-            let (paused, backfill_open, restored) = prepared::select(
+            let (paused, backfill_open, restoring) = prepared::select(
                 client,
                 "SELECT (SELECT paused FROM certyo.worker_state LIMIT 1),
                         EXISTS (SELECT FROM certyo.backfills WHERE state IN ('queued', 'running')),
-                        EXISTS (SELECT FROM certyo.installation i, pg_extension e
-                                 WHERE e.extname = 'certyo_cdc' AND i.extension_oid <> e.oid)
-                        OR NOT EXISTS (SELECT FROM certyo.installation)",
+                        EXISTS (SELECT FROM pg_stat_activity a
+                                 WHERE a.datname = current_database() AND a.application_name = 'pg_restore')",
                 &[],
             )?
             .first()
             .get_three::<bool, bool, bool>()?;
-            if restored.unwrap_or(false) {
-                // Rows restored from a dump carry the old tables' OIDs: relink them before
-                // any is sent or written back (see certyo.relink_restored() in
-                // sql/delivery.sql).
-                client.update("SELECT certyo.relink_restored()", None, &[])?;
+            // Rows restored from a dump carry the old tables' OIDs, which in a fresh cluster
+            // may be other tables' now: relink them by table id before any is written back
+            // (see certyo.relink_restored() in sql/delivery.sql, and crate::track::identity).
+            // Throughout a restore by pg_restore, and once after it (a restore in many
+            // transactions or jobs may load rows after the tables' triggers are back).
+            let restoring = restoring.unwrap_or(false);
+            let was_restoring = RESTORING.replace(restoring);
+            let needed = restoring
+                || was_restoring
+                || crate::track::identity::relink_wanted()
+                || prepared::select(client, "SELECT certyo.relink_needed()", &[])?
+                    .first()
+                    .get_one::<bool>()?
+                    .unwrap_or(false);
+            if needed {
+                client.update("SELECT certyo.relink_restored(true)", None, &[])?;
             }
             Ok(Some(Control {
                 paused: paused.unwrap_or(false),
@@ -489,9 +504,9 @@ const MOVE_QUEUE: &str = "
     WITH moved AS (
         DELETE FROM certyo.queue
          WHERE ctid = ANY (ARRAY(SELECT ctid FROM certyo.queue LIMIT $1))
-        RETURNING id, relid, collection, record_id, operation, payload, source_timestamp, idempotency_key, queued_at),
+        RETURNING id, relid, collection, record_id, operation, payload, source_timestamp, idempotency_key, queued_at, table_id),
     kept AS (
-        INSERT INTO certyo.delivery (id, relid, collection, record_id, operation, payload, source_timestamp, idempotency_key, queued_at)
+        INSERT INTO certyo.delivery (id, relid, collection, record_id, operation, payload, source_timestamp, idempotency_key, queued_at, table_id)
         SELECT * FROM moved
         ON CONFLICT (id) DO NOTHING)
     SELECT count(*) FROM moved";
@@ -560,17 +575,17 @@ const RECEIPTS: &str = "WITH v AS (SELECT * FROM unnest($1::bigint[], $2::text[]
                               AS v(id, hash, replayed, sha)),
           retried AS (DELETE FROM certyo.delivery d USING v WHERE d.id = v.id
                       RETURNING d.id, d.relid, d.collection, d.record_id, d.operation, d.source_timestamp,
-                                d.idempotency_key, d.queued_at, d.attempts, v.hash, v.replayed, v.sha),
+                                d.idempotency_key, d.queued_at, d.attempts, v.hash, v.replayed, v.sha, d.table_id),
           direct AS (DELETE FROM certyo.queue q USING v
                       WHERE q.ctid = ANY ($6::text[]::tid[]) AND q.id = v.id
                      RETURNING q.id, q.relid, q.collection, q.record_id, q.operation, q.source_timestamp,
-                               q.idempotency_key, q.queued_at, 0, v.hash, v.replayed, v.sha)
+                               q.idempotency_key, q.queued_at, 0, v.hash, v.replayed, v.sha, q.table_id)
      INSERT INTO certyo.receipt (id, relid, collection, record_id, operation, source_timestamp,
                                  idempotency_key, queued_at, attempts, accepted_at, record_hash,
-                                 replayed, payload_sha256, next_verify_at)
+                                 replayed, payload_sha256, next_verify_at, table_id)
      SELECT id, relid, collection, record_id, operation, source_timestamp, idempotency_key,
             queued_at, attempts + 1, now(), hash, replayed, decode(sha, 'hex'),
-            now() + $5 * interval '1 ms'
+            now() + $5 * interval '1 ms', table_id
        FROM (SELECT * FROM retried UNION ALL SELECT * FROM direct) AS done";
 
 /// `RECEIPTS` for a batch whose every accepted change was taken from the queue.
@@ -579,12 +594,12 @@ const RECEIPTS_FROM_QUEUE: &str = "WITH v AS (SELECT * FROM unnest($1::bigint[],
           direct AS (DELETE FROM certyo.queue q USING v
                       WHERE q.ctid = ANY ($6::text[]::tid[]) AND q.id = v.id
                      RETURNING q.id, q.relid, q.collection, q.record_id, q.operation, q.source_timestamp,
-                               q.idempotency_key, q.queued_at, v.hash, v.replayed, v.sha)
+                               q.idempotency_key, q.queued_at, v.hash, v.replayed, v.sha, q.table_id)
      INSERT INTO certyo.receipt (id, relid, collection, record_id, operation, source_timestamp,
                                  idempotency_key, queued_at, attempts, accepted_at, record_hash,
-                                 replayed, payload_sha256, next_verify_at)
+                                 replayed, payload_sha256, next_verify_at, table_id)
      SELECT id, relid, collection, record_id, operation, source_timestamp, idempotency_key,
-            queued_at, 1, now(), hash, replayed, decode(sha, 'hex'), now() + $5 * interval '1 ms'
+            queued_at, 1, now(), hash, replayed, decode(sha, 'hex'), now() + $5 * interval '1 ms', table_id
        FROM direct";
 
 /// Record what Certyo said about each entry and write the accepted hashes back to the rows, in
@@ -689,8 +704,8 @@ pub fn record(
                     "WITH moved AS (
                          DELETE FROM certyo.queue
                           WHERE ctid = ANY ($1::text[]::tid[]) AND id = ANY ($2::bigint[])
-                         RETURNING id, relid, collection, record_id, operation, payload, source_timestamp, idempotency_key, queued_at)
-                     INSERT INTO certyo.delivery (id, relid, collection, record_id, operation, payload, source_timestamp, idempotency_key, queued_at)
+                         RETURNING id, relid, collection, record_id, operation, payload, source_timestamp, idempotency_key, queued_at, table_id)
+                     INSERT INTO certyo.delivery (id, relid, collection, record_id, operation, payload, source_timestamp, idempotency_key, queued_at, table_id)
                      SELECT * FROM moved
                      ON CONFLICT (id) DO NOTHING",
                     &[unsettled.0.into(), unsettled.1.into()],

@@ -560,13 +560,13 @@ pub mod failing {
         let statuses: Vec<String> = waiting.iter().map(|(_, s, _)| s.clone()).collect();
         // Only the receipts still in the state they were written back in: one verified
         // meanwhile (by the delivery worker) waits for the next retry, which writes back the
-        // status it reached.
+        // status it reached. And only this table's: one found to be another's waits for it.
         client.update(
             "UPDATE certyo.receipt r SET written_back = true
                FROM unnest($1::bigint[], $2::text[]) AS v(id, status)
-              WHERE r.id = v.id AND r.anchor_status IS NOT DISTINCT FROM v.status",
+              WHERE r.id = v.id AND r.anchor_status IS NOT DISTINCT FROM v.status AND r.relid = $3",
             None,
-            &[ids.into(), statuses.into()],
+            &[ids.into(), statuses.into(), relid.into()],
         )?;
         let deleted = client
             .update(
@@ -678,7 +678,12 @@ fn mark_table(
         // and every table's delivery waits while a statement of the worker runs.
         return Ok(Marked::LeftToTheSlowLane);
     }
-    let rows = still_current(client, relid, rows, mark)?;
+    // Only versions captured for this table under its present record key (see
+    // `crate::track::identity`): never another table's after a restore, nor an earlier key's.
+    let ids: Vec<i64> = rows.iter().map(|v| v.id).collect();
+    let own = crate::track::identity::belonging(client, relid, &ids)?;
+    let rows: Vec<Version> = rows.iter().filter(|v| own.contains(&v.id)).cloned().collect();
+    let rows = still_current(client, relid, &rows, mark)?;
     let n = key.columns.len();
     let mut parts: Vec<Vec<String>> = vec![Vec::new(); n];
     let mut hashes = Vec::new();
