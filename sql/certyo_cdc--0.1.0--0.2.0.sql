@@ -105,6 +105,17 @@ REVOKE ALL ON FUNCTION certyo.this_installation() FROM PUBLIC;
 
 DROP FUNCTION certyo.relink_restored();
 DROP FUNCTION certyo.tracked_oids();
+-- DROP TABLE leaves a configuration table's OID among the extension's (only ALTER EXTENSION
+-- ... DROP TABLE takes it out, which an extension's own script may not run): taken out here,
+-- or pg_dump would look for a table that is gone.
+UPDATE pg_catalog.pg_extension e
+   SET extconfig = (SELECT pg_catalog.array_agg(x.c ORDER BY x.o)
+                      FROM unnest(e.extconfig, e.extcondition) WITH ORDINALITY AS x(c, t, o)
+                     WHERE x.c OPERATOR(pg_catalog.<>) 'certyo.installation'::pg_catalog.regclass),
+       extcondition = (SELECT pg_catalog.array_agg(x.t ORDER BY x.o)
+                         FROM unnest(e.extconfig, e.extcondition) WITH ORDINALITY AS x(c, t, o)
+                        WHERE x.c OPERATOR(pg_catalog.<>) 'certyo.installation'::pg_catalog.regclass)
+ WHERE e.extname OPERATOR(pg_catalog.=) 'certyo_cdc';
 DROP TABLE certyo.installation;
 
 -- The tracked tables as their capture triggers say: OID, Certyo's collection, the table id
@@ -127,7 +138,8 @@ REVOKE ALL ON FUNCTION certyo.tracked_oids() FROM PUBLIC;
 -- (a restore), or a capture trigger whose id the catalog places elsewhere (or does not know).
 CREATE FUNCTION certyo.relink_needed() RETURNS boolean
 LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $$
-    SELECT EXISTS (SELECT FROM certyo.table_identity i WHERE i.installation <> certyo.this_installation())
+    SELECT EXISTS (SELECT FROM certyo.table_identity i, (SELECT certyo.this_installation() AS here) h
+                    WHERE i.installation <> h.here)
         OR EXISTS (SELECT FROM certyo.tracked_oids() t LEFT JOIN certyo.table_identity i ON i.id = t.table_id
                     WHERE t.table_id <> 0 AND i.relid IS DISTINCT FROM t.relid)
 $$;

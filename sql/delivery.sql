@@ -165,7 +165,8 @@ REVOKE ALL ON FUNCTION certyo.tracked_oids() FROM PUBLIC;
 -- (a restore), or a capture trigger whose id the catalog places elsewhere (or does not know).
 CREATE FUNCTION certyo.relink_needed() RETURNS boolean
 LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $$
-    SELECT EXISTS (SELECT FROM certyo.table_identity i WHERE i.installation <> certyo.this_installation())
+    SELECT EXISTS (SELECT FROM certyo.table_identity i, (SELECT certyo.this_installation() AS here) h
+                    WHERE i.installation <> h.here)
         OR EXISTS (SELECT FROM certyo.tracked_oids() t LEFT JOIN certyo.table_identity i ON i.id = t.table_id
                     WHERE t.table_id <> 0 AND i.relid IS DISTINCT FROM t.relid)
 $$;

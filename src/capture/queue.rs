@@ -91,7 +91,11 @@ unsafe fn insert_row(
     pg_sys::ffi::pg_guard_ffi_boundary(|| {
         let rel = unguarded::table_open(queue, lock);
         let tupdesc = (*rel).rd_att;
-        let fits = (*tupdesc).natts as usize == QUEUE_COLUMNS;
+        // Or the queue of a schema from before 0.2.0 (the library installed, `ALTER EXTENSION
+        // certyo_cdc UPDATE` not yet run), which has no last column, `table_id`: the writer's
+        // change is queued all the same, without it.
+        let natts = (*tupdesc).natts as usize;
+        let fits = natts == QUEUE_COLUMNS || natts == QUEUE_COLUMNS - 1;
         if fits {
             let tuple =
                 unguarded::heap_form_tuple(tupdesc, values.as_mut_ptr(), nulls.as_mut_ptr());

@@ -86,6 +86,21 @@ thread_local! {
     static RESTORING: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
 }
 
+/// `sql` for the installed schema: one from before 0.2.0 (the library installed, `ALTER
+/// EXTENSION certyo_cdc UPDATE` not yet run) has no `table_id` columns, and is delivered as
+/// it was until the update (see `crate::track::identity::schema_has_ids`).
+fn for_schema(sql: &'static str) -> std::borrow::Cow<'static, str> {
+    if crate::track::identity::schema_has_ids() {
+        std::borrow::Cow::Borrowed(sql)
+    } else {
+        std::borrow::Cow::Owned(
+            sql.replace(", d.table_id", "")
+                .replace(", q.table_id", "")
+                .replace(", table_id", ""),
+        )
+    }
+}
+
 /// None when the extension is not installed in this database (it may be dropped under the
 /// worker); otherwise the operator's switches.
 pub fn control() -> SpiResult<Option<Control>> {
@@ -101,6 +116,21 @@ pub fn control() -> SpiResult<Option<Control>> {
             .unwrap_or(false);
             if !installed {
                 return Ok(None);
+            }
+            let has_ids = prepared::select(
+                client,
+                "SELECT EXISTS (SELECT FROM pg_attribute a
+                                 WHERE a.attrelid = 'certyo.receipt'::regclass AND a.attname = 'table_id'
+                                   AND NOT a.attisdropped)",
+                &[],
+            )?
+            .first()
+            .get_one::<bool>()?
+            .unwrap_or(false);
+            crate::track::identity::set_schema_has_ids(has_ids);
+            if !has_ids {
+                // The schema from before 0.2.0: its own relink (by the extension's OID).
+                client.update("SELECT certyo.relink_restored()", None, &[])?;
             }
             let (paused, backfill_open, restoring) = prepared::select(
                 client,
@@ -119,13 +149,14 @@ pub fn control() -> SpiResult<Option<Control>> {
             // transactions or jobs may load rows after the tables' triggers are back).
             let restoring = restoring.unwrap_or(false);
             let was_restoring = RESTORING.replace(restoring);
-            let needed = restoring
+            let needed = has_ids
+                && (restoring
                 || was_restoring
                 || crate::track::identity::relink_wanted()
                 || prepared::select(client, "SELECT certyo.relink_needed()", &[])?
                     .first()
                     .get_one::<bool>()?
-                    .unwrap_or(false);
+                    .unwrap_or(false));
             if needed {
                 client.update("SELECT certyo.relink_restored(true)", None, &[])?;
             }
@@ -333,7 +364,7 @@ fn take_from_delivery(
     planner: &mut Planner,
 ) -> SpiResult<Vec<Entry>> {
     let moved = client
-        .update(MOVE_QUEUE, None, &[MOVE_LIMIT.into()])?
+        .update(for_schema(MOVE_QUEUE).as_ref(), None, &[MOVE_LIMIT.into()])?
         .first()
         .get_one::<i64>()?
         .unwrap_or(0);
@@ -701,13 +732,13 @@ pub fn record(
             if !unsettled.1.is_empty() {
                 prepared::update(
                     client,
-                    "WITH moved AS (
+                    &for_schema("WITH moved AS (
                          DELETE FROM certyo.queue
                           WHERE ctid = ANY ($1::text[]::tid[]) AND id = ANY ($2::bigint[])
                          RETURNING id, relid, collection, record_id, operation, payload, source_timestamp, idempotency_key, queued_at, table_id)
                      INSERT INTO certyo.delivery (id, relid, collection, record_id, operation, payload, source_timestamp, idempotency_key, queued_at, table_id)
                      SELECT * FROM moved
-                     ON CONFLICT (id) DO NOTHING",
+                     ON CONFLICT (id) DO NOTHING"),
                     &[unsettled.0.into(), unsettled.1.into()],
                 )?;
             }
@@ -730,12 +761,12 @@ pub fn record(
                 // its batch was in flight (a retry began meanwhile): the general statement
                 // then finds it, the others being gone from the queue already.
                 let recorded = if all_from_queue {
-                    prepared::update(client, RECEIPTS_FROM_QUEUE, &args)?.len()
+                    prepared::update(client, &for_schema(RECEIPTS_FROM_QUEUE), &args)?.len()
                 } else {
                     0
                 };
                 if recorded < count {
-                    prepared::update(client, RECEIPTS, &args)?;
+                    prepared::update(client, &for_schema(RECEIPTS), &args)?;
                 }
             }
             if !transient.0.is_empty() {

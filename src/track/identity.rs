@@ -28,6 +28,18 @@ thread_local! {
     /// A write-back met versions whose table id the OID they carry no longer names: the
     /// worker runs `certyo.relink_restored()` at its next pass.
     static RELINK_WANTED: Cell<bool> = const { Cell::new(false) };
+    static SCHEMA_HAS_IDS: Cell<bool> = const { Cell::new(true) };
+}
+
+/// Whether the extension's tables have the `table_id` columns: a schema from before 0.2.0
+/// (the library installed, `ALTER EXTENSION certyo_cdc UPDATE` not yet run) has none, and is
+/// served as it was until the update. Read by the worker at each pass.
+pub fn schema_has_ids() -> bool {
+    SCHEMA_HAS_IDS.get()
+}
+
+pub fn set_schema_has_ids(has: bool) {
+    SCHEMA_HAS_IDS.set(has);
 }
 
 /// Whether [`belonging`] asked for a relink since the last call.
@@ -56,6 +68,10 @@ fn record_key(table: &Table, options: &CaptureOptions) -> Vec<String> {
 /// trigger carries (or, untracked, the one it had under its present name and OID) when the key
 /// is unchanged; a new one that supersedes it when the key changed, or when there is none.
 pub fn assign(table: &Table, options: &mut CaptureOptions) -> Result<()> {
+    let catalog = Spi::get_one::<bool>("SELECT pg_catalog.to_regclass('certyo.table_identity') IS NOT NULL")?;
+    if catalog != Some(true) {
+        return Ok(()); // a schema from before 0.2.0: its update assigns the ids
+    }
     let key = record_key(table, options);
     let installed = super::installed_options(table.relid)?.and_then(|o| o.table_id);
     let (schema, name) = split_display(table);
@@ -134,6 +150,9 @@ pub fn belonging(
     relid: Oid,
     ids: &[i64],
 ) -> std::result::Result<std::collections::HashSet<i64>, pgrx::spi::Error> {
+    if !schema_has_ids() {
+        return Ok(ids.iter().copied().collect());
+    }
     let sorted = client.update(
         "WITH current AS (
              SELECT coalesce((SELECT (certyo.capture_option(t.tgargs, 'table_id'))[1]::integer
