@@ -231,7 +231,7 @@ BEGIN
                schema_name = coalesce((SELECT s.nspname FROM pg_class c JOIN pg_namespace s ON s.oid = c.relnamespace
                                         WHERE c.oid = found_relid), t.schema_name),
                table_name = coalesce((SELECT c.relname FROM pg_class c WHERE c.oid = found_relid), t.table_name)
-         WHERE t.id = ident.id AND (t.relid, t.installation) IS DISTINCT FROM (found_relid, here);
+         WHERE t.id = ident.id;
     END LOOP;
     -- A superseded id (an earlier record key) is its successor's table.
     LOOP

@@ -664,6 +664,14 @@ fn mark_table(
     // commits (see `rights::lock_table`).
     // The wait counts against the owner's share of the pass (`budget`).
     crate::rights::lock_table(relid, pgrx::pg_sys::RowExclusiveLock, timeout);
+    // Only versions captured for this table under its present record key (see
+    // `crate::track::identity`): never another table's after a restore, nor an earlier key's.
+    let ids: Vec<i64> = rows.iter().map(|v| v.id).collect();
+    let own = crate::track::identity::belonging(client, relid, &ids)?;
+    let rows: Vec<Version> = rows.iter().filter(|v| own.contains(&v.id)).cloned().collect();
+    if rows.is_empty() {
+        return Ok(Marked::Done);
+    }
     // Kept (planned once): a pass looks up the key of every table it writes back to.
     let found = super::prepared::select(client, crate::track::key::LOOKUP, &[relid.into()])?;
     let Some(key) = RecordKey::from_found(found)? else {
@@ -678,11 +686,6 @@ fn mark_table(
         // and every table's delivery waits while a statement of the worker runs.
         return Ok(Marked::LeftToTheSlowLane);
     }
-    // Only versions captured for this table under its present record key (see
-    // `crate::track::identity`): never another table's after a restore, nor an earlier key's.
-    let ids: Vec<i64> = rows.iter().map(|v| v.id).collect();
-    let own = crate::track::identity::belonging(client, relid, &ids)?;
-    let rows: Vec<Version> = rows.iter().filter(|v| own.contains(&v.id)).cloned().collect();
     let rows = still_current(client, relid, &rows, mark)?;
     let n = key.columns.len();
     let mut parts: Vec<Vec<String>> = vec![Vec::new(); n];

@@ -88,8 +88,7 @@ pub fn assign(table: &Table, options: &mut CaptureOptions) -> Result<()> {
                   ORDER BY i.id DESC LIMIT 1),
              kept AS (
                  UPDATE certyo.table_identity i
-                    SET record_key = $5, relid = $2, schema_name = $3, table_name = $4,
-                        installation = certyo.this_installation()
+                    SET record_key = $5
                    FROM present p
                   WHERE i.id OPERATOR(pg_catalog.=) p.id
                     AND (p.record_key IS NULL OR p.record_key OPERATOR(pg_catalog.=) $5)
@@ -140,7 +139,8 @@ fn split_display(table: &Table) -> (String, String) {
 }
 
 /// Of the versions about to be written back to `relid` (their ids: receipt ids), those that
-/// belong there: the table's capture trigger carries the table id they were captured under.
+/// belong there: the table's capture trigger carries the table id they were captured under
+/// (or it has none, untracked meanwhile, and the catalog places their id there).
 /// Of the others, a version captured under a record key the table no longer has (a superseded
 /// id) is dropped and recorded (`write_back_dropped`), never to be retried; any other (an OID
 /// that a restore made another table's, an id not found yet) waits to be written back once
@@ -157,9 +157,16 @@ pub fn belonging(
         "WITH current AS (
              SELECT coalesce((SELECT (certyo.capture_option(t.tgargs, 'table_id'))[1]::integer
                                 FROM pg_trigger t
-                               WHERE t.tgrelid = $2 AND t.tgname = 'certyo_capture' AND t.tgparentid = 0), 0) AS id),
+                               WHERE t.tgrelid = $2 AND t.tgname = 'certyo_capture' AND t.tgparentid = 0), 0) AS id,
+                    certyo.this_installation() AS here),
          versions AS (
-             SELECT r.id, r.table_id = c.id AS own, i.superseded_by IS NOT NULL AS old_key, i.record_key
+             -- Its own: the table's trigger carries the version's id; or the table has no
+             -- trigger (untracked meanwhile: nothing is written back) and the catalog, as
+             -- found in this installation, places the id here.
+             SELECT r.id,
+                    coalesce(r.table_id = c.id
+                             OR (c.id = 0 AND i.relid = $2 AND i.installation = c.here), false) AS own,
+                    coalesce(i.superseded_by IS NOT NULL, false) AS old_key, i.record_key
                FROM certyo.receipt r CROSS JOIN current c
                LEFT JOIN certyo.table_identity i ON i.id = r.table_id
               WHERE r.id = ANY ($1)),
