@@ -71,7 +71,8 @@ def restore(mode, source, target, dump_dir):
     assert "ERROR" not in done.stderr, done.stderr
 
 
-@pytest.mark.parametrize("mode", ["pg_restore, one transaction", "psql, many transactions", "pg_restore, two jobs"])
+@pytest.mark.parametrize("mode", ["pg_restore, one transaction", "psql, many transactions", "pg_restore, two jobs",
+                                  "pg_restore, two jobs, into a cluster with tables"])
 def test_a_restore_into_a_fresh_cluster_keeps_each_tables_history_and_marks_only_its_rows(emulator, mode):
     """Two tracked tables and an untracked one between them, created in another order than a
     restore creates them: in a cluster initdb'd anew their OIDs differ from the source's and
@@ -104,7 +105,9 @@ def test_a_restore_into_a_fresh_cluster_keeps_each_tables_history_and_marks_only
         old = source.sql("SELECT string_agg(c.relname || '=' || c.oid, ',' ORDER BY c.relname) FROM pg_class c "
                          "WHERE c.relname IN ('zeta', 'xtra', 'pay')")
         target = Cluster(TARGET_DIR, free_port(), emulator.url)
-        restore(mode, source, target, TARGET_DIR)
+        if mode.endswith("with tables"):
+            target.sql("CREATE TABLE other (id int PRIMARY KEY, v text); CREATE TABLE another (id int)")
+        restore(mode.removesuffix(", into a cluster with tables"), source, target, TARGET_DIR)
         source.stop()
         new = target.sql("SELECT string_agg(c.relname || '=' || c.oid, ',' ORDER BY c.relname) FROM pg_class c "
                          "WHERE c.relname IN ('zeta', 'xtra', 'pay')")
@@ -216,3 +219,66 @@ def test_a_primary_key_moved_to_a_column_of_another_type_drops_the_old_keys_writ
                               WHERE t.n = 3 AND r.record_id = '3' AND r.collection = 'public.pk'""") == "t", 30), own
     finally:
         stop(cluster)
+
+
+def test_a_restored_change_whose_table_is_not_restored_waits_for_it_and_marks_no_other(emulator):
+    """A dump restored without one of its tracked tables: the extension cannot tell where that
+    table's changes go, says so (a WARNING), and writes none of them back, not to another table
+    that now has the old OID, nor to a table made later under that name and tracked anew (a
+    new identity). Once the table itself is restored from the same dump (its capture trigger
+    carries its identity), its changes find it, and the change queued at the dump is written
+    back to its row."""
+    source = Cluster(SOURCE_DIR, free_port(), emulator.url)
+    target = None
+    archive = f"{TARGET_DIR}.dump"
+    try:
+        source.sql("""
+            CREATE EXTENSION certyo_cdc;
+            CREATE TABLE pay (id int PRIMARY KEY, v text);
+            CREATE TABLE zeta (id int PRIMARY KEY, v text);
+            SELECT certyo.track('pay');
+            SELECT certyo.track('zeta');
+            INSERT INTO pay SELECT g, 'pay ' || g FROM generate_series(1, 10) g;
+            INSERT INTO zeta SELECT g, 'zeta ' || g FROM generate_series(1, 10) g;
+        """)
+        assert source.wait_drained(30), source.explain()
+        assert wait_for(lambda: source.sql("SELECT count(*) FROM certyo.receipt WHERE NOT written_back") == "0", 30)
+        pause(source)
+        source.sql("UPDATE pay SET v = 'queued' WHERE id = 7")
+        connect = ["-h", source.dir, "-p", str(source.port), "-U", "postgres"]
+        subprocess.run([f"{PG_BIN}/pg_dump", *connect, "-Fc", "-f", archive, "postgres"], check=True)
+        source.stop()
+        listing = subprocess.run([f"{PG_BIN}/pg_restore", "-l", archive], check=True, capture_output=True,
+                                 text=True).stdout.splitlines()
+        of_pay = [line for line in listing if " public pay " in line]
+        assert len(of_pay) >= 4, listing  # the table, its data, its key, its triggers
+        with open(f"{TARGET_DIR}.without", "w") as out:
+            out.write("\n".join(line for line in listing if line not in of_pay) + "\n")
+        with open(f"{TARGET_DIR}.pay", "w") as out:
+            out.write("\n".join(of_pay) + "\n")
+
+        target = Cluster(TARGET_DIR, free_port(), emulator.url)
+        into = ["-h", target.dir, "-p", str(target.port), "-U", "postgres", "-d", "postgres"]
+        done = subprocess.run([f"{PG_BIN}/pg_restore", *into, "--single-transaction", "-L", f"{TARGET_DIR}.without",
+                               archive], capture_output=True, text=True)
+        assert "ERROR" not in done.stderr, done.stderr
+        assert target.wait_drained(60), target.explain()
+        assert wait_for(lambda: "public.pay (id" in target.log() and "is not in this database" in target.log(), 30), \
+            target.explain()
+        assert target.sql("SELECT relid FROM certyo.table_identity WHERE table_name = 'pay'") == "0"
+        assert wrongly_marked(target, "zeta") == "" and foreign_hashes(target, "zeta") == ""
+        assert target.sql("SELECT count(*) FROM certyo.audit('zeta')") == "0"
+
+        # Restored now, from the same dump: its changes find it by its trigger.
+        done = subprocess.run([f"{PG_BIN}/pg_restore", *into, "--single-transaction", "-L", f"{TARGET_DIR}.pay", archive],
+                              capture_output=True, text=True)
+        assert "ERROR" not in done.stderr, done.stderr
+        assert wait_for(lambda: wrongly_marked(target, "pay") == "", 30), \
+            f"pay: {wrongly_marked(target, 'pay')}\n{target.explain()}"
+        assert target.sql("SELECT v FROM pay WHERE id = 7") == "queued"
+        history = target.sql("SELECT string_agg(operation || ':' || state, ',' ORDER BY id) FROM certyo.history('pay', '7')")
+        assert history == "insert:accepted,update:accepted", history
+        assert target.sql("SELECT count(*) FROM certyo.audit('pay')") == "0"
+        assert wrongly_marked(target, "zeta") == ""
+    finally:
+        stop(target, source)

@@ -89,9 +89,7 @@ impl CaptureOptions {
                 "record_id" => options.record_id_columns.push(value.to_owned()),
                 "exclude" => options.exclude_columns.push(value.to_owned()),
                 "timestamp" => options.timestamp_column = Some(value.to_owned()),
-                "table_id" => {
-                    options.table_id = Some(value.parse().map_err(|_| malformed(arg))?)
-                }
+                "table_id" => options.table_id = Some(value.parse().map_err(|_| malformed(arg))?),
                 _ => return Err(malformed(arg)),
             }
         }

@@ -151,12 +151,12 @@ pub fn control() -> SpiResult<Option<Control>> {
             let was_restoring = RESTORING.replace(restoring);
             let needed = has_ids
                 && (restoring
-                || was_restoring
-                || crate::track::identity::relink_wanted()
-                || prepared::select(client, "SELECT certyo.relink_needed()", &[])?
-                    .first()
-                    .get_one::<bool>()?
-                    .unwrap_or(false));
+                    || was_restoring
+                    || crate::track::identity::relink_wanted()
+                    || prepared::select(client, "SELECT certyo.relink_needed()", &[])?
+                        .first()
+                        .get_one::<bool>()?
+                        .unwrap_or(false));
             if needed {
                 client.update("SELECT certyo.relink_restored(true)", None, &[])?;
             }

@@ -68,7 +68,8 @@ fn record_key(table: &Table, options: &CaptureOptions) -> Vec<String> {
 /// trigger carries (or, untracked, the one it had under its present name and OID) when the key
 /// is unchanged; a new one that supersedes it when the key changed, or when there is none.
 pub fn assign(table: &Table, options: &mut CaptureOptions) -> Result<()> {
-    let catalog = Spi::get_one::<bool>("SELECT pg_catalog.to_regclass('certyo.table_identity') IS NOT NULL")?;
+    let catalog =
+        Spi::get_one::<bool>("SELECT pg_catalog.to_regclass('certyo.table_identity') IS NOT NULL")?;
     if catalog != Some(true) {
         return Ok(()); // a schema from before 0.2.0: its update assigns the ids
     }
@@ -165,7 +166,7 @@ pub fn belonging(
              -- found in this installation, places the id here.
              SELECT r.id,
                     coalesce(r.table_id = c.id
-                             OR (c.id = 0 AND i.relid = $2 AND i.installation = c.here), false) AS own,
+                             OR (c.id = 0 AND $2 <> 0 AND i.relid = $2 AND i.installation = c.here), false) AS own,
                     coalesce(i.superseded_by IS NOT NULL, false) AS old_key, i.record_key
                FROM certyo.receipt r CROSS JOIN current c
                LEFT JOIN certyo.table_identity i ON i.id = r.table_id
