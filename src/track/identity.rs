@@ -66,7 +66,9 @@ fn record_key(table: &Table, options: &CaptureOptions) -> Vec<String> {
 
 /// Set `options.table_id` to the table's identity under this record key: the one its capture
 /// trigger carries (or, untracked, the one it had under its present name and OID) when the key
-/// is unchanged; a new one that supersedes it when the key changed, or when there is none.
+/// is unchanged, its name brought up to date (a rename is an `ALTER TABLE`, which refreshes);
+/// a new one that supersedes it when the key changed, or when there is none. The OID is left
+/// to `certyo.relink_restored()`, which moves it together with the rows that carry it.
 pub fn assign(table: &Table, options: &mut CaptureOptions) -> Result<()> {
     let catalog =
         Spi::get_one::<bool>("SELECT pg_catalog.to_regclass('certyo.table_identity') IS NOT NULL")?;
@@ -89,7 +91,7 @@ pub fn assign(table: &Table, options: &mut CaptureOptions) -> Result<()> {
                   ORDER BY i.id DESC LIMIT 1),
              kept AS (
                  UPDATE certyo.table_identity i
-                    SET record_key = $5
+                    SET record_key = $5, schema_name = $3, table_name = $4
                    FROM present p
                   WHERE i.id OPERATOR(pg_catalog.=) p.id
                     AND (p.record_key IS NULL OR p.record_key OPERATOR(pg_catalog.=) $5)
