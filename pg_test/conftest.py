@@ -26,10 +26,10 @@ from pathlib import Path
 
 import pytest
 
-from harness import Cluster, Emulator, free_port, wait_for
+from harness import TMP, Cluster, Emulator, free_port, wait_for
 
 REPO = Path(__file__).resolve().parent.parent
-DIR = "/tmp/certyo-e2e-security"
+DIR = f"{TMP}/certyo-e2e-security"
 SETTINGS = """
 certyo.verify_min_age = '1s'
 certyo.verify_interval = '500ms'

@@ -14,6 +14,9 @@ import urllib.request
 # CERTYO_PG_BIN points the tests at another PostgreSQL 15 installation (e.g. a private copy
 # holding a different build of certyo_cdc); by default, the system one.
 PG_BIN = os.environ.get("CERTYO_PG_BIN", "/usr/lib/postgresql/15/bin")
+# Where the suites put their clusters: two sessions that run the same suite at once each need
+# their own (CERTYO_TEST_TMP=/tmp/mine).
+TMP = os.environ.get("CERTYO_TEST_TMP", "/tmp")
 KEY = "e2e-secret"
 
 

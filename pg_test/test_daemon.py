@@ -16,9 +16,9 @@ from datetime import datetime
 import pytest
 
 from conftest import watched_cluster
-from harness import Cluster, cpu_use, free_port, wait_for
+from harness import TMP, Cluster, cpu_use, free_port, wait_for
 
-DIR = "/tmp/certyo-e2e-daemon"
+DIR = f"{TMP}/certyo-e2e-daemon"
 POLL_INTERVAL_S = 0.3
 SETTINGS = f"""
 certyo.poll_interval = '{int(POLL_INTERVAL_S * 1000)}ms'

@@ -11,9 +11,9 @@ import time
 
 import pytest
 
-from harness import Cluster, cpu_use, free_port, wait_for
+from harness import TMP, Cluster, cpu_use, free_port, wait_for
 
-DIR = "/tmp/certyo-e2e-databases"
+DIR = f"{TMP}/certyo-e2e-databases"
 
 
 @pytest.fixture(autouse=True)

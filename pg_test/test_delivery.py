@@ -19,9 +19,9 @@ import time
 import pytest
 
 from conftest import CRASH_SIGNS, watched_cluster
-from harness import KEY, Cluster, free_port, wait_for
+from harness import KEY, TMP, Cluster, free_port, wait_for
 
-DIR = "/tmp/certyo-e2e-delivery"
+DIR = f"{TMP}/certyo-e2e-delivery"
 SETTINGS = ""  # harness.Cluster's defaults, as the script this module replaced used
 
 

@@ -11,11 +11,11 @@ import subprocess
 
 import pytest
 
-from harness import PG_BIN, Cluster, free_port, wait_for
+from harness import PG_BIN, TMP, Cluster, free_port, wait_for
 
-SOURCE_DIR = "/tmp/certyo-e2e-identity-source"
-TARGET_DIR = "/tmp/certyo-e2e-identity-target"
-REKEY_DIR = "/tmp/certyo-e2e-identity-rekey"
+SOURCE_DIR = f"{TMP}/certyo-e2e-identity-source"
+TARGET_DIR = f"{TMP}/certyo-e2e-identity-target"
+REKEY_DIR = f"{TMP}/certyo-e2e-identity-rekey"
 
 
 @pytest.fixture(autouse=True)

@@ -13,10 +13,10 @@ from collections import Counter
 
 import pytest
 
-from harness import Cluster, free_port, wait_for
+from harness import TMP, Cluster, free_port, wait_for
 
-PRIMARY_DIR = "/tmp/certyo-e2e-primary"
-STANDBY_DIR = "/tmp/certyo-e2e-standby"
+PRIMARY_DIR = f"{TMP}/certyo-e2e-primary"
+STANDBY_DIR = f"{TMP}/certyo-e2e-standby"
 
 
 @pytest.fixture(autouse=True)

@@ -17,9 +17,9 @@ import time
 import pytest
 
 from conftest import watched_cluster
-from harness import KEY, wait_for
+from harness import KEY, TMP, wait_for
 
-DIR = "/tmp/certyo-e2e-operations"
+DIR = f"{TMP}/certyo-e2e-operations"
 SETTINGS = """
 certyo.verify_min_age = '1s'
 certyo.verify_interval = '500ms'
@@ -316,6 +316,101 @@ def test_untrack_dropping_the_columns_then_track_again_raises_no_false_alarm(clu
     assert audit_of(cluster, "recolumned") == "", "and still audits clean once written back"
     assert cluster.sql("SELECT count(*) FROM certyo.queue") == "0", "writing back queued nothing"
     tamper_and_find(cluster, "recolumned")
+
+
+def row_findings(cluster, table):
+    """The audit's findings about rows (record id and problem), in record id order."""
+    return cluster.sql(f"SELECT string_agg(record_id || ': ' || problem, ', ' ORDER BY record_id) "
+                       f"FROM certyo.audit('{table}') WHERE record_id IS NOT NULL")
+
+
+def delivered_table(cluster, table):
+    """A tracked table of 20 rows (record id `id`, a unique `code`), each version delivered."""
+    cluster.sql(f"""
+        CREATE TABLE {table} (id int PRIMARY KEY, code text NOT NULL UNIQUE, v text, extra int);
+        SELECT certyo.track('{table}');
+        INSERT INTO {table} SELECT g, 'C' || g, 'first', g FROM generate_series(1, 20) g;
+        UPDATE {table} SET v = 'second' WHERE id <= 5;
+    """)
+    assert cluster.wait_drained(), "the rows are delivered\n" + cluster.explain()
+
+
+# Each: the statement, and a phrase the schema finding's detail holds.
+ROUTINE_DDL = {
+    "add_column": ("ADD COLUMN c int", 'added "c" integer'),
+    "add_column_default": ("ADD COLUMN c int DEFAULT 7", 'added "c" integer'),
+    "add_column_volatile_default": ("ADD COLUMN c timestamptz DEFAULT clock_timestamp()",
+                                    'added "c" timestamp with time zone'),
+    "drop_column": ("DROP COLUMN extra", 'dropped "extra"'),
+    "rename_column": ("RENAME COLUMN extra TO renamed", 'renamed "extra" to "renamed"'),
+    "retype_column": ("ALTER COLUMN extra TYPE numeric(10,2)", '"extra" integer to numeric(10,2)'),
+    "move_primary_key": ("DROP CONSTRAINT {table}_pkey, ADD PRIMARY KEY (code)", 'record id ("id") to ("code")'),
+}
+
+
+@pytest.mark.parametrize("ddl", ROUTINE_DDL)
+def test_routine_ddl_is_reported_as_a_schema_change_never_as_tampering(cluster, ddl):
+    """A truth review (2026-12-06): with no row changed, ADD COLUMN (with or without a default),
+    DROP COLUMN or a moved primary key made the audit call every row "changed without capture"
+    (a moved key: 40 findings, each row "never captured" under its new id and "deleted without
+    capture" under its old one). The audit compares each row on the columns, and under the
+    record key, its newest version was captured with: the DDL is one finding of its own (with
+    when and what), no row is, and a real change behind the trigger's back (an update and a
+    delete with session_replication_role = replica) is still found, naming exactly those rows."""
+    table = f"ddl_{ddl}"
+    statement, what = ROUTINE_DDL[ddl]
+    delivered_table(cluster, table)
+    assert row_findings(cluster, table) == "", "setup: the table audits clean"
+    cluster.sql(f"ALTER TABLE {table} {statement.format(table=table)}")
+    assert row_findings(cluster, table) == "", "no row was changed: no row is a finding"
+    schema = cluster.sql(f"SELECT problem || ' | ' || detail || ' | ' || (changed_at > now() - interval '1 minute') "
+                         f"FROM certyo.audit('{table}') WHERE record_id IS NULL")
+    assert schema.startswith("schema changed since capture | ") and what in schema and schema.endswith(" | true"), \
+        f"the DDL is reported once, as a schema change, with what and when: {schema!r}"
+    cluster.sql(f"SET session_replication_role = replica; UPDATE {table} SET v = 'tampered' WHERE id = 3; "
+                f"DELETE FROM {table} WHERE id = 5")
+    # A moved key: the rows are reported under the record id they were captured under.
+    expected = "3: changed without capture, 5: deleted without capture"
+    assert row_findings(cluster, table) == expected, "the real changes are still found, and only they"
+    # New writes under the new shape audit clean; the schema finding stays while rows remain
+    # that were captured before it.
+    cluster.sql(f"UPDATE {table} SET v = 'third' WHERE id IN (1, 2, 3)")
+    assert cluster.wait_drained(), "the new versions are delivered"
+    assert row_findings(cluster, table) == "5: deleted without capture", \
+        "the row captured again matches its new version; the deletion is still found"
+
+
+def test_the_worker_never_writes_a_status_the_audit_accepts_from_anyone_else(cluster):
+    """A truth review (2026-12-06): a row whose receipt is anchored, hand-marked `mismatch`, or
+    holding a status the worker never writes, audited clean. Both are found; the rows the
+    worker marked are not."""
+    anchored_table(cluster, "planted")
+    cluster.sql("UPDATE planted SET certyo_anchor_status = 'mismatch' WHERE id = 4; "
+                "UPDATE planted SET certyo_anchor_status = 'verified' WHERE id = 6")
+    assert audit_of(cluster, "planted") == \
+        "4: anchor status changed without capture, 6: anchor status changed without capture"
+
+
+def test_emptying_a_table_the_documented_way_raises_no_alarm(cluster):
+    """The documented way to empty a tracked table without recording each deletion, `untrack;
+    TRUNCATE; track` in one transaction, left the audit calling every removed row "deleted
+    without capture". Rows removed while the table was untracked are recorded when it is tracked
+    again: the audit is empty, and rows written since are audited as ever (a change behind the
+    trigger's back is found)."""
+    cluster.sql("""
+        CREATE TABLE emptied (id int PRIMARY KEY, v text);
+        SELECT certyo.track('emptied');
+        INSERT INTO emptied SELECT g, 'old' FROM generate_series(1, 20) g;
+    """)
+    assert cluster.wait_drained(), "the rows are delivered"
+    cluster.sql("BEGIN; SELECT certyo.untrack('emptied'); TRUNCATE emptied; SELECT certyo.track('emptied'); COMMIT")
+    assert audit_of(cluster, "emptied") == "", "the documented emptying is no finding"
+    cluster.sql("INSERT INTO emptied SELECT g, 'new' FROM generate_series(1, 10) g")
+    assert cluster.wait_drained(), "the new rows are delivered"
+    assert audit_of(cluster, "emptied") == "", "the new rows audit clean"
+    cluster.sql("SET session_replication_role = replica; UPDATE emptied SET v = 'tampered' WHERE id = 3; "
+                "DELETE FROM emptied WHERE id = 7")
+    assert audit_of(cluster, "emptied") == "3: changed without capture, 7: deleted without capture"
 
 
 def test_a_key_changed_to_an_equal_value_never_takes_the_old_records_hash(cluster, emulator):

@@ -19,10 +19,10 @@ from pathlib import Path
 
 import pytest
 
-from harness import PG_BIN, Cluster, free_port, wait_for
+from harness import PG_BIN, TMP, Cluster, free_port, wait_for
 
 REPO = Path(__file__).resolve().parent.parent
-DIR = "/tmp/certyo-e2e-upgrade"
+DIR = f"{TMP}/certyo-e2e-upgrade"
 DESCRIBE = (REPO / "pg_test/sql/describe_extension.sql").read_text()
 
 

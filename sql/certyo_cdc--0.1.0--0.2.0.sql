@@ -62,6 +62,94 @@ LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $$
       JOIN pg_trigger t ON t.tgrelid = c.oid AND t.tgname = 'certyo_capture' AND t.tgparentid = 0
 $$;
 
+-- The audit tells a schema change from tampering: receipts keep a digest per payload column,
+-- the shape each table is captured with is recorded, and so are records removed while their
+-- table was untracked (docs/operations.md, certyo.audit).
+ALTER TABLE certyo.receipt ADD COLUMN column_sha256 bytea;
+CREATE TABLE certyo.capture_shape (
+    relid             oid         NOT NULL,
+    collection        text        NOT NULL,
+    since_id          bigint      NOT NULL,
+    recorded_at       timestamptz NOT NULL DEFAULT now(),
+    columns           text[]      NOT NULL,
+    types             text[]      NOT NULL,
+    attnums           smallint[]  NOT NULL,
+    record_id_columns text[]      NOT NULL,
+    PRIMARY KEY (relid, since_id)
+);
+SELECT pg_catalog.pg_extension_config_dump('certyo.capture_shape', '');
+CREATE TABLE certyo.removed_untracked (
+    version_id  bigint      PRIMARY KEY,
+    relid       oid         NOT NULL,
+    collection  text        NOT NULL,
+    record_id   text        NOT NULL,
+    found_at    timestamptz NOT NULL DEFAULT now()
+);
+SELECT pg_catalog.pg_extension_config_dump('certyo.removed_untracked', '');
+
+CREATE OR REPLACE FUNCTION certyo.relink_restored() RETURNS bigint
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    running oid := (SELECT e.oid FROM pg_extension e WHERE e.extname = 'certyo_cdc');
+    relinked bigint := 0;
+    n bigint;
+BEGIN
+    IF NOT EXISTS (SELECT FROM certyo.installation i WHERE i.extension_oid <> running)
+       AND EXISTS (SELECT FROM certyo.installation) THEN
+        RETURN 0;
+    END IF;
+    LOCK TABLE certyo.installation IN EXCLUSIVE MODE;
+    IF EXISTS (SELECT FROM certyo.installation i WHERE i.extension_oid <> running) THEN
+        UPDATE certyo.queue q SET relid = t.relid FROM certyo.tracked_oids() t
+         WHERE q.collection = t.collection AND q.relid <> t.relid;
+        GET DIAGNOSTICS n = ROW_COUNT; relinked := relinked + n;
+        UPDATE certyo.delivery d SET relid = t.relid FROM certyo.tracked_oids() t
+         WHERE d.collection = t.collection AND d.relid <> t.relid;
+        GET DIAGNOSTICS n = ROW_COUNT; relinked := relinked + n;
+        UPDATE certyo.receipt r SET relid = t.relid FROM certyo.tracked_oids() t
+         WHERE r.collection = t.collection AND r.relid <> t.relid;
+        GET DIAGNOSTICS n = ROW_COUNT; relinked := relinked + n;
+        UPDATE certyo.capture_shape s SET relid = t.relid FROM certyo.tracked_oids() t
+         WHERE s.collection = t.collection AND s.relid <> t.relid;
+        UPDATE certyo.removed_untracked u SET relid = t.relid FROM certyo.tracked_oids() t
+         WHERE u.collection = t.collection AND u.relid <> t.relid;
+        RAISE LOG 'certyo_cdc: restored from a dump: % queued, delivered and accepted changes relinked to their tables', relinked;
+    END IF;
+    DELETE FROM certyo.installation;
+    INSERT INTO certyo.installation VALUES (running);
+    RETURN relinked;
+END
+$$;
+
+-- certyo.audit() reports schema changes too (record_id NULL, changed_at, detail): its result
+-- has two more columns, so it is made anew, keeping the roles granted it.
+CREATE TEMPORARY TABLE certyo_audit_grants AS
+    SELECT a.grantee::regrole::text AS grantee
+      FROM pg_catalog.pg_proc p, pg_catalog.aclexplode(p.proacl) a
+     WHERE p.oid = 'certyo.audit(regclass)'::regprocedure AND a.privilege_type = 'EXECUTE'
+       AND a.grantee <> 0 AND a.grantee <> p.proowner;
+DROP FUNCTION certyo.audit(regclass);
+CREATE FUNCTION certyo.audit(rel regclass)
+RETURNS TABLE (record_id text, problem text, last_accepted_at timestamptz, last_record_hash text,
+               changed_at timestamptz, detail text)
+    LANGUAGE c VOLATILE STRICT SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+    AS 'MODULE_PATHNAME', 'audit_wrapper';
+COMMENT ON FUNCTION certyo.audit(regclass) IS
+    'certyo_cdc: rows that differ from their last accepted version, or have none, and schema changes since capture';
+REVOKE ALL ON FUNCTION certyo.audit(regclass) FROM PUBLIC;
+DO $$
+DECLARE
+    role text;
+BEGIN
+    FOR role IN SELECT grantee FROM pg_temp.certyo_audit_grants LOOP
+        EXECUTE pg_catalog.format('GRANT EXECUTE ON FUNCTION certyo.audit(regclass) TO %s', role);
+    END LOOP;
+END
+$$;
+DROP TABLE pg_temp.certyo_audit_grants;
+
+-- Every tracked table's present shape, as the shape of what it captured so far.
+SELECT certyo.refresh_capture_trigger(t.relid::regclass) FROM certyo.tracked_oids() t;
 -- Each tracked table gets an identity of the extension's own (certyo.table_identity), carried
 -- by its capture trigger and by every change: restored rows find their table by it, never by
 -- an OID that a restore gave another table, and a change of the record key is told from the
@@ -162,6 +250,7 @@ DECLARE
     found_relid oid;
     moved bigint := 0;
     rows_moved bigint;
+    shapes certyo.capture_shape[];
 BEGIN
     IF NOT always AND NOT certyo.relink_needed() AND NOT EXISTS (
            SELECT FROM pg_stat_activity a WHERE a.datname = current_database() AND a.application_name = 'pg_restore') THEN
@@ -219,6 +308,20 @@ BEGIN
     GET DIAGNOSTICS rows_moved = ROW_COUNT; moved := moved + rows_moved;
     UPDATE certyo.receipt r SET relid = i.relid FROM certyo.table_identity i WHERE r.table_id = i.id AND r.relid <> i.relid;
     GET DIAGNOSTICS rows_moved = ROW_COUNT; moved := moved + rows_moved;
+    -- The audit's capture shapes and the records removed while untracked are kept by OID and
+    -- collection: moved by the collection, among the tracked tables; the shapes deleted and
+    -- inserted again, so that two tables that swapped OIDs do not collide on their key.
+    SELECT array_agg(ROW(t.relid, s.collection, s.since_id, s.recorded_at, s.columns, s.types, s.attnums,
+                         s.record_id_columns)::certyo.capture_shape)
+      INTO shapes FROM certyo.capture_shape s JOIN certyo.tracked_oids() t ON t.collection = s.collection
+     WHERE s.relid <> t.relid;
+    IF shapes IS NOT NULL THEN
+        DELETE FROM certyo.capture_shape s USING certyo.tracked_oids() t
+         WHERE s.collection = t.collection AND s.relid <> t.relid;
+        INSERT INTO certyo.capture_shape SELECT * FROM unnest(shapes);
+    END IF;
+    UPDATE certyo.removed_untracked u SET relid = t.relid FROM certyo.tracked_oids() t
+     WHERE u.collection = t.collection AND u.relid <> t.relid;
     FOR ident IN SELECT * FROM certyo.table_identity t WHERE t.relid = 0 AND t.superseded_by IS NULL
                 AND (EXISTS (SELECT FROM certyo.queue q WHERE q.table_id = t.id)
                      OR EXISTS (SELECT FROM certyo.delivery d WHERE d.table_id = t.id)) LOOP

@@ -65,6 +65,10 @@ CREATE TABLE certyo.receipt (
     -- false while the source row could not be marked (its table's write-back failed: an
     -- owner's trigger that raised, a lock held too long); the worker retries with back-off
     written_back     boolean     NOT NULL DEFAULT true,
+    -- 16 bytes of SHA-256 per payload column, in payload order (certyo::column_sha256): the
+    -- audit compares a row column by column with a version captured before a schema change.
+    -- NULL for receipts recorded before 0.2.0.
+    column_sha256    bytea,
     table_id         integer     NOT NULL,              -- see certyo.queue
     -- Set when this version is never to be written back, and why: it was captured under a
     -- record key the table no longer has (no key finds its row any more).
@@ -135,6 +139,39 @@ CREATE TABLE certyo.table_identity (
 SELECT pg_catalog.pg_extension_config_dump('certyo.table_identity', '');
 SELECT pg_catalog.pg_extension_config_dump('certyo.table_identity_id_seq', '');
 
+-- The shape each tracked table's changes are captured with, recorded by certyo.track() and by
+-- the DDL event trigger whenever it changes: a change whose queue id is above since_id (and
+-- below the next shape's) was captured with these payload columns and this record key.
+-- since_id is drawn as capture draws queue ids, inside the DDL's transaction, which holds the
+-- table's lock against writers: every change captured before has a smaller id, every one after
+-- a larger. certyo.audit() compares each row on the columns its newest version was captured
+-- with, and reports each shape change since as a finding of its own.
+CREATE TABLE certyo.capture_shape (
+    relid             oid         NOT NULL,
+    collection        text        NOT NULL,
+    since_id          bigint      NOT NULL,   -- 0 for a table's first shape
+    recorded_at       timestamptz NOT NULL DEFAULT now(),
+    columns           text[]      NOT NULL,   -- the payload's columns, in payload order
+    types             text[]      NOT NULL,   -- their types (format_type)
+    attnums           smallint[]  NOT NULL,   -- their attribute numbers in the tracked table
+    record_id_columns text[]      NOT NULL,
+    PRIMARY KEY (relid, since_id)
+);
+SELECT pg_catalog.pg_extension_config_dump('certyo.capture_shape', '');
+
+-- Records whose rows were removed while their table was untracked (the documented way to empty
+-- a tracked table: untrack, TRUNCATE, track), found by certyo.track() when it tracks the table
+-- again: version_id is the record's newest version then. The audit does not report them as
+-- deleted without capture while that version is still the record's newest.
+CREATE TABLE certyo.removed_untracked (
+    version_id  bigint      PRIMARY KEY,
+    relid       oid         NOT NULL,
+    collection  text        NOT NULL,
+    record_id   text        NOT NULL,
+    found_at    timestamptz NOT NULL DEFAULT now()
+);
+SELECT pg_catalog.pg_extension_config_dump('certyo.removed_untracked', '');
+
 -- This cluster (its system identifier: a fresh initdb gives a new one, where the extension's
 -- OID may well be the same), database and extension: an OID found elsewhere means nothing here.
 CREATE FUNCTION certyo.this_installation() RETURNS text
@@ -189,6 +226,7 @@ DECLARE
     found_relid oid;
     moved bigint := 0;
     rows_moved bigint;
+    shapes certyo.capture_shape[];
 BEGIN
     IF NOT always AND NOT certyo.relink_needed() AND NOT EXISTS (
            SELECT FROM pg_stat_activity a WHERE a.datname = current_database() AND a.application_name = 'pg_restore') THEN
@@ -246,6 +284,20 @@ BEGIN
     GET DIAGNOSTICS rows_moved = ROW_COUNT; moved := moved + rows_moved;
     UPDATE certyo.receipt r SET relid = i.relid FROM certyo.table_identity i WHERE r.table_id = i.id AND r.relid <> i.relid;
     GET DIAGNOSTICS rows_moved = ROW_COUNT; moved := moved + rows_moved;
+    -- The audit's capture shapes and the records removed while untracked are kept by OID and
+    -- collection: moved by the collection, among the tracked tables; the shapes deleted and
+    -- inserted again, so that two tables that swapped OIDs do not collide on their key.
+    SELECT array_agg(ROW(t.relid, s.collection, s.since_id, s.recorded_at, s.columns, s.types, s.attnums,
+                         s.record_id_columns)::certyo.capture_shape)
+      INTO shapes FROM certyo.capture_shape s JOIN certyo.tracked_oids() t ON t.collection = s.collection
+     WHERE s.relid <> t.relid;
+    IF shapes IS NOT NULL THEN
+        DELETE FROM certyo.capture_shape s USING certyo.tracked_oids() t
+         WHERE s.collection = t.collection AND s.relid <> t.relid;
+        INSERT INTO certyo.capture_shape SELECT * FROM unnest(shapes);
+    END IF;
+    UPDATE certyo.removed_untracked u SET relid = t.relid FROM certyo.tracked_oids() t
+     WHERE u.collection = t.collection AND u.relid <> t.relid;
     FOR ident IN SELECT * FROM certyo.table_identity t WHERE t.relid = 0 AND t.superseded_by IS NULL
                 AND (EXISTS (SELECT FROM certyo.queue q WHERE q.table_id = t.id)
                      OR EXISTS (SELECT FROM certyo.delivery d WHERE d.table_id = t.id)) LOOP

@@ -213,13 +213,15 @@ END
 $$;
 COMMENT ON FUNCTION certyo.cancel_backfill(bigint) IS 'certyo_cdc: stop a queued or running backfill; rows already queued stay queued';
 
--- Rows whose current business payload is not the last one captured and accepted.
+-- Rows whose current business payload is not the last one captured and accepted, and the
+-- table's schema changes since rows were captured (record_id NULL).
 CREATE FUNCTION certyo.audit(rel regclass)
-RETURNS TABLE (record_id text, problem text, last_accepted_at timestamptz, last_record_hash text)
+RETURNS TABLE (record_id text, problem text, last_accepted_at timestamptz, last_record_hash text,
+               changed_at timestamptz, detail text)
     LANGUAGE c VOLATILE STRICT SECURITY DEFINER SET search_path = pg_catalog, pg_temp
     AS 'MODULE_PATHNAME', 'audit_wrapper';
 COMMENT ON FUNCTION certyo.audit(regclass) IS
-    'certyo_cdc: rows that differ from their last accepted version, or have none';
+    'certyo_cdc: rows that differ from their last accepted version, or have none, and schema changes since capture';
 
 REVOKE ALL ON FUNCTION certyo.worker_status(), certyo.worker_passes(), certyo.wake(), certyo.pause(), certyo.resume(),
     certyo.retry(regclass, bigint[]), certyo.verify_now(regclass, text), certyo.history(regclass, text),

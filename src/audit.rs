@@ -4,51 +4,69 @@
 //! deleted behind capture's back (triggers disabled, `session_replication_role = replica`, an
 //! old backup restored) show up; a clean table returns nothing.
 
+use crate::capture::options::CaptureOptions;
+use crate::capture::plan::TablePlan;
+use crate::capture::record::Row;
 use crate::capture::scan::{each_row, Snapshot};
 use crate::error::{CertyoError, OrRaise, Result};
-use certyo::payload_sha256;
+use crate::shape::{self, Shape};
+use certyo::{column_digest, column_sha256, payload_columns, payload_sha256, COLUMN_DIGEST_LEN};
 use pgrx::datum::TimestampWithTimeZone;
 use pgrx::pg_sys::Oid;
 use pgrx::prelude::*;
 use pgrx::PgSqlErrorCode;
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 
-/// The newest captured version of one record.
-struct Known {
+/// A captured version of one record: queued, being delivered, or accepted.
+struct Version {
+    id: i64,
     sha256: String,
+    /// Its columns' digests (`certyo::column_sha256`), when known.
+    digests: Option<Vec<u8>>,
     accepted: bool,
     deleted: bool,
 }
 
 /// The last accepted version of one record, for the report and the bookkeeping check.
 struct Accepted {
+    id: i64,
     at: Option<TimestampWithTimeZone>,
     record_hash: Option<String>,
     /// Certyo confirmed its content (under its receipt or an earlier one with its hash).
     anchored: bool,
+    /// Certyo reported another hash for it.
+    mismatched: bool,
     written_back: bool,
 }
 
 /// A row's `certyo_record_hash` and `certyo_anchor_status`.
 type Written = (Option<String>, Option<String>);
 
+/// record_id (NULL for a finding about the table), problem, last_accepted_at,
+/// last_record_hash, changed_at, detail.
 type Finding = (
+    Option<String>,
     String,
-    String,
+    Option<TimestampWithTimeZone>,
+    Option<String>,
     Option<TimestampWithTimeZone>,
     Option<String>,
 );
 
+// pgrx takes the result's column names from the signature, so the type is spelled out.
+#[allow(clippy::type_complexity)]
 #[pg_extern(sql = false)]
 fn audit(
     rel: Oid,
 ) -> TableIterator<
     'static,
     (
-        name!(record_id, String),
+        name!(record_id, Option<String>),
         name!(problem, String),
         name!(last_accepted_at, Option<TimestampWithTimeZone>),
         name!(last_record_hash, Option<String>),
+        name!(changed_at, Option<TimestampWithTimeZone>),
+        name!(detail, Option<String>),
     ),
 > {
     TableIterator::new(findings(rel).or_raise())
@@ -88,76 +106,343 @@ fn findings(relid: Oid) -> Result<Vec<Finding>> {
         .hint("certyo.tracked_tables lists the tracked tables."));
     };
     require_text_bookkeeping(relid)?;
-    let mut known = newest_versions(relid)?;
+    Ok(examine(relid, &options)?.findings)
+}
+
+/// What an examination of a table against its versions found.
+struct Examination {
+    findings: Vec<Finding>,
+    /// Records whose newest version is not a delete and that have no row: (record id, version).
+    gone: Vec<(String, i64)>,
+}
+
+/// Which key a record id was made under: an index into the distinct record keys (attribute
+/// numbers of the tracked table) the table's shapes have had.
+type Era = usize;
+
+fn examine(relid: Oid, options: &CaptureOptions) -> Result<Examination> {
+    let shapes = shape::history(relid)?;
+    let (now, _) = shape::current(relid, options)?;
+    let columns_now = columns_now(relid)?;
+    // The record keys the table has had; versions from before any shape was recorded were
+    // captured under the present one.
+    let mut eras: Vec<Option<Vec<i16>>> = vec![now.key_attnums()];
+    let mut era_of_shape = Vec::with_capacity(shapes.len());
+    for s in &shapes {
+        let key = s.key_attnums();
+        let era = match eras.iter().position(|k| *k == key) {
+            Some(e) => e,
+            None => {
+                eras.push(key);
+                eras.len() - 1
+            }
+        };
+        era_of_shape.push(era);
+    }
+    let shape_of = |id: i64| -> Option<usize> {
+        let after = shapes.partition_point(|s| s.since_id < id);
+        after.checked_sub(1)
+    };
+    let era_of = |id: i64| shape_of(id).map_or(0, |i| era_of_shape[i]);
+    let mut known: HashMap<(Era, String), Version> = HashMap::new();
+    let boundaries: Vec<i64> = shapes
+        .windows(2)
+        .filter(|w| w[0].key_attnums() != w[1].key_attnums())
+        .map(|w| w[1].since_id)
+        .collect();
+    for (record_id, version) in newest_versions(relid, boundaries)? {
+        let key = (era_of(version.id), record_id);
+        if known.get(&key).is_none_or(|k| k.id < version.id) {
+            known.insert(key, version);
+        }
+    }
     let accepted = last_accepted(relid, None)?;
-    let report = |record_id: String, problem: &str| -> Finding {
+    let removed = removed_untracked(relid)?;
+    let report = |record_id: String, problem: &str, detail: Option<String>| -> Finding {
         let last = accepted.get(&record_id);
         (
-            record_id,
+            Some(record_id),
             problem.to_string(),
             last.and_then(|a| a.at),
             last.and_then(|a| a.record_hash.clone()),
+            None,
+            detail,
         )
     };
     let mut found = Vec::new();
-    let mut suspects: Vec<(String, Written)> = Vec::new();
+    // Shapes some row was last captured under, older than the present one.
+    let mut stale: std::collections::BTreeSet<usize> = Default::default();
+    let mut suspects: Vec<(String, i64, Written)> = Vec::new();
     each_row(
         relid,
-        &options,
+        options,
         Snapshot::Transaction,
         |plan, row, change| {
-            let record_id = String::from_utf8_lossy(&change.record_id).into_owned();
-            let sha256 = payload_sha256(&change.payload);
-            let problem = match known.remove(&record_id) {
-                None => Some("never captured"),
-                Some(k) if k.deleted || k.sha256 != sha256 => Some("changed without capture"),
-                Some(k) if !k.accepted => Some("not yet accepted"),
-                Some(_) => {
-                    // SAFETY: the positions of text columns of the row's relation (`TablePlan`).
-                    let written = unsafe {
-                        (
-                            plan.written_back.record_hash.and_then(|i| row.text(i)),
-                            plan.written_back.anchor_status.and_then(|i| row.text(i)),
-                        )
-                    };
-                    let last = accepted.get(&record_id);
-                    if last.is_some_and(|last| forged_bookkeeping(last, &written).is_some()) {
-                        suspects.push((record_id.clone(), written));
+            let record_id_now = String::from_utf8_lossy(&change.record_id).into_owned();
+            // The row's newest version under any key the table has had (its record id under
+            // each); every other version of it under those keys is its too, not a deleted one.
+            let mut newest: Option<(String, Version)> = None;
+            for (era, key) in eras.iter().enumerate() {
+                let record_id = if era == 0 {
+                    Some(record_id_now.clone())
+                } else {
+                    key.as_ref()
+                        .and_then(|key| record_id_under(plan, row, key, &columns_now))
+                };
+                let Some(record_id) = record_id else { continue };
+                if let Some(version) = known.remove(&(era, record_id.clone())) {
+                    if newest.as_ref().is_none_or(|(_, n)| n.id < version.id) {
+                        newest = Some((record_id, version));
                     }
-                    None
                 }
+            }
+            let Some((record_id, version)) = newest else {
+                found.push(report(record_id_now, "never captured", None));
+                return Ok(());
             };
-            if let Some(problem) = problem {
-                found.push(report(record_id, problem));
+            if version.deleted {
+                found.push(report(record_id, "changed without capture", None));
+                return Ok(());
+            }
+            if version.sha256 != payload_sha256(&change.payload) {
+                // Captured before a schema change: compare the columns it was captured with.
+                let shape = shape_of(version.id).filter(|&i| !shapes[i].same(&now));
+                let Some(shape) = shape else {
+                    found.push(report(record_id, "changed without capture", None));
+                    return Ok(());
+                };
+                match differing_columns(&shapes[shape], &version, &change.payload, &columns_now) {
+                    Some(differ) if differ.is_empty() => {
+                        stale.insert(shape);
+                    }
+                    Some(differ) => {
+                        found.push(report(
+                            record_id,
+                            "changed without capture",
+                            Some(format!("differs in {}", differ.join(", "))),
+                        ));
+                        return Ok(());
+                    }
+                    None => {
+                        found.push(report(
+                            record_id,
+                            "changed without capture",
+                            Some("captured before a schema change, without the digests of its columns: compared as a whole".to_string()),
+                        ));
+                        return Ok(());
+                    }
+                }
+            } else if let Some(shape) = shape_of(version.id).filter(|&i| !shapes[i].same(&now)) {
+                stale.insert(shape);
+            }
+            if !version.accepted {
+                found.push(report(record_id, "not yet accepted", None));
+                return Ok(());
+            }
+            // SAFETY: the positions of text columns of the row's relation (`TablePlan`).
+            let written = unsafe {
+                (
+                    plan.written_back.record_hash.and_then(|i| row.text(i)),
+                    plan.written_back.anchor_status.and_then(|i| row.text(i)),
+                )
+            };
+            let last = accepted.get(&record_id).filter(|a| a.id == version.id);
+            if last.is_some_and(|last| forged_bookkeeping(last, &written).is_some()) {
+                suspects.push((record_id, version.id, written));
             }
             Ok(())
         },
     )?;
     // The receipts were read before the rows: a write-back that committed in between (it
     // commits with its receipts) makes a row look ahead of them. Read again, after the rows.
-    let ids: Vec<String> = suspects.iter().map(|(id, _)| id.clone()).collect();
+    let ids: Vec<String> = suspects.iter().map(|(id, _, _)| id.clone()).collect();
     let again = if ids.is_empty() {
         HashMap::new()
     } else {
         last_accepted(relid, Some(ids))?
     };
-    for (record_id, written) in suspects {
-        let last = again.get(&record_id);
+    for (record_id, version, written) in suspects {
+        let last = again.get(&record_id).filter(|a| a.id == version);
         if let Some(problem) = last.and_then(|last| forged_bookkeeping(last, &written)) {
-            found.push(report(record_id, problem));
+            found.push(report(record_id, problem, None));
         }
     }
-    let mut gone: Vec<String> = known
-        .into_iter()
-        .filter(|(_, k)| !k.deleted)
-        .map(|(record_id, _)| record_id)
-        .collect();
+    // Records without a row. Under a record key whose columns are gone, a row cannot be told
+    // from its versions: those are left to the schema change's finding.
+    let mut gone: Vec<(String, i64)> = Vec::new();
+    for ((era, record_id), version) in known {
+        if version.deleted {
+            continue;
+        }
+        let findable = eras[era]
+            .as_ref()
+            .is_some_and(|key| key.iter().all(|a| columns_now.contains_key(a)));
+        if !findable {
+            if let Some(shape) = shape_of(version.id) {
+                stale.insert(shape);
+            }
+            continue;
+        }
+        gone.push((record_id, version.id));
+    }
     gone.sort();
     found.extend(
-        gone.into_iter()
-            .map(|r| report(r, "deleted without capture")),
+        gone.iter()
+            .filter(|(_, version)| !removed.contains(version))
+            .map(|(r, _)| report(r.clone(), "deleted without capture", None)),
     );
-    Ok(found)
+    // Each schema change since the oldest shape a row was last captured under, once.
+    let mut changes: Vec<Finding> = Vec::new();
+    if let Some(&oldest) = stale.iter().next() {
+        for j in oldest + 1..shapes.len() {
+            changes.push((
+                None,
+                "schema changed since capture".to_string(),
+                None,
+                None,
+                shapes[j].recorded_at,
+                Some(shape::describe(&shapes[j - 1], &shapes[j])),
+            ));
+        }
+    }
+    changes.extend(found);
+    Ok(Examination {
+        findings: changes,
+        gone,
+    })
+}
+
+/// The tracked table's columns now: attribute number to (name, type).
+fn columns_now(relid: Oid) -> Result<HashMap<i16, (String, String)>> {
+    Ok(Spi::connect(|client| {
+        let rows = client.select(
+            "SELECT a.attnum, a.attname::text, pg_catalog.format_type(a.atttypid, a.atttypmod)
+               FROM pg_catalog.pg_attribute a
+              WHERE a.attrelid OPERATOR(pg_catalog.=) $1 AND a.attnum > 0 AND NOT a.attisdropped",
+            None,
+            &[relid.into()],
+        )?;
+        let mut columns = HashMap::new();
+        for row in rows {
+            columns.insert(
+                row.get::<i16>(1)?.unwrap_or_default(),
+                (
+                    row.get::<String>(2)?.unwrap_or_default(),
+                    row.get::<String>(3)?.unwrap_or_default(),
+                ),
+            );
+        }
+        Ok::<_, pgrx::spi::Error>(columns)
+    })?)
+}
+
+/// The row's record id under an earlier record key (attribute numbers of the tracked table),
+/// rendered as capture rendered it then; None when one of its columns is gone.
+fn record_id_under(
+    plan: &TablePlan,
+    row: &Row,
+    key: &[i16],
+    columns_now: &HashMap<i16, (String, String)>,
+) -> Option<String> {
+    let positions = key
+        .iter()
+        .map(|a| {
+            let (name, _) = columns_now.get(a)?;
+            plan.payload.iter().position(|c| c.name == *name)
+        })
+        .collect::<Option<Vec<usize>>>()?;
+    // SAFETY: `row` is a row of the relation `plan` was built for.
+    let id = unsafe { plan.record_id_of(row, &positions) }.ok()?;
+    Some(String::from_utf8_lossy(&id).into_owned())
+}
+
+/// The columns a row differs in from a version captured with `shape`, compared on the columns
+/// that version was captured with and that are still there with the same type (a column
+/// dropped or retyped since is the schema change's finding). None when the version's column
+/// digests are unknown (a receipt recorded before they were kept) or do not fit its shape.
+fn differing_columns(
+    shape: &Shape,
+    version: &Version,
+    payload: &[u8],
+    columns_now: &HashMap<i16, (String, String)>,
+) -> Option<Vec<String>> {
+    let digests = version.digests.as_ref()?;
+    if digests.len() != shape.columns.len() * COLUMN_DIGEST_LEN {
+        return None;
+    }
+    let rendered = std::str::from_utf8(payload).ok()?;
+    let values: HashMap<String, &str> = payload_columns(rendered)?.into_iter().collect();
+    let mut differ = Vec::new();
+    for (i, name) in shape.columns.iter().enumerate() {
+        let Some((name_now, type_now)) = shape.attnums.get(i).and_then(|a| columns_now.get(a))
+        else {
+            continue; // dropped since
+        };
+        if shape.types.get(i) != Some(type_now) {
+            continue; // retyped since
+        }
+        let Some(value) = values.get(name_now) else {
+            continue; // no longer captured
+        };
+        let captured = &digests[i * COLUMN_DIGEST_LEN..(i + 1) * COLUMN_DIGEST_LEN];
+        if column_digest(name, value) != captured {
+            differ.push(format!("\"{}\"", name_now.replace('"', "\"\"")));
+        }
+    }
+    Some(differ)
+}
+
+/// Records removed while the table was untracked (`certyo.removed_untracked`): their versions.
+fn removed_untracked(relid: Oid) -> Result<HashSet<i64>> {
+    if !shape::schema_has(c"removed_untracked", None) {
+        return Ok(HashSet::new());
+    }
+    let ids = crate::rights::as_superuser(|| {
+        Spi::get_one_with_args::<Vec<i64>>(
+            "SELECT pg_catalog.array_agg(version_id) FROM certyo.removed_untracked
+              WHERE relid OPERATOR(pg_catalog.=) $1",
+            &[relid.into()],
+        )
+    })?;
+    Ok(ids.unwrap_or_default().into_iter().collect())
+}
+
+/// `certyo.track()` of a table that was untracked: records whose rows were removed meanwhile
+/// (the documented way to empty a tracked table is `untrack`, `TRUNCATE`, `track`) are
+/// recorded with their newest version, so the audit does not report them as deleted without
+/// capture. Returns how many.
+pub fn record_removed_while_untracked(relid: Oid, options: &CaptureOptions) -> Result<usize> {
+    if !shape::schema_has(c"removed_untracked", None) {
+        return Ok(0);
+    }
+    let has_versions = crate::rights::as_superuser(|| {
+        Spi::get_one_with_args::<bool>(
+            "SELECT EXISTS (SELECT FROM certyo.receipt WHERE relid OPERATOR(pg_catalog.=) $1)
+                 OR EXISTS (SELECT FROM certyo.delivery WHERE relid OPERATOR(pg_catalog.=) $1)
+                 OR EXISTS (SELECT FROM certyo.queue WHERE relid OPERATOR(pg_catalog.=) $1)",
+            &[relid.into()],
+        )
+    })?;
+    if has_versions != Some(true) {
+        return Ok(0);
+    }
+    let gone = examine(relid, options)?.gone;
+    if gone.is_empty() {
+        return Ok(0);
+    }
+    let (records, versions): (Vec<String>, Vec<i64>) = gone.into_iter().unzip();
+    let count = records.len();
+    crate::rights::as_superuser(|| {
+        Spi::run_with_args(
+            "INSERT INTO certyo.removed_untracked (version_id, relid, collection, record_id)
+             SELECT v.id, $1, t.collection, v.record_id
+               FROM ROWS FROM (pg_catalog.unnest($2::pg_catalog.text[]), pg_catalog.unnest($3::pg_catalog.int8[])) AS v(record_id, id)
+               JOIN certyo.tracked_oids() t ON t.relid OPERATOR(pg_catalog.=) $1
+             ON CONFLICT (version_id) DO NOTHING",
+            &[relid.into(), records.into(), versions.into()],
+        )
+    })?;
+    Ok(count)
 }
 
 /// What is wrong with the written-back columns of a row whose payload is the accepted one:
@@ -167,57 +452,77 @@ fn findings(relid: Oid) -> Result<Vec<Finding>> {
 ///
 /// A receipt not written back leaves the row with an older version's hash and status (or none,
 /// after `untrack(drop_columns => true)`): a row marked `anchored` then is a forgery only when
-/// it claims this version (its hash), which is not anchored.
+/// it claims this version (its hash), which is not anchored; marked `mismatch` likewise when
+/// Certyo never reported another hash for it. A status the worker never writes is a forgery.
 fn forged_bookkeeping(last: &Accepted, (hash, status): &Written) -> Option<&'static str> {
     if last.written_back && *hash != last.record_hash {
         return Some("record hash changed without capture");
     }
     let claims_this_version = last.written_back || *hash == last.record_hash;
-    if status.as_deref() == Some("anchored") && claims_this_version && !last.anchored {
-        return Some("anchor status changed without capture");
-    }
-    None
+    let forged = match status.as_deref() {
+        None | Some("pending") => false,
+        Some("anchored") => claims_this_version && !last.anchored,
+        Some("mismatch") => claims_this_version && !last.mismatched,
+        Some(_) => true, // never written by the worker
+    };
+    forged.then_some("anchor status changed without capture")
 }
 
-/// Per record id, the newest version captured: queued, being delivered, or accepted.
-fn newest_versions(relid: Oid) -> Result<HashMap<String, Known>> {
-    Ok(Spi::connect(|client| {
-        let rows = client.select(
-            "SELECT DISTINCT ON (record_id) record_id, accepted, operation = 'delete', sha256, payload
-               FROM (SELECT record_id, id, true AS accepted, operation, encode(payload_sha256, 'hex') AS sha256,
-                            NULL::text AS payload
-                       FROM certyo.receipt WHERE relid = $1
-                     UNION ALL
-                     SELECT record_id, id, false, operation, NULL, payload::text FROM certyo.delivery WHERE relid = $1
-                     UNION ALL
-                     SELECT record_id, id, false, operation, NULL, payload::text FROM certyo.queue WHERE relid = $1
-                    ) AS versions
-              ORDER BY record_id, id DESC",
-            None,
-            &[relid.into()],
-        )?;
-        let mut known = HashMap::new();
-        for row in rows {
-            let record_id = row.get::<String>(1)?.unwrap_or_default();
-            let sha256 = match row.get::<String>(4)? {
-                Some(sha256) => sha256,
-                None => payload_sha256(row.get::<String>(5)?.unwrap_or_default().as_bytes()),
-            };
-            known.insert(
-                record_id,
-                Known {
-                    sha256,
-                    accepted: row.get::<bool>(2)?.unwrap_or(false),
-                    deleted: row.get::<bool>(3)?.unwrap_or(false),
-                },
-            );
-        }
-        Ok::<_, pgrx::spi::Error>(known)
-    })?)
+/// Per record id, the newest version captured (queued, being delivered, or accepted) between
+/// each two of `boundaries` (the queue ids at which the record key changed, ascending).
+fn newest_versions(relid: Oid, boundaries: Vec<i64>) -> Result<Vec<(String, Version)>> {
+    crate::rights::as_superuser(|| {
+        Ok(Spi::connect(|client| {
+            let rows = client.select(
+                "SELECT DISTINCT ON (record_id, era) record_id, id, accepted, operation = 'delete', sha256, payload, digests
+                   FROM (SELECT *, (SELECT count(*) FROM pg_catalog.unnest($2::int8[]) b WHERE b < v.id) AS era
+                           FROM (SELECT record_id, id, true AS accepted, operation, encode(payload_sha256, 'hex') AS sha256,
+                                        NULL::text AS payload, column_sha256 AS digests
+                                   FROM certyo.receipt WHERE relid = $1
+                                 UNION ALL
+                                 SELECT record_id, id, false, operation, NULL, payload::text, NULL
+                                   FROM certyo.delivery WHERE relid = $1
+                                 UNION ALL
+                                 SELECT record_id, id, false, operation, NULL, payload::text, NULL
+                                   FROM certyo.queue WHERE relid = $1) AS v
+                        ) AS versions
+                  ORDER BY record_id, era, id DESC",
+                None,
+                &[relid.into(), boundaries.into()],
+            )?;
+            let mut versions = Vec::new();
+            for row in rows {
+                let record_id = row.get::<String>(1)?.unwrap_or_default();
+                let payload = row.get::<String>(6)?;
+                let (sha256, digests) = match (row.get::<String>(5)?, payload) {
+                    (Some(sha256), _) => (sha256, row.get::<Vec<u8>>(7)?),
+                    (None, payload) => {
+                        let payload = payload.unwrap_or_default();
+                        (payload_sha256(payload.as_bytes()), column_sha256(&payload))
+                    }
+                };
+                versions.push((
+                    record_id,
+                    Version {
+                        id: row.get::<i64>(2)?.unwrap_or_default(),
+                        sha256,
+                        digests,
+                        accepted: row.get::<bool>(3)?.unwrap_or(false),
+                        deleted: row.get::<bool>(4)?.unwrap_or(false),
+                    },
+                ));
+            }
+            Ok::<_, pgrx::spi::Error>(versions)
+        })?)
+    })
 }
 
 /// Per record id, its last accepted version; only of the records `only` names, if given.
 fn last_accepted(relid: Oid, only: Option<Vec<String>>) -> Result<HashMap<String, Accepted>> {
+    crate::rights::as_superuser(|| last_accepted_as_is(relid, only))
+}
+
+fn last_accepted_as_is(relid: Oid, only: Option<Vec<String>>) -> Result<HashMap<String, Accepted>> {
     Ok(Spi::connect(|client| {
         let rows = client.select(
             // Anchored: Certyo confirmed this content, under this version's receipt or an
@@ -226,8 +531,8 @@ fn last_accepted(relid: Oid, only: Option<Vec<String>>) -> Result<HashMap<String
                     EXISTS (SELECT FROM certyo.receipt a
                              WHERE a.relid = $1 AND a.record_id = l.record_id
                                AND a.record_hash = l.record_hash AND a.anchor_status = 'anchored'),
-                    l.written_back
-               FROM (SELECT DISTINCT ON (record_id) record_id, accepted_at, record_hash, written_back
+                    l.written_back, l.id, l.anchor_status = 'mismatch'
+               FROM (SELECT DISTINCT ON (record_id) record_id, accepted_at, record_hash, written_back, id, anchor_status
                        FROM certyo.receipt WHERE relid = $1 AND ($2::text[] IS NULL OR record_id = ANY ($2))
                       ORDER BY record_id, id DESC) AS l",
             None,
@@ -242,6 +547,8 @@ fn last_accepted(relid: Oid, only: Option<Vec<String>>) -> Result<HashMap<String
                     record_hash: row.get::<String>(3)?,
                     anchored: row.get::<bool>(4)?.unwrap_or(false),
                     written_back: row.get::<bool>(5)?.unwrap_or(false),
+                    id: row.get::<i64>(6)?.unwrap_or_default(),
+                    mismatched: row.get::<bool>(7)?.unwrap_or(false),
                 },
             );
         }

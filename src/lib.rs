@@ -38,6 +38,7 @@ pub mod error;
 mod hard_limit;
 mod relation;
 mod rights;
+mod shape;
 mod track;
 mod wake;
 
@@ -71,6 +72,7 @@ pub extern "C-unwind" fn _PG_init() {
         capture::ids::init_shared_memory();
         backfill::log_limit::init_shared_memory();
         hard_limit::init_shared_memory();
+        delivery::init_shared_memory();
         // Not while pg_upgrade runs the server: nothing may write to the databases then.
         // SAFETY: a plain read of a Postgres global, in the postmaster's main thread.
         if !unsafe { pgrx::pg_sys::IsBinaryUpgrade } {

@@ -192,6 +192,61 @@ impl Verification {
     }
 }
 
+/// The columns of a payload (a JSON object, as capture renders it), in its order: each name and
+/// its value's JSON text exactly as sent. None when the payload is not a JSON object.
+pub fn payload_columns(payload: &str) -> Option<Vec<(String, &str)>> {
+    use serde::de::{Deserializer, MapAccess, Visitor};
+    struct Columns;
+    impl<'de> Visitor<'de> for Columns {
+        type Value = Vec<(String, &'de str)>;
+        fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+            f.write_str("a JSON object")
+        }
+        fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+            let mut columns = Vec::new();
+            while let Some((name, value)) =
+                map.next_entry::<String, &'de serde_json::value::RawValue>()?
+            {
+                columns.push((name, value.get()));
+            }
+            Ok(columns)
+        }
+    }
+    let mut deserializer = serde_json::Deserializer::from_str(payload);
+    let columns = deserializer.deserialize_map(Columns).ok()?;
+    deserializer.end().ok()?;
+    Some(columns)
+}
+
+/// Bytes of one column's digest in [`column_sha256`].
+pub const COLUMN_DIGEST_LEN: usize = 16;
+
+/// One column's digest: the first 16 bytes of SHA-256 over its name, a zero byte and its
+/// value's JSON text. Names and values hold no zero byte (JSON escapes it).
+pub fn column_digest(name: &str, value: &str) -> [u8; COLUMN_DIGEST_LEN] {
+    use sha2::{Digest, Sha256};
+    let mut hasher = Sha256::new();
+    hasher.update(name.as_bytes());
+    hasher.update([0u8]);
+    hasher.update(value.as_bytes());
+    let mut digest = [0u8; COLUMN_DIGEST_LEN];
+    digest.copy_from_slice(&hasher.finalize()[..COLUMN_DIGEST_LEN]);
+    digest
+}
+
+/// The digests of a payload's columns, one after the other in payload order: what a receipt
+/// keeps (`column_sha256`) so that `certyo.audit` can compare a row column by column with the
+/// version captured before a schema change (a column dropped, added or retyped since), where
+/// the whole payload's hash no longer can. None when the payload is not a JSON object.
+pub fn column_sha256(payload: &str) -> Option<Vec<u8>> {
+    let columns = payload_columns(payload)?;
+    let mut out = Vec::with_capacity(columns.len() * COLUMN_DIGEST_LEN);
+    for (name, value) in columns {
+        out.extend_from_slice(&column_digest(&name, value));
+    }
+    Some(out)
+}
+
 /// SHA-256 of the payload text as sent, in hex: what the receipt keeps and
 /// `certyo.audit` compares a row against.
 pub fn payload_sha256(payload: &[u8]) -> String {
@@ -204,4 +259,36 @@ pub fn payload_sha256(payload: &[u8]) -> String {
         hex.push(char::from(DIGITS[usize::from(byte & 15)]));
     }
     hex
+}
+
+#[cfg(test)]
+mod column_tests {
+    use super::*;
+
+    #[test]
+    fn columns_keep_payload_order_names_unescaped_and_values_as_sent() {
+        let payload = r#"{"b":1.50,"a\"x":{"k": [1,2]},"c":null,"d":"x\u0000"}"#;
+        let columns = payload_columns(payload).expect("an object");
+        assert_eq!(
+            columns,
+            vec![
+                ("b".to_string(), "1.50"),
+                ("a\"x".to_string(), r#"{"k": [1,2]}"#),
+                ("c".to_string(), "null"),
+                ("d".to_string(), r#""x\u0000""#),
+            ]
+        );
+        let digests = column_sha256(payload).expect("an object");
+        assert_eq!(digests.len(), 4 * COLUMN_DIGEST_LEN);
+        assert_eq!(&digests[..COLUMN_DIGEST_LEN], &column_digest("b", "1.50"));
+        assert_ne!(column_digest("b", "1.50"), column_digest("b", "1.5"));
+        assert_ne!(column_digest("ab", "1"), column_digest("a", "b1"));
+    }
+
+    #[test]
+    fn a_payload_that_is_not_an_object_has_no_columns() {
+        assert_eq!(payload_columns("[1]"), None);
+        assert_eq!(payload_columns(r#"{"a":1} x"#), None);
+        assert_eq!(column_sha256("nope"), None);
+    }
 }

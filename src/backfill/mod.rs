@@ -16,6 +16,7 @@ use crate::capture::queue;
 use crate::capture::record::{Operation, Row};
 use crate::error::{CertyoError, OrRaise, Result};
 use crate::track::key::RecordKey;
+use pgrx::datum::DatumWithOid;
 use pgrx::pg_sys::{self, Oid};
 use pgrx::prelude::*;
 use pgrx::{PgMemoryContexts, PgSqlErrorCode};
@@ -360,9 +361,6 @@ pub fn queue_chunk(job: &Job, chunk_size: usize) -> Result<i64> {
             "the table's record id columns are gone",
         )
     })?;
-    if key.foreign_cast {
-        return Err(key.refuse_foreign_cast());
-    }
     // Every name of ours is qualified by the alias `t`: a bare name in ORDER BY would match an
     // output column first (the row image is named after the table's type), and the row image is
     // `t.*` cast to the table's row type, a whole-row reference that no column can shadow (a
@@ -373,42 +371,51 @@ pub fn queue_chunk(job: &Job, chunk_size: usize) -> Result<i64> {
         .map(|c| format!("t.{c}"))
         .collect::<Vec<_>>()
         .join(", ");
-    // The last key, kept as text between chunks, read back as the key's types.
-    let read_back = |param: usize| {
-        let values: Vec<String> = (1..=key.columns.len())
-            .zip(&key.types)
-            .map(|(i, ty)| format!("${param}[{i}]::{ty}"))
-            .collect();
-        format!("({})", values.join(", "))
+    let n = key.columns.len();
+    // Parameters of the key's own types, read from text by their input functions (never a
+    // cast, see `RecordKey::array_of`).
+    let params = |first: usize| {
+        let names: Vec<String> = (first..first + n).map(|i| format!("${i}")).collect();
+        format!("({})", names.join(", "))
     };
     let after = match job.last_key {
-        Some(_) => format!("AND ({columns}) > {}", read_back(1)),
+        Some(_) => format!("AND ({columns}) > {}", params(1)),
         None => String::new(),
     };
-    let texts: Vec<String> = key.columns.iter().map(|c| format!("t.{c}::text")).collect();
     let sql = format!(
-        "SELECT (t.*)::{table}, ARRAY[{texts}] FROM {table} AS t WHERE ({condition}) {after}
+        "SELECT (t.*)::{table}, {columns} FROM {table} AS t WHERE ({condition}) {after}
           ORDER BY {columns} LIMIT {chunk_size} FOR SHARE OF t",
-        texts = texts.join(", "),
         table = key.table,
         condition = job.where_clause.as_deref().unwrap_or("true"),
     );
     let last_key = job.last_key.clone().unwrap_or_default();
-    // The query runs the owner's code (domain checks in the key casts, policies) and the
+    let typed = |texts: &[String]| {
+        (0..n)
+            .map(|i| key.value_of(i, texts.get(i).map_or("", String::as_str)))
+            .collect::<Result<Vec<_>>>()
+    };
+    // The query runs the owner's code (domain checks in the key's input, policies) and the
     // requester's condition; the requester was and still is allowed to act as the owner. So it
     // runs as the owner, restricted, never with the worker's rights (see crate::rights).
     let owner = requester_may_still_act_as_owner(job)?;
     let timeout = crate::delivery::settings::user_code_timeout();
     let (queued, last) = crate::rights::backfilling_as(job.id, owner, timeout, || {
+        let after = if job.last_key.is_some() {
+            typed(&last_key)?
+        } else {
+            Vec::new()
+        };
         let (queued, last) =
-            Spi::connect(|client| queue_rows(client, &sql, last_key.clone(), job.relid, &options))?;
+            Spi::connect(|client| queue_rows(client, &sql, &after, &key, job.relid, &options))?;
         if let (Some(_), Some(new)) = (&job.last_key, &last) {
             // Each chunk must end past the one before, read back as the next chunk will read
-            // it, or the backfill would start over, forever: a cast of the key's type to or from
-            // text that does not round-trip (its owner may CREATE CAST one) does that.
+            // it, or the backfill would start over, forever: a type whose output does not read
+            // back as the same value would do that.
+            let mut both = typed(new)?;
+            both.extend(typed(&last_key)?);
             let progressed = Spi::get_one_with_args::<bool>(
-                &format!("SELECT {} > {}", read_back(1), read_back(2)),
-                &[new.clone().into(), last_key.clone().into()],
+                &format!("SELECT {} > {}", params(1), params(n + 1)),
+                &both,
             )?;
             if progressed != Some(true) {
                 return Err(no_progress(&key.table, &last_key, new));
@@ -437,8 +444,8 @@ fn no_progress(table: &str, before: &[String], after: &[String]) -> CertyoError 
             before.join(", ")
         ),
     )
-    .detail("Between chunks a backfill keeps its place as the record id columns' text form; a value whose cast to text and back does not give it again would make the backfill start over, forever.")
-    .hint("Drop a CREATE CAST between the record id columns' types and text, or track the table by other record_id_columns, then request the backfill again.")
+    .detail("Between chunks a backfill keeps its place as the record id columns' text form, by their types' output and input functions; a value whose output does not read back as itself would make the backfill start over, forever.")
+    .hint("Track the table by other record_id_columns, then request the backfill again.")
 }
 
 /// The table's owner, if the role that requested the backfill still has its privileges (it
@@ -465,15 +472,17 @@ fn requester_may_still_act_as_owner(job: &Job) -> Result<Oid> {
     Ok(owner)
 }
 
-/// Run the chunk's query and queue each row it returns; returns the count and the last key.
+/// Run the chunk's query and queue each row it returns; returns the count and the last key,
+/// as text by the key's output functions.
 fn queue_rows(
     client: &pgrx::spi::SpiClient<'_>,
     sql: &str,
-    last_key: Vec<String>,
+    after: &[DatumWithOid<'_>],
+    key: &RecordKey,
     relid: Oid,
     options: &crate::capture::options::CaptureOptions,
 ) -> Result<(i64, Option<Vec<String>>)> {
-    let mut rows = client.select(sql, None, &[last_key.into()])?;
+    let mut rows = client.select(sql, None, after)?;
     let mut queued = 0i64;
     let mut last = None;
     // SAFETY: inside the chunk's transaction; the relation is closed by its guard on every
@@ -485,33 +494,36 @@ fn queue_rows(
         let plan = TablePlan::build(rel, options)?;
         // What the query returns is checked before any of it is deformed: a row image of
         // another type (a name that came to mean something else) is an error for this
-        // backfill, never a read of memory as the wrong type.
+        // backfill, never a read of memory as the wrong type; so is a key value (`text_of`).
         let row_type = (*(*rel).rd_rel).reltype;
-        let returned = (
-            rows.column_type_oid(1)?.value(),
-            rows.column_type_oid(2)?.value(),
-        );
-        if returned != (row_type, pg_sys::TEXTARRAYOID) {
+        let returned = rows.column_type_oid(1)?.value();
+        if returned != row_type {
             return Err(CertyoError::new(
                 PgSqlErrorCode::ERRCODE_DATATYPE_MISMATCH,
                 format!(
-                    "the chunk's query returned types {} and {}, not the row type of table {} and text[]",
-                    returned.0.to_u32(),
-                    returned.1.to_u32(),
+                    "the chunk's query returned type {}, not the row type of table {}",
+                    returned.to_u32(),
                     plan.collection
                 ),
             ));
         }
+        let key_types = (0..key.columns.len())
+            .map(|i| rows.column_type_oid(i + 2).map(|t| t.value()))
+            .collect::<std::result::Result<Vec<_>, _>>()?;
         let mut per_row = PgMemoryContexts::new("certyo_cdc backfill row");
         while rows.next().is_some() {
             // A NULL in the key is not refused here but by `plan.change`, which names the
             // column and the fix.
-            let (Some(image), Some(key)) = (
-                rows.get_datum_by_ordinal(1)?,
-                rows.get::<Vec<Option<String>>>(2)?,
-            ) else {
+            let Some(image) = rows.get_datum_by_ordinal(1)? else {
                 continue;
             };
+            let mut key_text = Vec::with_capacity(key_types.len());
+            for (i, found) in key_types.iter().enumerate() {
+                match rows.get_datum_by_ordinal(i + 2)? {
+                    Some(datum) => key_text.push(key.text_of(i, *found, datum)?),
+                    None => key_text.push(String::new()), // refused by `plan.change` below
+                }
+            }
             let outcome = per_row.switch_to(|_| {
                 let header =
                     pg_sys::pg_detoast_datum(image.cast_mut_ptr()) as pg_sys::HeapTupleHeader;
@@ -538,7 +550,7 @@ fn queue_rows(
             per_row.reset();
             outcome?;
             queued += 1;
-            last = Some(key.into_iter().flatten().collect());
+            last = Some(key_text);
         }
     }
     Ok((queued, last))

@@ -192,6 +192,16 @@ unsafe fn target() -> Result<(Oid, Oid)> {
     Ok((queue, sequence))
 }
 
+/// A queue id drawn as capture draws them: ordered with the ids of every change captured
+/// before and after it. For the shape history (`crate::shape`).
+pub fn draw_id() -> Result<i64> {
+    // SAFETY: inside a transaction that may write (the caller records what it drew).
+    unsafe {
+        let (_, sequence) = target()?;
+        Ok(super::ids::draw(sequence))
+    }
+}
+
 /// Idempotency keys are `{process}-{queue id}`, e.g. `9f2c61d0a4b7e3815c0d2e6f-16`, stored
 /// with the change so every redelivery sends the same key. `process` is 96 random bits drawn
 /// once per backend process (after the fork, from `pg_strong_random`). The queue id alone is

@@ -123,10 +123,19 @@ impl TablePlan {
     /// The record id: one column's text form, or for several columns each text form with `\`
     /// and `/` backslash-escaped, joined by `/` (`42/EU`).
     unsafe fn record_id(&self, row: &Row) -> Result<Vec<u8>> {
-        let composite = self.record_id.len() > 1;
+        self.record_id_of(row, &self.record_id)
+    }
+
+    /// The record id the row would have with `key` (positions in `payload`) as record id
+    /// columns: the audit finds a row's versions captured under an earlier key with it.
+    ///
+    /// # Safety
+    /// `row` must be a row of the table this plan was built for.
+    pub unsafe fn record_id_of(&self, row: &Row, key: &[usize]) -> Result<Vec<u8>> {
+        let composite = key.len() > 1;
         let mut out = Vec::new();
         let mut part = Vec::new();
-        for (n, &position) in self.record_id.iter().enumerate() {
+        for (n, &position) in key.iter().enumerate() {
             let column = &self.payload[position];
             let datum = row
                 .get(column.index)

@@ -21,6 +21,7 @@ mod anchor;
 pub mod api_key;
 mod backlog;
 mod launcher;
+mod owners;
 mod prepared;
 mod sending;
 pub mod settings;
@@ -60,6 +61,11 @@ fn after_hard_limit() -> Result<(), pgrx::spi::Error> {
         }
     }
     Ok(())
+}
+
+/// The delivery's shared memory (`owners`), from `_PG_init` while preloading.
+pub fn init_shared_memory() {
+    owners::init_shared_memory();
 }
 
 /// Register the launcher, which starts the delivery workers; only possible while the

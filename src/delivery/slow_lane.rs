@@ -13,8 +13,8 @@
 //! worker, like the delivery worker itself, and takes one of `max_worker_processes` while it
 //! runs), and wakes it when it leaves it write-backs; the lane ends after a while with nothing
 //! to do, when the delivery worker ends or the extension is dropped. Should no slot be free,
-//! the delivery worker does the lane's backfills and replica-mode write-backs itself meanwhile;
-//! write-backs that run owners' code wait for a lane.
+//! the delivery worker does the lane's replica-mode write-backs itself meanwhile (they run no
+//! owner's code); backfills and write-backs that run owners' code wait for a lane.
 
 use super::settings;
 use super::store;
@@ -30,20 +30,96 @@ use std::time::{Duration, Instant};
 const IDLE_FOR: Duration = Duration::from_secs(30);
 /// After no slot was free, how long before the delivery worker tries to start a lane again.
 const NO_SLOT_FOR: Duration = Duration::from_secs(10);
-/// The lane's `backend_type`, as `pg_stat_activity` shows it.
-const BACKEND_TYPE: &str = "certyo_cdc slow lane";
+/// The lanes of a database.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Lane {
+    /// Write-backs that wait (of every owner that is not slow) and backfill chunks.
+    Shared,
+    /// The write-backs of owners whose code has taken much of the lanes' time lately
+    /// (`super::owners`): one owner's slow triggers delay that owner's tables only.
+    SlowOwners,
+}
 
-/// The delivery worker's handle on its lane.
+impl Lane {
+    /// The lane's `backend_type`, as `pg_stat_activity` shows it.
+    pub fn backend_type(self) -> &'static str {
+        match self {
+            Lane::Shared => "certyo_cdc slow lane",
+            Lane::SlowOwners => "certyo_cdc slow owners' lane",
+        }
+    }
+
+    /// The lane's argument: the database's OID in the low 32 bits, the lane above them.
+    fn argument(self, database: pg_sys::Oid) -> pg_sys::Datum {
+        let lane: u64 = match self {
+            Lane::Shared => 0,
+            Lane::SlowOwners => 1,
+        };
+        pg_sys::Datum::from(u64::from(database.to_u32()) | lane << 32)
+    }
+
+    fn of_argument(arg: pg_sys::Datum) -> (Lane, pg_sys::Oid) {
+        let value = arg.value() as u64;
+        let lane = if value >> 32 == 1 {
+            Lane::SlowOwners
+        } else {
+            Lane::Shared
+        };
+        (lane, pg_sys::Oid::from(value as u32))
+    }
+}
+
+thread_local! {
+    static THIS: std::cell::Cell<Option<Lane>> = const { std::cell::Cell::new(None) };
+}
+
+/// The lane this process is; None: the delivery worker.
+pub fn this() -> Option<Lane> {
+    THIS.get()
+}
+
+/// The delivery worker's handles on its lanes.
 #[derive(Default)]
 pub struct SlowLane {
+    shared: LaneHandle,
+    slow_owners: LaneHandle,
+}
+
+#[derive(Default)]
+struct LaneHandle {
     worker: Option<DynamicBackgroundWorker>,
     no_slot_until: Option<Instant>,
 }
 
 impl SlowLane {
-    /// A lane runs (or is starting) for `database`: true. False when none could be started,
-    /// and the caller does the slow work itself.
+    /// The shared lane runs (or is starting) for `database`: true. False when none could be
+    /// started, and the caller does the slow work that runs no owner's code itself.
     pub fn ensure(&mut self, database: pg_sys::Oid) -> bool {
+        self.shared.ensure(database, Lane::Shared)
+    }
+
+    /// Start the slow owners' lane if it does not run (some owner is slow, and write-backs wait).
+    /// If it cannot start, the shared lane does their write-backs meanwhile.
+    pub fn ensure_slow_owners(&mut self, database: pg_sys::Oid) {
+        let runs = self.slow_owners.ensure(database, Lane::SlowOwners);
+        super::owners::no_slow_owners_lane((!runs).then_some(NO_SLOT_FOR + Duration::from_secs(1)));
+    }
+
+    /// Wake the lanes at once: the delivery worker has just left them write-backs.
+    pub fn ring(&self) {
+        self.shared.ring();
+        self.slow_owners.ring();
+    }
+
+    /// End the lanes, and wait until they have ended (the delivery worker is ending).
+    pub fn stop(&mut self) {
+        self.shared.stop();
+        self.slow_owners.stop();
+    }
+}
+
+impl LaneHandle {
+    fn ensure(&mut self, database: pg_sys::Oid, lane: Lane) -> bool {
         // Registered but not yet forked counts as running: another would be a second lane.
         let alive = |worker: &DynamicBackgroundWorker| {
             matches!(
@@ -61,12 +137,12 @@ impl SlowLane {
         {
             return false;
         }
-        let started = BackgroundWorkerBuilder::new("certyo_cdc slow lane")
-            .set_type(BACKEND_TYPE)
+        let started = BackgroundWorkerBuilder::new(lane.backend_type())
+            .set_type(lane.backend_type())
             .set_library("certyo_cdc")
             .set_function("certyo_slow_lane_main")
             .enable_spi_access()
-            .set_argument(Some(pg_sys::Datum::from(database.to_u32())))
+            .set_argument(Some(lane.argument(database)))
             // SAFETY: a plain read of a Postgres global: the postmaster tells this worker when
             // the lane starts and ends (for `stop`).
             .set_notify_pid(unsafe { pg_sys::MyProcPid })
@@ -78,16 +154,20 @@ impl SlowLane {
                 self.worker = Some(worker);
                 true
             }
+            Err(_) if lane == Lane::SlowOwners => {
+                pgrx::log!("certyo_cdc: no background worker slot is free for the slow owners' lane (max_worker_processes): the slow lane does their write-backs meanwhile, after the others'");
+                self.no_slot_until = Some(Instant::now() + NO_SLOT_FOR);
+                false
+            }
             Err(_) => {
-                pgrx::log!("certyo_cdc: no background worker slot is free for the slow lane (max_worker_processes): the delivery worker does its backfills itself meanwhile, and write-backs that run owners' code wait");
+                pgrx::log!("certyo_cdc: no background worker slot is free for the slow lane (max_worker_processes): backfills and write-backs that run owners' code wait for one");
                 self.no_slot_until = Some(Instant::now() + NO_SLOT_FOR);
                 false
             }
         }
     }
 
-    /// Wake the lane at once: the delivery worker has just left it write-backs.
-    pub fn ring(&self) {
+    fn ring(&self) {
         let Some(Ok(pid)) = self.worker.as_ref().map(DynamicBackgroundWorker::pid) else {
             return;
         };
@@ -102,8 +182,7 @@ impl SlowLane {
         }
     }
 
-    /// End the lane, and wait until it has ended (the delivery worker is ending).
-    pub fn stop(&mut self) {
+    fn stop(&mut self) {
         if let Some(worker) = self.worker.take() {
             if let Err(status) = worker.terminate().wait_for_shutdown() {
                 // It had ended already, or the postmaster is gone: nothing left to wait for.
@@ -113,19 +192,21 @@ impl SlowLane {
     }
 }
 
-/// Entry point, named in the lane's registration; its argument is the database's OID.
+/// Entry point, named in the lane's registration; its argument is the database's OID and
+/// which lane (`Lane::argument`).
 #[pgrx::pg_guard]
 #[unsafe(no_mangle)]
 pub extern "C-unwind" fn certyo_slow_lane_main(arg: pg_sys::Datum) {
     BackgroundWorker::attach_signal_handlers(SignalWakeFlags::SIGHUP | SignalWakeFlags::SIGTERM);
     // SIGTERM also ends owners' code that runs when it arrives; owners' code has a hard limit.
     crate::hard_limit::install();
-    let database = pg_sys::Oid::from(arg.value() as u32);
+    let (lane, database) = Lane::of_argument(arg);
+    THIS.set(Some(lane));
     if crate::wake::is_dropped(database) {
         return;
     }
     BackgroundWorker::connect_worker_to_spi_by_oid(Some(database), None);
-    if !super::worker::prepare_session(database) || another_lane_runs() {
+    if !super::worker::prepare_session(database) || another_lane_runs(lane) {
         return;
     }
     let mut idle_since = Instant::now();
@@ -137,7 +218,7 @@ pub extern "C-unwind" fn certyo_slow_lane_main(arg: pg_sys::Datum) {
             // SAFETY: the lane's main loop, outside any transaction.
             unsafe { pg_sys::ProcessConfigFile(pg_sys::GucContext::PGC_SIGHUP) };
         }
-        let worked = crate::error::guarded(|| lane_pass().map_err(|e| e.to_string()));
+        let worked = crate::error::guarded(|| lane_pass(lane).map_err(|e| e.to_string()));
         // Advisory locks taken by owners' code end with the pass (see `worker.rs`).
         // SAFETY: the lane's main thread, outside any transaction.
         unsafe { pg_sys::LockReleaseSession(pg_sys::USER_LOCKMETHOD as pg_sys::LOCKMETHODID) };
@@ -161,7 +242,9 @@ pub extern "C-unwind" fn certyo_slow_lane_main(arg: pg_sys::Datum) {
         if let Some(retry) = write_back::failing::next_retry_in() {
             wait = wait.min(retry);
         }
-        if let Some(retry) = crate::backfill::locked::next_attempt_in() {
+        if let Some(retry) =
+            crate::backfill::locked::next_attempt_in().filter(|_| lane == Lane::Shared)
+        {
             wait = wait.min(retry);
         }
         if !BackgroundWorker::wait_latch(Some(wait.max(Duration::from_millis(10)))) {
@@ -179,9 +262,9 @@ enum Work {
     None,
 }
 
-/// One pass of the lane: a backfill chunk, then the write-backs whose retry is due. None once
-/// the extension is gone from the database.
-fn lane_pass() -> Result<Option<Work>, pgrx::spi::Error> {
+/// One pass of the lane: the write-backs whose retry is due, then a backfill chunk (the shared
+/// lane's). None once the extension is gone from the database.
+fn lane_pass(lane: Lane) -> Result<Option<Work>, pgrx::spi::Error> {
     let Some(control) = store::control()? else {
         return Ok(None);
     };
@@ -190,9 +273,10 @@ fn lane_pass() -> Result<Option<Work>, pgrx::spi::Error> {
     // Write-backs first: a backfill whose condition ends the lane at its hard limit must not
     // keep the lane from them.
     write_back::failing::retry_due()?;
-    let more = control.backfill_open && crate::backfill::step(settings.backfill_chunk_size)?;
+    let backfills = lane == Lane::Shared && control.backfill_open;
+    let more = backfills && crate::backfill::step(settings.backfill_chunk_size)?;
     let waiting = write_back::failing::next_retry_in().is_some()
-        || crate::backfill::locked::next_attempt_in().is_some();
+        || (backfills && crate::backfill::locked::next_attempt_in().is_some());
     Ok(Some(if more {
         Work::More
     } else if waiting {
@@ -202,16 +286,20 @@ fn lane_pass() -> Result<Option<Work>, pgrx::spi::Error> {
     }))
 }
 
+/// Whether another process is `lane` of this database, in the caller's transaction.
+fn runs(lane: Lane) -> Result<bool, pgrx::spi::Error> {
+    Ok(pgrx::Spi::get_one_with_args::<bool>(
+        "SELECT EXISTS (SELECT FROM pg_catalog.pg_stat_activity
+                         WHERE backend_type = $1 AND datname = pg_catalog.current_database()
+                           AND pid <> pg_catalog.pg_backend_pid())",
+        &[lane.backend_type().into()],
+    )?
+    .unwrap_or(false))
+}
+
 /// Another lane serves this database already (one left by a delivery worker that crashed).
-fn another_lane_runs() -> bool {
-    crate::error::transaction(|| {
-        pgrx::Spi::get_one_with_args::<bool>(
-            "SELECT EXISTS (SELECT FROM pg_catalog.pg_stat_activity
-                             WHERE backend_type = $1 AND datname = pg_catalog.current_database()
-                               AND pid <> pg_catalog.pg_backend_pid())",
-            &[BACKEND_TYPE.into()],
-        )
-    })
+fn another_lane_runs(lane: Lane) -> bool {
+    crate::error::transaction(|| runs(lane).map(Some))
     .unwrap_or_else(|e| {
         pgrx::warning!("certyo_cdc: the slow lane cannot tell whether another lane serves this database, and ends: {e}");
         Some(true)

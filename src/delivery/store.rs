@@ -28,6 +28,8 @@ pub struct Entry {
     pub payload_size: usize,
     /// SHA-256 of the payload sent, in hex: set when the record is made.
     pub payload_sha256: String,
+    /// The digests of its columns (`certyo::column_sha256`), in hex: set with `payload_sha256`.
+    pub column_sha256: String,
     pub source_timestamp: String,
     pub idempotency_key: String,
     /// Failed attempts so far: the next transient failure waits longer.
@@ -89,7 +91,7 @@ thread_local! {
 /// `sql` for the installed schema: one from before 0.2.0 (the library installed, `ALTER
 /// EXTENSION certyo_cdc UPDATE` not yet run) has no `table_id` columns, and is delivered as
 /// it was until the update (see `crate::track::identity::schema_has_ids`).
-fn for_schema(sql: &'static str) -> std::borrow::Cow<'static, str> {
+fn for_schema(sql: &str) -> std::borrow::Cow<'_, str> {
     if crate::track::identity::schema_has_ids() {
         std::borrow::Cow::Borrowed(sql)
     } else {
@@ -117,17 +119,7 @@ pub fn control() -> SpiResult<Option<Control>> {
             if !installed {
                 return Ok(None);
             }
-            let has_ids = prepared::select(
-                client,
-                "SELECT EXISTS (SELECT FROM pg_attribute a
-                                 WHERE a.attrelid = 'certyo.receipt'::regclass AND a.attname = 'table_id'
-                                   AND NOT a.attisdropped)",
-                &[],
-            )?
-            .first()
-            .get_one::<bool>()?
-            .unwrap_or(false);
-            crate::track::identity::set_schema_has_ids(has_ids);
+            let has_ids = crate::track::identity::schema_has_ids();
             if !has_ids {
                 // The schema from before 0.2.0: its own relink (by the extension's OID).
                 client.update("SELECT certyo.relink_restored()", None, &[])?;
@@ -419,6 +411,7 @@ fn entries_of(mut rows: pgrx::spi::SpiTupleTable<'_>, max_bytes: usize) -> SpiRe
             // SAFETY: column 6 is the payload, a json (varlena) value of a row of this table.
             payload_size: payload.map_or(0, |d| unsafe { text_size(d) }),
             payload_sha256: String::new(),
+            column_sha256: String::new(),
             source_timestamp: row.get::<String>(7)?.unwrap_or_default(),
             idempotency_key: row.get::<String>(8)?.unwrap_or_default(),
             attempts: row.get::<i32>(9)?.unwrap_or_default(),
@@ -601,37 +594,54 @@ impl std::ops::Add for Tally {
 
 /// The receipts of accepted changes, wherever each waited: in `certyo.delivery` (a retry) or
 /// in the queue (`$6`: their places). Parameters: ids, record hashes, replayed flags, payload
-/// SHA-256s in hex, the wait before verification in ms, queue places.
-const RECEIPTS: &str = "WITH v AS (SELECT * FROM unnest($1::bigint[], $2::text[], $3::boolean[], $4::text[])
-                              AS v(id, hash, replayed, sha)),
+/// SHA-256s in hex, the wait before verification in ms, queue places, column digests in hex.
+const RECEIPTS: &str = "WITH v AS (SELECT * FROM unnest($1::bigint[], $2::text[], $3::boolean[], $4::text[], $7::text[])
+                              AS v(id, hash, replayed, sha, cols)),
           retried AS (DELETE FROM certyo.delivery d USING v WHERE d.id = v.id
                       RETURNING d.id, d.relid, d.collection, d.record_id, d.operation, d.source_timestamp,
-                                d.idempotency_key, d.queued_at, d.attempts, v.hash, v.replayed, v.sha, d.table_id),
+                                d.idempotency_key, d.queued_at, d.attempts, v.hash, v.replayed, v.sha, d.table_id, v.cols),
           direct AS (DELETE FROM certyo.queue q USING v
                       WHERE q.ctid = ANY ($6::text[]::tid[]) AND q.id = v.id
                      RETURNING q.id, q.relid, q.collection, q.record_id, q.operation, q.source_timestamp,
-                               q.idempotency_key, q.queued_at, 0, v.hash, v.replayed, v.sha, q.table_id)
+                               q.idempotency_key, q.queued_at, 0, v.hash, v.replayed, v.sha, q.table_id, v.cols)
      INSERT INTO certyo.receipt (id, relid, collection, record_id, operation, source_timestamp,
                                  idempotency_key, queued_at, attempts, accepted_at, record_hash,
-                                 replayed, payload_sha256, next_verify_at, table_id)
+                                 replayed, payload_sha256, next_verify_at, table_id, column_sha256)
      SELECT id, relid, collection, record_id, operation, source_timestamp, idempotency_key,
             queued_at, attempts + 1, now(), hash, replayed, decode(sha, 'hex'),
-            now() + $5 * interval '1 ms', table_id
+            now() + $5 * interval '1 ms', table_id, decode(NULLIF(cols, ''), 'hex')
        FROM (SELECT * FROM retried UNION ALL SELECT * FROM direct) AS done";
 
 /// `RECEIPTS` for a batch whose every accepted change was taken from the queue.
-const RECEIPTS_FROM_QUEUE: &str = "WITH v AS (SELECT * FROM unnest($1::bigint[], $2::text[], $3::boolean[], $4::text[])
-                              AS v(id, hash, replayed, sha)),
+const RECEIPTS_FROM_QUEUE: &str = "WITH v AS (SELECT * FROM unnest($1::bigint[], $2::text[], $3::boolean[], $4::text[], $7::text[])
+                              AS v(id, hash, replayed, sha, cols)),
           direct AS (DELETE FROM certyo.queue q USING v
                       WHERE q.ctid = ANY ($6::text[]::tid[]) AND q.id = v.id
                      RETURNING q.id, q.relid, q.collection, q.record_id, q.operation, q.source_timestamp,
-                               q.idempotency_key, q.queued_at, v.hash, v.replayed, v.sha, q.table_id)
+                               q.idempotency_key, q.queued_at, v.hash, v.replayed, v.sha, q.table_id, v.cols)
      INSERT INTO certyo.receipt (id, relid, collection, record_id, operation, source_timestamp,
                                  idempotency_key, queued_at, attempts, accepted_at, record_hash,
-                                 replayed, payload_sha256, next_verify_at, table_id)
+                                 replayed, payload_sha256, next_verify_at, table_id, column_sha256)
      SELECT id, relid, collection, record_id, operation, source_timestamp, idempotency_key,
-            queued_at, 1, now(), hash, replayed, decode(sha, 'hex'), now() + $5 * interval '1 ms', table_id
+            queued_at, 1, now(), hash, replayed, decode(sha, 'hex'), now() + $5 * interval '1 ms', table_id,
+            decode(NULLIF(cols, ''), 'hex')
        FROM direct";
+
+/// The accepted entries of a batch, as `RECEIPTS` takes them: ids, record hashes, replayed
+/// flags, payload SHA-256s and column digests (in hex).
+type AcceptedLists = (Vec<i64>, Vec<String>, Vec<bool>, Vec<String>, Vec<String>);
+
+/// `RECEIPTS` and `RECEIPTS_FROM_QUEUE` for an extension not yet updated to 0.2.0, whose
+/// receipts have no `column_sha256` (the library is installed before `ALTER EXTENSION
+/// certyo_cdc UPDATE`): the same statements without it.
+static RECEIPTS_WITHOUT_DIGESTS: std::sync::LazyLock<[String; 2]> =
+    std::sync::LazyLock::new(|| {
+        [RECEIPTS, RECEIPTS_FROM_QUEUE].map(|sql| {
+            sql.replace(", column_sha256)", ")")
+                .replace(", decode(NULLIF(cols, ''), 'hex')", "")
+                .replace(",\n            decode(NULLIF(cols, ''), 'hex')", "")
+        })
+    });
 
 /// Record what Certyo said about each entry and write the accepted hashes back to the rows, in
 /// one transaction.
@@ -645,7 +655,7 @@ pub fn record(
 ) -> SpiResult<(Tally, RecordTimes)> {
     let started = Instant::now();
     let mut times = RecordTimes::default();
-    let mut accepted: (Vec<i64>, Vec<String>, Vec<bool>, Vec<String>) = Default::default();
+    let mut accepted: AcceptedLists = Default::default();
     let mut transient: (Vec<i64>, Vec<i64>, Vec<String>) = Default::default();
     let mut failed: (Vec<i64>, Vec<i32>, Vec<String>, Vec<bool>) = Default::default();
     // Queue rows of the batch: (ctid, id) of the accepted, and of the others.
@@ -681,6 +691,7 @@ pub fn record(
                 accepted.1.push(record_hash);
                 accepted.2.push(replayed);
                 accepted.3.push(entry.payload_sha256.clone());
+                accepted.4.push(entry.column_sha256.clone());
                 tally.accepted += 1;
                 tally.replayed += i64::from(replayed);
             }
@@ -754,19 +765,27 @@ pub fn record(
                     accepted.3.into(),
                     (verify_after.as_millis() as i64).into(),
                     accepted_rows.into(),
+                    accepted.4.into(),
                 ];
                 // A batch taken straight from the queue (Certyo keeping up) skips looking for
                 // its changes in certyo.delivery: a probe of its index per change, a tenth of
                 // the statement's time, that finds nothing. Unless a change moved there while
                 // its batch was in flight (a retry began meanwhile): the general statement
                 // then finds it, the others being gone from the queue already.
+                let (receipts, from_queue) =
+                    if crate::shape::schema_has(c"receipt", Some(c"column_sha256")) {
+                        (RECEIPTS, RECEIPTS_FROM_QUEUE)
+                    } else {
+                        let [receipts, from_queue] = &*RECEIPTS_WITHOUT_DIGESTS;
+                        (receipts.as_str(), from_queue.as_str())
+                    };
                 let recorded = if all_from_queue {
-                    prepared::update(client, &for_schema(RECEIPTS_FROM_QUEUE), &args)?.len()
+                    prepared::update(client, &for_schema(from_queue), &args)?.len()
                 } else {
                     0
                 };
                 if recorded < count {
-                    prepared::update(client, &for_schema(RECEIPTS), &args)?;
+                    prepared::update(client, &for_schema(receipts), &args)?;
                 }
             }
             if !transient.0.is_empty() {
@@ -918,7 +937,17 @@ pub fn set_state(state: &str, detail: &str, error: Option<&str>, tally: Tally) -
 
 #[cfg(test)]
 mod tests {
-    use super::{oldest_per_record, Queued};
+    use super::{oldest_per_record, Queued, RECEIPTS_WITHOUT_DIGESTS};
+
+    #[test]
+    fn receipts_without_digests_name_no_digest_column() {
+        for sql in RECEIPTS_WITHOUT_DIGESTS.iter() {
+            assert!(
+                !sql.contains("column_sha256") && !sql.contains("NULLIF(cols"),
+                "{sql}"
+            );
+        }
+    }
     use pgrx::pg_sys::Oid;
 
     fn q(id: i64, record: &str) -> Queued {

@@ -358,11 +358,12 @@ impl Worker {
         super::after_hard_limit()?;
         write_back::budget::new_pass();
         // Backfills only queue rows, like capture: they go on while sending is paused. Their
-        // chunks run owners' conditions and wait for row locks: the slow lane's work, unless no
-        // lane can be started.
-        let backfilling = control.backfill_open
-            && !self.lane.ensure(self.database)
-            && crate::backfill::step(settings.backfill_chunk_size)?;
+        // chunks run owners' conditions and wait for row locks: the slow lane's work, never the
+        // delivery worker's (a condition that catches its cancellation would end it at its hard
+        // limit, and every table's delivery with it). Without a lane they wait for one.
+        if control.backfill_open {
+            self.lane.ensure(self.database);
+        }
         let blocked = self.blocked(&settings, control);
         // Commits ring only when a pass could send what they queued.
         crate::wake::mute(blocked.is_some() || self.waiting_for_probe().is_some());
@@ -372,11 +373,7 @@ impl Worker {
                 self.deliver(&client, &settings, false)?;
             }
             self.announce(state, &detail, None, Tally::default())?;
-            return Ok(if backfilling {
-                Next::Now
-            } else {
-                Next::Wait(settings.poll_interval)
-            });
+            return Ok(Next::Wait(settings.poll_interval));
         }
         let client = self.client(&settings)?.clone();
         if let Some(wait) = self.waiting_for_probe() {
@@ -386,11 +383,7 @@ impl Worker {
             if let Some((state, detail)) = self.outage_state() {
                 self.announce(state, &detail, None, Tally::default())?;
             }
-            return Ok(if backfilling {
-                Next::Now
-            } else {
-                Next::Wait(wait)
-            });
+            return Ok(Next::Wait(wait));
         }
         let (delivered, error, more_to_send) = self.deliver(&client, &settings, true)?;
         self.settled_since_vacuum += delivered.sent;
@@ -420,6 +413,10 @@ impl Worker {
             found
         };
         let left = write_back::failing::left_to_the_lane();
+        if waiting && super::owners::any_slow() {
+            // One owner's slow code has a lane of its own: it delays that owner's tables only.
+            self.lane.ensure_slow_owners(self.database);
+        }
         if waiting && !self.lane.ensure(self.database) {
             // No slow lane could start: the worker retries itself, and reports what is left.
             write_back::failing::retry_due()?;
@@ -452,7 +449,7 @@ impl Worker {
             );
             self.announce(State::Delivering, &detail, error.as_deref(), tally)?;
         }
-        if more_to_send || backfilling || verify_again == Some(Duration::ZERO) {
+        if more_to_send || verify_again == Some(Duration::ZERO) {
             // A pass that took only a few changes while writers keep committing costs nearly as
             // much as a full one: wait a moment for more.
             let trickling =
@@ -460,7 +457,7 @@ impl Worker {
             let rate = previous_pass.map_or(0.0, |at| {
                 delivered.sent as f64 / at.elapsed().as_secs_f64().max(0.001)
             });
-            return Ok(if trickling && !backfilling {
+            return Ok(if trickling {
                 Next::Gather(gather_time(rate))
             } else {
                 Next::Now
@@ -471,9 +468,6 @@ impl Worker {
             due = due.min(again);
         }
         if let Some(retry) = write_back::failing::next_retry_in() {
-            due = due.min(retry);
-        }
-        if let Some(retry) = crate::backfill::locked::next_attempt_in() {
             due = due.min(retry);
         }
         Ok(Next::Wait(due.min(settings.poll_interval)))

@@ -10,7 +10,6 @@
 //! Origin-mode write-backs are the slow lane's: the delivery worker runs no owner's code.
 
 use crate::track::key::{split_record_id, RecordKey};
-use pgrx::datum::DatumWithOid;
 use pgrx::pg_sys::Oid;
 use pgrx::PgSqlErrorCode;
 
@@ -259,6 +258,8 @@ struct Failed {
 /// written back again with a growing back-off; `certyo.write_back_failure` says why, for
 /// `certyo.status` and `certyo.worker_status()`.
 pub mod failing {
+    use super::super::owners;
+    use super::super::slow_lane::{self, Lane};
     use super::{mark_isolated, Mark, Marked, Version};
     use certyo::retry::next_attempt_delay;
     use pgrx::pg_sys::Oid;
@@ -271,6 +272,9 @@ pub mod failing {
 
     /// Receipts written back again per table per attempt.
     const RETRY_BATCH: i64 = 5_000;
+    /// A table's write-back that took this long ends the lane's round: the order is made anew,
+    /// so that another owner's table listed meanwhile goes before this owner's next ones.
+    const ROUND_ENDS_AFTER: Duration = Duration::from_millis(200);
 
     thread_local! {
         /// The worker's schedule: per failing table, when to try again. None until loaded
@@ -332,6 +336,12 @@ pub mod failing {
             "make the table's triggers (and the functions its checks, indexes and policies call) let query_canceled through, or raise certyo.user_code_timeout if they need longer",
         );
         crate::error::transaction(|| {
+            // Its owner's code took the whole time and more, in the lane that ended.
+            if let Some(owner) = crate::rights::owner_of(relid) {
+                let limit =
+                    crate::delivery::settings::user_code_timeout() + crate::hard_limit::GRACE;
+                owners::charge(owner, limit, slow_lane::this() != Some(Lane::SlowOwners));
+            }
             Spi::connect_mut(|client| record(client, relid, &[], &message))
         })
     }
@@ -344,12 +354,15 @@ pub mod failing {
     fn tables_waiting(client: &pgrx::spi::SpiClient<'_>) -> SpiResult<Vec<Waiting>> {
         client
             .select(
-                "SELECT relid, attempts, extract(epoch FROM now() - last_attempt_at)::float8
-                   FROM certyo.write_back_failure
-                 UNION ALL
-                 SELECT t.relid, 0, 0 FROM certyo.tracked_oids() t
-                  WHERE EXISTS (SELECT FROM certyo.receipt r WHERE r.relid = t.relid AND NOT r.written_back)
-                    AND NOT EXISTS (SELECT FROM certyo.write_back_failure f WHERE f.relid = t.relid)",
+                "SELECT w.relid, w.attempts, w.since_last, c.relowner
+                   FROM (SELECT relid, attempts, extract(epoch FROM now() - last_attempt_at)::float8
+                           FROM certyo.write_back_failure
+                         UNION ALL
+                         SELECT t.relid, 0, 0 FROM certyo.tracked_oids() t
+                          WHERE EXISTS (SELECT FROM certyo.receipt r WHERE r.relid = t.relid AND NOT r.written_back)
+                            AND NOT EXISTS (SELECT FROM certyo.write_back_failure f WHERE f.relid = t.relid))
+                        AS w (relid, attempts, since_last)
+                   LEFT JOIN pg_catalog.pg_class c ON c.oid = w.relid",
                 None,
                 &[],
             )?
@@ -358,6 +371,7 @@ pub mod failing {
                     relid: row.get::<Oid>(1)?.unwrap_or_default(),
                     attempts: row.get::<i32>(2)?.unwrap_or(0).max(0) as u32,
                     since_last: Duration::from_secs_f64(row.get::<f64>(3)?.unwrap_or(0.0).max(0.0)),
+                    owner: row.get::<Oid>(4)?.unwrap_or_default(),
                 })
             })
             .collect()
@@ -368,6 +382,8 @@ pub mod failing {
         relid: Oid,
         attempts: u32,
         since_last: Duration,
+        /// The table's owner (invalid once the table is gone).
+        owner: Oid,
     }
 
     /// The tables whose write-back fails or waits for the slow lane now.
@@ -488,16 +504,39 @@ pub mod failing {
         });
         // Fewest failed attempts first: a table whose write-back ends the lane at its hard limit
         // (see `crate::hard_limit`) comes after every table that has not failed, in each of the
-        // lane's lives, however many such tables an owner has.
-        let attempts = |relid: &Oid| {
-            listed
-                .iter()
-                .find(|w| w.relid == *relid)
-                .map_or(0, |w| w.attempts)
-        };
-        due.sort_by_key(|relid| (attempts(relid), relid.to_u32()));
-        for relid in due {
+        // lane's lives, however many such tables an owner has. Then the owners whose code has
+        // taken least of the lane's time lately (`owners`): one owner's many slow tables wait
+        // behind the others' tables, not the other way round.
+        let mut due: Vec<(u32, Duration, Oid, Oid)> = due
+            .drain(..)
+            .map(|relid| {
+                let waiting = listed.iter().find(|w| w.relid == relid);
+                let (attempts, owner) =
+                    waiting.map_or((0, Oid::INVALID), |w| (w.attempts, w.owner));
+                (attempts, owners::used(owner), relid, owner)
+            })
+            .collect();
+        // Slow owners' tables are their lane's (they wait while it starts again after its hard
+        // limit), unless the delivery worker could start none.
+        let lane = slow_lane::this();
+        match lane {
+            Some(Lane::SlowOwners) => due.retain(|d| owners::is_slow(d.3, true)),
+            Some(Lane::Shared) if !owners::slow_owners_have_no_lane() => {
+                due.retain(|d| !owners::is_slow(d.3, false));
+            }
+            _ => {}
+        }
+        due.sort_by_key(|(attempts, used, relid, _)| (*attempts, *used, relid.to_u32()));
+        for (_, _, relid, owner) in due {
+            let started = Instant::now();
             crate::error::transaction(|| Spi::connect_mut(|client| retry_table(client, relid)))?;
+            let took = started.elapsed();
+            owners::charge(owner, took, lane != Some(Lane::SlowOwners));
+            if took >= ROUND_ENDS_AFTER {
+                // The order is made anew (the caller comes back at once): another owner's table
+                // listed meanwhile goes before this owner's next ones.
+                break;
+            }
         }
         Ok(())
     }
@@ -568,23 +607,32 @@ pub mod failing {
             None,
             &[ids.into(), statuses.into(), relid.into()],
         )?;
-        let deleted = client
+        let deleted = match client
             .update(
                 // Not while receipts of the table wait (deferred before the lock above, or
                 // verified meanwhile): they are the next retry's.
                 "DELETE FROM certyo.write_back_failure WHERE relid = $1
                     AND NOT EXISTS (SELECT FROM certyo.receipt r WHERE r.relid = $1 AND NOT r.written_back)
-                 RETURNING relid",
+                 RETURNING attempts",
                 None,
                 &[relid.into()],
             )?
-            .len();
-        if deleted > 0 {
+            .into_iter()
+            .next()
+        {
+            Some(row) => Some(row.get::<i32>(1)?.unwrap_or(0)),
+            None => None,
+        };
+        if let Some(attempts) = deleted {
             schedule(relid, None);
-            pgrx::log!(
-                "certyo_cdc: write-back to table {} works again",
-                name_of(relid)
-            );
+            // Said only after failures: a table that merely waited for the lane (its UPDATE
+            // runs its owner's code) is written back this way every time.
+            if attempts > 0 {
+                pgrx::log!(
+                    "certyo_cdc: write-back to table {} works again",
+                    name_of(relid)
+                );
+            }
         } else {
             // Receipts still wait (more than a batch, deferred meanwhile, or verified
             // meanwhile): at once again.
@@ -681,9 +729,6 @@ fn mark_table(
     let Some(key) = RecordKey::from_found(found)? else {
         return Ok(Marked::Done); // dropped or untracked meanwhile: nothing to write back to
     };
-    if key.foreign_cast {
-        key.refuse_foreign_cast().raise();
-    }
     if key.user_code && budget::limited() {
         // Owners' code never runs in the delivery worker: it could hold it (a trigger that
         // catches its cancellation ends the process running it, see `crate::hard_limit`),
@@ -698,40 +743,45 @@ fn mark_table(
         let Some(split) = split_record_id(&record_id, n) else {
             continue;
         };
-        for ((column, value), ty) in parts.iter_mut().zip(split).zip(&key.types) {
-            column.push(crate::track::key::postgres_input(&value, ty));
+        for (column, value) in parts.iter_mut().zip(split) {
+            column.push(value);
         }
         hashes.push(hash);
     }
     if hashes.is_empty() {
         return Ok(Marked::Done);
     }
-    let unnest: Vec<String> = (1..=n).map(|i| format!("${i}::text[]")).collect();
+    let params: Vec<String> = (1..=n).map(|i| format!("${i}")).collect();
     let names: Vec<String> = (1..=n).map(|i| format!("k{i}")).collect();
     let watched = match (&key.update_column, key.user_code) {
         (Some(column), true) => format!(", {column} = t.{column}"),
         _ => String::new(),
     };
     // The mode is part of the statement's text, so a plan kept from one mode is never run in
-    // the other: one made while an owner's cast existed calls it even after the cast is gone.
+    // the other; so are the key's types, which its parameters take.
     let mode = if key.user_code { "origin" } else { "replica" };
     let sql = format!(
-        "/* certyo_cdc write-back, {mode} mode */
+        "/* certyo_cdc write-back, {mode} mode, key types {types} */
          UPDATE {table} AS t SET {set}{watched}
-           FROM unnest({unnest}, ${h}::text[]) AS v({names}, hash)
+           FROM unnest({params}, ${h}::text[]) AS v({names}, hash)
           WHERE {matches} AND {identical} AND {condition}",
+        types = key.type_list(),
         table = key.table,
         set = mark.set(),
-        unnest = unnest.join(", "),
+        params = params.join(", "),
         names = names.join(", "),
         matches = key.matches("t", "v"),
         identical = key.identical("t", "v"),
         condition = mark.row_condition(),
         h = n + 1,
     );
-    let mut args: Vec<DatumWithOid> = parts.into_iter().map(Into::into).collect();
-    args.push(hashes.into());
     crate::rights::writing_back_as(relid, key.owner, key.user_code, timeout, || {
+        // Read into the key's types as the owner: a domain's checks are the owner's code.
+        let mut args = Vec::with_capacity(n + 1);
+        for (i, column) in parts.iter().enumerate() {
+            args.push(key.array_of(i, column).unwrap_or_else(|e| e.raise()));
+        }
+        args.push(hashes.into());
         super::prepared::update(client, &sql, &args)
     })?;
     Ok(Marked::Done)

@@ -28,18 +28,13 @@ thread_local! {
     /// A write-back met versions whose table id the OID they carry no longer names: the
     /// worker runs `certyo.relink_restored()` at its next pass.
     static RELINK_WANTED: Cell<bool> = const { Cell::new(false) };
-    static SCHEMA_HAS_IDS: Cell<bool> = const { Cell::new(true) };
 }
 
 /// Whether the extension's tables have the `table_id` columns: a schema from before 0.2.0
 /// (the library installed, `ALTER EXTENSION certyo_cdc UPDATE` not yet run) has none, and is
-/// served as it was until the update. Read by the worker at each pass.
+/// served as it was until the update (see [`crate::shape::schema_has`]).
 pub fn schema_has_ids() -> bool {
-    SCHEMA_HAS_IDS.get()
-}
-
-pub fn set_schema_has_ids(has: bool) {
-    SCHEMA_HAS_IDS.set(has);
+    crate::shape::schema_has(c"receipt", Some(c"table_id"))
 }
 
 /// Whether [`belonging`] asked for a relink since the last call.
@@ -70,9 +65,7 @@ fn record_key(table: &Table, options: &CaptureOptions) -> Vec<String> {
 /// a new one that supersedes it when the key changed, or when there is none. The OID is left
 /// to `certyo.relink_restored()`, which moves it together with the rows that carry it.
 pub fn assign(table: &Table, options: &mut CaptureOptions) -> Result<()> {
-    let catalog =
-        Spi::get_one::<bool>("SELECT pg_catalog.to_regclass('certyo.table_identity') IS NOT NULL")?;
-    if catalog != Some(true) {
+    if !crate::shape::schema_has(c"table_identity", None) {
         return Ok(()); // a schema from before 0.2.0: its update assigns the ids
     }
     let key = record_key(table, options);

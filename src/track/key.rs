@@ -2,8 +2,12 @@
 //! with their types, so text parts of a record id can be matched against the table's index.
 //! Read by the worker (write-back, backfill) in its own transactions.
 
-use pgrx::pg_sys::Oid;
+use crate::error::CertyoError;
+use pgrx::datum::DatumWithOid;
+use pgrx::pg_sys::{self, Oid};
 use pgrx::spi::{SpiClient, SpiTupleTable};
+use pgrx::PgSqlErrorCode;
+use std::ffi::{CStr, CString};
 
 /// Whether an UPDATE of the table's bookkeeping columns in replica mode could run code that
 /// PostgreSQL did not ship (`c` is the table's `pg_class` row): a trigger or rule that fires
@@ -13,11 +17,9 @@ use pgrx::spi::{SpiClient, SpiTupleTable};
 /// `FirstNormalObjectId`, so extensions' too) used by the table's (or a partition's)
 /// constraints, indexes, generated columns, policies or partition key; a domain, range or
 /// multirange type not shipped (their checks and support functions run), any type not shipped
-/// given to a bookkeeping column; a cast from text that was not shipped to a column's type, or
-/// a record id column of a type not shipped (the write-back reads record id parts back with
-/// `::type`, and whoever owns the type may create such a cast at any moment, between this check
-/// and the planning of the write-back included); or one of the built-in functions that
-/// run SQL text (`query_to_xml`, `ts_stat`, ...). Only a table for which this is false is written back in replica mode (see
+/// given to a bookkeeping column; a record id column of a type not shipped (the write-back
+/// reads record id parts into it with its input function, a domain's checks included); or one
+/// of the built-in functions that run SQL text (`query_to_xml`, `ts_stat`, ...). Only a table for which this is false is written back in replica mode (see
 /// `crate::rights::writing_back_as`). A macro so that [`LOOKUP`] can be one constant.
 macro_rules! user_code {
     () => {
@@ -60,10 +62,6 @@ macro_rules! user_code {
             SELECT FROM pg_class f JOIN tree ON f.oid = tree.relid
              WHERE f.relrowsecurity AND f.relforcerowsecurity
             UNION ALL
-            SELECT FROM pg_attribute a JOIN tree ON a.attrelid = tree.relid
-              JOIN pg_cast k ON k.castsource = 'text'::regtype AND k.casttarget = a.atttypid
-             WHERE a.attnum > 0 AND NOT a.attisdropped AND k.oid >= 16384
-            UNION ALL
             SELECT FROM pg_attribute a
              WHERE a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped AND a.atttypid >= 16384
                AND a.attname = ANY (certyo.capture_option(t.tgargs, 'record_id')))"
@@ -76,7 +74,7 @@ macro_rules! user_code {
 pub const LOOKUP: &str = concat!(
     "SELECT format('%I.%I', n.nspname, c.relname),
           ARRAY(SELECT quote_ident(k.name) FROM unnest(certyo.capture_option(t.tgargs, 'record_id')) k(name)),
-          ARRAY(SELECT format_type(a.atttypid, a.atttypmod)
+          ARRAY(SELECT a.atttypid
                   FROM unnest(certyo.capture_option(t.tgargs, 'record_id')) WITH ORDINALITY AS k(name, n)
                   JOIN pg_attribute a ON a.attrelid = c.oid AND a.attname = k.name AND NOT a.attisdropped
                  ORDER BY k.n),
@@ -88,13 +86,10 @@ pub const LOOKUP: &str = concat!(
           ",
     user_code!(),
     ",
-          EXISTS (SELECT FROM pg_attribute a
-                    JOIN pg_cast k ON (k.castsource = 'text'::regtype AND k.casttarget = a.atttypid)
-                                   OR (k.casttarget = 'text'::regtype AND k.castsource = a.atttypid)
-                    JOIN pg_proc f ON f.oid = k.castfunc
-                   WHERE a.attrelid = c.oid AND NOT a.attisdropped AND k.oid >= 16384
-                     AND f.proowner <> c.relowner
-                     AND a.attname = ANY (certyo.capture_option(t.tgargs, 'record_id')))
+          ARRAY(SELECT a.atttypmod
+                  FROM unnest(certyo.capture_option(t.tgargs, 'record_id')) WITH ORDINALITY AS k(name, n)
+                  JOIN pg_attribute a ON a.attrelid = c.oid AND a.attname = k.name AND NOT a.attisdropped
+                 ORDER BY k.n)
      FROM pg_class c
      JOIN pg_namespace n ON n.oid = c.relnamespace
      JOIN pg_trigger t ON t.tgrelid = c.oid AND t.tgname = 'certyo_capture'
@@ -108,8 +103,10 @@ pub struct RecordKey {
     pub table: String,
     /// Record id columns, in record id order, quoted for SQL.
     pub columns: Vec<String>,
-    /// Their types, as `format_type` spells them.
-    pub types: Vec<String>,
+    /// Their types.
+    pub types: Vec<Oid>,
+    /// Their type modifiers (`numeric(10,2)`, `varchar(8)`), as their input functions take them.
+    pub typmods: Vec<i32>,
     /// The table's owner: the worker runs its statements on the table with the owner's rights.
     pub owner: Oid,
     /// A business column the capture trigger fires on (`UPDATE OF`), quoted; None when it
@@ -117,12 +114,6 @@ pub struct RecordKey {
     pub update_column: Option<String>,
     /// Whether an UPDATE of the table can run code PostgreSQL did not ship (`user_code!`).
     pub user_code: bool,
-    /// Whether a record id column's type has a cast from or to text that PostgreSQL did not
-    /// ship, whose function another role than the table's owner owns. The worker reads record id parts back with `::type` and writes keys out with
-    /// `::text`, as the table's owner: such a cast is its creator's code (whoever owns the
-    /// type may create one), which would run with the owner's rights, a superuser's too (an
-    /// attacker pass of 2026-12-06). The worker refuses such a table ([`Self::refuse_foreign_cast`]).
-    pub foreign_cast: bool,
 }
 
 impl RecordKey {
@@ -138,54 +129,137 @@ impl RecordKey {
         let Some(row) = found.into_iter().next() else {
             return Ok(None);
         };
-        let (Some(table), Some(columns), Some(types), Some(owner)) = (
+        let (Some(table), Some(columns), Some(types), Some(owner), Some(typmods)) = (
             row.get::<String>(1)?,
             row.get::<Vec<String>>(2)?,
-            row.get::<Vec<String>>(3)?,
+            row.get::<Vec<Oid>>(3)?,
             row.get::<Oid>(4)?,
+            row.get::<Vec<i32>>(7)?,
         ) else {
             return Ok(None);
         };
         let update_column = row.get::<String>(5)?;
         // Unknown counts as user code: the owner's ordinary session settings are the safe side.
         let user_code = row.get::<bool>(6)?.unwrap_or(true);
-        let foreign_cast = row.get::<bool>(7)?.unwrap_or(true);
-        Ok(
-            (!columns.is_empty() && types.len() == columns.len()).then_some(RecordKey {
-                table,
-                columns,
-                types,
-                owner,
-                update_column,
-                user_code,
-                foreign_cast,
-            }),
-        )
+        let complete =
+            !columns.is_empty() && types.len() == columns.len() && typmods.len() == columns.len();
+        Ok(complete.then_some(RecordKey {
+            table,
+            columns,
+            types,
+            typmods,
+            owner,
+            update_column,
+            user_code,
+        }))
     }
 
-    /// The error for a table whose key type has a cast with text not shipped with PostgreSQL
-    /// (see [`Self::foreign_cast`]): nothing is read or written back until it is dropped.
-    pub fn refuse_foreign_cast(&self) -> crate::error::CertyoError {
-        crate::error::CertyoError::new(
-            pgrx::PgSqlErrorCode::ERRCODE_INSUFFICIENT_PRIVILEGE,
-            format!("certyo_cdc: the type of a record id column of {} has a cast from or to text whose function another role owns, and certyo_cdc never runs one as the table's owner", self.table),
-        )
-        .detail("The worker reads record ids back into the key's type and writes keys out as text, with the table owner's rights; a cast function of another role (whoever owns the type may create one) would run with them.")
-        .hint(format!("Drop the cast (DROP CAST), or track {} by record_id_columns of PostgreSQL's own types; its changes are delivered meanwhile, and written back once it is gone.", self.table))
+    /// Record id parts of column `i`, read into its type by the type's own input function: an
+    /// array of that type, for `unnest`. Never a cast: whoever owns a type may create a cast
+    /// from text to it at any moment, and `::type` would run its function with the rights of
+    /// whoever reads (the table's owner, a superuser too). An input function is the type's
+    /// own (written in C by a superuser, or PostgreSQL's for enums and domains, whose checks
+    /// are the table owner's choice). Run it as the table's owner: a domain's checks are
+    /// user code.
+    pub fn array_of(
+        &self,
+        i: usize,
+        parts: &[String],
+    ) -> Result<DatumWithOid<'static>, CertyoError> {
+        let element = self.types[i];
+        // SAFETY: syscache lookups of a type that exists (the key was read in this
+        // transaction, with the table locked, so its columns' types cannot be dropped);
+        // construct_array copies the datums (made by the type's input function, so of its
+        // length, passing and alignment) into a palloc'd array of that element type.
+        unsafe {
+            let array_type = pg_sys::get_array_type(element);
+            if array_type == pg_sys::InvalidOid {
+                return Err(self.unreadable(i, "its type has no array type"));
+            }
+            let mut datums = parts
+                .iter()
+                .map(|part| self.input(i, part))
+                .collect::<Result<Vec<_>, _>>()?;
+            let (mut len, mut byval, mut align) = (0i16, false, 0 as std::ffi::c_char);
+            pg_sys::get_typlenbyvalalign(element, &mut len, &mut byval, &mut align);
+            let array = pg_sys::construct_array(
+                datums.as_mut_ptr(),
+                datums.len() as i32,
+                element,
+                len.into(),
+                byval,
+                align,
+            );
+            Ok(DatumWithOid::new(pg_sys::Datum::from(array), array_type))
+        }
     }
 
-    /// `t.k1 = v.k1::type1 AND ...`: the table's key against text parts named k1..kn.
+    /// One value of column `i`, read from its text by the type's input function (see
+    /// [`Self::array_of`]).
+    pub fn value_of(&self, i: usize, part: &str) -> Result<DatumWithOid<'static>, CertyoError> {
+        let datum = self.input(i, part)?;
+        // SAFETY: the datum was made by the input function of this very type.
+        Ok(unsafe { DatumWithOid::new(datum, self.types[i]) })
+    }
+
+    /// Column `i`'s value as text, by its type's own output function (never a cast to text, see
+    /// [`Self::array_of`]). `found` is the type of the datum as the query returned it: a
+    /// value of another type is an error, never read as this one.
+    pub fn text_of(
+        &self,
+        i: usize,
+        found: Oid,
+        datum: pg_sys::Datum,
+    ) -> Result<String, CertyoError> {
+        if found != self.types[i] {
+            return Err(self.unreadable(i, "the query returned it as another type"));
+        }
+        // SAFETY: the datum is of the column's type (checked above); the output function
+        // returns a palloc'd NUL-terminated string.
+        unsafe {
+            let (mut output, mut varlena) = (pg_sys::InvalidOid, false);
+            pg_sys::getTypeOutputInfo(self.types[i], &mut output, &mut varlena);
+            let text = pg_sys::OidOutputFunctionCall(output, datum);
+            Ok(CStr::from_ptr(text).to_string_lossy().into_owned())
+        }
+    }
+
+    fn input(&self, i: usize, part: &str) -> Result<pg_sys::Datum, CertyoError> {
+        // SAFETY: syscache lookups of the column's type, which exists (see `array_of`); the
+        // input function reads a NUL-terminated string and raises an error for bad input.
+        unsafe {
+            // A domain over date reads its text as a date does.
+            let text = CString::new(postgres_input(part, pg_sys::getBaseType(self.types[i])))
+                .map_err(|_| self.unreadable(i, "a record id part holds a NUL byte"))?;
+            let (mut input, mut ioparam) = (pg_sys::InvalidOid, pg_sys::InvalidOid);
+            pg_sys::getTypeInputInfo(self.types[i], &mut input, &mut ioparam);
+            Ok(pg_sys::OidInputFunctionCall(
+                input,
+                text.as_ptr().cast_mut(),
+                ioparam,
+                self.typmods[i],
+            ))
+        }
+    }
+
+    fn unreadable(&self, i: usize, why: &str) -> CertyoError {
+        CertyoError::new(
+            PgSqlErrorCode::ERRCODE_DATATYPE_MISMATCH,
+            format!("certyo_cdc cannot read record id column {} of {}: {why}", self.columns[i], self.table),
+        )
+        .hint("Track the table by record_id_columns of other types (certyo.track's record_id_columns).")
+    }
+
+    /// `t.k1 = v.k1 AND ...`: the table's key against the values named k1..kn, of its types.
     pub fn matches(&self, table: &str, values: &str) -> String {
-        self.columns
-            .iter()
-            .zip(&self.types)
-            .enumerate()
-            .map(|(i, (column, ty))| format!("{table}.{column} = {values}.k{}::{ty}", i + 1))
+        (1..=self.columns.len())
+            .zip(&self.columns)
+            .map(|(i, column)| format!("{table}.{column} = {values}.k{i}"))
             .collect::<Vec<_>>()
             .join(" AND ")
     }
 
-    /// `record_image_eq(ROW(t.k1, ...), ROW(v.k1::type1, ...))`: the row's key is byte for
+    /// `record_image_eq(ROW(t.k1, ...), ROW(v.k1, ...))`: the row's key is byte for
     /// byte the one the record id was rendered from, not merely equal to it. Equality is not
     /// identity: under a nondeterministic collation `'abc' = 'ABC'`, and `1001.5 = 1001.50`,
     /// yet capture renders (and Certyo keys) them as two records, and a key changed from one
@@ -202,26 +276,35 @@ impl RecordKey {
             .iter()
             .map(|c| format!("{table}.{c}"))
             .collect();
-        let sent = self
-            .types
-            .iter()
-            .enumerate()
-            .map(|(i, ty)| format!("{values}.k{}::{ty}", i + 1))
+        let sent = (1..=self.columns.len())
+            .map(|i| format!("{values}.k{i}"))
             .collect();
         // The function, not its operator `*=`: between two row constructors an operator is
         // applied column by column (a row comparison), and `integer *= integer` is no operator.
         format!("pg_catalog.record_image_eq({}, {})", row(stored), row(sent))
     }
+
+    /// The key's types, for a kept statement's text: a statement whose parameters are of
+    /// these types is kept apart from one planned for others (a column retyped).
+    pub fn type_list(&self) -> String {
+        self.types
+            .iter()
+            .map(|t| t.to_u32().to_string())
+            .collect::<Vec<_>>()
+            .join(",")
+    }
 }
 
-/// A record id part as Postgres reads it back into a column of type `type_name`. Capture
+/// A record id part as Postgres reads it back into a column of type `type_oid`. Capture
 /// renders dates and timestamps in ISO 8601 with astronomical years (year 0 is 1 BC, -0043 is
 /// 44 BC), which Postgres' input refuses; it reads `0044-03-15 BC`. Anything else is as is.
-pub fn postgres_input(part: &str, type_name: &str) -> String {
-    let datelike = matches!(
-        type_name,
-        "date" | "timestamp without time zone" | "timestamp with time zone"
-    );
+pub fn postgres_input(part: &str, type_oid: Oid) -> String {
+    let datelike = [
+        pg_sys::DATEOID,
+        pg_sys::TIMESTAMPOID,
+        pg_sys::TIMESTAMPTZOID,
+    ]
+    .contains(&type_oid);
     let (negative, unsigned) = match part.strip_prefix('-') {
         Some(rest) => (true, rest),
         None => (false, part),
@@ -266,9 +349,10 @@ mod tests {
 
     #[test]
     fn astronomical_years_are_read_back_as_bc() {
-        let tz = "timestamp with time zone";
-        assert_eq!(postgres_input("-0043-03-15", "date"), "0044-03-15 BC");
-        assert_eq!(postgres_input("-043-03-15", "date"), "0044-03-15 BC"); // as 0.2.0 wrote it
+        let tz = pgrx::pg_sys::TIMESTAMPTZOID;
+        let date = pgrx::pg_sys::DATEOID;
+        assert_eq!(postgres_input("-0043-03-15", date), "0044-03-15 BC");
+        assert_eq!(postgres_input("-043-03-15", date), "0044-03-15 BC"); // as 0.2.0 wrote it
         assert_eq!(
             postgres_input("0000-01-01T00:00:00Z", tz),
             "0001-01-01T00:00:00Z BC"
@@ -277,9 +361,9 @@ mod tests {
             postgres_input("2026-03-01T00:00:00Z", tz),
             "2026-03-01T00:00:00Z"
         );
-        assert_eq!(postgres_input("infinity", "date"), "infinity");
-        assert_eq!(postgres_input("-infinity", "date"), "-infinity");
-        assert_eq!(postgres_input("-5", "integer"), "-5");
+        assert_eq!(postgres_input("infinity", date), "infinity");
+        assert_eq!(postgres_input("-infinity", date), "-infinity");
+        assert_eq!(postgres_input("-5", pgrx::pg_sys::INT4OID), "-5");
     }
 
     #[test]

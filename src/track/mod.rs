@@ -96,8 +96,10 @@ fn track_table(relid: Oid, request: &Request, backfill: bool) -> Result<()> {
     let was_tracked = installed_options(relid)?.is_some();
     install::add_bookkeeping_columns(&table)?;
     TriggerDefinition::new(&table, &options).install(&table)?;
+    crate::shape::record(relid, &options)?;
     if !was_tracked {
         write_back_again(relid)?;
+        crate::audit::record_removed_while_untracked(relid, &options)?;
     }
     if backfill {
         let queued = backfill::backfill(relid, &options)?;
@@ -309,7 +311,7 @@ fn refresh(relid: Oid) -> Result<()> {
     if !definition.is_installed(&table)? {
         definition.install(&table)?;
     }
-    Ok(())
+    crate::shape::record(relid, &options)
 }
 
 /// A tracked table keeps its bookkeeping columns: the write-back finds them by name, so one
