@@ -318,7 +318,7 @@ BEGIN
     IF shapes IS NOT NULL THEN
         DELETE FROM certyo.capture_shape s USING certyo.tracked_oids() t
          WHERE s.collection = t.collection AND s.relid <> t.relid;
-        INSERT INTO certyo.capture_shape SELECT * FROM unnest(shapes);
+        INSERT INTO certyo.capture_shape SELECT * FROM unnest(shapes) ON CONFLICT DO NOTHING;  -- recorded here anew meanwhile
     END IF;
     UPDATE certyo.removed_untracked u SET relid = t.relid FROM certyo.tracked_oids() t
      WHERE u.collection = t.collection AND u.relid <> t.relid;
