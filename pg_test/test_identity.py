@@ -177,6 +177,8 @@ def test_tracking_again_with_other_record_id_columns_never_marks_a_row_with_anot
         assert marked == "", "rows marked with the hash of an update captured for another row: " + marked
         dropped = cluster.sql("SELECT count(*) FROM certyo.receipt WHERE write_back_dropped IS NOT NULL")
         assert dropped == "10", "the dropped write-backs are recorded"
+        findings = cluster.sql("SELECT string_agg(record_id || ' ' || problem, ', ') FROM certyo.audit('rk') WHERE record_id IS NOT NULL")
+        assert findings == "", "a row whose version's write-back was dropped is no forgery: " + findings
         assert cluster.sql("SELECT count(*) FROM certyo.write_back_failure") == "0"
 
         # Under the new key, the next change is written back to its row.
@@ -211,6 +213,8 @@ def test_a_primary_key_moved_to_a_column_of_another_type_drops_the_old_keys_writ
         assert cluster.sql("SELECT count(*) FROM certyo.receipt WHERE write_back_dropped IS NOT NULL") == "10"
         assert cluster.sql("SELECT count(*) FROM certyo.write_back_failure") == "0"
         assert cluster.sql("SELECT state FROM certyo.worker_status()") != "write-back failing"
+        findings = cluster.sql("SELECT string_agg(record_id || ' ' || problem, ', ') FROM certyo.audit('pk') WHERE record_id IS NOT NULL")
+        assert findings == "", "a row whose version's write-back was dropped is no forgery: " + findings
         cluster.sql("UPDATE pk SET v = 'after' WHERE n = 3")
         assert cluster.wait_drained(30), cluster.explain()
         own = cluster.sql("""SELECT t.certyo_record_hash = r.record_hash FROM pk t, certyo.receipt r
