@@ -60,11 +60,7 @@ impl Lane {
 
     fn of_argument(arg: pg_sys::Datum) -> (Lane, pg_sys::Oid) {
         let value = arg.value() as u64;
-        let lane = if value >> 32 == 1 {
-            Lane::SlowOwners
-        } else {
-            Lane::Shared
-        };
+        let lane = if value >> 32 == 1 { Lane::SlowOwners } else { Lane::Shared };
         (lane, pg_sys::Oid::from(value as u32))
     }
 }
@@ -242,9 +238,7 @@ pub extern "C-unwind" fn certyo_slow_lane_main(arg: pg_sys::Datum) {
         if let Some(retry) = write_back::failing::next_retry_in() {
             wait = wait.min(retry);
         }
-        if let Some(retry) =
-            crate::backfill::locked::next_attempt_in().filter(|_| lane == Lane::Shared)
-        {
+        if let Some(retry) = crate::backfill::locked::next_attempt_in().filter(|_| lane == Lane::Shared) {
             wait = wait.min(retry);
         }
         if !BackgroundWorker::wait_latch(Some(wait.max(Duration::from_millis(10)))) {

@@ -338,8 +338,7 @@ pub mod failing {
         crate::error::transaction(|| {
             // Its owner's code took the whole time and more, in the lane that ended.
             if let Some(owner) = crate::rights::owner_of(relid) {
-                let limit =
-                    crate::delivery::settings::user_code_timeout() + crate::hard_limit::GRACE;
+                let limit = crate::delivery::settings::user_code_timeout() + crate::hard_limit::GRACE;
                 owners::charge(owner, limit, slow_lane::this() != Some(Lane::SlowOwners));
             }
             Spi::connect_mut(|client| record(client, relid, &[], &message))
@@ -511,8 +510,7 @@ pub mod failing {
             .drain(..)
             .map(|relid| {
                 let waiting = listed.iter().find(|w| w.relid == relid);
-                let (attempts, owner) =
-                    waiting.map_or((0, Oid::INVALID), |w| (w.attempts, w.owner));
+                let (attempts, owner) = waiting.map_or((0, Oid::INVALID), |w| (w.attempts, w.owner));
                 (attempts, owners::used(owner), relid, owner)
             })
             .collect();
@@ -716,11 +714,7 @@ fn mark_table(
     // `crate::track::identity`): never another table's after a restore, nor an earlier key's.
     let ids: Vec<i64> = rows.iter().map(|v| v.id).collect();
     let own = crate::track::identity::belonging(client, relid, &ids)?;
-    let rows: Vec<Version> = rows
-        .iter()
-        .filter(|v| own.contains(&v.id))
-        .cloned()
-        .collect();
+    let rows: Vec<Version> = rows.iter().filter(|v| own.contains(&v.id)).cloned().collect();
     if rows.is_empty() {
         return Ok(Marked::Done);
     }

@@ -141,8 +141,7 @@ impl RecordKey {
         let update_column = row.get::<String>(5)?;
         // Unknown counts as user code: the owner's ordinary session settings are the safe side.
         let user_code = row.get::<bool>(6)?.unwrap_or(true);
-        let complete =
-            !columns.is_empty() && types.len() == columns.len() && typmods.len() == columns.len();
+        let complete = !columns.is_empty() && types.len() == columns.len() && typmods.len() == columns.len();
         Ok(complete.then_some(RecordKey {
             table,
             columns,
@@ -161,11 +160,7 @@ impl RecordKey {
     /// own (written in C by a superuser, or PostgreSQL's for enums and domains, whose checks
     /// are the table owner's choice). Run it as the table's owner: a domain's checks are
     /// user code.
-    pub fn array_of(
-        &self,
-        i: usize,
-        parts: &[String],
-    ) -> Result<DatumWithOid<'static>, CertyoError> {
+    pub fn array_of(&self, i: usize, parts: &[String]) -> Result<DatumWithOid<'static>, CertyoError> {
         let element = self.types[i];
         // SAFETY: syscache lookups of a type that exists (the key was read in this
         // transaction, with the table locked, so its columns' types cannot be dropped);
@@ -205,12 +200,7 @@ impl RecordKey {
     /// Column `i`'s value as text, by its type's own output function (never a cast to text, see
     /// [`Self::array_of`]). `found` is the type of the datum as the query returned it: a
     /// value of another type is an error, never read as this one.
-    pub fn text_of(
-        &self,
-        i: usize,
-        found: Oid,
-        datum: pg_sys::Datum,
-    ) -> Result<String, CertyoError> {
+    pub fn text_of(&self, i: usize, found: Oid, datum: pg_sys::Datum) -> Result<String, CertyoError> {
         if found != self.types[i] {
             return Err(self.unreadable(i, "the query returned it as another type"));
         }
@@ -271,14 +261,8 @@ impl RecordKey {
     /// the row by its index.
     pub fn identical(&self, table: &str, values: &str) -> String {
         let row = |items: Vec<String>| format!("ROW({})", items.join(", "));
-        let stored = self
-            .columns
-            .iter()
-            .map(|c| format!("{table}.{c}"))
-            .collect();
-        let sent = (1..=self.columns.len())
-            .map(|i| format!("{values}.k{i}"))
-            .collect();
+        let stored = self.columns.iter().map(|c| format!("{table}.{c}")).collect();
+        let sent = (1..=self.columns.len()).map(|i| format!("{values}.k{i}")).collect();
         // The function, not its operator `*=`: between two row constructors an operator is
         // applied column by column (a row comparison), and `integer *= integer` is no operator.
         format!("pg_catalog.record_image_eq({}, {})", row(stored), row(sent))
@@ -287,11 +271,7 @@ impl RecordKey {
     /// The key's types, for a kept statement's text: a statement whose parameters are of
     /// these types is kept apart from one planned for others (a column retyped).
     pub fn type_list(&self) -> String {
-        self.types
-            .iter()
-            .map(|t| t.to_u32().to_string())
-            .collect::<Vec<_>>()
-            .join(",")
+        self.types.iter().map(|t| t.to_u32().to_string()).collect::<Vec<_>>().join(",")
     }
 }
 
@@ -299,12 +279,7 @@ impl RecordKey {
 /// renders dates and timestamps in ISO 8601 with astronomical years (year 0 is 1 BC, -0043 is
 /// 44 BC), which Postgres' input refuses; it reads `0044-03-15 BC`. Anything else is as is.
 pub fn postgres_input(part: &str, type_oid: Oid) -> String {
-    let datelike = [
-        pg_sys::DATEOID,
-        pg_sys::TIMESTAMPOID,
-        pg_sys::TIMESTAMPTZOID,
-    ]
-    .contains(&type_oid);
+    let datelike = [pg_sys::DATEOID, pg_sys::TIMESTAMPOID, pg_sys::TIMESTAMPTZOID].contains(&type_oid);
     let (negative, unsigned) = match part.strip_prefix('-') {
         Some(rest) => (true, rest),
         None => (false, part),
