@@ -27,4 +27,20 @@ PY
 )" "ok"
 check "the Dockerfile builds for the PostgreSQL version given as PG_MAJOR" \
     "$(grep -c -e '^ARG PG_MAJOR=15$' -e 'FROM postgres:\${PG_MAJOR}-bookworm AS postgres' docker/Dockerfile)" "2"
+check "each image installs its Debian package (scripts/package.sh), nothing copied by hand" "$(python3 - <<'PY'
+import re
+stages = dict(re.findall(r"^FROM \S+ AS (\S+)\n(.*?)(?=^FROM |\Z)", open("docker/Dockerfile").read(), re.M | re.S))
+problems = []
+for stage, deb in (("postgres", "postgresql-${PG_MAJOR}-certyo-cdc_*.deb"), ("relay", "certyo-relay_*.deb")):
+    text = stages.get(stage, "")
+    if not re.search(r"apt-get install [^\n]*/tmp/" + re.escape(deb), text):
+        problems.append(f"{stage}: no apt-get install of {deb}")
+    copied = [c for c in re.findall(r"^COPY --from=build (\S+)", text, re.M) if not c.endswith(".deb")]
+    if copied:
+        problems.append(f"{stage}: copies {copied}")
+if "scripts/package.sh" not in stages.get("build", ""):
+    problems.append("build: scripts/package.sh does not make the packages")
+print(problems or "ok")
+PY
+)" "ok"
 check_summary

@@ -193,7 +193,7 @@ def test_every_relay_config_key_is_in_relay_md(key):
 
 # A template the layout names, and the files it stands for.
 LAYOUT_PATTERNS = {"sql/certyo_cdc--A--B.sql": "sql/certyo_cdc--*--*.sql"}
-LAYOUT_ROOTS = ("src/", "sql/", "relay/", "certyo/", "pg_test/", "bench/", "scripts/", "docker/")
+LAYOUT_ROOTS = ("src/", "sql/", "relay/", "certyo/", "pg_test/", "bench/", "scripts/", "docker/", "packaging/")
 
 
 def layout():

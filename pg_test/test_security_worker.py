@@ -784,6 +784,8 @@ def test_with_no_slot_for_a_lane_owner_code_write_backs_and_backfills_wait(emula
         assert cluster.sql("SELECT count(*) FROM t WHERE certyo_record_hash IS NOT NULL") == "0"
         assert cluster.sql("SELECT count(*) FROM certyo.receipt WHERE relid = 't'::regclass AND written_back") == "0"
         assert "no background worker slot" in cluster.log()
+        status = "SELECT detail FROM certyo.worker_status()"
+        assert wait_for(lambda: "no background worker slot" in cluster.sql(status), 30), cluster.sql(status)
         backfill = cluster.sql("SELECT certyo.backfill('t')")
         passes = int(cluster.sql("SELECT passes FROM certyo.worker_status()"))
         assert wait_for(lambda: int(cluster.sql("SELECT passes FROM certyo.worker_status()")) > passes + 10, 30)

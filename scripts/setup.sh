@@ -7,7 +7,7 @@ cd "$(dirname "$0")/.."
 
 PGRX_VERSION=0.18.0
 APT_PACKAGES=(postgresql-15 postgresql-server-dev-15 libclang-dev clang sudo make mariadb-server mariadb-client curl valgrind
-    python3 python3-venv)
+    python3 python3-venv dpkg-dev debootstrap)
 
 say() { printf '== %s\n' "$*"; }
 

@@ -3,7 +3,8 @@
 # test-all` adds 17 and 18, each in a Debian root made by scripts/pg-root.sh), the unit tests,
 # #[pg_test]s and end-to-end suites of scripts/test-version.sh; then what does not depend on the
 # version: the Certyo client, the emulator and certyo-relay (unit tests; end to end against MariaDB), the
-# documentation against the sources, the companions (MariaDB, T-SQL) and docker/. Fails when any test fails.
+# documentation against the sources, the companions (MariaDB, T-SQL) and docker/; and the Debian
+# packages, each installed into a clean Debian root (scripts/test-package.sh). Fails when any test fails.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup.sh
@@ -47,12 +48,18 @@ if [ ${#roots[@]} -gt 0 ]; then
         exit 1
     fi
 fi
+# The packages, each installed into a clean Debian root, beside the suites below (they wait on
+# apt and on clusters): postgresql-NN-certyo-cdc, made by scripts/test-version.sh, and certyo-relay.
+cargo build --release -p certyo-relay -p certyo-emulator --quiet
+scripts/package.sh relay
+packages_log=$(mktemp)
+scripts/test-package.sh ${PG_VERSIONS:-15} relay lint >"$packages_log" 2>&1 &
+packages_pid=$!
 echo "== the Certyo client, the emulator and certyo-relay: unit tests (the SQL Server source against its in-process fake)"
 cargo test -p certyo -p certyo-emulator -p certyo-relay --quiet
 echo "== end to end: MySQL/MariaDB companion"
 pg_test/mariadb.sh
 echo "== end to end: certyo-relay against MariaDB and the emulator"
-cargo build --release -p certyo-relay -p certyo-emulator --quiet
 CERTYO_RELAY=target/release/certyo-relay CERTYO_EMULATOR=target/release/certyo-emulator \
     python3 -m pytest -q -p no:cacheprovider relay/tests
 echo "== the documentation against the sources (pg_test/test_docs.py: no database)"
@@ -61,3 +68,13 @@ echo "== SQL Server companion: T-SQL syntax"
 pg_test/sqlserver.sh
 echo "== docker/: Dockerfile lint and compose targets"
 pg_test/docker.sh
+echo "== the Debian packages, each installed into a clean Debian root (scripts/test-package.sh)"
+if wait "$packages_pid"; then
+    cat "$packages_log"
+else
+    cat "$packages_log"
+    rm -f "$packages_log"
+    echo "== the package tests failed (above)" >&2
+    exit 1
+fi
+rm -f "$packages_log"

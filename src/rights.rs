@@ -221,6 +221,24 @@ pub fn with_settings<T>(settings: &[(&CStr, &CStr)], f: impl FnOnce() -> T) -> T
     result
 }
 
+/// The settings values' text forms depend on, pinned to one form that reads back the same.
+const PINNED_IO: [(&CStr, &CStr); 6] = [
+    (c"DateStyle", c"ISO, YMD"),
+    (c"IntervalStyle", c"postgres"),
+    (c"extra_float_digits", c"1"),
+    (c"bytea_output", c"hex"),
+    (c"TimeZone", c"UTC"),
+    (c"lc_monetary", c"C"),
+];
+
+/// Run `f`, which reads or writes values as text by their types' input and output functions,
+/// with the settings those depend on pinned ([`PINNED_IO`]): whatever the database's settings
+/// (its owner may `ALTER DATABASE ... SET extra_float_digits = -15`) or an owner's code set
+/// before, a value's text reads back as the same value.
+pub fn with_pinned_io<T>(f: impl FnOnce() -> T) -> T {
+    with_settings(&PINNED_IO, f)
+}
+
 /// Run `f` as the bootstrap superuser, for the extension's own statements on its own tables
 /// (which have no user triggers): callers of `certyo.backfill()` have no rights on them.
 pub fn as_superuser<T>(f: impl FnOnce() -> T) -> T {

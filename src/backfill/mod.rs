@@ -371,15 +371,13 @@ pub fn queue_chunk(job: &Job, chunk_size: usize) -> Result<i64> {
         .map(|c| format!("t.{c}"))
         .collect::<Vec<_>>()
         .join(", ");
+    key.readable()?;
     let n = key.columns.len();
     // Parameters of the key's own types, read from text by their input functions (never a
-    // cast, see `RecordKey::array_of`).
-    let params = |first: usize| {
-        let names: Vec<String> = (first..first + n).map(|i| format!("${i}")).collect();
-        format!("({})", names.join(", "))
-    };
+    // cast, see `RecordKey::array_of`), compared by the types' own operators.
+    let column = |i: usize| format!("t.{}", key.columns[i]);
     let after = match job.last_key {
-        Some(_) => format!("AND ({columns}) > {}", params(1)),
+        Some(_) => format!("AND {}", key.after(&column, 1)),
         None => String::new(),
     };
     let sql = format!(
@@ -389,10 +387,15 @@ pub fn queue_chunk(job: &Job, chunk_size: usize) -> Result<i64> {
         condition = job.where_clause.as_deref().unwrap_or("true"),
     );
     let last_key = job.last_key.clone().unwrap_or_default();
+    // With the settings that values' text forms depend on pinned: neither the database's
+    // (`ALTER DATABASE ... SET extra_float_digits = -15` printed 1.5 as "2", and the next chunk
+    // began after 2) nor what the condition set may change the place kept.
     let typed = |texts: &[String]| {
-        (0..n)
-            .map(|i| key.value_of(i, texts.get(i).map_or("", String::as_str)))
-            .collect::<Result<Vec<_>>>()
+        crate::rights::with_pinned_io(|| {
+            (0..n)
+                .map(|i| key.value_of(i, texts.get(i).map_or("", String::as_str)))
+                .collect::<Result<Vec<_>>>()
+        })
     };
     // The query runs the owner's code (domain checks in the key's input, policies) and the
     // requester's condition; the requester was and still is allowed to act as the owner. So it
@@ -409,8 +412,9 @@ pub fn queue_chunk(job: &Job, chunk_size: usize) -> Result<i64> {
             // back as the same value would do that.
             let mut both = typed(new)?;
             both.extend(typed(&last_key)?);
+            let new_param = |i: usize| format!("${}", i + 1);
             let progressed = Spi::get_one_with_args::<bool>(
-                &format!("SELECT {} > {}", params(1), params(n + 1)),
+                &format!("SELECT {}", key.after(&new_param, n + 1)),
                 &both,
             )?;
             if progressed != Some(true) {
@@ -516,7 +520,11 @@ fn queue_rows(
             let mut key_text = Vec::with_capacity(key_types.len());
             for (i, found) in key_types.iter().enumerate() {
                 match rows.get_datum_by_ordinal(i + 2)? {
-                    Some(datum) => key_text.push(key.text_of(i, *found, datum)?),
+                    // Settings pinned (see `queue_chunk`): the condition has run by now, and
+                    // what it set must not change the text.
+                    Some(datum) => key_text.push(crate::rights::with_pinned_io(|| {
+                        key.text_of(i, *found, datum)
+                    })?),
                     None => key_text.push(String::new()), // refused by `plan.change` below
                 }
             }

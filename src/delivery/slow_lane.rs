@@ -9,10 +9,11 @@
 //! owner's slow triggers or conditions delay that owner's tables (and the slow lane's other
 //! work), never another owner's delivery.
 //!
-//! The delivery worker starts the lane when there is such work (it is a dynamic background
-//! worker, like the delivery worker itself, and takes one of `max_worker_processes` while it
-//! runs), and wakes it when it leaves it write-backs; the lane ends after a while with nothing
-//! to do, when the delivery worker ends or the extension is dropped. Should no slot be free,
+//! The delivery worker starts the lane with itself (it is a dynamic background worker, like
+//! the delivery worker itself, and keeps one of `max_worker_processes` for the worker's life),
+//! and wakes it when it leaves it write-backs or a backfill is open; the lane ends when the
+//! delivery worker ends or the extension is dropped. A second lane, for slow owners
+//! (`Lane::SlowOwners`), runs while their write-backs wait, and ends after 30 s without. Should no slot be free,
 //! the delivery worker does the lane's replica-mode write-backs itself meanwhile (they run no
 //! owner's code); backfills and write-backs that run owners' code wait for a lane.
 
@@ -26,8 +27,11 @@ use pgrx::bgworkers::{
 use pgrx::pg_sys;
 use std::time::{Duration, Instant};
 
-/// How long the lane stays with nothing to do before it ends.
+/// How long the slow owners' lane stays with nothing to do before it ends (the shared lane
+/// stays).
 const IDLE_FOR: Duration = Duration::from_secs(30);
+/// How often an idle lane looks for work by itself.
+const IDLE_LOOK: Duration = Duration::from_secs(10);
 /// After no slot was free, how long before the delivery worker tries to start a lane again.
 const NO_SLOT_FOR: Duration = Duration::from_secs(10);
 /// The lanes of a database.
@@ -220,21 +224,25 @@ pub extern "C-unwind" fn certyo_slow_lane_main(arg: pg_sys::Datum) {
         unsafe { pg_sys::LockReleaseSession(pg_sys::USER_LOCKMETHOD as pg_sys::LOCKMETHODID) };
         // SAFETY: the lane's main thread, outside any transaction.
         unsafe { pg_sys::pgstat_report_stat(false) };
+        let idle = matches!(worked, Ok(Some(Work::None)));
         match worked {
             Ok(Some(Work::More)) => {
                 idle_since = Instant::now();
                 continue;
             }
             Ok(Some(Work::Waiting)) => idle_since = Instant::now(),
-            Ok(Some(Work::None)) => {
-                if idle_since.elapsed() >= IDLE_FOR {
-                    return;
-                }
-            }
+            // The shared lane keeps its background worker slot for the delivery worker's life:
+            // ended when idle, its slot went to whoever asked next, and a LOGIN role's parallel
+            // queries (which use the same slots) kept every lane out, and with it every
+            // other owner's write-backs and backfills (an attacker pass of 2026-12-06).
+            Ok(Some(Work::None)) if lane == Lane::SlowOwners && idle_since.elapsed() >= IDLE_FOR => return,
+            Ok(Some(Work::None)) => {}
             Ok(None) => return, // DROP EXTENSION
             Err(e) => pgrx::warning!("certyo_cdc: slow lane pass failed, retrying: {e}"),
         }
-        let mut wait = settings::current().poll_interval;
+        // Idle, it waits to be rung (the delivery worker rings when it leaves it work, and
+        // while a backfill is open), looking by itself only now and then.
+        let mut wait = if idle { IDLE_LOOK } else { settings::current().poll_interval };
         if let Some(retry) = write_back::failing::next_retry_in() {
             wait = wait.min(retry);
         }

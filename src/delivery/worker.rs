@@ -361,8 +361,10 @@ impl Worker {
         // chunks run owners' conditions and wait for row locks: the slow lane's work, never the
         // delivery worker's (a condition that catches its cancellation would end it at its hard
         // limit, and every table's delivery with it). Without a lane they wait for one.
+        // The shared lane runs for as long as the worker does (see `slow_lane`).
+        let lane = self.lane.ensure(self.database);
         if control.backfill_open {
-            self.lane.ensure(self.database);
+            self.lane.ring();
         }
         let blocked = self.blocked(&settings, control);
         // Commits ring only when a pass could send what they queued.
@@ -417,10 +419,18 @@ impl Worker {
             // One owner's slow code has a lane of its own: it delays that owner's tables only.
             self.lane.ensure_slow_owners(self.database);
         }
-        if waiting && !self.lane.ensure(self.database) {
-            // No slow lane could start: the worker retries itself, and reports what is left.
-            write_back::failing::retry_due()?;
-            failing = write_back::failing::look()?.1;
+        if (waiting || control.backfill_open) && !lane {
+            // No slow lane could start: the worker retries what runs no owner's code itself,
+            // and says what waits for a slot.
+            if waiting {
+                write_back::failing::retry_due()?;
+                failing = write_back::failing::look()?.1;
+            }
+            let slot = "no background worker slot is free for the slow lane (max_worker_processes, shared with parallel query): write-backs that run owners' code and backfills wait for one";
+            failing = Some(match failing {
+                Some(failing) => format!("{failing}; {slot}"),
+                None => slot.to_string(),
+            });
         } else if left {
             self.lane.ring();
         }

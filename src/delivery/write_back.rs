@@ -10,6 +10,7 @@
 //! Origin-mode write-backs are the slow lane's: the delivery worker runs no owner's code.
 
 use crate::track::key::{split_record_id, RecordKey};
+use pgrx::datum::DatumWithOid;
 use pgrx::pg_sys::Oid;
 use pgrx::PgSqlErrorCode;
 
@@ -723,6 +724,9 @@ fn mark_table(
     let Some(key) = RecordKey::from_found(found)? else {
         return Ok(Marked::Done); // dropped or untracked meanwhile: nothing to write back to
     };
+    if let Err(refused) = key.readable() {
+        refused.raise();
+    }
     if key.user_code && budget::limited() {
         // Owners' code never runs in the delivery worker: it could hold it (a trigger that
         // catches its cancellation ends the process running it, see `crate::hard_limit`),
@@ -770,15 +774,66 @@ fn mark_table(
         h = n + 1,
     );
     crate::rights::writing_back_as(relid, key.owner, key.user_code, timeout, || {
-        // Read into the key's types as the owner: a domain's checks are the owner's code.
-        let mut args = Vec::with_capacity(n + 1);
-        for (i, column) in parts.iter().enumerate() {
-            args.push(key.array_of(i, column).unwrap_or_else(|e| e.raise()));
+        // Read into the key's types as the owner, settings pinned (see `RecordKey`).
+        let (mut args, kept) = crate::rights::with_pinned_io(|| read_keys(&key, &parts));
+        if kept.is_empty() {
+            return Ok(());
         }
+        let hashes: Vec<String> = kept.iter().map(|&r| hashes[r].clone()).collect();
         args.push(hashes.into());
-        super::prepared::update(client, &sql, &args)
+        super::prepared::update(client, &sql, &args).map(|_| ())
     })?;
     Ok(Marked::Done)
+}
+
+/// The record ids' parts (`parts[column][version]`) read into the key's types, an array per
+/// column, and which versions they hold. A part that no longer reads back (a `regclass` key
+/// naming a table dropped since, which any role allowed to INSERT can make) is left out with
+/// its version, which no row can hold now: it must not stop the table's other write-backs,
+/// forever (an attacker pass of 2026-12-06).
+fn read_keys(key: &RecordKey, parts: &[Vec<String>]) -> (Vec<DatumWithOid<'static>>, Vec<usize>) {
+    let versions = parts.first().map_or(0, Vec::len);
+    let arrays = |kept: &[usize]| -> Vec<DatumWithOid<'static>> {
+        parts
+            .iter()
+            .enumerate()
+            .map(|(i, column)| {
+                let values: Vec<String> = kept.iter().map(|&r| column[r].clone()).collect();
+                key.array_of(i, &values).unwrap_or_else(|e| e.raise())
+            })
+            .collect()
+    };
+    let every: Vec<usize> = (0..versions).collect();
+    let canceled = |code: PgSqlErrorCode, message: &str| {
+        if code == PgSqlErrorCode::ERRCODE_QUERY_CANCELED {
+            // The statement's time ran out meanwhile: that is no unreadable part.
+            pgrx::ereport!(ERROR, code, message.to_string());
+        }
+    };
+    match crate::error::in_subtransaction(std::panic::AssertUnwindSafe(|| arrays(&every))) {
+        Ok(arrays) => (arrays, every),
+        Err((code, message)) => {
+            canceled(code, &message);
+            let kept: Vec<usize> = every
+                .into_iter()
+                .filter(|&r| {
+                    let read = crate::error::in_subtransaction(std::panic::AssertUnwindSafe(|| {
+                        for (i, column) in parts.iter().enumerate() {
+                            key.value_of(i, &column[r]).unwrap_or_else(|e| e.raise());
+                        }
+                    }));
+                    match read {
+                        Ok(()) => true,
+                        Err((code, message)) => {
+                            canceled(code, &message);
+                            false
+                        }
+                    }
+                })
+                .collect();
+            (arrays(&kept), kept)
+        }
+    }
 }
 
 /// The (record id, hash) of the versions that may still mark their row.

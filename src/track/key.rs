@@ -105,8 +105,8 @@ pub struct RecordKey {
     pub columns: Vec<String>,
     /// Their types.
     pub types: Vec<Oid>,
-    /// Their type modifiers (`numeric(10,2)`, `varchar(8)`), as their input functions take them.
-    pub typmods: Vec<i32>,
+    /// How the worker reads and compares each column (see [`Reading`]).
+    reading: Vec<Reading>,
     /// The table's owner: the worker runs its statements on the table with the owner's rights.
     pub owner: Oid,
     /// A business column the capture trigger fires on (`UPDATE OF`), quoted; None when it
@@ -114,6 +114,142 @@ pub struct RecordKey {
     pub update_column: Option<String>,
     /// Whether an UPDATE of the table can run code PostgreSQL did not ship (`user_code!`).
     pub user_code: bool,
+}
+
+/// How the worker reads one record id column back from text and compares it, decided from the
+/// catalog, never from names resolved on a search path.
+///
+/// - **Read as its base type.** A domain's value is read with its base type's input function:
+///   the value was the row's, so it passed the domain's checks when it was written, and a
+///   check its owner adds later (`ALTER DOMAIN ... ADD CONSTRAINT ... NOT VALID`, at any
+///   moment) must not run with the table owner's rights, a superuser's too (an attacker pass of
+///   2026-12-06). A type that holds a domain inside (a range over one, an array of one, a
+///   composite with one) is refused: its input function would run the checks.
+/// - **Compared by its type's own operators.** `=` and `>` are the default btree operator
+///   class's, as `ORDER BY` uses them, written `OPERATOR(schema.op)`: resolved by name on the
+///   worker's pinned `search_path`, a `citext` key was compared with text's (case-sensitive)
+///   `>` while ordered by citext's, and a backfill skipped rows; an `ltree` key had no `=` at
+///   all, and its write-back failed forever.
+enum Reading {
+    Readable {
+        /// The type read (a domain's base type) and its type modifier.
+        base: Oid,
+        typmod: i32,
+        /// `OPERATOR(schema.=)` and `OPERATOR(schema.>)` of the base type's default btree class.
+        eq: String,
+        gt: String,
+        /// Whether `>` is PostgreSQL's own `pg_catalog.>` (a row comparison may then use it).
+        plain_gt: bool,
+        /// `CAST(... AS base)` is needed to compare the column byte for byte with a value read
+        /// (`record_image_eq` compares values of one type): the column is of a domain.
+        relabel: Option<String>,
+    },
+    Refused(&'static str),
+}
+
+impl Reading {
+    fn of(column_type: Oid, column_typmod: i32) -> Reading {
+        // SAFETY: catalog lookups of a type that exists (the key was read in this transaction,
+        // with the table locked, so its columns' types cannot be dropped); the strings
+        // returned are palloc'd and NUL-terminated.
+        unsafe {
+            let mut typmod = column_typmod;
+            let base = pg_sys::getBaseTypeAndTypmod(column_type, &mut typmod);
+            if contains_domain(base, 0) {
+                return Reading::Refused("its type holds a domain (in a range, an array or a composite type), whose checks would run, as the table's owner, when a record id is read back");
+            }
+            let cache = pg_sys::lookup_type_cache(
+                base,
+                (pg_sys::TYPECACHE_EQ_OPR | pg_sys::TYPECACHE_GT_OPR) as i32,
+            );
+            if cache.is_null()
+                || (*cache).eq_opr == pg_sys::InvalidOid
+                || (*cache).gt_opr == pg_sys::InvalidOid
+            {
+                return Reading::Refused("its type has no default btree operator class, so the worker cannot order or match its values");
+            }
+            let (Some((eq, _)), Some((gt, plain_gt))) =
+                (operator_sql((*cache).eq_opr), operator_sql((*cache).gt_opr))
+            else {
+                return Reading::Refused("its type's operators cannot be named");
+            };
+            let relabel = (base != column_type).then(|| {
+                CStr::from_ptr(pg_sys::format_type_be_qualified(base))
+                    .to_string_lossy()
+                    .into_owned()
+            });
+            Reading::Readable {
+                base,
+                typmod,
+                eq,
+                gt,
+                plain_gt,
+                relabel,
+            }
+        }
+    }
+}
+
+/// Why the worker could not read a record id column of type `column_type` back, if it could
+/// not (see [`Reading`]): `track()` refuses such a key. Inside a transaction.
+pub fn refusal(column_type: Oid) -> Option<&'static str> {
+    match Reading::of(column_type, -1) {
+        Reading::Refused(why) => Some(why),
+        Reading::Readable { .. } => None,
+    }
+}
+
+/// `OPERATOR("schema".op)` for operator `opno`, and whether it is `pg_catalog.>` or `=`.
+///
+/// # Safety
+/// Inside a transaction (a syscache lookup).
+unsafe fn operator_sql(opno: Oid) -> Option<(String, bool)> {
+    let tuple = pg_sys::SearchSysCache1(
+        pg_sys::SysCacheIdentifier::OPEROID as i32,
+        pg_sys::Datum::from(opno),
+    );
+    if tuple.is_null() {
+        return None;
+    }
+    let form = pg_sys::GETSTRUCT(tuple) as pg_sys::Form_pg_operator;
+    let name = CStr::from_ptr((*form).oprname.data.as_ptr())
+        .to_string_lossy()
+        .into_owned();
+    let namespace = (*form).oprnamespace;
+    pg_sys::ReleaseSysCache(tuple);
+    let schema = pg_sys::get_namespace_name(namespace);
+    if schema.is_null() || !name.bytes().all(|b| b"+-*/<>=~!@#%^&|`?".contains(&b)) {
+        return None;
+    }
+    let quoted = CStr::from_ptr(pg_sys::quote_identifier(schema)).to_string_lossy().into_owned();
+    let plain = namespace == pg_sys::PG_CATALOG_NAMESPACE.into();
+    Some((format!("OPERATOR({quoted}.{name})"), plain))
+}
+
+/// Whether reading a value of type `t` with its input function would run a domain's checks.
+///
+/// # Safety
+/// Inside a transaction (syscache lookups).
+unsafe fn contains_domain(t: Oid, depth: u32) -> bool {
+    if depth > 32 {
+        return true; // nested past reason: the safe side
+    }
+    match pg_sys::get_typtype(t) as u8 {
+        b'd' => true,
+        b'r' => contains_domain(pg_sys::get_range_subtype(t), depth + 1),
+        b'm' => contains_domain(pg_sys::get_multirange_range(t), depth + 1),
+        b'c' => {
+            let desc = pg_sys::lookup_rowtype_tupdesc_copy(t, -1);
+            let attributes = (*desc).attrs.as_slice((*desc).natts as usize);
+            attributes
+                .iter()
+                .any(|a| !a.attisdropped && contains_domain(a.atttypid, depth + 1))
+        }
+        _ => {
+            let element = pg_sys::get_element_type(t);
+            element != pg_sys::InvalidOid && contains_domain(element, depth + 1)
+        }
+    }
 }
 
 impl RecordKey {
@@ -142,30 +278,49 @@ impl RecordKey {
         // Unknown counts as user code: the owner's ordinary session settings are the safe side.
         let user_code = row.get::<bool>(6)?.unwrap_or(true);
         let complete = !columns.is_empty() && types.len() == columns.len() && typmods.len() == columns.len();
-        Ok(complete.then_some(RecordKey {
+        if !complete {
+            return Ok(None);
+        }
+        let reading = types.iter().zip(&typmods).map(|(t, m)| Reading::of(*t, *m)).collect();
+        Ok(Some(RecordKey {
             table,
             columns,
             types,
-            typmods,
+            reading,
             owner,
             update_column,
             user_code,
         }))
     }
 
-    /// Record id parts of column `i`, read into its type by the type's own input function: an
-    /// array of that type, for `unnest`. Never a cast: whoever owns a type may create a cast
-    /// from text to it at any moment, and `::type` would run its function with the rights of
-    /// whoever reads (the table's owner, a superuser too). An input function is the type's
-    /// own (written in C by a superuser, or PostgreSQL's for enums and domains, whose checks
-    /// are the table owner's choice). Run it as the table's owner: a domain's checks are
-    /// user code.
+    /// Whether the worker can read every record id column back (see [`Reading`]); the error
+    /// that says why not otherwise.
+    pub fn readable(&self) -> Result<(), CertyoError> {
+        for (i, reading) in self.reading.iter().enumerate() {
+            if let Reading::Refused(why) = reading {
+                return Err(self.unreadable(i, why));
+            }
+        }
+        Ok(())
+    }
+
+    fn read(&self, i: usize) -> Result<(Oid, i32), CertyoError> {
+        match &self.reading[i] {
+            Reading::Readable { base, typmod, .. } => Ok((*base, *typmod)),
+            Reading::Refused(why) => Err(self.unreadable(i, why)),
+        }
+    }
+
+    /// Record id parts of column `i`, read by its (base) type's own input function: an array
+    /// of that type, for `unnest`. Never a cast: whoever owns a type may create a cast from
+    /// text to it at any moment, and `::type` would run its function with the rights of
+    /// whoever reads (the table's owner, a superuser too). An input function is the type's own
+    /// (written in C by a superuser, or PostgreSQL's).
     pub fn array_of(&self, i: usize, parts: &[String]) -> Result<DatumWithOid<'static>, CertyoError> {
-        let element = self.types[i];
-        // SAFETY: syscache lookups of a type that exists (the key was read in this
-        // transaction, with the table locked, so its columns' types cannot be dropped);
-        // construct_array copies the datums (made by the type's input function, so of its
-        // length, passing and alignment) into a palloc'd array of that element type.
+        let (element, _) = self.read(i)?;
+        // SAFETY: syscache lookups of a type that exists (see `Reading::of`); construct_array
+        // copies the datums (made by the type's input function, so of its length, passing and
+        // alignment) into a palloc'd array of that element type.
         unsafe {
             let array_type = pg_sys::get_array_type(element);
             if array_type == pg_sys::InvalidOid {
@@ -189,12 +344,13 @@ impl RecordKey {
         }
     }
 
-    /// One value of column `i`, read from its text by the type's input function (see
+    /// One value of column `i`, read from its text by the (base) type's input function (see
     /// [`Self::array_of`]).
     pub fn value_of(&self, i: usize, part: &str) -> Result<DatumWithOid<'static>, CertyoError> {
+        let (base, _) = self.read(i)?;
         let datum = self.input(i, part)?;
         // SAFETY: the datum was made by the input function of this very type.
-        Ok(unsafe { DatumWithOid::new(datum, self.types[i]) })
+        Ok(unsafe { DatumWithOid::new(datum, base) })
     }
 
     /// Column `i`'s value as text, by its type's own output function (never a cast to text, see
@@ -204,49 +360,91 @@ impl RecordKey {
         if found != self.types[i] {
             return Err(self.unreadable(i, "the query returned it as another type"));
         }
-        // SAFETY: the datum is of the column's type (checked above); the output function
-        // returns a palloc'd NUL-terminated string.
+        let (base, _) = self.read(i)?;
+        // SAFETY: the datum is of the column's type (checked above), so of its base type; the
+        // output function returns a palloc'd NUL-terminated string.
         unsafe {
             let (mut output, mut varlena) = (pg_sys::InvalidOid, false);
-            pg_sys::getTypeOutputInfo(self.types[i], &mut output, &mut varlena);
+            pg_sys::getTypeOutputInfo(base, &mut output, &mut varlena);
             let text = pg_sys::OidOutputFunctionCall(output, datum);
             Ok(CStr::from_ptr(text).to_string_lossy().into_owned())
         }
     }
 
     fn input(&self, i: usize, part: &str) -> Result<pg_sys::Datum, CertyoError> {
-        // SAFETY: syscache lookups of the column's type, which exists (see `array_of`); the
-        // input function reads a NUL-terminated string and raises an error for bad input.
+        let (base, typmod) = self.read(i)?;
+        let text = CString::new(postgres_input(part, base))
+            .map_err(|_| self.unreadable(i, "a record id part holds a NUL byte"))?;
+        // SAFETY: a syscache lookup of the type, which exists (see `Reading::of`); the input
+        // function reads a NUL-terminated string and raises an error for bad input.
         unsafe {
-            // A domain over date reads its text as a date does.
-            let text = CString::new(postgres_input(part, pg_sys::getBaseType(self.types[i])))
-                .map_err(|_| self.unreadable(i, "a record id part holds a NUL byte"))?;
             let (mut input, mut ioparam) = (pg_sys::InvalidOid, pg_sys::InvalidOid);
-            pg_sys::getTypeInputInfo(self.types[i], &mut input, &mut ioparam);
+            pg_sys::getTypeInputInfo(base, &mut input, &mut ioparam);
             Ok(pg_sys::OidInputFunctionCall(
                 input,
                 text.as_ptr().cast_mut(),
                 ioparam,
-                self.typmods[i],
+                typmod,
             ))
         }
     }
 
     fn unreadable(&self, i: usize, why: &str) -> CertyoError {
         CertyoError::new(
-            PgSqlErrorCode::ERRCODE_DATATYPE_MISMATCH,
-            format!("certyo_cdc cannot read record id column {} of {}: {why}", self.columns[i], self.table),
+            PgSqlErrorCode::ERRCODE_FEATURE_NOT_SUPPORTED,
+            format!("certyo_cdc cannot read record id column {} of {} back: {why}", self.columns[i], self.table),
         )
         .hint("Track the table by record_id_columns of other types (certyo.track's record_id_columns).")
     }
 
-    /// `t.k1 = v.k1 AND ...`: the table's key against the values named k1..kn, of its types.
+    fn operators(&self, i: usize) -> (&str, &str, bool) {
+        match &self.reading[i] {
+            Reading::Readable { eq, gt, plain_gt, .. } => (eq, gt, *plain_gt),
+            // Never built for such a key (`readable` is checked first); a statement naming no
+            // operator fails to parse rather than compare anything.
+            Reading::Refused(_) => ("", "", false),
+        }
+    }
+
+    /// `t.k1 OPERATOR(s.=) v.k1 AND ...`: the table's key against the values named k1..kn.
     pub fn matches(&self, table: &str, values: &str) -> String {
         (1..=self.columns.len())
             .zip(&self.columns)
-            .map(|(i, column)| format!("{table}.{column} = {values}.k{i}"))
+            .map(|(i, column)| format!("{table}.{column} {} {values}.k{i}", self.operators(i - 1).0))
             .collect::<Vec<_>>()
             .join(" AND ")
+    }
+
+    /// Whether the key `left(0), left(1), ...` comes after the values `$first`.. in the key's
+    /// order (the order `ORDER BY` of the key columns gives: each type's default btree class).
+    pub fn after(&self, left: &dyn Fn(usize) -> String, first: usize) -> String {
+        let n = self.columns.len();
+        let column = left;
+        let param = |i: usize| format!("${}", first + i);
+        if n == 1 {
+            return format!("{} {} {}", column(0), self.operators(0).1, param(0));
+        }
+        if (0..n).all(|i| self.operators(i).2) {
+            // PostgreSQL's own `>` for every column: a row comparison, which an index serves.
+            let columns: Vec<String> = (0..n).map(column).collect();
+            let params: Vec<String> = (0..n).map(param).collect();
+            return format!(
+                "({}) OPERATOR(pg_catalog.>) ({})",
+                columns.join(", "),
+                params.join(", ")
+            );
+        }
+        // (k1 > $1) OR (k1 = $1 AND k2 > $2) OR ...
+        let branches: Vec<String> = (0..n)
+            .map(|last| {
+                let mut terms: Vec<String> = (0..last)
+                    .map(|i| format!("{} {} {}", column(i), self.operators(i).0, param(i)))
+                    .collect();
+                terms.push(format!("{} {} {}", column(last), self.operators(last).1, param(last)));
+                format!("({})", terms.join(" AND "))
+            })
+            .collect();
+        format!("({})", branches.join(" OR "))
     }
 
     /// `record_image_eq(ROW(t.k1, ...), ROW(v.k1, ...))`: the row's key is byte for
@@ -258,10 +456,18 @@ impl RecordKey {
     /// (Capture's rendering reads back into the same image: a value's output, with settings
     /// pinned, is what its input reads.) `record_image_eq` is PostgreSQL's own, as `REFRESH
     /// MATERIALIZED VIEW CONCURRENTLY` uses it; the key's equality (`matches`) still finds
-    /// the row by its index.
+    /// the row by its index. A domain column is relabeled as its base type (no code runs).
     pub fn identical(&self, table: &str, values: &str) -> String {
         let row = |items: Vec<String>| format!("ROW({})", items.join(", "));
-        let stored = self.columns.iter().map(|c| format!("{table}.{c}")).collect();
+        let stored = self
+            .columns
+            .iter()
+            .zip(&self.reading)
+            .map(|(c, reading)| match reading {
+                Reading::Readable { relabel: Some(base), .. } => format!("CAST({table}.{c} AS {base})"),
+                _ => format!("{table}.{c}"),
+            })
+            .collect();
         let sent = (1..=self.columns.len()).map(|i| format!("{values}.k{i}")).collect();
         // The function, not its operator `*=`: between two row constructors an operator is
         // applied column by column (a row comparison), and `integer *= integer` is no operator.

@@ -220,7 +220,21 @@ impl Table {
             )
         };
         if !array && !composite {
-            return Ok(());
+            let Some(why) = crate::track::key::refusal(column.typid) else {
+                return Ok(());
+            };
+            return Err(CertyoError::new(
+                PgSqlErrorCode::ERRCODE_FEATURE_NOT_SUPPORTED,
+                format!(
+                    "certyo_cdc: record id column \"{}\" of {} cannot be read back: {why}",
+                    column.name, self.display
+                ),
+            )
+            .detail("The worker reads each record id back into the key's type, to find the row its write-back marks and a backfill's place.")
+            .hint(format!(
+                "Choose other record id columns: certyo.track('{}', record_id_columns => ARRAY['col']).",
+                self.display
+            )));
         }
         Err(CertyoError::new(
             PgSqlErrorCode::ERRCODE_DATATYPE_MISMATCH,
