@@ -715,7 +715,11 @@ fn mark_table(
     // `crate::track::identity`): never another table's after a restore, nor an earlier key's.
     let ids: Vec<i64> = rows.iter().map(|v| v.id).collect();
     let own = crate::track::identity::belonging(client, relid, &ids)?;
-    let rows: Vec<Version> = rows.iter().filter(|v| own.contains(&v.id)).cloned().collect();
+    let rows: Vec<Version> = rows
+        .iter()
+        .filter(|v| own.contains(&v.id))
+        .cloned()
+        .collect();
     if rows.is_empty() {
         return Ok(Marked::Done);
     }
