@@ -90,6 +90,12 @@ def test_update_from_a_release_equals_a_fresh_install_and_loses_nothing(emulator
 
         cluster.sql("ALTER EXTENSION certyo_cdc UPDATE")
         assert cluster.sql("SELECT extversion FROM pg_extension WHERE extname = 'certyo_cdc'") == current_version()
+        # Every change, queued or accepted before, belongs to the table's identity, which its capture
+        # trigger now carries (a restore finds the table by it).
+        assert cluster.sql("SELECT (SELECT count(*) FROM certyo.queue WHERE table_id = 0)"
+                           " + (SELECT count(*) FROM certyo.receipt WHERE table_id = 0)") == "0"
+        assert cluster.sql(f"SELECT table_id = (SELECT id FROM certyo.table_identity WHERE relid = '{table}'::regclass) "
+                           f"FROM certyo.tracked_oids() WHERE relid = '{table}'::regclass") == "t"
 
         cluster.sql("CREATE DATABASE fresh")
         fresh = subprocess.run(["psql", "-h", cluster.dir, "-p", str(cluster.port), "-U", "postgres", "-d", "fresh",

@@ -175,19 +175,22 @@ RETURNS TABLE (id bigint, operation text, source_timestamp timestamptz, queued_a
                record_hash text, replayed boolean, anchor_status text, polygon_tx_hash text,
                anchored_at timestamptz, last_verified_at timestamptz)
 LANGUAGE sql VOLATILE STRICT SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
-    SELECT certyo.relink_restored();  -- a restored database's rows find their tables first
+    SELECT certyo.relink_restored();  -- a restored database's tables are found first (by table id)
     SELECT * FROM (
         SELECT q.id, q.operation, q.source_timestamp, q.queued_at, 'queued', 0, NULL::text,
                NULL::timestamptz, NULL::text, NULL::boolean, NULL::text, NULL::text, NULL::timestamptz, NULL::timestamptz
           FROM certyo.queue q WHERE q.relid = $1::oid AND q.record_id = $2
+           AND q.table_id IN (SELECT i.id FROM certyo.table_identity i WHERE i.relid = $1::oid)
         UNION ALL
         SELECT d.id, d.operation, d.source_timestamp, d.queued_at, d.state, d.attempts, d.last_error,
                NULL, NULL, NULL, NULL, NULL, NULL, NULL
           FROM certyo.delivery d WHERE d.relid = $1::oid AND d.record_id = $2
+           AND d.table_id IN (SELECT i.id FROM certyo.table_identity i WHERE i.relid = $1::oid)
         UNION ALL
         SELECT r.id, r.operation, r.source_timestamp, r.queued_at, 'accepted', r.attempts, r.verify_error,
                r.accepted_at, r.record_hash, r.replayed, r.anchor_status, r.polygon_tx_hash, r.anchored_at, r.last_verified_at
           FROM certyo.receipt r WHERE r.relid = $1::oid AND r.record_id = $2
+           AND r.table_id IN (SELECT i.id FROM certyo.table_identity i WHERE i.relid = $1::oid)
     ) AS versions
     ORDER BY 1
 $$;

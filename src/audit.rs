@@ -531,8 +531,15 @@ fn last_accepted(relid: Oid, only: Option<Vec<String>>) -> Result<HashMap<String
 }
 
 fn last_accepted_as_is(relid: Oid, only: Option<Vec<String>>) -> Result<HashMap<String, Accepted>> {
+    // A version whose write-back was dropped (captured under a record key the table no longer
+    // has, see crate::track::identity) never reached its row: as if not written back.
+    let written_back = if shape::schema_has(c"receipt", Some(c"write_back_dropped")) {
+        "written_back AND write_back_dropped IS NULL AS written_back"
+    } else {
+        "written_back"
+    };
     Ok(Spi::connect(|client| {
-        let rows = client.select(
+        let rows = client.select(&format!(
             // Anchored: Certyo confirmed this content, under this version's receipt or an
             // earlier one with the same hash (a backfill's image of a row already captured).
             "SELECT l.record_id, l.accepted_at, l.record_hash,
@@ -540,9 +547,9 @@ fn last_accepted_as_is(relid: Oid, only: Option<Vec<String>>) -> Result<HashMap<
                              WHERE a.relid = $1 AND a.record_id = l.record_id
                                AND a.record_hash = l.record_hash AND a.anchor_status = 'anchored'),
                     l.written_back, l.id, l.anchor_status = 'mismatch'
-               FROM (SELECT DISTINCT ON (record_id) record_id, accepted_at, record_hash, written_back, id, anchor_status
+               FROM (SELECT DISTINCT ON (record_id) record_id, accepted_at, record_hash, {written_back}, id, anchor_status
                        FROM certyo.receipt WHERE relid = $1 AND ($2::text[] IS NULL OR record_id = ANY ($2))
-                      ORDER BY record_id, id DESC) AS l",
+                      ORDER BY record_id, id DESC) AS l"),
             None,
             &[relid.into(), only.into()],
         )?;

@@ -549,7 +549,7 @@ fn queue_rows(
                 };
                 let row = Row::deform(&mut tuple, (*rel).rd_att, plan.natts);
                 let change = plan.change(Operation::Upsert, &row)?;
-                queue::append(relid, &plan.collection, &change).map(|_| ())
+                queue::append(relid, plan.table_id, &plan.collection, &change).map(|_| ())
             });
             per_row.reset();
             outcome?;

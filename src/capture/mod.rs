@@ -92,7 +92,7 @@ unsafe fn fire(fcinfo: pg_sys::FunctionCallInfo) -> Result<()> {
             // was tracked can so be deleted, or re-keyed: only the new key's insert is queued.)
             return Ok(());
         }
-        queue::append(relid, &plan.collection, &change).map(|_| ())
+        queue::append(relid, plan.table_id, &plan.collection, &change).map(|_| ())
     };
     match operation {
         pg_sys::TRIGGER_EVENT_INSERT => enqueue(

@@ -42,6 +42,10 @@ pub struct CaptureOptions {
     pub record_id_columns: Vec<String>,
     pub exclude_columns: Vec<String>,
     pub timestamp_column: Option<String>,
+    /// The table's identity of the extension's own under this record key
+    /// (`certyo.table_identity`, see `crate::track::identity`): it goes with every change, and
+    /// travels with the table through `pg_dump`, where OIDs do not.
+    pub table_id: Option<i32>,
 }
 
 impl CaptureOptions {
@@ -61,6 +65,7 @@ impl CaptureOptions {
                 .iter()
                 .map(|c| format!("timestamp={c}")),
         );
+        args.extend(self.table_id.iter().map(|id| format!("table_id={id}")));
         args
     }
 
@@ -70,6 +75,7 @@ impl CaptureOptions {
             record_id_columns: Vec::new(),
             exclude_columns: Vec::new(),
             timestamp_column: None,
+            table_id: None,
         };
         for arg in args {
             let (key, value) = arg.split_once('=').ok_or_else(|| malformed(arg))?;
@@ -83,6 +89,7 @@ impl CaptureOptions {
                 "record_id" => options.record_id_columns.push(value.to_owned()),
                 "exclude" => options.exclude_columns.push(value.to_owned()),
                 "timestamp" => options.timestamp_column = Some(value.to_owned()),
+                "table_id" => options.table_id = Some(value.parse().map_err(|_| malformed(arg))?),
                 _ => return Err(malformed(arg)),
             }
         }
@@ -133,6 +140,7 @@ mod tests {
             record_id_columns: vec!["Tenant Id".into(), "a=b".into()],
             exclude_columns: vec!["sécret".into()],
             timestamp_column: Some("updated_at".into()),
+            table_id: Some(7),
         };
         let args = options.to_trigger_args();
         let parsed = CaptureOptions::from_trigger_args(args.iter().map(String::as_str)).unwrap();

@@ -39,6 +39,9 @@ pub struct TablePlan {
     pub relid: Oid,
     /// `schema.table` of the tracked table, as Certyo's `collection`.
     pub collection: String,
+    /// The tracked table's identity under its record key (the trigger's `table_id`, 0 when it
+    /// carries none): goes with every change, as its OID may not (see `crate::track::identity`).
+    pub table_id: i32,
     pub natts: usize,
     /// Business columns in table order: everything but bookkeeping and excluded columns.
     pub payload: Vec<Column>,
@@ -163,6 +166,7 @@ impl TablePlan {
         Ok(TablePlan {
             relid: tracked.relid,
             collection: table,
+            table_id: options.table_id.unwrap_or(0),
             natts,
             payload,
             record_id,

@@ -16,13 +16,13 @@ use pgrx::PgSqlErrorCode;
 use std::cell::{Cell, RefCell};
 
 /// Columns of `certyo.queue`, in table order.
-const QUEUE_COLUMNS: usize = 9;
+const QUEUE_COLUMNS: usize = 10;
 
-/// Queue one change of table `relid`.
+/// Queue one change of table `relid` (identity `table_id`).
 ///
 /// # Safety
 /// Must run inside a transaction that may write.
-pub unsafe fn append(relid: Oid, collection: &str, change: &Change) -> Result<i64> {
+pub unsafe fn append(relid: Oid, table_id: i32, collection: &str, change: &Change) -> Result<i64> {
     if change.record_id.is_empty() {
         return Err(empty_record_id(collection));
     }
@@ -55,6 +55,7 @@ pub unsafe fn append(relid: Oid, collection: &str, change: &Change) -> Result<i6
         Datum::from(change.source_timestamp),
         key,
         Datum::from(now),
+        Datum::from(table_id),
     ];
     let inserted = insert_row(queue, lock as pg_sys::LOCKMODE, &mut values);
     super::never_raise::pfree(collection.cast_mut_ptr());
@@ -90,7 +91,11 @@ unsafe fn insert_row(
     pg_sys::ffi::pg_guard_ffi_boundary(|| {
         let rel = unguarded::table_open(queue, lock);
         let tupdesc = (*rel).rd_att;
-        let fits = (*tupdesc).natts as usize == QUEUE_COLUMNS;
+        // Or the queue of a schema from before 0.2.0 (the library installed, `ALTER EXTENSION
+        // certyo_cdc UPDATE` not yet run), which has no last column, `table_id`: the writer's
+        // change is queued all the same, without it.
+        let natts = (*tupdesc).natts as usize;
+        let fits = natts == QUEUE_COLUMNS || natts == QUEUE_COLUMNS - 1;
         if fits {
             let tuple =
                 unguarded::heap_form_tuple(tupdesc, values.as_mut_ptr(), nulls.as_mut_ptr());

@@ -83,6 +83,26 @@ pub fn runs_as_superuser() -> SpiResult<bool> {
     })
 }
 
+thread_local! {
+    /// Whether a pg_restore session was in the database at the last pass.
+    static RESTORING: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// `sql` for the installed schema: one from before 0.2.0 (the library installed, `ALTER
+/// EXTENSION certyo_cdc UPDATE` not yet run) has no `table_id` columns, and is delivered as
+/// it was until the update (see `crate::track::identity::schema_has_ids`).
+fn for_schema(sql: &str) -> std::borrow::Cow<'_, str> {
+    if crate::track::identity::schema_has_ids() {
+        std::borrow::Cow::Borrowed(sql)
+    } else {
+        std::borrow::Cow::Owned(
+            sql.replace(", d.table_id", "")
+                .replace(", q.table_id", "")
+                .replace(", table_id", ""),
+        )
+    }
+}
+
 /// None when the extension is not installed in this database (it may be dropped under the
 /// worker); otherwise the operator's switches.
 pub fn control() -> SpiResult<Option<Control>> {
@@ -99,22 +119,38 @@ pub fn control() -> SpiResult<Option<Control>> {
             if !installed {
                 return Ok(None);
             }
-            let (paused, backfill_open, restored) = prepared::select(
+            let has_ids = crate::track::identity::schema_has_ids();
+            if !has_ids {
+                // The schema from before 0.2.0: its own relink (by the extension's OID).
+                client.update("SELECT certyo.relink_restored()", None, &[])?;
+            }
+            let (paused, backfill_open, restoring) = prepared::select(
                 client,
                 "SELECT (SELECT paused FROM certyo.worker_state LIMIT 1),
                         EXISTS (SELECT FROM certyo.backfills WHERE state IN ('queued', 'running')),
-                        EXISTS (SELECT FROM certyo.installation i, pg_extension e
-                                 WHERE e.extname = 'certyo_cdc' AND i.extension_oid <> e.oid)
-                        OR NOT EXISTS (SELECT FROM certyo.installation)",
+                        EXISTS (SELECT FROM pg_stat_activity a
+                                 WHERE a.datname = current_database() AND a.application_name = 'pg_restore')",
                 &[],
             )?
             .first()
             .get_three::<bool, bool, bool>()?;
-            if restored.unwrap_or(false) {
-                // Rows restored from a dump carry the old tables' OIDs: relink them before
-                // any is sent or written back (see certyo.relink_restored() in
-                // sql/delivery.sql).
-                client.update("SELECT certyo.relink_restored()", None, &[])?;
+            // Rows restored from a dump carry the old tables' OIDs, which in a fresh cluster
+            // may be other tables' now: relink them by table id before any is written back
+            // (see certyo.relink_restored() in sql/delivery.sql, and crate::track::identity).
+            // Throughout a restore by pg_restore, and once after it (a restore in many
+            // transactions or jobs may load rows after the tables' triggers are back).
+            let restoring = restoring.unwrap_or(false);
+            let was_restoring = RESTORING.replace(restoring);
+            let needed = has_ids
+                && (restoring
+                    || was_restoring
+                    || crate::track::identity::relink_wanted()
+                    || prepared::select(client, "SELECT certyo.relink_needed()", &[])?
+                        .first()
+                        .get_one::<bool>()?
+                        .unwrap_or(false));
+            if needed {
+                client.update("SELECT certyo.relink_restored(true)", None, &[])?;
             }
             Ok(Some(Control {
                 paused: paused.unwrap_or(false),
@@ -320,7 +356,7 @@ fn take_from_delivery(
     planner: &mut Planner,
 ) -> SpiResult<Vec<Entry>> {
     let moved = client
-        .update(MOVE_QUEUE, None, &[MOVE_LIMIT.into()])?
+        .update(for_schema(MOVE_QUEUE).as_ref(), None, &[MOVE_LIMIT.into()])?
         .first()
         .get_one::<i64>()?
         .unwrap_or(0);
@@ -492,9 +528,9 @@ const MOVE_QUEUE: &str = "
     WITH moved AS (
         DELETE FROM certyo.queue
          WHERE ctid = ANY (ARRAY(SELECT ctid FROM certyo.queue LIMIT $1))
-        RETURNING id, relid, collection, record_id, operation, payload, source_timestamp, idempotency_key, queued_at),
+        RETURNING id, relid, collection, record_id, operation, payload, source_timestamp, idempotency_key, queued_at, table_id),
     kept AS (
-        INSERT INTO certyo.delivery (id, relid, collection, record_id, operation, payload, source_timestamp, idempotency_key, queued_at)
+        INSERT INTO certyo.delivery (id, relid, collection, record_id, operation, payload, source_timestamp, idempotency_key, queued_at, table_id)
         SELECT * FROM moved
         ON CONFLICT (id) DO NOTHING)
     SELECT count(*) FROM moved";
@@ -563,17 +599,17 @@ const RECEIPTS: &str = "WITH v AS (SELECT * FROM unnest($1::bigint[], $2::text[]
                               AS v(id, hash, replayed, sha, cols)),
           retried AS (DELETE FROM certyo.delivery d USING v WHERE d.id = v.id
                       RETURNING d.id, d.relid, d.collection, d.record_id, d.operation, d.source_timestamp,
-                                d.idempotency_key, d.queued_at, d.attempts, v.hash, v.replayed, v.sha, v.cols),
+                                d.idempotency_key, d.queued_at, d.attempts, v.hash, v.replayed, v.sha, d.table_id, v.cols),
           direct AS (DELETE FROM certyo.queue q USING v
                       WHERE q.ctid = ANY ($6::text[]::tid[]) AND q.id = v.id
                      RETURNING q.id, q.relid, q.collection, q.record_id, q.operation, q.source_timestamp,
-                               q.idempotency_key, q.queued_at, 0, v.hash, v.replayed, v.sha, v.cols)
+                               q.idempotency_key, q.queued_at, 0, v.hash, v.replayed, v.sha, q.table_id, v.cols)
      INSERT INTO certyo.receipt (id, relid, collection, record_id, operation, source_timestamp,
                                  idempotency_key, queued_at, attempts, accepted_at, record_hash,
-                                 replayed, payload_sha256, next_verify_at, column_sha256)
+                                 replayed, payload_sha256, next_verify_at, table_id, column_sha256)
      SELECT id, relid, collection, record_id, operation, source_timestamp, idempotency_key,
             queued_at, attempts + 1, now(), hash, replayed, decode(sha, 'hex'),
-            now() + $5 * interval '1 ms', decode(NULLIF(cols, ''), 'hex')
+            now() + $5 * interval '1 ms', table_id, decode(NULLIF(cols, ''), 'hex')
        FROM (SELECT * FROM retried UNION ALL SELECT * FROM direct) AS done";
 
 /// `RECEIPTS` for a batch whose every accepted change was taken from the queue.
@@ -582,12 +618,12 @@ const RECEIPTS_FROM_QUEUE: &str = "WITH v AS (SELECT * FROM unnest($1::bigint[],
           direct AS (DELETE FROM certyo.queue q USING v
                       WHERE q.ctid = ANY ($6::text[]::tid[]) AND q.id = v.id
                      RETURNING q.id, q.relid, q.collection, q.record_id, q.operation, q.source_timestamp,
-                               q.idempotency_key, q.queued_at, v.hash, v.replayed, v.sha, v.cols)
+                               q.idempotency_key, q.queued_at, v.hash, v.replayed, v.sha, q.table_id, v.cols)
      INSERT INTO certyo.receipt (id, relid, collection, record_id, operation, source_timestamp,
                                  idempotency_key, queued_at, attempts, accepted_at, record_hash,
-                                 replayed, payload_sha256, next_verify_at, column_sha256)
+                                 replayed, payload_sha256, next_verify_at, table_id, column_sha256)
      SELECT id, relid, collection, record_id, operation, source_timestamp, idempotency_key,
-            queued_at, 1, now(), hash, replayed, decode(sha, 'hex'), now() + $5 * interval '1 ms',
+            queued_at, 1, now(), hash, replayed, decode(sha, 'hex'), now() + $5 * interval '1 ms', table_id,
             decode(NULLIF(cols, ''), 'hex')
        FROM direct";
 
@@ -707,13 +743,13 @@ pub fn record(
             if !unsettled.1.is_empty() {
                 prepared::update(
                     client,
-                    "WITH moved AS (
+                    &for_schema("WITH moved AS (
                          DELETE FROM certyo.queue
                           WHERE ctid = ANY ($1::text[]::tid[]) AND id = ANY ($2::bigint[])
-                         RETURNING id, relid, collection, record_id, operation, payload, source_timestamp, idempotency_key, queued_at)
-                     INSERT INTO certyo.delivery (id, relid, collection, record_id, operation, payload, source_timestamp, idempotency_key, queued_at)
+                         RETURNING id, relid, collection, record_id, operation, payload, source_timestamp, idempotency_key, queued_at, table_id)
+                     INSERT INTO certyo.delivery (id, relid, collection, record_id, operation, payload, source_timestamp, idempotency_key, queued_at, table_id)
                      SELECT * FROM moved
-                     ON CONFLICT (id) DO NOTHING",
+                     ON CONFLICT (id) DO NOTHING"),
                     &[unsettled.0.into(), unsettled.1.into()],
                 )?;
             }
@@ -744,12 +780,12 @@ pub fn record(
                         (receipts.as_str(), from_queue.as_str())
                     };
                 let recorded = if all_from_queue {
-                    prepared::update(client, from_queue, &args)?.len()
+                    prepared::update(client, &for_schema(from_queue), &args)?.len()
                 } else {
                     0
                 };
                 if recorded < count {
-                    prepared::update(client, receipts, &args)?;
+                    prepared::update(client, &for_schema(receipts), &args)?;
                 }
             }
             if !transient.0.is_empty() {

@@ -601,13 +601,13 @@ pub mod failing {
         let statuses: Vec<String> = waiting.iter().map(|(_, s, _)| s.clone()).collect();
         // Only the receipts still in the state they were written back in: one verified
         // meanwhile (by the delivery worker) waits for the next retry, which writes back the
-        // status it reached.
+        // status it reached. And only this table's: one found to be another's waits for it.
         client.update(
             "UPDATE certyo.receipt r SET written_back = true
                FROM unnest($1::bigint[], $2::text[]) AS v(id, status)
-              WHERE r.id = v.id AND r.anchor_status IS NOT DISTINCT FROM v.status",
+              WHERE r.id = v.id AND r.anchor_status IS NOT DISTINCT FROM v.status AND r.relid = $3",
             None,
-            &[ids.into(), statuses.into()],
+            &[ids.into(), statuses.into(), relid.into()],
         )?;
         let deleted = match client
             .update(
@@ -714,6 +714,18 @@ fn mark_table(
     // commits (see `rights::lock_table`).
     // The wait counts against the owner's share of the pass (`budget`).
     crate::rights::lock_table(relid, pgrx::pg_sys::RowExclusiveLock, timeout);
+    // Only versions captured for this table under its present record key (see
+    // `crate::track::identity`): never another table's after a restore, nor an earlier key's.
+    let ids: Vec<i64> = rows.iter().map(|v| v.id).collect();
+    let own = crate::track::identity::belonging(client, relid, &ids)?;
+    let rows: Vec<Version> = rows
+        .iter()
+        .filter(|v| own.contains(&v.id))
+        .cloned()
+        .collect();
+    if rows.is_empty() {
+        return Ok(Marked::Done);
+    }
     // Kept (planned once): a pass looks up the key of every table it writes back to.
     let found = super::prepared::select(client, crate::track::key::LOOKUP, &[relid.into()])?;
     let Some(key) = RecordKey::from_found(found)? else {
@@ -728,7 +740,7 @@ fn mark_table(
         // and every table's delivery waits while a statement of the worker runs.
         return Ok(Marked::LeftToTheSlowLane);
     }
-    let rows = still_current(client, relid, rows, mark)?;
+    let rows = still_current(client, relid, &rows, mark)?;
     let n = key.columns.len();
     let mut parts: Vec<Vec<String>> = vec![Vec::new(); n];
     let mut hashes = Vec::new();

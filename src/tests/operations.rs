@@ -11,9 +11,9 @@ fn accept_all() {
     sql("WITH moved AS (DELETE FROM certyo.queue RETURNING *)
          INSERT INTO certyo.receipt (id, relid, collection, record_id, operation, source_timestamp,
                                      idempotency_key, queued_at, attempts, accepted_at, record_hash,
-                                     replayed, payload_sha256, next_verify_at)
+                                     replayed, payload_sha256, next_verify_at, table_id)
          SELECT id, relid, collection, record_id, operation, source_timestamp, idempotency_key, queued_at,
-                1, now(), 'sha256:' || id, false, sha256(convert_to(payload::text, 'UTF8')), now() + interval '2 min'
+                1, now(), 'sha256:' || id, false, sha256(convert_to(payload::text, 'UTF8')), now() + interval '2 min', table_id
            FROM moved");
 }
 
@@ -67,9 +67,9 @@ mod tests {
     fn retry_revives_dead_letters_all_by_table_or_by_id() {
         sql("CREATE TABLE a (id int PRIMARY KEY); CREATE TABLE b (id int PRIMARY KEY);
              INSERT INTO certyo.delivery (id, relid, collection, record_id, operation, payload, source_timestamp,
-                                          idempotency_key, queued_at, state, attempts, next_attempt_at, last_status, last_error)
+                                          idempotency_key, queued_at, state, attempts, next_attempt_at, last_status, last_error, table_id)
              SELECT g, CASE WHEN g <= 2 THEN 'a'::regclass ELSE 'b'::regclass END, 'public.x', g::text, 'insert', '{}',
-                    now(), 'k' || g, now(), 'dead', 1, 'infinity', 422, 'bad'
+                    now(), 'k' || g, now(), 'dead', 1, 'infinity', 422, 'bad', 0
                FROM generate_series(1, 5) g");
         assert_eq!(one::<i64>("SELECT certyo.retry(ids => ARRAY[5])"), Some(1));
         assert_eq!(one::<i64>("SELECT certyo.retry('a')"), Some(2));

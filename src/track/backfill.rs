@@ -16,6 +16,6 @@ pub fn backfill(relid: Oid, options: &CaptureOptions) -> Result<i64> {
     // The latest snapshot sees the rows this transaction wrote before calling track().
     // SAFETY: called inside track()'s transaction, which may write.
     each_row(relid, options, Snapshot::Latest, |plan, _, change| unsafe {
-        queue::append(relid, &plan.collection, change).map(|_| ())
+        queue::append(relid, plan.table_id, &plan.collection, change).map(|_| ())
     })
 }

@@ -4,6 +4,7 @@
 //! anything, so a refused call leaves the table as it was.
 
 mod backfill;
+pub(crate) mod identity;
 mod install;
 pub(crate) mod key;
 mod table;
@@ -90,7 +91,8 @@ fn required(rel: Option<Oid>) -> Result<Oid> {
 
 fn track_table(relid: Oid, request: &Request, backfill: bool) -> Result<()> {
     let table = Table::inspect(relid)?;
-    let options = table.resolve(request)?;
+    let mut options = table.resolve(request)?;
+    identity::assign(&table, &mut options)?;
     let was_tracked = installed_options(relid)?.is_some();
     install::add_bookkeeping_columns(&table)?;
     TriggerDefinition::new(&table, &options).install(&table)?;
@@ -295,7 +297,7 @@ fn refresh(relid: Oid) -> Result<()> {
         exclude_columns: options.exclude_columns.clone(),
         timestamp_column: options.timestamp_column.clone(),
     };
-    let options = table.resolve(&request).map_err(|e| {
+    let mut options = table.resolve(&request).map_err(|e| {
         let hint = format!(
             "Before renaming or dropping a column named in the tracking options, call certyo.track('{}', ...) \
              with options that do not name it. {}",
@@ -304,6 +306,7 @@ fn refresh(relid: Oid) -> Result<()> {
         );
         CertyoError { hint: Some(hint), ..e }
     })?;
+    identity::assign(&table, &mut options)?;
     let definition = TriggerDefinition::new(&table, &options);
     if !definition.is_installed(&table)? {
         definition.install(&table)?;

@@ -148,6 +148,7 @@ impl Table {
             record_id_columns,
             exclude_columns,
             timestamp_column,
+            table_id: None,
         })
     }
 

@@ -1,0 +1,288 @@
+"""Which table and which row a change belongs to, through a restore into a fresh cluster and
+through a change of the record key: the receipts, deliveries and queued changes of a table
+stay that table's (history and audit), and a write-back only ever marks the row whose version
+it carries, never another table's or another row's.
+
+Each test brings its own clusters and uses the Certyo emulator of conftest.py.
+
+Run:  CERTYO_EMULATOR=target/release/certyo-emulator python3 -m pytest -q pg_test/test_identity.py
+"""
+import subprocess
+
+import pytest
+
+from harness import PG_BIN, TMP, Cluster, free_port, wait_for
+
+SOURCE_DIR = f"{TMP}/certyo-e2e-identity-source"
+TARGET_DIR = f"{TMP}/certyo-e2e-identity-target"
+REKEY_DIR = f"{TMP}/certyo-e2e-identity-rekey"
+
+
+@pytest.fixture(autouse=True)
+def watch():
+    """Overrides conftest's: these tests bring their own clusters."""
+    yield None
+
+
+def stop(*clusters):
+    for cluster in clusters:
+        if cluster is not None:
+            try:
+                cluster.pg_ctl("-m", "immediate", "stop")
+            except Exception:
+                pass
+
+
+def wrongly_marked(cluster, table, key="id"):
+    """Rows of `table` whose hash is not the newest accepted hash of their own record (same
+    collection, same record id), or that say anchored without one: 'id:hash' each."""
+    return cluster.sql(f"""
+        SELECT coalesce(string_agg(t.{key}::text || ':' || coalesce(t.certyo_record_hash, '-'), ',' ORDER BY t.{key}), '')
+          FROM {table} t
+          LEFT JOIN LATERAL (SELECT r.record_hash FROM certyo.receipt r
+                              WHERE r.collection = 'public.{table}' AND r.record_id = t.{key}::text
+                              ORDER BY r.id DESC LIMIT 1) own ON true
+         WHERE t.certyo_record_hash IS DISTINCT FROM own.record_hash""")
+
+
+def foreign_hashes(cluster, table, key="id"):
+    """Rows of `table` holding a hash Certyo gave another record (another table's, another
+    row's): 'id:collection/record' each."""
+    return cluster.sql(f"""
+        SELECT coalesce(string_agg(t.{key}::text || ':' || r.collection || '/' || r.record_id, ',' ORDER BY t.{key}), '')
+          FROM {table} t JOIN certyo.receipt r ON r.record_hash = t.certyo_record_hash
+         WHERE r.collection <> 'public.{table}' OR r.record_id <> t.{key}::text""")
+
+
+def restore(mode, source, target, dump_dir):
+    """Dump `source` and restore it into `target` (a cluster initdb'd anew, nothing created in
+    it): in one transaction, statement by statement (many transactions), or with two jobs."""
+    connect = ["-h", source.dir, "-p", str(source.port), "-U", "postgres"]
+    into = ["-h", target.dir, "-p", str(target.port), "-U", "postgres", "-d", "postgres"]
+    if mode == "psql, many transactions":
+        plain = f"{dump_dir}.sql"
+        subprocess.run([f"{PG_BIN}/pg_dump", *connect, "-f", plain, "postgres"], check=True)
+        done = subprocess.run(["psql", *into, "-X", "-q", "-f", plain], capture_output=True, text=True)
+    else:
+        archive = f"{dump_dir}.dump"
+        subprocess.run([f"{PG_BIN}/pg_dump", *connect, "-Fc", "-f", archive, "postgres"], check=True)
+        how = ["--single-transaction"] if mode == "pg_restore, one transaction" else ["-j", "2"]
+        done = subprocess.run([f"{PG_BIN}/pg_restore", *into, *how, archive], capture_output=True, text=True)
+    assert "ERROR" not in done.stderr, done.stderr
+
+
+@pytest.mark.parametrize("mode", ["pg_restore, one transaction", "psql, many transactions", "pg_restore, two jobs",
+                                  "pg_restore, two jobs, into a cluster with tables"])
+def test_a_restore_into_a_fresh_cluster_keeps_each_tables_history_and_marks_only_its_rows(emulator, mode):
+    """Two tracked tables and an untracked one between them, created in another order than a
+    restore creates them: in a cluster initdb'd anew their OIDs differ from the source's and
+    may be another table's old ones. After the restore, each record's history is its own, the
+    audit is clean, the changes queued at the dump and the writes after the restore are
+    delivered and written back, each row marked with its own record's hash only. (The foreign
+    key is restored by an ALTER TABLE after the capture trigger, which refreshes the trigger
+    while the restored rows still carry the old OIDs.)"""
+    source = Cluster(SOURCE_DIR, free_port(), emulator.url)
+    target = None
+    try:
+        source.sql("""
+            CREATE EXTENSION certyo_cdc;
+            CREATE TABLE zeta (id int PRIMARY KEY, v text);
+            CREATE TABLE xtra (id int PRIMARY KEY, v text);
+            CREATE TABLE pay (id int PRIMARY KEY, v text, x int REFERENCES xtra);  -- restored by an ALTER TABLE after its trigger
+            SELECT certyo.track('zeta');
+            SELECT certyo.track('pay');
+            INSERT INTO zeta SELECT g, 'zeta ' || g FROM generate_series(1, 10) g;
+            INSERT INTO xtra SELECT g, 'xtra ' || g FROM generate_series(1, 10) g;
+            INSERT INTO pay SELECT g, 'pay ' || g FROM generate_series(1, 10) g;
+            UPDATE zeta SET v = v || ' changed' WHERE id <= 3;
+        """)
+        assert source.wait_drained(30), source.explain()
+        assert wait_for(lambda: source.sql("SELECT count(*) FROM certyo.receipt WHERE NOT written_back") == "0", 30)
+        source.sql("SELECT certyo.pause()")
+        assert wait_for(lambda: source.sql("SELECT state FROM certyo.worker_status()") == "paused", 10)
+        source.sql("UPDATE zeta SET v = v || ' queued' WHERE id IN (5, 6); UPDATE pay SET v = v || ' queued' WHERE id = 7")
+        assert source.sql("SELECT count(*) FROM certyo.queue") == "3"
+        old = source.sql("SELECT string_agg(c.relname || '=' || c.oid, ',' ORDER BY c.relname) FROM pg_class c "
+                         "WHERE c.relname IN ('zeta', 'xtra', 'pay')")
+        target = Cluster(TARGET_DIR, free_port(), emulator.url)
+        if mode.endswith("with tables"):
+            target.sql("CREATE TABLE other (id int PRIMARY KEY, v text); CREATE TABLE another (id int)")
+        restore(mode.removesuffix(", into a cluster with tables"), source, target, TARGET_DIR)
+        source.stop()
+        new = target.sql("SELECT string_agg(c.relname || '=' || c.oid, ',' ORDER BY c.relname) FROM pg_class c "
+                         "WHERE c.relname IN ('zeta', 'xtra', 'pay')")
+        print(f"OIDs before the dump {old}, after the restore {new}")
+
+        # At once, worker or not: every record's history is its own table's.
+        zeta_1 = target.sql("SELECT string_agg(operation || ':' || state, ',' ORDER BY id) FROM certyo.history('zeta', '1')")
+        assert zeta_1 == "insert:accepted,update:accepted", zeta_1
+        pay_5 = target.sql("SELECT string_agg(operation || ':' || state, ',' ORDER BY id) FROM certyo.history('pay', '5')")
+        assert pay_5 == "insert:accepted", pay_5
+        assert target.sql("SELECT count(*) FROM certyo.history('xtra', '1')") == "0"
+
+        assert target.wait_drained(60), target.explain()
+        target.sql("UPDATE pay SET v = v || ' after' WHERE id IN (1, 6); UPDATE zeta SET v = v || ' after' WHERE id = 2;"
+                   "INSERT INTO zeta VALUES (11, 'zeta 11'); INSERT INTO pay VALUES (11, 'pay 11')")
+        assert target.wait_drained(60), target.explain()
+        for table in ("zeta", "pay"):
+            assert wait_for(lambda: wrongly_marked(target, table) == "", 30), \
+                f"{table}: rows not marked with their own record's newest hash: {wrongly_marked(target, table)}\n{target.explain()}"
+            assert foreign_hashes(target, table) == "", f"{table}: rows marked with another record's hash"
+            findings = target.sql(f"SELECT string_agg(record_id || ' ' || problem, ', ' ORDER BY record_id) FROM certyo.audit('{table}')")
+            assert findings == "", f"{table}: {findings}"
+        assert target.sql("SELECT count(*) FROM xtra WHERE v NOT LIKE 'xtra %'") == "0"
+        history = target.sql("SELECT string_agg(operation, ',' ORDER BY id) FROM certyo.history('zeta', '6')")
+        assert history == "insert,update", "the change queued at the dump is in its record's history: " + history
+        history = target.sql("SELECT string_agg(operation, ',' ORDER BY id) FROM certyo.history('pay', '6')")
+        assert history == "insert,update", "the change after the restore is in its record's history: " + history
+        assert target.sql("SELECT count(*) FROM certyo.write_back_failure") == "0"
+    finally:
+        stop(target, source)
+
+
+def rekey_cluster(emulator, schema):
+    cluster = Cluster(REKEY_DIR, free_port(), emulator.url)
+    cluster.sql("CREATE EXTENSION certyo_cdc;" + schema)
+    return cluster
+
+
+def pause(cluster):
+    cluster.sql("SELECT certyo.pause()")
+    assert wait_for(lambda: cluster.sql("SELECT state FROM certyo.worker_status()") == "paused", 10)
+
+
+def test_tracking_again_with_other_record_id_columns_never_marks_a_row_with_another_rows_hash(emulator):
+    """Ten updates queued under the key id, then the table tracked by the column code (row id=n
+    has code=n+1): those updates are delivered under the key they were captured with (Certyo's
+    record ids 1..10), and their write-back, which no longer has a key to find its row by, is
+    dropped and recorded, never put on the row whose code equals the old id."""
+    cluster = rekey_cluster(emulator, """
+        CREATE TABLE rk (id int PRIMARY KEY, code int NOT NULL UNIQUE, v text);
+        SELECT certyo.track('rk');
+        INSERT INTO rk SELECT g, g + 1, 'first' FROM generate_series(1, 10) g;""")
+    try:
+        assert cluster.wait_drained(30), cluster.explain()
+        pause(cluster)
+        cluster.sql("UPDATE rk SET v = 'queued'")
+        cluster.sql("SELECT certyo.track('rk', record_id_columns => ARRAY['code'])")
+        cluster.sql("SELECT certyo.resume()")
+        assert cluster.wait_drained(30), cluster.explain()
+        assert wait_for(lambda: cluster.sql("SELECT count(*) FROM certyo.receipt WHERE NOT written_back") == "0", 30), \
+            cluster.explain()
+        sent = sorted(r["recordId"] for r in emulator.records() if r["collection"] == "public.rk")
+        assert sent == sorted([str(i) for i in range(1, 11)] * 2), "each change under the key it was captured with"
+        marked = cluster.sql("""
+            SELECT coalesce(string_agg(t.id || '<-' || r.record_id, ',' ORDER BY t.id), '')
+              FROM rk t JOIN certyo.receipt r ON r.record_hash = t.certyo_record_hash AND r.operation <> 'insert'""")
+        assert marked == "", "rows marked with the hash of an update captured for another row: " + marked
+        dropped = cluster.sql("SELECT count(*) FROM certyo.receipt WHERE write_back_dropped IS NOT NULL")
+        assert dropped == "10", "the dropped write-backs are recorded"
+        findings = cluster.sql("SELECT string_agg(record_id || ' ' || problem, ', ') FROM certyo.audit('rk') WHERE record_id IS NOT NULL")
+        assert findings == "", "a row whose version's write-back was dropped is no forgery: " + findings
+        assert cluster.sql("SELECT count(*) FROM certyo.write_back_failure") == "0"
+
+        # Under the new key, the next change is written back to its row.
+        cluster.sql("UPDATE rk SET v = 'after' WHERE id = 1")
+        assert cluster.wait_drained(30), cluster.explain()
+        assert wait_for(lambda: wrongly_marked(cluster, "rk", "code").split(",")[0] != "2:", 30)
+        own = cluster.sql("""SELECT t.certyo_record_hash = r.record_hash FROM rk t, certyo.receipt r
+                              WHERE t.id = 1 AND r.record_id = '2' AND r.id = (SELECT max(id) FROM certyo.receipt)""")
+        assert own == "t", cluster.explain()
+    finally:
+        stop(cluster)
+
+
+def test_a_primary_key_moved_to_a_column_of_another_type_drops_the_old_keys_write_backs(emulator):
+    """Updates queued under a text primary key, then the primary key moved to an int column:
+    the old versions' write-back cannot be cast to the new key, and is dropped and recorded
+    instead of failing forever; the worker goes on, and the next change is written back."""
+    cluster = rekey_cluster(emulator, """
+        CREATE TABLE pk (k text PRIMARY KEY, n int NOT NULL UNIQUE, v text);
+        SELECT certyo.track('pk');
+        INSERT INTO pk SELECT 'K' || g, g, 'first' FROM generate_series(1, 10) g;""")
+    try:
+        assert cluster.wait_drained(30), cluster.explain()
+        pause(cluster)
+        cluster.sql("UPDATE pk SET v = 'queued'")
+        cluster.sql("ALTER TABLE pk DROP CONSTRAINT pk_pkey, ADD PRIMARY KEY (n)")
+        assert cluster.sql("SELECT record_id_columns FROM certyo.tracked_tables") == "{n}"
+        cluster.sql("SELECT certyo.resume()")
+        assert cluster.wait_drained(30), cluster.explain()
+        assert wait_for(lambda: cluster.sql("SELECT count(*) FROM certyo.receipt WHERE NOT written_back") == "0", 30), \
+            cluster.explain()
+        assert cluster.sql("SELECT count(*) FROM certyo.receipt WHERE write_back_dropped IS NOT NULL") == "10"
+        assert cluster.sql("SELECT count(*) FROM certyo.write_back_failure") == "0"
+        assert cluster.sql("SELECT state FROM certyo.worker_status()") != "write-back failing"
+        findings = cluster.sql("SELECT string_agg(record_id || ' ' || problem, ', ') FROM certyo.audit('pk') WHERE record_id IS NOT NULL")
+        assert findings == "", "a row whose version's write-back was dropped is no forgery: " + findings
+        cluster.sql("UPDATE pk SET v = 'after' WHERE n = 3")
+        assert cluster.wait_drained(30), cluster.explain()
+        own = cluster.sql("""SELECT t.certyo_record_hash = r.record_hash FROM pk t, certyo.receipt r
+                              WHERE t.n = 3 AND r.record_id = '3' AND r.collection = 'public.pk'""")
+        assert wait_for(lambda: cluster.sql("""SELECT t.certyo_record_hash = r.record_hash FROM pk t, certyo.receipt r
+                              WHERE t.n = 3 AND r.record_id = '3' AND r.collection = 'public.pk'""") == "t", 30), own
+    finally:
+        stop(cluster)
+
+
+def test_a_restored_change_whose_table_is_not_restored_waits_for_it_and_marks_no_other(emulator):
+    """A dump restored without one of its tracked tables: the extension cannot tell where that
+    table's changes go, says so (a WARNING), and writes none of them back, not to another table
+    that now has the old OID, nor to a table made later under that name and tracked anew (a
+    new identity). Once the table itself is restored from the same dump (its capture trigger
+    carries its identity), its changes find it, and the change queued at the dump is written
+    back to its row."""
+    source = Cluster(SOURCE_DIR, free_port(), emulator.url)
+    target = None
+    archive = f"{TARGET_DIR}.dump"
+    try:
+        source.sql("""
+            CREATE EXTENSION certyo_cdc;
+            CREATE TABLE pay (id int PRIMARY KEY, v text);
+            CREATE TABLE zeta (id int PRIMARY KEY, v text);
+            SELECT certyo.track('pay');
+            SELECT certyo.track('zeta');
+            INSERT INTO pay SELECT g, 'pay ' || g FROM generate_series(1, 10) g;
+            INSERT INTO zeta SELECT g, 'zeta ' || g FROM generate_series(1, 10) g;
+        """)
+        assert source.wait_drained(30), source.explain()
+        assert wait_for(lambda: source.sql("SELECT count(*) FROM certyo.receipt WHERE NOT written_back") == "0", 30)
+        pause(source)
+        source.sql("UPDATE pay SET v = 'queued' WHERE id = 7")
+        connect = ["-h", source.dir, "-p", str(source.port), "-U", "postgres"]
+        subprocess.run([f"{PG_BIN}/pg_dump", *connect, "-Fc", "-f", archive, "postgres"], check=True)
+        source.stop()
+        listing = subprocess.run([f"{PG_BIN}/pg_restore", "-l", archive], check=True, capture_output=True,
+                                 text=True).stdout.splitlines()
+        of_pay = [line for line in listing if " public pay " in line]
+        assert len(of_pay) >= 4, listing  # the table, its data, its key, its triggers
+        with open(f"{TARGET_DIR}.without", "w") as out:
+            out.write("\n".join(line for line in listing if line not in of_pay) + "\n")
+        with open(f"{TARGET_DIR}.pay", "w") as out:
+            out.write("\n".join(of_pay) + "\n")
+
+        target = Cluster(TARGET_DIR, free_port(), emulator.url)
+        into = ["-h", target.dir, "-p", str(target.port), "-U", "postgres", "-d", "postgres"]
+        done = subprocess.run([f"{PG_BIN}/pg_restore", *into, "--single-transaction", "-L", f"{TARGET_DIR}.without",
+                               archive], capture_output=True, text=True)
+        assert "ERROR" not in done.stderr, done.stderr
+        assert target.wait_drained(60), target.explain()
+        assert wait_for(lambda: "public.pay (id" in target.log() and "is not in this database" in target.log(), 30), \
+            target.explain()
+        assert target.sql("SELECT relid FROM certyo.table_identity WHERE table_name = 'pay'") == "0"
+        assert wrongly_marked(target, "zeta") == "" and foreign_hashes(target, "zeta") == ""
+        assert target.sql("SELECT count(*) FROM certyo.audit('zeta')") == "0"
+
+        # Restored now, from the same dump: its changes find it by its trigger.
+        done = subprocess.run([f"{PG_BIN}/pg_restore", *into, "--single-transaction", "-L", f"{TARGET_DIR}.pay", archive],
+                              capture_output=True, text=True)
+        assert "ERROR" not in done.stderr, done.stderr
+        assert wait_for(lambda: wrongly_marked(target, "pay") == "", 30), \
+            f"pay: {wrongly_marked(target, 'pay')}\n{target.explain()}"
+        assert target.sql("SELECT v FROM pay WHERE id = 7") == "queued"
+        history = target.sql("SELECT string_agg(operation || ':' || state, ',' ORDER BY id) FROM certyo.history('pay', '7')")
+        assert history == "insert:accepted,update:accepted", history
+        assert target.sql("SELECT count(*) FROM certyo.audit('pay')") == "0"
+        assert wrongly_marked(target, "zeta") == ""
+    finally:
+        stop(target, source)

@@ -1,0 +1,212 @@
+//! Each tracked table's identity of the extension's own (`certyo.table_identity`, in
+//! `sql/delivery.sql`), one per table and record key, as TimescaleDB keeps its hypertables:
+//! names in the extension's catalog, OIDs resolved at run time.
+//!
+//! The capture trigger carries the id (`table_id=N`, see [`crate::capture::options`]) and every
+//! change carries it to the queue, the deliveries and the receipts. An OID is only a cache:
+//! a restore gives every table a new one (in a fresh cluster, quite possibly another tracked
+//! table's old one), while the trigger travels with its table through `pg_dump`.
+//! `certyo.relink_restored()` finds each id's table again by that trigger, checked against the
+//! name kept in the catalog, and [`belonging`] lets a write-back mark only a table whose
+//! trigger carries the version's id: whatever cannot be told waits, it is never guessed.
+//!
+//! A change of the record key (other `record_id_columns`, the primary key moved to other
+//! columns or retyped) gives the table a new id that supersedes the old: versions captured
+//! under the old key keep the record id they were captured with (Certyo gets them so), but no
+//! key finds their row any more, so their write-back is dropped and recorded
+//! (`certyo.receipt.write_back_dropped`), never retried, and never put on a row whose new key
+//! happens to equal the old one.
+
+use super::table::Table;
+use crate::capture::options::CaptureOptions;
+use crate::error::Result;
+use pgrx::pg_sys::{self, Oid};
+use pgrx::prelude::*;
+use std::cell::Cell;
+
+thread_local! {
+    /// A write-back met versions whose table id the OID they carry no longer names: the
+    /// worker runs `certyo.relink_restored()` at its next pass.
+    static RELINK_WANTED: Cell<bool> = const { Cell::new(false) };
+}
+
+/// Whether the extension's tables have the `table_id` columns: a schema from before 0.2.0
+/// (the library installed, `ALTER EXTENSION certyo_cdc UPDATE` not yet run) has none, and is
+/// served as it was until the update (see [`crate::shape::schema_has`]).
+pub fn schema_has_ids() -> bool {
+    crate::shape::schema_has(c"receipt", Some(c"table_id"))
+}
+
+/// Whether [`belonging`] asked for a relink since the last call.
+pub fn relink_wanted() -> bool {
+    RELINK_WANTED.replace(false)
+}
+
+/// The record key as the catalog keeps it: each record id column's name and type.
+fn record_key(table: &Table, options: &CaptureOptions) -> Vec<String> {
+    options
+        .record_id_columns
+        .iter()
+        .map(|name| {
+            let ty = table.column(name).map_or_else(String::new, |c| {
+                // SAFETY: format_type_be returns a palloc'd NUL-terminated string.
+                unsafe { std::ffi::CStr::from_ptr(pg_sys::format_type_be(c.typid)) }
+                    .to_string_lossy()
+                    .into_owned()
+            });
+            format!("{name} {ty}")
+        })
+        .collect()
+}
+
+/// Set `options.table_id` to the table's identity under this record key: the one its capture
+/// trigger carries (or, untracked, the one it had under its present name and OID) when the key
+/// is unchanged, its name brought up to date (a rename is an `ALTER TABLE`, which refreshes);
+/// a new one that supersedes it when the key changed, or when there is none. The OID is left
+/// to `certyo.relink_restored()`, which moves it together with the rows that carry it.
+pub fn assign(table: &Table, options: &mut CaptureOptions) -> Result<()> {
+    if !crate::shape::schema_has(c"table_identity", None) {
+        return Ok(()); // a schema from before 0.2.0: its update assigns the ids
+    }
+    let key = record_key(table, options);
+    let installed = super::installed_options(table.relid)?.and_then(|o| o.table_id);
+    let (schema, name) = split_display(table);
+    let id = crate::rights::as_superuser(|| {
+        Spi::connect_mut(|client| {
+            client.update(
+            "WITH present AS (
+                 SELECT i.id, i.record_key FROM certyo.table_identity i
+                  WHERE i.superseded_by IS NULL
+                    AND (i.id OPERATOR(pg_catalog.=) $1
+                         OR ($1 IS NULL AND i.relid OPERATOR(pg_catalog.=) $2
+                             AND i.installation OPERATOR(pg_catalog.=) certyo.this_installation()
+                             AND i.schema_name OPERATOR(pg_catalog.=) $3 AND i.table_name OPERATOR(pg_catalog.=) $4))
+                  ORDER BY i.id DESC LIMIT 1),
+             kept AS (
+                 UPDATE certyo.table_identity i
+                    SET record_key = $5, schema_name = $3, table_name = $4
+                   FROM present p
+                  WHERE i.id OPERATOR(pg_catalog.=) p.id
+                    AND (p.record_key IS NULL OR p.record_key OPERATOR(pg_catalog.=) $5)
+                 RETURNING i.id),
+             made AS (
+                 INSERT INTO certyo.table_identity (schema_name, table_name, relid, installation, record_key)
+                 SELECT $3, $4, $2, certyo.this_installation(), $5 WHERE NOT EXISTS (SELECT FROM kept)
+                 RETURNING id),
+             superseded AS (
+                 UPDATE certyo.table_identity i SET superseded_at = pg_catalog.now(), superseded_by = m.id
+                   FROM present p, made m
+                  WHERE i.id OPERATOR(pg_catalog.=) p.id)
+             SELECT id FROM kept UNION ALL SELECT id FROM made",
+            None,
+            &[
+                installed.into(),
+                table.relid.into(),
+                schema.into(),
+                name.into(),
+                key.into(),
+            ],
+        )?
+        .first()
+        .get_one::<i32>()
+        })
+    })?;
+    options.table_id = id;
+    Ok(())
+}
+
+/// The table's schema and name, unquoted.
+fn split_display(table: &Table) -> (String, String) {
+    // SAFETY: catalog lookups of an existing relation's namespace and name, which return
+    // palloc'd copies (or NULL, for a relation dropped meanwhile).
+    unsafe {
+        let text = |p: *mut std::ffi::c_char| {
+            if p.is_null() {
+                String::new()
+            } else {
+                std::ffi::CStr::from_ptr(p).to_string_lossy().into_owned()
+            }
+        };
+        let schema = text(pg_sys::get_namespace_name(pg_sys::get_rel_namespace(
+            table.relid,
+        )));
+        (schema, text(pg_sys::get_rel_name(table.relid)))
+    }
+}
+
+/// Of the versions about to be written back to `relid` (their ids: receipt ids), those that
+/// belong there: the table's capture trigger carries the table id they were captured under
+/// (or it has none, untracked meanwhile, and the catalog places their id there).
+/// Of the others, a version captured under a record key the table no longer has (a superseded
+/// id) is dropped and recorded (`write_back_dropped`), never to be retried; any other (an OID
+/// that a restore made another table's, an id not found yet) waits to be written back once
+/// `certyo.relink_restored()`, asked for here, has found its table.
+pub fn belonging(
+    client: &mut pgrx::spi::SpiClient<'_>,
+    relid: Oid,
+    ids: &[i64],
+) -> std::result::Result<std::collections::HashSet<i64>, pgrx::spi::Error> {
+    if !schema_has_ids() {
+        return Ok(ids.iter().copied().collect());
+    }
+    let sorted = client.update(
+        "WITH current AS (
+             SELECT coalesce((SELECT (certyo.capture_option(t.tgargs, 'table_id'))[1]::integer
+                                FROM pg_trigger t
+                               WHERE t.tgrelid = $2 AND t.tgname = 'certyo_capture' AND t.tgparentid = 0), 0) AS id,
+                    certyo.this_installation() AS here),
+         versions AS (
+             -- Its own: the table's trigger carries the version's id; or the table has no
+             -- trigger (untracked meanwhile: nothing is written back) and the catalog, as
+             -- found in this installation, places the id here.
+             SELECT r.id,
+                    coalesce(r.table_id = c.id
+                             OR (c.id = 0 AND $2 <> 0 AND i.relid = $2 AND i.installation = c.here), false) AS own,
+                    coalesce(i.superseded_by IS NOT NULL, false) AS old_key, i.record_key
+               FROM certyo.receipt r CROSS JOIN current c
+               LEFT JOIN certyo.table_identity i ON i.id = r.table_id
+              WHERE r.id = ANY ($1)),
+         dropped AS (
+             UPDATE certyo.receipt r
+                SET written_back = true,
+                    write_back_dropped = 'captured under the record key (' || coalesce(array_to_string(v.record_key, ', '), 'unknown')
+                                         || '), which the table no longer has: no key finds its row'
+               FROM versions v
+              WHERE r.id = v.id AND NOT v.own AND v.old_key
+             RETURNING r.id),
+         elsewhere AS (
+             UPDATE certyo.receipt r SET written_back = false,
+                    relid = coalesce((SELECT i.relid FROM certyo.table_identity i
+                                       WHERE i.id = r.table_id AND i.relid <> $2), 0)
+               FROM versions v
+              WHERE r.id = v.id AND NOT v.own AND NOT v.old_key
+             RETURNING r.id)
+         SELECT v.id, v.own, (SELECT count(*) FROM dropped), (SELECT count(*) FROM elsewhere)
+           FROM versions v",
+        None,
+        &[ids.to_vec().into(), relid.into()],
+    )?;
+    let mut own = std::collections::HashSet::with_capacity(ids.len());
+    let (mut dropped, mut elsewhere) = (0, 0);
+    for row in sorted {
+        if row.get::<bool>(2)?.unwrap_or(false) {
+            own.extend(row.get::<i64>(1)?);
+        }
+        dropped = row.get::<i64>(3)?.unwrap_or(0);
+        elsewhere = row.get::<i64>(4)?.unwrap_or(0);
+    }
+    if dropped > 0 {
+        pgrx::log!(
+            "certyo_cdc: {dropped} versions of table {} captured under an earlier record key are not written back: no key finds their rows any more (certyo.receipt.write_back_dropped)",
+            relid.to_u32()
+        );
+    }
+    if elsewhere > 0 {
+        pgrx::warning!(
+            "certyo_cdc: {elsewhere} versions to be written back to the table of OID {} were captured for another table (restored from a dump?): they wait until their own table is found",
+            relid.to_u32()
+        );
+        RELINK_WANTED.set(true);
+    }
+    Ok(own)
+}
