@@ -292,10 +292,10 @@ unsafe fn contains_domain(t: Oid, depth: u32) -> bool {
         b'm' => contains_domain(pg_sys::get_multirange_range(t), depth + 1),
         b'c' => {
             let desc = pg_sys::lookup_rowtype_tupdesc_copy(t, -1);
-            let attributes = (*desc).attrs.as_slice((*desc).natts as usize);
-            attributes
-                .iter()
-                .any(|a| !a.attisdropped && contains_domain(a.atttypid, depth + 1))
+            (0..(*desc).natts as usize).any(|i| {
+                let a = crate::compat::attribute(desc, i);
+                !a.attisdropped && contains_domain(a.atttypid, depth + 1)
+            })
         }
         _ => {
             let element = pg_sys::get_element_type(t);
