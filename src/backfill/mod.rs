@@ -403,7 +403,11 @@ pub fn queue_chunk(job: &Job, chunk_size: usize) -> Result<i64> {
     let owner = requester_may_still_act_as_owner(job)?;
     let timeout = crate::delivery::settings::user_code_timeout();
     let (queued, last) = crate::rights::backfilling_as(job.id, owner, timeout, || {
-        let after = if job.last_key.is_some() { typed(&last_key)? } else { Vec::new() };
+        let after = if job.last_key.is_some() {
+            typed(&last_key)?
+        } else {
+            Vec::new()
+        };
         let (queued, last) =
             Spi::connect(|client| queue_rows(client, &sql, &after, &key, job.relid, &options))?;
         if let (Some(_), Some(new)) = (&job.last_key, &last) {

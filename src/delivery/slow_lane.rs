@@ -64,7 +64,11 @@ impl Lane {
 
     fn of_argument(arg: pg_sys::Datum) -> (Lane, pg_sys::Oid) {
         let value = arg.value() as u64;
-        let lane = if value >> 32 == 1 { Lane::SlowOwners } else { Lane::Shared };
+        let lane = if value >> 32 == 1 {
+            Lane::SlowOwners
+        } else {
+            Lane::Shared
+        };
         (lane, pg_sys::Oid::from(value as u32))
     }
 }
@@ -235,18 +239,28 @@ pub extern "C-unwind" fn certyo_slow_lane_main(arg: pg_sys::Datum) {
             // ended when idle, its slot went to whoever asked next, and a LOGIN role's parallel
             // queries (which use the same slots) kept every lane out, and with it every
             // other owner's write-backs and backfills (an attacker pass of 2026-12-06).
-            Ok(Some(Work::None)) if lane == Lane::SlowOwners && idle_since.elapsed() >= IDLE_FOR => return,
+            Ok(Some(Work::None))
+                if lane == Lane::SlowOwners && idle_since.elapsed() >= IDLE_FOR =>
+            {
+                return
+            }
             Ok(Some(Work::None)) => {}
             Ok(None) => return, // DROP EXTENSION
             Err(e) => pgrx::warning!("certyo_cdc: slow lane pass failed, retrying: {e}"),
         }
         // Idle, it waits to be rung (the delivery worker rings when it leaves it work, and
         // while a backfill is open), looking by itself only now and then.
-        let mut wait = if idle { IDLE_LOOK } else { settings::current().poll_interval };
+        let mut wait = if idle {
+            IDLE_LOOK
+        } else {
+            settings::current().poll_interval
+        };
         if let Some(retry) = write_back::failing::next_retry_in() {
             wait = wait.min(retry);
         }
-        if let Some(retry) = crate::backfill::locked::next_attempt_in().filter(|_| lane == Lane::Shared) {
+        if let Some(retry) =
+            crate::backfill::locked::next_attempt_in().filter(|_| lane == Lane::Shared)
+        {
             wait = wait.min(retry);
         }
         if !BackgroundWorker::wait_latch(Some(wait.max(Duration::from_millis(10)))) {

@@ -339,7 +339,8 @@ pub mod failing {
         crate::error::transaction(|| {
             // Its owner's code took the whole time and more, in the lane that ended.
             if let Some(owner) = crate::rights::owner_of(relid) {
-                let limit = crate::delivery::settings::user_code_timeout() + crate::hard_limit::GRACE;
+                let limit =
+                    crate::delivery::settings::user_code_timeout() + crate::hard_limit::GRACE;
                 owners::charge(owner, limit, slow_lane::this() != Some(Lane::SlowOwners));
             }
             Spi::connect_mut(|client| record(client, relid, &[], &message))
@@ -511,7 +512,8 @@ pub mod failing {
             .drain(..)
             .map(|relid| {
                 let waiting = listed.iter().find(|w| w.relid == relid);
-                let (attempts, owner) = waiting.map_or((0, Oid::INVALID), |w| (w.attempts, w.owner));
+                let (attempts, owner) =
+                    waiting.map_or((0, Oid::INVALID), |w| (w.attempts, w.owner));
                 (attempts, owners::used(owner), relid, owner)
             })
             .collect();
@@ -835,11 +837,12 @@ fn read_keys(key: &RecordKey, parts: &[Vec<String>]) -> (Vec<DatumWithOid<'stati
             let kept: Vec<usize> = every
                 .into_iter()
                 .filter(|&r| {
-                    let read = crate::error::in_subtransaction(std::panic::AssertUnwindSafe(|| {
-                        for (i, column) in parts.iter().enumerate() {
-                            key.value_of(i, &column[r]).unwrap_or_else(|e| e.raise());
-                        }
-                    }));
+                    let read =
+                        crate::error::in_subtransaction(std::panic::AssertUnwindSafe(|| {
+                            for (i, column) in parts.iter().enumerate() {
+                                key.value_of(i, &column[r]).unwrap_or_else(|e| e.raise());
+                            }
+                        }));
                     match read {
                         Ok(()) => true,
                         Err((code, message)) => {

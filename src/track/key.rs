@@ -232,7 +232,10 @@ const OBJECT_NAMES: [Oid; 11] = [
 /// # Safety
 /// Inside a transaction (a syscache lookup).
 unsafe fn type_owner(t: Oid) -> Option<Oid> {
-    let tuple = pg_sys::SearchSysCache1(pg_sys::SysCacheIdentifier::TYPEOID as i32, pg_sys::Datum::from(t));
+    let tuple = pg_sys::SearchSysCache1(
+        pg_sys::SysCacheIdentifier::TYPEOID as i32,
+        pg_sys::Datum::from(t),
+    );
     if tuple.is_null() {
         return None;
     }
@@ -273,7 +276,9 @@ unsafe fn operator_sql(opno: Oid) -> Option<(String, bool)> {
     if schema.is_null() || !name.bytes().all(|b| b"+-*/<>=~!@#%^&|`?".contains(&b)) {
         return None;
     }
-    let quoted = CStr::from_ptr(pg_sys::quote_identifier(schema)).to_string_lossy().into_owned();
+    let quoted = CStr::from_ptr(pg_sys::quote_identifier(schema))
+        .to_string_lossy()
+        .into_owned();
     let plain = namespace == pg_sys::PG_CATALOG_NAMESPACE.into();
     Some((format!("OPERATOR({quoted}.{name})"), plain))
 }
@@ -337,7 +342,11 @@ impl RecordKey {
         if !complete {
             return Ok(None);
         }
-        let reading = types.iter().zip(&typmods).map(|(t, m)| Reading::of(*t, *m, owner)).collect();
+        let reading = types
+            .iter()
+            .zip(&typmods)
+            .map(|(t, m)| Reading::of(*t, *m, owner))
+            .collect();
         Ok(Some(RecordKey {
             table,
             columns,
@@ -373,7 +382,11 @@ impl RecordKey {
     /// text to it at any moment, and `::type` would run its function with the rights of
     /// whoever reads (the table's owner, a superuser too). An input function is the type's own
     /// (written in C by a superuser, or PostgreSQL's).
-    pub fn array_of(&self, i: usize, parts: &[String]) -> Result<DatumWithOid<'static>, CertyoError> {
+    pub fn array_of(
+        &self,
+        i: usize,
+        parts: &[String],
+    ) -> Result<DatumWithOid<'static>, CertyoError> {
         let (element, _) = self.read(i)?;
         // SAFETY: syscache lookups of a type that exists (see `Reading::of`); construct_array
         // copies the datums (made by the type's input function, so of its length, passing and
@@ -413,7 +426,12 @@ impl RecordKey {
     /// Column `i`'s value as text, by its type's own output function (never a cast to text, see
     /// [`Self::array_of`]). `found` is the type of the datum as the query returned it: a
     /// value of another type is an error, never read as this one.
-    pub fn text_of(&self, i: usize, found: Oid, datum: pg_sys::Datum) -> Result<String, CertyoError> {
+    pub fn text_of(
+        &self,
+        i: usize,
+        found: Oid,
+        datum: pg_sys::Datum,
+    ) -> Result<String, CertyoError> {
         if found != self.types[i] {
             return Err(self.unreadable(i, "the query returned it as another type"));
         }
@@ -456,7 +474,9 @@ impl RecordKey {
 
     fn operators(&self, i: usize) -> (&str, &str, bool) {
         match &self.reading[i] {
-            Reading::Readable { eq, gt, plain_gt, .. } => (eq, gt, *plain_gt),
+            Reading::Readable {
+                eq, gt, plain_gt, ..
+            } => (eq, gt, *plain_gt),
             // Never built for such a key (`readable` is checked first); a statement naming no
             // operator fails to parse rather than compare anything.
             Reading::Refused(_) => ("", "", false),
@@ -469,7 +489,10 @@ impl RecordKey {
     /// the base type's operators) can be chosen instead.
     fn column_as_read(&self, table: &str, i: usize) -> String {
         match &self.reading[i] {
-            Reading::Readable { relabel: Some(base), .. } => format!("CAST({table}.{} AS {base})", self.columns[i]),
+            Reading::Readable {
+                relabel: Some(base),
+                ..
+            } => format!("CAST({table}.{} AS {base})", self.columns[i]),
             _ => format!("{table}.{}", self.columns[i]),
         }
     }
@@ -477,7 +500,14 @@ impl RecordKey {
     /// `t.k1 OPERATOR(s.=) v.k1 AND ...`: the table's key against the values named k1..kn.
     pub fn matches(&self, table: &str, values: &str) -> String {
         (0..self.columns.len())
-            .map(|i| format!("{} {} {values}.k{}", self.column_as_read(table, i), self.operators(i).0, i + 1))
+            .map(|i| {
+                format!(
+                    "{} {} {values}.k{}",
+                    self.column_as_read(table, i),
+                    self.operators(i).0,
+                    i + 1
+                )
+            })
             .collect::<Vec<_>>()
             .join(" AND ")
     }
@@ -517,7 +547,12 @@ impl RecordKey {
                 let mut terms: Vec<String> = (0..last)
                     .map(|i| format!("{} {} {}", column(i), self.operators(i).0, param(i)))
                     .collect();
-                terms.push(format!("{} {} {}", column(last), self.operators(last).1, param(last)));
+                terms.push(format!(
+                    "{} {} {}",
+                    column(last),
+                    self.operators(last).1,
+                    param(last)
+                ));
                 format!("({})", terms.join(" AND "))
             })
             .collect();
@@ -536,8 +571,12 @@ impl RecordKey {
     /// the row by its index. A domain column is relabeled as its base type (no code runs).
     pub fn identical(&self, table: &str, values: &str) -> String {
         let row = |items: Vec<String>| format!("ROW({})", items.join(", "));
-        let stored = (0..self.columns.len()).map(|i| self.column_as_read(table, i)).collect();
-        let sent = (1..=self.columns.len()).map(|i| format!("{values}.k{i}")).collect();
+        let stored = (0..self.columns.len())
+            .map(|i| self.column_as_read(table, i))
+            .collect();
+        let sent = (1..=self.columns.len())
+            .map(|i| format!("{values}.k{i}"))
+            .collect();
         // The function, not its operator `*=`: between two row constructors an operator is
         // applied column by column (a row comparison), and `integer *= integer` is no operator.
         format!("pg_catalog.record_image_eq({}, {})", row(stored), row(sent))
@@ -546,7 +585,11 @@ impl RecordKey {
     /// The key's types, for a kept statement's text: a statement whose parameters are of
     /// these types is kept apart from one planned for others (a column retyped).
     pub fn type_list(&self) -> String {
-        self.types.iter().map(|t| t.to_u32().to_string()).collect::<Vec<_>>().join(",")
+        self.types
+            .iter()
+            .map(|t| t.to_u32().to_string())
+            .collect::<Vec<_>>()
+            .join(",")
     }
 }
 
@@ -554,7 +597,12 @@ impl RecordKey {
 /// renders dates and timestamps in ISO 8601 with astronomical years (year 0 is 1 BC, -0043 is
 /// 44 BC), which Postgres' input refuses; it reads `0044-03-15 BC`. Anything else is as is.
 pub fn postgres_input(part: &str, type_oid: Oid) -> String {
-    let datelike = [pg_sys::DATEOID, pg_sys::TIMESTAMPOID, pg_sys::TIMESTAMPTZOID].contains(&type_oid);
+    let datelike = [
+        pg_sys::DATEOID,
+        pg_sys::TIMESTAMPOID,
+        pg_sys::TIMESTAMPTZOID,
+    ]
+    .contains(&type_oid);
     let (negative, unsigned) = match part.strip_prefix('-') {
         Some(rest) => (true, rest),
         None => (false, part),

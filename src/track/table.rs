@@ -500,14 +500,21 @@ pub fn unique_index_covers(relid: Oid, names: &[String], without: &[Oid]) -> Res
             })
             .collect::<std::result::Result<Vec<_>, pgrx::spi::Error>>()
     })?;
-    Ok(found.iter().any(|(classes, collations, types, column_collations)| {
-        classes.len() == types.len()
-            && collations.len() == types.len()
-            && column_collations.len() == types.len()
-            && (0..types.len()).all(|k| {
-                unique_in_the_types_order(classes[k], collations[k], types[k], column_collations[k])
-            })
-    }))
+    Ok(found
+        .iter()
+        .any(|(classes, collations, types, column_collations)| {
+            classes.len() == types.len()
+                && collations.len() == types.len()
+                && column_collations.len() == types.len()
+                && (0..types.len()).all(|k| {
+                    unique_in_the_types_order(
+                        classes[k],
+                        collations[k],
+                        types[k],
+                        column_collations[k],
+                    )
+                })
+        }))
 }
 
 /// Whether an index key column (operator class `class`, collation `collation`) is unique in the
@@ -517,7 +524,12 @@ pub fn unique_index_covers(relid: Oid, names: &[String], without: &[Oid]) -> Res
 /// one) lets two rows tie in the type's order, and a backfill chunk that ended on one of them
 /// began the next past both: it said `done` having skipped rows (an attacker pass of
 /// 2026-12-06).
-fn unique_in_the_types_order(class: Oid, collation: Oid, column_type: Oid, column_collation: Oid) -> bool {
+fn unique_in_the_types_order(
+    class: Oid,
+    collation: Oid,
+    column_type: Oid,
+    column_collation: Oid,
+) -> bool {
     // SAFETY: catalog lookups inside the caller's transaction; the type cache entry is
     // cache-owned and read at once.
     unsafe {
