@@ -251,10 +251,14 @@ pub fn column_sha256(payload: &str) -> Option<Vec<u8>> {
 /// `certyo.audit` compares a row against.
 pub fn payload_sha256(payload: &[u8]) -> String {
     use sha2::{Digest, Sha256};
+    to_hex(&Sha256::digest(payload))
+}
+
+/// Bytes in lowercase hex, as PostgreSQL's `encode(..., 'hex')` writes and `decode` reads them.
+pub fn to_hex(bytes: &[u8]) -> String {
     const DIGITS: &[u8; 16] = b"0123456789abcdef";
-    let digest = Sha256::digest(payload);
-    let mut hex = String::with_capacity(64);
-    for byte in digest {
+    let mut hex = String::with_capacity(bytes.len() * 2);
+    for byte in bytes {
         hex.push(char::from(DIGITS[usize::from(byte >> 4)]));
         hex.push(char::from(DIGITS[usize::from(byte & 15)]));
     }

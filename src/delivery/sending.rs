@@ -211,15 +211,7 @@ fn record(settings: &Settings, entry: &mut Entry) -> Result<Record, Outcome> {
     }
     entry.payload_sha256 = certyo::payload_sha256(entry.payload.as_bytes());
     entry.column_sha256 = certyo::column_sha256(&entry.payload)
-        .map(|digests| {
-            const DIGITS: &[u8; 16] = b"0123456789abcdef";
-            let mut hex = String::with_capacity(digests.len() * 2);
-            for byte in digests {
-                hex.push(char::from(DIGITS[usize::from(byte >> 4)]));
-                hex.push(char::from(DIGITS[usize::from(byte & 15)]));
-            }
-            hex
-        })
+        .map(|digests| certyo::to_hex(&digests))
         .unwrap_or_default();
     let text = std::mem::take(&mut entry.payload);
     let payload =

@@ -111,10 +111,6 @@ fn lsn_bytes(n: u128) -> Vec<u8> {
     n.to_be_bytes()[6..].to_vec()
 }
 
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
-}
-
 fn split_collection(collection: &str) -> (&str, &str) {
     collection.split_once('.').unwrap_or(("dbo", collection))
 }
@@ -187,8 +183,8 @@ impl Log {
                         format!(
                             "CDC cleanup removed changes: the saved progress is LSN 0x{} and the oldest LSN CDC holds \
                              for {instance} (sys.fn_cdc_get_min_lsn) is 0x{}",
-                            hex(&lsn_bytes(from - 1)),
-                            hex(&lsn_bytes(min))
+                            certyo::to_hex(&lsn_bytes(from - 1)),
+                            certyo::to_hex(&lsn_bytes(min))
                         ),
                     ));
                 }
@@ -507,7 +503,9 @@ impl Log {
                 what: "certyo.Progress",
             };
             let at = match mode {
-                Mode::Cdc => p.opt_bin(1)?.map(|b| format!("LSN 0x{}", hex(&b))),
+                Mode::Cdc => p
+                    .opt_bin(1)?
+                    .map(|b| format!("LSN 0x{}", certyo::to_hex(&b))),
                 _ => p.opt_i64(2)?.map(|v| format!("version {v}")),
             };
             progress.push(format!(
@@ -699,8 +697,8 @@ fn cdc_change(row: &[Value], collection: &str, installation: &str) -> Result<(Po
         collection: collection.to_string(),
         idempotency_key: format!(
             "{installation}-{collection}-{}-{}-{}",
-            hex(&start),
-            hex(&seqval),
+            certyo::to_hex(&start),
+            certyo::to_hex(&seqval),
             op.as_str()
         ),
         record_id,
