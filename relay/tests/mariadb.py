@@ -39,10 +39,12 @@ class MariaDB:
 
     def start(self):
         common = [f"--datadir={DIR}/data", f"--socket={SOCKET}", "--skip-networking", "--user=mysql",
-                  f"--pid-file={DIR}/mysqld.pid", f"--log-error={DIR}/error.log", "--innodb-flush-log-at-trx-commit=2"]
+                  f"--pid-file={DIR}/mysqld.pid", f"--log-error={DIR}/error.log", "--innodb-flush-log-at-trx-commit=2",
+                  # A deadlock is written to the error log whole: a failing test shows which locks met.
+                  "--innodb-print-all-deadlocks=ON"]
         # MySQL: its own defaults (binary log on, as MySQL ships), no X protocol listener, and
         # the binary log not synced per commit (as innodb's log above: speed, not durability).
-        command = (["mysqld", "--no-defaults"] + common + ["--mysqlx=OFF", "--sync-binlog=0"] if MYSQL
+        command = (["mysqld", "--no-defaults"] + common + ["--mysqlx=OFF", "--sync-binlog=0", "--log-error-verbosity=3"] if MYSQL
                    else ["mariadbd"] + common)
         self.process = subprocess.Popen(command, env=os.environ | {"TZ": "UTC"})
         assert wait_for(lambda: subprocess.run([ADMIN, "-S", str(SOCKET), "-u", "root", "ping"],

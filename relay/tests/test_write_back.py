@@ -98,6 +98,28 @@ def test_a_locked_row_costs_that_row_a_retry_not_the_source_a_stall(shop, emulat
     assert "ERROR" not in r.output()
 
 
+def test_a_write_back_never_waits_for_a_lock_an_application_holds(shop, emulator, relay, session):
+    # An application's open transaction has changed other rows (its queued changes are not
+    # committed) and then waits for a row the relay's write-back has locked. The write-back must
+    # not wait for anything of the application's while it holds rows: a wait there is a
+    # deadlock, and the server may roll back the application's transaction to end it. So while
+    # the application holds its uncommitted changes, every other row is written back on time,
+    # without a lock wait.
+    ids = range(1, 11)
+    shop.sql("INSERT INTO products (id, name, price) VALUES " + ", ".join(f"({i}, 'p{i}', 1)" for i in ids))
+    r = relay(verify_min_age="200ms", verify_interval="200ms", poll_interval="50ms").start()
+    assert wait_for(lambda: anchored(shop, ids), timeout=30), shop.queue()
+    app = session()
+    app.run("INSERT INTO products (id, name, price) VALUES (1001, 'open', 1)")  # queued, uncommitted
+    for round_ in range(1, 4):
+        shop.sql(f"UPDATE products SET price = price + 1, name = 'r{round_}' WHERE id <= 10")
+        assert wait_for(lambda: written_back(shop, ids), timeout=10), shop.queue()
+    app.commit()
+    assert wait_for(lambda: anchored(shop, list(ids) + [1001]), timeout=30), shop.queue()
+    assert "Lock wait timeout" not in r.output() and "Deadlock" not in r.output(), r.output()
+    assert shop.value("SELECT COUNT(*) FROM certyo_queue WHERE write_back_error IS NOT NULL") == "0", shop.queue()
+
+
 def test_a_write_back_that_fails_is_kept_and_retried_never_lost(shop, emulator, relay):
     shop.sql("""CREATE TABLE orders (id INT PRIMARY KEY, name VARCHAR(100), price DECIMAL(10,2),
                                      certyo_record_hash VARCHAR(128), certyo_anchor_status VARCHAR(20) DEFAULT 'pending',

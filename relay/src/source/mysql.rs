@@ -23,10 +23,6 @@ pub struct MySqlQueue {
     conn: Option<Conn>,
     /// The write-back's own session, with short lock waits (see `write_back_conn`).
     write_back_conn: Option<Conn>,
-    /// Whether that session reads committed (each statement sees what was committed when it
-    /// began), so that the mark's own UPDATE checks that no newer change of the record is
-    /// queued (see `mark_statement`).
-    guarded: bool,
     /// The session that holds the lease (`lease`) while it lives, and whether it does.
     lease_conn: Option<Conn>,
     leased: bool,
@@ -108,7 +104,6 @@ impl MySqlQueue {
             database: database.unwrap_or(schema),
             conn: None,
             write_back_conn: None,
-            guarded: false,
             lease_conn: None,
             leased: false,
             lock_wait,
@@ -214,9 +209,10 @@ impl MySqlQueue {
             )]);
             let mut conn = Conn::new(opts)
                 .map_err(|e| SourceError(format!("cannot connect to {} ({e})", self.place)))?;
-            // READ COMMITTED, unless statements are logged as statements (a binary log in
-            // STATEMENT format refuses InnoDB writes under it): then the transaction's one
-            // snapshot, opened after the rows are locked, is the guarantee alone.
+            // READ COMMITTED (each statement sees what was committed when it began: the newest
+            // changes, read after the rows are locked), unless statements are logged as
+            // statements (a binary log in STATEMENT format refuses InnoDB writes under it): then
+            // the transaction's one snapshot, opened after the rows are locked, does the same.
             let fail = |e: mysql::Error| SourceError(format!("{}: {e}", self.place));
             let logging: Option<(i64, String)> = conn
                 .query_first("SELECT @@log_bin, CAST(@@binlog_format AS CHAR)")
@@ -227,7 +223,6 @@ impl MySqlQueue {
                 conn.query_drop("SET SESSION TRANSACTION ISOLATION LEVEL READ COMMITTED")
                     .map_err(fail)?;
             }
-            self.guarded = !statements;
             self.write_back_conn = Some(conn);
         }
         self.write_back_conn
@@ -350,8 +345,6 @@ impl MySqlQueue {
         let all = keyed(&records);
         let place = self.place.clone();
         let cap = micros(self.max_retry_interval);
-        self.write_back_conn()?;
-        let guarded = self.guarded;
         let conn = self.write_back_conn()?;
         let fail = |e: mysql::Error| SourceError(format!("{place}: {e}"));
         let mut tx = conn.start_transaction(TxOpts::default()).map_err(fail)?;
@@ -379,7 +372,6 @@ impl MySqlQueue {
         };
         type Newest = (
             String,
-            i64,
             String,
             String,
             Option<String>,
@@ -400,7 +392,7 @@ impl MySqlQueue {
             .map_err(fail)?
         };
         let mut marks = Vec::new();
-        for (record_id, newest_id, operation, status, hash, anchor, verified_at) in newest {
+        for (record_id, operation, status, hash, anchor, verified_at) in newest {
             if operation == "delete" {
                 continue; // the row is to go; nothing of it to mark
             }
@@ -423,7 +415,6 @@ impl MySqlQueue {
                 anchor.into(),
                 verified_at.into(),
                 record_id.as_str().into(),
-                newest_id.into(),
             ]);
             marks.push(serde_json::Value::from(row));
         }
@@ -448,13 +439,9 @@ impl MySqlQueue {
         };
         let marked = marks.len();
         if !marks.is_empty() && (table.hash || table.status || table.verified_at) {
-            let mark = mark_statement(schema, name, &table, guarded);
-            let marks = serde_json::Value::from(marks).to_string();
-            if guarded {
-                tx.exec_drop(mark, (marks, collection)).map_err(fail)?;
-            } else {
-                tx.exec_drop(mark, (marks,)).map_err(fail)?;
-            }
+            let mark = mark_statement(schema, name, &table);
+            tx.exec_drop(mark, (serde_json::Value::from(marks).to_string(),))
+                .map_err(fail)?;
         }
         let settled_count = records.len() - busy.len();
         tracing::debug!(
@@ -603,14 +590,15 @@ fn own_record_id(columns: &[KeyColumn]) -> String {
 }
 
 /// `UPDATE JSON_TABLE(rows) JOIN table ON key SET hash, status, verified_at`: the rows arrive
-/// as one JSON array of `[key part..., hash, status, verified_at, record id, change id]`; only
-/// the bookkeeping columns the table has are written, and only to a row whose own record id
-/// is, byte for byte, the record id whose newest change (`change id`) the state is of. Checked
-/// by the UPDATE itself, under the row's lock: and, `guarded` (the session reads committed;
-/// the second parameter is the collection), that no change of the record newer than that one
-/// is queued. A row that fails either keeps what it shows (a content change cleared it), and
-/// the newer change's own write-back marks it.
-fn mark_statement(schema: &str, table: &str, t: &Table, guarded: bool) -> String {
+/// as one JSON array of `[key part..., hash, status, verified_at, record id]`; only the
+/// bookkeeping columns the table has are written, and only to a row whose own record id is,
+/// byte for byte, the record id whose newest change the state is of (checked by the UPDATE
+/// itself, under the row's lock). That change is the newest there can be: it was read after the
+/// row was locked, and a writer of the row waits for the lock. The statement reads no other
+/// table: a check of the queue here would be a locking read, waiting for applications'
+/// uncommitted changes while the write-back holds rows they may wait for (a deadlock, whose
+/// victim may be the application's transaction).
+fn mark_statement(schema: &str, table: &str, t: &Table) -> String {
     let (json, on) = key_join(
         &t.key,
         &[
@@ -618,16 +606,9 @@ fn mark_statement(schema: &str, table: &str, t: &Table, guarded: bool) -> String
             "s VARCHAR(20) CHARACTER SET utf8mb4",
             "at DATETIME(6)",
             "rid VARCHAR(768) CHARACTER SET utf8mb4 COLLATE utf8mb4_bin",
-            "n BIGINT",
         ],
     );
-    let mut on = format!("{on} AND {} = v.rid", own_record_id(&t.key));
-    if guarded {
-        on.push_str(
-            " AND NOT EXISTS (SELECT 1 FROM certyo_queue m
-                               WHERE m.collection = ? AND m.record_id = v.rid AND m.id > v.n)",
-        );
-    }
+    let on = format!("{on} AND {} = v.rid", own_record_id(&t.key));
     let mut set = Vec::new();
     if t.hash {
         set.push("t.certyo_record_hash = v.h");
@@ -646,9 +627,9 @@ fn mark_statement(schema: &str, table: &str, t: &Table, guarded: bool) -> String
     )
 }
 
-/// For each record id: its newest queued change (id, operation, status, receipt, anchoring).
+/// For each record id: its newest queued change (operation, status, receipt, anchoring).
 const NEWEST_CHANGES: &str = "
-    SELECT v.rid, n.id, CAST(n.operation AS CHAR), CAST(n.status AS CHAR), n.record_hash,
+    SELECT v.rid, CAST(n.operation AS CHAR), CAST(n.status AS CHAR), n.record_hash,
            CAST(n.anchor_status AS CHAR), DATE_FORMAT(n.verified_at, '%Y-%m-%d %H:%i:%s.%f')
       FROM JSON_TABLE(?, '$[*]' COLUMNS (rid VARCHAR(768) CHARACTER SET utf8mb4 COLLATE utf8mb4_bin PATH '$')) v
       JOIN certyo_queue n ON n.id = (SELECT MAX(m.id) FROM certyo_queue m
