@@ -74,6 +74,19 @@ class MariaDB:
         rows = self.sql(statement, database)
         return rows[0][0] if rows else None
 
+    def log_position(self):
+        """Where the server's error log ends now: `deadlocks` reads from there."""
+        return (DIR / "error.log").stat().st_size
+
+    def deadlocks(self, since):
+        """The deadlocks the server reported after `since` (`log_position`), each report's text
+        from its detection to the transaction rolled back."""
+        with open(DIR / "error.log", "rb") as log:
+            log.seek(since)
+            text = log.read().decode("utf-8", "replace")
+        reports = text.split("deadlock detected")[1:]
+        return [r.split("WE ROLL BACK TRANSACTION")[0] for r in reports]
+
     def version(self):
         """`SELECT VERSION()`: e.g. 9.7.4 or 11.8.3-MariaDB-..."""
         return self.sql("SELECT VERSION()")[0][0]
