@@ -194,6 +194,9 @@ CREATE OR ALTER PROCEDURE certyo.WriteBack
 AS
 BEGIN
     SET NOCOUNT ON;
+    -- Should the write-back ever meet an application's transaction in a deadlock, it is the
+    -- victim (and tried again), never the application. Reverts when the procedure returns.
+    SET DEADLOCK_PRIORITY LOW;
     DECLARE @sql NVARCHAR(MAX) = (SELECT WriteBackSql FROM certyo.TrackedTable WHERE Collection = @Collection);
     IF @sql IS NULL
         THROW 50101, N'certyo.WriteBack: the table is not in certyo.TrackedTable; track it with certyo.TrackTable, certyo.TrackTableCdc or certyo.TrackTableChangeTracking', 1;
