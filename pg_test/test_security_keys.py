@@ -6,6 +6,8 @@ pinned. Each test is an attack of an attacker pass of 2026-12-06; same fixtures 
 checks as test_security.py (conftest.py)."""
 import subprocess
 
+import pytest
+
 from harness import wait_for
 from test_security import (assert_unprivileged, make_table, superuser_runs, wait_backfill,
                            wait_written_back)
@@ -196,3 +198,52 @@ def test_a_key_unique_only_in_another_order_is_refused(cluster, attacker):
         attacker.sql(f"DROP TABLE {table}")
     finally:
         cluster.sql("DROP EXTENSION IF EXISTS citext CASCADE")
+
+
+@pytest.mark.parametrize("key_type", ["range", "multirange"])
+def test_a_key_holding_another_roles_enum_is_refused(cluster, attacker, make_role, key_type):
+    """track() refuses a key of another role's enum (its owner may swap two labels, ALTER TYPE
+    ... RENAME VALUE, and each row's record id then reads back as the other row); the check
+    looked at the key's type only. A range over such an enum (and its multirange, an array of
+    it, a composite holding it) reads its values with the enum's input function all the same:
+    an attacker pass keyed a table by a range over the attacker's enum, swapped the labels
+    between capture and write-back, and each row took the other's hash, marked anchored. Now
+    every type within a key is judged as the key itself. (Arrays and composite types are no
+    record id columns at all.)"""
+    owner = make_role("owner")
+    s, a = owner.schema, attacker.schema
+    attacker.sql(f"CREATE TYPE {a}.color AS ENUM ('red', 'blue'); GRANT USAGE ON TYPE {a}.color TO PUBLIC")
+    column = {"range": f"{s}.colors", "multirange": f"{s}.colors_multirange"}[key_type]
+    owner.sql(f"CREATE TYPE {s}.colors AS RANGE (subtype = {a}.color, multirange_type_name = {s}.colors_multirange); "
+              f"CREATE TABLE {s}.paint (c {column} PRIMARY KEY, v text)")
+    refused = owner.attempt(f"SELECT certyo.track('{s}.paint')")
+    assert refused.returncode != 0 and "enum of another role" in refused.stderr, refused
+    assert superuser_runs(attacker) == []
+
+
+@pytest.mark.parametrize("key_type", ["range", "multirange"])
+def test_a_key_holding_object_names_is_refused(cluster, attacker, make_role, key_type):
+    """A key of an object identifier type (`regclass` and the like) is refused: its text is a
+    name that the object's owner may rename, and a record id would then name another row. A
+    range over regclass, or its multirange, holds such names all the same: an attacker pass
+    recorded two of its tables in a range-keyed table, swapped their names before the
+    write-back, and the rows took each other's hashes. Refused now like the plain type."""
+    owner = make_role("owner")
+    s = owner.schema
+    column = {"range": f"{s}.rels", "multirange": f"{s}.rels_multirange"}[key_type]
+    owner.sql(f"CREATE TYPE {s}.rels AS RANGE (subtype = regclass, multirange_type_name = {s}.rels_multirange); "
+              f"CREATE TABLE {s}.registry (r {column} PRIMARY KEY, v text)")
+    refused = owner.attempt(f"SELECT certyo.track('{s}.registry')")
+    assert refused.returncode != 0 and "names of database objects" in refused.stderr, refused
+
+
+def test_a_key_of_a_domain_over_another_roles_enum_is_refused(cluster, attacker, make_role):
+    """Held in an attacker pass: a domain (the table owner's) over the attacker's enum is read
+    as its base type, the enum, and track() refuses it as another role's enum."""
+    owner = make_role("owner")
+    s, a = owner.schema, attacker.schema
+    attacker.sql(f"CREATE TYPE {a}.color AS ENUM ('red', 'blue'); GRANT USAGE ON TYPE {a}.color TO PUBLIC")
+    owner.sql(f"CREATE DOMAIN {s}.dcolor AS {a}.color; CREATE TABLE {s}.paint (c {s}.dcolor PRIMARY KEY, v text)")
+    refused = owner.attempt(f"SELECT certyo.track('{s}.paint')")
+    assert refused.returncode != 0 and "enum of another role" in refused.stderr, refused
+    assert superuser_runs(attacker) == []

@@ -328,10 +328,33 @@ pub unsafe fn for_relation<'a>(
     let options = CaptureOptions::from_trigger_args(args()?)?;
     // In the writer's session: its search_path must not reach the catalog reads of a build.
     let plan = Rc::new(crate::rights::with_pinned_search_path(|| {
-        TablePlan::build(rel, &options)
+        let plan = TablePlan::build(rel, &options)?;
+        if plan.table_id != 0
+            && !crate::track::identity::capture_may_use(plan.table_id, plan.relid)?
+        {
+            return Err(identity_of_another_table(&plan));
+        }
+        Ok(plan)
     })?);
     PLANS.with(|plans| plans.borrow_mut().insert(relid, plan.clone()));
     Ok(plan)
+}
+
+/// A capture trigger that carries a table id the catalog gives another table (see
+/// `crate::track::identity::capture_may_use`): made by hand, not by `certyo.track()`.
+fn identity_of_another_table(plan: &TablePlan) -> CertyoError {
+    CertyoError::new(
+        PgSqlErrorCode::ERRCODE_E_R_I_E_TRIGGER_PROTOCOL_VIOLATED,
+        format!(
+            "certyo_cdc: the capture trigger of {} carries the identity of another table (table_id={})",
+            plan.collection, plan.table_id
+        ),
+    )
+    .detail("Its changes would be taken for that table's, and Certyo's hashes for them written to that table's rows; nothing was queued.")
+    .hint(format!(
+        "Capture triggers are made by certyo.track() alone: remove this one with certyo.untrack('{}'), then call certyo.track('{}') to track the table.",
+        plan.collection, plan.collection
+    ))
 }
 
 /// Relcache invalidation of `relid` (invalid: of everything).

@@ -42,6 +42,40 @@ pub fn relink_wanted() -> bool {
     RELINK_WANTED.replace(false)
 }
 
+/// Whether capture may queue the changes of table `relid` under table id `table_id`: the
+/// catalog, as found in this installation, places that id at this very table. A capture
+/// trigger is made by `certyo.track()` alone, but anyone who may create a trigger can make one
+/// that calls `certyo.capture()` with another table's id (the ids are in `pg_trigger`, which
+/// everyone reads): its changes would then be taken for that table's, and their hashes written
+/// to its rows. After a restore not relinked yet (the catalog still places the ids in the
+/// cluster dumped), the tables are relinked first, as `certyo.relink_restored()` does for the
+/// worker. Read once per table and backend (capture's plans are cached).
+pub fn capture_may_use(table_id: i32, relid: Oid) -> Result<bool> {
+    if !schema_has_ids() {
+        return Ok(true); // a schema from before 0.2.0: no ids to check
+    }
+    let placed = || {
+        Spi::get_one_with_args::<bool>(
+            "SELECT EXISTS (SELECT FROM certyo.table_identity i
+                             WHERE i.id OPERATOR(pg_catalog.=) $1 AND i.relid OPERATOR(pg_catalog.=) $2
+                               AND i.installation OPERATOR(pg_catalog.=) certyo.this_installation())",
+            &[table_id.into(), relid.into()],
+        )
+        .map(|placed| placed.unwrap_or(false))
+    };
+    crate::rights::as_superuser(|| {
+        if placed()? {
+            return Ok(true);
+        }
+        if Spi::get_one::<bool>("SELECT certyo.relink_needed()")?.unwrap_or(false) {
+            Spi::run("SELECT certyo.relink_restored(true)")?;
+            return placed();
+        }
+        Ok(false)
+    })
+    .map_err(Into::into)
+}
+
 /// The record key as the catalog keeps it: each record id column's name and type.
 fn record_key(table: &Table, options: &CaptureOptions) -> Vec<String> {
     options

@@ -170,15 +170,8 @@ impl Reading {
         unsafe {
             let mut typmod = column_typmod;
             let base = pg_sys::getBaseTypeAndTypmod(column_type, &mut typmod);
-            if contains_domain(base, 0) {
-                return Reading::Refused("its type holds a domain (in a range, an array or a composite type), whose checks would run, as the table's owner, when a record id is read back");
-            }
-            // A record id that is a name reads back as whatever bears that name now.
-            if OBJECT_NAMES.contains(&base) {
-                return Reading::Refused("its values are names of database objects, which their owners may rename at any moment: a record id would then name another row, and take its hash (store the object's oid instead)");
-            }
-            if pg_sys::get_typtype(base) as u8 == b'e' && type_owner(base) != Some(table_owner) {
-                return Reading::Refused("its type is an enum of another role, who may rename its labels at any moment (ALTER TYPE ... RENAME VALUE): a record id would then name another row, and take its hash");
+            if let Some(why) = unreadable_within(base, table_owner, 0) {
+                return Reading::Refused(why);
             }
             let cache = pg_sys::lookup_type_cache(
                 base,
@@ -283,28 +276,46 @@ unsafe fn operator_sql(opno: Oid) -> Option<(String, bool)> {
     Some((format!("OPERATOR({quoted}.{name})"), plain))
 }
 
-/// Whether reading a value of type `t` with its input function would run a domain's checks.
+/// Why a value of type `t` (a key's base type, or a type within it: a range's subtype, a
+/// multirange's range, an array's element, a composite's attributes) cannot be read back from
+/// its text by the worker, if it cannot. The type's input function reads every type within,
+/// so each is judged as the key itself would be.
 ///
 /// # Safety
 /// Inside a transaction (syscache lookups).
-unsafe fn contains_domain(t: Oid, depth: u32) -> bool {
+unsafe fn unreadable_within(t: Oid, table_owner: Oid, depth: u32) -> Option<&'static str> {
     if depth > 32 {
-        return true; // nested past reason: the safe side
+        return Some(
+            "its type is nested past reason (ranges, arrays and composite types within each other)",
+        );
+    }
+    // A record id that is a name reads back as whatever bears that name now.
+    if OBJECT_NAMES.contains(&t) {
+        return Some("its values are, or hold, names of database objects, which their owners may rename at any moment: a record id would then name another row, and take its hash (store the object's oid instead)");
     }
     match pg_sys::get_typtype(t) as u8 {
-        b'd' => true,
-        b'r' => contains_domain(pg_sys::get_range_subtype(t), depth + 1),
-        b'm' => contains_domain(pg_sys::get_multirange_range(t), depth + 1),
+        b'd' if depth > 0 => Some("its type holds a domain (in a range, an array or a composite type), whose checks would run, as the table's owner, when a record id is read back"),
+        b'e' if type_owner(t) != Some(table_owner) => Some("its type is, or holds, an enum of another role, who may rename its labels at any moment (ALTER TYPE ... RENAME VALUE): a record id would then name another row, and take its hash"),
+        b'r' => unreadable_within(pg_sys::get_range_subtype(t), table_owner, depth + 1),
+        b'm' => unreadable_within(pg_sys::get_multirange_range(t), table_owner, depth + 1),
         b'c' => {
             let desc = pg_sys::lookup_rowtype_tupdesc_copy(t, -1);
-            (0..(*desc).natts as usize).any(|i| {
+            (0..(*desc).natts as usize).find_map(|i| {
                 let a = crate::compat::attribute(desc, i);
-                !a.attisdropped && contains_domain(a.atttypid, depth + 1)
+                if a.attisdropped {
+                    None
+                } else {
+                    unreadable_within(a.atttypid, table_owner, depth + 1)
+                }
             })
         }
         _ => {
             let element = pg_sys::get_element_type(t);
-            element != pg_sys::InvalidOid && contains_domain(element, depth + 1)
+            if element == pg_sys::InvalidOid {
+                None
+            } else {
+                unreadable_within(element, table_owner, depth + 1)
+            }
         }
     }
 }
