@@ -461,6 +461,56 @@ def test_a_key_changed_to_an_equal_value_never_takes_the_old_records_hash(cluste
     cluster.sql("DROP TABLE blind_keys, scaled_keys")
 
 
+def test_a_row_that_no_longer_renders_to_its_captured_content_is_never_marked_with_its_hash(cluster):
+    """The table owner renames an enum label (ALTER TYPE ... RENAME VALUE): no row changes, no
+    change is captured, but rows holding that label no longer render to the payload Certyo
+    anchored. Renamed before the versions were accepted, their rows take no hash; renamed after
+    acceptance but before verification, their rows stay `pending`: never `anchored` with the
+    hash of content they no longer render to. The other rows are marked as ever, and the audit
+    names exactly the rows whose rendering changed."""
+    quiet(cluster)
+    cluster.sql("""
+        CREATE TYPE mood AS ENUM ('calm', 'angry', 'glad');
+        CREATE TABLE moods (id int PRIMARY KEY, v mood);
+        SELECT certyo.track('moods');
+    """)
+    cluster.sql("SELECT certyo.pause()")
+    try:
+        assert wait_for(lambda: worker(cluster, "state") == "paused", 10), "the worker does not pause"
+        cluster.sql("INSERT INTO moods SELECT g, CASE WHEN g <= 3 THEN 'calm' WHEN g <= 6 THEN 'glad' ELSE 'angry' END::mood "
+                    "FROM generate_series(1, 10) g; ALTER TYPE mood RENAME VALUE 'calm' TO 'serene'")
+    finally:
+        cluster.sql("SELECT certyo.resume()")
+    assert cluster.wait_drained(), "the rows are delivered"
+    # Accepted, not yet verified: the glad rows' label is renamed now.
+    assert wait_for(lambda: cluster.sql("SELECT count(*) FROM moods WHERE id > 3 AND certyo_record_hash IS NOT NULL") == "7", 30), \
+        cluster.explain()
+    cluster.sql("SELECT certyo.pause()")
+    try:
+        assert wait_for(lambda: worker(cluster, "state") == "paused", 10), "the worker does not pause"
+        pending = cluster.sql("SELECT string_agg(id::text, ',' ORDER BY id) FROM moods "
+                              "WHERE v = 'glad' AND certyo_anchor_status = 'pending'")
+        cluster.sql("ALTER TYPE mood RENAME VALUE 'glad' TO 'happy'")
+    finally:
+        cluster.sql("SELECT certyo.resume()")
+    assert pending, "the glad rows were anchored before the label could be renamed (anchoring takes 2 s)"
+    assert wait_for(lambda: cluster.sql("SELECT count(*) FROM moods WHERE v = 'angry' AND certyo_anchor_status = 'anchored'") == "4",
+                    60), "the rows that render as captured are anchored\n" + cluster.explain()
+    assert wait_for(lambda: cluster.sql("SELECT count(*) FROM certyo.receipt WHERE relid = 'moods'::regclass "
+                                        "AND anchor_status = 'pending'") == "0", 60), "every version is verified"
+    assert wait_for(lambda: cluster.sql("SELECT count(*) FROM certyo.receipt WHERE relid = 'moods'::regclass "
+                                        "AND NOT written_back") == "0", 30), "and its write-back done"
+    assert cluster.sql("SELECT coalesce(string_agg(id::text, ',' ORDER BY id), '') FROM moods "
+                       "WHERE v = 'serene' AND certyo_record_hash IS NOT NULL") == "", \
+        "a row renamed before acceptance takes no hash of content it no longer renders to"
+    assert cluster.sql(f"SELECT coalesce(string_agg(id::text, ',' ORDER BY id), '') FROM moods "
+                       f"WHERE id IN ({pending}) AND certyo_anchor_status = 'anchored'") == "", \
+        "a row renamed after acceptance is never marked anchored"
+    expected = ", ".join(f"{i}: changed without capture" for i in sorted([1, 2, 3] + [int(i) for i in pending.split(",")]))
+    assert audit_of(cluster, "moods") == expected, "the audit names exactly the rows whose rendering changed"
+    cluster.sql("DROP TABLE moods; DROP TYPE mood")
+
+
 def test_backfill_survives_an_immediate_restart(cluster, emulator, watch):
     cluster.sql("""
         CREATE TABLE backfill_big (id int PRIMARY KEY, v int);

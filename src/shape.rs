@@ -83,7 +83,8 @@ pub fn record(relid: Oid, options: &CaptureOptions) -> Result<()> {
     }
     // A restore's shapes (and rows) find their table first, before its shape is compared: the
     // capture trigger is restored before the table's foreign keys, whose `ALTER TABLE` comes here.
-    if crate::track::identity::schema_has_ids() {
+    let localized = installation_known()?;
+    if localized {
         crate::rights::as_superuser(|| Spi::run("SELECT certyo.relink_restored()"))?;
     }
     let (now, collection) = current(relid, options)?;
@@ -91,7 +92,6 @@ pub fn record(relid: Oid, options: &CaptureOptions) -> Result<()> {
     if history.last().is_some_and(|last| last.same(&now)) {
         return Ok(());
     }
-    let localized = schema_has(c"capture_shape", Some(c"installation"));
     let since_id = if history.is_empty() {
         0
     } else {
@@ -159,7 +159,7 @@ pub fn history(relid: Oid) -> Result<Vec<Shape>> {
 /// name if no column of the newest shape has it, otherwise it is gone, and gets a number no
 /// column has (its old one, negated), so that the shapes still tell it from the others.
 fn localize(relid: Oid) -> Result<()> {
-    if !schema_has(c"capture_shape", Some(c"installation")) {
+    if !installation_known()? {
         return Ok(());
     }
     crate::rights::as_superuser(|| {
@@ -199,6 +199,17 @@ fn localize(relid: Oid) -> Result<()> {
         )
     })?;
     Ok(())
+}
+
+/// Whether the shapes say where their attribute numbers are valid: the installed schema has
+/// `capture_shape.installation` and `certyo.this_installation()` (an update to 0.2.0 adds the
+/// column before the function).
+fn installation_known() -> Result<bool> {
+    Ok(schema_has(c"capture_shape", Some(c"installation"))
+        && Spi::get_one::<bool>(
+            "SELECT pg_catalog.to_regprocedure('certyo.this_installation()') IS NOT NULL",
+        )?
+        .unwrap_or(false))
 }
 
 /// What changed from one shape to the next, in words: `added "c" integer; dropped "extra"`.
