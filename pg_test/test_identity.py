@@ -331,3 +331,42 @@ def test_a_column_dropped_before_a_dump_keeps_the_audit_true_after_a_restore_int
             "a row changed behind the trigger's back after the restore is found, and only it"
     finally:
         stop(target, source)
+
+
+@pytest.mark.parametrize("how", ["old key column excluded", "old key column dropped"])
+def test_a_table_tracked_again_under_another_key_audits_as_a_key_change_not_as_deleted_or_uncaptured_rows(emulator, how):
+    """Tracked again with a record key that leaves out the old key column, and that column out
+    of the payload (excluded, or dropped): the receipts captured under the old key are no
+    deleted rows, nor are the rows never captured. The audit says what happened for the table
+    (the record key changed since capture). Excluded, the rows are still found under the old
+    key: a row changed and a row deleted behind the trigger's back are found, under the record
+    id they were captured with. Dropped, no key finds the old versions; a row captured since,
+    then changed behind the trigger's back, is found."""
+    cluster = rekey_cluster(emulator, """
+        CREATE TABLE rk (id int PRIMARY KEY, code int NOT NULL UNIQUE, v text);
+        SELECT certyo.track('rk');
+        INSERT INTO rk SELECT g, g + 1, 'first' FROM generate_series(1, 10) g;""")
+    try:
+        assert cluster.wait_drained(30), cluster.explain()
+        if how.endswith("excluded"):
+            cluster.sql("SELECT certyo.track('rk', record_id_columns => ARRAY['code'], exclude_columns => ARRAY['id'])")
+        else:
+            cluster.sql("SELECT certyo.track('rk', record_id_columns => ARRAY['code']); ALTER TABLE rk DROP COLUMN id")
+        findings = audit_lines(cluster, "rk")
+        assert 'table: schema changed since capture: record id ("id") to ("code")' in findings \
+            and "capture, " not in findings and not findings.endswith("capture"), \
+            "findings for the table only: " + findings
+        if how.endswith("excluded"):
+            cluster.sql("SET session_replication_role = replica; UPDATE rk SET v = 'tampered' WHERE id = 3; "
+                        "DELETE FROM rk WHERE id = 5")
+            expected = "3: changed without capture, 5: deleted without capture"
+        else:
+            cluster.sql("UPDATE rk SET v = 'second' WHERE code = 8")
+            assert cluster.wait_drained(30), cluster.explain()
+            cluster.sql("SET session_replication_role = replica; UPDATE rk SET v = 'tampered' WHERE code = 8")
+            expected = "8: changed without capture"
+        rows = cluster.sql("SELECT string_agg(record_id || ': ' || problem, ', ' ORDER BY record_id) "
+                           "FROM certyo.audit('rk') WHERE record_id IS NOT NULL")
+        assert rows == expected, rows
+    finally:
+        stop(cluster)
