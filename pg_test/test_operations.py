@@ -415,6 +415,37 @@ def test_emptying_a_table_the_documented_way_raises_no_alarm(cluster):
     assert audit_of(cluster, "emptied") == "3: changed without capture, 7: deleted without capture"
 
 
+def table_findings(cluster, table):
+    """The audit's findings about the table (problem: detail), in order of when."""
+    return cluster.sql(f"SELECT coalesce(string_agg(problem || ': ' || detail, ', ' ORDER BY changed_at, detail), '') "
+                       f"FROM certyo.audit('{table}') WHERE record_id IS NULL")
+
+
+def test_rows_removed_while_untracked_are_said_once_for_the_table_never_row_by_row(cluster):
+    """Rows deleted while the table was untracked were silent in the audit once it was tracked
+    again: removed without capture, and Certyo's last word on each is not a delete. The audit
+    says so once per track() that found them (how many records, when), reports no row, counts
+    only the records still without a newer version, and still finds a row changed behind the
+    trigger's back."""
+    cluster.sql("""
+        CREATE TABLE removed (id int PRIMARY KEY, v text);
+        SELECT certyo.track('removed');
+        INSERT INTO removed SELECT g, 'old' FROM generate_series(1, 20) g;
+    """)
+    assert cluster.wait_drained(), "the rows are delivered"
+    cluster.sql("SELECT certyo.untrack('removed'); DELETE FROM removed WHERE id <= 5; SELECT certyo.track('removed')")
+    assert audit_of(cluster, "removed") == "", "no row is a finding"
+    said = "removed while untracked: 5 records whose rows were removed while the table was untracked"
+    assert table_findings(cluster, "removed").startswith(said), table_findings(cluster, "removed")
+    assert cluster.sql("SELECT count(*) FROM certyo.audit('removed') WHERE changed_at > now() - interval '1 minute'") == "1"
+    cluster.sql("INSERT INTO removed VALUES (1, 'new')")
+    assert cluster.wait_drained(), "the new row is delivered"
+    assert table_findings(cluster, "removed").startswith(
+        "removed while untracked: 4 records"), "a record written since is no longer counted"
+    cluster.sql("SET session_replication_role = replica; UPDATE removed SET v = 'tampered' WHERE id = 7")
+    assert audit_of(cluster, "removed") == "7: changed without capture"
+
+
 def test_a_key_changed_to_an_equal_value_never_takes_the_old_records_hash(cluster, emulator):
     """A truth review (2026-12-05): a key changed to a value its type calls equal but capture renders apart
     (case under a nondeterministic collation, a numeric's scale) is the delete of one record

@@ -317,9 +317,35 @@ fn examine(relid: Oid, options: &CaptureOptions) -> Result<Examination> {
     gone.sort();
     found.extend(
         gone.iter()
-            .filter(|(_, version)| !removed.contains(version))
+            .filter(|(_, version)| !removed.contains_key(version))
             .map(|(r, _)| report(r.clone(), "deleted without capture", None)),
     );
+    // Records whose rows were removed while the table was untracked (the documented way to
+    // empty a tracked table): no tampering, but removed without capture all the same, and
+    // Certyo's last word on each is not a delete. Said once per track() that found them.
+    let mut untracked: std::collections::BTreeMap<i64, (Option<TimestampWithTimeZone>, usize)> =
+        Default::default();
+    for found_at in gone.iter().filter_map(|(_, version)| removed.get(version)) {
+        untracked
+            .entry(found_at.micros)
+            .or_insert((found_at.at, 0))
+            .1 += 1;
+    }
+    let removals: Vec<Finding> = untracked
+        .into_values()
+        .map(|(at, count)| {
+            (
+                None,
+                "removed while untracked".to_string(),
+                None,
+                None,
+                at,
+                Some(format!(
+                    "{count} records whose rows were removed while the table was untracked, found by certyo.track() (certyo.removed_untracked): Certyo's last version of each is not a delete"
+                )),
+            )
+        })
+        .collect();
     // Each schema change since the oldest shape a row was last captured under, once.
     let mut changes: Vec<Finding> = Vec::new();
     if let Some(&oldest) = stale.iter().next() {
@@ -334,6 +360,7 @@ fn examine(relid: Oid, options: &CaptureOptions) -> Result<Examination> {
             ));
         }
     }
+    changes.extend(removals);
     changes.extend(found);
     Ok(Examination {
         findings: changes,
@@ -478,19 +505,40 @@ fn differing_columns(
     Some(differ)
 }
 
-/// Records removed while the table was untracked (`certyo.removed_untracked`): their versions.
-fn removed_untracked(relid: Oid) -> Result<HashSet<i64>> {
+/// When a `track()` found records removed while the table was untracked.
+struct Found {
+    at: Option<TimestampWithTimeZone>,
+    /// `found_at` in microseconds: the `track()` it was.
+    micros: i64,
+}
+
+/// Records removed while the table was untracked (`certyo.removed_untracked`): their versions,
+/// and when `track()` found them.
+fn removed_untracked(relid: Oid) -> Result<HashMap<i64, Found>> {
     if !shape::schema_has(c"removed_untracked", None) {
-        return Ok(HashSet::new());
+        return Ok(HashMap::new());
     }
-    let ids = crate::rights::as_superuser(|| {
-        Spi::get_one_with_args::<Vec<i64>>(
-            "SELECT pg_catalog.array_agg(version_id) FROM certyo.removed_untracked
-              WHERE relid OPERATOR(pg_catalog.=) $1",
-            &[relid.into()],
-        )
-    })?;
-    Ok(ids.unwrap_or_default().into_iter().collect())
+    crate::rights::as_superuser(|| {
+        Ok(Spi::connect(|client| {
+            let rows = client.select(
+                "SELECT version_id, found_at, (pg_catalog.date_part('epoch', found_at) * 1000000)::pg_catalog.int8
+                   FROM certyo.removed_untracked WHERE relid OPERATOR(pg_catalog.=) $1",
+                None,
+                &[relid.into()],
+            )?;
+            let mut removed = HashMap::new();
+            for row in rows {
+                removed.insert(
+                    row.get::<i64>(1)?.unwrap_or_default(),
+                    Found {
+                        at: row.get::<TimestampWithTimeZone>(2)?,
+                        micros: row.get::<i64>(3)?.unwrap_or_default(),
+                    },
+                );
+            }
+            Ok::<_, pgrx::spi::Error>(removed)
+        })?)
+    })
 }
 
 /// `certyo.track()` of a table that was untracked: records whose rows were removed meanwhile
