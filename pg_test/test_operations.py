@@ -537,6 +537,9 @@ def test_a_row_that_no_longer_renders_to_its_captured_content_is_never_marked_wi
     assert cluster.sql(f"SELECT coalesce(string_agg(id::text, ',' ORDER BY id), '') FROM moods "
                        f"WHERE id IN ({pending}) AND certyo_anchor_status = 'anchored'") == "", \
         "a row renamed after acceptance is never marked anchored"
+    refused = cluster.sql("SELECT string_agg(record_id, ',' ORDER BY record_id::int) FROM certyo.receipt "
+                          "WHERE relid = 'moods'::regclass AND write_back_dropped LIKE '%no longer renders%'")
+    assert refused == "1,2,3," + pending, "the receipts refused say why, and only theirs"
     expected = ", ".join(f"{i}: changed without capture" for i in sorted([1, 2, 3] + [int(i) for i in pending.split(",")]))
     assert audit_of(cluster, "moods") == expected, "the audit names exactly the rows whose rendering changed"
     cluster.sql("DROP TABLE moods; DROP TYPE mood")

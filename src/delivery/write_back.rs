@@ -775,11 +775,13 @@ fn mark_table(
     let params: Vec<String> = (1..=n).map(|i| format!("${i}")).collect();
     let names: Vec<String> = (1..=n).map(|i| format!("k{i}")).collect();
     // The content guard (see [`render_as_captured`]): the rows found by key that still render
+    // (the whole row as `(t.*)::table`: a bare `t` is a column of the table if it has one named
+    // so, which would be read as a row)
     // to the captured payload, by their tuple id, which the UPDATE requires: a row changed
     // between the two statements is another tuple, and is not marked.
     let guard = format!(
         "/* certyo_cdc content guard, key types {types} */
-         SELECT v.n, t.ctid::text, t
+         SELECT v.n, t.ctid::text, (t.*)::{table}
            FROM {table} AS t, unnest({params}, ${h}::text[]) WITH ORDINALITY AS v({names}, hash, n)
           WHERE {matches} AND {identical} AND {condition}",
         types = key.type_list(),
@@ -840,11 +842,18 @@ fn mark_table(
             let mut refused = Vec::new();
             if let Some(captured) = &captured {
                 let found = super::prepared::select(client, &guard, &args)?;
-                let tids = render_as_captured(relid, found, &hashes, captured)?;
-                refused = (0..hashes.len())
-                    .filter(|&i| tids[i].is_none())
-                    .map(|i| hashes[i].clone())
-                    .collect();
+                let rendered = render_as_captured(relid, found, &hashes, captured)?;
+                let mut tids: Vec<Option<String>> = Vec::with_capacity(rendered.len());
+                for (i, row) in rendered.into_iter().enumerate() {
+                    match row {
+                        Rendered::AsCaptured(tid) => tids.push(Some(tid)),
+                        Rendered::Otherwise => {
+                            refused.push(hashes[i].clone());
+                            tids.push(None);
+                        }
+                        Rendered::NoRow => tids.push(None),
+                    }
+                }
                 args.push(tids.into());
             }
             super::prepared::update(client, &sql, &args)?;
@@ -876,19 +885,29 @@ fn captured_payloads(
     Ok(captured)
 }
 
+/// What the content guard found for a version.
+enum Rendered {
+    /// No row takes the mark (none has its key, or, to be marked anchored, its hash).
+    NoRow,
+    /// Its row renders to the captured payload: its tuple id.
+    AsCaptured(String),
+    /// Its row renders to something else.
+    Otherwise,
+}
+
 /// The content guard: a row is marked with a version's hash (and above all `anchored`) only
 /// while its content renders, as capture renders it, to the payload captured for that version.
 /// A row changed behind capture's back, or whose rendering changed without a captured change
 /// (an enum label renamed, a type's output altered), keeps what it had. `found` holds the rows
 /// the key finds (`v.n`: the version's position from 1, the row's tuple id, the row); the
-/// answer, per version in `hashes`, the tuple id of a row that renders to it (None: none).
+/// answer, per version in `hashes`, what its row renders to.
 fn render_as_captured(
     relid: Oid,
     found: pgrx::spi::SpiTupleTable<'_>,
     hashes: &[String],
     captured: &HashMap<String, String>,
-) -> Result<Vec<Option<String>>, pgrx::spi::Error> {
-    let mut tids: Vec<Option<String>> = vec![None; hashes.len()];
+) -> Result<Vec<Rendered>, pgrx::spi::Error> {
+    let mut tids: Vec<Rendered> = hashes.iter().map(|_| Rendered::NoRow).collect();
     if found.is_empty() {
         return Ok(tids);
     }
@@ -903,6 +922,13 @@ fn render_as_captured(
         let rel = opened.get();
         let plan =
             crate::capture::plan::TablePlan::build(rel, &options).unwrap_or_else(|e| e.raise());
+        // Read as a row only what is one of this table's rows.
+        let rowtype = (*(*rel).rd_rel).reltype;
+        if found.column_type_oid(3)?.value() != rowtype {
+            pgrx::error!(
+                "certyo_cdc: the content guard read something other than a row of the table"
+            );
+        }
         let mut found = found;
         while found.next().is_some() {
             let (Some(n), Some(tid)) = (found.get::<i64>(1)?, found.get::<String>(2)?) else {
@@ -914,7 +940,11 @@ fn render_as_captured(
             let Some(i) = usize::try_from(n).ok().and_then(|n| n.checked_sub(1)) else {
                 continue;
             };
-            let Some(expected) = hashes.get(i).and_then(|h| captured.get(h)) else {
+            let Some(expected) = hashes.get(i).map(|h| captured.get(h)) else {
+                continue;
+            };
+            let Some(expected) = expected else {
+                tids[i] = Rendered::Otherwise; // no captured payload to compare with
                 continue;
             };
             let header = pgrx::pg_sys::pg_detoast_datum(datum.cast_mut_ptr())
@@ -929,9 +959,11 @@ fn render_as_captured(
             let renders = plan
                 .change(crate::capture::record::Operation::Upsert, &image)
                 .is_ok_and(|change| certyo::payload_sha256(&change.payload) == *expected);
-            if renders {
-                tids[i] = Some(tid);
-            }
+            tids[i] = if renders {
+                Rendered::AsCaptured(tid)
+            } else {
+                Rendered::Otherwise
+            };
         }
     }
     Ok(tids)
@@ -945,19 +977,39 @@ fn refuse(
     ids: &[i64],
     refused: Vec<String>,
 ) -> Result<(), pgrx::spi::Error> {
-    let count = refused.len();
-    if crate::shape::schema_has(c"receipt", Some(c"write_back_dropped")) {
-        client.update(
-            "UPDATE certyo.receipt SET write_back_dropped = 'the row no longer renders to the content captured (changed without capture, or its rendering changed: an enum label renamed, a type altered): not marked'
-              WHERE id = ANY ($1) AND record_hash = ANY ($2) AND write_back_dropped IS NULL",
+    // A row changed, with capture, after the versions still current were chosen (a writer that
+    // committed in between) renders to its newer version: that one is written back next, and
+    // this one was merely overtaken. Only the others were changed without capture.
+    let reason = if crate::shape::schema_has(c"receipt", Some(c"write_back_dropped")) {
+        "'the row no longer renders to the content captured (changed without capture, or its rendering changed: an enum label renamed, a type altered): not marked'"
+    } else {
+        "NULL"
+    };
+    let set = if reason == "NULL" {
+        "written_back = written_back".to_string()
+    } else {
+        format!("write_back_dropped = coalesce(write_back_dropped, {reason})")
+    };
+    let count = client
+        .update(
+            &format!(
+                "UPDATE certyo.receipt r SET {set}
+                  WHERE r.id = ANY ($1) AND r.record_hash = ANY ($2)
+                    AND NOT EXISTS (SELECT FROM certyo.queue n WHERE n.relid = r.relid AND n.record_id = r.record_id AND n.id > r.id)
+                    AND NOT EXISTS (SELECT FROM certyo.delivery n WHERE n.relid = r.relid AND n.record_id = r.record_id AND n.id > r.id)
+                    AND NOT EXISTS (SELECT FROM certyo.receipt n WHERE n.relid = r.relid AND n.record_id = r.record_id AND n.id > r.id)
+                 RETURNING r.id"
+            ),
             None,
             &[ids.to_vec().into(), refused.into()],
-        )?;
+        )?
+        .len();
+    if count > 0 {
+        pgrx::warning!(
+            "certyo_cdc: {count} rows of table {} were not marked with their version's hash: they no longer render to the content captured (certyo.audit() names them)",
+            failing::name_of(relid)
+        );
     }
-    pgrx::warning!(
-        "certyo_cdc: {count} rows of table {} were not marked with their version's hash: they no longer render to the content captured (certyo.audit() names them)",
-        failing::name_of(relid)
-    );
     Ok(())
 }
 
