@@ -146,6 +146,16 @@ def rekey_cluster(emulator, schema):
     return cluster
 
 
+def rk_cluster(emulator):
+    """A cluster with table rk tracked by id (row id=n has code=n+1), its ten rows delivered."""
+    cluster = rekey_cluster(emulator, """
+        CREATE TABLE rk (id int PRIMARY KEY, code int NOT NULL UNIQUE, v text);
+        SELECT certyo.track('rk');
+        INSERT INTO rk SELECT g, g + 1, 'first' FROM generate_series(1, 10) g;""")
+    assert cluster.wait_drained(30), cluster.explain()
+    return cluster
+
+
 def pause(cluster):
     cluster.sql("SELECT certyo.pause()")
     assert wait_for(lambda: cluster.sql("SELECT state FROM certyo.worker_status()") == "paused", 10)
@@ -156,12 +166,8 @@ def test_tracking_again_with_other_record_id_columns_never_marks_a_row_with_anot
     has code=n+1): those updates are delivered under the key they were captured with (Certyo's
     record ids 1..10), and their write-back, which no longer has a key to find its row by, is
     dropped and recorded, never put on the row whose code equals the old id."""
-    cluster = rekey_cluster(emulator, """
-        CREATE TABLE rk (id int PRIMARY KEY, code int NOT NULL UNIQUE, v text);
-        SELECT certyo.track('rk');
-        INSERT INTO rk SELECT g, g + 1, 'first' FROM generate_series(1, 10) g;""")
+    cluster = rk_cluster(emulator)
     try:
-        assert cluster.wait_drained(30), cluster.explain()
         pause(cluster)
         cluster.sql("UPDATE rk SET v = 'queued'")
         cluster.sql("SELECT certyo.track('rk', record_id_columns => ARRAY['code'])")
@@ -342,12 +348,8 @@ def test_a_table_tracked_again_under_another_key_audits_as_a_key_change_not_as_d
     key: a row changed and a row deleted behind the trigger's back are found, under the record
     id they were captured with. Dropped, no key finds the old versions; a row captured since,
     then changed behind the trigger's back, is found."""
-    cluster = rekey_cluster(emulator, """
-        CREATE TABLE rk (id int PRIMARY KEY, code int NOT NULL UNIQUE, v text);
-        SELECT certyo.track('rk');
-        INSERT INTO rk SELECT g, g + 1, 'first' FROM generate_series(1, 10) g;""")
+    cluster = rk_cluster(emulator)
     try:
-        assert cluster.wait_drained(30), cluster.explain()
         if how.endswith("excluded"):
             cluster.sql("SELECT certyo.track('rk', record_id_columns => ARRAY['code'], exclude_columns => ARRAY['id'])")
         else:

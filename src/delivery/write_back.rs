@@ -779,29 +779,36 @@ fn mark_table(
     // so, which would be read as a row)
     // to the captured payload, by their tuple id, which the UPDATE requires: a row changed
     // between the two statements is another tuple, and is not marked.
+    // The rows the versions' keys find, `v` holding each version's key parts and hash (and
+    // `extra` columns), `ordinality` numbering them.
+    let keyed = |arrays: &str, extra: &str, ordinality: &str, condition: &str| {
+        format!(
+            "unnest({params}, ${h}::text[]{arrays}){ordinality} AS v({names}, hash{extra})
+          WHERE {matches} AND {identical} AND {row_condition}{condition}",
+            params = params.join(", "),
+            names = names.join(", "),
+            matches = key.matches("t", "v"),
+            identical = key.identical("t", "v"),
+            row_condition = mark.row_condition(),
+            h = n + 1,
+        )
+    };
     let guard = format!(
         "/* certyo_cdc content guard, key types {types} */
          SELECT v.n, t.ctid::text, (t.*)::{table}
-           FROM {table} AS t, unnest({params}, ${h}::text[]) WITH ORDINALITY AS v({names}, hash, n)
-          WHERE {matches} AND {identical} AND {condition}",
+           FROM {table} AS t, {keyed}",
         types = key.type_list(),
         table = key.table,
-        params = params.join(", "),
-        names = names.join(", "),
-        matches = key.matches("t", "v"),
-        identical = key.identical("t", "v"),
-        condition = mark.row_condition(),
-        h = n + 1,
+        keyed = keyed("", ", n", " WITH ORDINALITY", ""),
     );
-    let tid_condition = if captured.is_some() {
-        " AND t.ctid OPERATOR(pg_catalog.=) v.tid::pg_catalog.tid".to_string()
+    let (tid_array, tid_name, tid_condition) = if captured.is_some() {
+        (
+            format!(", ${}::text[]", n + 2),
+            ", tid",
+            " AND t.ctid OPERATOR(pg_catalog.=) v.tid::pg_catalog.tid",
+        )
     } else {
-        String::new()
-    };
-    let tid_column = if captured.is_some() {
-        format!(", ${}::text[]", n + 2)
-    } else {
-        String::new()
+        (String::new(), "", "")
     };
     let watched = match (&key.update_column, key.user_code) {
         (Some(column), true) => format!(", {column} = t.{column}"),
@@ -813,18 +820,11 @@ fn mark_table(
     let sql = format!(
         "/* certyo_cdc write-back, {mode} mode, key types {types} */
          UPDATE {table} AS t SET {set}{watched}
-           FROM unnest({params}, ${h}::text[]{tid_column}) AS v({names}, hash{tid_name})
-          WHERE {matches} AND {identical} AND {condition}{tid_condition}",
-        tid_name = if captured.is_some() { ", tid" } else { "" },
+           FROM {keyed}",
         types = key.type_list(),
         table = key.table,
         set = mark.set(),
-        params = params.join(", "),
-        names = names.join(", "),
-        matches = key.matches("t", "v"),
-        identical = key.identical("t", "v"),
-        condition = mark.row_condition(),
-        h = n + 1,
+        keyed = keyed(&tid_array, tid_name, "", tid_condition),
     );
     let refused = crate::rights::writing_back_as(
         relid,
