@@ -262,6 +262,16 @@ def tamper_and_find(cluster, table, also=None):
     assert audit_of(cluster, table) == expected, "a real change is still found"
 
 
+def while_paused(cluster, do):
+    """do() while the worker is paused (resumed whatever happens); what it returned."""
+    cluster.sql("SELECT certyo.pause()")
+    try:
+        assert wait_for(lambda: worker(cluster, "state") == "paused", 10), "the worker does not pause"
+        return do()
+    finally:
+        cluster.sql("SELECT certyo.resume()")
+
+
 def anchored_table(cluster, table):
     """A tracked table of 20 rows, each delivered and anchored."""
     quiet(cluster)
@@ -282,13 +292,9 @@ def test_untrack_then_track_again_raises_no_false_alarm(cluster):
     table is empty at once and after the write-back, each row carries its newest version's hash
     and status, and a real change made behind the trigger's back is still found."""
     anchored_table(cluster, "retracked")
-    cluster.sql("SELECT certyo.pause()")
-    try:
-        assert wait_for(lambda: worker(cluster, "state") == "paused", 10), "the worker does not pause"
-        cluster.sql("UPDATE retracked SET v = 'second' WHERE id <= 10; DELETE FROM retracked WHERE id = 20; "
-                    "SELECT certyo.untrack('retracked'); INSERT INTO retracked VALUES (20, 'while untracked')")
-    finally:
-        cluster.sql("SELECT certyo.resume()")
+    while_paused(cluster, lambda: cluster.sql(
+        "UPDATE retracked SET v = 'second' WHERE id <= 10; DELETE FROM retracked WHERE id = 20; "
+        "SELECT certyo.untrack('retracked'); INSERT INTO retracked VALUES (20, 'while untracked')"))
     assert cluster.wait_drained(), "the backlog is delivered while the table is untracked"
     assert cluster.sql("SELECT count(*) FROM retracked WHERE v = 'second' AND certyo_record_hash = "
                        "(SELECT record_hash FROM certyo.receipt r WHERE r.relid = 'retracked'::regclass "
@@ -393,18 +399,23 @@ def test_the_worker_never_writes_a_status_the_audit_accepts_from_anyone_else(clu
         "4: anchor status changed without capture, 6: anchor status changed without capture"
 
 
+def twenty_delivered(cluster, table):
+    """A tracked table of 20 rows (id, v = 'old'), each delivered."""
+    cluster.sql(f"""
+        CREATE TABLE {table} (id int PRIMARY KEY, v text);
+        SELECT certyo.track('{table}');
+        INSERT INTO {table} SELECT g, 'old' FROM generate_series(1, 20) g;
+    """)
+    assert cluster.wait_drained(), "the rows are delivered"
+
+
 def test_emptying_a_table_the_documented_way_raises_no_alarm(cluster):
     """The documented way to empty a tracked table without recording each deletion, `untrack;
     TRUNCATE; track` in one transaction, left the audit calling every removed row "deleted
     without capture". Rows removed while the table was untracked are recorded when it is tracked
     again: the audit is empty, and rows written since are audited as ever (a change behind the
     trigger's back is found)."""
-    cluster.sql("""
-        CREATE TABLE emptied (id int PRIMARY KEY, v text);
-        SELECT certyo.track('emptied');
-        INSERT INTO emptied SELECT g, 'old' FROM generate_series(1, 20) g;
-    """)
-    assert cluster.wait_drained(), "the rows are delivered"
+    twenty_delivered(cluster, "emptied")
     cluster.sql("BEGIN; SELECT certyo.untrack('emptied'); TRUNCATE emptied; SELECT certyo.track('emptied'); COMMIT")
     assert audit_of(cluster, "emptied") == "", "the documented emptying is no finding"
     cluster.sql("INSERT INTO emptied SELECT g, 'new' FROM generate_series(1, 10) g")
@@ -413,6 +424,32 @@ def test_emptying_a_table_the_documented_way_raises_no_alarm(cluster):
     cluster.sql("SET session_replication_role = replica; UPDATE emptied SET v = 'tampered' WHERE id = 3; "
                 "DELETE FROM emptied WHERE id = 7")
     assert audit_of(cluster, "emptied") == "3: changed without capture, 7: deleted without capture"
+
+
+def table_findings(cluster, table):
+    """The audit's findings about the table (problem: detail), in order of when."""
+    return cluster.sql(f"SELECT coalesce(string_agg(problem || ': ' || detail, ', ' ORDER BY changed_at, detail), '') "
+                       f"FROM certyo.audit('{table}') WHERE record_id IS NULL")
+
+
+def test_rows_removed_while_untracked_are_said_once_for_the_table_never_row_by_row(cluster):
+    """Rows deleted while the table was untracked were silent in the audit once it was tracked
+    again: removed without capture, and Certyo's last word on each is not a delete. The audit
+    says so once per track() that found them (how many records, when), reports no row, counts
+    only the records still without a newer version, and still finds a row changed behind the
+    trigger's back."""
+    twenty_delivered(cluster, "removed")
+    cluster.sql("SELECT certyo.untrack('removed'); DELETE FROM removed WHERE id <= 5; SELECT certyo.track('removed')")
+    assert audit_of(cluster, "removed") == "", "no row is a finding"
+    said = "removed while untracked: 5 records whose rows were removed while the table was untracked"
+    assert table_findings(cluster, "removed").startswith(said), table_findings(cluster, "removed")
+    assert cluster.sql("SELECT count(*) FROM certyo.audit('removed') WHERE changed_at > now() - interval '1 minute'") == "1"
+    cluster.sql("INSERT INTO removed VALUES (1, 'new')")
+    assert cluster.wait_drained(), "the new row is delivered"
+    assert table_findings(cluster, "removed").startswith(
+        "removed while untracked: 4 records"), "a record written since is no longer counted"
+    cluster.sql("SET session_replication_role = replica; UPDATE removed SET v = 'tampered' WHERE id = 7")
+    assert audit_of(cluster, "removed") == "7: changed without capture"
 
 
 def test_a_key_changed_to_an_equal_value_never_takes_the_old_records_hash(cluster, emulator):
@@ -459,6 +496,50 @@ def test_a_key_changed_to_an_equal_value_never_takes_the_old_records_hash(cluste
         assert statuses(cluster, table) == "anchored"
         assert cluster.sql(f"SELECT count(*) FROM certyo.audit('{table}')") == "0", f"{table} audits clean"
     cluster.sql("DROP TABLE blind_keys, scaled_keys")
+
+
+def test_a_row_that_no_longer_renders_to_its_captured_content_is_never_marked_with_its_hash(cluster):
+    """The table owner renames an enum label (ALTER TYPE ... RENAME VALUE): no row changes, no
+    change is captured, but rows holding that label no longer render to the payload Certyo
+    anchored. Renamed before the versions were accepted, their rows take no hash; renamed after
+    acceptance but before verification, their rows stay `pending`: never `anchored` with the
+    hash of content they no longer render to. The other rows are marked as ever, and the audit
+    names exactly the rows whose rendering changed."""
+    quiet(cluster)
+    cluster.sql("""
+        CREATE TYPE mood AS ENUM ('calm', 'angry', 'glad');
+        CREATE TABLE moods (id int PRIMARY KEY, v mood);
+        SELECT certyo.track('moods');
+    """)
+    while_paused(cluster, lambda: cluster.sql(
+        "INSERT INTO moods SELECT g, CASE WHEN g <= 3 THEN 'calm' WHEN g <= 6 THEN 'glad' ELSE 'angry' END::mood "
+        "FROM generate_series(1, 10) g; ALTER TYPE mood RENAME VALUE 'calm' TO 'serene'"))
+    assert cluster.wait_drained(), "the rows are delivered"
+    # Accepted, not yet verified: the glad rows' label is renamed now.
+    assert wait_for(lambda: cluster.sql("SELECT count(*) FROM moods WHERE id > 3 AND certyo_record_hash IS NOT NULL") == "7", 30), \
+        cluster.explain()
+    pending = while_paused(cluster, lambda: (
+        cluster.sql("SELECT string_agg(id::text, ',' ORDER BY id) FROM moods WHERE v = 'glad' AND certyo_anchor_status = 'pending'"),
+        cluster.sql("ALTER TYPE mood RENAME VALUE 'glad' TO 'happy'"))[0])
+    assert pending, "the glad rows were anchored before the label could be renamed (anchoring takes 2 s)"
+    assert wait_for(lambda: cluster.sql("SELECT count(*) FROM moods WHERE v = 'angry' AND certyo_anchor_status = 'anchored'") == "4",
+                    60), "the rows that render as captured are anchored\n" + cluster.explain()
+    assert wait_for(lambda: cluster.sql("SELECT count(*) FROM certyo.receipt WHERE relid = 'moods'::regclass "
+                                        "AND anchor_status = 'pending'") == "0", 60), "every version is verified"
+    assert wait_for(lambda: cluster.sql("SELECT count(*) FROM certyo.receipt WHERE relid = 'moods'::regclass "
+                                        "AND NOT written_back") == "0", 30), "and its write-back done"
+    assert cluster.sql("SELECT coalesce(string_agg(id::text, ',' ORDER BY id), '') FROM moods "
+                       "WHERE v = 'serene' AND certyo_record_hash IS NOT NULL") == "", \
+        "a row renamed before acceptance takes no hash of content it no longer renders to"
+    assert cluster.sql(f"SELECT coalesce(string_agg(id::text, ',' ORDER BY id), '') FROM moods "
+                       f"WHERE id IN ({pending}) AND certyo_anchor_status = 'anchored'") == "", \
+        "a row renamed after acceptance is never marked anchored"
+    refused = cluster.sql("SELECT string_agg(record_id, ',' ORDER BY record_id::int) FROM certyo.receipt "
+                          "WHERE relid = 'moods'::regclass AND write_back_dropped LIKE '%no longer renders%'")
+    assert refused == "1,2,3," + pending, "the receipts refused say why, and only theirs"
+    expected = ", ".join(f"{i}: changed without capture" for i in sorted([1, 2, 3] + [int(i) for i in pending.split(",")]))
+    assert audit_of(cluster, "moods") == expected, "the audit names exactly the rows whose rendering changed"
+    cluster.sql("DROP TABLE moods; DROP TYPE mood")
 
 
 def test_backfill_survives_an_immediate_restart(cluster, emulator, watch):

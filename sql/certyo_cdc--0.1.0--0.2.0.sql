@@ -75,6 +75,7 @@ CREATE TABLE certyo.capture_shape (
     types             text[]      NOT NULL,
     attnums           smallint[]  NOT NULL,
     record_id_columns text[]      NOT NULL,
+    installation      text,
     PRIMARY KEY (relid, since_id)
 );
 SELECT pg_catalog.pg_extension_config_dump('certyo.capture_shape', '');
@@ -312,7 +313,7 @@ BEGIN
     -- collection: moved by the collection, among the tracked tables; the shapes deleted and
     -- inserted again, so that two tables that swapped OIDs do not collide on their key.
     SELECT array_agg(ROW(t.relid, s.collection, s.since_id, s.recorded_at, s.columns, s.types, s.attnums,
-                         s.record_id_columns)::certyo.capture_shape)
+                         s.record_id_columns, s.installation)::certyo.capture_shape)
       INTO shapes FROM certyo.capture_shape s JOIN certyo.tracked_oids() t ON t.collection = s.collection
      WHERE s.relid <> t.relid;
     IF shapes IS NOT NULL THEN

@@ -130,6 +130,11 @@ CREATE TABLE certyo.capture_shape (
     types             text[]      NOT NULL,   -- their types (format_type)
     attnums           smallint[]  NOT NULL,   -- their attribute numbers in the tracked table
     record_id_columns text[]      NOT NULL,
+    -- where attnums are the table's attribute numbers (certyo.this_installation()): a restore
+    -- numbers a table's columns anew (a dropped column leaves no gap), and src/shape.rs maps a
+    -- restored shape's numbers to the restored table's by the column names of the newest shape
+    -- recorded where they were valid
+    installation      text,
     PRIMARY KEY (relid, since_id)
 );
 SELECT pg_catalog.pg_extension_config_dump('certyo.capture_shape', '');
@@ -289,7 +294,7 @@ BEGIN
     -- collection: moved by the collection, among the tracked tables; the shapes deleted and
     -- inserted again, so that two tables that swapped OIDs do not collide on their key.
     SELECT array_agg(ROW(t.relid, s.collection, s.since_id, s.recorded_at, s.columns, s.types, s.attnums,
-                         s.record_id_columns)::certyo.capture_shape)
+                         s.record_id_columns, s.installation)::certyo.capture_shape)
       INTO shapes FROM certyo.capture_shape s JOIN certyo.tracked_oids() t ON t.collection = s.collection
      WHERE s.relid <> t.relid;
     IF shapes IS NOT NULL THEN

@@ -5,9 +5,10 @@
 //! old backup restored) show up; a clean table returns nothing.
 
 use crate::capture::options::CaptureOptions;
-use crate::capture::plan::TablePlan;
+use crate::capture::plan::{Column, TablePlan};
 use crate::capture::record::Row;
 use crate::capture::scan::{each_row, Snapshot};
+use crate::capture::value::ValuePlan;
 use crate::error::{CertyoError, OrRaise, Result};
 use crate::shape::{self, Shape};
 use certyo::{column_digest, column_sha256, payload_columns, payload_sha256, COLUMN_DIGEST_LEN};
@@ -177,7 +178,11 @@ fn examine(relid: Oid, options: &CaptureOptions) -> Result<Examination> {
             detail,
         )
     };
+    let plan_columns: HashSet<String> = now.columns.iter().cloned().collect();
+    let excluded = excluded_key_columns(relid, &eras, &plan_columns, &columns_now);
     let mut found = Vec::new();
+    // Rows with no version under any key the table has had (see "never captured" below).
+    let mut uncaptured: Vec<String> = Vec::new();
     // Shapes some row was last captured under, older than the present one.
     let mut stale: std::collections::BTreeSet<usize> = Default::default();
     let mut suspects: Vec<(String, i64, Written)> = Vec::new();
@@ -195,7 +200,7 @@ fn examine(relid: Oid, options: &CaptureOptions) -> Result<Examination> {
                     Some(record_id_now.clone())
                 } else {
                     key.as_ref()
-                        .and_then(|key| record_id_under(plan, row, key, &columns_now))
+                        .and_then(|key| record_id_under(plan, row, key, &columns_now, &excluded))
                 };
                 let Some(record_id) = record_id else { continue };
                 if let Some(version) = known.remove(&(era, record_id.clone())) {
@@ -205,7 +210,7 @@ fn examine(relid: Oid, options: &CaptureOptions) -> Result<Examination> {
                 }
             }
             let Some((record_id, version)) = newest else {
-                found.push(report(record_id_now, "never captured", None));
+                uncaptured.push(record_id_now);
                 return Ok(());
             };
             if version.deleted {
@@ -278,6 +283,7 @@ fn examine(relid: Oid, options: &CaptureOptions) -> Result<Examination> {
     // Records without a row. Under a record key whose columns are gone, a row cannot be told
     // from its versions: those are left to the schema change's finding.
     let mut gone: Vec<(String, i64)> = Vec::new();
+    let mut unfindable = 0usize;
     for ((era, record_id), version) in known {
         if version.deleted {
             continue;
@@ -289,16 +295,57 @@ fn examine(relid: Oid, options: &CaptureOptions) -> Result<Examination> {
             if let Some(shape) = shape_of(version.id) {
                 stale.insert(shape);
             }
+            unfindable += 1;
             continue;
         }
         gone.push((record_id, version.id));
     }
+    // A row without a version may be one of those captured under a record key whose columns
+    // are gone (no key finds them now): while there are no more such rows than such versions,
+    // they are the schema change's finding; more, and each is reported, saying so.
+    if uncaptured.len() > unfindable {
+        let detail = (unfindable > 0).then(|| {
+            format!("or one of {unfindable} versions captured under a record key whose columns are gone, which cannot be told apart")
+        });
+        uncaptured.sort();
+        found.extend(
+            uncaptured
+                .into_iter()
+                .map(|r| report(r, "never captured", detail.clone())),
+        );
+    }
     gone.sort();
     found.extend(
         gone.iter()
-            .filter(|(_, version)| !removed.contains(version))
+            .filter(|(_, version)| !removed.contains_key(version))
             .map(|(r, _)| report(r.clone(), "deleted without capture", None)),
     );
+    // Records whose rows were removed while the table was untracked (the documented way to
+    // empty a tracked table): no tampering, but removed without capture all the same, and
+    // Certyo's last word on each is not a delete. Said once per track() that found them.
+    let mut untracked: std::collections::BTreeMap<i64, (Option<TimestampWithTimeZone>, usize)> =
+        Default::default();
+    for found_at in gone.iter().filter_map(|(_, version)| removed.get(version)) {
+        untracked
+            .entry(found_at.micros)
+            .or_insert((found_at.at, 0))
+            .1 += 1;
+    }
+    let removals: Vec<Finding> = untracked
+        .into_values()
+        .map(|(at, count)| {
+            (
+                None,
+                "removed while untracked".to_string(),
+                None,
+                None,
+                at,
+                Some(format!(
+                    "{count} records whose rows were removed while the table was untracked, found by certyo.track() (certyo.removed_untracked): Certyo's last version of each is not a delete"
+                )),
+            )
+        })
+        .collect();
     // Each schema change since the oldest shape a row was last captured under, once.
     let mut changes: Vec<Finding> = Vec::new();
     if let Some(&oldest) = stale.iter().next() {
@@ -313,6 +360,7 @@ fn examine(relid: Oid, options: &CaptureOptions) -> Result<Examination> {
             ));
         }
     }
+    changes.extend(removals);
     changes.extend(found);
     Ok(Examination {
         findings: changes,
@@ -351,17 +399,74 @@ fn record_id_under(
     row: &Row,
     key: &[i16],
     columns_now: &HashMap<i16, (String, String)>,
+    excluded: &HashMap<i16, Column>,
 ) -> Option<String> {
-    let positions = key
+    let columns = key
         .iter()
         .map(|a| {
             let (name, _) = columns_now.get(a)?;
-            plan.payload.iter().position(|c| c.name == *name)
+            plan.payload
+                .iter()
+                .find(|c| c.name == *name)
+                .or_else(|| excluded.get(a))
         })
-        .collect::<Option<Vec<usize>>>()?;
-    // SAFETY: `row` is a row of the relation `plan` was built for.
-    let id = unsafe { plan.record_id_of(row, &positions) }.ok()?;
+        .collect::<Option<Vec<&Column>>>()?;
+    // SAFETY: `row` is a row of the relation `plan` was built for, and so are the columns.
+    let id = unsafe { plan.record_id_from(row, &columns) }.ok()?;
     Some(String::from_utf8_lossy(&id).into_owned())
+}
+
+/// The columns of the earlier record keys that are no payload columns now (excluded since, by
+/// `track(..., exclude_columns => ...)`): to find a row's versions captured under such a key,
+/// its record id under it is rendered from them. Only of a table that is not partitioned (the
+/// rows of a partition are laid out by the partition).
+fn excluded_key_columns(
+    relid: Oid,
+    eras: &[Option<Vec<i16>>],
+    plan_columns: &HashSet<String>,
+    columns_now: &HashMap<i16, (String, String)>,
+) -> HashMap<i16, Column> {
+    let mut excluded = HashMap::new();
+    // SAFETY: catalog lookups of an open table's attributes.
+    unsafe {
+        if pgrx::pg_sys::get_rel_relkind(relid) != pgrx::pg_sys::RELKIND_RELATION as i8 {
+            return excluded;
+        }
+        for &attnum in eras.iter().flatten().flatten() {
+            let Some((name, _)) = columns_now.get(&attnum) else {
+                continue;
+            };
+            if plan_columns.contains(name) || excluded.contains_key(&attnum) {
+                continue;
+            }
+            let mut typid = pgrx::pg_sys::InvalidOid;
+            let mut typmod = 0;
+            let mut collation = pgrx::pg_sys::InvalidOid;
+            pgrx::pg_sys::get_atttypetypmodcoll(
+                relid,
+                attnum,
+                &mut typid,
+                &mut typmod,
+                &mut collation,
+            );
+            let mut len = 0i16;
+            let mut byval = false;
+            pgrx::pg_sys::get_typlenbyval(typid, &mut len, &mut byval);
+            excluded.insert(
+                attnum,
+                Column {
+                    index: (attnum - 1) as usize,
+                    name: name.clone(),
+                    key: Vec::new(),
+                    value: ValuePlan::for_type(typid),
+                    len,
+                    byval,
+                    generated: false,
+                },
+            );
+        }
+    }
+    excluded
 }
 
 /// The columns a row differs in from a version captured with `shape`, compared on the columns
@@ -400,19 +505,40 @@ fn differing_columns(
     Some(differ)
 }
 
-/// Records removed while the table was untracked (`certyo.removed_untracked`): their versions.
-fn removed_untracked(relid: Oid) -> Result<HashSet<i64>> {
+/// When a `track()` found records removed while the table was untracked.
+struct Found {
+    at: Option<TimestampWithTimeZone>,
+    /// `found_at` in microseconds: the `track()` it was.
+    micros: i64,
+}
+
+/// Records removed while the table was untracked (`certyo.removed_untracked`): their versions,
+/// and when `track()` found them.
+fn removed_untracked(relid: Oid) -> Result<HashMap<i64, Found>> {
     if !shape::schema_has(c"removed_untracked", None) {
-        return Ok(HashSet::new());
+        return Ok(HashMap::new());
     }
-    let ids = crate::rights::as_superuser(|| {
-        Spi::get_one_with_args::<Vec<i64>>(
-            "SELECT pg_catalog.array_agg(version_id) FROM certyo.removed_untracked
-              WHERE relid OPERATOR(pg_catalog.=) $1",
-            &[relid.into()],
-        )
-    })?;
-    Ok(ids.unwrap_or_default().into_iter().collect())
+    crate::rights::as_superuser(|| {
+        Ok(Spi::connect(|client| {
+            let rows = client.select(
+                "SELECT version_id, found_at, (pg_catalog.date_part('epoch', found_at) * 1000000)::pg_catalog.int8
+                   FROM certyo.removed_untracked WHERE relid OPERATOR(pg_catalog.=) $1",
+                None,
+                &[relid.into()],
+            )?;
+            let mut removed = HashMap::new();
+            for row in rows {
+                removed.insert(
+                    row.get::<i64>(1)?.unwrap_or_default(),
+                    Found {
+                        at: row.get::<TimestampWithTimeZone>(2)?,
+                        micros: row.get::<i64>(3)?.unwrap_or_default(),
+                    },
+                );
+            }
+            Ok::<_, pgrx::spi::Error>(removed)
+        })?)
+    })
 }
 
 /// `certyo.track()` of a table that was untracked: records whose rows were removed meanwhile

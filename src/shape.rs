@@ -81,6 +81,12 @@ pub fn record(relid: Oid, options: &CaptureOptions) -> Result<()> {
     if !schema_has(c"capture_shape", None) {
         return Ok(());
     }
+    // A restore's shapes (and rows) find their table first, before its shape is compared: the
+    // capture trigger is restored before the table's foreign keys, whose `ALTER TABLE` comes here.
+    let localized = installation_known()?;
+    if localized {
+        crate::rights::as_superuser(|| Spi::run("SELECT certyo.relink_restored()"))?;
+    }
     let (now, collection) = current(relid, options)?;
     let history = history(relid)?;
     if history.last().is_some_and(|last| last.same(&now)) {
@@ -93,8 +99,12 @@ pub fn record(relid: Oid, options: &CaptureOptions) -> Result<()> {
     };
     crate::rights::as_superuser(|| {
         Spi::run_with_args(
-            "INSERT INTO certyo.capture_shape (relid, collection, since_id, columns, types, attnums, record_id_columns)
-             VALUES ($1, $2, $3, $4, $5, $6, $7)",
+            &format!(
+                "INSERT INTO certyo.capture_shape (relid, collection, since_id, columns, types, attnums, record_id_columns{})
+                 VALUES ($1, $2, $3, $4, $5, $6, $7{})",
+                if localized { ", installation" } else { "" },
+                if localized { ", certyo.this_installation()" } else { "" },
+            ),
             &[
                 relid.into(),
                 collection.into(),
@@ -109,11 +119,12 @@ pub fn record(relid: Oid, options: &CaptureOptions) -> Result<()> {
     Ok(())
 }
 
-/// The shapes recorded for `relid`, oldest first.
+/// The shapes recorded for `relid`, oldest first, their attribute numbers the table's here.
 pub fn history(relid: Oid) -> Result<Vec<Shape>> {
     if !schema_has(c"capture_shape", None) {
         return Ok(Vec::new());
     }
+    localize(relid)?;
     crate::rights::as_superuser(|| {
         Ok(Spi::connect(|client| {
             let rows = client.select(
@@ -136,6 +147,69 @@ pub fn history(relid: Oid) -> Result<Vec<Shape>> {
             Ok::<_, pgrx::spi::Error>(shapes)
         })?)
     })
+}
+
+/// Shapes recorded in another installation (restored from a dump) hold that installation's
+/// attribute numbers, and a restore numbers the columns anew: a column dropped before the dump
+/// leaves no gap, so each later column's number is another's. They are mapped to this table's,
+/// once, by name: the newest shape recorded there names every column captured at the dump (the
+/// DDL hook records a shape at every rename, so its names are the dumped ones), and an older
+/// shape's column numbered as one of those is that column, found here under its name. A column
+/// not in the newest shape was dropped (or excluded) before the dump: found here under its own
+/// name if no column of the newest shape has it, otherwise it is gone, and gets a number no
+/// column has (its old one, negated), so that the shapes still tell it from the others.
+fn localize(relid: Oid) -> Result<()> {
+    if !installation_known()? {
+        return Ok(());
+    }
+    crate::rights::as_superuser(|| {
+        Spi::run_with_args(
+            "WITH here AS (SELECT certyo.this_installation() AS installation),
+                  newest AS (
+                      SELECT DISTINCT ON (s.installation) s.installation, s.columns, s.attnums
+                        FROM certyo.capture_shape s, here
+                       WHERE s.relid OPERATOR(pg_catalog.=) $1 AND s.installation OPERATOR(pg_catalog.<>) here.installation
+                       ORDER BY s.installation, s.since_id DESC),
+                  dumped AS (
+                      SELECT n.installation, d.name, d.num, a.attnum AS now
+                        FROM newest n
+                       CROSS JOIN LATERAL ROWS FROM (pg_catalog.unnest(n.columns), pg_catalog.unnest(n.attnums)) AS d(name, num)
+                        LEFT JOIN pg_catalog.pg_attribute a ON a.attrelid OPERATOR(pg_catalog.=) $1
+                             AND a.attname OPERATOR(pg_catalog.=) d.name AND a.attnum OPERATOR(pg_catalog.>) 0
+                             AND NOT a.attisdropped)
+             UPDATE certyo.capture_shape s
+                SET installation = here.installation,
+                    attnums = ARRAY(
+                        SELECT coalesce(CASE WHEN EXISTS (SELECT FROM dumped d WHERE d.installation OPERATOR(pg_catalog.=) s.installation
+                                                                        AND d.num OPERATOR(pg_catalog.=) u.num)
+                                    THEN (SELECT d.now FROM dumped d WHERE d.installation OPERATOR(pg_catalog.=) s.installation
+                                                                       AND d.num OPERATOR(pg_catalog.=) u.num)
+                                    ELSE (SELECT a.attnum FROM pg_catalog.pg_attribute a
+                                           WHERE a.attrelid OPERATOR(pg_catalog.=) $1 AND a.attname OPERATOR(pg_catalog.=) u.name
+                                             AND a.attnum OPERATOR(pg_catalog.>) 0 AND NOT a.attisdropped
+                                             AND NOT EXISTS (SELECT FROM dumped d WHERE d.installation OPERATOR(pg_catalog.=) s.installation
+                                                                                    AND d.name OPERATOR(pg_catalog.=) u.name))
+                               END,
+                               OPERATOR(pg_catalog.-) u.num)
+                          FROM ROWS FROM (pg_catalog.unnest(s.columns), pg_catalog.unnest(s.attnums)) WITH ORDINALITY AS u(name, num, o)
+                         ORDER BY u.o)
+               FROM here
+              WHERE s.relid OPERATOR(pg_catalog.=) $1 AND s.installation OPERATOR(pg_catalog.<>) here.installation",
+            &[relid.into()],
+        )
+    })?;
+    Ok(())
+}
+
+/// Whether the shapes say where their attribute numbers are valid: the installed schema has
+/// `capture_shape.installation` and `certyo.this_installation()` (an update to 0.2.0 adds the
+/// column before the function).
+fn installation_known() -> Result<bool> {
+    Ok(schema_has(c"capture_shape", Some(c"installation"))
+        && Spi::get_one::<bool>(
+            "SELECT pg_catalog.to_regprocedure('certyo.this_installation()') IS NOT NULL",
+        )?
+        .unwrap_or(false))
 }
 
 /// What changed from one shape to the next, in words: `added "c" integer; dropped "extra"`.

@@ -132,11 +132,24 @@ impl TablePlan {
     /// # Safety
     /// `row` must be a row of the table this plan was built for.
     pub unsafe fn record_id_of(&self, row: &Row, key: &[usize]) -> Result<Vec<u8>> {
+        let columns: Vec<&super::plan::Column> = key.iter().map(|&p| &self.payload[p]).collect();
+        self.record_id_from(row, &columns)
+    }
+
+    /// The record id the row would have with `key` as record id columns, which need not be
+    /// payload columns (the audit renders an earlier key whose column is excluded now).
+    ///
+    /// # Safety
+    /// `row` must be a row of the table this plan was built for, `key` columns of it.
+    pub unsafe fn record_id_from(
+        &self,
+        row: &Row,
+        key: &[&super::plan::Column],
+    ) -> Result<Vec<u8>> {
         let composite = key.len() > 1;
         let mut out = Vec::new();
         let mut part = Vec::new();
-        for (n, &position) in key.iter().enumerate() {
-            let column = &self.payload[position];
+        for (n, &column) in key.iter().enumerate() {
             let datum = row
                 .get(column.index)
                 .ok_or_else(|| null_record_id(&self.collection, &column.name))?;

@@ -13,6 +13,7 @@ use crate::track::key::{split_record_id, RecordKey};
 use pgrx::datum::DatumWithOid;
 use pgrx::pg_sys::Oid;
 use pgrx::PgSqlErrorCode;
+use std::collections::HashMap;
 
 /// One version of one record, as Certyo knows it.
 #[derive(Debug, Clone)]
@@ -58,6 +59,13 @@ impl Mark {
             Mark::Anchored => Some(newer_taken),
             Mark::Mismatch => None,
         }
+    }
+
+    /// Whether the row must still render to the captured content to take the mark (see
+    /// [`render_as_captured`]): a hash, and above all `anchored`, claims that content. Not a
+    /// mismatch, which claims nothing about it.
+    fn guarded(self) -> bool {
+        matches!(self, Mark::Accepted | Mark::Anchored)
     }
 
     /// Which rows may take the mark, judged from the row itself.
@@ -688,7 +696,7 @@ pub mod failing {
         }
     }
 
-    fn name_of(relid: Oid) -> String {
+    pub(super) fn name_of(relid: Oid) -> String {
         // SAFETY: a syscache lookup that returns NULL for a table that is gone.
         let name = unsafe { pgrx::pg_sys::get_rel_name(relid) };
         if name.is_null() {
@@ -742,7 +750,13 @@ fn mark_table(
         // and every table's delivery waits while a statement of the worker runs.
         return Ok(Marked::LeftToTheSlowLane);
     }
+    let ids: Vec<i64> = rows.iter().map(|v| v.id).collect();
     let rows = still_current(client, relid, &rows, mark)?;
+    let captured = if mark.guarded() {
+        Some(captured_payloads(client, &ids)?)
+    } else {
+        None
+    };
     let n = key.columns.len();
     let mut parts: Vec<Vec<String>> = vec![Vec::new(); n];
     let mut hashes = Vec::new();
@@ -760,6 +774,42 @@ fn mark_table(
     }
     let params: Vec<String> = (1..=n).map(|i| format!("${i}")).collect();
     let names: Vec<String> = (1..=n).map(|i| format!("k{i}")).collect();
+    // The content guard (see [`render_as_captured`]): the rows found by key that still render
+    // (the whole row as `(t.*)::table`: a bare `t` is a column of the table if it has one named
+    // so, which would be read as a row)
+    // to the captured payload, by their tuple id, which the UPDATE requires: a row changed
+    // between the two statements is another tuple, and is not marked.
+    // The rows the versions' keys find, `v` holding each version's key parts and hash (and
+    // `extra` columns), `ordinality` numbering them.
+    let keyed = |arrays: &str, extra: &str, ordinality: &str, condition: &str| {
+        format!(
+            "unnest({params}, ${h}::text[]{arrays}){ordinality} AS v({names}, hash{extra})
+          WHERE {matches} AND {identical} AND {row_condition}{condition}",
+            params = params.join(", "),
+            names = names.join(", "),
+            matches = key.matches("t", "v"),
+            identical = key.identical("t", "v"),
+            row_condition = mark.row_condition(),
+            h = n + 1,
+        )
+    };
+    let guard = format!(
+        "/* certyo_cdc content guard, key types {types} */
+         SELECT v.n, t.ctid::text, (t.*)::{table}
+           FROM {table} AS t, {keyed}",
+        types = key.type_list(),
+        table = key.table,
+        keyed = keyed("", ", n", " WITH ORDINALITY", ""),
+    );
+    let (tid_array, tid_name, tid_condition) = if captured.is_some() {
+        (
+            format!(", ${}::text[]", n + 2),
+            ", tid",
+            " AND t.ctid OPERATOR(pg_catalog.=) v.tid::pg_catalog.tid",
+        )
+    } else {
+        (String::new(), "", "")
+    };
     let watched = match (&key.update_column, key.user_code) {
         (Some(column), true) => format!(", {column} = t.{column}"),
         _ => String::new(),
@@ -770,29 +820,197 @@ fn mark_table(
     let sql = format!(
         "/* certyo_cdc write-back, {mode} mode, key types {types} */
          UPDATE {table} AS t SET {set}{watched}
-           FROM unnest({params}, ${h}::text[]) AS v({names}, hash)
-          WHERE {matches} AND {identical} AND {condition}",
+           FROM {keyed}",
         types = key.type_list(),
         table = key.table,
         set = mark.set(),
-        params = params.join(", "),
-        names = names.join(", "),
-        matches = key.matches("t", "v"),
-        identical = key.identical("t", "v"),
-        condition = mark.row_condition(),
-        h = n + 1,
+        keyed = keyed(&tid_array, tid_name, "", tid_condition),
     );
-    crate::rights::writing_back_as(relid, key.owner, key.user_code, timeout, || {
-        // Read into the key's types as the owner, settings pinned (see `RecordKey`).
-        let (mut args, kept) = crate::rights::with_pinned_io(|| read_keys(&key, &parts));
-        if kept.is_empty() {
-            return Ok(());
-        }
-        let hashes: Vec<String> = kept.iter().map(|&r| hashes[r].clone()).collect();
-        args.push(hashes.into());
-        super::prepared::update(client, &sql, &args).map(|_| ())
-    })?;
+    let refused = crate::rights::writing_back_as(
+        relid,
+        key.owner,
+        key.user_code,
+        timeout,
+        || -> Result<Vec<String>, pgrx::spi::Error> {
+            // Read into the key's types as the owner, settings pinned (see `RecordKey`).
+            let (mut args, kept) = crate::rights::with_pinned_io(|| read_keys(&key, &parts));
+            if kept.is_empty() {
+                return Ok(Vec::new());
+            }
+            let hashes: Vec<String> = kept.iter().map(|&r| hashes[r].clone()).collect();
+            args.push(hashes.clone().into());
+            let mut refused = Vec::new();
+            if let Some(captured) = &captured {
+                let found = super::prepared::select(client, &guard, &args)?;
+                let rendered = render_as_captured(relid, found, &hashes, captured)?;
+                let mut tids: Vec<Option<String>> = Vec::with_capacity(rendered.len());
+                for (i, row) in rendered.into_iter().enumerate() {
+                    match row {
+                        Rendered::AsCaptured(tid) => tids.push(Some(tid)),
+                        Rendered::Otherwise => {
+                            refused.push(hashes[i].clone());
+                            tids.push(None);
+                        }
+                        Rendered::NoRow => tids.push(None),
+                    }
+                }
+                args.push(tids.into());
+            }
+            super::prepared::update(client, &sql, &args)?;
+            Ok(refused)
+        },
+    )?;
+    if !refused.is_empty() {
+        refuse(client, relid, &ids, refused)?;
+    }
     Ok(Marked::Done)
+}
+
+/// Per version id, the hex SHA-256 of the payload captured (and sent to Certyo), by record hash.
+fn captured_payloads(
+    client: &mut pgrx::spi::SpiClient<'_>,
+    ids: &[i64],
+) -> Result<HashMap<String, String>, pgrx::spi::Error> {
+    let found = super::prepared::select(
+        client,
+        "SELECT record_hash, encode(payload_sha256, 'hex') FROM certyo.receipt WHERE id = ANY ($1)",
+        &[ids.to_vec().into()],
+    )?;
+    let mut captured = HashMap::new();
+    for row in found {
+        if let (Some(hash), Some(sha256)) = (row.get::<String>(1)?, row.get::<String>(2)?) {
+            captured.insert(hash, sha256);
+        }
+    }
+    Ok(captured)
+}
+
+/// What the content guard found for a version.
+enum Rendered {
+    /// No row takes the mark (none has its key, or, to be marked anchored, its hash).
+    NoRow,
+    /// Its row renders to the captured payload: its tuple id.
+    AsCaptured(String),
+    /// Its row renders to something else.
+    Otherwise,
+}
+
+/// The content guard: a row is marked with a version's hash (and above all `anchored`) only
+/// while its content renders, as capture renders it, to the payload captured for that version.
+/// A row changed behind capture's back, or whose rendering changed without a captured change
+/// (an enum label renamed, a type's output altered), keeps what it had. `found` holds the rows
+/// the key finds (`v.n`: the version's position from 1, the row's tuple id, the row); the
+/// answer, per version in `hashes`, what its row renders to.
+fn render_as_captured(
+    relid: Oid,
+    found: pgrx::spi::SpiTupleTable<'_>,
+    hashes: &[String],
+    captured: &HashMap<String, String>,
+) -> Result<Vec<Rendered>, pgrx::spi::Error> {
+    let mut tids: Vec<Rendered> = hashes.iter().map(|_| Rendered::NoRow).collect();
+    if found.is_empty() {
+        return Ok(tids);
+    }
+    let Some(options) = crate::track::installed_options(relid).unwrap_or_else(|e| e.raise()) else {
+        return Ok(tids); // untracked meanwhile
+    };
+    // SAFETY: inside the write-back's transaction, which holds the table's lock; the relation
+    // is closed by its guard; each row is a whole-row value of the table, deformed with the
+    // table's descriptor (a row stored before an `ADD COLUMN` gets the missing values).
+    unsafe {
+        let opened = crate::relation::OpenRelation::open(relid, pgrx::pg_sys::AccessShareLock as _);
+        let rel = opened.get();
+        let plan =
+            crate::capture::plan::TablePlan::build(rel, &options).unwrap_or_else(|e| e.raise());
+        // Read as a row only what is one of this table's rows.
+        let rowtype = (*(*rel).rd_rel).reltype;
+        if found.column_type_oid(3)?.value() != rowtype {
+            pgrx::error!(
+                "certyo_cdc: the content guard read something other than a row of the table"
+            );
+        }
+        let mut found = found;
+        while found.next().is_some() {
+            let (Some(n), Some(tid)) = (found.get::<i64>(1)?, found.get::<String>(2)?) else {
+                continue;
+            };
+            let Some(datum) = found.get_datum_by_ordinal(3)? else {
+                continue;
+            };
+            let Some(i) = usize::try_from(n).ok().and_then(|n| n.checked_sub(1)) else {
+                continue;
+            };
+            let Some(expected) = hashes.get(i).map(|h| captured.get(h)) else {
+                continue;
+            };
+            let Some(expected) = expected else {
+                tids[i] = Rendered::Otherwise; // no captured payload to compare with
+                continue;
+            };
+            let header = pgrx::pg_sys::pg_detoast_datum(datum.cast_mut_ptr())
+                as pgrx::pg_sys::HeapTupleHeader;
+            let mut tuple = pgrx::pg_sys::HeapTupleData {
+                t_len: pgrx::varsize(header as *const pgrx::pg_sys::varlena) as u32,
+                t_self: Default::default(),
+                t_tableOid: relid,
+                t_data: header,
+            };
+            let image = crate::capture::record::Row::deform(&mut tuple, (*rel).rd_att, plan.natts);
+            let renders = plan
+                .change(crate::capture::record::Operation::Upsert, &image)
+                .is_ok_and(|change| certyo::payload_sha256(&change.payload) == *expected);
+            tids[i] = if renders {
+                Rendered::AsCaptured(tid)
+            } else {
+                Rendered::Otherwise
+            };
+        }
+    }
+    Ok(tids)
+}
+
+/// Versions the content guard refused: their rows are not marked, and never will be (their
+/// receipts say why, `certyo.receipt.write_back_dropped`; the audit reports the rows).
+fn refuse(
+    client: &mut pgrx::spi::SpiClient<'_>,
+    relid: Oid,
+    ids: &[i64],
+    refused: Vec<String>,
+) -> Result<(), pgrx::spi::Error> {
+    // A row changed, with capture, after the versions still current were chosen (a writer that
+    // committed in between) renders to its newer version: that one is written back next, and
+    // this one was merely overtaken. Only the others were changed without capture.
+    let reason = if crate::shape::schema_has(c"receipt", Some(c"write_back_dropped")) {
+        "'the row no longer renders to the content captured (changed without capture, or its rendering changed: an enum label renamed, a type altered): not marked'"
+    } else {
+        "NULL"
+    };
+    let set = if reason == "NULL" {
+        "written_back = written_back".to_string()
+    } else {
+        format!("write_back_dropped = coalesce(write_back_dropped, {reason})")
+    };
+    let count = client
+        .update(
+            &format!(
+                "UPDATE certyo.receipt r SET {set}
+                  WHERE r.id = ANY ($1) AND r.record_hash = ANY ($2)
+                    AND NOT EXISTS (SELECT FROM certyo.queue n WHERE n.relid = r.relid AND n.record_id = r.record_id AND n.id > r.id)
+                    AND NOT EXISTS (SELECT FROM certyo.delivery n WHERE n.relid = r.relid AND n.record_id = r.record_id AND n.id > r.id)
+                    AND NOT EXISTS (SELECT FROM certyo.receipt n WHERE n.relid = r.relid AND n.record_id = r.record_id AND n.id > r.id)
+                 RETURNING r.id"
+            ),
+            None,
+            &[ids.to_vec().into(), refused.into()],
+        )?
+        .len();
+    if count > 0 {
+        pgrx::warning!(
+            "certyo_cdc: {count} rows of table {} were not marked with their version's hash: they no longer render to the content captured (certyo.audit() names them)",
+            failing::name_of(relid)
+        );
+    }
+    Ok(())
 }
 
 /// The record ids' parts (`parts[column][version]`) read into the key's types, an array per
