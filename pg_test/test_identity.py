@@ -372,3 +372,43 @@ def test_a_table_tracked_again_under_another_key_audits_as_a_key_change_not_as_d
         assert rows == expected, rows
     finally:
         stop(cluster)
+
+
+def test_a_backfill_open_at_the_dump_is_not_continued_on_another_table_after_a_restore(emulator):
+    """A backfill names its table and the role that asked by OID, and a restore into a fresh
+    cluster gives those OIDs to others. A backfill still open at the dump is not continued on
+    whatever table its OID names now: the worker marks it failed, with a WARNING, and nothing
+    of any table is queued by it; requested again, it runs."""
+    source = Cluster(SOURCE_DIR, free_port(), emulator.url)
+    target = None
+    try:
+        source.sql("""
+            CREATE EXTENSION certyo_cdc;
+            CREATE TABLE secret (id int PRIMARY KEY, v text);
+            INSERT INTO secret SELECT g, 'secret ' || g FROM generate_series(1, 5) g;
+            CREATE TABLE pay (id int PRIMARY KEY, v text);
+            INSERT INTO pay SELECT g, 'pay ' || g FROM generate_series(1, 5) g;
+            SELECT certyo.track('pay');
+        """)
+        # The table held so that the backfill's chunks wait (EXCLUSIVE: pg_dump may still read).
+        holder = subprocess.Popen(["psql", "-h", source.dir, "-p", str(source.port), "-U", "postgres", "-X", "-q", "-At",
+                                   "-d", "postgres"], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        holder.stdin.write("BEGIN; LOCK TABLE pay IN EXCLUSIVE MODE; SELECT 'held';\n")
+        holder.stdin.flush()
+        assert holder.stdout.readline().strip() == "held"
+        source.sql("SELECT certyo.backfill('pay')")
+        target = Cluster(TARGET_DIR, free_port(), emulator.url)
+        restore("pg_restore, one transaction", source, target, TARGET_DIR)
+        holder.stdin.close()
+        holder.wait(timeout=30)
+        source.stop()
+        assert wait_for(lambda: target.sql("SELECT state FROM certyo.backfills") == "failed", 30), target.explain()
+        assert "restored" in target.sql("SELECT error FROM certyo.backfills")
+        assert "not continued after its restore" in target.log()
+        assert target.sql("SELECT count(*) FROM certyo.receipt WHERE collection <> 'public.pay'") == "0"
+        target.sql("SELECT certyo.backfill('pay')")
+        assert wait_for(lambda: target.sql("SELECT count(*) FROM certyo.receipt WHERE collection = 'public.pay'") == "5",
+                        30), target.explain()
+        assert target.sql("SELECT count(*) FROM certyo.receipt WHERE collection <> 'public.pay'") == "0"
+    finally:
+        stop(target, source)

@@ -338,6 +338,7 @@ END
 $$;
 REVOKE ALL ON FUNCTION certyo.relink_restored(boolean) FROM PUBLIC;
 
+ALTER TABLE certyo.backfills ADD COLUMN installation text;
 ALTER TABLE certyo.queue ADD COLUMN table_id integer NOT NULL DEFAULT 0;
 ALTER TABLE certyo.delivery ADD COLUMN table_id integer NOT NULL DEFAULT 0;
 ALTER TABLE certyo.receipt ADD COLUMN table_id integer NOT NULL DEFAULT 0, ADD COLUMN write_back_dropped text;

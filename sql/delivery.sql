@@ -107,7 +107,9 @@ CREATE TABLE certyo.backfills (
     chunks       integer     NOT NULL DEFAULT 0,
     updated_at   timestamptz,
     finished_at  timestamptz,
-    error        text
+    error        text,
+    installation text                                   -- certyo.this_installation() where it was asked: a
+                                                        -- restored one (relid, requested_by are OIDs) is not continued
 );
 CREATE INDEX backfills_open ON certyo.backfills (id) WHERE state IN ('queued', 'running');
 SELECT pg_catalog.pg_extension_config_dump('certyo.backfills', '');

@@ -82,9 +82,16 @@ fn request(rel: Option<Oid>, where_clause: Option<String>) -> Result<i64> {
     let requested_by = unsafe { pg_sys::GetUserId() };
     // No operator or function to resolve here: the caller's search_path cannot reach it.
     let id = crate::rights::as_superuser(|| {
-        Spi::get_one_with_args::<i64>(
+        // Where it was asked (see `not_restored`): a schema from before 0.2.0 has no column.
+        let sql = if crate::shape::schema_has(c"backfills", Some(c"installation")) {
+            "INSERT INTO certyo.backfills (relid, where_clause, requested_by, installation)
+             VALUES ($1, $2, $3, certyo.this_installation()) RETURNING id"
+        } else {
             "INSERT INTO certyo.backfills (relid, where_clause, requested_by)
-             VALUES ($1, $2, $3) RETURNING id",
+             VALUES ($1, $2, $3) RETURNING id"
+        };
+        Spi::get_one_with_args::<i64>(
+            sql,
             &[
                 relid.into(),
                 where_clause.clone().into(),
@@ -314,9 +321,40 @@ pub mod locked {
     const FORGOTTEN_AFTER: Duration = Duration::from_secs(3600);
 }
 
+/// A backfill names its table and the role that asked by OID, which a restore gives to others
+/// (in a cluster made anew, quite possibly to another table): one asked in another installation
+/// (`certyo.this_installation()`: another cluster, database or extension) and still open, as a
+/// dump holds it, is not continued on a guess. It fails, saying why, to be asked again.
+fn not_restored(
+    client: &mut pgrx::spi::SpiClient<'_>,
+) -> std::result::Result<(), pgrx::spi::Error> {
+    if !crate::shape::schema_has(c"backfills", Some(c"installation")) {
+        return Ok(());
+    }
+    let failed = client
+        .update(
+            "UPDATE certyo.backfills
+                SET state = 'failed', finished_at = pg_catalog.now(), updated_at = pg_catalog.now(),
+                    error = 'not continued: the database was restored from a dump, and a backfill names its table and the role that asked by OID, which a restore changes'
+              WHERE state IN ('queued', 'running')
+                AND installation OPERATOR(pg_catalog.<>) certyo.this_installation()
+             RETURNING id",
+            None,
+            &[],
+        )?
+        .len();
+    if failed > 0 {
+        pgrx::warning!(
+            "certyo_cdc: {failed} backfills open at a dump were not continued after its restore; request them again with certyo.backfill()"
+        );
+    }
+    Ok(())
+}
+
 /// The oldest open backfill but those in `waiting`.
 fn next_job(waiting: &[i64]) -> std::result::Result<Option<Job>, pgrx::spi::Error> {
-    Spi::connect(|client| {
+    Spi::connect_mut(|client| {
+        not_restored(client)?;
         let rows = client.select(
             "SELECT id, relid, where_clause, requested_by, last_key FROM certyo.backfills
               WHERE state IN ('queued', 'running') AND id OPERATOR(pg_catalog.<>) ALL ($1)
