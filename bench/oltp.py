@@ -204,7 +204,7 @@ def main():
     # it), but verification 1 s after acceptance, and a server that can decode.
     plugin_libraries = "output_plugin_libraries = 'wal2json'\n" if decoding_plugin() == "wal2json" else ""
     settings = ("certyo.poll_interval = '1s'\ncertyo.request_timeout = '30s'\ncertyo.batch_size = 1000\n"
-                "certyo.verify_min_age = '1s'\nwal_level = logical\nmax_replication_slots = 4\n" + plugin_libraries)
+                "certyo.verify_min_age = '1s'\ncertyo.write_back = 'anchored'\nwal_level = logical\nmax_replication_slots = 4\n" + plugin_libraries)
     cluster = Cluster(directory, free_port(), emulator.url, settings)
     results = {}
     decoding = None

@@ -9,6 +9,7 @@
 //! if one did: the row would otherwise be marked with the hash of content it no longer holds).
 //! Origin-mode write-backs are the slow lane's: the delivery worker runs no owner's code.
 
+use crate::capture::options::WriteBack;
 use crate::track::key::{split_record_id, RecordKey};
 use pgrx::datum::DatumWithOid;
 use pgrx::pg_sys::Oid;
@@ -38,8 +39,15 @@ pub enum Mark {
 }
 
 impl Mark {
-    fn set(self) -> &'static str {
+    /// On a table tracked with `write_back => 'anchored'` only [`Mark::Accepted`] comes here
+    /// (the others: `super::write_back_anchored`): a newer version is accepted, so whatever
+    /// the row says of an earlier one (or an INSERT copied from elsewhere) is cleared, and it
+    /// says nothing until this version is anchored.
+    fn set(self, mode: WriteBack) -> &'static str {
         match self {
+            Mark::Accepted if mode == WriteBack::Anchored => {
+                "certyo_record_hash = NULL, certyo_anchor_status = NULL, certyo_verified_at = NULL"
+            }
             Mark::Accepted => "certyo_record_hash = v.hash, certyo_anchor_status = 'pending'",
             Mark::Anchored => "certyo_anchor_status = 'anchored', certyo_verified_at = now()",
             Mark::Mismatch => "certyo_anchor_status = 'mismatch'",
@@ -61,8 +69,14 @@ impl Mark {
     }
 
     /// Which rows may take the mark, judged from the row itself.
-    fn row_condition(self) -> &'static str {
+    fn row_condition(self, mode: WriteBack) -> &'static str {
         match self {
+            Mark::Accepted if mode == WriteBack::Anchored => {
+                // Left alone: nothing (no write), or this very content anchored already (a
+                // version with the same hash), which is true of the row as it is.
+                "(t.certyo_record_hash IS NOT NULL OR t.certyo_anchor_status IS NOT NULL OR t.certyo_verified_at IS NOT NULL)
+                 AND NOT (t.certyo_record_hash IS NOT DISTINCT FROM v.hash AND t.certyo_anchor_status IS NOT DISTINCT FROM 'anchored')"
+            }
             Mark::Accepted => "true",
             Mark::Anchored | Mark::Mismatch => "t.certyo_record_hash = v.hash",
         }
@@ -130,7 +144,7 @@ pub fn mark(
 
 /// What a write-back did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Marked {
+pub(super) enum Marked {
     /// The rows that still hold these versions are marked.
     Done,
     /// The table's UPDATE runs its owner's code (origin mode): the delivery worker leaves it
@@ -742,6 +756,9 @@ fn mark_table(
         // and every table's delivery waits while a statement of the worker runs.
         return Ok(Marked::LeftToTheSlowLane);
     }
+    if key.write_back == WriteBack::Anchored && mark != Mark::Accepted {
+        return super::write_back_anchored::mark_settled(client, relid, &key, &rows, mark, timeout);
+    }
     let rows = still_current(client, relid, &rows, mark)?;
     let n = key.columns.len();
     let mut parts: Vec<Vec<String>> = vec![Vec::new(); n];
@@ -774,12 +791,12 @@ fn mark_table(
           WHERE {matches} AND {identical} AND {condition}",
         types = key.type_list(),
         table = key.table,
-        set = mark.set(),
+        set = mark.set(key.write_back),
         params = params.join(", "),
         names = names.join(", "),
         matches = key.matches("t", "v"),
         identical = key.identical("t", "v"),
-        condition = mark.row_condition(),
+        condition = mark.row_condition(key.write_back),
         h = n + 1,
     );
     crate::rights::writing_back_as(relid, key.owner, key.user_code, timeout, || {
@@ -800,7 +817,10 @@ fn mark_table(
 /// naming a table dropped since, which any role allowed to INSERT can make) is left out with
 /// its version, which no row can hold now: it must not stop the table's other write-backs,
 /// forever (an attacker pass of 2026-12-06).
-fn read_keys(key: &RecordKey, parts: &[Vec<String>]) -> (Vec<DatumWithOid<'static>>, Vec<usize>) {
+pub(super) fn read_keys(
+    key: &RecordKey,
+    parts: &[Vec<String>],
+) -> (Vec<DatumWithOid<'static>>, Vec<usize>) {
     let versions = parts.first().map_or(0, Vec::len);
     let arrays = |kept: &[usize]| -> Vec<DatumWithOid<'static>> {
         parts
