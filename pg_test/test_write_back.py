@@ -160,3 +160,22 @@ def test_a_write_back_mode_that_does_not_exist_is_refused(cluster):
     assert attempt.sqlstate == "22023", attempt.stderr
     assert "'anchored' or 'accepted'" in attempt.stderr
     assert cluster.sql("SELECT count(*) FROM certyo.tracked_tables WHERE \"table\" = 'wb_wrong'::regclass") == "0"
+
+
+def test_anchored_marks_the_rows_of_a_partitioned_table_with_a_composite_key(cluster):
+    """The one write-back finds each row by its place: within its partition (places repeat
+    across partitions), under a key of two columns."""
+    cluster.sql("""
+        CREATE TABLE wb_parted (region text, id int, v text, PRIMARY KEY (region, id)) PARTITION BY LIST (region);
+        CREATE TABLE wb_parted_eu PARTITION OF wb_parted FOR VALUES IN ('eu');
+        CREATE TABLE wb_parted_us PARTITION OF wb_parted FOR VALUES IN ('us');
+        SELECT certyo.track('wb_parted');
+        INSERT INTO wb_parted SELECT r, g, 'v' FROM unnest(ARRAY['eu', 'us']) r, generate_series(1, 10) g;
+    """)
+    assert wait_for(lambda: cluster.sql("SELECT count(*) FROM wb_parted WHERE certyo_anchor_status = 'anchored'")
+                    == "20", 60)
+    assert cluster.sql("""
+        SELECT count(*) FROM wb_parted t JOIN certyo.receipt r
+            ON r.relid = 'wb_parted'::regclass AND r.record_id = t.region || '/' || t.id
+         WHERE r.record_hash = t.certyo_record_hash""") == "20", "each row holds its own version's hash"
+    assert cluster.sql("SELECT count(*) FROM certyo.audit('wb_parted')") == "0"

@@ -93,7 +93,10 @@ pub(super) fn mark_settled(
         return Ok(Marked::Done);
     }
     // 2. Which of them still hold their version: a statement that may write, so that it takes
-    // a snapshot of its own, after the locks above.
+    // a snapshot of its own, after the locks above. The queue has no index (capture writes it
+    // without one): it is read once for the whole batch (a hashed subplan), not once per
+    // version as a correlated NOT EXISTS would be. A version in the queue is any change taken
+    // after this one (this one left the queue when it became a receipt).
     let ords: Vec<i32> = locked.iter().map(|l| l.2 as i32).collect();
     let record_ids: Vec<String> = locked
         .iter()
@@ -104,7 +107,7 @@ pub(super) fn mark_settled(
         client,
         "/* certyo_cdc write-back, no newer change */
          SELECT v.ord FROM unnest($1::int4[], $2::text[], $3::int8[]) AS v(ord, rid, qid)
-          WHERE NOT EXISTS (SELECT FROM certyo.queue n WHERE n.relid = $4 AND n.record_id = v.rid AND n.id <> v.qid)
+          WHERE v.rid NOT IN (SELECT n.record_id FROM certyo.queue n WHERE n.relid = $4)
             AND (SELECT n.id FROM certyo.delivery n WHERE n.relid = $4 AND n.record_id = v.rid AND n.id > v.qid LIMIT 1) IS NULL
             AND (SELECT n.id FROM certyo.receipt n WHERE n.relid = $4 AND n.record_id = v.rid AND n.id > v.qid LIMIT 1) IS NULL",
         &[ords.into(), record_ids.into(), ids.into(), relid.into()],
