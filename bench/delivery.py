@@ -45,7 +45,7 @@ def drain():
     psql("SELECT pg_reload_conf()")
     time.sleep(1)
     psql("DROP TABLE IF EXISTS bench_drain; CREATE TABLE bench_drain (id int PRIMARY KEY, sku text, price numeric(10,2));"
-         "SELECT certyo.track('bench_drain');")
+         "SELECT certyo.track('bench_drain', write_back => 'accepted');")
     psql(f"INSERT INTO bench_drain SELECT g, 'SKU-' || g, g % 1000 FROM generate_series(1, {BACKLOG}) g")
     started = time.time()
     psql("ALTER SYSTEM SET certyo.enabled = on")
@@ -85,7 +85,7 @@ def breakdown():
 
 def latency(rate=1000, seconds=15):
     psql("DROP TABLE IF EXISTS bench_latency; CREATE TABLE bench_latency (id bigserial PRIMARY KEY, v int);"
-         "SELECT certyo.track('bench_latency');")
+         "SELECT certyo.track('bench_latency', write_back => 'accepted');")
     with open("/tmp/certyo-bench-latency.sql", "w") as f:
         f.write("INSERT INTO bench_latency (v) VALUES (1);\n")
     subprocess.run(["/usr/lib/postgresql/15/bin/pgbench", "-h", SOCKET, "-p", PORT, "-U", "postgres", "-n", "-c", "4",

@@ -91,8 +91,8 @@ def main():
     cluster = Cluster("/tmp/certyo-bench-fairness", free_port(), emulator.url)
     try:
         cluster.sql("CREATE EXTENSION certyo_cdc; CREATE SCHEMA attacker; CREATE ROLE attacker; CREATE ROLE bystander;"
-                    "CREATE TABLE bystander (id int PRIMARY KEY); SELECT certyo.track('bystander');"
-                    "CREATE TABLE bystander_origin (id int PRIMARY KEY); SELECT certyo.track('bystander_origin');"
+                    "CREATE TABLE bystander (id int PRIMARY KEY); SELECT certyo.track('bystander', write_back => 'accepted');"
+                    "CREATE TABLE bystander_origin (id int PRIMARY KEY); SELECT certyo.track('bystander_origin', write_back => 'accepted');"
                     "CREATE TABLE bystander_seen (id int, at timestamptz);"
                     "ALTER TABLE bystander OWNER TO bystander; ALTER TABLE bystander_origin OWNER TO bystander;"
                     "ALTER TABLE bystander_seen OWNER TO bystander; ALTER SCHEMA attacker OWNER TO attacker")
@@ -115,7 +115,7 @@ def main():
                 RETURN NEW;
             END $$;""")
         for i in range(TABLES):
-            cluster.sql(f"CREATE TABLE attacker.slow{i} (id bigint PRIMARY KEY); SELECT certyo.track('attacker.slow{i}');"
+            cluster.sql(f"CREATE TABLE attacker.slow{i} (id bigint PRIMARY KEY); SELECT certyo.track('attacker.slow{i}', write_back => 'accepted');"
                         f"CREATE TRIGGER slow BEFORE UPDATE ON attacker.slow{i} FOR EACH ROW EXECUTE FUNCTION attacker.slow();"
                         f"ALTER TABLE attacker.slow{i} ENABLE ALWAYS TRIGGER slow; ALTER TABLE attacker.slow{i} OWNER TO attacker")
         results = {(kind, attack): [] for kind in ("accepted", "written back") for attack in (False, True)}

@@ -143,6 +143,9 @@ certyo.poll_interval = '300ms'
 certyo.request_timeout = '2s'
 certyo.bulk_threshold = 10
 certyo.batch_size = 100
+# The suites written before the write-back modes assert the two-step write-back; the default's
+# own suite is pg_test/test_write_back.py.
+certyo.write_back = 'accepted'
 {settings}
 """)
         self.start()

@@ -48,12 +48,13 @@ SELECT pg_sleep(1.5);
 \echo '== delivered: receipts kept by the worker (woken by the commit, not by a poll)'
 SELECT id, record_id, operation, record_hash, replayed, accepted_at - queued_at AS commit_to_accepted
   FROM certyo.receipt ORDER BY id;
-\echo '== the source row carries the hash Certyo returned (written back without re-queuing it)'
+\echo '== the source row: nothing written back yet (NULL until Certyo anchors the version; the receipt holds the hash)'
 SELECT id, sku, price, certyo_record_hash, certyo_anchor_status FROM products;
 SELECT count(*) AS queued_again FROM certyo.queue;
 \echo '== verification: the emulator anchors 5 s after acceptance; the worker verifies after 2 s, then every second'
+\echo '== once anchored: hash, status and time written back in one update (without re-queuing the row)'
 SELECT pg_sleep(6);
-SELECT id, sku, certyo_anchor_status, certyo_verified_at FROM products;
+SELECT id, sku, certyo_record_hash, certyo_anchor_status, certyo_verified_at FROM products;
 \echo '== the history of record 42: every version sent, with its anchor'
 SELECT id, operation, state, anchor_status, polygon_tx_hash FROM certyo.history('products', '42');
 \echo '== the status per table, and the tamper audit: a row changed behind the trigger is found'

@@ -388,3 +388,56 @@ LANGUAGE sql VOLATILE STRICT SECURITY DEFINER SET search_path = pg_catalog, pg_t
     ) AS versions
     ORDER BY 1
 $$;
+
+-- certyo.track() takes write_back: 'anchored' (the default from 0.2.0 on, certyo.write_back)
+-- writes hash, status and time back once, when the version is anchored; 'accepted' (0.1.0's
+-- behaviour) the hash at acceptance and the status again once anchored. Tables tracked before
+-- keep theirs: their capture trigger carries no write_back=, which means 'accepted'. The
+-- function is made anew with the argument, keeping who may call it.
+CREATE TEMPORARY TABLE certyo_track_acl AS
+    SELECT p.proacl FROM pg_catalog.pg_proc p
+     WHERE p.oid = 'certyo.track(regclass, text[], text[], name, boolean)'::regprocedure;
+DROP FUNCTION certyo.track(regclass, text[], text[], name, boolean);
+CREATE FUNCTION certyo.track(
+    rel               regclass,
+    record_id_columns text[]  DEFAULT NULL,
+    exclude_columns   text[]  DEFAULT '{}',
+    timestamp_column  name    DEFAULT NULL,
+    backfill          boolean DEFAULT false,
+    write_back        text    DEFAULT NULL  -- 'anchored' or 'accepted'; NULL: the table's mode, else certyo.write_back
+) RETURNS void
+    LANGUAGE c VOLATILE AS 'MODULE_PATHNAME', 'track_write_back_wrapper';
+COMMENT ON FUNCTION certyo.track(regclass, text[], text[], name, boolean, text) IS
+    'Start capturing every committed change of a table (or change its options)';
+DO $$
+DECLARE
+    acl aclitem[] := (SELECT a.proacl FROM pg_temp.certyo_track_acl a);
+    entry record;
+BEGIN
+    IF acl IS NULL THEN
+        RETURN;  -- the default: PUBLIC may call it, as the new one
+    END IF;
+    REVOKE ALL ON FUNCTION certyo.track(regclass, text[], text[], name, boolean, text) FROM PUBLIC;
+    FOR entry IN SELECT x.grantee FROM pg_catalog.aclexplode(acl) x
+                  WHERE x.privilege_type = 'EXECUTE'
+                    AND x.grantee <> (SELECT p.proowner FROM pg_catalog.pg_proc p
+                                       WHERE p.oid = 'certyo.track(regclass, text[], text[], name, boolean, text)'::regprocedure) LOOP
+        EXECUTE pg_catalog.format('GRANT EXECUTE ON FUNCTION certyo.track(regclass, text[], text[], name, boolean, text) TO %s',
+                                  CASE WHEN entry.grantee = 0 THEN 'PUBLIC' ELSE entry.grantee::regrole::text END);
+    END LOOP;
+END
+$$;
+DROP TABLE pg_temp.certyo_track_acl;
+
+CREATE OR REPLACE VIEW certyo.tracked_tables AS
+SELECT t.tgrelid::regclass                                        AS "table",
+       certyo.capture_option(t.tgargs, 'record_id')               AS record_id_columns,
+       (certyo.capture_option(t.tgargs, 'record_id_source'))[1]   AS record_id_source,
+       certyo.capture_option(t.tgargs, 'exclude')                 AS exclude_columns,
+       (certyo.capture_option(t.tgargs, 'timestamp'))[1]::name    AS timestamp_column,
+       t.tgenabled <> 'D'                                         AS capturing,
+       -- a capture trigger from before 0.2.0 carries none: it writes back at acceptance
+       coalesce((certyo.capture_option(t.tgargs, 'write_back'))[1], 'accepted') AS write_back
+  FROM pg_catalog.pg_trigger t
+ WHERE t.tgname = 'certyo_capture' AND t.tgfoid = 'certyo.capture()'::regprocedure
+   AND t.tgparentid = 0;  -- not the clones on a tracked partitioned table's partitions

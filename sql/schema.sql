@@ -81,10 +81,11 @@ CREATE FUNCTION certyo.track(
     record_id_columns text[]  DEFAULT NULL,
     exclude_columns   text[]  DEFAULT '{}',
     timestamp_column  name    DEFAULT NULL,
-    backfill          boolean DEFAULT false
+    backfill          boolean DEFAULT false,
+    write_back        text    DEFAULT NULL  -- 'anchored' or 'accepted'; NULL: the table's mode, else certyo.write_back
 ) RETURNS void
-    LANGUAGE c VOLATILE AS 'MODULE_PATHNAME', 'track_wrapper';
-COMMENT ON FUNCTION certyo.track(regclass, text[], text[], name, boolean) IS
+    LANGUAGE c VOLATILE AS 'MODULE_PATHNAME', 'track_write_back_wrapper';
+COMMENT ON FUNCTION certyo.track(regclass, text[], text[], name, boolean, text) IS
     'Start capturing every committed change of a table (or change its options)';
 
 CREATE FUNCTION certyo.untrack(rel regclass, drop_columns boolean DEFAULT false) RETURNS boolean
@@ -106,7 +107,9 @@ SELECT t.tgrelid::regclass                                        AS "table",
        (certyo.capture_option(t.tgargs, 'record_id_source'))[1]   AS record_id_source,
        certyo.capture_option(t.tgargs, 'exclude')                 AS exclude_columns,
        (certyo.capture_option(t.tgargs, 'timestamp'))[1]::name    AS timestamp_column,
-       t.tgenabled <> 'D'                                         AS capturing
+       t.tgenabled <> 'D'                                         AS capturing,
+       -- a capture trigger from before 0.2.0 carries none: it writes back at acceptance
+       coalesce((certyo.capture_option(t.tgargs, 'write_back'))[1], 'accepted') AS write_back
   FROM pg_catalog.pg_trigger t
  WHERE t.tgname = 'certyo_capture' AND t.tgfoid = 'certyo.capture()'::regprocedure
    AND t.tgparentid = 0;  -- not the clones on a tracked partitioned table's partitions

@@ -4,7 +4,7 @@
 //! deleted behind capture's back (triggers disabled, `session_replication_role = replica`, an
 //! old backup restored) show up; a clean table returns nothing.
 
-use crate::capture::options::CaptureOptions;
+use crate::capture::options::{CaptureOptions, WriteBack};
 use crate::capture::plan::{Column, TablePlan};
 use crate::capture::record::Row;
 use crate::capture::scan::{each_row, Snapshot};
@@ -260,7 +260,9 @@ fn examine(relid: Oid, options: &CaptureOptions) -> Result<Examination> {
                 )
             };
             let last = accepted.get(&record_id).filter(|a| a.id == version.id);
-            if last.is_some_and(|last| forged_bookkeeping(last, &written).is_some()) {
+            if last.is_some_and(|last| {
+                forged_bookkeeping(last, &written, options.write_back).is_some()
+            }) {
                 suspects.push((record_id, version.id, written));
             }
             Ok(())
@@ -276,7 +278,9 @@ fn examine(relid: Oid, options: &CaptureOptions) -> Result<Examination> {
     };
     for (record_id, version, written) in suspects {
         let last = again.get(&record_id).filter(|a| a.id == version);
-        if let Some(problem) = last.and_then(|last| forged_bookkeeping(last, &written)) {
+        if let Some(problem) =
+            last.and_then(|last| forged_bookkeeping(last, &written, options.write_back))
+        {
             found.push(report(record_id, problem, None));
         }
     }
@@ -588,11 +592,21 @@ pub fn record_removed_while_untracked(relid: Oid, options: &CaptureOptions) -> R
 /// after `untrack(drop_columns => true)`): a row marked `anchored` then is a forgery only when
 /// it claims this version (its hash), which is not anchored; marked `mismatch` likewise when
 /// Certyo never reported another hash for it. A status the worker never writes is a forgery.
-fn forged_bookkeeping(last: &Accepted, (hash, status): &Written) -> Option<&'static str> {
-    if last.written_back && *hash != last.record_hash {
+///
+/// Under `write_back => 'anchored'` nothing is written at acceptance (an earlier version's
+/// marks are cleared): until Certyo settles the version the row holds NULL, as after a
+/// write-back not done yet.
+fn forged_bookkeeping(
+    last: &Accepted,
+    (hash, status): &Written,
+    mode: WriteBack,
+) -> Option<&'static str> {
+    let written_back =
+        last.written_back && (mode == WriteBack::Accepted || last.anchored || last.mismatched);
+    if written_back && *hash != last.record_hash {
         return Some("record hash changed without capture");
     }
-    let claims_this_version = last.written_back || *hash == last.record_hash;
+    let claims_this_version = written_back || *hash == last.record_hash;
     let forged = match status.as_deref() {
         None | Some("pending") => false,
         Some("anchored") => claims_this_version && !last.anchored,

@@ -36,6 +36,43 @@ impl RecordIdSource {
     }
 }
 
+/// When the worker writes back to a row (`certyo.track(..., write_back => ...)`, argument
+/// `write_back=` of the capture trigger).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WriteBack {
+    /// Once Certyo confirms the version on chain: hash, `anchored` and `certyo_verified_at` in
+    /// one UPDATE; until then the row's bookkeeping columns hold NULL. The default for tables
+    /// tracked from 0.2.0 on.
+    Anchored,
+    /// At acceptance the hash and `pending`, at anchoring the status again (two UPDATEs per
+    /// version). Tables tracked before 0.2.0, whose trigger carries no `write_back=`, keep it.
+    Accepted,
+}
+
+impl WriteBack {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            WriteBack::Anchored => "anchored",
+            WriteBack::Accepted => "accepted",
+        }
+    }
+
+    pub fn parse(value: &str) -> Option<WriteBack> {
+        match value {
+            "anchored" => Some(WriteBack::Anchored),
+            "accepted" => Some(WriteBack::Accepted),
+            _ => None,
+        }
+    }
+
+    /// A capture trigger without the argument was installed before 0.2.0: two-step.
+    pub fn from_option(value: Option<&str>) -> WriteBack {
+        value
+            .and_then(WriteBack::parse)
+            .unwrap_or(WriteBack::Accepted)
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CaptureOptions {
     pub record_id_source: RecordIdSource,
@@ -46,6 +83,7 @@ pub struct CaptureOptions {
     /// (`certyo.table_identity`, see `crate::track::identity`): it goes with every change, and
     /// travels with the table through `pg_dump`, where OIDs do not.
     pub table_id: Option<i32>,
+    pub write_back: WriteBack,
 }
 
 impl CaptureOptions {
@@ -66,6 +104,7 @@ impl CaptureOptions {
                 .map(|c| format!("timestamp={c}")),
         );
         args.extend(self.table_id.iter().map(|id| format!("table_id={id}")));
+        args.push(format!("write_back={}", self.write_back.as_str()));
         args
     }
 
@@ -76,6 +115,7 @@ impl CaptureOptions {
             exclude_columns: Vec::new(),
             timestamp_column: None,
             table_id: None,
+            write_back: WriteBack::Accepted,
         };
         for arg in args {
             let (key, value) = arg.split_once('=').ok_or_else(|| malformed(arg))?;
@@ -90,6 +130,9 @@ impl CaptureOptions {
                 "exclude" => options.exclude_columns.push(value.to_owned()),
                 "timestamp" => options.timestamp_column = Some(value.to_owned()),
                 "table_id" => options.table_id = Some(value.parse().map_err(|_| malformed(arg))?),
+                "write_back" => {
+                    options.write_back = WriteBack::parse(value).ok_or_else(|| malformed(arg))?
+                }
                 _ => return Err(malformed(arg)),
             }
         }
@@ -141,6 +184,7 @@ mod tests {
             exclude_columns: vec!["sécret".into()],
             timestamp_column: Some("updated_at".into()),
             table_id: Some(7),
+            write_back: WriteBack::Anchored,
         };
         let args = options.to_trigger_args();
         let parsed = CaptureOptions::from_trigger_args(args.iter().map(String::as_str)).unwrap();
@@ -158,5 +202,12 @@ mod tests {
     fn unknown_or_incomplete_args_are_refused() {
         assert!(CaptureOptions::from_trigger_args(["record_id=id", "colour=red"]).is_err());
         assert!(CaptureOptions::from_trigger_args(["exclude=x"]).is_err());
+        assert!(CaptureOptions::from_trigger_args(["record_id=id", "write_back=never"]).is_err());
+    }
+
+    #[test]
+    fn a_trigger_from_before_write_back_modes_writes_back_twice() {
+        let options = CaptureOptions::from_trigger_args(["record_id=id"]).unwrap();
+        assert_eq!(options.write_back, WriteBack::Accepted);
     }
 }

@@ -14,6 +14,8 @@
 //! - `vacuum`: the worker vacuums the queue it empties;
 //! - `write_back`: hashes and anchor status written back to the source rows, each owner's
 //!   code within its share of a pass;
+//! - `write_back_anchored`: the one write-back of a table tracked with `write_back =>
+//!   'anchored'`, once its version is anchored;
 //! - `slow_lane`: a second worker for what runs owners' code longer (write-backs that wait,
 //!   backfill chunks), so that it never holds up delivery.
 
@@ -30,6 +32,7 @@ mod store;
 mod vacuum;
 mod worker;
 mod write_back;
+mod write_back_anchored;
 
 use pgrx::bgworkers::BackgroundWorker;
 use std::sync::atomic::{AtomicBool, Ordering};

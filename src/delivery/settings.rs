@@ -3,6 +3,7 @@
 //! settings take Postgres units ('200ms', '30s', '24h'); out-of-range values are refused by
 //! Postgres with the range in the message.
 
+use crate::capture::options::WriteBack;
 use pgrx::guc::{GucContext, GucFlags, GucRegistry, GucSetting};
 use std::ffi::CString;
 use std::time::Duration;
@@ -28,6 +29,18 @@ static ANCHOR_TIMEOUT_S: GucSetting<i32> = GucSetting::<i32>::new(900);
 static BACKFILL_CHUNK_SIZE: GucSetting<i32> = GucSetting::<i32>::new(5000);
 static USER_CODE_TIMEOUT_MS: GucSetting<i32> = GucSetting::<i32>::new(5000);
 static MAX_PAYLOAD_SIZE_KB: GucSetting<i32> = GucSetting::<i32>::new(10 * 1024);
+static WRITE_BACK: GucSetting<WriteBackSetting> =
+    GucSetting::<WriteBackSetting>::new(WriteBackSetting::Anchored);
+
+/// `certyo.write_back`: the write-back mode of a table that `certyo.track()` tracks without
+/// naming one (see [`WriteBack`]).
+#[derive(pgrx::PostgresGucEnum, Clone, Copy, PartialEq, Eq, Debug)]
+pub enum WriteBackSetting {
+    #[name = c"anchored"]
+    Anchored,
+    #[name = c"accepted"]
+    Accepted,
+}
 
 /// Define the settings; called from `_PG_init` in every process that loads the library.
 /// `certyo.database_name` can only be defined while the postmaster preloads the library
@@ -206,6 +219,14 @@ pub fn define(preloading: bool) {
         GucContext::Sighup,
         GucFlags::UNIT_MS,
     );
+    GucRegistry::define_enum_guc(
+        c"certyo.write_back",
+        c"When the worker writes back to the rows of a table that certyo.track() tracks without naming write_back: 'anchored' (the default) or 'accepted'.",
+        c"'anchored': hash, status and time in one UPDATE once Certyo confirms the version on chain, NULL until then. 'accepted': the hash and 'pending' at acceptance, the status again once anchored. Tables already tracked keep their mode.",
+        &WRITE_BACK,
+        GucContext::Userset,
+        GucFlags::default(),
+    );
     GucRegistry::define_int_guc(
         c"certyo.max_payload_size",
         c"Largest record payload sent to Certyo; a larger change is kept as a dead letter, never sent.",
@@ -241,6 +262,14 @@ pub fn only_database() -> Option<String> {
 }
 
 /// `certyo.user_code_timeout`, read where a statement runs users' code.
+/// `certyo.write_back`.
+pub fn write_back() -> WriteBack {
+    match WRITE_BACK.get() {
+        WriteBackSetting::Anchored => WriteBack::Anchored,
+        WriteBackSetting::Accepted => WriteBack::Accepted,
+    }
+}
+
 pub fn user_code_timeout() -> Duration {
     Duration::from_millis(USER_CODE_TIMEOUT_MS.get().max(100) as u64)
 }

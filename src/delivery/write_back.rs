@@ -9,6 +9,7 @@
 //! if one did: the row would otherwise be marked with the hash of content it no longer holds).
 //! Origin-mode write-backs are the slow lane's: the delivery worker runs no owner's code.
 
+use crate::capture::options::WriteBack;
 use crate::track::key::{split_record_id, RecordKey};
 use pgrx::datum::DatumWithOid;
 use pgrx::pg_sys::Oid;
@@ -39,8 +40,15 @@ pub enum Mark {
 }
 
 impl Mark {
-    fn set(self) -> &'static str {
+    /// On a table tracked with `write_back => 'anchored'` only [`Mark::Accepted`] comes here
+    /// (the others: `super::write_back_anchored`): a newer version is accepted, so whatever
+    /// the row says of an earlier one (or an INSERT copied from elsewhere) is cleared, and it
+    /// says nothing until this version is anchored.
+    fn set(self, mode: WriteBack) -> &'static str {
         match self {
+            Mark::Accepted if mode == WriteBack::Anchored => {
+                "certyo_record_hash = NULL, certyo_anchor_status = NULL, certyo_verified_at = NULL"
+            }
             Mark::Accepted => "certyo_record_hash = v.hash, certyo_anchor_status = 'pending'",
             Mark::Anchored => "certyo_anchor_status = 'anchored', certyo_verified_at = now()",
             Mark::Mismatch => "certyo_anchor_status = 'mismatch'",
@@ -63,14 +71,25 @@ impl Mark {
 
     /// Whether the row must still render to the captured content to take the mark (see
     /// [`render_as_captured`]): a hash, and above all `anchored`, claims that content. Not a
-    /// mismatch, which claims nothing about it.
-    fn guarded(self) -> bool {
-        matches!(self, Mark::Accepted | Mark::Anchored)
+    /// mismatch, which claims nothing about it; nor acceptance under `write_back =>
+    /// 'anchored'`, which only clears what an earlier version left.
+    fn guarded(self, mode: WriteBack) -> bool {
+        match self {
+            Mark::Accepted => mode != WriteBack::Anchored,
+            Mark::Anchored => true,
+            Mark::Mismatch => false,
+        }
     }
 
     /// Which rows may take the mark, judged from the row itself.
-    fn row_condition(self) -> &'static str {
+    fn row_condition(self, mode: WriteBack) -> &'static str {
         match self {
+            Mark::Accepted if mode == WriteBack::Anchored => {
+                // Left alone: nothing (no write), or this very content anchored already (a
+                // version with the same hash), which is true of the row as it is.
+                "(t.certyo_record_hash IS NOT NULL OR t.certyo_anchor_status IS NOT NULL OR t.certyo_verified_at IS NOT NULL)
+                 AND NOT (t.certyo_record_hash IS NOT DISTINCT FROM v.hash AND t.certyo_anchor_status IS NOT DISTINCT FROM 'anchored')"
+            }
             Mark::Accepted => "true",
             Mark::Anchored | Mark::Mismatch => "t.certyo_record_hash = v.hash",
         }
@@ -138,7 +157,7 @@ pub fn mark(
 
 /// What a write-back did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Marked {
+pub(super) enum Marked {
     /// The rows that still hold these versions are marked.
     Done,
     /// The table's UPDATE runs its owner's code (origin mode): the delivery worker leaves it
@@ -750,9 +769,12 @@ fn mark_table(
         // and every table's delivery waits while a statement of the worker runs.
         return Ok(Marked::LeftToTheSlowLane);
     }
+    if key.write_back == WriteBack::Anchored && mark != Mark::Accepted {
+        return super::write_back_anchored::mark_settled(client, relid, &key, &rows, mark, timeout);
+    }
     let ids: Vec<i64> = rows.iter().map(|v| v.id).collect();
     let rows = still_current(client, relid, &rows, mark)?;
-    let captured = if mark.guarded() {
+    let captured = if mark.guarded(key.write_back) {
         Some(captured_payloads(client, &ids)?)
     } else {
         None
@@ -789,7 +811,7 @@ fn mark_table(
             names = names.join(", "),
             matches = key.matches("t", "v"),
             identical = key.identical("t", "v"),
-            row_condition = mark.row_condition(),
+            row_condition = mark.row_condition(key.write_back),
             h = n + 1,
         )
     };
@@ -823,7 +845,7 @@ fn mark_table(
            FROM {keyed}",
         types = key.type_list(),
         table = key.table,
-        set = mark.set(),
+        set = mark.set(key.write_back),
         keyed = keyed(&tid_array, tid_name, "", tid_condition),
     );
     let refused = crate::rights::writing_back_as(
@@ -867,7 +889,7 @@ fn mark_table(
 }
 
 /// Per version id, the hex SHA-256 of the payload captured (and sent to Certyo), by record hash.
-fn captured_payloads(
+pub(super) fn captured_payloads(
     client: &mut pgrx::spi::SpiClient<'_>,
     ids: &[i64],
 ) -> Result<HashMap<String, String>, pgrx::spi::Error> {
@@ -886,7 +908,7 @@ fn captured_payloads(
 }
 
 /// What the content guard found for a version.
-enum Rendered {
+pub(super) enum Rendered {
     /// No row takes the mark (none has its key, or, to be marked anchored, its hash).
     NoRow,
     /// Its row renders to the captured payload: its tuple id.
@@ -901,7 +923,7 @@ enum Rendered {
 /// (an enum label renamed, a type's output altered), keeps what it had. `found` holds the rows
 /// the key finds (`v.n`: the version's position from 1, the row's tuple id, the row); the
 /// answer, per version in `hashes`, what its row renders to.
-fn render_as_captured(
+pub(super) fn render_as_captured(
     relid: Oid,
     found: pgrx::spi::SpiTupleTable<'_>,
     hashes: &[String],
@@ -971,7 +993,7 @@ fn render_as_captured(
 
 /// Versions the content guard refused: their rows are not marked, and never will be (their
 /// receipts say why, `certyo.receipt.write_back_dropped`; the audit reports the rows).
-fn refuse(
+pub(super) fn refuse(
     client: &mut pgrx::spi::SpiClient<'_>,
     relid: Oid,
     ids: &[i64],
@@ -1018,7 +1040,10 @@ fn refuse(
 /// naming a table dropped since, which any role allowed to INSERT can make) is left out with
 /// its version, which no row can hold now: it must not stop the table's other write-backs,
 /// forever (an attacker pass of 2026-12-06).
-fn read_keys(key: &RecordKey, parts: &[Vec<String>]) -> (Vec<DatumWithOid<'static>>, Vec<usize>) {
+pub(super) fn read_keys(
+    key: &RecordKey,
+    parts: &[Vec<String>],
+) -> (Vec<DatumWithOid<'static>>, Vec<usize>) {
     let versions = parts.first().map_or(0, Vec::len);
     let arrays = |kept: &[usize]| -> Vec<DatumWithOid<'static>> {
         parts

@@ -2,7 +2,7 @@
 //! dependency that lets `DROP EXTENSION` remove the triggers with it.
 
 use super::table::{quote_ident, quote_literal, Table};
-use crate::capture::options::{split_trigger_args, CaptureOptions, BOOKKEEPING_COLUMNS};
+use crate::capture::options::{split_trigger_args, CaptureOptions, WriteBack, BOOKKEEPING_COLUMNS};
 use crate::capture::{CAPTURE_TRIGGER, TRUNCATE_TRIGGER};
 use crate::error::Result;
 use pgrx::pg_sys::{self, Oid};
@@ -10,10 +10,17 @@ use pgrx::prelude::*;
 
 /// Add the missing bookkeeping columns. Skipped entirely when all exist: `ALTER TABLE` takes
 /// an exclusive lock, which a re-`track()` that only changes options should not need.
-pub fn add_bookkeeping_columns(table: &Table) -> Result<()> {
+/// `certyo_anchor_status` defaults to `'pending'` only under [`WriteBack::Accepted`], whose
+/// rows say `pending` from their first version on; under [`WriteBack::Anchored`] a row holds
+/// NULL until its version is anchored, and no INSERT evaluates a default for it.
+pub fn add_bookkeeping_columns(table: &Table, write_back: WriteBack) -> Result<()> {
+    let status = match write_back {
+        WriteBack::Accepted => "text DEFAULT 'pending'",
+        WriteBack::Anchored => "text",
+    };
     let definitions = [
         ("certyo_record_hash", "text"),
-        ("certyo_anchor_status", "text DEFAULT 'pending'"),
+        ("certyo_anchor_status", status),
         ("certyo_verified_at", "timestamptz"),
     ];
     debug_assert!(definitions.iter().map(|d| d.0).eq(BOOKKEEPING_COLUMNS));
@@ -27,6 +34,25 @@ pub fn add_bookkeeping_columns(table: &Table) -> Result<()> {
             "ALTER TABLE {} {}",
             table.quoted,
             missing.join(", ")
+        ))?;
+    }
+    // A column kept from another mode (re-tracked, or tracked again after untrack): its
+    // default follows the mode, changed only when it differs.
+    let has_default = Spi::get_one_with_args::<bool>(
+        "SELECT atthasdef FROM pg_catalog.pg_attribute
+          WHERE attrelid = $1 AND attname = 'certyo_anchor_status' AND NOT attisdropped",
+        &[table.relid.into()],
+    )?
+    .unwrap_or(false);
+    let change = match (write_back, has_default) {
+        (WriteBack::Accepted, false) => Some("SET DEFAULT 'pending'"),
+        (WriteBack::Anchored, true) => Some("DROP DEFAULT"),
+        _ => None,
+    };
+    if let Some(change) = change {
+        Spi::run(&format!(
+            "ALTER TABLE {} ALTER COLUMN certyo_anchor_status {change}",
+            table.quoted
         ))?;
     }
     Ok(())

@@ -2,6 +2,7 @@
 //! with their types, so text parts of a record id can be matched against the table's index.
 //! Read by the worker (write-back, backfill) in its own transactions.
 
+use crate::capture::options::WriteBack;
 use crate::error::CertyoError;
 use pgrx::datum::DatumWithOid;
 use pgrx::pg_sys::{self, Oid};
@@ -95,7 +96,8 @@ pub const LOOKUP: &str = concat!(
                   JOIN pg_attribute a ON a.attrelid = c.oid AND a.attname = k.name AND NOT a.attisdropped
                   LEFT JOIN pg_collation co ON co.oid = a.attcollation
                   LEFT JOIN pg_namespace cn ON cn.oid = co.collnamespace
-                 ORDER BY k.n)
+                 ORDER BY k.n),
+          (certyo.capture_option(t.tgargs, 'write_back'))[1]
      FROM pg_class c
      JOIN pg_namespace n ON n.oid = c.relnamespace
      JOIN pg_trigger t ON t.tgrelid = c.oid AND t.tgname = 'certyo_capture'
@@ -123,6 +125,8 @@ pub struct RecordKey {
     pub update_column: Option<String>,
     /// Whether an UPDATE of the table can run code PostgreSQL did not ship (`user_code!`).
     pub user_code: bool,
+    /// When the table's rows are written back (its capture trigger's `write_back=`).
+    pub write_back: WriteBack,
 }
 
 /// How the worker reads one record id column back from text and compares it, decided from the
@@ -346,6 +350,7 @@ impl RecordKey {
         let update_column = row.get::<String>(5)?;
         // Unknown counts as user code: the owner's ordinary session settings are the safe side.
         let user_code = row.get::<bool>(6)?.unwrap_or(true);
+        let write_back = WriteBack::from_option(row.get::<String>(9)?.as_deref());
         let complete = !columns.is_empty()
             && types.len() == columns.len()
             && typmods.len() == columns.len()
@@ -367,6 +372,7 @@ impl RecordKey {
             owner,
             update_column,
             user_code,
+            write_back,
         }))
     }
 

@@ -9,7 +9,9 @@ mod install;
 pub(crate) mod key;
 mod table;
 
-use crate::capture::options::{option_values, CaptureOptions, RecordIdSource, BOOKKEEPING_COLUMNS};
+use crate::capture::options::{
+    option_values, CaptureOptions, RecordIdSource, WriteBack, BOOKKEEPING_COLUMNS,
+};
 use crate::capture::CAPTURE_TRIGGER;
 use crate::error::{CertyoError, OrRaise, Result};
 use install::TriggerDefinition;
@@ -19,6 +21,9 @@ use pgrx::PgSqlErrorCode;
 use std::ffi::CStr;
 use table::{quote_literal, Request, Table};
 
+/// `certyo.track()` as 0.1.0's SQL declares it (five arguments), between installing the new
+/// library and `ALTER EXTENSION certyo_cdc UPDATE`: a table it tracks anew writes back as
+/// 0.1.0 did (`'accepted'`); one already tracked keeps its mode.
 #[pg_extern(sql = false)]
 fn track(
     rel: Option<Oid>,
@@ -27,6 +32,48 @@ fn track(
     timestamp_column: Option<&CStr>,
     backfill: Option<bool>,
 ) {
+    track_any(
+        rel,
+        record_id_columns,
+        exclude_columns,
+        timestamp_column,
+        backfill,
+        None,
+        WriteBack::Accepted,
+    )
+}
+
+/// `certyo.track()` with `write_back` (from 0.2.0 on; its C symbol `track_write_back_wrapper`).
+#[pg_extern(sql = false, name = "track")]
+fn track_write_back(
+    rel: Option<Oid>,
+    record_id_columns: Option<Vec<Option<String>>>,
+    exclude_columns: Option<Vec<Option<String>>>,
+    timestamp_column: Option<&CStr>,
+    backfill: Option<bool>,
+    write_back: Option<&str>,
+) {
+    track_any(
+        rel,
+        record_id_columns,
+        exclude_columns,
+        timestamp_column,
+        backfill,
+        write_back,
+        crate::delivery::settings::write_back(),
+    )
+}
+
+/// `new_table_mode`: the write-back mode of a table not tracked yet when none is named.
+fn track_any(
+    rel: Option<Oid>,
+    record_id_columns: Option<Vec<Option<String>>>,
+    exclude_columns: Option<Vec<Option<String>>>,
+    timestamp_column: Option<&CStr>,
+    backfill: Option<bool>,
+    write_back: Option<&str>,
+    new_table_mode: WriteBack,
+) {
     let request = || -> Result<Request> {
         Ok(Request {
             record_id_columns: record_id_columns
@@ -34,13 +81,29 @@ fn track(
                 .transpose()?,
             exclude_columns: column_names(exclude_columns.unwrap_or_default(), "exclude_columns")?,
             timestamp_column: timestamp_column.map(|c| c.to_string_lossy().into_owned()),
+            write_back: write_back.map(write_back_mode).transpose()?,
         })
     };
     let relid = required(rel).or_raise();
     crate::rights::with_pinned_search_path(|| {
-        track_table(relid, &request().or_raise(), backfill.unwrap_or(false))
+        track_table(
+            relid,
+            &request().or_raise(),
+            backfill.unwrap_or(false),
+            new_table_mode,
+        )
     })
     .or_raise()
+}
+
+fn write_back_mode(value: &str) -> Result<WriteBack> {
+    WriteBack::parse(value).ok_or_else(|| {
+        CertyoError::new(
+            PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE,
+            format!("certyo_cdc: write_back must be 'anchored' or 'accepted', not {value:?}"),
+        )
+        .hint("'anchored' writes the hash and status back once, when Certyo confirms the version on chain; 'accepted' writes the hash at acceptance and the status again once anchored.")
+    })
 }
 
 /// The names of an array argument; a NULL element is refused (there is no such column).
@@ -89,16 +152,38 @@ fn required(rel: Option<Oid>) -> Result<Oid> {
     })
 }
 
-fn track_table(relid: Oid, request: &Request, backfill: bool) -> Result<()> {
+fn track_table(
+    relid: Oid,
+    request: &Request,
+    backfill: bool,
+    new_table_mode: WriteBack,
+) -> Result<()> {
     let table = Table::inspect(relid)?;
-    let mut options = table.resolve(request)?;
+    let installed = installed_options(relid)?;
+    let mut options = table.resolve(&Request {
+        // Re-tracking without naming a mode keeps the table's.
+        write_back: Some(
+            request
+                .write_back
+                .or(installed.as_ref().map(|o| o.write_back))
+                .unwrap_or(new_table_mode),
+        ),
+        ..request.clone()
+    })?;
     identity::assign(&table, &mut options)?;
-    let was_tracked = installed_options(relid)?.is_some();
-    install::add_bookkeeping_columns(&table)?;
+    let was_tracked = installed.is_some();
+    let mode_changed = installed
+        .as_ref()
+        .is_some_and(|o| o.write_back != options.write_back);
+    install::add_bookkeeping_columns(&table, options.write_back)?;
     TriggerDefinition::new(&table, &options).install(&table)?;
     crate::shape::record(relid, &options)?;
-    if !was_tracked {
+    if !was_tracked || mode_changed {
+        // Under another mode the rows hold what the old one wrote: each record's newest
+        // version is written back again as the new mode writes it.
         write_back_again(relid)?;
+    }
+    if !was_tracked {
         crate::audit::record_removed_while_untracked(relid, &options)?;
     }
     if backfill {
@@ -190,10 +275,10 @@ pub fn release_columns(relid: Oid, columns: &[String], recurse: bool) -> Result<
 /// tracked, `child` gets the bookkeeping columns it needs to be a partition of it (a partition
 /// must have every column of its table). Its capture trigger is cloned by Postgres.
 pub fn before_attach(parent: Oid, child: Oid) -> Result<()> {
-    if installed_options(parent)?.is_none() {
+    let Some(options) = installed_options(parent)? else {
         return Ok(());
-    }
-    install::add_bookkeeping_columns(&Table::inspect(child)?)
+    };
+    install::add_bookkeeping_columns(&Table::inspect(child)?, options.write_back)
 }
 
 /// Before a table inherits from `parent` (`CREATE TABLE ... INHERITS`, `ALTER TABLE ...
@@ -296,6 +381,7 @@ fn refresh(relid: Oid) -> Result<()> {
         },
         exclude_columns: options.exclude_columns.clone(),
         timestamp_column: options.timestamp_column.clone(),
+        write_back: Some(options.write_back),
     };
     let mut options = table.resolve(&request).map_err(|e| {
         let hint = format!(

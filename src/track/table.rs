@@ -1,7 +1,7 @@
 //! What `track()` needs to know about a table, read from the catalogs, and the validation of
 //! the user's options against it. Everything here only reads: a refused request changes nothing.
 
-use crate::capture::options::{is_bookkeeping, CaptureOptions, RecordIdSource};
+use crate::capture::options::{is_bookkeeping, CaptureOptions, RecordIdSource, WriteBack};
 use crate::capture::plan::timestamp_column;
 use crate::error::{CertyoError, Result};
 use pgrx::pg_sys::{self, Oid};
@@ -27,10 +27,13 @@ pub struct Table {
 }
 
 /// The options as the caller gave them; `None` means "decide for me".
+#[derive(Clone)]
 pub struct Request {
     pub record_id_columns: Option<Vec<String>>,
     pub exclude_columns: Vec<String>,
     pub timestamp_column: Option<String>,
+    /// None: the table keeps its mode, a table not tracked yet takes `certyo.write_back`.
+    pub write_back: Option<WriteBack>,
 }
 
 /// Timestamp columns picked up when `timestamp_column` is not given.
@@ -149,6 +152,9 @@ impl Table {
             exclude_columns,
             timestamp_column,
             table_id: None,
+            write_back: request
+                .write_back
+                .unwrap_or_else(crate::delivery::settings::write_back),
         })
     }
 

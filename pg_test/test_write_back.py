@@ -1,0 +1,211 @@
+"""When the worker writes back to the rows (`certyo.track(..., write_back => ...)`):
+- 'anchored' (the default for tables tracked from 0.2.0 on): one UPDATE per version, hash,
+  'anchored' and certyo_verified_at together, once Certyo confirms the version on chain; until
+  then the row's bookkeeping columns hold NULL, and no INSERT evaluates a column default;
+- 'accepted' (0.1.0's behaviour, kept by tables tracked before the update): the hash and
+  'pending' at acceptance, the status again once anchored.
+What every mode must keep: a row never says 'anchored' for a version that is not, and the audit
+stays silent.
+
+Fixtures in conftest.py (the emulator, anchoring 2 s after acceptance); this module brings its
+own cluster, verifying 1 s after acceptance, with the extension's default write-back mode.
+
+Run:  CERTYO_EMULATOR=target/release/certyo-emulator python3 -m pytest -q pg_test/test_write_back.py
+"""
+import pytest
+
+from conftest import watched_cluster
+from harness import TMP, wait_for
+
+DIR = f"{TMP}/certyo-e2e-write-back"
+# The harness's clusters keep the two-step write-back of the suites written before the modes;
+# this one runs with the extension's default.
+SETTINGS = """
+certyo.verify_min_age = '1s'
+certyo.verify_interval = '500ms'
+certyo.write_back = 'anchored'
+"""
+ROWS = 30
+
+
+@pytest.fixture(scope="module")
+def cluster(emulator):
+    """Overrides conftest's: this module's own cluster, with the canary conftest checks."""
+    yield from watched_cluster(DIR, emulator, SETTINGS)
+
+
+def updates(cluster, table):
+    """Row versions the table's UPDATEs made so far (the worker reports its statistics)."""
+    return int(cluster.sql(f"SELECT n_tup_upd FROM pg_stat_user_tables WHERE relid = '{table}'::regclass"))
+
+
+def claims_not_anchored(cluster, table):
+    """Rows whose bookkeeping says something that the receipts do not back, in one snapshot: a
+    hash that is not their newest accepted version's, or 'anchored' for a version that is not."""
+    return cluster.sql(f"""
+        SELECT count(*) FROM {table} t
+          LEFT JOIN LATERAL (SELECT r.record_hash, r.anchor_status FROM certyo.receipt r
+                              WHERE r.relid = '{table}'::regclass AND r.record_id = t.id::text
+                              ORDER BY r.id DESC LIMIT 1) r ON true
+         WHERE t.certyo_record_hash IS NOT NULL
+           AND (r.record_hash IS DISTINCT FROM t.certyo_record_hash
+                OR t.certyo_anchor_status IS DISTINCT FROM r.anchor_status
+                OR (t.certyo_verified_at IS NULL) <> (r.anchor_status <> 'anchored'))""")
+
+
+def test_anchored_rows_hold_null_until_verified_then_hash_and_status_in_one_update(cluster):
+    table = "wb_anchored"
+    cluster.sql(f"""
+        CREATE TABLE {table} (id int PRIMARY KEY, v text);
+        SELECT certyo.track('{table}');
+    """)
+    assert cluster.sql(f"SELECT write_back FROM certyo.tracked_tables WHERE \"table\" = '{table}'::regclass") == \
+        "anchored", "a table tracked without naming a mode writes back once anchored"
+    assert cluster.sql(f"SELECT atthasdef FROM pg_attribute WHERE attrelid = '{table}'::regclass"
+                       " AND attname = 'certyo_anchor_status'") == "f", "no default for every INSERT to evaluate"
+    cluster.sql(f"INSERT INTO {table} SELECT g, 'v' || g FROM generate_series(1, {ROWS}) g")
+    assert cluster.sql(f"SELECT count(*) FROM {table} WHERE certyo_anchor_status IS NULL") == str(ROWS)
+
+    seen_accepted_unanchored = False
+    mistakes = []
+
+    def settled():
+        nonlocal seen_accepted_unanchored
+        wrong = claims_not_anchored(cluster, table)
+        if wrong != "0":
+            mistakes.append(wrong)
+        pending = cluster.sql(f"""
+            SELECT count(*) FROM {table} t JOIN certyo.receipt r
+                ON r.relid = '{table}'::regclass AND r.record_id = t.id::text AND r.anchor_status = 'pending'
+             WHERE t.certyo_record_hash IS NULL AND t.certyo_anchor_status IS NULL AND t.certyo_verified_at IS NULL""")
+        seen_accepted_unanchored |= pending != "0"
+        return cluster.sql(f"SELECT count(*) FROM {table} WHERE certyo_anchor_status = 'anchored'") == str(ROWS)
+
+    assert wait_for(settled, 60, every=0.1), "every row is marked once its version is anchored"
+    assert not mistakes, f"rows said more than their receipts back: {mistakes}"
+    assert seen_accepted_unanchored, "accepted but not yet anchored, a row holds NULL"
+    assert claims_not_anchored(cluster, table) == "0"
+    assert cluster.sql(f"SELECT count(*) FROM {table} WHERE certyo_verified_at IS NULL") == "0"
+    assert wait_for(lambda: updates(cluster, table) >= ROWS, 15)
+    assert updates(cluster, table) == ROWS, "one new row version per change: hash and status together"
+    assert cluster.sql(f"SELECT count(*) FROM certyo.audit('{table}')") == "0", "the audit is silent"
+
+    # A change of an anchored row: its earlier marks are cleared at acceptance (they are not this
+    # content's), and the new version marks it once anchored.
+    cluster.sql(f"UPDATE {table} SET v = 'changed' WHERE id <= 5")
+    mistakes.clear()
+
+    def changed_and_settled():
+        wrong = claims_not_anchored(cluster, table) if cluster.sql(
+            f"SELECT count(*) FROM certyo.queue WHERE relid = '{table}'::regclass") == "0" else "0"
+        if wrong != "0":
+            mistakes.append(wrong)
+        return cluster.sql(f"""
+            SELECT count(*) FROM {table} t JOIN certyo.receipt r
+                ON r.relid = '{table}'::regclass AND r.record_id = t.id::text AND r.operation = 'update'
+             WHERE t.certyo_record_hash = r.record_hash AND t.certyo_anchor_status = 'anchored'""") == "5"
+
+    assert wait_for(changed_and_settled, 60, every=0.1), "the changed rows carry their new version once anchored"
+    assert not mistakes, f"rows said more than their receipts back: {mistakes}"
+    assert cluster.sql(f"SELECT count(*) FROM certyo.audit('{table}')") == "0", "the audit is silent"
+
+
+def test_accepted_keeps_the_two_step_write_back(cluster):
+    table = "wb_accepted"
+    cluster.sql(f"""
+        CREATE TABLE {table} (id int PRIMARY KEY, v text);
+        SELECT certyo.track('{table}', write_back => 'accepted');
+        INSERT INTO {table} SELECT g, 'v' || g FROM generate_series(1, {ROWS}) g;
+    """)
+    assert cluster.sql(f"SELECT write_back FROM certyo.tracked_tables WHERE \"table\" = '{table}'::regclass") == \
+        "accepted"
+    assert cluster.sql(f"SELECT count(*) FROM {table} WHERE certyo_anchor_status = 'pending'") == str(ROWS), \
+        "rows say 'pending' from their first version on, as before"
+    assert wait_for(lambda: cluster.sql(f"SELECT count(*) FROM {table} WHERE certyo_anchor_status = 'anchored'")
+                    == str(ROWS), 60)
+    assert claims_not_anchored(cluster, table) == "0"
+    assert wait_for(lambda: updates(cluster, table) >= 2 * ROWS, 15)
+    assert updates(cluster, table) == 2 * ROWS, "the hash at acceptance, the status once anchored"
+    assert cluster.sql(f"SELECT count(*) FROM certyo.audit('{table}')") == "0"
+
+
+def test_switching_a_tracked_table_to_anchored_writes_its_rows_back_again(cluster):
+    """Re-tracking keeps the mode unless one is named; naming the other changes the column's
+    default and writes each record's newest version back as the new mode writes it."""
+    table = "wb_switch"
+    cluster.sql(f"""
+        CREATE TABLE {table} (id int PRIMARY KEY, v text);
+        SELECT certyo.track('{table}', write_back => 'accepted');
+        INSERT INTO {table} SELECT g, 'v' || g FROM generate_series(1, 10) g;
+    """)
+    assert wait_for(lambda: cluster.sql(f"SELECT count(*) FROM {table} WHERE certyo_anchor_status = 'anchored'")
+                    == "10", 60)
+    cluster.sql(f"SELECT certyo.track('{table}', exclude_columns => '{{}}')")
+    assert cluster.sql(f"SELECT write_back FROM certyo.tracked_tables WHERE \"table\" = '{table}'::regclass") == \
+        "accepted", "re-tracking without naming a mode keeps the table's"
+    cluster.sql(f"SELECT certyo.track('{table}', write_back => 'anchored')")
+    assert cluster.sql(f"SELECT atthasdef FROM pg_attribute WHERE attrelid = '{table}'::regclass"
+                       " AND attname = 'certyo_anchor_status'") == "f"
+    cluster.sql(f"INSERT INTO {table} VALUES (11, 'new')")
+    assert cluster.sql(f"SELECT certyo_anchor_status IS NULL FROM {table} WHERE id = 11") == "t"
+    assert wait_for(lambda: cluster.sql(f"SELECT count(*) FROM {table} WHERE certyo_anchor_status = 'anchored'")
+                    == "11", 60)
+    assert claims_not_anchored(cluster, table) == "0"
+    assert cluster.sql(f"SELECT count(*) FROM certyo.audit('{table}')") == "0"
+
+
+def test_a_write_back_mode_that_does_not_exist_is_refused(cluster):
+    cluster.sql("CREATE TABLE wb_wrong (id int PRIMARY KEY)")
+    attempt = cluster.attempt_verbose("SELECT certyo.track('wb_wrong', write_back => 'never')")
+    assert attempt.sqlstate == "22023", attempt.stderr
+    assert "'anchored' or 'accepted'" in attempt.stderr
+    assert cluster.sql("SELECT count(*) FROM certyo.tracked_tables WHERE \"table\" = 'wb_wrong'::regclass") == "0"
+
+
+def test_anchored_marks_the_rows_of_a_partitioned_table_with_a_composite_key(cluster):
+    """The one write-back finds each row by its place: within its partition (places repeat
+    across partitions), under a key of two columns."""
+    cluster.sql("""
+        CREATE TABLE wb_parted (region text, id int, v text, PRIMARY KEY (region, id)) PARTITION BY LIST (region);
+        CREATE TABLE wb_parted_eu PARTITION OF wb_parted FOR VALUES IN ('eu');
+        CREATE TABLE wb_parted_us PARTITION OF wb_parted FOR VALUES IN ('us');
+        SELECT certyo.track('wb_parted');
+        INSERT INTO wb_parted SELECT r, g, 'v' FROM unnest(ARRAY['eu', 'us']) r, generate_series(1, 10) g;
+    """)
+    assert wait_for(lambda: cluster.sql("SELECT count(*) FROM wb_parted WHERE certyo_anchor_status = 'anchored'")
+                    == "20", 60)
+    assert cluster.sql("""
+        SELECT count(*) FROM wb_parted t JOIN certyo.receipt r
+            ON r.relid = 'wb_parted'::regclass AND r.record_id = t.region || '/' || t.id
+         WHERE r.record_hash = t.certyo_record_hash""") == "20", "each row holds its own version's hash"
+    assert cluster.sql("SELECT count(*) FROM certyo.audit('wb_parted')") == "0"
+
+
+def test_anchored_marks_no_row_that_no_longer_renders_to_its_captured_content(cluster):
+    """The content guard holds in the one write-back too: the table owner renames an enum
+    label (ALTER TYPE ... RENAME VALUE) between capture and verification. No row changes and
+    nothing is captured, but the rows holding that label no longer render to the payload
+    Certyo anchored: they are never marked (hash and 'anchored') with it, their receipts say
+    why, and the audit names exactly them. The other rows are marked as ever."""
+    cluster.sql("""
+        CREATE TYPE wb_mood AS ENUM ('calm', 'angry');
+        CREATE TABLE wb_moods (id int PRIMARY KEY, v wb_mood);
+        SELECT certyo.track('wb_moods');
+        SELECT certyo.pause();
+        INSERT INTO wb_moods SELECT g, CASE WHEN g <= 3 THEN 'calm' ELSE 'angry' END::wb_mood
+          FROM generate_series(1, 10) g;
+        ALTER TYPE wb_mood RENAME VALUE 'calm' TO 'serene';
+        SELECT certyo.resume();
+    """)
+    assert wait_for(lambda: cluster.sql("SELECT count(*) FROM wb_moods WHERE certyo_anchor_status = 'anchored'") == "7"
+                    and cluster.sql("SELECT count(*) FROM certyo.receipt WHERE relid = 'wb_moods'::regclass "
+                                    "AND (anchor_status = 'pending' OR NOT written_back)") == "0", 60), cluster.explain()
+    assert cluster.sql("SELECT coalesce(string_agg(id::text, ','), '') FROM wb_moods "
+                       "WHERE certyo_record_hash IS NOT NULL AND v = 'serene'") == ""
+    assert cluster.sql("SELECT string_agg(record_id, ',' ORDER BY record_id::int) FROM certyo.receipt "
+                       "WHERE relid = 'wb_moods'::regclass AND write_back_dropped LIKE '%no longer renders%'") == "1,2,3"
+    assert claims_not_anchored(cluster, "wb_moods") == "0"
+    assert cluster.sql("SELECT string_agg(record_id || ': ' || problem, ', ' ORDER BY record_id::int) "
+                       "FROM certyo.audit('wb_moods')") == \
+        "1: changed without capture, 2: changed without capture, 3: changed without capture"
+    cluster.sql("DROP TABLE wb_moods; DROP TYPE wb_mood")
