@@ -288,12 +288,13 @@ def test_a_restored_change_whose_table_is_not_restored_waits_for_it_and_marks_no
         stop(target, source)
 
 
-def test_a_row_deleted_through_capture_after_its_primary_key_moved_is_no_finding(emulator):
+def test_a_row_deleted_or_rekeyed_through_capture_after_its_primary_key_moved_is_no_finding(emulator):
     """Rows captured under the primary key id, then the primary key moved to n, then one row
-    deleted (captured: Certyo gets the delete, under the record id n gives it now). The audit
-    reports the schema change, and nothing about the deleted row: its deletion was captured,
-    so it was not "deleted without capture" under the record id it had before the move.
-    (Found by pg_test/test_sequences.py, seed 303.)"""
+    deleted and another's id changed (both captured: Certyo gets a delete and an update, under
+    the record ids n gives them now). The audit reports the schema change, and nothing about
+    either row: what happened to them was captured, so neither was "deleted without capture"
+    under the record id it had before the move. (Found by pg_test/test_sequences.py, seeds
+    303, 74863709 and 171216525.)"""
     cluster = rekey_cluster(emulator, """
         CREATE TABLE pkd (id int PRIMARY KEY, n int NOT NULL UNIQUE, v text);
         SELECT certyo.track('pkd');
@@ -302,11 +303,12 @@ def test_a_row_deleted_through_capture_after_its_primary_key_moved_is_no_finding
         assert cluster.wait_drained(30), cluster.explain()
         cluster.sql("ALTER TABLE pkd DROP CONSTRAINT pkd_pkey, ADD PRIMARY KEY (n)")
         cluster.sql("DELETE FROM pkd WHERE id = 2")
+        cluster.sql("UPDATE pkd SET id = 30 WHERE id = 3")
         assert cluster.wait_drained(30), cluster.explain()
         sent = [(r["recordId"], r["operationType"]) for r in emulator.records() if r["collection"] == "public.pkd"]
-        assert ("102", "delete") in sent, sent
+        assert ("102", "delete") in sent and ("103", "update") in sent, sent
         findings = cluster.sql("SELECT string_agg(record_id || ' ' || problem, ', ') FROM certyo.audit('pkd') "
                                "WHERE record_id IS NOT NULL")
-        assert findings == "", "a deletion that was captured is no tampering: " + findings
+        assert findings == "", "a deletion or key change that was captured is no tampering: " + findings
     finally:
         stop(cluster)
