@@ -6,7 +6,8 @@ some in transactions held open across other steps, some rolled back), record key
 RENAME COLUMN, primary key moves, untrack and track (again, with other record id columns,
 with or without backfill), certyo.backfill(), pause and resume, Certyo faults, the worker
 ended (pg_terminate_backend) or killed (kill -9, a crash restart of the server), server
-restarts, dump and restore into a cluster made anew by initdb, and tampering (rows changed
+restarts, dump and restore into a cluster made anew by initdb or failover to a streaming
+standby (in some sequences: at least once in those), and tampering (rows changed
 as a superuser with session_replication_role = replica, behind capture's back). A model in
 this file follows what each committed step did to the table.
 
@@ -133,6 +134,7 @@ class Sequence:
         self.schema_changed = False
         self.tampered = False
         self.dir_index = 0
+        self.restored = False
         self.cluster = None
 
     # -- plumbing ---------------------------------------------------------------------------
@@ -464,8 +466,11 @@ class Sequence:
         source = self.cluster
         self.dir_index = 1 - self.dir_index
         directory = DIRS[self.dir_index]
-        mode = self.rng.choice(["single", "jobs", "psql"])
+        mode = self.rng.choice(["single", "jobs", "psql", "failover"])
+        if mode == "failover":
+            return self.failover(source, directory)
         self.say(f"dump and restore into a fresh cluster ({mode})")
+        self.restored = True
         connect = ["-h", source.dir, "-p", str(source.port), "-U", "postgres"]
         target = Cluster(directory, free_port(), self.emulator.url, SETTINGS)
         into = ["-h", target.dir, "-p", str(target.port), "-U", "postgres", "-d", "postgres"]
@@ -480,6 +485,20 @@ class Sequence:
         self.cluster = target
         assert "ERROR" not in done.stderr, done.stderr
 
+    def failover(self, primary, directory):
+        """A streaming standby, caught up with every commit so far, promoted; the primary
+        stopped at once (what it did after the standby caught up is lost with it)."""
+        self.say("failover to a streaming standby")
+        self.restored = True
+        standby = Cluster.standby_of(primary, directory, free_port())
+        lsn = primary.sql("SELECT pg_current_wal_lsn()")
+        assert wait_for(lambda: standby.sql(f"SELECT pg_last_wal_replay_lsn() >= '{lsn}'") == "t", 60), \
+            "the standby did not catch up"
+        primary.pg_ctl("-m", "immediate", "stop")
+        standby.pg_ctl("promote")
+        assert wait_for(lambda: standby.sql("SELECT NOT pg_is_in_recovery()") == "t", 30), "the standby was not promoted"
+        self.cluster = standby
+
     STEPS = [(step_write, 30), (step_rolled_back, 5), (step_open, 8), (step_close, 6), (step_tamper, 4),
              (step_add_column, 3), (step_drop_or_rename_column, 3), (step_move_primary_key, 2), (step_untrack, 3),
              (step_track, 3), (step_backfill, 2), (step_pause, 3), (step_fault, 6), (step_end_worker, 3),
@@ -490,6 +509,8 @@ class Sequence:
         functions, weights = zip(*self.STEPS)
         for _ in range(steps):
             self.rng.choices(functions, weights)[0](self)
+        if self.may_restore and not self.restored:
+            self.step_restore()  # a sequence that may restore does, at the latest here
         # Then everything is let finish: the open transactions end, delivery resumes, the
         # table is tracked.
         self.close_all()
@@ -586,13 +607,17 @@ class Sequence:
                 if status == "anchored":
                     problems.append(f"row r={r} says anchored with no hash")
                 continue
-            versions = by_hash.get(hash_, [])
+            # The hash covers the record id and payload, not the operation: a delete carries the
+            # row's last content, and so the hash of the version before it too.
+            versions = [v for v in by_hash.get(hash_, []) if v["operationType"] != "delete"]
             if not versions:
-                problems.append(f"row r={r} holds {hash_}, which Certyo never gave (status {status})")
+                what = by_hash.get(hash_, [{}])[0]
+                problems.append(f"row r={r} holds {hash_}, which Certyo gave no version of a row "
+                                f"({what.get('recordId')} {what.get('operationType')}, status {status})")
                 continue
             for record in versions:
                 payload = parse(json.dumps(record["recordPayload"]))
-                if record["operationType"] == "delete" or payload.get("r") != r:
+                if payload.get("r") != r:
                     problems.append(f"row r={r} holds the hash of {record['recordId']} {record['operationType']} "
                                     f"{record['recordPayload']} (status {status})")
                 elif not dirty:
@@ -644,6 +669,7 @@ def test_a_random_sequence_keeps_every_claim(emulator, seed):
         try:
             sequence.run(STEPS)
             problems = sequence.check()
+            print(f"seed {seed}:\n  " + "\n  ".join(sequence.log))  # shown with pytest -s
         except Exception as error:  # a step itself failed: also a finding, with the steps so far
             failure = error
             problems = [f"a step failed: {error!r}"]
