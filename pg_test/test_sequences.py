@@ -287,11 +287,7 @@ class Sequence:
         statements, effects, _ = self.write_statements(self.rng.randint(1, 3))
         self.say(f"rolled back: {' '.join(statements)}")
         self.sql("BEGIN;" + "".join(statements) + "ROLLBACK;")
-        for effect in effects:
-            if effect[0] == "insert":
-                self.rolled_back.add((effect[1].r, effect[1].ver))
-            elif effect[0] == "update":
-                self.rolled_back.add((effect[1].r, effect[2]["ver"]))
+        self.lost(effects)
 
     def step_open(self):
         if len(self.txns) >= 2:
@@ -308,18 +304,19 @@ class Sequence:
         commit = self.rng.random() < 0.7 if commit is None else commit
         self.say(f"{'commit' if commit else 'roll back'} an open transaction")
         try:
-            txn.held.process.communicate("COMMIT;\n" if commit else "ROLLBACK;\n", timeout=30)
+            _, errors = txn.held.process.communicate("COMMIT;\n" if commit else "ROLLBACK;\n", timeout=30)
         except subprocess.TimeoutExpired:
             txn.held.process.kill()
             raise
         if commit:
-            assert txn.held.process.returncode == 0, f"COMMIT failed: {txn.held.process.stderr.read() if txn.held.process.stderr else ''}"
+            assert txn.held.process.returncode == 0, f"COMMIT failed: {errors}"
             self.committed(txn.effects)
         else:
-            self.lost(txn)
+            self.lost(txn.effects)
 
-    def lost(self, txn):
-        for effect in txn.effects:
+    def lost(self, effects):
+        """Effects of a transaction that did not commit: their versions must never reach Certyo."""
+        for effect in effects:
             if effect[0] == "insert":
                 self.rolled_back.add((effect[1].r, effect[1].ver))
             elif effect[0] == "update":
@@ -333,7 +330,7 @@ class Sequence:
         """The server went down: every open transaction was rolled back."""
         for txn in self.txns:
             txn.held.process.kill()
-            self.lost(txn)
+            self.lost(txn.effects)
         self.txns = []
 
     def step_tamper(self):
