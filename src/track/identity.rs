@@ -107,6 +107,10 @@ pub fn assign(table: &Table, options: &mut CaptureOptions) -> Result<()> {
     let (schema, name) = split_display(table);
     let id = crate::rights::as_superuser(|| {
         Spi::connect_mut(|client| {
+            // A table untracked when it was dumped carries no trigger to find its identity by:
+            // a restored identity is placed by its name first (as history() and audit() do),
+            // so that tracking it again keeps it, and the receipts of its id stay its own.
+            client.update("SELECT certyo.relink_restored()", None, &[])?;
             client.update(
             "WITH present AS (
                  SELECT i.id, i.record_key FROM certyo.table_identity i
