@@ -24,7 +24,8 @@ After each sequence, once the system has settled (conditions, not sleeps), the i
      `anchored` only with such a hash;
   4. certyo.audit() names exactly the rows changed behind capture's back (tampered, or
      written while untracked: documented as "changed without capture" / "never captured";
-     rows deleted while untracked are no finding, see docs/operations.md), and otherwise
+     rows deleted while untracked are no row finding but the table's "removed while untracked",
+     see docs/operations.md), and otherwise
      only "schema changed since capture" for sequences that changed the schema or key.
 
 Every row carries `r` (its number in the model, never changed) and `ver` (a number unique to
@@ -87,6 +88,7 @@ class Row:
         self.alive = True
         self.captured = None  # the content Certyo last got for this row (tuple), None: never
         self.deleted_behind = False  # deleted behind capture's back while tracked
+        self.removed_untracked = False  # deleted while untracked, Certyo last holding it alive
         self.names = set()  # every record id it has had under any key column
         self.name_all()
 
@@ -132,6 +134,7 @@ class Sequence:
         self.paused = False
         self.extra = []  # columns added by the sequence, still there
         self.schema_changed = False
+        self.removed_while_untracked = False
         self.tampered = False
         self.dir_index = 0
         self.restored = False
@@ -216,6 +219,8 @@ class Sequence:
                     self.events.append((row.record_id(column), "delete", row.r, row.ver, self.seq))
                 elif self.tracked:
                     row.deleted_behind = True
+                elif row.captured is not None:
+                    row.removed_untracked = True  # Certyo last held it alive
             if captured:
                 row.captured = row.content()
 
@@ -401,8 +406,12 @@ class Sequence:
         if self.key() != (columns or self.pk):
             self.schema_changed = True  # the record key moved (also across untrack and track)
         if not self.tracked:
-            for row in self.rows.values():  # rows removed while untracked: recorded, no finding
+            # Rows removed while untracked: no row finding, but the table's one finding, "removed
+            # while untracked", for those Certyo last held alive (docs/operations.md).
+            for row in self.rows.values():
                 if not row.alive:
+                    if row.deleted_behind or row.removed_untracked:
+                        self.removed_while_untracked = True
                     row.deleted_behind = False
         self.sql(f"SELECT certyo.track('t'{option}, backfill => {str(backfill).lower()})")
         self.tracked, self.record_columns = True, columns
@@ -638,7 +647,10 @@ class Sequence:
         named = set()
         for record_id, problem, detail in findings:
             if record_id is None:
-                if problem != "schema changed since capture" or not self.schema_changed:
+                if problem == "removed while untracked":
+                    if not self.removed_while_untracked:
+                        problems.append(f"audit: {problem} ({detail}), though no row was removed while untracked")
+                elif problem != "schema changed since capture" or not self.schema_changed:
                     problems.append(f"audit: {problem} ({detail}) without a schema change")
                 continue
             if record_id not in names:

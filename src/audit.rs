@@ -26,6 +26,8 @@ struct Version {
     digests: Option<Vec<u8>>,
     accepted: bool,
     deleted: bool,
+    /// A new row's first version (`insert`): it continues no other record.
+    inserted: bool,
 }
 
 /// The last accepted version of one record, for the report and the bookkeeping check.
@@ -159,7 +161,34 @@ fn examine(relid: Oid, options: &CaptureOptions) -> Result<Examination> {
         .filter(|w| w[0].key_attnums() != w[1].key_attnums())
         .map(|w| w[1].since_id)
         .collect();
+    // A row's values of the columns of each record key the table has had, as each version
+    // captured them (the digests of those columns; each version's own shape says where they
+    // are). A record without a row whose row has a later version under another record id with
+    // the same values of some key's columns (its present key's, or its own key's) went on under
+    // that record id, deleted or changed there with capture: no record "deleted without
+    // capture". Not a later insert: that is a new row, which continues no record.
+    let key_values = |version: &Version, era: usize| -> Option<Vec<u8>> {
+        let key = eras[era].as_ref()?;
+        let shape = shape_of(version.id).map_or(&now, |i| &shapes[i]);
+        let digests = version.digests.as_ref()?;
+        if digests.len() != shape.columns.len() * COLUMN_DIGEST_LEN {
+            return None;
+        }
+        let mut out = Vec::with_capacity(key.len() * COLUMN_DIGEST_LEN);
+        for attnum in key {
+            let i = shape.attnums.iter().position(|a| a == attnum)?;
+            out.extend_from_slice(&digests[i * COLUMN_DIGEST_LEN..(i + 1) * COLUMN_DIGEST_LEN]);
+        }
+        Some(out)
+    };
+    let mut went_on: HashMap<(usize, Vec<u8>), i64> = HashMap::new();
     for (record_id, version) in newest_versions(relid, boundaries)? {
+        for era in (0..eras.len()).filter(|_| !version.inserted) {
+            if let Some(values) = key_values(&version, era) {
+                let newest = went_on.entry((era, values)).or_insert(version.id);
+                *newest = (*newest).max(version.id);
+            }
+        }
         let key = (era_of(version.id), record_id);
         if known.get(&key).is_none_or(|k| k.id < version.id) {
             known.insert(key, version);
@@ -301,6 +330,13 @@ fn examine(relid: Oid, options: &CaptureOptions) -> Result<Examination> {
             }
             unfindable += 1;
             continue;
+        }
+        if (0..eras.len()).any(|k| {
+            key_values(&version, k)
+                .and_then(|values| went_on.get(&(k, values)))
+                .is_some_and(|&newer| newer > version.id)
+        }) {
+            continue; // went on under another record id
         }
         gone.push((record_id, version.id));
     }
@@ -622,7 +658,8 @@ fn newest_versions(relid: Oid, boundaries: Vec<i64>) -> Result<Vec<(String, Vers
     crate::rights::as_superuser(|| {
         Ok(Spi::connect(|client| {
             let rows = client.select(
-                "SELECT DISTINCT ON (record_id, era) record_id, id, accepted, operation = 'delete', sha256, payload, digests
+                "SELECT DISTINCT ON (record_id, era) record_id, id, accepted, operation = 'delete', sha256, payload, digests,
+                        operation = 'insert'
                    FROM (SELECT *, (SELECT count(*) FROM pg_catalog.unnest($2::int8[]) b WHERE b < v.id) AS era
                            FROM (SELECT record_id, id, true AS accepted, operation, encode(payload_sha256, 'hex') AS sha256,
                                         NULL::text AS payload, column_sha256 AS digests
@@ -657,6 +694,7 @@ fn newest_versions(relid: Oid, boundaries: Vec<i64>) -> Result<Vec<(String, Vers
                         digests,
                         accepted: row.get::<bool>(3)?.unwrap_or(false),
                         deleted: row.get::<bool>(4)?.unwrap_or(false),
+                        inserted: row.get::<bool>(8)?.unwrap_or(false),
                     },
                 ));
             }
