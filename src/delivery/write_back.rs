@@ -648,7 +648,6 @@ pub mod failing {
                 None,
                 &[relid.into()],
             )?
-            .into_iter()
             .next()
         {
             Some(row) => Some(row.get::<i32>(1)?.unwrap_or(0)),
