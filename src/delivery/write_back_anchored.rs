@@ -58,34 +58,33 @@ pub(super) fn mark_settled(
     let mode = if key.user_code { "origin" } else { "replica" };
     let params: Vec<String> = (1..=n).map(|i| format!("${i}")).collect();
     let names: Vec<String> = (1..=n).map(|i| format!("k{i}")).collect();
+    // The rows the versions' keys find, `v` holding each version's key parts and one more
+    // array (`extra` of type `extra_type`).
+    let keyed = |extra_type: &str, ordinality: &str, extra: &str| {
+        format!(
+            "{table} AS t, unnest({params}, ${o}::{extra_type}){ordinality} AS v({names}, {extra})
+          WHERE {matches} AND {identical}",
+            table = key.table,
+            params = params.join(", "),
+            names = names.join(", "),
+            matches = key.matches("t", "v"),
+            identical = key.identical("t", "v"),
+            o = n + 1,
+        )
+    };
+    let types = key.type_list();
     let lock = format!(
         "/* certyo_cdc write-back lock, {mode} mode, key types {types} */
-         SELECT t.tableoid, t.ctid::text, v.ord
-           FROM {table} AS t, unnest({params}, ${o}::int4[]) AS v({names}, ord)
-          WHERE {matches} AND {identical}
-            FOR NO KEY UPDATE OF t",
-        types = key.type_list(),
-        table = key.table,
-        params = params.join(", "),
-        names = names.join(", "),
-        matches = key.matches("t", "v"),
-        identical = key.identical("t", "v"),
-        o = n + 1,
+         SELECT t.tableoid, t.ctid::text, v.ord FROM {} FOR NO KEY UPDATE OF t",
+        keyed("int4[]", "", "ord"),
     );
     // The locked rows again, whole (`(t.*)::table`: a bare `t` may be a column of the table),
     // for the content guard: under the lock they are the versions the UPDATE will write.
     let guard = format!(
         "/* certyo_cdc content guard, key types {types} */
-         SELECT v.n, t.ctid::text, (t.*)::{table}
-           FROM {table} AS t, unnest({params}, ${h}::text[]) WITH ORDINALITY AS v({names}, hash, n)
-          WHERE {matches} AND {identical}",
-        types = key.type_list(),
+         SELECT v.n, t.ctid::text, (t.*)::{table} FROM {keyed}",
         table = key.table,
-        params = params.join(", "),
-        names = names.join(", "),
-        matches = key.matches("t", "v"),
-        identical = key.identical("t", "v"),
-        h = n + 1,
+        keyed = keyed("text[]", " WITH ORDINALITY", "hash, n"),
     );
     let ids: Vec<i64> = versions.iter().map(|v| v.id).collect();
     let captured = captured_payloads(client, &ids)?;
