@@ -209,3 +209,27 @@ def test_anchored_marks_no_row_that_no_longer_renders_to_its_captured_content(cl
                        "FROM certyo.audit('wb_moods')") == \
         "1: changed without capture, 2: changed without capture, 3: changed without capture"
     cluster.sql("DROP TABLE wb_moods; DROP TYPE wb_mood")
+
+
+@pytest.mark.parametrize("mode", ["anchored", "accepted"])
+def test_a_column_added_before_the_write_back_does_not_keep_rows_from_their_marks(cluster, mode):
+    """The content guard compares a row with what was captured under the version's own shape:
+    a column added (or dropped) between capture and the write-back changes how the row renders
+    now, not the content that was captured, so every row is marked as ever ('anchored' with
+    its own hash), nothing is refused, and the audit reports the schema change only."""
+    table = f"wb_added_{mode}"
+    cluster.sql(f"""
+        CREATE TABLE {table} (id int PRIMARY KEY, v text, gone int);
+        SELECT certyo.track('{table}', write_back => '{mode}');
+        SELECT certyo.pause();
+        INSERT INTO {table} (id, v, gone) SELECT g, 'v' || g, g FROM generate_series(1, {ROWS}) g;
+        ALTER TABLE {table} ADD COLUMN added int, DROP COLUMN gone;
+        SELECT certyo.resume();
+    """)
+    assert wait_for(lambda: cluster.sql(f"SELECT count(*) FROM {table} WHERE certyo_anchor_status = 'anchored'")
+                    == str(ROWS), 60), cluster.explain()
+    assert cluster.sql(f"SELECT count(*) FROM certyo.receipt WHERE relid = '{table}'::regclass "
+                       "AND write_back_dropped IS NOT NULL") == "0"
+    assert claims_not_anchored(cluster, table) == "0"
+    assert cluster.sql(f"SELECT coalesce(string_agg(coalesce(record_id, '-') || ': ' || problem, ', '), '') "
+                       f"FROM certyo.audit('{table}') WHERE record_id IS NOT NULL") == ""

@@ -224,13 +224,17 @@ $$;
 REVOKE ALL ON FUNCTION certyo.tracked_oids() FROM PUBLIC;
 
 -- Whether an OID kept in certyo.table_identity may be wrong: one found in another installation
--- (a restore), or a capture trigger whose id the catalog places elsewhere (or does not know).
+-- (a restore), or a capture trigger whose id the catalog places elsewhere.
 CREATE FUNCTION certyo.relink_needed() RETURNS boolean
 LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $$
     SELECT EXISTS (SELECT FROM certyo.table_identity i, (SELECT certyo.this_installation() AS here) h
                     WHERE i.installation <> h.here)
         OR EXISTS (SELECT FROM certyo.tracked_oids() t LEFT JOIN certyo.table_identity i ON i.id = t.table_id
-                    WHERE t.table_id <> 0 AND i.relid IS DISTINCT FROM t.relid)
+                    WHERE t.table_id <> 0 AND i.id IS NOT NULL AND i.relid IS DISTINCT FROM t.relid
+                      -- not a trigger carrying the id of a table placed here that exists: the
+                      -- relink leaves that id where it is (a hand-made trigger, never its table)
+                      AND NOT (i.installation = certyo.this_installation()
+                               AND EXISTS (SELECT FROM pg_class c WHERE c.oid = i.relid)))
 $$;
 REVOKE ALL ON FUNCTION certyo.relink_needed() FROM PUBLIC;
 
@@ -258,16 +262,20 @@ BEGIN
         RETURN 0;
     END IF;
     LOCK TABLE certyo.table_identity IN SHARE ROW EXCLUSIVE MODE;  -- one at a time, and no track() meanwhile
-    -- A capture trigger whose id the catalog does not know (a table dumped without the
-    -- extension's rows): its id is adopted, under the table's present name.
-    INSERT INTO certyo.table_identity (id, schema_name, table_name, relid, installation)
-    SELECT DISTINCT ON (t.table_id) t.table_id, n.nspname, c.relname, t.relid, here
-      FROM certyo.tracked_oids() t JOIN pg_class c ON c.oid = t.relid JOIN pg_namespace n ON n.oid = c.relnamespace
-     WHERE t.table_id <> 0 AND NOT EXISTS (SELECT FROM certyo.table_identity i WHERE i.id = t.table_id)
-     ORDER BY t.table_id, t.relid;
-    PERFORM setval('certyo.table_identity_id_seq', greatest(max(id), 1)) FROM certyo.table_identity
-      HAVING max(id) > (SELECT last_value FROM certyo.table_identity_id_seq);
+    -- A capture trigger whose id the catalog does not know is not adopted: anyone may make
+    -- one by hand, with any id (the sequence's last, to take it from the next table tracked).
+    -- Its table is tracked anew by certyo.track(), which gives it an id of the catalog's own.
     FOR ident IN SELECT * FROM certyo.table_identity WHERE superseded_by IS NULL ORDER BY id LOOP
+        -- Placed in this installation at a table that exists: its OID is its own (an OID never
+        -- changes within an installation), whichever other table's trigger carries its id (one
+        -- made by hand, to have its changes taken for this table's).
+        IF ident.installation = here AND EXISTS (SELECT FROM pg_class c WHERE c.oid = ident.relid) THEN
+            UPDATE certyo.table_identity t SET schema_name = s.nspname, table_name = c.relname
+              FROM pg_class c JOIN pg_namespace s ON s.oid = c.relnamespace
+             WHERE t.id = ident.id AND c.oid = ident.relid
+               AND (t.schema_name, t.table_name) IS DISTINCT FROM (s.nspname, c.relname);
+            CONTINUE;
+        END IF;
         SELECT array_agg(t.relid) INTO candidates FROM certyo.tracked_oids() t WHERE t.table_id = ident.id;
         found_relid := NULL;
         IF cardinality(candidates) = 1 THEN
@@ -339,6 +347,8 @@ $$;
 REVOKE ALL ON FUNCTION certyo.relink_restored(boolean) FROM PUBLIC;
 
 ALTER TABLE certyo.backfills ADD COLUMN installation text;
+-- The backfills open now were asked here (an update in place): they go on.
+UPDATE certyo.backfills SET installation = certyo.this_installation() WHERE state IN ('queued', 'running');
 ALTER TABLE certyo.queue ADD COLUMN table_id integer NOT NULL DEFAULT 0;
 ALTER TABLE certyo.delivery ADD COLUMN table_id integer NOT NULL DEFAULT 0;
 ALTER TABLE certyo.receipt ADD COLUMN table_id integer NOT NULL DEFAULT 0, ADD COLUMN write_back_dropped text;

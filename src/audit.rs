@@ -163,10 +163,12 @@ fn examine(relid: Oid, options: &CaptureOptions) -> Result<Examination> {
         .collect();
     // A row's values of the columns of each record key the table has had, as each version
     // captured them (the digests of those columns; each version's own shape says where they
-    // are). A record without a row whose row has a later version under another record id with
-    // the same values of some key's columns (its present key's, or its own key's) went on under
-    // that record id, deleted or changed there with capture: no record "deleted without
-    // capture". Not a later insert: that is a new row, which continues no record.
+    // are). A record without a row went on under another key if a later version captured under
+    // that key is of the row holding the same values of that key's columns as the record's
+    // last version held (its record id under that key): deleted or changed there with capture,
+    // it is no record "deleted without capture". Not a later insert: that is a new row, which
+    // continues no record. Nor a later version that merely took the record's old key values
+    // (another row, changed to them): it is matched under its own key, not the old one.
     let key_values = |version: &Version, era: usize| -> Option<Vec<u8>> {
         let key = eras[era].as_ref()?;
         let shape = shape_of(version.id).map_or(&now, |i| &shapes[i]);
@@ -181,13 +183,45 @@ fn examine(relid: Oid, options: &CaptureOptions) -> Result<Examination> {
         }
         Some(out)
     };
+    // Whether a version held, of the present key's columns it was captured with, the values a
+    // row renders to now (`payload`); true where it held none of them (nothing to tell by).
+    let holds_present_key = |version: &Version, payload: &[u8]| -> bool {
+        let Some(key) = eras[0].as_ref() else {
+            return true;
+        };
+        let shape = shape_of(version.id).map_or(&now, |i| &shapes[i]);
+        let Some(digests) = version
+            .digests
+            .as_ref()
+            .filter(|d| d.len() == shape.columns.len() * COLUMN_DIGEST_LEN)
+        else {
+            return true;
+        };
+        let Some(values) = std::str::from_utf8(payload).ok().and_then(payload_columns) else {
+            return true;
+        };
+        let values: HashMap<String, &str> = values.into_iter().collect();
+        key.iter().all(|attnum| {
+            let Some(i) = shape.attnums.iter().position(|a| a == attnum) else {
+                return true; // not a column then
+            };
+            let Some(value) = columns_now
+                .get(attnum)
+                .and_then(|(name, _)| values.get(name))
+            else {
+                return true;
+            };
+            column_digest(&shape.columns[i], value)
+                == digests[i * COLUMN_DIGEST_LEN..(i + 1) * COLUMN_DIGEST_LEN]
+        })
+    };
     let mut went_on: HashMap<(usize, Vec<u8>), i64> = HashMap::new();
     for (record_id, version) in newest_versions(relid, boundaries)? {
-        for era in (0..eras.len()).filter(|_| !version.inserted) {
-            if let Some(values) = key_values(&version, era) {
-                let newest = went_on.entry((era, values)).or_insert(version.id);
-                *newest = (*newest).max(version.id);
-            }
+        // Under its own record key: the row it is a version of is the one with those values.
+        let era = era_of(version.id);
+        if let Some(values) = key_values(&version, era).filter(|_| !version.inserted) {
+            let newest = went_on.entry((era, values)).or_insert(version.id);
+            *newest = (*newest).max(version.id);
         }
         let key = (era_of(version.id), record_id);
         if known.get(&key).is_none_or(|k| k.id < version.id) {
@@ -232,6 +266,17 @@ fn examine(relid: Oid, options: &CaptureOptions) -> Result<Examination> {
                         .and_then(|key| record_id_under(plan, row, key, &columns_now, &excluded))
                 };
                 let Some(record_id) = record_id else { continue };
+                // Under an earlier key, the record is this row's only if its last version held
+                // the row's present key values too, where it held those columns: else it was
+                // another row, whose old key values this one took (changed to them), and that
+                // row's fate is the record's own (gone, or found under the present key).
+                if era != 0
+                    && known
+                        .get(&(era, record_id.clone()))
+                        .is_some_and(|v| !holds_present_key(v, &change.payload))
+                {
+                    continue;
+                }
                 if let Some(version) = known.remove(&(era, record_id.clone())) {
                     if newest.as_ref().is_none_or(|(_, n)| n.id < version.id) {
                         newest = Some((record_id, version));
@@ -253,7 +298,12 @@ fn examine(relid: Oid, options: &CaptureOptions) -> Result<Examination> {
                     found.push(report(record_id, "changed without capture", None));
                     return Ok(());
                 };
-                match differing_columns(&shapes[shape], &version, &change.payload, &columns_now) {
+                match differing_columns(
+                    &shapes[shape],
+                    version.digests.as_ref(),
+                    &change.payload,
+                    &columns_now,
+                ) {
                     Some(differ) if differ.is_empty() => {
                         stale.insert(shape);
                     }
@@ -331,7 +381,7 @@ fn examine(relid: Oid, options: &CaptureOptions) -> Result<Examination> {
             unfindable += 1;
             continue;
         }
-        if (0..eras.len()).any(|k| {
+        if (0..eras.len()).filter(|&k| k != era).any(|k| {
             key_values(&version, k)
                 .and_then(|values| went_on.get(&(k, values)))
                 .is_some_and(|&newer| newer > version.id)
@@ -409,7 +459,7 @@ fn examine(relid: Oid, options: &CaptureOptions) -> Result<Examination> {
 }
 
 /// The tracked table's columns now: attribute number to (name, type).
-fn columns_now(relid: Oid) -> Result<HashMap<i16, (String, String)>> {
+pub(crate) fn columns_now(relid: Oid) -> Result<HashMap<i16, (String, String)>> {
     Ok(Spi::connect(|client| {
         let rows = client.select(
             "SELECT a.attnum, a.attname::text, pg_catalog.format_type(a.atttypid, a.atttypmod)
@@ -513,13 +563,13 @@ fn excluded_key_columns(
 /// that version was captured with and that are still there with the same type (a column
 /// dropped or retyped since is the schema change's finding). None when the version's column
 /// digests are unknown (a receipt recorded before they were kept) or do not fit its shape.
-fn differing_columns(
+pub(crate) fn differing_columns(
     shape: &Shape,
-    version: &Version,
+    digests: Option<&Vec<u8>>,
     payload: &[u8],
     columns_now: &HashMap<i16, (String, String)>,
 ) -> Option<Vec<String>> {
-    let digests = version.digests.as_ref()?;
+    let digests = digests?;
     if digests.len() != shape.columns.len() * COLUMN_DIGEST_LEN {
         return None;
     }
@@ -640,6 +690,16 @@ fn forged_bookkeeping(
     let written_back =
         last.written_back && (mode == WriteBack::Accepted || last.anchored || last.mismatched);
     if written_back && *hash != last.record_hash {
+        return Some("record hash changed without capture");
+    }
+    // 'anchored': until Certyo confirms the version, its acceptance cleared the row (done:
+    // `written_back`), and nothing puts a hash on it but the confirmation.
+    if mode == WriteBack::Anchored
+        && last.written_back
+        && !last.anchored
+        && !last.mismatched
+        && hash.is_some()
+    {
         return Some("record hash changed without capture");
     }
     let claims_this_version = written_back || *hash == last.record_hash;

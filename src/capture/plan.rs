@@ -346,15 +346,12 @@ fn identity_of_another_table(plan: &TablePlan) -> CertyoError {
     CertyoError::new(
         PgSqlErrorCode::ERRCODE_E_R_I_E_TRIGGER_PROTOCOL_VIOLATED,
         format!(
-            "certyo_cdc: the capture trigger of {} carries the identity of another table (table_id={})",
+            "certyo_cdc: the capture trigger of {} carries an identity that is not this table's (table_id={})",
             plan.collection, plan.table_id
         ),
     )
-    .detail("Its changes would be taken for that table's, and Certyo's hashes for them written to that table's rows; nothing was queued.")
-    .hint(format!(
-        "Capture triggers are made by certyo.track() alone: remove this one with certyo.untrack('{}'), then call certyo.track('{}') to track the table.",
-        plan.collection, plan.collection
-    ))
+    .detail("The identity is that of another table, or one the catalog (certyo.table_identity) does not know: its changes could be taken for another table's, and Certyo's hashes for them written to that table's rows. Nothing was queued.")
+    .hint("If the table was restored from a dump without the extension's catalog, track it anew: SELECT certyo.track('schema.table'), as its owner. If the trigger was made by hand, not by certyo.track(), remove it with certyo.untrack() on the table.")
 }
 
 /// Relcache invalidation of `relid` (invalid: of everything).

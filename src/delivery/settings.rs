@@ -261,8 +261,7 @@ pub fn only_database() -> Option<String> {
     Some(text(&DATABASE_NAME)).filter(|name| !name.is_empty())
 }
 
-/// `certyo.user_code_timeout`, read where a statement runs users' code.
-/// `certyo.write_back`.
+/// `certyo.write_back`: the write-back mode of a table tracked without naming one.
 pub fn write_back() -> WriteBack {
     match WRITE_BACK.get() {
         WriteBackSetting::Anchored => WriteBack::Anchored,
@@ -270,6 +269,7 @@ pub fn write_back() -> WriteBack {
     }
 }
 
+/// `certyo.user_code_timeout`, read where a statement runs users' code.
 pub fn user_code_timeout() -> Duration {
     Duration::from_millis(USER_CODE_TIMEOUT_MS.get().max(100) as u64)
 }

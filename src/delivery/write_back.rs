@@ -888,22 +888,71 @@ fn mark_table(
 }
 
 /// Per version id, the hex SHA-256 of the payload captured (and sent to Certyo), by record hash.
+/// What was captured of a version, for the content guard: its receipt, the digest of its
+/// payload, and its columns' digests (when kept).
+pub(super) struct Captured {
+    id: i64,
+    sha256: String,
+    digests: Option<Vec<u8>>,
+}
+
 pub(super) fn captured_payloads(
     client: &mut pgrx::spi::SpiClient<'_>,
     ids: &[i64],
-) -> Result<HashMap<String, String>, pgrx::spi::Error> {
+) -> Result<HashMap<String, Captured>, pgrx::spi::Error> {
     let found = super::prepared::select(
         client,
-        "SELECT record_hash, encode(payload_sha256, 'hex') FROM certyo.receipt WHERE id = ANY ($1)",
+        "SELECT record_hash, encode(payload_sha256, 'hex'), id, column_sha256 FROM certyo.receipt WHERE id = ANY ($1)",
         &[ids.to_vec().into()],
     )?;
     let mut captured = HashMap::new();
     for row in found {
-        if let (Some(hash), Some(sha256)) = (row.get::<String>(1)?, row.get::<String>(2)?) {
-            captured.insert(hash, sha256);
+        if let (Some(hash), Some(sha256), Some(id)) = (
+            row.get::<String>(1)?,
+            row.get::<String>(2)?,
+            row.get::<i64>(3)?,
+        ) {
+            let digests = row.get::<Vec<u8>>(4)?;
+            captured.insert(
+                hash,
+                Captured {
+                    id,
+                    sha256,
+                    digests,
+                },
+            );
         }
     }
     Ok(captured)
+}
+
+/// Whether a row rendering to `payload` holds the content `captured` of a version captured
+/// before a schema change (a column added, dropped, renamed or retyped since, or excluded):
+/// the same values in the columns that version was captured with that are still there with
+/// their type, compared by their digests under the version's shape, as `certyo.audit()` does.
+fn renders_under_its_shape(
+    relid: Oid,
+    captured: &Captured,
+    payload: &[u8],
+    shapes: &mut Option<(Vec<crate::shape::Shape>, HashMap<i16, (String, String)>)>,
+) -> bool {
+    if shapes.is_none() {
+        let loaded = crate::shape::history(relid)
+            .and_then(|history| Ok((history, crate::audit::columns_now(relid)?)));
+        match loaded {
+            Ok(loaded) => *shapes = Some(loaded),
+            Err(_) => return false, // the safe side: not marked
+        }
+    }
+    let Some((history, columns_now)) = shapes.as_ref() else {
+        return false;
+    };
+    let after = history.partition_point(|s| s.since_id < captured.id);
+    let Some(shape) = after.checked_sub(1).map(|i| &history[i]) else {
+        return false; // captured under the present shape: its whole payload was compared
+    };
+    crate::audit::differing_columns(shape, captured.digests.as_ref(), payload, columns_now)
+        .is_some_and(|differ| differ.is_empty())
 }
 
 /// What the content guard found for a version.
@@ -926,7 +975,7 @@ pub(super) fn render_as_captured(
     relid: Oid,
     found: pgrx::spi::SpiTupleTable<'_>,
     hashes: &[String],
-    captured: &HashMap<String, String>,
+    captured: &HashMap<String, Captured>,
 ) -> Result<Vec<Rendered>, pgrx::spi::Error> {
     let mut tids: Vec<Rendered> = hashes.iter().map(|_| Rendered::NoRow).collect();
     if found.is_empty() {
@@ -950,6 +999,7 @@ pub(super) fn render_as_captured(
                 "certyo_cdc: the content guard read something other than a row of the table"
             );
         }
+        let mut shapes = None; // read once, if a row renders otherwise
         let mut found = found;
         while found.next().is_some() {
             let (Some(n), Some(tid)) = (found.get::<i64>(1)?, found.get::<String>(2)?) else {
@@ -979,7 +1029,10 @@ pub(super) fn render_as_captured(
             let image = crate::capture::record::Row::deform(&mut tuple, (*rel).rd_att, plan.natts);
             let renders = plan
                 .change(crate::capture::record::Operation::Upsert, &image)
-                .is_ok_and(|change| certyo::payload_sha256(&change.payload) == *expected);
+                .is_ok_and(|change| {
+                    certyo::payload_sha256(&change.payload) == expected.sha256
+                        || renders_under_its_shape(relid, expected, &change.payload, &mut shapes)
+                });
             tids[i] = if renders {
                 Rendered::AsCaptured(tid)
             } else {

@@ -126,7 +126,8 @@ mod tests {
 
     #[pg_test]
     fn audit_is_empty_for_a_clean_table_and_finds_changes_behind_captures_back() {
-        sql("CREATE TABLE t (id int PRIMARY KEY, v text, n numeric, at timestamptz); SELECT certyo.track('t');
+        // The two-step write-back, which this test plays by hand (no worker here).
+        sql("CREATE TABLE t (id int PRIMARY KEY, v text, n numeric, at timestamptz); SELECT certyo.track('t', write_back => 'accepted');
              INSERT INTO t (id, v, n, at) SELECT g, 'v' || g, g / 3.0, '2026-01-01'::timestamptz + g * interval '1 h'
                FROM generate_series(1, 6) g;");
         assert_eq!(

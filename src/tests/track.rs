@@ -33,9 +33,15 @@ mod tests {
     fn track_adds_bookkeeping_columns_and_both_triggers() {
         sql("CREATE TABLE t (id int PRIMARY KEY, v text); SELECT certyo.track('t')");
         assert_eq!(shape_of("t"), "id,v,certyo_record_hash,certyo_anchor_status,certyo_verified_at|certyo_capture,certyo_truncate_guard");
+        // The default write-back ('anchored'): nothing on the row until Certyo confirms it, and
+        // no column default for every INSERT to evaluate.
         sql("INSERT INTO t (id, v) VALUES (1, 'x')");
+        assert_eq!(one::<String>("SELECT certyo_anchor_status FROM t"), None);
+        // 'accepted': 'pending' from the start.
+        sql("CREATE TABLE u (id int PRIMARY KEY, v text); SELECT certyo.track('u', write_back => 'accepted');
+             INSERT INTO u (id, v) VALUES (1, 'x')");
         assert_eq!(
-            one::<String>("SELECT certyo_anchor_status FROM t"),
+            one::<String>("SELECT certyo_anchor_status FROM u"),
             Some("pending".into())
         );
     }

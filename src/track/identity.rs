@@ -42,36 +42,44 @@ pub fn relink_wanted() -> bool {
     RELINK_WANTED.replace(false)
 }
 
-/// Whether capture may queue the changes of table `relid` under table id `table_id`: the
-/// catalog, as found in this installation, places that id at this very table. A capture
+/// Whether capture may queue the changes of table `relid` under table id `table_id`. A capture
 /// trigger is made by `certyo.track()` alone, but anyone who may create a trigger can make one
 /// that calls `certyo.capture()` with another table's id (the ids are in `pg_trigger`, which
 /// everyone reads): its changes would then be taken for that table's, and their hashes written
-/// to its rows. After a restore not relinked yet (the catalog still places the ids in the
-/// cluster dumped), the tables are relinked first, as `certyo.relink_restored()` does for the
-/// worker. Read once per table and backend (capture's plans are cached).
+/// to its rows. So the id must be this table's as `certyo.relink_restored()` would place it:
+/// - placed in this installation at a table that exists: that table, by OID (an OID never
+///   changes within an installation);
+/// - restored and not relinked yet (placed in another installation), or placed at a table gone
+///   since (OID 0, or dropped and restored from a dump): the table of the name kept with it;
+/// - not in the catalog: none (an id made up could be the next one `certyo.track()` gives,
+///   and the changes would follow that table). A table restored alone, with its trigger, into a
+///   database whose catalog does not know its id is tracked anew by `certyo.track()`; until
+///   then its writes are refused, saying so.
+///
+/// Read only, once per table and backend (capture's plans are cached): the relink itself is
+/// the worker's, never run in a writer's transaction.
 pub fn capture_may_use(table_id: i32, relid: Oid) -> Result<bool> {
     if !schema_has_ids() {
         return Ok(true); // a schema from before 0.2.0: no ids to check
     }
-    let placed = || {
+    crate::rights::as_superuser(|| {
         Spi::get_one_with_args::<bool>(
-            "SELECT EXISTS (SELECT FROM certyo.table_identity i
-                             WHERE i.id OPERATOR(pg_catalog.=) $1 AND i.relid OPERATOR(pg_catalog.=) $2
-                               AND i.installation OPERATOR(pg_catalog.=) certyo.this_installation())",
+            "SELECT CASE
+                      WHEN i.id IS NULL THEN false
+                      WHEN i.installation OPERATOR(pg_catalog.=) certyo.this_installation()
+                           AND EXISTS (SELECT FROM pg_catalog.pg_class c WHERE c.oid OPERATOR(pg_catalog.=) i.relid)
+                        THEN i.relid OPERATOR(pg_catalog.=) $2
+                      ELSE EXISTS (SELECT FROM pg_catalog.pg_class c
+                                     JOIN pg_catalog.pg_namespace n ON n.oid OPERATOR(pg_catalog.=) c.relnamespace
+                                    WHERE c.oid OPERATOR(pg_catalog.=) $2
+                                      AND n.nspname OPERATOR(pg_catalog.=) i.schema_name
+                                      AND c.relname OPERATOR(pg_catalog.=) i.table_name)
+                    END
+               FROM (SELECT $1::integer AS id) x
+               LEFT JOIN certyo.table_identity i ON i.id OPERATOR(pg_catalog.=) x.id",
             &[table_id.into(), relid.into()],
         )
         .map(|placed| placed.unwrap_or(false))
-    };
-    crate::rights::as_superuser(|| {
-        if placed()? {
-            return Ok(true);
-        }
-        if Spi::get_one::<bool>("SELECT certyo.relink_needed()")?.unwrap_or(false) {
-            Spi::run("SELECT certyo.relink_restored(true)")?;
-            return placed();
-        }
-        Ok(false)
     })
     .map_err(Into::into)
 }
