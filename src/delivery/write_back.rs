@@ -926,6 +926,10 @@ pub(super) fn captured_payloads(
     Ok(captured)
 }
 
+/// The table's capture shapes and its columns now (see [`crate::audit::differing_columns`]),
+/// read once per write-back, when a row first renders otherwise than captured.
+type Shapes = Option<(Vec<crate::shape::Shape>, HashMap<i16, (String, String)>)>;
+
 /// Whether a row rendering to `payload` holds the content `captured` of a version captured
 /// before a schema change (a column added, dropped, renamed or retyped since, or excluded):
 /// the same values in the columns that version was captured with that are still there with
@@ -934,7 +938,7 @@ fn renders_under_its_shape(
     relid: Oid,
     captured: &Captured,
     payload: &[u8],
-    shapes: &mut Option<(Vec<crate::shape::Shape>, HashMap<i16, (String, String)>)>,
+    shapes: &mut Shapes,
 ) -> bool {
     if shapes.is_none() {
         let loaded = crate::shape::history(relid)
