@@ -40,6 +40,16 @@ impl CertyoError {
 
     /// Raise as `ERROR`: aborts the current (sub)transaction, so nothing the caller did stays.
     pub fn raise(self) -> ! {
+        self.report(PgLogLevel::ERROR);
+        unreachable!("ereport(ERROR) does not return")
+    }
+
+    /// Say as `WARNING`, with its detail and hint; nothing is aborted.
+    pub fn warn(self) {
+        self.report(PgLogLevel::WARNING);
+    }
+
+    fn report(self, level: PgLogLevel) {
         let mut report = ErrorReport::new(self.code, self.message, "certyo_cdc");
         if let Some(detail) = self.detail {
             report = report.set_detail(detail);
@@ -47,8 +57,7 @@ impl CertyoError {
         if let Some(hint) = self.hint {
             report = report.set_hint(hint);
         }
-        report.report(PgLogLevel::ERROR);
-        unreachable!("ereport(ERROR) does not return")
+        report.report(level);
     }
 }
 
