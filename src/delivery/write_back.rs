@@ -1089,7 +1089,7 @@ pub(super) fn refuse(
             format!("certyo_cdc: {count} rows of table {table} were not marked with their version's hash: they no longer render to the content captured"),
         )
         .detail("Changed without capture, or their rendering changed without a change of theirs (an enum label renamed, a type's output altered): the hash Certyo gave is not of what they hold. certyo.receipt.write_back_dropped says so for each version.")
-        .hint(format!("SELECT * FROM certyo.audit('{table}') names them; the next captured change of each row is written back as usual (an UPDATE setting a column to itself captures a row anew)."))
+        .hint(format!("SELECT * FROM certyo.audit('{table}') names them; the next captured change of each row is written back as usual, and certyo.backfill('{table}') sends every row as it is now."))
         .warn();
     }
     Ok(())
