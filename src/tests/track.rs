@@ -9,7 +9,7 @@ fn shape_of(table: &str) -> String {
     one::<String>(&format!(
         "SELECT (SELECT string_agg(attname, ',' ORDER BY attnum) FROM pg_attribute
                   WHERE attrelid = '{table}'::regclass AND attnum > 0 AND NOT attisdropped)
-             || '|' || coalesce((SELECT string_agg(tgname, ',') FROM pg_trigger WHERE tgrelid = '{table}'::regclass), '')"
+             || '|' || coalesce((SELECT string_agg(tgname, ',' ORDER BY tgname) FROM pg_trigger WHERE tgrelid = '{table}'::regclass), '')"
     ))
     .unwrap()
 }
