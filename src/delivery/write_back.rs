@@ -900,11 +900,14 @@ pub(super) fn captured_payloads(
     client: &mut pgrx::spi::SpiClient<'_>,
     ids: &[i64],
 ) -> Result<HashMap<String, Captured>, pgrx::spi::Error> {
-    let found = super::prepared::select(
-        client,
-        "SELECT record_hash, encode(payload_sha256, 'hex'), id, column_sha256 FROM certyo.receipt WHERE id = ANY ($1)",
-        &[ids.to_vec().into()],
-    )?;
+    // A schema from before 0.2.0 (the library installed, `ALTER EXTENSION certyo_cdc UPDATE`
+    // not yet run) keeps no column digests.
+    let sql = if crate::shape::schema_has(c"receipt", Some(c"column_sha256")) {
+        "SELECT record_hash, encode(payload_sha256, 'hex'), id, column_sha256 FROM certyo.receipt WHERE id = ANY ($1)"
+    } else {
+        "SELECT record_hash, encode(payload_sha256, 'hex'), id, NULL::bytea FROM certyo.receipt WHERE id = ANY ($1)"
+    };
+    let found = super::prepared::select(client, sql, &[ids.to_vec().into()])?;
     let mut captured = HashMap::new();
     for row in found {
         if let (Some(hash), Some(sha256), Some(id)) = (
