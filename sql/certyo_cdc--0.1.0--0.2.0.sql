@@ -451,3 +451,9 @@ SELECT t.tgrelid::regclass                                        AS "table",
   FROM pg_catalog.pg_trigger t
  WHERE t.tgname = 'certyo_capture' AND t.tgfoid = 'certyo.capture()'::regprocedure
    AND t.tgparentid = 0;  -- not the clones on a tracked partitioned table's partitions
+
+-- Only each record's current version is verified by default (certyo.verify): a receipt that a
+-- newer version of its record replaced before it was verified is 'superseded'.
+ALTER TABLE certyo.receipt DROP CONSTRAINT receipt_anchor_status_check,
+    ADD CONSTRAINT receipt_anchor_status_check
+        CHECK (anchor_status IN ('pending', 'overdue', 'anchored', 'mismatch', 'superseded'));

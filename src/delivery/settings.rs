@@ -31,6 +31,19 @@ static USER_CODE_TIMEOUT_MS: GucSetting<i32> = GucSetting::<i32>::new(5000);
 static MAX_PAYLOAD_SIZE_KB: GucSetting<i32> = GucSetting::<i32>::new(10 * 1024);
 static WRITE_BACK: GucSetting<WriteBackSetting> =
     GucSetting::<WriteBackSetting>::new(WriteBackSetting::Anchored);
+static VERIFY: GucSetting<Verify> = GucSetting::<Verify>::new(Verify::Current);
+
+/// `certyo.verify`: which accepted versions the worker asks Certyo about.
+#[derive(pgrx::PostgresGucEnum, Clone, Copy, PartialEq, Eq, Debug)]
+pub enum Verify {
+    /// Each record's current version, what its row (or its delete) says now: a version a newer
+    /// one of the same record replaced before it was verified is `superseded`, never asked about.
+    #[name = c"current"]
+    Current,
+    /// Every version.
+    #[name = c"every"]
+    Every,
+}
 
 /// `certyo.write_back`: the write-back mode of a table that `certyo.track()` tracks without
 /// naming one (see [`WriteBack`]).
@@ -161,7 +174,7 @@ pub fn define(preloading: bool) {
     );
     GucRegistry::define_int_guc(
         c"certyo.retention",
-        c"How long receipts of replaced versions and of deletes are kept once anchored.",
+        c"How long receipts of replaced versions and of deletes are kept once anchored (or superseded, see certyo.verify).",
         c"",
         &RETENTION_S,
         0,
@@ -188,6 +201,14 @@ pub fn define(preloading: bool) {
         i32::MAX,
         GucContext::Sighup,
         GucFlags::UNIT_MS,
+    );
+    GucRegistry::define_enum_guc(
+        c"certyo.verify",
+        c"Which accepted versions the worker verifies: 'current' (the default), each record's current version, or 'every' version.",
+        c"'current': a version replaced by a newer one of the same record before it was verified is marked superseded in its receipt and never asked about (one request per record and verification interval, however often it changes). 'every': one request per version.",
+        &VERIFY,
+        GucContext::Sighup,
+        GucFlags::default(),
     );
     GucRegistry::define_int_guc(
         c"certyo.anchor_timeout",
@@ -300,6 +321,7 @@ pub struct Settings {
     pub verify_min_age: Duration,
     pub verify_interval: Duration,
     pub anchor_timeout: Duration,
+    pub verify: Verify,
     pub backfill_chunk_size: usize,
     /// `certyo.max_payload_size`, in bytes.
     pub max_payload_size: usize,
@@ -340,6 +362,7 @@ pub fn current() -> Settings {
         verify_min_age: Duration::from_millis(VERIFY_MIN_AGE_MS.get().max(0) as u64),
         verify_interval: Duration::from_millis(VERIFY_INTERVAL_MS.get().max(100) as u64),
         anchor_timeout: Duration::from_secs(ANCHOR_TIMEOUT_S.get().max(1) as u64),
+        verify: VERIFY.get(),
         backfill_chunk_size: BACKFILL_CHUNK_SIZE.get().max(1) as usize,
         max_payload_size: MAX_PAYLOAD_SIZE_KB.get().max(1) as usize * 1024,
     }

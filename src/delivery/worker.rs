@@ -664,11 +664,13 @@ impl Worker {
             }
         }
         self.verify_gathering = false;
-        let due = anchor::take_due(VERIFY_BATCH)?;
+        let anchor::Taken { due, taken } = anchor::take_due(VERIFY_BATCH, settings.verify)?;
+        let full = taken == VERIFY_BATCH;
         if due.is_empty() {
-            return Ok((Tally::default(), None));
+            // All superseded (marked so): a full batch may have more due behind it.
+            return Ok((Tally::default(), full.then_some(Duration::ZERO)));
         }
-        self.last_verify = Some((Instant::now(), due.len() == VERIFY_BATCH));
+        self.last_verify = Some((Instant::now(), full));
         self.verifying = Some(anchor::Verifying::start(
             client,
             &settings.tenant_id,
