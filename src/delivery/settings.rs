@@ -18,6 +18,7 @@ static MAX_DATABASES: GucSetting<i32> = GucSetting::<i32>::new(8);
 static BATCH_SIZE: GucSetting<i32> = GucSetting::<i32>::new(1000);
 static BULK_THRESHOLD: GucSetting<i32> = GucSetting::<i32>::new(10);
 static POLL_INTERVAL_MS: GucSetting<i32> = GucSetting::<i32>::new(1000);
+static LINGER_MS: GucSetting<i32> = GucSetting::<i32>::new(20);
 static REQUEST_TIMEOUT_MS: GucSetting<i32> = GucSetting::<i32>::new(30_000);
 static MAX_RATE_LIMIT_RETRIES: GucSetting<i32> = GucSetting::<i32>::new(3);
 static RETENTION_S: GucSetting<i32> = GucSetting::<i32>::new(86_400);
@@ -139,6 +140,16 @@ pub fn define(preloading: bool) {
         &POLL_INTERVAL_MS,
         10,
         3_600_000,
+        GucContext::Sighup,
+        GucFlags::UNIT_MS,
+    );
+    GucRegistry::define_int_guc(
+        c"certyo.linger",
+        c"Under load, how long changes gather after a pass that took less than a full batch before the next pass (0: no wait).",
+        c"The wait ends early once certyo.batch_size changes have committed; commits meanwhile do not wake the worker. Longer: fewer, larger batches and less CPU per change; shorter: lower latency. A change committed while the worker sleeps is sent at once.",
+        &LINGER_MS,
+        0,
+        1000,
         GucContext::Sighup,
         GucFlags::UNIT_MS,
     );
@@ -312,6 +323,8 @@ pub struct Settings {
     pub batch_size: usize,
     pub bulk_threshold: usize,
     pub poll_interval: Duration,
+    /// `certyo.linger`.
+    pub linger: Duration,
     pub request_timeout: Duration,
     /// `certyo.max_retry_interval`: the cap of every back-off.
     pub max_retry_interval: Duration,
@@ -354,6 +367,7 @@ pub fn current() -> Settings {
         batch_size: BATCH_SIZE.get().clamp(1, 1000) as usize,
         bulk_threshold: BULK_THRESHOLD.get().max(0) as usize,
         poll_interval: Duration::from_millis(POLL_INTERVAL_MS.get().max(10) as u64),
+        linger: Duration::from_millis(LINGER_MS.get().max(0) as u64),
         request_timeout: Duration::from_millis(REQUEST_TIMEOUT_MS.get().max(100) as u64),
         max_retry_interval: Duration::from_secs(MAX_RETRY_INTERVAL_S.get().max(1) as u64),
         max_rate_limit_retries: MAX_RATE_LIMIT_RETRIES.get().max(0) as u32,

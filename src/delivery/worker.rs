@@ -163,8 +163,6 @@ struct Worker {
     verify_gathering: bool,
     /// Changes settled since the worker last vacuumed the queue.
     settled_since_vacuum: i64,
-    /// When the last pass started: changes per interval give the rate they arrive at.
-    pass_started: Option<Instant>,
     /// The database served.
     database: pg_sys::Oid,
     /// The slow lane, for write-backs that wait and backfill chunks (`slow_lane.rs`).
@@ -261,9 +259,10 @@ enum Next {
     /// More may be ready: run another pass at once.
     Now,
     Wait(Duration),
-    /// Changes trickle in: let commits gather for this long (doorbells do not cut it short),
-    /// then run the next pass, so that a busy database gets fewer, larger batches.
-    Gather(Duration),
+    /// Changes trickle in: let commits gather for up to `certyo.linger`, or until a full batch
+    /// (this many changes) has committed, then run the next pass, so that a busy database gets
+    /// fewer, larger batches.
+    Linger(Duration, usize),
     /// The extension is gone from the database: the worker ends.
     Stop,
 }
@@ -302,7 +301,7 @@ impl Worker {
             let keep_going = match next {
                 Next::Now => !super::stopping(),
                 Next::Wait(wait) => sleep(wait),
-                Next::Gather(wait) => gather(wait),
+                Next::Linger(up_to, batch) => linger(up_to, batch),
                 Next::Stop => {
                     pgrx::log!("certyo_cdc: certyo_cdc was dropped from this database; its delivery worker ends");
                     self.lane.stop();
@@ -361,7 +360,6 @@ impl Worker {
 
     fn pass(&mut self) -> Result<Next, PassError> {
         crate::wake::count_pass();
-        let previous_pass = self.pass_started.replace(Instant::now());
         let settings = settings::current();
         let Some(control) = store::control()? else {
             return Ok(Next::Stop); // DROP EXTENSION: nothing left to serve here
@@ -475,11 +473,8 @@ impl Worker {
             // much as a full one: wait a moment for more.
             let trickling =
                 delivered.sent > 0 && (delivered.sent as usize) < settings.batch_size / 4;
-            let rate = previous_pass.map_or(0.0, |at| {
-                delivered.sent as f64 / at.elapsed().as_secs_f64().max(0.001)
-            });
-            return Ok(if trickling {
-                Next::Gather(gather_time(rate))
+            return Ok(if trickling && !settings.linger.is_zero() {
+                Next::Linger(settings.linger, settings.batch_size)
             } else {
                 Next::Now
             });
@@ -764,30 +759,35 @@ fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1000.0
 }
 
-/// How long a pass that took only a few changes lets more gather before the next, given the
-/// rate at which changes arrived (per second). A pass has a fixed cost (a dozen statements,
-/// two commits), so at a high commit rate a short wait for more buys far fewer passes and
-/// leaves the CPU to the writers; at a low rate the wait stays short, for latency. 2 µs per
-/// change per second: 2 ms up to 1,000 changes/s (commit-to-accepted p50 about 7 ms), 20 ms
-/// from 10,000/s.
-fn gather_time(rate: f64) -> Duration {
-    Duration::from_secs_f64((rate * 2e-6).clamp(0.002, 0.020))
-}
-
-/// Sleep `timeout` whatever the doorbell says; SIGTERM and the postmaster's death still end it.
-fn gather(timeout: Duration) -> bool {
-    let millis = timeout.as_millis().min(i32::MAX as u128) as std::ffi::c_long;
-    // SAFETY: as in `sleep`; without WL_LATCH_SET only the timeout (or the postmaster's death)
-    // ends the wait. SIGTERM sets the latch, seen by the next wait or check below.
-    unsafe {
-        pg_sys::WaitLatch(
-            pg_sys::MyLatch,
-            (pg_sys::WL_TIMEOUT | pg_sys::WL_EXIT_ON_PM_DEATH) as i32,
-            millis,
-            pg_sys::PG_WAIT_EXTENSION,
-        );
+/// Linger after a pass that took only a few changes: a pass has a fixed cost (a dozen
+/// statements, two commits), so while writers keep committing, waiting up to `up_to` for more
+/// buys far fewer passes and leaves the CPU to the writers. Commits meanwhile do not ring the
+/// worker until `batch` changes have committed (a full batch: no reason to wait longer), so
+/// the wait costs neither side a wake-up per commit. The wait is on the latch: SIGTERM,
+/// `certyo.wake()` and the postmaster's death end it too.
+fn linger(up_to: Duration, batch: usize) -> bool {
+    let deadline = Instant::now() + up_to;
+    crate::wake::ring_after(batch as u64);
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() || super::stopping() || crate::wake::gathered() {
+            break;
+        }
+        let millis = left.as_millis().clamp(1, i32::MAX as u128) as std::ffi::c_long;
+        // SAFETY: the worker's own latch, in its main thread, outside any transaction.
+        unsafe {
+            pg_sys::WaitLatch(
+                pg_sys::MyLatch,
+                (pg_sys::WL_LATCH_SET | pg_sys::WL_TIMEOUT | pg_sys::WL_EXIT_ON_PM_DEATH) as i32,
+                millis,
+                pg_sys::PG_WAIT_EXTENSION,
+            );
+            pg_sys::ResetLatch(pg_sys::MyLatch);
+        }
+        // SIGHUP sets the latch too: the reload waits for the main loop, at most `up_to`.
+        pgrx::check_for_interrupts!();
     }
-    pgrx::check_for_interrupts!();
+    crate::wake::ring_every_commit();
     !super::stopping()
 }
 
