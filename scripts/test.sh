@@ -9,44 +9,36 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup.sh
 export PATH="$PWD/.venv/bin:$PATH"  # the Python tools setup installed
-# 15 on this machine first; the versions in Debian roots then run side by side (their suites
-# mostly wait on clusters, and each root has its own /tmp and build directory), each one's
-# output shown whole when it ends.
-roots=()
+# Every version side by side, 15 on this machine and the others each in a Debian root made by
+# scripts/pg-root.sh (their suites mostly wait on clusters; each root has its own /tmp and
+# build directory, 15 builds into target/), each one's output shown whole when it ends.
+logs=$(mktemp -d)
+versions=() pids=()
+started=$SECONDS
 for version in ${PG_VERSIONS:-15}; do
     if [ "$version" = 15 ]; then
-        started=$SECONDS
-        scripts/test-version.sh 15
-        echo "== PostgreSQL 15: every test passed in $((SECONDS - started)) s"
+        scripts/test-version.sh 15 >"$logs/$version.log" 2>&1 &
     else
-        roots+=("$version")
+        scripts/pg-root.sh "$version" scripts/test-version.sh "$version" >"$logs/$version.log" 2>&1 &
+    fi
+    versions+=("$version") pids+=($!)
+done
+failed=()
+for i in "${!versions[@]}"; do
+    version=${versions[$i]}
+    if wait "${pids[$i]}"; then
+        cat "$logs/$version.log"
+        echo "== PostgreSQL $version: every test passed in $((SECONDS - started)) s (beside ${versions[*]})"
+    else
+        cat "$logs/$version.log"
+        echo "== PostgreSQL $version: FAILED (above)"
+        failed+=("$version")
     fi
 done
-if [ ${#roots[@]} -gt 0 ]; then
-    logs=$(mktemp -d)
-    pids=()
-    started=$SECONDS
-    for version in "${roots[@]}"; do
-        scripts/pg-root.sh "$version" scripts/test-version.sh "$version" >"$logs/$version.log" 2>&1 &
-        pids+=($!)
-    done
-    failed=()
-    for i in "${!roots[@]}"; do
-        version=${roots[$i]}
-        if wait "${pids[$i]}"; then
-            cat "$logs/$version.log"
-            echo "== PostgreSQL $version: every test passed in $((SECONDS - started)) s (beside ${roots[*]})"
-        else
-            cat "$logs/$version.log"
-            echo "== PostgreSQL $version: FAILED (above)"
-            failed+=("$version")
-        fi
-    done
-    rm -rf "$logs"
-    if [ ${#failed[@]} -gt 0 ]; then
-        echo "== tests failed on PostgreSQL ${failed[*]}" >&2
-        exit 1
-    fi
+rm -rf "$logs"
+if [ ${#failed[@]} -gt 0 ]; then
+    echo "== tests failed on PostgreSQL ${failed[*]}" >&2
+    exit 1
 fi
 # The packages, each installed into a clean Debian root, beside the suites below (they wait on
 # apt and on clusters): postgresql-NN-certyo-cdc, made by scripts/test-version.sh, and certyo-relay.
