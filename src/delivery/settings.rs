@@ -40,6 +40,8 @@ pub enum WriteBackSetting {
     Anchored,
     #[name = c"accepted"]
     Accepted,
+    #[name = c"none"]
+    None,
 }
 
 /// Define the settings; called from `_PG_init` in every process that loads the library.
@@ -221,7 +223,7 @@ pub fn define(preloading: bool) {
     );
     GucRegistry::define_enum_guc(
         c"certyo.write_back",
-        c"When the worker writes back to the rows of a table that certyo.track() tracks without naming write_back: 'anchored' (the default) or 'accepted'.",
+        c"When the worker writes back to the rows of a table that certyo.track() tracks without naming write_back: 'anchored' (the default), 'accepted' or 'none'.",
         c"'anchored': hash, status and time in one UPDATE once Certyo confirms the version on chain, NULL until then. 'accepted': the hash and 'pending' at acceptance, the status again once anchored. Tables already tracked keep their mode.",
         &WRITE_BACK,
         GucContext::Userset,
@@ -266,6 +268,7 @@ pub fn write_back() -> WriteBack {
     match WRITE_BACK.get() {
         WriteBackSetting::Anchored => WriteBack::Anchored,
         WriteBackSetting::Accepted => WriteBack::Accepted,
+        WriteBackSetting::None => WriteBack::None,
     }
 }
 

@@ -759,6 +759,10 @@ fn mark_table(
     let Some(key) = RecordKey::from_found(found)? else {
         return Ok(Marked::Done); // dropped or untracked meanwhile: nothing to write back to
     };
+    if key.write_back == WriteBack::None {
+        // Never written to: a column of a bookkeeping name there is the user's own.
+        return Ok(Marked::Done);
+    }
     if let Err(refused) = key.readable() {
         refused.raise();
     }

@@ -4,19 +4,22 @@
 use super::table::{quote_ident, quote_literal, Table};
 use crate::capture::options::{split_trigger_args, CaptureOptions, WriteBack, BOOKKEEPING_COLUMNS};
 use crate::capture::{CAPTURE_TRIGGER, TRUNCATE_TRIGGER};
-use crate::error::Result;
+use crate::error::{CertyoError, Result};
 use pgrx::pg_sys::{self, Oid};
 use pgrx::prelude::*;
+use pgrx::PgSqlErrorCode;
 
 /// Add the missing bookkeeping columns. Skipped entirely when all exist: `ALTER TABLE` takes
 /// an exclusive lock, which a re-`track()` that only changes options should not need.
 /// `certyo_anchor_status` defaults to `'pending'` only under [`WriteBack::Accepted`], whose
 /// rows say `pending` from their first version on; under [`WriteBack::Anchored`] a row holds
 /// NULL until its version is anchored, and no INSERT evaluates a default for it.
+/// Under [`WriteBack::None`] there are none to add.
 pub fn add_bookkeeping_columns(table: &Table, write_back: WriteBack) -> Result<()> {
     let status = match write_back {
         WriteBack::Accepted => "text DEFAULT 'pending'",
         WriteBack::Anchored => "text",
+        WriteBack::None => return Ok(()),
     };
     let definitions = [
         ("certyo_record_hash", "text"),
@@ -56,6 +59,39 @@ pub fn add_bookkeeping_columns(table: &Table, write_back: WriteBack) -> Result<(
         ))?;
     }
     Ok(())
+}
+
+/// `write_back => 'none'` on a table that has bookkeeping columns is refused: nothing would
+/// write them any more, so what they say (an earlier version's `anchored`, above all) would
+/// stay on rows whose content moves on, or a column of that name the user made would read as
+/// ours.
+pub fn refuse_bookkeeping_columns(table: &Table) -> Result<()> {
+    let present: Vec<&str> = BOOKKEEPING_COLUMNS
+        .iter()
+        .copied()
+        .filter(|name| table.column(name).is_some())
+        .collect();
+    if present.is_empty() {
+        return Ok(());
+    }
+    let drops: Vec<String> = present
+        .iter()
+        .map(|c| format!("DROP COLUMN {}", quote_ident(c)))
+        .collect();
+    Err(CertyoError::new(
+        PgSqlErrorCode::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
+        format!(
+            "certyo_cdc: table {} has bookkeeping columns ({}), which write_back => 'none' would leave as they are",
+            table.display,
+            present.join(", ")
+        ),
+    )
+    .detail("With write_back => 'none' the worker never writes to the table's rows, so what these columns say (an earlier version's hash and 'anchored') would stay on rows whose content moves on.")
+    .hint(format!(
+        "Drop them first (ALTER TABLE {} {}), then track again; or keep a mode that writes them: write_back => 'anchored'.",
+        table.quoted,
+        drops.join(", ")
+    )))
 }
 
 pub fn drop_bookkeeping_columns(table: &Table) -> Result<()> {

@@ -100,9 +100,9 @@ fn write_back_mode(value: &str) -> Result<WriteBack> {
     WriteBack::parse(value).ok_or_else(|| {
         CertyoError::new(
             PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE,
-            format!("certyo_cdc: write_back must be 'anchored' or 'accepted', not {value:?}"),
+            format!("certyo_cdc: write_back must be 'anchored', 'accepted' or 'none', not {value:?}"),
         )
-        .hint("'anchored' writes the hash and status back once, when Certyo confirms the version on chain; 'accepted' writes the hash at acceptance and the status again once anchored.")
+        .hint("'anchored' writes the hash and status back once, when Certyo confirms the version on chain; 'accepted' writes the hash at acceptance and the status again once anchored; 'none' adds no column and never writes to the rows (certyo.record_status() gives each record's state).")
     })
 }
 
@@ -175,7 +175,11 @@ fn track_table(
     let mode_changed = installed
         .as_ref()
         .is_some_and(|o| o.write_back != options.write_back);
-    install::add_bookkeeping_columns(&table, options.write_back)?;
+    if options.write_back == WriteBack::None {
+        install::refuse_bookkeeping_columns(&table)?;
+    } else {
+        install::add_bookkeeping_columns(&table, options.write_back)?;
+    }
     TriggerDefinition::new(&table, &options).install(&table)?;
     crate::shape::record(relid, &options)?;
     if !was_tracked || mode_changed {
@@ -373,7 +377,9 @@ fn refresh(relid: Oid) -> Result<()> {
         return Ok(()); // untracked meanwhile: nothing to keep current
     };
     let table = Table::inspect(relid)?;
-    require_bookkeeping_columns(&table)?;
+    if options.write_back != WriteBack::None {
+        require_bookkeeping_columns(&table)?;
+    }
     let request = Request {
         record_id_columns: match options.record_id_source {
             RecordIdSource::PrimaryKey => None,
