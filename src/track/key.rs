@@ -102,8 +102,9 @@ pub const LOOKUP: &str = concat!(
      JOIN pg_namespace n ON n.oid = c.relnamespace
      JOIN pg_trigger t ON t.tgrelid = c.oid AND t.tgname = 'certyo_capture'
     WHERE c.oid = $1 AND c.relpersistence <> 't'
-      AND EXISTS (SELECT FROM pg_attribute a
-                   WHERE a.attrelid = c.oid AND a.attname = 'certyo_record_hash' AND NOT a.attisdropped)"
+      AND ((certyo.capture_option(t.tgargs, 'write_back'))[1] IS NOT DISTINCT FROM 'none'
+           OR EXISTS (SELECT FROM pg_attribute a
+                       WHERE a.attrelid = c.oid AND a.attname = 'certyo_record_hash' AND NOT a.attisdropped))"
 );
 
 pub struct RecordKey {
@@ -325,7 +326,8 @@ unsafe fn unreadable_within(t: Oid, table_owner: Oid, depth: u32) -> Option<&'st
 }
 
 impl RecordKey {
-    /// None when the table is gone, no longer tracked, lacks the bookkeeping columns, or a
+    /// None when the table is gone, no longer tracked, lacks the bookkeeping columns (but
+    /// tracked with `write_back => 'none'`, which has none), or a
     /// record id column was dropped: nothing can be matched then. Also None for a temporary
     /// table (a hand-made capture trigger could queue its rows): no other session can read it.
     pub fn of(client: &SpiClient<'_>, relid: Oid) -> Result<Option<RecordKey>, pgrx::spi::Error> {
