@@ -259,7 +259,7 @@ pub fn record(results: &[(Due, Verification)], schedule: Schedule) -> SpiResult<
 fn later_push(later: &mut (Vec<i64>, Vec<Option<String>>), id: i64, error: Option<String>) {
     later.0.push(id);
     // Kept in certyo.receipt.verify_error, which certyo.history() shows: never with the key.
-    later.1.push(error.map(|e| super::api_key::masked(&e)));
+    later.1.push(error.map(|e| crate::api_key::masked(&e)));
 }
 
 #[cfg(test)]

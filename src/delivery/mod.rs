@@ -2,8 +2,6 @@
 //! keeps dead letters and receipts, and writes record hashes back to the source rows.
 //!
 //! - `launcher`: the worker with no database that starts a delivery worker per database;
-//! - `settings`: the `certyo.*` GUCs;
-//! - `api_key`: the API key from its file or setting, kept out of the server log;
 //! - `worker`: a database's delivery worker, its main loop;
 //! - `prepared`: the worker's statements, planned once per session;
 //! - `backlog`: a long queue read once, in id order, for the passes that drain it;
@@ -20,13 +18,11 @@
 //!   backfill chunks), so that it never holds up delivery.
 
 mod anchor;
-pub mod api_key;
 mod backlog;
 mod launcher;
 mod owners;
 mod prepared;
 mod sending;
-pub mod settings;
 mod slow_lane;
 mod store;
 mod vacuum;

@@ -6,8 +6,8 @@
 //! work in flight, so work abandoned at shutdown is redone after the restart (a resent batch is
 //! answered as a replay).
 
-use super::settings::Settings;
 use super::store::Entry;
+use crate::settings::Settings;
 use certyo::{Client, Outcome, Record};
 use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
 use std::sync::mpsc::{self, RecvTimeoutError};

@@ -17,9 +17,9 @@
 //! the delivery worker does the lane's replica-mode write-backs itself meanwhile (they run no
 //! owner's code); backfills and write-backs that run owners' code wait for a lane.
 
-use super::settings;
 use super::store;
 use super::write_back;
+use crate::settings;
 use pgrx::bgworkers::{
     BackgroundWorker, BackgroundWorkerBuilder, BackgroundWorkerStatus, DynamicBackgroundWorker,
     SignalWakeFlags,

@@ -1,10 +1,10 @@
 //! Everything the worker reads and writes in Postgres. Each function is one short transaction;
 //! none is open while HTTP is in flight.
 
-use super::api_key::masked;
 use super::backlog::{self, Backlog};
 use super::prepared;
 use super::write_back::{self, Mark, Version};
+use crate::api_key::masked;
 use certyo::fate::{fate_of, Fate};
 use certyo::Outcome;
 use pgrx::pg_sys::Oid;

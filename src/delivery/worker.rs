@@ -8,9 +8,9 @@
 use super::anchor;
 use super::backlog::Backlog;
 use super::sending::{with_signals_blocked, Sending};
-use super::settings::{self, Settings};
 use super::store::{self, Entry, Tally};
 use super::write_back;
+use crate::settings::{self, Settings};
 use certyo::outage::{jitter, Change, Link};
 use certyo::retry::next_attempt_delay;
 use certyo::{Client, ClientConfig, Outcome, Verification};
@@ -275,7 +275,7 @@ impl Worker {
                 // SAFETY: the worker's main loop, outside any transaction, as Postgres' own
                 // workers reload.
                 unsafe { pg_sys::ProcessConfigFile(pg_sys::GucContext::PGC_SIGHUP) };
-                super::api_key::forget();
+                crate::api_key::forget();
                 self.refused = None;
             }
             let next = match self.guarded_pass() {

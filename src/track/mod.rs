@@ -60,7 +60,7 @@ fn track_write_back(
         timestamp_column,
         backfill,
         write_back,
-        crate::delivery::settings::write_back(),
+        crate::settings::write_back(),
     )
 }
 

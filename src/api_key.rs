@@ -113,7 +113,11 @@ fn check_file(path: &str, meta: &std::fs::Metadata) -> Result<(), String> {
 /// from `certyo.api_key_file`. Never fails: a cache in use (it is not, where the log hook
 /// runs) is skipped.
 fn known_keys() -> Vec<String> {
-    let mut keys: Vec<String> = super::settings::api_key_setting().into_iter().collect();
+    let mut keys: Vec<String> = KEY_SETTING
+        .get()
+        .and_then(|setting| setting())
+        .into_iter()
+        .collect();
     let read = FROM_FILE.try_with(|cache| {
         cache
             .try_borrow()
@@ -141,8 +145,15 @@ pub fn masked(text: &str) -> String {
 
 static mut PREVIOUS_HOOK: pg_sys::emit_log_hook_type = None;
 
-/// Install the log hook (from `_PG_init`, once per process).
-pub fn redact_from_log() {
+/// Reads the value of `certyo.api_key` (None when it is not set), handed over by whoever
+/// installs the log hook: this module knows no settings of its own.
+static KEY_SETTING: std::sync::OnceLock<fn() -> Option<String>> = std::sync::OnceLock::new();
+
+/// Install the log hook (from `_PG_init`, once per process); `key_setting` reads the value of
+/// `certyo.api_key`, which the hook keeps out of the log.
+pub fn redact_from_log(key_setting: fn() -> Option<String>) {
+    // Once per process: a second call (there is none) would keep the first getter.
+    KEY_SETTING.get_or_init(|| key_setting);
     // SAFETY: `_PG_init` runs once per process, in its main thread, before any log message of
     // ours; the previous hook is kept and called, as the hook protocol asks.
     unsafe {
