@@ -5,8 +5,8 @@
 //! one short transaction, ask Certyo on a helper thread (delivery goes on meanwhile), record
 //! the answers in another.
 
+use super::record::Tally;
 use super::sending::OffThread;
-use super::store::Tally;
 use super::write_back::{self, Mark, Version};
 use certyo::fate::{verdict, Verdict, MAX_VERIFY_DELAY, MAX_VERIFY_DOUBLINGS};
 use certyo::{Client, Outcome, Verification, VerifyRequest};
