@@ -165,6 +165,10 @@ pub fn redact_from_log(key_setting: fn() -> Option<String>) {
 /// Called by PostgreSQL for every message about to be logged. It must never raise an error
 /// (it runs inside error reporting): it only reads, and edits the message text in place,
 /// never making it longer, so it allocates nothing in Postgres.
+///
+/// # Safety
+/// Called only by PostgreSQL, as its `emit_log_hook`, in the process's main thread: `edata`
+/// is null or the ErrorData being reported, alive for the call.
 unsafe extern "C-unwind" fn on_log(edata: *mut pg_sys::ErrorData) {
     if !edata.is_null() {
         // A panic here must not unwind into error reporting: a failed redaction hides the
@@ -178,6 +182,7 @@ unsafe extern "C-unwind" fn on_log(edata: *mut pg_sys::ErrorData) {
     }
     // SAFETY: the hook that was installed before ours, called as PostgreSQL would.
     if let Some(previous) = unsafe { PREVIOUS_HOOK } {
+        // SAFETY: as above, with the ErrorData PostgreSQL passed us.
         unsafe { previous(edata) };
     }
 }
@@ -190,6 +195,10 @@ unsafe extern "C-unwind" fn on_log(edata: *mut pg_sys::ErrorData) {
 /// every field loses the contents of its string literals and every value the statement held
 /// after the mention; a field that assigns the setting is cut after its name. The keys this
 /// process knows are masked in every message.
+///
+/// # Safety
+/// In the log hook ([`on_log`]), in the process's main thread: `edata` is the ErrorData being
+/// reported, its text fields null or NUL-terminated strings that may be edited in place.
 unsafe fn redact(edata: &mut pg_sys::ErrorData, keys: &[String]) {
     let fields = [
         edata.message,

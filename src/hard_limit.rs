@@ -193,6 +193,9 @@ unsafe extern "C-unwind" {
     fn disable_timeout(id: c_int, keep_indicator: bool);
 }
 
+/// # Safety
+/// Called only by PostgreSQL at the process's exit, as the `before_shmem_exit` callback
+/// registered above.
 #[pg_guard]
 unsafe extern "C-unwind" fn note_at_exit(_code: c_int, _arg: pg_sys::Datum) {
     let Some(running) = RUNNING.get() else { return };

@@ -98,7 +98,9 @@ pub(super) fn entries_of(
 /// # Safety
 /// `datum` must be a varlena value (text, json) that lives while this runs.
 unsafe fn text_size(datum: pg_sys::Datum) -> usize {
-    pg_sys::toast_raw_datum_size(datum).saturating_sub(pg_sys::VARHDRSZ)
+    // SAFETY: the caller upholds this function's contract (its `# Safety` section), on which
+    // every unsafe operation below relies.
+    unsafe { pg_sys::toast_raw_datum_size(datum).saturating_sub(pg_sys::VARHDRSZ) }
 }
 
 /// A text-like value's contents, read (and decompressed) in full.
@@ -106,6 +108,10 @@ unsafe fn text_size(datum: pg_sys::Datum) -> usize {
 /// # Safety
 /// As for [`text_size`].
 unsafe fn text_of(datum: pg_sys::Datum) -> String {
-    <String as pgrx::FromDatum>::from_polymorphic_datum(datum, false, pg_sys::TEXTOID)
-        .unwrap_or_default()
+    // SAFETY: the caller upholds this function's contract (its `# Safety` section), on which
+    // every unsafe operation below relies.
+    unsafe {
+        <String as pgrx::FromDatum>::from_polymorphic_datum(datum, false, pg_sys::TEXTOID)
+            .unwrap_or_default()
+    }
 }
