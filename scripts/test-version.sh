@@ -33,5 +33,5 @@ pg_test/capture.sh
 echo "== PostgreSQL $version, end to end (pytest): delivery, verification and the operator surface, security, the worker as a daemon, integrity, upgrades, every database, table identity, random operation sequences"
 cargo build --release -p certyo-emulator --quiet
 CERTYO_EMULATOR=$target/release/certyo-emulator "${PYTHON:-python3}" -m pytest -q -p no:cacheprovider \
-    pg_test/test_delivery.py pg_test/test_operations.py pg_test/test_security.py pg_test/test_security_worker.py pg_test/test_security_keys.py pg_test/test_security_identity.py pg_test/test_security_relink.py pg_test/test_daemon.py \
+    pg_test/test_delivery.py pg_test/test_operations.py pg_test/security pg_test/test_daemon.py \
     pg_test/test_integrity.py pg_test/test_upgrade.py pg_test/test_databases.py pg_test/test_identity.py pg_test/test_sequences.py
