@@ -156,6 +156,10 @@ class Held:
 
 
 class Cluster:
+    """A throwaway cluster in `directory`, started. With `emulator_url`, certyo_cdc is preloaded
+    and delivers there; without (None), the library is not preloaded and no certyo setting is
+    set: what `CREATE EXTENSION` alone gives."""
+
     def __init__(self, directory, port, emulator_url, settings=""):
         self.dir, self.port = directory, port
         subprocess.run(["sudo", "-u", "postgres", f"{PG_BIN}/pg_ctl", "-D", f"{self.dir}/data", "-m", "immediate", "stop"],
@@ -170,6 +174,11 @@ class Cluster:
 listen_addresses = ''
 unix_socket_directories = '{self.dir}'
 port = {self.port}
+""")
+            if emulator_url is None:
+                conf.write(settings + "\n")
+            else:
+                conf.write(f"""
 shared_preload_libraries = 'certyo_cdc'
 certyo.base_url = '{emulator_url}'
 certyo.api_key = '{KEY}'

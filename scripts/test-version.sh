@@ -28,10 +28,8 @@ cargo pgrx install --release --pg-config "$pg_config" --no-default-features --fe
 scripts/package.sh "$version"
 export PG_BIN=/usr/lib/postgresql/$version/bin CERTYO_PG_BIN=/usr/lib/postgresql/$version/bin
 
-echo "== PostgreSQL $version, end to end: capture"
-pg_test/capture.sh
-echo "== PostgreSQL $version, end to end (pytest): delivery, verification and the operator surface, security, the worker as a daemon, integrity, upgrades, every database, table identity, random operation sequences"
+echo "== PostgreSQL $version, end to end (pytest): capture, delivery, verification and the operator surface, security, the worker as a daemon, integrity, upgrades, every database, table identity, random operation sequences"
 cargo build --release -p certyo-emulator --quiet
 CERTYO_EMULATOR=$target/release/certyo-emulator "${PYTHON:-python3}" -m pytest -q -p no:cacheprovider \
-    pg_test/test_delivery.py pg_test/test_operations.py pg_test/security pg_test/test_daemon.py \
+    pg_test/test_capture.py pg_test/test_delivery.py pg_test/test_operations.py pg_test/security pg_test/test_daemon.py \
     pg_test/test_integrity.py pg_test/test_upgrade.py pg_test/test_databases.py pg_test/test_identity.py pg_test/test_sequences.py
