@@ -1,4 +1,4 @@
-"""pytest fixtures for the end-to-end security tests (pg_test/test_security.py).
+"""pytest fixtures for the end-to-end security tests (pg_test/security/).
 
 One Certyo emulator and one real PostgreSQL 15 cluster with certyo_cdc preloaded per test module
 (harness.Emulator, harness.Cluster), and, per test, fresh unprivileged LOGIN roles that each own a
@@ -15,7 +15,7 @@ a breach fails the test itself):
   (c) vault.canary, a table owned by postgres that every attack payload tries to overwrite when
       it runs as a superuser, is intact.
 
-Usage: CERTYO_EMULATOR=target/release/certyo-emulator python3 -m pytest -q pg_test/test_security.py
+Usage: CERTYO_EMULATOR=target/release/certyo-emulator python3 -m pytest -q pg_test/security
 CERTYO_PG_BIN (harness.py) selects another PostgreSQL 15 installation, e.g. a private copy
 holding an older build of certyo_cdc.
 """

@@ -28,11 +28,9 @@ cargo pgrx install --release --pg-config "$pg_config" --no-default-features --fe
 scripts/package.sh "$version"
 export PG_BIN=/usr/lib/postgresql/$version/bin CERTYO_PG_BIN=/usr/lib/postgresql/$version/bin
 
-echo "== PostgreSQL $version, end to end: capture"
-pg_test/capture.sh
-echo "== PostgreSQL $version, end to end (pytest): delivery, verification and the operator surface, security, the worker as a daemon, integrity, upgrades, every database, table identity, random operation sequences, the write-back modes and the sidecar mode"
+echo "== PostgreSQL $version, end to end (pytest): capture, delivery, verification and the operator surface, security, the worker as a daemon, integrity, upgrades, every database, table identity, random operation sequences, the write-back modes and the sidecar mode"
 cargo build --release -p certyo-emulator --quiet
-# Every suite under pg_test/ (a new one runs without being listed here) but the documentation
-# check, which needs no database and runs once, in scripts/test.sh.
+# Every suite under pg_test/ (a new one runs without being listed here) but those of the
+# documentation and the harness, which need no database and run once, in scripts/test.sh.
 CERTYO_EMULATOR=$target/release/certyo-emulator "${PYTHON:-python3}" -m pytest -q -p no:cacheprovider \
-    pg_test --ignore=pg_test/test_docs.py
+    pg_test --ignore=pg_test/test_docs.py --ignore=pg_test/test_harness.py

@@ -76,8 +76,8 @@ if [ ${#failed[@]} -gt 0 ]; then
     echo "== the companion or certyo-relay failed on ${failed[*]}" >&2
     exit 1
 fi
-echo "== the documentation against the sources (pg_test/test_docs.py: no database)"
-python3 -m pytest -q -p no:cacheprovider pg_test/test_docs.py
+echo "== the documentation against the sources, and the harness (pg_test/test_docs.py, pg_test/test_harness.py: no database)"
+python3 -m pytest -q -p no:cacheprovider pg_test/test_docs.py pg_test/test_harness.py
 echo "== SQL Server companion: T-SQL syntax"
 pg_test/sqlserver.sh
 echo "== docker/: Dockerfile lint and compose targets"

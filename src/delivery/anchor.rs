@@ -5,8 +5,8 @@
 //! one short transaction, ask Certyo on a helper thread (delivery goes on meanwhile), record
 //! the answers in another.
 
+use super::record::Tally;
 use super::sending::OffThread;
-use super::store::Tally;
 use super::write_back::{self, Mark, Version};
 use certyo::fate::{verdict, Verdict, MAX_VERIFY_DELAY, MAX_VERIFY_DOUBLINGS};
 use certyo::{Client, Outcome, Verification, VerifyRequest};
@@ -259,7 +259,7 @@ pub fn record(results: &[(Due, Verification)], schedule: Schedule) -> SpiResult<
 fn later_push(later: &mut (Vec<i64>, Vec<Option<String>>), id: i64, error: Option<String>) {
     later.0.push(id);
     // Kept in certyo.receipt.verify_error, which certyo.history() shows: never with the key.
-    later.1.push(error.map(|e| super::api_key::masked(&e)));
+    later.1.push(error.map(|e| crate::api_key::masked(&e)));
 }
 
 #[cfg(test)]

@@ -3,7 +3,7 @@
 //! Declared in `sql/schema.sql`; each entry point validates everything before it changes
 //! anything, so a refused call leaves the table as it was.
 
-mod backfill;
+mod existing_rows;
 pub(crate) mod identity;
 mod install;
 pub(crate) mod key;
@@ -60,7 +60,7 @@ fn track_write_back(
         timestamp_column,
         backfill,
         write_back,
-        crate::delivery::settings::write_back(),
+        crate::settings::write_back(),
     )
 }
 
@@ -191,7 +191,7 @@ fn track_table(
         crate::audit::record_removed_while_untracked(relid, &options)?;
     }
     if backfill {
-        let queued = backfill::backfill(relid, &options)?;
+        let queued = existing_rows::queue(relid, &options)?;
         pgrx::notice!(
             "certyo_cdc: queued {queued} existing rows of {} as upserts",
             table.display

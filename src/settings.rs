@@ -315,14 +315,15 @@ fn text(setting: &GucSetting<Option<CString>>) -> String {
         .unwrap_or_default()
 }
 
-/// The value of `certyo.api_key`, for the log hook that keeps it out of the log.
+/// The value of `certyo.api_key`, for the log hook that keeps it out of the log (handed to
+/// `crate::api_key::redact_from_log`).
 pub fn api_key_setting() -> Option<String> {
     Some(text(&API_KEY)).filter(|k| !k.is_empty())
 }
 
 pub fn current() -> Settings {
     let (api_key, api_key_problem) =
-        match super::api_key::current(&text(&API_KEY_FILE), &text(&API_KEY)) {
+        match crate::api_key::current(&text(&API_KEY_FILE), &text(&API_KEY)) {
             Ok(key) => (key, None),
             Err(problem) => (String::new(), Some(problem)),
         };
