@@ -211,10 +211,21 @@ BEGIN
     PERFORM certyo.relink_restored();  -- a restored database's tables are found first (by table id)
     SELECT (certyo.capture_option(t.tgargs, 'table_id'))[1]::integer INTO identity
       FROM pg_catalog.pg_trigger t
-     WHERE t.tgrelid OPERATOR(pg_catalog.=) rel::oid AND t.tgname OPERATOR(pg_catalog.=) 'certyo_capture';
+     WHERE t.tgrelid OPERATOR(pg_catalog.=) rel::oid AND t.tgname OPERATOR(pg_catalog.=) 'certyo_capture'
+       AND t.tgparentid OPERATOR(pg_catalog.=) 0
+       AND t.tgfoid OPERATOR(pg_catalog.=) 'certyo.capture()'::pg_catalog.regprocedure;
     IF NOT FOUND THEN
+        IF EXISTS (SELECT FROM pg_catalog.pg_trigger t
+                    WHERE t.tgrelid OPERATOR(pg_catalog.=) rel::oid AND t.tgname OPERATOR(pg_catalog.=) 'certyo_capture'
+                      AND t.tgparentid OPERATOR(pg_catalog.<>) 0) THEN
+            RAISE EXCEPTION 'certyo_cdc: table % is a partition of a tracked table', rel
+                USING ERRCODE = 'object_not_in_prerequisite_state',
+                      DETAIL = 'Its rows are captured as records of the partitioned table that is tracked.',
+                      HINT = 'Ask for the partitioned table''s records: certyo.record_status(''<the partitioned table>'').';
+        END IF;
         RAISE EXCEPTION 'certyo_cdc: table % is not tracked', rel
             USING ERRCODE = 'object_not_in_prerequisite_state',
+                  DETAIL = 'record_status() lists the records of a table tracked with certyo.track().',
                   HINT = 'certyo.tracked_tables lists the tracked tables; certyo.history() shows what was captured of a record before.';
     END IF;
     RETURN QUERY

@@ -224,7 +224,7 @@ pub fn define(preloading: bool) {
     GucRegistry::define_enum_guc(
         c"certyo.write_back",
         c"When the worker writes back to the rows of a table that certyo.track() tracks without naming write_back: 'anchored' (the default), 'accepted' or 'none'.",
-        c"'anchored': hash, status and time in one UPDATE once Certyo confirms the version on chain, NULL until then. 'accepted': the hash and 'pending' at acceptance, the status again once anchored. Tables already tracked keep their mode.",
+        c"'anchored': hash, status and time in one UPDATE once Certyo confirms the version on chain, NULL until then. 'accepted': the hash and 'pending' at acceptance, the status again once anchored. 'none': no column, the rows are never written to (certyo.record_status() tells each record's state). Tables already tracked keep their mode.",
         &WRITE_BACK,
         GucContext::Userset,
         GucFlags::default(),

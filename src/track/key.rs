@@ -338,7 +338,7 @@ unsafe fn unreadable_within(t: Oid, table_owner: Oid, depth: u32) -> Option<&'st
 }
 
 impl RecordKey {
-    /// None when the table is gone, no longer tracked, lacks the bookkeeping columns (but
+    /// None when the table is gone, no longer tracked, lacks the bookkeeping columns (unless
     /// tracked with `write_back => 'none'`, which has none), or a
     /// record id column was dropped: nothing can be matched then. Also None for a temporary
     /// table (a hand-made capture trigger could queue its rows): no other session can read it.

@@ -176,7 +176,12 @@ fn track_table(
         .as_ref()
         .is_some_and(|o| o.write_back != options.write_back);
     if options.write_back == WriteBack::None {
-        install::refuse_bookkeeping_columns(&table)?;
+        let conflict = if was_tracked {
+            install::SidecarConflict::Tracked
+        } else {
+            install::SidecarConflict::Untracked
+        };
+        install::refuse_bookkeeping_columns(&table, conflict)?;
     } else {
         install::add_bookkeeping_columns(&table, options.write_back)?;
     }
@@ -377,7 +382,11 @@ fn refresh(relid: Oid) -> Result<()> {
         return Ok(()); // untracked meanwhile: nothing to keep current
     };
     let table = Table::inspect(relid)?;
-    if options.write_back != WriteBack::None {
+    if options.write_back == WriteBack::None {
+        if !install::adding_columns() {
+            install::refuse_bookkeeping_columns(&table, install::SidecarConflict::Added)?;
+        }
+    } else {
         require_bookkeeping_columns(&table)?;
     }
     let request = Request {
