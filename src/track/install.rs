@@ -9,11 +9,6 @@ use pgrx::pg_sys::{self, Oid};
 use pgrx::prelude::*;
 use pgrx::PgSqlErrorCode;
 
-/// Add the missing bookkeeping columns. Skipped entirely when all exist: `ALTER TABLE` takes
-/// an exclusive lock, which a re-`track()` that only changes options should not need.
-/// `certyo_anchor_status` defaults to `'pending'` only under [`WriteBack::Accepted`], whose
-/// rows say `pending` from their first version on; under [`WriteBack::Anchored`] a row holds
-/// NULL until its version is anchored, and no INSERT evaluates a default for it.
 thread_local! {
     /// Set while `certyo.track()` adds the bookkeeping columns: the DDL hook's re-check of the
     /// table ([`super::refresh`]) then still reads the old mode from the capture trigger, and a
@@ -26,6 +21,11 @@ pub fn adding_columns() -> bool {
     ADDING_COLUMNS.with(std::cell::Cell::get)
 }
 
+/// Add the missing bookkeeping columns. Skipped entirely when all exist: `ALTER TABLE` takes
+/// an exclusive lock, which a re-`track()` that only changes options should not need.
+/// `certyo_anchor_status` defaults to `'pending'` only under [`WriteBack::Accepted`], whose
+/// rows say `pending` from their first version on; under [`WriteBack::Anchored`] a row holds
+/// NULL until its version is anchored, and no INSERT evaluates a default for it.
 /// Under [`WriteBack::None`] there are none to add.
 pub fn add_bookkeeping_columns(table: &Table, write_back: WriteBack) -> Result<()> {
     let _adding = Flag::raise(&ADDING_COLUMNS);
