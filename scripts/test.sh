@@ -47,6 +47,9 @@ scripts/package.sh relay
 packages_log=$(mktemp)
 scripts/test-package.sh ${PG_VERSIONS:-15} relay lint >"$packages_log" 2>&1 &
 packages_pid=$!
+echo "== lints: clippy on every crate, warnings as errors (every unsafe block says why it is sound)"
+cargo clippy --all-targets --no-default-features --features pg15 --quiet -- -D warnings
+cargo clippy -p certyo -p certyo-relay -p certyo-emulator --all-targets --quiet -- -D warnings
 echo "== the Certyo client, the emulator and certyo-relay: unit tests (the SQL Server source against its in-process fake)"
 cargo test -p certyo -p certyo-emulator -p certyo-relay --quiet
 echo "== end to end: the MySQL/MariaDB companion and certyo-relay against MariaDB ${RELAY_SERVERS:+and $RELAY_SERVERS }and the emulator"
