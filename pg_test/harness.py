@@ -94,11 +94,15 @@ def free_port():
 
 class Emulator:
     def __init__(self, binary, anchor_delay=2):
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.process = subprocess.Popen([binary, "--port", str(self.port), "--api-key", KEY,
+        # Port 0: the emulator binds a free port itself and prints its URL once listening (a
+        # port picked here could be taken meanwhile by a suite running beside this one).
+        self.process = subprocess.Popen([binary, "--port", "0", "--api-key", KEY,
                                          "--anchor-delay", str(anchor_delay)], stdout=subprocess.PIPE, text=True)
-        self.process.stdout.readline()  # the URL: listening
+        self.url = self.process.stdout.readline().strip()
+        if not self.url.startswith("http://"):
+            self.process.kill()
+            raise RuntimeError(f"the emulator {binary} did not say where it listens: {self.url!r}")
+        self.port = int(self.url.rsplit(":", 1)[1])
 
     def call(self, method, path, body=None):
         data = None if body is None else json.dumps(body).encode()
