@@ -1,7 +1,8 @@
-"""pytest fixtures for the end-to-end security tests (pg_test/test_security.py).
+"""pytest fixtures for the end-to-end security tests (pg_test/security/).
 
 One Certyo emulator and one real PostgreSQL 15 cluster with certyo_cdc preloaded per test module
-(harness.Emulator, harness.Cluster), and, per test, fresh unprivileged LOGIN roles that each own a
+(harness.Emulator, harness.Cluster), one for all the security suites under pg_test/security/
+together, and, per test, fresh unprivileged LOGIN roles that each own a
 schema of the same name: an `attacker` fixture and a `make_role` factory. Nothing a test creates
 outlives it, so the tests run alone or in any order.
 
@@ -15,7 +16,7 @@ a breach fails the test itself):
   (c) vault.canary, a table owned by postgres that every attack payload tries to overwrite when
       it runs as a superuser, is intact.
 
-Usage: CERTYO_EMULATOR=target/release/certyo-emulator python3 -m pytest -q pg_test/test_security.py
+Usage: CERTYO_EMULATOR=target/release/certyo-emulator python3 -m pytest -q pg_test/security
 CERTYO_PG_BIN (harness.py) selects another PostgreSQL 15 installation, e.g. a private copy
 holding an older build of certyo_cdc.
 """
@@ -47,13 +48,72 @@ CANARY = "intact"
 _role_numbers = itertools.count(1)
 
 
-@pytest.fixture(scope="module")
-def emulator():
+def new_emulator():
     binary = Path(os.environ.get("CERTYO_EMULATOR", "target/release/certyo-emulator"))
     if not binary.is_absolute():
         binary = REPO / binary
     assert binary.exists(), f"no emulator binary at {binary}: cargo build --release -p certyo-emulator"
-    emulator = Emulator(str(binary))
+    return Emulator(str(binary))
+
+
+# The security suites (pg_test/security/) share one emulator and one cluster, started for the
+# first of them and stopped after the last (their tests leave nothing behind, as within one
+# suite); every other suite gets its own per module.
+SECURITY = Path(__file__).resolve().parent / "security"
+
+
+def in_security(node):
+    return Path(str(node.path)).resolve().parent == SECURITY
+
+
+class Shared:
+    """The security suites' emulator and cluster, while they run."""
+    emulator = None
+    cluster = None   # the watched_cluster generator and the cluster it yielded
+
+    def get_emulator(self):
+        if self.emulator is None:
+            self.emulator = new_emulator()
+        return self.emulator
+
+    def get_cluster(self):
+        if self.cluster is None:
+            generator = watched_cluster(DIR, self.get_emulator(), SETTINGS)
+            self.cluster = (generator, next(generator))
+        return self.cluster[1]
+
+    def stop(self):
+        if self.cluster is not None:
+            self.cluster[0].close()
+            self.cluster = None
+        if self.emulator is not None:
+            self.emulator.stop()
+            self.emulator = None
+
+
+SHARED = Shared()
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_teardown(item, nextitem):
+    """After the last test of the security suites (its own fixtures torn down): stop theirs."""
+    result = yield
+    if nextitem is None or not in_security(nextitem):
+        SHARED.stop()
+    return result
+
+
+def pytest_sessionfinish(session):
+    """Also when the run is cut short."""
+    SHARED.stop()
+
+
+@pytest.fixture(scope="module")
+def emulator(request):
+    if in_security(request.node):
+        yield SHARED.get_emulator()
+        return
+    emulator = new_emulator()
     yield emulator
     emulator.stop()
 
@@ -81,7 +141,10 @@ def watched_cluster(directory, emulator, settings):
 
 
 @pytest.fixture(scope="module")
-def cluster(emulator):
+def cluster(emulator, request):
+    if in_security(request.node):
+        yield SHARED.get_cluster()
+        return
     yield from watched_cluster(DIR, emulator, SETTINGS)
 
 

@@ -1,6 +1,7 @@
 """Shared by the end-to-end suites (pytest, fixtures in conftest.py): a real PostgreSQL 15
 cluster with certyo_cdc preloaded (started as the postgres user, over a Unix socket) and the
 Certyo emulator as a child process. Each suite gets its own directory and port."""
+import inspect
 import itertools
 import json
 import os
@@ -21,18 +22,52 @@ KEY = "e2e-secret"
 
 
 def wait_for(condition, timeout=30, every=0.2):
-    """Poll until condition() is truthy; returns its last value."""
+    """Poll until condition() is truthy and return that value. An exception of condition() counts
+    as not yet. If it never holds within `timeout` seconds: a `TimedOut`, falsy as the last value
+    was, which says what was waited for, the last value and the last exception (so `assert
+    wait_for(...)` fails saying why, and callers that test it, or ignore it, work as before)."""
     deadline = time.time() + timeout
-    value = None
-    while time.time() < deadline:
+    value, error = None, None
+    while True:
         try:
             value = condition()
-        except Exception:
-            value = None
+        except Exception as e:
+            value, error = None, e
         if value:
             return value
+        if time.time() >= deadline:
+            return TimedOut(condition, timeout, value, error)
         time.sleep(every)
-    return value
+
+
+class TimedOut:
+    """What `wait_for` returns when its condition never held: falsy, and its text names the
+    condition (its source), the time waited, the condition's last value and its last exception."""
+
+    def __init__(self, condition, timeout, value, error):
+        self.condition, self.timeout, self.value, self.error = condition, timeout, value, error
+
+    def __bool__(self):
+        return False
+
+    def what(self):
+        code = getattr(self.condition, "__code__", None)
+        where = f"{os.path.basename(code.co_filename)}:{code.co_firstlineno}" if code else ""
+        try:
+            source = " ".join(line.strip() for line in inspect.getsource(self.condition).splitlines())
+        except (OSError, TypeError):
+            source = getattr(self.condition, "__qualname__", repr(self.condition))
+        if len(source) > 300:
+            source = source[:300] + "..."
+        return f"{where}: {source}" if where else source
+
+    def __repr__(self):
+        text = f"timed out after {self.timeout} s waiting for {self.what()} (last value {self.value!r}"
+        if self.error is not None:
+            text += f"; last exception {type(self.error).__name__}: {str(self.error).strip()[:2000]}"
+        return text + ")"
+
+    __str__ = __repr__
 
 
 def cpu_use(pid):
@@ -59,11 +94,15 @@ def free_port():
 
 class Emulator:
     def __init__(self, binary, anchor_delay=2):
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.process = subprocess.Popen([binary, "--port", str(self.port), "--api-key", KEY,
+        # Port 0: the emulator binds a free port itself and prints its URL once listening (a
+        # port picked here could be taken meanwhile by a suite running beside this one).
+        self.process = subprocess.Popen([binary, "--port", "0", "--api-key", KEY,
                                          "--anchor-delay", str(anchor_delay)], stdout=subprocess.PIPE, text=True)
-        self.process.stdout.readline()  # the URL: listening
+        self.url = self.process.stdout.readline().strip()
+        if not self.url.startswith("http://"):
+            self.process.kill()
+            raise RuntimeError(f"the emulator {binary} did not say where it listens: {self.url!r}")
+        self.port = int(self.url.rsplit(":", 1)[1])
 
     def call(self, method, path, body=None):
         data = None if body is None else json.dumps(body).encode()
@@ -121,6 +160,10 @@ class Held:
 
 
 class Cluster:
+    """A throwaway cluster in `directory`, started. With `emulator_url`, certyo_cdc is preloaded
+    and delivers there; without (None), the library is not preloaded and no certyo setting is
+    set: what `CREATE EXTENSION` alone gives."""
+
     def __init__(self, directory, port, emulator_url, settings=""):
         self.dir, self.port = directory, port
         subprocess.run(["sudo", "-u", "postgres", f"{PG_BIN}/pg_ctl", "-D", f"{self.dir}/data", "-m", "immediate", "stop"],
@@ -135,6 +178,11 @@ class Cluster:
 listen_addresses = ''
 unix_socket_directories = '{self.dir}'
 port = {self.port}
+""")
+            if emulator_url is None:
+                conf.write(settings + "\n")
+            else:
+                conf.write(f"""
 shared_preload_libraries = 'certyo_cdc'
 certyo.base_url = '{emulator_url}'
 certyo.api_key = '{KEY}'

@@ -411,19 +411,6 @@ def test_a_wrong_api_key(cluster, emulator):
     window.exactly_once("after the key is fixed and reloaded")
 
 
-def test_the_api_key_is_hidden(cluster):
-    cluster.sql("CREATE ROLE clerk LOGIN")
-    try:
-        out, err = cluster.attempt("SELECT current_setting('certyo.api_key')", "clerk")
-        assert KEY not in out, "an ordinary role cannot read certyo.api_key"
-        assert "permission denied" in err or "must be superuser" in err, f"...and is told why: {err}"
-    finally:
-        cluster.sql("DROP ROLE clerk")
-    names = [line.split("|")[0] for line in cluster.sql("SHOW ALL").splitlines()]
-    assert "certyo.api_key" not in names, "SHOW ALL does not list it"
-    assert KEY not in cluster.sql("SHOW ALL"), "...nor does it show its value"
-
-
 def test_a_missing_tenant_id_is_reported(cluster):
     expected = "not configured: set certyo.tenant_id (ALTER SYSTEM SET ...; SELECT pg_reload_conf())"
     detail = "SELECT detail FROM certyo.worker_status()"

@@ -11,14 +11,16 @@ parses the SQL scripts, the Rust sources and the Markdown.
   every key of its configuration file (the serde structs of relay/src/config.rs) and every
   metric it serves (relay/src/metrics.rs) is in docs/relay.md;
 - every path CONTRIBUTING.md's Layout names exists, and every file under src/, relay/src and
-  certyo/src is named there;
+  certyo/src, and every other file of the repository (git ls-files), is named there;
 - README.md is shorter than 250 lines;
 - no user-facing document names an internal issue number (outside code and URLs);
 - every relative link between the documents leads to a file, and to a heading, that exist.
 
 Run: python3 -m pytest -q -p no:cacheprovider pg_test/test_docs.py"""
+import fnmatch
 import pathlib
 import re
+import subprocess
 
 import pytest
 
@@ -206,7 +208,8 @@ def test_every_relay_config_key_is_in_relay_md(key):
 
 # A template the layout names, and the files it stands for.
 LAYOUT_PATTERNS = {"sql/certyo_cdc--A--B.sql": "sql/certyo_cdc--*--*.sql"}
-LAYOUT_ROOTS = ("src/", "sql/", "relay/", "certyo/", "pg_test/", "bench/", "scripts/", "docker/", "packaging/")
+LAYOUT_ROOTS = ("src/", "sql/", "relay/", "certyo/", "pg_test/", "bench/", "scripts/", "docker/", "packaging/",
+                "docs/", ".ci/")
 
 
 def layout():
@@ -235,6 +238,18 @@ def test_every_source_file_is_in_the_layout():
                    for p in (REPO / root).rglob("*") if p.is_file())
     assert files
     missing = [f for f in files if f not in named]
+    assert not missing, f"CONTRIBUTING.md's Layout does not name: {missing}"
+
+
+def test_every_file_of_the_repository_is_in_the_layout():
+    listed = subprocess.run(["git", "ls-files"], cwd=REPO, capture_output=True, text=True)
+    if listed.returncode != 0:
+        pytest.skip("not a git checkout: no list of the repository's files")
+    named = set(re.findall(r"`([^`\s]+)`", layout()))
+    files = [f for f in listed.stdout.splitlines() if (REPO / f).is_file()]
+    assert len(files) > 100, "git lists almost no files: did the listing break?"
+    missing = [f for f in files
+               if f not in named and not any(fnmatch.fnmatch(f, p) for p in LAYOUT_PATTERNS.values())]
     assert not missing, f"CONTRIBUTING.md's Layout does not name: {missing}"
 
 

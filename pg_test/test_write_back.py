@@ -158,7 +158,7 @@ def test_a_write_back_mode_that_does_not_exist_is_refused(cluster):
     cluster.sql("CREATE TABLE wb_wrong (id int PRIMARY KEY)")
     attempt = cluster.attempt_verbose("SELECT certyo.track('wb_wrong', write_back => 'never')")
     assert attempt.sqlstate == "22023", attempt.stderr
-    assert "'anchored' or 'accepted'" in attempt.stderr
+    assert "'anchored', 'accepted' or 'none'" in attempt.stderr
     assert cluster.sql("SELECT count(*) FROM certyo.tracked_tables WHERE \"table\" = 'wb_wrong'::regclass") == "0"
 
 

@@ -9,44 +9,36 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup.sh
 export PATH="$PWD/.venv/bin:$PATH"  # the Python tools setup installed
-# 15 on this machine first; the versions in Debian roots then run side by side (their suites
-# mostly wait on clusters, and each root has its own /tmp and build directory), each one's
-# output shown whole when it ends.
-roots=()
+# Every version side by side, 15 on this machine and the others each in a Debian root made by
+# scripts/pg-root.sh (their suites mostly wait on clusters; each root has its own /tmp and
+# build directory, 15 builds into target/), each one's output shown whole when it ends.
+logs=$(mktemp -d)
+versions=() pids=()
+started=$SECONDS
 for version in ${PG_VERSIONS:-15}; do
     if [ "$version" = 15 ]; then
-        started=$SECONDS
-        scripts/test-version.sh 15
-        echo "== PostgreSQL 15: every test passed in $((SECONDS - started)) s"
+        scripts/test-version.sh 15 >"$logs/$version.log" 2>&1 &
     else
-        roots+=("$version")
+        scripts/pg-root.sh "$version" scripts/test-version.sh "$version" >"$logs/$version.log" 2>&1 &
+    fi
+    versions+=("$version") pids+=($!)
+done
+failed=()
+for i in "${!versions[@]}"; do
+    version=${versions[$i]}
+    if wait "${pids[$i]}"; then
+        cat "$logs/$version.log"
+        echo "== PostgreSQL $version: every test passed in $((SECONDS - started)) s (beside ${versions[*]})"
+    else
+        cat "$logs/$version.log"
+        echo "== PostgreSQL $version: FAILED (above)"
+        failed+=("$version")
     fi
 done
-if [ ${#roots[@]} -gt 0 ]; then
-    logs=$(mktemp -d)
-    pids=()
-    started=$SECONDS
-    for version in "${roots[@]}"; do
-        scripts/pg-root.sh "$version" scripts/test-version.sh "$version" >"$logs/$version.log" 2>&1 &
-        pids+=($!)
-    done
-    failed=()
-    for i in "${!roots[@]}"; do
-        version=${roots[$i]}
-        if wait "${pids[$i]}"; then
-            cat "$logs/$version.log"
-            echo "== PostgreSQL $version: every test passed in $((SECONDS - started)) s (beside ${roots[*]})"
-        else
-            cat "$logs/$version.log"
-            echo "== PostgreSQL $version: FAILED (above)"
-            failed+=("$version")
-        fi
-    done
-    rm -rf "$logs"
-    if [ ${#failed[@]} -gt 0 ]; then
-        echo "== tests failed on PostgreSQL ${failed[*]}" >&2
-        exit 1
-    fi
+rm -rf "$logs"
+if [ ${#failed[@]} -gt 0 ]; then
+    echo "== tests failed on PostgreSQL ${failed[*]}" >&2
+    exit 1
 fi
 # The packages, each installed into a clean Debian root, beside the suites below (they wait on
 # apt and on clusters): postgresql-NN-certyo-cdc, made by scripts/test-version.sh, and certyo-relay.
@@ -55,6 +47,9 @@ scripts/package.sh relay
 packages_log=$(mktemp)
 scripts/test-package.sh ${PG_VERSIONS:-15} relay lint >"$packages_log" 2>&1 &
 packages_pid=$!
+echo "== lints: clippy on every crate, warnings as errors (every unsafe block says why it is sound)"
+cargo clippy --all-targets --no-default-features --features pg15 --quiet -- -D warnings
+cargo clippy -p certyo -p certyo-relay -p certyo-emulator --all-targets --quiet -- -D warnings
 echo "== the Certyo client, the emulator and certyo-relay: unit tests (the SQL Server source against its in-process fake)"
 cargo test -p certyo -p certyo-emulator -p certyo-relay --quiet
 echo "== end to end: the MySQL/MariaDB companion and certyo-relay against MariaDB ${RELAY_SERVERS:+and $RELAY_SERVERS }and the emulator"
@@ -84,8 +79,8 @@ if [ ${#failed[@]} -gt 0 ]; then
     echo "== the companion or certyo-relay failed on ${failed[*]}" >&2
     exit 1
 fi
-echo "== the documentation against the sources (pg_test/test_docs.py: no database)"
-python3 -m pytest -q -p no:cacheprovider pg_test/test_docs.py
+echo "== the documentation against the sources, and the harness (pg_test/test_docs.py, pg_test/test_harness.py: no database)"
+python3 -m pytest -q -p no:cacheprovider pg_test/test_docs.py pg_test/test_harness.py
 echo "== SQL Server companion: T-SQL syntax"
 pg_test/sqlserver.sh
 echo "== docker/: Dockerfile lint and compose targets"

@@ -1,4 +1,4 @@
--- Delivery and anchoring: the worker's own bookkeeping (src/delivery/store.rs and anchor.rs
+-- Delivery and anchoring: the worker's own bookkeeping (src/delivery/take.rs, record.rs and anchor.rs
 -- write it; nothing else does, except the operator functions in operations.sql).
 --
 -- A change's life: certyo.queue (appended by capture) → certyo.receipt once Certyo accepted it
@@ -12,7 +12,7 @@
 -- Changes the worker has taken from the queue and not yet delivered: those that failed (retries
 -- and dead letters), and the queue behind them while they wait, moved here in bulk (so the write
 -- path never pays for these indexes). While nothing waits for a retry, changes go from the
--- queue to their receipt directly, a long backlog too (src/delivery/store.rs, take_from_queue).
+-- queue to their receipt directly, a long backlog too (src/delivery/take.rs, take_from_queue).
 CREATE TABLE certyo.delivery (
     id               bigint      PRIMARY KEY,           -- the queue id: change order per record
     relid            oid         NOT NULL,

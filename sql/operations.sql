@@ -196,6 +196,61 @@ LANGUAGE sql VOLATILE STRICT SECURITY DEFINER SET search_path = pg_catalog, pg_t
 $$;
 COMMENT ON FUNCTION certyo.history(regclass, text) IS 'certyo_cdc: every captured version of one record, with its receipt and anchor';
 
+-- Each record's newest captured version and what Certyo said of it, from the worker's own
+-- tables: what the bookkeeping columns would show, for tables tracked with write_back => 'none'
+-- above all. Records of the table's present record key; a record whose newest version is a
+-- delete is gone and not listed. Whether a row still holds that version is certyo.audit()'s
+-- question, not this one's.
+CREATE FUNCTION certyo.record_status(rel regclass)
+RETURNS TABLE (record_id text, id bigint, state text, record_hash text, anchor_status text,
+               accepted_at timestamptz, anchored_at timestamptz)
+LANGUAGE plpgsql VOLATILE STRICT SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    identity integer;
+BEGIN
+    PERFORM certyo.relink_restored();  -- a restored database's tables are found first (by table id)
+    SELECT (certyo.capture_option(t.tgargs, 'table_id'))[1]::integer INTO identity
+      FROM pg_catalog.pg_trigger t
+     WHERE t.tgrelid OPERATOR(pg_catalog.=) rel::oid AND t.tgname OPERATOR(pg_catalog.=) 'certyo_capture'
+       AND t.tgparentid OPERATOR(pg_catalog.=) 0
+       AND t.tgfoid OPERATOR(pg_catalog.=) 'certyo.capture()'::pg_catalog.regprocedure;
+    IF NOT FOUND THEN
+        IF EXISTS (SELECT FROM pg_catalog.pg_trigger t
+                    WHERE t.tgrelid OPERATOR(pg_catalog.=) rel::oid AND t.tgname OPERATOR(pg_catalog.=) 'certyo_capture'
+                      AND t.tgparentid OPERATOR(pg_catalog.<>) 0) THEN
+            RAISE EXCEPTION 'certyo_cdc: table % is a partition of a tracked table', rel
+                USING ERRCODE = 'object_not_in_prerequisite_state',
+                      DETAIL = 'Its rows are captured as records of the partitioned table that is tracked.',
+                      HINT = 'Ask for the partitioned table''s records: certyo.record_status(''<the partitioned table>'').';
+        END IF;
+        RAISE EXCEPTION 'certyo_cdc: table % is not tracked', rel
+            USING ERRCODE = 'object_not_in_prerequisite_state',
+                  DETAIL = 'record_status() lists the records of a table tracked with certyo.track().',
+                  HINT = 'certyo.tracked_tables lists the tracked tables; certyo.history() shows what was captured of a record before.';
+    END IF;
+    RETURN QUERY
+    SELECT n.record_id, n.id, n.state, n.record_hash, n.anchor_status, n.accepted_at, n.anchored_at
+      FROM (SELECT DISTINCT ON (v.record_id) v.*
+              FROM (SELECT q.record_id, q.id, q.operation, 'queued'::text AS state, NULL::text AS record_hash,
+                           NULL::text AS anchor_status, NULL::timestamptz AS accepted_at, NULL::timestamptz AS anchored_at
+                      FROM certyo.queue q
+                     WHERE q.relid OPERATOR(pg_catalog.=) rel::oid AND q.table_id OPERATOR(pg_catalog.=) identity
+                    UNION ALL
+                    SELECT d.record_id, d.id, d.operation, d.state, NULL, NULL, NULL, NULL
+                      FROM certyo.delivery d
+                     WHERE d.relid OPERATOR(pg_catalog.=) rel::oid AND d.table_id OPERATOR(pg_catalog.=) identity
+                    UNION ALL
+                    SELECT r.record_id, r.id, r.operation, 'accepted', r.record_hash, r.anchor_status, r.accepted_at, r.anchored_at
+                      FROM certyo.receipt r
+                     WHERE r.relid OPERATOR(pg_catalog.=) rel::oid AND r.table_id OPERATOR(pg_catalog.=) identity) AS v
+             ORDER BY v.record_id, v.id DESC) AS n
+     WHERE n.operation OPERATOR(pg_catalog.<>) 'delete'
+     ORDER BY n.record_id;
+END
+$$;
+COMMENT ON FUNCTION certyo.record_status(regclass) IS
+    'certyo_cdc: each record''s newest captured version, its hash and anchor status, from the receipts';
+
 -- Queue the table's current rows (all, or those matching where_clause) as upserts; performed by
 -- the worker in chunks. Returns the backfill's id (see certyo.backfills and certyo.status).
 CREATE FUNCTION certyo.backfill(rel regclass, where_clause text DEFAULT NULL) RETURNS bigint
@@ -224,5 +279,5 @@ COMMENT ON FUNCTION certyo.audit(regclass) IS
     'certyo_cdc: rows that differ from their last accepted version, or have none, and schema changes since capture';
 
 REVOKE ALL ON FUNCTION certyo.worker_status(), certyo.worker_passes(), certyo.wake(), certyo.pause(), certyo.resume(),
-    certyo.retry(regclass, bigint[]), certyo.verify_now(regclass, text), certyo.history(regclass, text),
+    certyo.retry(regclass, bigint[]), certyo.verify_now(regclass, text), certyo.history(regclass, text), certyo.record_status(regclass),
     certyo.cancel_backfill(bigint), certyo.audit(regclass) FROM PUBLIC;

@@ -82,7 +82,7 @@ CREATE FUNCTION certyo.track(
     exclude_columns   text[]  DEFAULT '{}',
     timestamp_column  name    DEFAULT NULL,
     backfill          boolean DEFAULT false,
-    write_back        text    DEFAULT NULL  -- 'anchored' or 'accepted'; NULL: the table's mode, else certyo.write_back
+    write_back        text    DEFAULT NULL  -- 'anchored', 'accepted' or 'none'; NULL: the table's mode, else certyo.write_back
 ) RETURNS void
     LANGUAGE c VOLATILE AS 'MODULE_PATHNAME', 'track_write_back_wrapper';
 COMMENT ON FUNCTION certyo.track(regclass, text[], text[], name, boolean, text) IS

@@ -687,6 +687,9 @@ fn forged_bookkeeping(
     (hash, status): &Written,
     mode: WriteBack,
 ) -> Option<&'static str> {
+    if mode == WriteBack::None {
+        return None; // the worker writes nothing to the rows: any such column is the user's
+    }
     let written_back =
         last.written_back && (mode == WriteBack::Accepted || last.anchored || last.mismatched);
     if written_back && *hash != last.record_hash {

@@ -14,13 +14,17 @@ pub unsafe fn attribute<'a>(
     desc: pg_sys::TupleDesc,
     index: usize,
 ) -> &'a pg_sys::FormData_pg_attribute {
-    #[cfg(feature = "pg18")]
-    {
-        &*pg_sys::TupleDescAttr(desc, index as std::ffi::c_int)
-    }
-    #[cfg(not(feature = "pg18"))]
-    {
-        &*(*desc).attrs.as_ptr().add(index)
+    // SAFETY: the caller upholds this function's contract (its `# Safety` section), on which
+    // every unsafe operation below relies.
+    unsafe {
+        #[cfg(feature = "pg18")]
+        {
+            &*pg_sys::TupleDescAttr(desc, index as std::ffi::c_int)
+        }
+        #[cfg(not(feature = "pg18"))]
+        {
+            &*(*desc).attrs.as_ptr().add(index)
+        }
     }
 }
 
@@ -30,13 +34,17 @@ pub unsafe fn attribute<'a>(
 /// # Safety
 /// Inside a transaction.
 pub unsafe fn owns_table(relid: pg_sys::Oid) -> bool {
-    #[cfg(feature = "pg15")]
-    {
-        pg_sys::pg_class_ownercheck(relid, pg_sys::GetUserId())
-    }
-    #[cfg(not(feature = "pg15"))]
-    {
-        pg_sys::object_ownercheck(pg_sys::RelationRelationId, relid, pg_sys::GetUserId())
+    // SAFETY: the caller upholds this function's contract (its `# Safety` section), on which
+    // every unsafe operation below relies.
+    unsafe {
+        #[cfg(feature = "pg15")]
+        {
+            pg_sys::pg_class_ownercheck(relid, pg_sys::GetUserId())
+        }
+        #[cfg(not(feature = "pg15"))]
+        {
+            pg_sys::object_ownercheck(pg_sys::RelationRelationId, relid, pg_sys::GetUserId())
+        }
     }
 }
 
@@ -46,13 +54,17 @@ pub unsafe fn owns_table(relid: pg_sys::Oid) -> bool {
 /// # Safety
 /// In a backend or background worker whose PGPROC is set up.
 pub unsafe fn my_proc_number() -> i32 {
-    #[cfg(feature = "pg15")]
-    {
-        (*pg_sys::MyProc).pgprocno
-    }
-    #[cfg(not(feature = "pg15"))]
-    {
-        pg_sys::MyProcNumber
+    // SAFETY: the caller upholds this function's contract (its `# Safety` section), on which
+    // every unsafe operation below relies.
+    unsafe {
+        #[cfg(feature = "pg15")]
+        {
+            (*pg_sys::MyProc).pgprocno
+        }
+        #[cfg(not(feature = "pg15"))]
+        {
+            pg_sys::MyProcNumber
+        }
     }
 }
 
@@ -61,13 +73,17 @@ pub unsafe fn my_proc_number() -> i32 {
 /// # Safety
 /// Inside a transaction.
 pub unsafe fn owns_database(database: pg_sys::Oid) -> bool {
-    #[cfg(feature = "pg15")]
-    {
-        pg_sys::pg_database_ownercheck(database, pg_sys::GetUserId())
-    }
-    #[cfg(not(feature = "pg15"))]
-    {
-        pg_sys::object_ownercheck(pg_sys::DatabaseRelationId, database, pg_sys::GetUserId())
+    // SAFETY: the caller upholds this function's contract (its `# Safety` section), on which
+    // every unsafe operation below relies.
+    unsafe {
+        #[cfg(feature = "pg15")]
+        {
+            pg_sys::pg_database_ownercheck(database, pg_sys::GetUserId())
+        }
+        #[cfg(not(feature = "pg15"))]
+        {
+            pg_sys::object_ownercheck(pg_sys::DatabaseRelationId, database, pg_sys::GetUserId())
+        }
     }
 }
 
@@ -87,12 +103,16 @@ pub unsafe fn set_signal_handler(
     signo: std::ffi::c_int,
     handler: unsafe extern "C-unwind" fn(std::ffi::c_int),
 ) {
-    #[cfg(not(feature = "pg18"))]
-    {
-        let _previous = pg_sys::pqsignal(signo, Some(handler));
-    }
-    #[cfg(feature = "pg18")]
-    {
-        pg_sys::pqsignal_be(signo, Some(handler));
+    // SAFETY: the caller upholds this function's contract (its `# Safety` section), on which
+    // every unsafe operation below relies.
+    unsafe {
+        #[cfg(not(feature = "pg18"))]
+        {
+            let _previous = pg_sys::pqsignal(signo, Some(handler));
+        }
+        #[cfg(feature = "pg18")]
+        {
+            pg_sys::pqsignal_be(signo, Some(handler));
+        }
     }
 }

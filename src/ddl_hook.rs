@@ -44,6 +44,9 @@ pub fn install() {
     }
 }
 
+/// # Safety
+/// Called only by PostgreSQL, as its `ProcessUtility_hook`, with the arguments it would pass
+/// `standard_ProcessUtility`.
 #[pg_guard]
 #[allow(clippy::too_many_arguments)]
 unsafe extern "C-unwind" fn process_utility(
@@ -167,24 +170,28 @@ enum DatabaseStatement {
 /// # Safety
 /// `stmt` is null or a valid parse node.
 unsafe fn database_statement(stmt: *mut pg_sys::Node) -> Option<DatabaseStatement> {
-    if stmt.is_null() {
-        return None;
-    }
-    match (*stmt).type_ {
-        pg_sys::NodeTag::T_CreateExtensionStmt => {
-            let create = stmt.cast::<pg_sys::CreateExtensionStmt>();
-            (CStr::from_ptr((*create).extname) == c"certyo_cdc")
-                .then_some(DatabaseStatement::CreateExtension)
+    // SAFETY: the caller upholds this function's contract (its `# Safety` section), on which
+    // every unsafe operation below relies.
+    unsafe {
+        if stmt.is_null() {
+            return None;
         }
-        pg_sys::NodeTag::T_CreatedbStmt => Some(DatabaseStatement::Create),
-        pg_sys::NodeTag::T_DropdbStmt => {
-            let drop = stmt.cast::<pg_sys::DropdbStmt>();
-            let name = CStr::from_ptr((*drop).dbname)
-                .to_string_lossy()
-                .into_owned();
-            Some(DatabaseStatement::Drop(name))
+        match (*stmt).type_ {
+            pg_sys::NodeTag::T_CreateExtensionStmt => {
+                let create = stmt.cast::<pg_sys::CreateExtensionStmt>();
+                (CStr::from_ptr((*create).extname) == c"certyo_cdc")
+                    .then_some(DatabaseStatement::CreateExtension)
+            }
+            pg_sys::NodeTag::T_CreatedbStmt => Some(DatabaseStatement::Create),
+            pg_sys::NodeTag::T_DropdbStmt => {
+                let drop = stmt.cast::<pg_sys::DropdbStmt>();
+                let name = CStr::from_ptr((*drop).dbname)
+                    .to_string_lossy()
+                    .into_owned();
+                Some(DatabaseStatement::Drop(name))
+            }
+            _ => None,
         }
-        _ => None,
     }
 }
 
@@ -197,21 +204,25 @@ unsafe fn database_statement(stmt: *mut pg_sys::Node) -> Option<DatabaseStatemen
 /// # Safety
 /// Inside a transaction.
 unsafe fn stop_worker_of(name: &str) -> Option<pg_sys::Oid> {
-    let name = std::ffi::CString::new(name).ok()?;
-    let database = pg_sys::get_database_oid(name.as_ptr(), true);
-    if database == pg_sys::InvalidOid || !crate::compat::owns_database(database) {
-        return None;
-    }
-    if let Some(pid) = crate::wake::drop_database(database) {
-        // The worker runs as the same operating-system user as this backend.
-        if libc::kill(pid, libc::SIGTERM) != 0 {
-            pgrx::warning!(
-                "certyo_cdc: could not ask the delivery worker (pid {pid}) of the database to end: {}",
-                std::io::Error::last_os_error()
-            );
+    // SAFETY: the caller upholds this function's contract (its `# Safety` section), on which
+    // every unsafe operation below relies.
+    unsafe {
+        let name = std::ffi::CString::new(name).ok()?;
+        let database = pg_sys::get_database_oid(name.as_ptr(), true);
+        if database == pg_sys::InvalidOid || !crate::compat::owns_database(database) {
+            return None;
         }
+        if let Some(pid) = crate::wake::drop_database(database) {
+            // The worker runs as the same operating-system user as this backend.
+            if libc::kill(pid, libc::SIGTERM) != 0 {
+                pgrx::warning!(
+                    "certyo_cdc: could not ask the delivery worker (pid {pid}) of the database to end: {}",
+                    std::io::Error::last_os_error()
+                );
+            }
+        }
+        Some(database)
     }
-    Some(database)
 }
 
 /// `Some(cascade)` when `stmt` is a `DROP EXTENSION` naming certyo_cdc.
@@ -219,20 +230,24 @@ unsafe fn stop_worker_of(name: &str) -> Option<pg_sys::Oid> {
 /// # Safety
 /// `stmt` is null or a valid parse node.
 unsafe fn drops_this_extension(stmt: *mut pg_sys::Node) -> Option<bool> {
-    if stmt.is_null() || (*stmt).type_ != pg_sys::NodeTag::T_DropStmt {
-        return None;
+    // SAFETY: the caller upholds this function's contract (its `# Safety` section), on which
+    // every unsafe operation below relies.
+    unsafe {
+        if stmt.is_null() || (*stmt).type_ != pg_sys::NodeTag::T_DropStmt {
+            return None;
+        }
+        let drop = stmt.cast::<pg_sys::DropStmt>();
+        if (*drop).removeType != pg_sys::ObjectType::OBJECT_EXTENSION {
+            return None;
+        }
+        let names = pgrx::PgList::<pg_sys::Node>::from_pg((*drop).objects);
+        let ours = names.iter_ptr().any(|name| {
+            !name.is_null()
+                && (*name).type_ == pg_sys::NodeTag::T_String
+                && CStr::from_ptr((*name.cast::<pg_sys::String>()).sval) == c"certyo_cdc"
+        });
+        ours.then(|| (*drop).behavior == pg_sys::DropBehavior::DROP_CASCADE)
     }
-    let drop = stmt.cast::<pg_sys::DropStmt>();
-    if (*drop).removeType != pg_sys::ObjectType::OBJECT_EXTENSION {
-        return None;
-    }
-    let names = pgrx::PgList::<pg_sys::Node>::from_pg((*drop).objects);
-    let ours = names.iter_ptr().any(|name| {
-        !name.is_null()
-            && (*name).type_ == pg_sys::NodeTag::T_String
-            && CStr::from_ptr((*name.cast::<pg_sys::String>()).sval) == c"certyo_cdc"
-    });
-    ours.then(|| (*drop).behavior == pg_sys::DropBehavior::DROP_CASCADE)
 }
 
 /// `Some((table, columns, recurse))` for an `ALTER TABLE` that drops or retypes `columns`.
@@ -242,40 +257,44 @@ unsafe fn drops_this_extension(stmt: *mut pg_sys::Node) -> Option<bool> {
 unsafe fn alters_column_types_or_drops(
     stmt: *mut pg_sys::Node,
 ) -> Option<(pg_sys::Oid, Vec<String>, bool)> {
-    if stmt.is_null() || (*stmt).type_ != pg_sys::NodeTag::T_AlterTableStmt {
-        return None;
+    // SAFETY: the caller upholds this function's contract (its `# Safety` section), on which
+    // every unsafe operation below relies.
+    unsafe {
+        if stmt.is_null() || (*stmt).type_ != pg_sys::NodeTag::T_AlterTableStmt {
+            return None;
+        }
+        let alter = stmt.cast::<pg_sys::AlterTableStmt>();
+        if (*alter).objtype != pg_sys::ObjectType::OBJECT_TABLE || (*alter).relation.is_null() {
+            return None;
+        }
+        let commands = pgrx::PgList::<pg_sys::AlterTableCmd>::from_pg((*alter).cmds);
+        let columns: Vec<String> = commands
+            .iter_ptr()
+            .filter(|cmd| {
+                !cmd.is_null()
+                    && !(**cmd).name.is_null()
+                    && matches!(
+                        (**cmd).subtype,
+                        pg_sys::AlterTableType::AT_DropColumn
+                            | pg_sys::AlterTableType::AT_AlterColumnType
+                    )
+            })
+            .map(|cmd| CStr::from_ptr((*cmd).name).to_string_lossy().into_owned())
+            .collect();
+        if columns.is_empty() {
+            return None;
+        }
+        // Resolved without a lock: ALTER TABLE locks the table itself, and a name that resolves
+        // to nothing or to an untracked table leaves nothing to do here.
+        let relid = pg_sys::RangeVarGetRelidExtended(
+            (*alter).relation,
+            pg_sys::NoLock as pg_sys::LOCKMODE,
+            pg_sys::RVROption::RVR_MISSING_OK,
+            None,
+            std::ptr::null_mut(),
+        );
+        (relid != pg_sys::InvalidOid).then(|| (relid, columns, (*(*alter).relation).inh))
     }
-    let alter = stmt.cast::<pg_sys::AlterTableStmt>();
-    if (*alter).objtype != pg_sys::ObjectType::OBJECT_TABLE || (*alter).relation.is_null() {
-        return None;
-    }
-    let commands = pgrx::PgList::<pg_sys::AlterTableCmd>::from_pg((*alter).cmds);
-    let columns: Vec<String> = commands
-        .iter_ptr()
-        .filter(|cmd| {
-            !cmd.is_null()
-                && !(**cmd).name.is_null()
-                && matches!(
-                    (**cmd).subtype,
-                    pg_sys::AlterTableType::AT_DropColumn
-                        | pg_sys::AlterTableType::AT_AlterColumnType
-                )
-        })
-        .map(|cmd| CStr::from_ptr((*cmd).name).to_string_lossy().into_owned())
-        .collect();
-    if columns.is_empty() {
-        return None;
-    }
-    // Resolved without a lock: ALTER TABLE locks the table itself, and a name that resolves
-    // to nothing or to an untracked table leaves nothing to do here.
-    let relid = pg_sys::RangeVarGetRelidExtended(
-        (*alter).relation,
-        pg_sys::NoLock as pg_sys::LOCKMODE,
-        pg_sys::RVROption::RVR_MISSING_OK,
-        None,
-        std::ptr::null_mut(),
-    );
-    (relid != pg_sys::InvalidOid).then(|| (relid, columns, (*(*alter).relation).inh))
 }
 
 /// How a table comes under another.
@@ -291,59 +310,63 @@ enum Attach {
 /// # Safety
 /// `stmt` is null or a valid parse node.
 unsafe fn attaches_or_inherits(stmt: *mut pg_sys::Node) -> Vec<(pg_sys::Oid, Attach)> {
-    let resolve = |name: *mut pg_sys::RangeVar| {
-        let relid = pg_sys::RangeVarGetRelidExtended(
-            name,
-            pg_sys::NoLock as pg_sys::LOCKMODE,
-            pg_sys::RVROption::RVR_MISSING_OK,
-            None,
-            std::ptr::null_mut(),
-        );
-        (relid != pg_sys::InvalidOid).then_some(relid)
-    };
-    let mut found = Vec::new();
-    if stmt.is_null() {
-        return found;
-    }
-    if (*stmt).type_ == pg_sys::NodeTag::T_CreateStmt {
-        let create = stmt.cast::<pg_sys::CreateStmt>();
-        if (*create).partbound.is_null() {
-            let parents = pgrx::PgList::<pg_sys::RangeVar>::from_pg((*create).inhRelations);
-            for parent in parents.iter_ptr() {
-                if let Some(parent) = resolve(parent) {
-                    found.push((parent, Attach::Inheritance));
-                }
-            }
-        }
-    } else if (*stmt).type_ == pg_sys::NodeTag::T_AlterTableStmt {
-        let alter = stmt.cast::<pg_sys::AlterTableStmt>();
-        if (*alter).relation.is_null() {
+    // SAFETY: the caller upholds this function's contract (its `# Safety` section), on which
+    // every unsafe operation below relies.
+    unsafe {
+        let resolve = |name: *mut pg_sys::RangeVar| {
+            let relid = pg_sys::RangeVarGetRelidExtended(
+                name,
+                pg_sys::NoLock as pg_sys::LOCKMODE,
+                pg_sys::RVROption::RVR_MISSING_OK,
+                None,
+                std::ptr::null_mut(),
+            );
+            (relid != pg_sys::InvalidOid).then_some(relid)
+        };
+        let mut found = Vec::new();
+        if stmt.is_null() {
             return found;
         }
-        let commands = pgrx::PgList::<pg_sys::AlterTableCmd>::from_pg((*alter).cmds);
-        for cmd in commands.iter_ptr() {
-            if cmd.is_null() || (*cmd).def.is_null() {
-                continue;
-            }
-            match (*cmd).subtype {
-                pg_sys::AlterTableType::AT_AttachPartition => {
-                    let partition = (*cmd).def.cast::<pg_sys::PartitionCmd>();
-                    if let (Some(parent), Some(child)) =
-                        (resolve((*alter).relation), resolve((*partition).name))
-                    {
-                        found.push((parent, Attach::Partition(child)));
-                    }
-                }
-                pg_sys::AlterTableType::AT_AddInherit => {
-                    if let Some(parent) = resolve((*cmd).def.cast::<pg_sys::RangeVar>()) {
+        if (*stmt).type_ == pg_sys::NodeTag::T_CreateStmt {
+            let create = stmt.cast::<pg_sys::CreateStmt>();
+            if (*create).partbound.is_null() {
+                let parents = pgrx::PgList::<pg_sys::RangeVar>::from_pg((*create).inhRelations);
+                for parent in parents.iter_ptr() {
+                    if let Some(parent) = resolve(parent) {
                         found.push((parent, Attach::Inheritance));
                     }
                 }
-                _ => {}
+            }
+        } else if (*stmt).type_ == pg_sys::NodeTag::T_AlterTableStmt {
+            let alter = stmt.cast::<pg_sys::AlterTableStmt>();
+            if (*alter).relation.is_null() {
+                return found;
+            }
+            let commands = pgrx::PgList::<pg_sys::AlterTableCmd>::from_pg((*alter).cmds);
+            for cmd in commands.iter_ptr() {
+                if cmd.is_null() || (*cmd).def.is_null() {
+                    continue;
+                }
+                match (*cmd).subtype {
+                    pg_sys::AlterTableType::AT_AttachPartition => {
+                        let partition = (*cmd).def.cast::<pg_sys::PartitionCmd>();
+                        if let (Some(parent), Some(child)) =
+                            (resolve((*alter).relation), resolve((*partition).name))
+                        {
+                            found.push((parent, Attach::Partition(child)));
+                        }
+                    }
+                    pg_sys::AlterTableType::AT_AddInherit => {
+                        if let Some(parent) = resolve((*cmd).def.cast::<pg_sys::RangeVar>()) {
+                            found.push((parent, Attach::Inheritance));
+                        }
+                    }
+                    _ => {}
+                }
             }
         }
+        found
     }
-    found
 }
 
 /// The trigger's name when `stmt` is a `DROP TRIGGER` of a capture trigger (or its TRUNCATE
@@ -352,32 +375,36 @@ unsafe fn attaches_or_inherits(stmt: *mut pg_sys::Node) -> Vec<(pg_sys::Oid, Att
 /// # Safety
 /// `stmt` is null or a valid parse node.
 unsafe fn drops_a_capture_trigger(stmt: *mut pg_sys::Node) -> Option<String> {
-    if stmt.is_null() || (*stmt).type_ != pg_sys::NodeTag::T_DropStmt {
-        return None;
-    }
-    let drop = stmt.cast::<pg_sys::DropStmt>();
-    if (*drop).removeType != pg_sys::ObjectType::OBJECT_TRIGGER {
-        return None;
-    }
-    // Each object is a list of names: [schema,] table, trigger.
-    let objects = pgrx::PgList::<pg_sys::List>::from_pg((*drop).objects);
-    let found = objects.iter_ptr().find_map(|names| {
-        let names = pgrx::PgList::<pg_sys::Node>::from_pg(names);
-        let last = names.get_ptr(names.len().checked_sub(1)?)?;
-        if (*last).type_ != pg_sys::NodeTag::T_String {
+    // SAFETY: the caller upholds this function's contract (its `# Safety` section), on which
+    // every unsafe operation below relies.
+    unsafe {
+        if stmt.is_null() || (*stmt).type_ != pg_sys::NodeTag::T_DropStmt {
             return None;
         }
-        let name = CStr::from_ptr((*last.cast::<pg_sys::String>()).sval)
-            .to_str()
-            .ok()?;
-        [
-            crate::capture::CAPTURE_TRIGGER,
-            crate::capture::TRUNCATE_TRIGGER,
-        ]
-        .contains(&name)
-        .then(|| name.to_string())
-    });
-    found
+        let drop = stmt.cast::<pg_sys::DropStmt>();
+        if (*drop).removeType != pg_sys::ObjectType::OBJECT_TRIGGER {
+            return None;
+        }
+        // Each object is a list of names: [schema,] table, trigger.
+        let objects = pgrx::PgList::<pg_sys::List>::from_pg((*drop).objects);
+        let found = objects.iter_ptr().find_map(|names| {
+            let names = pgrx::PgList::<pg_sys::Node>::from_pg(names);
+            let last = names.get_ptr(names.len().checked_sub(1)?)?;
+            if (*last).type_ != pg_sys::NodeTag::T_String {
+                return None;
+            }
+            let name = CStr::from_ptr((*last.cast::<pg_sys::String>()).sval)
+                .to_str()
+                .ok()?;
+            [
+                crate::capture::CAPTURE_TRIGGER,
+                crate::capture::TRUNCATE_TRIGGER,
+            ]
+            .contains(&name)
+            .then(|| name.to_string())
+        });
+        found
+    }
 }
 
 /// The indexes a `DROP INDEX` names that exist (`IF EXISTS` may name others).
@@ -385,30 +412,34 @@ unsafe fn drops_a_capture_trigger(stmt: *mut pg_sys::Node) -> Option<String> {
 /// # Safety
 /// `stmt` is null or a valid parse node.
 unsafe fn dropped_indexes(stmt: *mut pg_sys::Node) -> Vec<pg_sys::Oid> {
-    if stmt.is_null() || (*stmt).type_ != pg_sys::NodeTag::T_DropStmt {
-        return Vec::new();
+    // SAFETY: the caller upholds this function's contract (its `# Safety` section), on which
+    // every unsafe operation below relies.
+    unsafe {
+        if stmt.is_null() || (*stmt).type_ != pg_sys::NodeTag::T_DropStmt {
+            return Vec::new();
+        }
+        let drop = stmt.cast::<pg_sys::DropStmt>();
+        if (*drop).removeType != pg_sys::ObjectType::OBJECT_INDEX {
+            return Vec::new();
+        }
+        // Each object is a list of names: [schema,] index. Resolved without a lock, as
+        // `alters_column_types_or_drops` does: DROP INDEX locks what it drops itself.
+        let objects = pgrx::PgList::<pg_sys::List>::from_pg((*drop).objects);
+        objects
+            .iter_ptr()
+            .filter(|names| !names.is_null())
+            .map(|names| {
+                pg_sys::RangeVarGetRelidExtended(
+                    pg_sys::makeRangeVarFromNameList(names),
+                    pg_sys::NoLock as pg_sys::LOCKMODE,
+                    pg_sys::RVROption::RVR_MISSING_OK,
+                    None,
+                    std::ptr::null_mut(),
+                )
+            })
+            .filter(|&index| index != pg_sys::InvalidOid)
+            .collect()
     }
-    let drop = stmt.cast::<pg_sys::DropStmt>();
-    if (*drop).removeType != pg_sys::ObjectType::OBJECT_INDEX {
-        return Vec::new();
-    }
-    // Each object is a list of names: [schema,] index. Resolved without a lock, as
-    // `alters_column_types_or_drops` does: DROP INDEX locks what it drops itself.
-    let objects = pgrx::PgList::<pg_sys::List>::from_pg((*drop).objects);
-    objects
-        .iter_ptr()
-        .filter(|names| !names.is_null())
-        .map(|names| {
-            pg_sys::RangeVarGetRelidExtended(
-                pg_sys::makeRangeVarFromNameList(names),
-                pg_sys::NoLock as pg_sys::LOCKMODE,
-                pg_sys::RVROption::RVR_MISSING_OK,
-                None,
-                std::ptr::null_mut(),
-            )
-        })
-        .filter(|&index| index != pg_sys::InvalidOid)
-        .collect()
 }
 
 /// Refuse (RESTRICT) or warn (CASCADE) when changes would be discarded.

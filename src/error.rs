@@ -136,6 +136,7 @@ pub fn in_subtransaction<T>(
     // SAFETY: main thread, inside a transaction; the caller's memory context and resource
     // owner are restored on both paths, as PL/pgSQL does around an exception block.
     let (context, owner) = unsafe { (pg_sys::CurrentMemoryContext, pg_sys::CurrentResourceOwner) };
+    // SAFETY: as above: the values just read, put back in the same process and transaction.
     let restore = move || unsafe {
         pg_sys::MemoryContextSwitchTo(context);
         pg_sys::CurrentResourceOwner = owner;

@@ -193,6 +193,9 @@ unsafe extern "C-unwind" {
     fn disable_timeout(id: c_int, keep_indicator: bool);
 }
 
+/// # Safety
+/// Called only by PostgreSQL at the process's exit, as the `before_shmem_exit` callback
+/// registered above.
 #[pg_guard]
 unsafe extern "C-unwind" fn note_at_exit(_code: c_int, _arg: pg_sys::Datum) {
     let Some(running) = RUNNING.get() else { return };
@@ -274,6 +277,6 @@ pub fn ended_message(what: &str, to_do: &str) -> String {
     format!(
         "{what} ran past its hard limit: it went on for more than {} s after it was canceled at the end of its time (certyo.user_code_timeout, {} ms), as code that catches the cancellation does (EXCEPTION WHEN query_canceled or OTHERS); the process running it ended itself to stop it (the log says \"due to administrator command\"), nothing it did was kept, and a new one took over; {to_do}",
         GRACE.as_secs(),
-        crate::delivery::settings::user_code_timeout().as_millis()
+        crate::settings::user_code_timeout().as_millis()
     )
 }

@@ -16,6 +16,8 @@
 //!   shared with `certyo-relay`: it knows nothing of Postgres;
 //! - [`wake`]: the registry of delivery workers (one per database) in shared memory, and the
 //!   doorbells: a committing writer rings its database's worker, `CREATE EXTENSION` the launcher;
+//! - [`settings`]: the `certyo.*` settings (GUCs), read by delivery, backfill and `track()`;
+//! - [`api_key`]: the API key from its file or setting, kept out of the server log;
 //! - [`error`]: the one error type, raised with an SQLSTATE, detail and hint;
 //! - [`relation`]: a `table_open`ed relation, closed on every path;
 //! - [`rights`]: whose rights run user code (the table owner's, restricted, never the worker's);
@@ -28,6 +30,7 @@
 //!
 //! Capture and delivery meet only at the `certyo.queue` table (and the doorbell).
 
+mod api_key;
 mod audit;
 mod backfill;
 pub mod capture;
@@ -38,6 +41,7 @@ pub mod error;
 mod hard_limit;
 mod relation;
 mod rights;
+mod settings;
 mod shape;
 mod track;
 mod wake;
@@ -64,8 +68,8 @@ pub extern "C-unwind" fn _PG_init() {
     // Errors are for people: a Rust backtrace never reaches an error's DETAIL or the log,
     // whatever RUST_BACKTRACE the server was started with. Set before any thread exists.
     std::env::set_var("RUST_LIB_BACKTRACE", "0");
-    delivery::settings::define(preloading);
-    delivery::api_key::redact_from_log();
+    settings::define(preloading);
+    api_key::redact_from_log(settings::api_key_setting);
     ddl_hook::install();
     if preloading {
         wake::init_shared_memory();

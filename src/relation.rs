@@ -10,7 +10,9 @@ impl OpenRelation {
     /// # Safety
     /// Inside a transaction; `relid` names a table (else Postgres raises an error).
     pub unsafe fn open(relid: Oid, lock: u32) -> OpenRelation {
-        OpenRelation(pg_sys::table_open(relid, lock as pg_sys::LOCKMODE))
+        // SAFETY: the caller upholds this function's contract (its `# Safety` section), on which
+        // every unsafe operation below relies.
+        unsafe { OpenRelation(pg_sys::table_open(relid, lock as pg_sys::LOCKMODE)) }
     }
 
     pub fn get(&self) -> pg_sys::Relation {

@@ -148,6 +148,9 @@ pub fn claim(database: pg_sys::Oid, cap: usize) -> Result<(), Refused> {
     Ok(())
 }
 
+/// # Safety
+/// Called only by PostgreSQL at the process's exit, as the `before_shmem_exit` callback
+/// registered above.
 #[pgrx::pg_guard]
 unsafe extern "C-unwind" fn free_slot(_code: std::ffi::c_int, _arg: pg_sys::Datum) {
     set_worker(None);
@@ -367,50 +370,71 @@ pub fn launcher_requests() -> u64 {
 /// Count `changes` committed, and set the latch of this database's worker, if one has
 /// announced itself (and, unless `even_muted`, listens to commits and is not lingering short
 /// of a full batch).
+///
+/// # Safety
+/// In a backend's main thread, connected to a database (it reads `MyDatabaseId`).
 unsafe fn ring(even_muted: bool, changes: u64) -> bool {
-    match slot_of(pg_sys::MyDatabaseId) {
-        Some(slot) => {
-            let committed = slot.committed.fetch_add(changes, Ordering::AcqRel) + changes;
-            let listening = !slot.muted.load(Ordering::Relaxed)
-                && committed >= slot.ring_at.load(Ordering::Acquire);
-            if even_muted || listening {
-                set_latch(slot.procno.load(Ordering::Acquire))
-            } else {
-                true
+    // SAFETY: the caller upholds this function's contract (its `# Safety` section), on which
+    // every unsafe operation below relies.
+    unsafe {
+        match slot_of(pg_sys::MyDatabaseId) {
+            Some(slot) => {
+                let committed = slot.committed.fetch_add(changes, Ordering::AcqRel) + changes;
+                let listening = !slot.muted.load(Ordering::Relaxed)
+                    && committed >= slot.ring_at.load(Ordering::Acquire);
+                if even_muted || listening {
+                    set_latch(slot.procno.load(Ordering::Acquire))
+                } else {
+                    true
+                }
             }
+            None => false,
         }
-        None => false,
     }
 }
 
+/// # Safety
+/// In a process attached to shared memory (`ProcGlobal` set); any `procno` (one out of range
+/// sets nothing).
 unsafe fn set_latch(procno: i32) -> bool {
-    if procno >= 0 && (procno as u32) < (*pg_sys::ProcGlobal).allProcCount {
-        pg_sys::SetLatch(&mut (*(*pg_sys::ProcGlobal).allProcs.add(procno as usize)).procLatch);
-        return true;
+    // SAFETY: the caller upholds this function's contract (its `# Safety` section), on which
+    // every unsafe operation below relies.
+    unsafe {
+        if procno >= 0 && (procno as u32) < (*pg_sys::ProcGlobal).allProcCount {
+            pg_sys::SetLatch(&mut (*(*pg_sys::ProcGlobal).allProcs.add(procno as usize)).procLatch);
+            return true;
+        }
+        false
     }
-    false
 }
 
+/// # Safety
+/// Called only by PostgreSQL, as the transaction callback registered with
+/// `RegisterXactCallback`, in the backend's main thread.
 #[pgrx::pg_guard]
 unsafe extern "C-unwind" fn on_transaction_end(
     event: pg_sys::XactEvent::Type,
     _arg: *mut std::ffi::c_void,
 ) {
-    use pg_sys::XactEvent::*;
-    match event {
-        XACT_EVENT_COMMIT | XACT_EVENT_PARALLEL_COMMIT => {
-            if RING_AT_COMMIT.replace(false) {
-                ring(false, CHANGES_AT_COMMIT.replace(0));
+    // SAFETY: the caller upholds this function's contract (its `# Safety` section), on which
+    // every unsafe operation below relies.
+    unsafe {
+        use pg_sys::XactEvent::*;
+        match event {
+            XACT_EVENT_COMMIT | XACT_EVENT_PARALLEL_COMMIT => {
+                if RING_AT_COMMIT.replace(false) {
+                    ring(false, CHANGES_AT_COMMIT.replace(0));
+                }
+                if RING_LAUNCHER_AT_COMMIT.replace(false) {
+                    ring_launcher();
+                }
             }
-            if RING_LAUNCHER_AT_COMMIT.replace(false) {
-                ring_launcher();
+            XACT_EVENT_ABORT | XACT_EVENT_PARALLEL_ABORT | XACT_EVENT_PREPARE => {
+                RING_AT_COMMIT.set(false);
+                CHANGES_AT_COMMIT.set(0);
+                RING_LAUNCHER_AT_COMMIT.set(false);
             }
+            _ => {}
         }
-        XACT_EVENT_ABORT | XACT_EVENT_PARALLEL_ABORT | XACT_EVENT_PREPARE => {
-            RING_AT_COMMIT.set(false);
-            CHANGES_AT_COMMIT.set(0);
-            RING_LAUNCHER_AT_COMMIT.set(false);
-        }
-        _ => {}
     }
 }

@@ -20,7 +20,8 @@
 -- 1 or 5): the mask is what tells a tracking-only update (the write-back) from a real one.
 -- Syntax-checked with sqlfluff (dialect tsql); no SQL Server runs in this project's CI.
 
-IF OBJECT_ID(N'certyo.TrackedTable', N'U') IS NULL
+-- certyo.CheckTable: the newest of common.sql's objects (a common.sql of an earlier version lacks it).
+IF OBJECT_ID(N'certyo.TrackedTable', N'U') IS NULL OR OBJECT_ID(N'certyo.CheckTable', N'P') IS NULL
     THROW 50000, N'certyo: run sql/sqlserver/common.sql first, then this script again', 1;
 GO
 
@@ -42,13 +43,12 @@ CREATE OR ALTER PROCEDURE certyo.TrackTableCdc
 AS
 BEGIN
     SET NOCOUNT ON;
-    DECLARE @object INT = OBJECT_ID(QUOTENAME(@SchemaName) + N'.' + QUOTENAME(@TableName), N'U');
+    DECLARE @object INT;
+    EXEC certyo.CheckTable @Caller = N'certyo.TrackTableCdc', @SchemaName = @SchemaName, @TableName = @TableName,
+        @NoTableError = 50001, @NoKeyError = 50002, @NoKeyReason = N'the record id is the primary key',
+        @Object = @object OUTPUT;
     DECLARE @qualified NVARCHAR(300) = QUOTENAME(@SchemaName) + N'.' + QUOTENAME(@TableName);
     DECLARE @collection NVARCHAR(256) = @SchemaName + N'.' + @TableName;
-    IF @object IS NULL
-        THROW 50001, N'certyo.TrackTableCdc: no such table; pass the schema and the table name', 1;
-    IF NOT EXISTS (SELECT 1 FROM sys.indexes WHERE object_id = @object AND is_primary_key = 1)
-        THROW 50002, N'certyo.TrackTableCdc: the table has no primary key; add one (the record id is the primary key)', 1;
     IF @TimestampColumn IS NOT NULL AND COL_LENGTH(@qualified, @TimestampColumn) IS NULL
         THROW 50003, N'certyo.TrackTableCdc: @TimestampColumn is not a column of the table', 1;
 

@@ -22,7 +22,8 @@
 -- (changes were lost) instead of silently skipping them: see certyo.ResetProgress.
 -- Syntax-checked with sqlfluff (dialect tsql); no SQL Server runs in this project's CI.
 
-IF OBJECT_ID(N'certyo.TrackedTable', N'U') IS NULL
+-- certyo.CheckTable: the newest of common.sql's objects (a common.sql of an earlier version lacks it).
+IF OBJECT_ID(N'certyo.TrackedTable', N'U') IS NULL OR OBJECT_ID(N'certyo.CheckTable', N'P') IS NULL
     THROW 50000, N'certyo: run sql/sqlserver/common.sql first, then this script again', 1;
 GO
 
@@ -46,13 +47,12 @@ CREATE OR ALTER PROCEDURE certyo.TrackTableChangeTracking
 AS
 BEGIN
     SET NOCOUNT ON;
-    DECLARE @object INT = OBJECT_ID(QUOTENAME(@SchemaName) + N'.' + QUOTENAME(@TableName), N'U');
+    DECLARE @object INT;
+    EXEC certyo.CheckTable @Caller = N'certyo.TrackTableChangeTracking', @SchemaName = @SchemaName, @TableName = @TableName,
+        @NoTableError = 50021, @NoKeyError = 50022, @NoKeyReason = N'change tracking and the record id need it',
+        @Object = @object OUTPUT;
     DECLARE @qualified NVARCHAR(300) = QUOTENAME(@SchemaName) + N'.' + QUOTENAME(@TableName);
     DECLARE @collection NVARCHAR(256) = @SchemaName + N'.' + @TableName;
-    IF @object IS NULL
-        THROW 50021, N'certyo.TrackTableChangeTracking: no such table; pass the schema and the table name', 1;
-    IF NOT EXISTS (SELECT 1 FROM sys.indexes WHERE object_id = @object AND is_primary_key = 1)
-        THROW 50022, N'certyo.TrackTableChangeTracking: the table has no primary key; add one (change tracking and the record id need it)', 1;
     IF @TimestampColumn IS NOT NULL AND COL_LENGTH(@qualified, @TimestampColumn) IS NULL
         THROW 50023, N'certyo.TrackTableChangeTracking: @TimestampColumn is not a column of the table', 1;
 

@@ -292,6 +292,35 @@ INNER JOIN sys.columns AS c ON c.object_id = ic.object_id AND c.column_id = ic.c
 WHERE ix.object_id = @object AND ix.is_primary_key = 1;
 GO
 
+-- The checks every TrackTable* procedure makes first: the table exists and has a primary key.
+-- @Caller names the procedure in the messages; the error numbers and why a key is needed are
+-- the caller's own. @Object returns the table's object id.
+CREATE OR ALTER PROCEDURE certyo.CheckTable
+    @Caller NVARCHAR(128),
+    @SchemaName SYSNAME,
+    @TableName SYSNAME,
+    @NoTableError INT,
+    @NoKeyError INT,
+    @NoKeyReason NVARCHAR(200),
+    @Object INT OUTPUT
+AS
+BEGIN
+    SET NOCOUNT ON;
+    DECLARE @message NVARCHAR(2048);
+    SET @Object = OBJECT_ID(QUOTENAME(@SchemaName) + N'.' + QUOTENAME(@TableName), N'U');
+    IF @Object IS NULL
+    BEGIN
+        SET @message = @Caller + N': no such table; pass the schema and the table name';
+        THROW @NoTableError, @message, 1;
+    END;
+    IF NOT EXISTS (SELECT 1 FROM sys.indexes WHERE object_id = @Object AND is_primary_key = 1)
+    BEGIN
+        SET @message = @Caller + N': the table has no primary key; add one (' + @NoKeyReason + N')';
+        THROW @NoKeyError, @message, 1;
+    END;
+END;
+GO
+
 -- Adds the bookkeeping columns certyo-relay writes back, when missing.
 CREATE OR ALTER PROCEDURE certyo.AddBookkeepingColumns
     @SchemaName SYSNAME,

@@ -15,7 +15,8 @@
 -- certyo.WriteBack (common.sql) and verifies the anchoring.
 -- Syntax-checked with sqlfluff (dialect tsql); no SQL Server runs in this project's CI.
 
-IF OBJECT_ID(N'certyo.TrackedTable', N'U') IS NULL
+-- certyo.CheckTable: the newest of common.sql's objects (a common.sql of an earlier version lacks it).
+IF OBJECT_ID(N'certyo.TrackedTable', N'U') IS NULL OR OBJECT_ID(N'certyo.CheckTable', N'P') IS NULL
     THROW 50000, N'certyo: run sql/sqlserver/common.sql first, then this script again', 1;
 GO
 
@@ -141,20 +142,14 @@ CREATE OR ALTER PROCEDURE certyo.TrackTable
 AS
 BEGIN
     SET NOCOUNT ON;
-    DECLARE @object INT = OBJECT_ID(QUOTENAME(@SchemaName) + N'.' + QUOTENAME(@TableName), N'U');
+    DECLARE @object INT;
+    EXEC certyo.CheckTable @Caller = N'certyo.TrackTable', @SchemaName = @SchemaName, @TableName = @TableName,
+        @NoTableError = 50001, @NoKeyError = 50002, @NoKeyReason = N'the record id is the primary key',
+        @Object = @object OUTPUT;
     DECLARE @qualified NVARCHAR(300) = QUOTENAME(@SchemaName) + N'.' + QUOTENAME(@TableName);
     DECLARE @collection NVARCHAR(300) = @SchemaName + N'.' + @TableName;
-    IF @object IS NULL
-        THROW 50001, N'certyo.TrackTable: no such table; pass the schema and the table name', 1;
-    IF NOT EXISTS (SELECT 1 FROM sys.indexes WHERE object_id = @object AND is_primary_key = 1)
-        THROW 50002, N'certyo.TrackTable: the table has no primary key; add one (the record id is the primary key)', 1;
 
-    IF COL_LENGTH(@qualified, N'CertyoRecordHash') IS NULL
-        EXEC (N'ALTER TABLE ' + @qualified + N' ADD CertyoRecordHash NVARCHAR(128) NULL');
-    IF COL_LENGTH(@qualified, N'CertyoAnchorStatus') IS NULL
-        EXEC (N'ALTER TABLE ' + @qualified + N' ADD CertyoAnchorStatus NVARCHAR(20) NULL DEFAULT N''pending''');
-    IF COL_LENGTH(@qualified, N'CertyoVerifiedAt') IS NULL
-        EXEC (N'ALTER TABLE ' + @qualified + N' ADD CertyoVerifiedAt DATETIME2(7) NULL');
+    EXEC certyo.AddBookkeepingColumns @SchemaName = @SchemaName, @TableName = @TableName;
 
     -- The business columns and how each is compared and rendered. Strings compare by code
     -- point (a binary collation), so a change of case is a change under any collation.

@@ -22,11 +22,11 @@ pub fn canonical(relid: Oid, table: &str, condition: &str) -> Result<String> {
     // The newline ends a trailing `--` comment inside the condition: it cannot reach past it.
     let probe = format!("SELECT FROM {table} AS t WHERE {condition}\n");
     let text = CString::new(probe).map_err(|_| not_one_expression(condition))?;
-    // SAFETY: parse and analysis of a NUL-terminated string inside the caller's transaction;
-    // a syntax or analysis error is raised as an ordinary ERROR by pgrx's guard on each call,
-    // with a CONTEXT line that says it is about the backfill condition.
     let quals = {
         let _context = ErrorContext::push();
+        // SAFETY: parse and analysis of a NUL-terminated string inside the caller's
+        // transaction; a syntax or analysis error is raised as an ordinary ERROR by pgrx's
+        // guard on each call, with a CONTEXT line that says it is about the backfill condition.
         unsafe { analyzed_where_clause(text.as_c_str()) }
     }
     .ok_or_else(|| not_one_expression(condition))?;
@@ -58,30 +58,40 @@ pub fn canonical(relid: Oid, table: &str, condition: &str) -> Result<String> {
 
 /// The analyzed WHERE clause of `probe`, or None if `probe` is anything but one
 /// `SELECT FROM <table> AS t WHERE <expression>`.
+///
+/// # Safety
+/// In a backend's main thread, inside a transaction (it parses and analyzes, reading the
+/// catalogs); its errors are PostgreSQL errors, raised through pgrx's guard.
 unsafe fn analyzed_where_clause(probe: &CStr) -> Option<*mut pg_sys::Node> {
-    let statements = pg_sys::pg_parse_query(probe.as_ptr());
-    if statements.is_null() || (*statements).length != 1 {
-        return None;
+    // SAFETY: the caller upholds this function's contract (its `# Safety` section), on which
+    // every unsafe operation below relies.
+    unsafe {
+        let statements = pg_sys::pg_parse_query(probe.as_ptr());
+        if statements.is_null() || (*statements).length != 1 {
+            return None;
+        }
+        let raw = (*(*statements).elements).ptr_value as *mut pg_sys::RawStmt;
+        let select = (*raw).stmt as *mut pg_sys::SelectStmt;
+        if select.is_null()
+            || (*select).type_ != pg_sys::NodeTag::T_SelectStmt
+            || !only_where(&*select)
+        {
+            return None;
+        }
+        let query = pg_sys::parse_analyze_fixedparams(
+            raw,
+            probe.as_ptr(),
+            std::ptr::null(),
+            0,
+            std::ptr::null_mut(),
+        );
+        let jointree = (*query).jointree;
+        if jointree.is_null() || (*jointree).quals.is_null() {
+            return None;
+        }
+        let quals = (*jointree).quals;
+        ((*quals).type_ != pg_sys::NodeTag::T_List).then_some(quals)
     }
-    let raw = (*(*statements).elements).ptr_value as *mut pg_sys::RawStmt;
-    let select = (*raw).stmt as *mut pg_sys::SelectStmt;
-    if select.is_null() || (*select).type_ != pg_sys::NodeTag::T_SelectStmt || !only_where(&*select)
-    {
-        return None;
-    }
-    let query = pg_sys::parse_analyze_fixedparams(
-        raw,
-        probe.as_ptr(),
-        std::ptr::null(),
-        0,
-        std::ptr::null_mut(),
-    );
-    let jointree = (*query).jointree;
-    if jointree.is_null() || (*jointree).quals.is_null() {
-        return None;
-    }
-    let quals = (*jointree).quals;
-    ((*quals).type_ != pg_sys::NodeTag::T_List).then_some(quals)
 }
 
 /// One table, one WHERE clause, and nothing else a condition could have smuggled in.
@@ -107,10 +117,18 @@ fn only_where(select: &pg_sys::SelectStmt) -> bool {
 }
 
 /// The expression as SQL text, column names relative to the alias `t`.
+///
+/// # Safety
+/// `quals` must be an expression [`analyzed_where_clause`] returned for the table `relid`, in
+/// the same transaction.
 unsafe fn deparse(quals: *mut pg_sys::Node, relid: Oid) -> String {
-    let context = pg_sys::deparse_context_for(c"t".as_ptr(), relid);
-    let text = pg_sys::deparse_expression(quals, context, false, false);
-    CStr::from_ptr(text).to_string_lossy().into_owned()
+    // SAFETY: the caller upholds this function's contract (its `# Safety` section), on which
+    // every unsafe operation below relies.
+    unsafe {
+        let context = pg_sys::deparse_context_for(c"t".as_ptr(), relid);
+        let text = pg_sys::deparse_expression(quals, context, false, false);
+        CStr::from_ptr(text).to_string_lossy().into_owned()
+    }
 }
 
 unsafe extern "C-unwind" {
@@ -147,6 +165,9 @@ impl Drop for ErrorContext {
     }
 }
 
+/// # Safety
+/// Called only by PostgreSQL's error reporting, as the error context callback
+/// [`ErrorContext::push`] installs, while an error is being built.
 unsafe extern "C-unwind" fn describe_condition(_arg: *mut std::ffi::c_void) {
     // SAFETY: called by errfinish while an error is being built, as errcontext callbacks are.
     unsafe {

@@ -200,7 +200,7 @@ pub fn step(chunk_size: usize) -> std::result::Result<bool, pgrx::spi::Error> {
     let error = if code == PgSqlErrorCode::ERRCODE_QUERY_CANCELED {
         format!(
             "{error}: a chunk of {chunk_size} rows took longer than certyo.user_code_timeout ({} ms); raise it, lower certyo.backfill_chunk_size, or give the condition an index, then request the backfill again",
-            crate::delivery::settings::user_code_timeout().as_millis()
+            crate::settings::user_code_timeout().as_millis()
         )
     } else {
         error
@@ -280,7 +280,7 @@ pub mod locked {
     /// Backfill `id` found its rows locked again: when to try next (1 s, doubling, at most
     /// `certyo.max_retry_interval`).
     pub fn wait(id: i64) -> Duration {
-        let cap = crate::delivery::settings::current().max_retry_interval;
+        let cap = crate::settings::current().max_retry_interval;
         WAITING.with(|w| {
             let mut waiting = w.borrow_mut();
             let failures = waiting
@@ -439,7 +439,7 @@ pub fn queue_chunk(job: &Job, chunk_size: usize) -> Result<i64> {
     // requester's condition; the requester was and still is allowed to act as the owner. So it
     // runs as the owner, restricted, never with the worker's rights (see crate::rights).
     let owner = requester_may_still_act_as_owner(job)?;
-    let timeout = crate::delivery::settings::user_code_timeout();
+    let timeout = crate::settings::user_code_timeout();
     let (queued, last) = crate::rights::backfilling_as(job.id, owner, timeout, || {
         let after = if job.last_key.is_some() {
             typed(&last_key)?

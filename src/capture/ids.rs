@@ -94,14 +94,18 @@ pub fn init_shared_memory() {
 /// # Safety
 /// In a backend's main thread, inside a transaction that may write.
 pub unsafe fn draw(sequence: Oid) -> i64 {
-    if !PRELOADED.load(Ordering::Relaxed) {
-        return nextval(sequence);
+    // SAFETY: the caller upholds this function's contract (its `# Safety` section), on which
+    // every unsafe operation below relies.
+    unsafe {
+        if !PRELOADED.load(Ordering::Relaxed) {
+            return nextval(sequence);
+        }
+        let key = (pg_sys::MyDatabaseId.to_u32(), sequence.to_u32());
+        if let Some(id) = take(key) {
+            return id;
+        }
+        refill(key, sequence)
     }
-    let key = (pg_sys::MyDatabaseId.to_u32(), sequence.to_u32());
-    if let Some(id) = take(key) {
-        return id;
-    }
-    refill(key, sequence)
 }
 
 /// An id from the current block, if there is one left.
@@ -113,29 +117,37 @@ fn take(key: (u32, u32)) -> Option<i64> {
 
 /// Draw a new block and take its first id (or an id of the block another writer drew while
 /// this one waited for the lock).
+///
+/// # Safety
+/// As for [`draw`]: in a backend's main thread, inside a transaction that may write;
+/// `sequence` the queue's id sequence, the shared memory set up (preloaded).
 unsafe fn refill(key: (u32, u32), sequence: Oid) -> i64 {
-    // `nextval` locks the sequence. Take that lock before ours, never while holding ours: a
-    // session that holds a conflicting lock on the sequence (ALTER SEQUENCE) and then writes a
-    // tracked table would wait for our lock while we waited for its lock, and a wait for an
-    // LWLock is no deadlock Postgres can detect. Once locked, the increment cannot change
-    // until this transaction ends.
-    pg_sys::LockRelationOid(sequence, pg_sys::RowExclusiveLock as pg_sys::LOCKMODE);
-    let size = block_size(sequence);
-    let mut blocks = BLOCKS.exclusive();
-    let index = blocks.find_or_claim(key);
-    if let Some(id) = blocks.entries[index].take() {
-        return id;
+    // SAFETY: the caller upholds this function's contract (its `# Safety` section), on which
+    // every unsafe operation below relies.
+    unsafe {
+        // `nextval` locks the sequence. Take that lock before ours, never while holding ours: a
+        // session that holds a conflicting lock on the sequence (ALTER SEQUENCE) and then writes a
+        // tracked table would wait for our lock while we waited for its lock, and a wait for an
+        // LWLock is no deadlock Postgres can detect. Once locked, the increment cannot change
+        // until this transaction ends.
+        pg_sys::LockRelationOid(sequence, pg_sys::RowExclusiveLock as pg_sys::LOCKMODE);
+        let size = block_size(sequence);
+        let mut blocks = BLOCKS.exclusive();
+        let index = blocks.find_or_claim(key);
+        if let Some(id) = blocks.entries[index].take() {
+            return id;
+        }
+        // Under the lock: no id is handed out between the old block's last and the new block's
+        // first, so ids keep the order they are drawn in.
+        let start = nextval(sequence);
+        blocks.entries[index] = Block {
+            database: key.0,
+            sequence: key.1,
+            next: start.saturating_add(1),
+            end: start.saturating_add(size),
+        };
+        start
     }
-    // Under the lock: no id is handed out between the old block's last and the new block's
-    // first, so ids keep the order they are drawn in.
-    let start = nextval(sequence);
-    blocks.entries[index] = Block {
-        database: key.0,
-        sequence: key.1,
-        next: start.saturating_add(1),
-        end: start.saturating_add(size),
-    };
-    start
 }
 
 impl Blocks {
@@ -174,30 +186,43 @@ impl Blocks {
 
 /// Ids one `nextval` reserves: the sequence's increment (1 before `ALTER EXTENSION certyo_cdc
 /// UPDATE` made it 1,024, or if it is not positive).
+///
+/// # Safety
+/// In a backend's main thread, inside a transaction (it reads the syscache); `sequence` a
+/// sequence's OID (one not found counts as an increment of 1).
 unsafe fn block_size(sequence: Oid) -> i64 {
-    /// `Anum_pg_sequence_seqincrement` (catalog/pg_sequence.h; not bound by pgrx).
-    const SEQINCREMENT: pg_sys::AttrNumber = 4;
-    let tuple = pg_sys::SearchSysCache1(
-        pg_sys::SysCacheIdentifier::SEQRELID as _,
-        pg_sys::Datum::from(sequence),
-    );
-    if tuple.is_null() {
-        return 1;
+    // SAFETY: the caller upholds this function's contract (its `# Safety` section), on which
+    // every unsafe operation below relies.
+    unsafe {
+        /// `Anum_pg_sequence_seqincrement` (catalog/pg_sequence.h; not bound by pgrx).
+        const SEQINCREMENT: pg_sys::AttrNumber = 4;
+        let tuple = pg_sys::SearchSysCache1(
+            pg_sys::SysCacheIdentifier::SEQRELID as _,
+            pg_sys::Datum::from(sequence),
+        );
+        if tuple.is_null() {
+            return 1;
+        }
+        let mut null = false;
+        let datum = pg_sys::SysCacheGetAttr(
+            pg_sys::SysCacheIdentifier::SEQRELID as _,
+            tuple,
+            SEQINCREMENT,
+            &mut null,
+        );
+        let increment = if null { 1 } else { datum.value() as i64 };
+        pg_sys::ReleaseSysCache(tuple);
+        increment.max(1)
     }
-    let mut null = false;
-    let datum = pg_sys::SysCacheGetAttr(
-        pg_sys::SysCacheIdentifier::SEQRELID as _,
-        tuple,
-        SEQINCREMENT,
-        &mut null,
-    );
-    let increment = if null { 1 } else { datum.value() as i64 };
-    pg_sys::ReleaseSysCache(tuple);
-    increment.max(1)
 }
 
+/// # Safety
+/// In a backend's main thread, inside a transaction that may write; `sequence` a sequence's
+/// OID. Its errors (no such sequence, no right, the limit reached) are PostgreSQL errors.
 unsafe fn nextval(sequence: Oid) -> i64 {
-    pg_sys::ffi::pg_guard_ffi_boundary(|| nextval_internal(sequence, false))
+    // SAFETY: the caller upholds this function's contract (its `# Safety` section), on which
+    // every unsafe operation below relies.
+    unsafe { pg_sys::ffi::pg_guard_ffi_boundary(|| nextval_internal(sequence, false)) }
 }
 
 #[cfg(test)]

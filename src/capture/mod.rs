@@ -46,79 +46,90 @@ pub extern "C" fn pg_finfo_certyo_capture() -> &'static pg_sys::Pg_finfo_record 
 #[pgrx::pg_guard]
 #[unsafe(no_mangle)]
 pub unsafe extern "C-unwind" fn certyo_capture(fcinfo: pg_sys::FunctionCallInfo) -> pg_sys::Datum {
-    fire(fcinfo).or_raise();
-    // AFTER triggers' results are ignored; BEFORE TRUNCATE never gets here.
-    pg_sys::Datum::from(0)
+    // SAFETY: the caller upholds this function's contract (its `# Safety` section), on which
+    // every unsafe operation below relies.
+    unsafe {
+        fire(fcinfo).or_raise();
+        // AFTER triggers' results are ignored; BEFORE TRUNCATE never gets here.
+        pg_sys::Datum::from(0)
+    }
 }
 
+/// # Safety
+/// `fcinfo` is the valid call information that Postgres' function manager passed
+/// [`certyo_capture`].
 unsafe fn fire(fcinfo: pg_sys::FunctionCallInfo) -> Result<()> {
-    if !pgrx::trigger_support::called_as_trigger(fcinfo) {
-        return Err(CertyoError::new(
-            PgSqlErrorCode::ERRCODE_E_R_I_E_TRIGGER_PROTOCOL_VIOLATED,
-            "certyo_cdc: certyo.capture() can only be called as a trigger",
-        )
-        .hint("Use certyo.track('schema.table') to install it on a table."));
-    }
-    let data = &*((*fcinfo).context as *const pg_sys::TriggerData);
-    let event = data.tg_event;
-    let operation = event & pg_sys::TRIGGER_EVENT_OPMASK;
-    if operation == pg_sys::TRIGGER_EVENT_TRUNCATE {
-        return Err(truncate_refused(&plan::qualified_name(data.tg_relation)));
-    }
-    if event & pg_sys::TRIGGER_EVENT_ROW == 0
-        || event & pg_sys::TRIGGER_EVENT_TIMINGMASK != pg_sys::TRIGGER_EVENT_AFTER
-    {
-        let table = plan::qualified_name(data.tg_relation);
-        return Err(CertyoError::new(
-            PgSqlErrorCode::ERRCODE_E_R_I_E_TRIGGER_PROTOCOL_VIOLATED,
-            format!("certyo_cdc: certyo.capture() on {table} must fire AFTER ... FOR EACH ROW"),
-        )
-        .hint(format!(
-            "Drop the hand-made trigger and call certyo.track('{table}')."
-        )));
-    }
-    let rel = data.tg_relation;
-    let plan = plan::for_relation(rel, || {
-        refuse_untracked(rel, data.tg_trigger)?;
-        Ok(trigger_args(data.tg_trigger))
-    })?;
-    let tupdesc = (*rel).rd_att;
-    let relid = plan.relid; // for a partition, the tracked partitioned table
-    let enqueue = |operation: Operation, row: &Row| -> Result<()> {
-        let change = plan.change(operation, row)?;
-        if change.record_id.is_empty() && operation == Operation::Delete {
-            // Of a record every version of which was refused (`queue::append`), so one Certyo
-            // never held: there is nothing to tell it. (A row keyed '' from before the table
-            // was tracked can so be deleted, or re-keyed: only the new key's insert is queued.)
-            return Ok(());
+    // SAFETY: the caller upholds this function's contract (its `# Safety` section), on which
+    // every unsafe operation below relies.
+    unsafe {
+        if !pgrx::trigger_support::called_as_trigger(fcinfo) {
+            return Err(CertyoError::new(
+                PgSqlErrorCode::ERRCODE_E_R_I_E_TRIGGER_PROTOCOL_VIOLATED,
+                "certyo_cdc: certyo.capture() can only be called as a trigger",
+            )
+            .hint("Use certyo.track('schema.table') to install it on a table."));
         }
-        queue::append(relid, plan.table_id, &plan.collection, &change).map(|_| ())
-    };
-    match operation {
-        pg_sys::TRIGGER_EVENT_INSERT => enqueue(
-            Operation::Insert,
-            &Row::deform(data.tg_trigtuple, tupdesc, plan.natts),
-        ),
-        pg_sys::TRIGGER_EVENT_DELETE => enqueue(
-            Operation::Delete,
-            &Row::deform(data.tg_trigtuple, tupdesc, plan.natts),
-        ),
-        _ => {
-            let old = Row::deform(data.tg_trigtuple, tupdesc, plan.natts);
-            let new = Row::deform(data.tg_newtuple, tupdesc, plan.natts);
-            if crate::rights::writing_back_to(relid)
-                && (plan.record_id_changed(&old, &new) || plan.business_changed(&old, &new))
-            {
-                return Err(changed_by_write_back(&plan.collection));
+        let data = &*((*fcinfo).context as *const pg_sys::TriggerData);
+        let event = data.tg_event;
+        let operation = event & pg_sys::TRIGGER_EVENT_OPMASK;
+        if operation == pg_sys::TRIGGER_EVENT_TRUNCATE {
+            return Err(truncate_refused(&plan::qualified_name(data.tg_relation)));
+        }
+        if event & pg_sys::TRIGGER_EVENT_ROW == 0
+            || event & pg_sys::TRIGGER_EVENT_TIMINGMASK != pg_sys::TRIGGER_EVENT_AFTER
+        {
+            let table = plan::qualified_name(data.tg_relation);
+            return Err(CertyoError::new(
+                PgSqlErrorCode::ERRCODE_E_R_I_E_TRIGGER_PROTOCOL_VIOLATED,
+                format!("certyo_cdc: certyo.capture() on {table} must fire AFTER ... FOR EACH ROW"),
+            )
+            .hint(format!(
+                "Drop the hand-made trigger and call certyo.track('{table}')."
+            )));
+        }
+        let rel = data.tg_relation;
+        let plan = plan::for_relation(rel, || {
+            refuse_untracked(rel, data.tg_trigger)?;
+            Ok(trigger_args(data.tg_trigger))
+        })?;
+        let tupdesc = (*rel).rd_att;
+        let relid = plan.relid; // for a partition, the tracked partitioned table
+        let enqueue = |operation: Operation, row: &Row| -> Result<()> {
+            let change = plan.change(operation, row)?;
+            if change.record_id.is_empty() && operation == Operation::Delete {
+                // Of a record every version of which was refused (`queue::append`), so one Certyo
+                // never held: there is nothing to tell it. (A row keyed '' from before the table
+                // was tracked can so be deleted, or re-keyed: only the new key's insert is queued.)
+                return Ok(());
             }
-            if plan.record_id_changed(&old, &new) {
-                // Certyo keys records by id: a new id is a new record, and the old one is gone.
-                enqueue(Operation::Delete, &old)?;
-                enqueue(Operation::Insert, &new)
-            } else if plan.business_changed(&old, &new) {
-                enqueue(Operation::Update, &new)
-            } else {
-                Ok(()) // bookkeeping write-back or no-op update: not a change
+            queue::append(relid, plan.table_id, &plan.collection, &change).map(|_| ())
+        };
+        match operation {
+            pg_sys::TRIGGER_EVENT_INSERT => enqueue(
+                Operation::Insert,
+                &Row::deform(data.tg_trigtuple, tupdesc, plan.natts),
+            ),
+            pg_sys::TRIGGER_EVENT_DELETE => enqueue(
+                Operation::Delete,
+                &Row::deform(data.tg_trigtuple, tupdesc, plan.natts),
+            ),
+            _ => {
+                let old = Row::deform(data.tg_trigtuple, tupdesc, plan.natts);
+                let new = Row::deform(data.tg_newtuple, tupdesc, plan.natts);
+                if crate::rights::writing_back_to(relid)
+                    && (plan.record_id_changed(&old, &new) || plan.business_changed(&old, &new))
+                {
+                    return Err(changed_by_write_back(&plan.collection));
+                }
+                if plan.record_id_changed(&old, &new) {
+                    // Certyo keys records by id: a new id is a new record, and the old one is gone.
+                    enqueue(Operation::Delete, &old)?;
+                    enqueue(Operation::Insert, &new)
+                } else if plan.business_changed(&old, &new) {
+                    enqueue(Operation::Update, &new)
+                } else {
+                    Ok(()) // bookkeeping write-back or no-op update: not a change
+                }
             }
         }
     }
@@ -142,6 +153,9 @@ fn watch_invalidations() {
     }
 }
 
+/// # Safety
+/// Called only by PostgreSQL, as the relcache invalidation callback that
+/// `watch_invalidations` registers, in the backend's main thread.
 #[pgrx::pg_guard]
 unsafe extern "C-unwind" fn on_relcache_invalidation(_arg: pg_sys::Datum, relid: pg_sys::Oid) {
     plan::forget(relid);
@@ -156,30 +170,41 @@ unsafe extern "C-unwind" fn on_relcache_invalidation(_arg: pg_sys::Datum, relid:
 /// # Safety
 /// `rel` is the open relation the trigger fired on, `trigger` its trigger.
 unsafe fn refuse_untracked(rel: pg_sys::Relation, trigger: *const pg_sys::Trigger) -> Result<()> {
-    let temporary =
-        (*(*rel).rd_rel).relpersistence == pg_sys::RELPERSISTENCE_TEMP as std::ffi::c_char;
-    let name = CStr::from_ptr((*trigger).tgname);
-    if !temporary && name.to_bytes() == CAPTURE_TRIGGER.as_bytes() {
-        return Ok(());
+    // SAFETY: the caller upholds this function's contract (its `# Safety` section), on which
+    // every unsafe operation below relies.
+    unsafe {
+        let temporary =
+            (*(*rel).rd_rel).relpersistence == pg_sys::RELPERSISTENCE_TEMP as std::ffi::c_char;
+        let name = CStr::from_ptr((*trigger).tgname);
+        if !temporary && name.to_bytes() == CAPTURE_TRIGGER.as_bytes() {
+            return Ok(());
+        }
+        let table = plan::qualified_name(rel);
+        Err(CertyoError::new(
+            PgSqlErrorCode::ERRCODE_E_R_I_E_TRIGGER_PROTOCOL_VIOLATED,
+            format!("certyo_cdc: {table} is not a tracked table, so certyo.capture() queues nothing for it"),
+        )
+        .detail(if temporary {
+            "Temporary tables cannot be tracked: the delivery worker cannot read another session's temporary tables."
+        } else {
+            "certyo.capture() runs only as the trigger certyo.track() installs, named certyo_capture."
+        })
+        .hint(format!("Drop the hand-made trigger {} on {table}; track permanent tables with certyo.track().", name.to_string_lossy())))
     }
-    let table = plan::qualified_name(rel);
-    Err(CertyoError::new(
-        PgSqlErrorCode::ERRCODE_E_R_I_E_TRIGGER_PROTOCOL_VIOLATED,
-        format!("certyo_cdc: {table} is not a tracked table, so certyo.capture() queues nothing for it"),
-    )
-    .detail(if temporary {
-        "Temporary tables cannot be tracked: the delivery worker cannot read another session's temporary tables."
-    } else {
-        "certyo.capture() runs only as the trigger certyo.track() installs, named certyo_capture."
-    })
-    .hint(format!("Drop the hand-made trigger {} on {table}; track permanent tables with certyo.track().", name.to_string_lossy())))
 }
 
+/// # Safety
+/// `trigger` must point to a valid `Trigger`, whose `tgargs` holds `tgnargs` NUL-terminated
+/// strings that live at least as long as `'a`.
 unsafe fn trigger_args<'a>(trigger: *const pg_sys::Trigger) -> Vec<&'a str> {
-    let trigger = &*trigger;
-    (0..trigger.tgnargs as usize)
-        .filter_map(|i| CStr::from_ptr(*trigger.tgargs.add(i)).to_str().ok())
-        .collect()
+    // SAFETY: the caller upholds this function's contract (its `# Safety` section), on which
+    // every unsafe operation below relies.
+    unsafe {
+        let trigger = &*trigger;
+        (0..trigger.tgnargs as usize)
+            .filter_map(|i| CStr::from_ptr(*trigger.tgargs.add(i)).to_str().ok())
+            .collect()
+    }
 }
 
 /// The worker's write-back (which sets bookkeeping columns only) changed business columns:

@@ -47,6 +47,10 @@ pub enum WriteBack {
     /// At acceptance the hash and `pending`, at anchoring the status again (two UPDATEs per
     /// version). Tables tracked before 0.2.0, whose trigger carries no `write_back=`, keep it.
     Accepted,
+    /// Never: the table has no bookkeeping columns and its rows are never written to (the
+    /// sidecar mode); `certyo.record_status()` gives each record's state from the receipts,
+    /// and `certyo.audit()` works from the receipts alone.
+    None,
 }
 
 impl WriteBack {
@@ -54,6 +58,7 @@ impl WriteBack {
         match self {
             WriteBack::Anchored => "anchored",
             WriteBack::Accepted => "accepted",
+            WriteBack::None => "none",
         }
     }
 
@@ -61,6 +66,7 @@ impl WriteBack {
         match value {
             "anchored" => Some(WriteBack::Anchored),
             "accepted" => Some(WriteBack::Accepted),
+            "none" => Some(WriteBack::None),
             _ => None,
         }
     }
@@ -203,6 +209,16 @@ mod tests {
         assert!(CaptureOptions::from_trigger_args(["record_id=id", "colour=red"]).is_err());
         assert!(CaptureOptions::from_trigger_args(["exclude=x"]).is_err());
         assert!(CaptureOptions::from_trigger_args(["record_id=id", "write_back=never"]).is_err());
+    }
+
+    #[test]
+    fn every_write_back_mode_round_trips_by_its_name() {
+        for mode in [WriteBack::Anchored, WriteBack::Accepted, WriteBack::None] {
+            assert_eq!(WriteBack::parse(mode.as_str()), Some(mode));
+            let arg = format!("write_back={}", mode.as_str());
+            let parsed = CaptureOptions::from_trigger_args(["record_id=id", arg.as_str()]).unwrap();
+            assert_eq!(parsed.write_back, mode);
+        }
     }
 
     #[test]

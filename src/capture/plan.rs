@@ -63,116 +63,120 @@ impl TablePlan {
     /// # Safety
     /// `rel` must be an open relation.
     pub unsafe fn build(rel: pg_sys::Relation, options: &CaptureOptions) -> Result<TablePlan> {
-        let tupdesc = (*rel).rd_att;
-        let natts = (*tupdesc).natts as usize;
-        let attributes: Vec<&pg_sys::FormData_pg_attribute> = (0..natts)
-            .map(|i| crate::compat::attribute(tupdesc, i))
-            .collect();
-        let name_of = |a: &pg_sys::FormData_pg_attribute| {
-            CStr::from_ptr(a.attname.data.as_ptr())
-                .to_string_lossy()
-                .into_owned()
-        };
-        let tracked = tracked_table(rel)?;
-        let table = tracked.name.clone();
-
-        let mut payload: Vec<Column> = Vec::new();
-        for (index, attribute) in attributes.iter().enumerate() {
-            let name = name_of(attribute);
-            if attribute.attisdropped
-                || is_bookkeeping(&name)
-                || options.exclude_columns.contains(&name)
-            {
-                continue;
-            }
-            let mut key = if payload.is_empty() {
-                Vec::new()
-            } else {
-                vec![b',']
+        // SAFETY: the caller upholds this function's contract (its `# Safety` section), on which
+        // every unsafe operation below relies.
+        unsafe {
+            let tupdesc = (*rel).rd_att;
+            let natts = (*tupdesc).natts as usize;
+            let attributes: Vec<&pg_sys::FormData_pg_attribute> = (0..natts)
+                .map(|i| crate::compat::attribute(tupdesc, i))
+                .collect();
+            let name_of = |a: &pg_sys::FormData_pg_attribute| {
+                CStr::from_ptr(a.attname.data.as_ptr())
+                    .to_string_lossy()
+                    .into_owned()
             };
-            write_json_string(name.as_bytes(), &mut key);
-            key.push(b':');
-            payload.push(Column {
-                index,
-                key,
-                value: ValuePlan::for_type(attribute.atttypid),
-                len: attribute.attlen,
-                byval: attribute.attbyval,
-                generated: attribute.attgenerated != 0,
-                name,
-            });
-        }
-        // A partition renders its columns in the tracked table's order (an attached partition
-        // may order them otherwise), so that a row renders the same whichever way it is read.
-        if let Some(order) = &tracked.column_order {
-            payload.sort_by_key(|c| {
-                order
-                    .iter()
-                    .position(|n| *n == c.name)
-                    .unwrap_or(usize::MAX)
-            });
-            for (i, column) in payload.iter_mut().enumerate() {
-                column.key.clear();
-                if i > 0 {
-                    column.key.push(b',');
+            let tracked = tracked_table(rel)?;
+            let table = tracked.name.clone();
+
+            let mut payload: Vec<Column> = Vec::new();
+            for (index, attribute) in attributes.iter().enumerate() {
+                let name = name_of(attribute);
+                if attribute.attisdropped
+                    || is_bookkeeping(&name)
+                    || options.exclude_columns.contains(&name)
+                {
+                    continue;
                 }
-                write_json_string(column.name.as_bytes(), &mut column.key);
-                column.key.push(b':');
+                let mut key = if payload.is_empty() {
+                    Vec::new()
+                } else {
+                    vec![b',']
+                };
+                write_json_string(name.as_bytes(), &mut key);
+                key.push(b':');
+                payload.push(Column {
+                    index,
+                    key,
+                    value: ValuePlan::for_type(attribute.atttypid),
+                    len: attribute.attlen,
+                    byval: attribute.attbyval,
+                    generated: attribute.attgenerated != 0,
+                    name,
+                });
             }
-        }
-        for excluded in &options.exclude_columns {
-            if !attributes
+            // A partition renders its columns in the tracked table's order (an attached partition
+            // may order them otherwise), so that a row renders the same whichever way it is read.
+            if let Some(order) = &tracked.column_order {
+                payload.sort_by_key(|c| {
+                    order
+                        .iter()
+                        .position(|n| *n == c.name)
+                        .unwrap_or(usize::MAX)
+                });
+                for (i, column) in payload.iter_mut().enumerate() {
+                    column.key.clear();
+                    if i > 0 {
+                        column.key.push(b',');
+                    }
+                    write_json_string(column.name.as_bytes(), &mut column.key);
+                    column.key.push(b':');
+                }
+            }
+            for excluded in &options.exclude_columns {
+                if !attributes
+                    .iter()
+                    .any(|a| !a.attisdropped && name_of(a) == *excluded)
+                {
+                    return Err(missing_column(&table, excluded, "excluded"));
+                }
+            }
+            let record_id = options
+                .record_id_columns
                 .iter()
-                .any(|a| !a.attisdropped && name_of(a) == *excluded)
-            {
-                return Err(missing_column(&table, excluded, "excluded"));
-            }
+                .map(|c| {
+                    payload
+                        .iter()
+                        .position(|p| p.name == *c)
+                        .ok_or_else(|| missing_column(&table, c, "record id"))
+                })
+                .collect::<Result<Vec<_>>>()?;
+            let timestamp = match &options.timestamp_column {
+                None => None,
+                Some(c) => {
+                    let index = attributes
+                        .iter()
+                        .position(|a| !a.attisdropped && name_of(a) == *c)
+                        .ok_or_else(|| missing_column(&table, c, "timestamp"))?;
+                    Some(timestamp_column(index, attributes[index].atttypid).ok_or_else(|| {
+                        CertyoError::new(
+                            PgSqlErrorCode::ERRCODE_DATATYPE_MISMATCH,
+                            format!("certyo_cdc: timestamp column \"{c}\" of table {table} is not a timestamp"),
+                        )
+                        .hint(format!("Call certyo.track('{table}', timestamp_column => ...) with a timestamp or timestamptz column."))
+                    })?)
+                }
+            };
+            let text_column = |wanted: &str| {
+                attributes.iter().position(|a| {
+                    !a.attisdropped && a.atttypid == pg_sys::TEXTOID && name_of(a) == wanted
+                })
+            };
+            let written_back = WrittenBack {
+                record_hash: text_column("certyo_record_hash"),
+                anchor_status: text_column("certyo_anchor_status"),
+            };
+            Ok(TablePlan {
+                relid: tracked.relid,
+                collection: table,
+                table_id: options.table_id.unwrap_or(0),
+                natts,
+                payload,
+                record_id,
+                timestamp,
+                written_back,
+            })
         }
-        let record_id = options
-            .record_id_columns
-            .iter()
-            .map(|c| {
-                payload
-                    .iter()
-                    .position(|p| p.name == *c)
-                    .ok_or_else(|| missing_column(&table, c, "record id"))
-            })
-            .collect::<Result<Vec<_>>>()?;
-        let timestamp = match &options.timestamp_column {
-            None => None,
-            Some(c) => {
-                let index = attributes
-                    .iter()
-                    .position(|a| !a.attisdropped && name_of(a) == *c)
-                    .ok_or_else(|| missing_column(&table, c, "timestamp"))?;
-                Some(timestamp_column(index, attributes[index].atttypid).ok_or_else(|| {
-                    CertyoError::new(
-                        PgSqlErrorCode::ERRCODE_DATATYPE_MISMATCH,
-                        format!("certyo_cdc: timestamp column \"{c}\" of table {table} is not a timestamp"),
-                    )
-                    .hint(format!("Call certyo.track('{table}', timestamp_column => ...) with a timestamp or timestamptz column."))
-                })?)
-            }
-        };
-        let text_column = |wanted: &str| {
-            attributes.iter().position(|a| {
-                !a.attisdropped && a.atttypid == pg_sys::TEXTOID && name_of(a) == wanted
-            })
-        };
-        let written_back = WrittenBack {
-            record_hash: text_column("certyo_record_hash"),
-            anchor_status: text_column("certyo_anchor_status"),
-        };
-        Ok(TablePlan {
-            relid: tracked.relid,
-            collection: table,
-            table_id: options.table_id.unwrap_or(0),
-            natts,
-            payload,
-            record_id,
-            timestamp,
-            written_back,
-        })
     }
 }
 
@@ -181,10 +185,14 @@ impl TablePlan {
 /// # Safety
 /// Reads the type cache: call inside a transaction.
 pub unsafe fn timestamp_column(index: usize, typid: Oid) -> Option<TimestampColumn> {
-    match BuiltinOid::try_from(pg_sys::getBaseType(typid)) {
-        Ok(BuiltinOid::TIMESTAMPTZOID) => Some(TimestampColumn::WithTimeZone(index)),
-        Ok(BuiltinOid::TIMESTAMPOID) => Some(TimestampColumn::WithoutTimeZone(index)),
-        _ => None,
+    // SAFETY: the caller upholds this function's contract (its `# Safety` section), on which
+    // every unsafe operation below relies.
+    unsafe {
+        match BuiltinOid::try_from(pg_sys::getBaseType(typid)) {
+            Ok(BuiltinOid::TIMESTAMPTZOID) => Some(TimestampColumn::WithTimeZone(index)),
+            Ok(BuiltinOid::TIMESTAMPOID) => Some(TimestampColumn::WithoutTimeZone(index)),
+            _ => None,
+        }
     }
 }
 
@@ -202,40 +210,44 @@ struct Tracked {
 /// # Safety
 /// `rel` must be an open relation, inside a transaction.
 unsafe fn tracked_table(rel: pg_sys::Relation) -> Result<Tracked> {
-    let own = Tracked {
-        relid: (*rel).rd_id,
-        name: qualified_name(rel),
-        column_order: None,
-    };
-    if !(*(*rel).rd_rel).relispartition {
-        return Ok(own);
-    }
-    let root = pgrx::Spi::get_one_with_args::<Oid>(
-        "SELECT t.tgrelid FROM pg_catalog.pg_partition_ancestors($1) a
+    // SAFETY: the caller upholds this function's contract (its `# Safety` section), on which
+    // every unsafe operation below relies.
+    unsafe {
+        let own = Tracked {
+            relid: (*rel).rd_id,
+            name: qualified_name(rel),
+            column_order: None,
+        };
+        if !(*(*rel).rd_rel).relispartition {
+            return Ok(own);
+        }
+        let root = pgrx::Spi::get_one_with_args::<Oid>(
+            "SELECT t.tgrelid FROM pg_catalog.pg_partition_ancestors($1) a
            JOIN pg_catalog.pg_trigger t ON t.tgrelid = a.relid
           WHERE t.tgname = 'certyo_capture' AND t.tgparentid = 0 LIMIT 1",
-        &[own.relid.into()],
-    )?;
-    let Some(root) = root.filter(|r| *r != own.relid) else {
-        return Ok(own);
-    };
-    let opened = crate::relation::OpenRelation::open(root, pg_sys::AccessShareLock);
-    let root_rel = opened.get();
-    let desc = (*root_rel).rd_att;
-    let order = (0..(*desc).natts as usize)
-        .map(|i| crate::compat::attribute(desc, i))
-        .filter(|a| !a.attisdropped)
-        .map(|a| {
-            CStr::from_ptr(a.attname.data.as_ptr())
-                .to_string_lossy()
-                .into_owned()
+            &[own.relid.into()],
+        )?;
+        let Some(root) = root.filter(|r| *r != own.relid) else {
+            return Ok(own);
+        };
+        let opened = crate::relation::OpenRelation::open(root, pg_sys::AccessShareLock);
+        let root_rel = opened.get();
+        let desc = (*root_rel).rd_att;
+        let order = (0..(*desc).natts as usize)
+            .map(|i| crate::compat::attribute(desc, i))
+            .filter(|a| !a.attisdropped)
+            .map(|a| {
+                CStr::from_ptr(a.attname.data.as_ptr())
+                    .to_string_lossy()
+                    .into_owned()
+            })
+            .collect();
+        Ok(Tracked {
+            relid: root,
+            name: qualified_name(root_rel),
+            column_order: Some(order),
         })
-        .collect();
-    Ok(Tracked {
-        relid: root,
-        name: qualified_name(root_rel),
-        column_order: Some(order),
-    })
+    }
 }
 
 /// `schema.table` of an open relation (Certyo's `collection`, see [`collection_name`]).
@@ -243,14 +255,18 @@ unsafe fn tracked_table(rel: pg_sys::Relation) -> Result<Tracked> {
 /// # Safety
 /// `rel` must be an open relation.
 pub unsafe fn qualified_name(rel: pg_sys::Relation) -> String {
-    let namespace = pg_sys::get_namespace_name((*(*rel).rd_rel).relnamespace);
-    let schema = if namespace.is_null() {
-        "?".into()
-    } else {
-        CStr::from_ptr(namespace).to_string_lossy()
-    };
-    let name = CStr::from_ptr((*(*rel).rd_rel).relname.data.as_ptr()).to_string_lossy();
-    collection_name(&schema, &name)
+    // SAFETY: the caller upholds this function's contract (its `# Safety` section), on which
+    // every unsafe operation below relies.
+    unsafe {
+        let namespace = pg_sys::get_namespace_name((*(*rel).rd_rel).relnamespace);
+        let schema = if namespace.is_null() {
+            "?".into()
+        } else {
+            CStr::from_ptr(namespace).to_string_lossy()
+        };
+        let name = CStr::from_ptr((*(*rel).rd_rel).relname.data.as_ptr()).to_string_lossy();
+        collection_name(&schema, &name)
+    }
 }
 
 /// Certyo's `collection` for table `name` in `schema`: `schema.table`, each part as it is
@@ -316,28 +332,32 @@ pub unsafe fn for_relation<'a>(
     rel: pg_sys::Relation,
     args: impl FnOnce() -> Result<Vec<&'a str>>,
 ) -> Result<Rc<TablePlan>> {
-    super::watch_invalidations();
-    let relid = (*rel).rd_id;
-    if STALE.replace(false) {
-        PLANS.with(|plans| plans.borrow_mut().clear());
-    }
-    if let Some(plan) = PLANS.with(|plans| plans.borrow().get(&relid).cloned()) {
-        return Ok(plan);
-    }
-    // Build without holding the borrow: catalog reads may process invalidations, which call back.
-    let options = CaptureOptions::from_trigger_args(args()?)?;
-    // In the writer's session: its search_path must not reach the catalog reads of a build.
-    let plan = Rc::new(crate::rights::with_pinned_search_path(|| {
-        let plan = TablePlan::build(rel, &options)?;
-        if plan.table_id != 0
-            && !crate::track::identity::capture_may_use(plan.table_id, plan.relid)?
-        {
-            return Err(identity_of_another_table(&plan));
+    // SAFETY: the caller upholds this function's contract (its `# Safety` section), on which
+    // every unsafe operation below relies.
+    unsafe {
+        super::watch_invalidations();
+        let relid = (*rel).rd_id;
+        if STALE.replace(false) {
+            PLANS.with(|plans| plans.borrow_mut().clear());
         }
+        if let Some(plan) = PLANS.with(|plans| plans.borrow().get(&relid).cloned()) {
+            return Ok(plan);
+        }
+        // Build without holding the borrow: catalog reads may process invalidations, which call back.
+        let options = CaptureOptions::from_trigger_args(args()?)?;
+        // In the writer's session: its search_path must not reach the catalog reads of a build.
+        let plan = Rc::new(crate::rights::with_pinned_search_path(|| {
+            let plan = TablePlan::build(rel, &options)?;
+            if plan.table_id != 0
+                && !crate::track::identity::capture_may_use(plan.table_id, plan.relid)?
+            {
+                return Err(identity_of_another_table(&plan));
+            }
+            Ok(plan)
+        })?);
+        PLANS.with(|plans| plans.borrow_mut().insert(relid, plan.clone()));
         Ok(plan)
-    })?);
-    PLANS.with(|plans| plans.borrow_mut().insert(relid, plan.clone()));
-    Ok(plan)
+    }
 }
 
 /// A capture trigger that carries a table id the catalog gives another table (see

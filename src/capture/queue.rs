@@ -23,55 +23,59 @@ const QUEUE_COLUMNS: usize = 10;
 /// # Safety
 /// Must run inside a transaction that may write.
 pub unsafe fn append(relid: Oid, table_id: i32, collection: &str, change: &Change) -> Result<i64> {
-    if change.record_id.is_empty() {
-        return Err(empty_record_id(collection));
+    // SAFETY: the caller upholds this function's contract (its `# Safety` section), on which
+    // every unsafe operation below relies.
+    unsafe {
+        if change.record_id.is_empty() {
+            return Err(empty_record_id(collection));
+        }
+        let (queue, sequence) = target()?;
+        let prefix = key_prefix()?;
+        let id = super::ids::draw(sequence);
+        let me = Locker::now(queue);
+        let locked = me.xid != pg_sys::InvalidTransactionId && LOCKED_IN.get() == Some(me);
+        let lock = if locked {
+            pg_sys::NoLock
+        } else {
+            pg_sys::RowExclusiveLock
+        };
+        let now = super::never_raise::GetCurrentTransactionStartTimestamp();
+        let mut digits = itoa::Buffer::new();
+        let [collection, record_id, operation, payload, key] = text_columns([
+            &[collection.as_bytes()],
+            &[&change.record_id],
+            &[change.operation.as_str().as_bytes()],
+            &[&change.payload], // json is stored as its text
+            &[&prefix, digits.format(id).as_bytes()],
+        ]);
+        let mut values: [Datum; QUEUE_COLUMNS] = [
+            Datum::from(id),
+            Datum::from(relid),
+            collection,
+            record_id,
+            operation,
+            payload,
+            Datum::from(change.source_timestamp),
+            key,
+            Datum::from(now),
+            Datum::from(table_id),
+        ];
+        let inserted = insert_row(queue, lock as pg_sys::LOCKMODE, &mut values);
+        super::never_raise::pfree(collection.cast_mut_ptr());
+        if !inserted {
+            return Err(CertyoError::new(
+                PgSqlErrorCode::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
+                "certyo_cdc: certyo.queue does not have the layout this library writes",
+            )
+            .hint(
+                "Run ALTER EXTENSION certyo_cdc UPDATE so the SQL objects match the installed library.",
+            ));
+        }
+        // The insert gave the (sub)transaction its xid, if it had none: the key is complete now.
+        LOCKED_IN.set(Some(Locker::now(queue)));
+        crate::wake::ring_at_commit();
+        Ok(id)
     }
-    let (queue, sequence) = target()?;
-    let prefix = key_prefix()?;
-    let id = super::ids::draw(sequence);
-    let me = Locker::now(queue);
-    let locked = me.xid != pg_sys::InvalidTransactionId && LOCKED_IN.get() == Some(me);
-    let lock = if locked {
-        pg_sys::NoLock
-    } else {
-        pg_sys::RowExclusiveLock
-    };
-    let now = super::never_raise::GetCurrentTransactionStartTimestamp();
-    let mut digits = itoa::Buffer::new();
-    let [collection, record_id, operation, payload, key] = text_columns([
-        &[collection.as_bytes()],
-        &[&change.record_id],
-        &[change.operation.as_str().as_bytes()],
-        &[&change.payload], // json is stored as its text
-        &[&prefix, digits.format(id).as_bytes()],
-    ]);
-    let mut values: [Datum; QUEUE_COLUMNS] = [
-        Datum::from(id),
-        Datum::from(relid),
-        collection,
-        record_id,
-        operation,
-        payload,
-        Datum::from(change.source_timestamp),
-        key,
-        Datum::from(now),
-        Datum::from(table_id),
-    ];
-    let inserted = insert_row(queue, lock as pg_sys::LOCKMODE, &mut values);
-    super::never_raise::pfree(collection.cast_mut_ptr());
-    if !inserted {
-        return Err(CertyoError::new(
-            PgSqlErrorCode::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
-            "certyo_cdc: certyo.queue does not have the layout this library writes",
-        )
-        .hint(
-            "Run ALTER EXTENSION certyo_cdc UPDATE so the SQL objects match the installed library.",
-        ));
-    }
-    // The insert gave the (sub)transaction its xid, if it had none: the key is complete now.
-    LOCKED_IN.set(Some(Locker::now(queue)));
-    crate::wake::ring_at_commit();
-    Ok(id)
 }
 
 /// Open the queue, form the row, insert it and close the queue, all under one guard; false
@@ -84,32 +88,36 @@ unsafe fn insert_row(
     lock: pg_sys::LOCKMODE,
     values: &mut [Datum; QUEUE_COLUMNS],
 ) -> bool {
-    let mut nulls = [false; QUEUE_COLUMNS];
-    // SAFETY: in the backend's main thread. The closure holds only references and plain
-    // values, nothing an error raised by one of its calls would have to drop on the way back
-    // to the guard, and it cannot panic.
-    pg_sys::ffi::pg_guard_ffi_boundary(|| {
-        let rel = unguarded::table_open(queue, lock);
-        let tupdesc = (*rel).rd_att;
-        // Or the queue of a schema from before 0.2.0 (the library installed, `ALTER EXTENSION
-        // certyo_cdc UPDATE` not yet run), which has no last column, `table_id`: the writer's
-        // change is queued all the same, without it.
-        let natts = (*tupdesc).natts as usize;
-        let fits = natts == QUEUE_COLUMNS || natts == QUEUE_COLUMNS - 1;
-        if fits {
-            let tuple =
-                unguarded::heap_form_tuple(tupdesc, values.as_mut_ptr(), nulls.as_mut_ptr());
-            if (*(*rel).rd_rel).relhasindex {
-                unguarded::CatalogTupleInsert(rel, tuple); // someone indexed the queue: keep it whole
-            } else {
-                unguarded::simple_heap_insert(rel, tuple); // as designed: no index to open and fill
+    // SAFETY: the caller upholds this function's contract (its `# Safety` section), on which
+    // every unsafe operation below relies.
+    unsafe {
+        let mut nulls = [false; QUEUE_COLUMNS];
+        // SAFETY: in the backend's main thread. The closure holds only references and plain
+        // values, nothing an error raised by one of its calls would have to drop on the way back
+        // to the guard, and it cannot panic.
+        pg_sys::ffi::pg_guard_ffi_boundary(|| {
+            let rel = unguarded::table_open(queue, lock);
+            let tupdesc = (*rel).rd_att;
+            // Or the queue of a schema from before 0.2.0 (the library installed, `ALTER EXTENSION
+            // certyo_cdc UPDATE` not yet run), which has no last column, `table_id`: the writer's
+            // change is queued all the same, without it.
+            let natts = (*tupdesc).natts as usize;
+            let fits = natts == QUEUE_COLUMNS || natts == QUEUE_COLUMNS - 1;
+            if fits {
+                let tuple =
+                    unguarded::heap_form_tuple(tupdesc, values.as_mut_ptr(), nulls.as_mut_ptr());
+                if (*(*rel).rd_rel).relhasindex {
+                    unguarded::CatalogTupleInsert(rel, tuple); // someone indexed the queue: keep it whole
+                } else {
+                    unguarded::simple_heap_insert(rel, tuple); // as designed: no index to open and fill
+                }
+                super::never_raise::heap_freetuple(tuple);
             }
-            super::never_raise::heap_freetuple(tuple);
-        }
-        // The lock, if taken, is kept to the end of the transaction, as the executor keeps it.
-        unguarded::table_close(rel, pg_sys::NoLock as pg_sys::LOCKMODE);
-        fits
-    })
+            // The lock, if taken, is kept to the end of the transaction, as the executor keeps it.
+            unguarded::table_close(rel, pg_sys::NoLock as pg_sys::LOCKMODE);
+            fits
+        })
+    }
 }
 
 /// The server calls that write the queue row, declared without pgrx's guard: they may raise
@@ -147,11 +155,18 @@ struct Locker {
 
 impl Locker {
     /// This (sub)transaction (its xid invalid until it first writes).
+    ///
+    /// # Safety
+    /// In a backend's main thread, inside a transaction.
     unsafe fn now(queue: Oid) -> Locker {
-        Locker {
-            queue,
-            xid: super::never_raise::GetCurrentTransactionIdIfAny(),
-            started: super::never_raise::GetCurrentTransactionStartTimestamp(),
+        // SAFETY: the caller upholds this function's contract (its `# Safety` section), on which
+        // every unsafe operation below relies.
+        unsafe {
+            Locker {
+                queue,
+                xid: super::never_raise::GetCurrentTransactionIdIfAny(),
+                started: super::never_raise::GetCurrentTransactionStartTimestamp(),
+            }
         }
     }
 }
@@ -172,24 +187,32 @@ thread_local! {
 }
 
 /// The queue and its sequence, from the backend's cache (looked up on first use).
+///
+/// # Safety
+/// In a backend's main thread, inside a transaction (it reads the catalogs, and registers
+/// the invalidation callbacks once).
 unsafe fn target() -> Result<(Oid, Oid)> {
-    if let Some(found) = TARGET.with(|t| t.borrow().as_ref().map(|x| (x.queue, x.sequence))) {
-        return Ok(found);
+    // SAFETY: the caller upholds this function's contract (its `# Safety` section), on which
+    // every unsafe operation below relies.
+    unsafe {
+        if let Some(found) = TARGET.with(|t| t.borrow().as_ref().map(|x| (x.queue, x.sequence))) {
+            return Ok(found);
+        }
+        super::watch_invalidations();
+        let namespace = pg_sys::get_namespace_oid(c"certyo".as_ptr(), true);
+        let queue = pg_sys::get_relname_relid(c"queue".as_ptr(), namespace);
+        let sequence = pg_sys::get_relname_relid(c"queue_id_seq".as_ptr(), namespace);
+        if queue == pg_sys::InvalidOid || sequence == pg_sys::InvalidOid {
+            return Err(CertyoError::new(
+                PgSqlErrorCode::ERRCODE_UNDEFINED_TABLE,
+                "certyo_cdc: table certyo.queue does not exist",
+            )
+            .hint("CREATE EXTENSION certyo_cdc in this database, or remove the capture triggers with certyo.untrack()."));
+        }
+        let target = Target { queue, sequence };
+        TARGET.with(|t| t.replace(Some(target)));
+        Ok((queue, sequence))
     }
-    super::watch_invalidations();
-    let namespace = pg_sys::get_namespace_oid(c"certyo".as_ptr(), true);
-    let queue = pg_sys::get_relname_relid(c"queue".as_ptr(), namespace);
-    let sequence = pg_sys::get_relname_relid(c"queue_id_seq".as_ptr(), namespace);
-    if queue == pg_sys::InvalidOid || sequence == pg_sys::InvalidOid {
-        return Err(CertyoError::new(
-            PgSqlErrorCode::ERRCODE_UNDEFINED_TABLE,
-            "certyo_cdc: table certyo.queue does not exist",
-        )
-        .hint("CREATE EXTENSION certyo_cdc in this database, or remove the capture triggers with certyo.untrack()."));
-    }
-    let target = Target { queue, sequence };
-    TARGET.with(|t| t.replace(Some(target)));
-    Ok((queue, sequence))
 }
 
 /// A queue id drawn as capture draws them: ordered with the ids of every change captured
@@ -272,37 +295,30 @@ pub fn forget(relid: Oid) {
 /// # Safety
 /// In a backend's main thread, inside a memory context that may allocate.
 unsafe fn text_columns<const N: usize>(columns: [&[&[u8]]; N]) -> [Datum; N] {
-    let header = pg_sys::VARHDRSZ;
-    let sizes = columns.map(|parts| header + parts.iter().map(|p| p.len()).sum::<usize>());
-    // Each varlena starts int-aligned, as its 4-byte header is read as an int.
-    let aligned = |size: usize| size.next_multiple_of(4);
-    let total = sizes.iter().map(|&s| aligned(s)).sum::<usize>();
-    // Too large a total (over 1 GB) is refused by palloc with an ordinary error.
-    let block = pg_sys::palloc(total) as *mut u8;
-    let mut offset = 0;
-    let mut datums = [Datum::from(0); N];
-    for ((parts, size), datum) in columns.iter().zip(sizes).zip(datums.iter_mut()) {
-        let start = block.add(offset);
-        pgrx::varlena::set_varsize_4b(start.cast(), size as i32);
-        let mut at = start.add(header);
-        for part in *parts {
-            std::ptr::copy_nonoverlapping(part.as_ptr(), at, part.len());
-            at = at.add(part.len());
+    // SAFETY: the caller upholds this function's contract (its `# Safety` section), on which
+    // every unsafe operation below relies.
+    unsafe {
+        let header = pg_sys::VARHDRSZ;
+        let sizes = columns.map(|parts| header + parts.iter().map(|p| p.len()).sum::<usize>());
+        // Each varlena starts int-aligned, as its 4-byte header is read as an int.
+        let aligned = |size: usize| size.next_multiple_of(4);
+        let total = sizes.iter().map(|&s| aligned(s)).sum::<usize>();
+        // Too large a total (over 1 GB) is refused by palloc with an ordinary error.
+        let block = pg_sys::palloc(total) as *mut u8;
+        let mut offset = 0;
+        let mut datums = [Datum::from(0); N];
+        for ((parts, size), datum) in columns.iter().zip(sizes).zip(datums.iter_mut()) {
+            let start = block.add(offset);
+            pgrx::varlena::set_varsize_4b(start.cast(), size as i32);
+            let mut at = start.add(header);
+            for part in *parts {
+                std::ptr::copy_nonoverlapping(part.as_ptr(), at, part.len());
+                at = at.add(part.len());
+            }
+            *datum = Datum::from(start);
+            offset += aligned(size);
         }
-        *datum = Datum::from(start);
-        offset += aligned(size);
-    }
-    datums
-}
-
-#[cfg(test)]
-mod tests {
-    use super::process_prefix;
-
-    #[test]
-    fn the_process_prefix_is_the_bits_in_hex_then_a_dash() {
-        let prefix = process_prefix(&[0x9f, 0x2c, 0x00, 0xff, 1, 2, 3, 4, 5, 6, 7, 8]);
-        assert_eq!(&prefix, b"9f2c00ff0102030405060708-");
+        datums
     }
 }
 
@@ -317,4 +333,15 @@ fn empty_record_id(table: &str) -> CertyoError {
     )
     .detail("The record id (the text of the record id columns) is sent to Certyo as recordId, which must not be empty: Certyo would refuse every change of this row. The change was not written.")
     .hint(format!("Give the row a non-empty key (a CHECK constraint can keep it so), or track {table} with other record_id_columns."))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::process_prefix;
+
+    #[test]
+    fn the_process_prefix_is_the_bits_in_hex_then_a_dash() {
+        let prefix = process_prefix(&[0x9f, 0x2c, 0x00, 0xff, 1, 2, 3, 4, 5, 6, 7, 8]);
+        assert_eq!(&prefix, b"9f2c00ff0102030405060708-");
+    }
 }

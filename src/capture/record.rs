@@ -26,25 +26,30 @@ impl Row {
         tupdesc: pg_sys::TupleDesc,
         natts: usize,
     ) -> Row {
-        let mut row = Row {
-            values: smallvec![Datum::from(0); natts],
-            nulls: smallvec![true; natts],
-        };
-        super::never_raise::heap_deform_tuple(
-            tuple,
-            tupdesc,
-            row.values.as_mut_ptr(),
-            row.nulls.as_mut_ptr(),
-        );
-        // A row stored before `ADD COLUMN ... DEFAULT` lacks the new attributes on disk; their
-        // value is the "missing" default in the catalog, as a SELECT would show it.
-        let stored = usize::from((*(*tuple).t_data).t_infomask2 & pg_sys::HEAP_NATTS_MASK as u16);
-        for i in stored..natts {
-            let mut is_null = true;
-            row.values[i] = pg_sys::getmissingattr(tupdesc, (i + 1) as i32, &mut is_null);
-            row.nulls[i] = is_null;
+        // SAFETY: the caller upholds this function's contract (its `# Safety` section), on which
+        // every unsafe operation below relies.
+        unsafe {
+            let mut row = Row {
+                values: smallvec![Datum::from(0); natts],
+                nulls: smallvec![true; natts],
+            };
+            super::never_raise::heap_deform_tuple(
+                tuple,
+                tupdesc,
+                row.values.as_mut_ptr(),
+                row.nulls.as_mut_ptr(),
+            );
+            // A row stored before `ADD COLUMN ... DEFAULT` lacks the new attributes on disk; their
+            // value is the "missing" default in the catalog, as a SELECT would show it.
+            let stored =
+                usize::from((*(*tuple).t_data).t_infomask2 & pg_sys::HEAP_NATTS_MASK as u16);
+            for i in stored..natts {
+                let mut is_null = true;
+                row.values[i] = pg_sys::getmissingattr(tupdesc, (i + 1) as i32, &mut is_null);
+                row.nulls[i] = is_null;
+            }
+            row
         }
-        row
     }
 
     fn get(&self, index: usize) -> Option<Datum> {
@@ -56,11 +61,15 @@ impl Row {
     /// # Safety
     /// `index` must be a column of type `text` of the row's relation.
     pub unsafe fn text(&self, index: usize) -> Option<String> {
-        let datum = *self.values.get(index)?;
-        if *self.nulls.get(index)? {
-            return None;
+        // SAFETY: the caller upholds this function's contract (its `# Safety` section), on which
+        // every unsafe operation below relies.
+        unsafe {
+            let datum = *self.values.get(index)?;
+            if *self.nulls.get(index)? {
+                return None;
+            }
+            <String as pgrx::FromDatum>::from_polymorphic_datum(datum, false, pg_sys::TEXTOID)
         }
-        <String as pgrx::FromDatum>::from_polymorphic_datum(datum, false, pg_sys::TEXTOID)
     }
 }
 
@@ -83,47 +92,63 @@ impl TablePlan {
     /// # Safety
     /// `row` must be a row of the table this plan was built for.
     pub unsafe fn change(&self, operation: Operation, row: &Row) -> Result<Change> {
-        let change = Change {
-            operation,
-            record_id: self.record_id(row)?,
-            payload: self.payload(row),
-            source_timestamp: self.source_timestamp(row),
-        };
-        if !database_is_utf8()
-            && (std::str::from_utf8(&change.record_id).is_err()
-                || std::str::from_utf8(&change.payload).is_err())
-        {
-            return Err(not_utf8(&self.collection));
+        // SAFETY: the caller upholds this function's contract (its `# Safety` section), on which
+        // every unsafe operation below relies.
+        unsafe {
+            let change = Change {
+                operation,
+                record_id: self.record_id(row)?,
+                payload: self.payload(row),
+                source_timestamp: self.source_timestamp(row),
+            };
+            if !database_is_utf8()
+                && (std::str::from_utf8(&change.record_id).is_err()
+                    || std::str::from_utf8(&change.payload).is_err())
+            {
+                return Err(not_utf8(&self.collection));
+            }
+            Ok(change)
         }
-        Ok(change)
     }
 
     /// The business columns as a JSON object, in table order, names exactly as in the table.
+    ///
+    /// # Safety
+    /// `row` must be a row of the table this plan was built for.
     unsafe fn payload(&self, row: &Row) -> Vec<u8> {
-        let mut out = Vec::with_capacity(64 + 24 * self.payload.len());
-        // Values are rendered through a buffer kept for the backend's life: a new one per row
-        // grew by reallocation, several times a row (measured with callgrind). Taken, not
-        // borrowed, so a type's output function that writes a tracked table finds it empty.
-        let mut scratch = SCRATCH.take();
-        out.push(b'{');
-        for column in &self.payload {
-            out.extend_from_slice(&column.key);
-            match row.get(column.index) {
-                None => out.extend_from_slice(b"null"),
-                Some(datum) => column.value.write_json(datum, &mut out, &mut scratch),
+        // SAFETY: the caller upholds this function's contract (its `# Safety` section), on which
+        // every unsafe operation below relies.
+        unsafe {
+            let mut out = Vec::with_capacity(64 + 24 * self.payload.len());
+            // Values are rendered through a buffer kept for the backend's life: a new one per row
+            // grew by reallocation, several times a row (measured with callgrind). Taken, not
+            // borrowed, so a type's output function that writes a tracked table finds it empty.
+            let mut scratch = SCRATCH.take();
+            out.push(b'{');
+            for column in &self.payload {
+                out.extend_from_slice(&column.key);
+                match row.get(column.index) {
+                    None => out.extend_from_slice(b"null"),
+                    Some(datum) => column.value.write_json(datum, &mut out, &mut scratch),
+                }
             }
+            out.push(b'}');
+            if scratch.capacity() <= SCRATCH_KEPT {
+                SCRATCH.set(scratch);
+            }
+            out
         }
-        out.push(b'}');
-        if scratch.capacity() <= SCRATCH_KEPT {
-            SCRATCH.set(scratch);
-        }
-        out
     }
 
     /// The record id: one column's text form, or for several columns each text form with `\`
     /// and `/` backslash-escaped, joined by `/` (`42/EU`).
+    ///
+    /// # Safety
+    /// `row` must be a row of the table this plan was built for.
     unsafe fn record_id(&self, row: &Row) -> Result<Vec<u8>> {
-        self.record_id_of(row, &self.record_id)
+        // SAFETY: the caller upholds this function's contract (its `# Safety` section), on which
+        // every unsafe operation below relies.
+        unsafe { self.record_id_of(row, &self.record_id) }
     }
 
     /// The record id the row would have with `key` (positions in `payload`) as record id
@@ -132,8 +157,13 @@ impl TablePlan {
     /// # Safety
     /// `row` must be a row of the table this plan was built for.
     pub unsafe fn record_id_of(&self, row: &Row, key: &[usize]) -> Result<Vec<u8>> {
-        let columns: Vec<&super::plan::Column> = key.iter().map(|&p| &self.payload[p]).collect();
-        self.record_id_from(row, &columns)
+        // SAFETY: the caller upholds this function's contract (its `# Safety` section), on which
+        // every unsafe operation below relies.
+        unsafe {
+            let columns: Vec<&super::plan::Column> =
+                key.iter().map(|&p| &self.payload[p]).collect();
+            self.record_id_from(row, &columns)
+        }
     }
 
     /// The record id the row would have with `key` as record id columns, which need not be
@@ -146,43 +176,54 @@ impl TablePlan {
         row: &Row,
         key: &[&super::plan::Column],
     ) -> Result<Vec<u8>> {
-        let composite = key.len() > 1;
-        let mut out = Vec::new();
-        let mut part = Vec::new();
-        for (n, &column) in key.iter().enumerate() {
-            let datum = row
-                .get(column.index)
-                .ok_or_else(|| null_record_id(&self.collection, &column.name))?;
-            if !composite {
-                column.value.write_text(datum, &mut out);
-                continue;
+        // SAFETY: the caller upholds this function's contract (its `# Safety` section), on which
+        // every unsafe operation below relies.
+        unsafe {
+            let composite = key.len() > 1;
+            let mut out = Vec::new();
+            let mut part = Vec::new();
+            for (n, &column) in key.iter().enumerate() {
+                let datum = row
+                    .get(column.index)
+                    .ok_or_else(|| null_record_id(&self.collection, &column.name))?;
+                if !composite {
+                    column.value.write_text(datum, &mut out);
+                    continue;
+                }
+                if n > 0 {
+                    out.push(b'/');
+                }
+                part.clear();
+                column.value.write_text(datum, &mut part);
+                escape_record_id_part(&part, &mut out);
             }
-            if n > 0 {
-                out.push(b'/');
+            if out.len() > MAX_RECORD_ID {
+                return Err(record_id_too_long(&self.collection, out.len()));
             }
-            part.clear();
-            column.value.write_text(datum, &mut part);
-            escape_record_id_part(&part, &mut out);
+            Ok(out)
         }
-        if out.len() > MAX_RECORD_ID {
-            return Err(record_id_too_long(&self.collection, out.len()));
-        }
-        Ok(out)
     }
 
     /// The timestamp column's value, or the transaction's start when there is none (or NULL).
+    ///
+    /// # Safety
+    /// `row` must be a row of the table this plan was built for, inside a transaction.
     unsafe fn source_timestamp(&self, row: &Row) -> pg_sys::TimestampTz {
-        let from_column = match self.timestamp {
-            Some(TimestampColumn::WithTimeZone(i)) => row.get(i).map(|d| d.value() as i64),
-            Some(TimestampColumn::WithoutTimeZone(i)) => row.get(i).map(|d| {
-                // Read as local time in the session's TimeZone, as a cast to timestamptz would.
-                let converted: Option<i64> =
-                    pgrx::direct_function_call(pg_sys::timestamp_timestamptz, &[Some(d)]);
-                converted.unwrap_or(d.value() as i64)
-            }),
-            None => None,
-        };
-        from_column.unwrap_or_else(|| super::never_raise::GetCurrentTransactionStartTimestamp())
+        // SAFETY: the caller upholds this function's contract (its `# Safety` section), on which
+        // every unsafe operation below relies.
+        unsafe {
+            let from_column = match self.timestamp {
+                Some(TimestampColumn::WithTimeZone(i)) => row.get(i).map(|d| d.value() as i64),
+                Some(TimestampColumn::WithoutTimeZone(i)) => row.get(i).map(|d| {
+                    // Read as local time in the session's TimeZone, as a cast to timestamptz would.
+                    let converted: Option<i64> =
+                        pgrx::direct_function_call(pg_sys::timestamp_timestamptz, &[Some(d)]);
+                    converted.unwrap_or(d.value() as i64)
+                }),
+                None => None,
+            };
+            from_column.unwrap_or_else(|| super::never_raise::GetCurrentTransactionStartTimestamp())
+        }
     }
 
     /// Did any business column change between the two images? Compares stored bytes, not JSON.
@@ -190,18 +231,26 @@ impl TablePlan {
     /// # Safety
     /// Both rows must be rows of the table this plan was built for.
     pub unsafe fn business_changed(&self, old: &Row, new: &Row) -> bool {
-        self.payload
-            .iter()
-            .any(|c| !same_value(c.len, c.byval, old.get(c.index), new.get(c.index)))
+        // SAFETY: the caller upholds this function's contract (its `# Safety` section), on which
+        // every unsafe operation below relies.
+        unsafe {
+            self.payload
+                .iter()
+                .any(|c| !same_value(c.len, c.byval, old.get(c.index), new.get(c.index)))
+        }
     }
 
     /// # Safety
     /// As for [`TablePlan::business_changed`].
     pub unsafe fn record_id_changed(&self, old: &Row, new: &Row) -> bool {
-        self.record_id
-            .iter()
-            .map(|&p| &self.payload[p])
-            .any(|c| !same_value(c.len, c.byval, old.get(c.index), new.get(c.index)))
+        // SAFETY: the caller upholds this function's contract (its `# Safety` section), on which
+        // every unsafe operation below relies.
+        unsafe {
+            self.record_id
+                .iter()
+                .map(|&p| &self.payload[p])
+                .any(|c| !same_value(c.len, c.byval, old.get(c.index), new.get(c.index)))
+        }
     }
 }
 
@@ -216,13 +265,20 @@ unsafe extern "C-unwind" {
     ) -> bool;
 }
 
+/// # Safety
+/// `old` and `new` must be values of one type whose length and by-value flag are `len` and
+/// `byval` (a column's, as its plan holds them).
 unsafe fn same_value(len: i16, byval: bool, old: Option<Datum>, new: Option<Datum>) -> bool {
-    match (old, new) {
-        (None, None) => true,
-        (Some(a), Some(b)) => pg_sys::ffi::pg_guard_ffi_boundary(|| {
-            datum_image_eq(a, b, byval, len as std::ffi::c_int)
-        }),
-        _ => false,
+    // SAFETY: the caller upholds this function's contract (its `# Safety` section), on which
+    // every unsafe operation below relies.
+    unsafe {
+        match (old, new) {
+            (None, None) => true,
+            (Some(a), Some(b)) => pg_sys::ffi::pg_guard_ffi_boundary(|| {
+                datum_image_eq(a, b, byval, len as std::ffi::c_int)
+            }),
+            _ => false,
+        }
     }
 }
 

@@ -72,46 +72,50 @@ impl ValuePlan {
     /// # Safety
     /// Must run in a backend with a valid transaction (it reads the type cache).
     pub unsafe fn for_type(typid: Oid) -> ValuePlan {
-        let base = pg_sys::getBaseType(typid);
-        match BuiltinOid::try_from(base) {
-            Ok(BuiltinOid::BOOLOID) => ValuePlan::Bool,
-            Ok(BuiltinOid::INT2OID) => ValuePlan::Int2,
-            Ok(BuiltinOid::INT4OID) => ValuePlan::Int4,
-            Ok(BuiltinOid::INT8OID) => ValuePlan::Int8,
-            Ok(BuiltinOid::FLOAT4OID) => ValuePlan::Float4,
-            Ok(BuiltinOid::FLOAT8OID) => ValuePlan::Float8,
-            Ok(BuiltinOid::TEXTOID | BuiltinOid::VARCHAROID | BuiltinOid::BPCHAROID) => {
-                ValuePlan::Varlena
-            }
-            Ok(BuiltinOid::JSONOID) => ValuePlan::Json,
-            Ok(BuiltinOid::BYTEAOID) => ValuePlan::Bytea,
-            Ok(BuiltinOid::DATEOID) => ValuePlan::Date,
-            Ok(BuiltinOid::TIMESTAMPOID) => ValuePlan::Timestamp,
-            Ok(BuiltinOid::TIMESTAMPTZOID) => ValuePlan::Timestamptz,
-            Ok(BuiltinOid::INTERVALOID) => ValuePlan::Interval,
-            Ok(BuiltinOid::NUMERICOID | BuiltinOid::JSONBOID) => output_plan(base, true),
-            Ok(
-                BuiltinOid::REGCLASSOID
-                | BuiltinOid::REGTYPEOID
-                | BuiltinOid::REGPROCOID
-                | BuiltinOid::REGPROCEDUREOID
-                | BuiltinOid::REGOPEROID
-                | BuiltinOid::REGOPERATOROID
-                | BuiltinOid::REGCONFIGOID
-                | BuiltinOid::REGDICTIONARYOID
-                | BuiltinOid::REGCOLLATIONOID,
-            ) => match output_plan(base, false) {
-                ValuePlan::Output { func, literal, .. } => ValuePlan::Output {
-                    func,
-                    literal,
-                    qualified: true,
+        // SAFETY: the caller upholds this function's contract (its `# Safety` section), on which
+        // every unsafe operation below relies.
+        unsafe {
+            let base = pg_sys::getBaseType(typid);
+            match BuiltinOid::try_from(base) {
+                Ok(BuiltinOid::BOOLOID) => ValuePlan::Bool,
+                Ok(BuiltinOid::INT2OID) => ValuePlan::Int2,
+                Ok(BuiltinOid::INT4OID) => ValuePlan::Int4,
+                Ok(BuiltinOid::INT8OID) => ValuePlan::Int8,
+                Ok(BuiltinOid::FLOAT4OID) => ValuePlan::Float4,
+                Ok(BuiltinOid::FLOAT8OID) => ValuePlan::Float8,
+                Ok(BuiltinOid::TEXTOID | BuiltinOid::VARCHAROID | BuiltinOid::BPCHAROID) => {
+                    ValuePlan::Varlena
+                }
+                Ok(BuiltinOid::JSONOID) => ValuePlan::Json,
+                Ok(BuiltinOid::BYTEAOID) => ValuePlan::Bytea,
+                Ok(BuiltinOid::DATEOID) => ValuePlan::Date,
+                Ok(BuiltinOid::TIMESTAMPOID) => ValuePlan::Timestamp,
+                Ok(BuiltinOid::TIMESTAMPTZOID) => ValuePlan::Timestamptz,
+                Ok(BuiltinOid::INTERVALOID) => ValuePlan::Interval,
+                Ok(BuiltinOid::NUMERICOID | BuiltinOid::JSONBOID) => output_plan(base, true),
+                Ok(
+                    BuiltinOid::REGCLASSOID
+                    | BuiltinOid::REGTYPEOID
+                    | BuiltinOid::REGPROCOID
+                    | BuiltinOid::REGPROCEDUREOID
+                    | BuiltinOid::REGOPEROID
+                    | BuiltinOid::REGOPERATOROID
+                    | BuiltinOid::REGCONFIGOID
+                    | BuiltinOid::REGDICTIONARYOID
+                    | BuiltinOid::REGCOLLATIONOID,
+                ) => match output_plan(base, false) {
+                    ValuePlan::Output { func, literal, .. } => ValuePlan::Output {
+                        func,
+                        literal,
+                        qualified: true,
+                    },
+                    other => other,
                 },
-                other => other,
-            },
-            _ => match array_plan(base) {
-                Some(array) => ValuePlan::Array(Box::new(array)),
-                None => output_plan(base, false),
-            },
+                _ => match array_plan(base) {
+                    Some(array) => ValuePlan::Array(Box::new(array)),
+                    None => output_plan(base, false),
+                },
+            }
         }
     }
 
@@ -120,13 +124,17 @@ impl ValuePlan {
     /// # Safety
     /// `datum` must be a non-null value of the type this plan was built for.
     pub unsafe fn write_json(&self, datum: Datum, out: &mut Vec<u8>, scratch: &mut Vec<u8>) {
-        if let ValuePlan::Array(array) = self {
-            return array.write_json(datum, out, scratch);
-        }
-        scratch.clear();
-        match self.render(datum, scratch) {
-            Shape::Literal => out.extend_from_slice(scratch),
-            Shape::Text => write_json_string(scratch, out),
+        // SAFETY: the caller upholds this function's contract (its `# Safety` section), on which
+        // every unsafe operation below relies.
+        unsafe {
+            if let ValuePlan::Array(array) = self {
+                return array.write_json(datum, out, scratch);
+            }
+            scratch.clear();
+            match self.render(datum, scratch) {
+                Shape::Literal => out.extend_from_slice(scratch),
+                Shape::Text => write_json_string(scratch, out),
+            }
         }
     }
 
@@ -135,112 +143,134 @@ impl ValuePlan {
     /// # Safety
     /// As for [`ValuePlan::write_json`].
     pub unsafe fn write_text(&self, datum: Datum, out: &mut Vec<u8>) {
-        if let ValuePlan::Array(array) = self {
-            let mut scratch = Vec::new();
-            return array.write_json(datum, out, &mut scratch);
+        // SAFETY: the caller upholds this function's contract (its `# Safety` section), on which
+        // every unsafe operation below relies.
+        unsafe {
+            if let ValuePlan::Array(array) = self {
+                let mut scratch = Vec::new();
+                return array.write_json(datum, out, &mut scratch);
+            }
+            self.render(datum, out);
         }
-        self.render(datum, out);
     }
 
     /// Append the raw text of a scalar value and say whether it is a JSON literal.
+    ///
+    /// # Safety
+    /// As for [`ValuePlan::write_json`].
     unsafe fn render(&self, datum: Datum, out: &mut Vec<u8>) -> Shape {
-        match self {
-            ValuePlan::Bool => {
-                out.extend_from_slice(if datum.value() != 0 {
-                    b"true"
-                } else {
-                    b"false"
-                });
-                Shape::Literal
-            }
-            ValuePlan::Int2 => write_display(out, datum.value() as i16),
-            ValuePlan::Int4 => write_display(out, datum.value() as i32),
-            ValuePlan::Int8 => write_display(out, datum.value() as i64),
-            ValuePlan::Float4 => {
-                write_float(out, f32::from_bits(datum.value() as u32) as f64, true)
-            }
-            ValuePlan::Float8 => write_float(out, f64::from_bits(datum.value() as u64), false),
-            ValuePlan::Varlena => {
-                out.extend_from_slice(varlena_bytes(datum));
-                Shape::Text
-            }
-            ValuePlan::Json => {
-                out.extend_from_slice(varlena_bytes(datum));
-                Shape::Literal
-            }
-            ValuePlan::Bytea => {
-                write_bytea_hex(varlena_bytes(datum), out);
-                Shape::Text
-            }
-            ValuePlan::Date => write_date(out, datum.value() as i32),
-            ValuePlan::Timestamp => write_timestamp(out, datum.value() as i64, false),
-            ValuePlan::Timestamptz => write_timestamp(out, datum.value() as i64, true),
-            ValuePlan::Interval => {
-                let interval = &*datum.cast_mut_ptr::<pg_sys::Interval>();
-                write_interval(out, interval.month, interval.day, interval.time);
-                Shape::Text
-            }
-            ValuePlan::Output {
-                func,
-                literal,
-                qualified,
-            } => {
-                let pinned = PinnedOutputSettings::pin();
-                let call = || pg_sys::OutputFunctionCall(&**func as *const _ as *mut _, datum);
-                let text = if *qualified {
-                    crate::rights::with_pinned_search_path(call)
-                } else {
-                    call()
-                };
-                drop(pinned);
-                let bytes = CStr::from_ptr(text).to_bytes();
-                out.extend_from_slice(bytes);
-                // numeric's NaN/Infinity are not JSON numbers; jsonb output always is JSON.
-                if *literal && is_json_number_or_structure(bytes) {
+        // SAFETY: the caller upholds this function's contract (its `# Safety` section), on which
+        // every unsafe operation below relies.
+        unsafe {
+            match self {
+                ValuePlan::Bool => {
+                    out.extend_from_slice(if datum.value() != 0 {
+                        b"true"
+                    } else {
+                        b"false"
+                    });
                     Shape::Literal
-                } else {
+                }
+                ValuePlan::Int2 => write_display(out, datum.value() as i16),
+                ValuePlan::Int4 => write_display(out, datum.value() as i32),
+                ValuePlan::Int8 => write_display(out, datum.value() as i64),
+                ValuePlan::Float4 => {
+                    write_float(out, f32::from_bits(datum.value() as u32) as f64, true)
+                }
+                ValuePlan::Float8 => write_float(out, f64::from_bits(datum.value() as u64), false),
+                ValuePlan::Varlena => {
+                    out.extend_from_slice(varlena_bytes(datum));
                     Shape::Text
                 }
+                ValuePlan::Json => {
+                    out.extend_from_slice(varlena_bytes(datum));
+                    Shape::Literal
+                }
+                ValuePlan::Bytea => {
+                    write_bytea_hex(varlena_bytes(datum), out);
+                    Shape::Text
+                }
+                ValuePlan::Date => write_date(out, datum.value() as i32),
+                ValuePlan::Timestamp => write_timestamp(out, datum.value() as i64, false),
+                ValuePlan::Timestamptz => write_timestamp(out, datum.value() as i64, true),
+                ValuePlan::Interval => {
+                    let interval = &*datum.cast_mut_ptr::<pg_sys::Interval>();
+                    write_interval(out, interval.month, interval.day, interval.time);
+                    Shape::Text
+                }
+                ValuePlan::Output {
+                    func,
+                    literal,
+                    qualified,
+                } => {
+                    let pinned = PinnedOutputSettings::pin();
+                    let call = || pg_sys::OutputFunctionCall(&**func as *const _ as *mut _, datum);
+                    let text = if *qualified {
+                        crate::rights::with_pinned_search_path(call)
+                    } else {
+                        call()
+                    };
+                    drop(pinned);
+                    let bytes = CStr::from_ptr(text).to_bytes();
+                    out.extend_from_slice(bytes);
+                    // numeric's NaN/Infinity are not JSON numbers; jsonb output always is JSON.
+                    if *literal && is_json_number_or_structure(bytes) {
+                        Shape::Literal
+                    } else {
+                        Shape::Text
+                    }
+                }
+                ValuePlan::Array(_) => unreachable!("arrays are rendered by ArrayPlan::write_json"),
             }
-            ValuePlan::Array(_) => unreachable!("arrays are rendered by ArrayPlan::write_json"),
         }
     }
 }
 
 impl ArrayPlan {
+    /// # Safety
+    /// `datum` must be a non-null array of this plan's array type.
     unsafe fn write_json(&self, datum: Datum, out: &mut Vec<u8>, scratch: &mut Vec<u8>) {
-        let array = pg_sys::pg_detoast_datum(datum.cast_mut_ptr()) as *mut pg_sys::ArrayType;
-        let ndim = (*array).ndim as usize;
-        // ARR_DIMS: the dimensions follow the fixed header.
-        let dims_ptr =
-            (array as *const u8).add(std::mem::size_of::<pg_sys::ArrayType>()) as *const i32;
-        let dims: Vec<usize> = (0..ndim).map(|i| *dims_ptr.add(i) as usize).collect();
-        let mut elements: *mut Datum = std::ptr::null_mut();
-        let mut nulls: *mut bool = std::ptr::null_mut();
-        let mut count: i32 = 0;
-        pg_sys::deconstruct_array(
-            array,
-            self.element_type,
-            self.len as i32,
-            self.byval,
-            self.align,
-            &mut elements,
-            &mut nulls,
-            &mut count,
-        );
-        let (elements, nulls) = if count == 0 {
-            (&[][..], &[][..])
-        } else {
-            (
-                std::slice::from_raw_parts(elements, count as usize),
-                std::slice::from_raw_parts(nulls, count as usize),
-            )
-        };
-        let mut next = 0usize;
-        self.write_dimension(&dims, elements, nulls, &mut next, out, scratch);
+        // SAFETY: the caller upholds this function's contract (its `# Safety` section), on which
+        // every unsafe operation below relies.
+        unsafe {
+            let array = pg_sys::pg_detoast_datum(datum.cast_mut_ptr()) as *mut pg_sys::ArrayType;
+            let ndim = (*array).ndim as usize;
+            // ARR_DIMS: the dimensions follow the fixed header.
+            let dims_ptr =
+                (array as *const u8).add(std::mem::size_of::<pg_sys::ArrayType>()) as *const i32;
+            let dims: Vec<usize> = (0..ndim).map(|i| *dims_ptr.add(i) as usize).collect();
+            let mut elements: *mut Datum = std::ptr::null_mut();
+            let mut nulls: *mut bool = std::ptr::null_mut();
+            let mut count: i32 = 0;
+            pg_sys::deconstruct_array(
+                array,
+                self.element_type,
+                self.len as i32,
+                self.byval,
+                self.align,
+                &mut elements,
+                &mut nulls,
+                &mut count,
+            );
+            let (elements, nulls) = if count == 0 {
+                (&[][..], &[][..])
+            } else {
+                (
+                    std::slice::from_raw_parts(elements, count as usize),
+                    std::slice::from_raw_parts(nulls, count as usize),
+                )
+            };
+            let mut next = 0usize;
+            self.write_dimension(&dims, elements, nulls, &mut next, out, scratch);
+        }
     }
 
     /// Write one dimension as a JSON array, recursing into inner dimensions in row-major order.
+    ///
+    /// # Safety
+    /// `elements` and `nulls` must be an array's elements and null flags, deconstructed with this
+    /// plan's element type, `dims` the dimensions left to write (their product at most the
+    /// elements left after `*next`).
     unsafe fn write_dimension(
         &self,
         dims: &[usize],
@@ -250,27 +280,31 @@ impl ArrayPlan {
         out: &mut Vec<u8>,
         scratch: &mut Vec<u8>,
     ) {
-        out.push(b'[');
-        let Some((&len, inner)) = dims.split_first() else {
+        // SAFETY: the caller upholds this function's contract (its `# Safety` section), on which
+        // every unsafe operation below relies.
+        unsafe {
+            out.push(b'[');
+            let Some((&len, inner)) = dims.split_first() else {
+                out.push(b']');
+                return;
+            };
+            for i in 0..len {
+                if i > 0 {
+                    out.push(b',');
+                }
+                if !inner.is_empty() {
+                    self.write_dimension(inner, elements, nulls, next, out, scratch);
+                    continue;
+                }
+                if nulls[*next] {
+                    out.extend_from_slice(b"null");
+                } else {
+                    self.element.write_json(elements[*next], out, scratch);
+                }
+                *next += 1;
+            }
             out.push(b']');
-            return;
-        };
-        for i in 0..len {
-            if i > 0 {
-                out.push(b',');
-            }
-            if !inner.is_empty() {
-                self.write_dimension(inner, elements, nulls, next, out, scratch);
-                continue;
-            }
-            if nulls[*next] {
-                out.extend_from_slice(b"null");
-            } else {
-                self.element.write_json(elements[*next], out, scratch);
-            }
-            *next += 1;
         }
-        out.push(b']');
     }
 }
 
@@ -300,38 +334,49 @@ impl PinnedOutputSettings {
     /// In a backend's main thread; the value must be dropped before control returns to
     /// Postgres.
     unsafe fn pin() -> PinnedOutputSettings {
-        let saved = PinnedOutputSettings {
-            date_style: pg_sys::DateStyle,
-            date_order: pg_sys::DateOrder,
-            interval_style: pg_sys::IntervalStyle,
-            float_digits: pg_sys::extra_float_digits,
-            time_zone: pg_sys::session_timezone,
-            bytea: bytea_output,
-        };
-        pg_sys::DateStyle = pg_sys::USE_ISO_DATES as _;
-        pg_sys::DateOrder = pg_sys::DATEORDER_YMD as _;
-        pg_sys::IntervalStyle = pg_sys::INTSTYLE_ISO_8601 as _;
-        pg_sys::extra_float_digits = 1;
-        let utc = utc();
-        if !utc.is_null() {
-            pg_sys::session_timezone = utc;
+        // SAFETY: the caller upholds this function's contract (its `# Safety` section), on which
+        // every unsafe operation below relies.
+        unsafe {
+            let saved = PinnedOutputSettings {
+                date_style: pg_sys::DateStyle,
+                date_order: pg_sys::DateOrder,
+                interval_style: pg_sys::IntervalStyle,
+                float_digits: pg_sys::extra_float_digits,
+                time_zone: pg_sys::session_timezone,
+                bytea: bytea_output,
+            };
+            pg_sys::DateStyle = pg_sys::USE_ISO_DATES as _;
+            pg_sys::DateOrder = pg_sys::DATEORDER_YMD as _;
+            pg_sys::IntervalStyle = pg_sys::INTSTYLE_ISO_8601 as _;
+            pg_sys::extra_float_digits = 1;
+            let utc = utc();
+            if !utc.is_null() {
+                pg_sys::session_timezone = utc;
+            }
+            bytea_output = BYTEA_OUTPUT_HEX;
+            saved
         }
-        bytea_output = BYTEA_OUTPUT_HEX;
-        saved
     }
 }
 
 /// The UTC zone, looked up once per process (Postgres caches zones for the process's life).
+///
+/// # Safety
+/// In a backend's main thread (Postgres' time zone cache).
 unsafe fn utc() -> *mut pg_sys::pg_tz {
-    thread_local! {
-        static UTC: std::cell::Cell<*mut pg_sys::pg_tz> = const { std::cell::Cell::new(std::ptr::null_mut()) };
-    }
-    UTC.with(|cell| {
-        if cell.get().is_null() {
-            cell.set(pg_sys::pg_tzset(c"UTC".as_ptr()));
+    // SAFETY: the caller upholds this function's contract (its `# Safety` section), on which
+    // every unsafe operation below relies.
+    unsafe {
+        thread_local! {
+            static UTC: std::cell::Cell<*mut pg_sys::pg_tz> = const { std::cell::Cell::new(std::ptr::null_mut()) };
         }
-        cell.get()
-    })
+        UTC.with(|cell| {
+            if cell.get().is_null() {
+                cell.set(pg_sys::pg_tzset(c"UTC".as_ptr()));
+            }
+            cell.get()
+        })
+    }
 }
 
 impl Drop for PinnedOutputSettings {
@@ -348,45 +393,67 @@ impl Drop for PinnedOutputSettings {
     }
 }
 
+/// # Safety
+/// In a backend's main thread, inside a transaction (it reads the type cache); `typid` an
+/// existing type.
 unsafe fn output_plan(typid: Oid, literal: bool) -> ValuePlan {
-    let mut func_oid = pg_sys::InvalidOid;
-    let mut is_varlena = false;
-    pg_sys::getTypeOutputInfo(typid, &mut func_oid, &mut is_varlena);
-    // The FmgrInfo outlives this call (it is cached with the table's plan), so it lives in
-    // CacheMemoryContext rather than the per-row context.
-    let mut func: Box<pg_sys::FmgrInfo> = Box::new(std::mem::zeroed());
-    pg_sys::fmgr_info_cxt(func_oid, &mut *func, pg_sys::CacheMemoryContext);
-    ValuePlan::Output {
-        func,
-        literal,
-        qualified: false,
+    // SAFETY: the caller upholds this function's contract (its `# Safety` section), on which
+    // every unsafe operation below relies.
+    unsafe {
+        let mut func_oid = pg_sys::InvalidOid;
+        let mut is_varlena = false;
+        pg_sys::getTypeOutputInfo(typid, &mut func_oid, &mut is_varlena);
+        // The FmgrInfo outlives this call (it is cached with the table's plan), so it lives in
+        // CacheMemoryContext rather than the per-row context.
+        let mut func: Box<pg_sys::FmgrInfo> = Box::new(std::mem::zeroed());
+        pg_sys::fmgr_info_cxt(func_oid, &mut *func, pg_sys::CacheMemoryContext);
+        ValuePlan::Output {
+            func,
+            literal,
+            qualified: false,
+        }
     }
 }
 
+/// # Safety
+/// As for [`output_plan`].
 unsafe fn array_plan(typid: Oid) -> Option<ArrayPlan> {
-    let element_type = pg_sys::get_element_type(typid);
-    if element_type == pg_sys::InvalidOid || pg_sys::get_typlen(typid) != -1 {
-        return None;
+    // SAFETY: the caller upholds this function's contract (its `# Safety` section), on which
+    // every unsafe operation below relies.
+    unsafe {
+        let element_type = pg_sys::get_element_type(typid);
+        if element_type == pg_sys::InvalidOid || pg_sys::get_typlen(typid) != -1 {
+            return None;
+        }
+        let mut len: i16 = 0;
+        let mut byval = false;
+        let mut align: std::ffi::c_char = 0;
+        pg_sys::get_typlenbyvalalign(element_type, &mut len, &mut byval, &mut align);
+        Some(ArrayPlan {
+            element_type,
+            len,
+            byval,
+            align,
+            element: ValuePlan::for_type(element_type),
+        })
     }
-    let mut len: i16 = 0;
-    let mut byval = false;
-    let mut align: std::ffi::c_char = 0;
-    pg_sys::get_typlenbyvalalign(element_type, &mut len, &mut byval, &mut align);
-    Some(ArrayPlan {
-        element_type,
-        len,
-        byval,
-        align,
-        element: ValuePlan::for_type(element_type),
-    })
 }
 
 /// The bytes of a (possibly toasted or short-header) varlena datum.
+///
+/// # Safety
+/// `datum` must be a varlena value (text-like, possibly toasted or with a short header); the
+/// bytes must not be used after the datum, or the current memory context (which holds a
+/// detoasted copy), is freed: `'a` must not outlive either.
 unsafe fn varlena_bytes<'a>(datum: Datum) -> &'a [u8] {
-    let varlena = pg_sys::pg_detoast_datum_packed(datum.cast_mut_ptr());
-    let len = pgrx::varlena::varsize_any_exhdr(varlena);
-    let data = pgrx::varlena::vardata_any(varlena) as *const u8;
-    std::slice::from_raw_parts(data, len)
+    // SAFETY: the caller upholds this function's contract (its `# Safety` section), on which
+    // every unsafe operation below relies.
+    unsafe {
+        let varlena = pg_sys::pg_detoast_datum_packed(datum.cast_mut_ptr());
+        let len = pgrx::varlena::varsize_any_exhdr(varlena);
+        let data = pgrx::varlena::vardata_any(varlena) as *const u8;
+        std::slice::from_raw_parts(data, len)
+    }
 }
 
 fn write_display(out: &mut Vec<u8>, value: impl itoa::Integer) -> Shape {

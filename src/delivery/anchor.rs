@@ -11,10 +11,10 @@
 //! delete) shows is its current version; an earlier one is still in the receipts, with the
 //! hash Certyo accepted, for `certyo.history()`.
 
+use super::record::Tally;
 use super::sending::OffThread;
-use super::settings::Verify;
-use super::store::Tally;
 use super::write_back::{self, Mark, Version};
+use crate::settings::Verify;
 use certyo::fate::{verdict, Verdict, MAX_VERIFY_DELAY, MAX_VERIFY_DOUBLINGS};
 use certyo::{Client, Outcome, Verification, VerifyRequest};
 use pgrx::pg_sys::Oid;
@@ -330,7 +330,7 @@ pub fn record(results: &[(Due, Verification)], schedule: Schedule) -> SpiResult<
 fn later_push(later: &mut (Vec<i64>, Vec<Option<String>>), id: i64, error: Option<String>) {
     later.0.push(id);
     // Kept in certyo.receipt.verify_error, which certyo.history() shows: never with the key.
-    later.1.push(error.map(|e| super::api_key::masked(&e)));
+    later.1.push(error.map(|e| crate::api_key::masked(&e)));
 }
 
 #[cfg(test)]

@@ -16,7 +16,7 @@
 //! letter, a batch lost to an error) ends the list: those changes then wait in
 //! `certyo.delivery`, where the general path keeps each record's order.
 //!
-//! This module knows nothing of Postgres: the store reads the rows and fetches the batches.
+//! This module knows nothing of Postgres: `take` reads the rows and fetches the batches.
 
 use std::collections::HashSet;
 

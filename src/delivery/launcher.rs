@@ -8,7 +8,7 @@
 //! without a restart, and a database without the extension costs one short-lived process at
 //! server start (and at each such request), not a connection kept open.
 
-use super::settings;
+use crate::settings;
 use pgrx::bgworkers::{
     BackgroundWorker, BackgroundWorkerBuilder, BackgroundWorkerStatus, DynamicBackgroundWorker,
     SignalWakeFlags,

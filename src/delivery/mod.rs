@@ -2,13 +2,15 @@
 //! keeps dead letters and receipts, and writes record hashes back to the source rows.
 //!
 //! - `launcher`: the worker with no database that starts a delivery worker per database;
-//! - `settings`: the `certyo.*` GUCs;
-//! - `api_key`: the API key from its file or setting, kept out of the server log;
 //! - `worker`: a database's delivery worker, its main loop;
 //! - `prepared`: the worker's statements, planned once per session;
 //! - `backlog`: a long queue read once, in id order, for the passes that drain it;
-//! - `store`: the statements of delivery (take, record, expire, status), each its own short
-//!   transaction;
+//! - `entry`: a change taken for sending, read from its row;
+//! - `take`: taking the next batch (from the queue, or from `certyo.delivery` when changes
+//!   wait for a retry), and the operator's switches before a pass;
+//! - `record`: recording the answers (receipts, retries, dead letters, tallies), the expiry of
+//!   receipts and the worker's published state;
+//! - `planner`: the worker's own ANALYZE of its tables;
 //! - `sending`: the batch on the wire, its HTTP on a helper thread;
 //! - `anchor`: verification of accepted receipts;
 //! - `vacuum`: the worker vacuums the queue it empties;
@@ -20,22 +22,68 @@
 //!   backfill chunks), so that it never holds up delivery.
 
 mod anchor;
-pub mod api_key;
 mod backlog;
+mod entry;
 mod launcher;
 mod owners;
+mod planner;
 mod prepared;
+mod record;
 mod sending;
-pub mod settings;
 mod slow_lane;
-mod store;
+mod take;
 mod vacuum;
 mod worker;
 mod write_back;
 mod write_back_anchored;
 
 use pgrx::bgworkers::BackgroundWorker;
+use pgrx::spi::Spi;
 use std::sync::atomic::{AtomicBool, Ordering};
+
+type SpiResult<T> = Result<T, pgrx::spi::Error>;
+
+/// Each statement of delivery is its own short transaction; none is open while HTTP is in
+/// flight.
+fn in_transaction<T>(f: impl FnOnce() -> SpiResult<T>) -> SpiResult<T> {
+    crate::error::transaction(f)
+}
+
+/// `sql` for the installed schema: one from before 0.2.0 (the library installed, `ALTER
+/// EXTENSION certyo_cdc UPDATE` not yet run) has no `table_id` columns, and is delivered as
+/// it was until the update (see `crate::track::identity::schema_has_ids`).
+fn for_schema(sql: &str) -> std::borrow::Cow<'_, str> {
+    if crate::track::identity::schema_has_ids() {
+        std::borrow::Cow::Borrowed(sql)
+    } else {
+        std::borrow::Cow::Owned(
+            sql.replace(", d.table_id", "")
+                .replace(", q.table_id", "")
+                .replace(", table_id", ""),
+        )
+    }
+}
+
+/// The database's name if certyo_cdc is installed in it (None: a database the worker has
+/// nothing to do in).
+pub fn installed_in_this_database() -> SpiResult<Option<String>> {
+    in_transaction(|| {
+        Spi::get_one::<String>(
+            "SELECT (SELECT current_database()::text FROM pg_extension WHERE extname = 'certyo_cdc')",
+        )
+    })
+}
+
+/// Whether the worker's session is a superuser's, as it must be (a database's own settings
+/// could make it another role).
+pub fn runs_as_superuser() -> SpiResult<bool> {
+    in_transaction(|| {
+        Ok(
+            Spi::get_one::<bool>("SELECT current_setting('is_superuser')::boolean")?
+                .unwrap_or(false),
+        )
+    })
+}
 
 /// Has SIGTERM arrived? pgrx clears its flag when it is read, and several places must see it
 /// (the main loop, the wait for a batch in flight), so it is remembered here once seen. The

@@ -6,8 +6,8 @@
 //! work in flight, so work abandoned at shutdown is redone after the restart (a resent batch is
 //! answered as a replay).
 
-use super::settings::Settings;
-use super::store::Entry;
+use super::entry::Entry;
+use crate::settings::Settings;
 use certyo::{Client, Outcome, Record};
 use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
 use std::sync::mpsc::{self, RecvTimeoutError};
@@ -246,7 +246,7 @@ fn record(settings: &Settings, entry: &mut Entry) -> Result<Record, Outcome> {
         collection: entry.collection.clone(),
         record_id: entry.record_id.clone(),
         record_payload: payload,
-        operation_type: entry.operation.clone(),
+        operation_type: entry.operation.as_str().to_string(),
         source_timestamp: entry.source_timestamp.clone(),
         idempotency_key: entry.idempotency_key.clone(),
     })

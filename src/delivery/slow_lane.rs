@@ -17,9 +17,8 @@
 //! the delivery worker does the lane's replica-mode write-backs itself meanwhile (they run no
 //! owner's code); backfills and write-backs that run owners' code wait for a lane.
 
-use super::settings;
-use super::store;
 use super::write_back;
+use crate::settings;
 use pgrx::bgworkers::{
     BackgroundWorker, BackgroundWorkerBuilder, BackgroundWorkerStatus, DynamicBackgroundWorker,
     SignalWakeFlags,
@@ -281,7 +280,7 @@ enum Work {
 /// One pass of the lane: the write-backs whose retry is due, then a backfill chunk (the shared
 /// lane's). None once the extension is gone from the database.
 fn lane_pass(lane: Lane) -> Result<Option<Work>, pgrx::spi::Error> {
-    let Some(control) = store::control()? else {
+    let Some(control) = super::take::control()? else {
         return Ok(None);
     };
     super::after_hard_limit()?;

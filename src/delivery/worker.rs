@@ -7,10 +7,13 @@
 
 use super::anchor;
 use super::backlog::Backlog;
+use super::entry::Entry;
+use super::planner::Planner;
+use super::record::{self, Tally};
 use super::sending::{with_signals_blocked, Sending};
-use super::settings::{self, Settings};
-use super::store::{self, Entry, Tally};
+use super::take;
 use super::write_back;
+use crate::settings::{self, Settings};
 use certyo::outage::{jitter, Change, Link};
 use certyo::retry::next_attempt_delay;
 use certyo::{Client, ClientConfig, Outcome, Verification};
@@ -62,7 +65,7 @@ pub(super) fn prepare_session(database: pg_sys::Oid) -> bool {
     // who can create objects in a schema on the default search_path (public, "$user") can
     // place a function or operator where the worker, a superuser, would call it.
     set_for_session(c"search_path", crate::rights::PINNED_SEARCH_PATH);
-    if !store::runs_as_superuser().unwrap_or(false) {
+    if !super::runs_as_superuser().unwrap_or(false) {
         // A database's owner can set `role` or `session_authorization` for every session of
         // the database (ALTER DATABASE ... SET), the worker's too: it then is not the
         // superuser it must be, and serves nothing rather than run as someone else.
@@ -97,7 +100,7 @@ pub(super) fn prepare_session(database: pg_sys::Oid) -> bool {
 /// worker serves it, and fewer than `certyo.max_databases` databases are served (if as many
 /// are, the log says which database is left out).
 fn claim(database: pg_sys::Oid) -> Option<String> {
-    let name = match store::installed_in_this_database() {
+    let name = match super::installed_in_this_database() {
         Ok(name) => name?, // None: a database without certyo_cdc, nothing to serve
         // An ERROR ends the worker with exit code 1: it is started again in 5 s.
         Err(e) => pgrx::error!("certyo_cdc: cannot tell whether certyo_cdc is installed: {e}"),
@@ -149,7 +152,7 @@ struct Worker {
     /// The last failed pass's warning and when it was logged.
     last_warning: Option<(String, Instant)>,
     expired_at: Option<Instant>,
-    planner: store::Planner,
+    planner: Planner,
     /// A long queue's changes, read once for the passes that drain it.
     backlog: Backlog,
     /// The batch whose HTTP requests are in flight, if any.
@@ -277,7 +280,7 @@ impl Worker {
                 // SAFETY: the worker's main loop, outside any transaction, as Postgres' own
                 // workers reload.
                 unsafe { pg_sys::ProcessConfigFile(pg_sys::GucContext::PGC_SIGHUP) };
-                super::api_key::forget();
+                crate::api_key::forget();
                 self.refused = None;
             }
             let next = match self.guarded_pass() {
@@ -374,7 +377,7 @@ impl Worker {
         crate::wake::count_pass();
         let settle_only = self.settle_only.take();
         let settings = settings::current();
-        let Some(control) = store::control()? else {
+        let Some(control) = take::control()? else {
             return Ok(Next::Stop); // DROP EXTENSION: nothing left to serve here
         };
         super::after_hard_limit()?;
@@ -494,7 +497,7 @@ impl Worker {
                 Next::Now
             });
         }
-        let mut due = store::next_due(self.verifying.is_some() || self.verify_gathering)?
+        let mut due = take::next_due(self.verifying.is_some() || self.verify_gathering)?
             .unwrap_or(settings.poll_interval);
         if let Some(again) = verify_again {
             due = due.min(again);
@@ -506,7 +509,7 @@ impl Worker {
     }
 
     /// Why nothing may be sent now, if anything stops it: (state, detail).
-    fn blocked(&self, settings: &Settings, control: store::Control) -> Option<(State, String)> {
+    fn blocked(&self, settings: &Settings, control: take::Control) -> Option<(State, String)> {
         if control.paused {
             return Some((State::Paused, "paused by certyo.pause(): changes are captured but not sent; certyo.resume() resumes".into()));
         }
@@ -538,7 +541,7 @@ impl Worker {
             Change::Started(error) => pgrx::log!("certyo_cdc: Certyo does not answer ({error}); probing it with one change at a time until it does"),
             Change::Ended => {
                 pgrx::log!("certyo_cdc: Certyo answers again; delivering the backlog");
-                store::release_backlog()?;
+                record::release_backlog()?;
             }
             Change::Prolonged | Change::Unchanged => {}
         }
@@ -560,14 +563,14 @@ impl Worker {
         let batch = if take_more {
             // During an outage the batch is one probe (and only when no batch is in flight).
             let probing = self.link.probing();
-            let limit = store::BatchLimit {
+            let limit = take::BatchLimit {
                 changes: if probing { 1 } else { settings.batch_size },
                 bytes: settings.max_payload_size,
             };
             if probing && !in_flight.is_empty() {
                 Vec::new()
             } else {
-                store::take_batch(
+                take::batch(
                     limit,
                     &in_flight,
                     probing,
@@ -600,7 +603,7 @@ impl Worker {
             _ => None,
         });
         let results: Vec<(Entry, Outcome)> = sent.into_iter().zip(outcomes).collect();
-        let (tally, times) = store::record(
+        let (tally, times) = record::answers(
             &results,
             &|entry| {
                 next_attempt_delay(
@@ -724,7 +727,7 @@ impl Worker {
             return Ok(());
         }
         self.expired_at = Some(Instant::now());
-        Ok(store::expire(settings.retention)?)
+        Ok(record::expire(settings.retention)?)
     }
 
     /// The HTTP client, built on first use and again when its settings change.
@@ -766,7 +769,7 @@ impl Worker {
             pgrx::log!("certyo_cdc: delivery {}: {detail}", state.as_str());
         }
         self.last_state = Some(key);
-        Ok(store::set_state(state.as_str(), detail, error, tally)?)
+        Ok(record::set_state(state.as_str(), detail, error, tally)?)
     }
 }
 

@@ -213,7 +213,7 @@ pub mod budget {
 
     /// How long `owner`'s code may run now; None when its share of this pass is spent.
     pub fn left(owner: Oid) -> Option<Duration> {
-        let whole = crate::delivery::settings::user_code_timeout();
+        let whole = crate::settings::user_code_timeout();
         if !LIMITED.get() {
             return Some(whole);
         }
@@ -238,7 +238,7 @@ pub mod budget {
     /// Was the statement canceled at the end of the owner's share (rather than failing)?
     pub fn ran_out(code: PgSqlErrorCode, timeout: Duration) -> bool {
         LIMITED.get()
-            && timeout < crate::delivery::settings::user_code_timeout()
+            && timeout < crate::settings::user_code_timeout()
             && code == PgSqlErrorCode::ERRCODE_QUERY_CANCELED
     }
 
@@ -366,8 +366,7 @@ pub mod failing {
         crate::error::transaction(|| {
             // Its owner's code took the whole time and more, in the lane that ended.
             if let Some(owner) = crate::rights::owner_of(relid) {
-                let limit =
-                    crate::delivery::settings::user_code_timeout() + crate::hard_limit::GRACE;
+                let limit = crate::settings::user_code_timeout() + crate::hard_limit::GRACE;
                 owners::charge(owner, limit, slow_lane::this() != Some(Lane::SlowOwners));
             }
             Spi::connect_mut(|client| record(client, relid, &[], &message))
@@ -462,7 +461,7 @@ pub mod failing {
             let Some(schedule) = s.as_mut() else { return };
             match attempts {
                 Some(n) => {
-                    let cap = crate::delivery::settings::current().max_retry_interval;
+                    let cap = crate::settings::current().max_retry_interval;
                     schedule.insert(relid.to_u32(), now + next_attempt_delay(n, jitter, cap));
                 }
                 None => {
@@ -501,7 +500,7 @@ pub mod failing {
     pub fn retry_due() -> SpiResult<()> {
         let listed = crate::error::transaction(|| Spi::connect(tables_waiting))?;
         let now = Instant::now();
-        let cap = crate::delivery::settings::current().max_retry_interval;
+        let cap = crate::settings::current().max_retry_interval;
         SCHEDULE.with(|s| {
             let mut s = s.borrow_mut();
             let schedule = s.get_or_insert_with(HashMap::new);
@@ -602,7 +601,7 @@ pub mod failing {
                 .map(|(v, _, _)| v.clone())
                 .collect()
         };
-        let timeout = crate::delivery::settings::user_code_timeout();
+        let timeout = crate::settings::user_code_timeout();
         // In the slow lane every write-back here is done. In a delivery worker that could start
         // no lane, a table whose UPDATE runs its owner's code is not: it waits for a lane (the
         // worker runs no owner's code), its receipts untouched.
@@ -621,7 +620,7 @@ pub mod failing {
         match outcome {
             Err(failed) => return record(client, relid, &[], &failed.message),
             Ok(Marked::LeftToTheSlowLane) => {
-                retry_after(relid, crate::delivery::settings::current().poll_interval);
+                retry_after(relid, crate::settings::current().poll_interval);
                 return Ok(());
             }
             Ok(Marked::Done) => {}
@@ -759,6 +758,10 @@ fn mark_table(
     let Some(key) = RecordKey::from_found(found)? else {
         return Ok(Marked::Done); // dropped or untracked meanwhile: nothing to write back to
     };
+    if key.write_back == WriteBack::None {
+        // Never written to: a column of a bookkeeping name there is the user's own.
+        return Ok(Marked::Done);
+    }
     if let Err(refused) = key.readable() {
         refused.raise();
     }

@@ -1,6 +1,6 @@
 //! `#[pg_test]`s: each runs inside one transaction of a real Postgres, rolled back at the end.
 //! What needs real commits (a rolled-back top-level transaction, roles logging in, DROP
-//! EXTENSION) is covered by `pg_test/capture.sh` against a real cluster.
+//! EXTENSION) is covered by `pg_test/test_capture.py` against a real cluster.
 
 mod capture;
 mod operations;

@@ -4,19 +4,56 @@
 use super::table::{quote_ident, quote_literal, Table};
 use crate::capture::options::{split_trigger_args, CaptureOptions, WriteBack, BOOKKEEPING_COLUMNS};
 use crate::capture::{CAPTURE_TRIGGER, TRUNCATE_TRIGGER};
-use crate::error::Result;
+use crate::error::{CertyoError, Result};
 use pgrx::pg_sys::{self, Oid};
 use pgrx::prelude::*;
+use pgrx::PgSqlErrorCode;
+
+thread_local! {
+    /// Set while `certyo.track()` adds the bookkeeping columns: the DDL hook's re-check of the
+    /// table ([`super::refresh`]) then still reads the old mode from the capture trigger, and a
+    /// table leaving `write_back => 'none'` must not be refused the columns of its new mode.
+    static ADDING_COLUMNS: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Is `certyo.track()` adding the bookkeeping columns right now?
+pub fn adding_columns() -> bool {
+    ADDING_COLUMNS.with(std::cell::Cell::get)
+}
 
 /// Add the missing bookkeeping columns. Skipped entirely when all exist: `ALTER TABLE` takes
 /// an exclusive lock, which a re-`track()` that only changes options should not need.
 /// `certyo_anchor_status` defaults to `'pending'` only under [`WriteBack::Accepted`], whose
 /// rows say `pending` from their first version on; under [`WriteBack::Anchored`] a row holds
 /// NULL until its version is anchored, and no INSERT evaluates a default for it.
+/// Under [`WriteBack::None`] there are none to add.
 pub fn add_bookkeeping_columns(table: &Table, write_back: WriteBack) -> Result<()> {
+    let _adding = Flag::raise(&ADDING_COLUMNS);
+    add_missing(table, write_back)
+}
+
+/// A thread-local flag raised for as long as the guard lives: lowered again when it is dropped,
+/// also while an error unwinds out of the work it marks (the backend goes on to other statements).
+struct Flag(&'static std::thread::LocalKey<std::cell::Cell<bool>>);
+
+impl Flag {
+    fn raise(flag: &'static std::thread::LocalKey<std::cell::Cell<bool>>) -> Flag {
+        flag.with(|f| f.set(true));
+        Flag(flag)
+    }
+}
+
+impl Drop for Flag {
+    fn drop(&mut self) {
+        self.0.with(|f| f.set(false));
+    }
+}
+
+fn add_missing(table: &Table, write_back: WriteBack) -> Result<()> {
     let status = match write_back {
         WriteBack::Accepted => "text DEFAULT 'pending'",
         WriteBack::Anchored => "text",
+        WriteBack::None => return Ok(()),
     };
     let definitions = [
         ("certyo_record_hash", "text"),
@@ -56,6 +93,59 @@ pub fn add_bookkeeping_columns(table: &Table, write_back: WriteBack) -> Result<(
         ))?;
     }
     Ok(())
+}
+
+/// Where a bookkeeping column met the sidecar mode (see [`refuse_bookkeeping_columns`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SidecarConflict {
+    /// `track(..., write_back => 'none')` of a table tracked in a mode that writes back.
+    Tracked,
+    /// `track(..., write_back => 'none')` of a table not tracked, that has such a column.
+    Untracked,
+    /// `ALTER TABLE` gave a table tracked with `write_back => 'none'` such a column.
+    Added,
+}
+
+/// A table tracked with `write_back => 'none'` has no column of a bookkeeping name: nothing
+/// would write it, so what it says (an earlier version's `anchored`, above all) would stay on
+/// rows whose content moves on, and capture leaves such columns out of every payload (a change
+/// of one alone would be no change). Refused when the mode is asked for and when DDL adds one.
+pub fn refuse_bookkeeping_columns(table: &Table, conflict: SidecarConflict) -> Result<()> {
+    let present: Vec<&str> = BOOKKEEPING_COLUMNS
+        .iter()
+        .copied()
+        .filter(|name| table.column(name).is_some())
+        .collect();
+    if present.is_empty() {
+        return Ok(());
+    }
+    let names = present.join(", ");
+    let literal = quote_literal(&table.quoted);
+    let (message, hint) = match conflict {
+        SidecarConflict::Tracked => (
+            format!("certyo_cdc: table {} has bookkeeping columns ({names}), which write_back => 'none' would leave as they are", table.display),
+            format!(
+                "Untrack it with its columns and track it again, in one transaction so that no change goes uncaptured: BEGIN; SELECT certyo.untrack({literal}, drop_columns => true); SELECT certyo.track({literal}, write_back => 'none'); COMMIT;"
+            ),
+        ),
+        SidecarConflict::Untracked => (
+            format!("certyo_cdc: table {} has columns named as certyo_cdc's bookkeeping columns ({names}), which write_back => 'none' would leave as they are", table.display),
+            format!(
+                "Rename or drop them first (ALTER TABLE {} {}), then track again; or track it with write_back => 'anchored', which writes them.",
+                table.quoted,
+                present.iter().map(|c| format!("DROP COLUMN {}", quote_ident(c))).collect::<Vec<_>>().join(", ")
+            ),
+        ),
+        SidecarConflict::Added => (
+            format!("certyo_cdc: table {} is tracked with write_back => 'none' and cannot have a column named {names}", table.display),
+            format!(
+                "Name the column otherwise; or track the table with write_back => 'anchored' (certyo.track({literal}, write_back => 'anchored')), which adds and writes these columns."
+            ),
+        ),
+    };
+    Err(CertyoError::new(PgSqlErrorCode::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE, message)
+        .detail("Those names are certyo_cdc's bookkeeping columns: never part of a payload, and written only by the worker. Under write_back => 'none' the worker never writes to the table's rows, so what such a column says (an earlier version's hash and 'anchored') would stay on rows whose content moves on.")
+        .hint(hint))
 }
 
 pub fn drop_bookkeeping_columns(table: &Table) -> Result<()> {
@@ -176,10 +266,8 @@ pub fn untracking() -> bool {
 }
 
 pub fn drop_triggers(table: &Table) -> Result<bool> {
-    UNTRACKING.with(|u| u.set(true));
-    let dropped = drop_both(table);
-    UNTRACKING.with(|u| u.set(false));
-    dropped
+    let _untracking = Flag::raise(&UNTRACKING);
+    drop_both(table)
 }
 
 fn drop_both(table: &Table) -> Result<bool> {

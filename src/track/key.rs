@@ -102,8 +102,9 @@ pub const LOOKUP: &str = concat!(
      JOIN pg_namespace n ON n.oid = c.relnamespace
      JOIN pg_trigger t ON t.tgrelid = c.oid AND t.tgname = 'certyo_capture'
     WHERE c.oid = $1 AND c.relpersistence <> 't'
-      AND EXISTS (SELECT FROM pg_attribute a
-                   WHERE a.attrelid = c.oid AND a.attname = 'certyo_record_hash' AND NOT a.attisdropped)"
+      AND ((certyo.capture_option(t.tgargs, 'write_back'))[1] IS NOT DISTINCT FROM 'none'
+           OR EXISTS (SELECT FROM pg_attribute a
+                       WHERE a.attrelid = c.oid AND a.attname = 'certyo_record_hash' AND NOT a.attisdropped))"
 );
 
 pub struct RecordKey {
@@ -229,16 +230,20 @@ const OBJECT_NAMES: [Oid; 11] = [
 /// # Safety
 /// Inside a transaction (a syscache lookup).
 unsafe fn type_owner(t: Oid) -> Option<Oid> {
-    let tuple = pg_sys::SearchSysCache1(
-        pg_sys::SysCacheIdentifier::TYPEOID as i32,
-        pg_sys::Datum::from(t),
-    );
-    if tuple.is_null() {
-        return None;
+    // SAFETY: the caller upholds this function's contract (its `# Safety` section), on which
+    // every unsafe operation below relies.
+    unsafe {
+        let tuple = pg_sys::SearchSysCache1(
+            pg_sys::SysCacheIdentifier::TYPEOID as i32,
+            pg_sys::Datum::from(t),
+        );
+        if tuple.is_null() {
+            return None;
+        }
+        let owner = (*(pg_sys::GETSTRUCT(tuple) as pg_sys::Form_pg_type)).typowner;
+        pg_sys::ReleaseSysCache(tuple);
+        Some(owner)
     }
-    let owner = (*(pg_sys::GETSTRUCT(tuple) as pg_sys::Form_pg_type)).typowner;
-    pg_sys::ReleaseSysCache(tuple);
-    Some(owner)
 }
 
 /// Why the worker could not read a record id column of type `column_type` of a table owned by
@@ -256,28 +261,32 @@ pub fn refusal(column_type: Oid, table_owner: Oid) -> Option<&'static str> {
 /// # Safety
 /// Inside a transaction (a syscache lookup).
 unsafe fn operator_sql(opno: Oid) -> Option<(String, bool)> {
-    let tuple = pg_sys::SearchSysCache1(
-        pg_sys::SysCacheIdentifier::OPEROID as i32,
-        pg_sys::Datum::from(opno),
-    );
-    if tuple.is_null() {
-        return None;
+    // SAFETY: the caller upholds this function's contract (its `# Safety` section), on which
+    // every unsafe operation below relies.
+    unsafe {
+        let tuple = pg_sys::SearchSysCache1(
+            pg_sys::SysCacheIdentifier::OPEROID as i32,
+            pg_sys::Datum::from(opno),
+        );
+        if tuple.is_null() {
+            return None;
+        }
+        let form = pg_sys::GETSTRUCT(tuple) as pg_sys::Form_pg_operator;
+        let name = CStr::from_ptr((*form).oprname.data.as_ptr())
+            .to_string_lossy()
+            .into_owned();
+        let namespace = (*form).oprnamespace;
+        pg_sys::ReleaseSysCache(tuple);
+        let schema = pg_sys::get_namespace_name(namespace);
+        if schema.is_null() || !name.bytes().all(|b| b"+-*/<>=~!@#%^&|`?".contains(&b)) {
+            return None;
+        }
+        let quoted = CStr::from_ptr(pg_sys::quote_identifier(schema))
+            .to_string_lossy()
+            .into_owned();
+        let plain = namespace == pg_sys::PG_CATALOG_NAMESPACE.into();
+        Some((format!("OPERATOR({quoted}.{name})"), plain))
     }
-    let form = pg_sys::GETSTRUCT(tuple) as pg_sys::Form_pg_operator;
-    let name = CStr::from_ptr((*form).oprname.data.as_ptr())
-        .to_string_lossy()
-        .into_owned();
-    let namespace = (*form).oprnamespace;
-    pg_sys::ReleaseSysCache(tuple);
-    let schema = pg_sys::get_namespace_name(namespace);
-    if schema.is_null() || !name.bytes().all(|b| b"+-*/<>=~!@#%^&|`?".contains(&b)) {
-        return None;
-    }
-    let quoted = CStr::from_ptr(pg_sys::quote_identifier(schema))
-        .to_string_lossy()
-        .into_owned();
-    let plain = namespace == pg_sys::PG_CATALOG_NAMESPACE.into();
-    Some((format!("OPERATOR({quoted}.{name})"), plain))
 }
 
 /// Why a value of type `t` (a key's base type, or a type within it: a range's subtype, a
@@ -288,44 +297,49 @@ unsafe fn operator_sql(opno: Oid) -> Option<(String, bool)> {
 /// # Safety
 /// Inside a transaction (syscache lookups).
 unsafe fn unreadable_within(t: Oid, table_owner: Oid, depth: u32) -> Option<&'static str> {
-    if depth > 32 {
-        return Some(
-            "its type is nested past reason (ranges, arrays and composite types within each other)",
-        );
-    }
-    // A record id that is a name reads back as whatever bears that name now.
-    if OBJECT_NAMES.contains(&t) {
-        return Some("its values are, or hold, names of database objects, which their owners may rename at any moment: a record id would then name another row, and take its hash (store the object's oid instead)");
-    }
-    match pg_sys::get_typtype(t) as u8 {
-        b'd' if depth > 0 => Some("its type holds a domain (in a range, an array or a composite type), whose checks would run, as the table's owner, when a record id is read back"),
-        b'e' if type_owner(t) != Some(table_owner) => Some("its type is, or holds, an enum of another role, who may rename its labels at any moment (ALTER TYPE ... RENAME VALUE): a record id would then name another row, and take its hash"),
-        b'r' => unreadable_within(pg_sys::get_range_subtype(t), table_owner, depth + 1),
-        b'm' => unreadable_within(pg_sys::get_multirange_range(t), table_owner, depth + 1),
-        b'c' => {
-            let desc = pg_sys::lookup_rowtype_tupdesc_copy(t, -1);
-            (0..(*desc).natts as usize).find_map(|i| {
-                let a = crate::compat::attribute(desc, i);
-                if a.attisdropped {
+    // SAFETY: the caller upholds this function's contract (its `# Safety` section), on which
+    // every unsafe operation below relies.
+    unsafe {
+        if depth > 32 {
+            return Some(
+                "its type is nested past reason (ranges, arrays and composite types within each other)",
+            );
+        }
+        // A record id that is a name reads back as whatever bears that name now.
+        if OBJECT_NAMES.contains(&t) {
+            return Some("its values are, or hold, names of database objects, which their owners may rename at any moment: a record id would then name another row, and take its hash (store the object's oid instead)");
+        }
+        match pg_sys::get_typtype(t) as u8 {
+            b'd' if depth > 0 => Some("its type holds a domain (in a range, an array or a composite type), whose checks would run, as the table's owner, when a record id is read back"),
+            b'e' if type_owner(t) != Some(table_owner) => Some("its type is, or holds, an enum of another role, who may rename its labels at any moment (ALTER TYPE ... RENAME VALUE): a record id would then name another row, and take its hash"),
+            b'r' => unreadable_within(pg_sys::get_range_subtype(t), table_owner, depth + 1),
+            b'm' => unreadable_within(pg_sys::get_multirange_range(t), table_owner, depth + 1),
+            b'c' => {
+                let desc = pg_sys::lookup_rowtype_tupdesc_copy(t, -1);
+                (0..(*desc).natts as usize).find_map(|i| {
+                    let a = crate::compat::attribute(desc, i);
+                    if a.attisdropped {
+                        None
+                    } else {
+                        unreadable_within(a.atttypid, table_owner, depth + 1)
+                    }
+                })
+            }
+            _ => {
+                let element = pg_sys::get_element_type(t);
+                if element == pg_sys::InvalidOid {
                     None
                 } else {
-                    unreadable_within(a.atttypid, table_owner, depth + 1)
+                    unreadable_within(element, table_owner, depth + 1)
                 }
-            })
-        }
-        _ => {
-            let element = pg_sys::get_element_type(t);
-            if element == pg_sys::InvalidOid {
-                None
-            } else {
-                unreadable_within(element, table_owner, depth + 1)
             }
         }
     }
 }
 
 impl RecordKey {
-    /// None when the table is gone, no longer tracked, lacks the bookkeeping columns, or a
+    /// None when the table is gone, no longer tracked, lacks the bookkeeping columns (unless
+    /// tracked with `write_back => 'none'`, which has none), or a
     /// record id column was dropped: nothing can be matched then. Also None for a temporary
     /// table (a hand-made capture trigger could queue its rows): no other session can read it.
     pub fn of(client: &SpiClient<'_>, relid: Oid) -> Result<Option<RecordKey>, pgrx::spi::Error> {

@@ -3,7 +3,7 @@
 //! Declared in `sql/schema.sql`; each entry point validates everything before it changes
 //! anything, so a refused call leaves the table as it was.
 
-mod backfill;
+mod existing_rows;
 pub(crate) mod identity;
 mod install;
 pub(crate) mod key;
@@ -60,7 +60,7 @@ fn track_write_back(
         timestamp_column,
         backfill,
         write_back,
-        crate::delivery::settings::write_back(),
+        crate::settings::write_back(),
     )
 }
 
@@ -100,9 +100,9 @@ fn write_back_mode(value: &str) -> Result<WriteBack> {
     WriteBack::parse(value).ok_or_else(|| {
         CertyoError::new(
             PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE,
-            format!("certyo_cdc: write_back must be 'anchored' or 'accepted', not {value:?}"),
+            format!("certyo_cdc: write_back must be 'anchored', 'accepted' or 'none', not {value:?}"),
         )
-        .hint("'anchored' writes the hash and status back once, when Certyo confirms the version on chain; 'accepted' writes the hash at acceptance and the status again once anchored.")
+        .hint("'anchored' writes the hash and status back once, when Certyo confirms the version on chain; 'accepted' writes the hash at acceptance and the status again once anchored; 'none' adds no column and never writes to the rows (certyo.record_status() gives each record's state).")
     })
 }
 
@@ -175,7 +175,16 @@ fn track_table(
     let mode_changed = installed
         .as_ref()
         .is_some_and(|o| o.write_back != options.write_back);
-    install::add_bookkeeping_columns(&table, options.write_back)?;
+    if options.write_back == WriteBack::None {
+        let conflict = if was_tracked {
+            install::SidecarConflict::Tracked
+        } else {
+            install::SidecarConflict::Untracked
+        };
+        install::refuse_bookkeeping_columns(&table, conflict)?;
+    } else {
+        install::add_bookkeeping_columns(&table, options.write_back)?;
+    }
     TriggerDefinition::new(&table, &options).install(&table)?;
     crate::shape::record(relid, &options)?;
     if !was_tracked || mode_changed {
@@ -187,7 +196,7 @@ fn track_table(
         crate::audit::record_removed_while_untracked(relid, &options)?;
     }
     if backfill {
-        let queued = backfill::backfill(relid, &options)?;
+        let queued = existing_rows::queue(relid, &options)?;
         pgrx::notice!(
             "certyo_cdc: queued {queued} existing rows of {} as upserts",
             table.display
@@ -373,7 +382,13 @@ fn refresh(relid: Oid) -> Result<()> {
         return Ok(()); // untracked meanwhile: nothing to keep current
     };
     let table = Table::inspect(relid)?;
-    require_bookkeeping_columns(&table)?;
+    if options.write_back == WriteBack::None {
+        if !install::adding_columns() {
+            install::refuse_bookkeeping_columns(&table, install::SidecarConflict::Added)?;
+        }
+    } else {
+        require_bookkeeping_columns(&table)?;
+    }
     let request = Request {
         record_id_columns: match options.record_id_source {
             RecordIdSource::PrimaryKey => None,

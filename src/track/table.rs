@@ -154,7 +154,7 @@ impl Table {
             table_id: None,
             write_back: request
                 .write_back
-                .unwrap_or_else(crate::delivery::settings::write_back),
+                .unwrap_or_else(crate::settings::write_back),
         })
     }
 

@@ -113,7 +113,11 @@ fn check_file(path: &str, meta: &std::fs::Metadata) -> Result<(), String> {
 /// from `certyo.api_key_file`. Never fails: a cache in use (it is not, where the log hook
 /// runs) is skipped.
 fn known_keys() -> Vec<String> {
-    let mut keys: Vec<String> = super::settings::api_key_setting().into_iter().collect();
+    let mut keys: Vec<String> = KEY_SETTING
+        .get()
+        .and_then(|setting| setting())
+        .into_iter()
+        .collect();
     let read = FROM_FILE.try_with(|cache| {
         cache
             .try_borrow()
@@ -141,8 +145,15 @@ pub fn masked(text: &str) -> String {
 
 static mut PREVIOUS_HOOK: pg_sys::emit_log_hook_type = None;
 
-/// Install the log hook (from `_PG_init`, once per process).
-pub fn redact_from_log() {
+/// Reads the value of `certyo.api_key` (None when it is not set), handed over by whoever
+/// installs the log hook: this module knows no settings of its own.
+static KEY_SETTING: std::sync::OnceLock<fn() -> Option<String>> = std::sync::OnceLock::new();
+
+/// Install the log hook (from `_PG_init`, once per process); `key_setting` reads the value of
+/// `certyo.api_key`, which the hook keeps out of the log.
+pub fn redact_from_log(key_setting: fn() -> Option<String>) {
+    // Once per process: a second call (there is none) would keep the first getter.
+    KEY_SETTING.get_or_init(|| key_setting);
     // SAFETY: `_PG_init` runs once per process, in its main thread, before any log message of
     // ours; the previous hook is kept and called, as the hook protocol asks.
     unsafe {
@@ -154,6 +165,10 @@ pub fn redact_from_log() {
 /// Called by PostgreSQL for every message about to be logged. It must never raise an error
 /// (it runs inside error reporting): it only reads, and edits the message text in place,
 /// never making it longer, so it allocates nothing in Postgres.
+///
+/// # Safety
+/// Called only by PostgreSQL, as its `emit_log_hook`, in the process's main thread: `edata`
+/// is null or the ErrorData being reported, alive for the call.
 unsafe extern "C-unwind" fn on_log(edata: *mut pg_sys::ErrorData) {
     if !edata.is_null() {
         // A panic here must not unwind into error reporting: a failed redaction hides the
@@ -167,6 +182,7 @@ unsafe extern "C-unwind" fn on_log(edata: *mut pg_sys::ErrorData) {
     }
     // SAFETY: the hook that was installed before ours, called as PostgreSQL would.
     if let Some(previous) = unsafe { PREVIOUS_HOOK } {
+        // SAFETY: as above, with the ErrorData PostgreSQL passed us.
         unsafe { previous(edata) };
     }
 }
@@ -179,6 +195,10 @@ unsafe extern "C-unwind" fn on_log(edata: *mut pg_sys::ErrorData) {
 /// every field loses the contents of its string literals and every value the statement held
 /// after the mention; a field that assigns the setting is cut after its name. The keys this
 /// process knows are masked in every message.
+///
+/// # Safety
+/// In the log hook ([`on_log`]), in the process's main thread: `edata` is the ErrorData being
+/// reported, its text fields null or NUL-terminated strings that may be edited in place.
 unsafe fn redact(edata: &mut pg_sys::ErrorData, keys: &[String]) {
     let fields = [
         edata.message,

@@ -1,6 +1,6 @@
 """Security tests of the worker's statements over user tables: what a table owner, a database
 owner or any LOGIN role can make of the SQL the delivery worker (a superuser) builds and runs.
-Same fixtures and after-test checks as test_security.py (conftest.py): no role gains a
+Same fixtures and after-test checks as the other security suites (pg_test/conftest.py): no role gains a
 privilege, the server never crashes, vault.canary stays intact.
 
 Each test is an attack that worked against the build before it (an attacker pass of
@@ -11,7 +11,7 @@ a date in a condition changed meaning with DateStyle, a retyped status column hi
 from the audit, a huge condition held the worker in the planner, an advisory lock taken in a
 condition stayed with the worker.
 
-Run:  CERTYO_EMULATOR=target/release/certyo-emulator python3 -m pytest -q pg_test/test_security_worker.py
+Run:  CERTYO_EMULATOR=target/release/certyo-emulator python3 -m pytest -q pg_test/security/test_worker.py
 """
 import re
 import time
@@ -21,10 +21,10 @@ import pytest
 
 from conftest import DIR, SETTINGS
 from harness import Cluster, free_port, wait_for
-from test_security import (assert_delivered_meanwhile, assert_ran_only_as, assert_unprivileged, literal,
-                           make_table, wait_anchored, wait_backfill, wait_written_back)
+from helpers import (assert_delivered_meanwhile, assert_ran_only_as, assert_unprivileged, literal,
+                     make_table, wait_anchored, wait_backfill, wait_written_back)
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parent.parent.parent
 
 # Where the worker builds SQL over user tables, and the SQL it runs there.
 WORKER_SQL = ["src/backfill", "src/delivery", "src/track/key.rs", "src/audit.rs", "src/capture/scan.rs",
@@ -821,7 +821,7 @@ def test_a_cast_on_the_key_type_of_another_roles_table_never_runs(cluster, attac
     `::text`, both as the table's owner: the slow lane ran the role's cast as the superuser,
     and the role made itself one. Now no cast runs at all (the types' own input and output
     functions are called), and a key of another role's enum is refused outright (its owner may
-    rename labels, see test_security_keys.py). The role's own table keyed by its own enum, with
+    rename labels, see test_record_keys.py). The role's own table keyed by its own enum, with
     its casts made before and anew while plans are kept, is written back and backfilled, and
     the casts never run."""
     s = attacker.schema

@@ -3,11 +3,11 @@ from the capture trigger's arguments, and the write-back and a restore's relink 
 The ids are in pg_trigger, which every role reads, and anyone who may create a table may put a
 trigger named certyo_capture calling certyo.capture() on it, with any arguments: capture must
 take no id that the catalog does not place at the very table the trigger fires on. Same
-fixtures and after-test checks as test_security.py (conftest.py)."""
+fixtures and after-test checks as the other security suites (pg_test/conftest.py)."""
 import pytest
 
 from harness import wait_for
-from test_security import superuser_runs, wait_anchored
+from helpers import superuser_runs, wait_anchored
 
 
 def capture_arguments(role, table):

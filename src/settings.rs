@@ -54,6 +54,8 @@ pub enum WriteBackSetting {
     Anchored,
     #[name = c"accepted"]
     Accepted,
+    #[name = c"none"]
+    None,
 }
 
 /// Define the settings; called from `_PG_init` in every process that loads the library.
@@ -253,8 +255,8 @@ pub fn define(preloading: bool) {
     );
     GucRegistry::define_enum_guc(
         c"certyo.write_back",
-        c"When the worker writes back to the rows of a table that certyo.track() tracks without naming write_back: 'anchored' (the default) or 'accepted'.",
-        c"'anchored': hash, status and time in one UPDATE once Certyo confirms the version on chain, NULL until then. 'accepted': the hash and 'pending' at acceptance, the status again once anchored. Tables already tracked keep their mode.",
+        c"When the worker writes back to the rows of a table that certyo.track() tracks without naming write_back: 'anchored' (the default), 'accepted' or 'none'.",
+        c"'anchored': hash, status and time in one UPDATE once Certyo confirms the version on chain, NULL until then. 'accepted': the hash and 'pending' at acceptance, the status again once anchored. 'none': no column, the rows are never written to (certyo.record_status() tells each record's state). Tables already tracked keep their mode.",
         &WRITE_BACK,
         GucContext::Userset,
         GucFlags::default(),
@@ -298,6 +300,7 @@ pub fn write_back() -> WriteBack {
     match WRITE_BACK.get() {
         WriteBackSetting::Anchored => WriteBack::Anchored,
         WriteBackSetting::Accepted => WriteBack::Accepted,
+        WriteBackSetting::None => WriteBack::None,
     }
 }
 
@@ -347,14 +350,15 @@ fn text(setting: &GucSetting<Option<CString>>) -> String {
         .unwrap_or_default()
 }
 
-/// The value of `certyo.api_key`, for the log hook that keeps it out of the log.
+/// The value of `certyo.api_key`, for the log hook that keeps it out of the log (handed to
+/// `crate::api_key::redact_from_log`).
 pub fn api_key_setting() -> Option<String> {
     Some(text(&API_KEY)).filter(|k| !k.is_empty())
 }
 
 pub fn current() -> Settings {
     let (api_key, api_key_problem) =
-        match super::api_key::current(&text(&API_KEY_FILE), &text(&API_KEY)) {
+        match crate::api_key::current(&text(&API_KEY_FILE), &text(&API_KEY)) {
             Ok(key) => (key, None),
             Err(problem) => (String::new(), Some(problem)),
         };

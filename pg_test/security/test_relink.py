@@ -8,11 +8,11 @@ behind capture's back hidden behind a key change). Now capture only reads the ca
 relink adopts no unknown id and never moves an id placed here at a table that exists, and the
 audit matches a row to a record of an earlier key only when the row holds that record's
 present-key values. Roles: plain LOGIN roles owning a schema (conftest.py); same fixtures and
-after-test checks as test_security.py."""
+after-test checks as the other security suites (pg_test/conftest.py)."""
 import pytest
 
 from harness import wait_for
-from test_security import superuser_runs, wait_anchored, wait_written_back
+from helpers import superuser_runs, wait_anchored, wait_written_back
 
 INT_MAX = 2147483647
 

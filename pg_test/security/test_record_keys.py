@@ -3,14 +3,14 @@ find the row for its write-back, and a backfill's place between chunks) and comp
 does so with the types' own input and output functions and operator classes, never with a cast,
 a domain's checks, or an operator resolved by name, and with the settings text depends on
 pinned. Each test is an attack of an attacker pass of 2026-12-06; same fixtures and after-test
-checks as test_security.py (conftest.py)."""
+checks as the other security suites (pg_test/conftest.py)."""
 import subprocess
 
 import pytest
 
 from harness import wait_for
-from test_security import (assert_unprivileged, make_table, superuser_runs, wait_backfill,
-                           wait_written_back)
+from helpers import (assert_unprivileged, make_table, superuser_runs, wait_backfill,
+                     wait_written_back)
 
 
 def test_a_domain_check_added_to_the_key_type_of_a_superusers_table_never_runs_as_the_superuser(cluster, attacker):
