@@ -17,6 +17,13 @@ for each state of the worker and each client count:
               steady-state cost, sending and verifying, falls inside the rounds;
   paused:     certyo.pause();
   disabled:   certyo.enabled = off.
+With --workload update each transaction instead updates one of --rows rows picked at random
+(each table filled with them first), so that a record gets many versions: the worker verifies
+only each record's current one (certyo.verify = 'current', the default), and the figures show
+how many verification requests that leaves per change. With --rate pgbench holds that many
+transactions per second in all (-R), and the tracked variants also print the commit-to-accepted
+latency, p50 and p99 (receipt accepted_at - queued_at: queued_at is the single-row transaction's
+start, its commit to within a millisecond).
 Per transaction it prints, medians over the rounds, what each variant cost the database: the
 consumer's CPU (certyo_cdc: the worker, all its threads; decoding: the walsender and
 pg_recvlogical; from the round's start until what it wrote is delivered and verified, or
@@ -29,6 +36,7 @@ rounds (every table vacuumed, no autovacuum worker busy).
 Usage: python3 bench/oltp.py [--rounds 5] [--seconds 5] [--clients 1,4,8]
                              [--modes delivering,paused,disabled]
                              [--variants untracked,decoding,certyo_cdc,certyo_cdc_accepted,plpgsql]
+                             [--workload insert|update] [--rows 1000] [--rate TPS]
 Needs the extension installed (release build) and target/release/certyo-emulator.
 """
 import argparse
@@ -74,16 +82,32 @@ SELECT certyo.track('certyo_cdc_accepted', write_back => 'accepted');
 """
 
 
-def pgbench(cluster, script, clients, seconds):
+def pgbench(cluster, script, clients, seconds, rate=None):
+    """(tps, transactions) of one pgbench run."""
     jobs = min(clients, 2)
     done = subprocess.run(
         [f"{PG_BIN}/pgbench", "-h", cluster.dir, "-p", str(cluster.port), "-U", "postgres", "-n",
-         "-c", str(clients), "-j", str(jobs), "-T", str(seconds), "-f", script, "postgres"],
+         "-c", str(clients), "-j", str(jobs), "-T", str(seconds), "-f", script, "postgres"]
+        + (["-R", str(rate)] if rate else []),
         capture_output=True, text=True)
     found = re.search(r"tps = ([0-9.]+)", done.stdout)
-    if not found:
+    processed = re.search(r"number of transactions actually processed: ([0-9]+)", done.stdout)
+    if not found or not processed:
         sys.exit(f"pgbench failed: {done.stdout}\n{done.stderr}")
-    return float(found.group(1))
+    return float(found.group(1)), int(processed.group(1))
+
+
+def latency(cluster, variant, since_id):
+    """Commit-to-accepted p50 and p99 in ms of the variant's changes captured after `since_id`."""
+    found = cluster.sql(f"""
+        SELECT round((percentile_cont(0.5) WITHIN GROUP (ORDER BY extract(epoch FROM accepted_at - queued_at)) * 1000)::numeric, 1),
+               round((percentile_cont(0.99) WITHIN GROUP (ORDER BY extract(epoch FROM accepted_at - queued_at)) * 1000)::numeric, 1)
+          FROM certyo.receipt WHERE relid = '{variant}'::regclass AND id > {since_id}""").strip()
+    return tuple(float(v) if v else float("nan") for v in found.split("|"))
+
+
+def last_receipt(cluster):
+    return int(cluster.sql("SELECT coalesce(max(id), 0) FROM certyo.receipt"))
 
 
 def cpu_seconds(pid):
@@ -157,7 +181,9 @@ class Decoding:
     def __init__(self, cluster, plugin):
         self.cluster, self.plugin, self.process = cluster, plugin, None
         if plugin == "pgoutput":
-            cluster.sql("CREATE PUBLICATION bench_decoding FOR ALL TABLES")
+            # The peer's table only: a publication of every table would make certyo.queue, which
+            # has no replica identity, refuse the worker's deletes.
+            cluster.sql("CREATE PUBLICATION bench_decoding FOR TABLE decoding")
             self.options = ["-o", "proto_version=1", "-o", "publication_names=bench_decoding"]
         else:
             self.options = []
@@ -195,6 +221,9 @@ def main():
     parser.add_argument("--clients", default="1,4,8")
     parser.add_argument("--modes", default="delivering,paused,disabled")
     parser.add_argument("--variants", default=",".join(VARIANTS))
+    parser.add_argument("--workload", choices=("insert", "update"), default="insert")
+    parser.add_argument("--rows", type=int, default=1000, help="rows each table holds (--workload update)")
+    parser.add_argument("--rate", type=int, default=None, help="transactions per second in all (pgbench -R)")
     args = parser.parse_args()
     emulator = Emulator(EMULATOR, anchor_delay=0)
     idle_priority(emulator.process.pid)
@@ -222,16 +251,24 @@ def main():
         scripts = {}
         for variant in variants:
             path = Path(directory) / f"{variant}.sql"
-            path.write_text(f"INSERT INTO {variant} (a, b, c) VALUES (1, 'x', now());\n")
+            if args.workload == "update":
+                cluster.sql(f"INSERT INTO {variant} (a, b, c) SELECT g, 'x', now() FROM generate_series(1, {args.rows}) g")
+                path.write_text(f"\\set id random(1, {args.rows})\n"
+                                f"UPDATE {variant} SET a = a + 1, c = now() WHERE id = :id;\n")
+            else:
+                path.write_text(f"INSERT INTO {variant} (a, b, c) VALUES (1, 'x', now());\n")
             scripts[variant] = str(path)
-        print(f"single-row INSERT per transaction, pgbench -T {args.seconds}, {args.rounds} interleaved rounds, "
+        statement = f"single-row UPDATE of one of {args.rows} rows" if args.workload == "update" else "single-row INSERT"
+        rate = f" -R {args.rate}" if args.rate else ""
+        print(f"{statement} per transaction, pgbench -T {args.seconds}{rate}, {args.rounds} interleaved rounds, "
               f"medians ({time.strftime('%Y-%m-%d %H:%M')}; decoding: {decoding.plugin if decoding else '-'}; "
               f"the emulator at SCHED_IDLE):")
         for mode in args.modes.split(","):
             set_mode(cluster, mode)
             for clients in map(int, args.clients.split(",")):
                 tps = {v: [] for v in variants}
-                costs = {v: {"cpu": [], "emulator": [], "wal": [], "versions": [], "hot": []} for v in variants}
+                costs = {v: {"cpu": [], "emulator": [], "wal": [], "versions": [], "hot": [], "verify": [],
+                             "p50": [], "p99": []} for v in variants}
                 for _ in range(args.rounds):
                     for variant in variants:
                         if mode == "delivering":
@@ -242,12 +279,13 @@ def main():
                             decoding.start()
                         worker = worker_pid(cluster)
                         idle_priority(emulator.process.pid)
-                        count = int(cluster.sql(f"SELECT count(*) FROM {variant}"))
                         versions = row_versions(cluster, variant)
+                        since = last_receipt(cluster)
+                        verify_requests = emulator.stats()["verifyRequests"]
                         consumer = decoding.cpu() if variant == "decoding" else cpu_seconds(worker)
                         before = (consumer, cpu_seconds(emulator.process.pid), wal_lsn(cluster))
-                        tps[variant].append(pgbench(cluster, scripts[variant], clients, args.seconds))
-                        changes = int(cluster.sql(f"SELECT count(*) FROM {variant}")) - count
+                        round_tps, changes = pgbench(cluster, scripts[variant], clients, args.seconds, args.rate)
+                        tps[variant].append(round_tps)
                         if variant == "decoding":
                             end = wal_lsn(cluster)
                             wait_for(lambda: decoding.caught_up(end), timeout=120)
@@ -267,6 +305,11 @@ def main():
                         c["wal"].append(float(cluster.sql(f"SELECT pg_wal_lsn_diff('{lsn}', '{before[2]}')")) / changes)
                         c["versions"].append((after[0] - versions[0]) / changes)
                         c["hot"].append((after[1] - versions[1]) / changes)
+                        c["verify"].append((emulator.stats()["verifyRequests"] - verify_requests) / changes)
+                        if tracked and mode == "delivering":
+                            p50, p99 = latency(cluster, variant, since)
+                            c["p50"].append(p50)
+                            c["p99"].append(p99)
                     if mode != "delivering":
                         cluster.sql("TRUNCATE certyo.queue")
                 base = statistics.median(tps["untracked"])
@@ -274,13 +317,15 @@ def main():
                 print(f"  worker {mode}, {clients} client(s):", flush=True)
                 for variant in variants:
                     m = statistics.median(tps[variant])
-                    c = {k: statistics.median(v) for k, v in costs[variant].items()}
+                    c = {k: statistics.median(v) if v else None for k, v in costs[variant].items()}
                     consumer = {"decoding": "walsender + pg_recvlogical", "untracked": "worker",
                                 "plpgsql": "worker"}.get(variant, "worker")
                     print(f"    {variant:20} {m:8,.0f} tps ({m / base:4.0%}) | {consumer} {c['cpu']:5.1f} us CPU, "
                           f"emulator {c['emulator']:4.1f} us, WAL {c['wal']:5,.0f} B, row versions "
                           f"{c['versions']:.2f} ({c['hot']:.2f} HOT) per transaction"
-                          f"   [runs: {', '.join(f'{v:,.0f}' for v in tps[variant])}]", flush=True)
+                          + (f", {c['verify']:.2f} verification requests, commit to accepted p50 {c['p50']:.1f} ms,"
+                             f" p99 {c['p99']:.1f} ms" if c["p50"] is not None else "")
+                          + f"   [runs: {', '.join(f'{v:,.0f}' for v in tps[variant])}]", flush=True)
         print("  targets (4 clients): delivering >= the decoding peer's ratio and >= 85%, worker CPU <= the peer's;"
               " paused/disabled >= 93% ('anchored')")
     finally:

@@ -446,3 +446,38 @@ def test_drop_extension_is_not_blocked_by_the_worker_which_ends(bare_cluster):
     assert bare_cluster.sql(launcher) == before, "the launcher keeps running"
     problems = crashes(bare_cluster)
     assert not problems, "\n".join(problems)
+
+
+def test_under_load_changes_linger_until_a_full_batch_or_the_linger(cluster, tmp_path):
+    """certyo.linger: under a steady stream of single-row commits the worker lets changes gather
+    between passes (far fewer passes than commits), and a full batch ends the wait early: with
+    a linger of a whole second and certyo.batch_size 100, 400 commits/s (a full batch every
+    quarter of a second) are accepted well within the second, and every change arrives."""
+    from harness import PG_BIN
+    import subprocess
+    cluster.sql("CREATE TABLE lingering (id bigserial PRIMARY KEY, v int); SELECT certyo.track('lingering')")
+    cluster.sql("ALTER SYSTEM SET certyo.linger = '1s'")
+    cluster.sql("SELECT pg_reload_conf()")
+    try:
+        assert cluster.wait_drained()
+        script = tmp_path / "insert.sql"
+        script.write_text("INSERT INTO lingering (v) VALUES (1);\n")
+        os.chmod(tmp_path, 0o755)
+        os.chmod(script, 0o644)
+        before = cluster.passes()
+        subprocess.run([f"{PG_BIN}/pgbench", "-h", cluster.dir, "-p", str(cluster.port), "-U", "postgres", "-n",
+                        "-c", "2", "-j", "2", "-R", "400", "-T", "4", "-f", str(script), "postgres"],
+                       check=True, capture_output=True)
+        assert cluster.wait_drained(), cluster.explain()
+        commits = int(cluster.sql("SELECT count(*) FROM lingering"))
+        passes = cluster.passes() - before
+        assert int(cluster.sql("SELECT count(*) FROM certyo.receipt WHERE relid = 'lingering'::regclass")) == commits
+        # A pass per full batch or linger, and one to record its answers (more while idle at
+        # the end, every certyo.poll_interval): not a pass per handful of commits.
+        assert passes < commits / 10, f"{passes} passes for {commits} commits"
+        p90 = float(cluster.sql("SELECT percentile_cont(0.9) WITHIN GROUP (ORDER BY extract(epoch FROM accepted_at - queued_at)) "
+                                "FROM certyo.receipt WHERE relid = 'lingering'::regclass"))
+        assert p90 < 0.8, f"commit to accepted p90 {p90 * 1000:.0f} ms: the linger was waited out, not a full batch"
+    finally:
+        cluster.sql("ALTER SYSTEM RESET certyo.linger")
+        cluster.sql("SELECT pg_reload_conf()")

@@ -233,3 +233,72 @@ def test_a_column_added_before_the_write_back_does_not_keep_rows_from_their_mark
     assert claims_not_anchored(cluster, table) == "0"
     assert cluster.sql(f"SELECT coalesce(string_agg(coalesce(record_id, '-') || ': ' || problem, ', '), '') "
                        f"FROM certyo.audit('{table}') WHERE record_id IS NOT NULL") == ""
+
+
+def three_versions_of_one_row(cluster, table, mode):
+    """Track `table` in `mode`; row 1 gets three versions (insert, two updates), row 2 one, all
+    accepted together, long before the first is due for verification."""
+    cluster.sql(f"""
+        CREATE TABLE {table} (id int PRIMARY KEY, v text);
+        SELECT certyo.track('{table}', write_back => '{mode}');
+        SELECT certyo.pause();
+    """)
+    cluster.sql(f"INSERT INTO {table} VALUES (1, 'first'), (2, 'only')")
+    cluster.sql(f"UPDATE {table} SET v = 'second' WHERE id = 1")
+    cluster.sql(f"UPDATE {table} SET v = 'third' WHERE id = 1")
+    cluster.sql("SELECT certyo.resume()")
+
+
+def anchored_with_the_last_hash(cluster, table):
+    """Both rows say 'anchored' with their newest receipt's hash, that receipt anchored."""
+    return cluster.sql(f"""
+        SELECT count(*) FROM {table} t
+          JOIN LATERAL (SELECT r.record_hash, r.anchor_status FROM certyo.receipt r
+                         WHERE r.relid = '{table}'::regclass AND r.record_id = t.id::text
+                         ORDER BY r.id DESC LIMIT 1) r ON true
+         WHERE t.certyo_anchor_status = 'anchored' AND t.certyo_verified_at IS NOT NULL
+           AND t.certyo_record_hash = r.record_hash AND r.anchor_status = 'anchored'""") == "2"
+
+
+def audit_findings(cluster, table):
+    return cluster.sql(f"SELECT coalesce(string_agg(record_id || ': ' || problem, ', ' ORDER BY record_id), '') "
+                       f"FROM certyo.audit('{table}') WHERE record_id IS NOT NULL")
+
+
+@pytest.mark.parametrize("mode", ["anchored", "accepted"])
+def test_only_the_current_version_of_a_record_is_verified(cluster, mode):
+    """certyo.verify = 'current' (the default): of three versions of a row accepted before the
+    first is due, only the last is asked about; the earlier two are 'superseded' in the history,
+    never verified, and the row ends 'anchored' with the last version's hash. The audit is
+    silent, and loud once the row is changed behind capture."""
+    table = f"wb_current_{mode}"
+    three_versions_of_one_row(cluster, table, mode)
+    assert wait_for(lambda: anchored_with_the_last_hash(cluster, table), 60), cluster.explain()
+    assert cluster.sql(f"SELECT string_agg(operation || ' ' || anchor_status, ', ' ORDER BY id) "
+                       f"FROM certyo.history('{table}', '1')") == \
+        "insert superseded, update superseded, update anchored"
+    assert cluster.sql(f"SELECT count(*) FROM certyo.receipt WHERE relid = '{table}'::regclass AND record_id = '1' "
+                       "AND anchor_status = 'superseded' AND verify_attempts = 0 AND last_verified_at IS NULL "
+                       "AND next_verify_at IS NULL AND anchored_at IS NULL") == "2", "never asked about"
+    assert claims_not_anchored(cluster, table) == "0"
+    assert audit_findings(cluster, table) == ""
+    cluster.sql(f"SET session_replication_role = replica; UPDATE {table} SET v = 'forged' WHERE id = 1")
+    assert audit_findings(cluster, table) == "1: changed without capture"
+
+
+def test_every_version_is_verified_when_the_setting_asks(cluster):
+    """certyo.verify = 'every': each of the three versions is verified and anchored, and the row
+    holds the last one's hash."""
+    table = "wb_every"
+    cluster.sql("ALTER SYSTEM SET certyo.verify = 'every'")
+    cluster.sql("SELECT pg_reload_conf()")
+    try:
+        three_versions_of_one_row(cluster, table, "anchored")
+        assert wait_for(lambda: anchored_with_the_last_hash(cluster, table), 60), cluster.explain()
+        assert wait_for(lambda: cluster.sql(f"SELECT string_agg(anchor_status, ', ' ORDER BY id) "
+                                            f"FROM certyo.history('{table}', '1')") == "anchored, anchored, anchored",
+                        30), cluster.explain()
+        assert audit_findings(cluster, table) == ""
+    finally:
+        cluster.sql("ALTER SYSTEM RESET certyo.verify")
+        cluster.sql("SELECT pg_reload_conf()")

@@ -507,3 +507,9 @@ $$;
 COMMENT ON FUNCTION certyo.record_status(regclass) IS
     'certyo_cdc: each record''s newest captured version, its hash and anchor status, from the receipts';
 REVOKE ALL ON FUNCTION certyo.record_status(regclass) FROM PUBLIC;
+
+-- Only each record's current version is verified by default (certyo.verify): a receipt that a
+-- newer version of its record replaced before it was verified is 'superseded'.
+ALTER TABLE certyo.receipt DROP CONSTRAINT receipt_anchor_status_check,
+    ADD CONSTRAINT receipt_anchor_status_check
+        CHECK (anchor_status IN ('pending', 'overdue', 'anchored', 'mismatch', 'superseded'));

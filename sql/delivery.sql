@@ -2,11 +2,12 @@
 -- write it; nothing else does, except the operator functions in operations.sql).
 --
 -- A change's life: certyo.queue (appended by capture) → certyo.receipt once Certyo accepted it
--- (pending → anchored, or mismatch). A change that failed, and the queue behind it while it
+-- (pending → anchored, or mismatch; or superseded: replaced by a newer version of its record
+-- before it was verified, see certyo.verify). A change that failed, and the queue behind it while it
 -- waits, passes through certyo.delivery (pending; 'dead' when Certyo refused it) on the way.
 -- Nothing is ever dropped: a dead letter waits for an operator, and a receipt is kept while it
 -- is the newest of its record; receipts of versions a newer one replaced, and of deletes, are
--- removed after certyo.retention once anchored.
+-- removed after certyo.retention once anchored (or superseded).
 
 -- Changes the worker has taken from the queue and not yet delivered: those that failed (retries
 -- and dead letters), and the queue behind them while they wait, moved here in bulk (so the write
@@ -52,10 +53,12 @@ CREATE TABLE certyo.receipt (
     replayed         boolean     NOT NULL,              -- idempotencyReplayed
     payload_sha256   bytea       NOT NULL,              -- SHA-256 of the payload text sent
     -- pending: accepted, not yet on chain; overdue: still not on chain long after
-    -- certyo.anchor_timeout (checked less often); anchored; mismatch: Certyo reports another hash.
+    -- certyo.anchor_timeout (checked less often); anchored; mismatch: Certyo reports another hash;
+    -- superseded: a newer version of the record was accepted before this one was verified, and
+    -- with certyo.verify = 'current' only the current version is verified (src/delivery/anchor.rs).
     anchor_status    text        NOT NULL DEFAULT 'pending'
-                     CHECK (anchor_status IN ('pending', 'overdue', 'anchored', 'mismatch')),
-    next_verify_at   timestamptz,                       -- NULL once anchored or mismatched
+                     CHECK (anchor_status IN ('pending', 'overdue', 'anchored', 'mismatch', 'superseded')),
+    next_verify_at   timestamptz,                       -- NULL once anchored, mismatched or superseded
     verify_attempts  integer     NOT NULL DEFAULT 0,
     last_verified_at timestamptz,
     verify_error     text,                              -- why the last verification failed

@@ -18,6 +18,7 @@ static MAX_DATABASES: GucSetting<i32> = GucSetting::<i32>::new(8);
 static BATCH_SIZE: GucSetting<i32> = GucSetting::<i32>::new(1000);
 static BULK_THRESHOLD: GucSetting<i32> = GucSetting::<i32>::new(10);
 static POLL_INTERVAL_MS: GucSetting<i32> = GucSetting::<i32>::new(1000);
+static LINGER_MS: GucSetting<i32> = GucSetting::<i32>::new(20);
 static REQUEST_TIMEOUT_MS: GucSetting<i32> = GucSetting::<i32>::new(30_000);
 static MAX_RATE_LIMIT_RETRIES: GucSetting<i32> = GucSetting::<i32>::new(3);
 static RETENTION_S: GucSetting<i32> = GucSetting::<i32>::new(86_400);
@@ -31,6 +32,19 @@ static USER_CODE_TIMEOUT_MS: GucSetting<i32> = GucSetting::<i32>::new(5000);
 static MAX_PAYLOAD_SIZE_KB: GucSetting<i32> = GucSetting::<i32>::new(10 * 1024);
 static WRITE_BACK: GucSetting<WriteBackSetting> =
     GucSetting::<WriteBackSetting>::new(WriteBackSetting::Anchored);
+static VERIFY: GucSetting<Verify> = GucSetting::<Verify>::new(Verify::Current);
+
+/// `certyo.verify`: which accepted versions the worker asks Certyo about.
+#[derive(pgrx::PostgresGucEnum, Clone, Copy, PartialEq, Eq, Debug)]
+pub enum Verify {
+    /// Each record's current version, what its row (or its delete) says now: a version a newer
+    /// one of the same record replaced before it was verified is `superseded`, never asked about.
+    #[name = c"current"]
+    Current,
+    /// Every version.
+    #[name = c"every"]
+    Every,
+}
 
 /// `certyo.write_back`: the write-back mode of a table that `certyo.track()` tracks without
 /// naming one (see [`WriteBack`]).
@@ -132,6 +146,16 @@ pub fn define(preloading: bool) {
         GucFlags::UNIT_MS,
     );
     GucRegistry::define_int_guc(
+        c"certyo.linger",
+        c"Under load, how long changes gather after a pass that took less than a full batch before the next pass (0: no wait).",
+        c"The wait ends early once certyo.batch_size changes have committed; commits meanwhile do not wake the worker. Longer: fewer, larger batches and less CPU per change; shorter: lower latency. A change committed while the worker sleeps is sent at once.",
+        &LINGER_MS,
+        0,
+        1000,
+        GucContext::Sighup,
+        GucFlags::UNIT_MS,
+    );
+    GucRegistry::define_int_guc(
         c"certyo.max_retry_interval",
         c"Longest wait between two attempts of a change that fails transiently, and between two probes while Certyo is down.",
         c"The wait starts at about 1 s and doubles with each failure, with jitter, up to this.",
@@ -163,7 +187,7 @@ pub fn define(preloading: bool) {
     );
     GucRegistry::define_int_guc(
         c"certyo.retention",
-        c"How long receipts of replaced versions and of deletes are kept once anchored.",
+        c"How long receipts of replaced versions and of deletes are kept once anchored (or superseded, see certyo.verify).",
         c"",
         &RETENTION_S,
         0,
@@ -190,6 +214,14 @@ pub fn define(preloading: bool) {
         i32::MAX,
         GucContext::Sighup,
         GucFlags::UNIT_MS,
+    );
+    GucRegistry::define_enum_guc(
+        c"certyo.verify",
+        c"Which accepted versions the worker verifies: 'current' (the default), each record's current version, or 'every' version.",
+        c"'current': a version replaced by a newer one of the same record before it was verified is marked superseded in its receipt and never asked about (one request per record and verification interval, however often it changes). 'every': one request per version.",
+        &VERIFY,
+        GucContext::Sighup,
+        GucFlags::default(),
     );
     GucRegistry::define_int_guc(
         c"certyo.anchor_timeout",
@@ -294,6 +326,8 @@ pub struct Settings {
     pub batch_size: usize,
     pub bulk_threshold: usize,
     pub poll_interval: Duration,
+    /// `certyo.linger`.
+    pub linger: Duration,
     pub request_timeout: Duration,
     /// `certyo.max_retry_interval`: the cap of every back-off.
     pub max_retry_interval: Duration,
@@ -303,6 +337,7 @@ pub struct Settings {
     pub verify_min_age: Duration,
     pub verify_interval: Duration,
     pub anchor_timeout: Duration,
+    pub verify: Verify,
     pub backfill_chunk_size: usize,
     /// `certyo.max_payload_size`, in bytes.
     pub max_payload_size: usize,
@@ -336,6 +371,7 @@ pub fn current() -> Settings {
         batch_size: BATCH_SIZE.get().clamp(1, 1000) as usize,
         bulk_threshold: BULK_THRESHOLD.get().max(0) as usize,
         poll_interval: Duration::from_millis(POLL_INTERVAL_MS.get().max(10) as u64),
+        linger: Duration::from_millis(LINGER_MS.get().max(0) as u64),
         request_timeout: Duration::from_millis(REQUEST_TIMEOUT_MS.get().max(100) as u64),
         max_retry_interval: Duration::from_secs(MAX_RETRY_INTERVAL_S.get().max(1) as u64),
         max_rate_limit_retries: MAX_RATE_LIMIT_RETRIES.get().max(0) as u32,
@@ -344,6 +380,7 @@ pub fn current() -> Settings {
         verify_min_age: Duration::from_millis(VERIFY_MIN_AGE_MS.get().max(0) as u64),
         verify_interval: Duration::from_millis(VERIFY_INTERVAL_MS.get().max(100) as u64),
         anchor_timeout: Duration::from_secs(ANCHOR_TIMEOUT_S.get().max(1) as u64),
+        verify: VERIFY.get(),
         backfill_chunk_size: BACKFILL_CHUNK_SIZE.get().max(1) as usize,
         max_payload_size: MAX_PAYLOAD_SIZE_KB.get().max(1) as usize * 1024,
     }

@@ -32,6 +32,11 @@ struct Slot {
     /// ring then, and the worker is not woken thousands of times a second for nothing.
     /// `certyo.wake()` rings all the same.
     muted: AtomicBool,
+    /// Changes committed by capture in this database, counted by the committing writers.
+    committed: AtomicU64,
+    /// While the worker lingers (`certyo.linger`), commits ring only once `committed` reaches
+    /// this (a full batch gathered); 0: every commit rings.
+    ring_at: AtomicU64,
 }
 
 /// Databases being dropped (recently), whose workers must not start again: a worker waiting
@@ -73,6 +78,8 @@ static PRELOADED: AtomicBool = AtomicBool::new(false);
 
 thread_local! {
     static RING_AT_COMMIT: Cell<bool> = const { Cell::new(false) };
+    /// Changes this transaction queued (rows captured, backfill chunks): counted at commit.
+    static CHANGES_AT_COMMIT: Cell<u64> = const { Cell::new(0) };
     static RING_LAUNCHER_AT_COMMIT: Cell<bool> = const { Cell::new(false) };
     static CALLBACK_REGISTERED: Cell<bool> = const { Cell::new(false) };
     /// The slot this process's worker claimed (delivery workers only).
@@ -153,6 +160,7 @@ unsafe extern "C-unwind" fn free_slot(_code: std::ffi::c_int, _arg: pg_sys::Datu
 pub fn set_worker(procno: Option<i32>) {
     let Some(index) = MY_SLOT.get() else { return };
     let slot = &REGISTRY.get().slots[index];
+    slot.ring_at.store(0, Ordering::Release); // a worker that ended lingering is not the next one
     slot.procno.store(procno.unwrap_or(-1), Ordering::Release);
     if procno.is_none() {
         slot.database.store(0, Ordering::Release);
@@ -192,6 +200,36 @@ pub fn mute(muted: bool) {
             .muted
             .store(muted, Ordering::Relaxed);
     }
+}
+
+/// The worker lingers (`certyo.linger`): until [`ring_every_commit`], commits ring it only once
+/// `changes` more have committed than so far.
+pub fn ring_after(changes: u64) {
+    if let Some(index) = MY_SLOT.get() {
+        let slot = &REGISTRY.get().slots[index];
+        let at = slot
+            .committed
+            .load(Ordering::Acquire)
+            .saturating_add(changes.max(1));
+        slot.ring_at.store(at, Ordering::Release);
+    }
+}
+
+/// The worker waits for any commit again.
+pub fn ring_every_commit() {
+    if let Some(index) = MY_SLOT.get() {
+        REGISTRY.get().slots[index]
+            .ring_at
+            .store(0, Ordering::Release);
+    }
+}
+
+/// Have as many changes committed as [`ring_after`] waits for?
+pub fn gathered() -> bool {
+    MY_SLOT.get().is_some_and(|index| {
+        let slot = &REGISTRY.get().slots[index];
+        slot.committed.load(Ordering::Acquire) >= slot.ring_at.load(Ordering::Acquire)
+    })
 }
 
 /// The worker starts a pass.
@@ -273,7 +311,11 @@ fn worker_passes() -> Option<i64> {
 
 /// Capture: this transaction queued a change; wake the worker if it commits.
 pub fn ring_at_commit() {
-    if !PRELOADED.load(Ordering::Relaxed) || RING_AT_COMMIT.replace(true) {
+    if !PRELOADED.load(Ordering::Relaxed) {
+        return;
+    }
+    CHANGES_AT_COMMIT.set(CHANGES_AT_COMMIT.get().saturating_add(1));
+    if RING_AT_COMMIT.replace(true) {
         return;
     }
     register_callback();
@@ -302,7 +344,7 @@ fn register_callback() {
 fn wake() -> bool {
     ring_at_commit();
     // SAFETY: sets the latch of this database's worker, if one has announced itself.
-    let heard = PRELOADED.load(Ordering::Relaxed) && unsafe { ring(true) };
+    let heard = PRELOADED.load(Ordering::Relaxed) && unsafe { ring(true, 0) };
     if !heard {
         ring_launcher();
     }
@@ -325,20 +367,27 @@ pub fn launcher_requests() -> u64 {
     REGISTRY.get().launcher_requests.load(Ordering::Acquire)
 }
 
-/// Set the latch of this database's worker, if one has announced itself (and, unless
-/// `even_muted`, listens to commits).
+/// Count `changes` committed, and set the latch of this database's worker, if one has
+/// announced itself (and, unless `even_muted`, listens to commits and is not lingering short
+/// of a full batch).
 ///
 /// # Safety
 /// In a backend's main thread, connected to a database (it reads `MyDatabaseId`).
-unsafe fn ring(even_muted: bool) -> bool {
+unsafe fn ring(even_muted: bool, changes: u64) -> bool {
     // SAFETY: the caller upholds this function's contract (its `# Safety` section), on which
     // every unsafe operation below relies.
     unsafe {
         match slot_of(pg_sys::MyDatabaseId) {
-            Some(slot) if even_muted || !slot.muted.load(Ordering::Relaxed) => {
-                set_latch(slot.procno.load(Ordering::Acquire))
+            Some(slot) => {
+                let committed = slot.committed.fetch_add(changes, Ordering::AcqRel) + changes;
+                let listening = !slot.muted.load(Ordering::Relaxed)
+                    && committed >= slot.ring_at.load(Ordering::Acquire);
+                if even_muted || listening {
+                    set_latch(slot.procno.load(Ordering::Acquire))
+                } else {
+                    true
+                }
             }
-            Some(_) => true,
             None => false,
         }
     }
@@ -374,7 +423,7 @@ unsafe extern "C-unwind" fn on_transaction_end(
         match event {
             XACT_EVENT_COMMIT | XACT_EVENT_PARALLEL_COMMIT => {
                 if RING_AT_COMMIT.replace(false) {
-                    ring(false);
+                    ring(false, CHANGES_AT_COMMIT.replace(0));
                 }
                 if RING_LAUNCHER_AT_COMMIT.replace(false) {
                     ring_launcher();
@@ -382,6 +431,7 @@ unsafe extern "C-unwind" fn on_transaction_end(
             }
             XACT_EVENT_ABORT | XACT_EVENT_PARALLEL_ABORT | XACT_EVENT_PREPARE => {
                 RING_AT_COMMIT.set(false);
+                CHANGES_AT_COMMIT.set(0);
                 RING_LAUNCHER_AT_COMMIT.set(false);
             }
             _ => {}

@@ -4,10 +4,17 @@
 //! interval (at most hourly) instead of at full rate. Like delivery: take the due receipts in
 //! one short transaction, ask Certyo on a helper thread (delivery goes on meanwhile), record
 //! the answers in another.
+//!
+//! With `certyo.verify = 'current'` (the default) only each record's current version is asked
+//! about: a due receipt that a newer receipt of the same record has replaced is marked
+//! `superseded` when it is taken, and never verified. What a row (or its absence, after a
+//! delete) shows is its current version; an earlier one is still in the receipts, with the
+//! hash Certyo accepted, for `certyo.history()`.
 
 use super::record::Tally;
 use super::sending::OffThread;
 use super::write_back::{self, Mark, Version};
+use crate::settings::Verify;
 use certyo::fate::{verdict, Verdict, MAX_VERIFY_DELAY, MAX_VERIFY_DOUBLINGS};
 use certyo::{Client, Outcome, Verification, VerifyRequest};
 use pgrx::pg_sys::Oid;
@@ -15,6 +22,36 @@ use pgrx::prelude::*;
 use std::time::Duration;
 
 type SpiResult<T> = Result<T, pgrx::spi::Error>;
+
+/// A receipt's `anchor_status` (the CHECK of `certyo.receipt.anchor_status` in
+/// `sql/delivery.sql` lists the same names).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AnchorStatus {
+    /// Accepted, not yet found on chain.
+    Pending,
+    /// Still not on chain `certyo.anchor_timeout` after acceptance: checked less often.
+    Overdue,
+    /// Certyo confirmed this version on chain.
+    Anchored,
+    /// Certyo reports another hash for the record.
+    Mismatch,
+    /// Replaced by a newer version of the same record before it was verified, and with
+    /// `certyo.verify = 'current'` never verified: Certyo accepted it (the receipt keeps its
+    /// hash), whether it is on chain was not asked.
+    Superseded,
+}
+
+impl AnchorStatus {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            AnchorStatus::Pending => "pending",
+            AnchorStatus::Overdue => "overdue",
+            AnchorStatus::Anchored => "anchored",
+            AnchorStatus::Mismatch => "mismatch",
+            AnchorStatus::Superseded => "superseded",
+        }
+    }
+}
 
 /// One receipt due for verification.
 #[derive(Debug, Clone)]
@@ -36,21 +73,55 @@ impl Due {
     }
 }
 
-/// The receipts whose verification is due, oldest schedule first.
-pub fn take_due(limit: usize) -> SpiResult<Vec<Due>> {
+/// Receipts taken for verification: those to verify, and how many were due in all (the ones
+/// `superseded` meanwhile are marked so, in the same transaction, and not verified).
+pub struct Taken {
+    pub due: Vec<Due>,
+    pub taken: usize,
+}
+
+/// The receipts whose verification is due, oldest schedule first, at most `limit`. With
+/// [`Verify::Current`], those of versions a newer receipt of the same record (and table
+/// identity) has replaced are marked [`AnchorStatus::Superseded`] instead.
+pub fn take_due(limit: usize, verify: Verify) -> SpiResult<Taken> {
     crate::error::transaction(move || {
-        Spi::connect(|client| {
-            let rows = super::prepared::select(
+        Spi::connect_mut(|client| {
+            // A scalar subquery rather than EXISTS: one probe of receipt_record per receipt,
+            // whatever the statistics say. The receipts are read once (the CTE), marked and
+            // returned with their flag.
+            let sql = format!(
+                "WITH due AS (
+                    SELECT r.id, r.relid, r.collection, r.record_id, r.operation, r.record_hash,
+                           $2 AND (SELECT n.id FROM certyo.receipt n
+                                    WHERE n.relid = r.relid AND n.record_id = r.record_id
+                                      AND n.id > r.id AND n.table_id = r.table_id
+                                    LIMIT 1) IS NOT NULL AS superseded
+                      FROM certyo.receipt r
+                     WHERE r.anchor_status IN ('{pending}', '{overdue}') AND r.next_verify_at <= now()
+                     ORDER BY r.next_verify_at
+                     LIMIT $1
+                 ), marked AS (
+                    UPDATE certyo.receipt r SET anchor_status = '{superseded}', next_verify_at = NULL
+                      FROM due WHERE r.id = due.id AND due.superseded
+                 )
+                 SELECT id, relid, collection, record_id, operation, record_hash, superseded FROM due",
+                // literals, so that the partial index of due receipts (receipt_verify) serves
+                pending = AnchorStatus::Pending.as_str(),
+                overdue = AnchorStatus::Overdue.as_str(),
+                superseded = AnchorStatus::Superseded.as_str(),
+            );
+            let rows = super::prepared::update(
                 client,
-                "SELECT id, relid, collection, record_id, operation, record_hash
-                   FROM certyo.receipt
-                  WHERE anchor_status IN ('pending', 'overdue') AND next_verify_at <= now()
-                  ORDER BY next_verify_at
-                  LIMIT $1",
-                &[(limit as i64).into()],
+                &sql,
+                &[(limit as i64).into(), (verify == Verify::Current).into()],
             )?;
             let mut due = Vec::new();
+            let mut taken = 0;
             for row in rows {
+                taken += 1;
+                if row.get::<bool>(7)?.unwrap_or(false) {
+                    continue;
+                }
                 due.push(Due {
                     version: Version {
                         id: row.get::<i64>(1)?.unwrap_or_default(),
@@ -62,7 +133,7 @@ pub fn take_due(limit: usize) -> SpiResult<Vec<Due>> {
                     operation: row.get::<String>(5)?.unwrap_or_default(),
                 });
             }
-            Ok(due)
+            Ok(Taken { due, taken })
         })
     })
 }
@@ -182,7 +253,7 @@ pub fn record(results: &[(Due, Verification)], schedule: Schedule) -> SpiResult<
         match verdict {
             Verdict::Anchored { polygon_tx_hash } => {
                 settled.0.push(id);
-                settled.1.push("anchored".into());
+                settled.1.push(AnchorStatus::Anchored.as_str().into());
                 settled.2.push(polygon_tx_hash);
                 settled.3.push(None);
                 tally.anchored += 1;
@@ -198,7 +269,7 @@ pub fn record(results: &[(Due, Verification)], schedule: Schedule) -> SpiResult<
                     due.version.record_hash
                 );
                 settled.0.push(id);
-                settled.1.push("mismatch".into());
+                settled.1.push(AnchorStatus::Mismatch.as_str().into());
                 settled.2.push(None);
                 settled.3.push(Some(reported_hash));
                 tally.mismatched += 1;

@@ -294,7 +294,7 @@ pub fn release_backlog() -> SpiResult<()> {
     })
 }
 
-/// Remove receipts that are no longer needed: anchored, older than the retention, and either
+/// Remove receipts that are no longer needed: anchored (or superseded), older than the retention, and either
 /// replaced by a newer version of their record or of a delete. The newest receipt of a live
 /// record stays: it is what `certyo.audit` compares the row with. A bounded number per call.
 pub fn expire(retention: Duration) -> SpiResult<()> {
@@ -303,7 +303,7 @@ pub fn expire(retention: Duration) -> SpiResult<()> {
             "DELETE FROM certyo.receipt
               WHERE id = ANY (ARRAY(
                     SELECT r.id FROM certyo.receipt r
-                     WHERE r.anchor_status = 'anchored' AND r.accepted_at < now() - $1 * interval '1 s'
+                     WHERE r.anchor_status IN ('anchored', 'superseded') AND r.accepted_at < now() - $1 * interval '1 s'
                        AND (r.operation = 'delete'
                             OR EXISTS (SELECT FROM certyo.receipt n
                                         WHERE n.relid = r.relid AND n.record_id = r.record_id AND n.id > r.id))

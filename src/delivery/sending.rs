@@ -20,6 +20,8 @@ use std::time::{Duration, Instant};
 pub struct OffThread<T> {
     answers: mpsc::Receiver<T>,
     stop: Arc<AtomicBool>,
+    /// Set by the thread once its result is sent.
+    finished: Arc<AtomicBool>,
 }
 
 impl<T: Send + 'static> OffThread<T> {
@@ -30,12 +32,15 @@ impl<T: Send + 'static> OffThread<T> {
         work: impl FnOnce(&mut dyn FnMut(Duration) -> bool) -> T + Send + 'static,
     ) -> OffThread<T> {
         let stop = Arc::new(AtomicBool::new(false));
+        let finished = Arc::new(AtomicBool::new(false));
         let (tell, answers) = mpsc::channel();
         let flag = stop.clone();
+        let done = finished.clone();
         let body = move || {
             let result = work(&mut |delay| pause_unless_stopped(&flag, delay));
             // A closed channel means the worker stopped waiting; the work is redone later.
             let told = tell.send(result).is_ok();
+            done.store(true, Ordering::Release);
             announce_finished();
             told
         };
@@ -44,7 +49,16 @@ impl<T: Send + 'static> OffThread<T> {
         if let Err(e) = spawned {
             pgrx::warning!("certyo_cdc: cannot start the {name} thread ({e}); its work is redone at the next pass");
         }
-        OffThread { answers, stop }
+        OffThread {
+            answers,
+            stop,
+            finished,
+        }
+    }
+
+    /// Whether the thread has finished (its result, if any, is waiting to be taken).
+    pub fn is_finished(&self) -> bool {
+        self.finished.load(Ordering::Acquire)
     }
 
     /// The result if the thread is done: `Some(None)` when it ended without one.
@@ -85,6 +99,11 @@ pub struct Sending {
 }
 
 impl Sending {
+    /// Whether the answers are there (taken by [`Sending::finish`] without waiting).
+    pub fn answered(&self) -> bool {
+        self.work.is_finished()
+    }
+
     /// Start sending `batch` by the contract's rule: more than `bulk_threshold` → bulk requests
     /// of at most `batch_size`; otherwise one request per record.
     /// An entry whose payload does not parse is answered at once as rejected (a dead letter

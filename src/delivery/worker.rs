@@ -166,8 +166,6 @@ struct Worker {
     verify_gathering: bool,
     /// Changes settled since the worker last vacuumed the queue.
     settled_since_vacuum: i64,
-    /// When the last pass started: changes per interval give the rate they arrive at.
-    pass_started: Option<Instant>,
     /// The database served.
     database: pg_sys::Oid,
     /// The slow lane, for write-backs that wait and backfill chunks (`slow_lane.rs`).
@@ -175,6 +173,9 @@ struct Worker {
     /// When the worker last looked whether write-backs wait, and found none: an idle pass
     /// does not look again for [`LOOK_AGAIN_AFTER`].
     nothing_waiting_at: Option<Instant>,
+    /// A linger was cut short by the answers of the batch in flight: the next pass only
+    /// records them (it takes no new batch), and the linger goes on until this deadline.
+    settle_only: Option<Instant>,
 }
 
 /// How long an idle worker trusts that no write-back waits: only its own passes defer
@@ -264,9 +265,10 @@ enum Next {
     /// More may be ready: run another pass at once.
     Now,
     Wait(Duration),
-    /// Changes trickle in: let commits gather for this long (doorbells do not cut it short),
-    /// then run the next pass, so that a busy database gets fewer, larger batches.
-    Gather(Duration),
+    /// Changes trickle in: let commits gather until this deadline (`certyo.linger` after the
+    /// pass that took few), or until a full batch (this many changes) has committed, then run
+    /// the next pass, so that a busy database gets fewer, larger batches.
+    Linger(Instant, usize),
     /// The extension is gone from the database: the worker ends.
     Stop,
 }
@@ -305,7 +307,16 @@ impl Worker {
             let keep_going = match next {
                 Next::Now => !super::stopping(),
                 Next::Wait(wait) => sleep(wait),
-                Next::Gather(wait) => gather(wait),
+                Next::Linger(deadline, batch) => {
+                    match linger(deadline, batch, self.sending.as_ref()) {
+                        Lingered::Answered => {
+                            self.settle_only = Some(deadline);
+                            true
+                        }
+                        Lingered::Done => true,
+                        Lingered::Stopped => false,
+                    }
+                }
                 Next::Stop => {
                     pgrx::log!("certyo_cdc: certyo_cdc was dropped from this database; its delivery worker ends");
                     self.lane.stop();
@@ -364,7 +375,7 @@ impl Worker {
 
     fn pass(&mut self) -> Result<Next, PassError> {
         crate::wake::count_pass();
-        let previous_pass = self.pass_started.replace(Instant::now());
+        let settle_only = self.settle_only.take();
         let settings = settings::current();
         let Some(control) = take::control()? else {
             return Ok(Next::Stop); // DROP EXTENSION: nothing left to serve here
@@ -401,7 +412,8 @@ impl Worker {
             }
             return Ok(Next::Wait(wait));
         }
-        let (delivered, error, more_to_send) = self.deliver(&client, &settings, true)?;
+        let (delivered, error, more_to_send) =
+            self.deliver(&client, &settings, settle_only.is_none())?;
         self.settled_since_vacuum += delivered.sent;
         if self.settled_since_vacuum >= super::vacuum::AFTER {
             self.settled_since_vacuum = 0;
@@ -478,11 +490,9 @@ impl Worker {
             // much as a full one: wait a moment for more.
             let trickling =
                 delivered.sent > 0 && (delivered.sent as usize) < settings.batch_size / 4;
-            let rate = previous_pass.map_or(0.0, |at| {
-                delivered.sent as f64 / at.elapsed().as_secs_f64().max(0.001)
-            });
-            return Ok(if trickling {
-                Next::Gather(gather_time(rate))
+            return Ok(if trickling && !settings.linger.is_zero() {
+                let deadline = settle_only.unwrap_or_else(|| Instant::now() + settings.linger);
+                Next::Linger(deadline, settings.batch_size)
             } else {
                 Next::Now
             });
@@ -667,11 +677,13 @@ impl Worker {
             }
         }
         self.verify_gathering = false;
-        let due = anchor::take_due(VERIFY_BATCH)?;
+        let anchor::Taken { due, taken } = anchor::take_due(VERIFY_BATCH, settings.verify)?;
+        let full = taken == VERIFY_BATCH;
         if due.is_empty() {
-            return Ok((Tally::default(), None));
+            // All superseded (marked so): a full batch may have more due behind it.
+            return Ok((Tally::default(), full.then_some(Duration::ZERO)));
         }
-        self.last_verify = Some((Instant::now(), due.len() == VERIFY_BATCH));
+        self.last_verify = Some((Instant::now(), full));
         self.verifying = Some(anchor::Verifying::start(
             client,
             &settings.tenant_id,
@@ -765,31 +777,69 @@ fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1000.0
 }
 
-/// How long a pass that took only a few changes lets more gather before the next, given the
-/// rate at which changes arrived (per second). A pass has a fixed cost (a dozen statements,
-/// two commits), so at a high commit rate a short wait for more buys far fewer passes and
-/// leaves the CPU to the writers; at a low rate the wait stays short, for latency. 2 µs per
-/// change per second: 2 ms up to 1,000 changes/s (commit-to-accepted p50 about 7 ms), 20 ms
-/// from 10,000/s.
-fn gather_time(rate: f64) -> Duration {
-    Duration::from_secs_f64((rate * 2e-6).clamp(0.002, 0.020))
+/// How a linger ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Lingered {
+    /// Its deadline passed, or a full batch has committed.
+    Done,
+    /// The batch in flight was answered: its answers are recorded before the linger goes on,
+    /// so that lingering delays the next batch, not the acceptance of the one sent.
+    Answered,
+    /// SIGTERM.
+    Stopped,
 }
 
-/// Sleep `timeout` whatever the doorbell says; SIGTERM and the postmaster's death still end it.
-fn gather(timeout: Duration) -> bool {
-    let millis = timeout.as_millis().min(i32::MAX as u128) as std::ffi::c_long;
-    // SAFETY: as in `sleep`; without WL_LATCH_SET only the timeout (or the postmaster's death)
-    // ends the wait. SIGTERM sets the latch, seen by the next wait or check below.
-    unsafe {
-        pg_sys::WaitLatch(
-            pg_sys::MyLatch,
-            (pg_sys::WL_TIMEOUT | pg_sys::WL_EXIT_ON_PM_DEATH) as i32,
-            millis,
-            pg_sys::PG_WAIT_EXTENSION,
-        );
+/// Linger after a pass that took only a few changes: a pass has a fixed cost (a dozen
+/// statements, two commits), so while writers keep committing, waiting until `deadline` for
+/// more buys far fewer passes and leaves the CPU to the writers. Commits meanwhile do not ring
+/// the worker until `batch` changes have committed (a full batch: no reason to wait longer),
+/// so the wait costs neither side a wake-up per commit. The wait is on the latch (SIGTERM,
+/// `certyo.wake()` and the postmaster's death end it too) and on the helper threads' eventfd,
+/// so that the answers of the batch `in_flight` are recorded as soon as they are there.
+fn linger(deadline: Instant, batch: usize, in_flight: Option<&Sending>) -> Lingered {
+    crate::wake::ring_after(batch as u64);
+    let fd = if in_flight.is_some() {
+        super::sending::finished_fd()
+    } else {
+        -1
+    };
+    let mut events = pg_sys::WL_LATCH_SET | pg_sys::WL_TIMEOUT | pg_sys::WL_EXIT_ON_PM_DEATH;
+    if fd >= 0 {
+        events |= pg_sys::WL_SOCKET_READABLE;
     }
-    pgrx::check_for_interrupts!();
-    !super::stopping()
+    let mut lingered = Lingered::Done;
+    loop {
+        if in_flight.is_some_and(Sending::answered) {
+            lingered = Lingered::Answered;
+            break;
+        }
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() || super::stopping() || crate::wake::gathered() {
+            break;
+        }
+        let millis = left.as_millis().clamp(1, i32::MAX as u128) as std::ffi::c_long;
+        // SAFETY: the worker's own latch, in its main thread, outside any transaction; `fd` is
+        // an eventfd this process owns for its lifetime (or -1, then not watched).
+        unsafe {
+            pg_sys::WaitLatchOrSocket(
+                pg_sys::MyLatch,
+                events as i32,
+                fd,
+                millis,
+                pg_sys::PG_WAIT_EXTENSION,
+            );
+            pg_sys::ResetLatch(pg_sys::MyLatch);
+        }
+        super::sending::drain_finished();
+        // SIGHUP sets the latch too: the reload waits for the main loop, at most a linger.
+        pgrx::check_for_interrupts!();
+    }
+    crate::wake::ring_every_commit();
+    if super::stopping() {
+        Lingered::Stopped
+    } else {
+        lingered
+    }
 }
 
 /// Sleep on the latch until `timeout`, a commit's doorbell, a signal, or a helper thread
