@@ -198,3 +198,39 @@ def test_record_status_of_an_untracked_table_is_an_error_and_is_not_for_everyone
     """)
     attempt = cluster.attempt_verbose("SELECT * FROM certyo.record_status('sidecar_private')", user="sidecar_reader")
     assert attempt.returncode != 0 and attempt.sqlstate == "42501", "revoked from PUBLIC, as history() is"
+
+
+def test_an_expired_delete_never_brings_its_record_back(cluster, watch):
+    """Receipts expire after certyo.retention; the delete that ended a record goes only once no
+    earlier receipt of the record is left (here one still being verified), or that one would be
+    the record's newest: alive again in record_status(), and the audit would name its row."""
+    table = "sidecar_expiry"
+    cluster.sql(f"""
+        CREATE TABLE {table} (id int PRIMARY KEY, v text);
+        SELECT certyo.track('{table}', write_back => 'none');
+        INSERT INTO {table} VALUES (1, 'a'), (2, 'b');
+    """)
+    assert wait_for(all_anchored(cluster, table, 2), 60, every=0.2)
+    # Record 1's first version still being verified (overdue, next try tomorrow); record 2's done.
+    cluster.sql(f"""UPDATE certyo.receipt SET anchor_status = 'overdue', next_verify_at = now() + interval '1 day'
+                     WHERE relid = '{table}'::regclass AND record_id = '1'""")
+    cluster.sql(f"DELETE FROM {table}")
+    assert wait_for(lambda: cluster.sql(f"SELECT count(*) FROM certyo.receipt WHERE relid = '{table}'::regclass "
+                                        "AND operation = 'delete' AND anchor_status = 'anchored'") == "2", 60, every=0.2)
+    cluster.sql("ALTER SYSTEM SET certyo.retention = 0")
+    cluster.sql("SELECT pg_reload_conf()")
+    try:
+        # The worker expires receipts when it starts, then once a minute.
+        cluster.sql("SELECT pg_terminate_backend(pid) FROM certyo.worker_status()")
+        assert wait_for(lambda: cluster.sql(f"SELECT count(*) FROM certyo.receipt WHERE relid = '{table}'::regclass "
+                                            "AND record_id = '2'") == "0", 60, every=0.2), \
+            "record 2's receipts expired, the delete with them"
+        assert cluster.sql(f"SELECT string_agg(operation || ':' || anchor_status, ',' ORDER BY id) FROM certyo.receipt "
+                           f"WHERE relid = '{table}'::regclass AND record_id = '1'") == "insert:overdue,delete:anchored", \
+            "record 1's delete stays while its earlier version is being verified"
+        assert cluster.sql(f"SELECT count(*) FROM certyo.record_status('{table}')") == "0", "no record comes back"
+        assert cluster.sql(f"SELECT count(*) FROM certyo.audit('{table}')") == "0", "and the audit stays silent"
+    finally:
+        cluster.sql("ALTER SYSTEM RESET certyo.retention")
+        cluster.sql("SELECT pg_reload_conf()")
+        assert not watch.restarted_on_purpose(allowed=("certyo_cdc delivery", "terminating background worker"))

@@ -294,9 +294,13 @@ pub fn release_backlog() -> SpiResult<()> {
     })
 }
 
-/// Remove receipts that are no longer needed: anchored (or superseded), older than the retention, and either
-/// replaced by a newer version of their record or of a delete. The newest receipt of a live
-/// record stays: it is what `certyo.audit` compares the row with. A bounded number per call.
+/// Remove receipts that are no longer needed: anchored (or superseded), older than the
+/// retention, and either replaced by a newer version of their record or the delete that ended
+/// it. The newest receipt of a live record stays: it is what `certyo.audit` compares the row
+/// with. A delete goes only with every earlier receipt of its record (none still being
+/// verified, none younger than the retention): else that one would be the record's newest,
+/// alive again in `certyo.record_status()`, and the audit would name its missing row. Oldest
+/// first, a bounded number per call, so a delete taken comes with the earlier receipts.
 pub fn expire(retention: Duration) -> SpiResult<()> {
     in_transaction(move || {
         Spi::run_with_args(
@@ -304,9 +308,14 @@ pub fn expire(retention: Duration) -> SpiResult<()> {
               WHERE id = ANY (ARRAY(
                     SELECT r.id FROM certyo.receipt r
                      WHERE r.anchor_status IN ('anchored', 'superseded') AND r.accepted_at < now() - $1 * interval '1 s'
-                       AND (r.operation = 'delete'
-                            OR EXISTS (SELECT FROM certyo.receipt n
-                                        WHERE n.relid = r.relid AND n.record_id = r.record_id AND n.id > r.id))
+                       AND CASE WHEN r.operation = 'delete'
+                                THEN NOT EXISTS (SELECT FROM certyo.receipt o
+                                                  WHERE o.relid = r.relid AND o.record_id = r.record_id AND o.id < r.id
+                                                    AND NOT (o.anchor_status IN ('anchored', 'superseded')
+                                                             AND o.accepted_at < now() - $1 * interval '1 s'))
+                                ELSE EXISTS (SELECT FROM certyo.receipt n
+                                              WHERE n.relid = r.relid AND n.record_id = r.record_id AND n.id > r.id) END
+                     ORDER BY r.id
                      LIMIT 5000))",
             &[(retention.as_secs() as i64).into()],
         )
