@@ -16,7 +16,7 @@ use super::sending::OffThread;
 use super::write_back::{self, Mark, Version};
 use crate::settings::Verify;
 use certyo::fate::{verdict, Verdict, MAX_VERIFY_DELAY, MAX_VERIFY_DOUBLINGS};
-use certyo::{Client, Outcome, Verification, VerifyRequest};
+use certyo::{Client, Operation, Outcome, Verification, VerifyRequest};
 use pgrx::pg_sys::Oid;
 use pgrx::prelude::*;
 use std::time::Duration;
@@ -58,7 +58,7 @@ impl AnchorStatus {
 pub struct Due {
     pub version: Version,
     pub collection: String,
-    pub operation: String,
+    pub operation: Operation,
 }
 
 impl Due {
@@ -130,7 +130,12 @@ pub fn take_due(limit: usize, verify: Verify) -> SpiResult<Taken> {
                         record_hash: row.get::<String>(6)?.unwrap_or_default(),
                     },
                     collection: row.get::<String>(3)?.unwrap_or_default(),
-                    operation: row.get::<String>(5)?.unwrap_or_default(),
+                    // Receipts are made from queued changes, whose CHECK admits only the four.
+                    operation: row
+                        .get::<String>(5)?
+                        .as_deref()
+                        .and_then(Operation::parse)
+                        .unwrap_or(Operation::Upsert),
                 });
             }
             Ok(Taken { due, taken })
@@ -244,7 +249,7 @@ pub fn record(results: &[(Due, Verification)], schedule: Schedule) -> SpiResult<
     let (mut rows_anchored, mut rows_mismatched) = (Vec::new(), Vec::new());
     for (due, found) in results {
         let id = due.version.id;
-        let keeps_row = due.operation != "delete";
+        let keeps_row = due.operation != Operation::Delete;
         // The verdict is the certyo crate's rule, shared with certyo-relay; None: the
         // configuration is wrong, not the receipt, which is left as it is for after the fix.
         let Some(verdict) = verdict(found) else {
@@ -336,7 +341,7 @@ fn later_push(later: &mut (Vec<i64>, Vec<Option<String>>), id: i64, error: Optio
 #[cfg(test)]
 mod tests {
     use super::{match_answers, verify_in_parts, Due, Version, CONCURRENT_REQUESTS};
-    use certyo::{Outcome, Verification};
+    use certyo::{Operation, Outcome, Verification};
 
     fn due(id: i64) -> Due {
         Due {
@@ -347,7 +352,7 @@ mod tests {
                 id,
             },
             collection: "public.t".into(),
-            operation: "insert".into(),
+            operation: Operation::Insert,
         }
     }
 

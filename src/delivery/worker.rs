@@ -426,9 +426,29 @@ impl Worker {
         let (verified, verify_again) = self.verify(&client, &settings)?;
         self.expire(&settings)?;
         let tally = delivered + verified;
+        let failing = self.look_after_write_backs(&tally, error.is_none(), &control, lane)?;
+        self.announce_pass(failing, error.as_deref(), tally)?;
+        self.next_pass(
+            &settings,
+            delivered,
+            more_to_send,
+            verify_again,
+            settle_only,
+        )
+    }
+
+    /// Write-backs that failed or wait for the slow lane: start the lanes they need, retry
+    /// here what runs no owner's code when no lane can start, and say what fails (None: nothing).
+    fn look_after_write_backs(
+        &mut self,
+        tally: &Tally,
+        no_error: bool,
+        control: &take::Control,
+        lane: bool,
+    ) -> Result<Option<String>, PassError> {
         // One statement, skipped by an idle pass that looked a moment ago and found nothing
         // (it doubled the CPU of an idle worker).
-        let idle = tally.sent + tally.verified == 0 && error.is_none();
+        let idle = tally.sent + tally.verified == 0 && no_error;
         let recently_clear = idle
             && self
                 .nothing_waiting_at
@@ -460,9 +480,20 @@ impl Worker {
         } else if left {
             self.lane.ring();
         }
+        Ok(failing)
+    }
+
+    /// What the pass did, for `certyo.worker_status()`: failing write-backs first (never "idle"
+    /// while something fails), else idle or delivering.
+    fn announce_pass(
+        &mut self,
+        failing: Option<String>,
+        error: Option<&str>,
+        tally: Tally,
+    ) -> Result<(), PassError> {
         if let Some(failing) = failing {
             // Never "idle" while something fails: name the table and the error.
-            self.announce(State::WriteBackFailing, &failing, error.as_deref(), tally)?;
+            self.announce(State::WriteBackFailing, &failing, error, tally)?;
         } else if tally.sent + tally.verified == 0
             && error.is_none()
             && self.verifying.is_none()
@@ -483,8 +514,21 @@ impl Worker {
                     (false, false) => "",
                 }
             );
-            self.announce(State::Delivering, &detail, error.as_deref(), tally)?;
+            self.announce(State::Delivering, &detail, error, tally)?;
         }
+        Ok(())
+    }
+
+    /// When the next pass runs: at once while there is more to send or verify (after a linger
+    /// when only a trickle came), else when the next retry, verification or write-back is due.
+    fn next_pass(
+        &self,
+        settings: &Settings,
+        delivered: Tally,
+        more_to_send: bool,
+        verify_again: Option<Duration>,
+        settle_only: Option<Instant>,
+    ) -> Result<Next, PassError> {
         if more_to_send || verify_again == Some(Duration::ZERO) {
             // A pass that took only a few changes while writers keep committing costs nearly as
             // much as a full one: wait a moment for more.
@@ -559,25 +603,8 @@ impl Worker {
         take_more: bool,
     ) -> Result<(Tally, Option<String>, bool), PassError> {
         let started = Instant::now();
-        let in_flight = self.sending.as_ref().map(Sending::ids).unwrap_or_default();
         let batch = if take_more {
-            // During an outage the batch is one probe (and only when no batch is in flight).
-            let probing = self.link.probing();
-            let limit = take::BatchLimit {
-                changes: if probing { 1 } else { settings.batch_size },
-                bytes: settings.max_payload_size,
-            };
-            if probing && !in_flight.is_empty() {
-                Vec::new()
-            } else {
-                take::batch(
-                    limit,
-                    &in_flight,
-                    probing,
-                    &mut self.planner,
-                    &mut self.backlog,
-                )?
-            }
+            self.take_batch(settings)?
         } else {
             Vec::new()
         };
@@ -597,11 +624,7 @@ impl Worker {
         }
         self.note_service(&outcomes, settings.max_retry_interval)?;
         warn_of_conflicts(&sent, &outcomes);
-        let error = outcomes.iter().find_map(|o| match o {
-            Outcome::Transient(e) => Some(e.clone()),
-            Outcome::Rejected { status, body } => Some(format!("HTTP {status}: {body}")),
-            _ => None,
-        });
+        let error = first_error(&outcomes);
         let results: Vec<(Entry, Outcome)> = sent.into_iter().zip(outcomes).collect();
         let (tally, times) = record::answers(
             &results,
@@ -615,17 +638,7 @@ impl Worker {
             settings.verify_min_age,
             &mut self.planner,
         )?;
-        // Anything but an acceptance now waits in certyo.delivery, which keeps each record's
-        // order from here on: the list of a long queue cannot.
-        if results
-            .iter()
-            .all(|(_, o)| matches!(o, Outcome::Accepted(_)))
-        {
-            let ids: Vec<i64> = results.iter().map(|(e, _)| e.id).collect();
-            self.backlog.settle(&ids);
-        } else {
-            self.backlog.clear();
-        }
+        self.settle_backlog(&results);
         // Where a pass spends its time, for whoever tunes batch sizes (log_min_messages = debug1).
         pgrx::debug1!(
             "certyo_cdc: delivered {} of {}: take {:.3} ms, wait for answers {:.3} ms, record {:.3} ms (receipts {:.3} ms, write-back {:.3} ms, commit {:.3} ms)",
@@ -639,6 +652,41 @@ impl Worker {
             ms(times.commit),
         );
         Ok((tally, error, tally.accepted > 0 || self.sending.is_some()))
+    }
+
+    /// The next batch to send, beside the one in flight: during an outage one probe, and only
+    /// when no batch is in flight.
+    fn take_batch(&mut self, settings: &Settings) -> Result<Vec<Entry>, PassError> {
+        let in_flight = self.sending.as_ref().map(Sending::ids).unwrap_or_default();
+        let probing = self.link.probing();
+        if probing && !in_flight.is_empty() {
+            return Ok(Vec::new());
+        }
+        let limit = take::BatchLimit {
+            changes: if probing { 1 } else { settings.batch_size },
+            bytes: settings.max_payload_size,
+        };
+        Ok(take::batch(
+            limit,
+            &in_flight,
+            probing,
+            &mut self.planner,
+            &mut self.backlog,
+        )?)
+    }
+
+    /// Anything but an acceptance now waits in certyo.delivery, which keeps each record's
+    /// order from here on: the list of a long queue cannot.
+    fn settle_backlog(&mut self, results: &[(Entry, Outcome)]) {
+        if results
+            .iter()
+            .all(|(_, o)| matches!(o, Outcome::Accepted(_)))
+        {
+            let ids: Vec<i64> = results.iter().map(|(e, _)| e.id).collect();
+            self.backlog.settle(&ids);
+        } else {
+            self.backlog.clear();
+        }
     }
 
     /// Verification on a helper thread: record what a finished batch found, or start the
@@ -867,6 +915,16 @@ fn sleep(timeout: Duration) -> bool {
     super::sending::drain_finished();
     pgrx::check_for_interrupts!();
     !super::stopping()
+}
+
+/// The error a batch's answers report, for `certyo.worker_status()`: the first transient
+/// failure or rejection.
+fn first_error(outcomes: &[Outcome]) -> Option<String> {
+    outcomes.iter().find_map(|o| match o {
+        Outcome::Transient(e) => Some(e.clone()),
+        Outcome::Rejected { status, body } => Some(format!("HTTP {status}: {body}")),
+        _ => None,
+    })
 }
 
 /// Changes Certyo answered as replays of other records' changes: loudly, once per batch. They
