@@ -9,7 +9,9 @@ untracked twin in the same run:
               sent everything the round wrote;
   certyo_cdc: tracked with the default write-back; certyo_cdc_accepted: tracked with
               write_back => 'accepted' (the hash written back at acceptance, the status again
-              once anchored), when the build has that argument;
+              once anchored), when the build has that argument; certyo_cdc_none: tracked with
+              write_back => 'none' (the sidecar mode: no column, never written to), when the
+              build has it;
   plpgsql:    a PL/pgSQL trigger that inserts the row's to_jsonb into an indexed queue table.
 for each state of the worker and each client count:
   delivering: sending to the emulator with default settings, verifying 1 s after acceptance
@@ -35,7 +37,7 @@ rounds (every table vacuumed, no autovacuum worker busy).
 
 Usage: python3 bench/oltp.py [--rounds 5] [--seconds 5] [--clients 1,4,8]
                              [--modes delivering,paused,disabled]
-                             [--variants untracked,decoding,certyo_cdc,certyo_cdc_accepted,plpgsql]
+                             [--variants untracked,decoding,certyo_cdc,certyo_cdc_accepted,certyo_cdc_none,plpgsql]
                              [--workload insert|update] [--rows 1000] [--rate TPS]
 Needs the extension installed (release build) and target/release/certyo-emulator.
 """
@@ -55,7 +57,7 @@ from harness import Cluster, Emulator, free_port, wait_for  # noqa: E402
 
 PG_BIN = os.environ.get("PG_BIN", "/usr/lib/postgresql/15/bin")
 EMULATOR = os.environ.get("CERTYO_EMULATOR", str(REPO / "target/release/certyo-emulator"))
-VARIANTS = ("untracked", "decoding", "certyo_cdc", "certyo_cdc_accepted", "plpgsql")
+VARIANTS = ("untracked", "decoding", "certyo_cdc", "certyo_cdc_accepted", "certyo_cdc_none", "plpgsql")
 SLOT = "bench_decoding"
 
 SETUP = """
@@ -79,6 +81,11 @@ CREATE TRIGGER capture AFTER INSERT OR UPDATE OR DELETE ON plpgsql
 ACCEPTED = """
 CREATE TABLE certyo_cdc_accepted (id bigserial PRIMARY KEY, a int, b text, c timestamptz);
 SELECT certyo.track('certyo_cdc_accepted', write_back => 'accepted');
+"""
+# The sidecar mode, where the build has it.
+SIDECAR = """
+CREATE TABLE certyo_cdc_none (id bigserial PRIMARY KEY, a int, b text, c timestamptz);
+SELECT certyo.track('certyo_cdc_none', write_back => 'none');
 """
 
 
@@ -245,6 +252,11 @@ def main():
             if cluster.sql("SELECT to_regclass('certyo_cdc_accepted') IS NULL").strip() == "t":
                 print("  (this build has no write_back argument: certyo_cdc_accepted left out)")
                 variants.remove("certyo_cdc_accepted")
+        if "certyo_cdc_none" in variants:
+            cluster.sql(SIDECAR, check=False)
+            if cluster.sql("SELECT to_regclass('certyo_cdc_none') IS NULL").strip() == "t":
+                print("  (this build has no sidecar mode: certyo_cdc_none left out)")
+                variants.remove("certyo_cdc_none")
         if "decoding" in variants:
             decoding = Decoding(cluster, decoding_plugin())
         tables = [v for v in variants if v != "decoding"] + (["decoding"] if decoding else [])
