@@ -851,10 +851,6 @@ fn linger(deadline: Instant, batch: usize, in_flight: Option<&Sending>) -> Linge
     } else {
         -1
     };
-    let mut events = pg_sys::WL_LATCH_SET | pg_sys::WL_TIMEOUT | pg_sys::WL_EXIT_ON_PM_DEATH;
-    if fd >= 0 {
-        events |= pg_sys::WL_SOCKET_READABLE;
-    }
     let mut lingered = Lingered::Done;
     loop {
         if in_flight.is_some_and(Sending::answered) {
@@ -865,20 +861,7 @@ fn linger(deadline: Instant, batch: usize, in_flight: Option<&Sending>) -> Linge
         if left.is_zero() || super::stopping() || crate::wake::gathered() {
             break;
         }
-        let millis = left.as_millis().clamp(1, i32::MAX as u128) as std::ffi::c_long;
-        // SAFETY: the worker's own latch, in its main thread, outside any transaction; `fd` is
-        // an eventfd this process owns for its lifetime (or -1, then not watched).
-        unsafe {
-            pg_sys::WaitLatchOrSocket(
-                pg_sys::MyLatch,
-                events as i32,
-                fd,
-                millis,
-                pg_sys::PG_WAIT_EXTENSION,
-            );
-            pg_sys::ResetLatch(pg_sys::MyLatch);
-        }
-        super::sending::drain_finished();
+        wait_on_latch(left.max(Duration::from_millis(1)), fd);
         // SIGHUP sets the latch too: the reload waits for the main loop, at most a linger.
         pgrx::check_for_interrupts!();
     }
@@ -894,7 +877,14 @@ fn linger(deadline: Instant, batch: usize, in_flight: Option<&Sending>) -> Linge
 /// finishing (it writes to an eventfd the wait also watches: threads never touch Postgres).
 /// False when the worker must stop. Postmaster death ends the process.
 fn sleep(timeout: Duration) -> bool {
-    let fd = super::sending::finished_fd();
+    wait_on_latch(timeout, super::sending::finished_fd());
+    pgrx::check_for_interrupts!();
+    !super::stopping()
+}
+
+/// Wait on the worker's latch up to `timeout`, and on the helper threads' eventfd `fd` (-1: not
+/// watched); then take what the threads finished. Postmaster death ends the process.
+fn wait_on_latch(timeout: Duration, fd: i32) {
     let mut events = pg_sys::WL_LATCH_SET | pg_sys::WL_TIMEOUT | pg_sys::WL_EXIT_ON_PM_DEATH;
     if fd >= 0 {
         events |= pg_sys::WL_SOCKET_READABLE;
@@ -913,8 +903,6 @@ fn sleep(timeout: Duration) -> bool {
         pg_sys::ResetLatch(pg_sys::MyLatch);
     }
     super::sending::drain_finished();
-    pgrx::check_for_interrupts!();
-    !super::stopping()
 }
 
 /// The error a batch's answers report, for `certyo.worker_status()`: the first transient
