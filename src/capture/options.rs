@@ -93,6 +93,14 @@ pub struct CaptureOptions {
 }
 
 impl CaptureOptions {
+    /// Is `column` one of the bookkeeping columns, left out of every payload and every change?
+    /// Under `write_back => 'none'` no column is ours: one of those names (come through a parent
+    /// table or a composite type, or added after tracking) is the table's own data, captured
+    /// like any other.
+    pub fn is_bookkeeping(&self, column: &str) -> bool {
+        self.write_back != WriteBack::None && is_bookkeeping(column)
+    }
+
     pub fn to_trigger_args(&self) -> Vec<String> {
         let mut args = vec![format!(
             "record_id_source={}",

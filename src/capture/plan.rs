@@ -5,7 +5,7 @@
 //! callback: any `ALTER TABLE` or trigger change on the table invalidates its relcache entry,
 //! so the next row rebuilds the plan from the current descriptor and trigger arguments.
 
-use super::options::{is_bookkeeping, CaptureOptions};
+use super::options::CaptureOptions;
 use super::value::{write_json_string, ValuePlan};
 use crate::error::{CertyoError, Result};
 use pgrx::pg_sys::{self, BuiltinOid, Oid};
@@ -83,7 +83,7 @@ impl TablePlan {
             for (index, attribute) in attributes.iter().enumerate() {
                 let name = name_of(attribute);
                 if attribute.attisdropped
-                    || is_bookkeeping(&name)
+                    || options.is_bookkeeping(&name)
                     || options.exclude_columns.contains(&name)
                 {
                     continue;

@@ -296,11 +296,15 @@ pub fn release_backlog() -> SpiResult<()> {
 
 /// Remove receipts that are no longer needed: anchored (or superseded), older than the
 /// retention, and either replaced by a newer version of their record or the delete that ended
-/// it. The newest receipt of a live record stays: it is what `certyo.audit` compares the row
-/// with. A delete goes only with every earlier receipt of its record (none still being
-/// verified, none younger than the retention): else that one would be the record's newest,
-/// alive again in `certyo.record_status()`, and the audit would name its missing row. Oldest
-/// first, a bounded number per call, so a delete taken comes with the earlier receipts.
+/// it. A record is one record id under one table identity (`table_id`: a record key of its
+/// table), so a receipt of another key's record of the same id never stands for it. The newest
+/// receipt of a live record stays: it is what `certyo.audit` compares the row with. A delete
+/// goes only with every earlier version of its record (no receipt still being verified or
+/// younger than the retention, no dead letter or retry in `certyo.delivery`; the queue holds
+/// none, as a record's changes are sent in order): else that one would
+/// be the record's newest, alive again in `certyo.record_status()`, and the audit would name
+/// its missing row. Oldest first, a bounded number per call, so a delete taken comes with the
+/// earlier receipts.
 pub fn expire(retention: Duration) -> SpiResult<()> {
     in_transaction(move || {
         Spi::run_with_args(
@@ -310,11 +314,16 @@ pub fn expire(retention: Duration) -> SpiResult<()> {
                      WHERE r.anchor_status IN ('anchored', 'superseded') AND r.accepted_at < now() - $1 * interval '1 s'
                        AND CASE WHEN r.operation = 'delete'
                                 THEN NOT EXISTS (SELECT FROM certyo.receipt o
-                                                  WHERE o.relid = r.relid AND o.record_id = r.record_id AND o.id < r.id
+                                                  WHERE o.relid = r.relid AND o.table_id = r.table_id
+                                                    AND o.record_id = r.record_id AND o.id < r.id
                                                     AND NOT (o.anchor_status IN ('anchored', 'superseded')
                                                              AND o.accepted_at < now() - $1 * interval '1 s'))
+                                     AND NOT EXISTS (SELECT FROM certyo.delivery d
+                                                      WHERE d.relid = r.relid AND d.table_id = r.table_id
+                                                        AND d.record_id = r.record_id AND d.id < r.id)
                                 ELSE EXISTS (SELECT FROM certyo.receipt n
-                                              WHERE n.relid = r.relid AND n.record_id = r.record_id AND n.id > r.id) END
+                                              WHERE n.relid = r.relid AND n.table_id = r.table_id
+                                                AND n.record_id = r.record_id AND n.id > r.id) END
                      ORDER BY r.id
                      LIMIT 5000))",
             &[(retention.as_secs() as i64).into()],

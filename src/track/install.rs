@@ -9,18 +9,6 @@ use pgrx::pg_sys::{self, Oid};
 use pgrx::prelude::*;
 use pgrx::PgSqlErrorCode;
 
-thread_local! {
-    /// Set while `certyo.track()` adds the bookkeeping columns: the DDL hook's re-check of the
-    /// table ([`super::refresh`]) then still reads the old mode from the capture trigger, and a
-    /// table leaving `write_back => 'none'` must not be refused the columns of its new mode.
-    static ADDING_COLUMNS: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
-}
-
-/// Is `certyo.track()` adding the bookkeeping columns right now?
-pub fn adding_columns() -> bool {
-    ADDING_COLUMNS.with(std::cell::Cell::get)
-}
-
 /// Add the missing bookkeeping columns. Skipped entirely when all exist: `ALTER TABLE` takes
 /// an exclusive lock, which a re-`track()` that only changes options should not need.
 /// `certyo_anchor_status` defaults to `'pending'` only under [`WriteBack::Accepted`], whose
@@ -28,7 +16,6 @@ pub fn adding_columns() -> bool {
 /// NULL until its version is anchored, and no INSERT evaluates a default for it.
 /// Under [`WriteBack::None`] there are none to add.
 pub fn add_bookkeeping_columns(table: &Table, write_back: WriteBack) -> Result<()> {
-    let _adding = Flag::raise(&ADDING_COLUMNS);
     add_missing(table, write_back)
 }
 
@@ -102,14 +89,13 @@ pub enum SidecarConflict {
     Tracked,
     /// `track(..., write_back => 'none')` of a table not tracked, that has such a column.
     Untracked,
-    /// `ALTER TABLE` gave a table tracked with `write_back => 'none'` such a column.
-    Added,
 }
 
-/// A table tracked with `write_back => 'none'` has no column of a bookkeeping name: nothing
-/// would write it, so what it says (an earlier version's `anchored`, above all) would stay on
-/// rows whose content moves on, and capture leaves such columns out of every payload (a change
-/// of one alone would be no change). Refused when the mode is asked for and when DDL adds one.
+/// `write_back => 'none'` is refused on a table that has a column of a bookkeeping name: it may
+/// hold what an earlier mode wrote (an earlier version's `anchored`, above all), which nothing
+/// would keep true any more. (A column of such a name that comes later, through a parent table,
+/// a composite type or `ALTER TABLE`, is the table's own data: under this mode capture takes it
+/// like any other, see [`CaptureOptions::is_bookkeeping`].)
 pub fn refuse_bookkeeping_columns(table: &Table, conflict: SidecarConflict) -> Result<()> {
     let present: Vec<&str> = BOOKKEEPING_COLUMNS
         .iter()
@@ -136,15 +122,9 @@ pub fn refuse_bookkeeping_columns(table: &Table, conflict: SidecarConflict) -> R
                 present.iter().map(|c| format!("DROP COLUMN {}", quote_ident(c))).collect::<Vec<_>>().join(", ")
             ),
         ),
-        SidecarConflict::Added => (
-            format!("certyo_cdc: table {} is tracked with write_back => 'none' and cannot have a column named {names}", table.display),
-            format!(
-                "Name the column otherwise; or track the table with write_back => 'anchored' (certyo.track({literal}, write_back => 'anchored')), which adds and writes these columns."
-            ),
-        ),
     };
     Err(CertyoError::new(PgSqlErrorCode::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE, message)
-        .detail("Those names are certyo_cdc's bookkeeping columns: never part of a payload, and written only by the worker. Under write_back => 'none' the worker never writes to the table's rows, so what such a column says (an earlier version's hash and 'anchored') would stay on rows whose content moves on.")
+        .detail("Those names are certyo_cdc's bookkeeping columns in the modes that write back. Under write_back => 'none' the worker never writes to the table's rows, so what such a column says (an earlier mode's hash and 'anchored', perhaps) would stay on rows whose content moves on, looking like certyo_cdc's.")
         .hint(hint))
 }
 

@@ -229,8 +229,15 @@ fn write_back_again(relid: Oid) -> Result<()> {
 
 fn untrack_table(relid: Oid, drop_columns: bool) -> Result<bool> {
     let table = Table::inspect(relid)?;
+    // Under write_back => 'none' no column is ours: one of a bookkeeping name is the table's data.
+    let sidecar = installed_options(relid)?.is_some_and(|o| o.write_back == WriteBack::None);
     let was_tracked = install::drop_triggers(&table)?;
-    if drop_columns {
+    if drop_columns && sidecar {
+        pgrx::notice!(
+            "certyo_cdc: table {} was tracked with write_back => 'none' and has no column of certyo_cdc's: none dropped",
+            table.display
+        );
+    } else if drop_columns {
         install::drop_bookkeeping_columns(&table)?;
     }
     if !was_tracked {
@@ -382,11 +389,7 @@ fn refresh(relid: Oid) -> Result<()> {
         return Ok(()); // untracked meanwhile: nothing to keep current
     };
     let table = Table::inspect(relid)?;
-    if options.write_back == WriteBack::None {
-        if !install::adding_columns() {
-            install::refuse_bookkeeping_columns(&table, install::SidecarConflict::Added)?;
-        }
-    } else {
+    if options.write_back != WriteBack::None {
         require_bookkeeping_columns(&table)?;
     }
     let request = Request {

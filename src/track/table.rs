@@ -140,8 +140,10 @@ impl Table {
                 )
                 .hint("Remove it from exclude_columns, or choose other record_id_columns."));
             }
-            // Bookkeeping columns are always left out; saying so again changes nothing.
-            if !is_bookkeeping(name) && !exclude_columns.contains(name) {
+            // Bookkeeping columns are always left out (but under write_back => 'none', which has
+            // none); saying so again changes nothing.
+            let ours = is_bookkeeping(name) && request.write_back != Some(WriteBack::None);
+            if !ours && !exclude_columns.contains(name) {
                 exclude_columns.push(name.clone());
             }
         }
@@ -382,7 +384,7 @@ impl Table {
             .iter()
             .filter(|c| {
                 !c.generated
-                    && !is_bookkeeping(&c.name)
+                    && !options.is_bookkeeping(&c.name)
                     && !options.exclude_columns.contains(&c.name)
             })
             .collect()
