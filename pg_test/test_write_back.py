@@ -154,6 +154,40 @@ def test_switching_a_tracked_table_to_anchored_writes_its_rows_back_again(cluste
     assert cluster.sql(f"SELECT count(*) FROM certyo.audit('{table}')") == "0"
 
 
+@pytest.mark.parametrize("mode,together", [("anchored", True), ("anchored", False), ("accepted", True)])
+def test_a_row_changed_while_untracked_keeps_no_earlier_mark_once_tracked_again(cluster, mode, together):
+    """Untracked with its columns, a row changed (nothing captures it), tracked again: every
+    record's newest version is written back again, and this row no longer holds it. Its
+    earlier version's hash and 'anchored' were left on it, claiming content it no longer has;
+    they are cleared (the audit names the row). The rows left alone keep their marks."""
+    table = f"wb_again_{mode}_{'one' if together else 'apart'}"
+    cluster.sql(f"""
+        CREATE TABLE {table} (id int PRIMARY KEY, v text);
+        SELECT certyo.track('{table}', write_back => '{mode}');
+        INSERT INTO {table} SELECT g, 'v' || g FROM generate_series(1, 4) g;
+    """)
+    assert wait_for(lambda: cluster.sql(f"SELECT count(*) FROM {table} WHERE certyo_anchor_status = 'anchored'")
+                    == "4", 60), cluster.explain()
+    steps = [f"SELECT certyo.untrack('{table}')",
+             f"UPDATE {table} SET v = 'changed while untracked' WHERE id <= 2",
+             f"SELECT certyo.track('{table}')"]
+    if together:
+        cluster.sql("BEGIN; " + "; ".join(steps) + "; COMMIT;")
+    else:
+        for step in steps:
+            cluster.sql(step)
+    assert wait_for(lambda: cluster.sql(f"SELECT count(*) FROM certyo.receipt WHERE relid = '{table}'::regclass "
+                                        "AND NOT written_back") == "0", 60), cluster.explain()
+    assert cluster.sql(f"SELECT string_agg(id || ':' || coalesce(certyo_anchor_status, '-') || ':' "
+                       f"|| (certyo_record_hash IS NULL) || ':' || (certyo_verified_at IS NULL), ',' ORDER BY id) "
+                       f"FROM {table}") == "1:-:true:true,2:-:true:true,3:anchored:false:false,4:anchored:false:false"
+    assert claims_not_anchored(cluster, table) == "0"
+    assert cluster.sql(f"SELECT string_agg(record_id || ': ' || problem, ', ' ORDER BY record_id::int) "
+                       f"FROM certyo.audit('{table}')") == \
+        "1: changed without capture, 2: changed without capture"
+    cluster.sql(f"DROP TABLE {table}")
+
+
 def test_a_write_back_mode_that_does_not_exist_is_refused(cluster):
     cluster.sql("CREATE TABLE wb_wrong (id int PRIMARY KEY)")
     attempt = cluster.attempt_verbose("SELECT certyo.track('wb_wrong', write_back => 'never')")

@@ -46,9 +46,7 @@ impl Mark {
     /// says nothing until this version is anchored.
     fn set(self, mode: WriteBack) -> &'static str {
         match self {
-            Mark::Accepted if mode == WriteBack::Anchored => {
-                "certyo_record_hash = NULL, certyo_anchor_status = NULL, certyo_verified_at = NULL"
-            }
+            Mark::Accepted if mode == WriteBack::Anchored => CLEAR,
             Mark::Accepted => "certyo_record_hash = v.hash, certyo_anchor_status = 'pending'",
             Mark::Anchored => "certyo_anchor_status = 'anchored', certyo_verified_at = now()",
             Mark::Mismatch => "certyo_anchor_status = 'mismatch'",
@@ -95,6 +93,17 @@ impl Mark {
         }
     }
 }
+
+/// What a row that says nothing holds in its bookkeeping columns: set on a row whose content
+/// is not a version captured (the content guard refused it), so that no mark an earlier
+/// version left claims what the row now holds (a row changed while its table was untracked,
+/// then tracked again, kept its earlier version's `anchored`); and, under `write_back =>
+/// 'anchored'`, on a row whose newer version was accepted.
+pub(super) const CLEAR: &str =
+    "certyo_record_hash = NULL, certyo_anchor_status = NULL, certyo_verified_at = NULL";
+
+/// The rows that say something in their bookkeeping columns (the others need no [`CLEAR`]).
+pub(super) const HOLDS_MARKS: &str = "(t.certyo_record_hash IS NOT NULL OR t.certyo_anchor_status IS NOT NULL OR t.certyo_verified_at IS NOT NULL)";
 
 /// "No newer change of this record in `table`", as a scalar subquery rather than `NOT EXISTS`:
 /// the planner cannot turn it into a join, so it stays one index probe per row whatever the
@@ -805,7 +814,7 @@ fn mark_table(
     // between the two statements is another tuple, and is not marked.
     // The rows the versions' keys find, `v` holding each version's key parts and hash (and
     // `extra` columns), `ordinality` numbering them.
-    let keyed = |arrays: &str, extra: &str, ordinality: &str, condition: &str| {
+    let keyed = |arrays: &str, extra: &str, ordinality: &str, row_condition: &str, condition: &str| {
         format!(
             "unnest({params}, ${h}::text[]{arrays}){ordinality} AS v({names}, hash{extra})
           WHERE {matches} AND {identical} AND {row_condition}{condition}",
@@ -813,17 +822,17 @@ fn mark_table(
             names = names.join(", "),
             matches = key.matches("t", "v"),
             identical = key.identical("t", "v"),
-            row_condition = mark.row_condition(key.write_back),
             h = n + 1,
         )
     };
+    let row_condition = mark.row_condition(key.write_back);
     let guard = format!(
         "/* certyo_cdc content guard, key types {types} */
          SELECT v.n, t.ctid::text, (t.*)::{table}
            FROM {table} AS t, {keyed}",
         types = key.type_list(),
         table = key.table,
-        keyed = keyed("", ", n", " WITH ORDINALITY", ""),
+        keyed = keyed("", ", n", " WITH ORDINALITY", row_condition, ""),
     );
     let (tid_array, tid_name, tid_condition) = if captured.is_some() {
         (
@@ -848,7 +857,17 @@ fn mark_table(
         types = key.type_list(),
         table = key.table,
         set = mark.set(key.write_back),
-        keyed = keyed(&tid_array, tid_name, "", tid_condition),
+        keyed = keyed(&tid_array, tid_name, "", row_condition, tid_condition),
+    );
+    // The rows the guard refused, by the tuple id it judged: whatever marks they hold are not
+    // of what they hold now (see [`CLEAR`]).
+    let clear = format!(
+        "/* certyo_cdc write-back, marks cleared, {mode} mode, key types {types} */
+         UPDATE {table} AS t SET {CLEAR}{watched}
+           FROM {keyed}",
+        types = key.type_list(),
+        table = key.table,
+        keyed = keyed(&tid_array, tid_name, "", HOLDS_MARKS, tid_condition),
     );
     let refused = crate::rights::writing_back_as(
         relid,
@@ -868,15 +887,26 @@ fn mark_table(
                 let found = super::prepared::select(client, &guard, &args)?;
                 let rendered = render_as_captured(relid, found, &hashes, captured)?;
                 let mut tids: Vec<Option<String>> = Vec::with_capacity(rendered.len());
+                let mut otherwise: Vec<Option<String>> = Vec::with_capacity(rendered.len());
                 for (i, row) in rendered.into_iter().enumerate() {
-                    match row {
-                        Rendered::AsCaptured(tid) => tids.push(Some(tid)),
-                        Rendered::Otherwise => {
+                    let (marked, cleared) = match row {
+                        Rendered::AsCaptured(tid) => (Some(tid), None),
+                        Rendered::Otherwise(tid) => {
                             refused.push(hashes[i].clone());
-                            tids.push(None);
+                            (None, Some(tid))
                         }
-                        Rendered::NoRow => tids.push(None),
-                    }
+                        Rendered::NoRow => (None, None),
+                    };
+                    tids.push(marked);
+                    otherwise.push(cleared);
+                }
+                if !refused.is_empty() {
+                    // The keys again (arguments are not copied): the rows judged, by tuple id.
+                    let (mut cleared, _) =
+                        crate::rights::with_pinned_io(|| read_keys(&key, &parts));
+                    cleared.push(hashes.clone().into());
+                    cleared.push(otherwise.into());
+                    super::prepared::update(client, &clear, &cleared)?;
                 }
                 args.push(tids.into());
             }
@@ -971,8 +1001,9 @@ pub(super) enum Rendered {
     NoRow,
     /// Its row renders to the captured payload: its tuple id.
     AsCaptured(String),
-    /// Its row renders to something else.
-    Otherwise,
+    /// Its row renders to something else: its tuple id, whose marks are cleared (see
+    /// [`CLEAR`]).
+    Otherwise(String),
 }
 
 /// The content guard: a row is marked with a version's hash (and above all `anchored`) only
@@ -1025,7 +1056,7 @@ pub(super) fn render_as_captured(
                 continue;
             };
             let Some(expected) = expected else {
-                tids[i] = Rendered::Otherwise; // no captured payload to compare with
+                tids[i] = Rendered::Otherwise(tid); // no captured payload to compare with
                 continue;
             };
             let header = pgrx::pg_sys::pg_detoast_datum(datum.cast_mut_ptr())
@@ -1046,7 +1077,7 @@ pub(super) fn render_as_captured(
             tids[i] = if renders {
                 Rendered::AsCaptured(tid)
             } else {
-                Rendered::Otherwise
+                Rendered::Otherwise(tid)
             };
         }
     }

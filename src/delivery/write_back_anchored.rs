@@ -19,6 +19,7 @@
 
 use super::write_back::{
     captured_payloads, read_keys, refuse, render_as_captured, Mark, Marked, Rendered, Version,
+    CLEAR, HOLDS_MARKS,
 };
 use crate::track::key::{split_record_id, RecordKey};
 use pgrx::pg_sys::Oid;
@@ -121,14 +122,37 @@ pub(super) fn mark_settled(
             for (position, row) in rendered.into_iter().enumerate() {
                 match row {
                     Rendered::AsCaptured(_) => as_captured.push(kept[position]),
-                    Rendered::Otherwise => refused.push(hashes[position].clone()),
+                    Rendered::Otherwise(_) => refused.push((kept[position], hashes[position].clone())),
                     Rendered::NoRow => {}
                 }
             }
             Ok::<_, pgrx::spi::Error>((locked, as_captured, refused))
         })?;
+    let watched = match (&key.update_column, key.user_code) {
+        (Some(column), true) => format!(", {column} = t.{column}"),
+        _ => String::new(),
+    };
     if !refused.is_empty() {
-        refuse(client, relid, &ids, refused)?;
+        // Whatever marks a refused row holds are not of what it holds now (an earlier
+        // version's `anchored` on a row changed while its table was untracked): cleared, on
+        // exactly the row versions locked above.
+        let (tables, places): (Vec<Oid>, Vec<String>) = locked
+            .iter()
+            .filter(|(_, _, ord)| refused.iter().any(|(r, _)| r == ord))
+            .map(|(table, place, _)| (*table, place.clone()))
+            .unzip();
+        let clear = format!(
+            "/* certyo_cdc write-back, marks cleared, {mode} mode */
+             UPDATE {table} AS t SET {CLEAR}{watched}
+               FROM unnest($1::oid[], $2::text[]) AS v(toid, place)
+              WHERE t.tableoid = v.toid AND t.ctid = v.place::tid AND {HOLDS_MARKS}",
+            table = key.table,
+        );
+        crate::rights::writing_back_as(relid, key.owner, key.user_code, timeout, || {
+            super::prepared::update(client, &clear, &[tables.into(), places.into()]).map(|_| ())
+        })?;
+        let hashes = refused.into_iter().map(|(_, hash)| hash).collect();
+        refuse(client, relid, &ids, hashes)?;
     }
     let locked: Vec<(Oid, String, usize)> = locked
         .into_iter()
@@ -175,11 +199,8 @@ pub(super) fn mark_settled(
         return Ok(Marked::Done);
     }
     // 3. Exactly the row versions locked above. In origin mode one business column is also
-    // assigned its own value, so that capture checks no owner's trigger changed the row.
-    let watched = match (&key.update_column, key.user_code) {
-        (Some(column), true) => format!(", {column} = t.{column}"),
-        _ => String::new(),
-    };
+    // assigned its own value (`watched`), so that capture checks no owner's trigger changed
+    // the row.
     let update = format!(
         "/* certyo_cdc write-back, {status}, {mode} mode */
          UPDATE {table} AS t
