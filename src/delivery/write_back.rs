@@ -814,17 +814,18 @@ fn mark_table(
     // between the two statements is another tuple, and is not marked.
     // The rows the versions' keys find, `v` holding each version's key parts and hash (and
     // `extra` columns), `ordinality` numbering them.
-    let keyed = |arrays: &str, extra: &str, ordinality: &str, row_condition: &str, condition: &str| {
-        format!(
-            "unnest({params}, ${h}::text[]{arrays}){ordinality} AS v({names}, hash{extra})
+    let keyed =
+        |arrays: &str, extra: &str, ordinality: &str, row_condition: &str, condition: &str| {
+            format!(
+                "unnest({params}, ${h}::text[]{arrays}){ordinality} AS v({names}, hash{extra})
           WHERE {matches} AND {identical} AND {row_condition}{condition}",
-            params = params.join(", "),
-            names = names.join(", "),
-            matches = key.matches("t", "v"),
-            identical = key.identical("t", "v"),
-            h = n + 1,
-        )
-    };
+                params = params.join(", "),
+                names = names.join(", "),
+                matches = key.matches("t", "v"),
+                identical = key.identical("t", "v"),
+                h = n + 1,
+            )
+        };
     let row_condition = mark.row_condition(key.write_back);
     let guard = format!(
         "/* certyo_cdc content guard, key types {types} */

@@ -122,7 +122,9 @@ pub(super) fn mark_settled(
             for (position, row) in rendered.into_iter().enumerate() {
                 match row {
                     Rendered::AsCaptured(_) => as_captured.push(kept[position]),
-                    Rendered::Otherwise(_) => refused.push((kept[position], hashes[position].clone())),
+                    Rendered::Otherwise(_) => {
+                        refused.push((kept[position], hashes[position].clone()))
+                    }
                     Rendered::NoRow => {}
                 }
             }
