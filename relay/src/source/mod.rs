@@ -128,9 +128,11 @@ pub trait Source: Send {
     /// Record what verification found, in one transaction.
     fn record_anchoring(&mut self, results: &[(Delivered, Anchoring)]) -> Result<()>;
 
-    /// Try again the write-backs to source rows that are due and were not done when their
-    /// change was recorded (a locked row, a table that refused it). True when any was done.
-    /// Sources that write back in `record`'s own transaction have nothing to do here.
+    /// The write-backs to source rows that are due: those recorded since, and those tried
+    /// before and backed off (a locked row, a table that refused it), now due again. True when
+    /// any was done since the last call. Called every pass; the MySQL/MariaDB source wakes its
+    /// write-back thread here. Sources that write back in `record`'s own transaction have
+    /// nothing to do here.
     fn write_back(&mut self) -> Result<bool> {
         Ok(false)
     }
