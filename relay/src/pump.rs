@@ -134,7 +134,8 @@ impl Pump {
         self.total
     }
 
-    /// One round: a batch, due verifications, clean-up. True when there was work, so the next
+    /// One round: a batch, due verifications, the source's due write-backs (the MySQL/MariaDB
+    /// source wakes its write-back thread), clean-up. True when there was work, so the next
     /// round starts at once.
     pub fn pass(&mut self) -> Result<bool, SourceError> {
         let leading = self.source.lease();

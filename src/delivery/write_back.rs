@@ -85,6 +85,7 @@ impl Mark {
             Mark::Accepted if mode == WriteBack::Anchored => {
                 // Left alone: nothing (no write), or this very content anchored already (a
                 // version with the same hash), which is true of the row as it is.
+                // `HOLDS_MARKS`, and not this very content anchored.
                 "(t.certyo_record_hash IS NOT NULL OR t.certyo_anchor_status IS NOT NULL OR t.certyo_verified_at IS NOT NULL)
                  AND NOT (t.certyo_record_hash IS NOT DISTINCT FROM v.hash AND t.certyo_anchor_status IS NOT DISTINCT FROM 'anchored')"
             }
@@ -1010,7 +1011,8 @@ pub(super) enum Rendered {
 /// The content guard: a row is marked with a version's hash (and above all `anchored`) only
 /// while its content renders, as capture renders it, to the payload captured for that version.
 /// A row changed behind capture's back, or whose rendering changed without a captured change
-/// (an enum label renamed, a type's output altered), keeps what it had. `found` holds the rows
+/// (an enum label renamed, a type's output altered), is not marked, and the marks it holds are
+/// cleared ([`CLEAR`]). `found` holds the rows
 /// the key finds (`v.n`: the version's position from 1, the row's tuple id, the row); the
 /// answer, per version in `hashes`, what its row renders to.
 pub(super) fn render_as_captured(
@@ -1124,7 +1126,7 @@ pub(super) fn refuse(
         let table = failing::name_of(relid);
         crate::error::CertyoError::new(
             pgrx::PgSqlErrorCode::ERRCODE_WARNING,
-            format!("certyo_cdc: {count} rows of table {table} were not marked with their version's hash: they no longer render to the content captured"),
+            format!("certyo_cdc: {count} rows of table {table} were not marked with their version's hash, and the marks an earlier version left on them were cleared: they no longer render to the content captured"),
         )
         .detail("Changed without capture, or their rendering changed without a change of theirs (an enum label renamed, a type's output altered): the hash Certyo gave is not of what they hold. certyo.receipt.write_back_dropped says so for each version.")
         .hint(format!("SELECT * FROM certyo.audit('{table}') names them; the next captured change of each row is written back as usual, and certyo.backfill('{table}') sends every row as it is now."))

@@ -138,9 +138,11 @@ pub(super) fn mark_settled(
         // Whatever marks a refused row holds are not of what it holds now (an earlier
         // version's `anchored` on a row changed while its table was untracked): cleared, on
         // exactly the row versions locked above.
+        let refused_ords: std::collections::HashSet<usize> =
+            refused.iter().map(|(ord, _)| *ord).collect();
         let (tables, places): (Vec<Oid>, Vec<String>) = locked
             .iter()
-            .filter(|(_, _, ord)| refused.iter().any(|(r, _)| r == ord))
+            .filter(|(_, _, ord)| refused_ords.contains(ord))
             .map(|(table, place, _)| (*table, place.clone()))
             .unzip();
         let clear = format!(

@@ -1,10 +1,12 @@
 //! The MySQL/MariaDB companion's queue (`sql/mysql/certyo_queue.sql`): the triggers queue each
-//! change in the writer's transaction; this reads `certyo_queue` in id order, records each
-//! change's fate on its queue row, and writes Certyo's hash back to the source row. The
+//! change in the writer's transaction; this reads `certyo_queue` in id order and records each
+//! change's fate on its queue row, with the write-back of Certyo's hash to the source row due
+//! (`write_back_at`), which `write_back` does on a thread and a session of its own. The
 //! companion's update trigger compares business columns only, so the write-back (bookkeeping
-//! columns) queues nothing.
+//! columns) queues nothing. A relay holds three sessions per source: this one, the lease's and
+//! the write-back's.
 //!
-//! Every call is one transaction; nothing is written for a change between `take` and
+//! Every call here is one transaction; nothing is written for a change between `take` and
 //! `record`, so a relay killed in between sends the change again after its restart, under the
 //! same idempotency key, and Certyo answers it as a replay.
 
@@ -84,7 +86,7 @@ impl MySqlQueue {
             ),
         };
         let write_back =
-            WriteBackThread::start(opts.clone(), place.clone(), lock_wait, max_retry_interval)?;
+            WriteBackThread::new(opts.clone(), place.clone(), lock_wait, max_retry_interval);
         Ok(MySqlQueue {
             opts,
             place,
@@ -209,11 +211,13 @@ impl super::Source for MySqlQueue {
         match asked {
             Ok(held) => {
                 self.leased = held.flatten() == Some(1);
+                self.write_back.lead(self.leased);
                 Ok(self.leased)
             }
             Err(e) => {
                 self.lease_conn = None;
                 self.leased = false;
+                self.write_back.lead(false);
                 Err(SourceError(format!(
                     "{}: the relays' lease: {e}",
                     self.place
@@ -328,7 +332,11 @@ impl super::Source for MySqlQueue {
         // the write-back's thread does it now, in transactions of its own, while the next
         // batch is taken and sent; whatever is not done (a locked row, a table that refuses
         // it) stays due and is tried again with back-off. Nothing here holds up delivery.
-        self.write_back.wake();
+        if let Err(e) = self.write_back.wake() {
+            // Recorded all the same: the write-backs stay due, and the pump's next pass wakes
+            // (and fails on) the thread again.
+            tracing::warn!(source = %self.place, error = %e, "the write-back could not be started; it stays due in certyo_queue");
+        }
         Ok(())
     }
 
@@ -371,6 +379,7 @@ impl super::Source for MySqlQueue {
         // `write_back`): due for verification in time order, they are recorded in id order.
         let mut results: Vec<&(Delivered, Anchoring)> = results.iter().collect();
         results.sort_unstable_by_key(|(due, _)| due.id);
+        let ids: Vec<i64> = results.iter().map(|(due, _)| due.id).collect();
         for (due, found) in results {
             match found {
                 Anchoring::Anchored { polygon_tx_hash } => {
@@ -405,6 +414,10 @@ impl super::Source for MySqlQueue {
         // it marked anyway, the write-back would derive the state from the newest change,
         // which may be cleaned up by then, leaving this older one to look newest.)
         self.in_transaction(|tx| {
+            // Every row this records on, locked first, in id order: the write-back's session
+            // writes queue rows in id order too, in one statement, so the two never wait for
+            // each other in a circle.
+            tx.exec_drop(LOCK_IN_ORDER, (serde_json::Value::from(ids).to_string(),))?;
             let superseded: Vec<i64> = tx.exec(SUPERSEDED, (settled.clone(),))?;
             tx.exec_drop(
                 RECORD_SETTLED,
@@ -412,15 +425,19 @@ impl super::Source for MySqlQueue {
             )?;
             tx.exec_drop(RECORD_LATER, (later,))
         })?;
-        self.write_back.wake();
+        if let Err(e) = self.write_back.wake() {
+            // Recorded all the same: the write-backs stay due, and the pump's next pass wakes
+            // (and fails on) the thread again.
+            tracing::warn!(source = %self.place, error = %e, "the write-back could not be started; it stays due in certyo_queue");
+        }
         Ok(())
     }
 
     fn write_back(&mut self) -> Result<bool> {
         // Due write-backs (backed off until now) are looked for each pass; true when the
         // thread settled any since the last pass, so the next pass starts at once.
-        self.write_back.wake();
-        Ok(self.write_back.settled_since_last_asked() > 0)
+        self.write_back.wake()?;
+        Ok(self.write_back.written_since_last_asked() > 0)
     }
 
     fn clean_up(&mut self, retention: Duration) -> Result<u64> {
@@ -556,6 +573,13 @@ const RECORD_SETTLED: &str = "
            q.next_verify_at = NULL,
            q.write_back_at = IF(q.operation = 'delete' OR JSON_CONTAINS(?, CAST(q.id AS CHAR)), q.write_back_at,
                                 UTC_TIMESTAMP(6))";
+
+/// Queue rows (ids, ascending), locked in that order, one primary-key lookup each (the ids in a
+/// derived table: MySQL counts a JSON_TABLE beside the table in the locking clause).
+const LOCK_IN_ORDER: &str = "
+    SELECT q.id FROM (SELECT * FROM JSON_TABLE(?, '$[*]' COLUMNS (id BIGINT PATH '$')) j) v
+      STRAIGHT_JOIN certyo_queue q FORCE INDEX (PRIMARY) ON q.id = v.id
+       FOR UPDATE";
 
 /// Of the changes (JSON rows whose first element is the queue id), those whose record has a
 /// newer change.

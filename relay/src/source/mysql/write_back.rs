@@ -12,17 +12,23 @@ use certyo::retry::next_attempt_delay;
 use mysql::prelude::Queryable;
 use mysql::{Conn, Opts, TxOpts};
 use std::collections::{HashMap, HashSet};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 /// The write-back's thread, woken when write-backs may be due: after receipts or
 /// verifications are recorded, and on each pass of the source's pump (back-offs that ended).
-/// Dropped, it finishes its round and ends.
+/// Started at the first wake (`certyo-relay status` and `check` start none), and again should
+/// it ever end otherwise than told (a panic): a dead thread would leave every write-back due
+/// while delivery went on. Dropped, it finishes its round and ends.
 pub(super) struct WriteBackThread {
     shared: Arc<Shared>,
     thread: Option<JoinHandle<()>>,
+    opts: Opts,
+    place: String,
+    lock_wait: Duration,
+    max_retry_interval: Duration,
 }
 
 /// What the queue's session and the write-back's thread share.
@@ -30,8 +36,11 @@ pub(super) struct WriteBackThread {
 struct Shared {
     signals: Mutex<Signals>,
     woken: Condvar,
-    /// Records settled since the pump last asked (`settled_since_last_asked`).
-    settled: AtomicUsize,
+    /// Records written back since the pump last asked (`written_since_last_asked`).
+    written: AtomicUsize,
+    /// Whether this relay holds the source's lease: only then does the thread write back (a
+    /// relay that lost it ends its round and writes back no more).
+    leading: AtomicBool,
 }
 
 #[derive(Default)]
@@ -43,43 +52,59 @@ struct Signals {
 }
 
 impl WriteBackThread {
-    pub(super) fn start(
+    pub(super) fn new(
         opts: Opts,
         place: String,
         lock_wait: Duration,
         max_retry_interval: Duration,
-    ) -> Result<WriteBackThread> {
-        let shared = Arc::new(Shared::default());
-        let mut write_back = WriteBack {
+    ) -> WriteBackThread {
+        WriteBackThread {
+            shared: Arc::new(Shared::default()),
+            thread: None,
             opts,
             place,
-            conn: None,
             lock_wait,
             max_retry_interval,
-            tables: HashMap::new(),
-            failing_tables: HashMap::new(),
-        };
-        let on_thread = shared.clone();
-        let thread = std::thread::Builder::new()
-            .name("write-back".into())
-            .spawn(move || write_back.run(&on_thread))
-            .map_err(|e| SourceError(format!("cannot start the write-back's thread ({e})")))?;
-        Ok(WriteBackThread {
-            shared,
-            thread: Some(thread),
-        })
+        }
     }
 
     /// Write-backs may be due: the thread looks (at once, or when its round ends).
-    pub(super) fn wake(&self) {
+    pub(super) fn wake(&mut self) -> Result<()> {
+        if self.thread.as_ref().is_none_or(JoinHandle::is_finished) {
+            if let Some(ended) = self.thread.take() {
+                let _panicked = ended.join();
+                tracing::error!(source = %self.place, "the write-back's thread ended unexpectedly; started again (what was due stays due)");
+            }
+            let mut write_back = WriteBack {
+                opts: self.opts.clone(),
+                place: self.place.clone(),
+                conn: None,
+                lock_wait: self.lock_wait,
+                max_retry_interval: self.max_retry_interval,
+                tables: HashMap::new(),
+                failing_tables: HashMap::new(),
+            };
+            let on_thread = self.shared.clone();
+            let thread = std::thread::Builder::new()
+                .name("write-back".into())
+                .spawn(move || write_back.run(&on_thread))
+                .map_err(|e| SourceError(format!("cannot start the write-back's thread ({e})")))?;
+            self.thread = Some(thread);
+        }
         let mut signals = lock(&self.shared.signals);
         signals.due = true;
         self.shared.woken.notify_one();
+        Ok(())
     }
 
-    /// How many records the thread settled since the last call.
-    pub(super) fn settled_since_last_asked(&self) -> usize {
-        self.shared.settled.swap(0, Ordering::Relaxed)
+    /// How many records the thread wrote back since the last call.
+    pub(super) fn written_since_last_asked(&self) -> usize {
+        self.shared.written.swap(0, Ordering::Relaxed)
+    }
+
+    /// Whether this relay holds the source's lease (`MySqlQueue::lease`).
+    pub(super) fn lead(&self, leading: bool) {
+        self.shared.leading.store(leading, Ordering::Relaxed);
     }
 }
 
@@ -102,8 +127,8 @@ fn lock(signals: &Mutex<Signals>) -> std::sync::MutexGuard<'_, Signals> {
         .unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
-/// After a round that failed as a whole (the server unreachable): how long the thread waits
-/// before it looks again, unless woken.
+/// After a round that failed as a whole (the server unreachable): the least wait before the
+/// next round, unless woken sooner (the pump wakes the thread every pass).
 const AFTER_A_FAILED_ROUND: Duration = Duration::from_secs(1);
 
 /// The write-back's state, owned by its thread.
@@ -155,10 +180,10 @@ impl WriteBack {
                 }
                 signals.due = false;
             }
-            loop {
-                match self.round() {
-                    Ok((settled, more)) => {
-                        shared.settled.fetch_add(settled, Ordering::Relaxed);
+            while shared.leading.load(Ordering::Relaxed) {
+                match self.round(shared) {
+                    Ok((written, more)) => {
+                        shared.written.fetch_add(written, Ordering::Relaxed);
                         if !more {
                             break;
                         }
@@ -166,6 +191,7 @@ impl WriteBack {
                     Err(e) => {
                         self.conn = None;
                         tracing::warn!(source = %self.place, error = %e, "the write-back could not be tried; it stays due in certyo_queue and is tried again");
+                        // At least this long before the next round, unless woken sooner.
                         let signals = lock(&shared.signals);
                         if !signals.stop {
                             let _woken_or_not = shared
@@ -293,7 +319,7 @@ impl WriteBack {
     /// each in a transaction of its own. A table whose write-back fails backs off as a whole;
     /// a row locked by another transaction backs off alone. Returns how many records were
     /// settled (written, or found to need nothing), and whether more may be due now.
-    fn round(&mut self) -> Result<(usize, bool)> {
+    fn round(&mut self, shared: &Shared) -> Result<(usize, bool)> {
         type Row = (i64, String, String, String);
         let due: Vec<Row> = self.in_transaction(|tx| {
             tx.exec(
@@ -316,6 +342,10 @@ impl WriteBack {
         }
         let mut settled = 0;
         for (collection, mut rows) in by_table {
+            // Told to stop, or no longer the lease's holder: what is left stays due.
+            if lock(&shared.signals).stop || !shared.leading.load(Ordering::Relaxed) {
+                return Ok((settled, false));
+            }
             // In id order, as every statement of the relay's writes queue rows: two sessions
             // that lock queue rows in one order never wait for each other in a circle.
             rows.sort_unstable_by_key(|due| due.id);
@@ -382,10 +412,10 @@ impl WriteBack {
     ///    delivered, or is a dead letter, no hash and `pending` (the row's content moved on,
     ///    and an older version's hash, above all an older version's `anchored`, must not
     ///    stay on it). So a row is only ever marked with the hash of the version it holds.
-    /// 3. Clear this round's write-backs of the locked records and of records whose row is
-    ///    gone, each only if it is still the one read as due (`Due::at`: a write-back made due
-    ///    again meanwhile, by a verification recorded while this one ran, is the next
-    ///    round's); back off those of rows locked by someone else.
+    /// 3. Clear this round's write-backs (`rows`, in id order) of the locked records and of
+    ///    records whose row is gone, each only if it is still the one read as due (`Due::at`:
+    ///    a write-back made due again meanwhile, by a verification recorded while this one
+    ///    ran, is the next round's); back off those of rows locked by someone else.
     fn write_back_table(&mut self, collection: &str, rows: &[Due]) -> Result<usize> {
         let table = self.table(collection)?;
         let (schema, name) = split_collection(collection)?;
@@ -415,9 +445,10 @@ impl WriteBack {
         let conn = self.conn()?;
         let fail = |e: mysql::Error| SourceError(format!("{place}: {e}"));
         let mut tx = conn.start_transaction(TxOpts::default()).map_err(fail)?;
-        // The lock comes first, before anything in the transaction reads without locking: the
-        // transaction's snapshot (REPEATABLE READ) opens at its first plain read, so it then
-        // holds every change of these rows committed before the lock, and none can commit
+        // The lock comes first, before anything in the transaction reads without locking: each
+        // later read (READ COMMITTED: each statement's own snapshot; under a binary log in
+        // STATEMENT format, REPEATABLE READ: the transaction's, opened at its first plain read)
+        // then sees every change of these rows committed before the lock, and none can commit
         // before this transaction does (a writer of the row waits for its lock).
         let locked: Vec<(String, String)> = tx.exec(&lock, (all,)).map_err(fail)?;
         let locked_set: HashSet<&str> = locked.iter().map(|(rid, _)| rid.as_str()).collect();
@@ -492,18 +523,16 @@ impl WriteBack {
         // The clean-up keeps the newer changes of a record while an older one is due, so the
         // newest change is always there to read.)
         let busy_set: HashSet<&str> = busy.iter().map(|(rid, _)| rid.as_str()).collect();
-        let (busy_ids, settled): (Vec<i64>, Vec<serde_json::Value>) = {
-            let mut busy_ids = Vec::new();
-            let mut settled = Vec::new();
-            for due in rows {
-                if busy_set.contains(due.record_id.as_str()) {
-                    busy_ids.push(due.id);
-                } else {
-                    settled.push(serde_json::json!([due.id, due.at]));
-                }
-            }
-            (busy_ids, settled)
-        };
+        // Each due change in id order: `[id, write_back_at as read, busy]`.
+        let mut busy_count = 0;
+        let done: Vec<serde_json::Value> = rows
+            .iter()
+            .map(|due| {
+                let busy = busy_set.contains(due.record_id.as_str());
+                busy_count += usize::from(busy);
+                serde_json::json!([due.id, due.at, i32::from(busy)])
+            })
+            .collect();
         let marked = marks.len();
         if !marks.is_empty() && (table.hash || table.status || table.verified_at) {
             let mark = mark_statement(schema, name, &table);
@@ -515,25 +544,21 @@ impl WriteBack {
             source = %place, collection, locked = locked.len(), busy = busy.len(), marked,
             settled = settled_count, "write-back"
         );
-        if !settled.is_empty() {
-            tx.exec_drop(
-                WRITE_BACK_CLEAR,
-                (serde_json::Value::from(settled).to_string(),),
-            )
-            .map_err(fail)?;
+        if busy_count > 0 {
+            tracing::debug!(source = %place, collection, rows = busy_count, "rows locked by another transaction: their write-back is tried again later");
         }
-        if !busy_ids.is_empty() {
-            tracing::debug!(source = %place, collection, rows = busy_ids.len(), "rows locked by another transaction: their write-back is tried again later");
-            tx.exec_drop(
-                WRITE_BACK_LATER,
-                (
-                    serde_json::Value::from(busy_ids).to_string(),
-                    cap,
-                    "the row is locked by another transaction (it was skipped, not waited for); tried again with back-off",
-                ),
-            )
-            .map_err(fail)?;
-        }
+        // One statement, in id order: the delivery session locks the queue rows it records
+        // verifications on in id order too, before it writes them, so the two never wait for
+        // each other in a circle.
+        tx.exec_drop(
+            WRITE_BACK_DONE,
+            (
+                serde_json::Value::from(done).to_string(),
+                cap,
+                "the row is locked by another transaction (it was skipped, not waited for); tried again with back-off",
+            ),
+        )
+        .map_err(fail)?;
         tx.commit().map_err(fail)?;
         Ok(settled_count)
     }
@@ -698,13 +723,19 @@ const NEWEST_CHANGES: &str = "
                     ORDER BY m.id DESC LIMIT 1)
      WHERE n.collection = ?";
 
-/// Written back (`[id, write_back_at]`): nothing more to do for them, unless made due again
-/// since they were read as due.
-const WRITE_BACK_CLEAR: &str = "
-    UPDATE JSON_TABLE(?, '$[*]' COLUMNS (id BIGINT PATH '$[0]', at DATETIME(6) PATH '$[1]')) v
+/// This round's due changes (`[id, write_back_at as read, busy]`), in one statement: written
+/// back (not busy): nothing more to do for them, unless made due again since they were read as
+/// due; their row locked by another transaction (busy): tried again as `WRITE_BACK_LATER` says
+/// (the cap in microseconds, and why).
+const WRITE_BACK_DONE: &str = "
+    UPDATE JSON_TABLE(?, '$[*]' COLUMNS (id BIGINT PATH '$[0]', at DATETIME(6) PATH '$[1]',
+                                         busy INT PATH '$[2]')) v
       STRAIGHT_JOIN certyo_queue q FORCE INDEX (PRIMARY) ON q.id = v.id
-       SET q.write_back_at = NULL, q.write_back_attempts = 0, q.write_back_error = NULL
-     WHERE q.write_back_at = v.at";
+       SET q.write_back_at = IF(v.busy = 1, UTC_TIMESTAMP(6)
+               + INTERVAL LEAST(?, 1000000 * POW(2, LEAST(q.write_back_attempts, 16))) MICROSECOND, NULL),
+           q.write_back_attempts = IF(v.busy = 1, q.write_back_attempts + 1, 0),
+           q.write_back_error = IF(v.busy = 1, ?, NULL)
+     WHERE IF(v.busy = 1, q.write_back_at IS NOT NULL, q.write_back_at = v.at)";
 
 /// Not written back (ids), why: tried again after 1 s, doubling per failed try, at most the cap
 /// (microseconds). `write_back_at` is set before the attempts grow.
