@@ -154,7 +154,7 @@ def test_switching_a_tracked_table_to_anchored_writes_its_rows_back_again(cluste
     assert cluster.sql(f"SELECT count(*) FROM certyo.audit('{table}')") == "0"
 
 
-@pytest.mark.parametrize("mode,together", [("anchored", True), ("anchored", False), ("accepted", True)])
+@pytest.mark.parametrize("mode,together", [("anchored", True), ("anchored", False), ("accepted", True), ("accepted", False)])
 def test_a_row_changed_while_untracked_keeps_no_earlier_mark_once_tracked_again(cluster, mode, together):
     """Untracked with its columns, a row changed (nothing captures it), tracked again: every
     record's newest version is written back again, and this row no longer holds it. Its
