@@ -118,19 +118,27 @@ impl MySqlQueue {
         work: impl FnOnce(&mut mysql::Transaction<'_>) -> mysql::Result<T>,
     ) -> Result<T> {
         let place = self.place.clone();
-        let result = (|| {
-            let conn = self.conn()?;
-            let fail = |e: mysql::Error| SourceError(format!("{place}: {e}"));
-            let mut tx = conn.start_transaction(TxOpts::default()).map_err(fail)?;
-            let value = work(&mut tx).map_err(fail)?;
-            tx.commit().map_err(fail)?;
-            Ok(value)
-        })();
+        let result = self
+            .conn()
+            .and_then(|conn| one_transaction(conn, &place, work));
         if result.is_err() {
             self.conn = None;
         }
         result
     }
+}
+
+/// `work` in one transaction on `conn`, committed; an error names `place`.
+fn one_transaction<T>(
+    conn: &mut Conn,
+    place: &str,
+    work: impl FnOnce(&mut mysql::Transaction<'_>) -> mysql::Result<T>,
+) -> Result<T> {
+    let fail = |e: mysql::Error| SourceError(format!("{place}: {e}"));
+    let mut tx = conn.start_transaction(TxOpts::default()).map_err(fail)?;
+    let value = work(&mut tx).map_err(fail)?;
+    tx.commit().map_err(fail)?;
+    Ok(value)
 }
 
 /// The lease's lock: one per database, `certyo-relay:` and the SHA-1 of the database's name

@@ -217,14 +217,9 @@ impl WriteBack {
         work: impl FnOnce(&mut mysql::Transaction<'_>) -> mysql::Result<T>,
     ) -> Result<T> {
         let place = self.place.clone();
-        let result = (|| {
-            let conn = self.conn()?;
-            let fail = |e: mysql::Error| SourceError(format!("{place}: {e}"));
-            let mut tx = conn.start_transaction(TxOpts::default()).map_err(fail)?;
-            let value = work(&mut tx).map_err(fail)?;
-            tx.commit().map_err(fail)?;
-            Ok(value)
-        })();
+        let result = self
+            .conn()
+            .and_then(|conn| super::one_transaction(conn, &place, work));
         if result.is_err() {
             self.conn = None;
         }
