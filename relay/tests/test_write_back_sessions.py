@@ -95,3 +95,36 @@ def test_a_killed_write_back_session_is_opened_again_and_nothing_stays_due(shop,
     status = json.loads(r.command("status", "--json").stdout)
     assert status["not_written_back"] == 0, status
     r.stop()
+
+
+def test_a_write_back_to_a_row_with_an_on_update_timestamp_changes_nothing_of_its_content(shop, emulator, relay):
+    # `updated_at ... ON UPDATE CURRENT_TIMESTAMP` (the default of many applications' schemas)
+    # is set by the server on any UPDATE that changes a value, the write-back's too: the row
+    # would then hold content Certyo never saw under the hash just written, and its change be
+    # captured again, and again, at every write-back.
+    shop.sql("""CREATE TABLE items (
+                    id INT PRIMARY KEY, name VARCHAR(50),
+                    updated_at TIMESTAMP(6) NOT NULL DEFAULT CURRENT_TIMESTAMP(6) ON UPDATE CURRENT_TIMESTAMP(6),
+                    certyo_record_hash VARCHAR(128) NULL, certyo_anchor_status VARCHAR(20) DEFAULT 'pending',
+                    certyo_verified_at DATETIME(6) NULL)""")
+    shop.track("items")
+    shop.server.sql(f"GRANT SELECT, UPDATE ON {shop.name}.items TO 'relay_{shop.name}'@'localhost'")
+    shop.sql("INSERT INTO items (id, name) VALUES (1, 'a'), (2, 'b')")
+    before = shop.sql("SELECT id, updated_at FROM items ORDER BY id")
+    r = relay().start()
+    assert wait_for(lambda: shop.value("SELECT COUNT(*) FROM items WHERE certyo_anchor_status = 'anchored'") == "2",
+                    timeout=30), (shop.sql("SELECT * FROM items"), shop.queue())
+    changes = lambda: shop.value(f"SELECT COUNT(*) FROM certyo_queue WHERE collection = '{shop.name}.items'")
+    assert shop.sql("SELECT id, updated_at FROM items ORDER BY id") == before
+    assert changes() == "2", shop.queue()
+    # An application's change still moves the timestamp, and is captured (once).
+    shop.sql("UPDATE items SET name = 'c' WHERE id = 1")
+    assert shop.sql("SELECT updated_at FROM items WHERE id = 1") != before[0][1:]
+    assert wait_for(lambda: shop.value("SELECT COUNT(*) FROM items WHERE certyo_anchor_status = 'anchored'") == "2",
+                    timeout=30), (shop.sql("SELECT * FROM items"), shop.queue())
+    payload = json.loads(shop.value(f"SELECT CAST(payload AS CHAR) FROM certyo_queue WHERE id = "
+                                    f"(SELECT MAX(id) FROM certyo_queue WHERE collection = '{shop.name}.items')"))
+    assert payload["name"] == "c" and payload["updated_at"] == shop.value(
+        "SELECT DATE_FORMAT(updated_at, '%Y-%m-%dT%H:%i:%s.%f') FROM items WHERE id = 1"), payload
+    assert changes() == "3", shop.queue()
+    r.stop()
