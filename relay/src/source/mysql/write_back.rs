@@ -213,7 +213,8 @@ impl WriteBack {
         }
         let (schema, table) = split_collection(collection)?;
         type Row = (String, String, Option<String>, Option<String>);
-        let (rows, bookkeeping): (Vec<Row>, Vec<String>) = self.in_transaction(|tx| {
+        type Found = (Vec<Row>, Vec<String>, Vec<String>);
+        let (rows, bookkeeping, set_by_server): Found = self.in_transaction(|tx| {
             let key = tx.exec(
                 "SELECT c.COLUMN_NAME, c.COLUMN_TYPE, c.CHARACTER_SET_NAME, c.COLLATION_NAME
                    FROM information_schema.KEY_COLUMN_USAGE k
@@ -230,7 +231,17 @@ impl WriteBack {
                     AND COLUMN_NAME IN ('certyo_record_hash', 'certyo_anchor_status', 'certyo_verified_at')",
                 (schema, table),
             )?;
-            Ok((key, bookkeeping))
+            // Columns the server sets on any UPDATE that changes a value (`ON UPDATE
+            // CURRENT_TIMESTAMP`): the write-back's too, unless the UPDATE assigns them itself.
+            let set_by_server = tx.exec(
+                "SELECT COLUMN_NAME FROM information_schema.COLUMNS
+                  WHERE TABLE_SCHEMA = ? AND TABLE_NAME = ?
+                    AND LOWER(CAST(EXTRA AS CHAR CHARACTER SET utf8mb4)) LIKE '%on update%'
+                    AND COLUMN_NAME NOT IN ('certyo_record_hash', 'certyo_anchor_status', 'certyo_verified_at')
+                  ORDER BY ORDINAL_POSITION",
+                (schema, table),
+            )?;
+            Ok((key, bookkeeping, set_by_server))
         })?;
         let key: Vec<KeyColumn> = rows
             .into_iter()
@@ -252,6 +263,7 @@ impl WriteBack {
             hash: has("certyo_record_hash"),
             status: has("certyo_anchor_status"),
             verified_at: has("certyo_verified_at"),
+            set_by_server,
         };
         self.tables.insert(collection.to_string(), found.clone());
         Ok(found)
@@ -550,6 +562,9 @@ struct Table {
     hash: bool,
     status: bool,
     verified_at: bool,
+    /// Columns the server sets on an UPDATE (`ON UPDATE CURRENT_TIMESTAMP`), kept as they are
+    /// by the write-back (see `mark_statement`).
+    set_by_server: Vec<String>,
 }
 
 /// A primary key column of a source table, with what the write-back's join needs to compare
@@ -668,13 +683,21 @@ fn mark_statement(schema: &str, table: &str, t: &Table) -> String {
     let on = format!("{on} AND {} = v.rid", own_record_id(&t.key));
     let mut set = Vec::new();
     if t.hash {
-        set.push("t.certyo_record_hash = v.h");
+        set.push("t.certyo_record_hash = v.h".to_string());
     }
     if t.status {
-        set.push("t.certyo_anchor_status = v.s");
+        set.push("t.certyo_anchor_status = v.s".to_string());
     }
     if t.verified_at {
-        set.push("t.certyo_verified_at = v.at");
+        set.push("t.certyo_verified_at = v.at".to_string());
+    }
+    // A column the server sets on any UPDATE that changes a value (`ON UPDATE
+    // CURRENT_TIMESTAMP`) is assigned its own value: set by the server, the row would hold
+    // content no one wrote, under the hash just written, and the companion's triggers would
+    // capture it as a change, whose write-back would change it again, for ever.
+    for column in &t.set_by_server {
+        let column = quote(column);
+        set.push(format!("t.{column} = t.{column}"));
     }
     format!(
         "UPDATE {json} v STRAIGHT_JOIN {}.{} t FORCE INDEX (PRIMARY) ON {on} SET {}",
