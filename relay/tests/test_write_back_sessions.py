@@ -4,6 +4,7 @@ indexes (long composite text keys sharing a prefix, statuses that sort the newes
 write-back session that is killed is opened again, with nothing left due. Fixtures in
 conftest.py."""
 import json
+import signal
 
 from harness import wait_for  # pg_test/, on the path by conftest.py
 
@@ -128,3 +129,22 @@ def test_a_write_back_to_a_row_with_an_on_update_timestamp_changes_nothing_of_it
         "SELECT DATE_FORMAT(updated_at, '%Y-%m-%dT%H:%i:%s.%f') FROM items WHERE id = 1"), payload
     assert changes() == "3", shop.queue()
     r.stop()
+
+
+def test_sigterm_ends_the_relay_promptly_while_a_table_refuses_its_write_back(shop, emulator, relay, session):
+    # An application holds the table (LOCK TABLES ... WRITE: a metadata lock the write-back
+    # waits for, `write_back_lock_wait`, then backs off): SIGTERM still ends the relay at once,
+    # the write-back's thread with it, and the write-back stays due for the next relay.
+    import time
+    shop.sql("INSERT INTO products (id, name, price) VALUES " + ", ".join(f"({i}, 'p{i}', 1)" for i in range(1, 11)))
+    app = session()
+    app.run("COMMIT")
+    app.run("LOCK TABLES products WRITE")
+    r = relay(write_back_lock_wait="3s", max_retry_interval="60s").start()
+    assert wait_for(lambda: shop.drained() and shop.value(
+        "SELECT COUNT(*) FROM certyo_queue WHERE write_back_error IS NOT NULL") != "0", timeout=30), shop.queue()
+    asked = time.time()
+    r.kill(signal.SIGTERM)
+    assert time.time() - asked < 10, "the relay took long to end at SIGTERM"
+    app.run("UNLOCK TABLES")
+    assert shop.value("SELECT COUNT(*) FROM certyo_queue WHERE write_back_at IS NULL") == "0", shop.queue()
