@@ -148,3 +148,32 @@ def test_sigterm_ends_the_relay_promptly_while_a_table_refuses_its_write_back(sh
     assert time.time() - asked < 10, "the relay took long to end at SIGTERM"
     app.run("UNLOCK TABLES")
     assert shop.value("SELECT COUNT(*) FROM certyo_queue WHERE write_back_at IS NULL") == "0", shop.queue()
+
+
+def test_a_write_back_that_would_change_a_rows_content_is_refused_loudly_not_repeated_for_ever(shop, emulator,
+                                                                                                  relay):
+    # The same table, with the grants of docs/relay.md only (no privilege on updated_at: the
+    # relay cannot see the column, let alone assign it): the server would set updated_at on the
+    # write-back, and the triggers queue that as a change. Nothing of it is kept: no change is
+    # queued but the application's, and status says why the table is not written back.
+    import time
+    shop.sql("""CREATE TABLE items (
+                    id INT PRIMARY KEY, name VARCHAR(50),
+                    updated_at TIMESTAMP(6) NOT NULL DEFAULT CURRENT_TIMESTAMP(6) ON UPDATE CURRENT_TIMESTAMP(6),
+                    certyo_record_hash VARCHAR(128) NULL, certyo_anchor_status VARCHAR(20) DEFAULT 'pending',
+                    certyo_verified_at DATETIME(6) NULL)""")
+    shop.track("items")
+    shop.server.sql(f"GRANT SELECT (id, certyo_record_hash), UPDATE (certyo_record_hash, certyo_anchor_status, "
+                    f"certyo_verified_at) ON {shop.name}.items TO 'relay_{shop.name}'@'localhost'")
+    shop.sql("INSERT INTO items (id, name) VALUES (1, 'a'), (2, 'b')")
+    before = shop.sql("SELECT id, updated_at FROM items ORDER BY id")
+    r = relay().start()
+    assert wait_for(lambda: shop.value(
+        "SELECT COUNT(*) FROM certyo_queue WHERE write_back_error LIKE '%ON UPDATE CURRENT_TIMESTAMP%'") != "0",
+        timeout=30), (shop.queue(), r.output()[-3000:])
+    time.sleep(2)  # a loop, were there one, queues dozens of changes a second
+    assert shop.value(f"SELECT COUNT(*) FROM certyo_queue WHERE collection = '{shop.name}.items'") == "2", shop.queue()
+    assert shop.sql("SELECT id, updated_at FROM items ORDER BY id") == before
+    status = json.loads(r.command("status", "--json").stdout)
+    assert status["not_written_back"] == 2 and "ON UPDATE" in status["write_back_error"], status
+    r.stop()

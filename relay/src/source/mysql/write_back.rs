@@ -451,6 +451,7 @@ impl WriteBack {
         };
         type Newest = (
             String,
+            i64,
             String,
             String,
             Option<String>,
@@ -471,7 +472,9 @@ impl WriteBack {
             .map_err(fail)?
         };
         let mut marks = Vec::new();
-        for (record_id, operation, status, hash, anchor, verified_at) in newest {
+        let mut read_newest = Vec::new();
+        for (record_id, newest_id, operation, status, hash, anchor, verified_at) in newest {
+            read_newest.push(serde_json::json!([record_id, newest_id]));
             if operation == "delete" {
                 continue; // the row is to go; nothing of it to mark
             }
@@ -521,6 +524,22 @@ impl WriteBack {
             let mark = mark_statement(schema, name, &table);
             tx.exec_drop(mark, (serde_json::Value::from(marks).to_string(),))
                 .map_err(fail)?;
+            // The marks change no business column, so the companion's triggers queue nothing:
+            // a change queued by this transaction means the UPDATE changed the rows' content
+            // (a column the server sets on UPDATE that the relay cannot see or assign, or an
+            // application's trigger). Kept, the rows would hold content no one wrote, whose
+            // write-back would change them again, for ever: rolled back, the table fails.
+            let changed: Option<i64> = tx
+                .exec_first(
+                    WRITTEN_BACK_CHANGES_CONTENT,
+                    (serde_json::Value::from(read_newest).to_string(), collection),
+                )
+                .map_err(fail)?;
+            if changed.unwrap_or(0) > 0 {
+                return Err(SourceError(format!(
+                    "{place}: writing the hash back to {collection} changes its rows' content (the triggers captured the write-back as a change): a column the server sets on UPDATE (ON UPDATE CURRENT_TIMESTAMP), which the relay must assign its own value (grant it SELECT and UPDATE on that column), or a trigger of the table that changes its columns; nothing written back (docs/relay.md: the grants)"
+                )));
+            }
         }
         let settled_count = records.len() - busy.len();
         tracing::debug!(
@@ -712,7 +731,7 @@ fn mark_statement(schema: &str, table: &str, t: &Table) -> String {
 /// primary key (`STRAIGHT_JOIN`, `FORCE INDEX`): MySQL 9.7 otherwise may plan the subquery per
 /// row of the whole queue, for a minute at 10,000 changes.
 const NEWEST_CHANGES: &str = "
-    SELECT v.rid, CAST(n.operation AS CHAR), CAST(n.status AS CHAR), n.record_hash,
+    SELECT v.rid, CAST(n.id AS SIGNED), CAST(n.operation AS CHAR), CAST(n.status AS CHAR), n.record_hash,
            CAST(n.anchor_status AS CHAR), DATE_FORMAT(n.verified_at, '%Y-%m-%d %H:%i:%s.%f')
       FROM JSON_TABLE(?, '$[*]' COLUMNS (rid VARCHAR(768) CHARACTER SET utf8mb4 COLLATE utf8mb4_bin PATH '$')) v
       STRAIGHT_JOIN certyo_queue n FORCE INDEX (PRIMARY)
@@ -720,6 +739,15 @@ const NEWEST_CHANGES: &str = "
                     WHERE m.collection = ? AND m.record_id = v.rid
                     ORDER BY m.id DESC LIMIT 1)
      WHERE n.collection = ?";
+
+/// How many changes of the records (`[record id, newest change's id as read]`) are newer than
+/// read: queued by the write-back's own UPDATE (the rows are locked, no one else's can be).
+const WRITTEN_BACK_CHANGES_CONTENT: &str = "
+    SELECT COUNT(*)
+      FROM JSON_TABLE(?, '$[*]' COLUMNS (rid VARCHAR(768) CHARACTER SET utf8mb4 COLLATE utf8mb4_bin PATH '$[0]',
+                                         newest BIGINT PATH '$[1]')) v
+      STRAIGHT_JOIN certyo_queue m FORCE INDEX (certyo_queue_record)
+        ON m.collection = ? AND m.record_id = v.rid AND m.id > v.newest";
 
 /// Written back (`[id, write_back_at]`): nothing more to do for them, unless made due again
 /// since they were read as due.
