@@ -131,23 +131,30 @@ def test_a_write_back_to_a_row_with_an_on_update_timestamp_changes_nothing_of_it
     r.stop()
 
 
-def test_sigterm_ends_the_relay_promptly_while_a_table_refuses_its_write_back(shop, emulator, relay, session):
-    # An application holds the table (LOCK TABLES ... WRITE: a metadata lock the write-back
-    # waits for, `write_back_lock_wait`, then backs off): SIGTERM still ends the relay at once,
-    # the write-back's thread with it, and the write-back stays due for the next relay.
+def test_sigterm_ends_the_relay_promptly_while_a_table_makes_its_write_back_wait(shop, emulator, relay, session):
+    # An ALTER TABLE waits for an application's open transaction on the table: the write-back,
+    # queued behind it for the table's metadata lock, waits (`write_back_lock_wait`), then backs
+    # off. SIGTERM still ends the relay at once, and the write-back stays due for the next relay.
+    import subprocess
     import time
+    from mariadb import CLIENT, SOCKET
+    reader = session()
+    reader.run("SELECT COUNT(*) FROM products")
     shop.sql("INSERT INTO products (id, name, price) VALUES " + ", ".join(f"({i}, 'p{i}', 1)" for i in range(1, 11)))
-    app = session()
-    app.run("COMMIT")
-    app.run("LOCK TABLES products WRITE")
-    r = relay(write_back_lock_wait="3s", max_retry_interval="60s").start()
-    assert wait_for(lambda: shop.drained() and shop.value(
-        "SELECT COUNT(*) FROM certyo_queue WHERE write_back_error IS NOT NULL") != "0", timeout=30), shop.queue()
-    asked = time.time()
-    r.kill(signal.SIGTERM)
-    assert time.time() - asked < 10, "the relay took long to end at SIGTERM"
-    app.run("UNLOCK TABLES")
-    assert shop.value("SELECT COUNT(*) FROM certyo_queue WHERE write_back_at IS NULL") == "0", shop.queue()
+    alter = subprocess.Popen([CLIENT, "-S", str(SOCKET), "-u", "root", shop.name, "-e",
+                              "ALTER TABLE products COMMENT 'waits for the reader'"],
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        r = relay(write_back_lock_wait="3s", max_retry_interval="60s").start()
+        assert wait_for(lambda: shop.drained() and shop.value(
+            "SELECT COUNT(*) FROM certyo_queue WHERE write_back_error IS NOT NULL") != "0", timeout=30), shop.queue()
+        asked = time.time()
+        r.kill(signal.SIGTERM)
+        assert time.time() - asked < 10, "the relay took long to end at SIGTERM"
+        assert shop.value("SELECT COUNT(*) FROM certyo_queue WHERE write_back_at IS NULL") == "0", shop.queue()
+    finally:
+        reader.commit()
+        alter.wait(timeout=60)
 
 
 def test_a_write_back_that_would_change_a_rows_content_is_refused_loudly_not_repeated_for_ever(shop, emulator,
