@@ -234,7 +234,8 @@ impl WriteBack {
         }
         let (schema, table) = split_collection(collection)?;
         type Row = (String, String, Option<String>, Option<String>);
-        let (rows, bookkeeping): (Vec<Row>, Vec<String>) = self.in_transaction(|tx| {
+        type Found = (Vec<Row>, Vec<String>, Vec<String>);
+        let (rows, bookkeeping, set_by_server): Found = self.in_transaction(|tx| {
             let key = tx.exec(
                 "SELECT c.COLUMN_NAME, c.COLUMN_TYPE, c.CHARACTER_SET_NAME, c.COLLATION_NAME
                    FROM information_schema.KEY_COLUMN_USAGE k
@@ -251,7 +252,17 @@ impl WriteBack {
                     AND COLUMN_NAME IN ('certyo_record_hash', 'certyo_anchor_status', 'certyo_verified_at')",
                 (schema, table),
             )?;
-            Ok((key, bookkeeping))
+            // Columns the server sets on any UPDATE that changes a value (`ON UPDATE
+            // CURRENT_TIMESTAMP`): the write-back's too, unless the UPDATE assigns them itself.
+            let set_by_server = tx.exec(
+                "SELECT COLUMN_NAME FROM information_schema.COLUMNS
+                  WHERE TABLE_SCHEMA = ? AND TABLE_NAME = ?
+                    AND LOWER(CAST(EXTRA AS CHAR CHARACTER SET utf8mb4)) LIKE '%on update%'
+                    AND COLUMN_NAME NOT IN ('certyo_record_hash', 'certyo_anchor_status', 'certyo_verified_at')
+                  ORDER BY ORDINAL_POSITION",
+                (schema, table),
+            )?;
+            Ok((key, bookkeeping, set_by_server))
         })?;
         let key: Vec<KeyColumn> = rows
             .into_iter()
@@ -273,6 +284,7 @@ impl WriteBack {
             hash: has("certyo_record_hash"),
             status: has("certyo_anchor_status"),
             verified_at: has("certyo_verified_at"),
+            set_by_server,
         };
         self.tables.insert(collection.to_string(), found.clone());
         Ok(found)
@@ -465,6 +477,7 @@ impl WriteBack {
         };
         type Newest = (
             String,
+            i64,
             String,
             String,
             Option<String>,
@@ -485,7 +498,9 @@ impl WriteBack {
             .map_err(fail)?
         };
         let mut marks = Vec::new();
-        for (record_id, operation, status, hash, anchor, verified_at) in newest {
+        let mut read_newest = Vec::new();
+        for (record_id, newest_id, operation, status, hash, anchor, verified_at) in newest {
+            read_newest.push(serde_json::json!([record_id, newest_id]));
             if operation == "delete" {
                 continue; // the row is to go; nothing of it to mark
             }
@@ -533,6 +548,22 @@ impl WriteBack {
             let mark = mark_statement(schema, name, &table);
             tx.exec_drop(mark, (serde_json::Value::from(marks).to_string(),))
                 .map_err(fail)?;
+            // The marks change no business column, so the companion's triggers queue nothing:
+            // a change queued by this transaction means the UPDATE changed the rows' content
+            // (a column the server sets on UPDATE that the relay cannot see or assign, or an
+            // application's trigger). Kept, the rows would hold content no one wrote, whose
+            // write-back would change them again, for ever: rolled back, the table fails.
+            let changed: Option<i64> = tx
+                .exec_first(
+                    WRITTEN_BACK_CHANGES_CONTENT,
+                    (serde_json::Value::from(read_newest).to_string(), collection),
+                )
+                .map_err(fail)?;
+            if changed.unwrap_or(0) > 0 {
+                return Err(SourceError(format!(
+                    "{place}: writing the hash back to {collection} changes its rows' content (the triggers captured the write-back as a change): a column the server sets on UPDATE (ON UPDATE CURRENT_TIMESTAMP), which the relay must assign its own value (grant it SELECT and UPDATE on that column), or a trigger of the table that changes its columns; nothing written back (docs/relay.md: the grants)"
+                )));
+            }
         }
         let settled_count = records.len() - busy.len();
         tracing::debug!(
@@ -570,6 +601,9 @@ struct Table {
     hash: bool,
     status: bool,
     verified_at: bool,
+    /// Columns the server sets on an UPDATE (`ON UPDATE CURRENT_TIMESTAMP`), kept as they are
+    /// by the write-back (see `mark_statement`).
+    set_by_server: Vec<String>,
 }
 
 /// A primary key column of a source table, with what the write-back's join needs to compare
@@ -688,13 +722,21 @@ fn mark_statement(schema: &str, table: &str, t: &Table) -> String {
     let on = format!("{on} AND {} = v.rid", own_record_id(&t.key));
     let mut set = Vec::new();
     if t.hash {
-        set.push("t.certyo_record_hash = v.h");
+        set.push("t.certyo_record_hash = v.h".to_string());
     }
     if t.status {
-        set.push("t.certyo_anchor_status = v.s");
+        set.push("t.certyo_anchor_status = v.s".to_string());
     }
     if t.verified_at {
-        set.push("t.certyo_verified_at = v.at");
+        set.push("t.certyo_verified_at = v.at".to_string());
+    }
+    // A column the server sets on any UPDATE that changes a value (`ON UPDATE
+    // CURRENT_TIMESTAMP`) is assigned its own value: set by the server, the row would hold
+    // content no one wrote, under the hash just written, and the companion's triggers would
+    // capture it as a change, whose write-back would change it again, for ever.
+    for column in &t.set_by_server {
+        let column = quote(column);
+        set.push(format!("t.{column} = t.{column}"));
     }
     format!(
         "UPDATE {json} v STRAIGHT_JOIN {}.{} t FORCE INDEX (PRIMARY) ON {on} SET {}",
@@ -709,7 +751,7 @@ fn mark_statement(schema: &str, table: &str, t: &Table) -> String {
 /// primary key (`STRAIGHT_JOIN`, `FORCE INDEX`): MySQL 9.7 otherwise may plan the subquery per
 /// row of the whole queue, for a minute at 10,000 changes.
 const NEWEST_CHANGES: &str = "
-    SELECT v.rid, CAST(n.operation AS CHAR), CAST(n.status AS CHAR), n.record_hash,
+    SELECT v.rid, CAST(n.id AS SIGNED), CAST(n.operation AS CHAR), CAST(n.status AS CHAR), n.record_hash,
            CAST(n.anchor_status AS CHAR), DATE_FORMAT(n.verified_at, '%Y-%m-%d %H:%i:%s.%f')
       FROM JSON_TABLE(?, '$[*]' COLUMNS (rid VARCHAR(768) CHARACTER SET utf8mb4 COLLATE utf8mb4_bin PATH '$')) v
       STRAIGHT_JOIN certyo_queue n FORCE INDEX (PRIMARY)
@@ -717,6 +759,15 @@ const NEWEST_CHANGES: &str = "
                     WHERE m.collection = ? AND m.record_id = v.rid
                     ORDER BY m.id DESC LIMIT 1)
      WHERE n.collection = ?";
+
+/// How many changes of the records (`[record id, newest change's id as read]`) are newer than
+/// read: queued by the write-back's own UPDATE (the rows are locked, no one else's can be).
+const WRITTEN_BACK_CHANGES_CONTENT: &str = "
+    SELECT COUNT(*)
+      FROM JSON_TABLE(?, '$[*]' COLUMNS (rid VARCHAR(768) CHARACTER SET utf8mb4 COLLATE utf8mb4_bin PATH '$[0]',
+                                         newest BIGINT PATH '$[1]')) v
+      STRAIGHT_JOIN certyo_queue m FORCE INDEX (certyo_queue_record)
+        ON m.collection = ? AND m.record_id = v.rid AND m.id > v.newest";
 
 /// This round's due changes (`[id, write_back_at as read, busy]`), in one statement: written
 /// back (not busy): nothing more to do for them, unless made due again since they were read as
