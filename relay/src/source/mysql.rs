@@ -100,9 +100,16 @@ impl MySqlQueue {
     }
 
     /// The connection, opened (again) on first use after a failure.
+    /// Its metadata-lock waits end after [`QUEUE_LOCK_WAIT`] (the server's default is a year):
+    /// on MySQL `LOCK TABLES` of a tracked table also locks `certyo_queue` through the
+    /// triggers, and a relay waiting behind it would neither deliver nor stop at SIGTERM.
     fn conn(&mut self) -> Result<&mut Conn> {
         if self.conn.is_none() {
-            let conn = Conn::new(self.opts.clone())
+            let opts = mysql::OptsBuilder::from_opts(self.opts.clone()).init(vec![format!(
+                "SET SESSION lock_wait_timeout = {}",
+                QUEUE_LOCK_WAIT.as_secs()
+            )]);
+            let conn = Conn::new(opts)
                 .map_err(|e| SourceError(format!("cannot connect to {} ({e})", self.place)))?;
             self.conn = Some(conn);
         }
@@ -140,6 +147,11 @@ fn one_transaction<T>(
     tx.commit().map_err(fail)?;
     Ok(value)
 }
+
+/// How long the queue's session waits for a metadata lock (a table someone locked or alters)
+/// before the pass fails and is tried again: short, so that SIGTERM is answered soon (a pass,
+/// the metrics and the last summary each read the queue, and each may wait this long).
+const QUEUE_LOCK_WAIT: Duration = Duration::from_secs(5);
 
 /// The lease's lock: one per database, `certyo-relay:` and the SHA-1 of the database's name
 /// in hex (a lock name has 64 characters at most). Computed here, not by the server: MySQL 9
