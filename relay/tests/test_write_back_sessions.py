@@ -20,6 +20,16 @@ def make_notes(shop):
     shop.server.sql(f"GRANT SELECT, UPDATE ON {shop.name}.notes TO 'relay_{shop.name}'@'localhost'")
 
 
+def make_items(shop):
+    """A tracked table with a column the server sets on every UPDATE (`ON UPDATE CURRENT_TIMESTAMP`)."""
+    shop.sql("""CREATE TABLE items (
+                    id INT PRIMARY KEY, name VARCHAR(50),
+                    updated_at TIMESTAMP(6) NOT NULL DEFAULT CURRENT_TIMESTAMP(6) ON UPDATE CURRENT_TIMESTAMP(6),
+                    certyo_record_hash VARCHAR(128) NULL, certyo_anchor_status VARCHAR(20) DEFAULT 'pending',
+                    certyo_verified_at DATETIME(6) NULL)""")
+    shop.track("items")
+
+
 def notes(shop):
     """b -> (body, hash, status) of every note."""
     return {b: (body, h, s) for b, body, h, s in shop.sql(
@@ -103,12 +113,7 @@ def test_a_write_back_to_a_row_with_an_on_update_timestamp_changes_nothing_of_it
     # is set by the server on any UPDATE that changes a value, the write-back's too: the row
     # would then hold content Certyo never saw under the hash just written, and its change be
     # captured again, and again, at every write-back.
-    shop.sql("""CREATE TABLE items (
-                    id INT PRIMARY KEY, name VARCHAR(50),
-                    updated_at TIMESTAMP(6) NOT NULL DEFAULT CURRENT_TIMESTAMP(6) ON UPDATE CURRENT_TIMESTAMP(6),
-                    certyo_record_hash VARCHAR(128) NULL, certyo_anchor_status VARCHAR(20) DEFAULT 'pending',
-                    certyo_verified_at DATETIME(6) NULL)""")
-    shop.track("items")
+    make_items(shop)
     shop.server.sql(f"GRANT SELECT, UPDATE ON {shop.name}.items TO 'relay_{shop.name}'@'localhost'")
     shop.sql("INSERT INTO items (id, name) VALUES (1, 'a'), (2, 'b')")
     before = shop.sql("SELECT id, updated_at FROM items ORDER BY id")
@@ -164,12 +169,7 @@ def test_a_write_back_that_would_change_a_rows_content_is_refused_loudly_not_rep
     # write-back, and the triggers queue that as a change. Nothing of it is kept: no change is
     # queued but the application's, and status says why the table is not written back.
     import time
-    shop.sql("""CREATE TABLE items (
-                    id INT PRIMARY KEY, name VARCHAR(50),
-                    updated_at TIMESTAMP(6) NOT NULL DEFAULT CURRENT_TIMESTAMP(6) ON UPDATE CURRENT_TIMESTAMP(6),
-                    certyo_record_hash VARCHAR(128) NULL, certyo_anchor_status VARCHAR(20) DEFAULT 'pending',
-                    certyo_verified_at DATETIME(6) NULL)""")
-    shop.track("items")
+    make_items(shop)
     shop.server.sql(f"GRANT SELECT (id, certyo_record_hash), UPDATE (certyo_record_hash, certyo_anchor_status, "
                     f"certyo_verified_at) ON {shop.name}.items TO 'relay_{shop.name}'@'localhost'")
     shop.sql("INSERT INTO items (id, name) VALUES (1, 'a'), (2, 'b')")
