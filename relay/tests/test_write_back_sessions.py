@@ -20,14 +20,14 @@ def make_notes(shop):
     shop.server.sql(f"GRANT SELECT, UPDATE ON {shop.name}.notes TO 'relay_{shop.name}'@'localhost'")
 
 
-def make_items(shop):
+def make_items(shop, exclude="NULL"):
     """A tracked table with a column the server sets on every UPDATE (`ON UPDATE CURRENT_TIMESTAMP`)."""
     shop.sql("""CREATE TABLE items (
                     id INT PRIMARY KEY, name VARCHAR(50),
                     updated_at TIMESTAMP(6) NOT NULL DEFAULT CURRENT_TIMESTAMP(6) ON UPDATE CURRENT_TIMESTAMP(6),
                     certyo_record_hash VARCHAR(128) NULL, certyo_anchor_status VARCHAR(20) DEFAULT 'pending',
                     certyo_verified_at DATETIME(6) NULL)""")
-    shop.track("items")
+    shop.track("items", exclude)
 
 
 def notes(shop):
@@ -184,3 +184,20 @@ def test_a_write_back_that_would_change_a_rows_content_is_refused_loudly_not_rep
     status = json.loads(r.command("status", "--json").stdout)
     assert status["not_written_back"] == 2 and "ON UPDATE" in status["write_back_error"], status
     r.stop()
+
+
+def test_an_on_update_timestamp_left_out_of_capture_is_left_to_the_server(shop, emulator, relay):
+    # `updated_at` excluded from capture, and the relay granted SELECT on the table but UPDATE
+    # on the bookkeeping columns only: it may not assign updated_at, so it does not; the server
+    # sets it on the write-back, which captures nothing (an excluded column), and the rows are
+    # written back as before.
+    make_items(shop, exclude="'updated_at'")
+    shop.server.sql(f"GRANT SELECT ON {shop.name}.items TO 'relay_{shop.name}'@'localhost'; "
+                    f"GRANT UPDATE (certyo_record_hash, certyo_anchor_status, certyo_verified_at) "
+                    f"ON {shop.name}.items TO 'relay_{shop.name}'@'localhost'")
+    shop.sql("INSERT INTO items (id, name) VALUES (1, 'a'), (2, 'b')")
+    r = relay().start()
+    assert wait_for(lambda: shop.value("SELECT COUNT(*) FROM items WHERE certyo_anchor_status = 'anchored'") == "2",
+                    timeout=30), (shop.sql("SELECT * FROM items"), shop.queue(), r.output()[-3000:])
+    assert shop.value(f"SELECT COUNT(*) FROM certyo_queue WHERE collection = '{shop.name}.items'") == "2"
+    assert shop.value("SELECT COUNT(*) FROM certyo_queue WHERE write_back_error IS NOT NULL") == "0"

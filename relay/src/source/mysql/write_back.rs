@@ -253,11 +253,15 @@ impl WriteBack {
                 (schema, table),
             )?;
             // Columns the server sets on any UPDATE that changes a value (`ON UPDATE
-            // CURRENT_TIMESTAMP`): the write-back's too, unless the UPDATE assigns them itself.
+            // CURRENT_TIMESTAMP`): the write-back's too, unless the UPDATE assigns them itself,
+            // which it may only with SELECT and UPDATE on them. Another such column (one left
+            // out of capture, say) is left to the server; if it is captured, the check after
+            // the marks refuses the table and names the grant.
             let set_by_server = tx.exec(
                 "SELECT COLUMN_NAME FROM information_schema.COLUMNS
                   WHERE TABLE_SCHEMA = ? AND TABLE_NAME = ?
                     AND LOWER(CAST(EXTRA AS CHAR CHARACTER SET utf8mb4)) LIKE '%on update%'
+                    AND FIND_IN_SET('select', PRIVILEGES) AND FIND_IN_SET('update', PRIVILEGES)
                     AND COLUMN_NAME NOT IN ('certyo_record_hash', 'certyo_anchor_status', 'certyo_verified_at')
                   ORDER BY ORDINAL_POSITION",
                 (schema, table),
@@ -297,7 +301,7 @@ impl WriteBack {
         if self.conn.is_none() {
             let seconds = self.lock_wait.as_secs_f64().ceil().max(1.0) as u64;
             let opts = mysql::OptsBuilder::from_opts(self.opts.clone()).init(vec![format!(
-                "SET SESSION innodb_lock_wait_timeout = {seconds}, SESSION lock_wait_timeout = {seconds}"
+                "SET SESSION innodb_lock_wait_timeout = {seconds}, SESSION lock_wait_timeout = {seconds}, SESSION time_zone = '+00:00'"
             )]);
             let mut conn = Conn::new(opts)
                 .map_err(|e| SourceError(format!("cannot connect to {} ({e})", self.place)))?;
@@ -550,8 +554,9 @@ impl WriteBack {
                 .map_err(fail)?;
             // The marks change no business column, so the companion's triggers queue nothing:
             // a change queued by this transaction means the UPDATE changed the rows' content
-            // (a column the server sets on UPDATE that the relay cannot see or assign, or an
-            // application's trigger). Kept, the rows would hold content no one wrote, whose
+            // (a column the server sets on UPDATE that the relay cannot see or assign, or a
+            // trigger of the table that changes its columns; what a trigger writes to other
+            // tables is not seen here). Kept, the rows would hold content no one wrote, whose
             // write-back would change them again, for ever: rolled back, the table fails.
             let changed: Option<i64> = tx
                 .exec_first(
