@@ -85,7 +85,6 @@ impl Mark {
             Mark::Accepted if mode == WriteBack::Anchored => {
                 // Left alone: nothing (no write), or this very content anchored already (a
                 // version with the same hash), which is true of the row as it is.
-                // `HOLDS_MARKS`, and not this very content anchored.
                 "(t.certyo_record_hash IS NOT NULL OR t.certyo_anchor_status IS NOT NULL OR t.certyo_verified_at IS NOT NULL)
                  AND NOT (t.certyo_record_hash IS NOT DISTINCT FROM v.hash AND t.certyo_anchor_status IS NOT DISTINCT FROM 'anchored')"
             }
