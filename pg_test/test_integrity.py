@@ -369,9 +369,8 @@ def test_dropping_or_retyping_a_captured_column_replans_capture_under_writes(emu
         writer.join()
         assert not failures, failures
         assert cluster.sql("SELECT count(*) FROM certyo.tracked_tables WHERE capturing") == "1", "still captured"
-        assert cluster.sql("""SELECT array_agg(a.attname ORDER BY a.attnum) FROM pg_trigger t
-                                JOIN pg_attribute a ON a.attrelid = t.tgrelid AND a.attnum = ANY (t.tgattr)
-                               WHERE t.tgname = 'certyo_capture'""") == "{id,b}", "UPDATE OF the columns there are"
+        assert cluster.sql("SELECT tgattr::text FROM pg_trigger WHERE tgname = 'certyo_capture'") == "", \
+            "fired by every UPDATE, no column list"
         cluster.sql("UPDATE shapes SET b = 100 WHERE id = 1")
         assert cluster.wait_drained(60)
         records = [r for r in emulator.records() if r["collection"] == "public.shapes"]

@@ -39,13 +39,14 @@ def updates(cluster, table):
     return int(cluster.sql(f"SELECT n_tup_upd FROM pg_stat_user_tables WHERE relid = '{table}'::regclass"))
 
 
-def claims_not_anchored(cluster, table):
+def claims_not_anchored(cluster, table, record_id="t.id::text"):
     """Rows whose bookkeeping says something that the receipts do not back, in one snapshot: a
-    hash that is not their newest accepted version's, or 'anchored' for a version that is not."""
+    hash that is not their newest accepted version's, or 'anchored' for a version that is not.
+    `record_id`: the row's record id, as an expression of its columns (row alias t)."""
     return cluster.sql(f"""
         SELECT count(*) FROM {table} t
           LEFT JOIN LATERAL (SELECT r.record_hash, r.anchor_status FROM certyo.receipt r
-                              WHERE r.relid = '{table}'::regclass AND r.record_id = t.id::text
+                              WHERE r.relid = '{table}'::regclass AND r.record_id = {record_id}
                               ORDER BY r.id DESC LIMIT 1) r ON true
          WHERE t.certyo_record_hash IS NOT NULL
            AND (r.record_hash IS DISTINCT FROM t.certyo_record_hash
@@ -186,6 +187,96 @@ def test_a_row_changed_while_untracked_keeps_no_earlier_mark_once_tracked_again(
                        f"FROM certyo.audit('{table}')") == \
         "1: changed without capture, 2: changed without capture"
     cluster.sql(f"DROP TABLE {table}")
+
+
+# Statements that change the content of one row each (row n, by its id), in every way an UPDATE
+# reaches a row: its own statement, a join, an upsert, MERGE, a new key, a move to another
+# partition, a BEFORE trigger of the table (the statement sets an excluded column only, and the
+# table's trigger stamps updated_at), and a session in replica mode, where capture does not
+# fire (the audit then names the row: changed without capture).
+CONTENT_CHANGES = {
+    "set": "UPDATE {t} SET v = 'changed' WHERE id = 1",
+    "join": "UPDATE {t} AS t SET v = s.v FROM (VALUES (2, 'changed')) AS s(id, v) WHERE t.id = s.id",
+    "upsert": "INSERT INTO {t} (id, part, v) VALUES (3, 1, 'changed') ON CONFLICT (id, part) DO UPDATE SET v = excluded.v",
+    "merge": "MERGE INTO {t} AS t USING (VALUES (4)) AS s(id) ON t.id = s.id WHEN MATCHED THEN UPDATE SET v = 'changed'",
+    "new key": "UPDATE {t} SET id = 1005 WHERE id = 5",
+    "other partition": "UPDATE {t} SET part = 2 WHERE id = 6",
+    "trigger": "UPDATE {t} SET note = 'changed' WHERE id = 7",
+    "replica": "SET session_replication_role = replica; UPDATE {t} SET v = 'changed' WHERE id = 8; RESET session_replication_role",
+}
+CHANGED_IDS = {"1": "set", "2": "join", "3": "upsert", "4": "merge", "1005": "new key", "6": "other partition",
+               "7": "trigger", "8": "replica"}
+
+
+@pytest.mark.parametrize("mode", ["anchored", "accepted"])
+def test_a_row_whose_content_changes_lets_go_of_its_earlier_marks_in_the_writers_statement(cluster, mode):
+    """Every row anchored, delivery paused (an outage), then each row's content changed another
+    way: in the writer's own statement, the row lets go of its earlier version's hash, status
+    and verification time (they would claim, for hours, content Certyo never saw). The rows
+    left alone keep theirs. Once delivery resumes, each captured row is marked with its new
+    version, and the audit names only the row changed in replica mode."""
+    t = f"wb_moves_{mode}"
+    cluster.sql(f"""
+        CREATE TABLE {t} (id int, part int NOT NULL DEFAULT 1, v text, note text, updated_at timestamptz,
+                          PRIMARY KEY (id, part)) PARTITION BY LIST (part);
+        CREATE TABLE {t}_1 PARTITION OF {t} FOR VALUES IN (1);
+        CREATE TABLE {t}_2 PARTITION OF {t} FOR VALUES IN (2);
+        CREATE FUNCTION {t}_stamp() RETURNS trigger LANGUAGE plpgsql AS $$
+            BEGIN NEW.updated_at := clock_timestamp(); RETURN NEW; END $$;
+        CREATE TRIGGER set_updated_at BEFORE UPDATE ON {t} FOR EACH ROW EXECUTE FUNCTION {t}_stamp();
+        SELECT certyo.track('{t}', exclude_columns => ARRAY['note'], write_back => '{mode}');
+        INSERT INTO {t} (id, v) SELECT g, 'v' || g FROM generate_series(1, 10) g;
+    """)
+    assert wait_for(lambda: cluster.sql(f"SELECT count(*) FROM {t} WHERE certyo_anchor_status = 'anchored'")
+                    == "10", 60), cluster.explain()
+    cluster.sql("SELECT certyo.pause()")
+    try:
+        for statement in CONTENT_CHANGES.values():
+            cluster.sql(statement.format(t=t))
+        marks = cluster.sql(f"""SELECT string_agg(id || ':' || coalesce(certyo_anchor_status, '-') || ':'
+                                                  || (certyo_record_hash IS NULL) || ':' || (certyo_verified_at IS NULL),
+                                                  ',' ORDER BY id) FROM {t}""").split(",")
+        for row in marks:
+            id_, status, no_hash, not_verified = row.split(":")
+            if id_ in CHANGED_IDS:
+                assert (status, no_hash, not_verified) == ("-", "true", "true"), \
+                    f"{CHANGED_IDS[id_]}: row {id_} still shows an earlier version's marks: {row}"
+            else:
+                assert (status, no_hash, not_verified) == ("anchored", "false", "false"), f"left alone: {row}"
+    finally:
+        cluster.sql("SELECT certyo.resume()")
+    assert wait_for(lambda: cluster.sql(f"SELECT count(*) FROM {t} WHERE certyo_anchor_status = 'anchored'")
+                    == "9", 60), cluster.sql(f"SELECT string_agg(id || ':' || coalesce(certyo_anchor_status, '-'), ',' "
+                                             f"ORDER BY id) FROM {t}") + cluster.explain()
+    assert cluster.sql(f"SELECT id FROM {t} WHERE certyo_anchor_status IS NULL") == "8"
+    assert claims_not_anchored(cluster, t, record_id="t.id || '/' || t.part") == "0"
+    assert cluster.sql(f"SELECT string_agg(record_id || ': ' || problem, ', ') FROM certyo.audit('{t}')") == \
+        "8/1: changed without capture"
+    cluster.sql(f"DROP TABLE {t}; DROP FUNCTION {t}_stamp()")
+
+
+@pytest.mark.parametrize("mode", ["anchored", "accepted"])
+def test_a_row_whose_content_stays_keeps_its_marks(cluster, mode):
+    """Updates that leave the content as it is keep the row's marks, and queue nothing: the
+    same values, an excluded column, the bookkeeping columns themselves."""
+    t = f"wb_stays_{mode}"
+    cluster.sql(f"""
+        CREATE TABLE {t} (id int PRIMARY KEY, v text, note text);
+        SELECT certyo.track('{t}', exclude_columns => ARRAY['note'], write_back => '{mode}');
+        INSERT INTO {t} (id, v) SELECT g, 'v' || g FROM generate_series(1, 3) g;
+    """)
+    assert wait_for(lambda: cluster.sql(f"SELECT count(*) FROM {t} WHERE certyo_anchor_status = 'anchored'")
+                    == "3", 60), cluster.explain()
+    before = cluster.sql(f"SELECT string_agg(certyo_record_hash || certyo_verified_at, ',' ORDER BY id) FROM {t}")
+    cluster.sql(f"""
+        UPDATE {t} SET v = v WHERE id = 1;
+        UPDATE {t} SET note = 'a note' WHERE id = 2;
+        UPDATE {t} SET certyo_verified_at = certyo_verified_at WHERE id = 3;
+    """)
+    assert cluster.sql(f"SELECT count(*) FROM {t} WHERE certyo_anchor_status = 'anchored'") == "3"
+    assert cluster.sql(f"SELECT string_agg(certyo_record_hash || certyo_verified_at, ',' ORDER BY id) FROM {t}") == before
+    assert cluster.sql(f"SELECT count(*) FROM certyo.queue WHERE relid = '{t}'::regclass") == "0"
+    cluster.sql(f"DROP TABLE {t}")
 
 
 def test_a_write_back_mode_that_does_not_exist_is_refused(cluster):

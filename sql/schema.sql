@@ -115,7 +115,7 @@ SELECT t.tgrelid::regclass                                        AS "table",
    AND t.tgparentid = 0;  -- not the clones on a tracked partitioned table's partitions
 GRANT SELECT ON certyo.tracked_tables TO PUBLIC;
 
--- Keep capture triggers current after ALTER TABLE: a new column joins the UPDATE OF list, a new
+-- Keep capture triggers current after ALTER TABLE: a new column joins the payload, a new
 -- primary key becomes the record id, and dropping or renaming a column that the options name
 -- is refused (the ALTER is undone) instead of silently breaking capture.
 -- It runs as whoever ran the ALTER TABLE, so its search_path is pinned: no one can slip an

@@ -551,7 +551,6 @@ fn excluded_key_columns(
                     value: ValuePlan::for_type(typid),
                     len,
                     byval,
-                    generated: false,
                 },
             );
         }

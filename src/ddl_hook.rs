@@ -5,9 +5,10 @@
 //!   such changes is refused, naming how many and what to do; `DROP EXTENSION ... CASCADE`
 //!   discards them, with a WARNING that counts them.
 //! - `ALTER TABLE ... DROP COLUMN` / `ALTER COLUMN ... TYPE` of a business column of a tracked
-//!   table: the column leaves the capture trigger's `UPDATE OF` list first, so the statement
-//!   neither fails on the trigger's dependency nor (with CASCADE) drops the trigger; the DDL
-//!   event trigger re-plans capture when the statement ends (see `crate::track`).
+//!   table: a capture trigger installed by an earlier build with an `UPDATE OF` list is replaced
+//!   first (one fired by every UPDATE), so the statement neither fails on the trigger's
+//!   dependency nor (with CASCADE) drops the trigger; the DDL event trigger re-plans capture
+//!   when the statement ends (see `crate::track`).
 //! - `DROP TRIGGER` of a capture trigger is refused: `certyo.untrack()` stops capture.
 //! - `DROP INDEX` of the last unique index on a tracked table's record id columns is refused:
 //!   they would no longer identify a row.
@@ -70,8 +71,8 @@ unsafe extern "C-unwind" fn process_utility(
         if let Some(cascade) = drops_this_extension(statement) {
             pinned(|| check_backlog(cascade));
         }
-        if let Some((relid, columns, recurse)) = alters_column_types_or_drops(statement) {
-            pinned(|| crate::track::release_columns(relid, &columns, recurse)).or_raise();
+        if let Some((relid, _, recurse)) = alters_column_types_or_drops(statement) {
+            pinned(|| crate::track::release_columns(relid, recurse)).or_raise();
         }
         if let Some(trigger) = drops_a_capture_trigger(statement) {
             pinned(|| crate::track::refuse_trigger_drop(&trigger)).or_raise();
@@ -399,6 +400,7 @@ unsafe fn drops_a_capture_trigger(stmt: *mut pg_sys::Node) -> Option<String> {
             [
                 crate::capture::CAPTURE_TRIGGER,
                 crate::capture::TRUNCATE_TRIGGER,
+                crate::capture::marks::MARKS_TRIGGER,
             ]
             .contains(&name)
             .then(|| name.to_string())

@@ -7,12 +7,15 @@
 //! - `record`: a row image turned into a queued change;
 //! - `queue`: the append itself;
 //! - `ids`: queue ids, drawn in blocks and handed out from shared memory;
+//! - `marks`: the same function fired BEFORE UPDATE: a row whose content changes lets go of
+//!   what was written back of its earlier version, in the writer's statement;
 //! - `never_raise`: server functions called without pgrx's guard, on every row.
 //!
 //! The same function, fired BEFORE TRUNCATE, refuses the truncate: it would remove rows
 //! without a trace in the queue.
 
 pub mod ids;
+pub mod marks;
 mod never_raise;
 pub mod options;
 pub mod plan;
@@ -49,16 +52,21 @@ pub unsafe extern "C-unwind" fn certyo_capture(fcinfo: pg_sys::FunctionCallInfo)
     // SAFETY: the caller upholds this function's contract (its `# Safety` section), on which
     // every unsafe operation below relies.
     unsafe {
-        fire(fcinfo).or_raise();
-        // AFTER triggers' results are ignored; BEFORE TRUNCATE never gets here.
-        pg_sys::Datum::from(0)
+        match fire(fcinfo).or_raise() {
+            // BEFORE UPDATE (the marks trigger): the row to store.
+            Some(row) => pg_sys::Datum::from(row),
+            // AFTER triggers' results are ignored; BEFORE TRUNCATE never gets here.
+            None => pg_sys::Datum::from(0),
+        }
     }
 }
 
+/// What the trigger returns: for the marks trigger (BEFORE UPDATE), the row to store.
+///
 /// # Safety
 /// `fcinfo` is the valid call information that Postgres' function manager passed
 /// [`certyo_capture`].
-unsafe fn fire(fcinfo: pg_sys::FunctionCallInfo) -> Result<()> {
+unsafe fn fire(fcinfo: pg_sys::FunctionCallInfo) -> Result<Option<pg_sys::HeapTuple>> {
     // SAFETY: the caller upholds this function's contract (its `# Safety` section), on which
     // every unsafe operation below relies.
     unsafe {
@@ -74,6 +82,14 @@ unsafe fn fire(fcinfo: pg_sys::FunctionCallInfo) -> Result<()> {
         let operation = event & pg_sys::TRIGGER_EVENT_OPMASK;
         if operation == pg_sys::TRIGGER_EVENT_TRUNCATE {
             return Err(truncate_refused(&plan::qualified_name(data.tg_relation)));
+        }
+        if operation == pg_sys::TRIGGER_EVENT_UPDATE
+            && event & pg_sys::TRIGGER_EVENT_ROW != 0
+            && event & pg_sys::TRIGGER_EVENT_TIMINGMASK == pg_sys::TRIGGER_EVENT_BEFORE
+            && CStr::from_ptr((*data.tg_trigger).tgname).to_bytes()
+                == marks::MARKS_TRIGGER.as_bytes()
+        {
+            return marks::clear(data).map(Some);
         }
         if event & pg_sys::TRIGGER_EVENT_ROW == 0
             || event & pg_sys::TRIGGER_EVENT_TIMINGMASK != pg_sys::TRIGGER_EVENT_AFTER
@@ -104,7 +120,7 @@ unsafe fn fire(fcinfo: pg_sys::FunctionCallInfo) -> Result<()> {
             }
             queue::append(relid, plan.table_id, &plan.collection, &change).map(|_| ())
         };
-        match operation {
+        let captured = match operation {
             pg_sys::TRIGGER_EVENT_INSERT => enqueue(
                 Operation::Insert,
                 &Row::deform(data.tg_trigtuple, tupdesc, plan.natts),
@@ -131,7 +147,8 @@ unsafe fn fire(fcinfo: pg_sys::FunctionCallInfo) -> Result<()> {
                     Ok(()) // bookkeeping write-back or no-op update: not a change
                 }
             }
-        }
+        };
+        captured.map(|()| None)
     }
 }
 

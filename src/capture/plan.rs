@@ -24,8 +24,6 @@ pub struct Column {
     pub value: ValuePlan,
     pub len: i16,
     pub byval: bool,
-    /// Stored generated columns cannot be listed in `UPDATE OF`.
-    pub generated: bool,
 }
 
 pub enum TimestampColumn {
@@ -51,6 +49,9 @@ pub struct TablePlan {
     /// Where the worker writes back: the positions of `certyo_record_hash` and
     /// `certyo_anchor_status`, if the table has them as text columns (for the audit).
     pub written_back: WrittenBack,
+    /// 0-based positions of the bookkeeping columns the table has under its write-back mode
+    /// (none under `'none'`): what the marks trigger clears when a row's content changes.
+    pub marks: Vec<usize>,
 }
 
 #[derive(Default)]
@@ -101,7 +102,6 @@ impl TablePlan {
                     value: ValuePlan::for_type(attribute.atttypid),
                     len: attribute.attlen,
                     byval: attribute.attbyval,
-                    generated: attribute.attgenerated != 0,
                     name,
                 });
             }
@@ -166,6 +166,12 @@ impl TablePlan {
                 record_hash: text_column("certyo_record_hash"),
                 anchor_status: text_column("certyo_anchor_status"),
             };
+            let marks = attributes
+                .iter()
+                .enumerate()
+                .filter(|(_, a)| !a.attisdropped && options.is_bookkeeping(&name_of(a)))
+                .map(|(index, _)| index)
+                .collect();
             Ok(TablePlan {
                 relid: tracked.relid,
                 collection: table,
@@ -175,6 +181,7 @@ impl TablePlan {
                 record_id,
                 timestamp,
                 written_back,
+                marks,
             })
         }
     }

@@ -56,6 +56,11 @@ impl Row {
         (!self.nulls[index]).then(|| self.values[index])
     }
 
+    /// Is column `index` (from 0) NULL in this row?
+    pub fn is_null(&self, index: usize) -> bool {
+        self.nulls[index]
+    }
+
     /// The value of column `index` (from 0) as text, if it is a text column and not NULL.
     ///
     /// # Safety

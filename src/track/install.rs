@@ -2,6 +2,7 @@
 //! dependency that lets `DROP EXTENSION` remove the triggers with it.
 
 use super::table::{quote_ident, quote_literal, Table};
+use crate::capture::marks::MARKS_TRIGGER;
 use crate::capture::options::{split_trigger_args, CaptureOptions, WriteBack, BOOKKEEPING_COLUMNS};
 use crate::capture::{CAPTURE_TRIGGER, TRUNCATE_TRIGGER};
 use crate::error::{CertyoError, Result};
@@ -141,58 +142,51 @@ pub fn drop_bookkeeping_columns(table: &Table) -> Result<()> {
     Ok(())
 }
 
-/// The capture trigger as it should be for these options: its arguments and the attribute
-/// numbers of its `UPDATE OF` list.
+/// The capture trigger as it should be for these options: its arguments; and whether the table
+/// has the marks trigger (in the modes that write back, see `crate::capture::marks`).
 pub struct TriggerDefinition {
     pub args: Vec<String>,
-    pub update_columns: Vec<(i16, String)>,
+    pub marks: bool,
 }
 
 impl TriggerDefinition {
-    pub fn new(table: &Table, options: &CaptureOptions) -> TriggerDefinition {
+    pub fn new(options: &CaptureOptions) -> TriggerDefinition {
         TriggerDefinition {
+            marks: options.write_back != WriteBack::None,
             args: options.to_trigger_args(),
-            update_columns: table
-                .update_columns(options)
-                .into_iter()
-                .map(|c| (c.attnum, c.name.clone()))
-                .collect(),
         }
     }
 
-    /// Does the installed capture trigger already match (same arguments, same column list)?
+    /// Does the installed capture trigger already match (same arguments, fired by every
+    /// UPDATE), and the marks trigger exist exactly when wanted?
     pub fn is_installed(&self, table: &Table) -> Result<bool> {
-        let (args, attnums) = Spi::get_two_with_args::<Vec<u8>, Vec<i16>>(
+        let (args, attnums, marks) = Spi::get_three_with_args::<Vec<u8>, Vec<i16>, bool>(
             &format!(
-                "SELECT t.tgargs, t.tgattr::int2[] FROM (SELECT) AS one
+                "SELECT t.tgargs, t.tgattr::int2[],
+                        EXISTS (SELECT FROM pg_trigger m WHERE m.tgrelid = $1 AND m.tgname = {})
+                   FROM (SELECT) AS one
                    LEFT JOIN pg_trigger t ON t.tgrelid = $1 AND t.tgname = {}",
+                quote_literal(MARKS_TRIGGER),
                 quote_literal(CAPTURE_TRIGGER)
             ),
             &[table.relid.into()],
         )?;
-        let wanted: Vec<i16> = self.update_columns.iter().map(|c| c.0).collect();
         let args = args.map(|raw| split_trigger_args(&raw));
-        Ok(args.as_ref() == Some(&self.args) && attnums.unwrap_or_default() == wanted)
+        Ok(args.as_ref() == Some(&self.args)
+            && attnums.unwrap_or_default().is_empty()
+            && marks == Some(self.marks))
     }
 
-    /// Create or replace both triggers. Only bookkeeping or excluded columns changing does not
-    /// fire the capture trigger at all (`UPDATE OF` lists the business columns); a statement that
-    /// names business columns but leaves them equal is filtered in the trigger, by value.
+    /// Create or replace the triggers. The capture trigger fires on every UPDATE, not `UPDATE OF`
+    /// the business columns: a business column can change without being named in the statement
+    /// (a BEFORE trigger of the table stamps it, a generated column follows an excluded one), and
+    /// `UPDATE OF` would miss that change. A statement that leaves the business columns equal is
+    /// filtered in the trigger, by value.
     pub fn install(&self, table: &Table) -> Result<()> {
-        let update = if self.update_columns.is_empty() {
-            "UPDATE".to_string()
-        } else {
-            let names: Vec<String> = self
-                .update_columns
-                .iter()
-                .map(|c| quote_ident(&c.1))
-                .collect();
-            format!("UPDATE OF {}", names.join(", "))
-        };
         let args: Vec<String> = self.args.iter().map(|a| quote_literal(a)).collect();
         let firing = firing_mode(table)?;
         Spi::run(&format!(
-            "CREATE OR REPLACE TRIGGER {} AFTER INSERT OR DELETE OR {update} ON {} \
+            "CREATE OR REPLACE TRIGGER {} AFTER INSERT OR DELETE OR UPDATE ON {} \
              FOR EACH ROW EXECUTE FUNCTION certyo.capture({})",
             quote_ident(CAPTURE_TRIGGER),
             table.quoted,
@@ -203,6 +197,17 @@ impl TriggerDefinition {
             quote_ident(TRUNCATE_TRIGGER),
             table.quoted
         ))?;
+        if self.marks {
+            // In every session, also in replica mode (see crate::capture::marks).
+            Spi::run(&format!(
+                "CREATE OR REPLACE TRIGGER {marks} BEFORE UPDATE ON {table} FOR EACH ROW EXECUTE FUNCTION certyo.capture();
+                 ALTER TABLE {table} ENABLE ALWAYS TRIGGER {marks}",
+                marks = quote_ident(MARKS_TRIGGER),
+                table = table.quoted
+            ))?;
+        } else {
+            drop_marks(table)?;
+        }
         // CREATE OR REPLACE enables the trigger; a user who disabled it (or set it to fire in
         // replica mode) keeps that choice.
         if let Some(mode) = firing {
@@ -266,7 +271,20 @@ fn drop_both(table: &Table) -> Result<bool> {
             table.quoted
         ))?;
     }
+    drop_marks(table)?;
     Ok(tracked)
+}
+
+/// Drop the marks trigger: when the table is untracked, or tracked again with `write_back =>
+/// 'none'`, under which it has no marks.
+fn drop_marks(table: &Table) -> Result<()> {
+    let _untracking = Flag::raise(&UNTRACKING);
+    Spi::run(&format!(
+        "DROP TRIGGER IF EXISTS {} ON {}",
+        quote_ident(MARKS_TRIGGER),
+        table.quoted
+    ))?;
+    Ok(())
 }
 
 /// Record that our triggers depend on the extension (automatically), so `DROP EXTENSION`
@@ -279,12 +297,13 @@ fn depend_on_extension(relid: Oid) -> Result<()> {
         let rows = client.select(
             &format!(
                 "SELECT t.oid FROM pg_trigger t
-                  WHERE t.tgrelid = $1 AND t.tgname IN ({}, {})
+                  WHERE t.tgrelid = $1 AND t.tgname IN ({}, {}, {})
                     AND NOT EXISTS (SELECT FROM pg_depend d
                                      WHERE d.classid = 'pg_trigger'::regclass AND d.objid = t.oid
                                        AND d.refclassid = 'pg_extension'::regclass AND d.refobjid = $2)",
                 quote_literal(CAPTURE_TRIGGER),
-                quote_literal(TRUNCATE_TRIGGER)
+                quote_literal(TRUNCATE_TRIGGER),
+                quote_literal(MARKS_TRIGGER)
             ),
             None,
             &[relid.into(), extension.into()],

@@ -55,7 +55,7 @@ macro_rules! user_code {
             UNION ALL
             SELECT FROM pg_trigger g JOIN tree ON g.tgrelid = tree.relid
              WHERE g.tgenabled IN ('A', 'R')
-               AND NOT (g.tgname IN ('certyo_capture', 'certyo_truncate_guard') AND g.tgqual IS NULL
+               AND NOT (g.tgname IN ('certyo_capture', 'certyo_truncate_guard', 'zz_certyo_marks') AND g.tgqual IS NULL
                         AND g.tgfoid = 'certyo.capture()'::regprocedure)
             UNION ALL
             SELECT FROM pg_rewrite r JOIN tree ON r.ev_class = tree.relid WHERE r.ev_enabled IN ('A', 'R')
@@ -121,8 +121,8 @@ pub struct RecordKey {
     collations: Vec<String>,
     /// The table's owner: the worker runs its statements on the table with the owner's rights.
     pub owner: Oid,
-    /// A business column the capture trigger fires on (`UPDATE OF`), quoted; None when it
-    /// fires on every UPDATE.
+    /// A business column the capture trigger fires on, quoted, when an earlier build installed
+    /// it with an `UPDATE OF` list; None when it fires on every UPDATE (as installed today).
     pub update_column: Option<String>,
     /// Whether an UPDATE of the table can run code PostgreSQL did not ship (`user_code!`).
     pub user_code: bool,

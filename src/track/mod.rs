@@ -185,7 +185,7 @@ fn track_table(
     } else {
         install::add_bookkeeping_columns(&table, options.write_back)?;
     }
-    TriggerDefinition::new(&table, &options).install(&table)?;
+    TriggerDefinition::new(&options).install(&table)?;
     crate::shape::record(relid, &options)?;
     if !was_tracked || mode_changed {
         // Under another mode the rows hold what the old one wrote: each record's newest
@@ -247,13 +247,14 @@ fn untrack_table(relid: Oid, drop_columns: bool) -> Result<bool> {
 }
 
 /// Before `ALTER TABLE ... DROP COLUMN` / `ALTER COLUMN ... TYPE` of `columns` on `relid` (and
-/// on its inheritors when the statement recurses), from `crate::ddl_hook`: each tracked
-/// table's capture trigger lets go of those columns (its `UPDATE OF` list without them), so the
-/// statement does not fail on the trigger's dependency and CASCADE cannot drop the trigger.
+/// on its inheritors when the statement recurses), from `crate::ddl_hook`: a tracked table
+/// whose capture trigger an earlier build installed with an `UPDATE OF` list gets today's, fired
+/// by every UPDATE, so the statement does not fail on the trigger's dependency on the column
+/// and CASCADE cannot drop the trigger.
 /// When the statement ends, the DDL event trigger re-plans capture ([`refresh`]): the next
 /// change carries the new shape. Tables the user does not own are left to ALTER TABLE's own
 /// permission error.
-pub fn release_columns(relid: Oid, columns: &[String], recurse: bool) -> Result<()> {
+pub fn release_columns(relid: Oid, recurse: bool) -> Result<()> {
     let tables = Spi::get_one_with_args::<Vec<Oid>>(
         "WITH RECURSIVE family(relid) AS (
              SELECT $1::oid
@@ -269,19 +270,9 @@ pub fn release_columns(relid: Oid, columns: &[String], recurse: bool) -> Result<
             continue;
         };
         let table = Table::inspect(relid)?;
-        let definition = TriggerDefinition::new(&table, &options);
-        let kept: Vec<(i16, String)> = definition
-            .update_columns
-            .iter()
-            .filter(|(_, name)| !columns.contains(name))
-            .cloned()
-            .collect();
-        if kept.len() < definition.update_columns.len() {
-            TriggerDefinition {
-                update_columns: kept,
-                ..definition
-            }
-            .install(&table)?;
+        let definition = TriggerDefinition::new(&options);
+        if !definition.is_installed(&table)? {
+            definition.install(&table)?;
         }
     }
     Ok(())
@@ -319,11 +310,16 @@ pub fn refuse_trigger_drop(trigger: &str) -> Result<()> {
     if install::untracking() {
         return Ok(());
     }
+    let (what, detail) = if trigger == crate::capture::marks::MARKS_TRIGGER {
+        ("keeps this table's rows from showing an earlier version's hash and status", "Dropping it would leave a row that changes showing what was written back of its earlier version, 'anchored' perhaps, until the new version is accepted.")
+    } else {
+        ("is how certyo_cdc captures this table's changes", "Dropping it would stop capture without a word: later changes would never reach Certyo.")
+    };
     Err(CertyoError::new(
         PgSqlErrorCode::ERRCODE_DEPENDENT_OBJECTS_STILL_EXIST,
-        format!("certyo_cdc: trigger {trigger} is how certyo_cdc captures this table's changes"),
+        format!("certyo_cdc: trigger {trigger} {what}"),
     )
-    .detail("Dropping it would stop capture without a word: later changes would never reach Certyo.")
+    .detail(detail)
     .hint("To stop capturing the table, call certyo.untrack('<table>'); to pause sending, certyo.pause()."))
 }
 
@@ -382,7 +378,7 @@ fn index_drop_refused(index: Oid, relid: Oid, record_id_columns: &[String]) -> C
 }
 
 /// After `ALTER TABLE` on a tracked table: re-validate the options against the new columns
-/// and rewrite the trigger if its `UPDATE OF` list or record id must change. A named column
+/// and rewrite the triggers if their arguments (the record id) must change. A named column
 /// that is gone raises an error, which undoes the `ALTER TABLE` rather than capture breaking.
 fn refresh(relid: Oid) -> Result<()> {
     let Some(options) = installed_options(relid)? else {
@@ -411,7 +407,7 @@ fn refresh(relid: Oid) -> Result<()> {
         CertyoError { hint: Some(hint), ..e }
     })?;
     identity::assign(&table, &mut options)?;
-    let definition = TriggerDefinition::new(&table, &options);
+    let definition = TriggerDefinition::new(&options);
     if !definition.is_installed(&table)? {
         definition.install(&table)?;
     }

@@ -10,10 +10,8 @@ use pgrx::PgSqlErrorCode;
 
 pub struct Attribute {
     pub name: String,
-    pub attnum: i16,
     pub typid: Oid,
     pub not_null: bool,
-    pub generated: bool,
 }
 
 pub struct Table {
@@ -376,19 +374,6 @@ impl Table {
             .collect::<Vec<_>>()
             .join(", ")
     }
-
-    /// Columns whose update is a change: everything but bookkeeping and excluded columns
-    /// (generated columns follow the columns they are computed from).
-    pub fn update_columns(&self, options: &CaptureOptions) -> Vec<&Attribute> {
-        self.columns
-            .iter()
-            .filter(|c| {
-                !c.generated
-                    && !options.is_bookkeeping(&c.name)
-                    && !options.exclude_columns.contains(&c.name)
-            })
-            .collect()
-    }
 }
 
 fn check_kind(kind: u8, display: &str) -> Result<()> {
@@ -415,7 +400,7 @@ fn check_kind(kind: u8, display: &str) -> Result<()> {
 fn columns(relid: Oid) -> Result<Vec<Attribute>> {
     Spi::connect(|client| {
         let rows = client.select(
-            "SELECT attname::text, attnum, atttypid, attnotnull, attgenerated <> ''
+            "SELECT attname::text, atttypid, attnotnull
                FROM pg_attribute WHERE attrelid = $1 AND attnum > 0 AND NOT attisdropped ORDER BY attnum",
             None,
             &[relid.into()],
@@ -424,10 +409,8 @@ fn columns(relid: Oid) -> Result<Vec<Attribute>> {
         for row in rows {
             columns.push(Attribute {
                 name: row.get::<String>(1)?.unwrap_or_default(),
-                attnum: row.get::<i16>(2)?.unwrap_or_default(),
-                typid: row.get::<Oid>(3)?.unwrap_or(pg_sys::InvalidOid),
-                not_null: row.get::<bool>(4)?.unwrap_or(false),
-                generated: row.get::<bool>(5)?.unwrap_or(false),
+                typid: row.get::<Oid>(2)?.unwrap_or(pg_sys::InvalidOid),
+                not_null: row.get::<bool>(3)?.unwrap_or(false),
             });
         }
         Ok(columns)

@@ -1,0 +1,115 @@
+//! The marks trigger: `certyo.capture()` fired BEFORE UPDATE. In the writer's own statement, a
+//! row whose content changes lets go of what the worker wrote back of its earlier version (its
+//! hash, `'anchored'`, when it was verified): from that moment the row holds content that Certyo
+//! has not seen, and until its new version is accepted (or anchored, by the table's write-back
+//! mode) it says nothing rather than an earlier version's claim. Nothing else is touched, and no
+//! row version is added: the writer's UPDATE stores the cleared row.
+//!
+//! It fires in every session (`ENABLE ALWAYS`): content that changes in replica mode (a bulk
+//! load with `session_replication_role = replica`, a logical replication apply) must not keep
+//! an earlier version's marks either. It leaves alone the worker's own write-back, which sets
+//! only these columns.
+//!
+//! Its name makes it fire after the table's other BEFORE UPDATE triggers (they fire in name
+//! order), so that it judges the row as they leave it: one that stamps `updated_at` changes the
+//! content too. A trigger named to fire after it can still change the content unseen; the
+//! worker then clears the marks once the new version is accepted.
+
+use super::plan::{self, TablePlan};
+use super::record::Row;
+use super::CAPTURE_TRIGGER;
+use crate::error::{CertyoError, Result};
+use pgrx::pg_sys;
+use pgrx::PgSqlErrorCode;
+use std::ffi::{c_int, CStr};
+
+/// Name of the BEFORE UPDATE row trigger that clears the marks of a row whose content changes.
+pub const MARKS_TRIGGER: &str = "zz_certyo_marks";
+
+/// The row the writer's UPDATE stores: `data`'s new row, with the bookkeeping columns set to
+/// NULL when a business column changed and any of them holds something.
+///
+/// # Safety
+/// `data` is the trigger data of a BEFORE UPDATE ... FOR EACH ROW firing.
+pub unsafe fn clear(data: &pg_sys::TriggerData) -> Result<pg_sys::HeapTuple> {
+    // SAFETY: the caller upholds this function's contract (its `# Safety` section), on which
+    // every unsafe operation below relies.
+    unsafe {
+        let rel = data.tg_relation;
+        let new = data.tg_newtuple;
+        let plan = plan::for_relation(rel, || capture_args(data))?;
+        if plan.marks.is_empty() || crate::rights::writing_back_to(plan.relid) {
+            return Ok(new);
+        }
+        let tupdesc = (*rel).rd_att;
+        let new_row = Row::deform(new, tupdesc, plan.natts);
+        if plan.marks.iter().all(|&i| new_row.is_null(i)) {
+            return Ok(new);
+        }
+        let old_row = Row::deform(data.tg_trigtuple, tupdesc, plan.natts);
+        if !plan.business_changed(&old_row, &new_row) {
+            return Ok(new);
+        }
+        Ok(without_marks(new, tupdesc, &plan))
+    }
+}
+
+/// # Safety
+/// `tuple` is a row of the relation whose descriptor is `tupdesc` and whose plan is `plan`.
+unsafe fn without_marks(
+    tuple: pg_sys::HeapTuple,
+    tupdesc: pg_sys::TupleDesc,
+    plan: &TablePlan,
+) -> pg_sys::HeapTuple {
+    let mut columns: Vec<c_int> = plan.marks.iter().map(|&i| i as c_int + 1).collect();
+    let mut values = vec![pg_sys::Datum::from(0); columns.len()];
+    let mut nulls = vec![true; columns.len()];
+    // SAFETY: `columns` are attribute numbers of `tupdesc` (the plan was built from it), each
+    // with a value and a null flag; the new tuple is allocated in the trigger's memory context,
+    // as the trigger manager expects of a BEFORE trigger's result.
+    unsafe {
+        pg_sys::heap_modify_tuple_by_cols(
+            tuple,
+            tupdesc,
+            columns.len() as c_int,
+            columns.as_mut_ptr(),
+            values.as_mut_ptr(),
+            nulls.as_mut_ptr(),
+        )
+    }
+}
+
+/// The arguments of the table's capture trigger, from which its plan is built (the marks
+/// trigger carries none of its own): a table without one is not tracked.
+///
+/// # Safety
+/// `data` is the trigger data of a firing on an open relation.
+unsafe fn capture_args<'a>(data: &pg_sys::TriggerData) -> Result<Vec<&'a str>> {
+    // SAFETY: the caller upholds this function's contract (its `# Safety` section), on which
+    // every unsafe operation below relies; `trigdesc`, when set, holds `numtriggers` triggers.
+    unsafe {
+        let rel = data.tg_relation;
+        let desc = (*rel).trigdesc;
+        let triggers: &[pg_sys::Trigger] = if desc.is_null() || (*desc).numtriggers <= 0 {
+            &[]
+        } else {
+            std::slice::from_raw_parts((*desc).triggers, (*desc).numtriggers as usize)
+        };
+        let function = (*data.tg_trigger).tgfoid;
+        let capture = triggers.iter().find(|t| {
+            t.tgfoid == function
+                && CStr::from_ptr(t.tgname).to_bytes() == CAPTURE_TRIGGER.as_bytes()
+        });
+        let Some(capture) = capture else {
+            let table = plan::qualified_name(rel);
+            return Err(CertyoError::new(
+                PgSqlErrorCode::ERRCODE_E_R_I_E_TRIGGER_PROTOCOL_VIOLATED,
+                format!("certyo_cdc: {table} is not a tracked table, so its trigger {MARKS_TRIGGER} has nothing to keep true"),
+            )
+            .detail("The marks trigger works with the capture trigger certyo.track() installs, named certyo_capture.")
+            .hint(format!("Drop the hand-made trigger {MARKS_TRIGGER} on {table}; track permanent tables with certyo.track().")));
+        };
+        super::refuse_untracked(rel, capture)?;
+        Ok(super::trigger_args(capture))
+    }
+}
