@@ -551,6 +551,7 @@ fn excluded_key_columns(
                     value: ValuePlan::for_type(typid),
                     len,
                     byval,
+                    generated: false,
                 },
             );
         }

@@ -12,8 +12,10 @@
 //!
 //! Its name makes it fire after the table's other BEFORE UPDATE triggers (they fire in name
 //! order), so that it judges the row as they leave it: one that stamps `updated_at` changes the
-//! content too. A trigger named to fire after it can still change the content unseen; the
-//! worker then clears the marks once the new version is accepted.
+//! content too. Two changes it cannot see: one made by a trigger named to fire after it, and a
+//! stored generated column's (computed after every BEFORE trigger, so it is left out of the
+//! comparison: what the trigger sees in it is not the new value). For those, the worker clears
+//! the marks once the new version is accepted.
 
 use super::plan::{self, TablePlan};
 use super::record::Row;
@@ -47,7 +49,7 @@ pub unsafe fn clear(data: &pg_sys::TriggerData) -> Result<pg_sys::HeapTuple> {
             return Ok(new);
         }
         let old_row = Row::deform(data.tg_trigtuple, tupdesc, plan.natts);
-        if !plan.business_changed(&old_row, &new_row) {
+        if !plan.assigned_business_changed(&old_row, &new_row) {
             return Ok(new);
         }
         Ok(without_marks(new, tupdesc, &plan))

@@ -24,6 +24,9 @@ pub struct Column {
     pub value: ValuePlan,
     pub len: i16,
     pub byval: bool,
+    /// A stored generated column: computed after the BEFORE triggers, so what they see in it
+    /// is not yet the new row's value.
+    pub generated: bool,
 }
 
 pub enum TimestampColumn {
@@ -102,6 +105,7 @@ impl TablePlan {
                     value: ValuePlan::for_type(attribute.atttypid),
                     len: attribute.attlen,
                     byval: attribute.attbyval,
+                    generated: attribute.attgenerated != 0,
                     name,
                 });
             }

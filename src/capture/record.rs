@@ -245,6 +245,22 @@ impl TablePlan {
         }
     }
 
+    /// [`TablePlan::business_changed`] as a BEFORE trigger can tell: stored generated columns
+    /// are left out, as they are computed after it (what it sees in them is not the new value).
+    ///
+    /// # Safety
+    /// As for [`TablePlan::business_changed`].
+    pub unsafe fn assigned_business_changed(&self, old: &Row, new: &Row) -> bool {
+        // SAFETY: the caller upholds this function's contract (its `# Safety` section), on which
+        // every unsafe operation below relies.
+        unsafe {
+            self.payload
+                .iter()
+                .filter(|c| !c.generated)
+                .any(|c| !same_value(c.len, c.byval, old.get(c.index), new.get(c.index)))
+        }
+    }
+
     /// # Safety
     /// As for [`TablePlan::business_changed`].
     pub unsafe fn record_id_changed(&self, old: &Row, new: &Row) -> bool {
