@@ -9,7 +9,8 @@ Variants: the three tables of bench/capture.py, all with certyo_cdc's bookkeepin
 (untracked; tracked by certyo_cdc; the PL/pgSQL trigger of bench/baseline.sql), and the same
 table without the bookkeeping columns (narrow), as bench/oltp.py's untracked twin is.
 Scenarios: a single-row INSERT (per transaction), and per row of a ROWS-row INSERT ... SELECT,
-business UPDATE and bookkeeping-only UPDATE (the statements of bench/capture.py).
+business UPDATE and bookkeeping-only UPDATE (the statements of bench/capture.py), and the
+bookkeeping-only UPDATE in replica mode, as the worker's write-back runs it.
 
 Usage: bench/instructions.py [--rows 10000] [--pg-bin DIR]   (needs valgrind and the extension
 installed; runs as root, the server as the postgres user, in a throwaway data directory)
@@ -49,6 +50,13 @@ def business_update(table):
 def bookkeeping_update(table):
     return (f"UPDATE bench.t_{table} SET certyo_record_hash = 'sha256:' || id, "
             f"certyo_anchor_status = 'pending' WHERE id > 1000000;")
+
+
+def write_back(table):
+    """The bookkeeping-only UPDATE as the worker runs its write-back on a table whose UPDATE runs
+    no user code: in replica mode (only triggers that fire always fire)."""
+    return ("SET session_replication_role = replica; " + bookkeeping_update(table)
+            + " RESET session_replication_role;")
 
 
 class Server:
@@ -113,6 +121,9 @@ def count_variant(server, variant, args):
         server.run([f"VACUUM bench.t_{variant};"])
         warmup = rolled_back([bookkeeping_update(variant).replace("id > 1000000", in_range)])
         results[(variant, "bookkeeping")] = per_statement(server, warmup, [bookkeeping_update(variant)], args.rows)
+        server.run([f"VACUUM bench.t_{variant};"])
+        warmup = rolled_back([write_back(variant).replace("id > 1000000", in_range)])
+        results[(variant, "write_back")] = per_statement(server, warmup, [write_back(variant)], args.rows)
     server.run([f"DELETE FROM bench.t_{variant};", f"VACUUM bench.t_{variant};"])
     return results
 
@@ -144,7 +155,8 @@ def main():
     print(f"{'scenario':36} {'narrow':>11} {'untracked':>11} {'certyo_cdc':>11} {'plpgsql':>11} "
           f"{'untr/narrow':>11} {'cdc/narrow':>10} {'cdc/untr':>9} {'plpg/untr':>9}")
     rows = [("single", "single-row INSERT (per transaction)"), ("insert", "INSERT ... SELECT (per row)"),
-            ("business", "business UPDATE (per row)"), ("bookkeeping", "bookkeeping-only UPDATE (per row)")]
+            ("business", "business UPDATE (per row)"), ("bookkeeping", "bookkeeping-only UPDATE (per row)"),
+            ("write_back", "the same in replica mode (per row)")]
     for key, label in rows:
         cells = [results.get((v, key)) for v in VARIANTS]
         shown = "".join(f"{c:>12,.0f}" if c is not None else f"{'':>12}" for c in cells)

@@ -431,3 +431,90 @@ def test_every_version_is_verified_when_the_setting_asks(cluster):
     finally:
         cluster.sql("ALTER SYSTEM RESET certyo.verify")
         cluster.sql("SELECT pg_reload_conf()")
+
+
+def test_the_marks_trigger_is_put_back_as_installed_by_the_next_alter_table(cluster):
+    """ALTER TABLE ... DISABLE TRIGGER ALL, then ENABLE TRIGGER ALL, leaves every trigger firing in
+    origin mode only, ours too; a trigger replaced by hand may fire never. The next ALTER TABLE
+    of the table (these statements themselves) installs it again as track() does: fired always,
+    so a change made in replica mode clears the row's marks too."""
+    t = "wb_put_back"
+    cluster.sql(f"""
+        CREATE TABLE {t} (id int PRIMARY KEY, v text);
+        SELECT certyo.track('{t}');
+        INSERT INTO {t} VALUES (1, 'a'), (2, 'b');
+    """)
+    assert wait_for(lambda: cluster.sql(f"SELECT count(*) FROM {t} WHERE certyo_anchor_status = 'anchored'")
+                    == "2", 60), cluster.explain()
+    marks = f"SELECT tgenabled::text || ':' || (tgqual IS NULL) FROM pg_trigger WHERE tgrelid = '{t}'::regclass AND tgname = 'zz_certyo_marks'"
+    cluster.sql(f"ALTER TABLE {t} DISABLE TRIGGER ALL; ALTER TABLE {t} ENABLE TRIGGER ALL")
+    assert cluster.sql(marks) == "A:true"
+    cluster.sql(f"CREATE OR REPLACE TRIGGER zz_certyo_marks BEFORE UPDATE ON {t} FOR EACH ROW WHEN (false) "
+                "EXECUTE FUNCTION certyo.capture(); "
+                f"ALTER TABLE {t} ADD COLUMN extra int")
+    assert cluster.sql(marks) == "A:true"
+    cluster.sql(f"SET session_replication_role = replica; UPDATE {t} SET v = 'changed in replica mode' WHERE id = 1")
+    assert cluster.sql(f"SELECT string_agg(id || ':' || coalesce(certyo_anchor_status, '-'), ',' ORDER BY id) "
+                       f"FROM {t}") == "1:-,2:anchored"
+    cluster.sql(f"DROP TABLE {t}")
+
+
+def test_certyo_cdcs_triggers_are_neither_dropped_nor_renamed_on_a_tracked_table(cluster):
+    """Renaming a trigger out of the way and dropping it under its new name would stop capture,
+    or the clearing of marks, without a word: refused on a tracked table, as DROP TRIGGER is,
+    and so is giving a trigger of the owner's one of their names. On a table that is not
+    tracked, a trigger of such a name is the owner's own: dropped and renamed as any other."""
+    cluster.sql("""
+        CREATE TABLE wb_guarded (id int PRIMARY KEY, v text);
+        SELECT certyo.track('wb_guarded');
+        CREATE FUNCTION wb_noop() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN RETURN NEW; END $$;
+        CREATE TRIGGER mine BEFORE UPDATE ON wb_guarded FOR EACH ROW EXECUTE FUNCTION wb_noop();
+    """)
+    for statement in ("ALTER TRIGGER zz_certyo_marks ON wb_guarded RENAME TO a_marks",
+                      "ALTER TRIGGER certyo_capture ON wb_guarded RENAME TO a_capture",
+                      "ALTER TRIGGER certyo_truncate_guard ON wb_guarded RENAME TO a_guard",
+                      "DROP TRIGGER zz_certyo_marks ON wb_guarded",
+                      "DROP TRIGGER certyo_capture ON wb_guarded"):
+        attempt = cluster.attempt_verbose(statement)
+        assert attempt.sqlstate == "2BP01", f"{statement}: {attempt.stderr}"
+    cluster.sql("DROP TRIGGER mine ON wb_guarded")
+    cluster.sql("CREATE TRIGGER mine BEFORE UPDATE ON wb_guarded FOR EACH ROW EXECUTE FUNCTION wb_noop()")
+    attempt = cluster.attempt_verbose("ALTER TRIGGER mine ON wb_guarded RENAME TO zz_certyo_marks")
+    assert attempt.sqlstate == "2BP01", attempt.stderr
+    assert cluster.sql("SELECT string_agg(tgname, ',' ORDER BY tgname) FROM pg_trigger "
+                       "WHERE tgrelid = 'wb_guarded'::regclass") == "certyo_capture,certyo_truncate_guard,mine,zz_certyo_marks"
+    cluster.sql("""
+        CREATE TABLE wb_unguarded (id int PRIMARY KEY);
+        CREATE TRIGGER zz_certyo_marks BEFORE UPDATE ON wb_unguarded FOR EACH ROW EXECUTE FUNCTION wb_noop();
+        ALTER TRIGGER zz_certyo_marks ON wb_unguarded RENAME TO certyo_capture;
+        DROP TRIGGER certyo_capture ON wb_unguarded;
+        DROP TABLE wb_unguarded, wb_guarded; DROP FUNCTION wb_noop();
+    """)
+
+
+@pytest.mark.parametrize("mode", ["anchored", "accepted"])
+def test_a_captured_generated_column_computed_from_a_column_not_captured_is_refused(cluster, mode):
+    """Computed from an excluded column, it changes when only that column does, after every
+    BEFORE trigger: the row's earlier marks could not be cleared in that UPDATE. Computed from a
+    bookkeeping column, every write-back would change the content it marks. Refused by track()
+    and by the ALTER TABLE that would make such a column (undone); excluded too, it is fine."""
+    t = f"wb_generated_{mode}"
+    cluster.sql(f"""
+        CREATE TABLE {t} (id int PRIMARY KEY, v text, note text,
+                          note_len int GENERATED ALWAYS AS (length(note)) STORED)""")
+    attempt = cluster.attempt_verbose(f"SELECT certyo.track('{t}', exclude_columns => ARRAY['note'], write_back => '{mode}')")
+    assert attempt.sqlstate == "42P16", attempt.stderr
+    assert 'generated column "note_len"' in attempt.stderr and "ARRAY['note', 'note_len']" in attempt.stderr
+    cluster.sql(f"SELECT certyo.track('{t}', exclude_columns => ARRAY['note', 'note_len'], write_back => '{mode}')")
+    attempt = cluster.attempt_verbose(f"ALTER TABLE {t} ADD COLUMN label text "
+                                      "GENERATED ALWAYS AS (coalesce(certyo_anchor_status, '-')) STORED")
+    assert attempt.sqlstate == "42P16", attempt.stderr
+    assert "certyo_anchor_status" in attempt.stderr
+    assert cluster.sql(f"SELECT count(*) FROM pg_attribute WHERE attrelid = '{t}'::regclass AND attname = 'label'") == "0"
+    cluster.sql(f"DROP TABLE {t}")
+    cluster.sql(f"""
+        CREATE TABLE {t} (id int PRIMARY KEY, v text, note text,
+                          note_len int GENERATED ALWAYS AS (length(note)) STORED);
+        SELECT certyo.track('{t}', exclude_columns => ARRAY['note'], write_back => 'none');
+        DROP TABLE {t};
+    """)

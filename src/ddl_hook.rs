@@ -9,7 +9,8 @@
 //!   first (one fired by every UPDATE), so the statement neither fails on the trigger's
 //!   dependency nor (with CASCADE) drops the trigger; the DDL event trigger re-plans capture
 //!   when the statement ends (see `crate::track`).
-//! - `DROP TRIGGER` of a capture trigger is refused: `certyo.untrack()` stops capture.
+//! - `DROP TRIGGER` of one of certyo_cdc's triggers on a tracked table is refused, and so is
+//!   renaming one (or another trigger to its name): `certyo.untrack()` stops capture.
 //! - `DROP INDEX` of the last unique index on a tracked table's record id columns is refused:
 //!   they would no longer identify a row.
 //! - `ATTACH PARTITION` to a tracked partitioned table gives the new partition the bookkeeping
@@ -74,8 +75,8 @@ unsafe extern "C-unwind" fn process_utility(
         if let Some((relid, _, recurse)) = alters_column_types_or_drops(statement) {
             pinned(|| crate::track::release_columns(relid, recurse)).or_raise();
         }
-        if let Some(trigger) = drops_a_capture_trigger(statement) {
-            pinned(|| crate::track::refuse_trigger_drop(&trigger)).or_raise();
+        if let Some((table, trigger)) = touches_own_trigger(statement) {
+            pinned(|| crate::track::refuse_trigger_drop(table, &trigger)).or_raise();
         }
         let indexes = dropped_indexes(statement);
         if !indexes.is_empty() {
@@ -370,16 +371,56 @@ unsafe fn attaches_or_inherits(stmt: *mut pg_sys::Node) -> Vec<(pg_sys::Oid, Att
     }
 }
 
-/// The trigger's name when `stmt` is a `DROP TRIGGER` of a capture trigger (or its TRUNCATE
-/// guard).
+/// certyo_cdc's own triggers on a tracked table (see `crate::track::install`).
+const OWN_TRIGGERS: [&str; 3] = [
+    crate::capture::CAPTURE_TRIGGER,
+    crate::capture::TRUNCATE_TRIGGER,
+    crate::capture::marks::MARKS_TRIGGER,
+];
+
+/// The table (when it exists) and the name of one of certyo_cdc's own triggers when `stmt` is a
+/// `DROP TRIGGER` of it, or an `ALTER TRIGGER ... RENAME` from or to its name (a rename would
+/// take it out of sight, to be dropped next, or give a trigger of the table's owner its name).
 ///
 /// # Safety
 /// `stmt` is null or a valid parse node.
-unsafe fn drops_a_capture_trigger(stmt: *mut pg_sys::Node) -> Option<String> {
+unsafe fn touches_own_trigger(stmt: *mut pg_sys::Node) -> Option<(Option<pg_sys::Oid>, String)> {
     // SAFETY: the caller upholds this function's contract (its `# Safety` section), on which
     // every unsafe operation below relies.
     unsafe {
-        if stmt.is_null() || (*stmt).type_ != pg_sys::NodeTag::T_DropStmt {
+        // Resolved without a lock: the statement locks the table itself, and a name that
+        // resolves to nothing is left to its own error.
+        let resolve = |name: *mut pg_sys::RangeVar| {
+            let relid = pg_sys::RangeVarGetRelidExtended(
+                name,
+                pg_sys::NoLock as pg_sys::LOCKMODE,
+                pg_sys::RVROption::RVR_MISSING_OK,
+                None,
+                std::ptr::null_mut(),
+            );
+            (relid != pg_sys::InvalidOid).then_some(relid)
+        };
+        let own = |name: *const std::ffi::c_char| {
+            if name.is_null() {
+                return None;
+            }
+            let name = CStr::from_ptr(name).to_str().ok()?;
+            OWN_TRIGGERS.contains(&name).then(|| name.to_string())
+        };
+        if stmt.is_null() {
+            return None;
+        }
+        if (*stmt).type_ == pg_sys::NodeTag::T_RenameStmt {
+            let rename = stmt.cast::<pg_sys::RenameStmt>();
+            if (*rename).renameType != pg_sys::ObjectType::OBJECT_TRIGGER
+                || (*rename).relation.is_null()
+            {
+                return None;
+            }
+            let name = own((*rename).subname).or_else(|| own((*rename).newname))?;
+            return Some((resolve((*rename).relation), name));
+        }
+        if (*stmt).type_ != pg_sys::NodeTag::T_DropStmt {
             return None;
         }
         let drop = stmt.cast::<pg_sys::DropStmt>();
@@ -389,21 +430,15 @@ unsafe fn drops_a_capture_trigger(stmt: *mut pg_sys::Node) -> Option<String> {
         // Each object is a list of names: [schema,] table, trigger.
         let objects = pgrx::PgList::<pg_sys::List>::from_pg((*drop).objects);
         let found = objects.iter_ptr().find_map(|names| {
-            let names = pgrx::PgList::<pg_sys::Node>::from_pg(names);
-            let last = names.get_ptr(names.len().checked_sub(1)?)?;
+            let count = pgrx::PgList::<pg_sys::Node>::from_pg(names).len();
+            let last =
+                pgrx::PgList::<pg_sys::Node>::from_pg(names).get_ptr(count.checked_sub(1)?)?;
             if (*last).type_ != pg_sys::NodeTag::T_String {
                 return None;
             }
-            let name = CStr::from_ptr((*last.cast::<pg_sys::String>()).sval)
-                .to_str()
-                .ok()?;
-            [
-                crate::capture::CAPTURE_TRIGGER,
-                crate::capture::TRUNCATE_TRIGGER,
-                crate::capture::marks::MARKS_TRIGGER,
-            ]
-            .contains(&name)
-            .then(|| name.to_string())
+            let name = own((*last.cast::<pg_sys::String>()).sval)?;
+            let table = pg_sys::list_truncate(pg_sys::list_copy(names), (count - 1) as i32);
+            Some((resolve(pg_sys::makeRangeVarFromNameList(table)), name))
         });
         found
     }

@@ -30,9 +30,9 @@ mod tests {
     use super::*;
 
     #[pg_test]
-    fn track_adds_bookkeeping_columns_and_both_triggers() {
+    fn track_adds_bookkeeping_columns_and_its_triggers() {
         sql("CREATE TABLE t (id int PRIMARY KEY, v text); SELECT certyo.track('t')");
-        assert_eq!(shape_of("t"), "id,v,certyo_record_hash,certyo_anchor_status,certyo_verified_at|certyo_capture,certyo_truncate_guard");
+        assert_eq!(shape_of("t"), "id,v,certyo_record_hash,certyo_anchor_status,certyo_verified_at|certyo_capture,certyo_truncate_guard,zz_certyo_marks");
         // The default write-back ('anchored'): nothing on the row until Certyo confirms it, and
         // no column default for every INSERT to evaluate.
         sql("INSERT INTO t (id, v) VALUES (1, 'x')");
@@ -54,7 +54,7 @@ mod tests {
         );
         assert_eq!(
             one::<i64>("SELECT count(*) FROM pg_trigger WHERE tgrelid = 't'::regclass"),
-            Some(2)
+            Some(3)
         );
         assert_eq!(
             one::<Vec<String>>("SELECT exclude_columns FROM certyo.tracked_tables"),
@@ -193,7 +193,7 @@ mod tests {
                 "{hint}"
             );
         }
-        assert_eq!(shape_of("t"), "id,v,certyo_record_hash,certyo_anchor_status,certyo_verified_at|certyo_capture,certyo_truncate_guard");
+        assert_eq!(shape_of("t"), "id,v,certyo_record_hash,certyo_anchor_status,certyo_verified_at|certyo_capture,certyo_truncate_guard,zz_certyo_marks");
         sql("SELECT certyo.untrack('t', drop_columns => true)");
         assert_eq!(shape_of("t"), "id,v|");
     }

@@ -142,6 +142,9 @@ pub fn drop_bookkeeping_columns(table: &Table) -> Result<()> {
     Ok(())
 }
 
+/// `pg_trigger.tgtype` of the marks trigger: FOR EACH ROW (1), BEFORE (2), UPDATE (16).
+const MARKS_TYPE: i16 = 1 | 2 | 16;
+
 /// The capture trigger as it should be for these options: its arguments; and whether the table
 /// has the marks trigger (in the modes that write back, see `crate::capture::marks`).
 pub struct TriggerDefinition {
@@ -158,12 +161,17 @@ impl TriggerDefinition {
     }
 
     /// Does the installed capture trigger already match (same arguments, fired by every
-    /// UPDATE), and the marks trigger exist exactly when wanted?
+    /// UPDATE), and the marks trigger exist exactly when wanted, as installed (fired always,
+    /// before every UPDATE of a row, unconditionally)? One disabled, renamed back, or replaced
+    /// by hand is installed again by the next `ALTER TABLE` (`refresh`) or `track()`.
     pub fn is_installed(&self, table: &Table) -> Result<bool> {
         let (args, attnums, marks) = Spi::get_three_with_args::<Vec<u8>, Vec<i16>, bool>(
             &format!(
                 "SELECT t.tgargs, t.tgattr::int2[],
-                        EXISTS (SELECT FROM pg_trigger m WHERE m.tgrelid = $1 AND m.tgname = {})
+                        EXISTS (SELECT FROM pg_trigger m
+                                 WHERE m.tgrelid = $1 AND m.tgname = {} AND m.tgenabled = 'A'
+                                   AND m.tgtype = {MARKS_TYPE} AND m.tgqual IS NULL AND m.tgnargs = 0
+                                   AND pg_catalog.cardinality(m.tgattr::pg_catalog.int2[]) = 0 AND m.tgfoid = 'certyo.capture()'::regprocedure)
                    FROM (SELECT) AS one
                    LEFT JOIN pg_trigger t ON t.tgrelid = $1 AND t.tgname = {}",
                 quote_literal(MARKS_TRIGGER),
@@ -183,6 +191,7 @@ impl TriggerDefinition {
     /// `UPDATE OF` would miss that change. A statement that leaves the business columns equal is
     /// filtered in the trigger, by value.
     pub fn install(&self, table: &Table) -> Result<()> {
+        let _installing = Flag::raise(&INSTALLING);
         let args: Vec<String> = self.args.iter().map(|a| quote_literal(a)).collect();
         let firing = firing_mode(table)?;
         Spi::run(&format!(
@@ -243,6 +252,14 @@ thread_local! {
     /// Set while `certyo.untrack()` drops the triggers: the one `DROP TRIGGER` of a capture
     /// trigger that `crate::ddl_hook` lets through.
     static UNTRACKING: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+    /// Set while the triggers are installed: the `ALTER TABLE` that makes the marks trigger fire
+    /// always ends in the DDL event trigger, which must not install them again meanwhile.
+    static INSTALLING: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Are the triggers being installed right now (see `INSTALLING`)?
+pub fn installing() -> bool {
+    INSTALLING.with(std::cell::Cell::get)
 }
 
 /// Is `certyo.untrack()` dropping the triggers right now?

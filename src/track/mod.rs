@@ -304,16 +304,24 @@ pub fn refuse_inheriting_from(parent: Oid) -> Result<()> {
     .hint(format!("Use declarative partitioning (CREATE TABLE ... PARTITION OF {name}), whose partitions are captured with the table, or call certyo.untrack('{name}') first.")))
 }
 
-/// `DROP TRIGGER` of a capture trigger, from `crate::ddl_hook`: refused unless
-/// `certyo.untrack()` is the one dropping it. Capture never stops without a word.
-pub fn refuse_trigger_drop(trigger: &str) -> Result<()> {
+/// `DROP TRIGGER` of one of certyo_cdc's triggers, or `ALTER TRIGGER ... RENAME` from or to its
+/// name, from `crate::ddl_hook`: refused on a tracked table (`table`, None: no such table) unless
+/// `certyo.untrack()` is the one dropping it. Capture never stops without a word. (A trigger of
+/// such a name on a table that is not tracked was made by hand: its owner may drop it.)
+pub fn refuse_trigger_drop(table: Option<Oid>, trigger: &str) -> Result<()> {
     if install::untracking() {
         return Ok(());
     }
+    // Tracked: a capture trigger whose arguments read as track() writes them. One that does not
+    // read so (made by hand, then renamed to the name) is not ours to keep either.
+    match table {
+        Some(table) if matches!(installed_options(table), Ok(Some(_))) => {}
+        _ => return Ok(()),
+    }
     let (what, detail) = if trigger == crate::capture::marks::MARKS_TRIGGER {
-        ("keeps this table's rows from showing an earlier version's hash and status", "Dropping it would leave a row that changes showing what was written back of its earlier version, 'anchored' perhaps, until the new version is accepted.")
+        ("keeps this table's rows from showing an earlier version's hash and status", "Dropping or renaming it would leave a row that changes showing what was written back of its earlier version, 'anchored' perhaps, until the new version is accepted.")
     } else {
-        ("is how certyo_cdc captures this table's changes", "Dropping it would stop capture without a word: later changes would never reach Certyo.")
+        ("is how certyo_cdc captures this table's changes", "Dropping or renaming it would stop capture without a word: later changes would never reach Certyo.")
     };
     Err(CertyoError::new(
         PgSqlErrorCode::ERRCODE_DEPENDENT_OBJECTS_STILL_EXIST,
@@ -381,6 +389,9 @@ fn index_drop_refused(index: Oid, relid: Oid, record_id_columns: &[String]) -> C
 /// and rewrite the triggers if their arguments (the record id) must change. A named column
 /// that is gone raises an error, which undoes the `ALTER TABLE` rather than capture breaking.
 fn refresh(relid: Oid) -> Result<()> {
+    if install::installing() {
+        return Ok(()); // the ALTER TABLE of an installation, which re-plans when it is done
+    }
     let Some(options) = installed_options(relid)? else {
         return Ok(()); // untracked meanwhile: nothing to keep current
     };

@@ -146,7 +146,7 @@ impl Table {
             }
         }
         let timestamp_column = self.resolve_timestamp(request.timestamp_column.as_deref())?;
-        Ok(CaptureOptions {
+        let options = CaptureOptions {
             record_id_source,
             record_id_columns,
             exclude_columns,
@@ -155,7 +155,73 @@ impl Table {
             write_back: request
                 .write_back
                 .unwrap_or_else(crate::settings::write_back),
-        })
+        };
+        self.require_generated_from_captured(&options)?;
+        Ok(options)
+    }
+
+    /// In the modes that write back, a captured generated column must be computed from captured
+    /// columns only. One computed
+    /// from an excluded column changes when only that column does, after every BEFORE trigger
+    /// (so the marks trigger could not tell the row's content changed, and the row would keep
+    /// an earlier version's `anchored`); one computed from a bookkeeping column changes with
+    /// every write-back, so the worker would mark content other than the version it marks.
+    fn require_generated_from_captured(&self, options: &CaptureOptions) -> Result<()> {
+        if options.write_back == WriteBack::None {
+            return Ok(()); // no marks, and capture sees generated columns as stored
+        }
+        let pairs: Vec<(String, String)> = Spi::connect(|client| {
+            let rows = client.select(
+                "SELECT g.attname::text, s.attname::text
+                   FROM pg_catalog.pg_attrdef ad
+                   JOIN pg_catalog.pg_attribute g ON g.attrelid = ad.adrelid AND g.attnum = ad.adnum
+                   JOIN pg_catalog.pg_depend d
+                     ON d.classid = 'pg_catalog.pg_attrdef'::pg_catalog.regclass AND d.objid = ad.oid
+                    AND d.refclassid = 'pg_catalog.pg_class'::pg_catalog.regclass AND d.refobjid = ad.adrelid
+                    AND d.refobjsubid > 0 AND d.refobjsubid <> ad.adnum
+                   JOIN pg_catalog.pg_attribute s ON s.attrelid = ad.adrelid AND s.attnum = d.refobjsubid
+                  WHERE ad.adrelid = $1 AND g.attgenerated <> '' AND NOT g.attisdropped AND NOT s.attisdropped
+                  ORDER BY g.attnum, s.attnum",
+                None,
+                &[self.relid.into()],
+            )?;
+            rows.map(|row| {
+                Ok((
+                    row.get::<String>(1)?.unwrap_or_default(),
+                    row.get::<String>(2)?.unwrap_or_default(),
+                ))
+            })
+            .collect::<std::result::Result<Vec<_>, pgrx::spi::Error>>()
+        })?;
+        let captured = |name: &str| {
+            !options.is_bookkeeping(name) && !options.exclude_columns.iter().any(|c| c == name)
+        };
+        let Some((generated, source)) = pairs
+            .iter()
+            .find(|(generated, source)| captured(generated) && !captured(source))
+        else {
+            return Ok(());
+        };
+        let (detail, hint) = if options.is_bookkeeping(source) {
+            (
+                format!("\"{source}\" is where the worker writes what Certyo answered: every write-back would change \"{generated}\", so a row would be marked with the hash of content it no longer holds."),
+                format!("Compute \"{generated}\" from business columns only, or exclude it: certyo.track('{}', exclude_columns => ARRAY['{generated}', ...]).", self.display),
+            )
+        } else {
+            (
+                format!("\"{generated}\" is sent to Certyo and changes when only \"{source}\", which is excluded, does. PostgreSQL computes it after every BEFORE trigger, so in that UPDATE certyo_cdc could not clear the row's earlier marks: it would show an earlier version's 'anchored' until the new one is accepted."),
+                format!("Exclude it too (exclude_columns => ARRAY['{source}', '{generated}']), or stop excluding \"{source}\"."),
+            )
+        };
+        Err(CertyoError::new(
+            PgSqlErrorCode::ERRCODE_INVALID_TABLE_DEFINITION,
+            format!(
+                "certyo_cdc: generated column \"{generated}\" of {} is computed from column \"{source}\", which is not captured",
+                self.display
+            ),
+        )
+        .detail(detail)
+        .hint(hint))
     }
 
     fn resolve_record_id(&self, request: &Request) -> Result<(RecordIdSource, Vec<String>)> {
