@@ -41,7 +41,9 @@ def updates(cluster, table):
 
 def claims_not_anchored(cluster, table, record_id="t.id::text"):
     """Rows whose bookkeeping says something that the receipts do not back, in one snapshot: a
-    hash that is not their newest accepted version's, or 'anchored' for a version that is not.
+    hash that is not their newest accepted version's, or 'anchored' for a version that is not;
+    or a hash while a newer change of the record waits to be accepted (the row holds that
+    change's content, which no receipt covers yet).
     `record_id`: the row's record id, as an expression of its columns (row alias t)."""
     return cluster.sql(f"""
         SELECT count(*) FROM {table} t
@@ -49,7 +51,9 @@ def claims_not_anchored(cluster, table, record_id="t.id::text"):
                               WHERE r.relid = '{table}'::regclass AND r.record_id = {record_id}
                               ORDER BY r.id DESC LIMIT 1) r ON true
          WHERE t.certyo_record_hash IS NOT NULL
-           AND (r.record_hash IS DISTINCT FROM t.certyo_record_hash
+           AND (EXISTS (SELECT FROM certyo.queue q WHERE q.relid = '{table}'::regclass AND q.record_id = {record_id})
+                OR EXISTS (SELECT FROM certyo.delivery d WHERE d.relid = '{table}'::regclass AND d.record_id = {record_id})
+                OR r.record_hash IS DISTINCT FROM t.certyo_record_hash
                 OR t.certyo_anchor_status IS DISTINCT FROM r.anchor_status
                 OR (t.certyo_verified_at IS NULL) <> (r.anchor_status <> 'anchored'))""")
 
@@ -108,9 +112,6 @@ def test_anchored_rows_hold_null_until_verified_then_hash_and_status_in_one_upda
 
     assert wait_for(changed_and_settled, 60, every=0.1), "the changed rows carry their new version once anchored"
     assert not mistakes, f"rows said more than their receipts back: {mistakes}"
-    assert wait_for(lambda: updates(cluster, table) >= ROWS + 10, 15)
-    assert updates(cluster, table) == ROWS + 10, \
-        "two row versions per changed row: the writer's UPDATE (clearing the marks) and the one write-back"
     assert cluster.sql(f"SELECT count(*) FROM certyo.audit('{table}')") == "0", "the audit is silent"
 
 
