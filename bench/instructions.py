@@ -10,7 +10,8 @@ Variants: the three tables of bench/capture.py, all with certyo_cdc's bookkeepin
 table without the bookkeeping columns (narrow), as bench/oltp.py's untracked twin is.
 Scenarios: a single-row INSERT (per transaction), and per row of a ROWS-row INSERT ... SELECT,
 business UPDATE and bookkeeping-only UPDATE (the statements of bench/capture.py), and the
-bookkeeping-only UPDATE in replica mode, as the worker's write-back runs it.
+bookkeeping-only UPDATE in replica mode, as the worker's write-back runs it, and the business
+UPDATE again once the rows hold marks (as anchored rows do).
 
 Usage: bench/instructions.py [--rows 10000] [--pg-bin DIR]   (needs valgrind and the extension
 installed; runs as root, the server as the postgres user, in a throwaway data directory)
@@ -124,6 +125,10 @@ def count_variant(server, variant, args):
         server.run([f"VACUUM bench.t_{variant};"])
         warmup = rolled_back([write_back(variant).replace("id > 1000000", in_range)])
         results[(variant, "write_back")] = per_statement(server, warmup, [write_back(variant)], args.rows)
+        # The rows hold marks now, as anchored rows do: a business UPDATE clears them.
+        server.run([f"VACUUM bench.t_{variant};"])
+        warmup = rolled_back([business_update(variant).replace("id > 1000000", in_range)])
+        results[(variant, "business_marked")] = per_statement(server, warmup, [business_update(variant)], args.rows)
     server.run([f"DELETE FROM bench.t_{variant};", f"VACUUM bench.t_{variant};"])
     return results
 
@@ -156,7 +161,8 @@ def main():
           f"{'untr/narrow':>11} {'cdc/narrow':>10} {'cdc/untr':>9} {'plpg/untr':>9}")
     rows = [("single", "single-row INSERT (per transaction)"), ("insert", "INSERT ... SELECT (per row)"),
             ("business", "business UPDATE (per row)"), ("bookkeeping", "bookkeeping-only UPDATE (per row)"),
-            ("write_back", "the same in replica mode (per row)")]
+            ("write_back", "the same in replica mode (per row)"),
+            ("business_marked", "business UPDATE of marked rows (per row)")]
     for key, label in rows:
         cells = [results.get((v, key)) for v in VARIANTS]
         shown = "".join(f"{c:>12,.0f}" if c is not None else f"{'':>12}" for c in cells)

@@ -315,16 +315,6 @@ unsafe fn attaches_or_inherits(stmt: *mut pg_sys::Node) -> Vec<(pg_sys::Oid, Att
     // SAFETY: the caller upholds this function's contract (its `# Safety` section), on which
     // every unsafe operation below relies.
     unsafe {
-        let resolve = |name: *mut pg_sys::RangeVar| {
-            let relid = pg_sys::RangeVarGetRelidExtended(
-                name,
-                pg_sys::NoLock as pg_sys::LOCKMODE,
-                pg_sys::RVROption::RVR_MISSING_OK,
-                None,
-                std::ptr::null_mut(),
-            );
-            (relid != pg_sys::InvalidOid).then_some(relid)
-        };
         let mut found = Vec::new();
         if stmt.is_null() {
             return found;
@@ -371,6 +361,25 @@ unsafe fn attaches_or_inherits(stmt: *mut pg_sys::Node) -> Vec<(pg_sys::Oid, Att
     }
 }
 
+/// The relation a statement names, resolved without a lock (the statement locks it itself),
+/// or None when there is none of that name (left to the statement's own error).
+///
+/// # Safety
+/// `name` is a valid `RangeVar`, inside a transaction.
+unsafe fn resolve(name: *mut pg_sys::RangeVar) -> Option<pg_sys::Oid> {
+    // SAFETY: the caller upholds this function's contract (its `# Safety` section).
+    let relid = unsafe {
+        pg_sys::RangeVarGetRelidExtended(
+            name,
+            pg_sys::NoLock as pg_sys::LOCKMODE,
+            pg_sys::RVROption::RVR_MISSING_OK,
+            None,
+            std::ptr::null_mut(),
+        )
+    };
+    (relid != pg_sys::InvalidOid).then_some(relid)
+}
+
 /// certyo_cdc's own triggers on a tracked table (see `crate::track::install`).
 const OWN_TRIGGERS: [&str; 3] = [
     crate::capture::CAPTURE_TRIGGER,
@@ -388,18 +397,6 @@ unsafe fn touches_own_trigger(stmt: *mut pg_sys::Node) -> Option<(Option<pg_sys:
     // SAFETY: the caller upholds this function's contract (its `# Safety` section), on which
     // every unsafe operation below relies.
     unsafe {
-        // Resolved without a lock: the statement locks the table itself, and a name that
-        // resolves to nothing is left to its own error.
-        let resolve = |name: *mut pg_sys::RangeVar| {
-            let relid = pg_sys::RangeVarGetRelidExtended(
-                name,
-                pg_sys::NoLock as pg_sys::LOCKMODE,
-                pg_sys::RVROption::RVR_MISSING_OK,
-                None,
-                std::ptr::null_mut(),
-            );
-            (relid != pg_sys::InvalidOid).then_some(relid)
-        };
         let own = |name: *const std::ffi::c_char| {
             if name.is_null() {
                 return None;

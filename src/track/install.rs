@@ -1,4 +1,4 @@
-//! The DDL that `track()` performs on a table: bookkeeping columns, the two triggers, and the
+//! The DDL that `track()` performs on a table: bookkeeping columns, the triggers, and the
 //! dependency that lets `DROP EXTENSION` remove the triggers with it.
 
 use super::table::{quote_ident, quote_literal, Table};
