@@ -5,12 +5,14 @@
 //!   such changes is refused, naming how many and what to do; `DROP EXTENSION ... CASCADE`
 //!   discards them, with a WARNING that counts them.
 //! - `ALTER TABLE ... DROP COLUMN` / `ALTER COLUMN ... TYPE` of a business column of a tracked
-//!   table: a capture trigger installed by an earlier build with an `UPDATE OF` list is replaced
+//!   table: a capture trigger installed by 0.1.0 with an `UPDATE OF` list is replaced
 //!   first (one fired by every UPDATE), so the statement neither fails on the trigger's
 //!   dependency nor (with CASCADE) drops the trigger; the DDL event trigger re-plans capture
 //!   when the statement ends (see `crate::track`).
-//! - `DROP TRIGGER` of one of certyo_cdc's triggers on a tracked table is refused, and so is
-//!   renaming one (or another trigger to its name): `certyo.untrack()` stops capture.
+//! - `DROP TRIGGER` of one of certyo_cdc's triggers on a tracked table is refused, and so are
+//!   renaming it, tying it to another extension (`DEPENDS ON EXTENSION`), and giving a trigger
+//!   of the owner's its name (`CREATE OR REPLACE TRIGGER`, a rename): `certyo.untrack()` stops
+//!   capture.
 //! - `DROP INDEX` of the last unique index on a tracked table's record id columns is refused:
 //!   they would no longer identify a row.
 //! - `ATTACH PARTITION` to a tracked partitioned table gives the new partition the bookkeeping
@@ -75,8 +77,12 @@ unsafe extern "C-unwind" fn process_utility(
         if let Some((relid, _, recurse)) = alters_column_types_or_drops(statement) {
             pinned(|| crate::track::release_columns(relid, recurse)).or_raise();
         }
-        if let Some((table, trigger)) = touches_own_trigger(statement) {
-            pinned(|| crate::track::refuse_trigger_drop(table, &trigger)).or_raise();
+        for (partition, trigger) in fires_triggers_of_a_partition(statement) {
+            pinned(|| crate::track::refuse_firing_change_of_clones(partition, trigger.as_deref()))
+                .or_raise();
+        }
+        if let Some((table, trigger, touch)) = touches_own_trigger(statement) {
+            pinned(|| crate::track::refuse_touching_own_trigger(table, &trigger, touch)).or_raise();
         }
         let indexes = dropped_indexes(statement);
         if !indexes.is_empty() {
@@ -380,6 +386,57 @@ unsafe fn resolve(name: *mut pg_sys::RangeVar) -> Option<pg_sys::Oid> {
     (relid != pg_sys::InvalidOid).then_some(relid)
 }
 
+/// The partition and the trigger name (None: `ALL` or `USER`) of an `ALTER TABLE ... ENABLE /
+/// DISABLE ... TRIGGER` that names a partition itself, not its partitioned table: it changes
+/// the partition's clones of the table's triggers alone, where `certyo.tracked_tables` does not
+/// show it.
+///
+/// # Safety
+/// `stmt` is null or a valid parse node.
+unsafe fn fires_triggers_of_a_partition(
+    stmt: *mut pg_sys::Node,
+) -> Vec<(pg_sys::Oid, Option<String>)> {
+    // SAFETY: the caller upholds this function's contract (its `# Safety` section), on which
+    // every unsafe operation below relies.
+    unsafe {
+        use pg_sys::AlterTableType as At;
+        if stmt.is_null() || (*stmt).type_ != pg_sys::NodeTag::T_AlterTableStmt {
+            return Vec::new();
+        }
+        let alter = stmt.cast::<pg_sys::AlterTableStmt>();
+        if (*alter).objtype != pg_sys::ObjectType::OBJECT_TABLE || (*alter).relation.is_null() {
+            return Vec::new();
+        }
+        let Some(relid) = resolve((*alter).relation) else {
+            return Vec::new();
+        };
+        let commands = pgrx::PgList::<pg_sys::AlterTableCmd>::from_pg((*alter).cmds);
+        commands
+            .iter_ptr()
+            .filter(|cmd| !cmd.is_null())
+            .filter_map(|cmd| match (*cmd).subtype {
+                At::AT_EnableTrig
+                | At::AT_EnableAlwaysTrig
+                | At::AT_EnableReplicaTrig
+                | At::AT_DisableTrig => {
+                    let name = (*cmd).name;
+                    (!name.is_null()).then(|| {
+                        (
+                            relid,
+                            Some(CStr::from_ptr(name).to_string_lossy().into_owned()),
+                        )
+                    })
+                }
+                At::AT_EnableTrigAll
+                | At::AT_DisableTrigAll
+                | At::AT_EnableTrigUser
+                | At::AT_DisableTrigUser => Some((relid, None)),
+                _ => None,
+            })
+            .collect()
+    }
+}
+
 /// certyo_cdc's own triggers on a tracked table (see `crate::track::install`).
 const OWN_TRIGGERS: [&str; 3] = [
     crate::capture::CAPTURE_TRIGGER,
@@ -387,13 +444,17 @@ const OWN_TRIGGERS: [&str; 3] = [
     crate::capture::marks::MARKS_TRIGGER,
 ];
 
-/// The table (when it exists) and the name of one of certyo_cdc's own triggers when `stmt` is a
-/// `DROP TRIGGER` of it, or an `ALTER TRIGGER ... RENAME` from or to its name (a rename would
-/// take it out of sight, to be dropped next, or give a trigger of the table's owner its name).
+/// The table (when it exists), the name of one of certyo_cdc's own triggers and what `stmt` does
+/// to it: `DROP TRIGGER`, `ALTER TRIGGER ... DEPENDS ON EXTENSION` (whose `DROP EXTENSION` drops
+/// it), `ALTER TRIGGER ... RENAME` from its name (out of sight, to be dropped next), or a trigger
+/// of the owner's given its name (`CREATE OR REPLACE TRIGGER`, a rename to it).
 ///
 /// # Safety
 /// `stmt` is null or a valid parse node.
-unsafe fn touches_own_trigger(stmt: *mut pg_sys::Node) -> Option<(Option<pg_sys::Oid>, String)> {
+unsafe fn touches_own_trigger(
+    stmt: *mut pg_sys::Node,
+) -> Option<(Option<pg_sys::Oid>, String, crate::track::Touch)> {
+    use crate::track::Touch;
     // SAFETY: the caller upholds this function's contract (its `# Safety` section), on which
     // every unsafe operation below relies.
     unsafe {
@@ -414,8 +475,39 @@ unsafe fn touches_own_trigger(stmt: *mut pg_sys::Node) -> Option<(Option<pg_sys:
             {
                 return None;
             }
-            let name = own((*rename).subname).or_else(|| own((*rename).newname))?;
-            return Some((resolve((*rename).relation), name));
+            let (name, touch) = match own((*rename).subname) {
+                Some(name) => (name, Touch::Drop),
+                None => (own((*rename).newname)?, Touch::TakeName),
+            };
+            return Some((resolve((*rename).relation), name, touch));
+        }
+        if (*stmt).type_ == pg_sys::NodeTag::T_CreateTrigStmt {
+            // Only OR REPLACE: a plain CREATE of a name the table has fails on its own, and of
+            // one it lacks is how a restore (pg_restore, after the data) puts ours back.
+            let create = stmt.cast::<pg_sys::CreateTrigStmt>();
+            if !(*create).replace {
+                return None;
+            }
+            let name = own((*create).trigname)?;
+            return Some((resolve((*create).relation), name, Touch::TakeName));
+        }
+        if (*stmt).type_ == pg_sys::NodeTag::T_AlterObjectDependsStmt {
+            let depends = stmt.cast::<pg_sys::AlterObjectDependsStmt>();
+            if (*depends).objectType != pg_sys::ObjectType::OBJECT_TRIGGER
+                || (*depends).relation.is_null()
+                || (*depends).object.is_null()
+                || (*(*depends).object).type_ != pg_sys::NodeTag::T_List
+            {
+                return None;
+            }
+            let names =
+                pgrx::PgList::<pg_sys::Node>::from_pg((*depends).object.cast::<pg_sys::List>());
+            let last = names.get_ptr(names.len().checked_sub(1)?)?;
+            if (*last).type_ != pg_sys::NodeTag::T_String {
+                return None;
+            }
+            let name = own((*last.cast::<pg_sys::String>()).sval)?;
+            return Some((resolve((*depends).relation), name, Touch::Drop));
         }
         if (*stmt).type_ != pg_sys::NodeTag::T_DropStmt {
             return None;
@@ -435,7 +527,11 @@ unsafe fn touches_own_trigger(stmt: *mut pg_sys::Node) -> Option<(Option<pg_sys:
             }
             let name = own((*last.cast::<pg_sys::String>()).sval)?;
             let table = pg_sys::list_truncate(pg_sys::list_copy(names), (count - 1) as i32);
-            Some((resolve(pg_sys::makeRangeVarFromNameList(table)), name))
+            Some((
+                resolve(pg_sys::makeRangeVarFromNameList(table)),
+                name,
+                Touch::Drop,
+            ))
         });
         found
     }

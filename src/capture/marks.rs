@@ -29,7 +29,8 @@ use std::ffi::{c_int, CStr};
 pub const MARKS_TRIGGER: &str = "zz_certyo_marks";
 
 /// The row the writer's UPDATE stores: `data`'s new row, with the bookkeeping columns set to
-/// NULL when a business column changed and any of them holds something.
+/// NULL (the status to `'pending'` under `'accepted'`, as for a new row) when a business column
+/// changed and any of them holds something other than that.
 ///
 /// # Safety
 /// `data` is the trigger data of a BEFORE UPDATE ... FOR EACH ROW firing.
@@ -43,16 +44,68 @@ pub unsafe fn clear(data: &pg_sys::TriggerData) -> Result<pg_sys::HeapTuple> {
         if plan.marks.is_empty() || crate::rights::writing_back_to(plan.relid) {
             return Ok(new);
         }
+        if !names_business_columns(data, &plan) && !other_before_update_triggers(rel) {
+            // Only bookkeeping or excluded columns set, and no trigger of the table's own to
+            // change others before this one: the content is as it was (a captured generated
+            // column is computed from captured columns only, see `track()`).
+            return Ok(new);
+        }
         let tupdesc = (*rel).rd_att;
         let new_row = Row::deform(new, tupdesc, plan.natts);
-        if plan.marks.iter().all(|&i| new_row.is_null(i)) {
-            return Ok(new);
+        if plan
+            .marks
+            .iter()
+            .all(|&i| new_row.is_null(i) || Some(i) == plan.pending_status)
+        {
+            return Ok(new); // nothing said, or only 'pending' (or whatever the status is, alone)
         }
         let old_row = Row::deform(data.tg_trigtuple, tupdesc, plan.natts);
         if !plan.assigned_business_changed(&old_row, &new_row) {
             return Ok(new);
         }
         Ok(without_marks(new, tupdesc, &plan))
+    }
+}
+
+/// Does the UPDATE set a (stored, not generated) business column? `tg_updatedcols` holds the
+/// columns it sets, in the fired-on relation's attribute numbers; unknown (NULL): as if it did.
+///
+/// # Safety
+/// `data` is the trigger data of an UPDATE firing on the relation of `plan`.
+unsafe fn names_business_columns(data: &pg_sys::TriggerData, plan: &TablePlan) -> bool {
+    let set = data.tg_updatedcols;
+    if set.is_null() {
+        return true;
+    }
+    plan.payload.iter().filter(|c| !c.generated).any(|c| {
+        let member = c.index as c_int + 1 - pg_sys::FirstLowInvalidHeapAttributeNumber;
+        // SAFETY: `set` is the trigger manager's bitmap of the statement's updated columns.
+        unsafe { pg_sys::bms_is_member(member, set) }
+    })
+}
+
+/// Has the relation a BEFORE UPDATE row trigger other than the marks trigger (enabled or not:
+/// which fire depends on the session)? One may change business columns the statement does not
+/// set.
+///
+/// # Safety
+/// `rel` is an open relation.
+unsafe fn other_before_update_triggers(rel: pg_sys::Relation) -> bool {
+    // SAFETY: `trigdesc`, when set, holds `numtriggers` triggers with their names.
+    unsafe {
+        let desc = (*rel).trigdesc;
+        if desc.is_null() || (*desc).numtriggers <= 0 {
+            return false;
+        }
+        let before_update_row = (pg_sys::TRIGGER_TYPE_ROW
+            | pg_sys::TRIGGER_TYPE_BEFORE
+            | pg_sys::TRIGGER_TYPE_UPDATE) as i16;
+        std::slice::from_raw_parts((*desc).triggers, (*desc).numtriggers as usize)
+            .iter()
+            .any(|t| {
+                t.tgtype & before_update_row == before_update_row
+                    && CStr::from_ptr(t.tgname).to_bytes() != MARKS_TRIGGER.as_bytes()
+            })
     }
 }
 
@@ -67,9 +120,16 @@ unsafe fn without_marks(
     let mut values = vec![pg_sys::Datum::from(0); columns.len()];
     let mut nulls = vec![true; columns.len()];
     // SAFETY: `columns` are attribute numbers of `tupdesc` (the plan was built from it), each
-    // with a value and a null flag; the new tuple is allocated in the trigger's memory context,
-    // as the trigger manager expects of a BEFORE trigger's result.
+    // with a value and a null flag, the status a text column (`pending_status`); the new tuple
+    // and the text are allocated in the trigger's memory context, as the trigger manager
+    // expects of a BEFORE trigger's result.
     unsafe {
+        if let Some(status) = plan.pending_status {
+            if let Some(n) = plan.marks.iter().position(|&i| i == status) {
+                values[n] = pg_sys::Datum::from(pg_sys::cstring_to_text(c"pending".as_ptr()));
+                nulls[n] = false;
+            }
+        }
         pg_sys::heap_modify_tuple_by_cols(
             tuple,
             tupdesc,

@@ -5,7 +5,7 @@
 //! callback: any `ALTER TABLE` or trigger change on the table invalidates its relcache entry,
 //! so the next row rebuilds the plan from the current descriptor and trigger arguments.
 
-use super::options::CaptureOptions;
+use super::options::{CaptureOptions, WriteBack};
 use super::value::{write_json_string, ValuePlan};
 use crate::error::{CertyoError, Result};
 use pgrx::pg_sys::{self, BuiltinOid, Oid};
@@ -55,6 +55,9 @@ pub struct TablePlan {
     /// 0-based positions of the bookkeeping columns the table has under its write-back mode
     /// (none under `'none'`): what the marks trigger clears when a row's content changes.
     pub marks: Vec<usize>,
+    /// Under `'accepted'`, the position of `certyo_anchor_status` (a text column): cleared to
+    /// `'pending'`, as an INSERT's default says, not to NULL.
+    pub pending_status: Option<usize>,
 }
 
 #[derive(Default)]
@@ -170,6 +173,10 @@ impl TablePlan {
                 record_hash: text_column("certyo_record_hash"),
                 anchor_status: text_column("certyo_anchor_status"),
             };
+            let pending_status = match options.write_back {
+                WriteBack::Accepted => written_back.anchor_status,
+                _ => None,
+            };
             let marks = attributes
                 .iter()
                 .enumerate()
@@ -186,6 +193,7 @@ impl TablePlan {
                 timestamp,
                 written_back,
                 marks,
+                pending_status,
             })
         }
     }

@@ -2,11 +2,14 @@
 //! anchor status after verification. Per table, one statement per batch, in the transaction
 //! that records the answers. They run as the table's owner (see [`crate::rights`]), so the
 //! owner's code never runs with the worker's rights. On a table whose UPDATE can run no user
-//! code they run in replica mode and name only bookkeeping columns: no trigger fires for what
-//! is bookkeeping, not a change. On any other table they run in origin mode, the owner's
-//! triggers firing, and also assign one business column its own value, so that capture fires
-//! and checks that no trigger changed the row's content meanwhile (it fails the write-back
-//! if one did: the row would otherwise be marked with the hash of content it no longer holds).
+//! code they run in replica mode and name only bookkeeping columns: no trigger of the owner's
+//! fires for what is bookkeeping, not a change (the marks trigger, which fires always, leaves
+//! the write-back alone). On any other table they run in origin mode, the owner's triggers
+//! firing, and capture, which fires on every UPDATE, checks that no trigger changed the row's
+//! content meanwhile (it fails the write-back if one did: the row would otherwise be marked
+//! with the hash of content it no longer holds). Under a capture trigger 0.1.0 installed (fired
+//! `UPDATE OF` the business columns, until `ALTER EXTENSION ... UPDATE` replaces it) they also
+//! assign one business column its own value, so that it fires.
 //! Origin-mode write-backs are the slow lane's: the delivery worker runs no owner's code.
 
 use crate::capture::options::WriteBack;
@@ -47,7 +50,7 @@ impl Mark {
     fn set(self, mode: WriteBack) -> &'static str {
         match self {
             Mark::Accepted if mode == WriteBack::Anchored => CLEAR,
-            Mark::Accepted => "certyo_record_hash = v.hash, certyo_anchor_status = 'pending'",
+            Mark::Accepted => "certyo_record_hash = v.hash, certyo_anchor_status = 'pending', certyo_verified_at = NULL",
             Mark::Anchored => "certyo_anchor_status = 'anchored', certyo_verified_at = now()",
             Mark::Mismatch => "certyo_anchor_status = 'mismatch'",
         }

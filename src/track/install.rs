@@ -20,20 +20,24 @@ pub fn add_bookkeeping_columns(table: &Table, write_back: WriteBack) -> Result<(
     add_missing(table, write_back)
 }
 
-/// A thread-local flag raised for as long as the guard lives: lowered again when it is dropped,
-/// also while an error unwinds out of the work it marks (the backend goes on to other statements).
-struct Flag(&'static std::thread::LocalKey<std::cell::Cell<bool>>);
+/// A thread-local flag raised for as long as the guard lives: set back to what it was when the
+/// guard is dropped, also while an error unwinds out of the work it marks (the backend goes on
+/// to other statements).
+struct Flag {
+    flag: &'static std::thread::LocalKey<std::cell::Cell<bool>>,
+    was: bool,
+}
 
 impl Flag {
     fn raise(flag: &'static std::thread::LocalKey<std::cell::Cell<bool>>) -> Flag {
-        flag.with(|f| f.set(true));
-        Flag(flag)
+        let was = flag.with(|f| f.replace(true));
+        Flag { flag, was }
     }
 }
 
 impl Drop for Flag {
     fn drop(&mut self) {
-        self.0.with(|f| f.set(false));
+        self.flag.with(|f| f.set(self.was));
     }
 }
 

@@ -121,8 +121,8 @@ pub struct RecordKey {
     collations: Vec<String>,
     /// The table's owner: the worker runs its statements on the table with the owner's rights.
     pub owner: Oid,
-    /// A business column the capture trigger fires on, quoted, when an earlier build installed
-    /// it with an `UPDATE OF` list; None when it fires on every UPDATE (as installed today).
+    /// A business column the capture trigger fires on, quoted, when 0.1.0 installed it with an
+    /// `UPDATE OF` list; None when it fires on every UPDATE (as installed today).
     pub update_column: Option<String>,
     /// Whether an UPDATE of the table can run code PostgreSQL did not ship (`user_code!`).
     pub user_code: bool,

@@ -170,6 +170,7 @@ fn track_table(
         ),
         ..request.clone()
     })?;
+    table.require_generated_from_captured(&options)?;
     identity::assign(&table, &mut options)?;
     let was_tracked = installed.is_some();
     let mode_changed = installed
@@ -248,7 +249,7 @@ fn untrack_table(relid: Oid, drop_columns: bool) -> Result<bool> {
 
 /// Before `ALTER TABLE ... DROP COLUMN` / `ALTER COLUMN ... TYPE` of `columns` on `relid` (and
 /// on its inheritors when the statement recurses), from `crate::ddl_hook`: a tracked table
-/// whose capture trigger an earlier build installed with an `UPDATE OF` list gets today's, fired
+/// whose capture trigger 0.1.0 installed with an `UPDATE OF` list gets today's, fired
 /// by every UPDATE, so the statement does not fail on the trigger's dependency on the column
 /// and CASCADE cannot drop the trigger.
 /// When the statement ends, the DDL event trigger re-plans capture ([`refresh`]): the next
@@ -304,31 +305,88 @@ pub fn refuse_inheriting_from(parent: Oid) -> Result<()> {
     .hint(format!("Use declarative partitioning (CREATE TABLE ... PARTITION OF {name}), whose partitions are captured with the table, or call certyo.untrack('{name}') first.")))
 }
 
-/// `DROP TRIGGER` of one of certyo_cdc's triggers, or `ALTER TRIGGER ... RENAME` from or to its
-/// name, from `crate::ddl_hook`: refused on a tracked table (`table`, None: no such table) unless
-/// `certyo.untrack()` is the one dropping it. Capture never stops without a word. (A trigger of
-/// such a name on a table that is not tracked was made by hand: its owner may drop it.)
-pub fn refuse_trigger_drop(table: Option<Oid>, trigger: &str) -> Result<()> {
-    if install::untracking() {
+/// `ALTER TABLE partition ENABLE / DISABLE ... TRIGGER name` (`ALL`, `USER`: `trigger` None), from
+/// `crate::ddl_hook`: refused when it would change how a partition's clone of a tracked table's
+/// capture or marks trigger fires. That partition's rows would be captured otherwise than the
+/// table's, and `certyo.tracked_tables` (which reads the table's own trigger) would not say.
+pub fn refuse_firing_change_of_clones(partition: Oid, trigger: Option<&str>) -> Result<()> {
+    let clones = Spi::get_one_with_args::<Vec<String>>(
+        "SELECT pg_catalog.array_agg(t.tgname::text ORDER BY t.tgname) FROM pg_catalog.pg_trigger t
+          WHERE t.tgrelid = $1 AND t.tgparentid <> 0 AND t.tgname IN ('certyo_capture', 'zz_certyo_marks')
+            AND t.tgfoid = 'certyo.capture()'::pg_catalog.regprocedure
+            AND ($2::text IS NULL OR t.tgname = $2)",
+        &[partition.into(), trigger.into()],
+    )?
+    .unwrap_or_default();
+    let Some(clone) = clones.first() else {
+        return Ok(());
+    };
+    let (partition, table) = Spi::get_two_with_args::<String, String>(
+        "SELECT $1::regclass::text,
+                (SELECT t.tgrelid::regclass::text FROM pg_catalog.pg_partition_ancestors($1) a
+                   JOIN pg_catalog.pg_trigger t ON t.tgrelid = a.relid
+                  WHERE t.tgname = 'certyo_capture' AND t.tgparentid = 0 LIMIT 1)",
+        &[partition.into()],
+    )?;
+    let (partition, table) = (partition.unwrap_or_default(), table.unwrap_or_default());
+    Err(CertyoError::new(
+        PgSqlErrorCode::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
+        format!("certyo_cdc: partition {partition} fires trigger {clone} as its tracked table does"),
+    )
+    .detail("The trigger is the partition's clone of one certyo.track() installed on the table. Changed on the partition alone, its rows would be captured (or their marks cleared) otherwise than the table's, and certyo.tracked_tables, which reads the table's own trigger, would not say so.")
+    .hint(format!("Change it on the tracked table ({table}), or name your own triggers (ALTER TABLE {partition} DISABLE TRIGGER your_trigger).")))
+}
+
+/// What a statement does to one of certyo_cdc's triggers (see `crate::ddl_hook`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Touch {
+    /// `DROP TRIGGER`, a rename out of its name, or `DEPENDS ON EXTENSION` (dropped with that).
+    Drop,
+    /// A trigger of the owner's given its name: `CREATE OR REPLACE TRIGGER`, a rename to it.
+    TakeName,
+}
+
+/// A statement that would drop one of certyo_cdc's triggers, or make a trigger of the owner's
+/// one of them, from `crate::ddl_hook`: refused on a tracked table (`table`, None: no such
+/// table) unless `certyo.untrack()` or `track()` is the one doing it. Capture never stops, nor
+/// narrows, without a word. (A trigger of such a name on a table that is not tracked was made
+/// by hand: its owner may do as they like with it.)
+pub fn refuse_touching_own_trigger(table: Option<Oid>, trigger: &str, touch: Touch) -> Result<()> {
+    if install::untracking() || install::installing() {
         return Ok(());
     }
     // Tracked: a capture trigger whose arguments read as track() writes them. One that does not
     // read so (made by hand, then renamed to the name) is not ours to keep either.
-    match table {
-        Some(table) if matches!(installed_options(table), Ok(Some(_))) => {}
+    let table = match table {
+        Some(table) if matches!(installed_options(table), Ok(Some(_))) => table,
         _ => return Ok(()),
+    };
+    let name = Spi::get_one_with_args::<String>("SELECT $1::regclass::text", &[table.into()])?
+        .unwrap_or_default();
+    if touch == Touch::TakeName {
+        return Err(CertyoError::new(
+            PgSqlErrorCode::ERRCODE_RESERVED_NAME,
+            format!("certyo_cdc: the trigger name {trigger} is certyo_cdc's on tracked table {name}"),
+        )
+        .detail("certyo.track() installs and keeps that trigger; one made or replaced by hand could capture less than the table's changes, or leave earlier versions' marks on changed rows.")
+        .hint("Give your trigger another name."));
     }
     let (what, detail) = if trigger == crate::capture::marks::MARKS_TRIGGER {
-        ("keeps this table's rows from showing an earlier version's hash and status", "Dropping or renaming it would leave a row that changes showing what was written back of its earlier version, 'anchored' perhaps, until the new version is accepted.")
+        ("keeps this table's rows from showing an earlier version's hash and status", "Without it a row that changes would show what was written back of its earlier version, 'anchored' perhaps, until the new version is accepted.")
+    } else if trigger == crate::capture::TRUNCATE_TRIGGER {
+        ("refuses TRUNCATE of this table", "Without it TRUNCATE would remove the rows without a trace: Certyo would never hear of their deletion.")
     } else {
-        ("is how certyo_cdc captures this table's changes", "Dropping or renaming it would stop capture without a word: later changes would never reach Certyo.")
+        (
+            "is how certyo_cdc captures this table's changes",
+            "Without it capture would stop without a word: later changes would never reach Certyo.",
+        )
     };
     Err(CertyoError::new(
         PgSqlErrorCode::ERRCODE_DEPENDENT_OBJECTS_STILL_EXIST,
-        format!("certyo_cdc: trigger {trigger} {what}"),
+        format!("certyo_cdc: trigger {trigger} on {name} {what}"),
     )
     .detail(detail)
-    .hint("To stop capturing the table, call certyo.untrack('<table>'); to pause sending, certyo.pause()."))
+    .hint(format!("To stop capturing the table, call certyo.untrack('{name}'); to pause sending, certyo.pause().")))
 }
 
 /// `DROP INDEX`, from `crate::ddl_hook`, before it runs: refused when it drops the last
@@ -417,6 +475,15 @@ fn refresh(relid: Oid) -> Result<()> {
         );
         CertyoError { hint: Some(hint), ..e }
     })?;
+    if let Err(e) = table.require_generated_from_captured(&options) {
+        // SAFETY: a backend global, read in the backend's own thread.
+        if !unsafe { pgrx::pg_sys::creating_extension } {
+            return Err(e);
+        }
+        // ALTER EXTENSION ... UPDATE of a table tracked so before: said, not refused (the
+        // update would fail for the whole database). The table's next ALTER TABLE refuses it.
+        pgrx::warning!("{} ({})", e.message, e.hint.unwrap_or_default());
+    }
     identity::assign(&table, &mut options)?;
     let definition = TriggerDefinition::new(&options);
     if !definition.is_installed(&table)? {

@@ -156,7 +156,6 @@ impl Table {
                 .write_back
                 .unwrap_or_else(crate::settings::write_back),
         };
-        self.require_generated_from_captured(&options)?;
         Ok(options)
     }
 
@@ -166,7 +165,7 @@ impl Table {
     /// (so the marks trigger could not tell the row's content changed, and the row would keep
     /// an earlier version's `anchored`); one computed from a bookkeeping column changes with
     /// every write-back, so the worker would mark content other than the version it marks.
-    fn require_generated_from_captured(&self, options: &CaptureOptions) -> Result<()> {
+    pub fn require_generated_from_captured(&self, options: &CaptureOptions) -> Result<()> {
         if options.write_back == WriteBack::None {
             return Ok(()); // no marks, and capture sees generated columns as stored
         }
@@ -202,15 +201,23 @@ impl Table {
         else {
             return Ok(());
         };
+        // The exclusions the hint proposes: the table's, and the generated column.
+        let excluded = options
+            .exclude_columns
+            .iter()
+            .chain(std::iter::once(generated))
+            .map(|c| quote_literal(c))
+            .collect::<Vec<_>>()
+            .join(", ");
         let (detail, hint) = if options.is_bookkeeping(source) {
             (
                 format!("\"{source}\" is where the worker writes what Certyo answered: every write-back would change \"{generated}\", so a row would be marked with the hash of content it no longer holds."),
-                format!("Compute \"{generated}\" from business columns only, or exclude it: certyo.track('{}', exclude_columns => ARRAY['{generated}', ...]).", self.display),
+                format!("Compute \"{generated}\" from business columns only, or exclude it: certyo.track('{}', exclude_columns => ARRAY[{excluded}]).", self.display),
             )
         } else {
             (
-                format!("\"{generated}\" is sent to Certyo and changes when only \"{source}\", which is excluded, does. PostgreSQL computes it after every BEFORE trigger, so in that UPDATE certyo_cdc could not clear the row's earlier marks: it would show an earlier version's 'anchored' until the new one is accepted."),
-                format!("Exclude it too (exclude_columns => ARRAY['{source}', '{generated}']), or stop excluding \"{source}\"."),
+                format!("\"{generated}\" is sent to Certyo and changes when only \"{source}\", which is excluded, does. PostgreSQL computes it after every BEFORE trigger, so in that UPDATE certyo_cdc could not clear what the row's bookkeeping columns say of its earlier version: they would claim it for the new content until the new version is accepted."),
+                format!("Exclude it too: certyo.track('{}', exclude_columns => ARRAY[{excluded}]); or stop excluding \"{source}\".", self.display),
             )
         };
         Err(CertyoError::new(
