@@ -572,3 +572,27 @@ def test_the_marks_trigger_comes_and_goes_with_the_modes_that_write_back(cluster
     cluster.sql("SELECT certyo.untrack('wb_modes')")
     assert cluster.sql(triggers) == ""
     cluster.sql("DROP TABLE wb_modes")
+
+
+def test_a_trigger_of_the_owners_named_as_the_marks_trigger_is_neither_replaced_nor_dropped(cluster):
+    """track() in a mode that writes back refuses a table with a trigger of the owner's named
+    zz_certyo_marks (it would replace it), naming the rename; under 'none' the name is free:
+    the owner's trigger stays through track() and untrack(), and its owner drops it at will."""
+    cluster.sql("""
+        CREATE TABLE wb_owners (id int PRIMARY KEY, v text, stamped timestamptz);
+        CREATE FUNCTION wb_owners_stamp() RETURNS trigger LANGUAGE plpgsql AS $$
+            BEGIN NEW.stamped := now(); RETURN NEW; END $$;
+        CREATE TRIGGER zz_certyo_marks BEFORE UPDATE ON wb_owners FOR EACH ROW EXECUTE FUNCTION wb_owners_stamp();
+    """)
+    attempt = cluster.attempt_verbose("SELECT certyo.track('wb_owners', write_back => 'anchored')")
+    assert attempt.sqlstate == "42710", attempt.stderr
+    assert "ALTER TRIGGER zz_certyo_marks ON" in attempt.stderr and "RENAME TO" in attempt.stderr
+    owners = ("SELECT tgfoid::regprocedure::text FROM pg_trigger "
+              "WHERE tgrelid = 'wb_owners'::regclass AND tgname = 'zz_certyo_marks'")
+    cluster.sql("SELECT certyo.track('wb_owners', write_back => 'none')")
+    assert cluster.sql(owners) == "wb_owners_stamp()"
+    cluster.sql("ALTER TRIGGER zz_certyo_marks ON wb_owners RENAME TO stamp; ALTER TRIGGER stamp ON wb_owners RENAME TO zz_certyo_marks")
+    cluster.sql("SELECT certyo.untrack('wb_owners')")
+    assert cluster.sql(owners) == "wb_owners_stamp()"
+    cluster.sql("SELECT certyo.track('wb_owners', write_back => 'none'); DROP TRIGGER zz_certyo_marks ON wb_owners")
+    cluster.sql("SELECT certyo.untrack('wb_owners'); DROP TABLE wb_owners; DROP FUNCTION wb_owners_stamp()")

@@ -211,6 +211,7 @@ impl TriggerDefinition {
             table.quoted
         ))?;
         if self.marks {
+            refuse_owners_marks_trigger(table)?;
             // In every session, also in replica mode (see crate::capture::marks).
             Spi::run(&format!(
                 "CREATE OR REPLACE TRIGGER {marks} BEFORE UPDATE ON {table} FOR EACH ROW EXECUTE FUNCTION certyo.capture();
@@ -232,6 +233,33 @@ impl TriggerDefinition {
         }
         depend_on_extension(table.relid)
     }
+}
+
+/// A trigger of the owner's named as the marks trigger (another function than
+/// `certyo.capture()`) is not replaced by `track()`: refused (nor dropped, see [`drop_marks`]).
+fn refuse_owners_marks_trigger(table: &Table) -> Result<()> {
+    if !has_owners_marks_trigger(table)? {
+        return Ok(());
+    }
+    Err(CertyoError::new(
+        PgSqlErrorCode::ERRCODE_DUPLICATE_OBJECT,
+        format!("certyo_cdc: table {} has a trigger of its own named {MARKS_TRIGGER}", table.display),
+    )
+    .detail(format!("{MARKS_TRIGGER} is the name of the trigger certyo_cdc installs to clear a changed row's bookkeeping columns; yours would be replaced."))
+    .hint(format!("Rename it first: ALTER TRIGGER {MARKS_TRIGGER} ON {} RENAME TO another_name;", table.quoted)))
+}
+
+/// Has the table a trigger named as the marks trigger with another function than ours?
+fn has_owners_marks_trigger(table: &Table) -> Result<bool> {
+    Ok(Spi::get_one_with_args::<bool>(
+        &format!(
+            "SELECT EXISTS (SELECT FROM pg_catalog.pg_trigger WHERE tgrelid = $1 AND tgname = {}
+                              AND tgfoid <> 'certyo.capture()'::pg_catalog.regprocedure)",
+            quote_literal(MARKS_TRIGGER)
+        ),
+        &[table.relid.into()],
+    )?
+    .unwrap_or(false))
 }
 
 /// The `ALTER TABLE ... <mode> TRIGGER` that restores a non-default firing mode of the
@@ -297,8 +325,11 @@ fn drop_both(table: &Table) -> Result<bool> {
 }
 
 /// Drop the marks trigger: when the table is untracked, or tracked again with `write_back =>
-/// 'none'`, under which it has no marks.
+/// 'none'`, under which it has no marks. A trigger of the owner's of that name stays.
 fn drop_marks(table: &Table) -> Result<()> {
+    if has_owners_marks_trigger(table)? {
+        return Ok(()); // the owner's, not ours to drop
+    }
     let _untracking = Flag::raise(&UNTRACKING);
     Spi::run(&format!(
         "DROP TRIGGER IF EXISTS {} ON {}",

@@ -357,8 +357,15 @@ pub fn refuse_touching_own_trigger(table: Option<Oid>, trigger: &str, touch: Tou
     }
     // Tracked: a capture trigger whose arguments read as track() writes them. One that does not
     // read so (made by hand, then renamed to the name) is not ours to keep either.
-    let table = match table {
-        Some(table) if matches!(installed_options(table), Ok(Some(_))) => table,
+    let table = match (table, table.map(installed_options)) {
+        // Under 'none' the table has no marks trigger: one of that name is the owner's.
+        (_, Some(Ok(Some(options))))
+            if options.write_back == WriteBack::None
+                && trigger == crate::capture::marks::MARKS_TRIGGER =>
+        {
+            return Ok(());
+        }
+        (Some(table), Some(Ok(Some(_)))) => table,
         _ => return Ok(()),
     };
     let name = Spi::get_one_with_args::<String>("SELECT $1::regclass::text", &[table.into()])?
