@@ -81,6 +81,13 @@ def test_update_from_a_release_equals_a_fresh_install_and_loses_nothing(emulator
             CREATE TABLE {table} (id int PRIMARY KEY, v text);
             SELECT certyo.track('{table}');
             INSERT INTO {table} SELECT g, 'before' FROM generate_series(1, 50) g;
+            -- As 0.1.0's library let a table be (this one refuses it: the event trigger is kept
+            -- from checking the ALTER TABLE here).
+            CREATE TABLE {table}_sized (id int PRIMARY KEY, note text);
+            SELECT certyo.track('{table}_sized', exclude_columns => ARRAY['note']);
+            ALTER EVENT TRIGGER certyo_alter_table DISABLE;
+            ALTER TABLE {table}_sized ADD COLUMN size int GENERATED ALWAYS AS (length(note)) STORED;
+            ALTER EVENT TRIGGER certyo_alter_table ENABLE;
         """)
         assert cluster.wait_drained(30), f"{release} delivers before the update"
         assert wait_for(lambda: cluster.sql(f"SELECT count(*) FROM {table} WHERE certyo_record_hash IS NOT NULL") == "50", 30)
@@ -89,7 +96,11 @@ def test_update_from_a_release_equals_a_fresh_install_and_loses_nothing(emulator
         cluster.sql(f"UPDATE {table} SET v = 'waiting' WHERE id <= 20; INSERT INTO {table} VALUES (51, 'waiting')")
         assert cluster.sql("SELECT count(*) FROM certyo.queue") == "21"
 
-        cluster.sql("ALTER EXTENSION certyo_cdc UPDATE")
+        # A table this version refuses to track (a captured generated column computed from an
+        # excluded one) is said, not a reason for the update to fail for the whole database.
+        updated = cluster.attempt_verbose("ALTER EXTENSION certyo_cdc UPDATE")
+        assert updated.returncode == 0, updated.stderr
+        assert f'generated column "size" of public.{table}_sized' in updated.stderr, updated.stderr
         assert cluster.sql("SELECT extversion FROM pg_extension WHERE extname = 'certyo_cdc'") == current_version()
         # Every change, queued or accepted before, belongs to the table's identity, which its capture
         # trigger now carries (a restore finds the table by it).
