@@ -78,8 +78,7 @@ unsafe extern "C-unwind" fn process_utility(
             pinned(|| crate::track::release_columns(relid, recurse)).or_raise();
         }
         for (partition, trigger) in fires_triggers_of_a_partition(statement) {
-            pinned(|| crate::track::refuse_firing_change_of_clones(partition, trigger.as_deref()))
-                .or_raise();
+            pinned(|| crate::track::refuse_firing_change_of_clones(partition, &trigger)).or_raise();
         }
         if let Some((table, trigger, touch)) = touches_own_trigger(statement) {
             pinned(|| crate::track::refuse_touching_own_trigger(table, &trigger, touch)).or_raise();
@@ -386,16 +385,13 @@ unsafe fn resolve(name: *mut pg_sys::RangeVar) -> Option<pg_sys::Oid> {
     (relid != pg_sys::InvalidOid).then_some(relid)
 }
 
-/// The partition and the trigger name (None: `ALL` or `USER`) of an `ALTER TABLE ... ENABLE /
-/// DISABLE ... TRIGGER` that names a partition itself, not its partitioned table: it changes
-/// the partition's clones of the table's triggers alone, where `certyo.tracked_tables` does not
-/// show it.
+/// The relation and the trigger name of each `ALTER TABLE ... ENABLE / DISABLE ... TRIGGER name`
+/// of a statement: on a partition, it changes the partition's clone of its table's trigger
+/// alone, where `certyo.tracked_tables` does not show it.
 ///
 /// # Safety
 /// `stmt` is null or a valid parse node.
-unsafe fn fires_triggers_of_a_partition(
-    stmt: *mut pg_sys::Node,
-) -> Vec<(pg_sys::Oid, Option<String>)> {
+unsafe fn fires_triggers_of_a_partition(stmt: *mut pg_sys::Node) -> Vec<(pg_sys::Oid, String)> {
     // SAFETY: the caller upholds this function's contract (its `# Safety` section), on which
     // every unsafe operation below relies.
     unsafe {
@@ -420,17 +416,9 @@ unsafe fn fires_triggers_of_a_partition(
                 | At::AT_EnableReplicaTrig
                 | At::AT_DisableTrig => {
                     let name = (*cmd).name;
-                    (!name.is_null()).then(|| {
-                        (
-                            relid,
-                            Some(CStr::from_ptr(name).to_string_lossy().into_owned()),
-                        )
-                    })
+                    (!name.is_null())
+                        .then(|| (relid, CStr::from_ptr(name).to_string_lossy().into_owned()))
                 }
-                At::AT_EnableTrigAll
-                | At::AT_DisableTrigAll
-                | At::AT_EnableTrigUser
-                | At::AT_DisableTrigUser => Some((relid, None)),
                 _ => None,
             })
             .collect()
@@ -493,7 +481,12 @@ unsafe fn touches_own_trigger(
         }
         if (*stmt).type_ == pg_sys::NodeTag::T_AlterObjectDependsStmt {
             let depends = stmt.cast::<pg_sys::AlterObjectDependsStmt>();
+            // NO DEPENDS removes such a tie; one to certyo_cdc itself changes nothing.
+            let ours = !(*depends).extname.is_null()
+                && CStr::from_ptr((*(*depends).extname).sval).to_bytes() == b"certyo_cdc";
             if (*depends).objectType != pg_sys::ObjectType::OBJECT_TRIGGER
+                || (*depends).remove
+                || ours
                 || (*depends).relation.is_null()
                 || (*depends).object.is_null()
                 || (*(*depends).object).type_ != pg_sys::NodeTag::T_List

@@ -168,14 +168,20 @@ impl TriggerDefinition {
     /// UPDATE), and the marks trigger exist exactly when wanted, as installed (fired always,
     /// before every UPDATE of a row, unconditionally)? One disabled, renamed back, or replaced
     /// by hand is installed again by the next `ALTER TABLE` (`refresh`) or `track()`.
-    pub fn is_installed(&self, table: &Table) -> Result<bool> {
-        let (args, attnums, marks) = Spi::get_three_with_args::<Vec<u8>, Vec<i16>, bool>(
+    ///
+    /// `missing_marks`: whether a marks trigger that is missing altogether counts as installed.
+    /// So it does for the DDL event trigger outside `ALTER EXTENSION`: a restore creates the
+    /// table's triggers one by one, and an `ALTER TABLE` of the table between them (the dump's
+    /// own, for a capture trigger it disabled) must not create the ones still to come.
+    pub fn is_installed(&self, table: &Table, missing_marks: bool) -> Result<bool> {
+        let (args, attnums, marks) = Spi::get_three_with_args::<Vec<u8>, Vec<i16>, i32>(
             &format!(
                 "SELECT t.tgargs, t.tgattr::int2[],
-                        EXISTS (SELECT FROM pg_trigger m
-                                 WHERE m.tgrelid = $1 AND m.tgname = {} AND m.tgenabled = 'A'
-                                   AND m.tgtype = {MARKS_TYPE} AND m.tgqual IS NULL AND m.tgnargs = 0
-                                   AND pg_catalog.cardinality(m.tgattr::pg_catalog.int2[]) = 0 AND m.tgfoid = 'certyo.capture()'::regprocedure)
+                        (SELECT CASE WHEN m.tgenabled = 'A' AND m.tgtype = {MARKS_TYPE} AND m.tgqual IS NULL
+                                      AND m.tgnargs = 0 AND pg_catalog.cardinality(m.tgattr::pg_catalog.int2[]) = 0
+                                      AND m.tgfoid = 'certyo.capture()'::pg_catalog.regprocedure
+                                     THEN 2 ELSE 1 END
+                           FROM pg_trigger m WHERE m.tgrelid = $1 AND m.tgname = {})
                    FROM (SELECT) AS one
                    LEFT JOIN pg_trigger t ON t.tgrelid = $1 AND t.tgname = {}",
                 quote_literal(MARKS_TRIGGER),
@@ -183,10 +189,16 @@ impl TriggerDefinition {
             ),
             &[table.relid.into()],
         )?;
+        // None: no marks trigger; 1: one, not as installed; 2: as installed.
+        let marks_as_wanted = match (self.marks, marks) {
+            (true, Some(2)) | (false, None) => true,
+            (true, None) => missing_marks,
+            _ => false,
+        };
         let args = args.map(|raw| split_trigger_args(&raw));
         Ok(args.as_ref() == Some(&self.args)
             && attnums.unwrap_or_default().is_empty()
-            && marks == Some(self.marks))
+            && marks_as_wanted)
     }
 
     /// Create or replace the triggers. The capture trigger fires on every UPDATE, not `UPDATE OF`

@@ -272,7 +272,7 @@ pub fn release_columns(relid: Oid, recurse: bool) -> Result<()> {
         };
         let table = Table::inspect(relid)?;
         let definition = TriggerDefinition::new(&options);
-        if !definition.is_installed(&table)? {
+        if !definition.is_installed(&table, !updating_certyo_cdc())? {
             definition.install(&table)?;
         }
     }
@@ -305,16 +305,20 @@ pub fn refuse_inheriting_from(parent: Oid) -> Result<()> {
     .hint(format!("Use declarative partitioning (CREATE TABLE ... PARTITION OF {name}), whose partitions are captured with the table, or call certyo.untrack('{name}') first.")))
 }
 
-/// `ALTER TABLE partition ENABLE / DISABLE ... TRIGGER name` (`ALL`, `USER`: `trigger` None), from
-/// `crate::ddl_hook`: refused when it would change how a partition's clone of a tracked table's
-/// capture or marks trigger fires. That partition's rows would be captured otherwise than the
-/// table's, and `certyo.tracked_tables` (which reads the table's own trigger) would not say.
-pub fn refuse_firing_change_of_clones(partition: Oid, trigger: Option<&str>) -> Result<()> {
+/// `ALTER TABLE partition ENABLE / DISABLE ... TRIGGER name`, from `crate::ddl_hook`: refused
+/// when it would change how a partition's clone of a tracked table's capture or marks trigger
+/// fires. That partition's rows would be captured otherwise than the table's, and
+/// `certyo.tracked_tables` (which reads the table's own trigger) would not say. (`ALL` and
+/// `USER` are let through, as on the table itself: `pg_restore --disable-triggers` brackets
+/// each partition's data with them.)
+pub fn refuse_firing_change_of_clones(partition: Oid, trigger: &str) -> Result<()> {
+    // Run for every such statement in every database, the extension's or not: nothing here may
+    // name its objects in a way that fails where they do not exist (to_regprocedure: NULL).
     let clones = Spi::get_one_with_args::<Vec<String>>(
         "SELECT pg_catalog.array_agg(t.tgname::text ORDER BY t.tgname) FROM pg_catalog.pg_trigger t
           WHERE t.tgrelid = $1 AND t.tgparentid <> 0 AND t.tgname IN ('certyo_capture', 'zz_certyo_marks')
-            AND t.tgfoid = 'certyo.capture()'::pg_catalog.regprocedure
-            AND ($2::text IS NULL OR t.tgname = $2)",
+            AND t.tgfoid = pg_catalog.to_regprocedure('certyo.capture()')
+            AND t.tgname = $2",
         &[partition.into(), trigger.into()],
     )?
     .unwrap_or_default();
@@ -483,20 +487,36 @@ fn refresh(relid: Oid) -> Result<()> {
         CertyoError { hint: Some(hint), ..e }
     })?;
     if let Err(e) = table.require_generated_from_captured(&options) {
-        // SAFETY: a backend global, read in the backend's own thread.
-        if !unsafe { pgrx::pg_sys::creating_extension } {
+        if !updating_certyo_cdc() {
             return Err(e);
         }
         // ALTER EXTENSION ... UPDATE of a table tracked so before: said, not refused (the
         // update would fail for the whole database). The table's next ALTER TABLE refuses it.
-        pgrx::warning!("{} ({})", e.message, e.hint.unwrap_or_default());
+        pgrx::warning!(
+            "{} ({}) {}",
+            e.message,
+            e.detail.unwrap_or_default(),
+            e.hint.unwrap_or_default()
+        );
     }
     identity::assign(&table, &mut options)?;
     let definition = TriggerDefinition::new(&options);
-    if !definition.is_installed(&table)? {
+    if !definition.is_installed(&table, !updating_certyo_cdc())? {
         definition.install(&table)?;
     }
     crate::shape::record(relid, &options)
+}
+
+/// Is this `CREATE` or `ALTER EXTENSION certyo_cdc` running its script (the update's calls of
+/// `certyo.refresh_capture_trigger()`)?
+fn updating_certyo_cdc() -> bool {
+    // SAFETY: backend globals read in the backend's own thread, and a catalog lookup inside the
+    // caller's transaction (missing_ok: InvalidOid when there is no such extension).
+    unsafe {
+        pgrx::pg_sys::creating_extension
+            && pgrx::pg_sys::CurrentExtensionObject
+                == pgrx::pg_sys::get_extension_oid(c"certyo_cdc".as_ptr(), true)
+    }
 }
 
 /// A tracked table keeps its bookkeeping columns: the write-back finds them by name, so one
