@@ -196,8 +196,7 @@ def test_a_row_changed_while_untracked_keeps_no_earlier_mark_once_tracked_again(
 # Statements that change the content of one row each (row n, by its id), in every way an UPDATE
 # reaches a row: its own statement, a join, an upsert, MERGE, a new key, a move to another
 # partition, a BEFORE trigger of the table (the statement sets an excluded column only, and the
-# table's trigger stamps updated_at), and a session in replica mode, where capture does not
-# fire (the audit then names the row: changed without capture).
+# table's trigger stamps updated_at).
 CONTENT_CHANGES = {
     "set": "UPDATE {t} SET v = 'changed' WHERE id = 1",
     "join": "UPDATE {t} AS t SET v = s.v FROM (VALUES (2, 'changed')) AS s(id, v) WHERE t.id = s.id",
@@ -206,10 +205,9 @@ CONTENT_CHANGES = {
     "new key": "UPDATE {t} SET id = 1005 WHERE id = 5",
     "other partition": "UPDATE {t} SET part = 2 WHERE id = 6",
     "trigger": "UPDATE {t} SET note = 'changed' WHERE id = 7",
-    "replica": "SET session_replication_role = replica; UPDATE {t} SET v = 'changed' WHERE id = 8; RESET session_replication_role",
 }
 CHANGED_IDS = {"1": "set", "2": "join", "3": "upsert", "4": "merge", "1005": "new key", "6": "other partition",
-               "7": "trigger", "8": "replica"}
+               "7": "trigger"}
 
 
 @pytest.mark.parametrize("mode", ["anchored", "accepted"])
@@ -218,7 +216,7 @@ def test_a_row_whose_content_changes_lets_go_of_its_earlier_marks_in_the_writers
     way: in the writer's own statement, the row lets go of its earlier version's hash, status
     and verification time (they would claim, for hours, content Certyo never saw). The rows
     left alone keep theirs. Once delivery resumes, each captured row is marked with its new
-    version, and the audit names only the row changed in replica mode."""
+    version, and the audit is silent."""
     t = f"wb_moves_{mode}"
     cluster.sql(f"""
         CREATE TABLE {t} (id int, part int NOT NULL DEFAULT 1, v text, note text, updated_at timestamptz,
@@ -252,12 +250,10 @@ def test_a_row_whose_content_changes_lets_go_of_its_earlier_marks_in_the_writers
     finally:
         cluster.sql("SELECT certyo.resume()")
     assert wait_for(lambda: cluster.sql(f"SELECT count(*) FROM {t} WHERE certyo_anchor_status = 'anchored'")
-                    == "9", 60), cluster.sql(f"SELECT string_agg(id || ':' || coalesce(certyo_anchor_status, '-'), ',' "
-                                             f"ORDER BY id) FROM {t}") + cluster.explain()
-    assert cluster.sql(f"SELECT id FROM {t} WHERE certyo_anchor_status IS DISTINCT FROM 'anchored'") == "8"
+                    == "10", 60), cluster.sql(f"SELECT string_agg(id || ':' || coalesce(certyo_anchor_status, '-'), ',' "
+                                              f"ORDER BY id) FROM {t}") + cluster.explain()
     assert claims_not_anchored(cluster, t, record_id="t.id || '/' || t.part") == "0"
-    assert cluster.sql(f"SELECT string_agg(record_id || ': ' || problem, ', ') FROM certyo.audit('{t}')") == \
-        "8/1: changed without capture"
+    assert cluster.sql(f"SELECT count(*) FROM certyo.audit('{t}')") == "0"
     cluster.sql(f"DROP TABLE {t}; DROP FUNCTION {t}_stamp()")
 
 
@@ -437,10 +433,8 @@ def test_every_version_is_verified_when_the_setting_asks(cluster):
 
 
 def test_the_marks_trigger_is_put_back_as_installed_by_the_next_alter_table(cluster):
-    """ALTER TABLE ... DISABLE TRIGGER ALL, then ENABLE TRIGGER ALL, leaves every trigger firing in
-    origin mode only, ours too; DISABLE TRIGGER zz_certyo_marks, never. The next ALTER TABLE of
-    the table (these statements themselves) installs it again as track() does: fired always,
-    so a change made in replica mode clears the row's marks too."""
+    """ALTER TABLE ... DISABLE TRIGGER zz_certyo_marks (or ALL) would keep a changed row's earlier
+    marks. The ALTER TABLE itself installs it again as track() does, so a change clears them."""
     t = "wb_put_back"
     cluster.sql(f"""
         CREATE TABLE {t} (id int PRIMARY KEY, v text);
@@ -450,11 +444,11 @@ def test_the_marks_trigger_is_put_back_as_installed_by_the_next_alter_table(clus
     assert wait_for(lambda: cluster.sql(f"SELECT count(*) FROM {t} WHERE certyo_anchor_status = 'anchored'")
                     == "2", 60), cluster.explain()
     marks = f"SELECT tgenabled::text || ':' || (tgqual IS NULL) FROM pg_trigger WHERE tgrelid = '{t}'::regclass AND tgname = 'zz_certyo_marks'"
-    cluster.sql(f"ALTER TABLE {t} DISABLE TRIGGER ALL; ALTER TABLE {t} ENABLE TRIGGER ALL")
-    assert cluster.sql(marks) == "A:true"
-    cluster.sql(f"ALTER TABLE {t} DISABLE TRIGGER zz_certyo_marks")
-    assert cluster.sql(marks) == "A:true"
-    cluster.sql(f"SET session_replication_role = replica; UPDATE {t} SET v = 'changed in replica mode' WHERE id = 1")
+    cluster.sql(f"ALTER TABLE {t} DISABLE TRIGGER ALL")
+    assert cluster.sql(marks) == "O:true"
+    cluster.sql(f"ALTER TABLE {t} ENABLE TRIGGER ALL; ALTER TABLE {t} DISABLE TRIGGER zz_certyo_marks")
+    assert cluster.sql(marks) == "O:true"
+    cluster.sql(f"UPDATE {t} SET v = 'changed' WHERE id = 1")
     assert cluster.sql(f"SELECT string_agg(id || ':' || coalesce(certyo_anchor_status, '-'), ',' ORDER BY id) "
                        f"FROM {t}") == "1:-,2:anchored"
     cluster.sql(f"DROP TABLE {t}")
@@ -548,10 +542,8 @@ def test_a_partitions_clones_of_the_tables_triggers_fire_as_the_tables_do(cluste
         assert attempt.sqlstate == "55000", f"{statement}: {attempt.stderr}"
         assert "Change it on the tracked table (public.wb_parts)" in attempt.stderr, attempt.stderr
     cluster.sql("ALTER TABLE wb_parts_1 DISABLE TRIGGER mine; ALTER TABLE wb_parts_1 ENABLE TRIGGER mine")
-    # As pg_restore --disable-triggers brackets a partition's data: let through. ENABLE ALL leaves
-    # the marks trigger's clone firing in origin mode only; track() puts it back.
+    # As pg_restore --disable-triggers brackets a partition's data: let through.
     cluster.sql("ALTER TABLE wb_parts_1 DISABLE TRIGGER ALL; ALTER TABLE wb_parts_1 ENABLE TRIGGER ALL")
-    cluster.sql("SELECT certyo.track('wb_parts')")
     # The check runs in every database, also one without the extension: nothing of it named there.
     cluster.sql("CREATE DATABASE wb_elsewhere")
     cluster.sql("CREATE TABLE t (id int); CREATE FUNCTION f() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN RETURN NEW; END $$; "
@@ -563,7 +555,7 @@ def test_a_partitions_clones_of_the_tables_triggers_fire_as_the_tables_do(cluste
     assert cluster.sql("SELECT capturing FROM certyo.tracked_tables WHERE \"table\" = 'wb_parts'::regclass") == "f"
     cluster.sql("ALTER TABLE wb_parts ENABLE TRIGGER certyo_capture")
     assert cluster.sql("SELECT string_agg(tgname || ':' || tgenabled::text, ',' ORDER BY tgname) FROM pg_trigger "
-                       "WHERE tgrelid = 'wb_parts_1'::regclass") == "certyo_capture:O,mine:O,zz_certyo_marks:A"
+                       "WHERE tgrelid = 'wb_parts_1'::regclass") == "certyo_capture:O,mine:O,zz_certyo_marks:O"
     cluster.sql("DROP TABLE wb_parts; DROP FUNCTION wb_parts_noop()")
 
 

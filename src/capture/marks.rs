@@ -5,10 +5,12 @@
 //! mode) it says nothing rather than an earlier version's claim. Nothing else is touched, and no
 //! row version is added: the writer's UPDATE stores the cleared row.
 //!
-//! It fires in every session (`ENABLE ALWAYS`): content that changes in replica mode (a bulk
-//! load with `session_replication_role = replica`, a logical replication apply) must not keep
-//! an earlier version's marks either. It leaves alone the worker's own write-back, which sets
-//! only these columns.
+//! It fires as the capture trigger does, in origin mode: not in a session in replica mode (a
+//! bulk load with `session_replication_role = replica`), whose changes are not captured either
+//! (`certyo.audit()` names such rows). Firing always would make every dump of a tracked table
+//! carry an `ALTER TABLE ... ENABLE ALWAYS TRIGGER`, and with it the DDL event trigger, in the
+//! middle of a restore. It leaves alone the worker's own write-back, which sets only these
+//! columns (and in replica mode does not fire it at all).
 //!
 //! Its name makes it fire after the table's other BEFORE UPDATE triggers (they fire in name
 //! order), so that it judges the row as they leave it: one that stamps `updated_at` changes the

@@ -165,7 +165,7 @@ impl TriggerDefinition {
     }
 
     /// Does the installed capture trigger already match (same arguments, fired by every
-    /// UPDATE), and the marks trigger exist exactly when wanted, as installed (fired always,
+    /// UPDATE), and the marks trigger exist exactly when wanted, as installed (fired in origin mode,
     /// before every UPDATE of a row, unconditionally)? One disabled, renamed back, or replaced
     /// by hand is installed again by the next `ALTER TABLE` (`refresh`) or `track()`.
     ///
@@ -177,7 +177,7 @@ impl TriggerDefinition {
         let (args, attnums, marks) = Spi::get_three_with_args::<Vec<u8>, Vec<i16>, i32>(
             &format!(
                 "SELECT t.tgargs, t.tgattr::int2[],
-                        (SELECT CASE WHEN m.tgenabled = 'A' AND m.tgtype = {MARKS_TYPE} AND m.tgqual IS NULL
+                        (SELECT CASE WHEN m.tgenabled = 'O' AND m.tgtype = {MARKS_TYPE} AND m.tgqual IS NULL
                                       AND m.tgnargs = 0 AND pg_catalog.cardinality(m.tgattr::pg_catalog.int2[]) = 0
                                       AND m.tgfoid = 'certyo.capture()'::pg_catalog.regprocedure
                                      THEN 2 ELSE 1 END
@@ -224,10 +224,9 @@ impl TriggerDefinition {
         ))?;
         if self.marks {
             refuse_owners_marks_trigger(table)?;
-            // In every session, also in replica mode (see crate::capture::marks).
+            // Fired in origin mode, as the capture trigger (see crate::capture::marks).
             Spi::run(&format!(
-                "CREATE OR REPLACE TRIGGER {marks} BEFORE UPDATE ON {table} FOR EACH ROW EXECUTE FUNCTION certyo.capture();
-                 ALTER TABLE {table} ENABLE ALWAYS TRIGGER {marks}",
+                "CREATE OR REPLACE TRIGGER {marks} BEFORE UPDATE ON {table} FOR EACH ROW EXECUTE FUNCTION certyo.capture()",
                 marks = quote_ident(MARKS_TRIGGER),
                 table = table.quoted
             ))?;
