@@ -128,7 +128,12 @@ def test_write_back_runs_table_code_as_owner(cluster, attacker, vector):
     s = attacker.schema
     before, columns, after = (part.format(s=s) for part in ROW_CODE[vector])
     attacker.sql(before)
-    table = make_table(attacker, columns=columns)
+    table = make_table(attacker, columns=columns, track=False)
+    # A captured generated column is computed from captured columns only (track() refuses one
+    # computed from a bookkeeping column): the attacker's is left out of capture, and every
+    # write-back still computes it.
+    excluded = ", exclude_columns => ARRAY['g']" if vector == "generated-column" else ""
+    attacker.sql(f"SELECT certyo.track('{table}'{excluded})")
     if after:
         attacker.sql(after)
     attacker.sql(f"INSERT INTO {table} (id) SELECT g FROM generate_series(1, 3) g")
