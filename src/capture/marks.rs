@@ -14,10 +14,10 @@
 //!
 //! Its name makes it fire after the table's other BEFORE UPDATE triggers (they fire in name
 //! order), so that it judges the row as they leave it: one that stamps `updated_at` changes the
-//! content too. Two changes it cannot see: one made by a trigger named to fire after it, and a
-//! stored generated column's (computed after every BEFORE trigger, so it is left out of the
-//! comparison: what the trigger sees in it is not the new value). For those, the worker clears
-//! the marks once the new version is accepted.
+//! content too. A change made by a trigger named to fire after it is out of its sight; the
+//! worker then clears the marks once the new version is accepted. Stored generated columns are
+//! computed after every BEFORE trigger, so they are left out of the comparison; `track()` makes
+//! sure a captured one is computed from captured columns only, whose change it does see.
 
 use super::plan::{self, TablePlan};
 use super::record::Row;

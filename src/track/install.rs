@@ -295,8 +295,9 @@ thread_local! {
     /// Set while `certyo.untrack()` drops the triggers: the one `DROP TRIGGER` of a capture
     /// trigger that `crate::ddl_hook` lets through.
     static UNTRACKING: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
-    /// Set while the triggers are installed: the `ALTER TABLE` that makes the marks trigger fire
-    /// always ends in the DDL event trigger, which must not install them again meanwhile.
+    /// Set while the triggers are installed: `crate::ddl_hook` lets their `CREATE OR REPLACE
+    /// TRIGGER` through, and the `ALTER TABLE` that restores the capture trigger's firing mode
+    /// ends in the DDL event trigger, which must not install them again meanwhile.
     static INSTALLING: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
 }
 
