@@ -550,6 +550,13 @@ def test_a_partitions_clones_of_the_tables_triggers_fire_as_the_tables_do(cluste
                 "CREATE TRIGGER mine BEFORE UPDATE ON t FOR EACH ROW EXECUTE FUNCTION f(); "
                 "ALTER TABLE t DISABLE TRIGGER mine; ALTER TABLE t ENABLE ALWAYS TRIGGER mine; ALTER TABLE t DISABLE TRIGGER ALL",
                 database="wb_elsewhere")
+    # ... and where a look-alike certyo.capture() is anyone's (not the extension's), it is not ours.
+    cluster.sql("CREATE SCHEMA certyo; CREATE FUNCTION certyo.capture() RETURNS trigger LANGUAGE plpgsql AS "
+                "$$ BEGIN RETURN NEW; END $$; "
+                "CREATE TABLE pt (id int PRIMARY KEY) PARTITION BY RANGE (id); "
+                "CREATE TABLE pt_1 PARTITION OF pt FOR VALUES FROM (0) TO (100); "
+                "CREATE TRIGGER certyo_capture AFTER INSERT ON pt FOR EACH ROW EXECUTE FUNCTION certyo.capture(); "
+                "ALTER TABLE pt_1 DISABLE TRIGGER certyo_capture", database="wb_elsewhere")
     cluster.sql("DROP DATABASE wb_elsewhere")
     cluster.sql("ALTER TABLE wb_parts DISABLE TRIGGER certyo_capture")
     assert cluster.sql("SELECT capturing FROM certyo.tracked_tables WHERE \"table\" = 'wb_parts'::regclass") == "f"

@@ -312,12 +312,16 @@ pub fn refuse_inheriting_from(parent: Oid) -> Result<()> {
 /// `USER` are let through, as on the table itself: `pg_restore --disable-triggers` brackets
 /// each partition's data with them.)
 pub fn refuse_firing_change_of_clones(partition: Oid, trigger: &str) -> Result<()> {
-    // Run for every such statement in every database, the extension's or not: nothing here may
-    // name its objects in a way that fails where they do not exist (to_regprocedure: NULL).
+    // Run for every such statement in every database, the extension's or not: its function is
+    // the one the extension owns (pg_depend), never one found by name, which fails where it does
+    // not exist or is anyone's where the extension is not installed.
     let clones = Spi::get_one_with_args::<Vec<String>>(
         "SELECT pg_catalog.array_agg(t.tgname::text ORDER BY t.tgname) FROM pg_catalog.pg_trigger t
           WHERE t.tgrelid = $1 AND t.tgparentid <> 0 AND t.tgname IN ('certyo_capture', 'zz_certyo_marks')
-            AND t.tgfoid = pg_catalog.to_regprocedure('certyo.capture()')
+            AND EXISTS (SELECT FROM pg_catalog.pg_depend d
+                          JOIN pg_catalog.pg_extension e ON e.oid = d.refobjid AND e.extname = 'certyo_cdc'
+                         WHERE d.classid = 'pg_catalog.pg_proc'::pg_catalog.regclass AND d.objid = t.tgfoid
+                           AND d.refclassid = 'pg_catalog.pg_extension'::pg_catalog.regclass AND d.deptype = 'e')
             AND t.tgname = $2",
         &[partition.into(), trigger.into()],
     )?
