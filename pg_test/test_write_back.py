@@ -604,3 +604,56 @@ def test_a_trigger_of_the_owners_named_as_the_marks_trigger_is_neither_replaced_
     assert cluster.sql(owners) == "wb_owners_stamp()"
     cluster.sql("SELECT certyo.track('wb_owners', write_back => 'none'); DROP TRIGGER zz_certyo_marks ON wb_owners")
     cluster.sql("SELECT certyo.untrack('wb_owners'); DROP TABLE wb_owners; DROP FUNCTION wb_owners_stamp()")
+
+
+@pytest.mark.parametrize("mode", ["anchored", "accepted", "none"])
+def test_a_virtual_generated_column_is_left_out_of_capture(cluster, emulator, mode):
+    """PostgreSQL 18's virtual generated columns are computed when read, never when a trigger
+    fires (in a C trigger their content is undefined; they are stored as NULL). Capture leaves
+    them out, as it does excluded columns: a record never claims NULL for a column a SELECT
+    shows a value in. The rows are anchored, the audit is silent, and a virtual column computed
+    from a bookkeeping column (not captured, so not refused) changes nothing of that."""
+    if int(cluster.sql("SHOW server_version_num")) < 180000:
+        pytest.skip("virtual generated columns came with PostgreSQL 18")
+    t = f"wb_virtual_{mode}"
+    cluster.sql(f"""
+        CREATE TABLE {t} (id int PRIMARY KEY, price numeric NOT NULL, qty int NOT NULL,
+                          total numeric GENERATED ALWAYS AS (price * qty) VIRTUAL);
+        SELECT certyo.track('{t}', write_back => '{mode}');
+        INSERT INTO {t} (id, price, qty) SELECT g, g * 1.5, g FROM generate_series(1, 5) g;
+    """)
+    if mode != "none":
+        cluster.sql(f"ALTER TABLE {t} ADD COLUMN claim text GENERATED ALWAYS AS (upper(certyo_anchor_status)) VIRTUAL")
+    cluster.sql(f"UPDATE {t} SET qty = qty + 10 WHERE id = 2; UPDATE {t} SET price = 9 WHERE id = 3")
+    assert wait_for(lambda: cluster.sql(f"""
+        SELECT count(*) FROM certyo.receipt r WHERE r.relid = '{t}'::regclass AND r.anchor_status = 'anchored'
+           AND NOT EXISTS (SELECT FROM certyo.receipt n WHERE n.relid = r.relid AND n.record_id = r.record_id AND n.id > r.id)
+    """) == "5", timeout=60), cluster.sql(f"SELECT * FROM certyo.history('{t}')")
+    records = [r for r in emulator.records() if r["collection"] == f"public.{t}"]
+    assert records and all(set(r["recordPayload"]) == {"id", "price", "qty"} for r in records), records
+    latest = {r["recordId"]: r["recordPayload"] for r in records}
+    assert latest["2"] == {"id": 2, "price": 3.0, "qty": 12}, latest
+    if mode != "none":
+        assert wait_for(lambda: cluster.sql(f"SELECT count(*) FROM {t} WHERE certyo_anchor_status = 'anchored'") == "5",
+                        timeout=60), cluster.sql(f"SELECT * FROM {t}")
+        assert cluster.sql(f"SELECT count(*) FROM {t} WHERE claim = 'ANCHORED'") == "5"
+        assert claims_not_anchored(cluster, t) == "0"
+    assert cluster.sql(f"SELECT count(*) FROM certyo.audit('{t}')") == "0", cluster.sql(f"SELECT * FROM certyo.audit('{t}')")
+    # The column's expression changed is no content change: nothing is captured for it.
+    cluster.sql(f"ALTER TABLE {t} ALTER COLUMN total SET EXPRESSION AS (price * qty * 2)")
+    assert cluster.sql(f"SELECT count(*) FROM certyo.audit('{t}')") == "0", cluster.sql(f"SELECT * FROM certyo.audit('{t}')")
+    cluster.sql(f"DROP TABLE {t}")
+
+
+def test_a_virtual_generated_column_is_no_timestamp_column(cluster):
+    """Capture cannot read it (PostgreSQL never computes it when a trigger fires): refused,
+    naming it and what to do, and nothing tracked."""
+    if int(cluster.sql("SHOW server_version_num")) < 180000:
+        pytest.skip("virtual generated columns came with PostgreSQL 18")
+    cluster.sql("""CREATE TABLE wb_virtual_ts (id int PRIMARY KEY, at timestamptz,
+                                               shown timestamptz GENERATED ALWAYS AS (at) VIRTUAL)""")
+    attempt = cluster.attempt_verbose("SELECT certyo.track('wb_virtual_ts', timestamp_column => 'shown')")
+    assert attempt.sqlstate == "42611", attempt.stderr
+    assert '"shown"' in attempt.stderr and "STORED" in attempt.stderr, attempt.stderr
+    assert cluster.sql("SELECT count(*) FROM certyo.tracked_tables WHERE \"table\" = 'wb_virtual_ts'::regclass") == "0"
+    cluster.sql("DROP TABLE wb_virtual_ts")

@@ -25,7 +25,7 @@ pub struct Column {
     pub len: i16,
     pub byval: bool,
     /// A stored generated column: computed after the BEFORE triggers, so what they see in it
-    /// is not yet the new row's value.
+    /// is not yet the new row's value. (A virtual one is never captured: [`is_virtual`].)
     pub generated: bool,
 }
 
@@ -90,6 +90,7 @@ impl TablePlan {
             for (index, attribute) in attributes.iter().enumerate() {
                 let name = name_of(attribute);
                 if attribute.attisdropped
+                    || is_virtual(attribute)
                     || options.is_bookkeeping(&name)
                     || options.exclude_columns.contains(&name)
                 {
@@ -142,10 +143,12 @@ impl TablePlan {
                 .record_id_columns
                 .iter()
                 .map(|c| {
-                    payload
-                        .iter()
-                        .position(|p| p.name == *c)
-                        .ok_or_else(|| missing_column(&table, c, "record id"))
+                    payload.iter().position(|p| p.name == *c).ok_or_else(|| {
+                        match attributes.iter().find(|a| name_of(a) == *c) {
+                            Some(a) if is_virtual(a) => virtual_column(&table, c, "record id"),
+                            _ => missing_column(&table, c, "record id"),
+                        }
+                    })
                 })
                 .collect::<Result<Vec<_>>>()?;
             let timestamp = match &options.timestamp_column {
@@ -155,6 +158,9 @@ impl TablePlan {
                         .iter()
                         .position(|a| !a.attisdropped && name_of(a) == *c)
                         .ok_or_else(|| missing_column(&table, c, "timestamp"))?;
+                    if is_virtual(attributes[index]) {
+                        return Err(virtual_column(&table, c, "timestamp"));
+                    }
                     Some(timestamp_column(index, attributes[index].atttypid).ok_or_else(|| {
                         CertyoError::new(
                             PgSqlErrorCode::ERRCODE_DATATYPE_MISMATCH,
@@ -325,6 +331,23 @@ mod tests {
             }
         }
     }
+}
+
+/// A virtual generated column (PostgreSQL 18): computed when read, never when a trigger fires
+/// (its content in a trigger's row is undefined; it is stored as NULL). Capture leaves it out,
+/// as it does an excluded column: a record never claims NULL for a column a SELECT shows a
+/// value in. It is computed from the columns that are captured, or from none that matter.
+pub fn is_virtual(attribute: &pg_sys::FormData_pg_attribute) -> bool {
+    attribute.attgenerated == b'v' as std::ffi::c_char
+}
+
+fn virtual_column(table: &str, column: &str, role: &str) -> CertyoError {
+    CertyoError::new(
+        PgSqlErrorCode::ERRCODE_INVALID_COLUMN_DEFINITION,
+        format!("certyo_cdc: {role} column \"{column}\" of table {table} is a virtual generated column"),
+    )
+    .detail("PostgreSQL computes a virtual generated column when it is read, never when a trigger fires, so capture cannot see its value.")
+    .hint(format!("Name a stored column as the {role} column of certyo.track('{table}', ...), or make \"{column}\" GENERATED ALWAYS AS (...) STORED."))
 }
 
 fn missing_column(table: &str, column: &str, role: &str) -> CertyoError {

@@ -165,6 +165,7 @@ impl Table {
     /// (so the marks trigger could not tell the row's content changed, and the row would keep
     /// an earlier version's `anchored`); one computed from a bookkeeping column changes with
     /// every write-back, so the worker would mark content other than the version it marks.
+    /// Stored generated columns only: a virtual one is never captured (`plan::is_virtual`).
     pub fn require_generated_from_captured(&self, options: &CaptureOptions) -> Result<()> {
         if options.write_back == WriteBack::None {
             return Ok(()); // no marks, and capture sees generated columns as stored
@@ -179,7 +180,7 @@ impl Table {
                     AND d.refclassid = 'pg_catalog.pg_class'::pg_catalog.regclass AND d.refobjid = ad.adrelid
                     AND d.refobjsubid > 0 AND d.refobjsubid <> ad.adnum
                    JOIN pg_catalog.pg_attribute s ON s.attrelid = ad.adrelid AND s.attnum = d.refobjsubid
-                  WHERE ad.adrelid = $1 AND g.attgenerated <> '' AND NOT g.attisdropped AND NOT s.attisdropped
+                  WHERE ad.adrelid = $1 AND g.attgenerated = 's' AND NOT g.attisdropped AND NOT s.attisdropped
                   ORDER BY g.attnum, s.attnum",
                 None,
                 &[self.relid.into()],
