@@ -581,3 +581,106 @@ def test_object_identifiers_render_the_same_under_every_search_path(emulator):
             assert cluster.sql(f"SET search_path = {path}; SELECT count(*) FROM certyo.audit('app.refs')") == "0", path
     finally:
         cluster.stop()
+
+
+def test_rows_entering_or_leaving_by_partition_ddl_are_captured(emulator):
+    """ATTACH PARTITION brings a table's rows into a tracked table, DETACH PARTITION and DROP
+    TABLE of a partition take them out, and no row trigger fires for any of them: Certyo never
+    saw the rows that came (the audit said `never captured`) and kept the ones that went (`deleted
+    without capture`), with the detached table's rows still claiming `anchored` however they
+    changed while out. Now each row that enters is queued as an upsert (its marks cleared at
+    once), each row that leaves as a delete, in the statement's transaction, with the partitions
+    held still; as the table's owner too. DETACH ... CONCURRENTLY is refused (it lets writers go
+    on while the rows leave); a session in replica mode queues nothing, as capture's triggers;
+    and a DROP TABLE in a database without the extension, under a look-alike trigger, is left
+    alone."""
+    cluster = Cluster(PRIMARY_DIR, free_port(), emulator.url)
+
+    def records(operation):
+        return sorted(r["recordId"] for r in emulator.records()
+                      if r["collection"] == "public.parts" and r["operationType"] == operation)
+
+    def audit():
+        return cluster.sql("SELECT string_agg(record_id || ':' || problem, ', ' ORDER BY record_id) FROM certyo.audit('parts')")
+
+    try:
+        cluster.sql("""
+            CREATE EXTENSION certyo_cdc;
+            CREATE ROLE parts_owner LOGIN;
+            CREATE TABLE parts (id int, region text, v text, PRIMARY KEY (id, region)) PARTITION BY LIST (region);
+            CREATE TABLE parts_eu PARTITION OF parts FOR VALUES IN ('eu');
+            CREATE TABLE parts_us PARTITION OF parts FOR VALUES IN ('us');
+            CREATE TABLE parts_ap PARTITION OF parts FOR VALUES IN ('ap');
+            CREATE TABLE parts_sa PARTITION OF parts FOR VALUES IN ('sa', 'sb') PARTITION BY LIST (region);
+            CREATE TABLE parts_sa1 PARTITION OF parts_sa FOR VALUES IN ('sa');
+            CREATE TABLE parts_sa2 PARTITION OF parts_sa FOR VALUES IN ('sb');
+            SELECT certyo.track('parts');
+            INSERT INTO parts SELECT g, r, 'v' FROM generate_series(1, 3) g,
+                                     unnest(ARRAY['eu', 'us', 'ap', 'sa', 'sb']) r;
+        """)
+        assert cluster.wait_drained(30)
+        assert wait_for(lambda: cluster.sql("SELECT count(*) FROM parts WHERE certyo_record_hash IS NULL") == "0")
+
+        detached = cluster.attempt_verbose("ALTER TABLE parts DETACH PARTITION parts_us")
+        assert detached.returncode == 0 and "3 row(s) leave tracked table public.parts" in detached.stderr, detached
+        # Out of the table, a row changes with no trigger to see it; its marks stay.
+        cluster.sql("UPDATE parts_us SET v = 'changed while out' WHERE id = 1")
+        assert cluster.wait_drained(30)
+        assert records("delete") == ["1/us", "2/us", "3/us"]
+        assert audit() == "", "nothing changed without capture: " + audit()
+
+        cluster.sql("SELECT certyo.pause()")  # what the rows say before their upserts are delivered
+        attached = cluster.attempt_verbose("ALTER TABLE parts ATTACH PARTITION parts_us FOR VALUES IN ('us')")
+        assert attached.returncode == 0 and "3 row(s) entered tracked table public.parts" in attached.stderr, attached
+        assert "bookkeeping columns of 3 were cleared" in attached.stderr, attached
+        assert cluster.sql("SELECT count(*) FROM parts_us WHERE certyo_record_hash IS NOT NULL "
+                           "OR certyo_anchor_status IS DISTINCT FROM 'pending'") == "0", \
+            "no row claims a version no receipt covers"
+        cluster.sql("""
+            CREATE TABLE parts_in (id int NOT NULL, region text NOT NULL, v text);
+            INSERT INTO parts_in VALUES (7, 'in', 'brought in');
+            ALTER TABLE parts ATTACH PARTITION parts_in FOR VALUES IN ('in');
+            SELECT certyo.resume();
+        """)
+        assert cluster.wait_drained(30)
+        assert records("upsert") == ["1/us", "2/us", "3/us", "7/in"]
+        latest = {r["recordId"]: r["recordPayload"] for r in emulator.records() if r["collection"] == "public.parts"}
+        assert latest["1/us"]["v"] == "changed while out" and latest["7/in"]["v"] == "brought in"
+        assert wait_for(lambda: cluster.sql("SELECT count(*) FROM parts WHERE certyo_record_hash IS NULL") == "0")
+
+        # As the table's owner; a partitioned partition's rows go with it.
+        cluster.sql("ALTER TABLE parts OWNER TO parts_owner; ALTER TABLE parts_ap OWNER TO parts_owner;"
+                    "ALTER TABLE parts_sa OWNER TO parts_owner")
+        for statement in ("DROP TABLE parts_ap", "DROP TABLE parts_sa"):
+            dropped = cluster.attempt_verbose(statement, user="parts_owner")
+            assert dropped.returncode == 0 and "row(s) leave tracked table public.parts" in dropped.stderr, dropped
+        assert cluster.wait_drained(30)
+        assert records("delete") == ["1/ap", "1/sa", "1/sb", "1/us", "2/ap", "2/sa", "2/sb", "2/us",
+                                     "3/ap", "3/sa", "3/sb", "3/us"]
+        assert audit() == "", audit()
+
+        refused = cluster.attempt_verbose("ALTER TABLE parts DETACH PARTITION parts_eu CONCURRENTLY")
+        assert refused.sqlstates == ["0A000"] and "without CONCURRENTLY" in refused.stderr, refused
+        assert cluster.sql("SELECT count(*) FROM parts WHERE region = 'eu'") == "3", "still attached"
+
+        # Replica mode: as capture's triggers, nothing queued; the audit names the rows.
+        cluster.sql("SET session_replication_role = replica; ALTER TABLE parts DETACH PARTITION parts_in")
+        assert cluster.wait_drained(30)
+        assert "7/in" not in records("delete")
+        assert audit() == "7/in:deleted without capture", audit()
+
+        # A database without the extension: a trigger of that name, of anyone's function, is
+        # not capture's; its partitions are dropped as ever.
+        cluster.sql("CREATE DATABASE plain")
+        cluster.sql("""
+            CREATE FUNCTION certyo_capture_lookalike() RETURNS trigger LANGUAGE plpgsql AS 'BEGIN RETURN NULL; END';
+            CREATE TABLE t (id int, r text) PARTITION BY LIST (r);
+            CREATE TABLE t_a PARTITION OF t FOR VALUES IN ('a');
+            CREATE TRIGGER certyo_capture AFTER INSERT ON t FOR EACH ROW EXECUTE FUNCTION certyo_capture_lookalike('x');
+            INSERT INTO t VALUES (1, 'a');
+            ALTER TABLE t DETACH PARTITION t_a;
+            ALTER TABLE t ATTACH PARTITION t_a FOR VALUES IN ('a');
+            DROP TABLE t_a;
+        """, database="plain")
+    finally:
+        cluster.pg_ctl("-m", "immediate", "stop")

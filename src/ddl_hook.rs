@@ -94,7 +94,18 @@ unsafe extern "C-unwind" fn process_utility(
             })
             .or_raise();
         }
+        for (child, how) in leaving_tables(statement) {
+            pinned(|| crate::track::before_rows_leave(child, how)).or_raise();
+        }
     }
+    // SAFETY: as above.
+    let attached: Vec<pg_sys::Oid> = unsafe { attaches_or_inherits(statement) }
+        .into_iter()
+        .filter_map(|(_, how)| match how {
+            Attach::Partition(child) => Some(child),
+            Attach::Inheritance => None,
+        })
+        .collect();
     // SAFETY: as above.
     let database_statement = unsafe { database_statement(statement) };
     // SAFETY: a catalog lookup inside the statement's transaction.
@@ -108,6 +119,9 @@ unsafe extern "C-unwind" fn process_utility(
     let Some(database) = dropping else {
         // SAFETY: as below.
         unsafe { run_previous(pstmt, query, read_only_tree, context, params, env, dest, qc) };
+        for child in attached {
+            crate::rights::with_pinned_search_path(|| crate::track::after_attach(child)).or_raise();
+        }
         // Only a statement that did something wakes the launcher (one that failed raised an
         // error and never gets here; `IF NOT EXISTS` of an installed extension did nothing),
         // and only when its transaction commits: the launcher must see the new database or
@@ -359,6 +373,61 @@ unsafe fn attaches_or_inherits(stmt: *mut pg_sys::Node) -> Vec<(pg_sys::Oid, Att
                         }
                     }
                     _ => {}
+                }
+            }
+        }
+        found
+    }
+}
+
+/// The tables whose rows a statement takes out of their partitioned table, and how:
+/// `ALTER TABLE ... DETACH PARTITION child [CONCURRENTLY]` and `DROP TABLE child, ...` (of any
+/// table: `crate::track::before_rows_leave` finds the partitions of tracked tables among them).
+/// `DETACH ... FINALIZE` completes a concurrent detach begun earlier: not one.
+///
+/// # Safety
+/// `stmt` is null or a valid parse node.
+unsafe fn leaving_tables(stmt: *mut pg_sys::Node) -> Vec<(pg_sys::Oid, crate::track::Leaving)> {
+    use crate::track::Leaving;
+    // SAFETY: the caller upholds this function's contract (its `# Safety` section), on which
+    // every unsafe operation below relies.
+    unsafe {
+        let mut found = Vec::new();
+        if stmt.is_null() {
+            return found;
+        }
+        if (*stmt).type_ == pg_sys::NodeTag::T_AlterTableStmt {
+            let alter = stmt.cast::<pg_sys::AlterTableStmt>();
+            let commands = pgrx::PgList::<pg_sys::AlterTableCmd>::from_pg((*alter).cmds);
+            for cmd in commands.iter_ptr() {
+                if cmd.is_null()
+                    || (*cmd).def.is_null()
+                    || (*cmd).subtype != pg_sys::AlterTableType::AT_DetachPartition
+                {
+                    continue;
+                }
+                let partition = (*cmd).def.cast::<pg_sys::PartitionCmd>();
+                if let Some(child) = resolve((*partition).name) {
+                    let how = if (*partition).concurrent {
+                        Leaving::DetachConcurrently
+                    } else {
+                        Leaving::Detach
+                    };
+                    found.push((child, how));
+                }
+            }
+        } else if (*stmt).type_ == pg_sys::NodeTag::T_DropStmt {
+            let drop = stmt.cast::<pg_sys::DropStmt>();
+            if (*drop).removeType != pg_sys::ObjectType::OBJECT_TABLE {
+                return found;
+            }
+            let names = pgrx::PgList::<pg_sys::List>::from_pg((*drop).objects);
+            for name in names.iter_ptr() {
+                if name.is_null() {
+                    continue;
+                }
+                if let Some(child) = resolve(pg_sys::makeRangeVarFromNameList(name)) {
+                    found.push((child, Leaving::Drop));
                 }
             }
         }

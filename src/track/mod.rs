@@ -7,6 +7,7 @@ mod existing_rows;
 pub(crate) mod identity;
 mod install;
 pub(crate) mod key;
+mod partitions;
 mod table;
 
 use crate::capture::options::{
@@ -15,6 +16,7 @@ use crate::capture::options::{
 use crate::capture::CAPTURE_TRIGGER;
 use crate::error::{CertyoError, OrRaise, Result};
 use install::TriggerDefinition;
+pub use partitions::{after_attach, before_attach, before_rows_leave, Leaving};
 use pgrx::pg_sys::Oid;
 use pgrx::prelude::*;
 use pgrx::PgSqlErrorCode;
@@ -277,16 +279,6 @@ pub fn release_columns(relid: Oid, recurse: bool) -> Result<()> {
         }
     }
     Ok(())
-}
-
-/// Before `ALTER TABLE parent ATTACH PARTITION child`, from `crate::ddl_hook`: when `parent` is
-/// tracked, `child` gets the bookkeeping columns it needs to be a partition of it (a partition
-/// must have every column of its table). Its capture trigger is cloned by Postgres.
-pub fn before_attach(parent: Oid, child: Oid) -> Result<()> {
-    let Some(options) = installed_options(parent)? else {
-        return Ok(());
-    };
-    install::add_bookkeeping_columns(&Table::inspect(child)?, options.write_back)
 }
 
 /// Before a table inherits from `parent` (`CREATE TABLE ... INHERITS`, `ALTER TABLE ...

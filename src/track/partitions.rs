@@ -1,0 +1,231 @@
+//! Rows that enter or leave a tracked partitioned table by DDL, not by a write: `ATTACH
+//! PARTITION` brings a table's rows in, `DETACH PARTITION` and `DROP TABLE` of a partition take
+//! its rows out. No row trigger fires for them, so without this their content would never reach
+//! Certyo (`certyo.audit()`: `never captured`), or Certyo would go on holding records the table
+//! no longer has (`deleted without capture`). Called from `crate::ddl_hook`, in the statement's
+//! transaction:
+//!
+//! - before `ATTACH PARTITION`: the new partition gets the bookkeeping columns it needs;
+//! - after it: an `upsert` of each row it brought is queued (as a backfill queues one), and
+//!   what the rows' bookkeeping columns said (a partition detached earlier keeps its marks, and
+//!   its rows may have changed since) is cleared: they hold versions no receipt covers yet;
+//! - before `DETACH PARTITION` or `DROP TABLE` of a partition: a `delete` of each of its rows
+//!   is queued, with the partition held still (no writer can add a row that would leave
+//!   uncaptured). `DETACH ... CONCURRENTLY` lets writers go on while the partition leaves, so
+//!   it is refused.
+//!
+//! A session in `session_replication_role = replica` queues nothing, as capture's triggers do
+//! not fire there either (the audit names such rows).
+
+use super::installed_options;
+use super::table::Table;
+use crate::capture::options::{CaptureOptions, WriteBack};
+use crate::capture::queue;
+use crate::capture::record::Operation;
+use crate::capture::scan::{each_row, Snapshot};
+use crate::error::{CertyoError, Result};
+use pgrx::pg_sys::{self, Oid};
+use pgrx::prelude::*;
+use pgrx::PgSqlErrorCode;
+
+/// How a partition's rows leave its tracked table.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Leaving {
+    /// `ALTER TABLE parent DETACH PARTITION child`.
+    Detach,
+    /// `ALTER TABLE parent DETACH PARTITION child CONCURRENTLY`.
+    DetachConcurrently,
+    /// `DROP TABLE child`.
+    Drop,
+}
+
+/// Before `ALTER TABLE parent ATTACH PARTITION child`: when `parent` is tracked (or a partition
+/// of a tracked table), `child` gets the bookkeeping columns it needs to be a partition of it (a
+/// partition must have every column of its table). Its triggers are cloned by PostgreSQL.
+pub fn before_attach(parent: Oid, child: Oid) -> Result<()> {
+    let Some((_, options)) = tracked_table_of(parent, true)? else {
+        return Ok(());
+    };
+    super::install::add_bookkeeping_columns(&Table::inspect(child)?, options.write_back)
+}
+
+/// After `ALTER TABLE ... ATTACH PARTITION child` succeeded: an `upsert` of each row the
+/// partition brought is queued, and any marks those rows hold are cleared. The statement holds
+/// `child` in `ACCESS EXCLUSIVE` mode until the transaction ends; the partitions of a
+/// partitioned `child` are held against writers here.
+pub fn after_attach(child: Oid) -> Result<()> {
+    let Some((table, options)) = tracked_table_of(child, false)? else {
+        return Ok(());
+    };
+    if replica_session() {
+        return Ok(());
+    }
+    hold_still(None, child, pg_sys::ShareLock)?;
+    let mut queued = 0;
+    each_row(child, &options, Snapshot::Latest, |plan, _, change| {
+        queued += 1;
+        // SAFETY: inside the statement's transaction, which may write.
+        unsafe { queue::append(plan.relid, plan.table_id, &plan.collection, change) }.map(|_| ())
+    })?;
+    let cleared = clear_marks(child, &options)?;
+    if queued > 0 {
+        notice!(
+            "certyo_cdc: {queued} row(s) entered tracked table {} with partition {}: an upsert of each is queued{}",
+            name_of(table)?,
+            name_of(child)?,
+            if cleared > 0 {
+                format!(", and the bookkeeping columns of {cleared} were cleared")
+            } else {
+                String::new()
+            }
+        );
+    }
+    Ok(())
+}
+
+/// Before `DETACH PARTITION` or `DROP TABLE` of `child`: when it is a partition of a tracked
+/// table, a `delete` of each of its rows is queued. Its partition parent and then `child` are
+/// locked first as the statement locks them (`ACCESS EXCLUSIVE`, in that order: no circle with
+/// it or with writers), so no row is added or changed between this and the statement.
+pub fn before_rows_leave(child: Oid, how: Leaving) -> Result<()> {
+    let Some((table, options)) = tracked_table_of(child, false)? else {
+        return Ok(());
+    };
+    let parent = Spi::get_one_with_args::<Oid>(
+        "SELECT (SELECT inhparent FROM pg_catalog.pg_inherits WHERE inhrelid OPERATOR(pg_catalog.=) $1)",
+        &[child.into()],
+    )?;
+    if how == Leaving::DetachConcurrently {
+        let (table, child) = (name_of(table)?, name_of(child)?);
+        return Err(CertyoError::new(
+            PgSqlErrorCode::ERRCODE_FEATURE_NOT_SUPPORTED,
+            format!("certyo_cdc: DETACH PARTITION ... CONCURRENTLY would take the rows of {child} out of tracked table {table} without their deletes captured"),
+        )
+        .detail("Rows that leave a tracked table are deletes for Certyo: certyo_cdc queues a delete of each in the detaching transaction, which needs the partition held still; a concurrent detach lets writers change it while it leaves.")
+        .hint(format!("Detach it without CONCURRENTLY (a delete of each of its rows is queued), or call certyo.untrack('{table}') first.")));
+    }
+    if replica_session() {
+        return Ok(());
+    }
+    hold_still(parent, child, pg_sys::AccessExclusiveLock)?;
+    let mut queued = 0;
+    each_row(child, &options, Snapshot::Latest, |plan, row, _| {
+        // SAFETY: `each_row` hands over rows of the table it built `plan` for, inside the
+        // statement's transaction, which may write.
+        unsafe {
+            let change = plan.change(Operation::Delete, row)?;
+            if change.record_id.is_empty() {
+                return Ok(()); // a record Certyo never held (see capture's delete)
+            }
+            queued += 1;
+            queue::append(plan.relid, plan.table_id, &plan.collection, &change).map(|_| ())
+        }
+    })?;
+    if queued > 0 {
+        notice!(
+            "certyo_cdc: {queued} row(s) leave tracked table {} with partition {}: a delete of each is queued",
+            name_of(table)?,
+            name_of(child)?
+        );
+    }
+    Ok(())
+}
+
+/// The tracked table `relid` belongs to, with its options: an ancestor of a partition, or
+/// (`itself`) the table itself. Asked in every database for every table a statement drops,
+/// detaches or attaches: a table that is no partition (nor, `itself`, a partitioned table) is
+/// answered without a query, and the capture trigger is known by the extension's function
+/// (`pg_depend`), never by its name alone, which anyone's trigger may have where the extension
+/// is not installed.
+fn tracked_table_of(relid: Oid, itself: bool) -> Result<Option<(Oid, CaptureOptions)>> {
+    // SAFETY: catalog lookups inside the statement's transaction.
+    let (partition, partitioned) = unsafe {
+        (
+            pg_sys::get_rel_relispartition(relid),
+            pg_sys::get_rel_relkind(relid) == pg_sys::RELKIND_PARTITIONED_TABLE as std::ffi::c_char,
+        )
+    };
+    if !(partition || itself && partitioned) {
+        return Ok(None);
+    }
+    let root = Spi::get_one_with_args::<Oid>(
+        "SELECT (SELECT t.tgrelid FROM pg_catalog.pg_partition_ancestors($1) a
+           JOIN pg_catalog.pg_trigger t ON t.tgrelid OPERATOR(pg_catalog.=) a.relid
+          WHERE t.tgname OPERATOR(pg_catalog.=) 'certyo_capture' AND t.tgparentid OPERATOR(pg_catalog.=) 0
+            AND ($2 OR a.relid OPERATOR(pg_catalog.<>) $1)
+            AND EXISTS (SELECT FROM pg_catalog.pg_depend d
+                          JOIN pg_catalog.pg_extension e ON e.oid OPERATOR(pg_catalog.=) d.refobjid
+                               AND e.extname OPERATOR(pg_catalog.=) 'certyo_cdc'
+                         WHERE d.classid OPERATOR(pg_catalog.=) 'pg_catalog.pg_proc'::pg_catalog.regclass
+                           AND d.objid OPERATOR(pg_catalog.=) t.tgfoid
+                           AND d.refclassid OPERATOR(pg_catalog.=) 'pg_catalog.pg_extension'::pg_catalog.regclass
+                           AND d.deptype OPERATOR(pg_catalog.=) 'e')
+          LIMIT 1)",
+        &[relid.into(), itself.into()],
+    )?;
+    let Some(root) = root else {
+        return Ok(None);
+    };
+    Ok(installed_options(root)?.map(|options| (root, options)))
+}
+
+/// Lock `parent` (if any) and `child` in `mode`, then every partition under `child` against
+/// writers (`SHARE`): the rows read next are all the rows there are until the transaction ends.
+fn hold_still(parent: Option<Oid>, child: Oid, mode: u32) -> Result<()> {
+    // SAFETY: lock requests inside a transaction; they are released when it ends.
+    unsafe {
+        if let Some(parent) = parent {
+            pg_sys::LockRelationOid(parent, mode as pg_sys::LOCKMODE);
+        }
+        pg_sys::LockRelationOid(child, mode as pg_sys::LOCKMODE);
+    }
+    let below = Spi::get_one_with_args::<Vec<Oid>>(
+        "SELECT pg_catalog.array_agg(relid::oid ORDER BY level, relid) FROM pg_catalog.pg_partition_tree($1)
+          WHERE relid OPERATOR(pg_catalog.<>) $1",
+        &[child.into()],
+    )?
+    .unwrap_or_default();
+    for partition in below {
+        // SAFETY: as above.
+        unsafe { pg_sys::LockRelationOid(partition, pg_sys::ShareLock as pg_sys::LOCKMODE) };
+    }
+    Ok(())
+}
+
+/// Clear the bookkeeping columns of `child`'s rows that hold anything but what a new row holds
+/// in the table's mode; returns how many. A plain UPDATE in the session's own rights (the
+/// session's user owns the table or is a superuser: it ran the `ALTER TABLE`); it changes no
+/// business column, so capture queues nothing for it.
+fn clear_marks(child: Oid, options: &CaptureOptions) -> Result<i64> {
+    let status = match options.write_back {
+        WriteBack::None => return Ok(0),
+        WriteBack::Accepted => "'pending'",
+        WriteBack::Anchored => "NULL",
+    };
+    let name = name_of(child)?;
+    let cleared = Spi::get_one::<i64>(&format!(
+        "WITH cleared AS (
+           UPDATE {name} SET certyo_record_hash = NULL, certyo_anchor_status = {status}, certyo_verified_at = NULL
+            WHERE certyo_record_hash IS NOT NULL OR certyo_verified_at IS NOT NULL
+               OR certyo_anchor_status IS DISTINCT FROM {status}
+           RETURNING 1)
+         SELECT pg_catalog.count(*) FROM cleared"
+    ))?;
+    Ok(cleared.unwrap_or(0))
+}
+
+/// A relation's name as SQL reads it (schema-qualified under the pinned search path).
+fn name_of(relid: Oid) -> Result<String> {
+    Ok(Spi::get_one_with_args::<String>(
+        "SELECT $1::pg_catalog.regclass::pg_catalog.text",
+        &[relid.into()],
+    )?
+    .unwrap_or_default())
+}
+
+/// Whether this session is in `session_replication_role = replica`, where capture's triggers
+/// do not fire.
+fn replica_session() -> bool {
+    // SAFETY: reads a GUC variable of this backend.
+    unsafe { pg_sys::SessionReplicationRole == pg_sys::SESSION_REPLICATION_ROLE_REPLICA as i32 }
+}
