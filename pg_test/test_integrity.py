@@ -591,7 +591,7 @@ def test_rows_entering_or_leaving_by_partition_ddl_are_captured(emulator):
     changed while out. Now each row that enters is queued as an upsert (its marks cleared at
     once), each row that leaves as a delete, in the statement's transaction, with the partitions
     held still; as the table's owner too. DETACH ... CONCURRENTLY is refused (it lets writers go
-    on while the rows leave); a session in replica mode queues nothing, as capture's triggers;
+    on while the rows leave), and so is TRUNCATE of a partition, as the table's own; a session in replica mode queues nothing, as capture's triggers;
     and a DROP TABLE in a database without the extension, under a look-alike trigger, is left
     alone."""
     cluster = Cluster(PRIMARY_DIR, free_port(), emulator.url)
@@ -650,7 +650,7 @@ def test_rows_entering_or_leaving_by_partition_ddl_are_captured(emulator):
 
         # As the table's owner; a partitioned partition's rows go with it.
         cluster.sql("ALTER TABLE parts OWNER TO parts_owner; ALTER TABLE parts_ap OWNER TO parts_owner;"
-                    "ALTER TABLE parts_sa OWNER TO parts_owner")
+                    "ALTER TABLE parts_sa OWNER TO parts_owner; ALTER TABLE parts_eu OWNER TO parts_owner")
         for statement in ("DROP TABLE parts_ap", "DROP TABLE parts_sa"):
             dropped = cluster.attempt_verbose(statement, user="parts_owner")
             assert dropped.returncode == 0 and "row(s) leave tracked table public.parts" in dropped.stderr, dropped
@@ -661,7 +661,9 @@ def test_rows_entering_or_leaving_by_partition_ddl_are_captured(emulator):
 
         refused = cluster.attempt_verbose("ALTER TABLE parts DETACH PARTITION parts_eu CONCURRENTLY")
         assert refused.sqlstates == ["0A000"] and "without CONCURRENTLY" in refused.stderr, refused
-        assert cluster.sql("SELECT count(*) FROM parts WHERE region = 'eu'") == "3", "still attached"
+        refused = cluster.attempt_verbose("TRUNCATE parts_eu", user="parts_owner")
+        assert refused.sqlstates == ["55000"] and "DELETE FROM public.parts_eu" in refused.stderr, refused
+        assert cluster.sql("SELECT count(*) FROM parts WHERE region = 'eu'") == "3", "still attached, every row"
 
         # Replica mode: as capture's triggers, nothing queued; the audit names the rows.
         cluster.sql("SET session_replication_role = replica; ALTER TABLE parts DETACH PARTITION parts_in")
@@ -680,6 +682,7 @@ def test_rows_entering_or_leaving_by_partition_ddl_are_captured(emulator):
             INSERT INTO t VALUES (1, 'a');
             ALTER TABLE t DETACH PARTITION t_a;
             ALTER TABLE t ATTACH PARTITION t_a FOR VALUES IN ('a');
+            TRUNCATE t_a;
             DROP TABLE t_a;
         """, database="plain")
     finally:

@@ -16,9 +16,11 @@
 //! - `DROP INDEX` of the last unique index on a tracked table's record id columns is refused:
 //!   they would no longer identify a row.
 //! - `ATTACH PARTITION` to a tracked partitioned table gives the new partition the bookkeeping
-//!   columns first (the partition must have every column of the table); inheriting from a
-//!   tracked table (`INHERITS`, `INHERIT`) is refused: the parent's triggers never see the
-//!   child's rows.
+//!   columns first (the partition must have every column of the table), and afterwards queues
+//!   an upsert of each row it brought; `DETACH PARTITION` and `DROP TABLE` of a partition queue
+//!   a delete of each row that leaves, `DETACH ... CONCURRENTLY` and `TRUNCATE` of a partition
+//!   are refused (`crate::track`'s partitions); inheriting from a tracked table (`INHERITS`,
+//!   `INHERIT`) is refused: the parent's triggers never see the child's rows.
 //!
 //! - Databases and their delivery workers (`crate::delivery`'s launcher starts one per
 //!   database): `CREATE EXTENSION certyo_cdc` and `CREATE DATABASE` wake the launcher, which
@@ -96,6 +98,9 @@ unsafe extern "C-unwind" fn process_utility(
         }
         for (child, how) in leaving_tables(statement) {
             pinned(|| crate::track::before_rows_leave(child, how)).or_raise();
+        }
+        for relid in truncated(statement) {
+            pinned(|| crate::track::refuse_truncating_partition(relid)).or_raise();
         }
     }
     // SAFETY: as above.
@@ -432,6 +437,26 @@ unsafe fn leaving_tables(stmt: *mut pg_sys::Node) -> Vec<(pg_sys::Oid, crate::tr
             }
         }
         found
+    }
+}
+
+/// The tables a `TRUNCATE` names.
+///
+/// # Safety
+/// `stmt` is null or a valid parse node.
+unsafe fn truncated(stmt: *mut pg_sys::Node) -> Vec<pg_sys::Oid> {
+    // SAFETY: the caller upholds this function's contract (its `# Safety` section), on which
+    // every unsafe operation below relies.
+    unsafe {
+        if stmt.is_null() || (*stmt).type_ != pg_sys::NodeTag::T_TruncateStmt {
+            return Vec::new();
+        }
+        let truncate = stmt.cast::<pg_sys::TruncateStmt>();
+        pgrx::PgList::<pg_sys::RangeVar>::from_pg((*truncate).relations)
+            .iter_ptr()
+            .filter(|name| !name.is_null())
+            .filter_map(|name| resolve(name))
+            .collect()
     }
 }
 

@@ -16,7 +16,9 @@ use crate::capture::options::{
 use crate::capture::CAPTURE_TRIGGER;
 use crate::error::{CertyoError, OrRaise, Result};
 use install::TriggerDefinition;
-pub use partitions::{after_attach, before_attach, before_rows_leave, Leaving};
+pub use partitions::{
+    after_attach, before_attach, before_rows_leave, refuse_truncating_partition, Leaving,
+};
 use pgrx::pg_sys::Oid;
 use pgrx::prelude::*;
 use pgrx::PgSqlErrorCode;

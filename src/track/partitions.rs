@@ -12,7 +12,7 @@
 //! - before `DETACH PARTITION` or `DROP TABLE` of a partition: a `delete` of each of its rows
 //!   is queued, with the partition held still (no writer can add a row that would leave
 //!   uncaptured). `DETACH ... CONCURRENTLY` lets writers go on while the partition leaves, so
-//!   it is refused.
+//!   it is refused, and so is `TRUNCATE` of a partition (as the table's own is).
 //!
 //! A session in `session_replication_role = replica` queues nothing, as capture's triggers do
 //! not fire there either (the audit names such rows).
@@ -129,6 +129,24 @@ pub fn before_rows_leave(child: Oid, how: Leaving) -> Result<()> {
         );
     }
     Ok(())
+}
+
+/// Before `TRUNCATE` of `relid`: refused when it is a partition of a tracked table, as `TRUNCATE`
+/// of the table itself is (by its guard trigger, which PostgreSQL does not clone onto
+/// partitions): the rows would go without their deletes captured.
+pub fn refuse_truncating_partition(relid: Oid) -> Result<()> {
+    let Some((table, _)) = tracked_table_of(relid, false)? else {
+        return Ok(());
+    };
+    let (table, partition) = (name_of(table)?, name_of(relid)?);
+    Err(CertyoError::new(
+        PgSqlErrorCode::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
+        format!("certyo_cdc: TRUNCATE of {partition}, a partition of tracked table {table}, is refused"),
+    )
+    .detail("TRUNCATE removes rows without recording their deletion, so Certyo would never hear of it.")
+    .hint(format!(
+        "Use DELETE FROM {partition} to record every deletion, or DETACH PARTITION or DROP TABLE it: each queues a delete of every row it takes out of {table}."
+    )))
 }
 
 /// The tracked table `relid` belongs to, with its options: an ancestor of a partition, or
