@@ -665,6 +665,26 @@ def test_rows_entering_or_leaving_by_partition_ddl_are_captured(emulator):
         assert refused.sqlstates == ["55000"] and "DELETE FROM public.parts_eu" in refused.stderr, refused
         assert cluster.sql("SELECT count(*) FROM parts WHERE region = 'eu'") == "3", "still attached, every row"
 
+        # The rows' marks are cleared as the partition's owner: its triggers are its owner's code,
+        # not to run with the rights of the superuser who attaches it.
+        cluster.sql("""
+            CREATE ROLE hostile LOGIN;
+            CREATE SCHEMA hx AUTHORIZATION hostile;
+        """)
+        cluster.sql("""
+            CREATE TABLE hx.parts_hx (id int NOT NULL, region text NOT NULL, v text, certyo_record_hash text,
+                                      certyo_anchor_status text, certyo_verified_at timestamptz);
+            CREATE FUNCTION hx.who() RETURNS trigger LANGUAGE plpgsql AS $$
+                BEGIN RAISE NOTICE 'ran as %', current_user; RETURN NEW; END $$;
+            CREATE TRIGGER who BEFORE UPDATE ON hx.parts_hx FOR EACH ROW EXECUTE FUNCTION hx.who();
+            INSERT INTO hx.parts_hx VALUES (9, 'hx', 'x', 'sha256:forged', 'anchored', now());
+        """, user="hostile")
+        attached = cluster.attempt_verbose("ALTER TABLE parts ATTACH PARTITION hx.parts_hx FOR VALUES IN ('hx')")
+        assert attached.returncode == 0 and "ran as hostile" in attached.stderr, attached
+        assert "ran as postgres" not in attached.stderr, attached
+        assert cluster.sql("SELECT certyo_record_hash IS DISTINCT FROM 'sha256:forged' FROM hx.parts_hx") == "t"
+        assert cluster.wait_drained(30)
+
         # Replica mode: as capture's triggers, nothing queued; the audit names the rows.
         cluster.sql("SET session_replication_role = replica; ALTER TABLE parts DETACH PARTITION parts_in")
         assert cluster.wait_drained(30)

@@ -211,9 +211,10 @@ fn hold_still(parent: Option<Oid>, child: Oid, mode: u32) -> Result<()> {
 }
 
 /// Clear the bookkeeping columns of `child`'s rows that hold anything but what a new row holds
-/// in the table's mode; returns how many. A plain UPDATE in the session's own rights (the
-/// session's user owns the table or is a superuser: it ran the `ALTER TABLE`); it changes no
-/// business column, so capture queues nothing for it.
+/// in the table's mode; returns how many. An UPDATE run as `child`'s owner (`rights::as_role`):
+/// the partition's own triggers fire for it, and they are its owner's code, never to run with
+/// the rights of a superuser who attaches it. It changes no business column, so capture queues
+/// nothing for it, unless such a trigger changes one (then that change is captured).
 fn clear_marks(child: Oid, options: &CaptureOptions) -> Result<i64> {
     let status = match options.write_back {
         WriteBack::None => return Ok(0),
@@ -221,14 +222,21 @@ fn clear_marks(child: Oid, options: &CaptureOptions) -> Result<i64> {
         WriteBack::Anchored => "NULL",
     };
     let name = name_of(child)?;
-    let cleared = Spi::get_one::<i64>(&format!(
+    let owner = Spi::get_one_with_args::<Oid>(
+        "SELECT relowner FROM pg_catalog.pg_class WHERE oid OPERATOR(pg_catalog.=) $1",
+        &[child.into()],
+    )?
+    .unwrap_or(pg_sys::InvalidOid);
+    let cleared = crate::rights::as_role(owner, || {
+        Spi::get_one::<i64>(&format!(
         "WITH cleared AS (
            UPDATE {name} SET certyo_record_hash = NULL, certyo_anchor_status = {status}, certyo_verified_at = NULL
             WHERE certyo_record_hash IS NOT NULL OR certyo_verified_at IS NOT NULL
                OR certyo_anchor_status IS DISTINCT FROM {status}
            RETURNING 1)
          SELECT pg_catalog.count(*) FROM cleared"
-    ))?;
+    ))
+    })?;
     Ok(cleared.unwrap_or(0))
 }
 
