@@ -648,10 +648,17 @@ def test_rows_entering_or_leaving_by_partition_ddl_are_captured(emulator):
         assert latest["1/us"]["v"] == "changed while out" and latest["7/in"]["v"] == "brought in"
         assert wait_for(lambda: cluster.sql("SELECT count(*) FROM parts WHERE certyo_record_hash IS NULL") == "0")
 
-        # As the table's owner; a partitioned partition's rows go with it.
+        # Someone who may not drop a partition neither locks nor reads it (nor learns its size).
+        cluster.sql("CREATE ROLE nobody LOGIN")
+        for statement in ("DROP TABLE parts_ap", "ALTER TABLE parts DETACH PARTITION parts_ap"):
+            refused = cluster.attempt_verbose(statement, user="nobody")
+            assert refused.sqlstates == ["42501"] and "leave tracked table" not in refused.stderr, refused
+        # As the table's owner; a partitioned partition's rows go with it, each deleted once when
+        # the statement also names a partition of it.
         cluster.sql("ALTER TABLE parts OWNER TO parts_owner; ALTER TABLE parts_ap OWNER TO parts_owner;"
-                    "ALTER TABLE parts_sa OWNER TO parts_owner; ALTER TABLE parts_eu OWNER TO parts_owner")
-        for statement in ("DROP TABLE parts_ap", "DROP TABLE parts_sa"):
+                    "ALTER TABLE parts_sa OWNER TO parts_owner; ALTER TABLE parts_eu OWNER TO parts_owner;"
+                    "ALTER TABLE parts_sa1 OWNER TO parts_owner")
+        for statement in ("DROP TABLE parts_ap", "DROP TABLE parts_sa, parts_sa1"):
             dropped = cluster.attempt_verbose(statement, user="parts_owner")
             assert dropped.returncode == 0 and "row(s) leave tracked table public.parts" in dropped.stderr, dropped
         assert cluster.wait_drained(30)
@@ -690,6 +697,14 @@ def test_rows_entering_or_leaving_by_partition_ddl_are_captured(emulator):
         assert cluster.wait_drained(30)
         assert "7/in" not in records("delete")
         assert audit() == "7/in:deleted without capture", audit()
+        # Out, its row changes, keeping what it said of its version in parts; tracked on its
+        # own, no receipt of the table backs that: cleared. Tracked so, it is no partition to be.
+        cluster.sql("UPDATE parts_in SET v = 'changed while out'")
+        tracked = cluster.attempt_verbose("SELECT certyo.track('parts_in')")
+        assert "bookkeeping columns of 1 row(s) of public.parts_in were cleared" in tracked.stderr, tracked
+        assert cluster.sql("SELECT certyo_record_hash IS NULL FROM parts_in") == "t"
+        refused = cluster.attempt_verbose("ALTER TABLE parts ATTACH PARTITION parts_in FOR VALUES IN ('in')")
+        assert refused.sqlstates == ["55000"] and "certyo.untrack('public.parts_in')" in refused.stderr, refused
 
         # A database without the extension: a trigger of that name, of anyone's function, is
         # not capture's; its partitions are dropped as ever.

@@ -657,3 +657,55 @@ def test_a_virtual_generated_column_is_no_timestamp_column(cluster):
     assert '"shown"' in attempt.stderr and "STORED" in attempt.stderr, attempt.stderr
     assert cluster.sql("SELECT count(*) FROM certyo.tracked_tables WHERE \"table\" = 'wb_virtual_ts'::regclass") == "0"
     cluster.sql("DROP TABLE wb_virtual_ts")
+
+
+@pytest.mark.parametrize("mode", ["anchored", "accepted"])
+def test_no_before_update_trigger_fires_after_the_marks_trigger(cluster, mode):
+    """BEFORE UPDATE row triggers fire in the byte order of their names: one named after
+    zz_certyo_marks (zzz_..., a non-ASCII first letter) could stamp a business column after the
+    marks trigger judged the row unchanged, and the row would go on saying 'anchored' of its
+    earlier version. Refused, naming the trigger and a way out, wherever such a trigger could
+    come from: CREATE TRIGGER on the table or a partition, a rename, track() of a table that has
+    one, ATTACH of a partition that has one. Triggers that cannot change the row after it (AFTER,
+    BEFORE INSERT, statement-level, or named before it) and tables under 'none' are left alone."""
+    t = f"wb_order_{mode}"
+    cluster.sql(f"""
+        CREATE TABLE {t} (id int, region text, note text, updated_at timestamptz, PRIMARY KEY (id, region))
+            PARTITION BY LIST (region);
+        CREATE TABLE {t}_eu PARTITION OF {t} FOR VALUES IN ('eu');
+        CREATE FUNCTION {t}_stamp() RETURNS trigger LANGUAGE plpgsql AS $$
+            BEGIN NEW.updated_at := clock_timestamp(); RETURN NEW; END $$;
+        SELECT certyo.track('{t}', exclude_columns => ARRAY['note'], write_back => '{mode}');
+    """)
+    for on, name in ((t, "zzz_stamp"), (t, "Ästamp"), (f"{t}_eu", "zzz_stamp"), (t, "zz_stamp")):
+        attempt = cluster.attempt_verbose(
+            f'CREATE TRIGGER "{name}" BEFORE UPDATE ON {on} FOR EACH ROW EXECUTE FUNCTION {t}_stamp()')
+        assert attempt.sqlstate == "42P17", (name, attempt.stderr)
+        assert f'"{name}"' in attempt.stderr and "sorts before zz_certyo_marks" in attempt.stderr, attempt.stderr
+    cluster.sql(f"""
+        CREATE TRIGGER stamp BEFORE UPDATE ON {t} FOR EACH ROW EXECUTE FUNCTION {t}_stamp();
+        CREATE TRIGGER zzz_insert BEFORE INSERT ON {t} FOR EACH ROW EXECUTE FUNCTION {t}_stamp();
+        CREATE TRIGGER zzz_after AFTER UPDATE ON {t} FOR EACH ROW EXECUTE FUNCTION {t}_stamp();
+        ALTER TRIGGER zzz_after ON {t} RENAME TO zzzz_after;
+    """)
+    attempt = cluster.attempt_verbose(f"ALTER TRIGGER stamp ON {t} RENAME TO zzz_stamp")
+    assert attempt.sqlstate == "42P17", attempt.stderr
+    # A partition that brings one, and a table that has one, are refused too.
+    cluster.sql(f"""
+        CREATE TABLE {t}_us (id int, region text, note text, updated_at timestamptz, PRIMARY KEY (id, region));
+        CREATE TRIGGER zzz_stamp BEFORE UPDATE ON {t}_us FOR EACH ROW EXECUTE FUNCTION {t}_stamp();
+    """)
+    attempt = cluster.attempt_verbose(f"ALTER TABLE {t} ATTACH PARTITION {t}_us FOR VALUES IN ('us')")
+    assert attempt.sqlstate == "42P17", attempt.stderr
+    attempt = cluster.attempt_verbose(f"SELECT certyo.track('{t}_us', write_back => '{mode}')")
+    assert attempt.sqlstate == "42P17" and f"public.{t}_us" in attempt.stderr, attempt.stderr
+    cluster.sql(f"SELECT certyo.track('{t}_us', write_back => 'none'); SELECT certyo.untrack('{t}_us')")
+    # The trigger that fires before the marks trigger is judged with the row as it leaves it: an
+    # UPDATE of the excluded column alone, stamped, lets go of the row's earlier marks.
+    cluster.sql(f"""
+        INSERT INTO {t} VALUES (1, 'eu', 'n', now());
+        UPDATE {t} SET certyo_record_hash = 'sha256:earlier', certyo_anchor_status = 'anchored';
+        UPDATE {t} SET note = 'only the excluded column';
+    """)
+    assert cluster.sql(f"SELECT certyo_record_hash IS NULL FROM {t}") == "t"
+    cluster.sql(f"DROP TABLE {t}, {t}_us; DROP FUNCTION {t}_stamp()")

@@ -96,11 +96,21 @@ unsafe extern "C-unwind" fn process_utility(
             })
             .or_raise();
         }
-        for (child, how) in leaving_tables(statement) {
-            pinned(|| crate::track::before_rows_leave(child, how)).or_raise();
+        let leaving = leaving_tables(statement);
+        if !leaving.is_empty() {
+            pinned(|| {
+                crate::track::outermost(leaving)?
+                    .into_iter()
+                    .try_for_each(|(child, how)| crate::track::before_rows_leave(child, how))
+            })
+            .or_raise();
         }
         for relid in truncated(statement) {
             pinned(|| crate::track::refuse_truncating_partition(relid)).or_raise();
+        }
+        if let Some((relid, name, renamed)) = names_a_before_update_trigger(statement) {
+            pinned(|| crate::track::refuse_trigger_after_marks(relid, &name, renamed.as_deref()))
+                .or_raise();
         }
     }
     // SAFETY: as above.
@@ -437,6 +447,55 @@ unsafe fn leaving_tables(stmt: *mut pg_sys::Node) -> Vec<(pg_sys::Oid, crate::tr
             }
         }
         found
+    }
+}
+
+/// The table and the new name of a trigger that `CREATE TRIGGER` makes BEFORE UPDATE ... FOR
+/// EACH ROW, or that `ALTER TRIGGER old ON table RENAME TO new` renames (with its old name:
+/// whether it is such a trigger is looked up). Only when the table exists.
+///
+/// # Safety
+/// `stmt` is null or a valid parse node.
+unsafe fn names_a_before_update_trigger(
+    stmt: *mut pg_sys::Node,
+) -> Option<(pg_sys::Oid, String, Option<String>)> {
+    // SAFETY: the caller upholds this function's contract (its `# Safety` section), on which
+    // every unsafe operation below relies.
+    unsafe {
+        if stmt.is_null() {
+            return None;
+        }
+        let text = |name: *const std::ffi::c_char| {
+            (!name.is_null()).then(|| CStr::from_ptr(name).to_string_lossy().into_owned())
+        };
+        if (*stmt).type_ == pg_sys::NodeTag::T_CreateTrigStmt {
+            let create = stmt.cast::<pg_sys::CreateTrigStmt>();
+            let before_update = (*create).row
+                && i32::from((*create).timing) & pg_sys::TRIGGER_TYPE_BEFORE as i32 != 0
+                && i32::from((*create).events) & pg_sys::TRIGGER_TYPE_UPDATE as i32 != 0;
+            if !before_update || (*create).relation.is_null() {
+                return None;
+            }
+            return Some((
+                resolve((*create).relation)?,
+                text((*create).trigname)?,
+                None,
+            ));
+        }
+        if (*stmt).type_ == pg_sys::NodeTag::T_RenameStmt {
+            let rename = stmt.cast::<pg_sys::RenameStmt>();
+            if (*rename).renameType != pg_sys::ObjectType::OBJECT_TRIGGER
+                || (*rename).relation.is_null()
+            {
+                return None;
+            }
+            return Some((
+                resolve((*rename).relation)?,
+                text((*rename).newname)?,
+                Some(text((*rename).subname)?),
+            ));
+        }
+        None
     }
 }
 

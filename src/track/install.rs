@@ -397,3 +397,35 @@ fn depend_on_extension(relid: Oid) -> Result<()> {
     }
     Ok(())
 }
+
+/// Clear the bookkeeping columns of `child`'s rows that hold anything but what a new row holds
+/// in the table's mode (rows that come into tracking with marks no receipt of the table backs:
+/// an attached partition's, a table's tracked for the first time); returns how many. An UPDATE
+/// run as `child`'s owner (`rights::as_role`): the table's own triggers fire for it, and they
+/// are its owner's code, never to run with the rights of a superuser who attaches or tracks it.
+/// It changes no business column, so capture queues nothing for it, unless such a trigger
+/// changes one (then that change is captured, as any).
+pub(super) fn clear_marks(child: Oid, write_back: WriteBack) -> Result<i64> {
+    let status = match write_back {
+        WriteBack::None => return Ok(0),
+        WriteBack::Accepted => "'pending'",
+        WriteBack::Anchored => "NULL",
+    };
+    let name = super::partitions::name_of(child)?;
+    let owner = Spi::get_one_with_args::<Oid>(
+        "SELECT relowner FROM pg_catalog.pg_class WHERE oid OPERATOR(pg_catalog.=) $1",
+        &[child.into()],
+    )?
+    .unwrap_or(pg_sys::InvalidOid);
+    let cleared = crate::rights::as_role(owner, || {
+        Spi::get_one::<i64>(&format!(
+        "WITH cleared AS (
+           UPDATE {name} SET certyo_record_hash = NULL, certyo_anchor_status = {status}, certyo_verified_at = NULL
+            WHERE certyo_record_hash IS NOT NULL OR certyo_verified_at IS NOT NULL
+               OR certyo_anchor_status IS DISTINCT FROM {status}
+           RETURNING 1)
+         SELECT pg_catalog.count(*) FROM cleared"
+    ))
+    })?;
+    Ok(cleared.unwrap_or(0))
+}

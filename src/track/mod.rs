@@ -9,6 +9,7 @@ mod install;
 pub(crate) mod key;
 mod partitions;
 mod table;
+mod trigger_order;
 
 use crate::capture::options::{
     option_values, CaptureOptions, RecordIdSource, WriteBack, BOOKKEEPING_COLUMNS,
@@ -17,13 +18,14 @@ use crate::capture::CAPTURE_TRIGGER;
 use crate::error::{CertyoError, OrRaise, Result};
 use install::TriggerDefinition;
 pub use partitions::{
-    after_attach, before_attach, before_rows_leave, refuse_truncating_partition, Leaving,
+    after_attach, before_attach, before_rows_leave, outermost, refuse_truncating_partition, Leaving,
 };
 use pgrx::pg_sys::Oid;
 use pgrx::prelude::*;
 use pgrx::PgSqlErrorCode;
 use std::ffi::CStr;
 use table::{quote_literal, Request, Table};
+pub use trigger_order::refuse_trigger_after_marks;
 
 /// `certyo.track()` as 0.1.0's SQL declares it (five arguments), between installing the new
 /// library and `ALTER EXTENSION certyo_cdc UPDATE`: a table it tracks anew writes back as
@@ -175,6 +177,7 @@ fn track_table(
         ..request.clone()
     })?;
     table.require_generated_from_captured(&options)?;
+    trigger_order::require_no_trigger_after_marks(relid, relid, &options)?;
     identity::assign(&table, &mut options)?;
     let was_tracked = installed.is_some();
     let mode_changed = installed
@@ -189,6 +192,17 @@ fn track_table(
         install::refuse_bookkeeping_columns(&table, conflict)?;
     } else {
         install::add_bookkeeping_columns(&table, options.write_back)?;
+        if !was_tracked && !has_receipts(relid)? {
+            // What the rows say was written by no tracking of this table (a detached partition's
+            // marks, a copy's): no receipt backs it, and the rows may have changed since.
+            let cleared = install::clear_marks(relid, options.write_back)?;
+            if cleared > 0 {
+                pgrx::notice!(
+                    "certyo_cdc: the bookkeeping columns of {cleared} row(s) of {} were cleared: no receipt of this table backs what they said",
+                    table.display
+                );
+            }
+        }
     }
     TriggerDefinition::new(&options).install(&table)?;
     crate::shape::record(relid, &options)?;
@@ -208,6 +222,17 @@ fn track_table(
         );
     }
     Ok(())
+}
+
+/// Has the table (by its OID) any receipt: was it tracked here before?
+fn has_receipts(relid: Oid) -> Result<bool> {
+    let found = crate::rights::as_superuser(|| {
+        Spi::get_one_with_args::<bool>(
+            "SELECT EXISTS (SELECT FROM certyo.receipt WHERE relid OPERATOR(pg_catalog.=) $1)",
+            &[relid.into()],
+        )
+    })?;
+    Ok(found.unwrap_or(true))
 }
 
 /// A table tracked again: what its rows hold in their bookkeeping columns may not be what its
@@ -484,7 +509,10 @@ fn refresh(relid: Oid) -> Result<()> {
         );
         CertyoError { hint: Some(hint), ..e }
     })?;
-    if let Err(e) = table.require_generated_from_captured(&options) {
+    let checked = table
+        .require_generated_from_captured(&options)
+        .and_then(|()| trigger_order::require_no_trigger_after_marks(relid, relid, &options));
+    if let Err(e) = checked {
         if !updating_certyo_cdc() {
             return Err(e);
         }

@@ -19,7 +19,7 @@
 
 use super::installed_options;
 use super::table::Table;
-use crate::capture::options::{CaptureOptions, WriteBack};
+use crate::capture::options::CaptureOptions;
 use crate::capture::queue;
 use crate::capture::record::Operation;
 use crate::capture::scan::{each_row, Snapshot};
@@ -43,9 +43,19 @@ pub enum Leaving {
 /// of a tracked table), `child` gets the bookkeeping columns it needs to be a partition of it (a
 /// partition must have every column of its table). Its triggers are cloned by PostgreSQL.
 pub fn before_attach(parent: Oid, child: Oid) -> Result<()> {
-    let Some((_, options)) = tracked_table_of(parent, true)? else {
+    let Some((table, options)) = tracked_table_of(parent, true)? else {
         return Ok(());
     };
+    if let Some((own, _)) = tracked_table_of(child, true)? {
+        let (table, own) = (name_of(table)?, name_of(own)?);
+        return Err(CertyoError::new(
+            PgSqlErrorCode::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
+            format!("certyo_cdc: {own} is tracked on its own, and cannot become a partition of tracked table {table}"),
+        )
+        .detail(format!("Its rows would be captured twice, under both names; a partition of {table} is captured with it."))
+        .hint(format!("Call certyo.untrack('{own}') first.")));
+    }
+    super::trigger_order::require_no_trigger_after_marks(child, table, &options)?;
     super::install::add_bookkeeping_columns(&Table::inspect(child)?, options.write_back)
 }
 
@@ -67,7 +77,7 @@ pub fn after_attach(child: Oid) -> Result<()> {
         // SAFETY: inside the statement's transaction, which may write.
         unsafe { queue::append(plan.relid, plan.table_id, &plan.collection, change) }.map(|_| ())
     })?;
-    let cleared = clear_marks(child, &options)?;
+    let cleared = super::install::clear_marks(child, options.write_back)?;
     if queued > 0 {
         notice!(
             "certyo_cdc: {queued} row(s) entered tracked table {} with partition {}: an upsert of each is queued{}",
@@ -91,6 +101,9 @@ pub fn before_rows_leave(child: Oid, how: Leaving) -> Result<()> {
     let Some((table, options)) = tracked_table_of(child, false)? else {
         return Ok(());
     };
+    if !may_take_out(child)? {
+        return Ok(()); // the statement fails on its own rights check; nothing locked or read here
+    }
     let parent = Spi::get_one_with_args::<Oid>(
         "SELECT (SELECT inhparent FROM pg_catalog.pg_inherits WHERE inhrelid OPERATOR(pg_catalog.=) $1)",
         &[child.into()],
@@ -149,25 +162,60 @@ pub fn refuse_truncating_partition(relid: Oid) -> Result<()> {
     )))
 }
 
+/// Whether the session's user may be allowed the statement that takes `child` out of its table:
+/// it owns (as a member of the owning role) the partition, its partition parent or its schema,
+/// or is a superuser. Anyone else's `DROP TABLE` or `DETACH PARTITION` fails on PostgreSQL's own
+/// check; the partition is not locked nor read for them (a role that may not read a table must
+/// not hold it locked, or learn how many rows it has).
+fn may_take_out(child: Oid) -> Result<bool> {
+    Ok(Spi::get_one_with_args::<bool>(
+        "SELECT pg_catalog.pg_has_role(c.relowner, 'USAGE')
+             OR pg_catalog.pg_has_role(n.nspowner, 'USAGE')
+             OR EXISTS (SELECT FROM pg_catalog.pg_inherits i JOIN pg_catalog.pg_class p ON p.oid OPERATOR(pg_catalog.=) i.inhparent
+                         WHERE i.inhrelid OPERATOR(pg_catalog.=) c.oid AND pg_catalog.pg_has_role(p.relowner, 'USAGE'))
+           FROM pg_catalog.pg_class c JOIN pg_catalog.pg_namespace n ON n.oid OPERATOR(pg_catalog.=) c.relnamespace
+          WHERE c.oid OPERATOR(pg_catalog.=) $1",
+        &[child.into()],
+    )?
+    .unwrap_or(false))
+}
+
+/// Of the tables a statement takes out, those not under another of them (`DROP TABLE p, p_1`
+/// where `p_1` is a partition of `p`: `p`'s rows are `p_1`'s too, each to be deleted once).
+pub fn outermost(tables: Vec<(Oid, Leaving)>) -> Result<Vec<(Oid, Leaving)>> {
+    if tables.len() < 2 {
+        return Ok(tables);
+    }
+    let all: Vec<Oid> = tables.iter().map(|(relid, _)| *relid).collect();
+    let mut kept = Vec::with_capacity(tables.len());
+    for (relid, how) in tables {
+        let under_another = Spi::get_one_with_args::<bool>(
+            "SELECT EXISTS (SELECT FROM pg_catalog.pg_partition_ancestors($1) a
+                             WHERE a.relid OPERATOR(pg_catalog.<>) $1 AND a.relid OPERATOR(pg_catalog.=) ANY ($2))",
+            &[relid.into(), all.clone().into()],
+        )?
+        .unwrap_or(false);
+        if !under_another {
+            kept.push((relid, how));
+        }
+    }
+    Ok(kept)
+}
+
 /// The tracked table `relid` belongs to, with its options: an ancestor of a partition, or
 /// (`itself`) the table itself. Asked in every database for every table a statement drops,
-/// detaches or attaches: a table that is no partition (nor, `itself`, a partitioned table) is
-/// answered without a query, and the capture trigger is known by the extension's function
+/// detaches or attaches: a table that is no partition (unless `itself`) is answered without a
+/// query, and the capture trigger is known by the extension's function
 /// (`pg_depend`), never by its name alone, which anyone's trigger may have where the extension
 /// is not installed.
-fn tracked_table_of(relid: Oid, itself: bool) -> Result<Option<(Oid, CaptureOptions)>> {
-    // SAFETY: catalog lookups inside the statement's transaction.
-    let (partition, partitioned) = unsafe {
-        (
-            pg_sys::get_rel_relispartition(relid),
-            pg_sys::get_rel_relkind(relid) == pg_sys::RELKIND_PARTITIONED_TABLE as std::ffi::c_char,
-        )
-    };
-    if !(partition || itself && partitioned) {
+pub(super) fn tracked_table_of(relid: Oid, itself: bool) -> Result<Option<(Oid, CaptureOptions)>> {
+    // SAFETY: a catalog lookup inside the statement's transaction.
+    if !itself && !unsafe { pg_sys::get_rel_relispartition(relid) } {
         return Ok(None);
     }
     let root = Spi::get_one_with_args::<Oid>(
-        "SELECT (SELECT t.tgrelid FROM pg_catalog.pg_partition_ancestors($1) a
+        "SELECT (SELECT t.tgrelid
+                   FROM (SELECT $1 AS relid UNION SELECT relid FROM pg_catalog.pg_partition_ancestors($1)) a
            JOIN pg_catalog.pg_trigger t ON t.tgrelid OPERATOR(pg_catalog.=) a.relid
           WHERE t.tgname OPERATOR(pg_catalog.=) 'certyo_capture' AND t.tgparentid OPERATOR(pg_catalog.=) 0
             AND ($2 OR a.relid OPERATOR(pg_catalog.<>) $1)
@@ -210,38 +258,8 @@ fn hold_still(parent: Option<Oid>, child: Oid, mode: u32) -> Result<()> {
     Ok(())
 }
 
-/// Clear the bookkeeping columns of `child`'s rows that hold anything but what a new row holds
-/// in the table's mode; returns how many. An UPDATE run as `child`'s owner (`rights::as_role`):
-/// the partition's own triggers fire for it, and they are its owner's code, never to run with
-/// the rights of a superuser who attaches it. It changes no business column, so capture queues
-/// nothing for it, unless such a trigger changes one (then that change is captured).
-fn clear_marks(child: Oid, options: &CaptureOptions) -> Result<i64> {
-    let status = match options.write_back {
-        WriteBack::None => return Ok(0),
-        WriteBack::Accepted => "'pending'",
-        WriteBack::Anchored => "NULL",
-    };
-    let name = name_of(child)?;
-    let owner = Spi::get_one_with_args::<Oid>(
-        "SELECT relowner FROM pg_catalog.pg_class WHERE oid OPERATOR(pg_catalog.=) $1",
-        &[child.into()],
-    )?
-    .unwrap_or(pg_sys::InvalidOid);
-    let cleared = crate::rights::as_role(owner, || {
-        Spi::get_one::<i64>(&format!(
-        "WITH cleared AS (
-           UPDATE {name} SET certyo_record_hash = NULL, certyo_anchor_status = {status}, certyo_verified_at = NULL
-            WHERE certyo_record_hash IS NOT NULL OR certyo_verified_at IS NOT NULL
-               OR certyo_anchor_status IS DISTINCT FROM {status}
-           RETURNING 1)
-         SELECT pg_catalog.count(*) FROM cleared"
-    ))
-    })?;
-    Ok(cleared.unwrap_or(0))
-}
-
 /// A relation's name as SQL reads it (schema-qualified under the pinned search path).
-fn name_of(relid: Oid) -> Result<String> {
+pub(super) fn name_of(relid: Oid) -> Result<String> {
     Ok(Spi::get_one_with_args::<String>(
         "SELECT $1::pg_catalog.regclass::pg_catalog.text",
         &[relid.into()],
