@@ -670,7 +670,30 @@ def test_rows_entering_or_leaving_by_partition_ddl_are_captured(emulator):
         assert refused.sqlstates == ["0A000"] and "without CONCURRENTLY" in refused.stderr, refused
         refused = cluster.attempt_verbose("TRUNCATE parts_eu", user="parts_owner")
         assert refused.sqlstates == ["55000"] and "DELETE FROM public.parts_eu" in refused.stderr, refused
+        cluster.sql("""
+            CREATE TABLE regions (region text PRIMARY KEY);
+            INSERT INTO regions VALUES ('eu');
+            ALTER TABLE parts_eu ADD FOREIGN KEY (region) REFERENCES regions;
+        """)
+        refused = cluster.attempt_verbose("TRUNCATE regions CASCADE")
+        assert refused.sqlstates == ["55000"] and "public.parts_eu" in refused.stderr, refused
         assert cluster.sql("SELECT count(*) FROM parts WHERE region = 'eu'") == "3", "still attached, every row"
+
+        # Partitions no statement names: DROP SCHEMA ... CASCADE, DROP OWNED BY.
+        cluster.sql("""
+            CREATE SCHEMA sx;
+            CREATE TABLE sx.parts_x PARTITION OF parts FOR VALUES IN ('x');
+            CREATE ROLE dropper;
+            CREATE TABLE parts_do PARTITION OF parts FOR VALUES IN ('do');
+            ALTER TABLE parts_do OWNER TO dropper;
+            INSERT INTO parts VALUES (8, 'x', 'in sx'), (9, 'do', 'of dropper');
+        """)
+        for statement in ("DROP SCHEMA sx CASCADE", "DROP OWNED BY dropper"):
+            dropped = cluster.attempt_verbose(statement)
+            assert dropped.returncode == 0 and "1 row(s) leave tracked table public.parts" in dropped.stderr, dropped
+        assert cluster.wait_drained(30)
+        assert {"8/x", "9/do"} <= set(records("delete"))
+        assert audit() == "", audit()
 
         # The rows' marks are cleared as the partition's owner: its triggers are its owner's code,
         # not to run with the rights of the superuser who attaches it.

@@ -105,8 +105,8 @@ unsafe extern "C-unwind" fn process_utility(
             })
             .or_raise();
         }
-        for relid in truncated(statement) {
-            pinned(|| crate::track::refuse_truncating_partition(relid)).or_raise();
+        if let Some((named, cascade)) = truncated(statement) {
+            pinned(|| crate::track::refuse_truncating_partitions(named, cascade)).or_raise();
         }
         if let Some((relid, name, renamed)) = names_a_before_update_trigger(statement) {
             pinned(|| crate::track::refuse_trigger_after_marks(relid, &name, renamed.as_deref()))
@@ -397,7 +397,9 @@ unsafe fn attaches_or_inherits(stmt: *mut pg_sys::Node) -> Vec<(pg_sys::Oid, Att
 
 /// The tables whose rows a statement takes out of their partitioned table, and how:
 /// `ALTER TABLE ... DETACH PARTITION child [CONCURRENTLY]` and `DROP TABLE child, ...` (of any
-/// table: `crate::track::before_rows_leave` finds the partitions of tracked tables among them).
+/// table: `crate::track::before_rows_leave` finds the partitions of tracked tables among them),
+/// and the partitions of tracked tables that `DROP SCHEMA ... CASCADE` and `DROP OWNED BY` drop
+/// without naming them (those of a tracked table the statement drops too are not taken out).
 /// `DETACH ... FINALIZE` completes a concurrent detach begun earlier: not one.
 ///
 /// # Safety
@@ -431,8 +433,47 @@ unsafe fn leaving_tables(stmt: *mut pg_sys::Node) -> Vec<(pg_sys::Oid, crate::tr
                     found.push((child, how));
                 }
             }
+        } else if (*stmt).type_ == pg_sys::NodeTag::T_DropOwnedStmt {
+            // The roles' tables go, partitions of others' tracked tables among them.
+            let drop = stmt.cast::<pg_sys::DropOwnedStmt>();
+            let roles: Vec<pg_sys::Oid> = pgrx::PgList::<pg_sys::RoleSpec>::from_pg((*drop).roles)
+                .iter_ptr()
+                .filter(|role| !role.is_null())
+                .map(|role| pg_sys::get_rolespec_oid(role, true))
+                .filter(|role| *role != pg_sys::InvalidOid)
+                .collect();
+            return crate::rights::with_pinned_search_path(|| {
+                crate::track::partitions_dropped_with(&[], &roles)
+            })
+            .or_raise()
+            .into_iter()
+            .map(|relid| (relid, Leaving::Drop))
+            .collect();
         } else if (*stmt).type_ == pg_sys::NodeTag::T_DropStmt {
             let drop = stmt.cast::<pg_sys::DropStmt>();
+            if (*drop).removeType == pg_sys::ObjectType::OBJECT_SCHEMA
+                && (*drop).behavior == pg_sys::DropBehavior::DROP_CASCADE
+            {
+                // The schemas' tables go, partitions of tracked tables elsewhere among them.
+                let schemas: Vec<pg_sys::Oid> =
+                    pgrx::PgList::<pg_sys::Node>::from_pg((*drop).objects)
+                        .iter_ptr()
+                        .filter(|name| {
+                            !name.is_null() && (**name).type_ == pg_sys::NodeTag::T_String
+                        })
+                        .map(|name| {
+                            pg_sys::get_namespace_oid((*name.cast::<pg_sys::String>()).sval, true)
+                        })
+                        .filter(|schema| *schema != pg_sys::InvalidOid)
+                        .collect();
+                return crate::rights::with_pinned_search_path(|| {
+                    crate::track::partitions_dropped_with(&schemas, &[])
+                })
+                .or_raise()
+                .into_iter()
+                .map(|relid| (relid, Leaving::Drop))
+                .collect();
+            }
             if (*drop).removeType != pg_sys::ObjectType::OBJECT_TABLE {
                 return found;
             }
@@ -499,23 +540,28 @@ unsafe fn names_a_before_update_trigger(
     }
 }
 
-/// The tables a `TRUNCATE` names.
+/// The tables a `TRUNCATE` names, and whether it cascades (to the tables whose foreign keys
+/// reference them).
 ///
 /// # Safety
 /// `stmt` is null or a valid parse node.
-unsafe fn truncated(stmt: *mut pg_sys::Node) -> Vec<pg_sys::Oid> {
+unsafe fn truncated(stmt: *mut pg_sys::Node) -> Option<(Vec<pg_sys::Oid>, bool)> {
     // SAFETY: the caller upholds this function's contract (its `# Safety` section), on which
     // every unsafe operation below relies.
     unsafe {
         if stmt.is_null() || (*stmt).type_ != pg_sys::NodeTag::T_TruncateStmt {
-            return Vec::new();
+            return None;
         }
         let truncate = stmt.cast::<pg_sys::TruncateStmt>();
-        pgrx::PgList::<pg_sys::RangeVar>::from_pg((*truncate).relations)
+        let named = pgrx::PgList::<pg_sys::RangeVar>::from_pg((*truncate).relations)
             .iter_ptr()
             .filter(|name| !name.is_null())
             .filter_map(|name| resolve(name))
-            .collect()
+            .collect();
+        Some((
+            named,
+            (*truncate).behavior == pg_sys::DropBehavior::DROP_CASCADE,
+        ))
     }
 }
 

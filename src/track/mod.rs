@@ -18,7 +18,8 @@ use crate::capture::CAPTURE_TRIGGER;
 use crate::error::{CertyoError, OrRaise, Result};
 use install::TriggerDefinition;
 pub use partitions::{
-    after_attach, before_attach, before_rows_leave, outermost, refuse_truncating_partition, Leaving,
+    after_attach, before_attach, before_rows_leave, outermost, partitions_dropped_with,
+    refuse_truncating_partitions, Leaving,
 };
 use pgrx::pg_sys::Oid;
 use pgrx::prelude::*;

@@ -144,10 +144,30 @@ pub fn before_rows_leave(child: Oid, how: Leaving) -> Result<()> {
     Ok(())
 }
 
-/// Before `TRUNCATE` of `relid`: refused when it is a partition of a tracked table, as `TRUNCATE`
-/// of the table itself is (by its guard trigger, which PostgreSQL does not clone onto
-/// partitions): the rows would go without their deletes captured.
-pub fn refuse_truncating_partition(relid: Oid) -> Result<()> {
+/// Before `TRUNCATE` of the `named` tables (and, `cascade`, of every table whose foreign keys
+/// reference them, as `TRUNCATE ... CASCADE` empties them too): refused when one is a partition
+/// of a tracked table, as `TRUNCATE` of the table itself is (by its guard trigger, which
+/// PostgreSQL does not clone onto partitions): the rows would go without their deletes captured.
+pub fn refuse_truncating_partitions(named: Vec<Oid>, cascade: bool) -> Result<()> {
+    let truncated = if cascade {
+        Spi::get_one_with_args::<Vec<Oid>>(
+            "WITH RECURSIVE t (relid) AS (
+               SELECT pg_catalog.unnest($1::pg_catalog.oid[])
+               UNION SELECT k.conrelid FROM pg_catalog.pg_constraint k JOIN t ON k.confrelid OPERATOR(pg_catalog.=) t.relid
+                      WHERE k.contype OPERATOR(pg_catalog.=) 'f')
+             SELECT pg_catalog.array_agg(relid) FROM t",
+            &[named.into()],
+        )?
+        .unwrap_or_default()
+    } else {
+        named
+    };
+    truncated
+        .into_iter()
+        .try_for_each(refuse_truncating_partition)
+}
+
+fn refuse_truncating_partition(relid: Oid) -> Result<()> {
     let Some((table, _)) = tracked_table_of(relid, false)? else {
         return Ok(());
     };
@@ -178,6 +198,34 @@ fn may_take_out(child: Oid) -> Result<bool> {
         &[child.into()],
     )?
     .unwrap_or(false))
+}
+
+/// The partitions of tracked tables in `schemas`, or owned by `roles`, whose tracked table is
+/// neither: what `DROP SCHEMA ... CASCADE` or `DROP OWNED BY` takes out of a table that stays.
+pub fn partitions_dropped_with(schemas: &[Oid], roles: &[Oid]) -> Result<Vec<Oid>> {
+    let candidates = Spi::get_one_with_args::<Vec<Oid>>(
+        "SELECT pg_catalog.array_agg(c.oid) FROM pg_catalog.pg_class c
+          WHERE c.relispartition AND c.relkind IN ('r', 'p')
+            AND (c.relnamespace OPERATOR(pg_catalog.=) ANY ($1) OR c.relowner OPERATOR(pg_catalog.=) ANY ($2))",
+        &[schemas.to_vec().into(), roles.to_vec().into()],
+    )?
+    .unwrap_or_default();
+    let mut leaving = Vec::new();
+    for relid in candidates {
+        let Some((table, _)) = tracked_table_of(relid, false)? else {
+            continue;
+        };
+        let table_goes = Spi::get_one_with_args::<bool>(
+            "SELECT c.relnamespace OPERATOR(pg_catalog.=) ANY ($2) OR c.relowner OPERATOR(pg_catalog.=) ANY ($3)
+               FROM pg_catalog.pg_class c WHERE c.oid OPERATOR(pg_catalog.=) $1",
+            &[table.into(), schemas.to_vec().into(), roles.to_vec().into()],
+        )?
+        .unwrap_or(true);
+        if !table_goes {
+            leaving.push(relid);
+        }
+    }
+    Ok(leaving)
 }
 
 /// Of the tables a statement takes out, those not under another of them (`DROP TABLE p, p_1`
