@@ -17,9 +17,9 @@
 //!   they would no longer identify a row.
 //! - `ATTACH PARTITION` to a tracked partitioned table gives the new partition the bookkeeping
 //!   columns first (the partition must have every column of the table), and afterwards queues
-//!   an upsert of each row it brought; `DETACH PARTITION` and `DROP TABLE` of a partition queue
-//!   a delete of each row that leaves, `DETACH ... CONCURRENTLY` and `TRUNCATE` of a partition
-//!   are refused (`crate::track`'s partitions); inheriting from a tracked table (`INHERITS`,
+//!   an upsert of each row it brought; `DETACH PARTITION` queues a delete of each row that
+//!   leaves; a drop of a partition, `DETACH ... CONCURRENTLY` and `TRUNCATE` of a partition are
+//!   refused (`crate::track`'s partitions); inheriting from a tracked table (`INHERITS`,
 //!   `INHERIT`) is refused: the parent's triggers never see the child's rows.
 //!
 //! - Databases and their delivery workers (`crate::delivery`'s launcher starts one per

@@ -1,6 +1,6 @@
 //! Rows that enter or leave a tracked partitioned table by DDL, not by a write: `ATTACH
-//! PARTITION` brings a table's rows in, `DETACH PARTITION` and `DROP TABLE` of a partition take
-//! its rows out. No row trigger fires for them, so without this their content would never reach
+//! PARTITION` brings a table's rows in, `DETACH PARTITION` (or a drop) of a partition takes its
+//! rows out. No row trigger fires for them, so without this their content would never reach
 //! Certyo (`certyo.audit()`: `never captured`), or Certyo would go on holding records the table
 //! no longer has (`deleted without capture`). Called from `crate::ddl_hook`, in the statement's
 //! transaction:
@@ -9,10 +9,11 @@
 //! - after it: an `upsert` of each row it brought is queued (as a backfill queues one), and
 //!   what the rows' bookkeeping columns said (a partition detached earlier keeps its marks, and
 //!   its rows may have changed since) is cleared: they hold versions no receipt covers yet;
-//! - before `DETACH PARTITION` or `DROP TABLE` of a partition: a `delete` of each of its rows
-//!   is queued, with the partition held still (no writer can add a row that would leave
-//!   uncaptured). `DETACH ... CONCURRENTLY` lets writers go on while the partition leaves, so
-//!   it is refused, and so is `TRUNCATE` of a partition (as the table's own is).
+//! - before `DETACH PARTITION`: a `delete` of each of its rows is queued, with the partition
+//!   held still (no writer can add a row that would leave uncaptured). `DETACH ...
+//!   CONCURRENTLY` lets writers go on while the partition leaves, so it is refused; so is a drop
+//!   of a partition (`DROP TABLE`, `DROP SCHEMA ... CASCADE`, `DROP OWNED BY`: detach it
+//!   first), and `TRUNCATE` of one (as the table's own is).
 //!
 //! A session in `session_replication_role = replica` queues nothing, as capture's triggers do
 //! not fire there either (the audit names such rows).
@@ -35,7 +36,7 @@ pub enum Leaving {
     Detach,
     /// `ALTER TABLE parent DETACH PARTITION child CONCURRENTLY`.
     DetachConcurrently,
-    /// `DROP TABLE child`.
+    /// `DROP TABLE child`, or `DROP SCHEMA ... CASCADE` or `DROP OWNED BY` that drops it.
     Drop,
 }
 
@@ -93,10 +94,15 @@ pub fn after_attach(child: Oid) -> Result<()> {
     Ok(())
 }
 
-/// Before `DETACH PARTITION` or `DROP TABLE` of `child`: when it is a partition of a tracked
-/// table, a `delete` of each of its rows is queued. Its partition parent and then `child` are
-/// locked first as the statement locks them (`ACCESS EXCLUSIVE`, in that order: no circle with
-/// it or with writers), so no row is added or changed between this and the statement.
+/// Before `DETACH PARTITION` of `child`, when it is a partition of a tracked table: a `delete` of
+/// each of its rows is queued. Its partition parent and then `child` are locked first as the
+/// statement locks them (`ACCESS EXCLUSIVE`, in that order: no circle with it or with writers),
+/// so no row is added or changed between this and the statement. A drop of such a partition
+/// (`DROP TABLE`, or `DROP SCHEMA ... CASCADE` and `DROP OWNED BY` that would drop it) is
+/// refused: detached first, its rows' deletes are captured. (Were the drop to capture them
+/// itself, `pg_restore --clean` over a database with tracked tables, which drops each
+/// partition before its table, would queue a delete of every row it is about to restore, and
+/// its `DROP EXTENSION` would then fail on them.)
 pub fn before_rows_leave(child: Oid, how: Leaving) -> Result<()> {
     let Some((table, options)) = tracked_table_of(child, false)? else {
         return Ok(());
@@ -108,6 +114,19 @@ pub fn before_rows_leave(child: Oid, how: Leaving) -> Result<()> {
         "SELECT (SELECT inhparent FROM pg_catalog.pg_inherits WHERE inhrelid OPERATOR(pg_catalog.=) $1)",
         &[child.into()],
     )?;
+    if how == Leaving::Drop {
+        let (table, child, parent) = (
+            name_of(table)?,
+            name_of(child)?,
+            parent.map(name_of).transpose()?.unwrap_or_default(),
+        );
+        return Err(CertyoError::new(
+            PgSqlErrorCode::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
+            format!("certyo_cdc: {child} is a partition of tracked table {table}, and dropping it would take its rows out without their deletes captured"),
+        )
+        .detail("Rows that leave a tracked table are deletes for Certyo: DETACH PARTITION queues a delete of each.")
+        .hint(format!("Detach it first, then drop it: ALTER TABLE {parent} DETACH PARTITION {child}; DROP TABLE {child};")));
+    }
     if how == Leaving::DetachConcurrently {
         let (table, child) = (name_of(table)?, name_of(child)?);
         return Err(CertyoError::new(
@@ -178,7 +197,7 @@ fn refuse_truncating_partition(relid: Oid) -> Result<()> {
     )
     .detail("TRUNCATE removes rows without recording their deletion, so Certyo would never hear of it.")
     .hint(format!(
-        "Use DELETE FROM {partition} to record every deletion, or DETACH PARTITION or DROP TABLE it: each queues a delete of every row it takes out of {table}."
+        "Use DELETE FROM {partition} to record every deletion, or detach it (DETACH PARTITION queues a delete of every row it takes out of {table})."
     )))
 }
 
@@ -229,7 +248,7 @@ pub fn partitions_dropped_with(schemas: &[Oid], roles: &[Oid]) -> Result<Vec<Oid
 }
 
 /// Of the tables a statement takes out, those not under another of them (`DROP TABLE p, p_1`
-/// where `p_1` is a partition of `p`: `p`'s rows are `p_1`'s too, each to be deleted once).
+/// where `p_1` is a partition of `p`: `p` is the one the statement is refused for).
 pub fn outermost(tables: Vec<(Oid, Leaving)>) -> Result<Vec<(Oid, Leaving)>> {
     if tables.len() < 2 {
         return Ok(tables);
