@@ -641,6 +641,7 @@ def test_a_virtual_generated_column_is_left_out_of_capture(cluster, emulator, mo
     assert cluster.sql(f"SELECT count(*) FROM certyo.audit('{t}')") == "0", cluster.sql(f"SELECT * FROM certyo.audit('{t}')")
     # The column's expression changed is no content change: nothing is captured for it.
     cluster.sql(f"ALTER TABLE {t} ALTER COLUMN total SET EXPRESSION AS (price * qty * 2)")
+    assert cluster.sql(f"SELECT count(*) FROM certyo.queue WHERE relid = '{t}'::regclass") == "0"
     assert cluster.sql(f"SELECT count(*) FROM certyo.audit('{t}')") == "0", cluster.sql(f"SELECT * FROM certyo.audit('{t}')")
     cluster.sql(f"DROP TABLE {t}")
 
@@ -677,15 +678,18 @@ def test_no_before_update_trigger_fires_after_the_marks_trigger(cluster, mode):
             BEGIN NEW.updated_at := clock_timestamp(); RETURN NEW; END $$;
         SELECT certyo.track('{t}', exclude_columns => ARRAY['note'], write_back => '{mode}');
     """)
-    for on, name in ((t, "zzz_stamp"), (t, "Ästamp"), (f"{t}_eu", "zzz_stamp"), (t, "zz_stamp")):
+    for on, name, replace in ((t, "zzz_stamp", ""), (t, "Ästamp", ""), (f"{t}_eu", "zzz_stamp", ""),
+                              (t, "zz_stamp", ""), (t, "zzz_replaced", "OR REPLACE ")):
         attempt = cluster.attempt_verbose(
-            f'CREATE TRIGGER "{name}" BEFORE UPDATE ON {on} FOR EACH ROW EXECUTE FUNCTION {t}_stamp()')
+            f'CREATE {replace}TRIGGER "{name}" BEFORE UPDATE ON {on} FOR EACH ROW EXECUTE FUNCTION {t}_stamp()')
         assert attempt.sqlstate == "42P17", (name, attempt.stderr)
         assert f'"{name}"' in attempt.stderr and "sorts before zz_certyo_marks" in attempt.stderr, attempt.stderr
     cluster.sql(f"""
         CREATE TRIGGER stamp BEFORE UPDATE ON {t} FOR EACH ROW EXECUTE FUNCTION {t}_stamp();
         CREATE TRIGGER zzz_insert BEFORE INSERT ON {t} FOR EACH ROW EXECUTE FUNCTION {t}_stamp();
         CREATE TRIGGER zzz_after AFTER UPDATE ON {t} FOR EACH ROW EXECUTE FUNCTION {t}_stamp();
+        CREATE FUNCTION {t}_nothing() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN RETURN NULL; END $$;
+        CREATE TRIGGER zzz_statement BEFORE UPDATE ON {t} FOR EACH STATEMENT EXECUTE FUNCTION {t}_nothing();
         ALTER TRIGGER zzz_after ON {t} RENAME TO zzzz_after;
     """)
     attempt = cluster.attempt_verbose(f"ALTER TRIGGER stamp ON {t} RENAME TO zzz_stamp")
@@ -708,4 +712,4 @@ def test_no_before_update_trigger_fires_after_the_marks_trigger(cluster, mode):
         UPDATE {t} SET note = 'only the excluded column';
     """)
     assert cluster.sql(f"SELECT certyo_record_hash IS NULL FROM {t}") == "t"
-    cluster.sql(f"DROP TABLE {t}, {t}_us; DROP FUNCTION {t}_stamp()")
+    cluster.sql(f"DROP TABLE {t}, {t}_us; DROP FUNCTION {t}_stamp(), {t}_nothing()")

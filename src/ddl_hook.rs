@@ -19,8 +19,12 @@
 //!   columns first (the partition must have every column of the table), and afterwards queues
 //!   an upsert of each row it brought; `DETACH PARTITION` queues a delete of each row that
 //!   leaves; a drop of a partition, `DETACH ... CONCURRENTLY` and `TRUNCATE` of a partition are
-//!   refused (`crate::track`'s partitions); inheriting from a tracked table (`INHERITS`,
-//!   `INHERIT`) is refused: the parent's triggers never see the child's rows.
+//!   refused (`crate::track`'s partitions), and so is making a partition another extension's
+//!   member; inheriting from a tracked table (`INHERITS`, `INHERIT`) is refused: the parent's
+//!   triggers never see the child's rows.
+//! - In the modes that write back, `CREATE TRIGGER` and `ALTER TRIGGER ... RENAME` of a BEFORE
+//!   UPDATE row trigger named to fire after the marks trigger are refused on a tracked table and
+//!   its partitions (`crate::track`'s trigger order).
 //!
 //! - Databases and their delivery workers (`crate::delivery`'s launcher starts one per
 //!   database): `CREATE EXTENSION certyo_cdc` and `CREATE DATABASE` wake the launcher, which
@@ -107,6 +111,9 @@ unsafe extern "C-unwind" fn process_utility(
         }
         if let Some((named, cascade)) = truncated(statement) {
             pinned(|| crate::track::refuse_truncating_partitions(named, cascade)).or_raise();
+        }
+        if let Some((relid, extension)) = adds_table_to_extension(statement) {
+            pinned(|| crate::track::refuse_extension_member(relid, &extension)).or_raise();
         }
         if let Some((relid, name, renamed)) = names_a_before_update_trigger(statement) {
             pinned(|| crate::track::refuse_trigger_after_marks(relid, &name, renamed.as_deref()))
@@ -537,6 +544,38 @@ unsafe fn names_a_before_update_trigger(
             ));
         }
         None
+    }
+}
+
+/// The table and the extension of `ALTER EXTENSION extension ADD TABLE table`.
+///
+/// # Safety
+/// `stmt` is null or a valid parse node.
+unsafe fn adds_table_to_extension(stmt: *mut pg_sys::Node) -> Option<(pg_sys::Oid, String)> {
+    // SAFETY: the caller upholds this function's contract (its `# Safety` section), on which
+    // every unsafe operation below relies.
+    unsafe {
+        if stmt.is_null() || (*stmt).type_ != pg_sys::NodeTag::T_AlterExtensionContentsStmt {
+            return None;
+        }
+        let alter = stmt.cast::<pg_sys::AlterExtensionContentsStmt>();
+        if (*alter).action <= 0
+            || (*alter).objtype != pg_sys::ObjectType::OBJECT_TABLE
+            || (*alter).object.is_null()
+            || (*(*alter).object).type_ != pg_sys::NodeTag::T_List
+            || (*alter).extname.is_null()
+        {
+            return None;
+        }
+        let relid = resolve(pg_sys::makeRangeVarFromNameList(
+            (*alter).object.cast::<pg_sys::List>(),
+        ))?;
+        Some((
+            relid,
+            CStr::from_ptr((*alter).extname)
+                .to_string_lossy()
+                .into_owned(),
+        ))
     }
 }
 

@@ -398,34 +398,69 @@ fn depend_on_extension(relid: Oid) -> Result<()> {
     Ok(())
 }
 
-/// Clear the bookkeeping columns of `child`'s rows that hold anything but what a new row holds
-/// in the table's mode (rows that come into tracking with marks no receipt of the table backs:
-/// an attached partition's, a table's tracked for the first time); returns how many. An UPDATE
-/// run as `child`'s owner (`rights::as_role`): the table's own triggers fire for it, and they
-/// are its owner's code, never to run with the rights of a superuser who attaches or tracks it.
-/// It changes no business column, so capture queues nothing for it, unless such a trigger
-/// changes one (then that change is captured, as any).
-pub(super) fn clear_marks(child: Oid, write_back: WriteBack) -> Result<i64> {
-    let status = match write_back {
-        WriteBack::None => return Ok(0),
+/// Refused (`table_name` the tracked table `relid` is to join or become): rows of `relid` whose
+/// bookkeeping columns hold anything but what a new row holds in `write_back`'s mode. No receipt
+/// of the tracked table backs what they say (a partition detached earlier keeps its marks, a
+/// copy of a tracked table has them, and the rows may have changed since), yet they would claim
+/// it, `anchored` perhaps, from the moment they are tracked. Clearing them is left to the table's
+/// owner, in the owner's own session: an UPDATE here would run the table's triggers (and change
+/// what they stamp) inside someone else's `track()` or `ALTER TABLE`. Only the columns that
+/// exist are read, and only of PostgreSQL's own types (the comparison runs their operators, in
+/// the session of whoever attaches or tracks the table; `ATTACH` refuses other types itself,
+/// after this); a table without them has nothing to say.
+pub(super) fn refuse_marked_rows(
+    relid: Oid,
+    write_back: WriteBack,
+    table_name: &str,
+) -> Result<()> {
+    let cleared_status = match write_back {
+        WriteBack::None => return Ok(()),
         WriteBack::Accepted => "'pending'",
         WriteBack::Anchored => "NULL",
     };
-    let name = super::partitions::name_of(child)?;
-    let owner = Spi::get_one_with_args::<Oid>(
-        "SELECT relowner FROM pg_catalog.pg_class WHERE oid OPERATOR(pg_catalog.=) $1",
-        &[child.into()],
+    let present: Vec<String> = Spi::get_one_with_args::<Vec<String>>(
+        "SELECT pg_catalog.array_agg(attname::pg_catalog.text) FROM pg_catalog.pg_attribute
+          WHERE attrelid OPERATOR(pg_catalog.=) $1 AND attnum OPERATOR(pg_catalog.>) 0 AND NOT attisdropped
+            AND attname OPERATOR(pg_catalog.=) ANY ($2) AND atttypid OPERATOR(pg_catalog.<) 16384",
+        &[relid.into(), BOOKKEEPING_COLUMNS.iter().map(|c| c.to_string()).collect::<Vec<_>>().into()],
     )?
-    .unwrap_or(pg_sys::InvalidOid);
-    let cleared = crate::rights::as_role(owner, || {
-        Spi::get_one::<i64>(&format!(
-        "WITH cleared AS (
-           UPDATE {name} SET certyo_record_hash = NULL, certyo_anchor_status = {status}, certyo_verified_at = NULL
-            WHERE certyo_record_hash IS NOT NULL OR certyo_verified_at IS NOT NULL
-               OR certyo_anchor_status IS DISTINCT FROM {status}
-           RETURNING 1)
-         SELECT pg_catalog.count(*) FROM cleared"
-    ))
-    })?;
-    Ok(cleared.unwrap_or(0))
+    .unwrap_or_default();
+    if present.is_empty() {
+        return Ok(());
+    }
+    let said: Vec<String> = present
+        .iter()
+        .map(|c| match c.as_str() {
+            "certyo_anchor_status" => {
+                format!("{} IS DISTINCT FROM {cleared_status}", quote_ident(c))
+            }
+            _ => format!("{} IS NOT NULL", quote_ident(c)),
+        })
+        .collect();
+    let name = Spi::get_one_with_args::<String>(
+        "SELECT $1::pg_catalog.regclass::pg_catalog.text",
+        &[relid.into()],
+    )?
+    .unwrap_or_default();
+    let marked = Spi::get_one::<bool>(&format!(
+        "SELECT EXISTS (SELECT FROM {name} WHERE {})",
+        said.join(" OR ")
+    ))?
+    .unwrap_or(false);
+    if !marked {
+        return Ok(());
+    }
+    let set: Vec<String> = present
+        .iter()
+        .map(|c| match c.as_str() {
+            "certyo_anchor_status" => format!("{} = {cleared_status}", quote_ident(c)),
+            _ => format!("{} = NULL", quote_ident(c)),
+        })
+        .collect();
+    Err(CertyoError::new(
+        PgSqlErrorCode::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
+        format!("certyo_cdc: rows of {name} hold bookkeeping values that no receipt of {table_name} backs"),
+    )
+    .detail("Tracked, they would go on claiming a hash and an anchor status, 'anchored' perhaps, for content Certyo may never have anchored (a partition detached earlier keeps its marks, a copy of a tracked table has them, and the rows may have changed since).")
+    .hint(format!("Clear them first: UPDATE {name} SET {} WHERE {};", set.join(", "), said.join(" OR "))))
 }

@@ -19,7 +19,7 @@ use crate::error::{CertyoError, OrRaise, Result};
 use install::TriggerDefinition;
 pub use partitions::{
     after_attach, before_attach, before_rows_leave, outermost, partitions_dropped_with,
-    refuse_truncating_partitions, Leaving,
+    refuse_extension_member, refuse_truncating_partitions, Leaving,
 };
 use pgrx::pg_sys::Oid;
 use pgrx::prelude::*;
@@ -192,18 +192,12 @@ fn track_table(
         };
         install::refuse_bookkeeping_columns(&table, conflict)?;
     } else {
-        install::add_bookkeeping_columns(&table, options.write_back)?;
         if !was_tracked && !has_receipts(relid)? {
             // What the rows say was written by no tracking of this table (a detached partition's
-            // marks, a copy's): no receipt backs it, and the rows may have changed since.
-            let cleared = install::clear_marks(relid, options.write_back)?;
-            if cleared > 0 {
-                pgrx::notice!(
-                    "certyo_cdc: the bookkeeping columns of {cleared} row(s) of {} were cleared: no receipt of this table backs what they said",
-                    table.display
-                );
-            }
+            // marks, a copy's): refused, the owner to clear it.
+            install::refuse_marked_rows(relid, options.write_back, &table.display)?;
         }
+        install::add_bookkeeping_columns(&table, options.write_back)?;
     }
     TriggerDefinition::new(&options).install(&table)?;
     crate::shape::record(relid, &options)?;
@@ -225,15 +219,28 @@ fn track_table(
     Ok(())
 }
 
-/// Has the table (by its OID) any receipt: was it tracked here before?
+/// Has the table any receipt under its present OID and name: was it tracked here before? (Both,
+/// as in [`write_back_again`]: a table dropped while untracked leaves its OID to be reused by
+/// another, whose rows must not pass for its.)
 fn has_receipts(relid: Oid) -> Result<bool> {
+    let (schema, name) = Spi::get_two_with_args::<String, String>(
+        "SELECT n.nspname::pg_catalog.text, c.relname::pg_catalog.text FROM pg_catalog.pg_class c
+           JOIN pg_catalog.pg_namespace n ON n.oid OPERATOR(pg_catalog.=) c.relnamespace
+          WHERE c.oid OPERATOR(pg_catalog.=) $1",
+        &[relid.into()],
+    )?;
+    let collection = crate::capture::plan::collection_name(
+        &schema.unwrap_or_default(),
+        &name.unwrap_or_default(),
+    );
     let found = crate::rights::as_superuser(|| {
         Spi::get_one_with_args::<bool>(
-            "SELECT EXISTS (SELECT FROM certyo.receipt WHERE relid OPERATOR(pg_catalog.=) $1)",
-            &[relid.into()],
+            "SELECT EXISTS (SELECT FROM certyo.receipt
+                             WHERE relid OPERATOR(pg_catalog.=) $1 AND collection OPERATOR(pg_catalog.=) $2)",
+            &[relid.into(), collection.into()],
         )
     })?;
-    Ok(found.unwrap_or(true))
+    Ok(found.unwrap_or(false))
 }
 
 /// A table tracked again: what its rows hold in their bookkeeping columns may not be what its

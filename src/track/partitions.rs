@@ -44,26 +44,31 @@ pub enum Leaving {
 /// of a tracked table), `child` gets the bookkeeping columns it needs to be a partition of it (a
 /// partition must have every column of its table). Its triggers are cloned by PostgreSQL.
 pub fn before_attach(parent: Oid, child: Oid) -> Result<()> {
+    // A tracked table never becomes a partition, of a tracked table or not: its rows would be
+    // captured twice under a tracked one, and an untracked one's triggers (a BEFORE UPDATE
+    // trigger named to fire after the marks trigger among them) would be cloned onto it.
+    if let Some(own) = tracked_within(child)? {
+        let (parent, own) = (name_of(parent)?, name_of(own)?);
+        return Err(CertyoError::new(
+            PgSqlErrorCode::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
+            format!("certyo_cdc: {own} is tracked, and cannot become a partition of {parent}"),
+        )
+        .detail("A partition is captured with its table when that table is tracked; a tracked table under another would take on that table's triggers, and under a tracked one its rows would be captured twice.")
+        .hint(format!("Call certyo.untrack('{own}') first, then track the partitioned table.")));
+    }
     let Some((table, options)) = tracked_table_of(parent, true)? else {
         return Ok(());
     };
-    if let Some((own, _)) = tracked_table_of(child, true)? {
-        let (table, own) = (name_of(table)?, name_of(own)?);
-        return Err(CertyoError::new(
-            PgSqlErrorCode::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
-            format!("certyo_cdc: {own} is tracked on its own, and cannot become a partition of tracked table {table}"),
-        )
-        .detail(format!("Its rows would be captured twice, under both names; a partition of {table} is captured with it."))
-        .hint(format!("Call certyo.untrack('{own}') first.")));
-    }
     super::trigger_order::require_no_trigger_after_marks(child, table, &options)?;
+    super::install::refuse_marked_rows(child, options.write_back, &name_of(table)?)?;
     super::install::add_bookkeeping_columns(&Table::inspect(child)?, options.write_back)
 }
 
 /// After `ALTER TABLE ... ATTACH PARTITION child` succeeded: an `upsert` of each row the
-/// partition brought is queued, and any marks those rows hold are cleared. The statement holds
-/// `child` in `ACCESS EXCLUSIVE` mode until the transaction ends; the partitions of a
-/// partitioned `child` are held against writers here.
+/// partition brought is queued. The statement holds `child` and every partition under it in
+/// `ACCESS EXCLUSIVE` mode until the transaction ends: no writer changes them meanwhile.
+/// (Rows that said something in their bookkeeping columns were refused before the statement:
+/// `before_attach`.)
 pub fn after_attach(child: Oid) -> Result<()> {
     let Some((table, options)) = tracked_table_of(child, false)? else {
         return Ok(());
@@ -71,24 +76,17 @@ pub fn after_attach(child: Oid) -> Result<()> {
     if replica_session() {
         return Ok(());
     }
-    hold_still(None, child, pg_sys::ShareLock)?;
     let mut queued = 0;
     each_row(child, &options, Snapshot::Latest, |plan, _, change| {
         queued += 1;
         // SAFETY: inside the statement's transaction, which may write.
         unsafe { queue::append(plan.relid, plan.table_id, &plan.collection, change) }.map(|_| ())
     })?;
-    let cleared = super::install::clear_marks(child, options.write_back)?;
     if queued > 0 {
         notice!(
-            "certyo_cdc: {queued} row(s) entered tracked table {} with partition {}: an upsert of each is queued{}",
+            "certyo_cdc: {queued} row(s) entered tracked table {} with partition {}: an upsert of each is queued",
             name_of(table)?,
-            name_of(child)?,
-            if cleared > 0 {
-                format!(", and the bookkeeping columns of {cleared} were cleared")
-            } else {
-                String::new()
-            }
+            name_of(child)?
         );
     }
     Ok(())
@@ -107,13 +105,21 @@ pub fn before_rows_leave(child: Oid, how: Leaving) -> Result<()> {
     let Some((table, options)) = tracked_table_of(child, false)? else {
         return Ok(());
     };
-    if !may_take_out(child)? {
-        return Ok(()); // the statement fails on its own rights check; nothing locked or read here
-    }
     let parent = Spi::get_one_with_args::<Oid>(
         "SELECT (SELECT inhparent FROM pg_catalog.pg_inherits WHERE inhrelid OPERATOR(pg_catalog.=) $1)",
         &[child.into()],
     )?;
+    // Whoever may not do the statement gets PostgreSQL's own refusal: nothing is locked or read
+    // for them (a role that may not read a table must not hold it locked, or learn its size).
+    let may = match how {
+        Leaving::Drop => owns(child, true)?,
+        Leaving::Detach | Leaving::DetachConcurrently => {
+            parent.map(|p| owns(p, false)).transpose()?.unwrap_or(false)
+        }
+    };
+    if !may {
+        return Ok(());
+    }
     if how == Leaving::Drop {
         let (table, child, parent) = (
             name_of(table)?,
@@ -139,7 +145,7 @@ pub fn before_rows_leave(child: Oid, how: Leaving) -> Result<()> {
     if replica_session() {
         return Ok(());
     }
-    hold_still(parent, child, pg_sys::AccessExclusiveLock)?;
+    hold_still(parent, child)?;
     let mut queued = 0;
     each_row(child, &options, Snapshot::Latest, |plan, row, _| {
         // SAFETY: `each_row` hands over rows of the table it built `plan` for, inside the
@@ -201,20 +207,52 @@ fn refuse_truncating_partition(relid: Oid) -> Result<()> {
     )))
 }
 
-/// Whether the session's user may be allowed the statement that takes `child` out of its table:
-/// it owns (as a member of the owning role) the partition, its partition parent or its schema,
-/// or is a superuser. Anyone else's `DROP TABLE` or `DETACH PARTITION` fails on PostgreSQL's own
-/// check; the partition is not locked nor read for them (a role that may not read a table must
-/// not hold it locked, or learn how many rows it has).
-fn may_take_out(child: Oid) -> Result<bool> {
+/// A table tracked on its own in `relid`'s partition tree (`relid` itself, or below it), if any.
+fn tracked_within(relid: Oid) -> Result<Option<Oid>> {
+    Ok(Spi::get_one_with_args::<Oid>(
+        "SELECT (SELECT t.tgrelid
+                   FROM (SELECT $1 AS relid UNION SELECT relid FROM pg_catalog.pg_partition_tree($1)) p
+                   JOIN pg_catalog.pg_trigger t ON t.tgrelid OPERATOR(pg_catalog.=) p.relid
+                  WHERE t.tgname OPERATOR(pg_catalog.=) 'certyo_capture' AND t.tgparentid OPERATOR(pg_catalog.=) 0
+                    AND EXISTS (SELECT FROM pg_catalog.pg_depend d
+                                  JOIN pg_catalog.pg_extension e ON e.oid OPERATOR(pg_catalog.=) d.refobjid
+                                       AND e.extname OPERATOR(pg_catalog.=) 'certyo_cdc'
+                                 WHERE d.classid OPERATOR(pg_catalog.=) 'pg_catalog.pg_proc'::pg_catalog.regclass
+                                   AND d.objid OPERATOR(pg_catalog.=) t.tgfoid
+                                   AND d.refclassid OPERATOR(pg_catalog.=) 'pg_catalog.pg_extension'::pg_catalog.regclass
+                                   AND d.deptype OPERATOR(pg_catalog.=) 'e')
+                  LIMIT 1)",
+        &[relid.into()],
+    )?)
+}
+
+/// Before `ALTER EXTENSION ... ADD TABLE relid`: refused for a partition of a tracked table. A
+/// drop of that extension would drop the partition with it, its rows gone uncaptured (a drop of
+/// such a partition is refused; see [`before_rows_leave`]).
+pub fn refuse_extension_member(relid: Oid, extension: &str) -> Result<()> {
+    let Some((table, _)) = tracked_table_of(relid, false)? else {
+        return Ok(());
+    };
+    let (table, partition) = (name_of(table)?, name_of(relid)?);
+    Err(CertyoError::new(
+        PgSqlErrorCode::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
+        format!("certyo_cdc: {partition}, a partition of tracked table {table}, cannot become a member of extension {extension}"),
+    )
+    .detail(format!("DROP EXTENSION {extension} would drop it, and its rows would leave {table} without their deletes captured."))
+    .hint(format!("Detach it from {table} first (DETACH PARTITION queues a delete of each of its rows).")))
+}
+
+/// Whether the session's user owns `relid` (as a member of the owning role, or as a superuser),
+/// or (`or_schema`) its schema: what PostgreSQL asks of `DROP TABLE` (`DETACH PARTITION` asks it
+/// of the partitioned table).
+fn owns(relid: Oid, or_schema: bool) -> Result<bool> {
     Ok(Spi::get_one_with_args::<bool>(
-        "SELECT pg_catalog.pg_has_role(c.relowner, 'USAGE')
-             OR pg_catalog.pg_has_role(n.nspowner, 'USAGE')
-             OR EXISTS (SELECT FROM pg_catalog.pg_inherits i JOIN pg_catalog.pg_class p ON p.oid OPERATOR(pg_catalog.=) i.inhparent
-                         WHERE i.inhrelid OPERATOR(pg_catalog.=) c.oid AND pg_catalog.pg_has_role(p.relowner, 'USAGE'))
-           FROM pg_catalog.pg_class c JOIN pg_catalog.pg_namespace n ON n.oid OPERATOR(pg_catalog.=) c.relnamespace
-          WHERE c.oid OPERATOR(pg_catalog.=) $1",
-        &[child.into()],
+        "SELECT (SELECT pg_catalog.pg_has_role(c.relowner, 'USAGE')
+                        OR ($2 AND pg_catalog.pg_has_role(n.nspowner, 'USAGE'))
+                   FROM pg_catalog.pg_class c
+                   JOIN pg_catalog.pg_namespace n ON n.oid OPERATOR(pg_catalog.=) c.relnamespace
+                  WHERE c.oid OPERATOR(pg_catalog.=) $1)",
+        &[relid.into(), or_schema.into()],
     )?
     .unwrap_or(false))
 }
@@ -224,7 +262,7 @@ fn may_take_out(child: Oid) -> Result<bool> {
 pub fn partitions_dropped_with(schemas: &[Oid], roles: &[Oid]) -> Result<Vec<Oid>> {
     let candidates = Spi::get_one_with_args::<Vec<Oid>>(
         "SELECT pg_catalog.array_agg(c.oid) FROM pg_catalog.pg_class c
-          WHERE c.relispartition AND c.relkind IN ('r', 'p')
+          WHERE c.relispartition AND c.relkind OPERATOR(pg_catalog.=) ANY (ARRAY['r', 'p']::pg_catalog.\"char\"[])
             AND (c.relnamespace OPERATOR(pg_catalog.=) ANY ($1) OR c.relowner OPERATOR(pg_catalog.=) ANY ($2))",
         &[schemas.to_vec().into(), roles.to_vec().into()],
     )?
@@ -235,8 +273,8 @@ pub fn partitions_dropped_with(schemas: &[Oid], roles: &[Oid]) -> Result<Vec<Oid
             continue;
         };
         let table_goes = Spi::get_one_with_args::<bool>(
-            "SELECT c.relnamespace OPERATOR(pg_catalog.=) ANY ($2) OR c.relowner OPERATOR(pg_catalog.=) ANY ($3)
-               FROM pg_catalog.pg_class c WHERE c.oid OPERATOR(pg_catalog.=) $1",
+            "SELECT (SELECT c.relnamespace OPERATOR(pg_catalog.=) ANY ($2) OR c.relowner OPERATOR(pg_catalog.=) ANY ($3)
+                       FROM pg_catalog.pg_class c WHERE c.oid OPERATOR(pg_catalog.=) $1)",
             &[table.into(), schemas.to_vec().into(), roles.to_vec().into()],
         )?
         .unwrap_or(true);
@@ -302,18 +340,23 @@ pub(super) fn tracked_table_of(relid: Oid, itself: bool) -> Result<Option<(Oid, 
     Ok(installed_options(root)?.map(|options| (root, options)))
 }
 
-/// Lock `parent` (if any) and `child` in `mode`, then every partition under `child` against
-/// writers (`SHARE`): the rows read next are all the rows there are until the transaction ends.
-fn hold_still(parent: Option<Oid>, child: Oid, mode: u32) -> Result<()> {
+/// Lock `parent` (if any) and `child` in `ACCESS EXCLUSIVE` mode, as `DETACH PARTITION` locks
+/// them and in its order, then every partition under `child` against writers (`SHARE`; the
+/// statement does not lock them, and a writer into one of them would add a row that leaves
+/// uncaptured): the rows read next are all the rows there are until the transaction ends. (A
+/// writer that holds such a partition and waits for the table would meet these locks in a
+/// circle; PostgreSQL's deadlock detection ends one of the two.)
+fn hold_still(parent: Option<Oid>, child: Oid) -> Result<()> {
+    let exclusive = pg_sys::AccessExclusiveLock as pg_sys::LOCKMODE;
     // SAFETY: lock requests inside a transaction; they are released when it ends.
     unsafe {
         if let Some(parent) = parent {
-            pg_sys::LockRelationOid(parent, mode as pg_sys::LOCKMODE);
+            pg_sys::LockRelationOid(parent, exclusive);
         }
-        pg_sys::LockRelationOid(child, mode as pg_sys::LOCKMODE);
+        pg_sys::LockRelationOid(child, exclusive);
     }
     let below = Spi::get_one_with_args::<Vec<Oid>>(
-        "SELECT pg_catalog.array_agg(relid::oid ORDER BY level, relid) FROM pg_catalog.pg_partition_tree($1)
+        "SELECT pg_catalog.array_agg(relid::pg_catalog.oid ORDER BY level, relid) FROM pg_catalog.pg_partition_tree($1)
           WHERE relid OPERATOR(pg_catalog.<>) $1",
         &[child.into()],
     )?
