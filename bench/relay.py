@@ -2,7 +2,9 @@
 root: scripts/pg-root.sh mysql python3 bench/relay.py) by the companion's
 triggers (one INSERT ... SELECT of N rows into a tracked table), delivered by the relay binary
 to the emulator, as users run both. Prints records/s from the relay's start to an empty queue,
-and where a batch's time goes (the relay's own per-batch log lines: HTTP vs. the rest).
+the CPU the server, the relay and the emulator spent per 1,000 changes (steadier than the rate
+on a shared machine; the emulator's includes answering this script's polls), and where a
+batch's time goes (the relay's own per-batch log lines: HTTP vs. the rest).
 
 Usage: python3 bench/relay.py [N]     (default 100000; make bench runs it)
 Needs target/release/certyo-relay and certyo-emulator (cargo build --release).
@@ -111,7 +113,7 @@ url = "mysql://relay:pw@localhost/shop?socket={SOCKET}"
         # fifth from run to run; the CPU each process spends per change varies far less.
         print("relay drain: CPU per 1,000 changes delivered: "
               + ", ".join(f"{name} {seconds / delivered * 1e6:.0f} ms" for name, seconds in cpu.items())
-              + f" (the server's {cpu['server'] / elapsed:.2f} of 2 cores)")
+              + f" (the server's {cpu['server'] / elapsed:.2f} of {os.cpu_count()} cores)")
         if batches:
             take, http, record = (statistics.median(b[i] for b in batches) for i in range(3))
             print(f"relay drain: {len(batches)} batches; per batch (median): take {take} ms, HTTP {http} ms, "
