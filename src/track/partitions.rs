@@ -207,21 +207,28 @@ fn refuse_truncating_partition(relid: Oid) -> Result<()> {
     )))
 }
 
+/// `pg_trigger t` is a tracked table's own capture trigger: its name, not a partition's clone,
+/// and of the extension's function, known by `pg_depend`, never by its name alone, which anyone's
+/// function may have where the extension is not installed.
+const OWN_CAPTURE_TRIGGER: &str = "t.tgname OPERATOR(pg_catalog.=) 'certyo_capture' AND t.tgparentid OPERATOR(pg_catalog.=) 0
+    AND EXISTS (SELECT FROM pg_catalog.pg_depend d
+                  JOIN pg_catalog.pg_extension e ON e.oid OPERATOR(pg_catalog.=) d.refobjid
+                       AND e.extname OPERATOR(pg_catalog.=) 'certyo_cdc'
+                 WHERE d.classid OPERATOR(pg_catalog.=) 'pg_catalog.pg_proc'::pg_catalog.regclass
+                   AND d.objid OPERATOR(pg_catalog.=) t.tgfoid
+                   AND d.refclassid OPERATOR(pg_catalog.=) 'pg_catalog.pg_extension'::pg_catalog.regclass
+                   AND d.deptype OPERATOR(pg_catalog.=) 'e')";
+
 /// A table tracked on its own in `relid`'s partition tree (`relid` itself, or below it), if any.
 fn tracked_within(relid: Oid) -> Result<Option<Oid>> {
     Ok(Spi::get_one_with_args::<Oid>(
-        "SELECT (SELECT t.tgrelid
-                   FROM (SELECT $1 AS relid UNION SELECT relid FROM pg_catalog.pg_partition_tree($1)) p
-                   JOIN pg_catalog.pg_trigger t ON t.tgrelid OPERATOR(pg_catalog.=) p.relid
-                  WHERE t.tgname OPERATOR(pg_catalog.=) 'certyo_capture' AND t.tgparentid OPERATOR(pg_catalog.=) 0
-                    AND EXISTS (SELECT FROM pg_catalog.pg_depend d
-                                  JOIN pg_catalog.pg_extension e ON e.oid OPERATOR(pg_catalog.=) d.refobjid
-                                       AND e.extname OPERATOR(pg_catalog.=) 'certyo_cdc'
-                                 WHERE d.classid OPERATOR(pg_catalog.=) 'pg_catalog.pg_proc'::pg_catalog.regclass
-                                   AND d.objid OPERATOR(pg_catalog.=) t.tgfoid
-                                   AND d.refclassid OPERATOR(pg_catalog.=) 'pg_catalog.pg_extension'::pg_catalog.regclass
-                                   AND d.deptype OPERATOR(pg_catalog.=) 'e')
-                  LIMIT 1)",
+        &format!(
+            "SELECT (SELECT t.tgrelid
+                       FROM (SELECT $1 AS relid UNION SELECT relid FROM pg_catalog.pg_partition_tree($1)) p
+                       JOIN pg_catalog.pg_trigger t ON t.tgrelid OPERATOR(pg_catalog.=) p.relid
+                      WHERE {OWN_CAPTURE_TRIGGER}
+                      LIMIT 1)"
+        ),
         &[relid.into()],
     )?)
 }
@@ -319,19 +326,13 @@ pub(super) fn tracked_table_of(relid: Oid, itself: bool) -> Result<Option<(Oid, 
         return Ok(None);
     }
     let root = Spi::get_one_with_args::<Oid>(
-        "SELECT (SELECT t.tgrelid
-                   FROM (SELECT $1 AS relid UNION SELECT relid FROM pg_catalog.pg_partition_ancestors($1)) a
-           JOIN pg_catalog.pg_trigger t ON t.tgrelid OPERATOR(pg_catalog.=) a.relid
-          WHERE t.tgname OPERATOR(pg_catalog.=) 'certyo_capture' AND t.tgparentid OPERATOR(pg_catalog.=) 0
-            AND ($2 OR a.relid OPERATOR(pg_catalog.<>) $1)
-            AND EXISTS (SELECT FROM pg_catalog.pg_depend d
-                          JOIN pg_catalog.pg_extension e ON e.oid OPERATOR(pg_catalog.=) d.refobjid
-                               AND e.extname OPERATOR(pg_catalog.=) 'certyo_cdc'
-                         WHERE d.classid OPERATOR(pg_catalog.=) 'pg_catalog.pg_proc'::pg_catalog.regclass
-                           AND d.objid OPERATOR(pg_catalog.=) t.tgfoid
-                           AND d.refclassid OPERATOR(pg_catalog.=) 'pg_catalog.pg_extension'::pg_catalog.regclass
-                           AND d.deptype OPERATOR(pg_catalog.=) 'e')
-          LIMIT 1)",
+        &format!(
+            "SELECT (SELECT t.tgrelid
+                       FROM (SELECT $1 AS relid UNION SELECT relid FROM pg_catalog.pg_partition_ancestors($1)) a
+                       JOIN pg_catalog.pg_trigger t ON t.tgrelid OPERATOR(pg_catalog.=) a.relid
+                      WHERE ($2 OR a.relid OPERATOR(pg_catalog.<>) $1) AND {OWN_CAPTURE_TRIGGER}
+                      LIMIT 1)"
+        ),
         &[relid.into(), itself.into()],
     )?;
     let Some(root) = root else {
