@@ -112,6 +112,23 @@ pub fn assign(table: &Table, options: &mut CaptureOptions) -> Result<()> {
     }
     let key = record_key(table, options);
     let installed = super::installed_options(table.relid)?.and_then(|o| o.table_id);
+    if let Some(id) = installed {
+        // A capture trigger whose identity is not there yet: a restore that brought the trigger
+        // (post-data) before `certyo.table_identity`'s rows and sequence (pg_restore -j runs a
+        // table's ALTER TABLE, and with it this, while other jobs still load data). A new
+        // identity made now would take a number the restored rows are about to bring back, and
+        // their COPY, or this, would fail on it. The trigger's own id is kept.
+        let restored_yet = crate::rights::as_superuser(|| {
+            Spi::get_one_with_args::<bool>(
+                "SELECT EXISTS (SELECT FROM certyo.table_identity WHERE id OPERATOR(pg_catalog.=) $1)",
+                &[id.into()],
+            )
+        })?;
+        if restored_yet == Some(false) {
+            options.table_id = Some(id);
+            return Ok(());
+        }
+    }
     let (schema, name) = split_display(table);
     let id = crate::rights::as_superuser(|| {
         Spi::connect_mut(|client| {
