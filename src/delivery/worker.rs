@@ -414,11 +414,6 @@ impl Worker {
         }
         let (delivered, error, more_to_send) =
             self.deliver(&client, &settings, settle_only.is_none())?;
-        self.settled_since_vacuum += delivered.sent;
-        if self.settled_since_vacuum >= super::vacuum::AFTER {
-            self.settled_since_vacuum = 0;
-            super::vacuum::queue();
-        }
         if let Some((state, detail)) = self.outage_state() {
             self.announce(state, &detail, None, delivered)?;
             return Ok(Next::Now); // the next pass waits for the probe's time
@@ -651,6 +646,13 @@ impl Worker {
             ms(times.write_back),
             ms(times.commit),
         );
+        // Every answer settled counts, also those a pass that takes nothing new settles (paused,
+        // in an outage): the queue rows they delete are dead all the same.
+        self.settled_since_vacuum += tally.sent;
+        if self.settled_since_vacuum >= super::vacuum::AFTER {
+            self.settled_since_vacuum = 0;
+            super::vacuum::queue();
+        }
         Ok((tally, error, tally.accepted > 0 || self.sending.is_some()))
     }
 
