@@ -542,8 +542,21 @@ def test_a_partitions_clones_of_the_tables_triggers_fire_as_the_tables_do(cluste
         assert attempt.sqlstate == "55000", f"{statement}: {attempt.stderr}"
         assert "Change it on the tracked table (public.wb_parts)" in attempt.stderr, attempt.stderr
     cluster.sql("ALTER TABLE wb_parts_1 DISABLE TRIGGER mine; ALTER TABLE wb_parts_1 ENABLE TRIGGER mine")
-    # As pg_restore --disable-triggers brackets a partition's data: let through.
-    cluster.sql("ALTER TABLE wb_parts_1 DISABLE TRIGGER ALL; ALTER TABLE wb_parts_1 ENABLE TRIGGER ALL")
+    # As pg_restore --disable-triggers brackets a partition's data: let through, and while the
+    # partition's capture is off, certyo.tracked_tables says the table is not capturing.
+    capturing = "SELECT capturing FROM certyo.tracked_tables WHERE \"table\" = 'wb_parts'::regclass"
+    assert cluster.sql(capturing) == "t"
+    for off in ("DISABLE TRIGGER ALL", "DISABLE TRIGGER USER"):
+        cluster.sql(f"ALTER TABLE wb_parts_1 {off}")
+        assert cluster.sql(capturing) == "f", f"{off} on a partition: its rows are not captured"
+        cluster.sql("ALTER TABLE wb_parts_1 ENABLE TRIGGER ALL")
+        assert cluster.sql(capturing) == "t"
+    # On the table itself, a capture trigger that fires only in replica mode captures nothing.
+    cluster.sql("ALTER TABLE wb_parts ENABLE REPLICA TRIGGER certyo_capture")
+    assert cluster.sql(capturing) == "f", "fires in replica mode only"
+    cluster.sql("ALTER TABLE wb_parts ENABLE ALWAYS TRIGGER certyo_capture")
+    assert cluster.sql(capturing) == "t", "fires always"
+    cluster.sql("ALTER TABLE wb_parts ENABLE TRIGGER certyo_capture")
     # The check runs in every database, also one without the extension: nothing of it named there.
     cluster.sql("CREATE DATABASE wb_elsewhere")
     cluster.sql("CREATE TABLE t (id int); CREATE FUNCTION f() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN RETURN NEW; END $$; "
@@ -564,6 +577,40 @@ def test_a_partitions_clones_of_the_tables_triggers_fire_as_the_tables_do(cluste
     assert cluster.sql("SELECT string_agg(tgname || ':' || tgenabled::text, ',' ORDER BY tgname) FROM pg_trigger "
                        "WHERE tgrelid = 'wb_parts_1'::regclass") == "certyo_capture:O,mine:O,zz_certyo_marks:O"
     cluster.sql("DROP TABLE wb_parts; DROP FUNCTION wb_parts_noop()")
+
+
+def test_a_table_with_a_partition_being_detached_is_refused_by_track(cluster):
+    """An interrupted DETACH PARTITION ... CONCURRENTLY leaves the partition "detach pending": it
+    can no longer be altered (no bookkeeping columns: inserts into it failed once tracked), and
+    its rows are on their way out. track() refuses the table, naming the statement that
+    finishes the detach; once finished, the table is tracked."""
+    cluster.sql("""
+        CREATE TABLE wb_pending (id int PRIMARY KEY, v text) PARTITION BY RANGE (id);
+        CREATE TABLE wb_pending_1 PARTITION OF wb_pending FOR VALUES FROM (0) TO (100);
+        CREATE TABLE wb_pending_2 PARTITION OF wb_pending FOR VALUES FROM (100) TO (200);
+        INSERT INTO wb_pending VALUES (1, 'a'), (150, 'b');
+    """)
+    # DETACH ... CONCURRENTLY waits for every older snapshot: one held open, it is cancelled.
+    held = cluster.hold_open("BEGIN ISOLATION LEVEL REPEATABLE READ; SELECT count(*) FROM wb_pending;")
+    try:
+        attempt = cluster.attempt_verbose(
+            "SET statement_timeout = '2s'; ALTER TABLE wb_pending DETACH PARTITION wb_pending_2 CONCURRENTLY")
+        assert attempt.sqlstate == "57014", attempt.stderr
+    finally:
+        held.close()
+    assert cluster.sql("SELECT inhdetachpending FROM pg_inherits WHERE inhrelid = 'wb_pending_2'::regclass") == "t"
+    attempt = cluster.attempt_verbose("SELECT certyo.track('wb_pending')")
+    assert attempt.sqlstate == "55000", attempt.stderr
+    assert "wb_pending_2 of public.wb_pending is being detached" in attempt.stderr, attempt.stderr
+    assert "DETACH PARTITION public.wb_pending_2 FINALIZE" in attempt.stderr, attempt.stderr
+    tracked = "SELECT count(*) FROM certyo.tracked_tables WHERE \"table\" = 'wb_pending'::regclass"
+    assert cluster.sql(tracked) == "0"
+    assert cluster.sql("SELECT count(*) FROM pg_attribute WHERE attrelid = 'wb_pending_1'::regclass "
+                       "AND attname = 'certyo_record_hash'") == "0", "nothing of the refused track() is left"
+    cluster.sql("ALTER TABLE wb_pending DETACH PARTITION wb_pending_2 FINALIZE")
+    cluster.sql("SELECT certyo.track('wb_pending')")
+    assert cluster.sql(tracked) == "1"
+    cluster.sql("SELECT certyo.untrack('wb_pending', drop_columns => true); DROP TABLE wb_pending, wb_pending_2")
 
 
 def test_the_marks_trigger_comes_and_goes_with_the_modes_that_write_back(cluster):

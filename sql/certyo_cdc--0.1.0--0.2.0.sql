@@ -445,7 +445,13 @@ SELECT t.tgrelid::regclass                                        AS "table",
        (certyo.capture_option(t.tgargs, 'record_id_source'))[1]   AS record_id_source,
        certyo.capture_option(t.tgargs, 'exclude')                 AS exclude_columns,
        (certyo.capture_option(t.tgargs, 'timestamp'))[1]::name    AS timestamp_column,
-       t.tgenabled <> 'D'                                         AS capturing,
+       -- fires in ordinary sessions ('O', 'A'; not disabled, not replica-only), on the table
+       -- and on each of its partitions (DISABLE TRIGGER ALL on one, as pg_restore does)
+       t.tgenabled IN ('O', 'A') AND NOT EXISTS (
+           SELECT FROM pg_catalog.pg_partition_tree(t.tgrelid) p
+             JOIN pg_catalog.pg_trigger c ON c.tgrelid = p.relid AND c.tgname = t.tgname
+                                         AND c.tgfoid = t.tgfoid
+            WHERE c.tgenabled NOT IN ('O', 'A'))                  AS capturing,
        -- a capture trigger from before 0.2.0 carries none: it writes back at acceptance
        coalesce((certyo.capture_option(t.tgargs, 'write_back'))[1], 'accepted') AS write_back
   FROM pg_catalog.pg_trigger t

@@ -166,6 +166,7 @@ fn track_table(
     new_table_mode: WriteBack,
 ) -> Result<()> {
     let table = Table::inspect(relid)?;
+    partitions::refuse_detach_pending(relid)?;
     let installed = installed_options(relid)?;
     let mut options = table.resolve(&Request {
         // Re-tracking without naming a mode keeps the table's.

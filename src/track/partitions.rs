@@ -64,6 +64,32 @@ pub fn before_attach(parent: Oid, child: Oid) -> Result<()> {
     super::install::add_bookkeeping_columns(&Table::inspect(child)?, options.write_back)
 }
 
+/// Before `track()`: a partition left "detach pending" by an interrupted `DETACH PARTITION ...
+/// CONCURRENTLY` is on its way out of the table and cannot be given the bookkeeping columns
+/// (PostgreSQL refuses to alter it until the detach is finished), so its rows could be neither
+/// marked nor told apart when it leaves: refused, the owner to finish the detach first.
+pub fn refuse_detach_pending(table: Oid) -> Result<()> {
+    // One row always (the aggregate): `[parent, child]` of the first pending partition, or NULL.
+    let pending = Spi::get_one_with_args::<Vec<String>>(
+        "SELECT (SELECT ARRAY[i.inhparent::pg_catalog.regclass::pg_catalog.text, i.inhrelid::pg_catalog.regclass::pg_catalog.text]
+                   FROM pg_catalog.pg_inherits i
+                  WHERE i.inhdetachpending
+                    AND i.inhparent OPERATOR(pg_catalog.=) ANY (SELECT $1 UNION SELECT relid FROM pg_catalog.pg_partition_tree($1))
+                  ORDER BY i.inhrelid LIMIT 1)",
+        &[table.into()],
+    )?
+    .unwrap_or_default();
+    let [parent, child] = pending.as_slice() else {
+        return Ok(());
+    };
+    Err(CertyoError::new(
+        PgSqlErrorCode::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
+        format!("certyo_cdc: partition {child} of {parent} is being detached (an interrupted DETACH PARTITION ... CONCURRENTLY)"),
+    )
+    .detail("A partition that is detach pending can no longer be altered, so it cannot get the bookkeeping columns, and its rows are on their way out of the table.")
+    .hint(format!("Finish the detach first: ALTER TABLE {parent} DETACH PARTITION {child} FINALIZE; then track the table (and attach the partition again if its rows belong to it).")))
+}
+
 /// After `ALTER TABLE ... ATTACH PARTITION child` succeeded: an `upsert` of each row the
 /// partition brought is queued. The statement holds `child` and every partition under it in
 /// `ACCESS EXCLUSIVE` mode until the transaction ends: no writer changes them meanwhile.
