@@ -1,8 +1,21 @@
-//! HTTP to Certyo: `reqwest::blocking` with explicit timeouts, one client per worker.
+//! HTTP to Certyo, with explicit timeouts, one client per worker or relay source.
+//!
+//! The calls block their caller, but the requests run on the caller's own thread: `reqwest`'s
+//! async client on a current-thread Tokio runtime that the client owns, driven by whichever
+//! caller is in `block_on` (Tokio lets several threads block on one such runtime; one drives its
+//! I/O for all). `reqwest::blocking` hands every request to a thread of its own and back, two
+//! thread switches per request: measured against the emulator on this 2-core machine, 52 to 68
+//! µs of client CPU per verification request, against 22 to 24 µs this way. Verification also
+//! keeps several requests in flight from one thread (`verify_all`) instead of a thread each.
+//! The runtime starts no thread of its own; a host name is resolved on Tokio's blocking pool,
+//! whose threads start from (and inherit the signal mask of) the calling thread.
 
 use super::retry::rate_limit_delay;
 use super::{Outcome, Receipt, Record, Verification, VerifyRequest};
+use futures_util::stream::{self, StreamExt};
 use serde::{Deserialize, Serialize};
+use std::cell::RefCell;
+use std::sync::Arc;
 use std::time::Duration;
 
 #[derive(Clone, PartialEq)]
@@ -30,9 +43,15 @@ impl std::fmt::Debug for ClientConfig {
 
 #[derive(Clone)]
 pub struct Client {
-    http: reqwest::blocking::Client,
+    http: reqwest::Client,
+    /// Drives `http`'s requests, in the callers' `block_on` (see the module's comment).
+    runtime: Arc<tokio::runtime::Runtime>,
     config: ClientConfig,
 }
+
+/// The 429 back-off pause, shared by the requests one call keeps in flight (they run on one
+/// thread, and none holds it across an await).
+type Pause<'a> = RefCell<&'a mut dyn FnMut(Duration) -> bool>;
 
 /// What one HTTP exchange came to, before it is spread over the records it carried.
 enum Exchange {
@@ -61,15 +80,24 @@ struct Bulk<'a> {
 }
 
 impl Client {
-    /// Build the client. It starts threads: inside Postgres, call this with all signals blocked.
+    /// Build the client. It starts no thread; its calls block the calling thread, which, inside
+    /// Postgres, must be a helper thread with every signal blocked.
     pub fn new(config: ClientConfig) -> Result<Client, String> {
-        let http = reqwest::blocking::Client::builder()
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(|e| format!("cannot start the HTTP client's runtime: {e}"))?;
+        let http = reqwest::Client::builder()
             .timeout(config.timeout)
             .connect_timeout(config.timeout.min(Duration::from_secs(10)))
             .user_agent(config.user_agent.clone())
             .build()
             .map_err(|e| format!("cannot build the HTTP client: {e}"))?;
-        Ok(Client { http, config })
+        Ok(Client {
+            http,
+            runtime: Arc::new(runtime),
+            config,
+        })
     }
 
     pub fn config(&self) -> &ClientConfig {
@@ -93,9 +121,16 @@ impl Client {
         records: &[Record],
         pause: &mut dyn FnMut(Duration) -> bool,
     ) -> Vec<Outcome> {
+        let pause = RefCell::new(pause);
+        // One at a time, in order: two changes of a record must arrive in the order they were made.
+        self.runtime
+            .block_on(self.send_each_in_order(records, &pause))
+    }
+
+    async fn send_each_in_order(&self, records: &[Record], pause: &Pause<'_>) -> Vec<Outcome> {
         let mut outcomes = Vec::with_capacity(records.len());
         for record in records {
-            let outcome = match self.post("/api/v1/records", record, pause) {
+            let outcome = match self.post("/api/v1/records", record, pause).await {
                 Exchange::Ok(body) => match serde_json::from_value::<Receipt>(body) {
                     Ok(receipt) => Outcome::of_receipt(record, receipt),
                     Err(e) => Outcome::Transient(format!("unreadable 202 answer: {e}")),
@@ -121,8 +156,12 @@ impl Client {
         records: &[Record],
         pause: &mut dyn FnMut(Duration) -> bool,
     ) -> Vec<Outcome> {
-        let outcomes = match self.post("/api/v1/records/bulk", &Bulk { tenant_id, records }, pause)
-        {
+        let pause = RefCell::new(pause);
+        let bulk = Bulk { tenant_id, records };
+        let answer = self
+            .runtime
+            .block_on(self.post("/api/v1/records/bulk", &bulk, &pause));
+        let outcomes = match answer {
             Exchange::Failed(outcome) => vec![outcome; records.len()],
             Exchange::Ok(body) => match serde_json::from_value::<Vec<Receipt>>(body) {
                 Ok(receipts) => match_receipts(records, receipts),
@@ -152,12 +191,40 @@ impl Client {
             .masked(&self.config.api_key)
     }
 
+    /// Verify each request, up to `in_flight` at once from this one thread; the answers in the
+    /// requests' order.
+    pub fn verify_all(
+        &self,
+        requests: &[VerifyRequest],
+        in_flight: usize,
+        pause: &mut dyn FnMut(Duration) -> bool,
+    ) -> Vec<Verification> {
+        let pause = RefCell::new(pause);
+        let pause = &pause;
+        let mut answers: Vec<(usize, Verification)> = self.runtime.block_on(
+            stream::iter(requests.iter().enumerate())
+                .map(|(place, request)| async move {
+                    let answer = self.verify_async(request, pause).await;
+                    (place, answer.masked(&self.config.api_key))
+                })
+                .buffer_unordered(in_flight.max(1))
+                .collect(),
+        );
+        answers.sort_unstable_by_key(|(place, _)| *place);
+        answers.into_iter().map(|(_, answer)| answer).collect()
+    }
+
     fn verify_unmasked(
         &self,
         request: &VerifyRequest,
         pause: &mut dyn FnMut(Duration) -> bool,
     ) -> Verification {
-        match self.post("/api/v1/verify/record", request, pause) {
+        let pause = RefCell::new(pause);
+        self.runtime.block_on(self.verify_async(request, &pause))
+    }
+
+    async fn verify_async(&self, request: &VerifyRequest, pause: &Pause<'_>) -> Verification {
+        match self.post("/api/v1/verify/record", request, pause).await {
             Exchange::Failed(outcome) => Verification::Failed(outcome),
             Exchange::Ok(body) => match serde_json::from_value::<VerifyAnswer>(body) {
                 Err(e) => Verification::Failed(Outcome::Transient(format!(
@@ -177,12 +244,7 @@ impl Client {
         }
     }
 
-    fn post(
-        &self,
-        path: &str,
-        body: &impl Serialize,
-        pause: &mut dyn FnMut(Duration) -> bool,
-    ) -> Exchange {
+    async fn post(&self, path: &str, body: &impl Serialize, pause: &Pause<'_>) -> Exchange {
         let url = format!("{}{path}", self.config.base_url.trim_end_matches('/'));
         let mut retry = 0;
         loop {
@@ -191,7 +253,8 @@ impl Client {
                 .post(&url)
                 .header("X-API-Key", &self.config.api_key)
                 .json(body)
-                .send();
+                .send()
+                .await;
             let response = match response {
                 Ok(response) => response,
                 Err(e) => return Exchange::Failed(Outcome::Transient(describe(&e))),
@@ -209,7 +272,10 @@ impl Client {
                     .and_then(|v| v.to_str().ok())
                     .and_then(|v| v.trim().parse::<u64>().ok())
                     .map(Duration::from_secs);
-                if !pause(rate_limit_delay(retry, retry_after)) {
+                // A blocking pause: the calls that keep several requests in flight back off
+                // from a 429 together.
+                let go_on = (*pause.borrow_mut())(rate_limit_delay(retry, retry_after));
+                if !go_on {
                     return Exchange::Failed(Outcome::Transient(
                         "stopped while backing off from 429".into(),
                     ));
@@ -217,7 +283,7 @@ impl Client {
                 retry += 1;
                 continue;
             }
-            let text = response.text().unwrap_or_default();
+            let text = response.text().await.unwrap_or_default();
             return match status {
                 200..=299 => match serde_json::from_str(&text) {
                     Ok(value) => Exchange::Ok(value),

@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 
 /// Receipts verified per round, and how many requests run at once.
 const VERIFY_BATCH: usize = 100;
-const VERIFY_THREADS: usize = 8;
+const VERIFY_IN_FLIGHT: usize = 8;
 const CLEAN_UP_EVERY: Duration = Duration::from_secs(60);
 const SUMMARY_EVERY: Duration = Duration::from_secs(60);
 /// How often the queue's counts are read for the metrics, while they are served.
@@ -501,33 +501,9 @@ fn sleep_unless(stop: &AtomicBool, wait: Duration) -> bool {
     }
 }
 
-/// Each request's answer, in order; a few requests run at once.
+/// Each request's answer, in order; `VERIFY_IN_FLIGHT` requests at once, from this thread.
 fn verify_all(client: &Client, requests: &[VerifyRequest], stop: &AtomicBool) -> Vec<Verification> {
-    let per_thread = requests.len().div_ceil(VERIFY_THREADS).max(1);
-    std::thread::scope(|scope| {
-        let parts: Vec<_> = requests
-            .chunks(per_thread)
-            .map(|part| {
-                scope.spawn(move || {
-                    part.iter()
-                        .map(|r| client.verify(r, &mut |delay| sleep_unless(stop, delay)))
-                        .collect::<Vec<_>>()
-                })
-            })
-            .collect();
-        parts
-            .into_iter()
-            .zip(requests.chunks(per_thread))
-            .flat_map(|(part, asked)| {
-                part.join().unwrap_or_else(|_| {
-                    vec![
-                        Verification::Failed(Outcome::Transient(
-                            "the verification thread failed".into()
-                        ));
-                        asked.len()
-                    ]
-                })
-            })
-            .collect()
+    client.verify_all(requests, VERIFY_IN_FLIGHT, &mut |delay| {
+        sleep_unless(stop, delay)
     })
 }

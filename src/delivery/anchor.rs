@@ -153,9 +153,10 @@ pub struct Verifying {
     work: OffThread<Vec<(i64, Verification)>>,
 }
 
-/// Verification requests in flight at once: one request per receipt is all the contract
-/// offers, so a few at a time keep up with a higher delivery rate.
-const CONCURRENT_REQUESTS: usize = 4;
+/// Verification requests in flight at once, from one thread (`certyo::Client::verify_all`): one
+/// request per receipt is all the contract offers, so several at a time keep up with a higher
+/// delivery rate.
+const CONCURRENT_REQUESTS: usize = 8;
 
 impl Verifying {
     pub fn start(client: &Client, tenant_id: &str, database: &str, due: Vec<Due>) -> Verifying {
@@ -168,12 +169,12 @@ impl Verifying {
         let work = OffThread::start("certyo_cdc verify", move |_pause| {
             // 429 back-off sleeps here are plain sleeps: a verification waiting is not worth a
             // shared stop flag.
-            verify_in_parts(requests, |request| {
-                client.verify(request, &mut |d| {
-                    std::thread::sleep(d);
-                    true
-                })
-            })
+            let (ids, requests): (Vec<i64>, Vec<VerifyRequest>) = requests.into_iter().unzip();
+            let answers = client.verify_all(&requests, CONCURRENT_REQUESTS, &mut |d| {
+                std::thread::sleep(d);
+                true
+            });
+            ids.into_iter().zip(answers).collect::<Vec<_>>()
         });
         Verifying { due, config, work }
     }
@@ -183,34 +184,6 @@ impl Verifying {
         let found = self.work.try_take()?.unwrap_or_default();
         Some(match_answers(std::mem::take(&mut self.due), found))
     }
-}
-
-/// Ask `verify` for every request, `CONCURRENT_REQUESTS` threads at a time, each answer with
-/// the id of its receipt. A thread that panics answers nothing: its receipts get "no answer"
-/// from [`match_answers`], and no other receipt's answer moves.
-fn verify_in_parts(
-    requests: Vec<(i64, VerifyRequest)>,
-    verify: impl Fn(&VerifyRequest) -> Verification + Sync,
-) -> Vec<(i64, Verification)> {
-    let per_thread = requests.len().div_ceil(CONCURRENT_REQUESTS).max(1);
-    // Scoped threads inherit the caller's (a helper thread's) blocked signal mask.
-    std::thread::scope(|scope| {
-        let verify = &verify;
-        let parts: Vec<_> = requests
-            .chunks(per_thread)
-            .map(|part| {
-                scope.spawn(move || {
-                    part.iter()
-                        .map(|(id, request)| (*id, verify(request)))
-                        .collect::<Vec<_>>()
-                })
-            })
-            .collect();
-        parts
-            .into_iter()
-            .flat_map(|part| part.join().unwrap_or_default())
-            .collect()
-    })
 }
 
 /// Each receipt with the answer carrying its id, or "no answer" (verified again later).
@@ -340,7 +313,7 @@ fn later_push(later: &mut (Vec<i64>, Vec<Option<String>>), id: i64, error: Optio
 
 #[cfg(test)]
 mod tests {
-    use super::{match_answers, verify_in_parts, Due, Version, CONCURRENT_REQUESTS};
+    use super::{match_answers, Due, Version};
     use certyo::{Operation, Outcome, Verification};
 
     fn due(id: i64) -> Due {
@@ -388,36 +361,5 @@ mod tests {
                 ),
             ]
         );
-    }
-
-    #[test]
-    fn a_verification_thread_that_fails_mid_batch_costs_only_its_own_answers() {
-        // 12 receipts over 4 threads of 3; the thread holding receipt 5 panics after
-        // answering 4. Every other receipt gets the answer to its own request (the hash it
-        // asked about comes back in the answer), and 4, 5, 6 get "no answer" (verified again).
-        let due: Vec<Due> = (1..=12).map(due).collect();
-        let requests = due
-            .iter()
-            .map(|d| (d.version.id, d.request("tenant", "db")))
-            .collect();
-        let found = verify_in_parts(requests, |request| {
-            if request.record_id == "5" {
-                panic!("a verification thread fails");
-            }
-            Verification::Mismatch {
-                reported_hash: request.record_hash.clone(),
-            }
-        });
-        assert_eq!(CONCURRENT_REQUESTS, 4, "the parts this test reasons about");
-        let no_answer = Verification::Failed(Outcome::Transient("no answer".into()));
-        for (d, answer) in match_answers(due, found) {
-            let expected = match d.version.id {
-                4..=6 => no_answer.clone(),
-                id => Verification::Mismatch {
-                    reported_hash: format!("sha256:{id}"),
-                },
-            };
-            assert_eq!(answer, expected, "receipt {}", d.version.id);
-        }
     }
 }
