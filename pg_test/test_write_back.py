@@ -613,6 +613,57 @@ def test_a_table_with_a_partition_being_detached_is_refused_by_track(cluster):
     cluster.sql("SELECT certyo.untrack('wb_pending', drop_columns => true); DROP TABLE wb_pending, wb_pending_2")
 
 
+def test_partitions_cannot_leave_through_a_schema_owner_or_another_extension(cluster):
+    """Three ways a partition of a tracked table could leave it with no delete captured, or a
+    view's code run by the attaching superuser, each refused or left to PostgreSQL:
+    DROP OWNED BY the owner of the partition's schema (CASCADE drops what the schema holds,
+    whoever owns it); an ATTACH of a table that another extension owns (its DROP EXTENSION would
+    drop the partition); an ATTACH of a view, whose columns would run its owner's functions as
+    the session attaching it, before PostgreSQL says it is no table."""
+    cluster.sql("""
+        CREATE ROLE wb_sowner LOGIN; CREATE ROLE wb_mallory LOGIN;
+        CREATE SCHEMA wb_s AUTHORIZATION wb_sowner;
+        CREATE TABLE wb_leave (id int PRIMARY KEY, v text) PARTITION BY RANGE (id);
+        CREATE TABLE wb_s.wb_leave_1 PARTITION OF wb_leave FOR VALUES FROM (0) TO (100);
+        SELECT certyo.track('wb_leave');
+        INSERT INTO wb_leave VALUES (1, 'a');
+    """)
+    attempt = cluster.attempt_verbose("DROP OWNED BY wb_sowner CASCADE", user="wb_sowner")
+    assert attempt.sqlstate == "55000", attempt.stderr
+    assert "detach it first" in attempt.stderr.lower() or "DETACH" in attempt.stderr, attempt.stderr
+    assert cluster.sql("SELECT count(*) FROM wb_s.wb_leave_1") == "1"
+    # A table of another extension's, as a partition.
+    cluster.sql("""
+        CREATE EXTENSION hstore;
+        CREATE TABLE wb_member (id int PRIMARY KEY, v text);
+        ALTER EXTENSION hstore ADD TABLE wb_member;
+    """)
+    attempt = cluster.attempt_verbose("ALTER TABLE wb_leave ATTACH PARTITION wb_member FOR VALUES FROM (100) TO (200)")
+    assert attempt.sqlstate == "55000", attempt.stderr
+    assert "belongs to extension hstore" in attempt.stderr, attempt.stderr
+    cluster.sql("ALTER EXTENSION hstore DROP TABLE wb_member; DROP EXTENSION hstore")
+    cluster.sql("ALTER TABLE wb_leave ATTACH PARTITION wb_member FOR VALUES FROM (100) TO (200)")
+    # A view of mallory's, named in the superuser's ATTACH: PostgreSQL's refusal, no code of hers.
+    cluster.sql("""
+        CREATE FUNCTION wb_mal() RETURNS text LANGUAGE plpgsql AS $$
+        BEGIN RAISE NOTICE 'wb_mal runs as %', current_user; RETURN NULL; END $$;
+        ALTER FUNCTION wb_mal() OWNER TO wb_mallory;
+        GRANT CREATE ON SCHEMA public TO wb_mallory;
+    """)
+    cluster.sql("CREATE VIEW wb_mal_v AS SELECT 300 AS id, 'x'::text AS v, wb_mal() AS certyo_record_hash",
+                user="wb_mallory")
+    attempt = cluster.attempt_verbose("ALTER TABLE wb_leave ATTACH PARTITION wb_mal_v FOR VALUES FROM (300) TO (400)")
+    assert attempt.returncode != 0, attempt.stdout
+    assert "wb_mal runs as" not in attempt.stderr, attempt.stderr
+    assert "certyo_cdc" not in attempt.stderr, attempt.stderr
+    cluster.sql("""
+        SELECT certyo.untrack('wb_leave', drop_columns => true);
+        DROP TABLE wb_leave; DROP VIEW wb_mal_v; DROP FUNCTION wb_mal(); DROP SCHEMA wb_s;
+        REVOKE CREATE ON SCHEMA public FROM wb_mallory;
+        DROP ROLE wb_sowner; DROP ROLE wb_mallory;
+    """)
+
+
 def test_the_marks_trigger_comes_and_goes_with_the_modes_that_write_back(cluster):
     """Tracked with write_back => 'none', a table has no bookkeeping columns and no marks
     trigger; moved to a mode that writes back, it gets both; back, it loses the trigger."""

@@ -59,6 +59,22 @@ pub fn before_attach(parent: Oid, child: Oid) -> Result<()> {
     let Some((table, options)) = tracked_table_of(parent, true)? else {
         return Ok(());
     };
+    // Only a table, attached by whoever owns both (PostgreSQL's own conditions): anything else
+    // gets PostgreSQL's refusal, and nothing of it is read here (a view's columns run its
+    // owner's functions, as the session that names it).
+    if !is_table(child)? || !owns(parent, false)? || !owns(child, false)? {
+        return Ok(());
+    }
+    // A member of another extension would be dropped, as a partition, by its DROP EXTENSION.
+    if let Some(extension) = extension_member_within(child)? {
+        let (child, table) = (name_of(child)?, name_of(table)?);
+        return Err(CertyoError::new(
+            PgSqlErrorCode::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
+            format!("certyo_cdc: {child} belongs to extension {extension}, and cannot become a partition of tracked table {table}"),
+        )
+        .detail(format!("DROP EXTENSION {extension} would drop it (or its schema), and its rows would leave {table} without their deletes captured."))
+        .hint(format!("Remove it from the extension first: ALTER EXTENSION {extension} DROP TABLE {child}; (or DROP SCHEMA, when its schema is the member).")));
+    }
     super::trigger_order::require_no_trigger_after_marks(child, table, &options)?;
     super::install::refuse_marked_rows(child, options.write_back, &name_of(table)?)?;
     super::install::add_bookkeeping_columns(&Table::inspect(child)?, options.write_back)
@@ -245,6 +261,35 @@ const OWN_CAPTURE_TRIGGER: &str = "t.tgname OPERATOR(pg_catalog.=) 'certyo_captu
                    AND d.refclassid OPERATOR(pg_catalog.=) 'pg_catalog.pg_extension'::pg_catalog.regclass
                    AND d.deptype OPERATOR(pg_catalog.=) 'e')";
 
+/// Whether `relid` is a table (plain or partitioned), as a partition must be.
+fn is_table(relid: Oid) -> Result<bool> {
+    Ok(Spi::get_one_with_args::<bool>(
+        "SELECT (SELECT c.relkind OPERATOR(pg_catalog.=) ANY (ARRAY['r', 'p']::pg_catalog.\"char\"[])
+                   FROM pg_catalog.pg_class c WHERE c.oid OPERATOR(pg_catalog.=) $1)",
+        &[relid.into()],
+    )?
+    .unwrap_or(false))
+}
+
+/// The extension that `relid`, or a table under it, or its schema, is a member of, if any.
+fn extension_member_within(relid: Oid) -> Result<Option<String>> {
+    Ok(Spi::get_one_with_args::<String>(
+        "SELECT (SELECT e.extname::pg_catalog.text
+                   FROM (SELECT $1 AS relid UNION SELECT relid FROM pg_catalog.pg_partition_tree($1)) p
+                   JOIN pg_catalog.pg_class c ON c.oid OPERATOR(pg_catalog.=) p.relid
+                   JOIN pg_catalog.pg_depend d
+                     ON d.deptype OPERATOR(pg_catalog.=) 'e'
+                    AND d.refclassid OPERATOR(pg_catalog.=) 'pg_catalog.pg_extension'::pg_catalog.regclass
+                    AND ((d.classid OPERATOR(pg_catalog.=) 'pg_catalog.pg_class'::pg_catalog.regclass
+                          AND d.objid OPERATOR(pg_catalog.=) c.oid)
+                      OR (d.classid OPERATOR(pg_catalog.=) 'pg_catalog.pg_namespace'::pg_catalog.regclass
+                          AND d.objid OPERATOR(pg_catalog.=) c.relnamespace))
+                   JOIN pg_catalog.pg_extension e ON e.oid OPERATOR(pg_catalog.=) d.refobjid
+                  LIMIT 1)",
+        &[relid.into()],
+    )?)
+}
+
 /// A table tracked on its own in `relid`'s partition tree (`relid` itself, or below it), if any.
 fn tracked_within(relid: Oid) -> Result<Option<Oid>> {
     Ok(Spi::get_one_with_args::<Oid>(
@@ -290,13 +335,17 @@ fn owns(relid: Oid, or_schema: bool) -> Result<bool> {
     .unwrap_or(false))
 }
 
-/// The partitions of tracked tables in `schemas`, or owned by `roles`, whose tracked table is
-/// neither: what `DROP SCHEMA ... CASCADE` or `DROP OWNED BY` takes out of a table that stays.
+/// The partitions of tracked tables in `schemas`, or owned by `roles` or in a schema they own,
+/// whose tracked table is none of these: what `DROP SCHEMA ... CASCADE` or `DROP OWNED BY`
+/// (which drops the roles' schemas, with `CASCADE` whatever is in them) takes out of a table
+/// that stays.
 pub fn partitions_dropped_with(schemas: &[Oid], roles: &[Oid]) -> Result<Vec<Oid>> {
     let candidates = Spi::get_one_with_args::<Vec<Oid>>(
         "SELECT pg_catalog.array_agg(c.oid) FROM pg_catalog.pg_class c
           WHERE c.relispartition AND c.relkind OPERATOR(pg_catalog.=) ANY (ARRAY['r', 'p']::pg_catalog.\"char\"[])
-            AND (c.relnamespace OPERATOR(pg_catalog.=) ANY ($1) OR c.relowner OPERATOR(pg_catalog.=) ANY ($2))",
+            AND (c.relnamespace OPERATOR(pg_catalog.=) ANY ($1) OR c.relowner OPERATOR(pg_catalog.=) ANY ($2)
+                 OR c.relnamespace IN (SELECT n.oid FROM pg_catalog.pg_namespace n
+                                        WHERE n.nspowner OPERATOR(pg_catalog.=) ANY ($2)))",
         &[schemas.to_vec().into(), roles.to_vec().into()],
     )?
     .unwrap_or_default();
@@ -307,7 +356,10 @@ pub fn partitions_dropped_with(schemas: &[Oid], roles: &[Oid]) -> Result<Vec<Oid
         };
         let table_goes = Spi::get_one_with_args::<bool>(
             "SELECT (SELECT c.relnamespace OPERATOR(pg_catalog.=) ANY ($2) OR c.relowner OPERATOR(pg_catalog.=) ANY ($3)
-                       FROM pg_catalog.pg_class c WHERE c.oid OPERATOR(pg_catalog.=) $1)",
+                            OR n.nspowner OPERATOR(pg_catalog.=) ANY ($3)
+                       FROM pg_catalog.pg_class c
+                       JOIN pg_catalog.pg_namespace n ON n.oid OPERATOR(pg_catalog.=) c.relnamespace
+                      WHERE c.oid OPERATOR(pg_catalog.=) $1)",
             &[table.into(), schemas.to_vec().into(), roles.to_vec().into()],
         )?
         .unwrap_or(true);
