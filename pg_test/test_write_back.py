@@ -664,6 +664,56 @@ def test_partitions_cannot_leave_through_a_schema_owner_or_another_extension(clu
     """)
 
 
+def test_a_changed_row_never_keeps_an_earlier_versions_marks(cluster):
+    """The marks trigger lets go of a changed row's hash and status. Where it does not fire, the
+    row would keep an earlier version's 'anchored' beside content Certyo never saw: on a
+    partition whose triggers were turned off (DISABLE TRIGGER USER, allowed for pg_restore) and
+    whose capture came back through its table (ENABLE TRIGGER certyo_capture recurses, the
+    marks trigger's clone stays off); or in replica mode under a capture trigger set to fire
+    always (a logical replication subscriber). The first is refused by the capture trigger, whatever
+    the cause; in the second, the marks trigger fires as capture does."""
+    cluster.sql("""
+        CREATE TABLE wb_kept (id int PRIMARY KEY, v text) PARTITION BY RANGE (id);
+        CREATE TABLE wb_kept_1 PARTITION OF wb_kept FOR VALUES FROM (0) TO (100);
+        SELECT certyo.track('wb_kept');
+        INSERT INTO wb_kept VALUES (1, 'a'), (2, 'b');
+    """)
+    anchored = "SELECT count(*) FROM wb_kept WHERE certyo_anchor_status = 'anchored'"
+    assert wait_for(lambda: cluster.sql(anchored) == "2", 60), "both rows anchored"
+    cluster.sql("SELECT certyo.pause()")
+    try:
+        cluster.sql("ALTER TABLE wb_kept_1 DISABLE TRIGGER USER; ALTER TABLE wb_kept ENABLE TRIGGER certyo_capture")
+        assert cluster.sql("SELECT tgenabled FROM pg_trigger WHERE tgrelid = 'wb_kept_1'::regclass "
+                           "AND tgname = 'zz_certyo_marks'") == "D", "the clone of the marks trigger stays off"
+        queued = cluster.sql("SELECT count(*) FROM certyo.queue")
+        attempt = cluster.attempt_verbose("UPDATE wb_kept SET v = 'changed' WHERE id = 1")
+        assert attempt.sqlstate == "55000", attempt.stderr
+        assert "keeps what Certyo said of its earlier version" in attempt.stderr, attempt.stderr
+        assert cluster.sql("SELECT v || ':' || certyo_anchor_status FROM wb_kept WHERE id = 1") == "a:anchored"
+        assert cluster.sql("SELECT count(*) FROM certyo.queue") == queued, "nothing queued"
+        # A row whose content stays keeps its marks, trigger or not.
+        cluster.sql("UPDATE wb_kept SET v = v WHERE id = 2")
+        cluster.sql("ALTER TABLE wb_kept_1 ENABLE TRIGGER USER")
+        cluster.sql("UPDATE wb_kept SET v = 'changed' WHERE id = 1")
+        assert cluster.sql("SELECT v || ':' || coalesce(certyo_anchor_status, 'none') FROM wb_kept WHERE id = 1") == "changed:none"
+        # Capture set to fire always: the marks trigger follows, and a replica-mode UPDATE (as a
+        # subscriber's apply) lets go of the row's marks as it is captured.
+        cluster.sql("ALTER TABLE wb_kept ENABLE ALWAYS TRIGGER certyo_capture")
+        assert cluster.sql("SELECT string_agg(tgrelid::regclass || ':' || tgenabled::text, ',' ORDER BY tgrelid::regclass::text) "
+                           "FROM pg_trigger WHERE tgname = 'zz_certyo_marks' "
+                           "AND tgrelid IN ('wb_kept'::regclass, 'wb_kept_1'::regclass)") == "wb_kept:A,wb_kept_1:A"
+        cluster.sql("SET session_replication_role = replica; UPDATE wb_kept SET v = 'replicated' WHERE id = 2")
+        assert cluster.sql("SELECT v || ':' || coalesce(certyo_anchor_status, 'none') FROM wb_kept WHERE id = 2") == "replicated:none"
+        cluster.sql("ALTER TABLE wb_kept ENABLE TRIGGER certyo_capture")
+        assert cluster.sql("SELECT tgenabled FROM pg_trigger WHERE tgrelid = 'wb_kept'::regclass "
+                           "AND tgname = 'zz_certyo_marks'") == "O", "back to origin mode with capture"
+    finally:
+        cluster.sql("SELECT certyo.resume()")
+    assert wait_for(lambda: cluster.sql(anchored) == "2", 60), "the new versions anchored"
+    assert cluster.sql("SELECT count(*) FROM certyo.audit('wb_kept')") == "0"
+    cluster.sql("SELECT certyo.untrack('wb_kept', drop_columns => true); DROP TABLE wb_kept")
+
+
 def test_the_marks_trigger_comes_and_goes_with_the_modes_that_write_back(cluster):
     """Tracked with write_back => 'none', a table has no bookkeeping columns and no marks
     trigger; moved to a mode that writes back, it gets both; back, it loses the trigger."""
@@ -803,11 +853,16 @@ def test_no_before_update_trigger_fires_after_the_marks_trigger(cluster, mode):
     assert attempt.sqlstate == "42P17" and f"public.{t}_us" in attempt.stderr, attempt.stderr
     cluster.sql(f"SELECT certyo.track('{t}_us', write_back => 'none'); SELECT certyo.untrack('{t}_us')")
     # The trigger that fires before the marks trigger is judged with the row as it leaves it: an
-    # UPDATE of the excluded column alone, stamped, lets go of the row's earlier marks.
-    cluster.sql(f"""
-        INSERT INTO {t} VALUES (1, 'eu', 'n', now());
-        UPDATE {t} SET certyo_record_hash = 'sha256:earlier', certyo_anchor_status = 'anchored';
-        UPDATE {t} SET note = 'only the excluded column';
-    """)
-    assert cluster.sql(f"SELECT certyo_record_hash IS NULL FROM {t}") == "t"
+    # UPDATE of the excluded column alone, stamped, lets go of the row's earlier marks. (Sending
+    # paused: the INSERT's own write-back, under 'accepted' at once, would mark the row again.)
+    cluster.sql("SELECT certyo.pause()")
+    try:
+        cluster.sql(f"""
+            INSERT INTO {t} VALUES (1, 'eu', 'n', now());
+            UPDATE {t} SET certyo_record_hash = 'sha256:earlier', certyo_anchor_status = 'anchored';
+            UPDATE {t} SET note = 'only the excluded column';
+        """)
+        assert cluster.sql(f"SELECT certyo_record_hash IS NULL FROM {t}") == "t"
+    finally:
+        cluster.sql("SELECT certyo.resume()")
     cluster.sql(f"DROP TABLE {t}, {t}_us; DROP FUNCTION {t}_stamp(), {t}_nothing()")

@@ -5,12 +5,18 @@
 //! mode) it says nothing rather than an earlier version's claim. Nothing else is touched, and no
 //! row version is added: the writer's UPDATE stores the cleared row.
 //!
-//! It fires as the capture trigger does, in origin mode: not in a session in replica mode (a
-//! bulk load with `session_replication_role = replica`), whose changes are not captured either
-//! (`certyo.audit()` names such rows). Firing always would make every dump of a tracked table
-//! carry an `ALTER TABLE ... ENABLE ALWAYS TRIGGER`, and with it the DDL event trigger, in the
-//! middle of a restore. It leaves alone the worker's own write-back, which sets only these
-//! columns (and in replica mode does not fire it at all).
+//! It fires as the capture trigger does: in origin mode, unless the capture trigger was set to
+//! fire always (or in replica mode only), which `track()` and every `ALTER TABLE` of the table
+//! give the marks trigger too. So by default not in a session in replica mode (a bulk load with
+//! `session_replication_role = replica`), whose changes are not captured either
+//! (`certyo.audit()` names such rows). Firing always by default would make every dump of a
+//! tracked table carry an `ALTER TABLE ... ENABLE ALWAYS TRIGGER`, and with it the DDL event
+//! trigger, in the middle of a restore. It leaves alone the worker's own write-back, which sets
+//! only these columns (and in replica mode does not fire it at all).
+//!
+//! Whatever keeps it from clearing a changed row (disabled on one partition, a column changed
+//! after it), the capture trigger sees the captured row still holding marks, and refuses the
+//! statement ([`refuse_kept_marks`]): a row never stores an earlier version's claim.
 //!
 //! Its name makes it fire after the table's other BEFORE UPDATE triggers (they fire in name
 //! order), so that it judges the row as they leave it: one that stamps `updated_at` changes the
@@ -176,4 +182,26 @@ unsafe fn capture_args<'a>(data: &pg_sys::TriggerData) -> Result<Vec<&'a str>> {
         super::refuse_untracked(rel, capture)?;
         Ok(super::trigger_args(capture))
     }
+}
+
+/// After the marks trigger had its turn: a captured UPDATE whose new row still holds something
+/// in its bookkeeping columns (other than the status alone under `'accepted'`) would store an
+/// earlier version's hash, or `'anchored'`, beside content Certyo has not seen. The marks trigger
+/// clears them in every such UPDATE, so one that did not fire (disabled on the table or a
+/// partition, or firing in another replication mode) or a column changed after it leaves them:
+/// the statement is refused rather than store the claim.
+pub fn refuse_kept_marks(plan: &TablePlan, new_row: &Row, table: &str) -> Result<()> {
+    if plan
+        .marks
+        .iter()
+        .all(|&i| new_row.is_null(i) || Some(i) == plan.pending_status)
+    {
+        return Ok(());
+    }
+    Err(CertyoError::new(
+        PgSqlErrorCode::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
+        format!("certyo_cdc: this UPDATE changes a row of {table} that keeps what Certyo said of its earlier version"),
+    )
+    .detail(format!("Trigger {MARKS_TRIGGER} clears a changed row's certyo_record_hash, certyo_anchor_status and certyo_verified_at; it did not here, so the row would claim an earlier version's hash or anchoring for its new content. It does not fire while it is disabled on the table or on the partition the row is in (ALTER TABLE ... DISABLE TRIGGER USER or ALL), or fires in another replication mode than certyo_capture; or a column changed after it (a generated column computed by a function that is not immutable)."))
+    .hint(format!("Enable it where it is off: ALTER TABLE partition_or_table ENABLE TRIGGER {MARKS_TRIGGER}; certyo.tracked_tables.capturing and pg_trigger.tgenabled show where.")))
 }

@@ -138,10 +138,12 @@ unsafe fn fire(fcinfo: pg_sys::FunctionCallInfo) -> Result<Option<pg_sys::HeapTu
                     return Err(changed_by_write_back(&plan.collection));
                 }
                 if plan.record_id_changed(&old, &new) {
+                    marks::refuse_kept_marks(&plan, &new, &plan.collection)?;
                     // Certyo keys records by id: a new id is a new record, and the old one is gone.
                     enqueue(Operation::Delete, &old)?;
                     enqueue(Operation::Insert, &new)
                 } else if plan.business_changed(&old, &new) {
+                    marks::refuse_kept_marks(&plan, &new, &plan.collection)?;
                     enqueue(Operation::Update, &new)
                 } else {
                     Ok(()) // bookkeeping write-back or no-op update: not a change

@@ -165,8 +165,8 @@ impl TriggerDefinition {
     }
 
     /// Does the installed capture trigger already match (same arguments, fired by every
-    /// UPDATE), and the marks trigger exist exactly when wanted, as installed (fired in origin mode,
-    /// before every UPDATE of a row, unconditionally)? One disabled, renamed back, or replaced
+    /// UPDATE), and the marks trigger exist exactly when wanted, as installed (fired where the
+    /// capture trigger fires, before every UPDATE of a row, unconditionally)? One disabled, renamed back, or replaced
     /// by hand is installed again by the next `ALTER TABLE` (`refresh`) or `track()`.
     ///
     /// `missing_marks`: whether a marks trigger that is missing altogether counts as installed.
@@ -177,7 +177,8 @@ impl TriggerDefinition {
         let (args, attnums, marks) = Spi::get_three_with_args::<Vec<u8>, Vec<i16>, i32>(
             &format!(
                 "SELECT t.tgargs, t.tgattr::int2[],
-                        (SELECT CASE WHEN m.tgenabled = 'O' AND m.tgtype = {MARKS_TYPE} AND m.tgqual IS NULL
+                        (SELECT CASE WHEN m.tgenabled = CASE WHEN t.tgenabled IN ('A', 'R') THEN t.tgenabled ELSE 'O' END
+                                      AND m.tgtype = {MARKS_TYPE} AND m.tgqual IS NULL
                                       AND m.tgnargs = 0 AND pg_catalog.cardinality(m.tgattr::pg_catalog.int2[]) = 0
                                       AND m.tgfoid = 'certyo.capture()'::pg_catalog.regprocedure
                                      THEN 2 ELSE 1 END
@@ -224,7 +225,7 @@ impl TriggerDefinition {
         ))?;
         if self.marks {
             refuse_owners_marks_trigger(table)?;
-            // Fired in origin mode, as the capture trigger (see crate::capture::marks).
+            // Fired in origin mode, and below in the capture trigger's own (crate::capture::marks).
             Spi::run(&format!(
                 "CREATE OR REPLACE TRIGGER {marks} BEFORE UPDATE ON {table} FOR EACH ROW EXECUTE FUNCTION certyo.capture()",
                 marks = quote_ident(MARKS_TRIGGER),
@@ -241,6 +242,16 @@ impl TriggerDefinition {
                 table.quoted,
                 quote_ident(CAPTURE_TRIGGER)
             ))?;
+            // The marks trigger fires wherever capture does: a change captured in replica mode
+            // (`ENABLE ALWAYS`, as on a logical replication subscriber) lets go of its row's
+            // marks as any other. (Disabled capture leaves it as it is: in origin mode.)
+            if self.marks && mode != "DISABLE" {
+                Spi::run(&format!(
+                    "ALTER TABLE {} {mode} TRIGGER {}",
+                    table.quoted,
+                    quote_ident(MARKS_TRIGGER)
+                ))?;
+            }
         }
         depend_on_extension(table.relid)
     }
