@@ -12,6 +12,8 @@ own cluster, verifying 1 s after acceptance, with the extension's default write-
 
 Run:  CERTYO_EMULATOR=target/release/certyo-emulator python3 -m pytest -q pg_test/test_write_back.py
 """
+import threading
+
 import pytest
 
 from conftest import watched_cluster
@@ -712,6 +714,87 @@ def test_a_changed_row_never_keeps_an_earlier_versions_marks(cluster):
     assert wait_for(lambda: cluster.sql(anchored) == "2", 60), "the new versions anchored"
     assert cluster.sql("SELECT count(*) FROM certyo.audit('wb_kept')") == "0"
     cluster.sql("SELECT certyo.untrack('wb_kept', drop_columns => true); DROP TABLE wb_kept")
+
+
+def test_no_partition_leaves_or_comes_by_a_way_the_checks_did_not_see(cluster):
+    """The checks before a statement go by the names it gives. A drop can cascade to a partition
+    no name gives (DROP ACCESS METHOD ... CASCADE, DROP EXTENSION ... CASCADE of an extension
+    that owns its schema), and a name can mean another table by the time the statement, having
+    waited for a lock, resolves it again (another session renamed a partition to it). Each
+    took a partition's rows out of the tracked table uncaptured (or brought some in unseen):
+    the outcome is checked after the statement, which is refused, and nothing is lost."""
+    cluster.sql("""
+        CREATE TABLE wb_ways (id int PRIMARY KEY, v text) PARTITION BY RANGE (id);
+        CREATE TABLE wb_ways_1 PARTITION OF wb_ways FOR VALUES FROM (0) TO (100);
+        CREATE ACCESS METHOD wb_heap2 TYPE TABLE HANDLER heap_tableam_handler;
+        CREATE TABLE wb_ways_2 PARTITION OF wb_ways FOR VALUES FROM (100) TO (200) USING wb_heap2;
+        CREATE EXTENSION hstore;
+        CREATE SCHEMA wb_ext;
+        ALTER EXTENSION hstore ADD SCHEMA wb_ext;
+        CREATE TABLE wb_ext.wb_ways_3 PARTITION OF wb_ways FOR VALUES FROM (200) TO (300);
+        SELECT certyo.track('wb_ways');
+        INSERT INTO wb_ways VALUES (1, 'a'), (150, 'b'), (250, 'c');
+        CREATE TABLE wb_decoy (id int PRIMARY KEY, v text);
+    """)
+    rows = "SELECT count(*) FROM wb_ways"
+    for statement in ("DROP ACCESS METHOD wb_heap2 CASCADE", "DROP EXTENSION hstore CASCADE"):
+        attempt = cluster.attempt_verbose(statement)
+        assert attempt.sqlstate == "55000", (statement, attempt.stderr)
+        assert "without capturing its rows' deletes" in attempt.stderr, attempt.stderr
+        assert cluster.sql(rows) == "3", statement
+    # The race: another session holds the decoy, renames it away and a partition to its name.
+    for statement in ("DROP TABLE wb_decoy", "ALTER TABLE wb_ways DETACH PARTITION wb_decoy"):
+        held = cluster.hold_open("BEGIN; LOCK TABLE wb_decoy IN ACCESS EXCLUSIVE MODE; "
+                                 "ALTER TABLE wb_decoy RENAME TO wb_decoy_old; ALTER TABLE wb_ways_1 RENAME TO wb_decoy;")
+        outcome = {}
+        racing = threading.Thread(target=lambda: outcome.setdefault("attempt", cluster.attempt_verbose(statement)))
+        racing.start()
+        waiting = "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND query LIKE '%wb_decoy%'"
+        assert wait_for(lambda: cluster.sql(waiting) == "1", 15), "the statement waits for the decoy's lock"
+        held.process.communicate("COMMIT;\n", timeout=15)
+        racing.join(30)
+        attempt = outcome["attempt"]
+        # The checks before the statement wait for the partition's lock too, and then see the
+        # new name: the drop is refused, the detach queues the deletes. Had they not, the check
+        # of the outcome would have refused either.
+        assert "public.wb_decoy" in attempt.stderr, attempt.stderr
+        if statement.startswith("DROP"):
+            assert attempt.sqlstate == "55000", (statement, attempt.stderr)
+            assert cluster.sql(rows) == "3", statement
+            cluster.sql("ALTER TABLE wb_decoy RENAME TO wb_ways_1; ALTER TABLE wb_decoy_old RENAME TO wb_decoy")
+        else:
+            assert attempt.returncode == 0 and "a delete of each is queued" in attempt.stderr, attempt.stderr
+            assert cluster.sql(rows) == "2", statement
+    # The same for ATTACH, by a schema renamed while the statement waits for the table's lock:
+    # the table that comes in holds marks of its own, which the checks refuse in a table named.
+    cluster.sql("""
+        CREATE SCHEMA wb_sa; CREATE SCHEMA wb_sb;
+        CREATE TABLE wb_sa.wb_x (id int PRIMARY KEY, v text);
+        CREATE TABLE wb_sb.wb_x (id int PRIMARY KEY, v text, certyo_record_hash text,
+                                 certyo_anchor_status text, certyo_verified_at timestamptz);
+        INSERT INTO wb_sb.wb_x VALUES (350, 'never seen', 'sha256:forged', 'anchored', now());
+    """)
+    held = cluster.hold_open("BEGIN; LOCK TABLE wb_ways IN ACCESS EXCLUSIVE MODE; ALTER SCHEMA wb_sa RENAME TO wb_sa_old;")
+    outcome = {}
+    statement = ("SET search_path = wb_sa, wb_sb, public; "
+                 "ALTER TABLE public.wb_ways ATTACH PARTITION wb_x FOR VALUES FROM (300) TO (400)")
+    racing = threading.Thread(target=lambda: outcome.setdefault("attempt", cluster.attempt_verbose(statement)))
+    racing.start()
+    waiting = "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND query LIKE '%ATTACH PARTITION wb_x%'"
+    assert wait_for(lambda: cluster.sql(waiting) == "1", 15), "the ATTACH waits for the table's lock"
+    held.process.communicate("COMMIT;\n", timeout=15)
+    racing.join(30)
+    attempt = outcome["attempt"]
+    assert attempt.sqlstate == "55000", attempt.stderr
+    assert cluster.sql("SELECT count(*) FROM wb_ways WHERE certyo_anchor_status = 'anchored' AND v = 'never seen'") == "0"
+    assert cluster.sql("SELECT count(*) FROM pg_inherits WHERE inhrelid = 'wb_sb.wb_x'::regclass") == "0"
+    cluster.sql("DROP SCHEMA wb_sa_old CASCADE; DROP SCHEMA wb_sb CASCADE")
+    assert cluster.wait_drained(60)
+    assert cluster.sql("SELECT count(*) FROM certyo.audit('wb_ways')") == "0"
+    cluster.sql("""
+        SELECT certyo.untrack('wb_ways', drop_columns => true);
+        DROP TABLE wb_ways, wb_decoy, wb_decoy_old; DROP ACCESS METHOD wb_heap2; DROP EXTENSION hstore CASCADE;
+    """)
 
 
 def test_the_marks_trigger_comes_and_goes_with_the_modes_that_write_back(cluster):

@@ -75,6 +75,18 @@ unsafe extern "C-unwind" fn process_utility(
     // search_path pinned, so that no operator or function planted on that session's path runs
     // in them (pinned only for the statements they concern, not for every utility statement).
     use crate::rights::with_pinned_search_path as pinned;
+    // Partitions that a check below detaches, queuing their rows' deletes.
+    let mut detached: Vec<pg_sys::Oid> = Vec::new();
+    // The tracked tables' partitions before a statement that may move tables in or out of them
+    // (with whether it may bring some in), to check its outcome by (see `Trees`).
+    // SAFETY: `statement` is null or a valid parse node, read-only here.
+    let reshapes = unsafe { reshapes_partition_trees(statement) };
+    // SAFETY: a catalog lookup inside the statement's transaction.
+    let installed = reshapes.is_some()
+        && unsafe { pg_sys::get_extension_oid(c"certyo_cdc".as_ptr(), true) } != pg_sys::InvalidOid;
+    let trees = reshapes
+        .filter(|_| installed)
+        .map(|attaching| (pinned(crate::track::Trees::read).or_raise(), attaching));
     // SAFETY: `statement` is null or a valid parse node, read-only here.
     unsafe {
         if let Some(cascade) = drops_this_extension(statement) {
@@ -105,7 +117,13 @@ unsafe extern "C-unwind" fn process_utility(
             pinned(|| {
                 crate::track::outermost(leaving)?
                     .into_iter()
-                    .try_for_each(|(child, how)| crate::track::before_rows_leave(child, how))
+                    .try_for_each(|(child, how)| {
+                        crate::track::before_rows_leave(child, how)?;
+                        if how == crate::track::Leaving::Detach {
+                            detached.push(child);
+                        }
+                        Ok(())
+                    })
             })
             .or_raise();
         }
@@ -141,6 +159,11 @@ unsafe extern "C-unwind" fn process_utility(
     let Some(database) = dropping else {
         // SAFETY: as below.
         unsafe { run_previous(pstmt, query, read_only_tree, context, params, env, dest, qc) };
+        if let Some((trees, attaching)) = &trees {
+            let attaching = attaching.then_some(attached.as_slice());
+            crate::rights::with_pinned_search_path(|| trees.check_after(&detached, attaching))
+                .or_raise();
+        }
         for child in attached {
             crate::rights::with_pinned_search_path(|| crate::track::after_attach(child)).or_raise();
         }
@@ -621,6 +644,46 @@ unsafe fn resolve(name: *mut pg_sys::RangeVar) -> Option<pg_sys::Oid> {
         )
     };
     (relid != pg_sys::InvalidOid).then_some(relid)
+}
+
+/// Whether `stmt` may move tables into or out of partitioned tables (`Some`), and whether it may
+/// bring some in (`Some(true)`: `ALTER TABLE ... ATTACH PARTITION`): every `DROP` (a drop cascades
+/// to tables whatever it names), `DROP OWNED BY`, and `ALTER TABLE` with `ATTACH` or `DETACH
+/// PARTITION`.
+///
+/// # Safety
+/// `stmt` is null or a valid parse node.
+unsafe fn reshapes_partition_trees(stmt: *mut pg_sys::Node) -> Option<bool> {
+    // SAFETY: the caller upholds this function's contract (its `# Safety` section), on which
+    // every unsafe operation below relies.
+    unsafe {
+        use pg_sys::AlterTableType as At;
+        if stmt.is_null() {
+            return None;
+        }
+        match (*stmt).type_ {
+            pg_sys::NodeTag::T_DropStmt | pg_sys::NodeTag::T_DropOwnedStmt => Some(false),
+            pg_sys::NodeTag::T_AlterTableStmt => {
+                let alter = stmt.cast::<pg_sys::AlterTableStmt>();
+                let commands = pgrx::PgList::<pg_sys::AlterTableCmd>::from_pg((*alter).cmds);
+                let kinds: Vec<At::Type> = commands
+                    .iter_ptr()
+                    .filter(|cmd| !cmd.is_null())
+                    .map(|cmd| (*cmd).subtype)
+                    .collect();
+                if kinds.contains(&At::AT_AttachPartition) {
+                    Some(true)
+                } else if kinds.contains(&At::AT_DetachPartition)
+                    || kinds.contains(&At::AT_DetachPartitionFinalize)
+                {
+                    Some(false)
+                } else {
+                    None
+                }
+            }
+            _ => None,
+        }
+    }
 }
 
 /// The relation and the trigger name of each `ALTER TABLE ... ENABLE / DISABLE ... TRIGGER name`

@@ -19,7 +19,7 @@ use crate::error::{CertyoError, OrRaise, Result};
 use install::TriggerDefinition;
 pub use partitions::{
     after_attach, before_attach, before_rows_leave, outermost, partitions_dropped_with,
-    refuse_extension_member, refuse_truncating_partitions, Leaving,
+    refuse_extension_member, refuse_truncating_partitions, Leaving, Trees,
 };
 use pgrx::pg_sys::Oid;
 use pgrx::prelude::*;

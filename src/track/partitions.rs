@@ -261,6 +261,113 @@ const OWN_CAPTURE_TRIGGER: &str = "t.tgname OPERATOR(pg_catalog.=) 'certyo_captu
                    AND d.refclassid OPERATOR(pg_catalog.=) 'pg_catalog.pg_extension'::pg_catalog.regclass
                    AND d.deptype OPERATOR(pg_catalog.=) 'e')";
 
+/// The partitions of the tracked tables, at every level, as a statement that can move tables in
+/// or out of them found them before it ran: after it, [`Trees::check_after`] makes sure that
+/// none left or came but those the checks before the statement handled. The checks before a
+/// statement resolve the names it gives; a name can mean another table by the time the
+/// statement resolves it again (renamed while it waited for a lock), and a drop can cascade to
+/// a partition no name in it gives (`DROP EXTENSION`, `DROP ACCESS METHOD`, `DROP TYPE ...
+/// CASCADE`). Whatever the way, the outcome is checked.
+pub struct Trees(Vec<Member>);
+
+struct Member {
+    relid: Oid,
+    parent: Oid,
+    table: Oid,
+    name: String,
+}
+
+impl Trees {
+    pub fn read() -> Result<Trees> {
+        let members = Spi::connect(|client| {
+            let rows = client.select(
+                &format!(
+                    "SELECT p.relid, p.parentrelid, t.tgrelid, p.relid::pg_catalog.regclass::pg_catalog.text
+                       FROM pg_catalog.pg_trigger t, pg_catalog.pg_partition_tree(t.tgrelid) p
+                      WHERE {OWN_CAPTURE_TRIGGER} AND p.relid OPERATOR(pg_catalog.<>) t.tgrelid"
+                ),
+                None,
+                &[],
+            )?;
+            let mut members = Vec::new();
+            for row in rows {
+                members.push(Member {
+                    relid: row.get::<Oid>(1)?.unwrap_or(pg_sys::InvalidOid),
+                    parent: row.get::<Oid>(2)?.unwrap_or(pg_sys::InvalidOid),
+                    table: row.get::<Oid>(3)?.unwrap_or(pg_sys::InvalidOid),
+                    name: row.get::<String>(4)?.unwrap_or_default(),
+                });
+            }
+            Ok::<_, pgrx::spi::SpiError>(members)
+        })?;
+        Ok(Trees(members))
+    }
+
+    fn find(&self, relid: Oid) -> Option<&Member> {
+        self.0.iter().find(|m| m.relid == relid)
+    }
+
+    /// Whether `relid` or a partition above it in these trees is one of `handled`.
+    fn handled(&self, relid: Oid, handled: &[Oid]) -> bool {
+        let mut at = Some(relid);
+        // A tree is finite, and each step goes up one level.
+        for _ in 0..=self.0.len() {
+            let Some(relid) = at else { return false };
+            if handled.contains(&relid) {
+                return true;
+            }
+            at = self.find(relid).map(|m| m.parent);
+        }
+        false
+    }
+
+    /// After the statement: every partition that left a tracked table that is still tracked was
+    /// detached by a check that queued its rows' deletes (`detached`), and (`attaching`) every
+    /// partition that came was attached by one that will queue its rows (`attached`).
+    /// Otherwise the statement is refused: its transaction rolls back.
+    pub fn check_after(&self, detached: &[Oid], attaching: Option<&[Oid]>) -> Result<()> {
+        let after = Trees::read()?;
+        let still_tracked = |table: Oid| -> Result<bool> {
+            Ok(after.0.iter().any(|m| m.table == table) || is_tracked(table)?)
+        };
+        for gone in self.0.iter().filter(|m| after.find(m.relid).is_none()) {
+            if still_tracked(gone.table)? && !self.handled(gone.relid, detached) {
+                return Err(CertyoError::new(
+                    PgSqlErrorCode::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
+                    format!("certyo_cdc: this statement takes partition {} out of tracked table {} without capturing its rows' deletes", gone.name, name_of(gone.table)?),
+                )
+                .detail("The statement reached a partition that no name in it gave when it began: a drop that cascades to it (DROP EXTENSION, DROP ACCESS METHOD, DROP OWNED BY, DROP TYPE ... CASCADE), or a name that meant another table until it was renamed while the statement waited for a lock.")
+                .hint(format!("Detach the partition first (ALTER TABLE {} DETACH PARTITION {} queues a delete of each of its rows), then run the statement again.", name_of(gone.parent)?, gone.name)));
+            }
+        }
+        if let Some(attached) = attaching {
+            for came in after.0.iter().filter(|m| self.find(m.relid).is_none()) {
+                if !after.handled(came.relid, attached) {
+                    return Err(CertyoError::new(
+                        PgSqlErrorCode::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
+                        format!("certyo_cdc: this statement brings {} into tracked table {} without the checks of its rows", came.name, name_of(came.table)?),
+                    )
+                    .detail("The name in the statement meant another table when it began, and was given to this one while the statement waited for a lock: its rows would enter unseen by Certyo, with whatever their bookkeeping columns say.")
+                    .hint("Run the statement again.".to_string()));
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Whether `table` still has its own capture trigger (a tracked table with no partitions left).
+fn is_tracked(table: Oid) -> Result<bool> {
+    Ok(Spi::get_one_with_args::<bool>(
+        &format!(
+            "SELECT EXISTS (SELECT FROM pg_catalog.pg_trigger t
+                             WHERE t.tgrelid OPERATOR(pg_catalog.=) $1 AND {OWN_CAPTURE_TRIGGER})"
+        ),
+        &[table.into()],
+    )?
+    .unwrap_or(false))
+}
+
 /// Whether `relid` is a table (plain or partitioned), as a partition must be.
 fn is_table(relid: Oid) -> Result<bool> {
     Ok(Spi::get_one_with_args::<bool>(
