@@ -45,8 +45,31 @@ impl std::fmt::Debug for ClientConfig {
 pub struct Client {
     http: reqwest::Client,
     /// Drives `http`'s requests, in the callers' `block_on` (see the module's comment).
-    runtime: Arc<tokio::runtime::Runtime>,
+    runtime: Arc<Runtime>,
     config: ClientConfig,
+}
+
+/// The client's runtime, shut down without waiting when the last clone of the client goes: a
+/// host name lookup still running on its blocking pool must not hold up whoever drops it (the
+/// worker's main thread, which answers signals).
+struct Runtime(Option<tokio::runtime::Runtime>);
+
+impl Runtime {
+    fn block_on<F: std::future::Future>(&self, future: F) -> F::Output {
+        match &self.0 {
+            Some(runtime) => runtime.block_on(future),
+            // Taken only in `drop`, when no call can be running.
+            None => unreachable!("the client's runtime is gone"),
+        }
+    }
+}
+
+impl Drop for Runtime {
+    fn drop(&mut self) {
+        if let Some(runtime) = self.0.take() {
+            runtime.shutdown_background();
+        }
+    }
 }
 
 /// The 429 back-off pause, shared by the requests one call keeps in flight (they run on one
@@ -95,7 +118,7 @@ impl Client {
             .map_err(|e| format!("cannot build the HTTP client: {e}"))?;
         Ok(Client {
             http,
-            runtime: Arc::new(runtime),
+            runtime: Arc::new(Runtime(Some(runtime))),
             config,
         })
     }
