@@ -109,9 +109,14 @@ SELECT t.tgrelid::regclass                                        AS "table",
        (certyo.capture_option(t.tgargs, 'timestamp'))[1]::name    AS timestamp_column,
        -- fires in ordinary sessions ('O', 'A'; not disabled, not replica-only), on the table
        -- and on each of its partitions (DISABLE TRIGGER ALL on one, as pg_restore does)
+       -- (the partitions read from pg_inherits: pg_partition_tree() would lock each of them)
        t.tgenabled IN ('O', 'A') AND NOT EXISTS (
-           SELECT FROM pg_catalog.pg_partition_tree(t.tgrelid) p
-             JOIN pg_catalog.pg_trigger c ON c.tgrelid = p.relid AND c.tgname = t.tgname
+           WITH RECURSIVE tree (relid) AS (
+               SELECT i.inhrelid FROM pg_catalog.pg_inherits i WHERE i.inhparent = t.tgrelid
+               UNION ALL
+               SELECT i.inhrelid FROM tree JOIN pg_catalog.pg_inherits i ON i.inhparent = tree.relid)
+           SELECT FROM tree
+             JOIN pg_catalog.pg_trigger c ON c.tgrelid = tree.relid AND c.tgname = t.tgname
                                          AND c.tgfoid = t.tgfoid
             WHERE c.tgenabled NOT IN ('O', 'A'))                  AS capturing,
        -- a capture trigger from before 0.2.0 carries none: it writes back at acceptance

@@ -75,8 +75,6 @@ unsafe extern "C-unwind" fn process_utility(
     // search_path pinned, so that no operator or function planted on that session's path runs
     // in them (pinned only for the statements they concern, not for every utility statement).
     use crate::rights::with_pinned_search_path as pinned;
-    // Partitions that a check below detaches, queuing their rows' deletes.
-    let mut detached: Vec<pg_sys::Oid> = Vec::new();
     // The tracked tables' partitions before a statement that may move tables in or out of them
     // (with whether it may bring some in), to check its outcome by (see `Trees`).
     // SAFETY: `statement` is null or a valid parse node, read-only here.
@@ -117,13 +115,7 @@ unsafe extern "C-unwind" fn process_utility(
             pinned(|| {
                 crate::track::outermost(leaving)?
                     .into_iter()
-                    .try_for_each(|(child, how)| {
-                        crate::track::before_rows_leave(child, how)?;
-                        if how == crate::track::Leaving::Detach {
-                            detached.push(child);
-                        }
-                        Ok(())
-                    })
+                    .try_for_each(|(child, how)| crate::track::before_rows_leave(child, how))
             })
             .or_raise();
         }
@@ -160,9 +152,7 @@ unsafe extern "C-unwind" fn process_utility(
         // SAFETY: as below.
         unsafe { run_previous(pstmt, query, read_only_tree, context, params, env, dest, qc) };
         if let Some((trees, attaching)) = &trees {
-            let attaching = attaching.then_some(attached.as_slice());
-            crate::rights::with_pinned_search_path(|| trees.check_after(&detached, attaching))
-                .or_raise();
+            crate::rights::with_pinned_search_path(|| trees.check_after(*attaching)).or_raise();
         }
         for child in attached {
             crate::rights::with_pinned_search_path(|| crate::track::after_attach(child)).or_raise();
@@ -647,9 +637,10 @@ unsafe fn resolve(name: *mut pg_sys::RangeVar) -> Option<pg_sys::Oid> {
 }
 
 /// Whether `stmt` may move tables into or out of partitioned tables (`Some`), and whether it may
-/// bring some in (`Some(true)`: `ALTER TABLE ... ATTACH PARTITION`): every `DROP` (a drop cascades
-/// to tables whatever it names), `DROP OWNED BY`, and `ALTER TABLE` with `ATTACH` or `DETACH
-/// PARTITION`.
+/// bring some in (`Some(true)`: `ALTER TABLE ... ATTACH PARTITION`): a `DROP` of tables,
+/// schemas or extensions, any `DROP ... CASCADE` (it reaches tables whatever it names), `DROP
+/// OWNED BY`, and `ALTER TABLE` with `ATTACH` or `DETACH PARTITION`. Other statements (a `DROP
+/// INDEX`, `DROP FUNCTION` without `CASCADE`) cannot, and pay nothing for the check.
 ///
 /// # Safety
 /// `stmt` is null or a valid parse node.
@@ -658,13 +649,29 @@ unsafe fn reshapes_partition_trees(stmt: *mut pg_sys::Node) -> Option<bool> {
     // every unsafe operation below relies.
     unsafe {
         use pg_sys::AlterTableType as At;
+        use pg_sys::ObjectType as Ob;
         if stmt.is_null() {
             return None;
         }
         match (*stmt).type_ {
-            pg_sys::NodeTag::T_DropStmt | pg_sys::NodeTag::T_DropOwnedStmt => Some(false),
+            pg_sys::NodeTag::T_DropOwnedStmt => Some(false),
+            pg_sys::NodeTag::T_DropStmt => {
+                let drop = stmt.cast::<pg_sys::DropStmt>();
+                let drops_tables = matches!(
+                    (*drop).removeType,
+                    Ob::OBJECT_TABLE
+                        | Ob::OBJECT_FOREIGN_TABLE
+                        | Ob::OBJECT_SCHEMA
+                        | Ob::OBJECT_EXTENSION
+                );
+                (drops_tables || (*drop).behavior == pg_sys::DropBehavior::DROP_CASCADE)
+                    .then_some(false)
+            }
             pg_sys::NodeTag::T_AlterTableStmt => {
                 let alter = stmt.cast::<pg_sys::AlterTableStmt>();
+                if (*alter).objtype != Ob::OBJECT_TABLE {
+                    return None;
+                }
                 let commands = pgrx::PgList::<pg_sys::AlterTableCmd>::from_pg((*alter).cmds);
                 let kinds: Vec<At::Type> = commands
                     .iter_ptr()

@@ -501,9 +501,16 @@ fn sleep_unless(stop: &AtomicBool, wait: Duration) -> bool {
     }
 }
 
-/// Each request's answer, in order; `VERIFY_IN_FLIGHT` requests at once, from this thread.
+/// Each request's answer, in order; `VERIFY_IN_FLIGHT` requests at once, from this thread. A
+/// panic in there costs this round's answers (each verified again later), not the source's pump.
 fn verify_all(client: &Client, requests: &[VerifyRequest], stop: &AtomicBool) -> Vec<Verification> {
-    client.verify_all(requests, VERIFY_IN_FLIGHT, &mut |delay| {
-        sleep_unless(stop, delay)
+    let asked = std::panic::AssertUnwindSafe(|| {
+        client.verify_all(requests, VERIFY_IN_FLIGHT, &mut |delay| {
+            sleep_unless(stop, delay)
+        })
+    });
+    std::panic::catch_unwind(asked).unwrap_or_else(|_| {
+        let failed = Outcome::Transient("the verification failed unexpectedly".into());
+        vec![Verification::Failed(failed); requests.len()]
     })
 }

@@ -26,7 +26,7 @@
 //! sure a captured one is computed from captured columns only, whose change it does see.
 
 use super::plan::{self, TablePlan};
-use super::record::Row;
+use super::record::{Operation, Row};
 use super::CAPTURE_TRIGGER;
 use crate::error::{CertyoError, Result};
 use pgrx::pg_sys;
@@ -184,24 +184,53 @@ unsafe fn capture_args<'a>(data: &pg_sys::TriggerData) -> Result<Vec<&'a str>> {
     }
 }
 
-/// After the marks trigger had its turn: a captured UPDATE whose new row still holds something
-/// in its bookkeeping columns (other than the status alone under `'accepted'`) would store an
-/// earlier version's hash, or `'anchored'`, beside content Certyo has not seen. The marks trigger
-/// clears them in every such UPDATE, so one that did not fire (disabled on the table or a
-/// partition, or firing in another replication mode) or a column changed after it leaves them:
-/// the statement is refused rather than store the claim.
-pub fn refuse_kept_marks(plan: &TablePlan, new_row: &Row, table: &str) -> Result<()> {
+/// What a captured row's bookkeeping columns may hold: nothing (or the status alone, under
+/// `'accepted'`, which a new row starts with) unless the row is the version they speak of.
+///
+/// After an UPDATE the marks trigger has had its turn: a captured UPDATE whose new row still
+/// holds something would store an earlier version's hash, or `'anchored'`, beside content
+/// Certyo has not seen. The marks trigger clears them in every such UPDATE, so one that did not
+/// fire (disabled on the partition the row is in, or firing in another replication mode) or a
+/// column changed after it leaves them. A new row (an INSERT, or an UPDATE that moves the row
+/// to another partition, which PostgreSQL runs as a DELETE and an INSERT) that brings them
+/// claims another version's. Either statement is refused rather than store the claim. (A
+/// session in replica mode, where capture fires only when set to fire always, applies rows as
+/// another database wrote them: its INSERTs are left alone.)
+pub fn refuse_kept_marks(
+    plan: &TablePlan,
+    row: &Row,
+    operation: Operation,
+    partition: impl FnOnce() -> String,
+) -> Result<()> {
     if plan
         .marks
         .iter()
-        .all(|&i| new_row.is_null(i) || Some(i) == plan.pending_status)
+        .all(|&i| row.is_null(i) || Some(i) == plan.pending_status)
     {
         return Ok(());
     }
+    let table = &plan.collection;
+    let partition = partition();
+    let at = if partition == table.as_str() {
+        String::new()
+    } else {
+        format!(" (partition {partition})")
+    };
+    if operation == Operation::Insert {
+        if crate::capture::replica_session() {
+            return Ok(());
+        }
+        return Err(CertyoError::new(
+            PgSqlErrorCode::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
+            format!("certyo_cdc: a new row of {table}{at} brings values in certyo_record_hash, certyo_anchor_status or certyo_verified_at"),
+        )
+        .detail("What Certyo said of another row or version (copied by an INSERT ... SELECT, an ORM's duplicate, a COPY, or kept by an UPDATE that moved the row to another partition while zz_certyo_marks was off there) would stand beside content Certyo has not seen.")
+        .hint(format!("Leave the bookkeeping columns out of the INSERT (or set them to NULL): certyo_cdc writes them once Certyo has the new version. If rows moved between partitions, enable {MARKS_TRIGGER} where it is off: ALTER TABLE {table} ENABLE TRIGGER {MARKS_TRIGGER};")));
+    }
     Err(CertyoError::new(
         PgSqlErrorCode::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
-        format!("certyo_cdc: this UPDATE changes a row of {table} that keeps what Certyo said of its earlier version"),
+        format!("certyo_cdc: this UPDATE changes a row of {table}{at} that keeps what Certyo said of its earlier version"),
     )
-    .detail(format!("Trigger {MARKS_TRIGGER} clears a changed row's certyo_record_hash, certyo_anchor_status and certyo_verified_at; it did not here, so the row would claim an earlier version's hash or anchoring for its new content. It does not fire while it is disabled on the table or on the partition the row is in (ALTER TABLE ... DISABLE TRIGGER USER or ALL), or fires in another replication mode than certyo_capture; or a column changed after it (a generated column computed by a function that is not immutable)."))
-    .hint(format!("Enable it where it is off: ALTER TABLE partition_or_table ENABLE TRIGGER {MARKS_TRIGGER}; certyo.tracked_tables.capturing and pg_trigger.tgenabled show where.")))
+    .detail(format!("Trigger {MARKS_TRIGGER} clears a changed row's certyo_record_hash, certyo_anchor_status and certyo_verified_at; it did not here, so the row would claim an earlier version's hash or anchoring for its new content. It does not fire while it is disabled where the row is (ALTER TABLE ... DISABLE TRIGGER USER or ALL on a partition), and a column can change after it (a generated column computed by a function that is not immutable)."))
+    .hint(format!("Enable it where it is off: ALTER TABLE {table} ENABLE TRIGGER {MARKS_TRIGGER}; (it reaches every partition).")))
 }

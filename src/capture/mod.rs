@@ -121,10 +121,13 @@ unsafe fn fire(fcinfo: pg_sys::FunctionCallInfo) -> Result<Option<pg_sys::HeapTu
             queue::append(relid, plan.table_id, &plan.collection, &change).map(|_| ())
         };
         let captured = match operation {
-            pg_sys::TRIGGER_EVENT_INSERT => enqueue(
-                Operation::Insert,
-                &Row::deform(data.tg_trigtuple, tupdesc, plan.natts),
-            ),
+            pg_sys::TRIGGER_EVENT_INSERT => {
+                let row = Row::deform(data.tg_trigtuple, tupdesc, plan.natts);
+                marks::refuse_kept_marks(&plan, &row, Operation::Insert, || {
+                    plan::qualified_name(rel)
+                })?;
+                enqueue(Operation::Insert, &row)
+            }
             pg_sys::TRIGGER_EVENT_DELETE => enqueue(
                 Operation::Delete,
                 &Row::deform(data.tg_trigtuple, tupdesc, plan.natts),
@@ -138,12 +141,16 @@ unsafe fn fire(fcinfo: pg_sys::FunctionCallInfo) -> Result<Option<pg_sys::HeapTu
                     return Err(changed_by_write_back(&plan.collection));
                 }
                 if plan.record_id_changed(&old, &new) {
-                    marks::refuse_kept_marks(&plan, &new, &plan.collection)?;
+                    marks::refuse_kept_marks(&plan, &new, Operation::Update, || {
+                        plan::qualified_name(rel)
+                    })?;
                     // Certyo keys records by id: a new id is a new record, and the old one is gone.
                     enqueue(Operation::Delete, &old)?;
                     enqueue(Operation::Insert, &new)
                 } else if plan.business_changed(&old, &new) {
-                    marks::refuse_kept_marks(&plan, &new, &plan.collection)?;
+                    marks::refuse_kept_marks(&plan, &new, Operation::Update, || {
+                        plan::qualified_name(rel)
+                    })?;
                     enqueue(Operation::Update, &new)
                 } else {
                     Ok(()) // bookkeeping write-back or no-op update: not a change
@@ -152,6 +159,13 @@ unsafe fn fire(fcinfo: pg_sys::FunctionCallInfo) -> Result<Option<pg_sys::HeapTu
         };
         captured.map(|()| None)
     }
+}
+
+/// Whether this session is in `session_replication_role = replica`, where capture's triggers
+/// do not fire.
+pub(crate) fn replica_session() -> bool {
+    // SAFETY: reads a GUC variable of this backend.
+    unsafe { pg_sys::SessionReplicationRole == pg_sys::SESSION_REPLICATION_ROLE_REPLICA as i32 }
 }
 
 thread_local! {

@@ -143,7 +143,7 @@ pub fn take_due(limit: usize, verify: Verify) -> SpiResult<Taken> {
     })
 }
 
-/// Receipts being verified on a helper thread, `CONCURRENT_REQUESTS` requests at a time.
+/// Receipts being verified on a helper thread, `VERIFY_IN_FLIGHT` requests at a time.
 pub struct Verifying {
     due: Vec<Due>,
     /// The configuration the requests went out with: a refusal answers that one.
@@ -156,7 +156,7 @@ pub struct Verifying {
 /// Verification requests in flight at once, from one thread (`certyo::Client::verify_all`): one
 /// request per receipt is all the contract offers, so several at a time keep up with a higher
 /// delivery rate.
-const CONCURRENT_REQUESTS: usize = 8;
+const VERIFY_IN_FLIGHT: usize = 8;
 
 impl Verifying {
     pub fn start(client: &Client, tenant_id: &str, database: &str, due: Vec<Due>) -> Verifying {
@@ -170,7 +170,7 @@ impl Verifying {
             // 429 back-off sleeps here are plain sleeps: a verification waiting is not worth a
             // shared stop flag.
             let (ids, requests): (Vec<i64>, Vec<VerifyRequest>) = requests.into_iter().unzip();
-            let answers = client.verify_all(&requests, CONCURRENT_REQUESTS, &mut |d| {
+            let answers = client.verify_all(&requests, VERIFY_IN_FLIGHT, &mut |d| {
                 std::thread::sleep(d);
                 true
             });

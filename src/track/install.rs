@@ -177,7 +177,7 @@ impl TriggerDefinition {
         let (args, attnums, marks) = Spi::get_three_with_args::<Vec<u8>, Vec<i16>, i32>(
             &format!(
                 "SELECT t.tgargs, t.tgattr::int2[],
-                        (SELECT CASE WHEN m.tgenabled = CASE WHEN t.tgenabled IN ('A', 'R') THEN t.tgenabled ELSE 'O' END
+                        (SELECT CASE WHEN m.tgenabled = CASE WHEN t.tgenabled IN ('A', 'R') THEN 'A' ELSE 'O' END
                                       AND m.tgtype = {MARKS_TYPE} AND m.tgqual IS NULL
                                       AND m.tgnargs = 0 AND pg_catalog.cardinality(m.tgattr::pg_catalog.int2[]) = 0
                                       AND m.tgfoid = 'certyo.capture()'::pg_catalog.regprocedure
@@ -238,16 +238,18 @@ impl TriggerDefinition {
         // replica mode) keeps that choice.
         if let Some(mode) = firing {
             Spi::run(&format!(
-                "ALTER TABLE {} {mode} TRIGGER {}",
+                "ALTER TABLE {} {} TRIGGER {}",
                 table.quoted,
+                mode.clause(),
                 quote_ident(CAPTURE_TRIGGER)
             ))?;
             // The marks trigger fires wherever capture does: a change captured in replica mode
-            // (`ENABLE ALWAYS`, as on a logical replication subscriber) lets go of its row's
-            // marks as any other. (Disabled capture leaves it as it is: in origin mode.)
-            if self.marks && mode != "DISABLE" {
+            // (capture `ENABLE ALWAYS`, as on a logical replication subscriber, or `ENABLE
+            // REPLICA`) lets go of its row's marks as any other, and so does one made in origin
+            // mode, captured or not. (Disabled capture leaves it in origin mode.)
+            if self.marks && firing.is_some_and(FiringMode::fires_in_replica_mode) {
                 Spi::run(&format!(
-                    "ALTER TABLE {} {mode} TRIGGER {}",
+                    "ALTER TABLE {} ENABLE ALWAYS TRIGGER {}",
                     table.quoted,
                     quote_ident(MARKS_TRIGGER)
                 ))?;
@@ -284,9 +286,32 @@ fn has_owners_marks_trigger(table: &Table) -> Result<bool> {
     .unwrap_or(false))
 }
 
-/// The `ALTER TABLE ... <mode> TRIGGER` that restores a non-default firing mode of the
-/// installed capture trigger, if it has one.
-fn firing_mode(table: &Table) -> Result<Option<&'static str>> {
+/// A capture trigger's firing mode other than the default (origin mode).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum FiringMode {
+    Disabled,
+    Replica,
+    Always,
+}
+
+impl FiringMode {
+    /// The `ALTER TABLE ... <clause> TRIGGER` that sets it.
+    fn clause(self) -> &'static str {
+        match self {
+            FiringMode::Disabled => "DISABLE",
+            FiringMode::Replica => "ENABLE REPLICA",
+            FiringMode::Always => "ENABLE ALWAYS",
+        }
+    }
+
+    fn fires_in_replica_mode(self) -> bool {
+        matches!(self, FiringMode::Replica | FiringMode::Always)
+    }
+}
+
+/// The non-default firing mode of the installed capture trigger, if it has one: restored after
+/// `CREATE OR REPLACE TRIGGER`.
+fn firing_mode(table: &Table) -> Result<Option<FiringMode>> {
     let enabled = Spi::get_one_with_args::<String>(
         &format!(
             "SELECT (SELECT tgenabled::text FROM pg_trigger WHERE tgrelid = $1 AND tgname = {})",
@@ -295,9 +320,9 @@ fn firing_mode(table: &Table) -> Result<Option<&'static str>> {
         &[table.relid.into()],
     )?;
     Ok(match enabled.as_deref() {
-        Some("D") => Some("DISABLE"),
-        Some("R") => Some("ENABLE REPLICA"),
-        Some("A") => Some("ENABLE ALWAYS"),
+        Some("D") => Some(FiringMode::Disabled),
+        Some("R") => Some(FiringMode::Replica),
+        Some("A") => Some(FiringMode::Always),
         _ => None,
     })
 }

@@ -7,6 +7,7 @@ mod existing_rows;
 pub(crate) mod identity;
 mod install;
 pub(crate) mod key;
+mod outcome;
 mod partitions;
 mod table;
 mod trigger_order;
@@ -17,9 +18,10 @@ use crate::capture::options::{
 use crate::capture::CAPTURE_TRIGGER;
 use crate::error::{CertyoError, OrRaise, Result};
 use install::TriggerDefinition;
+pub use outcome::Trees;
 pub use partitions::{
     after_attach, before_attach, before_rows_leave, outermost, partitions_dropped_with,
-    refuse_extension_member, refuse_truncating_partitions, Leaving, Trees,
+    refuse_extension_member, refuse_truncating_partitions, Leaving,
 };
 use pgrx::pg_sys::Oid;
 use pgrx::prelude::*;
@@ -578,13 +580,22 @@ fn require_bookkeeping_columns(table: &Table) -> Result<()> {
 }
 
 pub(crate) fn installed_options(relid: Oid) -> Result<Option<CaptureOptions>> {
-    let raw = Spi::get_one_with_args::<Vec<u8>>(
-        &format!(
-            "SELECT (SELECT tgargs FROM pg_trigger WHERE tgrelid = $1 AND tgname = {} AND tgparentid = 0)",
-            quote_literal(CAPTURE_TRIGGER)
-        ),
-        &[relid.into()],
-    )?;
+    // A read-only query (`Spi::connect`): `Spi::get_one_with_args` would assign the transaction
+    // an id, and `DROP INDEX CONCURRENTLY`, which this is asked for (`before_index_drop`), must
+    // be the first action of a transaction that has none.
+    let raw = Spi::connect(|client| {
+        client
+            .select(
+                &format!(
+                    "SELECT (SELECT tgargs FROM pg_trigger WHERE tgrelid = $1 AND tgname = {} AND tgparentid = 0)",
+                    quote_literal(CAPTURE_TRIGGER)
+                ),
+                Some(1),
+                &[relid.into()],
+            )?
+            .first()
+            .get_one::<Vec<u8>>()
+    })?;
     let Some(raw) = raw else { return Ok(None) };
     let args = crate::capture::options::split_trigger_args(&raw);
     CaptureOptions::from_trigger_args(args.iter().map(String::as_str)).map(Some)

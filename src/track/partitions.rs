@@ -77,7 +77,10 @@ pub fn before_attach(parent: Oid, child: Oid) -> Result<()> {
     }
     super::trigger_order::require_no_trigger_after_marks(child, table, &options)?;
     super::install::refuse_marked_rows(child, options.write_back, &name_of(table)?)?;
-    super::install::add_bookkeeping_columns(&Table::inspect(child)?, options.write_back)
+    super::install::add_bookkeeping_columns(&Table::inspect(child)?, options.write_back)?;
+    // Checked: the outcome check after the statement lets it in (`outcome`).
+    super::outcome::note(child, super::outcome::Moved::In);
+    Ok(())
 }
 
 /// Before `track()`: a partition left "detach pending" by an interrupted `DETACH PARTITION ...
@@ -115,7 +118,7 @@ pub fn after_attach(child: Oid) -> Result<()> {
     let Some((table, options)) = tracked_table_of(child, false)? else {
         return Ok(());
     };
-    if replica_session() {
+    if crate::capture::replica_session() {
         return Ok(());
     }
     let mut queued = 0;
@@ -184,7 +187,9 @@ pub fn before_rows_leave(child: Oid, how: Leaving) -> Result<()> {
         .detail("Rows that leave a tracked table are deletes for Certyo: certyo_cdc queues a delete of each in the detaching transaction, which needs the partition held still; a concurrent detach lets writers change it while it leaves.")
         .hint(format!("Detach it without CONCURRENTLY (a delete of each of its rows is queued), or call certyo.untrack('{table}') first.")));
     }
-    if replica_session() {
+    // Handled: the outcome check after the statement lets the partition go (`outcome`).
+    super::outcome::note(child, super::outcome::Moved::Out);
+    if crate::capture::replica_session() {
         return Ok(());
     }
     hold_still(parent, child)?;
@@ -252,7 +257,7 @@ fn refuse_truncating_partition(relid: Oid) -> Result<()> {
 /// `pg_trigger t` is a tracked table's own capture trigger: its name, not a partition's clone,
 /// and of the extension's function, known by `pg_depend`, never by its name alone, which anyone's
 /// function may have where the extension is not installed.
-const OWN_CAPTURE_TRIGGER: &str = "t.tgname OPERATOR(pg_catalog.=) 'certyo_capture' AND t.tgparentid OPERATOR(pg_catalog.=) 0
+pub(super) const OWN_CAPTURE_TRIGGER: &str = "t.tgname OPERATOR(pg_catalog.=) 'certyo_capture' AND t.tgparentid OPERATOR(pg_catalog.=) 0
     AND EXISTS (SELECT FROM pg_catalog.pg_depend d
                   JOIN pg_catalog.pg_extension e ON e.oid OPERATOR(pg_catalog.=) d.refobjid
                        AND e.extname OPERATOR(pg_catalog.=) 'certyo_cdc'
@@ -260,113 +265,6 @@ const OWN_CAPTURE_TRIGGER: &str = "t.tgname OPERATOR(pg_catalog.=) 'certyo_captu
                    AND d.objid OPERATOR(pg_catalog.=) t.tgfoid
                    AND d.refclassid OPERATOR(pg_catalog.=) 'pg_catalog.pg_extension'::pg_catalog.regclass
                    AND d.deptype OPERATOR(pg_catalog.=) 'e')";
-
-/// The partitions of the tracked tables, at every level, as a statement that can move tables in
-/// or out of them found them before it ran: after it, [`Trees::check_after`] makes sure that
-/// none left or came but those the checks before the statement handled. The checks before a
-/// statement resolve the names it gives; a name can mean another table by the time the
-/// statement resolves it again (renamed while it waited for a lock), and a drop can cascade to
-/// a partition no name in it gives (`DROP EXTENSION`, `DROP ACCESS METHOD`, `DROP TYPE ...
-/// CASCADE`). Whatever the way, the outcome is checked.
-pub struct Trees(Vec<Member>);
-
-struct Member {
-    relid: Oid,
-    parent: Oid,
-    table: Oid,
-    name: String,
-}
-
-impl Trees {
-    pub fn read() -> Result<Trees> {
-        let members = Spi::connect(|client| {
-            let rows = client.select(
-                &format!(
-                    "SELECT p.relid, p.parentrelid, t.tgrelid, p.relid::pg_catalog.regclass::pg_catalog.text
-                       FROM pg_catalog.pg_trigger t, pg_catalog.pg_partition_tree(t.tgrelid) p
-                      WHERE {OWN_CAPTURE_TRIGGER} AND p.relid OPERATOR(pg_catalog.<>) t.tgrelid"
-                ),
-                None,
-                &[],
-            )?;
-            let mut members = Vec::new();
-            for row in rows {
-                members.push(Member {
-                    relid: row.get::<Oid>(1)?.unwrap_or(pg_sys::InvalidOid),
-                    parent: row.get::<Oid>(2)?.unwrap_or(pg_sys::InvalidOid),
-                    table: row.get::<Oid>(3)?.unwrap_or(pg_sys::InvalidOid),
-                    name: row.get::<String>(4)?.unwrap_or_default(),
-                });
-            }
-            Ok::<_, pgrx::spi::SpiError>(members)
-        })?;
-        Ok(Trees(members))
-    }
-
-    fn find(&self, relid: Oid) -> Option<&Member> {
-        self.0.iter().find(|m| m.relid == relid)
-    }
-
-    /// Whether `relid` or a partition above it in these trees is one of `handled`.
-    fn handled(&self, relid: Oid, handled: &[Oid]) -> bool {
-        let mut at = Some(relid);
-        // A tree is finite, and each step goes up one level.
-        for _ in 0..=self.0.len() {
-            let Some(relid) = at else { return false };
-            if handled.contains(&relid) {
-                return true;
-            }
-            at = self.find(relid).map(|m| m.parent);
-        }
-        false
-    }
-
-    /// After the statement: every partition that left a tracked table that is still tracked was
-    /// detached by a check that queued its rows' deletes (`detached`), and (`attaching`) every
-    /// partition that came was attached by one that will queue its rows (`attached`).
-    /// Otherwise the statement is refused: its transaction rolls back.
-    pub fn check_after(&self, detached: &[Oid], attaching: Option<&[Oid]>) -> Result<()> {
-        let after = Trees::read()?;
-        let still_tracked = |table: Oid| -> Result<bool> {
-            Ok(after.0.iter().any(|m| m.table == table) || is_tracked(table)?)
-        };
-        for gone in self.0.iter().filter(|m| after.find(m.relid).is_none()) {
-            if still_tracked(gone.table)? && !self.handled(gone.relid, detached) {
-                return Err(CertyoError::new(
-                    PgSqlErrorCode::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
-                    format!("certyo_cdc: this statement takes partition {} out of tracked table {} without capturing its rows' deletes", gone.name, name_of(gone.table)?),
-                )
-                .detail("The statement reached a partition that no name in it gave when it began: a drop that cascades to it (DROP EXTENSION, DROP ACCESS METHOD, DROP OWNED BY, DROP TYPE ... CASCADE), or a name that meant another table until it was renamed while the statement waited for a lock.")
-                .hint(format!("Detach the partition first (ALTER TABLE {} DETACH PARTITION {} queues a delete of each of its rows), then run the statement again.", name_of(gone.parent)?, gone.name)));
-            }
-        }
-        if let Some(attached) = attaching {
-            for came in after.0.iter().filter(|m| self.find(m.relid).is_none()) {
-                if !after.handled(came.relid, attached) {
-                    return Err(CertyoError::new(
-                        PgSqlErrorCode::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
-                        format!("certyo_cdc: this statement brings {} into tracked table {} without the checks of its rows", came.name, name_of(came.table)?),
-                    )
-                    .detail("The name in the statement meant another table when it began, and was given to this one while the statement waited for a lock: its rows would enter unseen by Certyo, with whatever their bookkeeping columns say.")
-                    .hint("Run the statement again.".to_string()));
-                }
-            }
-        }
-        Ok(())
-    }
-}
-
-/// Whether `table` still has its own capture trigger (a tracked table with no partitions left).
-fn is_tracked(table: Oid) -> Result<bool> {
-    Ok(Spi::get_one_with_args::<bool>(
-        &format!(
-            "SELECT EXISTS (SELECT FROM pg_catalog.pg_trigger t
-                             WHERE t.tgrelid OPERATOR(pg_catalog.=) $1 AND {OWN_CAPTURE_TRIGGER})"
-        ),
-        &[table.into()],
-    )?
-    .unwrap_or(false))
-}
 
 /// Whether `relid` is a table (plain or partitioned), as a partition must be.
 fn is_table(relid: Oid) -> Result<bool> {
@@ -561,11 +459,4 @@ pub(super) fn name_of(relid: Oid) -> Result<String> {
         &[relid.into()],
     )?
     .unwrap_or_default())
-}
-
-/// Whether this session is in `session_replication_role = replica`, where capture's triggers
-/// do not fire.
-fn replica_session() -> bool {
-    // SAFETY: reads a GUC variable of this backend.
-    unsafe { pg_sys::SessionReplicationRole == pg_sys::SESSION_REPLICATION_ROLE_REPLICA as i32 }
 }
