@@ -995,3 +995,27 @@ def test_no_before_update_trigger_fires_after_the_marks_trigger(cluster, mode):
     finally:
         cluster.sql("SELECT certyo.resume()")
     cluster.sql(f"DROP TABLE {t}, {t}_us; DROP FUNCTION {t}_stamp(), {t}_nothing()")
+
+
+def test_drop_index_concurrently_works_where_the_library_is_loaded(cluster):
+    """DROP INDEX CONCURRENTLY must be the first action of a transaction that has no id yet:
+    the check that keeps a tracked table's last unique index on its record id columns reads the
+    catalogs without assigning one. (It did, and every such drop failed with the library
+    loaded, on tracked tables or not.) The check itself still refuses that last index."""
+    cluster.sql("""
+        CREATE TABLE cap_dic (id int PRIMARY KEY, code text NOT NULL, v text);
+        CREATE INDEX cap_dic_v ON cap_dic (v);
+        CREATE UNIQUE INDEX cap_dic_code ON cap_dic (code);
+        CREATE TABLE cap_dic_plain (id int, v text);
+        CREATE INDEX cap_dic_plain_v ON cap_dic_plain (v);
+        SELECT certyo.track('cap_dic', record_id_columns => ARRAY['code']);
+    """)
+    try:
+        for index in ("cap_dic_plain_v", "cap_dic_v"):
+            attempt = cluster.attempt_verbose(f"DROP INDEX CONCURRENTLY {index}")
+            assert attempt.returncode == 0, (index, attempt.stderr)
+        attempt = cluster.attempt_verbose("DROP INDEX CONCURRENTLY cap_dic_code")
+        assert attempt.sqlstate == "2BP01", attempt.stderr
+        assert cluster.sql("SELECT count(*) FROM pg_class WHERE relname = 'cap_dic_code'") == "1"
+    finally:
+        cluster.sql("SELECT certyo.untrack('cap_dic'); DROP TABLE cap_dic, cap_dic_plain")

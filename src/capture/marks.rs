@@ -20,8 +20,9 @@
 //!
 //! Its name makes it fire after the table's other BEFORE UPDATE triggers (they fire in name
 //! order), so that it judges the row as they leave it: one that stamps `updated_at` changes the
-//! content too. A change made by a trigger named to fire after it is out of its sight; the
-//! worker then clears the marks once the new version is accepted. Stored generated columns are
+//! content too. A trigger named to fire after it is refused in the modes that write back
+//! (`crate::track`'s trigger order), and a change out of its sight is refused by the capture
+//! trigger (above). Stored generated columns are
 //! computed after every BEFORE trigger, so they are left out of the comparison; `track()` makes
 //! sure a captured one is computed from captured columns only, whose change it does see.
 
