@@ -9,7 +9,7 @@
 //!
 //! What the checks before statements handled is noted per transaction (`note`), so that a
 //! statement run inside another one (by an event trigger, a function) counts for the outer
-//! one too. The trees are read from `pg_inherits`, without locking any partition: a `DROP` of
+//! one too; a note goes when its subtransaction is rolled back, as what it noted does. The trees are read from `pg_inherits`, without locking any partition: a `DROP` of
 //! anything by anyone must not wait for, or hold, locks on the tracked tables.
 
 use super::partitions::{name_of, OWN_CAPTURE_TRIGGER};
@@ -28,10 +28,43 @@ pub enum Moved {
     In,
 }
 
+/// A partition a check handled, in the subtransaction that did it.
+struct Note {
+    relid: Oid,
+    moved: Moved,
+    subtransaction: pg_sys::SubTransactionId,
+}
+
 thread_local! {
     /// The partitions handled in the transaction that started at the timestamp kept with them.
-    static HANDLED: RefCell<(pg_sys::TimestampTz, Vec<(Oid, Moved)>)> =
+    static HANDLED: RefCell<(pg_sys::TimestampTz, Vec<Note>)> =
         const { RefCell::new((0, Vec::new())) };
+    static WATCHING_SUBTRANSACTIONS: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// A subtransaction rolled back (`ROLLBACK TO SAVEPOINT`, an exception block) takes back what it
+/// did: its notes go with it, and its partitions are where they were. One that commits passes
+/// its notes to its parent.
+///
+/// # Safety
+/// Called only by PostgreSQL, as the subtransaction callback registered in `note`, in the
+/// backend's main thread.
+#[pgrx::pg_guard]
+unsafe extern "C-unwind" fn on_subtransaction_end(
+    event: pg_sys::SubXactEvent::Type,
+    subtransaction: pg_sys::SubTransactionId,
+    parent: pg_sys::SubTransactionId,
+    _arg: *mut std::ffi::c_void,
+) {
+    use pg_sys::SubXactEvent::*;
+    HANDLED.with_borrow_mut(|(_, handled)| match event {
+        SUBXACT_EVENT_ABORT_SUB => handled.retain(|n| n.subtransaction != subtransaction),
+        SUBXACT_EVENT_COMMIT_SUB => handled
+            .iter_mut()
+            .filter(|n| n.subtransaction == subtransaction)
+            .for_each(|n| n.subtransaction = parent),
+        _ => {}
+    });
 }
 
 /// This transaction's start, which keys the notes: a note of an earlier transaction is void.
@@ -42,14 +75,25 @@ fn this_transaction() -> pg_sys::TimestampTz {
 
 /// A check before a statement handled `relid` (and the partitions under it) moving this way.
 pub fn note(relid: Oid, moved: Moved) {
+    if !WATCHING_SUBTRANSACTIONS.replace(true) {
+        // SAFETY: registers a callback once per backend, in its main thread.
+        unsafe {
+            pg_sys::RegisterSubXactCallback(Some(on_subtransaction_end), std::ptr::null_mut())
+        };
+    }
     let now = this_transaction();
+    // SAFETY: reads this backend's transaction state, in a transaction.
+    let subtransaction = unsafe { pg_sys::GetCurrentSubTransactionId() };
     HANDLED.with_borrow_mut(|(at, handled)| {
         if *at != now {
             *at = now;
             handled.clear();
         }
-        handled.retain(|(r, _)| *r != relid);
-        handled.push((relid, moved));
+        handled.push(Note {
+            relid,
+            moved,
+            subtransaction,
+        });
     });
 }
 
@@ -61,8 +105,8 @@ fn noted(relid: Oid, moved: Moved) -> bool {
             && handled
                 .iter()
                 .rev()
-                .find(|(r, _)| *r == relid)
-                .is_some_and(|(_, m)| *m == moved)
+                .find(|n| n.relid == relid)
+                .is_some_and(|n| n.moved == moved)
     })
 }
 
