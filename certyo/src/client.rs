@@ -110,6 +110,10 @@ impl Client {
         let http = reqwest::Client::builder()
             .timeout(config.timeout)
             .connect_timeout(config.timeout.min(Duration::from_secs(10)))
+            // The runtime runs only inside calls, so an idle connection's close by the server
+            // (a load balancer's idle timeout, often 60 s) is seen only when it is next used:
+            // idle connections are not reused after a shorter while.
+            .pool_idle_timeout(IDLE_CONNECTIONS_KEPT)
             .user_agent(config.user_agent.clone())
             .build()
             .map_err(|e| format!("cannot build the HTTP client: {e}"))?;
@@ -350,6 +354,10 @@ impl Client {
         })
     }
 }
+
+/// How long an idle connection is kept for the next request: less than servers and load
+/// balancers commonly keep one open (60 s and more).
+const IDLE_CONNECTIONS_KEPT: Duration = Duration::from_secs(20);
 
 /// One try of a request: its exchange, or a 429 (with `Retry-After`, if any) to back off from.
 enum Attempt {
