@@ -226,7 +226,7 @@ pub fn refuse_kept_marks(
             format!("certyo_cdc: a new row of {table}{at} brings values in certyo_record_hash, certyo_anchor_status or certyo_verified_at"),
         )
         .detail("What Certyo said of another row or version (copied by an INSERT ... SELECT, an ORM's duplicate, a COPY, or kept by an UPDATE that moved the row to another partition while zz_certyo_marks was off there) would stand beside content Certyo has not seen.")
-        .hint(format!("Leave the bookkeeping columns out of the INSERT (or set them to NULL): certyo_cdc writes them once Certyo has the new version. If rows moved between partitions, enable {MARKS_TRIGGER} where it is off: ALTER TABLE {table} ENABLE TRIGGER {MARKS_TRIGGER};")));
+        .hint(format!("Leave the bookkeeping columns out of the INSERT (or set them to NULL): certyo_cdc writes them once Certyo has the new version. If rows moved between partitions, enable {MARKS_TRIGGER} where it is off: ALTER TABLE {table} ENABLE TRIGGER {MARKS_TRIGGER}; A data-only restore (pg_restore --data-only) brings back rows that are no new changes, with certyo_cdc's own tables: restore it with --disable-triggers.")));
     }
     Err(CertyoError::new(
         PgSqlErrorCode::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,

@@ -9,7 +9,10 @@
 //!
 //! What the checks before statements handled is noted per transaction (`note`), so that a
 //! statement run inside another one (by an event trigger, a function) counts for the outer
-//! one too; a note goes when its subtransaction is rolled back, as what it noted does. The trees are read from `pg_inherits`, without locking any partition: a `DROP` of
+//! one too; a note goes when its subtransaction is rolled back, as what it noted does. Only
+//! partitions this session holds in `ACCESS EXCLUSIVE` mode (as dropping, detaching or attaching
+//! them takes) are its statement's doing: another session's DDL, committed while the statement
+//! ran, is not held against it. The trees are read from `pg_inherits`, without locking any partition: a `DROP` of
 //! anything by anyone must not wait for, or hold, locks on the tracked tables.
 
 use super::partitions::{name_of, OWN_CAPTURE_TRIGGER};
@@ -36,10 +39,31 @@ struct Note {
 }
 
 thread_local! {
-    /// The partitions handled in the transaction that started at the timestamp kept with them.
-    static HANDLED: RefCell<(pg_sys::TimestampTz, Vec<Note>)> =
-        const { RefCell::new((0, Vec::new())) };
-    static WATCHING_SUBTRANSACTIONS: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+    /// The partitions the checks handled in this transaction, in order.
+    static HANDLED: RefCell<Vec<Note>> = const { RefCell::new(Vec::new()) };
+    static WATCHING: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// A transaction's end (commit or abort) ends its notes.
+///
+/// # Safety
+/// Called only by PostgreSQL, as the transaction callback registered in `note`, in the
+/// backend's main thread.
+#[pgrx::pg_guard]
+unsafe extern "C-unwind" fn on_transaction_end(
+    event: pg_sys::XactEvent::Type,
+    _arg: *mut std::ffi::c_void,
+) {
+    use pg_sys::XactEvent::*;
+    if matches!(
+        event,
+        XACT_EVENT_COMMIT
+            | XACT_EVENT_PARALLEL_COMMIT
+            | XACT_EVENT_ABORT
+            | XACT_EVENT_PARALLEL_ABORT
+    ) {
+        HANDLED.with_borrow_mut(Vec::clear);
+    }
 }
 
 /// A subtransaction rolled back (`ROLLBACK TO SAVEPOINT`, an exception block) takes back what it
@@ -57,7 +81,7 @@ unsafe extern "C-unwind" fn on_subtransaction_end(
     _arg: *mut std::ffi::c_void,
 ) {
     use pg_sys::SubXactEvent::*;
-    HANDLED.with_borrow_mut(|(_, handled)| match event {
+    HANDLED.with_borrow_mut(|handled| match event {
         SUBXACT_EVENT_ABORT_SUB => handled.retain(|n| n.subtransaction != subtransaction),
         SUBXACT_EVENT_COMMIT_SUB => handled
             .iter_mut()
@@ -67,47 +91,58 @@ unsafe extern "C-unwind" fn on_subtransaction_end(
     });
 }
 
-/// This transaction's start, which keys the notes: a note of an earlier transaction is void.
-fn this_transaction() -> pg_sys::TimestampTz {
-    // SAFETY: reads a variable of this backend's transaction state, in a transaction.
-    unsafe { pg_sys::GetCurrentTransactionStartTimestamp() }
-}
-
 /// A check before a statement handled `relid` (and the partitions under it) moving this way.
 pub fn note(relid: Oid, moved: Moved) {
-    if !WATCHING_SUBTRANSACTIONS.replace(true) {
-        // SAFETY: registers a callback once per backend, in its main thread.
+    if !WATCHING.replace(true) {
+        // SAFETY: registers the callbacks once per backend, in its main thread.
         unsafe {
-            pg_sys::RegisterSubXactCallback(Some(on_subtransaction_end), std::ptr::null_mut())
-        };
+            pg_sys::RegisterXactCallback(Some(on_transaction_end), std::ptr::null_mut());
+            pg_sys::RegisterSubXactCallback(Some(on_subtransaction_end), std::ptr::null_mut());
+        }
     }
-    let now = this_transaction();
     // SAFETY: reads this backend's transaction state, in a transaction.
     let subtransaction = unsafe { pg_sys::GetCurrentSubTransactionId() };
-    HANDLED.with_borrow_mut(|(at, handled)| {
-        if *at != now {
-            *at = now;
-            handled.clear();
-        }
+    HANDLED.with_borrow_mut(|handled| {
         handled.push(Note {
             relid,
             moved,
             subtransaction,
-        });
+        })
     });
 }
 
-/// Whether a check handled `relid` moving this way in this transaction (its last move).
-fn noted(relid: Oid, moved: Moved) -> bool {
-    let now = this_transaction();
-    HANDLED.with_borrow(|(at, handled)| {
-        *at == now
-            && handled
-                .iter()
-                .rev()
-                .find(|n| n.relid == relid)
-                .is_some_and(|n| n.moved == moved)
+/// The place of the last note of any of `relids`, and which way it says.
+fn last_note(relids: &[Oid]) -> Option<(usize, Moved)> {
+    HANDLED.with_borrow(|handled| {
+        handled
+            .iter()
+            .enumerate()
+            .rev()
+            .find(|(_, n)| relids.contains(&n.relid))
+            .map(|(place, n)| (place, n.moved))
     })
+}
+
+/// Whether this backend holds `relid` in `ACCESS EXCLUSIVE` mode: what dropping, detaching or
+/// attaching it takes, and what another session's doing so leaves this one without.
+fn locked_here(relid: Oid) -> Result<bool> {
+    Ok(Spi::connect(|client| {
+        client
+            .select(
+                "SELECT EXISTS (SELECT FROM pg_catalog.pg_locks l
+                                 WHERE l.pid OPERATOR(pg_catalog.=) pg_catalog.pg_backend_pid()
+                                   AND l.locktype OPERATOR(pg_catalog.=) 'relation'
+                                   AND l.database OPERATOR(pg_catalog.=) (SELECT d.oid FROM pg_catalog.pg_database d
+                                                                          WHERE d.datname OPERATOR(pg_catalog.=) pg_catalog.current_database())
+                                   AND l.relation OPERATOR(pg_catalog.=) $1
+                                   AND l.mode OPERATOR(pg_catalog.=) 'AccessExclusiveLock' AND l.granted)",
+                Some(1),
+                &[relid.into()],
+            )?
+            .first()
+            .get_one::<bool>()
+    })?
+    .unwrap_or(false))
 }
 
 /// The partitions of the tracked tables, at every level.
@@ -122,7 +157,20 @@ struct Member {
 }
 
 impl Trees {
+    /// Read with the latest snapshot, as PostgreSQL's own DDL reads the catalogs: a
+    /// transaction's older snapshot (`REPEATABLE READ`) would not show a table tracked, or a
+    /// partition created, since it was taken.
     pub fn read() -> Result<Trees> {
+        // SAFETY: a snapshot pushed for the read-only queries below and popped after them; an
+        // error in between aborts the transaction, which pops it.
+        unsafe { pg_sys::PushActiveSnapshot(pg_sys::GetLatestSnapshot()) };
+        let members = Self::read_with_active_snapshot();
+        // SAFETY: pops the snapshot pushed above.
+        unsafe { pg_sys::PopActiveSnapshot() };
+        Ok(Trees(members?))
+    }
+
+    fn read_with_active_snapshot() -> Result<Vec<Member>> {
         let members = Spi::connect(|client| {
             let rows = client.select(
                 &format!(
@@ -153,25 +201,31 @@ impl Trees {
             }
             Ok::<_, pgrx::spi::SpiError>(members)
         })?;
-        Ok(Trees(members))
+        Ok(members)
     }
 
     fn find(&self, relid: Oid) -> Option<&Member> {
         self.0.iter().find(|m| m.relid == relid)
     }
 
-    /// Whether `relid`, or a partition above it in these trees, was noted as moved this way.
-    fn handled(&self, relid: Oid, moved: Moved) -> bool {
-        let mut at = Some(relid);
+    /// `relid` and the partitions above it in these trees, itself first.
+    fn with_ancestors(&self, relid: Oid) -> Vec<Oid> {
+        let mut chain = vec![relid];
         // Each step goes up one level of a finite tree.
-        for _ in 0..=self.0.len() {
-            let Some(relid) = at else { return false };
-            if noted(relid, moved) {
-                return true;
+        while chain.len() <= self.0.len() {
+            match self.find(chain[chain.len() - 1]) {
+                Some(m) => chain.push(m.parent),
+                None => break,
             }
-            at = self.find(relid).map(|m| m.parent);
         }
-        false
+        chain
+    }
+
+    /// Whether the last move a check handled of `relid` or of a partition above it (the one that
+    /// took it where it is) was this way: a partition detached, then brought back under a new
+    /// table that was attached, has come back in.
+    fn handled(&self, relid: Oid, moved: Moved) -> bool {
+        last_note(&self.with_ancestors(relid)).is_some_and(|(_, m)| m == moved)
     }
 
     /// After the statement: every partition that left a table still tracked was detached by a
@@ -180,7 +234,11 @@ impl Trees {
     pub fn check_after(&self, attaching: bool) -> Result<()> {
         let after = Trees::read()?;
         for gone in self.0.iter().filter(|m| after.find(m.relid).is_none()) {
-            if is_tracked(gone.table)? && !self.handled(gone.relid, Moved::Out) {
+            // Another session's DDL, committed meanwhile, is not this statement's doing.
+            if is_tracked(gone.table)?
+                && !self.handled(gone.relid, Moved::Out)
+                && locked_here(gone.relid)?
+            {
                 return Err(CertyoError::new(
                     PgSqlErrorCode::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
                     format!("certyo_cdc: this statement takes partition {} out of tracked table {} without capturing its rows' deletes", gone.name, name_of(gone.table)?),
@@ -191,7 +249,7 @@ impl Trees {
         }
         if attaching {
             for came in after.0.iter().filter(|m| self.find(m.relid).is_none()) {
-                if !after.handled(came.relid, Moved::In) {
+                if !after.handled(came.relid, Moved::In) && locked_here(came.relid)? {
                     return Err(CertyoError::new(
                         PgSqlErrorCode::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
                         format!("certyo_cdc: this statement attaches {} to tracked table {}, which is not the table its checks saw", came.name, name_of(came.table)?),
