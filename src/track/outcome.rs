@@ -44,7 +44,8 @@ thread_local! {
     static WATCHING: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
 }
 
-/// A transaction's end (commit or abort) ends its notes.
+/// A transaction's end (commit, abort, or `PREPARE TRANSACTION`, after which the session goes on
+/// in a new one) ends its notes.
 ///
 /// # Safety
 /// Called only by PostgreSQL, as the transaction callback registered in `note`, in the
@@ -61,6 +62,7 @@ unsafe extern "C-unwind" fn on_transaction_end(
             | XACT_EVENT_PARALLEL_COMMIT
             | XACT_EVENT_ABORT
             | XACT_EVENT_PARALLEL_ABORT
+            | XACT_EVENT_PREPARE
     ) {
         HANDLED.with_borrow_mut(Vec::clear);
     }
