@@ -820,6 +820,20 @@ def test_no_partition_leaves_or_comes_by_a_way_the_checks_did_not_see(cluster):
         assert "out of tracked table public.wb_ways without capturing its rows' deletes" in said, said
         assert cluster.sql("SELECT count(*) FROM wb_ways WHERE id = 550") == "1", "the partition stays"
         cluster.sql("ALTER TABLE wb_ways DETACH PARTITION wb_ways_5; DROP TABLE wb_ways_5")
+        # The same once the transaction has an id (its reads then take its own snapshot), with
+        # the table tracked after that snapshot.
+        held = cluster.hold_open("BEGIN ISOLATION LEVEL REPEATABLE READ; SELECT pg_catalog.txid_current();")
+        try:
+            cluster.sql("CREATE TABLE wb_late (id int PRIMARY KEY, v text) PARTITION BY RANGE (id); "
+                        "CREATE TABLE wb_late_1 PARTITION OF wb_late FOR VALUES FROM (0) TO (100); "
+                        "SELECT certyo.track('wb_late'); INSERT INTO wb_late VALUES (1, 'f')")
+            _, said = held.process.communicate("DROP TABLE wb_late_1;\nCOMMIT;\n", timeout=30)
+        finally:
+            if held.process.poll() is None:
+                held.close()
+        assert "out of tracked table public.wb_late without capturing its rows' deletes" in said, said
+        assert cluster.sql("SELECT count(*) FROM wb_late") == "1", "the partition stays"
+        cluster.sql("SELECT certyo.untrack('wb_late', drop_columns => true); DROP TABLE wb_late")
         # Another session's detach and drop, committed while this statement waits, is not its doing.
         cluster.sql("CREATE TABLE wb_ways_6 PARTITION OF wb_ways FOR VALUES FROM (600) TO (700); CREATE TABLE wb_other (id int)")
         attempt = race(cluster, "BEGIN; LOCK TABLE wb_other IN ACCESS EXCLUSIVE MODE; "
@@ -868,7 +882,7 @@ def test_no_partition_leaves_or_comes_by_a_way_the_checks_did_not_see(cluster):
             DROP EVENT TRIGGER IF EXISTS wb_detach_on_drop; DROP FUNCTION IF EXISTS wb_detach_on_drop();
             DROP TABLE IF EXISTS wb_junk;
             SELECT certyo.untrack('wb_ways', drop_columns => true) FROM certyo.tracked_tables WHERE "table" = 'wb_ways'::regclass;
-            DROP TABLE IF EXISTS wb_ways, wb_decoy, wb_decoy_old, wb_ways_4, wb_ways_5, wb_ways_6, wb_other, wb_mid;
+            DROP TABLE IF EXISTS wb_ways, wb_decoy, wb_decoy_old, wb_ways_4, wb_ways_5, wb_ways_6, wb_other, wb_mid, wb_late;
             DROP ACCESS METHOD IF EXISTS wb_heap2 CASCADE; DROP EXTENSION IF EXISTS hstore CASCADE;
             DROP SCHEMA IF EXISTS wb_sa CASCADE; DROP SCHEMA IF EXISTS wb_sa_old CASCADE; DROP SCHEMA IF EXISTS wb_sb CASCADE;
         """)

@@ -21,6 +21,7 @@ use pgrx::pg_sys::{self, Oid};
 use pgrx::prelude::*;
 use pgrx::PgSqlErrorCode;
 use std::cell::RefCell;
+use std::ffi::CStr;
 
 /// Which way a partition moved, as a check before a statement handled it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -95,12 +96,13 @@ unsafe extern "C-unwind" fn on_subtransaction_end(
 
 /// A check before a statement handled `relid` (and the partitions under it) moving this way.
 pub fn note(relid: Oid, moved: Moved) {
-    if !WATCHING.replace(true) {
+    if !WATCHING.get() {
         // SAFETY: registers the callbacks once per backend, in its main thread.
         unsafe {
             pg_sys::RegisterXactCallback(Some(on_transaction_end), std::ptr::null_mut());
             pg_sys::RegisterSubXactCallback(Some(on_subtransaction_end), std::ptr::null_mut());
         }
+        WATCHING.set(true);
     }
     // SAFETY: reads this backend's transaction state, in a transaction.
     let subtransaction = unsafe { pg_sys::GetCurrentSubTransactionId() };
@@ -148,7 +150,11 @@ fn locked_here(relid: Oid) -> Result<bool> {
 }
 
 /// The partitions of the tracked tables, at every level.
-pub struct Trees(Vec<Member>);
+pub struct Trees {
+    members: Vec<Member>,
+    /// The tracked tables (with partitions or not).
+    tracked: Vec<Oid>,
+}
 
 struct Member {
     relid: Oid,
@@ -160,61 +166,55 @@ struct Member {
 
 impl Trees {
     /// Read with the latest snapshot, as PostgreSQL's own DDL reads the catalogs: a
-    /// transaction's older snapshot (`REPEATABLE READ`) would not show a table tracked, or a
+    /// transaction's snapshot (`REPEATABLE READ`) would not show a table tracked, or a
     /// partition created, since it was taken.
     pub fn read() -> Result<Trees> {
-        // SAFETY: a snapshot pushed for the read-only queries below and popped after them; an
-        // error in between aborts the transaction, which pops it.
-        unsafe { pg_sys::PushActiveSnapshot(pg_sys::GetLatestSnapshot()) };
-        let members = Self::read_with_active_snapshot();
-        // SAFETY: pops the snapshot pushed above.
-        unsafe { pg_sys::PopActiveSnapshot() };
-        Ok(Trees(members?))
-    }
-
-    fn read_with_active_snapshot() -> Result<Vec<Member>> {
-        let members = Spi::connect(|client| {
-            let rows = client.select(
-                &format!(
-                    "WITH RECURSIVE tree (relid, parent, tracked, level) AS (
-                         SELECT i.inhrelid, i.inhparent, t.tgrelid, 1
-                           FROM pg_catalog.pg_trigger t
-                           JOIN pg_catalog.pg_inherits i ON i.inhparent OPERATOR(pg_catalog.=) t.tgrelid
-                          WHERE {OWN_CAPTURE_TRIGGER}
-                         UNION ALL
-                         SELECT i.inhrelid, i.inhparent, tree.tracked, tree.level + 1
-                           FROM tree JOIN pg_catalog.pg_inherits i ON i.inhparent OPERATOR(pg_catalog.=) tree.relid)
-                     SELECT relid, parent, tracked, relid::pg_catalog.regclass::pg_catalog.text,
-                            parent::pg_catalog.regclass::pg_catalog.text
-                       FROM tree ORDER BY tree.level, tree.relid"
-                ),
-                None,
-                &[],
-            )?;
-            let mut members = Vec::new();
-            for row in rows {
-                members.push(Member {
-                    relid: row.get::<Oid>(1)?.unwrap_or(pg_sys::InvalidOid),
-                    parent: row.get::<Oid>(2)?.unwrap_or(pg_sys::InvalidOid),
-                    table: row.get::<Oid>(3)?.unwrap_or(pg_sys::InvalidOid),
-                    name: row.get::<String>(4)?.unwrap_or_default(),
-                    parent_name: row.get::<String>(5)?.unwrap_or_default(),
-                });
-            }
-            Ok::<_, pgrx::spi::SpiError>(members)
-        })?;
-        Ok(members)
+        let rows = read_latest(&format!(
+            "WITH RECURSIVE tree (relid, parent, tracked, level) AS (
+                 SELECT i.inhrelid, i.inhparent, t.tgrelid, 1
+                   FROM pg_catalog.pg_trigger t
+                   JOIN pg_catalog.pg_inherits i ON i.inhparent OPERATOR(pg_catalog.=) t.tgrelid
+                  WHERE {OWN_CAPTURE_TRIGGER}
+                 UNION ALL
+                 SELECT i.inhrelid, i.inhparent, tree.tracked, tree.level + 1
+                   FROM tree JOIN pg_catalog.pg_inherits i ON i.inhparent OPERATOR(pg_catalog.=) tree.relid)
+             SELECT relid, parent, tracked, relid::pg_catalog.regclass::pg_catalog.text,
+                    parent::pg_catalog.regclass::pg_catalog.text
+               FROM tree ORDER BY tree.level, tree.relid"
+        ))?;
+        let oid = |text: &Option<String>| {
+            text.as_deref()
+                .and_then(|t| t.parse::<u32>().ok())
+                .map_or(pg_sys::InvalidOid, Oid::from)
+        };
+        let members = rows
+            .iter()
+            .map(|row| Member {
+                relid: oid(&row[0]),
+                parent: oid(&row[1]),
+                table: oid(&row[2]),
+                name: row[3].clone().unwrap_or_default(),
+                parent_name: row[4].clone().unwrap_or_default(),
+            })
+            .collect();
+        let tracked = read_latest(&format!(
+            "SELECT t.tgrelid FROM pg_catalog.pg_trigger t WHERE {OWN_CAPTURE_TRIGGER}"
+        ))?
+        .iter()
+        .map(|row| oid(&row[0]))
+        .collect();
+        Ok(Trees { members, tracked })
     }
 
     fn find(&self, relid: Oid) -> Option<&Member> {
-        self.0.iter().find(|m| m.relid == relid)
+        self.members.iter().find(|m| m.relid == relid)
     }
 
     /// `relid` and the partitions above it in these trees, itself first.
     fn with_ancestors(&self, relid: Oid) -> Vec<Oid> {
         let mut chain = vec![relid];
         // Each step goes up one level of a finite tree.
-        while chain.len() <= self.0.len() {
+        while chain.len() <= self.members.len() {
             match self.find(chain[chain.len() - 1]) {
                 Some(m) => chain.push(m.parent),
                 None => break,
@@ -235,9 +235,13 @@ impl Trees {
     /// attached by one that checked its rows. Otherwise the statement is refused.
     pub fn check_after(&self, attaching: bool) -> Result<()> {
         let after = Trees::read()?;
-        for gone in self.0.iter().filter(|m| after.find(m.relid).is_none()) {
+        for gone in self
+            .members
+            .iter()
+            .filter(|m| after.find(m.relid).is_none())
+        {
             // Another session's DDL, committed meanwhile, is not this statement's doing.
-            if is_tracked(gone.table)?
+            if after.tracked.contains(&gone.table)
                 && !self.handled(gone.relid, Moved::Out)
                 && locked_here(gone.relid)?
             {
@@ -250,7 +254,11 @@ impl Trees {
             }
         }
         if attaching {
-            for came in after.0.iter().filter(|m| self.find(m.relid).is_none()) {
+            for came in after
+                .members
+                .iter()
+                .filter(|m| self.find(m.relid).is_none())
+            {
                 if !after.handled(came.relid, Moved::In) && locked_here(came.relid)? {
                     return Err(CertyoError::new(
                         PgSqlErrorCode::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
@@ -265,20 +273,53 @@ impl Trees {
     }
 }
 
-/// Whether `table` has its own capture trigger still (a read, which assigns no transaction id).
-fn is_tracked(table: Oid) -> Result<bool> {
-    Ok(Spi::connect(|client| {
-        client
-            .select(
-                &format!(
-                    "SELECT EXISTS (SELECT FROM pg_catalog.pg_trigger t
-                                     WHERE t.tgrelid OPERATOR(pg_catalog.=) $1 AND {OWN_CAPTURE_TRIGGER})"
-                ),
-                Some(1),
-                &[table.into()],
-            )?
-            .first()
-            .get_one::<bool>()
-    })?
-    .unwrap_or(false))
+/// The rows of a catalog query, each column as text, read with the latest snapshot whatever
+/// the transaction's isolation (`SPI_execute_snapshot`: pgrx's own reads take the transaction's
+/// snapshot once it has an id, which the statement being checked has given it). What this
+/// statement changed is made visible first.
+fn read_latest(query: &str) -> Result<Vec<Vec<Option<String>>>> {
+    let query = std::ffi::CString::new(query).map_err(|e| {
+        CertyoError::new(
+            PgSqlErrorCode::ERRCODE_INTERNAL_ERROR,
+            format!("certyo_cdc: {e}"),
+        )
+    })?;
+    Ok(Spi::connect(|_client| {
+        // SAFETY: inside `Spi::connect` (connected to SPI), in the statement's transaction;
+        // every call raises a Postgres error rather than return bad pointers, and the plan, the
+        // tuple table and the values read are SPI's memory, freed when `connect` ends. Rows
+        // and columns are read within `SPI_processed` and the descriptor's `natts`.
+        unsafe {
+            pg_sys::CommandCounterIncrement();
+            let plan = pg_sys::SPI_prepare(query.as_ptr(), 0, std::ptr::null_mut());
+            let done = pg_sys::SPI_execute_snapshot(
+                plan,
+                std::ptr::null_mut(),
+                std::ptr::null(),
+                pg_sys::GetLatestSnapshot(),
+                std::ptr::null_mut(),
+                true,
+                false,
+                0,
+            );
+            let table = pg_sys::SPI_tuptable;
+            if done != pg_sys::SPI_OK_SELECT as i32 || table.is_null() {
+                return Vec::new();
+            }
+            let desc = (*table).tupdesc;
+            let columns = (*desc).natts;
+            (0..pg_sys::SPI_processed as usize)
+                .map(|i| {
+                    let tuple = *(*table).vals.add(i);
+                    (1..=columns)
+                        .map(|column| {
+                            let text = pg_sys::SPI_getvalue(tuple, desc, column);
+                            (!text.is_null())
+                                .then(|| CStr::from_ptr(text).to_string_lossy().into_owned())
+                        })
+                        .collect()
+                })
+                .collect()
+        }
+    }))
 }
