@@ -739,6 +739,39 @@ def test_a_changed_row_never_keeps_an_earlier_versions_marks(cluster):
     cluster.sql("SELECT certyo.untrack('wb_kept', drop_columns => true); DROP TABLE wb_kept")
 
 
+def test_under_accepted_a_status_alone_claims_nothing_only_when_it_is_pending(cluster):
+    """Under 'accepted' a new row starts with the status 'pending' and no hash, and a changed row
+    is cleared to that: 'pending' alone claims nothing. 'anchored' alone, with no hash beside it,
+    claims what Certyo has not said: a new row bringing it is refused, and a changed row lets
+    go of it in the writer's statement."""
+    cluster.sql("""
+        CREATE TABLE wb_alone (id int PRIMARY KEY, v text);
+        SELECT certyo.track('wb_alone', write_back => 'accepted');
+    """)
+    cluster.sql("SELECT certyo.pause()")
+    try:
+        queued = cluster.sql("SELECT count(*) FROM certyo.queue")
+        for status in ("anchored", "mismatch", "overdue"):
+            attempt = cluster.attempt_verbose(
+                f"INSERT INTO wb_alone (id, v, certyo_anchor_status) VALUES (1, 'a', '{status}')")
+            assert attempt.sqlstate == "55000", attempt.stderr
+            assert "a new row of public.wb_alone brings values" in attempt.stderr, attempt.stderr
+        assert cluster.sql("SELECT count(*) FROM wb_alone") == "0"
+        assert cluster.sql("SELECT count(*) FROM certyo.queue") == queued, "nothing queued"
+        cluster.sql("INSERT INTO wb_alone (id, v, certyo_anchor_status) VALUES (1, 'a', 'pending'), (2, 'b', NULL)")
+        # Before acceptance the row holds no hash: a changed row setting 'anchored' alone gets
+        # 'pending', as a changed row does.
+        cluster.sql("UPDATE wb_alone SET v = 'changed', certyo_anchor_status = 'anchored' WHERE id = 1")
+        assert cluster.sql("SELECT v || ':' || certyo_anchor_status || ':' || (certyo_record_hash IS NULL) "
+                           "FROM wb_alone WHERE id = 1") == "changed:pending:true"
+    finally:
+        cluster.sql("SELECT certyo.resume()")
+    assert wait_for(lambda: cluster.sql("SELECT count(*) FROM wb_alone WHERE certyo_anchor_status = 'anchored' "
+                                        "AND certyo_record_hash IS NOT NULL") == "2", 60), "both anchored"
+    assert cluster.sql("SELECT count(*) FROM certyo.audit('wb_alone')") == "0"
+    cluster.sql("SELECT certyo.untrack('wb_alone', drop_columns => true); DROP TABLE wb_alone")
+
+
 def race(cluster, held_statements, statement, waiting_on):
     """Run `statement` while another session, which ran `held_statements` in an open
     transaction, holds what it waits for; commit that session once `statement` waits for a

@@ -61,12 +61,8 @@ pub unsafe fn clear(data: &pg_sys::TriggerData) -> Result<pg_sys::HeapTuple> {
         }
         let tupdesc = (*rel).rd_att;
         let new_row = Row::deform(new, tupdesc, plan.natts);
-        if plan
-            .marks
-            .iter()
-            .all(|&i| new_row.is_null(i) || Some(i) == plan.pending_status)
-        {
-            return Ok(new); // nothing said, or only 'pending' (or whatever the status is, alone)
+        if plan.claims_nothing(&new_row) {
+            return Ok(new); // nothing said, or only 'pending' under 'accepted'
         }
         let old_row = Row::deform(data.tg_trigtuple, tupdesc, plan.natts);
         if !plan.assigned_business_changed(&old_row, &new_row) {
@@ -185,8 +181,8 @@ unsafe fn capture_args<'a>(data: &pg_sys::TriggerData) -> Result<Vec<&'a str>> {
     }
 }
 
-/// What a captured row's bookkeeping columns may hold: nothing (or the status alone, under
-/// `'accepted'`, which a new row starts with) unless the row is the version they speak of.
+/// What a captured row's bookkeeping columns may hold: nothing (or the status `'pending'` alone,
+/// under `'accepted'`, which a new row starts with) unless the row is the version they speak of.
 ///
 /// After an UPDATE the marks trigger has had its turn: a captured UPDATE whose new row still
 /// holds something would store an earlier version's hash, or `'anchored'`, beside content
@@ -203,11 +199,8 @@ pub fn refuse_kept_marks(
     operation: Operation,
     partition: impl FnOnce() -> String,
 ) -> Result<()> {
-    if plan
-        .marks
-        .iter()
-        .all(|&i| row.is_null(i) || Some(i) == plan.pending_status)
-    {
+    // SAFETY: `row` is a row of the plan's table (the capture trigger's caller deformed it).
+    if unsafe { plan.claims_nothing(row) } {
         return Ok(());
     }
     let table = &plan.collection;

@@ -231,6 +231,21 @@ impl TablePlan {
         }
     }
 
+    /// Does the row claim nothing of Certyo's: every bookkeeping column NULL, but for the status
+    /// `'pending'` under `'accepted'` (what a new row starts with, and what a changed row is
+    /// cleared to)? Any other status (`'anchored'` with no hash beside it) is a claim.
+    ///
+    /// # Safety
+    /// `row` must be a row of the table this plan was built for.
+    pub unsafe fn claims_nothing(&self, row: &Row) -> bool {
+        self.marks.iter().all(|&i| {
+            row.is_null(i)
+                // SAFETY: `pending_status` is a text column of the plan's table (`TablePlan::build`).
+                || (Some(i) == self.pending_status
+                    && unsafe { row.text(i) }.as_deref() == Some("pending"))
+        })
+    }
+
     /// Did any business column change between the two images? Compares stored bytes, not JSON.
     ///
     /// # Safety
