@@ -921,6 +921,49 @@ def test_no_partition_leaves_or_comes_by_a_way_the_checks_did_not_see(cluster):
         """)
 
 
+@pytest.mark.parametrize("statement", ["DROP TABLE wb_late_1", "DROP TABLE wb_late_1a",
+                                       "ALTER TABLE wb_late DETACH PARTITION wb_late_1",
+                                       "ALTER TABLE wb_late_1 DETACH PARTITION wb_late_1a",
+                                       "DROP SCHEMA wb_late_s CASCADE"])
+def test_a_table_tracked_while_a_statement_waits_keeps_the_partitions_it_takes(cluster, statement):
+    """The checks before a statement see the table untracked; another session tracks it while
+    the statement waits for a lock that track() holds, and commits; the statement then drops or
+    detaches a partition whose rows Certyo now holds, without their deletes queued. It is
+    refused (40001: run it again, and the checks see the table tracked)."""
+    cluster.sql("""
+        CREATE SCHEMA wb_late_s;
+        CREATE TABLE wb_late (id int PRIMARY KEY, v text) PARTITION BY RANGE (id);
+        CREATE TABLE wb_late_s.wb_late_0 PARTITION OF wb_late FOR VALUES FROM (-100) TO (0);
+        CREATE TABLE wb_late_1 PARTITION OF wb_late FOR VALUES FROM (0) TO (100) PARTITION BY RANGE (id);
+        CREATE TABLE wb_late_1a PARTITION OF wb_late_1 FOR VALUES FROM (0) TO (50);
+        CREATE TABLE wb_late_2 PARTITION OF wb_late FOR VALUES FROM (100) TO (200);
+        INSERT INTO wb_late VALUES (-1, 'z'), (1, 'a'), (150, 'b');
+    """)
+    try:
+        attempt = race(cluster, "BEGIN; SELECT certyo.track('wb_late');", statement, statement)
+        assert attempt.sqlstate == "40001", attempt.stderr
+        assert "public.wb_late was tracked by another session while this statement waited" in attempt.stderr, \
+            attempt.stderr
+        assert cluster.sql("SELECT count(*) FROM wb_late") == "3", "every partition stays"
+        cluster.sql("SELECT certyo.backfill('wb_late')")
+        audit = "SELECT count(*) FROM certyo.audit('wb_late')"
+        assert wait_for(lambda: cluster.sql(audit) == "0", 60), "the rows Certyo holds are the table's"
+        # Run again, the checks see the table tracked: a detach queues the deletes, a drop of
+        # a partition is refused as ever.
+        again = cluster.attempt_verbose(statement)
+        if "DETACH" in statement:
+            assert again.returncode == 0 and "a delete of each is queued" in again.stderr, again.stderr
+        else:
+            assert again.sqlstate == "55000", again.stderr
+        assert cluster.wait_drained(60)
+        assert cluster.sql(audit) == "0"
+    finally:
+        cluster.sql("""
+            SELECT certyo.untrack('wb_late', drop_columns => true) FROM certyo.tracked_tables WHERE "table" = 'wb_late'::regclass;
+            DROP TABLE IF EXISTS wb_late, wb_late_1, wb_late_1a; DROP SCHEMA IF EXISTS wb_late_s CASCADE;
+        """)
+
+
 def test_the_marks_trigger_comes_and_goes_with_the_modes_that_write_back(cluster):
     """Tracked with write_back => 'none', a table has no bookkeeping columns and no marks
     trigger; moved to a mode that writes back, it gets both; back, it loses the trigger."""

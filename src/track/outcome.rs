@@ -235,6 +235,30 @@ impl Trees {
     /// attached by one that checked its rows. Otherwise the statement is refused.
     pub fn check_after(&self, attaching: bool) -> Result<()> {
         let after = Trees::read()?;
+        // A table tracked by another session while this statement waited for a lock that
+        // track() held: the checks before the statement saw it untracked, and its partitions
+        // are in neither tree read before. Whatever the statement then did to the table's tree
+        // (a partition dropped or detached, one attached), it holds the lock that takes: on the
+        // table, or on a partition of it still there (a dropped partition's parent).
+        for &table in after.tracked.iter().filter(|t| !self.tracked.contains(t)) {
+            let tree = std::iter::once(table).chain(
+                after
+                    .members
+                    .iter()
+                    .filter(|m| m.table == table)
+                    .map(|m| m.relid),
+            );
+            for relid in tree {
+                if locked_here(relid)? {
+                    return Err(CertyoError::new(
+                        PgSqlErrorCode::ERRCODE_T_R_SERIALIZATION_FAILURE,
+                        format!("certyo_cdc: {} was tracked by another session while this statement waited for a lock on it", name_of(table)?),
+                    )
+                    .detail("The checks before the statement saw the table untracked, so a partition it took out would leave without its rows' deletes queued, and one it brought in would enter unchecked.")
+                    .hint("Run the statement again: its checks then see the table tracked."));
+                }
+            }
+        }
         for gone in self
             .members
             .iter()
