@@ -840,33 +840,29 @@ def test_no_partition_leaves_or_comes_by_a_way_the_checks_did_not_see(cluster):
             assert "out of tracked table public.wb_ways without capturing its rows' deletes" in outcome, \
                 (statement, outcome)
             assert cluster.sql(rows) == "4", statement
-        # In a REPEATABLE READ transaction whose snapshot is older than a partition: the outcome
-        # is read with the latest snapshot, as PostgreSQL's DDL reads the catalogs.
-        held = cluster.hold_open("BEGIN ISOLATION LEVEL REPEATABLE READ; SELECT count(*) FROM pg_class;")
-        try:
-            cluster.sql("CREATE TABLE wb_ways_5 PARTITION OF wb_ways FOR VALUES FROM (500) TO (600); "
-                        "INSERT INTO wb_ways VALUES (550, 'e')")
-            _, said = held.process.communicate("DROP TABLE wb_ways_5;\nCOMMIT;\n", timeout=30)
-        finally:
-            if held.process.poll() is None:
-                held.close()
-        assert "out of tracked table public.wb_ways without capturing its rows' deletes" in said, said
-        assert cluster.sql("SELECT count(*) FROM wb_ways WHERE id = 550") == "1", "the partition stays"
-        cluster.sql("ALTER TABLE wb_ways DETACH PARTITION wb_ways_5; DROP TABLE wb_ways_5")
-        # The same once the transaction has an id (its reads then take its own snapshot), with
-        # the table tracked after that snapshot.
-        held = cluster.hold_open("BEGIN ISOLATION LEVEL REPEATABLE READ; SELECT pg_catalog.txid_current();")
-        try:
-            cluster.sql("CREATE TABLE wb_late (id int PRIMARY KEY, v text) PARTITION BY RANGE (id); "
-                        "CREATE TABLE wb_late_1 PARTITION OF wb_late FOR VALUES FROM (0) TO (100); "
-                        "SELECT certyo.track('wb_late'); INSERT INTO wb_late VALUES (1, 'f')")
-            _, said = held.process.communicate("DROP TABLE wb_late_1;\nCOMMIT;\n", timeout=30)
-        finally:
-            if held.process.poll() is None:
-                held.close()
-        assert "out of tracked table public.wb_late without capturing its rows' deletes" in said, said
-        assert cluster.sql("SELECT count(*) FROM wb_late") == "1", "the partition stays"
-        cluster.sql("SELECT certyo.untrack('wb_late', drop_columns => true); DROP TABLE wb_late")
+        # In a REPEATABLE READ transaction whose snapshot is older than a partition, or than the
+        # table's tracking (also once the transaction has an id): the checks read the catalogs
+        # with the latest snapshot, as PostgreSQL's DDL does.
+        cluster.sql("CREATE TABLE wb_late (id int PRIMARY KEY, v text) PARTITION BY RANGE (id); "
+                    "CREATE TABLE wb_late_1 PARTITION OF wb_late FOR VALUES FROM (0) TO (100)")
+        for begin in ("SELECT count(*) FROM pg_class;", "SELECT pg_catalog.txid_current();"):
+            for statement in ("DROP TABLE wb_ways_5", "TRUNCATE wb_ways_5", "DROP TABLE wb_late_1",
+                              "TRUNCATE wb_late_1"):
+                held = cluster.hold_open(f"BEGIN ISOLATION LEVEL REPEATABLE READ; {begin}")
+                try:
+                    cluster.sql("CREATE TABLE IF NOT EXISTS wb_ways_5 PARTITION OF wb_ways FOR VALUES FROM (500) TO (600); "
+                                "INSERT INTO wb_ways VALUES (550, 'e') ON CONFLICT DO NOTHING; "
+                                "SELECT certyo.track('wb_late'); INSERT INTO wb_late VALUES (1, 'f') ON CONFLICT DO NOTHING")
+                    _, said = held.process.communicate(f"{statement};\nCOMMIT;\n", timeout=30)
+                finally:
+                    if held.process.poll() is None:
+                        held.close()
+                table = "public.wb_late" if "late" in statement else "public.wb_ways"
+                assert f"partition of tracked table {table}" in said, (begin, statement, said)
+                assert cluster.sql("SELECT count(*) FROM wb_ways WHERE id = 550") == "1", "the partition stays"
+                assert cluster.sql("SELECT count(*) FROM wb_late") == "1", "the partition stays"
+                cluster.sql("SELECT certyo.untrack('wb_late')")
+        cluster.sql("ALTER TABLE wb_ways DETACH PARTITION wb_ways_5; DROP TABLE wb_ways_5; DROP TABLE wb_late")
         # Another session's detach and drop, committed while this statement waits, is not its doing.
         cluster.sql("CREATE TABLE wb_ways_6 PARTITION OF wb_ways FOR VALUES FROM (600) TO (700); CREATE TABLE wb_other (id int)")
         attempt = race(cluster, "BEGIN; LOCK TABLE wb_other IN ACCESS EXCLUSIVE MODE; "

@@ -84,3 +84,61 @@ def test_operator_surface_refused_to_ordinary_role(cluster, attacker, call):
     attempt = attacker.attempt(call.format(t=table))
     assert attempt.sqlstate == "42501", attempt
     assert cluster.sql("SELECT paused FROM certyo.worker_state") == "f"
+
+
+# ---------------------------------------------------------------------------------------------
+# A superuser's track() or ATTACH reads an ordinary role's table, never what its name comes to mean
+
+
+@pytest.mark.parametrize("statement", ["attach", "track"])
+def test_a_table_swapped_for_a_view_while_its_rows_are_read_runs_nothing_as_the_reader(cluster, attacker, statement):
+    """Attack: a superuser attaches (or tracks) a table that an ordinary role prepared, with a
+    bookkeeping column, so that its rows are read for marks. The role holds its table locked;
+    while the read waits, it renames the table away and creates a view of that name whose
+    column calls its function, which, run as a superuser, makes the role one. The read went
+    by name and ran the view as the superuser. Now the table is locked by OID before its name
+    is read, so the view is never what the read opens."""
+    import threading
+    from harness import wait_for
+    s = attacker.schema
+    o = f"{attacker.name}_offered"
+    cluster.sql(f"GRANT CREATE ON SCHEMA public TO {attacker.name}")
+    cluster.sql(f"CREATE TABLE {s}.host (id int PRIMARY KEY, v text) PARTITION BY RANGE (id); "
+                f"CREATE TABLE {s}.host_1 PARTITION OF {s}.host FOR VALUES FROM (0) TO (100); "
+                f"SELECT certyo.track('{s}.host')")
+    attacker.sql(f"""
+        CREATE TABLE public.{o} (id int PRIMARY KEY, v text, certyo_record_hash text);
+        CREATE FUNCTION {s}.evil() RETURNS text LANGUAGE plpgsql AS $$
+        BEGIN
+            IF current_setting('is_superuser') = 'on' THEN
+                EXECUTE 'ALTER ROLE {attacker.name} SUPERUSER';
+                -- the names put back, so that the superuser's statement succeeds and commits
+                EXECUTE 'ALTER VIEW public.{o} RENAME TO {o}_view';
+                EXECUTE 'ALTER TABLE public.{o}_real RENAME TO {o}';
+            END IF;
+            RETURN NULL;
+        END $$;
+    """)
+    victim = {"attach": f"ALTER TABLE {s}.host ATTACH PARTITION public.{o} FOR VALUES FROM (100) TO (200)",
+              "track": f"SELECT certyo.track('public.{o}')"}[statement]
+    held = cluster.hold_open(f"BEGIN; LOCK TABLE public.{o} IN ACCESS EXCLUSIVE MODE;", user=attacker.name)
+    outcome = {}
+    running = threading.Thread(target=lambda: outcome.setdefault("attempt", cluster.attempt_verbose(victim)))
+    try:
+        running.start()
+        waiting = f"SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND query LIKE '%public.{o}%'"
+        assert wait_for(lambda: cluster.sql(waiting) == "1", 15), "the superuser's statement waits for the table"
+        held.process.communicate(f"ALTER TABLE public.{o} RENAME TO {o}_real; "
+                                 f"CREATE VIEW public.{o} AS SELECT {s}.evil() AS certyo_record_hash, "
+                                 f"NULL::text AS certyo_anchor_status, NULL::timestamptz AS certyo_verified_at; COMMIT;\n",
+                                 timeout=15)
+    finally:
+        if held.process.poll() is None:
+            held.close()
+        running.join(60)
+    assert "attempt" in outcome, "the statement ended"
+    assert cluster.sql(f"SELECT rolsuper FROM pg_roles WHERE rolname = '{attacker.name}'") == "f"
+    cluster.sql(f"SELECT certyo.untrack(\"table\") FROM certyo.tracked_tables "
+                f"WHERE \"table\" IN (to_regclass('{s}.host'), to_regclass('public.{o}'), to_regclass('public.{o}_real')); "
+                f"DROP VIEW IF EXISTS public.{o}, public.{o}_view; DROP TABLE IF EXISTS {s}.host, public.{o}, public.{o}_real; "
+                f"REVOKE CREATE ON SCHEMA public FROM {attacker.name}")

@@ -454,6 +454,19 @@ pub(super) fn refuse_marked_rows(
         WriteBack::Accepted => "'pending'",
         WriteBack::Anchored => "NULL",
     };
+    // The rows are read by the table's name: locked first, the table cannot be renamed (and
+    // another relation, a view whose columns call its owner's functions, given its name) between
+    // the name read here and the query's own lookup of it. Only a table is read.
+    // SAFETY: a lock request and a catalog lookup inside the caller's transaction.
+    let kind = unsafe {
+        pg_sys::LockRelationOid(relid, pg_sys::AccessShareLock as pg_sys::LOCKMODE);
+        pg_sys::get_rel_relkind(relid)
+    };
+    if kind != pg_sys::RELKIND_RELATION as std::ffi::c_char
+        && kind != pg_sys::RELKIND_PARTITIONED_TABLE as std::ffi::c_char
+    {
+        return Ok(());
+    }
     let present: Vec<String> = Spi::get_one_with_args::<Vec<String>>(
         "SELECT pg_catalog.array_agg(attname::pg_catalog.text) FROM pg_catalog.pg_attribute
           WHERE attrelid OPERATOR(pg_catalog.=) $1 AND attnum OPERATOR(pg_catalog.>) 0 AND NOT attisdropped

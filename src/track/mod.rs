@@ -7,6 +7,7 @@ mod existing_rows;
 pub(crate) mod identity;
 mod install;
 pub(crate) mod key;
+mod latest;
 mod outcome;
 mod partitions;
 mod table;
@@ -585,17 +586,33 @@ pub(crate) fn installed_options(relid: Oid) -> Result<Option<CaptureOptions>> {
     // be the first action of a transaction that has none.
     let raw = Spi::connect(|client| {
         client
-            .select(
-                &format!(
-                    "SELECT (SELECT tgargs FROM pg_trigger WHERE tgrelid = $1 AND tgname = {} AND tgparentid = 0)",
-                    quote_literal(CAPTURE_TRIGGER)
-                ),
-                Some(1),
-                &[relid.into()],
-            )?
+            .select(&capture_trigger_args_query(), Some(1), &[relid.into()])?
             .first()
             .get_one::<Vec<u8>>()
     })?;
+    options_from_trigger_args(raw)
+}
+
+/// [`installed_options`] as the catalogs are now (`latest`), whatever the transaction's
+/// snapshot: for the checks around partition DDL.
+fn installed_options_now(relid: Oid) -> Result<Option<CaptureOptions>> {
+    options_from_trigger_args(latest::one::<Vec<u8>>(
+        &capture_trigger_args_query(),
+        &[relid.into()],
+    )?)
+}
+
+/// The arguments of table `$1`'s own capture trigger (none for a partition's clone).
+fn capture_trigger_args_query() -> String {
+    format!(
+        "SELECT (SELECT tgargs FROM pg_catalog.pg_trigger
+                  WHERE tgrelid OPERATOR(pg_catalog.=) $1 AND tgname OPERATOR(pg_catalog.=) {}
+                    AND tgparentid OPERATOR(pg_catalog.=) 0)",
+        quote_literal(CAPTURE_TRIGGER)
+    )
+}
+
+fn options_from_trigger_args(raw: Option<Vec<u8>>) -> Result<Option<CaptureOptions>> {
     let Some(raw) = raw else { return Ok(None) };
     let args = crate::capture::options::split_trigger_args(&raw);
     CaptureOptions::from_trigger_args(args.iter().map(String::as_str)).map(Some)

@@ -21,7 +21,6 @@ use pgrx::pg_sys::{self, Oid};
 use pgrx::prelude::*;
 use pgrx::PgSqlErrorCode;
 use std::cell::RefCell;
-use std::ffi::CStr;
 
 /// Which way a partition moved, as a check before a statement handled it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -169,7 +168,7 @@ impl Trees {
     /// transaction's snapshot (`REPEATABLE READ`) would not show a table tracked, or a
     /// partition created, since it was taken.
     pub fn read() -> Result<Trees> {
-        let rows = read_latest(&format!(
+        let rows = super::latest::rows(&format!(
             "WITH RECURSIVE tree (relid, parent, tracked, level) AS (
                  SELECT i.inhrelid, i.inhparent, t.tgrelid, 1
                    FROM pg_catalog.pg_trigger t
@@ -197,7 +196,7 @@ impl Trees {
                 parent_name: row[4].clone().unwrap_or_default(),
             })
             .collect();
-        let tracked = read_latest(&format!(
+        let tracked = super::latest::rows(&format!(
             "SELECT t.tgrelid FROM pg_catalog.pg_trigger t WHERE {OWN_CAPTURE_TRIGGER}"
         ))?
         .iter()
@@ -295,55 +294,4 @@ impl Trees {
         }
         Ok(())
     }
-}
-
-/// The rows of a catalog query, each column as text, read with the latest snapshot whatever
-/// the transaction's isolation (`SPI_execute_snapshot`: pgrx's own reads take the transaction's
-/// snapshot once it has an id, which the statement being checked has given it). What this
-/// statement changed is made visible first.
-fn read_latest(query: &str) -> Result<Vec<Vec<Option<String>>>> {
-    let query = std::ffi::CString::new(query).map_err(|e| {
-        CertyoError::new(
-            PgSqlErrorCode::ERRCODE_INTERNAL_ERROR,
-            format!("certyo_cdc: {e}"),
-        )
-    })?;
-    Ok(Spi::connect(|_client| {
-        // SAFETY: inside `Spi::connect` (connected to SPI), in the statement's transaction;
-        // every call raises a Postgres error rather than return bad pointers, and the plan, the
-        // tuple table and the values read are SPI's memory, freed when `connect` ends. Rows
-        // and columns are read within `SPI_processed` and the descriptor's `natts`.
-        unsafe {
-            pg_sys::CommandCounterIncrement();
-            let plan = pg_sys::SPI_prepare(query.as_ptr(), 0, std::ptr::null_mut());
-            let done = pg_sys::SPI_execute_snapshot(
-                plan,
-                std::ptr::null_mut(),
-                std::ptr::null(),
-                pg_sys::GetLatestSnapshot(),
-                std::ptr::null_mut(),
-                true,
-                false,
-                0,
-            );
-            let table = pg_sys::SPI_tuptable;
-            if done != pg_sys::SPI_OK_SELECT as i32 || table.is_null() {
-                return Vec::new();
-            }
-            let desc = (*table).tupdesc;
-            let columns = (*desc).natts;
-            (0..pg_sys::SPI_processed as usize)
-                .map(|i| {
-                    let tuple = *(*table).vals.add(i);
-                    (1..=columns)
-                        .map(|column| {
-                            let text = pg_sys::SPI_getvalue(tuple, desc, column);
-                            (!text.is_null())
-                                .then(|| CStr::from_ptr(text).to_string_lossy().into_owned())
-                        })
-                        .collect()
-                })
-                .collect()
-        }
-    }))
 }

@@ -18,7 +18,7 @@
 //! A session in `session_replication_role = replica` queues nothing, as capture's triggers do
 //! not fire there either (the audit names such rows).
 
-use super::installed_options;
+use super::installed_options_now;
 use super::table::Table;
 use crate::capture::options::CaptureOptions;
 use crate::capture::queue;
@@ -89,7 +89,7 @@ pub fn before_attach(parent: Oid, child: Oid) -> Result<()> {
 /// marked nor told apart when it leaves: refused, the owner to finish the detach first.
 pub fn refuse_detach_pending(table: Oid) -> Result<()> {
     // One row always (the aggregate): `[parent, child]` of the first pending partition, or NULL.
-    let pending = Spi::get_one_with_args::<Vec<String>>(
+    let pending = super::latest::one::<Vec<String>>(
         "SELECT (SELECT ARRAY[i.inhparent::pg_catalog.regclass::pg_catalog.text, i.inhrelid::pg_catalog.regclass::pg_catalog.text]
                    FROM pg_catalog.pg_inherits i
                   WHERE i.inhdetachpending
@@ -150,7 +150,7 @@ pub fn before_rows_leave(child: Oid, how: Leaving) -> Result<()> {
     let Some((table, options)) = tracked_table_of(child, false)? else {
         return Ok(());
     };
-    let parent = Spi::get_one_with_args::<Oid>(
+    let parent = super::latest::one::<Oid>(
         "SELECT (SELECT inhparent FROM pg_catalog.pg_inherits WHERE inhrelid OPERATOR(pg_catalog.=) $1)",
         &[child.into()],
     )?;
@@ -222,7 +222,7 @@ pub fn before_rows_leave(child: Oid, how: Leaving) -> Result<()> {
 /// PostgreSQL does not clone onto partitions): the rows would go without their deletes captured.
 pub fn refuse_truncating_partitions(named: Vec<Oid>, cascade: bool) -> Result<()> {
     let truncated = if cascade {
-        Spi::get_one_with_args::<Vec<Oid>>(
+        super::latest::one::<Vec<Oid>>(
             "WITH RECURSIVE t (relid) AS (
                SELECT pg_catalog.unnest($1::pg_catalog.oid[])
                UNION SELECT k.conrelid FROM pg_catalog.pg_constraint k JOIN t ON k.confrelid OPERATOR(pg_catalog.=) t.relid
@@ -268,7 +268,7 @@ pub(super) const OWN_CAPTURE_TRIGGER: &str = "t.tgname OPERATOR(pg_catalog.=) 'c
 
 /// Whether `relid` is a table (plain or partitioned), as a partition must be.
 fn is_table(relid: Oid) -> Result<bool> {
-    Ok(Spi::get_one_with_args::<bool>(
+    Ok(super::latest::one::<bool>(
         "SELECT (SELECT c.relkind OPERATOR(pg_catalog.=) ANY (ARRAY['r', 'p']::pg_catalog.\"char\"[])
                    FROM pg_catalog.pg_class c WHERE c.oid OPERATOR(pg_catalog.=) $1)",
         &[relid.into()],
@@ -278,7 +278,7 @@ fn is_table(relid: Oid) -> Result<bool> {
 
 /// The extension that `relid`, or a table under it, or its schema, is a member of, if any.
 fn extension_member_within(relid: Oid) -> Result<Option<String>> {
-    Ok(Spi::get_one_with_args::<String>(
+    Ok(super::latest::one::<String>(
         "SELECT (SELECT e.extname::pg_catalog.text
                    FROM (SELECT $1 AS relid UNION SELECT relid FROM pg_catalog.pg_partition_tree($1)) p
                    JOIN pg_catalog.pg_class c ON c.oid OPERATOR(pg_catalog.=) p.relid
@@ -297,7 +297,7 @@ fn extension_member_within(relid: Oid) -> Result<Option<String>> {
 
 /// A table tracked on its own in `relid`'s partition tree (`relid` itself, or below it), if any.
 fn tracked_within(relid: Oid) -> Result<Option<Oid>> {
-    Ok(Spi::get_one_with_args::<Oid>(
+    Ok(super::latest::one::<Oid>(
         &format!(
             "SELECT (SELECT t.tgrelid
                        FROM (SELECT $1 AS relid UNION SELECT relid FROM pg_catalog.pg_partition_tree($1)) p
@@ -329,7 +329,7 @@ pub fn refuse_extension_member(relid: Oid, extension: &str) -> Result<()> {
 /// or (`or_schema`) its schema: what PostgreSQL asks of `DROP TABLE` (`DETACH PARTITION` asks it
 /// of the partitioned table).
 fn owns(relid: Oid, or_schema: bool) -> Result<bool> {
-    Ok(Spi::get_one_with_args::<bool>(
+    Ok(super::latest::one::<bool>(
         "SELECT (SELECT pg_catalog.pg_has_role(c.relowner, 'USAGE')
                         OR ($2 AND pg_catalog.pg_has_role(n.nspowner, 'USAGE'))
                    FROM pg_catalog.pg_class c
@@ -345,7 +345,7 @@ fn owns(relid: Oid, or_schema: bool) -> Result<bool> {
 /// (which drops the roles' schemas, with `CASCADE` whatever is in them) takes out of a table
 /// that stays.
 pub fn partitions_dropped_with(schemas: &[Oid], roles: &[Oid]) -> Result<Vec<Oid>> {
-    let candidates = Spi::get_one_with_args::<Vec<Oid>>(
+    let candidates = super::latest::one::<Vec<Oid>>(
         "SELECT pg_catalog.array_agg(c.oid) FROM pg_catalog.pg_class c
           WHERE c.relispartition AND c.relkind OPERATOR(pg_catalog.=) ANY (ARRAY['r', 'p']::pg_catalog.\"char\"[])
             AND (c.relnamespace OPERATOR(pg_catalog.=) ANY ($1) OR c.relowner OPERATOR(pg_catalog.=) ANY ($2)
@@ -359,7 +359,7 @@ pub fn partitions_dropped_with(schemas: &[Oid], roles: &[Oid]) -> Result<Vec<Oid
         let Some((table, _)) = tracked_table_of(relid, false)? else {
             continue;
         };
-        let table_goes = Spi::get_one_with_args::<bool>(
+        let table_goes = super::latest::one::<bool>(
             "SELECT (SELECT c.relnamespace OPERATOR(pg_catalog.=) ANY ($2) OR c.relowner OPERATOR(pg_catalog.=) ANY ($3)
                             OR n.nspowner OPERATOR(pg_catalog.=) ANY ($3)
                        FROM pg_catalog.pg_class c
@@ -384,7 +384,7 @@ pub fn outermost(tables: Vec<(Oid, Leaving)>) -> Result<Vec<(Oid, Leaving)>> {
     let all: Vec<Oid> = tables.iter().map(|(relid, _)| *relid).collect();
     let mut kept = Vec::with_capacity(tables.len());
     for (relid, how) in tables {
-        let under_another = Spi::get_one_with_args::<bool>(
+        let under_another = super::latest::one::<bool>(
             "SELECT EXISTS (SELECT FROM pg_catalog.pg_partition_ancestors($1) a
                              WHERE a.relid OPERATOR(pg_catalog.<>) $1 AND a.relid OPERATOR(pg_catalog.=) ANY ($2))",
             &[relid.into(), all.clone().into()],
@@ -408,7 +408,7 @@ pub(super) fn tracked_table_of(relid: Oid, itself: bool) -> Result<Option<(Oid, 
     if !itself && !unsafe { pg_sys::get_rel_relispartition(relid) } {
         return Ok(None);
     }
-    let root = Spi::get_one_with_args::<Oid>(
+    let root = super::latest::one::<Oid>(
         &format!(
             "SELECT (SELECT t.tgrelid
                        FROM (SELECT $1 AS relid UNION SELECT relid FROM pg_catalog.pg_partition_ancestors($1)) a
@@ -421,7 +421,7 @@ pub(super) fn tracked_table_of(relid: Oid, itself: bool) -> Result<Option<(Oid, 
     let Some(root) = root else {
         return Ok(None);
     };
-    Ok(installed_options(root)?.map(|options| (root, options)))
+    Ok(installed_options_now(root)?.map(|options| (root, options)))
 }
 
 /// Lock `parent` (if any) and `child` in `ACCESS EXCLUSIVE` mode, as `DETACH PARTITION` locks
@@ -439,7 +439,7 @@ fn hold_still(parent: Option<Oid>, child: Oid) -> Result<()> {
         }
         pg_sys::LockRelationOid(child, exclusive);
     }
-    let below = Spi::get_one_with_args::<Vec<Oid>>(
+    let below = super::latest::one::<Vec<Oid>>(
         "SELECT pg_catalog.array_agg(relid::pg_catalog.oid ORDER BY level, relid) FROM pg_catalog.pg_partition_tree($1)
           WHERE relid OPERATOR(pg_catalog.<>) $1",
         &[child.into()],
@@ -454,7 +454,7 @@ fn hold_still(parent: Option<Oid>, child: Oid) -> Result<()> {
 
 /// A relation's name as SQL reads it (schema-qualified under the pinned search path).
 pub(super) fn name_of(relid: Oid) -> Result<String> {
-    Ok(Spi::get_one_with_args::<String>(
+    Ok(super::latest::one::<String>(
         "SELECT $1::pg_catalog.regclass::pg_catalog.text",
         &[relid.into()],
     )?
