@@ -960,6 +960,58 @@ def test_a_table_tracked_while_a_statement_waits_keeps_the_partitions_it_takes(c
         """)
 
 
+@pytest.mark.parametrize("statement", ["DROP TABLE wb_joins_x", "ALTER TABLE wb_joins DETACH PARTITION wb_joins_x"])
+def test_a_table_attached_while_a_statement_waits_keeps_the_partitions_it_takes(cluster, statement):
+    """Another session attaches a partitioned table to a tracked one (its rows queued as they
+    come) while this statement, which drops or detaches a partition of the table attached,
+    waits for the lock the ATTACH holds: the checks before it saw that partition outside the
+    tracked table. Its rows would leave without their deletes: refused (40001)."""
+    cluster.sql("""
+        CREATE TABLE wb_host (id int PRIMARY KEY, v text) PARTITION BY RANGE (id);
+        CREATE TABLE wb_host_1 PARTITION OF wb_host FOR VALUES FROM (0) TO (100);
+        SELECT certyo.track('wb_host');
+        CREATE TABLE wb_joins (LIKE wb_host INCLUDING DEFAULTS) PARTITION BY RANGE (id);
+        CREATE TABLE wb_joins_x PARTITION OF wb_joins FOR VALUES FROM (100) TO (200);
+        INSERT INTO wb_joins (id, v) VALUES (150, 'joins');
+    """)
+    try:
+        attempt = race(cluster, "BEGIN; ALTER TABLE wb_host ATTACH PARTITION wb_joins FOR VALUES FROM (100) TO (200);",
+                       statement, statement)
+        assert attempt.sqlstate == "40001", attempt.stderr
+        assert "public.wb_joins joined tracked table public.wb_host by another session's ATTACH" in attempt.stderr, \
+            attempt.stderr
+        assert cluster.sql("SELECT count(*) FROM wb_host") == "1", "the partition stays"
+        assert cluster.wait_drained(60)
+        assert cluster.sql("SELECT count(*) FROM certyo.audit('wb_host')") == "0"
+    finally:
+        cluster.sql("""
+            SELECT certyo.untrack('wb_host', drop_columns => true) FROM certyo.tracked_tables WHERE "table" = 'wb_host'::regclass;
+            DROP TABLE IF EXISTS wb_host, wb_joins, wb_joins_x;
+        """)
+
+
+def test_a_detach_that_does_nothing_queues_nothing(cluster):
+    """`ALTER TABLE IF EXISTS` of a table that is not there does nothing: no delete is queued
+    for the rows of the partition it names, which stay in the tracked table."""
+    cluster.sql("""
+        CREATE TABLE wb_noop (id int PRIMARY KEY, v text) PARTITION BY RANGE (id);
+        CREATE TABLE wb_noop_1 PARTITION OF wb_noop FOR VALUES FROM (0) TO (100);
+        SELECT certyo.track('wb_noop');
+        INSERT INTO wb_noop VALUES (1, 'stays');
+    """)
+    try:
+        assert cluster.wait_drained(60)
+        queued = cluster.sql("SELECT count(*) FROM certyo.queue")
+        attempt = cluster.attempt_verbose("ALTER TABLE IF EXISTS wb_not_there DETACH PARTITION wb_noop_1")
+        assert attempt.returncode == 0, attempt.stderr
+        assert "a delete of each is queued" not in attempt.stderr, attempt.stderr
+        assert cluster.sql("SELECT count(*) FROM certyo.queue") == queued, "nothing queued"
+        assert cluster.wait_drained(60)
+        assert cluster.sql("SELECT count(*) FROM certyo.audit('wb_noop')") == "0"
+    finally:
+        cluster.sql("SELECT certyo.untrack('wb_noop', drop_columns => true); DROP TABLE wb_noop")
+
+
 def test_the_marks_trigger_comes_and_goes_with_the_modes_that_write_back(cluster):
     """Tracked with write_back => 'none', a table has no bookkeeping columns and no marks
     trigger; moved to a mode that writes back, it gets both; back, it loses the trigger."""

@@ -444,7 +444,15 @@ unsafe fn leaving_tables(stmt: *mut pg_sys::Node) -> Vec<(pg_sys::Oid, crate::tr
                     continue;
                 }
                 let partition = (*cmd).def.cast::<pg_sys::PartitionCmd>();
-                if let Some(child) = resolve((*partition).name) {
+                // Only a partition of the table the statement names leaves: with `IF EXISTS` a
+                // table that is not there makes the statement do nothing, and PostgreSQL refuses
+                // a table that is no partition of it (no delete may be queued for either).
+                let Some(parent) = resolve((*alter).relation) else {
+                    continue;
+                };
+                if let Some(child) = resolve((*partition).name).filter(|&child| {
+                    crate::track::partition_parent(child).or_raise() == Some(parent)
+                }) {
                     let how = if (*partition).concurrent {
                         Leaving::DetachConcurrently
                     } else {

@@ -21,8 +21,8 @@ use crate::error::{CertyoError, OrRaise, Result};
 use install::TriggerDefinition;
 pub use outcome::Trees;
 pub use partitions::{
-    after_attach, before_attach, before_rows_leave, outermost, partitions_dropped_with,
-    refuse_extension_member, refuse_truncating_partitions, Leaving,
+    after_attach, before_attach, before_rows_leave, outermost, partition_parent,
+    partitions_dropped_with, refuse_extension_member, refuse_truncating_partitions, Leaving,
 };
 use pgrx::pg_sys::Oid;
 use pgrx::prelude::*;

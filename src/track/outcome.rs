@@ -276,21 +276,31 @@ impl Trees {
                 .hint(format!("Detach the partition first (ALTER TABLE {} DETACH PARTITION {} queues a delete of each of its rows), then run the statement again.", gone.parent_name, gone.name)));
             }
         }
-        if attaching {
-            for came in after
-                .members
-                .iter()
-                .filter(|m| self.find(m.relid).is_none())
-            {
-                if !after.handled(came.relid, Moved::In) && locked_here(came.relid)? {
-                    return Err(CertyoError::new(
-                        PgSqlErrorCode::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
-                        format!("certyo_cdc: this statement attaches {} to tracked table {}, which is not the table its checks saw", came.name, name_of(came.table)?),
-                    )
-                    .detail("The name in the statement meant another table when it began, and came to mean this one (a table or schema renamed by another session) while the statement waited for a lock: its rows would enter unseen by Certyo, with whatever their bookkeeping columns say.")
-                    .hint("Run the statement again, once nothing renames the tables it names.".to_string()));
-                }
+        for came in after
+            .members
+            .iter()
+            .filter(|m| self.find(m.relid).is_none())
+        {
+            if after.handled(came.relid, Moved::In) || !locked_here(came.relid)? {
+                continue;
             }
+            if attaching {
+                return Err(CertyoError::new(
+                    PgSqlErrorCode::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
+                    format!("certyo_cdc: this statement attaches {} to tracked table {}, which is not the table its checks saw", came.name, name_of(came.table)?),
+                )
+                .detail("The name in the statement meant another table when it began, and came to mean this one (a table or schema renamed by another session) while the statement waited for a lock: its rows would enter unseen by Certyo, with whatever their bookkeeping columns say.")
+                .hint("Run the statement again, once nothing renames the tables it names.".to_string()));
+            }
+            // Another session attached it (or the table above it) while this statement waited
+            // for its lock: what this statement then took out of it (a partition dropped or
+            // detached) left without the checks, which saw it outside the tracked table.
+            return Err(CertyoError::new(
+                PgSqlErrorCode::ERRCODE_T_R_SERIALIZATION_FAILURE,
+                format!("certyo_cdc: {} joined tracked table {} by another session's ATTACH while this statement waited for a lock on it", came.name, name_of(came.table)?),
+            )
+            .detail("The checks before the statement saw it outside the tracked table, so a partition the statement took out of it would leave without its rows' deletes queued.")
+            .hint("Run the statement again: its checks then see it in the tracked table."));
         }
         Ok(())
     }

@@ -452,6 +452,18 @@ fn hold_still(parent: Option<Oid>, child: Oid) -> Result<()> {
     Ok(())
 }
 
+/// The partitioned table `child` is a partition of, if it is one.
+pub fn partition_parent(child: Oid) -> Result<Option<Oid>> {
+    // SAFETY: a catalog lookup inside the statement's transaction.
+    if !unsafe { pg_sys::get_rel_relispartition(child) } {
+        return Ok(None);
+    }
+    super::latest::one::<Oid>(
+        "SELECT (SELECT inhparent FROM pg_catalog.pg_inherits WHERE inhrelid OPERATOR(pg_catalog.=) $1)",
+        &[child.into()],
+    )
+}
+
 /// A relation's name as SQL reads it (schema-qualified under the pinned search path).
 pub(super) fn name_of(relid: Oid) -> Result<String> {
     Ok(super::latest::one::<String>(
