@@ -990,6 +990,52 @@ def test_a_table_attached_while_a_statement_waits_keeps_the_partitions_it_takes(
         """)
 
 
+@pytest.mark.parametrize("statement", ["TRUNCATE wb_named_decoy",
+                                       "DROP TRIGGER certyo_truncate_guard ON wb_named_decoy",
+                                       "ALTER TABLE wb_named_child INHERIT wb_named_decoy"])
+def test_a_name_that_comes_to_mean_a_tracked_table_while_a_statement_waits_is_refused(cluster, statement):
+    """The checks before a TRUNCATE, a DROP TRIGGER or an INHERIT go by the name it gives; another
+    session renames that table away and a tracked table (or its partition) to the name while the
+    statement waits for its lock, and PostgreSQL, resolving the name again, acts on the tracked
+    one: rows emptied, its truncate guard dropped, a child's rows (bookkeeping values and all)
+    brought in uncaptured. Checked after the statement: refused (40001), nothing lost."""
+    cluster.sql("""
+        CREATE TABLE wb_named (id int PRIMARY KEY, v text) PARTITION BY RANGE (id);
+        CREATE TABLE wb_named_1 PARTITION OF wb_named FOR VALUES FROM (0) TO (100);
+        CREATE TABLE wb_named_flat (id int PRIMARY KEY, v text);
+        SELECT certyo.track('wb_named'); SELECT certyo.track('wb_named_flat');
+        INSERT INTO wb_named VALUES (1, 'a'); INSERT INTO wb_named_flat VALUES (1, 'a');
+        CREATE TABLE wb_named_decoy (id int PRIMARY KEY, v text);
+        CREATE FUNCTION wb_named_nothing() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN RETURN NULL; END $$;
+        CREATE TRIGGER certyo_truncate_guard BEFORE TRUNCATE ON wb_named_decoy EXECUTE FUNCTION wb_named_nothing();
+        CREATE TABLE wb_named_child (LIKE wb_named_flat);
+        INSERT INTO wb_named_child VALUES (7, 'unseen', 'sha256:forged', 'anchored', now());
+    """)
+    target = "wb_named_flat" if "TRUNCATE" not in statement else "wb_named_1"
+    try:
+        attempt = race(cluster, "BEGIN; LOCK TABLE wb_named_decoy IN ACCESS EXCLUSIVE MODE; "
+                                "ALTER TABLE wb_named_decoy RENAME TO wb_named_decoy_old; "
+                                f"ALTER TABLE {target} RENAME TO wb_named_decoy;", statement, statement)
+        assert attempt.sqlstate == "40001", attempt.stderr
+        assert '"wb_named_decoy" came to mean another relation' in attempt.stderr, attempt.stderr
+        cluster.sql(f"ALTER TABLE wb_named_decoy RENAME TO {target}; ALTER TABLE wb_named_decoy_old RENAME TO wb_named_decoy")
+        assert cluster.sql("SELECT count(*) FROM wb_named") == "1"
+        assert cluster.sql("SELECT count(*) FROM wb_named_flat") == "1"
+        assert cluster.sql("SELECT count(*) FROM pg_trigger WHERE tgrelid = 'wb_named_flat'::regclass "
+                           "AND tgname = 'certyo_truncate_guard'") == "1"
+        assert cluster.sql("SELECT count(*) FROM pg_inherits WHERE inhrelid = 'wb_named_child'::regclass") == "0"
+        assert cluster.wait_drained(60)
+        assert cluster.sql("SELECT count(*) FROM certyo.audit('wb_named')") == "0"
+        assert cluster.sql("SELECT count(*) FROM certyo.audit('wb_named_flat')") == "0"
+    finally:
+        cluster.sql("""
+            SELECT certyo.untrack("table", drop_columns => true) FROM certyo.tracked_tables
+             WHERE "table" IN ('wb_named'::regclass, 'wb_named_flat'::regclass);
+            DROP TABLE IF EXISTS wb_named, wb_named_flat, wb_named_decoy, wb_named_decoy_old, wb_named_child;
+            DROP FUNCTION IF EXISTS wb_named_nothing();
+        """)
+
+
 def test_a_detach_that_does_nothing_queues_nothing(cluster):
     """`ALTER TABLE IF EXISTS` of a table that is not there does nothing: no delete is queued
     for the rows of the partition it names, which stay in the tracked table."""

@@ -85,6 +85,20 @@ unsafe extern "C-unwind" fn process_utility(
     let trees = reshapes
         .filter(|_| installed)
         .map(|attaching| (pinned(crate::track::Trees::read).or_raise(), attaching));
+    // The names the checks below go by, as they resolve now, to compare with what they mean
+    // after the statement (see `NamedRelation`).
+    // SAFETY: `statement` is null or a valid parse node, read-only here; a catalog lookup
+    // inside the statement's transaction.
+    let named = unsafe {
+        let named = named_relations(statement);
+        if !named.is_empty()
+            && pg_sys::get_extension_oid(c"certyo_cdc".as_ptr(), true) != pg_sys::InvalidOid
+        {
+            named
+        } else {
+            Vec::new()
+        }
+    };
     // SAFETY: `statement` is null or a valid parse node, read-only here.
     unsafe {
         if let Some(cascade) = drops_this_extension(statement) {
@@ -151,6 +165,10 @@ unsafe extern "C-unwind" fn process_utility(
     let Some(database) = dropping else {
         // SAFETY: as below.
         unsafe { run_previous(pstmt, query, read_only_tree, context, params, env, dest, qc) };
+        for name in &named {
+            // SAFETY: the statement's parse tree outlives its execution.
+            unsafe { name.refuse_if_it_moved() }.or_raise();
+        }
         if let Some((trees, attaching)) = &trees {
             crate::rights::with_pinned_search_path(|| trees.check_after(*attaching)).or_raise();
         }
@@ -177,6 +195,138 @@ unsafe extern "C-unwind" fn process_utility(
         error.rethrow()
     })
     .execute();
+}
+
+/// A name a statement gives to a table or index that the checks before it went by: for a
+/// `TRUNCATE`, a `DROP TRIGGER ... ON`, a `DROP INDEX`, an `INHERIT`. Resolved before the
+/// statement, the name may mean another relation by the time the statement, having waited for a
+/// lock, resolves it again (another session renamed its relation away and a tracked table, or
+/// its index or partition, to the name): the checks then judged one relation and the statement
+/// acted on another. Checked after the statement, while it holds what it locked: it is refused
+/// (40001), and rolls back, when the name no longer means what the checks saw.
+struct NamedRelation {
+    name: *mut pg_sys::RangeVar,
+    /// What it meant before the statement.
+    relid: Option<pg_sys::Oid>,
+    /// The statement drops it (`DROP INDEX`): the relation the checks saw must be gone.
+    dropped: bool,
+}
+
+impl NamedRelation {
+    /// # Safety
+    /// `self.name` is still valid (the statement's parse tree), inside the statement's
+    /// transaction.
+    unsafe fn refuse_if_it_moved(&self) -> crate::error::Result<()> {
+        // SAFETY: the caller upholds this function's contract (its `# Safety` section).
+        let (moved, shown) = unsafe {
+            let moved = if self.dropped {
+                // Something else went, if what the checks saw is still there.
+                self.relid
+                    .is_some_and(|relid| !pg_sys::get_rel_name(relid).is_null())
+            } else {
+                resolve(self.name) != self.relid
+            };
+            let text =
+                |p: *const std::ffi::c_char| CStr::from_ptr(p).to_string_lossy().into_owned();
+            let relname = text((*self.name).relname);
+            let shown = if (*self.name).schemaname.is_null() {
+                relname
+            } else {
+                format!("{}.{relname}", text((*self.name).schemaname))
+            };
+            (moved, shown)
+        };
+        if !moved {
+            return Ok(());
+        }
+        Err(CertyoError::new(
+            PgSqlErrorCode::ERRCODE_T_R_SERIALIZATION_FAILURE,
+            format!("certyo_cdc: \"{shown}\" came to mean another relation while this statement waited for a lock"),
+        )
+        .detail("certyo_cdc's checks went by what the name meant when the statement began; another session renamed relations while it waited, and the statement acted on one the checks did not see (a tracked table, its index or one of its partitions, perhaps).")
+        .hint("Run the statement again."))
+    }
+}
+
+/// The names of the statements whose checks go by a relation's name ([`NamedRelation`]), each
+/// resolved now.
+///
+/// # Safety
+/// `stmt` is null or a valid parse node.
+unsafe fn named_relations(stmt: *mut pg_sys::Node) -> Vec<NamedRelation> {
+    // SAFETY: the caller upholds this function's contract (its `# Safety` section), on which
+    // every unsafe operation below relies.
+    unsafe {
+        let mut names: Vec<(*mut pg_sys::RangeVar, bool)> = Vec::new();
+        if stmt.is_null() {
+            return Vec::new();
+        }
+        match (*stmt).type_ {
+            pg_sys::NodeTag::T_TruncateStmt => {
+                let truncate = stmt.cast::<pg_sys::TruncateStmt>();
+                for name in
+                    pgrx::PgList::<pg_sys::RangeVar>::from_pg((*truncate).relations).iter_ptr()
+                {
+                    names.push((name, false));
+                }
+            }
+            pg_sys::NodeTag::T_DropStmt => {
+                let drop = stmt.cast::<pg_sys::DropStmt>();
+                let objects = pgrx::PgList::<pg_sys::List>::from_pg((*drop).objects);
+                match (*drop).removeType {
+                    pg_sys::ObjectType::OBJECT_INDEX => {
+                        for name in objects.iter_ptr().filter(|n| !n.is_null()) {
+                            names.push((pg_sys::makeRangeVarFromNameList(name), true));
+                        }
+                    }
+                    pg_sys::ObjectType::OBJECT_TRIGGER => {
+                        // Each object is a list of names: [schema,] table, trigger.
+                        for name in objects.iter_ptr().filter(|n| !n.is_null()) {
+                            let count = pgrx::PgList::<pg_sys::Node>::from_pg(name).len();
+                            if count < 2 {
+                                continue;
+                            }
+                            let table =
+                                pg_sys::list_truncate(pg_sys::list_copy(name), (count - 1) as i32);
+                            names.push((pg_sys::makeRangeVarFromNameList(table), false));
+                        }
+                    }
+                    _ => {}
+                }
+            }
+            pg_sys::NodeTag::T_AlterTableStmt => {
+                let alter = stmt.cast::<pg_sys::AlterTableStmt>();
+                let commands = pgrx::PgList::<pg_sys::AlterTableCmd>::from_pg((*alter).cmds);
+                for cmd in commands.iter_ptr().filter(|c| !c.is_null()) {
+                    if (*cmd).subtype == pg_sys::AlterTableType::AT_AddInherit
+                        && !(*cmd).def.is_null()
+                    {
+                        names.push(((*cmd).def.cast::<pg_sys::RangeVar>(), false));
+                    }
+                }
+            }
+            pg_sys::NodeTag::T_CreateStmt => {
+                let create = stmt.cast::<pg_sys::CreateStmt>();
+                if (*create).partbound.is_null() {
+                    for parent in
+                        pgrx::PgList::<pg_sys::RangeVar>::from_pg((*create).inhRelations).iter_ptr()
+                    {
+                        names.push((parent, false));
+                    }
+                }
+            }
+            _ => {}
+        }
+        names
+            .into_iter()
+            .filter(|(name, _)| !name.is_null())
+            .map(|(name, dropped)| NamedRelation {
+                name,
+                relid: resolve(name),
+                dropped,
+            })
+            .collect()
+    }
 }
 
 /// Pass the statement on, as received, to the previous hook or the standard implementation,
