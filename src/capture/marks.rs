@@ -193,13 +193,16 @@ unsafe fn capture_args<'a>(data: &pg_sys::TriggerData) -> Result<Vec<&'a str>> {
 /// claims another version's. Either statement is refused rather than store the claim. (A
 /// session in replica mode, where capture fires only when set to fire always, applies rows as
 /// another database wrote them: its INSERTs are left alone.)
-pub fn refuse_kept_marks(
+///
+/// # Safety
+/// `row` is a row of the table `plan` was built for.
+pub unsafe fn refuse_kept_marks(
     plan: &TablePlan,
     row: &Row,
     operation: Operation,
     partition: impl FnOnce() -> String,
 ) -> Result<()> {
-    // SAFETY: `row` is a row of the plan's table (the capture trigger's caller deformed it).
+    // SAFETY: `row` is a row of the plan's table (this function's contract).
     if unsafe { plan.claims_nothing(row) } {
         return Ok(());
     }
@@ -225,6 +228,6 @@ pub fn refuse_kept_marks(
         PgSqlErrorCode::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
         format!("certyo_cdc: this UPDATE changes a row of {table}{at} that keeps what Certyo said of its earlier version"),
     )
-    .detail(format!("Trigger {MARKS_TRIGGER} clears a changed row's certyo_record_hash, certyo_anchor_status and certyo_verified_at; it did not here, so the row would claim an earlier version's hash or anchoring for its new content. It does not fire while it is disabled where the row is (ALTER TABLE ... DISABLE TRIGGER USER or ALL on a partition), and a column can change after it (a generated column computed by a function that is not immutable)."))
+    .detail(format!("Trigger {MARKS_TRIGGER} clears a changed row's certyo_record_hash, certyo_anchor_status and certyo_verified_at; it did not here, so the row would claim an earlier version's hash or anchoring for its new content. It does not fire while it is disabled where the row is (ALTER TABLE ... DISABLE TRIGGER USER or ALL on a partition), and a column can change after it (a generated column computed by a function declared IMMUTABLE that is not)."))
     .hint(format!("Enable it where it is off: ALTER TABLE {table} ENABLE TRIGGER {MARKS_TRIGGER}; (it reaches every partition).")))
 }

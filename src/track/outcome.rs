@@ -31,9 +31,11 @@ pub enum Moved {
     In,
 }
 
-/// A partition a check handled, in the subtransaction that did it.
+/// A partition a check handled, for the tracked table it left or joined, in the subtransaction
+/// that did it.
 struct Note {
     relid: Oid,
+    table: Oid,
     moved: Moved,
     subtransaction: pg_sys::SubTransactionId,
 }
@@ -41,7 +43,7 @@ struct Note {
 thread_local! {
     /// The partitions the checks handled in this transaction, in order.
     static HANDLED: RefCell<Vec<Note>> = const { RefCell::new(Vec::new()) };
-    static WATCHING: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+    static CALLBACKS_REGISTERED: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
 }
 
 /// A transaction's end (commit, abort, or `PREPARE TRANSACTION`, after which the session goes on
@@ -93,36 +95,37 @@ unsafe extern "C-unwind" fn on_subtransaction_end(
     });
 }
 
-/// A check before a statement handled `relid` (and the partitions under it) moving this way.
-pub fn note(relid: Oid, moved: Moved) {
-    if !WATCHING.get() {
+/// A check before a statement handled `relid` (and the partitions under it) moving this way, out
+/// of or into tracked table `table`.
+pub fn note(relid: Oid, table: Oid, moved: Moved) {
+    if !CALLBACKS_REGISTERED.get() {
         // SAFETY: registers the callbacks once per backend, in its main thread.
         unsafe {
             pg_sys::RegisterXactCallback(Some(on_transaction_end), std::ptr::null_mut());
             pg_sys::RegisterSubXactCallback(Some(on_subtransaction_end), std::ptr::null_mut());
         }
-        WATCHING.set(true);
+        CALLBACKS_REGISTERED.set(true);
     }
     // SAFETY: reads this backend's transaction state, in a transaction.
     let subtransaction = unsafe { pg_sys::GetCurrentSubTransactionId() };
     HANDLED.with_borrow_mut(|handled| {
         handled.push(Note {
             relid,
+            table,
             moved,
             subtransaction,
         })
     });
 }
 
-/// The place of the last note of any of `relids`, and which way it says.
-fn last_note(relids: &[Oid]) -> Option<(usize, Moved)> {
+/// The last note of any of `relids`: which way it says, and for which tracked table.
+fn last_note(relids: &[Oid]) -> Option<(Moved, Oid)> {
     HANDLED.with_borrow(|handled| {
         handled
             .iter()
-            .enumerate()
             .rev()
-            .find(|(_, n)| relids.contains(&n.relid))
-            .map(|(place, n)| (place, n.moved))
+            .find(|n| relids.contains(&n.relid))
+            .map(|n| (n.moved, n.table))
     })
 }
 
@@ -223,10 +226,11 @@ impl Trees {
     }
 
     /// Whether the last move a check handled of `relid` or of a partition above it (the one that
-    /// took it where it is) was this way: a partition detached, then brought back under a new
-    /// table that was attached, has come back in.
-    fn handled(&self, relid: Oid, moved: Moved) -> bool {
-        last_note(&self.with_ancestors(relid)).is_some_and(|(_, m)| m == moved)
+    /// took it where it is) was this way, out of or into tracked table `table`: a partition
+    /// detached, then brought back under a new table that was attached, has come back in; one
+    /// detached from one tracked table was not handled leaving another it joined since.
+    fn handled(&self, relid: Oid, table: Oid, moved: Moved) -> bool {
+        last_note(&self.with_ancestors(relid)) == Some((moved, table))
     }
 
     /// After the statement: every partition that left a table still tracked was detached by a
@@ -265,7 +269,7 @@ impl Trees {
         {
             // Another session's DDL, committed meanwhile, is not this statement's doing.
             if after.tracked.contains(&gone.table)
-                && !self.handled(gone.relid, Moved::Out)
+                && !self.handled(gone.relid, gone.table, Moved::Out)
                 && locked_here(gone.relid)?
             {
                 return Err(CertyoError::new(
@@ -281,7 +285,7 @@ impl Trees {
             .iter()
             .filter(|m| self.find(m.relid).is_none())
         {
-            if after.handled(came.relid, Moved::In) || !locked_here(came.relid)? {
+            if after.handled(came.relid, came.table, Moved::In) || !locked_here(came.relid)? {
                 continue;
             }
             if attaching {

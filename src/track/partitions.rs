@@ -79,7 +79,7 @@ pub fn before_attach(parent: Oid, child: Oid) -> Result<()> {
     super::install::refuse_marked_rows(child, options.write_back, &name_of(table)?)?;
     super::install::add_bookkeeping_columns(&Table::inspect(child)?, options.write_back)?;
     // Checked: the outcome check after the statement lets it in (`outcome`).
-    super::outcome::note(child, super::outcome::Moved::In);
+    super::outcome::note(child, table, super::outcome::Moved::In);
     Ok(())
 }
 
@@ -188,7 +188,7 @@ pub fn before_rows_leave(child: Oid, how: Leaving) -> Result<()> {
         .hint(format!("Detach it without CONCURRENTLY (a delete of each of its rows is queued), or call certyo.untrack('{table}') first.")));
     }
     // Handled: the outcome check after the statement lets the partition go (`outcome`).
-    super::outcome::note(child, super::outcome::Moved::Out);
+    super::outcome::note(child, table, super::outcome::Moved::Out);
     if crate::capture::replica_session() {
         return Ok(());
     }
