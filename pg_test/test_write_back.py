@@ -1036,6 +1036,28 @@ def test_a_name_that_comes_to_mean_a_tracked_table_while_a_statement_waits_is_re
         """)
 
 
+def test_a_table_untracked_under_anchored_is_tracked_again_under_accepted(cluster):
+    """Untracked before anything was accepted, with its columns kept, a table tracked under
+    'anchored' holds NULL in certyo_anchor_status: that says nothing under 'accepted' either,
+    and tracking it again in that mode is not refused as if the rows held marks."""
+    cluster.sql("""
+        CREATE TABLE wb_again (id int PRIMARY KEY, v text);
+        SELECT certyo.pause();
+        SELECT certyo.track('wb_again', write_back => 'anchored');
+        INSERT INTO wb_again VALUES (1, 'a'), (2, 'b');
+        SELECT certyo.untrack('wb_again');
+        DELETE FROM certyo.queue;
+    """)
+    try:
+        attempt = cluster.attempt_verbose("SELECT certyo.track('wb_again', write_back => 'accepted', backfill => true)")
+        assert attempt.returncode == 0, attempt.stderr
+    finally:
+        cluster.sql("SELECT certyo.resume()")
+    assert wait_for(lambda: cluster.sql("SELECT count(*) FROM wb_again WHERE certyo_anchor_status = 'anchored'") == "2", 60)
+    assert cluster.sql("SELECT count(*) FROM certyo.audit('wb_again')") == "0"
+    cluster.sql("SELECT certyo.untrack('wb_again', drop_columns => true); DROP TABLE wb_again")
+
+
 def test_a_detach_that_does_nothing_queues_nothing(cluster):
     """`ALTER TABLE IF EXISTS` of a table that is not there does nothing: no delete is queued
     for the rows of the partition it names, which stay in the tracked table."""

@@ -479,9 +479,11 @@ pub(super) fn refuse_marked_rows(
     }
     let said: Vec<String> = present
         .iter()
-        .map(|c| match c.as_str() {
-            "certyo_anchor_status" => {
-                format!("{} IS DISTINCT FROM {cleared_status}", quote_ident(c))
+        .map(|c| match (c.as_str(), write_back) {
+            // NULL says nothing in either mode (a table tracked under 'anchored' before, its
+            // columns kept by untrack()); under 'accepted' neither does 'pending'.
+            ("certyo_anchor_status", WriteBack::Accepted) => {
+                format!("{} <> 'pending'", quote_ident(c))
             }
             _ => format!("{} IS NOT NULL", quote_ident(c)),
         })
