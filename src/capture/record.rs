@@ -239,10 +239,15 @@ impl TablePlan {
     /// `row` must be a row of the table this plan was built for.
     pub unsafe fn claims_nothing(&self, row: &Row) -> bool {
         self.marks.iter().all(|&i| {
-            row.is_null(i)
-                // SAFETY: `pending_status` is a text column of the plan's table (`TablePlan::build`).
-                || (Some(i) == self.pending_status
-                    && unsafe { row.text(i) }.as_deref() == Some("pending"))
+            if row.is_null(i) {
+                return true;
+            }
+            if Some(i) != self.pending_status {
+                return false;
+            }
+            // SAFETY: `pending_status` is a text column of the plan's table (`TablePlan::build`),
+            // and `row` one of its rows (this function's contract).
+            unsafe { row.text(i) }.as_deref() == Some("pending")
         })
     }
 

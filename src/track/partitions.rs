@@ -278,7 +278,7 @@ fn is_table(relid: Oid) -> Result<bool> {
 
 /// The extension that `relid`, or a table under it, or its schema, is a member of, if any.
 fn extension_member_within(relid: Oid) -> Result<Option<String>> {
-    Ok(super::latest::one::<String>(
+    super::latest::one::<String>(
         "SELECT (SELECT e.extname::pg_catalog.text
                    FROM (SELECT $1 AS relid UNION SELECT relid FROM pg_catalog.pg_partition_tree($1)) p
                    JOIN pg_catalog.pg_class c ON c.oid OPERATOR(pg_catalog.=) p.relid
@@ -292,12 +292,12 @@ fn extension_member_within(relid: Oid) -> Result<Option<String>> {
                    JOIN pg_catalog.pg_extension e ON e.oid OPERATOR(pg_catalog.=) d.refobjid
                   LIMIT 1)",
         &[relid.into()],
-    )?)
+    )
 }
 
 /// A table tracked on its own in `relid`'s partition tree (`relid` itself, or below it), if any.
 fn tracked_within(relid: Oid) -> Result<Option<Oid>> {
-    Ok(super::latest::one::<Oid>(
+    super::latest::one::<Oid>(
         &format!(
             "SELECT (SELECT t.tgrelid
                        FROM (SELECT $1 AS relid UNION SELECT relid FROM pg_catalog.pg_partition_tree($1)) p
@@ -306,7 +306,7 @@ fn tracked_within(relid: Oid) -> Result<Option<Oid>> {
                       LIMIT 1)"
         ),
         &[relid.into()],
-    )?)
+    )
 }
 
 /// Before `ALTER EXTENSION ... ADD TABLE relid`: refused for a partition of a tracked table. A
