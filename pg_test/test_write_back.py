@@ -609,6 +609,14 @@ def test_a_table_with_a_partition_being_detached_is_refused_by_track(cluster):
     assert cluster.sql(tracked) == "0"
     assert cluster.sql("SELECT count(*) FROM pg_attribute WHERE attrelid = 'wb_pending_1'::regclass "
                        "AND attname = 'certyo_record_hash'") == "0", "nothing of the refused track() is left"
+    # Attached to a tracked table, the same: refused.
+    cluster.sql("CREATE TABLE wb_pending_host (id int PRIMARY KEY, v text) PARTITION BY RANGE (id); "
+                "SELECT certyo.track('wb_pending_host')")
+    attempt = cluster.attempt_verbose(
+        "ALTER TABLE wb_pending_host ATTACH PARTITION wb_pending FOR VALUES FROM (0) TO (1000)")
+    assert attempt.sqlstate == "55000", attempt.stderr
+    assert "wb_pending_2 of public.wb_pending is being detached" in attempt.stderr, attempt.stderr
+    cluster.sql("SELECT certyo.untrack('wb_pending_host', drop_columns => true); DROP TABLE wb_pending_host")
     cluster.sql("ALTER TABLE wb_pending DETACH PARTITION wb_pending_2 FINALIZE")
     cluster.sql("SELECT certyo.track('wb_pending')")
     assert cluster.sql(tracked) == "1"
@@ -990,15 +998,18 @@ def test_a_table_attached_while_a_statement_waits_keeps_the_partitions_it_takes(
         """)
 
 
-@pytest.mark.parametrize("statement", ["TRUNCATE wb_named_decoy",
-                                       "DROP TRIGGER certyo_truncate_guard ON wb_named_decoy",
-                                       "ALTER TABLE wb_named_child INHERIT wb_named_decoy"])
-def test_a_name_that_comes_to_mean_a_tracked_table_while_a_statement_waits_is_refused(cluster, statement):
+@pytest.mark.parametrize("statement,sqlstate,said", [
+    ("TRUNCATE wb_named_decoy", "55000", "a partition of tracked table public.wb_named, is refused"),
+    ("DROP TRIGGER certyo_truncate_guard ON wb_named_decoy", "2BP01", "refuses TRUNCATE of this table"),
+    ("ALTER TABLE wb_named_child INHERIT wb_named_decoy", "0A000", "is tracked, and a table inheriting from it would not be"),
+    ("CREATE TABLE wb_named_child2 () INHERITS (wb_named_decoy)", "0A000", "is tracked, and a table inheriting from it would not be")])
+def test_a_name_that_comes_to_mean_a_tracked_table_while_a_statement_waits_is_refused(cluster, statement, sqlstate, said):
     """The checks before a TRUNCATE, a DROP TRIGGER or an INHERIT go by the name it gives; another
     session renames that table away and a tracked table (or its partition) to the name while the
     statement waits for its lock, and PostgreSQL, resolving the name again, acts on the tracked
     one: rows emptied, its truncate guard dropped, a child's rows (bookkeeping values and all)
-    brought in uncaptured. Checked after the statement: refused (40001), nothing lost."""
+    brought in uncaptured. The checks run again after the statement, on what it acted on:
+    refused as if named, nothing lost."""
     cluster.sql("""
         CREATE TABLE wb_named (id int PRIMARY KEY, v text) PARTITION BY RANGE (id);
         CREATE TABLE wb_named_1 PARTITION OF wb_named FOR VALUES FROM (0) TO (100);
@@ -1012,12 +1023,15 @@ def test_a_name_that_comes_to_mean_a_tracked_table_while_a_statement_waits_is_re
         INSERT INTO wb_named_child VALUES (7, 'unseen', 'sha256:forged', 'anchored', now());
     """)
     target = "wb_named_flat" if "TRUNCATE" not in statement else "wb_named_1"
+    # A new table whose name shadows its parent's (a schema per tenant) is no race: let through.
+    cluster.sql("CREATE SCHEMA wb_tenant; SET search_path = wb_tenant, public; "
+                "CREATE TABLE wb_named_decoy () INHERITS (wb_named_decoy); DROP SCHEMA wb_tenant CASCADE")
     try:
         attempt = race(cluster, "BEGIN; LOCK TABLE wb_named_decoy IN ACCESS EXCLUSIVE MODE; "
                                 "ALTER TABLE wb_named_decoy RENAME TO wb_named_decoy_old; "
                                 f"ALTER TABLE {target} RENAME TO wb_named_decoy;", statement, statement)
-        assert attempt.sqlstate == "40001", attempt.stderr
-        assert '"wb_named_decoy" came to mean another relation' in attempt.stderr, attempt.stderr
+        assert attempt.sqlstate == sqlstate, attempt.stderr
+        assert said in attempt.stderr, attempt.stderr
         cluster.sql(f"ALTER TABLE wb_named_decoy RENAME TO {target}; ALTER TABLE wb_named_decoy_old RENAME TO wb_named_decoy")
         assert cluster.sql("SELECT count(*) FROM wb_named") == "1"
         assert cluster.sql("SELECT count(*) FROM wb_named_flat") == "1"
@@ -1031,7 +1045,7 @@ def test_a_name_that_comes_to_mean_a_tracked_table_while_a_statement_waits_is_re
         cluster.sql("""
             SELECT certyo.untrack("table", drop_columns => true) FROM certyo.tracked_tables
              WHERE "table" IN ('wb_named'::regclass, 'wb_named_flat'::regclass);
-            DROP TABLE IF EXISTS wb_named, wb_named_flat, wb_named_decoy, wb_named_decoy_old, wb_named_child;
+            DROP TABLE IF EXISTS wb_named, wb_named_flat, wb_named_decoy, wb_named_decoy_old, wb_named_child, wb_named_child2;
             DROP FUNCTION IF EXISTS wb_named_nothing();
         """)
 
@@ -1056,6 +1070,37 @@ def test_a_table_untracked_under_anchored_is_tracked_again_under_accepted(cluste
     assert wait_for(lambda: cluster.sql("SELECT count(*) FROM wb_again WHERE certyo_anchor_status = 'anchored'") == "2", 60)
     assert cluster.sql("SELECT count(*) FROM certyo.audit('wb_again')") == "0"
     cluster.sql("SELECT certyo.untrack('wb_again', drop_columns => true); DROP TABLE wb_again")
+
+
+def test_a_concurrent_detach_of_a_name_renamed_to_a_tracked_partition_while_it_waits_is_refused(cluster):
+    """DETACH PARTITION ... CONCURRENTLY of a tracked table's partition is refused, but its
+    first transaction commits inside the statement, before any check after it: another session
+    that renamed a partition to the name the statement gives, while it waited for the lock,
+    took the partition's rows out uncaptured, left detach pending. The partition is resolved
+    as the statement resolves it, waiting for its lock: refused (0A000), nothing left."""
+    cluster.sql("""
+        CREATE TABLE wb_dc (id int PRIMARY KEY, v text) PARTITION BY RANGE (id);
+        CREATE TABLE wb_dc_1 PARTITION OF wb_dc FOR VALUES FROM (0) TO (100);
+        SELECT certyo.track('wb_dc');
+        INSERT INTO wb_dc VALUES (1, 'a');
+        CREATE TABLE wb_dc_decoy (id int PRIMARY KEY, v text);
+    """)
+    try:
+        statement = "ALTER TABLE wb_dc DETACH PARTITION wb_dc_decoy CONCURRENTLY"
+        attempt = race(cluster, "BEGIN; LOCK TABLE wb_dc_decoy IN ACCESS EXCLUSIVE MODE; "
+                                "ALTER TABLE wb_dc_decoy RENAME TO wb_dc_decoy_old; "
+                                "ALTER TABLE wb_dc_1 RENAME TO wb_dc_decoy;", statement, statement)
+        assert attempt.sqlstate == "0A000", attempt.stderr
+        assert cluster.sql("SELECT count(*) FROM pg_inherits WHERE inhrelid = 'wb_dc_decoy'::regclass "
+                           "AND NOT inhdetachpending") == "1", "still a partition"
+        assert cluster.sql("SELECT count(*) FROM wb_dc") == "1"
+        assert cluster.wait_drained(60)
+        assert cluster.sql("SELECT count(*) FROM certyo.audit('wb_dc')") == "0"
+    finally:
+        cluster.sql("""
+            SELECT certyo.untrack('wb_dc', drop_columns => true) FROM certyo.tracked_tables WHERE "table" = 'wb_dc'::regclass;
+            DROP TABLE IF EXISTS wb_dc, wb_dc_decoy, wb_dc_decoy_old;
+        """)
 
 
 def test_a_detach_that_does_nothing_queues_nothing(cluster):

@@ -169,6 +169,10 @@ unsafe extern "C-unwind" fn process_utility(
             // SAFETY: the statement's parse tree outlives its execution.
             unsafe { name.refuse_if_it_moved() }.or_raise();
         }
+        if installed_here() {
+            // SAFETY: the statement's parse tree outlives its execution.
+            unsafe { check_again_after(statement) };
+        }
         if let Some((trees, attaching)) = &trees {
             crate::rights::with_pinned_search_path(|| trees.check_after(*attaching)).or_raise();
         }
@@ -195,6 +199,78 @@ unsafe extern "C-unwind" fn process_utility(
         error.rethrow()
     })
     .execute();
+}
+
+/// Whether certyo_cdc is installed in this database.
+fn installed_here() -> bool {
+    // SAFETY: a catalog lookup inside the statement's transaction.
+    unsafe { pg_sys::get_extension_oid(c"certyo_cdc".as_ptr(), true) != pg_sys::InvalidOid }
+}
+
+/// The checks of a `TRUNCATE`, a `DROP TRIGGER` (or rename, or replacement) of certyo_cdc's
+/// triggers, and an `INHERIT` (`CREATE TABLE ... INHERITS`), run again after the statement on
+/// the relations it acted on, which it now holds locked. Before it, they went by what its names
+/// meant then; while it waited for a lock another session may have tracked the table (or
+/// attached it to a tracked one), or renamed a tracked table, or a partition, to the name. Each
+/// raises as before the statement, and the statement rolls back.
+///
+/// # Safety
+/// `statement` is null or a valid parse node, after it ran, inside its transaction.
+unsafe fn check_again_after(statement: *mut pg_sys::Node) {
+    use crate::rights::with_pinned_search_path as pinned;
+    // SAFETY: the caller upholds this function's contract (its `# Safety` section).
+    unsafe {
+        if let Some((named, cascade)) = truncated(statement) {
+            pinned(|| crate::track::refuse_truncating_partitions(named, cascade)).or_raise();
+        }
+        if let Some((table, trigger, touch)) = touches_own_trigger(statement) {
+            pinned(|| crate::track::refuse_touching_own_trigger(table, &trigger, touch)).or_raise();
+        }
+        if let Some(child) = inheriting_child(statement) {
+            pinned(|| crate::track::refuse_inheriting_child(child)).or_raise();
+        }
+    }
+}
+
+/// The table a `CREATE TABLE ... INHERITS` made, or an `ALTER TABLE ... INHERIT` changed, as its
+/// name resolves after the statement.
+///
+/// # Safety
+/// `stmt` is null or a valid parse node.
+unsafe fn inheriting_child(stmt: *mut pg_sys::Node) -> Option<pg_sys::Oid> {
+    // SAFETY: the caller upholds this function's contract (its `# Safety` section), on which
+    // every unsafe operation below relies.
+    unsafe {
+        if stmt.is_null() {
+            return None;
+        }
+        match (*stmt).type_ {
+            pg_sys::NodeTag::T_CreateStmt => {
+                let create = stmt.cast::<pg_sys::CreateStmt>();
+                let inherits = (*create).partbound.is_null()
+                    && !pgrx::PgList::<pg_sys::RangeVar>::from_pg((*create).inhRelations)
+                        .is_empty();
+                if inherits {
+                    resolve((*create).relation)
+                } else {
+                    None
+                }
+            }
+            pg_sys::NodeTag::T_AlterTableStmt => {
+                let alter = stmt.cast::<pg_sys::AlterTableStmt>();
+                let commands = pgrx::PgList::<pg_sys::AlterTableCmd>::from_pg((*alter).cmds);
+                let inherits = commands
+                    .iter_ptr()
+                    .any(|c| !c.is_null() && (*c).subtype == pg_sys::AlterTableType::AT_AddInherit);
+                if inherits && !(*alter).relation.is_null() {
+                    resolve((*alter).relation)
+                } else {
+                    None
+                }
+            }
+            _ => None,
+        }
+    }
 }
 
 /// A name a statement gives to a table or index that the checks before it went by: for a
@@ -261,61 +337,14 @@ unsafe fn named_relations(stmt: *mut pg_sys::Node) -> Vec<NamedRelation> {
         if stmt.is_null() {
             return Vec::new();
         }
-        match (*stmt).type_ {
-            pg_sys::NodeTag::T_TruncateStmt => {
-                let truncate = stmt.cast::<pg_sys::TruncateStmt>();
-                for name in
-                    pgrx::PgList::<pg_sys::RangeVar>::from_pg((*truncate).relations).iter_ptr()
-                {
-                    names.push((name, false));
-                }
-            }
-            pg_sys::NodeTag::T_DropStmt => {
-                let drop = stmt.cast::<pg_sys::DropStmt>();
+        if (*stmt).type_ == pg_sys::NodeTag::T_DropStmt {
+            let drop = stmt.cast::<pg_sys::DropStmt>();
+            if (*drop).removeType == pg_sys::ObjectType::OBJECT_INDEX {
                 let objects = pgrx::PgList::<pg_sys::List>::from_pg((*drop).objects);
-                match (*drop).removeType {
-                    pg_sys::ObjectType::OBJECT_INDEX => {
-                        for name in objects.iter_ptr().filter(|n| !n.is_null()) {
-                            names.push((pg_sys::makeRangeVarFromNameList(name), true));
-                        }
-                    }
-                    pg_sys::ObjectType::OBJECT_TRIGGER => {
-                        // Each object is a list of names: [schema,] table, trigger.
-                        for name in objects.iter_ptr().filter(|n| !n.is_null()) {
-                            let count = pgrx::PgList::<pg_sys::Node>::from_pg(name).len();
-                            if count < 2 {
-                                continue;
-                            }
-                            let table =
-                                pg_sys::list_truncate(pg_sys::list_copy(name), (count - 1) as i32);
-                            names.push((pg_sys::makeRangeVarFromNameList(table), false));
-                        }
-                    }
-                    _ => {}
+                for name in objects.iter_ptr().filter(|n| !n.is_null()) {
+                    names.push((pg_sys::makeRangeVarFromNameList(name), true));
                 }
             }
-            pg_sys::NodeTag::T_AlterTableStmt => {
-                let alter = stmt.cast::<pg_sys::AlterTableStmt>();
-                let commands = pgrx::PgList::<pg_sys::AlterTableCmd>::from_pg((*alter).cmds);
-                for cmd in commands.iter_ptr().filter(|c| !c.is_null()) {
-                    if (*cmd).subtype == pg_sys::AlterTableType::AT_AddInherit
-                        && !(*cmd).def.is_null()
-                    {
-                        names.push(((*cmd).def.cast::<pg_sys::RangeVar>(), false));
-                    }
-                }
-            }
-            pg_sys::NodeTag::T_CreateStmt => {
-                let create = stmt.cast::<pg_sys::CreateStmt>();
-                if (*create).partbound.is_null() {
-                    for parent in
-                        pgrx::PgList::<pg_sys::RangeVar>::from_pg((*create).inhRelations).iter_ptr()
-                    {
-                        names.push((parent, false));
-                    }
-                }
-            }
-            _ => {}
         }
         names
             .into_iter()
@@ -600,7 +629,25 @@ unsafe fn leaving_tables(stmt: *mut pg_sys::Node) -> Vec<(pg_sys::Oid, crate::tr
                 let Some(parent) = resolve((*alter).relation) else {
                     continue;
                 };
-                if let Some(child) = resolve((*partition).name).filter(|&child| {
+                // A concurrent detach commits its first transaction inside the statement, before
+                // any check after it could refuse it: its partition is resolved here as the
+                // statement resolves it, waiting for the lock it takes (so no rename while it
+                // waits makes the name mean another table than the one checked).
+                // (Only for whoever may detach from the table: anyone else gets PostgreSQL's
+                // refusal, and holds nothing of another's.)
+                let may = || {
+                    crate::rights::with_pinned_search_path(|| crate::track::owns(parent, false))
+                        .or_raise()
+                };
+                let child = if (*partition).concurrent && may() {
+                    resolve_locked(
+                        (*partition).name,
+                        pg_sys::ShareUpdateExclusiveLock as pg_sys::LOCKMODE,
+                    )
+                } else {
+                    resolve((*partition).name)
+                };
+                if let Some(child) = child.filter(|&child| {
                     crate::track::partition_parent(child).or_raise() == Some(parent)
                 }) {
                     let how = if (*partition).concurrent {
@@ -782,10 +829,23 @@ unsafe fn truncated(stmt: *mut pg_sys::Node) -> Option<(Vec<pg_sys::Oid>, bool)>
 /// `name` is a valid `RangeVar`, inside a transaction.
 unsafe fn resolve(name: *mut pg_sys::RangeVar) -> Option<pg_sys::Oid> {
     // SAFETY: the caller upholds this function's contract (its `# Safety` section).
+    unsafe { resolve_locked(name, pg_sys::NoLock as pg_sys::LOCKMODE) }
+}
+
+/// [`resolve`], locking the relation in `mode` (held until the transaction ends), waiting for
+/// whoever holds it, and resolving the name again after the wait, as PostgreSQL's own lookups do.
+///
+/// # Safety
+/// As for [`resolve`].
+unsafe fn resolve_locked(
+    name: *mut pg_sys::RangeVar,
+    mode: pg_sys::LOCKMODE,
+) -> Option<pg_sys::Oid> {
+    // SAFETY: the caller upholds this function's contract (its `# Safety` section).
     let relid = unsafe {
         pg_sys::RangeVarGetRelidExtended(
             name,
-            pg_sys::NoLock as pg_sys::LOCKMODE,
+            mode,
             pg_sys::RVROption::RVR_MISSING_OK,
             None,
             std::ptr::null_mut(),

@@ -21,7 +21,7 @@ use crate::error::{CertyoError, OrRaise, Result};
 use install::TriggerDefinition;
 pub use outcome::Trees;
 pub use partitions::{
-    after_attach, before_attach, before_rows_leave, outermost, partition_parent,
+    after_attach, before_attach, before_rows_leave, outermost, owns, partition_parent,
     partitions_dropped_with, refuse_extension_member, refuse_truncating_partitions, Leaving,
 };
 use pgrx::pg_sys::Oid;
@@ -334,6 +334,18 @@ pub fn refuse_inheriting_from(parent: Oid) -> Result<()> {
     )
     .detail("Rows of an inheritance child fire only the child's triggers, also when written through the parent, so its changes would silently not be captured.")
     .hint(format!("Use declarative partitioning (CREATE TABLE ... PARTITION OF {name}), whose partitions are captured with the table, or call certyo.untrack('{name}') first.")))
+}
+
+/// After `CREATE TABLE ... INHERITS` or `ALTER TABLE ... INHERIT`: refused when `child` now
+/// inherits from a tracked table ([`refuse_inheriting_from`]), whatever the statement's names
+/// meant when its checks ran.
+pub fn refuse_inheriting_child(child: Oid) -> Result<()> {
+    let parents = latest::one::<Vec<Oid>>(
+        "SELECT pg_catalog.array_agg(inhparent) FROM pg_catalog.pg_inherits WHERE inhrelid OPERATOR(pg_catalog.=) $1",
+        &[child.into()],
+    )?
+    .unwrap_or_default();
+    parents.into_iter().try_for_each(refuse_inheriting_from)
 }
 
 /// `ALTER TABLE partition ENABLE / DISABLE ... TRIGGER name`, from `crate::ddl_hook`: refused

@@ -75,6 +75,9 @@ pub fn before_attach(parent: Oid, child: Oid) -> Result<()> {
         .detail(format!("DROP EXTENSION {extension} would drop it (or its schema), and its rows would leave {table} without their deletes captured."))
         .hint(format!("Remove it from the extension first: ALTER EXTENSION {extension} DROP TABLE {child}; (or DROP SCHEMA, when its schema is the member).")));
     }
+    // A partition under it left detach pending could get neither the bookkeeping columns nor
+    // its rows checked, as for track().
+    refuse_detach_pending(child)?;
     super::trigger_order::require_no_trigger_after_marks(child, table, &options)?;
     super::install::refuse_marked_rows(child, options.write_back, &name_of(table)?)?;
     super::install::add_bookkeeping_columns(&Table::inspect(child)?, options.write_back)?;
@@ -83,10 +86,11 @@ pub fn before_attach(parent: Oid, child: Oid) -> Result<()> {
     Ok(())
 }
 
-/// Before `track()`: a partition left "detach pending" by an interrupted `DETACH PARTITION ...
-/// CONCURRENTLY` is on its way out of the table and cannot be given the bookkeeping columns
-/// (PostgreSQL refuses to alter it until the detach is finished), so its rows could be neither
-/// marked nor told apart when it leaves: refused, the owner to finish the detach first.
+/// Before `track()`, and before `ATTACH PARTITION` of a partitioned table to a tracked one: a
+/// partition left "detach pending" by an interrupted `DETACH PARTITION ... CONCURRENTLY` is on
+/// its way out of the table and cannot be given the bookkeeping columns (PostgreSQL refuses to
+/// alter it until the detach is finished), so its rows could be neither marked nor told apart
+/// when it leaves: refused, the owner to finish the detach first.
 pub fn refuse_detach_pending(table: Oid) -> Result<()> {
     // One row always (the aggregate): `[parent, child]` of the first pending partition, or NULL.
     let pending = super::latest::one::<Vec<String>>(
@@ -106,7 +110,7 @@ pub fn refuse_detach_pending(table: Oid) -> Result<()> {
         format!("certyo_cdc: partition {child} of {parent} is being detached (an interrupted DETACH PARTITION ... CONCURRENTLY)"),
     )
     .detail("A partition that is detach pending can no longer be altered, so it cannot get the bookkeeping columns, and its rows are on their way out of the table.")
-    .hint(format!("Finish the detach first: ALTER TABLE {parent} DETACH PARTITION {child} FINALIZE; then track the table (and attach the partition again if its rows belong to it).")))
+    .hint(format!("Finish the detach first: ALTER TABLE {parent} DETACH PARTITION {child} FINALIZE; then run the statement again (and attach the partition again if its rows belong to it).")))
 }
 
 /// After `ALTER TABLE ... ATTACH PARTITION child` succeeded: an `upsert` of each row the
@@ -328,7 +332,7 @@ pub fn refuse_extension_member(relid: Oid, extension: &str) -> Result<()> {
 /// Whether the session's user owns `relid` (as a member of the owning role, or as a superuser),
 /// or (`or_schema`) its schema: what PostgreSQL asks of `DROP TABLE` (`DETACH PARTITION` asks it
 /// of the partitioned table).
-fn owns(relid: Oid, or_schema: bool) -> Result<bool> {
+pub fn owns(relid: Oid, or_schema: bool) -> Result<bool> {
     Ok(super::latest::one::<bool>(
         "SELECT (SELECT pg_catalog.pg_has_role(c.relowner, 'USAGE')
                         OR ($2 AND pg_catalog.pg_has_role(n.nspowner, 'USAGE'))
