@@ -6,7 +6,7 @@
 //! first.
 
 use crate::error::{CertyoError, Result};
-use pgrx::datum::{DatumWithOid, FromDatum};
+use pgrx::datum::{DatumWithOid, FromDatum, IntoDatum};
 use pgrx::pg_sys;
 use pgrx::prelude::*;
 use pgrx::PgSqlErrorCode;
@@ -14,21 +14,33 @@ use std::ffi::{CStr, CString};
 
 /// The first column of the first row of `query` (its parameters `$1`... are `args`), or `None`
 /// when there is no row or the value is NULL.
-pub fn one<T: FromDatum>(query: &str, args: &[DatumWithOid]) -> Result<Option<T>> {
+pub fn one<T: FromDatum + IntoDatum>(query: &str, args: &[DatumWithOid]) -> Result<Option<T>> {
     run(query, args, |table| {
         // SAFETY: `table` is SPI's tuple table of the query just run, in SPI's memory; the
         // first row is read only if there is one, its first column only if the query has one,
-        // and the value is converted as the type the descriptor gives it.
+        // and only if its type is the one `T` reads.
         unsafe {
             let desc = (*table).tupdesc;
             if pg_sys::SPI_processed == 0 || (*desc).natts < 1 {
-                return None;
+                return Ok(None);
+            }
+            let typid = pg_sys::SPI_gettypeid(desc, 1);
+            if !T::is_compatible_with(typid) {
+                return Err(typid);
             }
             let tuple = *(*table).vals;
             let mut is_null = true;
             let datum = pg_sys::SPI_getbinval(tuple, desc, 1, &mut is_null);
-            T::from_polymorphic_datum(datum, is_null, pg_sys::SPI_gettypeid(desc, 1))
+            Ok(T::from_polymorphic_datum(datum, is_null, typid))
         }
+    })?
+    .map_err(|typid| {
+        CertyoError::new(
+            PgSqlErrorCode::ERRCODE_DATATYPE_MISMATCH,
+            format!("certyo_cdc: a catalog read of its checks returned type {typid:?}, not the type it reads"),
+        )
+        .detail(format!("The query: {query}"))
+        .hint("This is a bug in certyo_cdc; please report it with the statement that raised it.")
     })
 }
 
