@@ -79,25 +79,18 @@ unsafe extern "C-unwind" fn process_utility(
     // (with whether it may bring some in), to check its outcome by (see `Trees`).
     // SAFETY: `statement` is null or a valid parse node, read-only here.
     let reshapes = unsafe { reshapes_partition_trees(statement) };
-    // SAFETY: a catalog lookup inside the statement's transaction.
-    let installed = reshapes.is_some()
-        && unsafe { pg_sys::get_extension_oid(c"certyo_cdc".as_ptr(), true) } != pg_sys::InvalidOid;
+    let installed = reshapes.is_some() && installed_here();
     let trees = reshapes
         .filter(|_| installed)
         .map(|attaching| (pinned(crate::track::Trees::read).or_raise(), attaching));
     // The names the checks below go by, as they resolve now, to compare with what they mean
     // after the statement (see `NamedRelation`).
-    // SAFETY: `statement` is null or a valid parse node, read-only here; a catalog lookup
-    // inside the statement's transaction.
-    let named = unsafe {
-        let named = named_relations(statement);
-        if !named.is_empty()
-            && pg_sys::get_extension_oid(c"certyo_cdc".as_ptr(), true) != pg_sys::InvalidOid
-        {
-            named
-        } else {
-            Vec::new()
-        }
+    // SAFETY: `statement` is null or a valid parse node, read-only here.
+    let named = unsafe { named_relations(statement) };
+    let named = if !named.is_empty() && installed_here() {
+        named
+    } else {
+        Vec::new()
     };
     // SAFETY: `statement` is null or a valid parse node, read-only here.
     unsafe {
@@ -169,10 +162,8 @@ unsafe extern "C-unwind" fn process_utility(
             // SAFETY: the statement's parse tree outlives its execution.
             unsafe { name.refuse_if_it_moved() }.or_raise();
         }
-        if installed_here() {
-            // SAFETY: the statement's parse tree outlives its execution.
-            unsafe { check_again_after(statement) };
-        }
+        // SAFETY: the statement's parse tree outlives its execution.
+        unsafe { check_again_after(statement) };
         if let Some((trees, attaching)) = &trees {
             crate::rights::with_pinned_search_path(|| trees.check_after(*attaching)).or_raise();
         }
@@ -218,17 +209,27 @@ fn installed_here() -> bool {
 /// `statement` is null or a valid parse node, after it ran, inside its transaction.
 unsafe fn check_again_after(statement: *mut pg_sys::Node) {
     use crate::rights::with_pinned_search_path as pinned;
+    // Only these statements read the catalog here: every other utility statement, `SET` and
+    // `BEGIN` among them, pays nothing.
     // SAFETY: the caller upholds this function's contract (its `# Safety` section).
-    unsafe {
-        if let Some((named, cascade)) = truncated(statement) {
-            pinned(|| crate::track::refuse_truncating_partitions(named, cascade)).or_raise();
-        }
-        if let Some((table, trigger, touch)) = touches_own_trigger(statement) {
-            pinned(|| crate::track::refuse_touching_own_trigger(table, &trigger, touch)).or_raise();
-        }
-        if let Some(child) = inheriting_child(statement) {
-            pinned(|| crate::track::refuse_inheriting_child(child)).or_raise();
-        }
+    let (truncating, trigger, child) = unsafe {
+        (
+            truncated(statement),
+            touches_own_trigger(statement),
+            inheriting_child(statement),
+        )
+    };
+    if (truncating.is_none() && trigger.is_none() && child.is_none()) || !installed_here() {
+        return;
+    }
+    if let Some((named, cascade)) = truncating {
+        pinned(|| crate::track::refuse_truncating_partitions(named, cascade)).or_raise();
+    }
+    if let Some((table, trigger, touch)) = trigger {
+        pinned(|| crate::track::refuse_touching_own_trigger(table, &trigger, touch)).or_raise();
+    }
+    if let Some(child) = child {
+        pinned(|| crate::track::refuse_inheriting_child(child)).or_raise();
     }
 }
 
@@ -1149,10 +1150,7 @@ fn lock_out_writers() {
 /// (pending, dead letters) in this database, or None when the extension or its tables are
 /// not there (a drop of a broken installation is never blocked).
 fn undelivered() -> Option<(i64, i64)> {
-    // SAFETY: a catalog lookup inside the statement's transaction.
-    let installed =
-        unsafe { pg_sys::get_extension_oid(c"certyo_cdc".as_ptr(), true) } != pg_sys::InvalidOid;
-    if !installed {
+    if !installed_here() {
         return None;
     }
     // Only for whoever may drop it: the counts are the operator's (certyo.worker_status() is

@@ -76,6 +76,27 @@ impl Row {
             <String as pgrx::FromDatum>::from_polymorphic_datum(datum, false, pg_sys::TEXTOID)
         }
     }
+
+    /// Whether column `index` (from 0) holds, stored inline as it is, exactly the text
+    /// `expected`: read in place, without a copy (the capture trigger asks this of every row).
+    /// A compressed or out-of-line value is not compared (a value that short is never either).
+    ///
+    /// # Safety
+    /// `index` must be a column of type `text` of the row's relation.
+    pub unsafe fn text_is(&self, index: usize, expected: &str) -> bool {
+        let (Some(&datum), Some(false)) = (self.values.get(index), self.nulls.get(index).copied())
+        else {
+            return false;
+        };
+        // SAFETY: a non-null text datum is a varlena pointer (the caller's contract); its header
+        // gives the length of the bytes read, compressed or out-of-line data compared as stored.
+        unsafe {
+            let value = datum.cast_mut_ptr::<pg_sys::varlena>();
+            !pgrx::varlena::varatt_is_4b_c(value)
+                && !pgrx::varlena::varatt_is_1b_e(value)
+                && pgrx::varlena::varlena_to_byte_slice(value) == expected.as_bytes()
+        }
+    }
 }
 
 thread_local! {
@@ -247,7 +268,7 @@ impl TablePlan {
             }
             // SAFETY: `pending_status` is a text column of the plan's table (`TablePlan::build`),
             // and `row` one of its rows (this function's contract).
-            unsafe { row.text(i) }.as_deref() == Some("pending")
+            unsafe { row.text_is(i, "pending") }
         })
     }
 
