@@ -780,6 +780,15 @@ def test_under_accepted_a_status_alone_claims_nothing_only_when_it_is_pending(cl
     cluster.sql("SELECT certyo.untrack('wb_alone', drop_columns => true); DROP TABLE wb_alone")
 
 
+def untrack_and_drop(cluster, table, *others):
+    """Clean-up after a test: `table` untracked (its bookkeeping columns dropped) if it is still
+    tracked, and it and `others` dropped if they exist."""
+    cluster.sql(f"""
+        SELECT certyo.untrack('{table}', drop_columns => true) FROM certyo.tracked_tables WHERE "table" = to_regclass('{table}');
+        DROP TABLE IF EXISTS {", ".join((table,) + others)};
+    """)
+
+
 def race(cluster, held_statements, statement, waiting_on):
     """Run `statement` while another session, which ran `held_statements` in an open
     transaction, holds what it waits for; commit that session once `statement` waits for a
@@ -962,10 +971,8 @@ def test_a_table_tracked_while_a_statement_waits_keeps_the_partitions_it_takes(c
         assert cluster.wait_drained(60)
         assert cluster.sql(audit) == "0"
     finally:
-        cluster.sql("""
-            SELECT certyo.untrack('wb_late', drop_columns => true) FROM certyo.tracked_tables WHERE "table" = 'wb_late'::regclass;
-            DROP TABLE IF EXISTS wb_late, wb_late_1, wb_late_1a; DROP SCHEMA IF EXISTS wb_late_s CASCADE;
-        """)
+        untrack_and_drop(cluster, "wb_late", "wb_late_1", "wb_late_1a")
+        cluster.sql("DROP SCHEMA IF EXISTS wb_late_s CASCADE")
 
 
 @pytest.mark.parametrize("statement", ["DROP TABLE wb_joins_x", "ALTER TABLE wb_joins DETACH PARTITION wb_joins_x"])
@@ -992,10 +999,7 @@ def test_a_table_attached_while_a_statement_waits_keeps_the_partitions_it_takes(
         assert cluster.wait_drained(60)
         assert cluster.sql("SELECT count(*) FROM certyo.audit('wb_host')") == "0"
     finally:
-        cluster.sql("""
-            SELECT certyo.untrack('wb_host', drop_columns => true) FROM certyo.tracked_tables WHERE "table" = 'wb_host'::regclass;
-            DROP TABLE IF EXISTS wb_host, wb_joins, wb_joins_x;
-        """)
+        untrack_and_drop(cluster, "wb_host", "wb_joins", "wb_joins_x")
 
 
 @pytest.mark.parametrize("statement,sqlstate,said", [
@@ -1097,10 +1101,7 @@ def test_a_concurrent_detach_of_a_name_renamed_to_a_tracked_partition_while_it_w
         assert cluster.wait_drained(60)
         assert cluster.sql("SELECT count(*) FROM certyo.audit('wb_dc')") == "0"
     finally:
-        cluster.sql("""
-            SELECT certyo.untrack('wb_dc', drop_columns => true) FROM certyo.tracked_tables WHERE "table" = 'wb_dc'::regclass;
-            DROP TABLE IF EXISTS wb_dc, wb_dc_decoy, wb_dc_decoy_old;
-        """)
+        untrack_and_drop(cluster, "wb_dc", "wb_dc_decoy", "wb_dc_decoy_old")
 
 
 def test_a_detach_that_does_nothing_queues_nothing(cluster):
