@@ -535,8 +535,11 @@ def test_a_partitioned_table_is_tracked_with_its_partitions_present_and_future(e
         refused = cluster.attempt_verbose("SELECT certyo.track('base')")
         assert refused.sqlstates == ["0A000"] and "inheritance children (public.kid)" in refused.stderr, refused
         cluster.sql("CREATE TABLE plain (id int PRIMARY KEY); SELECT certyo.track('plain')")
+        cluster.sql("CREATE FOREIGN DATA WRAPPER dummy; CREATE SERVER dummy FOREIGN DATA WRAPPER dummy")
+        # A foreign table's rows, inherited, would show in the tracked table, never captured.
         for statement in ("CREATE TABLE sub () INHERITS (plain)",
-                          "CREATE TABLE sub (id int); ALTER TABLE sub INHERIT plain"):
+                          "CREATE TABLE sub (id int); ALTER TABLE sub INHERIT plain",
+                          "CREATE FOREIGN TABLE sub () INHERITS (plain) SERVER dummy"):
             refused = cluster.attempt_verbose(statement)
             assert refused.sqlstates == ["0A000"] and "PARTITION OF public.plain" in refused.stderr, refused
             cluster.sql("DROP TABLE IF EXISTS sub")

@@ -246,7 +246,8 @@ unsafe fn inheriting_child(stmt: *mut pg_sys::Node) -> Option<pg_sys::Oid> {
             return None;
         }
         match (*stmt).type_ {
-            pg_sys::NodeTag::T_CreateStmt => {
+            // `CreateForeignTableStmt` begins with its `CreateStmt`.
+            pg_sys::NodeTag::T_CreateStmt | pg_sys::NodeTag::T_CreateForeignTableStmt => {
                 let create = stmt.cast::<pg_sys::CreateStmt>();
                 let inherits = (*create).partbound.is_null()
                     && !pgrx::PgList::<pg_sys::RangeVar>::from_pg((*create).inhRelations)
@@ -553,7 +554,11 @@ unsafe fn attaches_or_inherits(stmt: *mut pg_sys::Node) -> Vec<(pg_sys::Oid, Att
         if stmt.is_null() {
             return found;
         }
-        if (*stmt).type_ == pg_sys::NodeTag::T_CreateStmt {
+        // `CREATE FOREIGN TABLE ... INHERITS` too: its statement begins with a `CreateStmt`.
+        if matches!(
+            (*stmt).type_,
+            pg_sys::NodeTag::T_CreateStmt | pg_sys::NodeTag::T_CreateForeignTableStmt
+        ) {
             let create = stmt.cast::<pg_sys::CreateStmt>();
             if (*create).partbound.is_null() {
                 let parents = pgrx::PgList::<pg_sys::RangeVar>::from_pg((*create).inhRelations);
