@@ -440,6 +440,80 @@ def test_a_row_deleted_or_rekeyed_through_capture_after_its_primary_key_moved_is
         stop(cluster)
 
 
+@pytest.mark.parametrize("how", ["while untracked", "behind the trigger"])
+def test_a_key_column_changed_without_capture_before_a_rekey_is_a_change_not_a_deletion(emulator, how):
+    """A row's column k changes without capture (while the table is untracked, or in replica
+    mode behind the trigger's back); then the table is tracked again with k as its record key.
+    The row is still there, under the old key too: the audit finds it changed without capture,
+    in k, under the record id it was captured with, and not deleted beside a row never
+    captured. (Found by pg_test/test_sequences.py, seed 962766491.)"""
+    cluster = rekey_cluster(emulator, """
+        CREATE TABLE kc (id int PRIMARY KEY, k text NOT NULL UNIQUE, v text);
+        SELECT certyo.track('kc');
+        INSERT INTO kc VALUES (70, 'a', 'v1'), (71, 'c', 'v1');""")
+    try:
+        assert cluster.wait_drained(30), cluster.explain()
+        if how == "while untracked":
+            cluster.sql("SELECT certyo.untrack('kc'); UPDATE kc SET k = 'b' WHERE id = 70; SELECT certyo.track('kc')")
+        else:
+            cluster.sql("SET session_replication_role = replica; UPDATE kc SET k = 'b' WHERE id = 70")
+        assert audit_lines(cluster, "kc") == "70: changed without capture", audit_lines(cluster, "kc")
+        cluster.sql("SELECT certyo.track('kc', record_id_columns => ARRAY['k'])")
+        rows = cluster.sql("SELECT string_agg(record_id || ': ' || problem || coalesce(' (' || detail || ')', ''), ', ') "
+                           "FROM certyo.audit('kc') WHERE record_id IS NOT NULL")
+        assert rows == '70: changed without capture (differs in "k")', rows
+        # Captured again under its new record id, the row is no finding; its record under the
+        # old key stays changed without capture (no capture under another record id tells
+        # that change from a delete of the row and another row taking its old key), never a
+        # delete.
+        cluster.sql("UPDATE kc SET v = 'v2' WHERE id = 70")
+        assert cluster.wait_drained(30), cluster.explain()
+        rows = cluster.sql("SELECT string_agg(record_id || ': ' || problem, ', ') FROM certyo.audit('kc') "
+                           "WHERE record_id IS NOT NULL")
+        assert rows == "70: changed without capture", rows
+    finally:
+        stop(cluster)
+
+
+def test_a_row_deleted_without_capture_whose_old_key_another_row_takes_stays_a_finding(emulator):
+    """Records keyed by a, re-keyed by b. Row Y is deleted behind the trigger's back; then row X
+    takes Y's old value of a, through capture. X holds Y's old record id under a, but not Y's
+    values of b: Y's record does not go silent (it is reported, under its record id); X's own
+    record is no finding."""
+    cluster = rekey_cluster(emulator, """
+        CREATE TABLE dk (a int NOT NULL UNIQUE, b int NOT NULL UNIQUE, v text);
+        SELECT certyo.track('dk', record_id_columns => ARRAY['a']);
+        INSERT INTO dk VALUES (1, 10, 'x'), (2, 20, 'y');""")
+    try:
+        assert cluster.wait_drained(30), cluster.explain()
+        cluster.sql("SELECT certyo.track('dk', record_id_columns => ARRAY['b'])")
+        cluster.sql("SET session_replication_role = replica; DELETE FROM dk WHERE b = 20")
+        rows = "SELECT string_agg(record_id || ': ' || problem, ', ' ORDER BY record_id) FROM certyo.audit('dk') WHERE record_id IS NOT NULL"
+        assert cluster.sql(rows) == "2: deleted without capture", cluster.sql(rows)
+        cluster.sql("UPDATE dk SET a = 2 WHERE b = 10")
+        assert cluster.wait_drained(30), cluster.explain()
+        found = cluster.sql(rows)
+        assert found.startswith("2: ") and "10" not in found, found
+    finally:
+        stop(cluster)
+
+
+def test_the_present_key_retyped_after_a_rekey_is_no_finding_of_a_row(emulator):
+    """Records keyed by a, re-keyed by b, then b retyped (int to text, the same values): no row
+    changed, so the audit names none (the schema changes are the table's findings)."""
+    cluster = rekey_cluster(emulator, """
+        CREATE TABLE rt (a int NOT NULL UNIQUE, b int NOT NULL UNIQUE, v text);
+        SELECT certyo.track('rt', record_id_columns => ARRAY['a']);
+        INSERT INTO rt VALUES (1, 10, 'x'), (2, 20, 'y');""")
+    try:
+        assert cluster.wait_drained(30), cluster.explain()
+        cluster.sql("SELECT certyo.track('rt', record_id_columns => ARRAY['b']); ALTER TABLE rt ALTER COLUMN b TYPE text")
+        rows = cluster.sql("SELECT count(*) FROM certyo.audit('rt') WHERE record_id IS NOT NULL")
+        assert rows == "0", audit_lines(cluster, "rt")
+    finally:
+        stop(cluster)
+
+
 def test_a_table_untracked_at_the_dump_and_tracked_again_after_the_restore_keeps_its_receipts(emulator):
     """A table tracked, delivered, then untracked (its receipts wait to be written back until
     it is tracked again), dumped, and restored into a fresh cluster by a script that tracks it

@@ -1002,18 +1002,53 @@ def test_a_table_attached_while_a_statement_waits_keeps_the_partitions_it_takes(
         untrack_and_drop(cluster, "wb_host", "wb_joins", "wb_joins_x")
 
 
+@pytest.mark.parametrize("how", ["track", "track partitioned", "attach", "attach partitioned"])
+def test_marks_a_writer_commits_while_the_table_is_tracked_or_attached_are_refused(cluster, how):
+    """A writer's open transaction inserts a row that claims a hash and 'anchored', Certyo never
+    having seen it; track(), or ATTACH PARTITION to a tracked table, comes meanwhile and waits
+    for that writer; the writer commits. The row's claims are checked all the same (as those of
+    rows already there): refused, nothing tracked or attached."""
+    partitioned = how.endswith("partitioned")
+    cluster.sql(f"""
+        CREATE TABLE wb_host2 (id int PRIMARY KEY, v text) PARTITION BY RANGE (id);
+        SELECT certyo.track('wb_host2', write_back => 'anchored');
+        CREATE TABLE wb_forged (id int PRIMARY KEY, v text, certyo_record_hash text,
+                                certyo_anchor_status text, certyo_verified_at timestamptz)
+            {"PARTITION BY RANGE (id)" if partitioned else ""};
+        {"CREATE TABLE wb_forged_1 PARTITION OF wb_forged FOR VALUES FROM (0) TO (100);" if partitioned else ""}
+        INSERT INTO wb_forged (id, v) VALUES (1, 'plain');
+    """)
+    writes_to = "wb_forged_1" if partitioned else "wb_forged"
+    statement = ("SELECT certyo.track('wb_forged', write_back => 'anchored')" if how.startswith("track")
+                 else "ALTER TABLE wb_host2 ATTACH PARTITION wb_forged FOR VALUES FROM (0) TO (100)")
+    try:
+        attempt = race(cluster, f"BEGIN; INSERT INTO {writes_to} VALUES (2, 'forged', 'sha256:' || repeat('0', 64), "
+                                "'anchored', now());", statement, statement.split("(")[0])
+        assert attempt.sqlstate == "55000", attempt.stderr
+        assert "hold bookkeeping values that no receipt of" in attempt.stderr, attempt.stderr
+        assert cluster.sql("SELECT count(*) FROM certyo.tracked_tables WHERE \"table\" = 'wb_forged'::regclass") == "0"
+        assert cluster.sql("SELECT count(*) FROM pg_inherits WHERE inhrelid = 'wb_forged'::regclass") == "0"
+    finally:
+        untrack_and_drop(cluster, "wb_host2", "wb_forged")
+
+
 @pytest.mark.parametrize("statement,sqlstate,said", [
     ("TRUNCATE wb_named_decoy", "55000", "a partition of tracked table public.wb_named, is refused"),
     ("DROP TRIGGER certyo_truncate_guard ON wb_named_decoy", "2BP01", "refuses TRUNCATE of this table"),
     ("ALTER TABLE wb_named_child INHERIT wb_named_decoy", "0A000", "is tracked, and a table inheriting from it would not be"),
-    ("CREATE TABLE wb_named_child2 () INHERITS (wb_named_decoy)", "0A000", "is tracked, and a table inheriting from it would not be")])
+    ("CREATE TABLE wb_named_child2 () INHERITS (wb_named_decoy)", "0A000", "is tracked, and a table inheriting from it would not be"),
+    ("ALTER TABLE wb_named_decoy DISABLE TRIGGER certyo_capture", "55000", "fires trigger certyo_capture as its tracked table does"),
+    ("ALTER EXTENSION plpgsql ADD TABLE wb_named_decoy", "55000", "cannot become a member of extension plpgsql"),
+    ("CREATE TRIGGER zzz_late BEFORE UPDATE ON wb_named_decoy FOR EACH ROW EXECUTE FUNCTION wb_named_nothing()",
+     "42P17", "would fire after zz_certyo_marks")])
 def test_a_name_that_comes_to_mean_a_tracked_table_while_a_statement_waits_is_refused(cluster, statement, sqlstate, said):
-    """The checks before a TRUNCATE, a DROP TRIGGER or an INHERIT go by the name it gives; another
-    session renames that table away and a tracked table (or its partition) to the name while the
-    statement waits for its lock, and PostgreSQL, resolving the name again, acts on the tracked
-    one: rows emptied, its truncate guard dropped, a child's rows (bookkeeping values and all)
-    brought in uncaptured. The checks run again after the statement, on what it acted on:
-    refused as if named, nothing lost."""
+    """The checks before a TRUNCATE, a DROP TRIGGER, an INHERIT or a DISABLE TRIGGER go by the
+    name it gives; another session renames that table away and a tracked table (or its
+    partition) to the name while the statement waits for its lock, and PostgreSQL, resolving the
+    name again, acts on the tracked one: rows emptied, its truncate guard dropped, a child's rows
+    (bookkeeping values and all) brought in uncaptured, a partition's capture turned off. The
+    checks run again after the statement, on what it acted on: refused as if named, nothing
+    lost."""
     cluster.sql("""
         CREATE TABLE wb_named (id int PRIMARY KEY, v text) PARTITION BY RANGE (id);
         CREATE TABLE wb_named_1 PARTITION OF wb_named FOR VALUES FROM (0) TO (100);
@@ -1026,7 +1061,7 @@ def test_a_name_that_comes_to_mean_a_tracked_table_while_a_statement_waits_is_re
         CREATE TABLE wb_named_child (LIKE wb_named_flat);
         INSERT INTO wb_named_child VALUES (7, 'unseen', 'sha256:forged', 'anchored', now());
     """)
-    target = "wb_named_flat" if "TRUNCATE" not in statement else "wb_named_1"
+    target = "wb_named_1" if any(w in statement for w in ("TRUNCATE", "DISABLE", "EXTENSION")) else "wb_named_flat"
     # A new table whose name shadows its parent's (a schema per tenant) is no race: let through.
     cluster.sql("CREATE SCHEMA wb_tenant; SET search_path = wb_tenant, public; "
                 "CREATE TABLE wb_named_decoy () INHERITS (wb_named_decoy); DROP SCHEMA wb_tenant CASCADE")
@@ -1042,6 +1077,10 @@ def test_a_name_that_comes_to_mean_a_tracked_table_while_a_statement_waits_is_re
         assert cluster.sql("SELECT count(*) FROM pg_trigger WHERE tgrelid = 'wb_named_flat'::regclass "
                            "AND tgname = 'certyo_truncate_guard'") == "1"
         assert cluster.sql("SELECT count(*) FROM pg_inherits WHERE inhrelid = 'wb_named_child'::regclass") == "0"
+        assert cluster.sql("SELECT string_agg(tgenabled::text, '') FROM pg_trigger WHERE tgrelid = 'wb_named_1'::regclass "
+                           "AND tgname = 'certyo_capture'") == "O", "the partition's capture stays on"
+        assert cluster.sql("SELECT count(*) FROM pg_depend WHERE objid = 'wb_named_1'::regclass AND deptype = 'e'") == "0"
+        assert cluster.sql("SELECT count(*) FROM pg_trigger WHERE tgname = 'zzz_late'") == "0"
         assert cluster.wait_drained(60)
         assert cluster.sql("SELECT count(*) FROM certyo.audit('wb_named')") == "0"
         assert cluster.sql("SELECT count(*) FROM certyo.audit('wb_named_flat')") == "0"
@@ -1302,3 +1341,137 @@ def test_drop_index_concurrently_works_where_the_library_is_loaded(cluster):
         assert cluster.sql("SELECT count(*) FROM pg_class WHERE relname = 'cap_dic_code'") == "1"
     finally:
         cluster.sql("SELECT certyo.untrack('cap_dic'); DROP TABLE cap_dic, cap_dic_plain")
+
+
+@pytest.mark.parametrize("meanwhile", ["renamed", "tracked"])
+def test_a_concurrent_index_drop_drops_only_what_its_checks_saw(cluster, meanwhile):
+    """`DROP INDEX CONCURRENTLY` commits inside the statement, so no check after it can undo
+    it. While it waits for a lock, another session either renames the index it names away and
+    the unique index of a tracked table's record id onto its name, or tracks the table of the
+    index it names by that index. The statement then drops the index a tracked table's record
+    ids rest on, unless its checks see what it will drop: refused, the index stays valid."""
+    try:
+        cluster.sql("""
+            CREATE TABLE wb_dic (id int NOT NULL, v text);
+            CREATE UNIQUE INDEX wb_dic_key ON wb_dic (id);
+            CREATE TABLE wb_dic_plain (id int NOT NULL, v text);
+            CREATE UNIQUE INDEX wb_dic_plain_key ON wb_dic_plain (id);
+        """)
+        if meanwhile == "renamed":
+            cluster.sql("SELECT certyo.track('wb_dic', record_id_columns => ARRAY['id'])")
+            held = ("BEGIN; ALTER INDEX wb_dic_plain_key RENAME TO wb_dic_plain_old; "
+                    "ALTER INDEX wb_dic_key RENAME TO wb_dic_plain_key;")
+            table = "wb_dic"
+        else:
+            held = "BEGIN; SELECT certyo.track('wb_dic_plain', record_id_columns => ARRAY['id']);"
+            table = "wb_dic_plain"
+        attempt = race(cluster, held, "DROP INDEX CONCURRENTLY wb_dic_plain_key", "DROP INDEX CONCURRENTLY")
+        assert attempt.sqlstate == "2BP01", attempt.stderr
+        assert cluster.sql(f"""SELECT count(*) FROM pg_index WHERE indrelid = '{table}'::regclass
+                                 AND indisunique AND indisvalid""") == "1", "the record id's index stays"
+    finally:
+        untrack_and_drop(cluster, "wb_dic_plain")
+        untrack_and_drop(cluster, "wb_dic")
+
+
+@pytest.mark.parametrize("mode", ["anchored", "accepted"])
+def test_bookkeeping_columns_keep_the_types_certyo_cdc_reads_them_as(cluster, mode):
+    """The owner retypes a bookkeeping column of a tracked table (to a domain over text, to
+    varchar, or the verification time to timestamp without time zone), or tracks a table
+    whose columns of those names are already of another type. Capture reads them as text and
+    timestamptz only: under 'accepted' every INSERT's 'pending' would read as a claim and be
+    refused, and a claim in a column of another type could go unseen. Refused, naming the
+    type; the table's writes go on."""
+    cluster.sql(f"""
+        CREATE DOMAIN wb_status_text AS text;
+        CREATE TABLE wb_types (id int PRIMARY KEY, v text);
+        SELECT certyo.track('wb_types', write_back => '{mode}');
+        CREATE TABLE wb_types_kept (id int PRIMARY KEY, v text, certyo_record_hash text,
+                                    certyo_anchor_status varchar(20), certyo_verified_at timestamptz);
+    """)
+    try:
+        for column, to in (("certyo_anchor_status", "wb_status_text"), ("certyo_anchor_status", "varchar"),
+                           ("certyo_record_hash", "wb_status_text"), ("certyo_verified_at", "timestamp")):
+            refused = cluster.attempt_verbose(f"ALTER TABLE wb_types ALTER COLUMN {column} TYPE {to}")
+            assert refused.sqlstate == "42804", (column, to, refused.stderr)
+            assert f'column "{column}" of tracked table public.wb_types must be of type' in refused.stderr, refused.stderr
+        cluster.sql("INSERT INTO wb_types VALUES (1, 'a'); UPDATE wb_types SET v = 'b'")
+        refused = cluster.attempt_verbose(f"SELECT certyo.track('wb_types_kept', write_back => '{mode}')")
+        assert refused.sqlstate == "42804", refused.stderr
+        assert cluster.sql("SELECT count(*) FROM certyo.tracked_tables WHERE \"table\" = 'wb_types_kept'::regclass") == "0"
+        cluster.sql(f"""ALTER TABLE wb_types_kept ALTER COLUMN certyo_anchor_status TYPE text;
+                        SELECT certyo.track('wb_types_kept', write_back => '{mode}');
+                        INSERT INTO wb_types_kept (id, v) VALUES (1, 'a')""")
+    finally:
+        untrack_and_drop(cluster, "wb_types")
+        untrack_and_drop(cluster, "wb_types_kept")
+        cluster.sql("DROP DOMAIN IF EXISTS wb_status_text")
+
+
+def test_a_write_in_the_statement_that_tracks_its_table_is_refused(cluster):
+    """An INSERT beside track() in one statement (a data-modifying WITH) runs with the triggers
+    its table had when the statement began: none of certyo_cdc's. Its row would be neither
+    captured nor cleared of the marks it brings, and would say 'anchored' in a tracked table.
+    track() refuses a table this session's statement is using (55006), as ALTER TABLE does."""
+    cluster.sql("""CREATE TABLE wb_same (id int PRIMARY KEY, v text, certyo_record_hash text,
+                                         certyo_anchor_status text, certyo_verified_at timestamptz)""")
+    try:
+        attempt = cluster.attempt_verbose(
+            "WITH t AS MATERIALIZED (SELECT certyo.track('wb_same', write_back => 'anchored')), "
+            "i AS (INSERT INTO wb_same VALUES (1, 'never captured', 'sha256:' || repeat('0', 64), 'anchored', now())) "
+            "SELECT * FROM t")
+        assert attempt.sqlstate == "55006", attempt.stderr
+        assert cluster.sql("SELECT count(*) FROM wb_same") == "0"
+        assert cluster.sql("SELECT count(*) FROM certyo.tracked_tables WHERE \"table\" = 'wb_same'::regclass") == "0"
+    finally:
+        untrack_and_drop(cluster, "wb_same")
+
+
+@pytest.mark.parametrize("mode", ["anchored", "accepted"])
+def test_marks_written_by_hand_on_a_row_not_yet_accepted_are_found_by_the_audit(cluster, mode):
+    """The owner writes a hash and 'anchored' by hand (an UPDATE of bookkeeping columns only,
+    which capture skips) on a row whose version Certyo has not accepted yet (delivery paused).
+    Nothing is written to a row before its version is accepted: the audit names what was forged,
+    not only "not yet accepted"."""
+    cluster.sql("SELECT certyo.pause()")
+    assert wait_for(lambda: cluster.sql("SELECT state FROM certyo.worker_status()") == "paused", 10)
+    cluster.sql(f"""
+        CREATE TABLE wb_early (id int PRIMARY KEY, v text);
+        SELECT certyo.track('wb_early', write_back => '{mode}');
+        INSERT INTO wb_early VALUES (1, 'honest'), (2, 'forged status'), (3, 'forged hash');
+        UPDATE wb_early SET certyo_anchor_status = 'anchored' WHERE id = 2;
+        UPDATE wb_early SET certyo_record_hash = 'sha256:' || repeat('0', 64), certyo_anchor_status = 'anchored' WHERE id = 3;
+    """)
+    try:
+        findings = cluster.sql("SELECT string_agg(record_id || ': ' || problem, ', ' ORDER BY record_id) FROM certyo.audit('wb_early')")
+        assert findings == ("1: not yet accepted, 2: anchor status changed without capture, "
+                            "3: record hash changed without capture"), findings
+    finally:
+        cluster.sql("SELECT certyo.resume()")
+        untrack_and_drop(cluster, "wb_early")
+
+
+def test_marks_planted_while_a_table_is_untracked_are_found_once_it_is_tracked_again(cluster):
+    """Untracked with its bookkeeping columns kept, a table takes a row from a role that may
+    only INSERT, with a hash and 'anchored' of its own making; tracked again (its receipts
+    kept), the row is no receipt's: the audit names its claim, not only "never captured"."""
+    cluster.sql("""
+        CREATE TABLE wb_planted (id int PRIMARY KEY, v text);
+        SELECT certyo.track('wb_planted', write_back => 'anchored');
+        INSERT INTO wb_planted VALUES (1, 'delivered');
+    """)
+    try:
+        assert cluster.wait_drained(60)
+        assert wait_for(lambda: cluster.sql("SELECT certyo_anchor_status FROM wb_planted WHERE id = 1") == "anchored", 60)
+        cluster.sql("""
+            SELECT certyo.untrack('wb_planted');
+            INSERT INTO wb_planted VALUES (2, 'planted', 'sha256:' || repeat('0', 64), 'anchored', now()),
+                                          (3, 'planted status', NULL, 'anchored', NULL), (4, 'plain', NULL, NULL, NULL);
+            SELECT certyo.track('wb_planted');
+        """)
+        findings = cluster.sql("SELECT string_agg(record_id || ': ' || problem, ', ' ORDER BY record_id) "
+                               "FROM certyo.audit('wb_planted') WHERE record_id IS NOT NULL")
+        assert findings == ("2: record hash changed without capture, 3: anchor status changed without capture, "
+                            "4: never captured"), findings
+    finally:
+        untrack_and_drop(cluster, "wb_planted")

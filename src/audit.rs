@@ -18,6 +18,19 @@ use pgrx::prelude::*;
 use pgrx::PgSqlErrorCode;
 use std::collections::{HashMap, HashSet};
 
+/// A row whose record under an earlier key is settled after the scan (see `examine`).
+struct Fallback {
+    /// The row's record id now.
+    record_id_now: String,
+    /// That record: its era and record id.
+    record: (Era, String),
+    payload: Vec<u8>,
+    /// Whether the row has a version of its own.
+    own: bool,
+    /// What its bookkeeping columns claim, if anything ([`unbacked_claim`]).
+    claim: Option<&'static str>,
+}
+
 /// A captured version of one record: queued, being delivered, or accepted.
 struct Version {
     id: i64,
@@ -205,10 +218,13 @@ fn examine(relid: Oid, options: &CaptureOptions) -> Result<Examination> {
             let Some(i) = shape.attnums.iter().position(|a| a == attnum) else {
                 return true; // not a column then
             };
-            let Some(value) = columns_now
-                .get(attnum)
-                .and_then(|(name, _)| values.get(name))
-            else {
+            let Some((name, type_now)) = columns_now.get(attnum) else {
+                return true;
+            };
+            if shape.types.get(i) != Some(type_now) {
+                return true; // retyped since: its values render otherwise, nothing to tell by
+            }
+            let Some(value) = values.get(name) else {
                 return true;
             };
             column_digest(&shape.columns[i], value)
@@ -228,6 +244,15 @@ fn examine(relid: Oid, options: &CaptureOptions) -> Result<Examination> {
             known.insert(key, version);
         }
     }
+    // Whether a record of era `era` went on under another record id (a later version of the row
+    // that held its values of that other key's columns).
+    let went_on_elsewhere = |version: &Version, era: usize| -> bool {
+        (0..eras.len()).filter(|&k| k != era).any(|k| {
+            key_values(version, k)
+                .and_then(|values| went_on.get(&(k, values)))
+                .is_some_and(|&newer| newer > version.id)
+        })
+    };
     let accepted = last_accepted(relid, None)?;
     let removed = removed_untracked(relid)?;
     let report = |record_id: String, problem: &str, detail: Option<String>| -> Finding {
@@ -245,19 +270,37 @@ fn examine(relid: Oid, options: &CaptureOptions) -> Result<Examination> {
     let excluded = excluded_key_columns(relid, &eras, &plan_columns, &columns_now);
     let mut found = Vec::new();
     // Rows with no version under any key the table has had (see "never captured" below).
-    let mut uncaptured: Vec<String> = Vec::new();
+    // With what the row's bookkeeping columns claim (nothing wrote them: no version).
+    let mut uncaptured: Vec<(String, Option<&'static str>)> = Vec::new();
     // Shapes some row was last captured under, older than the present one.
     let mut stale: std::collections::BTreeSet<usize> = Default::default();
     let mut suspects: Vec<(String, i64, Written)> = Vec::new();
+    // Rows whose version was not accepted when the receipts were read, but which say something.
+    let mut unaccepted: Vec<(String, i64, Written)> = Vec::new();
+    // A record of an earlier key that a row holds by that key's values (its record id under it),
+    // but whose last version held other values of the present key's columns, and that went on
+    // nowhere else: the row's, whose key column changed without capture (while untracked, say).
+    // Settled after the scan, so that a row holding the record's present key values too wins.
+    let mut fallbacks: Vec<Fallback> = Vec::new();
     each_row(
         relid,
         options,
         Snapshot::Transaction,
         |plan, row, change| {
             let record_id_now = String::from_utf8_lossy(&change.record_id).into_owned();
+            // SAFETY: the positions of text columns of the row's relation (`TablePlan`).
+            let written = unsafe {
+                (
+                    plan.written_back.record_hash.and_then(|i| row.text(i)),
+                    plan.written_back.anchor_status.and_then(|i| row.text(i)),
+                )
+            };
+            // What the row claims where no accepted version backs a claim.
+            let claim = unbacked_claim(&written, options.write_back);
             // The row's newest version under any key the table has had (its record id under
             // each); every other version of it under those keys is its too, not a deleted one.
             let mut newest: Option<(String, Version)> = None;
+            let mut fallback: Option<(Era, String)> = None;
             for (era, key) in eras.iter().enumerate() {
                 let record_id = if era == 0 {
                     Some(record_id_now.clone())
@@ -275,6 +318,10 @@ fn examine(relid: Oid, options: &CaptureOptions) -> Result<Examination> {
                         .get(&(era, record_id.clone()))
                         .is_some_and(|v| !holds_present_key(v, &change.payload))
                 {
+                    let v = &known[&(era, record_id.clone())];
+                    if !v.deleted && !went_on_elsewhere(v, era) {
+                        fallback = Some((era, record_id));
+                    }
                     continue;
                 }
                 if let Some(version) = known.remove(&(era, record_id.clone())) {
@@ -283,8 +330,24 @@ fn examine(relid: Oid, options: &CaptureOptions) -> Result<Examination> {
                     }
                 }
             }
+            if let Some(fallback) = fallback {
+                // Compared with that record after the scan, whether or not the row has a
+                // version of its own since: the record was captured with other values of the
+                // key's columns, which changed without capture (or its row was deleted without
+                // capture and this one took its old key values), and no capture of this row
+                // under another record id tells which.
+                fallbacks.push(Fallback {
+                    record_id_now: record_id_now.clone(),
+                    record: fallback,
+                    payload: change.payload.clone(),
+                    own: newest.is_some(),
+                    claim,
+                });
+            } else if newest.is_none() {
+                uncaptured.push((record_id_now, claim));
+                return Ok(());
+            }
             let Some((record_id, version)) = newest else {
-                uncaptured.push(record_id_now);
                 return Ok(());
             };
             if version.deleted {
@@ -328,16 +391,15 @@ fn examine(relid: Oid, options: &CaptureOptions) -> Result<Examination> {
                 stale.insert(shape);
             }
             if !version.accepted {
-                found.push(report(record_id, "not yet accepted", None));
+                // Nothing is written to a row before its version is accepted: what it says
+                // was written otherwise (unless the acceptance committed since: read again).
+                if claim.is_some() {
+                    unaccepted.push((record_id, version.id, written));
+                } else {
+                    found.push(report(record_id, "not yet accepted", None));
+                }
                 return Ok(());
             }
-            // SAFETY: the positions of text columns of the row's relation (`TablePlan`).
-            let written = unsafe {
-                (
-                    plan.written_back.record_hash.and_then(|i| row.text(i)),
-                    plan.written_back.anchor_status.and_then(|i| row.text(i)),
-                )
-            };
             let last = accepted.get(&record_id).filter(|a| a.id == version.id);
             if last.is_some_and(|last| {
                 forged_bookkeeping(last, &written, options.write_back).is_some()
@@ -349,18 +411,59 @@ fn examine(relid: Oid, options: &CaptureOptions) -> Result<Examination> {
     )?;
     // The receipts were read before the rows: a write-back that committed in between (it
     // commits with its receipts) makes a row look ahead of them. Read again, after the rows.
-    let ids: Vec<String> = suspects.iter().map(|(id, _, _)| id.clone()).collect();
+    let ids: Vec<String> = suspects
+        .iter()
+        .chain(&unaccepted)
+        .map(|(id, _, _)| id.clone())
+        .collect();
     let again = if ids.is_empty() {
         HashMap::new()
     } else {
         last_accepted(relid, Some(ids))?
     };
+    for (record_id, version, written) in unaccepted {
+        let problem = match again.get(&record_id).filter(|a| a.id == version) {
+            // Accepted meanwhile: judged as any accepted version's row is.
+            Some(last) => forged_bookkeeping(last, &written, options.write_back),
+            None => unbacked_claim(&written, options.write_back),
+        };
+        if let Some(problem) = problem {
+            found.push(report(record_id, problem, None));
+        }
+    }
     for (record_id, version, written) in suspects {
         let last = again.get(&record_id).filter(|a| a.id == version);
         if let Some(problem) =
             last.and_then(|last| forged_bookkeeping(last, &written, options.write_back))
         {
             found.push(report(record_id, problem, None));
+        }
+    }
+    for Fallback {
+        record_id_now,
+        record: key,
+        payload,
+        own,
+        claim,
+    } in fallbacks
+    {
+        match known.remove(&key) {
+            None if own => {} // another row's; this one has its own version
+            None => uncaptured.push((record_id_now, claim)),
+            Some(version) => {
+                let differ = shape_of(version.id)
+                    .and_then(|i| {
+                        differing_columns(
+                            &shapes[i],
+                            version.digests.as_ref(),
+                            &payload,
+                            &columns_now,
+                        )
+                    })
+                    .filter(|d| !d.is_empty())
+                    .map(|d| format!("differs in {}", d.join(", ")));
+                found.push(report(key.1, "changed without capture", differ));
+            }
         }
     }
     // Records without a row. Under a record key whose columns are gone, a row cannot be told
@@ -381,11 +484,7 @@ fn examine(relid: Oid, options: &CaptureOptions) -> Result<Examination> {
             unfindable += 1;
             continue;
         }
-        if (0..eras.len()).filter(|&k| k != era).any(|k| {
-            key_values(&version, k)
-                .and_then(|values| went_on.get(&(k, values)))
-                .is_some_and(|&newer| newer > version.id)
-        }) {
+        if went_on_elsewhere(&version, era) {
             continue; // went on under another record id
         }
         gone.push((record_id, version.id));
@@ -398,11 +497,15 @@ fn examine(relid: Oid, options: &CaptureOptions) -> Result<Examination> {
             format!("or one of {unfindable} versions captured under a record key whose columns are gone, which cannot be told apart")
         });
         uncaptured.sort();
-        found.extend(
-            uncaptured
-                .into_iter()
-                .map(|r| report(r, "never captured", detail.clone())),
-        );
+        // One that says something was written by hand (or kept from before it was tracked, or
+        // written while the table was untracked): a claim no receipt backs.
+        found.extend(uncaptured.into_iter().map(|(r, claim)| match claim {
+            Some(problem) if unfindable == 0 => {
+                report(r, problem, Some("never captured".to_string()))
+            }
+            Some(_) => report(r, "never captured", detail.clone()),
+            None => report(r, "never captured", detail.clone()),
+        }));
     }
     gone.sort();
     found.extend(
@@ -682,6 +785,21 @@ pub fn record_removed_while_untracked(relid: Oid, options: &CaptureOptions) -> R
 /// Under `write_back => 'anchored'` nothing is written at acceptance (an earlier version's
 /// marks are cleared): until Certyo settles the version the row holds NULL, as after a
 /// write-back not done yet.
+/// What a row's bookkeeping columns claim where no accepted version of it backs a claim (it has
+/// none, or its newest is not accepted: nothing is written to such a row): a hash, or a status
+/// other than `'pending'`, the finding that names it.
+fn unbacked_claim((hash, status): &Written, mode: WriteBack) -> Option<&'static str> {
+    if mode == WriteBack::None {
+        None // the worker writes nothing to the rows: any such column is the user's
+    } else if hash.is_some() {
+        Some("record hash changed without capture")
+    } else if status.as_deref().is_some_and(|s| s != "pending") {
+        Some("anchor status changed without capture")
+    } else {
+        None
+    }
+}
+
 fn forged_bookkeeping(
     last: &Accepted,
     (hash, status): &Written,

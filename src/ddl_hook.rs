@@ -199,7 +199,9 @@ fn installed_here() -> bool {
 }
 
 /// The checks of a `TRUNCATE`, a `DROP TRIGGER` (or rename, or replacement) of certyo_cdc's
-/// triggers, and an `INHERIT` (`CREATE TABLE ... INHERITS`), run again after the statement on
+/// triggers, an `INHERIT` (`CREATE TABLE ... INHERITS`), an `ENABLE` / `DISABLE TRIGGER` of a
+/// partition's clone of them, an `ALTER EXTENSION ... ADD TABLE` and a BEFORE UPDATE trigger
+/// named to fire after the marks trigger, run again after the statement on
 /// the relations it acted on, which it now holds locked. Before it, they went by what its names
 /// meant then; while it waited for a lock another session may have tracked the table (or
 /// attached it to a tracked one), or renamed a tracked table, or a partition, to the name. Each
@@ -212,15 +214,36 @@ unsafe fn check_again_after(statement: *mut pg_sys::Node) {
     // Only these statements read the catalog here: every other utility statement, `SET` and
     // `BEGIN` among them, pays nothing.
     // SAFETY: the caller upholds this function's contract (its `# Safety` section).
-    let (truncating, trigger, child) = unsafe {
+    let (truncating, trigger, child, firing, member, before_update) = unsafe {
         (
             truncated(statement),
             touches_own_trigger(statement),
             inheriting_child(statement),
+            fires_triggers_of_a_partition(statement),
+            adds_table_to_extension(statement),
+            names_a_before_update_trigger(statement),
         )
     };
-    if (truncating.is_none() && trigger.is_none() && child.is_none()) || !installed_here() {
+    if (truncating.is_none()
+        && trigger.is_none()
+        && child.is_none()
+        && firing.is_empty()
+        && member.is_none()
+        && before_update.is_none())
+        || !installed_here()
+    {
         return;
+    }
+    for (partition, trigger) in firing {
+        pinned(|| crate::track::refuse_firing_change_of_clones(partition, &trigger)).or_raise();
+    }
+    if let Some((relid, extension)) = member {
+        pinned(|| crate::track::refuse_extension_member(relid, &extension)).or_raise();
+    }
+    if let Some((relid, name, renamed)) = before_update {
+        // A renamed trigger has its new name now.
+        let renamed = renamed.map(|_| name.as_str());
+        pinned(|| crate::track::refuse_trigger_after_marks(relid, &name, renamed)).or_raise();
     }
     if let Some((named, cascade)) = truncating {
         pinned(|| crate::track::refuse_truncating_partitions(named, cascade)).or_raise();
@@ -1078,21 +1101,45 @@ unsafe fn dropped_indexes(stmt: *mut pg_sys::Node) -> Vec<pg_sys::Oid> {
             return Vec::new();
         }
         // Each object is a list of names: [schema,] index. Resolved without a lock, as
-        // `alters_column_types_or_drops` does: DROP INDEX locks what it drops itself.
+        // `alters_column_types_or_drops` does: DROP INDEX locks what it drops itself, and a name
+        // that comes to mean another index meanwhile is refused after it (`NamedRelation`).
+        // `CONCURRENTLY` commits inside the statement, before any check after it could refuse
+        // it: its index is resolved here as the statement resolves it, its table and then it
+        // locked as the statement locks them (so no rename while it waits makes the name mean
+        // an index other than the one checked, nor its table become tracked unseen).
+        // (Only for whoever may drop it: anyone else gets PostgreSQL's refusal, and holds
+        // nothing of another's.)
+        let concurrent = (*drop).concurrent;
         let objects = pgrx::PgList::<pg_sys::List>::from_pg((*drop).objects);
         objects
             .iter_ptr()
             .filter(|names| !names.is_null())
-            .map(|names| {
-                pg_sys::RangeVarGetRelidExtended(
-                    pg_sys::makeRangeVarFromNameList(names),
-                    pg_sys::NoLock as pg_sys::LOCKMODE,
-                    pg_sys::RVROption::RVR_MISSING_OK,
-                    None,
-                    std::ptr::null_mut(),
-                )
+            .filter_map(|names| {
+                let name = pg_sys::makeRangeVarFromNameList(names);
+                let index = resolve(name)?;
+                let may = || {
+                    crate::rights::with_pinned_search_path(|| crate::track::owns(index, true))
+                        .or_raise()
+                };
+                if !concurrent || !may() {
+                    return Some(index);
+                }
+                let mode = pg_sys::ShareUpdateExclusiveLock as pg_sys::LOCKMODE;
+                let table = pg_sys::IndexGetRelation(index, true);
+                if table != pg_sys::InvalidOid {
+                    pg_sys::LockRelationOid(table, mode);
+                }
+                let locked = resolve_locked(name, mode)?;
+                if locked != index && pg_sys::IndexGetRelation(locked, true) != table {
+                    // Its name went to an index of another table while this waited: that
+                    // table is locked too, as the statement will lock it.
+                    let other = pg_sys::IndexGetRelation(locked, true);
+                    if other != pg_sys::InvalidOid {
+                        pg_sys::LockRelationOid(other, mode);
+                    }
+                }
+                Some(locked)
             })
-            .filter(|&index| index != pg_sys::InvalidOid)
             .collect()
     }
 }

@@ -100,18 +100,7 @@ pub fn lock_table(relid: Oid, mode: u32, wait: Duration) {
     set_at_level(c"lock_timeout", &wait);
     // With its partitions, if it has any: the check of what code an UPDATE can run reads
     // them, and no trigger or index may be added to one between that check and the UPDATE.
-    // SAFETY: relation locks by OID inside a transaction, held to its end (find_all_inheritors
-    // locks each partition in `mode`); a lock timeout is an ordinary ERROR through pgrx's
-    // guard; the returned list is palloc'd in the transaction's memory and not used.
-    unsafe {
-        pg_sys::LockRelationOid(relid, mode as pg_sys::LOCKMODE);
-        if pg_sys::get_rel_relkind(relid) == pg_sys::RELKIND_PARTITIONED_TABLE as std::ffi::c_char {
-            // Not bound by pgrx, so guarded here: a lock timeout raises an ERROR.
-            pg_sys::ffi::pg_guard_ffi_boundary(|| {
-                find_all_inheritors(relid, mode as pg_sys::LOCKMODE, std::ptr::null_mut())
-            });
-        }
-    }
+    lock_tree(relid, mode);
     // SAFETY: closes the level opened above, restoring lock_timeout.
     unsafe { pg_sys::AtEOXact_GUC(false, level) };
     // What is read next must be read as of now, after the wait: pgrx runs statements of a
@@ -139,6 +128,30 @@ pub fn backfilling_as<T>(backfill: i64, owner: Oid, timeout: Duration, f: impl F
     restricted(owner, &settings, || {
         within(timeout, crate::hard_limit::Running::Backfill(backfill), f)
     })
+}
+
+/// Lock table `relid` and, if it is partitioned, every partition under it, in `mode`, to the end
+/// of the transaction (as PostgreSQL locks a tree for DDL: the table first, then its
+/// partitions), waiting as long as `lock_timeout` lets the session wait. The tables locked,
+/// `relid` first.
+pub fn lock_tree(relid: Oid, mode: u32) -> Vec<Oid> {
+    // SAFETY: relation locks by OID inside a transaction, held to its end (find_all_inheritors
+    // locks each partition in `mode`); a lock timeout is an ordinary ERROR through pgrx's
+    // guard; the returned list (of OIDs, the parent first) is read within its length and left
+    // to the transaction's memory.
+    unsafe {
+        pg_sys::LockRelationOid(relid, mode as pg_sys::LOCKMODE);
+        if pg_sys::get_rel_relkind(relid) != pg_sys::RELKIND_PARTITIONED_TABLE as std::ffi::c_char {
+            return vec![relid];
+        }
+        // Not bound by pgrx, so guarded here: a lock timeout raises an ERROR.
+        let tree = pg_sys::ffi::pg_guard_ffi_boundary(|| {
+            find_all_inheritors(relid, mode as pg_sys::LOCKMODE, std::ptr::null_mut())
+        });
+        (0..pg_sys::list_length(tree))
+            .map(|n| pg_sys::list_nth_oid(tree, n))
+            .collect()
+    }
 }
 
 unsafe extern "C-unwind" {

@@ -39,6 +39,26 @@ def test_non_owner_cannot_track_untrack_or_backfill(cluster, attacker, make_role
         assert cluster.sql(state.format(t=table)) == before
 
 
+def test_a_non_owners_track_holds_up_no_writer(cluster, attacker, make_role):
+    """Attack: while a writer's transaction is open on a table (a tracked one of another role's,
+    or certyo_cdc's own queue, which every capture writes), a role that owns neither calls
+    track() on it, by OID (no USAGE on its schema needed). Had track() asked for its lock
+    before its owner check, that request would wait for the writer, and every writer after it
+    would queue behind it. Refused at once (42501), waiting for no lock."""
+    victim = make_role("victim")
+    cluster.sql(f"CREATE TABLE {victim.schema}.busy (id int PRIMARY KEY, v text); "
+                f"ALTER TABLE {victim.schema}.busy OWNER TO {victim.name}; SELECT certyo.track('{victim.schema}.busy')")
+    held = cluster.hold_open(f"BEGIN; INSERT INTO {victim.schema}.busy VALUES (1, 'open');")
+    try:
+        # (certyo_cdc's own tables are refused as such, before whose they are.)
+        for table, refused in ((f"{victim.schema}.busy", "42501"), ("certyo.queue", "22023")):
+            oid = cluster.sql(f"SELECT '{table}'::regclass::oid")
+            attempt = attacker.attempt(f"SET lock_timeout = '5s'; SELECT certyo.track({oid}::oid::regclass)")
+            assert attempt.sqlstate == refused, (table, attempt)
+    finally:
+        held.close()
+
+
 def test_refresh_capture_trigger_on_someone_elses_table(cluster, attacker, make_role):
     """Attack: certyo.refresh_capture_trigger() (meant for the DDL event trigger) on a tracked
     table of another role: 42501, and the trigger is unchanged."""

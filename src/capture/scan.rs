@@ -1,7 +1,9 @@
 //! Every row of a table rendered as capture renders it, as an `upsert`: the current state, not
 //! how it came about. Used by `track(..., backfill => true)` (to queue the rows) and by the
-//! tamper audit (to hash them). A heap scan under one snapshot; rendering allocates per row, and
-//! a memory context reset per row keeps memory flat on any table size.
+//! tamper audit (to hash them). A scan through the table's access method under one snapshot,
+//! by OID: no name is resolved and no user code runs (a query by name would run whatever the
+//! name comes to mean, a view's functions among them, as the reader). Rendering allocates per
+//! row, and a memory context reset per row keeps memory flat on any table size.
 
 use super::options::CaptureOptions;
 use super::plan::TablePlan;
@@ -15,7 +17,8 @@ use pgrx::PgMemoryContexts;
 pub enum Snapshot {
     /// The transaction's snapshot (what a query would see).
     Transaction,
-    /// The latest: also rows this transaction wrote after its snapshot was taken.
+    /// The latest: also rows this transaction wrote after its snapshot was taken, and rows
+    /// others committed while this statement waited for its locks.
     Latest,
 }
 
@@ -27,71 +30,94 @@ pub fn each_row(
     snapshot: Snapshot,
     mut each: impl FnMut(&TablePlan, &Row, &Change) -> Result<()>,
 ) -> Result<i64> {
-    // SAFETY: a catalog lookup inside the caller's transaction.
-    let partitioned =
-        unsafe { pg_sys::get_rel_relkind(relid) } == pg_sys::RELKIND_PARTITIONED_TABLE as i8;
-    if !partitioned {
-        return scan(relid, options, snapshot, &mut each);
-    }
-    let leaves = pgrx::Spi::get_one_with_args::<Vec<Oid>>(
-        "SELECT pg_catalog.array_agg(t.relid::oid) FROM pg_catalog.pg_partition_tree($1) t
-           JOIN pg_catalog.pg_class c ON c.oid = t.relid WHERE t.isleaf AND c.relkind = 'r'",
-        &[relid.into()],
-    )?
-    .unwrap_or_default();
     let mut rows = 0;
-    for leaf in leaves {
-        rows += scan(leaf, options, snapshot, &mut each)?;
+    for leaf in leaves(relid)? {
+        rows += each_tuple(
+            leaf,
+            snapshot,
+            // SAFETY: the relation `each_tuple` opened, inside the transaction.
+            |rel| unsafe { TablePlan::build(rel, options) },
+            |plan, row| {
+                // SAFETY: `row` is a row of the table `plan` was built for.
+                let change = unsafe { plan.change(Operation::Upsert, row) }?;
+                each(plan, row, &change).map(|_| true)
+            },
+        )?;
     }
     Ok(rows)
 }
 
-fn scan(
+/// The tables that hold the rows of `relid`: itself, or for a partitioned table its leaf
+/// partitions that are tables (a foreign partition's rows are not in this database).
+pub fn leaves(relid: Oid) -> Result<Vec<Oid>> {
+    // SAFETY: a catalog lookup inside the caller's transaction.
+    let kind = unsafe { pg_sys::get_rel_relkind(relid) };
+    if kind == pg_sys::RELKIND_RELATION as std::ffi::c_char {
+        return Ok(vec![relid]);
+    }
+    if kind != pg_sys::RELKIND_PARTITIONED_TABLE as std::ffi::c_char {
+        return Ok(vec![]);
+    }
+    Ok(pgrx::Spi::get_one_with_args::<Vec<Oid>>(
+        "SELECT pg_catalog.array_agg(t.relid::oid) FROM pg_catalog.pg_partition_tree($1) t
+           JOIN pg_catalog.pg_class c ON c.oid OPERATOR(pg_catalog.=) t.relid
+          WHERE t.isleaf AND c.relkind OPERATOR(pg_catalog.=) 'r'",
+        &[relid.into()],
+    )?
+    .unwrap_or_default())
+}
+
+/// Call `each` with every row of table `relid` (not a partitioned one: see [`leaves`]), given
+/// what `prepare` made of the opened relation first; stops when `each` says `false` or fails.
+/// Returns the number of rows `each` accepted. The table is opened with `AccessShareLock`
+/// (kept to the end of the transaction) and read through its access method, by OID.
+pub fn each_tuple<P>(
     relid: Oid,
-    options: &CaptureOptions,
     snapshot: Snapshot,
-    each: &mut impl FnMut(&TablePlan, &Row, &Change) -> Result<()>,
+    prepare: impl FnOnce(pg_sys::Relation) -> Result<P>,
+    mut each: impl FnMut(&P, &Row) -> Result<bool>,
 ) -> Result<i64> {
-    // SAFETY: inside a transaction; the relation is closed by its guard; the scan and the
-    // snapshot are ended below on every path once begun (an error from `each` ends the loop,
-    // not the function); each tuple is deformed in a per-row context reset after it.
+    // SAFETY: inside a transaction; the relation is closed by its guard; the scan, its slot and
+    // the snapshot are ended below on every path once begun (an error from `each` ends the
+    // loop, not the function); each row is fetched and deformed, whatever the access method,
+    // as a heap tuple of the relation's own descriptor, in a per-row context reset after it.
     unsafe {
         let opened = crate::relation::OpenRelation::open(relid, pg_sys::AccessShareLock);
         let rel = opened.get();
-        let plan = TablePlan::build(rel, options)?;
+        let prepared = prepare(rel)?;
+        let natts = (*(*rel).rd_att).natts as usize;
         let snapshot = pg_sys::RegisterSnapshot(match snapshot {
             Snapshot::Transaction => pg_sys::GetTransactionSnapshot(),
             Snapshot::Latest => pg_sys::GetLatestSnapshot(),
         });
-        let flags = pg_sys::ScanOptions::SO_TYPE_SEQSCAN | pg_sys::ScanOptions::SO_ALLOW_PAGEMODE;
-        let scan = pg_sys::heap_beginscan(
-            rel,
-            snapshot,
-            0,
-            std::ptr::null_mut(),
-            std::ptr::null_mut(),
-            flags,
-        );
+        let slot = pg_sys::table_slot_create(rel, std::ptr::null_mut());
+        let scan = pg_sys::table_beginscan(rel, snapshot, 0, std::ptr::null_mut());
         let mut per_row = PgMemoryContexts::new("certyo_cdc row");
         let mut rows = 0i64;
         let mut outcome = Ok(());
-        loop {
-            let tuple = pg_sys::heap_getnext(scan, pg_sys::ScanDirection::ForwardScanDirection);
-            if tuple.is_null() {
-                break;
-            }
-            outcome = per_row.switch_to(|_| {
-                let row = Row::deform(tuple, (*rel).rd_att, plan.natts);
-                plan.change(Operation::Upsert, &row)
-                    .and_then(|change| each(&plan, &row, &change))
+        while pg_sys::table_scan_getnextslot(
+            scan,
+            pg_sys::ScanDirection::ForwardScanDirection,
+            slot,
+        ) {
+            let more = per_row.switch_to(|_| {
+                let mut should_free = false;
+                let tuple = pg_sys::ExecFetchSlotHeapTuple(slot, false, &mut should_free);
+                let row = Row::deform(tuple, (*rel).rd_att, natts);
+                each(&prepared, &row)
             });
             per_row.reset();
-            if outcome.is_err() {
-                break;
+            match more {
+                Ok(true) => rows += 1,
+                Ok(false) => break,
+                Err(error) => {
+                    outcome = Err(error);
+                    break;
+                }
             }
-            rows += 1;
         }
-        pg_sys::heap_endscan(scan);
+        pg_sys::table_endscan(scan);
+        pg_sys::ExecDropSingleTupleTableSlot(slot);
         pg_sys::UnregisterSnapshot(snapshot);
         outcome.map(|_| rows)
     }

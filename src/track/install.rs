@@ -4,6 +4,8 @@
 use super::table::{quote_ident, quote_literal, Table};
 use crate::capture::marks::MARKS_TRIGGER;
 use crate::capture::options::{split_trigger_args, CaptureOptions, WriteBack, BOOKKEEPING_COLUMNS};
+use crate::capture::record::Row;
+use crate::capture::scan::{each_tuple, leaves, Snapshot};
 use crate::capture::{CAPTURE_TRIGGER, TRUNCATE_TRIGGER};
 use crate::error::{CertyoError, Result};
 use pgrx::pg_sys::{self, Oid};
@@ -454,9 +456,7 @@ pub(super) fn refuse_marked_rows(
         WriteBack::Accepted => "'pending'",
         WriteBack::Anchored => "NULL",
     };
-    // The rows are read by the table's name: locked first, the table cannot be renamed (and
-    // another relation, a view whose columns call its owner's functions, given its name) between
-    // the name read here and the query's own lookup of it. Only a table is read.
+    // Locked first, and only a table is read.
     // SAFETY: a lock request and a catalog lookup inside the caller's transaction.
     let kind = unsafe {
         pg_sys::LockRelationOid(relid, pg_sys::AccessShareLock as pg_sys::LOCKMODE);
@@ -477,6 +477,25 @@ pub(super) fn refuse_marked_rows(
     if present.is_empty() {
         return Ok(());
     }
+    // Read by OID through the table's access method, under the latest snapshot (rows committed
+    // while this statement waited for its lock included): no name is resolved, no operator
+    // looked up and no user code runs as the reader.
+    let mut marked = false;
+    for leaf in leaves(relid)? {
+        each_tuple(
+            leaf,
+            Snapshot::Latest,
+            // SAFETY: the relation `each_tuple` opened.
+            |rel| Ok(unsafe { Said::of(rel, &present, write_back) }),
+            |said, row| {
+                marked = said.iter().any(|s| s.by(row));
+                Ok(!marked)
+            },
+        )?;
+        if marked {
+            break;
+        }
+    }
     let said: Vec<String> = present
         .iter()
         .map(|c| match (c.as_str(), write_back) {
@@ -493,11 +512,6 @@ pub(super) fn refuse_marked_rows(
         &[relid.into()],
     )?
     .unwrap_or_default();
-    let marked = Spi::get_one::<bool>(&format!(
-        "SELECT EXISTS (SELECT FROM {name} WHERE {})",
-        said.join(" OR ")
-    ))?
-    .unwrap_or(false);
     if !marked {
         return Ok(());
     }
@@ -514,4 +528,56 @@ pub(super) fn refuse_marked_rows(
     )
     .detail("Tracked, they would go on claiming a hash and an anchor status, 'anchored' perhaps, for content Certyo may never have anchored (a partition detached earlier keeps its marks, a copy of a tracked table has them, and the rows may have changed since).")
     .hint(format!("Clear them first: UPDATE {name} SET {} WHERE {};", set.join(", "), said.join(" OR "))))
+}
+
+/// A bookkeeping column of one table (a partition's columns may lie elsewhere than its
+/// parent's), and what in it would say something: any value, or under `'accepted'` a status
+/// other than `'pending'`.
+enum Said {
+    AnyValue(usize),
+    NotPending(usize),
+}
+
+impl Said {
+    /// # Safety
+    /// `rel` must be an open relation.
+    unsafe fn of(rel: pg_sys::Relation, present: &[String], write_back: WriteBack) -> Vec<Said> {
+        // SAFETY: the caller's contract: the descriptor of an open relation, read within `natts`.
+        let attributes: Vec<&pg_sys::FormData_pg_attribute> = unsafe {
+            let desc = (*rel).rd_att;
+            (0..(*desc).natts as usize)
+                .map(|i| crate::compat::attribute(desc, i))
+                .collect()
+        };
+        attributes
+            .into_iter()
+            .enumerate()
+            .filter(|(_, a)| !a.attisdropped)
+            .filter(|(_, a)| {
+                present
+                    .iter()
+                    .any(|c| pgrx::name_data_to_str(&a.attname) == c)
+            })
+            .map(|(index, a)| {
+                let text = a.atttypid == pg_sys::TEXTOID || a.atttypid == pg_sys::VARCHAROID;
+                match (pgrx::name_data_to_str(&a.attname), write_back) {
+                    ("certyo_anchor_status", WriteBack::Accepted) if text => {
+                        Said::NotPending(index)
+                    }
+                    _ => Said::AnyValue(index),
+                }
+            })
+            .collect()
+    }
+
+    fn by(&self, row: &Row) -> bool {
+        match *self {
+            Said::AnyValue(index) => !row.is_null(index),
+            Said::NotPending(index) => {
+                // SAFETY: `NotPending` only for a column of type text or varchar (one
+                // representation), checked in `of`.
+                !row.is_null(index) && !unsafe { row.text_is(index, "pending") }
+            }
+        }
+    }
 }

@@ -24,7 +24,7 @@ pub use partitions::{
     after_attach, before_attach, before_rows_leave, outermost, owns, partition_parent,
     partitions_dropped_with, refuse_extension_member, refuse_truncating_partitions, Leaving,
 };
-use pgrx::pg_sys::Oid;
+use pgrx::pg_sys::{self, Oid};
 use pgrx::prelude::*;
 use pgrx::PgSqlErrorCode;
 use std::ffi::CStr;
@@ -168,6 +168,22 @@ fn track_table(
     backfill: bool,
     new_table_mode: WriteBack,
 ) -> Result<()> {
+    // Whoever may not track it (not its owner, not a table) is refused before anything is
+    // locked: a lock request waits for writers, and writers queue behind it.
+    Table::inspect(relid)?;
+    // Held still from here on, with its partitions (a writer may write to one directly), in the
+    // mode its trigger DDL takes anyway (two track() calls of one table wait for each other):
+    // no writer commits rows between what is checked and read of them below and the capture
+    // trigger. Nor may this session's own statement be writing to them (an INSERT beside the
+    // track() call in one statement, its triggers read before they existed).
+    for member in crate::rights::lock_tree(relid, pg_sys::ShareRowExclusiveLock) {
+        // SAFETY: a relation this transaction holds locked, opened and closed by the guard;
+        // CheckTableNotInUse raises an ordinary ERROR.
+        unsafe {
+            let opened = crate::relation::OpenRelation::open(member, pg_sys::NoLock);
+            pg_sys::CheckTableNotInUse(opened.get(), c"certyo.track()".as_ptr());
+        }
+    }
     let table = Table::inspect(relid)?;
     partitions::refuse_detach_pending(relid)?;
     let installed = installed_options(relid)?;
@@ -202,6 +218,8 @@ fn track_table(
             install::refuse_marked_rows(relid, options.write_back, &table.display)?;
         }
         install::add_bookkeeping_columns(&table, options.write_back)?;
+        // Those it had already as well as those just added.
+        require_bookkeeping_columns(&Table::inspect(relid)?)?;
     }
     TriggerDefinition::new(&options).install(&table)?;
     crate::shape::record(relid, &options)?;
@@ -459,7 +477,8 @@ pub fn before_index_drop(indexes: &[Oid]) -> Result<()> {
         if relid == pgrx::pg_sys::InvalidOid {
             continue;
         }
-        let Some(options) = installed_options(relid)? else {
+        // As of now: a `DROP INDEX CONCURRENTLY` may have waited for its locks since it began.
+        let Some(options) = installed_options_now(relid)? else {
             continue;
         };
         if options.record_id_source != RecordIdSource::Columns
@@ -572,24 +591,43 @@ fn updating_certyo_cdc() -> bool {
 /// A tracked table keeps its bookkeeping columns: the write-back finds them by name, so one
 /// renamed or dropped would stop it without a word.
 fn require_bookkeeping_columns(table: &Table) -> Result<()> {
-    let Some(missing) = BOOKKEEPING_COLUMNS
-        .iter()
-        .find(|name| table.column(name).is_none())
-    else {
-        return Ok(());
-    };
-    Err(CertyoError::new(
-        PgSqlErrorCode::ERRCODE_DEPENDENT_OBJECTS_STILL_EXIST,
-        format!(
-            "certyo_cdc: column \"{missing}\" of tracked table {} is where certyo_cdc writes what Certyo answered",
-            table.display
-        ),
-    )
-    .detail("Without it the worker could not mark the table's rows: their write-back would stop without a word.")
-    .hint(format!(
-        "Keep the column; to stop tracking the table and remove its bookkeeping columns, call certyo.untrack('{}', drop_columns => true).",
-        table.display
-    )))
+    let types = [pg_sys::TEXTOID, pg_sys::TEXTOID, pg_sys::TIMESTAMPTZOID];
+    for (name, typid) in BOOKKEEPING_COLUMNS.iter().zip(types) {
+        let Some(column) = table.column(name) else {
+            return Err(CertyoError::new(
+                PgSqlErrorCode::ERRCODE_DEPENDENT_OBJECTS_STILL_EXIST,
+                format!(
+                    "certyo_cdc: column \"{name}\" of tracked table {} is where certyo_cdc writes what Certyo answered",
+                    table.display
+                ),
+            )
+            .detail("Without it the worker could not mark the table's rows: their write-back would stop without a word.")
+            .hint(format!(
+                "Keep the column; to stop tracking the table and remove its bookkeeping columns, call certyo.untrack('{}', drop_columns => true).",
+                table.display
+            )));
+        };
+        if column.typid != typid {
+            let shown = if typid == pg_sys::TEXTOID {
+                "text"
+            } else {
+                "timestamptz"
+            };
+            return Err(CertyoError::new(
+                PgSqlErrorCode::ERRCODE_DATATYPE_MISMATCH,
+                format!(
+                    "certyo_cdc: column \"{name}\" of tracked table {} must be of type {shown}",
+                    table.display
+                ),
+            )
+            .detail(format!("certyo_cdc writes what Certyo answered into it and reads it back as {shown}. Of another type (a domain over {shown} or varchar among them), capture could not tell what a row claims, and would refuse its writes or let a claim through."))
+            .hint(format!(
+                "Keep it {shown} (ALTER TABLE {} ALTER COLUMN {name} TYPE {shown} makes it so); to stop tracking the table and remove its bookkeeping columns, call certyo.untrack('{}', drop_columns => true).",
+                table.display, table.display
+            )));
+        }
+    }
+    Ok(())
 }
 
 pub(crate) fn installed_options(relid: Oid) -> Result<Option<CaptureOptions>> {

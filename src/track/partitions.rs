@@ -122,6 +122,9 @@ pub fn after_attach(child: Oid) -> Result<()> {
     let Some((table, options)) = tracked_table_of(child, false)? else {
         return Ok(());
     };
+    // Again, now that the statement holds `child` locked: rows a writer committed between the
+    // check before it and its lock would otherwise come in unchecked.
+    super::install::refuse_marked_rows(child, options.write_back, &name_of(table)?)?;
     if crate::capture::replica_session() {
         return Ok(());
     }
