@@ -789,10 +789,11 @@ def untrack_and_drop(cluster, table, *others):
     """)
 
 
-def race(cluster, held_statements, statement, waiting_on):
+def race(cluster, held_statements, statement, waiting_on, then="COMMIT;"):
     """Run `statement` while another session, which ran `held_statements` in an open
-    transaction, holds what it waits for; commit that session once `statement` waits for a
-    lock (its query text contains `waiting_on`). The statement's Attempt."""
+    transaction, holds what it waits for; end that session with `then` (a commit) once
+    `statement` waits for a lock (its query text contains `waiting_on`). The statement's
+    Attempt; the other session must have ended without an error."""
     held = cluster.hold_open(held_statements)
     outcome = {}
     racing = threading.Thread(target=lambda: outcome.setdefault("attempt", cluster.attempt_verbose(statement)))
@@ -801,7 +802,8 @@ def race(cluster, held_statements, statement, waiting_on):
         waiting = ("SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
                    f"AND query LIKE '%{waiting_on}%'")
         assert wait_for(lambda: cluster.sql(waiting) == "1", 15), f"{statement}: waits for a lock"
-        held.process.communicate("COMMIT;\n", timeout=15)
+        _, errors = held.process.communicate(then + "\n", timeout=15)
+        assert held.process.returncode == 0, f"{then}: {errors}"
     finally:
         if held.process.poll() is None:
             held.close()
@@ -1475,3 +1477,43 @@ def test_marks_planted_while_a_table_is_untracked_are_found_once_it_is_tracked_a
                             "4: never captured"), findings
     finally:
         untrack_and_drop(cluster, "wb_planted")
+
+
+def test_track_waits_for_a_writer_that_read_the_table_first_without_a_deadlock(cluster):
+    """A writer's transaction reads the table, then writes it; track() comes between, adding
+    the bookkeeping columns (ACCESS EXCLUSIVE). Had track() held a weaker lock first and then
+    asked for that one, the writer's write would wait for track() and track() for the writer's
+    read: a deadlock, one of them aborted. Both go through, the writer's first."""
+    cluster.sql("CREATE TABLE wb_reader (id int PRIMARY KEY, v text); INSERT INTO wb_reader VALUES (1, 'a')")
+    try:
+        attempt = race(cluster, "BEGIN; SELECT count(*) FROM wb_reader;", "SELECT certyo.track('wb_reader')",
+                       "certyo.track(", then="UPDATE wb_reader SET v = 'b'; COMMIT;")
+        assert attempt.returncode == 0, attempt.stderr
+        assert cluster.sql("SELECT v FROM wb_reader") == "b"
+    finally:
+        untrack_and_drop(cluster, "wb_reader")
+
+
+@pytest.mark.parametrize("mode", ["anchored", "accepted"])
+def test_rows_backfilled_again_keep_their_marks_and_are_no_finding(cluster, mode):
+    """Rows written back, then backfilled again (track(..., backfill => true), as after a
+    schema change): each row keeps its last version's hash and status while the backfill's image
+    of it waits for Certyo. No forgery: the audit says only that the new version is not yet
+    accepted."""
+    cluster.sql(f"""
+        CREATE TABLE wb_again (id int PRIMARY KEY, v text);
+        SELECT certyo.track('wb_again', write_back => '{mode}');
+        INSERT INTO wb_again VALUES (1, 'a'), (2, 'b');
+    """)
+    try:
+        anchored = "SELECT count(*) FROM wb_again WHERE certyo_anchor_status = 'anchored'"
+        assert wait_for(lambda: cluster.sql(anchored) == "2", 60), cluster.explain()
+        cluster.sql("SELECT certyo.pause()")
+        assert wait_for(lambda: cluster.sql("SELECT state FROM certyo.worker_status()") == "paused", 10)
+        cluster.sql("SELECT certyo.track('wb_again', backfill => true)")
+        assert cluster.sql(anchored) == "2"
+        findings = cluster.sql("SELECT string_agg(record_id || ': ' || problem, ', ' ORDER BY record_id) FROM certyo.audit('wb_again')")
+        assert findings == "1: not yet accepted, 2: not yet accepted", findings
+    finally:
+        cluster.sql("SELECT certyo.resume()")
+        untrack_and_drop(cluster, "wb_again")

@@ -25,10 +25,14 @@ struct Fallback {
     /// That record: its era and record id.
     record: (Era, String),
     payload: Vec<u8>,
-    /// Whether the row has a version of its own.
-    own: bool,
+    /// Whether the row has a version of its own since, and of its present key's columns the
+    /// values that version holds (their digests), if it holds them.
+    own: Option<Option<Vec<u8>>>,
     /// What its bookkeeping columns claim, if anything ([`unbacked_claim`]).
     claim: Option<&'static str>,
+    /// Whether a key column was retyped since the record's version (whose the record is could
+    /// not be told by the values).
+    retyped: bool,
 }
 
 /// A captured version of one record: queued, being delivered, or accepted.
@@ -138,6 +142,9 @@ struct Examination {
     findings: Vec<Finding>,
     /// Records whose newest version is not a delete and that have no row: (record id, version).
     gone: Vec<(String, i64)>,
+    /// Records under an earlier record key whose row no longer holds the values of the
+    /// present key's columns they held (changed without capture): (record id, version).
+    superseded: Vec<(String, i64)>,
 }
 
 /// Which key a record id was made under: an index into the distinct record keys (attribute
@@ -197,10 +204,11 @@ fn examine(relid: Oid, options: &CaptureOptions) -> Result<Examination> {
         Some(out)
     };
     // Whether a version held, of the present key's columns it was captured with, the values a
-    // row renders to now (`payload`); true where it held none of them (nothing to tell by).
-    let holds_present_key = |version: &Version, payload: &[u8]| -> bool {
+    // row renders to now (`payload`): `Some(true)` also where it held none of them (nothing to
+    // tell by); `None` where a key column was retyped since (its values render otherwise).
+    let holds_present_key = |version: &Version, payload: &[u8]| -> Option<bool> {
         let Some(key) = eras[0].as_ref() else {
-            return true;
+            return Some(true);
         };
         let shape = shape_of(version.id).map_or(&now, |i| &shapes[i]);
         let Some(digests) = version
@@ -208,28 +216,32 @@ fn examine(relid: Oid, options: &CaptureOptions) -> Result<Examination> {
             .as_ref()
             .filter(|d| d.len() == shape.columns.len() * COLUMN_DIGEST_LEN)
         else {
-            return true;
+            return Some(true);
         };
         let Some(values) = std::str::from_utf8(payload).ok().and_then(payload_columns) else {
-            return true;
+            return Some(true);
         };
         let values: HashMap<String, &str> = values.into_iter().collect();
-        key.iter().all(|attnum| {
+        let mut holds = Some(true);
+        for attnum in key {
             let Some(i) = shape.attnums.iter().position(|a| a == attnum) else {
-                return true; // not a column then
+                continue; // not a column then
             };
             let Some((name, type_now)) = columns_now.get(attnum) else {
-                return true;
+                continue;
+            };
+            let Some(value) = values.get(name) else {
+                continue;
             };
             if shape.types.get(i) != Some(type_now) {
-                return true; // retyped since: its values render otherwise, nothing to tell by
+                holds = None; // retyped since: nothing to tell by, unless another column differs
+            } else if column_digest(&shape.columns[i], value)
+                != digests[i * COLUMN_DIGEST_LEN..(i + 1) * COLUMN_DIGEST_LEN]
+            {
+                return Some(false);
             }
-            let Some(value) = values.get(name) else {
-                return true;
-            };
-            column_digest(&shape.columns[i], value)
-                == digests[i * COLUMN_DIGEST_LEN..(i + 1) * COLUMN_DIGEST_LEN]
-        })
+        }
+        holds
     };
     let mut went_on: HashMap<(usize, Vec<u8>), i64> = HashMap::new();
     for (record_id, version) in newest_versions(relid, boundaries)? {
@@ -279,9 +291,21 @@ fn examine(relid: Oid, options: &CaptureOptions) -> Result<Examination> {
     let mut unaccepted: Vec<(String, i64, Written)> = Vec::new();
     // A record of an earlier key that a row holds by that key's values (its record id under it),
     // but whose last version held other values of the present key's columns, and that went on
-    // nowhere else: the row's, whose key column changed without capture (while untracked, say).
-    // Settled after the scan, so that a row holding the record's present key values too wins.
+    // nowhere else: the row's, whose key column changed without capture (while untracked, say),
+    // or a row's that went, whose old key values this one took. Settled after the scan, so that
+    // a row holding the record's present key values too wins.
     let mut fallbacks: Vec<Fallback> = Vec::new();
+    let mut superseded: Vec<(String, i64)> = Vec::new();
+    // Per earlier era, the records whose last version held given values of the present key's
+    // columns: the rows' earlier records, where those values stayed.
+    let mut held: HashMap<(Era, Vec<u8>), Vec<String>> = HashMap::new();
+    for ((era, record_id), version) in known.iter().filter(|((era, _), _)| *era != 0) {
+        if let Some(values) = key_values(version, 0) {
+            held.entry((*era, values))
+                .or_default()
+                .push(record_id.clone());
+        }
+    }
     each_row(
         relid,
         options,
@@ -301,6 +325,7 @@ fn examine(relid: Oid, options: &CaptureOptions) -> Result<Examination> {
             // each); every other version of it under those keys is its too, not a deleted one.
             let mut newest: Option<(String, Version)> = None;
             let mut fallback: Option<(Era, String)> = None;
+            let mut retyped = false;
             for (era, key) in eras.iter().enumerate() {
                 let record_id = if era == 0 {
                     Some(record_id_now.clone())
@@ -312,14 +337,23 @@ fn examine(relid: Oid, options: &CaptureOptions) -> Result<Examination> {
                 // Under an earlier key, the record is this row's only if its last version held
                 // the row's present key values too, where it held those columns: else it was
                 // another row, whose old key values this one took (changed to them), and that
-                // row's fate is the record's own (gone, or found under the present key).
+                // row's fate is the record's own (gone, or found under the present key). Where a
+                // key column was retyped since, that cannot be told: the record is the row's
+                // while the row has no version of its own since, else it is settled as one
+                // that does not hold them (a row that took another's old key values through
+                // capture has one).
                 if era != 0
-                    && known
-                        .get(&(era, record_id.clone()))
-                        .is_some_and(|v| !holds_present_key(v, &change.payload))
+                    && known.get(&(era, record_id.clone())).is_some_and(
+                        |v| match holds_present_key(v, &change.payload) {
+                            Some(holds) => !holds,
+                            None => newest.is_some(),
+                        },
+                    )
                 {
                     let v = &known[&(era, record_id.clone())];
-                    if !v.deleted && !went_on_elsewhere(v, era) {
+                    // (One found removed while untracked is judged as such: as gone.)
+                    if !v.deleted && !went_on_elsewhere(v, era) && !removed.contains_key(&v.id) {
+                        retyped = holds_present_key(v, &change.payload).is_none();
                         fallback = Some((era, record_id));
                     }
                     continue;
@@ -340,8 +374,9 @@ fn examine(relid: Oid, options: &CaptureOptions) -> Result<Examination> {
                     record_id_now: record_id_now.clone(),
                     record: fallback,
                     payload: change.payload.clone(),
-                    own: newest.is_some(),
+                    own: newest.as_ref().map(|(_, v)| key_values(v, 0)),
                     claim,
+                    retyped,
                 });
             } else if newest.is_none() {
                 uncaptured.push((record_id_now, claim));
@@ -413,8 +448,9 @@ fn examine(relid: Oid, options: &CaptureOptions) -> Result<Examination> {
     // commits with its receipts) makes a row look ahead of them. Read again, after the rows.
     let ids: Vec<String> = suspects
         .iter()
-        .chain(&unaccepted)
-        .map(|(id, _, _)| id.clone())
+        .map(|(id, _, _)| id)
+        .chain(unaccepted.iter().map(|(id, _, _)| id))
+        .cloned()
         .collect();
     let again = if ids.is_empty() {
         HashMap::new()
@@ -422,13 +458,20 @@ fn examine(relid: Oid, options: &CaptureOptions) -> Result<Examination> {
         last_accepted(relid, Some(ids))?
     };
     for (record_id, version, written) in unaccepted {
-        let problem = match again.get(&record_id).filter(|a| a.id == version) {
-            // Accepted meanwhile: judged as any accepted version's row is.
+        let last = again.get(&record_id);
+        let problem = match last {
+            // An accepted version of its record (this one, accepted meanwhile, or an earlier one
+            // whose marks the row keeps while a backfill's image of it waits): judged as any
+            // accepted version's row is.
             Some(last) => forged_bookkeeping(last, &written, options.write_back),
             None => unbacked_claim(&written, options.write_back),
         };
-        if let Some(problem) = problem {
-            found.push(report(record_id, problem, None));
+        match problem {
+            Some(problem) => found.push(report(record_id, problem, None)),
+            None if last.is_none_or(|last| last.id != version) => {
+                found.push(report(record_id, "not yet accepted", None))
+            }
+            None => {}
         }
     }
     for (record_id, version, written) in suspects {
@@ -441,16 +484,34 @@ fn examine(relid: Oid, options: &CaptureOptions) -> Result<Examination> {
     }
     for Fallback {
         record_id_now,
-        record: key,
+        record,
         payload,
         own,
         claim,
+        retyped,
     } in fallbacks
     {
-        match known.remove(&key) {
-            None if own => {} // another row's; this one has its own version
-            None => uncaptured.push((record_id_now, claim)),
-            Some(version) => {
+        match (known.remove(&record), own) {
+            (None, Some(_)) => {} // another row's; this one has its own version
+            (None, None) => uncaptured.push((record_id_now, claim)),
+            // Captured again since, under its present record id: the record is its earlier
+            // one (a change without capture of its key columns, then a capture of it all, is
+            // forgiven as any change is), unless another record of that key held the values
+            // the row's own version holds: that one is the row's (it went on), and this one a
+            // row's that went (back to be judged as gone).
+            (Some(version), Some(values)) => {
+                // (Where a key column was retyped, the values cannot be compared: judged as gone.)
+                let another = values
+                    .and_then(|values| held.get(&(record.0, values)))
+                    .is_some_and(|ids| ids.iter().any(|id| *id != record.1));
+                if another || retyped {
+                    known.insert(record, version);
+                } else {
+                    superseded.push((record.1, version.id));
+                }
+            }
+            (Some(version), None) => {
+                superseded.push((record.1.clone(), version.id));
                 let differ = shape_of(version.id)
                     .and_then(|i| {
                         differing_columns(
@@ -462,7 +523,7 @@ fn examine(relid: Oid, options: &CaptureOptions) -> Result<Examination> {
                     })
                     .filter(|d| !d.is_empty())
                     .map(|d| format!("differs in {}", d.join(", ")));
-                found.push(report(key.1, "changed without capture", differ));
+                found.push(report(record.1, "changed without capture", differ));
             }
         }
     }
@@ -558,6 +619,7 @@ fn examine(relid: Oid, options: &CaptureOptions) -> Result<Examination> {
     Ok(Examination {
         findings: changes,
         gone,
+        superseded,
     })
 }
 
@@ -753,7 +815,14 @@ pub fn record_removed_while_untracked(relid: Oid, options: &CaptureOptions) -> R
     if has_versions != Some(true) {
         return Ok(0);
     }
-    let gone = examine(relid, options)?.gone;
+    // Also the records whose rows took other values of the present key's columns meanwhile:
+    // under their record ids, as those of removed rows, the rows are gone.
+    let Examination {
+        mut gone,
+        superseded,
+        ..
+    } = examine(relid, options)?;
+    gone.extend(superseded);
     if gone.is_empty() {
         return Ok(0);
     }
@@ -772,6 +841,21 @@ pub fn record_removed_while_untracked(relid: Oid, options: &CaptureOptions) -> R
     Ok(count)
 }
 
+/// What a row's bookkeeping columns claim where no accepted version of its record backs a claim
+/// (it has none: nothing is written to such a row): a hash, or a status other than `'pending'`,
+/// the finding that names it.
+fn unbacked_claim((hash, status): &Written, mode: WriteBack) -> Option<&'static str> {
+    if mode == WriteBack::None {
+        None // the worker writes nothing to the rows: any such column is the user's
+    } else if hash.is_some() {
+        Some("record hash changed without capture")
+    } else if status.as_deref().is_some_and(|s| s != "pending") {
+        Some("anchor status changed without capture")
+    } else {
+        None
+    }
+}
+
 /// What is wrong with the written-back columns of a row whose payload is the accepted one:
 /// anyone who may UPDATE the table can set them (capture skips such updates by design), so
 /// the audit compares them with the receipt. A hash not written back yet (a failing
@@ -785,21 +869,6 @@ pub fn record_removed_while_untracked(relid: Oid, options: &CaptureOptions) -> R
 /// Under `write_back => 'anchored'` nothing is written at acceptance (an earlier version's
 /// marks are cleared): until Certyo settles the version the row holds NULL, as after a
 /// write-back not done yet.
-/// What a row's bookkeeping columns claim where no accepted version of it backs a claim (it has
-/// none, or its newest is not accepted: nothing is written to such a row): a hash, or a status
-/// other than `'pending'`, the finding that names it.
-fn unbacked_claim((hash, status): &Written, mode: WriteBack) -> Option<&'static str> {
-    if mode == WriteBack::None {
-        None // the worker writes nothing to the rows: any such column is the user's
-    } else if hash.is_some() {
-        Some("record hash changed without capture")
-    } else if status.as_deref().is_some_and(|s| s != "pending") {
-        Some("anchor status changed without capture")
-    } else {
-        None
-    }
-}
-
 fn forged_bookkeeping(
     last: &Accepted,
     (hash, status): &Written,
@@ -834,12 +903,14 @@ fn forged_bookkeeping(
 }
 
 /// Per record id, the newest version captured (queued, being delivered, or accepted) between
-/// each two of `boundaries` (the queue ids at which the record key changed, ascending).
+/// each two of `boundaries` (the queue ids at which the record key changed, ascending); and
+/// where that is an insert, also the newest version before it that is not (a delete, say: its
+/// row went on under another record id, and another row took the record id since).
 fn newest_versions(relid: Oid, boundaries: Vec<i64>) -> Result<Vec<(String, Version)>> {
     crate::rights::as_superuser(|| {
         Ok(Spi::connect(|client| {
             let rows = client.select(
-                "SELECT DISTINCT ON (record_id, era) record_id, id, accepted, operation = 'delete', sha256, payload, digests,
+                "SELECT DISTINCT ON (record_id, era, operation = 'insert') record_id, id, accepted, operation = 'delete', sha256, payload, digests,
                         operation = 'insert'
                    FROM (SELECT *, (SELECT count(*) FROM pg_catalog.unnest($2::int8[]) b WHERE b < v.id) AS era
                            FROM (SELECT record_id, id, true AS accepted, operation, encode(payload_sha256, 'hex') AS sha256,
@@ -852,7 +923,7 @@ fn newest_versions(relid: Oid, boundaries: Vec<i64>) -> Result<Vec<(String, Vers
                                  SELECT record_id, id, false, operation, NULL, payload::text, NULL
                                    FROM certyo.queue WHERE relid = $1) AS v
                         ) AS versions
-                  ORDER BY record_id, era, id DESC",
+                  ORDER BY record_id, era, operation = 'insert', id DESC",
                 None,
                 &[relid.into(), boundaries.into()],
             )?;

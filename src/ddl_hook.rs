@@ -1130,11 +1130,16 @@ unsafe fn dropped_indexes(stmt: *mut pg_sys::Node) -> Vec<pg_sys::Oid> {
                     pg_sys::LockRelationOid(table, mode);
                 }
                 let locked = resolve_locked(name, mode)?;
-                if locked != index && pg_sys::IndexGetRelation(locked, true) != table {
+                let other = pg_sys::IndexGetRelation(locked, true);
+                if locked != index && other != table && other != pg_sys::InvalidOid {
                     // Its name went to an index of another table while this waited: that
-                    // table is locked too, as the statement will lock it.
-                    let other = pg_sys::IndexGetRelation(locked, true);
-                    if other != pg_sys::InvalidOid {
+                    // table is locked too, as the statement will lock it (after the index, not
+                    // before as the statement does: a wait in a circle with it ends in
+                    // PostgreSQL's deadlock error, not a hang), if this role may drop it.
+                    let may =
+                        crate::rights::with_pinned_search_path(|| crate::track::owns(locked, true))
+                            .or_raise();
+                    if may {
                         pg_sys::LockRelationOid(other, mode);
                     }
                 }

@@ -416,16 +416,18 @@ def test_two_tables_never_share_a_collection(cluster, attacker, emulator):
     attacker.sql(f'DROP TABLE "{s}.x".y; DROP SCHEMA "{s}.x"')
 
 
-def test_audit_refuses_a_retyped_status_column(cluster, attacker):
+def test_a_retyped_status_column_hides_no_forgery(cluster, attacker):
     """Attack: certyo_anchor_status retyped to varchar, then a row's status forged: the audit
-    skipped the column and reported nothing. It says it cannot check instead."""
+    skipped the column and reported nothing (later, it refused to run). The retyping is refused
+    now (42804), and the forgery found."""
     table = make_table(attacker, rows=2)
     wait_anchored(cluster, table, 2)
-    attacker.sql(f"ALTER TABLE {table} ALTER COLUMN certyo_anchor_status TYPE varchar(20)")
-    cluster.sql(f"UPDATE {table} SET certyo_anchor_status = 'anchored', certyo_record_hash = 'forged' WHERE id = 1")
-    refused = cluster.attempt_verbose(f"SELECT * FROM certyo.audit('{table}')")
+    refused = attacker.attempt(f"ALTER TABLE {table} ALTER COLUMN certyo_anchor_status TYPE varchar(20)")
     assert refused.sqlstate == "42804", refused
     assert "certyo_anchor_status" in refused.stderr, refused
+    cluster.sql(f"UPDATE {table} SET certyo_anchor_status = 'anchored', certyo_record_hash = 'forged' WHERE id = 1")
+    findings = cluster.sql(f"SELECT string_agg(record_id || ': ' || problem, ', ') FROM certyo.audit('{table}')")
+    assert findings == "1: record hash changed without capture", findings
 
 
 # ---------------------------------------------------------------------------------------------

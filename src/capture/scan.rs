@@ -1,6 +1,7 @@
 //! Every row of a table rendered as capture renders it, as an `upsert`: the current state, not
-//! how it came about. Used by `track(..., backfill => true)` (to queue the rows) and by the
-//! tamper audit (to hash them). A scan through the table's access method under one snapshot,
+//! how it came about. Used by `track(..., backfill => true)` (to queue the rows), by the tamper
+//! audit (to hash them), by `ATTACH` and `DETACH PARTITION` (to queue their rows), and, unrendered
+//! ([`each_tuple`]), by the check of what rows coming into a tracked table claim. A scan through the table's access method under one snapshot,
 //! by OID: no name is resolved and no user code runs (a query by name would run whatever the
 //! name comes to mean, a view's functions among them, as the reader). Rendering allocates per
 //! row, and a memory context reset per row keeps memory flat on any table size.
@@ -58,13 +59,19 @@ pub fn leaves(relid: Oid) -> Result<Vec<Oid>> {
     if kind != pg_sys::RELKIND_PARTITIONED_TABLE as std::ffi::c_char {
         return Ok(vec![]);
     }
-    Ok(pgrx::Spi::get_one_with_args::<Vec<Oid>>(
-        "SELECT pg_catalog.array_agg(t.relid::oid) FROM pg_catalog.pg_partition_tree($1) t
-           JOIN pg_catalog.pg_class c ON c.oid OPERATOR(pg_catalog.=) t.relid
-          WHERE t.isleaf AND c.relkind OPERATOR(pg_catalog.=) 'r'",
+    // The tree as the catalog is now (`pg_partition_tree` reads it so, as PostgreSQL's DDL does),
+    // each leaf's kind too: a query's snapshot, a REPEATABLE READ transaction's, would miss a
+    // partition attached since it was taken.
+    let leaves = pgrx::Spi::get_one_with_args::<Vec<Oid>>(
+        "SELECT pg_catalog.array_agg(relid::oid) FROM pg_catalog.pg_partition_tree($1) WHERE isleaf",
         &[relid.into()],
     )?
-    .unwrap_or_default())
+    .unwrap_or_default();
+    Ok(leaves
+        .into_iter()
+        // SAFETY: a catalog lookup inside the caller's transaction.
+        .filter(|&leaf| unsafe { pg_sys::get_rel_relkind(leaf) } == pg_sys::RELKIND_RELATION as std::ffi::c_char)
+        .collect())
 }
 
 /// Call `each` with every row of table `relid` (not a partitioned one: see [`leaves`]), given
@@ -78,9 +85,12 @@ pub fn each_tuple<P>(
     mut each: impl FnMut(&P, &Row) -> Result<bool>,
 ) -> Result<i64> {
     // SAFETY: inside a transaction; the relation is closed by its guard; the scan, its slot and
-    // the snapshot are ended below on every path once begun (an error from `each` ends the
-    // loop, not the function); each row is fetched and deformed, whatever the access method,
-    // as a heap tuple of the relation's own descriptor, in a per-row context reset after it.
+    // the snapshot are ended below once begun, when `each` returns an error too (it ends the
+    // loop, not the function); an ERROR raised inside PostgreSQL leaves them to the
+    // (sub)transaction's abort, which releases them with its resource owner. Each row is
+    // fetched and deformed, whatever the access method, as a heap tuple of the relation's own
+    // descriptor (copied into the per-row context when the slot holds none), in a per-row
+    // context reset after it.
     unsafe {
         let opened = crate::relation::OpenRelation::open(relid, pg_sys::AccessShareLock);
         let rel = opened.get();

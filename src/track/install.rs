@@ -43,6 +43,27 @@ impl Drop for Flag {
     }
 }
 
+/// Whether [`add_bookkeeping_columns`] would alter the table (a column to add, or the status
+/// column's default to change): `ALTER TABLE`, which takes `ACCESS EXCLUSIVE`.
+pub fn alters_table(table: &Table, write_back: WriteBack) -> Result<bool> {
+    if write_back == WriteBack::None {
+        return Ok(false);
+    }
+    if BOOKKEEPING_COLUMNS
+        .iter()
+        .any(|c| table.column(c).is_none())
+    {
+        return Ok(true);
+    }
+    let has_default = Spi::get_one_with_args::<bool>(
+        "SELECT atthasdef FROM pg_catalog.pg_attribute
+          WHERE attrelid OPERATOR(pg_catalog.=) $1 AND attname OPERATOR(pg_catalog.=) 'certyo_anchor_status' AND NOT attisdropped",
+        &[table.relid.into()],
+    )?
+    .unwrap_or(false);
+    Ok(has_default != (write_back == WriteBack::Accepted))
+}
+
 fn add_missing(table: &Table, write_back: WriteBack) -> Result<()> {
     let status = match write_back {
         WriteBack::Accepted => "text DEFAULT 'pending'",
@@ -486,9 +507,9 @@ pub(super) fn refuse_marked_rows(
             leaf,
             Snapshot::Latest,
             // SAFETY: the relation `each_tuple` opened.
-            |rel| Ok(unsafe { Said::of(rel, &present, write_back) }),
-            |said, row| {
-                marked = said.iter().any(|s| s.by(row));
+            |rel| Ok(unsafe { Claim::of(rel, &present, write_back) }),
+            |claims, row| {
+                marked = claims.iter().any(|c| c.made_by(row));
                 Ok(!marked)
             },
         )?;
@@ -496,7 +517,7 @@ pub(super) fn refuse_marked_rows(
             break;
         }
     }
-    let said: Vec<String> = present
+    let conditions: Vec<String> = present
         .iter()
         .map(|c| match (c.as_str(), write_back) {
             // NULL says nothing in either mode (a table tracked under 'anchored' before, its
@@ -527,21 +548,21 @@ pub(super) fn refuse_marked_rows(
         format!("certyo_cdc: rows of {name} hold bookkeeping values that no receipt of {table_name} backs"),
     )
     .detail("Tracked, they would go on claiming a hash and an anchor status, 'anchored' perhaps, for content Certyo may never have anchored (a partition detached earlier keeps its marks, a copy of a tracked table has them, and the rows may have changed since).")
-    .hint(format!("Clear them first: UPDATE {name} SET {} WHERE {};", set.join(", "), said.join(" OR "))))
+    .hint(format!("Clear them first: UPDATE {name} SET {} WHERE {};", set.join(", "), conditions.join(" OR "))))
 }
 
-/// A bookkeeping column of one table (a partition's columns may lie elsewhere than its
-/// parent's), and what in it would say something: any value, or under `'accepted'` a status
-/// other than `'pending'`.
-enum Said {
+/// What a row claims in a bookkeeping column of one table (a partition's columns may lie
+/// elsewhere than its parent's): any value, or under `'accepted'` a status other than
+/// `'pending'` (as capture tells, `crate::capture::marks`).
+enum Claim {
     AnyValue(usize),
     NotPending(usize),
 }
 
-impl Said {
+impl Claim {
     /// # Safety
     /// `rel` must be an open relation.
-    unsafe fn of(rel: pg_sys::Relation, present: &[String], write_back: WriteBack) -> Vec<Said> {
+    unsafe fn of(rel: pg_sys::Relation, present: &[String], write_back: WriteBack) -> Vec<Claim> {
         // SAFETY: the caller's contract: the descriptor of an open relation, read within `natts`.
         let attributes: Vec<&pg_sys::FormData_pg_attribute> = unsafe {
             let desc = (*rel).rd_att;
@@ -562,18 +583,18 @@ impl Said {
                 let text = a.atttypid == pg_sys::TEXTOID || a.atttypid == pg_sys::VARCHAROID;
                 match (pgrx::name_data_to_str(&a.attname), write_back) {
                     ("certyo_anchor_status", WriteBack::Accepted) if text => {
-                        Said::NotPending(index)
+                        Claim::NotPending(index)
                     }
-                    _ => Said::AnyValue(index),
+                    _ => Claim::AnyValue(index),
                 }
             })
             .collect()
     }
 
-    fn by(&self, row: &Row) -> bool {
+    fn made_by(&self, row: &Row) -> bool {
         match *self {
-            Said::AnyValue(index) => !row.is_null(index),
-            Said::NotPending(index) => {
+            Claim::AnyValue(index) => !row.is_null(index),
+            Claim::NotPending(index) => {
                 // SAFETY: `NotPending` only for a column of type text or varchar (one
                 // representation), checked in `of`.
                 !row.is_null(index) && !unsafe { row.text_is(index, "pending") }

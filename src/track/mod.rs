@@ -170,13 +170,25 @@ fn track_table(
 ) -> Result<()> {
     // Whoever may not track it (not its owner, not a table) is refused before anything is
     // locked: a lock request waits for writers, and writers queue behind it.
-    Table::inspect(relid)?;
-    // Held still from here on, with its partitions (a writer may write to one directly), in the
-    // mode its trigger DDL takes anyway (two track() calls of one table wait for each other):
-    // no writer commits rows between what is checked and read of them below and the capture
-    // trigger. Nor may this session's own statement be writing to them (an INSERT beside the
-    // track() call in one statement, its triggers read before they existed).
-    for member in crate::rights::lock_tree(relid, pg_sys::ShareRowExclusiveLock) {
+    let table = Table::inspect(relid)?;
+    // Held still from here on, with its partitions (a writer may write to one directly): no
+    // writer commits rows between what is checked and read of them below and the capture
+    // trigger. In the mode its DDL takes: `SHARE ROW EXCLUSIVE` for the triggers, `ACCESS
+    // EXCLUSIVE` when columns are to be added (asked for at once: holding the first and then
+    // asking for the second, track() would wait in a circle with a writer that read the table
+    // before it wrote). Two track() calls of one table wait for each other.
+    let write_back = request
+        .write_back
+        .or(installed_options(relid)?.map(|o| o.write_back))
+        .unwrap_or(new_table_mode);
+    let mode = if install::alters_table(&table, write_back)? {
+        pg_sys::AccessExclusiveLock
+    } else {
+        pg_sys::ShareRowExclusiveLock
+    };
+    // Nor may this session's own statement be writing to them (an INSERT beside the track()
+    // call in one statement, its triggers read before they existed).
+    for member in crate::rights::lock_tree(relid, mode) {
         // SAFETY: a relation this transaction holds locked, opened and closed by the guard;
         // CheckTableNotInUse raises an ordinary ERROR.
         unsafe {
@@ -184,6 +196,10 @@ fn track_table(
             pg_sys::CheckTableNotInUse(opened.get(), c"certyo.track()".as_ptr());
         }
     }
+    // What is read next is read as of now, after the wait: statements of a transaction that
+    // has no id yet read with the snapshot taken before it (see `rights::lock_table`).
+    // SAFETY: assigns the transaction an id, or raises an ordinary ERROR; track() writes anyway.
+    unsafe { pg_sys::GetCurrentTransactionId() };
     let table = Table::inspect(relid)?;
     partitions::refuse_detach_pending(relid)?;
     let installed = installed_options(relid)?;
@@ -212,14 +228,13 @@ fn track_table(
         };
         install::refuse_bookkeeping_columns(&table, conflict)?;
     } else {
+        require_bookkeeping_types(&table)?;
         if !was_tracked && !has_receipts(relid)? {
             // What the rows say was written by no tracking of this table (a detached partition's
             // marks, a copy's): refused, the owner to clear it.
             install::refuse_marked_rows(relid, options.write_back, &table.display)?;
         }
         install::add_bookkeeping_columns(&table, options.write_back)?;
-        // Those it had already as well as those just added.
-        require_bookkeeping_columns(&Table::inspect(relid)?)?;
     }
     TriggerDefinition::new(&options).install(&table)?;
     crate::shape::record(relid, &options)?;
@@ -591,9 +606,8 @@ fn updating_certyo_cdc() -> bool {
 /// A tracked table keeps its bookkeeping columns: the write-back finds them by name, so one
 /// renamed or dropped would stop it without a word.
 fn require_bookkeeping_columns(table: &Table) -> Result<()> {
-    let types = [pg_sys::TEXTOID, pg_sys::TEXTOID, pg_sys::TIMESTAMPTZOID];
-    for (name, typid) in BOOKKEEPING_COLUMNS.iter().zip(types) {
-        let Some(column) = table.column(name) else {
+    for name in BOOKKEEPING_COLUMNS {
+        if table.column(name).is_none() {
             return Err(CertyoError::new(
                 PgSqlErrorCode::ERRCODE_DEPENDENT_OBJECTS_STILL_EXIST,
                 format!(
@@ -606,6 +620,17 @@ fn require_bookkeeping_columns(table: &Table) -> Result<()> {
                 "Keep the column; to stop tracking the table and remove its bookkeeping columns, call certyo.untrack('{}', drop_columns => true).",
                 table.display
             )));
+        }
+    }
+    require_bookkeeping_types(table)
+}
+
+/// The bookkeeping columns a table has are of the types capture reads them as.
+fn require_bookkeeping_types(table: &Table) -> Result<()> {
+    let types = [pg_sys::TEXTOID, pg_sys::TEXTOID, pg_sys::TIMESTAMPTZOID];
+    for (name, typid) in BOOKKEEPING_COLUMNS.iter().zip(types) {
+        let Some(column) = table.column(name) else {
+            continue;
         };
         if column.typid != typid {
             let shown = if typid == pg_sys::TEXTOID {
