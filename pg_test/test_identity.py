@@ -300,6 +300,12 @@ def audit_lines(cluster, table):
                        f"', ' ORDER BY record_id NULLS FIRST), '') FROM certyo.audit('{table}')")
 
 
+def assert_no_row_finding(cluster, table):
+    """The audit of `table` names no row (findings about the table itself aside)."""
+    rows = cluster.sql(f"SELECT count(*) FROM certyo.audit('{table}') WHERE record_id IS NOT NULL")
+    assert rows == "0", audit_lines(cluster, table)
+
+
 @pytest.mark.parametrize("ddl", ["DROP COLUMN extra", "DROP COLUMN extra, ADD COLUMN extra text"])
 def test_a_column_dropped_before_a_dump_keeps_the_audit_true_after_a_restore_into_a_fresh_cluster(emulator, ddl):
     """A column dropped before the dump: the restored table's columns are numbered anew (the
@@ -467,10 +473,20 @@ def test_a_key_column_changed_without_capture_before_a_rekey_is_a_change_not_a_d
         # capture is forgiven once the row is captured again, as ever).
         cluster.sql("UPDATE kc SET v = 'v2' WHERE id = 70")
         assert cluster.wait_drained(30), cluster.explain()
-        rows = cluster.sql("SELECT count(*) FROM certyo.audit('kc') WHERE record_id IS NOT NULL")
-        assert rows == "0", audit_lines(cluster, "kc")
+        assert_no_row_finding(cluster, "kc")
     finally:
         stop(cluster)
+
+
+def rekeyed_a_to_b(emulator, table, rows):
+    """A cluster with `table` (a, b unique, v) tracked by a, `rows` delivered, then re-keyed by b."""
+    cluster = rekey_cluster(emulator, f"""
+        CREATE TABLE {table} (a int NOT NULL UNIQUE, b int NOT NULL UNIQUE, v text);
+        SELECT certyo.track('{table}', record_id_columns => ARRAY['a']);
+        INSERT INTO {table} VALUES {rows};""")
+    assert cluster.wait_drained(30), cluster.explain()
+    cluster.sql(f"SELECT certyo.track('{table}', record_id_columns => ARRAY['b'])")
+    return cluster
 
 
 def test_a_row_deleted_without_capture_whose_old_key_another_row_takes_stays_a_finding(emulator):
@@ -478,13 +494,8 @@ def test_a_row_deleted_without_capture_whose_old_key_another_row_takes_stays_a_f
     takes Y's old value of a, through capture. X holds Y's old record id under a, but not Y's
     values of b, and X's own earlier record went on into X: Y's record is still deleted without
     capture; X's own record is no finding."""
-    cluster = rekey_cluster(emulator, """
-        CREATE TABLE dk (a int NOT NULL UNIQUE, b int NOT NULL UNIQUE, v text);
-        SELECT certyo.track('dk', record_id_columns => ARRAY['a']);
-        INSERT INTO dk VALUES (1, 10, 'x'), (2, 20, 'y');""")
+    cluster = rekeyed_a_to_b(emulator, "dk", "(1, 10, 'x'), (2, 20, 'y')")
     try:
-        assert cluster.wait_drained(30), cluster.explain()
-        cluster.sql("SELECT certyo.track('dk', record_id_columns => ARRAY['b'])")
         cluster.sql("SET session_replication_role = replica; DELETE FROM dk WHERE b = 20")
         rows = "SELECT string_agg(record_id || ': ' || problem, ', ' ORDER BY record_id) FROM certyo.audit('dk') WHERE record_id IS NOT NULL"
         assert cluster.sql(rows) == "2: deleted without capture", cluster.sql(rows)
@@ -502,20 +513,14 @@ def test_key_values_that_pass_between_rows_through_capture_after_a_rekey_are_no_
     ("swapped"). Under b the old value's record was deleted and inserted again by another row:
     its newest version is that insert, but the delete before it tells that the row captured
     under a went on. Nothing was done behind capture's back: no finding of a row."""
-    cluster = rekey_cluster(emulator, """
-        CREATE TABLE kv (a int NOT NULL UNIQUE, b int NOT NULL UNIQUE, v text);
-        SELECT certyo.track('kv', record_id_columns => ARRAY['a']);
-        INSERT INTO kv VALUES (1, 10, 'x'), (2, 20, 'y'), (3, 30, 'z');""")
+    cluster = rekeyed_a_to_b(emulator, "kv", "(1, 10, 'x'), (2, 20, 'y'), (3, 30, 'z')")
     try:
-        assert cluster.wait_drained(30), cluster.explain()
-        cluster.sql("SELECT certyo.track('kv', record_id_columns => ARRAY['b'])")
         if how == "reused":
             cluster.sql("UPDATE kv SET b = 11 WHERE a = 1; INSERT INTO kv VALUES (5, 10, 'w')")
         else:
             cluster.sql("UPDATE kv SET b = 99 WHERE a = 1; UPDATE kv SET b = 10 WHERE a = 2; UPDATE kv SET b = 20 WHERE a = 1")
         assert cluster.wait_drained(30), cluster.explain()
-        rows = cluster.sql("SELECT count(*) FROM certyo.audit('kv') WHERE record_id IS NOT NULL")
-        assert rows == "0", audit_lines(cluster, "kv")
+        assert_no_row_finding(cluster, "kv")
     finally:
         stop(cluster)
 
@@ -525,13 +530,9 @@ def test_a_row_deleted_without_capture_after_a_rekey_and_a_retype_stays_a_findin
     is deleted behind the trigger's back, and row X takes Y's old value of a through capture:
     whether X holds Y's values of b cannot be told, but X has a version of its own since, so it
     does not take Y's record over: Y's record is still a finding."""
-    cluster = rekey_cluster(emulator, """
-        CREATE TABLE rd (a int NOT NULL UNIQUE, b int NOT NULL UNIQUE, v text);
-        SELECT certyo.track('rd', record_id_columns => ARRAY['a']);
-        INSERT INTO rd VALUES (1, 10, 'x'), (2, 20, 'y');""")
+    cluster = rekeyed_a_to_b(emulator, "rd", "(1, 10, 'x'), (2, 20, 'y')")
     try:
-        assert cluster.wait_drained(30), cluster.explain()
-        cluster.sql("SELECT certyo.track('rd', record_id_columns => ARRAY['b']); ALTER TABLE rd ALTER COLUMN b TYPE text")
+        cluster.sql("ALTER TABLE rd ALTER COLUMN b TYPE text")
         cluster.sql("SET session_replication_role = replica; DELETE FROM rd WHERE a = 2")
         cluster.sql("UPDATE rd SET a = 2 WHERE a = 1")
         assert cluster.wait_drained(30), cluster.explain()
@@ -544,15 +545,10 @@ def test_a_row_deleted_without_capture_after_a_rekey_and_a_retype_stays_a_findin
 def test_the_present_key_retyped_after_a_rekey_is_no_finding_of_a_row(emulator):
     """Records keyed by a, re-keyed by b, then b retyped (int to text, the same values): no row
     changed, so the audit names none (the schema changes are the table's findings)."""
-    cluster = rekey_cluster(emulator, """
-        CREATE TABLE rt (a int NOT NULL UNIQUE, b int NOT NULL UNIQUE, v text);
-        SELECT certyo.track('rt', record_id_columns => ARRAY['a']);
-        INSERT INTO rt VALUES (1, 10, 'x'), (2, 20, 'y');""")
+    cluster = rekeyed_a_to_b(emulator, "rt", "(1, 10, 'x'), (2, 20, 'y')")
     try:
-        assert cluster.wait_drained(30), cluster.explain()
-        cluster.sql("SELECT certyo.track('rt', record_id_columns => ARRAY['b']); ALTER TABLE rt ALTER COLUMN b TYPE text")
-        rows = cluster.sql("SELECT count(*) FROM certyo.audit('rt') WHERE record_id IS NOT NULL")
-        assert rows == "0", audit_lines(cluster, "rt")
+        cluster.sql("ALTER TABLE rt ALTER COLUMN b TYPE text")
+        assert_no_row_finding(cluster, "rt")
     finally:
         stop(cluster)
 
