@@ -56,6 +56,8 @@ struct Accepted {
     anchored: bool,
     /// Certyo reported another hash for it.
     mismatched: bool,
+    /// Certyo confirmed this version itself (its own receipt says `anchored`).
+    settled_itself: bool,
     written_back: bool,
 }
 
@@ -877,18 +879,22 @@ fn forged_bookkeeping(
     if mode == WriteBack::None {
         return None; // the worker writes nothing to the rows: any such column is the user's
     }
-    let written_back =
-        last.written_back && (mode == WriteBack::Accepted || last.anchored || last.mismatched);
+    // Under 'anchored' the row holds the hash once this version itself is settled: an earlier
+    // receipt with the same hash may be anchored without its mark written (skipped, this newer
+    // version being taken), and this one's own verification still pending.
+    let written_back = last.written_back
+        && (mode == WriteBack::Accepted || last.settled_itself || last.mismatched);
     if written_back && *hash != last.record_hash {
         return Some("record hash changed without capture");
     }
     // 'anchored': until Certyo confirms the version, its acceptance cleared the row (done:
-    // `written_back`), and nothing puts a hash on it but the confirmation.
+    // `written_back`), and nothing puts a hash on it but the confirmation: of this version, or
+    // of an earlier one with its hash (the same content), whose hash alone it may hold.
     if mode == WriteBack::Anchored
         && last.written_back
-        && !last.anchored
         && !last.mismatched
         && hash.is_some()
+        && (!last.anchored || *hash != last.record_hash)
     {
         return Some("record hash changed without capture");
     }
@@ -976,7 +982,7 @@ fn last_accepted_as_is(relid: Oid, only: Option<Vec<String>>) -> Result<HashMap<
                     EXISTS (SELECT FROM certyo.receipt a
                              WHERE a.relid = $1 AND a.record_id = l.record_id
                                AND a.record_hash = l.record_hash AND a.anchor_status = 'anchored'),
-                    l.written_back, l.id, l.anchor_status = 'mismatch'
+                    l.written_back, l.id, l.anchor_status = 'mismatch', l.anchor_status = 'anchored'
                FROM (SELECT DISTINCT ON (record_id) record_id, accepted_at, record_hash, {written_back}, id, anchor_status
                        FROM certyo.receipt WHERE relid = $1 AND ($2::text[] IS NULL OR record_id = ANY ($2))
                       ORDER BY record_id, id DESC) AS l"),
@@ -994,9 +1000,84 @@ fn last_accepted_as_is(relid: Oid, only: Option<Vec<String>>) -> Result<HashMap<
                     written_back: row.get::<bool>(5)?.unwrap_or(false),
                     id: row.get::<i64>(6)?.unwrap_or_default(),
                     mismatched: row.get::<bool>(7)?.unwrap_or(false),
+                    settled_itself: row.get::<bool>(8)?.unwrap_or(false),
                 },
             );
         }
         Ok::<_, pgrx::spi::Error>(last)
     })?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{forged_bookkeeping, unbacked_claim, Accepted, WriteBack};
+
+    fn receipt(hash: &str, anchored: bool, settled_itself: bool) -> Accepted {
+        Accepted {
+            id: 2,
+            at: None,
+            record_hash: Some(hash.to_string()),
+            anchored,
+            mismatched: false,
+            settled_itself,
+            written_back: true,
+        }
+    }
+
+    fn row(hash: Option<&str>, status: Option<&str>) -> (Option<String>, Option<String>) {
+        (hash.map(str::to_string), status.map(str::to_string))
+    }
+
+    #[test]
+    fn under_anchored_a_row_waits_for_its_own_versions_confirmation() {
+        // The newest receipt's own verification is pending; an earlier one with the same hash
+        // (the same content: a backfill's image of the row) is anchored, its mark not written.
+        let last = receipt("h", true, false);
+        let mode = WriteBack::Anchored;
+        assert_eq!(forged_bookkeeping(&last, &row(None, None), mode), None);
+        assert_eq!(
+            forged_bookkeeping(&last, &row(Some("h"), Some("anchored")), mode),
+            None
+        );
+        assert_eq!(
+            forged_bookkeeping(&last, &row(Some("other"), Some("anchored")), mode),
+            Some("record hash changed without capture")
+        );
+        // Confirmed itself, the row holds its hash.
+        let settled = receipt("h", true, true);
+        assert_eq!(
+            forged_bookkeeping(&settled, &row(None, None), mode),
+            Some("record hash changed without capture")
+        );
+        assert_eq!(
+            forged_bookkeeping(&settled, &row(Some("h"), Some("anchored")), mode),
+            None
+        );
+        // Not confirmed at all: no hash.
+        let pending = receipt("h", false, false);
+        assert_eq!(
+            forged_bookkeeping(&pending, &row(Some("h"), None), mode),
+            Some("record hash changed without capture")
+        );
+    }
+
+    #[test]
+    fn a_row_with_no_accepted_version_claims_nothing() {
+        for mode in [WriteBack::Anchored, WriteBack::Accepted] {
+            assert_eq!(unbacked_claim(&row(None, None), mode), None);
+            assert_eq!(unbacked_claim(&row(None, Some("pending")), mode), None);
+            assert_eq!(
+                unbacked_claim(&row(None, Some("anchored")), mode),
+                Some("anchor status changed without capture")
+            );
+            assert_eq!(
+                unbacked_claim(&row(Some("h"), None), mode),
+                Some("record hash changed without capture")
+            );
+        }
+        assert_eq!(
+            unbacked_claim(&row(Some("h"), Some("anchored")), WriteBack::None),
+            None
+        );
+    }
 }
