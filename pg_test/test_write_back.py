@@ -1448,6 +1448,19 @@ def test_marks_written_by_hand_on_a_row_not_yet_accepted_are_found_by_the_audit(
         findings = cluster.sql("SELECT string_agg(record_id || ': ' || problem, ', ' ORDER BY record_id) FROM certyo.audit('wb_early')")
         assert findings == ("1: not yet accepted, 2: anchor status changed without capture, "
                             "3: record hash changed without capture"), findings
+        # A row whose earlier version was written back, changed since (its marks cleared by the
+        # change), given that version's marks again by hand: they are not its content's.
+        cluster.sql("SELECT certyo.resume()")
+        cluster.sql("INSERT INTO wb_early VALUES (4, 'first')")
+        written = f"SELECT certyo_record_hash FROM wb_early WHERE id = 4 AND certyo_anchor_status = '{'pending' if mode == 'accepted' else 'anchored'}'"
+        assert wait_for(lambda: cluster.sql(written) != "", 60), cluster.explain()
+        first = cluster.sql(written)
+        cluster.sql("SELECT certyo.pause()")
+        assert wait_for(lambda: cluster.sql("SELECT state FROM certyo.worker_status()") == "paused", 10)
+        cluster.sql(f"UPDATE wb_early SET v = 'second' WHERE id = 4; "
+                    f"UPDATE wb_early SET certyo_record_hash = '{first}', certyo_anchor_status = 'anchored' WHERE id = 4")
+        findings = cluster.sql("SELECT problem FROM certyo.audit('wb_early') WHERE record_id = '4'")
+        assert findings == "record hash changed without capture", findings
     finally:
         cluster.sql("SELECT certyo.resume()")
         untrack_and_drop(cluster, "wb_early")

@@ -18,6 +18,22 @@ use pgrx::prelude::*;
 use pgrx::PgSqlErrorCode;
 use std::collections::{HashMap, HashSet};
 
+/// A row's own newest version, as a [`Fallback`] settles with it.
+struct Own {
+    id: i64,
+    /// A new row's first version.
+    inserted: bool,
+    /// Of the present key's columns the values it holds (their digests), if it holds them.
+    values: Option<Vec<u8>>,
+}
+
+impl Own {
+    /// Whether the row was inserted after `version` (it continues no record of before).
+    fn inserted_after(&self, version: i64) -> bool {
+        self.inserted && self.id > version
+    }
+}
+
 /// A row whose record under an earlier key is settled after the scan (see `examine`).
 struct Fallback {
     /// The row's record id now.
@@ -25,14 +41,10 @@ struct Fallback {
     /// That record: its era and record id.
     record: (Era, String),
     payload: Vec<u8>,
-    /// Whether the row has a version of its own since, and of its present key's columns the
-    /// values that version holds (their digests), if it holds them.
-    own: Option<Option<Vec<u8>>>,
+    /// The row's own version since, if it has one.
+    own: Option<Own>,
     /// What its bookkeeping columns claim, if anything ([`unbacked_claim`]).
     claim: Option<&'static str>,
-    /// Whether a key column was retyped since the record's version (whose the record is could
-    /// not be told by the values).
-    retyped: bool,
 }
 
 /// A captured version of one record: queued, being delivered, or accepted.
@@ -45,6 +57,8 @@ struct Version {
     deleted: bool,
     /// A new row's first version (`insert`): it continues no other record.
     inserted: bool,
+    /// The newest insert of its record up to it (a row that took the record id then).
+    last_insert: Option<i64>,
 }
 
 /// The last accepted version of one record, for the report and the bookkeeping check.
@@ -58,6 +72,8 @@ struct Accepted {
     mismatched: bool,
     /// Certyo confirmed this version itself (its own receipt says `anchored`).
     settled_itself: bool,
+    /// Its columns' digests (`certyo::column_sha256`), when known.
+    digests: Option<Vec<u8>>,
     written_back: bool,
 }
 
@@ -245,13 +261,20 @@ fn examine(relid: Oid, options: &CaptureOptions) -> Result<Examination> {
         }
         holds
     };
-    let mut went_on: HashMap<(usize, Vec<u8>), i64> = HashMap::new();
+    // Per era and key values, the newest version that is not an insert, with the newest insert
+    // of its record before it: the row that held those values went on (was changed or deleted
+    // through capture) after a version of another record if no row took the values between.
+    let mut went_on: HashMap<(usize, Vec<u8>), (i64, Option<i64>)> = HashMap::new();
     for (record_id, version) in newest_versions(relid, boundaries)? {
         // Under its own record key: the row it is a version of is the one with those values.
         let era = era_of(version.id);
         if let Some(values) = key_values(&version, era).filter(|_| !version.inserted) {
-            let newest = went_on.entry((era, values)).or_insert(version.id);
-            *newest = (*newest).max(version.id);
+            let newest = went_on
+                .entry((era, values))
+                .or_insert((version.id, version.last_insert));
+            if newest.0 < version.id {
+                *newest = (version.id, version.last_insert);
+            }
         }
         let key = (era_of(version.id), record_id);
         if known.get(&key).is_none_or(|k| k.id < version.id) {
@@ -264,7 +287,9 @@ fn examine(relid: Oid, options: &CaptureOptions) -> Result<Examination> {
         (0..eras.len()).filter(|&k| k != era).any(|k| {
             key_values(version, k)
                 .and_then(|values| went_on.get(&(k, values)))
-                .is_some_and(|&newer| newer > version.id)
+                .is_some_and(|&(newer, inserted)| {
+                    newer > version.id && inserted.is_none_or(|i| i < version.id)
+                })
         })
     };
     let accepted = last_accepted(relid, None)?;
@@ -290,7 +315,8 @@ fn examine(relid: Oid, options: &CaptureOptions) -> Result<Examination> {
     let mut stale: std::collections::BTreeSet<usize> = Default::default();
     let mut suspects: Vec<(String, i64, Written)> = Vec::new();
     // Rows whose version was not accepted when the receipts were read, but which say something.
-    let mut unaccepted: Vec<(String, i64, Written)> = Vec::new();
+    // With the row's payload.
+    let mut unaccepted: Vec<(String, i64, Written, Vec<u8>)> = Vec::new();
     // A record of an earlier key that a row holds by that key's values (its record id under it),
     // but whose last version held other values of the present key's columns, and that went on
     // nowhere else: the row's, whose key column changed without capture (while untracked, say),
@@ -301,7 +327,11 @@ fn examine(relid: Oid, options: &CaptureOptions) -> Result<Examination> {
     // Per earlier era, the records whose last version held given values of the present key's
     // columns: the rows' earlier records, where those values stayed.
     let mut held: HashMap<(Era, Vec<u8>), Vec<String>> = HashMap::new();
-    for ((era, record_id), version) in known.iter().filter(|((era, _), _)| *era != 0) {
+    // (A record whose last version is a delete held nothing since.)
+    for ((era, record_id), version) in known
+        .iter()
+        .filter(|((era, _), version)| *era != 0 && !version.deleted)
+    {
         if let Some(values) = key_values(version, 0) {
             held.entry((*era, values))
                 .or_default()
@@ -327,7 +357,6 @@ fn examine(relid: Oid, options: &CaptureOptions) -> Result<Examination> {
             // each); every other version of it under those keys is its too, not a deleted one.
             let mut newest: Option<(String, Version)> = None;
             let mut fallback: Option<(Era, String)> = None;
-            let mut retyped = false;
             for (era, key) in eras.iter().enumerate() {
                 let record_id = if era == 0 {
                     Some(record_id_now.clone())
@@ -340,22 +369,15 @@ fn examine(relid: Oid, options: &CaptureOptions) -> Result<Examination> {
                 // the row's present key values too, where it held those columns: else it was
                 // another row, whose old key values this one took (changed to them), and that
                 // row's fate is the record's own (gone, or found under the present key). Where a
-                // key column was retyped since, that cannot be told: the record is the row's
-                // while the row has no version of its own since, else it is settled as one
-                // that does not hold them (a row that took another's old key values through
-                // capture has one).
+                // key column was retyped since, that cannot be told: the record is the row's.
                 if era != 0
-                    && known.get(&(era, record_id.clone())).is_some_and(
-                        |v| match holds_present_key(v, &change.payload) {
-                            Some(holds) => !holds,
-                            None => newest.is_some(),
-                        },
-                    )
+                    && known
+                        .get(&(era, record_id.clone()))
+                        .is_some_and(|v| holds_present_key(v, &change.payload) == Some(false))
                 {
                     let v = &known[&(era, record_id.clone())];
                     // (One found removed while untracked is judged as such: as gone.)
                     if !v.deleted && !went_on_elsewhere(v, era) && !removed.contains_key(&v.id) {
-                        retyped = holds_present_key(v, &change.payload).is_none();
                         fallback = Some((era, record_id));
                     }
                     continue;
@@ -376,9 +398,12 @@ fn examine(relid: Oid, options: &CaptureOptions) -> Result<Examination> {
                     record_id_now: record_id_now.clone(),
                     record: fallback,
                     payload: change.payload.clone(),
-                    own: newest.as_ref().map(|(_, v)| key_values(v, 0)),
+                    own: newest.as_ref().map(|(_, v)| Own {
+                        id: v.id,
+                        inserted: v.inserted,
+                        values: key_values(v, 0),
+                    }),
                     claim,
-                    retyped,
                 });
             } else if newest.is_none() {
                 uncaptured.push((record_id_now, claim));
@@ -431,7 +456,7 @@ fn examine(relid: Oid, options: &CaptureOptions) -> Result<Examination> {
                 // Nothing is written to a row before its version is accepted: what it says
                 // was written otherwise (unless the acceptance committed since: read again).
                 if claim.is_some() {
-                    unaccepted.push((record_id, version.id, written));
+                    unaccepted.push((record_id, version.id, written, change.payload.clone()));
                 } else {
                     found.push(report(record_id, "not yet accepted", None));
                 }
@@ -451,7 +476,7 @@ fn examine(relid: Oid, options: &CaptureOptions) -> Result<Examination> {
     let ids: Vec<String> = suspects
         .iter()
         .map(|(id, _, _)| id)
-        .chain(unaccepted.iter().map(|(id, _, _)| id))
+        .chain(unaccepted.iter().map(|(id, _, _, _)| id))
         .cloned()
         .collect();
     let again = if ids.is_empty() {
@@ -459,12 +484,23 @@ fn examine(relid: Oid, options: &CaptureOptions) -> Result<Examination> {
     } else {
         last_accepted(relid, Some(ids))?
     };
-    for (record_id, version, written) in unaccepted {
+    for (record_id, version, written, payload) in unaccepted {
         let last = again.get(&record_id);
-        let problem = match last {
-            // An accepted version of its record (this one, accepted meanwhile, or an earlier one
-            // whose marks the row keeps while a backfill's image of it waits): judged as any
-            // accepted version's row is.
+        // An accepted version of its record whose content the row still holds (this one,
+        // accepted meanwhile, or an earlier one whose marks the row keeps while a backfill's
+        // image of it waits): the row is judged as any accepted version's row is. Content
+        // changed since that version (its marks cleared then), the row claims nothing.
+        let holds = |last: &&Accepted| {
+            last.id == version
+                || differing_columns(
+                    shape_of(last.id).map_or(&now, |i| &shapes[i]),
+                    last.digests.as_ref(),
+                    &payload,
+                    &columns_now,
+                )
+                .is_none_or(|differ| differ.is_empty())
+        };
+        let problem = match last.filter(holds) {
             Some(last) => forged_bookkeeping(last, &written, options.write_back),
             None => unbacked_claim(&written, options.write_back),
         };
@@ -490,7 +526,6 @@ fn examine(relid: Oid, options: &CaptureOptions) -> Result<Examination> {
         payload,
         own,
         claim,
-        retyped,
     } in fallbacks
     {
         match (known.remove(&record), own) {
@@ -501,12 +536,15 @@ fn examine(relid: Oid, options: &CaptureOptions) -> Result<Examination> {
             // forgiven as any change is), unless another record of that key held the values
             // the row's own version holds: that one is the row's (it went on), and this one a
             // row's that went (back to be judged as gone).
-            (Some(version), Some(values)) => {
-                // (Where a key column was retyped, the values cannot be compared: judged as gone.)
-                let another = values
-                    .and_then(|values| held.get(&(record.0, values)))
+            // So too when the row's own version is a new row's insert after the record's: a row
+            // inserted since is none of the record's.
+            (Some(version), Some(own)) => {
+                let another = own
+                    .values
+                    .as_ref()
+                    .and_then(|values| held.get(&(record.0, values.clone())))
                     .is_some_and(|ids| ids.iter().any(|id| *id != record.1));
-                if another || retyped {
+                if another || own.inserted_after(version.id) {
                     known.insert(record, version);
                 } else {
                     superseded.push((record.1, version.id));
@@ -911,13 +949,15 @@ fn forged_bookkeeping(
 /// Per record id, the newest version captured (queued, being delivered, or accepted) between
 /// each two of `boundaries` (the queue ids at which the record key changed, ascending); and
 /// where that is an insert, also the newest version before it that is not (a delete, say: its
-/// row went on under another record id, and another row took the record id since).
+/// row went on under another record id, and another row took the record id since), each with
+/// the newest insert of its record up to it.
 fn newest_versions(relid: Oid, boundaries: Vec<i64>) -> Result<Vec<(String, Version)>> {
     crate::rights::as_superuser(|| {
         Ok(Spi::connect(|client| {
             let rows = client.select(
                 "SELECT DISTINCT ON (record_id, era, operation = 'insert') record_id, id, accepted, operation = 'delete', sha256, payload, digests,
-                        operation = 'insert'
+                        operation = 'insert', last_insert
+                   FROM (SELECT *, max(id) FILTER (WHERE operation = 'insert') OVER (PARTITION BY record_id, era ORDER BY id) AS last_insert
                    FROM (SELECT *, (SELECT count(*) FROM pg_catalog.unnest($2::int8[]) b WHERE b < v.id) AS era
                            FROM (SELECT record_id, id, true AS accepted, operation, encode(payload_sha256, 'hex') AS sha256,
                                         NULL::text AS payload, column_sha256 AS digests
@@ -928,7 +968,7 @@ fn newest_versions(relid: Oid, boundaries: Vec<i64>) -> Result<Vec<(String, Vers
                                  UNION ALL
                                  SELECT record_id, id, false, operation, NULL, payload::text, NULL
                                    FROM certyo.queue WHERE relid = $1) AS v
-                        ) AS versions
+                        ) AS versions) AS numbered
                   ORDER BY record_id, era, operation = 'insert', id DESC",
                 None,
                 &[relid.into(), boundaries.into()],
@@ -953,6 +993,7 @@ fn newest_versions(relid: Oid, boundaries: Vec<i64>) -> Result<Vec<(String, Vers
                         accepted: row.get::<bool>(3)?.unwrap_or(false),
                         deleted: row.get::<bool>(4)?.unwrap_or(false),
                         inserted: row.get::<bool>(8)?.unwrap_or(false),
+                        last_insert: row.get::<i64>(9)?,
                     },
                 ));
             }
@@ -982,8 +1023,8 @@ fn last_accepted_as_is(relid: Oid, only: Option<Vec<String>>) -> Result<HashMap<
                     EXISTS (SELECT FROM certyo.receipt a
                              WHERE a.relid = $1 AND a.record_id = l.record_id
                                AND a.record_hash = l.record_hash AND a.anchor_status = 'anchored'),
-                    l.written_back, l.id, l.anchor_status = 'mismatch', l.anchor_status = 'anchored'
-               FROM (SELECT DISTINCT ON (record_id) record_id, accepted_at, record_hash, {written_back}, id, anchor_status
+                    l.written_back, l.id, l.anchor_status = 'mismatch', l.anchor_status = 'anchored', l.column_sha256
+               FROM (SELECT DISTINCT ON (record_id) record_id, accepted_at, record_hash, {written_back}, id, anchor_status, column_sha256
                        FROM certyo.receipt WHERE relid = $1 AND ($2::text[] IS NULL OR record_id = ANY ($2))
                       ORDER BY record_id, id DESC) AS l"),
             None,
@@ -1001,6 +1042,7 @@ fn last_accepted_as_is(relid: Oid, only: Option<Vec<String>>) -> Result<HashMap<
                     id: row.get::<i64>(6)?.unwrap_or_default(),
                     mismatched: row.get::<bool>(7)?.unwrap_or(false),
                     settled_itself: row.get::<bool>(8)?.unwrap_or(false),
+                    digests: row.get::<Vec<u8>>(9)?,
                 },
             );
         }
@@ -1021,6 +1063,7 @@ mod tests {
             mismatched: false,
             settled_itself,
             written_back: true,
+            digests: None,
         }
     }
 
