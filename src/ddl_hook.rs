@@ -958,11 +958,10 @@ unsafe fn fires_triggers_of_a_partition(stmt: *mut pg_sys::Node) -> Vec<(pg_sys:
         if (*alter).objtype != pg_sys::ObjectType::OBJECT_TABLE || (*alter).relation.is_null() {
             return Vec::new();
         }
-        let Some(relid) = resolve((*alter).relation) else {
-            return Vec::new();
-        };
+        // The names first: any other ALTER TABLE (run before and after, see
+        // `check_again_after`) resolves nothing.
         let commands = pgrx::PgList::<pg_sys::AlterTableCmd>::from_pg((*alter).cmds);
-        commands
+        let triggers: Vec<String> = commands
             .iter_ptr()
             .filter(|cmd| !cmd.is_null())
             .filter_map(|cmd| match (*cmd).subtype {
@@ -971,12 +970,18 @@ unsafe fn fires_triggers_of_a_partition(stmt: *mut pg_sys::Node) -> Vec<(pg_sys:
                 | At::AT_EnableReplicaTrig
                 | At::AT_DisableTrig => {
                     let name = (*cmd).name;
-                    (!name.is_null())
-                        .then(|| (relid, CStr::from_ptr(name).to_string_lossy().into_owned()))
+                    (!name.is_null()).then(|| CStr::from_ptr(name).to_string_lossy().into_owned())
                 }
                 _ => None,
             })
-            .collect()
+            .collect();
+        if triggers.is_empty() {
+            return Vec::new();
+        }
+        let Some(relid) = resolve((*alter).relation) else {
+            return Vec::new();
+        };
+        triggers.into_iter().map(|name| (relid, name)).collect()
     }
 }
 

@@ -1,10 +1,11 @@
 //! Every row of a table rendered as capture renders it, as an `upsert`: the current state, not
 //! how it came about. Used by `track(..., backfill => true)` (to queue the rows), by the tamper
-//! audit (to hash them), by `ATTACH` and `DETACH PARTITION` (to queue their rows), and, unrendered
-//! ([`each_tuple`]), by the check of what rows coming into a tracked table claim. A scan through the table's access method under one snapshot,
-//! by OID: no name is resolved and no user code runs (a query by name would run whatever the
-//! name comes to mean, a view's functions among them, as the reader). Rendering allocates per
-//! row, and a memory context reset per row keeps memory flat on any table size.
+//! audit (to hash them), by `ATTACH` and `DETACH PARTITION` (to queue their rows), and,
+//! unrendered ([`each_tuple`]), by the check of what rows coming into a tracked table claim.
+//! A scan through the table's access method under one snapshot, by OID: no name is resolved
+//! and no user code runs (a query by name would run whatever the name comes to mean, a view's
+//! functions among them, as the reader). Rendering allocates per row, and a memory context
+//! reset per row keeps memory flat on any table size.
 
 use super::options::CaptureOptions;
 use super::plan::TablePlan;
@@ -63,7 +64,7 @@ pub fn leaves(relid: Oid) -> Result<Vec<Oid>> {
     // each leaf's kind too: a query's snapshot, a REPEATABLE READ transaction's, would miss a
     // partition attached since it was taken.
     let leaves = pgrx::Spi::get_one_with_args::<Vec<Oid>>(
-        "SELECT pg_catalog.array_agg(relid::oid) FROM pg_catalog.pg_partition_tree($1) WHERE isleaf",
+        "SELECT pg_catalog.array_agg(relid::pg_catalog.oid) FROM pg_catalog.pg_partition_tree($1) WHERE isleaf",
         &[relid.into()],
     )?
     .unwrap_or_default();

@@ -49,19 +49,26 @@ pub fn alters_table(table: &Table, write_back: WriteBack) -> Result<bool> {
     if write_back == WriteBack::None {
         return Ok(false);
     }
-    if BOOKKEEPING_COLUMNS
+    Ok(BOOKKEEPING_COLUMNS
         .iter()
         .any(|c| table.column(c).is_none())
-    {
-        return Ok(true);
-    }
+        || status_default_change(table, write_back)?.is_some())
+}
+
+/// A status column kept from another mode (re-tracked, or tracked again after untrack): its
+/// default follows the mode. The change to make, if it differs.
+fn status_default_change(table: &Table, write_back: WriteBack) -> Result<Option<&'static str>> {
     let has_default = Spi::get_one_with_args::<bool>(
         "SELECT atthasdef FROM pg_catalog.pg_attribute
           WHERE attrelid OPERATOR(pg_catalog.=) $1 AND attname OPERATOR(pg_catalog.=) 'certyo_anchor_status' AND NOT attisdropped",
         &[table.relid.into()],
     )?
     .unwrap_or(false);
-    Ok(has_default != (write_back == WriteBack::Accepted))
+    Ok(match (write_back, has_default) {
+        (WriteBack::Accepted, false) => Some("SET DEFAULT 'pending'"),
+        (WriteBack::Anchored, true) => Some("DROP DEFAULT"),
+        _ => None,
+    })
 }
 
 fn add_missing(table: &Table, write_back: WriteBack) -> Result<()> {
@@ -88,20 +95,7 @@ fn add_missing(table: &Table, write_back: WriteBack) -> Result<()> {
             missing.join(", ")
         ))?;
     }
-    // A column kept from another mode (re-tracked, or tracked again after untrack): its
-    // default follows the mode, changed only when it differs.
-    let has_default = Spi::get_one_with_args::<bool>(
-        "SELECT atthasdef FROM pg_catalog.pg_attribute
-          WHERE attrelid = $1 AND attname = 'certyo_anchor_status' AND NOT attisdropped",
-        &[table.relid.into()],
-    )?
-    .unwrap_or(false);
-    let change = match (write_back, has_default) {
-        (WriteBack::Accepted, false) => Some("SET DEFAULT 'pending'"),
-        (WriteBack::Anchored, true) => Some("DROP DEFAULT"),
-        _ => None,
-    };
-    if let Some(change) = change {
+    if let Some(change) = status_default_change(table, write_back)? {
         Spi::run(&format!(
             "ALTER TABLE {} ALTER COLUMN certyo_anchor_status {change}",
             table.quoted
