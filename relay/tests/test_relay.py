@@ -74,6 +74,14 @@ def test_faults_deliver_each_change_exactly_once(shop, emulator, relay):
     assert_exactly_once(emulator, shop)
     assert len(delivered_keys(emulator, shop)[0]) == 60
     assert emulator.stats()["faultsServed"] >= 4
+    # Each receipt holds its delivery, and nothing of the failed attempts before it: changes
+    # sent more than once (recorded by the full statement) as well as those sent once.
+    shop.sql("INSERT INTO products (id, name) VALUES " + ", ".join(f"({i}, 'p{i}')" for i in range(61, 81)))
+    assert wait_for(shop.drained, timeout=60), shop.queue()
+    receipts = shop.sql("SELECT attempts, last_status, last_error IS NULL, next_attempt_at IS NULL, "
+                        "write_back_attempts, write_back_error IS NULL FROM certyo_queue")
+    assert {int(r[0]) > 1 for r in receipts} == {True, False}, receipts
+    assert all(r[1:] == ["202", "1", "1", "0", "1"] for r in receipts), receipts
     r.stop()
     assert "retried" in r.output()
 
