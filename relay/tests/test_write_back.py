@@ -9,6 +9,7 @@ import time
 from decimal import Decimal
 
 from harness import wait_for  # pg_test/, on the path by conftest.py
+from mariadb import MYSQL
 
 
 def untrue_rows(shop, emulator, table="products"):
@@ -309,6 +310,22 @@ def test_a_key_changed_only_in_case_never_shows_the_earlier_records_hash(shop, e
     assert watch.until(lambda: tags_settled(shop), timeout=30), (shop.queue(), untrue_tags(shop, emulator))
     assert watch.found == [], f"a row showed the receipt of a record it no longer holds: {watch.found}"
     assert untrue_tags(shop, emulator) == []
+    r.stop()
+
+
+def test_keys_that_differ_only_in_trailing_spaces_never_share_a_receipt(shop, emulator, relay):
+    # 'a' and 'a ' are two rows of a table whose key's collation does not pad (MySQL's default
+    # utf8mb4_0900_ai_ci, MariaDB's _nopad_ ones) and two records to Certyo, but one record id to
+    # the queue's utf8mb4_bin, which pads: each row must hold its own record's receipt, anchored.
+    make_tags(shop, "utf8mb4_0900_bin" if MYSQL else "utf8mb4_nopad_bin")
+    shop.sql("INSERT INTO tags (code, label) VALUES ('a', 'A')")
+    shop.sql("INSERT INTO tags (code, label) VALUES ('a ', 'A-space')")
+    r = relay(verify_min_age="1s").start()
+    assert wait_for(lambda: shop.drained() and shop.value(
+        "SELECT COUNT(*) FROM certyo_queue WHERE write_back_at IS NOT NULL OR anchor_status <> 'anchored'") == "0",
+        timeout=30), shop.queue()
+    assert untrue_tags(shop, emulator) == [], shop.queue()
+    assert shop.value("SELECT COUNT(*) FROM tags WHERE certyo_anchor_status = 'anchored'") == "2", shop.queue()
     r.stop()
 
 

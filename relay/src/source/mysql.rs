@@ -184,22 +184,24 @@ fn micros(d: Duration) -> i64 {
     i64::try_from(d.as_micros()).unwrap_or(i64::MAX)
 }
 
-/// The oldest changes due, without one whose record has an older change still pending (it
-/// goes first, in a later batch). The older change is looked for by one probe of the
-/// record's index per candidate (a subquery with `LIMIT` is never made a join): as a `NOT
-/// EXISTS`, MySQL 9.7 may plan it as a join over the whole queue, for seconds per batch.
+/// The oldest changes due, each with whether it is free to go: not if its record has an older
+/// change still pending (that goes first, in a later batch). The older change is looked for by
+/// one probe of the record's index per candidate (a subquery with `LIMIT` is never made a
+/// join): as a `NOT EXISTS`, MySQL 9.7 may plan it as a join over the whole queue, for seconds
+/// per batch.
 const TAKE: &str = "
     SELECT c.id, c.collection, c.record_id, c.operation, CAST(c.payload AS CHAR),
-           DATE_FORMAT(c.source_timestamp, '%Y-%m-%dT%H:%i:%s.%fZ'), c.idempotency_key, c.attempts
+           DATE_FORMAT(c.source_timestamp, '%Y-%m-%dT%H:%i:%s.%fZ'), c.idempotency_key, c.attempts,
+           (SELECT o.id FROM certyo_queue o FORCE INDEX (certyo_queue_record)
+             WHERE o.collection = c.collection AND o.record_id = c.record_id
+               AND CAST(o.record_id AS BINARY) = CAST(c.record_id AS BINARY)
+               AND o.status = 'pending' AND o.id < c.id
+             LIMIT 1) IS NULL
       FROM (SELECT id, collection, record_id, operation, payload, source_timestamp, idempotency_key, attempts
               FROM certyo_queue
              WHERE status = 'pending' AND (? OR next_attempt_at IS NULL OR next_attempt_at <= UTC_TIMESTAMP(6))
              ORDER BY id
              LIMIT ?) AS c
-     WHERE (SELECT o.id FROM certyo_queue o FORCE INDEX (certyo_queue_record)
-             WHERE o.collection = c.collection AND o.record_id = c.record_id
-               AND o.status = 'pending' AND o.id < c.id
-             LIMIT 1) IS NULL
      ORDER BY c.id";
 
 impl super::Source for MySqlQueue {
@@ -279,12 +281,12 @@ impl super::Source for MySqlQueue {
 
     fn take(&mut self, limit: usize, probing: bool, in_flight: &[i64]) -> Result<Vec<Change>> {
         // A candidate whose record has an older pending change drops out, and the batch should
-        // still fill: the take reads an eighth more than the limit, and while batches come out
-        // short (records changed many times in a row, or a queue nearly empty, where reading
-        // more costs nothing), up to eight times more, doubling per short batch. (A fixed twice
-        // the limit cost the server a third more per batch in a plain backlog, and still came
-        // out short where each record had a few changes queued.)
-        let least = limit / 8;
+        // still fill: the take reads an eighth more than the limit, and while candidates that
+        // dropped out leave batches short (records changed many times in a row), up to eight
+        // times more, doubling per such batch. (A fixed twice the limit cost the server a third
+        // more per batch in a plain backlog, and still came out short where each record had a
+        // few changes queued.)
+        let least = (limit / 8).max(1);
         let extra = self.take_extra.clamp(least, limit * 8);
         let window = (limit + extra + in_flight.len()) as u64;
         type Row = (
@@ -296,12 +298,15 @@ impl super::Source for MySqlQueue {
             String,
             Option<String>,
             u32,
+            bool,
         );
         let rows: Vec<Row> = self.in_transaction(|tx| tx.exec(TAKE, (probing, window)))?;
+        let window_full = rows.len() as u64 >= window;
         let mut changes = Vec::with_capacity(limit);
-        for (id, collection, record_id, operation, payload, source_timestamp, key, attempts) in rows
+        for (id, collection, record_id, operation, payload, source_timestamp, key, attempts, free) in
+            rows
         {
-            if in_flight.contains(&id) || changes.len() >= limit {
+            if !free || in_flight.contains(&id) || changes.len() >= limit {
                 continue;
             }
             let operation = Operation::parse(&operation).unwrap_or(Operation::Upsert);
@@ -318,7 +323,7 @@ impl super::Source for MySqlQueue {
                 attempts,
             });
         }
-        self.take_extra = if changes.len() < limit {
+        self.take_extra = if changes.len() < limit && window_full {
             (extra * 2).max(limit)
         } else {
             extra / 2
@@ -504,6 +509,7 @@ impl super::Source for MySqlQueue {
                         AND q.write_back_at IS NULL
                         AND (SELECT o.id FROM certyo_queue o FORCE INDEX (certyo_queue_record)
                               WHERE o.collection = q.collection AND o.record_id = q.record_id
+                                AND CAST(o.record_id AS BINARY) = CAST(q.record_id AS BINARY)
                                 AND o.id < q.id AND o.write_back_at IS NOT NULL
                               LIMIT 1) IS NULL
                       ORDER BY q.id
@@ -650,7 +656,8 @@ const SUPERSEDED: &str = "
       FROM JSON_TABLE(?, '$[*]' COLUMNS (id BIGINT PATH '$[0]')) v
       STRAIGHT_JOIN certyo_queue d FORCE INDEX (PRIMARY) ON d.id = v.id
      WHERE (SELECT n.id FROM certyo_queue n FORCE INDEX (certyo_queue_record)
-             WHERE n.collection = d.collection AND n.record_id = d.record_id AND n.id > d.id
+             WHERE n.collection = d.collection AND n.record_id = d.record_id
+               AND CAST(n.record_id AS BINARY) = CAST(d.record_id AS BINARY) AND n.id > d.id
              LIMIT 1) IS NOT NULL";
 
 const RECORD_LATER: &str = "

@@ -496,8 +496,8 @@ impl WriteBack {
             Option<String>,
         );
         // The newest change of a record is most often this round's own due change of it (the
-        // one just delivered): read by its id once the record is found to have none newer (a
-        // probe of the record's index each, no sort); the newest of the others is looked for.
+        // one just delivered): read by its id where the record has none newer (a probe of the
+        // record's index each, no sort); the newest of the others is looked for.
         let mut newest_due: HashMap<&str, i64> = HashMap::new();
         for due in rows {
             let id = newest_due.entry(due.record_id.as_str()).or_insert(due.id);
@@ -516,21 +516,13 @@ impl WriteBack {
                     .collect();
                 serde_json::Value::from(rows).to_string()
             };
-            let superseded: Vec<String> = tx
-                .exec(NEWER_CHANGES, (asked(&known), collection))
+            newest = tx
+                .exec(DUE_CHANGES_NEWEST, (asked(&known), collection, collection))
                 .map_err(fail)?;
-            let superseded: HashSet<&str> = superseded.iter().map(String::as_str).collect();
-            let (own, newer): (Vec<&str>, Vec<&str>) =
-                known.iter().partition(|rid| !superseded.contains(*rid));
-            unknown.extend(newer);
-            if !own.is_empty() {
-                newest = tx
-                    .exec(CHANGES_BY_ID, (asked(&own), collection))
-                    .map_err(fail)?;
-                // One whose change is no longer there (removed by hand) is looked for too.
-                let found: HashSet<&str> = newest.iter().map(|n| n.0.as_str()).collect();
-                unknown.extend(own.iter().filter(|rid| !found.contains(*rid)));
-            }
+            // A record not answered (it has a newer change, or its due change is no longer
+            // there: removed by hand) is looked for by `NEWEST_CHANGES`.
+            let found: HashSet<&str> = newest.iter().map(|n| n.0.as_str()).collect();
+            unknown.extend(known.iter().filter(|rid| !found.contains(*rid)));
         }
         if !unknown.is_empty() {
             let rest: Vec<Newest> = tx
@@ -744,8 +736,13 @@ fn find_statement(schema: &str, table: &str, columns: &[KeyColumn], suffix: &str
 
 /// The record id of row `t` as the companion's triggers write it (`certyo_trigger_ddl`): one
 /// key column's text, or the parts escaped (`\` → `\\`, `/` → `\/`) and joined by `/`; in
-/// utf8mb4_bin, so it compares byte for byte. The backslash is `CHAR(92)`, the same whatever
-/// the session's `NO_BACKSLASH_ESCAPES`.
+/// utf8mb4_bin, as the queue's `record_id`. The backslash is `CHAR(92)`, the same whatever the
+/// session's `NO_BACKSLASH_ESCAPES`.
+///
+/// Record ids are compared byte for byte wherever a record is told from another (`CAST(... AS
+/// BINARY)` beside the indexed `=`): utf8mb4_bin pads with spaces, so `'a'` and `'a '` compare
+/// equal in it, yet they are two rows of a table whose key's collation does not pad (MySQL's
+/// default `utf8mb4_0900_ai_ci`, MariaDB's `_nopad_` ones).
 fn own_record_id(columns: &[KeyColumn]) -> String {
     let text = |c: &KeyColumn| format!("CAST(t.{} AS CHAR CHARACTER SET utf8mb4)", quote(&c.name));
     let id = if columns.len() == 1 {
@@ -784,7 +781,10 @@ fn mark_statement(schema: &str, table: &str, t: &Table) -> String {
             "rid VARCHAR(768) CHARACTER SET utf8mb4 COLLATE utf8mb4_bin",
         ],
     );
-    let on = format!("{on} AND {} = v.rid", own_record_id(&t.key));
+    let on = format!(
+        "{on} AND CAST({} AS BINARY) = CAST(v.rid AS BINARY)",
+        own_record_id(&t.key)
+    );
     let mut set = Vec::new();
     if t.hash {
         set.push("t.certyo_record_hash = v.h".to_string());
@@ -822,28 +822,24 @@ const NEWEST_CHANGES: &str = "
       STRAIGHT_JOIN certyo_queue n FORCE INDEX (PRIMARY)
         ON n.id = (SELECT m.id FROM certyo_queue m FORCE INDEX (certyo_queue_record)
                     WHERE m.collection = ? AND m.record_id = v.rid
+                      AND CAST(m.record_id AS BINARY) = CAST(v.rid AS BINARY)
                     ORDER BY m.id DESC LIMIT 1)
      WHERE n.collection = ?";
 
-/// Of the records (`[record id, change id]`), those with a change newer than the one given: one
-/// probe of the record's index each.
-const NEWER_CHANGES: &str = "
-    SELECT v.rid
-      FROM JSON_TABLE(?, '$[*]' COLUMNS (rid VARCHAR(768) CHARACTER SET utf8mb4 COLLATE utf8mb4_bin PATH '$[0]',
-                                         id BIGINT PATH '$[1]')) v
-     WHERE (SELECT m.id FROM certyo_queue m FORCE INDEX (certyo_queue_record)
-             WHERE m.collection = ? AND m.record_id = v.rid AND m.id > v.id
-             LIMIT 1) IS NOT NULL";
-
 /// The changes given (`[record id, change id]`) as `NEWEST_CHANGES` reads them, each by its id,
-/// if it is still there and of that record.
-const CHANGES_BY_ID: &str = "
+/// where it is still there, of that record, and the record's newest (no newer change: one probe
+/// of the record's index each). A record not answered is one to look for otherwise.
+const DUE_CHANGES_NEWEST: &str = "
     SELECT v.rid, CAST(n.id AS SIGNED), CAST(n.operation AS CHAR), CAST(n.status AS CHAR), n.record_hash,
            CAST(n.anchor_status AS CHAR), DATE_FORMAT(n.verified_at, '%Y-%m-%d %H:%i:%s.%f')
       FROM JSON_TABLE(?, '$[*]' COLUMNS (rid VARCHAR(768) CHARACTER SET utf8mb4 COLLATE utf8mb4_bin PATH '$[0]',
                                          id BIGINT PATH '$[1]')) v
       STRAIGHT_JOIN certyo_queue n FORCE INDEX (PRIMARY) ON n.id = v.id
-     WHERE n.collection = ? AND n.record_id = v.rid";
+     WHERE n.collection = ? AND n.record_id = v.rid AND CAST(n.record_id AS BINARY) = CAST(v.rid AS BINARY)
+       AND (SELECT m.id FROM certyo_queue m FORCE INDEX (certyo_queue_record)
+             WHERE m.collection = ? AND m.record_id = v.rid AND CAST(m.record_id AS BINARY) = CAST(v.rid AS BINARY)
+               AND m.id > v.id
+             LIMIT 1) IS NULL";
 
 /// How many changes of the records (`[record id, newest change's id as read]`) are newer than
 /// read: queued by the write-back's own UPDATE (the rows are locked, no one else's can be).
@@ -852,7 +848,8 @@ const WRITTEN_BACK_CHANGES_CONTENT: &str = "
       FROM JSON_TABLE(?, '$[*]' COLUMNS (rid VARCHAR(768) CHARACTER SET utf8mb4 COLLATE utf8mb4_bin PATH '$[0]',
                                          newest BIGINT PATH '$[1]')) v
       STRAIGHT_JOIN certyo_queue m FORCE INDEX (certyo_queue_record)
-        ON m.collection = ? AND m.record_id = v.rid AND m.id > v.newest";
+        ON m.collection = ? AND m.record_id = v.rid AND CAST(m.record_id AS BINARY) = CAST(v.rid AS BINARY)
+       AND m.id > v.newest";
 
 /// This round's due changes (`[id, write_back_at as read, busy]`), in one statement: written
 /// back (not busy): nothing more to do for them, unless made due again since they were read as
