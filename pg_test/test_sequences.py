@@ -91,6 +91,7 @@ class Row:
         self.r, self.id, self.k, self.n, self.ver, self.v = r, id_, k, n, ver, v
         self.alive = True
         self.captured = None  # the content Certyo last got for this row (tuple), None: never
+        self.captured_key = None  # the record key column that content was captured under
         self.deleted_behind = False  # deleted behind capture's back while tracked
         self.removed_untracked = False  # deleted while untracked, Certyo last holding it alive
         self.names = set()  # every record id it has had under any key column
@@ -230,12 +231,12 @@ class Sequence:
                 elif row.captured is not None:
                     row.removed_untracked = True  # Certyo last held it alive
             if captured:
-                row.captured = row.content()
+                row.captured, row.captured_key = row.content(), column
 
     def all_captured(self):
         for row in self.rows.values():
             if row.alive:
-                row.captured = row.content()
+                row.captured, row.captured_key = row.content(), self.key()
 
     # -- statements --------------------------------------------------------------------------
 
@@ -423,13 +424,19 @@ class Sequence:
                     row.deleted_behind = False
                 elif row.captured is not None:
                     # A row whose record id changed while untracked, under the key it was
-                    # captured with or the key it is tracked with now: no row is known to hold
-                    # the record Certyo last held alive any more (a row stands for a record of
-                    # an earlier key only if it holds that record's present-key values), as
-                    # after a delete; the row itself is one changed without capture.
+                    # captured with (which may be older than the last tracking's, when the row
+                    # was not captured then) or the key it is tracked with now: no row is known to
+                    # hold the record Certyo last held alive any more (a row stands for a record
+                    # of an earlier key only if it holds that record's present-key values), as
+                    # after a delete (docs/operations.md: "a track() after an untrack records its
+                    # old record as removed while untracked"); the row itself is then one never
+                    # captured, and a deletion of it behind capture's back is no finding, as of
+                    # any row never captured.
                     was = dict(zip(("id", "k", "n"), row.captured))
-                    if any(str(was[key]) != row.record_id(key) for key in (self.key(), columns or self.pk)):
+                    keys = (row.captured_key, columns or self.pk)
+                    if any(str(was[key]) != row.record_id(key) for key in keys):
                         self.removed_while_untracked = True
+                        row.captured = None
         if self.write_back == "none":
             option += ", write_back => 'none'"  # untracked, the table keeps no mode of its own
         self.sql(f"SELECT certyo.track('t'{option}, backfill => {str(backfill).lower()})")
