@@ -162,10 +162,12 @@ BEGIN
     -- of such an installation may show a hash, even anchored, that is not their content's. So
     -- when the column is new, each record's newest delivered (or dead) change is written back
     -- once more: the relay then gives every row the state of the version it holds. (A derived
-    -- table with GROUP BY is materialized, which MySQL needs to read the table it updates.)
+    -- table with GROUP BY is materialized, which MySQL needs to read the table it updates. The
+    -- record ids byte for byte: utf8mb4_bin pads, and 'a' and 'a ' are two rows of a table whose
+    -- key does not.)
     IF @certyo_add_write_back THEN
         UPDATE certyo_queue q
-          JOIN (SELECT MAX(id) AS id FROM certyo_queue GROUP BY collection, record_id) n ON q.id = n.id
+          JOIN (SELECT MAX(id) AS id FROM certyo_queue GROUP BY collection, CAST(record_id AS BINARY)) n ON q.id = n.id
            SET q.write_back_at = UTC_TIMESTAMP(6)
          WHERE q.status IN ('delivered', 'dead') AND q.operation <> 'delete';
     END IF;
