@@ -213,6 +213,9 @@ BEGIN
     DECLARE v_ts_type VARCHAR(64) CHARACTER SET utf8mb4 COLLATE utf8mb4_bin;
     DECLARE v_checks_per_table BOOLEAN;
     DECLARE v_group_concat_max_len BIGINT UNSIGNED DEFAULT @@session.group_concat_max_len;
+    DECLARE v_refused, v_reason TEXT CHARACTER SET utf8mb4 COLLATE utf8mb4_bin;
+    DECLARE v_key_column, v_key_type, v_key_charset VARCHAR(64) CHARACTER SET utf8mb4 COLLATE utf8mb4_bin;
+    DECLARE v_id_length BIGINT;
     DECLARE v_old_payload, v_new_payload, v_old_id, v_new_id, v_business_same, v_id_same, v_old_ts, v_new_ts, v_clear
         LONGTEXT CHARACTER SET utf8mb4 COLLATE utf8mb4_bin;
 
@@ -222,6 +225,57 @@ BEGIN
      WHERE TABLE_SCHEMA = p_schema AND TABLE_NAME = p_table AND CONSTRAINT_NAME = 'PRIMARY';
     IF v_pk_count = 0 THEN
         SIGNAL SQLSTATE '45000' SET MESSAGE_TEXT = 'certyo_trigger_ddl: the table does not exist or has no primary key; add one (the record id is the primary key)';
+    END IF;
+
+    -- The record id is the primary key's text: one text per row, the same in every session, and
+    -- another for every other row. Keys whose text is not that are refused, each saying why.
+    SELECT CONVERT(k.COLUMN_NAME USING utf8mb4) COLLATE utf8mb4_bin, CONVERT(c.DATA_TYPE USING utf8mb4) COLLATE utf8mb4_bin,
+           CONVERT(c.CHARACTER_SET_NAME USING utf8mb4) COLLATE utf8mb4_bin,
+           CASE
+             WHEN c.DATA_TYPE IN ('float', 'double', 'real') THEN 'rounds'
+             WHEN c.DATA_TYPE IN ('binary', 'varbinary', 'tinyblob', 'blob', 'mediumblob', 'longblob', 'bit') THEN 'binary'
+             WHEN c.CHARACTER_SET_NAME IS NOT NULL
+              AND c.CHARACTER_SET_NAME NOT IN ('utf8mb4', 'utf8mb3', 'utf8', 'latin1', 'ascii', 'ucs2', 'utf16', 'utf16le', 'utf32') THEN 'charset'
+             WHEN p_exclude IS NOT NULL AND FIND_IN_SET(k.COLUMN_NAME, p_exclude) > 0 THEN 'excluded'
+           END AS reason
+      INTO v_key_column, v_key_type, v_key_charset, v_reason
+      FROM information_schema.KEY_COLUMN_USAGE k
+      JOIN information_schema.COLUMNS c
+        ON c.TABLE_SCHEMA = k.TABLE_SCHEMA AND c.TABLE_NAME = k.TABLE_NAME AND c.COLUMN_NAME = k.COLUMN_NAME
+     WHERE k.TABLE_SCHEMA = p_schema AND k.TABLE_NAME = p_table AND k.CONSTRAINT_NAME = 'PRIMARY'
+     ORDER BY reason IS NULL, k.ORDINAL_POSITION
+     LIMIT 1;
+    -- (MySQL takes 128 characters of a message: the reasons in full are in docs/relay.md.)
+    SET v_refused = CASE v_reason
+        WHEN 'rounds' THEN CONCAT('certyo_trigger_ddl: key column ', v_key_column, ' is ', v_key_type,
+            ': its text rounds, two rows could share a record id; use an exact type')
+        WHEN 'binary' THEN CONCAT('certyo_trigger_ddl: key column ', v_key_column, ' is ', v_key_type,
+            ', bytes not text: binary keys are not supported (a UUID as CHAR(36) is)')
+        WHEN 'charset' THEN CONCAT('certyo_trigger_ddl: key column ', v_key_column, ' is in character set ', v_key_charset,
+            ', not one to one with utf8mb4; convert it')
+        WHEN 'excluded' THEN CONCAT('certyo_trigger_ddl: p_exclude names key column ', v_key_column,
+            ': the record id (the key) is always captured')
+    END;
+    -- Rows changed by a foreign key's cascade fire no trigger in MySQL and MariaDB: those
+    -- changes would never reach Certyo, and a row whose key cascaded would keep another
+    -- record's hash.
+    IF v_refused IS NULL THEN
+        SELECT CONVERT(CONSTRAINT_NAME USING utf8mb4) COLLATE utf8mb4_bin,
+               CONVERT(IF(UPDATE_RULE IN ('CASCADE', 'SET NULL', 'SET DEFAULT'), CONCAT('ON UPDATE ', UPDATE_RULE), CONCAT('ON DELETE ', DELETE_RULE)) USING utf8mb4) COLLATE utf8mb4_bin
+          INTO v_key_column, v_reason
+          FROM information_schema.REFERENTIAL_CONSTRAINTS
+         WHERE CONSTRAINT_SCHEMA = p_schema AND TABLE_NAME = p_table
+           AND (UPDATE_RULE IN ('CASCADE', 'SET NULL', 'SET DEFAULT') OR DELETE_RULE IN ('CASCADE', 'SET NULL', 'SET DEFAULT'))
+         ORDER BY CONSTRAINT_NAME
+         LIMIT 1;
+        IF v_reason IS NOT NULL THEN
+            SET v_refused = CONCAT('certyo_trigger_ddl: foreign key ', v_key_column, ' changes rows by ', v_reason,
+                ': no trigger sees that; use RESTRICT');
+        END IF;
+    END IF;
+    IF v_refused IS NOT NULL THEN
+        SET v_refused = LEFT(v_refused, 128);
+        SIGNAL SQLSTATE '45000' SET MESSAGE_TEXT = v_refused;
     END IF;
 
     -- The columns that make the payload, with how each renders as JSON. Strings compare as
@@ -283,17 +337,28 @@ BEGIN
       INTO v_business_same FROM certyo_columns;
 
     -- Record id: one key column's text; several: each escaped (\ → \\, / → \/), joined by '/'.
+    -- A TIMESTAMP in UTC (an instant: its text in the writer's time zone would be another record
+    -- id in each zone, and in the hour clocks go back one for two instants), as the relay, whose
+    -- session is in UTC, renders it. The backslash is CHAR(92): a string literal's meaning
+    -- depends on the sql_mode (NO_BACKSLASH_ESCAPES) of the session that creates the triggers.
+    -- Also the longest text the key can have, for the check below.
     SELECT IF(COUNT(*) = 1,
-              CONCAT('CAST(OLD.', MAX(CONCAT('`', REPLACE(COLUMN_NAME, '`', '``'), '`')), ' AS CHAR CHARACTER SET utf8mb4)'),
+              MAX(certyo_key_text_sql(c.DATA_TYPE, c.DATETIME_PRECISION, CONCAT('OLD.`', REPLACE(k.COLUMN_NAME, '`', '``'), '`'))),
               CONCAT('CONCAT_WS(''/'', ', GROUP_CONCAT(CONCAT(
-                  'REPLACE(REPLACE(CAST(OLD.`', REPLACE(COLUMN_NAME, '`', '``'), '` AS CHAR CHARACTER SET utf8mb4), ''\\\\'', ''\\\\\\\\''), ''/'', ''\\\\/'')')
-                  ORDER BY ORDINAL_POSITION SEPARATOR ', '), ')')),
-           GROUP_CONCAT(CONCAT('OLD.`', REPLACE(COLUMN_NAME, '`', '``'), '` <=> NEW.`', REPLACE(COLUMN_NAME, '`', '``'), '`')
-                        ORDER BY ORDINAL_POSITION SEPARATOR ' AND ')
-      INTO v_old_id, v_id_same
-      FROM information_schema.KEY_COLUMN_USAGE
-     WHERE TABLE_SCHEMA = p_schema AND TABLE_NAME = p_table AND CONSTRAINT_NAME = 'PRIMARY';
+                  'REPLACE(REPLACE(', certyo_key_text_sql(c.DATA_TYPE, c.DATETIME_PRECISION, CONCAT('OLD.`', REPLACE(k.COLUMN_NAME, '`', '``'), '`')),
+                  ', CHAR(92 USING utf8mb4), CONCAT(CHAR(92 USING utf8mb4), CHAR(92 USING utf8mb4))), ''/'', CONCAT(CHAR(92 USING utf8mb4), ''/''))')
+                  ORDER BY k.ORDINAL_POSITION SEPARATOR ', '), ')')),
+           SUM(COALESCE(c.CHARACTER_MAXIMUM_LENGTH, 64)) * IF(COUNT(*) = 1, 1, 2) + COUNT(*) - 1
+      INTO v_old_id, v_id_length
+      FROM information_schema.KEY_COLUMN_USAGE k
+      JOIN information_schema.COLUMNS c
+        ON c.TABLE_SCHEMA = k.TABLE_SCHEMA AND c.TABLE_NAME = k.TABLE_NAME AND c.COLUMN_NAME = k.COLUMN_NAME
+     WHERE k.TABLE_SCHEMA = p_schema AND k.TABLE_NAME = p_table AND k.CONSTRAINT_NAME = 'PRIMARY';
     SET v_new_id = REPLACE(v_old_id, 'OLD.`', 'NEW.`');
+    -- Another record when its text changed, byte for byte: in a case-insensitive collation 'tea'
+    -- and 'TEA' are one key to the table, and two records to Certyo (the delete of the one is
+    -- sent, then the insert of the other).
+    SET v_id_same = CONCAT('CAST(', v_old_id, ' AS BINARY) = CAST(', v_new_id, ' AS BINARY)');
 
     -- The bookkeeping columns the table has: a change of business columns resets them in the
     -- same statement (BEFORE UPDATE), so a row never shows an earlier version's hash as its own,
@@ -329,6 +394,14 @@ BEGIN
                              ', UTC_TIMESTAMP(6))'));
     SET v_new_ts = REPLACE(v_old_ts, 'OLD.`', 'NEW.`');
 
+    -- A key whose text may be longer than certyo_queue.record_id holds (768 characters): a row
+    -- whose text is is refused with an error that says so (cut, under a non-strict sql_mode,
+    -- two rows would share one record id; in a strict one the error would not say why).
+    IF v_id_length > 768 THEN
+        SET v_old_id = CONCAT('certyo_record_id(', v_old_id, ')');
+        SET v_new_id = CONCAT('certyo_record_id(', v_new_id, ')');
+    END IF;
+
     SELECT CONCAT_WS('\n',
         'DELIMITER //',
         IF(v_clear IS NULL,
@@ -352,6 +425,27 @@ BEGIN
     DROP TEMPORARY TABLE certyo_columns;
 END //
 
+-- The text of a key column `p_ref` in the record id (see certyo_trigger_ddl).
+DROP FUNCTION IF EXISTS certyo_key_text_sql //
+CREATE FUNCTION certyo_key_text_sql(p_type VARCHAR(64) CHARACTER SET utf8mb4 COLLATE utf8mb4_bin, p_fsp INT,
+                                    p_ref TEXT CHARACTER SET utf8mb4 COLLATE utf8mb4_bin)
+    RETURNS TEXT CHARACTER SET utf8mb4 COLLATE utf8mb4_bin DETERMINISTIC NO SQL
+    RETURN IF(p_type = 'timestamp',
+              CONCAT('CAST(CAST(TIMESTAMP(''1970-01-01'') + INTERVAL ROUND(UNIX_TIMESTAMP(', p_ref, ') * 1000000) MICROSECOND AS DATETIME(',
+                     COALESCE(p_fsp, 0), ')) AS CHAR CHARACTER SET utf8mb4)'),
+              CONCAT('CAST(', p_ref, ' AS CHAR CHARACTER SET utf8mb4)')) //
+
+-- A record id, refused when longer than certyo_queue.record_id holds (768 characters).
+DROP FUNCTION IF EXISTS certyo_record_id //
+CREATE FUNCTION certyo_record_id(p_id LONGTEXT CHARACTER SET utf8mb4 COLLATE utf8mb4_bin)
+    RETURNS VARCHAR(768) CHARACTER SET utf8mb4 COLLATE utf8mb4_bin DETERMINISTIC NO SQL
+BEGIN
+    IF CHAR_LENGTH(p_id) > 768 THEN
+        SIGNAL SQLSTATE '22001' SET MESSAGE_TEXT = 'certyo: the record id (the primary key as text) is longer than 768 characters; refused, lest two rows share one';
+    END IF;
+    RETURN p_id;
+END //
+
 -- The JSON value expression of one column; '@' stands for the column reference.
 DROP FUNCTION IF EXISTS certyo_value_sql //
 CREATE FUNCTION certyo_value_sql(p_type VARCHAR(64) CHARACTER SET utf8mb4 COLLATE utf8mb4_bin, p_fsp INT)
@@ -365,7 +459,7 @@ BEGIN
         -- As text, with the column's fractional digits: MySQL's JSON_OBJECT would render a TIME
         -- with six digits, MariaDB's as text; this is the same on both.
         WHEN p_type = 'time' THEN 'CAST(@ AS CHAR)'
-        WHEN p_type IN ('binary', 'varbinary', 'tinyblob', 'blob', 'mediumblob', 'longblob', 'bit') THEN 'CONCAT(''\\\\x'', LOWER(HEX(@)))'
+        WHEN p_type IN ('binary', 'varbinary', 'tinyblob', 'blob', 'mediumblob', 'longblob', 'bit') THEN 'CONCAT(CHAR(92 USING utf8mb4), ''x'', LOWER(HEX(@)))'
         WHEN p_type = 'json' THEN 'JSON_EXTRACT(@, ''$'')'
         -- Text in utf8mb4_bin, whatever the column's character set and collation: JSON_OBJECT
         -- takes one collation for all its arguments, and the names (the keys) are utf8mb4.
