@@ -436,7 +436,7 @@ class Sequence:
                     keys = (row.captured_key, columns or self.pk)
                     if any(str(was[key]) != row.record_id(key) for key in keys):
                         self.removed_while_untracked = True
-                        row.captured = None
+                        row.captured = row.captured_key = None
         if self.write_back == "none":
             option += ", write_back => 'none'"  # untracked, the table keeps no mode of its own
         self.sql(f"SELECT certyo.track('t'{option}, backfill => {str(backfill).lower()})")

@@ -5,11 +5,9 @@ certyo_trigger_ddl, each saying why; a TIMESTAMP key is one record id in every t
 changed in case only is another record; a key too long for the queue is refused with a reason,
 never cut. Fixtures in conftest.py."""
 import re
-import time
 
 import pytest
 from harness import wait_for  # pg_test/, on the path by conftest.py
-from mariadb import MYSQL
 
 
 def make(shop, name, columns, key, key_columns, sql_mode=None, exclude="NULL"):
@@ -31,12 +29,12 @@ def queued(shop):
 
 
 @pytest.mark.parametrize("columns, key, exclude, refusal", [
-    ("k FLOAT NOT NULL", "k", "NULL", "key column k is float: its text rounds"),
-    ("k DOUBLE NOT NULL", "k", "NULL", "key column k is double: its text rounds"),
-    ("k BINARY(16) NOT NULL", "k", "NULL", "binary keys are not supported"),
-    ("a INT NOT NULL, k VARBINARY(16) NOT NULL", "a, k", "NULL", "key column k is varbinary"),
-    ("k VARCHAR(10) CHARACTER SET cp932 NOT NULL", "k", "NULL", "is in character set cp932"),
-    ("k VARCHAR(10) NOT NULL", "k", "'label,k'", "p_exclude names key column k"),
+    ("k FLOAT NOT NULL", "k", "NULL", "a FLOAT/DOUBLE key rounds as text (rows could share a record id); use an exact type: k"),
+    ("k DOUBLE NOT NULL", "k", "NULL", "a FLOAT/DOUBLE key rounds as text"),
+    ("k BINARY(16) NOT NULL", "k", "NULL", "binary keys are not supported (bytes are no text; a UUID as CHAR(36) is): k binary"),
+    ("a INT NOT NULL, k VARBINARY(16) NOT NULL", "a, k", "NULL", "binary keys are not supported"),
+    ("k VARCHAR(10) CHARACTER SET cp932 NOT NULL", "k", "NULL", "a key in this character set is not supported; convert it to utf8mb4: k cp932"),
+    ("k VARCHAR(10) NOT NULL", "k", "'label,k'", "p_exclude names a key column (the record id is always captured): k"),
 ], ids=["float", "double", "binary", "composite-varbinary", "cp932", "excluded-key"])
 def test_keys_whose_text_is_not_one_record_id_per_row_are_refused(shop, columns, key, exclude, refusal):
     shop.sql(f"CREATE TABLE t ({columns}, label VARCHAR(100), PRIMARY KEY ({key}))")
@@ -50,7 +48,7 @@ def test_a_table_that_foreign_key_cascades_change_is_refused(shop, action):
     shop.sql("CREATE TABLE orders (id INT PRIMARY KEY)")
     shop.sql(f"""CREATE TABLE items (id INT PRIMARY KEY, order_id INT NULL, label VARCHAR(100),
                  CONSTRAINT items_order FOREIGN KEY (order_id) REFERENCES orders (id) {action})""")
-    with pytest.raises(AssertionError, match=f"foreign key items_order changes rows by {action}: no trigger sees that"):
+    with pytest.raises(AssertionError, match=f"a cascade fires no trigger; make the foreign key RESTRICT: items_order {action}"):
         shop.sql(f"CALL certyo_trigger_ddl('{shop.name}', 'items', NULL, NULL)")
     # The referenced table is not changed by the cascade: it is tracked as any other.
     shop.track("orders")
@@ -59,8 +57,14 @@ def test_a_table_that_foreign_key_cascades_change_is_refused(shop, action):
     shop.track("items")
 
 
+def test_a_timestamp_column_that_is_none_is_refused_with_a_reason(shop):
+    shop.sql("CREATE TABLE t (id INT PRIMARY KEY, label VARCHAR(100))")
+    with pytest.raises(AssertionError, match=re.escape("p_timestamp_column is no DATETIME/TIMESTAMP column of the table")):
+        shop.sql(f"CALL certyo_trigger_ddl('{shop.name}', 't', NULL, 'label')")
+
+
 def test_a_timestamp_key_is_one_record_id_in_every_time_zone(shop):
-    make(shop, "ev", "sensor INT NOT NULL, at TIMESTAMP(3) NOT NULL", "sensor, at", ["sensor", "at"])
+    make(shop, "ev", "sensor INT NOT NULL, at TIMESTAMP(3) NOT NULL DEFAULT '2000-01-01 00:00:00'", "sensor, at", ["sensor", "at"])
     shop.sql("SET time_zone = '+02:00'; INSERT INTO ev (sensor, at, label) VALUES (1, '2026-01-01 10:00:00.250', 'A')")
     shop.sql("SET time_zone = '-05:00'; UPDATE ev SET label = 'A2'")
     shop.sql("SET time_zone = '+00:00'; DELETE FROM ev")
@@ -69,7 +73,7 @@ def test_a_timestamp_key_is_one_record_id_in_every_time_zone(shop):
 
 
 def test_a_timestamp_key_changed_in_another_time_zone_marks_its_own_row(shop, emulator, relay):
-    make(shop, "ev", "sensor INT NOT NULL, at TIMESTAMP NOT NULL", "sensor, at", ["sensor", "at"])
+    make(shop, "ev", "sensor INT NOT NULL, at TIMESTAMP NOT NULL DEFAULT '2000-01-01 00:00:00'", "sensor, at", ["sensor", "at"])
     shop.sql("SET time_zone = '+00:00'; INSERT INTO ev (sensor, at, label) VALUES "
              "(1, '2026-01-01 08:00:00', 'A'), (1, '2026-01-01 10:00:00', 'B')")
     r = relay(verify_min_age="1s").start()

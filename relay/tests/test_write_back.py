@@ -315,8 +315,9 @@ def test_a_key_changed_only_in_case_never_shows_the_earlier_records_hash(shop, e
 
 def test_keys_that_differ_only_in_trailing_spaces_never_share_a_receipt(shop, emulator, relay):
     # 'a' and 'a ' are two rows of a table whose key's collation does not pad (MySQL's default
-    # utf8mb4_0900_ai_ci, MariaDB's _nopad_ ones) and two records to Certyo, but one record id to
-    # the queue's utf8mb4_bin, which pads: each row must hold its own record's receipt, anchored.
+    # utf8mb4_0900_ai_ci, MariaDB's _nopad_ ones) and two records to Certyo, two record ids that
+    # the queue's utf8mb4_bin (which pads) compares equal: each row must hold its own record's
+    # receipt, anchored.
     make_tags(shop, "utf8mb4_0900_bin" if MYSQL else "utf8mb4_nopad_bin")
     shop.sql("INSERT INTO tags (code, label) VALUES ('a', 'A')")
     shop.sql("INSERT INTO tags (code, label) VALUES ('a ', 'A-space')")

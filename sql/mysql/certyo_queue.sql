@@ -214,7 +214,8 @@ BEGIN
     DECLARE v_checks_per_table BOOLEAN;
     DECLARE v_group_concat_max_len BIGINT UNSIGNED DEFAULT @@session.group_concat_max_len;
     DECLARE v_refused, v_reason TEXT CHARACTER SET utf8mb4 COLLATE utf8mb4_bin;
-    DECLARE v_key_column, v_key_type, v_key_charset VARCHAR(64) CHARACTER SET utf8mb4 COLLATE utf8mb4_bin;
+    DECLARE v_key_column, v_key_type, v_key_charset, v_fk_name VARCHAR(64) CHARACTER SET utf8mb4 COLLATE utf8mb4_bin;
+    DECLARE v_fk_rule VARCHAR(32) CHARACTER SET utf8mb4 COLLATE utf8mb4_bin;
     DECLARE v_id_length BIGINT;
     DECLARE v_old_payload, v_new_payload, v_old_id, v_new_id, v_business_same, v_id_same, v_old_ts, v_new_ts, v_clear
         LONGTEXT CHARACTER SET utf8mb4 COLLATE utf8mb4_bin;
@@ -245,16 +246,16 @@ BEGIN
      WHERE k.TABLE_SCHEMA = p_schema AND k.TABLE_NAME = p_table AND k.CONSTRAINT_NAME = 'PRIMARY'
      ORDER BY reason IS NULL, k.ORDINAL_POSITION
      LIMIT 1;
-    -- (MySQL takes 128 characters of a message: the reasons in full are in docs/relay.md.)
+    -- MySQL takes 128 characters of a message: the reason first, the name last (cut, if
+    -- long, at the end); the reasons in full are in docs/relay.md.
     SET v_refused = CASE v_reason
-        WHEN 'rounds' THEN CONCAT('certyo_trigger_ddl: key column ', v_key_column, ' is ', v_key_type,
-            ': its text rounds, two rows could share a record id; use an exact type')
-        WHEN 'binary' THEN CONCAT('certyo_trigger_ddl: key column ', v_key_column, ' is ', v_key_type,
-            ', bytes not text: binary keys are not supported (a UUID as CHAR(36) is)')
-        WHEN 'charset' THEN CONCAT('certyo_trigger_ddl: key column ', v_key_column, ' is in character set ', v_key_charset,
-            ', not one to one with utf8mb4; convert it')
-        WHEN 'excluded' THEN CONCAT('certyo_trigger_ddl: p_exclude names key column ', v_key_column,
-            ': the record id (the key) is always captured')
+        WHEN 'rounds' THEN CONCAT('certyo_trigger_ddl: a FLOAT/DOUBLE key rounds as text (rows could share a record id); use an exact type: ',
+                                  v_key_column)
+        WHEN 'binary' THEN CONCAT('certyo_trigger_ddl: binary keys are not supported (bytes are no text; a UUID as CHAR(36) is): ',
+                                  v_key_column, ' ', v_key_type)
+        WHEN 'charset' THEN CONCAT('certyo_trigger_ddl: a key in this character set is not supported; convert it to utf8mb4: ',
+                                   v_key_column, ' ', v_key_charset)
+        WHEN 'excluded' THEN CONCAT('certyo_trigger_ddl: p_exclude names a key column (the record id is always captured): ', v_key_column)
     END;
     -- Rows changed by a foreign key's cascade fire no trigger in MySQL and MariaDB: those
     -- changes would never reach Certyo, and a row whose key cascaded would keep another
@@ -262,15 +263,14 @@ BEGIN
     IF v_refused IS NULL THEN
         SELECT CONVERT(CONSTRAINT_NAME USING utf8mb4) COLLATE utf8mb4_bin,
                CONVERT(IF(UPDATE_RULE IN ('CASCADE', 'SET NULL', 'SET DEFAULT'), CONCAT('ON UPDATE ', UPDATE_RULE), CONCAT('ON DELETE ', DELETE_RULE)) USING utf8mb4) COLLATE utf8mb4_bin
-          INTO v_key_column, v_reason
+          INTO v_fk_name, v_fk_rule
           FROM information_schema.REFERENTIAL_CONSTRAINTS
          WHERE CONSTRAINT_SCHEMA = p_schema AND TABLE_NAME = p_table
            AND (UPDATE_RULE IN ('CASCADE', 'SET NULL', 'SET DEFAULT') OR DELETE_RULE IN ('CASCADE', 'SET NULL', 'SET DEFAULT'))
          ORDER BY CONSTRAINT_NAME
          LIMIT 1;
-        IF v_reason IS NOT NULL THEN
-            SET v_refused = CONCAT('certyo_trigger_ddl: foreign key ', v_key_column, ' changes rows by ', v_reason,
-                ': no trigger sees that; use RESTRICT');
+        IF v_fk_name IS NOT NULL THEN
+            SET v_refused = CONCAT('certyo_trigger_ddl: a cascade fires no trigger; make the foreign key RESTRICT: ', v_fk_name, ' ', v_fk_rule);
         END IF;
     END IF;
     IF v_refused IS NOT NULL THEN
@@ -341,7 +341,7 @@ BEGIN
     -- id in each zone, and in the hour clocks go back one for two instants), as the relay, whose
     -- session is in UTC, renders it. The backslash is CHAR(92): a string literal's meaning
     -- depends on the sql_mode (NO_BACKSLASH_ESCAPES) of the session that creates the triggers.
-    -- Also the longest text the key can have, for the check below.
+    -- Also an upper bound of the key's text length, for the check below.
     SELECT IF(COUNT(*) = 1,
               MAX(certyo_key_text_sql(c.DATA_TYPE, c.DATETIME_PRECISION, CONCAT('OLD.`', REPLACE(k.COLUMN_NAME, '`', '``'), '`'))),
               CONCAT('CONCAT_WS(''/'', ', GROUP_CONCAT(CONCAT(
@@ -376,7 +376,7 @@ BEGIN
        AND COLUMN_NAME = COALESCE(p_timestamp_column, IF(COLUMN_NAME IN ('updated_at', 'modified_at'), COLUMN_NAME, NULL))
      ORDER BY FIELD(COLUMN_NAME, 'updated_at', 'modified_at') LIMIT 1;
     IF p_timestamp_column IS NOT NULL AND v_ts_column IS NULL THEN
-        SIGNAL SQLSTATE '45000' SET MESSAGE_TEXT = 'certyo_trigger_ddl: p_timestamp_column is not a datetime or timestamp column of the table; name one, or pass NULL to use the time of the change';
+        SIGNAL SQLSTATE '45000' SET MESSAGE_TEXT = 'certyo_trigger_ddl: p_timestamp_column is no DATETIME/TIMESTAMP column of the table; name one, or pass NULL';
     END IF;
     -- A TIMESTAMP is an instant: read it in UTC. A DATETIME is a wall-clock time without zone,
     -- taken as written in the writer's session time zone and moved to UTC by that zone's offset
@@ -394,8 +394,9 @@ BEGIN
                              ', UTC_TIMESTAMP(6))'));
     SET v_new_ts = REPLACE(v_old_ts, 'OLD.`', 'NEW.`');
 
-    -- A key whose text may be longer than certyo_queue.record_id holds (768 characters): a row
-    -- whose text is is refused with an error that says so (cut, under a non-strict sql_mode,
+    -- A key whose text may be longer than certyo_queue.record_id holds (768 characters, by an
+    -- upper bound: 64 for a key part that is not text): a row whose text is longer is refused
+    -- (its insert, update and delete) with an error that says so (cut, under a non-strict sql_mode,
     -- two rows would share one record id; in a strict one the error would not say why).
     IF v_id_length > 768 THEN
         SET v_old_id = CONCAT('certyo_record_id(', v_old_id, ')');
@@ -425,7 +426,9 @@ BEGIN
     DROP TEMPORARY TABLE certyo_columns;
 END //
 
--- The text of a key column `p_ref` in the record id (see certyo_trigger_ddl).
+-- The text of a key column `p_ref` in the record id (see certyo_trigger_ddl). The relay
+-- computes it again to find the row it marks (write_back.rs, own_record_id: CAST AS CHAR in a
+-- session whose time zone is UTC, which for a TIMESTAMP is this): keep the two in step.
 DROP FUNCTION IF EXISTS certyo_key_text_sql //
 CREATE FUNCTION certyo_key_text_sql(p_type VARCHAR(64) CHARACTER SET utf8mb4 COLLATE utf8mb4_bin, p_fsp INT,
                                     p_ref TEXT CHARACTER SET utf8mb4 COLLATE utf8mb4_bin)

@@ -282,8 +282,8 @@ impl super::Source for MySqlQueue {
     fn take(&mut self, limit: usize, probing: bool, in_flight: &[i64]) -> Result<Vec<Change>> {
         // A candidate whose record has an older pending change drops out, and the batch should
         // still fill: the take reads an eighth more than the limit, and while candidates that
-        // dropped out leave batches short (records changed many times in a row), up to eight
-        // times more, doubling per such batch. (A fixed twice the limit cost the server a third
+        // dropped out leave batches short (records changed many times in a row), more: twice the
+        // limit at the first such batch, doubling at each next, up to nine times the limit. (A fixed twice the limit cost the server a third
         // more per batch in a plain backlog, and still came out short where each record had a
         // few changes queued.)
         let least = (limit / 8).max(1);
@@ -303,8 +303,17 @@ impl super::Source for MySqlQueue {
         let rows: Vec<Row> = self.in_transaction(|tx| tx.exec(TAKE, (probing, window)))?;
         let window_full = rows.len() as u64 >= window;
         let mut changes = Vec::with_capacity(limit);
-        for (id, collection, record_id, operation, payload, source_timestamp, key, attempts, free) in
-            rows
+        for (
+            id,
+            collection,
+            record_id,
+            operation,
+            payload,
+            source_timestamp,
+            key,
+            attempts,
+            free,
+        ) in rows
         {
             if !free || in_flight.contains(&id) || changes.len() >= limit {
                 continue;
@@ -343,7 +352,8 @@ impl super::Source for MySqlQueue {
                     verify_after,
                     ..
                 } => {
-                    let receipt = serde_json::json!([change.id, record_hash, micros(*verify_after)]);
+                    let receipt =
+                        serde_json::json!([change.id, record_hash, micros(*verify_after)]);
                     if change.attempts == 0 {
                         first_time.push(receipt.clone());
                     }
@@ -374,7 +384,9 @@ impl super::Source for MySqlQueue {
             if first_time_count > 0 {
                 tx.exec_drop(RECORD_DELIVERED_FIRST_TIME, (first_time,))?;
             }
-            if tx.affected_rows() != first_time_count || first_time_count < delivered_count {
+            if first_time_count < delivered_count
+                || (first_time_count > 0 && tx.affected_rows() != first_time_count)
+            {
                 tx.exec_drop(RECORD_DELIVERED, (delivered,))?;
             }
             tx.exec_drop(RECORD_RETRIES, (retries,))?;
@@ -584,6 +596,7 @@ impl super::Source for MySqlQueue {
 // Each records one kind of fate for a whole batch in one statement: the batch arrives as JSON
 // rows, so a thousand changes cost one round trip, not a thousand (JSON_TABLE: MySQL 8.0,
 // MariaDB 10.6).
+/// A batch's receipts (`[id, hash, verify after µs]`); see also `RECORD_DELIVERED_FIRST_TIME`.
 const RECORD_DELIVERED: &str = "
     UPDATE JSON_TABLE(?, '$[*]' COLUMNS (id BIGINT PATH '$[0]', hash VARCHAR(100) PATH '$[1]',
                                          verify_us BIGINT PATH '$[2]')) v
@@ -598,7 +611,7 @@ const RECORD_DELIVERED: &str = "
 
 /// `RECORD_DELIVERED` for changes sent for the first time: their rows have no error to clear
 /// and no write-back attempts to reset (checked, not assumed: a row that has is left pending,
-/// for `RECORD_DELIVERED`).
+/// for `RECORD_DELIVERED`). Keep the two in step: the same receipt, but for what is cleared.
 const RECORD_DELIVERED_FIRST_TIME: &str = "
     UPDATE JSON_TABLE(?, '$[*]' COLUMNS (id BIGINT PATH '$[0]', hash VARCHAR(100) PATH '$[1]',
                                          verify_us BIGINT PATH '$[2]')) v

@@ -739,6 +739,10 @@ fn find_statement(schema: &str, table: &str, columns: &[KeyColumn], suffix: &str
 /// utf8mb4_bin, as the queue's `record_id`. The backslash is `CHAR(92)`, the same whatever the
 /// session's `NO_BACKSLASH_ESCAPES`.
 ///
+/// It must be the text the triggers write (`certyo_key_text_sql` in the companion's script):
+/// for a `TIMESTAMP` key part that is its text in UTC, which `CAST` gives here because the
+/// write-back's session is in UTC (`conn`). Keep the two in step.
+///
 /// Record ids are compared byte for byte wherever a record is told from another (`CAST(... AS
 /// BINARY)` beside the indexed `=`): utf8mb4_bin pads with spaces, so `'a'` and `'a '` compare
 /// equal in it, yet they are two rows of a table whose key's collation does not pad (MySQL's
@@ -826,9 +830,9 @@ const NEWEST_CHANGES: &str = "
                     ORDER BY m.id DESC LIMIT 1)
      WHERE n.collection = ?";
 
-/// The changes given (`[record id, change id]`) as `NEWEST_CHANGES` reads them, each by its id,
-/// where it is still there, of that record, and the record's newest (no newer change: one probe
-/// of the record's index each). A record not answered is one to look for otherwise.
+/// Of the changes given (`[record id, change id]`), those still queued for that record with no
+/// newer change (one probe of the record's index each), read as `NEWEST_CHANGES` reads them; a
+/// record not returned is looked up by `NEWEST_CHANGES`.
 const DUE_CHANGES_NEWEST: &str = "
     SELECT v.rid, CAST(n.id AS SIGNED), CAST(n.operation AS CHAR), CAST(n.status AS CHAR), n.record_hash,
            CAST(n.anchor_status AS CHAR), DATE_FORMAT(n.verified_at, '%Y-%m-%d %H:%i:%s.%f')
@@ -854,7 +858,7 @@ const WRITTEN_BACK_CHANGES_CONTENT: &str = "
 /// This round's due changes (`[id, write_back_at as read, busy]`), in one statement: written
 /// back (not busy): nothing more to do for them, unless made due again since they were read as
 /// due; their row locked by another transaction (busy): tried again as `WRITE_BACK_LATER` says
-/// (the cap in microseconds, and why).
+/// (the cap in microseconds, and why). See also `WRITE_BACK_DONE_FIRST_TIME`.
 const WRITE_BACK_DONE: &str = "
     UPDATE JSON_TABLE(?, '$[*]' COLUMNS (id BIGINT PATH '$[0]', at DATETIME(6) PATH '$[1]',
                                          busy INT PATH '$[2]')) v
@@ -866,7 +870,7 @@ const WRITE_BACK_DONE: &str = "
      WHERE IF(v.busy = 1, q.write_back_at IS NOT NULL, q.write_back_at = v.at)";
 
 /// `WRITE_BACK_DONE` for rows (`[id, write_back_at as read]`) all written back at their first
-/// try (no attempts or error recorded).
+/// try (no attempts or error recorded). Keep the two in step.
 const WRITE_BACK_DONE_FIRST_TIME: &str = "
     UPDATE JSON_TABLE(?, '$[*]' COLUMNS (id BIGINT PATH '$[0]', at DATETIME(6) PATH '$[1]')) v
       STRAIGHT_JOIN certyo_queue q FORCE INDEX (PRIMARY) ON q.id = v.id
