@@ -282,10 +282,10 @@ impl super::Source for MySqlQueue {
     fn take(&mut self, limit: usize, probing: bool, in_flight: &[i64]) -> Result<Vec<Change>> {
         // A candidate whose record has an older pending change drops out, and the batch should
         // still fill: the take reads an eighth more than the limit, and while candidates that
-        // dropped out leave batches short (records changed many times in a row), more: twice the
-        // limit at the first such batch, doubling at each next, up to nine times the limit. (A fixed twice the limit cost the server a third
-        // more per batch in a plain backlog, and still came out short where each record had a
-        // few changes queued.)
+        // dropped out leave batches short (records changed many times in a row), more: twice
+        // the limit at the first such batch, doubling at each next, up to nine times the limit.
+        // (A fixed twice the limit cost the server a third more per batch in a plain backlog,
+        // and still came out short where each record had a few changes queued.)
         let least = (limit / 8).max(1);
         let extra = self.take_extra.clamp(least, limit * 8);
         let window = (limit + extra + in_flight.len()) as u64;
@@ -343,6 +343,7 @@ impl super::Source for MySqlQueue {
     fn record(&mut self, fates: &[(Change, Fate)]) -> Result<()> {
         let mut delivered = Vec::new();
         let mut first_time = Vec::new();
+        let mut sent_before = Vec::new();
         let mut retries = Vec::new();
         let mut dead = Vec::new();
         for (change, fate) in fates {
@@ -356,6 +357,8 @@ impl super::Source for MySqlQueue {
                         serde_json::json!([change.id, record_hash, micros(*verify_after)]);
                     if change.attempts == 0 {
                         first_time.push(receipt.clone());
+                    } else {
+                        sent_before.push(receipt.clone());
                     }
                     delivered.push(receipt);
                 }
@@ -369,9 +372,9 @@ impl super::Source for MySqlQueue {
             }
         }
         let first_time_count = first_time.len() as u64;
-        let delivered_count = delivered.len() as u64;
-        let (first_time, delivered, retries, dead) = (
+        let (first_time, sent_before, delivered, retries, dead) = (
             serde_json::Value::from(first_time).to_string(),
+            (!sent_before.is_empty()).then(|| serde_json::Value::from(sent_before).to_string()),
             serde_json::Value::from(delivered).to_string(),
             serde_json::Value::from(retries).to_string(),
             serde_json::Value::from(dead).to_string(),
@@ -379,15 +382,18 @@ impl super::Source for MySqlQueue {
         self.in_transaction(|tx| {
             // Most changes are delivered at their first attempt, with nothing to clear: recorded
             // without assigning the error columns (TEXT: assigned, even NULL to NULL, they cost
-            // the server a fifth of the statement). Any row that is not as taken (or was sent
-            // before) is recorded by the full statement, which skips the rows already recorded.
+            // the server a fifth of the statement). Those sent before are recorded by the full
+            // statement; so are all, should a row not be as taken (the full statement skips the
+            // rows already recorded).
+            let mut all_first_time = true;
             if first_time_count > 0 {
                 tx.exec_drop(RECORD_DELIVERED_FIRST_TIME, (first_time,))?;
+                all_first_time = tx.affected_rows() == first_time_count;
             }
-            if first_time_count < delivered_count
-                || (first_time_count > 0 && tx.affected_rows() != first_time_count)
-            {
+            if !all_first_time {
                 tx.exec_drop(RECORD_DELIVERED, (delivered,))?;
+            } else if let Some(sent_before) = sent_before {
+                tx.exec_drop(RECORD_DELIVERED, (sent_before,))?;
             }
             tx.exec_drop(RECORD_RETRIES, (retries,))?;
             tx.exec_drop(RECORD_DEAD, (dead,))

@@ -509,15 +509,13 @@ impl WriteBack {
             .partition(|rid| newest_due.contains_key(rid));
         let mut newest: Vec<Newest> = Vec::new();
         if !known.is_empty() {
-            let asked = |rids: &[&str]| -> String {
-                let rows: Vec<serde_json::Value> = rids
-                    .iter()
-                    .map(|rid| serde_json::json!([rid, newest_due[rid]]))
-                    .collect();
-                serde_json::Value::from(rows).to_string()
-            };
+            let asked: Vec<serde_json::Value> = known
+                .iter()
+                .map(|rid| serde_json::json!([rid, newest_due[rid]]))
+                .collect();
+            let asked = serde_json::Value::from(asked).to_string();
             newest = tx
-                .exec(DUE_CHANGES_NEWEST, (asked(&known), collection, collection))
+                .exec(DUE_CHANGES_NEWEST, (asked, collection, collection))
                 .map_err(fail)?;
             // A record not answered (it has a newer change, or its due change is no longer
             // there: removed by hand) is looked for by `NEWEST_CHANGES`.
