@@ -598,3 +598,54 @@ def test_a_table_untracked_at_the_dump_and_tracked_again_after_the_restore_keeps
         assert "wait until their own table is found" not in target.log(), target.explain()
     finally:
         stop(target, source)
+
+
+def workers_relink_check():
+    """The worker's kept statement that asks what certyo.relink_needed() asks
+    (src/track/identity.rs, RELINK_NEEDED), its parameter given as the SQL function gives it."""
+    from pathlib import Path
+    import re
+    source = (Path(__file__).resolve().parent.parent / "src/track/identity.rs").read_text()
+    statement = re.search(r'pub const RELINK_NEEDED: &str = "(.*?)";', source, re.S).group(1)
+    return statement.replace("$1", "certyo.this_installation()")
+
+
+def test_the_workers_relink_check_answers_as_relink_needed(emulator):
+    """The worker asks, at every pass, whether the table ids' OIDs may be wrong, in a statement
+    of its own (planned once) rather than by calling certyo.relink_needed(): both must answer
+    alike in every state that makes either true, and in those that must not."""
+    cluster = rekey_cluster(emulator, """
+        CREATE TABLE a (id int PRIMARY KEY, v text); SELECT certyo.track('a');
+        CREATE TABLE b (id int PRIMARY KEY, v text); SELECT certyo.track('b');
+        CREATE TABLE c (id int PRIMARY KEY, v text);""")
+    try:
+        pause(cluster)
+        check = workers_relink_check()
+
+        def both():
+            # One statement, one snapshot: the worker may relink between two.
+            return tuple(cluster.sql(f"SELECT certyo.relink_needed(), ({check})").split("|"))
+
+        def both_after(change):
+            """Both answers in the transaction that makes the change, left uncommitted (the
+            worker would relink at once)."""
+            out = cluster.sql(f"BEGIN; {change}; SELECT certyo.relink_needed(), ({check})")
+            return tuple(out.splitlines()[-1].split("|"))
+
+        assert both() == ("f", "f")
+        a_id = cluster.sql("SELECT id FROM certyo.table_identity WHERE table_name = 'a'")
+        # restored from another installation
+        assert both_after("UPDATE certyo.table_identity SET installation = 'elsewhere' WHERE table_name = 'a'") \
+            == ("t", "t")
+        # an id placed at an OID that names no table here, or another table
+        assert both_after("UPDATE certyo.table_identity SET relid = 1 WHERE table_name = 'a'") == ("t", "t")
+        cluster.sql("UPDATE certyo.table_identity SET relid = 'c'::regclass WHERE table_name = 'a'")
+        assert both() == ("f", "f"), "an id placed here at a table that exists stays where it is"
+        assert both_after("UPDATE certyo.table_identity SET relid = 0 WHERE table_name = 'a'") == ("t", "t")
+        cluster.sql("UPDATE certyo.table_identity SET relid = 'a'::regclass WHERE table_name = 'a'")
+        assert both() == ("f", "f")
+        # a trigger carrying no id, or an id the catalog does not know
+        cluster.sql(f"UPDATE certyo.table_identity SET id = 999 WHERE id = {a_id}")
+        assert both() == ("f", "f")
+    finally:
+        stop(cluster)

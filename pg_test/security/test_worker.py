@@ -212,6 +212,69 @@ def test_no_owner_code_runs_in_replica_mode(cluster, attacker, make_role, vector
     assert_ran_only_as(attacker, attacker.name)
 
 
+# Owner code added to a table the worker has written back to already, whose record key and
+# facts it keeps until the catalog changes (src/delivery/keys.rs): (code made first, DDL that
+# puts it on the table, the table's columns).
+OWNER_CODE_LATER = {
+    "always-trigger": OWNER_CODE["always-trigger"][::2],
+    "replica-trigger": OWNER_CODE["replica-trigger"][::2],
+    "table-check": ("", "ALTER TABLE {s}.t ADD CONSTRAINT watch CHECK ({s}.note('check'))"),
+    "forced-policy": OWNER_CODE["forced-policy"][::2],
+    "index-expression": OWNER_CODE["index-expression"][::2],
+    "generated-column": ("CREATE FUNCTION {s}.inote(x text) RETURNS boolean LANGUAGE plpgsql IMMUTABLE AS $$ "
+                         "BEGIN RETURN {s}.note('generated'); END $$;",
+                         "ALTER TABLE {s}.t ADD COLUMN w boolean GENERATED ALWAYS AS ({s}.inote(v)) STORED"),
+}
+
+
+@pytest.mark.parametrize("vector", list(OWNER_CODE_LATER))
+def test_owner_code_added_after_a_write_back_never_runs_in_replica_mode(cluster, attacker, make_role, vector):
+    """Attack on the worker's kept record keys: the table is written back to in replica mode
+    (no owner code), so the worker keeps that finding; then its owner adds code that an UPDATE
+    runs (a trigger, a check, a policy, an index expression, a generated column, a domain) and
+    writes again. The next write-back must see it: the finding is forgotten when the catalog
+    changes, and the code runs in origin mode as its owner, never in replica mode."""
+    s = attacker.schema
+    attacker.sql(replica_observer(s) + f"CREATE SEQUENCE {s}.replica_seen MINVALUE 0 START 0;")
+    table = make_table(attacker)
+    attacker.sql(f"INSERT INTO {table} (id, v) SELECT g, 'x' FROM generate_series(1, 3) g")
+    wait_anchored(cluster, table, 3)
+    before, after = (part.format(s=s) for part in OWNER_CODE_LATER[vector])
+    attacker.sql(before + after)
+    attacker.sql(f"INSERT INTO {table} (id, v) SELECT g, 'x' FROM generate_series(4, 6) g")
+    wait_anchored(cluster, table, 6)
+    seen = cluster.sql(f"SELECT coalesce(string_agg(DISTINCT srr, ','), '') FROM {s}.seen")
+    assert "replica" not in seen, f"owner code ran in replica mode: {seen}"
+    assert cluster.sql(f"SELECT last_value FROM {s}.replica_seen") == "0", "an index expression saw replica mode"
+    assert_unprivileged(attacker)
+    assert_ran_only_as(attacker, attacker.name)
+
+
+def test_owner_code_added_to_a_partition_after_a_write_back_never_runs_in_replica_mode(cluster, attacker):
+    """The same on a tracked partitioned table: the trigger goes on one partition, whose own
+    relcache is invalidated, not the tracked parent's."""
+    s = attacker.schema
+    attacker.sql(replica_observer(s) + f"""
+        CREATE TABLE {s}.p (id int PRIMARY KEY, v text) PARTITION BY RANGE (id);
+        CREATE TABLE {s}.p1 PARTITION OF {s}.p FOR VALUES FROM (0) TO (100);
+        SELECT certyo.track('{s}.p');
+        INSERT INTO {s}.p (id, v) SELECT g, 'x' FROM generate_series(1, 3) g;
+    """)
+    wait_anchored(cluster, f"{s}.p", 3)
+    attacker.sql(f"""
+        CREATE FUNCTION {s}.trg() RETURNS trigger LANGUAGE plpgsql AS $$
+        BEGIN PERFORM {s}.note('trigger'); RETURN NEW; END $$;
+        CREATE TRIGGER watch BEFORE UPDATE ON {s}.p1 FOR EACH ROW EXECUTE FUNCTION {s}.trg();
+        ALTER TABLE {s}.p1 ENABLE ALWAYS TRIGGER watch;
+        INSERT INTO {s}.p (id, v) SELECT g, 'x' FROM generate_series(4, 6) g;
+    """)
+    wait_anchored(cluster, f"{s}.p", 6)
+    seen = cluster.sql(f"SELECT coalesce(string_agg(DISTINCT srr, ','), '') FROM {s}.seen")
+    assert "trigger:origin" in seen and "replica" not in seen, f"the partition's trigger: {seen}"
+    assert_unprivileged(attacker)
+    assert_ran_only_as(attacker, attacker.name)
+
+
 def test_a_cast_made_or_dropped_later_never_runs_in_replica_mode(cluster, attacker, make_role):
     """Attack (a review of 2026-12-06): the write-back keeps its plan, and reads record id parts
     back with `::type`. An enum key with no cast of the owner's: replica mode, planned with

@@ -14,6 +14,7 @@
 //! - `sending`: the batch on the wire, its HTTP on a helper thread;
 //! - `anchor`: verification of accepted receipts;
 //! - `vacuum`: the worker vacuums the queue it empties;
+//! - `keys`: each table's record key and write-back facts, kept until the catalog changes;
 //! - `write_back`: hashes and anchor status written back to the source rows, each owner's
 //!   code within its share of a pass;
 //! - `write_back_anchored`: the one write-back of a table tracked with `write_back =>
@@ -24,10 +25,11 @@
 mod anchor;
 mod backlog;
 mod entry;
+mod keys;
 mod launcher;
 mod owners;
 mod planner;
-mod prepared;
+pub(crate) mod prepared;
 mod record;
 mod sending;
 mod slow_lane;

@@ -76,10 +76,14 @@ pub fn control() -> SpiResult<Option<Control>> {
                 && (restoring
                     || was_restoring
                     || crate::track::identity::relink_wanted()
-                    || prepared::select(client, "SELECT certyo.relink_needed()", &[])?
-                        .first()
-                        .get_one::<bool>()?
-                        .unwrap_or(false));
+                    || prepared::select(
+                        client,
+                        crate::track::identity::RELINK_NEEDED,
+                        &[crate::track::identity::this_installation(client)?.into()],
+                    )?
+                    .first()
+                    .get_one::<bool>()?
+                    .unwrap_or(false));
             if needed {
                 client.update("SELECT certyo.relink_restored(true)", None, &[])?;
             }

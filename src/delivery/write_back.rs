@@ -765,9 +765,8 @@ fn mark_table(
     if rows.is_empty() {
         return Ok(Marked::Done);
     }
-    // Kept (planned once): a pass looks up the key of every table it writes back to.
-    let found = super::prepared::select(client, crate::track::key::LOOKUP, &[relid.into()])?;
-    let Some(key) = RecordKey::from_found(found)? else {
+    // Kept until the catalog changes: a pass writes back to every table it delivered for.
+    let Some(key) = super::keys::of(client, relid)? else {
         return Ok(Marked::Done); // dropped or untracked meanwhile: nothing to write back to
     };
     if key.write_back == WriteBack::None {

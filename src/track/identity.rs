@@ -42,6 +42,52 @@ pub fn relink_wanted() -> bool {
     RELINK_WANTED.replace(false)
 }
 
+thread_local! {
+    /// `certyo.this_installation()` as last read, with the extension's OID it was read under.
+    static INSTALLATION: std::cell::RefCell<Option<(Oid, String)>> = const { std::cell::RefCell::new(None) };
+}
+
+/// `certyo.this_installation()` (`sql/delivery.sql`), read once per extension (its OID, the
+/// only part that can change in a process's life: dropped and created again): that SQL
+/// function reads the control file and is planned anew at every call (its `SET` keeps it from
+/// being inlined), which the worker paid several times a pass; its kept statements take this
+/// as a parameter instead.
+pub fn this_installation(
+    client: &pgrx::spi::SpiClient<'_>,
+) -> std::result::Result<String, pgrx::spi::Error> {
+    // SAFETY: a catalog lookup by name, in a transaction (the caller's SPI connection).
+    let extension = unsafe { pg_sys::get_extension_oid(c"certyo_cdc".as_ptr(), true) };
+    if let Some(kept) = INSTALLATION.with(|kept| {
+        kept.borrow()
+            .as_ref()
+            .filter(|(oid, _)| *oid == extension)
+            .map(|(_, text)| text.clone())
+    }) {
+        return Ok(kept);
+    }
+    let text = client
+        .select("SELECT certyo.this_installation()", None, &[])?
+        .first()
+        .get_one::<String>()?
+        .unwrap_or_default();
+    INSTALLATION.with(|kept| *kept.borrow_mut() = Some((extension, text.clone())));
+    Ok(text)
+}
+
+/// `certyo.relink_needed()` (`sql/delivery.sql`) as the worker asks it at every pass: the same
+/// conditions in one kept statement (planned once; the SQL function, which is not inlined,
+/// was planned anew at each call with the two it calls), `$1` being [`this_installation`].
+/// `pg_test/test_identity.py` runs both in the states that make either true.
+pub const RELINK_NEEDED: &str = "
+    SELECT EXISTS (SELECT FROM certyo.table_identity i WHERE i.installation <> $1)
+        OR EXISTS (SELECT FROM pg_catalog.pg_trigger t
+                     JOIN certyo.table_identity i
+                       ON i.id = coalesce((certyo.capture_option(t.tgargs, 'table_id'))[1]::integer, 0)
+                    WHERE t.tgname = 'certyo_capture' AND t.tgparentid = 0 AND i.id <> 0
+                      AND i.relid IS DISTINCT FROM t.tgrelid
+                      AND NOT (i.installation = $1
+                               AND EXISTS (SELECT FROM pg_catalog.pg_class c WHERE c.oid = i.relid)))";
+
 /// Whether capture may queue the changes of table `relid` under table id `table_id`. A capture
 /// trigger is made by `certyo.track()` alone, but anyone who may create a trigger can make one
 /// that calls `certyo.capture()` with another table's id (the ids are in `pg_trigger`, which
@@ -212,12 +258,14 @@ pub fn belonging(
     if !schema_has_ids() {
         return Ok(ids.iter().copied().collect());
     }
-    let sorted = client.update(
+    // Kept (planned once): every write-back asks.
+    let sorted = crate::delivery::prepared::update(
+        client,
         "WITH current AS (
              SELECT coalesce((SELECT (certyo.capture_option(t.tgargs, 'table_id'))[1]::integer
                                 FROM pg_trigger t
                                WHERE t.tgrelid = $2 AND t.tgname = 'certyo_capture' AND t.tgparentid = 0), 0) AS id,
-                    certyo.this_installation() AS here),
+                    $3 AS here),
          versions AS (
              -- Its own: the table's trigger carries the version's id; or the table has no
              -- trigger (untracked meanwhile: nothing is written back) and the catalog, as
@@ -246,8 +294,7 @@ pub fn belonging(
              RETURNING r.id)
          SELECT v.id, v.own, (SELECT count(*) FROM dropped), (SELECT count(*) FROM elsewhere)
            FROM versions v",
-        None,
-        &[ids.to_vec().into(), relid.into()],
+        &[ids.to_vec().into(), relid.into(), this_installation(client)?.into()],
     )?;
     let mut own = std::collections::HashSet::with_capacity(ids.len());
     let (mut dropped, mut elsewhere) = (0, 0);
