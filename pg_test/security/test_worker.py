@@ -176,6 +176,21 @@ OWNER_CODE = {
         "ALTER TABLE {s}.t ENABLE ROW LEVEL SECURITY; ALTER TABLE {s}.t FORCE ROW LEVEL SECURITY; "
         "CREATE POLICY p ON {s}.t USING ({s}.note('policy'));",
     ),
+    "json-cast-in-check": (
+        # to_json() is PostgreSQL's, but looks up the owner's cast to json of an enum when it runs
+        "CREATE TYPE {s}.e AS ENUM ('a', 'b'); "
+        "CREATE FUNCTION {s}.e_json(x {s}.e) RETURNS json LANGUAGE plpgsql AS $$ "
+        "BEGIN PERFORM {s}.note('cast'); RETURN pg_catalog.to_json(x::text); END $$; "
+        "CREATE CAST ({s}.e AS json) WITH FUNCTION {s}.e_json({s}.e);",
+        "id int PRIMARY KEY, v text, e {s}.e DEFAULT 'a', CHECK (pg_catalog.to_json(e) IS NOT NULL)",
+        "",
+    ),
+    "sql-text-in-check": (
+        "",
+        "id int PRIMARY KEY, v text, "
+        "CHECK (pg_catalog.query_to_xml('SELECT {s}.note(''xml'')', true, true, '') IS NOT NULL)",
+        "",
+    ),
     "index-expression": (
         "CREATE FUNCTION {s}.idx(x text) RETURNS text LANGUAGE plpgsql IMMUTABLE AS $$ "
         "BEGIN IF pg_catalog.current_setting('session_replication_role') = 'replica' THEN "
@@ -231,20 +246,25 @@ OWNER_CODE_LATER = {
 def test_owner_code_added_after_a_write_back_never_runs_in_replica_mode(cluster, attacker, make_role, vector):
     """Attack on the worker's kept record keys: the table is written back to in replica mode
     (no owner code), so the worker keeps that finding; then its owner adds code that an UPDATE
-    runs (a trigger, a check, a policy, an index expression, a generated column, a domain) and
-    writes again. The next write-back must see it: the finding is forgotten when the catalog
+    runs (a trigger, a check, a policy, an index expression, a generated column) and writes
+    again. Functions are made before the first write-back, so that only the DDL on the table
+    (a relcache invalidation) tells the worker. The next write-back must see it: the finding is forgotten when the catalog
     changes, and the code runs in origin mode as its owner, never in replica mode."""
     s = attacker.schema
     attacker.sql(replica_observer(s) + f"CREATE SEQUENCE {s}.replica_seen MINVALUE 0 START 0;")
     table = make_table(attacker)
+    before, after = (part.format(s=s) for part in OWNER_CODE_LATER[vector])
+    if before:
+        attacker.sql(before)
     attacker.sql(f"INSERT INTO {table} (id, v) SELECT g, 'x' FROM generate_series(1, 3) g")
     wait_anchored(cluster, table, 3)
-    before, after = (part.format(s=s) for part in OWNER_CODE_LATER[vector])
-    attacker.sql(before + after)
+    attacker.sql(after)
     attacker.sql(f"INSERT INTO {table} (id, v) SELECT g, 'x' FROM generate_series(4, 6) g")
     wait_anchored(cluster, table, 6)
     seen = cluster.sql(f"SELECT coalesce(string_agg(DISTINCT srr, ','), '') FROM {s}.seen")
     assert "replica" not in seen, f"owner code ran in replica mode: {seen}"
+    if vector == "always-trigger":  # fires on UPDATE only: the write-back's
+        assert "trigger:origin" in seen, f"the trigger did not run in the write-back: {seen}"
     assert cluster.sql(f"SELECT last_value FROM {s}.replica_seen") == "0", "an index expression saw replica mode"
     assert_unprivileged(attacker)
     assert_ran_only_as(attacker, attacker.name)
@@ -255,6 +275,8 @@ def test_owner_code_added_to_a_partition_after_a_write_back_never_runs_in_replic
     relcache is invalidated, not the tracked parent's."""
     s = attacker.schema
     attacker.sql(replica_observer(s) + f"""
+        CREATE FUNCTION {s}.trg() RETURNS trigger LANGUAGE plpgsql AS $$
+        BEGIN PERFORM {s}.note('trigger'); RETURN NEW; END $$;
         CREATE TABLE {s}.p (id int PRIMARY KEY, v text) PARTITION BY RANGE (id);
         CREATE TABLE {s}.p1 PARTITION OF {s}.p FOR VALUES FROM (0) TO (100);
         SELECT certyo.track('{s}.p');
@@ -262,8 +284,6 @@ def test_owner_code_added_to_a_partition_after_a_write_back_never_runs_in_replic
     """)
     wait_anchored(cluster, f"{s}.p", 3)
     attacker.sql(f"""
-        CREATE FUNCTION {s}.trg() RETURNS trigger LANGUAGE plpgsql AS $$
-        BEGIN PERFORM {s}.note('trigger'); RETURN NEW; END $$;
         CREATE TRIGGER watch BEFORE UPDATE ON {s}.p1 FOR EACH ROW EXECUTE FUNCTION {s}.trg();
         ALTER TABLE {s}.p1 ENABLE ALWAYS TRIGGER watch;
         INSERT INTO {s}.p (id, v) SELECT g, 'x' FROM generate_series(4, 6) g;

@@ -16,8 +16,17 @@
 //! Invalidations are taken in when a transaction starts and when it takes a lock it did not
 //! hold. The write-back locks its table before it asks ([`super::write_back`]): DDL on the
 //! table holds a conflicting lock until it commits, and sends its invalidations at commit, so
-//! by then they are in, and a key kept here is what the catalog says for the rest of the
-//! transaction. A key read while an invalidation arrived is not kept (the read may predate it).
+//! by then they are in. (DDL that takes no lock that conflicts with the write-back's, such as a
+//! schema renamed or `ATTACH PARTITION`, may still commit between the question and the
+//! UPDATE, as it could before keys were kept: the next transaction sees it.) A key read while
+//! an invalidation arrived is not kept (the read may predate it), nor one read under a
+//! snapshot older than the lock: SPI reuses the transaction's snapshot for a read-only
+//! statement until the transaction has an id, so a key is kept only once it has one (the
+//! write-back's lock assigns it).
+//!
+//! Any relcache invalidation forgets every key, so a database that creates temporary tables or
+//! is vacuumed and analyzed often reads keys more often than the benchmark shows; never less
+//! correctly.
 
 use crate::track::key::{RecordKey, LOOKUP};
 use pgrx::pg_sys::{self, Oid};
@@ -26,8 +35,8 @@ use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
 use std::rc::Rc;
 
-/// Most tables kept (a key is a few hundred bytes; a database tracking more tables reads the
-/// others again when their turn comes).
+/// Most tables kept (a key is a few hundred bytes); past it every key is forgotten and read
+/// again when its table's turn comes.
 const MAX_KEPT: usize = 1024;
 
 thread_local! {
@@ -49,7 +58,9 @@ pub fn of(client: &SpiClient<'_>, relid: Oid) -> Result<Option<Rc<RecordKey>>, p
     let generation = GENERATION.get();
     let found = super::prepared::select(client, LOOKUP, &[relid.into()])?;
     let key = RecordKey::from_found(found)?.map(Rc::new);
-    if GENERATION.get() == generation {
+    // SAFETY: reads this backend's transaction state.
+    let has_xid = unsafe { pg_sys::GetCurrentTransactionIdIfAny() } != pg_sys::InvalidTransactionId;
+    if GENERATION.get() == generation && has_xid {
         KEPT.with(|kept| {
             let mut kept = kept.borrow_mut();
             if kept.len() >= MAX_KEPT {

@@ -49,7 +49,7 @@ thread_local! {
 
 /// `certyo.this_installation()` (`sql/delivery.sql`), read once per extension (its OID, the
 /// only part that can change in a process's life: dropped and created again): that SQL
-/// function reads the control file and is planned anew at every call (its `SET` keeps it from
+/// function reads `pg_control` and is planned anew at every call (its `SET` keeps it from
 /// being inlined), which the worker paid several times a pass; its kept statements take this
 /// as a parameter instead.
 pub fn this_installation(
@@ -65,11 +65,13 @@ pub fn this_installation(
     }) {
         return Ok(kept);
     }
-    let text = client
+    let Some(text) = client
         .select("SELECT certyo.this_installation()", None, &[])?
         .first()
         .get_one::<String>()?
-        .unwrap_or_default();
+    else {
+        return Ok(String::new()); // no extension: nothing kept, asked again next time
+    };
     INSTALLATION.with(|kept| *kept.borrow_mut() = Some((extension, text.clone())));
     Ok(text)
 }
