@@ -185,6 +185,13 @@ OWNER_CODE = {
         "id int PRIMARY KEY, v text, e {s}.e DEFAULT 'a', CHECK (pg_catalog.to_json(e) IS NOT NULL)",
         "",
     ),
+    "composite-from-text-in-check": (
+        # reading a composite from text runs the checks of the domains it holds
+        "CREATE DOMAIN {s}.d AS text CHECK ({s}.note('domain')); "
+        "CREATE TYPE {s}.c AS (x {s}.d);",
+        "id int PRIMARY KEY, v text DEFAULT '(a)', CHECK ((v::{s}.c) IS NOT NULL)",
+        "",
+    ),
     "sql-text-in-check": (
         "",
         "id int PRIMARY KEY, v text, "

@@ -16,7 +16,9 @@ use std::ffi::{CStr, CString};
 /// `track()` installs it), a forced row-level security policy, or a function, operator,
 /// operator class or access method that is not a system object (OID past
 /// `FirstNormalObjectId`, so extensions' too) used by the table's (or a partition's)
-/// constraints, indexes, generated columns, policies or partition key; a domain, range or
+/// constraints, indexes, generated columns, policies or partition key; any type not shipped
+/// that those expressions use (a composite or an array read from text runs its domains'
+/// checks, an enum constant too is counted: the safe side); a column of a domain, range or
 /// multirange type not shipped (their checks and support functions run), any type not shipped
 /// given to a bookkeeping column; a record id column of a type not shipped (the write-back
 /// reads record id parts into it with its input function, a domain's checks included); or, in
@@ -32,19 +34,20 @@ macro_rules! user_code {
     () => {
         "EXISTS (
             WITH tree AS (SELECT c.oid AS relid UNION SELECT p.relid FROM pg_partition_tree(c.oid) p),
-            objects (classid, objid) AS (
-                SELECT 'pg_class'::regclass, tree.relid FROM tree
-                UNION ALL SELECT 'pg_class'::regclass, i.indexrelid FROM pg_index i JOIN tree ON i.indrelid = tree.relid
-                UNION ALL SELECT 'pg_constraint'::regclass, k.oid FROM pg_constraint k JOIN tree ON k.conrelid = tree.relid
-                UNION ALL SELECT 'pg_attrdef'::regclass, d.oid FROM pg_attrdef d JOIN tree ON d.adrelid = tree.relid
+            objects (classid, objid, expression) AS (
+                SELECT 'pg_class'::regclass, tree.relid, false FROM tree
+                UNION ALL SELECT 'pg_class'::regclass, i.indexrelid, true FROM pg_index i JOIN tree ON i.indrelid = tree.relid
+                UNION ALL SELECT 'pg_constraint'::regclass, k.oid, true FROM pg_constraint k JOIN tree ON k.conrelid = tree.relid
+                UNION ALL SELECT 'pg_attrdef'::regclass, d.oid, true FROM pg_attrdef d JOIN tree ON d.adrelid = tree.relid
                      JOIN pg_attribute a ON a.attrelid = d.adrelid AND a.attnum = d.adnum AND a.attgenerated <> ''
-                UNION ALL SELECT 'pg_policy'::regclass, p.oid FROM pg_policy p JOIN tree ON p.polrelid = tree.relid)
+                UNION ALL SELECT 'pg_policy'::regclass, p.oid, true FROM pg_policy p JOIN tree ON p.polrelid = tree.relid)
             SELECT FROM objects o JOIN pg_depend d ON d.classid = o.classid AND d.objid = o.objid
              WHERE (d.refobjid >= 16384
                     AND (d.refclassid IN ('pg_proc'::regclass, 'pg_operator'::regclass, 'pg_opclass'::regclass,
                                           'pg_opfamily'::regclass, 'pg_am'::regclass)
                          OR (d.refclassid = 'pg_type'::regclass
-                             AND (EXISTS (SELECT FROM pg_type y WHERE y.oid = d.refobjid AND y.typtype IN ('d', 'r', 'm'))
+                             AND (o.expression
+                                  OR EXISTS (SELECT FROM pg_type y WHERE y.oid = d.refobjid AND y.typtype IN ('d', 'r', 'm'))
                                   OR (d.objsubid > 0
                                       AND EXISTS (SELECT FROM pg_attribute b
                                                    WHERE b.attrelid = d.objid AND b.attnum = d.objsubid
