@@ -136,6 +136,11 @@ def replica_observer(s):
     """
 
 
+def seen_modes(cluster, s):
+    """What replica_observer noted: 'tag:session_replication_role' each, comma-separated."""
+    return cluster.sql(f"SELECT coalesce(string_agg(DISTINCT srr, ','), '') FROM {s}.seen")
+
+
 OWNER_CODE = {
     "always-trigger": (
         "CREATE FUNCTION {s}.trg() RETURNS trigger LANGUAGE plpgsql AS $$ "
@@ -268,7 +273,7 @@ def test_owner_code_added_after_a_write_back_never_runs_in_replica_mode(cluster,
     attacker.sql(after)
     attacker.sql(f"INSERT INTO {table} (id, v) SELECT g, 'x' FROM generate_series(4, 6) g")
     wait_anchored(cluster, table, 6)
-    seen = cluster.sql(f"SELECT coalesce(string_agg(DISTINCT srr, ','), '') FROM {s}.seen")
+    seen = seen_modes(cluster, s)
     assert "replica" not in seen, f"owner code ran in replica mode: {seen}"
     if vector == "always-trigger":  # fires on UPDATE only: the write-back's
         assert "trigger:origin" in seen, f"the trigger did not run in the write-back: {seen}"
@@ -296,7 +301,7 @@ def test_owner_code_added_to_a_partition_after_a_write_back_never_runs_in_replic
         INSERT INTO {s}.p (id, v) SELECT g, 'x' FROM generate_series(4, 6) g;
     """)
     wait_anchored(cluster, f"{s}.p", 6)
-    seen = cluster.sql(f"SELECT coalesce(string_agg(DISTINCT srr, ','), '') FROM {s}.seen")
+    seen = seen_modes(cluster, s)
     assert "trigger:origin" in seen and "replica" not in seen, f"the partition's trigger: {seen}"
     assert_unprivileged(attacker)
     assert_ran_only_as(attacker, attacker.name)
@@ -327,7 +332,7 @@ def test_a_cast_made_or_dropped_later_never_runs_in_replica_mode(cluster, attack
     attacker.sql(cast)
     attacker.sql(f"INSERT INTO {table} (id) VALUES ('7'), ('8'), ('9')")
     wait_written_back(cluster, table, 9)
-    seen = cluster.sql(f"SELECT coalesce(string_agg(DISTINCT srr, ','), '') FROM {s}.seen")
+    seen = seen_modes(cluster, s)
     assert "replica" not in seen, f"the owner's cast ran in replica mode: {seen}"
     assert_unprivileged(attacker)
 
