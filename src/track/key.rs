@@ -23,10 +23,12 @@ use std::ffi::{CStr, CString};
 /// given to a bookkeeping column; a record id column of a type not shipped (the write-back
 /// reads record id parts into it with its input function, a domain's checks included); or, in
 /// any of those expressions, a built-in function that runs SQL text (`query_to_xml`, `ts_stat`,
-/// ...) or converts to or from JSON (`to_json`, `row_to_json`, `json_build_object`,
-/// `json_populate_record`, the SQL/JSON constructors, ...): these look up the owner's casts to
-/// `json` of a type not shipped (a column's, the table's own row type) and the checks of its
-/// domains when they run, so they depend on code no catalog row links to them (and PostgreSQL
+/// ...), converts to or from JSON (`to_json`, `row_to_json`, `json_build_object`,
+/// `json_populate_record`, the SQL/JSON constructors, ...) or reads a value of a type it is
+/// given when it runs (any input function, `record_in(..., to_regtype(...)::oid, ...)`,
+/// `pg_input_is_valid`): these look up the owner's casts to `json` of a type not shipped (a
+/// column's, the table's own row type) and run the checks of its domains, so they depend on
+/// code no catalog row links to them (and PostgreSQL
 /// records no dependency on its own functions at all: they are found in the expressions' node
 /// trees). Only a table for which this is false is written back in replica mode (see
 /// `crate::rights::writing_back_as`). A macro so that [`LOOKUP`] can be one constant.
@@ -62,26 +64,28 @@ macro_rules! user_code {
                          UNION ALL SELECT p.polwithcheck FROM pg_policy p JOIN tree ON p.polrelid = tree.relid
                          UNION ALL SELECT x.partexprs FROM pg_partitioned_table x JOIN tree ON x.partrelid = tree.relid) e
              WHERE e.expr::text ~ '[{]JSON(CONSTRUCTOR)?EXPR '
-                OR EXISTS (SELECT FROM pg_proc f
+                OR EXISTS (SELECT FROM regexp_matches(e.expr::text, ':(?:funcid|opfuncid|aggfnoid|winfnoid) (\\d+) ', 'g') m
+                             JOIN pg_proc f ON f.oid = m[1]::oid
                             WHERE f.pronamespace = 'pg_catalog'::regnamespace
-                              AND f.proname IN ('query_to_xml', 'query_to_xmlschema', 'query_to_xml_and_xmlschema',
-                                                'table_to_xml', 'table_to_xmlschema', 'table_to_xml_and_xmlschema',
-                                                'schema_to_xml', 'schema_to_xmlschema', 'schema_to_xml_and_xmlschema',
-                                                'database_to_xml', 'database_to_xmlschema',
-                                                'database_to_xml_and_xmlschema', 'cursor_to_xml',
-                                                'cursor_to_xmlschema', 'ts_stat', 'ts_rewrite',
-                                                'to_json', 'to_jsonb', 'row_to_json', 'array_to_json',
-                                                'json_build_array', 'json_build_object', 'jsonb_build_array',
-                                                'jsonb_build_object', 'json_agg', 'jsonb_agg', 'json_agg_strict',
-                                                'jsonb_agg_strict', 'json_object_agg', 'jsonb_object_agg',
-                                                'json_object_agg_strict', 'jsonb_object_agg_strict',
-                                                'json_object_agg_unique', 'jsonb_object_agg_unique',
-                                                'json_object_agg_unique_strict', 'jsonb_object_agg_unique_strict',
-                                                'json_populate_record', 'jsonb_populate_record',
-                                                'jsonb_populate_record_valid', 'json_populate_recordset',
-                                                'jsonb_populate_recordset', 'json_to_record', 'jsonb_to_record',
-                                                'json_to_recordset', 'jsonb_to_recordset')
-                              AND e.expr::text ~ (':(funcid|opfuncid|aggfnoid|winfnoid) ' || f.oid || ' '))
+                              AND ('cstring'::regtype = ANY (f.proargtypes::oid[])
+                                   OR f.proname IN ('pg_input_is_valid', 'pg_input_error_info',
+                                                    'query_to_xml', 'query_to_xmlschema', 'query_to_xml_and_xmlschema',
+                                                    'table_to_xml', 'table_to_xmlschema', 'table_to_xml_and_xmlschema',
+                                                    'schema_to_xml', 'schema_to_xmlschema', 'schema_to_xml_and_xmlschema',
+                                                    'database_to_xml', 'database_to_xmlschema',
+                                                    'database_to_xml_and_xmlschema', 'cursor_to_xml',
+                                                    'cursor_to_xmlschema', 'ts_stat', 'ts_rewrite',
+                                                    'to_json', 'to_jsonb', 'row_to_json', 'array_to_json',
+                                                    'json_build_array', 'json_build_object', 'jsonb_build_array',
+                                                    'jsonb_build_object', 'json_agg', 'jsonb_agg', 'json_agg_strict',
+                                                    'jsonb_agg_strict', 'json_object_agg', 'jsonb_object_agg',
+                                                    'json_object_agg_strict', 'jsonb_object_agg_strict',
+                                                    'json_object_agg_unique', 'jsonb_object_agg_unique',
+                                                    'json_object_agg_unique_strict', 'jsonb_object_agg_unique_strict',
+                                                    'json_populate_record', 'jsonb_populate_record',
+                                                    'jsonb_populate_record_valid', 'json_populate_recordset',
+                                                    'jsonb_populate_recordset', 'json_to_record', 'jsonb_to_record',
+                                                    'json_to_recordset', 'jsonb_to_recordset')))
             UNION ALL
             SELECT FROM pg_trigger g JOIN tree ON g.tgrelid = tree.relid
              WHERE g.tgenabled IN ('A', 'R')
