@@ -26,12 +26,12 @@ use std::ffi::{CStr, CString};
 /// ...), converts to or from JSON (`to_json`, `row_to_json`, `json_build_object`,
 /// `json_populate_record`, the SQL/JSON constructors, ...) or reads a value of a type it is
 /// given when it runs (any input function, `record_in(..., to_regtype(...)::oid, ...)`,
-/// `pg_input_is_valid`): these look up the owner's casts to `json` of a type not shipped (a
-/// column's, the table's own row type) and run the checks of its domains, so they depend on
-/// code no catalog row links to them (and PostgreSQL
-/// records no dependency on its own functions at all: they are found in the expressions' node
-/// trees). Only a table for which this is false is written back in replica mode (see
-/// `crate::rights::writing_back_as`). A macro so that [`LOOKUP`] can be one constant.
+/// `pg_input_is_valid`). Those look up the owner's casts to `json` of a type not shipped (a
+/// column's, the table's own row type) and run its domains' checks, code that no catalog row
+/// links to them; and PostgreSQL records no dependency on its own functions at all, so they are
+/// found in the expressions' node trees (defaults included, the safe side). Only a table for
+/// which this is false is written back in replica mode (see `crate::rights::writing_back_as`).
+/// A macro so that [`LOOKUP`] can be one constant.
 macro_rules! user_code {
     () => {
         "EXISTS (
