@@ -296,6 +296,58 @@ def test_owner_code_added_after_a_write_back_never_runs_in_replica_mode(cluster,
     assert_ran_only_as(attacker, attacker.name)
 
 
+def test_a_database_default_of_repeatable_read_hides_no_owner_code(cluster, attacker):
+    """Attack (a helper's pass of 2026-12-07): the attacker owns the database and sets REPEATABLE
+    READ for every session, the worker's too. A trigger committed while the worker waits for the
+    table's lock was then not seen by its catalog read after the lock (the transaction's first
+    snapshot), and fired in replica mode; the kept record key kept that finding. The worker's
+    sessions are READ COMMITTED whatever the database says."""
+    s = attacker.schema
+    workers = ("SELECT coalesce(string_agg(pid::text, ','), '') FROM pg_stat_activity"
+               " WHERE backend_type = 'certyo_cdc delivery'")
+
+    def restart_worker():
+        old = cluster.sql(workers)
+        cluster.sql("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE backend_type = 'certyo_cdc delivery'")
+        assert wait_for(lambda: cluster.sql(workers) not in ("", old), 30), "no new delivery worker"
+
+    attacker.sql(replica_observer(s) + f"""
+        CREATE FUNCTION {s}.trg() RETURNS trigger LANGUAGE plpgsql AS $$
+        BEGIN PERFORM {s}.note('trigger'); RETURN NEW; END $$;""")
+    cluster.sql(f"ALTER DATABASE postgres OWNER TO {attacker.name}")
+    try:
+        attacker.sql("ALTER DATABASE postgres SET default_transaction_isolation = 'repeatable read'")
+        restart_worker()
+        table = make_table(attacker)
+        attacker.sql(f"INSERT INTO {table} (id, v) SELECT g, 'x' FROM generate_series(1, 3) g")
+        wait_anchored(cluster, table, 3)
+        attacker.sql(f"INSERT INTO {table} (id, v) SELECT g, 'x' FROM generate_series(4, 6) g")
+        # The trigger commits once the worker waits for the table (or after 15 s).
+        attacker.sql(f"""
+            BEGIN;
+            CREATE TRIGGER watch BEFORE UPDATE ON {table} FOR EACH ROW EXECUTE FUNCTION {s}.trg();
+            ALTER TABLE {table} ENABLE ALWAYS TRIGGER watch;
+            DO $$ DECLARE i int := 0; BEGIN
+              LOOP
+                EXIT WHEN EXISTS (SELECT FROM pg_catalog.pg_locks
+                                   WHERE relation = '{table}'::regclass AND NOT granted);
+                i := i + 1; EXIT WHEN i > 3000;
+                PERFORM pg_catalog.pg_sleep(0.005);
+              END LOOP; END $$;
+            COMMIT;""")
+        wait_anchored(cluster, table, 6)
+        attacker.sql(f"INSERT INTO {table} (id, v) SELECT g, 'x' FROM generate_series(7, 9) g")
+        wait_anchored(cluster, table, 9)
+        seen = seen_modes(cluster, s)
+        assert "replica" not in seen, f"owner code ran in replica mode: {seen}"
+        assert "trigger:origin" in seen, f"the trigger did not run in the write-back: {seen}"
+    finally:
+        cluster.sql("ALTER DATABASE postgres RESET default_transaction_isolation;"
+                    " ALTER DATABASE postgres OWNER TO postgres")
+        restart_worker()
+    assert_unprivileged(attacker)
+
+
 def test_owner_code_added_to_a_partition_after_a_write_back_never_runs_in_replica_mode(cluster, attacker):
     """The same on a tracked partitioned table: the trigger goes on one partition, whose own
     relcache is invalidated, not the tracked parent's."""

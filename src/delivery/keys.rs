@@ -22,7 +22,8 @@
 //! an invalidation arrived is not kept (the read may predate it), nor one read under a
 //! snapshot older than the lock: SPI reuses the transaction's snapshot for a read-only
 //! statement until the transaction has an id, so a key is kept only once it has one (the
-//! write-back's lock assigns it).
+//! write-back's lock assigns it), and the worker's sessions are READ COMMITTED whatever the
+//! database sets (`super::worker::prepare_session`), so that each statement takes a new one.
 //!
 //! Any relcache invalidation forgets every key, so a database that creates temporary tables or
 //! is vacuumed and analyzed often reads keys more often than the benchmark shows; never less

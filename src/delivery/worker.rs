@@ -75,6 +75,14 @@ pub(super) fn prepare_session(database: pg_sys::Oid) -> bool {
         );
         return false;
     }
+    // Every statement sees what committed before it (READ COMMITTED), whatever a database's
+    // owner sets for every session (ALTER DATABASE ... SET default_transaction_isolation):
+    // under REPEATABLE READ the catalog reads after the write-back's lock kept the snapshot of
+    // the transaction's first statement, so a trigger committed meanwhile was not seen as
+    // owner code, and fired in replica mode (an attacker pass of 2026-12-07); and a
+    // read-only default would stop every write of the worker.
+    set_for_session(c"default_transaction_isolation", c"read committed");
+    set_for_session(c"default_transaction_read_only", c"off");
     // The worker's own commits need not wait for the WAL flush: if a crash loses the last of
     // them, what they recorded is redone (a change sent again is answered as a replay, a
     // backfill chunk is queued again from the last key that survived), and WAL order means no
