@@ -207,8 +207,14 @@ UPDATE pg_catalog.pg_extension e
  WHERE e.extname OPERATOR(pg_catalog.=) 'certyo_cdc';
 DROP TABLE certyo.installation;
 
+-- The table id a capture trigger carries; NULL when it carries none or none readable (anyone
+-- who may create a trigger can name one certyo_capture, with any arguments).
+CREATE FUNCTION certyo.capture_table_id(tgargs bytea) RETURNS integer
+    LANGUAGE c IMMUTABLE STRICT PARALLEL SAFE AS 'MODULE_PATHNAME', 'capture_table_id_wrapper';
+
 -- The tracked tables as their capture triggers say: OID, Certyo's collection, the table id
--- the trigger carries (0: none).
+-- the trigger carries (0: none, or arguments over 1 MiB, which track() never writes: a
+-- hand-made trigger's would be read at every pass, slowing every table's delivery).
 CREATE FUNCTION certyo.tracked_oids() RETURNS TABLE (relid oid, collection text, table_id integer)
 LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $$
     -- Certyo's collection, as capture names it (src/capture/plan.rs, collection_name): a part
@@ -216,7 +222,7 @@ LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $$
     SELECT c.oid, (SELECT string_agg(CASE WHEN p ~ '[."]' THEN '"' || replace(p, '"', '""') || '"' ELSE p END, '.'
                                      ORDER BY o)
                      FROM unnest(ARRAY[n.nspname::text, c.relname::text]) WITH ORDINALITY AS x(p, o)),
-           coalesce((certyo.capture_option(t.tgargs, 'table_id'))[1]::integer, 0)
+           coalesce(CASE WHEN octet_length(t.tgargs) <= 1048576 THEN certyo.capture_table_id(t.tgargs) END, 0)
       FROM pg_class c
       JOIN pg_namespace n ON n.oid = c.relnamespace
       JOIN pg_trigger t ON t.tgrelid = c.oid AND t.tgname = 'certyo_capture' AND t.tgparentid = 0
@@ -476,7 +482,7 @@ DECLARE
     identity integer;
 BEGIN
     PERFORM certyo.relink_restored();  -- a restored database's tables are found first (by table id)
-    SELECT (certyo.capture_option(t.tgargs, 'table_id'))[1]::integer INTO identity
+    SELECT certyo.capture_table_id(t.tgargs) INTO identity
       FROM pg_catalog.pg_trigger t
      WHERE t.tgrelid OPERATOR(pg_catalog.=) rel::oid AND t.tgname OPERATOR(pg_catalog.=) 'certyo_capture'
        AND t.tgparentid OPERATOR(pg_catalog.=) 0

@@ -194,7 +194,8 @@ $$;
 REVOKE ALL ON FUNCTION certyo.this_installation() FROM PUBLIC;
 
 -- The tracked tables as their capture triggers say: OID, Certyo's collection, the table id
--- the trigger carries (0: none).
+-- the trigger carries (0: none, or arguments over 1 MiB, which track() never writes: a
+-- hand-made trigger's would be read at every pass, slowing every table's delivery).
 CREATE FUNCTION certyo.tracked_oids() RETURNS TABLE (relid oid, collection text, table_id integer)
 LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $$
     -- Certyo's collection, as capture names it (src/capture/plan.rs, collection_name): a part
@@ -202,7 +203,7 @@ LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $$
     SELECT c.oid, (SELECT string_agg(CASE WHEN p ~ '[."]' THEN '"' || replace(p, '"', '""') || '"' ELSE p END, '.'
                                      ORDER BY o)
                      FROM unnest(ARRAY[n.nspname::text, c.relname::text]) WITH ORDINALITY AS x(p, o)),
-           coalesce((certyo.capture_option(t.tgargs, 'table_id'))[1]::integer, 0)
+           coalesce(CASE WHEN octet_length(t.tgargs) <= 1048576 THEN certyo.capture_table_id(t.tgargs) END, 0)
       FROM pg_class c
       JOIN pg_namespace n ON n.oid = c.relnamespace
       JOIN pg_trigger t ON t.tgrelid = c.oid AND t.tgname = 'certyo_capture' AND t.tgparentid = 0

@@ -209,7 +209,7 @@ DECLARE
     identity integer;
 BEGIN
     PERFORM certyo.relink_restored();  -- a restored database's tables are found first (by table id)
-    SELECT (certyo.capture_option(t.tgargs, 'table_id'))[1]::integer INTO identity
+    SELECT certyo.capture_table_id(t.tgargs) INTO identity
       FROM pg_catalog.pg_trigger t
      WHERE t.tgrelid OPERATOR(pg_catalog.=) rel::oid AND t.tgname OPERATOR(pg_catalog.=) 'certyo_capture'
        AND t.tgparentid OPERATOR(pg_catalog.=) 0

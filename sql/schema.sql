@@ -100,6 +100,11 @@ CREATE FUNCTION certyo.refresh_capture_trigger(rel regclass) RETURNS void
 CREATE FUNCTION certyo.capture_option(tgargs bytea, key text) RETURNS text[]
     LANGUAGE c IMMUTABLE STRICT PARALLEL SAFE AS 'MODULE_PATHNAME', 'capture_option_wrapper';
 
+-- The table id a capture trigger carries; NULL when it carries none or none readable (anyone
+-- who may create a trigger can name one certyo_capture, with any arguments).
+CREATE FUNCTION certyo.capture_table_id(tgargs bytea) RETURNS integer
+    LANGUAGE c IMMUTABLE STRICT PARALLEL SAFE AS 'MODULE_PATHNAME', 'capture_table_id_wrapper';
+
 -- The registry is the capture trigger itself: its arguments hold the options.
 CREATE VIEW certyo.tracked_tables AS
 SELECT t.tgrelid::regclass                                        AS "table",

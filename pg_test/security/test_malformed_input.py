@@ -67,6 +67,8 @@ MALFORMED = {
     "capture-option-garbage": ("SELECT certyo.capture_option('\\xdeadbeef00ff00fe'::bytea, 'record_id')", "any"),
     "capture-option-invalid-utf8": ("SELECT certyo.capture_option('\\x7265636f72645f69643dff3d'::bytea, 'record_id')", "any"),
     "capture-option-huge": ("SELECT certyo.capture_option(decode(repeat('ff00', 262144), 'hex'), repeat('k', 1048576))", "any"),
+    "capture-table-id-garbage": ("SELECT certyo.capture_table_id('\\x7461626c655f69643dff3d00'::bytea)", "any"),
+    "capture-table-id-huge": ("SELECT certyo.capture_table_id(convert_to('table_id=' || repeat('9', 1048576), 'UTF8'))", "any"),
     "capture-called-directly": ("SELECT certyo.capture()", "error"),
     "capture-as-before-trigger": ("CREATE TABLE {s}.u (id int PRIMARY KEY); CREATE TRIGGER x BEFORE INSERT ON {s}.u "
                                   "FOR EACH ROW EXECUTE FUNCTION certyo.capture(); INSERT INTO {s}.u VALUES (1);", "error"),

@@ -112,6 +112,72 @@ def test_a_writer_cannot_hold_the_relink_lock_and_stop_others_delivery(cluster, 
     assert superuser_runs(attacker) == []
 
 
+@pytest.mark.parametrize("claimed", ["abc", "99999999999", "", "1 2", "two"])
+def test_a_hand_made_trigger_with_an_unreadable_id_stops_no_one(cluster, attacker, make_role, claimed):
+    """ATTACK (plain LOGIN role; SUCCEEDS on 7bc500b, so this test fails there): the role
+    commits a hand-made certyo_capture trigger whose table_id is not one integer (text, more
+    than an int holds, empty, or with `two`, two ids). The worker's relink check, and
+    certyo.tracked_oids() under certyo.relink_needed(), relink_restored() and every role's
+    certyo.track(), read the id with `::integer`, which raised 'invalid input syntax' or 'out
+    of range' at every pass: no table of the database was delivered or written back, and no
+    role could track a table, until the trigger was dropped. Expected: the trigger's own table
+    refuses writes, naming the argument, and everyone else goes on."""
+    victim = make_role("victim")
+    s, a = victim.schema, attacker.schema
+    victim.sql(f"CREATE TABLE {s}.orders (id int PRIMARY KEY, v text); SELECT certyo.track('{s}.orders'); "
+               f"INSERT INTO {s}.orders VALUES (1, 'first')")
+    wait_written_back(cluster, f"{s}.orders", 1)
+    attacker.sql(f"CREATE TABLE {a}.model (id int PRIMARY KEY, v text); SELECT certyo.track('{a}.model')")
+    arguments = ("'table_id=abc', " + forged_arguments(attacker, f"{a}.model", 1) if claimed == "two"
+                 else forged_arguments(attacker, f"{a}.model", claimed))
+    attacker.sql(f"CREATE TABLE {a}.odd (id int PRIMARY KEY, v text); "
+                 + hand_made_trigger(attacker, f"{a}.odd", arguments))
+    try:
+        refused = attacker.attempt(f"INSERT INTO {a}.odd VALUES (1, 'x')")
+        assert refused.returncode != 0 and "unreadable argument" in refused.stderr, refused
+        assert cluster.sql("SELECT certyo.relink_needed()") == "f"
+        assert cluster.sql(f"SELECT table_id FROM certyo.tracked_oids() WHERE relid = '{a}.odd'::regclass") == "0"
+        # Delivery and write-back go on, and another role can still track a table.
+        victim.sql(f"INSERT INTO {s}.orders VALUES (2, 'second'); "
+                   f"CREATE TABLE {s}.later (id int PRIMARY KEY, v text); SELECT certyo.track('{s}.later'); "
+                   f"INSERT INTO {s}.later VALUES (1, 'one')")
+        wait_written_back(cluster, f"{s}.orders", 2)
+        wait_written_back(cluster, f"{s}.later", 1)
+        assert cluster.sql(f"SELECT count(*) FROM certyo.record_status('{s}.orders')") == "2"
+    finally:
+        cluster.sql(f"DROP TABLE IF EXISTS {a}.odd")
+    assert superuser_runs(attacker) == []
+
+
+def test_a_hand_made_triggers_huge_arguments_are_not_read_at_every_pass(cluster, attacker, make_role):
+    """ATTACK (plain LOGIN role; on 7bc500b the worker read them): a hand-made certyo_capture
+    trigger whose arguments are 100 MB made the worker's relink check, certyo.tracked_oids()
+    and so every role's track() read them whole, 275 ms a trigger at every pass: ten such
+    tables would slow every table's delivery to a pass every few seconds. track() never writes
+    arguments over 1 MiB (32 key and 1,600 excluded column names fit in about 120 kB), and
+    none over it is read. Here 2 MiB carry a victim's table id: it is not read, so nothing is
+    taken for the victim's, and the victim's changes are written back."""
+    victim = make_role("victim")
+    s, a = victim.schema, attacker.schema
+    victim.sql(f"CREATE TABLE {s}.orders (id int PRIMARY KEY, v text); SELECT certyo.track('{s}.orders')")
+    vid = table_id(victim, f"{s}.orders")
+    attacker.sql(f"CREATE TABLE {a}.model (id int PRIMARY KEY, v text); SELECT certyo.track('{a}.model'); "
+                 f"CREATE TABLE {a}.huge (id int PRIMARY KEY, v text)")
+    arguments = forged_arguments(attacker, f"{a}.model", vid).replace("'", "''")
+    attacker.sql(f"DO $$ BEGIN EXECUTE format('CREATE TRIGGER certyo_capture AFTER INSERT ON {a}.huge "
+                 f"FOR EACH ROW EXECUTE FUNCTION certyo.capture({arguments}, %L)', "
+                 f"'exclude=' || repeat('x', 2097152)); END $$")
+    try:
+        assert int(cluster.sql(f"SELECT octet_length(tgargs) FROM pg_trigger WHERE tgrelid = '{a}.huge'::regclass")) > 2097152
+        assert cluster.sql(f"SELECT table_id FROM certyo.tracked_oids() WHERE relid = '{a}.huge'::regclass") == "0"
+        assert cluster.sql("SELECT certyo.relink_needed()") == "f"
+        victim.sql(f"INSERT INTO {s}.orders VALUES (1, 'first')")
+        wait_written_back(cluster, f"{s}.orders", 1)
+    finally:
+        cluster.sql(f"DROP TABLE IF EXISTS {a}.huge")
+    assert superuser_runs(attacker) == []
+
+
 def test_a_hand_made_trigger_cannot_take_over_an_untracked_tables_identity(cluster, attacker, make_role):
     """ATTACK (plain LOGIN role; SUCCEEDS on 094076b, so this test fails there): a victim
     tracks a table, its row is anchored, and it untracks the table (its identity row stays,

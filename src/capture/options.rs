@@ -143,7 +143,10 @@ impl CaptureOptions {
                 "record_id" => options.record_id_columns.push(value.to_owned()),
                 "exclude" => options.exclude_columns.push(value.to_owned()),
                 "timestamp" => options.timestamp_column = Some(value.to_owned()),
-                "table_id" => options.table_id = Some(value.parse().map_err(|_| malformed(arg))?),
+                // One id, as `table_id` (below) reads it for the worker's SQL.
+                "table_id" if options.table_id.is_none() => {
+                    options.table_id = Some(value.parse().map_err(|_| malformed(arg))?)
+                }
                 "write_back" => {
                     options.write_back = WriteBack::parse(value).ok_or_else(|| malformed(arg))?
                 }
@@ -178,6 +181,18 @@ pub fn option_values(tgargs: &[u8], key: &str) -> Vec<String> {
         .collect()
 }
 
+/// The table id a capture trigger's raw arguments carry: `None` when they carry none, more
+/// than one, or one that is not an `i32` (a hand-made trigger; capture refuses such a
+/// trigger's writes, `CaptureOptions::from_trigger_args`). The worker and `certyo.track()`
+/// read every trigger named `certyo_capture` this way (`certyo.capture_table_id()`), so no
+/// trigger's arguments can make them fail.
+pub fn table_id(tgargs: &[u8]) -> Option<i32> {
+    match option_values(tgargs, "table_id").as_slice() {
+        [one] => one.parse().ok(),
+        _ => None,
+    }
+}
+
 fn malformed(arg: &str) -> CertyoError {
     CertyoError::new(
         PgSqlErrorCode::ERRCODE_INVALID_OBJECT_DEFINITION,
@@ -210,6 +225,24 @@ mod tests {
         let raw = b"record_id_source=primary_key\0record_id=id\0record_id=k2\0exclude=x\0";
         assert_eq!(option_values(raw, "record_id"), vec!["id", "k2"]);
         assert_eq!(option_values(raw, "timestamp"), Vec::<String>::new());
+    }
+
+    #[test]
+    fn the_table_id_is_read_only_when_it_is_one_integer() {
+        assert_eq!(table_id(b"record_id=id\0table_id=7\0"), Some(7));
+        assert_eq!(table_id(b"record_id=id\0"), None);
+        for bad in ["abc", "", "99999999999", "7 ", "0x7", "7\u{0}table_id=8"] {
+            let raw = format!("record_id=id\0table_id={bad}\0");
+            assert_eq!(table_id(raw.as_bytes()), None, "table_id={bad:?}");
+        }
+        // Capture refuses what the worker's SQL does not read, so the two never disagree.
+        assert!(
+            CaptureOptions::from_trigger_args(["record_id=id", "table_id=7", "table_id=8"])
+                .is_err()
+        );
+        assert!(
+            CaptureOptions::from_trigger_args(["record_id=id", "table_id=99999999999"]).is_err()
+        );
     }
 
     #[test]

@@ -79,12 +79,14 @@ pub fn this_installation(
 /// `certyo.relink_needed()` (`sql/delivery.sql`) as the worker asks it at every pass: the same
 /// conditions in one kept statement (planned once; the SQL function, which is not inlined,
 /// was planned anew at each call with the two it calls), `$1` being [`this_installation`].
+/// A trigger's table id is read as `certyo.tracked_oids()` reads it (none from arguments over
+/// 1 MiB).
 /// `pg_test/test_identity.py` runs both in the states that make either true.
 pub const RELINK_NEEDED: &str = "
     SELECT EXISTS (SELECT FROM certyo.table_identity i WHERE i.installation <> $1)
         OR EXISTS (SELECT FROM pg_catalog.pg_trigger t
                      JOIN certyo.table_identity i
-                       ON i.id = coalesce((certyo.capture_option(t.tgargs, 'table_id'))[1]::integer, 0)
+                       ON i.id = coalesce(CASE WHEN octet_length(t.tgargs) <= 1048576 THEN certyo.capture_table_id(t.tgargs) END, 0)
                     WHERE t.tgname = 'certyo_capture' AND t.tgparentid = 0 AND i.id <> 0
                       AND i.relid IS DISTINCT FROM t.tgrelid
                       AND NOT (i.installation = $1
@@ -264,7 +266,7 @@ pub fn belonging(
     let sorted = crate::delivery::prepared::update(
         client,
         "WITH current AS (
-             SELECT coalesce((SELECT (certyo.capture_option(t.tgargs, 'table_id'))[1]::integer
+             SELECT coalesce((SELECT certyo.capture_table_id(t.tgargs)
                                 FROM pg_trigger t
                                WHERE t.tgrelid = $2 AND t.tgname = 'certyo_capture' AND t.tgparentid = 0), 0) AS id,
                     $3 AS here),

@@ -152,6 +152,13 @@ fn capture_option(tgargs: &[u8], key: &str) -> Vec<String> {
     option_values(tgargs, key)
 }
 
+/// `certyo.capture_table_id(tgargs)`: the table id a capture trigger carries, NULL when it
+/// carries none or none readable.
+#[pg_extern(sql = false)]
+fn capture_table_id(tgargs: &[u8]) -> Option<i32> {
+    crate::capture::options::table_id(tgargs)
+}
+
 fn required(rel: Option<Oid>) -> Result<Oid> {
     rel.ok_or_else(|| {
         CertyoError::new(
