@@ -248,11 +248,11 @@ certyo.write_back = 'accepted'
                              input=statement, capture_output=True, text=True)
         return Attempt(out.returncode, out.stdout.strip(), out.stderr.strip())
 
-    def hold_open(self, statements, user="postgres"):
+    def hold_open(self, statements, user="postgres", application_name=None):
         """A session that runs `statements` (say, BEGIN and a lock) and stays open, its
         transaction too, until the returned Held is closed; returned once it waits idle in that
-        transaction."""
-        name = f"held-{next(_held_sessions)}"
+        transaction. Named `application_name` if given (one that no other session has)."""
+        name = application_name or f"held-{next(_held_sessions)}"
         process = subprocess.Popen(["psql", "-h", self.dir, "-p", str(self.port), "-U", user, "-d", "postgres", "-X",
                                     "-q", "-v", "ON_ERROR_STOP=1"], stdin=subprocess.PIPE,
                                    stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,

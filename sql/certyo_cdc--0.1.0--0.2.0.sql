@@ -235,12 +235,19 @@ CREATE FUNCTION certyo.relink_needed() RETURNS boolean
 LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $$
     SELECT EXISTS (SELECT FROM certyo.table_identity i, (SELECT certyo.this_installation() AS here) h
                     WHERE i.installation <> h.here)
-        OR EXISTS (SELECT FROM certyo.tracked_oids() t LEFT JOIN certyo.table_identity i ON i.id = t.table_id
-                    WHERE t.table_id <> 0 AND i.id IS NOT NULL AND i.relid IS DISTINCT FROM t.relid
+        OR EXISTS (SELECT FROM certyo.tracked_oids() t JOIN certyo.table_identity i ON i.id = t.table_id
+                     JOIN pg_class c ON c.oid = t.relid JOIN pg_namespace n ON n.oid = c.relnamespace
+                    WHERE t.table_id <> 0 AND i.superseded_by IS NULL AND i.relid IS DISTINCT FROM t.relid
                       -- not a trigger carrying the id of a table placed here that exists: the
                       -- relink leaves that id where it is (a hand-made trigger, never its table)
                       AND NOT (i.installation = certyo.this_installation()
-                               AND EXISTS (SELECT FROM pg_class c WHERE c.oid = i.relid)))
+                               AND EXISTS (SELECT FROM pg_class c WHERE c.oid = i.relid))
+                    GROUP BY i.id
+                   -- nor an id it found two or more tables carrying, none under its name, and
+                   -- placed at none: it would do the same again (and so at every pass); nor a
+                   -- superseded id, which it places with its successor's table
+                   HAVING i.relid <> 0 OR count(*) = 1
+                          OR bool_or(n.nspname = i.schema_name AND c.relname = i.table_name))
 $$;
 REVOKE ALL ON FUNCTION certyo.relink_needed() FROM PUBLIC;
 
@@ -249,7 +256,7 @@ REVOKE ALL ON FUNCTION certyo.relink_needed() FROM PUBLIC;
 -- a table tracked no more is found by its name. An id whose table cannot be told is said
 -- (WARNING) and gets OID 0: its rows are kept and shown by no table, never written back to a
 -- guess. Returns how many rows were repointed. Unless `always`, only when
--- certyo.relink_needed() or while pg_restore is connected. Called by the worker (always, at a
+-- certyo.relink_needed() or while a superuser's pg_restore is connected. Called by the worker (always, at a
 -- pass where a restore or a write-back asked for it), and by certyo.history() and
 -- certyo.audit(), so both are right even before the worker has run.
 CREATE FUNCTION certyo.relink_restored(always boolean DEFAULT false) RETURNS bigint
@@ -264,7 +271,8 @@ DECLARE
     shapes certyo.capture_shape[];
 BEGIN
     IF NOT always AND NOT certyo.relink_needed() AND NOT EXISTS (
-           SELECT FROM pg_stat_activity a WHERE a.datname = current_database() AND a.application_name = 'pg_restore') THEN
+           SELECT FROM pg_stat_activity a JOIN pg_roles r ON r.oid = a.usesysid  -- a superuser's (see src/delivery/take.rs)
+            WHERE a.datname = current_database() AND a.application_name = 'pg_restore' AND r.rolsuper) THEN
         RETURN 0;
     END IF;
     LOCK TABLE certyo.table_identity IN SHARE ROW EXCLUSIVE MODE;  -- one at a time, and no track() meanwhile

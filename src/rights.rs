@@ -112,6 +112,55 @@ pub fn lock_table(relid: Oid, mode: u32, wait: Duration) {
     unsafe { pg_sys::GetCurrentTransactionId() };
 }
 
+/// Close the tree of table `relid`, which [`lock_table`] locked, to `ATTACH PARTITION` until
+/// the transaction ends, waiting `wait` as [`lock_table`] does: each partitioned table in it
+/// is also locked SHARE UPDATE EXCLUSIVE, the lock that `ATTACH` (and `DETACH ...
+/// CONCURRENTLY`) takes on the parent, which no writer's ROW EXCLUSIVE conflicts with.
+/// Otherwise a table attached after the check of what code an UPDATE of the tree can run
+/// would bring its triggers into the UPDATE unchecked. Partitions attached before the lock
+/// are locked as [`lock_table`] locks the others. Whether the tree has partitions: if so, what
+/// was read of the tree before may be out of date.
+pub fn close_tree(relid: Oid, wait: Duration) -> bool {
+    let partitioned = |oid: Oid| {
+        // SAFETY: a syscache lookup by OID; 0 (no such relation) for one dropped meanwhile.
+        unsafe {
+            pg_sys::get_rel_relkind(oid) == pg_sys::RELKIND_PARTITIONED_TABLE as std::ffi::c_char
+        }
+    };
+    if !partitioned(relid) {
+        return false;
+    }
+    let wait = std::ffi::CString::new(format!("{}ms", wait.as_millis().clamp(1, 1000)))
+        .unwrap_or_else(|_| c"1s".into());
+    // SAFETY: as in lock_table.
+    let level = unsafe { pg_sys::NewGUCNestLevel() };
+    set_at_level(c"lock_timeout", &wait);
+    let mut closed = std::collections::HashSet::new();
+    let mut open = vec![relid];
+    // Parents first, then what the tree holds once they are closed (a partition attached to a
+    // partitioned partition in between is found at the next round); as deep as the tree.
+    while !open.is_empty() {
+        for parent in open {
+            // SAFETY: a relation lock by OID inside a transaction, held to its end; a lock
+            // timeout is an ordinary ERROR through pgrx's guard.
+            unsafe {
+                pg_sys::LockRelationOid(
+                    parent,
+                    pg_sys::ShareUpdateExclusiveLock as pg_sys::LOCKMODE,
+                )
+            };
+            closed.insert(parent);
+        }
+        open = lock_tree(relid, pg_sys::RowExclusiveLock)
+            .into_iter()
+            .filter(|&oid| partitioned(oid) && !closed.contains(&oid))
+            .collect();
+    }
+    // SAFETY: closes the level opened above, restoring lock_timeout.
+    unsafe { pg_sys::AtEOXact_GUC(false, level) };
+    true
+}
+
 /// [`as_role`] for a backfill chunk in the worker: a row lock held by someone else is waited
 /// for a second at most, and its condition runs `timeout` at most, so that no role holds up
 /// the other tables' delivery.

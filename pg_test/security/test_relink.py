@@ -178,6 +178,57 @@ def test_a_hand_made_triggers_huge_arguments_are_not_read_at_every_pass(cluster,
     assert superuser_runs(attacker) == []
 
 
+@pytest.mark.parametrize("how", ["named-pg_restore", "dropped-id-on-two-triggers", "during-a-superusers-restore"])
+def test_an_open_track_stops_no_delivery(cluster, attacker, make_role, how):
+    """ATTACK (plain LOGIN role; an attacker helper of 2026-12-07; SUCCEEDS on 8a98994): the
+    worker's relink (certyo.relink_restored(true)) locks certyo.table_identity SHARE ROW
+    EXCLUSIVE, and a session that calls certyo.track() holds that table until it commits. The
+    worker relinks at every pass while a session is named pg_restore (anyone may name theirs
+    so), or while certyo.relink_needed() is true: with `dropped-id-on-two-triggers`, the role
+    tracks a table, drops it and puts its id on hand-made triggers of two other tables (the
+    relink found two candidates, none of the name kept, placed the id at none, said so in a
+    WARNING, and was needed again at the next pass, forever). Then the role leaves
+    `BEGIN; SELECT certyo.track(...)` open: the worker waited for it, and nothing in the
+    database was delivered or written back. Expected: the relink that cannot have the table at
+    once is left to a later pass, relink_needed() settles, and the victim is written back. With
+    `during-a-superusers-restore` the worker does relink at every pass (a superuser's session
+    is named pg_restore), and must still not wait for the open track()."""
+    victim = make_role("victim")
+    s, a = victim.schema, attacker.schema
+    victim.sql(f"CREATE TABLE {s}.orders (id int PRIMARY KEY, v text); SELECT certyo.track('{s}.orders'); "
+               f"INSERT INTO {s}.orders VALUES (1, 'first')")
+    wait_written_back(cluster, f"{s}.orders", 1)
+    name, restore = None, None
+    if how == "named-pg_restore":
+        name = "pg_restore"
+    elif how == "during-a-superusers-restore":
+        restore = cluster.hold_open("BEGIN;", application_name="pg_restore")
+    else:
+        attacker.sql(f"CREATE TABLE {a}.gone (id int PRIMARY KEY, v text); SELECT certyo.track('{a}.gone')")
+        arguments = forged_arguments(attacker, f"{a}.gone", table_id(attacker, f"{a}.gone"))
+        attacker.sql(f"DROP TABLE {a}.gone")
+        for t in ("c1", "c2"):
+            attacker.sql(f"CREATE TABLE {a}.{t} (id int PRIMARY KEY, v text); "
+                         + hand_made_trigger(attacker, f"{a}.{t}", arguments))
+        assert wait_for(lambda: cluster.sql("SELECT certyo.relink_needed()") == "f", 30), \
+            "relink_needed() stays true: the worker relinks at every pass"
+    attacker.sql(f"CREATE TABLE {a}.t (id int PRIMARY KEY, v text)")
+    held = cluster.hold_open(f"BEGIN; SELECT certyo.track('{a}.t');", user=attacker.name, application_name=name)
+    try:
+        victim.sql(f"INSERT INTO {s}.orders VALUES (2, 'second')")
+        wait_written_back(cluster, f"{s}.orders", 2, timeout=60)
+        if not restore:  # during a restore, others' track() relinks, and waits for it
+            other = make_role("other")
+            tracked = other.attempt(f"SET lock_timeout = '5s'; CREATE TABLE {other.schema}.x (id int PRIMARY KEY); "
+                                    f"SELECT certyo.track('{other.schema}.x')")
+            assert tracked.returncode == 0, tracked
+    finally:
+        held.close()
+        if restore:
+            restore.close()
+    assert superuser_runs(attacker) == []
+
+
 def test_a_hand_made_trigger_cannot_take_over_an_untracked_tables_identity(cluster, attacker, make_role):
     """ATTACK (plain LOGIN role; SUCCEEDS on 094076b, so this test fails there): a victim
     tracks a table, its row is anchored, and it untracks the table (its identity row stays,

@@ -373,6 +373,56 @@ def test_owner_code_added_to_a_partition_after_a_write_back_never_runs_in_replic
     assert_ran_only_as(attacker, attacker.name)
 
 
+def test_no_partition_is_attached_while_a_replica_mode_write_back_holds_the_tree(cluster, attacker):
+    """Attack on the replica-mode write-back of a partitioned table (reported by an attacker
+    helper of 2026-12-07): the worker locks the tree ROW EXCLUSIVE, checks what code an UPDATE
+    of it can run, then updates it in replica mode. `ATTACH PARTITION` takes only SHARE UPDATE
+    EXCLUSIVE on the parent, which does not conflict: a table attached between the check and
+    the UPDATE would bring its triggers into the UPDATE unchecked, to fire in replica mode.
+    Here the write-back waits for a row lock the owner holds, after its check: caught in that
+    state (one reading of pg_locks), it must hold the parent SHARE UPDATE EXCLUSIVE too, so
+    that an ATTACH waits for it and is seen by the next check. FAILS on 7bc500b (ROW EXCLUSIVE
+    alone); then an ATTACH made in that state must wait."""
+    s = attacker.schema
+    attacker.sql(f"""
+        CREATE TABLE {s}.p (id int PRIMARY KEY, v text) PARTITION BY RANGE (id);
+        CREATE TABLE {s}.p1 PARTITION OF {s}.p FOR VALUES FROM (0) TO (100);
+        SELECT certyo.track('{s}.p');
+        INSERT INTO {s}.p VALUES (1, 'x');
+        CREATE TABLE {s}.b (id int PRIMARY KEY, v text);""")
+    wait_anchored(cluster, f"{s}.p", 1)
+    # The worker's backends that wait for a lock while holding the parent ROW EXCLUSIVE (the
+    # write-back's), and whether each holds it SHARE UPDATE EXCLUSIVE as well.
+    caught = f"""
+        WITH l AS MATERIALIZED (SELECT * FROM pg_catalog.pg_locks),
+             w AS (SELECT DISTINCT l.pid FROM l WHERE NOT l.granted
+                      AND EXISTS (SELECT FROM l h WHERE h.pid = l.pid AND h.granted AND h.mode = 'RowExclusiveLock'
+                                     AND h.relation = '{s}.p'::regclass))
+        SELECT coalesce(string_agg(w.pid || ':' || EXISTS (SELECT FROM l WHERE l.pid = w.pid AND l.granted
+                                   AND l.mode = 'ShareUpdateExclusiveLock' AND l.relation = '{s}.p'::regclass), ','), '')
+          FROM w JOIN pg_catalog.pg_stat_activity a ON a.pid = w.pid AND a.backend_type LIKE 'certyo_cdc%'"""
+    cluster.sql("SELECT certyo.pause()")
+    attacker.sql(f"INSERT INTO {s}.p VALUES (2, 'x')")
+    held = cluster.hold_open(f"BEGIN; SELECT FROM {s}.p WHERE id = 2 FOR UPDATE;", user=attacker.name)
+    try:
+        cluster.sql("SELECT certyo.resume()")
+        seen = []
+        assert wait_for(lambda: seen.append(cluster.sql(caught)) or seen[-1] != "", 60), \
+            "the write-back never waited for the row"
+        assert ":false" not in seen[-1], f"the write-back waits holding the tree open to ATTACH: {seen[-1]}"
+        attach = attacker.attempt(f"SET lock_timeout = '100ms'; "
+                                  f"ALTER TABLE {s}.p ATTACH PARTITION {s}.b FOR VALUES FROM (100) TO (200)")
+        if attach.returncode == 0:  # the worker's wait ended in between: it was not caught
+            assert cluster.sql(caught) == "", "an ATTACH went through while the write-back held the tree"
+        else:
+            assert "lock timeout" in attach.stderr, attach
+    finally:
+        held.close()
+        cluster.sql("SELECT certyo.resume()")
+    wait_anchored(cluster, f"{s}.p", 2, timeout=60)
+    assert_unprivileged(attacker)
+
+
 def test_a_cast_made_or_dropped_later_never_runs_in_replica_mode(cluster, attacker, make_role):
     """Attack (a review of 2026-12-06): the write-back keeps its plan, and reads record id parts
     back with `::type`. An enum key with no cast of the owner's: replica mode, planned with

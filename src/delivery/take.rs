@@ -59,8 +59,9 @@ pub fn control() -> SpiResult<Option<Control>> {
                 client,
                 "SELECT (SELECT paused FROM certyo.worker_state LIMIT 1),
                         EXISTS (SELECT FROM certyo.backfills WHERE state IN ('queued', 'running')),
-                        EXISTS (SELECT FROM pg_stat_activity a
-                                 WHERE a.datname = current_database() AND a.application_name = 'pg_restore')",
+                        EXISTS (SELECT FROM pg_stat_activity a JOIN pg_roles r ON r.oid = a.usesysid
+                                 WHERE a.datname = current_database() AND a.application_name = 'pg_restore'
+                                   AND r.rolsuper)",
                 &[],
             )?
             .first()
@@ -69,7 +70,10 @@ pub fn control() -> SpiResult<Option<Control>> {
             // may be other tables' now: relink them by table id before any is written back
             // (see certyo.relink_restored() in sql/delivery.sql, and crate::track::identity).
             // Throughout a restore by pg_restore, and once after it (a restore in many
-            // transactions or jobs may load rows after the tables' triggers are back).
+            // transactions or jobs may load rows after the tables' triggers are back). Only a
+            // superuser's: anyone may name a session so, and only a superuser can restore the
+            // extension's tables (a table owner's restore of its own table is found by its
+            // trigger, below).
             let restoring = restoring.unwrap_or(false);
             let was_restoring = RESTORING.replace(restoring);
             let needed = has_ids
@@ -85,7 +89,7 @@ pub fn control() -> SpiResult<Option<Control>> {
                     .get_one::<bool>()?
                     .unwrap_or(false));
             if needed {
-                client.update("SELECT certyo.relink_restored(true)", None, &[])?;
+                crate::track::identity::relink_unless_held(client)?;
             }
             Ok(Some(Control {
                 paused: paused.unwrap_or(false),

@@ -766,9 +766,18 @@ fn mark_table(
         return Ok(Marked::Done);
     }
     // Kept until the catalog changes: a pass writes back to every table it delivered for.
-    let Some(key) = super::keys::of(client, relid)? else {
+    let Some(mut key) = super::keys::of(client, relid)? else {
         return Ok(Marked::Done); // dropped or untracked meanwhile: nothing to write back to
     };
+    // In replica mode no partition may join the tree between this check and the UPDATE (see
+    // `rights::close_tree`): closed, and asked again (a partition attached before the close
+    // has made the key be read anew).
+    if !key.user_code && crate::rights::close_tree(relid, timeout) {
+        let Some(again) = super::keys::of(client, relid)? else {
+            return Ok(Marked::Done);
+        };
+        key = again;
+    }
     if key.write_back == WriteBack::None {
         // Never written to: a column of a bookkeeping name there is the user's own.
         return Ok(Marked::Done);

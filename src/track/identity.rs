@@ -76,6 +76,36 @@ pub fn this_installation(
     Ok(text)
 }
 
+/// How long the worker's relink waits for `certyo.table_identity` (and anything else it
+/// locks) before it is left to the next pass.
+const RELINK_WAIT: &std::ffi::CStr = c"10ms";
+
+/// The worker's relink, `certyo.relink_restored(true)`, unless what it locks is held: a session
+/// that tracked a table holds `certyo.table_identity` until it commits (its new id, or its own
+/// relink), which may be never. The relink is then asked for again at the next pass, and this
+/// pass goes on without it: sending needs no OID, and a write-back writes only the versions the
+/// catalog places at its table ([`belonging`]).
+pub fn relink_unless_held(
+    client: &mut pgrx::spi::SpiClient<'_>,
+) -> std::result::Result<(), pgrx::spi::Error> {
+    let outcome = crate::error::in_subtransaction(std::panic::AssertUnwindSafe(|| {
+        crate::rights::with_settings(&[(c"lock_timeout", RELINK_WAIT)], || {
+            client
+                .update("SELECT certyo.relink_restored(true)", None, &[])
+                .map(|_| ())
+        })
+    }));
+    match outcome {
+        Ok(done) => done,
+        Err((pgrx::PgSqlErrorCode::ERRCODE_LOCK_NOT_AVAILABLE, _)) => {
+            pgrx::debug1!("certyo_cdc: the relink waits for a session holding certyo.table_identity: next pass");
+            RELINK_WANTED.set(true);
+            Ok(())
+        }
+        Err((code, message)) => crate::error::CertyoError::new(code, message).raise(),
+    }
+}
+
 /// `certyo.relink_needed()` (`sql/delivery.sql`) as the worker asks it at every pass: the same
 /// conditions in one kept statement (planned once; the SQL function, which is not inlined,
 /// was planned anew at each call with the two it calls), `$1` being [`this_installation`].
@@ -85,12 +115,17 @@ pub fn this_installation(
 pub const RELINK_NEEDED: &str = "
     SELECT EXISTS (SELECT FROM certyo.table_identity i WHERE i.installation <> $1)
         OR EXISTS (SELECT FROM pg_catalog.pg_trigger t
+                     JOIN pg_catalog.pg_class c ON c.oid = t.tgrelid
+                     JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
                      JOIN certyo.table_identity i
                        ON i.id = coalesce(CASE WHEN octet_length(t.tgargs) <= 1048576 THEN certyo.capture_table_id(t.tgargs) END, 0)
                     WHERE t.tgname = 'certyo_capture' AND t.tgparentid = 0 AND i.id <> 0
-                      AND i.relid IS DISTINCT FROM t.tgrelid
+                      AND i.superseded_by IS NULL AND i.relid IS DISTINCT FROM t.tgrelid
                       AND NOT (i.installation = $1
-                               AND EXISTS (SELECT FROM pg_catalog.pg_class c WHERE c.oid = i.relid)))";
+                               AND EXISTS (SELECT FROM pg_catalog.pg_class c WHERE c.oid = i.relid))
+                    GROUP BY i.id
+                   HAVING i.relid <> 0 OR count(*) = 1
+                          OR bool_or(n.nspname = i.schema_name AND c.relname = i.table_name))";
 
 /// Whether capture may queue the changes of table `relid` under table id `table_id`. A capture
 /// trigger is made by `certyo.track()` alone, but anyone who may create a trigger can make one
