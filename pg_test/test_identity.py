@@ -602,12 +602,15 @@ def test_a_table_untracked_at_the_dump_and_tracked_again_after_the_restore_keeps
 
 def workers_relink_check():
     """The worker's kept statement that asks what certyo.relink_needed() asks
-    (src/track/identity.rs, RELINK_NEEDED), its parameter given as the SQL function gives it."""
+    (src/track/identity.rs, RELINK_NEEDED), its parameters given as the SQL functions give them
+    (the worker reads the triggers' ids as certyo.tracked_oids() does, once per trigger)."""
     from pathlib import Path
     import re
     source = (Path(__file__).resolve().parent.parent / "src/track/identity.rs").read_text()
     statement = re.search(r'pub const RELINK_NEEDED: &str = "(.*?)";', source, re.S).group(1)
-    return statement.replace("$1", "certyo.this_installation()")
+    return (statement.replace("$1", "certyo.this_installation()")
+            .replace("$2", "ARRAY(SELECT relid FROM certyo.tracked_oids() ORDER BY relid)")
+            .replace("$3", "ARRAY(SELECT table_id FROM certyo.tracked_oids() ORDER BY relid)"))
 
 
 def test_the_workers_relink_check_answers_as_relink_needed(emulator):
@@ -644,6 +647,21 @@ def test_the_workers_relink_check_answers_as_relink_needed(emulator):
         assert both_after("UPDATE certyo.table_identity SET relid = 0 WHERE table_name = 'a'") == ("t", "t")
         cluster.sql("UPDATE certyo.table_identity SET relid = 'a'::regclass WHERE table_name = 'a'")
         assert both() == ("f", "f")
+        # an id two tables' triggers carry, none under its name: placed at none, it stays so
+        b_args = cluster.sql("SELECT encode(tgargs, 'escape') FROM pg_trigger WHERE tgrelid = 'b'::regclass"
+                             " AND tgname = 'certyo_capture'").split("\\000")
+        forged = ", ".join(f"'table_id={a_id}'" if p.startswith("table_id=") else f"'{p}'" for p in b_args if p)
+        cluster.sql(f"CREATE TABLE d (id int PRIMARY KEY, v text); CREATE TABLE e (id int PRIMARY KEY, v text);"
+                    f" CREATE TRIGGER certyo_capture AFTER INSERT ON d FOR EACH ROW EXECUTE FUNCTION certyo.capture({forged});"
+                    f" CREATE TRIGGER certyo_capture AFTER INSERT ON e FOR EACH ROW EXECUTE FUNCTION certyo.capture({forged});")
+        # (a, renamed, is a third one)
+        away = ("ALTER TABLE a RENAME TO a_old; UPDATE certyo.table_identity SET relid = {}, table_name = 'a'"
+                f" WHERE id = {a_id}")
+        assert both_after(away.format(0)) == ("f", "f"), "the relink would place it at none again"
+        assert both_after(away.format(0) + f"; UPDATE certyo.table_identity SET table_name = 'd' WHERE id = {a_id}") \
+            == ("t", "t"), "one has the name kept"
+        assert both_after(away.format(1)) == ("t", "t"), "placed at a table gone: the relink says so"
+        cluster.sql("DROP TABLE d, e")
         # a trigger carrying no id, or an id the catalog does not know
         cluster.sql(f"UPDATE certyo.table_identity SET id = 999 WHERE id = {a_id}")
         assert both() == ("f", "f")

@@ -77,17 +77,21 @@ pub fn control() -> SpiResult<Option<Control>> {
             let restoring = restoring.unwrap_or(false);
             let was_restoring = RESTORING.replace(restoring);
             let needed = has_ids
-                && (restoring
-                    || was_restoring
-                    || crate::track::identity::relink_wanted()
-                    || prepared::select(
+                && (restoring || was_restoring || crate::track::identity::relink_wanted() || {
+                    let (relids, ids) = crate::track::identity::carried_ids(client)?;
+                    prepared::select(
                         client,
                         crate::track::identity::RELINK_NEEDED,
-                        &[crate::track::identity::this_installation(client)?.into()],
+                        &[
+                            crate::track::identity::this_installation(client)?.into(),
+                            relids.into(),
+                            ids.into(),
+                        ],
                     )?
-                    .first()
-                    .get_one::<bool>()?
-                    .unwrap_or(false));
+                }
+                .first()
+                .get_one::<bool>()?
+                .unwrap_or(false));
             if needed {
                 crate::track::identity::relink_unless_held(client)?;
             }

@@ -397,9 +397,10 @@ pub mod failing {
                    FROM (SELECT relid, attempts, extract(epoch FROM now() - last_attempt_at)::float8
                            FROM certyo.write_back_failure
                          UNION ALL
-                         SELECT t.relid, 0, 0 FROM certyo.tracked_oids() t
-                          WHERE EXISTS (SELECT FROM certyo.receipt r WHERE r.relid = t.relid AND NOT r.written_back)
-                            AND NOT EXISTS (SELECT FROM certyo.write_back_failure f WHERE f.relid = t.relid))
+                         SELECT t.tgrelid, 0, 0 FROM pg_catalog.pg_trigger t  -- the tracked tables (not their ids: see carried_ids)
+                          WHERE t.tgname = 'certyo_capture' AND t.tgparentid = 0
+                            AND EXISTS (SELECT FROM certyo.receipt r WHERE r.relid = t.tgrelid AND NOT r.written_back)
+                            AND NOT EXISTS (SELECT FROM certyo.write_back_failure f WHERE f.relid = t.tgrelid))
                         AS w (relid, attempts, since_last)
                    LEFT JOIN pg_catalog.pg_class c ON c.oid = w.relid",
                 None,

@@ -108,24 +108,100 @@ pub fn relink_unless_held(
 
 /// `certyo.relink_needed()` (`sql/delivery.sql`) as the worker asks it at every pass: the same
 /// conditions in one kept statement (planned once; the SQL function, which is not inlined,
-/// was planned anew at each call with the two it calls), `$1` being [`this_installation`].
-/// A trigger's table id is read as `certyo.tracked_oids()` reads it (none from arguments over
-/// 1 MiB).
+/// was planned anew at each call with the two it calls), `$1` being [`this_installation`] and
+/// `$2`, `$3` the capture triggers' tables and the ids they carry ([`carried_ids`]).
 /// `pg_test/test_identity.py` runs both in the states that make either true.
 pub const RELINK_NEEDED: &str = "
     SELECT EXISTS (SELECT FROM certyo.table_identity i WHERE i.installation <> $1)
-        OR EXISTS (SELECT FROM pg_catalog.pg_trigger t
+        OR EXISTS (SELECT FROM unnest($2::pg_catalog.oid[], $3::pg_catalog.int4[]) AS t(tgrelid, id)
                      JOIN pg_catalog.pg_class c ON c.oid = t.tgrelid
                      JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
-                     JOIN certyo.table_identity i
-                       ON i.id = coalesce(CASE WHEN octet_length(t.tgargs) <= 1048576 THEN certyo.capture_table_id(t.tgargs) END, 0)
-                    WHERE t.tgname = 'certyo_capture' AND t.tgparentid = 0 AND i.id <> 0
-                      AND i.superseded_by IS NULL AND i.relid IS DISTINCT FROM t.tgrelid
+                     JOIN certyo.table_identity i ON i.id = t.id
+                    WHERE i.id <> 0 AND i.superseded_by IS NULL AND i.relid IS DISTINCT FROM t.tgrelid
                       AND NOT (i.installation = $1
                                AND EXISTS (SELECT FROM pg_catalog.pg_class c WHERE c.oid = i.relid))
                     GROUP BY i.id
                    HAVING i.relid <> 0 OR count(*) = 1
                           OR bool_or(n.nspname = i.schema_name AND c.relname = i.table_name))";
+
+thread_local! {
+    /// The table id each capture trigger carries, by the trigger's OID and row version (its
+    /// `xmin`): its arguments change only with a new row version. Anyone may make any number
+    /// of triggers named `certyo_capture` with up to a megabyte of arguments each: reading
+    /// them all at every pass (400 of them: 285 ms) would slow every table's delivery.
+    static CARRIED: std::cell::RefCell<std::collections::HashMap<(u32, i64), i32>> =
+        std::cell::RefCell::new(std::collections::HashMap::new());
+}
+
+/// Every capture trigger's table (`certyo_capture`, not a partition's clone) and the table id
+/// it carries (0: none), as `certyo.tracked_oids()` reads them; each trigger's arguments read
+/// once per row version ([`CARRIED`]).
+pub fn carried_ids(
+    client: &pgrx::spi::SpiClient<'_>,
+) -> std::result::Result<(Vec<Oid>, Vec<i32>), pgrx::spi::Error> {
+    use crate::delivery::prepared;
+    let mut triggers = Vec::new();
+    for row in prepared::select(
+        client,
+        "SELECT t.oid, t.xmin::text::bigint, t.tgrelid FROM pg_catalog.pg_trigger t
+          WHERE t.tgname = 'certyo_capture' AND t.tgparentid = 0",
+        &[],
+    )? {
+        if let (Some(oid), Some(xmin), Some(relid)) =
+            (row.get::<Oid>(1)?, row.get::<i64>(2)?, row.get::<Oid>(3)?)
+        {
+            triggers.push(((oid.to_u32(), xmin), relid));
+        }
+    }
+    let unknown: Vec<Oid> = CARRIED.with(|carried| {
+        let carried = carried.borrow();
+        triggers
+            .iter()
+            .filter(|(key, _)| !carried.contains_key(key))
+            .map(|((oid, _), _)| Oid::from(*oid))
+            .collect()
+    });
+    // Read now, by OID: a trigger changed since the list above is found under its new version.
+    let mut read = std::collections::HashMap::new();
+    if !unknown.is_empty() {
+        for row in prepared::select(
+            client,
+            "SELECT t.oid, t.xmin::text::bigint,
+                    coalesce(CASE WHEN octet_length(t.tgargs) <= 1048576 THEN certyo.capture_table_id(t.tgargs) END, 0)
+               FROM pg_catalog.pg_trigger t WHERE t.oid = ANY ($1)",
+            &[unknown.into()],
+        )? {
+            if let (Some(oid), Some(xmin), Some(id)) =
+                (row.get::<Oid>(1)?, row.get::<i64>(2)?, row.get::<i32>(3)?)
+            {
+                read.insert(oid.to_u32(), ((oid.to_u32(), xmin), id));
+            }
+        }
+    }
+    Ok(CARRIED.with(|carried| {
+        let mut carried = carried.borrow_mut();
+        carried.extend(read.values().copied());
+        let found: Vec<(Oid, i32)> = triggers
+            .iter()
+            .map(|(key, relid)| {
+                let id = carried
+                    .get(key)
+                    .or_else(|| read.get(&key.0).map(|(_, id)| id))
+                    .copied()
+                    .unwrap_or(0);
+                (*relid, id)
+            })
+            .collect();
+        // Only the triggers there are now, and the versions just read.
+        let keep: std::collections::HashSet<(u32, i64)> = triggers
+            .iter()
+            .map(|(key, _)| *key)
+            .chain(read.values().map(|(key, _)| *key))
+            .collect();
+        carried.retain(|key, _| keep.contains(key));
+        found.into_iter().unzip()
+    }))
+}
 
 /// Whether capture may queue the changes of table `relid` under table id `table_id`. A capture
 /// trigger is made by `certyo.track()` alone, but anyone who may create a trigger can make one
