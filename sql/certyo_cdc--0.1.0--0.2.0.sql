@@ -237,15 +237,15 @@ LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $$
                     WHERE i.installation <> h.here)
         OR EXISTS (SELECT FROM certyo.tracked_oids() t JOIN certyo.table_identity i ON i.id = t.table_id
                      JOIN pg_class c ON c.oid = t.relid JOIN pg_namespace n ON n.oid = c.relnamespace
+                    -- not a superseded id: the relink places it with its successor's table
                     WHERE t.table_id <> 0 AND i.superseded_by IS NULL AND i.relid IS DISTINCT FROM t.relid
                       -- not a trigger carrying the id of a table placed here that exists: the
                       -- relink leaves that id where it is (a hand-made trigger, never its table)
                       AND NOT (i.installation = certyo.this_installation()
-                               AND EXISTS (SELECT FROM pg_class c WHERE c.oid = i.relid))
+                               AND EXISTS (SELECT FROM pg_class p WHERE p.oid = i.relid))
                     GROUP BY i.id
-                   -- nor an id it found two or more tables carrying, none under its name, and
-                   -- placed at none: it would do the same again (and so at every pass); nor a
-                   -- superseded id, which it places with its successor's table
+                   -- nor an id that two or more tables carry, none under its name, placed at
+                   -- none: the relink would do the same again (and so at every pass)
                    HAVING i.relid <> 0 OR count(*) = 1
                           OR bool_or(n.nspname = i.schema_name AND c.relname = i.table_name))
 $$;

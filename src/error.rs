@@ -160,6 +160,42 @@ pub fn in_subtransaction<T>(
     .execute()
 }
 
+/// [`in_subtransaction`] for an ERROR of SQLSTATE `code` alone: that one rolls back what `f`
+/// did and comes back as `None`; any other is raised again as it was (its detail and hint
+/// too), after the rollback.
+pub fn in_subtransaction_unless<T>(
+    code: PgSqlErrorCode,
+    f: impl FnOnce() -> T + std::panic::UnwindSafe,
+) -> Option<T> {
+    // SAFETY: as in in_subtransaction.
+    let (context, owner) = unsafe { (pg_sys::CurrentMemoryContext, pg_sys::CurrentResourceOwner) };
+    // SAFETY: as in in_subtransaction.
+    let restore = move || unsafe {
+        pg_sys::MemoryContextSwitchTo(context);
+        pg_sys::CurrentResourceOwner = owner;
+    };
+    // SAFETY: as in in_subtransaction; ended by one of the two calls below.
+    unsafe { pg_sys::BeginInternalSubTransaction(std::ptr::null()) };
+    pgrx::PgTryBuilder::new(move || {
+        let value = f();
+        // SAFETY: commits the subtransaction begun above.
+        unsafe { pg_sys::ReleaseCurrentSubTransaction() };
+        restore();
+        Some(value)
+    })
+    .catch_others(move |caught| {
+        // SAFETY: as in in_subtransaction.
+        unsafe { pg_sys::RollbackAndReleaseCurrentSubTransaction() };
+        restore();
+        if code_of(&caught) == code {
+            None
+        } else {
+            caught.rethrow()
+        }
+    })
+    .execute()
+}
+
 fn code_of(caught: &pgrx::pg_sys::panic::CaughtError) -> PgSqlErrorCode {
     use pgrx::pg_sys::panic::CaughtError;
     match caught {

@@ -90,17 +90,20 @@ impl Drop for WritingBack {
 /// rows by that name: a rename of it, or of another table onto its name, then waits for the
 /// worker's transaction, so the name means this relation throughout. Waits `wait` (a second
 /// at most; then ERROR 55P03, as a lock timeout): someone's long ALTER TABLE costs that table a retry,
-/// not the worker a stall.
-pub fn lock_table(relid: Oid, mode: u32, wait: Duration) {
-    let wait = std::ffi::CString::new(format!("{}ms", wait.as_millis().clamp(1, 1000)))
-        .unwrap_or_else(|_| c"1s".into());
+/// not the worker a stall. `closed`: for a write-back in replica mode, no partition may join
+/// the tree either ([`lock_closed_tree`]).
+pub fn lock_table(relid: Oid, mode: u32, wait: Duration, closed: bool) {
     // SAFETY: opens a GUC nesting level that AtEOXact_GUC below closes; if the lock times out,
     // the (sub)transaction abort closes it.
     let level = unsafe { pg_sys::NewGUCNestLevel() };
-    set_at_level(c"lock_timeout", &wait);
+    set_at_level(c"lock_timeout", &lock_timeout(wait));
     // With its partitions, if it has any: the check of what code an UPDATE can run reads
     // them, and no trigger or index may be added to one between that check and the UPDATE.
-    lock_tree(relid, mode);
+    if closed {
+        lock_closed_tree(relid, mode);
+    } else {
+        lock_tree(relid, mode);
+    }
     // SAFETY: closes the level opened above, restoring lock_timeout.
     unsafe { pg_sys::AtEOXact_GUC(false, level) };
     // What is read next must be read as of now, after the wait: pgrx runs statements of a
@@ -110,55 +113,6 @@ pub fn lock_table(relid: Oid, mode: u32, wait: Duration) {
     // new snapshot. The worker writes in these transactions anyway.
     // SAFETY: assigns the current (sub)transaction an id, or raises an ordinary ERROR.
     unsafe { pg_sys::GetCurrentTransactionId() };
-}
-
-/// Close the tree of table `relid`, which [`lock_table`] locked, to `ATTACH PARTITION` until
-/// the transaction ends, waiting `wait` as [`lock_table`] does: each partitioned table in it
-/// is also locked SHARE UPDATE EXCLUSIVE, the lock that `ATTACH` (and `DETACH ...
-/// CONCURRENTLY`) takes on the parent, which no writer's ROW EXCLUSIVE conflicts with.
-/// Otherwise a table attached after the check of what code an UPDATE of the tree can run
-/// would bring its triggers into the UPDATE unchecked. Partitions attached before the lock
-/// are locked as [`lock_table`] locks the others. Whether the tree has partitions: if so, what
-/// was read of the tree before may be out of date.
-pub fn close_tree(relid: Oid, wait: Duration) -> bool {
-    let partitioned = |oid: Oid| {
-        // SAFETY: a syscache lookup by OID; 0 (no such relation) for one dropped meanwhile.
-        unsafe {
-            pg_sys::get_rel_relkind(oid) == pg_sys::RELKIND_PARTITIONED_TABLE as std::ffi::c_char
-        }
-    };
-    if !partitioned(relid) {
-        return false;
-    }
-    let wait = std::ffi::CString::new(format!("{}ms", wait.as_millis().clamp(1, 1000)))
-        .unwrap_or_else(|_| c"1s".into());
-    // SAFETY: as in lock_table.
-    let level = unsafe { pg_sys::NewGUCNestLevel() };
-    set_at_level(c"lock_timeout", &wait);
-    let mut closed = std::collections::HashSet::new();
-    let mut open = vec![relid];
-    // Parents first, then what the tree holds once they are closed (a partition attached to a
-    // partitioned partition in between is found at the next round); as deep as the tree.
-    while !open.is_empty() {
-        for parent in open {
-            // SAFETY: a relation lock by OID inside a transaction, held to its end; a lock
-            // timeout is an ordinary ERROR through pgrx's guard.
-            unsafe {
-                pg_sys::LockRelationOid(
-                    parent,
-                    pg_sys::ShareUpdateExclusiveLock as pg_sys::LOCKMODE,
-                )
-            };
-            closed.insert(parent);
-        }
-        open = lock_tree(relid, pg_sys::RowExclusiveLock)
-            .into_iter()
-            .filter(|&oid| partitioned(oid) && !closed.contains(&oid))
-            .collect();
-    }
-    // SAFETY: closes the level opened above, restoring lock_timeout.
-    unsafe { pg_sys::AtEOXact_GUC(false, level) };
-    true
 }
 
 /// [`as_role`] for a backfill chunk in the worker: a row lock held by someone else is waited
@@ -177,6 +131,73 @@ pub fn backfilling_as<T>(backfill: i64, owner: Oid, timeout: Duration, f: impl F
     restricted(owner, &settings, || {
         within(timeout, crate::hard_limit::Running::Backfill(backfill), f)
     })
+}
+
+/// `wait` as a value of `lock_timeout` (a second at most).
+fn lock_timeout(wait: Duration) -> std::ffi::CString {
+    std::ffi::CString::new(format!("{}ms", wait.as_millis().clamp(1, 1000)))
+        .unwrap_or_else(|_| c"1s".into())
+}
+
+/// [`lock_tree`], the tree also closed to `ATTACH PARTITION` (and `DETACH ... CONCURRENTLY`)
+/// until the transaction ends: each partitioned table in it is locked SHARE UPDATE EXCLUSIVE,
+/// the lock those take on the parent, which no writer's ROW EXCLUSIVE conflicts with.
+/// Otherwise a table attached after the check of what code an UPDATE of the tree can run
+/// would bring its triggers into that UPDATE, unchecked. Top down, as `ATTACH` locks (the
+/// parent, then its default partition): a parent closed before any lock on what it holds,
+/// which no one can then attach to or detach from.
+pub fn lock_closed_tree(relid: Oid, mode: u32) -> Vec<Oid> {
+    let partitioned = |oid: Oid| {
+        // SAFETY: a syscache lookup by OID (0, no kind, for a relation dropped meanwhile).
+        unsafe {
+            pg_sys::get_rel_relkind(oid) == pg_sys::RELKIND_PARTITIONED_TABLE as std::ffi::c_char
+        }
+    };
+    let mut tree = vec![relid];
+    let mut parents = Vec::new();
+    // SAFETY: relation locks by OID inside a transaction, held to its end; a lock timeout is
+    // an ordinary ERROR through pgrx's guard.
+    unsafe {
+        if partitioned(relid) {
+            pg_sys::LockRelationOid(relid, pg_sys::ShareUpdateExclusiveLock as pg_sys::LOCKMODE);
+            parents.push(relid);
+        }
+        pg_sys::LockRelationOid(relid, mode as pg_sys::LOCKMODE);
+    }
+    while let Some(parent) = parents.pop() {
+        // SAFETY: the parent is closed: its partitions stay what they are. Each is locked in
+        // `mode` (find_inheritance_children_extended skips one dropped meanwhile), one pending
+        // detach too; the list is read within its length and left to the transaction's memory.
+        let children = unsafe {
+            pg_sys::ffi::pg_guard_ffi_boundary(|| {
+                find_inheritance_children_extended(
+                    parent,
+                    false,
+                    mode as pg_sys::LOCKMODE,
+                    std::ptr::null_mut(),
+                    std::ptr::null_mut(),
+                )
+            })
+        };
+        // SAFETY: the length of the list just returned (NIL: 0).
+        let count = unsafe { pg_sys::list_length(children) };
+        for n in 0..count {
+            // SAFETY: within the list's length.
+            let child = unsafe { pg_sys::list_nth_oid(children, n) };
+            tree.push(child);
+            if partitioned(child) {
+                // SAFETY: as above.
+                unsafe {
+                    pg_sys::LockRelationOid(
+                        child,
+                        pg_sys::ShareUpdateExclusiveLock as pg_sys::LOCKMODE,
+                    )
+                };
+                parents.push(child);
+            }
+        }
+    }
+    tree
 }
 
 /// Lock table `relid` and, if it is partitioned, every partition under it, in `mode`, to the end
@@ -210,6 +231,15 @@ unsafe extern "C-unwind" {
         parent: Oid,
         lockmode: pg_sys::LOCKMODE,
         numparents: *mut *mut pg_sys::List,
+    ) -> *mut pg_sys::List;
+    /// `catalog/pg_inherits.h` (not bound by pgrx): the direct inheritors of `parent`, each
+    /// locked in `lockmode` (detached ones too unless `omit_detached`).
+    fn find_inheritance_children_extended(
+        parent: Oid,
+        omit_detached: bool,
+        lockmode: pg_sys::LOCKMODE,
+        detached_exist: *mut bool,
+        detached_xmin: *mut pg_sys::TransactionId,
     ) -> *mut pg_sys::List;
     /// `utils/timeout.h` (not bound by pgrx); `id` is a `TimeoutId`.
     fn enable_timeout_after(id: c_int, delay_ms: c_int);

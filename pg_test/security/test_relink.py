@@ -9,10 +9,12 @@ relink adopts no unknown id and never moves an id placed here at a table that ex
 audit matches a row to a record of an earlier key only when the row holds that record's
 present-key values. Roles: plain LOGIN roles owning a schema (conftest.py); same fixtures and
 after-test checks as the other security suites (pg_test/conftest.py)."""
+import subprocess
+
 import pytest
 
-from harness import wait_for
-from helpers import superuser_runs, wait_anchored, wait_written_back
+from harness import PG_BIN, TMP, wait_for
+from helpers import superuser_runs, wait_anchored, wait_rows, wait_written_back
 
 INT_MAX = 2147483647
 
@@ -112,11 +114,12 @@ def test_a_writer_cannot_hold_the_relink_lock_and_stop_others_delivery(cluster, 
     assert superuser_runs(attacker) == []
 
 
-@pytest.mark.parametrize("claimed", ["abc", "99999999999", "", "1 2", "two"])
+@pytest.mark.parametrize("claimed", ["abc", "99999999999", "", "1 2", "two", "two-integers"])
 def test_a_hand_made_trigger_with_an_unreadable_id_stops_no_one(cluster, attacker, make_role, claimed):
     """ATTACK (plain LOGIN role; SUCCEEDS on 7bc500b, so this test fails there): the role
     commits a hand-made certyo_capture trigger whose table_id is not one integer (text, more
-    than an int holds, empty, or with `two`, two ids). The worker's relink check, and
+    than an int holds, empty, or with `two`, two ids; `two-integers`, which capture took the last
+    of and the worker's SQL the first of, is refused now). The worker's relink check, and
     certyo.tracked_oids() under certyo.relink_needed(), relink_restored() and every role's
     certyo.track(), read the id with `::integer`, which raised 'invalid input syntax' or 'out
     of range' at every pass: no table of the database was delivered or written back, and no
@@ -128,8 +131,9 @@ def test_a_hand_made_trigger_with_an_unreadable_id_stops_no_one(cluster, attacke
                f"INSERT INTO {s}.orders VALUES (1, 'first')")
     wait_written_back(cluster, f"{s}.orders", 1)
     attacker.sql(f"CREATE TABLE {a}.model (id int PRIMARY KEY, v text); SELECT certyo.track('{a}.model')")
-    arguments = ("'table_id=abc', " + forged_arguments(attacker, f"{a}.model", 1) if claimed == "two"
-                 else forged_arguments(attacker, f"{a}.model", claimed))
+    arguments = {"two": "'table_id=abc', " + forged_arguments(attacker, f"{a}.model", 1),
+                 "two-integers": "'table_id=7', " + forged_arguments(attacker, f"{a}.model", 8),
+                 }.get(claimed) or forged_arguments(attacker, f"{a}.model", claimed)
     attacker.sql(f"CREATE TABLE {a}.odd (id int PRIMARY KEY, v text); "
                  + hand_made_trigger(attacker, f"{a}.odd", arguments))
     try:
@@ -226,6 +230,48 @@ def test_an_open_track_stops_no_delivery(cluster, attacker, make_role, how):
         held.close()
         if restore:
             restore.close()
+    assert superuser_runs(attacker) == []
+
+
+def test_a_postponed_relink_loses_no_write_back(cluster, attacker, make_role):
+    """ATTACK (plain LOGIN role; an attacker helper of 2026-12-07, on 1e8aff0): the role leaves
+    `BEGIN; SELECT certyo.track(...)` open, so the worker's relink is left to later passes. The
+    victim dumps its tracked table with changes not delivered yet, drops it and restores it:
+    the catalog places its id at the dropped OID until the relink runs. The write-back took
+    the versions for that (gone) table's, untracked meanwhile, and marked them written back
+    without writing them: rows 1 and 2 never got the hashes of their restored changes, even
+    after the relink. Expected: they wait for the relink (the victim's new changes are
+    written back meanwhile), and are written back once it has run."""
+    victim = make_role("victim")
+    s, a = victim.schema, attacker.schema
+    victim.sql(f"CREATE TABLE {s}.orders (id int PRIMARY KEY, v text); SELECT certyo.track('{s}.orders'); "
+               f"INSERT INTO {s}.orders VALUES (1, 'first')")
+    wait_written_back(cluster, f"{s}.orders", 1)
+    attacker.sql(f"CREATE TABLE {a}.t (id int PRIMARY KEY, v text)")
+    hold = cluster.hold_open(f"BEGIN; SELECT certyo.track('{a}.t');", user=attacker.name)
+    try:
+        cluster.sql("SELECT certyo.pause()")
+        assert wait_for(lambda: cluster.sql("SELECT state FROM certyo.worker_status()") == "paused", 10)
+        victim.sql(f"UPDATE {s}.orders SET v = 'queued' WHERE id = 1; INSERT INTO {s}.orders VALUES (2, 'queued')")
+        dump = f"{TMP}/postponed-{victim.name}.sql"
+        for step in ([f"{PG_BIN}/pg_dump", "-h", cluster.dir, "-p", str(cluster.port), "-U", victim.name,
+                      "-t", f"{s}.orders", "-f", dump, "postgres"],
+                     ["psql", "-h", cluster.dir, "-p", str(cluster.port), "-U", victim.name, "-d", "postgres", "-X",
+                      "-q", "-v", "ON_ERROR_STOP=1", "-c", f"DROP TABLE {s}.orders", "-f", dump]):
+            done = subprocess.run(step, capture_output=True, text=True)
+            assert done.returncode == 0, done.stderr
+        cluster.sql("SELECT certyo.resume()")
+        assert cluster.sql("SELECT certyo.relink_needed()") == "t"
+        victim.sql(f"INSERT INTO {s}.orders VALUES (3, 'new')")
+        wait_rows(cluster, f"{s}.orders", "id = 3 AND certyo_record_hash IS NOT NULL", 1, "the new row written back", 60)
+    finally:
+        hold.close()
+        cluster.sql("SELECT certyo.resume()")
+    # Each restored row holds the hash of its newest version.
+    wait_rows(cluster, f"{s}.orders",
+              f"v = 'queued' AND certyo_record_hash = (SELECT r.record_hash FROM certyo.receipt r WHERE "
+              f"r.collection = '{s}.orders' AND r.record_id = orders.id::text ORDER BY r.id DESC LIMIT 1)",
+              2, "the restored changes written back", 60)
     assert superuser_runs(attacker) == []
 
 

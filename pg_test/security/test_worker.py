@@ -388,8 +388,7 @@ def test_no_partition_is_attached_while_a_replica_mode_write_back_holds_the_tree
         CREATE TABLE {s}.p (id int PRIMARY KEY, v text) PARTITION BY RANGE (id);
         CREATE TABLE {s}.p1 PARTITION OF {s}.p FOR VALUES FROM (0) TO (100);
         SELECT certyo.track('{s}.p');
-        INSERT INTO {s}.p VALUES (1, 'x');
-        CREATE TABLE {s}.b (id int PRIMARY KEY, v text);""")
+        INSERT INTO {s}.p VALUES (1, 'x');""")
     wait_anchored(cluster, f"{s}.p", 1)
     # The worker's backends that wait for a lock while holding the parent ROW EXCLUSIVE (the
     # write-back's), and whether each holds it SHARE UPDATE EXCLUSIVE as well.
@@ -411,21 +410,55 @@ def test_no_partition_is_attached_while_a_replica_mode_write_back_holds_the_tree
             "the write-back never waited for the row"
         assert ":false" not in seen[-1], f"the write-back waits holding the tree open to ATTACH: {seen[-1]}"
         # An ATTACH while the write-back waits waits too (one that goes through came between
-        # two of the worker's transactions: undone, and tried again).
-        for _ in range(10):
+        # two of the worker's transactions: another table is tried).
+        for n in range(10):
             assert wait_for(lambda: cluster.sql(caught) != "", 60)
-            attach = attacker.attempt(f"SET lock_timeout = '100ms'; "
-                                      f"ALTER TABLE {s}.p ATTACH PARTITION {s}.b FOR VALUES FROM (100) TO (200)")
+            attacker.sql(f"CREATE TABLE {s}.b{n} (id int PRIMARY KEY, v text)")
+            attach = attacker.attempt(f"SET lock_timeout = '100ms'; ALTER TABLE {s}.p ATTACH PARTITION {s}.b{n} "
+                                      f"FOR VALUES FROM ({100 + 10 * n}) TO ({110 + 10 * n})")
             if attach.returncode != 0:
                 assert "lock timeout" in attach.stderr, attach
                 break
-            assert wait_for(lambda: attacker.attempt(f"SET lock_timeout = '100ms'; "
-                                                     f"ALTER TABLE {s}.p DETACH PARTITION {s}.b").returncode == 0, 30)
         else:
             pytest.fail("every ATTACH went through while the write-back waited for the row")
     finally:
         held.close()
         cluster.sql("SELECT certyo.resume()")
+    wait_anchored(cluster, f"{s}.p", 2, timeout=60)
+    assert_unprivileged(attacker)
+
+
+def test_a_write_back_closing_a_tree_holds_none_of_its_partitions_while_it_waits(cluster, attacker):
+    """The close of the last test must not deadlock with ATTACH PARTITION (a review of
+    2026-12-07): ATTACH locks the parent SHARE UPDATE EXCLUSIVE, then the default partition
+    ACCESS EXCLUSIVE. A write-back that locked the partitions first and the parent's SHARE
+    UPDATE EXCLUSIVE after waited for the ATTACH while holding the default partition it
+    wanted. Here the owner holds the parent as ATTACH does; while the worker waits for it, the
+    default partition must be free. FAILS on 1e8aff0."""
+    s = attacker.schema
+    attacker.sql(f"""
+        CREATE TABLE {s}.p (id int PRIMARY KEY, v text) PARTITION BY RANGE (id);
+        CREATE TABLE {s}.p1 PARTITION OF {s}.p FOR VALUES FROM (0) TO (100);
+        CREATE TABLE {s}.p_default PARTITION OF {s}.p DEFAULT;
+        SELECT certyo.track('{s}.p');
+        INSERT INTO {s}.p VALUES (1, 'x');""")
+    wait_anchored(cluster, f"{s}.p", 1)
+    waiting = (f"SELECT count(*) FROM pg_catalog.pg_locks l JOIN pg_catalog.pg_stat_activity a USING (pid)"
+               f" WHERE a.backend_type LIKE 'certyo_cdc%' AND NOT l.granted AND l.relation = '{s}.p'::regclass")
+    held = cluster.hold_open(f"BEGIN; LOCK TABLE ONLY {s}.p IN SHARE UPDATE EXCLUSIVE MODE;", user=attacker.name)
+    try:
+        attacker.sql(f"INSERT INTO {s}.p VALUES (2, 'x')")
+        assert wait_for(lambda: cluster.sql(waiting) != "0", 60), "the write-back never waited for the parent"
+        got = attacker.attempt(f"SET lock_timeout = '50ms'; BEGIN; "
+                               f"LOCK TABLE {s}.p_default IN ACCESS EXCLUSIVE MODE; COMMIT;")
+        holders = cluster.sql(f"SELECT a.backend_type || ' ' || l.relation::regclass || ' ' || l.mode || ' ' || l.granted"
+                              f" FROM pg_catalog.pg_locks l JOIN pg_catalog.pg_stat_activity a USING (pid)"
+                              f" WHERE l.relation IN ('{s}.p'::regclass, '{s}.p_default'::regclass, '{s}.p1'::regclass)")
+        assert got.returncode == 0, (
+            f"the write-back holds a partition while it waits for the parent: an ATTACH would deadlock with it: "
+            f"{got}; locks: {holders}")
+    finally:
+        held.close()
     wait_anchored(cluster, f"{s}.p", 2, timeout=60)
     assert_unprivileged(attacker)
 

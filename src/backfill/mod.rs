@@ -386,6 +386,7 @@ pub fn queue_chunk(job: &Job, chunk_size: usize) -> Result<i64> {
         job.relid,
         pg_sys::RowShareLock,
         std::time::Duration::from_secs(1),
+        false,
     );
     let Some(options) = crate::track::installed_options(job.relid)? else {
         return Err(CertyoError::new(

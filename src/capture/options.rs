@@ -181,12 +181,20 @@ pub fn option_values(tgargs: &[u8], key: &str) -> Vec<String> {
         .collect()
 }
 
+/// Arguments longer than this (1 MiB) are not read for their table id: `certyo.track()` writes
+/// at most about 120 kB (1,600 excluded columns), and the worker's SQL skips longer ones
+/// without reading them (`octet_length(tgargs) <= 1048576`, which does not detoast).
+const MAX_READ_ARGUMENTS: usize = 1_048_576;
+
 /// The table id a capture trigger's raw arguments carry: `None` when they carry none, more
-/// than one, or one that is not an `i32` (a hand-made trigger; capture refuses such a
+/// than one, or one that is not an `i32`, or are over 1 MiB (a hand-made trigger; capture refuses such a
 /// trigger's writes, `CaptureOptions::from_trigger_args`). The worker and `certyo.track()`
 /// read every trigger named `certyo_capture` this way (`certyo.capture_table_id()`), so no
 /// trigger's arguments can make them fail.
 pub fn table_id(tgargs: &[u8]) -> Option<i32> {
+    if tgargs.len() > MAX_READ_ARGUMENTS {
+        return None;
+    }
     match option_values(tgargs, "table_id").as_slice() {
         [one] => one.parse().ok(),
         _ => None,
@@ -231,6 +239,8 @@ mod tests {
     fn the_table_id_is_read_only_when_it_is_one_integer() {
         assert_eq!(table_id(b"record_id=id\0table_id=7\0"), Some(7));
         assert_eq!(table_id(b"record_id=id\0"), None);
+        let huge = format!("table_id=7\0exclude={}\0", "x".repeat(MAX_READ_ARGUMENTS));
+        assert_eq!(table_id(huge.as_bytes()), None);
         for bad in ["abc", "", "99999999999", "7 ", "0x7", "7\u{0}table_id=8"] {
             let raw = format!("record_id=id\0table_id={bad}\0");
             assert_eq!(table_id(raw.as_bytes()), None, "table_id={bad:?}");

@@ -17,8 +17,9 @@
 //! hold. The write-back locks its table before it asks ([`super::write_back`]): DDL on the
 //! table holds a conflicting lock until it commits, and sends its invalidations at commit, so
 //! by then they are in. (DDL that takes no lock that conflicts with the write-back's, such as a
-//! schema renamed or `ATTACH PARTITION`, may still commit between the question and the
-//! UPDATE, as it could before keys were kept: the next transaction sees it.) A key read while
+//! schema renamed, may still commit between the question and the UPDATE, as it could before
+//! keys were kept: the next transaction sees it. `ATTACH PARTITION` cannot: a replica-mode
+//! write-back closes the tree to it, `crate::rights::lock_closed_tree`.) A key read while
 //! an invalidation arrived is not kept (the read may predate it), nor one read under a
 //! snapshot older than the lock: SPI reuses the transaction's snapshot for a read-only
 //! statement until the transaction has an id, so a key is kept only once it has one (the
@@ -47,6 +48,16 @@ thread_local! {
     /// Counts the invalidations taken in: a read during which it moved is not kept.
     static GENERATION: Cell<u64> = const { Cell::new(0) };
     static WATCHING: Cell<bool> = const { Cell::new(false) };
+}
+
+/// Whether the key kept for table `relid` says that an UPDATE of it runs its owner's code
+/// (None: no key kept). A hint, read before the table is locked; [`of`] then says for sure.
+pub fn kept_user_code(relid: Oid) -> Option<bool> {
+    KEPT.with(|kept| {
+        kept.borrow()
+            .get(&relid.to_u32())
+            .map(|key| key.as_ref().is_some_and(|key| key.user_code))
+    })
 }
 
 /// The record key of table `relid`, as [`LOOKUP`] reads it (None: nothing to write back to).

@@ -753,7 +753,11 @@ fn mark_table(
     // Locked first: the name looked up below then means this table until the write-back
     // commits (see `rights::lock_table`).
     // The wait counts against the owner's share of the pass (`budget`).
-    crate::rights::lock_table(relid, pgrx::pg_sys::RowExclusiveLock, timeout);
+    // Closed to ATTACH PARTITION for replica mode, unless the key kept says its owner's code
+    // runs (origin mode: then the lane running that code, for seconds maybe, holds no lock
+    // that the next pass's would wait for).
+    let closed = super::keys::kept_user_code(relid) != Some(true);
+    crate::rights::lock_table(relid, pgrx::pg_sys::RowExclusiveLock, timeout, closed);
     // Only versions captured for this table under its present record key (see
     // `crate::track::identity`): never another table's after a restore, nor an earlier key's.
     let ids: Vec<i64> = rows.iter().map(|v| v.id).collect();
@@ -770,10 +774,10 @@ fn mark_table(
     let Some(mut key) = super::keys::of(client, relid)? else {
         return Ok(Marked::Done); // dropped or untracked meanwhile: nothing to write back to
     };
-    // In replica mode no partition may join the tree between this check and the UPDATE (see
-    // `rights::close_tree`): closed, and asked again (a partition attached before the close
-    // has made the key be read anew).
-    if !key.user_code && crate::rights::close_tree(relid, timeout) {
+    // Replica mode after all (the key changed since it was kept): closed now, and asked again
+    // (a partition attached meanwhile has made the key be read anew).
+    if !key.user_code && !closed {
+        crate::rights::lock_table(relid, pgrx::pg_sys::RowExclusiveLock, timeout, true);
         let Some(again) = super::keys::of(client, relid)? else {
             return Ok(Marked::Done);
         };

@@ -88,22 +88,44 @@ const RELINK_WAIT: &std::ffi::CStr = c"10ms";
 pub fn relink_unless_held(
     client: &mut pgrx::spi::SpiClient<'_>,
 ) -> std::result::Result<(), pgrx::spi::Error> {
-    let outcome = crate::error::in_subtransaction(std::panic::AssertUnwindSafe(|| {
-        crate::rights::with_settings(&[(c"lock_timeout", RELINK_WAIT)], || {
-            client
-                .update("SELECT certyo.relink_restored(true)", None, &[])
-                .map(|_| ())
-        })
-    }));
-    match outcome {
-        Ok(done) => done,
-        Err((pgrx::PgSqlErrorCode::ERRCODE_LOCK_NOT_AVAILABLE, _)) => {
-            pgrx::debug1!("certyo_cdc: the relink waits for a session holding certyo.table_identity: next pass");
+    let relinked = crate::error::in_subtransaction_unless(
+        pgrx::PgSqlErrorCode::ERRCODE_LOCK_NOT_AVAILABLE,
+        std::panic::AssertUnwindSafe(|| {
+            crate::rights::with_settings(&[(c"lock_timeout", RELINK_WAIT)], || {
+                client
+                    .update("SELECT certyo.relink_restored(true)", None, &[])
+                    .map(|_| ())
+            })
+        }),
+    );
+    RELINK_PENDING.set(relinked.is_none());
+    match relinked {
+        Some(done) => done,
+        None => {
             RELINK_WANTED.set(true);
+            // Said at most once a minute: restored tables' write-backs wait meanwhile.
+            let now = std::time::Instant::now();
+            if RELINK_HELD_SAID
+                .get()
+                .is_none_or(|said| now.duration_since(said).as_secs() >= 60)
+            {
+                RELINK_HELD_SAID.set(Some(now));
+                pgrx::log!(
+                    "certyo_cdc: the relink of restored tables waits for a session holding certyo.table_identity (an open transaction that called certyo.track()?): tried again at every pass"
+                );
+            }
             Ok(())
         }
-        Err((code, message)) => crate::error::CertyoError::new(code, message).raise(),
     }
+}
+
+thread_local! {
+    /// A relink was needed and [`relink_unless_held`] could not run it: until it has, an OID
+    /// in `certyo.table_identity` may be a table's that was dropped and restored since, and a
+    /// version found to be its table's only by it waits ([`belonging`]).
+    static RELINK_PENDING: Cell<bool> = const { Cell::new(false) };
+    /// When [`relink_unless_held`] last said that it waits.
+    static RELINK_HELD_SAID: Cell<Option<std::time::Instant>> = const { Cell::new(None) };
 }
 
 /// `certyo.relink_needed()` (`sql/delivery.sql`) as the worker asks it at every pass: the same
@@ -119,7 +141,7 @@ pub const RELINK_NEEDED: &str = "
                      JOIN certyo.table_identity i ON i.id = t.id
                     WHERE i.id <> 0 AND i.superseded_by IS NULL AND i.relid IS DISTINCT FROM t.tgrelid
                       AND NOT (i.installation = $1
-                               AND EXISTS (SELECT FROM pg_catalog.pg_class c WHERE c.oid = i.relid))
+                               AND EXISTS (SELECT FROM pg_catalog.pg_class p WHERE p.oid = i.relid))
                     GROUP BY i.id
                    HAVING i.relid <> 0 OR count(*) = 1
                           OR bool_or(n.nspname = i.schema_name AND c.relname = i.table_name))";
@@ -384,10 +406,12 @@ pub fn belonging(
          versions AS (
              -- Its own: the table's trigger carries the version's id; or the table has no
              -- trigger (untracked meanwhile: nothing is written back) and the catalog, as
-             -- found in this installation, places the id here.
+             -- found in this installation, places the id here, unless a relink is pending
+             -- ($4): the catalog may then place it at a table dropped and restored since.
              SELECT r.id,
                     coalesce(r.table_id = c.id
-                             OR (c.id = 0 AND $2 <> 0 AND i.relid = $2 AND i.installation = c.here), false) AS own,
+                             OR (NOT $4 AND c.id = 0 AND $2 <> 0 AND i.relid = $2 AND i.installation = c.here),
+                             false) AS own,
                     coalesce(i.superseded_by IS NOT NULL, false) AS old_key, i.record_key
                FROM certyo.receipt r CROSS JOIN current c
                LEFT JOIN certyo.table_identity i ON i.id = r.table_id
@@ -409,7 +433,12 @@ pub fn belonging(
              RETURNING r.id)
          SELECT v.id, v.own, (SELECT count(*) FROM dropped), (SELECT count(*) FROM elsewhere)
            FROM versions v",
-        &[ids.to_vec().into(), relid.into(), this_installation(client)?.into()],
+        &[
+            ids.to_vec().into(),
+            relid.into(),
+            this_installation(client)?.into(),
+            RELINK_PENDING.get().into(),
+        ],
     )?;
     let mut own = std::collections::HashSet::with_capacity(ids.len());
     let (mut dropped, mut elsewhere) = (0, 0);
