@@ -667,3 +667,55 @@ def test_the_workers_relink_check_answers_as_relink_needed(emulator):
         assert both() == ("f", "f")
     finally:
         stop(cluster)
+
+
+def test_a_renamed_schema_keeps_its_tables_names_through_a_restore(emulator):
+    """ATTACK (an attacker helper of 2026-12-07; a plain LOGIN role with CREATE on the database,
+    as a database owner has): the victim renames its schema, which left the name kept with its
+    table id (certyo.table_identity) the old one. The attacker takes the old name (schema and
+    table) and puts a hand-made certyo_capture trigger carrying the victim's id on it. After a
+    superuser's pg_dump | pg_restore into a fresh cluster, the relink found two tables carrying
+    the id and chose the one under the kept name: the attacker's. The victim's changes queued
+    at the dump were never written back and its table refused writes. Now ALTER SCHEMA ...
+    RENAME keeps the names (certyo.refresh_table_names())."""
+    source = Cluster(f"{TMP}/certyo-e2e-identity-squat-a", free_port(), emulator.url)
+    target = None
+    try:
+        source.sql("CREATE EXTENSION certyo_cdc; CREATE ROLE victim LOGIN; CREATE ROLE mallory LOGIN; "
+                   "GRANT CREATE ON DATABASE postgres TO victim, mallory; CREATE SCHEMA victim AUTHORIZATION victim")
+        source.sql("CREATE TABLE victim.orders (id int PRIMARY KEY, v text); SELECT certyo.track('victim.orders'); "
+                   "INSERT INTO victim.orders SELECT g, 'v' || g FROM generate_series(1, 3) g", user="victim")
+        assert wait_for(lambda: source.sql("SELECT count(*) FROM victim.orders WHERE certyo_record_hash IS NOT NULL") == "3", 30)
+        vid = source.sql("SELECT certyo.capture_table_id(tgargs) FROM pg_trigger "
+                         "WHERE tgrelid = 'victim.orders'::regclass AND tgname = 'certyo_capture'")
+        source.sql("ALTER SCHEMA victim RENAME TO sales", user="victim")
+        assert source.sql(f"SELECT schema_name || '.' || table_name FROM certyo.table_identity WHERE id = {vid}") \
+            == "sales.orders", "the name kept with the table's id is its old one"
+        args = source.sql("SELECT string_agg(quote_literal(p), ', ') FROM pg_trigger, "
+                          "unnest(string_to_array(rtrim(encode(tgargs, 'escape'), '\\000'), '\\000')) p "
+                          "WHERE tgname = 'certyo_capture' AND tgrelid = 'sales.orders'::regclass")
+        source.sql("CREATE SCHEMA victim; CREATE TABLE victim.orders (id int PRIMARY KEY, v text); "
+                   "SELECT certyo.track('victim.orders'); SELECT certyo.untrack('victim.orders'); "
+                   "INSERT INTO victim.orders VALUES (1, 'mallory 1'), (2, 'mallory 2'); "
+                   f"CREATE TRIGGER certyo_capture AFTER INSERT ON victim.orders FOR EACH ROW EXECUTE FUNCTION certyo.capture({args})",
+                   user="mallory")
+        pause(source)
+        source.sql("UPDATE sales.orders SET v = v || ' queued' WHERE id IN (1, 2)", user="victim")
+        archive = f"{TMP}/certyo-e2e-identity-squat.dump"
+        subprocess.run([f"{PG_BIN}/pg_dump", "-h", source.dir, "-p", str(source.port), "-U", "postgres", "-Fc",
+                        "-f", archive, "postgres"], check=True)
+        source.stop()
+        target = Cluster(f"{TMP}/certyo-e2e-identity-squat-b", free_port(), emulator.url)
+        target.sql("CREATE ROLE victim LOGIN; CREATE ROLE mallory LOGIN")
+        done = subprocess.run([f"{PG_BIN}/pg_restore", "-h", target.dir, "-p", str(target.port), "-U", "postgres",
+                               "-d", "postgres", archive], capture_output=True, text=True)
+        assert "ERROR" not in done.stderr, done.stderr
+        target.sql("SELECT certyo.resume()")
+        assert wait_for(lambda: target.sql(f"SELECT relid::regclass FROM certyo.table_identity WHERE id = {vid}")
+                        == "sales.orders", 30), "the victim's id is placed at another table"
+        assert wait_for(lambda: target.sql("SELECT count(*) FROM sales.orders WHERE v LIKE '%queued'"
+                                           " AND certyo_record_hash IS NOT NULL") == "2", 30), \
+            "the victim's changes queued at the dump are not written back"
+        target.sql("INSERT INTO sales.orders VALUES (10, 'after the restore')", user="victim")
+    finally:
+        stop(target, source)

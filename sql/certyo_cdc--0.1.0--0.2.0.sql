@@ -192,6 +192,48 @@ LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $$
 $$;
 REVOKE ALL ON FUNCTION certyo.this_installation() FROM PUBLIC;
 
+-- The names kept with the table ids of a schema's tables, made theirs again after ALTER SCHEMA
+-- ... RENAME (certyo.on_alter_table(); ALTER TABLE keeps them by certyo.refresh_capture_trigger()):
+-- after a restore the relink tells two tables carrying one id apart by them, and someone
+-- could otherwise take the old name. Anyone may call it: it only makes the names kept of
+-- tables placed here the names they have.
+CREATE FUNCTION certyo.refresh_table_names(schema oid) RETURNS void
+LANGUAGE sql VOLATILE STRICT SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+    UPDATE certyo.table_identity i SET schema_name = s.nspname, table_name = c.relname
+      FROM pg_class c JOIN pg_namespace s ON s.oid = c.relnamespace
+     WHERE c.oid = i.relid AND c.relnamespace = $1 AND i.installation = certyo.this_installation()
+       AND (i.schema_name, i.table_name) IS DISTINCT FROM (s.nspname, c.relname)
+$$;
+
+-- ALTER SCHEMA ... RENAME keeps the names kept with its tables' ids (certyo.refresh_table_names()).
+CREATE OR REPLACE FUNCTION certyo.on_alter_table() RETURNS event_trigger
+    LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    altered oid;
+BEGIN
+    FOR altered IN
+        SELECT DISTINCT c.objid
+          FROM pg_catalog.pg_event_trigger_ddl_commands() c
+          JOIN pg_catalog.pg_trigger t ON t.tgrelid = c.objid AND t.tgname = 'certyo_capture'
+                                       AND t.tgparentid = 0
+         WHERE c.classid = 'pg_catalog.pg_class'::regclass
+    LOOP
+        PERFORM certyo.refresh_capture_trigger(altered::regclass);
+    END LOOP;
+    -- A schema renamed: the names kept with its tables' ids (see certyo.refresh_table_names()).
+    FOR altered IN
+        SELECT DISTINCT c.objid FROM pg_catalog.pg_event_trigger_ddl_commands() c
+         WHERE c.classid = 'pg_catalog.pg_namespace'::regclass
+    LOOP
+        PERFORM certyo.refresh_table_names(altered);
+    END LOOP;
+END
+$$;
+DROP EVENT TRIGGER certyo_alter_table;
+CREATE EVENT TRIGGER certyo_alter_table ON ddl_command_end
+    WHEN TAG IN ('ALTER TABLE', 'ALTER SCHEMA')
+    EXECUTE FUNCTION certyo.on_alter_table();
+
 DROP FUNCTION certyo.relink_restored();
 DROP FUNCTION certyo.tracked_oids();
 -- DROP TABLE leaves a configuration table's OID among the extension's (only ALTER EXTENSION

@@ -193,6 +193,19 @@ LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $$
 $$;
 REVOKE ALL ON FUNCTION certyo.this_installation() FROM PUBLIC;
 
+-- The names kept with the table ids of a schema's tables, made theirs again after ALTER SCHEMA
+-- ... RENAME (certyo.on_alter_table(); ALTER TABLE keeps them by certyo.refresh_capture_trigger()):
+-- after a restore the relink tells two tables carrying one id apart by them, and someone
+-- could otherwise take the old name. Anyone may call it: it only makes the names kept of
+-- tables placed here the names they have.
+CREATE FUNCTION certyo.refresh_table_names(schema oid) RETURNS void
+LANGUAGE sql VOLATILE STRICT SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+    UPDATE certyo.table_identity i SET schema_name = s.nspname, table_name = c.relname
+      FROM pg_class c JOIN pg_namespace s ON s.oid = c.relnamespace
+     WHERE c.oid = i.relid AND c.relnamespace = $1 AND i.installation = certyo.this_installation()
+       AND (i.schema_name, i.table_name) IS DISTINCT FROM (s.nspname, c.relname)
+$$;
+
 -- The tracked tables as their capture triggers say: OID, Certyo's collection, the table id
 -- the trigger carries (0: none, or arguments over 1 MiB, which track() never writes: a
 -- hand-made trigger's would be read at every pass, slowing every table's delivery).

@@ -150,9 +150,16 @@ BEGIN
     LOOP
         PERFORM certyo.refresh_capture_trigger(altered::regclass);
     END LOOP;
+    -- A schema renamed: the names kept with its tables' ids (see certyo.refresh_table_names()).
+    FOR altered IN
+        SELECT DISTINCT c.objid FROM pg_catalog.pg_event_trigger_ddl_commands() c
+         WHERE c.classid = 'pg_catalog.pg_namespace'::regclass
+    LOOP
+        PERFORM certyo.refresh_table_names(altered);
+    END LOOP;
 END
 $$;
 CREATE EVENT TRIGGER certyo_alter_table ON ddl_command_end
-    WHEN TAG IN ('ALTER TABLE')
+    WHEN TAG IN ('ALTER TABLE', 'ALTER SCHEMA')
     EXECUTE FUNCTION certyo.on_alter_table();
 
