@@ -195,14 +195,24 @@ REVOKE ALL ON FUNCTION certyo.this_installation() FROM PUBLIC;
 -- The names kept with the table ids of a schema's tables, made theirs again after ALTER SCHEMA
 -- ... RENAME (certyo.on_alter_table(); ALTER TABLE keeps them by certyo.refresh_capture_trigger()):
 -- after a restore the relink tells two tables carrying one id apart by them, and someone
--- could otherwise take the old name. Anyone may call it: it only makes the names kept of
--- tables placed here the names they have.
+-- could otherwise take the old name. For whoever has the schema owner's rights (who renames
+-- it), and only where a name is out of date: no one else writes (and so holds)
+-- certyo.table_identity through it.
 CREATE FUNCTION certyo.refresh_table_names(schema oid) RETURNS void
-LANGUAGE sql VOLATILE STRICT SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+LANGUAGE plpgsql VOLATILE STRICT SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+BEGIN
+    IF NOT EXISTS (SELECT FROM pg_namespace s WHERE s.oid = schema AND pg_has_role(session_user, s.nspowner, 'MEMBER'))
+       OR NOT EXISTS (SELECT FROM certyo.table_identity i JOIN pg_class c ON c.oid = i.relid
+                        JOIN pg_namespace s ON s.oid = c.relnamespace
+                       WHERE c.relnamespace = schema AND i.installation = certyo.this_installation()
+                         AND (i.schema_name, i.table_name) IS DISTINCT FROM (s.nspname, c.relname)) THEN
+        RETURN;
+    END IF;
     UPDATE certyo.table_identity i SET schema_name = s.nspname, table_name = c.relname
       FROM pg_class c JOIN pg_namespace s ON s.oid = c.relnamespace
-     WHERE c.oid = i.relid AND c.relnamespace = $1 AND i.installation = certyo.this_installation()
-       AND (i.schema_name, i.table_name) IS DISTINCT FROM (s.nspname, c.relname)
+     WHERE c.oid = i.relid AND c.relnamespace = schema AND i.installation = certyo.this_installation()
+       AND (i.schema_name, i.table_name) IS DISTINCT FROM (s.nspname, c.relname);
+END
 $$;
 
 -- ALTER SCHEMA ... RENAME keeps the names kept with its tables' ids (certyo.refresh_table_names()).

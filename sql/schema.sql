@@ -133,8 +133,9 @@ GRANT SELECT ON certyo.tracked_tables TO PUBLIC;
 
 -- Keep capture triggers current after ALTER TABLE: a new column joins the payload, a new
 -- primary key becomes the record id, and dropping or renaming a column that the options name
--- is refused (the ALTER is undone) instead of silently breaking capture.
--- It runs as whoever ran the ALTER TABLE, so its search_path is pinned: no one can slip an
+-- is refused (the ALTER is undone) instead of silently breaking capture. After ALTER SCHEMA
+-- ... RENAME it keeps the names stored with the schema's tables' ids (refresh_table_names()).
+-- It runs as whoever ran the ALTER, so its search_path is pinned: no one can slip an
 -- operator or function into a schema on that role's path and have it called here.
 CREATE FUNCTION certyo.on_alter_table() RETURNS event_trigger
     LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $$

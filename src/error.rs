@@ -133,6 +133,28 @@ pub fn transaction<T, E>(
 pub fn in_subtransaction<T>(
     f: impl FnOnce() -> T + std::panic::UnwindSafe,
 ) -> std::result::Result<T, (PgSqlErrorCode, String)> {
+    subtransaction(f).map_err(|caught| (code_of(&caught), message_of(&caught)))
+}
+
+/// [`in_subtransaction`] for an ERROR of SQLSTATE `code` alone: that one rolls back what `f`
+/// did and comes back as `None`; any other is raised again as it was (its detail and hint
+/// too), after the rollback.
+pub fn in_subtransaction_unless<T>(
+    code: PgSqlErrorCode,
+    f: impl FnOnce() -> T + std::panic::UnwindSafe,
+) -> Option<T> {
+    match subtransaction(f) {
+        Ok(value) => Some(value),
+        Err(caught) if code_of(&caught) == code => None,
+        Err(caught) => caught.rethrow(),
+    }
+}
+
+/// `f` in a subtransaction, rolled back with what it did if it raises: the error as caught
+/// (boxed: it is large).
+fn subtransaction<T>(
+    f: impl FnOnce() -> T + std::panic::UnwindSafe,
+) -> std::result::Result<T, Box<pgrx::pg_sys::panic::CaughtError>> {
     // SAFETY: main thread, inside a transaction; the caller's memory context and resource
     // owner are restored on both paths, as PL/pgSQL does around an exception block.
     let (context, owner) = unsafe { (pg_sys::CurrentMemoryContext, pg_sys::CurrentResourceOwner) };
@@ -155,43 +177,7 @@ pub fn in_subtransaction<T>(
         // subtransaction begun above and everything it did.
         unsafe { pg_sys::RollbackAndReleaseCurrentSubTransaction() };
         restore();
-        Err((code_of(&caught), message_of(&caught)))
-    })
-    .execute()
-}
-
-/// [`in_subtransaction`] for an ERROR of SQLSTATE `code` alone: that one rolls back what `f`
-/// did and comes back as `None`; any other is raised again as it was (its detail and hint
-/// too), after the rollback.
-pub fn in_subtransaction_unless<T>(
-    code: PgSqlErrorCode,
-    f: impl FnOnce() -> T + std::panic::UnwindSafe,
-) -> Option<T> {
-    // SAFETY: as in in_subtransaction.
-    let (context, owner) = unsafe { (pg_sys::CurrentMemoryContext, pg_sys::CurrentResourceOwner) };
-    // SAFETY: as in in_subtransaction.
-    let restore = move || unsafe {
-        pg_sys::MemoryContextSwitchTo(context);
-        pg_sys::CurrentResourceOwner = owner;
-    };
-    // SAFETY: as in in_subtransaction; ended by one of the two calls below.
-    unsafe { pg_sys::BeginInternalSubTransaction(std::ptr::null()) };
-    pgrx::PgTryBuilder::new(move || {
-        let value = f();
-        // SAFETY: commits the subtransaction begun above.
-        unsafe { pg_sys::ReleaseCurrentSubTransaction() };
-        restore();
-        Some(value)
-    })
-    .catch_others(move |caught| {
-        // SAFETY: as in in_subtransaction.
-        unsafe { pg_sys::RollbackAndReleaseCurrentSubTransaction() };
-        restore();
-        if code_of(&caught) == code {
-            None
-        } else {
-            caught.rethrow()
-        }
+        Err(Box::new(caught))
     })
     .execute()
 }

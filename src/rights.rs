@@ -90,8 +90,8 @@ impl Drop for WritingBack {
 /// rows by that name: a rename of it, or of another table onto its name, then waits for the
 /// worker's transaction, so the name means this relation throughout. Waits `wait` (a second
 /// at most; then ERROR 55P03, as a lock timeout): someone's long ALTER TABLE costs that table a retry,
-/// not the worker a stall. `closed`: for a write-back in replica mode, no partition may join
-/// the tree either ([`lock_closed_tree`]).
+/// not the worker a stall (each lock of the tree waits that long). `closed`: for a write-back
+/// in replica mode, no partition may join the tree either ([`lock_closed_tree`]).
 pub fn lock_table(relid: Oid, mode: u32, wait: Duration, closed: bool) {
     // SAFETY: opens a GUC nesting level that AtEOXact_GUC below closes; if the lock times out,
     // the (sub)transaction abort closes it.
@@ -133,6 +133,14 @@ pub fn backfilling_as<T>(backfill: i64, owner: Oid, timeout: Duration, f: impl F
     })
 }
 
+/// Whether `relid` is a partitioned table.
+pub fn is_partitioned(relid: Oid) -> bool {
+    // SAFETY: a syscache lookup by OID (0, no kind, for a relation dropped meanwhile).
+    unsafe {
+        pg_sys::get_rel_relkind(relid) == pg_sys::RELKIND_PARTITIONED_TABLE as std::ffi::c_char
+    }
+}
+
 /// `wait` as a value of `lock_timeout` (a second at most).
 fn lock_timeout(wait: Duration) -> std::ffi::CString {
     std::ffi::CString::new(format!("{}ms", wait.as_millis().clamp(1, 1000)))
@@ -146,21 +154,19 @@ fn lock_timeout(wait: Duration) -> std::ffi::CString {
 /// would bring its triggers into that UPDATE, unchecked. Top down, as `ATTACH` locks (the
 /// parent, then its default partition): a parent closed before any lock on what it holds,
 /// which no one can then attach to or detach from.
-pub fn lock_closed_tree(relid: Oid, mode: u32) -> Vec<Oid> {
-    let partitioned = |oid: Oid| {
-        // SAFETY: a syscache lookup by OID (0, no kind, for a relation dropped meanwhile).
-        unsafe {
-            pg_sys::get_rel_relkind(oid) == pg_sys::RELKIND_PARTITIONED_TABLE as std::ffi::c_char
-        }
-    };
-    let mut tree = vec![relid];
+fn lock_closed_tree(relid: Oid, mode: u32) {
+    let partitioned = is_partitioned;
     let mut parents = Vec::new();
     // SAFETY: relation locks by OID inside a transaction, held to its end; a lock timeout is
     // an ordinary ERROR through pgrx's guard.
     unsafe {
         if partitioned(relid) {
             pg_sys::LockRelationOid(relid, pg_sys::ShareUpdateExclusiveLock as pg_sys::LOCKMODE);
-            parents.push(relid);
+            // Asked again under the lock: a table dropped while it waited has no partitions
+            // to list (and listing them would fail to find it).
+            if partitioned(relid) {
+                parents.push(relid);
+            }
         }
         pg_sys::LockRelationOid(relid, mode as pg_sys::LOCKMODE);
     }
@@ -184,7 +190,6 @@ pub fn lock_closed_tree(relid: Oid, mode: u32) -> Vec<Oid> {
         for n in 0..count {
             // SAFETY: within the list's length.
             let child = unsafe { pg_sys::list_nth_oid(children, n) };
-            tree.push(child);
             if partitioned(child) {
                 // SAFETY: as above.
                 unsafe {
@@ -197,7 +202,6 @@ pub fn lock_closed_tree(relid: Oid, mode: u32) -> Vec<Oid> {
             }
         }
     }
-    tree
 }
 
 /// Lock table `relid` and, if it is partitioned, every partition under it, in `mode`, to the end

@@ -753,10 +753,13 @@ fn mark_table(
     // Locked first: the name looked up below then means this table until the write-back
     // commits (see `rights::lock_table`).
     // The wait counts against the owner's share of the pass (`budget`).
-    // Closed to ATTACH PARTITION for replica mode, unless the key kept says its owner's code
-    // runs (origin mode: then the lane running that code, for seconds maybe, holds no lock
-    // that the next pass's would wait for).
-    let closed = super::keys::kept_user_code(relid) != Some(true);
+    // Closed to ATTACH PARTITION for replica mode (the delivery worker's, which runs no
+    // owner's code), unless the key kept says its owner's code runs. A slow lane does not
+    // close: it writes an open partitioned tree back in origin mode (below), so that no one
+    // who holds a parent's SHARE UPDATE EXCLUSIVE (an ANALYZE left open in a transaction) stops
+    // that tree's write-backs.
+    let closed =
+        super::slow_lane::this().is_none() && super::keys::kept_user_code(relid) != Some(true);
     crate::rights::lock_table(relid, pgrx::pg_sys::RowExclusiveLock, timeout, closed);
     // Only versions captured for this table under its present record key (see
     // `crate::track::identity`): never another table's after a restore, nor an earlier key's.
@@ -771,18 +774,23 @@ fn mark_table(
         return Ok(Marked::Done);
     }
     // Kept until the catalog changes: a pass writes back to every table it delivered for.
-    let Some(mut key) = super::keys::of(client, relid)? else {
+    let Some(key) = super::keys::of(client, relid)? else {
         return Ok(Marked::Done); // dropped or untracked meanwhile: nothing to write back to
     };
-    // Replica mode after all (the key changed since it was kept): closed now, and asked again
-    // (a partition attached meanwhile has made the key be read anew).
-    if !key.user_code && !closed {
-        crate::rights::lock_table(relid, pgrx::pg_sys::RowExclusiveLock, timeout, true);
-        let Some(again) = super::keys::of(client, relid)? else {
-            return Ok(Marked::Done);
-        };
-        key = again;
-    }
+    // A partitioned tree left open is never written back in replica mode: a partition attached
+    // since the check would bring its triggers in. The slow lane writes it back in origin
+    // mode, as its owner (closing it now, its partitions held, could deadlock with an ATTACH,
+    // which holds the parent and waits for its default partition).
+    let key = if !key.user_code && !closed && crate::rights::is_partitioned(relid) {
+        if budget::limited() {
+            return Ok(Marked::LeftToTheSlowLane);
+        }
+        let mut origin = (*key).clone();
+        origin.user_code = true;
+        std::rc::Rc::new(origin)
+    } else {
+        key
+    };
     if key.write_back == WriteBack::None {
         // Never written to: a column of a bookkeeping name there is the user's own.
         return Ok(Marked::Done);

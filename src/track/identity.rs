@@ -98,7 +98,7 @@ pub fn relink_unless_held(
             })
         }),
     );
-    RELINK_PENDING.set(relinked.is_none());
+    RELINK_PENDING.set(!matches!(relinked, Some(Ok(()))));
     match relinked {
         Some(done) => done,
         None => {
@@ -407,10 +407,16 @@ pub fn belonging(
              -- Its own: the table's trigger carries the version's id; or the table has no
              -- trigger (untracked meanwhile: nothing is written back) and the catalog, as
              -- found in this installation, places the id here, unless a relink is pending
-             -- ($4): the catalog may then place it at a table dropped and restored since.
+             -- ($4) or another table's trigger carries the id: the catalog may then place it
+             -- at a table dropped and restored since.
              SELECT r.id,
                     coalesce(r.table_id = c.id
-                             OR (NOT $4 AND c.id = 0 AND $2 <> 0 AND i.relid = $2 AND i.installation = c.here),
+                             OR (NOT $4 AND c.id = 0 AND $2 <> 0 AND i.relid = $2 AND i.installation = c.here
+                                 AND NOT EXISTS (
+                                     SELECT FROM pg_trigger o
+                                      WHERE o.tgname = 'certyo_capture' AND o.tgparentid = 0 AND o.tgrelid <> $2
+                                        AND octet_length(o.tgargs) <= 1048576
+                                        AND certyo.capture_table_id(o.tgargs) = r.table_id)),
                              false) AS own,
                     coalesce(i.superseded_by IS NOT NULL, false) AS old_key, i.record_key
                FROM certyo.receipt r CROSS JOIN current c

@@ -141,6 +141,7 @@ pub const LOOKUP: &str = concat!(
                        WHERE a.attrelid = c.oid AND a.attname = 'certyo_record_hash' AND NOT a.attisdropped))"
 );
 
+#[derive(Clone)]
 pub struct RecordKey {
     /// `schema.table`, quoted for SQL.
     pub table: String,
@@ -184,6 +185,7 @@ pub struct RecordKey {
 ///   worker's pinned `search_path`, a `citext` key was compared with text's (case-sensitive)
 ///   `>` while ordered by citext's, and a backfill skipped rows; an `ltree` key had no `=` at
 ///   all, and its write-back failed forever.
+#[derive(Clone)]
 enum Reading {
     Readable {
         /// The type read (a domain's base type) and its type modifier.
