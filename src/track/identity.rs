@@ -98,7 +98,6 @@ pub fn relink_unless_held(
             })
         }),
     );
-    RELINK_PENDING.set(!matches!(relinked, Some(Ok(()))));
     match relinked {
         Some(done) => done,
         None => {
@@ -120,10 +119,6 @@ pub fn relink_unless_held(
 }
 
 thread_local! {
-    /// A relink was needed and [`relink_unless_held`] could not run it: until it has, an OID
-    /// in `certyo.table_identity` may be a table's that was dropped and restored since, and a
-    /// version found to be its table's only by it waits ([`belonging`]).
-    static RELINK_PENDING: Cell<bool> = const { Cell::new(false) };
     /// When [`relink_unless_held`] last said that it waits.
     static RELINK_HELD_SAID: Cell<Option<std::time::Instant>> = const { Cell::new(None) };
 }
@@ -406,12 +401,12 @@ pub fn belonging(
          versions AS (
              -- Its own: the table's trigger carries the version's id; or the table has no
              -- trigger (untracked meanwhile: nothing is written back) and the catalog, as
-             -- found in this installation, places the id here, unless a relink is pending
-             -- ($4) or another table's trigger carries the id: the catalog may then place it
-             -- at a table dropped and restored since.
+             -- found in this installation, places the id here, unless another table's trigger
+             -- carries the id: the catalog may then place it at a table dropped and restored
+             -- since, not relinked yet (a relink left for later, or not run yet this pass).
              SELECT r.id,
                     coalesce(r.table_id = c.id
-                             OR (NOT $4 AND c.id = 0 AND $2 <> 0 AND i.relid = $2 AND i.installation = c.here
+                             OR (c.id = 0 AND $2 <> 0 AND i.relid = $2 AND i.installation = c.here
                                  AND NOT EXISTS (
                                      SELECT FROM pg_trigger o
                                       WHERE o.tgname = 'certyo_capture' AND o.tgparentid = 0 AND o.tgrelid <> $2
@@ -443,7 +438,6 @@ pub fn belonging(
             ids.to_vec().into(),
             relid.into(),
             this_installation(client)?.into(),
-            RELINK_PENDING.get().into(),
         ],
     )?;
     let mut own = std::collections::HashSet::with_capacity(ids.len());
